@@ -1,0 +1,183 @@
+"""The FastAPI app factory every service uses: lifespan runs the worker, health, tracing, errors.
+
+``create_app([part])`` builds one service's app; ``create_app(parts, mount_prefix=True)`` serves
+several services from one process (each router under ``/<service>``) on shared backends.
+Nothing happens at import time: backends are opened and the workers started in the lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dlforge.common.errors import Conflict, InvalidInput, NotFound
+from dlforge.common.runtime import Backends, Service, Worker
+from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.common.tracing import configure_telemetry, extract_context, tracer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServicePart:
+    """One service as an app sees it: its event handlers, its REST router, its start-up hook."""
+
+    service: Service
+    router: APIRouter | None = None
+    on_start: Callable[[Backends], Awaitable[None]] | None = None
+
+
+class TracingMiddleware:
+    """A server span per HTTP request, continuing a W3C ``traceparent`` if the caller sent one."""
+
+    def __init__(self, app: ASGIApp, service_name: str) -> None:
+        self.app = app
+        self.service_name = service_name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        ctx = extract_context(headers)
+        status_holder: dict[str, int] = {}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+            await send(message)
+
+        with tracer().start_as_current_span(
+            f"{scope['method']} {scope['path']}",
+            context=ctx,
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": scope["method"], "url.path": scope["path"],
+                        "dlforge.service": self.service_name},
+        ) as span:
+            try:
+                await self.app(scope, receive, send_wrapper)
+            finally:
+                status = status_holder.get("status", 500)
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+
+
+def backends_of(request: Request) -> Backends:
+    """FastAPI dependency: the process's backends."""
+    backends: Backends = request.app.state.backends
+    return backends
+
+
+def create_app(
+    parts: Sequence[ServicePart],
+    *,
+    settings: CommonSettings | None = None,
+    backends: Backends | None = None,
+    mount_prefix: bool = False,
+    run_workers: bool = True,
+    title: str | None = None,
+) -> FastAPI:
+    names = [p.service.name for p in parts]
+    app_name = title or ("dlforge" if len(parts) != 1 else f"dlforge {names[0]}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_telemetry(names[0] if len(names) == 1 else "dlforge")
+        own = backends is None
+        b = backends or Backends.from_settings(settings or load_settings())
+        await b.start()
+        app.state.backends = b
+        for part in parts:
+            if part.on_start is not None:
+                await part.on_start(b)
+        stop = asyncio.Event()
+        workers = [Worker(p.service, b) for p in parts] if run_workers else []
+        app.state.workers = {w.service.name: w for w in workers}
+        app.state.stop = stop
+        tasks = [asyncio.create_task(w.run(stop), name=w.consumer) for w in workers]
+        try:
+            yield
+        finally:
+            stop.set()
+            done, pending = await asyncio.wait(tasks, timeout=600) if tasks else (set(), set())
+            for t in pending:
+                t.cancel()
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    log.error("worker %s ended with %r", t.get_name(), t.exception())
+            if own:
+                await b.stop()
+
+    app = FastAPI(title=app_name, version="0.1.0", lifespan=lifespan)
+    app.add_middleware(TracingMiddleware, service_name=app_name)
+
+    @app.exception_handler(InvalidInput)
+    async def _invalid(_: Request, exc: InvalidInput) -> JSONResponse:
+        body: dict[str, Any] = {"detail": str(exc)}
+        if exc.details is not None:
+            body["errors"] = exc.details
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(Conflict)
+    async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "services": names}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz(request: Request) -> JSONResponse:
+        b: Backends | None = getattr(request.app.state, "backends", None)
+        checks: dict[str, str] = {}
+        if b is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        for name, probe in (
+            ("bus", b.bus.ping()),
+            ("docs", b.docs.ping()),
+            ("objects", asyncio.to_thread(b.objects.ping)),
+        ):
+            try:
+                await asyncio.wait_for(probe, 5)
+                checks[name] = "ok"
+            except Exception as exc:  # readiness reports every failure, whatever its type
+                checks[name] = f"{type(exc).__name__}: {exc}"
+        workers = getattr(request.app.state, "workers", {})
+        for wname, worker in workers.items():
+            checks[f"worker:{wname}"] = "ok" if worker.ready.is_set() else "joining"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks},
+                            status_code=200 if ok else 503)
+
+    for part in parts:
+        if part.router is not None:
+            prefix = f"/{part.service.name}" if mount_prefix else ""
+            app.include_router(part.router, prefix=prefix)
+    return app
+
+
+def serve(app: FastAPI, settings: CommonSettings) -> None:
+    """Run ``app`` with uvicorn; SIGTERM finishes in-flight events before exiting."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="info",
+                            timeout_graceful_shutdown=600)
+    server = uvicorn.Server(config)
+    # uvicorn installs SIGINT/SIGTERM handlers that trigger the lifespan shutdown above.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    server.run()

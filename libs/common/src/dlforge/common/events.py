@@ -1,0 +1,409 @@
+"""The event envelope, the closed set of topics and one typed payload per topic.
+
+Every message on the bus is an :class:`Event` serialized as UTF-8 JSON. The envelope carries
+``event_id`` (idempotency key), ``event_type`` (its topic), ``schema_version`` of the payload,
+a tz-aware ``occurred_at``, the pipeline ``run_id`` (also the partition key) and the payload.
+
+Changing a payload's fields means bumping its ``SCHEMA_VERSION`` and registering an upcaster
+with :func:`register_upcaster` that turns the previous version's JSON into the new one; golden
+serialized events of every version are replayed by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar, Literal
+from uuid import uuid4
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+
+from dlforge.common.errors import PoisonMessage
+
+
+class Topic(StrEnum):
+    """Every topic of the pipeline. No free-form topic strings anywhere else."""
+
+    DATASET_UPLOADED = "dataset.uploaded"
+    LABELS_REQUESTED = "labels.requested"
+    LABELS_SUBMITTED = "labels.submitted"
+    DATASET_LABELED = "dataset.labeled"
+    DATASET_AUGMENTED = "dataset.augmented"
+    MODEL_PROPOSED = "model.proposed"
+    HPO_TRIAL = "hpo.trial"
+    HPO_TRIAL_COMPLETED = "hpo.trial.completed"
+    HPO_COMPLETED = "hpo.completed"
+    MODEL_TRAINED = "model.trained"
+    MODEL_OPTIMIZED = "model.optimized"
+    RUN_FAILED = "run.failed"
+    DEAD_LETTER = "dlforge.dead-letter"
+
+
+class Payload(BaseModel):
+    """Base of every payload: immutable, unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    TOPIC: ClassVar[Topic]
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+
+# --------------------------------------------------------------------------------------------
+# Shared value types carried along the pipeline
+# --------------------------------------------------------------------------------------------
+
+
+class Spec(BaseModel):
+    """What the user asks of the final model (recall first, then accuracy, then speed)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    positive_class: str | None = Field(
+        default=None, description="class whose recall is constrained, e.g. 'defect'"
+    )
+    min_recall: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_accuracy: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_fps: float = Field(default=0.0, ge=0.0)
+    input_size: int = Field(default=256, ge=8, le=4096, description="image side the FPS is measured at")
+
+
+class PipelineOptions(BaseModel):
+    """Knobs of one run that every stage may read (budgets, sizes); defaults suit the demo."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label_budget: float = Field(default=0.3, gt=0.0, le=1.0, description="max fraction labeled by humans")
+    target_confidence: float = Field(default=0.95, gt=0.0, le=1.0)
+    seed_fraction: float = Field(default=0.08, gt=0.0, le=1.0)
+    batch_fraction: float = Field(default=0.05, gt=0.0, le=1.0)
+    min_per_class: int = Field(default=200, ge=0)
+    max_imbalance: float = Field(default=3.0, ge=1.0)
+    hpo_trials: int = Field(default=4, ge=1)
+    hpo_parallel: int = Field(default=1, ge=1)
+    train_epochs: int = Field(default=3, ge=1)
+    no_of_workers: int = Field(default=1, ge=1)
+    seed: int = 0
+
+
+class ClassCount(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str
+    count: int
+
+
+# --------------------------------------------------------------------------------------------
+# Payloads, one per topic
+# --------------------------------------------------------------------------------------------
+
+
+class DatasetUploaded(Payload):
+    TOPIC = Topic.DATASET_UPLOADED
+
+    dataset_id: str
+    name: str
+    item_count: int
+    classes: list[str]
+    labeled_count: int
+    rejected_count: int
+    duplicate_count: int
+    manifest_key: str = Field(description="object key of the ingestion manifest (JSON)")
+    spec: Spec
+    options: PipelineOptions = PipelineOptions()
+
+
+class LabelsRequested(Payload):
+    TOPIC = Topic.LABELS_REQUESTED
+
+    dataset_id: str
+    batch_id: str
+    round: int
+    item_ids: list[str]
+    reason: Literal["seed", "uncertain"]
+
+
+class LabelsSubmitted(Payload):
+    TOPIC = Topic.LABELS_SUBMITTED
+
+    dataset_id: str
+    batch_id: str
+    labels: dict[str, str] = Field(description="item_id -> class label")
+    annotator: str
+
+
+class DatasetLabeled(Payload):
+    TOPIC = Topic.DATASET_LABELED
+
+    dataset_id: str
+    labels_key: str = Field(description="object key of the labeled manifest (JSON)")
+    classes: list[str]
+    counts: list[ClassCount]
+    human_labels: int
+    auto_labels: int
+    rounds: int
+    spec: Spec
+    options: PipelineOptions = PipelineOptions()
+
+
+class AugmentationCount(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str
+    real: int
+    generated: int
+    kept: int
+
+
+class DatasetAugmented(Payload):
+    TOPIC = Topic.DATASET_AUGMENTED
+
+    dataset_id: str
+    manifest_key: str = Field(description="object key of the training manifest: real + kept generated")
+    classes: list[str]
+    augmentation: list[AugmentationCount]
+    spec: Spec
+    options: PipelineOptions = PipelineOptions()
+
+
+class CandidateScore(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_id: str
+    arch: str
+    source_dataset: str
+    scores: dict[str, float] = Field(description="sub-scores, raw and normalized")
+    total: float
+
+
+class ModelProposed(Payload):
+    TOPIC = Topic.MODEL_PROPOSED
+
+    dataset_id: str
+    manifest_key: str
+    classes: list[str]
+    ranking: list[CandidateScore]
+    chosen_model_id: str
+    weights: dict[str, float]
+    spec: Spec
+    options: PipelineOptions = PipelineOptions()
+
+
+class HpoTrial(Payload):
+    TOPIC = Topic.HPO_TRIAL
+
+    study_name: str
+    trial_number: int
+    params: dict[str, Any]
+    model_id: str
+    manifest_key: str
+    classes: list[str]
+    epochs: int
+    sample_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    storage_url: str = Field(description="Optuna storage to report intermediate values to")
+
+
+class HpoTrialCompleted(Payload):
+    TOPIC = Topic.HPO_TRIAL_COMPLETED
+
+    study_name: str
+    trial_number: int
+    state: Literal["complete", "pruned", "failed"]
+    value: float | None
+    intermediate: list[float]
+    seconds: float
+    error: str | None = None
+
+
+class TrialRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    number: int
+    state: str
+    value: float | None
+    params: dict[str, Any]
+    seconds: float | None = None
+
+
+class HpoCompleted(Payload):
+    TOPIC = Topic.HPO_COMPLETED
+
+    study_name: str
+    dataset_id: str
+    model_id: str
+    manifest_key: str
+    classes: list[str]
+    best_params: dict[str, Any]
+    best_value: float
+    trials: list[TrialRecord]
+    spec: Spec
+    options: PipelineOptions = PipelineOptions()
+
+
+class ModelTrained(Payload):
+    TOPIC = Topic.MODEL_TRAINED
+
+    dataset_id: str
+    model_id: str
+    arch: str
+    checkpoint_key: str
+    manifest_key: str
+    classes: list[str]
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    no_of_workers: int
+    spec: Spec
+    options: PipelineOptions = PipelineOptions()
+
+
+class ModelOptimized(Payload):
+    TOPIC = Topic.MODEL_OPTIMIZED
+
+    dataset_id: str
+    model_id: str
+    chosen_variant: str
+    artifacts: dict[str, str] = Field(description="variant name -> object key of the model file")
+    report_key: str
+    report: dict[str, Any]
+    spec_met: bool
+    spec: Spec
+
+
+class RunFailed(Payload):
+    TOPIC = Topic.RUN_FAILED
+
+    stage: str
+    reason: str
+    event_id: str | None = Field(default=None, description="the event whose handling failed")
+
+
+class DeadLetter(Payload):
+    TOPIC = Topic.DEAD_LETTER
+
+    consumer: str
+    source_topic: str
+    reason: str
+    original: str = Field(description="the original message bytes, base64")
+    original_headers: dict[str, str] = {}
+    attempts: int
+
+
+PAYLOAD_TYPES: dict[Topic, type[Payload]] = {
+    cls.TOPIC: cls
+    for cls in (
+        DatasetUploaded,
+        LabelsRequested,
+        LabelsSubmitted,
+        DatasetLabeled,
+        DatasetAugmented,
+        ModelProposed,
+        HpoTrial,
+        HpoTrialCompleted,
+        HpoCompleted,
+        ModelTrained,
+        ModelOptimized,
+        RunFailed,
+        DeadLetter,
+    )
+}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    """The envelope of every message."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: str = Field(default_factory=lambda: uuid4().hex)
+    event_type: Topic
+    schema_version: int
+    occurred_at: AwareDatetime = Field(default_factory=_now)
+    run_id: str
+    causation_id: str | None = None
+    payload: SerializeAsAny[Payload]
+
+    @classmethod
+    def new(cls, payload: Payload, *, run_id: str, causation_id: str | None = None) -> Event:
+        return cls(
+            event_type=payload.TOPIC,
+            schema_version=payload.SCHEMA_VERSION,
+            run_id=run_id,
+            causation_id=causation_id,
+            payload=payload,
+        )
+
+    def follow(self, payload: Payload) -> Event:
+        """A new event of the same run, caused by this one."""
+        return Event.new(payload, run_id=self.run_id, causation_id=self.event_id)
+
+    @property
+    def topic(self) -> Topic:
+        return self.event_type
+
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+_UPCASTERS: dict[tuple[Topic, int], Upcaster] = {}
+
+
+def register_upcaster(topic: Topic, from_version: int, upcaster: Upcaster) -> None:
+    """Register the function that turns payload JSON of ``from_version`` into ``from_version + 1``."""
+    _UPCASTERS[(topic, from_version)] = upcaster
+
+
+def unregister_upcaster(topic: Topic, from_version: int) -> None:
+    _UPCASTERS.pop((topic, from_version), None)
+
+
+def encode(event: Event) -> bytes:
+    return event.model_dump_json().encode()
+
+
+def decode(raw: bytes, *, payload_types: dict[Topic, type[Payload]] | None = None) -> Event:
+    """Parse and upcast one message; anything that cannot become an Event raises PoisonMessage."""
+    types = PAYLOAD_TYPES if payload_types is None else payload_types
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PoisonMessage(f"undecodable message: not JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise PoisonMessage("undecodable message: the JSON is not an object")
+    try:
+        topic = Topic(doc.get("event_type"))
+    except ValueError as exc:
+        raise PoisonMessage(f"unknown event_type {doc.get('event_type')!r}") from exc
+    payload_cls = types.get(topic)
+    if payload_cls is None:
+        raise PoisonMessage(f"no payload type for {topic.value}")
+    version = doc.get("schema_version")
+    if not isinstance(version, int):
+        raise PoisonMessage("schema_version missing or not an integer")
+    if version > payload_cls.SCHEMA_VERSION:
+        raise PoisonMessage(
+            f"{topic.value} schema_version {version} is newer than this service knows "
+            f"({payload_cls.SCHEMA_VERSION})"
+        )
+    payload = doc.get("payload")
+    if not isinstance(payload, dict):
+        raise PoisonMessage("payload missing or not an object")
+    while version < payload_cls.SCHEMA_VERSION:
+        upcaster = _UPCASTERS.get((topic, version))
+        if upcaster is None:
+            raise PoisonMessage(f"no upcaster for {topic.value} from schema_version {version}")
+        payload = upcaster(payload)
+        version += 1
+    try:
+        return Event(
+            event_id=doc.get("event_id"),
+            event_type=topic,
+            schema_version=version,
+            occurred_at=doc.get("occurred_at"),
+            run_id=doc.get("run_id"),
+            causation_id=doc.get("causation_id"),
+            payload=payload_cls.model_validate(payload),
+        )
+    except ValidationError as exc:
+        raise PoisonMessage(f"invalid {topic.value} event: {exc}") from exc

@@ -1,0 +1,98 @@
+"""Settings shared by every service (environment variables prefixed ``DLFORGE_``).
+
+Backends are chosen by URL. A bad value stops the process at start with a message that names
+the variable (see :func:`load_settings`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dlforge.common.errors import ConfigError
+
+BUS_SCHEMES = ("memory", "kafka")
+OBJECT_SCHEMES = ("file", "s3", "s3s")
+DOC_SCHEMES = ("sqlite", "mongodb", "mongodb+srv")
+
+
+def _check_url(value: str, schemes: tuple[str, ...], *, need_host: bool) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes:
+        raise ValueError(f"{value!r}: the scheme must be one of {', '.join(s + '://' for s in schemes)}")
+    if need_host and not parts.hostname:
+        raise ValueError(f"{value!r}: a host is required")
+    return value
+
+
+class CommonSettings(BaseSettings):
+    """Configuration every dlforge process reads."""
+
+    model_config = SettingsConfigDict(env_prefix="DLFORGE_", extra="ignore")
+
+    bus: str = Field(default="memory://", description="memory:// or kafka://host:port[,host:port][?partitions=3]")
+    objects: str = Field(
+        default="file://./.dlforge/objects",
+        description="file:///path or s3://KEY:SECRET@host:port/bucket[/prefix] (s3s:// for TLS)",
+    )
+    docs: str = Field(default="sqlite:///./.dlforge/docs.db", description="sqlite:///path.db or mongodb://host/db")
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    retry_attempts: int = Field(default=5, ge=1, le=100)
+    retry_base_seconds: float = Field(default=0.2, gt=0, le=60)
+    retry_max_seconds: float = Field(default=30.0, gt=0)
+    poll_seconds: float = Field(default=0.5, gt=0)
+    work_dir: str = Field(default="./.dlforge/work", description="local scratch space")
+
+    @field_validator("bus")
+    @classmethod
+    def _bus(cls, v: str) -> str:
+        _check_url(v, BUS_SCHEMES, need_host=v.startswith("kafka"))
+        return v
+
+    @field_validator("objects")
+    @classmethod
+    def _objects(cls, v: str) -> str:
+        parts = urlsplit(v)
+        _check_url(v, OBJECT_SCHEMES, need_host=parts.scheme != "file")
+        if parts.scheme == "file" and not (parts.netloc + parts.path):
+            raise ValueError(f"{v!r}: a folder is required")
+        if parts.scheme in ("s3", "s3s"):
+            if not parts.path.strip("/"):
+                raise ValueError(f"{v!r}: the bucket is missing (s3://KEY:SECRET@host:port/bucket)")
+            if parts.username is None or parts.password is None:
+                import os
+
+                if not (os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")):
+                    raise ValueError(
+                        f"{v!r}: credentials missing (s3://KEY:SECRET@... or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+                    )
+        return v
+
+    @field_validator("docs")
+    @classmethod
+    def _docs(cls, v: str) -> str:
+        parts = urlsplit(v)
+        _check_url(v, DOC_SCHEMES, need_host=parts.scheme.startswith("mongodb"))
+        if parts.scheme == "sqlite" and not parts.path:
+            raise ValueError(f"{v!r}: a file path is required (sqlite:///path.db)")
+        return v
+
+
+S = TypeVar("S", bound=CommonSettings)
+
+
+def load_settings(cls: type[S] = CommonSettings, **overrides: Any) -> S:  # type: ignore[assignment]
+    """Read settings from the environment; raise ConfigError naming each bad variable."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "?"
+            problems.append(f"{prefix}{field.upper()}: {err['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from exc

@@ -1,0 +1,1 @@
+"""dlforge.vision: the networks, image handling and bundled data sets every ML stage shares."""

@@ -1,0 +1,54 @@
+"""Decoding and preprocessing images for a network."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from dlforge.common.errors import InvalidInput
+from dlforge.vision.networks import NetworkSpec
+
+Image.MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs beyond 64 MP
+
+
+def decode(data: bytes, *, name: str = "image") -> Image.Image:
+    """Decode and fully load an image; raises InvalidInput saying why it cannot be read."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise InvalidInput(f"{name}: image too large ({exc})") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidInput(f"{name}: not a readable image ({exc})") from exc
+    if img.width < 8 or img.height < 8:
+        raise InvalidInput(f"{name}: image is {img.width}x{img.height}, smaller than 8x8")
+    return img
+
+
+def to_array(img: Image.Image, *, size: int, channels: int) -> np.ndarray:
+    """Resize to ``size``x``size`` and return uint8 HxWxC (grayscale replicated to 3 if asked)."""
+    mode = "L" if channels == 1 else "RGB"
+    arr = np.asarray(img.convert(mode).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    if channels == 1:
+        arr = arr[:, :, None]
+    return arr
+
+
+def to_tensor(batch: np.ndarray | Sequence[np.ndarray], spec: NetworkSpec) -> torch.Tensor:
+    """uint8 N x H x W x C (C 1 or 3) -> normalized float N x C x S x S for ``spec``."""
+    arr = np.stack(list(batch)) if not isinstance(batch, np.ndarray) else batch
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[1] != spec.in_channels:
+        x = x.mean(dim=1, keepdim=True) if spec.in_channels == 1 else x.expand(-1, spec.in_channels, -1, -1)
+    if x.shape[-1] != spec.input_size or x.shape[-2] != spec.input_size:
+        x = torch.nn.functional.interpolate(x, size=(spec.input_size, spec.input_size), mode="bilinear",
+                                            align_corners=False, antialias=True)
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    return (x - mean) / std

