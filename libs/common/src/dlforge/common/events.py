@@ -173,6 +173,7 @@ class CandidateScore(BaseModel):
     model_id: str
     arch: str
     source_dataset: str
+    weights_key: str = Field(description="object key of the candidate's checkpoint")
     scores: dict[str, float] = Field(description="sub-scores, raw and normalized")
     total: float
 
@@ -196,7 +197,10 @@ class HpoTrial(Payload):
     study_name: str
     trial_number: int
     params: dict[str, Any]
+    dataset_id: str
     model_id: str
+    arch: str
+    weights_key: str
     manifest_key: str
     classes: list[str]
     epochs: int
@@ -232,6 +236,8 @@ class HpoCompleted(Payload):
     study_name: str
     dataset_id: str
     model_id: str
+    arch: str
+    weights_key: str
     manifest_key: str
     classes: list[str]
     best_params: dict[str, Any]

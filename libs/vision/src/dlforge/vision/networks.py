@@ -142,3 +142,21 @@ def freeze_backbone(model: Classifier, *, unfreeze_last: int) -> None:
             p.requires_grad = True
     for p in model.head.parameters():
         p.requires_grad = True
+
+
+def save_checkpoint(
+    model: Classifier, *, arch: str, classes: list[str], path: str, extra: dict[str, object] | None = None
+) -> None:
+    """Write a self-describing checkpoint: arch, classes and weights (plus ``extra`` metadata)."""
+    torch.save({"arch": arch, "classes": list(classes), "state_dict": model.state_dict(), "extra": extra or {}}, path)
+
+
+def load_checkpoint(path: str, *, num_classes: int | None = None) -> tuple[Classifier, dict[str, object]]:
+    """Rebuild a Classifier from :func:`save_checkpoint` output; another ``num_classes`` gets a new head."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    n_saved = len(ckpt["classes"])
+    model = build_network(ckpt["arch"], n_saved, pretrained=False)
+    model.load_state_dict(ckpt["state_dict"])
+    if num_classes is not None and num_classes != n_saved:
+        model.head = torch.nn.Linear(model.head.in_features, num_classes)
+    return model, ckpt
