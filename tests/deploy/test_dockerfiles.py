@@ -29,8 +29,8 @@ def dockerfile_problems(text: str, name: str) -> list[str]:
     runs = " && ".join(arguments for keyword, arguments in steps if keyword == "RUN")
     if "torch==2.13.0" not in runs:
         problems.append("torch is not pinned to 2.13.0")
-    if f"./services/{name}" not in runs or "./libs/common" not in runs:
-        problems.append("libs/common and the service are not installed")
+    if f"./services/{name}" not in runs or not re.search(r"\./libs/(\*|common)(\s|$)", runs):
+        problems.append("the local libraries and the service are not installed")
     if ("COPY", f"services/{name}/ services/{name}/") not in steps:
         problems.append(f"services/{name} is not copied")
     users = [arguments for keyword, arguments in steps if keyword == "USER"]
@@ -58,6 +58,7 @@ def test_dockerfile_follows_the_shared_pattern(repo, service_name):
         (lambda t: t.replace("torch==2.13.0", "torch"), "torch"),
         (lambda t: t.replace('"dlforge.tuner"', '"dlforge.trainer"'), "CMD"),
         (lambda t: t.replace("EXPOSE 8000", "EXPOSE 8080"), "8000"),
+        (lambda t: t.replace("./libs/*", "./libs/README.md"), "libraries"),
     ],
 )
 def test_dockerfile_checks_catch_broken_files(repo, edit, expected):

@@ -67,9 +67,7 @@ def deployment_problems(deployment: dict[str, Any], *, gpu: bool) -> list[str]:
         http_get = container.get(probe, {}).get("httpGet", {})
         if http_get.get("path") != path or http_get.get("port") not in ("http", 8000):
             problems.append(f"{name}: {probe} must GET {path} on port 8000")
-    sources = {
-        (kind, ref["name"]) for source in container.get("envFrom", []) for kind, ref in source.items()
-    }
+    sources = {(kind, ref["name"]) for source in container.get("envFrom", []) for kind, ref in source.items()}
     if not {("configMapRef", "dlforge-config"), ("secretRef", "dlforge-objects")} <= sources:
         problems.append(f"{name}: envFrom must take dlforge-config and dlforge-objects")
     if {"name": "OTEL_SERVICE_NAME", "value": name} not in container.get("env", []):
@@ -82,9 +80,7 @@ def deployment_problems(deployment: dict[str, Any], *, gpu: bool) -> list[str]:
     if gpu:
         if str(gpus) != "1":
             problems.append(f"{name}: limits must request nvidia.com/gpu: 1")
-        if not pod.get("nodeSelector") or not any(
-            t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])
-        ):
+        if not pod.get("nodeSelector") or not any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])):
             problems.append(f"{name}: needs a GPU nodeSelector and an nvidia.com/gpu toleration")
     elif gpus is not None:
         problems.append(f"{name}: must not request a GPU")
@@ -144,9 +140,7 @@ def test_every_service_selects_a_workload_with_its_named_ports(core_documents):
     workloads = [d for d in core_documents if d["kind"] in WORKLOAD_KINDS]
     for service in (d for d in core_documents if d["kind"] == "Service"):
         selector = service["spec"]["selector"]
-        selected = [
-            w for w in workloads if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
-        ]
+        selected = [w for w in workloads if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
         assert len(selected) == 1, service["metadata"]["name"]
         port_names = {p.get("name") for c in selected[0]["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
         for port in service["spec"]["ports"]:
@@ -177,9 +171,7 @@ def test_kafka_statefulset_runs_kraft_and_advertises_the_bus_address(core_docume
 def test_kustomization_lists_every_manifest(repo):
     kustomization = yaml.safe_load((repo / "k8s" / "kustomization.yaml").read_text(encoding="utf-8"))
     listed = kustomization["resources"]
-    on_disk = {
-        path.relative_to(K8S).as_posix() for path in K8S.rglob("*.yaml") if path.name != "kustomization.yaml"
-    }
+    on_disk = {path.relative_to(K8S).as_posix() for path in K8S.rglob("*.yaml") if path.name != "kustomization.yaml"}
     assert sorted(listed) == sorted(on_disk)
     assert kustomization["namespace"] == "dlforge"
 

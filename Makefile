@@ -1,0 +1,47 @@
+# dlforge — `make demo` runs the main job on the embedded default; `make test` runs every test
+# against the real local services it starts (Kafka-protocol broker, S3 server).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PACKAGES := libs/common libs/vision $(wildcard libs/sdk) $(wildcard libs/cli) \
+            $(patsubst %/pyproject.toml,%,$(wildcard services/*/pyproject.toml))
+STATE := .services
+
+.PHONY: install demo test lint bench up clean
+
+install: $(STAMP)
+
+$(STAMP): Makefile requirements-dev.txt $(addsuffix /pyproject.toml,$(PACKAGES)) scripts/install-system.sh
+	bash scripts/install-system.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU build; nothing below may pull another one
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet torch==2.13.0 $(addprefix -e ,$(PACKAGES)) -r requirements-dev.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dlforge demo --json reports/demo.json --html reports/demo.html
+
+up: $(STAMP)
+	$(BIN)/dlforge up
+
+test: $(STAMP)
+	@rm -rf $(STATE); mkdir -p $(STATE)
+	$(BIN)/python scripts/services.py start --state $(STATE)
+	@set -a; . $(STATE)/env; set +a; \
+	  $(BIN)/python -m pytest -q -ra; rc=$$?; \
+	  $(BIN)/python scripts/services.py stop --state $(STATE); \
+	  exit $$rc
+
+lint: $(STAMP)
+	$(BIN)/ruff check libs services tests benchmarks scripts
+	$(BIN)/mypy libs/common/src libs/vision/src
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bus.py
+
+clean:
+	rm -rf $(VENV) $(STATE) .dlforge reports

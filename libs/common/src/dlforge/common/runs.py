@@ -1,0 +1,175 @@
+"""The run view: one document per pipeline run, projected from the events alone.
+
+It consumes every pipeline topic (never another service's collections) and keeps, per run,
+each stage's state, start/finish time, seconds and artifact keys, plus the run's failure reason.
+Served as ``GET /runs`` and ``GET /runs/{run_id}``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query
+
+from dlforge.common.app import ServicePart, backends_of
+from dlforge.common.errors import NotFound
+from dlforge.common.events import Event, Topic
+from dlforge.common.runtime import Backends, HandlerContext, Service
+
+RUNS = "runs_view"
+STAGES = ("labeler", "augmenter", "proposer", "tuner", "trainer", "optimizer")
+
+# topic -> (stage it finishes, stage it starts)
+_TRANSITIONS: dict[Topic, tuple[str | None, str | None]] = {
+    Topic.DATASET_UPLOADED: (None, "labeler"),
+    Topic.DATASET_LABELED: ("labeler", "augmenter"),
+    Topic.DATASET_AUGMENTED: ("augmenter", "proposer"),
+    Topic.MODEL_PROPOSED: ("proposer", "tuner"),
+    Topic.HPO_COMPLETED: ("tuner", "trainer"),
+    Topic.MODEL_TRAINED: ("trainer", "optimizer"),
+    Topic.MODEL_OPTIMIZED: ("optimizer", None),
+}
+
+_ARTIFACT_FIELDS = ("manifest_key", "labels_key", "checkpoint_key", "report_key", "weights_key")
+
+
+def _artifacts(payload: dict[str, Any]) -> dict[str, str]:
+    found = {k: v for k, v in payload.items() if k in _ARTIFACT_FIELDS and isinstance(v, str)}
+    if isinstance(payload.get("artifacts"), dict):
+        found.update({f"artifact:{k}": v for k, v in payload["artifacts"].items()})
+    return found
+
+
+def _summary(topic: Topic, p: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers a person wants on the run page for this event."""
+    keep: dict[Topic, tuple[str, ...]] = {
+        Topic.DATASET_UPLOADED: ("dataset_id", "item_count", "labeled_count", "rejected_count", "duplicate_count"),
+        Topic.DATASET_LABELED: ("human_labels", "auto_labels", "rounds"),
+        Topic.DATASET_AUGMENTED: ("augmentation",),
+        Topic.MODEL_PROPOSED: ("chosen_model_id",),
+        Topic.HPO_COMPLETED: ("best_params", "best_value"),
+        Topic.MODEL_TRAINED: ("metrics", "no_of_workers"),
+        Topic.MODEL_OPTIMIZED: ("chosen_variant", "spec_met"),
+    }
+    return {k: p[k] for k in keep.get(topic, ()) if k in p}
+
+
+def apply(run: dict[str, Any] | None, event: Event) -> dict[str, Any]:
+    """Fold one event into the run document (pure; the worker persists the result)."""
+    at = event.occurred_at.isoformat()
+    doc: dict[str, Any] = run or {
+        "_id": event.run_id,
+        "run_id": event.run_id,
+        "state": "running",
+        "started_at": at,
+        "updated_at": at,
+        "stages": {s: {"state": "pending"} for s in STAGES},
+        "events": [],
+        "counts": {},
+        "failure": None,
+    }
+    payload = event.payload.model_dump(mode="json")
+    topic = event.event_type
+    doc["updated_at"] = max(doc["updated_at"], at)
+    doc["started_at"] = min(doc["started_at"], at)
+    doc["events"] = [*doc["events"], {"type": topic.value, "event_id": event.event_id, "occurred_at": at}][-500:]
+    doc["counts"] = {**doc["counts"], topic.value: doc["counts"].get(topic.value, 0) + 1}
+    stages = {k: dict(v) for k, v in doc["stages"].items()}
+    if "dataset_id" in payload and "dataset_id" not in doc:
+        doc["dataset_id"] = payload["dataset_id"]
+    if topic in _TRANSITIONS:
+        finishes, starts = _TRANSITIONS[topic]
+        if finishes is not None:
+            st = stages[finishes]
+            st["state"] = "succeeded"
+            st["finished_at"] = at
+            st.setdefault("started_at", at)
+            st["seconds"] = round(
+                (datetime.fromisoformat(at) - datetime.fromisoformat(st["started_at"])).total_seconds(), 3
+            )
+            st["artifacts"] = {**st.get("artifacts", {}), **_artifacts(payload)}
+            st["summary"] = _summary(topic, payload)
+        if starts is not None and stages[starts]["state"] == "pending":
+            stages[starts] = {"state": "running", "started_at": at}
+            if topic == Topic.DATASET_UPLOADED:
+                stages[starts]["artifacts"] = _artifacts(payload)
+                stages[starts]["summary"] = _summary(topic, payload)
+        if topic == Topic.MODEL_OPTIMIZED and doc["state"] == "running":
+            doc["state"] = "succeeded"
+            doc["spec_met"] = payload.get("spec_met")
+    elif topic in (Topic.LABELS_REQUESTED, Topic.LABELS_SUBMITTED):
+        lab = stages["labeler"]
+        lab["rounds"] = max(lab.get("rounds", 0), int(payload.get("round", 0)))
+        if topic == Topic.LABELS_SUBMITTED:
+            lab["human_labels"] = lab.get("human_labels", 0) + len(payload.get("labels", {}))
+        else:
+            lab["waiting_for_labels"] = len(payload.get("item_ids", []))
+    elif topic == Topic.HPO_TRIAL:
+        stages["tuner"]["trials_started"] = stages["tuner"].get("trials_started", 0) + 1
+    elif topic == Topic.HPO_TRIAL_COMPLETED:
+        tuner = stages["tuner"]
+        tuner["trials_done"] = tuner.get("trials_done", 0) + 1
+        tuner.setdefault("trial_states", {})
+        tuner["trial_states"] = {**tuner["trial_states"], str(payload["trial_number"]): payload["state"]}
+    elif topic == Topic.RUN_FAILED:
+        stage = payload["stage"] if payload["stage"] in stages else None
+        if stage is not None:
+            stages[stage] = {**stages[stage], "state": "failed", "finished_at": at, "reason": payload["reason"]}
+        doc["state"] = "failed"
+        doc["failure"] = {"stage": payload["stage"], "reason": payload["reason"], "at": at}
+    doc["stages"] = stages
+    return doc
+
+
+service = Service("runs")
+
+
+async def _project(event: Event, ctx: HandlerContext) -> None:
+    for _ in range(10):
+        current = await ctx.docs.get(RUNS, event.run_id)
+        doc = apply(current, event)
+        if current is None:
+            try:
+                await ctx.docs.insert(RUNS, doc)
+                return
+            except Exception:  # lost an insert race to another member: fold again
+                continue
+        try:
+            await ctx.docs.update(RUNS, event.run_id, doc, expected_version=current["_version"])
+            return
+        except Exception:
+            continue
+    from dlforge.common.errors import RetryableError
+
+    raise RetryableError(f"run {event.run_id}: could not update the run view")
+
+
+for _topic in Topic:
+    if _topic is not Topic.DEAD_LETTER:
+        service.handles(_topic)(_project)
+
+router = APIRouter(tags=["runs"])
+
+
+@router.get("/runs")
+async def list_runs(
+    backends: Backends = Depends(backends_of),
+    state: str | None = Query(default=None, pattern="^(running|succeeded|failed)$"),
+    limit: int = Query(default=50, ge=1, le=500),
+) -> list[dict[str, Any]]:
+    where = {"state": state} if state else {}
+    docs = await backends.docs.find(RUNS, where, sort=[("started_at", -1)], limit=limit)
+    return [{k: v for k, v in d.items() if k != "events"} for d in docs]
+
+
+@router.get("/runs/{run_id}")
+async def get_run(run_id: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+    doc = await backends.docs.get(RUNS, run_id)
+    if doc is None:
+        raise NotFound(f"no run {run_id!r}")
+    return doc
+
+
+def part() -> ServicePart:
+    return ServicePart(service=service, router=router)
