@@ -1,0 +1,178 @@
+"""The trainer's REST API: start training jobs and follow them.
+
+``POST /jobs`` validates the request (model source, manifest, hyperparameters), records the job and
+trains it in the background (at most ``DLFORGE_TRAINER_MAX_CONCURRENT_JOBS`` at once); ``GET /jobs/{id}``
+shows its state, per-epoch metrics, checkpoints and TensorBoard log prefix; ``GET /jobs`` lists jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dlforge.common.app import ServicePart, backends_of
+from dlforge.common.app import create_app as create_common_app
+from dlforge.common.errors import InvalidInput, NotFound
+from dlforge.common.runtime import Backends
+from dlforge.common.settings import CommonSettings
+from dlforge.trainer.handlers import TrainerConfig, TrainingRequest, flat_metrics, run_training, save_model
+from dlforge.trainer.jobs import JobRecords, LoopBridge
+from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
+from dlforge.trainer.settings import trainer_settings
+from dlforge.trainer.worker import service
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["trainer"])
+
+OWNER = socket.gethostname()
+
+
+class JobCreate(BaseModel):
+    """A training job: the model (a checkpoint, a trained model id or an arch), the data and the parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=200)
+    arch: str | None = None
+    weights_key: str | None = None
+    model_id: str | None = Field(default=None, description="a model this trainer trained (see trainer_models)")
+    manifest_key: str
+    classes: list[str] = Field(min_length=2)
+    hparams: TrainParams = TrainParams()
+    run_config: RunOptions = RunOptions()
+    sample_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    evaluate_test: bool = True
+
+
+class JobCreated(BaseModel):
+    job_id: str
+    state: str
+    logs_prefix: str
+
+
+class JobRunner:
+    """Runs REST jobs in background tasks, a few at a time."""
+
+    def __init__(self, backends: Backends) -> None:
+        self.backends = backends
+        self.settings = trainer_settings(backends.settings)
+        self.config = TrainerConfig.from_settings(self.settings)
+        self.records = JobRecords(backends.docs)
+        self.slots = asyncio.Semaphore(self.settings.trainer_max_concurrent_jobs)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, job_id: str, request: TrainingRequest, key_prefix: str) -> None:
+        task = asyncio.create_task(self._run(job_id, request, key_prefix), name=f"trainer-job-{job_id}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, job_id: str, request: TrainingRequest, key_prefix: str) -> None:
+        async with self.slots:
+            await self.records.start(job_id)
+            bridge = LoopBridge(asyncio.get_running_loop())
+
+            def on_epoch(m: EpochMetrics) -> bool:
+                bridge.run(self.records.add_epoch(job_id, m))
+                return True
+
+            try:
+                outcome = await asyncio.to_thread(run_training, self.backends.objects, request, job_id=job_id,
+                                                  key_prefix=key_prefix, config=self.config, on_epoch=on_epoch)
+                model_key = f"{key_prefix}/model.pt"
+                await asyncio.to_thread(save_model, self.backends.objects, outcome, model_key,
+                                        work_dir=self.config.work_dir, extra={"params": request.hparams.model_dump()})
+                metrics = flat_metrics(outcome)
+                await self.records.add_model(job_id, checkpoint_key=model_key, arch=outcome.arch,
+                                             classes=outcome.classes, job_id=job_id, run_id=None, metrics=metrics)
+                await self.records.finish(job_id, state="diverged" if outcome.state == "diverged" else "completed",
+                                          summary=outcome.summary(), model_key=model_key)
+            except Exception as exc:  # the job's failure is its record's business, not the server's
+                if not isinstance(exc, InvalidInput):
+                    log.exception("training job %s failed", job_id)
+                await self.records.finish(job_id, state="failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _runner(request: Request, backends: Backends) -> JobRunner:
+    runner: JobRunner | None = getattr(request.app.state, "trainer_jobs", None)
+    if runner is None:
+        runner = JobRunner(backends)
+        request.app.state.trainer_jobs = runner
+    return runner
+
+
+@router.post("/jobs", status_code=202, response_model=JobCreated)
+async def create_job(body: JobCreate, request: Request, backends: Backends = Depends(backends_of)) -> JobCreated:
+    records = JobRecords(backends.docs)
+    weights_key = body.weights_key
+    if body.model_id is not None:
+        if weights_key is not None:
+            raise InvalidInput("give weights_key or model_id, not both")
+        model = await records.model(body.model_id)
+        if model is None:
+            raise InvalidInput(f"model_id {body.model_id!r}: no such trained model")
+        weights_key = model["checkpoint_key"]
+    try:
+        training = TrainingRequest(arch=body.arch, weights_key=weights_key, manifest_key=body.manifest_key,
+                                   classes=body.classes, hparams=body.hparams, run_config=body.run_config,
+                                   sample_fraction=body.sample_fraction, evaluate_test=body.evaluate_test)
+    except ValidationError as exc:
+        details = json.loads(exc.json(include_url=False, include_context=False))
+        raise InvalidInput(f"invalid training job: {exc}", details=details) from exc
+    for what, key in (("manifest_key", training.manifest_key), ("weights_key", training.weights_key)):
+        if key is not None and not await asyncio.to_thread(backends.objects.exists, key):
+            raise InvalidInput(f"{what} {key!r}: no such object")
+    job_id = uuid.uuid4().hex
+    key_prefix = f"trainer/jobs/{job_id}"
+    await records.create(job_id, kind="api", request=training.model_dump(mode="json"), key_prefix=key_prefix,
+                         extra={"name": body.name, "owner": OWNER})
+    _runner(request, backends).submit(job_id, training, key_prefix)
+    return JobCreated(job_id=job_id, state="queued", logs_prefix=f"{key_prefix}/tensorboard/")
+
+
+@router.get("/jobs/{job_id}")
+async def get_job(job_id: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+    records = JobRecords(backends.docs)
+    job = await records.get(job_id)
+    if job is None:
+        raise NotFound(f"no training job {job_id!r}")
+    return {**job, "epochs": [{k: v for k, v in e.items() if not k.startswith("_")}
+                              for e in await records.epochs(job_id)]}
+
+
+@router.get("/jobs")
+async def list_jobs(
+    kind: str | None = Query(default=None, pattern="^(trial|final|api)$"),
+    state: str | None = Query(default=None),
+    limit: int = Query(default=100, ge=1, le=1000),
+    backends: Backends = Depends(backends_of),
+) -> list[dict[str, Any]]:
+    jobs = await JobRecords(backends.docs).find(kind=kind, state=state, limit=limit)
+    return [{k: job.get(k) for k in ("_id", "kind", "name", "run_id", "state", "created_at", "finished_at",
+                                     "epochs_done", "metrics", "error")} for job in jobs]
+
+
+async def _on_start(backends: Backends) -> None:
+    """REST jobs this host was running when it stopped will never finish: say so in their records."""
+    records = JobRecords(backends.docs)
+    for state in ("queued", "running"):
+        for job in await backends.docs.find("trainer_jobs", {"kind": "api", "state": state, "owner": OWNER}):
+            await records.finish(job["_id"], state="failed", error="interrupted: the trainer restarted")
+
+
+def part() -> ServicePart:
+    return ServicePart(service=service, router=router, on_start=_on_start)
+
+
+def create_app(settings: CommonSettings | None = None) -> FastAPI:
+    return create_common_app([part()], settings=settings)
+
+
+__all__ = ["JobCreate", "create_app", "part", "router"]

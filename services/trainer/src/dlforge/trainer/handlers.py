@@ -1,0 +1,304 @@
+"""The trainer's logic: one training job from a checkpoint, a manifest and hyperparameters.
+
+:func:`run_training` is what the worker (HPO trials, final training), the REST jobs and the SDK's
+in-process transport all call: load the base checkpoint (fresh head for the target classes), get
+the cached activations at the freeze boundary, train the tail on the chosen engine, evaluate.
+No bus and no document store here: progress leaves through the ``on_epoch`` hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dlforge.common.errors import InvalidInput, NotFound
+from dlforge.common.objects import ObjectStore
+from dlforge.trainer.cache import ActivationCache, CachedActivations, digest_file, manifest_digest, prefix_runner
+from dlforge.trainer.engines import FitJob, engine_for
+from dlforge.trainer.monitor import EpochHook, JobMonitor
+from dlforge.trainer.params import EpochMetrics, EvalSummary, RunOptions, TrainParams
+from dlforge.trainer.settings import TrainerSettings
+from dlforge.trainer.stages import staged
+from dlforge.trainer.training import TrainData, evaluate, stratified_sample, stratified_split
+from dlforge.vision.manifest import Manifest
+from dlforge.vision.networks import Classifier, build_network, load_checkpoint, save_checkpoint, spec_of
+
+log = logging.getLogger(__name__)
+
+VAL_FALLBACK_FRACTION = 0.15
+
+
+class TrainingRequest(BaseModel):
+    """One training job: the model, the data, the hyperparameters and how to run it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str | None = Field(default=None, description="architecture; with no weights: its ImageNet/initial weights")
+    weights_key: str | None = Field(default=None, description="object key of a save_checkpoint() file")
+    manifest_key: str = Field(description="object key of the training manifest (train/val/test splits)")
+    classes: list[str] = Field(min_length=2, description="target classes, in output order")
+    hparams: TrainParams = TrainParams()
+    run_config: RunOptions = RunOptions()
+    sample_fraction: float = Field(default=1.0, gt=0.0, le=1.0, description="stratified share of the train split")
+    sample_seed: int = 0
+    evaluate_test: bool = True
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"classes must be unique, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _model_source(self) -> TrainingRequest:
+        if self.arch is None and self.weights_key is None:
+            raise ValueError("give weights_key (a checkpoint) or arch (its pretrained weights)")
+        if self.arch is not None:
+            spec_of_or_invalid(self.arch)
+        return self
+
+
+def spec_of_or_invalid(arch: str) -> Any:
+    try:
+        return spec_of(arch)
+    except Exception as exc:
+        raise ValueError(str(exc)) from exc
+
+
+@dataclass
+class TrainingOutcome:
+    """What a job produced. ``model`` holds the trained weights (not serializable: use save_model)."""
+
+    job_id: str
+    arch: str
+    classes: list[str]
+    state: str  # completed | stopped | diverged
+    epochs: list[EpochMetrics]
+    steps: int
+    model: Classifier
+    input_size: int
+    checkpoints: list[str] = field(default_factory=list)
+    logs_prefix: str = ""
+    cache_source: str = ""
+    cache_seconds: float = 0.0
+    train_seconds: float = 0.0
+    train_rows: int = 0
+    val: EvalSummary | None = None
+    test: EvalSummary | None = None
+    no_of_workers: int = 1
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly description (no weights)."""
+        return {
+            "job_id": self.job_id,
+            "arch": self.arch,
+            "classes": self.classes,
+            "state": self.state,
+            "epochs": [m.model_dump() for m in self.epochs],
+            "steps": self.steps,
+            "input_size": self.input_size,
+            "checkpoints": self.checkpoints,
+            "logs_prefix": self.logs_prefix,
+            "cache_source": self.cache_source,
+            "cache_seconds": self.cache_seconds,
+            "train_seconds": self.train_seconds,
+            "train_rows": self.train_rows,
+            "val": self.val.model_dump() if self.val else None,
+            "test": self.test.model_dump() if self.test else None,
+            "no_of_workers": self.no_of_workers,
+            "metrics": flat_metrics(self),
+        }
+
+
+def flat_metrics(outcome: TrainingOutcome) -> dict[str, float]:
+    """The outcome as ``{name: number}`` (what ``model.trained`` carries); undefined values are left out."""
+    out: dict[str, float] = {
+        "epochs": float(len(outcome.epochs)),
+        "steps": float(outcome.steps),
+        "train_seconds": outcome.train_seconds,
+        "cache_seconds": outcome.cache_seconds,
+        "train_rows": float(outcome.train_rows),
+        "no_of_workers": float(outcome.no_of_workers),
+    }
+    if outcome.epochs:
+        last = outcome.epochs[-1]
+        out["train_loss"] = last.train_loss
+        out["images_per_second"] = last.images_per_second
+    for summary in (outcome.val, outcome.test):
+        if summary is None:
+            continue
+        s = summary.split
+        out[f"{s}_loss"] = summary.loss
+        out[f"{s}_accuracy"] = summary.accuracy
+        out[f"{s}_count"] = float(summary.count)
+        for cls, r in summary.recall.items():
+            out[f"{s}_recall_{cls}"] = r
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The process-level knobs :func:`run_training` needs (from :class:`TrainerSettings`)."""
+
+    work_dir: Path
+    threads: int = 2
+    train_threads: int = 1
+    prefix_runner: str = "onnxruntime"
+    cache_from_unfreeze: int = 3
+    cache_batch_size: int = 32
+    cache_max_mb: int = 2048
+    input_size: int | None = None
+
+    @classmethod
+    def from_settings(cls, s: TrainerSettings) -> TrainerConfig:
+        return cls(
+            work_dir=Path(s.work_dir) / "trainer",
+            threads=s.trainer_threads,
+            train_threads=s.trainer_train_threads,
+            prefix_runner=s.trainer_prefix_runner,
+            cache_from_unfreeze=s.trainer_cache_from_unfreeze,
+            cache_batch_size=s.trainer_cache_batch_size,
+            cache_max_mb=s.trainer_cache_max_mb,
+            input_size=s.trainer_input_size,
+        )
+
+
+def load_base_model(objects: ObjectStore, request: TrainingRequest, work_dir: Path) -> tuple[Classifier, str, str]:
+    """(model with a head for ``request.classes``, arch, weights digest)."""
+    n = len(request.classes)
+    if request.weights_key is None:
+        assert request.arch is not None
+        with torch.random.fork_rng():
+            torch.manual_seed(request.hparams.seed)
+            model = build_network(request.arch, n, pretrained=True)
+        return model, request.arch, f"pretrained-{request.arch}"
+    try:
+        local = objects.get_file(request.weights_key, work_dir / "weights" / request.weights_key)
+    except NotFound as exc:
+        raise InvalidInput(f"weights_key {request.weights_key!r}: no such object") from exc
+    model, ckpt = load_checkpoint(str(local))
+    arch = str(ckpt["arch"])
+    if request.arch is not None and request.arch != arch:
+        raise InvalidInput(f"arch {request.arch!r} does not match the checkpoint's arch {arch!r}")
+    if list(ckpt.get("classes", [])) != list(request.classes):  # type: ignore[call-overload]
+        with torch.random.fork_rng():
+            torch.manual_seed(request.hparams.seed)
+            model.head = torch.nn.Linear(model.head.in_features, n)  # a fresh head for the target classes
+    return model, arch, digest_file(local)
+
+
+def _indices(labels: list[str], classes: list[str], split: str) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({lab for lab in labels if lab not in index})
+    if unknown:
+        raise InvalidInput(f"the manifest's {split} split has labels {unknown} that are not among the classes "
+                           f"{classes}")
+    return np.array([index[lab] for lab in labels], dtype=np.int64)
+
+
+def build_data(acts: CachedActivations, classes: list[str], *, sample_fraction: float,
+               sample_seed: int) -> tuple[TrainData, tuple[np.ndarray, np.ndarray] | None]:
+    """Train/val arrays from the cache (stratified train sample; val carved from train if absent) and test."""
+    train, val, test = acts.splits["train"], acts.splits["val"], acts.splits["test"]
+    train_y = _indices(train.labels, classes, "train")
+    train_x: np.ndarray = train.x
+    if len(val) == 0:
+        kept, held = stratified_split(train_y, VAL_FALLBACK_FRACTION, seed=sample_seed)
+        if len(held) == 0:
+            raise InvalidInput("the manifest has no val split and too few train items to hold some out")
+        log.warning("no val split in the manifest: holding out %d train items for validation", len(held))
+        val_x, val_y = np.asarray(train_x[held]), train_y[held]
+        train_x, train_y = np.asarray(train_x[kept]), train_y[kept]
+    else:
+        val_x, val_y = val.x, _indices(val.labels, classes, "val")
+    if len(train_y) == 0:
+        raise InvalidInput("the manifest has no labeled train items")
+    if sample_fraction < 1.0:
+        rows = stratified_sample(train_y, sample_fraction, seed=sample_seed)
+        train_x, train_y = np.asarray(train_x[rows]), train_y[rows]
+    test_xy = (test.x, _indices(test.labels, classes, "test")) if len(test) else None
+    return TrainData(train_x, train_y, val_x, val_y, list(classes)), test_xy
+
+
+def run_training(
+    objects: ObjectStore,
+    request: TrainingRequest,
+    *,
+    job_id: str,
+    key_prefix: str,
+    config: TrainerConfig,
+    on_epoch: EpochHook | None = None,
+) -> TrainingOutcome:
+    """Train one job (see the module docstring); raises InvalidInput for a request that cannot work."""
+    torch.set_num_threads(config.threads)
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        raw_manifest = objects.get_bytes(request.manifest_key)
+    except NotFound as exc:
+        raise InvalidInput(f"manifest_key {request.manifest_key!r}: no such object") from exc
+    manifest = Manifest.model_validate_json(raw_manifest)
+    model, arch, weights_digest = load_base_model(objects, request, config.work_dir)
+    model.dropout.p = request.hparams.dropout
+    spec = spec_of(arch)
+    input_size = request.run_config.input_size or config.input_size or spec.input_size
+    net = staged(model)
+    boundary = net.boundary(request.hparams.unfreeze)
+    from_unfreeze = min(max(config.cache_from_unfreeze, request.hparams.unfreeze), net.max_unfreeze)
+    cache = ActivationCache(objects, work_dir=config.work_dir, runner=prefix_runner(config.prefix_runner,
+                            threads=config.threads), batch_size=config.cache_batch_size,
+                            max_bytes=config.cache_max_mb << 20)
+    acts = cache.get(net=net, spec=spec, manifest=manifest, manifest_digest=manifest_digest(raw_manifest),
+                     weights_digest=weights_digest, input_size=input_size, boundary=boundary,
+                     from_boundary=net.boundary(from_unfreeze))
+    data, test_xy = build_data(acts, request.classes, sample_fraction=request.sample_fraction,
+                               sample_seed=request.sample_seed)
+    tail = net.tail(request.hparams.unfreeze)
+    with tempfile.TemporaryDirectory(dir=config.work_dir, prefix=f"job-{job_id[:40]}-") as tmp:
+        monitor = JobMonitor(objects=objects, key_prefix=key_prefix, log_dir=Path(tmp) / "tensorboard", model=model,
+                             tail=tail, arch=arch, classes=request.classes, on_epoch=on_epoch,
+                             extra={"input_size": input_size, "params": request.hparams.model_dump()})
+        job = FitJob(tail=tail, data=data, hparams=request.hparams, no_of_workers=request.run_config.no_of_workers,
+                     checkpoint_every_steps=request.run_config.checkpoint_every_steps,
+                     summary_every_steps=request.run_config.summary_every_steps, threads=config.train_threads,
+                     work_dir=Path(tmp))
+        started = time.perf_counter()
+        try:
+            result = engine_for(request.run_config.engine).run(job, monitor)
+        finally:
+            monitor.close()
+        train_seconds = time.perf_counter() - started
+    torch.set_num_threads(config.threads)
+    state = "diverged" if result.diverged else "stopped" if result.stopped else "completed"
+    val = evaluate(tail, data.val_x, data.val_y, request.classes, split="val")
+    test = None
+    if request.evaluate_test and test_xy is not None:
+        test = evaluate(tail, test_xy[0], test_xy[1], request.classes, split="test")
+    return TrainingOutcome(
+        job_id=job_id, arch=arch, classes=list(request.classes), state=state, epochs=result.epochs,
+        steps=result.steps, model=model, input_size=input_size, checkpoints=monitor.checkpoints,
+        logs_prefix=monitor.logs_prefix, cache_source=acts.source, cache_seconds=acts.seconds,
+        train_seconds=train_seconds, train_rows=len(data.train_y), val=val, test=test,
+        no_of_workers=request.run_config.no_of_workers,
+    )
+
+
+def save_model(objects: ObjectStore, outcome: TrainingOutcome, key: str, *, work_dir: Path,
+               extra: dict[str, object] | None = None) -> str:
+    """Write the trained model with save_checkpoint to ``key``; returns the key."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        path = Path(tmp) / "model.pt"
+        save_checkpoint(outcome.model, arch=outcome.arch, classes=outcome.classes, path=str(path),
+                        extra={"input_size": outcome.input_size, "metrics": flat_metrics(outcome), **(extra or {})})
+        objects.put_file(key, path)
+    return key

@@ -1,0 +1,103 @@
+"""What happens to a run's reports: TensorBoard event files, checkpoints, the caller's epoch hook.
+
+All of it happens in the parent process (a data-parallel run's rank 0 only sends its reports), so
+the object store is the only thing the reports need, whatever the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dlforge.common.objects import ObjectStore
+from dlforge.trainer.params import EpochMetrics
+from dlforge.vision.networks import Classifier, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+EpochHook = Callable[[EpochMetrics], bool]
+
+
+class JobMonitor:
+    """A :class:`~dlforge.trainer.training.FitListener` that writes TensorBoard files and checkpoints.
+
+    Object keys: ``<key_prefix>/tensorboard/<event file>`` (uploaded after every epoch) and
+    ``<key_prefix>/checkpoints/step-<step>.pt`` (full self-describing checkpoints).
+    """
+
+    def __init__(
+        self,
+        *,
+        objects: ObjectStore,
+        key_prefix: str,
+        log_dir: Path,
+        model: Classifier,
+        tail: nn.Module,
+        arch: str,
+        classes: list[str],
+        on_epoch: EpochHook | None = None,
+        extra: dict[str, object] | None = None,
+    ) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.objects = objects
+        self.key_prefix = key_prefix
+        self.log_dir = log_dir
+        self.model = model
+        self.tail = tail
+        self.arch = arch
+        self.classes = classes
+        self.hook = on_epoch
+        self.extra = extra or {}
+        self.epochs: list[EpochMetrics] = []
+        self.checkpoints: list[str] = []
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    @property
+    def logs_prefix(self) -> str:
+        return f"{self.key_prefix}/tensorboard/"
+
+    def on_step(self, step: int, loss: float) -> None:
+        self.writer.add_scalar("train/step_loss", loss, step)
+
+    def on_epoch(self, metrics: EpochMetrics) -> bool:
+        self.epochs.append(metrics)
+        w, e = self.writer, metrics.epoch
+        w.add_scalar("train/loss", metrics.train_loss, e)
+        w.add_scalar("val/loss", metrics.val_loss, e)
+        w.add_scalar("val/accuracy", metrics.val_accuracy, e)
+        w.add_scalar("train/images_per_second", metrics.images_per_second, e)
+        for cls, recall in metrics.val_recall.items():
+            w.add_scalar(f"val/recall/{cls}", recall, e)
+        w.flush()
+        self.upload_logs()
+        return self.hook(metrics) if self.hook is not None else True
+
+    def on_checkpoint(self, step: int, epoch: int, state: dict[str, torch.Tensor] | None) -> None:
+        if state is not None:
+            self.tail.load_state_dict(state)  # the tail shares its modules with self.model
+        path = self.log_dir.parent / f"step-{step:07d}.pt"
+        save_checkpoint(self.model, arch=self.arch, classes=self.classes, path=str(path),
+                        extra={**self.extra, "step": step, "epoch": epoch})
+        key = f"{self.key_prefix}/checkpoints/step-{step:07d}.pt"
+        self.objects.put_file(key, path)
+        path.unlink(missing_ok=True)
+        self.checkpoints.append(key)
+
+    def upload_logs(self) -> list[str]:
+        keys = []
+        for f in sorted(self.log_dir.iterdir()):
+            if f.is_file():
+                key = f"{self.logs_prefix}{f.name}"
+                self.objects.put_file(key, f)
+                keys.append(key)
+        return keys
+
+    def close(self) -> list[str]:
+        self.writer.close()
+        return self.upload_logs()

@@ -1,0 +1,68 @@
+"""The trainer's vocabulary: hyperparameters, run configuration, per-epoch metrics."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+OptimizerName = Literal["sgd", "adam", "adamw"]
+
+
+class TrainParams(BaseModel):
+    """Hyperparameters of one training run (what the tuner searches over)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(default=1e-3, gt=0.0, le=10.0, description="learning rate")
+    batch_size: int = Field(default=32, ge=1, le=4096, description="global batch size (split over the workers)")
+    optimizer: OptimizerName = "adam"
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum / Adam beta1")
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0, description="dropout before the head")
+    unfreeze: int = Field(default=0, ge=0, le=64, description="backbone stages to train (0: head only)")
+    epochs: int = Field(default=3, ge=1, le=1000)
+    class_weighting: Literal["none", "balanced"] = Field(
+        default="balanced", description="'balanced' weighs the loss by inverse class frequency"
+    )
+    seed: int = 0
+
+
+class RunOptions(BaseModel):
+    """How a run executes (not what it learns)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    no_of_workers: int = Field(default=1, ge=1, le=64, description="data-parallel training processes")
+    checkpoint_every_steps: int = Field(default=0, ge=0, description="0: only the final model is saved")
+    summary_every_steps: int = Field(default=10, ge=1, description="TensorBoard step-loss interval")
+    engine: Literal["ddp", "horovod"] = "ddp"
+    input_size: int | None = Field(default=None, ge=16, le=1024, description="default: the network's input size")
+
+
+class EpochMetrics(BaseModel):
+    """What rank 0 reports after each epoch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int = Field(description="1-based")
+    steps: int = Field(description="optimizer steps so far")
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    val_recall: dict[str, float] = Field(description="per-class recall on the validation split")
+    seconds: float = Field(description="wall time of the epoch's training part")
+    images_per_second: float = Field(description="training throughput over all workers")
+
+
+class EvalSummary(BaseModel):
+    """Loss, accuracy and per-class recall on one split."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    split: str
+    count: int
+    loss: float
+    accuracy: float
+    recall: dict[str, float]
+    confusion: list[list[int]] = Field(description="rows: true class, columns: predicted class")

@@ -1,0 +1,43 @@
+"""Trainer settings (environment variables ``DLFORGE_TRAINER_…``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from dlforge.common.settings import CommonSettings, load_settings
+
+
+class TrainerSettings(CommonSettings):
+    """Knobs of the trainer process; the per-job ones (hyperparameters, workers) come with each job."""
+
+    trainer_engine: str = Field(default="ddp", description="data-parallel engine: ddp | horovod")
+    trainer_threads: int = Field(default=2, ge=1, le=256,
+                                 description="threads computing the activation cache (ONNX Runtime / torch)")
+    trainer_train_threads: int = Field(
+        default=1, ge=1, le=256, description="torch threads of one training process. The tail's ops are small "
+        "(7x7 maps): one thread trained 1.7-5x faster than two on the 2-core machine (benchmarks/trainer.py)",
+    )
+    trainer_checkpoint_every_steps: int = Field(
+        default=50, ge=0, description="final training: checkpoint to the object store every K steps (0: never)"
+    )
+    trainer_summary_every_steps: int = Field(default=10, ge=1, description="TensorBoard step-loss interval")
+    trainer_prefix_runner: str = Field(
+        default="onnxruntime", description="what computes the activation cache: onnxruntime | torch"
+    )
+    trainer_cache_from_unfreeze: int = Field(
+        default=3, ge=0, description="the cache is first computed at this freeze boundary and shallower ones "
+        "are derived from it, so images go through the network once for unfreeze 0..N",
+    )
+    trainer_cache_batch_size: int = Field(default=32, ge=1, le=1024)
+    trainer_cache_max_mb: int = Field(default=2048, ge=1, description="refuse caches larger than this")
+    trainer_input_size: int | None = Field(default=None, ge=16, le=1024,
+                                           description="image side to train at (default: the network's)")
+    trainer_max_concurrent_jobs: int = Field(default=1, ge=1, description="REST jobs that train at once")
+
+
+def trainer_settings(base: CommonSettings | None = None) -> TrainerSettings:
+    """The trainer's settings: ``base`` if it already is one, else the environment plus ``base``'s common fields."""
+    if isinstance(base, TrainerSettings):
+        return base
+    overrides = base.model_dump() if base is not None else {}
+    return load_settings(TrainerSettings, **overrides)

@@ -1,0 +1,264 @@
+"""The training loop over cached activations: one process, or one rank of a data-parallel group.
+
+``fit`` is the same code on every rank; a :class:`Collective` hides what differs between running
+alone, under DDP and under Horovod (wrapping the model/optimizer, agreeing on "go on").
+Rank 0 evaluates on the validation split after each epoch and tells its :class:`FitListener`, whose
+answer (go on, or stop: e.g. the trial was pruned) every rank follows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from dlforge.trainer.params import EpochMetrics, EvalSummary, TrainParams
+
+
+@dataclass
+class TrainData:
+    """Cached activations (float16 or float32) and class indices of the train and val rows."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    classes: list[str]
+
+
+@dataclass
+class FitResult:
+    epochs: list[EpochMetrics] = field(default_factory=list)
+    steps: int = 0
+    stopped: bool = False  # the listener said stop (pruned, cancelled), possibly after the last epoch
+    diverged: bool = False
+    seconds: float = 0.0
+
+
+class FitListener(Protocol):
+    """What rank 0 tells the outside world while training."""
+
+    def on_step(self, step: int, loss: float) -> None:
+        """A training loss (every ``summary_every_steps`` steps)."""
+
+    def on_epoch(self, metrics: EpochMetrics) -> bool:
+        """An epoch's metrics; return False to stop training (pruned, diverged, cancelled)."""
+
+    def on_checkpoint(self, step: int, epoch: int, state: dict[str, torch.Tensor] | None) -> None:
+        """Time to save a checkpoint; ``state`` is the tail's state dict, or None if the caller's tail is live."""
+
+
+class Collective:
+    """Single-process behaviour; subclasses implement the data-parallel engines."""
+
+    rank: int = 0
+    world: int = 1
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+        return optimizer
+
+    def agree(self, go_on: bool) -> bool:
+        """Rank 0's decision, on every rank."""
+        return go_on
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over the ranks."""
+        return values
+
+
+def make_optimizer(params: Any, hp: TrainParams) -> torch.optim.Optimizer:
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=False)
+    betas = (hp.momentum, 0.999)
+    if hp.optimizer == "adam":
+        return torch.optim.Adam(params, lr=hp.lr, betas=betas, weight_decay=hp.weight_decay)
+    return torch.optim.AdamW(params, lr=hp.lr, betas=betas, weight_decay=hp.weight_decay)
+
+
+def class_weights(y: np.ndarray, n_classes: int, mode: str) -> torch.Tensor | None:
+    """Inverse-frequency weights ``n / (k * count_c)`` (absent classes get weight 0), or None."""
+    if mode == "none" or len(y) == 0:
+        return None
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    w = np.zeros(n_classes)
+    w[present] = len(y) / (present.sum() * counts[present])
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def stratified_sample(labels: np.ndarray, fraction: float, *, seed: int) -> np.ndarray:
+    """Sorted row indices: ``fraction`` of each class (at least one row of every present class).
+
+    The same ``seed`` gives the same subset, so every trial of a study sees the same representative data.
+    """
+    if fraction >= 1.0:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        k = max(1, round(len(rows) * fraction))
+        chosen.append(rng.choice(rows, size=k, replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else np.arange(0)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) row indices with ``fraction`` of each class held out (classes of >= 2 rows)."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        if len(rows) >= 2:
+            held.append(rng.choice(rows, size=max(1, round(len(rows) * fraction)), replace=False))
+    held_out = np.sort(np.concatenate(held)) if held else np.arange(0)
+    kept = np.setdiff1d(np.arange(len(labels)), held_out)
+    return kept, held_out
+
+
+def _batches(x: np.ndarray, size: int) -> Iterator[torch.Tensor]:
+    for lo in range(0, len(x), size):
+        yield torch.from_numpy(np.asarray(x[lo:lo + size], dtype=np.float32))
+
+
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[str], *, split: str = "val",
+             batch_size: int = 256, device: torch.device | None = None) -> EvalSummary:
+    """Mean cross-entropy, accuracy, per-class recall and the confusion matrix of ``model`` on ``x``."""
+    device = device or torch.device("cpu")
+    k = len(classes)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    loss_sum = 0.0
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for lo, xb in zip(range(0, len(x), batch_size), _batches(x, batch_size), strict=True):
+            yb = torch.from_numpy(np.array(y[lo:lo + batch_size], dtype=np.int64))  # a copy: y may be read-only
+            logits = model(xb.to(device)).float().cpu()
+            loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+            pred = logits.argmax(1).numpy()
+            np.add.at(confusion, (yb.numpy(), pred), 1)
+    model.train(was_training)
+    n = int(confusion.sum())
+    support = confusion.sum(1)
+    recall = {c: float(confusion[i, i] / support[i]) if support[i] else float("nan") for i, c in enumerate(classes)}
+    return EvalSummary(
+        split=split,
+        count=n,
+        loss=loss_sum / n if n else float("nan"),
+        accuracy=float(np.trace(confusion) / n) if n else float("nan"),
+        recall=recall,
+        confusion=confusion.tolist(),
+    )
+
+
+def _freeze_batchnorm_statistics(model: nn.Module) -> None:
+    """Batch norm layers normalize with their running statistics and only learn their affine part.
+
+    The usual fine-tuning practice (e.g. Keras' EfficientNet guide): with small batches and few steps,
+    re-estimating the statistics hurts far more than it helps.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class _Rows(torch.utils.data.Dataset[int]):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def fit(
+    tail: nn.Module,
+    data: TrainData,
+    hp: TrainParams,
+    *,
+    listener: FitListener,
+    collective: Collective | None = None,
+    checkpoint_every_steps: int = 0,
+    summary_every_steps: int = 10,
+    device: torch.device | None = None,
+) -> FitResult:
+    """Train ``tail`` on ``data`` for ``hp.epochs`` epochs (or until the listener says stop).
+
+    ``hp.batch_size`` is global: each of ``world`` ranks takes ``batch_size // world`` rows per step, so
+    a run has the same number of optimizer steps per epoch whatever the number of workers.
+    """
+    coll = collective or Collective()
+    device = device or torch.device("cpu")
+    torch.manual_seed(hp.seed)
+    tail = tail.to(device)
+    model = coll.wrap_model(tail)
+    trainable = [p for p in tail.parameters() if p.requires_grad]
+    optimizer = coll.wrap_optimizer(make_optimizer(trainable, hp), tail)
+    weights = class_weights(data.train_y, len(data.classes), hp.class_weighting)
+    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    per_rank = max(1, hp.batch_size // coll.world)
+    sampler: torch.utils.data.DistributedSampler[int] = torch.utils.data.DistributedSampler(
+        _Rows(len(data.train_y)), num_replicas=coll.world, rank=coll.rank, shuffle=True, seed=hp.seed
+    )
+    result = FitResult()
+    started = time.perf_counter()
+    for epoch in range(1, hp.epochs + 1):
+        sampler.set_epoch(epoch)
+        order = np.fromiter(iter(sampler), dtype=np.int64)
+        model.train()
+        _freeze_batchnorm_statistics(tail)
+        t0 = time.perf_counter()
+        loss_sum, rows = 0.0, 0
+        for lo in range(0, len(order), per_rank):
+            idx = np.sort(order[lo:lo + per_rank])  # sorted: contiguous reads from the memory-mapped cache
+            xb = torch.from_numpy(np.asarray(data.train_x[idx], dtype=np.float32)).to(device)
+            yb = torch.from_numpy(data.train_y[idx].astype(np.int64)).to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            result.steps += 1
+            value = float(loss.detach())
+            loss_sum += value * len(idx)
+            rows += len(idx)
+            if coll.rank == 0 and result.steps % summary_every_steps == 0:
+                listener.on_step(result.steps, value)
+            if checkpoint_every_steps and result.steps % checkpoint_every_steps == 0 and coll.rank == 0:
+                listener.on_checkpoint(result.steps, epoch, None)
+        seconds = time.perf_counter() - t0
+        total_loss, total_rows = coll.sum([loss_sum, float(rows)])
+        go_on = True
+        if coll.rank == 0:
+            train_loss = total_loss / max(total_rows, 1.0)
+            val = evaluate(tail, data.val_x, data.val_y, data.classes, device=device)
+            metrics = EpochMetrics(
+                epoch=epoch,
+                steps=result.steps,
+                train_loss=train_loss,
+                val_loss=val.loss,
+                val_accuracy=val.accuracy,
+                val_recall=val.recall,
+                seconds=seconds,
+                images_per_second=total_rows / seconds if seconds > 0 else 0.0,
+            )
+            result.epochs.append(metrics)
+            if not math.isfinite(train_loss):
+                result.diverged = True
+            go_on = listener.on_epoch(metrics) and not result.diverged
+        go_on = coll.agree(go_on)
+        if not go_on:
+            result.stopped = True
+            result.diverged = result.diverged or (coll.rank != 0 and not math.isfinite(loss_sum))
+            break
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,175 @@
+"""The trainer's event handlers: ``hpo.trial`` -> ``hpo.trial.completed``; ``hpo.completed`` -> ``model.trained``."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+
+from pydantic import ValidationError
+
+from dlforge.common.errors import InvalidInput, PoisonMessage, RetryableError
+from dlforge.common.events import Event, HpoCompleted, HpoTrial, HpoTrialCompleted, ModelTrained, Topic
+from dlforge.common.runtime import HandlerContext, Service
+from dlforge.trainer.handlers import (
+    TrainerConfig,
+    TrainingOutcome,
+    TrainingRequest,
+    flat_metrics,
+    run_training,
+    save_model,
+)
+from dlforge.trainer.jobs import JobRecords, LoopBridge
+from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
+from dlforge.trainer.reporting import connect
+from dlforge.trainer.settings import trainer_settings
+
+log = logging.getLogger(__name__)
+
+service = Service("trainer")
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._\-]")
+
+
+def safe_id(value: str) -> str:
+    """``value`` usable as one object-key segment."""
+    return _UNSAFE.sub("_", value)[:120] or "_"
+
+
+def stable_seed(text: str) -> int:
+    """A seed derived from ``text`` (the same in every process, unlike ``hash()``)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+
+
+def model_key(run_id: str, model_id: str) -> str:
+    return f"trainer/models/{safe_id(run_id)}/{safe_id(model_id)}.pt"
+
+
+@service.handles(Topic.HPO_TRIAL)
+async def on_trial(event: Event, ctx: HandlerContext) -> Event | None:
+    """Train one trial on the study's representative sample, reporting val accuracy after each epoch."""
+    p = event.payload
+    assert isinstance(p, HpoTrial)
+    started = time.perf_counter()
+    settings = trainer_settings(ctx.settings)
+    config = TrainerConfig.from_settings(settings)
+    records = JobRecords(ctx.docs)
+    bridge = LoopBridge(asyncio.get_running_loop())
+    job_id = f"{safe_id(p.study_name)}-trial-{p.trial_number:04d}"
+    reporter = await asyncio.to_thread(connect, p.storage_url, p.study_name, p.trial_number)
+    if await asyncio.to_thread(reporter.is_finished):
+        log.info("trial %d of %s is already finished: nothing to train", p.trial_number, p.study_name)
+        return None
+
+    def completed(state: str, value: float | None, error: str | None = None) -> Event:
+        return event.follow(HpoTrialCompleted(
+            study_name=p.study_name, trial_number=p.trial_number, state=state,  # type: ignore[arg-type]
+            value=value, intermediate=reporter.intermediate, seconds=time.perf_counter() - started, error=error,
+        ))
+
+    try:
+        hparams = TrainParams.model_validate({**p.params, "epochs": p.epochs})
+        request = TrainingRequest(
+            arch=p.arch, weights_key=p.weights_key, manifest_key=p.manifest_key, classes=p.classes,
+            hparams=hparams, run_config=RunOptions(summary_every_steps=settings.trainer_summary_every_steps,
+                                                   input_size=settings.trainer_input_size),
+            sample_fraction=p.sample_fraction, sample_seed=stable_seed(p.study_name), evaluate_test=False,
+        )
+    except ValidationError as exc:
+        return completed("failed", None, f"invalid trial parameters: {exc}")
+    key_prefix = f"trainer/trials/{safe_id(p.study_name)}/{p.trial_number:04d}"
+    await records.create(job_id, kind="trial", request=request.model_dump(mode="json"), run_id=event.run_id,
+                         key_prefix=key_prefix, extra={"study_name": p.study_name, "trial_number": p.trial_number})
+    await records.start(job_id)
+
+    def on_epoch(m: EpochMetrics) -> bool:
+        bridge.run(records.add_epoch(job_id, m))
+        return reporter.report(m.val_accuracy, m.epoch)
+
+    try:
+        outcome = await asyncio.to_thread(run_training, ctx.objects, request, job_id=job_id, key_prefix=key_prefix,
+                                          config=config, on_epoch=on_epoch)
+    except RetryableError:
+        raise
+    except Exception as exc:  # a trial that cannot train is a failed trial; the study goes on
+        if not isinstance(exc, InvalidInput):
+            log.exception("trial %d of %s failed", p.trial_number, p.study_name)
+        await records.finish(job_id, state="failed", error=f"{type(exc).__name__}: {exc}")
+        return completed("failed", None, f"{type(exc).__name__}: {exc}")
+    summary = outcome.summary()
+    if outcome.state == "diverged":
+        await records.finish(job_id, state="diverged", summary=summary, error="the training loss became non-finite")
+        return completed("failed", None, "the training loss became non-finite (learning rate too high?)")
+    value = outcome.epochs[-1].val_accuracy if outcome.epochs else None
+    if outcome.state == "stopped":
+        await records.finish(job_id, state="pruned", summary=summary)
+        return completed("pruned", value)
+    await records.finish(job_id, state="completed", summary=summary)
+    return completed("complete", value)
+
+
+@service.handles(Topic.HPO_COMPLETED)
+async def on_hpo_completed(event: Event, ctx: HandlerContext) -> Event:
+    """Final training with the best parameters on the full train split; evaluate on val and test."""
+    p = event.payload
+    assert isinstance(p, HpoCompleted)
+    settings = trainer_settings(ctx.settings)
+    config = TrainerConfig.from_settings(settings)
+    records = JobRecords(ctx.docs)
+    job_id = f"{safe_id(event.run_id)}-final"
+    key = model_key(event.run_id, p.model_id)
+
+    def trained(params: dict[str, object], metrics: dict[str, float], no_of_workers: int) -> Event:
+        return event.follow(ModelTrained(
+            dataset_id=p.dataset_id, model_id=p.model_id, arch=p.arch, checkpoint_key=key,
+            manifest_key=p.manifest_key, classes=p.classes, params=params, metrics=metrics,
+            no_of_workers=no_of_workers, spec=p.spec, options=p.options,
+        ))
+
+    existing = await records.get(job_id)
+    if existing is not None and existing.get("state") == "completed" and await asyncio.to_thread(ctx.objects.exists,
+                                                                                                  key):
+        log.info("%s: the final model exists already; re-emitting model.trained", job_id)
+        return trained(existing["params"], existing["metrics"], int(existing["no_of_workers"]))
+    try:
+        hparams = TrainParams.model_validate({**p.best_params, "epochs": p.options.train_epochs})
+        request = TrainingRequest(
+            arch=p.arch, weights_key=p.weights_key, manifest_key=p.manifest_key, classes=p.classes, hparams=hparams,
+            run_config=RunOptions(no_of_workers=p.options.no_of_workers,
+                                  checkpoint_every_steps=settings.trainer_checkpoint_every_steps,
+                                  summary_every_steps=settings.trainer_summary_every_steps,
+                                  engine=settings.trainer_engine,  # type: ignore[arg-type]
+                                  input_size=settings.trainer_input_size),
+        )
+    except ValidationError as exc:
+        raise PoisonMessage(f"the best parameters cannot be trained: {exc}") from exc
+    key_prefix = f"trainer/jobs/{job_id}"
+    await records.create(job_id, kind="final", request=request.model_dump(mode="json"), run_id=event.run_id,
+                         key_prefix=key_prefix, extra={"model_id": p.model_id})
+    await records.start(job_id)
+    bridge = LoopBridge(asyncio.get_running_loop())
+
+    def on_epoch(m: EpochMetrics) -> bool:
+        bridge.run(records.add_epoch(job_id, m))
+        return True
+
+    try:
+        outcome: TrainingOutcome = await asyncio.to_thread(run_training, ctx.objects, request, job_id=job_id,
+                                                           key_prefix=key_prefix, config=config, on_epoch=on_epoch)
+    except InvalidInput as exc:
+        await records.finish(job_id, state="failed", error=str(exc))
+        raise PoisonMessage(f"final training refused: {exc}") from exc
+    if outcome.state == "diverged":
+        await records.finish(job_id, state="diverged", summary=outcome.summary())
+        raise PoisonMessage("final training diverged: the training loss became non-finite")
+    params = {**hparams.model_dump(), "input_size": outcome.input_size}
+    metrics = flat_metrics(outcome)
+    await asyncio.to_thread(save_model, ctx.objects, outcome, key, work_dir=config.work_dir,
+                            extra={"params": params, "run_id": event.run_id, "model_id": p.model_id})
+    await records.add_model(f"{safe_id(event.run_id)}.{safe_id(p.model_id)}", checkpoint_key=key, arch=outcome.arch,
+                            classes=outcome.classes, job_id=job_id, run_id=event.run_id, metrics=metrics)
+    await records.finish(job_id, state="completed", summary=outcome.summary(), params=params, metrics=metrics,
+                         no_of_workers=outcome.no_of_workers, model_key=key)
+    return trained(params, metrics, outcome.no_of_workers)

@@ -1,0 +1,110 @@
+"""The tuner's REST API: studies, their trial tables, stopping one, and a run's tuning override.
+
+``GET /studies``, ``GET /studies/{name}`` (trial table and best trial, read from the Optuna storage),
+``POST /studies/{name}/stop`` (no new trials; the study completes when its running trials end),
+``GET /tuning/defaults`` and ``PUT /runs/{run_id}/tuning`` (space, sampler, pruner, sample fraction,
+trial epochs, first trials to try — set before the run reaches the tuner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query
+from pydantic import ValidationError
+
+from dlforge.common.app import ServicePart, backends_of
+from dlforge.common.app import create_app as create_common_app
+from dlforge.common.errors import Conflict, InvalidInput, NotFound
+from dlforge.common.runtime import Backends
+from dlforge.common.settings import CommonSettings
+from dlforge.tuner.handlers import StudyContext, TuningOverride, best_trial, default_config, load_study, trial_table
+from dlforge.tuner.settings import tuner_settings
+from dlforge.tuner.worker import CONFIGS, STUDIES, now, service, study_name_for
+
+router = APIRouter(tags=["tuner"])
+
+_SUMMARY = ("_id", "run_id", "state", "stop_requested", "n_trials", "best_value", "best_params", "best_trial",
+            "created_at", "updated_at", "finished_at")
+
+
+@router.get("/studies")
+async def list_studies(
+    state: str | None = Query(default=None, pattern="^(running|completed|failed)$"),
+    limit: int = Query(default=100, ge=1, le=1000),
+    backends: Backends = Depends(backends_of),
+) -> list[dict[str, Any]]:
+    docs = await backends.docs.find(STUDIES, {"state": state} if state else None, sort=[("created_at", -1)],
+                                    limit=limit)
+    return [{k: d.get(k) for k in _SUMMARY} for d in docs]
+
+
+@router.get("/studies/{name}")
+async def get_study(name: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+    doc = await backends.docs.get(STUDIES, name)
+    if doc is None:
+        raise NotFound(f"no study {name!r}")
+    ctx = StudyContext.model_validate(doc["context"])
+
+    def read() -> dict[str, Any]:
+        study = load_study(ctx)
+        best = best_trial(study)
+        return {
+            "trials": [t.model_dump() for t in trial_table(study)],
+            "best": {"number": best.number, "value": best.value, "params": best.params} if best else None,
+            "direction": "maximize",
+            "objective": "val_accuracy",
+        }
+
+    live = await asyncio.to_thread(read)
+    return {**{k: doc.get(k) for k in _SUMMARY}, "config": doc["context"]["config"],
+            "storage_url": ctx.storage_url, **live}
+
+
+@router.post("/studies/{name}/stop")
+async def stop_study(name: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+    doc = await backends.docs.get(STUDIES, name)
+    if doc is None:
+        raise NotFound(f"no study {name!r}")
+    if doc.get("state") != "running":
+        raise Conflict(f"study {name!r} is {doc.get('state')}, not running")
+    doc = await backends.docs.upsert(STUDIES, {**doc, "stop_requested": True, "updated_at": now()})
+    return {k: doc.get(k) for k in _SUMMARY}
+
+
+@router.get("/tuning/defaults")
+async def tuning_defaults(backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+    config = default_config(tuner_settings(backends.settings))
+    return config.model_dump(mode="json")
+
+
+@router.put("/runs/{run_id}/tuning")
+async def set_run_tuning(
+    run_id: str, body: dict[str, Any], backends: Backends = Depends(backends_of)
+) -> dict[str, Any]:
+    """Override the defaults for one run; refused once the run's study exists."""
+    if await backends.docs.get(STUDIES, study_name_for(run_id)) is not None:
+        raise Conflict(f"run {run_id!r} is already being tuned; its study cannot change")
+    try:
+        override = TuningOverride.model_validate(body)
+        config = override.apply(default_config(tuner_settings(backends.settings)))
+    except ValidationError as exc:
+        details = json.loads(exc.json(include_url=False, include_context=False))
+        raise InvalidInput(f"invalid tuning override: {exc}", details=details) from exc
+    await backends.docs.upsert(CONFIGS, {"_id": run_id, "override": override.model_dump(mode="json",
+                                                                                        exclude_none=True),
+                                         "updated_at": now()})
+    return {"run_id": run_id, "config": config.model_dump(mode="json")}
+
+
+def part() -> ServicePart:
+    return ServicePart(service=service, router=router)
+
+
+def create_app(settings: CommonSettings | None = None) -> FastAPI:
+    return create_common_app([part()], settings=settings)
+
+
+__all__ = ["create_app", "part", "router"]

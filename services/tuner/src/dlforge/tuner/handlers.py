@@ -1,0 +1,283 @@
+"""The tuner's logic on an Optuna study: create, ask, tell, decide what comes next. No bus here.
+
+Every decision is derived from the study's stored state, which makes the handlers idempotent:
+
+* trials are asked *by* an event (user attribute ``dlforge.asked_by``); handling the same event again
+  returns the trials it asked before instead of asking new ones;
+* telling a trial that is already finished is a no-op (``skip_if_finished``);
+* how many trials to ask is ``min(parallel - running, budget - asked)`` counted without the current
+  event's own trials, so a redelivery asks nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dlforge.common.errors import ConfigError, InvalidInput, RetryableError
+from dlforge.common.events import HpoTrialCompleted, PipelineOptions, Spec, TrialRecord
+from dlforge.tuner.plugins import PRUNER_ATTR, PluginChoice, make_sampler, pruner_spec
+from dlforge.tuner.settings import TunerSettings
+from dlforge.tuner.space import SearchSpace, default_space
+
+log = logging.getLogger(__name__)
+
+ASKED_BY = "dlforge.asked_by"
+SECONDS = "dlforge.seconds"
+ERROR = "dlforge.error"
+INTERMEDIATE = "dlforge.intermediate"
+OBJECTIVE = "val_accuracy"
+
+_STORAGES: dict[str, optuna.storages.BaseStorage] = {}
+_LOCK = threading.Lock()
+
+
+class TuningConfig(BaseModel):
+    """How a study searches: the space, the sampler, the pruner, the data share and epochs of a trial."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    space: SearchSpace = Field(default_factory=default_space)
+    sampler: PluginChoice = PluginChoice(name="tpe")
+    pruner: PluginChoice = PluginChoice(name="median")
+    startup_trials: int = Field(default=2, ge=0)
+    sample_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
+    trial_epochs: int | None = Field(default=None, ge=1)
+    enqueue: list[dict[str, Any]] = Field(default_factory=list, description="parameters of the first trials")
+
+    @model_validator(mode="after")
+    def _check(self) -> TuningConfig:
+        make_sampler(self.sampler, seed=0, startup=self.startup_trials)
+        pruner_spec(self.pruner, startup=self.startup_trials)
+        for i, params in enumerate(self.enqueue):
+            problems = self.space.problems(params)
+            if problems:
+                raise ValueError(f"enqueue[{i}]: {'; '.join(problems)}")
+        return self
+
+
+class TuningOverride(BaseModel):
+    """A run's changes to the defaults (every field optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    space: SearchSpace | None = None
+    sampler: PluginChoice | None = None
+    pruner: PluginChoice | None = None
+    startup_trials: int | None = Field(default=None, ge=0)
+    sample_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    trial_epochs: int | None = Field(default=None, ge=1)
+    enqueue: list[dict[str, Any]] | None = None
+
+    def apply(self, base: TuningConfig) -> TuningConfig:
+        changes = {k: v for k, v in self.model_dump(exclude_none=True).items()}
+        return TuningConfig.model_validate({**base.model_dump(), **changes})
+
+
+def default_config(settings: TunerSettings) -> TuningConfig:
+    """The settings' defaults (``DLFORGE_TUNER_SPACE`` may hold a space as JSON or ``@file.json``)."""
+    space = default_space()
+    if settings.tuner_space:
+        raw = settings.tuner_space
+        try:
+            text = Path(raw[1:]).read_text() if raw.startswith("@") else raw
+            space = SearchSpace.model_validate_json(text)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"DLFORGE_TUNER_SPACE: not a valid search space: {exc}") from exc
+    try:
+        return TuningConfig(space=space, sampler=PluginChoice(name=settings.tuner_sampler),
+                            pruner=PluginChoice(name=settings.tuner_pruner),
+                            startup_trials=settings.tuner_startup_trials,
+                            sample_fraction=settings.tuner_sample_fraction, trial_epochs=settings.tuner_trial_epochs)
+    except (ValueError, InvalidInput) as exc:
+        raise ConfigError(f"DLFORGE_TUNER_SAMPLER/DLFORGE_TUNER_PRUNER: {exc}") from exc
+
+
+class StudyContext(BaseModel):
+    """What a study needs to build its trials' and its completion's events (stored in ``tuner_studies``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    study_name: str
+    run_id: str
+    storage_url: str
+    dataset_id: str
+    model_id: str
+    arch: str
+    weights_key: str
+    manifest_key: str
+    classes: list[str]
+    spec: Spec
+    options: PipelineOptions
+    config: TuningConfig
+
+    @property
+    def trial_epochs(self) -> int:
+        return self.config.trial_epochs or self.options.train_epochs
+
+
+def study_name_for(run_id: str) -> str:
+    return f"dlforge-{run_id}"
+
+
+def resolve_storage_url(url: str) -> str:
+    """SQLite paths made absolute (the URL travels to trainer workers), their folder created."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and ":memory:" not in url:
+        path = Path(url[len("sqlite:///"):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    if url.startswith("sqlite:////"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return url
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """One RDB storage per URL and process (SQLite gets a generous lock timeout)."""
+    with _LOCK:
+        storage = _STORAGES.get(url)
+        if storage is None:
+            optuna.logging.disable_default_handler()
+            optuna.logging.enable_propagation()
+            kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+            try:
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            except Exception as exc:  # the driver's own errors: unreachable server, bad URL
+                raise RetryableError(f"cannot open the Optuna storage {url!r}: {exc}") from exc
+            _STORAGES[url] = storage
+        return storage
+
+
+def load_study(ctx: StudyContext) -> optuna.Study:
+    """The study with a sampler seeded by the run's seed and the number of trials so far.
+
+    A fresh seed per ask keeps the random start-up trials distinct although the sampler object is
+    rebuilt for every event.
+    """
+    storage = open_storage(ctx.storage_url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.create_study(study_name=ctx.study_name, storage=storage, direction="maximize",
+                                    load_if_exists=True)
+        n = len(study.get_trials(deepcopy=False))
+        sampler = make_sampler(ctx.config.sampler, seed=ctx.options.seed * 100_003 + n,
+                               startup=ctx.config.startup_trials)
+        return optuna.load_study(study_name=ctx.study_name, storage=storage, sampler=sampler)
+
+
+def prepare_study(ctx: StudyContext) -> optuna.Study:
+    """Create the study if needed: pruner description, space and config as user attributes; enqueued trials."""
+    study = load_study(ctx)
+    attrs = study.user_attrs
+    if "dlforge.config" not in attrs:
+        study.set_user_attr(PRUNER_ATTR, pruner_spec(ctx.config.pruner, startup=ctx.config.startup_trials))
+        study.set_user_attr("dlforge.objective", OBJECTIVE)
+        study.set_user_attr("dlforge.run_id", ctx.run_id)
+        if not study.get_trials(deepcopy=False):
+            for params in ctx.config.enqueue:
+                study.enqueue_trial(params, skip_if_exists=True)
+        study.set_user_attr("dlforge.config", json.loads(ctx.config.model_dump_json()))
+    return study
+
+
+@dataclass(frozen=True)
+class AskedTrial:
+    number: int
+    params: dict[str, Any]
+
+
+def _is_open(t: FrozenTrial) -> bool:
+    return t.state in (TrialState.RUNNING, TrialState.WAITING)
+
+
+def ask_for(study: optuna.Study, ctx: StudyContext, *, asked_by: str, stop: bool = False) -> list[AskedTrial]:
+    """Ask the trials event ``asked_by`` should start; returns its still-running trials (old and new)."""
+    trials = study.get_trials(deepcopy=False)
+    mine = [t for t in trials if t.user_attrs.get(ASKED_BY) == asked_by]
+    others = [t for t in trials if t.user_attrs.get(ASKED_BY) != asked_by and t.state != TrialState.WAITING]
+    running_others = sum(1 for t in others if t.state == TrialState.RUNNING)
+    budget = 0 if stop else ctx.options.hpo_trials - len(others)
+    want = max(0, min(ctx.options.hpo_parallel - running_others, budget))
+    distributions = ctx.config.space.distributions()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for _ in range(want - len(mine)):
+            trial = study.ask(distributions)
+            trial.set_user_attr(ASKED_BY, asked_by)
+    return [AskedTrial(t.number, dict(t.params)) for t in study.get_trials(deepcopy=False)
+            if t.user_attrs.get(ASKED_BY) == asked_by and t.state == TrialState.RUNNING]
+
+
+def tell(study: optuna.Study, ctx: StudyContext, done: HpoTrialCompleted) -> bool:
+    """Record a trial's end; False if the study already had it (a redelivery) or does not know it."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    trial = trials.get(done.trial_number)
+    if trial is None:
+        log.warning("study %s has no trial %d; ignoring its completion", study.study_name, done.trial_number)
+        return False
+    if trial.state.is_finished():
+        log.info("trial %d of %s was told already (%s)", done.trial_number, study.study_name, trial.state.name)
+        return False
+    storage = open_storage(ctx.storage_url)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                                done.trial_number)
+    storage.set_trial_user_attr(trial_id, SECONDS, done.seconds)
+    storage.set_trial_user_attr(trial_id, INTERMEDIATE, [v if math.isfinite(v) else None for v in done.intermediate])
+    if done.error:
+        storage.set_trial_user_attr(trial_id, ERROR, done.error[:2000])
+    if not trial.intermediate_values:  # the worker could not report while training: record what it sent
+        for step, v in enumerate(done.intermediate, start=1):
+            if math.isfinite(v):
+                storage.set_trial_intermediate_value(trial_id, step, v)
+    value_ok = done.value is not None and math.isfinite(done.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if done.state == "complete" and value_ok:
+            study.tell(done.trial_number, done.value, skip_if_finished=True)
+        elif done.state == "pruned":
+            study.tell(done.trial_number, state=TrialState.PRUNED, skip_if_finished=True)
+        else:
+            study.tell(done.trial_number, state=TrialState.FAIL, skip_if_finished=True)
+    return True
+
+
+def is_done(study: optuna.Study, ctx: StudyContext, *, stop: bool = False) -> bool:
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
+    running = any(_is_open(t) for t in trials)
+    return not running and (stop or len(trials) >= ctx.options.hpo_trials)
+
+
+def trial_table(study: optuna.Study) -> list[TrialRecord]:
+    return [
+        TrialRecord(number=t.number, state=t.state.name.lower(),
+                    value=t.value if t.value is not None and math.isfinite(t.value) else None,
+                    params=dict(t.params), seconds=t.user_attrs.get(SECONDS))
+        for t in study.get_trials(deepcopy=False)
+    ]
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best complete trial; failing that, the pruned trial with the best last value; else None."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    if complete:
+        return max(complete, key=lambda t: (t.value, -t.number))
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.value is not None and math.isfinite(t.value)]
+    if pruned:
+        log.warning("study %s: no trial completed; using the best pruned trial", study.study_name)
+        return max(pruned, key=lambda t: (t.value, -t.number))
+    return None
+
+
+def failure_reasons(study: optuna.Study) -> list[str]:
+    return [f"trial {t.number}: {t.user_attrs.get(ERROR, t.state.name.lower())}"
+            for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]

@@ -1,0 +1,171 @@
+"""Samplers and pruners by name: the tuner's plug-in registries.
+
+A sampler decides the next trial's parameters (Optuna's ``BaseSampler``: ``sample_relative`` /
+``sample_independent``); a pruner decides whether a trial stops early (``BasePruner.prune``).
+Both are chosen by name with keyword arguments; :func:`register_sampler` / :func:`register_pruner`
+add more. Optional dependencies (``cmaes``) are imported only when their sampler is chosen.
+
+Optuna keeps neither in the storage, and the pruner runs where the trial trains (the trainer), so a
+pruner is described as ``{"factory": "optuna.pruners.<Class>", "kwargs": {...}}`` and that description
+is stored with the study (user attribute ``dlforge.pruner``); nested ``{"factory": ...}`` values in
+the kwargs are built too (a wrapped pruner).
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from pydantic import BaseModel, ConfigDict, Field
+
+from dlforge.common.backends import optional_import
+from dlforge.common.errors import InvalidInput
+
+PRUNER_ATTR = "dlforge.pruner"
+_ALLOWED_PRUNERS = "optuna.pruners."
+
+
+class PluginChoice(BaseModel):
+    """A sampler or pruner: its registry name and keyword arguments (merged over the defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+SamplerFactory = Callable[[int | None, dict[str, Any], int], optuna.samplers.BaseSampler]
+PrunerFactory = Callable[[dict[str, Any], int], dict[str, Any] | None]
+
+
+def _tpe(seed: int | None, kwargs: dict[str, Any], startup: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(**{"n_startup_trials": startup, "multivariate": True, "seed": seed, **kwargs})
+
+
+def _random(seed: int | None, kwargs: dict[str, Any], startup: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.RandomSampler(**{"seed": seed, **kwargs})
+
+
+def _gp(seed: int | None, kwargs: dict[str, Any], startup: int) -> optuna.samplers.BaseSampler:
+    optional_import("scipy", install="pip install scipy", purpose="the gp sampler")
+    return optuna.samplers.GPSampler(**{"n_startup_trials": startup, "seed": seed, **kwargs})
+
+
+def _qmc(seed: int | None, kwargs: dict[str, Any], startup: int) -> optuna.samplers.BaseSampler:
+    optional_import("scipy", install="pip install scipy", purpose="the qmc sampler")
+    return optuna.samplers.QMCSampler(**{"seed": seed, **kwargs})
+
+
+def _cmaes(seed: int | None, kwargs: dict[str, Any], startup: int) -> optuna.samplers.BaseSampler:
+    optional_import("cmaes", install="pip install cmaes (or dlforge-tuner[cmaes])", purpose="the cmaes sampler")
+    return optuna.samplers.CmaEsSampler(**{"n_startup_trials": startup, "seed": seed, **kwargs})
+
+
+SAMPLERS: dict[str, SamplerFactory] = {"tpe": _tpe, "random": _random, "gp": _gp, "qmc": _qmc, "cmaes": _cmaes}
+
+
+def _spec(cls: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"factory": f"optuna.pruners.{cls}", "kwargs": kwargs}
+
+
+def _median(kwargs: dict[str, Any], startup: int) -> dict[str, Any]:
+    return _spec("MedianPruner", {"n_startup_trials": max(1, startup // 2), "n_warmup_steps": 0, **kwargs})
+
+
+def _percentile(kwargs: dict[str, Any], startup: int) -> dict[str, Any]:
+    return _spec("PercentilePruner", {"percentile": 25.0, "n_startup_trials": max(1, startup // 2),
+                                      "n_warmup_steps": 0, **kwargs})
+
+
+def _successive_halving(kwargs: dict[str, Any], startup: int) -> dict[str, Any]:
+    return _spec("SuccessiveHalvingPruner", {"min_resource": 1, "reduction_factor": 2, **kwargs})
+
+
+def _hyperband(kwargs: dict[str, Any], startup: int) -> dict[str, Any]:
+    return _spec("HyperbandPruner", {"min_resource": 1, "reduction_factor": 2, **kwargs})
+
+
+def _threshold(kwargs: dict[str, Any], startup: int) -> dict[str, Any]:
+    if "lower" not in kwargs and "upper" not in kwargs:
+        raise InvalidInput("the threshold pruner needs kwargs 'lower' and/or 'upper'")
+    return _spec("ThresholdPruner", kwargs)
+
+
+def _patient(kwargs: dict[str, Any], startup: int) -> dict[str, Any]:
+    """The seeds' early-stopping rule: stop when the last ``patience`` epochs brought no improvement."""
+    kwargs = dict(kwargs)
+    wrapped = kwargs.pop("wrapped", "median")
+    inner = pruner_spec(PluginChoice(name=str(wrapped)), startup=startup) if wrapped != "none" else None
+    return _spec("PatientPruner", {"wrapped_pruner": inner, "patience": 1, **kwargs})
+
+
+def _none(kwargs: dict[str, Any], startup: int) -> dict[str, Any] | None:
+    return None
+
+
+PRUNERS: dict[str, PrunerFactory] = {
+    "median": _median,
+    "percentile": _percentile,
+    "successive_halving": _successive_halving,
+    "hyperband": _hyperband,
+    "threshold": _threshold,
+    "patient": _patient,
+    "none": _none,
+}
+
+
+def register_sampler(name: str, factory: SamplerFactory) -> None:
+    """Add a sampler: ``factory(seed, kwargs, startup_trials) -> BaseSampler``."""
+    SAMPLERS[name] = factory
+
+
+def register_pruner(name: str, factory: PrunerFactory) -> None:
+    """Add a pruner: ``factory(kwargs, startup_trials) -> {"factory": "optuna.pruners.X", "kwargs": {...}}``."""
+    PRUNERS[name] = factory
+
+
+def make_sampler(choice: PluginChoice, *, seed: int | None, startup: int) -> optuna.samplers.BaseSampler:
+    factory = SAMPLERS.get(choice.name)
+    if factory is None:
+        raise InvalidInput(f"unknown sampler {choice.name!r}; known: {', '.join(sorted(SAMPLERS))}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return factory(seed, dict(choice.kwargs), startup)
+    except TypeError as exc:
+        raise InvalidInput(f"sampler {choice.name!r}: bad kwargs {choice.kwargs}: {exc}") from exc
+
+
+def pruner_spec(choice: PluginChoice, *, startup: int) -> dict[str, Any] | None:
+    """The stored description of a pruner (validated by building it once)."""
+    factory = PRUNERS.get(choice.name)
+    if factory is None:
+        raise InvalidInput(f"unknown pruner {choice.name!r}; known: {', '.join(sorted(PRUNERS))}")
+    spec = factory(dict(choice.kwargs), startup)
+    build_pruner(spec)
+    return spec
+
+
+def build_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
+    """The pruner a stored description names (``NopPruner`` for None)."""
+    if not spec:
+        return optuna.pruners.NopPruner()
+    factory = str(spec.get("factory", ""))
+    if not factory.startswith(_ALLOWED_PRUNERS):
+        raise InvalidInput(f"pruner factory {factory!r} is not in {_ALLOWED_PRUNERS}*")
+    module, _, name = factory.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    if cls is None:
+        raise InvalidInput(f"no pruner {factory!r} in Optuna {optuna.__version__}")
+    kwargs = {k: build_pruner(v) if isinstance(v, dict) and "factory" in v else v
+              for k, v in dict(spec.get("kwargs", {})).items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            pruner: optuna.pruners.BasePruner = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"pruner {name}: bad kwargs {spec.get('kwargs')}: {exc}") from exc
+    return pruner

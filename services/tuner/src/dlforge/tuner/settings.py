@@ -1,0 +1,34 @@
+"""Tuner settings (environment variables ``DLFORGE_TUNER_…``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from dlforge.common.settings import CommonSettings, load_settings
+
+
+class TunerSettings(CommonSettings):
+    """Defaults of every study; a run can override them (``PUT /runs/{run_id}/tuning``)."""
+
+    tuner_storage: str = Field(
+        default="sqlite:///./.dlforge/tuner.db",
+        description="Optuna storage: any SQLAlchemy URL (sqlite:///file.db, postgresql://..., mysql+pymysql://...)",
+    )
+    tuner_sampler: str = Field(default="tpe", description="tpe | random | gp | qmc | cmaes")
+    tuner_pruner: str = Field(default="median", description="median | percentile | successive_halving | hyperband "
+                                                           "| patient | threshold | none")
+    tuner_startup_trials: int = Field(default=2, ge=0, description="random trials before the Bayesian sampler "
+                                      "models the space; trials before the pruner prunes")
+    tuner_sample_fraction: float = Field(default=0.5, gt=0.0, le=1.0,
+                                         description="stratified share of the train split each trial trains on")
+    tuner_trial_epochs: int | None = Field(default=None, ge=1, description="epochs per trial (default: "
+                                           "the run's train_epochs)")
+    tuner_space: str | None = Field(default=None, description="the default search space: JSON, or @/path/to.json")
+
+
+def tuner_settings(base: CommonSettings | None = None) -> TunerSettings:
+    """The tuner's settings: ``base`` if it already is one, else the environment plus ``base``'s common fields."""
+    if isinstance(base, TunerSettings):
+        return base
+    overrides = base.model_dump() if base is not None else {}
+    return load_settings(TunerSettings, **overrides)

@@ -1,0 +1,78 @@
+"""The trainer's REST API: POST /jobs, GET /jobs/{id}, GET /jobs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from dlforge.common.objects.fs import FsObjectStore
+from dlforge.common.settings import load_settings
+from dlforge.trainer.app import create_app
+from dlforge.trainer.testing import make_candidate, make_dataset
+
+
+@pytest.fixture
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.setenv("DLFORGE_TRAINER_PREFIX_RUNNER", "torch")
+    settings = load_settings(bus="memory://", objects=f"file://{tmp_path}/o", docs=f"sqlite:///{tmp_path}/d.db",
+                             work_dir=str(tmp_path / "w"))
+    objects = FsObjectStore(tmp_path / "o")
+    make_dataset(objects, per_class={"defect": 30, "good": 30}, size=24)
+    make_candidate(objects, "cands/small.pt")
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def wait(client: TestClient, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["state"] not in ("queued", "running"):
+            return job  # type: ignore[no-any-return]
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {job['state']}")
+
+
+BODY = {"weights_key": "cands/small.pt", "manifest_key": "testdata/manifest.json", "classes": ["defect", "good"],
+        "hparams": {"lr": 0.01, "batch_size": 8, "epochs": 2}, "run_config": {"checkpoint_every_steps": 3}}
+
+
+@pytest.mark.slow
+def test_job_trains_and_reports(client: TestClient) -> None:
+    r = client.post("/jobs", json={**BODY, "name": "first"})
+    assert r.status_code == 202
+    job_id = r.json()["job_id"]
+    job = wait(client, job_id)
+    assert job["state"] == "completed", job.get("error")
+    assert [e["epoch"] for e in job["epochs"]] == [1, 2]
+    assert job["metrics"]["val_accuracy"] >= 0.8 and job["metrics"]["test_accuracy"] >= 0.8
+    assert job["checkpoints"] == [f"trainer/jobs/{job_id}/checkpoints/step-{s:07d}.pt" for s in (3, 6, 9, 12)]
+    assert job["logs_prefix"] == f"trainer/jobs/{job_id}/tensorboard/"
+    assert job["model_key"] == f"trainer/jobs/{job_id}/model.pt"
+    listed = client.get("/jobs", params={"kind": "api"}).json()
+    assert [j["_id"] for j in listed] == [job_id] and listed[0]["name"] == "first"
+    # go on from the trained model by its id
+    r = client.post("/jobs", json={**{k: v for k, v in BODY.items() if k != "weights_key"}, "model_id": job_id,
+                                   "hparams": {"epochs": 1, "lr": 0.001}})
+    assert r.status_code == 202
+    assert wait(client, r.json()["job_id"])["state"] == "completed"
+
+
+def test_bad_jobs_are_refused_with_a_reason(client: TestClient) -> None:
+    r = client.post("/jobs", json={**BODY, "hparams": {"lr": -1}})
+    assert r.status_code == 422
+    r = client.post("/jobs", json={**BODY, "manifest_key": "nope.json"})
+    assert r.status_code == 422 and "manifest_key 'nope.json': no such object" in r.json()["detail"]
+    r = client.post("/jobs", json={**BODY, "weights_key": None})
+    assert r.status_code == 422 and "give weights_key" in r.json()["detail"]
+    r = client.post("/jobs", json={**BODY, "model_id": "nope", "weights_key": None})
+    assert r.status_code == 422 and "no such trained model" in r.json()["detail"]
+    r = client.post("/jobs", json={**BODY, "run_config": {"no_of_workers": 0}})
+    assert r.status_code == 422
+    assert client.get("/jobs/unknown").status_code == 404
+    assert client.get("/jobs").json() == []  # nothing half-written

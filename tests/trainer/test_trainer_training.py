@@ -1,0 +1,178 @@
+"""The training core on tiny synthetic data: it learns, caches, samples representatively, fails clearly."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dlforge.common.errors import InvalidInput
+from dlforge.common.objects import ObjectStore
+from dlforge.trainer.cache import OnnxPrefixRunner, TorchPrefixRunner
+from dlforge.trainer.handlers import TrainerConfig, TrainingRequest, flat_metrics, run_training, save_model
+from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
+from dlforge.trainer.testing import make_dataset
+from dlforge.trainer.training import class_weights, stratified_sample
+from dlforge.vision.manifest import load_manifest, save_manifest
+from dlforge.vision.networks import build_network, load_checkpoint
+
+CLASSES = ["defect", "good"]
+
+
+def request(manifest_key: str, weights_key: str, **hp: object) -> TrainingRequest:
+    params = {"lr": 0.01, "batch_size": 8, "epochs": 3, "unfreeze": 0, "dropout": 0.0, **hp}
+    return TrainingRequest(weights_key=weights_key, manifest_key=manifest_key, classes=CLASSES,
+                           hparams=TrainParams(**params))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("unfreeze", "lr"), [(0, 0.01), (2, 0.001)])
+def test_learns_above_chance_and_reports_every_epoch(objects: ObjectStore, manifest_key: str, weights_key: str,
+                                                     config: TrainerConfig, unfreeze: int, lr: float) -> None:
+    seen: list[EpochMetrics] = []
+    out = run_training(objects, request(manifest_key, weights_key, unfreeze=unfreeze, lr=lr), job_id="j",
+                       key_prefix="t/j",
+                       config=config, on_epoch=lambda m: seen.append(m) or True)
+    assert out.state == "completed" and [m.epoch for m in seen] == [1, 2, 3]
+    assert out.val is not None and out.test is not None
+    assert out.val.accuracy >= 0.8 and out.test.accuracy >= 0.8  # chance is 0.5
+    assert set(out.val.recall) == set(CLASSES) and out.val.count == 12
+    assert seen[-1].train_loss < seen[0].train_loss and all(math.isfinite(m.val_loss) for m in seen)
+    assert out.steps == 3 * math.ceil(56 / 8) and out.train_rows == 56
+    metrics = flat_metrics(out)
+    assert metrics["test_accuracy"] == out.test.accuracy and "val_recall_defect" in metrics
+
+
+def test_activation_cache_is_reused_and_derived(objects: ObjectStore, manifest_key: str, weights_key: str,
+                                                config: TrainerConfig) -> None:
+    first = run_training(objects, request(manifest_key, weights_key, epochs=1, unfreeze=2), job_id="a",
+                         key_prefix="t/a", config=config)
+    assert first.cache_source == "computed"
+    again = run_training(objects, request(manifest_key, weights_key, epochs=1, unfreeze=2, lr=0.02), job_id="b",
+                         key_prefix="t/b", config=config)
+    assert again.cache_source == "hit" and again.cache_seconds < first.cache_seconds
+    # unfreeze 1 and 0 sit after the computed boundary (unfreeze 3): derived, no image decoded again
+    shallower = run_training(objects, request(manifest_key, weights_key, epochs=1, unfreeze=1), job_id="c",
+                             key_prefix="t/c", config=config)
+    assert shallower.cache_source == "derived"
+    boundaries = {i.key.split("/")[-2] for i in objects.list("trainer/cache/") if i.key.endswith("index.json")}
+    assert len(boundaries) == 3  # unfreeze 3 (computed from images), 2 and 1 (derived)
+    # a changed manifest is another cache entry
+    other = make_dataset(objects, prefix="other", per_class={"defect": 10, "good": 10}, size=24, seed=1)
+    assert run_training(objects, request(other, weights_key, epochs=1, unfreeze=2), job_id="d", key_prefix="t/d",
+                        config=config).cache_source == "computed"
+
+
+def test_onnx_runner_matches_torch() -> None:
+    torch.manual_seed(0)
+    prefix = build_network("efficientnet_lite0", 2, pretrained=False).backbone.eval()
+    x = torch.randn(3, 3, 64, 64)
+    onnx_out = OnnxPrefixRunner(threads=2).compile(prefix, x[:1])(x.numpy())
+    torch_out = TorchPrefixRunner().compile(prefix, x[:1])(x.numpy())
+    assert onnx_out.shape == torch_out.shape == (3, 1280)
+    assert np.allclose(onnx_out, torch_out, atol=1e-3)
+
+
+def test_tensorboard_files_and_checkpoints(objects: ObjectStore, manifest_key: str, weights_key: str,
+                                           config: TrainerConfig, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    req = request(manifest_key, weights_key, epochs=2).model_copy(
+        update={"run_config": RunOptions(checkpoint_every_steps=4, summary_every_steps=2)})
+    out = run_training(objects, req, job_id="tb", key_prefix="trainer/jobs/tb", config=config)
+    assert out.steps == 14 and out.checkpoints == [f"trainer/jobs/tb/checkpoints/step-{s:07d}.pt" for s in (4, 8, 12)]
+    model, ckpt = load_checkpoint(str(objects.get_file(out.checkpoints[-1], tmp_path / "c.pt")))
+    assert ckpt["classes"] == CLASSES and ckpt["extra"]["step"] == 12 and model.head.out_features == 2
+    files = [i.key for i in objects.list(out.logs_prefix)]
+    assert files and all("tfevents" in k for k in files)
+    local = tmp_path / "tb"
+    for k in files:
+        objects.get_file(k, local / k.rsplit("/", 1)[-1])
+    acc = EventAccumulator(str(local))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "val/loss", "val/accuracy", "val/recall/defect", "train/step_loss"} <= set(tags)
+    assert [e.step for e in acc.Scalars("val/accuracy")] == [1, 2]
+    assert len(acc.Scalars("train/step_loss")) == 7
+    key = save_model(objects, out, "trainer/models/r/m.pt", work_dir=tmp_path)
+    _, saved = load_checkpoint(str(objects.get_file(key, tmp_path / "m.pt")))
+    assert saved["extra"]["input_size"] == 64 and saved["extra"]["metrics"]["val_accuracy"] == out.val.accuracy
+
+
+def test_stratified_sample_keeps_the_class_mix() -> None:
+    labels = np.array([0] * 80 + [1] * 20)
+    rows = stratified_sample(labels, 0.5, seed=7)
+    assert len(rows) == 50 and np.bincount(labels[rows]).tolist() == [40, 10]
+    assert np.array_equal(rows, stratified_sample(labels, 0.5, seed=7))  # same study, same sample
+    assert np.bincount(labels[stratified_sample(labels, 0.01, seed=1)]).tolist() == [1, 1]  # no class vanishes
+
+
+def test_balanced_class_weights() -> None:
+    w = class_weights(np.array([0, 0, 0, 1]), 3, "balanced")
+    assert w is not None and w.tolist() == pytest.approx([4 / 6, 2.0, 0.0])
+    assert class_weights(np.array([0, 1]), 2, "none") is None
+
+
+def test_sampled_trial_trains_on_a_fraction(objects: ObjectStore, manifest_key: str, weights_key: str,
+                                            config: TrainerConfig) -> None:
+    req = request(manifest_key, weights_key, epochs=1).model_copy(update={"sample_fraction": 0.5})
+    assert run_training(objects, req, job_id="s", key_prefix="t/s", config=config).train_rows == 28
+
+
+def test_divergence_is_reported(objects: ObjectStore, manifest_key: str, weights_key: str,
+                                config: TrainerConfig) -> None:
+    out = run_training(objects, request(manifest_key, weights_key, lr=10.0, optimizer="sgd", momentum=0.99,
+                                        unfreeze=8, epochs=3), job_id="x", key_prefix="t/x", config=config)
+    assert out.state == "diverged" and not math.isfinite(out.epochs[-1].train_loss)
+    assert all(math.isfinite(m.train_loss) for m in out.epochs[:-1])  # stopped at the first bad epoch
+
+
+def test_listener_can_stop_training(objects: ObjectStore, manifest_key: str, weights_key: str,
+                                    config: TrainerConfig) -> None:
+    out = run_training(objects, request(manifest_key, weights_key, epochs=5), job_id="p", key_prefix="t/p",
+                       config=config, on_epoch=lambda m: m.epoch < 2)
+    assert out.state == "stopped" and len(out.epochs) == 2
+
+
+def test_pretrained_arch_without_weights_and_val_carved_from_train(objects: ObjectStore,
+                                                                    config: TrainerConfig) -> None:
+    key = make_dataset(objects, prefix="noval", per_class={"defect": 20, "good": 20}, size=24, split_shares=(0, 0))
+    req = TrainingRequest(arch="small_cnn", manifest_key=key, classes=CLASSES,
+                          hparams=TrainParams(epochs=1, batch_size=8))
+    out = run_training(objects, req, job_id="n", key_prefix="t/n", config=config)
+    assert out.val is not None and out.val.count == 6 and out.train_rows == 34 and out.test is None
+
+
+def test_bad_requests_say_what_is_wrong(objects: ObjectStore, manifest_key: str, weights_key: str,
+                                        config: TrainerConfig) -> None:
+    with pytest.raises(InvalidInput, match="out of range"):
+        run_training(objects, request(manifest_key, weights_key, unfreeze=20), job_id="e", key_prefix="t/e",
+                     config=config)
+    with pytest.raises(InvalidInput, match="not among the classes"):
+        run_training(objects, TrainingRequest(weights_key=weights_key, manifest_key=manifest_key,
+                                               classes=["cat", "dog"]), job_id="e", key_prefix="t/e", config=config)
+    with pytest.raises(InvalidInput, match="no such object"):
+        run_training(objects, request("missing.json", weights_key), job_id="e", key_prefix="t/e", config=config)
+    with pytest.raises(ValueError, match="give weights_key"):
+        TrainingRequest(manifest_key=manifest_key, classes=CLASSES)
+    with pytest.raises(ValueError, match="unknown network architecture"):
+        TrainingRequest(arch="resnet9000", manifest_key=manifest_key, classes=CLASSES)
+    manifest = load_manifest(objects, manifest_key)
+    for item in manifest.items:
+        item.label = None
+    save_manifest(objects, "empty.json", manifest)
+    with pytest.raises(InvalidInput, match="no labeled items"):
+        run_training(objects, request("empty.json", weights_key), job_id="e", key_prefix="t/e", config=config)
+
+
+def test_a_checkpoint_with_the_target_classes_keeps_its_head(objects: ObjectStore, manifest_key: str,
+                                                             config: TrainerConfig, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from dlforge.vision.networks import save_checkpoint
+
+    model = build_network("small_cnn", 2, pretrained=False)
+    save_checkpoint(model, arch="small_cnn", classes=CLASSES, path=str(tmp_path / "w.pt"))
+    objects.put_file("w.pt", tmp_path / "w.pt")
+    from dlforge.trainer.handlers import load_base_model
+
+    loaded, arch, _ = load_base_model(objects, request(manifest_key, "w.pt"), tmp_path)
+    assert arch == "small_cnn" and torch.equal(loaded.head.weight, model.head.weight)

@@ -1,0 +1,153 @@
+"""The tuner's study logic without a broker: ask, tell, redelivery, completion, plug-ins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from pydantic import ValidationError
+
+from dlforge.common.errors import ConfigError, InvalidInput
+from dlforge.common.events import HpoTrialCompleted, PipelineOptions, Spec
+from dlforge.trainer.reporting import build_pruner as trainer_build_pruner
+from dlforge.tuner.handlers import (
+    StudyContext,
+    TuningConfig,
+    TuningOverride,
+    ask_for,
+    best_trial,
+    default_config,
+    is_done,
+    load_study,
+    prepare_study,
+    resolve_storage_url,
+    tell,
+    trial_table,
+)
+from dlforge.tuner.plugins import PRUNER_ATTR, PluginChoice, make_sampler, pruner_spec
+from dlforge.tuner.settings import TunerSettings
+
+
+def context(tmp_path: Path, *, trials: int = 3, parallel: int = 2, **config: object) -> StudyContext:
+    return StudyContext(
+        study_name="dlforge-run-1", run_id="run-1", storage_url=resolve_storage_url(f"sqlite:///{tmp_path}/t.db"),
+        dataset_id="d", model_id="m", arch="small_cnn", weights_key="w.pt", manifest_key="m.json",
+        classes=["a", "b"], spec=Spec(), options=PipelineOptions(hpo_trials=trials, hpo_parallel=parallel, seed=3),
+        config=TuningConfig(**config),  # type: ignore[arg-type]
+    )
+
+
+def completed(number: int, state: str = "complete", value: float | None = 0.7) -> HpoTrialCompleted:
+    return HpoTrialCompleted(study_name="dlforge-run-1", trial_number=number, state=state,  # type: ignore[arg-type]
+                             value=value, intermediate=[value or 0.0], seconds=1.5)
+
+
+def test_ask_is_idempotent_per_event_and_respects_parallel_and_budget(tmp_path: Path) -> None:
+    ctx = context(tmp_path, trials=3, parallel=2)
+    study = prepare_study(ctx)
+    first = ask_for(study, ctx, asked_by="e1")
+    assert [t.number for t in first] == [0, 1]
+    assert set(first[0].params) == {"lr", "momentum", "weight_decay", "dropout", "unfreeze", "batch_size",
+                                    "optimizer"}
+    assert first[0].params != first[1].params
+    # the same event handled again gets the same trials, not new ones
+    assert [t.number for t in ask_for(load_study(ctx), ctx, asked_by="e1")] == [0, 1]
+    # a completion frees one slot; the budget (3) allows one more trial
+    study = load_study(ctx)
+    assert tell(study, ctx, completed(0, value=0.8))
+    nxt = ask_for(study, ctx, asked_by="e2")
+    assert [t.number for t in nxt] == [2]
+    assert not tell(study, ctx, completed(0, value=0.1))  # told twice: ignored, value kept
+    assert ask_for(load_study(ctx), ctx, asked_by="e3") == []  # budget spent
+    assert not is_done(study, ctx)
+    tell(study, ctx, completed(1, "pruned", 0.4))
+    tell(study, ctx, completed(2, "failed", None))
+    assert is_done(study, ctx)
+    table = trial_table(study)
+    assert [(t.number, t.state, t.value) for t in table] == [(0, "complete", 0.8), (1, "pruned", 0.4),
+                                                              (2, "fail", None)]
+    assert table[0].seconds == 1.5
+    best = best_trial(study)
+    assert best is not None and best.number == 0 and best.value == 0.8
+
+
+def test_a_complete_trial_without_a_finite_value_counts_as_failed(tmp_path: Path) -> None:
+    ctx = context(tmp_path, trials=1, parallel=1)
+    study = prepare_study(ctx)
+    ask_for(study, ctx, asked_by="e1")
+    tell(study, ctx, completed(0, "complete", float("nan")))
+    assert study.trials[0].state == optuna.trial.TrialState.FAIL
+    assert best_trial(study) is None
+
+
+def test_best_falls_back_to_the_best_pruned_trial(tmp_path: Path) -> None:
+    ctx = context(tmp_path, trials=2, parallel=2)
+    study = prepare_study(ctx)
+    ask_for(study, ctx, asked_by="e1")
+    tell(study, ctx, completed(0, "pruned", 0.3))
+    tell(study, ctx, completed(1, "pruned", 0.6))
+    best = best_trial(study)
+    assert best is not None and best.number == 1
+
+
+def test_stop_asks_nothing_more(tmp_path: Path) -> None:
+    ctx = context(tmp_path, trials=5, parallel=1)
+    study = prepare_study(ctx)
+    ask_for(study, ctx, asked_by="e1")
+    tell(study, ctx, completed(0))
+    assert ask_for(study, ctx, asked_by="e2", stop=True) == []
+    assert is_done(study, ctx, stop=True)
+
+
+def test_enqueued_trials_come_first_and_the_pruner_is_stored_for_the_trainer(tmp_path: Path) -> None:
+    fixed = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "dropout": 0.1, "unfreeze": 2, "batch_size": 16,
+             "optimizer": "sgd"}
+    ctx = context(tmp_path, trials=2, parallel=1, enqueue=[fixed], pruner=PluginChoice(name="patient"))
+    study = prepare_study(ctx)
+    prepare_study(ctx)  # twice: still one enqueued trial
+    assert ask_for(study, ctx, asked_by="e1")[0].params == fixed
+    spec = study.user_attrs[PRUNER_ATTR]
+    assert spec["factory"] == "optuna.pruners.PatientPruner"
+    assert spec["kwargs"]["wrapped_pruner"]["factory"] == "optuna.pruners.MedianPruner"
+    assert isinstance(trainer_build_pruner(spec), optuna.pruners.PatientPruner)  # the trainer reads the same spec
+
+
+def test_tuning_config_refuses_bad_plugins_and_enqueued_trials_outside_the_space() -> None:
+    with pytest.raises(InvalidInput, match="unknown sampler 'annealing'"):
+        TuningConfig(sampler=PluginChoice(name="annealing"))
+    with pytest.raises(InvalidInput, match="unknown pruner"):
+        TuningConfig(pruner=PluginChoice(name="wilcoxonish"))
+    with pytest.raises(InvalidInput, match="threshold pruner needs"):
+        TuningConfig(pruner=PluginChoice(name="threshold"))
+    with pytest.raises(ValidationError, match=r"enqueue\[0\]: lr=5.0"):
+        TuningConfig(enqueue=[{"lr": 5.0, "momentum": 0.9, "weight_decay": 1e-4, "dropout": 0.1, "unfreeze": 2,
+                               "batch_size": 16, "optimizer": "sgd"}])
+    base = TuningConfig()
+    changed = TuningOverride(sampler=PluginChoice(name="random"), sample_fraction=0.3).apply(base)
+    assert changed.sampler.name == "random" and changed.sample_fraction == 0.3 and changed.space == base.space
+
+
+def test_samplers_by_name_and_optional_dependencies() -> None:
+    assert isinstance(make_sampler(PluginChoice(name="tpe"), seed=1, startup=2), optuna.samplers.TPESampler)
+    assert isinstance(make_sampler(PluginChoice(name="random"), seed=1, startup=2), optuna.samplers.RandomSampler)
+    assert isinstance(make_sampler(PluginChoice(name="gp"), seed=1, startup=2), optuna.samplers.GPSampler)
+    try:
+        import cmaes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install cmaes"):
+            make_sampler(PluginChoice(name="cmaes"), seed=1, startup=2)
+    assert pruner_spec(PluginChoice(name="none"), startup=2) is None
+    with pytest.raises(InvalidInput, match="bad kwargs"):
+        pruner_spec(PluginChoice(name="median", kwargs={"bogus": 1}), startup=2)
+
+
+def test_settings_space_override(tmp_path: Path) -> None:
+    path = tmp_path / "space.json"
+    path.write_text('{"params": [{"kind": "float", "name": "lr", "low": 0.001, "high": 0.1, "log": true}]}')
+    cfg = default_config(TunerSettings(tuner_space=f"@{path}", tuner_sampler="random"))
+    assert [p.name for p in cfg.space.params] == ["lr"] and cfg.sampler.name == "random"
+    with pytest.raises(ConfigError, match="DLFORGE_TUNER_SPACE"):
+        default_config(TunerSettings(tuner_space='{"params": []}'))
+    with pytest.raises(ConfigError, match="DLFORGE_TUNER_SAMPLER"):
+        default_config(TunerSettings(tuner_sampler="nope"))

@@ -1,0 +1,144 @@
+"""The tuner and the trainer on the memory bus: a study of two trials, one pruned, then the final model."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import optuna
+import pytest
+
+from dlforge.common.bus import Delivery
+from dlforge.common.events import (
+    CandidateScore,
+    Event,
+    HpoCompleted,
+    HpoTrialCompleted,
+    ModelProposed,
+    ModelTrained,
+    PipelineOptions,
+    Spec,
+    Topic,
+    encode,
+)
+from dlforge.common.runtime import Backends, Outcome, Worker, run_workers
+from dlforge.trainer import worker as trainer_worker
+from dlforge.tuner import worker as tuner_worker
+from dlforge.tuner.handlers import study_name_for
+
+GOOD = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-6, "dropout": 0.0, "unfreeze": 0, "batch_size": 8,
+        "optimizer": "adam"}
+BAD = {**GOOD, "lr": 1e-7, "momentum": 0.0, "optimizer": "sgd"}  # clearly worse: the head barely moves
+
+
+def proposed(data: dict[str, str], *, trials: int = 2) -> ModelProposed:
+    cand = CandidateScore(model_id="small_cnn-mnist", arch="small_cnn", source_dataset="mnist",
+                          weights_key=data["weights_key"], scores={"logme": 1.0}, total=1.0)
+    return ModelProposed(dataset_id="testdata", manifest_key=data["manifest_key"], classes=["defect", "good"],
+                         ranking=[cand], chosen_model_id=cand.model_id, weights={"logme": 1.0},
+                         spec=Spec(positive_class="defect"),
+                         options=PipelineOptions(hpo_trials=trials, hpo_parallel=1, train_epochs=3))
+
+
+async def collect(backends: Backends, group: str, topics: list[Topic], until: Topic, timeout: float) -> list[Event]:
+    from dlforge.common.events import decode
+
+    sub = await backends.bus.subscribe(group=group, topics=topics)
+    seen: list[Event] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while loop.time() < deadline:
+            d = await sub.get(timeout=0.5)
+            if d is None:
+                continue
+            await sub.commit(d)
+            event = decode(d.value)
+            seen.append(event)
+            if event.event_type == until:
+                return seen
+    finally:
+        await sub.close()
+    raise AssertionError(f"no {until.value} within {timeout}s; saw {[e.event_type.value for e in seen]}")
+
+
+@pytest.mark.slow
+async def test_study_runs_two_trials_prunes_the_worse_one_and_trains_the_best(
+    backends: Backends, data: dict[str, str], env: Path
+) -> None:
+    run_id = "run-prune"
+    # The run's override: the space widened down to lr=1e-7, a median pruner, and the two first trials fixed.
+    space = {"params": [
+        {"kind": "float", "name": "lr", "low": 1e-7, "high": 0.1, "log": True},
+        {"kind": "float", "name": "momentum", "low": 0.0, "high": 0.99},
+        {"kind": "float", "name": "weight_decay", "low": 1e-6, "high": 1e-2, "log": True},
+        {"kind": "float", "name": "dropout", "low": 0.0, "high": 0.5},
+        {"kind": "int", "name": "unfreeze", "low": 0, "high": 2},
+        {"kind": "categorical", "name": "batch_size", "choices": [8, 16]},
+        {"kind": "categorical", "name": "optimizer", "choices": ["sgd", "adam"]},
+    ]}
+    await backends.docs.insert("tuner_configs", {"_id": run_id, "override": {
+        "space": space, "pruner": {"name": "median"}, "startup_trials": 2, "enqueue": [GOOD, BAD],
+        "sample_fraction": 0.5}})
+    stop = asyncio.Event()
+    workers = [Worker(tuner_worker.service, backends), Worker(trainer_worker.service, backends)]
+    task = asyncio.create_task(run_workers(workers, stop))
+    try:
+        await asyncio.gather(*(w.ready.wait() for w in workers))
+        await backends.publish(Event.new(proposed(data), run_id=run_id))
+        events = await collect(backends, "test", [Topic.HPO_TRIAL, Topic.HPO_TRIAL_COMPLETED, Topic.HPO_COMPLETED,
+                                                  Topic.MODEL_TRAINED, Topic.RUN_FAILED],
+                               until=Topic.MODEL_TRAINED, timeout=300)
+    finally:
+        stop.set()
+        await task
+    types = [e.event_type for e in events]
+    assert Topic.RUN_FAILED not in types
+    assert types.count(Topic.HPO_TRIAL) == 2 and types.count(Topic.HPO_TRIAL_COMPLETED) == 2
+
+    results = {e.payload.trial_number: e.payload for e in events if isinstance(e.payload, HpoTrialCompleted)}
+    assert results[0].state == "complete" and results[0].value is not None and results[0].value >= 0.8
+    assert len(results[0].intermediate) == 3  # three epochs reported
+    assert results[1].state == "pruned"  # stopped after its first report: clearly below the median
+    # stopped at the first epoch where it fell below the median of the completed trial
+    k = len(results[1].intermediate)
+    assert results[1].intermediate[k - 1] < results[0].intermediate[k - 1]
+    assert all(results[1].intermediate[i] >= results[0].intermediate[i] for i in range(k - 1))
+    # each trial trained on the stratified half of the train split
+    hpo_trial = next(e.payload for e in events if e.event_type == Topic.HPO_TRIAL)
+    assert hpo_trial.sample_fraction == 0.5 and hpo_trial.epochs == 3
+
+    done = next(e.payload for e in events if isinstance(e.payload, HpoCompleted))
+    assert done.best_params == GOOD and done.best_value == results[0].value
+    assert [(t.number, t.state) for t in done.trials] == [(0, "complete"), (1, "pruned")]
+
+    trained = next(e.payload for e in events if isinstance(e.payload, ModelTrained))
+    assert trained.checkpoint_key == f"trainer/models/{run_id}/small_cnn-mnist.pt"
+    assert backends.objects.exists(trained.checkpoint_key)
+    assert trained.metrics["test_accuracy"] >= 0.8 and "test_recall_defect" in trained.metrics
+    assert trained.params["lr"] == GOOD["lr"] and trained.metrics["epochs"] == 3
+
+    # the study is durable: another process reads the same trials from the storage
+    study = optuna.load_study(study_name=study_name_for(run_id), storage=f"sqlite:///{env}/tuner.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"]
+    doc = await backends.docs.get("tuner_studies", study_name_for(run_id))
+    assert doc is not None and doc["state"] == "completed" and doc["best_params"] == GOOD
+
+    # Redelivery: the same completion under a new event id must neither crash nor ask a third trial;
+    # the hpo.completed it re-emits has the same event id (the trainer's marker skips it).
+    first_completed = next(e for e in events if e.event_type == Topic.HPO_COMPLETED)
+    completion = next(e for e in events if isinstance(e.payload, HpoTrialCompleted) and e.payload.trial_number == 1)
+    again = completion.model_copy(update={"event_id": "redelivered-1"})
+    worker = Worker(tuner_worker.service, backends)
+    outcome = await worker.process(Delivery(topic=Topic.HPO_TRIAL_COMPLETED.value, key=run_id, value=encode(again)))
+    assert outcome == Outcome.HANDLED
+    marker = await backends.docs.get("processed_events", f"dlforge.tuner:{again.event_id}")
+    assert marker is not None and len(marker["outbox"]) == 1
+    from dlforge.common.events import decode
+
+    re_emitted = decode(marker["outbox"][0].encode())
+    assert re_emitted.event_type == Topic.HPO_COMPLETED and re_emitted.event_id == first_completed.event_id
+    assert len(optuna.load_study(study_name=study_name_for(run_id), storage=f"sqlite:///{env}/tuner.db").trials) == 2
+    # and the very same event again is a duplicate for the runtime
+    assert await worker.process(Delivery(topic=Topic.HPO_TRIAL_COMPLETED.value, key=run_id,
+                                         value=encode(again))) == Outcome.DUPLICATE
