@@ -1,0 +1,1 @@
+"""The ``dlforge`` command: the main job end to end (``demo``, ``run``) and ``up``."""

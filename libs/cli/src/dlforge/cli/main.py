@@ -1,0 +1,285 @@
+"""``dlforge``: the main job end to end.
+
+- ``dlforge demo``: ELPV solar-cell defect images on the embedded default, simulated annotator.
+- ``dlforge run PATH``: the same on a user's folder; labels from a CSV of answers, or from people
+  through ``POST /labeler/labels`` while the command serves the API.
+- ``dlforge up``: every service's REST API (and workers) in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+from dlforge.common.errors import ConfigError, DlforgeError
+from dlforge.common.events import PipelineOptions, Spec
+from dlforge.common.settings import CommonSettings, load_settings
+
+DEMO_SPEC = Spec(positive_class="defect", min_recall=0.95, min_accuracy=0.90, min_fps=1.0, input_size=256)
+
+
+def parse_spec(text: str, *, base: Spec | None = None) -> Spec:
+    """``recall=0.95,accuracy=0.9,fps=1,size=256,positive=defect`` (or a JSON object / file)."""
+    text = text.strip()
+    if text.startswith("{") or Path(text).is_file():
+        raw = Path(text).read_text() if not text.startswith("{") else text
+        return Spec.model_validate_json(raw)
+    names = {"recall": "min_recall", "accuracy": "min_accuracy", "fps": "min_fps", "size": "input_size",
+             "positive": "positive_class"}
+    values: dict[str, Any] = (base or Spec()).model_dump()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in names:
+            raise ConfigError(f"--spec: cannot read {part!r}; use {','.join(k + '=…' for k in names)}")
+        values[names[key.strip()]] = value.strip()
+    return Spec.model_validate(values)
+
+
+def _options(args: argparse.Namespace) -> PipelineOptions:
+    values: dict[str, Any] = {}
+    for field in PipelineOptions.model_fields:
+        v = getattr(args, field, None)
+        if v is not None:
+            values[field] = v
+    return PipelineOptions(**values)
+
+
+def _add_option_flags(p: argparse.ArgumentParser) -> None:
+    for name, field in PipelineOptions.model_fields.items():
+        kind = int if field.annotation is int else float
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
+                       help=f"{field.description or name} (default {field.default})")
+
+
+class StageProgress:
+    """A progress bar per stage, fed with run-view documents."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from dlforge.common.runs import STAGES
+
+        self.progress = Progress(TextColumn("{task.description:<11}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                                 TimeElapsedColumn(), transient=False)
+        self.tasks = {s: self.progress.add_task(s, total=1.0, info="pending", start=False) for s in STAGES}
+
+    def __enter__(self) -> StageProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, run: dict[str, Any]) -> None:
+        for stage, task in self.tasks.items():
+            st = run["stages"][stage]
+            state = st["state"]
+            info = state
+            done = 0.0
+            if state == "running":
+                self.progress.start_task(task)
+                done = 0.1
+                if stage == "labeler":
+                    info = f"round {st.get('rounds', 0)}, {st.get('human_labels', 0)} human labels"
+                    done = 0.1 + 0.8 * min(1.0, st.get("rounds", 0) / 8)
+                if stage == "tuner" and st.get("trials_started"):
+                    info = f"trials {st.get('trials_done', 0)} done / {st.get('trials_started', 0)} started"
+            elif state == "succeeded":
+                self.progress.start_task(task)
+                done = 1.0
+                info = f"done in {st.get('seconds', 0):.0f} s"
+            elif state == "failed":
+                info = f"FAILED: {st.get('reason', '')[:60]}"
+            self.progress.update(task, completed=done, info=info)
+
+
+def _embedded_settings(root: Path) -> CommonSettings:
+    return load_settings(bus="memory://", objects=f"file://{root.resolve()}/objects",
+                         docs=f"sqlite:///{root.resolve()}/docs.db", work_dir=str(root.resolve() / "work"))
+
+
+async def _run_folder(
+    *, folder: Path, name: str, spec: Spec, options: PipelineOptions, settings: CommonSettings,
+    answers: dict[str, str] | None, truth: dict[str, str] | None, timeout: float,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    from dlforge.cli.pipeline import run_in_process
+    from dlforge.cli.platform import combined_app
+    from dlforge.cli.report import build_report
+    from dlforge.common.runtime import Backends
+    from dlforge.labeler import simulated
+
+    os.environ.setdefault("DLFORGE_LABELER_IMPORT_ROOTS", str(folder.resolve().parent))
+    backends = Backends.from_settings(settings)
+    app = combined_app(backends=backends, simulated_annotator=answers is not None)
+
+    async def upload(client: Any) -> dict[str, Any]:
+        dataset_id = f"ds-{uuid4().hex[:12]}"
+        if answers is not None:  # the simulated annotator must know the answers before the first batch
+            await asyncio.to_thread(simulated.register_answers, backends.objects, dataset_id, answers)
+        body = {"folder": str(folder.resolve()), "name": name, "spec": spec.model_dump(),
+                "options": options.model_dump(), "dataset_id": dataset_id}
+        response = await client.post("/labeler/datasets", json=body)
+        if response.status_code >= 300:
+            raise DlforgeError(f"upload refused ({response.status_code}): {response.text}")
+        created: dict[str, Any] = response.json()
+        return created
+
+    with StageProgress() as progress:
+        run, events, _ = await run_in_process(app, upload=upload, on_progress=progress.update, timeout=timeout)
+    report = build_report(run=run, events=events, objects=backends.objects, truth=truth)
+    return run, report
+
+
+def _finish(report: dict[str, Any], args: argparse.Namespace) -> int:
+    from dlforge.cli.report import format_text, write_html
+
+    print(format_text(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        print(f"report written to {args.json}")
+    if args.html:
+        write_html(report, Path(args.html))
+        print(f"report written to {args.html}")
+    return 0 if report.get("state") == "succeeded" else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dlforge.labeler.demo_data import materialize_elpv
+
+    started = time.monotonic()
+    root = Path(args.workdir).resolve()
+    data_dir = root / "elpv"
+    truth = materialize_elpv(data_dir, limit=args.limit)
+    print(f"ELPV solar cells: {len(truth)} images in {data_dir} (labels hidden; a SIMULATED annotator answers "
+          f"from the known labels)")
+    state = root / f"state-{time.strftime('%Y%m%d-%H%M%S')}"
+    spec = parse_spec(args.spec, base=DEMO_SPEC) if args.spec else DEMO_SPEC
+    _, report = asyncio.run(_run_folder(
+        folder=data_dir, name="elpv", spec=spec, options=_options(args), settings=_embedded_settings(state),
+        answers=truth, truth=truth, timeout=args.timeout,
+    ))
+    report["wall_seconds"] = round(time.monotonic() - started, 1)
+    return _finish(report, args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dlforge.labeler.simulated import load_answers_csv
+
+    folder = Path(args.path)
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} is not a folder")
+    if args.spec is None:
+        raise ConfigError("--spec is required, e.g. --spec recall=0.95,accuracy=0.9,fps=1,size=256,positive=defect")
+    spec = parse_spec(args.spec)
+    answers = load_answers_csv(Path(args.answers)) if args.answers else None
+    if answers is None:
+        return _serve_for_people(folder, spec, _options(args))
+    settings = load_settings() if args.configured else _embedded_settings(Path(args.workdir).resolve())
+    _, report = asyncio.run(_run_folder(
+        folder=folder, name=folder.name, spec=spec, options=_options(args), settings=settings,
+        answers=answers, truth=answers, timeout=args.timeout,
+    ))
+    return _finish(report, args)
+
+
+def _serve_for_people(folder: Path, spec: Spec, options: PipelineOptions) -> int:
+    """Serve the API so people answer labels.requested through POST /labeler/labels."""
+    import httpx
+    import uvicorn
+
+    from dlforge.cli.platform import combined_app
+
+    settings = load_settings()
+    os.environ.setdefault("DLFORGE_LABELER_IMPORT_ROOTS", str(folder.resolve().parent))
+    app = combined_app(settings=settings)
+    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning")
+    server = uvicorn.Server(config)
+
+    async def main() -> None:
+        serving = asyncio.create_task(server.serve())
+        base = f"http://{settings.http_host}:{settings.http_port}"
+        async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+            for _ in range(100):
+                try:
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.2)
+            body = {"folder": str(folder.resolve()), "name": folder.name, "spec": spec.model_dump(),
+                    "options": options.model_dump()}
+            created = (await client.post("/labeler/datasets", json=body)).raise_for_status().json()
+            print(f"dataset {created['dataset_id']}, run {created['run_id']}: label the queued items at "
+                  f"{base}/labeler/datasets/{created['dataset_id']}/queue and POST {base}/labeler/labels; "
+                  f"follow the run at {base}/runs/{created['run_id']} (Ctrl-C stops)")
+        await serving
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from dlforge.cli.platform import combined_app
+    from dlforge.common.app import serve
+
+    settings = load_settings()
+    serve(combined_app(settings=settings, simulated_annotator=args.simulated_annotator), settings)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dlforge", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the main job on ELPV solar-cell images, embedded backends")
+    demo.add_argument("--workdir", default=".dlforge/demo", help="where data and state go")
+    demo.add_argument("--limit", type=int, default=None, help="use only the first N images (quick runs)")
+    demo.add_argument("--spec", default=None, help="override the demo spec (recall=…,accuracy=…,fps=…,size=…)")
+    demo.add_argument("--timeout", type=float, default=3600)
+    demo.add_argument("--json", default=None, help="write the JSON report here")
+    demo.add_argument("--html", default=None, help="write the HTML report (with plots) here")
+    _add_option_flags(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="the main job on your folder of images")
+    run.add_argument("path", help="folder: one sub-folder per class, or images plus a CSV manifest")
+    run.add_argument("--spec", default=None, help="recall=0.95,accuracy=0.9,fps=1,size=256,positive=defect")
+    run.add_argument("--answers", default=None, help="CSV of answers (file,label) instead of people")
+    run.add_argument("--configured", action="store_true",
+                     help="use DLFORGE_BUS/OBJECTS/DOCS instead of embedded backends under --workdir")
+    run.add_argument("--workdir", default=".dlforge/run")
+    run.add_argument("--timeout", type=float, default=6 * 3600)
+    run.add_argument("--json", default=None)
+    run.add_argument("--html", default=None)
+    _add_option_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    up = sub.add_parser("up", help="serve every service's REST API in one process")
+    up.add_argument("--simulated-annotator", action="store_true", help="also run the simulated annotator")
+    up.set_defaults(func=cmd_up)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("DLFORGE_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, DlforgeError) as exc:
+        print(f"dlforge: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The whole pipeline on the real Kafka-protocol broker and S3 server: a few hundred ELPV images,
+two trials; every stage's event, one trace across all six services, the optimized model predicts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+
+from dlforge.common.events import (
+    DatasetAugmented,
+    DatasetLabeled,
+    DatasetUploaded,
+    HpoCompleted,
+    HpoTrial,
+    HpoTrialCompleted,
+    LabelsRequested,
+    LabelsSubmitted,
+    ModelOptimized,
+    ModelProposed,
+    ModelTrained,
+    PipelineOptions,
+    Spec,
+)
+from dlforge.common.runtime import Backends
+from dlforge.common.settings import load_settings
+
+pytestmark = [pytest.mark.kafka, pytest.mark.s3, pytest.mark.slow]
+
+SERVICES = {"labeler", "augmenter", "proposer", "tuner", "trainer", "optimizer"}
+
+
+def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_bootstrap: str, s3_url: str,
+                                             span_exporter) -> None:
+    from dlforge.cli.pipeline import run_in_process
+    from dlforge.cli.platform import combined_app
+    from dlforge.cli.report import build_report
+    from dlforge.labeler import simulated
+    from dlforge.labeler.demo_data import materialize_elpv
+    from dlforge.optimizer.predictor import Predictor
+
+    data = tmp_path / "elpv"
+    truth = materialize_elpv(data, limit=300)
+    os.environ["DLFORGE_LABELER_IMPORT_ROOTS"] = str(tmp_path)
+    settings = load_settings(
+        bus=f"kafka://{kafka_bootstrap}?partitions=2&session_timeout_ms=1000&heartbeat_interval_ms=250"
+            f"&client_id=e2e{uuid4().hex[:6]}",
+        objects=f"{s3_url}/e2e-{uuid4().hex[:8]}",
+        docs=f"sqlite:///{tmp_path}/docs.db",
+        work_dir=str(tmp_path / "work"),
+        poll_seconds=0.2,
+    )
+    backends = Backends.from_settings(settings)
+    app = combined_app(backends=backends, simulated_annotator=True)
+    spec = Spec(positive_class="defect", min_recall=0.9, min_accuracy=0.5, min_fps=1.0, input_size=256)
+    options = PipelineOptions(hpo_trials=2, train_epochs=1, min_per_class=120, seed_fraction=0.1,
+                              batch_fraction=0.05)
+
+    dataset_id = f"e2e-{uuid4().hex[:8]}"
+
+    async def upload(client):
+        await asyncio.to_thread(simulated.register_answers, backends.objects, dataset_id, truth)
+        response = await client.post("/labeler/datasets", json={
+            "folder": str(data), "name": "elpv-small", "spec": spec.model_dump(), "options": options.model_dump(),
+            "dataset_id": dataset_id})
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    run, events, created = asyncio.run(run_in_process(app, upload=upload, on_progress=lambda r: None, timeout=1500))
+    assert run["state"] == "succeeded", run.get("failure")
+    kinds = [type(e.payload) for e in events]
+    for cls in (DatasetUploaded, LabelsRequested, LabelsSubmitted, DatasetLabeled, DatasetAugmented,
+                ModelProposed, HpoTrial, HpoTrialCompleted, HpoCompleted, ModelTrained, ModelOptimized):
+        assert cls in kinds, f"no {cls.__name__} event in the run"
+    assert kinds.count(HpoTrialCompleted) == 2
+    for stage in SERVICES:
+        assert run["stages"][stage]["state"] == "succeeded"
+        assert run["stages"][stage]["seconds"] >= 0
+
+    # one trace per run, spanning all six services
+    spans = [s for s in span_exporter.get_finished_spans()
+             if (s.attributes or {}).get("dlforge.run_id") == created["run_id"]]
+    handled_by = {s.attributes.get("dlforge.service") for s in spans if s.name.startswith("handle ")}
+    assert SERVICES <= handled_by
+    assert len({s.context.trace_id for s in spans}) == 1
+
+    # the report's numbers come from the run
+    report = build_report(run=run, events=events, objects=backends.objects, truth=truth)
+    assert 0 < report["human_label_fraction"] <= 0.30
+    assert report["auto_label_accuracy"] is not None
+    assert 0.0 <= report["test_accuracy"] <= 1.0
+
+    # the optimized model loads from the object store and predicts
+    optimized = next(e.payload for e in events if isinstance(e.payload, ModelOptimized))
+    predictor = Predictor.from_store(backends.objects, optimized.report_key)
+    defect = next(name for name, label in truth.items() if label == "defect")
+    prediction = predictor.predict((data / defect).read_bytes())
+    assert prediction.label in ("defect", "good")
+    assert 0.0 <= prediction.probability <= 1.0
