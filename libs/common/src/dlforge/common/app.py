@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -35,6 +36,7 @@ class ServicePart:
     service: Service
     router: APIRouter | None = None
     on_start: Callable[[Backends], Awaitable[None]] | None = None
+    prefix: str | None = None  # where the router goes when several services share an app
 
 
 class TracingMiddleware:
@@ -67,6 +69,10 @@ class TracingMiddleware:
             try:
                 await self.app(scope, receive, send_wrapper)
             finally:
+                route = getattr(scope.get("route"), "path", None)
+                if route:  # name the span by its route template, not the (high-cardinality) path
+                    span.update_name(f"{scope['method']} {route}")
+                    span.set_attribute("http.route", route)
                 status = status_holder.get("status", 500)
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:
@@ -119,7 +125,11 @@ def create_app(
             if own:
                 await b.stop()
 
-    app = FastAPI(title=app_name, version="0.1.0", lifespan=lifespan)
+    extra: dict[str, Any] = {}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
+        # FastAPI's own request spans would duplicate TracingMiddleware's (two SERVER spans per request)
+        extra["telemetry"] = {"tracing": False}
+    app = FastAPI(title=app_name, version="0.1.0", lifespan=lifespan, **extra)
     app.add_middleware(TracingMiddleware, service_name=app_name)
 
     @app.exception_handler(InvalidInput)
@@ -166,18 +176,34 @@ def create_app(
 
     for part in parts:
         if part.router is not None:
-            prefix = f"/{part.service.name}" if mount_prefix else ""
+            prefix = "" if not mount_prefix else (
+                part.prefix if part.prefix is not None else f"/{part.service.name}")
             app.include_router(part.router, prefix=prefix)
     return app
 
 
 def serve(app: FastAPI, settings: CommonSettings) -> None:
-    """Run ``app`` with uvicorn; SIGTERM finishes in-flight events before exiting."""
+    """Run ``app`` with uvicorn; SIGTERM finishes in-flight events, then the process exits with 0.
+
+    Exits with status 3 if the app did not start (e.g. a backend could not be opened).
+    """
     import uvicorn
 
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="info",
                             timeout_graceful_shutdown=600)
     server = uvicorn.Server(config)
-    # uvicorn installs SIGINT/SIGTERM handlers that trigger the lifespan shutdown above.
+
+    # uvicorn handles SIGINT/SIGTERM while it runs (graceful shutdown: the lifespan above finishes
+    # the in-flight events and commits) and then re-raises the signal to the handler that was
+    # installed before it. With the default handler that kills the process (status 143) although
+    # the shutdown was clean; this handler makes it a normal exit, and asks for a graceful stop if
+    # a signal comes before uvicorn listens.
+    def stop_gracefully(signum: int, frame: object) -> None:
+        server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop_gracefully)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     server.run()
+    if not server.started:
+        raise SystemExit(3)

@@ -34,9 +34,9 @@ def _bus_kafka(url: str) -> EventBus:
 
     parts = urlsplit(url)
     q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    ints = {k: int(q[k]) for k in ("partitions", "replication_factor", "session_timeout_ms",
-                                    "heartbeat_interval_ms", "max_poll_interval_ms") if k in q}
-    extra: dict[str, Any] = {"client_id": q["client_id"]} if "client_id" in q else {}
+    ints: dict[str, Any] = {k: int(q[k]) for k in ("partitions", "replication_factor", "session_timeout_ms",
+                                    "heartbeat_interval_ms", "max_poll_interval_ms", "fetch_max_wait_ms") if k in q}
+    extra: dict[str, Any] = {k: q[k] for k in ("client_id", "topic_prefix") if k in q}
     return KafkaBus(KafkaOptions(bootstrap_servers=parts.netloc, **ints, **extra))
 
 
@@ -93,7 +93,12 @@ def _open(kind: str, url: str) -> Any:
     factory = _REGISTRY[kind].get(scheme)
     if factory is None:
         raise ConfigError(f"DLFORGE_{kind.upper()}: no {kind} backend for scheme {scheme!r}")
-    return factory(url)
+    try:
+        return factory(url)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:  # a malformed URL part: name the variable, not a stack trace
+        raise ConfigError(f"DLFORGE_{kind.upper()}: {exc}") from exc
 
 
 def open_bus(url: str) -> EventBus:

@@ -378,7 +378,7 @@ def decode(raw: bytes, *, payload_types: dict[Topic, type[Payload]] | None = Non
     if not isinstance(doc, dict):
         raise PoisonMessage("undecodable message: the JSON is not an object")
     try:
-        topic = Topic(doc.get("event_type"))
+        topic = Topic(str(doc.get("event_type")))
     except ValueError as exc:
         raise PoisonMessage(f"unknown event_type {doc.get('event_type')!r}") from exc
     payload_cls = types.get(topic)
@@ -402,14 +402,14 @@ def decode(raw: bytes, *, payload_types: dict[Topic, type[Payload]] | None = Non
         payload = upcaster(payload)
         version += 1
     try:
-        return Event(
-            event_id=doc.get("event_id"),
-            event_type=topic,
-            schema_version=version,
-            occurred_at=doc.get("occurred_at"),
-            run_id=doc.get("run_id"),
-            causation_id=doc.get("causation_id"),
-            payload=payload_cls.model_validate(payload),
-        )
+        return Event.model_validate({
+            "event_id": doc.get("event_id"),
+            "event_type": topic,
+            "schema_version": version,
+            "occurred_at": doc.get("occurred_at"),
+            "run_id": doc.get("run_id"),
+            "causation_id": doc.get("causation_id"),
+            "payload": payload_cls.model_validate(payload),
+        })
     except ValidationError as exc:
         raise PoisonMessage(f"invalid {topic.value} event: {exc}") from exc

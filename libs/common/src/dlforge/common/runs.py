@@ -172,4 +172,4 @@ async def get_run(run_id: str, backends: Backends = Depends(backends_of)) -> dic
 
 
 def part() -> ServicePart:
-    return ServicePart(service=service, router=router)
+    return ServicePart(service=service, router=router, prefix="")

@@ -3,15 +3,18 @@
 A service declares a handler per topic. The :class:`Worker` owns the loop for one service:
 
 1. decode the message (undecodable -> dead-letter with the original bytes, commit);
-2. skip it if the processed-marker ``(consumer, event_id)`` exists and its outbox was published;
+2. if the processed-marker ``(consumer, event_id)`` exists, do not handle it again: publish the
+   marker's stored outbox once more (unless flagged published) and commit;
 3. run the handler inside a span that is a child of the producer's span; retry
    :class:`RetryableError` with exponential backoff; :class:`PoisonMessage`, exhausted retries and
    unexpected errors go to the dead-letter topic and a ``run.failed`` event;
-4. write the marker together with the events to emit (the outbox), publish them, mark the
-   outbox published, then commit the offset.
+4. write the marker together with the events to emit (the outbox), publish them, then commit
+   the offset. Fast events are settled in small batches: their emitted events are published
+   together (pipelined) and their offsets committed together, always publish before commit.
 
 A crash anywhere before the commit redelivers the event; a marker makes the redelivery publish
-the stored outbox instead of running the handler again, so the state changes once.
+the stored outbox instead of running the handler again, so the state changes once. Emitted
+events keep their event ids when re-published, so their consumers skip the copies.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import base64
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -29,7 +33,7 @@ from typing import Any
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from dlforge.common.backends import open_bus, open_docs, open_objects
-from dlforge.common.bus import Delivery, EventBus, Subscription
+from dlforge.common.bus import Delivery, EventBus, Message, Subscription
 from dlforge.common.docs import DocumentStore
 from dlforge.common.errors import Conflict, PoisonMessage, RetryableError
 from dlforge.common.events import DeadLetter, Event, RunFailed, Topic, decode, encode
@@ -48,6 +52,7 @@ from dlforge.common.tracing import (
 log = logging.getLogger(__name__)
 
 MARKERS = "processed_events"
+MAX_SETTLING = 8  # settles (publish + commit of handled events) a worker may have in flight
 
 
 @dataclass
@@ -87,13 +92,24 @@ class Backends:
 
 
 async def publish_event(bus: EventBus, event: Event) -> None:
-    with tracer().start_as_current_span(
+    """Publish ``event`` keyed by its run id inside a producer span whose context travels in the headers."""
+    with _producer_span(event):
+        await bus.publish(event.event_type, key=event.run_id, value=encode(event), headers=inject_headers())
+
+
+def _producer_span(event: Event) -> Any:
+    return tracer().start_as_current_span(
         f"publish {event.event_type.value}",
         kind=SpanKind.PRODUCER,
         attributes={"messaging.destination.name": event.event_type.value, "dlforge.run_id": event.run_id,
                     "dlforge.event_id": event.event_id},
-    ):
-        await bus.publish(event.event_type, key=event.run_id, value=encode(event), headers=inject_headers())
+    )
+
+
+def _message(event: Event, raw: bytes) -> Message:
+    """The message of an emitted event, created (and its context injected) inside a producer span."""
+    with _producer_span(event):
+        return Message(event.event_type, key=event.run_id, value=raw, headers=inject_headers())
 
 
 @dataclass
@@ -142,8 +158,46 @@ class Outcome(StrEnum):
     DEAD_LETTERED = "dead_lettered"
 
 
+@dataclass
+class _Processed:
+    """One delivery whose handling is done but whose emits, marker flag and commit may be pending."""
+
+    delivery: Delivery
+    outcome: Outcome
+    started: float
+    messages: list[Message] = field(default_factory=list)
+    marker: dict[str, Any] | None = None  # set "published" on it once ``messages`` are appended
+
+
+class _Settle:
+    """One background settle: ``published`` once its messages are appended, ``task`` ends after its commit."""
+
+    def __init__(self) -> None:
+        self.published = asyncio.Event()
+        self.task: asyncio.Task[None]
+
+    async def appended(self) -> None:
+        """Wait until the messages are appended (or the settle failed: then raise its error)."""
+        waiter = asyncio.ensure_future(self.published.wait())
+        try:
+            await asyncio.wait([waiter, self.task], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if not self.published.is_set():
+            self.task.result()
+
+
 class Worker:
-    """Runs one service's consume loop against the given backends."""
+    """Runs one service's consume loop against the given backends.
+
+    The loop takes the deliveries that are ready (at most ``max_batch``), handles them one by one
+    in order, and then *settles* the handled ones together: publishes the events they emitted (in
+    order, pipelined), flags their markers published and commits their offsets. Nothing is
+    committed before the events it caused are appended, so a crash at any point redelivers, and
+    the markers turn the redelivery into a re-publish of the stored outbox, not a second handling.
+    A slow handler settles its event at once (``settle_after`` seconds), so batching only groups
+    fast events.
+    """
 
     def __init__(
         self,
@@ -151,11 +205,15 @@ class Worker:
         backends: Backends,
         *,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        max_batch: int = 500,
+        settle_after: float = 0.02,
     ) -> None:
         self.service = service
         self.backends = backends
         self.settings = backends.settings
         self._sleep = sleep
+        self.max_batch = max_batch
+        self.settle_after = settle_after
         self._metrics = EventMetrics()
         self.processed: dict[Outcome, int] = {o: 0 for o in Outcome}
         self.current: Event | None = None
@@ -190,40 +248,98 @@ class Worker:
                 await sub.close()
 
     async def _consume(self, sub: Subscription, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            delivery = await sub.get(timeout=self.settings.poll_seconds)
-            if delivery is None:
-                continue
-            started = time.perf_counter()
-            outcome = await self.process(delivery)
-            await sub.commit(delivery)
-            self.processed[outcome] += 1
-            self._metrics.latency.record(
-                time.perf_counter() - started, {"consumer": self.consumer, "topic": delivery.topic}
-            )
+        # Handled events are settled (emits published, offsets committed) in background tasks
+        # while the next ones are handled. Settles are chained: one publishes only after the
+        # previous one's messages were appended, and commits only after the previous one
+        # committed, so emits and commits keep their order. At most MAX_SETTLING are pending.
+        settling: deque[_Settle] = deque()
+        try:
+            while not stop.is_set():
+                while settling and settling[0].task.done():
+                    settling.popleft().task.result()  # a failed publish or commit ends this member
+                batch = await sub.get_batch(self.max_batch, timeout=self.settings.poll_seconds)
+                pending: list[_Processed] = []
+                try:
+                    for delivery in batch:
+                        if stop.is_set():
+                            break  # the rest is not committed: the group delivers it again
+                        pending.append(await self._process(delivery))
+                        if time.perf_counter() - pending[0].started >= self.settle_after:
+                            await self._hand_over(sub, settling, pending)
+                            pending = []
+                finally:
+                    # also after a failure: what was handled is published and committed first
+                    if pending:
+                        await self._hand_over(sub, settling, pending)
+        finally:
+            if settling:
+                await settling[-1].task  # the last one waits for all before it
+
+    async def _hand_over(self, sub: Subscription, settling: deque[_Settle], done: list[_Processed]) -> None:
+        while len(settling) >= MAX_SETTLING:  # back-pressure: handling may not run far ahead
+            await settling.popleft().task
+        previous = settling[-1] if settling else None
+        settle = _Settle()
+        settle.task = asyncio.create_task(self._settle(sub, done, settle=settle, previous=previous),
+                                          name=f"{self.consumer} settle")
+        settling.append(settle)
+
+    async def _settle(
+        self,
+        sub: Subscription | None,
+        done: Sequence[_Processed],
+        *,
+        settle: _Settle | None = None,
+        previous: _Settle | None = None,
+    ) -> None:
+        messages = [m for p in done for m in p.messages]
+        if previous is not None:
+            await previous.appended()  # emits keep their order
+        if messages:
+            await self.backends.bus.publish_batch(messages)
+        for p in done:
+            if p.marker is not None:
+                await self._mark_published(p.marker)
+        if settle is not None:
+            settle.published.set()
+        if previous is not None:
+            await previous.task  # commits keep their order; a failed one fails this one too
+        if sub is not None:
+            await sub.commit_batch([p.delivery for p in done])
+        now = time.perf_counter()
+        for p in done:
+            self.processed[p.outcome] += 1
+            self._metrics.latency.record(now - p.started, {"consumer": self.consumer, "topic": p.delivery.topic})
 
     async def process(self, delivery: Delivery) -> Outcome:
-        """Everything but the commit. Raises only if a backend write failed (then: redeliver)."""
+        """Everything but the commit: handle, record the marker, publish the emitted events.
+
+        Raises only if a backend write failed (then: redeliver).
+        """
+        processed = await self._process(delivery)
+        await self._settle(None, [processed])
+        return processed.outcome
+
+    async def _process(self, delivery: Delivery) -> _Processed:
+        started = time.perf_counter()
         attrs = {"consumer": self.consumer, "topic": delivery.topic}
         try:
             event = decode(delivery.value)
         except PoisonMessage as exc:
-            await self._dead_letter(delivery, reason=str(exc), attempts=0, event=None)
-            return Outcome.DEAD_LETTERED
+            letters = self._dead_letter(delivery, reason=str(exc), attempts=0, event=None)
+            return _Processed(delivery, Outcome.DEAD_LETTERED, started, letters)
 
         marker_id = f"{self.consumer}:{event.event_id}"
         marker = await self.backends.docs.get(MARKERS, marker_id)
         if marker is not None:
-            if not marker.get("published"):
-                await self._publish_outbox(marker)
             self._metrics.duplicates.add(1, attrs)
-            return Outcome.DUPLICATE
+            return self._duplicate(delivery, started, marker)
 
         handler = self.service.handlers.get(event.event_type)
         if handler is None:
-            await self._dead_letter(delivery, reason=f"{self.consumer} has no handler for {event.event_type}",
-                                    attempts=0, event=event)
-            return Outcome.DEAD_LETTERED
+            letters = self._dead_letter(delivery, reason=f"{self.consumer} has no handler for {event.event_type}",
+                                        attempts=0, event=event)
+            return _Processed(delivery, Outcome.DEAD_LETTERED, started, letters)
 
         token = attach(extract_context(delivery.headers))
         try:
@@ -245,15 +361,16 @@ class Worker:
                     self.current = None
                 if failure is not None:
                     span.set_status(Status(StatusCode.ERROR, failure))
-                    await self._dead_letter(delivery, reason=failure, attempts=attempts, event=event)
-                    return Outcome.DEAD_LETTERED
+                    letters = self._dead_letter(delivery, reason=failure, attempts=attempts, event=event)
+                    return _Processed(delivery, Outcome.DEAD_LETTERED, started, letters)
+                encoded = [encode(e) for e in emitted]
                 marker = {
                     "_id": marker_id,
                     "consumer": self.consumer,
                     "event_id": event.event_id,
                     "run_id": event.run_id,
                     "topic": event.event_type.value,
-                    "outbox": [encode(e).decode() for e in emitted],
+                    "outbox": [raw.decode() for raw in encoded],
                     "published": False,
                 }
                 try:
@@ -261,15 +378,26 @@ class Worker:
                 except Conflict:
                     # Another member of the group handled it concurrently; its outbox is the truth.
                     existing = await self.backends.docs.get(MARKERS, marker_id)
-                    if existing is not None and not existing.get("published"):
-                        await self._publish_outbox(existing)
                     self._metrics.duplicates.add(1, attrs)
-                    return Outcome.DUPLICATE
-                await self._publish_outbox(marker)
+                    if existing is None:
+                        raise
+                    return self._duplicate(delivery, started, existing)
+                # The publish spans are children of the handler span; the messages carry their context.
+                messages = [_message(e, raw) for e, raw in zip(emitted, encoded, strict=True)]
                 self._metrics.handled.add(1, attrs)
-                return Outcome.HANDLED
+                # The marker keeps published=False: flagging every marker would cost a write per event,
+                # and the offset is only committed after the messages were appended anyway.
+                return _Processed(delivery, Outcome.HANDLED, started, messages)
         finally:
             detach(token)
+
+    def _duplicate(self, delivery: Delivery, started: float, marker: dict[str, Any]) -> _Processed:
+        if marker.get("published") or not marker.get("outbox"):
+            return _Processed(delivery, Outcome.DUPLICATE, started)
+        # Handled before, but a crash may have come before its emitted events were appended: publish
+        # them (again: they keep their event ids, so consumers that have them skip them) and flag it.
+        messages = [_message(decode(raw.encode()), raw.encode()) for raw in marker["outbox"]]
+        return _Processed(delivery, Outcome.DUPLICATE, started, messages, marker)
 
     async def _handle_with_retries(
         self, handler: HandlerFn, event: Event
@@ -304,15 +432,18 @@ class Worker:
                 return [result], None, attempts
             return list(result), None, attempts
 
-    async def _publish_outbox(self, marker: dict[str, Any]) -> None:
-        for raw in marker.get("outbox", []):
-            event = decode(raw.encode())
-            await publish_event(self.backends.bus, event)
-        await self.backends.docs.update(
-            MARKERS, marker["_id"], {"published": True}, expected_version=marker["_version"]
-        )
+    async def _mark_published(self, marker: dict[str, Any]) -> None:
+        if marker.get("published"):
+            return
+        try:
+            await self.backends.docs.update(
+                MARKERS, marker["_id"], {"published": True}, expected_version=marker["_version"]
+            )
+        except Conflict:
+            pass  # another member re-published the outbox and flagged it first
 
-    async def _dead_letter(self, delivery: Delivery, *, reason: str, attempts: int, event: Event | None) -> None:
+    def _dead_letter(self, delivery: Delivery, *, reason: str, attempts: int, event: Event | None) -> list[Message]:
+        """The dead letter (and the run.failed event) for ``delivery``, published when it is settled."""
         log.error("%s: dead-lettering a %s message: %s (trace %s)", self.consumer, delivery.topic, reason,
                   current_trace_id())
         letter = DeadLetter(
@@ -324,12 +455,11 @@ class Worker:
             attempts=attempts,
         )
         run_id = event.run_id if event is not None else (delivery.key or "unknown")
-        await publish_event(self.backends.bus, Event.new(letter, run_id=run_id,
-                                                         causation_id=event.event_id if event else None))
+        emitted = [Event.new(letter, run_id=run_id, causation_id=event.event_id if event else None)]
         if event is not None and event.event_type not in (Topic.RUN_FAILED, Topic.DEAD_LETTER):
-            failed = RunFailed(stage=self.service.name, reason=reason, event_id=event.event_id)
-            await publish_event(self.backends.bus, event.follow(failed))
+            emitted.append(event.follow(RunFailed(stage=self.service.name, reason=reason, event_id=event.event_id)))
         self._metrics.dead_lettered.add(1, {"consumer": self.consumer, "topic": delivery.topic})
+        return [_message(e, encode(e)) for e in emitted]
 
 
 async def run_workers(workers: Sequence[Worker], stop: asyncio.Event) -> None:

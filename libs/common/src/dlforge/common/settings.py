@@ -7,7 +7,7 @@ the variable (see :func:`load_settings`).
 from __future__ import annotations
 
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,13 +19,38 @@ OBJECT_SCHEMES = ("file", "s3", "s3s")
 DOC_SCHEMES = ("sqlite", "mongodb", "mongodb+srv")
 
 
+KAFKA_INT_OPTIONS = ("partitions", "replication_factor", "session_timeout_ms", "heartbeat_interval_ms",
+                     "max_poll_interval_ms", "fetch_max_wait_ms")
+KAFKA_STR_OPTIONS = ("client_id", "topic_prefix")
+
+
 def _check_url(value: str, schemes: tuple[str, ...], *, need_host: bool) -> str:
     parts = urlsplit(value)
     if parts.scheme not in schemes:
         raise ValueError(f"{value!r}: the scheme must be one of {', '.join(s + '://' for s in schemes)}")
     if need_host and not parts.hostname:
         raise ValueError(f"{value!r}: a host is required")
+    if parts.scheme != "kafka":  # kafka:// may list several host:port pairs, checked below
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: the port is not a number") from exc
     return value
+
+
+def _check_kafka(value: str) -> None:
+    parts = urlsplit(value)
+    for server in parts.netloc.split(","):
+        host, sep, port = server.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r}: each broker must be host:port, got {server!r}")
+    for key, values in parse_qs(parts.query, keep_blank_values=True).items():
+        if key in KAFKA_INT_OPTIONS:
+            if not values[-1].isdigit() or int(values[-1]) <= 0:
+                raise ValueError(f"{value!r}: {key} must be a positive integer, got {values[-1]!r}")
+        elif key not in KAFKA_STR_OPTIONS:
+            known = ", ".join(KAFKA_INT_OPTIONS + KAFKA_STR_OPTIONS)
+            raise ValueError(f"{value!r}: unknown option {key!r} (known: {known})")
 
 
 class CommonSettings(BaseSettings):
@@ -33,7 +58,10 @@ class CommonSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DLFORGE_", extra="ignore")
 
-    bus: str = Field(default="memory://", description="memory:// or kafka://host:port[,host:port][?partitions=3]")
+    bus: str = Field(
+        default="memory://",
+        description="memory:// or kafka://host:port[,host:port][?partitions=3&topic_prefix=...&fetch_max_wait_ms=...]",
+    )
     objects: str = Field(
         default="file://./.dlforge/objects",
         description="file:///path or s3://KEY:SECRET@host:port/bucket[/prefix] (s3s:// for TLS)",
@@ -51,6 +79,8 @@ class CommonSettings(BaseSettings):
     @classmethod
     def _bus(cls, v: str) -> str:
         _check_url(v, BUS_SCHEMES, need_host=v.startswith("kafka"))
+        if urlsplit(v).scheme == "kafka":
+            _check_kafka(v)
         return v
 
     @field_validator("objects")

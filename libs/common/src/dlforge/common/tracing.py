@@ -57,8 +57,17 @@ def configure_telemetry(
             provider.add_span_processor(SimpleSpanProcessor(span_exporter))  # type: ignore[union-attr]
 
 
+_TRACER: tuple[object, trace.Tracer] | None = None
+
+
 def tracer() -> trace.Tracer:
-    return trace.get_tracer("dlforge")
+    """The dlforge tracer of the current provider (cached: creating one per span is costly)."""
+    global _TRACER
+    provider = trace.get_tracer_provider()
+    cached = _TRACER
+    if cached is None or cached[0] is not provider:
+        cached = _TRACER = (provider, trace.get_tracer("dlforge"))
+    return cached[1]
 
 
 def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:

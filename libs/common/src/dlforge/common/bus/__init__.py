@@ -15,6 +15,16 @@ from dlforge.common.events import Topic
 
 
 @dataclass(frozen=True)
+class Message:
+    """One message to publish (see :meth:`EventBus.publish_batch`)."""
+
+    topic: Topic
+    key: str
+    value: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Delivery:
     """One message as a consumer receives it."""
 
@@ -33,9 +43,35 @@ class Subscription(ABC):
     async def get(self, timeout: float | None = None) -> Delivery | None:
         """The next delivery, or None when ``timeout`` seconds pass without one."""
 
+    async def get_batch(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
+        """Up to ``max_count`` deliveries that are ready now, waiting up to ``timeout`` for the first.
+
+        An empty list means ``timeout`` passed without any. Backends override this to fetch in bulk.
+        """
+        first = await self.get(timeout)
+        if first is None:
+            return []
+        batch = [first]
+        while len(batch) < max_count:
+            more = await self.get(0)
+            if more is None:
+                break
+            batch.append(more)
+        return batch
+
     @abstractmethod
     async def commit(self, delivery: Delivery) -> None:
         """Mark ``delivery`` (and everything before it on its partition) as processed by the group."""
+
+    async def commit_batch(self, deliveries: Sequence[Delivery]) -> None:
+        """Commit every delivery of ``deliveries`` (only the last one per partition needs a commit)."""
+        last: dict[tuple[str, int], Delivery] = {}
+        for d in deliveries:
+            current = last.get((d.topic, d.partition))
+            if current is None or d.offset > current.offset:
+                last[(d.topic, d.partition)] = d
+        for d in last.values():
+            await self.commit(d)
 
     @abstractmethod
     async def close(self) -> None:
@@ -58,6 +94,14 @@ class EventBus(ABC):
         self, topic: Topic, *, key: str, value: bytes, headers: Mapping[str, str] | None = None
     ) -> None:
         """Append one message; messages with the same key keep their order."""
+
+    async def publish_batch(self, messages: Sequence[Message]) -> None:
+        """Publish ``messages`` in order; return when every one of them is appended.
+
+        Backends override this to pipeline the messages (one round trip instead of one each).
+        """
+        for m in messages:
+            await self.publish(m.topic, key=m.key, value=m.value, headers=m.headers)
 
     @abstractmethod
     async def subscribe(self, *, group: str, topics: Sequence[Topic]) -> Subscription:

@@ -104,6 +104,19 @@ class _MemorySubscription(Subscription):
                 except TimeoutError:
                     return None
 
+    async def get_batch(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
+        first = await self.get(timeout)
+        if first is None:
+            return []
+        batch = [first]
+        while len(batch) < max_count and not self._closed:
+            delivery = self._bus._take(self._state, self._topics)
+            if delivery is None:
+                break
+            self._inflight[(delivery.topic, delivery.offset)] = delivery
+            batch.append(delivery)
+        return batch
+
     async def commit(self, delivery: Delivery) -> None:
         for key in [k for k in self._inflight if k[0] == delivery.topic and k[1] <= delivery.offset]:
             del self._inflight[key]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import re
 import sqlite3
 import threading
 from collections.abc import Mapping, Sequence
@@ -13,7 +15,12 @@ from typing import Any
 from dlforge.common.docs import Doc, DocumentStore, SortSpec, check_collection, check_field
 from dlforge.common.errors import Conflict, InvalidInput, NotFound
 
+# UPDATE ... RETURNING (SQLite >= 3.35) lets update() run as one statement
+_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+_TOP_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+
+@functools.lru_cache(maxsize=1024)
 def _table(collection: str) -> str:
     return '"c_' + check_collection(collection).replace(".", "_").replace("-", "_") + '"'
 
@@ -50,7 +57,8 @@ class SqliteDocumentStore(DocumentStore):
         table = _table(collection)
         if table not in self._tables:
             self._conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {table} (id TEXT PRIMARY KEY, version INTEGER NOT NULL, body TEXT NOT NULL)"
+                f"CREATE TABLE IF NOT EXISTS {table} "
+                "(id TEXT PRIMARY KEY, version INTEGER NOT NULL, body TEXT NOT NULL)"
             )
             self._tables.add(table)
         return table
@@ -90,6 +98,10 @@ class SqliteDocumentStore(DocumentStore):
     async def update(
         self, collection: str, doc_id: str, changes: Mapping[str, Any], *, expected_version: int
     ) -> Doc:
+        sets = {k: v for k, v in changes.items() if k not in ("_id", "_version")}
+        if _RETURNING and all(_TOP_FIELD.match(k) for k in sets):
+            return self._locked(lambda: self._update_in_place(collection, doc_id, sets, expected_version))
+
         def run() -> Doc:
             table = self._ensure_table(collection)
             self._conn.execute("BEGIN IMMEDIATE")
@@ -104,7 +116,7 @@ class SqliteDocumentStore(DocumentStore):
                         f"{collection}/{doc_id} is at version {row[1]}, not {expected_version}"
                     )
                 body = json.loads(row[2])
-                body.update({k: v for k, v in changes.items() if k not in ("_id", "_version")})
+                body.update(sets)
                 try:
                     self._conn.execute(
                         f"UPDATE {table} SET version = ?, body = ? WHERE id = ? AND version = ?",
@@ -119,6 +131,30 @@ class SqliteDocumentStore(DocumentStore):
             return {**body, "_id": doc_id, "_version": expected_version + 1}
 
         return self._locked(run)
+
+    def _update_in_place(
+        self, collection: str, doc_id: str, sets: Mapping[str, Any], expected_version: int
+    ) -> Doc:
+        """One statement instead of a read-modify-write transaction (the common, simple-field case)."""
+        table = self._ensure_table(collection)
+        body_expr, params = "body", []
+        if sets:
+            body_expr = "json_set(body, " + ", ".join(f"'$.{k}', json(?)" for k in sets) + ")"
+            params = [json.dumps(v) for v in sets.values()]
+        try:
+            row = self._conn.execute(
+                f"UPDATE {table} SET version = version + 1, body = {body_expr} WHERE id = ? AND version = ? "
+                "RETURNING id, version, body",
+                (*params, doc_id, expected_version),
+            ).fetchone()
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"{collection}/{doc_id}: {exc}") from exc
+        if row is not None:
+            return self._load(row)
+        current = self._conn.execute(f"SELECT version FROM {table} WHERE id = ?", (doc_id,)).fetchone()
+        if current is None:
+            raise NotFound(f"{collection}/{doc_id} does not exist")
+        raise Conflict(f"{collection}/{doc_id} is at version {current[0]}, not {expected_version}")
 
     async def find(
         self,

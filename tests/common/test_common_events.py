@@ -1,0 +1,175 @@
+"""Events: golden files of every payload version replay through decode(); upcasting; poison messages."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import pytest
+
+from dlforge.common.errors import PoisonMessage
+from dlforge.common.events import (
+    PAYLOAD_TYPES,
+    Event,
+    LabelsSubmitted,
+    RunFailed,
+    Topic,
+    decode,
+    encode,
+    register_upcaster,
+    unregister_upcaster,
+)
+
+GOLDEN = Path(__file__).parent / "assets" / "events"
+FILES = sorted(GOLDEN.glob("*.json"))
+_NAME = re.compile(r"^(?P<topic>.+)\.v(?P<version>\d+)\.json$")
+
+
+def _parse(path: Path) -> tuple[Topic, int]:
+    m = _NAME.match(path.name)
+    assert m, f"golden file name {path.name} is not <topic>.v<version>.json"
+    return Topic(m["topic"]), int(m["version"])
+
+
+def test_every_topic_has_a_payload_type() -> None:
+    assert set(PAYLOAD_TYPES) == set(Topic)
+
+
+@pytest.mark.parametrize("topic", sorted(PAYLOAD_TYPES), ids=str)
+def test_every_payload_version_has_a_golden_file(topic: Topic) -> None:
+    current = PAYLOAD_TYPES[topic].SCHEMA_VERSION
+    for version in range(1, current + 1):
+        assert (GOLDEN / f"{topic.value}.v{version}.json").is_file(), f"no golden event for {topic} v{version}"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_golden_event_replays(path: Path) -> None:
+    topic, version = _parse(path)
+    raw = path.read_bytes()
+    stored = json.loads(raw)
+    event = decode(raw)
+    payload_cls = PAYLOAD_TYPES[topic]
+    assert event.event_type == topic and type(event.payload) is payload_cls
+    assert event.schema_version == payload_cls.SCHEMA_VERSION
+    assert event.occurred_at.tzinfo is not None
+    if version == payload_cls.SCHEMA_VERSION:
+        # the current version round-trips byte for byte in meaning: nothing lost, nothing added
+        assert json.loads(encode(event)) == stored
+    else:
+        # an old version is upcast: the envelope is kept, the payload is of the current version
+        assert (event.event_id, event.run_id) == (stored["event_id"], stored["run_id"])
+
+
+# ------------------------------------------------------------------------------------------------
+# upcasting: a payload whose schema moved on, and the old events still on the bus
+# ------------------------------------------------------------------------------------------------
+
+
+class RunFailedV2(RunFailed):
+    """run.failed as it might look after a change: a severity was added."""
+
+    SCHEMA_VERSION: ClassVar[int] = 2
+    severity: Literal["error", "warning"]
+
+
+class RunFailedV3(RunFailedV2):
+    """...and later the reason split into a code and a message."""
+
+    SCHEMA_VERSION: ClassVar[int] = 3
+    code: str
+
+
+V2_TYPES = {**PAYLOAD_TYPES, Topic.RUN_FAILED: RunFailedV2}
+V3_TYPES = {**PAYLOAD_TYPES, Topic.RUN_FAILED: RunFailedV3}
+
+
+@pytest.fixture
+def upcasters() -> object:
+    register_upcaster(Topic.RUN_FAILED, 1, lambda p: {**p, "severity": "error"})
+    register_upcaster(Topic.RUN_FAILED, 2, lambda p: {**p, "code": p["reason"].split(":")[0]})
+    yield
+    unregister_upcaster(Topic.RUN_FAILED, 1)
+    unregister_upcaster(Topic.RUN_FAILED, 2)
+
+
+def test_an_old_event_is_upcast_to_the_current_version(upcasters: object) -> None:
+    raw = (GOLDEN / "run.failed.v1.json").read_bytes()
+    stored = json.loads(raw)
+    event = decode(raw, payload_types=V2_TYPES)
+    assert event.schema_version == 2 and isinstance(event.payload, RunFailedV2)
+    assert event.payload.severity == "error"
+    assert event.payload.reason == stored["payload"]["reason"] and event.payload.stage == "trainer"
+    assert event.event_id == stored["event_id"]
+    again = json.loads(encode(event))
+    assert again["schema_version"] == 2 and again["payload"]["severity"] == "error"
+    assert decode(encode(event), payload_types=V2_TYPES) == event  # v2 is read as it is
+
+
+def test_upcasters_chain_across_versions(upcasters: object) -> None:
+    event = decode((GOLDEN / "run.failed.v1.json").read_bytes(), payload_types=V3_TYPES)
+    assert event.schema_version == 3 and isinstance(event.payload, RunFailedV3)
+    assert (event.payload.severity, event.payload.code) == ("error", "poison message")
+
+
+def test_an_old_event_without_an_upcaster_is_poison() -> None:
+    with pytest.raises(PoisonMessage, match=r"no upcaster for run\.failed from schema_version 1"):
+        decode((GOLDEN / "run.failed.v1.json").read_bytes(), payload_types=V2_TYPES)
+
+
+def test_the_default_registry_is_untouched_by_test_upcasters(upcasters: object) -> None:
+    event = decode((GOLDEN / "run.failed.v1.json").read_bytes())
+    assert type(event.payload) is RunFailed and event.schema_version == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# what can never become an Event
+# ------------------------------------------------------------------------------------------------
+
+
+def _golden(topic: str = "labels.submitted") -> dict:
+    return json.loads((GOLDEN / f"{topic}.v1.json").read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"\xff\xfe\x00garbage", "not JSON"),
+        (b"{not json", "not JSON"),
+        (b"[1, 2, 3]", "not an object"),
+        (json.dumps({**_golden(), "event_type": "no.such.topic"}).encode(), "unknown event_type 'no.such.topic'"),
+        (json.dumps({**_golden(), "schema_version": 2}).encode(), "newer than this service knows"),
+        (json.dumps({**_golden(), "schema_version": "1"}).encode(), "schema_version missing or not an integer"),
+        (json.dumps({k: v for k, v in _golden().items() if k != "payload"}).encode(), "payload missing"),
+        (json.dumps({**_golden(), "payload": {"dataset_id": "d"}}).encode(), "invalid labels.submitted event"),
+        (json.dumps({**_golden(), "payload": {**_golden()["payload"], "extra": 1}}).encode(),
+         "invalid labels.submitted event"),
+        (json.dumps({**_golden(), "occurred_at": "2026-01-01T00:00:00"}).encode(), "invalid labels.submitted"),
+        (json.dumps({**_golden(), "run_id": None}).encode(), "invalid labels.submitted event"),
+    ],
+    ids=["binary", "broken-json", "json-array", "unknown-type", "newer-version", "version-not-int",
+         "no-payload", "payload-missing-fields", "payload-extra-field", "naive-time", "no-run-id"],
+)
+def test_what_cannot_become_an_event_is_a_poison_message(raw: bytes, reason: str) -> None:
+    with pytest.raises(PoisonMessage, match=re.escape(reason)):
+        decode(raw)
+
+
+def test_a_topic_missing_from_the_registry_is_poison() -> None:
+    types = {t: c for t, c in PAYLOAD_TYPES.items() if t != Topic.LABELS_SUBMITTED}
+    with pytest.raises(PoisonMessage, match=r"no payload type for labels\.submitted"):
+        decode((GOLDEN / "labels.submitted.v1.json").read_bytes(), payload_types=types)
+
+
+def test_new_and_follow_fill_the_envelope() -> None:
+    payload = LabelsSubmitted(dataset_id="d", batch_id="b", labels={"i": "good"}, annotator="a")
+    event = Event.new(payload, run_id="run-1")
+    assert event.event_type == Topic.LABELS_SUBMITTED and event.topic == Topic.LABELS_SUBMITTED
+    assert event.schema_version == 1 and event.causation_id is None and len(event.event_id) == 32
+    assert event.occurred_at.tzinfo is not None and abs((datetime.now(UTC) - event.occurred_at).total_seconds()) < 60
+    caused = event.follow(RunFailed(stage="labeler", reason="x"))
+    assert (caused.run_id, caused.causation_id) == ("run-1", event.event_id)
+    assert caused.event_id != event.event_id and caused.event_type == Topic.RUN_FAILED
+    assert decode(encode(caused)) == caused
