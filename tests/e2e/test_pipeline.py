@@ -28,13 +28,12 @@ from dlforge.common.events import (
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import load_settings
 
-pytestmark = [pytest.mark.kafka, pytest.mark.s3, pytest.mark.slow]
+pytestmark = [pytest.mark.kafka, pytest.mark.s3, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 SERVICES = {"labeler", "augmenter", "proposer", "tuner", "trainer", "optimizer"}
 
 
-def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_bootstrap: str, s3_url: str,
-                                             span_exporter) -> None:
+def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_url: str, s3_url: str, spans) -> None:
     from dlforge.cli.pipeline import run_in_process
     from dlforge.cli.platform import combined_app
     from dlforge.cli.report import build_report
@@ -43,12 +42,11 @@ def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_bootstrap: st
     from dlforge.optimizer.predictor import Predictor
 
     data = tmp_path / "elpv"
-    truth = materialize_elpv(data, limit=300)
+    truth = materialize_elpv(data, limit=240)
     os.environ["DLFORGE_LABELER_IMPORT_ROOTS"] = str(tmp_path)
     settings = load_settings(
-        bus=f"kafka://{kafka_bootstrap}?partitions=2&session_timeout_ms=1000&heartbeat_interval_ms=250"
-            f"&client_id=e2e{uuid4().hex[:6]}",
-        objects=f"{s3_url}/e2e-{uuid4().hex[:8]}",
+        bus=kafka_url,
+        objects=s3_url,
         docs=f"sqlite:///{tmp_path}/docs.db",
         work_dir=str(tmp_path / "work"),
         poll_seconds=0.2,
@@ -81,7 +79,7 @@ def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_bootstrap: st
         assert run["stages"][stage]["seconds"] >= 0
 
     # one trace per run, spanning all six services
-    spans = [s for s in span_exporter.get_finished_spans()
+    spans = [s for s in spans.get_finished_spans()
              if (s.attributes or {}).get("dlforge.run_id") == created["run_id"]]
     handled_by = {s.attributes.get("dlforge.service") for s in spans if s.name.startswith("handle ")}
     assert SERVICES <= handled_by
@@ -95,7 +93,7 @@ def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_bootstrap: st
 
     # the optimized model loads from the object store and predicts
     optimized = next(e.payload for e in events if isinstance(e.payload, ModelOptimized))
-    predictor = Predictor.from_store(backends.objects, optimized.report_key)
+    predictor = Predictor.load(backends.objects, optimized.report_key, cache_dir=tmp_path / "predictor")
     defect = next(name for name, label in truth.items() if label == "defect")
     prediction = predictor.predict((data / defect).read_bytes())
     assert prediction.label in ("defect", "good")

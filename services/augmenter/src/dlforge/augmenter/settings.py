@@ -1,0 +1,54 @@
+"""Augmenter settings (environment variables ``DLFORGE_AUGMENTER_*``)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from dlforge.augmenter.generators import DEFAULT_POLICIES, parse_policy
+from dlforge.common.errors import ConfigError
+from dlforge.common.settings import CommonSettings
+
+
+class AugmenterSettings(CommonSettings):
+    augmenter_threshold: float = Field(
+        default=0.9, gt=0.0, le=1.0, description="X2 filter: minimum probability of the intended class to keep a sample"
+    )
+    augmenter_max_generated_ratio: float = Field(
+        default=1.0, ge=0.0, le=10.0, description="at most this many generated samples per real train image of a class"
+    )
+    augmenter_filter_arch: str = Field(default="efficientnet_lite0", description="frozen feature network of the filter")
+    augmenter_filter_image_size: int = Field(default=128, ge=32, le=512, description="filter input side (px)")
+    augmenter_filter_max_train: int = Field(
+        default=3000, ge=10, description="real train images the filter learns from at most (stratified subsample)"
+    )
+    augmenter_batch_size: int = Field(default=64, ge=1, le=1024)
+    augmenter_threads: int = Field(default=2, ge=1, le=256, description="torch threads for feature extraction")
+    augmenter_policies: list[str] = Field(
+        default=list(DEFAULT_POLICIES), description="augmentation policies: ops joined by '|', 'op:magnitude'"
+    )
+    augmenter_mixup_fraction: float = Field(default=0.3, ge=0.0, le=1.0, description="share of samples made by mixup")
+    augmenter_mixup_alpha: float = Field(default=0.4, gt=0.0, le=100.0)
+    augmenter_max_side: int = Field(default=512, ge=16, le=4096, description="generated images are at most this side")
+    augmenter_max_sources: int = Field(
+        default=2000, ge=1, description="real images of a class loaded as generation sources at most"
+    )
+    augmenter_write_threads: int = Field(default=8, ge=1, le=64)
+
+    @field_validator("augmenter_policies")
+    @classmethod
+    def _policies(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one augmentation policy is required")
+        for p in v:
+            try:
+                parse_policy(p)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from exc
+        return v
+
+    @field_validator("augmenter_filter_arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        if v != "efficientnet_lite0":
+            raise ValueError(f"{v!r}: the filter needs a pretrained network; only 'efficientnet_lite0' has one")
+        return v

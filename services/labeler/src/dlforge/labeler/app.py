@@ -1,0 +1,500 @@
+"""The labeler's REST API.
+
+- ``POST /datasets``: a zip upload (multipart field ``file``) or a server-side ``folder`` (JSON or
+  form; only inside ``DLFORGE_LABELER_IMPORT_ROOTS``), with the run's ``spec`` and ``options``
+  and optionally ``run_id``, ``dataset_id``, ``name``, ``classes``, ``layout``, ``allow_new_classes``.
+  201 with the counts, the rejected files and the duplicates; 4xx refusals write nothing.
+- ``GET /datasets``, ``GET /datasets/{id}``: records (state, rounds, counts, rejected).
+- ``GET /datasets/{id}/queue``: the items waiting for a person, with image URLs.
+- ``GET /datasets/{id}/items/{item_id}/image``: an item's image bytes.
+- ``GET /datasets/{id}/similar?item=…&k=…``: nearest items by embedding (the item itself first).
+- ``POST /labels``: a person's labels for the waiting batch -> ``labels.submitted``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections import OrderedDict
+from datetime import timedelta
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.datastructures import UploadFile
+
+from dlforge.common.app import ServicePart, backends_of
+from dlforge.common.app import create_app as create_common_app
+from dlforge.common.errors import Conflict, InvalidInput, NotFound
+from dlforge.common.events import DatasetUploaded, Event, LabelsSubmitted, PipelineOptions, Spec
+from dlforge.common.runtime import Backends
+from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.labeler import records
+from dlforge.labeler.embeddings import load_embeddings
+from dlforge.labeler.index import FaissIndex, build_index, load_index
+from dlforge.labeler.ingest import (
+    FileTree,
+    IngestLimits,
+    IngestResult,
+    Layout,
+    manifest_key,
+    open_folder,
+    open_zip,
+    persist,
+    remove_objects,
+    scan,
+)
+from dlforge.labeler.settings import LabelerSettings, labeler_settings
+from dlforge.labeler.worker import index_key, service
+from dlforge.vision.manifest import Duplicate, Rejection, load_manifest
+
+router = APIRouter(tags=["labeler"])
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+SIMULATED = "simulated"
+
+
+def _check_id(value: str | None, what: str) -> str | None:
+    if value is not None and not _ID.match(value):
+        raise ValueError(f"{what} must be 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit)")
+    return value
+
+
+class DatasetRequest(BaseModel):
+    """The fields of ``POST /datasets`` besides the upload itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    folder: str | None = Field(default=None, description="server-side folder (inside an import root)")
+    name: str | None = Field(default=None, max_length=200)
+    spec: Spec = Spec()
+    options: PipelineOptions = PipelineOptions()
+    run_id: str | None = None
+    dataset_id: str | None = None
+    classes: list[str] = Field(default_factory=list, description="class names known in advance (optional)")
+    layout: Layout = "auto"
+    allow_new_classes: bool | None = Field(default=None, description="labels may add classes (default: setting)")
+
+    @field_validator("run_id")
+    @classmethod
+    def _run(cls, v: str | None) -> str | None:
+        return _check_id(v, "run_id")
+
+    @field_validator("dataset_id")
+    @classmethod
+    def _dataset(cls, v: str | None) -> str | None:
+        return _check_id(v, "dataset_id")
+
+
+class DatasetCreated(BaseModel):
+    dataset_id: str
+    run_id: str
+    name: str
+    layout: str
+    csv_name: str | None
+    classes: list[str]
+    counts: dict[str, int]
+    manifest_key: str
+    rejected: list[Rejection]
+    duplicates: list[Duplicate]
+    skipped: list[str]
+
+
+class LabelSubmission(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str
+    batch_id: str
+    labels: dict[str, str] = Field(description="item_id -> class label")
+    annotator: str = Field(default="human", min_length=1, max_length=100)
+
+
+class LabelsAccepted(BaseModel):
+    dataset_id: str
+    batch_id: str
+    accepted: int
+    new_classes: list[str]
+    waiting: int = Field(description="items of the batch still without a label (before these are processed)")
+
+
+class QueueItem(BaseModel):
+    item_id: str
+    name: str
+    split: str | None
+    reason: str | None
+    image_url: str
+    presigned_url: str | None
+
+
+class Queue(BaseModel):
+    dataset_id: str
+    state: str
+    batch_id: str | None
+    round: int | None
+    classes: list[str]
+    allow_new_classes: bool
+    items: list[QueueItem]
+
+
+class Neighbour(BaseModel):
+    item_id: str
+    name: str
+    similarity: float = Field(description="cosine similarity of the embeddings, 1 = identical")
+    distance: float = Field(description="Euclidean distance of the L2-normalized embeddings")
+
+
+class Similar(BaseModel):
+    dataset_id: str
+    item_id: str
+    k: int
+    neighbours: list[Neighbour]
+
+
+# ------------------------------------------------------------------------------------------
+# POST /datasets
+# ------------------------------------------------------------------------------------------
+
+
+def _json_field(form: Any, name: str) -> Any:
+    raw = form.get(name)
+    if raw is None or raw == "":
+        return None
+    if not isinstance(raw, str):
+        raise InvalidInput(f"form field {name!r} must be text")
+    if name == "classes" and not raw.strip().startswith("["):
+        return [c.strip() for c in raw.split(",") if c.strip()]
+    if name == "allow_new_classes":
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if name in ("spec", "options", "classes"):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"form field {name!r} is not valid JSON ({exc})") from exc
+    return raw
+
+
+async def _parse(request: Request, settings: LabelerSettings) -> tuple[DatasetRequest, UploadFile | None]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    upload: UploadFile | None = None
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.labeler_max_upload_bytes:
+            raise InvalidInput(f"the upload is {length} bytes, over the limit of {settings.labeler_max_upload_bytes}",
+                               status_code=413)
+        form = await request.form(max_files=1, max_fields=20)
+        file = form.get("file")
+        if file is not None and not isinstance(file, UploadFile):
+            raise InvalidInput("form field 'file' must be a file upload (a zip archive)")
+        upload = file
+        fields = {k: _json_field(form, k) for k in form if k != "file"}
+        raw: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+    elif ctype == "application/json":
+        try:
+            raw = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"the body is not valid JSON ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise InvalidInput("the body must be a JSON object")
+    else:
+        raise InvalidInput("send a zip as multipart/form-data (field 'file') or JSON with a server-side 'folder'",
+                           status_code=415)
+    try:
+        req = DatasetRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidInput("invalid dataset request", details=json.loads(exc.json(include_url=False))) from exc
+    if (upload is None) == (req.folder is None):
+        raise InvalidInput("give exactly one of a zip upload (field 'file') or a server-side 'folder'")
+    if upload is not None:
+        size = upload.size
+        if size is None:
+            upload.file.seek(0, 2)
+            size = upload.file.tell()
+            upload.file.seek(0)
+        if size > settings.labeler_max_upload_bytes:
+            raise InvalidInput(f"the upload is {size} bytes, over the limit of {settings.labeler_max_upload_bytes}",
+                               status_code=413)
+    return req, upload
+
+
+def _limits(settings: LabelerSettings) -> IngestLimits:
+    return IngestLimits(max_file_bytes=settings.labeler_max_file_bytes,
+                        max_total_bytes=settings.labeler_max_archive_bytes,
+                        max_entries=settings.labeler_max_entries)
+
+
+def _open_and_scan(
+    req: DatasetRequest, upload: UploadFile | None, settings: LabelerSettings
+) -> tuple[FileTree, IngestResult]:
+    limits = _limits(settings)
+    if upload is not None:
+        upload.file.seek(0)
+        tree: FileTree = open_zip(upload.file, limits)  # type: ignore[arg-type]
+    else:
+        assert req.folder is not None
+        tree = open_folder(req.folder, roots=settings.import_roots, limits=limits)
+    try:
+        return tree, scan(tree, layout=req.layout, classes=req.classes)
+    except BaseException:
+        tree.close()
+        raise
+
+
+@router.post("/datasets", status_code=201, response_model=DatasetCreated,
+             openapi_extra={"requestBody": {"content": {
+                 "multipart/form-data": {"schema": {"type": "object", "properties": {
+                     "file": {"type": "string", "format": "binary"}, "spec": {"type": "string"},
+                     "options": {"type": "string"}, "name": {"type": "string"}, "run_id": {"type": "string"},
+                     "dataset_id": {"type": "string"}, "classes": {"type": "string"},
+                     "layout": {"type": "string"}}}},
+                 "application/json": {"schema": DatasetRequest.model_json_schema()}}}})
+async def create_dataset(request: Request, backends: Annotated[Backends, Depends(backends_of)]) -> DatasetCreated:
+    """Ingest a zip upload or a server-side folder; emits ``dataset.uploaded``."""
+    settings = labeler_settings(backends.settings)
+    req, upload = await _parse(request, settings)
+    tree, result = await asyncio.to_thread(_open_and_scan, req, upload, settings)
+    try:
+        upload_name = upload.filename if upload is not None else None
+        return await import_dataset(backends, settings, req, tree, result, upload_name=upload_name)
+    finally:
+        tree.close()
+
+
+async def import_dataset(
+    backends: Backends,
+    settings: LabelerSettings,
+    req: DatasetRequest,
+    tree: FileTree,
+    result: IngestResult,
+    *,
+    upload_name: str | None = None,
+) -> DatasetCreated:
+    """Persist a scanned dataset: record, images and manifest, then ``dataset.uploaded``; all or nothing."""
+    dataset_id = req.dataset_id or uuid.uuid4().hex[:16]
+    run_id = req.run_id or uuid.uuid4().hex
+    name = req.name or (upload_name.rsplit(".", 1)[0] if upload_name else None) \
+        or (req.folder.rstrip("/").rsplit("/", 1)[-1] if req.folder else dataset_id)
+    classes = list(result.classes)
+    positive = req.spec.positive_class
+    if positive and result.labeled_count == 0 and positive not in classes:
+        classes = sorted({*classes, positive})
+    counts = {"items": len(result.items), "given": result.labeled_count,
+              "unlabeled": len(result.items) - result.labeled_count, "rejected": len(result.rejected),
+              "duplicates": len(result.duplicates), "skipped": len(result.skipped), "human": 0, "pending": 0}
+    record: dict[str, Any] = {
+        "_id": dataset_id, "name": name, "run_id": run_id, "state": "ingesting", "created_at": records.now(),
+        "source": "folder" if req.folder else "zip", "layout": result.layout, "csv_name": result.csv_name,
+        "spec": req.spec.model_dump(mode="json"), "options": req.options.model_dump(mode="json"),
+        "classes": classes, "counts": counts,
+        "allow_new_classes": settings.labeler_allow_new_classes if req.allow_new_classes is None
+        else req.allow_new_classes,
+        "rejected": [r.model_dump() for r in result.rejected],
+        "duplicates": [d.model_dump() for d in result.duplicates], "skipped": list(result.skipped),
+        "manifest_key": manifest_key(dataset_id),
+    }
+    try:
+        record = await backends.docs.insert(records.DATASETS, record)
+    except Conflict as exc:
+        raise InvalidInput(f"dataset {dataset_id!r} already exists", status_code=409) from exc
+    written: list[str] = []
+    try:
+        manifest = await asyncio.to_thread(persist, backends.objects, tree, dataset_id=dataset_id, name=name,
+                                           result=result.model_copy(update={"classes": classes}))
+        written = [i.key for i in manifest.items] + [manifest_key(dataset_id)]
+        record = await records.change(backends.docs, record, state="ingested")
+        event = Event.new(DatasetUploaded(
+            dataset_id=dataset_id, name=name, item_count=len(manifest.items), classes=classes,
+            labeled_count=result.labeled_count, rejected_count=len(result.rejected),
+            duplicate_count=len(result.duplicates), manifest_key=manifest_key(dataset_id), spec=req.spec,
+            options=req.options,
+        ), run_id=run_id)
+        await backends.publish(event)
+    except BaseException:
+        # persist() removes its own partial writes; after it, undo everything of this dataset
+        await asyncio.to_thread(remove_objects, backends.objects, written)
+        await backends.docs.delete(records.DATASETS, dataset_id)
+        raise
+    return DatasetCreated(
+        dataset_id=dataset_id, run_id=run_id, name=name, layout=result.layout, csv_name=result.csv_name,
+        classes=classes, counts=counts, manifest_key=manifest_key(dataset_id), rejected=list(result.rejected),
+        duplicates=list(result.duplicates), skipped=list(result.skipped),
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Reading datasets
+# ------------------------------------------------------------------------------------------
+
+
+@router.get("/datasets")
+async def list_datasets(
+    backends: Annotated[Backends, Depends(backends_of)],
+    state: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[dict[str, Any]]:
+    """Dataset summaries, newest first."""
+    where = {"state": state} if state else None
+    docs = await backends.docs.find(records.DATASETS, where, sort=[("created_at", -1)], limit=limit)
+    return [records.public(d, detail=False) for d in docs]
+
+
+@router.get("/datasets/{dataset_id}")
+async def get_dataset(dataset_id: str, backends: Annotated[Backends, Depends(backends_of)]) -> dict[str, Any]:
+    """The dataset record: state, counts, classes, rounds, rejected files and duplicates."""
+    return records.public(await records.load(backends.docs, dataset_id))
+
+
+@router.get("/datasets/{dataset_id}/queue", response_model=Queue)
+async def get_queue(dataset_id: str, request: Request,
+                    backends: Annotated[Backends, Depends(backends_of)]) -> Queue:
+    """The items of the batch waiting for a person, with image URLs."""
+    record = await records.load(backends.docs, dataset_id)
+    settings = labeler_settings(backends.settings)
+    batch = record.get("current_batch") or {}
+    answered = record.get("human_labels", {})
+    waiting = [i for i in batch.get("item_ids", []) if i not in answered]
+    items: list[QueueItem] = []
+    if waiting:
+        manifest = await asyncio.to_thread(load_manifest, backends.objects, record["manifest_key"])
+        by_id = {i.item_id: i for i in manifest.items}
+        expires = timedelta(seconds=settings.labeler_presign_seconds)
+
+        def presign(key: str) -> str | None:
+            try:
+                return backends.objects.presigned_get_url(key, expires=expires)
+            except (NotImplementedError, NotFound):
+                return None
+
+        urls = await asyncio.to_thread(lambda: [presign(by_id[i].key) for i in waiting])
+        base = str(request.url_for("labeler_item_image", dataset_id=dataset_id, item_id="ITEM"))
+        for item_id, url in zip(waiting, urls, strict=True):
+            item = by_id[item_id]
+            items.append(QueueItem(item_id=item_id, name=item.name, split=record.get("splits", {}).get(item_id),
+                                   reason=record.get("asked", {}).get(item_id), presigned_url=url,
+                                   image_url=base.replace("ITEM", item_id)))
+    return Queue(dataset_id=dataset_id, state=record["state"], batch_id=batch.get("batch_id"),
+                 round=batch.get("round"), classes=list(record.get("classes", [])),
+                 allow_new_classes=bool(record.get("allow_new_classes", True)), items=items)
+
+
+@router.get("/datasets/{dataset_id}/items/{item_id}/image", name="labeler_item_image")
+async def get_item_image(dataset_id: str, item_id: str,
+                         backends: Annotated[Backends, Depends(backends_of)]) -> Response:
+    record = await records.load(backends.docs, dataset_id)
+    manifest = await asyncio.to_thread(load_manifest, backends.objects, record["manifest_key"])
+    item = next((i for i in manifest.items if i.item_id == item_id), None)
+    if item is None:
+        raise NotFound(f"dataset {dataset_id!r} has no item {item_id!r}")
+    data = await asyncio.to_thread(backends.objects.get_bytes, item.key)
+    info = await asyncio.to_thread(backends.objects.stat, item.key)
+    return Response(content=data, media_type=info.content_type)
+
+
+class _Search:
+    def __init__(self, ids: list[str], names: list[str], vectors: np.ndarray, index: FaissIndex) -> None:
+        self.ids = ids
+        self.names = names
+        self.vectors = vectors
+        self.index = index
+        self.row = {i: n for n, i in enumerate(ids)}
+        self.by_name = {nm: n for n, nm in enumerate(names)}
+
+
+_SEARCHES: OrderedDict[str, _Search] = OrderedDict()
+
+
+def _load_search(backends: Backends, record: dict[str, Any], settings: LabelerSettings) -> _Search:
+    key = record["embeddings_key"]
+    cached = _SEARCHES.get(key)
+    if cached is not None:
+        _SEARCHES.move_to_end(key)
+        return cached
+    manifest = load_manifest(backends.objects, record["manifest_key"])
+    ids = [i.item_id for i in manifest.items]
+    vectors = load_embeddings(backends.objects, key, ids)
+    if vectors is None:
+        raise InvalidInput(f"dataset {record['_id']!r}: the embeddings are not ready yet", status_code=409)
+    embedder_name = key.rsplit("/", 1)[-1].removesuffix(".npy")
+    try:
+        index = load_index(backends.objects.get_bytes(index_key(record["_id"], embedder_name)),
+                           backend=settings.labeler_index)
+    except NotFound:
+        index = build_index(vectors, backend=settings.labeler_index)
+    search = _Search(ids, [i.name for i in manifest.items], vectors, index)
+    _SEARCHES[key] = search
+    while len(_SEARCHES) > 4:
+        _SEARCHES.popitem(last=False)
+    return search
+
+
+@router.get("/datasets/{dataset_id}/similar", response_model=Similar)
+async def similar(
+    dataset_id: str,
+    backends: Annotated[Backends, Depends(backends_of)],
+    item: Annotated[str, Query(min_length=1, max_length=1000, description="item id or file name")],
+    k: Annotated[int, Query(ge=1, le=200)] = 10,
+) -> Similar:
+    """The ``k`` items nearest to ``item`` by embedding, the item itself first."""
+    record = await records.load(backends.docs, dataset_id)
+    if not record.get("embeddings_key"):
+        raise InvalidInput(f"dataset {dataset_id!r}: the embeddings are not ready yet (state "
+                           f"{record.get('state')})", status_code=409)
+    settings = labeler_settings(backends.settings)
+    search = await asyncio.to_thread(_load_search, backends, record, settings)
+    row = search.row.get(item, search.by_name.get(item))
+    if row is None:
+        raise NotFound(f"dataset {dataset_id!r} has no item {item!r}")
+    kk = min(k, len(search.ids))
+    sims, rows = await asyncio.to_thread(search.index.search, search.vectors[row:row + 1], kk + 1)
+    pairs = [(int(r), float(s)) for r, s in zip(rows[0], sims[0], strict=True) if r >= 0 and int(r) != row]
+    pairs = [(row, float(search.vectors[row] @ search.vectors[row])), *pairs]
+    neighbours = [Neighbour(item_id=search.ids[r], name=search.names[r], similarity=round(min(s, 1.0), 6),
+                            distance=round(float(np.sqrt(max(0.0, 2.0 - 2.0 * min(s, 1.0)))), 6))
+                  for r, s in pairs[:kk]]
+    return Similar(dataset_id=dataset_id, item_id=search.ids[row], k=kk, neighbours=neighbours)
+
+
+# ------------------------------------------------------------------------------------------
+# POST /labels
+# ------------------------------------------------------------------------------------------
+
+
+@router.post("/labels", status_code=202, response_model=LabelsAccepted)
+async def submit_labels(body: LabelSubmission,
+                        backends: Annotated[Backends, Depends(backends_of)]) -> LabelsAccepted:
+    """A person's labels for (part of) the batch waiting for people; emits ``labels.submitted``."""
+    from dlforge.labeler.handlers import check_labels
+
+    if body.annotator.strip().lower() == SIMULATED:
+        raise InvalidInput(f"annotator {SIMULATED!r} is reserved for the simulated annotator")
+    record = await records.load(backends.docs, body.dataset_id)
+    batch = record.get("current_batch")
+    if record.get("state") != "labeling" or not batch:
+        raise InvalidInput(f"dataset {body.dataset_id!r} is not waiting for labels (state {record.get('state')})",
+                           status_code=409)
+    if batch["batch_id"] != body.batch_id:
+        raise InvalidInput(f"batch {body.batch_id!r} is not the batch waiting for labels; that is "
+                           f"{batch['batch_id']!r}", status_code=409)
+    clean, new = check_labels(body.labels, batch_items=batch["item_ids"], classes=record.get("classes", []),
+                              allow_new_classes=bool(record.get("allow_new_classes", True)))
+    event = Event.new(LabelsSubmitted(dataset_id=body.dataset_id, batch_id=body.batch_id, labels=clean,
+                                      annotator=body.annotator.strip()), run_id=record["run_id"])
+    await backends.publish(event)
+    answered = set(record.get("human_labels", {})) | set(clean)
+    waiting = sum(1 for i in batch["item_ids"] if i not in answered)
+    return LabelsAccepted(dataset_id=body.dataset_id, batch_id=body.batch_id, accepted=len(clean),
+                          new_classes=new, waiting=waiting)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def part() -> ServicePart:
+    return ServicePart(service=service, router=router)
+
+
+def create_app(settings: CommonSettings | None = None) -> FastAPI:
+    """The labeler alone: its API and its worker."""
+    return create_common_app([part()], settings=settings or load_settings(LabelerSettings))

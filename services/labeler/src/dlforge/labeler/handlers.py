@@ -1,0 +1,294 @@
+"""The labeler's pure logic: splits, the first batch, one active-learning round, the labeled manifest.
+
+Everything here takes arrays and pydantic models and returns values; the worker loads the inputs
+and persists the outputs. Ingestion lives in :mod:`dlforge.labeler.ingest`, the classifier in
+:mod:`dlforge.labeler.classifier`, the query strategies in :mod:`dlforge.labeler.strategies`.
+
+The loop, per dataset of N items:
+
+1. splits: a random ``test`` share (10 %, capped by the label budget), ``val`` 15 % of the rest,
+   ``train`` the rest;
+2. the first batch asks people for every test item without a given label, plus a representative
+   seed (the item nearest each k-means centroid, ``seed_fraction * N`` of them);
+3. after each completed batch a calibrated classifier is fitted on every human and given label;
+   the items it labels with confidence >= ``target_confidence`` count as auto-labeled; the loop
+   stops when the human labels reach ``label_budget * N`` or every other item is auto-labeled,
+   otherwise the query strategy picks the next ``batch_fraction * N`` items;
+4. at the stop every remaining item gets the classifier's label and its calibrated confidence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from dlforge.common.events import ClassCount, PipelineOptions
+from dlforge.labeler.classifier import CalibratedClassifier, fit_calibrated, small_blas
+from dlforge.labeler.strategies import QueryStrategy, k_center_greedy, representative_seed
+from dlforge.vision.manifest import Item, Manifest, Split
+
+TEST_FRACTION = 0.10
+VAL_FRACTION = 0.15
+AskReason = Literal["test", "seed", "uncertain"]
+StopReason = Literal["budget", "confident", "exhausted"]
+
+
+def rng_for(dataset_id: str, seed: int, purpose: str) -> np.random.Generator:
+    """A generator that depends only on the dataset, the run's seed and what it is for."""
+    digest = hashlib.sha256(f"{dataset_id}:{seed}:{purpose}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def budget_of(n_items: int, options: PipelineOptions) -> int:
+    """How many items people may label in total."""
+    return math.floor(options.label_budget * n_items + 1e-9)
+
+
+def batch_size_of(n_items: int, options: PipelineOptions) -> int:
+    return max(1, round(options.batch_fraction * n_items))
+
+
+def assign_splits(
+    n_items: int,
+    *,
+    budget: int,
+    rng: np.random.Generator,
+    test_fraction: float = TEST_FRACTION,
+    val_fraction: float = VAL_FRACTION,
+) -> list[Split]:
+    """A split per item: random test (at most ``budget`` items: people label them), val, train."""
+    order = rng.permutation(n_items)
+    n_test = min(round(test_fraction * n_items), budget) if n_items >= 10 else 0
+    n_val = round(val_fraction * (n_items - n_test)) if n_items >= 10 else 0
+    splits: list[Split] = ["train"] * n_items
+    for i in order[:n_test]:
+        splits[int(i)] = "test"
+    for i in order[n_test:n_test + n_val]:
+        splits[int(i)] = "val"
+    return splits
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Items to ask people, and why each is asked."""
+
+    rows: np.ndarray
+    reasons: list[AskReason]
+
+    @property
+    def reason(self) -> Literal["seed", "uncertain"]:
+        return "uncertain" if self.reasons and all(r == "uncertain" for r in self.reasons) else "seed"
+
+
+@small_blas
+def first_batch(
+    embeddings: np.ndarray,
+    *,
+    splits: Sequence[Split],
+    known: np.ndarray,
+    options: PipelineOptions,
+    rng: np.random.Generator,
+) -> Batch:
+    """The untested test items plus a representative k-means seed; items with a label are not asked."""
+    n = len(splits)
+    budget = budget_of(n, options)
+    known = np.asarray(known, dtype=bool)
+    test = np.array([s == "test" for s in splits], dtype=bool)
+    test_rows = np.flatnonzero(test & ~known)[:budget]
+    n_seed = min(round(options.seed_fraction * n), budget - len(test_rows))
+    candidates = np.flatnonzero(~test & ~known)
+    seed_rows = representative_seed(embeddings, candidates=candidates, k=n_seed, rng=rng)
+    rows = np.concatenate([test_rows, seed_rows]).astype(np.int64)
+    test_reasons: list[AskReason] = ["test"] * len(test_rows)
+    seed_reasons: list[AskReason] = ["seed"] * len(seed_rows)
+    reasons = test_reasons + seed_reasons
+    return Batch(rows=rows, reasons=reasons)
+
+
+@dataclass
+class RoundResult:
+    """What one round decided."""
+
+    probabilities: np.ndarray
+    predicted: np.ndarray
+    confidence: np.ndarray
+    confident: np.ndarray
+    next_batch: Batch | None
+    stop_reason: StopReason | None
+    classifier: dict[str, float | int | bool | None]
+    human_labels: int
+    auto_confident: int
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+
+@small_blas
+def run_round(
+    embeddings: np.ndarray,
+    *,
+    labels: np.ndarray,
+    human: np.ndarray,
+    representative: np.ndarray,
+    n_classes: int,
+    options: PipelineOptions,
+    strategy: QueryStrategy,
+    rng: np.random.Generator,
+    seed: int = 0,
+) -> RoundResult:
+    """Fit the calibrated classifier on every known label, auto-label, and pick the next batch or stop.
+
+    ``labels`` holds a class index per item (-1: unknown), ``human`` marks labels given by people
+    (they count against the budget), ``representative`` marks labels that may calibrate.
+    """
+    n = len(labels)
+    labels = np.asarray(labels, dtype=np.int64)
+    known = labels >= 0
+    human_count = int(np.asarray(human, dtype=bool).sum())
+    budget = budget_of(n, options)
+    clf: CalibratedClassifier | None = None
+    if known.any():
+        clf = fit_calibrated(embeddings, np.flatnonzero(known), labels[known], n_classes=n_classes,
+                             representative=np.asarray(representative, dtype=bool)[known], seed=seed)
+        probs = clf.predict_proba(embeddings)
+    else:
+        probs = np.full((n, max(n_classes, 1)), 1.0 / max(n_classes, 1))
+    predicted = probs.argmax(axis=1)
+    confidence = probs.max(axis=1)
+    calibrated = clf is not None and clf.calibrated
+    confident = ~known & (confidence >= options.target_confidence) if calibrated else np.zeros(n, dtype=bool)
+    open_rows = np.flatnonzero(~known & ~confident)
+
+    stop: StopReason | None = None
+    nxt: Batch | None = None
+    if not (~known).any():
+        stop = "exhausted"
+    elif human_count >= budget:
+        stop = "budget"
+    elif len(open_rows) == 0:
+        stop = "confident"
+    else:
+        k = min(batch_size_of(n, options), budget - human_count)
+        if clf is None or clf.model is None:  # fewer than two classes known: ask for diversity
+            rows = k_center_greedy(embeddings, pool=open_rows, k=k, centers=np.flatnonzero(known))
+        else:
+            rows = strategy.select(probabilities=probs, embeddings=embeddings, candidates=open_rows, k=k, rng=rng)
+        nxt = Batch(rows=np.asarray(rows, dtype=np.int64), reasons=["uncertain"] * len(rows))
+    return RoundResult(
+        probabilities=probs, predicted=predicted, confidence=confidence, confident=confident, next_batch=nxt,
+        stop_reason=stop, classifier=clf.summary() if clf is not None else {}, human_labels=human_count,
+        auto_confident=int(confident.sum()),
+    )
+
+
+@dataclass
+class LabelingView:
+    """The dataset's labels as arrays aligned with the manifest's items."""
+
+    classes: list[str]
+    labels: np.ndarray
+    human: np.ndarray
+    given: np.ndarray
+    representative: np.ndarray
+    index: dict[str, int] = field(default_factory=dict)
+
+
+def labeling_view(
+    manifest: Manifest,
+    *,
+    classes: Sequence[str],
+    human_labels: Mapping[str, str],
+    asked: Mapping[str, str],
+) -> LabelingView:
+    """Arrays of class indices (-1 unknown), human/given masks and calibration-eligible labels."""
+    cls = list(classes)
+    pos = {c: i for i, c in enumerate(cls)}
+    n = len(manifest.items)
+    labels = np.full(n, -1, dtype=np.int64)
+    human = np.zeros(n, dtype=bool)
+    given = np.zeros(n, dtype=bool)
+    representative = np.zeros(n, dtype=bool)
+    index = {}
+    for i, item in enumerate(manifest.items):
+        index[item.item_id] = i
+        if item.item_id in human_labels:
+            labels[i] = pos[human_labels[item.item_id]]
+            human[i] = True
+            representative[i] = asked.get(item.item_id) in ("test", "seed")
+        elif item.label is not None:
+            labels[i] = pos[item.label]
+            given[i] = True
+            representative[i] = True
+    return LabelingView(classes=cls, labels=labels, human=human, given=given, representative=representative,
+                        index=index)
+
+
+def labeled_manifest(
+    manifest: Manifest,
+    *,
+    view: LabelingView,
+    splits: Sequence[Split],
+    result: RoundResult,
+) -> Manifest:
+    """Every item with label, source (given/human/auto), confidence and split."""
+    items: list[Item] = []
+    for i, item in enumerate(manifest.items):
+        if view.given[i] or view.human[i]:
+            label = view.classes[int(view.labels[i])]
+            source = "given" if view.given[i] else "human"
+            conf = 1.0
+        else:
+            label = view.classes[int(result.predicted[i])]
+            source = "auto"
+            conf = float(result.confidence[i])
+        items.append(item.model_copy(update={"label": label, "label_source": source, "confidence": conf,
+                                             "split": splits[i]}))
+    return manifest.model_copy(update={"items": items, "classes": list(view.classes)})
+
+
+def class_counts(manifest: Manifest) -> list[ClassCount]:
+    counts = Counter(i.label for i in manifest.items if i.label is not None)
+    return [ClassCount(label=c, count=counts.get(c, 0)) for c in manifest.classes]
+
+
+def check_labels(
+    labels: Mapping[str, str],
+    *,
+    batch_items: Sequence[str],
+    classes: Sequence[str],
+    allow_new_classes: bool,
+) -> tuple[dict[str, str], list[str]]:
+    """Validate submitted labels against the batch and class set: (clean labels, new classes).
+
+    Raises InvalidInput naming the items outside the batch or the unknown classes.
+    """
+    from dlforge.common.errors import InvalidInput
+    from dlforge.labeler.ingest import MAX_LABEL_CHARS
+
+    if not labels:
+        raise InvalidInput("no labels were given")
+    in_batch = set(batch_items)
+    outside = sorted(k for k in labels if k not in in_batch)
+    if outside:
+        shown = ", ".join(outside[:10])
+        raise InvalidInput(f"{len(outside)} item(s) are not in this batch: {shown}", details={"not_in_batch": outside})
+    clean: dict[str, str] = {}
+    for item_id, raw in labels.items():
+        label = raw.strip() if isinstance(raw, str) else ""
+        if not label or len(label) > MAX_LABEL_CHARS or "/" in label or "\\" in label:
+            raise InvalidInput(f"item {item_id}: {raw!r} is not a valid class name")
+        clean[item_id] = label
+    known = set(classes)
+    new = sorted({v for v in clean.values() if v not in known})
+    if new and not allow_new_classes:
+        raise InvalidInput(f"unknown class(es) {', '.join(repr(c) for c in new)}; known: "
+                           f"{', '.join(repr(c) for c in classes)} (this dataset does not allow new classes)",
+                           details={"unknown_classes": new})
+    return clean, new

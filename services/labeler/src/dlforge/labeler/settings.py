@@ -1,0 +1,67 @@
+"""Labeler settings (environment variables ``DLFORGE_LABELER_…``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from dlforge.common.settings import CommonSettings, load_settings
+
+
+class LabelerSettings(CommonSettings):
+    """What the labeler reads besides the common settings."""
+
+    labeler_import_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="server-side folders POST /datasets may import from (comma- or os.pathsep-separated, "
+        "or a JSON list); empty: server-side import is refused",
+    )
+    labeler_max_upload_bytes: int = Field(default=2 << 30, gt=0, description="largest zip upload (compressed)")
+    labeler_max_file_bytes: int = Field(default=32 << 20, gt=0, description="largest single file")
+    labeler_max_archive_bytes: int = Field(
+        default=4 << 30, gt=0, description="largest total uncompressed size of an archive or folder"
+    )
+    labeler_max_entries: int = Field(default=100_000, gt=0, description="most files in an archive or folder")
+    labeler_allow_new_classes: bool = Field(
+        default=True, description="whether labels may introduce classes the dataset did not name (default)"
+    )
+    labeler_embedder: str = Field(default="efficientnet_lite0", description="embedder plug-in name")
+    labeler_embed_size: int = Field(default=224, ge=32, le=1024, description="image side fed to the embedder")
+    labeler_embed_batch: int = Field(default=64, ge=1, le=1024)
+    labeler_threads: int = Field(default=2, ge=1, le=256, description="torch threads for embedding")
+    labeler_index: Literal["faiss-cpu", "faiss-gpu"] = Field(
+        default="faiss-cpu", description="vector index backend; faiss-gpu needs the faiss-gpu package and a GPU"
+    )
+    labeler_query_strategy: Literal["margin", "least_confidence", "entropy"] = "margin"
+    labeler_presign_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+
+    @field_validator("labeler_import_roots", mode="before")
+    @classmethod
+    def _roots(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = v.strip()
+            if not text:
+                return []
+            if text.startswith("["):
+                return json.loads(text)
+            parts = [p for chunk in text.split(",") for p in chunk.split(os.pathsep)]
+            return [p.strip() for p in parts if p.strip()]
+        return v
+
+    @property
+    def import_roots(self) -> list[Path]:
+        return [Path(p).expanduser().resolve() for p in self.labeler_import_roots]
+
+
+def labeler_settings(settings: CommonSettings | None) -> LabelerSettings:
+    """The labeler's settings: ``settings`` itself if it is one, else its common values plus the environment."""
+    if isinstance(settings, LabelerSettings):
+        return settings
+    if settings is None:
+        return load_settings(LabelerSettings)
+    return load_settings(LabelerSettings, **settings.model_dump())

@@ -1,0 +1,303 @@
+"""The labeler's event handlers: dataset.uploaded and labels.submitted.
+
+``dataset.uploaded`` -> embeddings (cached in the object store), the FAISS index, splits and the
+first batch -> ``labels.requested``. ``labels.submitted`` for the batch waiting for people ->
+once every item of it is answered, one round of :func:`dlforge.labeler.handlers.run_round` ->
+the next ``labels.requested`` or, at the stop, the labeled manifest and ``dataset.labeled``.
+Heavy work runs in a thread; the record and every object key are deterministic per dataset and
+round, so a redelivered event repeats the same writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+
+from dlforge.common.errors import InvalidInput, PoisonMessage, RetryableError
+from dlforge.common.events import (
+    DatasetLabeled,
+    DatasetUploaded,
+    Event,
+    LabelsRequested,
+    LabelsSubmitted,
+    PipelineOptions,
+    Spec,
+    Topic,
+)
+from dlforge.common.objects import ObjectStore
+from dlforge.common.runtime import HandlerContext, HandlerResult, Service
+from dlforge.labeler import handlers, records
+from dlforge.labeler.embeddings import (
+    Embedder,
+    embed_items,
+    embeddings_key,
+    load_embeddings,
+    make_embedder,
+    save_embeddings,
+)
+from dlforge.labeler.index import build_index, normalize
+from dlforge.labeler.ingest import dataset_prefix
+from dlforge.labeler.settings import LabelerSettings, labeler_settings
+from dlforge.labeler.strategies import make_strategy
+from dlforge.vision.manifest import Manifest, load_manifest, save_manifest
+
+log = logging.getLogger(__name__)
+
+service = Service("labeler")
+
+_EMBEDDERS: dict[tuple[str, int, int], Embedder] = {}
+_embedder_override: Embedder | None = None
+
+
+def use_embedder(embedder: Embedder | None) -> None:
+    """Make every dataset use ``embedder`` (tests and benchmarks); None restores the configured one."""
+    global _embedder_override
+    _embedder_override = embedder
+
+
+def embedder_for(settings: LabelerSettings) -> Embedder:
+    if _embedder_override is not None:
+        return _embedder_override
+    key = (settings.labeler_embedder, settings.labeler_embed_size, settings.labeler_threads)
+    if key not in _EMBEDDERS:
+        _EMBEDDERS[key] = make_embedder(settings.labeler_embedder, size=settings.labeler_embed_size,
+                                        threads=settings.labeler_threads)
+    return _EMBEDDERS[key]
+
+
+def index_key(dataset_id: str, embedder_name: str) -> str:
+    return f"{dataset_prefix(dataset_id)}/index/{embedder_name}.faiss"
+
+
+def labeled_key(dataset_id: str) -> str:
+    return f"{dataset_prefix(dataset_id)}/labeled.json"
+
+
+def ensure_embeddings(
+    objects: ObjectStore, manifest: Manifest, settings: LabelerSettings
+) -> tuple[np.ndarray, str]:
+    """The dataset's L2-normalized embeddings (computed once, then read back) and their object key."""
+    embedder = embedder_for(settings)
+    key = embeddings_key(manifest.dataset_id, embedder.name)
+    ids = [i.item_id for i in manifest.items]
+    vectors = load_embeddings(objects, key, ids)
+    if vectors is None:
+        vectors = normalize(embed_items(objects, manifest.items, embedder, batch_size=settings.labeler_embed_batch))
+        save_embeddings(objects, key, vectors, ids)
+        index = build_index(vectors, backend=settings.labeler_index)
+        objects.put_bytes(index_key(manifest.dataset_id, embedder.name), index.to_bytes())
+    return normalize(vectors), key
+
+
+def _strategy(settings: LabelerSettings) -> Any:
+    return make_strategy(settings.labeler_query_strategy)
+
+
+def _request(event: Event, dataset_id: str, rnd: int, batch: handlers.Batch, ids: list[str]) -> Event:
+    return event.follow(LabelsRequested(dataset_id=dataset_id, batch_id=f"{dataset_id}-r{rnd}", round=rnd,
+                                        item_ids=[ids[int(r)] for r in batch.rows], reason=batch.reason))
+
+
+def _resume(event: Event, record: dict[str, Any]) -> HandlerResult:
+    """A redelivered event whose work was already recorded: emit what was emitted then."""
+    if record.get("state") == "labeled" and record.get("labeled_event"):
+        return event.follow(DatasetLabeled.model_validate(record["labeled_event"]))
+    if record.get("request_event"):
+        return event.follow(LabelsRequested.model_validate(record["request_event"]))
+    return None
+
+
+async def _record_failure(ctx: HandlerContext, dataset_id: str, exc: BaseException) -> None:
+    """Mark the dataset failed with the reason (the runtime dead-letters the event and emits run.failed)."""
+    try:
+        record = await ctx.docs.get(records.DATASETS, dataset_id)
+        if record is not None:
+            await records.change(ctx.docs, record, state="failed", error=f"{type(exc).__name__}: {exc}")
+    except Exception:  # the original failure is what matters
+        log.exception("could not mark dataset %s failed", dataset_id)
+
+
+@service.handles(Topic.DATASET_UPLOADED)
+async def on_dataset_uploaded(event: Event, ctx: HandlerContext) -> HandlerResult:
+    payload = event.payload
+    assert isinstance(payload, DatasetUploaded)
+    try:
+        return await _start_labeling(event, ctx)
+    except RetryableError:
+        raise
+    except Exception as exc:
+        await _record_failure(ctx, payload.dataset_id, exc)
+        raise
+
+
+async def _start_labeling(event: Event, ctx: HandlerContext) -> HandlerResult:
+    payload = event.payload
+    assert isinstance(payload, DatasetUploaded)
+    settings = labeler_settings(ctx.settings)
+    record = await ctx.docs.get(records.DATASETS, payload.dataset_id)
+    if record is None:
+        raise PoisonMessage(f"dataset {payload.dataset_id} has no record in {records.DATASETS}")
+    if record.get("state") in ("labeling", "labeled"):
+        return _resume(event, record)
+    record = await records.change(ctx.docs, record, state="embedding")
+    manifest = await asyncio.to_thread(load_manifest, ctx.objects, payload.manifest_key)
+    vectors, key = await asyncio.to_thread(ensure_embeddings, ctx.objects, manifest, settings)
+    options = payload.options
+    ids = [i.item_id for i in manifest.items]
+    n = len(ids)
+
+    def plan() -> tuple[list[Any], handlers.Batch]:
+        splits = handlers.assign_splits(n, budget=handlers.budget_of(n, options),
+                                        rng=handlers.rng_for(payload.dataset_id, options.seed, "splits"))
+        known = np.array([i.label is not None for i in manifest.items], dtype=bool)
+        batch = handlers.first_batch(vectors, splits=splits, known=known, options=options,
+                                     rng=handlers.rng_for(payload.dataset_id, options.seed, "seed"))
+        return splits, batch
+
+    splits, batch = await asyncio.to_thread(plan)
+    asked = {ids[int(r)]: reason for r, reason in zip(batch.rows, batch.reasons, strict=True)}
+    record = await records.change(
+        ctx.docs, record, embeddings_key=key, splits=dict(zip(ids, splits, strict=True)), asked=asked,
+        human_labels={}, rounds=[], classes=list(manifest.classes),
+    )
+    if len(batch.rows) == 0:  # nothing to ask: every test item was labeled already
+        return await _advance(event, ctx, record, manifest, vectors, settings, rnd=1)
+    request = _request(event, payload.dataset_id, 1, batch, ids)
+    await _open_batch(ctx, record, request)
+    return request
+
+
+async def _open_batch(ctx: HandlerContext, record: dict[str, Any], request: Event) -> dict[str, Any]:
+    req = request.payload
+    assert isinstance(req, LabelsRequested)
+    rounds = list(record.get("rounds", []))
+    rounds.append({"round": req.round, "batch_id": req.batch_id, "reason": req.reason, "asked": len(req.item_ids),
+                   "requested_at": records.now()})
+    counts = dict(record.get("counts", {}))
+    counts["pending"] = len(req.item_ids)
+    return await records.change(
+        ctx.docs, record, state="labeling", rounds=rounds, counts=counts,
+        current_batch={"batch_id": req.batch_id, "round": req.round, "reason": req.reason,
+                       "item_ids": list(req.item_ids)},
+        request_event=req.model_dump(mode="json"),
+    )
+
+
+@service.handles(Topic.LABELS_SUBMITTED)
+async def on_labels_submitted(event: Event, ctx: HandlerContext) -> HandlerResult:
+    payload = event.payload
+    assert isinstance(payload, LabelsSubmitted)
+    try:
+        return await _take_labels(event, ctx)
+    except (RetryableError, PoisonMessage):
+        raise  # a refused submission does not fail the dataset: the batch stays open
+    except Exception as exc:
+        await _record_failure(ctx, payload.dataset_id, exc)
+        raise
+
+
+async def _take_labels(event: Event, ctx: HandlerContext) -> HandlerResult:
+    payload = event.payload
+    assert isinstance(payload, LabelsSubmitted)
+    settings = labeler_settings(ctx.settings)
+    record = await ctx.docs.get(records.DATASETS, payload.dataset_id)
+    if record is None:
+        raise PoisonMessage(f"labels for unknown dataset {payload.dataset_id}")
+    batch = record.get("current_batch")
+    if record.get("state") != "labeling" or not batch or batch["batch_id"] != payload.batch_id:
+        log.info("labels for %s batch %s ignored: it is not the batch waiting for people", payload.dataset_id,
+                 payload.batch_id)
+        return None
+    try:
+        clean, new = handlers.check_labels(payload.labels, batch_items=batch["item_ids"], classes=record["classes"],
+                                           allow_new_classes=bool(record.get("allow_new_classes", True)))
+    except InvalidInput as exc:
+        raise PoisonMessage(f"labels refused: {exc}") from exc
+    human = dict(record.get("human_labels", {}))
+    human.update(clean)
+    annotators = sorted(set(record.get("annotators", [])) | {payload.annotator})
+    waiting = [i for i in batch["item_ids"] if i not in human]
+    counts = dict(record.get("counts", {}))
+    counts["pending"] = len(waiting)
+    counts["human"] = len(human)
+    record = await records.change(ctx.docs, record, human_labels=human, classes=sorted({*record["classes"], *new}),
+                                  annotators=annotators, counts=counts)
+    if waiting:
+        return None
+    manifest = await asyncio.to_thread(load_manifest, ctx.objects, record["manifest_key"])
+    vectors, _ = await asyncio.to_thread(ensure_embeddings, ctx.objects, manifest, settings)
+    return await _advance(event, ctx, record, manifest, vectors, settings, rnd=int(batch["round"]) + 1)
+
+
+async def _advance(
+    event: Event,
+    ctx: HandlerContext,
+    record: dict[str, Any],
+    manifest: Manifest,
+    vectors: np.ndarray,
+    settings: LabelerSettings,
+    *,
+    rnd: int,
+) -> HandlerResult:
+    """One round: fit, auto-label, then ask the next batch or finish."""
+    dataset_id = record["_id"]
+    options = PipelineOptions.model_validate(record["options"])
+    spec = Spec.model_validate(record["spec"])
+    classes = list(record["classes"])
+    ids = [i.item_id for i in manifest.items]
+    view = handlers.labeling_view(manifest, classes=classes, human_labels=record.get("human_labels", {}),
+                                  asked=record.get("asked", {}))
+
+    def fit() -> handlers.RoundResult:
+        return handlers.run_round(vectors, labels=view.labels, human=view.human, representative=view.representative,
+                                  n_classes=len(classes), options=options, strategy=_strategy(settings),
+                                  rng=handlers.rng_for(dataset_id, options.seed, f"round-{rnd}"), seed=options.seed)
+
+    result = await asyncio.to_thread(fit)
+    auto = ~(view.human | view.given)
+    rounds = list(record.get("rounds", []))
+    if rounds and "answered_at" not in rounds[-1]:
+        rounds[-1] = {
+            **rounds[-1],
+            "answered_at": records.now(),
+            "human_labels": result.human_labels,
+            "auto_confident": result.auto_confident,
+            "expected_auto_accuracy": float(result.confidence[auto].mean()) if auto.any() else None,
+            "classifier": result.classifier,
+        }
+    counts = dict(record.get("counts", {}))
+    counts.update(human=int(view.human.sum()), auto_confident=result.auto_confident)
+    if not result.done:
+        assert result.next_batch is not None
+        asked = dict(record.get("asked", {}))
+        asked.update({ids[int(r)]: reason for r, reason in zip(result.next_batch.rows, result.next_batch.reasons,
+                                                                  strict=True)})
+        record = await records.change(ctx.docs, record, rounds=rounds, counts=counts, asked=asked)
+        request = _request(event, dataset_id, rnd, result.next_batch, ids)
+        await _open_batch(ctx, record, request)
+        return request
+
+    splits = [record["splits"][i] for i in ids]
+    labeled = handlers.labeled_manifest(manifest, view=view, splits=splits, result=result)
+    key = labeled_key(dataset_id)
+    await asyncio.to_thread(save_manifest, ctx.objects, key, labeled)
+    n_auto = int(auto.sum())
+    counts.update(auto=n_auto, pending=0, human=int(view.human.sum()), given=int(view.given.sum()))
+    summary = {
+        "stop_reason": result.stop_reason,
+        "human_label_fraction": round(float(view.human.sum()) / max(len(ids), 1), 4),
+        "auto_labeled": n_auto,
+        "auto_at_target": result.auto_confident,
+        "expected_auto_accuracy": round(float(result.confidence[auto].mean()), 4) if n_auto else None,
+        "classifier": result.classifier,
+    }
+    labeled_event = DatasetLabeled(
+        dataset_id=dataset_id, labels_key=key, classes=labeled.classes, counts=handlers.class_counts(labeled),
+        human_labels=int(view.human.sum()), auto_labels=n_auto, rounds=len(rounds), spec=spec, options=options,
+    )
+    await records.change(ctx.docs, record, state="labeled", rounds=rounds, counts=counts, current_batch=None,
+                         labels_key=key, result=summary, labeled_event=labeled_event.model_dump(mode="json"))
+    return event.follow(labeled_event)

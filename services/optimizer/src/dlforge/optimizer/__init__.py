@@ -1,0 +1,10 @@
+"""dlforge optimizer: turns a trained model into fast, spec-checked inference variants.
+
+On ``model.trained`` it exports the classifier to ONNX, builds variants through
+:class:`~dlforge.optimizer.compressors.Compressor` plug-ins (ONNX Runtime FP32 with graph
+fusion, INT8 static QDQ quantization calibrated on held-out training images, and — where a GPU
+and its libraries exist — TensorRT FP16/INT8 engines and ONNX Runtime CUDA/TensorRT providers),
+measures each against PyTorch eager (latency, throughput, peak memory, size, accuracy, recall),
+chooses the decision threshold that meets the spec's recall on the validation split, checks the
+spec and emits ``model.optimized``.
+"""

@@ -1,0 +1,60 @@
+"""Optimizer settings (environment variables ``DLFORGE_OPTIMIZER_*``)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.optimizer.compressors import CALIBRATION_METHODS, CalibrationMethodName
+
+
+class OptimizerSettings(CommonSettings):
+    optimizer_opset: int = Field(default=17, ge=17, le=23, description="ONNX opset of the export")
+    optimizer_export_tolerance: float = Field(default=1e-3, gt=0, description="max |onnx - torch| logit difference")
+    optimizer_calibration_images: int = Field(default=64, ge=1, le=4096,
+                                              description="training images (never val/test) to calibrate INT8 on")
+    optimizer_calibration_methods: list[CalibrationMethodName] = Field(
+        default=["minmax", "entropy"], min_length=1,
+        description="INT8 calibrations to try; the best on validation accuracy is kept")
+    optimizer_calibration_batch: int = Field(default=8, ge=1, le=256)
+    optimizer_threads: int = Field(default=2, ge=1, le=256, description="intra-op threads of every measured runtime")
+    optimizer_batch_sizes: list[int] = Field(default=[1, 32], min_length=1)
+    optimizer_warmup: int = Field(default=5, ge=0, description="untimed calls before timing (batch 1)")
+    optimizer_iterations: int = Field(default=60, ge=2, description="timed calls at batch 1 (and for the pipeline)")
+    optimizer_iterations_large_batch: int = Field(default=6, ge=2, description="timed calls at batch sizes > 1")
+    optimizer_rounds: int = Field(default=1, ge=1, le=10,
+                                  description="benchmark rounds per variant; the fastest round is reported")
+    optimizer_max_accuracy_drop: float = Field(default=0.01, ge=0, le=1,
+                                               description="accuracy a variant may lose vs ONNX FP32 (0.01 = 1 point)")
+    optimizer_recall_margin: float = Field(default=0.0, ge=0, le=0.5,
+                                           description="extra validation recall the threshold must reach")
+    optimizer_eval_batch: int = Field(default=32, ge=1, le=1024)
+    optimizer_gpu: bool = Field(default=True, description="try the GPU compressors where their libraries exist")
+    optimizer_benchmark_torch: bool = Field(default=True, description="measure PyTorch eager FP32 as the baseline")
+    optimizer_probe_timeout: float = Field(default=900.0, gt=0)
+
+    @field_validator("optimizer_calibration_methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in CALIBRATION_METHODS]
+        if unknown:
+            raise ValueError(f"unknown calibration methods {unknown}; known: {', '.join(CALIBRATION_METHODS)}")
+        return list(dict.fromkeys(v))
+
+    @field_validator("optimizer_batch_sizes")
+    @classmethod
+    def _batches(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError("batch sizes must be >= 1")
+        return sorted(set(v))
+
+
+def optimizer_settings(common: CommonSettings) -> OptimizerSettings:
+    """The optimizer's settings for a process configured with ``common``.
+
+    Several services may share one process and its CommonSettings; the ``DLFORGE_OPTIMIZER_*`` fields
+    then come from the environment and every common field from ``common``.
+    """
+    if isinstance(common, OptimizerSettings):
+        return common
+    return load_settings(OptimizerSettings, **common.model_dump())

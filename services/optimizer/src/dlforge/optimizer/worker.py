@@ -1,0 +1,156 @@
+"""The optimizer's event handler: ``model.trained`` -> variants, report -> ``model.optimized``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlforge.common.errors import InvalidInput, NotFound, PoisonMessage, RetryableError
+from dlforge.common.events import Event, ModelOptimized, ModelTrained, Topic
+from dlforge.common.objects import ObjectStore
+from dlforge.common.runtime import HandlerContext, Service
+from dlforge.optimizer.export import ExportMismatch
+from dlforge.optimizer.handlers import (
+    LabeledImages,
+    OptimizationReport,
+    OptimizeInput,
+    OptimizeOptions,
+    checkpoint_format,
+    optimize,
+    pick_calibration,
+)
+from dlforge.optimizer.measure import ProbeFailed
+from dlforge.optimizer.settings import OptimizerSettings, optimizer_settings
+
+log = logging.getLogger(__name__)
+
+service = Service("optimizer")
+
+REPORTS = "optimizer_reports"
+
+
+def object_prefix(dataset_id: str, model_id: str) -> str:
+    return f"optimizer/{dataset_id}/{model_id}"
+
+
+def report_key(dataset_id: str, model_id: str) -> str:
+    return f"{object_prefix(dataset_id, model_id)}/report.json"
+
+
+@dataclass
+class _Loaded:
+    inp: OptimizeInput
+    skipped_items: int
+
+
+def _load_inputs(objects: ObjectStore, p: ModelTrained, work: Path, settings: OptimizerSettings) -> _Loaded:
+    """Checkpoint to disk; calibration (train), val and test images from the manifest, at the net's size."""
+    from dlforge.vision.manifest import Item, load_arrays, load_manifest
+
+    manifest = load_manifest(objects, p.manifest_key)
+    checkpoint = objects.get_file(p.checkpoint_key, work / "checkpoint.pt")
+    net = checkpoint_format(checkpoint)
+    index = {c: i for i, c in enumerate(p.classes)}
+    skipped = 0
+
+    def labeled(split: str) -> list[Item]:
+        nonlocal skipped
+        items = manifest.by_split(split)  # type: ignore[arg-type]
+        keep = [i for i in items if i.label in index]
+        skipped += len(items) - len(keep)
+        return keep
+
+    def images(items: list[Item]) -> LabeledImages:
+        arr = load_arrays(objects, items, size=net.input_size, channels=net.in_channels)
+        return LabeledImages(arr, np.array([index[str(i.label)] for i in items], dtype=np.int64))
+
+    val, test = labeled("val"), labeled("test")
+    train = manifest.by_split("train")
+    real = [i for i in train if i.label_source != "generated"]
+    generated = [i for i in train if i.label_source == "generated"]
+    n = settings.optimizer_calibration_images
+    cal_items = [real[k] for k in pick_calibration([i.item_id for i in real], n=n, seed=p.options.seed)]
+    if len(cal_items) < n and generated:  # top up with generated training images only when real ones run out
+        extra = pick_calibration([i.item_id for i in generated], n=n - len(cal_items), seed=p.options.seed)
+        cal_items += [generated[k] for k in extra]
+    calibration = load_arrays(objects, cal_items, size=net.input_size, channels=net.in_channels)
+    inp = OptimizeInput(checkpoint_path=checkpoint, classes=list(p.classes), spec=p.spec, calibration=calibration,
+                        val=images(val), test=images(test), dataset_id=p.dataset_id, model_id=p.model_id)
+    return _Loaded(inp, skipped)
+
+
+def _run(objects: ObjectStore, p: ModelTrained, event_id: str, settings: OptimizerSettings) -> OptimizationReport:
+    """Everything blocking: load, optimize, store the variant files and the report (deterministic keys)."""
+    key = report_key(p.dataset_id, p.model_id)
+    if objects.exists(key):
+        stored = OptimizationReport.model_validate(objects.get_json(key))
+        if stored.source_event_id == event_id:  # a redelivery after the report was written: reuse it
+            log.info("optimizer: %s already holds the report of event %s", key, event_id)
+            return stored
+    work = Path(settings.work_dir) / "optimizer" / event_id
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        loaded = _load_inputs(objects, p, work, settings)
+        if loaded.skipped_items:
+            log.warning("optimizer: %d val/test items without a known label were left out", loaded.skipped_items)
+        result = optimize(loaded.inp, workdir=work / "variants", options=OptimizeOptions.from_settings(settings))
+        report = result.report
+        prefix = object_prefix(p.dataset_id, p.model_id)
+        for name, path in result.files.items():
+            vkey = f"{prefix}/{name}{path.suffix}"
+            objects.put_file(vkey, path)
+            report.variants[name].key = vkey
+        report.source_event_id = event_id
+        objects.put_json(key, report.model_dump(mode="json"))
+        return report
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@service.handles(Topic.MODEL_TRAINED)
+async def on_model_trained(event: Event, ctx: HandlerContext) -> Event:
+    p = event.payload
+    if not isinstance(p, ModelTrained):
+        raise PoisonMessage(f"expected a ModelTrained payload, got {type(p).__name__}")
+    settings = optimizer_settings(ctx.settings)
+    try:
+        report = await asyncio.to_thread(_run, ctx.objects, p, event.event_id, settings)
+    except (InvalidInput, ExportMismatch, NotFound, ValueError) as exc:
+        raise PoisonMessage(f"cannot optimize model {p.model_id} of dataset {p.dataset_id}: {exc}") from exc
+    except (ProbeFailed, OSError) as exc:
+        raise RetryableError(f"optimizing model {p.model_id}: {exc}") from exc
+    key = report_key(p.dataset_id, p.model_id)
+    artifacts = {name: v.key for name, v in report.variants.items() if v.key}
+    await ctx.docs.upsert(REPORTS, _report_doc(report, key, artifacts, run_id=event.run_id))
+    return event.follow(ModelOptimized(
+        dataset_id=p.dataset_id, model_id=p.model_id, chosen_variant=report.chosen_variant, artifacts=artifacts,
+        report_key=key, report=report.model_dump(mode="json"), spec_met=report.spec_met, spec=p.spec,
+    ))
+
+
+def _report_doc(report: OptimizationReport, key: str, artifacts: dict[str, str], *, run_id: str) -> dict[str, Any]:
+    return {
+        "_id": f"{report.dataset_id}:{report.model_id}",
+        "dataset_id": report.dataset_id,
+        "model_id": report.model_id,
+        "run_id": run_id,
+        "report_key": key,
+        "artifacts": artifacts,
+        "chosen_variant": report.chosen_variant,
+        "spec_met": report.spec_met,
+        "threshold": report.threshold,
+        "test_accuracy": report.test_accuracy,
+        "test_positive_recall": report.test_positive_recall,
+        "fps": report.fps,
+        "int8_speedup_vs_onnx_fp32": report.int8_speedup_vs_onnx_fp32,
+        "int8_accuracy_drop": report.int8_accuracy_drop,
+        "updated_at": datetime.now(UTC).isoformat(),
+    }

@@ -1,0 +1,255 @@
+"""The labeler's REST API through FastAPI's TestClient, with the app lifespan on memory/fs/sqlite."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from labeler_testkit import labeler_settings_for, lying_zip, make_zip, png, two_class_images, zip_with_symlink
+
+from dlforge.common.objects.fs import FsObjectStore
+from dlforge.labeler.app import create_app
+from dlforge.labeler.settings import LabelerSettings
+from dlforge.vision.manifest import Manifest
+
+SPEC = {"positive_class": "dark", "min_recall": 0.9}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> LabelerSettings:
+    return labeler_settings_for(tmp_path)
+
+
+@pytest.fixture
+def client(settings: LabelerSettings, stub_embedder: object) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def objects_under(settings: LabelerSettings, prefix: str = "labeler/") -> list[str]:
+    return [o.key for o in FsObjectStore(settings.objects.removeprefix("file://")).list(prefix)]
+
+
+def dataset_rows(settings: LabelerSettings) -> int:
+    path = settings.docs.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as db:
+        tables = [r[0] for r in db.execute("select name from sqlite_master where type='table'")]
+        return sum(db.execute(f'select count(*) from "{t}"').fetchone()[0] for t in tables if "labeler" in t)
+
+
+def upload(client: TestClient, data: bytes, **fields: Any) -> Any:
+    form = {k: json.dumps(v) if isinstance(v, dict | list) else str(v) for k, v in fields.items()}
+    return client.post("/datasets", files={"file": ("data.zip", data, "application/zip")}, data=form)
+
+
+def wait_state(client: TestClient, dataset_id: str, states: set[str], timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = client.get(f"/datasets/{dataset_id}").json()
+        if record["state"] in states:
+            return record  # type: ignore[no-any-return]
+        time.sleep(0.05)
+    raise AssertionError(f"dataset {dataset_id} stayed {record['state']}")
+
+
+def test_zip_upload_created_with_rejected_and_duplicates(client: TestClient, settings: LabelerSettings) -> None:
+    same = png(3)
+    data = make_zip({"cats/a.png": png(1), "cats/b.png": png(2), "dogs/c.png": same, "dogs/c2.png": same,
+                     "dogs/broken.png": b"\x89PNG\r\n\x1a\nbroken", "dogs/readme.txt": b"text"})
+    r = upload(client, data, spec=SPEC, options={"seed": 3}, run_id="run-1", name="pets")
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["run_id"] == "run-1" and body["name"] == "pets" and body["layout"] == "class_folders"
+    assert body["counts"]["items"] == 3 and body["counts"]["given"] == 3
+    assert body["counts"]["rejected"] == 2 and body["counts"]["duplicates"] == 1
+    assert sorted(x["name"] for x in body["rejected"]) == ["dogs/broken.png", "dogs/readme.txt"]
+    assert body["duplicates"] == [{"name": "dogs/c2.png", "duplicate_of": "dogs/c.png"}]
+    assert body["classes"] == ["cats", "dogs"]
+    dataset_id = body["dataset_id"]
+    keys = objects_under(settings)
+    assert f"labeler/datasets/{dataset_id}/manifest.json" in keys
+    assert len([k for k in keys if "/items/" in k]) == 3
+    record = client.get(f"/datasets/{dataset_id}").json()
+    assert record["run_id"] == "run-1" and record["options"]["seed"] == 3
+    assert sorted(x["name"] for x in record["rejected"]) == ["dogs/broken.png", "dogs/readme.txt"]
+    assert "human_labels" not in record and "splits" not in record
+    listed = client.get("/datasets").json()
+    assert [d["dataset_id"] for d in listed] == [dataset_id]
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "words"),
+    [
+        (make_zip({"a.png": png(1), "../evil.png": png(2)}), 422, "escape"),
+        (make_zip({"a.png": png(1), "/abs/evil.png": png(2)}), 422, "absolute path"),
+        (zip_with_symlink("link.png", "/etc/passwd", {"a.png": png(1)}), 422, "symlink"),
+        (make_zip({"a.png": png(1), "big.png": b"\0" * 200_001}), 413, "per-file limit"),
+        (lying_zip("bomb.png", 3_000_000, declared=500, extra={"a.png": png(1)}), 413, "bomb.png"),
+        (make_zip({f"{i}.png": png(i) for i in range(201)}), 413, "entries"),
+        (png(1), 415, "not a zip"),
+        (make_zip({"notes.txt": b"nothing"}), 422, "empty"),
+        (make_zip({"labels.csv": b"file,label\nghost.png,x\n", "a.png": png(1)}), 422, "ghost.png"),
+        (make_zip({"labels.csv": b"label,score\nx,1\n", "a.png": png(1)}), 422, "no file column"),
+    ],
+    ids=["traversal", "absolute", "symlink", "oversize", "bomb", "entries", "not-zip", "empty", "csv-missing",
+         "csv-no-file-column"],
+)
+def test_refusals_write_nothing(client: TestClient, settings: LabelerSettings, data: bytes, status: int,
+                                words: str) -> None:
+    r = upload(client, data, spec=SPEC)
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+    assert objects_under(settings) == []
+    assert dataset_rows(settings) == 0
+    assert client.get("/datasets").json() == []
+
+
+def test_request_validation(client: TestClient, settings: LabelerSettings, tmp_path: Path) -> None:
+    data = make_zip({"a.png": png(1)})
+    r = upload(client, data, spec={"min_recall": 3})
+    assert r.status_code == 422 and r.json()["errors"]
+    r = upload(client, data, run_id="bad id!")
+    assert r.status_code == 422
+    r = client.post("/datasets", content=b"raw", headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 415
+    r = client.post("/datasets", json={"spec": SPEC})
+    assert r.status_code == 422 and "exactly one" in r.json()["detail"]
+    assert upload(client, data, dataset_id="fixed").status_code == 201
+    r = upload(client, make_zip({"b.png": png(2)}), dataset_id="fixed")
+    assert r.status_code == 409
+    assert len([k for k in objects_under(settings) if "/items/" in k]) == 1
+
+
+def test_folder_import_inside_and_outside_the_roots(client: TestClient, settings: LabelerSettings,
+                                                   tmp_path: Path) -> None:
+    ds = tmp_path / "imports" / "cells"
+    ds.mkdir(parents=True)
+    for i in range(4):
+        (ds / f"c{i}.png").write_bytes(png(10 + i))
+    (ds / "labels.csv").write_text("file,label\nc0.png,good\nc1.png,\nc2.png,defect\n")
+    r = client.post("/datasets", json={"folder": str(ds), "spec": SPEC})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["layout"] == "csv" and body["counts"]["items"] == 4 and body["counts"]["given"] == 2
+    assert body["name"] == "cells"
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "a.png").write_bytes(png(1))
+    r = client.post("/datasets", json={"folder": str(outside), "spec": SPEC})
+    assert r.status_code == 403
+    r = client.post("/datasets", data={"folder": str(ds / ".." / ".." / "elsewhere")})
+    assert r.status_code == 403
+
+
+def test_similar_returns_the_item_itself_first(client: TestClient) -> None:
+    images = two_class_images(12)
+    r = upload(client, make_zip({n: b for n, (b, _) in images.items()}), spec=SPEC)
+    assert r.status_code == 201, r.text
+    dataset_id = r.json()["dataset_id"]
+    wait_state(client, dataset_id, {"labeling"})
+    manifest = Manifest.model_validate(client.app.state.backends.objects.get_json(  # type: ignore[attr-defined]
+        r.json()["manifest_key"]))
+    first = manifest.items[0]
+    r = client.get(f"/datasets/{dataset_id}/similar", params={"item": first.item_id, "k": 5})
+    assert r.status_code == 200, r.text
+    hits = r.json()["neighbours"]
+    assert len(hits) == 5 and hits[0]["item_id"] == first.item_id and hits[0]["similarity"] == pytest.approx(1.0)
+    assert hits[0]["distance"] == pytest.approx(0.0, abs=1e-3)
+    assert [h["similarity"] for h in hits] == sorted((h["similarity"] for h in hits), reverse=True)
+    truth = {n: label for n, (_, label) in images.items()}
+    assert all(truth[h["name"]] == truth[first.name] for h in hits[1:])  # neighbours share the class
+    by_name = client.get(f"/datasets/{dataset_id}/similar", params={"item": first.name, "k": 2}).json()
+    assert by_name["item_id"] == first.item_id
+    assert client.get(f"/datasets/{dataset_id}/similar", params={"item": "nope"}).status_code == 404
+    assert client.get(f"/datasets/{dataset_id}/similar", params={"item": first.item_id, "k": 0}).status_code == 422
+    assert client.get(f"/datasets/{dataset_id}/similar",
+                      params={"item": first.item_id, "k": 5000}).status_code == 422
+    assert client.get(f"/datasets/{dataset_id}/similar", params={"k": 3}).status_code == 422
+    assert client.get("/datasets/unknown/similar", params={"item": first.item_id}).status_code == 404
+
+
+def test_people_label_through_the_queue_until_the_dataset_is_labeled(client: TestClient) -> None:
+    images = two_class_images(20)
+    truth = {n: label for n, (_, label) in images.items()}
+    r = upload(client, make_zip({n: b for n, (b, _) in images.items()}), spec=SPEC,
+               options={"label_budget": 0.5, "target_confidence": 0.9, "seed_fraction": 0.1,
+                        "batch_fraction": 0.05})
+    dataset_id = r.json()["dataset_id"]
+    record = wait_state(client, dataset_id, {"labeling"})
+    assert record["classes"] == ["dark"]  # the spec's positive class is known before any label
+    rounds = 0
+    while record["state"] == "labeling":
+        queue = client.get(f"/datasets/{dataset_id}/queue").json()
+        assert queue["items"], queue
+        batch_id = queue["batch_id"]
+        for item in queue["items"]:
+            image = client.get(item["image_url"])
+            assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+        if rounds == 0:
+            reasons = {i["reason"] for i in queue["items"]}
+            assert reasons == {"test", "seed"}
+            assert all(i["split"] == "test" for i in queue["items"] if i["reason"] == "test")
+            first, rest = queue["items"][:1], queue["items"][1:]
+            # a partial answer keeps the batch open
+            r = client.post("/labels", json={"dataset_id": dataset_id, "batch_id": batch_id,
+                                             "labels": {i["item_id"]: truth[i["name"]] for i in first}})
+            assert r.status_code == 202 and r.json()["waiting"] == len(rest)
+            queue["items"] = rest
+        r = client.post("/labels", json={"dataset_id": dataset_id, "batch_id": batch_id, "annotator": "ann",
+                                         "labels": {i["item_id"]: truth[i["name"]] for i in queue["items"]}})
+        assert r.status_code == 202, r.text
+        rounds += 1
+        deadline = time.monotonic() + 30
+        while True:
+            record = client.get(f"/datasets/{dataset_id}").json()
+            if record["state"] == "labeled" or (record.get("current_batch") or {}).get("batch_id") != batch_id:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert record["state"] == "labeled"
+    assert record["counts"]["human"] <= 20  # budget 0.5 of 40
+    assert record["counts"]["human"] + record["counts"]["auto"] == 40
+    assert record["classes"] == ["bright", "dark"]
+    assert record["annotators"] == ["ann", "human"]
+    assert len(record["rounds"]) == rounds and record["result"]["stop_reason"] in ("confident", "budget")
+    labeled = Manifest.model_validate(client.app.state.backends.objects.get_json(  # type: ignore[attr-defined]
+        record["labels_key"]))
+    assert all(i.label and i.label_source in ("human", "auto") and i.split and i.confidence for i in labeled.items)
+    auto = [i for i in labeled.items if i.label_source == "auto"]
+    assert sum(i.label == truth[i.name] for i in auto) / len(auto) >= 0.95
+    assert all(i.label_source == "human" for i in labeled.items if i.split == "test")
+    queue = client.get(f"/datasets/{dataset_id}/queue").json()
+    assert queue["items"] == [] and queue["state"] == "labeled"
+
+
+def test_post_labels_refusals(client: TestClient) -> None:
+    images = two_class_images(10)
+    r = upload(client, make_zip({n: b for n, (b, _) in images.items()}), spec=SPEC, classes="bright,dark",
+               allow_new_classes="false")
+    assert r.json()["classes"] == ["bright", "dark"]
+    dataset_id = r.json()["dataset_id"]
+    wait_state(client, dataset_id, {"labeling"})
+    queue = client.get(f"/datasets/{dataset_id}/queue").json()
+    item = queue["items"][0]["item_id"]
+    batch = queue["batch_id"]
+
+    def post(**kw: Any) -> Any:
+        body = {"dataset_id": dataset_id, "batch_id": batch, "labels": {item: "dark"}} | kw
+        return client.post("/labels", json=body)
+
+    assert post(dataset_id="nope").status_code == 404
+    assert post(batch_id="old-batch").status_code == 409
+    r = post(labels={"not-an-item": "dark"})
+    assert r.status_code == 422 and "not in this batch" in r.json()["detail"]
+    r = post(labels={item: "cat"})
+    assert r.status_code == 422 and "unknown class" in r.json()["detail"]
+    assert post(labels={}).status_code == 422
+    assert post(annotator="simulated").status_code == 422
+    assert post(extra=1).status_code == 422
+    assert post().status_code == 202

@@ -1,0 +1,191 @@
+"""The labeler worker and the SIMULATED annotator on the memory bus (fs objects, sqlite docs)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from labeler_testkit import labeler_settings_for, make_zip, two_class_images
+
+from dlforge.common.bus import Delivery
+from dlforge.common.events import (
+    DatasetLabeled,
+    Event,
+    LabelsRequested,
+    LabelsSubmitted,
+    PipelineOptions,
+    Spec,
+    Topic,
+    decode,
+    encode,
+)
+from dlforge.common.runtime import Backends, Outcome, Worker, run_workers
+from dlforge.labeler import records, simulated
+from dlforge.labeler.app import DatasetRequest, import_dataset
+from dlforge.labeler.ingest import open_zip, scan
+from dlforge.labeler.settings import LabelerSettings
+from dlforge.labeler.worker import service
+from dlforge.vision.manifest import load_manifest
+
+OPTIONS = PipelineOptions(label_budget=0.4, target_confidence=0.95, seed_fraction=0.1, batch_fraction=0.05, seed=1)
+
+
+@pytest_asyncio.fixture
+async def env(tmp_path: Path) -> AsyncIterator[tuple[Backends, LabelerSettings]]:
+    settings = labeler_settings_for(tmp_path)
+    backends = Backends.from_settings(settings)
+    await backends.start()
+    yield backends, settings
+    await backends.stop()
+
+
+async def ingest(backends: Backends, settings: LabelerSettings, images: dict[str, tuple[bytes, str]], *,
+                 dataset_id: str, options: PipelineOptions = OPTIONS) -> Any:
+    tree = open_zip(io.BytesIO(make_zip({n: b for n, (b, _) in images.items()})), settings_limits(settings))
+    result = scan(tree)
+    req = DatasetRequest(spec=Spec(positive_class="dark"), options=options, dataset_id=dataset_id,
+                         run_id=f"run-{dataset_id}")
+    return await import_dataset(backends, settings, req, tree, result, upload_name="cells.zip")
+
+
+def settings_limits(settings: LabelerSettings) -> Any:
+    from dlforge.labeler.app import _limits
+
+    return _limits(settings)
+
+
+async def collect(backends: Backends, topics: list[Topic], until: Topic, timeout: float = 90) -> list[Event]:
+    sub = await backends.bus.subscribe(group="test-observer", topics=topics)
+    events: list[Event] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                d = await sub.get(timeout=1)
+                if d is None:
+                    continue
+                events.append(decode(d.value))
+                await sub.commit(d)
+                if events[-1].event_type == until:
+                    return events
+    finally:
+        await sub.close()
+
+
+@pytest.mark.usefixtures("stub_embedder")
+async def test_simulated_annotator_round_trip_produces_dataset_labeled(
+    env: tuple[Backends, LabelerSettings],
+) -> None:
+    backends, settings = env
+    images = two_class_images(30)
+    truth = {n: label for n, (_, label) in images.items()}
+    await asyncio.to_thread(simulated.register_answers, backends.objects, "cells", truth)
+    stop = asyncio.Event()
+    workers = [Worker(service, backends), Worker(simulated.service, backends)]
+    task = asyncio.create_task(run_workers(workers, stop))
+    try:
+        created = await ingest(backends, settings, images, dataset_id="cells")
+        assert created.counts["items"] == 60
+        events = await collect(backends, [Topic.DATASET_UPLOADED, Topic.LABELS_REQUESTED, Topic.LABELS_SUBMITTED,
+                                          Topic.DATASET_LABELED, Topic.RUN_FAILED], until=Topic.DATASET_LABELED)
+    finally:
+        stop.set()
+        await task
+    kinds = [e.event_type for e in events]
+    assert Topic.RUN_FAILED not in kinds
+    assert kinds[0] == Topic.DATASET_UPLOADED and kinds[-1] == Topic.DATASET_LABELED
+    assert all(e.run_id == "run-cells" for e in events)
+    requests = [e.payload for e in events if isinstance(e.payload, LabelsRequested)]
+    answers = [e.payload for e in events if isinstance(e.payload, LabelsSubmitted)]
+    assert [r.round for r in requests] == list(range(1, len(requests) + 1))
+    assert requests[0].reason == "seed" and all(r.reason == "uncertain" for r in requests[1:])
+    assert len(answers) == len(requests) and all(a.annotator == "simulated" for a in answers)
+    asked = [i for r in requests for i in r.item_ids]
+    assert len(asked) == len(set(asked))  # nobody is asked twice
+    labeled = events[-1].payload
+    assert isinstance(labeled, DatasetLabeled)
+    assert labeled.human_labels == len(asked) <= int(0.4 * 60)
+    assert labeled.human_labels + labeled.auto_labels == 60
+    assert labeled.rounds == len(requests)
+    assert sorted(labeled.classes) == ["bright", "dark"]
+    assert {c.label: c.count for c in labeled.counts} == {"bright": 30, "dark": 30}
+    manifest = await asyncio.to_thread(load_manifest, backends.objects, labeled.labels_key)
+    assert all(i.label and i.label_source in ("human", "auto") and i.split and i.confidence for i in manifest.items)
+    assert sum(i.label == truth[i.name] for i in manifest.items) == 60
+    assert {i.split for i in manifest.items} == {"train", "val", "test"}
+    assert all(i.label_source == "human" for i in manifest.items if i.split == "test")
+    record = await records.load(backends.docs, "cells")
+    assert record["state"] == "labeled" and record["counts"]["human"] == labeled.human_labels
+    assert record["result"]["human_label_fraction"] <= 0.4
+
+
+@pytest.mark.usefixtures("stub_embedder")
+async def test_redelivery_and_stale_labels_do_not_change_the_state(env: tuple[Backends, LabelerSettings]) -> None:
+    backends, settings = env
+    images = two_class_images(15)
+    await ingest(backends, settings, images, dataset_id="d2")
+    sub = await backends.bus.subscribe(group="test-observer", topics=[Topic.DATASET_UPLOADED])
+    delivery = await sub.get(timeout=5)
+    assert delivery is not None
+    worker = Worker(service, backends)
+    assert await worker.process(delivery) == Outcome.HANDLED
+    assert await worker.process(delivery) == Outcome.DUPLICATE
+    record = await records.load(backends.docs, "d2")
+    assert record["state"] == "labeling" and record["current_batch"]["round"] == 1
+    # the same upload event under a new id (a producer retry): the batch is re-emitted, not re-planned
+    uploaded = decode(delivery.value)
+    again = Event.new(uploaded.payload, run_id=uploaded.run_id)
+    emitted = await service.handlers[Topic.DATASET_UPLOADED](again, worker._context())
+    assert isinstance(emitted, Event) and isinstance(emitted.payload, LabelsRequested)
+    assert emitted.payload.item_ids == record["current_batch"]["item_ids"]
+    assert (await records.load(backends.docs, "d2"))["_version"] == record["_version"]
+    # labels for a batch that is not waiting are ignored
+    stale = Event.new(LabelsSubmitted(dataset_id="d2", batch_id="d2-r9", labels={"x": "dark"}, annotator="p"),
+                      run_id="run-d2")
+    out = await worker.process(Delivery(topic=Topic.LABELS_SUBMITTED.value, key="run-d2", value=encode(stale)))
+    assert out == Outcome.HANDLED
+    assert (await records.load(backends.docs, "d2"))["_version"] == record["_version"]
+    await sub.close()
+
+
+@pytest.mark.usefixtures("stub_embedder")
+async def test_simulated_annotator_without_answers_leaves_the_batch_to_people(
+    env: tuple[Backends, LabelerSettings], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backends, settings = env
+    monkeypatch.setenv("DLFORGE_ANNOTATOR_SIM_WAIT_SECONDS", "0.1")
+    await ingest(backends, settings, two_class_images(8), dataset_id="d3")
+    labeler = Worker(service, backends)
+    sub = await backends.bus.subscribe(group="t", topics=[Topic.DATASET_UPLOADED, Topic.LABELS_REQUESTED])
+    d = await sub.get(timeout=5)
+    assert d is not None and await labeler.process(d) == Outcome.HANDLED
+    request = await sub.get(timeout=5)
+    assert request is not None and request.topic == Topic.LABELS_REQUESTED.value
+    sim = Worker(simulated.service, backends)
+    assert await sim.process(request) == Outcome.HANDLED
+    marker = await backends.docs.get("processed_events", f"dlforge.annotator-sim:{decode(request.value).event_id}")
+    assert marker is not None and marker["outbox"] == []
+    # answers that do not cover the batch are a loud failure, not a silent gap
+    await asyncio.to_thread(simulated.register_answers, backends.objects, "d3", {"unrelated.png": "dark"})
+    with pytest.raises(Exception, match="no answer"):
+        await simulated.answer(decode(request.value), sim._context())
+    await sub.close()
+
+
+@pytest.mark.usefixtures("stub_embedder")
+async def test_a_failing_dataset_is_marked_failed_and_dead_lettered(env: tuple[Backends, LabelerSettings]) -> None:
+    backends, settings = env
+    created = await ingest(backends, settings, two_class_images(6), dataset_id="d4")
+    manifest = await asyncio.to_thread(load_manifest, backends.objects, created.manifest_key)
+    await asyncio.to_thread(backends.objects.put_bytes, manifest.items[2].key, b"garbage")
+    sub = await backends.bus.subscribe(group="t", topics=[Topic.DATASET_UPLOADED])
+    d = await sub.get(timeout=5)
+    assert d is not None
+    assert await Worker(service, backends).process(d) == Outcome.DEAD_LETTERED
+    record = await records.load(backends.docs, "d4")
+    assert record["state"] == "failed" and manifest.items[2].name in record["error"]
+    await sub.close()

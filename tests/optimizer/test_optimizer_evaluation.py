@@ -1,0 +1,150 @@
+"""Threshold selection, decision rule, metrics, spec check and variant choice on hand-made numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dlforge.common.events import Spec
+from dlforge.optimizer.evaluation import (
+    Candidate,
+    check_spec,
+    choose_threshold,
+    choose_variant,
+    decide,
+    metrics,
+    softmax,
+)
+
+
+def test_softmax_rows_sum_to_one_and_are_stable() -> None:
+    p = softmax(np.array([[1000.0, 1000.0], [0.0, np.log(3.0)]]))
+    assert np.allclose(p.sum(axis=1), 1.0)
+    assert np.allclose(p[0], [0.5, 0.5])
+    assert np.allclose(p[1], [0.25, 0.75])
+
+
+def test_threshold_is_the_highest_that_meets_the_recall() -> None:
+    # 10 positives; recall 0.8 needs 8 of them above the threshold -> the 8th largest score.
+    scores = np.array([0.99, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.55, 0.3, 0.1])
+    choice = choose_threshold(scores, min_recall=0.8)
+    assert choice.threshold == pytest.approx(0.55)
+    assert choice.val_recall == pytest.approx(0.8)
+    assert choice.met_on_val
+    # any higher threshold loses a positive, and recall falls under 0.8
+    assert (scores >= np.nextafter(choice.threshold, 1)).mean() < 0.8
+
+
+def test_threshold_rounds_the_needed_count_up() -> None:
+    scores = np.array([0.9, 0.8, 0.7])  # recall 0.9 of 3 positives -> all 3 (2 would be 0.667)
+    choice = choose_threshold(scores, min_recall=0.9)
+    assert choice.threshold == pytest.approx(0.7)
+    assert choice.val_recall == pytest.approx(1.0)
+    # exactly representable fractions do not round up: 0.5 of 4 -> 2 positives
+    assert choose_threshold(np.array([0.9, 0.8, 0.7, 0.6]), min_recall=0.5).threshold == pytest.approx(0.8)
+
+
+def test_threshold_with_ties_keeps_the_recall() -> None:
+    scores = np.array([0.9, 0.6, 0.6, 0.6, 0.2])
+    choice = choose_threshold(scores, min_recall=0.4)  # 2 needed: the 2nd largest is 0.6 (tied)
+    assert choice.threshold == pytest.approx(0.6)
+    assert choice.val_recall == pytest.approx(0.8)
+
+
+def test_threshold_margin_asks_more_recall() -> None:
+    scores = np.linspace(1.0, 0.05, 20)
+    plain = choose_threshold(scores, min_recall=0.8)
+    safer = choose_threshold(scores, min_recall=0.8, margin=0.1)
+    assert safer.threshold < plain.threshold
+    assert safer.target_recall == pytest.approx(0.9)
+    assert safer.val_recall is not None and safer.val_recall >= 0.9
+
+
+def test_threshold_full_recall_takes_the_lowest_positive_score() -> None:
+    scores = np.array([0.7, 0.02, 0.4])
+    assert choose_threshold(scores, min_recall=1.0).threshold == pytest.approx(0.02)
+
+
+def test_threshold_without_constraint_or_positives() -> None:
+    free = choose_threshold(np.array([0.9, 0.2]), min_recall=0.0)
+    assert free.threshold == 0.5 and free.met_on_val and free.val_recall == pytest.approx(0.5)
+    none = choose_threshold(np.array([]), min_recall=0.9)
+    assert none.threshold == 0.5 and not none.met_on_val and none.val_recall is None
+
+
+def test_decide_applies_the_threshold_to_the_positive_class_only() -> None:
+    probs = np.array([[0.3, 0.7], [0.6, 0.4], [0.25, 0.75]])
+    assert decide(probs).tolist() == [1, 0, 1]
+    assert decide(probs, positive=0, threshold=0.28).tolist() == [0, 0, 1]
+    three = np.array([[0.2, 0.5, 0.3], [0.1, 0.3, 0.6]])
+    # below the threshold, the best of the *other* classes wins
+    assert decide(three, positive=1, threshold=0.55).tolist() == [2, 2]
+    assert decide(three, positive=1, threshold=0.3).tolist() == [1, 1]
+
+
+def test_metrics_confusion_recall_precision() -> None:
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    pred = np.array([0, 0, 0, 1, 1, 1, 1, 1, 0, 0])
+    m = metrics(labels, pred, ["defect", "good"])
+    assert m.n == 10
+    assert m.accuracy == pytest.approx(0.7)
+    assert m.confusion == [[3, 1], [2, 4]]
+    assert m.recall == {"defect": pytest.approx(0.75), "good": pytest.approx(4 / 6)}
+    assert m.precision == {"defect": pytest.approx(3 / 5), "good": pytest.approx(4 / 5)}
+
+
+SPEC = Spec(positive_class="defect", min_recall=0.9, min_accuracy=0.9, min_fps=1.0, input_size=256)
+
+
+def test_spec_check_passes_and_fails_each_criterion() -> None:
+    ok = check_spec(SPEC, recall=0.95, accuracy=0.91, fps=12.0)
+    assert ok.met and ok.reasons == []
+    low_recall = check_spec(SPEC, recall=0.85, accuracy=0.99, fps=12.0)
+    assert not low_recall.met and not low_recall.recall_ok and low_recall.accuracy_ok and low_recall.fps_ok
+    assert "recall of 'defect' 0.8500 < 0.9" in low_recall.reasons[0]
+    slow = check_spec(SPEC, recall=0.95, accuracy=0.95, fps=0.5)
+    assert not slow.met and slow.reasons == ["0.50 FPS at 256x256 < 1.0"]
+    bad = check_spec(SPEC, recall=0.5, accuracy=0.5, fps=0.1)
+    assert len(bad.reasons) == 3
+    # the limits themselves pass (>=), float noise included
+    assert check_spec(SPEC, recall=0.9, accuracy=0.9 - 1e-12, fps=1.0).met
+    # an unmeasurable recall fails a recall constraint
+    assert not check_spec(SPEC, recall=None, accuracy=1.0, fps=10).recall_ok
+    assert check_spec(Spec(), recall=None, accuracy=0.0, fps=0.0).met
+
+
+def _cand(name: str, fps: float, acc: float, recall: float = 0.95) -> Candidate:
+    return Candidate(name=name, fps=fps, accuracy=acc, spec=check_spec(SPEC, recall=recall, accuracy=acc, fps=fps))
+
+
+def test_choose_fastest_that_meets_spec_within_one_point() -> None:
+    choice = choose_variant([_cand("onnx_fp32", 40, 0.95), _cand("onnx_int8", 110, 0.945)], reference="onnx_fp32")
+    assert choice.chosen == "onnx_int8" and choice.spec_met
+    assert choice.rejected == {}
+
+
+def test_choose_rejects_a_fast_variant_that_loses_accuracy() -> None:
+    choice = choose_variant([_cand("onnx_fp32", 40, 0.95), _cand("onnx_int8", 110, 0.93)], reference="onnx_fp32")
+    assert choice.chosen == "onnx_fp32" and choice.spec_met
+    assert "loses 2.00 accuracy points" in choice.rejected["onnx_int8"][0]
+
+
+def test_choose_rejects_a_fast_variant_that_misses_recall() -> None:
+    choice = choose_variant([_cand("onnx_fp32", 40, 0.95), _cand("onnx_int8", 110, 0.95, recall=0.8)],
+                            reference="onnx_fp32")
+    assert choice.chosen == "onnx_fp32"
+    assert "recall" in choice.rejected["onnx_int8"][0]
+
+
+def test_choose_when_nothing_meets_the_spec_says_why() -> None:
+    cands = [_cand("onnx_fp32", 0.5, 0.95), _cand("onnx_int8", 0.9, 0.95), _cand("bad", 9.0, 0.5)]
+    choice = choose_variant(cands, reference="onnx_fp32")
+    assert not choice.spec_met
+    assert choice.chosen == "onnx_int8"  # fastest within the accuracy tolerance, not 'bad'
+    assert set(choice.rejected) == {"onnx_fp32", "onnx_int8", "bad"}
+    assert "no variant meets the spec" in choice.why
+
+
+def test_choose_needs_the_reference() -> None:
+    with pytest.raises(ValueError, match="reference"):
+        choose_variant([_cand("onnx_int8", 1, 1)], reference="onnx_fp32")

@@ -1,0 +1,193 @@
+"""The optimizer worker on the memory bus: model.trained -> model.optimized, stored artifacts, Predictor, REST."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from fastapi.testclient import TestClient
+from optimizer_testdata import CLASSES, Trained, png, separable
+
+from dlforge.common.app import create_app
+from dlforge.common.bus import Delivery
+from dlforge.common.errors import InvalidInput
+from dlforge.common.events import Event, ModelOptimized, ModelTrained, PipelineOptions, Spec, Topic, decode, encode
+from dlforge.common.runtime import Backends, Outcome, Worker
+from dlforge.common.settings import load_settings
+from dlforge.optimizer.app import part
+from dlforge.optimizer.handlers import OptimizationReport
+from dlforge.optimizer.predictor import Predictor
+from dlforge.optimizer.settings import OptimizerSettings
+from dlforge.optimizer.worker import REPORTS, service
+from dlforge.vision.manifest import Item, Manifest, save_manifest
+
+SPLITS = {"train": 40, "val": 60, "test": 60}
+SPEC = Spec(positive_class="defect", min_recall=0.9, min_accuracy=0.9, min_fps=1.0, input_size=256)
+
+
+@pytest_asyncio.fixture
+async def backends(tmp_path: Path) -> AsyncIterator[Backends]:
+    settings = load_settings(
+        OptimizerSettings, bus="memory://", objects=f"file://{tmp_path}/o", docs=f"sqlite:///{tmp_path}/d.db",
+        work_dir=str(tmp_path / "work"), retry_attempts=1, optimizer_warmup=1, optimizer_iterations=5,
+        optimizer_iterations_large_batch=2, optimizer_batch_sizes=[1, 8], optimizer_calibration_images=16,
+        optimizer_calibration_methods=["minmax"],
+    )
+    b = Backends.from_settings(settings)
+    await b.start()
+    yield b
+    await b.stop()
+
+
+def _dataset(backends: Backends, trained: Trained) -> ModelTrained:
+    """A tiny labeled manifest (images stored as 48x48 PNGs: the worker resizes them) and the checkpoint."""
+    items = []
+    for n, (split, count) in enumerate(SPLITS.items()):
+        x, y = separable(count, seed=100 + n, size=48)
+        for i, (img, label) in enumerate(zip(x, y, strict=True)):
+            data = png(img)
+            key = f"labeler/ds1/images/{split}-{i}.png"
+            backends.objects.put_bytes(key, data, content_type="image/png")
+            items.append(Item(item_id=f"{split}-{i}", key=key, name=f"{split}-{i}.png",
+                              sha256=hashlib.sha256(data).hexdigest(), width=48, height=48, label=CLASSES[label],
+                              label_source="human", split=split))  # type: ignore[arg-type]
+    # a generated training item: never used for calibration while real ones suffice
+    items.append(items[0].model_copy(update={"item_id": "gen-0", "label_source": "generated"}))
+    save_manifest(backends.objects, "augmenter/ds1/manifest.json",
+                  Manifest(dataset_id="ds1", name="tiny", classes=CLASSES, items=items))
+    backends.objects.put_file("trainer/ds1/m1/final.pt", trained.checkpoint)
+    return ModelTrained(dataset_id="ds1", model_id="m1", arch="small_cnn", checkpoint_key="trainer/ds1/m1/final.pt",
+                        manifest_key="augmenter/ds1/manifest.json", classes=CLASSES, params={"lr": 0.01},
+                        metrics={"val_accuracy": 1.0}, no_of_workers=1, spec=SPEC, options=PipelineOptions(seed=5))
+
+
+async def _process(backends: Backends, event: Event) -> Outcome:
+    delivery = Delivery(topic=event.event_type.value, key=event.run_id, value=encode(event))
+    return await Worker(service, backends).process(delivery)
+
+
+async def _emitted(backends: Backends, topic: Topic) -> list[Event]:
+    sub = await backends.bus.subscribe(group="test-reader", topics=[topic])
+    out = []
+    while (d := await sub.get(timeout=0.05)) is not None:
+        out.append(decode(d.value))
+        await sub.commit(d)
+    await sub.close()
+    return out
+
+
+async def test_model_trained_to_model_optimized(backends: Backends, trained: Trained, tmp_path: Path) -> None:
+    trained_event = Event.new(_dataset(backends, trained), run_id="run-7")
+    assert await _process(backends, trained_event) == Outcome.HANDLED
+
+    [event] = await _emitted(backends, Topic.MODEL_OPTIMIZED)
+    assert event.run_id == "run-7" and event.causation_id == trained_event.event_id
+    p = event.payload
+    assert isinstance(p, ModelOptimized)
+    assert p.dataset_id == "ds1" and p.model_id == "m1" and p.spec == SPEC
+    assert p.artifacts == {"onnx_fp32": "optimizer/ds1/m1/onnx_fp32.onnx",
+                           "onnx_int8": "optimizer/ds1/m1/onnx_int8.onnx"}
+    assert p.report_key == "optimizer/ds1/m1/report.json"
+    assert all(backends.objects.exists(k) for k in [*p.artifacts.values(), p.report_key])
+    assert not list(backends.objects.list("optimizer/ds1/m1/tmp"))
+
+    stored = OptimizationReport.model_validate(backends.objects.get_json(p.report_key))
+    assert stored.source_event_id == trained_event.event_id
+    assert stored.model_dump(mode="json") == p.report
+    assert p.chosen_variant == stored.chosen_variant and p.spec_met == stored.spec_met
+    assert stored.calibration.images == 16
+    assert stored.variants["onnx_int8"].test.n == SPLITS["test"]
+    assert stored.int8_speedup_vs_onnx_fp32 is not None and stored.int8_accuracy_drop is not None
+    assert stored.variants["onnx_int8"].key == p.artifacts["onnx_int8"]
+    assert stored.variants["torch_fp32"].key is None  # the baseline is the trainer's checkpoint, not copied
+
+    [doc] = await backends.docs.find(REPORTS, {"dataset_id": "ds1"})
+    assert doc["_id"] == "ds1:m1" and doc["run_id"] == "run-7" and doc["report_key"] == p.report_key
+    assert doc["artifacts"] == p.artifacts and doc["chosen_variant"] == p.chosen_variant
+    # the work directory is cleaned up
+    assert not any((tmp_path / "work" / "optimizer").iterdir())
+
+    # a redelivered event is a duplicate: nothing is redone; at most the same event is re-published
+    assert await _process(backends, trained_event) == Outcome.DUPLICATE
+    again = await _emitted(backends, Topic.MODEL_OPTIMIZED)
+    assert [e.event_id for e in again] in ([], [event.event_id])
+
+    # the optimized model loads from the store and predicts
+    predictor = Predictor.load(backends.objects, p.report_key, cache_dir=tmp_path / "cache")
+    assert predictor.variant == p.chosen_variant and predictor.threshold == stored.threshold
+    x, y = separable(20, seed=999, size=200)  # any image size: the predictor resizes
+    preds = [predictor.predict(png(img)) for img in x]
+    labels = [CLASSES[k] for k in y]
+    assert sum(pr.label == t for pr, t in zip(preds, labels, strict=True)) >= 18
+    for pr in preds:
+        assert pr.positive_class == "defect" and pr.positive_probability is not None
+        assert (pr.label == "defect") == (pr.positive_probability >= stored.threshold)
+        assert pr.probabilities[pr.label] == pytest.approx(pr.probability)
+        assert sum(pr.probabilities.values()) == pytest.approx(1.0)
+    int8 = Predictor.load(backends.objects, p.report_key, cache_dir=tmp_path / "cache", variant="onnx_int8")
+    assert int8.predict(png(x[0])).label == preds[0].label
+    with pytest.raises(InvalidInput, match="not a readable image"):
+        predictor.predict(b"\x89PNG garbage", name="broken.png")
+
+
+async def test_rest_report_and_predict(backends: Backends, trained: Trained) -> None:
+    await _process(backends, Event.new(_dataset(backends, trained), run_id="run-8"))
+    app = create_app([part()], backends=backends, run_workers=False)
+    x, y = separable(4, seed=5, size=256)
+    with TestClient(app) as client:
+        r = client.get("/reports/ds1")
+        assert r.status_code == 200
+        body = r.json()
+        assert body["model_id"] == "m1" and body["report_key"] == "optimizer/ds1/m1/report.json"
+        assert body["report"]["chosen_variant"] in body["artifacts"]
+        assert client.get("/reports/nope").status_code == 404
+
+        for img, label in zip(x, y, strict=True):
+            r = client.post("/models/ds1/predict", files={"file": ("cell.png", png(img), "image/png")})
+            assert r.status_code == 200, r.text
+            pred = r.json()
+            assert pred["label"] == CLASSES[label]
+            assert pred["threshold"] == pytest.approx(body["report"]["threshold"])
+            assert (pred["label"] == "defect") == (pred["positive_probability"] >= pred["threshold"])
+        r = client.post("/models/ds1/predict?variant=onnx_fp32", files={"file": ("c.png", png(x[0]), "image/png")})
+        assert r.status_code == 200 and r.json()["variant"] == "onnx_fp32"
+        r = client.post("/models/ds1/predict", files={"file": ("bad.png", b"not an image", "image/png")})
+        assert r.status_code == 422 and "bad.png" in r.json()["detail"]
+        r = client.post("/models/ds1/predict", files={"file": ("empty.png", b"", "image/png")})
+        assert r.status_code == 422
+        r = client.post("/models/ds1/predict?variant=trt_fp16", files={"file": ("c.png", png(x[0]), "image/png")})
+        assert r.status_code == 404 and "stored variants" in r.json()["detail"]
+        r = client.post("/models/other/predict", files={"file": ("c.png", png(x[0]), "image/png")})
+        assert r.status_code == 404
+
+
+async def test_poison_when_the_manifest_is_missing(backends: Backends, trained: Trained) -> None:
+    payload = _dataset(backends, trained).model_copy(update={"manifest_key": "augmenter/ds1/missing.json"})
+    assert await _process(backends, Event.new(payload, run_id="run-9")) == Outcome.DEAD_LETTERED
+    [failed] = await _emitted(backends, Topic.RUN_FAILED)
+    assert failed.payload.stage == "optimizer"  # type: ignore[attr-defined]
+    assert "missing.json" in failed.payload.reason  # type: ignore[attr-defined]
+    assert await _emitted(backends, Topic.MODEL_OPTIMIZED) == []
+
+
+def test_a_redone_event_reuses_its_stored_report(backends: Backends, trained: Trained,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash after the report was written but before the marker: the rerun does not optimize again."""
+    from dlforge.optimizer import worker
+
+    payload = _dataset(backends, trained)
+    settings = backends.settings
+    assert isinstance(settings, OptimizerSettings)
+    first = worker._run(backends.objects, payload, "event-1", settings)
+
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("optimize() ran again for the same event")
+
+    monkeypatch.setattr(worker, "optimize", must_not_run)
+    again = worker._run(backends.objects, payload, "event-1", settings)
+    assert again == first
+    with pytest.raises(AssertionError, match="ran again"):  # another event for the same model is redone
+        worker._run(backends.objects, payload, "event-2", settings)
