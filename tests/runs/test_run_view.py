@@ -78,12 +78,12 @@ async def test_runs_api_lists_and_gets(tmp_path) -> None:
     delivery = Delivery(topic=ev.event_type.value, key="r1", value=encode(ev))
     await worker.process(delivery)
     await worker.process(delivery)  # a duplicate changes nothing
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            listed = (await client.get("/runs")).json()
-            assert [r["run_id"] for r in listed] == ["r1"]
-            one = (await client.get("/runs/r1")).json()
-            assert one["counts"] == {"dataset.uploaded": 1}
-            assert (await client.get("/runs/nope")).status_code == 404
-            assert (await client.get("/runs?state=bogus")).status_code == 422
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        listed = (await client.get("/runs")).json()
+        assert [r["run_id"] for r in listed] == ["r1"]
+        one = (await client.get("/runs/r1")).json()
+        assert one["counts"] == {"dataset.uploaded": 1}
+        assert (await client.get("/runs/nope")).status_code == 404
+        assert (await client.get("/runs?state=bogus")).status_code == 422
     await backends.stop()

@@ -24,6 +24,8 @@ from dlforge.common.events import PipelineOptions, Spec
 from dlforge.common.settings import CommonSettings, load_settings
 
 DEMO_SPEC = Spec(positive_class="defect", min_recall=0.95, min_accuracy=0.90, min_fps=1.0, input_size=256)
+# ELPV is 2.2 good : 1 defect; asking for at most 1.5 : 1 makes the augmenter generate defect samples.
+DEMO_OPTIONS = PipelineOptions(max_imbalance=1.5, hpo_trials=4, train_epochs=3)
 
 
 def parse_spec(text: str, *, base: Spec | None = None) -> Spec:
@@ -43,8 +45,8 @@ def parse_spec(text: str, *, base: Spec | None = None) -> Spec:
     return Spec.model_validate(values)
 
 
-def _options(args: argparse.Namespace) -> PipelineOptions:
-    values: dict[str, Any] = {}
+def _options(args: argparse.Namespace, *, base: PipelineOptions | None = None) -> PipelineOptions:
+    values: dict[str, Any] = (base or PipelineOptions()).model_dump()
     for field in PipelineOptions.model_fields:
         v = getattr(args, field, None)
         if v is not None:
@@ -164,7 +166,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     state = root / f"state-{time.strftime('%Y%m%d-%H%M%S')}"
     spec = parse_spec(args.spec, base=DEMO_SPEC) if args.spec else DEMO_SPEC
     _, report = asyncio.run(_run_folder(
-        folder=data_dir, name="elpv", spec=spec, options=_options(args), settings=_embedded_settings(state),
+        folder=data_dir, name="elpv", spec=spec, options=_options(args, base=DEMO_OPTIONS),
+        settings=_embedded_settings(state),
         answers=truth, truth=truth, timeout=args.timeout,
     ))
     report["wall_seconds"] = round(time.monotonic() - started, 1)

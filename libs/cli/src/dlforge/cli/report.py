@@ -24,7 +24,6 @@ from dlforge.common.objects import ObjectStore
 from dlforge.common.runs import STAGES
 from dlforge.vision.manifest import load_manifest
 
-
 P = TypeVar("P", bound=Payload)
 
 
