@@ -40,7 +40,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check libs services tests benchmarks scripts
-	$(BIN)/mypy libs/common/src libs/vision/src
+	$(BIN)/mypy libs/common/src libs/vision/src libs/cli/src libs/sdk/src services/*/src
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bus.py
