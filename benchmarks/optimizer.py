@@ -141,7 +141,7 @@ def fit_head(work: Path, paths: list[Path], labels: np.ndarray, parts: dict[str,
 
 
 def ablation(work: Path, onnx_fp32: Path, calibration: np.ndarray, val: tuple[np.ndarray, np.ndarray],
-             *, rounds: int, calls: int) -> list[dict[str, Any]]:
+             *, rounds: int, calls: int, threads: int = 2) -> list[dict[str, Any]]:
     import onnxruntime as ort
 
     from dlforge.optimizer.compressors import OrtStaticInt8, Source
@@ -164,13 +164,13 @@ def ablation(work: Path, onnx_fp32: Path, calibration: np.ndarray, val: tuple[np
               "EXTENDED": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "ALL": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
     for lname, level in levels.items():
-        so = ort_session_options(2)
+        so = ort_session_options(threads)
         so.graph_optimization_level = level
         sessions[f"fp32 graph optimization {lname}"] = (
             ort.InferenceSession(str(onnx_fp32), so, providers=["CPUExecutionProvider"]), str(onnx_fp32))
     for name, kw in configs.items():
         v = OrtStaticInt8(method="minmax", name=f"abl{len(sessions)}", **kw).compress(src, calibration, work)
-        sessions[name] = (ort.InferenceSession(str(v.path), ort_session_options(2),
+        sessions[name] = (ort.InferenceSession(str(v.path), ort_session_options(threads),
                                                providers=["CPUExecutionProvider"]), str(v.path))
     x1 = calibration[:1]
     times: dict[str, list[float]] = {k: [] for k in sessions}
@@ -256,6 +256,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="use a random subset of N ELPV images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=2, help="benchmark rounds per variant (fastest kept)")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads of every runtime")
     ap.add_argument("--iterations", type=int, default=100, help="timed calls at batch 1 and for the pipeline")
     ap.add_argument("--iterations-large-batch", type=int, default=8)
     ap.add_argument("--calibration-images", type=int, default=64)
@@ -276,6 +277,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     started = time.perf_counter()
+    load_at_start = os.getloadavg()
     paths, labels = load_elpv(args.limit, args.seed)
     parts = split(labels, args.seed)
     print(f"ELPV: {len(paths)} images ({int((labels == 0).sum())} defect), "
@@ -295,7 +297,7 @@ def main() -> None:
         test = LabeledImages(load_images([paths[i] for i in parts["test"]], net.input_size), labels[parts["test"]])
         options = OptimizeOptions(
             calibration_methods=args.methods.split(","), rounds=args.rounds, iterations=args.iterations,
-            iterations_large_batch=args.iterations_large_batch, warmup=10, batch_sizes=[1, 32],
+            iterations_large_batch=args.iterations_large_batch, warmup=10, batch_sizes=[1, 32], threads=args.threads,
         )
         result = optimize(OptimizeInput(ckpt, ["defect", "good"], spec, calibration, val, test, "elpv",
                                         "efficientnet_lite0-logreg"), workdir=work / "variants", options=options)
@@ -305,9 +307,9 @@ def main() -> None:
         if args.ablation:
             fmt = InputFormat(3, net.input_size, net.mean, net.std)
             abl = ablation(work, result.files["onnx_fp32"], normalize(calibration, fmt),
-                           (normalize(val.images, fmt), val.labels), rounds=5, calls=20)
+                           (normalize(val.images, fmt), val.labels), rounds=5, calls=20, threads=args.threads)
             profile = where_time_goes({k: result.files[k] for k in ("onnx_fp32", "onnx_int8")},
-                                      normalize(calibration[:1], fmt))
+                                      normalize(calibration[:1], fmt), threads=args.threads)
 
     print()
     print(f"{'variant':<12} {'b1 img/s':>9} {'b1 p50':>8} {'b1 p99':>8} {'b32 img/s':>9} {'b32 p50':>9} "
@@ -355,7 +357,9 @@ def main() -> None:
         "ablation": abl,
         "kernel_time_ms_by_kind": profile,
         "seconds": time.perf_counter() - started,
-        "load_average": os.getloadavg(),
+        "threads": args.threads,
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": os.getloadavg(),
     }, indent=1))
     print(f"\nwrote {out} ({time.perf_counter() - started:.0f}s)")
 

@@ -385,7 +385,7 @@ def default_compressors(
     calibration_methods: tuple[CalibrationMethodName, ...] = ("minmax", "percentile"),
     calibration_batch: int = 8,
 ) -> tuple[list[Compressor], list[Compressor], list[Compressor]]:
-    """(FP32, INT8 candidates, GPU) compressors of a standard run."""
+    """(FP32, INT8 candidates — one per calibration method —, GPU) compressors of a standard run."""
     fp32: list[Compressor] = [OrtFp32()]
     int8: list[Compressor] = [OrtStaticInt8(method=m, calibration_batch=calibration_batch)
                               for m in calibration_methods]

@@ -32,12 +32,11 @@ from dlforge.common.errors import InvalidInput
 from dlforge.common.events import Spec
 from dlforge.optimizer.compressors import (
     Compressor,
-    OrtFp32,
     OrtGpuProvider,
-    OrtStaticInt8,
     Source,
     TensorRTEngine,
     Variant,
+    default_compressors,
 )
 from dlforge.optimizer.evaluation import (
     Candidate,
@@ -370,12 +369,10 @@ def optimize(
 
     # 2. variants ----------------------------------------------------------------------------
     if compressors is None:
-        compressors = [OrtFp32(), *(OrtStaticInt8(method=m, calibration_batch=opts.calibration_batch)  # type: ignore[arg-type]
-                                    for m in opts.calibration_methods)]
-        if opts.gpu:
-            compressors += [OrtGpuProvider("CUDAExecutionProvider", precision="fp32"),
-                            OrtGpuProvider("TensorrtExecutionProvider", precision="fp16"),
-                            TensorRTEngine(precision="fp16"), TensorRTEngine(precision="int8")]
+        fp32s, int8s, gpus = default_compressors(
+            calibration_methods=tuple(opts.calibration_methods),  # type: ignore[arg-type]
+            calibration_batch=opts.calibration_batch)
+        compressors = [*fp32s, *int8s, *(gpus if opts.gpu else [])]
     source = Source(Path(exported.path), exported.input_name, (fmt.in_channels, fmt.input_size, fmt.input_size),
                     model=model)
     variants: dict[str, Variant] = {}
