@@ -52,6 +52,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         bus="memory://", objects=f"file://{work}/objects", docs=f"sqlite:///{work}/docs-{stamp}.db",
         work_dir=str(work / "work"), labeler_import_roots=[str(work)], labeler_embed_size=args.embed_size,
         labeler_embed_batch=args.batch, labeler_threads=args.threads, labeler_query_strategy=args.strategy,
+        labeler_embed_runtime=args.runtime,
         poll_seconds=0.05,
     )
     backends = Backends.from_settings(settings)
@@ -139,7 +140,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "defect_share": round(sum(v == "defect" for v in truth.values()) / len(truth), 4),
         "options": options.model_dump(),
         "embedder": f"efficientnet_lite0 multi-stage pooled, {args.embed_size} px, batch {args.batch}, "
-                    f"{args.threads} torch threads",
+                    f"{args.runtime}, {args.threads} threads",
         "query_strategy": args.strategy,
         "human_labels": len(human),
         "human_label_fraction": round(len(human) / n, 4),
@@ -219,6 +220,7 @@ def main() -> None:
     p.add_argument("--embed-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "torch"])
     p.add_argument("--strategy", default="margin", choices=["margin", "least_confidence", "entropy"])
     defaults = PipelineOptions()
     p.add_argument("--label-budget", type=float, default=defaults.label_budget)

@@ -253,3 +253,17 @@ def test_post_labels_refusals(client: TestClient) -> None:
     assert post(annotator="simulated").status_code == 422
     assert post(extra=1).status_code == 422
     assert post().status_code == 202
+
+
+def test_a_failure_after_writing_removes_everything(settings: LabelerSettings, stub_embedder: object) -> None:
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        backends = client.app.state.backends  # type: ignore[attr-defined]
+
+        async def broken_publish(event: object) -> None:
+            raise ConnectionError("the bus is down")
+
+        backends.publish = broken_publish
+        r = upload(client, make_zip({"a.png": png(1), "b.png": png(2)}), spec=SPEC)
+        assert r.status_code == 500
+        assert objects_under(settings) == []
+        assert client.get("/datasets").json() == []

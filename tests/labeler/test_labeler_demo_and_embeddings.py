@@ -66,9 +66,11 @@ def test_efficientnet_embeddings_on_elpv_cells(tmp_path: Path) -> None:
     assert vectors.shape == (20, 40 + 80 + 112 + 192 + 320 + 1280) and vectors.dtype == np.float32
     assert np.all(np.isfinite(vectors))
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
-    # deterministic, batch-size independent
+    # deterministic, batch-size independent, and the same in PyTorch as in ONNX Runtime
     again = embed_items(objects, manifest.items[:3], embedder, batch_size=2)
     assert np.allclose(again, vectors[:3], atol=1e-4)
+    in_torch = embed_items(objects, manifest.items[:3], EfficientNetLite0Embedder(size=224, runtime="torch"))
+    assert np.allclose(in_torch, vectors[:3], atol=1e-4)
     # stored and read back only for the same items
     ids = [i.item_id for i in manifest.items]
     save_embeddings(objects, "e.npy", vectors, ids)

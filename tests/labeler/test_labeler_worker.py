@@ -189,3 +189,28 @@ async def test_a_failing_dataset_is_marked_failed_and_dead_lettered(env: tuple[B
     record = await records.load(backends.docs, "d4")
     assert record["state"] == "failed" and manifest.items[2].name in record["error"]
     await sub.close()
+
+
+@pytest.mark.usefixtures("stub_embedder")
+async def test_a_fully_labeled_dataset_is_labeled_without_asking_anyone(
+    env: tuple[Backends, LabelerSettings],
+) -> None:
+    backends, settings = env
+    images = two_class_images(10)
+    folders = {f"{label}/{name}": (data, label) for name, (data, label) in images.items()}
+    created = await ingest(backends, settings, folders, dataset_id="d5")
+    assert created.counts["given"] == 20 and created.layout == "class_folders"
+    sub = await backends.bus.subscribe(group="t", topics=[Topic.DATASET_UPLOADED, Topic.DATASET_LABELED,
+                                                           Topic.LABELS_REQUESTED])
+    d = await sub.get(timeout=5)
+    assert d is not None and await Worker(service, backends).process(d) == Outcome.HANDLED
+    out = await sub.get(timeout=5)
+    assert out is not None and out.topic == Topic.DATASET_LABELED.value
+    labeled = decode(out.value).payload
+    assert isinstance(labeled, DatasetLabeled)
+    assert labeled.human_labels == 0 and labeled.auto_labels == 0 and labeled.rounds == 0
+    manifest = await asyncio.to_thread(load_manifest, backends.objects, labeled.labels_key)
+    assert {i.label_source for i in manifest.items} == {"given"}
+    assert all(i.label == i.name.split("/")[0] for i in manifest.items)
+    assert {i.split for i in manifest.items} == {"train", "val", "test"}
+    await sub.close()

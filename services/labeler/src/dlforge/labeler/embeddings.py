@@ -42,56 +42,108 @@ class Embedder(Protocol):
         ...
 
 
+def _multi_stage(net: Any) -> Any:
+    """The EfficientNet-Lite0 trunk returning the normalized, concatenated multi-stage pooled features."""
+    import torch
+
+    class MultiStage(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n = self.net
+            pooled = []
+            h = n._swish(n._bn0(n._conv_stem(x)))
+            for idx, block in enumerate(n._blocks):
+                h = block(h)
+                if idx in EfficientNetLite0Embedder.STAGE_ENDS:
+                    pooled.append(h.mean((2, 3)))
+            h = n._swish(n._bn1(n._conv_head(h)))
+            pooled.append(h.mean((2, 3)))
+            parts = [torch.nn.functional.normalize(p, dim=1) for p in pooled]
+            return torch.cat(parts, dim=1) / float(np.sqrt(len(parts)))
+
+    return MultiStage().eval()
+
+
 class EfficientNetLite0Embedder:
     """EfficientNet-Lite0 (ImageNet weights) features pooled at several depths.
 
     Global-average-pooled activations at the end of the 40/80/112/192/320-channel stages and of
     the 1280-channel head, each L2-normalized and concatenated (2,024 values): the mid-level
     stages keep the texture cues (cracks, scratches) that the final ImageNet features blur away.
+
+    ``runtime="onnxruntime"`` (default) exports the network once per process and runs it with
+    ONNX Runtime, about 5x faster than PyTorch eager on a 2-core CPU with the same outputs (to
+    1e-6); ``runtime="torch"`` runs it in PyTorch (channels-last).
     """
 
     STAGE_ENDS = (4, 7, 10, 14, 15)
 
-    def __init__(self, *, size: int = 224, threads: int = 2) -> None:
+    def __init__(self, *, size: int = 224, threads: int = 2, runtime: str = "onnxruntime") -> None:
+        if runtime not in ("onnxruntime", "torch"):
+            raise ConfigError(f"DLFORGE_LABELER_EMBED_RUNTIME: unknown runtime {runtime!r} (onnxruntime or torch)")
         self.size = size
         self.threads = threads
+        self.runtime = runtime
         self.name = f"efficientnet_lite0-ms-{size}"
-        self._net: Any = None
+        self._model: Any = None
+        self._session: Any = None
+        from dlforge.vision.networks import spec_of
 
-    def _network(self) -> Any:
-        if self._net is None:
+        spec = spec_of("efficientnet_lite0")
+        self._mean = np.array(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        self._std = np.array(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
+
+    def _torch_model(self) -> Any:
+        if self._model is None:
             import torch
 
-            from dlforge.vision.networks import efficientnet_lite0_imagenet, spec_of
+            from dlforge.vision.networks import efficientnet_lite0_imagenet
 
             torch.set_num_threads(self.threads)
-            self._net = efficientnet_lite0_imagenet().eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-            spec = spec_of("efficientnet_lite0")
-            self._mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-            self._std = torch.tensor(spec.std).view(1, 3, 1, 1)
-        return self._net
+            self._model = _multi_stage(efficientnet_lite0_imagenet())
+        return self._model
+
+    def _onnx_session(self) -> Any:
+        if self._session is None:
+            import warnings
+
+            import torch
+
+            from dlforge.common.backends import optional_import
+
+            ort = optional_import("onnxruntime", install="pip install onnxruntime",
+                                  purpose="the onnxruntime embedding runtime (or DLFORGE_LABELER_EMBED_RUNTIME=torch)")
+            model = self._torch_model()
+            buf = io.BytesIO()
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (torch.zeros(1, 3, self.size, self.size),), buf,  # type: ignore[arg-type]
+                                  input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+                                  opset_version=17, dynamo=False)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            self._session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
+        return self._session
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         return to_array(image, size=self.size, channels=3)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+        x = (x - self._mean) / self._std
+        if self.runtime == "onnxruntime":
+            out = self._onnx_session().run(None, {"x": x})[0]
+            return np.asarray(out, dtype=np.float32)
         import torch
 
-        net = self._network()
-        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
-        x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
-        pooled = []
+        model = self._torch_model().to(memory_format=torch.channels_last)
         with torch.inference_mode():
-            h = net._swish(net._bn0(net._conv_stem(x)))
-            for idx, block in enumerate(net._blocks):
-                h = block(h)
-                if idx in self.STAGE_ENDS:
-                    pooled.append(h.mean((2, 3)))
-            h = net._swish(net._bn1(net._conv_head(h)))
-            pooled.append(h.mean((2, 3)))
-        parts = [torch.nn.functional.normalize(p, dim=1) for p in pooled]
-        out = torch.cat(parts, dim=1) / np.sqrt(len(parts))
-        return out.numpy().astype(np.float32)
+            t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+            return np.asarray(model(t).numpy(), dtype=np.float32)
 
 
 EmbedderFactory = Callable[..., Embedder]
@@ -103,13 +155,13 @@ def register_embedder(name: str, factory: EmbedderFactory) -> None:
     EMBEDDERS[name] = factory
 
 
-def make_embedder(name: str, *, size: int = 224, threads: int = 2) -> Embedder:
+def make_embedder(name: str, *, size: int = 224, threads: int = 2, runtime: str = "onnxruntime") -> Embedder:
     try:
         factory = EMBEDDERS[name]
     except KeyError as exc:
         raise ConfigError(f"DLFORGE_LABELER_EMBEDDER: unknown embedder {name!r}; known: {', '.join(EMBEDDERS)}") \
             from exc
-    return factory(size=size, threads=threads)
+    return factory(size=size, threads=threads, runtime=runtime)
 
 
 def embed_items(

@@ -33,7 +33,10 @@ class LabelerSettings(CommonSettings):
     labeler_embedder: str = Field(default="efficientnet_lite0", description="embedder plug-in name")
     labeler_embed_size: int = Field(default=224, ge=32, le=1024, description="image side fed to the embedder")
     labeler_embed_batch: int = Field(default=64, ge=1, le=1024)
-    labeler_threads: int = Field(default=2, ge=1, le=256, description="torch threads for embedding")
+    labeler_threads: int = Field(default=2, ge=1, le=256, description="threads for embedding")
+    labeler_embed_runtime: Literal["onnxruntime", "torch"] = Field(
+        default="onnxruntime", description="run the embedder with ONNX Runtime (about 5x faster on CPU) or PyTorch"
+    )
     labeler_index: Literal["faiss-cpu", "faiss-gpu"] = Field(
         default="faiss-cpu", description="vector index backend; faiss-gpu needs the faiss-gpu package and a GPU"
     )

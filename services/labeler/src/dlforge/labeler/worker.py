@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 service = Service("labeler")
 
-_EMBEDDERS: dict[tuple[str, int, int], Embedder] = {}
+_EMBEDDERS: dict[tuple[str, int, int, str], Embedder] = {}
 _embedder_override: Embedder | None = None
 
 
@@ -61,10 +61,11 @@ def use_embedder(embedder: Embedder | None) -> None:
 def embedder_for(settings: LabelerSettings) -> Embedder:
     if _embedder_override is not None:
         return _embedder_override
-    key = (settings.labeler_embedder, settings.labeler_embed_size, settings.labeler_threads)
+    key = (settings.labeler_embedder, settings.labeler_embed_size, settings.labeler_threads,
+           settings.labeler_embed_runtime)
     if key not in _EMBEDDERS:
         _EMBEDDERS[key] = make_embedder(settings.labeler_embedder, size=settings.labeler_embed_size,
-                                        threads=settings.labeler_threads)
+                                        threads=settings.labeler_threads, runtime=settings.labeler_embed_runtime)
     return _EMBEDDERS[key]
 
 

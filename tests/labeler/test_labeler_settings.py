@@ -1,0 +1,40 @@
+"""Labeler settings and the lazily chosen index backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dlforge.common.errors import ConfigError
+from dlforge.common.settings import load_settings
+from dlforge.labeler.embeddings import make_embedder
+from dlforge.labeler.index import build_index
+from dlforge.labeler.settings import LabelerSettings, labeler_settings
+
+
+@pytest.mark.parametrize("value", ["/data/a:/data/b", "/data/a,/data/b", '["/data/a", "/data/b"]'])
+def test_import_roots_from_the_environment(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("DLFORGE_LABELER_IMPORT_ROOTS", value)
+    assert load_settings(LabelerSettings).import_roots == [Path("/data/a"), Path("/data/b")]
+
+
+def test_common_settings_are_extended_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DLFORGE_LABELER_MAX_ENTRIES", "7")
+    common = load_settings(bus="memory://", http_port=1234)
+    s = labeler_settings(common)
+    assert s.http_port == 1234 and s.labeler_max_entries == 7
+    monkeypatch.setenv("DLFORGE_LABELER_INDEX", "annoy")
+    with pytest.raises(ConfigError, match="DLFORGE_LABELER_INDEX"):
+        labeler_settings(common)
+
+
+def test_faiss_gpu_without_a_gpu_says_what_to_install() -> None:
+    with pytest.raises(ConfigError, match="faiss-gpu"):
+        build_index(np.eye(3, dtype=np.float32), backend="faiss-gpu")
+
+
+def test_unknown_embedder_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="DLFORGE_LABELER_EMBEDDER"):
+        make_embedder("resnet9000")
