@@ -15,10 +15,10 @@ import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from uuid import uuid4
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
 
 from dlforge.common.errors import PoisonMessage
 
@@ -39,6 +39,16 @@ class Topic(StrEnum):
     MODEL_OPTIMIZED = "model.optimized"
     RUN_FAILED = "run.failed"
     DEAD_LETTER = "dlforge.dead-letter"
+
+
+def _unique_classes(v: list[str]) -> list[str]:
+    if len(set(v)) != len(v):
+        raise ValueError(f"classes must be unique, got {v}")
+    return v
+
+
+UniqueClasses = Annotated[list[str], AfterValidator(_unique_classes)]
+"""A list of class names without repeats (for request models that name the classes)."""
 
 
 class Payload(BaseModel):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dlforge.common.events import UniqueClasses
 
 # Seed-notebook names that have no meaning here, and what to say about them.
 _UNSUPPORTED_HPARAMS = {
@@ -42,18 +44,11 @@ class Estimator(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     manifest_key: str = Field(min_length=1)
-    classes: list[str] = Field(min_length=2)
+    classes: UniqueClasses = Field(min_length=2)
     arch: str | None = None
     weights_key: str | None = None
     model_id: str | None = None
     sample_fraction: float = Field(default=1.0, gt=0.0, le=1.0, description="stratified share of the train split")
-
-    @field_validator("classes")
-    @classmethod
-    def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"classes must be unique, got {v}")
-        return v
 
     @model_validator(mode="after")
     def _one_model_source(self) -> Estimator:

@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dlforge.common.errors import InvalidInput, NotFound
+from dlforge.common.events import UniqueClasses
 from dlforge.common.objects import ObjectStore
 from dlforge.trainer.cache import ActivationCache, CachedActivations, digest_file, manifest_digest, prefix_runner
 from dlforge.trainer.engines import FitJob, engine_for
@@ -45,19 +46,12 @@ class TrainingRequest(BaseModel):
     arch: str | None = Field(default=None, description="architecture; with no weights: its ImageNet/initial weights")
     weights_key: str | None = Field(default=None, description="object key of a save_checkpoint() file")
     manifest_key: str = Field(description="object key of the training manifest (train/val/test splits)")
-    classes: list[str] = Field(min_length=2, description="target classes, in output order")
+    classes: UniqueClasses = Field(min_length=2, description="target classes, in output order")
     hparams: TrainParams = TrainParams()
     run_config: RunOptions = RunOptions()
     sample_fraction: float = Field(default=1.0, gt=0.0, le=1.0, description="stratified share of the train split")
     sample_seed: int = 0
     evaluate_test: bool = True
-
-    @field_validator("classes")
-    @classmethod
-    def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"classes must be unique, got {v}")
-        return v
 
     @model_validator(mode="after")
     def _model_source(self) -> TrainingRequest:
