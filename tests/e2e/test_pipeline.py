@@ -4,7 +4,6 @@ two trials; every stage's event, one trace across all six services, the optimize
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from uuid import uuid4
 
@@ -33,7 +32,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.s3, pytest.mark.slow, pytest.mark.t
 SERVICES = {"labeler", "augmenter", "proposer", "tuner", "trainer", "optimizer"}
 
 
-def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_url: str, s3_url: str, spans) -> None:
+def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_url: str, s3_url: str, spans,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from dlforge.cli.pipeline import run_in_process
     from dlforge.cli.platform import combined_app
     from dlforge.cli.report import build_report
@@ -43,7 +43,8 @@ def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_url: str, s3_
 
     data = tmp_path / "elpv"
     truth = materialize_elpv(data, limit=240)
-    os.environ["DLFORGE_LABELER_IMPORT_ROOTS"] = str(tmp_path)
+    monkeypatch.setenv("DLFORGE_LABELER_IMPORT_ROOTS", str(tmp_path))
+    monkeypatch.setenv("DLFORGE_OPTIMIZER_ROUNDS", "1")  # one benchmark round: this test is about the flow
     settings = load_settings(
         bus=kafka_url,
         objects=s3_url,

@@ -38,5 +38,5 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
 @pytest.fixture
 def fast_options() -> OptimizeOptions:
     """Few timing iterations: the tests check the logic and the numbers' sanity, not the speed."""
-    return OptimizeOptions(warmup=1, iterations=5, iterations_large_batch=2, batch_sizes=[1, 8],
+    return OptimizeOptions(rounds=1, warmup=1, iterations=5, iterations_large_batch=2, batch_sizes=[1, 8],
                            calibration_methods=["minmax", "entropy"], gpu=True)

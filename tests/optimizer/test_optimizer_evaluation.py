@@ -10,6 +10,7 @@ from dlforge.optimizer.evaluation import (
     Candidate,
     check_spec,
     choose_threshold,
+    choose_threshold_views,
     choose_variant,
     decide,
     metrics,
@@ -70,6 +71,33 @@ def test_threshold_without_constraint_or_positives() -> None:
     assert free.threshold == 0.5 and free.met_on_val and free.val_recall == pytest.approx(0.5)
     none = choose_threshold(np.array([]), min_recall=0.9)
     assert none.threshold == 0.5 and not none.met_on_val and none.val_recall is None
+
+
+def test_threshold_views_take_the_lowest_trusted_threshold() -> None:
+    # auto-labeled positives the model agrees with score high; the ones people labeled score lower
+    everyone = np.concatenate([np.linspace(0.95, 0.6, 30), np.linspace(0.7, 0.2, 12)])
+    people = np.linspace(0.7, 0.2, 12)
+    choice = choose_threshold_views({"all": everyone, "people": people}, min_recall=0.9, min_positives=10)
+    alone = choose_threshold(people, min_recall=0.9)
+    assert choice.threshold == pytest.approx(alone.threshold)
+    assert choice.threshold < choose_threshold(everyone, min_recall=0.9).threshold
+    # the recall holds on both views at the chosen threshold
+    assert (everyone >= choice.threshold).mean() >= 0.9 and (people >= choice.threshold).mean() >= 0.9
+    assert set(choice.views) == {"all", "people"} and all(v.used for v in choice.views.values())
+    assert "'people'" in choice.rule
+
+
+def test_threshold_views_ignore_a_view_with_too_few_positives() -> None:
+    everyone = np.linspace(0.95, 0.5, 40)
+    people = np.array([0.1, 0.9])  # two positives say little; they do not drag the threshold down
+    choice = choose_threshold_views({"all": everyone, "people": people}, min_recall=0.9, min_positives=10)
+    assert choice.threshold == pytest.approx(choose_threshold(everyone, min_recall=0.9).threshold)
+    assert not choice.views["people"].used and choice.views["all"].used
+    # with no view trusted, the first stands in
+    few = choose_threshold_views({"all": people}, min_recall=0.5, min_positives=10)
+    assert few.threshold == pytest.approx(0.9) and few.views["all"].used
+    with pytest.raises(ValueError):
+        choose_threshold_views({}, min_recall=0.9)
 
 
 def test_decide_applies_the_threshold_to_the_positive_class_only() -> None:
@@ -148,3 +176,19 @@ def test_choose_when_nothing_meets_the_spec_says_why() -> None:
 def test_choose_needs_the_reference() -> None:
     with pytest.raises(ValueError, match="reference"):
         choose_variant([_cand("onnx_int8", 1, 1)], reference="onnx_fp32")
+
+
+def test_validation_views_split_people_from_auto_labels() -> None:
+    from dlforge.optimizer.handlers import LabeledImages
+
+    images = np.zeros((5, 4, 4, 3), np.uint8)
+    labels = np.array([0, 0, 1, 0, 1])
+    scores = np.array([0.9, 0.4, 0.2, 0.7, 0.1])
+    mixed = LabeledImages(images, labels, people=np.array([True, False, True, True, False]))
+    views = mixed.positive_views(scores, 0)
+    assert views["all"].tolist() == [0.9, 0.4, 0.7] and views["people"].tolist() == [0.9, 0.7]
+    # every label a person's (or no mask): one view
+    assert set(LabeledImages(images, labels).positive_views(scores, 0)) == {"all"}
+    assert set(LabeledImages(images, labels, people=np.ones(5, bool)).positive_views(scores, 0)) == {"all"}
+    with pytest.raises(ValueError, match="people mask"):
+        LabeledImages(images, labels, people=np.ones(4, bool))

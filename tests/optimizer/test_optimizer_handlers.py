@@ -39,7 +39,7 @@ def _input(trained: Trained, spec: Spec = SPEC, classes: list[str] | None = None
 
 @pytest.fixture(scope="module")
 def result(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> OptimizeResult:
-    options = OptimizeOptions(warmup=1, iterations=8, iterations_large_batch=2, batch_sizes=[1, 8],
+    options = OptimizeOptions(rounds=1, warmup=1, iterations=8, iterations_large_batch=2, batch_sizes=[1, 8],
                               calibration_methods=["minmax", "entropy"])
     return optimize(_input(trained), workdir=tmp_path_factory.mktemp("work"), options=options)
 
@@ -138,7 +138,7 @@ def test_plug_in_compressors_replace_the_defaults(trained: Trained, tmp_path: Pa
             shutil.copyfile(source.onnx_path, out)
             return Variant(self.name, "onnxruntime", "fp32", out, details={"plug_in": True})
 
-    options = OptimizeOptions(warmup=1, iterations=3, iterations_large_batch=2, batch_sizes=[1],
+    options = OptimizeOptions(rounds=1, warmup=1, iterations=3, iterations_large_batch=2, batch_sizes=[1],
                               benchmark_torch=False)
     res = optimize(_input(trained), workdir=tmp_path, options=options,
                    compressors=[OrtFp32(), OrtStaticInt8(method="minmax"), Renamed(), TensorRTEngine()])

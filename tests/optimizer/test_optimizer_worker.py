@@ -32,7 +32,8 @@ SPEC = Spec(positive_class="defect", min_recall=0.9, min_accuracy=0.9, min_fps=1
 async def backends(tmp_path: Path) -> AsyncIterator[Backends]:
     settings = load_settings(
         OptimizerSettings, bus="memory://", objects=f"file://{tmp_path}/o", docs=f"sqlite:///{tmp_path}/d.db",
-        work_dir=str(tmp_path / "work"), retry_attempts=1, optimizer_warmup=1, optimizer_iterations=5,
+        work_dir=str(tmp_path / "work"), retry_attempts=1, optimizer_rounds=1, optimizer_warmup=1,
+        optimizer_iterations=5,
         optimizer_iterations_large_batch=2, optimizer_batch_sizes=[1, 8], optimizer_calibration_images=16,
         optimizer_calibration_methods=["minmax"],
     )

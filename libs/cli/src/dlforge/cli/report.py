@@ -107,8 +107,11 @@ def build_report(
         report["defect_recall"] = opt.get("test_positive_recall")
         report["threshold"] = opt.get("threshold")
         report["chosen_variant"] = opt.get("chosen_variant")
+        chosen_threshold = (opt.get("variants", {}).get(opt.get("chosen_variant"), {}) or {}).get("threshold") or {}
+        report["threshold_rule"] = chosen_threshold.get("rule")
+        report["threshold_views"] = chosen_threshold.get("views")
         for key in ("int8_speedup_vs_onnx_fp32", "int8_speedup_vs_torch_eager", "int8_speedup_vs_onnx_fp32_batch32",
-                    "int8_accuracy_drop", "int8_size_ratio", "fps"):
+                    "int8_accuracy_drop", "int8_accuracy_drop_argmax", "int8_size_ratio", "fps"):
             report[key] = opt.get(key)
         report["variants"] = {
             name: {
@@ -185,6 +188,8 @@ def format_text(report: dict[str, Any]) -> str:
     if "test_accuracy" in report:
         lines.append(f"test: accuracy {pct(report['test_accuracy'])}, defect recall {pct(report['defect_recall'])} "
                      f"at threshold {num(report['threshold'], '.3f')} ({report['chosen_variant']})")
+        if report.get("threshold_rule"):
+            lines.append(f"threshold: {report['threshold_rule']}")
         lines.append("variant                 b1 img/s  p50 ms  p99 ms  b32 img/s  size MB  RSS MB  test acc")
         for name, v in report.get("variants", {}).items():
             lines.append(f"{name:<22} {num(v['throughput_b1_ips'], '9.1f')} {num(v['latency_b1_p50_ms'], '7.1f')} "

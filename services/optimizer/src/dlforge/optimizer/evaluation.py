@@ -10,7 +10,7 @@ class (or without a threshold) the decision is the argmax.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -74,6 +74,16 @@ def metrics(labels: np.ndarray, pred: np.ndarray, classes: Sequence[str]) -> Met
     )
 
 
+class ThresholdView(BaseModel):
+    """The recall-first threshold of one view of the validation split."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float
+    positives: int
+    used: bool = Field(description="False when the view had too few positives to be trusted")
+
+
 class ThresholdChoice(BaseModel):
     """The decision threshold on the positive class's probability and how it was found."""
 
@@ -85,6 +95,9 @@ class ThresholdChoice(BaseModel):
     val_positives: int
     met_on_val: bool
     rule: str
+    views: dict[str, ThresholdView] = Field(
+        default_factory=dict,
+        description="every validation view the threshold was checked on (all items; items labeled by people)")
 
 
 def choose_threshold(positive_scores: np.ndarray, *, min_recall: float, margin: float = 0.0) -> ThresholdChoice:
@@ -115,6 +128,37 @@ def choose_threshold(positive_scores: np.ndarray, *, min_recall: float, margin: 
                            met_on_val=recall + _EPS >= target,
                            rule=f"highest threshold keeping >= {k} of {n} validation positives "
                                 f"(recall >= {target:.3f})")
+
+
+def choose_threshold_views(
+    views: Mapping[str, np.ndarray], *, min_recall: float, margin: float = 0.0, min_positives: int = 10,
+) -> ThresholdChoice:
+    """The recall-first threshold that meets the recall on every trusted view of the validation split.
+
+    ``views`` maps a view's name (e.g. ``"all"``, ``"people"``) to the positive-class scores of its
+    true positives. The validation split of an actively labeled dataset mixes labels from people with
+    labels the labeler's classifier gave; a threshold tuned only on the latter inherits their mistakes
+    (the trained model agrees with the auto-labels it learned from, so recall looks higher than it is).
+    Each view with at least ``min_positives`` positives is used; the lowest of their thresholds is
+    taken, so the recall target holds on each of them. The first view stands in when none has enough.
+    """
+    if not views:
+        raise ValueError("choose_threshold_views needs at least one view")
+    choices = {name: choose_threshold(scores, min_recall=min_recall, margin=margin) for name, scores in views.items()}
+    trusted = [name for name, c in choices.items() if c.val_positives >= min_positives]
+    if not trusted:
+        trusted = [next(iter(choices))]
+    name = min(trusted, key=lambda n: (choices[n].threshold, list(choices).index(n)))
+    chosen = choices[name]
+    others = [n for n in choices if n != name]
+    table = {n: ThresholdView(threshold=c.threshold, positives=c.val_positives, used=n in trusted)
+             for n, c in choices.items()}
+    rule = chosen.rule
+    if len(choices) > 1:
+        rule = (f"{rule} of view {name!r}; the lowest threshold of the views with >= {min_positives} positives "
+                f"({', '.join(trusted)}), so the recall holds on each"
+                + (f"; checked against {', '.join(others)}" if others else ""))
+    return chosen.model_copy(update={"rule": rule, "views": table})
 
 
 class SpecCheck(BaseModel):

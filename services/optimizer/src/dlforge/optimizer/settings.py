@@ -22,12 +22,17 @@ class OptimizerSettings(CommonSettings):
     optimizer_warmup: int = Field(default=5, ge=0, description="untimed calls before timing (batch 1)")
     optimizer_iterations: int = Field(default=60, ge=2, description="timed calls at batch 1 (and for the pipeline)")
     optimizer_iterations_large_batch: int = Field(default=6, ge=2, description="timed calls at batch sizes > 1")
-    optimizer_rounds: int = Field(default=1, ge=1, le=10,
-                                  description="benchmark rounds per variant; the fastest round is reported")
+    optimizer_rounds: int = Field(
+        default=3, ge=1, le=10,
+        description="benchmark rounds, each measuring every variant once in turn (so that a busy spell of the "
+                    "machine slows all of them, not one); each variant's fastest round is reported")
     optimizer_max_accuracy_drop: float = Field(default=0.01, ge=0, le=1,
                                                description="accuracy a variant may lose vs ONNX FP32 (0.01 = 1 point)")
     optimizer_recall_margin: float = Field(default=0.0, ge=0, le=0.5,
                                            description="extra validation recall the threshold must reach")
+    optimizer_threshold_min_positives: int = Field(
+        default=10, ge=1, description="positives a validation view (all items, items labeled by people) needs "
+                                      "before the recall threshold is checked on it")
     optimizer_eval_batch: int = Field(default=32, ge=1, le=1024)
     optimizer_gpu: bool = Field(default=True, description="try the GPU compressors where their libraries exist")
     optimizer_benchmark_torch: bool = Field(default=True, description="measure PyTorch eager FP32 as the baseline")

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 service = Service("optimizer")
 
 REPORTS = "optimizer_reports"
+PEOPLE = ("given", "human", None)  # a person's word (None: a label that came with the upload), not a guess
 
 
 def object_prefix(dataset_id: str, model_id: str) -> str:
@@ -69,7 +70,8 @@ def _load_inputs(objects: ObjectStore, p: ModelTrained, work: Path, settings: Op
 
     def images(items: list[Item]) -> LabeledImages:
         arr = load_arrays(objects, items, size=net.input_size, channels=net.in_channels)
-        return LabeledImages(arr, np.array([index[str(i.label)] for i in items], dtype=np.int64))
+        people = np.array([i.label_source in PEOPLE for i in items], dtype=bool)
+        return LabeledImages(arr, np.array([index[str(i.label)] for i in items], dtype=np.int64), people)
 
     val, test = labeled("val"), labeled("test")
     train = manifest.by_split("train")
