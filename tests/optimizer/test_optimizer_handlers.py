@@ -81,10 +81,10 @@ def test_int8_keeps_accuracy(result: OptimizeResult) -> None:
     r = result.report
     fp32, int8 = r.variants["onnx_fp32"], r.variants["onnx_int8"]
     assert fp32.test_argmax.accuracy >= 0.95
+    assert r.int8_accuracy_drop_at_threshold is not None and r.int8_accuracy_drop_at_threshold <= 0.01
+    assert r.int8_accuracy_drop_at_threshold == pytest.approx(fp32.test_accuracy - int8.test_accuracy)
+    assert r.int8_accuracy_drop == pytest.approx(fp32.test_argmax.accuracy - int8.test_argmax.accuracy)
     assert r.int8_accuracy_drop is not None and r.int8_accuracy_drop <= 0.01
-    assert r.int8_accuracy_drop == pytest.approx(fp32.test_accuracy - int8.test_accuracy)
-    assert r.int8_accuracy_drop_argmax == pytest.approx(fp32.test_argmax.accuracy - int8.test_argmax.accuracy)
-    assert r.int8_accuracy_drop_argmax is not None and r.int8_accuracy_drop_argmax <= 0.01
     assert fp32.accuracy_drop_vs_onnx_fp32 == 0.0 and fp32.test_agreement_vs_onnx_fp32 == 1.0
     assert r.int8_test_agreement is not None and r.int8_test_agreement >= 0.95
     for c in r.calibration.candidates:

@@ -150,14 +150,14 @@ def choose_threshold_views(
         trusted = [next(iter(choices))]
     name = min(trusted, key=lambda n: (choices[n].threshold, list(choices).index(n)))
     chosen = choices[name]
-    others = [n for n in choices if n != name]
     table = {n: ThresholdView(threshold=c.threshold, positives=c.val_positives, used=n in trusted)
              for n, c in choices.items()}
     rule = chosen.rule
     if len(choices) > 1:
-        rule = (f"{rule} of view {name!r}; the lowest threshold of the views with >= {min_positives} positives "
-                f"({', '.join(trusted)}), so the recall holds on each"
-                + (f"; checked against {', '.join(others)}" if others else ""))
+        ignored = [n for n in choices if n not in trusted]
+        rule = (f"{rule} of the {name!r} view: the lowest threshold of the views {', '.join(trusted)}, so the "
+                f"recall holds on each"
+                + (f" ({', '.join(ignored)} ignored: fewer than {min_positives} positives)" if ignored else ""))
     return chosen.model_copy(update={"rule": rule, "views": table})
 
 

@@ -242,8 +242,11 @@ class OptimizationReport(BaseModel):
     int8_speedup_vs_onnx_fp32_batch32: float | None
     int8_speedup_vs_torch_eager_batch32: float | None
     int8_accuracy_drop: float | None = Field(
-        description="test accuracy INT8 loses vs ONNX FP32, each at its own recall-first threshold")
-    int8_accuracy_drop_argmax: float | None = Field(description="the same at the argmax decision")
+        description="test accuracy INT8 loses vs ONNX FP32 at the same decision rule (argmax): the quantization loss")
+    int8_accuracy_drop_at_threshold: float | None = Field(
+        description="test accuracy INT8 loses vs ONNX FP32, each at its own recall-first threshold (the deployed "
+                    "decisions; a few low-scoring positives move each threshold, so this swings more than the "
+                    "quantization itself)")
     int8_test_agreement: float | None = Field(description="share of test images INT8 decides as FP32 (argmax)")
     int8_size_ratio: float | None
     environment: dict[str, Any]
@@ -567,8 +570,8 @@ def optimize(
         int8_speedup_vs_torch_eager=_speedup(torch_r, int8, "1"),
         int8_speedup_vs_onnx_fp32_batch32=_speedup(fp32, int8, big),
         int8_speedup_vs_torch_eager_batch32=_speedup(torch_r, int8, big),
-        int8_accuracy_drop=int8.accuracy_drop_vs_onnx_fp32 if int8 is not None else None,
-        int8_accuracy_drop_argmax=int8.accuracy_drop_argmax_vs_onnx_fp32 if int8 is not None else None,
+        int8_accuracy_drop=int8.accuracy_drop_argmax_vs_onnx_fp32 if int8 is not None else None,
+        int8_accuracy_drop_at_threshold=int8.accuracy_drop_vs_onnx_fp32 if int8 is not None else None,
         int8_test_agreement=int8.test_agreement_vs_onnx_fp32 if int8 is not None else None,
         int8_size_ratio=(fp32.size_bytes / int8.size_bytes) if int8 is not None else None,
         environment=environment(opts.threads), seconds=seconds,
