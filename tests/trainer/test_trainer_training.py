@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,8 +12,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dlforge.common.errors import InvalidInput
 from dlforge.common.objects import ObjectStore
-from dlforge.trainer.cache import OnnxPrefixRunner, TorchPrefixRunner
-from dlforge.trainer.handlers import TrainerConfig, TrainingRequest, flat_metrics, run_training, save_model
+from dlforge.trainer.cache import CachedActivations, OnnxPrefixRunner, SplitArrays, TorchPrefixRunner
+from dlforge.trainer.handlers import (
+    TrainerConfig,
+    TrainingRequest,
+    build_data,
+    flat_metrics,
+    run_training,
+    save_model,
+)
 from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
 from dlforge.trainer.testing import make_dataset
 from dlforge.trainer.training import class_weights, stratified_sample
@@ -176,3 +184,47 @@ def test_a_checkpoint_with_the_target_classes_keeps_its_head(objects: ObjectStor
 
     loaded, arch, _ = load_base_model(objects, request(manifest_key, "w.pt"), tmp_path)
     assert arch == "small_cnn" and torch.equal(loaded.head.weight, model.head.weight)
+
+
+def _acts(val_labels: list[str]) -> CachedActivations:
+    def split(prefix: str, labels: list[str]) -> SplitArrays:
+        x = np.arange(len(labels) * 2, dtype=np.float32).reshape(len(labels), 2)
+        return SplitArrays(x, labels, [f"{prefix}{i}" for i in range(len(labels))])
+
+    return CachedActivations(boundary=0, source="computed", seconds=0.0, splits={
+        "train": split("t", ["a", "b"] * 10), "val": split("v", val_labels), "test": split("s", [])})
+
+
+def test_validation_uses_the_items_people_labeled_when_there_are_enough() -> None:
+    acts = _acts(["a", "b"] * 20)  # v0..v39
+    people = {f"v{i}" for i in range(12)}  # 12 items, both classes among them
+    data, _, source = build_data(acts, ["a", "b"], sample_fraction=1.0, sample_seed=0, val_people=people,
+                                 val_people_min=10)
+    assert source == "people" and len(data.val_y) == 12
+    assert data.val_x.tolist() == acts.splits["val"].x[:12].tolist()
+    # too few people-labeled items, or a class missing among them: every val item
+    few = build_data(acts, ["a", "b"], sample_fraction=1.0, sample_seed=0, val_people=people, val_people_min=13)
+    assert few[2] == "all" and len(few[0].val_y) == 40
+    only_a = {f"v{i}" for i in range(0, 40, 2)}
+    one_class = build_data(acts, ["a", "b"], sample_fraction=1.0, sample_seed=0, val_people=only_a, val_people_min=5)
+    assert one_class[2] == "all" and len(one_class[0].val_y) == 40
+    # every val item labeled by people (or the rule switched off): nothing changes
+    everyone = {f"v{i}" for i in range(40)}
+    assert build_data(acts, ["a", "b"], sample_fraction=1.0, sample_seed=0, val_people=everyone,
+                      val_people_min=5)[2] == "all"
+    assert build_data(acts, ["a", "b"], sample_fraction=1.0, sample_seed=0, val_people=people,
+                      val_people_min=0)[2] == "all"
+
+
+def test_training_validates_on_people_labels_of_the_manifest(objects: ObjectStore, manifest_key: str,
+                                                             weights_key: str, config: TrainerConfig) -> None:
+    manifest = load_manifest(objects, manifest_key)
+    val = manifest.by_split("val")
+    for item in val[::2]:  # every other val item (both classes) auto-labeled
+        item.label_source = "auto"
+    save_manifest(objects, "mixed/manifest.json", manifest)
+    people = sum(1 for i in val if i.labeled_by_people)
+    out = run_training(objects, request("mixed/manifest.json", weights_key, epochs=1), job_id="mixed",
+                       key_prefix="jobs/mixed", config=replace(config, val_people_min=2))
+    assert out.val_source == "people" and out.val is not None and out.val.count == people < len(val)
+    assert out.summary()["val_source"] == "people"

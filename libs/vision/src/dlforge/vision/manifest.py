@@ -19,6 +19,9 @@ from dlforge.vision.images import decode, to_array
 
 LabelSource = Literal["given", "human", "auto", "generated"]
 Split = Literal["train", "val", "test"]
+# Sources whose label is a person's word: given with the upload (None: an older manifest without a
+# source) or answered by an annotator. "auto" is the labeler's classifier, "generated" the augmenter's.
+PEOPLE_SOURCES: tuple[LabelSource | None, ...] = ("given", "human", None)
 
 
 class Item(BaseModel):
@@ -36,6 +39,11 @@ class Item(BaseModel):
     split: Split | None = None
     domain: str | None = None
     parent_id: str | None = Field(default=None, description="for generated items: the real item it came from")
+
+    @property
+    def labeled_by_people(self) -> bool:
+        """True when the item has a label and a person gave it (see :data:`PEOPLE_SOURCES`)."""
+        return self.label is not None and self.label_source in PEOPLE_SOURCES
 
 
 class Rejection(BaseModel):

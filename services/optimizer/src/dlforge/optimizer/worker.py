@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 service = Service("optimizer")
 
 REPORTS = "optimizer_reports"
-PEOPLE = ("given", "human", None)  # a person's word (None: a label that came with the upload), not a guess
 
 
 def object_prefix(dataset_id: str, model_id: str) -> str:
@@ -70,7 +69,7 @@ def _load_inputs(objects: ObjectStore, p: ModelTrained, work: Path, settings: Op
 
     def images(items: list[Item]) -> LabeledImages:
         arr = load_arrays(objects, items, size=net.input_size, channels=net.in_channels)
-        people = np.array([i.label_source in PEOPLE for i in items], dtype=bool)
+        people = np.array([i.labeled_by_people for i in items], dtype=bool)
         return LabeledImages(arr, np.array([index[str(i.label)] for i in items], dtype=np.int64), people)
 
     val, test = labeled("val"), labeled("test")

@@ -90,6 +90,7 @@ class TrainingOutcome:
     val: EvalSummary | None = None
     test: EvalSummary | None = None
     no_of_workers: int = 1
+    val_source: str = "all"
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly description (no weights)."""
@@ -110,6 +111,7 @@ class TrainingOutcome:
             "val": self.val.model_dump() if self.val else None,
             "test": self.test.model_dump() if self.test else None,
             "no_of_workers": self.no_of_workers,
+            "val_source": self.val_source,
             "metrics": flat_metrics(self),
         }
 
@@ -152,6 +154,7 @@ class TrainerConfig:
     cache_batch_size: int = 32
     cache_max_mb: int = 2048
     input_size: int | None = None
+    val_people_min: int = 30
 
     @classmethod
     def from_settings(cls, s: TrainerSettings) -> TrainerConfig:
@@ -164,6 +167,7 @@ class TrainerConfig:
             cache_batch_size=s.trainer_cache_batch_size,
             cache_max_mb=s.trainer_cache_max_mb,
             input_size=s.trainer_input_size,
+            val_people_min=s.trainer_val_people_min,
         )
 
 
@@ -200,12 +204,21 @@ def _indices(labels: list[str], classes: list[str], split: str) -> np.ndarray:
     return np.array([index[lab] for lab in labels], dtype=np.int64)
 
 
-def build_data(acts: CachedActivations, classes: list[str], *, sample_fraction: float,
-               sample_seed: int) -> tuple[TrainData, tuple[np.ndarray, np.ndarray] | None]:
-    """Train/val arrays from the cache (stratified train sample; val carved from train if absent) and test."""
+def build_data(acts: CachedActivations, classes: list[str], *, sample_fraction: float, sample_seed: int,
+               val_people: set[str] | None = None, val_people_min: int = 0,
+               ) -> tuple[TrainData, tuple[np.ndarray, np.ndarray] | None, str]:
+    """Train/val arrays from the cache (stratified train sample; val carved from train if absent), test, val source.
+
+    ``val_people`` are the item ids whose label a person gave. The labeler auto-labels most of the val
+    split with a classifier on pretrained embeddings; a model that copies that classifier scores well on
+    those labels whatever it is worth, and the tuner would prefer it. So when at least ``val_people_min``
+    val items were labeled by people and they cover every val class, validation (and with it the tuner's
+    objective and early stopping) uses only them; the third value says which: ``"people"`` or ``"all"``.
+    """
     train, val, test = acts.splits["train"], acts.splits["val"], acts.splits["test"]
     train_y = _indices(train.labels, classes, "train")
     train_x: np.ndarray = train.x
+    source = "all"
     if len(val) == 0:
         kept, held = stratified_split(train_y, VAL_FALLBACK_FRACTION, seed=sample_seed)
         if len(held) == 0:
@@ -215,13 +228,18 @@ def build_data(acts: CachedActivations, classes: list[str], *, sample_fraction: 
         train_x, train_y = np.asarray(train_x[kept]), train_y[kept]
     else:
         val_x, val_y = val.x, _indices(val.labels, classes, "val")
+        if val_people is not None and val_people_min > 0:
+            rows = np.array([i for i, item in enumerate(val.item_ids) if item in val_people], dtype=np.int64)
+            if (val_people_min <= len(rows) < len(val_y)
+                    and set(val_y[rows].tolist()) == set(val_y.tolist())):
+                val_x, val_y, source = np.asarray(val_x[rows]), val_y[rows], "people"
     if len(train_y) == 0:
         raise InvalidInput("the manifest has no labeled train items")
     if sample_fraction < 1.0:
         rows = stratified_sample(train_y, sample_fraction, seed=sample_seed)
         train_x, train_y = np.asarray(train_x[rows]), train_y[rows]
     test_xy = (test.x, _indices(test.labels, classes, "test")) if len(test) else None
-    return TrainData(train_x, train_y, val_x, val_y, list(classes)), test_xy
+    return TrainData(train_x, train_y, val_x, val_y, list(classes)), test_xy, source
 
 
 def run_training(
@@ -254,8 +272,12 @@ def run_training(
     acts = cache.get(net=net, spec=spec, manifest=manifest, manifest_digest=manifest_digest(raw_manifest),
                      weights_digest=weights_digest, input_size=input_size, boundary=boundary,
                      from_boundary=net.boundary(from_unfreeze))
-    data, test_xy = build_data(acts, request.classes, sample_fraction=request.sample_fraction,
-                               sample_seed=request.sample_seed)
+    val_people = {i.item_id for i in manifest.by_split("val") if i.labeled_by_people}
+    data, test_xy, val_source = build_data(acts, request.classes, sample_fraction=request.sample_fraction,
+                                           sample_seed=request.sample_seed, val_people=val_people,
+                                           val_people_min=config.val_people_min)
+    if val_source == "people":
+        log.info("validating on the %d val items labeled by people (of %d)", len(data.val_y), len(acts.splits["val"]))
     tail = net.tail(request.hparams.unfreeze)
     with tempfile.TemporaryDirectory(dir=config.work_dir, prefix=f"job-{job_id[:40]}-") as tmp:
         monitor = JobMonitor(objects=objects, key_prefix=key_prefix, log_dir=Path(tmp) / "tensorboard", model=model,
@@ -282,7 +304,7 @@ def run_training(
         steps=result.steps, model=model, input_size=input_size, checkpoints=monitor.checkpoints,
         logs_prefix=monitor.logs_prefix, cache_source=acts.source, cache_seconds=acts.seconds,
         train_seconds=train_seconds, train_rows=len(data.train_y), val=val, test=test,
-        no_of_workers=request.run_config.no_of_workers,
+        no_of_workers=request.run_config.no_of_workers, val_source=val_source,
     )
 
 

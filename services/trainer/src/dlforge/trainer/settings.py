@@ -33,6 +33,9 @@ class TrainerSettings(CommonSettings):
     trainer_input_size: int | None = Field(default=None, ge=16, le=1024,
                                            description="image side to train at (default: the network's)")
     trainer_max_concurrent_jobs: int = Field(default=1, ge=1, description="REST jobs that train at once")
+    trainer_val_people_min: int = Field(
+        default=30, ge=0, description="validate on the val items people labeled when there are at least this "
+        "many (and every val class is among them); 0 validates on every val item, auto-labels included")
 
 
 def trainer_settings(base: CommonSettings | None = None) -> TrainerSettings:
