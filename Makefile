@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PACKAGES := libs/common libs/vision $(wildcard libs/sdk) $(wildcard libs/cli) \
+PACKAGES := libs/common libs/vision libs/hpo $(wildcard libs/sdk) $(wildcard libs/cli) \
             $(patsubst %/pyproject.toml,%,$(wildcard services/*/pyproject.toml))
 STATE := .services
 
@@ -40,7 +40,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check libs services tests benchmarks scripts
-	$(BIN)/mypy libs/common/src libs/vision/src libs/cli/src libs/sdk/src services/*/src
+	$(BIN)/mypy libs/common/src libs/vision/src libs/hpo/src libs/cli/src libs/sdk/src services/*/src
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bus.py

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from dlforge.common.errors import ConfigError, InvalidInput
 from dlforge.common.events import HpoTrialCompleted, PipelineOptions, Spec
+from dlforge.hpo import PRUNER_ATTR
 from dlforge.trainer.reporting import build_pruner as trainer_build_pruner
 from dlforge.tuner.handlers import (
     StudyContext,
@@ -25,7 +26,7 @@ from dlforge.tuner.handlers import (
     tell,
     trial_table,
 )
-from dlforge.tuner.plugins import PRUNER_ATTR, PluginChoice, make_sampler, pruner_spec
+from dlforge.tuner.plugins import PluginChoice, make_sampler, pruner_spec
 from dlforge.tuner.settings import TunerSettings
 
 

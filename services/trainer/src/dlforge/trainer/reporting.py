@@ -1,63 +1,30 @@
 """Reporting a trial's intermediate values to its Optuna study and asking the study's pruner.
 
-Optuna does not persist a study's pruner, so the tuner stores a description of it in the study's
-user attribute ``dlforge.pruner``: ``{"factory": "optuna.pruners.MedianPruner", "kwargs": {...}}``
-(a nested ``{"factory": ...}`` in the kwargs builds a wrapped pruner). Only factories from
-``optuna.pruners`` are accepted.
+The study's storage and its pruner (a description the tuner stores in the study) are opened and
+built as the tuner does, by :mod:`dlforge.hpo`.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
-import threading
-import warnings
 from typing import Any
 
 import optuna
 
-from dlforge.common.errors import PoisonMessage, RetryableError
+from dlforge.common.errors import InvalidInput, PoisonMessage, RetryableError
+from dlforge.hpo import PRUNER_ATTR, open_storage
+from dlforge.hpo import build_pruner as _build_pruner
 
 log = logging.getLogger(__name__)
 
-PRUNER_ATTR = "dlforge.pruner"
-_ALLOWED = "optuna.pruners."
-_STORAGES: dict[str, optuna.storages.BaseStorage] = {}
-_LOCK = threading.Lock()
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """One RDB storage per URL and process (SQLite gets a generous lock timeout)."""
-    with _LOCK:
-        storage = _STORAGES.get(url)
-        if storage is None:
-            kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-            try:
-                storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-            except Exception as exc:  # the driver's own errors: unreachable server, bad URL
-                raise RetryableError(f"cannot open the Optuna storage {url!r}: {exc}") from exc
-            _STORAGES[url] = storage
-        return storage
-
 
 def build_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
-    """The pruner a ``{"factory": ..., "kwargs": ...}`` description names (NopPruner for None)."""
-    if not spec:
-        return optuna.pruners.NopPruner()
-    factory = str(spec.get("factory", ""))
-    if not factory.startswith(_ALLOWED):
-        raise PoisonMessage(f"pruner factory {factory!r} is not in {_ALLOWED}*")
-    module, _, name = factory.rpartition(".")
-    cls = getattr(importlib.import_module(module), name, None)
-    if cls is None:
-        raise PoisonMessage(f"no pruner {factory!r} in this Optuna version ({optuna.__version__})")
-    kwargs = {k: build_pruner(v) if isinstance(v, dict) and "factory" in v else v
-              for k, v in dict(spec.get("kwargs", {})).items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        pruner: optuna.pruners.BasePruner = cls(**kwargs)
-    return pruner
+    """The study's pruner from its stored description; a bad description is a PoisonMessage here."""
+    try:
+        return _build_pruner(spec)
+    except InvalidInput as exc:
+        raise PoisonMessage(str(exc)) from exc
 
 
 class TrialReporter:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dlforge.common.errors import ConfigError, InvalidInput, RetryableError
+from dlforge.common.errors import ConfigError, InvalidInput
 from dlforge.common.events import HpoTrialCompleted, PipelineOptions, Spec, TrialRecord
-from dlforge.tuner.plugins import PRUNER_ATTR, PluginChoice, make_sampler, pruner_spec
+from dlforge.hpo import PRUNER_ATTR, open_storage
+from dlforge.tuner.plugins import PluginChoice, make_sampler, pruner_spec
 from dlforge.tuner.settings import TunerSettings
 from dlforge.tuner.space import SearchSpace, default_space
 
@@ -38,8 +38,6 @@ ERROR = "dlforge.error"
 INTERMEDIATE = "dlforge.intermediate"
 OBJECTIVE = "val_accuracy"
 
-_STORAGES: dict[str, optuna.storages.BaseStorage] = {}
-_LOCK = threading.Lock()
 
 
 class TuningConfig(BaseModel):
@@ -139,22 +137,6 @@ def resolve_storage_url(url: str) -> str:
     if url.startswith("sqlite:////"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     return url
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """One RDB storage per URL and process (SQLite gets a generous lock timeout)."""
-    with _LOCK:
-        storage = _STORAGES.get(url)
-        if storage is None:
-            optuna.logging.disable_default_handler()
-            optuna.logging.enable_propagation()
-            kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-            try:
-                storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-            except Exception as exc:  # the driver's own errors: unreachable server, bad URL
-                raise RetryableError(f"cannot open the Optuna storage {url!r}: {exc}") from exc
-            _STORAGES[url] = storage
-        return storage
 
 
 def load_study(ctx: StudyContext) -> optuna.Study:

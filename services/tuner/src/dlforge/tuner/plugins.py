@@ -13,7 +13,6 @@ the kwargs are built too (a wrapped pruner).
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -23,9 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dlforge.common.backends import optional_import
 from dlforge.common.errors import InvalidInput
-
-PRUNER_ATTR = "dlforge.pruner"
-_ALLOWED_PRUNERS = "optuna.pruners."
+from dlforge.hpo import build_pruner
 
 
 class PluginChoice(BaseModel):
@@ -147,25 +144,3 @@ def pruner_spec(choice: PluginChoice, *, startup: int) -> dict[str, Any] | None:
     spec = factory(dict(choice.kwargs), startup)
     build_pruner(spec)
     return spec
-
-
-def build_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
-    """The pruner a stored description names (``NopPruner`` for None)."""
-    if not spec:
-        return optuna.pruners.NopPruner()
-    factory = str(spec.get("factory", ""))
-    if not factory.startswith(_ALLOWED_PRUNERS):
-        raise InvalidInput(f"pruner factory {factory!r} is not in {_ALLOWED_PRUNERS}*")
-    module, _, name = factory.rpartition(".")
-    cls = getattr(importlib.import_module(module), name, None)
-    if cls is None:
-        raise InvalidInput(f"no pruner {factory!r} in Optuna {optuna.__version__}")
-    kwargs = {k: build_pruner(v) if isinstance(v, dict) and "factory" in v else v
-              for k, v in dict(spec.get("kwargs", {})).items()}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            pruner: optuna.pruners.BasePruner = cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"pruner {name}: bad kwargs {spec.get('kwargs')}: {exc}") from exc
-    return pruner

@@ -1,0 +1,71 @@
+"""What the tuner and the trainer share about an Optuna study: its storage and its pruner.
+
+The tuner creates studies and asks their samplers; the trainer reports a trial's intermediate values
+to the same study and asks its pruner whether to go on. Both open the study's RDB storage the same
+way (:func:`open_storage`), and both build the pruner from one stored description.
+
+Optuna does not persist a study's pruner, so the tuner stores a description of it in the study's user
+attribute :data:`PRUNER_ATTR`: ``{"factory": "optuna.pruners.MedianPruner", "kwargs": {...}}`` (a
+nested ``{"factory": ...}`` among the kwargs builds a wrapped pruner). Only factories from
+``optuna.pruners`` are accepted: the description comes from a shared store, and must not name
+arbitrary callables.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import warnings
+from typing import Any
+
+import optuna
+
+from dlforge.common.errors import InvalidInput, RetryableError
+
+PRUNER_ATTR = "dlforge.pruner"
+ALLOWED_PRUNERS = "optuna.pruners."
+
+_STORAGES: dict[str, optuna.storages.BaseStorage] = {}
+_LOCK = threading.Lock()
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """One RDB storage per URL and process (SQLite gets a generous lock timeout).
+
+    Optuna's own log handler is replaced by propagation to the process's logging. Raises
+    RetryableError when the storage cannot be opened (unreachable server, locked file, bad URL).
+    """
+    with _LOCK:
+        storage = _STORAGES.get(url)
+        if storage is None:
+            optuna.logging.disable_default_handler()
+            optuna.logging.enable_propagation()
+            kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+            try:
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            except Exception as exc:  # the driver's own errors: unreachable server, bad URL
+                raise RetryableError(f"cannot open the Optuna storage {url!r}: {exc}") from exc
+            _STORAGES[url] = storage
+        return storage
+
+
+def build_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
+    """The pruner a stored description names (``NopPruner`` for None); InvalidInput for a bad one."""
+    if not spec:
+        return optuna.pruners.NopPruner()
+    factory = str(spec.get("factory", ""))
+    if not factory.startswith(ALLOWED_PRUNERS):
+        raise InvalidInput(f"pruner factory {factory!r} is not in {ALLOWED_PRUNERS}*")
+    module, _, name = factory.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    if cls is None:
+        raise InvalidInput(f"no pruner {factory!r} in Optuna {optuna.__version__}")
+    kwargs = {k: build_pruner(v) if isinstance(v, dict) and "factory" in v else v
+              for k, v in dict(spec.get("kwargs", {})).items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            pruner: optuna.pruners.BasePruner = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"pruner {name}: bad kwargs {spec.get('kwargs')}: {exc}") from exc
+    return pruner
