@@ -191,6 +191,24 @@ def _ddp_worker(rank: int, world: int, init_method: str, backend: str, job_dir: 
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    _leave(messages, replies)
+
+
+def _leave(*queues: Any) -> None:
+    """End a DDP worker that finished cleanly without the interpreter's teardown.
+
+    At interpreter exit, the destructors of gloo's background threads occasionally abort the process
+    ("terminate called without an active exception", SIGABRT) after the work is done. The queues are
+    flushed first, so the parent has every message; then the process exits 0 at once.
+    """
+    import sys
+
+    for q in queues:
+        q.close()
+        q.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class DdpEngine(Engine):
@@ -227,7 +245,17 @@ class DdpEngine(Engine):
                     except queue.Empty:
                         if finished:
                             break
-                        finished = procs.join(timeout=0)  # raises if a worker failed (and ends the others)
+                        try:
+                            finished = procs.join(timeout=0)  # raises if a worker failed (and ends the others)
+                        except mp.ProcessExitedException as exc:
+                            done = self._drain(messages, listener, replies, job) or done
+                            if done is None or not (job_dir / "final.pt").exists():
+                                raise
+                            # the result and the final weights were delivered: a crash on the way out
+                            # (see _leave) does not undo the training
+                            log.warning("ddp: a worker died after training had finished (%s); the result stands",
+                                        exc)
+                            finished = True
                         continue
                     done = self._dispatch(msg, listener, replies, job) or done
             except BaseException:
@@ -239,6 +267,17 @@ class DdpEngine(Engine):
                 raise RuntimeError("ddp: the workers ended without a result")
             job.tail.load_state_dict(torch.load(job_dir / "final.pt", weights_only=True))
             return done
+
+    @classmethod
+    def _drain(cls, messages: Any, listener: FitListener, replies: Any, job: FitJob) -> FitResult | None:
+        """Dispatch what is still queued (a worker may have died after sending it)."""
+        done = None
+        while True:
+            try:
+                msg = messages.get(timeout=0.5)
+            except queue.Empty:
+                return done
+            done = cls._dispatch(msg, listener, replies, job) or done
 
     @staticmethod
     def _dispatch(msg: tuple[Any, ...], listener: FitListener, replies: Any, job: FitJob) -> FitResult | None:
