@@ -51,22 +51,23 @@ RESULTS = Path(__file__).resolve().parent / "results" / "augmenter.json"
 
 def elpv_manifest(objects: ObjectStore, *, dataset_id: str, seed: int, limit: int | None) -> Manifest:
     """ELPV in the object store with true labels and a stratified 10/15/75 test/val/train split."""
-    import elpv_dataset
     from sklearn.model_selection import train_test_split
 
-    root = Path(elpv_dataset.__file__).parent / "data"
-    rows = [line.split() for line in (root / "labels.csv").read_text().splitlines() if line.strip()]
+    from dlforge.labeler.demo_data import elpv_cells, elpv_root
+
+    root, rows = elpv_root(), elpv_cells()
     if limit:
         pick = np.random.default_rng(seed).choice(len(rows), size=min(limit, len(rows)), replace=False)
         rows = [rows[i] for i in sorted(pick)]
-    labels = np.array(["defect" if float(r[1]) >= 0.5 else "good" for r in rows])
+    labels = np.array([r.label for r in rows])
     idx = np.arange(len(rows))
     rest, test = train_test_split(idx, test_size=0.10, stratify=labels, random_state=seed)
     train, val = train_test_split(rest, test_size=0.15 / 0.90, stratify=labels[rest], random_state=seed)
     split = {**dict.fromkeys(train.tolist(), "train"), **dict.fromkeys(val.tolist(), "val"),
              **dict.fromkeys(test.tolist(), "test")}
     items = []
-    for n, (path, _, kind) in enumerate(rows):
+    for n, cell in enumerate(rows):
+        path, kind = cell.name, cell.kind
         data = (root / path).read_bytes()
         key = f"labeler/{dataset_id}/images/{Path(path).name}"
         objects.put_bytes(key, data, content_type="image/png")

@@ -26,25 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-
-def elpv_images(n: int, size: int) -> np.ndarray:
-    import elpv_dataset
-    from PIL import Image
-
-    from dlforge.vision.images import to_array
-
-    paths = sorted((Path(elpv_dataset.__file__).parent / "data" / "images").glob("*.png"))[:n]
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    for i, p in enumerate(paths):
-        with Image.open(p) as img:
-            out[i] = to_array(img, size=size, channels=3)
-    return out
-
 
 def build_models(work: Path, size: int) -> dict[str, Path]:
     """FP32 ONNX, INT8 (stem and head FP32) and INT8 (every layer) at ``size``."""
+    from optimizer import load_elpv, load_images  # the optimizer benchmark beside this file
+
     from dlforge.optimizer.compressors import OrtStaticInt8, Source
     from dlforge.optimizer.export import export_onnx
     from dlforge.optimizer.preprocess import InputFormat, normalize
@@ -52,7 +38,8 @@ def build_models(work: Path, size: int) -> dict[str, Path]:
 
     net = spec_of("efficientnet_lite0")
     fmt = InputFormat(3, size, net.mean, net.std)
-    images = normalize(elpv_images(72, size), fmt)
+    paths, _ = load_elpv(None, 0)
+    images = normalize(load_images(paths[:72], size), fmt)
     model = build_network("efficientnet_lite0", 2, pretrained=True).eval()
     exported = export_onnx(model, in_channels=3, input_size=size, path=work / f"fp32_{size}.onnx",
                            check_inputs=images[:4])

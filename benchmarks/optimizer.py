@@ -24,7 +24,6 @@ timed interleaved in one process at batch 1, so that a busy machine slows every 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import tempfile
@@ -35,22 +34,13 @@ from typing import Any
 import numpy as np
 
 
-def elpv_root() -> Path:
-    import elpv_dataset
-
-    return Path(elpv_dataset.__file__).parent / "data"
-
-
 def load_elpv(limit: int | None, seed: int) -> tuple[list[Path], np.ndarray]:
     """Image paths and labels (0 = defect: probability >= 0.5, 1 = good)."""
-    root = elpv_root()
-    rows = []
-    with (root / "labels.csv").open() as f:
-        for line in csv.reader(f, delimiter=" ", skipinitialspace=True):
-            if line:
-                rows.append((root / line[0], float(line[1])))
-    paths = [p for p, _ in rows]
-    labels = np.array([0 if prob >= 0.5 else 1 for _, prob in rows], dtype=np.int64)
+    from dlforge.labeler.demo_data import DEFECT, elpv_cells, elpv_root
+
+    root, cells = elpv_root(), elpv_cells()
+    paths = [root / c.name for c in cells]
+    labels = np.array([0 if c.label == DEFECT else 1 for c in cells], dtype=np.int64)
     if limit is not None and limit < len(paths):
         idx = np.sort(np.random.default_rng(seed).choice(len(paths), size=limit, replace=False))
         paths, labels = [paths[i] for i in idx], labels[idx]

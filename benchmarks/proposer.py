@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import hashlib
 import json
 import os
@@ -39,11 +38,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "proposer.json"
 
 
 def elpv_manifest(objects: Any, *, seed: int) -> tuple[str, Manifest]:
-    import elpv_dataset
+    from dlforge.labeler.demo_data import elpv_cells, elpv_root
 
-    root = Path(elpv_dataset.__file__).parent / "data"
-    with (root / "labels.csv").open() as f:
-        rows = [r for r in csv.reader(f, delimiter=" ", skipinitialspace=True) if r]
+    root = elpv_root()
+    rows = [(c.name, c.probability, c.kind) for c in elpv_cells()]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(rows))
     n_test = round(0.10 * len(rows))

@@ -11,7 +11,6 @@ Prints a table and writes benchmarks/results/trainer.json.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import os
@@ -40,14 +39,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def elpv_manifest(objects: FsObjectStore, *, limit: int | None, seed: int = 0) -> tuple[str, dict[str, int]]:
     """ELPV cells into the object store with a manifest: defect = probability >= 0.5; 10 % test, 15 % val."""
-    import elpv_dataset
+    from dlforge.labeler.demo_data import elpv_cells, elpv_root
 
-    root = Path(elpv_dataset.__file__).parent / "data"
-    rows = []
-    with (root / "labels.csv").open() as f:
-        for line in csv.reader(f, delimiter=" ", skipinitialspace=True):
-            if line:
-                rows.append((line[0], float(line[1]), line[2]))
+    root = elpv_root()
+    rows = [(c.name, c.probability, c.kind) for c in elpv_cells()]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(rows))
     if limit:
