@@ -212,12 +212,19 @@ def _serve_for_people(folder: Path, spec: Spec, options: PipelineOptions) -> int
         base = f"http://{settings.http_host}:{settings.http_port}"
         async with httpx.AsyncClient(base_url=base, timeout=600) as client:
             for _ in range(100):
+                if serving.done():  # the server gave up (e.g. the port is taken): say why
+                    serving.result()
+                    raise SystemExit(f"the API server at {base} stopped before it was ready")
                 try:
                     if (await client.get("/readyz")).status_code == 200:
                         break
                 except httpx.TransportError:
-                    pass
+                    pass  # not listening yet
                 await asyncio.sleep(0.2)
+            else:
+                server.should_exit = True
+                await serving
+                raise SystemExit(f"the API at {base} was not ready after 20 s (GET /readyz)")
             body = {"folder": str(folder.resolve()), "name": folder.name, "spec": spec.model_dump(),
                     "options": options.model_dump()}
             created = (await client.post("/labeler/datasets", json=body)).raise_for_status().json()

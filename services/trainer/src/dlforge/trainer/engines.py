@@ -126,14 +126,16 @@ class _QueueListener:
 
 
 class _SilentListener:
+    """The listener of DDP ranks other than 0: rank 0 alone reports, checkpoints and asks to go on."""
+
     def on_step(self, step: int, loss: float) -> None:
-        pass
+        """Rank 0 reports the step."""
 
     def on_epoch(self, metrics: EpochMetrics) -> bool:
         return True
 
     def on_checkpoint(self, step: int, epoch: int, state: dict[str, torch.Tensor] | None) -> None:
-        pass
+        """Rank 0 writes the checkpoint."""
 
 
 # --------------------------------------------------------------------------------------------
