@@ -116,6 +116,12 @@ def test_spec_check_and_choice(result: OptimizeResult) -> None:
     chosen = r.variants[r.chosen_variant]
     assert r.threshold == chosen.threshold.threshold and r.fps == chosen.fps
     assert r.test_accuracy == chosen.test_accuracy and r.test_positive_recall == chosen.test_positive_recall
+    # the accuracy tolerance compares argmax accuracies (the compression's loss), not threshold-moved ones
+    ref_acc = r.variants["onnx_fp32"].test_argmax.accuracy
+    assert r.choice.reference_accuracy == ref_acc
+    for v in r.variants.values():
+        if v.deployable and ref_acc - v.test_argmax.accuracy > r.choice.max_accuracy_drop + 1e-9:
+            assert v.name in r.choice.rejected and v.name != r.chosen_variant
     if r.spec_met:
         assert chosen.spec_check.met
         eligible = [v for v in r.variants.values() if v.deployable and v.name not in r.choice.rejected]

@@ -207,7 +207,7 @@ class Candidate(BaseModel):
 
     name: str
     fps: float = Field(description="pipeline images/s at the spec's input size, batch 1")
-    accuracy: float = Field(description="test accuracy at the variant's threshold — compared with the reference")
+    accuracy: float = Field(description="test accuracy at the argmax — what the variant loses vs the reference")
     spec: SpecCheck
 
 
