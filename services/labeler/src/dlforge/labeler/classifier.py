@@ -100,6 +100,11 @@ class CalibratedClassifier:
     cv_nll_raw: float | None
     cv_nll_calibrated: float | None
     calibration_items: int
+    # calibrated out-of-fold probabilities of the labeled rows (aligned with ``labeled`` as passed to
+    # :func:`fit_calibrated`; NaN rows where no fold held the item out), and which of them are
+    # representative: the held-out evidence a selective auto-labeling threshold is chosen on
+    heldout_proba: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    heldout_representative: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities, N x n_classes (classes never seen get 0)."""
@@ -195,6 +200,10 @@ def fit_calibrated(
         nll_cal = _nll(scaling.apply(z_cal), y_cal)
         calibrated = True
         n_cal = int(mask.sum())
+    heldout = np.full((len(y), n_classes), np.nan)
+    if oof is not None:
+        heldout[:, present] = scaling.apply(oof[:, present])
     return CalibratedClassifier(mean=mean, scale=scale, model=model, present=present, scaling=scaling,
                                 n_classes=n_classes, c=best_c, calibrated=calibrated, cv_accuracy=cv_acc,
-                                cv_nll_raw=nll_raw, cv_nll_calibrated=nll_cal, calibration_items=n_cal)
+                                cv_nll_raw=nll_raw, cv_nll_calibrated=nll_cal, calibration_items=n_cal,
+                                heldout_proba=heldout, heldout_representative=mask.copy())
