@@ -80,12 +80,30 @@ class Spec(BaseModel):
 
 
 class PipelineOptions(BaseModel):
-    """Knobs of one run that every stage may read (budgets, sizes); defaults suit the demo."""
+    """Knobs of one run that every stage may read (budgets, sizes); defaults suit the demo.
+
+    Auto-labeling is selective: the labeler auto-labels only the items whose confidence clears a
+    threshold chosen on people's labels so that the error of the auto-labels stays at most
+    ``max_auto_label_error`` with 95 % confidence; the rest are left for people ("needs review")
+    unless ``auto_label_all`` is set.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     label_budget: float = Field(default=0.3, gt=0.0, le=1.0, description="max fraction labeled by humans")
-    target_confidence: float = Field(default=0.95, gt=0.0, le=1.0)
+    max_auto_label_error: float = Field(
+        default=0.02, gt=0.0, le=0.5,
+        description="largest error rate of the auto-labels the user accepts (guaranteed with 95 % confidence)",
+    )
+    auto_label_all: bool = Field(
+        default=False,
+        description="at the end, auto-label every item people did not label, also those below the guaranteed "
+        "threshold (off: they stay 'needs review')",
+    )
+    target_confidence: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description="deprecated: an extra confidence floor on top of the guaranteed threshold (None: none)",
+    )
     seed_fraction: float = Field(default=0.08, gt=0.0, le=1.0)
     batch_fraction: float = Field(default=0.05, gt=0.0, le=1.0)
     min_per_class: int = Field(default=200, ge=0)
@@ -111,6 +129,7 @@ class ClassCount(BaseModel):
 
 class DatasetUploaded(Payload):
     TOPIC = Topic.DATASET_UPLOADED
+    SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all
 
     dataset_id: str
     name: str
@@ -145,6 +164,7 @@ class LabelsSubmitted(Payload):
 
 class DatasetLabeled(Payload):
     TOPIC = Topic.DATASET_LABELED
+    SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all; needs_review
 
     dataset_id: str
     labels_key: str = Field(description="object key of the labeled manifest (JSON)")
@@ -152,6 +172,7 @@ class DatasetLabeled(Payload):
     counts: list[ClassCount]
     human_labels: int
     auto_labels: int
+    needs_review: int = Field(default=0, ge=0, description="items left without a label for people to review")
     rounds: int
     spec: Spec
     options: PipelineOptions = PipelineOptions()
@@ -168,6 +189,7 @@ class AugmentationCount(BaseModel):
 
 class DatasetAugmented(Payload):
     TOPIC = Topic.DATASET_AUGMENTED
+    SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all
 
     dataset_id: str
     manifest_key: str = Field(description="object key of the training manifest: real + kept generated")
@@ -190,6 +212,7 @@ class CandidateScore(BaseModel):
 
 class ModelProposed(Payload):
     TOPIC = Topic.MODEL_PROPOSED
+    SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all
 
     dataset_id: str
     manifest_key: str
@@ -242,6 +265,7 @@ class TrialRecord(BaseModel):
 
 class HpoCompleted(Payload):
     TOPIC = Topic.HPO_COMPLETED
+    SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all
 
     study_name: str
     dataset_id: str
@@ -259,6 +283,7 @@ class HpoCompleted(Payload):
 
 class ModelTrained(Payload):
     TOPIC = Topic.MODEL_TRAINED
+    SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all
 
     dataset_id: str
     model_id: str
@@ -423,3 +448,22 @@ def decode(raw: bytes, *, payload_types: dict[Topic, type[Payload]] | None = Non
         })
     except ValidationError as exc:
         raise PoisonMessage(f"invalid {topic.value} event: {exc}") from exc
+
+
+def _options_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 options predate selective auto-labeling: the labeler of then auto-labeled every item."""
+    options = payload.get("options")
+    if not isinstance(options, dict):
+        return payload
+    return {**payload, "options": {**options, "auto_label_all": True}}
+
+
+def _labeled_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """dataset.labeled v1: options as above; every item was labeled, so none needed review."""
+    return {**_options_v1_to_v2(payload), "needs_review": 0}
+
+
+for _topic in (Topic.DATASET_UPLOADED, Topic.DATASET_AUGMENTED, Topic.MODEL_PROPOSED, Topic.HPO_COMPLETED,
+               Topic.MODEL_TRAINED):
+    register_upcaster(_topic, 1, _options_v1_to_v2)
+register_upcaster(Topic.DATASET_LABELED, 1, _labeled_v1_to_v2)
