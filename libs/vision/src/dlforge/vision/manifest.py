@@ -1,8 +1,8 @@
 """The dataset manifest: the contract between stages about which images exist and their labels.
 
 A manifest is a JSON object in the object store. Ingestion writes one with ``label`` set where
-the user gave it; the labeler writes the labeled manifest (every item labeled, with source and
-confidence, and a split); the augmenter writes the training manifest (adds generated items).
+the user gave it; the labeler writes the labeled manifest (every item with a source, confidence and split;
+labeled unless it needs review); the augmenter writes the training manifest (adds generated items).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from dlforge.common.objects import ObjectStore
 from dlforge.vision.images import decode, to_array
 
-LabelSource = Literal["given", "human", "auto", "generated"]
+# "needs_review": the labeler could not auto-label the item within the run's error guarantee; it has no
+# label and waits for people
+LabelSource = Literal["given", "human", "auto", "generated", "needs_review"]
 Split = Literal["train", "val", "test"]
 # Sources whose label is a person's word: given with the upload (None: an older manifest without a
 # source) or answered by an annotator. "auto" is the labeler's classifier, "generated" the augmenter's.
