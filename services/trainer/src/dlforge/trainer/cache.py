@@ -10,8 +10,10 @@ the first request computes the boundary of ``from_unfreeze`` (the deepest the tu
 and every shallower boundary is derived from the nearest cached one by running only the stages in
 between — cheap, since those stages work on 7x7 maps.
 
-No augmentation can happen on cached activations: the augmenter already generated the extra
-samples the scarce classes need, and they are cached like the real ones.
+Augmentation survives the cache as *views* (:mod:`dlforge.trainer.views`): a label-preserving
+symmetry applied to the image before the prefix. Each requested view other than the identity has its
+own entry ``b<boundary>/views/<view>/{train,val,test}.npy`` + ``index.json``, computed in the same pass
+over the decoded images and derived to shallower boundaries like the identity's.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dlforge.common.backends import optional_import
 from dlforge.common.errors import ConfigError, InvalidInput
 from dlforge.common.objects import ObjectStore
 from dlforge.trainer.stages import StagedNetwork
+from dlforge.trainer.views import IDENTITY, apply_view
 from dlforge.vision.images import to_tensor
 from dlforge.vision.manifest import Item, Manifest, load_arrays
 from dlforge.vision.networks import NetworkSpec
@@ -150,6 +153,7 @@ class CachedActivations:
     seconds: float
     images_computed: int = 0
     keys: list[str] = field(default_factory=list)
+    views: dict[str, dict[str, SplitArrays]] = field(default_factory=dict)  # other views than the identity
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -211,59 +215,79 @@ class ActivationCache:
         input_size: int,
         boundary: int,
         from_boundary: int | None = None,
+        views: Sequence[str] = (IDENTITY,),
     ) -> CachedActivations:
-        """The activations at ``boundary`` for every labeled item of ``manifest``."""
+        """The activations at ``boundary`` for every labeled item of ``manifest``, under each of ``views``.
+
+        The identity's arrays are ``splits``; every other view's are ``views[name]`` (same rows).
+        """
         started = time.perf_counter()
         prefix = self.entry_prefix(arch=spec.arch, input_size=input_size, manifest_digest=manifest_digest,
                                    weights_digest=weights_digest)
-        if self._complete(prefix, boundary):
-            loaded = self._load(prefix, boundary)
-            return CachedActivations(boundary, loaded, "hit", time.perf_counter() - started,
-                                     keys=self._keys(prefix, boundary))
-        nearest = max((b for b in self._cached_boundaries(prefix) if b < boundary), default=None)
+        wanted = [IDENTITY, *(v for v in dict.fromkeys(views) if v != IDENTITY)]
+        found: dict[str, dict[str, SplitArrays]] = {}
+        sources: dict[str, str] = {}
+        to_compute: list[str] = []
+        for view in wanted:
+            if self._complete(prefix, boundary, view):
+                found[view], sources[view] = self._load(prefix, boundary, view), "hit"
+                continue
+            nearest = max((b for b in self._cached_boundaries(prefix, view) if b < boundary), default=None)
+            if nearest is None:
+                to_compute.append(view)
+            else:
+                derived = self._derive(net, self._load(prefix, nearest, view), nearest, boundary)
+                self._store(prefix, boundary, derived, view)
+                found[view], sources[view] = derived, "derived"
         images = 0
-        if nearest is None:
+        if to_compute:
             start = boundary if from_boundary is None else min(boundary, from_boundary)
-            splits = self._from_images(net, spec, manifest, input_size, start)
-            images = sum(len(s) for s in splits.values())
-            self._store(prefix, start, splits)
-            source: Literal["derived", "computed"] = "computed"
-        else:
-            start, splits, source = nearest, self._load(prefix, nearest), "derived"
-        if start < boundary:
-            splits = self._derive(net, splits, start, boundary)
-            self._store(prefix, boundary, splits)
+            computed = self._from_images(net, spec, manifest, input_size, start, to_compute)
+            images = sum(len(s) for s in computed[to_compute[0]].values())
+            for view, splits in computed.items():
+                self._store(prefix, start, splits, view)
+                if start < boundary:
+                    splits = self._derive(net, splits, start, boundary)
+                    self._store(prefix, boundary, splits, view)
+                found[view], sources[view] = splits, "computed"
         seconds = time.perf_counter() - started
-        log.info("activation cache %s/b%02d: %s in %.1fs (%d images through the network)", prefix, boundary,
-                 source, seconds, images)
-        return CachedActivations(boundary, splits, source, seconds, images, keys=self._keys(prefix, boundary))
+        source = sources[IDENTITY]
+        if source != "hit" or len(wanted) > 1:
+            log.info("activation cache %s/b%02d: %s in %.1fs (%d images through the network%s)", prefix, boundary,
+                     source, seconds, images,
+                     "" if len(wanted) == 1 else f"; views {', '.join(f'{v}: {sources[v]}' for v in wanted[1:])}")
+        keys = [k for view in wanted for k in self._keys(prefix, boundary, view)]
+        return CachedActivations(boundary, found[IDENTITY], source, seconds,  # type: ignore[arg-type]
+                                 images, keys=keys, views={v: found[v] for v in wanted[1:]})
 
     # -- storage ---------------------------------------------------------------------------
 
     @staticmethod
-    def _dir(prefix: str, boundary: int) -> str:
-        return f"{prefix}/b{boundary:03d}"
+    def _dir(prefix: str, boundary: int, view: str = IDENTITY) -> str:
+        d = f"{prefix}/b{boundary:03d}"
+        return d if view == IDENTITY else f"{d}/views/{view}"
 
-    def _keys(self, prefix: str, boundary: int) -> list[str]:
-        d = self._dir(prefix, boundary)
+    def _keys(self, prefix: str, boundary: int, view: str = IDENTITY) -> list[str]:
+        d = self._dir(prefix, boundary, view)
         return [f"{d}/index.json", *(f"{d}/{s}.npy" for s in SPLITS)]
 
-    def _complete(self, prefix: str, boundary: int) -> bool:
-        return self.objects.exists(f"{self._dir(prefix, boundary)}/index.json")
+    def _complete(self, prefix: str, boundary: int, view: str = IDENTITY) -> bool:
+        return self.objects.exists(f"{self._dir(prefix, boundary, view)}/index.json")
 
-    def _cached_boundaries(self, prefix: str) -> list[int]:
+    def _cached_boundaries(self, prefix: str, view: str = IDENTITY) -> list[int]:
         found = []
+        tail = ["index.json"] if view == IDENTITY else ["views", view, "index.json"]
         for info in self.objects.list(prefix + "/"):
             parts = info.key[len(prefix) + 1:].split("/")
-            if len(parts) == 2 and parts[1] == "index.json" and parts[0].startswith("b"):
+            if len(parts) == 1 + len(tail) and parts[1:] == tail and parts[0].startswith("b"):
                 found.append(int(parts[0][1:]))
         return found
 
     def _local(self, key: str) -> Path:
         return self.work_dir / "cache" / key
 
-    def _load(self, prefix: str, boundary: int) -> dict[str, SplitArrays]:
-        d = self._dir(prefix, boundary)
+    def _load(self, prefix: str, boundary: int, view: str = IDENTITY) -> dict[str, SplitArrays]:
+        d = self._dir(prefix, boundary, view)
         index = self.objects.get_json(f"{d}/index.json")
         out: dict[str, SplitArrays] = {}
         for split in SPLITS:
@@ -275,8 +299,8 @@ class ActivationCache:
             out[split] = SplitArrays(np.load(local, mmap_mode="r"), list(meta["labels"]), list(meta["item_ids"]))
         return out
 
-    def _store(self, prefix: str, boundary: int, splits: dict[str, SplitArrays]) -> None:
-        d = self._dir(prefix, boundary)
+    def _store(self, prefix: str, boundary: int, splits: dict[str, SplitArrays], view: str = IDENTITY) -> None:
+        d = self._dir(prefix, boundary, view)
         for split in SPLITS:
             key = f"{d}/{split}.npy"
             local = self._local(key)
@@ -289,6 +313,7 @@ class ActivationCache:
             splits[split] = SplitArrays(np.load(local, mmap_mode="r"), splits[split].labels, splits[split].item_ids)
         index = {
             "boundary": boundary,
+            "view": view,
             "shape": list(splits["train"].x.shape[1:]),
             "dtype": "float16",
             "splits": {s: {"item_ids": splits[s].item_ids, "labels": splits[s].labels} for s in SPLITS},
@@ -306,8 +331,10 @@ class ActivationCache:
             )
 
     def _from_images(
-        self, net: StagedNetwork, spec: NetworkSpec, manifest: Manifest, input_size: int, boundary: int
-    ) -> dict[str, SplitArrays]:
+        self, net: StagedNetwork, spec: NetworkSpec, manifest: Manifest, input_size: int, boundary: int,
+        views: Sequence[str] = (IDENTITY,),
+    ) -> dict[str, dict[str, SplitArrays]]:
+        """Each view's splits at ``boundary``; every image is fetched and decoded once for all views."""
         items = cached_items(manifest)
         if not any(items.values()):
             raise InvalidInput(f"manifest {manifest.dataset_id}: no labeled items to train on")
@@ -317,17 +344,19 @@ class ActivationCache:
         fn: ArrayFn = (lambda x: x) if boundary == 0 else self.runner.compile(prefix, example)
         with torch.inference_mode():
             row_shape = tuple(prefix(example).shape[1:])
-        out: dict[str, SplitArrays] = {}
+        out: dict[str, dict[str, SplitArrays]] = {v: {} for v in views}
         for split in SPLITS:
             rows = items[split]
-            self._check_size(len(rows), row_shape)
-            x = np.zeros((len(rows), *row_shape), dtype=np.float16)
+            self._check_size(len(rows) * len(views), row_shape)
+            xs = {v: np.zeros((len(rows), *row_shape), dtype=np.float16) for v in views}
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start:start + self.batch_size]
                 arr = load_arrays(self.objects, chunk, size=input_size, channels=spec.in_channels)
-                batch = to_tensor(arr, run_spec).numpy()
-                x[start:start + len(chunk)] = fn(batch)
-            out[split] = SplitArrays(x, [str(i.label) for i in rows], [i.item_id for i in rows])
+                for view in views:
+                    batch = to_tensor(apply_view(view, arr), run_spec).numpy()
+                    xs[view][start:start + len(chunk)] = fn(batch)
+            for view in views:
+                out[view][split] = SplitArrays(xs[view], [str(i.label) for i in rows], [i.item_id for i in rows])
         return out
 
     def _derive(

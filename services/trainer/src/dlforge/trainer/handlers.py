@@ -12,13 +12,13 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dlforge.common.errors import InvalidInput, NotFound
 from dlforge.common.events import UniqueClasses
@@ -29,7 +29,8 @@ from dlforge.trainer.monitor import EpochHook, JobMonitor
 from dlforge.trainer.params import EpochMetrics, EvalSummary, RunOptions, TrainParams
 from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.stages import staged
-from dlforge.trainer.training import TrainData, evaluate, stratified_sample, stratified_split
+from dlforge.trainer.training import FitResult, TrainData, evaluate, fit, stratified_sample, stratified_split
+from dlforge.trainer.views import IDENTITY, parse_views
 from dlforge.vision.manifest import Manifest
 from dlforge.vision.networks import Classifier, build_network, load_checkpoint, save_checkpoint, spec_of
 
@@ -52,6 +53,23 @@ class TrainingRequest(BaseModel):
     sample_fraction: float = Field(default=1.0, gt=0.0, le=1.0, description="stratified share of the train split")
     sample_seed: int = 0
     evaluate_test: bool = True
+    views: str = Field(default="none", description="label-preserving views to train on: none | flips | dihedral "
+                       "| a comma list of identity, hflip, vflip, rot90, rot180, rot270, transpose, antitranspose. "
+                       "Only for data whose labels survive them (defect cells yes, digits no)")
+    check_views: bool = Field(default=False, description="keep only the declared views that a model trained "
+                              "without them still classifies on the val items (see run_training)")
+    label_weighting: Literal["confidence", "none"] = Field(
+        default="confidence", description="'confidence': an auto-label's loss weight is its confidence, a "
+        "person's label weighs 1; 'none': every label weighs 1")
+
+    @field_validator("views")
+    @classmethod
+    def _known_views(cls, value: str) -> str:
+        try:
+            parse_views(value)
+        except InvalidInput as exc:
+            raise ValueError(str(exc)) from exc
+        return value
 
     @model_validator(mode="after")
     def _model_source(self) -> TrainingRequest:
@@ -91,6 +109,10 @@ class TrainingOutcome:
     test: EvalSummary | None = None
     no_of_workers: int = 1
     val_source: str = "all"
+    best_epoch: int = 0  # with early stopping: the epoch whose weights the model holds (0: the last)
+    early_stopped: bool = False
+    views: list[str] = field(default_factory=lambda: [IDENTITY])  # the views the model was trained on
+    view_check: dict[str, float] = field(default_factory=dict)  # val accuracy per declared view of the probe
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly description (no weights)."""
@@ -112,6 +134,10 @@ class TrainingOutcome:
             "test": self.test.model_dump() if self.test else None,
             "no_of_workers": self.no_of_workers,
             "val_source": self.val_source,
+            "best_epoch": self.best_epoch,
+            "early_stopped": self.early_stopped,
+            "views": self.views,
+            "view_check": self.view_check,
             "metrics": flat_metrics(self),
         }
 
@@ -125,7 +151,10 @@ def flat_metrics(outcome: TrainingOutcome) -> dict[str, float]:
         "cache_seconds": outcome.cache_seconds,
         "train_rows": float(outcome.train_rows),
         "no_of_workers": float(outcome.no_of_workers),
+        "views": float(len(outcome.views)),
     }
+    if outcome.best_epoch:
+        out["best_epoch"] = float(outcome.best_epoch)
     if outcome.epochs:
         last = outcome.epochs[-1]
         out["train_loss"] = last.train_loss
@@ -155,6 +184,7 @@ class TrainerConfig:
     cache_max_mb: int = 2048
     input_size: int | None = None
     val_people_min: int = 30
+    view_tolerance: float = 0.05
 
     @classmethod
     def from_settings(cls, s: TrainerSettings) -> TrainerConfig:
@@ -168,6 +198,7 @@ class TrainerConfig:
             cache_max_mb=s.trainer_cache_max_mb,
             input_size=s.trainer_input_size,
             val_people_min=s.trainer_val_people_min,
+            view_tolerance=s.trainer_view_tolerance,
         )
 
 
@@ -204,8 +235,30 @@ def _indices(labels: list[str], classes: list[str], split: str) -> np.ndarray:
     return np.array([index[lab] for lab in labels], dtype=np.int64)
 
 
+def row_weights(manifest: Manifest, *, mode: str) -> dict[str, float] | None:
+    """The loss weight of each labeled item: 1 for a person's label, the confidence of any other (None: all 1).
+
+    ``mode`` ``"confidence"`` weighs auto-labels (and generated items that carry one) by their
+    confidence, clipped to [0, 1]; a label without a confidence weighs 1. ``"none"``: no weights.
+    """
+    if mode == "none":
+        return None
+    if mode != "confidence":
+        raise InvalidInput(f"label weighting {mode!r}: give 'confidence' or 'none'")
+    out: dict[str, float] = {}
+    for item in manifest.items:
+        if item.label is None:
+            continue
+        if item.labeled_by_people or item.confidence is None:
+            out[item.item_id] = 1.0
+        else:
+            out[item.item_id] = min(1.0, max(0.0, float(item.confidence)))
+    return out
+
+
 def build_data(acts: CachedActivations, classes: list[str], *, sample_fraction: float, sample_seed: int,
                val_people: set[str] | None = None, val_people_min: int = 0,
+               weights: dict[str, float] | None = None,
                ) -> tuple[TrainData, tuple[np.ndarray, np.ndarray] | None, str]:
     """Train/val arrays from the cache (stratified train sample; val carved from train if absent), test, val source.
 
@@ -214,10 +267,16 @@ def build_data(acts: CachedActivations, classes: list[str], *, sample_fraction: 
     those labels whatever it is worth, and the tuner would prefer it. So when at least ``val_people_min``
     val items were labeled by people and they cover every val class, validation (and with it the tuner's
     objective and early stopping) uses only them; the third value says which: ``"people"`` or ``"all"``.
+
+    ``weights`` (item id -> loss weight, see :func:`row_weights`) become ``train_w``; the other views of
+    ``acts`` become ``train_views`` and ``val_views`` with the same rows as ``train_x`` and ``val_x``.
     """
     train, val, test = acts.splits["train"], acts.splits["val"], acts.splits["test"]
+    view_names = list(acts.views)
     train_y = _indices(train.labels, classes, "train")
     train_x: np.ndarray = train.x
+    train_v: list[np.ndarray] = [acts.views[v]["train"].x for v in view_names]
+    train_w = None if weights is None else np.array([weights.get(i, 1.0) for i in train.item_ids], dtype=np.float32)
     source = "all"
     if len(val) == 0:
         kept, held = stratified_split(train_y, VAL_FALLBACK_FRACTION, seed=sample_seed)
@@ -225,21 +284,75 @@ def build_data(acts: CachedActivations, classes: list[str], *, sample_fraction: 
             raise InvalidInput("the manifest has no val split and too few train items to hold some out")
         log.warning("no val split in the manifest: holding out %d train items for validation", len(held))
         val_x, val_y = np.asarray(train_x[held]), train_y[held]
+        val_v = [np.asarray(v[held]) for v in train_v]
         train_x, train_y = np.asarray(train_x[kept]), train_y[kept]
+        train_v = [np.asarray(v[kept]) for v in train_v]
+        train_w = None if train_w is None else train_w[kept]
     else:
         val_x, val_y = val.x, _indices(val.labels, classes, "val")
+        val_v = [acts.views[v]["val"].x for v in view_names]
         if val_people is not None and val_people_min > 0:
             rows = np.array([i for i, item in enumerate(val.item_ids) if item in val_people], dtype=np.int64)
             if (val_people_min <= len(rows) < len(val_y)
                     and set(val_y[rows].tolist()) == set(val_y.tolist())):
                 val_x, val_y, source = np.asarray(val_x[rows]), val_y[rows], "people"
+                val_v = [np.asarray(v[rows]) for v in val_v]
     if len(train_y) == 0:
         raise InvalidInput("the manifest has no labeled train items")
     if sample_fraction < 1.0:
         rows = stratified_sample(train_y, sample_fraction, seed=sample_seed)
         train_x, train_y = np.asarray(train_x[rows]), train_y[rows]
+        train_v = [np.asarray(v[rows]) for v in train_v]
+        train_w = None if train_w is None else train_w[rows]
     test_xy = (test.x, _indices(test.labels, classes, "test")) if len(test) else None
-    return TrainData(train_x, train_y, val_x, val_y, list(classes)), test_xy, source
+    data = TrainData(train_x, train_y, val_x, val_y, list(classes), train_w=train_w, train_views=train_v,
+                     val_views=dict(zip(view_names, val_v, strict=True)))
+    return data, test_xy, source
+
+
+@dataclass
+class ViewCheck:
+    """Which declared views a model trained without them still classifies the people-labeled val items under."""
+
+    val_accuracy: dict[str, float]  # per view, the identity included
+    kept: list[str]  # views within the tolerance of the identity's accuracy (the identity first)
+    tolerance: float
+    count: int  # val items the check rests on
+
+
+def check_views(tail: torch.nn.Module, data: TrainData, *, tolerance: float) -> ViewCheck:
+    """Keep a declared view if ``tail``, trained on the identity only, loses <= ``tolerance`` val accuracy under it.
+
+    A view that changes the label (a quarter turn of a "6", a mirrored "2") makes the model's answer
+    wrong on most items it moves; a label-preserving one costs little, even to a model that never saw it.
+    """
+    base = evaluate(tail, data.val_x, data.val_y, data.classes).accuracy
+    acc = {IDENTITY: base}
+    kept = [IDENTITY]
+    for view, x in data.val_views.items():
+        acc[view] = evaluate(tail, x, data.val_y, data.classes).accuracy
+        if acc[view] >= base - tolerance:
+            kept.append(view)
+    return ViewCheck(val_accuracy=acc, kept=kept, tolerance=tolerance, count=len(data.val_y))
+
+
+class _QuietListener:
+    """Listens to the view check's probe training: nothing is reported, nothing stops it."""
+
+    def on_step(self, step: int, loss: float) -> None:
+        """Probe steps are not reported."""
+
+    def on_epoch(self, metrics: EpochMetrics) -> bool:
+        return True
+
+    def on_checkpoint(self, step: int, epoch: int, state: dict[str, torch.Tensor] | None) -> None:
+        """The probe is not checkpointed."""
+
+
+def with_views(data: TrainData, names: list[str], kept: list[str]) -> TrainData:
+    """``data`` with only the train views whose names (in ``names`` order) are in ``kept``."""
+    chosen = [v for name, v in zip(names, data.train_views, strict=True) if name in kept]
+    return replace(data, train_views=chosen, val_views={k: v for k, v in data.val_views.items() if k in kept})
 
 
 def run_training(
@@ -251,7 +364,13 @@ def run_training(
     config: TrainerConfig,
     on_epoch: EpochHook | None = None,
 ) -> TrainingOutcome:
-    """Train one job (see the module docstring); raises InvalidInput for a request that cannot work."""
+    """Train one job (see the module docstring); raises InvalidInput for a request that cannot work.
+
+    With views declared (``request.views``) and ``request.check_views``, a probe is first trained
+    without them; the views it still classifies within ``config.view_tolerance`` on the val items are
+    kept and the job trains with those (if none is kept it trains without views). The probe's weights
+    are kept instead when they score a higher val accuracy than the model trained with views.
+    """
     torch.set_num_threads(config.threads)
     config.work_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -269,16 +388,33 @@ def run_training(
     cache = ActivationCache(objects, work_dir=config.work_dir, runner=prefix_runner(config.prefix_runner,
                             threads=config.threads), batch_size=config.cache_batch_size,
                             max_bytes=config.cache_max_mb << 20)
+    views = parse_views(request.views)
     acts = cache.get(net=net, spec=spec, manifest=manifest, manifest_digest=manifest_digest(raw_manifest),
                      weights_digest=weights_digest, input_size=input_size, boundary=boundary,
-                     from_boundary=net.boundary(from_unfreeze))
+                     from_boundary=net.boundary(from_unfreeze), views=views)
     val_people = {i.item_id for i in manifest.by_split("val") if i.labeled_by_people}
     data, test_xy, val_source = build_data(acts, request.classes, sample_fraction=request.sample_fraction,
                                            sample_seed=request.sample_seed, val_people=val_people,
-                                           val_people_min=config.val_people_min)
+                                           val_people_min=config.val_people_min,
+                                           weights=row_weights(manifest, mode=request.label_weighting))
     if val_source == "people":
         log.info("validating on the %d val items labeled by people (of %d)", len(data.val_y), len(acts.splits["val"]))
     tail = net.tail(request.hparams.unfreeze)
+    view_names = list(acts.views)
+    check: ViewCheck | None = None
+    probe: tuple[dict[str, torch.Tensor], FitResult, float] | None = None
+    if request.check_views and view_names:
+        initial = {k: v.detach().clone() for k, v in tail.state_dict().items()}
+        torch.set_num_threads(config.train_threads)
+        probe_result = fit(tail, with_views(data, view_names, []), request.hparams, listener=_QuietListener())
+        check = check_views(tail, data, tolerance=config.view_tolerance)
+        log.info("view check on %d val items: accuracy %s; kept %s", check.count,
+                 {k: round(v, 4) for k, v in check.val_accuracy.items()}, check.kept)
+        probe = ({k: v.detach().clone() for k, v in tail.state_dict().items()}, probe_result,
+                 check.val_accuracy[IDENTITY])
+        tail.load_state_dict(initial)
+        data = with_views(data, view_names, check.kept)
+    used = [IDENTITY, *(v for v in view_names if check is None or v in check.kept)]
     with tempfile.TemporaryDirectory(dir=config.work_dir, prefix=f"job-{job_id[:40]}-") as tmp:
         monitor = JobMonitor(objects=objects, key_prefix=key_prefix, log_dir=Path(tmp) / "tensorboard", model=model,
                              tail=tail, arch=arch, classes=request.classes, on_epoch=on_epoch,
@@ -289,13 +425,26 @@ def run_training(
                      work_dir=Path(tmp))
         started = time.perf_counter()
         try:
-            result = engine_for(request.run_config.engine).run(job, monitor)
+            if probe is not None and not data.train_views:
+                tail.load_state_dict(probe[0])  # no view kept: the probe is the model
+                result = probe[1]
+                for m in result.epochs:
+                    monitor.on_epoch(m)
+            else:
+                result = engine_for(request.run_config.engine).run(job, monitor)
         finally:
             monitor.close()
         train_seconds = time.perf_counter() - started
     torch.set_num_threads(config.threads)
     state = "diverged" if result.diverged else "stopped" if result.stopped else "completed"
     val = evaluate(tail, data.val_x, data.val_y, request.classes, split="val")
+    if probe is not None and data.train_views and not result.stopped and probe[2] > val.accuracy:
+        log.info("the model trained without views scores higher on val (%.4f > %.4f): keeping it",
+                 probe[2], val.accuracy)
+        tail.load_state_dict(probe[0])
+        result, used = probe[1], [IDENTITY]
+        state = "diverged" if result.diverged else "completed"
+        val = evaluate(tail, data.val_x, data.val_y, request.classes, split="val")
     test = None
     if request.evaluate_test and test_xy is not None:
         test = evaluate(tail, test_xy[0], test_xy[1], request.classes, split="test")
@@ -305,6 +454,8 @@ def run_training(
         logs_prefix=monitor.logs_prefix, cache_source=acts.source, cache_seconds=acts.seconds,
         train_seconds=train_seconds, train_rows=len(data.train_y), val=val, test=test,
         no_of_workers=request.run_config.no_of_workers, val_source=val_source,
+        best_epoch=result.best_epoch, early_stopped=result.early_stopped, views=used,
+        view_check=check.val_accuracy if check else {},
     )
 
 

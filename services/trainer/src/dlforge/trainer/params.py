@@ -25,6 +25,10 @@ class TrainParams(BaseModel):
     class_weighting: Literal["none", "balanced"] = Field(
         default="balanced", description="'balanced' weighs the loss by inverse class frequency"
     )
+    patience: int = Field(
+        default=0, ge=0, le=1000, description="early stopping: stop after this many epochs without a better val "
+        "accuracy and keep the best epoch's weights (0: train every epoch, keep the last)",
+    )
     seed: int = 0
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from dlforge.common.errors import InvalidInput
 from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.trainer.views import parse_views
 
 
 class TrainerSettings(CommonSettings):
@@ -36,6 +38,41 @@ class TrainerSettings(CommonSettings):
     trainer_val_people_min: int = Field(
         default=30, ge=0, description="validate on the val items people labeled when there are at least this "
         "many (and every val class is among them); 0 validates on every val item, auto-labels included")
+
+    trainer_final_epochs: int | None = Field(
+        default=30, ge=1, le=1000, description="final training: at most this many epochs, stopped early on "
+        "validation (DLFORGE_TRAINER_FINAL_PATIENCE) with the best epoch's weights kept; unset: the run's "
+        "train_epochs, every epoch trained")
+    trainer_final_patience: int = Field(
+        default=5, ge=0, le=1000, description="final training: stop after this many epochs without a better "
+        "val accuracy (0: no early stopping)")
+    trainer_final_views: str = Field(
+        default="flips", description="final training: label-preserving views (none | flips | dihedral | a comma "
+        "list, see dlforge.trainer.views) cached and sampled one per item per epoch")
+    trainer_check_views: bool = Field(
+        default=True, description="final training: keep only the views that a model trained without them "
+        "still classifies on the val items (within DLFORGE_TRAINER_VIEW_TOLERANCE); off: trust the declared set")
+    trainer_view_tolerance: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="largest val accuracy a view may cost the probe to be kept")
+    trainer_label_weighting: str = Field(
+        default="confidence", description="'confidence': auto-labels weigh their confidence in the loss, "
+        "people's labels 1; 'none': every label weighs 1")
+
+    @field_validator("trainer_final_views")
+    @classmethod
+    def _known_views(cls, value: str) -> str:
+        try:
+            parse_views(value)
+        except InvalidInput as exc:
+            raise ValueError(f"DLFORGE_TRAINER_FINAL_VIEWS: {exc}") from exc
+        return value
+
+    @field_validator("trainer_label_weighting")
+    @classmethod
+    def _known_weighting(cls, value: str) -> str:
+        if value not in ("confidence", "none"):
+            raise ValueError(f"DLFORGE_TRAINER_LABEL_WEIGHTING: {value!r} is not one of confidence, none")
+        return value
 
 
 def trainer_settings(base: CommonSettings | None = None) -> TrainerSettings:

@@ -4,6 +4,12 @@
 alone, under DDP and under Horovod (wrapping the model/optimizer, agreeing on "go on").
 Rank 0 evaluates on the validation split after each epoch and tells its :class:`FitListener`, whose
 answer (go on, or stop: e.g. the trial was pruned) every rank follows.
+
+What the loss sees (each behind :class:`TrainParams` or :class:`TrainData`, see :func:`weighted_loss`):
+class weights (``class_weighting``), a weight per row (``TrainData.train_w``: the confidence of an
+auto-label, 1 for a person's), and one of the row's cached views per epoch (``TrainData.train_views``).
+With ``patience`` > 0 training stops when validation has not improved for that many epochs, and the
+tail ends with the weights of its best epoch (highest val accuracy; lower val loss breaks ties).
 """
 
 from __future__ import annotations
@@ -23,13 +29,30 @@ from dlforge.trainer.params import EpochMetrics, EvalSummary, TrainParams
 
 @dataclass
 class TrainData:
-    """Cached activations (float16 or float32) and class indices of the train and val rows."""
+    """Cached activations (float16 or float32) and class indices of the train and val rows.
+
+    ``train_w``: a loss weight per train row (None: all 1). ``train_views``: the train rows under other
+    label-preserving views (same row order as ``train_x``); each epoch a row is seen under one view
+    (the identity included) drawn uniformly. ``val_views``: the val rows under the same views (for
+    checking them and test-time averaging; training does not read them).
+    """
 
     train_x: np.ndarray
     train_y: np.ndarray
     val_x: np.ndarray
     val_y: np.ndarray
     classes: list[str]
+    train_w: np.ndarray | None = None
+    train_views: list[np.ndarray] = field(default_factory=list)
+    val_views: dict[str, np.ndarray] = field(default_factory=dict)  # val rows under the other views, by name
+
+    def __post_init__(self) -> None:
+        n = len(self.train_y)
+        if self.train_w is not None and len(self.train_w) != n:
+            raise ValueError(f"train_w has {len(self.train_w)} rows, train_y {n}")
+        for v in self.train_views:
+            if v.shape != self.train_x.shape:
+                raise ValueError(f"a train view has shape {v.shape}, train_x {self.train_x.shape}")
 
 
 @dataclass
@@ -39,6 +62,8 @@ class FitResult:
     stopped: bool = False  # the listener said stop (pruned, cancelled), possibly after the last epoch
     diverged: bool = False
     seconds: float = 0.0
+    early_stopped: bool = False  # validation did not improve for ``patience`` epochs
+    best_epoch: int = 0  # with patience: the epoch whose weights the tail holds at the end (0: the last)
 
 
 class FitListener(Protocol):
@@ -95,6 +120,42 @@ def class_weights(y: np.ndarray, n_classes: int, mode: str) -> torch.Tensor | No
     return torch.tensor(w, dtype=torch.float32)
 
 
+def weighted_loss(logits: torch.Tensor, y: torch.Tensor, *, class_weight: torch.Tensor | None = None,
+                  row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy weighted per row by ``class_weight[y_i] * row_weight_i``, normalized by the weights' sum.
+
+    ``sum_i c_{y_i} w_i CE_i / sum_i c_{y_i} w_i`` -- with ``row_weight`` None this is exactly
+    ``nn.CrossEntropyLoss(weight=class_weight)``; a batch whose weights are all 0 has loss 0.
+    """
+    ce = nn.functional.cross_entropy(logits, y, reduction="none")
+    w = torch.ones_like(ce)
+    if class_weight is not None:
+        w = w * class_weight[y]
+    if row_weight is not None:
+        w = w * row_weight
+    total = w.sum()
+    return (w * ce).sum() / total.clamp_min(torch.finfo(ce.dtype).tiny) if float(total) > 0 else (ce * 0.0).sum()
+
+
+def better(metrics: EpochMetrics, best: EpochMetrics | None) -> bool:
+    """Whether ``metrics`` beats ``best`` for early stopping: higher val accuracy, then lower val loss."""
+    if best is None:
+        return True
+    acc, best_acc = metrics.val_accuracy, best.val_accuracy
+    if not math.isfinite(acc):
+        return False
+    if not math.isfinite(best_acc) or acc > best_acc:
+        return True
+    return acc == best_acc and metrics.val_loss < best.val_loss
+
+
+def view_choice(n_rows: int, n_views: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The view (0: identity, k: ``train_views[k - 1]``) of each train row in ``epoch``; the same on every rank."""
+    if n_views <= 1:
+        return np.zeros(n_rows, dtype=np.int64)
+    return np.random.default_rng([seed, epoch]).integers(0, n_views, size=n_rows)
+
+
 def stratified_sample(labels: np.ndarray, fraction: float, *, seed: int) -> np.ndarray:
     """Sorted row indices: ``fraction`` of each class (at least one row of every present class).
 
@@ -122,6 +183,19 @@ def stratified_split(labels: np.ndarray, fraction: float, *, seed: int) -> tuple
     held_out = np.sort(np.concatenate(held)) if held else np.arange(0)
     kept = np.setdiff1d(np.arange(len(labels)), held_out)
     return kept, held_out
+
+
+def _rows(data: TrainData, idx: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """Train rows ``idx`` (sorted), each under its view, as float32."""
+    if not data.train_views:
+        return np.asarray(data.train_x[idx], dtype=np.float32)
+    out = np.empty((len(idx), *data.train_x.shape[1:]), dtype=np.float32)
+    sources = [data.train_x, *data.train_views]
+    chosen = views[idx]
+    for k in np.unique(chosen):
+        mask = chosen == k
+        out[mask] = sources[k][idx[mask]]
+    return out
 
 
 def _batches(x: np.ndarray, size: int) -> Iterator[torch.Tensor]:
@@ -192,10 +266,11 @@ def fit(
     summary_every_steps: int = 10,
     device: torch.device | None = None,
 ) -> FitResult:
-    """Train ``tail`` on ``data`` for ``hp.epochs`` epochs (or until the listener says stop).
+    """Train ``tail`` on ``data`` for ``hp.epochs`` epochs (or until the listener says stop, or early stopping).
 
     ``hp.batch_size`` is global: each of ``world`` ranks takes ``batch_size // world`` rows per step, so
-    a run has the same number of optimizer steps per epoch whatever the number of workers.
+    a run has the same number of optimizer steps per epoch whatever the number of workers. With
+    ``hp.patience`` > 0, rank 0 keeps a copy of the best epoch's weights and loads it at the end.
     """
     coll = collective or Collective()
     device = device or torch.device("cpu")
@@ -205,7 +280,11 @@ def fit(
     trainable = [p for p in tail.parameters() if p.requires_grad]
     optimizer = coll.wrap_optimizer(make_optimizer(trainable, hp), tail)
     weights = class_weights(data.train_y, len(data.classes), hp.class_weighting)
-    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    class_weight = weights.to(device) if weights is not None else None
+    row_weights = None if data.train_w is None else np.asarray(data.train_w, dtype=np.float32)
+    n_views = 1 + len(data.train_views)
+    best: EpochMetrics | None = None
+    best_state: dict[str, torch.Tensor] | None = None
     per_rank = max(1, hp.batch_size // coll.world)
     sampler: torch.utils.data.DistributedSampler[int] = torch.utils.data.DistributedSampler(
         _Rows(len(data.train_y)), num_replicas=coll.world, rank=coll.rank, shuffle=True, seed=hp.seed
@@ -215,16 +294,18 @@ def fit(
     for epoch in range(1, hp.epochs + 1):
         sampler.set_epoch(epoch)
         order = np.fromiter(iter(sampler), dtype=np.int64)
+        views = view_choice(len(data.train_y), n_views, seed=hp.seed, epoch=epoch)
         model.train()
         _freeze_batchnorm_statistics(tail)
         t0 = time.perf_counter()
         loss_sum, rows = 0.0, 0
         for lo in range(0, len(order), per_rank):
             idx = np.sort(order[lo:lo + per_rank])  # sorted: contiguous reads from the memory-mapped cache
-            xb = torch.from_numpy(np.asarray(data.train_x[idx], dtype=np.float32)).to(device)
+            xb = torch.from_numpy(_rows(data, idx, views)).to(device)
             yb = torch.from_numpy(data.train_y[idx].astype(np.int64)).to(device)
+            wb = None if row_weights is None else torch.from_numpy(row_weights[idx]).to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(xb), yb)
+            loss = weighted_loss(model(xb), yb, class_weight=class_weight, row_weight=wb)
             loss.backward()
             optimizer.step()
             result.steps += 1
@@ -255,10 +336,19 @@ def fit(
             if not math.isfinite(train_loss):
                 result.diverged = True
             go_on = listener.on_epoch(metrics) and not result.diverged
-        go_on = coll.agree(go_on)
+            if hp.patience and go_on:
+                if better(metrics, best):
+                    best = metrics
+                    best_state = {k: v.detach().clone() for k, v in tail.state_dict().items()}
+                elif epoch - best.epoch >= hp.patience:  # type: ignore[union-attr]
+                    result.early_stopped = True
+        go_on = coll.agree(go_on and not result.early_stopped)
         if not go_on:
-            result.stopped = True
+            result.stopped = not result.early_stopped
             result.diverged = result.diverged or (coll.rank != 0 and not math.isfinite(loss_sum))
             break
+    if coll.rank == 0 and best is not None and best_state is not None and not result.diverged:
+        tail.load_state_dict(best_state)
+        result.best_epoch = best.epoch
     result.seconds = time.perf_counter() - started
     return result

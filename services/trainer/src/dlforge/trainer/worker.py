@@ -76,6 +76,7 @@ async def on_trial(event: Event, ctx: HandlerContext) -> Event | None:
             hparams=hparams, run_config=RunOptions(summary_every_steps=settings.trainer_summary_every_steps,
                                                    input_size=settings.trainer_input_size),
             sample_fraction=p.sample_fraction, sample_seed=stable_seed(p.study_name), evaluate_test=False,
+            label_weighting=settings.trainer_label_weighting,  # type: ignore[arg-type]
         )
     except ValidationError as exc:
         return completed("failed", None, f"invalid trial parameters: {exc}")
@@ -134,8 +135,12 @@ async def on_hpo_completed(event: Event, ctx: HandlerContext) -> Event:
         log.info("%s: the final model exists already; re-emitting model.trained", job_id)
         return trained(existing["params"], existing["metrics"], int(existing["no_of_workers"]))
     try:
-        hparams = TrainParams.model_validate({**p.best_params, "epochs": p.options.train_epochs})
+        epochs = settings.trainer_final_epochs or p.options.train_epochs
+        patience = settings.trainer_final_patience if settings.trainer_final_epochs else 0
+        hparams = TrainParams.model_validate({**p.best_params, "epochs": epochs, "patience": patience})
         request = TrainingRequest(
+            views=settings.trainer_final_views, check_views=settings.trainer_check_views,
+            label_weighting=settings.trainer_label_weighting,  # type: ignore[arg-type]
             arch=p.arch, weights_key=p.weights_key, manifest_key=p.manifest_key, classes=p.classes, hparams=hparams,
             run_config=RunOptions(no_of_workers=p.options.no_of_workers,
                                   checkpoint_every_steps=settings.trainer_checkpoint_every_steps,
