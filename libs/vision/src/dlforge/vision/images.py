@@ -10,6 +10,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from dlforge.common.errors import InvalidInput
+from dlforge.vision import observe
 from dlforge.vision.networks import NetworkSpec
 
 Image.MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs beyond 64 MP
@@ -17,6 +18,7 @@ Image.MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs beyond 64 MP
 
 def decode(data: bytes, *, name: str = "image") -> Image.Image:
     """Decode and fully load an image; raises InvalidInput saying why it cannot be read."""
+    observe.notify_decoded(data)
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -27,6 +29,25 @@ def decode(data: bytes, *, name: str = "image") -> Image.Image:
     if img.width < 8 or img.height < 8:
         raise InvalidInput(f"{name}: image is {img.width}x{img.height}, smaller than 8x8")
     return img
+
+
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+
+
+def canonical_pixels(img: Image.Image) -> np.ndarray:
+    """The decoded image as stored in the feature store: uint8 H x W (gray modes) or H x W x 3.
+
+    ``to_array(Image.fromarray(canonical_pixels(img)), ...)`` equals ``to_array(img, ...)`` for
+    gray and RGB images (conversions between L and RGB are the same either way).
+    """
+    if img.mode in _GRAY_MODES:
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def from_pixels(pixels: np.ndarray, *, size: int, channels: int) -> np.ndarray:
+    """:func:`to_array` of canonical pixels (uint8 H x W or H x W x 3)."""
+    return to_array(Image.fromarray(pixels), size=size, channels=channels)
 
 
 def to_array(img: Image.Image, *, size: int, channels: int) -> np.ndarray:

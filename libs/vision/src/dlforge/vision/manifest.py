@@ -15,7 +15,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from dlforge.common.objects import ObjectStore
-from dlforge.vision.images import decode, to_array
+from dlforge.vision.features import FeatureKey, FeatureKind, FeatureStore, feature_store
+from dlforge.vision.images import canonical_pixels, decode, from_pixels
 
 # "needs_review": the labeler could not auto-label the item within the run's error guarantee; it has no
 # label and waits for people
@@ -91,16 +92,41 @@ def save_manifest(objects: ObjectStore, key: str, manifest: Manifest) -> None:
     objects.put_bytes(key, manifest.model_dump_json().encode(), content_type="application/json")
 
 
+PIXELS = FeatureKind("pixels", preprocess="pil-decode/L-or-RGB/v1")
+"""Decoded images at their own size (see :func:`dlforge.vision.images.canonical_pixels`)."""
+
+_CHUNK = 256  # items held decoded at once by load_arrays
+
+
+def load_pixels(
+    objects: ObjectStore, items: Sequence[Item], *, threads: int = 4, store: FeatureStore | None = None
+) -> list[np.ndarray]:
+    """Decoded pixels of ``items`` from the feature store; images not there yet are decoded once and stored."""
+    store = store or feature_store(objects)
+
+    def compute(missing: list[FeatureKey]) -> dict[FeatureKey, np.ndarray]:
+        by_content = {i.sha256: i for i in items}
+
+        def one(key: FeatureKey) -> np.ndarray:
+            item = by_content[key.content]
+            return canonical_pixels(decode(objects.get_bytes(item.key), name=item.name))
+
+        with ThreadPoolExecutor(threads) as pool:
+            return dict(zip(missing, pool.map(one, missing), strict=True))
+
+    return store.get_or_compute([FeatureKey(PIXELS, i.sha256) for i in items], compute, compress=True)
+
+
 def load_arrays(
     objects: ObjectStore, items: Iterable[Item], *, size: int, channels: int, threads: int = 4
 ) -> np.ndarray:
-    """uint8 N x size x size x channels for ``items``, fetched and decoded in parallel."""
-
-    def one(item: Item) -> np.ndarray:
-        return to_array(decode(objects.get_bytes(item.key), name=item.name), size=size, channels=channels)
-
+    """uint8 N x size x size x channels for ``items``, from the stored decoded pixels (decoded once)."""
     items = list(items)
-    if not items:
-        return np.zeros((0, size, size, channels), dtype=np.uint8)
+    out = np.zeros((len(items), size, size, channels), dtype=np.uint8)
     with ThreadPoolExecutor(threads) as pool:
-        return np.stack(list(pool.map(one, items)))
+        for start in range(0, len(items), _CHUNK):
+            pixels = load_pixels(objects, items[start:start + _CHUNK], threads=threads)
+            resized = pool.map(lambda p: from_pixels(p, size=size, channels=channels), pixels)
+            for n, arr in enumerate(resized):
+                out[start + n] = arr
+    return out
