@@ -77,8 +77,9 @@ async def collect(backends: Backends, topics: list[Topic], until: Topic, timeout
 
 
 @pytest.mark.usefixtures("stub_embedder")
+@pytest.mark.parametrize("auto_label_all", [False, True], ids=["selective", "auto-label-all"])
 async def test_simulated_annotator_round_trip_produces_dataset_labeled(
-    env: tuple[Backends, LabelerSettings],
+    env: tuple[Backends, LabelerSettings], auto_label_all: bool,
 ) -> None:
     backends, settings = env
     images = two_class_images(30)
@@ -87,8 +88,9 @@ async def test_simulated_annotator_round_trip_produces_dataset_labeled(
     stop = asyncio.Event()
     workers = [Worker(service, backends), Worker(simulated.service, backends)]
     task = asyncio.create_task(run_workers(workers, stop))
+    options = OPTIONS.model_copy(update={"auto_label_all": auto_label_all})
     try:
-        created = await ingest(backends, settings, images, dataset_id="cells")
+        created = await ingest(backends, settings, images, dataset_id="cells", options=options)
         assert created.counts["items"] == 60
         events = await collect(backends, [Topic.DATASET_UPLOADED, Topic.LABELS_REQUESTED, Topic.LABELS_SUBMITTED,
                                           Topic.DATASET_LABELED, Topic.RUN_FAILED], until=Topic.DATASET_LABELED)
@@ -109,18 +111,37 @@ async def test_simulated_annotator_round_trip_produces_dataset_labeled(
     labeled = events[-1].payload
     assert isinstance(labeled, DatasetLabeled)
     assert labeled.human_labels == len(asked) <= int(0.4 * 60)
-    assert labeled.human_labels + labeled.auto_labels == 60
+    assert labeled.human_labels + labeled.auto_labels + labeled.needs_review == 60
     assert labeled.rounds == len(requests)
     assert sorted(labeled.classes) == ["bright", "dark"]
-    assert {c.label: c.count for c in labeled.counts} == {"bright": 30, "dark": 30}
     manifest = await asyncio.to_thread(load_manifest, backends.objects, labeled.labels_key)
-    assert all(i.label and i.label_source in ("human", "auto") and i.split and i.confidence for i in manifest.items)
-    assert sum(i.label == truth[i.name] for i in manifest.items) == 60
+    assert all(i.split and i.confidence for i in manifest.items)
     assert {i.split for i in manifest.items} == {"train", "val", "test"}
     assert all(i.label_source == "human" for i in manifest.items if i.split == "test")
     record = await records.load(backends.docs, "cells")
     assert record["state"] == "labeled" and record["counts"]["human"] == labeled.human_labels
-    assert record["result"]["human_label_fraction"] <= 0.4
+    result = record["result"]
+    assert result["human_label_fraction"] <= 0.4
+    # 60 items give 6 test + 6 seed representative labels: no 2 % bound can rest on 12 items
+    # (zero errors need >= 149), so no threshold is guaranteed
+    assert result["calibration_items"] == 12 and result["auto_label_threshold"] is None
+    assert record["counts"]["needs_review"] == result["needs_review"] == labeled.needs_review
+    if auto_label_all:
+        assert labeled.needs_review == 0 and labeled.human_labels + labeled.auto_labels == 60
+        assert {c.label: c.count for c in labeled.counts} == {"bright": 30, "dark": 30}
+        assert all(i.label and i.label_source in ("human", "auto") for i in manifest.items)
+        assert sum(i.label == truth[i.name] for i in manifest.items) == 60
+        assert result["auto_label_coverage"] == 1.0
+        # the bound of labeling everything: 0 errors in 12 held-out items, 1 - 0.05 ** (1 / 12)
+        assert result["auto_label_error_bound"] == pytest.approx(1 - 0.05 ** (1 / 12), abs=1e-6)
+    else:
+        assert labeled.auto_labels == 0 and labeled.needs_review == 60 - labeled.human_labels
+        review = [i for i in manifest.items if i.label_source == "needs_review"]
+        assert len(review) == labeled.needs_review and all(i.label is None for i in review)
+        assert all(i.label == truth[i.name] for i in manifest.items if i.label_source == "human")
+        assert sum(c.count for c in labeled.counts) == labeled.human_labels
+        assert result["auto_label_coverage"] == 0.0 and result["auto_label_error_bound"] is None
+        assert any("need review" in w for w in result["warnings"])
 
 
 @pytest.mark.usefixtures("stub_embedder")

@@ -11,10 +11,16 @@ The loop, per dataset of N items:
 2. the first batch asks people for every test item without a given label, plus a representative
    seed (the item nearest each k-means centroid, ``seed_fraction * N`` of them);
 3. after each completed batch a calibrated classifier is fitted on every human and given label;
-   the items it labels with confidence >= ``target_confidence`` count as auto-labeled; the loop
-   stops when the human labels reach ``label_budget * N`` or every other item is auto-labeled,
-   otherwise the query strategy picks the next ``batch_fraction * N`` items;
-4. at the stop every remaining item gets the classifier's label and its calibrated confidence.
+   a confidence threshold is chosen on the held-out predictions of the representative
+   people-labeled items so that the auto-labels' error stays <= ``max_auto_label_error`` with 95 %
+   confidence (:mod:`dlforge.labeler.guarantee`); the items that clear it (and the deprecated
+   ``target_confidence`` floor, if set) count as auto-labeled; the loop stops when the human labels
+   reach ``label_budget * N`` or every other item is auto-labeled, otherwise the query strategy
+   picks the next ``batch_fraction * N`` items;
+4. at the stop the items that clear the threshold get the classifier's label and confidence; the
+   rest are left without a label, "needs review", for people (all are auto-labeled only with
+   ``auto_label_all``). Per predicted class the expected auto-label accuracy is reported and a class
+   below ``1 - max_auto_label_error`` is named.
 """
 
 from __future__ import annotations
@@ -30,6 +36,13 @@ import numpy as np
 
 from dlforge.common.events import ClassCount, PipelineOptions
 from dlforge.labeler.classifier import CalibratedClassifier, fit_calibrated, small_blas
+from dlforge.labeler.guarantee import (
+    SelectiveThreshold,
+    choose_threshold,
+    class_warnings,
+    error_bound_at,
+    per_class_evidence,
+)
 from dlforge.labeler.strategies import QueryStrategy, k_center_greedy, representative_seed
 from dlforge.vision.manifest import Item, Manifest, Split
 
@@ -111,9 +124,52 @@ def first_batch(
     return Batch(rows=rows, reasons=reasons)
 
 
+@dataclass(frozen=True)
+class HeldoutEvidence:
+    """Held-out (out-of-fold) predictions of the representative people-labeled items: what the
+    auto-labeling threshold and the per-class figures are decided on."""
+
+    confidence: np.ndarray
+    predicted: np.ndarray
+    correct: np.ndarray
+
+    @classmethod
+    def empty(cls) -> HeldoutEvidence:
+        return cls(np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
+
+    def __len__(self) -> int:
+        return len(self.confidence)
+
+
+def heldout_evidence(clf: CalibratedClassifier, *, y: np.ndarray, representative: np.ndarray) -> HeldoutEvidence:
+    """The classifier's held-out predictions of the labeled rows that are representative.
+
+    ``y`` and ``representative`` are aligned with the labeled rows the classifier was fitted on;
+    rows no fold held out are left out, and so is every row not representative by either the
+    caller's mask or the classifier's own (it may fall back to all rows when few are representative:
+    the threshold must not rest on the uncertainty-sampled items).
+    """
+    proba = np.asarray(clf.heldout_proba, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    if proba.ndim != 2 or proba.shape[0] != len(y) or len(y) == 0:
+        return HeldoutEvidence.empty()
+    finite = np.isfinite(proba)
+    rows = finite.any(axis=1) & np.asarray(representative, dtype=bool)
+    if len(clf.heldout_representative) == len(y):
+        rows &= np.asarray(clf.heldout_representative, dtype=bool)
+    p = np.where(finite, proba, 0.0)[rows]
+    predicted = p.argmax(axis=1)
+    return HeldoutEvidence(confidence=p.max(axis=1), predicted=predicted, correct=predicted == y[rows])
+
+
 @dataclass
 class RoundResult:
-    """What one round decided."""
+    """What one round decided.
+
+    ``selective`` is the guaranteed threshold (None: no calibrated classifier yet), ``threshold``
+    the one applied (the guaranteed one, raised to the deprecated ``target_confidence`` floor if
+    set; None: nothing may be auto-labeled), ``confident`` the unlabeled items that clear it.
+    """
 
     probabilities: np.ndarray
     predicted: np.ndarray
@@ -124,6 +180,9 @@ class RoundResult:
     classifier: dict[str, float | int | bool | None]
     human_labels: int
     auto_confident: int
+    selective: SelectiveThreshold | None = None
+    threshold: float | None = None
+    evidence: HeldoutEvidence = field(default_factory=HeldoutEvidence.empty)
 
     @property
     def done(self) -> bool:
@@ -154,16 +213,25 @@ def run_round(
     human_count = int(np.asarray(human, dtype=bool).sum())
     budget = budget_of(n, options)
     clf: CalibratedClassifier | None = None
+    representative = np.asarray(representative, dtype=bool)
     if known.any():
         clf = fit_calibrated(embeddings, np.flatnonzero(known), labels[known], n_classes=n_classes,
-                             representative=np.asarray(representative, dtype=bool)[known], seed=seed)
+                             representative=representative[known], seed=seed)
         probs = clf.predict_proba(embeddings)
     else:
         probs = np.full((n, max(n_classes, 1)), 1.0 / max(n_classes, 1))
     predicted = probs.argmax(axis=1)
     confidence = probs.max(axis=1)
-    calibrated = clf is not None and clf.calibrated
-    confident = ~known & (confidence >= options.target_confidence) if calibrated else np.zeros(n, dtype=bool)
+    evidence = HeldoutEvidence.empty()
+    selective: SelectiveThreshold | None = None
+    threshold: float | None = None
+    if clf is not None and clf.calibrated:
+        evidence = heldout_evidence(clf, y=labels[known], representative=representative[known])
+        selective = choose_threshold(evidence.confidence, evidence.correct, target=options.max_auto_label_error)
+        threshold = selective.threshold
+        if threshold is not None and options.target_confidence is not None:
+            threshold = max(threshold, options.target_confidence)
+    confident = ~known & (confidence >= threshold) if threshold is not None else np.zeros(n, dtype=bool)
     open_rows = np.flatnonzero(~known & ~confident)
 
     stop: StopReason | None = None
@@ -184,8 +252,80 @@ def run_round(
     return RoundResult(
         probabilities=probs, predicted=predicted, confidence=confidence, confident=confident, next_batch=nxt,
         stop_reason=stop, classifier=clf.summary() if clf is not None else {}, human_labels=human_count,
-        auto_confident=int(confident.sum()),
+        auto_confident=int(confident.sum()), selective=selective, threshold=threshold, evidence=evidence,
     )
+
+
+@dataclass
+class AutoLabeling:
+    """Which unlabeled items get the classifier's label at the stop, which wait for people, and the
+    evidence for it (``summary`` goes into the labeler record's ``result``)."""
+
+    auto: np.ndarray
+    review: np.ndarray
+    summary: dict[str, object]
+    warnings: list[str]
+
+
+def decide_auto_labels(
+    result: RoundResult, *, known: np.ndarray, classes: Sequence[str], options: PipelineOptions
+) -> AutoLabeling:
+    """Auto-label the items that clear the round's threshold (every unlabeled item with
+    ``auto_label_all``), leave the rest for review, and report coverage, the bound and per-class
+    expected accuracy, naming any class below ``1 - max_auto_label_error``.
+
+    ``auto_label_error_bound`` is the exact 95 % upper bound on the error rate of what was
+    auto-labeled: at the chosen threshold, or over every held-out item with ``auto_label_all``.
+    """
+    known = np.asarray(known, dtype=bool)
+    pool = ~known
+    auto = pool.copy() if options.auto_label_all else (result.confident & pool)
+    review = pool & ~auto
+    ev = result.evidence
+    target = options.max_auto_label_error
+    sel = result.selective
+    bound: float | None = None
+    bound_items = bound_errors = 0
+    if options.auto_label_all:
+        cal_selected = np.ones(len(ev), dtype=bool)
+        if len(ev):
+            bound_items, bound_errors, bound = error_bound_at(ev.confidence, ev.correct, threshold=-np.inf)
+    elif result.threshold is not None:
+        cal_selected = ev.confidence >= result.threshold
+        if sel is not None and sel.threshold == result.threshold:
+            bound_items, bound_errors, bound = sel.selected, sel.errors, sel.error_bound
+        else:  # raised to the target_confidence floor: the bound of the items at the floor
+            bound_items, bound_errors, bound = error_bound_at(ev.confidence, ev.correct, threshold=result.threshold)
+    else:
+        cal_selected = np.zeros(len(ev), dtype=bool)
+    per_class = per_class_evidence(
+        classes=classes, calibration_predicted=ev.predicted, calibration_correct=ev.correct,
+        calibration_selected=cal_selected, pool_predicted=result.predicted, pool_auto=auto, pool_review=review,
+        target=target,
+    )
+    warnings = class_warnings(per_class, target=target)
+    n_pool = int(pool.sum())
+    guaranteed = result.threshold is not None
+    summary: dict[str, object] = {
+        "auto_label_target_error": target,
+        "auto_label_all": options.auto_label_all,
+        "auto_label_threshold": result.threshold,
+        "auto_label_coverage": round(int(auto.sum()) / n_pool, 4) if n_pool else None,
+        "guaranteed_coverage": round(int((result.confident & pool).sum()) / n_pool, 4) if n_pool else None,
+        "auto_label_error_bound": round(bound, 6) if bound is not None else None,
+        "bound_items": bound_items,
+        "bound_errors": bound_errors,
+        "calibration_items": len(ev),
+        "thresholds_tested": sel.tested if sel is not None else 0,
+        "needs_review": int(review.sum()),
+        "per_class": [e.as_dict() for e in per_class],
+        "weak_classes": [e.label for e in per_class if e.below_target],
+        "warnings": warnings,
+    }
+    if not guaranteed and not options.auto_label_all and n_pool:
+        warnings.append(f"no threshold keeps the auto-label error <= {target:.1%} with 95 % confidence on the "
+                        f"{len(ev)} held-out representative people-labeled items: {n_pool} item(s) need review")
+    return AutoLabeling(auto=auto, review=review, summary=summary, warnings=warnings)
 
 
 @dataclass
@@ -236,17 +376,24 @@ def labeled_manifest(
     view: LabelingView,
     splits: Sequence[Split],
     result: RoundResult,
+    auto: np.ndarray,
 ) -> Manifest:
-    """Every item with label, source (given/human/auto), confidence and split."""
+    """Every item with source (given/human/auto/needs_review), confidence and split; a label unless
+    it needs review (an unlabeled item not in ``auto``: label None, the classifier's confidence)."""
     items: list[Item] = []
     for i, item in enumerate(manifest.items):
+        label: str | None
         if view.given[i] or view.human[i]:
             label = view.classes[int(view.labels[i])]
             source = "given" if view.given[i] else "human"
             conf = 1.0
-        else:
+        elif auto[i]:
             label = view.classes[int(result.predicted[i])]
             source = "auto"
+            conf = float(result.confidence[i])
+        else:
+            label = None
+            source = "needs_review"
             conf = float(result.confidence[i])
         items.append(item.model_copy(update={"label": label, "label_source": source, "confidence": conf,
                                              "split": splits[i]}))

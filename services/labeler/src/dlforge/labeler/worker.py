@@ -3,7 +3,8 @@
 ``dataset.uploaded`` -> embeddings (cached in the object store), the FAISS index, splits and the
 first batch -> ``labels.requested``. ``labels.submitted`` for the batch waiting for people ->
 once every item of it is answered, one round of :func:`dlforge.labeler.handlers.run_round` ->
-the next ``labels.requested`` or, at the stop, the labeled manifest and ``dataset.labeled``.
+the next ``labels.requested`` or, at the stop, the labeled manifest (items below the guaranteed
+threshold left "needs review") and ``dataset.labeled``.
 Heavy work runs in a thread; the record and every object key are deterministic per dataset and
 round, so a redelivered event repeats the same writes.
 """
@@ -258,7 +259,8 @@ async def _advance(
                                   rng=handlers.rng_for(dataset_id, options.seed, f"round-{rnd}"), seed=options.seed)
 
     result = await asyncio.to_thread(fit)
-    auto = ~(view.human | view.given)
+    unlabeled = ~(view.human | view.given)
+    selective = result.selective
     rounds = list(record.get("rounds", []))
     if rounds and "answered_at" not in rounds[-1]:
         rounds[-1] = {
@@ -266,7 +268,10 @@ async def _advance(
             "answered_at": records.now(),
             "human_labels": result.human_labels,
             "auto_confident": result.auto_confident,
-            "expected_auto_accuracy": float(result.confidence[auto].mean()) if auto.any() else None,
+            "expected_auto_accuracy": float(result.confidence[unlabeled].mean()) if unlabeled.any() else None,
+            "auto_label_threshold": result.threshold,
+            "auto_label_error_bound": selective.error_bound if selective is not None else None,
+            "calibration_items": selective.calibration_items if selective is not None else 0,
             "classifier": result.classifier,
         }
     counts = dict(record.get("counts", {}))
@@ -282,22 +287,30 @@ async def _advance(
         return request
 
     splits = [record["splits"][i] for i in ids]
-    labeled = handlers.labeled_manifest(manifest, view=view, splits=splits, result=result)
+    decision = handlers.decide_auto_labels(result, known=~unlabeled, classes=classes, options=options)
+    labeled = handlers.labeled_manifest(manifest, view=view, splits=splits, result=result, auto=decision.auto)
     key = labeled_key(dataset_id)
     await asyncio.to_thread(save_manifest, ctx.objects, key, labeled)
+    auto = decision.auto
     n_auto = int(auto.sum())
-    counts.update(auto=n_auto, pending=0, human=int(view.human.sum()), given=int(view.given.sum()))
+    n_review = int(decision.review.sum())
+    counts.update(auto=n_auto, needs_review=n_review, pending=0, human=int(view.human.sum()),
+                  given=int(view.given.sum()))
+    for warning in decision.warnings:
+        log.warning("labeler: dataset %s: %s", dataset_id, warning)
     summary = {
         "stop_reason": result.stop_reason,
         "human_label_fraction": round(float(view.human.sum()) / max(len(ids), 1), 4),
         "auto_labeled": n_auto,
         "auto_at_target": result.auto_confident,
         "expected_auto_accuracy": round(float(result.confidence[auto].mean()), 4) if n_auto else None,
+        **decision.summary,
         "classifier": result.classifier,
     }
     labeled_event = DatasetLabeled(
         dataset_id=dataset_id, labels_key=key, classes=labeled.classes, counts=handlers.class_counts(labeled),
-        human_labels=int(view.human.sum()), auto_labels=n_auto, rounds=len(rounds), spec=spec, options=options,
+        human_labels=int(view.human.sum()), auto_labels=n_auto, needs_review=n_review, rounds=len(rounds), spec=spec,
+        options=options,
     )
     await records.change(ctx.docs, record, state="labeled", rounds=rounds, counts=counts, current_batch=None,
                          labels_key=key, result=summary, labeled_event=labeled_event.model_dump(mode="json"))
