@@ -12,6 +12,7 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -355,6 +356,54 @@ def with_views(data: TrainData, names: list[str], kept: list[str]) -> TrainData:
     return replace(data, train_views=chosen, val_views={k: v for k, v in data.val_views.items() if k in kept})
 
 
+@dataclass
+class TailTraining:
+    """What :func:`train_tail` did: the run whose weights the tail holds, its views and the view check."""
+
+    result: FitResult
+    views: list[str]
+    check: ViewCheck | None
+    probe_kept: bool  # the probe trained without views was kept (no view passed the check, or it scored higher)
+
+
+def train_tail(tail: torch.nn.Module, data: TrainData, hparams: TrainParams, *, run: Callable[[TrainData], FitResult],
+               check: bool, tolerance: float, threads: int = 1) -> TailTraining:
+    """Train ``tail`` on ``data`` with ``run`` (the engine); with ``check`` and views, check them first.
+
+    The check trains a probe without views (in this process, on ``threads`` threads, reporting nothing),
+    keeps the views within ``tolerance`` of its val accuracy (:func:`check_views`) and trains afresh
+    with those; the probe's weights are kept when no view passes or when they score the higher val
+    accuracy. Without ``check`` the declared views are trusted.
+    """
+    view_names = list(data.val_views) if data.train_views else []
+    if len(view_names) != len(data.train_views):
+        raise ValueError("train_views and val_views name different views")
+    if not (check and view_names):
+        return TailTraining(run(data), [IDENTITY, *view_names], None, False)
+    initial = {k: v.detach().clone() for k, v in tail.state_dict().items()}
+    torch.set_num_threads(threads)
+    plain = with_views(data, view_names, [])
+    probe_result = fit(tail, plain, hparams, listener=_QuietListener())
+    views = check_views(tail, data, tolerance=tolerance)
+    log.info("view check on %d val items: accuracy %s; kept %s", views.count,
+             {k: round(v, 4) for k, v in views.val_accuracy.items()}, views.kept)
+    if len(views.kept) == 1:
+        return TailTraining(probe_result, [IDENTITY], views, True)
+    probe_state = {k: v.detach().clone() for k, v in tail.state_dict().items()}
+    tail.load_state_dict(initial)
+    chosen = with_views(data, view_names, views.kept)
+    result = run(chosen)
+    if result.stopped or result.diverged:
+        return TailTraining(result, views.kept, views, False)
+    with_acc = evaluate(tail, data.val_x, data.val_y, data.classes).accuracy
+    if views.val_accuracy[IDENTITY] > with_acc:
+        log.info("the probe trained without views scores higher on val (%.4f > %.4f): keeping it",
+                 views.val_accuracy[IDENTITY], with_acc)
+        tail.load_state_dict(probe_state)
+        return TailTraining(probe_result, [IDENTITY], views, True)
+    return TailTraining(result, views.kept, views, False)
+
+
 def run_training(
     objects: ObjectStore,
     request: TrainingRequest,
@@ -366,10 +415,8 @@ def run_training(
 ) -> TrainingOutcome:
     """Train one job (see the module docstring); raises InvalidInput for a request that cannot work.
 
-    With views declared (``request.views``) and ``request.check_views``, a probe is first trained
-    without them; the views it still classifies within ``config.view_tolerance`` on the val items are
-    kept and the job trains with those (if none is kept it trains without views). The probe's weights
-    are kept instead when they score a higher val accuracy than the model trained with views.
+    With views declared (``request.views``) and ``request.check_views``, they are checked first
+    (see :func:`train_tail`).
     """
     torch.set_num_threads(config.threads)
     config.work_dir.mkdir(parents=True, exist_ok=True)
@@ -400,51 +447,33 @@ def run_training(
     if val_source == "people":
         log.info("validating on the %d val items labeled by people (of %d)", len(data.val_y), len(acts.splits["val"]))
     tail = net.tail(request.hparams.unfreeze)
-    view_names = list(acts.views)
-    check: ViewCheck | None = None
-    probe: tuple[dict[str, torch.Tensor], FitResult, float] | None = None
-    if request.check_views and view_names:
-        initial = {k: v.detach().clone() for k, v in tail.state_dict().items()}
-        torch.set_num_threads(config.train_threads)
-        probe_result = fit(tail, with_views(data, view_names, []), request.hparams, listener=_QuietListener())
-        check = check_views(tail, data, tolerance=config.view_tolerance)
-        log.info("view check on %d val items: accuracy %s; kept %s", check.count,
-                 {k: round(v, 4) for k, v in check.val_accuracy.items()}, check.kept)
-        probe = ({k: v.detach().clone() for k, v in tail.state_dict().items()}, probe_result,
-                 check.val_accuracy[IDENTITY])
-        tail.load_state_dict(initial)
-        data = with_views(data, view_names, check.kept)
-    used = [IDENTITY, *(v for v in view_names if check is None or v in check.kept)]
     with tempfile.TemporaryDirectory(dir=config.work_dir, prefix=f"job-{job_id[:40]}-") as tmp:
         monitor = JobMonitor(objects=objects, key_prefix=key_prefix, log_dir=Path(tmp) / "tensorboard", model=model,
                              tail=tail, arch=arch, classes=request.classes, on_epoch=on_epoch,
                              extra={"input_size": input_size, "params": request.hparams.model_dump()})
-        job = FitJob(tail=tail, data=data, hparams=request.hparams, no_of_workers=request.run_config.no_of_workers,
-                     checkpoint_every_steps=request.run_config.checkpoint_every_steps,
-                     summary_every_steps=request.run_config.summary_every_steps, threads=config.train_threads,
-                     work_dir=Path(tmp))
+
+        def run(train_data: TrainData) -> FitResult:
+            job = FitJob(tail=tail, data=train_data, hparams=request.hparams,
+                         no_of_workers=request.run_config.no_of_workers,
+                         checkpoint_every_steps=request.run_config.checkpoint_every_steps,
+                         summary_every_steps=request.run_config.summary_every_steps, threads=config.train_threads,
+                         work_dir=Path(tmp))
+            return engine_for(request.run_config.engine).run(job, monitor)
+
         started = time.perf_counter()
         try:
-            if probe is not None and not data.train_views:
-                tail.load_state_dict(probe[0])  # no view kept: the probe is the model
-                result = probe[1]
-                for m in result.epochs:
+            trained = train_tail(tail, data, request.hparams, run=run, check=request.check_views,
+                                 tolerance=config.view_tolerance, threads=config.train_threads)
+            if trained.probe_kept:
+                for m in trained.result.epochs:  # the probe reported nothing while it trained
                     monitor.on_epoch(m)
-            else:
-                result = engine_for(request.run_config.engine).run(job, monitor)
         finally:
             monitor.close()
         train_seconds = time.perf_counter() - started
     torch.set_num_threads(config.threads)
+    result = trained.result
     state = "diverged" if result.diverged else "stopped" if result.stopped else "completed"
     val = evaluate(tail, data.val_x, data.val_y, request.classes, split="val")
-    if probe is not None and data.train_views and not result.stopped and probe[2] > val.accuracy:
-        log.info("the model trained without views scores higher on val (%.4f > %.4f): keeping it",
-                 probe[2], val.accuracy)
-        tail.load_state_dict(probe[0])
-        result, used = probe[1], [IDENTITY]
-        state = "diverged" if result.diverged else "completed"
-        val = evaluate(tail, data.val_x, data.val_y, request.classes, split="val")
     test = None
     if request.evaluate_test and test_xy is not None:
         test = evaluate(tail, test_xy[0], test_xy[1], request.classes, split="test")
@@ -454,8 +483,8 @@ def run_training(
         logs_prefix=monitor.logs_prefix, cache_source=acts.source, cache_seconds=acts.seconds,
         train_seconds=train_seconds, train_rows=len(data.train_y), val=val, test=test,
         no_of_workers=request.run_config.no_of_workers, val_source=val_source,
-        best_epoch=result.best_epoch, early_stopped=result.early_stopped, views=used,
-        view_check=check.val_accuracy if check else {},
+        best_epoch=result.best_epoch, early_stopped=result.early_stopped, views=trained.views,
+        view_check=trained.check.val_accuracy if trained.check else {},
     )
 
 

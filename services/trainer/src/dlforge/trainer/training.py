@@ -137,16 +137,32 @@ def weighted_loss(logits: torch.Tensor, y: torch.Tensor, *, class_weight: torch.
     return (w * ce).sum() / total.clamp_min(torch.finfo(ce.dtype).tiny) if float(total) > 0 else (ce * 0.0).sum()
 
 
-def better(metrics: EpochMetrics, best: EpochMetrics | None) -> bool:
-    """Whether ``metrics`` beats ``best`` for early stopping: higher val accuracy, then lower val loss."""
-    if best is None:
-        return True
-    acc, best_acc = metrics.val_accuracy, best.val_accuracy
-    if not math.isfinite(acc):
-        return False
-    if not math.isfinite(best_acc) or acc > best_acc:
-        return True
-    return acc == best_acc and metrics.val_loss < best.val_loss
+class EarlyStopping:
+    """Tracks the best epoch (highest val accuracy; lower val loss breaks a tie) and when to stop.
+
+    ``update`` returns True when ``patience`` epochs have passed since the best one.
+    """
+
+    def __init__(self, patience: int) -> None:
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.patience = patience
+        self.best: EpochMetrics | None = None
+
+    def improves(self, metrics: EpochMetrics) -> bool:
+        best = self.best
+        if not math.isfinite(metrics.val_accuracy):
+            return False
+        if best is None or not math.isfinite(best.val_accuracy) or metrics.val_accuracy > best.val_accuracy:
+            return True
+        return metrics.val_accuracy == best.val_accuracy and metrics.val_loss < best.val_loss
+
+    def update(self, metrics: EpochMetrics) -> bool:
+        """Record an epoch; True: stop now."""
+        if self.improves(metrics):
+            self.best = metrics
+            return False
+        return self.best is not None and metrics.epoch - self.best.epoch >= self.patience
 
 
 def view_choice(n_rows: int, n_views: int, *, seed: int, epoch: int) -> np.ndarray:
@@ -283,7 +299,7 @@ def fit(
     class_weight = weights.to(device) if weights is not None else None
     row_weights = None if data.train_w is None else np.asarray(data.train_w, dtype=np.float32)
     n_views = 1 + len(data.train_views)
-    best: EpochMetrics | None = None
+    stopping = EarlyStopping(hp.patience) if hp.patience else None
     best_state: dict[str, torch.Tensor] | None = None
     per_rank = max(1, hp.batch_size // coll.world)
     sampler: torch.utils.data.DistributedSampler[int] = torch.utils.data.DistributedSampler(
@@ -336,19 +352,18 @@ def fit(
             if not math.isfinite(train_loss):
                 result.diverged = True
             go_on = listener.on_epoch(metrics) and not result.diverged
-            if hp.patience and go_on:
-                if better(metrics, best):
-                    best = metrics
+            if stopping is not None and go_on:
+                result.early_stopped = stopping.update(metrics)
+                if stopping.best is metrics:
                     best_state = {k: v.detach().clone() for k, v in tail.state_dict().items()}
-                elif epoch - best.epoch >= hp.patience:  # type: ignore[union-attr]
-                    result.early_stopped = True
         go_on = coll.agree(go_on and not result.early_stopped)
         if not go_on:
             result.stopped = not result.early_stopped
             result.diverged = result.diverged or (coll.rank != 0 and not math.isfinite(loss_sum))
             break
-    if coll.rank == 0 and best is not None and best_state is not None and not result.diverged:
+    if coll.rank == 0 and stopping is not None and stopping.best is not None and best_state is not None \
+            and not result.diverged:
         tail.load_state_dict(best_state)
-        result.best_epoch = best.epoch
+        result.best_epoch = stopping.best.epoch
     result.seconds = time.perf_counter() - started
     return result
