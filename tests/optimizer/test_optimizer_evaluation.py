@@ -192,3 +192,62 @@ def test_validation_views_split_people_from_auto_labels() -> None:
     assert set(LabeledImages(images, labels, people=np.ones(5, bool)).positive_views(scores, 0)) == {"all"}
     with pytest.raises(ValueError, match="people mask"):
         LabeledImages(images, labels, people=np.ones(4, bool))
+
+
+def _full(name: str, *, fps: float, acc: float, recall: float, precision: str = "fp32",
+          agreement: float | None = None, confident: bool = False) -> Candidate:
+    return Candidate(name=name, fps=fps, accuracy=acc, spec=check_spec(SPEC, recall=recall, accuracy=acc, fps=fps),
+                     precision=precision, agreement=agreement, confident=confident)
+
+
+def test_a_variant_missing_a_recall_another_meets_is_never_chosen() -> None:
+    # nothing meets the spec; INT8 misses only the recall (barely), FP32 meets the recall but misses
+    # accuracy and speed: FP32 is kept, because INT8 drops defects that FP32 catches
+    fp32 = _full("onnx_fp32", fps=0.5, acc=0.85, recall=0.95)
+    int8 = _full("onnx_int8", fps=3.0, acc=0.85, recall=0.89, precision="int8", agreement=0.99)
+    for order in ([fp32, int8], [int8, fp32]):
+        choice = choose_variant(order, reference="onnx_fp32", spec=SPEC)
+        assert choice.chosen == "onnx_fp32" and not choice.spec_met
+        assert "onnx_int8 left out: they miss the recall another variant meets" in choice.why
+    # when every variant misses the recall, the closest one is kept
+    both = choose_variant([_full("onnx_fp32", fps=3.0, acc=0.95, recall=0.80),
+                           _full("onnx_int8", fps=3.0, acc=0.95, recall=0.88, precision="int8", agreement=1.0)],
+                          reference="onnx_fp32", spec=SPEC)
+    assert both.chosen == "onnx_int8"
+
+
+def test_an_int8_variant_disagreeing_on_more_than_2_percent_is_rejected() -> None:
+    fp32 = _full("onnx_fp32", fps=40, acc=0.95, recall=0.95)
+    int8 = _full("onnx_int8", fps=110, acc=0.95, recall=0.95, precision="int8", agreement=0.97)
+    choice = choose_variant([fp32, int8], reference="onnx_fp32")
+    assert choice.chosen == "onnx_fp32" and choice.spec_met
+    assert choice.excluded["onnx_int8"] == ("INT8 argmax disagrees with onnx_fp32 on 3.00 % of test images "
+                                            "(max 2.00 %)")
+    assert choice.excluded["onnx_int8"] in choice.rejected["onnx_int8"]
+    # also when nothing meets the spec (the INT8 variant would be the closest: it alone is fast enough)
+    slow = _full("onnx_fp32", fps=0.5, acc=0.95, recall=0.95)
+    fast = _full("onnx_int8", fps=2.0, acc=0.95, recall=0.95, precision="int8", agreement=0.97)
+    assert choose_variant([slow, fast], reference="onnx_fp32", spec=SPEC).chosen == "onnx_fp32"
+    # at exactly 2 % it stays a candidate; an unmeasured agreement does not
+    ok = _full("onnx_int8", fps=110, acc=0.95, recall=0.95, precision="int8", agreement=0.98)
+    assert choose_variant([fp32, ok], reference="onnx_fp32").chosen == "onnx_int8"
+    blind = _full("onnx_int8", fps=110, acc=0.95, recall=0.95, precision="int8", agreement=None)
+    assert "unmeasured" in choose_variant([fp32, blind], reference="onnx_fp32").excluded["onnx_int8"]
+
+
+def test_when_nothing_meets_the_spec_the_closest_variant_is_kept() -> None:
+    # every variant meets the recall; a: accuracy 0.85 (5.6 % short of 0.9), b: 0.5 FPS (50 % short),
+    # c: misses both; a is closest although b and c are faster
+    cands = [_full("onnx_fp32", fps=1.5, acc=0.85, recall=0.95), _full("b", fps=0.5, acc=0.95, recall=0.95),
+             _full("c", fps=0.9, acc=0.85, recall=0.95)]
+    choice = choose_variant(cands, reference="onnx_fp32", max_accuracy_drop=0.2, spec=SPEC)
+    assert choice.chosen == "onnx_fp32" and "closest to the spec" in choice.why
+
+
+def test_among_variants_meeting_the_spec_a_confident_one_comes_first() -> None:
+    cands = [_full("onnx_fp32", fps=40, acc=0.95, recall=0.95, confident=True),
+             _full("onnx_int8", fps=110, acc=0.95, recall=0.95, precision="int8", agreement=1.0)]
+    choice = choose_variant(cands, reference="onnx_fp32")
+    assert choice.chosen == "onnx_fp32" and "95 % confidence" in choice.why
+    cands[1] = cands[1].model_copy(update={"confident": True})
+    assert choose_variant(cands, reference="onnx_fp32").chosen == "onnx_int8"

@@ -175,3 +175,62 @@ def test_pick_calibration_is_reproducible_and_order_free() -> None:
     shuffled = ids[::-1]
     assert sorted(shuffled[i] for i in pick_calibration(shuffled, n=10, seed=3)) == sorted(ids[i] for i in a)
     assert pick_calibration(ids[:4], n=10, seed=0) == [0, 1, 2, 3]
+
+
+def test_test_figures_rest_on_the_items_people_labeled(trained: Trained, tmp_path: Path) -> None:
+    """Auto-labeled test items (here: deliberately wrong) never enter the test figures or the verdict."""
+    base = _input(trained)
+    tx, ty = base.test.images, base.test.labels
+    people = np.arange(len(ty)) % 4 != 0  # 60 of 80 labeled by people
+    wrong = np.where(people, ty, 1 - ty)  # the other 20 carry wrong auto-labels
+    inp = OptimizeInput(**{**base.__dict__, "test": LabeledImages(tx, wrong, people)})
+    options = OptimizeOptions(rounds=1, warmup=1, iterations=3, iterations_large_batch=2, batch_sizes=[1],
+                              benchmark_torch=False)
+    r = optimize(inp, workdir=tmp_path, options=options,
+                 compressors=[OrtFp32(), OrtStaticInt8(method="minmax")]).report
+    assert r.test_split == {"items": 80, "labeled_by_people": 60, "used": 60, "positives": int((ty[people] == 0).sum()),
+                            "evidence": "labels given by people"}
+    chosen = r.variants[r.chosen_variant]
+    runner = open_runner("onnxruntime", tmp_path / f"{r.chosen_variant}.onnx")
+    pt = probabilities(runner, tx[people], FMT, batch=32)
+    pred = decide(pt, positive=0, threshold=r.threshold)
+    assert r.test_accuracy_interval is not None and r.test_accuracy_interval.n == 60
+    assert r.test_accuracy_interval.k == int((pred == ty[people]).sum())
+    assert r.test_accuracy == pytest.approx(r.test_accuracy_interval.point)
+    assert r.test_accuracy_argmax == pytest.approx(float((pt.argmax(1) == ty[people]).mean()))
+    assert r.positive_recall_interval is not None
+    assert r.positive_recall_interval.n == r.test_split["positives"]
+    assert r.positive_recall_interval.k == int(((pred == 0) & (ty[people] == 0)).sum())
+    assert r.test_figures is not None and sum(map(sum, r.test_figures.confusion)) == 60
+    # the operating curve and the accuracy at the spec's recall, read off the test split
+    assert r.operating_curve is not None and r.operating_curve.items == 60
+    at = r.accuracy_at_spec_recall
+    assert at is not None and at.recall >= SPEC.min_recall
+    assert at.accuracy == pytest.approx(float((decide(pt, positive=0, threshold=at.threshold) == ty[people]).mean()))
+    above = pt[ty[people] == 0, 0]
+    higher = above[above > at.threshold]
+    assert len(higher) / len(above) < SPEC.min_recall  # no higher threshold reaches the recall
+    # the verdict follows the intervals; the threshold's own evidence travels with it
+    v = r.spec_verdict
+    assert v is not None and v.test_items == 60
+    acc, rec = r.test_accuracy_interval, r.positive_recall_interval
+    point_ok = acc.point >= SPEC.min_accuracy and rec.point >= SPEC.min_recall and chosen.fps >= SPEC.min_fps
+    low_ok = acc.low >= SPEC.min_accuracy and rec.low >= SPEC.min_recall
+    assert v.verdict == ("met" if point_ok and low_ok else "met_point_estimate" if point_ok else "not_met")
+    assert v.threshold_positives == chosen.threshold.val_positives == int((base.val.labels == 0).sum())
+    assert v.threshold_recall_lower_bound is not None and v.threshold_recall_lower_bound < 1.0
+    # an INT8 agreement below 98 % would have been excluded
+    assert r.choice.max_int8_disagreement == 0.02
+    if r.int8_test_agreement is not None and r.int8_test_agreement < 0.98:
+        assert "onnx_int8" in r.choice.excluded
+
+
+def test_without_people_labeled_test_items_the_verdict_is_not_met(trained: Trained, tmp_path: Path) -> None:
+    base = _input(trained)
+    inp = OptimizeInput(**{**base.__dict__, "test": LabeledImages(base.test.images, base.test.labels,
+                                                                 np.zeros(80, bool))})
+    options = OptimizeOptions(rounds=1, warmup=1, iterations=3, iterations_large_batch=2, batch_sizes=[1],
+                              benchmark_torch=False)
+    r = optimize(inp, workdir=tmp_path, options=options, compressors=[OrtFp32()]).report
+    assert r.test_split is not None and r.test_split["used"] == 80 and "cannot be checked" in r.test_split["evidence"]
+    assert r.spec_verdict is not None and r.spec_verdict.verdict == "not_met"

@@ -31,3 +31,11 @@ def test_bad_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("DLFORGE_OPTIMIZER_OPSET", "13")
     with pytest.raises(ConfigError, match="DLFORGE_OPTIMIZER_OPSET"):
         load_settings(OptimizerSettings)
+
+
+def test_int8_disagreement_limit_is_a_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DLFORGE_OPTIMIZER_MAX_INT8_DISAGREEMENT", "0.05")
+    assert OptimizeOptions.from_settings(load_settings(OptimizerSettings)).max_int8_disagreement == 0.05
+    monkeypatch.setenv("DLFORGE_OPTIMIZER_MAX_INT8_DISAGREEMENT", "2")  # 2 % is 0.02, not 2
+    with pytest.raises(ConfigError, match="DLFORGE_OPTIMIZER_MAX_INT8_DISAGREEMENT"):
+        load_settings(OptimizerSettings)

@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from dlforge.common.events import Spec
+from dlforge.common.intervals import lower_bound
 
 # Float noise guard when comparing accuracies/recalls against limits.
 _EPS = 1e-9
@@ -95,6 +96,10 @@ class ThresholdChoice(BaseModel):
     val_positives: int
     met_on_val: bool
     rule: str
+    val_detected: int | None = Field(default=None, description="validation positives at or above the threshold")
+    val_recall_lower_bound: float | None = Field(
+        default=None, description="one-sided 95 % exact lower bound of the recall the threshold reaches, from "
+                                  "val_detected of val_positives: how much the threshold's recall rests on")
     views: dict[str, ThresholdView] = Field(
         default_factory=dict,
         description="every validation view the threshold was checked on (all items; items labeled by people)")
@@ -123,9 +128,11 @@ def choose_threshold(positive_scores: np.ndarray, *, min_recall: float, margin: 
                                rule="no positive items in the validation split: default threshold 0.5")
     k = max(1, math.ceil(target * n - _EPS))
     t = float(scores[k - 1])
-    recall = float((scores >= t).mean())
+    detected = int((scores >= t).sum())
+    recall = detected / n
     return ThresholdChoice(threshold=t, target_recall=target, val_recall=recall, val_positives=n,
-                           met_on_val=recall + _EPS >= target,
+                           met_on_val=recall + _EPS >= target, val_detected=detected,
+                           val_recall_lower_bound=lower_bound(detected, n, level=0.95),
                            rule=f"highest threshold keeping >= {k} of {n} validation positives "
                                 f"(recall >= {target:.3f})")
 
@@ -209,6 +216,10 @@ class Candidate(BaseModel):
     fps: float = Field(description="pipeline images/s at the spec's input size, batch 1")
     accuracy: float = Field(description="test accuracy at the argmax — what the variant loses vs the reference")
     spec: SpecCheck
+    precision: str = Field(default="fp32", description="numeric precision (int8 variants face the agreement rule)")
+    agreement: float | None = Field(
+        default=None, description="share of test images whose argmax equals the reference's (None: not measured)")
+    confident: bool = Field(default=False, description="the spec is met with 95 % confidence (interval lower bounds)")
 
 
 class VariantChoice(BaseModel):
@@ -219,45 +230,104 @@ class VariantChoice(BaseModel):
     reference: str
     reference_accuracy: float
     max_accuracy_drop: float
+    max_int8_disagreement: float = 0.02
     why: str
     rejected: dict[str, list[str]] = Field(description="variant -> why it was not eligible")
+    excluded: dict[str, str] = Field(
+        default_factory=dict,
+        description="variant -> why it could not be chosen at all, not even when no variant meets the spec")
+
+
+def _shortfall(spec: SpecCheck, target: Spec | None) -> tuple[int, float]:
+    """How far a variant is from the spec: criteria missed, then the sum of their relative shortfalls."""
+    missed = [not spec.recall_ok, not spec.accuracy_ok, not spec.fps_ok]
+    if target is None:
+        return sum(missed), 0.0
+    gap = 0.0
+    if not spec.recall_ok:
+        gap += 1.0 if spec.recall is None else max(0.0, target.min_recall - spec.recall) / target.min_recall
+    if not spec.accuracy_ok and target.min_accuracy > 0:
+        gap += max(0.0, target.min_accuracy - spec.accuracy) / target.min_accuracy
+    if not spec.fps_ok and target.min_fps > 0:
+        gap += max(0.0, target.min_fps - spec.fps) / target.min_fps
+    return sum(missed), gap
 
 
 def choose_variant(
-    candidates: Sequence[Candidate], *, reference: str, max_accuracy_drop: float = 0.01
+    candidates: Sequence[Candidate],
+    *,
+    reference: str,
+    max_accuracy_drop: float = 0.01,
+    max_int8_disagreement: float = 0.02,
+    spec: Spec | None = None,
 ) -> VariantChoice:
     """The fastest variant that meets the spec and loses at most ``max_accuracy_drop`` vs ``reference``.
 
-    If none qualifies, the fastest variant within the accuracy tolerance is chosen (the reference
-    always is) and ``spec_met`` is False; ``rejected`` says why each variant did not qualify.
+    Rules, in order:
+
+    1. an INT8 variant whose argmax disagrees with the reference on more than ``max_int8_disagreement``
+       of the test images is excluded outright (its decisions are not the model's any more);
+    2. of the variants that meet the spec and keep the accuracy, those that meet it with 95 %
+       confidence (``confident``) come first, then the fastest;
+    3. when none qualifies (``spec_met`` False), a variant that misses the recall is never kept when
+       another meets it; of the rest, those within the accuracy tolerance come first, then the one
+       closest to the spec (fewest criteria missed, then the smallest sum of relative shortfalls, with
+       ``spec`` given), then the fastest.
+
+    ``rejected`` says why each variant did not qualify, ``excluded`` why one could not be chosen at all.
     """
     by_name = {c.name: c for c in candidates}
     if reference not in by_name:
         raise ValueError(f"reference variant {reference!r} is not among the candidates {sorted(by_name)}")
     ref_acc = by_name[reference].accuracy
     rejected: dict[str, list[str]] = {}
+    excluded: dict[str, str] = {}
     eligible: list[Candidate] = []
-    accurate: list[Candidate] = []
+    admissible: list[Candidate] = []
+    within: set[str] = set()
     for c in candidates:
         why = list(c.spec.reasons)
+        if c.precision == "int8" and c.name != reference:
+            disagreement = 1.0 - c.agreement if c.agreement is not None else None
+            if disagreement is None or disagreement > max_int8_disagreement + _EPS:
+                shown = "unmeasured" if disagreement is None else f"{disagreement * 100:.2f} %"
+                reason = (f"INT8 argmax disagrees with {reference} on {shown} of test images "
+                          f"(max {max_int8_disagreement * 100:.2f} %)")
+                why.append(reason)
+                excluded[c.name] = reason
         drop = ref_acc - c.accuracy
         if drop > max_accuracy_drop + _EPS:
             why.append(f"loses {drop * 100:.2f} accuracy points vs {reference} (max {max_accuracy_drop * 100:.2f})")
         else:
-            accurate.append(c)
+            within.add(c.name)
+        if c.name not in excluded:
+            admissible.append(c)
         if why:
             rejected[c.name] = why
         else:
             eligible.append(c)
+    common = dict(reference=reference, reference_accuracy=ref_acc, max_accuracy_drop=max_accuracy_drop,
+                  max_int8_disagreement=max_int8_disagreement, rejected=rejected, excluded=excluded)
     if eligible:
-        best = max(eligible, key=lambda c: c.fps)
-        why_text = (f"fastest of the variants that meet the spec and lose <= {max_accuracy_drop * 100:.2f} "
+        best = max(eligible, key=lambda c: (c.confident, c.fps))
+        sure = " and meet it with 95 % confidence" if best.confident else ""
+        why_text = (f"fastest of the variants that meet the spec{sure} and lose <= {max_accuracy_drop * 100:.2f} "
                     f"accuracy points vs {reference} ({best.fps:.1f} FPS)")
-        return VariantChoice(chosen=best.name, spec_met=True, reference=reference, reference_accuracy=ref_acc,
-                             max_accuracy_drop=max_accuracy_drop, why=why_text, rejected=rejected)
-    best = max(accurate, key=lambda c: c.fps)
+        return VariantChoice(chosen=best.name, spec_met=True, why=why_text, **common)  # type: ignore[arg-type]
+    pool = admissible
+    notes: list[str] = []
+    if any(c.spec.recall_ok for c in pool):
+        missing = [c.name for c in pool if not c.spec.recall_ok]
+        pool = [c for c in pool if c.spec.recall_ok]
+        if missing:
+            notes.append(f"{', '.join(missing)} left out: they miss the recall another variant meets")
+    if any(c.name in within for c in pool):
+        pool = [c for c in pool if c.name in within]
+    best = min(pool, key=lambda c: (*_shortfall(c.spec, spec), -c.fps))
+    missed, gap = _shortfall(best.spec, spec)
     why_text = ("no variant meets the spec: "
                 + "; ".join(f"{name}: {', '.join(r)}" for name, r in rejected.items())
-                + f". Chose the fastest variant within the accuracy tolerance ({best.name}).")
-    return VariantChoice(chosen=best.name, spec_met=False, reference=reference, reference_accuracy=ref_acc,
-                         max_accuracy_drop=max_accuracy_drop, why=why_text, rejected=rejected)
+                + (". " + "; ".join(notes) if notes else "")
+                + f". Chose the variant closest to the spec ({best.name}: {missed} criteria missed"
+                + (f", relative shortfall {gap:.3f}" if spec is not None else "") + ").")
+    return VariantChoice(chosen=best.name, spec_met=False, why=why_text, **common)  # type: ignore[arg-type]

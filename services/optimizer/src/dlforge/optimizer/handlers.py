@@ -15,7 +15,13 @@
    spec's frame pipeline FPS, peak RSS) and check the spec;
 6. choose the fastest variant that meets the spec and loses at most one accuracy point vs ONNX FP32
    (at the argmax, the same measure as ``int8_accuracy_drop``: each variant's own threshold moves with a
-   few low-scoring positives, which would swamp the loss the compression itself causes).
+   few low-scoring positives, which would swamp the loss the compression itself causes); an INT8 variant
+   whose argmax disagrees with FP32 on more than 2 % of the test images is never chosen, and when no
+   variant meets the spec the one closest to it is kept, never one missing a recall another meets
+   (:func:`~dlforge.optimizer.evaluation.choose_variant`).
+
+Test figures rest on the test items labeled by people, with exact 95 % intervals, per-class figures,
+the operating curve and the three-way verdict (:mod:`dlforge.optimizer.evidence`).
 """
 
 from __future__ import annotations
@@ -54,6 +60,17 @@ from dlforge.optimizer.evaluation import (
     decide,
     metrics,
     softmax,
+)
+from dlforge.optimizer.evidence import (
+    AtRecall,
+    OperatingCurve,
+    RateInterval,
+    SpecVerdict,
+    SplitFigures,
+    accuracy_at_recall,
+    operating_curve,
+    spec_verdict,
+    split_figures,
 )
 from dlforge.optimizer.export import ExportResult, export_onnx
 from dlforge.optimizer.measure import best_of, probe
@@ -131,6 +148,7 @@ class OptimizeOptions(BaseModel):
     iterations_large_batch: int = 6
     rounds: int = 3
     max_accuracy_drop: float = 0.01
+    max_int8_disagreement: float = Field(default=0.02, ge=0.0, le=1.0)
     recall_margin: float = 0.0
     threshold_min_positives: int = 10
     eval_batch: int = 32
@@ -146,6 +164,7 @@ class OptimizeOptions(BaseModel):
             threads=s.optimizer_threads, batch_sizes=list(s.optimizer_batch_sizes), warmup=s.optimizer_warmup,
             iterations=s.optimizer_iterations, iterations_large_batch=s.optimizer_iterations_large_batch,
             rounds=s.optimizer_rounds, max_accuracy_drop=s.optimizer_max_accuracy_drop,
+            max_int8_disagreement=s.optimizer_max_int8_disagreement,
             recall_margin=s.optimizer_recall_margin, threshold_min_positives=s.optimizer_threshold_min_positives,
             eval_batch=s.optimizer_eval_batch, gpu=s.optimizer_gpu,
             benchmark_torch=s.optimizer_benchmark_torch, probe_timeout=s.optimizer_probe_timeout,
@@ -192,6 +211,12 @@ class VariantReport(BaseModel):
     accuracy_drop_argmax_vs_onnx_fp32: float = Field(description="test accuracy lost vs ONNX FP32 at the argmax")
     test_agreement_vs_onnx_fp32: float = Field(description="share of test images whose argmax equals ONNX FP32's")
     spec_check: SpecCheck
+    test_figures: SplitFigures | None = Field(
+        default=None, description="test figures at the threshold with 95 % intervals, per class, confusion matrix")
+    test_figures_argmax: SplitFigures | None = Field(default=None, description="the same at the argmax")
+    accuracy_at_spec_recall: AtRecall | None = Field(
+        default=None, description="test accuracy at the highest threshold whose TEST recall reaches the spec's")
+    verdict: SpecVerdict | None = Field(default=None, description="the spec check with 95 % confidence")
 
 
 class CalibrationCandidate(BaseModel):
@@ -254,6 +279,20 @@ class OptimizationReport(BaseModel):
     environment: dict[str, Any]
     seconds: dict[str, float]
     source_event_id: str | None = None
+    # the honest spec check (all on the test items labeled by people; see dlforge.optimizer.evidence)
+    test_split: dict[str, Any] | None = Field(
+        default=None, description="test items, how many people labeled, how many the figures rest on, positives")
+    test_accuracy_argmax: float | None = Field(default=None, description="chosen variant's test accuracy at the argmax")
+    test_accuracy_interval: RateInterval | None = Field(
+        default=None, description="chosen variant's test accuracy at its threshold, exact 95 % interval")
+    test_accuracy_argmax_interval: RateInterval | None = None
+    positive_recall_interval: RateInterval | None = Field(
+        default=None, description="chosen variant's test recall of spec.positive_class at its threshold, 95 % interval")
+    test_figures: SplitFigures | None = Field(default=None, description="chosen variant at its threshold")
+    operating_curve: OperatingCurve | None = Field(
+        default=None, description="chosen variant: test accuracy against test recall over thresholds")
+    accuracy_at_spec_recall: AtRecall | None = None
+    spec_verdict: SpecVerdict | None = None
 
 
 @dataclass
@@ -470,6 +509,22 @@ def optimize(
     seconds["compress"] = time.perf_counter() - t0 - sum(seconds.values())
 
     # 3-4. quality at the recall-first threshold -------------------------------------------------
+    # test figures rest on the items people labeled: an auto-label is the labeler's guess, and scoring
+    # a model (which learned from such guesses) against them flatters it
+    people = inp.test.people
+    from_people = people is None or bool(people.any())
+    judged = people if people is not None and people.any() else np.ones(len(inp.test.labels), dtype=bool)
+    test_labels = inp.test.labels[judged]
+    test_split = {
+        "items": len(inp.test.labels),
+        "labeled_by_people": int(people.sum()) if people is not None else len(inp.test.labels),
+        "used": int(judged.sum()),
+        "positives": int((test_labels == positive).sum()) if positive is not None else None,
+        "evidence": ("labels given by people" if from_people
+                     else "auto-labels only (no test item labeled by people): the spec cannot be checked"),
+    }
+    if not from_people:
+        log.warning("optimizer: no test item is labeled by people; test figures compare with auto-labels")
     quality: dict[str, dict[str, Any]] = {}
     test_probs: dict[str, np.ndarray] = {}
     for name, v in variants.items():
@@ -491,12 +546,21 @@ def optimize(
             choice = ThresholdChoice(threshold=0.5, target_recall=0.0, val_recall=None, val_positives=0,
                                      met_on_val=True, rule="no positive class in the spec: argmax decision")
             threshold = None
+        pj = pt[judged]
+        at_thr = decide(pj, positive=positive, threshold=threshold)
+        curve = (operating_curve(test_labels, pj, positive=positive, classes=inp.classes)
+                 if positive is not None else None)
         quality[name] = {
             "val_argmax": metrics(inp.val.labels, decide(pv), inp.classes),
-            "test_argmax": metrics(inp.test.labels, decide(pt), inp.classes),
+            "test_argmax": metrics(test_labels, decide(pj), inp.classes),
             "threshold": choice,
             "val": metrics(inp.val.labels, decide(pv, positive=positive, threshold=threshold), inp.classes),
-            "test": metrics(inp.test.labels, decide(pt, positive=positive, threshold=threshold), inp.classes),
+            "test": metrics(test_labels, at_thr, inp.classes),
+            "figures": split_figures(test_labels, at_thr, inp.classes, positive=positive),
+            "figures_argmax": split_figures(test_labels, decide(pj), inp.classes, positive=positive),
+            "curve": curve,
+            "at_spec_recall": (accuracy_at_recall(curve, spec.min_recall)
+                               if curve is not None and spec.min_recall > 0 else None),
         }
     seconds["evaluate"] = time.perf_counter() - t0 - sum(seconds.values())
 
@@ -528,6 +592,16 @@ def optimize(
         if spec.positive_class is None and spec.min_recall > 0 and test_at.recall:
             recall = min(test_at.recall.values())  # no positive class: every class must reach the recall
         b1 = sp.batches.get("1") or next(iter(sp.batches.values()))
+        figures: SplitFigures = q["figures"]
+        if figures.positive_recall is not None:
+            recalls = {figures.positive_class or "": figures.positive_recall}
+        else:  # no positive class: every class with test items must reach the recall
+            recalls = {c: f.recall for c, f in figures.per_class.items() if f.items > 0}
+        th: ThresholdChoice = q["threshold"]
+        verdict = spec_verdict(
+            spec, accuracy=figures.accuracy, recall=recalls, fps=sp.pipeline.throughput_ips,
+            threshold_positives=th.val_positives if positive is not None else None,
+            threshold_recall_lower_bound=th.val_recall_lower_bound, evidence_from_people=from_people)
         reports[name] = VariantReport(
             name=name, runtime=v.runtime, precision=v.precision, providers=list(v.providers),
             file_name=v.path.name, size_bytes=v.size_bytes, size_mb=v.size_bytes / 2**20, details=dict(v.details),
@@ -540,11 +614,20 @@ def optimize(
             accuracy_drop_argmax_vs_onnx_fp32=ref_acc - q["test_argmax"].accuracy,
             test_agreement_vs_onnx_fp32=float((decide(test_probs[name]) == decide(test_probs[REFERENCE])).mean()),
             spec_check=check_spec(spec, recall=recall, accuracy=test_at.accuracy, fps=sp.pipeline.throughput_ips),
+            test_figures=figures, test_figures_argmax=q["figures_argmax"],
+            accuracy_at_spec_recall=q["at_spec_recall"], verdict=verdict,
         )
-    candidates = [Candidate(name=r.name, fps=r.fps, accuracy=r.test_argmax.accuracy, spec=r.spec_check)
+    candidates = [Candidate(name=r.name, fps=r.fps, accuracy=r.test_argmax.accuracy, spec=r.spec_check,
+                            precision=r.precision, agreement=r.test_agreement_vs_onnx_fp32,
+                            confident=r.verdict is not None and r.verdict.verdict == "met")
                   for r in reports.values() if r.deployable]
-    choice_made = choose_variant(candidates, reference=REFERENCE, max_accuracy_drop=opts.max_accuracy_drop)
+    choice_made = choose_variant(candidates, reference=REFERENCE, max_accuracy_drop=opts.max_accuracy_drop,
+                                 max_int8_disagreement=opts.max_int8_disagreement, spec=spec)
     chosen = reports[choice_made.chosen]
+    chosen_curve: OperatingCurve | None = quality[chosen.name]["curve"]
+    if chosen_curve is not None:
+        keep = [chosen.accuracy_at_spec_recall.threshold] if chosen.accuracy_at_spec_recall else []
+        chosen_curve = chosen_curve.thin(300, keep=keep)
     int8, fp32, torch_r = reports.get(INT8), reports[REFERENCE], reports.get(BASELINE)
     big = str(max(opts.batch_sizes))
     seconds["total"] = time.perf_counter() - t0
@@ -579,6 +662,12 @@ def optimize(
         int8_test_agreement=int8.test_agreement_vs_onnx_fp32 if int8 is not None else None,
         int8_size_ratio=(fp32.size_bytes / int8.size_bytes) if int8 is not None else None,
         environment=environment(opts.threads), seconds=seconds,
+        test_split=test_split, test_accuracy_argmax=chosen.test_argmax.accuracy,
+        test_accuracy_interval=chosen.test_figures.accuracy if chosen.test_figures else None,
+        test_accuracy_argmax_interval=chosen.test_figures_argmax.accuracy if chosen.test_figures_argmax else None,
+        positive_recall_interval=chosen.test_figures.positive_recall if chosen.test_figures else None,
+        test_figures=chosen.test_figures, operating_curve=chosen_curve,
+        accuracy_at_spec_recall=chosen.accuracy_at_spec_recall, spec_verdict=chosen.verdict,
     )
     files = {name: v.path for name, v in variants.items() if name != BASELINE}
     return OptimizeResult(report=report, files=files)

@@ -28,6 +28,10 @@ class OptimizerSettings(CommonSettings):
                     "machine slows all of them, not one); each variant's fastest round is reported")
     optimizer_max_accuracy_drop: float = Field(default=0.01, ge=0, le=1,
                                                description="accuracy a variant may lose vs ONNX FP32 (0.01 = 1 point)")
+    optimizer_max_int8_disagreement: float = Field(
+        default=0.02, ge=0, le=1,
+        description="share of test images on which an INT8 variant's argmax may differ from ONNX FP32's; above it the "
+                    "variant is rejected (0.02 = 2 %)")
     optimizer_recall_margin: float = Field(default=0.0, ge=0, le=0.5,
                                            description="extra validation recall the threshold must reach")
     optimizer_threshold_min_positives: int = Field(
