@@ -68,7 +68,7 @@ class TrunkFeatures:
 
     def __init__(
         self,
-        store: FeatureStore,
+        store: FeatureStore | None,
         net: StagedNetwork | None = None,
         *,
         runtime: str = "onnxruntime",
@@ -121,6 +121,15 @@ class TrunkFeatures:
         got = self._get(contents, size=size, outs=outs, load=load)
         return {s: got[o] for s, o in zip(stages, outs, strict=True)}
 
+    def pooled_arrays(self, pixels: np.ndarray, *, stages: Sequence[str]) -> list[np.ndarray]:
+        """Pooled features of images given as uint8 N x S x S x C arrays, computed and not stored."""
+        outs = [_Out("pooled", self.net.index(s)) for s in stages]
+        results: list[list[np.ndarray]] = [[] for _ in outs]
+        for lo in range(0, len(pixels), self.batch_size):
+            for k, arr in enumerate(self._run(self._input(pixels[lo:lo + self.batch_size]), start=0, outs=outs)):
+                results[k].append(np.asarray(arr, dtype=np.float32))
+        return [np.concatenate(r) if r else np.zeros((0, 0), dtype=np.float32) for r in results]
+
     def activations(self, contents: Sequence[str], *, size: int, boundary: int, load: LoadPixels) -> np.ndarray:
         """float16 activations at freeze boundary ``boundary`` (1 .. len(net)); N x C x H x W."""
         out = _Out("activation", boundary)
@@ -153,6 +162,8 @@ class TrunkFeatures:
         def compute(missing: list[FeatureKey]) -> dict[FeatureKey, np.ndarray]:
             return self._compute(missing, size=size, outs=outs, contents=contents, load=load)
 
+        if self.store is None:
+            raise RuntimeError("these TrunkFeatures have no feature store: use pooled_arrays")
         values = self.store.get_or_compute(keys, compute) if unique else []
         result: dict[_Out, np.ndarray] = {}
         for k, o in enumerate(outs):
@@ -178,6 +189,7 @@ class TrunkFeatures:
         from_pixels = need
         if derivable:
             shared_kind = self.kind(_Out("activation", self.shared), size)
+            assert self.store is not None
             stored = self.store.get_many([FeatureKey(shared_kind, c) for c in need])
             have = [c for c, v in zip(need, stored, strict=True) if v is not None]
             from_pixels = [c for c, v in zip(need, stored, strict=True) if v is None]

@@ -15,15 +15,15 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
 from dlforge.common.errors import ConfigError, NotFound
 from dlforge.common.objects import ObjectStore
-from dlforge.vision.images import decode, to_array
-from dlforge.vision.manifest import Item
+from dlforge.vision.images import to_array
+from dlforge.vision.manifest import Item, load_pixels
 
 log = logging.getLogger(__name__)
 
@@ -42,29 +42,21 @@ class Embedder(Protocol):
         ...
 
 
-def _multi_stage(net: Any) -> Any:
-    """The EfficientNet-Lite0 trunk returning the normalized, concatenated multi-stage pooled features."""
-    import torch
+@runtime_checkable
+class StoredEmbedder(Protocol):
+    """Optional capability: embeds manifest items through the feature store (computed once per image)."""
 
-    class MultiStage(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
+    name: str
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            n = self.net
-            pooled = []
-            h = n._swish(n._bn0(n._conv_stem(x)))
-            for idx, block in enumerate(n._blocks):
-                h = block(h)
-                if idx in EfficientNetLite0Embedder.STAGE_ENDS:
-                    pooled.append(h.mean((2, 3)))
-            h = n._swish(n._bn1(n._conv_head(h)))
-            pooled.append(h.mean((2, 3)))
-            parts = [torch.nn.functional.normalize(p, dim=1) for p in pooled]
-            return torch.cat(parts, dim=1) / float(np.sqrt(len(parts)))
+    def embed_stored(self, objects: ObjectStore, items: Sequence[Item], *, batch_size: int) -> np.ndarray:
+        """float32 N x D embeddings of ``items``, read from or computed into the feature store."""
+        ...
 
-    return MultiStage().eval()
+
+def _multi_stage_vector(pooled: Sequence[np.ndarray]) -> np.ndarray:
+    """Each stage's pooled features L2-normalized, concatenated, scaled to unit norm overall."""
+    parts = [p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12) for p in pooled]
+    return np.asarray(np.concatenate(parts, axis=1) / float(np.sqrt(len(parts))), dtype=np.float32)
 
 
 class EfficientNetLite0Embedder:
@@ -74,12 +66,15 @@ class EfficientNetLite0Embedder:
     the 1280-channel head, each L2-normalized and concatenated (2,024 values): the mid-level
     stages keep the texture cues (cracks, scratches) that the final ImageNet features blur away.
 
-    ``runtime="onnxruntime"`` (default) exports the network once per process and runs it with
-    ONNX Runtime, about 5x faster than PyTorch eager on a 2-core CPU with the same outputs (to
-    1e-6); ``runtime="torch"`` runs it in PyTorch (channels-last).
+    The network is the shared ImageNet trunk of :mod:`dlforge.vision.staged`; manifest items go
+    through :class:`dlforge.vision.trunk.TrunkFeatures`, so each image's pooled features are
+    computed once and stored in the feature store, where the augmenter, proposer and trainer find
+    them. ``runtime="onnxruntime"`` (default) runs the exported trunk with ONNX Runtime, about 5x
+    faster than PyTorch eager on a 2-core CPU with the same outputs (to 1e-5); ``runtime="torch"``
+    runs it in PyTorch.
     """
 
-    STAGE_ENDS = (4, 7, 10, 14, 15)
+    STAGES = ("c40", "c80", "c112", "c192", "c320", "head")
 
     def __init__(self, *, size: int = 224, threads: int = 2, runtime: str = "onnxruntime") -> None:
         if runtime not in ("onnxruntime", "torch"):
@@ -88,62 +83,27 @@ class EfficientNetLite0Embedder:
         self.threads = threads
         self.runtime = runtime
         self.name = f"efficientnet_lite0-ms-{size}"
-        self._model: Any = None
-        self._session: Any = None
-        from dlforge.vision.networks import spec_of
 
-        spec = spec_of("efficientnet_lite0")
-        self._mean = np.array(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
-        self._std = np.array(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    def _features(self, objects: ObjectStore | None, batch_size: int = 32) -> Any:
+        from dlforge.vision.features import feature_store
+        from dlforge.vision.trunk import TrunkFeatures
 
-    def _torch_model(self) -> Any:
-        if self._model is None:
-            import torch
-
-            from dlforge.vision.networks import efficientnet_lite0_imagenet
-
-            torch.set_num_threads(self.threads)
-            self._model = _multi_stage(efficientnet_lite0_imagenet())
-        return self._model
-
-    def _onnx_session(self) -> Any:
-        if self._session is None:
-            import warnings
-
-            import torch
-
-            from dlforge.common.backends import optional_import
-
-            ort = optional_import("onnxruntime", install="pip install onnxruntime",
-                                  purpose="the onnxruntime embedding runtime (or DLFORGE_LABELER_EMBED_RUNTIME=torch)")
-            model = self._torch_model()
-            buf = io.BytesIO()
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(model, (torch.zeros(1, 3, self.size, self.size),), buf,  # type: ignore[arg-type]
-                                  input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
-                                  opset_version=17, dynamo=False)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-            self._session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
-        return self._session
+        store = feature_store(objects) if objects is not None else None
+        return TrunkFeatures(store, runtime=self.runtime, threads=self.threads, batch_size=batch_size)
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         return to_array(image, size=self.size, channels=3)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
-        x = (x - self._mean) / self._std
-        if self.runtime == "onnxruntime":
-            out = self._onnx_session().run(None, {"x": x})[0]
-            return np.asarray(out, dtype=np.float32)
-        import torch
+        """Embeddings of images given as arrays (not stored: they have no content hash here)."""
+        features = self._features(None)
+        return _multi_stage_vector(features.pooled_arrays(batch, stages=self.STAGES))
 
-        model = self._torch_model().to(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
-            return np.asarray(model(t).numpy(), dtype=np.float32)
+    def embed_stored(self, objects: ObjectStore, items: Sequence[Item], *, batch_size: int = 32) -> np.ndarray:
+        features = self._features(objects, batch_size)
+        pooled = features.pooled([i.sha256 for i in items], size=self.size, stages=self.STAGES,
+                                 load=features.for_items(objects, items, size=self.size))
+        return _multi_stage_vector([pooled[s] for s in self.STAGES])
 
 
 EmbedderFactory = Callable[..., Embedder]
@@ -173,14 +133,24 @@ def embed_items(
     loader_threads: int = 2,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """Embeddings of ``items`` (rows in order), decoding the next batch while the current one runs."""
+    """Embeddings of ``items`` (rows in order), decoding the next batch while the current one runs.
 
-    def load(item: Item) -> np.ndarray:
-        return embedder.prepare(decode(objects.get_bytes(item.key), name=item.name))
+    An embedder that can use the feature store (:class:`StoredEmbedder`) reads each image's
+    features from there, computing only those of images seen for the first time.
+    """
+    if isinstance(embedder, StoredEmbedder):
+        started = time.perf_counter()
+        vectors = embedder.embed_stored(objects, items, batch_size=batch_size) if items else \
+            np.zeros((0, 0), dtype=np.float32)
+        if progress is not None:
+            progress(len(items), len(items))
+        log.info("embedded %d items with %s in %.1fs", len(items), embedder.name, time.perf_counter() - started)
+        return vectors
 
     def load_batch(start: int) -> np.ndarray:
         chunk = items[start:start + batch_size]
-        return np.stack(list(pool.map(load, chunk)))
+        pixels = load_pixels(objects, chunk, threads=loader_threads)  # decoded once, kept in the feature store
+        return np.stack(list(pool.map(lambda p: embedder.prepare(Image.fromarray(p)), pixels)))
 
     rows: list[np.ndarray] = []
     started = time.perf_counter()
