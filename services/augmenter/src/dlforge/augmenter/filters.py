@@ -9,17 +9,16 @@ discriminator, a realism score) slots in behind the same two methods.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
 from dlforge.common.errors import ConfigError
+from dlforge.vision.features import FeatureStore
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,11 @@ class Judgement:
 
 
 class SampleFilter(Protocol):
-    """Judges generated samples against a model of the real data."""
+    """Judges generated samples against a model of the real data.
+
+    ``contents`` (optional): the sha256 of each image's bytes, so that a filter can read features
+    already in the feature store instead of computing them again.
+    """
 
     name: str
     image_size: int | None
@@ -57,11 +60,13 @@ class SampleFilter(Protocol):
         num_classes: int,
         val_images: np.ndarray,
         val_labels: np.ndarray,
+        contents: Sequence[str] | None = None,
+        val_contents: Sequence[str] | None = None,
     ) -> FilterFit:
         """Learn from real images (N x H x W x C uint8) and class indices; report held-out accuracy."""
         ...
 
-    def judge(self, images: np.ndarray, intended: np.ndarray) -> Judgement:
+    def judge(self, images: np.ndarray, intended: np.ndarray, *, contents: Sequence[str] | None = None) -> Judgement:
         """Decide for each generated image whether it is a convincing sample of its ``intended`` class index."""
         ...
 
@@ -76,7 +81,13 @@ class FeatureExtractor(Protocol):
         ...
 
 
-_NET_LOCK = threading.Lock()
+@runtime_checkable
+class StoredFeatureExtractor(Protocol):
+    """Optional capability of a :class:`FeatureExtractor`: features through the feature store."""
+
+    def of_contents(self, images: np.ndarray, contents: Sequence[str]) -> np.ndarray:
+        """Like ``__call__``, reading the features of images already stored under their content hash."""
+        ...
 
 
 def _single_threaded_blas() -> Any:
@@ -85,14 +96,6 @@ def _single_threaded_blas() -> Any:
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=1, user_api="blas")
-
-
-@functools.lru_cache(maxsize=2)
-def _pretrained(arch: str) -> Any:
-    from dlforge.vision.networks import build_network
-
-    with _NET_LOCK:
-        return build_network(arch, 1, pretrained=True).eval()
 
 
 def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
@@ -110,10 +113,15 @@ def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
 
 
 class FrozenNetworkFeatures:
-    """Pooled features of a pretrained network, frozen, at a chosen (lower) input size, in batches."""
+    """Pooled head features of the shared ImageNet trunk (:mod:`dlforge.vision.trunk`), frozen.
 
-    def __init__(self, arch: str = "efficientnet_lite0", *, image_size: int = 128, batch_size: int = 64,
-                 threads: int = 2) -> None:
+    With a feature store, images named by their content hash (:meth:`of_contents`) are read from it
+    when another stage already computed them at this size (the labeler does, at 224 px), and stored
+    for the stages after otherwise.
+    """
+
+    def __init__(self, arch: str = "efficientnet_lite0", *, image_size: int = 224, batch_size: int = 64,
+                 threads: int = 2, store: FeatureStore | None = None, runtime: str = "onnxruntime") -> None:
         if arch != "efficientnet_lite0":
             raise ConfigError(f"frozen features need a pretrained network; {arch!r} has none (use efficientnet_lite0)")
         if image_size < 32:
@@ -122,22 +130,41 @@ class FrozenNetworkFeatures:
         self.image_size = image_size
         self.batch_size = batch_size
         self.threads = threads
+        self.store = store
+        self.runtime = runtime
+
+    def _trunk(self) -> Any:
+        from dlforge.vision.trunk import TrunkFeatures
+
+        return TrunkFeatures(self.store, runtime=self.runtime, threads=self.threads, batch_size=self.batch_size)
+
+    def _prepare(self, images: np.ndarray) -> np.ndarray:
+        batch = resize_batch(images, self.image_size)
+        return np.repeat(batch, 3, axis=3) if batch.shape[3] == 1 else batch
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        import torch
-
-        from dlforge.vision.images import to_tensor
-        from dlforge.vision.networks import spec_of
-
-        spec = dataclasses.replace(spec_of(self.arch), input_size=self.image_size)
-        net = _pretrained(self.arch)
-        torch.set_num_threads(self.threads)
-        out = np.zeros((len(images), spec.feature_dim), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                batch = resize_batch(images[start:start + self.batch_size], self.image_size)
-                out[start:start + len(batch)] = net.features(to_tensor(batch, spec)).numpy()
+        if len(images) == 0:
+            return np.zeros((0, 1280), dtype=np.float32)
+        out: np.ndarray = self._trunk().pooled_arrays(self._prepare(images), stages=["head"])[0]
         return out
+
+    def of_contents(self, images: np.ndarray, contents: Sequence[str]) -> np.ndarray:
+        if self.store is None:
+            return self(images)
+        if len(images) == 0:
+            return np.zeros((0, 1280), dtype=np.float32)
+        trunk = self._trunk()
+        pooled = trunk.pooled(list(contents), size=self.image_size, stages=["head"],
+                              load=lambda rows: self._prepare(images[rows]))
+        return np.asarray(pooled["head"], dtype=np.float32)
+
+
+def _features(extractor: FeatureExtractor, images: np.ndarray, contents: Sequence[str] | None) -> np.ndarray:
+    if contents is not None and isinstance(extractor, StoredFeatureExtractor):
+        if len(contents) != len(images):
+            raise ValueError(f"{len(contents)} content hashes for {len(images)} images")
+        return extractor.of_contents(images, contents)
+    return extractor(images)
 
 
 class ConfidenceFilter:
@@ -167,6 +194,8 @@ class ConfidenceFilter:
         num_classes: int,
         val_images: np.ndarray,
         val_labels: np.ndarray,
+        contents: Sequence[str] | None = None,
+        val_contents: Sequence[str] | None = None,
     ) -> FilterFit:
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -177,7 +206,7 @@ class ConfidenceFilter:
         present, per_class = np.unique(labels, return_counts=True)
         if len(present) < 2:
             raise ValueError("the filter needs real train images of at least two classes")
-        feats = self.extractor(images)
+        feats = _features(self.extractor, images, contents)
         feature_seconds = time.perf_counter() - started
 
         def model(c: float) -> Any:
@@ -202,7 +231,7 @@ class ConfidenceFilter:
         val_seconds = 0.0
         if len(val_images):
             t = time.perf_counter()
-            val_feats = self.extractor(val_images)
+            val_feats = _features(self.extractor, val_images, val_contents)
             with _single_threaded_blas():
                 val_pred = self._model.predict(val_feats)
             val_accuracy = float(np.mean(val_pred == val_labels))
@@ -225,22 +254,23 @@ class ConfidenceFilter:
             },
         )
 
-    def probabilities(self, images: np.ndarray, *, num_classes: int) -> np.ndarray:
+    def probabilities(self, images: np.ndarray, *, num_classes: int, contents: Sequence[str] | None = None
+                      ) -> np.ndarray:
         """P(class | image) for every class index (0 for classes absent from the real train data)."""
         if self._model is None:
             raise RuntimeError("fit() the filter first")
-        feats = self.extractor(images)
+        feats = _features(self.extractor, images, contents)
         with _single_threaded_blas():
             proba = self._model.predict_proba(feats)
         full = np.zeros((len(images), num_classes), dtype=np.float64)
         full[:, self._model.classes_] = proba
         return full
 
-    def judge(self, images: np.ndarray, intended: np.ndarray) -> Judgement:
+    def judge(self, images: np.ndarray, intended: np.ndarray, *, contents: Sequence[str] | None = None) -> Judgement:
         if len(images) == 0:
             return Judgement(np.zeros(0, dtype=bool), np.zeros(0), np.zeros(0, dtype=np.int64))
         num_classes = int(max(int(np.max(intended)), int(np.max(self._model.classes_))) + 1)
-        proba = self.probabilities(images, num_classes=num_classes)
+        proba = self.probabilities(images, num_classes=num_classes, contents=contents)
         confidence = proba[np.arange(len(images)), intended]
         return Judgement(confidence >= self.threshold, confidence, proba.argmax(axis=1))
 
@@ -259,9 +289,11 @@ class KeepAllFilter:
         num_classes: int,
         val_images: np.ndarray,
         val_labels: np.ndarray,
+        contents: Sequence[str] | None = None,
+        val_contents: Sequence[str] | None = None,
     ) -> FilterFit:
         return FilterFit(train_count=len(images), val_count=0, val_accuracy=None, seconds=0.0)
 
-    def judge(self, images: np.ndarray, intended: np.ndarray) -> Judgement:
+    def judge(self, images: np.ndarray, intended: np.ndarray, *, contents: Sequence[str] | None = None) -> Judgement:
         n = len(images)
         return Judgement(np.ones(n, dtype=bool), np.full(n, np.nan), np.asarray(intended, dtype=np.int64))

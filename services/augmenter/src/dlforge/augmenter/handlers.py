@@ -223,6 +223,7 @@ def augment(
     fit = sample_filter.fit(
         fit_images, manifest.label_indices(fit_items), num_classes=len(classes),
         val_images=val_images, val_labels=manifest.label_indices(val),
+        contents=[i.sha256 for i in fit_items], val_contents=[i.sha256 for i in val],
     )
     del fit_images, val_images
     timings["fit_filter"] = time.perf_counter() - t
@@ -244,22 +245,24 @@ def augment(
             made = generator.generate(source_images, k, rng)
             timings["generate"] += time.perf_counter() - t
             t = time.perf_counter()
-            verdict = sample_filter.judge(made.images, np.full(k, ci, dtype=np.int64))
-            timings["judge"] += time.perf_counter() - t
+            pngs = [encode_png(made.images[j]) for j in range(k)]
+            digests = [hashlib.sha256(png).hexdigest() for png in pngs]
+            timings["encode"] += time.perf_counter() - t
             t = time.perf_counter()
+            # by content: the features of the kept samples stay in the feature store for later stages
+            verdict = sample_filter.judge(made.images, np.full(k, ci, dtype=np.int64), contents=digests)
+            timings["judge"] += time.perf_counter() - t
             for j in range(k):
                 sample_id = f"{config.id_prefix}-c{ci}-{start + j:05d}"
-                png = encode_png(made.images[j])
                 conf = float(verdict.confidence[j])
                 samples.append(GeneratedSample(
                     sample_id=sample_id, key=f"{prefix}{sample_id}.png", label=label,
                     parent_id=sources[int(made.parents[j])].item_id, recipe=made.recipes[j],
                     confidence=conf if math.isfinite(conf) else None,
                     predicted=classes[int(verdict.predicted[j])], kept=bool(verdict.keep[j]),
-                    png=png, sha256=hashlib.sha256(png).hexdigest(),
+                    png=pngs[j], sha256=digests[j],
                     width=int(made.images.shape[2]), height=int(made.images.shape[1]),
                 ))
-            timings["encode"] += time.perf_counter() - t
 
     generated = {c: 0 for c in classes}
     kept = {c: 0 for c in classes}

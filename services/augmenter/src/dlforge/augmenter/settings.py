@@ -17,7 +17,11 @@ class AugmenterSettings(CommonSettings):
         default=1.0, ge=0.0, le=10.0, description="at most this many generated samples per real train image of a class"
     )
     augmenter_filter_arch: str = Field(default="efficientnet_lite0", description="frozen feature network of the filter")
-    augmenter_filter_image_size: int = Field(default=128, ge=32, le=512, description="filter input side (px)")
+    augmenter_filter_image_size: int = Field(
+        default=224, ge=32, le=512,
+        description="filter input side (px); at the labeler's embedding size (224) the real images' features are "
+        "read from the feature store instead of computed again",
+    )
     augmenter_filter_max_train: int = Field(
         default=3000, ge=10, description="real train images the filter learns from at most (stratified subsample)"
     )

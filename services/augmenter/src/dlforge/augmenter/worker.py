@@ -41,6 +41,7 @@ from dlforge.common.events import AugmentationCount, DatasetAugmented, DatasetLa
 from dlforge.common.objects import ObjectStore, check_key
 from dlforge.common.runtime import HandlerContext, Service
 from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.vision.features import FeatureStore, feature_store
 from dlforge.vision.manifest import Item, Manifest, load_arrays, save_manifest
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,11 @@ def build_generator(settings: AugmenterSettings) -> Generator:
     ])
 
 
-def build_filter(settings: AugmenterSettings) -> SampleFilter:
+def build_filter(settings: AugmenterSettings, store: FeatureStore | None = None) -> SampleFilter:
+    """The X2 filter; with ``store``, features of images other stages embedded are read, not recomputed."""
     extractor = FrozenNetworkFeatures(
         settings.augmenter_filter_arch, image_size=settings.augmenter_filter_image_size,
-        batch_size=settings.augmenter_batch_size, threads=settings.augmenter_threads,
+        batch_size=settings.augmenter_batch_size, threads=settings.augmenter_threads, store=store,
     )
     return ConfidenceFilter(extractor, threshold=settings.augmenter_threshold)
 
@@ -201,7 +203,7 @@ async def on_dataset_labeled(event: Event, ctx: HandlerContext) -> Event:
     await ctx.docs.upsert(RUNS, record)
 
     generator = build_generator(settings)
-    sample_filter = build_filter(settings)
+    sample_filter = build_filter(settings, feature_store(ctx.objects))
     config = AugmentConfig(
         seed=payload.options.seed, id_prefix=f"g{fp[:8]}", max_sources=settings.augmenter_max_sources,
         max_filter_train=settings.augmenter_filter_max_train, max_side=settings.augmenter_max_side,
