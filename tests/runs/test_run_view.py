@@ -39,13 +39,14 @@ def test_stages_move_from_running_to_succeeded_with_seconds_and_artifacts() -> N
     doc = runs.apply(doc, _at(submitted, 3))
     assert doc["stages"]["labeler"]["human_labels"] == 2
     labeled = Event.new(DatasetLabeled(dataset_id="d1", labels_key="labeler/d1/labeled.json", classes=["a", "b"],
-                                       counts=[], human_labels=2, auto_labels=8, rounds=1, spec=Spec()), run_id="r1")
+                                       counts=[], human_labels=2, auto_labels=6, needs_review=2, rounds=1,
+                                       spec=Spec()), run_id="r1")
     doc = runs.apply(doc, _at(labeled, 12.5))
     lab = doc["stages"]["labeler"]
     assert lab["state"] == "succeeded"
     assert lab["seconds"] == 12.5
     assert lab["artifacts"]["labels_key"] == "labeler/d1/labeled.json"
-    assert lab["summary"] == {"human_labels": 2, "auto_labels": 8, "rounds": 1}
+    assert lab["summary"] == {"human_labels": 2, "auto_labels": 6, "needs_review": 2, "rounds": 1}
     assert doc["stages"]["augmenter"]["state"] == "running"
     assert doc["state"] == "running"
     assert doc["counts"] == {"dataset.uploaded": 1, "labels.submitted": 1, "dataset.labeled": 1}

@@ -45,7 +45,7 @@ def _summary(topic: Topic, p: dict[str, Any]) -> dict[str, Any]:
     """The few numbers a person wants on the run page for this event."""
     keep: dict[Topic, tuple[str, ...]] = {
         Topic.DATASET_UPLOADED: ("dataset_id", "item_count", "labeled_count", "rejected_count", "duplicate_count"),
-        Topic.DATASET_LABELED: ("human_labels", "auto_labels", "rounds"),
+        Topic.DATASET_LABELED: ("human_labels", "auto_labels", "needs_review", "rounds"),
         Topic.DATASET_AUGMENTED: ("augmentation",),
         Topic.MODEL_PROPOSED: ("chosen_model_id",),
         Topic.HPO_COMPLETED: ("best_params", "best_value"),
