@@ -6,6 +6,8 @@
   201 with the counts, the rejected files and the duplicates; 4xx refusals write nothing.
 - ``GET /datasets``, ``GET /datasets/{id}``: records (state, rounds, counts, rejected).
 - ``GET /datasets/{id}/queue``: the items waiting for a person, with image URLs.
+- ``GET /datasets/{id}/review``: once labeled, the items left "needs review" (below the guaranteed
+  auto-labeling threshold), least confident first, with the guarantee's figures.
 - ``GET /datasets/{id}/items/{item_id}/image``: an item's image bytes.
 - ``GET /datasets/{id}/similar?item=…&k=…``: nearest items by embedding (the item itself first).
 - ``POST /labels``: a person's labels for the waiting batch -> ``labels.submitted``.
@@ -137,6 +139,25 @@ class Queue(BaseModel):
     classes: list[str]
     allow_new_classes: bool
     items: list[QueueItem]
+
+
+class ReviewItem(BaseModel):
+    item_id: str
+    name: str
+    split: str | None
+    confidence: float | None = Field(description="the classifier's confidence, below the auto-labeling threshold")
+    image_url: str
+
+
+class Review(BaseModel):
+    dataset_id: str
+    state: str
+    needs_review: int = Field(description="items of the dataset left without a label for people")
+    auto_label_threshold: float | None
+    auto_label_coverage: float | None
+    auto_label_error_bound: float | None
+    warnings: list[str]
+    items: list[ReviewItem] = Field(description="up to ``limit`` of them, least confident first")
 
 
 class Neighbour(BaseModel):
@@ -377,6 +398,28 @@ async def get_queue(dataset_id: str, request: Request,
     return Queue(dataset_id=dataset_id, state=record["state"], batch_id=batch.get("batch_id"),
                  round=batch.get("round"), classes=list(record.get("classes", [])),
                  allow_new_classes=bool(record.get("allow_new_classes", True)), items=items)
+
+
+@router.get("/datasets/{dataset_id}/review", response_model=Review)
+async def get_review(dataset_id: str, request: Request, backends: Annotated[Backends, Depends(backends_of)],
+                     limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> Review:
+    """The items the labeler left for people: no auto-label met the run's error guarantee for them."""
+    record = await records.load(backends.docs, dataset_id)
+    if record.get("state") != "labeled" or not record.get("labels_key"):
+        raise InvalidInput(f"dataset {dataset_id!r} is not labeled yet (state {record.get('state')})",
+                           status_code=409)
+    labeled = await asyncio.to_thread(load_manifest, backends.objects, record["labels_key"])
+    review = sorted((i for i in labeled.items if i.label_source == "needs_review"),
+                    key=lambda i: (i.confidence if i.confidence is not None else 0.0, i.item_id))
+    base = str(request.url_for("labeler_item_image", dataset_id=dataset_id, item_id="ITEM"))
+    result = record.get("result") or {}
+    return Review(
+        dataset_id=dataset_id, state=record["state"], needs_review=len(review),
+        auto_label_threshold=result.get("auto_label_threshold"), auto_label_coverage=result.get("auto_label_coverage"),
+        auto_label_error_bound=result.get("auto_label_error_bound"), warnings=list(result.get("warnings", [])),
+        items=[ReviewItem(item_id=i.item_id, name=i.name, split=i.split, confidence=i.confidence,
+                          image_url=base.replace("ITEM", i.item_id)) for i in review[:limit]],
+    )
 
 
 @router.get("/datasets/{dataset_id}/items/{item_id}/image", name="labeler_item_image")
