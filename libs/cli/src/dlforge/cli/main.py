@@ -117,6 +117,7 @@ async def _run_folder(
     from dlforge.cli.report import build_report
     from dlforge.common.runtime import Backends
     from dlforge.labeler import simulated
+    from dlforge.labeler.records import DATASETS
 
     os.environ.setdefault("DLFORGE_LABELER_IMPORT_ROOTS", str(folder.resolve().parent))
     backends = Backends.from_settings(settings)
@@ -135,8 +136,12 @@ async def _run_folder(
         return created
 
     with StageProgress() as progress:
-        run, events, _ = await run_in_process(app, upload=upload, on_progress=progress.update, timeout=timeout)
-    report = build_report(run=run, events=events, objects=backends.objects, truth=truth)
+        run, events, created = await run_in_process(app, upload=upload, on_progress=progress.update,
+                                                    timeout=timeout)
+    # the labeler's dataset document holds the per-round figures (learning curve) and the auto-label
+    # guarantee (coverage, error bound) that no event carries
+    labeling = await backends.docs.get(DATASETS, created["dataset_id"])
+    report = build_report(run=run, events=events, objects=backends.objects, truth=truth, labeling=labeling)
     return run, report
 
 

@@ -6,9 +6,11 @@ import base64
 import html
 import io
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dlforge.cli.learning_curve import labels_to_reach
 from dlforge.common.events import (
     DatasetAugmented,
     DatasetLabeled,
@@ -48,8 +50,15 @@ def auto_label_accuracy(objects: ObjectStore, labels_key: str, truth: dict[str, 
 
 
 def build_report(
-    *, run: dict[str, Any], events: list[Event], objects: ObjectStore, truth: dict[str, str] | None
+    *,
+    run: dict[str, Any],
+    events: list[Event],
+    objects: ObjectStore,
+    truth: dict[str, str] | None,
+    labeling: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The run's report. ``labeling`` is the labeler's dataset document (its ``rounds`` and ``result``),
+    when the caller could read it: the learning curve and the auto-label guarantee come from there."""
     uploaded = _last(events, DatasetUploaded)
     labeled = _last(events, DatasetLabeled)
     augmented = _last(events, DatasetAugmented)
@@ -77,6 +86,7 @@ def build_report(
         report["human_label_fraction"] = round(labeled.human_labels / uploaded.item_count, 4)
         report["labeling_rounds"] = labeled.rounds
         report["auto_labels"] = labeled.auto_labels
+        report["needs_review"] = getattr(labeled, "needs_review", None)
         report["class_counts"] = {c.label: c.count for c in labeled.counts}
         if truth:
             acc = auto_label_accuracy(objects, labeled.labels_key, truth)
@@ -129,8 +139,63 @@ def build_report(
             for name, v in opt.get("variants", {}).items()
         }
         report["spec_check"] = opt.get("choice")
+        report.update(_spec_evidence(opt))
+        for name, v in opt.get("variants", {}).items():
+            report["variants"][name]["test_agreement_vs_onnx_fp32"] = v.get("test_agreement_vs_onnx_fp32")
+            report["variants"][name]["verdict"] = (v.get("verdict") or {}).get("verdict")
+    result = (labeling or {}).get("result") or {}
+    report["auto_label_coverage"] = result.get("auto_label_coverage")
+    report["auto_label_error_bound"] = result.get("auto_label_error_bound")
+    spec = optimized.spec if optimized else (uploaded.spec if uploaded else None)
+    if labeling is not None and spec is not None:
+        report["learning_curve"] = labels_to_reach(labeling.get("rounds") or [], target=spec.min_accuracy,
+                                                   current_labels=labeled.human_labels if labeled else None)
+    else:
+        report["learning_curve"] = None
     report["spec_met"] = bool(optimized.spec_met) if optimized else False
     return report
+
+
+def _spec_evidence(opt: Mapping[str, Any]) -> dict[str, Any]:
+    """The honest spec check of the optimizer's report: intervals, per-class figures, curve, verdict."""
+    verdict = opt.get("spec_verdict") or {}
+    at_recall = opt.get("accuracy_at_spec_recall") or {}
+    figures = opt.get("test_figures") or {}
+    curve = opt.get("operating_curve") or {}
+    spec = opt.get("spec") or {}
+    chosen = (opt.get("variants") or {}).get(opt.get("chosen_variant")) or {}
+    out: dict[str, Any] = {
+        "test_split": opt.get("test_split"),
+        "test_accuracy_argmax": opt.get("test_accuracy_argmax"),
+        "test_accuracy_argmax_interval": opt.get("test_accuracy_argmax_interval"),
+        "accuracy_at_spec_recall": at_recall.get("accuracy"),
+        "accuracy_at_spec_recall_detail": at_recall or None,
+        "test_accuracy_interval": opt.get("test_accuracy_interval"),
+        "defect_recall_interval": opt.get("positive_recall_interval"),
+        "spec_verdict": verdict.get("verdict"),
+        "spec_verdict_detail": verdict or None,
+        "threshold_evidence": {
+            "validation_positives": verdict.get("threshold_positives"),
+            "recall_lower_bound_95": verdict.get("threshold_recall_lower_bound"),
+        } if verdict else None,
+        "test_per_class": {
+            c: {"items": f["items"], "predicted": f["predicted"], "recall": f["recall"], "precision": f["precision"]}
+            for c, f in (figures.get("per_class") or {}).items()
+        } or None,
+        "test_confusion": {"classes": figures["classes"], "matrix": figures["confusion"],
+                           "rows": "true class", "columns": "decided class"} if figures else None,
+        "variant_rejections": (opt.get("choice") or {}).get("rejected"),
+        "int8_test_agreement": opt.get("int8_test_agreement"),
+        "operating_curve": {
+            "positive_class": curve["positive_class"], "items": curve["items"], "positives": curve["positives"],
+            "thinned": curve.get("thinned", False), "columns": ["threshold", "recall", "accuracy"],
+            "points": [[p["threshold"], p["recall"], p["accuracy"]] for p in curve["points"]],
+            "spec_recall": spec.get("min_recall"), "spec_accuracy": spec.get("min_accuracy"),
+            "shipped": {"threshold": opt.get("threshold"), "recall": chosen.get("test_positive_recall"),
+                        "accuracy": chosen.get("test_accuracy")},
+        } if curve else None,
+    }
+    return out
 
 
 def _b32(variant: dict[str, Any]) -> float | None:
@@ -205,8 +270,79 @@ def format_text(report: dict[str, Any]) -> str:
                      f"{num(report['int8_speedup_vs_torch_eager'])}x vs PyTorch eager; accuracy drop "
                      f"{points(report['int8_accuracy_drop'])} points at the argmax "
                      f"({points(report.get('int8_accuracy_drop_at_threshold'))} at each variant's threshold)")
-    lines.append(f"spec met: {'YES' if report.get('spec_met') else 'NO'}  (spec: {report.get('spec')})")
+    lines.extend(_evidence_lines(report, pct=pct, num=num))
+    lines.extend(_labeling_lines(report, pct=pct))
+    verdict = report.get("spec_verdict")
+    lines.append(f"spec met: {'YES' if report.get('spec_met') else 'NO'}"
+                 + (f" on the point estimates; verdict {verdict}" if verdict else "")
+                 + f"  (spec: {report.get('spec')})")
     return "\n".join(lines)
+
+
+VERDICT_TEXT = {"met": "MET with 95 % confidence (interval lower bounds clear the targets)",
+                "met_point_estimate": "met on the POINT ESTIMATE ONLY (the 95 % intervals reach below the targets)",
+                "not_met": "NOT met"}
+
+
+def _ci(iv: Mapping[str, Any] | None) -> str:
+    if not iv or iv.get("point") is None:
+        return "n/a"
+    return f"{100 * iv['point']:.1f} % [{100 * iv['low']:.1f}, {100 * iv['high']:.1f}] ({iv['k']}/{iv['n']})"
+
+
+def _evidence_lines(report: Mapping[str, Any], *, pct: Any, num: Any) -> list[str]:
+    lines: list[str] = []
+    split = report.get("test_split")
+    if split:
+        lines.append(f"test split: figures on {split['used']} of {split['items']} test items "
+                     f"({split['labeled_by_people']} labeled by people; {split['evidence']})"
+                     + (f", {split['positives']} positives" if split.get("positives") is not None else ""))
+    if report.get("test_accuracy_interval"):
+        lines.append("test accuracy (95 % exact intervals): at the argmax "
+                     f"{_ci(report.get('test_accuracy_argmax_interval'))}; "
+                     f"at the shipped threshold {_ci(report['test_accuracy_interval'])}; defect recall there "
+                     f"{_ci(report.get('defect_recall_interval'))}")
+    at = report.get("accuracy_at_spec_recall_detail")
+    if at:
+        lines.append(f"accuracy at the spec's recall {at['target_recall']:g}: {_ci(at['accuracy_interval'])} "
+                     f"at threshold {num(at['threshold'], '.4f')} (test recall {pct(at['recall'])}) — read off "
+                     "the TEST operating curve, not the shipped threshold")
+    ev = report.get("threshold_evidence")
+    if ev and ev.get("validation_positives") is not None:
+        lines.append(f"threshold evidence: rests on {ev['validation_positives']} validation positives; recall there "
+                     f">= {num(ev.get('recall_lower_bound_95'), '.3f')} with 95 % confidence (one-sided)")
+    per_class = report.get("test_per_class")
+    if per_class:
+        lines.append("class            items  recall (95 % interval)                precision (95 % interval)")
+        for c, f in per_class.items():
+            lines.append(f"{c:<16} {f['items']:>5}  {_ci(f['recall']):<37} {_ci(f['precision'])}")
+    conf = report.get("test_confusion")
+    if conf:
+        width = max(8, *(len(c) + 1 for c in conf["classes"]))
+        lines.append("confusion (rows true, columns decided): " + "".join(f"{c:>{width}}" for c in conf["classes"]))
+        for c, row in zip(conf["classes"], conf["matrix"], strict=True):
+            lines.append(f"  {c:<37} " + "".join(f"{v:>{width}}" for v in row))
+    for name, why in (report.get("variant_rejections") or {}).items():
+        lines.append(f"not chosen: {name}: {'; '.join(why)}")
+    detail = report.get("spec_verdict_detail")
+    if detail:
+        lines.append(f"spec verdict: {VERDICT_TEXT.get(detail['verdict'], detail['verdict'])}")
+        lines.extend(f"  - {r}" for r in detail.get("reasons", []))
+        lines.extend(f"  note: {n}" for n in detail.get("notes", []))
+    return lines
+
+
+def _labeling_lines(report: Mapping[str, Any], *, pct: Any) -> list[str]:
+    lines: list[str] = []
+    if report.get("auto_label_coverage") is not None or report.get("auto_label_error_bound") is not None:
+        lines.append(f"auto-labels: coverage {pct(report.get('auto_label_coverage'))}, error <= "
+                     f"{pct(report.get('auto_label_error_bound'))} (the labeler's bound)")
+    lc = report.get("learning_curve")
+    if lc:
+        fit = (f" (a={lc['a']:.3f}, b={lc['b']:.3g}, c={lc['c']:.3f}, rmse {lc['rmse']:.4f} on "
+               f"{len(lc['points'])} rounds)" if lc.get("a") is not None else "")
+        lines.append(f"learning curve {lc['model']}{fit}: {lc['status']}: {lc['note']}")
+    return lines
 
 
 def _figure_png(fig: Any) -> str:
@@ -266,10 +402,77 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
             a.tick_params(axis="x", labelrotation=30, labelsize=7)
         plots.append(("Variants: speed and size", _figure_png(fig)))
         plt.close(fig)
+    curve = report.get("operating_curve")
+    if curve and curve.get("points"):
+        plots.append(("Operating curve: test accuracy against test recall", _operating_curve_png(plt, curve, report)))
+    lc = report.get("learning_curve")
+    if lc and lc.get("points"):
+        plots.append(("Learning curve (estimate)", _learning_curve_png(plt, lc)))
     return plots
 
 
+def _operating_curve_png(plt: Any, curve: Mapping[str, Any], report: Mapping[str, Any]) -> str:
+    """Accuracy against recall of the positive class over thresholds, the spec's targets as lines."""
+    recall = [p[1] for p in curve["points"]]
+    accuracy = [p[2] for p in curve["points"]]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(recall, accuracy, color="#4c72b0", marker=".", markersize=3, linewidth=1, label="test, each threshold")
+    if curve.get("spec_recall"):
+        ax.axvline(curve["spec_recall"], color="#c44e52", linestyle="--", linewidth=1,
+                   label=f"spec recall {curve['spec_recall']:g}")
+    if curve.get("spec_accuracy"):
+        ax.axhline(curve["spec_accuracy"], color="#dd8452", linestyle="--", linewidth=1,
+                   label=f"spec accuracy {curve['spec_accuracy']:g}")
+    shipped = curve.get("shipped") or {}
+    if shipped.get("recall") is not None and shipped.get("accuracy") is not None:
+        ax.plot([shipped["recall"]], [shipped["accuracy"]], "o", color="#55a868", markersize=7,
+                label=f"shipped threshold {shipped['threshold']:.3f} (set on validation)")
+    at = report.get("accuracy_at_spec_recall_detail")
+    if at:
+        ax.plot([at["recall"]], [at["accuracy"]], "s", color="#8172b2", markersize=6,
+                label=f"highest threshold reaching the spec's recall on test ({at['threshold']:.3f})")
+    ax.set_xlabel(f"recall of {curve['positive_class']!r} (test, {curve['positives']} positives)")
+    ax.set_ylabel(f"accuracy (test, {curve['items']} items)")
+    ax.set_title("operating curve on the test items people labeled")
+    ax.legend(fontsize=7, loc="lower left")
+    png = _figure_png(fig)
+    plt.close(fig)
+    return png
+
+
+def _learning_curve_png(plt: Any, lc: Mapping[str, Any]) -> str:
+    """The labeler's accuracy per round, the fitted power law (if any) and the spec's accuracy."""
+    import numpy as np
+
+    n = [p[0] for p in lc["points"]]
+    acc = [p[1] for p in lc["points"]]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(n, acc, "o", color="#4c72b0", label="labeler cross-validated accuracy per round")
+    if lc.get("a") is not None:
+        top = max(max(n), lc.get("labels_needed") or 0) * 1.1
+        xs = np.linspace(min(n), top, 200)
+        ax.plot(xs, lc["a"] - lc["b"] * xs ** (-lc["c"]), color="#55a868",
+                label=f"fit {lc['model']} (estimate)")
+    if lc.get("target_accuracy"):
+        ax.axhline(lc["target_accuracy"], color="#dd8452", linestyle="--", linewidth=1,
+                   label=f"spec accuracy {lc['target_accuracy']:g}")
+    if lc.get("labels_needed"):
+        ax.axvline(lc["labels_needed"], color="#8172b2", linestyle=":", linewidth=1,
+                   label=f"~{lc['labels_needed']} labels (estimate)")
+    ax.set_xlabel("human labels")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"learning curve: {lc['status']}")
+    ax.legend(fontsize=7, loc="lower right")
+    png = _figure_png(fig)
+    plt.close(fig)
+    return png
+
+
 def write_html(report: dict[str, Any], path: Path) -> None:
+    verdict = ""
+    if report.get("spec_verdict"):
+        text = VERDICT_TEXT.get(str(report["spec_verdict"]), str(report["spec_verdict"]))
+        verdict = f"; verdict: <b>{html.escape(text)}</b>"
     plots = "".join(
         f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'/>"
         for title, png in _plots(report)
@@ -279,7 +482,7 @@ def write_html(report: dict[str, Any], path: Path) -> None:
         "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}pre{background:#f4f4f4;padding:1em;"
         "overflow-x:auto}</style></head><body>"
         f"<h1>dlforge run {html.escape(str(report.get('run_id')))}</h1>"
-        f"<p>spec met: <b>{'yes' if report.get('spec_met') else 'no'}</b></p>"
+        f"<p>spec met: <b>{'yes' if report.get('spec_met') else 'no'}</b>{verdict}</p>"
         f"<pre>{html.escape(format_text(report))}</pre>{plots}"
         f"<h2>Full report (JSON)</h2><pre>{html.escape(json.dumps(report, indent=2, default=str))}</pre>"
         "</body></html>"

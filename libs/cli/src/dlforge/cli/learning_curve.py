@@ -1,0 +1,114 @@
+"""How many more human labels would reach the spec: a saturating power law fitted to the labeling rounds.
+
+Each labeling round records how many items people had labeled and the labeling classifier's
+cross-validated accuracy on them. ``acc(n) = a - b * n^(-c)`` (``a`` the ceiling, ``b, c > 0``) is
+fitted to those points by bounded least squares, and solved for the ``n`` where it reaches the
+spec's accuracy. It is an estimate and says so: the points come from the labeler's classifier (not
+the final model) on items active learning picked, and few rounds leave the power law loosely fixed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+MODEL = "acc(n) = a - b * n^(-c)"
+MIN_POINTS = 4  # three parameters: fewer points than four leave nothing to check the fit on
+CAVEAT = ("an estimate: a power law fitted to the labeler classifier's cross-validated accuracy per round "
+          "(on the items people labeled, which active learning picked), extrapolated; the final model's test "
+          "accuracy differs, and few rounds fix the curve loosely")
+
+
+def round_points(rounds: Iterable[Mapping[str, Any]]) -> list[tuple[int, float]]:
+    """``(human labels, cv accuracy)`` of the labeler document's rounds that have both (last one per count)."""
+    by_n: dict[int, float] = {}
+    for r in rounds:
+        n = r.get("human_labels")
+        acc = (r.get("classifier") or {}).get("cv_accuracy")
+        if n is None or acc is None or not math.isfinite(float(acc)) or int(n) <= 0:
+            continue
+        by_n[int(n)] = float(acc)
+    return sorted(by_n.items())
+
+
+def _curve(x: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
+    out: np.ndarray = a - b * np.power(x, -c)
+    return out
+
+
+def fit_power_law(points: Sequence[tuple[int, float]]) -> tuple[float, float, float, float]:
+    """``(a, b, c, rmse)`` of the bounded least-squares fit (a in [0, 1], b >= 0, c in [0.05, 3]).
+
+    ``n`` is scaled by its largest value for the fit (so ``b`` is the gap to the ceiling there),
+    and several starting exponents are tried; the best fit is returned in the original scale.
+    """
+    from scipy.optimize import curve_fit
+
+    if len(points) < MIN_POINTS:
+        raise ValueError(f"need at least {MIN_POINTS} rounds to fit {MODEL}, got {len(points)}")
+    n = np.array([p[0] for p in points], dtype=np.float64)
+    acc = np.array([p[1] for p in points], dtype=np.float64)
+    scale = float(n.max())
+    x = n / scale
+    best: tuple[float, float, float, float] | None = None
+    for c0 in (0.2, 0.5, 1.0, 2.0):
+        a0 = min(1.0, float(acc.max()) + 0.01)
+        b0 = max(1e-3, a0 - float(acc.min())) * float(x.min()) ** c0
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                (a, b, c), _ = curve_fit(_curve, x, acc, p0=(a0, b0, c0),
+                                         bounds=([0.0, 0.0, 0.05], [1.0, 100.0, 3.0]), maxfev=20000)
+        except (RuntimeError, ValueError):
+            continue
+        rmse = float(np.sqrt(np.mean((_curve(x, a, b, c) - acc) ** 2)))
+        if best is None or rmse < best[3] - 1e-12:
+            best = (float(a), float(b), float(c), rmse)
+    if best is None:
+        raise RuntimeError(f"{MODEL} did not converge on {len(points)} rounds")
+    a, b, c, rmse = best
+    return a, b * scale**c, c, rmse  # b * (n / scale)^-c == (b * scale^c) * n^-c
+
+
+def labels_to_reach(
+    rounds: Iterable[Mapping[str, Any]], *, target: float, current_labels: int | None = None,
+) -> dict[str, Any]:
+    """The learning-curve estimate for the report: fit, and the labels needed to reach ``target``.
+
+    ``status`` is ``estimated``, ``ceiling_below_spec`` (the fitted ceiling ``a`` does not reach the
+    target), ``too_few_rounds``, ``no_accuracy_target`` or ``fit_failed``; ``note`` says what the figure is.
+    """
+    points = round_points(rounds)
+    current = current_labels if current_labels is not None else (points[-1][0] if points else None)
+    out: dict[str, Any] = {
+        "status": "", "model": MODEL, "points": [[n, acc] for n, acc in points], "target_accuracy": target,
+        "current_labels": current, "a": None, "b": None, "c": None, "rmse": None, "labels_needed": None,
+        "more_labels": None, "note": CAVEAT,
+    }
+    if target <= 0:
+        return {**out, "status": "no_accuracy_target", "note": "the spec sets no accuracy to reach"}
+    if len(points) < MIN_POINTS:
+        return {**out, "status": "too_few_rounds",
+                "note": f"too few rounds to fit: {len(points)} with a cross-validated accuracy, "
+                        f"{MIN_POINTS} needed for the three parameters of {MODEL}"}
+    try:
+        a, b, c, rmse = fit_power_law(points)
+    except (RuntimeError, ValueError) as exc:
+        return {**out, "status": "fit_failed", "note": f"{exc}; {CAVEAT}"}
+    out.update(a=a, b=b, c=c, rmse=rmse)
+    if a <= target:
+        return {**out, "status": "ceiling_below_spec",
+                "note": f"the fitted ceiling a = {a:.4f} does not reach the spec's accuracy {target:g}: more "
+                        f"labels of the same kind are not expected to get there; {CAVEAT}"}
+    needed = (b / (a - target)) ** (1.0 / c) if b > 0 else 0.0
+    needed_int = max(1, math.ceil(needed))
+    more = max(0, needed_int - current) if current is not None else None
+    far = points[-1][0] * 10 < needed_int
+    return {**out, "status": "estimated", "labels_needed": needed_int, "more_labels": more,
+            "note": (f"about {needed_int} human labels in all" + (f" ({more} more)" if more is not None else "")
+                     + f" to reach {target:g}" + (" — far beyond the observed range, so very uncertain" if far else "")
+                     + f"; {CAVEAT}")}

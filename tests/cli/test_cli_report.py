@@ -1,0 +1,147 @@
+"""The run report: today's keys kept, the honest spec check added, learning curve and auto-label guarantee."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dlforge.cli.report import build_report, format_text, write_html
+from dlforge.common.events import ClassCount, DatasetLabeled, DatasetUploaded, Event, ModelOptimized, Spec
+from dlforge.common.objects.fs import FsObjectStore
+from dlforge.common.runs import STAGES
+from dlforge.optimizer.evidence import (
+    RateInterval,
+    accuracy_at_recall,
+    operating_curve,
+    spec_verdict,
+    split_figures,
+)
+
+SPEC = Spec(positive_class="defect", min_recall=0.95, min_accuracy=0.9, min_fps=1.0, input_size=256)
+CLASSES = ["defect", "good"]
+# keys reports/demo.json had before the spec check was added (with an optimized model, no truth)
+TODAYS_KEYS = {
+    "run_id", "state", "failure", "stages", "spec", "dataset", "human_labels", "human_label_fraction",
+    "labeling_rounds", "auto_labels", "class_counts", "auto_label_accuracy", "test_accuracy", "defect_recall",
+    "threshold", "chosen_variant", "threshold_rule", "threshold_views", "int8_speedup_vs_onnx_fp32",
+    "int8_speedup_vs_torch_eager", "int8_speedup_vs_onnx_fp32_batch32", "int8_accuracy_drop",
+    "int8_accuracy_drop_at_threshold", "int8_size_ratio", "fps", "variants", "spec_check", "spec_met",
+}
+
+
+def _optimizer_report() -> dict[str, Any]:
+    """The parts of an optimizer report the CLI reads, built with the optimizer's own evidence types."""
+    # the hand-worked score list of the optimizer's curve test: at recall >= 0.95, threshold 0.4, accuracy 5/6
+    labels = np.array([0, 1, 0, 0, 1, 1])
+    p = np.array([0.9, 0.8, 0.7, 0.4, 0.3, 0.1])
+    probs = np.stack([p, 1 - p], axis=1)
+    curve = operating_curve(labels, probs, positive=0, classes=CLASSES)
+    shipped = np.where(p >= 0.3, 0, 1)  # threshold 0.3: defect (0) when p >= 0.3
+    figures = split_figures(labels, shipped, CLASSES, positive=0)
+    argmax = split_figures(labels, probs.argmax(1), CLASSES, positive=0)
+    verdict = spec_verdict(SPEC, accuracy=figures.accuracy, recall={"defect": figures.positive_recall}, fps=30.0,
+                           threshold_positives=25, threshold_recall_lower_bound=0.83)
+    at = accuracy_at_recall(curve, SPEC.min_recall)
+    assert at is not None and figures.positive_recall is not None
+    variant = {"throughput_b1_ips": 30.0, "latency_b1_p50_ms": 33.0, "latency_b1_p99_ms": 40.0, "peak_rss_mb": 300.0,
+               "size_mb": 4.0, "test_accuracy": figures.accuracy.point, "test_argmax": {"accuracy": 4 / 6},
+               "test_positive_recall": 1.0, "fps": 30.0, "test_agreement_vs_onnx_fp32": 0.97,
+               "threshold": {"rule": "highest threshold ...", "views": {}}, "verdict": verdict.model_dump(),
+               "speed": {"batches": {"32": {"throughput_ips": 80.0}}}}
+    return {
+        "chosen_variant": "onnx_fp32", "spec": SPEC.model_dump(), "threshold": 0.3,
+        "test_accuracy": figures.accuracy.point, "test_positive_recall": 1.0, "fps": 30.0,
+        "variants": {"onnx_fp32": variant, "onnx_int8": {**variant, "test_agreement_vs_onnx_fp32": 0.97}},
+        "choice": {"chosen": "onnx_fp32", "rejected": {
+            "onnx_int8": ["INT8 argmax disagrees with onnx_fp32 on 3.00 % of test images (max 2.00 %)"]}},
+        "test_split": {"items": 8, "labeled_by_people": 6, "used": 6, "positives": 3,
+                       "evidence": "labels given by people"},
+        "test_accuracy_argmax": 4 / 6, "test_accuracy_argmax_interval": argmax.accuracy.model_dump(),
+        "test_accuracy_interval": figures.accuracy.model_dump(),
+        "positive_recall_interval": figures.positive_recall.model_dump(),
+        "test_figures": figures.model_dump(), "operating_curve": curve.model_dump(),
+        "accuracy_at_spec_recall": at.model_dump(), "spec_verdict": verdict.model_dump(),
+        "int8_test_agreement": 0.97,
+    }
+
+
+def _events(report: dict[str, Any]) -> list[Event]:
+    uploaded = DatasetUploaded(dataset_id="ds", name="elpv", item_count=100, classes=CLASSES, labeled_count=0,
+                               rejected_count=0, duplicate_count=0, manifest_key="m.json", spec=SPEC)
+    labeled = DatasetLabeled(dataset_id="ds", labels_key="l.json", classes=CLASSES,
+                             counts=[ClassCount(label="defect", count=30), ClassCount(label="good", count=70)],
+                             human_labels=20, auto_labels=80, rounds=5, spec=SPEC)
+    optimized = ModelOptimized(dataset_id="ds", model_id="m", chosen_variant="onnx_fp32", artifacts={},
+                               report_key="r.json", report=report, spec_met=True, spec=SPEC)
+    return [Event.new(p, run_id="r1") for p in (uploaded, labeled, optimized)]
+
+
+RUN = {"run_id": "r1", "state": "succeeded", "failure": None,
+       "stages": {s: {"state": "succeeded", "seconds": 1.0} for s in STAGES}}
+
+
+def _rounds(ns: list[int]) -> list[dict[str, Any]]:
+    # acc(n) = 0.97 - 1.2 * n^-0.5 reaches 0.9 at n = (1.2 / 0.07)^2 = 293.9 -> 294 labels
+    return [{"round": i, "human_labels": n, "classifier": {"cv_accuracy": 0.97 - 1.2 * n ** -0.5}}
+            for i, n in enumerate(ns)]
+
+
+def test_report_keeps_todays_keys_and_adds_the_spec_check(tmp_path: Path) -> None:
+    labeling = {"rounds": _rounds([20, 40, 60, 80, 100]),
+                "result": {"auto_label_coverage": 0.62, "auto_label_error_bound": 0.018}}
+    report = build_report(run=RUN, events=_events(_optimizer_report()), objects=FsObjectStore(tmp_path),
+                          truth=None, labeling=labeling)
+    assert set(report) >= TODAYS_KEYS
+    # the hand-worked figures: shipped threshold 0.3 -> 4 of 6 right, 3 of 3 defects; at the spec's recall 5/6
+    assert report["test_accuracy_interval"]["k"] == 4 and report["test_accuracy_interval"]["n"] == 6
+    assert report["defect_recall_interval"]["k"] == 3 and report["defect_recall_interval"]["n"] == 3
+    assert report["accuracy_at_spec_recall"] == pytest.approx(5 / 6)
+    assert report["accuracy_at_spec_recall_detail"]["threshold"] == 0.4
+    assert report["test_accuracy_argmax"] == pytest.approx(4 / 6)
+    # 4/6 < 0.9: not met
+    assert report["spec_verdict"] == "not_met"
+    assert report["test_confusion"] == {"classes": CLASSES, "matrix": [[3, 0], [2, 1]], "rows": "true class",
+                                        "columns": "decided class"}
+    assert report["test_per_class"]["good"]["recall"]["k"] == 1 and report["test_per_class"]["good"]["items"] == 3
+    assert report["threshold_evidence"] == {"validation_positives": 25, "recall_lower_bound_95": 0.83}
+    curve = report["operating_curve"]
+    assert curve["points"][3] == [0.4, 1.0, pytest.approx(5 / 6)] and curve["spec_recall"] == 0.95
+    assert curve["shipped"] == {"threshold": 0.3, "recall": 1.0, "accuracy": pytest.approx(4 / 6)}
+    assert "3.00 %" in report["variant_rejections"]["onnx_int8"][0]
+    assert report["auto_label_coverage"] == 0.62 and report["auto_label_error_bound"] == 0.018
+    lc = report["learning_curve"]
+    assert lc["status"] == "estimated" and lc["labels_needed"] == pytest.approx(294, abs=3)
+    assert lc["current_labels"] == 20 and lc["more_labels"] == lc["labels_needed"] - 20
+    json.dumps(report)  # the JSON report is plain data
+
+    text = format_text(report)
+    assert "spec verdict: NOT met" in text and "accuracy 0.6667 < 0.9 (4/6)" in text
+    assert "read off the TEST operating curve" in text and "rests on 25 validation positives" in text
+    assert "defect               3  100.0 %" in text and "coverage 62.0 %" in text
+    assert "learning curve acc(n) = a - b * n^(-c)" in text and "estimate" in text
+    html_path = tmp_path / "demo.html"
+    write_html(report, html_path)
+    page = html_path.read_text()
+    assert "<h2>Operating curve: test accuracy against test recall</h2><img" in page
+    assert "<h2>Learning curve (estimate)</h2><img" in page and "verdict: <b>NOT met</b>" in page
+
+
+def test_labeler_figures_are_null_when_absent(tmp_path: Path) -> None:
+    report = build_report(run=RUN, events=_events(_optimizer_report()), objects=FsObjectStore(tmp_path),
+                          truth=None, labeling={"rounds": _rounds([20, 40]), "result": {"stop_reason": "budget"}})
+    assert report["auto_label_coverage"] is None and report["auto_label_error_bound"] is None
+    assert report["learning_curve"]["status"] == "too_few_rounds"
+    bare = build_report(run=RUN, events=_events({}), objects=FsObjectStore(tmp_path), truth=None)
+    assert bare["auto_label_coverage"] is None and bare["learning_curve"] is None
+    assert "spec_verdict" not in bare and bare["spec_met"] is True
+    format_text(bare)
+
+
+def test_a_met_point_estimate_reads_as_such() -> None:
+    v = spec_verdict(SPEC, accuracy=RateInterval.of(95, 100), recall={"defect": RateInterval.of(60, 60)}, fps=5)
+    report = {"run_id": "r", "state": "succeeded", "stages": {}, "spec_verdict_detail": v.model_dump()}
+    assert "met on the POINT ESTIMATE ONLY" in format_text(report)
