@@ -64,14 +64,14 @@ class TrainerSettings(CommonSettings):
         try:
             parse_views(value)
         except InvalidInput as exc:
-            raise ValueError(f"DLFORGE_TRAINER_FINAL_VIEWS: {exc}") from exc
+            raise ValueError(str(exc)) from exc
         return value
 
     @field_validator("trainer_label_weighting")
     @classmethod
     def _known_weighting(cls, value: str) -> str:
         if value not in ("confidence", "none"):
-            raise ValueError(f"DLFORGE_TRAINER_LABEL_WEIGHTING: {value!r} is not one of confidence, none")
+            raise ValueError(f"{value!r} is not one of confidence, none")
         return value
 
 

@@ -109,14 +109,19 @@ def make_optimizer(params: Any, hp: TrainParams) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=hp.lr, betas=betas, weight_decay=hp.weight_decay)
 
 
-def class_weights(y: np.ndarray, n_classes: int, mode: str) -> torch.Tensor | None:
-    """Inverse-frequency weights ``n / (k * count_c)`` (absent classes get weight 0), or None."""
+def class_weights(y: np.ndarray, n_classes: int, mode: str, row_weights: np.ndarray | None = None,
+                  ) -> torch.Tensor | None:
+    """Inverse-frequency weights ``n / (k * count_c)`` (absent classes get weight 0), or None.
+
+    With ``row_weights`` the counts are weighted (``count_c = sum of the row weights of class c``,
+    ``n`` their total): a row that weighs nothing in the loss does not count towards its class.
+    """
     if mode == "none" or len(y) == 0:
         return None
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    counts = np.bincount(y, weights=row_weights, minlength=n_classes).astype(np.float64)
     present = counts > 0
     w = np.zeros(n_classes)
-    w[present] = len(y) / (present.sum() * counts[present])
+    w[present] = counts.sum() / (present.sum() * counts[present])
     return torch.tensor(w, dtype=torch.float32)
 
 
@@ -295,9 +300,9 @@ def fit(
     model = coll.wrap_model(tail)
     trainable = [p for p in tail.parameters() if p.requires_grad]
     optimizer = coll.wrap_optimizer(make_optimizer(trainable, hp), tail)
-    weights = class_weights(data.train_y, len(data.classes), hp.class_weighting)
-    class_weight = weights.to(device) if weights is not None else None
     row_weights = None if data.train_w is None else np.asarray(data.train_w, dtype=np.float32)
+    weights = class_weights(data.train_y, len(data.classes), hp.class_weighting, row_weights)
+    class_weight = weights.to(device) if weights is not None else None
     n_views = 1 + len(data.train_views)
     stopping = EarlyStopping(hp.patience) if hp.patience else None
     best_state: dict[str, torch.Tensor] | None = None

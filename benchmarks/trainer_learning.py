@@ -1,0 +1,330 @@
+"""What the final training's learning choices buy: early stopping, confidence weights, views, test-time views.
+
+One activation cache (EfficientNet-Lite0, ImageNet weights, every declared view) per data set, then
+the same tail trained under each configuration with the trainer's own code (build_data, train_tail,
+fit). Labels: ``--labels mixed`` mimics the pipeline: 20 % of the non-test items are labeled by people
+(half of them, at random, form the val split the trainer validates and checks views on), the other
+80 % are auto-labeled by a logistic regression on frozen ImageNet features fitted on the people's
+labels (its probability is the auto-label's confidence); ``--labels true`` gives every item its
+true label. The test split (20 %, true labels) is never seen before the end.
+
+    python benchmarks/trainer_learning.py --dataset elpv --limit 1000
+    python benchmarks/trainer_learning.py --dataset digits --limit 1000
+    python benchmarks/trainer_learning.py --dataset fashion-mnist --limit 1000
+
+Prints a table (test accuracy at the argmax, per-class recall, and for two classes the accuracy at
+the lowest threshold giving recall >= 0.95 on test) and writes benchmarks/results/trainer-learning-<dataset>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dlforge.common.objects.fs import FsObjectStore
+from dlforge.trainer.cache import ActivationCache, CachedActivations, OnnxPrefixRunner, SplitArrays
+from dlforge.trainer.handlers import build_data, train_tail
+from dlforge.trainer.params import EpochMetrics, TrainParams
+from dlforge.trainer.stages import staged
+from dlforge.trainer.training import TrainData, fit
+from dlforge.trainer.views import IDENTITY, parse_views
+from dlforge.vision.manifest import Item, Manifest, Split
+from dlforge.vision.networks import build_network, spec_of
+
+ARCH = "efficientnet_lite0"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Quiet:
+    def on_step(self, step: int, loss: float) -> None:
+        """Not reported."""
+
+    def on_epoch(self, metrics: EpochMetrics) -> bool:
+        return True
+
+    def on_checkpoint(self, step: int, epoch: int, state: dict[str, torch.Tensor] | None) -> None:
+        """Not saved."""
+
+
+# -- data sets -----------------------------------------------------------------------------------
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load_images(dataset: str, limit: int, seed: int) -> tuple[list[bytes], list[str], list[str]]:
+    """(PNG bytes, labels, classes) of a class-stratified random subset of ``limit`` images."""
+    if dataset == "elpv":
+        from dlforge.labeler.demo_data import elpv_cells, elpv_root
+
+        root = elpv_root()
+        cells = elpv_cells()
+        labels = [c.label for c in cells]
+        blobs: Any = [root / c.name for c in cells]
+    elif dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        labels = [str(int(t)) for t in d.target]
+        blobs = [(img * (255 / 16)).round() for img in d.images]
+    elif dataset == "fashion-mnist":
+        base = Path("/usr/share/datasets/fashion-mnist")
+        with gzip.open(base / "t10k-images-idx3-ubyte.gz") as f:
+            images = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+        with gzip.open(base / "t10k-labels-idx1-ubyte.gz") as f:
+            targets = np.frombuffer(f.read(), dtype=np.uint8, offset=8)
+        names = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+        labels = [names[int(t)] for t in targets]
+        blobs = list(images)
+    else:
+        raise SystemExit(f"unknown dataset {dataset!r}")
+    rng = np.random.default_rng(seed)
+    classes = sorted(set(labels))
+    chosen: list[int] = []
+    for c in classes:
+        members = [i for i, lab in enumerate(labels) if lab == c]
+        k = min(len(members), round(limit * len(members) / len(labels)))
+        chosen += rng.choice(members, size=k, replace=False).tolist()
+    rng.shuffle(chosen)
+    out = []
+    for i in chosen:
+        b = blobs[i]
+        out.append(b.read_bytes() if isinstance(b, Path) else _png(np.asarray(b)))
+    return out, [labels[i] for i in chosen], classes
+
+
+def make_manifest(objects: FsObjectStore, dataset: str, blobs: list[bytes], labels: list[str], classes: list[str],
+                  seed: int) -> tuple[Manifest, np.ndarray]:
+    """Every item with its true label; splits: test 20 % (stratified), the rest 'pool' (train for now)."""
+    rng = np.random.default_rng(seed + 1)
+    split = np.array(["train"] * len(labels), dtype=object)
+    for c in classes:
+        members = np.flatnonzero(np.array(labels) == c)
+        split[rng.choice(members, size=round(0.2 * len(members)), replace=False)] = "test"
+    items = []
+    for i, (data, label) in enumerate(zip(blobs, labels, strict=True)):
+        key = f"bench/{dataset}/{i:05d}.png"
+        objects.put_bytes(key, data, content_type="image/png")
+        img = Image.open(io.BytesIO(data))
+        s: Split = split[i]
+        items.append(Item(item_id=f"{i:05d}", key=key, name=key, sha256=hashlib.sha256(data).hexdigest(),
+                          width=img.width, height=img.height, label=label, label_source="given", confidence=1.0,
+                          split=s))
+    return Manifest(dataset_id=dataset, name=dataset, classes=classes, items=items), split
+
+
+# -- labels as the pipeline would give them --------------------------------------------------------
+
+
+def mixed_labels(features: np.ndarray, y_true: np.ndarray, *, people_fraction: float,
+                 seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, confidence, people mask, val mask) for the pool rows: people's labels true, the rest auto."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(seed + 2)
+    n = len(y_true)
+    people = np.zeros(n, dtype=bool)
+    people[rng.choice(n, size=round(people_fraction * n), replace=False)] = True
+    val = np.zeros(n, dtype=bool)
+    p_rows = np.flatnonzero(people)
+    val[rng.choice(p_rows, size=len(p_rows) // 2, replace=False)] = True
+    x = features.astype(np.float32)
+    x = (x - x[people].mean(0)) / (x[people].std(0) + 1e-6)
+    clf = LogisticRegression(max_iter=2000, C=0.1).fit(x[people], y_true[people])
+    proba = clf.predict_proba(x)
+    labels = np.where(people, y_true, clf.classes_[proba.argmax(1)])
+    conf = np.where(people, 1.0, proba.max(1))
+    return labels, conf, people, val
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+
+
+def probabilities(tail: torch.nn.Module, xs: list[np.ndarray]) -> np.ndarray:
+    """Softmax of ``tail`` averaged over the arrays of ``xs`` (one per view)."""
+    tail.eval()
+    out = []
+    with torch.inference_mode():
+        for x in xs:
+            p = [torch.softmax(tail(torch.from_numpy(np.asarray(x[lo:lo + 256], dtype=np.float32))), 1)
+                 for lo in range(0, len(x), 256)]
+            out.append(torch.cat(p).numpy())
+    return np.mean(out, axis=0)
+
+
+def scores(proba: np.ndarray, y: np.ndarray, classes: list[str], positive: str | None) -> dict[str, Any]:
+    pred = proba.argmax(1)
+    out: dict[str, Any] = {
+        "accuracy": float((pred == y).mean()),
+        "recall": {c: float((pred[y == i] == i).mean()) for i, c in enumerate(classes)},
+    }
+    if positive is not None:
+        k = classes.index(positive)
+        s = proba[:, k]
+        pos = y == k
+        # the highest threshold whose recall on test is >= 0.95 (an oracle operating point on test)
+        t = np.sort(s[pos])[::-1][int(np.ceil(0.95 * pos.sum())) - 1]
+        flagged = s >= t
+        out["accuracy_at_recall_95"] = float(((flagged & pos) | (~flagged & ~pos)).mean())
+        out["recall_at_threshold"] = float(flagged[pos].mean())
+    return out
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=["elpv", "digits", "fashion-mnist"], default="elpv")
+    parser.add_argument("--limit", type=int, default=1000, help="class-stratified subset size")
+    parser.add_argument("--labels", choices=["mixed", "true"], default="mixed")
+    parser.add_argument("--views", default="flips", help="declared view set (see dlforge.trainer.views)")
+    parser.add_argument("--unfreeze", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-epochs", type=int, default=30)
+    parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work-dir", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="dlforge-bench-learning-"))
+    objects = FsObjectStore(work / "objects")
+    blobs, labels, classes = load_images(args.dataset, args.limit, args.seed)
+    manifest, split = make_manifest(objects, args.dataset, blobs, labels, classes, args.seed)
+    positive = "defect" if args.dataset == "elpv" else None
+    views = parse_views(args.views)
+    spec = spec_of(ARCH)
+
+    def fresh_net() -> Any:
+        torch.manual_seed(args.seed)
+        return staged(build_network(ARCH, len(classes), pretrained=True))
+
+    net = fresh_net()
+    cache = ActivationCache(objects, work_dir=work / "trainer", runner=OnnxPrefixRunner(threads=args.threads))
+    raw = manifest.model_dump_json().encode()
+    digest = hashlib.sha256(raw).hexdigest()
+    t0 = time.perf_counter()
+    acts = cache.get(net=net, spec=spec, manifest=manifest, manifest_digest=digest, weights_digest="imagenet",
+                     input_size=spec.input_size, boundary=net.boundary(args.unfreeze),
+                     from_boundary=net.boundary(max(args.unfreeze, 3)), views=views)
+    feats = cache.get(net=net, spec=spec, manifest=manifest, manifest_digest=digest, weights_digest="imagenet",
+                      input_size=spec.input_size, boundary=net.boundary(0))
+    cache_seconds = time.perf_counter() - t0
+    print(f"{args.dataset}: {len(labels)} images, {len(classes)} classes, views {list(views)}; cache "
+          f"{cache_seconds:.0f}s; work dir {work}")
+
+    # Relabel the pool (cached 'train' rows) as the pipeline would and carve the people-labeled val split.
+    index = {c: i for i, c in enumerate(classes)}
+    pool = acts.splits["train"]
+    y_pool = np.array([index[lab] for lab in pool.labels])
+    if args.labels == "mixed":
+        lab_idx, conf, people, val_mask = mixed_labels(np.asarray(feats.splits["train"].x), y_pool,
+                                                       people_fraction=0.2, seed=args.seed)
+    else:
+        rng = np.random.default_rng(args.seed + 2)
+        lab_idx, conf = y_pool, np.ones(len(y_pool))
+        people = np.ones(len(y_pool), dtype=bool)
+        val_mask = np.zeros(len(y_pool), dtype=bool)
+        val_mask[rng.choice(len(y_pool), size=round(0.1 * len(y_pool)), replace=False)] = True
+    auto = ~people
+    auto_acc = float((lab_idx[auto] == y_pool[auto]).mean()) if auto.any() else float("nan")
+    tr, va = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+
+    def part(arr: SplitArrays, rows: np.ndarray, lab: np.ndarray) -> SplitArrays:
+        return SplitArrays(np.asarray(arr.x[rows]), [classes[i] for i in lab[rows]], [arr.item_ids[i] for i in rows])
+
+    def splits_of(arrays: dict[str, SplitArrays]) -> dict[str, SplitArrays]:
+        return {"train": part(arrays["train"], tr, lab_idx), "val": part(arrays["train"], va, y_pool),
+                "test": arrays["test"]}
+
+    relabeled = CachedActivations(acts.boundary, splits_of(acts.splits), acts.source, 0.0,
+                                  views={v: splits_of(s) for v, s in acts.views.items()})
+    weights = {pool.item_ids[i]: float(conf[i]) for i in tr}
+    test_x = acts.splits["test"].x
+    test_y = np.array([index[lab] for lab in acts.splits["test"].labels])
+    test_views = [acts.views[v]["test"].x for v in views[1:]]
+    print(f"train {len(tr)} (people {int(people[tr].sum())}, auto {int(auto[tr].sum())}; auto-label accuracy "
+          f"{auto_acc:.3f}), val {len(va)} (people), test {len(test_y)}")
+
+    base = TrainParams(lr=args.lr, batch_size=32, epochs=3, unfreeze=args.unfreeze, dropout=0.2, seed=args.seed)
+    long = base.model_copy(update={"epochs": args.max_epochs, "patience": args.patience})
+    configs: list[tuple[str, TrainParams, bool, str, bool]] = [
+        # name, params, confidence weights, views ("none" | "checked" | "forced"), test-time views
+        ("before: 3 epochs", base, False, "none", False),
+        (f"early stop ({args.max_epochs}/{args.patience})", long, False, "none", False),
+        ("+ confidence weights", long, True, "none", False),
+        (f"+ {args.views} views, checked", long, True, "checked", False),
+        (f"+ {args.views} views, checked, test-time views", long, True, "checked", True),
+        (f"+ {args.views} views, forced", long, True, "forced", False),
+    ]
+    rows = []
+    for name, hp, weighted, view_mode, tta in configs:
+        data, _, _ = build_data(relabeled, classes, sample_fraction=1.0, sample_seed=0,
+                                weights=weights if weighted else None)
+        if view_mode == "none":
+            data = replace(data, train_views=[], val_views={})
+        net = fresh_net()
+        tail = net.tail(args.unfreeze)
+        t1 = time.perf_counter()
+
+        def run(d: TrainData, tail: torch.nn.Module = tail, hp: TrainParams = hp) -> Any:
+            return fit(tail, d, hp, listener=Quiet())
+
+        trained = train_tail(tail, data, hp, run=run, check=view_mode == "checked", tolerance=0.05,
+                             threads=args.threads)
+        seconds = time.perf_counter() - t1
+        used = trained.views
+        xs = [test_x] + ([test_views[list(views[1:]).index(v)] for v in used[1:]] if tta else [])
+        s = scores(probabilities(tail, xs), test_y, classes, positive)
+        row = {"config": name, "views": used, "view_check": trained.check.val_accuracy if trained.check else None,
+               "epochs": len(trained.result.epochs), "best_epoch": trained.result.best_epoch,
+               "train_seconds": round(seconds, 1), **s}
+        rows.append(row)
+        print(json.dumps(row))
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
+    result = {"dataset": args.dataset, "images": len(labels), "classes": classes, "labels": args.labels,
+              "auto_label_accuracy": auto_acc, "train": len(tr), "val": len(va), "test": len(test_y),
+              "unfreeze": args.unfreeze, "lr": args.lr, "declared_views": list(views), "cpu": model,
+              "threads": args.threads, "load_average": os.getloadavg()[0], "python": platform.python_version(),
+              "cache_seconds": round(cache_seconds, 1), "seconds": round(time.perf_counter() - started, 1),
+              "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"trainer-learning-{args.dataset}-{args.labels}-u{args.unfreeze}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print()
+    print(f"{args.dataset} ({len(labels)} images; labels {args.labels}, auto-label accuracy {auto_acc:.3f}; "
+          f"unfreeze {args.unfreeze}, lr {args.lr}; CPU {model})")
+    head = f"{'configuration':<46} {'test acc':>8} {'acc@R95':>8} {'epochs':>6} {'best':>4} {'s':>6}  recall per class"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        rec = " ".join(f"{c}:{v:.2f}" for c, v in r["recall"].items())
+        a95 = f"{r['accuracy_at_recall_95']:.3f}" if "accuracy_at_recall_95" in r else "-"
+        print(f"{r['config']:<46} {r['accuracy']:>8.3f} {a95:>8} {r['epochs']:>6} {r['best_epoch']:>4} "
+              f"{r['train_seconds']:>6.1f}  {rec}  views={','.join(v for v in r['views'] if v != IDENTITY) or '-'}")
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""What the loss sees and when training stops: class and confidence weights, early stopping, views.
+
+Expected values are worked by hand or come from a second implementation (torch's own weighted
+cross-entropy, numpy/torch rotations), never from the code under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from dlforge.common.errors import ConfigError, InvalidInput
+from dlforge.common.objects import ObjectStore
+from dlforge.common.settings import load_settings
+from dlforge.trainer.cache import ActivationCache, TorchPrefixRunner, manifest_digest
+from dlforge.trainer.engines import FitJob, _read_job, _write_job
+from dlforge.trainer.handlers import TrainerConfig, TrainingRequest, row_weights, run_training
+from dlforge.trainer.params import EpochMetrics, TrainParams
+from dlforge.trainer.settings import TrainerSettings
+from dlforge.trainer.stages import staged
+from dlforge.trainer.training import EarlyStopping, TrainData, class_weights, fit, weighted_loss
+from dlforge.trainer.views import VIEW_NAMES, apply_view, parse_views
+from dlforge.vision.images import to_tensor
+from dlforge.vision.manifest import Item, Manifest, Split, load_arrays, load_manifest, save_manifest
+from dlforge.vision.networks import load_checkpoint, spec_of
+
+
+class Recorder:
+    """A listener that keeps each epoch's metrics and a copy of the tail's weights after it."""
+
+    def __init__(self, tail: nn.Module) -> None:
+        self.tail = tail
+        self.epochs: list[EpochMetrics] = []
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step(self, step: int, loss: float) -> None:
+        """Steps are not needed here."""
+
+    def on_epoch(self, metrics: EpochMetrics) -> bool:
+        self.epochs.append(metrics)
+        self.states[metrics.epoch] = {k: v.detach().clone() for k, v in self.tail.state_dict().items()}
+        return True
+
+    def on_checkpoint(self, step: int, epoch: int, state: dict[str, torch.Tensor] | None) -> None:
+        """No checkpoints here."""
+
+
+def metrics(epoch: int, acc: float, loss: float) -> EpochMetrics:
+    return EpochMetrics(epoch=epoch, steps=epoch, train_loss=1.0, val_loss=loss, val_accuracy=acc, val_recall={},
+                        seconds=0.1, images_per_second=1.0)
+
+
+# -- class weights and the weighted loss ------------------------------------------------------------
+
+
+def test_class_weights_against_a_hand_computed_case() -> None:
+    # 6 rows, classes 0/1/2 present 3/2/1 times, class 3 absent: n / (k_present * count_c)
+    w = class_weights(np.array([0, 0, 0, 1, 1, 2]), 4, "balanced")
+    assert w is not None
+    assert w.tolist() == pytest.approx([6 / 9, 1.0, 2.0, 0.0])
+    # with row weights the counts are weighted: class 0 = 1 + 0.5 + 0.5 = 2, class 1 = 1 + 0 = 1, class 2 = 1;
+    # n = 4 over 3 present classes -> 4 / (3 * count)
+    rw = np.array([1.0, 0.5, 0.5, 1.0, 0.0, 1.0])
+    w = class_weights(np.array([0, 0, 0, 1, 1, 2]), 4, "balanced", rw)
+    assert w is not None
+    assert w.tolist() == pytest.approx([4 / 6, 4 / 3, 4 / 3, 0.0])
+    # a class whose rows all weigh 0 is absent
+    w = class_weights(np.array([0, 1, 1]), 2, "balanced", np.array([0.0, 1.0, 1.0]))
+    assert w is not None and w.tolist() == pytest.approx([0.0, 1.0])
+
+
+def test_confidence_weighted_loss_against_a_hand_computed_value() -> None:
+    # row 1: logits (0, 0), true class 0 -> CE = ln 2; row 2: logits (ln 3, 0), true class 1 -> p = 1/4, CE = ln 4
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    y = torch.tensor([0, 1])
+    class_w = torch.tensor([1.0, 3.0])
+    row_w = torch.tensor([1.0, 0.5])  # a person's label and an auto-label of confidence 0.5
+    # (1 * 1 * ln2 + 3 * 0.5 * ln4) / (1 * 1 + 3 * 0.5) = 4 ln2 / 2.5
+    got = weighted_loss(logits, y, class_weight=class_w, row_weight=row_w)
+    assert float(got) == pytest.approx(1.6 * math.log(2.0), rel=1e-6)
+    assert float(weighted_loss(logits, y)) == pytest.approx((math.log(2.0) + math.log(4.0)) / 2, rel=1e-6)
+    # without row weights it is torch's class-weighted cross-entropy (a second implementation)
+    g = torch.Generator().manual_seed(0)
+    big, labels = torch.randn(50, 3, generator=g), torch.randint(0, 3, (50,), generator=g)
+    cw = torch.tensor([0.5, 2.0, 1.0])
+    ref = nn.CrossEntropyLoss(weight=cw)(big, labels)
+    assert float(weighted_loss(big, labels, class_weight=cw)) == pytest.approx(float(ref), rel=1e-6)
+    # a batch of auto-labels with confidence 0 contributes nothing
+    assert float(weighted_loss(logits, y, row_weight=torch.zeros(2))) == 0.0
+
+
+def _item(item_id: str, label: str | None, source: str | None, confidence: float | None) -> Item:
+    return Item(item_id=item_id, key=f"k/{item_id}", name=item_id, sha256=item_id, width=8, height=8, label=label,
+                label_source=source, confidence=confidence, split="train")  # type: ignore[arg-type]
+
+
+def test_row_weights_follow_who_labeled_and_skip_unlabeled_items() -> None:
+    manifest = Manifest(dataset_id="d", name="d", classes=["a", "b"], items=[
+        _item("given", "a", "given", None),
+        _item("human", "b", "human", 0.6),  # a person's label weighs 1 whatever confidence it carries
+        _item("old", "a", None, None),  # an older manifest without a source: a person's label
+        _item("auto", "b", "auto", 0.7),
+        _item("auto-no-confidence", "a", "auto", None),
+        _item("auto-over", "a", "auto", 1.4),
+        _item("generated", "b", "generated", 0.8),
+        _item("review", None, "needs_review", 0.55),  # no label: not trained on
+    ])
+    assert row_weights(manifest, mode="confidence") == {
+        "given": 1.0, "human": 1.0, "old": 1.0, "auto": 0.7, "auto-no-confidence": 1.0, "auto-over": 1.0,
+        "generated": 0.8,
+    }
+    assert row_weights(manifest, mode="none") is None
+    with pytest.raises(InvalidInput, match="'sometimes'"):
+        row_weights(manifest, mode="sometimes")
+
+
+def _toy(n: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
+    return x, y
+
+
+def _linear(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Linear(6, 2)
+
+
+def test_rows_of_weight_zero_do_not_change_training() -> None:
+    x, y = _toy()
+    w = np.ones(len(y), dtype=np.float32)
+    w[::4] = 0.0
+    flipped = y.copy()
+    flipped[::4] = 1 - flipped[::4]
+    hp = TrainParams(lr=0.05, batch_size=8, epochs=3, seed=1)
+    tails = []
+    for labels, weights in ((y, w), (flipped, w), (flipped, np.ones_like(w))):
+        tail = _linear()
+        fit(tail, TrainData(x, labels, x[:16], y[:16], ["a", "b"], train_w=weights), hp, listener=Recorder(tail))
+        tails.append(tail)
+    same = all(torch.equal(a, b) for a, b in zip(tails[0].parameters(), tails[1].parameters(), strict=True))
+    assert same  # the weight-0 rows' labels do not matter...
+    assert not torch.equal(tails[0].weight, tails[2].weight)  # ...and do when they weigh 1
+
+
+# -- early stopping -------------------------------------------------------------------------------------
+
+
+def test_early_stopping_picks_the_best_epoch_of_a_scripted_sequence() -> None:
+    stop = EarlyStopping(patience=2)
+    script = [(0.50, 0.9), (0.70, 0.6), (0.70, 0.5), (0.60, 0.4), (0.69, 0.3), (0.80, 0.2)]
+    decisions = []
+    for e, (acc, loss) in enumerate(script, start=1):
+        decisions.append(stop.update(metrics(e, acc, loss)))
+        if decisions[-1]:
+            break
+    # epoch 3 ties epoch 2's accuracy with a lower loss: the best; epochs 4 and 5 do not beat it -> stop at 5
+    assert decisions == [False, False, False, False, True]
+    assert stop.best is not None and stop.best.epoch == 3
+    nan_first = EarlyStopping(patience=1)
+    assert nan_first.update(metrics(1, float("nan"), float("nan"))) is False
+    assert nan_first.update(metrics(2, 0.4, 1.0)) is False and nan_first.best is not None
+    assert nan_first.best.epoch == 2
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping(patience=0)
+
+
+def test_fit_stops_early_and_keeps_the_best_epochs_weights() -> None:
+    x, y = _toy(96)
+    vx, vy = _toy(40, seed=1)
+    vy = 1 - vy  # validation disagrees with training: the more it learns, the worse val gets
+    tail = _linear()
+    rec = Recorder(tail)
+    hp = TrainParams(lr=0.05, batch_size=16, epochs=40, patience=3, seed=0)
+    result = fit(tail, TrainData(x, y, vx, vy, ["a", "b"]), hp, listener=rec)
+    # the best epoch worked out from the reported metrics: highest accuracy, then lowest loss
+    best = max(rec.epochs, key=lambda m: (m.val_accuracy, -m.val_loss)).epoch
+    assert result.early_stopped and not result.stopped
+    assert result.best_epoch == best and len(rec.epochs) == best + 3 < 40
+    assert all(torch.equal(v, rec.states[best][k]) for k, v in tail.state_dict().items())
+    assert not all(torch.equal(v, rec.states[len(rec.epochs)][k]) for k, v in tail.state_dict().items())
+
+
+def test_without_patience_every_epoch_trains_and_the_last_weights_stay() -> None:
+    x, y = _toy(96)
+    vx, vy = _toy(40, seed=1)
+    tail = _linear()
+    rec = Recorder(tail)
+    result = fit(tail, TrainData(x, y, vx, 1 - vy, ["a", "b"]), TrainParams(lr=0.05, batch_size=16, epochs=6),
+                 listener=rec)
+    assert len(rec.epochs) == 6 and result.best_epoch == 0 and not result.early_stopped
+    assert all(torch.equal(v, rec.states[6][k]) for k, v in tail.state_dict().items())
+
+
+# -- views -----------------------------------------------------------------------------------------------
+
+
+def test_views_are_the_symmetries_of_the_square() -> None:
+    x = np.array([[[1, 2], [3, 4]]])
+    expected = {  # worked by hand on [[1, 2], [3, 4]]; rotations are counter-clockwise
+        "identity": [[1, 2], [3, 4]], "hflip": [[2, 1], [4, 3]], "vflip": [[3, 4], [1, 2]],
+        "rot90": [[2, 4], [1, 3]], "rot180": [[4, 3], [2, 1]], "rot270": [[3, 1], [4, 2]],
+        "transpose": [[1, 3], [2, 4]], "antitranspose": [[4, 2], [3, 1]],
+    }
+    assert set(VIEW_NAMES) == set(expected)
+    for name, want in expected.items():
+        assert apply_view(name, x)[0].tolist() == want, name
+    rgb = np.arange(2 * 3 * 3 * 3).reshape(2, 3, 3, 3)  # channels ride along
+    assert apply_view("rot90", rgb)[1, :, :, 2].tolist() == np.rot90(rgb[1, :, :, 2]).tolist()
+
+
+def test_view_sets_parse_and_refuse_unknown_names() -> None:
+    assert parse_views("none") == ("identity",)
+    assert parse_views("flips") == ("identity", "hflip", "vflip", "rot180")
+    assert len(parse_views("dihedral")) == 8
+    assert parse_views(" rot90, hflip,rot90,identity ") == ("identity", "rot90", "hflip")
+    with pytest.raises(InvalidInput, match="'spin'"):
+        parse_views("hflip,spin")
+    with pytest.raises(ValueError, match="spin"):
+        TrainingRequest(arch="small_cnn", manifest_key="m", classes=["a", "b"], views="spin")
+    with pytest.raises(ConfigError, match="DLFORGE_TRAINER_FINAL_VIEWS"):
+        load_settings(TrainerSettings, trainer_final_views="spin")
+    with pytest.raises(ConfigError, match="DLFORGE_TRAINER_LABEL_WEIGHTING"):
+        load_settings(TrainerSettings, trainer_label_weighting="often")
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _stripes(rng: np.random.Generator, label: str, size: int) -> np.ndarray:
+    """Diagonal stripes: '/' for class "rising", '\\' for "falling" (a mirror image swaps the classes)."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    along = xx + yy if label == "falling" else xx - yy
+    phase = rng.uniform(0, 2 * np.pi)
+    return 128 + 70 * np.sin(along * 2 * np.pi / 6 + phase) + rng.normal(0, 12, (size, size))
+
+
+def stripes_dataset(objects: ObjectStore, *, per_class: int = 36, size: int = 24) -> str:
+    rng = np.random.default_rng(3)
+    items = []
+    for label in ("falling", "rising"):
+        for i in range(per_class):
+            data = _png(_stripes(rng, label, size))
+            item_id = f"{label}-{i:03d}"
+            split: Split = "test" if i < 6 else "val" if i < 14 else "train"
+            key = f"stripes/{item_id}.png"
+            objects.put_bytes(key, data, content_type="image/png")
+            items.append(Item(item_id=item_id, key=key, name=key, sha256=hashlib.sha256(data).hexdigest(),
+                              width=size, height=size, label=label, label_source="given", split=split))
+    key = "stripes/manifest.json"
+    save_manifest(objects, key, Manifest(dataset_id="stripes", name="stripes", classes=["falling", "rising"],
+                                         items=items))
+    return key
+
+
+def test_cached_views_are_the_prefix_of_the_viewed_images_and_absent_unless_declared(
+        objects: ObjectStore, weights_key: str, tmp_path: Path) -> None:
+    manifest_key = stripes_dataset(objects, per_class=20)
+    raw = objects.get_bytes(manifest_key)
+    manifest = Manifest.model_validate_json(raw)
+    model, _ = load_checkpoint(str(objects.get_file(weights_key, tmp_path / "w.pt")))
+    net, spec = staged(model), spec_of("small_cnn")
+    cache = ActivationCache(objects, work_dir=tmp_path / "cache", runner=TorchPrefixRunner())
+    boundary = net.boundary(2)
+    common = {"net": net, "spec": spec, "manifest": manifest, "manifest_digest": manifest_digest(raw),
+              "weights_digest": "w", "input_size": spec.input_size, "boundary": boundary}
+    plain = cache.get(**common)  # type: ignore[arg-type]
+    assert plain.views == {} and not [i.key for i in objects.list("trainer/cache/") if "/views/" in i.key]
+
+    viewed = cache.get(**common, views=("identity", "rot90", "hflip"))  # type: ignore[arg-type]
+    assert viewed.source == "hit" and set(viewed.views) == {"rot90", "hflip"}
+    items = [i for i in manifest.items if i.split == "train"]
+    assert viewed.views["rot90"]["train"].item_ids == [i.item_id for i in items]
+    images = load_arrays(objects, items, size=spec.input_size, channels=spec.in_channels)
+    prefix = net.span(0, boundary).eval()
+    with torch.inference_mode():
+        for name, turn in (("rot90", lambda t: torch.rot90(t, 1, dims=(1, 2))), ("hflip", lambda t: t.flip(2))):
+            by_hand = prefix(to_tensor(turn(torch.from_numpy(images)).numpy(), spec)).numpy()
+            got = np.asarray(viewed.views[name]["train"].x, dtype=np.float32)
+            assert np.allclose(got, by_hand, atol=2e-2, rtol=1e-2), name  # the cache is float16
+            identity = np.asarray(viewed.splits["train"].x, dtype=np.float32)
+            assert np.abs(got - identity).max() > 0.1, name  # stripes are not symmetric under it
+
+    # a shallower boundary is derived for the views as for the identity
+    shallow = cache.get(**{**common, "boundary": net.boundary(1)}, views=("rot90",))  # type: ignore[arg-type]
+    assert shallow.source == "derived" and set(shallow.views) == {"rot90"}
+
+
+def train_request(manifest_key: str, weights_key: str, **extra: object) -> TrainingRequest:
+    hp = TrainParams(lr=0.01, batch_size=8, epochs=8, unfreeze=2, dropout=0.0, patience=3)
+    return TrainingRequest(weights_key=weights_key, manifest_key=manifest_key, classes=["falling", "rising"],
+                           hparams=hp, **extra)  # type: ignore[arg-type]
+
+
+def test_the_view_check_drops_the_views_that_change_the_label(objects: ObjectStore, weights_key: str,
+                                                              config: TrainerConfig) -> None:
+    key = stripes_dataset(objects)
+    out = run_training(objects, train_request(key, weights_key, views="hflip,rot180,transpose", check_views=True),
+                       job_id="check", key_prefix="jobs/check", config=config)
+    check = out.view_check
+    assert set(check) == {"identity", "hflip", "rot180", "transpose"}
+    # a mirror image turns '/' into '\': the probe's accuracy collapses; a half turn or a transpose keeps '/'
+    assert check["identity"] >= 0.8 and check["hflip"] <= 0.5
+    assert check["rot180"] >= check["identity"] - 0.05 and check["transpose"] >= check["identity"] - 0.05
+    assert "hflip" not in out.views and out.state == "completed"
+    assert out.summary()["view_check"] == check
+
+
+def test_views_train_only_when_declared_and_unlabeled_items_are_skipped(objects: ObjectStore, weights_key: str,
+                                                                        config: TrainerConfig) -> None:
+    key = stripes_dataset(objects)
+    manifest = load_manifest(objects, key)
+    train = [i for i in manifest.items if i.split == "train"]
+    for item in train[:5]:  # the labeler left these for people: no label
+        item.label, item.label_source = None, "needs_review"
+    for item in train[5:15]:
+        item.label_source, item.confidence = "auto", 0.75
+    save_manifest(objects, "stripes/review.json", manifest)
+    plain = run_training(objects, train_request("stripes/review.json", weights_key), job_id="plain",
+                         key_prefix="jobs/plain", config=config)
+    assert plain.views == ["identity"] and plain.view_check == {}
+    assert plain.train_rows == len(train) - 5
+    assert not [i.key for i in objects.list("trainer/cache/") if "/views/" in i.key]
+    assert plain.epochs and plain.best_epoch == max(plain.epochs, key=lambda m: (m.val_accuracy, -m.val_loss)).epoch
+    trusted = run_training(objects, train_request("stripes/review.json", weights_key, views="flips"),
+                           job_id="trusted", key_prefix="jobs/trusted", config=config)
+    assert trusted.views == ["identity", "hflip", "vflip", "rot180"] and trusted.train_rows == plain.train_rows
+    assert [i.key for i in objects.list("trainer/cache/") if "/views/hflip/train.npy" in i.key]
+
+
+def test_views_and_weights_reach_the_worker_processes(tmp_path: Path) -> None:
+    x, y = _toy(20)
+    views = [x * 2, x * 3]
+    data = TrainData(x, y, x[:4], y[:4], ["a", "b"], train_w=np.linspace(0, 1, 20, dtype=np.float32),
+                     train_views=views)
+    _write_job(FitJob(tail=_linear(), data=data, hparams=TrainParams(patience=2)), tmp_path)
+    _, back, spec = _read_job(tmp_path)
+    assert back.train_w is not None and back.train_w.tolist() == data.train_w.tolist()  # type: ignore[union-attr]
+    assert [v.tolist() for v in back.train_views] == [v.tolist() for v in views]
+    assert spec["hparams"]["patience"] == 2
+    with pytest.raises(ValueError, match="train_w"):
+        TrainData(x, y, x, y, ["a", "b"], train_w=np.ones(3))
