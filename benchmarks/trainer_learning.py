@@ -210,7 +210,7 @@ def main() -> None:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dlforge-bench-learning-"))
     objects = FsObjectStore(work / "objects")
     blobs, labels, classes = load_images(args.dataset, args.limit, args.seed)
-    manifest, split = make_manifest(objects, args.dataset, blobs, labels, classes, args.seed)
+    manifest, _ = make_manifest(objects, args.dataset, blobs, labels, classes, args.seed)
     positive = "defect" if args.dataset == "elpv" else None
     views = parse_views(args.views)
     spec = spec_of(ARCH)
