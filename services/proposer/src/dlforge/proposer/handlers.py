@@ -251,12 +251,24 @@ def sample_target_items(
 
 
 def target_from_arrays(
-    classes: list[str], *, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray
+    classes: list[str],
+    *,
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    train_contents: Sequence[str] | None = None,
+    val_contents: Sequence[str] | None = None,
 ) -> TargetSample:
     if len(train_x) != len(train_y) or len(val_x) != len(val_y):
         raise InvalidInput("target images and labels differ in count")
+    if (train_contents is not None and len(train_contents) != len(train_x)) or \
+            (val_contents is not None and len(val_contents) != len(val_x)):
+        raise InvalidInput("target images and content hashes differ in count")
     return TargetSample(classes=list(classes), train_x=train_x, train_y=np.asarray(train_y, dtype=np.int64),
-                        val_x=val_x, val_y=np.asarray(val_y, dtype=np.int64))
+                        val_x=val_x, val_y=np.asarray(val_y, dtype=np.int64),
+                        train_contents=None if train_contents is None else list(train_contents),
+                        val_contents=None if val_contents is None else list(val_contents))
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,8 +294,8 @@ def measure(candidates: Sequence[Candidate], target: TargetSample, scorers: Sequ
         seconds: dict[str, float] = {}
         errors: dict[str, str] = {}
         t0 = time.perf_counter()
-        cand.encode("train", target.train_x)
-        cand.encode("val", target.val_x)
+        cand.encode("train", target.train_x, contents=target.train_contents)
+        cand.encode("val", target.val_x, contents=target.val_contents)
         seconds["encode"] = time.perf_counter() - t0
         for scorer in scorers:
             t0 = time.perf_counter()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -28,8 +28,11 @@ import torch
 from torch import nn
 
 from dlforge.proposer.backbone import BackboneSplit, split_backbone
+from dlforge.vision.features import FeatureStore
 from dlforge.vision.images import to_tensor
 from dlforge.vision.networks import Classifier, NetworkSpec, spec_of
+from dlforge.vision.staged import StagedNetwork
+from dlforge.vision.trunk import TrunkFeatures
 
 # --------------------------------------------------------------------------------------------
 # Inputs of a scorer
@@ -45,6 +48,9 @@ class TargetSample:
     train_y: np.ndarray
     val_x: np.ndarray
     val_y: np.ndarray
+    train_contents: list[str] | None = None
+    """sha256 of each train image's bytes (when known): lets candidates read stored features."""
+    val_contents: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -71,6 +77,8 @@ class Candidate:
     spec: NetworkSpec
     split: BackboneSplit
     source_sample: np.ndarray | None = None
+    features: TrunkFeatures | None = None
+    """Set for the pretrained trunk: target encodings go through the feature store."""
     _cache: dict[str, Encoded] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -85,20 +93,46 @@ class Candidate:
         input_size: int | None = None,
         unfreeze_last: int = 1,
         source_sample: np.ndarray | None = None,
+        store: FeatureStore | None = None,
     ) -> Candidate:
+        """A candidate; with ``store``, an EfficientNet-Lite0 candidate reads and writes its encodings of
+        target images there (keyed by its own prefix weights, so the ImageNet one shares the labeler's)."""
         spec = spec_of(arch)
         if input_size is not None and input_size != spec.input_size:
             spec = replace(spec, input_size=input_size)
         model.eval()
+        split = split_backbone(model, unfreeze_last=unfreeze_last)
+        features = None
+        if store is not None and arch == "efficientnet_lite0":
+            features = TrunkFeatures(store, StagedNetwork(model, arch=arch).eval(), threads=torch.get_num_threads())
         return cls(model_id=model_id, arch=arch, source_dataset=source_dataset, weights_key=weights_key,
-                   model=model, spec=spec, split=split_backbone(model, unfreeze_last=unfreeze_last),
-                   source_sample=source_sample)
+                   model=model, spec=spec, split=split, source_sample=source_sample, features=features)
 
-    def encode(self, name: str, images: np.ndarray, *, batch_size: int = 32) -> Encoded:
-        """Prefix activations and pooled features of ``images`` (cached under ``name``)."""
+    def encode(self, name: str, images: np.ndarray, *, batch_size: int = 32,
+               contents: Sequence[str] | None = None) -> Encoded:
+        """Prefix activations and pooled features of ``images`` (cached under ``name``).
+
+        With ``contents`` (the images' sha256) and a feature store, both come from the store when
+        another stage computed them (a pass from pixels happens at most once per image and size).
+        """
         hit = self._cache.get(name)
         if hit is not None:
             return hit
+        usable = (self.features is not None and contents is not None and len(images) > 0
+                  and images.shape[1] == images.shape[2] == self.spec.input_size and images.shape[3] == 3)
+        if usable:
+            assert self.features is not None and contents is not None
+            load = lambda rows: images[rows]  # noqa: E731
+            pooled = self.features.pooled(contents, size=self.spec.input_size, stages=["head"], load=load)["head"]
+            if self.split.boundary is None:
+                boundary = torch.from_numpy(np.asarray(pooled, dtype=np.float32))
+            else:
+                acts = self.features.activations(contents, size=self.spec.input_size, boundary=self.split.boundary,
+                                                 load=load)
+                boundary = torch.from_numpy(np.asarray(acts, dtype=np.float32))
+            enc = Encoded(boundary, np.asarray(pooled, dtype=np.float64))
+            self._cache[name] = enc
+            return enc
         self.model.eval()
         boundaries: list[torch.Tensor] = []
         feats: list[np.ndarray] = []
@@ -260,7 +294,7 @@ class LogMEScorer:
     )
 
     def score(self, candidate: Candidate, target: TargetSample) -> dict[str, float]:
-        feats = candidate.encode("train", target.train_x).features
+        feats = candidate.encode("train", target.train_x, contents=target.train_contents).features
         return {"logme": logme(feats, target.train_y)}
 
 
@@ -278,8 +312,8 @@ class LinearProbeScorer:
     def score(self, candidate: Candidate, target: TargetSample) -> dict[str, float]:
         from sklearn.linear_model import LogisticRegression
 
-        train = candidate.encode("train", target.train_x).features
-        val = candidate.encode("val", target.val_x).features
+        train = candidate.encode("train", target.train_x, contents=target.train_contents).features
+        val = candidate.encode("val", target.val_x, contents=target.val_contents).features
         tr, va = _standardize(train, val)
         clf = LogisticRegression(C=self.c, max_iter=2000)
         clf.fit(tr, target.train_y)
@@ -312,7 +346,7 @@ class DomainDiscriminatorScorer:
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-        tgt = candidate.encode("train", target.train_x).features
+        tgt = candidate.encode("train", target.train_x, contents=target.train_contents).features
         src = candidate.encode("source", candidate.source_sample).features
         n = min(len(tgt), len(src), self.max_per_domain)
         if n < self.folds:
@@ -364,8 +398,8 @@ class ShortTermTrainingScorer:
         self.last_curve: dict[str, list[float]] = {}
 
     def score(self, candidate: Candidate, target: TargetSample) -> dict[str, float]:
-        train = candidate.encode("train", target.train_x)
-        val = candidate.encode("val", target.val_x)
+        train = candidate.encode("train", target.train_x, contents=target.train_contents)
+        val = candidate.encode("val", target.val_x, contents=target.val_contents)
         losses, pred = self.train(candidate.split, train, val, target.train_y, num_classes=target.num_classes,
                                   feature_dim=candidate.spec.feature_dim)
         self.last_curve[candidate.model_id] = losses

@@ -36,6 +36,7 @@ from dlforge.proposer.repository import (
 )
 from dlforge.proposer.scoring import Candidate, ShortTermTrainingScorer, TargetSample, default_scorers
 from dlforge.proposer.settings import ProposerSettings, proposer_settings
+from dlforge.vision.features import feature_store
 from dlforge.vision.manifest import Manifest, load_arrays, load_manifest
 
 log = logging.getLogger(__name__)
@@ -125,12 +126,13 @@ def load_candidates(
     objects: ObjectStore, records: Sequence[dict[str, Any]], *, unfreeze_last: int, work_dir: Path
 ) -> list[Candidate]:
     out = []
+    store = feature_store(objects)
     for rec in records:
         model, sample = load_entry(objects, rec, work_dir=work_dir)
         out.append(Candidate.from_model(
             model, model_id=rec["model_id"], arch=rec["arch"], source_dataset=rec["source_dataset"],
             weights_key=rec["weights_key"], input_size=rec.get("input_size"), unfreeze_last=unfreeze_last,
-            source_sample=sample,
+            source_sample=sample, store=store,
         ))
     return out
 
@@ -146,6 +148,8 @@ def load_target(
         train_y=manifest.label_indices(train_items),
         val_x=load_arrays(objects, val_items, size=size, channels=channels),
         val_y=manifest.label_indices(val_items),
+        train_contents=[i.sha256 for i in train_items],
+        val_contents=[i.sha256 for i in val_items],
     )
 
 
