@@ -192,11 +192,14 @@ class FeatureStore:
         of the same pass), which are stored too. Callers computing the same namespaces wait for
         each other, so a value is computed once per process even when stages run concurrently.
         """
+        found = self.get_many(keys)
+        if all(v is not None for v in found):
+            return [v for v in found if v is not None]
         names = ",".join(sorted({k.kind.namespace for k in keys}))
         with self._lock:
             lock = self._compute_locks.setdefault(names, threading.Lock())
         with lock:
-            found = self.get_many(keys)
+            found = self.get_many(keys)  # another thread may have computed them meanwhile
             missing = [k for k, v in zip(keys, found, strict=True) if v is None]
             if missing:
                 computed = dict(compute(list(dict.fromkeys(missing))))
