@@ -36,3 +36,19 @@ def test_run_without_spec_fails_with_a_message(tmp_path, capsys) -> None:
 def test_run_on_a_missing_folder_fails_with_a_message(tmp_path, capsys) -> None:
     assert main(["run", str(tmp_path / "nope"), "--spec", "recall=0.9"]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_help_lists_every_pipeline_option(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["demo", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--max-auto-label-error" in out and "95 % confidence" in out
+
+
+def test_boolean_options_read_true_and_false(capsys) -> None:
+    assert build_parser().parse_args(["demo", "--auto-label-all", "true"]).auto_label_all is True
+    assert build_parser().parse_args(["demo", "--auto-label-all", "off"]).auto_label_all is False
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--auto-label-all", "maybe"])
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err

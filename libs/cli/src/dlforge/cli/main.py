@@ -54,11 +54,21 @@ def _options(args: argparse.Namespace, *, base: PipelineOptions | None = None) -
     return PipelineOptions(**values)
 
 
+def _flag_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _add_option_flags(p: argparse.ArgumentParser) -> None:
     for name, field in PipelineOptions.model_fields.items():
-        kind = int if field.annotation is int else float
+        kind: Any = int if field.annotation is int else _flag_bool if field.annotation is bool else float
+        described = (field.description or name).replace("%", "%%")  # argparse formats help with %
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
-                       help=f"{field.description or name} (default {field.default})")
+                       help=f"{described} (default {field.default})")
 
 
 class StageProgress:

@@ -328,6 +328,6 @@ def choose_variant(
     why_text = ("no variant meets the spec: "
                 + "; ".join(f"{name}: {', '.join(r)}" for name, r in rejected.items())
                 + (". " + "; ".join(notes) if notes else "")
-                + f". Chose the variant closest to the spec ({best.name}: {missed} criteria missed"
+                + f". Chose the variant closest to the spec ({best.name}: {missed} of 3 criteria missed"
                 + (f", relative shortfall {gap:.3f}" if spec is not None else "") + ").")
     return VariantChoice(chosen=best.name, spec_met=False, why=why_text, **common)  # type: ignore[arg-type]
