@@ -59,3 +59,14 @@ def test_round_points_keep_the_last_figure_per_label_count() -> None:
               {"human_labels": 10, "classifier": {"cv_accuracy": 0.6}},
               {"human_labels": 5, "classifier": {"cv_accuracy": float("nan")}}]
     assert round_points(rounds) == [(10, 0.6)]
+
+
+def test_falling_or_flat_rounds_give_no_estimate() -> None:
+    # the per-round accuracy of a real small run: active learning asked for harder items each round
+    rounds = [{"human_labels": n, "classifier": {"cv_accuracy": acc}}
+              for n, acc in [(54, 0.870), (69, 0.797), (84, 0.750), (90, 0.733)]]
+    est = labels_to_reach(rounds, target=0.9)
+    assert est["status"] == "no_rising_trend" and est["labels_needed"] is None
+    assert est["rise"] <= est["rmse"] and "no estimate" in est["note"]
+    # a curve that rises clearly is not caught by this rule
+    assert labels_to_reach(_rounds(0.95, 2.0, 0.5, NS), target=0.9)["rise"] > 0.05

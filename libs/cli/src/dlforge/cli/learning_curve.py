@@ -80,13 +80,16 @@ def labels_to_reach(
     """The learning-curve estimate for the report: fit, and the labels needed to reach ``target``.
 
     ``status`` is ``estimated``, ``ceiling_below_spec`` (the fitted ceiling ``a`` does not reach the
-    target), ``too_few_rounds``, ``no_accuracy_target`` or ``fit_failed``; ``note`` says what the figure is.
+    target), ``no_rising_trend`` (the fitted curve rises less over the observed rounds than the points
+    scatter around it: no basis to extrapolate), ``too_few_rounds``, ``no_accuracy_target`` or
+    ``fit_failed``; ``note`` says what the figure is.
     """
     points = round_points(rounds)
     current = current_labels if current_labels is not None else (points[-1][0] if points else None)
     out: dict[str, Any] = {
         "status": "", "model": MODEL, "points": [[n, acc] for n, acc in points], "target_accuracy": target,
-        "current_labels": current, "a": None, "b": None, "c": None, "rmse": None, "labels_needed": None,
+        "current_labels": current, "a": None, "b": None, "c": None, "rmse": None, "rise": None,
+        "labels_needed": None,
         "more_labels": None, "note": CAVEAT,
     }
     if target <= 0:
@@ -100,6 +103,14 @@ def labels_to_reach(
     except (RuntimeError, ValueError) as exc:
         return {**out, "status": "fit_failed", "note": f"{exc}; {CAVEAT}"}
     out.update(a=a, b=b, c=c, rmse=rmse)
+    lo, hi = points[0][0], points[-1][0]
+    rise = float(b * (lo ** -c - hi ** -c))  # what the fitted curve gains over the observed rounds
+    out["rise"] = rise
+    if rise <= rmse:
+        return {**out, "status": "no_rising_trend",
+                "note": f"no estimate: over the observed rounds the accuracy does not rise by more than its scatter "
+                        f"(fitted rise {rise:.4f}, rmse {rmse:.4f}); active learning asks for harder items each "
+                        f"round, which can hold the labeler's cross-validated accuracy flat or make it fall"}
     if a <= target:
         return {**out, "status": "ceiling_below_spec",
                 "note": f"the fitted ceiling a = {a:.4f} does not reach the spec's accuracy {target:g}: more "
