@@ -160,3 +160,19 @@ def test_trunk_features_onnx_and_torch_agree(tmp_path: Path, trunk: StagedNetwor
         got[runtime] = features.pooled(_contents(3), size=64, stages=["c80", "head"], load=lambda r: pixels[r])
     for stage in ("c80", "head"):
         np.testing.assert_allclose(got["onnxruntime"][stage], got["torch"][stage], atol=1e-4, rtol=1e-4)
+
+
+def test_outputs_at_the_shared_boundary_itself_come_from_the_stored_activation(tmp_path: Path,
+                                                                                trunk: StagedNetwork) -> None:
+    from dlforge.vision.features import FeatureStore
+    from dlforge.vision.trunk import TrunkFeatures
+
+    pixels = np.random.default_rng(2).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    features = TrunkFeatures(FeatureStore(open_objects(f"file://{tmp_path}/o")), trunk, runtime="torch")
+    assert features.shared == 15
+    with observing(CountingObserver()) as counts:
+        features.pooled(_contents(2), size=64, stages=["c320"], load=lambda r: pixels[r])  # stores b15
+        acts = features.activations(_contents(2), size=64, boundary=15, load=lambda r: pixels[r])
+        pooled13 = features.pooled(_contents(2), size=64, stages=["block13"], load=lambda r: pixels[r])["block13"]
+    assert sorted(counts.embeds.values()) == [1, 1]
+    np.testing.assert_allclose(pooled13, acts.astype(np.float32).mean(axis=(2, 3)), atol=1e-3)

@@ -196,10 +196,10 @@ class TrunkFeatures:
             if have:
                 acts = np.stack([v for v in stored if v is not None]).astype(np.float32)
                 deeper = [o for o in outs if o.stop > self.shared]
-                same = [o for o in outs if o.stop == self.shared and o.what == "activation"]
-                for o in same:
+                for o in (o for o in outs if o.stop == self.shared):
                     for c, a in zip(have, acts, strict=True):
-                        computed[FeatureKey(self.kind(o, size), c)] = a.astype(np.float16)
+                        value = a if o.what == "activation" else a.mean(axis=(1, 2))
+                        computed[FeatureKey(self.kind(o, size), c)] = self._cast(o, value)
                 if deeper:
                     results = self._run(acts, start=self.shared, outs=deeper)
                     for o, arr in zip(deeper, results, strict=True):
