@@ -1,8 +1,8 @@
 """Over one whole pipeline run, each image is decoded at most twice and run through the ImageNet trunk
 from pixels at most once per input size (the vision core's feature store serves every other use).
 
-The run is the end-to-end test's small one (240 ELPV cells, two trials, one epoch) on the embedded
-backends (memory bus, filesystem object store, SQLite). Counts come from the observers of
+The run is the end-to-end test's small one (240 ELPV cells, two trials, one epoch) on the memory bus
+and SQLite, with the feature store on the filesystem and on S3. Counts come from the observers of
 :mod:`dlforge.vision.observe`, which :func:`dlforge.vision.images.decode` and
 :class:`dlforge.vision.trunk.TrunkFeatures` report to.
 """
@@ -26,8 +26,13 @@ from dlforge.vision.trunk import TrunkFeatures
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
+@pytest.fixture(params=[pytest.param("fs", id="fs"), pytest.param("s3", id="s3", marks=pytest.mark.s3)])
+def objects_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return f"file://{tmp_path}/objects" if request.param == "fs" else str(request.getfixturevalue("s3_url"))
+
+
 def test_one_run_decodes_each_image_at_most_twice_and_embeds_it_once_per_size(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, objects_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from dlforge.cli.pipeline import run_in_process
     from dlforge.cli.platform import combined_app
     from dlforge.labeler import simulated
@@ -37,7 +42,7 @@ def test_one_run_decodes_each_image_at_most_twice_and_embeds_it_once_per_size(
     truth = materialize_elpv(data, limit=240)
     monkeypatch.setenv("DLFORGE_LABELER_IMPORT_ROOTS", str(tmp_path))
     monkeypatch.setenv("DLFORGE_OPTIMIZER_ROUNDS", "1")
-    settings = load_settings(bus="memory://", objects=f"file://{tmp_path}/objects", docs=f"sqlite:///{tmp_path}/docs.db",
+    settings = load_settings(bus="memory://", objects=objects_url, docs=f"sqlite:///{tmp_path}/docs.db",
                              work_dir=str(tmp_path / "work"), poll_seconds=0.2)
     backends = Backends.from_settings(settings)
     app = combined_app(backends=backends, simulated_annotator=True)
