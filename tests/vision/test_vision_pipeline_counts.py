@@ -47,8 +47,9 @@ def test_one_run_decodes_each_image_at_most_twice_and_embeds_it_once_per_size(
     backends = Backends.from_settings(settings)
     app = combined_app(backends=backends, simulated_annotator=True)
     spec = Spec(positive_class="defect", min_recall=0.9, min_accuracy=0.5, min_fps=1.0, input_size=256)
+    # as the end-to-end test: 240 items are too few people labels for the auto-label guarantee
     options = PipelineOptions(hpo_trials=2, train_epochs=1, min_per_class=120, seed_fraction=0.1,
-                              batch_fraction=0.05)
+                              batch_fraction=0.05, auto_label_all=True)
     dataset_id = f"counts-{uuid4().hex[:8]}"
 
     async def upload(client):  # type: ignore[no-untyped-def]
