@@ -176,3 +176,24 @@ def test_outputs_at_the_shared_boundary_itself_come_from_the_stored_activation(t
         pooled13 = features.pooled(_contents(2), size=64, stages=["block13"], load=lambda r: pixels[r])["block13"]
     assert sorted(counts.embeds.values()) == [1, 1]
     np.testing.assert_allclose(pooled13, acts.astype(np.float32).mean(axis=(2, 3)), atol=1e-3)
+
+
+def test_a_view_is_its_own_value_and_its_own_pass(tmp_path: Path, trunk: StagedNetwork) -> None:
+    from dlforge.vision.features import FeatureStore
+    from dlforge.vision.trunk import TrunkFeatures
+
+    pixels = np.random.default_rng(3).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    store = FeatureStore(open_objects(f"file://{tmp_path}/o"))
+    plain = TrunkFeatures(store, trunk, runtime="torch")
+    flipped = TrunkFeatures(store, trunk, runtime="torch", view="hflip")
+    with observing(CountingObserver()) as counts:
+        a = plain.pooled(_contents(2), size=64, stages=["head"], load=lambda r: pixels[r])["head"]
+        b = flipped.pooled(_contents(2), size=64, stages=["head"], load=lambda r: pixels[r][:, :, ::-1])["head"]
+        b2 = flipped.pooled(_contents(2), size=64, stages=["head"], load=lambda r: pixels[r][:, :, ::-1])["head"]
+    c = _contents(2)
+    t = plain.trunk_id()
+    assert dict(counts.embeds) == {(t, 64, c[0]): 1, (t, 64, c[1]): 1, (t, 64, f"{c[0]}/hflip"): 1,
+                                   (t, 64, f"{c[1]}/hflip"): 1}
+    assert plain.preprocess() + "/view=hflip" == flipped.preprocess()
+    assert float(np.abs(a - b).max()) > 1e-3  # a flipped image has other features
+    np.testing.assert_array_equal(b, b2)

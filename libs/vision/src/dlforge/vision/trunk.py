@@ -75,7 +75,10 @@ class TrunkFeatures:
         threads: int = 2,
         batch_size: int = 32,
         shared_unfreeze: int = SHARED_UNFREEZE,
+        view: str = "",
     ) -> None:
+        """``view``: the name of a transform the caller's loader applies to the pixels (a flip, a
+        rotation; "" for none). It enters the keys, and passes are reported for ``<content>/<view>``."""
         if runtime not in ("onnxruntime", "torch"):
             raise ConfigError(f"unknown trunk runtime {runtime!r} (onnxruntime or torch)")
         self.store = store
@@ -85,6 +88,7 @@ class TrunkFeatures:
         self.threads = threads
         self.batch_size = batch_size
         self.shared = self.net.boundary(min(shared_unfreeze, len(self.net)))
+        self.view = view
         self._digests: dict[int, str] = {}
 
     @classmethod
@@ -96,7 +100,8 @@ class TrunkFeatures:
     def preprocess(self) -> str:
         """How pixels become the input: PIL bilinear resize, /255, the spec's mean and std."""
         mode = "L" if self.spec.in_channels == 1 else "RGB"
-        return f"pil-bilinear-{mode}/255/mean{list(self.spec.mean)}/std{list(self.spec.std)}"
+        base = f"pil-bilinear-{mode}/255/mean{list(self.spec.mean)}/std{list(self.spec.std)}"
+        return f"{base}/view={self.view}" if self.view else base
 
     def trunk_id(self) -> str:
         """Which trunk this is (arch and stem weights), as reported to observers."""
@@ -213,7 +218,8 @@ class TrunkFeatures:
                 pixels = load([first_row[c] for c in chunk])
                 x = self._input(pixels)
                 results = self._run(x, start=0, outs=full)
-                observe.notify_embedded(trunk=self.trunk_id(), size=size, contents=chunk)
+                observe.notify_embedded(trunk=self.trunk_id(), size=size,
+                                        contents=[f"{c}/{self.view}" for c in chunk] if self.view else chunk)
                 for o, arr in zip(full, results, strict=True):
                     for c, a in zip(chunk, arr, strict=True):
                         computed[FeatureKey(self.kind(o, size), c)] = self._cast(o, a)
