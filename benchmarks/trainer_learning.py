@@ -201,6 +201,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-epochs", type=int, default=30)
     parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--max-seconds", type=float, default=0.0, help="time cap of a configuration's training")
+    parser.add_argument("--configs", default="all", help="comma list of configuration numbers (0-5) or 'all'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work-dir", type=Path, default=None)
@@ -267,7 +269,8 @@ def main() -> None:
           f"{auto_acc:.3f}), val {len(va)} (people), test {len(test_y)}")
 
     base = TrainParams(lr=args.lr, batch_size=32, epochs=3, unfreeze=args.unfreeze, dropout=0.2, seed=args.seed)
-    long = base.model_copy(update={"epochs": args.max_epochs, "patience": args.patience})
+    long = base.model_copy(update={"epochs": args.max_epochs, "patience": args.patience,
+                                   "max_seconds": args.max_seconds})
     configs: list[tuple[str, TrainParams, bool, str, bool]] = [
         # name, params, confidence weights, views ("none" | "checked" | "forced"), test-time views
         ("before: 3 epochs", base, False, "none", False),
@@ -277,6 +280,8 @@ def main() -> None:
         (f"+ {args.views} views, checked, test-time views", long, True, "checked", True),
         (f"+ {args.views} views, forced", long, True, "forced", False),
     ]
+    if args.configs != "all":
+        configs = [configs[int(i)] for i in args.configs.split(",")]
     rows = []
     for name, hp, weighted, view_mode, tta in configs:
         data, _, _ = build_data(relabeled, classes, sample_fraction=1.0, sample_seed=0,
@@ -287,7 +292,7 @@ def main() -> None:
         tail = net.tail(args.unfreeze)
         t1 = time.perf_counter()
 
-        def run(d: TrainData, tail: torch.nn.Module = tail, hp: TrainParams = hp) -> Any:
+        def run(d: TrainData, hp: TrainParams, tail: torch.nn.Module = tail) -> Any:
             return fit(tail, d, hp, listener=Quiet())
 
         trained = train_tail(tail, data, hp, run=run, check=view_mode == "checked", tolerance=0.05,
@@ -298,19 +303,21 @@ def main() -> None:
         s = scores(probabilities(tail, xs), test_y, classes, positive)
         row = {"config": name, "views": used, "view_check": trained.check.val_accuracy if trained.check else None,
                "epochs": len(trained.result.epochs), "best_epoch": trained.result.best_epoch,
+               "out_of_time": trained.result.out_of_time,
                "train_seconds": round(seconds, 1), **s}
         rows.append(row)
-        print(json.dumps(row))
+        print(json.dumps(row), flush=True)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
     result = {"dataset": args.dataset, "images": len(labels), "classes": classes, "labels": args.labels,
               "auto_label_accuracy": auto_acc, "train": len(tr), "val": len(va), "test": len(test_y),
-              "unfreeze": args.unfreeze, "lr": args.lr, "declared_views": list(views), "cpu": model,
+              "unfreeze": args.unfreeze, "lr": args.lr, "max_epochs": args.max_epochs, "patience": args.patience,
+              "max_seconds": args.max_seconds, "declared_views": list(views), "cpu": model,
               "threads": args.threads, "load_average": os.getloadavg()[0], "python": platform.python_version(),
               "cache_seconds": round(cache_seconds, 1), "seconds": round(time.perf_counter() - started, 1),
               "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"trainer-learning-{args.dataset}-{args.labels}-u{args.unfreeze}.json"
+    out = RESULTS / f"trainer-learning-{args.dataset}-{args.labels}-u{args.unfreeze}-{len(labels)}.json"
     out.write_text(json.dumps(result, indent=2))
     print()
     print(f"{args.dataset} ({len(labels)} images; labels {args.labels}, auto-label accuracy {auto_acc:.3f}; "

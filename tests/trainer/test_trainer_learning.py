@@ -351,3 +351,16 @@ def test_views_and_weights_reach_the_worker_processes(tmp_path: Path) -> None:
     assert spec["hparams"]["patience"] == 2
     with pytest.raises(ValueError, match="train_w"):
         TrainData(x, y, x, y, ["a", "b"], train_w=np.ones(3))
+
+
+def test_the_time_cap_ends_training_after_the_epoch_that_reaches_it() -> None:
+    x, y = _toy(64)
+    tail = _linear()
+    rec = Recorder(tail)
+    # any epoch takes longer than a microsecond: a second one would end past the cap
+    result = fit(tail, TrainData(x, y, x[:16], y[:16], ["a", "b"]),
+                 TrainParams(lr=0.05, batch_size=16, epochs=5, patience=3, max_seconds=1e-6), listener=rec)
+    assert len(rec.epochs) == 1 and result.out_of_time and not result.stopped and result.best_epoch == 1
+    roomy = fit(_linear(), TrainData(x, y, x[:16], y[:16], ["a", "b"]),
+                TrainParams(lr=0.05, batch_size=16, epochs=5, max_seconds=3600), listener=Recorder(_linear()))
+    assert len(roomy.epochs) == 5 and not roomy.out_of_time

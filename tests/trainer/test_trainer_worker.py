@@ -87,9 +87,13 @@ async def test_unreachable_study_trains_without_pruning(backends: Backends, tmp_
 
 
 @pytest.mark.slow
-async def test_final_training_on_two_workers_emits_model_trained(backends: Backends) -> None:
+async def test_final_training_on_two_workers_emits_model_trained(backends: Backends,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from dlforge.common.events import HpoCompleted, ModelTrained, PipelineOptions, Spec, TrialRecord
     from dlforge.vision.networks import load_checkpoint
+
+    monkeypatch.setenv("DLFORGE_TRAINER_FINAL_EPOCHS", "6")
+    monkeypatch.setenv("DLFORGE_TRAINER_FINAL_PATIENCE", "2")
 
     payload = HpoCompleted(
         study_name="s", dataset_id="d", model_id="small_cnn-mnist", arch="small_cnn",
@@ -104,13 +108,20 @@ async def test_final_training_on_two_workers_emits_model_trained(backends: Backe
     p = trained.payload
     assert isinstance(p, ModelTrained) and trained.event_type == Topic.MODEL_TRAINED
     assert p.no_of_workers == 2 and p.checkpoint_key == "trainer/models/run-7/small_cnn-mnist.pt"
-    assert p.metrics["epochs"] == 2 and p.metrics["test_accuracy"] >= 0.8 and "test_recall_defect" in p.metrics
+    # up to max(6, train_epochs) epochs, stopped 2 epochs after the best one (whose weights the model holds)
+    epochs, best = p.metrics["epochs"], p.metrics["best_epoch"]
+    assert 1 <= best <= epochs <= 6 and (epochs == 6 or epochs == best + 2)
+    assert p.metrics["test_accuracy"] >= 0.8 and "test_recall_defect" in p.metrics
+    assert p.params["patience"] == 2 and p.params["epochs"] == 6
     assert p.params["input_size"] == 64 and p.params["lr"] == PARAMS["lr"]
     model, ckpt = load_checkpoint(str(backends.objects.get_file(p.checkpoint_key, Path(backends.settings.work_dir)
                                                                 / "m.pt")))
     assert ckpt["classes"] == ["defect", "good"] and model.head.out_features == 2
     job = await backends.docs.get("trainer_jobs", "run-7-final")
     assert job is not None and job["state"] == "completed" and job["no_of_workers"] == 2
+    # the declared views (default "flips") were checked on val: the check's figures are on the record
+    assert job["result"]["views"][0] == "identity" and set(job["result"]["view_check"]) == {
+        "identity", "hflip", "vflip", "rot180"}
     assert await backends.docs.get("trainer_models", "run-7.small_cnn-mnist") is not None
     # handled again (another event id): the model exists, nothing is retrained, the same result comes back
     [again] = await handle(backends, event.model_copy(update={"event_id": "again"}))

@@ -112,6 +112,7 @@ class TrainingOutcome:
     val_source: str = "all"
     best_epoch: int = 0  # with early stopping: the epoch whose weights the model holds (0: the last)
     early_stopped: bool = False
+    out_of_time: bool = False
     views: list[str] = field(default_factory=lambda: [IDENTITY])  # the views the model was trained on
     view_check: dict[str, float] = field(default_factory=dict)  # val accuracy per declared view of the probe
 
@@ -137,6 +138,7 @@ class TrainingOutcome:
             "val_source": self.val_source,
             "best_epoch": self.best_epoch,
             "early_stopped": self.early_stopped,
+            "out_of_time": self.out_of_time,
             "views": self.views,
             "view_check": self.view_check,
             "metrics": flat_metrics(self),
@@ -332,7 +334,7 @@ def check_views(tail: torch.nn.Module, data: TrainData, *, tolerance: float) -> 
     kept = [IDENTITY]
     for view, x in data.val_views.items():
         acc[view] = evaluate(tail, x, data.val_y, data.classes).accuracy
-        if acc[view] >= base - tolerance:
+        if acc[view] >= base - tolerance - 1e-9:  # at the tolerance: kept (not lost to rounding)
             kept.append(view)
     return ViewCheck(val_accuracy=acc, kept=kept, tolerance=tolerance, count=len(data.val_y))
 
@@ -366,20 +368,23 @@ class TailTraining:
     probe_kept: bool  # the probe trained without views was kept (no view passed the check, or it scored higher)
 
 
-def train_tail(tail: torch.nn.Module, data: TrainData, hparams: TrainParams, *, run: Callable[[TrainData], FitResult],
-               check: bool, tolerance: float, threads: int = 1) -> TailTraining:
+def train_tail(tail: torch.nn.Module, data: TrainData, hparams: TrainParams, *,
+               run: Callable[[TrainData, TrainParams], FitResult], check: bool, tolerance: float,
+               threads: int = 1) -> TailTraining:
     """Train ``tail`` on ``data`` with ``run`` (the engine); with ``check`` and views, check them first.
 
     The check trains a probe without views (in this process, on ``threads`` threads, reporting nothing),
     keeps the views within ``tolerance`` of its val accuracy (:func:`check_views`) and trains afresh
     with those; the probe's weights are kept when no view passes or when they score the higher val
-    accuracy. Without ``check`` the declared views are trusted.
+    accuracy. Without ``check`` the declared views are trusted. A time cap (``hparams.max_seconds``)
+    is shared: the probe and the training with views get half each.
     """
     view_names = list(data.val_views) if data.train_views else []
     if len(view_names) != len(data.train_views):
         raise ValueError("train_views and val_views name different views")
     if not (check and view_names):
-        return TailTraining(run(data), [IDENTITY, *view_names], None, False)
+        return TailTraining(run(data, hparams), [IDENTITY, *view_names], None, False)
+    hparams = hparams.model_copy(update={"max_seconds": hparams.max_seconds / 2})
     initial = {k: v.detach().clone() for k, v in tail.state_dict().items()}
     torch.set_num_threads(threads)
     plain = with_views(data, view_names, [])
@@ -392,7 +397,7 @@ def train_tail(tail: torch.nn.Module, data: TrainData, hparams: TrainParams, *, 
     probe_state = {k: v.detach().clone() for k, v in tail.state_dict().items()}
     tail.load_state_dict(initial)
     chosen = with_views(data, view_names, views.kept)
-    result = run(chosen)
+    result = run(chosen, hparams)
     if result.stopped or result.diverged:
         return TailTraining(result, views.kept, views, False)
     with_acc = evaluate(tail, data.val_x, data.val_y, data.classes).accuracy
@@ -452,8 +457,8 @@ def run_training(
                              tail=tail, arch=arch, classes=request.classes, on_epoch=on_epoch,
                              extra={"input_size": input_size, "params": request.hparams.model_dump()})
 
-        def run(train_data: TrainData) -> FitResult:
-            job = FitJob(tail=tail, data=train_data, hparams=request.hparams,
+        def run(train_data: TrainData, hparams: TrainParams) -> FitResult:
+            job = FitJob(tail=tail, data=train_data, hparams=hparams,
                          no_of_workers=request.run_config.no_of_workers,
                          checkpoint_every_steps=request.run_config.checkpoint_every_steps,
                          summary_every_steps=request.run_config.summary_every_steps, threads=config.train_threads,
@@ -483,7 +488,8 @@ def run_training(
         logs_prefix=monitor.logs_prefix, cache_source=acts.source, cache_seconds=acts.seconds,
         train_seconds=train_seconds, train_rows=len(data.train_y), val=val, test=test,
         no_of_workers=request.run_config.no_of_workers, val_source=val_source,
-        best_epoch=result.best_epoch, early_stopped=result.early_stopped, views=trained.views,
+        best_epoch=result.best_epoch, early_stopped=result.early_stopped, out_of_time=result.out_of_time,
+        views=trained.views,
         view_check=trained.check.val_accuracy if trained.check else {},
     )
 

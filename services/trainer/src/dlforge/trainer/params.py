@@ -29,6 +29,10 @@ class TrainParams(BaseModel):
         default=0, ge=0, le=1000, description="early stopping: stop after this many epochs without a better val "
         "accuracy and keep the best epoch's weights (0: train every epoch, keep the last)",
     )
+    max_seconds: float = Field(
+        default=0.0, ge=0.0, description="time cap: no epoch is started that would end after this many seconds "
+        "of training (judged by the last epoch's time; 0: no cap). With patience, the best epoch's weights stay",
+    )
     seed: int = 0
 
 

@@ -40,9 +40,13 @@ class TrainerSettings(CommonSettings):
         "many (and every val class is among them); 0 validates on every val item, auto-labels included")
 
     trainer_final_epochs: int | None = Field(
-        default=30, ge=1, le=1000, description="final training: at most this many epochs, stopped early on "
-        "validation (DLFORGE_TRAINER_FINAL_PATIENCE) with the best epoch's weights kept; unset: the run's "
-        "train_epochs, every epoch trained")
+        default=30, ge=1, le=1000, description="final training: at most max(this, the run's train_epochs) "
+        "epochs, stopped early on validation (DLFORGE_TRAINER_FINAL_PATIENCE) with the best epoch's weights "
+        "kept; unset: the run's train_epochs, every epoch trained")
+    trainer_final_max_seconds: float = Field(
+        default=180.0, ge=0.0, description="final training: time cap in seconds (probe and training with views "
+        "together; no epoch starts that would end past it; 0: none). Deep unfreezing costs 10-30 s an epoch on "
+        "2 cores for ELPV, so the cap keeps `make demo` in its budget")
     trainer_final_patience: int = Field(
         default=5, ge=0, le=1000, description="final training: stop after this many epochs without a better "
         "val accuracy (0: no early stopping)")

@@ -10,6 +10,7 @@ class weights (``class_weighting``), a weight per row (``TrainData.train_w``: th
 auto-label, 1 for a person's), and one of the row's cached views per epoch (``TrainData.train_views``).
 With ``patience`` > 0 training stops when validation has not improved for that many epochs, and the
 tail ends with the weights of its best epoch (highest val accuracy; lower val loss breaks ties).
+``max_seconds`` caps the time: no epoch starts that would end past it (by the mean epoch time so far).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class FitResult:
     diverged: bool = False
     seconds: float = 0.0
     early_stopped: bool = False  # validation did not improve for ``patience`` epochs
+    out_of_time: bool = False  # another epoch would have passed ``max_seconds``
     best_epoch: int = 0  # with patience: the epoch whose weights the tail holds at the end (0: the last)
 
 
@@ -287,7 +289,7 @@ def fit(
     summary_every_steps: int = 10,
     device: torch.device | None = None,
 ) -> FitResult:
-    """Train ``tail`` on ``data`` for ``hp.epochs`` epochs (or until the listener says stop, or early stopping).
+    """Train ``tail`` on ``data`` for ``hp.epochs`` epochs (or until the listener says stop, early stopping, time).
 
     ``hp.batch_size`` is global: each of ``world`` ranks takes ``batch_size // world`` rows per step, so
     a run has the same number of optimizer steps per epoch whatever the number of workers. With
@@ -361,9 +363,13 @@ def fit(
                 result.early_stopped = stopping.update(metrics)
                 if stopping.best is metrics:
                     best_state = {k: v.detach().clone() for k, v in tail.state_dict().items()}
-        go_on = coll.agree(go_on and not result.early_stopped)
+            if hp.max_seconds and go_on and epoch < hp.epochs:
+                elapsed = time.perf_counter() - started
+                result.out_of_time = elapsed + (elapsed / epoch) > hp.max_seconds
+        finished = result.early_stopped or result.out_of_time
+        go_on = coll.agree(go_on and not finished)
         if not go_on:
-            result.stopped = not result.early_stopped
+            result.stopped = not finished
             result.diverged = result.diverged or (coll.rank != 0 and not math.isfinite(loss_sum))
             break
     if coll.rank == 0 and stopping is not None and stopping.best is not None and best_state is not None \

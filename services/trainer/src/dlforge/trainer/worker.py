@@ -135,9 +135,11 @@ async def on_hpo_completed(event: Event, ctx: HandlerContext) -> Event:
         log.info("%s: the final model exists already; re-emitting model.trained", job_id)
         return trained(existing["params"], existing["metrics"], int(existing["no_of_workers"]))
     try:
-        epochs = settings.trainer_final_epochs or p.options.train_epochs
+        # early stopping on val decides how many of up to max(final_epochs, train_epochs) epochs to keep
+        epochs = max(settings.trainer_final_epochs or 0, p.options.train_epochs)
         patience = settings.trainer_final_patience if settings.trainer_final_epochs else 0
-        hparams = TrainParams.model_validate({**p.best_params, "epochs": epochs, "patience": patience})
+        hparams = TrainParams.model_validate({**p.best_params, "epochs": epochs, "patience": patience,
+                                              "max_seconds": settings.trainer_final_max_seconds})
         request = TrainingRequest(
             views=settings.trainer_final_views, check_views=settings.trainer_check_views,
             label_weighting=settings.trainer_label_weighting,  # type: ignore[arg-type]
