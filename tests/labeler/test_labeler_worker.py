@@ -126,6 +126,14 @@ async def test_simulated_annotator_round_trip_produces_dataset_labeled(
     # (zero errors need >= 149), so no threshold is guaranteed
     assert result["calibration_items"] == 12 and result["auto_label_threshold"] is None
     assert record["counts"]["needs_review"] == result["needs_review"] == labeled.needs_review
+    assert sum(result["calibration_per_class"].values()) == 12
+    # the evidence people gave, per split: the 6 test items are the random sample asked first
+    evidence = result["people_labels_by_split"]
+    assert evidence["test"]["by_reason"] == {"test": 6} and evidence["test"]["representative"] == 6
+    assert sum(e["people_labeled"] for e in evidence.values()) == labeled.human_labels
+    assert sum(e["representative"] for e in evidence.values()) == 12
+    assert all(set(e["by_reason"]) <= {"seed", "uncertain", "test"} for e in evidence.values())
+    assert sum(sum(e["per_class"].values()) for e in evidence.values()) == labeled.human_labels
     if auto_label_all:
         assert labeled.needs_review == 0 and labeled.human_labels + labeled.auto_labels == 60
         assert {c.label: c.count for c in labeled.counts} == {"bright": 30, "dark": 30}

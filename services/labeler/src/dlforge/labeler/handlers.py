@@ -132,10 +132,11 @@ class HeldoutEvidence:
     confidence: np.ndarray
     predicted: np.ndarray
     correct: np.ndarray
+    label: np.ndarray | None = None  # the people's class index of each item, when known
 
     @classmethod
     def empty(cls) -> HeldoutEvidence:
-        return cls(np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
+        return cls(np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.confidence)
@@ -159,7 +160,7 @@ def heldout_evidence(clf: CalibratedClassifier, *, y: np.ndarray, representative
         rows &= np.asarray(clf.heldout_representative, dtype=bool)
     p = np.where(finite, proba, 0.0)[rows]
     predicted = p.argmax(axis=1)
-    return HeldoutEvidence(confidence=p.max(axis=1), predicted=predicted, correct=predicted == y[rows])
+    return HeldoutEvidence(confidence=p.max(axis=1), predicted=predicted, correct=predicted == y[rows], label=y[rows])
 
 
 @dataclass
@@ -316,6 +317,9 @@ def decide_auto_labels(
         "bound_items": bound_items,
         "bound_errors": bound_errors,
         "calibration_items": len(ev),
+        "calibration_per_class": (
+            {c: int((ev.label == k).sum()) for k, c in enumerate(classes)} if ev.label is not None else None
+        ),
         "thresholds_tested": sel.tested if sel is not None else 0,
         "needs_review": int(review.sum()),
         "per_class": [e.as_dict() for e in per_class],
@@ -398,6 +402,27 @@ def labeled_manifest(
         items.append(item.model_copy(update={"label": label, "label_source": source, "confidence": conf,
                                              "split": splits[i]}))
     return manifest.model_copy(update={"items": items, "classes": list(view.classes)})
+
+
+def people_label_counts(
+    view: LabelingView, *, splits: Sequence[Split], asked: Mapping[str, str], ids: Sequence[str]
+) -> dict[str, dict[str, object]]:
+    """Per split, the evidence people gave: how many items they labeled, why each was asked
+    (``test``: a random sample, ``seed``: the k-means seed, ``uncertain``: picked by active learning,
+    ``given``: labeled with the upload), how many may stand for the rest (all but ``uncertain``) and
+    how many per class."""
+    out: dict[str, dict[str, object]] = {}
+    for split in ("train", "val", "test"):
+        rows = [i for i in range(len(ids)) if splits[i] == split and view.labels[i] >= 0]
+        reasons = Counter("given" if view.given[i] else asked.get(ids[i], "unknown") for i in rows)
+        per_class = Counter(view.classes[int(view.labels[i])] for i in rows)
+        out[split] = {
+            "people_labeled": len(rows),
+            "representative": int(sum(bool(view.representative[i]) for i in rows)),
+            "by_reason": dict(sorted(reasons.items())),
+            "per_class": {c: per_class.get(c, 0) for c in view.classes},
+        }
+    return out
 
 
 def class_counts(manifest: Manifest) -> list[ClassCount]:

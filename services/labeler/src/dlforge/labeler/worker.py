@@ -305,6 +305,8 @@ async def _advance(
         "auto_at_target": result.auto_confident,
         "expected_auto_accuracy": round(float(result.confidence[auto].mean()), 4) if n_auto else None,
         **decision.summary,
+        "people_labels_by_split": handlers.people_label_counts(view, splits=splits, asked=record.get("asked", {}),
+                                                               ids=ids),
         "classifier": result.classifier,
     }
     labeled_event = DatasetLabeled(
