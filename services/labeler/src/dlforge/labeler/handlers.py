@@ -226,7 +226,7 @@ def run_round(
     evidence = HeldoutEvidence.empty()
     selective: SelectiveThreshold | None = None
     threshold: float | None = None
-    if clf is not None and clf.calibrated:
+    if clf is not None:  # no held-out predictions (too few labels for folds): no evidence, no threshold
         evidence = heldout_evidence(clf, y=labels[known], representative=representative[known])
         selective = choose_threshold(evidence.confidence, evidence.correct, target=options.max_auto_label_error)
         threshold = selective.threshold
