@@ -11,6 +11,7 @@ from dlforge.common.objects import ObjectStore
 from dlforge.trainer.engines import engine_for
 from dlforge.trainer.handlers import TrainerConfig, TrainingOutcome, TrainingRequest, run_training
 from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
+from dlforge.vision.manifest import load_manifest, save_manifest
 
 CLASSES = ["defect", "good"]
 
@@ -47,6 +48,27 @@ def test_ddp_listener_stop_reaches_every_worker(objects: ObjectStore, manifest_k
                           hparams=TrainParams(lr=0.01, batch_size=8, epochs=4), run_config=RunOptions(no_of_workers=2))
     out = run_training(objects, req, job_id="stop", key_prefix="t/stop", config=config, on_epoch=lambda m: False)
     assert out.state == "stopped" and len(out.epochs) == 1 and out.steps == math.ceil(56 / 8)
+
+
+@pytest.mark.slow
+def test_two_workers_train_on_views_and_weights_and_keep_the_best_epoch(objects: ObjectStore, manifest_key: str,
+                                                                        weights_key: str,
+                                                                        config: TrainerConfig) -> None:
+    manifest = load_manifest(objects, manifest_key)
+    for item in manifest.by_split("train")[::3]:
+        item.label_source, item.confidence = "auto", 0.6
+    save_manifest(objects, "ddp/manifest.json", manifest)
+    seen: list[EpochMetrics] = []
+    req = TrainingRequest(weights_key=weights_key, manifest_key="ddp/manifest.json", classes=CLASSES,
+                          hparams=TrainParams(lr=0.05, batch_size=8, epochs=6, unfreeze=1, patience=2),
+                          run_config=RunOptions(no_of_workers=2), views="flips")
+    out = run_training(objects, req, job_id="views", key_prefix="t/views", config=config,
+                       on_epoch=lambda m: seen.append(m) or True)
+    assert out.state == "completed" and out.views == ["identity", "hflip", "vflip", "rot180"]
+    best = max(seen, key=lambda m: (m.val_accuracy, -m.val_loss)).epoch
+    assert out.best_epoch == best and (len(seen) == 6 or len(seen) == best + 2)
+    # the weights rank 0 kept from its best epoch came back to the parent
+    assert out.val is not None and out.val.accuracy == seen[best - 1].val_accuracy
 
 
 def test_horovod_engine_says_what_to_install() -> None:

@@ -187,7 +187,7 @@ class TrainerConfig:
     cache_max_mb: int = 2048
     input_size: int | None = None
     val_people_min: int = 30
-    view_tolerance: float = 0.05
+    view_tolerance: float = 0.03
 
     @classmethod
     def from_settings(cls, s: TrainerSettings) -> TrainerConfig:
@@ -366,6 +366,7 @@ class TailTraining:
     views: list[str]
     check: ViewCheck | None
     probe_kept: bool  # the probe trained without views was kept (no view passed the check, or it scored higher)
+    views_val_accuracy: float | None = None  # val accuracy of the model trained with the kept views
 
 
 def train_tail(tail: torch.nn.Module, data: TrainData, hparams: TrainParams, *,
@@ -375,9 +376,9 @@ def train_tail(tail: torch.nn.Module, data: TrainData, hparams: TrainParams, *,
 
     The check trains a probe without views (in this process, on ``threads`` threads, reporting nothing),
     keeps the views within ``tolerance`` of its val accuracy (:func:`check_views`) and trains afresh
-    with those; the probe's weights are kept when no view passes or when they score the higher val
-    accuracy. Without ``check`` the declared views are trusted. A time cap (``hparams.max_seconds``)
-    is shared: the probe and the training with views get half each.
+    with those; the probe's weights are kept when no view passes or when they beat the model trained
+    with views by more than ``tolerance`` on val. Without ``check`` the declared views are trusted.
+    A time cap (``hparams.max_seconds``) is shared: the probe and the training with views get half each.
     """
     view_names = list(data.val_views) if data.train_views else []
     if len(view_names) != len(data.train_views):
@@ -401,12 +402,12 @@ def train_tail(tail: torch.nn.Module, data: TrainData, hparams: TrainParams, *,
     if result.stopped or result.diverged:
         return TailTraining(result, views.kept, views, False)
     with_acc = evaluate(tail, data.val_x, data.val_y, data.classes).accuracy
-    if views.val_accuracy[IDENTITY] > with_acc:
-        log.info("the probe trained without views scores higher on val (%.4f > %.4f): keeping it",
-                 views.val_accuracy[IDENTITY], with_acc)
+    if views.val_accuracy[IDENTITY] > with_acc + tolerance + 1e-9:
+        log.info("the probe trained without views scores higher on val (%.4f > %.4f + %.2f): keeping it",
+                 views.val_accuracy[IDENTITY], with_acc, tolerance)
         tail.load_state_dict(probe_state)
-        return TailTraining(probe_result, [IDENTITY], views, True)
-    return TailTraining(result, views.kept, views, False)
+        return TailTraining(probe_result, [IDENTITY], views, True, with_acc)
+    return TailTraining(result, views.kept, views, False, with_acc)
 
 
 def run_training(

@@ -48,9 +48,8 @@ class TrainData:
     val_views: dict[str, np.ndarray] = field(default_factory=dict)  # val rows under the other views, by name
 
     def __post_init__(self) -> None:
-        n = len(self.train_y)
-        if self.train_w is not None and len(self.train_w) != n:
-            raise ValueError(f"train_w has {len(self.train_w)} rows, train_y {n}")
+        if self.train_w is not None and len(self.train_w) != len(self.train_y):
+            raise ValueError(f"train_w has {len(self.train_w)} rows, train_y {len(self.train_y)}")
         for v in self.train_views:
             if v.shape != self.train_x.shape:
                 raise ValueError(f"a train view has shape {v.shape}, train_x {self.train_x.shape}")
