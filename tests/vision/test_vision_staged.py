@@ -64,14 +64,19 @@ def test_freeze_boundary_is_the_one_freeze_backbone_uses() -> None:
         net.index("c999")
 
 
-def test_small_cnn_units_are_its_conv_groups() -> None:
+def test_small_cnn_units_are_its_convs_and_batch_norms() -> None:
     model = build_network("small_cnn", 3, pretrained=False).eval()
     net = StagedNetwork(model, arch="small_cnn")
-    assert net.names == ["group0", "group1", "group2", "group3"]
+    assert net.names == ["conv0", "bn0", "conv1", "bn1", "conv2", "bn2", "conv3", "bn3"]
     x = torch.randn(2, 1, 64, 64)
     with torch.inference_mode():
-        assert tuple(net.run(x, 0, 1).shape) == (2, 32, 32, 32)  # conv, BN, ReLU, 2x2 max pool
+        assert tuple(net.run(x, 0, 1).shape) == (2, 32, 64, 64)  # the first conv keeps the size
+        assert tuple(net.run(x, 0, net.index("group0") + 1).shape) == (2, 32, 32, 32)  # BN, ReLU, 2x2 max pool
+        assert tuple(net.run(x, 0, net.index("group3") + 1).shape) == (2, 128, 8, 8)  # no pool after the last
         np.testing.assert_allclose(net(x).numpy(), model.features(x).numpy(), atol=1e-6)
+    freeze_backbone(model, unfreeze_last=3)
+    trained = [n for n, u in zip(net.names, net.units, strict=True) if any(p.requires_grad for p in u.parameters())]
+    assert trained == ["bn2", "conv3", "bn3"] and net.boundary(3) == 5
 
 
 def test_onnx_prefix_matches_torch(trunk: StagedNetwork) -> None:

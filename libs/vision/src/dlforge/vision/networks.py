@@ -124,15 +124,16 @@ def spec_of(arch: str) -> NetworkSpec:
 
 
 def trainable_blocks(model: Classifier) -> list[nn.Module]:
-    """The backbone's stages from input to output (for 'layers to unfreeze')."""
-    bb = model.backbone
-    if isinstance(bb, _EfficientNetFeatures):
-        net: Any = bb.net
-        stem = nn.ModuleList([net._conv_stem, net._bn0])
-        return [stem, *list(net._blocks), nn.ModuleList([net._conv_head, net._bn1])]
-    if isinstance(bb, SmallCNN):
-        return [m for m in bb.body if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
-    return [bb]
+    """The backbone's units from input to output (for 'layers to unfreeze'): the units of
+    :func:`dlforge.vision.staged.units_of` (EfficientNet-Lite0: stem, 16 MBConv blocks, head; the small
+    CNN: its four conv groups); an unknown backbone is one block."""
+    from dlforge.vision.staged import units_of
+
+    try:
+        units, _ = units_of(model)
+    except ConfigError:
+        return [model.backbone]
+    return [m for _, m in units]
 
 
 def freeze_backbone(model: Classifier, *, unfreeze_last: int) -> None:

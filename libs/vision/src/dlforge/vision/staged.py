@@ -4,7 +4,8 @@ Units are the granularity at which a network is frozen or trained (the blocks of
 :func:`dlforge.vision.networks.trainable_blocks`). For EfficientNet-Lite0 they are ``stem``,
 ``block00`` .. ``block15`` and ``head`` (18 units); the named *stages* are the units where the
 channel count changes (``c16`` .. ``c320``, plus ``stem`` and ``head``). For the small CNN the
-units are its conv-BN-ReLU(-pool) groups ``group0`` .. ``group3``.
+units are each conv (``conv0`` ..) and its BN-ReLU(-pool) (``bn0`` ..); its stages ``group0`` ..
+``group3`` end at the ``bn`` units.
 
 A *boundary* ``b`` is a number of units: the activation at ``b`` is the output of the first ``b``
 units (``b = 0``: the network input). Training the last ``u`` units (``unfreeze = u``) puts the
@@ -79,13 +80,18 @@ def units_of(model: Classifier) -> tuple[list[tuple[str, nn.Module]], dict[str, 
         units.append(("head", _Stem(net._conv_head, net._bn1, net._swish)))
         return units, dict(EFFICIENTNET_LITE0_STAGES)
     if isinstance(bb, SmallCNN):
-        groups: list[list[nn.Module]] = []
+        # each conv, then its BN with the ReLU (and max pool) after it: the trainable blocks the tuner's
+        # "unfreeze" has always counted for this network
+        groups: list[tuple[str, list[nn.Module]]] = []
         for m in bb.body:
             if isinstance(m, nn.Conv2d):
-                groups.append([])
-            groups[-1].append(m)
-        units = [(f"group{i}", nn.Sequential(*g)) for i, g in enumerate(groups)]
-        return units, {name: name for name, _ in units}
+                groups.append((f"conv{len(groups) // 2}", [m]))
+            elif isinstance(m, nn.BatchNorm2d):
+                groups.append((f"bn{len(groups) // 2}", [m]))
+            else:
+                groups[-1][1].append(m)
+        units = [(name, g[0] if len(g) == 1 else nn.Sequential(*g)) for name, g in groups]
+        return units, {f"group{i}": f"bn{i}" for i in range(len(groups) // 2)}
     raise ConfigError(f"no stages are defined for a {type(bb).__name__} backbone")
 
 
