@@ -23,7 +23,7 @@ from dlforge.labeler.guarantee import (
     per_class_evidence,
     threshold_grid,
 )
-from dlforge.labeler.handlers import HeldoutEvidence, RoundResult, decide_auto_labels, run_round
+from dlforge.labeler.handlers import HeldoutEvidence, RoundResult, decide_auto_labels, random_sample, run_round
 from dlforge.labeler.index import normalize
 from dlforge.labeler.strategies import UncertaintyDiversity
 
@@ -255,8 +255,8 @@ def test_auto_label_all_labels_everything_and_bounds_it_on_all_held_out_items() 
 
 
 def test_round_thresholds_on_representative_items_and_leaves_the_rest_for_review() -> None:
-    # 3 classes: 0 apart from the others, 1 and 2 overlapping; labels for a random 20 % (representative)
-    # and for 100 of the overlapping items picked as an active learner would (not representative)
+    # 3 classes: 0 apart from the others, 1 and 2 overlapping; labels for a random 20 % (the random
+    # sample) and for 100 of the overlapping items picked as an active learner would (not random)
     rng = np.random.default_rng(0)
     n, dim = 2000, 16
     y = rng.choice(3, n, p=[0.6, 0.2, 0.2])
@@ -271,7 +271,8 @@ def test_round_thresholds_on_representative_items_and_leaves_the_rest_for_review
     labels[hard] = y[hard]
     human = labels >= 0
     options = PipelineOptions(label_budget=0.25, max_auto_label_error=0.05)
-    result = run_round(x, labels=labels, human=human, representative=rep, n_classes=3, options=options,
+    result = run_round(x, labels=labels, human=human, representative=rep, calibration=rep, n_classes=3,
+                       options=options,
                        strategy=UncertaintyDiversity("margin"), rng=np.random.default_rng(1))
     assert result.done and result.stop_reason == "budget"
     assert result.selective is not None and result.selective.calibration_items == 400
@@ -314,3 +315,10 @@ def test_options_defaults_and_old_events() -> None:
     new = decode(json.dumps(stored).encode())
     assert isinstance(new.payload, DatasetLabeled)
     assert new.payload.human_labels + new.payload.auto_labels + new.payload.needs_review == 2624
+
+
+def test_the_random_sample_is_the_labeled_test_split() -> None:
+    # rows 0-3 test (3 labeled), 4-5 val (seed-labeled: not random), 6-7 train
+    labels = np.array([0, 1, -1, 1, 0, 1, -1, 0])
+    splits = ["test", "test", "test", "test", "val", "val", "train", "train"]
+    assert random_sample(labels, splits).tolist() == [True, True, False, True, False, False, False, False]

@@ -14,6 +14,7 @@ from dlforge.labeler.handlers import (
     budget_of,
     check_labels,
     first_batch,
+    random_sample,
     rng_for,
     run_round,
 )
@@ -48,7 +49,8 @@ def simulate(x: np.ndarray, y: np.ndarray, options: PipelineOptions, *, given: n
         labels[batch.rows] = y[batch.rows]
         human[batch.rows] = True
         representative[batch.rows] |= np.array([r in ("test", "seed") for r in batch.reasons])
-        result = run_round(x, labels=labels, human=human, representative=representative, n_classes=10,
+        result = run_round(x, labels=labels, human=human, representative=representative,
+                           calibration=random_sample(labels, splits), n_classes=10,
                            options=options, strategy=strategy, rng=rng_for("digits", 0, f"r{rounds}"))
         if result.done:
             break
@@ -70,7 +72,7 @@ def blobs(n: int = 800, *, classes: int = 4, dim: int = 32, spread: float = 0.6)
 
 
 def test_loop_stops_when_everything_is_auto_labeled_at_the_target() -> None:
-    # 2,000 separable blobs: 200 test + 100 seed items are held-out evidence enough for a 2 % bound
+    # 2,000 separable blobs: the 200 random test items are held-out evidence enough for a 2 % bound
     # (zero errors in >= 149 items), so every other item clears the guaranteed threshold
     x, y = blobs(2000)
     options = PipelineOptions(label_budget=0.3, seed_fraction=0.05, batch_fraction=0.03)

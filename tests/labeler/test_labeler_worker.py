@@ -122,11 +122,11 @@ async def test_simulated_annotator_round_trip_produces_dataset_labeled(
     assert record["state"] == "labeled" and record["counts"]["human"] == labeled.human_labels
     result = record["result"]
     assert result["human_label_fraction"] <= 0.4
-    # 60 items give 6 test + 6 seed representative labels: no 2 % bound can rest on 12 items
-    # (zero errors need >= 149), so no threshold is guaranteed
-    assert result["calibration_items"] == 12 and result["auto_label_threshold"] is None
+    # 60 items give 6 random test labels (and 6 seed labels, not random): no 2 % bound can rest on
+    # 6 items (zero errors need >= 149), so no threshold is guaranteed
+    assert result["calibration_items"] == 6 and result["auto_label_threshold"] is None
     assert record["counts"]["needs_review"] == result["needs_review"] == labeled.needs_review
-    assert sum(result["calibration_per_class"].values()) == 12
+    assert sum(result["calibration_per_class"].values()) == 6
     # the evidence people gave, per split: the 6 test items are the random sample asked first
     evidence = result["people_labels_by_split"]
     assert evidence["test"]["by_reason"] == {"test": 6} and evidence["test"]["representative"] == 6
@@ -140,8 +140,8 @@ async def test_simulated_annotator_round_trip_produces_dataset_labeled(
         assert all(i.label and i.label_source in ("human", "auto") for i in manifest.items)
         assert sum(i.label == truth[i.name] for i in manifest.items) == 60
         assert result["auto_label_coverage"] == 1.0
-        # the bound of labeling everything: 0 errors in 12 held-out items, 1 - 0.05 ** (1 / 12)
-        assert result["auto_label_error_bound"] == pytest.approx(1 - 0.05 ** (1 / 12), abs=1e-6)
+        # the bound of labeling everything: 0 errors in 6 held-out items, 1 - 0.05 ** (1 / 6)
+        assert result["auto_label_error_bound"] == pytest.approx(1 - 0.05 ** (1 / 6), abs=1e-6)
     else:
         assert labeled.auto_labels == 0 and labeled.needs_review == 60 - labeled.human_labels
         review = [i for i in manifest.items if i.label_source == "needs_review"]

@@ -1,10 +1,10 @@
 """Selective auto-labeling with a guarantee: which confidence is high enough to label without people.
 
 The user sets the largest auto-label error they accept, ``target`` (``max_auto_label_error``). The
-threshold is chosen on *held-out* predictions of *representative* people-labeled items (random
-test items, the k-means seed, given labels; never the uncertainty-sampled batches, which are the
-hard cases, nor the model's own auto-labels), by Learn-then-Test with fixed-sequence testing
-(Angelopoulos et al., 2021):
+threshold is chosen on *held-out* predictions of a *random sample* of people-labeled items (the
+labeler uses its random test split; not the uncertainty-sampled batches, which are the hard cases,
+nor the k-means seed, whose items nearest the centroids are easier than the rest, nor the model's
+own auto-labels), by Learn-then-Test with fixed-sequence testing (Angelopoulos et al., 2021):
 
 - a fixed grid of thresholds, decided before any data is seen (:func:`threshold_grid`), is walked
   from high to low;

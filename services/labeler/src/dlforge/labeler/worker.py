@@ -253,9 +253,12 @@ async def _advance(
     view = handlers.labeling_view(manifest, classes=classes, human_labels=record.get("human_labels", {}),
                                   asked=record.get("asked", {}))
 
+    splits = [record["splits"][i] for i in ids]
+
     def fit() -> handlers.RoundResult:
         return handlers.run_round(vectors, labels=view.labels, human=view.human, representative=view.representative,
-                                  n_classes=len(classes), options=options, strategy=_strategy(settings),
+                                  calibration=handlers.random_sample(view.labels, splits), n_classes=len(classes),
+                                  options=options, strategy=_strategy(settings),
                                   rng=handlers.rng_for(dataset_id, options.seed, f"round-{rnd}"), seed=options.seed)
 
     result = await asyncio.to_thread(fit)
@@ -286,7 +289,6 @@ async def _advance(
         await _open_batch(ctx, record, request)
         return request
 
-    splits = [record["splits"][i] for i in ids]
     decision = handlers.decide_auto_labels(result, known=~unlabeled, classes=classes, options=options)
     labeled = handlers.labeled_manifest(manifest, view=view, splits=splits, result=result, auto=decision.auto)
     key = labeled_key(dataset_id)
