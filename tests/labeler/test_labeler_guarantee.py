@@ -322,3 +322,29 @@ def test_the_random_sample_is_the_labeled_test_split() -> None:
     labels = np.array([0, 1, -1, 1, 0, 1, -1, 0])
     splits = ["test", "test", "test", "test", "val", "val", "train", "train"]
     assert random_sample(labels, splits).tolist() == [True, True, False, True, False, False, False, False]
+
+
+@pytest.mark.slow
+def test_the_loop_keeps_its_guarantee_over_runs() -> None:
+    # 20 runs of the whole loop on a 5-class Gaussian mixture that a linear model labels ~80 % right:
+    # the realized error of what was auto-labeled may exceed the 5 % target in about 1 run of 20
+    # (P(>= 4 of 20) = 1.6 % at the nominal 5 %). Calibrating on the k-means seed as well, as an
+    # earlier version did, exceeded it in 5 of 20.
+    from test_labeler_loop import simulate
+
+    misses, covered = 0, []
+    for seed in range(20):
+        rng = np.random.default_rng(1000 + seed)
+        centers = rng.normal(0, 1, (5, 24))
+        y = rng.integers(0, 5, 4000)
+        x = normalize((centers[y] + rng.normal(0, 5 / np.sqrt(24) * 2, (4000, 24))).astype(np.float32))
+        options = PipelineOptions(label_budget=0.2, seed_fraction=0.08, batch_fraction=0.05,
+                                  max_auto_label_error=0.05, seed=seed)
+        out = simulate(x, y, options)
+        result, pool = out["result"], out["auto"]
+        auto = decide_auto_labels(result, known=~pool, classes=list("abcde"), options=options).auto  # type: ignore[operator]
+        if auto.any():
+            misses += (result.predicted[auto] != y[auto]).mean() > 0.05  # type: ignore[attr-defined]
+            covered.append(auto.sum() / pool.sum())  # type: ignore[union-attr]
+    assert misses <= 3, f"{misses} of 20 runs exceeded the target"
+    assert len(covered) >= 10 and np.mean(covered) > 0.2
