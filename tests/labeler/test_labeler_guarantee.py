@@ -217,7 +217,13 @@ def test_a_class_below_target_is_named_although_the_overall_bound_holds() -> Non
     assert s["auto_label_threshold"] == pytest.approx(0.601)
     assert s["auto_label_coverage"] == 0.8 and s["needs_review"] == 20
     assert s["bound_items"] == 1000 and s["bound_errors"] == 4
-    assert s["auto_label_error_bound"] <= 0.02
+    assert s["auto_label_error_bound"] <= 0.02 and s["guaranteed_error_bound"] == s["auto_label_error_bound"]
+    # with auto_label_all the same threshold's figures stay, beside the bound of labeling everything
+    everything = decide_auto_labels(result, known=np.zeros(100, dtype=bool), classes=["ok", "weak"],
+                                    options=PipelineOptions(auto_label_all=True)).summary
+    assert everything["guaranteed_error_bound"] == s["auto_label_error_bound"]
+    assert everything["guaranteed_coverage"] == 0.8 and everything["auto_label_coverage"] == 1.0
+    assert (everything["bound_items"], everything["bound_errors"]) == (1200, 104)
     assert s["weak_classes"] == ["weak"]
     assert len(decision.warnings) == 1 and "'weak'" in decision.warnings[0]
     per = {e["label"]: e for e in s["per_class"]}  # type: ignore[attr-defined]
@@ -243,6 +249,7 @@ def test_auto_label_all_labels_everything_and_bounds_it_on_all_held_out_items() 
     assert everything.auto.sum() == 45 and not everything.auto[:5].any() and not everything.review.any()
     s = everything.summary
     assert s["auto_label_coverage"] == 1.0 and s["needs_review"] == 0 and s["guaranteed_coverage"] == 0.0
+    assert s["guaranteed_error_bound"] is None
     assert (s["bound_items"], s["bound_errors"]) == (300, 30)
     # 30 / 300: the exact bound is where P(Bin(300, p) <= 30) = 0.05
     assert binom.cdf(30, 300, s["auto_label_error_bound"]) == pytest.approx(0.05, abs=1e-4)

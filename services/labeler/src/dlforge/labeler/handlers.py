@@ -186,7 +186,7 @@ class RoundResult:
     confident: np.ndarray
     next_batch: Batch | None
     stop_reason: StopReason | None
-    classifier: dict[str, float | int | bool | None]
+    classifier: dict[str, float | int | bool | str | None]
     human_labels: int
     auto_confident: int
     selective: SelectiveThreshold | None = None
@@ -287,7 +287,9 @@ def decide_auto_labels(
     expected accuracy, naming any class below ``1 - max_auto_label_error``.
 
     ``auto_label_error_bound`` is the exact 95 % upper bound on the error rate of what was
-    auto-labeled: at the chosen threshold, or over every held-out item with ``auto_label_all``.
+    auto-labeled: at the chosen threshold, or over every held-out item with ``auto_label_all``;
+    ``guaranteed_error_bound`` and ``guaranteed_coverage`` are the threshold's in either mode (with
+    ``auto_label_all`` the items at or above ``auto_label_threshold`` are the guaranteed part).
     """
     known = np.asarray(known, dtype=bool)
     pool = ~known
@@ -296,18 +298,22 @@ def decide_auto_labels(
     ev = result.evidence
     target = options.max_auto_label_error
     sel = result.selective
-    bound: float | None = None
-    bound_items = bound_errors = 0
+    guaranteed_bound: float | None = None
+    g_items = g_errors = 0
+    if result.threshold is not None:
+        if sel is not None and sel.threshold == result.threshold:
+            g_items, g_errors, guaranteed_bound = sel.selected, sel.errors, sel.error_bound
+        else:  # raised to the target_confidence floor: the bound of the items at the floor
+            g_items, g_errors, guaranteed_bound = error_bound_at(ev.confidence, ev.correct,
+                                                                 threshold=result.threshold)
+    bound, bound_items, bound_errors = guaranteed_bound, g_items, g_errors
     if options.auto_label_all:
         cal_selected = np.ones(len(ev), dtype=bool)
+        bound = None
         if len(ev):
             bound_items, bound_errors, bound = error_bound_at(ev.confidence, ev.correct, threshold=-np.inf)
     elif result.threshold is not None:
         cal_selected = ev.confidence >= result.threshold
-        if sel is not None and sel.threshold == result.threshold:
-            bound_items, bound_errors, bound = sel.selected, sel.errors, sel.error_bound
-        else:  # raised to the target_confidence floor: the bound of the items at the floor
-            bound_items, bound_errors, bound = error_bound_at(ev.confidence, ev.correct, threshold=result.threshold)
     else:
         cal_selected = np.zeros(len(ev), dtype=bool)
     per_class = per_class_evidence(
@@ -325,6 +331,7 @@ def decide_auto_labels(
         "auto_label_coverage": round(int(auto.sum()) / n_pool, 4) if n_pool else None,
         "guaranteed_coverage": round(int((result.confident & pool).sum()) / n_pool, 4) if n_pool else None,
         "auto_label_error_bound": round(bound, 6) if bound is not None else None,
+        "guaranteed_error_bound": round(guaranteed_bound, 6) if guaranteed_bound is not None else None,
         "bound_items": bound_items,
         "bound_errors": bound_errors,
         "calibration_items": len(ev),
