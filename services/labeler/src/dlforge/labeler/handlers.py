@@ -30,7 +30,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -154,7 +154,14 @@ class HeldoutEvidence:
         return len(self.confidence)
 
 
-def heldout_evidence(clf: CalibratedClassifier, *, y: np.ndarray, sample: np.ndarray) -> HeldoutEvidence:
+class HeldOut(Protocol):
+    """What the threshold needs of a fitted classifier: calibrated out-of-fold probabilities of the
+    labeled rows it was fitted on (labeled rows x classes; NaN where no fold held a row out)."""
+
+    heldout_proba: np.ndarray
+
+
+def heldout_evidence(clf: HeldOut, *, y: np.ndarray, sample: np.ndarray) -> HeldoutEvidence:
     """The classifier's held-out predictions of the labeled rows in ``sample``.
 
     ``y`` and ``sample`` (the random sample, see :func:`random_sample`) are aligned with the labeled
