@@ -202,8 +202,9 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=30)
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--max-seconds", type=float, default=0.0, help="time cap of a configuration's training")
-    parser.add_argument("--tolerance", type=float, default=0.03, help="the view check's tolerance")
-    parser.add_argument("--configs", default="all", help="comma list of configuration numbers (0-5) or 'all'")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="the view check's least allowed cost")
+    parser.add_argument("--error-share", type=float, default=0.5, help="the view check's share of the probe error")
+    parser.add_argument("--configs", default="all", help="comma list of configuration numbers (0-6) or 'all'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work-dir", type=Path, default=None)
@@ -280,6 +281,7 @@ def main() -> None:
         (f"+ {args.views} views, checked", long, True, "checked", False),
         (f"+ {args.views} views, checked, test-time views", long, True, "checked", True),
         (f"+ {args.views} views, forced", long, True, "forced", False),
+        (f"+ {args.views} views, forced, test-time views", long, True, "forced", True),
     ]
     if args.configs != "all":
         configs = [configs[int(i)] for i in args.configs.split(",")]
@@ -297,6 +299,7 @@ def main() -> None:
             return fit(tail, d, hp, listener=Quiet())
 
         trained = train_tail(tail, data, hp, run=run, check=view_mode == "checked", tolerance=args.tolerance,
+                             error_share=args.error_share,
                              threads=args.threads)
         seconds = time.perf_counter() - t1
         used = trained.views
@@ -304,6 +307,7 @@ def main() -> None:
         s = scores(probabilities(tail, xs), test_y, classes, positive)
         row = {"config": name, "views": used, "view_check": trained.check.val_accuracy if trained.check else None,
                "views_val_accuracy": trained.views_val_accuracy,
+               "view_allowed_cost": trained.check.tolerance if trained.check else None,
                "epochs": len(trained.result.epochs), "best_epoch": trained.result.best_epoch,
                "out_of_time": trained.result.out_of_time,
                "train_seconds": round(seconds, 1), **s}
@@ -314,7 +318,8 @@ def main() -> None:
     result = {"dataset": args.dataset, "images": len(labels), "classes": classes, "labels": args.labels,
               "auto_label_accuracy": auto_acc, "train": len(tr), "val": len(va), "test": len(test_y),
               "unfreeze": args.unfreeze, "lr": args.lr, "max_epochs": args.max_epochs, "patience": args.patience,
-              "max_seconds": args.max_seconds, "tolerance": args.tolerance, "declared_views": list(views), "cpu": model,
+              "max_seconds": args.max_seconds, "tolerance": args.tolerance,
+              "error_share": args.error_share, "declared_views": list(views), "cpu": model,
               "threads": args.threads, "load_average": os.getloadavg()[0], "python": platform.python_version(),
               "cache_seconds": round(cache_seconds, 1), "seconds": round(time.perf_counter() - started, 1),
               "rows": rows}
