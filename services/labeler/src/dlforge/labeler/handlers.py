@@ -35,7 +35,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from dlforge.common.events import ClassCount, PipelineOptions
-from dlforge.labeler.classifier import CalibratedClassifier, fit_calibrated, small_blas
+from dlforge.labeler.classifier import FittedClassifier, LabelClassifier, LinearProbe, small_blas
 from dlforge.labeler.guarantee import (
     SelectiveThreshold,
     choose_threshold,
@@ -218,6 +218,7 @@ def run_round(
     strategy: QueryStrategy,
     rng: np.random.Generator,
     seed: int = 0,
+    classifier: LabelClassifier | None = None,
 ) -> RoundResult:
     """Fit the calibrated classifier on every known label, auto-label, and pick the next batch or stop.
 
@@ -231,11 +232,12 @@ def run_round(
     known = labels >= 0
     human_count = int(np.asarray(human, dtype=bool).sum())
     budget = budget_of(n, options)
-    clf: CalibratedClassifier | None = None
+    clf: FittedClassifier | None = None
     representative = np.asarray(representative, dtype=bool)
     if known.any():
-        clf = fit_calibrated(embeddings, np.flatnonzero(known), labels[known], n_classes=n_classes,
-                             representative=representative[known], seed=seed)
+        plugin = classifier if classifier is not None else LinearProbe()
+        clf = plugin.fit(embeddings, np.flatnonzero(known), labels[known], n_classes=n_classes,
+                         representative=representative[known], seed=seed)
         probs = clf.predict_proba(embeddings)
     else:
         probs = np.full((n, max(n_classes, 1)), 1.0 / max(n_classes, 1))

@@ -31,6 +31,7 @@ from dlforge.common.events import (
 from dlforge.common.objects import ObjectStore
 from dlforge.common.runtime import HandlerContext, HandlerResult, Service
 from dlforge.labeler import handlers, records
+from dlforge.labeler.classifier import LabelClassifier, make_classifier
 from dlforge.labeler.embeddings import (
     Embedder,
     embed_items,
@@ -96,6 +97,10 @@ def ensure_embeddings(
 
 def _strategy(settings: LabelerSettings) -> Any:
     return make_strategy(settings.labeler_query_strategy)
+
+
+def _classifier(settings: LabelerSettings) -> LabelClassifier:
+    return make_classifier(settings.labeler_classifier, threads=settings.labeler_threads)
 
 
 def _request(event: Event, dataset_id: str, rnd: int, batch: handlers.Batch, ids: list[str]) -> Event:
@@ -258,7 +263,7 @@ async def _advance(
     def fit() -> handlers.RoundResult:
         return handlers.run_round(vectors, labels=view.labels, human=view.human, representative=view.representative,
                                   calibration=handlers.random_sample(view.labels, splits), n_classes=len(classes),
-                                  options=options, strategy=_strategy(settings),
+                                  options=options, strategy=_strategy(settings), classifier=_classifier(settings),
                                   rng=handlers.rng_for(dataset_id, options.seed, f"round-{rnd}"), seed=options.seed)
 
     result = await asyncio.to_thread(fit)
