@@ -1,24 +1,40 @@
-"""Benchmark of the labeler on ELPV: human label fraction, auto-label accuracy, rounds, seconds.
+"""Benchmark of the labeler: how few people's labels give how many trustworthy auto-labels.
 
-All 2,624 ELPV solar cells (PyPI ``elpv-dataset``; defect = probability >= 0.5) are written to a
-folder with an EMPTY label column, imported through the labeler's ingestion, embedded with
-EfficientNet-Lite0 and labeled by the active-learning loop on the memory bus, with the SIMULATED
-annotator answering every batch from the known labels. The auto-labels are then scored against
-the known labels (the loop never sees the labels of the items it auto-labels).
+    python benchmarks/labeler.py --dataset {elpv,fashion-mnist,mnist} --budget B [--seed S]
+    python benchmarks/labeler.py --folder PATH --budget B      # any folder of class sub-folders
 
-    python benchmarks/labeler.py [--limit N] [--workdir DIR] [--label-budget 0.3] ...
+A stratified held-out split (``--heldout``: 10 % of ELPV, 1,000 images of the MNIST sets) is put
+aside first and never shown to the loop. The rest (ELPV: 2,362 cells; Fashion-MNIST and MNIST: a
+stratified ``--subset`` of 5,000 training images) is written to a flat folder with an EMPTY label
+column, imported through the labeler's ingestion, embedded, and labeled by the real labeler
+service on the memory bus, with the SIMULATED annotator answering each batch from the known
+labels. The budget is the share of the loop's items people label: every label the loop asks
+(its own random test split, the k-means seed, the uncertainty batches).
 
-``--workdir`` keeps the object store between runs, so the embeddings are computed once and the
-loop can be re-run in seconds. Prints a table and writes benchmarks/results/labeler.json.
+The run uses ``auto_label_all``, so every item people did not label gets the classifier's label
+(``auto_label_accuracy``: full coverage, scored against the known labels), and the labeler's
+selective rule at ``--max-error`` (default 1 %) is read from its result: the threshold chosen on
+people's random test labels, its exact 95 % bound (``selective_bound``), and, scored against the
+known labels, the error and coverage of the items that clear it (``selective_error``,
+``selective_coverage``). ``heldout_accuracy`` is the final classifier on the held-out split: the
+same plug-in refitted on the same labels with the same seed as the loop's last round. The accuracy
+after each round (``per_round``) is refitted the same way on the labels people had given by then
+and plotted against the human labels (``--no-curve`` skips it).
+
+Prints a table and writes ``benchmarks/results/labeler-<dataset>-<budget>[-s<seed>][-<classifier>].json``
+and the plot beside it (``.png``). ``--workdir`` keeps the object store, and with it the feature
+store: the embeddings are computed once and a re-run takes seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from datetime import datetime
@@ -26,61 +42,132 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from dlforge.common.events import DatasetLabeled, Event, LabelsRequested, PipelineOptions, Spec, Topic, decode
 from dlforge.common.runtime import Backends, Worker, run_workers
 from dlforge.labeler import records, simulated
 from dlforge.labeler.app import DatasetRequest, _limits, import_dataset
-from dlforge.labeler.demo_data import elpv_cells, materialize_elpv
+from dlforge.labeler.classifier import make_classifier
+from dlforge.labeler.demo_data import elpv_cells, elpv_root
+from dlforge.labeler.index import normalize
 from dlforge.labeler.ingest import open_folder, scan
 from dlforge.labeler.settings import LabelerSettings
-from dlforge.labeler.worker import service
-from dlforge.vision.manifest import load_manifest
+from dlforge.labeler.worker import embedder_for, ensure_embeddings, service
+from dlforge.vision.manifest import Manifest, load_manifest
 
-RESULTS = Path(__file__).resolve().parent / "results" / "labeler.json"
-DATASET_ID = "elpv-bench"
+RESULTS = Path(__file__).resolve().parent / "results"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
-async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    started = time.perf_counter()
-    load_before = os.getloadavg()
-    data = work / "elpv"
-    truth = materialize_elpv(data, limit=args.limit)
-    t_materialize = time.perf_counter() - started
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    settings = LabelerSettings(
-        bus="memory://", objects=f"file://{work}/objects", docs=f"sqlite:///{work}/docs-{stamp}.db",
-        work_dir=str(work / "work"), labeler_import_roots=[str(work)], labeler_embed_size=args.embed_size,
-        labeler_embed_batch=args.batch, labeler_threads=args.threads, labeler_query_strategy=args.strategy,
-        labeler_embed_runtime=args.runtime,
-        poll_seconds=0.05,
-    )
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ------------------------------------------------------------------------------------------
+# data sets: (pool images written for the loop, held-out images kept in memory, their truth)
+# ------------------------------------------------------------------------------------------
+
+
+def _stratified(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` indices with each class's share of ``labels`` (largest remainders)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts / counts.sum() * n
+    take = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - take))[: n - int(take.sum())]:
+        take[i] += 1
+    chosen = [rng.choice(np.flatnonzero(labels == c), size=k, replace=False)
+              for c, k in zip(classes, take, strict=True)]
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def _source(args: argparse.Namespace) -> tuple[str, list[tuple[str, Any]], list[str]]:
+    """The data set's name, its images as (name, loader) pairs and their labels."""
+    if args.folder:
+        root = Path(args.folder)
+        entries: list[tuple[str, Any]] = []
+        labels: list[str] = []
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            for f in sorted(sub.rglob("*")):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    entries.append((f"{sub.name}__{f.relative_to(sub).as_posix().replace('/', '__')}", f))
+                    labels.append(sub.name)
+        if len({*labels}) < 2:
+            raise SystemExit(f"{root}: need class sub-folders with images of at least two classes")
+        return root.name, entries, labels
+    if args.dataset == "elpv":
+        src = elpv_root()
+        cells = elpv_cells()
+        return "elpv", [(Path(c.name).name, src / c.name) for c in cells], [c.label for c in cells]
+    from dlforge.proposer.sources import load_fashion_mnist, load_mnist
+
+    data = load_fashion_mnist() if args.dataset == "fashion-mnist" else load_mnist()
+    x, y = data.train_x, data.train_y
+    rng = np.random.default_rng(1000 + args.seed)
+    chosen = _stratified(y, args.subset + args.heldout, rng)
+    entries = [(f"{args.dataset}-{int(i):05d}.png", x[int(i)]) for i in chosen]
+    return args.dataset, entries, [data.classes[int(y[int(i)])] for i in chosen]
+
+
+def _image(loader: Any) -> Image.Image:
+    if isinstance(loader, np.ndarray):
+        return Image.fromarray(loader[..., 0] if loader.ndim == 3 and loader.shape[2] == 1 else loader)
+    return Image.open(loader)
+
+
+def _write_pool(folder: Path, entries: list[tuple[str, Any]]) -> None:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    with (folder / "labels.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "label"])
+        for name, loader in entries:
+            if isinstance(loader, Path):
+                shutil.copyfile(loader, folder / name)
+            else:
+                _image(loader).save(folder / name)
+            writer.writerow([name, ""])
+
+
+# ------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------
+
+
+async def _label(args: argparse.Namespace, work: Path, settings: LabelerSettings, truth: dict[str, str],
+                 options: PipelineOptions, dataset_id: str) -> tuple[Backends, list[Event], Manifest, dict[str, Any],
+                                                                     dict[str, float]]:
     backends = Backends.from_settings(settings)
     await backends.start()
-    options = PipelineOptions(label_budget=args.label_budget, target_confidence=args.target_confidence,
-                              seed_fraction=args.seed_fraction, batch_fraction=args.batch_fraction, seed=args.seed)
     stop = asyncio.Event()
     workers = [Worker(service, backends), Worker(simulated.service, backends)]
     observer = await backends.bus.subscribe(group="benchmark", topics=[
-        Topic.DATASET_UPLOADED, Topic.LABELS_REQUESTED, Topic.LABELS_SUBMITTED, Topic.DATASET_LABELED,
-        Topic.RUN_FAILED])
+        Topic.LABELS_REQUESTED, Topic.DATASET_LABELED, Topic.RUN_FAILED])
     running = asyncio.create_task(run_workers(workers, stop))
     events: list[Event] = []
+    marks: dict[str, float] = {}
     try:
-        await asyncio.to_thread(simulated.register_answers, backends.objects, DATASET_ID, truth)
+        await asyncio.to_thread(simulated.register_answers, backends.objects, dataset_id, truth)
         t0 = time.perf_counter()
 
         def scan_folder() -> Any:
-            tree = open_folder(data, roots=settings.import_roots, limits=_limits(settings))
+            tree = open_folder(work / "pool", roots=settings.import_roots, limits=_limits(settings))
             return tree, scan(tree)
 
         tree, result = await asyncio.to_thread(scan_folder)
-        request = DatasetRequest(folder=str(data), name="elpv", spec=Spec(positive_class="defect"), options=options,
-                                 dataset_id=DATASET_ID, run_id=f"bench-{stamp}")
-        created = await import_dataset(backends, settings, request, tree, result)
+        request = DatasetRequest(folder=str(work / "pool"), name=dataset_id, spec=Spec(), options=options,
+                                 dataset_id=dataset_id, run_id=f"bench-{dataset_id}")
+        await import_dataset(backends, settings, request, tree, result)
         tree.close()
-        t_ingest = time.perf_counter() - t0
-        marks: dict[str, float] = {"uploaded": time.perf_counter()}
+        marks["ingest"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
         while True:
             delivery = await observer.get(timeout=args.timeout)
             if delivery is None:
@@ -89,148 +176,238 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             await observer.commit(delivery)
             events.append(event)
             if event.event_type == Topic.LABELS_REQUESTED and "first_request" not in marks:
+                marks["embed_and_seed"] = time.perf_counter() - t1
                 marks["first_request"] = time.perf_counter()
             if event.event_type == Topic.RUN_FAILED:
                 raise RuntimeError(f"the run failed: {event.payload}")
             if event.event_type == Topic.DATASET_LABELED:
-                marks["labeled"] = time.perf_counter()
+                marks["loop"] = time.perf_counter() - marks.pop("first_request", t1)
                 break
-        record = await records.load(backends.docs, DATASET_ID)
+        record = await records.load(backends.docs, dataset_id)
     finally:
         stop.set()
         await running
         await observer.close()
-    labeled_payload = events[-1].payload
-    assert isinstance(labeled_payload, DatasetLabeled)
-    manifest = await asyncio.to_thread(load_manifest, backends.objects, labeled_payload.labels_key)
+    payload = events[-1].payload
+    assert isinstance(payload, DatasetLabeled)
+    manifest = await asyncio.to_thread(load_manifest, backends.objects, payload.labels_key)
+    return backends, events, manifest, record, marks
+
+
+def _accuracy(pred: np.ndarray, truth: np.ndarray) -> float | None:
+    return round(float((pred == truth).mean()), 4) if len(truth) else None
+
+
+def _per_class(pred: np.ndarray, truth: np.ndarray, classes: list[str]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for c, name in enumerate(classes):
+        rows = truth == c
+        out[name] = {"items": int(rows.sum()), "accuracy": _accuracy(pred[rows], truth[rows])}
+    return out
+
+
+async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    name, entries, labels = _source(args)
+    label_array = np.array(labels)
+    rng = np.random.default_rng(args.seed)
+    n_heldout = args.heldout if args.dataset in ("fashion-mnist", "mnist") and not args.folder \
+        else round(args.heldout_fraction * len(entries))
+    heldout_rows = _stratified(label_array, n_heldout, rng)
+    pool_rows = np.setdiff1d(np.arange(len(entries)), heldout_rows)
+    pool = [entries[int(i)] for i in pool_rows]
+    truth = {entries[int(i)][0]: labels[int(i)] for i in pool_rows}
+    await asyncio.to_thread(_write_pool, work / "pool", pool)
+    t_materialize = time.perf_counter() - started
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    settings = LabelerSettings(
+        bus="memory://", objects=f"file://{work}/objects", docs=f"sqlite:///{work}/docs-{stamp}.db",
+        work_dir=str(work / "work"), labeler_import_roots=[str(work)], labeler_embed_size=args.embed_size,
+        labeler_threads=args.threads, labeler_classifier=args.classifier, poll_seconds=0.05,
+    )
+    options = PipelineOptions(label_budget=args.budget, max_auto_label_error=args.max_error, auto_label_all=True,
+                              seed=args.seed)
+    dataset_id = f"{name}-{stamp}".replace("_", "-")[:60]
+    backends, events, manifest, record, marks = await _label(args, work, settings, truth, options, dataset_id)
+
+    classes = list(manifest.classes)
+    index = {c: i for i, c in enumerate(classes)}
+    items = manifest.items
+    y_true = np.array([index[truth[i.name]] for i in items])
+    human = np.array([i.label_source == "human" for i in items])
+    auto = np.array([i.label_source == "auto" for i in items])
+    pred = np.array([index[i.label] if i.label is not None else -1 for i in items])
+    conf = np.array([i.confidence if i.confidence is not None else 0.0 for i in items])
+    result = record.get("result", {})
+    threshold = result.get("auto_label_threshold")
+    selective = auto & (conf >= threshold) if threshold is not None else np.zeros(len(items), dtype=bool)
+
+    # the final classifier, refitted exactly as the last round fitted it, on the held-out split
+    plugin = make_classifier(args.classifier, threads=args.threads)
+    vectors, _ = await asyncio.to_thread(ensure_embeddings, backends.objects, manifest, settings)
+    embedder = embedder_for(settings)
+    held_images = np.stack([embedder.prepare(_image(entries[int(i)][1])) for i in heldout_rows])
+    held_vectors = normalize(np.concatenate([embedder.embed(held_images[s:s + 64])
+                                             for s in range(0, len(held_images), 64)]))
+    held_truth = np.array([index[labels[int(i)]] for i in heldout_rows])
+    asked = record.get("asked", {})
+    representative = np.array([asked.get(i.item_id) in ("test", "seed") for i in items])
+
+    def fit_on(rows: np.ndarray) -> Any:
+        labeled = np.flatnonzero(rows)
+        return plugin.fit(vectors, labeled, y_true[labeled], n_classes=len(classes),
+                          representative=representative[labeled], seed=args.seed)
+
+    final = await asyncio.to_thread(fit_on, human)
+    held_pred = final.predict_proba(held_vectors).argmax(axis=1)
+
+    # accuracy after each round: the labels people had given once that round's batch was answered
+    per_round: list[dict[str, Any]] = []
+    requests = [e.payload for e in events if isinstance(e.payload, LabelsRequested)]
+    row_of = {i.item_id: n for n, i in enumerate(items)}
+    known = np.zeros(len(items), dtype=bool)
+    for r, (req, stored) in enumerate(zip(requests, record.get("rounds", []), strict=False), start=1):
+        known[[row_of[i] for i in req.item_ids]] = True
+        entry: dict[str, Any] = {"round": r, "human_labels": int(known.sum()),
+                                 "heldout_accuracy_representative": (stored.get("classifier") or {}).get(
+                                     "heldout_accuracy"),
+                                 "classifier": (stored.get("classifier") or {}).get("classifier")}
+        if args.curve:
+            fitted = final if r == len(requests) else await asyncio.to_thread(fit_on, known.copy())
+            rest = ~known
+            entry["auto_label_accuracy"] = _accuracy(fitted.predict_proba(vectors[rest]).argmax(axis=1), y_true[rest])
+        per_round.append(entry)
     await backends.stop()
 
-    n = len(manifest.items)
-    target = options.target_confidence
-    auto = [i for i in manifest.items if i.label_source == "auto"]
-    human = [i for i in manifest.items if i.label_source == "human"]
-    at_target = [i for i in auto if (i.confidence or 0) >= target]
-    below = [i for i in auto if (i.confidence or 0) < target]
-
-    def acc(items: list[Any]) -> float | None:
-        return round(sum(i.label == truth[i.name] for i in items) / len(items), 4) if items else None
-
-    conf = np.array([i.confidence for i in auto], dtype=float)
-    correct = np.array([i.label == truth[i.name] for i in auto], dtype=float)
-    bins = np.minimum((conf * 10).astype(int), 9) if len(conf) else np.zeros(0, dtype=int)
-    ece = float(sum(abs(conf[bins == b].mean() - correct[bins == b].mean()) * (bins == b).mean()
-                    for b in range(10) if (bins == b).any())) if len(conf) else None
-    defect_auto = [i for i in auto if truth[i.name] == "defect"]
-    probability = {Path(c.name).name: c.probability for c in elpv_cells()}
-    by_probability = {
-        f"{p:.2f}": {"auto": len(group), "accuracy": acc(group)}
-        for p in sorted({probability[i.name] for i in auto})
-        for group in [[i for i in auto if probability[i.name] == p]]
-    }
-    requests = [e.payload for e in events if isinstance(e.payload, LabelsRequested)]
-    rounds = [
-        {"round": r["round"], "reason": r["reason"], "asked": r["asked"], "human_labels": r.get("human_labels"),
-         "auto_confident": r.get("auto_confident"), "expected_auto_accuracy": r.get("expected_auto_accuracy"),
-         "classifier": r.get("classifier")}
-        for r in record["rounds"]
-    ]
-    return {
-        "dataset": "ELPV (elpv-dataset)",
+    n = len(items)
+    out: dict[str, Any] = {
+        "dataset": name,
+        "subset": (f"stratified {len(pool)} of the training set for the loop, {len(heldout_rows)} held out "
+                   f"(seed {1000 + args.seed})") if args.dataset in ("fashion-mnist", "mnist") and not args.folder
+        else f"all {len(entries)} images: {len(pool)} for the loop, {len(heldout_rows)} held out (stratified)",
         "items": n,
-        "defect_share": round(sum(v == "defect" for v in truth.values()) / len(truth), 4),
-        "options": options.model_dump(),
-        "embedder": f"efficientnet_lite0 multi-stage pooled, {args.embed_size} px, batch {args.batch}, "
-                    f"{args.runtime}, {args.threads} threads",
-        "query_strategy": args.strategy,
-        "human_labels": len(human),
-        "human_label_fraction": round(len(human) / n, 4),
-        "auto_labels": len(auto),
-        "auto_label_accuracy": acc(auto),
-        "auto_at_target": len(at_target),
-        "auto_at_target_accuracy": acc(at_target),
-        "auto_below_target": len(below),
-        "auto_below_target_accuracy": acc(below),
-        "auto_defect_recall": acc(defect_auto),
-        "auto_accuracy_by_elpv_probability": by_probability,
-        "expected_auto_accuracy": record["result"]["expected_auto_accuracy"],
-        "calibration_ece": round(ece, 4) if ece is not None else None,
-        "all_labels_accuracy": acc(list(manifest.items)),
-        "stop_reason": record["result"]["stop_reason"],
+        "classes": classes,
+        "budget": args.budget,
+        "seed": args.seed,
+        "classifier": args.classifier,
+        "embedder": f"EfficientNet-Lite0 ImageNet multi-stage pooled, {args.embed_size} px",
+        "human_labels": int(human.sum()),
+        "human_label_fraction": round(float(human.sum()) / n, 4),
+        "auto_labels": int(auto.sum()),
+        "auto_label_accuracy": _accuracy(pred[auto], y_true[auto]),
+        "auto_label_per_class": _per_class(pred[auto], y_true[auto], classes),
+        "max_auto_label_error": args.max_error,
+        "selective_threshold": threshold,
+        "selective_bound": result.get("guaranteed_error_bound", result.get("auto_label_error_bound")),
+        "selective_calibration_items": result.get("calibration_items"),
+        "selective_items": int(selective.sum()),
+        "selective_coverage": round(float(selective.sum()) / max(int(auto.sum()), 1), 4),
+        "selective_error": round(1.0 - float((pred[selective] == y_true[selective]).mean()), 4)
+        if selective.any() else None,
+        "selective_within_target": bool(not selective.any()
+                                        or 1.0 - float((pred[selective] == y_true[selective]).mean())
+                                        <= args.max_error),
+        "heldout_items": len(heldout_rows),
+        "heldout_accuracy": _accuracy(held_pred, held_truth),
+        "heldout_per_class": _per_class(held_pred, held_truth, classes),
+        "final_classifier": final.summary().get("classifier"),
+        "labeler_warnings": result.get("warnings", []),
+        "stop_reason": result.get("stop_reason"),
         "rounds": len(requests),
-        "per_round": rounds,
-        "splits": {s: sum(1 for i in manifest.items if i.split == s) for s in ("train", "val", "test")},
-        "rejected": created.counts["rejected"],
-        "duplicates": created.counts["duplicates"],
+        "per_round": per_round,
         "seconds": {
             "materialize": round(t_materialize, 1),
-            "ingest": round(t_ingest, 1),
-            "embed_index_seed": round(marks["first_request"] - marks["uploaded"], 1),
-            "loop": round(marks["labeled"] - marks["first_request"], 1),
+            "ingest": round(marks["ingest"], 1),
+            "embed_and_seed": round(marks["embed_and_seed"], 1),
+            "loop": round(marks["loop"], 1),
             "total": round(time.perf_counter() - started, 1),
         },
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu": _cpu(), "cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_avg_before": [round(x, 2) for x in load_before],
                     "load_avg_after": [round(x, 2) for x in os.getloadavg()]},
     }
+    out["seconds_total"] = out["seconds"]["total"]
+    return out
 
 
 def table(r: dict[str, Any]) -> str:
     s = r["seconds"]
     rows = [
-        ("items", r["items"]),
-        ("human labels", f"{r['human_labels']} ({r['human_label_fraction']:.1%}; budget "
-                         f"{r['options']['label_budget']:.0%})"),
+        ("data set", f"{r['dataset']}: {r['subset']}"),
+        ("classifier", f"{r['classifier']} (final round: {r['final_classifier']})"),
+        ("human labels", f"{r['human_labels']} of {r['items']} ({r['human_label_fraction']:.1%}; "
+                         f"budget {r['budget']:.0%})"),
         ("rounds", f"{r['rounds']} (stop: {r['stop_reason']})"),
-        ("auto labels", r["auto_labels"]),
-        ("auto-label accuracy (all auto)", r["auto_label_accuracy"]),
-        (f"  at confidence >= {r['options']['target_confidence']}", f"{r['auto_at_target']} items, accuracy "
-                                                                    f"{r['auto_at_target_accuracy']}"),
-        ("  below it (labeled at the stop)", f"{r['auto_below_target']} items, accuracy "
-                                              f"{r['auto_below_target_accuracy']}"),
-        ("  expected from calibration", r["expected_auto_accuracy"]),
-        ("  calibration ECE", r["calibration_ece"]),
-        ("  defect recall among auto", r["auto_defect_recall"]),
-        ("  by ELPV defect probability", ", ".join(f"p={k}: {v['accuracy']} ({v['auto']})"
-                                                   for k, v in r["auto_accuracy_by_elpv_probability"].items())),
-        ("all labels accuracy", r["all_labels_accuracy"]),
-        ("seconds: ingest", s["ingest"]),
-        ("seconds: embeddings + index + seed", s["embed_index_seed"]),
-        ("seconds: active-learning loop", s["loop"]),
-        ("seconds: total", s["total"]),
-        ("load average before/after", f"{r['machine']['load_avg_before'][0]} / {r['machine']['load_avg_after'][0]}"),
+        ("auto-label accuracy, full coverage", f"{r['auto_label_accuracy']} over {r['auto_labels']} items"),
+        ("  per class", ", ".join(f"{k}: {v['accuracy']}" for k, v in r["auto_label_per_class"].items())),
+        (f"selective at {r['max_auto_label_error']:.0%}: threshold", r["selective_threshold"]),
+        ("  bound (95 %), calibration items", f"{r['selective_bound']}, {r['selective_calibration_items']}"),
+        ("  coverage, measured error", f"{r['selective_coverage']:.1%} ({r['selective_items']} items), "
+                                       f"{r['selective_error']}"),
+        ("held-out accuracy", f"{r['heldout_accuracy']} on {r['heldout_items']} items"),
+        ("seconds: ingest / embed+seed / loop / total",
+         f"{s['ingest']} / {s['embed_and_seed']} / {s['loop']} / {s['total']}"),
+        ("CPU, load before/after", f"{r['machine']['cpu']}, {r['machine']['load_avg_before'][0]} / "
+                                   f"{r['machine']['load_avg_after'][0]}"),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines.append("")
-    head = ("round", "reason", "asked", "human", "auto>=t", "exp.acc", "C", "T")
-    lines.append("{:>5} {:>9} {:>6} {:>6} {:>8} {:>8} {:>6} {:>6}".format(*head))
+    lines.append(f"{'round':>5} {'human':>6} {'auto acc':>9} {'held-out acc (people, OOF)':>27} {'classifier':>10}")
     for x in r["per_round"]:
-        c = x.get("classifier") or {}
-        exp = x.get("expected_auto_accuracy")
-        lines.append(f"{x['round']:>5} {x['reason']:>9} {x['asked']:>6} {x.get('human_labels') or '':>6} "
-                     f"{x.get('auto_confident') or 0:>8} {exp if exp is None else round(exp, 3)!s:>8} "
-                     f"{c.get('C', '')!s:>6} {round(c.get('temperature', 0), 2)!s:>6}")
+        lines.append(f"{x['round']:>5} {x['human_labels']:>6} {x.get('auto_label_accuracy')!s:>9} "
+                     f"{x.get('heldout_accuracy_representative')!s:>27} {x.get('classifier')!s:>10}")
+    for w in r["labeler_warnings"]:
+        lines.append(f"warning: {w}")
     return "\n".join(lines)
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [x["human_labels"] for x in r["per_round"]]
+    if any(x.get("auto_label_accuracy") is not None for x in r["per_round"]):
+        ax.plot(xs, [x.get("auto_label_accuracy") for x in r["per_round"]], "o-",
+                label="auto-label accuracy (known labels)")
+    ax.plot(xs, [x.get("heldout_accuracy_representative") for x in r["per_round"]], "s--",
+            label="held-out accuracy on people's representative labels")
+    ax.set_xlabel("human labels")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{r['dataset']}, budget {r['budget']:.0%}, {r['classifier']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--limit", type=int, default=None, help="use a stratified subset of N images")
-    p.add_argument("--workdir", default=None, help="keep data and the object store here (reuses embeddings)")
-    p.add_argument("--embed-size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "torch"])
-    p.add_argument("--strategy", default="margin", choices=["margin", "least_confidence", "entropy"])
-    defaults = PipelineOptions()
-    p.add_argument("--label-budget", type=float, default=defaults.label_budget)
-    p.add_argument("--target-confidence", type=float, default=defaults.target_confidence)
-    p.add_argument("--seed-fraction", type=float, default=defaults.seed_fraction)
-    p.add_argument("--batch-fraction", type=float, default=defaults.batch_fraction)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--dataset", choices=["elpv", "fashion-mnist", "mnist"], default="elpv")
+    source.add_argument("--folder", help="a folder of class sub-folders (the folder names are the known labels)")
+    p.add_argument("--budget", type=float, default=0.2, help="share of the loop's items people may label")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--output", default=str(RESULTS))
+    p.add_argument("--classifier", default="best", choices=["linear", "mlp_ssl", "best"])
+    p.add_argument("--max-error", type=float, default=0.01, help="the selective rule's target auto-label error")
+    p.add_argument("--subset", type=int, default=5000, help="MNIST sets: stratified images for the loop")
+    p.add_argument("--heldout", type=int, default=1000, help="MNIST sets: held-out images")
+    p.add_argument("--heldout-fraction", type=float, default=0.1, help="ELPV and --folder: held-out share")
+    p.add_argument("--embed-size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-curve", dest="curve", action="store_false", help="skip refitting each round")
+    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--workdir", default=None, help="keep data and the object store here (reuses embeddings)")
+    p.add_argument("--output", default=None)
     args = p.parse_args()
+    if not 0.0 < args.budget <= 1.0:
+        p.error("--budget must be in (0, 1]")
     if args.workdir:
         work = Path(args.workdir).resolve()
         work.mkdir(parents=True, exist_ok=True)
@@ -239,10 +416,14 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="dlforge-bench-labeler-") as tmp:
             result = asyncio.run(run(args, Path(tmp)))
     print(table(result))
-    out = Path(args.output)
+    name = result["dataset"]
+    out = Path(args.output) if args.output else RESULTS / (
+        f"labeler-{name}-{args.budget:g}" + (f"-s{args.seed}" if args.seed else "")
+        + (f"-{args.classifier}" if args.classifier != "best" else "") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"\nwritten to {out}")
+    plot(result, out.with_suffix(".png"))
+    print(f"\nwritten to {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
