@@ -70,3 +70,12 @@ def test_falling_or_flat_rounds_give_no_estimate() -> None:
     assert est["rise"] <= est["rmse"] and "no estimate" in est["note"]
     # a curve that rises clearly is not caught by this rule
     assert labels_to_reach(_rounds(0.95, 2.0, 0.5, NS), target=0.9)["rise"] > 0.05
+
+
+def test_round_points_prefer_the_representative_held_out_accuracy() -> None:
+    rounds = [
+        {"human_labels": 100, "classifier": {"cv_accuracy": 0.90, "heldout_accuracy": 0.80}},
+        {"human_labels": 200, "classifier": {"cv_accuracy": 0.70, "heldout_accuracy": 0.85}},
+        {"human_labels": 300, "classifier": {"cv_accuracy": 0.75}},  # an older round: no held-out figure
+    ]
+    assert round_points(rounds) == [(100, 0.80), (200, 0.85), (300, 0.75)]

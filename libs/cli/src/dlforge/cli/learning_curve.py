@@ -18,17 +18,27 @@ import numpy as np
 
 MODEL = "acc(n) = a - b * n^(-c)"
 MIN_POINTS = 4  # three parameters: fewer points than four leave nothing to check the fit on
-CAVEAT = ("an estimate: a power law fitted to the labeler classifier's cross-validated accuracy per round "
-          "(on the items people labeled, which active learning picked), extrapolated; the final model's test "
+CAVEAT = ("an estimate: a power law fitted to the labeler classifier's held-out accuracy per round on the "
+          "representative items people labeled (the random test split and the k-means seed; the cross-validated "
+          "accuracy on every labeled item when a round has no such figure), extrapolated; the final model's test "
           "accuracy differs, and few rounds fix the curve loosely")
 
 
 def round_points(rounds: Iterable[Mapping[str, Any]]) -> list[tuple[int, float]]:
-    """``(human labels, cv accuracy)`` of the labeler document's rounds that have both (last one per count)."""
+    """``(human labels, accuracy)`` of the labeler document's rounds that have both (last one per count).
+
+    The accuracy is the classifier's out-of-fold accuracy on the representative labeled items
+    (``heldout_accuracy``): active learning's batches are the hard items, and the cross-validated
+    accuracy over them falls as they pile up while the classifier gets better. Older rounds without
+    it fall back to ``cv_accuracy``.
+    """
     by_n: dict[int, float] = {}
     for r in rounds:
         n = r.get("human_labels")
-        acc = (r.get("classifier") or {}).get("cv_accuracy")
+        clf = r.get("classifier") or {}
+        acc = clf.get("heldout_accuracy")
+        if acc is None:
+            acc = clf.get("cv_accuracy")
         if n is None or acc is None or not math.isfinite(float(acc)) or int(n) <= 0:
             continue
         by_n[int(n)] = float(acc)
