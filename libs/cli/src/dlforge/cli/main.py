@@ -25,7 +25,9 @@ from dlforge.common.settings import CommonSettings, load_settings
 
 DEMO_SPEC = Spec(positive_class="defect", min_recall=0.95, min_accuracy=0.90, min_fps=1.0, input_size=256)
 # ELPV is 2.2 good : 1 defect; asking for at most 1.5 : 1 makes the augmenter generate defect samples.
-DEMO_OPTIONS = PipelineOptions(max_imbalance=1.5, hpo_trials=4, train_epochs=3)
+# people label at most 20 % of the cells (the budget); the rest is auto-labeled where the
+# guarantee (max_auto_label_error, default 2 %) allows, and waits for review otherwise
+DEMO_OPTIONS = PipelineOptions(label_budget=0.2, max_imbalance=1.5, hpo_trials=4, train_epochs=3)
 
 
 def parse_spec(text: str, *, base: Spec | None = None) -> Spec:
