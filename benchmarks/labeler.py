@@ -112,7 +112,9 @@ def _source(args: argparse.Namespace) -> tuple[str, list[tuple[str, Any]], list[
     rng = np.random.default_rng(1000 + args.seed)
     chosen = _stratified(y, args.subset + args.heldout, rng)
     entries = [(f"{args.dataset}-{int(i):05d}.png", x[int(i)]) for i in chosen]
-    return args.dataset, entries, [data.classes[int(y[int(i)])] for i in chosen]
+    # class names as people would type them: no "/" (Fashion-MNIST's "t-shirt/top")
+    names = [c.replace("/", "-") for c in data.classes]
+    return args.dataset, entries, [names[int(y[int(i)])] for i in chosen]
 
 
 def _image(loader: Any) -> Image.Image:
