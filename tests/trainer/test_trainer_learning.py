@@ -364,3 +364,40 @@ def test_the_time_cap_ends_training_after_the_epoch_that_reaches_it() -> None:
     roomy = fit(_linear(), TrainData(x, y, x[:16], y[:16], ["a", "b"]),
                 TrainParams(lr=0.05, batch_size=16, epochs=5, max_seconds=3600), listener=Recorder(_linear()))
     assert len(roomy.epochs) == 5 and not roomy.out_of_time
+
+
+def _sign_tail() -> nn.Module:
+    """Class 1 when the first feature is positive, else class 0 (weights set by hand)."""
+    tail = nn.Linear(2, 2)
+    with torch.no_grad():
+        tail.weight.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+        tail.bias.zero_()
+    return tail
+
+
+def _rows_right(n: int, right: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` val rows of class 1 of which the sign tail gets exactly ``right`` right."""
+    x = np.zeros((n, 2), dtype=np.float32)
+    x[:right, 0], x[right:, 0] = 1.0, -1.0
+    return x, np.ones(n, dtype=np.int64)
+
+
+def test_the_view_check_allows_half_the_probes_error_or_the_tolerance() -> None:
+    from dlforge.trainer.handlers import check_views
+
+    vx, vy = _rows_right(20, 16)  # identity: 0.80, error 0.20 -> a view may cost max(0.02, 0.5 * 0.20) = 0.10
+    views = {
+        "mild": _rows_right(20, 15)[0],  # 0.75: costs 0.05 -> kept
+        "edge": _rows_right(20, 14)[0],  # 0.70: costs exactly 0.10 -> kept
+        "harsh": _rows_right(20, 13)[0],  # 0.65: costs 0.15 -> dropped
+    }
+    data = TrainData(vx, vy, vx, vy, ["a", "b"], val_views=views)
+    check = check_views(_sign_tail(), data, tolerance=0.02, error_share=0.5)
+    assert check.val_accuracy == pytest.approx({"identity": 0.8, "mild": 0.75, "edge": 0.7, "harsh": 0.65})
+    assert check.tolerance == pytest.approx(0.10) and check.kept == ["identity", "mild", "edge"]
+    # a perfect probe: only the floor remains (1 of 50 wrong costs 0.02 -> kept; 2 of 50 -> dropped)
+    px, py = _rows_right(50, 50)
+    floor = TrainData(px, py, px, py, ["a", "b"], val_views={"one": _rows_right(50, 49)[0],
+                                                             "two": _rows_right(50, 48)[0]})
+    check = check_views(_sign_tail(), floor, tolerance=0.02, error_share=0.5)
+    assert check.tolerance == pytest.approx(0.02) and check.kept == ["identity", "one"]
