@@ -193,8 +193,9 @@ def test_people_label_through_the_queue_until_the_dataset_is_labeled(client: Tes
             assert image.status_code == 200 and image.headers["content-type"] == "image/png"
         if rounds == 0:
             reasons = {i["reason"] for i in queue["items"]}
-            assert reasons == {"test", "seed"}
+            assert reasons == {"test", "val", "seed"}
             assert all(i["split"] == "test" for i in queue["items"] if i["reason"] == "test")
+            assert all(i["split"] == "val" for i in queue["items"] if i["reason"] == "val")
             first, rest = queue["items"][:1], queue["items"][1:]
             # a partial answer keeps the batch open
             r = client.post("/labels", json={"dataset_id": dataset_id, "batch_id": batch_id,

@@ -42,15 +42,17 @@ def simulate(x: np.ndarray, y: np.ndarray, options: PipelineOptions, *, given: n
     first = batch
     strategy = UncertaintyDiversity(measure)  # type: ignore[arg-type]
     rounds = 0
+    asked_val = np.zeros(n, dtype=bool)
     while True:
         rounds += 1
         assert not human[batch.rows].any(), "an item was asked twice"
         assert (labels[batch.rows] < 0).all(), "an item with a label was asked"
         labels[batch.rows] = y[batch.rows]
         human[batch.rows] = True
-        representative[batch.rows] |= np.array([r in ("test", "seed") for r in batch.reasons])
+        representative[batch.rows] |= np.array([r in ("test", "val", "seed") for r in batch.reasons])
+        asked_val[batch.rows] |= np.array([r == "val" for r in batch.reasons])
         result = run_round(x, labels=labels, human=human, representative=representative,
-                           calibration=random_sample(labels, splits), n_classes=10,
+                           calibration=random_sample(labels, splits, asked_val=asked_val), n_classes=10,
                            options=options, strategy=strategy, rng=rng_for("digits", 0, f"r{rounds}"))
         if result.done:
             break
@@ -122,8 +124,13 @@ def test_first_batch_is_test_items_plus_representative_seed(digits: tuple[np.nda
     batch = first_batch(x, splits=splits, known=given, options=options, rng=rng_for("d", 0, "seed"))
     rows_test = [r for r, why in zip(batch.rows, batch.reasons, strict=True) if why == "test"]
     rows_seed = [r for r, why in zip(batch.rows, batch.reasons, strict=True) if why == "seed"]
+    rows_val = [r for r, why in zip(batch.rows, batch.reasons, strict=True) if why == "val"]
     assert sorted(rows_test) == sorted(i for i in range(n) if splits[i] == "test" and not given[i])
-    assert len(rows_seed) == round(0.05 * n)
+    # the seed's share: half random val items, half k-means representatives, none asked twice
+    assert len(rows_val) == round(0.05 * n) // 2
+    assert len(rows_seed) == round(0.05 * n) - len(rows_val)
+    assert len(set(batch.rows.tolist())) == len(batch.rows)
+    assert all(splits[r] == "val" for r in rows_val)
     assert not given[batch.rows].any()
     assert all(splits[r] != "test" for r in rows_seed)
     # representative: the seed covers (nearly) every digit class

@@ -122,17 +122,18 @@ async def test_simulated_annotator_round_trip_produces_dataset_labeled(
     assert record["state"] == "labeled" and record["counts"]["human"] == labeled.human_labels
     result = record["result"]
     assert result["human_label_fraction"] <= 0.4
-    # 60 items give 6 random test labels (and 6 seed labels, not random): no 2 % bound can rest on
-    # 6 items (zero errors need >= 149), so no threshold is guaranteed
-    assert result["calibration_items"] == 6 and result["auto_label_threshold"] is None
+    # 60 items give 6 random test labels and a seed of 6: 3 random val items and 3 k-means ones (not
+    # random): no 2 % bound can rest on 9 random items (zero errors need >= 149), so no threshold
+    assert result["calibration_items"] == 9 and result["auto_label_threshold"] is None
     assert record["counts"]["needs_review"] == result["needs_review"] == labeled.needs_review
-    assert sum(result["calibration_per_class"].values()) == 6
+    assert sum(result["calibration_per_class"].values()) == 9
     # the evidence people gave, per split: the 6 test items are the random sample asked first
     evidence = result["people_labels_by_split"]
     assert evidence["test"]["by_reason"] == {"test": 6} and evidence["test"]["representative"] == 6
     assert sum(e["people_labeled"] for e in evidence.values()) == labeled.human_labels
     assert sum(e["representative"] for e in evidence.values()) == 12
-    assert all(set(e["by_reason"]) <= {"seed", "uncertain", "test"} for e in evidence.values())
+    assert all(set(e["by_reason"]) <= {"seed", "uncertain", "test", "val"} for e in evidence.values())
+    assert evidence["val"]["by_reason"].get("val") == 3
     assert sum(sum(e["per_class"].values()) for e in evidence.values()) == labeled.human_labels
     if auto_label_all:
         assert labeled.needs_review == 0 and labeled.human_labels + labeled.auto_labels == 60
@@ -140,8 +141,8 @@ async def test_simulated_annotator_round_trip_produces_dataset_labeled(
         assert all(i.label and i.label_source in ("human", "auto") for i in manifest.items)
         assert sum(i.label == truth[i.name] for i in manifest.items) == 60
         assert result["auto_label_coverage"] == 1.0
-        # the bound of labeling everything: 0 errors in 6 held-out items, 1 - 0.05 ** (1 / 6)
-        assert result["auto_label_error_bound"] == pytest.approx(1 - 0.05 ** (1 / 6), abs=1e-6)
+        # the bound of labeling everything: 0 errors in 9 held-out random items, 1 - 0.05 ** (1 / 9)
+        assert result["auto_label_error_bound"] == pytest.approx(1 - 0.05 ** (1 / 9), abs=1e-6)
     else:
         assert labeled.auto_labels == 0 and labeled.needs_review == 60 - labeled.human_labels
         review = [i for i in manifest.items if i.label_source == "needs_review"]

@@ -113,8 +113,9 @@ class CalibratedClassifier:
     cv_nll_calibrated: float | None
     calibration_items: int
     # calibrated out-of-fold probabilities of the labeled rows (aligned with ``labeled`` as passed to
-    # :func:`fit_calibrated`; NaN rows where no fold held the item out, 0 for classes nobody labeled), and which of them are
-    # representative: the held-out evidence a selective auto-labeling threshold is chosen on
+    # :func:`fit_calibrated`; NaN rows where no fold held the item out, 0 for classes nobody
+    # labeled), and which of them are representative: the held-out evidence a selective
+    # auto-labeling threshold is chosen on
     heldout_proba: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     heldout_representative: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     heldout_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))

@@ -30,7 +30,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import numpy as np
 
@@ -48,7 +48,7 @@ from dlforge.vision.manifest import Item, Manifest, Split
 
 TEST_FRACTION = 0.10
 VAL_FRACTION = 0.15
-AskReason = Literal["test", "seed", "uncertain"]
+AskReason = Literal["test", "val", "seed", "uncertain"]
 StopReason = Literal["budget", "confident", "exhausted"]
 
 
@@ -108,32 +108,46 @@ def first_batch(
     options: PipelineOptions,
     rng: np.random.Generator,
 ) -> Batch:
-    """The untested test items plus a representative k-means seed; items with a label are not asked."""
+    """The untested test items, a random sample of the val split and a representative k-means seed.
+
+    The seed's share (``seed_fraction``) is split in two: half are val items drawn at random, so the
+    trainer's validation, the optimizer's recall threshold and the auto-label guarantee rest on
+    people's labels of a random sample rather than on what active learning picked; the other half
+    is the item nearest each k-means centroid among the rest. Items with a label are not asked.
+    """
     n = len(splits)
     budget = budget_of(n, options)
     known = np.asarray(known, dtype=bool)
     test = np.array([s == "test" for s in splits], dtype=bool)
+    val = np.array([s == "val" for s in splits], dtype=bool)
     test_rows = np.flatnonzero(test & ~known)[:budget]
-    n_seed = min(round(options.seed_fraction * n), budget - len(test_rows))
-    candidates = np.flatnonzero(~test & ~known)
-    seed_rows = representative_seed(embeddings, candidates=candidates, k=n_seed, rng=rng)
-    rows = np.concatenate([test_rows, seed_rows]).astype(np.int64)
-    test_reasons: list[AskReason] = ["test"] * len(test_rows)
-    seed_reasons: list[AskReason] = ["seed"] * len(seed_rows)
-    reasons = test_reasons + seed_reasons
+    n_seed = max(0, min(round(options.seed_fraction * n), budget - len(test_rows)))
+    val_pool = np.flatnonzero(val & ~known)
+    n_val = min(len(val_pool), n_seed // 2)
+    val_rows = np.sort(rng.choice(val_pool, size=n_val, replace=False)) if n_val else np.zeros(0, dtype=np.int64)
+    candidates = np.setdiff1d(np.flatnonzero(~test & ~known), val_rows)
+    seed_rows = representative_seed(embeddings, candidates=candidates, k=n_seed - n_val, rng=rng)
+    rows = np.concatenate([test_rows, val_rows, seed_rows]).astype(np.int64)
+    reasons: list[AskReason] = []
+    for reason, picked in (("test", test_rows), ("val", val_rows), ("seed", seed_rows)):
+        reasons += [cast(AskReason, reason)] * len(picked)
     return Batch(rows=rows, reasons=reasons)
 
 
-def random_sample(labels: np.ndarray, splits: Sequence[Split]) -> np.ndarray:
-    """The labeled items of the test split: drawn at random (:func:`assign_splits`) and all asked in
-    the first batch, the one sample of people's labels that stands for the unlabeled items.
+def random_sample(labels: np.ndarray, splits: Sequence[Split], asked_val: np.ndarray | None = None) -> np.ndarray:
+    """The labeled items of the test split and the val items asked at random (``asked_val``, reason
+    ``val`` in :func:`first_batch`): drawn at random and all asked in the first batch, the sample
+    of people's labels that stands for the unlabeled items.
 
     The threshold that auto-labels rests on it alone: the k-means seed is representative for
     training but not a random sample (the items nearest the centroids are the easy ones), and
     calibrating the guarantee on it too let the realized auto-label error exceed a 5 % target in
     5 of 20 runs of a synthetic mixture (1 of 20 on the test split alone).
     """
-    return (np.asarray(labels) >= 0) & np.array([s == "test" for s in splits], dtype=bool)
+    chosen = np.array([s == "test" for s in splits], dtype=bool)
+    if asked_val is not None:
+        chosen |= np.asarray(asked_val, dtype=bool) & np.array([s == "val" for s in splits], dtype=bool)
+    return (np.asarray(labels) >= 0) & chosen
 
 
 @dataclass(frozen=True)
@@ -393,7 +407,7 @@ def labeling_view(
         if item.item_id in human_labels:
             labels[i] = pos[human_labels[item.item_id]]
             human[i] = True
-            representative[i] = asked.get(item.item_id) in ("test", "seed")
+            representative[i] = asked.get(item.item_id) in ("test", "val", "seed")
         elif item.label is not None:
             labels[i] = pos[item.label]
             given[i] = True
@@ -436,7 +450,7 @@ def people_label_counts(
     view: LabelingView, *, splits: Sequence[Split], asked: Mapping[str, str], ids: Sequence[str]
 ) -> dict[str, dict[str, object]]:
     """Per split, the evidence people gave: how many items they labeled, why each was asked
-    (``test``: a random sample, ``seed``: the k-means seed, ``uncertain``: picked by active learning,
+    (``test``, ``val``: random samples, ``seed``: the k-means seed, ``uncertain``: picked by active learning,
     ``given``: labeled with the upload), how many may stand for the rest (all but ``uncertain``) and
     how many per class."""
     out: dict[str, dict[str, object]] = {}

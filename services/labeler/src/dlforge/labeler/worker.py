@@ -259,10 +259,12 @@ async def _advance(
                                   asked=record.get("asked", {}))
 
     splits = [record["splits"][i] for i in ids]
+    asked_val = np.array([record.get("asked", {}).get(i) == "val" for i in ids], dtype=bool)
 
     def fit() -> handlers.RoundResult:
         return handlers.run_round(vectors, labels=view.labels, human=view.human, representative=view.representative,
-                                  calibration=handlers.random_sample(view.labels, splits), n_classes=len(classes),
+                                  calibration=handlers.random_sample(view.labels, splits, asked_val=asked_val),
+                                  n_classes=len(classes),
                                   options=options, strategy=_strategy(settings), classifier=_classifier(settings),
                                   rng=handlers.rng_for(dataset_id, options.seed, f"round-{rnd}"), seed=options.seed)
 
