@@ -338,6 +338,8 @@ class ActivationCache:
         items = cached_items(manifest)
         if not any(items.values()):
             raise InvalidInput(f"manifest {manifest.dataset_id}: no labeled items to train on")
+        if spec.arch == "efficientnet_lite0" and 0 < boundary <= net.max_unfreeze + 1:
+            return {v: self._from_feature_store(net, items, input_size, boundary, v) for v in views}
         prefix = net.span(0, boundary).eval()
         run_spec = NetworkSpec(spec.arch, spec.in_channels, input_size, spec.feature_dim, spec.mean, spec.std)
         example = torch.zeros(1, spec.in_channels, input_size, input_size)
@@ -357,6 +359,41 @@ class ActivationCache:
                     xs[view][start:start + len(chunk)] = fn(batch)
             for view in views:
                 out[view][split] = SplitArrays(xs[view], [str(i.label) for i in rows], [i.item_id for i in rows])
+        return out
+
+    def _from_feature_store(
+        self, net: StagedNetwork, items: dict[str, list[Item]], input_size: int, boundary: int, view: str
+    ) -> dict[str, SplitArrays]:
+        """One view's splits from the vision core's feature store: an image another stage (or run) already
+        put through the same frozen weights at this size is not run again (keys: the prefix's weights)."""
+        from dlforge.vision.features import feature_store
+        from dlforge.vision.staged import StagedNetwork as Units
+        from dlforge.vision.trunk import TrunkFeatures
+
+        units = Units(net.model, arch="efficientnet_lite0").eval()
+        onnx = isinstance(self.runner, OnnxPrefixRunner)
+        trunk = TrunkFeatures(feature_store(self.objects), units, runtime="onnxruntime" if onnx else "torch",
+                              threads=self.runner.threads if isinstance(self.runner, OnnxPrefixRunner)
+                              else torch.get_num_threads(),
+                              batch_size=self.batch_size, view="" if view == IDENTITY else view)
+        out: dict[str, SplitArrays] = {}
+        for split in SPLITS:
+            rows = items[split]
+            contents = [i.sha256 for i in rows]
+            plain = trunk.for_items(self.objects, rows, size=input_size)
+
+            def load(r: list[int], plain: Callable[[list[int]], np.ndarray] = plain) -> np.ndarray:
+                return np.ascontiguousarray(apply_view(view, plain(r)))
+
+            if not rows:
+                x = np.zeros((0, 0), dtype=np.float16)
+            elif boundary <= len(units):
+                x = trunk.activations(contents, size=input_size, boundary=boundary, load=load)
+            else:  # after the global pooling: the pooled head features
+                x = trunk.pooled(contents, size=input_size, stages=["head"], load=load)["head"]
+            self._check_size(len(rows), x.shape[1:])
+            out[split] = SplitArrays(np.asarray(x, dtype=np.float16), [str(i.label) for i in rows],
+                                     [i.item_id for i in rows])
         return out
 
     def _derive(

@@ -12,13 +12,13 @@ The stage modules wrap (share) the Classifier's own submodules: training the tai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from dlforge.common.errors import InvalidInput
-from dlforge.vision.networks import Classifier, SmallCNN, _EfficientNetFeatures, freeze_backbone
+from dlforge.common.errors import ConfigError, InvalidInput
+from dlforge.vision.networks import Classifier, freeze_backbone
+from dlforge.vision.staged import units_of
 
 
 class EfficientNetStem(nn.Module):
@@ -100,21 +100,13 @@ class StagedNetwork:
 
 
 def staged(model: Classifier) -> StagedNetwork:
-    """Cut a Classifier built by :func:`dlforge.vision.networks.build_network` into stages."""
-    bb = model.backbone
-    if isinstance(bb, _EfficientNetFeatures):
-        net: Any = bb.net
-        stages: list[nn.Module] = [EfficientNetStem(net._conv_stem, net._bn0, net._swish)]
-        rate = net._global_params.drop_connect_rate
-        for idx, block in enumerate(net._blocks):
-            stages.append(EfficientNetBlock(block, rate * float(idx) / len(net._blocks) if rate else None))
-        stages.append(EfficientNetStem(net._conv_head, net._bn1, net._swish))
-        stages.append(GlobalPool())
-        # trainable_blocks: [stem, *blocks, head] -> stages 0 .. len(blocks) + 1
-        return StagedNetwork(model, stages, list(range(len(net._blocks) + 2)))
-    if isinstance(bb, SmallCNN):
-        body = list(bb.body)
-        trainable = [i for i, m in enumerate(body) if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
-        return StagedNetwork(model, [*body, GlobalPool()], trainable)
-    # An unknown backbone is one block: frozen or trained as a whole.
-    return StagedNetwork(model, [bb], [0])
+    """Cut a Classifier built by :func:`dlforge.vision.networks.build_network` into stages.
+
+    The stages are the vision core's units (:func:`dlforge.vision.staged.units_of`, the one
+    definition of freeze boundaries the proposer and the feature store use too), then GAP.
+    """
+    try:
+        units, _ = units_of(model)
+    except ConfigError:  # an unknown backbone is one block: frozen or trained as a whole
+        return StagedNetwork(model, [model.backbone], [0])
+    return StagedNetwork(model, [*(m for _, m in units), GlobalPool()], list(range(len(units))))
