@@ -14,10 +14,11 @@ labels. The budget is the share of the loop's items people label: every label th
 The run uses ``auto_label_all``, so every item people did not label gets the classifier's label
 (``auto_label_accuracy``: full coverage, scored against the known labels), and the labeler's
 selective rule at ``--max-error`` (default 1 %) is read from its result: the threshold chosen on
-people's random test labels, its exact 95 % bound (``selective_bound``), and, scored against the
+people's labels of the random test split and val sample, its exact 95 % bound (``selective_bound``), and,
+scored against the
 known labels, the error and coverage of the items that clear it (``selective_error``,
 ``selective_coverage``). ``heldout_accuracy`` is the final classifier on the held-out split: the
-same plug-in refitted on the same labels with the same seed as the loop's last round. The accuracy
+same plug-in refitted on the same labels, representative mask and seed as the loop's last round. The accuracy
 after each round (``per_round``) is refitted the same way on the labels people had given by then
 and plotted against the human labels (``--no-curve`` skips it).
 
@@ -235,7 +236,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     backends, events, manifest, record, marks = await _label(args, work, settings, truth, options, dataset_id)
 
     classes = list(manifest.classes)
-    index = {c: i for i, c in enumerate(classes)}
+    # classes nobody labeled are not the labeler's: their items can only be wrong (index past its classes)
+    index = {c: i for i, c in enumerate(classes + sorted(set(truth.values()) - set(classes)))}
     items = manifest.items
     y_true = np.array([index[truth[i.name]] for i in items])
     human = np.array([i.label_source == "human" for i in items])
@@ -255,7 +257,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                              for s in range(0, len(held_images), 64)]))
     held_truth = np.array([index[labels[int(i)]] for i in heldout_rows])
     asked = record.get("asked", {})
-    representative = np.array([asked.get(i.item_id) in ("test", "seed") for i in items])
+    # as the worker's labeling view marks them: people's labels asked at random or as the k-means seed
+    representative = np.array([asked.get(i.item_id) in ("test", "val", "seed") for i in items])
 
     def fit_on(rows: np.ndarray) -> Any:
         labeled = np.flatnonzero(rows)
@@ -396,7 +399,7 @@ def main() -> None:
     source.add_argument("--folder", help="a folder of class sub-folders (the folder names are the known labels)")
     p.add_argument("--budget", type=float, default=0.2, help="share of the loop's items people may label")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--classifier", default="best", choices=["linear", "mlp_ssl", "best"])
+    p.add_argument("--classifier", default="linear", choices=["linear", "mlp_ssl", "best"])
     p.add_argument("--max-error", type=float, default=0.01, help="the selective rule's target auto-label error")
     p.add_argument("--subset", type=int, default=5000, help="MNIST sets: stratified images for the loop")
     p.add_argument("--heldout", type=int, default=1000, help="MNIST sets: held-out images")
@@ -421,7 +424,7 @@ def main() -> None:
     name = result["dataset"]
     out = Path(args.output) if args.output else RESULTS / (
         f"labeler-{name}-{args.budget:g}" + (f"-s{args.seed}" if args.seed else "")
-        + (f"-{args.classifier}" if args.classifier != "best" else "") + ".json")
+        + (f"-{args.classifier}" if args.classifier != "linear" else "") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))

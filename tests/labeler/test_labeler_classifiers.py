@@ -129,3 +129,20 @@ def test_make_classifier_names_the_variable_for_an_unknown_plugin() -> None:
         make_classifier("forest")
     with pytest.raises(ValueError):
         SemiSupervisedMLP(pseudo_threshold=1.0)
+
+
+def test_a_rows_held_out_confidence_does_not_depend_on_its_own_label() -> None:
+    from dlforge.labeler.classifier import crossfit_scaled
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(60, 3)) * 2.0
+    y = rng.integers(0, 3, size=60)
+    mask = np.ones(60, dtype=bool)
+    before = crossfit_scaled(logits, y, mask, seed=1)
+    np.testing.assert_allclose(before.sum(axis=1), 1.0, atol=1e-9)
+    for row in (0, 17, 59):
+        flipped = y.copy()
+        flipped[row] = (y[row] + 1) % 3
+        after = crossfit_scaled(logits, flipped, mask, seed=1)
+        np.testing.assert_allclose(after[row], before[row], atol=1e-12)  # its own label never entered
+        assert np.abs(after - before).max() > 1e-6  # but it calibrates the other folds' rows

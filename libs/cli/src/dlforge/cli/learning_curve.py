@@ -19,8 +19,9 @@ import numpy as np
 MODEL = "acc(n) = a - b * n^(-c)"
 MIN_POINTS = 4  # three parameters: fewer points than four leave nothing to check the fit on
 CAVEAT = ("an estimate: a power law fitted to the labeler classifier's held-out accuracy per round on the "
-          "representative items people labeled (the random test split and the k-means seed; the cross-validated "
-          "accuracy on every labeled item when a round has no such figure), extrapolated; the final model's test "
+          "representative items people labeled (the random test split and val sample, the k-means seed; the "
+          "cross-validated accuracy on every labeled item when a round has no such figure; fold models train on "
+          "fewer labels than the round had), extrapolated; the final model's test "
           "accuracy differs, and few rounds fix the curve loosely")
 
 

@@ -96,6 +96,28 @@ def fit_scaling(logits: np.ndarray, y: np.ndarray, *, bias: bool = True) -> Scal
     return Scaling(temperature=t, bias=b)
 
 
+def crossfit_scaled(logits: np.ndarray, y: np.ndarray, mask: np.ndarray, *, folds: int = 5,
+                    seed: int = 0) -> np.ndarray:
+    """Calibrated probabilities of every row of ``logits`` (out-of-fold logits), each row scaled by a
+    temperature and bias fitted WITHOUT that row (on the other folds' ``mask`` rows).
+
+    The held-out probabilities are the evidence the auto-label guarantee is computed on; scaled by
+    a calibration fitted on those very rows, their confidences (and, through the bias, their
+    argmax) would depend on the labels they are then checked against.
+    """
+    n = len(y)
+    out = np.zeros_like(logits, dtype=np.float64)
+    order = np.random.default_rng(seed).permutation(n)
+    fold_of = np.empty(n, dtype=np.int64)
+    fold_of[order] = np.arange(n) % max(2, folds)
+    for f in range(max(2, folds)):
+        rows = fold_of == f
+        fit_rows = mask & ~rows
+        scaling = fit_scaling(logits[fit_rows], y[fit_rows], bias=True) if fit_rows.sum() >= 2 else Scaling()
+        out[rows] = scaling.apply(logits[rows])
+    return out
+
+
 @dataclass
 class CalibratedClassifier:
     """A fitted model: standardization, logistic regression and the calibration of its logits."""
@@ -114,8 +136,8 @@ class CalibratedClassifier:
     calibration_items: int
     # calibrated out-of-fold probabilities of the labeled rows (aligned with ``labeled`` as passed to
     # :func:`fit_calibrated`; NaN rows where no fold held the item out, 0 for classes nobody
-    # labeled), and which of them are representative: the held-out evidence a selective
-    # auto-labeling threshold is chosen on
+    # labeled; each row's calibration fitted without it, :func:`crossfit_scaled`), and which of
+    # them are representative: the held-out evidence a selective auto-labeling threshold is chosen on
     heldout_proba: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     heldout_representative: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     heldout_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -219,11 +241,12 @@ def fit_calibrated(
     heldout = np.full((len(y), n_classes), np.nan)
     if oof is not None:  # every row held out once; classes nobody labeled get probability 0
         heldout[:] = 0.0
-        heldout[:, present] = scaling.apply(oof[:, present])
+        heldout[:, present] = crossfit_scaled(oof[:, present], np.searchsorted(present, y), mask, seed=seed)
+    rep = np.asarray(representative, dtype=bool) if representative is not None else np.ones(len(y), dtype=bool)
     return CalibratedClassifier(mean=mean, scale=scale, model=model, present=present, scaling=scaling,
                                 n_classes=n_classes, c=best_c, calibrated=calibrated, cv_accuracy=cv_acc,
                                 cv_nll_raw=nll_raw, cv_nll_calibrated=nll_cal, calibration_items=n_cal,
-                                heldout_proba=heldout, heldout_representative=mask.copy(), heldout_labels=y.copy())
+                                heldout_proba=heldout, heldout_representative=rep, heldout_labels=y.copy())
 
 
 def heldout_accuracy(proba: np.ndarray, y: np.ndarray, representative: np.ndarray) -> dict[str, float | int | None]:
@@ -400,7 +423,17 @@ class SemiSupervisedMLP:
             representative: np.ndarray | None = None, seed: int = 0) -> FittedClassifier:
         import torch
 
+        # the default runs every service in one process: leave torch's threads and RNG as found
+        threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
+        try:
+            with torch.random.fork_rng():
+                return self._fit(x_all, labeled, y, n_classes=n_classes, representative=representative, seed=seed)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self, x_all: np.ndarray, labeled: np.ndarray, y: np.ndarray, *, n_classes: int,
+             representative: np.ndarray | None, seed: int) -> FittedClassifier:
         labeled = np.asarray(labeled, dtype=np.int64)
         y = np.asarray(y, dtype=np.int64)
         mean = x_all.mean(axis=0)
@@ -412,8 +445,9 @@ class SemiSupervisedMLP:
         mask = np.ones(len(y), dtype=bool)
         if representative is not None and int(np.sum(representative)) >= 40:
             mask = np.asarray(representative, dtype=bool)
+        rep = np.asarray(representative, dtype=bool) if representative is not None else np.ones(len(y), dtype=bool)
         empty = FittedMLP(mean=mean, scale=scale, model=None, present=present, scaling=Scaling(),
-                          n_classes=n_classes, calibrated=False, heldout_proba=heldout, heldout_representative=mask,
+                          n_classes=n_classes, calibrated=False, heldout_proba=heldout, heldout_representative=rep,
                           heldout_labels=y, figures={"classifier": self.name})
         if len(present) < 2:
             return empty
@@ -431,7 +465,7 @@ class SemiSupervisedMLP:
                 oof[te] = _mlp_logits(net, x[labeled[te]])
             scaling = fit_scaling(oof[mask], local[mask], bias=True)
             heldout[:] = 0.0  # every row held out once; classes nobody labeled get probability 0
-            heldout[:, present] = scaling.apply(oof)
+            heldout[:, present] = crossfit_scaled(oof, local, mask, seed=seed)
             calibrated = True
             figures.update({"cv_accuracy": float((oof.argmax(axis=1) == local).mean()),
                             "cv_nll_raw": _nll(_softmax(oof[mask]), local[mask]),
@@ -439,17 +473,17 @@ class SemiSupervisedMLP:
                             "calibration_items": int(mask.sum())})
         net = self._train(x, labeled, local, unlabeled, len(present), seed * 100)
         return FittedMLP(mean=mean, scale=scale, model=net, present=present, scaling=scaling, n_classes=n_classes,
-                         calibrated=calibrated, heldout_proba=heldout, heldout_representative=mask,
+                         calibrated=calibrated, heldout_proba=heldout, heldout_representative=rep,
                          heldout_labels=y, figures=figures)
 
 
 class BestHeldout:
     """Fits every candidate plug-in and keeps the one with the best held-out evidence.
 
-    The choice is made on the representative people-labeled rows' out-of-fold predictions (the
-    same evidence the auto-label threshold uses): higher accuracy, then lower log-loss. No
-    candidate wins everywhere in ``benchmarks/labeler.py`` (the MLP gains on MNIST and
-    Fashion-MNIST, loses on ELPV), so the data decides, round by round.
+    The choice is made on the representative people-labeled rows' out-of-fold predictions:
+    higher accuracy, then lower log-loss. Those rows include the random sample the auto-label
+    threshold is then tested on, so choosing the better of two on them weakens the guarantee's
+    95 % to about 90 % (a union bound over the two candidates): an option, not the default.
     """
 
     name = "best"

@@ -2,7 +2,8 @@
 
 The user sets the largest auto-label error they accept, ``target`` (``max_auto_label_error``). The
 threshold is chosen on *held-out* predictions of a *random sample* of people-labeled items (the
-labeler uses its random test split; not the uncertainty-sampled batches, which are the hard cases,
+labeler uses its random test split and the random val sample it asks first; not the uncertainty-sampled
+batches, which are the hard cases,
 nor the k-means seed, whose items nearest the centroids are easier than the rest, nor the model's
 own auto-labels), by Learn-then-Test with fixed-sequence testing (Angelopoulos et al., 2021):
 

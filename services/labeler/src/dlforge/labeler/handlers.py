@@ -8,11 +8,13 @@ The loop, per dataset of N items:
 
 1. splits: a random ``test`` share (10 %, capped by the label budget), ``val`` 15 % of the rest,
    ``train`` the rest;
-2. the first batch asks people for every test item without a given label, plus a representative
-   seed (the item nearest each k-means centroid, ``seed_fraction * N`` of them);
+2. the first batch asks people for every test item without a given label, plus ``seed_fraction * N``
+   items: half drawn at random from the val split, half a representative seed from the train split
+   (the item nearest each k-means centroid);
 3. after each completed batch a calibrated classifier is fitted on every human and given label;
    a confidence threshold is chosen on the held-out predictions of the labeled items of the random
-   test split (:func:`random_sample`) so that the auto-labels' error stays <= ``max_auto_label_error`` with 95 %
+   test split and the random val sample (:func:`random_sample`) so that the auto-labels' error stays <=
+   ``max_auto_label_error`` with 95 %
    confidence (:mod:`dlforge.labeler.guarantee`); the items that clear it (and the deprecated
    ``target_confidence`` floor, if set) count as auto-labeled; the loop stops when the human labels
    reach ``label_budget * N`` or every other item is auto-labeled, otherwise the query strategy
@@ -125,7 +127,8 @@ def first_batch(
     val_pool = np.flatnonzero(val & ~known)
     n_val = min(len(val_pool), n_seed // 2)
     val_rows = np.sort(rng.choice(val_pool, size=n_val, replace=False)) if n_val else np.zeros(0, dtype=np.int64)
-    candidates = np.setdiff1d(np.flatnonzero(~test & ~known), val_rows)
+    # the k-means half comes from the train split: the val items people label first stay a random sample
+    candidates = np.flatnonzero(~test & ~val & ~known)
     seed_rows = representative_seed(embeddings, candidates=candidates, k=n_seed - n_val, rng=rng)
     rows = np.concatenate([test_rows, val_rows, seed_rows]).astype(np.int64)
     reasons: list[AskReason] = []

@@ -42,9 +42,10 @@ class LabelerSettings(CommonSettings):
     )
     labeler_query_strategy: Literal["margin", "least_confidence", "entropy"] = "margin"
     labeler_classifier: Literal["linear", "mlp_ssl", "best"] = Field(
-        default="best", description="the auto-labeling classifier plug-in: calibrated logistic regression, the "
+        default="linear", description="the auto-labeling classifier plug-in: calibrated logistic regression, the "
         "semi-supervised MLP, or best: both, keeping the one with the better held-out accuracy on people's "
-        "representative labels (benchmarks/labeler.py)")
+        "representative labels (which weakens the auto-label guarantee's 95 % to about 90 %; "
+        "benchmarks/labeler.py compares them)")
     labeler_presign_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
 
     @field_validator("labeler_import_roots", mode="before")
