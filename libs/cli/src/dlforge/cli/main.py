@@ -25,9 +25,14 @@ from dlforge.common.settings import CommonSettings, load_settings
 
 DEMO_SPEC = Spec(positive_class="defect", min_recall=0.95, min_accuracy=0.90, min_fps=1.0, input_size=256)
 # ELPV is 2.2 good : 1 defect; asking for at most 1.5 : 1 makes the augmenter generate defect samples.
-# people label at most 20 % of the cells (the budget); the rest is auto-labeled where the
-# guarantee (max_auto_label_error, default 2 %) allows, and waits for review otherwise
-DEMO_OPTIONS = PipelineOptions(label_budget=0.2, max_imbalance=1.5, hpo_trials=4, train_epochs=3)
+# People label at most 20 % of the cells. The demo trains on every cell: auto_label_all gives each
+# unlabeled cell the labeler's label, and the trainer weighs it by its confidence. On the selective
+# default (nothing auto-labeled without the 2 % guarantee) ELPV's 262 random test and 105 random
+# val labels certify no threshold, so the model would learn from ~150 people's labels alone
+# (measured: 73 % test accuracy at the argmax, against 80-84 % with every cell). The report still
+# gives the guarantee's figures.
+DEMO_OPTIONS = PipelineOptions(label_budget=0.2, auto_label_all=True, max_imbalance=1.5, hpo_trials=4,
+                               train_epochs=3)
 
 
 def parse_spec(text: str, *, base: Spec | None = None) -> Spec:
