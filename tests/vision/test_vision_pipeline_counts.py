@@ -77,7 +77,8 @@ def test_one_run_decodes_each_image_at_most_twice_and_embeds_it_once_per_size(
         assert n <= 1, f"image {content[:12]} embedded {n} times by {trunk} at {size} px"
         if trunk == imagenet:
             by_size.setdefault(size, set()).add(content)
-    # the instrumented path is the one used: the labeler embedded every real image at 224 px, and the
-    # trainer's frozen prefix ran over the labeled images at the spec's input size
+    # the instrumented path is the one used: the labeler embedded every real image at 224 px; the
+    # augmenter, the proposer and the trainer (EfficientNet-Lite0 trains at 224 px) read that pass, so
+    # no real image was run again at 224 (a label-preserving view the trainer adds is its own input,
+    # counted as "<content>/<view>", once too)
     assert real <= by_size.get(224, set())
-    assert len(by_size.get(spec.input_size, set()) & real) > 0
