@@ -96,6 +96,16 @@ def test_rank_orders_by_total_and_explains() -> None:
     assert score.scores["gate_passed"] == 1.0 and score.total == pytest.approx(0.875)
 
 
+def test_equal_totals_rank_by_model_id_whatever_the_input_order() -> None:
+    # A and B tie on the only weighted sub-score (C is 10x slower); the list order must not pick the winner
+    raw = {"B": {"fps_b1": 100.0, "logme": 0.0}, "A": {"fps_b1": 100.0, "logme": 1.0},
+           "C": {"fps_b1": 10.0, "logme": 0.5}}
+    for order in (["B", "A", "C"], ["A", "C", "B"], ["C", "B", "A"]):
+        r = rank(measured({k: raw[k] for k in order}), SPECS, {"fps_b1": 1.0}, Spec())
+        assert [c.model_id for c in r.candidates] == ["A", "B", "C"] and r.chosen_model_id == "A"
+        assert [c.total for c in r.candidates] == [1.0, 1.0, 0.0] and r.ties == []
+
+
 def test_min_fps_gate_ranks_slow_candidates_last() -> None:
     weights = {"logme": 2.0, "loss_auc": 1.0, "fps_b1": 1.0}
     r = rank(measured(), SPECS, weights, Spec(min_fps=50.0, input_size=256))

@@ -13,7 +13,9 @@ Normalization (per proposal, per sub-score, across the candidates that have it):
 
 Total of a candidate: Σ_s w_s n_s / Σ_s w_s over the weighted, non-tied sub-scores it has — a
 weighted mean in [0, 1]; a sub-score a candidate lacks (e.g. ``domain_sim`` for ImageNet, which has
-no source samples here) neither helps nor hurts it.
+no source samples here) neither helps nor hurts it. Equal totals rank by ``model_id``, so the order
+(and the choice) never depends on the order the candidates were measured or listed in: two candidates
+of one architecture share one speed measurement and tie exactly on a speed-only re-ranking.
 
 Gate: a candidate whose batch-1 throughput at ``spec.input_size`` times ``gate_speedup`` is below
 ``spec.min_fps`` fails the gate and ranks after every candidate that passes (its total is kept).
