@@ -31,7 +31,7 @@ from dlforge.trainer.params import EpochMetrics, EvalSummary, RunOptions, TrainP
 from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.stages import staged
 from dlforge.trainer.training import FitResult, TrainData, evaluate, fit, stratified_sample, stratified_split
-from dlforge.trainer.views import IDENTITY, parse_views
+from dlforge.trainer.views import IDENTITY, checked_views, parse_views
 from dlforge.vision.manifest import Manifest
 from dlforge.vision.networks import Classifier, build_network, load_checkpoint, save_checkpoint, spec_of
 
@@ -66,11 +66,7 @@ class TrainingRequest(BaseModel):
     @field_validator("views")
     @classmethod
     def _known_views(cls, value: str) -> str:
-        try:
-            parse_views(value)
-        except InvalidInput as exc:
-            raise ValueError(str(exc)) from exc
-        return value
+        return checked_views(value)
 
     @model_validator(mode="after")
     def _model_source(self) -> TrainingRequest:

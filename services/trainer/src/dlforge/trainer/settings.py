@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from dlforge.common.errors import InvalidInput
 from dlforge.common.settings import CommonSettings, load_settings
-from dlforge.trainer.views import parse_views
+from dlforge.trainer.views import checked_views
 
 
 class TrainerSettings(CommonSettings):
@@ -69,11 +68,7 @@ class TrainerSettings(CommonSettings):
     @field_validator("trainer_final_views")
     @classmethod
     def _known_views(cls, value: str) -> str:
-        try:
-            parse_views(value)
-        except InvalidInput as exc:
-            raise ValueError(str(exc)) from exc
-        return value
+        return checked_views(value)
 
     @field_validator("trainer_label_weighting")
     @classmethod

@@ -21,29 +21,6 @@ from dlforge.vision.networks import Classifier, freeze_backbone
 from dlforge.vision.staged import units_of
 
 
-class EfficientNetStem(nn.Module):
-    def __init__(self, conv: nn.Module, bn: nn.Module, act: nn.Module) -> None:
-        super().__init__()
-        self.conv, self.bn, self.act = conv, bn, act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.act(self.bn(self.conv(x)))
-        return out
-
-
-class EfficientNetBlock(nn.Module):
-    """One MBConv block with its (depth-scaled) drop-connect rate, as ``extract_features`` runs it."""
-
-    def __init__(self, block: nn.Module, drop_connect_rate: float | None) -> None:
-        super().__init__()
-        self.block = block
-        self.drop_connect_rate = drop_connect_rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.block(x, drop_connect_rate=self.drop_connect_rate)
-        return out
-
-
 class GlobalPool(nn.Module):
     """Global average pooling and flattening (a no-op on already pooled features)."""
 

@@ -70,3 +70,13 @@ def apply_view(view: str, images: np.ndarray) -> np.ndarray:
     if view != IDENTITY and images.shape[1] != images.shape[2] and view not in ("hflip", "vflip", "rot180"):
         raise InvalidInput(f"view {view!r} needs square images, got {images.shape[1]}x{images.shape[2]}")
     return np.ascontiguousarray(fn(images))
+
+
+def checked_views(spec: str) -> str:
+    """``spec`` unchanged if :func:`parse_views` accepts it; a ValueError naming the bad part otherwise
+    (for pydantic validators of settings and requests)."""
+    try:
+        parse_views(spec)
+    except InvalidInput as exc:
+        raise ValueError(str(exc)) from exc
+    return spec
