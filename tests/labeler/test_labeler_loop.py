@@ -232,3 +232,25 @@ def test_check_labels() -> None:
         check_labels({"a": "dog"}, batch_items=["a"], classes=["cat"], allow_new_classes=False)
     with pytest.raises(InvalidInput, match="not a valid class"):
         check_labels({"a": "  "}, batch_items=["a"], classes=["cat"], allow_new_classes=True)
+
+
+@pytest.mark.parametrize("label", ["bad\x07bell", "two\nlines", "tab\there", "del\x7f", "c1\x85next", "a/b", "a\\b",
+                                   "x" * 101])
+def test_submitted_labels_follow_the_ingestion_rule(label: str) -> None:
+    # a control character, a slash or 101 characters: refused at submission as at upload, so such a
+    # string never becomes a class
+    with pytest.raises(InvalidInput, match="not a valid class name"):
+        check_labels({"a": label}, batch_items=["a"], classes=["cat"], allow_new_classes=True)
+    from dlforge.labeler.ingest import _clean_label
+
+    with pytest.raises(InvalidInput, match="not a valid class name"):
+        _clean_label(label, where="labels.csv row 2")
+
+
+def test_ordinary_class_names_pass_both_checks() -> None:
+    from dlforge.labeler.ingest import _clean_label
+
+    for label in ("défaut", "crack (minor)", "t-shirt-top", "x" * 100, "缺陷"):
+        assert check_labels({"a": f" {label} "}, batch_items=["a"], classes=[], allow_new_classes=True)[0] == {
+            "a": label}
+        assert _clean_label(f" {label} ", where="upload") == label

@@ -487,7 +487,7 @@ def check_labels(
     Raises InvalidInput naming the items outside the batch or the unknown classes.
     """
     from dlforge.common.errors import InvalidInput
-    from dlforge.labeler.ingest import MAX_LABEL_CHARS
+    from dlforge.labeler.ingest import MAX_LABEL_CHARS, valid_label
 
     if not labels:
         raise InvalidInput("no labels were given")
@@ -499,8 +499,9 @@ def check_labels(
     clean: dict[str, str] = {}
     for item_id, raw in labels.items():
         label = raw.strip() if isinstance(raw, str) else ""
-        if not label or len(label) > MAX_LABEL_CHARS or "/" in label or "\\" in label:
-            raise InvalidInput(f"item {item_id}: {raw!r} is not a valid class name")
+        if not valid_label(label):
+            raise InvalidInput(f"item {item_id}: {raw!r} is not a valid class name (1-{MAX_LABEL_CHARS} printable "
+                               "characters, no slashes)")
         clean[item_id] = label
     known = set(classes)
     new = sorted({v for v in clean.values() if v not in known})

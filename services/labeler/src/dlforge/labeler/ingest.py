@@ -48,7 +48,14 @@ LABEL_COLUMNS = ("label", "labels", "class", "class_name", "category", "target",
 DOMAIN_COLUMNS = ("domain", "type", "group", "source")
 PREFERRED_CSV = ("labels.csv", "manifest.csv", "annotations.csv", "dataset.csv")
 MAX_LABEL_CHARS = 100
-_LABEL = re.compile(r"^[^\x00-\x1f/\\]+$")
+# a class name: printable (no C0/C1 control characters, no DEL) and no path separators
+_LABEL = re.compile(r"^[^\x00-\x1f\x7f-\x9f/\\]+$")
+
+
+def valid_label(label: str) -> bool:
+    """True for a class name people may give: 1-MAX_LABEL_CHARS printable characters, no slashes,
+    after stripping surrounding blanks. The one rule for uploads, CSV files and label submissions."""
+    return 0 < len(label) <= MAX_LABEL_CHARS and bool(_LABEL.match(label))
 
 STATUS_TOO_LARGE = 413
 STATUS_NOT_A_ZIP = 415
@@ -338,7 +345,7 @@ def _clean_label(raw: str | None, *, where: str) -> str | None:
     label = raw.strip()
     if not label:
         return None
-    if len(label) > MAX_LABEL_CHARS or not _LABEL.match(label):
+    if not valid_label(label):
         raise InvalidInput(f"{where}: label {label[:40]!r} is not a valid class name "
                            f"(1-{MAX_LABEL_CHARS} printable characters, no slashes)", status_code=STATUS_BAD_INPUT)
     return label
