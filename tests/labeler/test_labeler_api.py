@@ -96,9 +96,11 @@ def test_zip_upload_created_with_rejected_and_duplicates(client: TestClient, set
         (make_zip({"notes.txt": b"nothing"}), 422, "empty"),
         (make_zip({"labels.csv": b"file,label\nghost.png,x\n", "a.png": png(1)}), 422, "ghost.png"),
         (make_zip({"labels.csv": b"label,score\nx,1\n", "a.png": png(1)}), 422, "no file column"),
+        # two unlabeled images at the default 30 % budget: floor(0.6) = 0 labels people could give
+        (make_zip({"a.png": png(1), "b.png": png(2)}), 422, "nothing to label"),
     ],
     ids=["traversal", "absolute", "symlink", "oversize", "bomb", "entries", "not-zip", "empty", "csv-missing",
-         "csv-no-file-column"],
+         "csv-no-file-column", "nothing-to-label"],
 )
 def test_refusals_write_nothing(client: TestClient, settings: LabelerSettings, data: bytes, status: int,
                                 words: str) -> None:
@@ -111,7 +113,7 @@ def test_refusals_write_nothing(client: TestClient, settings: LabelerSettings, d
 
 
 def test_request_validation(client: TestClient, settings: LabelerSettings, tmp_path: Path) -> None:
-    data = make_zip({"a.png": png(1)})
+    data = make_zip({f"{i}.png": png(i) for i in range(4)})  # 4 unlabeled: a 30 % budget asks 1
     r = upload(client, data, spec={"min_recall": 3})
     assert r.status_code == 422 and r.json()["errors"]
     r = upload(client, data, run_id="bad id!")
@@ -121,9 +123,9 @@ def test_request_validation(client: TestClient, settings: LabelerSettings, tmp_p
     r = client.post("/datasets", json={"spec": SPEC})
     assert r.status_code == 422 and "exactly one" in r.json()["detail"]
     assert upload(client, data, dataset_id="fixed").status_code == 201
-    r = upload(client, make_zip({"b.png": png(2)}), dataset_id="fixed")
+    r = upload(client, make_zip({f"{i}.png": png(10 + i) for i in range(4)}), dataset_id="fixed")
     assert r.status_code == 409
-    assert len([k for k in objects_under(settings) if "/items/" in k]) == 1
+    assert len([k for k in objects_under(settings) if "/items/" in k]) == 4  # the first upload's only
 
 
 def test_folder_import_inside_and_outside_the_roots(client: TestClient, settings: LabelerSettings,
@@ -280,7 +282,7 @@ def test_a_failure_after_writing_removes_everything(settings: LabelerSettings, s
             raise ConnectionError("the bus is down")
 
         backends.publish = broken_publish
-        r = upload(client, make_zip({"a.png": png(1), "b.png": png(2)}), spec=SPEC)
+        r = upload(client, make_zip({f"{i}.png": png(i) for i in range(4)}), spec=SPEC)
         assert r.status_code == 500
         assert objects_under(settings) == []
         assert client.get("/datasets").json() == []

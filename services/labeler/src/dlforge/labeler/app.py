@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import uuid
 from collections import OrderedDict
@@ -293,6 +294,12 @@ async def import_dataset(
     upload_name: str | None = None,
 ) -> DatasetCreated:
     """Persist a scanned dataset: record, images and manifest, then ``dataset.uploaded``; all or nothing."""
+    budget = math.floor(req.options.label_budget * len(result.items) + 1e-9)
+    if result.labeled_count == 0 and budget == 0:
+        raise InvalidInput(
+            f"nothing to label: {len(result.items)} image(s), none with a label, and a label budget of "
+            f"{req.options.label_budget:g} lets people label none of them; give labels (class folders or "
+            f"labels.csv), more images or a larger options.label_budget", status_code=422)
     dataset_id = req.dataset_id or uuid.uuid4().hex[:16]
     run_id = req.run_id or uuid.uuid4().hex
     name = req.name or (upload_name.rsplit(".", 1)[0] if upload_name else None) \
