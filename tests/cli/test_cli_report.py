@@ -11,10 +11,10 @@ import pytest
 
 from dlforge.cli.report import build_report, format_text, write_html
 from dlforge.common.events import ClassCount, DatasetLabeled, DatasetUploaded, Event, ModelOptimized, Spec
+from dlforge.common.intervals import clopper_pearson
 from dlforge.common.objects.fs import FsObjectStore
 from dlforge.common.runs import STAGES
 from dlforge.optimizer.evidence import (
-    RateInterval,
     accuracy_at_recall,
     operating_curve,
     spec_verdict,
@@ -142,6 +142,6 @@ def test_labeler_figures_are_null_when_absent(tmp_path: Path) -> None:
 
 
 def test_a_met_point_estimate_reads_as_such() -> None:
-    v = spec_verdict(SPEC, accuracy=RateInterval.of(95, 100), recall={"defect": RateInterval.of(60, 60)}, fps=5)
+    v = spec_verdict(SPEC, accuracy=clopper_pearson(95, 100), recall={"defect": clopper_pearson(60, 60)}, fps=5)
     report = {"run_id": "r", "state": "succeeded", "stages": {}, "spec_verdict_detail": v.model_dump()}
     assert "met on the POINT ESTIMATE ONLY" in format_text(report)

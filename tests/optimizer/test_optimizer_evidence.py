@@ -7,9 +7,9 @@ import pytest
 from scipy.stats import binom
 
 from dlforge.common.events import Spec
+from dlforge.common.intervals import Interval, clopper_pearson
 from dlforge.optimizer.evaluation import choose_threshold, decide
 from dlforge.optimizer.evidence import (
-    RateInterval,
     accuracy_at_recall,
     operating_curve,
     spec_verdict,
@@ -19,8 +19,8 @@ from dlforge.optimizer.evidence import (
 SPEC = Spec(positive_class="defect", min_recall=0.9, min_accuracy=0.9, min_fps=1.0, input_size=256)
 
 
-def _iv(k: int, n: int) -> RateInterval:
-    return RateInterval.of(k, n)
+def _iv(k: int, n: int) -> Interval:
+    return clopper_pearson(k, n)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,14 +7,15 @@ guarantee built on them does not overstate what ``k`` successes out of ``n`` sho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from pydantic import BaseModel, ConfigDict
 from scipy.stats import beta
 
 
-@dataclass(frozen=True)
-class Interval:
-    """A rate ``k / n`` with its two-sided exact interval at ``level`` (None for n = 0)."""
+class Interval(BaseModel):
+    """A rate ``k / n`` with its two-sided exact interval at ``level`` (point None for n = 0); a
+    pydantic model, so reports and event payloads carry it as it is."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     k: int
     n: int
@@ -22,10 +23,6 @@ class Interval:
     point: float | None
     low: float
     high: float
-
-    def as_dict(self) -> dict[str, float | int | None]:
-        return {"k": self.k, "n": self.n, "level": self.level, "point": self.point, "low": self.low,
-                "high": self.high}
 
 
 def _check(k: int, n: int, level: float) -> None:

@@ -21,31 +21,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from dlforge.common.events import Spec
-from dlforge.common.intervals import clopper_pearson
+from dlforge.common.intervals import Interval, clopper_pearson
 
 # Float noise guard when comparing rates against limits (the same as evaluation._EPS).
 _EPS = 1e-9
 LEVEL = 0.95
 
 Verdict = Literal["met", "met_point_estimate", "not_met"]
-
-
-class RateInterval(BaseModel):
-    """``k`` of ``n`` with its two-sided exact (Clopper-Pearson) interval at ``level``; point None for n = 0."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    k: int
-    n: int
-    level: float
-    point: float | None
-    low: float
-    high: float
-
-    @classmethod
-    def of(cls, k: int, n: int, *, level: float = LEVEL) -> RateInterval:
-        iv = clopper_pearson(int(k), int(n), level=level)
-        return cls(k=iv.k, n=iv.n, level=iv.level, point=iv.point, low=iv.low, high=iv.high)
 
 
 class ClassFigures(BaseModel):
@@ -55,8 +37,8 @@ class ClassFigures(BaseModel):
 
     items: int = Field(description="test items truly of this class")
     predicted: int = Field(description="test items decided as this class")
-    recall: RateInterval
-    precision: RateInterval
+    recall: Interval
+    precision: Interval
 
 
 class SplitFigures(BaseModel):
@@ -67,8 +49,8 @@ class SplitFigures(BaseModel):
     items: int = Field(description="test items the figures rest on (labeled by people)")
     positive_class: str | None
     positives: int | None = Field(description="of them, items truly of the positive class")
-    accuracy: RateInterval
-    positive_recall: RateInterval | None = Field(description="recall of the positive class (None without one)")
+    accuracy: Interval
+    positive_recall: Interval | None = Field(description="recall of the positive class (None without one)")
     per_class: dict[str, ClassFigures]
     classes: list[str]
     confusion: list[list[int]] = Field(description="rows: true class, columns: decided class")
@@ -88,15 +70,15 @@ def split_figures(
     diag = np.diag(conf)
     per_class = {
         c: ClassFigures(items=int(conf[i].sum()), predicted=int(conf[:, i].sum()),
-                        recall=RateInterval.of(int(diag[i]), int(conf[i].sum()), level=level),
-                        precision=RateInterval.of(int(diag[i]), int(conf[:, i].sum()), level=level))
+                        recall=clopper_pearson(int(diag[i]), int(conf[i].sum()), level=level),
+                        precision=clopper_pearson(int(diag[i]), int(conf[:, i].sum()), level=level))
         for i, c in enumerate(classes)
     }
     pos_name = classes[positive] if positive is not None else None
     return SplitFigures(
         items=int(labels.size), positive_class=pos_name,
         positives=per_class[pos_name].items if pos_name is not None else None,
-        accuracy=RateInterval.of(int(diag.sum()), int(labels.size), level=level),
+        accuracy=clopper_pearson(int(diag.sum()), int(labels.size), level=level),
         positive_recall=per_class[pos_name].recall if pos_name is not None else None,
         per_class=per_class, classes=list(classes), confusion=conf.tolist(),
     )
@@ -185,7 +167,7 @@ class AtRecall(BaseModel):
     threshold: float
     recall: float
     accuracy: float
-    accuracy_interval: RateInterval
+    accuracy_interval: Interval
     rule: str
 
 
@@ -200,7 +182,7 @@ def accuracy_at_recall(curve: OperatingCurve, target_recall: float, *, level: fl
     point = next(p for p in curve.points if p.recall + _EPS >= target_recall or p is curve.points[-1])
     return AtRecall(
         target_recall=target_recall, threshold=point.threshold, recall=point.recall, accuracy=point.accuracy,
-        accuracy_interval=RateInterval.of(point.correct, curve.items, level=level),
+        accuracy_interval=clopper_pearson(point.correct, curve.items, level=level),
         rule=(f"test accuracy at the highest threshold whose TEST recall of {curve.positive_class!r} reaches "
               f"{target_recall:g} ({point.detected} of {curve.positives} positives, {curve.items} test items "
               "labeled by people); read off the test operating curve, not the shipped threshold"),
@@ -221,8 +203,8 @@ class SpecVerdict(BaseModel):
     level: float
     test_items: int = Field(description="test items labeled by people the verdict rests on")
     test_positives: int | None
-    accuracy: RateInterval
-    recall: dict[str, RateInterval] = Field(description="recall interval of each class the spec constrains")
+    accuracy: Interval
+    recall: dict[str, Interval] = Field(description="recall interval of each class the spec constrains")
     fps: float
     fps_ok: bool
     point_estimate_ok: bool
@@ -238,8 +220,8 @@ class SpecVerdict(BaseModel):
 def spec_verdict(
     spec: Spec,
     *,
-    accuracy: RateInterval,
-    recall: Mapping[str, RateInterval],
+    accuracy: Interval,
+    recall: Mapping[str, Interval],
     fps: float,
     threshold_positives: int | None = None,
     threshold_recall_lower_bound: float | None = None,
@@ -258,7 +240,7 @@ def spec_verdict(
     notes: list[str] = []
     point_ok = lower_ok = True
 
-    def check(what: str, iv: RateInterval, target: float) -> None:
+    def check(what: str, iv: Interval, target: float) -> None:
         nonlocal point_ok, lower_ok
         if iv.point is None:
             point_ok = lower_ok = False

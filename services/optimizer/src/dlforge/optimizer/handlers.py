@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dlforge.common.errors import InvalidInput
 from dlforge.common.events import Spec
+from dlforge.common.intervals import Interval
 from dlforge.optimizer.compressors import (
     Compressor,
     OrtGpuProvider,
@@ -64,7 +65,6 @@ from dlforge.optimizer.evaluation import (
 from dlforge.optimizer.evidence import (
     AtRecall,
     OperatingCurve,
-    RateInterval,
     SpecVerdict,
     SplitFigures,
     accuracy_at_recall,
@@ -283,10 +283,10 @@ class OptimizationReport(BaseModel):
     test_split: dict[str, Any] | None = Field(
         default=None, description="test items, how many people labeled, how many the figures rest on, positives")
     test_accuracy_argmax: float | None = Field(default=None, description="chosen variant's test accuracy at the argmax")
-    test_accuracy_interval: RateInterval | None = Field(
+    test_accuracy_interval: Interval | None = Field(
         default=None, description="chosen variant's test accuracy at its threshold, exact 95 % interval")
-    test_accuracy_argmax_interval: RateInterval | None = None
-    positive_recall_interval: RateInterval | None = Field(
+    test_accuracy_argmax_interval: Interval | None = None
+    positive_recall_interval: Interval | None = Field(
         default=None, description="chosen variant's test recall of spec.positive_class at its threshold, 95 % interval")
     test_figures: SplitFigures | None = Field(default=None, description="chosen variant at its threshold")
     operating_curve: OperatingCurve | None = Field(
