@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +48,22 @@ def upload(client: TestClient, data: bytes, **fields: Any) -> Any:
     return client.post("/datasets", files={"file": ("data.zip", data, "application/zip")}, data=form)
 
 
-def wait_state(client: TestClient, dataset_id: str, states: set[str], timeout: float = 60) -> dict[str, Any]:
+def wait_record(client: TestClient, dataset_id: str, done: Callable[[dict[str, Any]], bool], *,
+                timeout: float = 60) -> dict[str, Any]:
+    """The dataset's record once ``done(record)`` holds; fails when it does not within ``timeout``."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        record = client.get(f"/datasets/{dataset_id}").json()
-        if record["state"] in states:
-            return record  # type: ignore[no-any-return]
-        time.sleep(0.05)
-    raise AssertionError(f"dataset {dataset_id} stayed {record['state']}")
+    while True:
+        record: dict[str, Any] = client.get(f"/datasets/{dataset_id}").json()
+        if done(record):
+            return record
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"dataset {dataset_id}: condition not reached in {timeout} s (state "
+                                 f"{record['state']})")
+        time.sleep(0.05)  # poll interval, not a wait for something not to happen
+
+
+def wait_state(client: TestClient, dataset_id: str, states: set[str], timeout: float = 60) -> dict[str, Any]:
+    return wait_record(client, dataset_id, lambda r: r["state"] in states, timeout=timeout)
 
 
 def test_zip_upload_created_with_rejected_and_duplicates(client: TestClient, settings: LabelerSettings) -> None:
@@ -208,13 +216,9 @@ def test_people_label_through_the_queue_until_the_dataset_is_labeled(client: Tes
                                          "labels": {i["item_id"]: truth[i["name"]] for i in queue["items"]}})
         assert r.status_code == 202, r.text
         rounds += 1
-        deadline = time.monotonic() + 30
-        while True:
-            record = client.get(f"/datasets/{dataset_id}").json()
-            if record["state"] == "labeled" or (record.get("current_batch") or {}).get("batch_id") != batch_id:
-                break
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        # the answered batch is closed: the next one is open, or the dataset is labeled
+        record = wait_record(client, dataset_id, lambda r, b=batch_id: r["state"] == "labeled"
+                             or (r.get("current_batch") or {}).get("batch_id") != b, timeout=30)
     assert record["state"] == "labeled"
     counts = record["counts"]
     assert counts["human"] <= 20  # budget 0.5 of 40
