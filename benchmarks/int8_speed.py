@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from machine import cpu_name
 
 
 def build_models(work: Path, size: int) -> dict[str, Path]:
@@ -101,8 +102,7 @@ def main() -> None:
         print(f"{row['input_size']:>4} {row['threads']:>3} {row['variant']:<22} {row['p50_ms_best']:11.2f} "
               f"{row['p50_ms_median']:10.2f} {row['speedup_vs_fp32_best']:13.2f} "
               f"{row['speedup_vs_fp32_median']:15.2f} {row['size_mb']:6.2f}")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     import onnxruntime
 

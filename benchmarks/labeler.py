@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import cpu_name
 from PIL import Image
 
 from dlforge.common.events import DatasetLabeled, Event, LabelsRequested, PipelineOptions, Spec, Topic, decode
@@ -59,16 +60,6 @@ from dlforge.vision.manifest import Manifest, load_manifest
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ------------------------------------------------------------------------------------------
@@ -329,7 +320,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "loop": round(marks["loop"], 1),
             "total": round(time.perf_counter() - started, 1),
         },
-        "machine": {"cpu": _cpu(), "cpus": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_avg_before": [round(x, 2) for x in load_before],
                     "load_avg_after": [round(x, 2) for x in os.getloadavg()]},
     }

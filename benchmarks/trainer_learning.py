@@ -25,7 +25,6 @@ import io
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from dataclasses import replace
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from machine import cpu_name
 from PIL import Image
 
 from dlforge.common.objects.fs import FsObjectStore
@@ -313,8 +313,7 @@ def main() -> None:
                "train_seconds": round(seconds, 1), **s}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
+    model = cpu_name()
     result = {"dataset": args.dataset, "images": len(labels), "classes": classes, "labels": args.labels,
               "auto_label_accuracy": auto_acc, "train": len(tr), "val": len(va), "test": len(test_y),
               "unfreeze": args.unfreeze, "lr": args.lr, "max_epochs": args.max_epochs, "patience": args.patience,

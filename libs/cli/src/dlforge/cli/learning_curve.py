@@ -1,10 +1,10 @@
 """How many more human labels would reach the spec: a saturating power law fitted to the labeling rounds.
 
-Each labeling round records how many items people had labeled and the labeling classifier's
-cross-validated accuracy on them. ``acc(n) = a - b * n^(-c)`` (``a`` the ceiling, ``b, c > 0``) is
-fitted to those points by bounded least squares, and solved for the ``n`` where it reaches the
-spec's accuracy. It is an estimate and says so: the points come from the labeler's classifier (not
-the final model) on items active learning picked, and few rounds leave the power law loosely fixed.
+Each labeling round records how many items people had labeled and the labeling classifier's held-out
+accuracy on the representative ones among them (:func:`round_points`). ``acc(n) = a - b * n^(-c)``
+(``a`` the ceiling, ``b, c > 0``) is fitted to those points by bounded least squares, and solved for the
+``n`` where it reaches the spec's accuracy. It is an estimate and says so: the points come from the
+labeler's classifier (not the final model), and few rounds leave the power law loosely fixed.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def labels_to_reach(
         return {**out, "status": "no_accuracy_target", "note": "the spec sets no accuracy to reach"}
     if len(points) < MIN_POINTS:
         return {**out, "status": "too_few_rounds",
-                "note": f"too few rounds to fit: {len(points)} with a cross-validated accuracy, "
+                "note": f"too few rounds to fit: {len(points)} with a held-out accuracy, "
                         f"{MIN_POINTS} needed for the three parameters of {MODEL}"}
     try:
         a, b, c, rmse = fit_power_law(points)
@@ -121,7 +121,7 @@ def labels_to_reach(
         return {**out, "status": "no_rising_trend",
                 "note": f"no estimate: over the observed rounds the accuracy does not rise by more than its scatter "
                         f"(fitted rise {rise:.4f}, rmse {rmse:.4f}); active learning asks for harder items each "
-                        f"round, which can hold the labeler's cross-validated accuracy flat or make it fall"}
+                        f"round, which can hold the labeler's accuracy flat or make it fall"}
     if a <= target:
         return {**out, "status": "ceiling_below_spec",
                 "note": f"the fitted ceiling a = {a:.4f} does not reach the spec's accuracy {target:g}: more "

@@ -447,7 +447,7 @@ def _learning_curve_png(plt: Any, lc: Mapping[str, Any]) -> str:
     n = [p[0] for p in lc["points"]]
     acc = [p[1] for p in lc["points"]]
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot(n, acc, "o", color="#4c72b0", label="labeler cross-validated accuracy per round")
+    ax.plot(n, acc, "o", color="#4c72b0", label="labeler held-out accuracy per round (representative labels)")
     if lc.get("a") is not None:
         top = max(max(n), lc.get("labels_needed") or 0) * 1.1
         xs = np.linspace(min(n), top, 200)
