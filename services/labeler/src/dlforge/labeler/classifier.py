@@ -166,6 +166,14 @@ class CalibratedClassifier:
         }
 
 
+def calibration_rows(representative: np.ndarray | None, n: int, *,
+                     min_calibration: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """``(calibrate, representative)`` masks over ``n`` labeled rows: the confidence is calibrated on the
+    representative rows when there are at least ``min_calibration`` of them, else on every row."""
+    rep = np.ones(n, dtype=bool) if representative is None else np.asarray(representative, dtype=bool)
+    return (rep.copy() if int(rep.sum()) >= min_calibration else np.ones(n, dtype=bool)), rep
+
+
 def _nll(p: np.ndarray, y: np.ndarray) -> float:
     return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1.0)).mean())
 
@@ -203,9 +211,7 @@ def fit_calibrated(
     # the representative labels (random test, k-means seed, given) stand for the unlabeled items;
     # the uncertainty-sampled ones are the hard cases: calibrate on the former (tried selecting C on
     # them too: no better on ELPV, and noisier)
-    mask = np.ones(len(y), dtype=bool)
-    if representative is not None and int(np.sum(representative)) >= min_calibration:
-        mask = np.asarray(representative, dtype=bool)
+    mask, rep = calibration_rows(representative, len(y), min_calibration=min_calibration)
     best_c = cs[len(cs) // 2]
     oof: np.ndarray | None = None
     cv_acc: float | None = None
@@ -242,7 +248,6 @@ def fit_calibrated(
     if oof is not None:  # every row held out once; classes nobody labeled get probability 0
         heldout[:] = 0.0
         heldout[:, present] = crossfit_scaled(oof[:, present], np.searchsorted(present, y), mask, seed=seed)
-    rep = np.asarray(representative, dtype=bool) if representative is not None else np.ones(len(y), dtype=bool)
     return CalibratedClassifier(mean=mean, scale=scale, model=model, present=present, scaling=scaling,
                                 n_classes=n_classes, c=best_c, calibrated=calibrated, cv_accuracy=cv_acc,
                                 cv_nll_raw=nll_raw, cv_nll_calibrated=nll_cal, calibration_items=n_cal,
@@ -442,10 +447,7 @@ class SemiSupervisedMLP:
         present, counts = np.unique(y, return_counts=True)
         local = np.searchsorted(present, y)
         heldout = np.full((len(y), n_classes), np.nan)
-        mask = np.ones(len(y), dtype=bool)
-        if representative is not None and int(np.sum(representative)) >= 40:
-            mask = np.asarray(representative, dtype=bool)
-        rep = np.asarray(representative, dtype=bool) if representative is not None else np.ones(len(y), dtype=bool)
+        mask, rep = calibration_rows(representative, len(y))
         empty = FittedMLP(mean=mean, scale=scale, model=None, present=present, scaling=Scaling(),
                           n_classes=n_classes, calibrated=False, heldout_proba=heldout, heldout_representative=rep,
                           heldout_labels=y, figures={"classifier": self.name})
