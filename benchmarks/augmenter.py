@@ -203,7 +203,9 @@ def main() -> None:
                         help="options.max_imbalance (ELPV train is 2.2:1, so the default 3.0 generates nothing)")
     parser.add_argument("--min-per-class", type=int, default=200)
     parser.add_argument("--threshold", type=float, default=0.9, help="X2 filter threshold")
-    parser.add_argument("--filter-size", type=int, default=128, help="X2 filter input side")
+    parser.add_argument("--filter-size", type=int,
+                        default=AugmenterSettings.model_fields["augmenter_filter_image_size"].default,
+                        help="X2 filter input side (default: the service's, which reuses the labeler's 224 px pass)")
     parser.add_argument("--eval-size", type=int, default=128, help="input side of the quick classifiers' features")
     parser.add_argument("--eval-c", type=float, default=0.01, help="C of the quick classifiers")
     parser.add_argument("--seed", type=int, default=0)
