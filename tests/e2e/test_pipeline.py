@@ -21,11 +21,7 @@ from dlforge.common.events import (
     ModelOptimized,
     ModelProposed,
     ModelTrained,
-    PipelineOptions,
-    Spec,
 )
-from dlforge.common.runtime import Backends
-from dlforge.common.settings import load_settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.s3, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -34,40 +30,14 @@ SERVICES = {"labeler", "augmenter", "proposer", "tuner", "trainer", "optimizer"}
 
 def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_url: str, s3_url: str, spans,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from small_run import small_run
+
     from dlforge.cli.pipeline import run_in_process
-    from dlforge.cli.platform import combined_app
     from dlforge.cli.report import build_report
-    from dlforge.labeler import simulated
-    from dlforge.labeler.demo_data import materialize_elpv
     from dlforge.optimizer.predictor import Predictor
 
-    data = tmp_path / "elpv"
-    truth = materialize_elpv(data, limit=240)
-    monkeypatch.setenv("DLFORGE_LABELER_IMPORT_ROOTS", str(tmp_path))
-    monkeypatch.setenv("DLFORGE_OPTIMIZER_ROUNDS", "1")  # one benchmark round: this test is about the flow
-    settings = load_settings(
-        bus=kafka_url,
-        objects=s3_url,
-        docs=f"sqlite:///{tmp_path}/docs.db",
-        work_dir=str(tmp_path / "work"),
-        poll_seconds=0.2,
-    )
-    backends = Backends.from_settings(settings)
-    app = combined_app(backends=backends, simulated_annotator=True)
-    spec = Spec(positive_class="defect", min_recall=0.9, min_accuracy=0.5, min_fps=1.0, input_size=256)
-    # 240 items are too few people-labeled items for the 2 % auto-label guarantee: label them all
-    options = PipelineOptions(hpo_trials=2, train_epochs=1, min_per_class=120, seed_fraction=0.1,
-                              batch_fraction=0.05, auto_label_all=True)
-
-    dataset_id = f"e2e-{uuid4().hex[:8]}"
-
-    async def upload(client):
-        await asyncio.to_thread(simulated.register_answers, backends.objects, dataset_id, truth)
-        response = await client.post("/labeler/datasets", json={
-            "folder": str(data), "name": "elpv-small", "spec": spec.model_dump(), "options": options.model_dump(),
-            "dataset_id": dataset_id})
-        assert response.status_code == 201, response.text
-        return response.json()
+    backends, app, data, truth, upload = small_run(tmp_path, monkeypatch, bus=kafka_url, objects=s3_url,
+                                                   dataset_id=f"e2e-{uuid4().hex[:8]}")
 
     run, events, created = asyncio.run(run_in_process(app, upload=upload, on_progress=lambda r: None, timeout=1500))
     assert run["state"] == "succeeded", run.get("failure")

@@ -16,9 +16,6 @@ from uuid import uuid4
 
 import pytest
 
-from dlforge.common.events import PipelineOptions, Spec
-from dlforge.common.runtime import Backends
-from dlforge.common.settings import load_settings
 from dlforge.vision.observe import CountingObserver, observing
 from dlforge.vision.staged import imagenet_trunk
 from dlforge.vision.trunk import TrunkFeatures
@@ -33,32 +30,12 @@ def objects_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def test_one_run_decodes_each_image_at_most_twice_and_embeds_it_once_per_size(
         tmp_path: Path, objects_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from small_run import small_run
+
     from dlforge.cli.pipeline import run_in_process
-    from dlforge.cli.platform import combined_app
-    from dlforge.labeler import simulated
-    from dlforge.labeler.demo_data import materialize_elpv
 
-    data = tmp_path / "elpv"
-    truth = materialize_elpv(data, limit=240)
-    monkeypatch.setenv("DLFORGE_LABELER_IMPORT_ROOTS", str(tmp_path))
-    monkeypatch.setenv("DLFORGE_OPTIMIZER_ROUNDS", "1")
-    settings = load_settings(bus="memory://", objects=objects_url, docs=f"sqlite:///{tmp_path}/docs.db",
-                             work_dir=str(tmp_path / "work"), poll_seconds=0.2)
-    backends = Backends.from_settings(settings)
-    app = combined_app(backends=backends, simulated_annotator=True)
-    spec = Spec(positive_class="defect", min_recall=0.9, min_accuracy=0.5, min_fps=1.0, input_size=256)
-    # as the end-to-end test: 240 items are too few people labels for the auto-label guarantee
-    options = PipelineOptions(hpo_trials=2, train_epochs=1, min_per_class=120, seed_fraction=0.1,
-                              batch_fraction=0.05, auto_label_all=True)
-    dataset_id = f"counts-{uuid4().hex[:8]}"
-
-    async def upload(client):  # type: ignore[no-untyped-def]
-        await asyncio.to_thread(simulated.register_answers, backends.objects, dataset_id, truth)
-        response = await client.post("/labeler/datasets", json={
-            "folder": str(data), "name": "elpv-small", "spec": spec.model_dump(), "options": options.model_dump(),
-            "dataset_id": dataset_id})
-        assert response.status_code == 201, response.text
-        return response.json()
+    _, app, data, _, upload = small_run(tmp_path, monkeypatch, bus="memory://", objects=objects_url,
+                                        dataset_id=f"counts-{uuid4().hex[:8]}")
 
     with observing(CountingObserver()) as counts:
         run, _, _ = asyncio.run(run_in_process(app, upload=upload, on_progress=lambda r: None, timeout=1500))
