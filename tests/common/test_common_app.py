@@ -2,31 +2,61 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from pydantic import BaseModel, Field
 
 from dlforge.common.app import ServicePart, backends_of, create_app
 from dlforge.common.errors import Conflict, InvalidInput, NotFound
 from dlforge.common.events import Event, LabelsSubmitted, Topic
+from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends, HandlerContext, Service
 from dlforge.common.settings import load_settings
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
+class Note(BaseModel):
+    text: str = Field(max_length=100)
+
+
+def make_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/page")
+    async def page(size: int = Query(10, ge=1), sort: Literal["asc", "desc"] = "asc") -> dict[str, Any]:
+        return {"size": size, "sort": sort}
+
+    @router.post("/labels/{batch}/notes")
+    async def note(batch: str, body: Note) -> dict[str, str]:
+        return {"batch": batch, "text": body.text}
+
+    @router.get("/bug")
+    async def bug() -> dict[str, int]:
+        return {"n": 1 // 0}
+
+    @router.get("/missing", responses=error_responses(404))
+    async def missing() -> None:
+        raise NotFound("no dataset 'x'")
+
+    return router
+
+
 def make_app(bus_url: str, tmp_path: Path) -> Any:
     service = Service("shop")
-    router = APIRouter()
+    router = make_router()
 
     @router.post("/labels/{batch}")
     async def submit(batch: str, backends: Backends = Depends(backends_of)) -> dict[str, str]:
@@ -36,10 +66,6 @@ def make_app(bus_url: str, tmp_path: Path) -> Any:
                           run_id=f"run-{batch}")
         await backends.publish(event)
         return {"event_id": event.event_id}
-
-    @router.get("/missing")
-    async def missing() -> None:
-        raise NotFound("no dataset 'x'")
 
     @router.get("/conflict")
     async def conflict() -> None:
@@ -102,10 +128,87 @@ def test_errors_map_to_http_statuses(tmp_path: Path) -> None:
     with TestClient(make_app("memory://", tmp_path)) as client:
         bad = client.post("/labels/bad")
         assert bad.status_code == 422
-        assert bad.json() == {"detail": "batch 'bad' is not a batch", "errors": {"field": "batch"}}
+        assert bad.json() == {"detail": "batch 'bad' is not a batch", "context": {"field": "batch"}}
         assert client.get("/missing").status_code == 404
         assert client.get("/missing").json() == {"detail": "no dataset 'x'"}
         assert client.get("/conflict").status_code == 409
+        assert client.get("/conflict").json() == {"detail": "dataset 'x' is at version 3, not 2"}
+
+
+def test_request_validation_errors_have_the_one_error_body(tmp_path: Path) -> None:
+    with TestClient(make_app("memory://", tmp_path)) as client:
+        r = client.get("/page", params={"size": "0", "sort": "sideways"})
+        assert r.status_code == 422
+        body = r.json()
+        assert set(body) == {"detail", "errors"}
+        assert [(e["loc"], e["type"]) for e in body["errors"]] == [
+            (["query", "size"], "greater_than_equal"), (["query", "sort"], "literal_error")]
+        assert body["detail"].startswith("invalid request: query.size: Input should be greater than or equal to 1;")
+        broken = client.post("/labels/b1/notes", content=b'{"text": ', headers={"content-type": "application/json"})
+        assert broken.status_code == 422 and broken.json()["errors"][0]["type"] == "json_invalid"
+
+
+def test_405_lists_every_method_of_the_path_and_404_names_the_path(tmp_path: Path) -> None:
+    with TestClient(make_app("memory://", tmp_path)) as client:
+        # GET and POST /labels/{batch} are two routes; Starlette alone would name only the first one's methods
+        r = client.delete("/labels/b1")
+        assert r.status_code == 405
+        assert r.headers["allow"] == "GET, POST"
+        assert r.json() == {"detail": "DELETE is not allowed on /labels/b1; allowed: GET, POST"}
+        assert client.options("/labels/b1").headers["allow"] == "GET, POST"
+        missing = client.get("/nowhere")
+        assert missing.status_code == 404 and missing.json() == {"detail": "no such path: /nowhere"}
+
+
+def test_a_bug_is_a_500_with_the_error_body_and_the_trace_id(tmp_path: Path) -> None:
+    with TestClient(make_app("memory://", tmp_path), raise_server_exceptions=False) as client:
+        r = client.get("/bug", headers={"traceparent": TRACEPARENT})
+        assert r.status_code == 500
+        assert r.json() == {"detail": f"internal error (ZeroDivisionError); trace id {TRACEPARENT.split('-')[1]}"}
+
+
+def test_the_openapi_document_declares_the_error_body_everywhere(tmp_path: Path) -> None:
+    doc = create_app([ServicePart(Service("shop"), router=make_router())]).openapi()
+    schemas = doc["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and "ValidationError" not in schemas
+    assert schemas["ErrorBody"]["required"] == ["detail"]
+    error = {"$ref": "#/components/schemas/ErrorBody"}
+    ops = {(m.upper(), path): op for path, item in doc["paths"].items() for m, op in item.items()}
+    for (method, path), op in ops.items():
+        assert op["responses"]["500"]["content"]["application/json"]["schema"] == error, (method, path)
+    missing = ops[("GET", "/missing")]["responses"]
+    assert sorted(missing) == ["200", "404", "500"]  # declared 404; no parameters, so no 422
+    assert missing["404"]["content"]["application/json"]["schema"] == error
+    page = ops[("GET", "/page")]["responses"]
+    assert sorted(page) == ["200", "422", "500"]
+    assert page["422"]["content"]["application/json"]["schema"] == error
+    notes = ops[("POST", "/labels/{batch}/notes")]["responses"]
+    assert sorted(notes) == ["200", "400", "422", "500"]  # a body: an unparsable one is a 400
+
+
+def test_embedded_pydantic_schemas_have_their_definitions_in_the_components() -> None:
+    class Inner(BaseModel):
+        size: int
+
+    class Outer(BaseModel):
+        inner: Inner
+        more: list[Inner] = []
+
+    router = APIRouter()
+
+    @router.post("/raw", openapi_extra={"requestBody": {"content": {
+        "application/json": {"schema": Outer.model_json_schema()}}}})
+    async def raw() -> dict[str, str]:
+        return {}
+
+    doc = create_app([ServicePart(Service("shop"), router=router)]).openapi()
+    text = json.dumps(doc)
+    assert "$defs" not in text
+    body = doc["paths"]["/raw"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["inner"] == {"$ref": "#/components/schemas/Inner"}
+    assert doc["components"]["schemas"]["Inner"]["properties"]["size"]["type"] == "integer"
+    refs = re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text)
+    assert refs and set(refs) <= set(doc["components"]["schemas"])
 
 
 def test_the_request_span_is_the_parent_of_the_publish_span_and_the_handler(

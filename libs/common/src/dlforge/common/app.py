@@ -14,14 +14,15 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dlforge.common.errors import Conflict, InvalidInput, NotFound
+from dlforge.common.http_errors import install_error_handlers, use_truthful_openapi
 from dlforge.common.runtime import Backends, Service, Worker
 from dlforge.common.settings import CommonSettings, load_settings
 from dlforge.common.tracing import configure_telemetry, extract_context, tracer
@@ -66,6 +67,8 @@ class TracingMiddleware:
             attributes={"http.request.method": scope["method"], "url.path": scope["path"],
                         "dlforge.service": self.service_name},
         ) as span:
+            # error bodies name the trace (a 500's handler runs outside this span)
+            scope.setdefault("state", {})["trace_id"] = format(span.get_span_context().trace_id, "032x")
             try:
                 await self.app(scope, receive, send_wrapper)
             finally:
@@ -77,6 +80,20 @@ class TracingMiddleware:
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:
                     span.set_status(Status(StatusCode.ERROR))
+
+
+class Health(BaseModel):
+    """The process is up; the services it serves."""
+
+    status: Literal["ok"]
+    services: list[str]
+
+
+class Readiness(BaseModel):
+    """Whether the backends answer and the workers have joined; each check's outcome."""
+
+    status: Literal["ready", "not ready", "starting"]
+    checks: dict[str, str] = Field(default_factory=dict, description="'ok', 'joining' or the failure")
 
 
 def backends_of(request: Request) -> Backends:
@@ -132,26 +149,15 @@ def create_app(
     app = FastAPI(title=app_name, version="0.1.0", lifespan=lifespan, **extra)
     app.add_middleware(TracingMiddleware, service_name=app_name)
 
-    @app.exception_handler(InvalidInput)
-    async def _invalid(_: Request, exc: InvalidInput) -> JSONResponse:
-        body: dict[str, Any] = {"detail": str(exc)}
-        if exc.details is not None:
-            body["errors"] = exc.details
-        return JSONResponse(body, status_code=exc.status_code)
-
-    @app.exception_handler(NotFound)
-    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    @app.exception_handler(Conflict)
-    async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=409)
+    install_error_handlers(app)
+    use_truthful_openapi(app)
 
     @app.get("/healthz", tags=["health"])
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "services": names}
+    async def healthz() -> Health:
+        return Health(status="ok", services=names)
 
-    @app.get("/readyz", tags=["health"])
+    @app.get("/readyz", tags=["health"], response_model=Readiness,
+             responses={503: {"model": Readiness, "description": "not ready: a backend or a worker is not"}})
     async def readyz(request: Request) -> JSONResponse:
         b: Backends | None = getattr(request.app.state, "backends", None)
         checks: dict[str, str] = {}

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Query
 from dlforge.common.app import ServicePart, backends_of
 from dlforge.common.errors import NotFound
 from dlforge.common.events import Event, Topic
+from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends, HandlerContext, Service
 
 RUNS = "runs_view"
@@ -163,7 +164,7 @@ async def list_runs(
     return [{k: v for k, v in d.items() if k != "events"} for d in docs]
 
 
-@router.get("/runs/{run_id}")
+@router.get("/runs/{run_id}", responses=error_responses(404))
 async def get_run(run_id: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
     doc = await backends.docs.get(RUNS, run_id)
     if doc is None:

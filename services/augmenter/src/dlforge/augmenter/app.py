@@ -13,6 +13,7 @@ from dlforge.augmenter.worker import RUNS, SAMPLES, service
 from dlforge.common.app import ServicePart, backends_of
 from dlforge.common.app import create_app as create_common_app
 from dlforge.common.errors import InvalidInput, NotFound
+from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import load_settings
 
@@ -53,13 +54,13 @@ async def _run(backends: Backends, dataset_id: str) -> dict[str, Any]:
     return doc
 
 
-@router.get("/datasets/{dataset_id}/augmentation")
+@router.get("/datasets/{dataset_id}/augmentation", responses=error_responses(404))
 async def get_augmentation(dataset_id: str, backends: BackendsDep) -> dict[str, Any]:
     """Per class real/generated/kept counts, the plan, the X2 filter's held-out accuracy and the timings."""
     return _public(await _run(backends, dataset_id))
 
 
-@router.get("/datasets/{dataset_id}/samples")
+@router.get("/datasets/{dataset_id}/samples", responses=error_responses(404))
 async def list_samples(
     dataset_id: str,
     backends: BackendsDep,

@@ -33,6 +33,7 @@ from dlforge.common.app import ServicePart, backends_of
 from dlforge.common.app import create_app as create_common_app
 from dlforge.common.errors import Conflict, InvalidInput, NotFound
 from dlforge.common.events import DatasetUploaded, Event, LabelsSubmitted, PipelineOptions, Spec
+from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings, load_settings
 from dlforge.labeler import records
@@ -265,6 +266,7 @@ def _open_and_scan(
 
 
 @router.post("/datasets", status_code=201, response_model=DatasetCreated,
+             responses=error_responses(403, 404, 409, 413, 415, 422),
              openapi_extra={"requestBody": {"content": {
                  "multipart/form-data": {"schema": {"type": "object", "properties": {
                      "file": {"type": "string", "format": "binary"}, "spec": {"type": "string"},
@@ -368,13 +370,13 @@ async def list_datasets(
     return [records.public(d, detail=False) for d in docs]
 
 
-@router.get("/datasets/{dataset_id}")
+@router.get("/datasets/{dataset_id}", responses=error_responses(404))
 async def get_dataset(dataset_id: str, backends: Annotated[Backends, Depends(backends_of)]) -> dict[str, Any]:
     """The dataset record: state, counts, classes, rounds, rejected files and duplicates."""
     return records.public(await records.load(backends.docs, dataset_id))
 
 
-@router.get("/datasets/{dataset_id}/queue", response_model=Queue)
+@router.get("/datasets/{dataset_id}/queue", response_model=Queue, responses=error_responses(404))
 async def get_queue(dataset_id: str, request: Request,
                     backends: Annotated[Backends, Depends(backends_of)]) -> Queue:
     """The items of the batch waiting for a person, with image URLs."""
@@ -407,7 +409,7 @@ async def get_queue(dataset_id: str, request: Request,
                  allow_new_classes=bool(record.get("allow_new_classes", True)), items=items)
 
 
-@router.get("/datasets/{dataset_id}/review", response_model=Review)
+@router.get("/datasets/{dataset_id}/review", response_model=Review, responses=error_responses(404, 409))
 async def get_review(dataset_id: str, request: Request, backends: Annotated[Backends, Depends(backends_of)],
                      limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> Review:
     """The items the labeler left for people: no auto-label met the run's error guarantee for them."""
@@ -429,7 +431,9 @@ async def get_review(dataset_id: str, request: Request, backends: Annotated[Back
     )
 
 
-@router.get("/datasets/{dataset_id}/items/{item_id}/image", name="labeler_item_image")
+@router.get("/datasets/{dataset_id}/items/{item_id}/image", name="labeler_item_image",
+            responses={200: {"content": {"image/*": {}}, "description": "the image's bytes"},
+                       **error_responses(404)})
 async def get_item_image(dataset_id: str, item_id: str,
                          backends: Annotated[Backends, Depends(backends_of)]) -> Response:
     record = await records.load(backends.docs, dataset_id)
@@ -479,7 +483,7 @@ def _load_search(backends: Backends, record: dict[str, Any], settings: LabelerSe
     return search
 
 
-@router.get("/datasets/{dataset_id}/similar", response_model=Similar)
+@router.get("/datasets/{dataset_id}/similar", response_model=Similar, responses=error_responses(404, 409))
 async def similar(
     dataset_id: str,
     backends: Annotated[Backends, Depends(backends_of)],
@@ -511,7 +515,7 @@ async def similar(
 # ------------------------------------------------------------------------------------------
 
 
-@router.post("/labels", status_code=202, response_model=LabelsAccepted)
+@router.post("/labels", status_code=202, response_model=LabelsAccepted, responses=error_responses(404, 409))
 async def submit_labels(body: LabelSubmission,
                         backends: Annotated[Backends, Depends(backends_of)]) -> LabelsAccepted:
     """A person's labels for (part of) the batch waiting for people; emits ``labels.submitted``."""

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFil
 from dlforge.common.app import ServicePart, backends_of
 from dlforge.common.app import create_app as create_common_app
 from dlforge.common.errors import InvalidInput, NotFound
+from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
 from dlforge.optimizer.predictor import Prediction, Predictor
@@ -33,7 +34,7 @@ async def _latest(backends: Backends, dataset_id: str, model_id: str | None) -> 
     return docs[0]
 
 
-@router.get("/reports/{dataset_id}")
+@router.get("/reports/{dataset_id}", responses=error_responses(404))
 async def get_report(
     dataset_id: str, model_id: str | None = Query(default=None), backends: Backends = Depends(backends_of)
 ) -> dict[str, Any]:
@@ -67,7 +68,7 @@ async def _predictor(request: Request, backends: Backends, doc: dict[str, Any], 
     return predictor
 
 
-@router.post("/models/{dataset_id}/predict", response_model=Prediction)
+@router.post("/models/{dataset_id}/predict", response_model=Prediction, responses=error_responses(404, 413))
 async def predict(
     request: Request,
     dataset_id: str,

@@ -12,6 +12,7 @@ from dlforge.common.app import ServicePart, backends_of
 from dlforge.common.app import create_app as common_create_app
 from dlforge.common.errors import NotFound
 from dlforge.common.events import Spec
+from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
 from dlforge.proposer.handlers import rank
@@ -36,7 +37,7 @@ async def get_models(backends: Backends = Depends(backends_of)) -> dict[str, Any
     return {"models": models, "build": build_status(backends.objects, backends.docs)}
 
 
-@router.get("/models/{model_id}")
+@router.get("/models/{model_id}", responses=error_responses(404))
 async def get_model(model_id: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
     doc = await backends.docs.get(MODELS, model_id)
     if doc is None:
@@ -53,7 +54,7 @@ async def rebuild_models(force: bool = False, backends: Backends = Depends(backe
     return {"state": "running", "already_running": running, "force": force and not running}
 
 
-@router.get("/proposals/{dataset_id}")
+@router.get("/proposals/{dataset_id}", responses=error_responses(404))
 async def get_proposal(dataset_id: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
     """The ranking of a dataset's proposal: every raw and normalized sub-score, timings, and why the winner won."""
     doc = await backends.docs.get(PROPOSALS, dataset_id)
@@ -66,7 +67,7 @@ class RerankRequest(BaseModel):
     weights: dict[str, float] = Field(description="sub-score -> weight, merged over the weights the proposal used")
 
 
-@router.post("/proposals/{dataset_id}/rerank")
+@router.post("/proposals/{dataset_id}/rerank", responses=error_responses(404))
 async def rerank(dataset_id: str, body: RerankRequest, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
     """The same measurements ranked with other weights (nothing is re-measured or stored)."""
     doc = await backends.docs.get(PROPOSALS, dataset_id)

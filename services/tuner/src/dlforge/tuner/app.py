@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from dlforge.common.app import ServicePart, backends_of
 from dlforge.common.app import create_app as create_common_app
 from dlforge.common.errors import Conflict, InvalidInput, NotFound
+from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
 from dlforge.tuner.handlers import StudyContext, TuningOverride, best_trial, default_config, load_study, trial_table
@@ -41,7 +42,7 @@ async def list_studies(
     return [{k: d.get(k) for k in _SUMMARY} for d in docs]
 
 
-@router.get("/studies/{name}")
+@router.get("/studies/{name}", responses=error_responses(404))
 async def get_study(name: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
     doc = await backends.docs.get(STUDIES, name)
     if doc is None:
@@ -63,7 +64,7 @@ async def get_study(name: str, backends: Backends = Depends(backends_of)) -> dic
             "storage_url": ctx.storage_url, **live}
 
 
-@router.post("/studies/{name}/stop")
+@router.post("/studies/{name}/stop", responses=error_responses(404, 409))
 async def stop_study(name: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
     doc = await backends.docs.get(STUDIES, name)
     if doc is None:
@@ -80,7 +81,7 @@ async def tuning_defaults(backends: Backends = Depends(backends_of)) -> dict[str
     return config.model_dump(mode="json")
 
 
-@router.put("/runs/{run_id}/tuning")
+@router.put("/runs/{run_id}/tuning", responses=error_responses(409))
 async def set_run_tuning(
     run_id: str, body: dict[str, Any], backends: Backends = Depends(backends_of)
 ) -> dict[str, Any]:
