@@ -48,6 +48,14 @@ CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conform
           "unsupported_method", "allow_header_conformance", "missing_required_header")
 
 
+HINTS = {
+    "status_code_conformance": "\n    -> declare the code on the route: responses=error_responses(CODE) "
+                               "(dlforge.common.http_errors), or stop returning it",
+    "response_schema_conformance": "\n    -> errors must be raised as InvalidInput/NotFound/Conflict (an ErrorBody); "
+                                   "a success body must match the route's response model",
+}
+
+
 def schemathesis_config(max_examples: int = MAX_EXAMPLES) -> SchemathesisConfig:
     return SchemathesisConfig.from_dict({
         "seed": SEED,
@@ -87,8 +95,9 @@ def conformance_failures(app: FastAPI, *, max_examples: int = MAX_EXAMPLES) -> l
                         if node.status == Status.FAILURE and node.failure_info is not None:
                             failure = node.failure_info.failure
                             key = (str(event.label), node.name, failure.title)
+                            hint = HINTS.get(node.name, "")
                             found.setdefault(key, f"{key[0]} [{node.name}] {failure.title}: {failure.message}\n"
-                                                  f"    {node.failure_info.code_sample}")
+                                                  f"    {node.failure_info.code_sample}{hint}")
             elif isinstance(event, events.NonFatalError):
                 found.setdefault((event.label, "error", type(event.value).__name__),
                                  f"{event.label} [error] {event.value!r}")

@@ -181,6 +181,17 @@ class Similar(BaseModel):
 # ------------------------------------------------------------------------------------------
 
 
+def _form_schema(*, with_file: bool) -> dict[str, Any]:
+    """The form of ``POST /datasets``: DatasetRequest's fields as text (spec, options and classes as JSON)."""
+    props: dict[str, Any] = {"file": {"type": "string", "format": "binary", "description": "the zip archive"}} \
+        if with_file else {}
+    for name, field in DatasetRequest.model_fields.items():
+        text = {"spec": "JSON object", "options": "JSON object", "classes": "JSON list or comma-separated names",
+                "allow_new_classes": "true/false"}.get(name)
+        props[name] = {"type": "string", "description": "; ".join(x for x in (field.description, text) if x)}
+    return {"type": "object", "properties": props, "additionalProperties": False}
+
+
 def _json_field(form: Any, name: str) -> Any:
     raw = form.get(name)
     if raw is None or raw == "":
@@ -268,11 +279,8 @@ def _open_and_scan(
 @router.post("/datasets", status_code=201, response_model=DatasetCreated,
              responses=error_responses(403, 404, 409, 413, 415, 422),
              openapi_extra={"requestBody": {"content": {
-                 "multipart/form-data": {"schema": {"type": "object", "properties": {
-                     "file": {"type": "string", "format": "binary"}, "spec": {"type": "string"},
-                     "options": {"type": "string"}, "name": {"type": "string"}, "run_id": {"type": "string"},
-                     "dataset_id": {"type": "string"}, "classes": {"type": "string"},
-                     "layout": {"type": "string"}}}},
+                 "multipart/form-data": {"schema": _form_schema(with_file=True)},
+                 "application/x-www-form-urlencoded": {"schema": _form_schema(with_file=False)},
                  "application/json": {"schema": DatasetRequest.model_json_schema()}}}})
 async def create_dataset(request: Request, backends: Annotated[Backends, Depends(backends_of)]) -> DatasetCreated:
     """Ingest a zip upload or a server-side folder; emits ``dataset.uploaded``."""
