@@ -20,25 +20,33 @@ fails here; ``test_the_check_catches_what_it_should`` shows that it does.
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import re
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import schemathesis
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
+from PIL import Image
 from pydantic import BaseModel
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status, events
 from schemathesis.python import asgi
 
 from dlforge.common.app import ServicePart, create_app
+from dlforge.common.backends import open_objects
 from dlforge.common.errors import NotFound
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Service
 from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.vision.manifest import load_manifest
 
 SERVICES = ("labeler", "augmenter", "proposer", "tuner", "trainer", "optimizer")
 MAX_EXAMPLES = 25
@@ -56,8 +64,9 @@ HINTS = {
 }
 
 
-def schemathesis_config(max_examples: int = MAX_EXAMPLES) -> SchemathesisConfig:
+def schemathesis_config(max_examples: int = MAX_EXAMPLES, **extra: Any) -> SchemathesisConfig:
     return SchemathesisConfig.from_dict({
+        **extra,
         "seed": SEED,
         "generation": {"max-examples": max_examples, "deterministic": True, "mode": "all"},
         "phases": {"stateful": {"enabled": False}},  # no links between operations are declared
@@ -81,15 +90,31 @@ def unresolved_refs(document: dict[str, Any]) -> list[str]:
     return bad
 
 
-def conformance_failures(app: FastAPI, *, max_examples: int = MAX_EXAMPLES) -> list[str]:
-    """Run schemathesis over ``app``'s /openapi.json; every failed check and error, one readable entry each."""
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=schemathesis_config(max_examples))
+@dataclass
+class Conformance:
+    """What a schemathesis run found: each failed check or error, and the statuses each operation answered."""
+
+    failures: list[str]
+    statuses: dict[str, set[int]]
+
+
+def conformance(app: FastAPI, *, max_examples: int = MAX_EXAMPLES, **config: Any) -> Conformance:
+    """Run schemathesis over ``app``'s /openapi.json.
+
+    ``config``: more schemathesis settings, e.g. ``dictionaries`` and ``parameters`` to draw known ids.
+    """
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app,
+                                            config=schemathesis_config(max_examples, **config))
     found: dict[tuple[str, str, str], str] = {}
+    statuses: dict[str, set[int]] = {}
     tested = 0
     try:
         for event in schemathesis.engine.from_schema(schema).execute():
             if isinstance(event, events.ScenarioFinished):
                 tested += len(event.recorder.cases)
+                for interaction in event.recorder.interactions.values():
+                    if interaction.response is not None:
+                        statuses.setdefault(str(event.label), set()).add(interaction.response.status_code)
                 for nodes in event.recorder.checks.values():
                     for node in nodes:
                         if node.status == Status.FAILURE and node.failure_info is not None:
@@ -106,7 +131,12 @@ def conformance_failures(app: FastAPI, *, max_examples: int = MAX_EXAMPLES) -> l
     finally:
         asgi.shutdown_lifespans()  # the apps' lifespans (backends, workers) ran in schemathesis' event loop
     assert tested > 0, "schemathesis tested nothing"
-    return list(found.values())
+    return Conformance(list(found.values()), statuses)
+
+
+def conformance_failures(app: FastAPI, *, max_examples: int = MAX_EXAMPLES) -> list[str]:
+    """Every failed check and error of a schemathesis run over ``app``, one readable entry each."""
+    return conformance(app, max_examples=max_examples).failures
 
 
 @pytest.fixture
@@ -136,6 +166,45 @@ def test_the_combined_api_of_dlforge_up_conforms_to_its_openapi(settings: Common
     assert unresolved_refs(app.openapi()) == []  # e.g. the dataset upload's #/$defs/Spec
     failures = conformance_failures(app)
     assert not failures, "\n\n".join(failures)
+
+
+def cells_zip() -> bytes:
+    """Eight distinct 16x16 grey PNGs in two class folders."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(8):
+            image = io.BytesIO()
+            pixels = np.random.default_rng(i).integers(0, 256, (16, 16), dtype=np.uint8)
+            Image.fromarray(pixels, mode="L").save(image, format="PNG")
+            zf.writestr(f"{'good' if i < 4 else 'defect'}/cell{i}.png", image.getvalue())
+    return buf.getvalue()
+
+
+def test_the_labeler_api_about_a_stored_dataset_conforms(settings: CommonSettings) -> None:
+    """Requests that name a dataset and items that exist (drawn for most cases): 200s, images, 409s."""
+    from dlforge.labeler.app import part
+
+    # no worker: the dataset stays as uploaded, so the answers do not change while the requests come
+    app = create_app([part()], settings=settings, run_workers=False)
+    with TestClient(app) as client:
+        created = client.post("/datasets", files={"file": ("cells.zip", cells_zip(), "application/zip")},
+                              data={"dataset_id": "ds-known", "run_id": "run-known"})
+        assert created.status_code == 201, created.text
+    manifest = load_manifest(open_objects(settings.objects), created.json()["manifest_key"])
+    assert len(manifest.items) == 8
+    dictionaries = {"datasets": {"values": ["ds-known"]},
+                    "items": {"values": [i.item_id for i in manifest.items] + [i.name for i in manifest.items]}}
+    parameters = {"path.dataset_id": {"dictionary": "datasets", "probability": 0.8},
+                  "path.item_id": {"dictionary": "items", "probability": 0.8},
+                  "query.item": {"dictionary": "items", "probability": 0.8}}
+    run = conformance(app, dictionaries=dictionaries, parameters=parameters)
+    assert not run.failures, "\n\n".join(run.failures)
+    # the known ids were drawn: the dataset and its images were found, the labeling endpoints said "not now"
+    assert 200 in run.statuses["GET /datasets/{dataset_id}"]
+    assert 200 in run.statuses["GET /datasets/{dataset_id}/items/{item_id}/image"]
+    assert 200 in run.statuses["GET /datasets/{dataset_id}/queue"]
+    assert 409 in run.statuses["GET /datasets/{dataset_id}/review"]
+    assert 409 in run.statuses["GET /datasets/{dataset_id}/similar"]
 
 
 # ------------------------------------------------------------------------------------------------
