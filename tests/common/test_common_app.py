@@ -160,6 +160,30 @@ def test_405_lists_every_method_of_the_path_and_404_names_the_path(tmp_path: Pat
         assert missing.status_code == 404 and missing.json() == {"detail": "no such path: /nowhere"}
 
 
+def test_a_concrete_path_wins_over_a_template_as_in_openapi(tmp_path: Path) -> None:
+    router = APIRouter()
+
+    @router.get("/things/{name}")
+    async def thing(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    @router.post("/things/rebuild", status_code=202)
+    async def rebuild() -> dict[str, str]:
+        return {"state": "running"}
+
+    settings = load_settings(objects=f"file://{tmp_path}/objects", docs=f"sqlite:///{tmp_path}/d.db")
+    with TestClient(create_app([ServicePart(Service("shop"), router=router)], settings=settings,
+                               run_workers=False)) as client:
+        assert client.get("/things/bolt").json() == {"name": "bolt"}
+        assert client.post("/things/rebuild").status_code == 202
+        # Starlette alone would answer GET /things/rebuild as the thing named 'rebuild'
+        r = client.get("/things/rebuild")
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        assert r.json() == {"detail": "GET is not allowed on /things/rebuild; allowed: POST"}
+        wrong = client.delete("/things/bolt")
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "GET"
+
+
 def test_a_bug_is_a_500_with_the_error_body_and_the_trace_id(tmp_path: Path) -> None:
     with TestClient(make_app("memory://", tmp_path), raise_server_exceptions=False) as client:
         r = client.get("/bug", headers={"traceparent": TRACEPARENT})

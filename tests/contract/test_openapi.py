@@ -49,7 +49,7 @@ from dlforge.common.settings import CommonSettings, load_settings
 from dlforge.vision.manifest import load_manifest
 
 SERVICES = ("labeler", "augmenter", "proposer", "tuner", "trainer", "optimizer")
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = 20
 SEED = 20260
 CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
           "response_schema_conformance", "response_headers_conformance", "negative_data_rejection",

@@ -22,7 +22,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dlforge.common.http_errors import install_error_handlers, use_truthful_openapi
+from dlforge.common.http_errors import ConcretePathsFirst, install_error_handlers, use_truthful_openapi
 from dlforge.common.runtime import Backends, Service, Worker
 from dlforge.common.settings import CommonSettings, load_settings
 from dlforge.common.tracing import configure_telemetry, extract_context, tracer
@@ -147,6 +147,7 @@ def create_app(
         # FastAPI's own request spans would duplicate TracingMiddleware's (two SERVER spans per request)
         extra["telemetry"] = {"tracing": False}
     app = FastAPI(title=app_name, version="0.1.0", lifespan=lifespan, **extra)
+    app.add_middleware(ConcretePathsFirst, api=app)
     app.add_middleware(TracingMiddleware, service_name=app_name)
 
     install_error_handlers(app)

@@ -4,9 +4,9 @@ Every error response of every service is an :class:`ErrorBody` — ``{"detail": 
 "context": {...} | null}`` — whether it comes from a handler (:class:`~dlforge.common.errors.InvalidInput`,
 ``NotFound``, ``Conflict``), from request validation (FastAPI's ``RequestValidationError``, whose own body
 has ``detail`` as an array), from routing (404 for an unknown path, 405 with an ``Allow`` header that lists
-every method of the path) or from a bug (500).
+every method of the path, concrete paths before templated ones as OpenAPI matches them) or from a bug (500).
 
-What the OpenAPI document says (:func:`openapi_document`):
+What the OpenAPI document says (:func:`truthful_openapi`):
 
 - every operation documents 500, 422 where it takes input (FastAPI adds that one) and 400 where it takes a
   body (one that cannot be parsed), with ``ErrorBody``;
@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dlforge.common.errors import Conflict, InvalidInput, NotFound
 
@@ -113,6 +114,7 @@ def _summary(errors: Sequence[dict[str, Any]]) -> str:
 
 
 _HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+_METHODS = tuple(m.lower() for m in _HTTP_METHODS)  # the operation keys of an OpenAPI path item
 
 
 def allowed_methods(routes: Sequence[BaseRoute], scope: Mapping[str, Any]) -> list[str]:
@@ -123,6 +125,40 @@ def allowed_methods(routes: Sequence[BaseRoute], scope: Mapping[str, Any]) -> li
     """
     return [m for m in _HTTP_METHODS
             if any(route.matches({**scope, "method": m})[0] == Match.FULL for route in routes)]
+
+
+class ConcretePathsFirst:
+    """405 for a method a concrete path lacks, even where a templated path would take the request.
+
+    OpenAPI matches a concrete path before a templated one: ``GET /models/rebuild`` is an undocumented
+    method of ``/models/rebuild``, not ``GET /models/{model_id}`` with the id ``rebuild``, which is
+    where Starlette would route it. The concrete paths and their methods are the app's OpenAPI document's.
+    """
+
+    def __init__(self, app: ASGIApp, api: FastAPI) -> None:
+        self.app = app
+        self.api = api
+        self._concrete: dict[str, list[str]] | None = None
+
+    def concrete_paths(self) -> dict[str, list[str]]:
+        if self._concrete is None:
+            paths: dict[str, Any] = self.api.openapi().get("paths", {})
+            self._concrete = {path: sorted(m.upper() for m in item if m in _METHODS)
+                              for path, item in paths.items() if "{" not in path}
+        return self._concrete
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path, root = scope["path"], scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root):]
+            methods = self.concrete_paths().get(path)
+            if methods is not None and scope["method"] not in methods:
+                detail = f"{scope['method']} is not allowed on {path}; allowed: {', '.join(methods)}"
+                response = JSONResponse(error_body(detail), status_code=405, headers={"Allow": ", ".join(methods)})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -170,9 +206,6 @@ def install_error_handlers(app: FastAPI) -> None:
 # ------------------------------------------------------------------------------------------------
 # The OpenAPI document
 # ------------------------------------------------------------------------------------------------
-
-_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
-
 
 def _error_ref() -> dict[str, Any]:
     return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ERROR_SCHEMA}"}}}}
