@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from dlforge.common.app import ServicePart, backends_of, create_app
 from dlforge.common.errors import Conflict, InvalidInput, NotFound
@@ -233,6 +233,37 @@ def test_embedded_pydantic_schemas_have_their_definitions_in_the_components() ->
     assert doc["components"]["schemas"]["Inner"]["properties"]["size"]["type"] == "integer"
     refs = re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text)
     assert refs and set(refs) <= set(doc["components"]["schemas"])
+
+
+def test_embedded_definitions_of_the_same_name_but_another_shape_get_their_own_name() -> None:
+    class Inner(BaseModel):
+        size: int
+
+    class First(BaseModel):
+        inner: Inner
+
+    other_inner = create_model("Inner", colour=(str, ...))  # another model that pydantic also calls Inner
+    Second = create_model("Second", inner=(other_inner, ...))
+
+    router = APIRouter()
+
+    @router.post("/a", openapi_extra={"requestBody": {"content": {
+        "application/json": {"schema": First.model_json_schema()}}}})
+    async def a() -> None:
+        return None
+
+    @router.post("/b", openapi_extra={"requestBody": {"content": {
+        "application/json": {"schema": Second.model_json_schema()}}}})
+    async def b() -> None:
+        return None
+
+    doc = create_app([ServicePart(Service("shop"), router=router)]).openapi()
+    schemas = doc["components"]["schemas"]
+    body = {p: doc["paths"][p]["post"]["requestBody"]["content"]["application/json"]["schema"] for p in ("/a", "/b")}
+    assert body["/a"]["properties"]["inner"] == {"$ref": "#/components/schemas/Inner"}
+    assert body["/b"]["properties"]["inner"] == {"$ref": "#/components/schemas/Inner2"}
+    assert list(schemas["Inner"]["properties"]) == ["size"]
+    assert list(schemas["Inner2"]["properties"]) == ["colour"]
 
 
 def test_the_request_span_is_the_parent_of_the_publish_span_and_the_handler(
