@@ -153,3 +153,6 @@ def test_a_changed_current_version_is_reported(document: dict[str, Any]) -> None
     edited = copy.deepcopy(document)
     edited["components"]["schemas"]["run.failed.v1.payload"]["properties"]["reason"]["maxLength"] = 10
     assert changed_versions(edited, build_document(previous=edited)) == ["run.failed.v1"]
+    reworded = copy.deepcopy(document)
+    reworded["components"]["schemas"]["run.failed.v1.payload"]["description"] = "other words"
+    assert changed_versions(reworded, build_document(previous=reworded)) == []

@@ -16,6 +16,7 @@ once published, never changes) and fails when one is missing. ``scripts/asyncapi
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -92,7 +93,7 @@ def version_schemas(topic: Topic, payload_cls: type[Payload]) -> dict[str, Any]:
     props["payload"] = {"$ref": f"#/components/schemas/{name}.payload"}
     schemas[name] = {
         "title": f"{topic.value} v{version}",
-        "description": (payload_cls.__doc__ or "").strip() or f"A {topic.value} event, schema version {version}.",
+        "description": inspect.cleandoc(payload_cls.__doc__ or "") or f"A {topic.value} event, schema version {version}.",
         "type": "object",
         "properties": props,
         # decode() needs every field that cannot be null; a missing causation_id reads as none
@@ -155,7 +156,7 @@ def build_document(
         channels[topic.value] = {
             "address": topic.value,
             "title": topic.value,
-            "description": (payload_cls.__doc__ or "").strip() or f"Events of {topic.value}.",
+            "description": inspect.cleandoc(payload_cls.__doc__ or "") or f"Events of {topic.value}.",
             "messages": channel_messages,
         }
         operations[f"publish.{topic.value}"] = {
@@ -174,13 +175,22 @@ def build_document(
     }
 
 
+def _shape(node: Any) -> Any:
+    """A schema without its words (titles, descriptions): what a change of it can break."""
+    if isinstance(node, dict):
+        return {k: _shape(v) for k, v in node.items() if k not in ("title", "description")}
+    if isinstance(node, list):
+        return [_shape(v) for v in node]
+    return node
+
+
 def _version_schemas_in(document: Mapping[str, Any], name: str) -> dict[str, Any]:
     schemas: Mapping[str, Any] = document.get("components", {}).get("schemas", {})
-    return {k: v for k, v in schemas.items() if k == name or k.startswith(f"{name}.")}
+    return {k: _shape(v) for k, v in schemas.items() if k == name or k.startswith(f"{name}.")}
 
 
 def changed_versions(previous: Mapping[str, Any] | None, document: Mapping[str, Any]) -> list[str]:
-    """The versions (``topic.vN``) published in ``previous`` whose schemas ``document`` changes."""
+    """The versions (``topic.vN``) published in ``previous`` whose schemas ``document`` changes (not just words)."""
     if previous is None:
         return []
     changed = []

@@ -128,6 +128,8 @@ class ClassCount(BaseModel):
 
 
 class DatasetUploaded(Payload):
+    """A data set was ingested by the labeler: its items, classes and manifest, with the run's spec and options."""
+
     TOPIC = Topic.DATASET_UPLOADED
     SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all
 
@@ -144,6 +146,8 @@ class DatasetUploaded(Payload):
 
 
 class LabelsRequested(Payload):
+    """The labeler asks people (or the simulated annotator) to label a batch of items."""
+
     TOPIC = Topic.LABELS_REQUESTED
 
     dataset_id: str
@@ -154,6 +158,8 @@ class LabelsRequested(Payload):
 
 
 class LabelsSubmitted(Payload):
+    """Labels for (part of) the waiting batch, from a person or the simulated annotator."""
+
     TOPIC = Topic.LABELS_SUBMITTED
 
     dataset_id: str
@@ -163,6 +169,9 @@ class LabelsSubmitted(Payload):
 
 
 class DatasetLabeled(Payload):
+    """Labeling ended: the labeled manifest, the count per class, and how many labels are human, automatic or left
+    for review."""
+
     TOPIC = Topic.DATASET_LABELED
     SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all; needs_review
 
@@ -188,6 +197,8 @@ class AugmentationCount(BaseModel):
 
 
 class DatasetAugmented(Payload):
+    """The augmenter's training manifest (real items plus the kept generated samples) and its counts per class."""
+
     TOPIC = Topic.DATASET_AUGMENTED
     SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all
 
@@ -211,6 +222,8 @@ class CandidateScore(BaseModel):
 
 
 class ModelProposed(Payload):
+    """The proposer's ranking of the repository's candidate models for the data set, and the one it chose."""
+
     TOPIC = Topic.MODEL_PROPOSED
     SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all
 
@@ -225,6 +238,8 @@ class ModelProposed(Payload):
 
 
 class HpoTrial(Payload):
+    """The tuner asks a trainer to train one trial of its study with these hyperparameters."""
+
     TOPIC = Topic.HPO_TRIAL
 
     study_name: str
@@ -242,6 +257,8 @@ class HpoTrial(Payload):
 
 
 class HpoTrialCompleted(Payload):
+    """A trainer's outcome of one trial: complete, pruned or failed, with its per-epoch values."""
+
     TOPIC = Topic.HPO_TRIAL_COMPLETED
 
     study_name: str
@@ -264,6 +281,8 @@ class TrialRecord(BaseModel):
 
 
 class HpoCompleted(Payload):
+    """The tuner's study ended: the best hyperparameters and every trial."""
+
     TOPIC = Topic.HPO_COMPLETED
     SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all
 
@@ -282,6 +301,8 @@ class HpoCompleted(Payload):
 
 
 class ModelTrained(Payload):
+    """The final model was trained: its checkpoint, hyperparameters and metrics."""
+
     TOPIC = Topic.MODEL_TRAINED
     SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all
 
@@ -299,6 +320,8 @@ class ModelTrained(Payload):
 
 
 class ModelOptimized(Payload):
+    """The optimizer's variants of the trained model, the one chosen, and whether the spec is met."""
+
     TOPIC = Topic.MODEL_OPTIMIZED
 
     dataset_id: str
@@ -312,6 +335,8 @@ class ModelOptimized(Payload):
 
 
 class RunFailed(Payload):
+    """A stage gave up on the run; the reason says why."""
+
     TOPIC = Topic.RUN_FAILED
 
     stage: str
@@ -320,6 +345,8 @@ class RunFailed(Payload):
 
 
 class DeadLetter(Payload):
+    """A message that could not be handled: the reason, the original bytes and headers, the attempts."""
+
     TOPIC = Topic.DEAD_LETTER
 
     consumer: str
