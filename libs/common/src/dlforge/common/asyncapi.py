@@ -91,9 +91,10 @@ def version_schemas(topic: Topic, payload_cls: type[Payload]) -> dict[str, Any]:
     props["event_type"] = {"const": topic.value, "type": "string", "title": "Event Type"}
     props["schema_version"] = {"const": version, "type": "integer", "title": "Schema Version"}
     props["payload"] = {"$ref": f"#/components/schemas/{name}.payload"}
+    meaning = inspect.cleandoc(payload_cls.__doc__ or "")
     schemas[name] = {
         "title": f"{topic.value} v{version}",
-        "description": inspect.cleandoc(payload_cls.__doc__ or "") or f"A {topic.value} event, schema version {version}.",
+        "description": meaning or f"A {topic.value} event, schema version {version}.",
         "type": "object",
         "properties": props,
         # decode() needs every field that cannot be null; a missing causation_id reads as none
