@@ -119,6 +119,15 @@ def test_an_old_event_without_an_upcaster_is_poison() -> None:
         decode((GOLDEN / "run.failed.v1.json").read_bytes(), payload_types=V2_TYPES)
 
 
+def test_labels_submitted_v1_is_a_submission_straight_to_the_bus() -> None:
+    stored = json.loads((GOLDEN / "labels.submitted.v1.json").read_bytes())
+    event = decode((GOLDEN / "labels.submitted.v1.json").read_bytes())
+    assert isinstance(event.payload, LabelsSubmitted) and event.schema_version == 2
+    assert event.payload.sequence is None  # v1 had no label log
+    assert event.payload.labels == stored["payload"]["labels"] == {"i-0001": "defect", "i-0002": "good"}
+    assert event.payload.annotator == "annotator-sim"
+
+
 def test_the_default_registry_is_untouched_by_test_upcasters(upcasters: object) -> None:
     event = decode((GOLDEN / "run.failed.v1.json").read_bytes())
     assert type(event.payload) is RunFailed and event.schema_version == 1
@@ -140,7 +149,7 @@ def _golden(topic: str = "labels.submitted") -> dict:
         (b"{not json", "not JSON"),
         (b"[1, 2, 3]", "not an object"),
         (json.dumps({**_golden(), "event_type": "no.such.topic"}).encode(), "unknown event_type 'no.such.topic'"),
-        (json.dumps({**_golden(), "schema_version": 2}).encode(), "newer than this service knows"),
+        (json.dumps({**_golden(), "schema_version": 3}).encode(), "newer than this service knows"),
         (json.dumps({**_golden(), "schema_version": "1"}).encode(), "schema_version missing or not an integer"),
         (json.dumps({k: v for k, v in _golden().items() if k != "payload"}).encode(), "payload missing"),
         (json.dumps({**_golden(), "payload": {"dataset_id": "d"}}).encode(), "invalid labels.submitted event"),
@@ -167,7 +176,7 @@ def test_new_and_follow_fill_the_envelope() -> None:
     payload = LabelsSubmitted(dataset_id="d", batch_id="b", labels={"i": "good"}, annotator="a")
     event = Event.new(payload, run_id="run-1")
     assert event.event_type == Topic.LABELS_SUBMITTED and event.topic == Topic.LABELS_SUBMITTED
-    assert event.schema_version == 1 and event.causation_id is None and len(event.event_id) == 32
+    assert event.schema_version == 2 and event.causation_id is None and len(event.event_id) == 32
     assert event.occurred_at.tzinfo is not None and abs((datetime.now(UTC) - event.occurred_at).total_seconds()) < 60
     caused = event.follow(RunFailed(stage="labeler", reason="x"))
     assert (caused.run_id, caused.causation_id) == ("run-1", event.event_id)

@@ -267,9 +267,10 @@ def test_post_labels_refusals(client: TestClient) -> None:
         return client.post("/labels", json=body)
 
     assert post(dataset_id="nope").status_code == 404
-    assert post(batch_id="old-batch").status_code == 409
+    r = post(batch_id="old-batch")
+    assert r.status_code == 404 and "no batch 'old-batch'" in r.json()["detail"]
     r = post(labels={"not-an-item": "dark"})
-    assert r.status_code == 422 and "not in this batch" in r.json()["detail"]
+    assert r.status_code == 404 and "no item(s) 'not-an-item'" in r.json()["detail"]
     r = post(labels={item: "cat"})
     assert r.status_code == 422 and "unknown class" in r.json()["detail"]
     assert post(labels={}).status_code == 422

@@ -173,11 +173,11 @@ async def test_redelivery_and_stale_labels_do_not_change_the_state(env: tuple[Ba
     assert isinstance(emitted, Event) and isinstance(emitted.payload, LabelsRequested)
     assert emitted.payload.item_ids == record["current_batch"]["item_ids"]
     assert (await records.load(backends.docs, "d2"))["_version"] == record["_version"]
-    # labels for a batch that is not waiting are ignored
+    # labels sent straight to the bus for an item nobody asked about are refused loudly, changing nothing
     stale = Event.new(LabelsSubmitted(dataset_id="d2", batch_id="d2-r9", labels={"x": "dark"}, annotator="p"),
                       run_id="run-d2")
     out = await worker.process(Delivery(topic=Topic.LABELS_SUBMITTED.value, key="run-d2", value=encode(stale)))
-    assert out == Outcome.HANDLED
+    assert out == Outcome.DEAD_LETTERED
     assert (await records.load(backends.docs, "d2"))["_version"] == record["_version"]
     await sub.close()
 

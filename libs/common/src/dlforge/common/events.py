@@ -161,11 +161,17 @@ class LabelsSubmitted(Payload):
     """Labels for (part of) the waiting batch, from a person or the simulated annotator."""
 
     TOPIC = Topic.LABELS_SUBMITTED
+    SCHEMA_VERSION: ClassVar[int] = 2  # v2: sequence
 
     dataset_id: str
     batch_id: str
     labels: dict[str, str] = Field(description="item_id -> class label")
     annotator: str
+    sequence: int | None = Field(
+        default=None, ge=1,
+        description="the submission's position in the labeler's label log, stored before the API answered 202 "
+        "(of two labels of one item the later sequence wins); None: published straight to the bus",
+    )
 
 
 class DatasetLabeled(Payload):
@@ -490,7 +496,13 @@ def _labeled_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
     return {**_options_v1_to_v2(payload), "needs_review": 0}
 
 
+def _submitted_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """labels.submitted v1 had no label log: every submission went straight to the bus."""
+    return {**payload, "sequence": None}
+
+
 for _topic in (Topic.DATASET_UPLOADED, Topic.DATASET_AUGMENTED, Topic.MODEL_PROPOSED, Topic.HPO_COMPLETED,
                Topic.MODEL_TRAINED):
     register_upcaster(_topic, 1, _options_v1_to_v2)
 register_upcaster(Topic.DATASET_LABELED, 1, _labeled_v1_to_v2)
+register_upcaster(Topic.LABELS_SUBMITTED, 1, _submitted_v1_to_v2)

@@ -10,7 +10,9 @@
   auto-labeling threshold), least confident first, with the guarantee's figures.
 - ``GET /datasets/{id}/items/{item_id}/image``: an item's image bytes.
 - ``GET /datasets/{id}/similar?item=…&k=…``: nearest items by embedding (the item itself first).
-- ``POST /labels``: a person's labels for the waiting batch -> ``labels.submitted``.
+- ``POST /labels``: a person's labels (or corrections) -> stored, then ``labels.submitted``; never
+  dropped after its 202 (:mod:`dlforge.labeler.labels`).
+- ``GET /datasets/{id}/labels``: people's labels per item, with each item's history of corrections.
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ from dlforge.common.events import DatasetUploaded, Event, LabelsSubmitted, Pipel
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.labeler import labels as labels_log
 from dlforge.labeler import records
 from dlforge.labeler.embeddings import load_embeddings
+from dlforge.labeler.handlers import check_labels
 from dlforge.labeler.index import FaissIndex, build_index, load_index
 from dlforge.labeler.ingest import (
+    MAX_LABEL_CHARS,
     FileTree,
     IngestLimits,
     IngestResult,
@@ -50,6 +55,7 @@ from dlforge.labeler.ingest import (
     persist,
     remove_objects,
     scan,
+    valid_label,
 )
 from dlforge.labeler.settings import LabelerSettings, labeler_settings
 from dlforge.labeler.worker import index_key, service
@@ -107,13 +113,30 @@ class DatasetCreated(BaseModel):
     skipped: list[str]
 
 
+def _check_annotator(value: str) -> str:
+    text = value.strip()
+    if not valid_label(text):
+        raise ValueError(f"the annotator must be 1-{MAX_LABEL_CHARS} printable characters without slashes")
+    if text.lower() == SIMULATED:
+        raise ValueError(f"annotator {SIMULATED!r} is reserved for the simulated annotator")
+    return text
+
+
 class LabelSubmission(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset_id: str
-    batch_id: str
-    labels: dict[str, str] = Field(description="item_id -> class label")
-    annotator: str = Field(default="human", min_length=1, max_length=100)
+    dataset_id: str = Field(min_length=1, max_length=64)
+    batch_id: str = Field(min_length=1, max_length=100,
+                          description="the batch the labels answer: the one waiting, or an earlier one (corrections)")
+    labels: dict[Annotated[str, Field(min_length=1, max_length=100)], str] = Field(
+        min_length=1, max_length=labels_log.MAX_LABELS_PER_SUBMISSION, description="item_id -> class label")
+    annotator: str = Field(default="human", min_length=1, max_length=MAX_LABEL_CHARS,
+                           description="who labeled (kept in each item's history)")
+
+    @field_validator("annotator")
+    @classmethod
+    def _annotator(cls, v: str) -> str:
+        return _check_annotator(v)
 
 
 class LabelsAccepted(BaseModel):
@@ -121,7 +144,35 @@ class LabelsAccepted(BaseModel):
     batch_id: str
     accepted: int
     new_classes: list[str]
-    waiting: int = Field(description="items of the batch still without a label (before these are processed)")
+    waiting: int = Field(description="items of the batch waiting for people still without a label, counting these "
+                         "and every label accepted before them")
+    sequence: int = Field(description="the submission's position in the dataset's label log: of two labels of one "
+                          "item, the one with the later sequence wins")
+
+
+class LabelChange(BaseModel):
+    label: str
+    previous: str | None = Field(description="the item's label before this change (None: it had none)")
+    annotator: str
+    at: str = Field(description="when the submission was accepted (ISO 8601, UTC)")
+    batch_id: str
+    sequence: int
+
+
+class ItemLabel(BaseModel):
+    item_id: str
+    label: str
+    annotator: str
+    labeled_at: str
+    corrections: int = Field(description="changes after the first label")
+    history: list[LabelChange] = Field(description="every change of the item's label, oldest first")
+
+
+class DatasetLabels(BaseModel):
+    dataset_id: str
+    accepting: bool = Field(description="whether POST /labels accepts labels for this dataset now")
+    pending: int = Field(description="accepted submissions not applied yet (the worker applies them in order)")
+    items: list[ItemLabel]
 
 
 class QueueItem(BaseModel):
@@ -523,31 +574,120 @@ async def similar(
 # ------------------------------------------------------------------------------------------
 
 
-@router.post("/labels", status_code=202, response_model=LabelsAccepted, responses=error_responses(404, 409))
+_ASKED: OrderedDict[tuple[str, str], frozenset[str]] = OrderedDict()
+_ITEM_IDS: OrderedDict[str, frozenset[str]] = OrderedDict()
+
+
+async def _asked_items(backends: Backends, dataset_id: str, rev: str) -> frozenset[str]:
+    """The items people were asked so far; read from the record once per batch (``rev``), then cached."""
+    key = (dataset_id, rev)
+    cached = _ASKED.get(key)
+    if cached is None:
+        record = await records.load(backends.docs, dataset_id)
+        cached = _ASKED[key] = frozenset(record.get("asked", {}))
+        while len(_ASKED) > 16:
+            _ASKED.popitem(last=False)
+    return cached
+
+
+async def _refuse_outside(backends: Backends, dataset_id: str, outside: list[str]) -> None:
+    """404 for item ids the dataset does not have, else 409 for items nobody asked people about."""
+    ids = _ITEM_IDS.get(dataset_id)
+    if ids is None:
+        manifest = await asyncio.to_thread(load_manifest, backends.objects, manifest_key(dataset_id))
+        ids = _ITEM_IDS[dataset_id] = frozenset(i.item_id for i in manifest.items)
+        while len(_ITEM_IDS) > 16:
+            _ITEM_IDS.popitem(last=False)
+    unknown = sorted(i for i in outside if i not in ids)
+    if unknown:
+        raise InvalidInput(f"dataset {dataset_id!r} has no item(s) {', '.join(repr(i) for i in unknown[:10])}",
+                           status_code=404, details={"unknown_items": unknown[:100]})
+    raise InvalidInput(f"{len(outside)} item(s) of dataset {dataset_id!r} were not asked of people (they are in no "
+                       f"batch so far): {', '.join(outside[:10])}", status_code=409,
+                       details={"not_asked": outside[:100]})
+
+
+_LABELS_DESCRIPTION = """
+A person's labels, or corrections, for items people were asked about: those of the batch waiting
+for people and of earlier batches. The submission is stored before the 202; it is then applied,
+to the waiting batch or, if its batch has closed meanwhile, to the dataset's labels for the next
+round. Never dropped: what cannot be applied is refused before the response (404 unknown dataset,
+batch or item; 409 an item nobody asked about, or a dataset whose labels are final; 422 a label
+that is not a valid class name, or a new class where the dataset allows none).
+
+**Conflict rule:** when an item is labeled more than once, the submission accepted last wins
+(``sequence`` in the response orders them). Every change is kept in the item's history (label,
+previous label, annotator, time, batch; ``GET /datasets/{id}/labels``); repeating the current label
+changes nothing. A class that only a replaced label used is dropped from the dataset's classes, so
+no stale class stays in the counts, the training rows or the labeled manifest.
+"""
+
+
+@router.post("/labels", status_code=202, response_model=LabelsAccepted, description=_LABELS_DESCRIPTION.strip(),
+             responses=error_responses(404, 409, 503))
 async def submit_labels(body: LabelSubmission,
                         backends: Annotated[Backends, Depends(backends_of)]) -> LabelsAccepted:
-    """A person's labels for (part of) the batch waiting for people; emits ``labels.submitted``."""
-    from dlforge.labeler.handlers import check_labels
-
-    if body.annotator.strip().lower() == SIMULATED:
-        raise InvalidInput(f"annotator {SIMULATED!r} is reserved for the simulated annotator")
-    record = await records.load(backends.docs, body.dataset_id)
-    batch = record.get("current_batch")
-    if record.get("state") != "labeling" or not batch:
-        raise InvalidInput(f"dataset {body.dataset_id!r} is not waiting for labels (state {record.get('state')})",
-                           status_code=409)
-    if batch["batch_id"] != body.batch_id:
-        raise InvalidInput(f"batch {body.batch_id!r} is not the batch waiting for labels; that is "
-                           f"{batch['batch_id']!r}", status_code=409)
-    clean, new = check_labels(body.labels, batch_items=batch["item_ids"], classes=record.get("classes", []),
-                              allow_new_classes=bool(record.get("allow_new_classes", True)))
-    event = Event.new(LabelsSubmitted(dataset_id=body.dataset_id, batch_id=body.batch_id, labels=clean,
-                                      annotator=body.annotator.strip()), run_id=record["run_id"])
+    """Store a person's labels or corrections; emits ``labels.submitted``."""
+    dataset_id = body.dataset_id
+    event_id = uuid.uuid4().hex
+    for attempt in range(labels_log.MAX_TRIES):
+        inbox = await labels_log.load_inbox(backends.docs, dataset_id)
+        if inbox is None:
+            record = await records.load(backends.docs, dataset_id)
+            if record.get("state") == "labeling" and record.get("current_batch"):
+                await labels_log.sync_batch(backends.docs, record)  # a dataset from before the label log
+                continue
+            raise InvalidInput(f"dataset {dataset_id!r} is not waiting for labels (state {record.get('state')})",
+                               status_code=409)
+        refused = labels_log.refusal(inbox, dataset_id)
+        if refused is not None:
+            raise refused
+        if body.batch_id not in inbox["batches"]:
+            raise InvalidInput(f"dataset {dataset_id!r} has no batch {body.batch_id!r}; the one waiting for labels "
+                               f"is {inbox.get('batch_id')!r}", status_code=404)
+        asked = await _asked_items(backends, dataset_id, inbox["asked_rev"])
+        outside = sorted(i for i in body.labels if i not in asked)
+        if outside:
+            await _refuse_outside(backends, dataset_id, outside)
+        clean, new = check_labels(body.labels, classes=labels_log.known_classes(inbox),
+                                  allow_new_classes=bool(inbox.get("allow_new_classes", True)))
+        submitted = labels_log.entry(event_id=event_id, batch_id=body.batch_id, annotator=body.annotator,
+                                     labels=clean, at=records.now())
+        try:
+            stored = await labels_log.append(backends.docs, inbox, submitted)
+            break
+        except Conflict:
+            await labels_log.backoff(attempt)
+    else:
+        raise InvalidInput(f"dataset {dataset_id!r} is receiving too many submissions at once; send again",
+                           status_code=503)
+    sequence = int(stored["sequence"])
+    event = Event.new(LabelsSubmitted(dataset_id=dataset_id, batch_id=body.batch_id, labels=clean,
+                                      annotator=body.annotator, sequence=sequence),
+                      run_id=stored["run_id"]).model_copy(update={"event_id": event_id})
     await backends.publish(event)
-    answered = set(record.get("human_labels", {})) | set(clean)
-    waiting = sum(1 for i in batch["item_ids"] if i not in answered)
-    return LabelsAccepted(dataset_id=body.dataset_id, batch_id=body.batch_id, accepted=len(clean),
-                          new_classes=new, waiting=waiting)
+    return LabelsAccepted(dataset_id=dataset_id, batch_id=body.batch_id, accepted=len(clean), new_classes=new,
+                          waiting=labels_log.waiting_after(inbox, clean), sequence=sequence)
+
+
+@router.get("/datasets/{dataset_id}/labels", response_model=DatasetLabels, responses=error_responses(404))
+async def get_labels(
+    dataset_id: str,
+    backends: Annotated[Backends, Depends(backends_of)],
+    item: Annotated[str | None, Query(min_length=1, max_length=100, description="only this item")] = None,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+) -> DatasetLabels:
+    """People's labels, per item: the current label, who gave it and when, and every change before."""
+    inbox = await labels_log.load_inbox(backends.docs, dataset_id)
+    if inbox is None:
+        await records.load(backends.docs, dataset_id)  # 404 for an unknown dataset
+    docs = await labels_log.item_labels(backends.docs, dataset_id, item_id=item, limit=limit)
+    items = [ItemLabel(item_id=d["item_id"], label=d["label"], annotator=d["annotator"], labeled_at=d["labeled_at"],
+                       corrections=len(d["history"]) - 1,
+                       history=[LabelChange.model_validate(h, from_attributes=False) for h in d["history"]])
+             for d in docs]
+    return DatasetLabels(dataset_id=dataset_id, accepting=bool(inbox and inbox.get("accepting")),
+                         pending=len(inbox["pending"]) if inbox else 0, items=items)
 
 
 # ------------------------------------------------------------------------------------------

@@ -478,30 +478,25 @@ def class_counts(manifest: Manifest) -> list[ClassCount]:
 def check_labels(
     labels: Mapping[str, str],
     *,
-    batch_items: Sequence[str],
     classes: Sequence[str],
     allow_new_classes: bool,
 ) -> tuple[dict[str, str], list[str]]:
-    """Validate submitted labels against the batch and class set: (clean labels, new classes).
+    """Validate submitted label strings (the ingestion's rule, :func:`dlforge.labeler.ingest.valid_label`)
+    and their classes: (clean labels, new classes). Which items may be labeled is the caller's check.
 
-    Raises InvalidInput naming the items outside the batch or the unknown classes.
+    Raises InvalidInput (422) naming the bad label or the unknown classes.
     """
     from dlforge.common.errors import InvalidInput
     from dlforge.labeler.ingest import MAX_LABEL_CHARS, valid_label
 
     if not labels:
         raise InvalidInput("no labels were given")
-    in_batch = set(batch_items)
-    outside = sorted(k for k in labels if k not in in_batch)
-    if outside:
-        shown = ", ".join(outside[:10])
-        raise InvalidInput(f"{len(outside)} item(s) are not in this batch: {shown}", details={"not_in_batch": outside})
     clean: dict[str, str] = {}
     for item_id, raw in labels.items():
         label = raw.strip() if isinstance(raw, str) else ""
         if not valid_label(label):
-            raise InvalidInput(f"item {item_id}: {raw!r} is not a valid class name (1-{MAX_LABEL_CHARS} printable "
-                               "characters, no slashes)")
+            raise InvalidInput(f"item {item_id}: {str(raw)[:40]!r} is not a valid class name (1-{MAX_LABEL_CHARS} "
+                               "printable characters, no slashes)")
         clean[item_id] = label
     known = set(classes)
     new = sorted({v for v in clean.values() if v not in known})

@@ -18,7 +18,7 @@ from dlforge.common.errors import Conflict, NotFound, RetryableError
 DATASETS = "labeler_datasets"
 State = Literal["ingesting", "ingested", "embedding", "labeling", "labeled", "failed"]
 # large maps kept in the record but left out of API responses
-PRIVATE = ("splits", "human_labels", "asked", "labeled_event", "request_event")
+PRIVATE = ("splits", "human_labels", "asked", "labeled_event", "request_event", "base_classes", "folded_events")
 
 
 def now() -> str:

@@ -1,10 +1,12 @@
 """The labeler's event handlers: dataset.uploaded and labels.submitted.
 
 ``dataset.uploaded`` -> embeddings (cached in the object store), the FAISS index, splits and the
-first batch -> ``labels.requested``. ``labels.submitted`` for the batch waiting for people ->
-once every item of it is answered, one round of :func:`dlforge.labeler.handlers.run_round` ->
-the next ``labels.requested`` or, at the stop, the labeled manifest (items below the guaranteed
-threshold left "needs review") and ``dataset.labeled``.
+first batch -> ``labels.requested``. ``labels.submitted`` -> every accepted submission not applied
+yet is folded into the dataset's labels (:mod:`dlforge.labeler.labels`: corrections and answers
+to earlier batches too, none dropped); once every item of the waiting batch is answered, one round
+of :func:`dlforge.labeler.handlers.run_round` -> the next ``labels.requested`` or, at the stop,
+the labeled manifest (items below the guaranteed threshold left "needs review") and
+``dataset.labeled``.
 Heavy work runs in a thread; the record and every object key are deterministic per dataset and
 round, so a redelivered event repeats the same writes.
 """
@@ -30,7 +32,7 @@ from dlforge.common.events import (
 )
 from dlforge.common.objects import ObjectStore
 from dlforge.common.runtime import HandlerContext, HandlerResult, Service
-from dlforge.labeler import handlers, records
+from dlforge.labeler import handlers, labels, records
 from dlforge.labeler.classifier import LabelClassifier, make_classifier
 from dlforge.labeler.embeddings import (
     Embedder,
@@ -122,7 +124,8 @@ async def _record_failure(ctx: HandlerContext, dataset_id: str, exc: BaseExcepti
     try:
         record = await ctx.docs.get(records.DATASETS, dataset_id)
         if record is not None:
-            await records.change(ctx.docs, record, state="failed", error=f"{type(exc).__name__}: {exc}")
+            record = await records.change(ctx.docs, record, state="failed", error=f"{type(exc).__name__}: {exc}")
+            await labels.close(ctx.docs, record, reason="failed")
     except Exception:  # the original failure is what matters
         log.exception("could not mark dataset %s failed", dataset_id)
 
@@ -148,6 +151,8 @@ async def _start_labeling(event: Event, ctx: HandlerContext) -> HandlerResult:
     if record is None:
         raise PoisonMessage(f"dataset {payload.dataset_id} has no record in {records.DATASETS}")
     if record.get("state") in ("labeling", "labeled"):
+        if record.get("state") == "labeling" and record.get("current_batch"):
+            await labels.sync_batch(ctx.docs, record)
         return _resume(event, record)
     record = await records.change(ctx.docs, record, state="embedding")
     manifest = await asyncio.to_thread(load_manifest, ctx.objects, payload.manifest_key)
@@ -168,7 +173,7 @@ async def _start_labeling(event: Event, ctx: HandlerContext) -> HandlerResult:
     asked = {ids[int(r)]: reason for r, reason in zip(batch.rows, batch.reasons, strict=True)}
     record = await records.change(
         ctx.docs, record, embeddings_key=key, splits=dict(zip(ids, splits, strict=True)), asked=asked,
-        human_labels={}, rounds=[], classes=list(manifest.classes),
+        human_labels={}, rounds=[], classes=list(manifest.classes), base_classes=list(manifest.classes),
     )
     if len(batch.rows) == 0:  # nothing to ask: every test item was labeled already
         return await _advance(event, ctx, record, manifest, vectors, settings, rnd=1)
@@ -185,12 +190,14 @@ async def _open_batch(ctx: HandlerContext, record: dict[str, Any], request: Even
                    "requested_at": records.now()})
     counts = dict(record.get("counts", {}))
     counts["pending"] = len(req.item_ids)
-    return await records.change(
+    record = await records.change(
         ctx.docs, record, state="labeling", rounds=rounds, counts=counts,
         current_batch={"batch_id": req.batch_id, "round": req.round, "reason": req.reason,
                        "item_ids": list(req.item_ids)},
         request_event=req.model_dump(mode="json"),
     )
+    await labels.sync_batch(ctx.docs, record)
+    return record
 
 
 @service.handles(Topic.LABELS_SUBMITTED)
@@ -210,29 +217,46 @@ async def _take_labels(event: Event, ctx: HandlerContext) -> HandlerResult:
     payload = event.payload
     assert isinstance(payload, LabelsSubmitted)
     settings = labeler_settings(ctx.settings)
-    record = await ctx.docs.get(records.DATASETS, payload.dataset_id)
+    dataset_id = payload.dataset_id
+    inbox = await labels.load_inbox(ctx.docs, dataset_id)
+    record: dict[str, Any] | None = None
+    if payload.sequence is None:  # straight from the bus (the simulated annotator, another producer)
+        record = await ctx.docs.get(records.DATASETS, dataset_id)
+        if record is None:
+            raise PoisonMessage(f"labels for unknown dataset {dataset_id}")
+        if inbox is None and record.get("state") == "labeling" and record.get("current_batch"):
+            inbox = await labels.sync_batch(ctx.docs, record)
+        if inbox is None or not inbox.get("accepting"):
+            log.warning("labels of %s for dataset %s (event %s) left out: the dataset does not accept labels "
+                        "(state %s)", payload.annotator, dataset_id, event.event_id, record.get("state"))
+            return None
+        asked = record.get("asked", {})
+        outside = sorted(i for i in payload.labels if i not in asked)
+        if outside:
+            raise PoisonMessage(f"labels refused: {len(outside)} item(s) of dataset {dataset_id} were not asked of "
+                                f"people: {', '.join(outside[:10])}")
+        try:
+            clean, _ = handlers.check_labels(payload.labels, classes=labels.known_classes(inbox),
+                                             allow_new_classes=bool(inbox.get("allow_new_classes", True)))
+        except InvalidInput as exc:
+            raise PoisonMessage(f"labels refused: {exc}") from exc
+        submitted = labels.entry(event_id=event.event_id, batch_id=payload.batch_id, annotator=payload.annotator,
+                                 labels=clean, at=event.occurred_at.isoformat())
+        inbox = await labels.append_once(ctx.docs, dataset_id, submitted,
+                                         folded=set(record.get("folded_events", [])))
+    elif inbox is None:
+        raise PoisonMessage(f"labels.submitted #{payload.sequence} for dataset {dataset_id}, which has no label inbox")
+    if not inbox["pending"] and (inbox.get("waiting") or not inbox.get("accepting")):
+        return None  # applied by an earlier fold; the batch still waits for people (or is closed)
     if record is None:
-        raise PoisonMessage(f"labels for unknown dataset {payload.dataset_id}")
+        record = await ctx.docs.get(records.DATASETS, dataset_id)
+        if record is None:
+            raise PoisonMessage(f"labels for unknown dataset {dataset_id}")
+    record = (await labels.fold(ctx.docs, record, inbox)).record
     batch = record.get("current_batch")
-    if record.get("state") != "labeling" or not batch or batch["batch_id"] != payload.batch_id:
-        log.info("labels for %s batch %s ignored: it is not the batch waiting for people", payload.dataset_id,
-                 payload.batch_id)
+    if record.get("state") != "labeling" or not batch:
         return None
-    try:
-        clean, new = handlers.check_labels(payload.labels, batch_items=batch["item_ids"], classes=record["classes"],
-                                           allow_new_classes=bool(record.get("allow_new_classes", True)))
-    except InvalidInput as exc:
-        raise PoisonMessage(f"labels refused: {exc}") from exc
-    human = dict(record.get("human_labels", {}))
-    human.update(clean)
-    annotators = sorted(set(record.get("annotators", [])) | {payload.annotator})
-    waiting = [i for i in batch["item_ids"] if i not in human]
-    counts = dict(record.get("counts", {}))
-    counts["pending"] = len(waiting)
-    counts["human"] = len(human)
-    record = await records.change(ctx.docs, record, human_labels=human, classes=sorted({*record["classes"], *new}),
-                                  annotators=annotators, counts=counts)
-    if waiting:
+    if any(i not in record.get("human_labels", {}) for i in batch["item_ids"]):
         return None
     manifest = await asyncio.to_thread(load_manifest, ctx.objects, record["manifest_key"])
     vectors, _ = await asyncio.to_thread(ensure_embeddings, ctx.objects, manifest, settings)
@@ -253,22 +277,32 @@ async def _advance(
     dataset_id = record["_id"]
     options = PipelineOptions.model_validate(record["options"])
     spec = Spec.model_validate(record["spec"])
-    classes = list(record["classes"])
     ids = [i.item_id for i in manifest.items]
-    view = handlers.labeling_view(manifest, classes=classes, human_labels=record.get("human_labels", {}),
-                                  asked=record.get("asked", {}))
-
     splits = [record["splits"][i] for i in ids]
     asked_val = np.array([record.get("asked", {}).get(i) == "val" for i in ids], dtype=bool)
 
-    def fit() -> handlers.RoundResult:
-        return handlers.run_round(vectors, labels=view.labels, human=view.human, representative=view.representative,
-                                  calibration=handlers.random_sample(view.labels, splits, asked_val=asked_val),
-                                  n_classes=len(classes),
-                                  options=options, strategy=_strategy(settings), classifier=_classifier(settings),
-                                  rng=handlers.rng_for(dataset_id, options.seed, f"round-{rnd}"), seed=options.seed)
+    def fit(record: dict[str, Any]) -> tuple[handlers.LabelingView, handlers.RoundResult]:
+        view = handlers.labeling_view(manifest, classes=record["classes"], human_labels=record.get("human_labels", {}),
+                                      asked=record.get("asked", {}))
+        return view, handlers.run_round(
+            vectors, labels=view.labels, human=view.human, representative=view.representative,
+            calibration=handlers.random_sample(view.labels, splits, asked_val=asked_val),
+            n_classes=len(view.classes), options=options, strategy=_strategy(settings),
+            classifier=_classifier(settings), rng=handlers.rng_for(dataset_id, options.seed, f"round-{rnd}"),
+            seed=options.seed)
 
-    result = await asyncio.to_thread(fit)
+    view, result = await asyncio.to_thread(fit, record)
+    if result.done:
+        # Finalising: stop accepting labels first, then apply what came in while the round was fitted
+        # (refitting if that changed a label), so no accepted label misses the final labels.
+        await labels.close(ctx.docs, record, reason="finalising")
+        inbox = await labels.load_inbox(ctx.docs, dataset_id)
+        assert inbox is not None
+        folded = await labels.fold(ctx.docs, record, inbox)
+        record = folded.record
+        if folded.changed:
+            view, result = await asyncio.to_thread(fit, record)
+    classes = list(view.classes)
     unlabeled = ~(view.human | view.given)
     selective = result.selective
     rounds = list(record.get("rounds", []))
@@ -323,6 +357,8 @@ async def _advance(
         human_labels=int(view.human.sum()), auto_labels=n_auto, needs_review=n_review, rounds=len(rounds), spec=spec,
         options=options,
     )
-    await records.change(ctx.docs, record, state="labeled", rounds=rounds, counts=counts, current_batch=None,
-                         labels_key=key, result=summary, labeled_event=labeled_event.model_dump(mode="json"))
+    record = await records.change(ctx.docs, record, state="labeled", rounds=rounds, counts=counts,
+                                  current_batch=None, labels_key=key, result=summary,
+                                  labeled_event=labeled_event.model_dump(mode="json"))
+    await labels.close(ctx.docs, record, reason="labeled")
     return event.follow(labeled_event)
