@@ -52,6 +52,27 @@ def test_stages_move_from_running_to_succeeded_with_seconds_and_artifacts() -> N
     assert doc["counts"] == {"dataset.uploaded": 1, "labels.submitted": 1, "dataset.labeled": 1}
 
 
+def test_human_labels_counts_distinct_items_not_submissions() -> None:
+    def submitted(labels: dict[str, str], seconds: float) -> Event:
+        return _at(Event.new(LabelsSubmitted(dataset_id="d1", batch_id="b1", labels=labels, annotator="p"),
+                             run_id="r1"), seconds)
+
+    doc = runs.apply(None, _at(_uploaded(), 0))
+    doc = runs.apply(doc, submitted({"x": "a"}, 1))
+    doc = runs.apply(doc, submitted({"x": "b"}, 2))  # the same item again: a correction
+    assert doc["stages"]["labeler"]["human_labels"] == 1
+    doc = runs.apply(doc, submitted({"x": "a", "y": "b"}, 3))
+    assert doc["stages"]["labeler"]["human_labels"] == 2
+    assert doc["counts"]["labels.submitted"] == 3
+    labeled = Event.new(DatasetLabeled(dataset_id="d1", labels_key="k", classes=["a", "b"], counts=[],
+                                       human_labels=2, auto_labels=0, needs_review=8, rounds=1, spec=Spec()),
+                        run_id="r1")
+    doc = runs.apply(doc, _at(labeled, 4))
+    assert doc["stages"]["labeler"]["human_labels"] == 2 and doc[runs.LABELED_ITEMS] == []
+    doc = runs.apply(doc, submitted({"z": "a"}, 5))  # after dataset.labeled the labels are final
+    assert doc["stages"]["labeler"]["human_labels"] == 2
+
+
 def test_run_failed_marks_the_stage_and_the_run() -> None:
     doc = runs.apply(None, _at(_uploaded(), 0))
     doc = runs.apply(doc, _at(Event.new(RunFailed(stage="labeler", reason="boom"), run_id="r1"), 1))
@@ -79,12 +100,16 @@ async def test_runs_api_lists_and_gets(tmp_path) -> None:
     delivery = Delivery(topic=ev.event_type.value, key="r1", value=encode(ev))
     await worker.process(delivery)
     await worker.process(delivery)  # a duplicate changes nothing
+    labels = Event.new(LabelsSubmitted(dataset_id="d1", batch_id="b1", labels={"x": "a"}, annotator="p"), run_id="r1")
+    await worker.process(Delivery(topic=labels.event_type.value, key="r1", value=encode(labels)))
     transport = httpx.ASGITransport(app=app)
     async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         listed = (await client.get("/runs")).json()
         assert [r["run_id"] for r in listed] == ["r1"]
         one = (await client.get("/runs/r1")).json()
-        assert one["counts"] == {"dataset.uploaded": 1}
+        assert one["counts"] == {"dataset.uploaded": 1, "labels.submitted": 1}
+        assert one["stages"]["labeler"]["human_labels"] == 1
+        assert runs.LABELED_ITEMS not in one and runs.LABELED_ITEMS not in listed[0]  # kept, not served
         assert (await client.get("/runs/nope")).status_code == 404
         assert (await client.get("/runs?state=bogus")).status_code == 422
     await backends.stop()

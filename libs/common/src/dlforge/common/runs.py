@@ -2,6 +2,9 @@
 
 It consumes every pipeline topic (never another service's collections) and keeps, per run,
 each stage's state, start/finish time, seconds and artifact keys, plus the run's failure reason.
+The labeler stage's ``human_labels`` counts distinct items people labeled (a correction does not
+count an item twice): the items seen in ``labels.submitted`` while it runs, then the labeler's own
+count from ``dataset.labeled``.
 Served as ``GET /runs`` and ``GET /runs/{run_id}``.
 """
 
@@ -19,6 +22,8 @@ from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends, HandlerContext, Service
 
 RUNS = "runs_view"
+# the items people labeled so far, kept in the run document while its labeler stage runs (not served)
+LABELED_ITEMS = "labeled_items"
 STAGES = ("labeler", "augmenter", "proposer", "tuner", "trainer", "optimizer")
 
 # topic -> (stage it finishes, stage it starts)
@@ -99,11 +104,19 @@ def apply(run: dict[str, Any] | None, event: Event) -> dict[str, Any]:
         if topic == Topic.MODEL_OPTIMIZED and doc["state"] == "running":
             doc["state"] = "succeeded"
             doc["spec_met"] = payload.get("spec_met")
+        if topic == Topic.DATASET_LABELED:
+            # the labeler's own count of distinct items people labeled is final; the running set goes
+            stages["labeler"]["human_labels"] = payload.get("human_labels", 0)
+            doc[LABELED_ITEMS] = []
     elif topic in (Topic.LABELS_REQUESTED, Topic.LABELS_SUBMITTED):
         lab = stages["labeler"]
         lab["rounds"] = max(lab.get("rounds", 0), int(payload.get("round", 0)))
         if topic == Topic.LABELS_SUBMITTED:
-            lab["human_labels"] = lab.get("human_labels", 0) + len(payload.get("labels", {}))
+            if lab["state"] != "succeeded":  # after dataset.labeled the labels are final
+                # distinct items, not submissions: a correction of an item does not count it again
+                items = sorted({*(doc.get(LABELED_ITEMS) or []), *payload.get("labels", {})})
+                doc[LABELED_ITEMS] = items
+                lab["human_labels"] = len(items)
         else:
             lab["waiting_for_labels"] = len(payload.get("item_ids", []))
     elif topic == Topic.HPO_TRIAL:
@@ -161,7 +174,7 @@ async def list_runs(
 ) -> list[dict[str, Any]]:
     where = {"state": state} if state else {}
     docs = await backends.docs.find(RUNS, where, sort=[("started_at", -1)], limit=limit)
-    return [{k: v for k, v in d.items() if k != "events"} for d in docs]
+    return [{k: v for k, v in d.items() if k not in ("events", LABELED_ITEMS)} for d in docs]
 
 
 @router.get("/runs/{run_id}", responses=error_responses(404))
@@ -169,7 +182,7 @@ async def get_run(run_id: str, backends: Backends = Depends(backends_of)) -> dic
     doc = await backends.docs.get(RUNS, run_id)
     if doc is None:
         raise NotFound(f"no run {run_id!r}")
-    return doc
+    return {k: v for k, v in doc.items() if k != LABELED_ITEMS}
 
 
 def part() -> ServicePart:
