@@ -432,7 +432,8 @@ async def list_datasets(
 @router.get("/datasets/{dataset_id}", responses=error_responses(404))
 async def get_dataset(dataset_id: str, backends: Annotated[Backends, Depends(backends_of)]) -> dict[str, Any]:
     """The dataset record: state, counts, classes, rounds, rejected files and duplicates."""
-    return records.public(await records.load(backends.docs, dataset_id))
+    record = await records.load(backends.docs, dataset_id)
+    return labels_log.live(records.public(record), record, await labels_log.load_inbox(backends.docs, dataset_id))
 
 
 @router.get("/datasets/{dataset_id}/queue", response_model=Queue, responses=error_responses(404))
@@ -442,8 +443,13 @@ async def get_queue(dataset_id: str, request: Request,
     record = await records.load(backends.docs, dataset_id)
     settings = labeler_settings(backends.settings)
     batch = record.get("current_batch") or {}
-    answered = record.get("human_labels", {})
-    waiting = [i for i in batch.get("item_ids", []) if i not in answered]
+    inbox = await labels_log.load_inbox(backends.docs, dataset_id)
+    if inbox is not None and batch and inbox.get("batch_id") == batch.get("batch_id"):
+        info = labels_log.BatchInfo(asked=frozenset(), items=tuple(batch.get("item_ids", [])))
+        waiting = labels_log.waiting_items(inbox, info)  # as of the labels applied so far
+    else:
+        answered = record.get("human_labels", {})
+        waiting = [i for i in batch.get("item_ids", []) if i not in answered]
     items: list[QueueItem] = []
     if waiting:
         manifest = await asyncio.to_thread(load_manifest, backends.objects, record["manifest_key"])
@@ -463,8 +469,10 @@ async def get_queue(dataset_id: str, request: Request,
             items.append(QueueItem(item_id=item_id, name=item.name, split=record.get("splits", {}).get(item_id),
                                    reason=record.get("asked", {}).get(item_id), presigned_url=url,
                                    image_url=base.replace("ITEM", item_id)))
+    classes = inbox.get("classes", []) if inbox is not None and record.get("state") == "labeling" \
+        else record.get("classes", [])
     return Queue(dataset_id=dataset_id, state=record["state"], batch_id=batch.get("batch_id"),
-                 round=batch.get("round"), classes=list(record.get("classes", [])),
+                 round=batch.get("round"), classes=list(classes),
                  allow_new_classes=bool(record.get("allow_new_classes", True)), items=items)
 
 
@@ -574,20 +582,7 @@ async def similar(
 # ------------------------------------------------------------------------------------------
 
 
-_ASKED: OrderedDict[tuple[str, str], frozenset[str]] = OrderedDict()
 _ITEM_IDS: OrderedDict[str, frozenset[str]] = OrderedDict()
-
-
-async def _asked_items(backends: Backends, dataset_id: str, rev: str) -> frozenset[str]:
-    """The items people were asked so far; read from the record once per batch (``rev``), then cached."""
-    key = (dataset_id, rev)
-    cached = _ASKED.get(key)
-    if cached is None:
-        record = await records.load(backends.docs, dataset_id)
-        cached = _ASKED[key] = frozenset(record.get("asked", {}))
-        while len(_ASKED) > 16:
-            _ASKED.popitem(last=False)
-    return cached
 
 
 async def _refuse_outside(backends: Backends, dataset_id: str, outside: list[str]) -> None:
@@ -645,8 +640,12 @@ async def submit_labels(body: LabelSubmission,
         if body.batch_id not in inbox["batches"]:
             raise InvalidInput(f"dataset {dataset_id!r} has no batch {body.batch_id!r}; the one waiting for labels "
                                f"is {inbox.get('batch_id')!r}", status_code=404)
-        asked = await _asked_items(backends, dataset_id, inbox["asked_rev"])
-        outside = sorted(i for i in body.labels if i not in asked)
+        try:
+            batch = await labels_log.batch_info(backends.docs, dataset_id, inbox["asked_rev"])
+        except labels_log.StaleBatch:  # the worker is opening the next batch: its inbox follows at once
+            await labels_log.backoff(attempt)
+            continue
+        outside = sorted(i for i in body.labels if i not in batch.asked)
         if outside:
             await _refuse_outside(backends, dataset_id, outside)
         clean, new = check_labels(body.labels, classes=labels_log.known_classes(inbox),
@@ -667,7 +666,7 @@ async def submit_labels(body: LabelSubmission,
                       run_id=stored["run_id"]).model_copy(update={"event_id": event_id})
     await backends.publish(event)
     return LabelsAccepted(dataset_id=dataset_id, batch_id=body.batch_id, accepted=len(clean), new_classes=new,
-                          waiting=labels_log.waiting_after(inbox, clean), sequence=sequence)
+                          waiting=labels_log.waiting_after(inbox, batch, clean), sequence=sequence)
 
 
 @router.get("/datasets/{dataset_id}/labels", response_model=DatasetLabels, responses=error_responses(404))

@@ -6,7 +6,8 @@ Two collections, besides the dataset record (:mod:`dlforge.labeler.records`):
     One small document per dataset (``_id`` = dataset id): whether the dataset accepts labels
     (``accepting``; once its labels are final it does not, ``closed_reason`` says why), the
     batches people were asked so far, the items of the current batch still without a label,
-    the classes, a sequence counter and the *pending* submissions: accepted, not yet applied.
+    the classes and how many people's labels each has, a sequence counter, the *pending*
+    submissions (accepted, not yet applied) and ``folded_through``, the last sequence applied.
 ``labeler_labels``
     One document per item people labeled (``_id`` = ``dataset_id:item_id``): its current label
     and its history.
@@ -22,10 +23,13 @@ How a submission travels
    so there is no moment where a stale check lets a label through that is later ignored.
 2. The worker *folds* the inbox on each ``labels.submitted``: every pending submission at once,
    in sequence order. It writes the changed items' documents in ``labeler_labels`` first, then
-   the record's ``human_labels`` and ``labels_folded_through`` (the last sequence applied), then
-   removes the applied submissions from the inbox. A crash anywhere redoes the fold: an item
-   document skips sequences it holds, the record skips sequences up to ``labels_folded_through``.
-   Events whose submissions an earlier fold already applied find nothing to do and cost one read.
+   commits the fold in the inbox (one version-checked write: the applied submissions leave
+   ``pending``, ``folded_through``, the class counts and the batch's open items move on). A crash
+   anywhere redoes the fold: an item document skips the sequences it holds, and the inbox's
+   figures are recomputed from the items' histories, so nothing is applied or counted twice.
+   Events whose submissions an earlier fold applied find nothing to do and cost one read. The
+   large dataset record is not touched per submission: its ``human_labels`` (what the classifier
+   is fitted on) are read from the item documents once per round.
 3. A label for an item of an earlier batch (a correction, or an answer that arrived after its
    batch closed) is applied to the dataset's labels like any other and used from the next round
    on. Before the worker finalises a dataset it closes the inbox (a version-checked write, like
@@ -49,8 +53,11 @@ they were accepted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import random
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +69,7 @@ INBOX = "labeler_label_inbox"
 LABELS = "labeler_labels"
 MAX_TRIES = 100  # read-check-write attempts before giving up on a busy inbox
 MAX_LABELS_PER_SUBMISSION = 10_000
-FOLDED_EVENTS_KEPT = 1000  # event ids of folded bus-only submissions the record remembers
+FOLDED_EVENTS_KEPT = 1000  # event ids of folded bus-only submissions the inbox remembers
 
 Doc = dict[str, Any]
 
@@ -105,7 +112,7 @@ async def change_inbox(
 
 
 def _batch_fields(record: Mapping[str, Any]) -> dict[str, Any]:
-    """What the inbox mirrors of the record: the batches, the current batch's open items, classes."""
+    """What the inbox mirrors of the record's current batch."""
     batch = record.get("current_batch") or {}
     human = record.get("human_labels", {})
     return {
@@ -113,22 +120,104 @@ def _batch_fields(record: Mapping[str, Any]) -> dict[str, Any]:
         "batches": [r["batch_id"] for r in record.get("rounds", [])],
         "batch_id": batch.get("batch_id"),
         "round": batch.get("round"),
-        "waiting": [i for i in batch.get("item_ids", []) if i not in human],
-        "classes": list(record.get("classes", [])),
+        **_waiting_fields(batch.get("item_ids", []), {i for i in batch.get("item_ids", []) if i not in human}),
         "allow_new_classes": bool(record.get("allow_new_classes", True)),
-        # which asked-items set POST /labels may use from its cache (asked items only grow per batch)
+        # which asked-items set POST /labels may use from its cache (the asked items grow per batch)
         "asked_rev": f"{record.get('created_at')}#{batch.get('round')}",
     }
+
+
+def _waiting_fields(items: Sequence[str], waiting: set[str]) -> dict[str, Any]:
+    """The batch's items still without a label, as a bit mask over the batch's item order (hex):
+    every submission reads the inbox, and a list of ids would make it as large as the batch."""
+    mask = 0
+    for n, item in enumerate(items):
+        if item in waiting:
+            mask |= 1 << n
+    return {"waiting_mask": format(mask, "x"), "waiting_count": bin(mask).count("1")}
+
+
+def _answered(inbox: Mapping[str, Any], batch: BatchInfo, items: Iterable[str]) -> dict[str, Any]:
+    """The waiting fields once ``items`` have a label."""
+    mask = int(inbox.get("waiting_mask") or "0", 16)
+    for item in items:
+        n = batch.index.get(item)
+        if n is not None:
+            mask &= ~(1 << n)
+    return {"waiting_mask": format(mask, "x"), "waiting_count": bin(mask).count("1")}
+
+
+def waiting_items(inbox: Mapping[str, Any], batch: BatchInfo) -> list[str]:
+    """The items of the current batch still without an applied label, in batch order."""
+    bits = bin(int(inbox.get("waiting_mask") or "0", 16))[:1:-1]
+    return [batch.items[n] for n, bit in enumerate(bits) if bit == "1" and n < len(batch.items)]
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """What one batch of a dataset fixes: the items asked so far and the batch's own items, in order."""
+
+    asked: frozenset[str]
+    items: tuple[str, ...]
+
+    @property
+    def index(self) -> dict[str, int]:
+        return _index(self.items)
+
+
+@functools.lru_cache(maxsize=32)
+def _index(items: tuple[str, ...]) -> dict[str, int]:
+    return {item: n for n, item in enumerate(items)}
+
+
+class StaleBatch(RetryableError):
+    """The record has moved on to a later batch than the inbox names (the inbox follows in a moment)."""
+
+
+_BATCHES: OrderedDict[tuple[str, str], BatchInfo] = OrderedDict()
+
+
+async def batch_info(docs: DocumentStore, dataset_id: str, rev: str) -> BatchInfo:
+    """The :class:`BatchInfo` of the inbox's batch ``rev``: read from the record once, then kept
+    (it never changes; the large record is not read per submission)."""
+    key = (dataset_id, rev)
+    info = _BATCHES.get(key)
+    if info is None:
+        record = await records.load(docs, dataset_id)
+        batch = record.get("current_batch") or {}
+        if f"{record.get('created_at')}#{batch.get('round')}" != rev:
+            raise StaleBatch(f"dataset {dataset_id}: the record is at batch {batch.get('batch_id')}, the label "
+                             f"inbox at {rev}")
+        info = _BATCHES[key] = BatchInfo(asked=frozenset(record.get("asked", {})),
+                                         items=tuple(batch.get("item_ids", [])))
+        while len(_BATCHES) > 32:
+            _BATCHES.popitem(last=False)
+    return info
+
+
+def _new_inbox(record: Mapping[str, Any], *, accepting: bool, reason: str | None) -> Doc:
+    human: Mapping[str, str] = record.get("human_labels", {})
+    base = list(record.get("base_classes", record.get("classes", [])))
+    counts = Counter(human.values())
+    return {"_id": record["_id"], **_batch_fields(record), "accepting": accepting, "closed_reason": reason,
+            "base_classes": base, "classes": _classes(base, counts), "class_counts": dict(counts),
+            "labeled": len(human), "sequence": 0, "folded_through": 0, "pending": [], "folded_events": []}
+
+
+def _classes(base: Iterable[str], counts: Mapping[str, int]) -> list[str]:
+    """The dataset's classes: those it had before people labeled, and those people's labels use now."""
+    return sorted({*base, *(c for c, n in counts.items() if n > 0)})
 
 
 async def sync_batch(docs: DocumentStore, record: Mapping[str, Any]) -> Doc:
     """Open the inbox for the record's current batch (creating it on the first batch)."""
     fields = _batch_fields(record)
+    if not await docs.get(INBOX, record["_id"]):
+        await _migrate(docs, record)
 
     def fn(current: Doc | None) -> Mapping[str, Any] | None:
         if current is None:
-            return {"_id": record["_id"], **fields, "accepting": True, "closed_reason": None, "sequence": 0,
-                    "folded_through": int(record.get("labels_folded_through", 0)), "pending": []}
+            return _new_inbox(record, accepting=True, reason=None)
         if current.get("accepting") and all(current.get(k) == v for k, v in fields.items()):
             return None
         return {**fields, "accepting": True, "closed_reason": None}
@@ -136,13 +225,25 @@ async def sync_batch(docs: DocumentStore, record: Mapping[str, Any]) -> Doc:
     return await change_inbox(docs, record["_id"], fn)
 
 
+async def _migrate(docs: DocumentStore, record: Mapping[str, Any]) -> None:
+    """Item documents for labels a record holds from before the label log (sequence 0: before any)."""
+    for item_id, label in record.get("human_labels", {}).items():
+        doc_id = item_doc_id(record["_id"], item_id)
+        if await docs.get(LABELS, doc_id) is None:
+            step = {"label": label, "previous": None, "annotator": "unknown", "at": record.get("updated_at", ""),
+                    "batch_id": "", "sequence": 0, "event_id": ""}
+            with contextlib.suppress(Conflict):
+                await docs.insert(LABELS, {"_id": doc_id, "dataset_id": record["_id"], "item_id": item_id,
+                                           "label": label, "annotator": "unknown", "labeled_at": step["at"],
+                                           "batch_id": "", "sequence": 0, "history": [step]})
+
+
 async def close(docs: DocumentStore, record: Mapping[str, Any], *, reason: str) -> Doc:
     """Stop accepting labels (``reason``: ``finalising``, ``labeled`` or ``failed``)."""
 
     def fn(current: Doc | None) -> Mapping[str, Any] | None:
         if current is None:
-            return {"_id": record["_id"], **_batch_fields(record), "accepting": False, "closed_reason": reason,
-                    "sequence": 0, "folded_through": int(record.get("labels_folded_through", 0)), "pending": []}
+            return _new_inbox(record, accepting=False, reason=reason)
         if not current.get("accepting") and current.get("closed_reason") == reason:
             return None
         return {"accepting": False, "closed_reason": reason}
@@ -167,17 +268,17 @@ def refusal(inbox: Mapping[str, Any], dataset_id: str) -> InvalidInput | None:
 def known_classes(inbox: Mapping[str, Any]) -> list[str]:
     """The dataset's classes plus those introduced by submissions not applied yet."""
     known = set(inbox.get("classes", []))
-    for entry in inbox.get("pending", []):
-        known.update(entry["labels"].values())
+    for e in inbox.get("pending", []):
+        known.update(e["labels"].values())
     return sorted(known)
 
 
-def waiting_after(inbox: Mapping[str, Any], labels: Iterable[str]) -> int:
+def waiting_after(inbox: Mapping[str, Any], batch: BatchInfo, labels: Iterable[str]) -> int:
     """Items of the current batch still without a label once ``labels`` and the pending ones apply."""
     answered = set(labels)
-    for entry in inbox.get("pending", []):
-        answered.update(entry["labels"])
-    return sum(1 for i in inbox.get("waiting", []) if i not in answered)
+    for e in inbox.get("pending", []):
+        answered.update(e["labels"])
+    return int(_answered(inbox, batch, answered)["waiting_count"])
 
 
 def entry(*, event_id: str, batch_id: str, annotator: str, labels: Mapping[str, str], at: str) -> Doc:
@@ -193,14 +294,15 @@ async def append(docs: DocumentStore, inbox: Mapping[str, Any], new: Doc) -> Doc
                              expected_version=inbox["_version"])
 
 
-async def append_once(docs: DocumentStore, dataset_id: str, new: Doc, *, folded: Collection[str]) -> Doc:
+async def append_once(docs: DocumentStore, dataset_id: str, new: Doc) -> Doc:
     """Append a submission that came straight from the bus, unless its event is pending already or
-    in ``folded`` (the record's ``folded_events``: a redelivered or retried event)."""
+    was folded (a redelivered or retried event)."""
     for attempt in range(MAX_TRIES):
         inbox = await docs.get(INBOX, dataset_id)
         if inbox is None:
             raise ValueError(f"no label inbox for dataset {dataset_id}")
-        if new["event_id"] in folded or any(e["event_id"] == new["event_id"] for e in inbox["pending"]):
+        event_id = new["event_id"]
+        if event_id in inbox.get("folded_events", []) or any(e["event_id"] == event_id for e in inbox["pending"]):
             return inbox
         try:
             return await append(docs, inbox, {**new, "direct": True})
@@ -211,95 +313,129 @@ async def append_once(docs: DocumentStore, dataset_id: str, new: Doc, *, folded:
 
 @dataclass(frozen=True)
 class Fold:
-    """The record and inbox after a fold, and how many items' labels it changed."""
+    """The inbox after a fold, and how many items' labels the fold changed."""
 
-    record: Doc
     inbox: Doc
     changed: int
 
 
-async def fold(docs: DocumentStore, record: Doc, inbox: Doc) -> Fold:
-    """Apply the inbox's pending submissions to the item documents and the record (see the module doc)."""
-    done = int(record.get("labels_folded_through", 0))
+async def fold(docs: DocumentStore, inbox: Doc) -> Fold:
+    """Apply the inbox's pending submissions to the item documents, then commit them in the inbox."""
+    dataset_id = inbox["_id"]
+    done = int(inbox.get("folded_through", 0))
     todo = sorted((e for e in inbox.get("pending", []) if int(e["sequence"]) > done), key=lambda e: e["sequence"])
+    if not todo:
+        return Fold(inbox=inbox, changed=0)
+    steps: dict[str, list[Doc]] = {}
+    for e in todo:
+        for item_id, label in e["labels"].items():
+            steps.setdefault(item_id, []).append({
+                "label": label, "annotator": e["annotator"], "at": e["at"], "batch_id": e["batch_id"],
+                "sequence": int(e["sequence"]), "event_id": e["event_id"]})
+    after = {item_id: await _write_item(docs, dataset_id, item_id, item_steps)
+             for item_id, item_steps in steps.items()}
+    # what this fold changed, from the items' histories (the same after a redone fold)
+    labeled = int(inbox.get("labeled", 0))
+    counts: Counter[str] = Counter(inbox.get("class_counts", {}))
     changed = 0
-    if todo:
-        human = dict(record.get("human_labels", {}))
-        changes: dict[str, list[Doc]] = {}
-        for e in todo:
-            for item_id, label in e["labels"].items():
-                previous = human.get(item_id)
-                if previous == label:
-                    continue
-                human[item_id] = label
-                changes.setdefault(item_id, []).append({
-                    "label": label, "previous": previous, "annotator": e["annotator"], "at": e["at"],
-                    "batch_id": e["batch_id"], "sequence": int(e["sequence"]), "event_id": e["event_id"]})
-        await _write_items(docs, record["_id"], changes)
-        changed = len(changes)
-        base = record.get("base_classes")
-        classes = sorted({*(base if base is not None else record.get("classes", [])), *human.values()})
-        batch = record.get("current_batch") or {}
-        counts = dict(record.get("counts", {}))
-        counts["human"] = len(human)
-        counts["pending"] = sum(1 for i in batch.get("item_ids", []) if i not in human)
-        annotators = sorted({*record.get("annotators", []), *(e["annotator"] for e in todo)})
-        direct = [*record.get("folded_events", []), *(e["event_id"] for e in todo if e.get("direct"))]
-        record = await records.change(docs, record, human_labels=human, classes=classes, counts=counts,
-                                      annotators=annotators, labels_folded_through=int(todo[-1]["sequence"]),
-                                      folded_events=direct[-FOLDED_EVENTS_KEPT:])
-    inbox = await _trim(docs, record)
-    return Fold(record=record, inbox=inbox, changed=changed)
-
-
-async def _write_items(docs: DocumentStore, dataset_id: str, changes: Mapping[str, Sequence[Doc]]) -> None:
-    for item_id, steps in changes.items():
-        doc_id = item_doc_id(dataset_id, item_id)
-        current = await docs.get(LABELS, doc_id)
-        held = int(current["sequence"]) if current is not None else 0
-        new = [s for s in steps if s["sequence"] > held]
-        if not new:
-            continue  # a redone fold: this item already holds these submissions
-        last = new[-1]
-        fields = {"label": last["label"], "annotator": last["annotator"], "labeled_at": last["at"],
-                  "batch_id": last["batch_id"], "sequence": last["sequence"]}
+    for doc in after.values():
+        mine = [h for h in doc["history"] if int(h["sequence"]) > done]
+        if not mine:
+            continue
+        changed += 1
+        before = mine[0]["previous"]
+        if before is None:
+            labeled += 1
+        else:
+            counts[before] -= 1
+        counts[doc["label"]] += 1
+    new_done = int(todo[-1]["sequence"])
+    direct = [e["event_id"] for e in todo if e.get("direct")]
+    base: list[str] = inbox.get("base_classes") or inbox.get("classes") or []
+    committed = {"folded_through": new_done, "labeled": labeled,
+                 "class_counts": {c: n for c, n in sorted(counts.items()) if n > 0}, "classes": _classes(base, counts)}
+    batch = await batch_info(docs, dataset_id, inbox["asked_rev"]) if inbox.get("batch_id") else BatchInfo(
+        frozenset(), ())
+    for attempt in range(MAX_TRIES):
+        if int(inbox.get("folded_through", 0)) >= new_done:
+            return Fold(inbox=inbox, changed=0)  # another worker committed this fold
+        fields = {**committed,
+                  "pending": [e for e in inbox["pending"] if int(e["sequence"]) > new_done],
+                  **_answered(inbox, batch, after),
+                  "folded_events": [*inbox.get("folded_events", []), *direct][-FOLDED_EVENTS_KEPT:]}
         try:
-            if current is None:
-                await docs.insert(LABELS, {"_id": doc_id, "dataset_id": dataset_id, "item_id": item_id, **fields,
-                                           "history": new})
-            else:
-                await docs.update(LABELS, doc_id, {**fields, "history": [*current["history"], *new]},
-                                  expected_version=current["_version"])
-        except Conflict as exc:
-            raise RetryableError(f"the label of item {item_id} of dataset {dataset_id} changed concurrently") \
-                from exc
+            return Fold(inbox=await docs.update(INBOX, dataset_id, fields, expected_version=inbox["_version"]),
+                        changed=changed)
+        except Conflict:  # a submission was appended meanwhile: keep it pending
+            await backoff(attempt)
+            current = await docs.get(INBOX, dataset_id)
+            assert current is not None
+            inbox = current
+    raise RetryableError(f"the label inbox of dataset {dataset_id} kept changing concurrently")
 
 
-async def _trim(docs: DocumentStore, record: Mapping[str, Any]) -> Doc:
-    """Drop the applied submissions from the inbox; mirror the record's classes and open items."""
-    done = int(record.get("labels_folded_through", 0))
-    batch = record.get("current_batch") or {}
-    human = record.get("human_labels", {})
-    waiting = [i for i in batch.get("item_ids", []) if i not in human]
-
-    def fn(current: Doc | None) -> Mapping[str, Any] | None:
+async def _write_item(docs: DocumentStore, dataset_id: str, item_id: str, steps: Sequence[Doc]) -> Doc:
+    """Add ``steps`` (in sequence order) to the item's document, skipping those it holds; the document."""
+    doc_id = item_doc_id(dataset_id, item_id)
+    current = await docs.get(LABELS, doc_id)
+    held = int(current["sequence"]) if current is not None else -1
+    label = current["label"] if current is not None else None
+    new: list[Doc] = []
+    for step in steps:
+        if step["sequence"] <= held or step["label"] == label:
+            continue  # held already (a redone fold), or a repeat of the current label
+        new.append({**step, "previous": label})
+        label = step["label"]
+    if not new:
+        assert current is not None
+        return current
+    last = new[-1]
+    fields = {"label": last["label"], "annotator": last["annotator"], "labeled_at": last["at"],
+              "batch_id": last["batch_id"], "sequence": last["sequence"]}
+    try:
         if current is None:
-            raise ValueError(f"no label inbox for dataset {record['_id']}")
-        pending = [e for e in current["pending"] if int(e["sequence"]) > done]
-        fields = {"pending": pending, "folded_through": max(done, int(current.get("folded_through", 0))),
-                  "classes": list(record.get("classes", [])), "waiting": waiting}
-        if all(current.get(k) == v for k, v in fields.items()):
-            return None
-        return fields
-
-    return await change_inbox(docs, record["_id"], fn)
+            return await docs.insert(LABELS, {"_id": doc_id, "dataset_id": dataset_id, "item_id": item_id,
+                                              **fields, "history": new})
+        return await docs.update(LABELS, doc_id, {**fields, "history": [*current["history"], *new]},
+                                 expected_version=current["_version"])
+    except Conflict as exc:
+        raise RetryableError(f"the label of item {item_id} of dataset {dataset_id} changed concurrently") from exc
 
 
 async def item_labels(
-    docs: DocumentStore, dataset_id: str, *, item_id: str | None = None, limit: int = 1000
+    docs: DocumentStore, dataset_id: str, *, item_id: str | None = None, limit: int | None = 1000
 ) -> list[Doc]:
     """The labeled items' documents (label, annotator, history), by item id."""
     where: dict[str, Any] = {"dataset_id": dataset_id}
     if item_id is not None:
         where["item_id"] = item_id
     return await docs.find(LABELS, where, sort=[("item_id", 1)], limit=limit)
+
+
+async def sync_record(docs: DocumentStore, record: Doc, inbox: Mapping[str, Any]) -> Doc:
+    """The record with the people's labels the rounds use (from the item documents), once per round."""
+    items = await item_labels(docs, record["_id"], limit=None)
+    human = {d["item_id"]: d["label"] for d in items}
+    annotators = sorted({*record.get("annotators", []), *(h["annotator"] for d in items for h in d["history"])})
+    classes = sorted({*inbox.get("classes", record.get("classes", [])), *human.values()})
+    batch = record.get("current_batch") or {}
+    counts = {**record.get("counts", {}), "human": len(human),
+              "pending": sum(1 for i in batch.get("item_ids", []) if i not in human)}
+    if (human, annotators, classes, counts) == (record.get("human_labels"), record.get("annotators"),
+                                                record.get("classes"), record.get("counts")):
+        return record
+    return await records.change(docs, record, human_labels=human, annotators=annotators, classes=classes,
+                                counts=counts)
+
+
+def live(public: dict[str, Any], record: Mapping[str, Any], inbox: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The API's view of a record (``public``) with the label figures the inbox moved on since the round."""
+    if inbox is None or record.get("state") != "labeling":
+        return public
+    public["classes"] = list(inbox.get("classes", public.get("classes", [])))
+    public["counts"] = {**public.get("counts", {}), "human": int(inbox.get("labeled", 0)),
+                        "pending": int(inbox.get("waiting_count", 0))}
+    batch = public.get("current_batch")
+    if batch and inbox.get("batch_id") == batch.get("batch_id"):
+        public["current_batch"] = {**batch, "waiting": int(inbox.get("waiting_count", 0))}
+    return public

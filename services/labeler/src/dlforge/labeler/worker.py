@@ -242,22 +242,25 @@ async def _take_labels(event: Event, ctx: HandlerContext) -> HandlerResult:
             raise PoisonMessage(f"labels refused: {exc}") from exc
         submitted = labels.entry(event_id=event.event_id, batch_id=payload.batch_id, annotator=payload.annotator,
                                  labels=clean, at=event.occurred_at.isoformat())
-        inbox = await labels.append_once(ctx.docs, dataset_id, submitted,
-                                         folded=set(record.get("folded_events", [])))
+        inbox = await labels.append_once(ctx.docs, dataset_id, submitted)
     elif inbox is None:
         raise PoisonMessage(f"labels.submitted #{payload.sequence} for dataset {dataset_id}, which has no label inbox")
-    if not inbox["pending"] and (inbox.get("waiting") or not inbox.get("accepting")):
+    if not inbox["pending"] and (inbox.get("waiting_count") or not inbox.get("accepting")):
         return None  # applied by an earlier fold; the batch still waits for people (or is closed)
+    inbox = (await labels.fold(ctx.docs, inbox)).inbox
+    if inbox.get("waiting_count") or not inbox.get("accepting"):
+        return None
+    # every item of the waiting batch has its label: one round
+    record = record or await ctx.docs.get(records.DATASETS, dataset_id)
     if record is None:
-        record = await ctx.docs.get(records.DATASETS, dataset_id)
-        if record is None:
-            raise PoisonMessage(f"labels for unknown dataset {dataset_id}")
-    record = (await labels.fold(ctx.docs, record, inbox)).record
+        raise PoisonMessage(f"labels for unknown dataset {dataset_id}")
     batch = record.get("current_batch")
-    if record.get("state") != "labeling" or not batch:
+    if record.get("state") != "labeling" or not batch or batch["batch_id"] != inbox.get("batch_id"):
         return None
-    if any(i not in record.get("human_labels", {}) for i in batch["item_ids"]):
-        return None
+    record = await labels.sync_record(ctx.docs, record, inbox)
+    if any(i not in record["human_labels"] for i in batch["item_ids"]):
+        raise RetryableError(f"dataset {dataset_id}: the label inbox says batch {batch['batch_id']} is answered, "
+                             "the labels do not (yet)")
     manifest = await asyncio.to_thread(load_manifest, ctx.objects, record["manifest_key"])
     vectors, _ = await asyncio.to_thread(ensure_embeddings, ctx.objects, manifest, settings)
     return await _advance(event, ctx, record, manifest, vectors, settings, rnd=int(batch["round"]) + 1)
@@ -295,11 +298,9 @@ async def _advance(
     if result.done:
         # Finalising: stop accepting labels first, then apply what came in while the round was fitted
         # (refitting if that changed a label), so no accepted label misses the final labels.
-        await labels.close(ctx.docs, record, reason="finalising")
-        inbox = await labels.load_inbox(ctx.docs, dataset_id)
-        assert inbox is not None
-        folded = await labels.fold(ctx.docs, record, inbox)
-        record = folded.record
+        inbox = await labels.close(ctx.docs, record, reason="finalising")
+        folded = await labels.fold(ctx.docs, inbox)
+        record = await labels.sync_record(ctx.docs, record, folded.inbox)
         if folded.changed:
             view, result = await asyncio.to_thread(fit, record)
     classes = list(view.classes)
