@@ -223,15 +223,15 @@ def test_similar_search_returns_the_item_itself_first(digits: tuple[np.ndarray, 
 
 
 def test_check_labels() -> None:
-    clean, new = check_labels({"a": " cat ", "b": "dog"}, batch_items=["a", "b", "c"], classes=["cat"],
-                              allow_new_classes=True)
+    # which items may be labeled is the caller's check (the label inbox); this one checks the strings
+    clean, new = check_labels({"a": " cat ", "b": "dog"}, classes=["cat"], allow_new_classes=True)
     assert clean == {"a": "cat", "b": "dog"} and new == ["dog"]
-    with pytest.raises(InvalidInput, match="not in this batch"):
-        check_labels({"z": "cat"}, batch_items=["a"], classes=["cat"], allow_new_classes=True)
     with pytest.raises(InvalidInput, match="unknown class"):
-        check_labels({"a": "dog"}, batch_items=["a"], classes=["cat"], allow_new_classes=False)
+        check_labels({"a": "dog"}, classes=["cat"], allow_new_classes=False)
     with pytest.raises(InvalidInput, match="not a valid class"):
-        check_labels({"a": "  "}, batch_items=["a"], classes=["cat"], allow_new_classes=True)
+        check_labels({"a": "  "}, classes=["cat"], allow_new_classes=True)
+    with pytest.raises(InvalidInput, match="no labels"):
+        check_labels({}, classes=["cat"], allow_new_classes=True)
 
 
 @pytest.mark.parametrize("label", ["bad\x07bell", "two\nlines", "tab\there", "del\x7f", "c1\x85next", "a/b", "a\\b",
@@ -240,7 +240,7 @@ def test_submitted_labels_follow_the_ingestion_rule(label: str) -> None:
     # a control character, a slash or 101 characters: refused at submission as at upload, so such a
     # string never becomes a class
     with pytest.raises(InvalidInput, match="not a valid class name"):
-        check_labels({"a": label}, batch_items=["a"], classes=["cat"], allow_new_classes=True)
+        check_labels({"a": label}, classes=["cat"], allow_new_classes=True)
     from dlforge.labeler.ingest import _clean_label
 
     with pytest.raises(InvalidInput, match="not a valid class name"):
@@ -251,6 +251,6 @@ def test_ordinary_class_names_pass_both_checks() -> None:
     from dlforge.labeler.ingest import _clean_label
 
     for label in ("défaut", "crack (minor)", "t-shirt-top", "x" * 100, "缺陷"):
-        assert check_labels({"a": f" {label} "}, batch_items=["a"], classes=[], allow_new_classes=True)[0] == {
+        assert check_labels({"a": f" {label} "}, classes=[], allow_new_classes=True)[0] == {
             "a": label}
         assert _clean_label(f" {label} ", where="upload") == label

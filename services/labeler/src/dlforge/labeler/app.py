@@ -638,6 +638,10 @@ async def submit_labels(body: LabelSubmission,
         if refused is not None:
             raise refused
         if body.batch_id not in inbox["batches"]:
+            record = await records.load(backends.docs, dataset_id)
+            if (record.get("current_batch") or {}).get("batch_id") == body.batch_id:
+                await labels_log.backoff(attempt)  # the batch opened a moment ago; its inbox follows at once
+                continue
             raise InvalidInput(f"dataset {dataset_id!r} has no batch {body.batch_id!r}; the one waiting for labels "
                                f"is {inbox.get('batch_id')!r}", status_code=404)
         try:

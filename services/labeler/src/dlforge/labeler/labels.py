@@ -5,8 +5,9 @@ Two collections, besides the dataset record (:mod:`dlforge.labeler.records`):
 ``labeler_label_inbox``
     One small document per dataset (``_id`` = dataset id): whether the dataset accepts labels
     (``accepting``; once its labels are final it does not, ``closed_reason`` says why), the
-    batches people were asked so far, the items of the current batch still without a label,
-    the classes and how many people's labels each has, a sequence counter, the *pending*
+    batches people were asked so far, the items of the current batch still without a label (a bit
+    mask over the batch's item order, so the document stays small however large the batch), the
+    classes and how many people's labels each has, a sequence counter, the *pending*
     submissions (accepted, not yet applied) and ``folded_through``, the last sequence applied.
 ``labeler_labels``
     One document per item people labeled (``_id`` = ``dataset_id:item_id``): its current label
@@ -20,7 +21,11 @@ How a submission travels
    change (another submission, the worker) is a ``Conflict``: read, check and append again.
    Only then does it publish ``labels.submitted`` (carrying the ``sequence``) and answer 202.
    The inbox is the one document that both decides whether labels are accepted and stores them,
-   so there is no moment where a stale check lets a label through that is later ignored.
+   so there is no moment where a stale check lets a label through that is later ignored. The
+   items asked so far come from the record once per batch (:func:`batch_info`, then cached: they
+   never change for that batch). If the publish fails (a 5xx, no 202), the stored submission
+   stays pending and the next fold applies it; a client that sends it again repeats a label,
+   which changes nothing.
 2. The worker *folds* the inbox on each ``labels.submitted``: every pending submission at once,
    in sequence order. It writes the changed items' documents in ``labeler_labels`` first, then
    commits the fold in the inbox (one version-checked write: the applied submissions leave
