@@ -158,7 +158,9 @@ class LabelsRequested(Payload):
 
 
 class LabelsSubmitted(Payload):
-    """Labels for (part of) the waiting batch, from a person or the simulated annotator."""
+    """Labels, or corrections, for items people were asked about (the waiting batch or an earlier one),
+    from a person (through the labeler's API, which stored them first: ``sequence`` set) or the
+    simulated annotator. Of two labels of one item the later accepted one wins."""
 
     TOPIC = Topic.LABELS_SUBMITTED
     SCHEMA_VERSION: ClassVar[int] = 2  # v2: sequence
