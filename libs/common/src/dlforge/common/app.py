@@ -22,6 +22,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dlforge.common.body_limit import BodyLimitMiddleware
 from dlforge.common.http_errors import ConcretePathsFirst, install_error_handlers, use_truthful_openapi
 from dlforge.common.runtime import Backends, Service, Worker
 from dlforge.common.settings import CommonSettings, load_settings
@@ -149,6 +150,7 @@ def create_app(
     app = FastAPI(title=app_name, version="0.1.0", lifespan=lifespan, **extra)
     app.add_middleware(ConcretePathsFirst, api=app)
     app.add_middleware(TracingMiddleware, service_name=app_name)
+    app.add_middleware(BodyLimitMiddleware)  # request bodies stop being read at their route's limit
 
     install_error_handlers(app)
     use_truthful_openapi(app)

@@ -33,8 +33,17 @@ from starlette.datastructures import UploadFile
 
 from dlforge.common.app import ServicePart, backends_of
 from dlforge.common.app import create_app as create_common_app
+from dlforge.common.body_limit import body_limit
 from dlforge.common.errors import Conflict, InvalidInput, NotFound
-from dlforge.common.events import DatasetUploaded, Event, LabelsSubmitted, PipelineOptions, Spec
+from dlforge.common.events import (
+    MAX_CLASSES,
+    DatasetUploaded,
+    Event,
+    LabelsSubmitted,
+    PipelineOptions,
+    Spec,
+    UniqueClasses,
+)
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings, load_settings
@@ -65,6 +74,8 @@ router = APIRouter(tags=["labeler"])
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 SIMULATED = "simulated"
+# room for the upload form's other fields (spec, options, classes, ...) next to the zip itself
+FORM_FIELDS_BYTES = 1 << 20
 
 
 def _check_id(value: str | None, what: str) -> str | None:
@@ -78,13 +89,15 @@ class DatasetRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    folder: str | None = Field(default=None, description="server-side folder (inside an import root)")
+    folder: str | None = Field(default=None, min_length=1, max_length=4096,
+                               description="server-side folder (inside an import root)")
     name: str | None = Field(default=None, max_length=200)
     spec: Spec = Spec()
     options: PipelineOptions = PipelineOptions()
-    run_id: str | None = None
-    dataset_id: str | None = None
-    classes: list[str] = Field(default_factory=list, description="class names known in advance (optional)")
+    run_id: str | None = Field(default=None, max_length=64)
+    dataset_id: str | None = Field(default=None, max_length=64)
+    classes: UniqueClasses = Field(default_factory=list, max_length=MAX_CLASSES,
+                                   description="class names known in advance (optional)")
     layout: Layout = "auto"
     allow_new_classes: bool | None = Field(default=None, description="labels may add classes (default: setting)")
 
@@ -320,8 +333,9 @@ def _open_and_scan(
     else:
         assert req.folder is not None
         tree = open_folder(req.folder, roots=settings.import_roots, limits=limits)
+    allow_new = settings.labeler_allow_new_classes if req.allow_new_classes is None else req.allow_new_classes
     try:
-        return tree, scan(tree, layout=req.layout, classes=req.classes)
+        return tree, scan(tree, layout=req.layout, classes=req.classes, allow_new_classes=allow_new)
     except BaseException:
         tree.close()
         raise
@@ -333,6 +347,7 @@ def _open_and_scan(
                  "multipart/form-data": {"schema": _form_schema(with_file=True)},
                  "application/x-www-form-urlencoded": {"schema": _form_schema(with_file=False)},
                  "application/json": {"schema": DatasetRequest.model_json_schema()}}}})
+@body_limit(lambda settings: labeler_settings(settings).labeler_max_upload_bytes + FORM_FIELDS_BYTES)
 async def create_dataset(request: Request, backends: Annotated[Backends, Depends(backends_of)]) -> DatasetCreated:
     """Ingest a zip upload or a server-side folder; emits ``dataset.uploaded``."""
     settings = labeler_settings(backends.settings)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFil
 
 from dlforge.common.app import ServicePart, backends_of
 from dlforge.common.app import create_app as create_common_app
+from dlforge.common.body_limit import body_limit
 from dlforge.common.errors import InvalidInput, NotFound
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
@@ -21,6 +22,7 @@ from dlforge.optimizer.worker import REPORTS, service
 router = APIRouter(tags=["optimizer"])
 
 MAX_IMAGE_BYTES = 32 * 2**20
+FORM_FIELDS_BYTES = 64 << 10  # the multipart framing around the image
 
 
 async def _latest(backends: Backends, dataset_id: str, model_id: str | None) -> dict[str, Any]:
@@ -36,7 +38,8 @@ async def _latest(backends: Backends, dataset_id: str, model_id: str | None) -> 
 
 @router.get("/reports/{dataset_id}", responses=error_responses(404))
 async def get_report(
-    dataset_id: str, model_id: str | None = Query(default=None), backends: Backends = Depends(backends_of)
+    dataset_id: str, model_id: str | None = Query(default=None, max_length=200),
+    backends: Backends = Depends(backends_of),
 ) -> dict[str, Any]:
     """The optimizer report of the dataset's latest optimized model (or of ``model_id``)."""
     doc = await _latest(backends, dataset_id, model_id)
@@ -69,12 +72,13 @@ async def _predictor(request: Request, backends: Backends, doc: dict[str, Any], 
 
 
 @router.post("/models/{dataset_id}/predict", response_model=Prediction, responses=error_responses(404, 413))
+@body_limit(lambda _: MAX_IMAGE_BYTES + FORM_FIELDS_BYTES)
 async def predict(
     request: Request,
     dataset_id: str,
     file: UploadFile = File(..., description="an image (PNG, JPEG, ...)"),
-    variant: str | None = Query(default=None, description="variant to use (default: the chosen one)"),
-    model_id: str | None = Query(default=None),
+    variant: str | None = Query(default=None, max_length=100, description="variant to use (default: the chosen one)"),
+    model_id: str | None = Query(default=None, max_length=200),
     backends: Backends = Depends(backends_of),
 ) -> Prediction:
     """Classify one uploaded image with the optimized model; the spec's threshold is applied."""

@@ -151,7 +151,8 @@ def load_study(ctx: StudyContext) -> optuna.Study:
         study = optuna.create_study(study_name=ctx.study_name, storage=storage, direction="maximize",
                                     load_if_exists=True)
         n = len(study.get_trials(deepcopy=False))
-        sampler = make_sampler(ctx.config.sampler, seed=ctx.options.seed * 100_003 + n,
+        # numpy (and so every Optuna sampler) takes seeds below 2**32; options.seed goes up to 2**31 - 1
+        sampler = make_sampler(ctx.config.sampler, seed=(ctx.options.seed * 100_003 + n) % 2**32,
                                startup=ctx.config.startup_trials)
         return optuna.load_study(study_name=ctx.study_name, storage=storage, sampler=sampler)
 
