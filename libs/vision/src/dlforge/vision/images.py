@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,7 +30,9 @@ def decode(data: bytes, *, name: str = "image") -> Image.Image:
     """
     observe.notify_decoded(data)
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # Pillow warns between its limit and twice it; the check below refuses
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
         pixels = img.width * img.height
         if pixels > MAX_PIXELS:
             img.close()

@@ -265,7 +265,10 @@ def _json_field(form: Any, name: str) -> Any:
     if name == "classes" and not raw.strip().startswith("["):
         return [c.strip() for c in raw.split(",") if c.strip()]
     if name == "allow_new_classes":
-        return raw.strip().lower() in ("1", "true", "yes", "on")
+        value = raw.strip().lower()
+        if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise InvalidInput(f"form field 'allow_new_classes' must be true or false, not {raw[:40]!r}")
+        return value in ("1", "true", "yes", "on")
     if name in ("spec", "options", "classes"):
         try:
             return json.loads(raw)
@@ -305,6 +308,11 @@ async def _parse(request: Request, settings: LabelerSettings) -> tuple[DatasetRe
         raise InvalidInput("invalid dataset request", details=json.loads(exc.json(include_url=False))) from exc
     if (upload is None) == (req.folder is None):
         raise InvalidInput("give exactly one of a zip upload (field 'file') or a server-side 'folder'")
+    allow_new = settings.labeler_allow_new_classes if req.allow_new_classes is None else req.allow_new_classes
+    positive = req.spec.positive_class
+    if not allow_new and req.classes and positive is not None and positive not in req.classes:
+        raise InvalidInput(f"spec.positive_class {positive!r} is not among the classes {req.classes} and new "
+                           "classes are not allowed (allow_new_classes is off)")
     if upload is not None:
         size = upload.size
         if size is None:
