@@ -500,6 +500,44 @@ def _pick_csv(csvs: list[str]) -> str:
 # ------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FoundLayout:
+    """How a tree's (non-hidden) files are laid out."""
+
+    wrapper: str
+    """the single top-level folder everything sits in, stripped from the names ('' if none)"""
+    relative: dict[str, str]
+    """file path -> its name in the dataset (the path without the wrapper)"""
+    root_csvs: list[str]
+    layout: Literal["class_folders", "csv", "flat"]
+
+
+def detect_layout(files: Sequence[str], layout: Layout = "auto") -> FoundLayout:
+    """The layout of ``files`` (non-hidden, relative POSIX paths): a CSV at the top level, class
+    sub-folders (their names are the given labels) or flat; ``layout`` other than auto is taken as is."""
+    wrapper = _strip_wrapper(list(files))
+    if wrapper and layout == "class_folders" and not any("/" in f[len(wrapper):] for f in files):
+        wrapper = ""  # a single class folder, not a wrapper around the dataset
+    rel = {f: f[len(wrapper):] for f in files}
+    root_csvs = [r for r in rel.values() if "/" not in r and r.lower().endswith((".csv", ".tsv"))]
+    resolved: Literal["class_folders", "csv", "flat"]
+    if layout == "auto":
+        if root_csvs:
+            resolved = "csv"
+        elif any("/" in r for r in rel.values()):
+            resolved = "class_folders"
+        else:
+            resolved = "flat"
+    else:
+        resolved = layout
+    return FoundLayout(wrapper=wrapper, relative=rel, root_csvs=root_csvs, layout=resolved)
+
+
+def is_hidden(path: str) -> bool:
+    """Files the scan skips (dot files, ``__MACOSX``, ``Thumbs.db``)."""
+    return _is_hidden(path)
+
+
 def item_id_of(sha256: str) -> str:
     """Items are named by their content, so re-ingesting the same file gives the same id."""
     return sha256[:20]
@@ -522,22 +560,8 @@ def scan(
     all_files = tree.files()
     skipped = [f for f in all_files if _is_hidden(f)]
     files = [f for f in all_files if not _is_hidden(f)]
-    wrapper = _strip_wrapper(files)
-    if wrapper and layout == "class_folders" and not any("/" in f[len(wrapper):] for f in files):
-        wrapper = ""  # a single class folder, not a wrapper around the dataset
-    rel = {f: f[len(wrapper):] for f in files}
-    root_csvs = [r for r in rel.values() if "/" not in r and r.lower().endswith((".csv", ".tsv"))]
-
-    resolved: Literal["class_folders", "csv", "flat"]
-    if layout == "auto":
-        if root_csvs:
-            resolved = "csv"
-        elif any("/" in r for r in rel.values()):
-            resolved = "class_folders"
-        else:
-            resolved = "flat"
-    else:
-        resolved = layout
+    found = detect_layout(files, layout)
+    wrapper, rel, root_csvs, resolved = found.wrapper, found.relative, found.root_csvs, found.layout
     if resolved == "csv" and not root_csvs:
         raise InvalidInput("layout 'csv' asked but there is no CSV file at the top level",
                            status_code=STATUS_BAD_INPUT)

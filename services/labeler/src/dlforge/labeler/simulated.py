@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from dlforge.common.app import ServicePart
@@ -56,6 +57,71 @@ def load_answers_csv(path: str | Path) -> dict[str, str]:
     if not answers:
         raise InvalidInput(f"{p.name} has no labels (column {parsed.label_column or 'missing'})")
     return answers
+
+
+@dataclass(frozen=True)
+class MatchedAnswers:
+    """A CSV of answers matched against the images of a folder (see :func:`match_answers`)."""
+
+    answers: dict[str, str]
+    """image path relative to the folder, and each of its shorter forms that names it alone -> label"""
+    matched: int
+    """images of the folder that have an answer"""
+    unmatched_rows: list[str]
+    """CSV paths that name no image of the folder, or several"""
+
+
+def _match_one(ref: str, files: set[str], by_name: dict[str, list[str]],
+               by_suffix: dict[str, list[str]]) -> str | None:
+    if ref in files:
+        return ref
+    longer = by_suffix.get(ref, [])  # ref without a leading folder the folder has: 'img.png' for 'good/img.png'
+    if len(longer) == 1:
+        return longer[0]
+    parts = ref.split("/")
+    for i in range(1, len(parts)):  # ref with a leading folder the folder lacks: 'defect/img.png' for 'img.png'
+        if (shorter := "/".join(parts[i:])) in files:
+            return shorter
+    same_name = by_name.get(parts[-1], [])
+    return same_name[0] if len(same_name) == 1 else None
+
+
+def match_answers(answers: Mapping[str, str], files: Sequence[str]) -> MatchedAnswers:
+    """Match the paths of an answers CSV to ``files`` (the folder's images, relative POSIX paths).
+
+    A CSV path may be relative to the folder, carry a class-folder prefix the folder does not have
+    (``defect/img.png`` for ``img.png``), lack one it has (``img.png`` for ``good/img.png``), or be a
+    bare file name that is unique in the folder. Two rows giving one image different labels are refused.
+    """
+    present = set(files)
+    by_name: dict[str, list[str]] = {}
+    by_suffix: dict[str, list[str]] = {}
+    for f in files:
+        parts = f.split("/")
+        by_name.setdefault(parts[-1], []).append(f)
+        for i in range(1, len(parts)):
+            by_suffix.setdefault("/".join(parts[i:]), []).append(f)
+    labels: dict[str, str] = {}
+    unmatched: list[str] = []
+    for raw, label in answers.items():
+        ref = raw.strip().replace("\\", "/").removeprefix("./")
+        target = _match_one(ref, present, by_name, by_suffix)
+        if target is None:
+            unmatched.append(raw)
+            continue
+        if labels.get(target, label) != label:
+            raise InvalidInput(f"the answers give {target!r} two labels: {labels[target]!r} and {label!r} "
+                               f"(row {raw!r})")
+        labels[target] = label
+    keyed: dict[str, str] = {}
+    for path, label in labels.items():
+        keyed[path] = label
+        parts = path.split("/")
+        for i in range(1, len(parts)):  # the labeler names items without a wrapper folder: the shorter forms too
+            suffix = "/".join(parts[i:])
+            if suffix not in present and len(by_suffix.get(suffix, [])) == 1:
+                keyed.setdefault(suffix, label)
+    return MatchedAnswers(answers=keyed, matched=len(labels), unmatched_rows=unmatched)
 
 
 def _names_in(data: bytes) -> list[str]:
@@ -102,7 +168,8 @@ async def answer(event: Event, ctx: HandlerContext) -> HandlerResult:
             labels[item_id] = label
     if missing:
         raise PoisonMessage(f"the simulated annotator has no answer for {len(missing)} item(s) of "
-                            f"{request.batch_id}: {', '.join(missing[:10])}")
+                            f"{request.batch_id}: {', '.join(missing[:10])} (answers are looked up by item id, "
+                            "by the item's path in the dataset, e.g. 'good/img1.png', or by its file name)")
     return event.follow(LabelsSubmitted(dataset_id=request.dataset_id, batch_id=request.batch_id, labels=labels,
                                         annotator=ANNOTATOR))
 
