@@ -443,7 +443,7 @@ async def import_dataset(
 @router.get("/datasets")
 async def list_datasets(
     backends: Annotated[Backends, Depends(backends_of)],
-    state: str | None = None,
+    state: Annotated[str | None, Query(max_length=32)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[dict[str, Any]]:
     """Dataset summaries, newest first."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI
 from pydantic import BaseModel, Field
@@ -64,7 +64,9 @@ async def get_proposal(dataset_id: str, backends: Backends = Depends(backends_of
 
 
 class RerankRequest(BaseModel):
-    weights: dict[str, float] = Field(description="sub-score -> weight, merged over the weights the proposal used")
+    weights: dict[Annotated[str, Field(max_length=100)], Annotated[float, Field(ge=0.0, le=1e6)]] = Field(
+        max_length=50, description="sub-score -> weight (0-1,000,000; only their ratios matter), merged over the "
+        "weights the proposal used")
 
 
 @router.post("/proposals/{dataset_id}/rerank", responses=error_responses(404))

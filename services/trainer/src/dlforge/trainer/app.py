@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dlforge.common.app import ServicePart, backends_of
 from dlforge.common.app import create_app as create_common_app
 from dlforge.common.errors import InvalidInput, NotFound
+from dlforge.common.events import MAX_CLASSES, UniqueClasses
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
@@ -42,11 +43,12 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, max_length=200)
-    arch: str | None = None
-    weights_key: str | None = None
-    model_id: str | None = Field(default=None, description="a model this trainer trained (see trainer_models)")
-    manifest_key: str
-    classes: list[str] = Field(min_length=2)
+    arch: str | None = Field(default=None, max_length=100)
+    weights_key: str | None = Field(default=None, max_length=1024)
+    model_id: str | None = Field(default=None, max_length=200,
+                                 description="a model this trainer trained (see trainer_models)")
+    manifest_key: str = Field(max_length=1024)
+    classes: UniqueClasses = Field(min_length=2, max_length=MAX_CLASSES)
     hparams: TrainParams = TrainParams()
     run_config: RunOptions = RunOptions()
     sample_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -151,7 +153,7 @@ async def get_job(job_id: str, backends: Backends = Depends(backends_of)) -> dic
 @router.get("/jobs")
 async def list_jobs(
     kind: str | None = Query(default=None, pattern="^(trial|final|api)$"),
-    state: str | None = Query(default=None),
+    state: str | None = Query(default=None, pattern="^(queued|running|completed|stopped|pruned|diverged|failed)$"),
     limit: int = Query(default=100, ge=1, le=1000),
     backends: Backends = Depends(backends_of),
 ) -> list[dict[str, Any]]:

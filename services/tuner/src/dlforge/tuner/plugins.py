@@ -30,8 +30,8 @@ class PluginChoice(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(max_length=64)
+    kwargs: dict[str, Any] = Field(default_factory=dict, max_length=32)
 
 
 SamplerFactory = Callable[[int | None, dict[str, Any], int], optuna.samplers.BaseSampler]
