@@ -119,6 +119,12 @@ def test_the_same_bounds_hold_for_a_json_folder_import(client: TestClient, setti
     assert r.status_code == 422 and "hpo_trials" in r.text
     r = client.post("/datasets", json={"folder": str(folder), "classes": ["a", "a"]})
     assert r.status_code == 422 and "unique" in r.text
+    r = client.post("/datasets", json={"folder": f"{folder}/\x00x"})
+    assert r.status_code == 422 and "control characters" in r.text
+    r = client.post("/datasets", json={"folder": str(folder), "name": "cells\x1b[2J"})
+    assert r.status_code == 422 and "control characters" in r.text
+    r = client.post("/datasets", json={"folder": "~no-such-user-4711/cells"})
+    assert r.status_code == 422 and "not a usable path" in r.text
     assert_nothing_written(client, settings)
 
 

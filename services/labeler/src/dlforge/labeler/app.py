@@ -106,6 +106,13 @@ class DatasetRequest(BaseModel):
     def _run(cls, v: str | None) -> str | None:
         return _check_id(v, "run_id")
 
+    @field_validator("name", "folder")
+    @classmethod
+    def _printable(cls, v: str | None) -> str | None:
+        if v is not None and re.search(r"[\x00-\x1f\x7f-\x9f]", v):
+            raise ValueError("must not contain control characters")
+        return v
+
     @field_validator("dataset_id")
     @classmethod
     def _dataset(cls, v: str | None) -> str | None:

@@ -306,10 +306,16 @@ def open_folder(folder: str | Path, *, roots: Sequence[Path], limits: IngestLimi
     if not roots:
         raise InvalidInput("server-side folder import is disabled: set DLFORGE_LABELER_IMPORT_ROOTS",
                            status_code=403)
-    path = Path(folder).expanduser()
-    if not path.is_absolute():
-        raise InvalidInput(f"folder {str(folder)!r} must be an absolute path", status_code=STATUS_BAD_INPUT)
-    resolved = path.resolve()
+    if re.search(r"[\x00-\x1f\x7f]", str(folder)):
+        raise InvalidInput(f"folder {str(folder)[:200]!r} has control characters", status_code=STATUS_BAD_INPUT)
+    try:
+        path = Path(folder).expanduser()
+        if not path.is_absolute():
+            raise InvalidInput(f"folder {str(folder)!r} must be an absolute path", status_code=STATUS_BAD_INPUT)
+        resolved = path.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # an unknown ~user, a path the OS refuses
+        raise InvalidInput(f"folder {str(folder)[:200]!r} is not a usable path ({exc})",
+                           status_code=STATUS_BAD_INPUT) from exc
     if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
         raise InvalidInput(f"folder {str(folder)!r} is outside the allowed import roots", status_code=403)
     return FolderTree(resolved, limits)
