@@ -149,3 +149,46 @@ def test_run_options_beyond_their_bounds_fail_with_the_flag_named(tmp_path: Path
     code = main(["run", str(folder), "--spec", "recall=0.9", "--hpo-trials", "1000000000"])
     assert code == 2
     assert "--hpo-trials: Input should be less than or equal to 200" in capsys.readouterr().err
+
+
+async def test_the_simulated_annotator_answers_every_item_with_the_matched_answers(tmp_path: Path) -> None:
+    """The names the CLI registers are the names the labeler gives the items (here without the
+    wrapper folder 'batch1/') although the CSV carries class-folder prefixes the folder lacks."""
+    from dlforge.common.events import Event, LabelsRequested, LabelsSubmitted, PipelineOptions, Spec
+    from dlforge.common.runtime import Backends, HandlerContext
+    from dlforge.common.settings import load_settings
+    from dlforge.labeler import simulated
+    from dlforge.labeler.app import DatasetRequest, import_dataset
+    from dlforge.labeler.ingest import IngestLimits, open_folder, scan
+    from dlforge.labeler.settings import LabelerSettings
+    from dlforge.vision.manifest import load_manifest
+
+    names = [f"batch1/img{i:02d}.png" for i in range(6)]
+    folder = _folder(tmp_path / "cells", names)
+    truth = {f"{'dark' if i % 2 else 'bright'}/img{i:02d}.png": "dark" if i % 2 else "bright" for i in range(6)}
+    check = check_folder(folder, truth)
+    assert check.answers is not None and check.to_label == 6
+
+    settings = load_settings(LabelerSettings, bus="memory://", objects=f"file://{tmp_path}/o",
+                             docs=f"sqlite:///{tmp_path}/d.db", work_dir=str(tmp_path / "w"))
+    backends = Backends.from_settings(settings)
+    await backends.start()
+    try:
+        tree = open_folder(folder, roots=[tmp_path.resolve()], limits=IngestLimits(10**6, 10**7, 100))
+        req = DatasetRequest(folder=str(folder), spec=Spec(), options=PipelineOptions(label_budget=1.0),
+                             dataset_id="cells", run_id="run-1")
+        await import_dataset(backends, settings, req, tree, scan(tree))
+        simulated.register_answers(backends.objects, "cells", check.answers)
+        manifest = load_manifest(backends.objects, "labeler/datasets/cells/manifest.json")
+        assert sorted(i.name for i in manifest.items) == [f"img{i:02d}.png" for i in range(6)]
+        asked = Event.new(LabelsRequested(dataset_id="cells", batch_id="b1", round=1,
+                                          item_ids=[i.item_id for i in manifest.items], reason="seed"), run_id="run-1")
+        ctx = HandlerContext(service="annotator-sim", objects=backends.objects, docs=backends.docs,
+                             settings=settings, bus=backends.bus)
+        answered = await simulated.answer(asked, ctx)
+    finally:
+        await backends.stop()
+    assert isinstance(answered, Event) and isinstance(answered.payload, LabelsSubmitted)
+    by_name = {i.item_id: i.name for i in manifest.items}
+    assert {by_name[k]: v for k, v in answered.payload.labels.items()} == {
+        f"img{i:02d}.png": "dark" if i % 2 else "bright" for i in range(6)}
