@@ -315,9 +315,8 @@ async def _parse(request: Request, settings: LabelerSettings) -> tuple[DatasetRe
         raise InvalidInput("invalid dataset request", details=json.loads(exc.json(include_url=False))) from exc
     if (upload is None) == (req.folder is None):
         raise InvalidInput("give exactly one of a zip upload (field 'file') or a server-side 'folder'")
-    allow_new = settings.labeler_allow_new_classes if req.allow_new_classes is None else req.allow_new_classes
     positive = req.spec.positive_class
-    if not allow_new and req.classes and positive is not None and positive not in req.classes:
+    if not _allows_new_classes(req, settings) and req.classes and positive is not None and positive not in req.classes:
         raise InvalidInput(f"spec.positive_class {positive!r} is not among the classes {req.classes} and new "
                            "classes are not allowed (allow_new_classes is off)")
     if upload is not None:
@@ -330,6 +329,11 @@ async def _parse(request: Request, settings: LabelerSettings) -> tuple[DatasetRe
             raise InvalidInput(f"the upload is {size} bytes, over the limit of {settings.labeler_max_upload_bytes}",
                                status_code=413)
     return req, upload
+
+
+def _allows_new_classes(req: DatasetRequest, settings: LabelerSettings) -> bool:
+    """Whether labels may add classes: the request's choice, else the setting."""
+    return settings.labeler_allow_new_classes if req.allow_new_classes is None else req.allow_new_classes
 
 
 def _limits(settings: LabelerSettings) -> IngestLimits:
@@ -348,9 +352,9 @@ def _open_and_scan(
     else:
         assert req.folder is not None
         tree = open_folder(req.folder, roots=settings.import_roots, limits=limits)
-    allow_new = settings.labeler_allow_new_classes if req.allow_new_classes is None else req.allow_new_classes
     try:
-        return tree, scan(tree, layout=req.layout, classes=req.classes, allow_new_classes=allow_new)
+        return tree, scan(tree, layout=req.layout, classes=req.classes,
+                          allow_new_classes=_allows_new_classes(req, settings))
     except BaseException:
         tree.close()
         raise
@@ -407,8 +411,7 @@ async def import_dataset(
         "source": "folder" if req.folder else "zip", "layout": result.layout, "csv_name": result.csv_name,
         "spec": req.spec.model_dump(mode="json"), "options": req.options.model_dump(mode="json"),
         "classes": classes, "counts": counts,
-        "allow_new_classes": settings.labeler_allow_new_classes if req.allow_new_classes is None
-        else req.allow_new_classes,
+        "allow_new_classes": _allows_new_classes(req, settings),
         "rejected": [r.model_dump() for r in result.rejected],
         "duplicates": [d.model_dump() for d in result.duplicates], "skipped": list(result.skipped),
         "manifest_key": manifest_key(dataset_id),
