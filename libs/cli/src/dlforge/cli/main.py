@@ -142,8 +142,10 @@ class StageProgress:
 
 
 def _embedded_settings(root: Path) -> CommonSettings:
-    return load_settings(bus="memory://", objects=f"file://{root.resolve()}/objects",
-                         docs=f"sqlite:///{root.resolve()}/docs.db", work_dir=str(root.resolve() / "work"))
+    """Embedded backends under ``root``: the durable SQLite bus, SQLite documents, a folder of objects."""
+    root = root.resolve()
+    return load_settings(bus=f"sqlite:///{root}/bus.db", objects=f"file://{root}/objects",
+                         docs=f"sqlite:///{root}/docs.db", work_dir=str(root / "work"))
 
 
 async def _run_folder(
