@@ -306,6 +306,25 @@ async def test_messages_older_than_the_retention_are_removed_at_start(tmp_path: 
         await sub.close()
 
 
+async def test_a_write_waiting_for_another_process_does_not_block_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "bus.db"
+    async with started(f"sqlite:///{path}") as bus:
+        sub = await bus.subscribe(group="g", topics=[TOPIC])
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the file's write lock
+        publishing = asyncio.create_task(bus.publish(TOPIC, key="k", value=b"waited"))
+        slept = time.monotonic()
+        await asyncio.sleep(0.2)  # the publish starts waiting; the loop must run on meanwhile
+        assert time.monotonic() - slept < 10  # a publish waiting on the loop would hold it for its 30 s busy timeout
+        assert not publishing.done()
+        other.execute("COMMIT")
+        other.close()
+        await asyncio.wait_for(publishing, 30)
+        (d,) = await take(sub, 1)
+        assert d.value == b"waited"
+        await sub.close()
+
+
 async def test_a_stopped_bus_refuses_work(tmp_path: Path) -> None:
     bus = open_bus(f"sqlite:///{tmp_path}/bus.db")
     assert isinstance(bus, SqliteBus)
