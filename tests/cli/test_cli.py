@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dlforge.cli.main import DEMO_OPTIONS, _options, build_parser, check_folder, main, parse_spec
+from dlforge.cli.main import DEMO_OPTIONS, _embedded_settings, _options, build_parser, check_folder, main, parse_spec
 from dlforge.common.errors import ConfigError
 from dlforge.common.events import Spec
 
@@ -192,3 +192,11 @@ async def test_the_simulated_annotator_answers_every_item_with_the_matched_answe
     by_name = {i.item_id: i.name for i in manifest.items}
     assert {by_name[k]: v for k, v in answered.payload.labels.items()} == {
         f"img{i:02d}.png": "dark" if i % 2 else "bright" for i in range(6)}
+
+
+def test_embedded_settings_keep_the_bus_documents_and_objects_under_the_work_dir(tmp_path) -> None:
+    settings = _embedded_settings(tmp_path / "state")
+    root = (tmp_path / "state").resolve()
+    assert settings.bus == f"sqlite:///{root}/bus.db"  # the durable bus: a killed run keeps its events
+    assert settings.docs == f"sqlite:///{root}/docs.db"
+    assert settings.objects == f"file://{root}/objects"
