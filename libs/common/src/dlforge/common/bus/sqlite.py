@@ -29,8 +29,9 @@ loop too when the file's write lock is free at once; when another process holds 
 with ``synchronous=full`` (an fsync per write), it runs on the bus's own thread, which may wait.
 Checkpoints (the fsyncs of WAL mode) and removing old messages run on that thread at heartbeats.
 Measured on the 2-core development machine: a publish costs about 35 us on the loop, 90 us through
-the thread. Waiting consumers are woken at once by a publish through the same bus instance and
-look for other processes' messages every ``poll_ms``.
+the thread. Waiting consumers are woken at once by a publish through the same bus instance; every
+``poll_ms`` the instance asks SQLite whether another connection changed the file (``PRAGMA
+data_version``, no table read) and wakes them when it did.
 
 URL: ``sqlite:///relative/bus.db`` or ``sqlite:////absolute/bus.db`` with the options
 ``partitions`` (1), ``poll_ms`` (50), ``heartbeat_interval_ms`` (1000), ``session_timeout_ms``
@@ -73,7 +74,6 @@ _INT_OPTIONS = {  # name -> smallest allowed value
 }
 _RETENTION_EVERY_S = 3600.0
 _BUSY_TIMEOUT_MS = 30_000  # how long the bus's thread waits for another process's write lock
-_HOST = socket.gethostname()
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS partitions (
@@ -159,12 +159,24 @@ def _process_stat(pid: int) -> tuple[str, str] | None:
     return fields[0], fields[19]
 
 
-_STARTED = (_process_stat(os.getpid()) or ("", ""))[1]
+def _host() -> str:
+    """This machine and PID namespace: where a pid means the same process as here."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()}/{namespace}"
+
+
+def _identity() -> tuple[str, int, str]:
+    """(host, pid, start time) of this process, as a member row records it (read each time: a fork differs)."""
+    pid = os.getpid()
+    return _host(), pid, (_process_stat(pid) or ("", ""))[1]
 
 
 def _process_alive(host: str, pid: int, started: str) -> bool | None:
     """Whether the process that wrote a member row still runs; None when that cannot be told."""
-    if host != _HOST:
+    if host != _host():
         return None
     try:
         os.kill(pid, 0)
@@ -236,7 +248,7 @@ class SqliteBus(EventBus):
         self._writer_busy_ms = -1  # the busy timeout the writer has now
         self._queued = 0  # writes handed to the bus's thread and not finished (order: they go first)
         self._reader: sqlite3.Connection | None = None
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
         self._wakeup = asyncio.Event()
         self._stopped = True
 
@@ -260,7 +272,10 @@ class SqliteBus(EventBus):
         self._stopped = False
         if self.options.retention_hours:
             await self._write(self._prune, on_thread=True)
-        self._heartbeat = asyncio.create_task(self._beat(), name=f"sqlite bus heartbeat {self.member[:8]}")
+        self._background = [
+            asyncio.create_task(self._beat(), name=f"sqlite bus heartbeat {self.member[:8]}"),
+            asyncio.create_task(self._watch(), name=f"sqlite bus watch {self.member[:8]}"),
+        ]
 
     def _open_writer(self) -> None:
         c = sqlite3.connect(self.options.path, isolation_level=None, check_same_thread=False,
@@ -288,10 +303,10 @@ class SqliteBus(EventBus):
     async def stop(self) -> None:
         if self._stopped:
             return
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            await asyncio.gather(self._heartbeat, return_exceptions=True)
-            self._heartbeat = None
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background = []
         for group in list(self._groups.values()):
             for sub in list(group.subs):
                 await sub.close()
@@ -416,8 +431,27 @@ class SqliteBus(EventBus):
             state = self._groups[group] = _Group(group)
         sub = _SqliteSubscription(self, state, [Topic(t).value for t in topics])
         state.subs.add(sub)
-        await self._tick(state)  # join now: take this member's share of the partitions
+        try:
+            await self._tick(state)  # join now: take this member's share of the partitions
+        except BaseException:
+            await sub.close()
+            raise
         return sub
+
+    async def _watch(self) -> None:
+        """Every ``poll_ms``: wake the waiting consumers when another connection changed the file."""
+        seen = None
+        while True:
+            await asyncio.sleep(self.options.poll_ms / 1000)
+            try:
+                assert self._reader is not None
+                (version,) = self._reader.execute("PRAGMA data_version").fetchone()
+            except Exception:
+                log.exception("sqlite bus %s: cannot read the data version", self.options.path)
+                continue
+            if version != seen:
+                seen = version
+                self._notify()
 
     async def _beat(self) -> None:
         """Every ``heartbeat_interval_ms``: say this member lives, take over and hand over partitions."""
@@ -454,7 +488,7 @@ class SqliteBus(EventBus):
             owned, excess = await self._write(lambda c: self._rebalance(c, group.name, topics, release))
             if self._groups.get(group.name) is not group:
                 return
-            changed = False
+            changed = bool(release)
             for key, committed in owned.items():
                 if key not in group.units:
                     group.units[key] = _Unit(key[0], key[1], position=committed, committed=committed)
@@ -468,6 +502,7 @@ class SqliteBus(EventBus):
                 mine = sorted((u for u in group.units.values() if u.topic == topic),
                               key=lambda u: (len(u.inflight), -u.part))
                 for i, unit in enumerate(mine):
+                    changed = changed or unit.draining != (i < n)
                     unit.draining = i < n
             if changed:
                 self._notify()
@@ -485,10 +520,12 @@ class SqliteBus(EventBus):
             c.execute("DELETE FROM leases WHERE grp = ? AND topic = ? AND part = ? AND member = ?",
                       (group, topic, part, self.member))
         now = time.time()
+        host, pid, started = _identity()
         c.execute("INSERT INTO members (grp, member, host, pid, started, topics, heartbeat) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (grp, member) "
-                  "DO UPDATE SET topics = excluded.topics, heartbeat = excluded.heartbeat",
-                  (group, self.member, _HOST, os.getpid(), _STARTED, json.dumps(topics), now))
+                  "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (grp, member) DO UPDATE SET host = excluded.host, "
+                  "pid = excluded.pid, started = excluded.started, topics = excluded.topics, "
+                  "heartbeat = excluded.heartbeat",
+                  (group, self.member, host, pid, started, json.dumps(topics), now))
         live: dict[str, list[str]] = {}
         for member, host, pid, started, member_topics, heartbeat in c.execute(
             "SELECT member, host, pid, started, topics, heartbeat FROM members WHERE grp = ?", (group,)
@@ -653,19 +690,21 @@ class _SqliteSubscription(Subscription):
     async def get_batch(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        poll = self.bus.options.poll_ms / 1000
         while not self.closed and not self.bus._stopped:
             woken = self.bus._wakeup  # taken before looking, so a publish in between is not missed
             batch = self.bus._take(self, max_count)
             if batch:
                 return batch
-            wait = poll if deadline is None else min(poll, deadline - loop.time())
+            if deadline is None:
+                await woken.wait()
+                continue
+            wait = deadline - loop.time()
             if wait <= 0:
                 break
             try:
                 await asyncio.wait_for(woken.wait(), wait)
             except TimeoutError:
-                pass  # look for other processes' messages
+                break
         return []
 
     async def commit(self, delivery: Delivery) -> None:
