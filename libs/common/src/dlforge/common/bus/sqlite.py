@@ -265,13 +265,13 @@ class SqliteBus(EventBus):
             self._reader = sqlite3.connect(self.options.path, isolation_level=None, check_same_thread=False,
                                            timeout=5.0)
             self._reader.execute("PRAGMA query_only=1")
+            if self.options.retention_hours:
+                await self._write(self._prune, on_thread=True)
         except BaseException:
             await self._close_connections()
             raise
         self._wakeup = asyncio.Event()
         self._stopped = False
-        if self.options.retention_hours:
-            await self._write(self._prune, on_thread=True)
         self._background = [
             asyncio.create_task(self._beat(), name=f"sqlite bus heartbeat {self.member[:8]}"),
             asyncio.create_task(self._watch(), name=f"sqlite bus watch {self.member[:8]}"),
