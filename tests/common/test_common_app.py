@@ -171,7 +171,7 @@ def test_a_concrete_path_wins_over_a_template_as_in_openapi(tmp_path: Path) -> N
     async def rebuild() -> dict[str, str]:
         return {"state": "running"}
 
-    settings = load_settings(objects=f"file://{tmp_path}/objects", docs=f"sqlite:///{tmp_path}/d.db")
+    settings = load_settings(bus="memory://", objects=f"file://{tmp_path}/objects", docs=f"sqlite:///{tmp_path}/d.db")
     with TestClient(create_app([ServicePart(Service("shop"), router=router)], settings=settings,
                                run_workers=False)) as client:
         assert client.get("/things/bolt").json() == {"name": "bolt"}

@@ -100,7 +100,7 @@ async def test_runs_api_lists_and_gets(tmp_path) -> None:
     from dlforge.common.runtime import Backends, Worker
     from dlforge.common.settings import load_settings
 
-    settings = load_settings(objects=f"file://{tmp_path}/o", docs=f"sqlite:///{tmp_path}/d.db")
+    settings = load_settings(bus="memory://", objects=f"file://{tmp_path}/o", docs=f"sqlite:///{tmp_path}/d.db")
     backends = Backends.from_settings(settings)
     await backends.start()
     app = create_app([runs.part()], backends=backends, run_workers=False)
