@@ -28,9 +28,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Generic, overload
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from typing_extensions import TypeVar
 
 from dlforge.common.backends import open_bus, open_docs, open_objects
 from dlforge.common.bus import Delivery, EventBus, Message, Subscription
@@ -112,30 +113,36 @@ def _message(event: Event, raw: bytes) -> Message:
         return Message(event.event_type, key=event.run_id, value=raw, headers=inject_headers())
 
 
+D = TypeVar("D", default=None)
+"""A service's dependencies: what its start-up built from its settings (plug-ins, clients, caches)."""
+
+
 @dataclass
-class HandlerContext:
-    """What a handler may use besides its event."""
+class HandlerContext(Generic[D]):
+    """What a handler may use besides its event: the backends, and ``deps``, its service's typed
+    dependencies, built once when the process started (see :class:`dlforge.common.app.ServicePart`)."""
 
     service: str
     objects: ObjectStore
     docs: DocumentStore
     settings: CommonSettings
     bus: EventBus
+    deps: D
 
 
 HandlerResult = Event | Sequence[Event] | None
-HandlerFn = Callable[[Event, HandlerContext], Awaitable[HandlerResult]]
+HandlerFn = Callable[[Event, HandlerContext[D]], Awaitable[HandlerResult]]
 
 
 @dataclass
-class Service:
-    """A stage: a name, and one handler per topic it consumes."""
+class Service(Generic[D]):
+    """A stage: a name, and one handler per topic it consumes; ``D`` is the type of its dependencies."""
 
     name: str
-    handlers: dict[Topic, HandlerFn] = field(default_factory=dict)
+    handlers: dict[Topic, HandlerFn[D]] = field(default_factory=dict)
 
-    def handles(self, topic: Topic) -> Callable[[HandlerFn], HandlerFn]:
-        def register(fn: HandlerFn) -> HandlerFn:
+    def handles(self, topic: Topic) -> Callable[[HandlerFn[D]], HandlerFn[D]]:
+        def register(fn: HandlerFn[D]) -> HandlerFn[D]:
             if topic in self.handlers:
                 raise ValueError(f"{self.name} already handles {topic.value}")
             self.handlers[topic] = fn
@@ -187,8 +194,8 @@ class _Settle:
             self.task.result()
 
 
-class Worker:
-    """Runs one service's consume loop against the given backends.
+class Worker(Generic[D]):
+    """Runs one service's consume loop against the given backends, handing ``deps`` to its handlers.
 
     The loop takes the deliveries that are ready (at most ``max_batch``), handles them one by one
     in order, and then *settles* the handled ones together: publishes the events they emitted (in
@@ -199,16 +206,41 @@ class Worker:
     fast events.
     """
 
+    @overload
     def __init__(
-        self,
-        service: Service,
+        self: Worker[None],
+        service: Service[None],
         backends: Backends,
         *,
+        sleep: Callable[[float], Awaitable[Any]] = ...,
+        max_batch: int = ...,
+        settle_after: float = ...,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        service: Service[D],
+        backends: Backends,
+        *,
+        deps: D,
+        sleep: Callable[[float], Awaitable[Any]] = ...,
+        max_batch: int = ...,
+        settle_after: float = ...,
+    ) -> None: ...
+
+    def __init__(
+        self,
+        service: Service[Any],
+        backends: Backends,
+        *,
+        deps: Any = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         max_batch: int = 500,
         settle_after: float = 0.02,
     ) -> None:
-        self.service = service
+        self.service: Service[D] = service
+        self.deps: D = deps
         self.backends = backends
         self.settings = backends.settings
         self._sleep = sleep
@@ -223,9 +255,9 @@ class Worker:
     def consumer(self) -> str:
         return self.service.group
 
-    def _context(self) -> HandlerContext:
+    def _context(self) -> HandlerContext[D]:
         b = self.backends
-        return HandlerContext(self.service.name, b.objects, b.docs, b.settings, b.bus)
+        return HandlerContext(self.service.name, b.objects, b.docs, b.settings, b.bus, self.deps)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; the in-flight event is finished and committed first."""
@@ -400,7 +432,7 @@ class Worker:
         return _Processed(delivery, Outcome.DUPLICATE, started, messages, marker)
 
     async def _handle_with_retries(
-        self, handler: HandlerFn, event: Event
+        self, handler: HandlerFn[D], event: Event
     ) -> tuple[list[Event], str | None, int]:
         attempts = 0
         attrs = {"consumer": self.consumer, "topic": event.event_type.value}
@@ -462,7 +494,7 @@ class Worker:
         return [_message(e, encode(e)) for e in emitted]
 
 
-async def run_workers(workers: Sequence[Worker], stop: asyncio.Event) -> None:
+async def run_workers(workers: Sequence[Worker[Any]], stop: asyncio.Event) -> None:
     """Run several workers until ``stop``; one worker's crash stops the others and re-raises."""
     tasks = [asyncio.create_task(w.run(stop), name=w.consumer) for w in workers]
     try:
