@@ -61,6 +61,15 @@ class LabelerSettings(CommonSettings):
             return [p.strip() for p in parts if p.strip()]
         return v
 
+    @field_validator("labeler_embedder")
+    @classmethod
+    def _embedder(cls, v: str) -> str:
+        from dlforge.labeler.embeddings import EMBEDDERS
+
+        if v not in EMBEDDERS:
+            raise ValueError(f"unknown embedder {v!r}; known: {', '.join(EMBEDDERS)}")
+        return v
+
     @property
     def import_roots(self) -> list[Path]:
         return [Path(p).expanduser().resolve() for p in self.labeler_import_roots]
