@@ -162,7 +162,7 @@ async def test_missing_manifest_is_a_poison_message(backends: Backends) -> None:
 
 async def test_an_early_dataset_waits_for_the_start_up_build(backends: Backends) -> None:
     deps = await synthetic_deps(backends, RECIPES[1:], proposer_build_on_start=True)  # the two quick small CNNs
-    build_repository_on_start(deps)  # what the part's start does: the build runs in the background
+    await build_repository_on_start(deps, backends)  # what the part's start does: the build runs in the background
     assert deps.repository.status()["state"] == "running"
     manifest_key, _ = write_target(backends.objects, n=40)
     sub = await backends.bus.subscribe(group="test", topics=[Topic.MODEL_PROPOSED])

@@ -49,7 +49,8 @@ class ServicePart(Generic[S, D]):
     variables from the environment, the common ones from the app's settings) and refuses to start
     on a bad value. ``build`` turns the validated settings into the service's dependencies (its
     plug-ins, clients, caches), once per process; handlers get them as ``ctx.deps``, routes through
-    :func:`deps_of`. ``on_start`` runs after every part was built, before the workers start.
+    :func:`deps_of`. Once every part was built, ``on_built`` gets this part's deps (start-up work that
+    needs them), then ``on_start`` runs; the workers start after both.
     """
 
     service: Service[D]
@@ -58,6 +59,7 @@ class ServicePart(Generic[S, D]):
     prefix: str | None = None  # where the router goes when several services share an app
     settings: type[S] = CommonSettings  # type: ignore[assignment]
     build: Callable[[S, Backends], Awaitable[D]] | None = None
+    on_built: Callable[[D, Backends], Awaitable[None]] | None = None
 
 
 def settings_for(cls: type[S], common: CommonSettings) -> S:
@@ -177,9 +179,13 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_telemetry(names[0] if len(names) == 1 else "dlforge")
         own = backends is None
-        common = backends.settings if backends is not None else (settings or load_settings())
-        loaded = part_settings(parts, common)  # before anything is opened: a bad variable stops here
-        b = backends or Backends.from_settings(common)
+        try:
+            common = backends.settings if backends is not None else (settings or load_settings())
+            loaded = part_settings(parts, common)  # before anything is opened: a bad variable stops here
+            b = backends or Backends.from_settings(common)
+        except ConfigError as exc:
+            app.state.startup_error = exc  # serve() reports it as a bad setting, not a crash
+            raise
         await b.start()
         try:
             deps: dict[str, Any] = {}
@@ -189,9 +195,14 @@ def create_app(
             app.state.deps = deps
             app.state.backends = b
             for part in parts:
+                if part.on_built is not None:
+                    await part.on_built(deps[part.service.name], b)
+            for part in parts:
                 if part.on_start is not None:
                     await part.on_start(b)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, ConfigError):
+                app.state.startup_error = exc
             if own:
                 await b.stop()
             raise
@@ -266,8 +277,9 @@ def serve(app: FastAPI, settings: CommonSettings) -> None:
     """Run ``app`` with uvicorn; SIGTERM finishes in-flight events, then the process exits with 0.
 
     Every part's settings are validated first: a bad value exits with status 2 and a message naming
-    the variable, before anything is opened or served. Exits with status 3 if the app did not start
-    (e.g. a backend could not be opened).
+    the variable, before anything is opened or served; so does a part whose dependencies cannot be
+    built from its settings. Exits with status 3 if the app did not start otherwise (e.g. a backend
+    could not be reached).
     """
     import uvicorn
 
@@ -292,6 +304,12 @@ def serve(app: FastAPI, settings: CommonSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop_gracefully)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    server.run()
+    try:
+        server.run()  # uvicorn itself exits with status 3 when the lifespan's start-up failed
+    finally:
+        error = getattr(app.state, "startup_error", None)
+        if not server.started and isinstance(error, ConfigError):  # a part could not be built from its settings
+            sys.stderr.write(f"dlforge: {error}\n")
+            raise SystemExit(2)
     if not server.started:
         raise SystemExit(3)

@@ -83,8 +83,8 @@ async def rerank(dataset_id: str, body: RerankRequest, backends: Backends = Depe
     return ranking.model_dump()
 
 
-def build_repository_on_start(deps: ProposerDeps) -> None:
-    """Build missing or stale repository entries in the background (unless disabled)."""
+async def build_repository_on_start(deps: ProposerDeps, backends: Backends) -> None:
+    """Start-up hook: build missing or stale repository entries in the background (unless disabled)."""
     if deps.settings.proposer_build_on_start:
         deps.repository.build()
 
@@ -92,17 +92,13 @@ def build_repository_on_start(deps: ProposerDeps) -> None:
 def part(
     *, recipes: Sequence[ModelRecipe] = DEFAULT_RECIPES, sources: Mapping[str, SourceProvider] | None = None
 ) -> ServicePart[ProposerSettings, ProposerDeps]:
-    """The proposer as a part of an app; ``recipes``/``sources`` replace the repository's defaults (tests).
-
-    At start it builds its dependencies and then, in the background, the repository's missing entries.
-    """
+    """The proposer as a part of an app; ``recipes``/``sources`` replace the repository's defaults (tests)."""
 
     async def build(settings: ProposerSettings, backends: Backends) -> ProposerDeps:
-        deps = await build_deps(settings, backends, recipes=recipes, sources=sources)
-        build_repository_on_start(deps)
-        return deps
+        return await build_deps(settings, backends, recipes=recipes, sources=sources)
 
-    return ServicePart(service=service, router=router, settings=ProposerSettings, build=build)
+    return ServicePart(service=service, router=router, settings=ProposerSettings, build=build,
+                       on_built=build_repository_on_start)
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:
