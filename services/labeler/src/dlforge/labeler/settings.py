@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
-from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.common.settings import CommonSettings
 
 
 class LabelerSettings(CommonSettings):
@@ -74,11 +74,3 @@ class LabelerSettings(CommonSettings):
     def import_roots(self) -> list[Path]:
         return [Path(p).expanduser().resolve() for p in self.labeler_import_roots]
 
-
-def labeler_settings(settings: CommonSettings | None) -> LabelerSettings:
-    """The labeler's settings: ``settings`` itself if it is one, else its common values plus the environment."""
-    if isinstance(settings, LabelerSettings):
-        return settings
-    if settings is None:
-        return load_settings(LabelerSettings)
-    return load_settings(LabelerSettings, **settings.model_dump())

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.common.settings import CommonSettings
 from dlforge.trainer.views import checked_views
 
 
@@ -79,10 +79,3 @@ class TrainerSettings(CommonSettings):
             raise ValueError(f"{value!r} is not one of confidence, none")
         return value
 
-
-def trainer_settings(base: CommonSettings | None = None) -> TrainerSettings:
-    """The trainer's settings: ``base`` if it already is one, else the environment plus ``base``'s common fields."""
-    if isinstance(base, TrainerSettings):
-        return base
-    overrides = base.model_dump() if base is not None else {}
-    return load_settings(TrainerSettings, **overrides)
