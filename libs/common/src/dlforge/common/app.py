@@ -81,9 +81,9 @@ def part_settings(parts: Sequence[ServicePart[Any, Any]], common: CommonSettings
         try:
             loaded.append(settings_for(part.settings, common))
         except ConfigError as exc:
-            for problem in str(exc).removeprefix("invalid settings: ").split("; "):
-                if problem not in problems:
-                    problems.append(problem)
+            problem = str(exc).removeprefix("invalid settings: ")
+            if problem not in problems:  # parts that share a settings class fail alike
+                problems.append(problem)
     if problems:
         raise ConfigError("invalid settings: " + "; ".join(problems))
     return loaded
