@@ -306,7 +306,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    configure_telemetry("dlforge-bench")  # real SDK providers, as in a service (spans are recorded)
+    configure_telemetry("dlforge-bench")  # real SDK providers, as in a service (no exporter: spans not recorded)
     load_start = os.getloadavg()[0]
     rows: list[dict[str, Any]] = []
     proc = None

@@ -318,7 +318,8 @@ def _serve_for_people(folder: Path, spec: Spec, options: PipelineOptions) -> int
     settings: CommonSettings = load_settings()
     os.environ.setdefault("DLFORGE_LABELER_IMPORT_ROOTS", str(folder.resolve().parent))
     app = combined_app(settings=settings)
-    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning")
+    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
+                            access_log=settings.http_access_log)
     server = uvicorn.Server(config)
 
     async def main() -> None:

@@ -4,7 +4,9 @@ A service declares a handler per topic. The :class:`Worker` owns the loop for on
 
 1. decode the message (undecodable -> dead-letter with the original bytes, commit);
 2. if the processed-marker ``(consumer, event_id)`` exists, do not handle it again: publish the
-   marker's stored outbox once more (unless flagged published) and commit;
+   marker's stored outbox once more (unless flagged published) and commit (a handler registered
+   ``replay_safe`` for an event gets no marker when it emitted nothing: running it again changes
+   nothing, and a write per event is spared);
 3. run the handler inside a span that is a child of the producer's span; retry
    :class:`RetryableError` with exponential backoff; :class:`PoisonMessage`, exhausted retries and
    unexpected errors go to the dead-letter topic and a ``run.failed`` event;
@@ -91,11 +93,32 @@ class Backends:
         """Publish an event keyed by its run id, carrying the current trace context."""
         await publish_event(self.bus, event)
 
+    async def publish_all(self, events: Sequence[Event]) -> None:
+        """Publish several events at once (one batch, one producer span), each keyed by its run id."""
+        await publish_events(self.bus, events)
+
 
 async def publish_event(bus: EventBus, event: Event) -> None:
     """Publish ``event`` keyed by its run id inside a producer span whose context travels in the headers."""
     with _producer_span(event):
         await bus.publish(event.event_type, key=event.run_id, value=encode(event), headers=inject_headers())
+
+
+async def publish_events(bus: EventBus, events: Sequence[Event]) -> None:
+    """Publish ``events`` (in order, pipelined: one :meth:`EventBus.publish_batch`) inside one producer span
+    whose context travels in every message's headers; returns when all are appended."""
+    if not events:
+        return
+    first = events[0]
+    with tracer().start_as_current_span(
+        f"publish {first.event_type.value}",
+        kind=SpanKind.PRODUCER,
+        attributes={"messaging.destination.name": first.event_type.value, "dlforge.run_id": first.run_id,
+                    "messaging.batch.message_count": len(events)},
+    ):
+        headers = inject_headers()
+        await bus.publish_batch([Message(e.event_type, key=e.run_id, value=encode(e), headers=headers)
+                                 for e in events])
 
 
 def _producer_span(event: Event) -> Any:
@@ -134,18 +157,33 @@ HandlerResult = Event | Sequence[Event] | None
 HandlerFn = Callable[[Event, HandlerContext[D]], Awaitable[HandlerResult]]
 
 
+ReplaySafe = Callable[[Event], bool]
+
+
 @dataclass
 class Service(Generic[D]):
     """A stage: a name, and one handler per topic it consumes; ``D`` is the type of its dependencies."""
 
     name: str
     handlers: dict[Topic, HandlerFn[D]] = field(default_factory=dict)
+    replay_safe: dict[Topic, ReplaySafe] = field(default_factory=dict)
 
-    def handles(self, topic: Topic) -> Callable[[HandlerFn[D]], HandlerFn[D]]:
+    def handles(
+        self, topic: Topic, *, replay_safe: ReplaySafe | None = None
+    ) -> Callable[[HandlerFn[D]], HandlerFn[D]]:
+        """Register the handler of ``topic``.
+
+        ``replay_safe(event)`` True declares that handling ``event`` again changes nothing more (the
+        handler is idempotent for it). Then, if the handler emitted nothing, the worker writes no
+        processed-marker for it (a write per event); a redelivery runs the handler again. An event
+        whose handling emitted events always gets its marker (its outbox).
+        """
         def register(fn: HandlerFn[D]) -> HandlerFn[D]:
             if topic in self.handlers:
                 raise ValueError(f"{self.name} already handles {topic.value}")
             self.handlers[topic] = fn
+            if replay_safe is not None:
+                self.replay_safe[topic] = replay_safe
             return fn
 
         return register
@@ -395,6 +433,11 @@ class Worker(Generic[D]):
                     span.set_status(Status(StatusCode.ERROR, failure))
                     letters = self._dead_letter(delivery, reason=failure, attempts=attempts, event=event)
                     return _Processed(delivery, Outcome.DEAD_LETTERED, started, letters)
+                if not emitted:
+                    safe = self.service.replay_safe.get(event.event_type)
+                    if safe is not None and safe(event):
+                        self._metrics.handled.add(1, attrs)
+                        return _Processed(delivery, Outcome.HANDLED, started)
                 encoded = [encode(e) for e in emitted]
                 marker = {
                     "_id": marker_id,

@@ -70,6 +70,8 @@ class CommonSettings(BaseSettings):
     docs: str = Field(default="sqlite:///./.dlforge/docs.db", description="sqlite:///path.db or mongodb://host/db")
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
+    http_access_log: bool = Field(default=False, description="log every HTTP request (uvicorn's access log); off by "
+                                  "default: a line per request costs more than a label submission's handling")
     retry_attempts: int = Field(default=5, ge=1, le=100)
     retry_base_seconds: float = Field(default=0.2, gt=0, le=60)
     retry_max_seconds: float = Field(default=30.0, gt=0)

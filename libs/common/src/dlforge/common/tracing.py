@@ -2,13 +2,18 @@
 
 One provider per process. When ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, spans and metrics are
 exported over OTLP/HTTP (Jaeger, an OTel collector or Arize Phoenix receive them).
+
+Spans are recorded only while something exports them (an OTLP endpoint, or an exporter given to
+:func:`configure_telemetry`). Without one a span is only its context: its trace and span ids are
+made, travel in headers and name the trace in error bodies and logs, but nothing is recorded (a
+recorded span nobody reads costs tens of microseconds; a label submission makes several).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -17,11 +22,42 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased, Sampler, SamplingResult
+from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import TraceState
+from opentelemetry.util.types import Attributes
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+
+
+class WhenExported(Sampler):
+    """``ParentBased(ALWAYS_ON)`` while a span processor takes the spans; before that, drop (a span is
+    then its context only: ids, no attributes, nothing recorded)."""
+
+    def __init__(self) -> None:
+        self.exporting = False
+        self._inner = ParentBased(ALWAYS_ON)
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        if self.exporting:
+            return self._inner.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+        parent = trace.get_current_span(parent_context).get_span_context()
+        return SamplingResult(Decision.DROP, None, parent.trace_state if parent.is_valid else None)
+
+    def get_description(self) -> str:
+        return f"WhenExported({self._inner.get_description()})"
 _LOCK = threading.Lock()
 _CONFIGURED = False
 
@@ -38,14 +74,14 @@ def configure_telemetry(
         provider = trace.get_tracer_provider()
         if not _CONFIGURED or not isinstance(provider, TracerProvider):
             resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-            provider = TracerProvider(resource=resource)
+            provider = TracerProvider(resource=resource, sampler=WhenExported())
             readers: list[MetricReader] = []
             endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
             if endpoint:
                 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-                provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+                _export(provider, BatchSpanProcessor(OTLPSpanExporter()))
                 readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
             if metric_reader is not None:
                 readers.append(metric_reader)
@@ -54,7 +90,14 @@ def configure_telemetry(
             metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
             _CONFIGURED = True
         if span_exporter is not None:
-            provider.add_span_processor(SimpleSpanProcessor(span_exporter))  # type: ignore[union-attr]
+            _export(provider, SimpleSpanProcessor(span_exporter))  # type: ignore[arg-type]
+
+
+def _export(provider: TracerProvider, processor: SpanProcessor) -> None:
+    """Add ``processor``; from now on spans are recorded (see :class:`WhenExported`)."""
+    provider.add_span_processor(processor)
+    if isinstance(provider.sampler, WhenExported):
+        provider.sampler.exporting = True
 
 
 _TRACER: tuple[object, trace.Tracer] | None = None

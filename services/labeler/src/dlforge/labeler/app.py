@@ -22,6 +22,7 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -41,6 +42,7 @@ from dlforge.common.events import (
     LabelsSubmitted,
     PipelineOptions,
     Spec,
+    Topic,
     UniqueClasses,
 )
 from dlforge.common.http_errors import error_responses
@@ -49,7 +51,6 @@ from dlforge.common.settings import CommonSettings, load_settings
 from dlforge.labeler import labels as labels_log
 from dlforge.labeler import records
 from dlforge.labeler.embeddings import Embedder, load_embeddings
-from dlforge.labeler.handlers import check_labels
 from dlforge.labeler.index import SimilarSearch, build_index, load_index
 from dlforge.labeler.ingest import (
     MAX_LABEL_CHARS,
@@ -638,11 +639,32 @@ no stale class stays in the counts, the training rows or the labeled manifest.
 """
 
 
+async def inbox_writer(request: Request) -> labels_log.InboxWriter:
+    """FastAPI dependency: the app's group-commit writer of label inboxes (one per backends)."""
+    backends: Backends = request.app.state.backends
+    writer: labels_log.InboxWriter | None = getattr(request.app.state, "label_inbox_writer", None)
+    if writer is None or writer.docs is not backends.docs:
+        async def publish(group: Sequence[tuple[labels_log.Submission, labels_log.Accepted]]) -> None:
+            await backends.publish_all([
+                Event(event_id=sub.event_id, event_type=Topic.LABELS_SUBMITTED,
+                      schema_version=LabelsSubmitted.SCHEMA_VERSION, run_id=acc.run_id,
+                      payload=LabelsSubmitted(dataset_id=sub.dataset_id, batch_id=sub.batch_id, labels=acc.labels,
+                                              annotator=sub.annotator, sequence=acc.sequence))
+                for sub, acc in group])
+
+        writer = request.app.state.label_inbox_writer = labels_log.InboxWriter(backends.docs, publish)
+    return writer
+
+
 @router.post("/labels", status_code=202, response_model=LabelsAccepted, description=_LABELS_DESCRIPTION.strip(),
              responses=error_responses(404, 409, 503))
-async def submit_labels(body: LabelSubmission, backends: Annotated[Backends, Depends(backends_of)],
-                        deps: Deps) -> LabelsAccepted:
-    """Store a person's labels or corrections; emits ``labels.submitted``."""
+async def submit_labels(body: LabelSubmission, backends: Annotated[Backends, Depends(backends_of)], deps: Deps,
+                        writer: Annotated[labels_log.InboxWriter, Depends(inbox_writer)]) -> LabelsAccepted:
+    """Store a person's labels or corrections; emits ``labels.submitted``.
+
+    The checks that need the dataset's items run here against the inbox as read; the submission is
+    then appended with the others waiting at that moment (:class:`dlforge.labeler.labels.InboxWriter`),
+    which checks the rest against the inbox it is appended to."""
     dataset_id = body.dataset_id
     event_id = uuid.uuid4().hex
     for attempt in range(labels_log.MAX_TRIES):
@@ -672,25 +694,19 @@ async def submit_labels(body: LabelSubmission, backends: Annotated[Backends, Dep
         outside = sorted(i for i in body.labels if i not in batch.asked)
         if outside:
             await _refuse_outside(backends, deps, dataset_id, outside)
-        clean, new = check_labels(body.labels, classes=labels_log.known_classes(inbox),
-                                  allow_new_classes=bool(inbox.get("allow_new_classes", True)))
-        submitted = labels_log.entry(event_id=event_id, batch_id=body.batch_id, annotator=body.annotator,
-                                     labels=clean, at=records.now())
+        submission = labels_log.Submission(dataset_id=dataset_id, event_id=event_id, batch_id=body.batch_id,
+                                           annotator=body.annotator, labels=body.labels, rev=inbox["asked_rev"],
+                                           batch=batch, at=records.now())
         try:
-            stored = await labels_log.append(backends.docs, inbox, submitted)
+            accepted = await writer.submit(submission)
             break
-        except Conflict:
+        except labels_log.StaleCheck:  # the inbox moved on to another batch meanwhile: check again
             await labels_log.backoff(attempt)
     else:
         raise InvalidInput(f"dataset {dataset_id!r} is receiving too many submissions at once; send again",
                            status_code=503)
-    sequence = int(stored["sequence"])
-    event = Event.new(LabelsSubmitted(dataset_id=dataset_id, batch_id=body.batch_id, labels=clean,
-                                      annotator=body.annotator, sequence=sequence),
-                      run_id=stored["run_id"]).model_copy(update={"event_id": event_id})
-    await backends.publish(event)
-    return LabelsAccepted(dataset_id=dataset_id, batch_id=body.batch_id, accepted=len(clean), new_classes=new,
-                          waiting=labels_log.waiting_after(inbox, batch, clean), sequence=sequence)
+    return LabelsAccepted(dataset_id=dataset_id, batch_id=body.batch_id, accepted=len(accepted.labels),
+                          new_classes=accepted.new_classes, waiting=accepted.waiting, sequence=accepted.sequence)
 
 
 @router.get("/datasets/{dataset_id}/labels", response_model=DatasetLabels, responses=error_responses(404))

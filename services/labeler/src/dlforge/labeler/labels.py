@@ -62,13 +62,14 @@ import contextlib
 import functools
 import random
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from dlforge.common.docs import DocumentStore
 from dlforge.common.errors import Conflict, InvalidInput, RetryableError
 from dlforge.labeler import records
+from dlforge.labeler.handlers import check_labels
 
 INBOX = "labeler_label_inbox"
 LABELS = "labeler_labels"
@@ -165,14 +166,10 @@ class BatchInfo:
     asked: frozenset[str]
     items: tuple[str, ...]
 
-    @property
+    @functools.cached_property
     def index(self) -> dict[str, int]:
-        return _index(self.items)
-
-
-@functools.lru_cache(maxsize=32)
-def _index(items: tuple[str, ...]) -> dict[str, int]:
-    return {item: n for n, item in enumerate(items)}
+        """Each item's position in the batch (computed once per batch, not per submission)."""
+        return {item: n for n, item in enumerate(self.items)}
 
 
 class StaleBatch(RetryableError):
@@ -316,6 +313,172 @@ async def append_once(docs: DocumentStore, dataset_id: str, new: Doc) -> Doc:
     raise RetryableError(f"the label inbox of dataset {dataset_id} kept changing concurrently")
 
 
+class StaleCheck(RetryableError):
+    """The inbox moved on (another batch, or it was recreated) since the submission's items were checked
+    against it: check them again."""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A submission appended to the inbox: its ``sequence``, its labels as stored, the classes it
+    introduced, the batch's items still waiting after it, and the dataset's run."""
+
+    sequence: int
+    labels: dict[str, str]
+    new_classes: list[str]
+    waiting: int
+    run_id: str
+
+
+@dataclass
+class Submission:
+    """A submission whose items were checked against the inbox at ``rev`` (``batch``), waiting to be
+    appended; its other checks run against the inbox it is appended to."""
+
+    dataset_id: str
+    event_id: str
+    batch_id: str
+    annotator: str
+    labels: Mapping[str, str]
+    rev: str
+    batch: BatchInfo
+    at: str
+    accepted: asyncio.Future[Accepted] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+MakeEvents = Callable[[Sequence[tuple[Submission, Accepted]]], Awaitable[None]]
+
+
+class InboxWriter:
+    """Group commit of ``POST /labels``: the submissions to one dataset that wait at the same moment
+    are appended to its inbox in one version-checked write, then published in one batch.
+
+    :meth:`submit` queues a submission and waits for its outcome. The first submission to a
+    dataset with nothing queued starts a commit task; it runs once the event loop has run the
+    requests that are ready too, so those join the group. The commit reads the inbox, checks every
+    queued submission against it as the ones before it in the group leave it (refusal, classes,
+    new classes; each refusal goes to its own submitter), appends the accepted ones with
+    consecutive sequences in one ``update(..., expected_version=)`` (a Conflict: read and check all
+    again), then calls ``publish`` with the group, and only then answers each submitter. A failed
+    write or publish answers every submitter of the group with the error (no 202); what was
+    written stays pending and the next fold applies it. Submissions that arrive during a commit
+    form the next group.
+    """
+
+    def __init__(self, docs: DocumentStore, publish: MakeEvents) -> None:
+        self.docs = docs
+        self.publish = publish
+        self._queued: dict[str, list[Submission]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, submission: Submission) -> Accepted:
+        """Append ``submission`` with the group waiting now; its :class:`Accepted` once stored and
+        published. Raises its refusal (:class:`InvalidInput`), :class:`StaleCheck`, or the group's error."""
+        dataset_id = submission.dataset_id
+        queued = self._queued.get(dataset_id)
+        if queued is None:
+            queued = self._queued[dataset_id] = []
+            task = asyncio.get_running_loop().create_task(self._commit_queued(dataset_id),
+                                                          name=f"label inbox {dataset_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        queued.append(submission)
+        return await asyncio.shield(submission.accepted)
+
+    async def _commit_queued(self, dataset_id: str) -> None:
+        await asyncio.sleep(0)  # the requests that are ready now join this group
+        group = self._queued.pop(dataset_id, [])
+        try:
+            done = await self._append(dataset_id, group)
+            if done:
+                await self.publish(done)
+        except BaseException as exc:
+            for sub in group:
+                if not sub.accepted.done():
+                    sub.accepted.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for sub, accepted in done:
+            if not sub.accepted.done():
+                sub.accepted.set_result(accepted)
+
+    async def _append(self, dataset_id: str, group: Sequence[Submission]) -> list[tuple[Submission, Accepted]]:
+        for attempt in range(MAX_TRIES):
+            inbox = await self.docs.get(INBOX, dataset_id)
+            refused: dict[int, BaseException] = {}
+            done: list[tuple[Submission, Accepted]] = []
+            if inbox is None:  # a dataset from before the label log: the submitter syncs it and checks again
+                refused = {id(sub): StaleCheck(f"dataset {dataset_id} has no label inbox yet") for sub in group}
+            else:
+                done, refused = _check_group(inbox, group)
+            try:
+                if done:
+                    assert inbox is not None
+                    last = done[-1][1].sequence
+                    entries = [{**entry(event_id=sub.event_id, batch_id=sub.batch_id, annotator=sub.annotator,
+                                        labels=acc.labels, at=sub.at), "sequence": acc.sequence} for sub, acc in done]
+                    await self.docs.update(INBOX, dataset_id, {"sequence": last, "pending": [*inbox["pending"],
+                                                                                              *entries]},
+                                           expected_version=inbox["_version"])
+            except Conflict:  # the worker folded (or closed the inbox) meanwhile: check the group again
+                await backoff(attempt)
+                continue
+            for sub in group:
+                why = refused.get(id(sub))
+                if why is not None and not sub.accepted.done():
+                    sub.accepted.set_exception(why)
+            return done
+        raise InvalidInput(f"dataset {dataset_id!r} is receiving too many submissions at once; send again",
+                           status_code=503)
+
+
+def _check_group(
+    inbox: Mapping[str, Any], group: Sequence[Submission]
+) -> tuple[list[tuple[Submission, Accepted]], dict[int, BaseException]]:
+    """Check each submission against ``inbox`` with the group's accepted ones before it appended."""
+    done: list[tuple[Submission, Accepted]] = []
+    refused: dict[int, BaseException] = {}
+    closed = refusal(inbox, str(inbox["_id"]))
+    known = known_classes(inbox)
+    allow_new = bool(inbox.get("allow_new_classes", True))
+    sequence = int(inbox["sequence"])
+    mask: int | None = None
+    for sub in group:
+        if closed is not None:
+            refused[id(sub)] = closed
+            continue
+        if sub.rev != inbox.get("asked_rev") or sub.batch_id not in inbox["batches"]:
+            refused[id(sub)] = StaleCheck(f"the label inbox of dataset {inbox['_id']} moved on to "
+                                          f"{inbox.get('asked_rev')}")
+            continue
+        try:
+            clean, new = check_labels(sub.labels, classes=known, allow_new_classes=allow_new)
+        except InvalidInput as exc:
+            refused[id(sub)] = exc
+            continue
+        if new:
+            known = sorted({*known, *new})
+        if mask is None:  # the batch's items without a label once the pending submissions apply
+            mask = int(inbox.get("waiting_mask") or "0", 16)
+            for e in inbox.get("pending", []):
+                mask = _clear(mask, sub.batch, e["labels"])
+        mask = _clear(mask, sub.batch, clean)
+        sequence += 1
+        done.append((sub, Accepted(sequence=sequence, labels=clean, new_classes=new, waiting=bin(mask).count("1"),
+                                   run_id=str(inbox["run_id"]))))
+    return done, refused
+
+
+def _clear(mask: int, batch: BatchInfo, items: Iterable[str]) -> int:
+    index = batch.index
+    for item in items:
+        n = index.get(item)
+        if n is not None:
+            mask &= ~(1 << n)
+    return mask
+
+
 @dataclass(frozen=True)
 class Fold:
     """The inbox after a fold, and how many items' labels the fold changed."""
@@ -380,8 +543,24 @@ async def fold(docs: DocumentStore, inbox: Doc) -> Fold:
 
 
 async def _write_item(docs: DocumentStore, dataset_id: str, item_id: str, steps: Sequence[Doc]) -> Doc:
-    """Add ``steps`` (in sequence order) to the item's document, skipping those it holds; the document."""
+    """Add ``steps`` (in sequence order) to the item's document, skipping those it holds; the document.
+
+    Most items are labeled once: the document is inserted straight away, and only if it exists
+    already (a correction, a redone fold) read and updated.
+    """
     doc_id = item_doc_id(dataset_id, item_id)
+    first = [steps[0]]
+    for step in steps[1:]:
+        if step["label"] != first[-1]["label"]:
+            first.append(step)
+    fresh = [{**step, "previous": before["label"] if before else None}
+             for step, before in zip(first, [None, *first[:-1]], strict=True)]
+    last = fresh[-1]
+    with contextlib.suppress(Conflict):
+        return await docs.insert(LABELS, {"_id": doc_id, "dataset_id": dataset_id, "item_id": item_id,
+                                          "label": last["label"], "annotator": last["annotator"],
+                                          "labeled_at": last["at"], "batch_id": last["batch_id"],
+                                          "sequence": last["sequence"], "history": fresh})
     current = await docs.get(LABELS, doc_id)
     held = int(current["sequence"]) if current is not None else -1
     label = current["label"] if current is not None else None

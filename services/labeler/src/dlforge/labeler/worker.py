@@ -196,7 +196,15 @@ async def _open_batch(ctx: HandlerContext[LabelerDeps], record: dict[str, Any], 
     return record
 
 
-@service.handles(Topic.LABELS_SUBMITTED)
+def _stored_submission(event: Event) -> bool:
+    """A submission ``POST /labels`` stored in the inbox (it has a sequence): folding it again changes
+    nothing (:func:`dlforge.labeler.labels.fold` skips what the items hold), so a handling that emitted
+    nothing needs no processed-marker. Bus-only submissions keep theirs: they are appended by event id."""
+    payload = event.payload
+    return isinstance(payload, LabelsSubmitted) and payload.sequence is not None
+
+
+@service.handles(Topic.LABELS_SUBMITTED, replay_safe=_stored_submission)
 async def on_labels_submitted(event: Event, ctx: HandlerContext[LabelerDeps]) -> HandlerResult:
     payload = event.payload
     assert isinstance(payload, LabelsSubmitted)
