@@ -565,3 +565,40 @@ async def _group_gets(bus: EventBus, group: str) -> int:
     finally:
         await sub.close()
     return n
+
+
+# ------------------------------------------------------------------------------------------------
+# replay_safe: no marker for a handling that emitted nothing and may be repeated
+# ------------------------------------------------------------------------------------------------
+
+
+async def test_a_replay_safe_handling_that_emits_nothing_writes_no_marker(make_backends: BackendsFactory) -> None:
+    service = Service("replayable")
+    calls: list[str] = []
+
+    @service.handles(Topic.LABELS_SUBMITTED, replay_safe=lambda e: e.payload.annotator == "safe")  # type: ignore[attr-defined]
+    async def handle(event: Event, ctx: HandlerContext) -> Event | None:
+        calls.append(event.event_id)
+        if event.payload.batch_id == "emits":  # type: ignore[attr-defined]
+            return event.follow(LabelsRequested(dataset_id="d1", batch_id="next", round=1, item_ids=[],
+                                                reason="uncertain"))
+        return None
+
+    backends = await make_backends()
+    worker = Worker(service, backends)
+    safe, unsafe, safe_emits = submitted("quiet", annotator="safe"), submitted("quiet"), submitted("emits",
+                                                                                                    annotator="safe")
+    for event in (safe, unsafe, safe_emits):
+        delivery = Delivery(topic=Topic.LABELS_SUBMITTED.value, key="run-1", value=encode(event))
+        assert await worker.process(delivery) == Outcome.HANDLED
+        # delivered again: only the replay-safe handling without emits runs again (no marker)
+        expected = Outcome.HANDLED if event is safe else Outcome.DUPLICATE
+        assert await worker.process(delivery) == expected
+
+    async def marker(event: Event) -> Any:
+        return await backends.docs.get(MARKERS, f"dlforge.replayable:{event.event_id}")
+
+    assert await marker(safe) is None
+    assert (await marker(unsafe))["outbox"] == []
+    assert len((await marker(safe_emits))["outbox"]) == 1
+    assert calls == [safe.event_id, safe.event_id, unsafe.event_id, safe_emits.event_id]

@@ -15,26 +15,34 @@ Two collections, besides the dataset record (:mod:`dlforge.labeler.records`):
 
 How a submission travels
 ------------------------
-1. ``POST /labels`` reads the inbox, checks the submission against it (the items asked so far,
-   the classes, whether labels are still accepted) and appends it to ``pending`` with the next
-   ``sequence`` in one version-checked write (``update(..., expected_version=)``). A concurrent
-   change (another submission, the worker) is a ``Conflict``: read, check and append again.
-   Only then does it publish ``labels.submitted`` (carrying the ``sequence``) and answer 202.
-   The inbox is the one document that both decides whether labels are accepted and stores them,
-   so there is no moment where a stale check lets a label through that is later ignored. The
-   items asked so far come from the record once per batch (:func:`batch_info`, then cached: they
-   never change for that batch). If the publish fails (a 5xx, no 202), the stored submission
-   stays pending and the next fold applies it; a client that sends it again repeats a label,
-   which changes nothing.
+1. ``POST /labels`` reads the inbox and checks the submission's items against it (the items
+   asked so far; they come from the record once per batch, :func:`batch_info`, then cached: they
+   never change for that batch). It then hands the submission to the :class:`InboxWriter`, which
+   *group-commits*: the submissions to one dataset that wait at the same moment (under load,
+   dozens) are checked against the inbox as it is when they are appended (whether labels are
+   still accepted, the classes, new classes; each in turn sees the ones before it) and appended
+   to ``pending`` with consecutive ``sequence`` numbers in one version-checked write
+   (``update(..., expected_version=)``; a concurrent change, e.g. a fold, is a ``Conflict``: read
+   and check the group again). Only then are their ``labels.submitted`` events (each carrying its
+   ``sequence``) published, in one batch, and each submitter answered 202 with its sequence; a
+   refusal answers only its own submitter (4xx), before anything of it is stored. The inbox is the
+   one document that both decides whether labels are accepted and stores them, so there is no
+   moment where a stale check lets a label through that is later ignored. If the publish fails
+   (a 5xx, no 202), the stored submissions stay pending and the next fold applies them; a client
+   that sends one again repeats a label, which changes nothing. One write per group instead of
+   one per submission also ends the retry storm of 50 writers racing for one document.
 2. The worker *folds* the inbox on each ``labels.submitted``: every pending submission at once,
    in sequence order. It writes the changed items' documents in ``labeler_labels`` first, then
    commits the fold in the inbox (one version-checked write: the applied submissions leave
    ``pending``, ``folded_through``, the class counts and the batch's open items move on). A crash
    anywhere redoes the fold: an item document skips the sequences it holds, and the inbox's
    figures are recomputed from the items' histories, so nothing is applied or counted twice.
-   Events whose submissions an earlier fold applied find nothing to do and cost one read. The
-   large dataset record is not touched per submission: its ``human_labels`` (what the classifier
-   is fitted on) are read from the item documents once per round.
+   Events whose submissions an earlier fold applied find nothing to do and cost one read; since
+   folding again changes nothing, such a handling writes no processed-marker (the handler is
+   registered ``replay_safe`` for events with a ``sequence``). An item labeled for the first time
+   is inserted without a read. The large dataset record is not touched per submission: its
+   ``human_labels`` (what the classifier is fitted on) are read from the item documents once per
+   round.
 3. A label for an item of an earlier batch (a correction, or an answer that arrived after its
    batch closed) is applied to the dataset's labels like any other and used from the next round
    on. Before the worker finalises a dataset it closes the inbox (a version-checked write, like
