@@ -33,12 +33,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServicePart:
-    """One service as an app sees it: its event handlers, its REST router, its start-up hook."""
+    """One service as an app sees it: its event handlers, its REST router, its start-up hook.
+
+    ``also`` holds further consumers of the same service that must not wait behind its main one
+    (each its own consumer group and worker), e.g. the trainer's pruning decisions, which arrive
+    while the main worker is busy training.
+    """
 
     service: Service
     router: APIRouter | None = None
     on_start: Callable[[Backends], Awaitable[None]] | None = None
     prefix: str | None = None  # where the router goes when several services share an app
+    also: tuple[Service, ...] = ()
+
+    @property
+    def services(self) -> list[Service]:
+        return [self.service, *self.also]
 
 
 class TracingMiddleware:
@@ -126,7 +136,7 @@ def create_app(
             if part.on_start is not None:
                 await part.on_start(b)
         stop = asyncio.Event()
-        workers = [Worker(p.service, b) for p in parts] if run_workers else []
+        workers = [Worker(s, b) for p in parts for s in p.services] if run_workers else []
         app.state.workers = {w.service.name: w for w in workers}
         app.state.stop = stop
         tasks = [asyncio.create_task(w.run(stop), name=w.consumer) for w in workers]

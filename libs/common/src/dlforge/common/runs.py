@@ -162,8 +162,10 @@ async def _project(event: Event, ctx: HandlerContext) -> None:
     raise RetryableError(f"run {event.run_id}: could not update the run view")
 
 
+# Per-epoch trial chatter (reports and pruning decisions) is not part of a run's story.
+_NOT_PROJECTED = (Topic.DEAD_LETTER, Topic.HPO_TRIAL_REPORTED, Topic.HPO_TRIAL_DECISION)
 for _topic in Topic:
-    if _topic is not Topic.DEAD_LETTER:
+    if _topic not in _NOT_PROJECTED:
         service.handles(_topic)(_project)
 
 router = APIRouter(tags=["runs"])

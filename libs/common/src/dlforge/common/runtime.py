@@ -87,14 +87,14 @@ class Backends:
             self._started = False
 
     async def publish(self, event: Event) -> None:
-        """Publish an event keyed by its run id, carrying the current trace context."""
+        """Publish an event under its partition key (:attr:`Event.key`), carrying the current trace context."""
         await publish_event(self.bus, event)
 
 
 async def publish_event(bus: EventBus, event: Event) -> None:
-    """Publish ``event`` keyed by its run id inside a producer span whose context travels in the headers."""
+    """Publish ``event`` under :attr:`Event.key` inside a producer span whose context travels in the headers."""
     with _producer_span(event):
-        await bus.publish(event.event_type, key=event.run_id, value=encode(event), headers=inject_headers())
+        await bus.publish(event.event_type, key=event.key, value=encode(event), headers=inject_headers())
 
 
 def _producer_span(event: Event) -> Any:
@@ -109,7 +109,7 @@ def _producer_span(event: Event) -> Any:
 def _message(event: Event, raw: bytes) -> Message:
     """The message of an emitted event, created (and its context injected) inside a producer span."""
     with _producer_span(event):
-        return Message(event.event_type, key=event.run_id, value=raw, headers=inject_headers())
+        return Message(event.event_type, key=event.key, value=raw, headers=inject_headers())
 
 
 @dataclass

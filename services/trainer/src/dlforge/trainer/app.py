@@ -27,6 +27,7 @@ from dlforge.common.settings import CommonSettings
 from dlforge.trainer.handlers import TrainerConfig, TrainingRequest, flat_metrics, run_training, save_model
 from dlforge.trainer.jobs import JobRecords, LoopBridge
 from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
+from dlforge.trainer.pruning import decisions_service
 from dlforge.trainer.settings import trainer_settings
 from dlforge.trainer.worker import service
 
@@ -171,7 +172,7 @@ async def _on_start(backends: Backends) -> None:
 
 
 def part() -> ServicePart:
-    return ServicePart(service=service, router=router, on_start=_on_start)
+    return ServicePart(service=service, router=router, on_start=_on_start, also=(decisions_service,))
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:

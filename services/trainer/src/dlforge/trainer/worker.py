@@ -1,4 +1,8 @@
-"""The trainer's event handlers: ``hpo.trial`` -> ``hpo.trial.completed``; ``hpo.completed`` -> ``model.trained``."""
+"""The trainer's event handlers: ``hpo.trial`` -> ``hpo.trial.completed``; ``hpo.completed`` -> ``model.trained``.
+
+While a trial trains, each epoch's value goes to the tuner as ``hpo.trial.reported`` and the tuner's
+pruning decision comes back through :mod:`dlforge.trainer.pruning`.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from dlforge.trainer.handlers import (
 )
 from dlforge.trainer.jobs import JobRecords, LoopBridge
 from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
-from dlforge.trainer.reporting import connect
+from dlforge.trainer.pruning import TrialReporter
 from dlforge.trainer.settings import trainer_settings
 
 log = logging.getLogger(__name__)
@@ -49,7 +53,11 @@ def model_key(run_id: str, model_id: str) -> str:
 
 @service.handles(Topic.HPO_TRIAL)
 async def on_trial(event: Event, ctx: HandlerContext) -> Event | None:
-    """Train one trial on the study's representative sample, reporting val accuracy after each epoch."""
+    """Train one trial on the study's representative sample, reporting val accuracy after each epoch.
+
+    The trial stops early when the tuner's decision for an epoch says prune; it then completes as
+    ``pruned`` with the value of its last epoch.
+    """
     p = event.payload
     assert isinstance(p, HpoTrial)
     started = time.perf_counter()
@@ -58,10 +66,9 @@ async def on_trial(event: Event, ctx: HandlerContext) -> Event | None:
     records = JobRecords(ctx.docs)
     bridge = LoopBridge(asyncio.get_running_loop())
     job_id = f"{safe_id(p.study_name)}-trial-{p.trial_number:04d}"
-    reporter = await asyncio.to_thread(connect, p.storage_url, p.study_name, p.trial_number)
-    if await asyncio.to_thread(reporter.is_finished):
-        log.info("trial %d of %s is already finished: nothing to train", p.trial_number, p.study_name)
-        return None
+    reporter = TrialReporter(bus=ctx.bus, docs=ctx.docs, cause=event, study_name=p.study_name,
+                             trial_number=p.trial_number, wait_seconds=settings.trainer_decision_wait_seconds,
+                             run=bridge.run)
 
     def completed(state: str, value: float | None, error: str | None = None) -> Event:
         return event.follow(HpoTrialCompleted(
@@ -87,7 +94,7 @@ async def on_trial(event: Event, ctx: HandlerContext) -> Event | None:
 
     def on_epoch(m: EpochMetrics) -> bool:
         bridge.run(records.add_epoch(job_id, m))
-        return reporter.report(m.val_accuracy, m.epoch)
+        return reporter.report(m.val_accuracy, m.epoch, last=m.epoch >= p.epochs)
 
     try:
         outcome = await asyncio.to_thread(run_training, ctx.objects, request, job_id=job_id, key_prefix=key_prefix,
