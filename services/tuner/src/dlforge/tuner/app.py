@@ -61,8 +61,8 @@ async def get_study(name: str, backends: Backends = Depends(backends_of)) -> dic
         }
 
     live = await asyncio.to_thread(read)
-    return {**{k: doc.get(k) for k in _SUMMARY}, "config": doc["context"]["config"],
-            "storage_url": ctx.storage_url, **live}
+    return {**{k: doc.get(k) for k in _SUMMARY}, "config": doc["context"]["config"], "failure": doc.get("failure"),
+            **live}
 
 
 @router.post("/studies/{name}/stop", responses=error_responses(404, 409))

@@ -209,45 +209,63 @@ class _Step:
 
 @service.handles(Topic.HPO_TRIAL_COMPLETED)
 async def on_trial_completed(event: Event, ctx: HandlerContext) -> list[Event] | None:
-    """Tell the study; ask the next trials, or finish with ``hpo.completed`` (or ``run.failed``)."""
+    """Tell the study; ask the next trials, or finish with ``hpo.completed`` (or ``run.failed``).
+
+    Whether new trials may be asked (no stop requested, fewer than ``tuner_max_failed_trials``
+    failures in a row) is decided on the study document as it is when the telling is recorded in it
+    (a versioned write): a stop request that lands in between makes the write conflict and the
+    decision is taken again, so a stop is never overtaken by trials asked on a stale copy.
+    """
     p = event.payload
     assert isinstance(p, HpoTrialCompleted)
     max_failed = tuner_settings(ctx.settings).tuner_max_failed_trials
-    result: dict[str, Any] = {}
+    told: dict[str, Any] = {}
 
-    async def change(doc: dict[str, Any]) -> dict[str, Any]:
+    async def record(doc: dict[str, Any]) -> dict[str, Any]:
         study_ctx = StudyContext.model_validate(doc["context"])
-        stop = bool(doc.get("stop_requested")) or doc.get("state") != "running"
 
-        def step() -> _Step:
+        def tell_it() -> tuple[list[FrozenTrial], FrozenTrial | None, int]:
             study = load_study(study_ctx)
             tell(study, study_ctx, p)
-            failing = failed_in_a_row(study)
-            halt = stop or len(failing) >= max_failed
-            asked = ask_for(study, study_ctx, asked_by=event.event_id, stop=halt)
-            done = not asked and is_done(study, study_ctx, stop=halt)
-            return _Step(asked, done, trial_table(study), best_trial(study), failing, failure_reasons(study))
+            return failed_in_a_row(study), best_trial(study), len(study.get_trials(deepcopy=False))
 
-        s = await asyncio.to_thread(step)
-        result.update(ctx=study_ctx, step=s, reason=None)
-        fields: dict[str, Any] = {"n_trials": len(s.table)}
-        if s.best is not None and len(s.failing) < max_failed:
-            fields.update(best_value=s.best.value, best_params=s.best.params, best_trial=s.best.number)
-        if s.done:
-            if len(s.failing) >= max_failed:
-                errors = "; ".join(f"trial {t.number}: {t.user_attrs.get(ERROR, 'failed')}" for t in s.failing)
-                result["reason"] = f"{len(s.failing)} trials failed in a row ({errors})"
-            elif s.best is None:
-                result["reason"] = f"no trial produced a value ({'; '.join(s.failures) or 'none ran'})"
-            fields.update(state="failed" if result["reason"] else "completed", failure=result["reason"])
-            fields["finished_at"] = doc.get("finished_at") or now()
+        failing, best, n = await asyncio.to_thread(tell_it)
+        halt = bool(doc.get("stop_requested")) or doc.get("state") != "running" or len(failing) >= max_failed
+        told.update(ctx=study_ctx, halt=halt)
+        fields: dict[str, Any] = {"n_trials": n}
+        if best is not None:
+            fields.update(best_value=best.value, best_params=best.params, best_trial=best.number)
         return fields
 
     try:
-        await change_study(ctx.docs, p.study_name, change)
+        await change_study(ctx.docs, p.study_name, record)
     except NotFound as exc:
         raise PoisonMessage(f"unknown study {p.study_name!r}") from exc
-    study_ctx, s, reason = result["ctx"], result["step"], result["reason"]
+    study_ctx, halt = told["ctx"], told["halt"]
+
+    def ask_next() -> _Step:
+        study = load_study(study_ctx)
+        asked = ask_for(study, study_ctx, asked_by=event.event_id, stop=halt)
+        done = not asked and is_done(study, study_ctx, stop=halt)
+        return _Step(asked, done, trial_table(study), best_trial(study), failed_in_a_row(study),
+                     failure_reasons(study))
+
+    s = await asyncio.to_thread(ask_next)
+    reason: str | None = None
+    if s.done and len(s.failing) >= max_failed:
+        errors = "; ".join(f"trial {t.number}: {t.user_attrs.get(ERROR, 'failed')}" for t in s.failing)
+        reason = f"{len(s.failing)} trials failed in a row ({errors})"
+    elif s.done and s.best is None:
+        reason = f"no trial produced a value ({'; '.join(s.failures) or 'none ran'})"
+
+    async def finish(doc: dict[str, Any]) -> dict[str, Any]:
+        fields: dict[str, Any] = {"n_trials": len(s.table)}
+        if s.done:
+            fields.update(state="failed" if reason else "completed", failure=reason,
+                          finished_at=doc.get("finished_at") or now())
+        return fields
+
+    await change_study(ctx.docs, p.study_name, finish)
     if not s.done:
         return [trial_event(event, study_ctx, t) for t in s.asked]
     if reason is not None:
