@@ -290,5 +290,5 @@ def test_a_report_refuses_a_value_that_is_not_a_number() -> None:
     stored = json.loads((GOLDEN / "hpo.trial.reported.v1.json").read_bytes())
     for bad in ("NaN", "Infinity"):
         raw = json.dumps(stored).replace("0.6875", bad).encode()
-        with pytest.raises(PoisonMessage, match="invalid hpo.trial.reported"):
+        with pytest.raises(PoisonMessage, match=r"invalid hpo\.trial\.reported"):
             decode(raw)
