@@ -1,6 +1,6 @@
 """A trial's side of pruning, without the tuner's study: report each epoch, then read the tuner's decision.
 
-After each epoch the training loop publishes the trial's objective as ``hpo.trial.reported`` (keyed
+After each epoch but the last the training loop publishes the trial's objective as ``hpo.trial.reported`` (keyed
 per trial, with a deterministic event id per step, so a retrained trial's reports are duplicates for
 the tuner). The tuner, which alone owns the Optuna study, records it, asks its pruner and answers
 with ``hpo.trial.decision``. The trainer's decision consumer (:data:`decisions_service`, its own
@@ -88,18 +88,19 @@ class TrialReporter:
     def report(self, value: float, step: int, *, last: bool = False) -> bool:
         """Publish ``value`` at ``step``; False if the tuner said stop (a non-finite value stops too).
 
-        For the ``last`` step nothing is waited for: training ends anyway, and the tuner records the
-        value with the trial's completion.
+        The ``last`` step is not published and nothing is waited for: training ends anyway, and its
+        value reaches the tuner with the trial's completion (``hpo.trial.completed``), which the tuner
+        tells the study together with any step whose report it did not get.
         """
         self.intermediate.append(value)
         if not math.isfinite(value):
             return False
+        if last:
+            return True
         event = self.cause.follow(HpoTrialReported(study_name=self.study_name, trial_number=self.trial_number,
                                                    step=step, value=value))
         event = event.model_copy(update={"event_id": report_event_id(self.study_name, self.trial_number, step)})
         self.run(publish_event(self.bus, event))
-        if last:
-            return True
         decision = self._decision(step, wait=self._waiting)
         if decision is None and self._waiting:
             log.warning("no pruning decision for trial %d of %s within %.1fs of step %d: training on without "
