@@ -241,3 +241,30 @@ async def test_a_success_between_failures_starts_the_count_again(backends: Backe
     # never three in a row: the budget of five is spent and the study completes with the one value
     assert isinstance(trial.payload, HpoCompleted) and trial.payload.best_value == 0.7
     assert [t.state for t in trial.payload.trials] == ["fail", "fail", "complete", "fail", "fail"]
+
+
+async def test_reports_are_answered_per_step_and_a_stray_one_is_told_to_stop(backends: Backends) -> None:
+    from dlforge.common.events import HpoTrialDecision, HpoTrialReported
+
+    run_id = "run-reports"
+    [trial0] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=2), run_id=run_id))
+    name = study_name_for(run_id)
+
+    def report(number: int, step: int, value: float, study: str = name) -> Event:
+        return trial0.follow(HpoTrialReported(study_name=study, trial_number=number, step=step, value=value))
+
+    [answer] = await tuner_handles(backends, report(0, 1, 0.6))
+    assert isinstance(answer.payload, HpoTrialDecision) and answer.payload.action == "continue"
+    assert (answer.payload.trial_number, answer.payload.step, answer.key) == (0, 1, f"{run_id}:0")
+    # the same step reported again (a retrained trial) gets an answer with the same id: the trainer skips it
+    [again] = await tuner_handles(backends, report(0, 1, 0.6).model_copy(update={"event_id": "again"}))
+    assert again.event_id == answer.event_id
+    for stray in (report(5, 1, 0.6), report(0, 1, 0.6, study="dlforge-nobody")):
+        [stop] = await tuner_handles(backends, stray)
+        assert isinstance(stop.payload, HpoTrialDecision) and stop.payload.action == "prune"
+        assert "no trial 5" in stop.payload.reason or "no study 'dlforge-nobody'" in stop.payload.reason
+    # the study holds the one value reported for trial 0
+    doc = await backends.docs.get("tuner_studies", name)
+    assert doc is not None and doc["state"] == "running"
+    study = optuna.load_study(study_name=name, storage=doc["context"]["storage_url"])
+    assert study.trials[0].intermediate_values == {1: 0.6}

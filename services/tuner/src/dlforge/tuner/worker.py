@@ -174,19 +174,22 @@ async def on_model_proposed(event: Event, ctx: HandlerContext) -> list[Event] | 
 
 @service.handles(Topic.HPO_TRIAL_REPORTED)
 async def on_trial_reported(event: Event, ctx: HandlerContext) -> Event:
-    """Record a trial's intermediate value and answer with the pruner's decision for that step."""
+    """Record a trial's intermediate value and answer with the pruner's decision for that step.
+
+    A report of a trial the tuner does not know (no such study or trial) is answered with 'prune', so
+    its trainer stops; it does not fail the run.
+    """
     p = event.payload
     assert isinstance(p, HpoTrialReported)
     doc = await ctx.docs.get(STUDIES, p.study_name)
-    if doc is None:
-        raise PoisonMessage(f"unknown study {p.study_name!r}")
-    study_ctx = StudyContext.model_validate(doc["context"])
 
     def judge() -> Decision:
+        if doc is None:  # deleted, or not this tuner's: the trial has nothing to report to
+            return Decision("prune", f"no study {p.study_name!r}")
+        study_ctx = StudyContext.model_validate(doc["context"])
         try:
             return decide(load_study(study_ctx), study_ctx, p)
         except InvalidInput as exc:
-            log.warning("%s; telling its trainer to stop", exc)
             return Decision("prune", str(exc))
 
     decision = await asyncio.to_thread(judge)
