@@ -207,7 +207,7 @@ async def test_a_stop_request_is_not_undone_by_a_worker_that_read_the_study_befo
 
 async def test_the_study_fails_with_the_reason_after_three_failed_trials_in_a_row(backends: Backends) -> None:
     run_id = "run-failing"
-    [trial] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=1000), run_id=run_id))
+    [trial] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=200), run_id=run_id))  # the largest budget
     asked = [trial]
     for i in range(3):
         emitted = await tuner_handles(backends, trial_done(trial, "failed", None, f"epochs 1000000 > cap ({i})"))
