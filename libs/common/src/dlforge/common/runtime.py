@@ -12,6 +12,12 @@ A service declares a handler per topic. The :class:`Worker` owns the loop for on
    the offset. Fast events are settled in small batches: their emitted events are published
    together (pipelined) and their offsets committed together, always publish before commit.
 
+Run life cycle: the events of a run that was cancelled (``run.cancelled``, followed by
+:class:`~dlforge.common.cancellation.Cancellations` beside the loop) are committed without being
+handled; handlers ask ``await ctx.is_cancelled(run_id)`` between long steps. ``run.deleted`` reaches
+every consumer: its ``delete_run`` hook removes the service's documents and objects of the run,
+then the runtime drops the consumer's markers and cancellation record of the run.
+
 A crash anywhere before the commit redelivers the event; a marker makes the redelivery publish
 the stored outbox instead of running the handler again, so the state changes once. Emitted
 events keep their event ids when re-published, so their consumers skip the copies.
@@ -25,7 +31,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -34,6 +40,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from dlforge.common.backends import open_bus, open_docs, open_objects
 from dlforge.common.bus import Delivery, EventBus, Message, Subscription
+from dlforge.common.cancellation import Cancellations
 from dlforge.common.docs import DocumentStore
 from dlforge.common.errors import Conflict, PoisonMessage, RetryableError
 from dlforge.common.events import DeadLetter, Event, RunFailed, Topic, decode, encode
@@ -112,6 +119,10 @@ def _message(event: Event, raw: bytes) -> Message:
         return Message(event.event_type, key=event.run_id, value=raw, headers=inject_headers())
 
 
+async def _never_cancelled(run_id: str) -> bool:
+    return False
+
+
 @dataclass
 class HandlerContext:
     """What a handler may use besides its event."""
@@ -121,18 +132,31 @@ class HandlerContext:
     docs: DocumentStore
     settings: CommonSettings
     bus: EventBus
+    is_cancelled: Callable[[str], Coroutine[Any, Any, bool]] = _never_cancelled
+    """``await ctx.is_cancelled(run_id)``: True once the run was cancelled (long work stops at its next check)."""
 
 
 HandlerResult = Event | Sequence[Event] | None
 HandlerFn = Callable[[Event, HandlerContext], Awaitable[HandlerResult]]
+DeleteRunFn = Callable[[Event, HandlerContext], Awaitable[None]]
+LIFECYCLE = (Topic.RUN_CANCELLED, Topic.RUN_DELETED)
 
 
 @dataclass
 class Service:
-    """A stage: a name, and one handler per topic it consumes."""
+    """A stage: a name, one handler per topic it consumes, and how it forgets a deleted run.
+
+    ``delete_run`` (set with :meth:`deletes_runs`) removes the service's own documents and objects of
+    the ``run.deleted`` event's run; it must be idempotent (a redelivery runs it again).
+    """
 
     name: str
     handlers: dict[Topic, HandlerFn] = field(default_factory=dict)
+    delete_run: DeleteRunFn | None = None
+
+    def deletes_runs(self, fn: DeleteRunFn) -> DeleteRunFn:
+        self.delete_run = fn
+        return fn
 
     def handles(self, topic: Topic) -> Callable[[HandlerFn], HandlerFn]:
         def register(fn: HandlerFn) -> HandlerFn:
@@ -145,7 +169,11 @@ class Service:
 
     @property
     def consumes(self) -> list[Topic]:
-        return list(self.handlers)
+        """The topics the worker subscribes to: the handled ones and, for a consumer, ``run.deleted``."""
+        topics = list(self.handlers)
+        if topics and Topic.RUN_DELETED not in topics:
+            topics.append(Topic.RUN_DELETED)
+        return topics
 
     @property
     def group(self) -> str:
@@ -156,6 +184,7 @@ class Outcome(StrEnum):
     HANDLED = "handled"
     DUPLICATE = "duplicate"
     DEAD_LETTERED = "dead_lettered"
+    CANCELLED = "cancelled"  # an event of a cancelled run: committed, not handled
 
 
 @dataclass
@@ -218,6 +247,8 @@ class Worker:
         self.processed: dict[Outcome, int] = {o: 0 for o in Outcome}
         self.current: Event | None = None
         self.ready = asyncio.Event()
+        self.cancellations = Cancellations(self.consumer, bus=backends.bus, docs=backends.docs,
+                                           poll_seconds=self.settings.poll_seconds)
 
     @property
     def consumer(self) -> str:
@@ -225,7 +256,8 @@ class Worker:
 
     def _context(self) -> HandlerContext:
         b = self.backends
-        return HandlerContext(self.service.name, b.objects, b.docs, b.settings, b.bus)
+        return HandlerContext(self.service.name, b.objects, b.docs, b.settings, b.bus,
+                              self.cancellations.is_cancelled)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; the in-flight event is finished and committed first."""
@@ -233,6 +265,25 @@ class Worker:
             self.ready.set()
             await stop.wait()
             return
+        await self.cancellations.load()
+        follower = asyncio.create_task(self._follow_cancellations(stop), name=f"{self.consumer} cancellations")
+        try:
+            await self._run(stop)
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+
+    async def _follow_cancellations(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.cancellations.follow(stop)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s: following run.cancelled failed; rejoining", self.consumer)
+                await self._sleep(self.settings.retry_base_seconds)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             sub = await self.backends.bus.subscribe(group=self.consumer, topics=self.service.consumes)
             self.ready.set()
@@ -329,6 +380,10 @@ class Worker:
             letters = self._dead_letter(delivery, reason=str(exc), attempts=0, event=None)
             return _Processed(delivery, Outcome.DEAD_LETTERED, started, letters)
 
+        if event.event_type not in LIFECYCLE and self.cancellations.skips(event.run_id):
+            log.info("%s: %s of cancelled run %s not handled", self.consumer, event.event_type.value, event.run_id)
+            return _Processed(delivery, Outcome.CANCELLED, started)
+
         marker_id = f"{self.consumer}:{event.event_id}"
         marker = await self.backends.docs.get(MARKERS, marker_id)
         if marker is not None:
@@ -336,6 +391,8 @@ class Worker:
             return self._duplicate(delivery, started, marker)
 
         handler = self.service.handlers.get(event.event_type)
+        if event.event_type is Topic.RUN_DELETED:
+            handler = self._deleting(handler)
         if handler is None:
             letters = self._dead_letter(delivery, reason=f"{self.consumer} has no handler for {event.event_type}",
                                         attempts=0, event=event)
@@ -390,6 +447,21 @@ class Worker:
                 return _Processed(delivery, Outcome.HANDLED, started, messages)
         finally:
             detach(token)
+
+    def _deleting(self, own: HandlerFn | None) -> HandlerFn:
+        """``run.deleted``: the service's ``delete_run`` hook, its own handler, then the runtime's records."""
+        service = self.service
+
+        async def delete(event: Event, ctx: HandlerContext) -> HandlerResult:
+            if service.delete_run is not None:
+                await service.delete_run(event, ctx)
+            result = await own(event, ctx) if own is not None else None
+            for marker in await ctx.docs.find(MARKERS, {"consumer": self.consumer, "run_id": event.run_id}):
+                await ctx.docs.delete(MARKERS, marker["_id"])
+            await self.cancellations.forget(event.run_id)
+            return result
+
+        return delete
 
     def _duplicate(self, delivery: Delivery, started: float, marker: dict[str, Any]) -> _Processed:
         if marker.get("published") or not marker.get("outbox"):
@@ -456,7 +528,7 @@ class Worker:
         )
         run_id = event.run_id if event is not None else (delivery.key or "unknown")
         emitted = [Event.new(letter, run_id=run_id, causation_id=event.event_id if event else None)]
-        if event is not None and event.event_type not in (Topic.RUN_FAILED, Topic.DEAD_LETTER):
+        if event is not None and event.event_type not in (Topic.RUN_FAILED, Topic.DEAD_LETTER, *LIFECYCLE):
             emitted.append(event.follow(RunFailed(stage=self.service.name, reason=reason, event_id=event.event_id)))
         self._metrics.dead_lettered.add(1, {"consumer": self.consumer, "topic": delivery.topic})
         return [_message(e, encode(e)) for e in emitted]
