@@ -160,16 +160,10 @@ async def list_jobs(
                                      "epochs_done", "metrics", "error")} for job in jobs]
 
 
-async def _on_start(backends: Backends) -> None:
-    """REST jobs this host was running when it stopped will never finish: say so in their records."""
-    records = JobRecords(backends.docs)
-    for state in ("queued", "running"):
-        for job in await backends.docs.find("trainer_jobs", {"kind": "api", "state": state, "owner": OWNER}):
-            await records.finish(job["_id"], state="failed", error="interrupted: the trainer restarted")
-
-
 def part() -> ServicePart:
-    return ServicePart(service=service, router=router, on_start=_on_start)
+    from dlforge.trainer.reconcile import reconcile
+
+    return ServicePart(service=service, router=router, on_start=reconcile)
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:

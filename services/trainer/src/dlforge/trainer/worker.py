@@ -87,11 +87,12 @@ async def on_trial(event: Event, ctx: HandlerContext) -> Event | None:
 
     def on_epoch(m: EpochMetrics) -> bool:
         bridge.run(records.add_epoch(job_id, m))
-        return reporter.report(m.val_accuracy, m.epoch)
+        go_on = reporter.report(m.val_accuracy, m.epoch)
+        return go_on and not bridge.run(ctx.is_cancelled(event.run_id))
 
     try:
         outcome = await asyncio.to_thread(run_training, ctx.objects, request, job_id=job_id, key_prefix=key_prefix,
-                                          config=config, on_epoch=on_epoch)
+                                          config=config, on_epoch=on_epoch, resumable=True)
     except RetryableError:
         raise
     except Exception as exc:  # a trial that cannot train is a failed trial; the study goes on
@@ -100,6 +101,9 @@ async def on_trial(event: Event, ctx: HandlerContext) -> Event | None:
         await records.finish(job_id, state="failed", error=f"{type(exc).__name__}: {exc}")
         return completed("failed", None, f"{type(exc).__name__}: {exc}")
     summary = outcome.summary()
+    if await ctx.is_cancelled(event.run_id):
+        await records.finish(job_id, state="stopped", summary=summary, error="the run was cancelled")
+        return None
     if outcome.state == "diverged":
         await records.finish(job_id, state="diverged", summary=summary, error="the training loss became non-finite")
         return completed("failed", None, "the training loss became non-finite (learning rate too high?)")
@@ -112,7 +116,7 @@ async def on_trial(event: Event, ctx: HandlerContext) -> Event | None:
 
 
 @service.handles(Topic.HPO_COMPLETED)
-async def on_hpo_completed(event: Event, ctx: HandlerContext) -> Event:
+async def on_hpo_completed(event: Event, ctx: HandlerContext) -> Event | None:
     """Final training with the best parameters on the full train split; evaluate on val and test."""
     p = event.payload
     assert isinstance(p, HpoCompleted)
@@ -160,14 +164,18 @@ async def on_hpo_completed(event: Event, ctx: HandlerContext) -> Event:
 
     def on_epoch(m: EpochMetrics) -> bool:
         bridge.run(records.add_epoch(job_id, m))
-        return True
+        return not bridge.run(ctx.is_cancelled(event.run_id))
 
     try:
         outcome: TrainingOutcome = await asyncio.to_thread(run_training, ctx.objects, request, job_id=job_id,
-                                                           key_prefix=key_prefix, config=config, on_epoch=on_epoch)
+                                                           key_prefix=key_prefix, config=config, on_epoch=on_epoch,
+                                                           resumable=True)
     except InvalidInput as exc:
         await records.finish(job_id, state="failed", error=str(exc))
         raise PoisonMessage(f"final training refused: {exc}") from exc
+    if await ctx.is_cancelled(event.run_id):
+        await records.finish(job_id, state="stopped", summary=outcome.summary(), error="the run was cancelled")
+        return None
     if outcome.state == "diverged":
         await records.finish(job_id, state="diverged", summary=outcome.summary())
         raise PoisonMessage("final training diverged: the training loss became non-finite")
