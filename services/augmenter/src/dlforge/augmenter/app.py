@@ -90,7 +90,9 @@ async def list_samples(
 
 
 def part() -> ServicePart:
-    return ServicePart(service=service, router=router)
+    from dlforge.augmenter.reconcile import reconcile
+
+    return ServicePart(service=service, router=router, on_start=reconcile)
 
 
 def create_app(settings: AugmenterSettings | None = None) -> FastAPI:

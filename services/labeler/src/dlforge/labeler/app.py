@@ -34,7 +34,7 @@ from starlette.datastructures import UploadFile
 from dlforge.common.app import ServicePart, backends_of
 from dlforge.common.app import create_app as create_common_app
 from dlforge.common.errors import Conflict, InvalidInput, NotFound
-from dlforge.common.events import DatasetUploaded, Event, LabelsSubmitted, PipelineOptions, Spec
+from dlforge.common.events import DatasetUploaded, Event, LabelsSubmitted, PipelineOptions, Spec, encode
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings, load_settings
@@ -392,13 +392,16 @@ async def import_dataset(
         manifest = await asyncio.to_thread(persist, backends.objects, tree, dataset_id=dataset_id, name=name,
                                            result=result.model_copy(update={"classes": classes}))
         written = [i.key for i in manifest.items] + [manifest_key(dataset_id)]
-        record = await records.change(backends.docs, record, state="ingested")
-        event = Event.new(DatasetUploaded(
+        event = records.uploaded_event(record, DatasetUploaded(
             dataset_id=dataset_id, name=name, item_count=len(manifest.items), classes=classes,
             labeled_count=result.labeled_count, rejected_count=len(result.rejected),
             duplicate_count=len(result.duplicates), manifest_key=manifest_key(dataset_id), spec=req.spec,
             options=req.options,
-        ), run_id=run_id)
+        ))
+        # the event goes with the record: a restart before (or after) the publish publishes it again
+        # under the same id (see reconcile.py), so it is handled once
+        record = await records.change(backends.docs, record, state="ingested",
+                                      uploaded_event=encode(event).decode())
         await backends.publish(event)
     except BaseException:
         # persist() removes its own partial writes; after it, undo everything of this dataset
@@ -697,7 +700,9 @@ async def get_labels(
 
 
 def part() -> ServicePart:
-    return ServicePart(service=service, router=router)
+    from dlforge.labeler.reconcile import reconcile
+
+    return ServicePart(service=service, router=router, on_start=reconcile)
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 from dlforge.common.app import ServicePart
 from dlforge.common.errors import InvalidInput, NotFound, PoisonMessage
-from dlforge.common.events import Event, LabelsRequested, LabelsSubmitted, Topic
+from dlforge.common.events import Event, LabelsRequested, LabelsSubmitted, RunDeleted, Topic
 from dlforge.common.objects import ObjectStore
 from dlforge.common.runtime import HandlerContext, HandlerResult, Service
 from dlforge.labeler.ingest import manifest_key, parse_csv
@@ -105,6 +105,15 @@ async def answer(event: Event, ctx: HandlerContext) -> HandlerResult:
                             f"{request.batch_id}: {', '.join(missing[:10])}")
     return event.follow(LabelsSubmitted(dataset_id=request.dataset_id, batch_id=request.batch_id, labels=labels,
                                         annotator=ANNOTATOR))
+
+
+@service.deletes_runs
+async def forget_answers(event: Event, ctx: HandlerContext) -> None:
+    """A deleted run's data set: its registered answers go too."""
+    payload = event.payload
+    assert isinstance(payload, RunDeleted)
+    if payload.dataset_id is not None:
+        await asyncio.to_thread(ctx.objects.delete, answers_key(payload.dataset_id))
 
 
 def part() -> ServicePart:

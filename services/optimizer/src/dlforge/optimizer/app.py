@@ -89,7 +89,9 @@ async def predict(
 
 
 def part() -> ServicePart:
-    return ServicePart(service=service, router=router)
+    from dlforge.optimizer.reconcile import reconcile
+
+    return ServicePart(service=service, router=router, on_start=reconcile)
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:

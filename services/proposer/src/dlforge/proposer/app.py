@@ -87,6 +87,8 @@ async def build_repository_on_start(backends: Backends) -> None:
 
 
 def part() -> ServicePart:
+    import dlforge.proposer.reconcile  # noqa: F401  (registers the run deletion)
+
     return ServicePart(service=service, router=router, on_start=build_repository_on_start)
 
 

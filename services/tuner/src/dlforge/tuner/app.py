@@ -101,7 +101,9 @@ async def set_run_tuning(
 
 
 def part() -> ServicePart:
-    return ServicePart(service=service, router=router)
+    from dlforge.tuner.reconcile import reconcile
+
+    return ServicePart(service=service, router=router, on_start=reconcile)
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:
