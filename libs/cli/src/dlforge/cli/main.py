@@ -127,11 +127,18 @@ def _embedded_settings(root: Path) -> CommonSettings:
 
 async def _run_folder(
     *, folder: Path, name: str, spec: Spec, options: PipelineOptions, settings: CommonSettings,
-    answers: dict[str, str] | None, truth: dict[str, str] | None, timeout: float,
+    answers: dict[str, str] | None, truth: dict[str, str] | None, timeout: float, resume_run: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the pipeline on ``folder`` in this process; resumes the run started on the same request before.
+
+    The work dir's run index (:mod:`dlforge.cli.resume`) maps the request's fingerprint to the run it
+    started: a run still going (or done) is followed instead of uploading again; a failed or cancelled
+    one is replaced by a new run. ``resume_run`` names the run to follow.
+    """
     from dlforge.cli.pipeline import run_in_process
     from dlforge.cli.platform import combined_app
     from dlforge.cli.report import build_report
+    from dlforge.cli.resume import RunIndex, StartedRun, fingerprint
     from dlforge.common.runtime import Backends
     from dlforge.labeler import simulated
     from dlforge.labeler.records import DATASETS
@@ -139,13 +146,46 @@ async def _run_folder(
     os.environ.setdefault("DLFORGE_LABELER_IMPORT_ROOTS", str(folder.resolve().parent))
     backends = Backends.from_settings(settings)
     app = combined_app(backends=backends, simulated_annotator=answers is not None)
+    index = RunIndex(Path(settings.work_dir))
+    fp = fingerprint(folder, spec=spec, options=options)
+
+    async def earlier(client: Any) -> dict[str, Any] | None:
+        """The run to follow: the one named, or the one this request started before, if it can go on."""
+        known = index.by_run(resume_run) if resume_run else index.find(fp)
+        run_id = resume_run or (known.run_id if known else None)
+        if run_id is None:
+            return None
+        view = await client.get(f"/runs/{run_id}")
+        if view.status_code == 200:
+            state = view.json()["state"]
+            dataset_id = known.dataset_id if known else view.json().get("dataset_id")
+            if resume_run or state in ("running", "succeeded"):
+                print(f"following run {run_id} ({state}), started on {folder} before")
+                return {"run_id": run_id, "dataset_id": dataset_id}
+            print(f"run {run_id} started on {folder} before is {state}: starting a new run")
+            return None
+        if known is not None:  # not in the run view yet: the upload may have been cut short
+            dataset = await client.get(f"/labeler/datasets/{known.dataset_id}")
+            if dataset.status_code == 200 and dataset.json().get("state") not in ("failed", "ingesting"):
+                print(f"following run {run_id}, started on {folder} before")
+                return {"run_id": run_id, "dataset_id": known.dataset_id}
+        if resume_run:
+            raise DlforgeError(f"--resume: no run {resume_run!r} in {settings.work_dir}")
+        return None
 
     async def upload(client: Any) -> dict[str, Any]:
+        following = await earlier(client)
+        if following is not None:
+            return following
         dataset_id = f"ds-{uuid4().hex[:12]}"
+        run_id = uuid4().hex
+        # remembered before the upload: a crash during it is found (and failed or resumed) next time
+        index.remember(StartedRun(run_id=run_id, dataset_id=dataset_id, folder=str(folder.resolve()),
+                                  fingerprint=fp))
         if answers is not None:  # the simulated annotator must know the answers before the first batch
             await asyncio.to_thread(simulated.register_answers, backends.objects, dataset_id, answers)
         body = {"folder": str(folder.resolve()), "name": name, "spec": spec.model_dump(),
-                "options": options.model_dump(), "dataset_id": dataset_id}
+                "options": options.model_dump(), "dataset_id": dataset_id, "run_id": run_id}
         response = await client.post("/labeler/datasets", json=body)
         if response.status_code >= 300:
             raise DlforgeError(f"upload refused ({response.status_code}): {response.text}")
@@ -211,7 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings() if args.configured else _embedded_settings(Path(args.workdir).resolve())
     _, report = asyncio.run(_run_folder(
         folder=folder, name=folder.name, spec=spec, options=_options(args), settings=settings,
-        answers=answers, truth=answers, timeout=args.timeout,
+        answers=answers, truth=answers, timeout=args.timeout, resume_run=args.resume,
     ))
     return _finish(report, args)
 
@@ -290,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--configured", action="store_true",
                      help="use DLFORGE_BUS/OBJECTS/DOCS instead of embedded backends under --workdir")
     run.add_argument("--workdir", default=".dlforge/run")
+    run.add_argument("--resume", default=None, metavar="RUN_ID",
+                     help="follow this run (started by dlforge run with the same --workdir) instead of starting one; "
+                     "without it, the run started on the same folder, spec and options is resumed if it can go on")
     run.add_argument("--timeout", type=float, default=6 * 3600)
     run.add_argument("--json", default=None)
     run.add_argument("--html", default=None)
