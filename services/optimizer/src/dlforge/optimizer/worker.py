@@ -130,9 +130,10 @@ async def on_model_trained(event: Event, ctx: HandlerContext) -> Event:
     try:
         report = await asyncio.to_thread(_run, ctx.objects, p, event.event_id, settings)
     except (InvalidInput, ExportMismatch, NotFound, ValueError) as exc:
+        await ctx.docs.upsert(JOBS, {**job, "state": "failed", "error": f"{type(exc).__name__}: {exc}"})
         raise PoisonMessage(f"cannot optimize model {p.model_id} of dataset {p.dataset_id}: {exc}") from exc
     except (ProbeFailed, OSError) as exc:
-        raise RetryableError(f"optimizing model {p.model_id}: {exc}") from exc
+        raise RetryableError(f"optimizing model {p.model_id}: {exc}") from exc  # the job stays running: retried
     key = report_key(p.dataset_id, p.model_id)
     artifacts = {name: v.key for name, v in report.variants.items() if v.key}
     await ctx.docs.upsert(REPORTS, _report_doc(report, key, artifacts, run_id=event.run_id))
