@@ -138,7 +138,7 @@ async def _run_folder(
     from dlforge.cli.pipeline import run_in_process
     from dlforge.cli.platform import combined_app
     from dlforge.cli.report import build_report
-    from dlforge.cli.resume import RunIndex, StartedRun, fingerprint
+    from dlforge.cli.resume import RunIndex, StartedRun, fingerprint, run_to_follow
     from dlforge.common.runtime import Backends
     from dlforge.labeler import simulated
     from dlforge.labeler.records import DATASETS
@@ -149,32 +149,8 @@ async def _run_folder(
     index = RunIndex(Path(settings.work_dir))
     fp = fingerprint(folder, spec=spec, options=options)
 
-    async def earlier(client: Any) -> dict[str, Any] | None:
-        """The run to follow: the one named, or the one this request started before, if it can go on."""
-        known = index.by_run(resume_run) if resume_run else index.find(fp)
-        run_id = resume_run or (known.run_id if known else None)
-        if run_id is None:
-            return None
-        view = await client.get(f"/runs/{run_id}")
-        if view.status_code == 200:
-            state = view.json()["state"]
-            dataset_id = known.dataset_id if known else view.json().get("dataset_id")
-            if resume_run or state in ("running", "succeeded"):
-                print(f"following run {run_id} ({state}), started on {folder} before")
-                return {"run_id": run_id, "dataset_id": dataset_id}
-            print(f"run {run_id} started on {folder} before is {state}: starting a new run")
-            return None
-        if known is not None:  # not in the run view yet: the upload may have been cut short
-            dataset = await client.get(f"/labeler/datasets/{known.dataset_id}")
-            if dataset.status_code == 200 and dataset.json().get("state") not in ("failed", "ingesting"):
-                print(f"following run {run_id}, started on {folder} before")
-                return {"run_id": run_id, "dataset_id": known.dataset_id}
-        if resume_run:
-            raise DlforgeError(f"--resume: no run {resume_run!r} in {settings.work_dir}")
-        return None
-
     async def upload(client: Any) -> dict[str, Any]:
-        following = await earlier(client)
+        following = await run_to_follow(client, index, fp=fp, resume_run=resume_run, folder=folder)
         if following is not None:
             return following
         dataset_id = f"ds-{uuid4().hex[:12]}"
@@ -247,7 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = parse_spec(args.spec)
     answers = load_answers_csv(Path(args.answers)) if args.answers else None
     if answers is None:
-        return _serve_for_people(folder, spec, _options(args))
+        return _serve_for_people(folder, spec, _options(args), resume_run=args.resume)
     settings = load_settings() if args.configured else _embedded_settings(Path(args.workdir).resolve())
     _, report = asyncio.run(_run_folder(
         folder=folder, name=folder.name, spec=spec, options=_options(args), settings=settings,
@@ -256,12 +232,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _finish(report, args)
 
 
-def _serve_for_people(folder: Path, spec: Spec, options: PipelineOptions) -> int:
-    """Serve the API so people answer labels.requested through POST /labeler/labels."""
+def _serve_for_people(folder: Path, spec: Spec, options: PipelineOptions, *, resume_run: str | None = None) -> int:
+    """Serve the API so people answer labels.requested through POST /labeler/labels.
+
+    As with ``--answers``, the run started before on the same request (or ``resume_run``) is
+    followed instead of uploading the folder again.
+    """
     import httpx
     import uvicorn
 
     from dlforge.cli.platform import combined_app
+    from dlforge.cli.resume import RunIndex, StartedRun, fingerprint, run_to_follow
 
     settings: CommonSettings = load_settings()
     os.environ.setdefault("DLFORGE_LABELER_IMPORT_ROOTS", str(folder.resolve().parent))
@@ -287,9 +268,25 @@ def _serve_for_people(folder: Path, spec: Spec, options: PipelineOptions) -> int
                 server.should_exit = True
                 await serving
                 raise SystemExit(f"the API at {base} was not ready after 20 s (GET /readyz)")
-            body = {"folder": str(folder.resolve()), "name": folder.name, "spec": spec.model_dump(),
-                    "options": options.model_dump()}
-            created = (await client.post("/labeler/datasets", json=body)).raise_for_status().json()
+            index = RunIndex(Path(settings.work_dir))
+            fp = fingerprint(folder, spec=spec, options=options)
+            try:
+                created = await run_to_follow(client, index, fp=fp, resume_run=resume_run, folder=folder)
+            except DlforgeError:
+                server.should_exit = True
+                await serving
+                raise
+            if created is None:
+                created = {"dataset_id": f"ds-{uuid4().hex[:12]}", "run_id": uuid4().hex}
+                index.remember(StartedRun(run_id=created["run_id"], dataset_id=created["dataset_id"],
+                                          folder=str(folder.resolve()), fingerprint=fp))
+                body = {"folder": str(folder.resolve()), "name": folder.name, "spec": spec.model_dump(),
+                        "options": options.model_dump(), **created}
+                response = await client.post("/labeler/datasets", json=body)
+                if response.status_code >= 300:
+                    server.should_exit = True
+                    await serving
+                    raise DlforgeError(f"upload refused ({response.status_code}): {response.text}")
             print(f"dataset {created['dataset_id']}, run {created['run_id']}: label the queued items at "
                   f"{base}/labeler/datasets/{created['dataset_id']}/queue and POST {base}/labeler/labels; "
                   f"follow the run at {base}/runs/{created['run_id']} (Ctrl-C stops)")

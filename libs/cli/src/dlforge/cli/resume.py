@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from dlforge.common.errors import ConfigError
+from dlforge.common.errors import ConfigError, DlforgeError
 from dlforge.common.events import PipelineOptions, Spec
 
 INDEX = "runs.json"
@@ -83,3 +83,34 @@ class RunIndex:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, self.path)
+
+
+async def run_to_follow(client: Any, index: RunIndex, *, fp: str, resume_run: str | None, folder: Path
+                        ) -> dict[str, Any] | None:
+    """``{"run_id", "dataset_id"}`` of the run to follow instead of uploading, or None to start a new one.
+
+    ``client`` is an httpx client of the combined app. The run named by ``resume_run`` (an error if
+    the app does not know it), else the one this request started before if it is still going or
+    succeeded; a failed or cancelled one, or an upload that was cut short, gives None.
+    """
+    known = index.by_run(resume_run) if resume_run else index.find(fp)
+    run_id = resume_run or (known.run_id if known else None)
+    if run_id is None:
+        return None
+    view = await client.get(f"/runs/{run_id}")
+    if view.status_code == 200:
+        state = view.json()["state"]
+        dataset_id = known.dataset_id if known else view.json().get("dataset_id")
+        if resume_run or state in ("running", "succeeded"):
+            print(f"following run {run_id} ({state}), started on {folder} before")
+            return {"run_id": run_id, "dataset_id": dataset_id}
+        print(f"run {run_id} started on {folder} before is {state}: starting a new run")
+        return None
+    if known is not None:  # not in the run view yet: the upload may have been cut short
+        dataset = await client.get(f"/labeler/datasets/{known.dataset_id}")
+        if dataset.status_code == 200 and dataset.json().get("state") not in ("failed", "ingesting"):
+            print(f"following run {run_id}, started on {folder} before")
+            return {"run_id": run_id, "dataset_id": known.dataset_id}
+    if resume_run:
+        raise DlforgeError(f"--resume: no run {resume_run!r} in this work dir's backends")
+    return None
