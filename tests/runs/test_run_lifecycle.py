@@ -115,10 +115,9 @@ async def test_cancel_stops_long_work_and_skips_later_events_then_delete_removes
         assert deleted.status_code == 202
         await _until("the run view to forget the run", lambda: _gone(c, "/runs/r1"))
         await _until("the stage to forget the run", lambda: _none(backends.docs.get("stage_things", "r1")))
-        assert not await asyncio.to_thread(backends.objects.exists, "stage/r1/thing.bin")
-        assert await backends.docs.find("processed_events", {"consumer": "dlforge.stage", "run_id": "r1"}) == [
-            m for m in await backends.docs.find("processed_events", {"consumer": "dlforge.stage"})
-            if m["topic"] == "run.deleted"]  # only the deletion's own marker is left
+        await _until("the stage to delete its object of the run",
+                     lambda: _true_async(asyncio.to_thread(backends.objects.exists, "stage/r1/thing.bin"), False))
+        await _until("the runtime to drop the run's markers", lambda: _only_deletion_markers(backends))
     await backends.stop()
 
 
@@ -142,6 +141,16 @@ async def _true(value: bool) -> bool:
 
 async def _gone(client: httpx.AsyncClient, path: str) -> bool:
     return (await client.get(path)).status_code == 404
+
+
+async def _true_async(value: Awaitable[Any], expected: Any) -> bool:
+    return bool(await value == expected)
+
+
+async def _only_deletion_markers(backends: Backends) -> bool:
+    """The stage's markers of the run: only the deletion's own is left."""
+    markers = await backends.docs.find("processed_events", {"consumer": "dlforge.stage", "run_id": "r1"})
+    return [m["topic"] for m in markers] == ["run.deleted"]
 
 
 async def _none(value: Awaitable[Any]) -> bool:
