@@ -259,13 +259,15 @@ def _documents(db: Path) -> dict[str, int]:
 
 
 def _run_documents(db: Path) -> dict[str, int]:
-    """Documents that name the run (``run_id``), per collection; markers of run.deleted left out."""
+    """Documents that name the run (``run_id``) or its data set, per collection; markers of run.deleted left out."""
     with sqlite3.connect(db) as conn:
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'c_%'")]
         counts = {}
         for t in tables:
-            n = conn.execute(f"SELECT COUNT(*) FROM \"{t}\" WHERE json_extract(body, '$.run_id') = ? AND "
-                             "COALESCE(json_extract(body, '$.topic'), '') != 'run.deleted'", (RUN_ID,)).fetchone()[0]
+            n = conn.execute(f"SELECT COUNT(*) FROM \"{t}\" WHERE (json_extract(body, '$.run_id') = ? OR "
+                             "json_extract(body, '$.dataset_id') = ? OR id = ?) AND "
+                             "COALESCE(json_extract(body, '$.topic'), '') != 'run.deleted'",
+                             (RUN_ID, DATASET_ID, DATASET_ID)).fetchone()[0]
             if n:
                 counts[t] = int(n)
         return counts
@@ -359,21 +361,6 @@ def test_a_run_killed_in_every_stage_completes_as_if_it_had_not_been(
     finally:
         platform.stop()
 
-    # deleting the run removes every service's documents and objects of it; the run view then 404s
-    platform.start()
-    try:
-        assert httpx.delete(f"{platform.base}/runs/{RUN_ID}", timeout=30).status_code == 202
-        _wait("the run view to forget the run",
-              lambda: httpx.get(f"{platform.base}/runs/{RUN_ID}", timeout=10).status_code == 404, deadline=120)
-        _wait("every service to delete its documents of the run",
-              lambda: not _run_documents(tmp_path / "docs.db"), deadline=120)
-        _wait("every service to delete its objects of the run",
-              lambda: all(k.startswith(SHARED_PREFIXES) for k in _objects(objects)), deadline=120)
-        assert httpx.get(f"{platform.base}/labeler/datasets/{DATASET_ID}", timeout=10).status_code == 404
-        assert httpx.get(f"{platform.base}/tuner/studies/dlforge-{RUN_ID}", timeout=10).status_code == 404
-    finally:
-        platform.stop()
-
     assert killed == [s for s, _ in KILL_POINTS]
     assert uninterrupted.run["state"] == "succeeded", uninterrupted.run.get("failure")
     assert crashed.run["state"] == "succeeded", crashed.run.get("failure")
@@ -390,3 +377,18 @@ def test_a_run_killed_in_every_stage_completes_as_if_it_had_not_been(
     assert "resuming after epoch" in crashed.log
     assert crashed.run["stages"]["trainer"]["summary"]["metrics"]["epochs"] == FINAL_EPOCHS
     assert json.dumps(crashed.run["stages"]["optimizer"]["state"]) == '"succeeded"'
+
+    # deleting the run removes every service's documents and objects of it; the run view then 404s
+    platform.start()
+    try:
+        assert httpx.delete(f"{platform.base}/runs/{RUN_ID}", timeout=30).status_code == 202
+        _wait("the run view to forget the run",
+              lambda: httpx.get(f"{platform.base}/runs/{RUN_ID}", timeout=10).status_code == 404, deadline=120)
+        _wait("every service to delete its documents of the run",
+              lambda: not _run_documents(tmp_path / "docs.db"), deadline=120)
+        _wait("every service to delete its objects of the run",
+              lambda: all(k.startswith(SHARED_PREFIXES) for k in _objects(objects)), deadline=120)
+        assert httpx.get(f"{platform.base}/labeler/datasets/{DATASET_ID}", timeout=10).status_code == 404
+        assert httpx.get(f"{platform.base}/tuner/studies/dlforge-{RUN_ID}", timeout=10).status_code == 404
+    finally:
+        platform.stop()

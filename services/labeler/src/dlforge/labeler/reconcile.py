@@ -12,7 +12,8 @@ At start, per data set state:
   bus delivers again. On the in-memory bus those events are gone: the data set is failed with the
   reason and a ``run.failed``.
 
-``run.deleted``: the run's data set records and every object under their prefixes go.
+``run.deleted``: the run's data set records, their label inboxes and per-item label documents, and
+every object under their prefixes go.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dlforge.common.events import Event, decode
 from dlforge.common.recovery import bus_is_durable, delete_prefix, fail_run
 from dlforge.common.runtime import Backends, HandlerContext
 from dlforge.common.runtime import publish_event as publish
-from dlforge.labeler import records
+from dlforge.labeler import labels, records
 from dlforge.labeler.ingest import dataset_prefix
 from dlforge.labeler.worker import service
 
@@ -57,5 +58,9 @@ async def reconcile(backends: Backends) -> None:
 async def delete_run(event: Event, ctx: HandlerContext) -> None:
     """The run's data sets: their records and every object under ``labeler/datasets/<id>/``."""
     for record in await ctx.docs.find(records.DATASETS, {"run_id": event.run_id}):
-        await asyncio.to_thread(delete_prefix, ctx.objects, dataset_prefix(record["_id"]) + "/")
-        await ctx.docs.delete(records.DATASETS, record["_id"])
+        dataset_id = record["_id"]
+        for item in await ctx.docs.find(labels.LABELS, {"dataset_id": dataset_id}):
+            await ctx.docs.delete(labels.LABELS, item["_id"])
+        await ctx.docs.delete(labels.INBOX, dataset_id)
+        await asyncio.to_thread(delete_prefix, ctx.objects, dataset_prefix(dataset_id) + "/")
+        await ctx.docs.delete(records.DATASETS, dataset_id)
