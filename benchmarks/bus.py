@@ -5,6 +5,11 @@ Each event goes the whole way a stage's event goes: the Worker's consume loop ta
 bus, checks the processed-marker (SQLite document store), runs a handler, records the marker with
 the one event the handler emits (outbox), publishes that event, and commits the offset.
 
+Backends: ``memory`` (in-process), ``sqlite`` (the durable embedded default; the producer and the
+worker share one bus instance, as the API and the workers of ``dlforge up`` do), ``sqlite-2p`` (the
+producer has its own bus instance on the same file, as a second process would: the worker sees its
+messages by polling every ``poll_ms``) and ``kafka``.
+
 Two modes per backend:
 
 * ``max``: N events (default 5,000) are published first; the worker drains them; events/s is
@@ -12,9 +17,9 @@ Two modes per backend:
 * ``paced``: events are produced at a fixed rate (default 500/s); the latency of each is the
   time from the producer's publish call to the commit of its offset (p50/p99/max).
 
-    python benchmarks/bus.py                       # memory, and kafka on a tansu it starts itself
+    python benchmarks/bus.py                       # memory, sqlite, sqlite-2p, and kafka on a tansu it starts
     python benchmarks/bus.py --kafka 127.0.0.1:9092
-    python benchmarks/bus.py --backends memory
+    python benchmarks/bus.py --backends memory sqlite
 
 Prints a table and writes benchmarks/results/bus.json.
 """
@@ -37,6 +42,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from machine import cpu_name  # benchmarks/machine.py (a script's folder is on its path)
 
 from dlforge.common.bus import Delivery, EventBus, Message, Subscription
 from dlforge.common.events import Event, LabelsRequested, LabelsSubmitted, Topic
@@ -143,18 +150,19 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 class Rig:
-    """One backend set-up: a producer bus, a worker bus (separate clients), SQLite docs, fs objects."""
+    """One backend set-up: a producer bus, a worker bus (separate clients unless shared), SQLite docs, fs objects."""
 
-    def __init__(self, bus_url: str, tmp: Path) -> None:
+    def __init__(self, bus_url: str, tmp: Path, *, shared_bus: bool) -> None:
         self.bus_url = bus_url
         self.tmp = tmp
+        self.shared_bus = shared_bus
 
     async def __aenter__(self) -> Rig:
         settings = load_settings(bus=self.bus_url, objects=f"file://{self.tmp}/objects",
                                  docs=f"sqlite:///{self.tmp}/docs.db", poll_seconds=0.05)
         worker_backends = Backends.from_settings(settings)
-        if self.bus_url.startswith("memory"):
-            producer_bus = worker_backends.bus  # an in-process bus is shared by its producers and consumers
+        if self.shared_bus:
+            producer_bus = worker_backends.bus  # one process: its producers and consumers share the bus
         else:
             producer_bus = Backends.from_settings(settings).bus
             await producer_bus.start()
@@ -187,8 +195,8 @@ class Rig:
         raise TimeoutError(f"{missing} of {len(keys)} events not handled within {timeout:.0f}s")
 
 
-async def run_max(bus_url: str, n: int, tmp: Path) -> dict[str, Any]:
-    async with Rig(bus_url, tmp) as rig:
+async def run_max(bus_url: str, n: int, tmp: Path, *, shared_bus: bool) -> dict[str, Any]:
+    async with Rig(bus_url, tmp, shared_bus=shared_bus) as rig:
         events = [make_event(i) for i in range(n)]
         t0 = time.perf_counter()
         for start in range(0, n, 250):  # producer side: concurrent publishes, not measured below
@@ -209,8 +217,8 @@ async def run_max(bus_url: str, n: int, tmp: Path) -> dict[str, Any]:
                 "publish_events_per_s": round(n / publish_s, 1), "handled": rig.worker.processed["handled"]}
 
 
-async def run_paced(bus_url: str, rate: float, seconds: float, tmp: Path) -> dict[str, Any]:
-    async with Rig(bus_url, tmp) as rig:
+async def run_paced(bus_url: str, rate: float, seconds: float, tmp: Path, *, shared_bus: bool) -> dict[str, Any]:
+    async with Rig(bus_url, tmp, shared_bus=shared_bus) as rig:
         stop = asyncio.Event()
         task = asyncio.create_task(rig.worker.run(stop))
         await rig.worker.ready.wait()
@@ -268,26 +276,30 @@ def kafka_url(bootstrap: str) -> str:
     return f"kafka://{bootstrap}?partitions=3&fetch_max_wait_ms=5&topic_prefix={prefix}"
 
 
-async def run_backend(name: str, bus_url_factory: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+async def run_backend(
+    name: str, bus_url_factory: Any, args: argparse.Namespace, *, shared_bus: bool = False
+) -> list[dict[str, Any]]:
+    """Both modes on ``bus_url_factory(folder)``, each in a folder of its own."""
     rows = []
     with tempfile.TemporaryDirectory(prefix=f"dlforge-bench-{name}-") as tmp:
-        row = await run_max(bus_url_factory(), args.events, Path(tmp, "max"))
+        row = await run_max(bus_url_factory(Path(tmp, "max")), args.events, Path(tmp, "max"), shared_bus=shared_bus)
         rows.append({"backend": name, **row})
-        row = await run_paced(bus_url_factory(), args.rate, args.seconds, Path(tmp, "paced"))
+        row = await run_paced(bus_url_factory(Path(tmp, "paced")), args.rate, args.seconds, Path(tmp, "paced"),
+                              shared_bus=shared_bus)
         rows.append({"backend": name, **row})
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'backend':<8} {'mode':<7} {'events':>7} {'events/s':>10} {'cpu us/ev':>10} {'p50 ms':>8} "
+    head = (f"{'backend':<10} {'mode':<7} {'events':>7} {'events/s':>10} {'cpu us/ev':>10} {'p50 ms':>8} "
             f"{'p99 ms':>8} {'max ms':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["mode"] == "max":
-            lines.append(f"{r['backend']:<8} {'max':<7} {r['events']:>7} {r['events_per_s']:>10.0f} "
+            lines.append(f"{r['backend']:<10} {'max':<7} {r['events']:>7} {r['events_per_s']:>10.0f} "
                          f"{r['worker_cpu_us_per_event']:>10.0f} {'':>8} {'':>8} {'':>8}")
         else:
-            lines.append(f"{r['backend']:<8} {'@' + str(int(r['rate'])) + '/s':<7} {r['events']:>7} "
+            lines.append(f"{r['backend']:<10} {'@' + str(int(r['rate'])) + '/s':<7} {r['events']:>7} "
                          f"{r['achieved_rate']:>10.0f} {'':>10} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
                          f"{r['max_ms']:>8.1f}")
     return "\n".join(lines)
@@ -302,12 +314,16 @@ async def main_async(args: argparse.Namespace) -> int:
     try:
         for backend in args.backends:
             if backend == "memory":
-                rows += await run_backend("memory", lambda: "memory://", args)
+                rows += await run_backend("memory", lambda _: "memory://", args, shared_bus=True)
+            elif backend == "sqlite":
+                rows += await run_backend("sqlite", lambda d: f"sqlite:///{d}/bus.db", args, shared_bus=True)
+            elif backend == "sqlite-2p":
+                rows += await run_backend("sqlite-2p", lambda d: f"sqlite:///{d}/bus.db", args)
             elif backend == "kafka":
                 bootstrap = args.kafka or os.environ.get("DLFORGE_TEST_KAFKA")
                 if not bootstrap:
                     bootstrap, proc = await asyncio.to_thread(start_tansu, state)
-                rows += await run_backend("kafka", lambda b=bootstrap: kafka_url(b), args)
+                rows += await run_backend("kafka", lambda _, b=bootstrap: kafka_url(b), args)
     finally:
         if proc is not None:
             proc.terminate()
@@ -322,14 +338,17 @@ async def main_async(args: argparse.Namespace) -> int:
     }
     targets["kafka_events_per_s"]["met"] = bool(kafka_max) and kafka_max[0]["events_per_s"] >= TARGET_EVENTS_PER_S
     targets["kafka_p99_ms_at_500"]["met"] = bool(kafka_paced) and kafka_paced[0]["p99_ms"] < TARGET_P99_MS
+    cpu = cpu_name()
     print(table(rows))
+    print(f"CPU: {cpu}")
     print(f"load average (1 min) at start {load_start:.1f}, at end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
     for name, t in targets.items():
         print(f"target {name}: {t['target']} measured {t['measured']} -> {'met' if t['met'] else 'NOT met'}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+        "machine": {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform(),
                     "load_average_1m_at_start": load_start, "load_average_1m_at_end": os.getloadavg()[0]},
         "path": "bus -> Worker (marker check on SQLite, handler, marker+outbox, emit 1 event) -> commit",
         "results": rows,
@@ -342,7 +361,8 @@ async def main_async(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kafka", help="bootstrap host:port of a running broker (default: start tansu)")
-    parser.add_argument("--backends", nargs="+", default=["memory", "kafka"], choices=["memory", "kafka"])
+    backends = ["memory", "sqlite", "sqlite-2p", "kafka"]
+    parser.add_argument("--backends", nargs="+", default=backends, choices=backends)
     parser.add_argument("--events", type=int, default=5000, help="events in the max-throughput run")
     parser.add_argument("--rate", type=float, default=500.0, help="events/s in the paced run")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the paced run")

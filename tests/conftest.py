@@ -150,14 +150,18 @@ def mongo_url() -> Iterator[str]:
 # backends for runtime tests, parametrized over the bus
 # ------------------------------------------------------------------------------------------------
 
-BUS_PARAMS = [pytest.param("memory", id="memory"), pytest.param("kafka", id="kafka", marks=pytest.mark.kafka)]
+BUS_PARAMS = [pytest.param("memory", id="memory"), pytest.param("sqlite", id="sqlite"),
+              pytest.param("kafka", id="kafka", marks=pytest.mark.kafka)]
 
 
 @pytest.fixture(params=BUS_PARAMS)
 def bus_url(request: pytest.FixtureRequest) -> str:
-    """memory:// or a test-private kafka:// URL."""
+    """memory://, a sqlite:// file of the test's own, or a test-private kafka:// URL."""
     if request.param == "memory":
         return "memory://"
+    if request.param == "sqlite":
+        tmp: Path = request.getfixturevalue("tmp_path")
+        return f"sqlite:///{tmp}/bus.db"
     return str(request.getfixturevalue("kafka_url"))
 
 
@@ -165,9 +169,10 @@ def bus_url(request: pytest.FixtureRequest) -> str:
 class BackendsFactory:
     """Makes Backends as separate processes of one deployment would have them.
 
-    Each call is a new "process": its own bus client (Kafka) and document-store connection, on the
-    same broker topics, the same SQLite file and the same object folder. An in-process memory bus
-    cannot span processes, so all calls share one memory bus.
+    Each call is a new "process": its own bus client (Kafka, or the SQLite bus on one file) and
+    document-store connection, on the same broker topics or bus file, the same SQLite document file
+    and the same object folder. An in-process memory bus cannot span processes, so all calls share
+    one memory bus.
     """
 
     bus_url: str
@@ -179,6 +184,11 @@ class BackendsFactory:
     def is_kafka(self) -> bool:
         return self.bus_url.startswith("kafka")
 
+    @property
+    def spans_processes(self) -> bool:
+        """Whether separate processes share this bus (Kafka and the SQLite file do, memory:// does not)."""
+        return not self.bus_url.startswith("memory")
+
     def settings_env(self) -> dict[str, str]:
         return {"DLFORGE_BUS": self.bus_url, "DLFORGE_OBJECTS": f"file://{self.tmp}/objects",
                 "DLFORGE_DOCS": f"sqlite:///{self.tmp}/docs.db"}
@@ -188,7 +198,7 @@ class BackendsFactory:
                                   "docs": f"sqlite:///{self.tmp}/docs.db", "poll_seconds": 0.05,
                                   "retry_base_seconds": 0.01, "retry_max_seconds": 0.05}
         backends = Backends.from_settings(load_settings(**{**values, **overrides}))
-        if not self.is_kafka:
+        if not self.spans_processes:
             if self._memory_bus is None:
                 self._memory_bus = backends.bus
             backends.bus = self._memory_bus

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import pytest
+from pydantic import ValidationError
 
 from dlforge.common.errors import PoisonMessage
 from dlforge.common.events import (
     PAYLOAD_TYPES,
     Event,
     LabelsSubmitted,
+    PipelineOptions,
     RunFailed,
+    Spec,
     Topic,
     decode,
     encode,
@@ -182,3 +186,73 @@ def test_new_and_follow_fill_the_envelope() -> None:
     assert (caused.run_id, caused.causation_id) == ("run-1", event.event_id)
     assert caused.event_id != event.event_id and caused.event_type == Topic.RUN_FAILED
     assert decode(encode(caused)) == caused
+
+
+# ------------------------------------------------------------------------------------------------
+# bounds: what a run may ask for holds at the API and when an event is decoded
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("hpo_trials", 10**9, "less than or equal to 200"),
+        ("train_epochs", 10**9, "less than or equal to 500"),
+        ("train_epochs", 501, "less than or equal to 500"),
+        ("hpo_parallel", 33, "less than or equal to 32"),
+        ("no_of_workers", 65, "less than or equal to 64"),
+        ("min_per_class", 10_001, "less than or equal to 10000"),
+        ("max_imbalance", 1e9, "less than or equal to 1000"),
+        ("seed", -1, "greater than or equal to 0"),
+        ("seed", 2**31, "less than or equal to 2147483647"),
+    ],
+)
+def test_run_options_have_upper_bounds(field: str, value: float, words: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(words)):
+        PipelineOptions.model_validate({field: value})
+    # the largest accepted value is the bound itself, with the other options at their defaults
+    bound = next(m.le for m in PipelineOptions.model_fields[field].metadata if hasattr(m, "le"))
+    assert PipelineOptions.model_validate({field: bound}).model_dump()[field] == bound
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ({"positive_class": "defect\x1b[31m"}, "not a valid class name"),
+        ({"positive_class": "a/b"}, "not a valid class name"),
+        ({"positive_class": "x" * 101}, "not a valid class name"),
+        ({"positive_class": "   "}, "not a valid class name"),
+        ({"min_fps": 1e12}, "less than or equal to 100000"),
+    ],
+    ids=["control-chars", "slash", "too-long", "blank", "fps"],
+)
+def test_spec_fields_are_bounded_and_class_names_checked(spec: dict, words: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(words)):
+        Spec.model_validate(spec)
+
+
+def test_a_class_name_is_stored_stripped() -> None:
+    assert Spec(positive_class="  defect ").positive_class == "defect"
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda p: p["options"].update(hpo_trials=10**9, train_epochs=10**9), "hpo_trials"),
+        (lambda p: p["spec"].update(positive_class="bad\x07class"), "not a valid class name"),
+        (lambda p: p["classes"].append("new\nline"), "not a valid class name"),
+    ],
+    ids=["options", "positive-class", "classes"],
+)
+def test_an_event_beyond_the_bounds_is_a_poison_message(change: Callable[[dict], None], words: str) -> None:
+    doc = json.loads((GOLDEN / "dataset.uploaded.v2.json").read_bytes())
+    change(doc["payload"])
+    with pytest.raises(PoisonMessage, match=re.escape(words)):
+        decode(json.dumps(doc).encode())
+
+
+def test_labels_with_control_characters_do_not_decode() -> None:
+    doc = _golden()
+    doc["payload"]["labels"] = {"item-1": "good\x00"}
+    with pytest.raises(PoisonMessage, match="not a valid class name"):
+        decode(json.dumps(doc).encode())

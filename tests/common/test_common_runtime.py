@@ -518,10 +518,10 @@ async def test_sigterm_finishes_the_in_flight_event_commits_and_exits_zero(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DLFORGE_", "OTEL_"))}
     env.update(make_backends.settings_env())
     env.update({"DLFORGE_HTTP_PORT": "0", "DLFORGE_POLL_SECONDS": "0.1", "SLOW_SERVICE_DIR": str(out),
-                "SLOW_SERVICE_SECONDS": "2", "SLOW_SERVICE_PUBLISH": "0" if make_backends.is_kafka else "1"})
+                "SLOW_SERVICE_SECONDS": "2", "SLOW_SERVICE_PUBLISH": "0" if make_backends.spans_processes else "1"})
     src = str(Path(__file__).resolve().parents[2] / "libs" / "common" / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    if make_backends.is_kafka:
+    if make_backends.spans_processes:
         backends = await make_backends()  # this test is the producer
         await backends.publish(submitted("b-sigterm", run_id="run-sigterm"))
 
@@ -544,7 +544,7 @@ async def test_sigterm_finishes_the_in_flight_event_commits_and_exits_zero(
     assert len(finished) == 1 and finished[0]["finished_at"] > float((out / "started").read_text()) + 1.5
     markers = await checker.docs.find(MARKERS, {"consumer": "dlforge.slowpoke"})
     assert len(markers) == 1 and len(markers[0]["outbox"]) == 1
-    if make_backends.is_kafka:
+    if make_backends.spans_processes:
         # committed: the service's group has nothing left, though the event is still on the topic
         assert await _group_gets(checker.bus, "dlforge.slowpoke") == 0
         assert await _group_gets(checker.bus, "someone-else") == 1

@@ -11,6 +11,7 @@ import pytest
 
 from dlforge.common.backends import open_bus, open_docs, open_objects
 from dlforge.common.bus.kafka import KafkaBus
+from dlforge.common.bus.sqlite import SqliteBus, SqliteBusOptions
 from dlforge.common.errors import ConfigError
 from dlforge.common.settings import CommonSettings, load_settings
 
@@ -25,7 +26,15 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 BAD = [
-    ("DLFORGE_BUS", "rabbitmq://localhost", "scheme must be one of memory://, kafka://"),
+    ("DLFORGE_BUS", "rabbitmq://localhost", "scheme must be one of sqlite://, memory://, kafka://"),
+    ("DLFORGE_BUS", "sqlite://", "a file path is required"),
+    ("DLFORGE_BUS", "sqlite:///", "a file path is required"),
+    ("DLFORGE_BUS", "sqlite://host/bus.db", "a file path after three slashes is required"),
+    ("DLFORGE_BUS", "sqlite:///:memory:", "use memory:// for an in-process bus"),
+    ("DLFORGE_BUS", "sqlite:///bus.db?partitions=0", "partitions must be an integer >= 1, got '0'"),
+    ("DLFORGE_BUS", "sqlite:///bus.db?poll_ms=fast", "poll_ms must be an integer >= 1, got 'fast'"),
+    ("DLFORGE_BUS", "sqlite:///bus.db?synchronous=off", "synchronous must be one of normal, full, got 'off'"),
+    ("DLFORGE_BUS", "sqlite:///bus.db?partiton=2", "unknown option 'partiton'"),
     ("DLFORGE_BUS", "kafka://", "a host is required"),
     ("DLFORGE_BUS", "kafka://broker", "each broker must be host:port"),
     ("DLFORGE_BUS", "kafka://broker:9092,other", "each broker must be host:port"),
@@ -79,6 +88,27 @@ def test_good_values_load_and_open(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     open_docs(f"sqlite:///{tmp_path}/d.db")
 
 
+def test_the_default_bus_is_the_durable_sqlite_log() -> None:
+    settings = load_settings()
+    assert settings.bus == "sqlite:///./.dlforge/bus.db"
+    bus = open_bus(settings.bus)
+    assert isinstance(bus, SqliteBus)
+    assert bus.options == SqliteBusOptions(path="./.dlforge/bus.db", partitions=1, poll_ms=50,
+                                           heartbeat_interval_ms=1000, session_timeout_ms=10_000,
+                                           retention_hours=168, synchronous="normal")
+
+
+def test_sqlite_bus_urls_take_relative_and_absolute_paths_and_options() -> None:
+    bus = open_bus(load_settings(bus="sqlite:////srv/dlforge/bus.db?partitions=4&poll_ms=20&retention_hours=0"
+                                     "&synchronous=FULL&session_timeout_ms=3000&heartbeat_interval_ms=500").bus)
+    assert isinstance(bus, SqliteBus)
+    assert bus.options == SqliteBusOptions(path="/srv/dlforge/bus.db", partitions=4, poll_ms=20,
+                                           heartbeat_interval_ms=500, session_timeout_ms=3000, retention_hours=0,
+                                           synchronous="full")
+    relative = open_bus("sqlite:///state/bus.db")
+    assert isinstance(relative, SqliteBus) and relative.options.path == "state/bus.db"
+
+
 def test_s3_credentials_may_come_from_the_aws_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DLFORGE_OBJECTS", "s3://minio:9000/bucket")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
@@ -120,8 +150,9 @@ def test_check_settings_reports_an_unreachable_backend(tmp_path: Path) -> None:
     assert "DLFORGE_BUS: cannot reach kafka://127.0.0.1:9" in result.stderr
 
 
-def test_check_settings_passes_and_redacts_secrets(tmp_path: Path) -> None:
-    env = {"DLFORGE_BUS": "memory://", "DLFORGE_OBJECTS": f"file://{tmp_path}/o",
+@pytest.mark.parametrize("bus", ["memory://", "sqlite:///{tmp}/state/bus.db"])
+def test_check_settings_passes_and_redacts_secrets(tmp_path: Path, bus: str) -> None:
+    env = {"DLFORGE_BUS": bus.format(tmp=tmp_path), "DLFORGE_OBJECTS": f"file://{tmp_path}/o",
            "DLFORGE_DOCS": f"sqlite:///{tmp_path}/d.db"}
     result = _check(env)
     assert result.returncode == 0, result.stderr

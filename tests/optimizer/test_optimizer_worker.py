@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 import pytest_asyncio
 from fastapi.testclient import TestClient
@@ -17,11 +20,12 @@ from dlforge.common.errors import InvalidInput
 from dlforge.common.events import Event, ModelOptimized, ModelTrained, PipelineOptions, Spec, Topic, decode, encode
 from dlforge.common.runtime import Backends, Outcome, Worker
 from dlforge.common.settings import load_settings
-from dlforge.optimizer.app import part
+from dlforge.optimizer.app import FORM_FIELDS_BYTES, MAX_IMAGE_BYTES, part
+from dlforge.optimizer.compressors import Source, Variant
 from dlforge.optimizer.handlers import OptimizationReport
 from dlforge.optimizer.predictor import Predictor
 from dlforge.optimizer.settings import OptimizerSettings
-from dlforge.optimizer.worker import REPORTS, service
+from dlforge.optimizer.worker import REPORTS, OptimizerDeps, build_deps, service
 from dlforge.vision.manifest import Item, Manifest, save_manifest
 
 SPLITS = {"train": 40, "val": 60, "test": 60}
@@ -67,7 +71,12 @@ def _dataset(backends: Backends, trained: Trained) -> ModelTrained:
 
 async def _process(backends: Backends, event: Event) -> Outcome:
     delivery = Delivery(topic=event.event_type.value, key=event.run_id, value=encode(event))
-    return await Worker(service, backends).process(delivery)
+    return await Worker(service, backends, deps=await deps_of(backends)).process(delivery)
+
+
+async def deps_of(backends: Backends) -> OptimizerDeps:
+    assert isinstance(backends.settings, OptimizerSettings)
+    return await build_deps(backends.settings, backends)
 
 
 async def _emitted(backends: Backends, topic: Topic) -> list[Event]:
@@ -159,6 +168,10 @@ async def test_rest_report_and_predict(backends: Backends, trained: Trained) -> 
         assert r.status_code == 422 and "bad.png" in r.json()["detail"]
         r = client.post("/models/ds1/predict", files={"file": ("empty.png", b"", "image/png")})
         assert r.status_code == 422
+        # the documented 64 MP limit, from the header: 121 MP is not decoded (Pillow alone would, with a warning)
+        r = client.post("/models/ds1/predict", files={"file": ("huge.png", png_claiming(11_000, 11_000), "image/png")})
+        assert r.status_code == 413
+        assert r.json()["detail"] == "huge.png: image is 11000x11000 = 121.0 MP, over the limit of 64 MP"
         r = client.post("/models/ds1/predict?variant=trt_fp16", files={"file": ("c.png", png(x[0]), "image/png")})
         assert r.status_code == 404 and "stored variants" in r.json()["detail"]
         r = client.post("/models/other/predict", files={"file": ("c.png", png(x[0]), "image/png")})
@@ -174,21 +187,65 @@ async def test_poison_when_the_manifest_is_missing(backends: Backends, trained: 
     assert await _emitted(backends, Topic.MODEL_OPTIMIZED) == []
 
 
-def test_a_redone_event_reuses_its_stored_report(backends: Backends, trained: Trained,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+class MustNotRun:
+    """A compressor plug-in that fails the test when an optimization reaches its compressors."""
+
+    name = "must_not_run"
+
+    def unavailable(self) -> str | None:
+        raise AssertionError("the optimization ran again for the same event")
+
+    def compress(self, source: Source, calibration: np.ndarray, workdir: Path) -> Variant:
+        raise AssertionError("the optimization ran again for the same event")
+
+
+async def test_a_redone_event_reuses_its_stored_report(backends: Backends, trained: Trained) -> None:
     """A crash after the report was written but before the marker: the rerun does not optimize again."""
     from dlforge.optimizer import worker
 
     payload = _dataset(backends, trained)
-    settings = backends.settings
-    assert isinstance(settings, OptimizerSettings)
-    first = worker._run(backends.objects, payload, "event-1", settings)
-
-    def must_not_run(*args: object, **kwargs: object) -> None:
-        raise AssertionError("optimize() ran again for the same event")
-
-    monkeypatch.setattr(worker, "optimize", must_not_run)
-    again = worker._run(backends.objects, payload, "event-1", settings)
+    deps = await deps_of(backends)
+    first = worker._run(backends.objects, payload, "event-1", deps)
+    guarded = replace(deps, compressors=[MustNotRun()])
+    again = worker._run(backends.objects, payload, "event-1", guarded)
     assert again == first
     with pytest.raises(AssertionError, match="ran again"):  # another event for the same model is redone
-        worker._run(backends.objects, payload, "event-2", settings)
+        worker._run(backends.objects, payload, "event-2", guarded)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims ``width`` x ``height`` (see tests/vision/test_vision_images.py)."""
+    import struct
+    import zlib
+
+    data = bytearray(png(np.zeros((8, 8, 1), dtype=np.uint8)))
+    struct.pack_into(">II", data, 16, width, height)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+async def test_predict_stops_reading_an_upload_at_the_limit(backends: Backends) -> None:
+    limit = MAX_IMAGE_BYTES + FORM_FIELDS_BYTES
+    chunk = 1 << 20
+    pulled = 0
+
+    async def body() -> AsyncIterator[bytes]:  # a 100 MB image upload, chunked (no Content-Length)
+        nonlocal pulled
+        head = (b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+                b"Content-Type: image/png\r\n\r\n")
+        pulled += len(head)
+        yield head
+        while pulled < 100 * chunk:
+            pulled += chunk
+            yield b"\0" * chunk
+        yield b"\r\n--b0undary--\r\n"
+
+    app = create_app([part()], backends=backends, run_workers=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://optimizer") as client:
+            r = await client.post("/models/ds1/predict", content=body(),
+                                  headers={"content-type": "multipart/form-data; boundary=b0undary"})
+    assert r.status_code == 413, r.text
+    assert f"over the limit of {limit} bytes" in r.json()["detail"]
+    assert limit < pulled <= limit + chunk

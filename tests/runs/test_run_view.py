@@ -81,6 +81,18 @@ def test_run_failed_marks_the_stage_and_the_run() -> None:
     assert doc["failure"]["reason"] == "boom"
 
 
+def test_a_failure_outside_the_stages_fails_the_running_stage() -> None:
+    # the simulated annotator is no stage: its failure fails the labeler it was answering for
+    doc = runs.apply(None, _at(_uploaded(), 0))
+    failed = RunFailed(stage="annotator-sim", reason="the simulated annotator has no answer for 3 item(s)")
+    doc = runs.apply(doc, _at(Event.new(failed, run_id="r1"), 2))
+    assert doc["state"] == "failed"
+    assert doc["stages"]["labeler"]["state"] == "failed"
+    assert doc["stages"]["labeler"]["reason"] == "annotator-sim: the simulated annotator has no answer for 3 item(s)"
+    assert doc["stages"]["augmenter"]["state"] == "pending"
+    assert doc["failure"]["stage"] == "annotator-sim"
+
+
 async def test_runs_api_lists_and_gets(tmp_path) -> None:
     import httpx
 
@@ -88,7 +100,7 @@ async def test_runs_api_lists_and_gets(tmp_path) -> None:
     from dlforge.common.runtime import Backends, Worker
     from dlforge.common.settings import load_settings
 
-    settings = load_settings(objects=f"file://{tmp_path}/o", docs=f"sqlite:///{tmp_path}/d.db")
+    settings = load_settings(bus="memory://", objects=f"file://{tmp_path}/o", docs=f"sqlite:///{tmp_path}/d.db")
     backends = Backends.from_settings(settings)
     await backends.start()
     app = create_app([runs.part()], backends=backends, run_workers=False)

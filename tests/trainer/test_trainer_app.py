@@ -76,3 +76,16 @@ def test_bad_jobs_are_refused_with_a_reason(client: TestClient) -> None:
     assert r.status_code == 422
     assert client.get("/jobs/unknown").status_code == 404
     assert client.get("/jobs").json() == []  # nothing half-written
+
+
+def test_train_epochs_bound_is_within_the_trainers_own_cap() -> None:
+    from pydantic import BaseModel
+
+    from dlforge.common.events import TRAINER_MAX_EPOCHS, PipelineOptions
+    from dlforge.trainer.params import RunOptions, TrainParams
+
+    def le(model: type[BaseModel], field: str) -> float:
+        return next(m.le for m in model.model_fields[field].metadata if hasattr(m, "le"))
+
+    assert le(PipelineOptions, "train_epochs") == 500 <= le(TrainParams, "epochs") == TRAINER_MAX_EPOCHS
+    assert le(PipelineOptions, "no_of_workers") == le(RunOptions, "no_of_workers") == 64

@@ -8,12 +8,14 @@ from pathlib import Path
 import optuna
 import pytest
 
+from dlforge.common.app import settings_for
 from dlforge.common.bus import Delivery
 from dlforge.common.events import Event, HpoTrial, HpoTrialCompleted, Topic, decode, encode
 from dlforge.common.runtime import Backends, Outcome, Worker
 from dlforge.common.settings import load_settings
+from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.testing import make_candidate, make_dataset
-from dlforge.trainer.worker import service
+from dlforge.trainer.worker import build_deps, service
 
 PARAMS = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-6, "dropout": 0.0, "unfreeze": 0, "batch_size": 8,
           "optimizer": "adam"}
@@ -39,7 +41,8 @@ def trial_event(backends: Backends, storage: str, number: int, params: dict[str,
 
 
 async def handle(backends: Backends, event: Event) -> list[Event]:
-    outcome = await Worker(service, backends).process(Delivery(topic=event.event_type.value, key="r",
+    deps = await build_deps(settings_for(TrainerSettings, backends.settings), backends)  # DLFORGE_TRAINER_* now
+    outcome = await Worker(service, backends, deps=deps).process(Delivery(topic=event.event_type.value, key="r",
                                                                value=encode(event)))
     assert outcome == Outcome.HANDLED
     marker = await backends.docs.get("processed_events", f"dlforge.trainer:{event.event_id}")

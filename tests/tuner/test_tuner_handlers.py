@@ -152,3 +152,28 @@ def test_settings_space_override(tmp_path: Path) -> None:
         default_config(TunerSettings(tuner_space='{"params": []}'))
     with pytest.raises(ConfigError, match="DLFORGE_TUNER_SAMPLER"):
         default_config(TunerSettings(tuner_sampler="nope"))
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ({"trial_epochs": 10**9}, "less than or equal to 500"),
+        ({"startup_trials": 10**6}, "less than or equal to 200"),
+        ({"enqueue": [{}] * 201}, "at most 200 items"),
+        ({"sampler": {"name": "x" * 65}}, "at most 64 characters"),
+    ],
+    ids=["trial-epochs", "startup-trials", "enqueue", "sampler-name"],
+)
+def test_a_tuning_override_is_bounded(override: dict[str, object], words: str) -> None:
+    with pytest.raises(ValidationError, match=words):
+        TuningOverride.model_validate(override)
+
+
+def test_the_largest_run_seed_gives_valid_sampler_seeds(tmp_path: Path) -> None:
+    # numpy takes seeds below 2**32; seed * 100_003 passed it for any options.seed above 42,948
+    ctx = context(tmp_path, trials=2, parallel=2)
+    ctx = ctx.model_copy(update={"options": ctx.options.model_copy(update={"seed": 2**31 - 1})})
+    study = prepare_study(ctx)
+    asked = ask_for(load_study(ctx), ctx, asked_by="e1")
+    assert [t.number for t in asked] == [0, 1] and asked[0].params != asked[1].params
+    assert study.study_name == "dlforge-run-1"

@@ -1,10 +1,10 @@
 """Over one whole pipeline run, each image is decoded at most twice and run through the ImageNet trunk
 from pixels at most once per input size (the vision core's feature store serves every other use).
 
-The run is the end-to-end test's small one (240 ELPV cells, two trials, one epoch) on the memory bus
-and SQLite, with the feature store on the filesystem and on S3. Counts come from the observers of
-:mod:`dlforge.vision.observe`, which :func:`dlforge.vision.images.decode` and
-:class:`dlforge.vision.trunk.TrunkFeatures` report to.
+The run is the end-to-end test's small one (240 ELPV cells, two trials, one epoch) on the embedded
+default's durable SQLite bus and SQLite documents, with the feature store on the filesystem and on
+S3. Counts come from the observers of :mod:`dlforge.vision.observe`, which
+:func:`dlforge.vision.images.decode` and :class:`dlforge.vision.trunk.TrunkFeatures` report to.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_one_run_decodes_each_image_at_most_twice_and_embeds_it_once_per_size(
 
     from dlforge.cli.pipeline import run_in_process
 
-    _, app, data, _, upload = small_run(tmp_path, monkeypatch, bus="memory://", objects=objects_url,
+    _, app, data, _, upload = small_run(tmp_path, monkeypatch, bus=f"sqlite:///{tmp_path}/bus.db", objects=objects_url,
                                         dataset_id=f"counts-{uuid4().hex[:8]}")
 
     with observing(CountingObserver()) as counts:

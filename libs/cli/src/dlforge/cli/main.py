@@ -15,9 +15,12 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
+
+from pydantic import ValidationError
 
 from dlforge.common.errors import ConfigError, DlforgeError
 from dlforge.common.events import PipelineOptions, Spec
@@ -35,8 +38,23 @@ DEMO_OPTIONS = PipelineOptions(label_budget=0.2, auto_label_all=True, max_imbala
                                train_epochs=3)
 
 
+def _problems(exc: ValidationError, *, flags: bool = False) -> str:
+    def where(loc: tuple[int | str, ...]) -> str:
+        name = ".".join(str(p) for p in loc)
+        return f"--{name.replace('_', '-')}" if flags else name
+
+    return "; ".join(f"{where(e['loc'])}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors())
+
+
 def parse_spec(text: str, *, base: Spec | None = None) -> Spec:
     """``recall=0.95,accuracy=0.9,fps=1,size=256,positive=defect`` (or a JSON object / file)."""
+    try:
+        return _parse_spec(text, base=base)
+    except ValidationError as exc:
+        raise ConfigError(f"--spec: {_problems(exc)}") from exc
+
+
+def _parse_spec(text: str, *, base: Spec | None = None) -> Spec:
     text = text.strip()
     if text.startswith("{") or Path(text).is_file():
         raw = Path(text).read_text() if not text.startswith("{") else text
@@ -58,7 +76,10 @@ def _options(args: argparse.Namespace, *, base: PipelineOptions | None = None) -
         v = getattr(args, field, None)
         if v is not None:
             values[field] = v
-    return PipelineOptions(**values)
+    try:
+        return PipelineOptions(**values)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc, flags=True)) from exc
 
 
 def _flag_bool(text: str) -> bool:
@@ -121,8 +142,10 @@ class StageProgress:
 
 
 def _embedded_settings(root: Path) -> CommonSettings:
-    return load_settings(bus="memory://", objects=f"file://{root.resolve()}/objects",
-                         docs=f"sqlite:///{root.resolve()}/docs.db", work_dir=str(root.resolve() / "work"))
+    """Embedded backends under ``root``: the durable SQLite bus, SQLite documents, a folder of objects."""
+    root = root.resolve()
+    return load_settings(bus=f"sqlite:///{root}/bus.db", objects=f"file://{root}/objects",
+                         docs=f"sqlite:///{root}/docs.db", work_dir=str(root / "work"))
 
 
 async def _run_folder(
@@ -212,6 +235,70 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _finish(report, args)
 
 
+def _examples(paths: list[str], n: int = 5) -> str:
+    more = f" and {len(paths) - n} more" if len(paths) > n else ""
+    return ", ".join(repr(p) for p in paths[:n]) + more
+
+
+def check_folder(folder: Path, answers: dict[str, str] | None, *, answers_name: str = "answers") -> FolderCheck:
+    """What ``dlforge run`` will find in ``folder``, checked before any work: the layout, and that the
+    answers CSV (if any) answers every image people would be asked about.
+
+    Refuses (ConfigError) answers that leave images unanswered, naming examples of them, of CSV paths
+    that match no image, and the path form expected.
+    """
+    from dlforge.labeler.ingest import IMAGE_EXTS, detect_layout, is_hidden, parse_csv
+    from dlforge.labeler.simulated import match_answers
+
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    files = [f for f in files if not is_hidden(f)]
+    found = detect_layout(files)
+    images = [f for f in files if f.lower().endswith(IMAGE_EXTS)]
+    notes: list[str] = []
+    if found.layout == "class_folders":
+        classes = sorted({found.relative[f].split("/", 1)[0] for f in images if "/" in found.relative[f]})
+        notes.append(f"{folder} has class sub-folders ({_examples(classes, 10)}): their names are the images' "
+                     "labels, so labeling is off (people are asked only about images outside them)"
+                     + ("; the answers serve only as the truth the report compares with" if answers else ""))
+        to_label = [f for f in images if "/" not in found.relative[f]]
+    elif found.layout == "csv":
+        csv_name = found.root_csvs[0] if len(found.root_csvs) == 1 else "labels.csv"
+        given = parse_csv((folder / (found.wrapper + csv_name)).read_bytes(), csv_name=csv_name,
+                          files=[found.relative[f] for f in images]).labels
+        to_label = [f for f in images if given.get(found.relative[f]) is None]
+    else:
+        to_label = images
+    if answers is None:
+        return FolderCheck(layout=found.layout, images=len(images), to_label=len(to_label), answers=None,
+                           notes=notes)
+    matched = match_answers(answers, images)
+    unanswered = [f for f in to_label if f not in matched.answers]
+    form = (f"give paths relative to {folder} (e.g. {images[0]!r}); a class-folder prefix, or a bare file name "
+            "that is unique in the folder, also matches" if images else f"{folder} has no images")
+    if unanswered:
+        unmatched = (f"; {len(matched.unmatched_rows)} of its paths match no image of the folder, e.g. "
+                     f"{_examples(matched.unmatched_rows)}" if matched.unmatched_rows else "")
+        raise ConfigError(f"{answers_name}: no answer for {len(unanswered)} of the {len(to_label)} image(s) people "
+                          f"would be asked to label, e.g. {_examples(unanswered)}{unmatched}; {form}")
+    if matched.unmatched_rows:
+        notes.append(f"{answers_name}: {len(matched.unmatched_rows)} path(s) match no image of the folder and are "
+                     f"ignored, e.g. {_examples(matched.unmatched_rows)}")
+    return FolderCheck(layout=found.layout, images=len(images), to_label=len(to_label), answers=matched.answers,
+                       notes=notes)
+
+
+@dataclass(frozen=True)
+class FolderCheck:
+    """The result of :func:`check_folder`."""
+
+    layout: str
+    images: int
+    to_label: int
+    answers: dict[str, str] | None
+    """the answers keyed by the names the labeler gives the images"""
+    notes: list[str]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from dlforge.labeler.simulated import load_answers_csv
 
@@ -221,14 +308,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.spec is None:
         raise ConfigError("--spec is required, e.g. --spec recall=0.95,accuracy=0.9,fps=1,size=256,positive=defect")
     spec = parse_spec(args.spec)
-    answers = load_answers_csv(Path(args.answers)) if args.answers else None
-    if answers is None:
-        return _serve_for_people(folder, spec, _options(args), resume_run=args.resume)
+    options = _options(args)
+    raw_answers = load_answers_csv(Path(args.answers)) if args.answers else None
+    check = check_folder(folder, raw_answers, answers_name=str(args.answers))
+    for note in check.notes:
+        print(f"dlforge: note: {note}", file=sys.stderr)
+    if check.answers is None:
+        return _serve_for_people(folder, spec, options, resume_run=args.resume)
     settings = load_settings() if args.configured else _embedded_settings(Path(args.workdir).resolve())
     _, report = asyncio.run(_run_folder(
-        folder=folder, name=folder.name, spec=spec, options=_options(args), settings=settings,
-        answers=answers, truth=answers, timeout=args.timeout, resume_run=args.resume,
+        folder=folder, name=folder.name, spec=spec, options=options, settings=settings,
+        answers=check.answers, truth=check.answers, timeout=args.timeout, resume_run=args.resume,
     ))
+    report["notes"] = [*report.get("notes", []), *check.notes]
     return _finish(report, args)
 
 

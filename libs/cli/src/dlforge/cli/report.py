@@ -234,6 +234,7 @@ def format_text(report: dict[str, Any]) -> str:
         return "n/a" if v is None else f"{100 * v:+.2f}"
 
     lines = [f"run {report.get('run_id')}: {report.get('state')}"]
+    lines.extend(f"  note: {note}" for note in report.get("notes", []))
     if report.get("failure"):
         lines.append(f"  FAILED in {report['failure']['stage']}: {report['failure']['reason']}")
     lines.append("stages: " + ", ".join(

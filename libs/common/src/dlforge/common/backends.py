@@ -40,6 +40,12 @@ def _bus_kafka(url: str) -> EventBus:
     return KafkaBus(KafkaOptions(bootstrap_servers=parts.netloc, **ints, **extra))
 
 
+def _bus_sqlite(url: str) -> EventBus:
+    from dlforge.common.bus.sqlite import SqliteBus, SqliteBusOptions
+
+    return SqliteBus(SqliteBusOptions.from_url(url))
+
+
 def _objects_file(url: str) -> ObjectStore:
     from dlforge.common.objects.fs import FsObjectStore
 
@@ -82,7 +88,7 @@ def _docs_mongo(url: str) -> DocumentStore:
 
 
 _REGISTRY: dict[str, dict[str, Callable[[str], Any]]] = {
-    "bus": {"memory": _bus_memory, "kafka": _bus_kafka},
+    "bus": {"memory": _bus_memory, "kafka": _bus_kafka, "sqlite": _bus_sqlite},
     "objects": {"file": _objects_file, "s3": _objects_s3, "s3s": _objects_s3},
     "docs": {"sqlite": _docs_sqlite, "mongodb": _docs_mongo, "mongodb+srv": _docs_mongo},
 }

@@ -20,6 +20,7 @@ from uuid import uuid4
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
 
+from dlforge.common.classnames import ClassName
 from dlforge.common.errors import PoisonMessage
 
 
@@ -49,7 +50,7 @@ def _unique_classes(v: list[str]) -> list[str]:
     return v
 
 
-UniqueClasses = Annotated[list[str], AfterValidator(_unique_classes)]
+UniqueClasses = Annotated[list[ClassName], AfterValidator(_unique_classes)]
 """A list of class names without repeats (for request models that name the classes)."""
 
 
@@ -72,13 +73,29 @@ class Spec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    positive_class: str | None = Field(
+    positive_class: ClassName | None = Field(
         default=None, description="class whose recall is constrained, e.g. 'defect'"
     )
     min_recall: float = Field(default=0.0, ge=0.0, le=1.0)
     min_accuracy: float = Field(default=0.0, ge=0.0, le=1.0)
-    min_fps: float = Field(default=0.0, ge=0.0)
+    min_fps: float = Field(default=0.0, ge=0.0, le=100_000.0,
+                           description="frames per second the chosen variant must reach (at most 100,000, beyond "
+                                       "any inspection line)")
     input_size: int = Field(default=256, ge=8, le=4096, description="image side the FPS is measured at")
+
+
+# Upper bounds of the run options. They bound the compute one request can ask for; a real run needs
+# far less (the demo: 4 trials of 3 epochs). TRAINER_MAX_EPOCHS and MAX_WORKERS are the trainer's
+# own caps (TrainParams.epochs, RunOptions.no_of_workers): an option above them would make every
+# trial fail in the trainer instead of being refused at the upload.
+TRAINER_MAX_EPOCHS = 1000
+MAX_TRAIN_EPOCHS = 500
+MAX_HPO_TRIALS = 200
+MAX_HPO_PARALLEL = 32
+MAX_WORKERS = 64
+MAX_MIN_PER_CLASS = 10_000
+MAX_SEED = 2**31 - 1
+MAX_CLASSES = 1000  # classes of one dataset (industrial inspection has a handful)
 
 
 class PipelineOptions(BaseModel):
@@ -108,19 +125,39 @@ class PipelineOptions(BaseModel):
     )
     seed_fraction: float = Field(default=0.08, gt=0.0, le=1.0)
     batch_fraction: float = Field(default=0.05, gt=0.0, le=1.0)
-    min_per_class: int = Field(default=200, ge=0)
-    max_imbalance: float = Field(default=3.0, ge=1.0)
-    hpo_trials: int = Field(default=4, ge=1)
-    hpo_parallel: int = Field(default=1, ge=1)
-    train_epochs: int = Field(default=3, ge=1)
-    no_of_workers: int = Field(default=1, ge=1)
-    seed: int = 0
+    min_per_class: int = Field(
+        default=200, ge=0, le=MAX_MIN_PER_CLASS,
+        description=f"the augmenter generates samples until each class has this many (at most "
+        f"{MAX_MIN_PER_CLASS:,}: every generated sample is an image to make, filter and store)",
+    )
+    max_imbalance: float = Field(
+        default=3.0, ge=1.0, le=1000.0,
+        description="largest ratio of the biggest to the smallest class the augmenter leaves (1-1,000)",
+    )
+    hpo_trials: int = Field(
+        default=4, ge=1, le=MAX_HPO_TRIALS,
+        description=f"trials the tuner runs (at most {MAX_HPO_TRIALS}: each trial trains a model)",
+    )
+    hpo_parallel: int = Field(
+        default=1, ge=1, le=MAX_HPO_PARALLEL,
+        description=f"trials trained at the same time (at most {MAX_HPO_PARALLEL})",
+    )
+    train_epochs: int = Field(
+        default=3, ge=1, le=MAX_TRAIN_EPOCHS,
+        description=f"epochs of the final training and, unless the tuner says otherwise, of each trial (at most "
+        f"{MAX_TRAIN_EPOCHS}, within the trainer's own cap of {TRAINER_MAX_EPOCHS})",
+    )
+    no_of_workers: int = Field(
+        default=1, ge=1, le=MAX_WORKERS,
+        description=f"data-parallel training processes (at most {MAX_WORKERS}, the trainer's own cap)",
+    )
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="seed of every random choice of the run")
 
 
 class ClassCount(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    label: str
+    label: ClassName
     count: int
 
 
@@ -138,7 +175,7 @@ class DatasetUploaded(Payload):
     dataset_id: str
     name: str
     item_count: int
-    classes: list[str]
+    classes: list[ClassName] = Field(max_length=MAX_CLASSES)
     labeled_count: int
     rejected_count: int
     duplicate_count: int
@@ -169,7 +206,7 @@ class LabelsSubmitted(Payload):
 
     dataset_id: str
     batch_id: str
-    labels: dict[str, str] = Field(description="item_id -> class label")
+    labels: dict[str, ClassName] = Field(description="item_id -> class label")
     annotator: str
     sequence: int | None = Field(
         default=None, ge=1,
@@ -187,7 +224,7 @@ class DatasetLabeled(Payload):
 
     dataset_id: str
     labels_key: str = Field(description="object key of the labeled manifest (JSON)")
-    classes: list[str]
+    classes: list[ClassName] = Field(max_length=MAX_CLASSES)
     counts: list[ClassCount]
     human_labels: int
     auto_labels: int
@@ -200,7 +237,7 @@ class DatasetLabeled(Payload):
 class AugmentationCount(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    label: str
+    label: ClassName
     real: int
     generated: int
     kept: int
@@ -214,7 +251,7 @@ class DatasetAugmented(Payload):
 
     dataset_id: str
     manifest_key: str = Field(description="object key of the training manifest: real + kept generated")
-    classes: list[str]
+    classes: list[ClassName] = Field(max_length=MAX_CLASSES)
     augmentation: list[AugmentationCount]
     spec: Spec
     options: PipelineOptions = PipelineOptions()
@@ -239,7 +276,7 @@ class ModelProposed(Payload):
 
     dataset_id: str
     manifest_key: str
-    classes: list[str]
+    classes: list[ClassName] = Field(max_length=MAX_CLASSES)
     ranking: list[CandidateScore]
     chosen_model_id: str
     weights: dict[str, float]
@@ -260,7 +297,7 @@ class HpoTrial(Payload):
     arch: str
     weights_key: str
     manifest_key: str
-    classes: list[str]
+    classes: list[ClassName] = Field(max_length=MAX_CLASSES)
     epochs: int
     sample_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
     storage_url: str = Field(description="Optuna storage to report intermediate values to")
@@ -302,7 +339,7 @@ class HpoCompleted(Payload):
     arch: str
     weights_key: str
     manifest_key: str
-    classes: list[str]
+    classes: list[ClassName] = Field(max_length=MAX_CLASSES)
     best_params: dict[str, Any]
     best_value: float
     trials: list[TrialRecord]
@@ -321,7 +358,7 @@ class ModelTrained(Payload):
     arch: str
     checkpoint_key: str
     manifest_key: str
-    classes: list[str]
+    classes: list[ClassName] = Field(max_length=MAX_CLASSES)
     params: dict[str, Any]
     metrics: dict[str, float]
     no_of_workers: int

@@ -146,9 +146,12 @@ def apply(run: dict[str, Any] | None, event: Event) -> dict[str, Any]:
         tuner.setdefault("trial_states", {})
         tuner["trial_states"] = {**tuner["trial_states"], str(payload["trial_number"]): payload["state"]}
     elif topic == Topic.RUN_FAILED and doc["state"] != "cancelled":
-        stage = payload["stage"] if payload["stage"] in stages else None
-        if stage is not None:
-            stages[stage] = {**stages[stage], "state": "failed", "finished_at": at, "reason": payload["reason"]}
+        # a helper outside the stages (e.g. the simulated annotator) fails the stage(s) it was serving
+        failed = [payload["stage"]] if payload["stage"] in stages else [
+            s for s, st in stages.items() if st["state"] == "running"]
+        for stage in failed:
+            reason = payload["reason"] if stage == payload["stage"] else f"{payload['stage']}: {payload['reason']}"
+            stages[stage] = {**stages[stage], "state": "failed", "finished_at": at, "reason": reason}
         doc["state"] = "failed"
         doc["failure"] = {"stage": payload["stage"], "reason": payload["reason"], "at": at}
     doc["stages"] = stages

@@ -34,9 +34,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Generic, overload
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from typing_extensions import TypeVar
 
 from dlforge.common.backends import open_bus, open_docs, open_objects
 from dlforge.common.bus import Delivery, EventBus, Message, Subscription
@@ -123,43 +124,50 @@ async def _never_cancelled(run_id: str) -> bool:
     return False
 
 
+D = TypeVar("D", default=None)
+"""A service's dependencies: what its start-up built from its settings (plug-ins, clients, caches)."""
+
+
 @dataclass
-class HandlerContext:
-    """What a handler may use besides its event."""
+class HandlerContext(Generic[D]):
+    """What a handler may use besides its event: the backends, and ``deps``, its service's typed
+    dependencies, built once when the process started (see :class:`dlforge.common.app.ServicePart`)."""
 
     service: str
     objects: ObjectStore
     docs: DocumentStore
     settings: CommonSettings
     bus: EventBus
+    deps: D
     is_cancelled: Callable[[str], Coroutine[Any, Any, bool]] = _never_cancelled
     """``await ctx.is_cancelled(run_id)``: True once the run was cancelled (long work stops at its next check)."""
 
 
 HandlerResult = Event | Sequence[Event] | None
-HandlerFn = Callable[[Event, HandlerContext], Awaitable[HandlerResult]]
-DeleteRunFn = Callable[[Event, HandlerContext], Awaitable[None]]
+HandlerFn = Callable[[Event, HandlerContext[D]], Awaitable[HandlerResult]]
+DeleteRunFn = Callable[[Event, HandlerContext[D]], Awaitable[None]]
 LIFECYCLE = (Topic.RUN_CANCELLED, Topic.RUN_DELETED)
 
 
 @dataclass
-class Service:
+class Service(Generic[D]):
     """A stage: a name, one handler per topic it consumes, and how it forgets a deleted run.
 
-    ``delete_run`` (set with :meth:`deletes_runs`) removes the service's own documents and objects of
-    the ``run.deleted`` event's run; it must be idempotent (a redelivery runs it again).
+    ``D`` is the type of its dependencies. ``delete_run`` (set with :meth:`deletes_runs`) removes the
+    service's own documents and objects of the ``run.deleted`` event's run; it must be idempotent
+    (a redelivery runs it again).
     """
 
     name: str
-    handlers: dict[Topic, HandlerFn] = field(default_factory=dict)
-    delete_run: DeleteRunFn | None = None
+    handlers: dict[Topic, HandlerFn[D]] = field(default_factory=dict)
+    delete_run: DeleteRunFn[D] | None = None
 
-    def deletes_runs(self, fn: DeleteRunFn) -> DeleteRunFn:
+    def deletes_runs(self, fn: DeleteRunFn[D]) -> DeleteRunFn[D]:
         self.delete_run = fn
         return fn
 
-    def handles(self, topic: Topic) -> Callable[[HandlerFn], HandlerFn]:
-        def register(fn: HandlerFn) -> HandlerFn:
+    def handles(self, topic: Topic) -> Callable[[HandlerFn[D]], HandlerFn[D]]:
+        def register(fn: HandlerFn[D]) -> HandlerFn[D]:
             if topic in self.handlers:
                 raise ValueError(f"{self.name} already handles {topic.value}")
             self.handlers[topic] = fn
@@ -216,8 +224,8 @@ class _Settle:
             self.task.result()
 
 
-class Worker:
-    """Runs one service's consume loop against the given backends.
+class Worker(Generic[D]):
+    """Runs one service's consume loop against the given backends, handing ``deps`` to its handlers.
 
     The loop takes the deliveries that are ready (at most ``max_batch``), handles them one by one
     in order, and then *settles* the handled ones together: publishes the events they emitted (in
@@ -228,16 +236,41 @@ class Worker:
     fast events.
     """
 
+    @overload
     def __init__(
-        self,
-        service: Service,
+        self: Worker[None],
+        service: Service[None],
         backends: Backends,
         *,
+        sleep: Callable[[float], Awaitable[Any]] = ...,
+        max_batch: int = ...,
+        settle_after: float = ...,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        service: Service[D],
+        backends: Backends,
+        *,
+        deps: D,
+        sleep: Callable[[float], Awaitable[Any]] = ...,
+        max_batch: int = ...,
+        settle_after: float = ...,
+    ) -> None: ...
+
+    def __init__(
+        self,
+        service: Service[Any],
+        backends: Backends,
+        *,
+        deps: Any = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         max_batch: int = 500,
         settle_after: float = 0.02,
     ) -> None:
-        self.service = service
+        self.service: Service[D] = service
+        self.deps: D = deps
         self.backends = backends
         self.settings = backends.settings
         self._sleep = sleep
@@ -254,9 +287,9 @@ class Worker:
     def consumer(self) -> str:
         return self.service.group
 
-    def _context(self) -> HandlerContext:
+    def _context(self) -> HandlerContext[D]:
         b = self.backends
-        return HandlerContext(self.service.name, b.objects, b.docs, b.settings, b.bus,
+        return HandlerContext(self.service.name, b.objects, b.docs, b.settings, b.bus, self.deps,
                               self.cancellations.is_cancelled)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -448,11 +481,11 @@ class Worker:
         finally:
             detach(token)
 
-    def _deleting(self, own: HandlerFn | None) -> HandlerFn:
+    def _deleting(self, own: HandlerFn[D] | None) -> HandlerFn[D]:
         """``run.deleted``: the service's ``delete_run`` hook, its own handler, then the runtime's records."""
         service = self.service
 
-        async def delete(event: Event, ctx: HandlerContext) -> HandlerResult:
+        async def delete(event: Event, ctx: HandlerContext[D]) -> HandlerResult:
             if service.delete_run is not None:
                 await service.delete_run(event, ctx)
             result = await own(event, ctx) if own is not None else None
@@ -472,7 +505,7 @@ class Worker:
         return _Processed(delivery, Outcome.DUPLICATE, started, messages, marker)
 
     async def _handle_with_retries(
-        self, handler: HandlerFn, event: Event
+        self, handler: HandlerFn[D], event: Event
     ) -> tuple[list[Event], str | None, int]:
         attempts = 0
         attrs = {"consumer": self.consumer, "topic": event.event_type.value}
@@ -534,7 +567,7 @@ class Worker:
         return [_message(e, encode(e)) for e in emitted]
 
 
-async def run_workers(workers: Sequence[Worker], stop: asyncio.Event) -> None:
+async def run_workers(workers: Sequence[Worker[Any]], stop: asyncio.Event) -> None:
     """Run several workers until ``stop``; one worker's crash stops the others and re-raises."""
     tasks = [asyncio.create_task(w.run(stop), name=w.consumer) for w in workers]
     try:

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dlforge.common.errors import ConfigError
 
-BUS_SCHEMES = ("memory", "kafka")
+BUS_SCHEMES = ("sqlite", "memory", "kafka")
 OBJECT_SCHEMES = ("file", "s3", "s3s")
 DOC_SCHEMES = ("sqlite", "mongodb", "mongodb+srv")
 
@@ -59,8 +59,9 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DLFORGE_", extra="ignore")
 
     bus: str = Field(
-        default="memory://",
-        description="memory:// or kafka://host:port[,host:port][?partitions=3&topic_prefix=...&fetch_max_wait_ms=...]",
+        default="sqlite:///./.dlforge/bus.db",
+        description="sqlite:///path/bus.db[?partitions=1&poll_ms=50&...] (durable, one machine), memory:// "
+        "(in-process, for tests) or kafka://host:port[,host:port][?partitions=3&topic_prefix=...&fetch_max_wait_ms=...]",
     )
     objects: str = Field(
         default="file://./.dlforge/objects",
@@ -81,6 +82,10 @@ class CommonSettings(BaseSettings):
         _check_url(v, BUS_SCHEMES, need_host=v.startswith("kafka"))
         if urlsplit(v).scheme == "kafka":
             _check_kafka(v)
+        if urlsplit(v).scheme == "sqlite":
+            from dlforge.common.bus.sqlite import SqliteBusOptions
+
+            SqliteBusOptions.from_url(v)  # raises ValueError saying what is wrong
         return v
 
     @field_validator("objects")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,17 +14,34 @@ from dlforge.common.errors import InvalidInput
 from dlforge.vision import observe
 from dlforge.vision.networks import NetworkSpec
 
-Image.MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs beyond 64 MP
+MAX_PIXELS = 64_000_000
+"""The largest image decoded: 64 MP (8000 x 8000). Larger ones are refused from their header, before decoding."""
+STATUS_TOO_MANY_PIXELS = 413
+# Pillow's own guard stays as a second line: it warns above its limit and refuses only above twice it,
+# so decode() checks MAX_PIXELS itself from the header that Image.open reads.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 def decode(data: bytes, *, name: str = "image") -> Image.Image:
-    """Decode and fully load an image; raises InvalidInput saying why it cannot be read."""
+    """Decode and fully load an image; raises InvalidInput saying why it cannot be read.
+
+    An image over :data:`MAX_PIXELS` is refused (status 413) from the size in its header, before
+    its pixels are decoded.
+    """
     observe.notify_decoded(data)
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # Pillow warns between its limit and twice it; the check below refuses
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        pixels = img.width * img.height
+        if pixels > MAX_PIXELS:
+            img.close()
+            raise InvalidInput(f"{name}: image is {img.width}x{img.height} = {pixels / 1e6:.1f} MP, over the limit "
+                               f"of {MAX_PIXELS / 1e6:.0f} MP", status_code=STATUS_TOO_MANY_PIXELS)
         img.load()
     except Image.DecompressionBombError as exc:
-        raise InvalidInput(f"{name}: image too large ({exc})") from exc
+        raise InvalidInput(f"{name}: image too large, over the limit of {MAX_PIXELS / 1e6:.0f} MP ({exc})",
+                           status_code=STATUS_TOO_MANY_PIXELS) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidInput(f"{name}: not a readable image ({exc})") from exc
     if img.width < 8 or img.height < 8:

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Depends, FastAPI, Query
 from pydantic import BaseModel
 
 from dlforge.augmenter.settings import AugmenterSettings
-from dlforge.augmenter.worker import RUNS, SAMPLES, service
+from dlforge.augmenter.worker import RUNS, SAMPLES, AugmenterDeps, build_deps, service
 from dlforge.common.app import ServicePart, backends_of
 from dlforge.common.app import create_app as create_common_app
+from dlforge.common.classnames import ClassName
 from dlforge.common.errors import InvalidInput, NotFound
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
@@ -64,7 +65,7 @@ async def get_augmentation(dataset_id: str, backends: BackendsDep) -> dict[str, 
 async def list_samples(
     dataset_id: str,
     backends: BackendsDep,
-    label: str | None = None,
+    label: Annotated[ClassName | None, Query()] = None,
     kept: bool | None = None,
     offset: int = Query(0, ge=0),
     limit: int = Query(100, ge=1, le=1000),
@@ -89,10 +90,10 @@ async def list_samples(
     return SamplePage(dataset_id=dataset_id, total=len(docs), offset=offset, limit=limit, samples=samples)
 
 
-def part() -> ServicePart:
+def part() -> ServicePart[AugmenterSettings, AugmenterDeps]:
     from dlforge.augmenter.reconcile import reconcile
 
-    return ServicePart(service=service, router=router, on_start=reconcile)
+    return ServicePart(service=service, router=router, on_start=reconcile, settings=AugmenterSettings, build=build_deps)
 
 
 def create_app(settings: AugmenterSettings | None = None) -> FastAPI:

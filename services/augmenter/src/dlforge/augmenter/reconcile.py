@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
 from dlforge.augmenter.worker import RUNS, SAMPLES, service
 from dlforge.common.events import Event
@@ -34,7 +35,7 @@ async def reconcile(backends: Backends) -> None:
 
 
 @service.deletes_runs
-async def delete_run(event: Event, ctx: HandlerContext) -> None:
+async def delete_run(event: Event, ctx: HandlerContext[Any]) -> None:
     for record in await ctx.docs.find(RUNS, {"run_id": event.run_id}):
         dataset_id = record["dataset_id"]
         for sample in await ctx.docs.find(SAMPLES, {"dataset_id": dataset_id}):

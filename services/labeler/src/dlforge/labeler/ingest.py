@@ -26,13 +26,15 @@ import re
 import stat
 import zipfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from dlforge.common.classnames import MAX_LABEL_CHARS as MAX_LABEL_CHARS  # re-exported: the labeler's name
+from dlforge.common.classnames import RULE, valid_label
 from dlforge.common.errors import InvalidInput
 from dlforge.common.objects import ObjectStore
 from dlforge.vision.images import decode
@@ -47,15 +49,6 @@ FILE_COLUMNS = ("file", "filename", "file_name", "filepath", "file_path", "path"
 LABEL_COLUMNS = ("label", "labels", "class", "class_name", "category", "target", "y", "tag")
 DOMAIN_COLUMNS = ("domain", "type", "group", "source")
 PREFERRED_CSV = ("labels.csv", "manifest.csv", "annotations.csv", "dataset.csv")
-MAX_LABEL_CHARS = 100
-# a class name: printable (no C0/C1 control characters, no DEL) and no path separators
-_LABEL = re.compile(r"^[^\x00-\x1f\x7f-\x9f/\\]+$")
-
-
-def valid_label(label: str) -> bool:
-    """True for a class name people may give: 1-MAX_LABEL_CHARS printable characters, no slashes,
-    after stripping surrounding blanks. The one rule for uploads, CSV files and label submissions."""
-    return 0 < len(label) <= MAX_LABEL_CHARS and bool(_LABEL.match(label))
 
 STATUS_TOO_LARGE = 413
 STATUS_NOT_A_ZIP = 415
@@ -313,10 +306,16 @@ def open_folder(folder: str | Path, *, roots: Sequence[Path], limits: IngestLimi
     if not roots:
         raise InvalidInput("server-side folder import is disabled: set DLFORGE_LABELER_IMPORT_ROOTS",
                            status_code=403)
-    path = Path(folder).expanduser()
-    if not path.is_absolute():
-        raise InvalidInput(f"folder {str(folder)!r} must be an absolute path", status_code=STATUS_BAD_INPUT)
-    resolved = path.resolve()
+    if re.search(r"[\x00-\x1f\x7f]", str(folder)):
+        raise InvalidInput(f"folder {str(folder)[:200]!r} has control characters", status_code=STATUS_BAD_INPUT)
+    try:
+        path = Path(folder).expanduser()
+        if not path.is_absolute():
+            raise InvalidInput(f"folder {str(folder)!r} must be an absolute path", status_code=STATUS_BAD_INPUT)
+        resolved = path.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # an unknown ~user, a path the OS refuses
+        raise InvalidInput(f"folder {str(folder)[:200]!r} is not a usable path ({exc})",
+                           status_code=STATUS_BAD_INPUT) from exc
     if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
         raise InvalidInput(f"folder {str(folder)!r} is outside the allowed import roots", status_code=403)
     return FolderTree(resolved, limits)
@@ -346,8 +345,8 @@ def _clean_label(raw: str | None, *, where: str) -> str | None:
     if not label:
         return None
     if not valid_label(label):
-        raise InvalidInput(f"{where}: label {label[:40]!r} is not a valid class name "
-                           f"(1-{MAX_LABEL_CHARS} printable characters, no slashes)", status_code=STATUS_BAD_INPUT)
+        raise InvalidInput(f"{where}: label {label[:40]!r} is not a valid class name ({RULE})",
+                           status_code=STATUS_BAD_INPUT)
     return label
 
 
@@ -393,11 +392,14 @@ def _normalize_ref(ref: str, csv_name: str) -> str:
     return "/".join(p for p in ref.split("/") if p not in ("", "."))
 
 
-def parse_csv(data: bytes, *, csv_name: str, files: Sequence[str]) -> CsvLabels:
+def parse_csv(
+    data: bytes, *, csv_name: str, files: Sequence[str], allowed: Collection[str] | None = None
+) -> CsvLabels:
     """Read a CSV manifest; the file (and label, domain) columns are found by header name or content.
 
     ``files`` are the relative paths present next to the CSV. A CSV without a file column, or
-    naming files that are not there, is refused with a message that says so.
+    naming files that are not there, is refused with a message that says so; so is one whose labels
+    are not all in ``allowed`` (when given: the dataset's classes, new ones not allowed).
     """
     rows = _split_rows(_decode_text(data))
     if not rows:
@@ -449,6 +451,7 @@ def parse_csv(data: bytes, *, csv_name: str, files: Sequence[str]) -> CsvLabels:
     labels: dict[str, str | None] = {}
     domains: dict[str, str | None] = {}
     missing: list[str] = []
+    unknown: list[tuple[int, str]] = []
     for n, row in enumerate(body, start=2 if body is not rows else 1):
         if file_col >= len(row) or not row[file_col]:
             continue
@@ -460,6 +463,8 @@ def parse_csv(data: bytes, *, csv_name: str, files: Sequence[str]) -> CsvLabels:
         where = f"{csv_name} line {n}"
         label = _clean_label(row[label_col] if label_col is not None and label_col < len(row) else None,
                              where=where)
+        if label is not None and allowed is not None and label not in allowed:
+            unknown.append((n, label))
         domain = row[domain_col].strip() or None if domain_col is not None and domain_col < len(row) else None
         if target in labels and labels[target] is not None and label is not None and labels[target] != label:
             raise InvalidInput(f"{where}: {target!r} is listed twice with different labels "
@@ -472,6 +477,14 @@ def parse_csv(data: bytes, *, csv_name: str, files: Sequence[str]) -> CsvLabels:
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         raise InvalidInput(f"{csv_name} names {len(missing)} file(s) that are not in the upload: {shown}{more}",
                            status_code=STATUS_BAD_INPUT, details={"missing": missing[:1000]})
+    if unknown:
+        assert allowed is not None
+        shown = ", ".join(f"line {n}: {label!r}" for n, label in unknown[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise InvalidInput(
+            f"{csv_name} has {len(unknown)} label(s) outside the dataset's classes {sorted(allowed)} and new "
+            f"classes are not allowed (allow_new_classes is off): {shown}{more}", status_code=STATUS_BAD_INPUT,
+            details={"unknown": [{"line": n, "label": label} for n, label in unknown[:1000]]})
     if not labels:
         raise InvalidInput(f"{csv_name} lists no files", status_code=STATUS_BAD_INPUT)
     return CsvLabels(labels=labels, domains=domains, file_column=names[file_col],
@@ -493,27 +506,26 @@ def _pick_csv(csvs: list[str]) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def item_id_of(sha256: str) -> str:
-    """Items are named by their content, so re-ingesting the same file gives the same id."""
-    return sha256[:20]
+@dataclass(frozen=True)
+class FoundLayout:
+    """How a tree's (non-hidden) files are laid out."""
+
+    wrapper: str
+    """the single top-level folder everything sits in, stripped from the names ('' if none)"""
+    relative: dict[str, str]
+    """file path -> its name in the dataset (the path without the wrapper)"""
+    root_csvs: list[str]
+    layout: Literal["class_folders", "csv", "flat"]
 
 
-def scan(
-    tree: FileTree,
-    *,
-    layout: Layout = "auto",
-    classes: Iterable[str] = (),
-) -> IngestResult:
-    """Read, decode and check every file of ``tree``; refusals raise InvalidInput (nothing written)."""
-    all_files = tree.files()
-    skipped = [f for f in all_files if _is_hidden(f)]
-    files = [f for f in all_files if not _is_hidden(f)]
-    wrapper = _strip_wrapper(files)
+def detect_layout(files: Sequence[str], layout: Layout = "auto") -> FoundLayout:
+    """The layout of ``files`` (non-hidden, relative POSIX paths): a CSV at the top level, class
+    sub-folders (their names are the given labels) or flat; ``layout`` other than auto is taken as is."""
+    wrapper = _strip_wrapper(list(files))
     if wrapper and layout == "class_folders" and not any("/" in f[len(wrapper):] for f in files):
         wrapper = ""  # a single class folder, not a wrapper around the dataset
     rel = {f: f[len(wrapper):] for f in files}
     root_csvs = [r for r in rel.values() if "/" not in r and r.lower().endswith((".csv", ".tsv"))]
-
     resolved: Literal["class_folders", "csv", "flat"]
     if layout == "auto":
         if root_csvs:
@@ -524,6 +536,38 @@ def scan(
             resolved = "flat"
     else:
         resolved = layout
+    return FoundLayout(wrapper=wrapper, relative=rel, root_csvs=root_csvs, layout=resolved)
+
+
+def is_hidden(path: str) -> bool:
+    """Files the scan skips (dot files, ``__MACOSX``, ``Thumbs.db``)."""
+    return _is_hidden(path)
+
+
+def item_id_of(sha256: str) -> str:
+    """Items are named by their content, so re-ingesting the same file gives the same id."""
+    return sha256[:20]
+
+
+def scan(
+    tree: FileTree,
+    *,
+    layout: Layout = "auto",
+    classes: Iterable[str] = (),
+    allow_new_classes: bool = True,
+) -> IngestResult:
+    """Read, decode and check every file of ``tree``; refusals raise InvalidInput (nothing written).
+
+    With ``allow_new_classes`` off and ``classes`` named, every given label (class folder or CSV
+    label) must be one of ``classes``; otherwise the upload is refused naming the offenders.
+    """
+    named = sorted({c for c in (_clean_label(c, where="classes") for c in classes) if c})
+    allowed = None if allow_new_classes or not named else set(named)
+    all_files = tree.files()
+    skipped = [f for f in all_files if _is_hidden(f)]
+    files = [f for f in all_files if not _is_hidden(f)]
+    found = detect_layout(files, layout)
+    wrapper, rel, root_csvs, resolved = found.wrapper, found.relative, found.root_csvs, found.layout
     if resolved == "csv" and not root_csvs:
         raise InvalidInput("layout 'csv' asked but there is no CSV file at the top level",
                            status_code=STATUS_BAD_INPUT)
@@ -538,7 +582,15 @@ def scan(
             data = tree.read(source)
         except _EntryError as exc:
             raise InvalidInput(f"{csv_name} cannot be read: {exc}", status_code=STATUS_BAD_INPUT) from exc
-        csv_labels = parse_csv(data, csv_name=csv_name, files=[rel[f] for f in image_files])
+        csv_labels = parse_csv(data, csv_name=csv_name, files=[rel[f] for f in image_files], allowed=allowed)
+    if resolved == "class_folders" and allowed is not None:
+        folders = sorted({_clean_label(rel[f].split("/", 1)[0], where=rel[f]) or "" for f in image_files
+                          if "/" in rel[f]} - {""})
+        if unknown := [f for f in folders if f not in allowed]:
+            raise InvalidInput(
+                f"class folder(s) {', '.join(repr(f) for f in unknown[:10])} are not among the dataset's classes "
+                f"{named} and new classes are not allowed (allow_new_classes is off)",
+                status_code=STATUS_BAD_INPUT, details={"unknown": unknown[:1000]})
 
     rejected: list[Rejection] = []
     duplicates: list[Duplicate] = []
@@ -581,8 +633,7 @@ def scan(
         detail = f" ({len(rejected)} file(s) rejected)" if rejected else ""
         raise InvalidInput(f"the dataset is empty: no valid image was found{detail}", status_code=STATUS_BAD_INPUT,
                            details={"rejected": [r.model_dump() for r in rejected[:1000]]})
-    known = sorted({c for c in (_clean_label(c, where="classes") for c in classes) if c}
-                   | {i.label for i in items if i.label is not None})
+    known = sorted(set(named) | {i.label for i in items if i.label is not None})
     return IngestResult(layout=resolved, csv_name=csv_name, items=items, classes=known, rejected=rejected,
                         duplicates=duplicates, skipped=skipped)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from dlforge.common.events import Event, decode
 from dlforge.common.recovery import bus_is_durable, delete_prefix, fail_run
@@ -55,7 +56,7 @@ async def reconcile(backends: Backends) -> None:
 
 
 @service.deletes_runs
-async def delete_run(event: Event, ctx: HandlerContext) -> None:
+async def delete_run(event: Event, ctx: HandlerContext[Any]) -> None:
     """The run's data sets: their records and every object under ``labeler/datasets/<id>/``."""
     for record in await ctx.docs.find(records.DATASETS, {"run_id": event.run_id}):
         dataset_id = record["_id"]

@@ -5,7 +5,7 @@ It is a separate service, ``Service("annotator-sim")``, used by the demo, the be
 (:func:`register_answers`: a JSON object ``annotator-sim/<dataset_id>.json`` mapping item name, or
 item id, to label; :func:`load_answers_csv` reads such a mapping from a CSV). For each batch it
 emits ``labels.submitted`` with ``annotator="simulated"``. A dataset without registered answers
-is left to people (after waiting ``DLFORGE_ANNOTATOR_SIM_WAIT_SECONDS`` for them to appear); a
+is left to people (after waiting ``DLFORGE_ANNOTATOR_SIM_WAIT_SECONDS``, default 10, for them to appear); a
 batch naming an item the answers do not cover is a poison message (the run fails, loudly).
 """
 
@@ -13,22 +13,46 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from pydantic import Field
 
 from dlforge.common.app import ServicePart
 from dlforge.common.errors import InvalidInput, NotFound, PoisonMessage
 from dlforge.common.events import Event, LabelsRequested, LabelsSubmitted, RunDeleted, Topic
 from dlforge.common.objects import ObjectStore
-from dlforge.common.runtime import HandlerContext, HandlerResult, Service
+from dlforge.common.runtime import Backends, HandlerContext, HandlerResult, Service
+from dlforge.common.settings import CommonSettings
 from dlforge.labeler.ingest import manifest_key, parse_csv
 from dlforge.vision.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
 ANNOTATOR = "simulated"
-service = Service("annotator-sim")
+
+
+class AnnotatorSimSettings(CommonSettings):
+    """The simulated annotator's settings (``DLFORGE_ANNOTATOR_SIM_…``)."""
+
+    annotator_sim_wait_seconds: float = Field(
+        default=10.0, ge=0.0, le=3600.0, description="how long a batch waits for its dataset's answers to be "
+        "registered before it is left to people")
+
+
+@dataclass(frozen=True)
+class AnnotatorSim:
+    """The simulated annotator's dependencies: how long it waits for answers."""
+
+    wait_seconds: float = 10.0
+
+
+async def build_deps(settings: AnnotatorSimSettings, backends: Backends) -> AnnotatorSim:
+    return AnnotatorSim(wait_seconds=settings.annotator_sim_wait_seconds)
+
+
+service = Service[AnnotatorSim]("annotator-sim")
 
 
 def answers_key(dataset_id: str) -> str:
@@ -58,6 +82,71 @@ def load_answers_csv(path: str | Path) -> dict[str, str]:
     return answers
 
 
+@dataclass(frozen=True)
+class MatchedAnswers:
+    """A CSV of answers matched against the images of a folder (see :func:`match_answers`)."""
+
+    answers: dict[str, str]
+    """image path relative to the folder, and each of its shorter forms that names it alone -> label"""
+    matched: int
+    """images of the folder that have an answer"""
+    unmatched_rows: list[str]
+    """CSV paths that name no image of the folder, or several"""
+
+
+def _match_one(ref: str, files: set[str], by_name: dict[str, list[str]],
+               by_suffix: dict[str, list[str]]) -> str | None:
+    if ref in files:
+        return ref
+    longer = by_suffix.get(ref, [])  # ref without a leading folder the folder has: 'img.png' for 'good/img.png'
+    if len(longer) == 1:
+        return longer[0]
+    parts = ref.split("/")
+    for i in range(1, len(parts)):  # ref with a leading folder the folder lacks: 'defect/img.png' for 'img.png'
+        if (shorter := "/".join(parts[i:])) in files:
+            return shorter
+    same_name = by_name.get(parts[-1], [])
+    return same_name[0] if len(same_name) == 1 else None
+
+
+def match_answers(answers: Mapping[str, str], files: Sequence[str]) -> MatchedAnswers:
+    """Match the paths of an answers CSV to ``files`` (the folder's images, relative POSIX paths).
+
+    A CSV path may be relative to the folder, carry a class-folder prefix the folder does not have
+    (``defect/img.png`` for ``img.png``), lack one it has (``img.png`` for ``good/img.png``), or be a
+    bare file name that is unique in the folder. Two rows giving one image different labels are refused.
+    """
+    present = set(files)
+    by_name: dict[str, list[str]] = {}
+    by_suffix: dict[str, list[str]] = {}
+    for f in files:
+        parts = f.split("/")
+        by_name.setdefault(parts[-1], []).append(f)
+        for i in range(1, len(parts)):
+            by_suffix.setdefault("/".join(parts[i:]), []).append(f)
+    labels: dict[str, str] = {}
+    unmatched: list[str] = []
+    for raw, label in answers.items():
+        ref = raw.strip().replace("\\", "/").removeprefix("./")
+        target = _match_one(ref, present, by_name, by_suffix)
+        if target is None:
+            unmatched.append(raw)
+            continue
+        if labels.get(target, label) != label:
+            raise InvalidInput(f"the answers give {target!r} two labels: {labels[target]!r} and {label!r} "
+                               f"(row {raw!r})")
+        labels[target] = label
+    keyed: dict[str, str] = {}
+    for path, label in labels.items():
+        keyed[path] = label
+        parts = path.split("/")
+        for i in range(1, len(parts)):  # the labeler names items without a wrapper folder: the shorter forms too
+            suffix = "/".join(parts[i:])
+            if suffix not in present and len(by_suffix.get(suffix, [])) == 1:
+                keyed.setdefault(suffix, label)
+    return MatchedAnswers(answers=keyed, matched=len(labels), unmatched_rows=unmatched)
+
+
 def _names_in(data: bytes) -> list[str]:
     """Every cell that looks like a file name (the CSV parser matches references against these)."""
     from dlforge.labeler.ingest import IMAGE_EXTS, _decode_text, _split_rows
@@ -66,19 +155,12 @@ def _names_in(data: bytes) -> list[str]:
     return sorted(c.lstrip("./") if c.startswith("./") else c for c in cells if c.lower().endswith(IMAGE_EXTS))
 
 
-def _wait_seconds() -> float:
-    try:
-        return float(os.environ.get("DLFORGE_ANNOTATOR_SIM_WAIT_SECONDS", "10"))
-    except ValueError:
-        return 10.0
-
-
 @service.handles(Topic.LABELS_REQUESTED)
-async def answer(event: Event, ctx: HandlerContext) -> HandlerResult:
+async def answer(event: Event, ctx: HandlerContext[AnnotatorSim]) -> HandlerResult:
     request = event.payload
     assert isinstance(request, LabelsRequested)
     key = answers_key(request.dataset_id)
-    deadline = asyncio.get_running_loop().time() + _wait_seconds()
+    deadline = asyncio.get_running_loop().time() + ctx.deps.wait_seconds
     while True:
         try:
             answers: dict[str, str] = await asyncio.to_thread(ctx.objects.get_json, key)
@@ -102,13 +184,14 @@ async def answer(event: Event, ctx: HandlerContext) -> HandlerResult:
             labels[item_id] = label
     if missing:
         raise PoisonMessage(f"the simulated annotator has no answer for {len(missing)} item(s) of "
-                            f"{request.batch_id}: {', '.join(missing[:10])}")
+                            f"{request.batch_id}: {', '.join(missing[:10])} (answers are looked up by item id, "
+                            "by the item's path in the dataset, e.g. 'good/img1.png', or by its file name)")
     return event.follow(LabelsSubmitted(dataset_id=request.dataset_id, batch_id=request.batch_id, labels=labels,
                                         annotator=ANNOTATOR))
 
 
 @service.deletes_runs
-async def forget_answers(event: Event, ctx: HandlerContext) -> None:
+async def forget_answers(event: Event, ctx: HandlerContext[AnnotatorSim]) -> None:
     """A deleted run's data set: its registered answers go too."""
     payload = event.payload
     assert isinstance(payload, RunDeleted)
@@ -116,6 +199,6 @@ async def forget_answers(event: Event, ctx: HandlerContext) -> None:
         await asyncio.to_thread(ctx.objects.delete, answers_key(payload.dataset_id))
 
 
-def part() -> ServicePart:
+def part() -> ServicePart[AnnotatorSimSettings, AnnotatorSim]:
     """The simulated annotator as a part of an app (no REST endpoints)."""
-    return ServicePart(service=service)
+    return ServicePart(service=service, settings=AnnotatorSimSettings, build=build_deps)

@@ -12,6 +12,7 @@ failed with the reason and a ``run.failed``.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from dlforge.common.events import Event
 from dlforge.common.recovery import bus_is_durable, delete_prefix, fail_run
@@ -29,7 +30,7 @@ async def reconcile(backends: Backends) -> None:
 
 
 @service.deletes_runs
-async def delete_run(event: Event, ctx: HandlerContext) -> None:
+async def delete_run(event: Event, ctx: HandlerContext[Any]) -> None:
     datasets = set()
     for collection in (JOBS, REPORTS):
         for doc in await ctx.docs.find(collection, {"run_id": event.run_id}):

@@ -12,26 +12,28 @@ import json
 import logging
 import socket
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dlforge.common.app import ServicePart, backends_of
+from dlforge.common.app import ServicePart, backends_of, deps_of
 from dlforge.common.app import create_app as create_common_app
 from dlforge.common.errors import InvalidInput, NotFound
+from dlforge.common.events import MAX_CLASSES, UniqueClasses
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
-from dlforge.trainer.handlers import TrainerConfig, TrainingRequest, flat_metrics, run_training, save_model
+from dlforge.trainer.handlers import TrainingRequest, flat_metrics, run_training, save_model
 from dlforge.trainer.jobs import JobRecords, LoopBridge
 from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
-from dlforge.trainer.settings import trainer_settings
-from dlforge.trainer.worker import service
+from dlforge.trainer.settings import TrainerSettings
+from dlforge.trainer.worker import TrainerDeps, build_deps, service
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["trainer"])
+Deps = Annotated[TrainerDeps, Depends(deps_of("trainer", TrainerDeps))]
 
 OWNER = socket.gethostname()
 
@@ -42,11 +44,12 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, max_length=200)
-    arch: str | None = None
-    weights_key: str | None = None
-    model_id: str | None = Field(default=None, description="a model this trainer trained (see trainer_models)")
-    manifest_key: str
-    classes: list[str] = Field(min_length=2)
+    arch: str | None = Field(default=None, max_length=100)
+    weights_key: str | None = Field(default=None, max_length=1024)
+    model_id: str | None = Field(default=None, max_length=200,
+                                 description="a model this trainer trained (see trainer_models)")
+    manifest_key: str = Field(max_length=1024)
+    classes: UniqueClasses = Field(min_length=2, max_length=MAX_CLASSES)
     hparams: TrainParams = TrainParams()
     run_config: RunOptions = RunOptions()
     sample_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -62,10 +65,10 @@ class JobCreated(BaseModel):
 class JobRunner:
     """Runs REST jobs in background tasks, a few at a time."""
 
-    def __init__(self, backends: Backends) -> None:
+    def __init__(self, backends: Backends, deps: TrainerDeps) -> None:
         self.backends = backends
-        self.settings = trainer_settings(backends.settings)
-        self.config = TrainerConfig.from_settings(self.settings)
+        self.settings = deps.settings
+        self.config = deps.config
         self.records = JobRecords(backends.docs)
         self.slots = asyncio.Semaphore(self.settings.trainer_max_concurrent_jobs)
         self.tasks: set[asyncio.Task[None]] = set()
@@ -101,16 +104,17 @@ class JobRunner:
                 await self.records.finish(job_id, state="failed", error=f"{type(exc).__name__}: {exc}")
 
 
-def _runner(request: Request, backends: Backends) -> JobRunner:
+def _runner(request: Request, backends: Backends, deps: TrainerDeps) -> JobRunner:
     runner: JobRunner | None = getattr(request.app.state, "trainer_jobs", None)
     if runner is None:
-        runner = JobRunner(backends)
+        runner = JobRunner(backends, deps)
         request.app.state.trainer_jobs = runner
     return runner
 
 
 @router.post("/jobs", status_code=202, response_model=JobCreated)
-async def create_job(body: JobCreate, request: Request, backends: Backends = Depends(backends_of)) -> JobCreated:
+async def create_job(body: JobCreate, request: Request, deps: Deps,
+                     backends: Backends = Depends(backends_of)) -> JobCreated:
     records = JobRecords(backends.docs)
     weights_key = body.weights_key
     if body.model_id is not None:
@@ -134,7 +138,7 @@ async def create_job(body: JobCreate, request: Request, backends: Backends = Dep
     key_prefix = f"trainer/jobs/{job_id}"
     await records.create(job_id, kind="api", request=training.model_dump(mode="json"), key_prefix=key_prefix,
                          extra={"name": body.name, "owner": OWNER})
-    _runner(request, backends).submit(job_id, training, key_prefix)
+    _runner(request, backends, deps).submit(job_id, training, key_prefix)
     return JobCreated(job_id=job_id, state="queued", logs_prefix=f"{key_prefix}/tensorboard/")
 
 
@@ -151,7 +155,7 @@ async def get_job(job_id: str, backends: Backends = Depends(backends_of)) -> dic
 @router.get("/jobs")
 async def list_jobs(
     kind: str | None = Query(default=None, pattern="^(trial|final|api)$"),
-    state: str | None = Query(default=None),
+    state: str | None = Query(default=None, pattern="^(queued|running|completed|stopped|pruned|diverged|failed)$"),
     limit: int = Query(default=100, ge=1, le=1000),
     backends: Backends = Depends(backends_of),
 ) -> list[dict[str, Any]]:
@@ -160,10 +164,10 @@ async def list_jobs(
                                      "epochs_done", "metrics", "error")} for job in jobs]
 
 
-def part() -> ServicePart:
+def part() -> ServicePart[TrainerSettings, TrainerDeps]:
     from dlforge.trainer.reconcile import reconcile
 
-    return ServicePart(service=service, router=router, on_start=reconcile)
+    return ServicePart(service=service, router=router, on_start=reconcile, settings=TrainerSettings, build=build_deps)
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:

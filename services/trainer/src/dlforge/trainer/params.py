@@ -30,10 +30,11 @@ class TrainParams(BaseModel):
         "accuracy and keep the best epoch's weights (0: train every epoch, keep the last)",
     )
     max_seconds: float = Field(
-        default=0.0, ge=0.0, description="time cap: no epoch is started that would end after this many seconds "
-        "of training (judged by the last epoch's time; 0: no cap). With patience, the best epoch's weights stay",
+        default=0.0, ge=0.0, le=7 * 24 * 3600.0,
+        description="time cap: no epoch is started that would end after this many seconds of training (judged "
+        "by the last epoch's time; 0: no cap, at most a week). With patience, the best epoch's weights stay",
     )
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
 class RunOptions(BaseModel):
@@ -42,8 +43,8 @@ class RunOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     no_of_workers: int = Field(default=1, ge=1, le=64, description="data-parallel training processes")
-    checkpoint_every_steps: int = Field(default=0, ge=0, description="0: only the final model is saved")
-    summary_every_steps: int = Field(default=10, ge=1, description="TensorBoard step-loss interval")
+    checkpoint_every_steps: int = Field(default=0, ge=0, le=1_000_000, description="0: only the final model is saved")
+    summary_every_steps: int = Field(default=10, ge=1, le=1_000_000, description="TensorBoard step-loss interval")
     engine: Literal["ddp", "horovod"] = "ddp"
     input_size: int | None = Field(default=None, ge=16, le=1024, description="default: the network's input size")
 

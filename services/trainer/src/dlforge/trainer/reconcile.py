@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
 from dlforge.common.events import Event
 from dlforge.common.recovery import bus_is_durable, delete_prefix, fail_run
@@ -48,7 +49,7 @@ async def reconcile(backends: Backends) -> None:
 
 
 @service.deletes_runs
-async def delete_run(event: Event, ctx: HandlerContext) -> None:
+async def delete_run(event: Event, ctx: HandlerContext[Any]) -> None:
     for job in await ctx.docs.find(JOBS, {"run_id": event.run_id}):
         for metric in await ctx.docs.find(METRICS, {"job_id": job["_id"]}):
             await ctx.docs.delete(METRICS, metric["_id"])

@@ -7,12 +7,13 @@ import hashlib
 import logging
 import re
 import time
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 
 from dlforge.common.errors import InvalidInput, PoisonMessage, RetryableError
 from dlforge.common.events import Event, HpoCompleted, HpoTrial, HpoTrialCompleted, ModelTrained, Topic
-from dlforge.common.runtime import HandlerContext, Service
+from dlforge.common.runtime import Backends, HandlerContext, Service
 from dlforge.trainer.handlers import (
     TrainerConfig,
     TrainingOutcome,
@@ -24,11 +25,25 @@ from dlforge.trainer.handlers import (
 from dlforge.trainer.jobs import JobRecords, LoopBridge
 from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
 from dlforge.trainer.reporting import connect
-from dlforge.trainer.settings import trainer_settings
+from dlforge.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
 
-service = Service("trainer")
+
+@dataclass(frozen=True)
+class TrainerDeps:
+    """What the trainer builds once at start from its validated settings: the process-level knobs of
+    every training run."""
+
+    settings: TrainerSettings
+    config: TrainerConfig
+
+
+async def build_deps(settings: TrainerSettings, backends: Backends) -> TrainerDeps:
+    return TrainerDeps(settings=settings, config=TrainerConfig.from_settings(settings))
+
+
+service = Service[TrainerDeps]("trainer")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._\-]")
 
@@ -48,13 +63,12 @@ def model_key(run_id: str, model_id: str) -> str:
 
 
 @service.handles(Topic.HPO_TRIAL)
-async def on_trial(event: Event, ctx: HandlerContext) -> Event | None:
+async def on_trial(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | None:
     """Train one trial on the study's representative sample, reporting val accuracy after each epoch."""
     p = event.payload
     assert isinstance(p, HpoTrial)
     started = time.perf_counter()
-    settings = trainer_settings(ctx.settings)
-    config = TrainerConfig.from_settings(settings)
+    settings, config = ctx.deps.settings, ctx.deps.config
     records = JobRecords(ctx.docs)
     bridge = LoopBridge(asyncio.get_running_loop())
     job_id = f"{safe_id(p.study_name)}-trial-{p.trial_number:04d}"
@@ -116,12 +130,11 @@ async def on_trial(event: Event, ctx: HandlerContext) -> Event | None:
 
 
 @service.handles(Topic.HPO_COMPLETED)
-async def on_hpo_completed(event: Event, ctx: HandlerContext) -> Event | None:
+async def on_hpo_completed(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | None:
     """Final training with the best parameters on the full train split; evaluate on val and test."""
     p = event.payload
     assert isinstance(p, HpoCompleted)
-    settings = trainer_settings(ctx.settings)
-    config = TrainerConfig.from_settings(settings)
+    settings, config = ctx.deps.settings, ctx.deps.config
     records = JobRecords(ctx.docs)
     job_id = f"{safe_id(event.run_id)}-final"
     key = model_key(event.run_id, p.model_id)
@@ -151,7 +164,7 @@ async def on_hpo_completed(event: Event, ctx: HandlerContext) -> Event | None:
             run_config=RunOptions(no_of_workers=p.options.no_of_workers,
                                   checkpoint_every_steps=settings.trainer_checkpoint_every_steps,
                                   summary_every_steps=settings.trainer_summary_every_steps,
-                                  engine=settings.trainer_engine,  # type: ignore[arg-type]
+                                  engine=settings.trainer_engine,
                                   input_size=settings.trainer_input_size),
         )
     except ValidationError as exc:

@@ -24,7 +24,14 @@ from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dlforge.common.errors import ConfigError, InvalidInput
-from dlforge.common.events import HpoTrialCompleted, PipelineOptions, Spec, TrialRecord
+from dlforge.common.events import (
+    MAX_HPO_TRIALS,
+    MAX_TRAIN_EPOCHS,
+    HpoTrialCompleted,
+    PipelineOptions,
+    Spec,
+    TrialRecord,
+)
 from dlforge.hpo import PRUNER_ATTR, open_storage
 from dlforge.tuner.plugins import PluginChoice, make_sampler, pruner_spec
 from dlforge.tuner.settings import TunerSettings
@@ -48,10 +55,11 @@ class TuningConfig(BaseModel):
     space: SearchSpace = Field(default_factory=default_space)
     sampler: PluginChoice = PluginChoice(name="tpe")
     pruner: PluginChoice = PluginChoice(name="median")
-    startup_trials: int = Field(default=2, ge=0)
+    startup_trials: int = Field(default=2, ge=0, le=MAX_HPO_TRIALS)
     sample_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
-    trial_epochs: int | None = Field(default=None, ge=1)
-    enqueue: list[dict[str, Any]] = Field(default_factory=list, description="parameters of the first trials")
+    trial_epochs: int | None = Field(default=None, ge=1, le=MAX_TRAIN_EPOCHS)
+    enqueue: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_HPO_TRIALS,
+                                          description="parameters of the first trials")
 
     @model_validator(mode="after")
     def _check(self) -> TuningConfig:
@@ -72,10 +80,11 @@ class TuningOverride(BaseModel):
     space: SearchSpace | None = None
     sampler: PluginChoice | None = None
     pruner: PluginChoice | None = None
-    startup_trials: int | None = Field(default=None, ge=0)
+    startup_trials: int | None = Field(default=None, ge=0, le=MAX_HPO_TRIALS)
     sample_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
-    trial_epochs: int | None = Field(default=None, ge=1)
-    enqueue: list[dict[str, Any]] | None = None
+    trial_epochs: int | None = Field(default=None, ge=1, le=MAX_TRAIN_EPOCHS,
+                                     description="epochs per trial, within the run options' bound")
+    enqueue: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_HPO_TRIALS)
 
     def apply(self, base: TuningConfig) -> TuningConfig:
         changes = {k: v for k, v in self.model_dump(exclude_none=True).items()}
@@ -151,7 +160,8 @@ def load_study(ctx: StudyContext) -> optuna.Study:
         study = optuna.create_study(study_name=ctx.study_name, storage=storage, direction="maximize",
                                     load_if_exists=True)
         n = len(study.get_trials(deepcopy=False))
-        sampler = make_sampler(ctx.config.sampler, seed=ctx.options.seed * 100_003 + n,
+        # numpy (and so every Optuna sampler) takes seeds below 2**32; options.seed goes up to 2**31 - 1
+        sampler = make_sampler(ctx.config.sampler, seed=(ctx.options.seed * 100_003 + n) % 2**32,
                                startup=ctx.config.startup_trials)
         return optuna.load_study(study_name=ctx.study_name, storage=storage, sampler=sampler)
 

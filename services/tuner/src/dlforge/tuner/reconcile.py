@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -69,7 +70,7 @@ def _delete_study(ctx: StudyContext) -> None:
 
 
 @service.deletes_runs
-async def delete_run(event: Event, ctx: HandlerContext) -> None:
+async def delete_run(event: Event, ctx: HandlerContext[Any]) -> None:
     for doc in await ctx.docs.find(STUDIES, {"run_id": event.run_id}):
         await asyncio.to_thread(_delete_study, StudyContext.model_validate(doc["context"]))
         await ctx.docs.delete(STUDIES, doc["_id"])

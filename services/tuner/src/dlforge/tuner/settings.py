@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.common.settings import CommonSettings
 
 
 class TunerSettings(CommonSettings):
@@ -25,10 +25,3 @@ class TunerSettings(CommonSettings):
                                            "the run's train_epochs)")
     tuner_space: str | None = Field(default=None, description="the default search space: JSON, or @/path/to.json")
 
-
-def tuner_settings(base: CommonSettings | None = None) -> TunerSettings:
-    """The tuner's settings: ``base`` if it already is one, else the environment plus ``base``'s common fields."""
-    if isinstance(base, TunerSettings):
-        return base
-    overrides = base.model_dump() if base is not None else {}
-    return load_settings(TunerSettings, **overrides)

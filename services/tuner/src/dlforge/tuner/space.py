@@ -21,7 +21,7 @@ Choice = str | int | float | bool
 class _Param(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
+    name: str = Field(max_length=64)
 
     @field_validator("name")
     @classmethod
@@ -95,7 +95,7 @@ class CategoricalParam(_Param):
     """One of ``choices`` (strings, numbers or booleans)."""
 
     kind: Literal["categorical"] = "categorical"
-    choices: list[Choice] = Field(min_length=1)
+    choices: list[Choice] = Field(min_length=1, max_length=256)
 
     @field_validator("choices")
     @classmethod
@@ -119,7 +119,7 @@ class SearchSpace(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    params: list[Param] = Field(min_length=1)
+    params: list[Param] = Field(min_length=1, max_length=64)
 
     @field_validator("params")
     @classmethod

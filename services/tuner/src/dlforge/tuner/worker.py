@@ -9,15 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from dlforge.common.errors import InvalidInput, PoisonMessage
 from dlforge.common.events import Event, HpoCompleted, HpoTrial, HpoTrialCompleted, ModelProposed, Topic
-from dlforge.common.runtime import HandlerContext, Service
+from dlforge.common.runtime import Backends, HandlerContext, Service
 from dlforge.tuner.handlers import (
     AskedTrial,
     StudyContext,
+    TuningConfig,
     TuningOverride,
     ask_for,
     best_trial,
@@ -31,11 +33,28 @@ from dlforge.tuner.handlers import (
     tell,
     trial_table,
 )
-from dlforge.tuner.settings import tuner_settings
+from dlforge.tuner.settings import TunerSettings
 
 log = logging.getLogger(__name__)
 
-service = Service("tuner")
+
+@dataclass(frozen=True)
+class TunerDeps:
+    """What the tuner builds once at start from its validated settings: every study's default
+    configuration (search space, sampler, pruner: checked by building them) and the study storage."""
+
+    settings: TunerSettings
+    defaults: TuningConfig
+    storage_url: str
+
+
+async def build_deps(settings: TunerSettings, backends: Backends) -> TunerDeps:
+    """Raises ConfigError naming the variable when the defaults cannot be built."""
+    return TunerDeps(settings=settings, defaults=default_config(settings),
+                     storage_url=resolve_storage_url(settings.tuner_storage))
+
+
+service = Service[TunerDeps]("tuner")
 
 STUDIES = "tuner_studies"
 CONFIGS = "tuner_configs"
@@ -59,12 +78,12 @@ def trial_event(cause: Event, ctx: StudyContext, trial: AskedTrial) -> Event:
     return event.model_copy(update={"event_id": _event_id(ctx.study_name, f"trial:{trial.number}")})
 
 
-async def _save(ctx: HandlerContext, doc: dict[str, Any]) -> None:
+async def _save(ctx: HandlerContext[TunerDeps], doc: dict[str, Any]) -> None:
     await ctx.docs.upsert(STUDIES, {**doc, "updated_at": now()})
 
 
 @service.handles(Topic.MODEL_PROPOSED)
-async def on_model_proposed(event: Event, ctx: HandlerContext) -> list[Event] | None:
+async def on_model_proposed(event: Event, ctx: HandlerContext[TunerDeps]) -> list[Event] | None:
     """Create the run's study and ask its first ``hpo_parallel`` trials."""
     p = event.payload
     assert isinstance(p, ModelProposed)
@@ -76,8 +95,7 @@ async def on_model_proposed(event: Event, ctx: HandlerContext) -> list[Event] | 
     if existing is not None and existing.get("proposed_event_id") != event.event_id:
         log.warning("run %s is already being tuned (study %s); ignoring another model.proposed", event.run_id, name)
         return None
-    settings = tuner_settings(ctx.settings)
-    config = default_config(settings)
+    config = ctx.deps.defaults
     override = await ctx.docs.get(CONFIGS, event.run_id)
     if override is not None:
         try:
@@ -85,7 +103,7 @@ async def on_model_proposed(event: Event, ctx: HandlerContext) -> list[Event] | 
         except (ValueError, InvalidInput) as exc:
             raise PoisonMessage(f"the run's tuning override is invalid: {exc}") from exc
     study_ctx = StudyContext(
-        study_name=name, run_id=event.run_id, storage_url=resolve_storage_url(settings.tuner_storage),
+        study_name=name, run_id=event.run_id, storage_url=ctx.deps.storage_url,
         dataset_id=p.dataset_id, model_id=chosen.model_id, arch=chosen.arch, weights_key=chosen.weights_key,
         manifest_key=p.manifest_key, classes=p.classes, spec=p.spec, options=p.options, config=config,
     )
@@ -107,7 +125,7 @@ async def on_model_proposed(event: Event, ctx: HandlerContext) -> list[Event] | 
 
 
 @service.handles(Topic.HPO_TRIAL_COMPLETED)
-async def on_trial_completed(event: Event, ctx: HandlerContext) -> list[Event] | None:
+async def on_trial_completed(event: Event, ctx: HandlerContext[TunerDeps]) -> list[Event] | None:
     """Tell the study; ask the next trials, or finish with ``hpo.completed``."""
     p = event.payload
     assert isinstance(p, HpoTrialCompleted)
