@@ -6,9 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 import pytest_asyncio
-from labeler_testkit import labeler_settings_for, two_class_images
+from labeler_testkit import labeler_settings_for, stub_deps, two_class_images
 from test_labeler_worker import ingest
 
 from dlforge.common.bus import Delivery
@@ -42,7 +41,6 @@ async def _published(backends: Backends, topic: Topic, group: str) -> list[Event
     return out
 
 
-@pytest.mark.usefixtures("stub_embedder")
 async def test_a_submission_redelivered_after_it_closed_its_batch_emits_the_next_round_again(
     env: tuple[Backends, LabelerSettings],
 ) -> None:
@@ -50,7 +48,7 @@ async def test_a_submission_redelivered_after_it_closed_its_batch_emits_the_next
     images = two_class_images(30)
     truth = {n: label for n, (_, label) in images.items()}
     await ingest(backends, settings, images, dataset_id="cells")
-    worker = Worker(service, backends)
+    worker = Worker(service, backends, deps=await stub_deps(settings, backends))
     [uploaded] = await _published(backends, Topic.DATASET_UPLOADED, "t1")
     assert await worker.process(Delivery(topic=uploaded.event_type.value, key=uploaded.run_id,
                                          value=encode(uploaded))) is Outcome.HANDLED
