@@ -28,7 +28,7 @@ import numpy as np
 
 from dlforge.augmenter.filters import FrozenNetworkFeatures
 from dlforge.augmenter.settings import AugmenterSettings
-from dlforge.augmenter.worker import RUNS, SAMPLES, service
+from dlforge.augmenter.worker import RUNS, SAMPLES, build_deps, service
 from dlforge.common.bus import Delivery
 from dlforge.common.events import (
     ClassCount,
@@ -99,7 +99,7 @@ async def run_augmenter(workdir: Path, args: argparse.Namespace) -> dict[str, An
                                     seed=args.seed),
         ), run_id="bench")
         started, cpu_started = time.perf_counter(), time.process_time()
-        outcome = await Worker(service, backends).process(
+        outcome = await Worker(service, backends, deps=await build_deps(settings, backends)).process(
             Delivery(topic=event.event_type.value, key=event.run_id, value=encode(event)))
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         if outcome != Outcome.HANDLED:

@@ -55,7 +55,7 @@ from dlforge.labeler.demo_data import elpv_cells, elpv_root
 from dlforge.labeler.index import normalize
 from dlforge.labeler.ingest import open_folder, scan
 from dlforge.labeler.settings import LabelerSettings
-from dlforge.labeler.worker import embedder_for, ensure_embeddings, service
+from dlforge.labeler.worker import build_deps, ensure_embeddings, service
 from dlforge.vision.manifest import Manifest, load_manifest
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -141,7 +141,8 @@ async def _label(args: argparse.Namespace, work: Path, settings: LabelerSettings
     backends = Backends.from_settings(settings)
     await backends.start()
     stop = asyncio.Event()
-    workers = [Worker(service, backends), Worker(simulated.service, backends)]
+    workers = [Worker(service, backends, deps=await build_deps(settings, backends)),
+               Worker(simulated.service, backends, deps=simulated.AnnotatorSim())]
     observer = await backends.bus.subscribe(group="benchmark", topics=[
         Topic.LABELS_REQUESTED, Topic.DATASET_LABELED, Topic.RUN_FAILED])
     running = asyncio.create_task(run_workers(workers, stop))
@@ -241,8 +242,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     # the final classifier, refitted exactly as the last round fitted it, on the held-out split
     plugin = make_classifier(args.classifier, threads=args.threads)
-    vectors, _ = await asyncio.to_thread(ensure_embeddings, backends.objects, manifest, settings)
-    embedder = embedder_for(settings)
+    deps = await build_deps(settings, backends)
+    vectors, _ = await asyncio.to_thread(ensure_embeddings, backends.objects, manifest, deps)
+    embedder = deps.embedder
     held_images = np.stack([embedder.prepare(_image(entries[int(i)][1])) for i in heldout_rows])
     held_vectors = normalize(np.concatenate([embedder.embed(held_images[s:s + 64])
                                              for s in range(0, len(held_images), 64)]))

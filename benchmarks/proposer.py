@@ -96,7 +96,8 @@ async def run(args: argparse.Namespace, store: Path) -> dict[str, Any]:
             spec=spec, options=PipelineOptions(seed=0)), run_id="bench-proposer")
         load_before = os.getloadavg()
         t0, cpu0 = time.perf_counter(), time.process_time()
-        outcome = await Worker(proposer_worker.service, backends).process(
+        deps = await proposer_worker.build_deps(settings, backends)
+        outcome = await Worker(proposer_worker.service, backends, deps=deps).process(
             Delivery(topic=Topic.DATASET_AUGMENTED.value, key=event.run_id, value=encode(event)))
         propose_seconds = time.perf_counter() - t0
         propose_cpu_seconds = time.process_time() - cpu0

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from dlforge.augmenter.app import part
 from dlforge.augmenter.settings import AugmenterSettings
-from dlforge.augmenter.worker import RUNS, SAMPLES, service
+from dlforge.augmenter.worker import RUNS, SAMPLES, build_deps, service
 from dlforge.common.app import create_app
 from dlforge.common.bus import Delivery
 from dlforge.common.events import DatasetAugmented, DatasetLabeled, Event, PipelineOptions, Spec, Topic, decode, encode
@@ -62,7 +62,8 @@ def _labeled(labels_key: str, *, dataset_id: str = "ds1", max_imbalance: float =
 
 async def _process(backends: Backends, event: Event) -> Outcome:
     delivery = Delivery(topic=event.event_type.value, key=event.run_id, value=encode(event))
-    return await Worker(service, backends).process(delivery)
+    assert isinstance(backends.settings, AugmenterSettings)
+    return await Worker(service, backends, deps=await build_deps(backends.settings, backends)).process(delivery)
 
 
 async def _emitted(backends: Backends, topic: Topic, group: str) -> list[Event]:

@@ -18,12 +18,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, Field, create_model
 
-from dlforge.common.app import ServicePart, backends_of, create_app
+from dlforge.common.app import ServicePart, backends_of, create_app, deps_of
 from dlforge.common.errors import Conflict, InvalidInput, NotFound
 from dlforge.common.events import Event, LabelsSubmitted, Topic
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends, HandlerContext, Service
-from dlforge.common.settings import load_settings
+from dlforge.common.settings import CommonSettings, load_settings
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -315,3 +315,104 @@ def test_a_bad_setting_stops_the_app_at_start(tmp_path: Path, monkeypatch: pytes
     app = create_app([ServicePart(Service("x"))])
     with pytest.raises(ConfigError, match="DLFORGE_DOCS"), TestClient(app):
         pass
+
+
+# ------------------------------------------------------------------------------------------------
+# typed wiring: a part's settings are validated at start, its deps built once
+# ------------------------------------------------------------------------------------------------
+
+
+class ShopSettings(CommonSettings):
+    shop_level: int = Field(default=3, ge=1, le=10)
+
+
+class StockSettings(CommonSettings):
+    stock_mode: Literal["fifo", "lifo"] = "fifo"
+
+
+class Pricing:
+    """A plug-in the shop builds from its settings."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+
+def shop_part(builds: list[ShopSettings], seen: list[tuple[str, int, int]]) -> ServicePart[ShopSettings, Pricing]:
+    service = Service[Pricing]("shop")
+    router = APIRouter()
+
+    @service.handles(Topic.LABELS_SUBMITTED)
+    async def handle(event: Event, ctx: HandlerContext[Pricing]) -> None:
+        assert isinstance(event.payload, LabelsSubmitted)
+        seen.append((event.payload.batch_id, id(ctx.deps), ctx.deps.level))
+
+    @router.get("/level")
+    async def level(pricing: Pricing = Depends(deps_of("shop", Pricing))) -> dict[str, int]:
+        return {"level": pricing.level, "id": id(pricing)}
+
+    async def build(settings: ShopSettings, backends: Backends) -> Pricing:
+        builds.append(settings)
+        return Pricing(settings.shop_level)
+
+    return ServicePart(service, router=router, settings=ShopSettings, build=build)
+
+
+def test_a_part_is_built_once_from_its_settings_and_every_event_gets_the_same_deps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DLFORGE_SHOP_LEVEL", "7")
+    builds: list[ShopSettings] = []
+    seen: list[tuple[str, int, int]] = []
+    settings = load_settings(bus="memory://", objects=f"file://{tmp_path}/objects", docs=f"sqlite:///{tmp_path}/d.db",
+                             poll_seconds=0.05)
+    app = create_app([shop_part(builds, seen)], settings=settings)
+    with TestClient(app) as client:
+        backends = client.app.state.backends  # type: ignore[attr-defined]
+        for n in range(6):
+            event = Event.new(LabelsSubmitted(dataset_id="d", batch_id=f"b{n}", labels={"i": "good"}, annotator="p"),
+                              run_id=f"run-{n}")
+            client.portal.call(backends.publish, event)  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
+        while len(seen) < 6:
+            assert time.monotonic() < deadline, f"only {len(seen)} of 6 events handled"
+            time.sleep(0.05)
+        served = client.get("/level").json()
+    assert len(builds) == 1 and builds[0].shop_level == 7  # the part's own variable, read once at start
+    assert builds[0].docs == settings.docs  # the common fields are the app's
+    assert sorted(b for b, _, _ in seen) == [f"b{n}" for n in range(6)]
+    assert {(deps_id, level) for _, deps_id, level in seen} == {(served["id"], 7)}  # one object, routes too
+
+
+def test_bad_part_settings_stop_the_start_before_anything_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dlforge.common.errors import ConfigError
+
+    monkeypatch.setenv("DLFORGE_SHOP_LEVEL", "eleven")
+    monkeypatch.setenv("DLFORGE_STOCK_MODE", "random")
+    builds: list[ShopSettings] = []
+    stock = ServicePart(Service("stock"), settings=StockSettings)
+    settings = load_settings(bus="memory://", objects=f"file://{tmp_path}/objects", docs=f"sqlite:///{tmp_path}/d.db")
+    app = create_app([shop_part(builds, []), stock], settings=settings)
+    with pytest.raises(ConfigError) as failed, TestClient(app):
+        pass
+    # one message naming every bad variable of every part; nothing was opened or built
+    assert "DLFORGE_SHOP_LEVEL" in str(failed.value) and "DLFORGE_STOCK_MODE" in str(failed.value)
+    assert not (tmp_path / "d.db").exists() and not (tmp_path / "objects").exists()
+    assert builds == []
+
+
+def test_serve_exits_2_naming_a_bad_part_setting_before_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dlforge.common.app import serve
+
+    monkeypatch.setenv("DLFORGE_SHOP_LEVEL", "0")
+    settings = load_settings(bus="memory://", objects=f"file://{tmp_path}/objects", docs=f"sqlite:///{tmp_path}/d.db",
+                             http_port=0)
+    with pytest.raises(SystemExit) as exited:
+        serve(create_app([shop_part([], [])], settings=settings), settings)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dlforge: invalid settings: DLFORGE_SHOP_LEVEL: ") and "greater than or equal to 1" in err
+    assert not (tmp_path / "d.db").exists()

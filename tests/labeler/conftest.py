@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from labeler_testkit import StubStatsEmbedder
 
 
 @pytest.fixture
-def stub_embedder() -> Iterator[StubStatsEmbedder]:
-    """Every dataset embedded by the TEST STUB (only for tests about the loop's logic)."""
-    from dlforge.labeler import worker
-
-    stub = StubStatsEmbedder()
-    worker.use_embedder(stub)
-    yield stub
-    worker.use_embedder(None)
+def stub_embedder() -> StubStatsEmbedder:
+    """The TEST STUB embedder, for tests about the loop's logic (handed to the labeler as its embedder)."""
+    return StubStatsEmbedder()

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dlforge.common.runtime import Backends
 from dlforge.labeler.ingest import IngestLimits
 from dlforge.labeler.settings import LabelerSettings
+from dlforge.labeler.worker import LabelerDeps, build_deps
 
 
 def png(seed: int, *, size: int = 24, level: int | None = None) -> bytes:
@@ -119,3 +121,8 @@ def two_class_images(n_per_class: int, *, start: int = 0) -> dict[str, tuple[byt
         out[f"b{start + i:03d}.png"] = (png(1000 + start + i, level=190), "bright")
         out[f"d{start + i:03d}.png"] = (png(5000 + start + i, level=60), "dark")
     return out
+
+
+async def stub_deps(settings: LabelerSettings, backends: Backends) -> LabelerDeps:
+    """The labeler's dependencies with the TEST STUB embedder (tests about the loop's logic)."""
+    return await build_deps(settings, backends, embedder=StubStatsEmbedder())

@@ -15,6 +15,7 @@ from labeler_testkit import labeler_settings_for, lying_zip, make_zip, png, two_
 
 from dlforge.common.objects.fs import FsObjectStore
 from dlforge.labeler.app import create_app
+from dlforge.labeler.embeddings import Embedder
 from dlforge.labeler.settings import LabelerSettings
 from dlforge.vision.manifest import Manifest
 
@@ -27,8 +28,8 @@ def settings(tmp_path: Path) -> LabelerSettings:
 
 
 @pytest.fixture
-def client(settings: LabelerSettings, stub_embedder: object) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
+def client(settings: LabelerSettings, stub_embedder: Embedder) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, embedder=stub_embedder)) as c:
         yield c
 
 
@@ -279,8 +280,8 @@ def test_post_labels_refusals(client: TestClient) -> None:
     assert post().status_code == 202
 
 
-def test_a_failure_after_writing_removes_everything(settings: LabelerSettings, stub_embedder: object) -> None:
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+def test_a_failure_after_writing_removes_everything(settings: LabelerSettings, stub_embedder: Embedder) -> None:
+    with TestClient(create_app(settings, embedder=stub_embedder), raise_server_exceptions=False) as client:
         backends = client.app.state.backends  # type: ignore[attr-defined]
 
         async def broken_publish(event: object) -> None:

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dlforge.common.app import settings_for
 from dlforge.common.errors import ConfigError
 from dlforge.common.settings import load_settings
 from dlforge.labeler.embeddings import make_embedder
 from dlforge.labeler.index import build_index
-from dlforge.labeler.settings import LabelerSettings, labeler_settings
+from dlforge.labeler.settings import LabelerSettings
 
 
 @pytest.mark.parametrize("value", ["/data/a:/data/b", "/data/a,/data/b", '["/data/a", "/data/b"]'])
@@ -23,11 +24,11 @@ def test_import_roots_from_the_environment(monkeypatch: pytest.MonkeyPatch, valu
 def test_common_settings_are_extended_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DLFORGE_LABELER_MAX_ENTRIES", "7")
     common = load_settings(bus="memory://", http_port=1234)
-    s = labeler_settings(common)
+    s = settings_for(LabelerSettings, common)
     assert s.http_port == 1234 and s.labeler_max_entries == 7
     monkeypatch.setenv("DLFORGE_LABELER_INDEX", "annoy")
     with pytest.raises(ConfigError, match="DLFORGE_LABELER_INDEX"):
-        labeler_settings(common)
+        settings_for(LabelerSettings, common)
 
 
 def test_faiss_gpu_without_a_gpu_says_what_to_install() -> None:

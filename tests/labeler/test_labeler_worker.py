@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from labeler_testkit import labeler_settings_for, make_zip, two_class_images
+from labeler_testkit import labeler_settings_for, make_zip, stub_deps, two_class_images
 
 from dlforge.common.bus import Delivery
 from dlforge.common.events import (
@@ -76,7 +76,6 @@ async def collect(backends: Backends, topics: list[Topic], until: Topic, timeout
         await sub.close()
 
 
-@pytest.mark.usefixtures("stub_embedder")
 @pytest.mark.parametrize("auto_label_all", [False, True], ids=["selective", "auto-label-all"])
 async def test_simulated_annotator_round_trip_produces_dataset_labeled(
     env: tuple[Backends, LabelerSettings], auto_label_all: bool,
@@ -86,7 +85,8 @@ async def test_simulated_annotator_round_trip_produces_dataset_labeled(
     truth = {n: label for n, (_, label) in images.items()}
     await asyncio.to_thread(simulated.register_answers, backends.objects, "cells", truth)
     stop = asyncio.Event()
-    workers = [Worker(service, backends), Worker(simulated.service, backends)]
+    workers = [Worker(service, backends, deps=await stub_deps(settings, backends)),
+               Worker(simulated.service, backends, deps=simulated.AnnotatorSim())]
     task = asyncio.create_task(run_workers(workers, stop))
     options = OPTIONS.model_copy(update={"auto_label_all": auto_label_all})
     try:
@@ -153,7 +153,6 @@ async def test_simulated_annotator_round_trip_produces_dataset_labeled(
         assert any("need review" in w for w in result["warnings"])
 
 
-@pytest.mark.usefixtures("stub_embedder")
 async def test_redelivery_and_stale_labels_do_not_change_the_state(env: tuple[Backends, LabelerSettings]) -> None:
     backends, settings = env
     images = two_class_images(15)
@@ -161,7 +160,7 @@ async def test_redelivery_and_stale_labels_do_not_change_the_state(env: tuple[Ba
     sub = await backends.bus.subscribe(group="test-observer", topics=[Topic.DATASET_UPLOADED])
     delivery = await sub.get(timeout=5)
     assert delivery is not None
-    worker = Worker(service, backends)
+    worker = Worker(service, backends, deps=await stub_deps(settings, backends))
     assert await worker.process(delivery) == Outcome.HANDLED
     assert await worker.process(delivery) == Outcome.DUPLICATE
     record = await records.load(backends.docs, "d2")
@@ -182,20 +181,18 @@ async def test_redelivery_and_stale_labels_do_not_change_the_state(env: tuple[Ba
     await sub.close()
 
 
-@pytest.mark.usefixtures("stub_embedder")
 async def test_simulated_annotator_without_answers_leaves_the_batch_to_people(
-    env: tuple[Backends, LabelerSettings], monkeypatch: pytest.MonkeyPatch,
+    env: tuple[Backends, LabelerSettings],
 ) -> None:
     backends, settings = env
-    monkeypatch.setenv("DLFORGE_ANNOTATOR_SIM_WAIT_SECONDS", "0.1")
     await ingest(backends, settings, two_class_images(8), dataset_id="d3")
-    labeler = Worker(service, backends)
+    labeler = Worker(service, backends, deps=await stub_deps(settings, backends))
     sub = await backends.bus.subscribe(group="t", topics=[Topic.DATASET_UPLOADED, Topic.LABELS_REQUESTED])
     d = await sub.get(timeout=5)
     assert d is not None and await labeler.process(d) == Outcome.HANDLED
     request = await sub.get(timeout=5)
     assert request is not None and request.topic == Topic.LABELS_REQUESTED.value
-    sim = Worker(simulated.service, backends)
+    sim = Worker(simulated.service, backends, deps=simulated.AnnotatorSim(wait_seconds=0.1))
     assert await sim.process(request) == Outcome.HANDLED
     marker = await backends.docs.get("processed_events", f"dlforge.annotator-sim:{decode(request.value).event_id}")
     assert marker is not None and marker["outbox"] == []
@@ -206,7 +203,6 @@ async def test_simulated_annotator_without_answers_leaves_the_batch_to_people(
     await sub.close()
 
 
-@pytest.mark.usefixtures("stub_embedder")
 async def test_a_failing_dataset_is_marked_failed_and_dead_lettered(env: tuple[Backends, LabelerSettings]) -> None:
     backends, settings = env
     created = await ingest(backends, settings, two_class_images(6), dataset_id="d4")
@@ -215,13 +211,12 @@ async def test_a_failing_dataset_is_marked_failed_and_dead_lettered(env: tuple[B
     sub = await backends.bus.subscribe(group="t", topics=[Topic.DATASET_UPLOADED])
     d = await sub.get(timeout=5)
     assert d is not None
-    assert await Worker(service, backends).process(d) == Outcome.DEAD_LETTERED
+    assert await Worker(service, backends, deps=await stub_deps(settings, backends)).process(d) == Outcome.DEAD_LETTERED
     record = await records.load(backends.docs, "d4")
     assert record["state"] == "failed" and manifest.items[2].name in record["error"]
     await sub.close()
 
 
-@pytest.mark.usefixtures("stub_embedder")
 async def test_a_fully_labeled_dataset_is_labeled_without_asking_anyone(
     env: tuple[Backends, LabelerSettings],
 ) -> None:
@@ -233,7 +228,8 @@ async def test_a_fully_labeled_dataset_is_labeled_without_asking_anyone(
     sub = await backends.bus.subscribe(group="t", topics=[Topic.DATASET_UPLOADED, Topic.DATASET_LABELED,
                                                            Topic.LABELS_REQUESTED])
     d = await sub.get(timeout=5)
-    assert d is not None and await Worker(service, backends).process(d) == Outcome.HANDLED
+    labeler = Worker(service, backends, deps=await stub_deps(settings, backends))
+    assert d is not None and await labeler.process(d) == Outcome.HANDLED
     out = await sub.get(timeout=5)
     assert out is not None and out.topic == Topic.DATASET_LABELED.value
     labeled = decode(out.value).payload

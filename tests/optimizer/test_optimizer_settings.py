@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import pytest
 
+from dlforge.common.app import settings_for
 from dlforge.common.errors import ConfigError
 from dlforge.common.settings import CommonSettings, load_settings
 from dlforge.optimizer.handlers import OptimizeOptions
-from dlforge.optimizer.settings import OptimizerSettings, optimizer_settings
+from dlforge.optimizer.settings import OptimizerSettings
 
 
 def test_optimizer_settings_extend_the_process_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DLFORGE_OPTIMIZER_ITERATIONS", "7")
     monkeypatch.setenv("DLFORGE_OPTIMIZER_CALIBRATION_METHODS", '["entropy", "minmax", "entropy"]')
     common = load_settings(CommonSettings, work_dir="/srv/work", bus="memory://")
-    s = optimizer_settings(common)
+    s = settings_for(OptimizerSettings, common)
     assert s.work_dir == "/srv/work" and s.optimizer_iterations == 7
     assert s.optimizer_calibration_methods == ["entropy", "minmax"]
-    assert optimizer_settings(s) is s
+    assert settings_for(OptimizerSettings, s) is s
     opts = OptimizeOptions.from_settings(s)
     assert opts.iterations == 7 and opts.calibration_methods == ["entropy", "minmax"] and opts.threads == 2
     assert opts.max_accuracy_drop == 0.01 and opts.batch_sizes == [1, 32]

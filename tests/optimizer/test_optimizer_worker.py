@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -20,10 +21,11 @@ from dlforge.common.events import Event, ModelOptimized, ModelTrained, PipelineO
 from dlforge.common.runtime import Backends, Outcome, Worker
 from dlforge.common.settings import load_settings
 from dlforge.optimizer.app import FORM_FIELDS_BYTES, MAX_IMAGE_BYTES, part
+from dlforge.optimizer.compressors import Source, Variant
 from dlforge.optimizer.handlers import OptimizationReport
 from dlforge.optimizer.predictor import Predictor
 from dlforge.optimizer.settings import OptimizerSettings
-from dlforge.optimizer.worker import REPORTS, service
+from dlforge.optimizer.worker import REPORTS, OptimizerDeps, build_deps, service
 from dlforge.vision.manifest import Item, Manifest, save_manifest
 
 SPLITS = {"train": 40, "val": 60, "test": 60}
@@ -69,7 +71,12 @@ def _dataset(backends: Backends, trained: Trained) -> ModelTrained:
 
 async def _process(backends: Backends, event: Event) -> Outcome:
     delivery = Delivery(topic=event.event_type.value, key=event.run_id, value=encode(event))
-    return await Worker(service, backends).process(delivery)
+    return await Worker(service, backends, deps=await deps_of(backends)).process(delivery)
+
+
+async def deps_of(backends: Backends) -> OptimizerDeps:
+    assert isinstance(backends.settings, OptimizerSettings)
+    return await build_deps(backends.settings, backends)
 
 
 async def _emitted(backends: Backends, topic: Topic) -> list[Event]:
@@ -180,24 +187,30 @@ async def test_poison_when_the_manifest_is_missing(backends: Backends, trained: 
     assert await _emitted(backends, Topic.MODEL_OPTIMIZED) == []
 
 
-def test_a_redone_event_reuses_its_stored_report(backends: Backends, trained: Trained,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+class MustNotRun:
+    """A compressor plug-in that fails the test when an optimization reaches its compressors."""
+
+    name = "must_not_run"
+
+    def unavailable(self) -> str | None:
+        raise AssertionError("the optimization ran again for the same event")
+
+    def compress(self, source: Source, calibration: np.ndarray, workdir: Path) -> Variant:
+        raise AssertionError("the optimization ran again for the same event")
+
+
+async def test_a_redone_event_reuses_its_stored_report(backends: Backends, trained: Trained) -> None:
     """A crash after the report was written but before the marker: the rerun does not optimize again."""
     from dlforge.optimizer import worker
 
     payload = _dataset(backends, trained)
-    settings = backends.settings
-    assert isinstance(settings, OptimizerSettings)
-    first = worker._run(backends.objects, payload, "event-1", settings)
-
-    def must_not_run(*args: object, **kwargs: object) -> None:
-        raise AssertionError("optimize() ran again for the same event")
-
-    monkeypatch.setattr(worker, "optimize", must_not_run)
-    again = worker._run(backends.objects, payload, "event-1", settings)
+    deps = await deps_of(backends)
+    first = worker._run(backends.objects, payload, "event-1", deps)
+    guarded = replace(deps, compressors=[MustNotRun()])
+    again = worker._run(backends.objects, payload, "event-1", guarded)
     assert again == first
     with pytest.raises(AssertionError, match="ran again"):  # another event for the same model is redone
-        worker._run(backends.objects, payload, "event-2", settings)
+        worker._run(backends.objects, payload, "event-2", guarded)
 
 
 def png_claiming(width: int, height: int) -> bytes:

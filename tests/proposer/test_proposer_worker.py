@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -24,8 +25,9 @@ from dlforge.common.events import (
 from dlforge.common.runtime import Backends, Outcome, Worker
 from dlforge.proposer import worker as proposer_worker
 from dlforge.proposer.app import build_repository_on_start, part
-from dlforge.proposer.repository import MODELS, ModelRecipe
-from dlforge.proposer.settings import DEFAULT_WEIGHTS
+from dlforge.proposer.repository import MODELS, ModelRecipe, SourceProvider
+from dlforge.proposer.settings import DEFAULT_WEIGHTS, ProposerSettings
+from dlforge.proposer.worker import ProposerDeps
 
 RECIPES = (
     ModelRecipe(model_id="efficientnet_lite0-imagenet", arch="efficientnet_lite0", source="imagenet", pretrained=True),
@@ -37,12 +39,17 @@ RECIPES = (
 RAW_SUB_SCORES = {"logme", "probe_bacc", "loss_auc", "finetune_bacc", "fps_b1", "fps_b32", "fps_spec_b1"}
 
 
-@pytest.fixture
-def synthetic_repository(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The default recipes replaced by ImageNet + two small CNNs trained on synthetic sources."""
-    monkeypatch.setattr(proposer_worker, "DEFAULT_RECIPES", RECIPES)
-    monkeypatch.setattr(proposer_worker, "default_sources", lambda **_: {
-        "synth_bars": synthetic_source("synth_bars", bars), "synth_blobs": synthetic_source("synth_blobs", blobs)})
+def synthetic_sources() -> dict[str, SourceProvider]:
+    return {"synth_bars": synthetic_source("synth_bars", bars), "synth_blobs": synthetic_source("synth_blobs", blobs)}
+
+
+async def synthetic_deps(backends: Backends, recipes: tuple[ModelRecipe, ...] = RECIPES, **changes: Any
+                         ) -> ProposerDeps:
+    """The proposer's deps with a repository of ImageNet + two small CNNs trained on synthetic sources."""
+    settings = backends.settings
+    assert isinstance(settings, ProposerSettings)
+    return await proposer_worker.build_deps(settings.model_copy(update=changes), backends, recipes=recipes,
+                                            sources=synthetic_sources())
 
 
 def augmented(manifest_key: str) -> Event:
@@ -54,12 +61,11 @@ def augmented(manifest_key: str) -> Event:
     return Event.new(payload, run_id="run-1")
 
 
-async def test_dataset_augmented_to_model_proposed(backends: Backends, synthetic_repository: None,
-                                                   tmp_path: Path) -> None:
+async def test_dataset_augmented_to_model_proposed(backends: Backends, tmp_path: Path) -> None:
     manifest_key, _ = write_target(backends.objects, n=40)
     event = augmented(manifest_key)
     sub = await backends.bus.subscribe(group="test", topics=[Topic.MODEL_PROPOSED, Topic.RUN_FAILED])
-    worker = Worker(proposer_worker.service, backends)
+    worker = Worker(proposer_worker.service, backends, deps=await synthetic_deps(backends))
     delivery = Delivery(topic=Topic.DATASET_AUGMENTED.value, key="run-1", value=encode(event))
 
     assert await worker.process(delivery) == Outcome.HANDLED
@@ -114,7 +120,7 @@ async def test_dataset_augmented_to_model_proposed(backends: Backends, synthetic
     assert await worker.process(delivery) == Outcome.DUPLICATE
 
     # REST: repository, proposal, re-ranking with other weights
-    app = create_app([part()], backends=backends, run_workers=False)
+    app = create_app([part(recipes=RECIPES, sources=synthetic_sources())], backends=backends, run_workers=False)
     with TestClient(app) as client:
         models = client.get("/models").json()
         assert [m["model_id"] for m in models["models"]] == sorted(r.model_id for r in RECIPES)
@@ -140,13 +146,13 @@ async def test_dataset_augmented_to_model_proposed(backends: Backends, synthetic
         assert bad.status_code == 422 and "unknown sub-score" in bad.json()["detail"]
 
 
-async def test_missing_manifest_is_a_poison_message(backends: Backends, synthetic_repository: None) -> None:
+async def test_missing_manifest_is_a_poison_message(backends: Backends) -> None:
     # a repository with one (quick) entry so that only the manifest is missing
-    await proposer_worker.repository_build(backends.objects, backends.docs,
-                                           proposer_worker.proposer_settings(backends.settings), recipes=RECIPES[1:2])
+    deps = await synthetic_deps(backends, RECIPES[1:2])
+    await deps.repository.build()
     sub = await backends.bus.subscribe(group="test", topics=[Topic.RUN_FAILED])
     event = augmented("test/nowhere/manifest.json")
-    outcome = await Worker(proposer_worker.service, backends).process(
+    outcome = await Worker(proposer_worker.service, backends, deps=deps).process(
         Delivery(topic=Topic.DATASET_AUGMENTED.value, key="run-1", value=encode(event)))
     assert outcome == Outcome.DEAD_LETTERED
     failed = await sub.get(timeout=2)
@@ -154,17 +160,13 @@ async def test_missing_manifest_is_a_poison_message(backends: Backends, syntheti
     assert "training manifest test/nowhere/manifest.json does not exist" in decode(failed.value).payload.reason  # type: ignore[attr-defined]
 
 
-async def test_an_early_dataset_waits_for_the_start_up_build(backends: Backends, synthetic_repository: None,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(proposer_worker, "DEFAULT_RECIPES", RECIPES[1:])  # the two quick small CNNs
-    settings = proposer_worker.proposer_settings(backends.settings).model_copy(
-        update={"proposer_build_on_start": True})
-    backends.settings = settings
-    await build_repository_on_start(backends)  # what the app's lifespan does: the build runs in the background
-    assert proposer_worker.build_status(backends.objects, backends.docs)["state"] == "running"
+async def test_an_early_dataset_waits_for_the_start_up_build(backends: Backends) -> None:
+    deps = await synthetic_deps(backends, RECIPES[1:], proposer_build_on_start=True)  # the two quick small CNNs
+    await build_repository_on_start(deps, backends)  # what the part's start does: the build runs in the background
+    assert deps.repository.status()["state"] == "running"
     manifest_key, _ = write_target(backends.objects, n=40)
     sub = await backends.bus.subscribe(group="test", topics=[Topic.MODEL_PROPOSED])
-    outcome = await Worker(proposer_worker.service, backends).process(
+    outcome = await Worker(proposer_worker.service, backends, deps=deps).process(
         Delivery(topic=Topic.DATASET_AUGMENTED.value, key="run-1", value=encode(augmented(manifest_key))))
     assert outcome == Outcome.HANDLED
     got = await sub.get(timeout=2)
@@ -172,4 +174,4 @@ async def test_an_early_dataset_waits_for_the_start_up_build(backends: Backends,
     proposed = decode(got.value).payload
     assert isinstance(proposed, ModelProposed)
     assert sorted(c.model_id for c in proposed.ranking) == ["small_cnn-synth_bars", "small_cnn-synth_blobs"]
-    assert proposer_worker.build_status(backends.objects, backends.docs)["state"] == "done"
+    assert deps.repository.status()["state"] == "done"

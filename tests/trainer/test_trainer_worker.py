@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dlforge.common.app import settings_for
 from dlforge.common.bus import Delivery
 from dlforge.common.events import (
     Event,
@@ -22,8 +23,9 @@ from dlforge.common.events import (
 from dlforge.common.runtime import Backends, Outcome, Worker, run_workers
 from dlforge.common.settings import load_settings
 from dlforge.trainer.pruning import DECISIONS, decisions_service
+from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.testing import make_candidate, make_dataset
-from dlforge.trainer.worker import service
+from dlforge.trainer.worker import build_deps, service
 
 PARAMS = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-6, "dropout": 0.0, "unfreeze": 0, "batch_size": 8,
           "optimizer": "adam"}
@@ -49,7 +51,8 @@ def trial_event(backends: Backends, number: int, params: dict[str, object], *, e
 
 
 async def handle(backends: Backends, event: Event) -> list[Event]:
-    outcome = await Worker(service, backends).process(Delivery(topic=event.event_type.value, key="r",
+    deps = await build_deps(settings_for(TrainerSettings, backends.settings), backends)  # DLFORGE_TRAINER_* now
+    outcome = await Worker(service, backends, deps=deps).process(Delivery(topic=event.event_type.value, key="r",
                                                                value=encode(event)))
     assert outcome == Outcome.HANDLED
     marker = await backends.docs.get("processed_events", f"dlforge.trainer:{event.event_id}")
@@ -80,7 +83,7 @@ async def fake_tuner(backends: Backends, prune_at: int, reports: list[HpoTrialRe
 async def test_a_trial_reports_each_epoch_and_stops_when_the_tuner_says_prune(backends: Backends) -> None:
     reports: list[HpoTrialReported] = []
     stop = asyncio.Event()
-    decisions = Worker(decisions_service, backends)
+    decisions = Worker(decisions_service, backends, deps=None)
     tasks = [asyncio.create_task(run_workers([decisions], stop)), asyncio.create_task(fake_tuner(backends, 2, reports))]
     try:
         await decisions.ready.wait()

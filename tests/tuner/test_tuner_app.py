@@ -29,7 +29,8 @@ def uploaded(client: TestClient, run_id: str) -> None:
     event = Event.new(DatasetUploaded(dataset_id="d", name="n", item_count=4, classes=["a", "b"], labeled_count=0,
                                       rejected_count=0, duplicate_count=0, manifest_key="m.json", spec=Spec()),
                       run_id=run_id)
-    worker = Worker(service, client.app.state.backends)  # type: ignore[attr-defined]
+    worker = Worker(service, client.app.state.backends,  # type: ignore[attr-defined]
+                    deps=client.app.state.deps["tuner"])  # type: ignore[attr-defined]
     client.portal.call(worker.process, Delivery(topic=event.event_type.value, key=run_id,  # type: ignore[union-attr]
                                                 value=encode(event)))
 
@@ -62,7 +63,7 @@ def test_override_is_validated_and_used_by_the_run(client: TestClient) -> None:
                                     chosen_model_id="m", weights={}, spec=Spec(),
                                     options=PipelineOptions(hpo_trials=3, hpo_parallel=2)), run_id="r1")
     backends = client.app.state.backends  # type: ignore[attr-defined]
-    worker = Worker(service, backends)
+    worker = Worker(service, backends, deps=client.app.state.deps["tuner"])  # type: ignore[attr-defined]
     client.portal.call(worker.process, Delivery(topic=event.event_type.value, key="r1",  # type: ignore[union-attr]
                                                 value=encode(event)))
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from dlforge.common.app import settings_for
 from dlforge.common.bus import Delivery
 from dlforge.common.events import (
     CandidateScore,
@@ -27,12 +28,24 @@ from dlforge.common.events import (
 from dlforge.common.runtime import Backends, Outcome, Worker, run_workers
 from dlforge.trainer import worker as trainer_worker
 from dlforge.trainer.pruning import decisions_service
+from dlforge.trainer.settings import TrainerSettings
 from dlforge.tuner import worker as tuner_worker
 from dlforge.tuner.handlers import study_name_for
+from dlforge.tuner.settings import TunerSettings
 
 GOOD = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-6, "dropout": 0.0, "unfreeze": 0, "batch_size": 8,
         "optimizer": "adam"}
 BAD = {**GOOD, "lr": 1e-7, "momentum": 0.0, "optimizer": "sgd"}  # clearly worse: the head barely moves
+
+
+async def tuner_deps(backends: Backends) -> tuner_worker.TunerDeps:
+    """The tuner's deps from the DLFORGE_TUNER_* the env fixture set."""
+    return await tuner_worker.build_deps(settings_for(TunerSettings, backends.settings), backends)
+
+
+async def trainer_deps(backends: Backends) -> trainer_worker.TrainerDeps:
+    """The trainer's deps from the DLFORGE_TRAINER_* the env fixture set."""
+    return await trainer_worker.build_deps(settings_for(TrainerSettings, backends.settings), backends)
 
 
 def proposed(data: dict[str, str], *, trials: int = 2) -> ModelProposed:
@@ -85,8 +98,9 @@ async def test_study_runs_two_trials_prunes_the_worse_one_and_trains_the_best(
         "space": space, "pruner": {"name": "median"}, "startup_trials": 2, "enqueue": [GOOD, BAD],
         "sample_fraction": 0.5}})
     stop = asyncio.Event()
-    workers = [Worker(tuner_worker.service, backends), Worker(trainer_worker.service, backends),
-               Worker(decisions_service, backends)]
+    workers = [Worker(tuner_worker.service, backends, deps=await tuner_deps(backends)),
+               Worker(trainer_worker.service, backends, deps=await trainer_deps(backends)),
+               Worker(decisions_service, backends, deps=None)]
     task = asyncio.create_task(run_workers(workers, stop))
     try:
         await asyncio.gather(*(w.ready.wait() for w in workers))
@@ -137,7 +151,7 @@ async def test_study_runs_two_trials_prunes_the_worse_one_and_trains_the_best(
     first_completed = next(e for e in events if e.event_type == Topic.HPO_COMPLETED)
     completion = next(e for e in events if isinstance(e.payload, HpoTrialCompleted) and e.payload.trial_number == 1)
     again = completion.model_copy(update={"event_id": "redelivered-1"})
-    worker = Worker(tuner_worker.service, backends)
+    worker = Worker(tuner_worker.service, backends, deps=await tuner_deps(backends))
     outcome = await worker.process(Delivery(topic=Topic.HPO_TRIAL_COMPLETED.value, key=run_id, value=encode(again)))
     assert outcome == Outcome.HANDLED
     marker = await backends.docs.get("processed_events", f"dlforge.tuner:{again.event_id}")
@@ -156,7 +170,7 @@ async def tuner_handles(backends: Backends, event: Event) -> list[Event]:
     """The tuner worker handles ``event``; returns what it emitted."""
     from dlforge.common.events import decode
 
-    outcome = await Worker(tuner_worker.service, backends).process(
+    outcome = await Worker(tuner_worker.service, backends, deps=await tuner_deps(backends)).process(
         Delivery(topic=event.event_type.value, key=event.key, value=encode(event)))
     assert outcome == Outcome.HANDLED
     marker = await backends.docs.get("processed_events", f"dlforge.tuner:{event.event_id}")

@@ -2,7 +2,10 @@
 
 ``create_app([part])`` builds one service's app; ``create_app(parts, mount_prefix=True)`` serves
 several services from one process (each router under ``/<service>``) on shared backends.
-Nothing happens at import time: backends are opened and the workers started in the lifespan.
+Nothing happens at import time. At start the lifespan loads and validates every part's settings
+(one bad ``DLFORGE_…`` variable of any part stops the start, naming it), opens the backends, builds
+each part's dependencies once (:attr:`ServicePart.build`), runs the start-up hooks, and only then
+starts the workers, which hand those dependencies to the handlers as ``ctx.deps``.
 """
 
 from __future__ import annotations
@@ -12,43 +15,95 @@ import contextlib
 import inspect
 import logging
 import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from typing_extensions import TypeVar as DefaultTypeVar
 
 from dlforge.common.body_limit import BodyLimitMiddleware
+from dlforge.common.errors import ConfigError
 from dlforge.common.http_errors import ConcretePathsFirst, install_error_handlers, use_truthful_openapi
-from dlforge.common.runtime import Backends, Service, Worker
+from dlforge.common.runtime import Backends, D, Service, Worker
 from dlforge.common.settings import CommonSettings, load_settings
 from dlforge.common.tracing import configure_telemetry, extract_context, tracer
 
 log = logging.getLogger(__name__)
 
 
+S = DefaultTypeVar("S", bound=CommonSettings, default=CommonSettings)
+T = TypeVar("T")
+
+
 @dataclass
-class ServicePart:
-    """One service as an app sees it: its event handlers, its REST router, its start-up hook.
+class ServicePart(Generic[S, D]):
+    """One service as an app sees it: its event handlers, its REST router, its settings and start-up.
+
+    ``settings`` is the service's settings class: the app loads it at start (its own ``DLFORGE_…``
+    variables from the environment, the common ones from the app's settings) and refuses to start
+    on a bad value. ``build`` turns the validated settings into the service's dependencies (its
+    plug-ins, clients, caches), once per process; handlers get them as ``ctx.deps``, routes through
+    :func:`deps_of`. Once every part was built, ``on_built`` gets this part's deps (start-up work that
+    needs them), then ``on_start`` runs; the workers start after both.
 
     ``also`` holds further consumers of the same service that must not wait behind its main one
-    (each its own consumer group and worker), e.g. the trainer's pruning decisions, which arrive
-    while the main worker is busy training.
+    (each its own consumer group and worker, without deps), e.g. the trainer's pruning decisions,
+    which arrive while the main worker is busy training.
     """
 
-    service: Service
+    service: Service[D]
     router: APIRouter | None = None
     on_start: Callable[[Backends], Awaitable[None]] | None = None
     prefix: str | None = None  # where the router goes when several services share an app
     also: tuple[Service, ...] = ()
+    settings: type[S] = CommonSettings  # type: ignore[assignment]
+    build: Callable[[S, Backends], Awaitable[D]] | None = None
+    on_built: Callable[[D, Backends], Awaitable[None]] | None = None
 
-    @property
-    def services(self) -> list[Service]:
-        return [self.service, *self.also]
+
+def settings_for(cls: type[S], common: CommonSettings) -> S:
+    """``cls`` settings of a process configured with ``common``: ``common`` itself if it is one, else
+    the environment's ``DLFORGE_…`` values of ``cls``'s own fields and ``common``'s common ones.
+
+    Raises ConfigError naming each bad variable.
+    """
+    if isinstance(common, cls):
+        return common
+    return load_settings(cls, **common.model_dump())
+
+
+def part_settings(parts: Sequence[ServicePart[Any, Any]], common: CommonSettings) -> list[CommonSettings]:
+    """Every part's validated settings, in order; one ConfigError naming every bad variable of every part."""
+    loaded: list[CommonSettings] = []
+    problems: list[str] = []
+    for part in parts:
+        try:
+            loaded.append(settings_for(part.settings, common))
+        except ConfigError as exc:
+            problem = str(exc).removeprefix("invalid settings: ")
+            if problem not in problems:  # parts that share a settings class fail alike
+                problems.append(problem)
+    if problems:
+        raise ConfigError("invalid settings: " + "; ".join(problems))
+    return loaded
+
+
+def deps_of(service: str, cls: type[T]) -> Callable[[Request], T]:
+    """A FastAPI dependency: the dependencies ``service``'s part built at start (of type ``cls``)."""
+
+    def dependency(request: Request) -> T:
+        deps = getattr(request.app.state, "deps", {}).get(service)
+        if not isinstance(deps, cls):
+            raise RuntimeError(f"the app has no {cls.__name__} for service {service!r}: was its part built?")
+        return deps
+
+    return dependency
 
 
 class TracingMiddleware:
@@ -114,7 +169,7 @@ def backends_of(request: Request) -> Backends:
 
 
 def create_app(
-    parts: Sequence[ServicePart],
+    parts: Sequence[ServicePart[Any, Any]],
     *,
     settings: CommonSettings | None = None,
     backends: Backends | None = None,
@@ -129,14 +184,37 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_telemetry(names[0] if len(names) == 1 else "dlforge")
         own = backends is None
-        b = backends or Backends.from_settings(settings or load_settings())
+        try:
+            common = backends.settings if backends is not None else (settings or load_settings())
+            loaded = part_settings(parts, common)  # before anything is opened: a bad variable stops here
+            b = backends or Backends.from_settings(common)
+        except ConfigError as exc:
+            app.state.startup_error = exc  # serve() reports it as a bad setting, not a crash
+            raise
         await b.start()
-        app.state.backends = b
-        for part in parts:
-            if part.on_start is not None:
-                await part.on_start(b)
+        try:
+            deps: dict[str, Any] = {}
+            for part, part_s in zip(parts, loaded, strict=True):
+                deps[part.service.name] = await part.build(part_s, b) if part.build is not None else None
+            app.state.settings = {p.service.name: s for p, s in zip(parts, loaded, strict=True)}
+            app.state.deps = deps
+            app.state.backends = b
+            for part in parts:
+                if part.on_built is not None:
+                    await part.on_built(deps[part.service.name], b)
+            for part in parts:
+                if part.on_start is not None:
+                    await part.on_start(b)
+        except BaseException as exc:
+            if isinstance(exc, ConfigError):
+                app.state.startup_error = exc
+            if own:
+                await b.stop()
+            raise
         stop = asyncio.Event()
-        workers = [Worker(s, b) for p in parts for s in p.services] if run_workers else []
+        workers: list[Worker[Any]] = [Worker(p.service, b, deps=deps[p.service.name]) for p in parts] if run_workers else []
+        if run_workers:
+            workers += [Worker(s, b, deps=None) for p in parts for s in p.also]
         app.state.workers = {w.service.name: w for w in workers}
         app.state.stop = stop
         tasks = [asyncio.create_task(w.run(stop), name=w.consumer) for w in workers]
@@ -158,6 +236,7 @@ def create_app(
         # FastAPI's own request spans would duplicate TracingMiddleware's (two SERVER spans per request)
         extra["telemetry"] = {"tracing": False}
     app = FastAPI(title=app_name, version="0.1.0", lifespan=lifespan, **extra)
+    app.state.parts = list(parts)
     app.add_middleware(ConcretePathsFirst, api=app)
     app.add_middleware(TracingMiddleware, service_name=app_name)
     app.add_middleware(BodyLimitMiddleware)  # request bodies stop being read at their route's limit
@@ -204,9 +283,18 @@ def create_app(
 def serve(app: FastAPI, settings: CommonSettings) -> None:
     """Run ``app`` with uvicorn; SIGTERM finishes in-flight events, then the process exits with 0.
 
-    Exits with status 3 if the app did not start (e.g. a backend could not be opened).
+    Every part's settings are validated first: a bad value exits with status 2 and a message naming
+    the variable, before anything is opened or served; so does a part whose dependencies cannot be
+    built from its settings. Exits with status 3 if the app did not start otherwise (e.g. a backend
+    could not be reached).
     """
     import uvicorn
+
+    try:
+        part_settings(getattr(app.state, "parts", []), settings)
+    except ConfigError as exc:
+        sys.stderr.write(f"dlforge: {exc}\n")
+        raise SystemExit(2) from exc
 
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="info",
                             timeout_graceful_shutdown=600)
@@ -223,6 +311,12 @@ def serve(app: FastAPI, settings: CommonSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop_gracefully)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    server.run()
+    try:
+        server.run()  # uvicorn itself exits with status 3 when the lifespan's start-up failed
+    finally:
+        error = getattr(app.state, "startup_error", None)
+        if not server.started and isinstance(error, ConfigError):  # a part could not be built from its settings
+            sys.stderr.write(f"dlforge: {error}\n")
+            raise SystemExit(2)
     if not server.started:
         raise SystemExit(3)

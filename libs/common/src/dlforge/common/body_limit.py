@@ -7,8 +7,9 @@ bytes the app pulls. Once the count passes the route's limit it raises a 413 :cl
 limit is refused at the first read, before any byte of the body.
 
 The limit is the route's own when its endpoint is marked with :func:`body_limit` (e.g. the
-labeler's upload: ``DLFORGE_LABELER_MAX_UPLOAD_BYTES``), else :data:`DEFAULT_MAX_BODY_BYTES`. It is
-looked up at the first read, when routing has put the endpoint in the ASGI scope.
+labeler's upload: ``DLFORGE_LABELER_MAX_UPLOAD_BYTES``, read from the labeler's settings that the
+app loaded at start), else :data:`DEFAULT_MAX_BODY_BYTES`. It is looked up at the first read, when
+routing has put the endpoint in the ASGI scope.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from typing_extensions import TypeVar as DefaultTypeVar
 
 from dlforge.common.settings import CommonSettings
 
@@ -25,18 +27,21 @@ DEFAULT_MAX_BODY_BYTES = 4 << 20
 """Every JSON body of the API fits (a label submission of 50,000 items is ~3 MB)."""
 
 _ATTRIBUTE = "__dlforge_body_limit__"
-Limit = Callable[[CommonSettings], int]
+S = DefaultTypeVar("S", bound=CommonSettings, default=CommonSettings)
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 
 
-def body_limit(limit: Limit) -> Callable[[Endpoint], Endpoint]:
+def body_limit(
+    limit: Callable[[S], int], *, settings: type[S] = CommonSettings  # type: ignore[assignment]
+) -> Callable[[Endpoint], Endpoint]:
     """Mark an endpoint whose request body may be larger (or must be smaller) than the default.
 
-    ``limit`` gets the process's settings and returns the largest body in bytes.
+    ``limit`` gets the ``settings`` the app loaded at start (a service's settings class: that
+    service's; default: the process's common settings) and returns the largest body in bytes.
     """
 
     def mark(endpoint: Endpoint) -> Endpoint:
-        setattr(endpoint, _ATTRIBUTE, limit)
+        setattr(endpoint, _ATTRIBUTE, (settings, limit))
         return endpoint
 
     return mark
@@ -53,13 +58,15 @@ class BodyTooLarge(HTTPException):
 
 
 def _limit_of(scope: Scope) -> int:
-    marked: Limit | None = getattr(scope.get("endpoint"), _ATTRIBUTE, None)
+    marked: tuple[type[CommonSettings], Callable[[Any], int]] | None = getattr(scope.get("endpoint"), _ATTRIBUTE,
+                                                                                None)
     if marked is None:
         return DEFAULT_MAX_BODY_BYTES
-    app = scope.get("app")
-    backends = getattr(getattr(app, "state", None), "backends", None)
-    settings = getattr(backends, "settings", None)
-    return marked(settings) if isinstance(settings, CommonSettings) else DEFAULT_MAX_BODY_BYTES
+    cls, limit = marked
+    state = getattr(scope.get("app"), "state", None)
+    loaded = [*getattr(state, "settings", {}).values(), getattr(getattr(state, "backends", None), "settings", None)]
+    settings = next((s for s in loaded if isinstance(s, cls)), None)  # the part's own, loaded at start
+    return limit(settings) if settings is not None else DEFAULT_MAX_BODY_BYTES
 
 
 def _declared_length(scope: Scope) -> int | None:

@@ -44,6 +44,8 @@ class Topic(StrEnum):
     MODEL_TRAINED = "model.trained"
     MODEL_OPTIMIZED = "model.optimized"
     RUN_FAILED = "run.failed"
+    RUN_CANCELLED = "run.cancelled"
+    RUN_DELETED = "run.deleted"
     DEAD_LETTER = "dlforge.dead-letter"
 
 
@@ -441,6 +443,22 @@ class RunFailed(Payload):
     event_id: str | None = Field(default=None, description="the event whose handling failed")
 
 
+class RunCancelled(Payload):
+    """A person cancelled the run: every service skips its further events and stops its long work."""
+
+    TOPIC = Topic.RUN_CANCELLED
+
+    reason: str = Field(max_length=2000)
+
+
+class RunDeleted(Payload):
+    """A finished run was deleted: every service removes its documents and objects of the run."""
+
+    TOPIC = Topic.RUN_DELETED
+
+    dataset_id: str | None = Field(default=None, description="the run's data set, if it had one")
+
+
 class DeadLetter(Payload):
     """A message that could not be handled: the reason, the original bytes and headers, the attempts."""
 
@@ -471,6 +489,8 @@ PAYLOAD_TYPES: dict[Topic, type[Payload]] = {
         ModelTrained,
         ModelOptimized,
         RunFailed,
+        RunCancelled,
+        RunDeleted,
         DeadLetter,
     )
 }

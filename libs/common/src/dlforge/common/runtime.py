@@ -12,6 +12,12 @@ A service declares a handler per topic. The :class:`Worker` owns the loop for on
    the offset. Fast events are settled in small batches: their emitted events are published
    together (pipelined) and their offsets committed together, always publish before commit.
 
+Run life cycle: the events of a run that was cancelled (``run.cancelled``, followed by
+:class:`~dlforge.common.cancellation.Cancellations` beside the loop) are committed without being
+handled; handlers ask ``await ctx.is_cancelled(run_id)`` between long steps. ``run.deleted`` reaches
+every consumer: its ``delete_run`` hook removes the service's documents and objects of the run,
+then the runtime drops the consumer's markers and cancellation record of the run.
+
 A crash anywhere before the commit redelivers the event; a marker makes the redelivery publish
 the stored outbox instead of running the handler again, so the state changes once. Emitted
 events keep their event ids when re-published, so their consumers skip the copies.
@@ -25,15 +31,17 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Generic, overload
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from typing_extensions import TypeVar
 
 from dlforge.common.backends import open_bus, open_docs, open_objects
 from dlforge.common.bus import Delivery, EventBus, Message, Subscription
+from dlforge.common.cancellation import Cancellations
 from dlforge.common.docs import DocumentStore
 from dlforge.common.errors import Conflict, PoisonMessage, RetryableError
 from dlforge.common.events import DeadLetter, Event, RunFailed, Topic, decode, encode
@@ -112,30 +120,54 @@ def _message(event: Event, raw: bytes) -> Message:
         return Message(event.event_type, key=event.key, value=raw, headers=inject_headers())
 
 
+async def _never_cancelled(run_id: str) -> bool:
+    return False
+
+
+D = TypeVar("D", default=None)
+"""A service's dependencies: what its start-up built from its settings (plug-ins, clients, caches)."""
+
+
 @dataclass
-class HandlerContext:
-    """What a handler may use besides its event."""
+class HandlerContext(Generic[D]):
+    """What a handler may use besides its event: the backends, and ``deps``, its service's typed
+    dependencies, built once when the process started (see :class:`dlforge.common.app.ServicePart`)."""
 
     service: str
     objects: ObjectStore
     docs: DocumentStore
     settings: CommonSettings
     bus: EventBus
+    deps: D
+    is_cancelled: Callable[[str], Coroutine[Any, Any, bool]] = _never_cancelled
+    """``await ctx.is_cancelled(run_id)``: True once the run was cancelled (long work stops at its next check)."""
 
 
 HandlerResult = Event | Sequence[Event] | None
-HandlerFn = Callable[[Event, HandlerContext], Awaitable[HandlerResult]]
+HandlerFn = Callable[[Event, HandlerContext[D]], Awaitable[HandlerResult]]
+DeleteRunFn = Callable[[Event, HandlerContext[D]], Awaitable[None]]
+LIFECYCLE = (Topic.RUN_CANCELLED, Topic.RUN_DELETED)
 
 
 @dataclass
-class Service:
-    """A stage: a name, and one handler per topic it consumes."""
+class Service(Generic[D]):
+    """A stage: a name, one handler per topic it consumes, and how it forgets a deleted run.
+
+    ``D`` is the type of its dependencies. ``delete_run`` (set with :meth:`deletes_runs`) removes the
+    service's own documents and objects of the ``run.deleted`` event's run; it must be idempotent
+    (a redelivery runs it again).
+    """
 
     name: str
-    handlers: dict[Topic, HandlerFn] = field(default_factory=dict)
+    handlers: dict[Topic, HandlerFn[D]] = field(default_factory=dict)
+    delete_run: DeleteRunFn[D] | None = None
 
-    def handles(self, topic: Topic) -> Callable[[HandlerFn], HandlerFn]:
-        def register(fn: HandlerFn) -> HandlerFn:
+    def deletes_runs(self, fn: DeleteRunFn[D]) -> DeleteRunFn[D]:
+        self.delete_run = fn
+        return fn
+
+    def handles(self, topic: Topic) -> Callable[[HandlerFn[D]], HandlerFn[D]]:
+        def register(fn: HandlerFn[D]) -> HandlerFn[D]:
             if topic in self.handlers:
                 raise ValueError(f"{self.name} already handles {topic.value}")
             self.handlers[topic] = fn
@@ -145,7 +177,11 @@ class Service:
 
     @property
     def consumes(self) -> list[Topic]:
-        return list(self.handlers)
+        """The topics the worker subscribes to: the handled ones and, for a consumer, ``run.deleted``."""
+        topics = list(self.handlers)
+        if topics and Topic.RUN_DELETED not in topics:
+            topics.append(Topic.RUN_DELETED)
+        return topics
 
     @property
     def group(self) -> str:
@@ -156,6 +192,7 @@ class Outcome(StrEnum):
     HANDLED = "handled"
     DUPLICATE = "duplicate"
     DEAD_LETTERED = "dead_lettered"
+    CANCELLED = "cancelled"  # an event of a cancelled run: committed, not handled
 
 
 @dataclass
@@ -187,8 +224,8 @@ class _Settle:
             self.task.result()
 
 
-class Worker:
-    """Runs one service's consume loop against the given backends.
+class Worker(Generic[D]):
+    """Runs one service's consume loop against the given backends, handing ``deps`` to its handlers.
 
     The loop takes the deliveries that are ready (at most ``max_batch``), handles them one by one
     in order, and then *settles* the handled ones together: publishes the events they emitted (in
@@ -199,16 +236,41 @@ class Worker:
     fast events.
     """
 
+    @overload
     def __init__(
-        self,
-        service: Service,
+        self: Worker[None],
+        service: Service[None],
         backends: Backends,
         *,
+        sleep: Callable[[float], Awaitable[Any]] = ...,
+        max_batch: int = ...,
+        settle_after: float = ...,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        service: Service[D],
+        backends: Backends,
+        *,
+        deps: D,
+        sleep: Callable[[float], Awaitable[Any]] = ...,
+        max_batch: int = ...,
+        settle_after: float = ...,
+    ) -> None: ...
+
+    def __init__(
+        self,
+        service: Service[Any],
+        backends: Backends,
+        *,
+        deps: Any = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         max_batch: int = 500,
         settle_after: float = 0.02,
     ) -> None:
-        self.service = service
+        self.service: Service[D] = service
+        self.deps: D = deps
         self.backends = backends
         self.settings = backends.settings
         self._sleep = sleep
@@ -218,14 +280,17 @@ class Worker:
         self.processed: dict[Outcome, int] = {o: 0 for o in Outcome}
         self.current: Event | None = None
         self.ready = asyncio.Event()
+        self.cancellations = Cancellations(self.consumer, bus=backends.bus, docs=backends.docs,
+                                           poll_seconds=self.settings.poll_seconds)
 
     @property
     def consumer(self) -> str:
         return self.service.group
 
-    def _context(self) -> HandlerContext:
+    def _context(self) -> HandlerContext[D]:
         b = self.backends
-        return HandlerContext(self.service.name, b.objects, b.docs, b.settings, b.bus)
+        return HandlerContext(self.service.name, b.objects, b.docs, b.settings, b.bus, self.deps,
+                              self.cancellations.is_cancelled)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; the in-flight event is finished and committed first."""
@@ -233,6 +298,25 @@ class Worker:
             self.ready.set()
             await stop.wait()
             return
+        await self.cancellations.load()
+        follower = asyncio.create_task(self._follow_cancellations(stop), name=f"{self.consumer} cancellations")
+        try:
+            await self._run(stop)
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+
+    async def _follow_cancellations(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.cancellations.follow(stop)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s: following run.cancelled failed; rejoining", self.consumer)
+                await self._sleep(self.settings.retry_base_seconds)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             sub = await self.backends.bus.subscribe(group=self.consumer, topics=self.service.consumes)
             self.ready.set()
@@ -329,6 +413,10 @@ class Worker:
             letters = self._dead_letter(delivery, reason=str(exc), attempts=0, event=None)
             return _Processed(delivery, Outcome.DEAD_LETTERED, started, letters)
 
+        if event.event_type not in LIFECYCLE and self.cancellations.skips(event.run_id):
+            log.info("%s: %s of cancelled run %s not handled", self.consumer, event.event_type.value, event.run_id)
+            return _Processed(delivery, Outcome.CANCELLED, started)
+
         marker_id = f"{self.consumer}:{event.event_id}"
         marker = await self.backends.docs.get(MARKERS, marker_id)
         if marker is not None:
@@ -336,6 +424,8 @@ class Worker:
             return self._duplicate(delivery, started, marker)
 
         handler = self.service.handlers.get(event.event_type)
+        if event.event_type is Topic.RUN_DELETED:
+            handler = self._deleting(handler)
         if handler is None:
             letters = self._dead_letter(delivery, reason=f"{self.consumer} has no handler for {event.event_type}",
                                         attempts=0, event=event)
@@ -391,6 +481,21 @@ class Worker:
         finally:
             detach(token)
 
+    def _deleting(self, own: HandlerFn[D] | None) -> HandlerFn[D]:
+        """``run.deleted``: the service's ``delete_run`` hook, its own handler, then the runtime's records."""
+        service = self.service
+
+        async def delete(event: Event, ctx: HandlerContext[D]) -> HandlerResult:
+            if service.delete_run is not None:
+                await service.delete_run(event, ctx)
+            result = await own(event, ctx) if own is not None else None
+            for marker in await ctx.docs.find(MARKERS, {"consumer": self.consumer, "run_id": event.run_id}):
+                await ctx.docs.delete(MARKERS, marker["_id"])
+            await self.cancellations.forget(event.run_id)
+            return result
+
+        return delete
+
     def _duplicate(self, delivery: Delivery, started: float, marker: dict[str, Any]) -> _Processed:
         if marker.get("published") or not marker.get("outbox"):
             return _Processed(delivery, Outcome.DUPLICATE, started)
@@ -400,7 +505,7 @@ class Worker:
         return _Processed(delivery, Outcome.DUPLICATE, started, messages, marker)
 
     async def _handle_with_retries(
-        self, handler: HandlerFn, event: Event
+        self, handler: HandlerFn[D], event: Event
     ) -> tuple[list[Event], str | None, int]:
         attempts = 0
         attrs = {"consumer": self.consumer, "topic": event.event_type.value}
@@ -456,13 +561,13 @@ class Worker:
         )
         run_id = event.run_id if event is not None else (delivery.key or "unknown")
         emitted = [Event.new(letter, run_id=run_id, causation_id=event.event_id if event else None)]
-        if event is not None and event.event_type not in (Topic.RUN_FAILED, Topic.DEAD_LETTER):
+        if event is not None and event.event_type not in (Topic.RUN_FAILED, Topic.DEAD_LETTER, *LIFECYCLE):
             emitted.append(event.follow(RunFailed(stage=self.service.name, reason=reason, event_id=event.event_id)))
         self._metrics.dead_lettered.add(1, {"consumer": self.consumer, "topic": delivery.topic})
         return [_message(e, encode(e)) for e in emitted]
 
 
-async def run_workers(workers: Sequence[Worker], stop: asyncio.Event) -> None:
+async def run_workers(workers: Sequence[Worker[Any]], stop: asyncio.Event) -> None:
     """Run several workers until ``stop``; one worker's crash stops the others and re-raises."""
     tasks = [asyncio.create_task(w.run(stop), name=w.consumer) for w in workers]
     try:

@@ -59,13 +59,14 @@ class InProcessTransport:
     def __init__(self, objects: Any = None, *, work_dir: str | Path | None = None) -> None:
         try:
             from dlforge.common.backends import open_objects
+            from dlforge.common.settings import load_settings
             from dlforge.trainer.handlers import TrainerConfig
-            from dlforge.trainer.settings import trainer_settings
+            from dlforge.trainer.settings import TrainerSettings
         except ImportError as exc:
             raise ImportError(
                 f"the in-process transport runs the trainer here: pip install 'dlforge-sdk[local]' ({exc})"
             ) from exc
-        settings = trainer_settings()
+        settings = load_settings(TrainerSettings)
         self.objects = open_objects(objects or settings.objects) if objects is None or isinstance(objects, str) \
             else objects
         config = TrainerConfig.from_settings(settings)

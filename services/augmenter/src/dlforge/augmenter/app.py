@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query
 from pydantic import BaseModel
 
 from dlforge.augmenter.settings import AugmenterSettings
-from dlforge.augmenter.worker import RUNS, SAMPLES, service
+from dlforge.augmenter.worker import RUNS, SAMPLES, AugmenterDeps, build_deps, service
 from dlforge.common.app import ServicePart, backends_of
 from dlforge.common.app import create_app as create_common_app
 from dlforge.common.classnames import ClassName
@@ -90,8 +90,10 @@ async def list_samples(
     return SamplePage(dataset_id=dataset_id, total=len(docs), offset=offset, limit=limit, samples=samples)
 
 
-def part() -> ServicePart:
-    return ServicePart(service=service, router=router)
+def part() -> ServicePart[AugmenterSettings, AugmenterDeps]:
+    from dlforge.augmenter.reconcile import reconcile
+
+    return ServicePart(service=service, router=router, on_start=reconcile, settings=AugmenterSettings, build=build_deps)
 
 
 def create_app(settings: AugmenterSettings | None = None) -> FastAPI:

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -39,14 +40,23 @@ from dlforge.augmenter.settings import AugmenterSettings
 from dlforge.common.errors import InvalidInput, NotFound, PoisonMessage, RetryableError
 from dlforge.common.events import AugmentationCount, DatasetAugmented, DatasetLabeled, Event, Topic
 from dlforge.common.objects import ObjectStore, check_key
-from dlforge.common.runtime import HandlerContext, Service
-from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.common.runtime import Backends, HandlerContext, Service
 from dlforge.vision.features import FeatureStore, feature_store
 from dlforge.vision.manifest import Item, Manifest, load_arrays, save_manifest
 
 log = logging.getLogger(__name__)
 
-service = Service("augmenter")
+
+@dataclass(frozen=True)
+class AugmenterDeps:
+    """What the augmenter builds once at start from its validated settings: its two plug-ins."""
+
+    settings: AugmenterSettings
+    generator: Generator
+    sample_filter: SampleFilter
+
+
+service = Service[AugmenterDeps]("augmenter")
 
 RUNS = "augmenter_runs"
 SAMPLES = "augmenter_samples"
@@ -54,13 +64,6 @@ SAMPLES = "augmenter_samples"
 
 def manifest_key(dataset_id: str) -> str:
     return f"augmenter/{dataset_id}/manifest.json"
-
-
-def augmenter_settings(settings: CommonSettings) -> AugmenterSettings:
-    """The process's settings if they are augmenter settings, else read from the environment."""
-    if isinstance(settings, AugmenterSettings):
-        return settings
-    return load_settings(AugmenterSettings, **settings.model_dump())
 
 
 def build_generator(settings: AugmenterSettings) -> Generator:
@@ -77,6 +80,12 @@ def build_filter(settings: AugmenterSettings, store: FeatureStore | None = None)
         batch_size=settings.augmenter_batch_size, threads=settings.augmenter_threads, store=store,
     )
     return ConfidenceFilter(extractor, threshold=settings.augmenter_threshold)
+
+
+async def build_deps(settings: AugmenterSettings, backends: Backends) -> AugmenterDeps:
+    """The generator and the X2 filter (reading features from the object store's feature store)."""
+    return AugmenterDeps(settings=settings, generator=build_generator(settings),
+                         sample_filter=build_filter(settings, feature_store(backends.objects)))
 
 
 def _relevant(payload: DatasetLabeled, settings: AugmenterSettings) -> dict[str, Any]:
@@ -131,7 +140,7 @@ def _event(event: Event, payload: DatasetLabeled, key: str, counts: list[Augment
 
 
 async def _augment_and_write(
-    ctx: HandlerContext,
+    ctx: HandlerContext[AugmenterDeps],
     manifest: Manifest,
     plans: list[ClassPlan],
     *,
@@ -167,9 +176,9 @@ async def _augment_and_write(
 
 
 @service.handles(Topic.DATASET_LABELED)
-async def on_dataset_labeled(event: Event, ctx: HandlerContext) -> Event:
+async def on_dataset_labeled(event: Event, ctx: HandlerContext[AugmenterDeps]) -> Event:
     payload = cast(DatasetLabeled, event.payload)
-    settings = augmenter_settings(ctx.settings)
+    settings = ctx.deps.settings
     started = time.perf_counter()
     started_at = datetime.now(UTC).isoformat()
     try:
@@ -202,8 +211,7 @@ async def on_dataset_labeled(event: Event, ctx: HandlerContext) -> Event:
     }
     await ctx.docs.upsert(RUNS, record)
 
-    generator = build_generator(settings)
-    sample_filter = build_filter(settings, feature_store(ctx.objects))
+    generator, sample_filter = ctx.deps.generator, ctx.deps.sample_filter
     config = AugmentConfig(
         seed=payload.options.seed, id_prefix=f"g{fp[:8]}", max_sources=settings.augmenter_max_sources,
         max_filter_train=settings.augmenter_filter_max_train, max_side=settings.augmenter_max_side,

@@ -22,7 +22,6 @@ import json
 import math
 import re
 import uuid
-from collections import OrderedDict
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -31,7 +30,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 
-from dlforge.common.app import ServicePart, backends_of
+from dlforge.common.app import ServicePart, backends_of, deps_of
 from dlforge.common.app import create_app as create_common_app
 from dlforge.common.body_limit import body_limit
 from dlforge.common.errors import Conflict, InvalidInput, NotFound
@@ -43,15 +42,16 @@ from dlforge.common.events import (
     PipelineOptions,
     Spec,
     UniqueClasses,
+    encode,
 )
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings, load_settings
 from dlforge.labeler import labels as labels_log
 from dlforge.labeler import records
-from dlforge.labeler.embeddings import load_embeddings
+from dlforge.labeler.embeddings import Embedder, load_embeddings
 from dlforge.labeler.handlers import check_labels
-from dlforge.labeler.index import FaissIndex, build_index, load_index
+from dlforge.labeler.index import SimilarSearch, build_index, load_index
 from dlforge.labeler.ingest import (
     MAX_LABEL_CHARS,
     FileTree,
@@ -66,11 +66,12 @@ from dlforge.labeler.ingest import (
     scan,
     valid_label,
 )
-from dlforge.labeler.settings import LabelerSettings, labeler_settings
-from dlforge.labeler.worker import index_key, service
+from dlforge.labeler.settings import LabelerSettings
+from dlforge.labeler.worker import LabelerDeps, build_deps, index_key, service
 from dlforge.vision.manifest import Duplicate, Rejection, load_manifest
 
 router = APIRouter(tags=["labeler"])
+Deps = Annotated[LabelerDeps, Depends(deps_of("labeler", LabelerDeps))]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 SIMULATED = "simulated"
@@ -366,10 +367,11 @@ def _open_and_scan(
                  "multipart/form-data": {"schema": _form_schema(with_file=True)},
                  "application/x-www-form-urlencoded": {"schema": _form_schema(with_file=False)},
                  "application/json": {"schema": DatasetRequest.model_json_schema()}}}})
-@body_limit(lambda settings: labeler_settings(settings).labeler_max_upload_bytes + FORM_FIELDS_BYTES)
-async def create_dataset(request: Request, backends: Annotated[Backends, Depends(backends_of)]) -> DatasetCreated:
+@body_limit(lambda settings: settings.labeler_max_upload_bytes + FORM_FIELDS_BYTES, settings=LabelerSettings)
+async def create_dataset(request: Request, backends: Annotated[Backends, Depends(backends_of)],
+                         deps: Deps) -> DatasetCreated:
     """Ingest a zip upload or a server-side folder; emits ``dataset.uploaded``."""
-    settings = labeler_settings(backends.settings)
+    settings = deps.settings
     req, upload = await _parse(request, settings)
     tree, result = await asyncio.to_thread(_open_and_scan, req, upload, settings)
     try:
@@ -425,13 +427,16 @@ async def import_dataset(
         manifest = await asyncio.to_thread(persist, backends.objects, tree, dataset_id=dataset_id, name=name,
                                            result=result.model_copy(update={"classes": classes}))
         written = [i.key for i in manifest.items] + [manifest_key(dataset_id)]
-        record = await records.change(backends.docs, record, state="ingested")
-        event = Event.new(DatasetUploaded(
+        event = records.uploaded_event(record, DatasetUploaded(
             dataset_id=dataset_id, name=name, item_count=len(manifest.items), classes=classes,
             labeled_count=result.labeled_count, rejected_count=len(result.rejected),
             duplicate_count=len(result.duplicates), manifest_key=manifest_key(dataset_id), spec=req.spec,
             options=req.options,
-        ), run_id=run_id)
+        ))
+        # the event goes with the record: a restart before (or after) the publish publishes it again
+        # under the same id (see reconcile.py), so it is handled once
+        record = await records.change(backends.docs, record, state="ingested",
+                                      uploaded_event=encode(event).decode())
         await backends.publish(event)
     except BaseException:
         # persist() removes its own partial writes; after it, undo everything of this dataset
@@ -471,10 +476,10 @@ async def get_dataset(dataset_id: str, backends: Annotated[Backends, Depends(bac
 
 @router.get("/datasets/{dataset_id}/queue", response_model=Queue, responses=error_responses(404))
 async def get_queue(dataset_id: str, request: Request,
-                    backends: Annotated[Backends, Depends(backends_of)]) -> Queue:
+                    backends: Annotated[Backends, Depends(backends_of)], deps: Deps) -> Queue:
     """The items of the batch waiting for a person, with image URLs."""
     record = await records.load(backends.docs, dataset_id)
-    settings = labeler_settings(backends.settings)
+    settings = deps.settings
     batch = record.get("current_batch") or {}
     inbox = await labels_log.load_inbox(backends.docs, dataset_id)
     if inbox is not None and batch and inbox.get("batch_id") == batch.get("batch_id"):
@@ -546,24 +551,12 @@ async def get_item_image(dataset_id: str, item_id: str,
     return Response(content=data, media_type=info.content_type)
 
 
-class _Search:
-    def __init__(self, ids: list[str], names: list[str], vectors: np.ndarray, index: FaissIndex) -> None:
-        self.ids = ids
-        self.names = names
-        self.vectors = vectors
-        self.index = index
-        self.row = {i: n for n, i in enumerate(ids)}
-        self.by_name = {nm: n for n, nm in enumerate(names)}
-
-
-_SEARCHES: OrderedDict[str, _Search] = OrderedDict()
-
-
-def _load_search(backends: Backends, record: dict[str, Any], settings: LabelerSettings) -> _Search:
+def _load_search(backends: Backends, record: dict[str, Any], deps: LabelerDeps) -> SimilarSearch:
+    settings, searches = deps.settings, deps.searches
     key = record["embeddings_key"]
-    cached = _SEARCHES.get(key)
+    cached = searches.get(key)
     if cached is not None:
-        _SEARCHES.move_to_end(key)
+        searches.move_to_end(key)
         return cached
     manifest = load_manifest(backends.objects, record["manifest_key"])
     ids = [i.item_id for i in manifest.items]
@@ -576,10 +569,10 @@ def _load_search(backends: Backends, record: dict[str, Any], settings: LabelerSe
                            backend=settings.labeler_index)
     except NotFound:
         index = build_index(vectors, backend=settings.labeler_index)
-    search = _Search(ids, [i.name for i in manifest.items], vectors, index)
-    _SEARCHES[key] = search
-    while len(_SEARCHES) > 4:
-        _SEARCHES.popitem(last=False)
+    search = SimilarSearch(ids, [i.name for i in manifest.items], vectors, index)
+    searches[key] = search
+    while len(searches) > 4:
+        searches.popitem(last=False)
     return search
 
 
@@ -587,6 +580,7 @@ def _load_search(backends: Backends, record: dict[str, Any], settings: LabelerSe
 async def similar(
     dataset_id: str,
     backends: Annotated[Backends, Depends(backends_of)],
+    deps: Deps,
     item: Annotated[str, Query(min_length=1, max_length=1000, description="item id or file name")],
     k: Annotated[int, Query(ge=1, le=200)] = 10,
 ) -> Similar:
@@ -595,8 +589,7 @@ async def similar(
     if not record.get("embeddings_key"):
         raise InvalidInput(f"dataset {dataset_id!r}: the embeddings are not ready yet (state "
                            f"{record.get('state')})", status_code=409)
-    settings = labeler_settings(backends.settings)
-    search = await asyncio.to_thread(_load_search, backends, record, settings)
+    search = await asyncio.to_thread(_load_search, backends, record, deps)
     row = search.row.get(item, search.by_name.get(item))
     if row is None:
         raise NotFound(f"dataset {dataset_id!r} has no item {item!r}")
@@ -615,17 +608,15 @@ async def similar(
 # ------------------------------------------------------------------------------------------
 
 
-_ITEM_IDS: OrderedDict[str, frozenset[str]] = OrderedDict()
-
-
-async def _refuse_outside(backends: Backends, dataset_id: str, outside: list[str]) -> None:
+async def _refuse_outside(backends: Backends, deps: LabelerDeps, dataset_id: str, outside: list[str]) -> None:
     """404 for item ids the dataset does not have, else 409 for items nobody asked people about."""
-    ids = _ITEM_IDS.get(dataset_id)
+    item_ids = deps.item_ids
+    ids = item_ids.get(dataset_id)
     if ids is None:
         manifest = await asyncio.to_thread(load_manifest, backends.objects, manifest_key(dataset_id))
-        ids = _ITEM_IDS[dataset_id] = frozenset(i.item_id for i in manifest.items)
-        while len(_ITEM_IDS) > 16:
-            _ITEM_IDS.popitem(last=False)
+        ids = item_ids[dataset_id] = frozenset(i.item_id for i in manifest.items)
+        while len(item_ids) > 16:
+            item_ids.popitem(last=False)
     unknown = sorted(i for i in outside if i not in ids)
     if unknown:
         raise InvalidInput(f"dataset {dataset_id!r} has no item(s) {', '.join(repr(i) for i in unknown[:10])}",
@@ -653,8 +644,8 @@ no stale class stays in the counts, the training rows or the labeled manifest.
 
 @router.post("/labels", status_code=202, response_model=LabelsAccepted, description=_LABELS_DESCRIPTION.strip(),
              responses=error_responses(404, 409, 503))
-async def submit_labels(body: LabelSubmission,
-                        backends: Annotated[Backends, Depends(backends_of)]) -> LabelsAccepted:
+async def submit_labels(body: LabelSubmission, backends: Annotated[Backends, Depends(backends_of)],
+                        deps: Deps) -> LabelsAccepted:
     """Store a person's labels or corrections; emits ``labels.submitted``."""
     dataset_id = body.dataset_id
     event_id = uuid.uuid4().hex
@@ -684,7 +675,7 @@ async def submit_labels(body: LabelSubmission,
             continue
         outside = sorted(i for i in body.labels if i not in batch.asked)
         if outside:
-            await _refuse_outside(backends, dataset_id, outside)
+            await _refuse_outside(backends, deps, dataset_id, outside)
         clean, new = check_labels(body.labels, classes=labels_log.known_classes(inbox),
                                   allow_new_classes=bool(inbox.get("allow_new_classes", True)))
         submitted = labels_log.entry(event_id=event_id, batch_id=body.batch_id, annotator=body.annotator,
@@ -729,10 +720,16 @@ async def get_labels(
 # ------------------------------------------------------------------------------------------
 
 
-def part() -> ServicePart:
-    return ServicePart(service=service, router=router)
+def part(*, embedder: Embedder | None = None) -> ServicePart[LabelerSettings, LabelerDeps]:
+    """The labeler as a part of an app; ``embedder`` replaces the configured one (tests of the loop's logic)."""
+    from dlforge.labeler.reconcile import reconcile
+
+    async def build(settings: LabelerSettings, backends: Backends) -> LabelerDeps:
+        return await build_deps(settings, backends, embedder=embedder)
+
+    return ServicePart(service=service, router=router, settings=LabelerSettings, build=build, on_start=reconcile)
 
 
-def create_app(settings: CommonSettings | None = None) -> FastAPI:
+def create_app(settings: CommonSettings | None = None, *, embedder: Embedder | None = None) -> FastAPI:
     """The labeler alone: its API and its worker."""
-    return create_common_app([part()], settings=settings or load_settings(LabelerSettings))
+    return create_common_app([part(embedder=embedder)], settings=settings or load_settings(LabelerSettings))

@@ -110,11 +110,6 @@ EmbedderFactory = Callable[..., Embedder]
 EMBEDDERS: dict[str, EmbedderFactory] = {"efficientnet_lite0": EfficientNetLite0Embedder}
 
 
-def register_embedder(name: str, factory: EmbedderFactory) -> None:
-    """Make another backbone available to ``DLFORGE_LABELER_EMBEDDER``."""
-    EMBEDDERS[name] = factory
-
-
 def make_embedder(name: str, *, size: int = 224, threads: int = 2, runtime: str = "onnxruntime") -> Embedder:
     try:
         factory = EMBEDDERS[name]

@@ -7,6 +7,7 @@ Euclidean distance). ``faiss-cpu`` is the default; ``faiss-gpu`` is imported laz
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -86,3 +87,19 @@ def load_index(data: bytes, *, backend: str = "faiss-cpu") -> FaissIndex:
     faiss = _faiss(backend)
     index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     return FaissIndex(_place(faiss, index, backend), faiss, on_gpu=backend == "faiss-gpu")
+
+
+@dataclass
+class SimilarSearch:
+    """One dataset's items, their embeddings and their index, ready for similar-item queries."""
+
+    ids: list[str]
+    names: list[str]
+    vectors: np.ndarray
+    index: VectorIndex
+    row: dict[str, int] = field(init=False)
+    by_name: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.row = {i: n for n, i in enumerate(self.ids)}
+        self.by_name = {nm: n for n, nm in enumerate(self.names)}

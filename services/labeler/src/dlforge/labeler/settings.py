@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
-from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.common.settings import CommonSettings
 
 
 class LabelerSettings(CommonSettings):
@@ -61,15 +61,16 @@ class LabelerSettings(CommonSettings):
             return [p.strip() for p in parts if p.strip()]
         return v
 
+    @field_validator("labeler_embedder")
+    @classmethod
+    def _embedder(cls, v: str) -> str:
+        from dlforge.labeler.embeddings import EMBEDDERS
+
+        if v not in EMBEDDERS:
+            raise ValueError(f"unknown embedder {v!r}; known: {', '.join(EMBEDDERS)}")
+        return v
+
     @property
     def import_roots(self) -> list[Path]:
         return [Path(p).expanduser().resolve() for p in self.labeler_import_roots]
 
-
-def labeler_settings(settings: CommonSettings | None) -> LabelerSettings:
-    """The labeler's settings: ``settings`` itself if it is one, else its common values plus the environment."""
-    if isinstance(settings, LabelerSettings):
-        return settings
-    if settings is None:
-        return load_settings(LabelerSettings)
-    return load_settings(LabelerSettings, **settings.model_dump())

@@ -5,7 +5,7 @@ It is a separate service, ``Service("annotator-sim")``, used by the demo, the be
 (:func:`register_answers`: a JSON object ``annotator-sim/<dataset_id>.json`` mapping item name, or
 item id, to label; :func:`load_answers_csv` reads such a mapping from a CSV). For each batch it
 emits ``labels.submitted`` with ``annotator="simulated"``. A dataset without registered answers
-is left to people (after waiting ``DLFORGE_ANNOTATOR_SIM_WAIT_SECONDS`` for them to appear); a
+is left to people (after waiting ``DLFORGE_ANNOTATOR_SIM_WAIT_SECONDS``, default 10, for them to appear); a
 batch naming an item the answers do not cover is a poison message (the run fails, loudly).
 """
 
@@ -13,23 +13,46 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from pydantic import Field
+
 from dlforge.common.app import ServicePart
 from dlforge.common.errors import InvalidInput, NotFound, PoisonMessage
-from dlforge.common.events import Event, LabelsRequested, LabelsSubmitted, Topic
+from dlforge.common.events import Event, LabelsRequested, LabelsSubmitted, RunDeleted, Topic
 from dlforge.common.objects import ObjectStore
-from dlforge.common.runtime import HandlerContext, HandlerResult, Service
+from dlforge.common.runtime import Backends, HandlerContext, HandlerResult, Service
+from dlforge.common.settings import CommonSettings
 from dlforge.labeler.ingest import manifest_key, parse_csv
 from dlforge.vision.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
 ANNOTATOR = "simulated"
-service = Service("annotator-sim")
+
+
+class AnnotatorSimSettings(CommonSettings):
+    """The simulated annotator's settings (``DLFORGE_ANNOTATOR_SIM_…``)."""
+
+    annotator_sim_wait_seconds: float = Field(
+        default=10.0, ge=0.0, le=3600.0, description="how long a batch waits for its dataset's answers to be "
+        "registered before it is left to people")
+
+
+@dataclass(frozen=True)
+class AnnotatorSim:
+    """The simulated annotator's dependencies: how long it waits for answers."""
+
+    wait_seconds: float = 10.0
+
+
+async def build_deps(settings: AnnotatorSimSettings, backends: Backends) -> AnnotatorSim:
+    return AnnotatorSim(wait_seconds=settings.annotator_sim_wait_seconds)
+
+
+service = Service[AnnotatorSim]("annotator-sim")
 
 
 def answers_key(dataset_id: str) -> str:
@@ -132,19 +155,12 @@ def _names_in(data: bytes) -> list[str]:
     return sorted(c.lstrip("./") if c.startswith("./") else c for c in cells if c.lower().endswith(IMAGE_EXTS))
 
 
-def _wait_seconds() -> float:
-    try:
-        return float(os.environ.get("DLFORGE_ANNOTATOR_SIM_WAIT_SECONDS", "10"))
-    except ValueError:
-        return 10.0
-
-
 @service.handles(Topic.LABELS_REQUESTED)
-async def answer(event: Event, ctx: HandlerContext) -> HandlerResult:
+async def answer(event: Event, ctx: HandlerContext[AnnotatorSim]) -> HandlerResult:
     request = event.payload
     assert isinstance(request, LabelsRequested)
     key = answers_key(request.dataset_id)
-    deadline = asyncio.get_running_loop().time() + _wait_seconds()
+    deadline = asyncio.get_running_loop().time() + ctx.deps.wait_seconds
     while True:
         try:
             answers: dict[str, str] = await asyncio.to_thread(ctx.objects.get_json, key)
@@ -174,6 +190,15 @@ async def answer(event: Event, ctx: HandlerContext) -> HandlerResult:
                                         annotator=ANNOTATOR))
 
 
-def part() -> ServicePart:
+@service.deletes_runs
+async def forget_answers(event: Event, ctx: HandlerContext[AnnotatorSim]) -> None:
+    """A deleted run's data set: its registered answers go too."""
+    payload = event.payload
+    assert isinstance(payload, RunDeleted)
+    if payload.dataset_id is not None:
+        await asyncio.to_thread(ctx.objects.delete, answers_key(payload.dataset_id))
+
+
+def part() -> ServicePart[AnnotatorSimSettings, AnnotatorSim]:
     """The simulated annotator as a part of an app (no REST endpoints)."""
-    return ServicePart(service=service)
+    return ServicePart(service=service, settings=AnnotatorSimSettings, build=build_deps)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,7 +33,7 @@ from dlforge.common.events import (
     Topic,
 )
 from dlforge.common.objects import ObjectStore
-from dlforge.common.runtime import HandlerContext, HandlerResult, Service
+from dlforge.common.runtime import Backends, HandlerContext, HandlerResult, Service
 from dlforge.labeler import handlers, labels, records
 from dlforge.labeler.classifier import LabelClassifier, make_classifier
 from dlforge.labeler.embeddings import (
@@ -42,35 +44,40 @@ from dlforge.labeler.embeddings import (
     make_embedder,
     save_embeddings,
 )
-from dlforge.labeler.index import build_index, normalize
+from dlforge.labeler.index import SimilarSearch, build_index, normalize
 from dlforge.labeler.ingest import dataset_prefix
-from dlforge.labeler.settings import LabelerSettings, labeler_settings
-from dlforge.labeler.strategies import make_strategy
+from dlforge.labeler.settings import LabelerSettings
+from dlforge.labeler.strategies import QueryStrategy, make_strategy
 from dlforge.vision.manifest import Manifest, load_manifest, save_manifest
 
 log = logging.getLogger(__name__)
 
-service = Service("labeler")
-
-_EMBEDDERS: dict[tuple[str, int, int, str], Embedder] = {}
-_embedder_override: Embedder | None = None
 
 
-def use_embedder(embedder: Embedder | None) -> None:
-    """Make every dataset use ``embedder`` (tests and benchmarks); None restores the configured one."""
-    global _embedder_override
-    _embedder_override = embedder
+@dataclass
+class LabelerDeps:
+    """What the labeler builds once at start from its validated settings: its plug-ins, and the API's
+    caches of the last few datasets' similar-item searches and item ids."""
+
+    settings: LabelerSettings
+    embedder: Embedder
+    strategy: QueryStrategy
+    classifier: LabelClassifier
+    searches: OrderedDict[str, SimilarSearch] = field(default_factory=OrderedDict)
+    item_ids: OrderedDict[str, frozenset[str]] = field(default_factory=OrderedDict)
 
 
-def embedder_for(settings: LabelerSettings) -> Embedder:
-    if _embedder_override is not None:
-        return _embedder_override
-    key = (settings.labeler_embedder, settings.labeler_embed_size, settings.labeler_threads,
-           settings.labeler_embed_runtime)
-    if key not in _EMBEDDERS:
-        _EMBEDDERS[key] = make_embedder(settings.labeler_embedder, size=settings.labeler_embed_size,
-                                        threads=settings.labeler_threads, runtime=settings.labeler_embed_runtime)
-    return _EMBEDDERS[key]
+async def build_deps(settings: LabelerSettings, backends: Backends, *, embedder: Embedder | None = None) -> LabelerDeps:
+    """The configured embedder (or ``embedder``: tests of the loop's logic pass a stub), query strategy
+    and classifier."""
+    if embedder is None:
+        embedder = make_embedder(settings.labeler_embedder, size=settings.labeler_embed_size,
+                                 threads=settings.labeler_threads, runtime=settings.labeler_embed_runtime)
+    return LabelerDeps(settings=settings, embedder=embedder, strategy=make_strategy(settings.labeler_query_strategy),
+                       classifier=make_classifier(settings.labeler_classifier, threads=settings.labeler_threads))
+
+
+service = Service[LabelerDeps]("labeler")
 
 
 def index_key(dataset_id: str, embedder_name: str) -> str:
@@ -81,11 +88,9 @@ def labeled_key(dataset_id: str) -> str:
     return f"{dataset_prefix(dataset_id)}/labeled.json"
 
 
-def ensure_embeddings(
-    objects: ObjectStore, manifest: Manifest, settings: LabelerSettings
-) -> tuple[np.ndarray, str]:
+def ensure_embeddings(objects: ObjectStore, manifest: Manifest, deps: LabelerDeps) -> tuple[np.ndarray, str]:
     """The dataset's L2-normalized embeddings (computed once, then read back) and their object key."""
-    embedder = embedder_for(settings)
+    embedder, settings = deps.embedder, deps.settings
     key = embeddings_key(manifest.dataset_id, embedder.name)
     ids = [i.item_id for i in manifest.items]
     vectors = load_embeddings(objects, key, ids)
@@ -97,17 +102,18 @@ def ensure_embeddings(
     return normalize(vectors), key
 
 
-def _strategy(settings: LabelerSettings) -> Any:
-    return make_strategy(settings.labeler_query_strategy)
-
-
-def _classifier(settings: LabelerSettings) -> LabelClassifier:
-    return make_classifier(settings.labeler_classifier, threads=settings.labeler_threads)
-
-
 def _request(event: Event, dataset_id: str, rnd: int, batch: handlers.Batch, ids: list[str]) -> Event:
     return event.follow(LabelsRequested(dataset_id=dataset_id, batch_id=f"{dataset_id}-r{rnd}", round=rnd,
                                         item_ids=[ids[int(r)] for r in batch.rows], reason=batch.reason))
+
+
+async def _replay(event: Event, ctx: HandlerContext[LabelerDeps], record: dict[str, Any]) -> HandlerResult:
+    """``event`` advanced the round before a crash: bring the label inbox up to the record, emit what it emitted."""
+    if record.get("state") == "labeling" and record.get("current_batch"):
+        await labels.sync_batch(ctx.docs, record)
+    elif record.get("state") == "labeled":
+        await labels.close(ctx.docs, record, reason="labeled")
+    return _resume(event, record)
 
 
 def _resume(event: Event, record: dict[str, Any]) -> HandlerResult:
@@ -119,7 +125,7 @@ def _resume(event: Event, record: dict[str, Any]) -> HandlerResult:
     return None
 
 
-async def _record_failure(ctx: HandlerContext, dataset_id: str, exc: BaseException) -> None:
+async def _record_failure(ctx: HandlerContext[LabelerDeps], dataset_id: str, exc: BaseException) -> None:
     """Mark the dataset failed with the reason (the runtime dead-letters the event and emits run.failed)."""
     try:
         record = await ctx.docs.get(records.DATASETS, dataset_id)
@@ -131,7 +137,7 @@ async def _record_failure(ctx: HandlerContext, dataset_id: str, exc: BaseExcepti
 
 
 @service.handles(Topic.DATASET_UPLOADED)
-async def on_dataset_uploaded(event: Event, ctx: HandlerContext) -> HandlerResult:
+async def on_dataset_uploaded(event: Event, ctx: HandlerContext[LabelerDeps]) -> HandlerResult:
     payload = event.payload
     assert isinstance(payload, DatasetUploaded)
     try:
@@ -143,10 +149,9 @@ async def on_dataset_uploaded(event: Event, ctx: HandlerContext) -> HandlerResul
         raise
 
 
-async def _start_labeling(event: Event, ctx: HandlerContext) -> HandlerResult:
+async def _start_labeling(event: Event, ctx: HandlerContext[LabelerDeps]) -> HandlerResult:
     payload = event.payload
     assert isinstance(payload, DatasetUploaded)
-    settings = labeler_settings(ctx.settings)
     record = await ctx.docs.get(records.DATASETS, payload.dataset_id)
     if record is None:
         raise PoisonMessage(f"dataset {payload.dataset_id} has no record in {records.DATASETS}")
@@ -156,7 +161,7 @@ async def _start_labeling(event: Event, ctx: HandlerContext) -> HandlerResult:
         return _resume(event, record)
     record = await records.change(ctx.docs, record, state="embedding")
     manifest = await asyncio.to_thread(load_manifest, ctx.objects, payload.manifest_key)
-    vectors, key = await asyncio.to_thread(ensure_embeddings, ctx.objects, manifest, settings)
+    vectors, key = await asyncio.to_thread(ensure_embeddings, ctx.objects, manifest, ctx.deps)
     options = payload.options
     ids = [i.item_id for i in manifest.items]
     n = len(ids)
@@ -176,13 +181,14 @@ async def _start_labeling(event: Event, ctx: HandlerContext) -> HandlerResult:
         human_labels={}, rounds=[], classes=list(manifest.classes), base_classes=list(manifest.classes),
     )
     if len(batch.rows) == 0:  # nothing to ask: every test item was labeled already
-        return await _advance(event, ctx, record, manifest, vectors, settings, rnd=1)
+        return await _advance(event, ctx, record, manifest, vectors, rnd=1)
     request = _request(event, payload.dataset_id, 1, batch, ids)
     await _open_batch(ctx, record, request)
     return request
 
 
-async def _open_batch(ctx: HandlerContext, record: dict[str, Any], request: Event) -> dict[str, Any]:
+async def _open_batch(ctx: HandlerContext[LabelerDeps], record: dict[str, Any], request: Event, *,
+                      advanced_by: str | None = None) -> dict[str, Any]:
     req = request.payload
     assert isinstance(req, LabelsRequested)
     rounds = list(record.get("rounds", []))
@@ -194,14 +200,14 @@ async def _open_batch(ctx: HandlerContext, record: dict[str, Any], request: Even
         ctx.docs, record, state="labeling", rounds=rounds, counts=counts,
         current_batch={"batch_id": req.batch_id, "round": req.round, "reason": req.reason,
                        "item_ids": list(req.item_ids)},
-        request_event=req.model_dump(mode="json"),
+        request_event=req.model_dump(mode="json"), advanced_by=advanced_by,
     )
     await labels.sync_batch(ctx.docs, record)
     return record
 
 
 @service.handles(Topic.LABELS_SUBMITTED)
-async def on_labels_submitted(event: Event, ctx: HandlerContext) -> HandlerResult:
+async def on_labels_submitted(event: Event, ctx: HandlerContext[LabelerDeps]) -> HandlerResult:
     payload = event.payload
     assert isinstance(payload, LabelsSubmitted)
     try:
@@ -213,13 +219,17 @@ async def on_labels_submitted(event: Event, ctx: HandlerContext) -> HandlerResul
         raise
 
 
-async def _take_labels(event: Event, ctx: HandlerContext) -> HandlerResult:
+async def _take_labels(event: Event, ctx: HandlerContext[LabelerDeps]) -> HandlerResult:
     payload = event.payload
     assert isinstance(payload, LabelsSubmitted)
-    settings = labeler_settings(ctx.settings)
     dataset_id = payload.dataset_id
     inbox = await labels.load_inbox(ctx.docs, dataset_id)
     record: dict[str, Any] | None = None
+    if inbox is not None and inbox.get("advanced_by") == event.event_id:
+        # this very event closed the batch and its round was recorded, but the crash came before the
+        # runtime's marker: emit what the round emitted (once: the marker is written with it now)
+        record = await records.load(ctx.docs, dataset_id)
+        return await _replay(event, ctx, record)
     if payload.sequence is None:  # straight from the bus (the simulated annotator, another producer)
         record = await ctx.docs.get(records.DATASETS, dataset_id)
         if record is None:
@@ -254,6 +264,8 @@ async def _take_labels(event: Event, ctx: HandlerContext) -> HandlerResult:
     record = record or await ctx.docs.get(records.DATASETS, dataset_id)
     if record is None:
         raise PoisonMessage(f"labels for unknown dataset {dataset_id}")
+    if record.get("advanced_by") == event.event_id:
+        return await _replay(event, ctx, record)
     batch = record.get("current_batch")
     if record.get("state") != "labeling" or not batch or batch["batch_id"] != inbox.get("batch_id"):
         return None
@@ -262,17 +274,16 @@ async def _take_labels(event: Event, ctx: HandlerContext) -> HandlerResult:
         raise RetryableError(f"dataset {dataset_id}: the label inbox says batch {batch['batch_id']} is answered, "
                              "the labels do not (yet)")
     manifest = await asyncio.to_thread(load_manifest, ctx.objects, record["manifest_key"])
-    vectors, _ = await asyncio.to_thread(ensure_embeddings, ctx.objects, manifest, settings)
-    return await _advance(event, ctx, record, manifest, vectors, settings, rnd=int(batch["round"]) + 1)
+    vectors, _ = await asyncio.to_thread(ensure_embeddings, ctx.objects, manifest, ctx.deps)
+    return await _advance(event, ctx, record, manifest, vectors, rnd=int(batch["round"]) + 1)
 
 
 async def _advance(
     event: Event,
-    ctx: HandlerContext,
+    ctx: HandlerContext[LabelerDeps],
     record: dict[str, Any],
     manifest: Manifest,
     vectors: np.ndarray,
-    settings: LabelerSettings,
     *,
     rnd: int,
 ) -> HandlerResult:
@@ -290,8 +301,8 @@ async def _advance(
         return view, handlers.run_round(
             vectors, labels=view.labels, human=view.human, representative=view.representative,
             calibration=handlers.random_sample(view.labels, splits, asked_val=asked_val),
-            n_classes=len(view.classes), options=options, strategy=_strategy(settings),
-            classifier=_classifier(settings), rng=handlers.rng_for(dataset_id, options.seed, f"round-{rnd}"),
+            n_classes=len(view.classes), options=options, strategy=ctx.deps.strategy,
+            classifier=ctx.deps.classifier, rng=handlers.rng_for(dataset_id, options.seed, f"round-{rnd}"),
             seed=options.seed)
 
     view, result = await asyncio.to_thread(fit, record)
@@ -328,7 +339,7 @@ async def _advance(
                                                                   strict=True)})
         record = await records.change(ctx.docs, record, rounds=rounds, counts=counts, asked=asked)
         request = _request(event, dataset_id, rnd, result.next_batch, ids)
-        await _open_batch(ctx, record, request)
+        await _open_batch(ctx, record, request, advanced_by=event.event_id)
         return request
 
     decision = handlers.decide_auto_labels(result, known=~unlabeled, classes=classes, options=options)
@@ -360,6 +371,7 @@ async def _advance(
     )
     record = await records.change(ctx.docs, record, state="labeled", rounds=rounds, counts=counts,
                                   current_batch=None, labels_key=key, result=summary,
-                                  labeled_event=labeled_event.model_dump(mode="json"))
+                                  labeled_event=labeled_event.model_dump(mode="json"),
+                                  advanced_by=event.event_id)
     await labels.close(ctx.docs, record, reason="labeled")
     return event.follow(labeled_event)

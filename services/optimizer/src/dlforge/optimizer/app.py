@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Query, UploadFile
 
-from dlforge.common.app import ServicePart, backends_of
+from dlforge.common.app import ServicePart, backends_of, deps_of
 from dlforge.common.app import create_app as create_common_app
 from dlforge.common.body_limit import body_limit
 from dlforge.common.errors import InvalidInput, NotFound
@@ -16,10 +16,11 @@ from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
 from dlforge.optimizer.predictor import Prediction, Predictor
-from dlforge.optimizer.settings import optimizer_settings
-from dlforge.optimizer.worker import REPORTS, service
+from dlforge.optimizer.settings import OptimizerSettings
+from dlforge.optimizer.worker import REPORTS, OptimizerDeps, build_deps, service
 
 router = APIRouter(tags=["optimizer"])
+Deps = Annotated[OptimizerDeps, Depends(deps_of("optimizer", OptimizerDeps))]
 
 MAX_IMAGE_BYTES = 32 * 2**20
 FORM_FIELDS_BYTES = 64 << 10  # the multipart framing around the image
@@ -54,14 +55,13 @@ async def get_report(
     }
 
 
-async def _predictor(request: Request, backends: Backends, doc: dict[str, Any], variant: str | None) -> Predictor:
-    cache: dict[tuple[str, str | None], Predictor] | None = getattr(request.app.state, "optimizer_predictors", None)
-    if cache is None:
-        cache = request.app.state.optimizer_predictors = {}
+async def _predictor(deps: OptimizerDeps, backends: Backends, doc: dict[str, Any], variant: str | None
+                     ) -> Predictor:
+    cache = deps.predictors
     cache_key = (doc["report_key"], variant)
     predictor = cache.get(cache_key)
     if predictor is None:
-        settings = optimizer_settings(backends.settings)
+        settings = deps.settings
         predictor = await asyncio.to_thread(
             Predictor.load, backends.objects, doc["report_key"],
             cache_dir=Path(settings.work_dir) / "optimizer" / "models", variant=variant,
@@ -74,7 +74,7 @@ async def _predictor(request: Request, backends: Backends, doc: dict[str, Any], 
 @router.post("/models/{dataset_id}/predict", response_model=Prediction, responses=error_responses(404, 413))
 @body_limit(lambda _: MAX_IMAGE_BYTES + FORM_FIELDS_BYTES)
 async def predict(
-    request: Request,
+    deps: Deps,
     dataset_id: str,
     file: UploadFile = File(..., description="an image (PNG, JPEG, ...)"),
     variant: str | None = Query(default=None, max_length=100, description="variant to use (default: the chosen one)"),
@@ -88,12 +88,14 @@ async def predict(
     if not data:
         raise InvalidInput("the uploaded file is empty")
     doc = await _latest(backends, dataset_id, model_id)
-    predictor = await _predictor(request, backends, doc, variant)
+    predictor = await _predictor(deps, backends, doc, variant)
     return await asyncio.to_thread(predictor.predict, data, name=file.filename or "image")
 
 
-def part() -> ServicePart:
-    return ServicePart(service=service, router=router)
+def part() -> ServicePart[OptimizerSettings, OptimizerDeps]:
+    from dlforge.optimizer.reconcile import reconcile
+
+    return ServicePart(service=service, router=router, on_start=reconcile, settings=OptimizerSettings, build=build_deps)
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:

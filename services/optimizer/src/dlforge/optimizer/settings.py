@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.common.settings import CommonSettings
 from dlforge.optimizer.compressors import CALIBRATION_METHODS, CalibrationMethodName
 
 
@@ -57,13 +57,3 @@ class OptimizerSettings(CommonSettings):
             raise ValueError("batch sizes must be >= 1")
         return sorted(set(v))
 
-
-def optimizer_settings(common: CommonSettings) -> OptimizerSettings:
-    """The optimizer's settings for a process configured with ``common``.
-
-    Several services may share one process and its CommonSettings; the ``DLFORGE_OPTIMIZER_*`` fields
-    then come from the environment and every common field from ``common``.
-    """
-    if isinstance(common, OptimizerSettings):
-        return common
-    return load_settings(OptimizerSettings, **common.model_dump())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,8 @@ import numpy as np
 from dlforge.common.errors import InvalidInput, NotFound, PoisonMessage, RetryableError
 from dlforge.common.events import Event, ModelOptimized, ModelTrained, Topic
 from dlforge.common.objects import ObjectStore
-from dlforge.common.runtime import HandlerContext, Service
+from dlforge.common.runtime import Backends, HandlerContext, Service
+from dlforge.optimizer.compressors import Compressor, default_compressors
 from dlforge.optimizer.export import ExportMismatch
 from dlforge.optimizer.handlers import (
     LabeledImages,
@@ -27,13 +28,36 @@ from dlforge.optimizer.handlers import (
     pick_calibration,
 )
 from dlforge.optimizer.measure import ProbeFailed
-from dlforge.optimizer.settings import OptimizerSettings, optimizer_settings
+from dlforge.optimizer.predictor import Predictor
+from dlforge.optimizer.settings import OptimizerSettings
 
 log = logging.getLogger(__name__)
 
-service = Service("optimizer")
+
+@dataclass
+class OptimizerDeps:
+    """What the optimizer builds once at start from its validated settings: the options of every run,
+    its compressor plug-ins, and the API's loaded predictors (by report key and variant)."""
+
+    settings: OptimizerSettings
+    options: OptimizeOptions
+    compressors: list[Compressor]
+    predictors: dict[tuple[str, str | None], Predictor] = field(default_factory=dict)
+
+
+async def build_deps(settings: OptimizerSettings, backends: Backends) -> OptimizerDeps:
+    """The standard compressors: ONNX FP32, one INT8 per configured calibration, the GPU ones if enabled."""
+    options = OptimizeOptions.from_settings(settings)
+    fp32s, int8s, gpus = default_compressors(calibration_methods=tuple(settings.optimizer_calibration_methods),
+                                             calibration_batch=settings.optimizer_calibration_batch)
+    return OptimizerDeps(settings=settings, options=options,
+                         compressors=[*fp32s, *int8s, *(gpus if settings.optimizer_gpu else [])])
+
+
+service = Service[OptimizerDeps]("optimizer")
 
 REPORTS = "optimizer_reports"
+JOBS = "optimizer_jobs"  # one per model.trained being optimized: running, then completed (see reconcile.py)
 
 
 def object_prefix(dataset_id: str, model_id: str) -> str:
@@ -87,8 +111,9 @@ def _load_inputs(objects: ObjectStore, p: ModelTrained, work: Path, settings: Op
     return _Loaded(inp, skipped)
 
 
-def _run(objects: ObjectStore, p: ModelTrained, event_id: str, settings: OptimizerSettings) -> OptimizationReport:
+def _run(objects: ObjectStore, p: ModelTrained, event_id: str, deps: OptimizerDeps) -> OptimizationReport:
     """Everything blocking: load, optimize, store the variant files and the report (deterministic keys)."""
+    settings = deps.settings
     key = report_key(p.dataset_id, p.model_id)
     if objects.exists(key):
         stored = OptimizationReport.model_validate(objects.get_json(key))
@@ -102,7 +127,7 @@ def _run(objects: ObjectStore, p: ModelTrained, event_id: str, settings: Optimiz
         loaded = _load_inputs(objects, p, work, settings)
         if loaded.skipped_items:
             log.warning("optimizer: %d val/test items without a known label were left out", loaded.skipped_items)
-        result = optimize(loaded.inp, workdir=work / "variants", options=OptimizeOptions.from_settings(settings))
+        result = optimize(loaded.inp, workdir=work / "variants", options=deps.options, compressors=deps.compressors)
         report = result.report
         prefix = object_prefix(p.dataset_id, p.model_id)
         for name, path in result.files.items():
@@ -117,20 +142,25 @@ def _run(objects: ObjectStore, p: ModelTrained, event_id: str, settings: Optimiz
 
 
 @service.handles(Topic.MODEL_TRAINED)
-async def on_model_trained(event: Event, ctx: HandlerContext) -> Event:
+async def on_model_trained(event: Event, ctx: HandlerContext[OptimizerDeps]) -> Event:
     p = event.payload
     if not isinstance(p, ModelTrained):
         raise PoisonMessage(f"expected a ModelTrained payload, got {type(p).__name__}")
-    settings = optimizer_settings(ctx.settings)
+    job = {"_id": f"{p.dataset_id}:{p.model_id}", "run_id": event.run_id, "dataset_id": p.dataset_id,
+           "model_id": p.model_id, "event_id": event.event_id, "state": "running",
+           "started_at": datetime.now(UTC).isoformat()}
+    await ctx.docs.upsert(JOBS, job)
     try:
-        report = await asyncio.to_thread(_run, ctx.objects, p, event.event_id, settings)
+        report = await asyncio.to_thread(_run, ctx.objects, p, event.event_id, ctx.deps)
     except (InvalidInput, ExportMismatch, NotFound, ValueError) as exc:
+        await ctx.docs.upsert(JOBS, {**job, "state": "failed", "error": f"{type(exc).__name__}: {exc}"})
         raise PoisonMessage(f"cannot optimize model {p.model_id} of dataset {p.dataset_id}: {exc}") from exc
     except (ProbeFailed, OSError) as exc:
-        raise RetryableError(f"optimizing model {p.model_id}: {exc}") from exc
+        raise RetryableError(f"optimizing model {p.model_id}: {exc}") from exc  # the job stays running: retried
     key = report_key(p.dataset_id, p.model_id)
     artifacts = {name: v.key for name, v in report.variants.items() if v.key}
     await ctx.docs.upsert(REPORTS, _report_doc(report, key, artifacts, run_id=event.run_id))
+    await ctx.docs.upsert(JOBS, {**job, "state": "completed", "finished_at": datetime.now(UTC).isoformat()})
     return event.follow(ModelOptimized(
         dataset_id=p.dataset_id, model_id=p.model_id, chosen_variant=report.chosen_variant, artifacts=artifacts,
         report_key=key, report=report.model_dump(mode="json"), spec_met=report.spec_met, spec=p.spec,

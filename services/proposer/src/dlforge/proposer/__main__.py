@@ -9,8 +9,9 @@ import sys
 
 from dlforge.common.app import serve
 from dlforge.common.backends import open_docs, open_objects
+from dlforge.common.settings import load_settings
 from dlforge.proposer.repository import DEFAULT_RECIPES, BuildResult, build_repository, default_sources
-from dlforge.proposer.settings import ProposerSettings, proposer_settings
+from dlforge.proposer.settings import ProposerSettings
 
 
 async def _build(settings: ProposerSettings, *, force: bool, only: list[str]) -> list[BuildResult]:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--force", action="store_true", help="rebuild entries that are already current")
     build.add_argument("--only", nargs="*", default=[], metavar="MODEL_ID", help="build only these entries")
     args = parser.parse_args(argv)
-    settings = proposer_settings()
+    settings = load_settings(ProposerSettings)
     if args.command == "build-repository":
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         results = asyncio.run(_build(settings, force=args.force, only=args.only))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI
 from pydantic import BaseModel, Field
 
-from dlforge.common.app import ServicePart, backends_of
+from dlforge.common.app import ServicePart, backends_of, deps_of
 from dlforge.common.app import create_app as common_create_app
 from dlforge.common.errors import NotFound
 from dlforge.common.events import Spec
@@ -16,14 +17,15 @@ from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
 from dlforge.proposer.handlers import rank
-from dlforge.proposer.repository import MODELS, list_models
+from dlforge.proposer.repository import DEFAULT_RECIPES, MODELS, ModelRecipe, SourceProvider, list_models
 from dlforge.proposer.scoring import default_scorers, sub_score_specs
-from dlforge.proposer.settings import proposer_settings
-from dlforge.proposer.worker import PROPOSALS, build_status, repository_build, service
+from dlforge.proposer.settings import ProposerSettings
+from dlforge.proposer.worker import PROPOSALS, ProposerDeps, build_deps, service
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["proposer"])
+Deps = Annotated[ProposerDeps, Depends(deps_of("proposer", ProposerDeps))]
 
 
 def _public(doc: dict[str, Any]) -> dict[str, Any]:
@@ -31,10 +33,10 @@ def _public(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.get("/models")
-async def get_models(backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+async def get_models(deps: Deps, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
     """The repository (Network x Data): every candidate with its source, metrics and weights key."""
     models = [_public(m) for m in await list_models(backends.docs)]
-    return {"models": models, "build": build_status(backends.objects, backends.docs)}
+    return {"models": models, "build": deps.repository.status()}
 
 
 @router.get("/models/{model_id}", responses=error_responses(404))
@@ -46,11 +48,11 @@ async def get_model(model_id: str, backends: Backends = Depends(backends_of)) ->
 
 
 @router.post("/models/rebuild", status_code=202)
-async def rebuild_models(force: bool = False, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+async def rebuild_models(deps: Deps, force: bool = False) -> dict[str, Any]:
     """Start (re)building the repository in the background: missing/stale entries, or all with ``force``."""
-    running = build_status(backends.objects, backends.docs)["state"] == "running"
+    running = deps.repository.status()["state"] == "running"
     if not running:
-        repository_build(backends.objects, backends.docs, proposer_settings(backends.settings), force=force)
+        deps.repository.build(force=force)
     return {"state": "running", "already_running": running, "force": force and not running}
 
 
@@ -81,15 +83,23 @@ async def rerank(dataset_id: str, body: RerankRequest, backends: Backends = Depe
     return ranking.model_dump()
 
 
-async def build_repository_on_start(backends: Backends) -> None:
+async def build_repository_on_start(deps: ProposerDeps, backends: Backends) -> None:
     """Start-up hook: build missing or stale repository entries in the background (unless disabled)."""
-    settings = proposer_settings(backends.settings)
-    if settings.proposer_build_on_start:
-        repository_build(backends.objects, backends.docs, settings)
+    if deps.settings.proposer_build_on_start:
+        deps.repository.build()
 
 
-def part() -> ServicePart:
-    return ServicePart(service=service, router=router, on_start=build_repository_on_start)
+def part(
+    *, recipes: Sequence[ModelRecipe] = DEFAULT_RECIPES, sources: Mapping[str, SourceProvider] | None = None
+) -> ServicePart[ProposerSettings, ProposerDeps]:
+    """The proposer as a part of an app; ``recipes``/``sources`` replace the repository's defaults (tests)."""
+    import dlforge.proposer.reconcile  # noqa: F401  (registers the run deletion)
+
+    async def build(settings: ProposerSettings, backends: Backends) -> ProposerDeps:
+        return await build_deps(settings, backends, recipes=recipes, sources=sources)
+
+    return ServicePart(service=service, router=router, settings=ProposerSettings, build=build,
+                       on_built=build_repository_on_start)
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:

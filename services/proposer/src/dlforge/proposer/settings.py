@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.common.settings import CommonSettings
 
 # Sub-score name -> weight in the total. Feature (logme, probe_bacc, domain_sim), accuracy
 # (loss_auc, finetune_bacc) and speed (fps_b1, fps_b32): the seeds' score = f(feature, accuracy, speed).
@@ -59,11 +59,3 @@ class ProposerSettings(CommonSettings):
         """The default weights with this configuration's overrides applied."""
         return {**DEFAULT_WEIGHTS, **self.proposer_weights}
 
-
-def proposer_settings(settings: CommonSettings | None = None) -> ProposerSettings:
-    """``settings`` itself if it already is a ProposerSettings, else ProposerSettings from the environment."""
-    if isinstance(settings, ProposerSettings):
-        return settings
-    if settings is None:
-        return load_settings(ProposerSettings)
-    return load_settings(ProposerSettings, **settings.model_dump())

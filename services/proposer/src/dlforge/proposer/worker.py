@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -23,98 +24,130 @@ from dlforge.common.docs import DocumentStore
 from dlforge.common.errors import InvalidInput, NotFound, PoisonMessage, RetryableError
 from dlforge.common.events import DatasetAugmented, Event, ModelProposed, Spec, Topic
 from dlforge.common.objects import ObjectStore
-from dlforge.common.runtime import HandlerContext, Service
+from dlforge.common.runtime import Backends, HandlerContext, Service
 from dlforge.proposer.handlers import Ranking, propose, sample_target_items, target_from_arrays
 from dlforge.proposer.repository import (
     DEFAULT_RECIPES,
     BuildResult,
     ModelRecipe,
+    SourceProvider,
     build_repository,
     default_sources,
     list_models,
     load_entry,
 )
 from dlforge.proposer.scoring import Candidate, ShortTermTrainingScorer, TargetSample, default_scorers
-from dlforge.proposer.settings import ProposerSettings, proposer_settings
+from dlforge.proposer.settings import ProposerSettings
 from dlforge.vision.features import feature_store
 from dlforge.vision.manifest import Manifest, load_arrays, load_manifest
 
 log = logging.getLogger(__name__)
 
-service = Service("proposer")
-
 PROPOSALS = "proposer_proposals"
 
 
 # --------------------------------------------------------------------------------------------
-# Repository builds: one at a time per (object store, document store) in this process
+# Repository builds: one at a time in this process
 # --------------------------------------------------------------------------------------------
 
-_builds: dict[tuple[int, int], asyncio.Task[list[BuildResult]]] = {}
 
+class RepositoryBuilds:
+    """The model repository of these stores and this process's builds of it, one at a time.
 
-def repository_build(
-    objects: ObjectStore,
-    docs: DocumentStore,
-    settings: ProposerSettings,
-    *,
-    force: bool = False,
-    recipes: Sequence[ModelRecipe] | None = None,
-) -> asyncio.Task[list[BuildResult]]:
-    """The running build of this repository, or a new one of every missing/stale recipe (default: all)."""
-    key = (id(objects), id(docs))
-    loop = asyncio.get_running_loop()
-    task = _builds.get(key)
-    if task is not None and not task.done() and task.get_loop() is loop:
-        return task
-    sources = default_sources(fashion_mnist_dir=settings.proposer_fashion_mnist_dir,
-                              mnist_path=settings.proposer_mnist_path)
-    task = loop.create_task(
-        build_repository(objects, docs, recipes=DEFAULT_RECIPES if recipes is None else recipes, sources=sources,
-                         force=force,
-                         work_dir=Path(settings.work_dir) / "proposer", threads=settings.proposer_torch_threads),
-        name="proposer-repository-build",
-    )
-    _builds[key] = task
-    return task
-
-
-def build_status(objects: ObjectStore, docs: DocumentStore) -> dict[str, Any]:
-    """State of this process's latest repository build of these stores."""
-    task = _builds.get((id(objects), id(docs)))
-    if task is None:
-        return {"state": "idle"}
-    if not task.done():
-        return {"state": "running"}
-    if task.cancelled():
-        return {"state": "cancelled"}
-    exc = task.exception()
-    if exc is not None:
-        return {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
-    return {"state": "done", "results": [r.__dict__ for r in task.result()]}
-
-
-async def ensure_repository(
-    objects: ObjectStore, docs: DocumentStore, settings: ProposerSettings
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """The repository's records, building the default entries first if it is empty; and build problems.
-
-    A build already running in this process (the start-up one) is waited for, so that a dataset
-    arriving early is not scored against a half-built repository.
+    ``recipes`` are the entries a build makes (default: :data:`DEFAULT_RECIPES`), ``sources`` the
+    loaders of their source data sets (default: the configured Fashion-MNIST and MNIST files).
     """
-    problems: list[str] = []
-    running = _builds.get((id(objects), id(docs)))
-    if running is not None and not running.done() and running.get_loop() is asyncio.get_running_loop():
-        log.info("waiting for the model repository build in progress")
-        results = await running
-        problems = [f"{r.model_id}: {r.error}" for r in results if r.action == "failed"]
-    records = await list_models(docs)
-    if not records:
-        log.info("model repository is empty: building it before proposing")
-        results = await repository_build(objects, docs, settings)
-        problems = [f"{r.model_id}: {r.error}" for r in results if r.action == "failed"]
-        records = await list_models(docs)
-    return records, problems
+
+    def __init__(
+        self,
+        objects: ObjectStore,
+        docs: DocumentStore,
+        settings: ProposerSettings,
+        *,
+        recipes: Sequence[ModelRecipe] = DEFAULT_RECIPES,
+        sources: Mapping[str, SourceProvider] | None = None,
+    ) -> None:
+        self.objects = objects
+        self.docs = docs
+        self.settings = settings
+        self.recipes = list(recipes)
+        self.sources = dict(sources) if sources is not None else default_sources(
+            fashion_mnist_dir=settings.proposer_fashion_mnist_dir, mnist_path=settings.proposer_mnist_path)
+        self._task: asyncio.Task[list[BuildResult]] | None = None
+
+    def build(self, *, force: bool = False, recipes: Sequence[ModelRecipe] | None = None
+              ) -> asyncio.Task[list[BuildResult]]:
+        """The running build, or a new one of every missing/stale recipe (default: all of ``self.recipes``)."""
+        loop = asyncio.get_running_loop()
+        task = self._task
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return task
+        settings = self.settings
+        task = loop.create_task(
+            build_repository(self.objects, self.docs, recipes=self.recipes if recipes is None else recipes,
+                             sources=self.sources, force=force, work_dir=Path(settings.work_dir) / "proposer",
+                             threads=settings.proposer_torch_threads),
+            name="proposer-repository-build",
+        )
+        self._task = task
+        return task
+
+    def status(self) -> dict[str, Any]:
+        """State of this process's latest build."""
+        task = self._task
+        if task is None:
+            return {"state": "idle"}
+        if not task.done():
+            return {"state": "running"}
+        if task.cancelled():
+            return {"state": "cancelled"}
+        exc = task.exception()
+        if exc is not None:
+            return {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        return {"state": "done", "results": [r.__dict__ for r in task.result()]}
+
+    async def ensure(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """The repository's records, building the default entries first if it is empty; and build problems.
+
+        A build already running in this process (the start-up one) is waited for, so that a dataset
+        arriving early is not scored against a half-built repository.
+        """
+        problems: list[str] = []
+        running = self._task
+        if running is not None and not running.done() and running.get_loop() is asyncio.get_running_loop():
+            log.info("waiting for the model repository build in progress")
+            results = await running
+            problems = [f"{r.model_id}: {r.error}" for r in results if r.action == "failed"]
+        records = await list_models(self.docs)
+        if not records:
+            log.info("model repository is empty: building it before proposing")
+            results = await self.build()
+            problems = [f"{r.model_id}: {r.error}" for r in results if r.action == "failed"]
+            records = await list_models(self.docs)
+        return records, problems
+
+
+@dataclass
+class ProposerDeps:
+    """What the proposer builds once at start from its validated settings: the repository and its builds."""
+
+    settings: ProposerSettings
+    repository: RepositoryBuilds
+
+
+async def build_deps(
+    settings: ProposerSettings,
+    backends: Backends,
+    *,
+    recipes: Sequence[ModelRecipe] = DEFAULT_RECIPES,
+    sources: Mapping[str, SourceProvider] | None = None,
+) -> ProposerDeps:
+    """The proposer's dependencies; ``recipes`` and ``sources`` replace the repository's defaults."""
+    return ProposerDeps(settings=settings, repository=RepositoryBuilds(backends.objects, backends.docs, settings,
+                                                                       recipes=recipes, sources=sources))
+
+
+service = Service[ProposerDeps]("proposer")
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,11 +217,11 @@ def run_proposal(
 
 
 @service.handles(Topic.DATASET_AUGMENTED)
-async def on_dataset_augmented(event: Event, ctx: HandlerContext) -> Event:
+async def on_dataset_augmented(event: Event, ctx: HandlerContext[ProposerDeps]) -> Event:
     payload = cast(DatasetAugmented, event.payload)
-    settings = proposer_settings(ctx.settings)
+    settings = ctx.deps.settings
     started = time.perf_counter()
-    records, problems = await ensure_repository(ctx.objects, ctx.docs, settings)
+    records, problems = await ctx.deps.repository.ensure()
     if not records:
         raise RetryableError("the model repository is empty and could not be built: " + "; ".join(problems))
     try:

@@ -7,11 +7,12 @@ import logging
 
 def main() -> None:
     from dlforge.common.app import serve
+    from dlforge.common.settings import load_settings
     from dlforge.trainer.app import create_app
-    from dlforge.trainer.settings import trainer_settings
+    from dlforge.trainer.settings import TrainerSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = trainer_settings()
+    settings = load_settings(TrainerSettings)
     serve(create_app(settings), settings)
 
 

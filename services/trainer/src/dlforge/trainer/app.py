@@ -12,28 +12,29 @@ import json
 import logging
 import socket
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dlforge.common.app import ServicePart, backends_of
+from dlforge.common.app import ServicePart, backends_of, deps_of
 from dlforge.common.app import create_app as create_common_app
 from dlforge.common.errors import InvalidInput, NotFound
 from dlforge.common.events import MAX_CLASSES, UniqueClasses
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
-from dlforge.trainer.handlers import TrainerConfig, TrainingRequest, flat_metrics, run_training, save_model
+from dlforge.trainer.handlers import TrainingRequest, flat_metrics, run_training, save_model
 from dlforge.trainer.jobs import JobRecords, LoopBridge
 from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
 from dlforge.trainer.pruning import decisions_service
-from dlforge.trainer.settings import trainer_settings
-from dlforge.trainer.worker import service
+from dlforge.trainer.settings import TrainerSettings
+from dlforge.trainer.worker import TrainerDeps, build_deps, service
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["trainer"])
+Deps = Annotated[TrainerDeps, Depends(deps_of("trainer", TrainerDeps))]
 
 OWNER = socket.gethostname()
 
@@ -65,10 +66,10 @@ class JobCreated(BaseModel):
 class JobRunner:
     """Runs REST jobs in background tasks, a few at a time."""
 
-    def __init__(self, backends: Backends) -> None:
+    def __init__(self, backends: Backends, deps: TrainerDeps) -> None:
         self.backends = backends
-        self.settings = trainer_settings(backends.settings)
-        self.config = TrainerConfig.from_settings(self.settings)
+        self.settings = deps.settings
+        self.config = deps.config
         self.records = JobRecords(backends.docs)
         self.slots = asyncio.Semaphore(self.settings.trainer_max_concurrent_jobs)
         self.tasks: set[asyncio.Task[None]] = set()
@@ -104,16 +105,17 @@ class JobRunner:
                 await self.records.finish(job_id, state="failed", error=f"{type(exc).__name__}: {exc}")
 
 
-def _runner(request: Request, backends: Backends) -> JobRunner:
+def _runner(request: Request, backends: Backends, deps: TrainerDeps) -> JobRunner:
     runner: JobRunner | None = getattr(request.app.state, "trainer_jobs", None)
     if runner is None:
-        runner = JobRunner(backends)
+        runner = JobRunner(backends, deps)
         request.app.state.trainer_jobs = runner
     return runner
 
 
 @router.post("/jobs", status_code=202, response_model=JobCreated)
-async def create_job(body: JobCreate, request: Request, backends: Backends = Depends(backends_of)) -> JobCreated:
+async def create_job(body: JobCreate, request: Request, deps: Deps,
+                     backends: Backends = Depends(backends_of)) -> JobCreated:
     records = JobRecords(backends.docs)
     weights_key = body.weights_key
     if body.model_id is not None:
@@ -137,7 +139,7 @@ async def create_job(body: JobCreate, request: Request, backends: Backends = Dep
     key_prefix = f"trainer/jobs/{job_id}"
     await records.create(job_id, kind="api", request=training.model_dump(mode="json"), key_prefix=key_prefix,
                          extra={"name": body.name, "owner": OWNER})
-    _runner(request, backends).submit(job_id, training, key_prefix)
+    _runner(request, backends, deps).submit(job_id, training, key_prefix)
     return JobCreated(job_id=job_id, state="queued", logs_prefix=f"{key_prefix}/tensorboard/")
 
 
@@ -163,16 +165,11 @@ async def list_jobs(
                                      "epochs_done", "metrics", "error")} for job in jobs]
 
 
-async def _on_start(backends: Backends) -> None:
-    """REST jobs this host was running when it stopped will never finish: say so in their records."""
-    records = JobRecords(backends.docs)
-    for state in ("queued", "running"):
-        for job in await backends.docs.find("trainer_jobs", {"kind": "api", "state": state, "owner": OWNER}):
-            await records.finish(job["_id"], state="failed", error="interrupted: the trainer restarted")
+def part() -> ServicePart[TrainerSettings, TrainerDeps]:
+    from dlforge.trainer.reconcile import reconcile
 
-
-def part() -> ServicePart:
-    return ServicePart(service=service, router=router, on_start=_on_start, also=(decisions_service,))
+    return ServicePart(service=service, router=router, on_start=reconcile, settings=TrainerSettings, build=build_deps,
+                       also=(decisions_service,))
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:

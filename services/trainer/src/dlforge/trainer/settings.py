@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
-from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.common.settings import CommonSettings
 from dlforge.trainer.views import checked_views
 
 
 class TrainerSettings(CommonSettings):
     """Knobs of the trainer process; the per-job ones (hyperparameters, workers) come with each job."""
 
-    trainer_engine: str = Field(default="ddp", description="data-parallel engine: ddp | horovod")
+    trainer_engine: Literal["ddp", "horovod"] = Field(default="ddp", description="data-parallel engine: ddp | horovod")
     trainer_threads: int = Field(default=2, ge=1, le=256,
                                  description="threads computing the activation cache (ONNX Runtime / torch)")
     trainer_train_threads: int = Field(
@@ -22,7 +24,7 @@ class TrainerSettings(CommonSettings):
         default=50, ge=0, description="final training: checkpoint to the object store every K steps (0: never)"
     )
     trainer_summary_every_steps: int = Field(default=10, ge=1, description="TensorBoard step-loss interval")
-    trainer_prefix_runner: str = Field(
+    trainer_prefix_runner: Literal["onnxruntime", "torch"] = Field(
         default="onnxruntime", description="what computes the activation cache: onnxruntime | torch"
     )
     trainer_cache_from_unfreeze: int = Field(
@@ -80,10 +82,3 @@ class TrainerSettings(CommonSettings):
             raise ValueError(f"{value!r} is not one of confidence, none")
         return value
 
-
-def trainer_settings(base: CommonSettings | None = None) -> TrainerSettings:
-    """The trainer's settings: ``base`` if it already is one, else the environment plus ``base``'s common fields."""
-    if isinstance(base, TrainerSettings):
-        return base
-    overrides = base.model_dump() if base is not None else {}
-    return load_settings(TrainerSettings, **overrides)

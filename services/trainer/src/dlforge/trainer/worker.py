@@ -11,12 +11,13 @@ import hashlib
 import logging
 import re
 import time
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 
 from dlforge.common.errors import InvalidInput, PoisonMessage, RetryableError
 from dlforge.common.events import Event, HpoCompleted, HpoTrial, HpoTrialCompleted, ModelTrained, Topic
-from dlforge.common.runtime import HandlerContext, Service
+from dlforge.common.runtime import Backends, HandlerContext, Service
 from dlforge.trainer.handlers import (
     TrainerConfig,
     TrainingOutcome,
@@ -28,11 +29,25 @@ from dlforge.trainer.handlers import (
 from dlforge.trainer.jobs import JobRecords, LoopBridge
 from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
 from dlforge.trainer.pruning import TrialReporter
-from dlforge.trainer.settings import trainer_settings
+from dlforge.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
 
-service = Service("trainer")
+
+@dataclass(frozen=True)
+class TrainerDeps:
+    """What the trainer builds once at start from its validated settings: the process-level knobs of
+    every training run."""
+
+    settings: TrainerSettings
+    config: TrainerConfig
+
+
+async def build_deps(settings: TrainerSettings, backends: Backends) -> TrainerDeps:
+    return TrainerDeps(settings=settings, config=TrainerConfig.from_settings(settings))
+
+
+service = Service[TrainerDeps]("trainer")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._\-]")
 
@@ -52,7 +67,7 @@ def model_key(run_id: str, model_id: str) -> str:
 
 
 @service.handles(Topic.HPO_TRIAL)
-async def on_trial(event: Event, ctx: HandlerContext) -> Event | None:
+async def on_trial(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | None:
     """Train one trial on the study's representative sample, reporting val accuracy after each epoch.
 
     The trial stops early when the tuner's decision for an epoch says prune; it then completes as
@@ -61,8 +76,7 @@ async def on_trial(event: Event, ctx: HandlerContext) -> Event | None:
     p = event.payload
     assert isinstance(p, HpoTrial)
     started = time.perf_counter()
-    settings = trainer_settings(ctx.settings)
-    config = TrainerConfig.from_settings(settings)
+    settings, config = ctx.deps.settings, ctx.deps.config
     records = JobRecords(ctx.docs)
     bridge = LoopBridge(asyncio.get_running_loop())
     job_id = f"{safe_id(p.study_name)}-trial-{p.trial_number:04d}"
@@ -94,11 +108,12 @@ async def on_trial(event: Event, ctx: HandlerContext) -> Event | None:
 
     def on_epoch(m: EpochMetrics) -> bool:
         bridge.run(records.add_epoch(job_id, m))
-        return reporter.report(m.val_accuracy, m.epoch, last=m.epoch >= p.epochs)
+        go_on = reporter.report(m.val_accuracy, m.epoch, last=m.epoch >= p.epochs)
+        return go_on and not bridge.run(ctx.is_cancelled(event.run_id))
 
     try:
         outcome = await asyncio.to_thread(run_training, ctx.objects, request, job_id=job_id, key_prefix=key_prefix,
-                                          config=config, on_epoch=on_epoch)
+                                          config=config, on_epoch=on_epoch, resumable=True)
     except RetryableError:
         raise
     except Exception as exc:  # a trial that cannot train is a failed trial; the study goes on
@@ -107,6 +122,9 @@ async def on_trial(event: Event, ctx: HandlerContext) -> Event | None:
         await records.finish(job_id, state="failed", error=f"{type(exc).__name__}: {exc}")
         return completed("failed", None, f"{type(exc).__name__}: {exc}")
     summary = outcome.summary()
+    if await ctx.is_cancelled(event.run_id):
+        await records.finish(job_id, state="stopped", summary=summary, error="the run was cancelled")
+        return None
     if outcome.state == "diverged":
         await records.finish(job_id, state="diverged", summary=summary, error="the training loss became non-finite")
         return completed("failed", None, "the training loss became non-finite (learning rate too high?)")
@@ -119,12 +137,11 @@ async def on_trial(event: Event, ctx: HandlerContext) -> Event | None:
 
 
 @service.handles(Topic.HPO_COMPLETED)
-async def on_hpo_completed(event: Event, ctx: HandlerContext) -> Event:
+async def on_hpo_completed(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | None:
     """Final training with the best parameters on the full train split; evaluate on val and test."""
     p = event.payload
     assert isinstance(p, HpoCompleted)
-    settings = trainer_settings(ctx.settings)
-    config = TrainerConfig.from_settings(settings)
+    settings, config = ctx.deps.settings, ctx.deps.config
     records = JobRecords(ctx.docs)
     job_id = f"{safe_id(event.run_id)}-final"
     key = model_key(event.run_id, p.model_id)
@@ -154,7 +171,7 @@ async def on_hpo_completed(event: Event, ctx: HandlerContext) -> Event:
             run_config=RunOptions(no_of_workers=p.options.no_of_workers,
                                   checkpoint_every_steps=settings.trainer_checkpoint_every_steps,
                                   summary_every_steps=settings.trainer_summary_every_steps,
-                                  engine=settings.trainer_engine,  # type: ignore[arg-type]
+                                  engine=settings.trainer_engine,
                                   input_size=settings.trainer_input_size),
         )
     except ValidationError as exc:
@@ -167,14 +184,18 @@ async def on_hpo_completed(event: Event, ctx: HandlerContext) -> Event:
 
     def on_epoch(m: EpochMetrics) -> bool:
         bridge.run(records.add_epoch(job_id, m))
-        return True
+        return not bridge.run(ctx.is_cancelled(event.run_id))
 
     try:
         outcome: TrainingOutcome = await asyncio.to_thread(run_training, ctx.objects, request, job_id=job_id,
-                                                           key_prefix=key_prefix, config=config, on_epoch=on_epoch)
+                                                           key_prefix=key_prefix, config=config, on_epoch=on_epoch,
+                                                           resumable=True)
     except InvalidInput as exc:
         await records.finish(job_id, state="failed", error=str(exc))
         raise PoisonMessage(f"final training refused: {exc}") from exc
+    if await ctx.is_cancelled(event.run_id):
+        await records.finish(job_id, state="stopped", summary=outcome.summary(), error="the run was cancelled")
+        return None
     if outcome.state == "diverged":
         await records.finish(job_id, state="diverged", summary=outcome.summary())
         raise PoisonMessage("final training diverged: the training loss became non-finite")

@@ -7,11 +7,12 @@ import logging
 
 def main() -> None:
     from dlforge.common.app import serve
+    from dlforge.common.settings import load_settings
     from dlforge.tuner.app import create_app
-    from dlforge.tuner.settings import tuner_settings
+    from dlforge.tuner.settings import TunerSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = tuner_settings()
+    settings = load_settings(TunerSettings)
     serve(create_app(settings), settings)
 
 

@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query
 from pydantic import ValidationError
 
-from dlforge.common.app import ServicePart, backends_of
+from dlforge.common.app import ServicePart, backends_of, deps_of
 from dlforge.common.app import create_app as create_common_app
 from dlforge.common.errors import Conflict, InvalidInput, NotFound
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
-from dlforge.tuner.handlers import StudyContext, TuningOverride, best_trial, default_config, load_study, trial_table
-from dlforge.tuner.settings import tuner_settings
-from dlforge.tuner.worker import CONFIGS, RUNS, STUDIES, change_study, now, service, study_name_for
+from dlforge.tuner.handlers import StudyContext, TuningOverride, best_trial, load_study, trial_table
+from dlforge.tuner.settings import TunerSettings
+from dlforge.tuner.worker import CONFIGS, RUNS, STUDIES, TunerDeps, build_deps, change_study, now, service, study_name_for
 
 router = APIRouter(tags=["tuner"])
+Deps = Annotated[TunerDeps, Depends(deps_of("tuner", TunerDeps))]
 
 _SUMMARY = ("_id", "run_id", "state", "stop_requested", "n_trials", "best_value", "best_params", "best_trial",
             "created_at", "updated_at", "finished_at")
@@ -77,14 +78,13 @@ async def stop_study(name: str, backends: Backends = Depends(backends_of)) -> di
 
 
 @router.get("/tuning/defaults")
-async def tuning_defaults(backends: Backends = Depends(backends_of)) -> dict[str, Any]:
-    config = default_config(tuner_settings(backends.settings))
-    return config.model_dump(mode="json")
+async def tuning_defaults(deps: Deps) -> dict[str, Any]:
+    return deps.defaults.model_dump(mode="json")
 
 
 @router.put("/runs/{run_id}/tuning", responses=error_responses(409))
 async def set_run_tuning(
-    run_id: str, body: dict[str, Any], backends: Backends = Depends(backends_of)
+    run_id: str, body: dict[str, Any], deps: Deps, backends: Backends = Depends(backends_of)
 ) -> dict[str, Any]:
     """Override the defaults for one run the tuner knows; refused once the run's study exists."""
     if await backends.docs.get(RUNS, run_id) is None:
@@ -93,7 +93,7 @@ async def set_run_tuning(
         raise Conflict(f"run {run_id!r} is already being tuned; its study cannot change")
     try:
         override = TuningOverride.model_validate(body)
-        config = override.apply(default_config(tuner_settings(backends.settings)))
+        config = override.apply(deps.defaults)
     except ValidationError as exc:
         details = json.loads(exc.json(include_url=False, include_context=False))
         raise InvalidInput(f"invalid tuning override: {exc}", details=details) from exc
@@ -103,8 +103,10 @@ async def set_run_tuning(
     return {"run_id": run_id, "config": config.model_dump(mode="json")}
 
 
-def part() -> ServicePart:
-    return ServicePart(service=service, router=router)
+def part() -> ServicePart[TunerSettings, TunerDeps]:
+    from dlforge.tuner.reconcile import reconcile
+
+    return ServicePart(service=service, router=router, on_start=reconcile, settings=TunerSettings, build=build_deps)
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:

@@ -2,8 +2,8 @@
 
 A sampler decides the next trial's parameters (Optuna's ``BaseSampler``: ``sample_relative`` /
 ``sample_independent``); a pruner decides whether a trial stops early (``BasePruner.prune``).
-Both are chosen by name with keyword arguments; :func:`register_sampler` / :func:`register_pruner`
-add more. Optional dependencies (``cmaes``) are imported only when their sampler is chosen.
+Both are chosen by name with keyword arguments from the fixed tables :data:`SAMPLERS` and
+:data:`PRUNERS`. Optional dependencies (``cmaes``) are imported only when their sampler is chosen.
 
 Optuna keeps neither in the storage, so a pruner is described as ``{"factory": "optuna.pruners.<Class>",
 "kwargs": {...}}`` and that description is stored with the study (user attribute ``dlforge.pruner``):
@@ -112,16 +112,6 @@ PRUNERS: dict[str, PrunerFactory] = {
     "patient": _patient,
     "none": _none,
 }
-
-
-def register_sampler(name: str, factory: SamplerFactory) -> None:
-    """Add a sampler: ``factory(seed, kwargs, startup_trials) -> BaseSampler``."""
-    SAMPLERS[name] = factory
-
-
-def register_pruner(name: str, factory: PrunerFactory) -> None:
-    """Add a pruner: ``factory(kwargs, startup_trials) -> {"factory": "optuna.pruners.X", "kwargs": {...}}``."""
-    PRUNERS[name] = factory
 
 
 def make_sampler(choice: PluginChoice, *, seed: int | None, startup: int) -> optuna.samplers.BaseSampler:

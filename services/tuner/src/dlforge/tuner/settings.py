@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.common.settings import CommonSettings
 
 
 class TunerSettings(CommonSettings):
@@ -28,10 +28,3 @@ class TunerSettings(CommonSettings):
                                          "with the trials' errors) after this many failed trials in a row")
     tuner_space: str | None = Field(default=None, description="the default search space: JSON, or @/path/to.json")
 
-
-def tuner_settings(base: CommonSettings | None = None) -> TunerSettings:
-    """The tuner's settings: ``base`` if it already is one, else the environment plus ``base``'s common fields."""
-    if isinstance(base, TunerSettings):
-        return base
-    overrides = base.model_dump() if base is not None else {}
-    return load_settings(TunerSettings, **overrides)

@@ -40,12 +40,13 @@ from dlforge.common.events import (
     Topic,
     TrialRecord,
 )
-from dlforge.common.runtime import HandlerContext, Service
+from dlforge.common.runtime import Backends, HandlerContext, Service
 from dlforge.tuner.handlers import (
     ERROR,
     AskedTrial,
     Decision,
     StudyContext,
+    TuningConfig,
     TuningOverride,
     ask_for,
     best_trial,
@@ -61,11 +62,28 @@ from dlforge.tuner.handlers import (
     tell,
     trial_table,
 )
-from dlforge.tuner.settings import tuner_settings
+from dlforge.tuner.settings import TunerSettings
 
 log = logging.getLogger(__name__)
 
-service = Service("tuner")
+
+@dataclass(frozen=True)
+class TunerDeps:
+    """What the tuner builds once at start from its validated settings: every study's default
+    configuration (search space, sampler, pruner: checked by building them) and the study storage."""
+
+    settings: TunerSettings
+    defaults: TuningConfig
+    storage_url: str
+
+
+async def build_deps(settings: TunerSettings, backends: Backends) -> TunerDeps:
+    """Raises ConfigError naming the variable when the defaults cannot be built."""
+    return TunerDeps(settings=settings, defaults=default_config(settings),
+                     storage_url=resolve_storage_url(settings.tuner_storage))
+
+
+service = Service[TunerDeps]("tuner")
 
 STUDIES = "tuner_studies"
 CONFIGS = "tuner_configs"
@@ -114,7 +132,7 @@ def trial_event(cause: Event, ctx: StudyContext, trial: AskedTrial) -> Event:
 
 
 @service.handles(Topic.DATASET_UPLOADED)
-async def on_dataset_uploaded(event: Event, ctx: HandlerContext) -> None:
+async def on_dataset_uploaded(event: Event, ctx: HandlerContext[TunerDeps]) -> None:
     """Remember the run, so that its tuning can be set before it reaches the tuner (and unknown runs refused)."""
     p = event.payload
     assert isinstance(p, DatasetUploaded)
@@ -125,7 +143,7 @@ async def on_dataset_uploaded(event: Event, ctx: HandlerContext) -> None:
 
 
 @service.handles(Topic.MODEL_PROPOSED)
-async def on_model_proposed(event: Event, ctx: HandlerContext) -> list[Event] | None:
+async def on_model_proposed(event: Event, ctx: HandlerContext[TunerDeps]) -> list[Event] | None:
     """Create the run's study and ask its first ``hpo_parallel`` trials."""
     p = event.payload
     assert isinstance(p, ModelProposed)
@@ -133,8 +151,7 @@ async def on_model_proposed(event: Event, ctx: HandlerContext) -> list[Event] | 
     if chosen is None:
         raise PoisonMessage(f"the chosen model {p.chosen_model_id!r} is not in the ranking")
     name = study_name_for(event.run_id)
-    settings = tuner_settings(ctx.settings)
-    config = default_config(settings)
+    config = ctx.deps.defaults
     override = await ctx.docs.get(CONFIGS, event.run_id)
     if override is not None:
         try:
@@ -142,7 +159,7 @@ async def on_model_proposed(event: Event, ctx: HandlerContext) -> list[Event] | 
         except (ValueError, InvalidInput) as exc:
             raise PoisonMessage(f"the run's tuning override is invalid: {exc}") from exc
     study_ctx = StudyContext(
-        study_name=name, run_id=event.run_id, storage_url=resolve_storage_url(settings.tuner_storage),
+        study_name=name, run_id=event.run_id, storage_url=ctx.deps.storage_url,
         dataset_id=p.dataset_id, model_id=chosen.model_id, arch=chosen.arch, weights_key=chosen.weights_key,
         manifest_key=p.manifest_key, classes=p.classes, spec=p.spec, options=p.options, config=config,
     )
@@ -173,7 +190,7 @@ async def on_model_proposed(event: Event, ctx: HandlerContext) -> list[Event] | 
 
 
 @service.handles(Topic.HPO_TRIAL_REPORTED)
-async def on_trial_reported(event: Event, ctx: HandlerContext) -> Event:
+async def on_trial_reported(event: Event, ctx: HandlerContext[TunerDeps]) -> Event:
     """Record a trial's intermediate value and answer with the pruner's decision for that step.
 
     A report of a trial the tuner does not know (no such study or trial) is answered with 'prune', so
@@ -211,7 +228,7 @@ class _Step:
 
 
 @service.handles(Topic.HPO_TRIAL_COMPLETED)
-async def on_trial_completed(event: Event, ctx: HandlerContext) -> list[Event] | None:
+async def on_trial_completed(event: Event, ctx: HandlerContext[TunerDeps]) -> list[Event] | None:
     """Tell the study; ask the next trials, or finish with ``hpo.completed`` (or ``run.failed``).
 
     Whether new trials may be asked (no stop requested, fewer than ``tuner_max_failed_trials``
@@ -221,7 +238,7 @@ async def on_trial_completed(event: Event, ctx: HandlerContext) -> list[Event] |
     """
     p = event.payload
     assert isinstance(p, HpoTrialCompleted)
-    max_failed = tuner_settings(ctx.settings).tuner_max_failed_trials
+    max_failed = ctx.deps.settings.tuner_max_failed_trials
     told: dict[str, Any] = {}
 
     async def record(doc: dict[str, Any]) -> dict[str, Any]:
