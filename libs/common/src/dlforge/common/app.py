@@ -212,8 +212,9 @@ def create_app(
                 await b.stop()
             raise
         stop = asyncio.Event()
-        workers: list[Worker[Any]] = [Worker(p.service, b, deps=deps[p.service.name]) for p in parts] if run_workers else []
+        workers: list[Worker[Any]] = []
         if run_workers:
+            workers += [Worker(p.service, b, deps=deps[p.service.name]) for p in parts]
             workers += [Worker(s, b, deps=None) for p in parts for s in p.also]
         app.state.workers = {w.service.name: w for w in workers}
         app.state.stop = stop

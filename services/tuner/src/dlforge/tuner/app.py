@@ -24,7 +24,17 @@ from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
 from dlforge.tuner.handlers import StudyContext, TuningOverride, best_trial, load_study, trial_table
 from dlforge.tuner.settings import TunerSettings
-from dlforge.tuner.worker import CONFIGS, RUNS, STUDIES, TunerDeps, build_deps, change_study, now, service, study_name_for
+from dlforge.tuner.worker import (
+    CONFIGS,
+    RUNS,
+    STUDIES,
+    TunerDeps,
+    build_deps,
+    change_study,
+    now,
+    service,
+    study_name_for,
+)
 
 router = APIRouter(tags=["tuner"])
 Deps = Annotated[TunerDeps, Depends(deps_of("tuner", TunerDeps))]
@@ -82,7 +92,7 @@ async def tuning_defaults(deps: Deps) -> dict[str, Any]:
     return deps.defaults.model_dump(mode="json")
 
 
-@router.put("/runs/{run_id}/tuning", responses=error_responses(409))
+@router.put("/runs/{run_id}/tuning", responses=error_responses(404, 409))
 async def set_run_tuning(
     run_id: str, body: dict[str, Any], deps: Deps, backends: Backends = Depends(backends_of)
 ) -> dict[str, Any]:
