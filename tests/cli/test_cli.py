@@ -184,7 +184,7 @@ async def test_the_simulated_annotator_answers_every_item_with_the_matched_answe
         asked = Event.new(LabelsRequested(dataset_id="cells", batch_id="b1", round=1,
                                           item_ids=[i.item_id for i in manifest.items], reason="seed"), run_id="run-1")
         ctx = HandlerContext(service="annotator-sim", objects=backends.objects, docs=backends.docs,
-                             settings=settings, bus=backends.bus)
+                             settings=settings, bus=backends.bus, deps=simulated.AnnotatorSim())
         answered = await simulated.answer(asked, ctx)
     finally:
         await backends.stop()

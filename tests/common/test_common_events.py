@@ -16,6 +16,7 @@ from dlforge.common.errors import PoisonMessage
 from dlforge.common.events import (
     PAYLOAD_TYPES,
     Event,
+    HpoTrial,
     LabelsSubmitted,
     PipelineOptions,
     RunFailed,
@@ -256,3 +257,38 @@ def test_labels_with_control_characters_do_not_decode() -> None:
     doc["payload"]["labels"] = {"item-1": "good\x00"}
     with pytest.raises(PoisonMessage, match="not a valid class name"):
         decode(json.dumps(doc).encode())
+
+
+def test_a_v1_trial_loses_the_tuners_storage_url_and_keeps_everything_else() -> None:
+    stored = json.loads((GOLDEN / "hpo.trial.v1.json").read_bytes())
+    event = decode(json.dumps(stored).encode())
+    assert isinstance(event.payload, HpoTrial) and event.schema_version == 2
+    dumped = event.payload.model_dump(mode="json")
+    assert "storage_url" not in dumped
+    assert dumped == {k: v for k, v in stored["payload"].items() if k != "storage_url"}
+    with pytest.raises(PoisonMessage, match="storage_url"):  # a v2 event may not carry it
+        decode(json.dumps({**stored, "schema_version": 2}).encode())
+
+
+def test_trial_events_are_keyed_per_trial_and_the_rest_per_run() -> None:
+    trial = decode((GOLDEN / "hpo.trial.v2.json").read_bytes())
+    reported = decode((GOLDEN / "hpo.trial.reported.v1.json").read_bytes())
+    decision = decode((GOLDEN / "hpo.trial.decision.v1.json").read_bytes())
+    completed = decode((GOLDEN / "hpo.trial.completed.v1.json").read_bytes())
+    # the golden trial is trial 2 of run-golden-0001; its report and decision too
+    assert trial.key == reported.key == decision.key == "run-golden-0001:2"
+    others = [trial.follow(HpoTrial.model_validate({**trial.payload.model_dump(), "trial_number": n})).key
+              for n in range(4)]
+    assert others == [f"run-golden-0001:{n}" for n in range(4)]
+    # a study's completions stay in one partition: the tuner tells and asks them in order
+    assert completed.key == completed.run_id
+    labels = decode((GOLDEN / "labels.submitted.v1.json").read_bytes())
+    assert labels.key == labels.run_id
+
+
+def test_a_report_refuses_a_value_that_is_not_a_number() -> None:
+    stored = json.loads((GOLDEN / "hpo.trial.reported.v1.json").read_bytes())
+    for bad in ("NaN", "Infinity"):
+        raw = json.dumps(stored).replace("0.6875", bad).encode()
+        with pytest.raises(PoisonMessage, match=r"invalid hpo\.trial\.reported"):
+            decode(raw)

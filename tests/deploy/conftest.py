@@ -16,12 +16,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = Path(__file__).resolve().parent / "assets"
 
-# service -> (host port in docker-compose.yml, topics it consumes)
+# service -> (host port in docker-compose.yml, topics its main consumer group dlforge.<service> consumes;
+# the trainer's decision consumer, group dlforge.trainer-decisions, reads hpo.trial.decision and is not scaled on)
 SERVICES: dict[str, tuple[int, tuple[str, ...]]] = {
     "labeler": (8001, ("dataset.uploaded", "labels.submitted")),
     "augmenter": (8002, ("dataset.labeled",)),
     "proposer": (8003, ("dataset.augmented",)),
-    "tuner": (8004, ("model.proposed", "hpo.trial.completed")),
+    "tuner": (8004, ("dataset.uploaded", "model.proposed", "hpo.trial.reported", "hpo.trial.completed")),
     "trainer": (8005, ("hpo.trial", "hpo.completed")),
     "optimizer": (8006, ("model.trained",)),
 }

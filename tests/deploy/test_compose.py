@@ -153,3 +153,16 @@ def test_build_targets_exist(compose, repo, services):
     for name in services:
         build = compose["services"][name]["build"]
         assert (repo / build["context"] / build["dockerfile"]).is_file(), name
+
+
+def test_only_the_tuner_reaches_its_study_storage_and_it_is_on_a_volume(compose, services):
+    services_ = compose["services"]
+    for name in services:
+        if name != "tuner":
+            assert not any("TUNER" in key for key in services_[name]["environment"]), name
+            assert not services_[name].get("volumes"), f"{name} needs no volume of its own"
+    url = services_["tuner"]["environment"]["DLFORGE_TUNER_STORAGE"]
+    assert url.startswith("sqlite:////")
+    folder = url.removeprefix("sqlite:///").rsplit("/", 1)[0]
+    volumes = {v.split(":")[1]: v.split(":")[0] for v in services_["tuner"]["volumes"]}
+    assert folder in volumes and volumes[folder] in compose["volumes"]  # a named volume: it outlives the container

@@ -224,3 +224,23 @@ def test_scaled_object_follows_consumer_lag(core_documents, scaled_objects, serv
 
 def test_one_scaled_object_per_service(scaled_objects, services):
     assert set(scaled_objects) == set(services)
+
+
+def test_only_the_tuner_reaches_its_study_storage_and_it_is_on_its_own_claim(core_documents, scaled_objects, services):
+    config = find(core_documents, "ConfigMap", "dlforge-config")["data"]
+    assert not any("TUNER" in key for key in config)
+    for name in services:
+        container = only_container(find(core_documents, "Deployment", name))
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        if name != "tuner":
+            assert not any("TUNER" in key for key in env), name
+            continue
+        tuner = find(core_documents, "Deployment", "tuner")
+        folder = env["DLFORGE_TUNER_STORAGE"].removeprefix("sqlite:///").rsplit("/", 1)[0]
+        mounts = {m["mountPath"]: m["name"] for m in only_container(tuner)["volumeMounts"]}
+        volumes = {v["name"]: v for v in tuner["spec"]["template"]["spec"]["volumes"]}
+        claim = volumes[mounts[folder]]["persistentVolumeClaim"]["claimName"]
+        assert find(core_documents, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteOnce"]
+        # a SQLite file on a ReadWriteOnce claim: one pod at a time, also while rolling out
+        assert tuner["spec"]["strategy"]["type"] == "Recreate"
+        assert scaled_objects["tuner"]["spec"]["maxReplicaCount"] == 1

@@ -1,4 +1,4 @@
-"""dlforge.hpo: the study storage and the stored pruner description the tuner and the trainer share."""
+"""dlforge.hpo: the tuner's study storage and the stored pruner description."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from dlforge.common.errors import InvalidInput, PoisonMessage, RetryableError
+from dlforge.common.errors import InvalidInput, RetryableError
 from dlforge.hpo import build_pruner, open_storage
-from dlforge.trainer.reporting import build_pruner as trainer_build_pruner
 
 
 def test_nested_pruner_description_builds_the_wrapped_pruner() -> None:
@@ -30,8 +29,6 @@ def test_nested_pruner_description_builds_the_wrapped_pruner() -> None:
 def test_bad_descriptions_are_refused_with_the_reason(spec: dict, says: str) -> None:
     with pytest.raises(InvalidInput, match=says):
         build_pruner(spec)
-    with pytest.raises(PoisonMessage, match=says):  # in the trainer, a bad stored study is a poison event
-        trainer_build_pruner(spec)
 
 
 def test_storage_is_one_per_url_and_an_unreachable_one_is_retryable(tmp_path: Path) -> None:

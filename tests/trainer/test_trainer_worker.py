@@ -1,18 +1,28 @@
-"""The trainer's hpo.trial handler on embedded backends, against a real Optuna storage."""
+"""The trainer's handlers on embedded backends: a trial reports its epochs and obeys the tuner's decisions."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import optuna
 import pytest
 
 from dlforge.common.app import settings_for
 from dlforge.common.bus import Delivery
-from dlforge.common.events import Event, HpoTrial, HpoTrialCompleted, Topic, decode, encode
-from dlforge.common.runtime import Backends, Outcome, Worker
+from dlforge.common.events import (
+    Event,
+    HpoTrial,
+    HpoTrialCompleted,
+    HpoTrialDecision,
+    HpoTrialReported,
+    Topic,
+    decode,
+    encode,
+)
+from dlforge.common.runtime import Backends, Outcome, Worker, run_workers
 from dlforge.common.settings import load_settings
+from dlforge.trainer.pruning import DECISIONS, decisions_service
 from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.testing import make_candidate, make_dataset
 from dlforge.trainer.worker import build_deps, service
@@ -31,12 +41,12 @@ async def backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIter
     await b.stop()
 
 
-def trial_event(backends: Backends, storage: str, number: int, params: dict[str, object]) -> Event:
+def trial_event(backends: Backends, number: int, params: dict[str, object], *, epochs: int = 2) -> Event:
     return Event.new(HpoTrial(
         study_name="s", trial_number=number, params=params, dataset_id="d", model_id="m", arch="small_cnn",
         weights_key=make_candidate(backends.objects, "cands/small.pt"),
         manifest_key=make_dataset(backends.objects, per_class={"defect": 30, "good": 30}, size=24),
-        classes=["defect", "good"], epochs=2, sample_fraction=0.5, storage_url=storage,
+        classes=["defect", "good"], epochs=epochs, sample_fraction=0.5,
     ), run_id="r")
 
 
@@ -50,43 +60,71 @@ async def handle(backends: Backends, event: Event) -> list[Event]:
     return [decode(raw.encode()) for raw in marker["outbox"]]
 
 
-@pytest.mark.slow
-async def test_trial_reports_each_epoch_to_the_study(backends: Backends, tmp_path: Path) -> None:
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
-    study.set_user_attr("dlforge.pruner", {"factory": "optuna.pruners.NopPruner", "kwargs": {}})
-    study.ask()
-    study.ask()
-    [done] = await handle(backends, trial_event(backends, storage, 1, PARAMS))
+async def fake_tuner(backends: Backends, prune_at: int, reports: list[HpoTrialReported]) -> None:
+    """Answers every report like the tuner does: 'continue', and 'prune' from step ``prune_at`` on."""
+    sub = await backends.bus.subscribe(group="fake-tuner", topics=[Topic.HPO_TRIAL_REPORTED])
+    try:
+        while True:
+            d = await sub.get(timeout=0.1)
+            if d is None:
+                continue
+            report = decode(d.value)
+            p = report.payload
+            assert isinstance(p, HpoTrialReported)
+            reports.append(p)
+            action = "prune" if p.step >= prune_at else "continue"
+            await backends.publish(report.follow(HpoTrialDecision(
+                study_name=p.study_name, trial_number=p.trial_number, step=p.step, action=action, reason="test")))
+            await sub.commit(d)
+    finally:
+        await sub.close()
+
+
+async def test_a_trial_reports_each_epoch_and_stops_when_the_tuner_says_prune(backends: Backends) -> None:
+    reports: list[HpoTrialReported] = []
+    stop = asyncio.Event()
+    decisions = Worker(decisions_service, backends, deps=None)
+    tasks = [asyncio.create_task(run_workers([decisions], stop)), asyncio.create_task(fake_tuner(backends, 2, reports))]
+    try:
+        await decisions.ready.wait()
+        [done] = await handle(backends, trial_event(backends, 1, PARAMS, epochs=4))
+    finally:
+        stop.set()
+        tasks[1].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(done.payload, HpoTrialCompleted) and done.event_type == Topic.HPO_TRIAL_COMPLETED
-    assert done.payload.state == "complete" and done.payload.trial_number == 1
-    assert done.payload.value is not None and done.payload.value >= 0.8
-    stored = optuna.load_study(study_name="s", storage=storage).trials[1]
-    assert stored.intermediate_values == {1: done.payload.intermediate[0], 2: done.payload.intermediate[1]}
-    assert stored.state == optuna.trial.TrialState.RUNNING  # the tuner tells, not the trainer
+    # epoch 1: continue; epoch 2: prune -> two of the four epochs trained, the trial ends pruned
+    assert done.payload.state == "pruned" and done.payload.trial_number == 1
+    assert len(done.payload.intermediate) == 2 and done.payload.value == done.payload.intermediate[-1]
+    assert [(r.trial_number, r.step, r.value) for r in reports] == [
+        (1, 1, done.payload.intermediate[0]), (1, 2, done.payload.intermediate[1])]
     job = await backends.docs.get("trainer_jobs", "s-trial-0001")
-    assert job is not None and job["state"] == "completed" and job["result"]["train_rows"] == 22
+    assert job is not None and job["state"] == "pruned" and job["result"]["train_rows"] == 22
     epochs = await backends.docs.find("trainer_metrics", {"job_id": "s-trial-0001"}, sort=[("epoch", 1)])
     assert [e["epoch"] for e in epochs] == [1, 2]
-
-    # a trial the study already finished is not trained again
-    study.tell(1, 0.5, skip_if_finished=True)
-    again = trial_event(backends, storage, 1, PARAMS).model_copy(update={"event_id": "again"})
-    assert await handle(backends, again) == []
+    stored = await backends.docs.find(DECISIONS, {"study_name": "s", "trial_number": 1}, sort=[("step", 1)])
+    assert [(d["step"], d["action"]) for d in stored] == [(1, "continue"), (2, "prune")]
 
 
-async def test_invalid_parameters_make_a_failed_trial_not_a_dead_letter(backends: Backends, tmp_path: Path) -> None:
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    optuna.create_study(study_name="s", storage=storage, direction="maximize").ask()
-    [done] = await handle(backends, trial_event(backends, storage, 0, {**PARAMS, "optimizer": "rmsprop"}))
+async def test_without_an_answer_the_trial_trains_on(backends: Backends, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DLFORGE_TRAINER_DECISION_WAIT_SECONDS", "0.2")
+    sub = await backends.bus.subscribe(group="watcher", topics=[Topic.HPO_TRIAL_REPORTED])
+    [done] = await handle(backends, trial_event(backends, 0, PARAMS, epochs=3))
+    assert isinstance(done.payload, HpoTrialCompleted) and done.payload.state == "complete"
+    assert len(done.payload.intermediate) == 3  # the values still reach the tuner, in the completion too
+    sent = [decode(d.value) for d in await sub.get_batch(10, timeout=0.5)]
+    await sub.close()
+    # every epoch but the last (whose value the completion carries) is reported
+    assert [e.payload.step for e in sent if isinstance(e.payload, HpoTrialReported)] == [1, 2]
+    assert [e.payload.value for e in sent] == done.payload.intermediate[:2]  # type: ignore[union-attr]
+    # keyed per trial, with ids that are the same whenever this step of this trial is reported again
+    assert {e.key for e in sent} == {"r:0"} and len({e.event_id for e in sent}) == 2
+
+
+async def test_invalid_parameters_make_a_failed_trial_not_a_dead_letter(backends: Backends) -> None:
+    [done] = await handle(backends, trial_event(backends, 0, {**PARAMS, "optimizer": "rmsprop"}))
     assert isinstance(done.payload, HpoTrialCompleted)
     assert done.payload.state == "failed" and "optimizer" in (done.payload.error or "")
-
-
-async def test_unreachable_study_trains_without_pruning(backends: Backends, tmp_path: Path) -> None:
-    [done] = await handle(backends, trial_event(backends, f"sqlite:///{tmp_path}/elsewhere.db", 0, PARAMS))
-    assert isinstance(done.payload, HpoTrialCompleted) and done.payload.state == "complete"
-    assert len(done.payload.intermediate) == 2  # the values still reach the tuner, in the event
 
 
 @pytest.mark.slow

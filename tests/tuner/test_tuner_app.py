@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from dlforge.common.bus import Delivery
-from dlforge.common.events import CandidateScore, Event, ModelProposed, PipelineOptions, Spec, encode
+from dlforge.common.events import CandidateScore, DatasetUploaded, Event, ModelProposed, PipelineOptions, Spec, encode
 from dlforge.common.runtime import Worker
 from dlforge.common.settings import load_settings
 from dlforge.tuner.app import create_app
@@ -24,7 +24,28 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClie
         yield c
 
 
+def uploaded(client: TestClient, run_id: str) -> None:
+    """The tuner sees the run's dataset.uploaded (as its worker would)."""
+    event = Event.new(DatasetUploaded(dataset_id="d", name="n", item_count=4, classes=["a", "b"], labeled_count=0,
+                                      rejected_count=0, duplicate_count=0, manifest_key="m.json", spec=Spec()),
+                      run_id=run_id)
+    worker = Worker(service, client.app.state.backends,  # type: ignore[attr-defined]
+                    deps=client.app.state.deps["tuner"])  # type: ignore[attr-defined]
+    client.portal.call(worker.process, Delivery(topic=event.event_type.value, key=run_id,  # type: ignore[union-attr]
+                                                value=encode(event)))
+
+
+def test_the_tuning_of_an_unknown_run_is_refused_and_nothing_is_written(client: TestClient) -> None:
+    backends = client.app.state.backends  # type: ignore[attr-defined]
+    refused = client.put("/runs/r-unknown/tuning", json={"sampler": {"name": "random"}})
+    assert refused.status_code == 404 and "no run 'r-unknown'" in refused.json()["detail"]
+    assert client.portal.call(backends.docs.get, "tuner_configs", "r-unknown") is None  # type: ignore[union-attr]
+    uploaded(client, "r-unknown")
+    assert client.put("/runs/r-unknown/tuning", json={"sampler": {"name": "random"}}).status_code == 200
+
+
 def test_override_is_validated_and_used_by_the_run(client: TestClient) -> None:
+    uploaded(client, "r1")
     defaults = client.get("/tuning/defaults").json()
     assert defaults["sampler"]["name"] == "tpe" and defaults["pruner"]["name"] == "median"
     assert defaults["sample_fraction"] == 0.5 and len(defaults["space"]["params"]) == 7
@@ -51,7 +72,7 @@ def test_override_is_validated_and_used_by_the_run(client: TestClient) -> None:
     study = client.get("/studies/dlforge-r1").json()
     assert [t["state"] for t in study["trials"]] == ["running", "running"]
     assert study["config"]["sampler"]["name"] == "random" and study["config"]["sample_fraction"] == 0.25
-    assert study["best"] is None and study["storage_url"].startswith("sqlite:////")
+    assert study["best"] is None and "storage_url" not in study  # the tuner's database stays its own
 
     assert client.put("/runs/r1/tuning", json={"sample_fraction": 0.3}).status_code == 409
     stopped = client.post("/studies/dlforge-r1/stop").json()

@@ -9,16 +9,17 @@ import pytest
 from pydantic import ValidationError
 
 from dlforge.common.errors import ConfigError, InvalidInput
-from dlforge.common.events import HpoTrialCompleted, PipelineOptions, Spec
+from dlforge.common.events import HpoTrialCompleted, HpoTrialReported, PipelineOptions, Spec
 from dlforge.hpo import PRUNER_ATTR
-from dlforge.trainer.reporting import build_pruner as trainer_build_pruner
 from dlforge.tuner.handlers import (
     StudyContext,
     TuningConfig,
     TuningOverride,
     ask_for,
     best_trial,
+    decide,
     default_config,
+    failed_in_a_row,
     is_done,
     load_study,
     prepare_study,
@@ -101,7 +102,7 @@ def test_stop_asks_nothing_more(tmp_path: Path) -> None:
     assert is_done(study, ctx, stop=True)
 
 
-def test_enqueued_trials_come_first_and_the_pruner_is_stored_for_the_trainer(tmp_path: Path) -> None:
+def test_enqueued_trials_come_first_and_the_pruner_is_stored_with_the_study(tmp_path: Path) -> None:
     fixed = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "dropout": 0.1, "unfreeze": 2, "batch_size": 16,
              "optimizer": "sgd"}
     ctx = context(tmp_path, trials=2, parallel=1, enqueue=[fixed], pruner=PluginChoice(name="patient"))
@@ -111,7 +112,59 @@ def test_enqueued_trials_come_first_and_the_pruner_is_stored_for_the_trainer(tmp
     spec = study.user_attrs[PRUNER_ATTR]
     assert spec["factory"] == "optuna.pruners.PatientPruner"
     assert spec["kwargs"]["wrapped_pruner"]["factory"] == "optuna.pruners.MedianPruner"
-    assert isinstance(trainer_build_pruner(spec), optuna.pruners.PatientPruner)  # the trainer reads the same spec
+    # every tuner replica builds the study's pruner from that description
+    assert isinstance(load_study(ctx).pruner, optuna.pruners.PatientPruner)
+
+
+def reported(number: int, step: int, value: float) -> HpoTrialReported:
+    return HpoTrialReported(study_name="dlforge-run-1", trial_number=number, step=step, value=value)
+
+
+def test_reports_are_recorded_and_the_median_pruner_decides(tmp_path: Path) -> None:
+    # MedianPruner after one finished trial, from step 1: prune a trial whose value at a step is below the
+    # median of the finished trials' values at that step (here: trial 0's own value).
+    ctx = context(tmp_path, trials=3, parallel=3, pruner=PluginChoice(name="median", kwargs={"n_startup_trials": 1}))
+    study = prepare_study(ctx)
+    ask_for(study, ctx, asked_by="e1")
+    assert decide(study, ctx, reported(0, 1, 0.7)).action == "continue"  # no finished trial yet: never prunes
+    assert decide(study, ctx, reported(0, 2, 0.8)).action == "continue"
+    tell(study, ctx, completed(0, value=0.8))
+    assert decide(load_study(ctx), ctx, reported(1, 1, 0.75)).action == "continue"  # 0.75 >= 0.7
+    low = decide(load_study(ctx), ctx, reported(2, 1, 0.4))  # 0.4 < 0.7
+    assert low.action == "prune" and "MedianPruner" in low.reason and "step 1" in low.reason
+    assert decide(load_study(ctx), ctx, reported(1, 2, 0.6)).action == "prune"  # 0.6 < 0.8 at step 2
+    stored = {t.number: t.intermediate_values for t in load_study(ctx).trials}
+    assert stored == {0: {1: 0.7, 2: 0.8}, 1: {1: 0.75, 2: 0.6}, 2: {1: 0.4}}
+    # a redelivered report of a step keeps the first value and gets the same answer
+    assert decide(load_study(ctx), ctx, reported(2, 1, 0.99)).action == "prune"
+    assert load_study(ctx).trials[2].intermediate_values == {1: 0.4}
+    # a finished trial is told to stop; an unknown one is refused
+    finished = decide(load_study(ctx), ctx, reported(0, 3, 0.9))
+    assert finished.action == "prune" and "already complete" in finished.reason
+    with pytest.raises(InvalidInput, match="no trial 7"):
+        decide(load_study(ctx), ctx, reported(7, 1, 0.5))
+
+
+def test_the_completion_fills_in_the_steps_whose_report_did_not_arrive(tmp_path: Path) -> None:
+    ctx = context(tmp_path, trials=1, parallel=1)
+    study = prepare_study(ctx)
+    ask_for(study, ctx, asked_by="e1")
+    decide(study, ctx, reported(0, 1, 0.5))
+    done = HpoTrialCompleted(study_name="dlforge-run-1", trial_number=0, state="complete", value=0.7,
+                             intermediate=[0.55, 0.6, 0.7], seconds=1.0)
+    tell(study, ctx, done)
+    assert load_study(ctx).trials[0].intermediate_values == {1: 0.5, 2: 0.6, 3: 0.7}
+
+
+def test_failed_in_a_row_counts_the_failures_since_the_last_success(tmp_path: Path) -> None:
+    ctx = context(tmp_path, trials=6, parallel=1)
+    study = prepare_study(ctx)
+    states = ["failed", "failed", "complete", "failed", "pruned", "failed"]
+    expected = [1, 2, 0, 1, 0, 1]
+    for number, (state, count) in enumerate(zip(states, expected, strict=True)):
+        ask_for(study, ctx, asked_by=f"e{number}")
+        tell(study, ctx, completed(number, state, None if state == "failed" else 0.5))
+        assert [t.number for t in failed_in_a_row(study)] == list(range(number - count + 1, number + 1))
 
 
 def test_tuning_config_refuses_bad_plugins_and_enqueued_trials_outside_the_space() -> None:

@@ -1,4 +1,5 @@
-"""The tuner and the trainer on the memory bus: a study of two trials, one pruned, then the final model."""
+"""The tuner on the memory bus: with the trainer, a study of two trials, one pruned, then the final model;
+alone, against completions it is fed: stop requests, failures in a row."""
 
 from __future__ import annotations
 
@@ -14,16 +15,19 @@ from dlforge.common.events import (
     CandidateScore,
     Event,
     HpoCompleted,
+    HpoTrial,
     HpoTrialCompleted,
     ModelProposed,
     ModelTrained,
     PipelineOptions,
+    RunFailed,
     Spec,
     Topic,
     encode,
 )
 from dlforge.common.runtime import Backends, Outcome, Worker, run_workers
 from dlforge.trainer import worker as trainer_worker
+from dlforge.trainer.pruning import decisions_service
 from dlforge.trainer.settings import TrainerSettings
 from dlforge.tuner import worker as tuner_worker
 from dlforge.tuner.handlers import study_name_for
@@ -95,7 +99,8 @@ async def test_study_runs_two_trials_prunes_the_worse_one_and_trains_the_best(
         "sample_fraction": 0.5}})
     stop = asyncio.Event()
     workers = [Worker(tuner_worker.service, backends, deps=await tuner_deps(backends)),
-               Worker(trainer_worker.service, backends, deps=await trainer_deps(backends))]
+               Worker(trainer_worker.service, backends, deps=await trainer_deps(backends)),
+               Worker(decisions_service, backends, deps=None)]
     task = asyncio.create_task(run_workers(workers, stop))
     try:
         await asyncio.gather(*(w.ready.wait() for w in workers))
@@ -159,3 +164,121 @@ async def test_study_runs_two_trials_prunes_the_worse_one_and_trains_the_best(
     # and the very same event again is a duplicate for the runtime
     assert await worker.process(Delivery(topic=Topic.HPO_TRIAL_COMPLETED.value, key=run_id,
                                          value=encode(again))) == Outcome.DUPLICATE
+
+
+async def tuner_handles(backends: Backends, event: Event) -> list[Event]:
+    """The tuner worker handles ``event``; returns what it emitted."""
+    from dlforge.common.events import decode
+
+    outcome = await Worker(tuner_worker.service, backends, deps=await tuner_deps(backends)).process(
+        Delivery(topic=event.event_type.value, key=event.key, value=encode(event)))
+    assert outcome == Outcome.HANDLED
+    marker = await backends.docs.get("processed_events", f"dlforge.tuner:{event.event_id}")
+    assert marker is not None
+    return [decode(raw.encode()) for raw in marker["outbox"]]
+
+
+def trial_done(trial: Event, state: str, value: float | None, error: str | None = None) -> Event:
+    assert isinstance(trial.payload, HpoTrial)
+    return trial.follow(HpoTrialCompleted(study_name=trial.payload.study_name, trial_number=trial.payload.trial_number,
+                                          state=state, value=value, intermediate=[] if value is None else [value],
+                                          seconds=1.0, error=error))  # type: ignore[arg-type]
+
+
+FAKE = {"manifest_key": "m.json", "weights_key": "w.pt"}  # the tuner never opens them
+
+
+async def test_a_stop_request_is_not_undone_by_a_worker_that_read_the_study_before(backends: Backends) -> None:
+    run_id = "run-stop"
+    [trial0] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=5), run_id=run_id))
+    name = study_name_for(run_id)
+    # The stop request lands while the worker handles trial 0's completion: after it read the study
+    # document, before it writes it back.
+    original = backends.docs.update
+    stops = 0
+
+    async def update_after_a_stop(collection: str, doc_id: str, changes: dict, *, expected_version: int) -> dict:
+        nonlocal stops
+        if collection == "tuner_studies" and stops == 0:
+            stops += 1
+            current = await backends.docs.get(collection, doc_id)
+            assert current is not None
+            await original(collection, doc_id, {"stop_requested": True}, expected_version=current["_version"])
+        return await original(collection, doc_id, changes, expected_version=expected_version)
+
+    backends.docs.update = update_after_a_stop  # type: ignore[method-assign]
+    try:
+        emitted = await tuner_handles(backends, trial_done(trial0, "complete", 0.8))
+    finally:
+        backends.docs.update = original  # type: ignore[method-assign]
+    assert stops == 1
+    # the stop holds: no trial 1 was asked, the study completed with its one trial
+    assert [e.event_type for e in emitted] == [Topic.HPO_COMPLETED]
+    doc = await backends.docs.get("tuner_studies", name)
+    assert doc is not None and doc["stop_requested"] is True and doc["state"] == "completed"
+    assert doc["n_trials"] == 1 and doc["best_value"] == 0.8
+
+
+async def test_the_study_fails_with_the_reason_after_three_failed_trials_in_a_row(backends: Backends) -> None:
+    run_id = "run-failing"
+    [trial] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=200), run_id=run_id))  # the largest budget
+    asked = [trial]
+    for i in range(3):
+        emitted = await tuner_handles(backends, trial_done(trial, "failed", None, f"epochs 1000000 > cap ({i})"))
+        if i < 2:
+            [trial] = emitted
+            assert trial.event_type == Topic.HPO_TRIAL
+            asked.append(trial)
+    # the third failure in a row ends the study: run.failed with the trials' errors, nothing more asked
+    [failed] = emitted
+    assert isinstance(failed.payload, RunFailed) and failed.payload.stage == "tuner"
+    assert failed.payload.reason == (f"study {study_name_for(run_id)}: 3 trials failed in a row (trial 0: epochs "
+                                     "1000000 > cap (0); trial 1: epochs 1000000 > cap (1); trial 2: epochs 1000000 "
+                                     "> cap (2))")
+    assert [e.payload.trial_number for e in asked] == [0, 1, 2]  # type: ignore[attr-defined]
+    doc = await backends.docs.get("tuner_studies", study_name_for(run_id))
+    assert doc is not None and doc["state"] == "failed" and doc["n_trials"] == 3
+    assert doc["failure"] == failed.payload.reason.split(": ", 1)[1]
+    # a redelivered completion under another id asks nothing and repeats the same run.failed
+    again = await tuner_handles(backends, trial_done(trial, "failed", None, "x").model_copy(
+        update={"event_id": "again"}))
+    assert [(e.event_type, e.event_id) for e in again] == [(Topic.RUN_FAILED, failed.event_id)]
+
+
+async def test_a_success_between_failures_starts_the_count_again(backends: Backends) -> None:
+    run_id = "run-mixed"
+    [trial] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=5), run_id=run_id))
+    outcomes = [("failed", None), ("failed", None), ("complete", 0.7), ("failed", None), ("failed", None)]
+    for state, value in outcomes:
+        emitted = await tuner_handles(backends, trial_done(trial, state, value, "boom" if value is None else None))
+        trial = emitted[0]
+    # never three in a row: the budget of five is spent and the study completes with the one value
+    assert isinstance(trial.payload, HpoCompleted) and trial.payload.best_value == 0.7
+    assert [t.state for t in trial.payload.trials] == ["fail", "fail", "complete", "fail", "fail"]
+
+
+async def test_reports_are_answered_per_step_and_a_stray_one_is_told_to_stop(backends: Backends) -> None:
+    from dlforge.common.events import HpoTrialDecision, HpoTrialReported
+
+    run_id = "run-reports"
+    [trial0] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=2), run_id=run_id))
+    name = study_name_for(run_id)
+
+    def report(number: int, step: int, value: float, study: str = name) -> Event:
+        return trial0.follow(HpoTrialReported(study_name=study, trial_number=number, step=step, value=value))
+
+    [answer] = await tuner_handles(backends, report(0, 1, 0.6))
+    assert isinstance(answer.payload, HpoTrialDecision) and answer.payload.action == "continue"
+    assert (answer.payload.trial_number, answer.payload.step, answer.key) == (0, 1, f"{run_id}:0")
+    # the same step reported again (a retrained trial) gets an answer with the same id: the trainer skips it
+    [again] = await tuner_handles(backends, report(0, 1, 0.6).model_copy(update={"event_id": "again"}))
+    assert again.event_id == answer.event_id
+    for stray in (report(5, 1, 0.6), report(0, 1, 0.6, study="dlforge-nobody")):
+        [stop] = await tuner_handles(backends, stray)
+        assert isinstance(stop.payload, HpoTrialDecision) and stop.payload.action == "prune"
+        assert "no trial 5" in stop.payload.reason or "no study 'dlforge-nobody'" in stop.payload.reason
+    # the study holds the one value reported for trial 0
+    doc = await backends.docs.get("tuner_studies", name)
+    assert doc is not None and doc["state"] == "running"
+    study = optuna.load_study(study_name=name, storage=doc["context"]["storage_url"])
+    assert study.trials[0].intermediate_values == {1: 0.6}

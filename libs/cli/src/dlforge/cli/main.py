@@ -150,11 +150,18 @@ def _embedded_settings(root: Path) -> CommonSettings:
 
 async def _run_folder(
     *, folder: Path, name: str, spec: Spec, options: PipelineOptions, settings: CommonSettings,
-    answers: dict[str, str] | None, truth: dict[str, str] | None, timeout: float,
+    answers: dict[str, str] | None, truth: dict[str, str] | None, timeout: float, resume_run: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the pipeline on ``folder`` in this process; resumes the run started on the same request before.
+
+    The work dir's run index (:mod:`dlforge.cli.resume`) maps the request's fingerprint to the run it
+    started: a run still going (or done) is followed instead of uploading again; a failed or cancelled
+    one is replaced by a new run. ``resume_run`` names the run to follow.
+    """
     from dlforge.cli.pipeline import run_in_process
     from dlforge.cli.platform import combined_app
     from dlforge.cli.report import build_report
+    from dlforge.cli.resume import RunIndex, StartedRun, fingerprint, run_to_follow
     from dlforge.common.runtime import Backends
     from dlforge.labeler import simulated
     from dlforge.labeler.records import DATASETS
@@ -162,13 +169,22 @@ async def _run_folder(
     os.environ.setdefault("DLFORGE_LABELER_IMPORT_ROOTS", str(folder.resolve().parent))
     backends = Backends.from_settings(settings)
     app = combined_app(backends=backends, simulated_annotator=answers is not None)
+    index = RunIndex(Path(settings.work_dir))
+    fp = fingerprint(folder, spec=spec, options=options)
 
     async def upload(client: Any) -> dict[str, Any]:
+        following = await run_to_follow(client, index, fp=fp, resume_run=resume_run, folder=folder)
+        if following is not None:
+            return following
         dataset_id = f"ds-{uuid4().hex[:12]}"
+        run_id = uuid4().hex
+        # remembered before the upload: a crash during it is found (and failed or resumed) next time
+        index.remember(StartedRun(run_id=run_id, dataset_id=dataset_id, folder=str(folder.resolve()),
+                                  fingerprint=fp))
         if answers is not None:  # the simulated annotator must know the answers before the first batch
             await asyncio.to_thread(simulated.register_answers, backends.objects, dataset_id, answers)
         body = {"folder": str(folder.resolve()), "name": name, "spec": spec.model_dump(),
-                "options": options.model_dump(), "dataset_id": dataset_id}
+                "options": options.model_dump(), "dataset_id": dataset_id, "run_id": run_id}
         response = await client.post("/labeler/datasets", json=body)
         if response.status_code >= 300:
             raise DlforgeError(f"upload refused ({response.status_code}): {response.text}")
@@ -298,22 +314,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     for note in check.notes:
         print(f"dlforge: note: {note}", file=sys.stderr)
     if check.answers is None:
-        return _serve_for_people(folder, spec, options)
+        return _serve_for_people(folder, spec, options, resume_run=args.resume)
     settings = load_settings() if args.configured else _embedded_settings(Path(args.workdir).resolve())
     _, report = asyncio.run(_run_folder(
         folder=folder, name=folder.name, spec=spec, options=options, settings=settings,
-        answers=check.answers, truth=check.answers, timeout=args.timeout,
+        answers=check.answers, truth=check.answers, timeout=args.timeout, resume_run=args.resume,
     ))
     report["notes"] = [*report.get("notes", []), *check.notes]
     return _finish(report, args)
 
 
-def _serve_for_people(folder: Path, spec: Spec, options: PipelineOptions) -> int:
-    """Serve the API so people answer labels.requested through POST /labeler/labels."""
+def _serve_for_people(folder: Path, spec: Spec, options: PipelineOptions, *, resume_run: str | None = None) -> int:
+    """Serve the API so people answer labels.requested through POST /labeler/labels.
+
+    As with ``--answers``, the run started before on the same request (or ``resume_run``) is
+    followed instead of uploading the folder again.
+    """
     import httpx
     import uvicorn
 
     from dlforge.cli.platform import combined_app
+    from dlforge.cli.resume import RunIndex, StartedRun, fingerprint, run_to_follow
 
     settings: CommonSettings = load_settings()
     os.environ.setdefault("DLFORGE_LABELER_IMPORT_ROOTS", str(folder.resolve().parent))
@@ -340,9 +361,25 @@ def _serve_for_people(folder: Path, spec: Spec, options: PipelineOptions) -> int
                 server.should_exit = True
                 await serving
                 raise SystemExit(f"the API at {base} was not ready after 20 s (GET /readyz)")
-            body = {"folder": str(folder.resolve()), "name": folder.name, "spec": spec.model_dump(),
-                    "options": options.model_dump()}
-            created = (await client.post("/labeler/datasets", json=body)).raise_for_status().json()
+            index = RunIndex(Path(settings.work_dir))
+            fp = fingerprint(folder, spec=spec, options=options)
+            try:
+                created = await run_to_follow(client, index, fp=fp, resume_run=resume_run, folder=folder)
+            except DlforgeError:
+                server.should_exit = True
+                await serving
+                raise
+            if created is None:
+                created = {"dataset_id": f"ds-{uuid4().hex[:12]}", "run_id": uuid4().hex}
+                index.remember(StartedRun(run_id=created["run_id"], dataset_id=created["dataset_id"],
+                                          folder=str(folder.resolve()), fingerprint=fp))
+                body = {"folder": str(folder.resolve()), "name": folder.name, "spec": spec.model_dump(),
+                        "options": options.model_dump(), **created}
+                response = await client.post("/labeler/datasets", json=body)
+                if response.status_code >= 300:
+                    server.should_exit = True
+                    await serving
+                    raise DlforgeError(f"upload refused ({response.status_code}): {response.text}")
             print(f"dataset {created['dataset_id']}, run {created['run_id']}: label the queued items at "
                   f"{base}/labeler/datasets/{created['dataset_id']}/queue and POST {base}/labeler/labels; "
                   f"follow the run at {base}/runs/{created['run_id']} (Ctrl-C stops)")
@@ -383,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--configured", action="store_true",
                      help="use DLFORGE_BUS/OBJECTS/DOCS instead of embedded backends under --workdir")
     run.add_argument("--workdir", default=".dlforge/run")
+    run.add_argument("--resume", default=None, metavar="RUN_ID",
+                     help="follow this run (started by dlforge run with the same --workdir) instead of starting one; "
+                     "without it, the run started on the same folder, spec and options is resumed if it can go on")
     run.add_argument("--timeout", type=float, default=6 * 3600)
     run.add_argument("--json", default=None)
     run.add_argument("--html", default=None)

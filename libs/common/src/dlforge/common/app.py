@@ -53,12 +53,17 @@ class ServicePart(Generic[S, D]):
     plug-ins, clients, caches), once per process; handlers get them as ``ctx.deps``, routes through
     :func:`deps_of`. Once every part was built, ``on_built`` gets this part's deps (start-up work that
     needs them), then ``on_start`` runs; the workers start after both.
+
+    ``also`` holds further consumers of the same service that must not wait behind its main one
+    (each its own consumer group and worker, without deps), e.g. the trainer's pruning decisions,
+    which arrive while the main worker is busy training.
     """
 
     service: Service[D]
     router: APIRouter | None = None
     on_start: Callable[[Backends], Awaitable[None]] | None = None
     prefix: str | None = None  # where the router goes when several services share an app
+    also: tuple[Service, ...] = ()
     settings: type[S] = CommonSettings  # type: ignore[assignment]
     build: Callable[[S, Backends], Awaitable[D]] | None = None
     on_built: Callable[[D, Backends], Awaitable[None]] | None = None
@@ -210,7 +215,10 @@ def create_app(
                 await b.stop()
             raise
         stop = asyncio.Event()
-        workers = [Worker(p.service, b, deps=deps[p.service.name]) for p in parts] if run_workers else []
+        workers: list[Worker[Any]] = []
+        if run_workers:
+            workers += [Worker(p.service, b, deps=deps[p.service.name]) for p in parts]
+            workers += [Worker(s, b, deps=None) for p in parts for s in p.also]
         app.state.workers = {w.service.name: w for w in workers}
         app.state.stop = stop
         tasks = [asyncio.create_task(w.run(stop), name=w.consumer) for w in workers]

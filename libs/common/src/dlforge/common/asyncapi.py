@@ -36,7 +36,10 @@ services upcast older ones). A version, once published, never changes: a change 
 new version. Unknown fields are refused.
 
 Kafka: the topic name is the channel's address (after the deployment's `topic_prefix`, if any);
-the W3C trace context travels in the message headers, never in the payload.
+the message key is the `run_id`, except on the trial-scoped topics `hpo.trial`, `hpo.trial.reported`
+and `hpo.trial.decision`, where it is `<run_id>:<trial_number>` (one trial's messages stay in order,
+a run's trials spread over partitions); the W3C trace context travels in the message headers, never
+in the payload.
 """
 
 TRACE_HEADERS: dict[str, Any] = {

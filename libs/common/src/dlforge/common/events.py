@@ -2,7 +2,10 @@
 
 Every message on the bus is an :class:`Event` serialized as UTF-8 JSON. The envelope carries
 ``event_id`` (idempotency key), ``event_type`` (its topic), ``schema_version`` of the payload,
-a tz-aware ``occurred_at``, the pipeline ``run_id`` (also the partition key) and the payload.
+a tz-aware ``occurred_at``, the pipeline ``run_id`` and the payload. The partition key is
+:attr:`Event.key`: the run id, or ``"<run_id>:<trial_number>"`` for the trial-scoped topics (see
+:meth:`Payload.partition_key`), so one run's trials spread over partitions and consumers while each
+trial's own messages keep their order.
 
 Changing a payload's fields means bumping its ``SCHEMA_VERSION`` and registering an upcaster
 with :func:`register_upcaster` that turns the previous version's JSON into the new one; golden
@@ -34,11 +37,15 @@ class Topic(StrEnum):
     DATASET_AUGMENTED = "dataset.augmented"
     MODEL_PROPOSED = "model.proposed"
     HPO_TRIAL = "hpo.trial"
+    HPO_TRIAL_REPORTED = "hpo.trial.reported"
+    HPO_TRIAL_DECISION = "hpo.trial.decision"
     HPO_TRIAL_COMPLETED = "hpo.trial.completed"
     HPO_COMPLETED = "hpo.completed"
     MODEL_TRAINED = "model.trained"
     MODEL_OPTIMIZED = "model.optimized"
     RUN_FAILED = "run.failed"
+    RUN_CANCELLED = "run.cancelled"
+    RUN_DELETED = "run.deleted"
     DEAD_LETTER = "dlforge.dead-letter"
 
 
@@ -59,6 +66,10 @@ class Payload(BaseModel):
 
     TOPIC: ClassVar[Topic]
     SCHEMA_VERSION: ClassVar[int] = 1
+
+    def partition_key(self, run_id: str) -> str:
+        """The bus key of an event carrying this payload: the run id (one run's events stay in order)."""
+        return run_id
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,12 +294,17 @@ class ModelProposed(Payload):
 
 
 class HpoTrial(Payload):
-    """The tuner asks a trainer to train one trial of its study with these hyperparameters."""
+    """The tuner asks a trainer to train one trial of its study with these hyperparameters.
+
+    Keyed per trial (``<run_id>:<trial_number>``): a run's parallel trials go to different partitions
+    and so to different trainer replicas.
+    """
 
     TOPIC = Topic.HPO_TRIAL
+    SCHEMA_VERSION: ClassVar[int] = 2  # v2: no storage_url (the trainer reports through hpo.trial.reported)
 
     study_name: str
-    trial_number: int
+    trial_number: int = Field(ge=0)
     params: dict[str, Any]
     dataset_id: str
     model_id: str
@@ -298,11 +314,49 @@ class HpoTrial(Payload):
     classes: list[ClassName] = Field(max_length=MAX_CLASSES)
     epochs: int
     sample_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
-    storage_url: str = Field(description="Optuna storage to report intermediate values to")
+
+    def partition_key(self, run_id: str) -> str:
+        return f"{run_id}:{self.trial_number}"
+
+
+class HpoTrialReported(Payload):
+    """A trial's intermediate objective value after one epoch (step), from the trainer to the tuner.
+
+    Keyed per trial, so one trial's reports arrive in order; the tuner records the value in its study
+    and answers with :class:`HpoTrialDecision` for the same step.
+    """
+
+    TOPIC = Topic.HPO_TRIAL_REPORTED
+
+    study_name: str
+    trial_number: int = Field(ge=0)
+    step: int = Field(ge=1, description="the epoch just finished (1-based)")
+    value: float = Field(allow_inf_nan=False, description="the objective (val accuracy) after that epoch")
+
+    def partition_key(self, run_id: str) -> str:
+        return f"{run_id}:{self.trial_number}"
+
+
+class HpoTrialDecision(Payload):
+    """The tuner's answer to a report: go on, or stop the trial (its pruner said so, or it is finished)."""
+
+    TOPIC = Topic.HPO_TRIAL_DECISION
+
+    study_name: str
+    trial_number: int = Field(ge=0)
+    step: int = Field(ge=1, description="the reported step this decision answers")
+    action: Literal["continue", "prune"]
+    reason: str = ""
+
+    def partition_key(self, run_id: str) -> str:
+        return f"{run_id}:{self.trial_number}"
 
 
 class HpoTrialCompleted(Payload):
-    """A trainer's outcome of one trial: complete, pruned or failed, with its per-epoch values."""
+    """A trainer's outcome of one trial: complete, pruned or failed, with its per-epoch values.
+
+    Keyed by run (not by trial): one study's completions are told and its next trials asked in order.
+    """
 
     TOPIC = Topic.HPO_TRIAL_COMPLETED
 
@@ -389,6 +443,22 @@ class RunFailed(Payload):
     event_id: str | None = Field(default=None, description="the event whose handling failed")
 
 
+class RunCancelled(Payload):
+    """A person cancelled the run: every service skips its further events and stops its long work."""
+
+    TOPIC = Topic.RUN_CANCELLED
+
+    reason: str = Field(max_length=2000)
+
+
+class RunDeleted(Payload):
+    """A finished run was deleted: every service removes its documents and objects of the run."""
+
+    TOPIC = Topic.RUN_DELETED
+
+    dataset_id: str | None = Field(default=None, description="the run's data set, if it had one")
+
+
 class DeadLetter(Payload):
     """A message that could not be handled: the reason, the original bytes and headers, the attempts."""
 
@@ -412,11 +482,15 @@ PAYLOAD_TYPES: dict[Topic, type[Payload]] = {
         DatasetAugmented,
         ModelProposed,
         HpoTrial,
+        HpoTrialReported,
+        HpoTrialDecision,
         HpoTrialCompleted,
         HpoCompleted,
         ModelTrained,
         ModelOptimized,
         RunFailed,
+        RunCancelled,
+        RunDeleted,
         DeadLetter,
     )
 }
@@ -456,6 +530,11 @@ class Event(BaseModel):
     @property
     def topic(self) -> Topic:
         return self.event_type
+
+    @property
+    def key(self) -> str:
+        """The bus partition key (see :meth:`Payload.partition_key`)."""
+        return self.payload.partition_key(self.run_id)
 
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
@@ -545,3 +624,11 @@ for _topic in (Topic.DATASET_UPLOADED, Topic.DATASET_AUGMENTED, Topic.MODEL_PROP
     register_upcaster(_topic, 1, _options_v1_to_v2)
 register_upcaster(Topic.DATASET_LABELED, 1, _labeled_v1_to_v2)
 register_upcaster(Topic.LABELS_SUBMITTED, 1, _submitted_v1_to_v2)
+
+
+def _trial_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """hpo.trial v1 named the tuner's Optuna storage; the trainer no longer opens it."""
+    return {k: v for k, v in payload.items() if k != "storage_url"}
+
+
+register_upcaster(Topic.HPO_TRIAL, 1, _trial_v1_to_v2)

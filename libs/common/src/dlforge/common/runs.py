@@ -5,7 +5,13 @@ each stage's state, start/finish time, seconds and artifact keys, plus the run's
 The labeler stage's ``human_labels`` counts distinct items people labeled (a correction does not
 count an item twice): the items seen in ``labels.submitted`` while it runs, then the labeler's own
 count from ``dataset.labeled``.
-Served as ``GET /runs`` and ``GET /runs/{run_id}``.
+Served as ``GET /runs`` and ``GET /runs/{run_id}``. ``POST /runs/{run_id}/cancel`` emits
+``run.cancelled`` (every service stops working on the run); ``DELETE /runs/{run_id}`` (a finished,
+failed or cancelled run only) emits ``run.deleted``: every service removes its documents and objects
+of the run, this view included, so the run's page then answers 404.
+
+Folding is idempotent: an event whose id the document lists already is not folded again (a
+redelivery after a crash between the write and the processed-marker changes nothing).
 """
 
 from __future__ import annotations
@@ -14,10 +20,11 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
 
 from dlforge.common.app import ServicePart, backends_of
-from dlforge.common.errors import NotFound
-from dlforge.common.events import Event, Topic
+from dlforge.common.errors import Conflict, NotFound, RetryableError
+from dlforge.common.events import Event, RunCancelled, RunDeleted, Topic
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends, HandlerContext, Service
 
@@ -25,6 +32,8 @@ RUNS = "runs_view"
 # the items people labeled so far, kept in the run document while its labeler stage runs (not served)
 LABELED_ITEMS = "labeled_items"
 STAGES = ("labeler", "augmenter", "proposer", "tuner", "trainer", "optimizer")
+FINISHED = ("succeeded", "failed", "cancelled")
+SEEN_IDS = 5000  # event ids a document remembers for idempotent folding
 
 # topic -> (stage it finishes, stage it starts)
 _TRANSITIONS: dict[Topic, tuple[str | None, str | None]] = {
@@ -63,8 +72,10 @@ def _summary(topic: Topic, p: dict[str, Any]) -> dict[str, Any]:
 
 def apply(run: dict[str, Any] | None, event: Event) -> dict[str, Any]:
     """Fold one event into the run document (pure; the worker persists the result)."""
+    if run is not None and event.event_id in run.get("seen", ()):
+        return run  # folded before (a redelivery)
     at = event.occurred_at.isoformat()
-    doc: dict[str, Any] = run or {
+    doc: dict[str, Any] = dict(run) if run is not None else {
         "_id": event.run_id,
         "run_id": event.run_id,
         "state": "running",
@@ -80,6 +91,7 @@ def apply(run: dict[str, Any] | None, event: Event) -> dict[str, Any]:
     doc["updated_at"] = max(doc["updated_at"], at)
     doc["started_at"] = min(doc["started_at"], at)
     doc["events"] = [*doc["events"], {"type": topic.value, "event_id": event.event_id, "occurred_at": at}][-500:]
+    doc["seen"] = [*doc.get("seen", []), event.event_id][-SEEN_IDS:]
     doc["counts"] = {**doc["counts"], topic.value: doc["counts"].get(topic.value, 0) + 1}
     stages = {k: dict(v) for k, v in doc["stages"].items()}
     if "dataset_id" in payload and "dataset_id" not in doc:
@@ -108,6 +120,13 @@ def apply(run: dict[str, Any] | None, event: Event) -> dict[str, Any]:
             # the labeler's own count of distinct items people labeled is final; the running set goes
             stages["labeler"]["human_labels"] = payload.get("human_labels", 0)
             doc[LABELED_ITEMS] = []
+    elif topic == Topic.RUN_CANCELLED:
+        if doc["state"] == "running":
+            doc["state"] = "cancelled"
+            for name, st in stages.items():
+                if st["state"] == "running":
+                    stages[name] = {**st, "state": "cancelled", "finished_at": at}
+        doc["cancelled"] = {"reason": payload["reason"], "at": at}
     elif topic in (Topic.LABELS_REQUESTED, Topic.LABELS_SUBMITTED):
         lab = stages["labeler"]
         lab["rounds"] = max(lab.get("rounds", 0), int(payload.get("round", 0)))
@@ -126,7 +145,7 @@ def apply(run: dict[str, Any] | None, event: Event) -> dict[str, Any]:
         tuner["trials_done"] = tuner.get("trials_done", 0) + 1
         tuner.setdefault("trial_states", {})
         tuner["trial_states"] = {**tuner["trial_states"], str(payload["trial_number"]): payload["state"]}
-    elif topic == Topic.RUN_FAILED:
+    elif topic == Topic.RUN_FAILED and doc["state"] != "cancelled":
         # a helper outside the stages (e.g. the simulated annotator) fails the stage(s) it was serving
         failed = [payload["stage"]] if payload["stage"] in stages else [
             s for s, st in stages.items() if st["state"] == "running"]
@@ -145,6 +164,8 @@ service = Service("runs")
 async def _project(event: Event, ctx: HandlerContext) -> None:
     for _ in range(10):
         current = await ctx.docs.get(RUNS, event.run_id)
+        if current is not None and event.event_id in current.get("seen", ()):
+            return  # folded before: a redelivery after a crash between the write and the marker
         doc = apply(current, event)
         if current is None:
             try:
@@ -157,14 +178,19 @@ async def _project(event: Event, ctx: HandlerContext) -> None:
             return
         except Exception:
             continue
-    from dlforge.common.errors import RetryableError
-
     raise RetryableError(f"run {event.run_id}: could not update the run view")
 
 
+# Per-epoch trial chatter (reports and pruning decisions) is not part of a run's story.
+_NOT_PROJECTED = (Topic.DEAD_LETTER, Topic.RUN_DELETED, Topic.HPO_TRIAL_REPORTED, Topic.HPO_TRIAL_DECISION)
 for _topic in Topic:
-    if _topic is not Topic.DEAD_LETTER:
+    if _topic not in _NOT_PROJECTED:
         service.handles(_topic)(_project)
+
+
+@service.deletes_runs
+async def _delete_view(event: Event, ctx: HandlerContext) -> None:
+    await ctx.docs.delete(RUNS, event.run_id)
 
 router = APIRouter(tags=["runs"])
 
@@ -172,12 +198,12 @@ router = APIRouter(tags=["runs"])
 @router.get("/runs")
 async def list_runs(
     backends: Backends = Depends(backends_of),
-    state: str | None = Query(default=None, pattern="^(running|succeeded|failed)$"),
+    state: str | None = Query(default=None, pattern="^(running|succeeded|failed|cancelled)$"),
     limit: int = Query(default=50, ge=1, le=500),
 ) -> list[dict[str, Any]]:
     where = {"state": state} if state else {}
     docs = await backends.docs.find(RUNS, where, sort=[("started_at", -1)], limit=limit)
-    return [{k: v for k, v in d.items() if k not in ("events", LABELED_ITEMS)} for d in docs]
+    return [{k: v for k, v in d.items() if k not in ("events", "seen", LABELED_ITEMS)} for d in docs]
 
 
 @router.get("/runs/{run_id}", responses=error_responses(404))
@@ -185,7 +211,44 @@ async def get_run(run_id: str, backends: Backends = Depends(backends_of)) -> dic
     doc = await backends.docs.get(RUNS, run_id)
     if doc is None:
         raise NotFound(f"no run {run_id!r}")
-    return {k: v for k, v in doc.items() if k != LABELED_ITEMS}
+    return {k: v for k, v in doc.items() if k not in ("seen", LABELED_ITEMS)}
+
+
+class CancelRequest(BaseModel):
+    """Why the run is cancelled (kept on the run's page)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="cancelled through the API", min_length=1, max_length=500)
+
+
+@router.post("/runs/{run_id}/cancel", status_code=202, responses=error_responses(404, 409))
+async def cancel_run(run_id: str, body: CancelRequest | None = None,
+                     backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+    """Cancel a running run: every service skips its further events; trials and training stop at their next check."""
+    doc = await backends.docs.get(RUNS, run_id)
+    if doc is None:
+        raise NotFound(f"no run {run_id!r}")
+    if doc["state"] != "running":
+        raise Conflict(f"run {run_id!r} is {doc['state']}, not running: there is nothing to cancel")
+    reason = (body or CancelRequest()).reason
+    event = Event.new(RunCancelled(reason=reason), run_id=run_id)
+    await backends.publish(event)
+    return {"run_id": run_id, "state": "cancelling", "event_id": event.event_id}
+
+
+@router.delete("/runs/{run_id}", status_code=202, responses=error_responses(404, 409))
+async def delete_run(run_id: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+    """Delete a finished, failed or cancelled run: every service removes its documents and objects of it."""
+    doc = await backends.docs.get(RUNS, run_id)
+    if doc is None:
+        raise NotFound(f"no run {run_id!r}")
+    if doc["state"] not in FINISHED:
+        raise Conflict(f"run {run_id!r} is {doc['state']}; cancel it first (POST /runs/{run_id}/cancel) and "
+                       f"delete it once it is cancelled")
+    event = Event.new(RunDeleted(dataset_id=doc.get("dataset_id")), run_id=run_id)
+    await backends.publish(event)
+    return {"run_id": run_id, "state": "deleting", "event_id": event.event_id}
 
 
 def part() -> ServicePart:

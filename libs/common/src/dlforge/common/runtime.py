@@ -14,6 +14,12 @@ A service declares a handler per topic. The :class:`Worker` owns the loop for on
    the offset. Fast events are settled in small batches: their emitted events are published
    together (pipelined) and their offsets committed together, always publish before commit.
 
+Run life cycle: the events of a run that was cancelled (``run.cancelled``, followed by
+:class:`~dlforge.common.cancellation.Cancellations` beside the loop) are committed without being
+handled; handlers ask ``await ctx.is_cancelled(run_id)`` between long steps. ``run.deleted`` reaches
+every consumer: its ``delete_run`` hook removes the service's documents and objects of the run,
+then the runtime drops the consumer's markers and cancellation record of the run.
+
 A crash anywhere before the commit redelivers the event; a marker makes the redelivery publish
 the stored outbox instead of running the handler again, so the state changes once. Emitted
 events keep their event ids when re-published, so their consumers skip the copies.
@@ -27,7 +33,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Generic, overload
@@ -37,6 +43,7 @@ from typing_extensions import TypeVar
 
 from dlforge.common.backends import open_bus, open_docs, open_objects
 from dlforge.common.bus import Delivery, EventBus, Message, Subscription
+from dlforge.common.cancellation import Cancellations
 from dlforge.common.docs import DocumentStore
 from dlforge.common.errors import Conflict, PoisonMessage, RetryableError
 from dlforge.common.events import DeadLetter, Event, RunFailed, Topic, decode, encode
@@ -90,7 +97,7 @@ class Backends:
             self._started = False
 
     async def publish(self, event: Event) -> None:
-        """Publish an event keyed by its run id, carrying the current trace context."""
+        """Publish an event under its partition key (:attr:`Event.key`), carrying the current trace context."""
         await publish_event(self.bus, event)
 
     async def publish_all(self, events: Sequence[Event]) -> None:
@@ -99,9 +106,9 @@ class Backends:
 
 
 async def publish_event(bus: EventBus, event: Event) -> None:
-    """Publish ``event`` keyed by its run id inside a producer span whose context travels in the headers."""
+    """Publish ``event`` under :attr:`Event.key` inside a producer span whose context travels in the headers."""
     with _producer_span(event):
-        await bus.publish(event.event_type, key=event.run_id, value=encode(event), headers=inject_headers())
+        await bus.publish(event.event_type, key=event.key, value=encode(event), headers=inject_headers())
 
 
 async def publish_events(bus: EventBus, events: Sequence[Event]) -> None:
@@ -133,7 +140,11 @@ def _producer_span(event: Event) -> Any:
 def _message(event: Event, raw: bytes) -> Message:
     """The message of an emitted event, created (and its context injected) inside a producer span."""
     with _producer_span(event):
-        return Message(event.event_type, key=event.run_id, value=raw, headers=inject_headers())
+        return Message(event.event_type, key=event.key, value=raw, headers=inject_headers())
+
+
+async def _never_cancelled(run_id: str) -> bool:
+    return False
 
 
 D = TypeVar("D", default=None)
@@ -151,10 +162,14 @@ class HandlerContext(Generic[D]):
     settings: CommonSettings
     bus: EventBus
     deps: D
+    is_cancelled: Callable[[str], Coroutine[Any, Any, bool]] = _never_cancelled
+    """``await ctx.is_cancelled(run_id)``: True once the run was cancelled (long work stops at its next check)."""
 
 
 HandlerResult = Event | Sequence[Event] | None
 HandlerFn = Callable[[Event, HandlerContext[D]], Awaitable[HandlerResult]]
+DeleteRunFn = Callable[[Event, HandlerContext[D]], Awaitable[None]]
+LIFECYCLE = (Topic.RUN_CANCELLED, Topic.RUN_DELETED)
 
 
 ReplaySafe = Callable[[Event], bool]
@@ -162,11 +177,21 @@ ReplaySafe = Callable[[Event], bool]
 
 @dataclass
 class Service(Generic[D]):
-    """A stage: a name, and one handler per topic it consumes; ``D`` is the type of its dependencies."""
+    """A stage: a name, one handler per topic it consumes, and how it forgets a deleted run.
+
+    ``D`` is the type of its dependencies. ``delete_run`` (set with :meth:`deletes_runs`) removes the
+    service's own documents and objects of the ``run.deleted`` event's run; it must be idempotent
+    (a redelivery runs it again).
+    """
 
     name: str
     handlers: dict[Topic, HandlerFn[D]] = field(default_factory=dict)
     replay_safe: dict[Topic, ReplaySafe] = field(default_factory=dict)
+    delete_run: DeleteRunFn[D] | None = None
+
+    def deletes_runs(self, fn: DeleteRunFn[D]) -> DeleteRunFn[D]:
+        self.delete_run = fn
+        return fn
 
     def handles(
         self, topic: Topic, *, replay_safe: ReplaySafe | None = None
@@ -190,7 +215,11 @@ class Service(Generic[D]):
 
     @property
     def consumes(self) -> list[Topic]:
-        return list(self.handlers)
+        """The topics the worker subscribes to: the handled ones and, for a consumer, ``run.deleted``."""
+        topics = list(self.handlers)
+        if topics and Topic.RUN_DELETED not in topics:
+            topics.append(Topic.RUN_DELETED)
+        return topics
 
     @property
     def group(self) -> str:
@@ -201,6 +230,7 @@ class Outcome(StrEnum):
     HANDLED = "handled"
     DUPLICATE = "duplicate"
     DEAD_LETTERED = "dead_lettered"
+    CANCELLED = "cancelled"  # an event of a cancelled run: committed, not handled
 
 
 @dataclass
@@ -288,6 +318,8 @@ class Worker(Generic[D]):
         self.processed: dict[Outcome, int] = {o: 0 for o in Outcome}
         self.current: Event | None = None
         self.ready = asyncio.Event()
+        self.cancellations = Cancellations(self.consumer, bus=backends.bus, docs=backends.docs,
+                                           poll_seconds=self.settings.poll_seconds)
 
     @property
     def consumer(self) -> str:
@@ -295,7 +327,8 @@ class Worker(Generic[D]):
 
     def _context(self) -> HandlerContext[D]:
         b = self.backends
-        return HandlerContext(self.service.name, b.objects, b.docs, b.settings, b.bus, self.deps)
+        return HandlerContext(self.service.name, b.objects, b.docs, b.settings, b.bus, self.deps,
+                              self.cancellations.is_cancelled)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; the in-flight event is finished and committed first."""
@@ -303,6 +336,25 @@ class Worker(Generic[D]):
             self.ready.set()
             await stop.wait()
             return
+        await self.cancellations.load()
+        follower = asyncio.create_task(self._follow_cancellations(stop), name=f"{self.consumer} cancellations")
+        try:
+            await self._run(stop)
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+
+    async def _follow_cancellations(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.cancellations.follow(stop)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s: following run.cancelled failed; rejoining", self.consumer)
+                await self._sleep(self.settings.retry_base_seconds)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             sub = await self.backends.bus.subscribe(group=self.consumer, topics=self.service.consumes)
             self.ready.set()
@@ -399,6 +451,10 @@ class Worker(Generic[D]):
             letters = self._dead_letter(delivery, reason=str(exc), attempts=0, event=None)
             return _Processed(delivery, Outcome.DEAD_LETTERED, started, letters)
 
+        if event.event_type not in LIFECYCLE and self.cancellations.skips(event.run_id):
+            log.info("%s: %s of cancelled run %s not handled", self.consumer, event.event_type.value, event.run_id)
+            return _Processed(delivery, Outcome.CANCELLED, started)
+
         marker_id = f"{self.consumer}:{event.event_id}"
         marker = await self.backends.docs.get(MARKERS, marker_id)
         if marker is not None:
@@ -406,6 +462,8 @@ class Worker(Generic[D]):
             return self._duplicate(delivery, started, marker)
 
         handler = self.service.handlers.get(event.event_type)
+        if event.event_type is Topic.RUN_DELETED:
+            handler = self._deleting(handler)
         if handler is None:
             letters = self._dead_letter(delivery, reason=f"{self.consumer} has no handler for {event.event_type}",
                                         attempts=0, event=event)
@@ -465,6 +523,21 @@ class Worker(Generic[D]):
                 return _Processed(delivery, Outcome.HANDLED, started, messages)
         finally:
             detach(token)
+
+    def _deleting(self, own: HandlerFn[D] | None) -> HandlerFn[D]:
+        """``run.deleted``: the service's ``delete_run`` hook, its own handler, then the runtime's records."""
+        service = self.service
+
+        async def delete(event: Event, ctx: HandlerContext[D]) -> HandlerResult:
+            if service.delete_run is not None:
+                await service.delete_run(event, ctx)
+            result = await own(event, ctx) if own is not None else None
+            for marker in await ctx.docs.find(MARKERS, {"consumer": self.consumer, "run_id": event.run_id}):
+                await ctx.docs.delete(MARKERS, marker["_id"])
+            await self.cancellations.forget(event.run_id)
+            return result
+
+        return delete
 
     def _duplicate(self, delivery: Delivery, started: float, marker: dict[str, Any]) -> _Processed:
         if marker.get("published") or not marker.get("outbox"):
@@ -531,7 +604,7 @@ class Worker(Generic[D]):
         )
         run_id = event.run_id if event is not None else (delivery.key or "unknown")
         emitted = [Event.new(letter, run_id=run_id, causation_id=event.event_id if event else None)]
-        if event is not None and event.event_type not in (Topic.RUN_FAILED, Topic.DEAD_LETTER):
+        if event is not None and event.event_type not in (Topic.RUN_FAILED, Topic.DEAD_LETTER, *LIFECYCLE):
             emitted.append(event.follow(RunFailed(stage=self.service.name, reason=reason, event_id=event.event_id)))
         self._metrics.dead_lettered.add(1, {"consumer": self.consumer, "topic": delivery.topic})
         return [_message(e, encode(e)) for e in emitted]

@@ -1,14 +1,14 @@
-"""What the tuner and the trainer share about an Optuna study: its storage and its pruner.
+"""The tuner's Optuna plumbing: its study storage and the stored description of a study's pruner.
 
-The tuner creates studies and asks their samplers; the trainer reports a trial's intermediate values
-to the same study and asks its pruner whether to go on. Both open the study's RDB storage the same
-way (:func:`open_storage`), and both build the pruner from one stored description.
+Only the tuner opens a study's storage: the trainer reports a trial's intermediate values as
+``hpo.trial.reported`` events and reads the tuner's pruning decisions from its own store, so no
+other service reaches this database (see ``dlforge.trainer.pruning``).
 
 Optuna does not persist a study's pruner, so the tuner stores a description of it in the study's user
 attribute :data:`PRUNER_ATTR`: ``{"factory": "optuna.pruners.MedianPruner", "kwargs": {...}}`` (a
-nested ``{"factory": ...}`` among the kwargs builds a wrapped pruner). Only factories from
-``optuna.pruners`` are accepted: the description comes from a shared store, and must not name
-arbitrary callables.
+nested ``{"factory": ...}`` among the kwargs builds a wrapped pruner), and every tuner replica builds
+the same pruner from it. Only factories from ``optuna.pruners`` are accepted: the description comes
+from a stored document, and must not name arbitrary callables.
 """
 
 from __future__ import annotations

@@ -91,7 +91,9 @@ async def list_samples(
 
 
 def part() -> ServicePart[AugmenterSettings, AugmenterDeps]:
-    return ServicePart(service=service, router=router, settings=AugmenterSettings, build=build_deps)
+    from dlforge.augmenter.reconcile import reconcile
+
+    return ServicePart(service=service, router=router, on_start=reconcile, settings=AugmenterSettings, build=build_deps)
 
 
 def create_app(settings: AugmenterSettings | None = None) -> FastAPI:

@@ -44,6 +44,7 @@ from dlforge.common.events import (
     Spec,
     Topic,
     UniqueClasses,
+    encode,
 )
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
@@ -427,13 +428,16 @@ async def import_dataset(
         manifest = await asyncio.to_thread(persist, backends.objects, tree, dataset_id=dataset_id, name=name,
                                            result=result.model_copy(update={"classes": classes}))
         written = [i.key for i in manifest.items] + [manifest_key(dataset_id)]
-        record = await records.change(backends.docs, record, state="ingested")
-        event = Event.new(DatasetUploaded(
+        event = records.uploaded_event(record, DatasetUploaded(
             dataset_id=dataset_id, name=name, item_count=len(manifest.items), classes=classes,
             labeled_count=result.labeled_count, rejected_count=len(result.rejected),
             duplicate_count=len(result.duplicates), manifest_key=manifest_key(dataset_id), spec=req.spec,
             options=req.options,
-        ), run_id=run_id)
+        ))
+        # the event goes with the record: a restart before (or after) the publish publishes it again
+        # under the same id (see reconcile.py), so it is handled once
+        record = await records.change(backends.docs, record, state="ingested",
+                                      uploaded_event=encode(event).decode())
         await backends.publish(event)
     except BaseException:
         # persist() removes its own partial writes; after it, undo everything of this dataset
@@ -734,11 +738,12 @@ async def get_labels(
 
 def part(*, embedder: Embedder | None = None) -> ServicePart[LabelerSettings, LabelerDeps]:
     """The labeler as a part of an app; ``embedder`` replaces the configured one (tests of the loop's logic)."""
+    from dlforge.labeler.reconcile import reconcile
 
     async def build(settings: LabelerSettings, backends: Backends) -> LabelerDeps:
         return await build_deps(settings, backends, embedder=embedder)
 
-    return ServicePart(service=service, router=router, settings=LabelerSettings, build=build)
+    return ServicePart(service=service, router=router, settings=LabelerSettings, build=build, on_start=reconcile)
 
 
 def create_app(settings: CommonSettings | None = None, *, embedder: Embedder | None = None) -> FastAPI:

@@ -138,6 +138,8 @@ def _batch_fields(record: Mapping[str, Any]) -> dict[str, Any]:
         "allow_new_classes": bool(record.get("allow_new_classes", True)),
         # which asked-items set POST /labels may use from its cache (the asked items grow per batch)
         "asked_rev": f"{record.get('created_at')}#{batch.get('round')}",
+        # the submission whose fold opened this batch (a redelivery of it re-emits the round: worker._replay)
+        "advanced_by": record.get("advanced_by"),
     }
 
 
@@ -254,9 +256,11 @@ async def close(docs: DocumentStore, record: Mapping[str, Any], *, reason: str) 
     def fn(current: Doc | None) -> Mapping[str, Any] | None:
         if current is None:
             return _new_inbox(record, accepting=False, reason=reason)
-        if not current.get("accepting") and current.get("closed_reason") == reason:
+        advanced_by = record.get("advanced_by")
+        if not current.get("accepting") and current.get("closed_reason") == reason \
+                and current.get("advanced_by") == advanced_by:
             return None
-        return {"accepting": False, "closed_reason": reason}
+        return {"accepting": False, "closed_reason": reason, "advanced_by": advanced_by}
 
     return await change_inbox(docs, record["_id"], fn)
 

@@ -8,17 +8,27 @@ label and why each item was asked, the batch waiting for people, and the rounds 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from dlforge.common.docs import DocumentStore
 from dlforge.common.errors import Conflict, NotFound, RetryableError
+from dlforge.common.events import DatasetUploaded, Event
 
 DATASETS = "labeler_datasets"
 State = Literal["ingesting", "ingested", "embedding", "labeling", "labeled", "failed"]
 # large maps kept in the record but left out of API responses
-PRIVATE = ("splits", "human_labels", "asked", "labeled_event", "request_event", "base_classes", "folded_events")
+PRIVATE = ("splits", "human_labels", "asked", "labeled_event", "request_event", "base_classes", "folded_events",
+           "uploaded_event")
+
+
+def uploaded_event(record: Mapping[str, Any], payload: DatasetUploaded) -> Event:
+    """The data set's ``dataset.uploaded``: its event id derives from the data set, so re-publishing dedupes."""
+    event = Event.new(payload, run_id=str(record["run_id"]))
+    event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"dlforge:labeler:{record['_id']}:uploaded").hex
+    return event.model_copy(update={"event_id": event_id})
 
 
 def now() -> str:

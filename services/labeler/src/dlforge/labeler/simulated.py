@@ -21,7 +21,7 @@ from pydantic import Field
 
 from dlforge.common.app import ServicePart
 from dlforge.common.errors import InvalidInput, NotFound, PoisonMessage
-from dlforge.common.events import Event, LabelsRequested, LabelsSubmitted, Topic
+from dlforge.common.events import Event, LabelsRequested, LabelsSubmitted, RunDeleted, Topic
 from dlforge.common.objects import ObjectStore
 from dlforge.common.runtime import Backends, HandlerContext, HandlerResult, Service
 from dlforge.common.settings import CommonSettings
@@ -188,6 +188,15 @@ async def answer(event: Event, ctx: HandlerContext[AnnotatorSim]) -> HandlerResu
                             "by the item's path in the dataset, e.g. 'good/img1.png', or by its file name)")
     return event.follow(LabelsSubmitted(dataset_id=request.dataset_id, batch_id=request.batch_id, labels=labels,
                                         annotator=ANNOTATOR))
+
+
+@service.deletes_runs
+async def forget_answers(event: Event, ctx: HandlerContext[AnnotatorSim]) -> None:
+    """A deleted run's data set: its registered answers go too."""
+    payload = event.payload
+    assert isinstance(payload, RunDeleted)
+    if payload.dataset_id is not None:
+        await asyncio.to_thread(ctx.objects.delete, answers_key(payload.dataset_id))
 
 
 def part() -> ServicePart[AnnotatorSimSettings, AnnotatorSim]:

@@ -107,6 +107,15 @@ def _request(event: Event, dataset_id: str, rnd: int, batch: handlers.Batch, ids
                                         item_ids=[ids[int(r)] for r in batch.rows], reason=batch.reason))
 
 
+async def _replay(event: Event, ctx: HandlerContext[LabelerDeps], record: dict[str, Any]) -> HandlerResult:
+    """``event`` advanced the round before a crash: bring the label inbox up to the record, emit what it emitted."""
+    if record.get("state") == "labeling" and record.get("current_batch"):
+        await labels.sync_batch(ctx.docs, record)
+    elif record.get("state") == "labeled":
+        await labels.close(ctx.docs, record, reason="labeled")
+    return _resume(event, record)
+
+
 def _resume(event: Event, record: dict[str, Any]) -> HandlerResult:
     """A redelivered event whose work was already recorded: emit what was emitted then."""
     if record.get("state") == "labeled" and record.get("labeled_event"):
@@ -178,7 +187,8 @@ async def _start_labeling(event: Event, ctx: HandlerContext[LabelerDeps]) -> Han
     return request
 
 
-async def _open_batch(ctx: HandlerContext[LabelerDeps], record: dict[str, Any], request: Event) -> dict[str, Any]:
+async def _open_batch(ctx: HandlerContext[LabelerDeps], record: dict[str, Any], request: Event, *,
+                      advanced_by: str | None = None) -> dict[str, Any]:
     req = request.payload
     assert isinstance(req, LabelsRequested)
     rounds = list(record.get("rounds", []))
@@ -190,7 +200,7 @@ async def _open_batch(ctx: HandlerContext[LabelerDeps], record: dict[str, Any], 
         ctx.docs, record, state="labeling", rounds=rounds, counts=counts,
         current_batch={"batch_id": req.batch_id, "round": req.round, "reason": req.reason,
                        "item_ids": list(req.item_ids)},
-        request_event=req.model_dump(mode="json"),
+        request_event=req.model_dump(mode="json"), advanced_by=advanced_by,
     )
     await labels.sync_batch(ctx.docs, record)
     return record
@@ -223,6 +233,11 @@ async def _take_labels(event: Event, ctx: HandlerContext[LabelerDeps]) -> Handle
     dataset_id = payload.dataset_id
     inbox = await labels.load_inbox(ctx.docs, dataset_id)
     record: dict[str, Any] | None = None
+    if inbox is not None and inbox.get("advanced_by") == event.event_id:
+        # this very event closed the batch and its round was recorded, but the crash came before the
+        # runtime's marker: emit what the round emitted (once: the marker is written with it now)
+        record = await records.load(ctx.docs, dataset_id)
+        return await _replay(event, ctx, record)
     if payload.sequence is None:  # straight from the bus (the simulated annotator, another producer)
         record = await ctx.docs.get(records.DATASETS, dataset_id)
         if record is None:
@@ -257,6 +272,8 @@ async def _take_labels(event: Event, ctx: HandlerContext[LabelerDeps]) -> Handle
     record = record or await ctx.docs.get(records.DATASETS, dataset_id)
     if record is None:
         raise PoisonMessage(f"labels for unknown dataset {dataset_id}")
+    if record.get("advanced_by") == event.event_id:
+        return await _replay(event, ctx, record)
     batch = record.get("current_batch")
     if record.get("state") != "labeling" or not batch or batch["batch_id"] != inbox.get("batch_id"):
         return None
@@ -330,7 +347,7 @@ async def _advance(
                                                                   strict=True)})
         record = await records.change(ctx.docs, record, rounds=rounds, counts=counts, asked=asked)
         request = _request(event, dataset_id, rnd, result.next_batch, ids)
-        await _open_batch(ctx, record, request)
+        await _open_batch(ctx, record, request, advanced_by=event.event_id)
         return request
 
     decision = handlers.decide_auto_labels(result, known=~unlabeled, classes=classes, options=options)
@@ -362,6 +379,7 @@ async def _advance(
     )
     record = await records.change(ctx.docs, record, state="labeled", rounds=rounds, counts=counts,
                                   current_batch=None, labels_key=key, result=summary,
-                                  labeled_event=labeled_event.model_dump(mode="json"))
+                                  labeled_event=labeled_event.model_dump(mode="json"),
+                                  advanced_by=event.event_id)
     await labels.close(ctx.docs, record, reason="labeled")
     return event.follow(labeled_event)

@@ -93,7 +93,9 @@ async def predict(
 
 
 def part() -> ServicePart[OptimizerSettings, OptimizerDeps]:
-    return ServicePart(service=service, router=router, settings=OptimizerSettings, build=build_deps)
+    from dlforge.optimizer.reconcile import reconcile
+
+    return ServicePart(service=service, router=router, on_start=reconcile, settings=OptimizerSettings, build=build_deps)
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:

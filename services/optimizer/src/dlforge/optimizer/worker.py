@@ -57,6 +57,7 @@ async def build_deps(settings: OptimizerSettings, backends: Backends) -> Optimiz
 service = Service[OptimizerDeps]("optimizer")
 
 REPORTS = "optimizer_reports"
+JOBS = "optimizer_jobs"  # one per model.trained being optimized: running, then completed (see reconcile.py)
 
 
 def object_prefix(dataset_id: str, model_id: str) -> str:
@@ -145,15 +146,21 @@ async def on_model_trained(event: Event, ctx: HandlerContext[OptimizerDeps]) -> 
     p = event.payload
     if not isinstance(p, ModelTrained):
         raise PoisonMessage(f"expected a ModelTrained payload, got {type(p).__name__}")
+    job = {"_id": f"{p.dataset_id}:{p.model_id}", "run_id": event.run_id, "dataset_id": p.dataset_id,
+           "model_id": p.model_id, "event_id": event.event_id, "state": "running",
+           "started_at": datetime.now(UTC).isoformat()}
+    await ctx.docs.upsert(JOBS, job)
     try:
         report = await asyncio.to_thread(_run, ctx.objects, p, event.event_id, ctx.deps)
     except (InvalidInput, ExportMismatch, NotFound, ValueError) as exc:
+        await ctx.docs.upsert(JOBS, {**job, "state": "failed", "error": f"{type(exc).__name__}: {exc}"})
         raise PoisonMessage(f"cannot optimize model {p.model_id} of dataset {p.dataset_id}: {exc}") from exc
     except (ProbeFailed, OSError) as exc:
-        raise RetryableError(f"optimizing model {p.model_id}: {exc}") from exc
+        raise RetryableError(f"optimizing model {p.model_id}: {exc}") from exc  # the job stays running: retried
     key = report_key(p.dataset_id, p.model_id)
     artifacts = {name: v.key for name, v in report.variants.items() if v.key}
     await ctx.docs.upsert(REPORTS, _report_doc(report, key, artifacts, run_id=event.run_id))
+    await ctx.docs.upsert(JOBS, {**job, "state": "completed", "finished_at": datetime.now(UTC).isoformat()})
     return event.follow(ModelOptimized(
         dataset_id=p.dataset_id, model_id=p.model_id, chosen_variant=report.chosen_variant, artifacts=artifacts,
         report_key=key, report=report.model_dump(mode="json"), spec_met=report.spec_met, spec=p.spec,

@@ -93,6 +93,7 @@ def part(
     *, recipes: Sequence[ModelRecipe] = DEFAULT_RECIPES, sources: Mapping[str, SourceProvider] | None = None
 ) -> ServicePart[ProposerSettings, ProposerDeps]:
     """The proposer as a part of an app; ``recipes``/``sources`` replace the repository's defaults (tests)."""
+    import dlforge.proposer.reconcile  # noqa: F401  (registers the run deletion)
 
     async def build(settings: ProposerSettings, backends: Backends) -> ProposerDeps:
         return await build_deps(settings, backends, recipes=recipes, sources=sources)

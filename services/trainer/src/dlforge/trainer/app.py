@@ -27,6 +27,7 @@ from dlforge.common.settings import CommonSettings
 from dlforge.trainer.handlers import TrainingRequest, flat_metrics, run_training, save_model
 from dlforge.trainer.jobs import JobRecords, LoopBridge
 from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
+from dlforge.trainer.pruning import decisions_service
 from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.worker import TrainerDeps, build_deps, service
 
@@ -164,16 +165,11 @@ async def list_jobs(
                                      "epochs_done", "metrics", "error")} for job in jobs]
 
 
-async def _on_start(backends: Backends) -> None:
-    """REST jobs this host was running when it stopped will never finish: say so in their records."""
-    records = JobRecords(backends.docs)
-    for state in ("queued", "running"):
-        for job in await backends.docs.find("trainer_jobs", {"kind": "api", "state": state, "owner": OWNER}):
-            await records.finish(job["_id"], state="failed", error="interrupted: the trainer restarted")
-
-
 def part() -> ServicePart[TrainerSettings, TrainerDeps]:
-    return ServicePart(service=service, router=router, on_start=_on_start, settings=TrainerSettings, build=build_deps)
+    from dlforge.trainer.reconcile import reconcile
+
+    return ServicePart(service=service, router=router, on_start=reconcile, settings=TrainerSettings, build=build_deps,
+                       also=(decisions_service,))
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:

@@ -32,7 +32,7 @@ from torch import nn
 from dlforge.common.backends import optional_import
 from dlforge.common.errors import ConfigError
 from dlforge.trainer.params import EpochMetrics, TrainParams
-from dlforge.trainer.training import Collective, FitListener, FitResult, TrainData, fit
+from dlforge.trainer.training import Collective, FitListener, FitResult, FitState, StateHook, TrainData, fit
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ class FitJob:
     summary_every_steps: int = 10
     threads: int = 1  # in all: each of N workers gets max(1, threads // N)
     work_dir: Path | None = None
+    resume: FitState | None = None  # go on after this state's epoch
+    on_state: StateHook | None = None  # the state after each epoch that another follows (for resuming)
 
 
 class Engine(ABC):
@@ -101,6 +103,8 @@ def _write_job(job: FitJob, job_dir: Path) -> None:
         "threads": job.threads,
     }
     (job_dir / "job.json").write_text(json.dumps(spec))
+    if job.resume is not None:
+        torch.save(job.resume.to_dict(), job_dir / "resume.pt")
 
 
 def _read_job(job_dir: Path) -> tuple[nn.Module, TrainData, dict[str, Any]]:
@@ -130,6 +134,11 @@ class _QueueListener:
         path = self.job_dir / f"checkpoint-{step:07d}.pt"
         torch.save(self.tail.state_dict(), path)
         self.messages.put(("checkpoint", step, epoch, str(path)))
+
+    def on_state(self, state: FitState) -> None:
+        path = self.job_dir / f"state-{state.epoch:05d}.pt"
+        torch.save(state.to_dict(), path)
+        self.messages.put(("state", str(path)))
 
 
 class _SilentListener:
@@ -188,10 +197,14 @@ def _ddp_worker(rank: int, world: int, init_method: str, backend: str, job_dir: 
     try:
         device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
         listener = _QueueListener(tail, path, messages, replies) if rank == 0 else _SilentListener()
+        resume = None
+        if (path / "resume.pt").exists():
+            resume = FitState.from_dict(torch.load(path / "resume.pt", weights_only=False))
         result = fit(tail, data, TrainParams(**spec["hparams"]), listener=listener,
                      collective=DdpCollective(rank, world, device),
                      checkpoint_every_steps=int(spec["checkpoint_every_steps"]),
-                     summary_every_steps=int(spec["summary_every_steps"]), device=device)
+                     summary_every_steps=int(spec["summary_every_steps"]), device=device, resume=resume,
+                     on_state=listener.on_state if isinstance(listener, _QueueListener) else None)
         if rank == 0:
             torch.save(tail.cpu().state_dict(), path / "final.pt")
             payload = asdict(result)
@@ -228,7 +241,7 @@ class DdpEngine(Engine):
             torch.set_num_threads(job.threads)
             return fit(job.tail, job.data, job.hparams, listener=listener,
                        checkpoint_every_steps=job.checkpoint_every_steps,
-                       summary_every_steps=job.summary_every_steps)
+                       summary_every_steps=job.summary_every_steps, resume=job.resume, on_state=job.on_state)
         import torch.multiprocessing as mp
 
         world = job.no_of_workers
@@ -299,6 +312,10 @@ class DdpEngine(Engine):
             state = torch.load(msg[3], weights_only=True)
             listener.on_checkpoint(msg[1], msg[2], state)
             Path(msg[3]).unlink(missing_ok=True)
+        elif kind == "state":
+            if job.on_state is not None:
+                job.on_state(FitState.from_dict(torch.load(msg[1], weights_only=False)))
+            Path(msg[1]).unlink(missing_ok=True)
         elif kind == "done":
             payload = json.loads(msg[1])
             payload["epochs"] = [EpochMetrics.model_validate(m) for m in payload["epochs"]]

@@ -8,6 +8,7 @@ No bus and no document store here: progress leaves through the ``on_epoch`` hook
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import tempfile
@@ -30,7 +31,15 @@ from dlforge.trainer.monitor import EpochHook, JobMonitor
 from dlforge.trainer.params import EpochMetrics, EvalSummary, RunOptions, TrainParams
 from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.stages import staged
-from dlforge.trainer.training import FitResult, TrainData, evaluate, fit, stratified_sample, stratified_split
+from dlforge.trainer.training import (
+    FitResult,
+    FitState,
+    TrainData,
+    evaluate,
+    fit,
+    stratified_sample,
+    stratified_split,
+)
 from dlforge.trainer.views import IDENTITY, checked_views, parse_views
 from dlforge.vision.manifest import Manifest
 from dlforge.vision.networks import Classifier, build_network, load_checkpoint, save_checkpoint, spec_of
@@ -423,11 +432,13 @@ def run_training(
     key_prefix: str,
     config: TrainerConfig,
     on_epoch: EpochHook | None = None,
+    resumable: bool = False,
 ) -> TrainingOutcome:
     """Train one job (see the module docstring); raises InvalidInput for a request that cannot work.
 
     With views declared (``request.views``) and ``request.check_views``, they are checked first
-    (see :func:`train_tail`).
+    (see :func:`train_tail`). With ``resumable`` the state after each epoch is kept at
+    :func:`resume_key` and a rerun of the same job goes on from it (removed when the job ends).
     """
     torch.set_num_threads(config.threads)
     config.work_dir.mkdir(parents=True, exist_ok=True)
@@ -464,11 +475,18 @@ def run_training(
                              extra={"input_size": input_size, "params": request.hparams.model_dump()})
 
         def run(train_data: TrainData, hparams: TrainParams) -> FitResult:
+            resume, on_state = None, None
+            if resumable:
+                resume, on_state = resume_point(objects, resume_key(key_prefix), work_dir=Path(tmp),
+                                                tag=_resume_tag(train_data, hparams))
+                if resume is not None:
+                    log.info("job %s: resuming after epoch %d", job_id, resume.epoch)
+                    monitor.replay(resume.epochs)
             job = FitJob(tail=tail, data=train_data, hparams=hparams,
                          no_of_workers=request.run_config.no_of_workers,
                          checkpoint_every_steps=request.run_config.checkpoint_every_steps,
                          summary_every_steps=request.run_config.summary_every_steps, threads=config.train_threads,
-                         work_dir=Path(tmp))
+                         work_dir=Path(tmp), resume=resume, on_state=on_state)
             return engine_for(request.run_config.engine).run(job, monitor)
 
         started = time.perf_counter()
@@ -481,6 +499,8 @@ def run_training(
                     monitor.on_epoch(m)
         finally:
             monitor.close()
+        if resumable:
+            objects.delete(resume_key(key_prefix))
         train_seconds = time.perf_counter() - started
     torch.set_num_threads(config.threads)
     result = trained.result
@@ -500,6 +520,42 @@ def run_training(
         view_check=trained.check.val_accuracy if trained.check else {},
         view_allowed_cost=trained.check.tolerance if trained.check else None,
     )
+
+
+def resume_key(key_prefix: str) -> str:
+    """Where a job keeps the state after its last finished epoch while it trains."""
+    return f"{key_prefix}/resume/state.pt"
+
+
+def _resume_tag(data: TrainData, hparams: TrainParams) -> str:
+    """What a stored state must have been trained on to be resumed: the parameters and the data's shape."""
+    shape = [len(data.train_y), len(data.val_y), len(data.train_views), *data.train_x.shape[1:]]
+    return hashlib.sha256(f"{hparams.model_dump_json()}|{shape}".encode()).hexdigest()[:16]
+
+
+def resume_point(objects: ObjectStore, key: str, *, work_dir: Path, tag: str
+                 ) -> tuple[FitState | None, Callable[[FitState], None]]:
+    """(the stored state to go on from, if it was trained on the same ``tag``; the hook that stores the next)."""
+    resume = None
+    try:
+        local = objects.get_file(key, work_dir / "resume-in.pt")
+    except NotFound:
+        local = None
+    if local is not None:
+        raw = torch.load(local, weights_only=False)
+        local.unlink(missing_ok=True)
+        if raw.get("tag") == tag:
+            resume = FitState.from_dict(raw)
+        else:
+            log.info("%s was trained on other data or parameters: starting afresh", key)
+
+    def store(state: FitState) -> None:
+        path = work_dir / "resume-out.pt"
+        torch.save({**state.to_dict(), "tag": tag}, path)
+        objects.put_file(key, path)
+        path.unlink(missing_ok=True)
+
+    return resume, store
 
 
 def save_model(objects: ObjectStore, outcome: TrainingOutcome, key: str, *, work_dir: Path,

@@ -65,7 +65,16 @@ class JobMonitor:
     def on_step(self, step: int, loss: float) -> None:
         self.writer.add_scalar("train/step_loss", loss, step)
 
+    def replay(self, epochs: list[EpochMetrics]) -> None:
+        """Write the epochs of an earlier attempt (a resumed job) to the logs; the hook saw them then."""
+        for metrics in epochs:
+            self._log_epoch(metrics)
+
     def on_epoch(self, metrics: EpochMetrics) -> bool:
+        self._log_epoch(metrics)
+        return self.hook(metrics) if self.hook is not None else True
+
+    def _log_epoch(self, metrics: EpochMetrics) -> None:
         self.epochs.append(metrics)
         w, e = self.writer, metrics.epoch
         w.add_scalar("train/loss", metrics.train_loss, e)
@@ -76,7 +85,6 @@ class JobMonitor:
             w.add_scalar(f"val/recall/{cls}", recall, e)
         w.flush()
         self.upload_logs()
-        return self.hook(metrics) if self.hook is not None else True
 
     def on_checkpoint(self, step: int, epoch: int, state: dict[str, torch.Tensor] | None) -> None:
         if state is not None:
@@ -90,10 +98,12 @@ class JobMonitor:
         self.checkpoints.append(key)
 
     def upload_logs(self) -> list[str]:
+        """Upload the event files under names of their own (not the writer's, which carry the time and the
+        pid): a job run again after a crash overwrites its logs instead of adding a second file."""
         keys = []
-        for f in sorted(self.log_dir.iterdir()):
+        for i, f in enumerate(sorted(p for p in self.log_dir.iterdir() if p.is_file())):
             if f.is_file():
-                key = f"{self.logs_prefix}{f.name}"
+                key = f"{self.logs_prefix}events.out.tfevents.{i:03d}.dlforge"
                 self.objects.put_file(key, f)
                 keys.append(key)
         return keys

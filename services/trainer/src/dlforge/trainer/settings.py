@@ -66,6 +66,9 @@ class TrainerSettings(CommonSettings):
     trainer_label_weighting: str = Field(
         default="confidence", description="'confidence': auto-labels weigh their confidence in the loss, "
         "people's labels 1; 'none': every label weighs 1")
+    trainer_decision_wait_seconds: float = Field(
+        default=30.0, ge=0.0, le=3600.0, description="after reporting a trial's epoch, how long to wait for the "
+        "tuner's pruning decision before training on without it (0: never wait, only read decisions that came)")
 
     @field_validator("trainer_final_views")
     @classmethod

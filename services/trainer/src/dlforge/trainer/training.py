@@ -11,13 +11,20 @@ auto-label, 1 for a person's), and one of the row's cached views per epoch (``Tr
 With ``patience`` > 0 training stops when validation has not improved for that many epochs, and the
 tail ends with the weights of its best epoch (highest val accuracy; lower val loss breaks ties).
 ``max_seconds`` caps the time: no epoch starts that would end past it (by the mean epoch time so far).
+
+Resuming: after every epoch but the last, rank 0 hands a :class:`FitState` (the tail's and the
+optimizer's state, the torch RNG, the epochs so far, early stopping's best epoch and weights, the
+time spent) to ``on_state``; ``fit(..., resume=state)`` goes on from the epoch after it. The data
+order and views of an epoch depend on the seed and the epoch alone, so a resumed run trains the
+same steps an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -65,6 +72,38 @@ class FitResult:
     early_stopped: bool = False  # validation did not improve for ``patience`` epochs
     out_of_time: bool = False  # another epoch would have passed ``max_seconds``
     best_epoch: int = 0  # with patience: the epoch whose weights the tail holds at the end (0: the last)
+
+
+@dataclass
+class FitState:
+    """Where a run stood after ``epoch`` epochs: enough to train on as if it had not stopped."""
+
+    epoch: int
+    steps: int
+    tail: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: torch.Tensor
+    epochs: list[EpochMetrics]
+    elapsed: float
+    best: EpochMetrics | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A ``torch.save``-able form (the metrics as plain dicts)."""
+        return {"epoch": self.epoch, "steps": self.steps, "tail": self.tail, "optimizer": self.optimizer,
+                "rng": self.rng, "epochs": [m.model_dump() for m in self.epochs], "elapsed": self.elapsed,
+                "best": self.best.model_dump() if self.best else None, "best_state": self.best_state}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> FitState:
+        best = raw.get("best")
+        return cls(epoch=int(raw["epoch"]), steps=int(raw["steps"]), tail=raw["tail"], optimizer=raw["optimizer"],
+                   rng=raw["rng"], epochs=[EpochMetrics.model_validate(m) for m in raw["epochs"]],
+                   elapsed=float(raw["elapsed"]), best=EpochMetrics.model_validate(best) if best else None,
+                   best_state=raw.get("best_state"))
+
+
+StateHook = Callable[[FitState], None]
 
 
 class FitListener(Protocol):
@@ -287,8 +326,13 @@ def fit(
     checkpoint_every_steps: int = 0,
     summary_every_steps: int = 10,
     device: torch.device | None = None,
+    resume: FitState | None = None,
+    on_state: StateHook | None = None,
 ) -> FitResult:
     """Train ``tail`` on ``data`` for ``hp.epochs`` epochs (or until the listener says stop, early stopping, time).
+
+    With ``resume`` training goes on after ``resume.epoch``; ``on_state`` (rank 0) receives the state
+    after each epoch that is followed by another (see the module docstring).
 
     ``hp.batch_size`` is global: each of ``world`` ranks takes ``batch_size // world`` rows per step, so
     a run has the same number of optimizer steps per epoch whatever the number of workers. With
@@ -298,9 +342,15 @@ def fit(
     device = device or torch.device("cpu")
     torch.manual_seed(hp.seed)
     tail = tail.to(device)
+    if resume is not None:
+        tail.load_state_dict(resume.tail)  # before wrapping: DDP broadcasts rank 0's weights when it wraps
     model = coll.wrap_model(tail)
     trainable = [p for p in tail.parameters() if p.requires_grad]
-    optimizer = coll.wrap_optimizer(make_optimizer(trainable, hp), tail)
+    base_optimizer = make_optimizer(trainable, hp)
+    if resume is not None:
+        base_optimizer.load_state_dict(resume.optimizer)
+        torch.set_rng_state(resume.rng)
+    optimizer = coll.wrap_optimizer(base_optimizer, tail)
     row_weights = None if data.train_w is None else np.asarray(data.train_w, dtype=np.float32)
     weights = class_weights(data.train_y, len(data.classes), hp.class_weighting, row_weights)
     class_weight = weights.to(device) if weights is not None else None
@@ -313,7 +363,16 @@ def fit(
     )
     result = FitResult()
     started = time.perf_counter()
-    for epoch in range(1, hp.epochs + 1):
+    first = 1
+    if resume is not None:
+        first = resume.epoch + 1
+        result.epochs = list(resume.epochs)
+        result.steps = resume.steps
+        started -= resume.elapsed
+        if stopping is not None:
+            stopping.best = resume.best
+        best_state = resume.best_state
+    for epoch in range(first, hp.epochs + 1):
         sampler.set_epoch(epoch)
         order = np.fromiter(iter(sampler), dtype=np.int64)
         views = view_choice(len(data.train_y), n_views, seed=hp.seed, epoch=epoch)
@@ -367,6 +426,15 @@ def fit(
                 result.out_of_time = elapsed + (elapsed / epoch) > hp.max_seconds
         finished = result.early_stopped or result.out_of_time
         go_on = coll.agree(go_on and not finished)
+        if go_on and on_state is not None and coll.rank == 0 and epoch < hp.epochs:
+            on_state(FitState(
+                epoch=epoch, steps=result.steps,
+                tail={k: v.detach().cpu().clone() for k, v in tail.state_dict().items()},
+                optimizer=copy.deepcopy(base_optimizer.state_dict()), rng=torch.get_rng_state(),
+                epochs=list(result.epochs),
+                elapsed=time.perf_counter() - started, best=stopping.best if stopping is not None else None,
+                best_state=best_state,
+            ))
         if not go_on:
             result.stopped = not finished
             result.diverged = result.diverged or (coll.rank != 0 and not math.isfinite(loss_sum))

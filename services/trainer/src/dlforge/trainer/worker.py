@@ -1,4 +1,8 @@
-"""The trainer's event handlers: ``hpo.trial`` -> ``hpo.trial.completed``; ``hpo.completed`` -> ``model.trained``."""
+"""The trainer's event handlers: ``hpo.trial`` -> ``hpo.trial.completed``; ``hpo.completed`` -> ``model.trained``.
+
+While a trial trains, each epoch's value goes to the tuner as ``hpo.trial.reported`` and the tuner's
+pruning decision comes back through :mod:`dlforge.trainer.pruning`.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from dlforge.trainer.handlers import (
 )
 from dlforge.trainer.jobs import JobRecords, LoopBridge
 from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
-from dlforge.trainer.reporting import connect
+from dlforge.trainer.pruning import TrialReporter
 from dlforge.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -64,7 +68,11 @@ def model_key(run_id: str, model_id: str) -> str:
 
 @service.handles(Topic.HPO_TRIAL)
 async def on_trial(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | None:
-    """Train one trial on the study's representative sample, reporting val accuracy after each epoch."""
+    """Train one trial on the study's representative sample, reporting val accuracy after each epoch.
+
+    The trial stops early when the tuner's decision for an epoch says prune; it then completes as
+    ``pruned`` with the value of its last epoch.
+    """
     p = event.payload
     assert isinstance(p, HpoTrial)
     started = time.perf_counter()
@@ -72,10 +80,9 @@ async def on_trial(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | No
     records = JobRecords(ctx.docs)
     bridge = LoopBridge(asyncio.get_running_loop())
     job_id = f"{safe_id(p.study_name)}-trial-{p.trial_number:04d}"
-    reporter = await asyncio.to_thread(connect, p.storage_url, p.study_name, p.trial_number)
-    if await asyncio.to_thread(reporter.is_finished):
-        log.info("trial %d of %s is already finished: nothing to train", p.trial_number, p.study_name)
-        return None
+    reporter = TrialReporter(bus=ctx.bus, docs=ctx.docs, cause=event, study_name=p.study_name,
+                             trial_number=p.trial_number, wait_seconds=settings.trainer_decision_wait_seconds,
+                             run=bridge.run)
 
     def completed(state: str, value: float | None, error: str | None = None) -> Event:
         return event.follow(HpoTrialCompleted(
@@ -101,11 +108,12 @@ async def on_trial(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | No
 
     def on_epoch(m: EpochMetrics) -> bool:
         bridge.run(records.add_epoch(job_id, m))
-        return reporter.report(m.val_accuracy, m.epoch)
+        go_on = reporter.report(m.val_accuracy, m.epoch, last=m.epoch >= p.epochs)
+        return go_on and not bridge.run(ctx.is_cancelled(event.run_id))
 
     try:
         outcome = await asyncio.to_thread(run_training, ctx.objects, request, job_id=job_id, key_prefix=key_prefix,
-                                          config=config, on_epoch=on_epoch)
+                                          config=config, on_epoch=on_epoch, resumable=True)
     except RetryableError:
         raise
     except Exception as exc:  # a trial that cannot train is a failed trial; the study goes on
@@ -114,6 +122,9 @@ async def on_trial(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | No
         await records.finish(job_id, state="failed", error=f"{type(exc).__name__}: {exc}")
         return completed("failed", None, f"{type(exc).__name__}: {exc}")
     summary = outcome.summary()
+    if await ctx.is_cancelled(event.run_id):
+        await records.finish(job_id, state="stopped", summary=summary, error="the run was cancelled")
+        return None
     if outcome.state == "diverged":
         await records.finish(job_id, state="diverged", summary=summary, error="the training loss became non-finite")
         return completed("failed", None, "the training loss became non-finite (learning rate too high?)")
@@ -126,7 +137,7 @@ async def on_trial(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | No
 
 
 @service.handles(Topic.HPO_COMPLETED)
-async def on_hpo_completed(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event:
+async def on_hpo_completed(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | None:
     """Final training with the best parameters on the full train split; evaluate on val and test."""
     p = event.payload
     assert isinstance(p, HpoCompleted)
@@ -173,14 +184,18 @@ async def on_hpo_completed(event: Event, ctx: HandlerContext[TrainerDeps]) -> Ev
 
     def on_epoch(m: EpochMetrics) -> bool:
         bridge.run(records.add_epoch(job_id, m))
-        return True
+        return not bridge.run(ctx.is_cancelled(event.run_id))
 
     try:
         outcome: TrainingOutcome = await asyncio.to_thread(run_training, ctx.objects, request, job_id=job_id,
-                                                           key_prefix=key_prefix, config=config, on_epoch=on_epoch)
+                                                           key_prefix=key_prefix, config=config, on_epoch=on_epoch,
+                                                           resumable=True)
     except InvalidInput as exc:
         await records.finish(job_id, state="failed", error=str(exc))
         raise PoisonMessage(f"final training refused: {exc}") from exc
+    if await ctx.is_cancelled(event.run_id):
+        await records.finish(job_id, state="stopped", summary=outcome.summary(), error="the run was cancelled")
+        return None
     if outcome.state == "diverged":
         await records.finish(job_id, state="diverged", summary=outcome.summary())
         raise PoisonMessage("final training diverged: the training loss became non-finite")

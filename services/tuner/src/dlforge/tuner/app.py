@@ -3,7 +3,8 @@
 ``GET /studies``, ``GET /studies/{name}`` (trial table and best trial, read from the Optuna storage),
 ``POST /studies/{name}/stop`` (no new trials; the study completes when its running trials end),
 ``GET /tuning/defaults`` and ``PUT /runs/{run_id}/tuning`` (space, sampler, pruner, sample fraction,
-trial epochs, first trials to try — set before the run reaches the tuner).
+trial epochs, first trials to try — for a run the tuner knows (it saw its ``dataset.uploaded``),
+set before the run reaches the tuner).
 """
 
 from __future__ import annotations
@@ -23,7 +24,17 @@ from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
 from dlforge.tuner.handlers import StudyContext, TuningOverride, best_trial, load_study, trial_table
 from dlforge.tuner.settings import TunerSettings
-from dlforge.tuner.worker import CONFIGS, STUDIES, TunerDeps, build_deps, now, service, study_name_for
+from dlforge.tuner.worker import (
+    CONFIGS,
+    RUNS,
+    STUDIES,
+    TunerDeps,
+    build_deps,
+    change_study,
+    now,
+    service,
+    study_name_for,
+)
 
 router = APIRouter(tags=["tuner"])
 Deps = Annotated[TunerDeps, Depends(deps_of("tuner", TunerDeps))]
@@ -61,18 +72,18 @@ async def get_study(name: str, backends: Backends = Depends(backends_of)) -> dic
         }
 
     live = await asyncio.to_thread(read)
-    return {**{k: doc.get(k) for k in _SUMMARY}, "config": doc["context"]["config"],
-            "storage_url": ctx.storage_url, **live}
+    return {**{k: doc.get(k) for k in _SUMMARY}, "config": doc["context"]["config"], "failure": doc.get("failure"),
+            **live}
 
 
 @router.post("/studies/{name}/stop", responses=error_responses(404, 409))
 async def stop_study(name: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
-    doc = await backends.docs.get(STUDIES, name)
-    if doc is None:
-        raise NotFound(f"no study {name!r}")
-    if doc.get("state") != "running":
-        raise Conflict(f"study {name!r} is {doc.get('state')}, not running")
-    doc = await backends.docs.upsert(STUDIES, {**doc, "stop_requested": True, "updated_at": now()})
+    async def request_stop(doc: dict[str, Any]) -> dict[str, Any] | None:
+        if doc.get("state") != "running":
+            raise Conflict(f"study {name!r} is {doc.get('state')}, not running")
+        return None if doc.get("stop_requested") else {"stop_requested": True}
+
+    doc = await change_study(backends.docs, name, request_stop)
     return {k: doc.get(k) for k in _SUMMARY}
 
 
@@ -81,11 +92,13 @@ async def tuning_defaults(deps: Deps) -> dict[str, Any]:
     return deps.defaults.model_dump(mode="json")
 
 
-@router.put("/runs/{run_id}/tuning", responses=error_responses(409))
+@router.put("/runs/{run_id}/tuning", responses=error_responses(404, 409))
 async def set_run_tuning(
     run_id: str, body: dict[str, Any], deps: Deps, backends: Backends = Depends(backends_of)
 ) -> dict[str, Any]:
-    """Override the defaults for one run; refused once the run's study exists."""
+    """Override the defaults for one run the tuner knows; refused once the run's study exists."""
+    if await backends.docs.get(RUNS, run_id) is None:
+        raise NotFound(f"no run {run_id!r} (the tuner learns a run from its dataset.uploaded event)")
     if await backends.docs.get(STUDIES, study_name_for(run_id)) is not None:
         raise Conflict(f"run {run_id!r} is already being tuned; its study cannot change")
     try:
@@ -101,7 +114,9 @@ async def set_run_tuning(
 
 
 def part() -> ServicePart[TunerSettings, TunerDeps]:
-    return ServicePart(service=service, router=router, settings=TunerSettings, build=build_deps)
+    from dlforge.tuner.reconcile import reconcile
+
+    return ServicePart(service=service, router=router, on_start=reconcile, settings=TunerSettings, build=build_deps)
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:

@@ -16,23 +16,25 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dlforge.common.errors import ConfigError, InvalidInput
+from dlforge.common.errors import ConfigError, InvalidInput, RetryableError
 from dlforge.common.events import (
     MAX_HPO_TRIALS,
     MAX_TRAIN_EPOCHS,
     HpoTrialCompleted,
+    HpoTrialReported,
     PipelineOptions,
     Spec,
     TrialRecord,
 )
-from dlforge.hpo import PRUNER_ATTR, open_storage
+from dlforge.hpo import PRUNER_ATTR, build_pruner, open_storage
 from dlforge.tuner.plugins import PluginChoice, make_sampler, pruner_spec
 from dlforge.tuner.settings import TunerSettings
 from dlforge.tuner.space import SearchSpace, default_space
@@ -149,10 +151,11 @@ def resolve_storage_url(url: str) -> str:
 
 
 def load_study(ctx: StudyContext) -> optuna.Study:
-    """The study with a sampler seeded by the run's seed and the number of trials so far.
+    """The study with a sampler seeded by the run's seed and the number of trials so far, and its pruner.
 
     A fresh seed per ask keeps the random start-up trials distinct although the sampler object is
-    rebuilt for every event.
+    rebuilt for every event. The pruner is the one described in the study (:data:`PRUNER_ATTR`,
+    written when the study was created), else the config's.
     """
     storage = open_storage(ctx.storage_url)
     with warnings.catch_warnings():
@@ -163,7 +166,11 @@ def load_study(ctx: StudyContext) -> optuna.Study:
         # numpy (and so every Optuna sampler) takes seeds below 2**32; options.seed goes up to 2**31 - 1
         sampler = make_sampler(ctx.config.sampler, seed=(ctx.options.seed * 100_003 + n) % 2**32,
                                startup=ctx.config.startup_trials)
-        return optuna.load_study(study_name=ctx.study_name, storage=storage, sampler=sampler)
+        attrs = study.user_attrs
+        spec = attrs[PRUNER_ATTR] if PRUNER_ATTR in attrs else pruner_spec(ctx.config.pruner,
+                                                                           startup=ctx.config.startup_trials)
+        return optuna.load_study(study_name=ctx.study_name, storage=storage, sampler=sampler,
+                                 pruner=build_pruner(spec))
 
 
 def prepare_study(ctx: StudyContext) -> optuna.Study:
@@ -226,10 +233,9 @@ def tell(study: optuna.Study, ctx: StudyContext, done: HpoTrialCompleted) -> boo
     storage.set_trial_user_attr(trial_id, INTERMEDIATE, [v if math.isfinite(v) else None for v in done.intermediate])
     if done.error:
         storage.set_trial_user_attr(trial_id, ERROR, done.error[:2000])
-    if not trial.intermediate_values:  # the worker could not report while training: record what it sent
-        for step, v in enumerate(done.intermediate, start=1):
-            if math.isfinite(v):
-                storage.set_trial_intermediate_value(trial_id, step, v)
+    for step, v in enumerate(done.intermediate, start=1):  # the steps whose report did not arrive (in time)
+        if step not in trial.intermediate_values and math.isfinite(v):
+            storage.set_trial_intermediate_value(trial_id, step, v)
     value_ok = done.value is not None and math.isfinite(done.value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -240,6 +246,57 @@ def tell(study: optuna.Study, ctx: StudyContext, done: HpoTrialCompleted) -> boo
         else:
             study.tell(done.trial_number, state=TrialState.FAIL, skip_if_finished=True)
     return True
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the tuner answers a trial's report: ``continue`` or ``prune``, and why."""
+
+    action: Literal["continue", "prune"]
+    reason: str = ""
+
+
+def decide(study: optuna.Study, ctx: StudyContext, reported: HpoTrialReported) -> Decision:
+    """Record a reported intermediate value in the study and ask the study's pruner about the trial.
+
+    A repeated report of a step (a redelivery) is not recorded twice; the pruner answers from the
+    stored values either way. A trial the study already finished is told to stop.
+    """
+    storage = open_storage(ctx.storage_url)
+    try:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                                    reported.trial_number)
+    except KeyError as exc:
+        raise InvalidInput(f"study {study.study_name} has no trial {reported.trial_number}") from exc
+    state = storage.get_trial(trial_id).state
+    if state.is_finished():
+        return Decision("prune", f"the trial is already {state.name.lower()}")
+    live = optuna.trial.Trial(study, trial_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "step already reported" on a redelivery
+        try:
+            live.report(reported.value, reported.step)
+        except (RuntimeError, ValueError) as exc:  # told meanwhile by another member of the group
+            state = storage.get_trial(trial_id).state
+            if state.is_finished():
+                return Decision("prune", f"the trial is already {state.name.lower()}")
+            raise RetryableError(f"cannot record the report of trial {reported.trial_number}: {exc}") from exc
+        if live.should_prune():
+            return Decision("prune", f"{type(study.pruner).__name__}: {reported.value:.4f} at step "
+                            f"{reported.step} is not promising")
+    return Decision("continue")
+
+
+def failed_in_a_row(study: optuna.Study) -> list[FrozenTrial]:
+    """The failed trials since the last one that did not fail (in the order they finished)."""
+    finished = sorted((t for t in study.get_trials(deepcopy=False) if t.state.is_finished()),
+                      key=lambda t: (t.datetime_complete or datetime.min, t.number))
+    out: list[FrozenTrial] = []
+    for t in reversed(finished):
+        if t.state != TrialState.FAIL:
+            break
+        out.append(t)
+    return out[::-1]
 
 
 def is_done(study: optuna.Study, ctx: StudyContext, *, stop: bool = False) -> bool:

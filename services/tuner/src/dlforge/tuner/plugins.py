@@ -5,10 +5,10 @@ A sampler decides the next trial's parameters (Optuna's ``BaseSampler``: ``sampl
 Both are chosen by name with keyword arguments from the fixed tables :data:`SAMPLERS` and
 :data:`PRUNERS`. Optional dependencies (``cmaes``) are imported only when their sampler is chosen.
 
-Optuna keeps neither in the storage, and the pruner runs where the trial trains (the trainer), so a
-pruner is described as ``{"factory": "optuna.pruners.<Class>", "kwargs": {...}}`` and that description
-is stored with the study (user attribute ``dlforge.pruner``); nested ``{"factory": ...}`` values in
-the kwargs are built too (a wrapped pruner).
+Optuna keeps neither in the storage, so a pruner is described as ``{"factory": "optuna.pruners.<Class>",
+"kwargs": {...}}`` and that description is stored with the study (user attribute ``dlforge.pruner``):
+whichever tuner replica handles a trial's report builds the same pruner from it. Nested
+``{"factory": ...}`` values in the kwargs are built too (a wrapped pruner).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ class TunerSettings(CommonSettings):
 
     tuner_storage: str = Field(
         default="sqlite:///./.dlforge/tuner.db",
-        description="Optuna storage: any SQLAlchemy URL (sqlite:///file.db, postgresql://..., mysql+pymysql://...)",
+        description="the tuner's own Optuna storage: any SQLAlchemy URL (sqlite:///file.db, postgresql://..., "
+        "mysql+pymysql://...). Only the tuner opens it; several tuner replicas need one they all reach",
     )
     tuner_sampler: str = Field(default="tpe", description="tpe | random | gp | qmc | cmaes")
     tuner_pruner: str = Field(default="median", description="median | percentile | successive_halving | hyperband "
@@ -23,5 +24,7 @@ class TunerSettings(CommonSettings):
                                          description="stratified share of the train split each trial trains on")
     tuner_trial_epochs: int | None = Field(default=None, ge=1, description="epochs per trial (default: "
                                            "the run's train_epochs)")
+    tuner_max_failed_trials: int = Field(default=3, ge=1, le=1000, description="a study fails (run.failed "
+                                         "with the trials' errors) after this many failed trials in a row")
     tuner_space: str | None = Field(default=None, description="the default search space: JSON, or @/path/to.json")
 

@@ -1,0 +1,110 @@
+"""A training job stopped after an epoch goes on from the state it stored, as if it had not stopped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dlforge.common.errors import NotFound
+from dlforge.common.objects import ObjectStore
+from dlforge.trainer.handlers import TrainerConfig, TrainingRequest, resume_key, run_training
+from dlforge.trainer.params import EpochMetrics, TrainParams
+from dlforge.trainer.training import FitState, TrainData, fit
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL: the epoch hook raises and nothing after it runs."""
+
+
+class _Listener:
+    def __init__(self, kill_after: int | None = None) -> None:
+        self.kill_after = kill_after
+        self.epochs: list[int] = []
+
+    def on_step(self, step: int, loss: float) -> None:
+        """Steps are not followed here."""
+
+    def on_epoch(self, metrics: EpochMetrics) -> bool:
+        self.epochs.append(metrics.epoch)
+        if self.kill_after is not None and metrics.epoch > self.kill_after:
+            raise Killed
+        return True
+
+    def on_checkpoint(self, step: int, epoch: int, state: dict[str, torch.Tensor] | None) -> None:
+        """No step checkpoints here."""
+
+
+def _data() -> TrainData:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 12)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
+    return TrainData(x[:64], y[:64], x[64:], y[64:], ["a", "b"])
+
+
+def _tail() -> nn.Module:
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
+
+
+@pytest.mark.parametrize("patience", [0, 2])
+def test_fit_resumed_after_an_epoch_trains_the_same_steps_as_an_uninterrupted_fit(patience: int) -> None:
+    hp = TrainParams(lr=0.05, batch_size=8, epochs=5, optimizer="adam", patience=patience, seed=3)
+    whole = _tail()
+    reference = fit(whole, _data(), hp, listener=_Listener())
+
+    states: list[FitState] = []
+    first = _tail()
+    with pytest.raises(Killed):
+        fit(first, _data(), hp, listener=_Listener(kill_after=2), on_state=states.append)
+    assert [s.epoch for s in states] == [1, 2]  # the third epoch's state was never stored: it was killed in it
+
+    again = _tail()
+    listener = _Listener()
+    resumed = fit(again, _data(), hp, listener=listener, resume=states[-1])
+    assert listener.epochs == list(range(3, 3 + len(reference.epochs) - 2))  # only the epochs after the state
+    assert resumed.steps == reference.steps
+    assert [m.epoch for m in resumed.epochs] == [m.epoch for m in reference.epochs]
+    assert [m.train_loss for m in resumed.epochs] == pytest.approx([m.train_loss for m in reference.epochs],
+                                                                    rel=1e-6)
+    assert resumed.best_epoch == reference.best_epoch
+    for a, b in zip(again.state_dict().values(), whole.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_job_killed_in_an_epoch_resumes_from_the_stored_state_and_removes_it(
+    objects: ObjectStore, manifest_key: str, weights_key: str, config: TrainerConfig,
+) -> None:
+    req = TrainingRequest(weights_key=weights_key, manifest_key=manifest_key, classes=["defect", "good"],
+                          hparams=TrainParams(lr=0.01, batch_size=8, epochs=4, unfreeze=0, dropout=0.0))
+    reference = run_training(objects, req, job_id="ref", key_prefix="trainer/jobs/ref", config=config,
+                             resumable=True)
+
+    seen: list[int] = []
+
+    def dies_in_epoch_three(m: EpochMetrics) -> bool:
+        seen.append(m.epoch)
+        if m.epoch == 3:
+            raise Killed
+        return True
+
+    prefix = "trainer/jobs/killed"
+    with pytest.raises(Killed):
+        run_training(objects, req, job_id="killed", key_prefix=prefix, config=config, on_epoch=dies_in_epoch_three,
+                     resumable=True)
+    assert objects.exists(resume_key(prefix))  # the state after epoch 2 is kept
+
+    rerun: list[int] = []
+    out = run_training(objects, req, job_id="killed", key_prefix=prefix, config=config,
+                       on_epoch=lambda m: rerun.append(m.epoch) is None, resumable=True)
+    assert rerun == [3, 4]  # epochs 1 and 2 were not trained again
+    assert seen == [1, 2, 3]
+    assert out.steps == reference.steps and [m.epoch for m in out.epochs] == [1, 2, 3, 4]
+    assert out.val is not None and reference.val is not None
+    assert out.val.accuracy == pytest.approx(reference.val.accuracy)
+    with pytest.raises(NotFound):
+        objects.stat(resume_key(prefix))
+    # the logs are one file under a name of its own, not one per attempt
+    assert [i.key for i in objects.list(f"{prefix}/tensorboard/")] == [
+        f"{prefix}/tensorboard/events.out.tfevents.000.dlforge"]
