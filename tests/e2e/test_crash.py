@@ -301,16 +301,32 @@ def elpv(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
     return root / "elpv", truth
 
 
-def _kafka(name: str) -> str:
-    from conftest import KAFKA_ENV, KAFKA_TEST_QUERY, require_service, unique
+def _root_conftest() -> Any:
+    """tests/conftest.py by its path: a bare ``import conftest`` finds whichever conftest module the
+    session imported under that name first (e.g. tests/tuner/conftest.py in a whole-suite run)."""
+    import importlib.util
 
-    return f"kafka://{require_service(KAFKA_ENV, 'Kafka broker')}?{KAFKA_TEST_QUERY}&topic_prefix={unique(name)}."
+    name = "dlforge_tests_root_conftest"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).parents[1] / "conftest.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _kafka(name: str) -> str:
+    c = _root_conftest()
+    broker = c.require_service(c.KAFKA_ENV, "Kafka broker")
+    return f"kafka://{broker}?{c.KAFKA_TEST_QUERY}&topic_prefix={c.unique(name)}."
 
 
 def _s3(name: str) -> str:
-    from conftest import S3_ENV, require_service, unique
-
-    return f"{require_service(S3_ENV, 'S3 server').rstrip('/')}/{unique(name)}"
+    c = _root_conftest()
+    return f"{c.require_service(c.S3_ENV, 'S3 server').rstrip('/')}/{c.unique(name)}"
 
 
 @pytest.fixture(scope="module")
