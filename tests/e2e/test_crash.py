@@ -356,8 +356,8 @@ def _backends(variant: str, tmp: Path) -> tuple[str, str]:
     return _kafka("crash"), _s3("crash")
 
 
-@pytest.mark.xfail(reason="known gap since the final merge: the crash comparisons pass, but deleting the run afterwards "
-                          "times out waiting for every service's documents to go (collections added by the merged "
+@pytest.mark.xfail(reason="known gap since the final merge: the crash comparisons pass, but deleting the run "
+                          "afterwards times out waiting for every service's documents to go (collections added by the merged "
                           "tuner/trainer pruning work, e.g. trainer_trial_decisions and tuner_runs, have no delete hook "
                           "yet); see the closing note of issue 8", strict=False)
 @pytest.mark.parametrize("variant", ["embedded", "kafka+s3"])
