@@ -39,6 +39,13 @@ T = TypeVar("T")
 RunOnLoop = Callable[[Coroutine[Any, Any, T]], T]
 
 
+@decisions_service.deletes_runs
+async def forget_decisions(event: Event, ctx: HandlerContext) -> None:
+    """A deleted run's pruning decisions go with it."""
+    for doc in await ctx.docs.find(DECISIONS, {"run_id": event.run_id}):
+        await ctx.docs.delete(DECISIONS, doc["_id"])
+
+
 def decision_id(study_name: str, trial_number: int, step: int) -> str:
     return f"{study_name}:{trial_number}:{step}"
 

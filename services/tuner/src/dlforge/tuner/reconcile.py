@@ -26,7 +26,7 @@ from dlforge.common.recovery import bus_is_durable, fail_run
 from dlforge.common.runtime import Backends, HandlerContext
 from dlforge.hpo import open_storage
 from dlforge.tuner.handlers import ASKED_BY, ERROR, StudyContext, load_study
-from dlforge.tuner.worker import CONFIGS, STUDIES, now, service
+from dlforge.tuner.worker import CONFIGS, RUNS, STUDIES, now, service
 
 log = logging.getLogger(__name__)
 
@@ -75,3 +75,4 @@ async def delete_run(event: Event, ctx: HandlerContext[Any]) -> None:
         await asyncio.to_thread(_delete_study, StudyContext.model_validate(doc["context"]))
         await ctx.docs.delete(STUDIES, doc["_id"])
     await ctx.docs.delete(CONFIGS, event.run_id)
+    await ctx.docs.delete(RUNS, event.run_id)
