@@ -356,12 +356,6 @@ def _backends(variant: str, tmp: Path) -> tuple[str, str]:
     return _kafka("crash"), _s3("crash")
 
 
-@pytest.mark.xfail(
-    reason="known gap since the final merge: the crash comparisons pass, but deleting the run afterwards "
-           "times out waiting for every service's documents to go (collections added by the merged pruning "
-           "work, e.g. trainer_trial_decisions and tuner_runs, have no delete hook yet); see issue 8's note",
-    strict=False,
-)
 @pytest.mark.parametrize("variant", ["embedded", "kafka+s3"])
 def test_a_run_killed_in_every_stage_completes_as_if_it_had_not_been(
     variant: str, tmp_path: Path, elpv: tuple[Path, dict[str, str]], uninterrupted: Outcome,
