@@ -15,9 +15,10 @@ STAGE_SERVICES = ("labeler", "augmenter", "proposer", "tuner", "trainer", "optim
 
 
 def service_parts(*, simulated_annotator: bool = False) -> list[ServicePart]:
-    """The six stage services, the run view and, for demos, the simulated annotator."""
+    """The six stage services, the run view, the console and, for demos, the simulated annotator."""
     parts = [importlib.import_module(f"dlforge.{name}.app").part() for name in STAGE_SERVICES]
     parts.append(runs.part())
+    parts.append(importlib.import_module("dlforge.console.app").part())
     if simulated_annotator:
         parts.append(importlib.import_module("dlforge.labeler.simulated").part())
     return parts

@@ -1,0 +1,1 @@
+"""dlforge console: the web pages people use, served by ``dlforge up`` on the API's port."""

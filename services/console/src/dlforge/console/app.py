@@ -1,0 +1,79 @@
+"""The console's HTTP part: the single page and its assets, served from the package.
+
+Every asset is a file of this package (no CDN, no build step): plain ES modules, one stylesheet.
+The pages are public files; everything they show comes from the API with the signed-in user's
+token, so a page without a token shows the sign-in form and nothing else. Pages never put a
+user-provided string into HTML: the scripts build elements and set ``textContent``; the
+Content-Security-Policy below allows scripts, styles and connections to this origin only.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import PurePosixPath
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import RedirectResponse, Response
+
+from dlforge.common.app import ServicePart
+from dlforge.common.app import create_app as create_common_app
+from dlforge.common.errors import NotFound
+from dlforge.common.http_errors import error_responses
+from dlforge.common.runtime import Service
+from dlforge.common.settings import CommonSettings, load_settings
+
+service: Service[None] = Service("console")
+router = APIRouter(tags=["console"])
+
+_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+          ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
+          ".ico": "image/x-icon", ".json": "application/json"}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; "
+                               "style-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+                               "form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def _asset(path: str) -> tuple[bytes, str]:
+    """The bytes and content type of ``static/<path>``; NotFound for anything outside it or unknown."""
+    parts = PurePosixPath(path).parts
+    if not parts or any(p in ("..", ".") or p.startswith(".") or "\\" in p for p in parts):
+        raise NotFound(f"no console asset {path!r}")
+    suffix = PurePosixPath(path).suffix
+    if suffix not in _TYPES:
+        raise NotFound(f"no console asset {path!r}")
+    node = resources.files("dlforge.console").joinpath("static", *parts)
+    if not node.is_file():
+        raise NotFound(f"no console asset {path!r}")
+    return node.read_bytes(), _TYPES[suffix]
+
+
+@router.get("/", include_in_schema=False)
+async def root() -> RedirectResponse:
+    return RedirectResponse("/console/", status_code=307)
+
+
+@router.get("/console/", include_in_schema=False)
+async def index() -> Response:
+    data, media = _asset("index.html")
+    return Response(data, media_type=media, headers=SECURITY_HEADERS)
+
+
+@router.get("/console/{path:path}", responses={200: {"description": "a page asset"}, **error_responses(404)},
+            summary="Console asset")
+async def asset(path: str) -> Response:
+    """A file of the console (script, style, image)."""
+    data, media = _asset(path)
+    return Response(data, media_type=media, headers=SECURITY_HEADERS)
+
+
+def part() -> ServicePart:
+    return ServicePart(service=service, router=router, prefix="")
+
+
+def create_app(settings: CommonSettings | None = None) -> FastAPI:
+    return create_common_app([part()], settings=settings or load_settings())
