@@ -32,6 +32,10 @@ from dlforge.common.runtime import Backends
 from dlforge.common.settings import load_settings
 from dlforge.common.tracing import configure_telemetry
 
+# The suites of the services test their behaviour, not access: auth is off unless a test turns it on
+# (the auth tests pass settings with auth="required"; subprocesses inherit this default).
+os.environ.setdefault("DLFORGE_AUTH", "off")
+
 KAFKA_ENV = "DLFORGE_TEST_KAFKA"
 S3_ENV = "DLFORGE_TEST_S3"
 MONGO_ENV = "DLFORGE_TEST_MONGO_URL"

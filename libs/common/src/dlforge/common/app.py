@@ -2,6 +2,7 @@
 
 ``create_app([part])`` builds one service's app; ``create_app(parts, mount_prefix=True)`` serves
 several services from one process (each router under ``/<service>``) on shared backends.
+Every part's routes need a bearer token with the right role (:mod:`dlforge.common.auth`; ``DLFORGE_AUTH``).
 Nothing happens at import time. At start the lifespan loads and validates every part's settings
 (one bad ``DLFORGE_…`` variable of any part stops the start, naming it), opens the backends, builds
 each part's dependencies once (:attr:`ServicePart.build`), runs the start-up hooks, and only then
@@ -22,13 +23,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from typing_extensions import TypeVar as DefaultTypeVar
 
+from dlforge.common.auth.enforcement import AuthMiddleware, AuthRuntime, authorizer, use_auth_openapi
 from dlforge.common.body_limit import BodyLimitMiddleware
 from dlforge.common.errors import ConfigError
 from dlforge.common.http_errors import ConcretePathsFirst, install_error_handlers, use_truthful_openapi
@@ -196,6 +198,7 @@ def create_app(
             raise
         await b.start()
         try:
+            app.state.auth = await AuthRuntime.start(common, b.docs)
             deps: dict[str, Any] = {}
             for part, part_s in zip(parts, loaded, strict=True):
                 deps[part.service.name] = await part.build(part_s, b) if part.build is not None else None
@@ -214,6 +217,7 @@ def create_app(
             if own:
                 await b.stop()
             raise
+        auth: AuthRuntime = app.state.auth
         stop = asyncio.Event()
         workers: list[Worker[Any]] = []
         if run_workers:
@@ -232,6 +236,7 @@ def create_app(
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
                     log.error("worker %s ended with %r", t.get_name(), t.exception())
+            await auth.stop()
             if own:
                 await b.stop()
 
@@ -245,11 +250,13 @@ def create_app(
     app = FastAPI(title=app_name, version="0.1.0", lifespan=lifespan, **extra)
     app.state.parts = list(parts)
     app.add_middleware(ConcretePathsFirst, api=app)
+    app.add_middleware(AuthMiddleware, api=app)  # after tracing (a refusal is traced), before routing
     app.add_middleware(TracingMiddleware, service_name=app_name)
     app.add_middleware(BodyLimitMiddleware)  # request bodies stop being read at their route's limit
 
     install_error_handlers(app)
     use_truthful_openapi(app)
+    use_auth_openapi(app)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> Health:
@@ -283,7 +290,7 @@ def create_app(
         if part.router is not None:
             prefix = "" if not mount_prefix else (
                 part.prefix if part.prefix is not None else f"/{part.service.name}")
-            app.include_router(part.router, prefix=prefix)
+            app.include_router(part.router, prefix=prefix, dependencies=[Depends(authorizer(prefix))])
     return app
 
 

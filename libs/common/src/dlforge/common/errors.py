@@ -27,6 +27,18 @@ class Conflict(DlforgeError):
     """An optimistic-concurrency or unique-key conflict in the document store."""
 
 
+class Unauthorized(DlforgeError):
+    """The request carries no valid credentials (HTTP 401 with ``WWW-Authenticate: Bearer``)."""
+
+
+class Forbidden(DlforgeError):
+    """The caller is known but may not do this (HTTP 403); ``details`` says what it holds and needs."""
+
+    def __init__(self, message: str, *, details: object | None = None) -> None:
+        super().__init__(message)
+        self.details = details
+
+
 class InvalidInput(DlforgeError):
     """User input was refused; the message says what was wrong (becomes an HTTP 4xx)."""
 

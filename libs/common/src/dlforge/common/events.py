@@ -179,7 +179,7 @@ class DatasetUploaded(Payload):
     """A data set was ingested by the labeler: its items, classes and manifest, with the run's spec and options."""
 
     TOPIC = Topic.DATASET_UPLOADED
-    SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all
+    SCHEMA_VERSION: ClassVar[int] = 3  # v2: options.max_auto_label_error, auto_label_all; v3: project
 
     dataset_id: str
     name: str
@@ -191,6 +191,8 @@ class DatasetUploaded(Payload):
     manifest_key: str = Field(description="object key of the ingestion manifest (JSON)")
     spec: Spec
     options: PipelineOptions = PipelineOptions()
+    project: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$", max_length=64,
+                         description="the project the dataset and its run belong to")
 
 
 class LabelsRequested(Payload):
@@ -623,6 +625,14 @@ for _topic in (Topic.DATASET_UPLOADED, Topic.DATASET_AUGMENTED, Topic.MODEL_PROP
                Topic.MODEL_TRAINED):
     register_upcaster(_topic, 1, _options_v1_to_v2)
 register_upcaster(Topic.DATASET_LABELED, 1, _labeled_v1_to_v2)
+
+
+def _uploaded_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """dataset.uploaded v2 predates projects: every dataset was in the one project there was."""
+    return {**payload, "project": "default"}
+
+
+register_upcaster(Topic.DATASET_UPLOADED, 2, _uploaded_v2_to_v3)
 register_upcaster(Topic.LABELS_SUBMITTED, 1, _submitted_v1_to_v2)
 
 

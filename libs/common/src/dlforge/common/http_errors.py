@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dlforge.common.errors import Conflict, InvalidInput, NotFound
+from dlforge.common.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized
 
 ERROR_SCHEMA = "ErrorBody"
 _FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
@@ -41,12 +41,15 @@ _FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
 # What each error status means in this API (the description every operation's response gets).
 STATUS_MEANINGS: dict[int, str] = {
     400: "the request body cannot be parsed (not UTF-8, broken multipart)",
-    403: "the request asks for something this service may not do (e.g. read a folder outside its roots)",
+    401: "no valid bearer token: none, unknown, revoked or expired (`WWW-Authenticate: Bearer`)",
+    403: "the request asks for something the caller or this service may not do: a role too low for the "
+         "project, or e.g. a folder outside the import roots",
     404: "a resource the request names does not exist",
     409: "the resource is not in a state that allows this request",
     413: "the request body is larger than the limit",
     415: "the request body has a media type this operation does not take",
     422: "the request's input is invalid; `errors` lists the fields that failed validation",
+    429: "too many requests with this token (or sign-in attempts): wait the seconds `Retry-After` says",
     500: "an unexpected failure in the service (a bug); the detail names the trace id",
     503: "the service cannot answer now (a backend is down or still starting)",
 }
@@ -171,6 +174,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse(error_body(str(exc)), status_code=404)
+
+    @app.exception_handler(Unauthorized)
+    async def _unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
+        return JSONResponse(error_body(str(exc)), status_code=401,
+                            headers={"WWW-Authenticate": 'Bearer realm="dlforge"'})
+
+    @app.exception_handler(Forbidden)
+    async def _forbidden(_: Request, exc: Forbidden) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), details=exc.details), status_code=403)
 
     @app.exception_handler(Conflict)
     async def _conflict(_: Request, exc: Conflict) -> JSONResponse:

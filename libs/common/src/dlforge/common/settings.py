@@ -6,10 +6,10 @@ the variable (see :func:`load_settings`).
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dlforge.common.errors import ConfigError
@@ -77,6 +77,35 @@ class CommonSettings(BaseSettings):
     retry_max_seconds: float = Field(default=30.0, gt=0)
     poll_seconds: float = Field(default=0.5, gt=0)
     work_dir: str = Field(default="./.dlforge/work", description="local scratch space")
+    auth: Literal["required", "off"] = Field(
+        default="required", description="'required': every API request but health, sign-in and the console's files "
+        "needs a bearer token with the right role; 'off': no checks (tests, trusted single-user machines)")
+    auth_rate: float = Field(default=20.0, gt=0, le=1_000_000,
+                             description="requests per second one token may send on average (token bucket)")
+    auth_burst: int = Field(default=100, ge=1, le=1_000_000, description="requests one token may send at once")
+    auth_session_hours: float = Field(default=12.0, gt=0, le=24 * 30,
+                                      description="how long a token from POST /auth/login lasts")
+    auth_cache_seconds: float = Field(default=5.0, ge=0, le=300,
+                                      description="how long a process keeps a token's answer (a revocation reaches "
+                                      "other processes within this time)")
+    auth_url: str | None = Field(default=None, description="the console service's URL: verify tokens there "
+                                 "(POST /auth/introspect) instead of in the document store (split deployment)")
+    auth_service_token: SecretStr | None = Field(default=None, description="this service's own token for "
+                                                 "DLFORGE_AUTH_URL (dlforge admin create-token NAME --service)")
+
+    @field_validator("auth_url")
+    @classmethod
+    def _auth_url(cls, v: str | None) -> str | None:
+        if v:
+            _check_url(v, ("http", "https"), need_host=True)
+        return v or None
+
+    @model_validator(mode="after")
+    def _auth_service(self) -> CommonSettings:
+        if self.auth_url and not self.auth_service_token:
+            raise ValueError("DLFORGE_AUTH_URL is set but DLFORGE_AUTH_SERVICE_TOKEN is not: a service needs its "
+                             "own token to ask the auth service")
+        return self
 
     @field_validator("bus")
     @classmethod
@@ -131,5 +160,5 @@ def load_settings(cls: type[S] = CommonSettings, **overrides: Any) -> S:  # type
         problems = []
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"]) or "?"
-            problems.append(f"{prefix}{field.upper()}: {err['msg']}")
+            problems.append(f"{prefix}{field.upper()}: {err['msg']}" if err["loc"] else err["msg"])
         raise ConfigError("invalid settings: " + "; ".join(problems)) from exc

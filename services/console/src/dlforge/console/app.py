@@ -76,4 +76,8 @@ def part() -> ServicePart:
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:
-    return create_common_app([part()], settings=settings or load_settings())
+    """The console service (split deployment): the pages, and the accounts (``/auth``) every service's
+    tokens are verified against (``DLFORGE_AUTH_URL`` of the other services points here)."""
+    from dlforge.common.auth import routes as auth
+
+    return create_common_app([part(), auth.part()], settings=settings or load_settings())

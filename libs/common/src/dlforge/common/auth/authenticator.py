@@ -1,0 +1,158 @@
+"""Who a bearer token belongs to, and which project a run or dataset is in: the ``Authenticator`` port.
+
+Two implementations:
+
+- :class:`StoreAuthenticator` reads the auth part's collections (``dlforge up``: one process, and any
+  service that shares the document store while ``DLFORGE_AUTH_URL`` is unset);
+- :class:`IntrospectingAuthenticator` asks the console service (``DLFORGE_AUTH_URL``) with the
+  process's own service token (``DLFORGE_AUTH_SERVICE_TOKEN``): ``POST /auth/introspect``,
+  ``GET``/``PUT /auth/resources/{kind}/{id}`` (the split deployment).
+
+Both keep answers for ``DLFORGE_AUTH_CACHE_SECONDS`` (a revoked token stops working within that
+time in other processes; at once in the one that revoked it); a resource's project never changes,
+so it is kept as long as the process (up to a bounded number of entries).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Protocol
+
+import httpx
+
+from dlforge.common.auth.model import Principal
+from dlforge.common.auth.store import AuthStore, token_hash
+from dlforge.common.errors import InvalidInput, RetryableError
+
+MAX_CACHED = 10_000
+
+
+class Authenticator(Protocol):
+    """Port: resolve tokens to principals, and runs/datasets to their project."""
+
+    async def authenticate(self, token: str) -> Principal | None:
+        """The principal of ``token``; None if it is unknown, revoked or expired."""
+
+    async def project_of(self, kind: str, resource_id: str) -> str | None:
+        """The project of run or dataset ``resource_id`` (``kind`` ``run``/``dataset``); None if unknown."""
+
+    async def register(self, kind: str, resource_id: str, project: str) -> None:
+        """Record the project of a new run or dataset; InvalidInput (409) if it is another project's."""
+
+    def forget_tokens(self) -> None:
+        """Drop cached token answers (after a revocation or a change of grants in this process)."""
+
+
+class _Cache:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.tokens: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
+        self.projects: OrderedDict[str, str] = OrderedDict()
+
+    def token(self, key: str) -> tuple[bool, Principal | None]:
+        hit = self.tokens.get(key)
+        if hit is None or hit[0] < time.monotonic():
+            return False, None
+        return True, hit[1]
+
+    def keep_token(self, key: str, principal: Principal | None) -> None:
+        self.tokens[key] = (time.monotonic() + self.seconds, principal)
+        self.tokens.move_to_end(key)
+        while len(self.tokens) > MAX_CACHED:
+            self.tokens.popitem(last=False)
+
+    def keep_project(self, key: str, project: str) -> None:
+        self.projects[key] = project
+        while len(self.projects) > MAX_CACHED:
+            self.projects.popitem(last=False)
+
+
+class StoreAuthenticator:
+    """Reads the auth collections directly (one process, or services sharing the document store)."""
+
+    def __init__(self, store: AuthStore, *, cache_seconds: float) -> None:
+        self.store = store
+        self._cache = _Cache(cache_seconds)
+
+    async def authenticate(self, token: str) -> Principal | None:
+        key = token_hash(token)
+        hit, principal = self._cache.token(key)
+        if hit:
+            return principal
+        principal = await self.store.resolve(token)
+        self._cache.keep_token(key, principal)
+        return principal
+
+    async def project_of(self, kind: str, resource_id: str) -> str | None:
+        key = f"{kind}:{resource_id}"
+        if key in self._cache.projects:
+            return self._cache.projects[key]
+        project = await self.store.project_of(kind, resource_id)
+        if project is not None:
+            self._cache.keep_project(key, project)
+        return project
+
+    async def register(self, kind: str, resource_id: str, project: str) -> None:
+        await self.store.register(kind, resource_id, project)
+        self._cache.keep_project(f"{kind}:{resource_id}", project)
+
+    def forget_tokens(self) -> None:
+        self._cache.tokens.clear()
+
+
+class IntrospectingAuthenticator:
+    """Asks the console service's auth part over HTTP, as a service (its own token)."""
+
+    def __init__(self, url: str, service_token: str, *, cache_seconds: float,
+                 client: httpx.AsyncClient | None = None) -> None:
+        self._client = client or httpx.AsyncClient(base_url=url.rstrip("/"), timeout=10)
+        self._headers = {"Authorization": f"Bearer {service_token}"}
+        self._cache = _Cache(cache_seconds)
+
+    async def _call(self, method: str, path: str, json: object | None = None) -> httpx.Response:
+        try:
+            response = await self._client.request(method, path, json=json, headers=self._headers)
+        except httpx.TransportError as exc:
+            raise RetryableError(f"the auth service cannot be reached ({exc})") from exc
+        if response.status_code in (401, 403):
+            raise RetryableError(f"the auth service refused this service's token ({response.status_code}): "
+                                 "check DLFORGE_AUTH_SERVICE_TOKEN")
+        if response.status_code >= 500:
+            raise RetryableError(f"the auth service failed ({response.status_code})")
+        return response
+
+    async def authenticate(self, token: str) -> Principal | None:
+        key = token_hash(token)
+        hit, principal = self._cache.token(key)
+        if hit:
+            return principal
+        response = await self._call("POST", "/auth/introspect", {"token": token})
+        body = response.json()
+        principal = Principal.from_public(body["principal"]) if body.get("active") else None
+        self._cache.keep_token(key, principal)
+        return principal
+
+    async def project_of(self, kind: str, resource_id: str) -> str | None:
+        key = f"{kind}:{resource_id}"
+        if key in self._cache.projects:
+            return self._cache.projects[key]
+        response = await self._call("GET", f"/auth/resources/{kind}/{resource_id}")
+        if response.status_code == 404:
+            return None
+        project = str(response.json()["project"])
+        self._cache.keep_project(key, project)
+        return project
+
+    async def register(self, kind: str, resource_id: str, project: str) -> None:
+        response = await self._call("PUT", f"/auth/resources/{kind}/{resource_id}", {"project": project})
+        if response.status_code == 409:
+            raise InvalidInput(f"{kind} {resource_id!r} exists in another project", status_code=409)
+        response.raise_for_status()
+        self._cache.keep_project(f"{kind}:{resource_id}", project)
+
+    def forget_tokens(self) -> None:
+        self._cache.tokens.clear()
+
+    async def close(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,348 @@
+"""Enforcement of the auth contract in every app :func:`dlforge.common.app.create_app` builds.
+
+Two steps per request:
+
+1. :class:`AuthMiddleware` (before routing) lets the open paths through (``OPEN_PATHS``), answers
+   401 (with ``WWW-Authenticate: Bearer``) to a request without a valid, unexpired bearer token
+   and 429 (with ``Retry-After``) to a token over its rate, puts the principal in
+   ``request.state.principal``, and writes an audit entry for every write request (any method but
+   GET/HEAD/OPTIONS) when its response starts: who, token id, method, route, path parameters,
+   status, time, and ``request.state.audit_detail`` if the handler set it.
+2. :func:`authorizer` (a dependency of every part's router) checks the route's role: the route's
+   ``openapi_extra`` ``x-dlforge-role`` (see :func:`role`), else viewer for reads and operator for
+   writes. A path parameter ``run_id`` or ``dataset_id`` (or the one ``x-dlforge-resource`` names)
+   is checked against that run's or dataset's project: no role there at all answers 404 as for an
+   unknown id, a lower role 403. A resource the auth part does not know (an unknown id) needs the
+   role in some project; the handler then answers 404. Without such a parameter the role must be
+   held in some project; handlers that take a project or an id in the body check it themselves
+   (:meth:`Principal.require`), and list handlers show only the principal's projects
+   (:func:`visible_projects`).
+
+With ``DLFORGE_AUTH=off`` every request's principal is :meth:`Principal.anonymous` (admin everywhere)
+and nothing is checked, limited or audited.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dlforge.common.auth.authenticator import Authenticator, IntrospectingAuthenticator, StoreAuthenticator
+from dlforge.common.auth.model import ROLES, Principal, at_least
+from dlforge.common.auth.ratelimit import RateLimiter
+from dlforge.common.auth.store import AuthStore, iso, now
+from dlforge.common.errors import Forbidden, NotFound, RetryableError
+from dlforge.common.http_errors import STATUS_MEANINGS, error_body
+from dlforge.common.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+ROLE_KEY = "x-dlforge-role"
+RESOURCE_KEY = "x-dlforge-resource"
+PUBLIC = "public"
+SERVICE = "service"
+SIGNED_IN = "signed-in"  # any valid token (one's own account: /auth/me, tokens, sign-out)
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/auth/login", "/openapi.json", "/docs", "/redoc",
+                        "/docs/oauth2-redirect"})
+OPEN_PREFIXES = ("/console/",)
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+RESOURCE_PARAMS = (("run_id", "run"), ("dataset_id", "dataset"))
+
+
+def role(needed: str, *, resource: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``openapi_extra=`` of a route that needs ``needed`` (a role, ``public`` or ``service``) instead of the
+    default; ``resource`` ``{"param", "kind", "strip"}`` names a path parameter that identifies a run or dataset."""
+    if needed not in (*ROLES, PUBLIC, SERVICE, SIGNED_IN):
+        raise ValueError(f"unknown role {needed!r}")
+    extra: dict[str, Any] = {ROLE_KEY: needed}
+    if resource is not None:
+        extra[RESOURCE_KEY] = dict(resource)
+    return extra
+
+
+def resource(param: str, kind: str, *, strip: str = "") -> dict[str, Any]:
+    """``openapi_extra=`` of a route whose path parameter ``param`` identifies a ``kind`` (after removing ``strip``)."""
+    return {RESOURCE_KEY: {"param": param, "kind": kind, "strip": strip}}
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
+@dataclass
+class AuthRuntime:
+    """What enforcement needs in a process, built once at start from the settings."""
+
+    mode: str
+    authenticator: Authenticator
+    limiter: RateLimiter
+    store: AuthStore | None
+    settings: CommonSettings
+
+    @classmethod
+    async def start(cls, settings: CommonSettings, docs: Any) -> AuthRuntime:
+        store: AuthStore | None = None
+        authenticator: Authenticator
+        if settings.auth_url:
+            assert settings.auth_service_token is not None  # the settings refuse a URL without it
+            authenticator = IntrospectingAuthenticator(settings.auth_url,
+                                                       settings.auth_service_token.get_secret_value(),
+                                                       cache_seconds=settings.auth_cache_seconds)
+        else:
+            store = AuthStore(docs)
+            if settings.auth == "required":
+                await store.ensure_indexes()
+            authenticator = StoreAuthenticator(store, cache_seconds=settings.auth_cache_seconds)
+        return cls(mode=settings.auth, authenticator=authenticator,
+                   limiter=RateLimiter(rate=settings.auth_rate, burst=settings.auth_burst), store=store,
+                   settings=settings)
+
+    async def stop(self) -> None:
+        if isinstance(self.authenticator, IntrospectingAuthenticator):
+            await self.authenticator.close()
+
+
+def runtime_of(request: Request) -> AuthRuntime:
+    runtime: AuthRuntime | None = getattr(request.app.state, "auth", None)
+    if runtime is None:
+        raise RuntimeError("the app has no auth runtime: was it started (lifespan)?")
+    return runtime
+
+
+def principal_of(request: Request) -> Principal:
+    """The principal of the request (:meth:`Principal.anonymous` while auth is off)."""
+    principal = getattr(request.state, "principal", None)
+    if not isinstance(principal, Principal):
+        raise Forbidden("this request has no principal (an open path)")
+    return principal
+
+
+def visible_projects(request: Request, needed: str = "viewer") -> set[str] | None:
+    """The projects whose runs and datasets the request's principal may list; None: every project."""
+    return principal_of(request).projects(needed)
+
+
+async def register_resource(request: Request, kind: str, resource_id: str, project: str) -> None:
+    """Record the project of a run or dataset created by this request (no-op while auth is off).
+
+    The auth part also records it from ``dataset.uploaded``; doing it before answering closes the
+    moment in which a new id would not be known yet. InvalidInput (409) if the id is another project's.
+    """
+    runtime = runtime_of(request)
+    if runtime.mode != "off":
+        await runtime.authenticator.register(kind, resource_id, project)
+
+
+def audit(request: Request, **detail: Any) -> None:
+    """Add facts to the request's audit entry (e.g. which dataset and items a label submission named)."""
+    current = getattr(request.state, "audit_detail", None) or {}
+    request.state.audit_detail = {**current, **detail}
+
+
+def _refusal(status: int, detail: str, headers: dict[str, str] | None = None,
+             context: dict[str, Any] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(detail, details=context), status_code=status, headers=headers)
+
+
+def _bearer(scope: Scope) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            return None
+    return None
+
+
+def _expired(principal: Principal) -> bool:
+    return principal.expires_at is not None and datetime.fromisoformat(principal.expires_at) <= now()
+
+
+class AuthMiddleware:
+    """Authentication, rate limit and audit of every request (see the module's docstring)."""
+
+    def __init__(self, app: ASGIApp, api: Any) -> None:
+        self.app = app
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        runtime: AuthRuntime | None = getattr(self.api.state, "auth", None)
+        path = scope["path"]
+        if runtime is not None and runtime.mode == "off":
+            state["principal"] = Principal.anonymous()
+            await self.app(scope, receive, send)
+            return
+        if is_open(path):
+            await self.app(scope, receive, send)
+            return
+        if runtime is None:
+            await _refusal(503, "the service is starting")(scope, receive, send)
+            return
+        token = _bearer(scope)
+        if token is None:
+            await _refusal(401, "no bearer token: send 'Authorization: Bearer <token>' (a token from POST "
+                           "/auth/login or `dlforge admin create-token`)",
+                           {"WWW-Authenticate": 'Bearer realm="dlforge"'})(scope, receive, send)
+            return
+        try:
+            principal = await runtime.authenticator.authenticate(token)
+        except RetryableError as exc:
+            await _refusal(503, f"cannot check the token now: {exc}")(scope, receive, send)
+            return
+        if principal is None or _expired(principal):
+            await _refusal(401, "the bearer token is unknown, revoked or expired",
+                           {"WWW-Authenticate": 'Bearer realm="dlforge", error="invalid_token"'})(scope, receive, send)
+            return
+        wait = runtime.limiter.take(principal.token_id or principal.name)
+        if wait > 0:
+            await _refusal(429, f"too many requests with this token: over {runtime.limiter.rate:g}/s (bursts of "
+                           f"{runtime.limiter.burst}); retry after {wait:.2f} s",
+                           {"Retry-After": str(max(1, math.ceil(wait)))})(scope, receive, send)
+            return
+        state["principal"] = principal
+        if scope["method"] in READ_METHODS:
+            await self.app(scope, receive, send)
+            return
+        await self.app(scope, receive, self._audited(scope, send, runtime, principal))
+
+    def _audited(self, scope: Scope, send: Send, runtime: AuthRuntime, principal: Principal) -> Send:
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                await write_audit(runtime, scope, principal, message["status"])
+            await send(message)
+
+        return send_wrapper
+
+
+async def write_audit(runtime: AuthRuntime, scope: Scope, principal: Principal, status: int) -> None:
+    """Store the audit entry of a request (failures are logged: the request's effect happened)."""
+    state = scope.get("state", {})
+    route = state.get("audit_route")
+    if route is None:
+        template = getattr(scope.get("route"), "path", None)
+        route = f"{scope['method']} {template or scope['path']}"
+    entry = {"who": principal.name, "token_id": principal.token_id, "method": scope["method"], "route": route,
+             "path": scope["path"], "path_params": dict(scope.get("path_params") or {}), "status": status,
+             "at": iso(now()), "detail": state.get("audit_detail")}
+    try:
+        if runtime.store is not None:
+            await runtime.store.audit(entry)
+        else:
+            log.info("audit %s", entry)  # a service without the store: its log is the record
+    except Exception:
+        log.exception("could not write the audit entry %s", entry)
+
+
+def _resource_params(route: Any, path_params: Mapping[str, str]) -> list[tuple[str, str]]:
+    found = [(kind, str(path_params[p])) for p, kind in RESOURCE_PARAMS if p in path_params]
+    extra = (getattr(route, "openapi_extra", None) or {}).get(RESOURCE_KEY)
+    if extra and extra["param"] in path_params:
+        value = str(path_params[extra["param"]])
+        if value.startswith(extra.get("strip", "")):
+            found.append((extra["kind"], value[len(extra.get("strip", "")):]))
+    return found
+
+
+def needed_role(route: Any, method: str) -> str:
+    declared = (getattr(route, "openapi_extra", None) or {}).get(ROLE_KEY)
+    if declared:
+        return str(declared)
+    return "viewer" if method in READ_METHODS else "operator"
+
+
+def authorizer(prefix: str) -> Callable[[Request], Awaitable[None]]:
+    """The dependency every part's router gets (``prefix``: where the router is mounted)."""
+
+    async def authorize(request: Request) -> None:
+        runtime: AuthRuntime | None = getattr(request.app.state, "auth", None)
+        principal = getattr(request.state, "principal", None)
+        route = request.scope.get("route")
+        request.state.audit_route = f"{request.method} {prefix}{getattr(route, 'path', request.url.path)}"
+        if runtime is None or runtime.mode == "off" or principal is None:
+            return  # auth off, or an open path
+        assert isinstance(principal, Principal)
+        needed = needed_role(route, request.method)
+        if needed in (PUBLIC, SIGNED_IN):
+            return
+        if needed == SERVICE:
+            if principal.kind != "service" and principal.projects("admin") is not None:
+                raise Forbidden(f"{principal.name} is not a service (nor an admin of every project)")
+            return
+        known = False
+        for kind, resource_id in _resource_params(route, request.path_params):
+            project = await runtime.authenticator.project_of(kind, resource_id)
+            if project is None:
+                continue
+            known = True
+            held = principal.role_in(project)
+            if held is None:
+                raise NotFound(f"no {kind} {resource_id!r}")  # as if it did not exist: it is not the caller's
+            if not at_least(held, needed):
+                raise Forbidden(f"{principal.name} is {held} in project {project!r}; {request.method} "
+                                f"{request.url.path} needs {needed}",
+                                details={"project": project, "needed": needed, "held": held})
+        if not known and not principal.can_somewhere(needed):
+            raise Forbidden(f"{principal.name} is not {needed} in any project; {request.method} {request.url.path} "
+                            f"needs {needed}", details={"needed": needed, "held": dict(principal.grants)})
+
+    return authorize
+
+
+# ------------------------------------------------------------------------------------------------
+# The OpenAPI document
+# ------------------------------------------------------------------------------------------------
+
+_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+}
+
+
+def document_auth(doc: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI document with the bearer scheme, and 401/403/429 (ErrorBody) on every protected operation."""
+    ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    doc.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+        "type": "http", "scheme": "bearer",
+        "description": "a token from POST /auth/login or `dlforge admin create-token` (prefix dlf_)"}
+    for path, item in doc.get("paths", {}).items():
+        for method, op in item.items():
+            if not isinstance(op, dict) or "responses" not in op:
+                continue
+            needed = op.get(ROLE_KEY) or ("viewer" if method.upper() in READ_METHODS else "operator")
+            if is_open(path) or needed == PUBLIC:
+                op["security"] = []
+                continue
+            op["security"] = [{"bearer": []}]
+            op.setdefault(ROLE_KEY, needed)
+            for code in (401, 403, 429):
+                response = op["responses"].setdefault(str(code), {"description": STATUS_MEANINGS[code],
+                                                                  "content": ref})
+                if code in _HEADERS:
+                    response.setdefault("headers", {}).update(_HEADERS[code])
+    return doc
+
+
+def use_auth_openapi(app: Any) -> None:
+    """Serve :func:`document_auth` of the app's (truthful) OpenAPI document."""
+    generate = app.openapi
+    done: dict[str, Any] = {}
+
+    def openapi() -> dict[str, Any]:
+        if "doc" not in done:
+            done["doc"] = document_auth(generate())
+            app.openapi_schema = done["doc"]
+        return done["doc"]
+
+    app.openapi = openapi
