@@ -5,7 +5,8 @@ each stage's state, start/finish time, seconds and artifact keys, plus the run's
 The labeler stage's ``human_labels`` counts distinct items people labeled (a correction does not
 count an item twice): the items seen in ``labels.submitted`` while it runs, then the labeler's own
 count from ``dataset.labeled``.
-Served as ``GET /runs`` and ``GET /runs/{run_id}``. ``POST /runs/{run_id}/cancel`` emits
+Served as ``GET /runs`` (the caller's projects only) and ``GET /runs/{run_id}``; ``project`` comes
+from the run's ``dataset.uploaded``. ``POST /runs/{run_id}/cancel`` emits
 ``run.cancelled`` (every service stops working on the run); ``DELETE /runs/{run_id}`` (a finished,
 failed or cancelled run only) emits ``run.deleted``: every service removes its documents and objects
 of the run, this view included, so the run's page then answers 404.
@@ -19,10 +20,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from dlforge.common.app import ServicePart, backends_of
+from dlforge.common.auth import DEFAULT_PROJECT, visible_projects
 from dlforge.common.errors import Conflict, NotFound, RetryableError
 from dlforge.common.events import Event, RunCancelled, RunDeleted, Topic
 from dlforge.common.http_errors import error_responses
@@ -96,6 +98,8 @@ def apply(run: dict[str, Any] | None, event: Event) -> dict[str, Any]:
     stages = {k: dict(v) for k, v in doc["stages"].items()}
     if "dataset_id" in payload and "dataset_id" not in doc:
         doc["dataset_id"] = payload["dataset_id"]
+    if topic == Topic.DATASET_UPLOADED:
+        doc["project"] = payload.get("project", DEFAULT_PROJECT)
     if topic in _TRANSITIONS:
         finishes, starts = _TRANSITIONS[topic]
         if finishes is not None:
@@ -197,12 +201,23 @@ router = APIRouter(tags=["runs"])
 
 @router.get("/runs")
 async def list_runs(
+    request: Request,
     backends: Backends = Depends(backends_of),
     state: str | None = Query(default=None, pattern="^(running|succeeded|failed|cancelled)$"),
     limit: int = Query(default=50, ge=1, le=500),
 ) -> list[dict[str, Any]]:
-    where = {"state": state} if state else {}
-    docs = await backends.docs.find(RUNS, where, sort=[("started_at", -1)], limit=limit)
+    """The runs of the projects the caller may see, newest first."""
+    where: dict[str, Any] = {"state": state} if state else {}
+    projects = visible_projects(request)
+    if projects is None:
+        docs = await backends.docs.find(RUNS, where, sort=[("started_at", -1)], limit=limit)
+    else:
+        # one query per project (a run from before projects has none: it is in the default project)
+        wanted: list[str | None] = [*sorted(projects), *([None] if DEFAULT_PROJECT in projects else [])]
+        docs = [d for p in wanted
+                for d in await backends.docs.find(RUNS, {**where, "project": p}, sort=[("started_at", -1)],
+                                                  limit=limit)]
+        docs = sorted(docs, key=lambda d: d.get("started_at", ""), reverse=True)[:limit]
     return [{k: v for k, v in d.items() if k not in ("events", "seen", LABELED_ITEMS)} for d in docs]
 
 

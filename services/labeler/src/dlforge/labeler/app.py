@@ -2,9 +2,11 @@
 
 - ``POST /datasets``: a zip upload (multipart field ``file``) or a server-side ``folder`` (JSON or
   form; only inside ``DLFORGE_LABELER_IMPORT_ROOTS``), with the run's ``spec`` and ``options``
-  and optionally ``run_id``, ``dataset_id``, ``name``, ``classes``, ``layout``, ``allow_new_classes``.
+  and optionally ``project`` (default ``default``; the caller must be its operator), ``run_id``,
+  ``dataset_id``, ``name``, ``classes``, ``layout``, ``allow_new_classes``.
   201 with the counts, the rejected files and the duplicates; 4xx refusals write nothing.
-- ``GET /datasets``, ``GET /datasets/{id}``: records (state, rounds, counts, rejected).
+- ``GET /datasets``, ``GET /datasets/{id}``: records (state, rounds, counts, rejected); the list shows
+  the caller's projects only.
 - ``GET /datasets/{id}/queue``: the items waiting for a person, with image URLs.
 - ``GET /datasets/{id}/review``: once labeled, the items left "needs review" (below the guaranteed
   auto-labeling threshold), least confident first, with the guarantee's figures.
@@ -32,9 +34,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.datastructures import UploadFile
 
 from dlforge.common.app import ServicePart, backends_of, deps_of
+from dlforge.common.auth import (
+    DEFAULT_PROJECT,
+    audit,
+    principal_of,
+    register_resource,
+    role,
+    visible_projects,
+)
+from dlforge.common.auth.enforcement import runtime_of
 from dlforge.common.app import create_app as create_common_app
 from dlforge.common.body_limit import body_limit
-from dlforge.common.errors import Conflict, InvalidInput, NotFound
+from dlforge.common.errors import Conflict, Forbidden, InvalidInput, NotFound
 from dlforge.common.events import (
     MAX_CLASSES,
     DatasetUploaded,
@@ -98,6 +109,8 @@ class DatasetRequest(BaseModel):
     options: PipelineOptions = PipelineOptions()
     run_id: str | None = Field(default=None, max_length=64)
     dataset_id: str | None = Field(default=None, max_length=64)
+    project: str = Field(default=DEFAULT_PROJECT, max_length=64,
+                         description="the project the dataset and its run belong to (the caller must be its operator)")
     classes: UniqueClasses = Field(default_factory=list, max_length=MAX_CLASSES,
                                    description="class names known in advance (optional)")
     layout: Layout = "auto"
@@ -120,10 +133,18 @@ class DatasetRequest(BaseModel):
     def _dataset(cls, v: str | None) -> str | None:
         return _check_id(v, "dataset_id")
 
+    @field_validator("project")
+    @classmethod
+    def _project(cls, v: str) -> str:
+        checked = _check_id(v, "project")
+        assert checked is not None
+        return checked
+
 
 class DatasetCreated(BaseModel):
     dataset_id: str
     run_id: str
+    project: str
     name: str
     layout: str
     csv_name: str | None
@@ -153,7 +174,8 @@ class LabelSubmission(BaseModel):
     labels: dict[Annotated[str, Field(min_length=1, max_length=100)], str] = Field(
         min_length=1, max_length=labels_log.MAX_LABELS_PER_SUBMISSION, description="item_id -> class label")
     annotator: str = Field(default="human", min_length=1, max_length=MAX_LABEL_CHARS,
-                           description="who labeled (kept in each item's history)")
+                           description="who labeled (kept in each item's history); with auth on it is the signed-in "
+                           "user: leave it out, or give that user's name (another name is refused with 403)")
 
     @field_validator("annotator")
     @classmethod
@@ -364,7 +386,7 @@ def _open_and_scan(
 
 @router.post("/datasets", status_code=201, response_model=DatasetCreated,
              responses=error_responses(403, 404, 409, 413, 415, 422),
-             openapi_extra={"requestBody": {"content": {
+             openapi_extra={**role("operator"), "requestBody": {"content": {
                  "multipart/form-data": {"schema": _form_schema(with_file=True)},
                  "application/x-www-form-urlencoded": {"schema": _form_schema(with_file=False)},
                  "application/json": {"schema": DatasetRequest.model_json_schema()}}}})
@@ -374,6 +396,15 @@ async def create_dataset(request: Request, backends: Annotated[Backends, Depends
     """Ingest a zip upload or a server-side folder; emits ``dataset.uploaded``."""
     settings = deps.settings
     req, upload = await _parse(request, settings)
+    principal_of(request).require(req.project, "operator")
+    # the ids are fixed here so that their project is recorded before anything is written (a run or
+    # dataset id of another project is refused with 409)
+    req = req.model_copy(update={"dataset_id": req.dataset_id or uuid.uuid4().hex[:16],
+                                 "run_id": req.run_id or uuid.uuid4().hex})
+    assert req.dataset_id is not None and req.run_id is not None
+    await register_resource(request, "run", req.run_id, req.project)
+    await register_resource(request, "dataset", req.dataset_id, req.project)
+    audit(request, project=req.project, dataset_id=req.dataset_id, run_id=req.run_id)
     tree, result = await asyncio.to_thread(_open_and_scan, req, upload, settings)
     try:
         upload_name = upload.filename if upload is not None else None
@@ -410,7 +441,8 @@ async def import_dataset(
               "unlabeled": len(result.items) - result.labeled_count, "rejected": len(result.rejected),
               "duplicates": len(result.duplicates), "skipped": len(result.skipped), "human": 0, "pending": 0}
     record: dict[str, Any] = {
-        "_id": dataset_id, "name": name, "run_id": run_id, "state": "ingesting", "created_at": records.now(),
+        "_id": dataset_id, "name": name, "run_id": run_id, "project": req.project, "state": "ingesting",
+        "created_at": records.now(),
         "source": "folder" if req.folder else "zip", "layout": result.layout, "csv_name": result.csv_name,
         "spec": req.spec.model_dump(mode="json"), "options": req.options.model_dump(mode="json"),
         "classes": classes, "counts": counts,
@@ -432,7 +464,7 @@ async def import_dataset(
             dataset_id=dataset_id, name=name, item_count=len(manifest.items), classes=classes,
             labeled_count=result.labeled_count, rejected_count=len(result.rejected),
             duplicate_count=len(result.duplicates), manifest_key=manifest_key(dataset_id), spec=req.spec,
-            options=req.options,
+            options=req.options, project=req.project,
         ))
         # the event goes with the record: a restart before (or after) the publish publishes it again
         # under the same id (see reconcile.py), so it is handled once
@@ -445,7 +477,7 @@ async def import_dataset(
         await backends.docs.delete(records.DATASETS, dataset_id)
         raise
     return DatasetCreated(
-        dataset_id=dataset_id, run_id=run_id, name=name, layout=result.layout, csv_name=result.csv_name,
+        dataset_id=dataset_id, run_id=run_id, project=req.project, name=name, layout=result.layout, csv_name=result.csv_name,
         classes=classes, counts=counts, manifest_key=manifest_key(dataset_id), rejected=list(result.rejected),
         duplicates=list(result.duplicates), skipped=list(result.skipped),
     )
@@ -458,14 +490,23 @@ async def import_dataset(
 
 @router.get("/datasets")
 async def list_datasets(
+    request: Request,
     backends: Annotated[Backends, Depends(backends_of)],
     state: Annotated[str | None, Query(max_length=32)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[dict[str, Any]]:
-    """Dataset summaries, newest first."""
-    where = {"state": state} if state else None
-    docs = await backends.docs.find(records.DATASETS, where, sort=[("created_at", -1)], limit=limit)
-    return [records.public(d, detail=False) for d in docs]
+    """Dataset summaries, newest first: those of the projects the caller may see."""
+    where = {"state": state} if state else {}
+    projects = visible_projects(request)
+    if projects is None:
+        docs = await backends.docs.find(records.DATASETS, where, sort=[("created_at", -1)], limit=limit)
+    else:
+        # one query per project (a record from before projects has none: it is in the default project)
+        wanted: list[str | None] = [*sorted(projects), *([None] if DEFAULT_PROJECT in projects else [])]
+        docs = [d for p in wanted for d in await backends.docs.find(
+            records.DATASETS, {**where, "project": p}, sort=[("created_at", -1)], limit=limit)]
+        docs = sorted(docs, key=lambda d: d.get("created_at", ""), reverse=True)[:limit]
+    return [{"project": DEFAULT_PROJECT} | records.public(d, detail=False) for d in docs]
 
 
 @router.get("/datasets/{dataset_id}", responses=error_responses(404))
@@ -660,16 +701,34 @@ async def inbox_writer(request: Request) -> labels_log.InboxWriter:
     return writer
 
 
+async def _annotator(request: Request, backends: Backends, body: LabelSubmission) -> str:
+    """Who labels: with auth on, the signed-in user, who must be a labeler of the dataset's project."""
+    principal = principal_of(request)
+    if not principal.authenticated:
+        return body.annotator
+    if "annotator" in body.model_fields_set and body.annotator != principal.name:
+        raise Forbidden(f"annotator {body.annotator!r} is not the signed-in user {principal.name!r}: people label "
+                        "under their own name (leave 'annotator' out)")
+    project = await runtime_of(request).authenticator.project_of("dataset", body.dataset_id)
+    if project is None:  # not known to the auth part (yet): the dataset's own record says
+        project = (await records.load(backends.docs, body.dataset_id)).get("project", DEFAULT_PROJECT)
+    if principal.role_in(project) is None:
+        raise NotFound(f"no dataset {body.dataset_id!r}")
+    principal.require(project, "labeler")
+    return principal.name
+
+
 @router.post("/labels", status_code=202, response_model=LabelsAccepted, description=_LABELS_DESCRIPTION.strip(),
-             responses=error_responses(404, 409, 503))
-async def submit_labels(body: LabelSubmission, backends: Annotated[Backends, Depends(backends_of)], deps: Deps,
-                        writer: Annotated[labels_log.InboxWriter, Depends(inbox_writer)]) -> LabelsAccepted:
+             openapi_extra=role("labeler"), responses=error_responses(403, 404, 409, 503))
+async def submit_labels(body: LabelSubmission, request: Request, backends: Annotated[Backends, Depends(backends_of)],
+                        deps: Deps, writer: Annotated[labels_log.InboxWriter, Depends(inbox_writer)]) -> LabelsAccepted:
     """Store a person's labels or corrections; emits ``labels.submitted``.
 
     The checks that need the dataset's items run here against the inbox as read; the submission is
     then appended with the others waiting at that moment (:class:`dlforge.labeler.labels.InboxWriter`),
     which checks the rest against the inbox it is appended to."""
     dataset_id = body.dataset_id
+    annotator = await _annotator(request, backends, body)
     event_id = uuid.uuid4().hex
     for attempt in range(labels_log.MAX_TRIES):
         inbox = await labels_log.load_inbox(backends.docs, dataset_id)
@@ -699,7 +758,7 @@ async def submit_labels(body: LabelSubmission, backends: Annotated[Backends, Dep
         if outside:
             await _refuse_outside(backends, deps, dataset_id, outside)
         submission = labels_log.Submission(dataset_id=dataset_id, event_id=event_id, batch_id=body.batch_id,
-                                           annotator=body.annotator, labels=body.labels, rev=inbox["asked_rev"],
+                                           annotator=annotator, labels=body.labels, rev=inbox["asked_rev"],
                                            batch=batch, at=records.now())
         try:
             accepted = await writer.submit(submission)
@@ -709,6 +768,8 @@ async def submit_labels(body: LabelSubmission, backends: Annotated[Backends, Dep
     else:
         raise InvalidInput(f"dataset {dataset_id!r} is receiving too many submissions at once; send again",
                            status_code=503)
+    audit(request, dataset_id=dataset_id, batch_id=body.batch_id, annotator=annotator, sequence=accepted.sequence,
+          labels=dict(list(body.labels.items())[:100]))
     return LabelsAccepted(dataset_id=dataset_id, batch_id=body.batch_id, accepted=len(accepted.labels),
                           new_classes=accepted.new_classes, waiting=accepted.waiting, sequence=accepted.sequence)
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, FastAPI, File, Query, UploadFile
 
 from dlforge.common.app import ServicePart, backends_of, deps_of
 from dlforge.common.app import create_app as create_common_app
+from dlforge.common.auth import role
 from dlforge.common.body_limit import body_limit
 from dlforge.common.errors import InvalidInput, NotFound
 from dlforge.common.http_errors import error_responses
@@ -71,7 +72,9 @@ async def _predictor(deps: OptimizerDeps, backends: Backends, doc: dict[str, Any
     return predictor
 
 
-@router.post("/models/{dataset_id}/predict", response_model=Prediction, responses=error_responses(404, 413))
+# a prediction changes nothing: whoever may see the dataset's project may ask for one
+@router.post("/models/{dataset_id}/predict", response_model=Prediction, responses=error_responses(404, 413),
+             openapi_extra=role("viewer"))
 @body_limit(lambda _: MAX_IMAGE_BYTES + FORM_FIELDS_BYTES)
 async def predict(
     deps: Deps,

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from dlforge.common.app import ServicePart, backends_of, deps_of
 from dlforge.common.app import create_app as common_create_app
+from dlforge.common.auth import role
 from dlforge.common.errors import NotFound
 from dlforge.common.events import Spec
 from dlforge.common.http_errors import error_responses
@@ -47,7 +48,7 @@ async def get_model(model_id: str, backends: Backends = Depends(backends_of)) ->
     return _public(doc)
 
 
-@router.post("/models/rebuild", status_code=202)
+@router.post("/models/rebuild", status_code=202, openapi_extra=role("admin"))
 async def rebuild_models(deps: Deps, force: bool = False) -> dict[str, Any]:
     """Start (re)building the repository in the background: missing/stale entries, or all with ``force``."""
     running = deps.repository.status()["state"] == "running"

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from dlforge.common.app import ServicePart, backends_of, deps_of
 from dlforge.common.app import create_app as create_common_app
+from dlforge.common.auth import resource
 from dlforge.common.errors import Conflict, InvalidInput, NotFound
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
@@ -54,7 +55,11 @@ async def list_studies(
     return [{k: d.get(k) for k in _SUMMARY} for d in docs]
 
 
-@router.get("/studies/{name}", responses=error_responses(404))
+# a run's study is named after it (study_name_for): its project is the run's
+_STUDY = resource("name", "run", strip="dlforge-")
+
+
+@router.get("/studies/{name}", responses=error_responses(404), openapi_extra=_STUDY)
 async def get_study(name: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
     doc = await backends.docs.get(STUDIES, name)
     if doc is None:
@@ -76,7 +81,7 @@ async def get_study(name: str, backends: Backends = Depends(backends_of)) -> dic
             **live}
 
 
-@router.post("/studies/{name}/stop", responses=error_responses(404, 409))
+@router.post("/studies/{name}/stop", responses=error_responses(404, 409), openapi_extra=_STUDY)
 async def stop_study(name: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
     async def request_stop(doc: dict[str, Any]) -> dict[str, Any] | None:
         if doc.get("state") != "running":
