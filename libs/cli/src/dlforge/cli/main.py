@@ -3,7 +3,9 @@
 - ``dlforge demo``: ELPV solar-cell defect images on the embedded default, simulated annotator.
 - ``dlforge run PATH``: the same on a user's folder; labels from a CSV of answers, or from people
   through ``POST /labeler/labels`` while the command serves the API.
-- ``dlforge up``: every service's REST API (and workers) in one process.
+- ``dlforge up``: every service's REST API (and workers) in one process; the first start creates the
+  local ``admin`` and prints its password once.
+- ``dlforge admin create-user`` / ``create-token``: accounts on the configured backends (or ``--workdir``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from uuid import uuid4
 
 from pydantic import ValidationError
 
+from dlforge.cli.admin import ensure_local_admin, sign_in_text
 from dlforge.common.errors import ConfigError, DlforgeError
 from dlforge.common.events import PipelineOptions, Spec
 from dlforge.common.settings import CommonSettings, load_settings
@@ -226,13 +229,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"from the known labels)")
     state = root / f"state-{time.strftime('%Y%m%d-%H%M%S')}"
     spec = parse_spec(args.spec, base=DEMO_SPEC) if args.spec else DEMO_SPEC
+    settings = _embedded_settings(state)
+    password = asyncio.run(ensure_local_admin(settings)) if settings.auth == "required" else None
     _, report = asyncio.run(_run_folder(
         folder=data_dir, name="elpv", spec=spec, options=_options(args, base=DEMO_OPTIONS),
-        settings=_embedded_settings(state),
+        settings=settings,
         answers=truth, truth=truth, timeout=args.timeout,
     ))
     report["wall_seconds"] = round(time.monotonic() - started, 1)
-    return _finish(report, args)
+    status = _finish(report, args)
+    if password is not None:
+        print(sign_in_text(url=f"http://{settings.http_host}:{settings.http_port}/console/", password=password,
+                           env=_state_env(settings)))
+    return status
+
+
+def _state_env(settings: CommonSettings) -> dict[str, str]:
+    """The variables that point ``dlforge up`` at these backends."""
+    return {"DLFORGE_BUS": settings.bus, "DLFORGE_OBJECTS": settings.objects, "DLFORGE_DOCS": settings.docs,
+            "DLFORGE_WORK_DIR": settings.work_dir}
 
 
 def _examples(paths: list[str], n: int = 5) -> str:
@@ -339,6 +354,13 @@ def _serve_for_people(folder: Path, spec: Spec, options: PipelineOptions, *, res
     settings: CommonSettings = load_settings()
     os.environ.setdefault("DLFORGE_LABELER_IMPORT_ROOTS", str(folder.resolve().parent))
     app = combined_app(settings=settings)
+    headers: dict[str, str] = {}
+    if settings.auth == "required":
+        password = None if settings.auth_url else asyncio.run(ensure_local_admin(settings))
+        if password is not None:
+            print(sign_in_text(url=f"http://{settings.http_host}:{settings.http_port}/console/", password=password))
+        token = os.environ.get("DLFORGE_TOKEN", "") if settings.auth_url else asyncio.run(_run_token(settings))
+        headers["Authorization"] = f"Bearer {token}"
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
                             access_log=settings.http_access_log)
     server = uvicorn.Server(config)
@@ -346,7 +368,7 @@ def _serve_for_people(folder: Path, spec: Spec, options: PipelineOptions, *, res
     async def main() -> None:
         serving = asyncio.create_task(server.serve())
         base = f"http://{settings.http_host}:{settings.http_port}"
-        async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+        async with httpx.AsyncClient(base_url=base, timeout=600, headers=headers) as client:
             for _ in range(100):
                 if serving.done():  # the server gave up (e.g. the port is taken): say why
                     serving.result()
@@ -389,12 +411,51 @@ def _serve_for_people(folder: Path, spec: Spec, options: PipelineOptions, *, res
     return 0
 
 
+async def _run_token(settings: CommonSettings) -> str:
+    from dlforge.cli.admin import _with_store, run_token
+
+    token: str = (await _with_store(settings, lambda store: run_token(store, hours=24 * 7)))[0]
+    return token
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from dlforge.cli.platform import combined_app
     from dlforge.common.app import serve
 
     settings: CommonSettings = load_settings()
+    if settings.auth == "required" and not settings.auth_url:
+        password = asyncio.run(ensure_local_admin(settings))
+        if password is not None:
+            host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::") else settings.http_host
+            print(sign_in_text(url=f"http://{host}:{settings.http_port}/console/", password=password), flush=True)
     serve(combined_app(settings=settings, simulated_annotator=args.simulated_annotator), settings)
+    return 0
+
+
+def _admin_settings(args: argparse.Namespace) -> CommonSettings:
+    return _embedded_settings(Path(args.workdir)) if args.workdir else load_settings()
+
+
+def cmd_create_user(args: argparse.Namespace) -> int:
+    from dlforge.cli.admin import create_user, read_password
+
+    settings = _admin_settings(args)
+    password = read_password(prompt=sys.stdin.isatty())
+    user = asyncio.run(create_user(settings, args.name, password=password, project=args.project, role=args.role))
+    print(f"user {user['name']} created: {', '.join(f'{r} of {p}' for p, r in user['projects'].items())}")
+    return 0
+
+
+def cmd_create_token(args: argparse.Namespace) -> int:
+    from dlforge.cli.admin import create_token
+
+    settings = _admin_settings(args)
+    token, doc = asyncio.run(create_token(settings, args.user, project=args.project, role=args.role,
+                                          name=args.name, expires_days=args.expires_days, service=args.service))
+    expires = f", expires {doc['expires_at']}" if doc.get("expires_at") else ""
+    print(f"token {doc['token_id']} of {doc['user']} ({doc['kind']}{expires}); it is shown only now:",
+          file=sys.stderr)
+    print(token)
     return 0
 
 
@@ -432,6 +493,28 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="serve every service's REST API in one process")
     up.add_argument("--simulated-annotator", action="store_true", help="also run the simulated annotator")
     up.set_defaults(func=cmd_up)
+
+    admin = sub.add_parser("admin", help="accounts: users and tokens")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    user = admin_sub.add_parser("create-user", help="a user; the password comes from stdin (first line) or is "
+                                "asked for at a terminal, never as an argument")
+    user.add_argument("name")
+    user.add_argument("--project", default="default", help="the project ('*': every project)")
+    user.add_argument("--role", required=True, choices=("viewer", "labeler", "operator", "admin"))
+    user.add_argument("--workdir", default=None, help="the embedded state folder (default: DLFORGE_DOCS)")
+    user.set_defaults(func=cmd_create_user)
+    token = admin_sub.add_parser("create-token", help="an API token of a user, printed once")
+    token.add_argument("user")
+    token.add_argument("--project", default=None, help="limit the token to this project (default: the user's roles)")
+    token.add_argument("--role", default=None, choices=("viewer", "labeler", "operator", "admin"),
+                       help="its role in --project (at most the user's; default viewer)")
+    token.add_argument("--name", default="cli", help="a name to recognize it by")
+    token.add_argument("--expires-days", type=float, default=None)
+    token.add_argument("--service", action="store_true",
+                       help="a service's token (DLFORGE_AUTH_SERVICE_TOKEN): it may only introspect; creates the "
+                       "service account USER if needed")
+    token.add_argument("--workdir", default=None, help="the embedded state folder (default: DLFORGE_DOCS)")
+    token.set_defaults(func=cmd_create_token)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -82,16 +83,35 @@ async def run_in_process(
     on_progress: ProgressFn,
     timeout: float,
 ) -> tuple[dict[str, Any], list[Event], Any]:
-    """Start the app's workers, upload through its API, follow the run; returns (run, events, upload)."""
+    """Start the app's workers, upload through its API, follow the run; returns (run, events, upload).
+
+    With auth on, the requests carry a token minted for this run (:func:`dlforge.cli.admin.run_token`,
+    revoked at the end), or ``DLFORGE_TOKEN`` where accounts live in another service (``DLFORGE_AUTH_URL``).
+    """
+    from dlforge.cli.admin import run_token
+    from dlforge.common.auth import AuthRuntime
+
     async with app.router.lifespan_context(app):
+        auth: AuthRuntime = app.state.auth
+        headers: dict[str, str] = {}
+        token_id: str | None = None
+        if auth.mode == "required":
+            if auth.store is not None:
+                token, token_id = await run_token(auth.store, hours=timeout / 3600 + 1)
+            else:
+                token = os.environ.get("DLFORGE_TOKEN", "")
+            headers["Authorization"] = f"Bearer {token}"
         collector = RunCollector(app.state.backends.bus)
         await collector.start()
         try:
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://dlforge", timeout=600) as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://dlforge", timeout=600,
+                                         headers=headers) as client:
                 uploaded = await upload(client)
                 run = await follow_run(client, uploaded["run_id"], on_progress=on_progress, timeout=timeout)
             await asyncio.sleep(0.2)  # let the collector read the last event
             return run, collector.of_run(uploaded["run_id"]), uploaded
         finally:
             await collector.stop()
+            if token_id is not None and auth.store is not None:
+                await auth.store.revoke(token_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from pathlib import Path
@@ -26,14 +27,25 @@ class Transport(Protocol):
 
 
 class HttpTransport:
-    """A trainer service's REST API (``python -m dlforge.trainer``, or ``/trainer`` under ``dlforge up``)."""
+    """A trainer service's REST API (``python -m dlforge.trainer``, or ``/trainer`` under ``dlforge up``).
+
+    Requests carry ``Authorization: Bearer <token>``: the ``token`` argument, else ``DLFORGE_TOKEN``
+    (a token of an operator: ``dlforge admin create-token USER --role operator``); none if neither is set.
+    """
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, client: httpx.Client | None = None,
-                 timeout: float = 30.0) -> None:
-        self.client = client or httpx.Client(base_url=base_url, timeout=timeout)
+                 timeout: float = 30.0, token: str | None = None) -> None:
+        token = token if token is not None else os.environ.get("DLFORGE_TOKEN") or None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = client or httpx.Client(base_url=base_url, timeout=timeout, headers=headers)
+        if client is not None and token:
+            self.client.headers["Authorization"] = f"Bearer {token}"
 
     def submit(self, request: dict[str, Any]) -> str:
         r = self.client.post("/jobs", json=request)
+        if r.status_code in (401, 403):
+            raise PermissionError(f"the trainer refused the token ({r.status_code}): {r.json().get('detail', r.text)} "
+                                  "(set DLFORGE_TOKEN or pass token=)")
         if r.status_code in (400, 404, 409, 422):
             raise ValueError(f"the trainer refused the job: {r.json().get('detail', r.text)}")
         r.raise_for_status()

@@ -1,0 +1,298 @@
+"""Access to the combined app of `dlforge up` with DLFORGE_AUTH=required: who may do what, in which project.
+
+The app runs without its workers (nothing here needs a pipeline run): requests reach the routes and
+their checks, and the answers are compared with the role table of the issue (viewer < labeler <
+operator < admin; reads viewer, labels labeler, starting a run operator, rebuilding and accounts admin).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PASSWORD, ROLE_USERS, bearer, cells_zip, docs_path, seed_accounts
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from dlforge.cli.platform import service_parts
+from dlforge.common.app import create_app
+from dlforge.common.settings import CommonSettings
+
+
+def combined(settings: CommonSettings) -> FastAPI:
+    return create_app(service_parts(), settings=settings, mount_prefix=True, run_workers=False, title="dlforge")
+
+
+def upload(client: TestClient, token: str, *, project: str = "default", **fields: str) -> Any:
+    return client.post("/labeler/datasets", headers=bearer(token),
+                       files={"file": ("cells.zip", cells_zip(), "application/zip")},
+                       data={"project": project, **fields})
+
+
+# ------------------------------------------------------------------------------------------------
+# tokens and passwords at rest; signing in
+# ------------------------------------------------------------------------------------------------
+
+
+def test_passwords_and_tokens_are_stored_only_as_hashes(auth_settings: CommonSettings) -> None:
+    tokens = seed_accounts(auth_settings, {"ada": {"*": "admin"}})
+    with TestClient(combined(auth_settings)) as client:
+        login = client.post("/auth/login", json={"username": "ada", "password": PASSWORD})
+        assert login.status_code == 200, login.text
+        session = login.json()["token"]
+        made = client.post("/auth/tokens", headers=bearer(session), json={"name": "ci"})
+        assert made.status_code == 201, made.text
+        api = made.json()["token"]
+    raw = Path(docs_path(auth_settings)).read_bytes()
+    for wal in Path(docs_path(auth_settings)).parent.glob("docs.db-wal"):
+        raw += wal.read_bytes()
+    for secret in (PASSWORD, tokens["ada"], session, api):
+        assert secret.encode() not in raw, "a secret is stored in the clear"
+    db = sqlite3.connect(docs_path(auth_settings))
+    users = dict(db.execute("SELECT id, json_extract(body, '$.password_hash') FROM c_auth_users").fetchall())
+    assert users["ada"].startswith("$argon2id$")
+    hashes = {h for (h,) in db.execute("SELECT json_extract(body, '$.hash') FROM c_auth_tokens")}
+    assert {hashlib.sha256(t.encode()).hexdigest() for t in (tokens["ada"], session, api)} <= hashes
+
+
+def test_login_right_and_wrong(auth_settings: CommonSettings) -> None:
+    seed_accounts(auth_settings, {"lars": {"default": "labeler"}})
+    with TestClient(combined(auth_settings)) as client:
+        before = datetime.now(UTC)
+        ok = client.post("/auth/login", json={"username": "lars", "password": PASSWORD})
+        assert ok.status_code == 200, ok.text
+        body = ok.json()
+        assert body["user"] == {"name": "lars", "projects": {"default": "labeler"}, "disabled": False,
+                                "service": False, "created_at": body["user"]["created_at"]}
+        expires = datetime.fromisoformat(body["expires_at"])
+        assert before + timedelta(hours=12) - timedelta(seconds=5) <= expires <= datetime.now(UTC) + timedelta(hours=12)
+        me = client.get("/auth/me", headers=bearer(body["token"]))
+        assert me.status_code == 200 and me.json()["name"] == "lars" and me.json()["projects"] == {"default": "labeler"}
+        for wrong in ({"username": "lars", "password": "not the password"},
+                      {"username": "nobody", "password": PASSWORD}):
+            refused = client.post("/auth/login", json=wrong)
+            assert refused.status_code == 401, refused.text
+            assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+            assert "token" not in refused.json()
+        # sign-out revokes the session token at once
+        assert client.post("/auth/logout", headers=bearer(body["token"])).status_code == 200
+        assert client.get("/auth/me", headers=bearer(body["token"])).status_code == 401
+
+
+def test_an_expired_or_revoked_token_is_refused(auth_settings: CommonSettings) -> None:
+    tokens = seed_accounts(auth_settings, {"ada": {"*": "admin"}, "otto": {"default": "operator"}})
+    with TestClient(combined(auth_settings)) as client:
+        made = client.post("/auth/tokens", headers=bearer(tokens["otto"]), json={"name": "short", "expires_days": 1})
+        assert made.status_code == 201
+        short = made.json()
+        assert client.get("/runs", headers=bearer(short["token"])).status_code == 200
+        # ada (admin of every project) revokes otto's token
+        assert client.delete(f"/auth/tokens/{short['token_id']}", headers=bearer(tokens["ada"])).status_code == 200
+        gone = client.get("/runs", headers=bearer(short["token"]))
+        assert gone.status_code == 401 and 'error="invalid_token"' in gone.headers["WWW-Authenticate"]
+    db = sqlite3.connect(docs_path(auth_settings))  # an expiry in the past: the token is refused
+    past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    db.execute("UPDATE c_auth_tokens SET body = json_set(body, '$.expires_at', ?) WHERE "
+               "json_extract(body, '$.user') = 'otto'", (past,))
+    db.commit()
+    with TestClient(combined(auth_settings)) as client:
+        assert client.get("/runs", headers=bearer(tokens["otto"])).status_code == 401
+
+
+# ------------------------------------------------------------------------------------------------
+# roles
+# ------------------------------------------------------------------------------------------------
+
+# (action, the lowest role that may) — the issue's table
+MATRIX = {"read": "viewer", "label": "labeler", "start run": "operator", "admin": "admin"}
+RANK = ["viewer", "labeler", "operator", "admin"]
+
+
+def test_role_matrix(auth_settings: CommonSettings) -> None:
+    tokens = seed_accounts(auth_settings, {name: {"default": r} for name, r in ROLE_USERS.items()})
+    with TestClient(combined(auth_settings)) as client:
+        outcome: dict[tuple[str, str], int] = {}
+        for name, held in ROLE_USERS.items():
+            t = tokens[name]
+            outcome[(held, "read")] = client.get("/runs", headers=bearer(t)).status_code
+            outcome[(held, "label")] = client.post(
+                "/labeler/labels", headers=bearer(t),
+                json={"dataset_id": "ds-none", "batch_id": "b1", "labels": {"i1": "good"}}).status_code
+            outcome[(held, "start run")] = upload(client, t, dataset_id=f"ds-{name}").status_code
+            outcome[(held, "admin")] = client.get("/auth/users", headers=bearer(t)).status_code
+            if held != "admin":  # the repository rebuild is admin's; not started here
+                assert client.post("/proposer/models/rebuild", headers=bearer(t)).status_code == 403
+    for (held, action), status in outcome.items():
+        allowed = RANK.index(held) >= RANK.index(MATRIX[action])
+        if allowed:
+            # label: the dataset does not exist (404) — past the role check; start run: created
+            expected = {"read": 200, "label": 404, "start run": 201}.get(action, 403)
+            if action == "admin":
+                expected = 403  # admin of 'default' only: user administration needs every project ('*')
+            assert status == expected, (held, action, status)
+        else:
+            assert status == 403, (held, action, status)
+
+
+def test_a_labeler_token_cannot_start_a_run(auth_settings: CommonSettings) -> None:
+    tokens = seed_accounts(auth_settings, {"lars": {"default": "labeler"}, "ada": {"*": "admin"}})
+    with TestClient(combined(auth_settings)) as client:
+        refused = upload(client, tokens["lars"])
+        assert refused.status_code == 403, refused.text
+        assert "needs operator" in refused.json()["detail"]
+        assert client.get("/labeler/datasets", headers=bearer(tokens["ada"])).json() == []  # nothing written
+        assert client.get("/auth/users", headers=bearer(tokens["ada"])).status_code == 200
+
+
+def test_no_token_gives_401_on_every_write_endpoint(auth_settings: CommonSettings) -> None:
+    """Walk the combined app's OpenAPI: every operation but GET is tried without a token and with a bad one."""
+    seed_accounts(auth_settings, {"ada": {"*": "admin"}})
+    with TestClient(combined(auth_settings)) as client:
+        doc = client.get("/openapi.json").json()
+        tried = []
+        for path, item in doc["paths"].items():
+            for method, op in item.items():
+                if method not in ("post", "put", "patch", "delete"):
+                    continue
+                url = re.sub(r"\{[^}]+\}", "x1", path)
+                if op.get("x-dlforge-role") == "public":
+                    assert path == "/auth/login"
+                    continue
+                assert {"401", "403", "429"} <= set(op["responses"]), f"{method} {path} does not document them"
+                for headers in ({}, {"Authorization": "Bearer dlf_not-a-token"}, {"Authorization": "Basic eDp5"}):
+                    r = client.request(method.upper(), url, headers=headers, json={})
+                    assert r.status_code == 401, (method, path, headers, r.status_code, r.text)
+                    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+                    assert r.json()["detail"]
+                tried.append(f"{method.upper()} {path}")
+    assert len(tried) >= 15 and "POST /labeler/datasets" in tried and "POST /labeler/labels" in tried \
+        and "DELETE /runs/{run_id}" in tried and "POST /proposer/models/rebuild" in tried, tried
+
+
+def test_the_rate_limit_answers_429_after_the_burst(auth_settings: CommonSettings) -> None:
+    settings = auth_settings.model_copy(update={"auth_rate": 0.01, "auth_burst": 5})
+    tokens = seed_accounts(settings, {"vera": {"default": "viewer"}, "otto": {"default": "operator"}})
+    with TestClient(combined(settings)) as client:
+        statuses = [client.get("/runs", headers=bearer(tokens["vera"])).status_code for _ in range(7)]
+        assert statuses == [200] * 5 + [429] * 2
+        limited = client.get("/runs", headers=bearer(tokens["vera"]))
+        assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+        assert "too many requests" in limited.json()["detail"]
+        assert client.get("/runs", headers=bearer(tokens["otto"])).status_code == 200  # per token
+        assert client.get("/healthz").status_code == 200  # open paths are not limited
+
+
+def test_open_paths_need_no_token(auth_settings: CommonSettings) -> None:
+    with TestClient(combined(auth_settings)) as client:
+        for path in ("/healthz", "/readyz", "/openapi.json", "/docs", "/redoc", "/console/"):
+            assert client.get(path).status_code in (200, 503), path
+        assert client.get("/", follow_redirects=False).status_code == 307
+        assert client.get("/runs").status_code == 401
+        assert client.get("/nowhere").status_code == 401  # unknown paths are not told apart without a token
+
+
+@pytest.mark.parametrize("bad", [{"project": "no spaces"}, {"project": "../x"}, {"project": ""}, {"project": "x" * 65}])
+def test_a_bad_project_name_is_refused(auth_settings: CommonSettings, bad: dict[str, str]) -> None:
+    tokens = seed_accounts(auth_settings, {"ada": {"*": "admin"}})
+    with TestClient(combined(auth_settings)) as client:
+        r = client.post("/labeler/datasets", headers=bearer(tokens["ada"]), json={"folder": "/tmp", **bad})
+        assert r.status_code == 422, r.text
+        assert "project" in r.text
+
+
+def test_account_names_are_validated(auth_settings: CommonSettings) -> None:
+    tokens = seed_accounts(auth_settings, {"ada": {"*": "admin"}})
+    with TestClient(combined(auth_settings)) as client:
+        for body in ({"name": "bad name", "password": PASSWORD}, {"name": "simulated", "password": PASSWORD},
+                     {"name": "bob", "password": "short"}, {"name": "bob", "password": PASSWORD,
+                                                            "projects": {"a/b": "viewer"}},
+                     {"name": "bob", "password": PASSWORD, "projects": {"p": "owner"}}):
+            r = client.post("/auth/users", headers=bearer(tokens["ada"]), json=body)
+            assert r.status_code == 422, (body, r.text)
+        r = client.post("/auth/tokens", headers=bearer(tokens["ada"]), json={"name": "<script>"})
+        assert r.status_code == 422
+        ok = client.post("/auth/users", headers=bearer(tokens["ada"]),
+                         json={"name": "bob", "password": PASSWORD, "projects": {"line-4": "labeler"}})
+        assert ok.status_code == 201 and ok.json()["projects"] == {"line-4": "labeler"}
+        assert client.post("/auth/users", headers=bearer(tokens["ada"]),
+                           json={"name": "bob", "password": PASSWORD}).status_code == 409
+
+
+def test_a_token_never_exceeds_its_user(auth_settings: CommonSettings) -> None:
+    tokens = seed_accounts(auth_settings, {"lars": {"default": "labeler"}, "ada": {"*": "admin"}})
+    with TestClient(combined(auth_settings)) as client:
+        over = client.post("/auth/tokens", headers=bearer(tokens["lars"]), json={"projects": {"default": "operator"}})
+        assert over.status_code == 403
+        narrow = client.post("/auth/tokens", headers=bearer(tokens["lars"]), json={"projects": {"default": "viewer"}})
+        assert narrow.status_code == 201
+        t = narrow.json()["token"]
+        assert client.get("/auth/me", headers=bearer(t)).json()["projects"] == {"default": "viewer"}
+        r = client.post("/labeler/labels", headers=bearer(t),
+                        json={"dataset_id": "ds-none", "batch_id": "b1", "labels": {"i1": "good"}})
+        assert r.status_code == 403  # the token is a viewer's though lars labels
+        # lowering lars to viewer lowers his tokens at once
+        assert client.put("/auth/users/lars/grants/default", headers=bearer(tokens["ada"]),
+                          json={"role": "viewer"}).status_code == 200
+        assert client.get("/auth/me", headers=bearer(tokens["lars"])).json()["projects"] == {"default": "viewer"}
+        assert client.get("/auth/tokens", headers=bearer(tokens["lars"]), params={"user": "ada"}).status_code == 403
+
+
+# ------------------------------------------------------------------------------------------------
+# projects
+# ------------------------------------------------------------------------------------------------
+
+
+def test_project_isolation(auth_settings: CommonSettings) -> None:
+    tokens = seed_accounts(auth_settings, {"pia": {"p": "operator"}, "quinn": {"q": "operator"},
+                                           "vic": {"q": "viewer"}, "ada": {"*": "admin"}})
+    with TestClient(combined(auth_settings)) as client:
+        made = upload(client, tokens["quinn"], project="q", dataset_id="ds-q", run_id="run-q")
+        assert made.status_code == 201, made.text
+        assert made.json()["project"] == "q"
+        assert upload(client, tokens["pia"], project="p", dataset_id="ds-p", run_id="run-p").status_code == 201
+        pia, vic = bearer(tokens["pia"]), bearer(tokens["vic"])
+        # p's operator cannot start a run in q, nor read or write q's dataset and run: they look unknown
+        assert upload(client, tokens["pia"], project="q").status_code == 403
+        assert client.get("/labeler/datasets/ds-q", headers=pia).status_code == 404
+        assert client.get("/labeler/datasets/ds-q/queue", headers=pia).status_code == 404
+        assert client.post("/runs/run-q/cancel", headers=pia).status_code == 404
+        assert client.delete("/runs/run-q", headers=pia).status_code == 404
+        assert client.put("/tuner/runs/run-q/tuning", headers=pia, json={}).status_code == 404
+        assert client.post("/tuner/studies/dlforge-run-q/stop", headers=pia).status_code == 404
+        # a viewer of q may read it but not act on it
+        assert client.get("/labeler/datasets/ds-q", headers=vic).status_code == 200
+        assert client.post("/runs/run-q/cancel", headers=vic).status_code == 403
+        # ids taken in q cannot be reused from p
+        assert upload(client, tokens["pia"], project="p", run_id="run-q").status_code == 409
+        # lists show only the caller's projects
+        listed = {d["dataset_id"]: d["project"] for d in client.get("/labeler/datasets", headers=pia).json()}
+        assert listed == {"ds-p": "p"}
+        everything = client.get("/labeler/datasets", headers=bearer(tokens["ada"])).json()
+        assert {d["dataset_id"] for d in everything} == {"ds-p", "ds-q"}
+        # an unknown id stays a 404 for whoever could see it
+        assert client.get("/labeler/datasets/ds-none", headers=pia).status_code == 404
+        assert client.get("/runs/run-none", headers=pia).status_code == 404
+
+
+def test_the_audit_log_records_writes(auth_settings: CommonSettings) -> None:
+    tokens = seed_accounts(auth_settings, {"otto": {"default": "operator"}, "ada": {"*": "admin"},
+                                           "vera": {"default": "viewer"}})
+    with TestClient(combined(auth_settings)) as client:
+        assert upload(client, tokens["otto"], dataset_id="ds-a", run_id="run-a").status_code == 201
+        assert upload(client, tokens["vera"]).status_code == 403
+        assert client.post("/runs/run-a/cancel", headers=bearer(tokens["otto"])).status_code == 404  # no run view yet
+        client.get("/runs", headers=bearer(tokens["otto"]))  # a read: not audited
+        entries = client.get("/auth/audit", headers=bearer(tokens["ada"])).json()
+        assert client.get("/auth/audit", headers=bearer(tokens["otto"])).status_code == 403
+    seen = [(e["who"], e["route"], e["status"]) for e in reversed(entries)]
+    assert seen == [("otto", "POST /labeler/datasets", 201), ("vera", "POST /labeler/datasets", 403),
+                    ("otto", "POST /runs/{run_id}/cancel", 404)]
+    first = entries[-1]
+    assert first["detail"] == {"project": "default", "dataset_id": "ds-a", "run_id": "run-a"}
+    assert first["token_id"] and first["method"] == "POST"
+    assert entries[0]["path_params"] == {"run_id": "run-a"}
