@@ -40,21 +40,22 @@ def docs_path(settings: CommonSettings) -> str:
     return settings.docs.removeprefix("sqlite:///")
 
 
-def seed_accounts(settings: CommonSettings, users: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+async def create_accounts(settings: CommonSettings, users: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
     """Create each user (password ``PASSWORD``, the given grants) and one API token of theirs: name -> token."""
+    docs = SqliteDocumentStore(docs_path(settings))
+    store = AuthStore(docs)
+    await store.ensure_indexes()
+    tokens: dict[str, str] = {}
+    for name, grants in users.items():
+        await store.create_user(name, password=PASSWORD, grants=grants)
+        tokens[name], _ = await store.issue_token(name, kind="api", name="test", grants=None, expires_at=None)
+    await docs.close()
+    return tokens
 
-    async def run() -> dict[str, str]:
-        docs = SqliteDocumentStore(docs_path(settings))
-        store = AuthStore(docs)
-        await store.ensure_indexes()
-        tokens: dict[str, str] = {}
-        for name, grants in users.items():
-            await store.create_user(name, password=PASSWORD, grants=grants)
-            tokens[name], _ = await store.issue_token(name, kind="api", name="test", grants=None, expires_at=None)
-        await docs.close()
-        return tokens
 
-    return asyncio.run(run())
+def seed_accounts(settings: CommonSettings, users: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """:func:`create_accounts` outside an event loop."""
+    return asyncio.run(create_accounts(settings, users))
 
 
 def bearer(token: str) -> dict[str, str]:

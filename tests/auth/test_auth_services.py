@@ -1,0 +1,251 @@
+"""Services and accounts: the split deployment's token introspection, the project map fed by
+``dataset.uploaded``, and the command line (`dlforge admin`, `dlforge up`)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from conftest import PASSWORD, bearer, cells_zip, create_accounts, docs_path
+
+from dlforge.cli.admin import create_token
+from dlforge.cli.main import main as dlforge
+from dlforge.common.auth import routes as auth_routes
+from dlforge.common.auth.store import AuthStore
+from dlforge.common.docs.sqlite import SqliteDocumentStore
+from dlforge.common.events import DatasetUploaded, Event, RunDeleted, Spec
+from dlforge.common.runtime import Backends, Worker
+from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.console.app import create_app as console_app
+from dlforge.labeler.app import create_app as labeler_app
+from dlforge.labeler.settings import LabelerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def console(auth_settings: CommonSettings) -> Iterator[str]:
+    """The console service (accounts, /auth) served by uvicorn on 127.0.0.1: its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(console_app(auth_settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the console service did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(30)
+
+
+async def test_a_service_verifies_tokens_through_the_console_service(
+        auth_settings: CommonSettings, console: str, tmp_path: Path) -> None:
+    tokens = await create_accounts(auth_settings, {"otto": {"default": "operator"}, "lars": {"default": "labeler"}})
+    service_token, _ = await create_token(auth_settings, "svc-labeler", project=None, role=None, name="labeler",
+                                          expires_days=None, service=True)
+    # the labeler has its own document store: it can only learn about tokens by asking the console service
+    (tmp_path / "labeler").mkdir()
+    own = {**auth_settings.model_dump(), "docs": f"sqlite:///{tmp_path}/labeler/docs.db",
+           "objects": f"file://{tmp_path}/labeler/objects", "auth_url": console,
+           "auth_service_token": service_token, "auth_cache_seconds": 0,
+           "labeler_import_roots": [str(tmp_path / "imports")]}
+    app = labeler_app(LabelerSettings(**own))
+    async with app.router.lifespan_context(app), \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://labeler") as labeler, \
+            httpx.AsyncClient(base_url=console) as accounts:
+        assert (await labeler.get("/datasets", headers=bearer(tokens["lars"]))).status_code == 200
+        assert (await labeler.get("/datasets", headers=bearer("dlf_forged"))).status_code == 401
+        assert (await labeler.get("/datasets")).status_code == 401
+        refused = await labeler.post("/datasets", headers=bearer(tokens["lars"]),
+                                     files={"file": ("c.zip", cells_zip())})
+        assert refused.status_code == 403
+        made = await labeler.post("/datasets", headers=bearer(tokens["otto"]),
+                                  files={"file": ("c.zip", cells_zip())}, data={"dataset_id": "ds-s", "run_id": "run-s"})
+        assert made.status_code == 201, made.text
+        # the new dataset's project was recorded with the console service before the 201
+        known = await accounts.get("/auth/resources/dataset/ds-s", headers=bearer(service_token))
+        assert known.status_code == 200 and known.json()["project"] == "default"
+        # the service token may introspect, and nothing else; a user token may not introspect
+        assert (await labeler.get("/datasets", headers=bearer(service_token))).status_code == 403
+        assert (await accounts.post("/auth/introspect", headers=bearer(tokens["otto"]),
+                                    json={"token": tokens["lars"]})).status_code == 403
+        looked = await accounts.post("/auth/introspect", headers=bearer(service_token), json={"token": tokens["lars"]})
+        assert looked.json()["active"] is True and looked.json()["principal"]["name"] == "lars"
+        # a token revoked at the console service stops working at the labeler (cache 0 s here)
+        mine = (await accounts.get("/auth/tokens", headers=bearer(tokens["otto"]))).json()
+        assert (await accounts.delete(f"/auth/tokens/{mine[0]['token_id']}",
+                                      headers=bearer(tokens["otto"]))).status_code == 200
+        assert (await labeler.get("/datasets", headers=bearer(tokens["otto"]))).status_code == 401
+    tables = {t for (t,) in sqlite3.connect(tmp_path / "labeler" / "docs.db").execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert not {t for t in tables if t.startswith("c_auth_users") or t.startswith("c_auth_tokens")}
+
+
+async def test_a_wrong_service_token_is_a_503_not_a_pass(auth_settings: CommonSettings, console: str,
+                                                         tmp_path: Path) -> None:
+    tokens = await create_accounts(auth_settings, {"otto": {"default": "operator"}})
+    settings = {**auth_settings.model_dump(), "docs": f"sqlite:///{tmp_path}/other.db", "auth_url": console,
+                "auth_service_token": "dlf_not-a-service-token"}
+    app = labeler_app(LabelerSettings(**settings))
+    async with app.router.lifespan_context(app), \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://labeler") as labeler:
+        r = await labeler.get("/datasets", headers=bearer(tokens["otto"]))
+        assert r.status_code == 503 and "DLFORGE_AUTH_SERVICE_TOKEN" in r.json()["detail"]
+
+
+def test_the_auth_url_needs_a_service_token() -> None:
+    with pytest.raises(Exception, match="DLFORGE_AUTH_SERVICE_TOKEN"):
+        load_settings(auth_url="http://console:8000")
+    with pytest.raises(Exception, match="DLFORGE_AUTH_URL"):
+        load_settings(auth_url="ftp://console", auth_service_token="x")
+
+
+async def test_the_project_map_follows_dataset_uploaded_and_run_deleted(auth_settings: CommonSettings) -> None:
+    backends = Backends.from_settings(auth_settings)
+    await backends.start()
+    stop = asyncio.Event()
+    worker = Worker(auth_routes.service, backends, deps=None)
+    task = asyncio.create_task(worker.run(stop))
+    store = AuthStore(backends.docs)
+
+    def uploaded(dataset_id: str, project: str) -> DatasetUploaded:
+        return DatasetUploaded(dataset_id=dataset_id, name="n", item_count=1, classes=["a"], labeled_count=0,
+                               rejected_count=0, duplicate_count=0, manifest_key="k", spec=Spec(), project=project)
+
+    async def until(what: str, probe: object) -> None:
+        deadline = time.monotonic() + 30
+        while not await probe():  # type: ignore[operator]
+            assert time.monotonic() < deadline, f"not reached: {what}"
+            await asyncio.sleep(0.02)
+
+    try:
+        await backends.publish(Event.new(uploaded("ds-1", "line-4"), run_id="run-1"))
+        await until("run-1 mapped", lambda: _is(store, "run", "run-1", "line-4"))
+        assert await store.project_of("dataset", "ds-1") == "line-4"
+        # the same run id from another project does not move it
+        await backends.publish(Event.new(uploaded("ds-2", "other"), run_id="run-1"))
+        await until("ds-2 mapped", lambda: _is(store, "dataset", "ds-2", "other"))
+        assert await store.project_of("run", "run-1") == "line-4"
+        await backends.publish(Event.new(RunDeleted(dataset_id="ds-1"), run_id="run-1"))
+        await until("run-1 forgotten", lambda: _is(store, "run", "run-1", None))
+        assert await store.project_of("dataset", "ds-1") is None
+    finally:
+        stop.set()
+        await task
+        await backends.stop()
+
+
+async def _is(store: AuthStore, kind: str, resource_id: str, project: str | None) -> bool:
+    return await store.project_of(kind, resource_id) == project
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cli_create_user_and_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("DLFORGE_AUTH", "required")
+    state = tmp_path / "state"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PASSWORD + "\n"))
+    assert dlforge(["admin", "create-user", "lars", "--project", "line-4", "--role", "labeler",
+                    "--workdir", str(state)]) == 0
+    assert PASSWORD not in capsys.readouterr().out
+    assert dlforge(["admin", "create-token", "lars", "--project", "line-4", "--role", "labeler", "--name", "bench",
+                    "--expires-days", "2", "--workdir", str(state)]) == 0
+    token = capsys.readouterr().out.strip()
+    assert token.startswith("dlf_") and len(token) > 40
+    # more than the user holds: refused, exit 2
+    assert dlforge(["admin", "create-token", "lars", "--project", "line-4", "--role", "operator",
+                    "--workdir", str(state)]) == 2
+    assert "cannot have more than its user" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert dlforge(["admin", "create-user", "bob", "--role", "viewer", "--workdir", str(state)]) == 2
+    assert "no password" in capsys.readouterr().err
+
+    async def check() -> None:
+        docs = SqliteDocumentStore(state / "docs.db")
+        store = AuthStore(docs)
+        principal = await store.resolve(token)
+        assert principal is not None and principal.name == "lars" and dict(principal.grants) == {"line-4": "labeler"}
+        assert await store.check_password("lars", PASSWORD) is not None
+        assert await store.check_password("bob", PASSWORD) is None
+        await docs.close()
+
+    asyncio.run(check())
+
+
+def _env(**extra: str) -> dict[str, str]:
+    paths = [str(p) for p in sorted((ROOT / "libs").glob("*/src")) + sorted((ROOT / "services").glob("*/src"))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]), **extra}
+
+
+def test_dlforge_up_refuses_a_bad_auth_setting(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "dlforge.cli.main", "up"], env=_env(DLFORGE_AUTH="maybe"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "DLFORGE_AUTH" in done.stderr and "'required' or 'off'" in done.stderr
+
+
+def test_dlforge_up_creates_the_local_admin_once(tmp_path: Path) -> None:
+    """The first start prints the admin's password; signing in with it works; a second start prints none."""
+    port = free_port()
+    env = _env(DLFORGE_AUTH="required", DLFORGE_HTTP_PORT=str(port), DLFORGE_BUS="memory://",
+               DLFORGE_DOCS=f"sqlite:///{tmp_path}/docs.db", DLFORGE_OBJECTS=f"file://{tmp_path}/objects",
+               DLFORGE_WORK_DIR=str(tmp_path / "work"), DLFORGE_PROPOSER_BUILD_ON_START="false",
+               DLFORGE_PROPOSER_FASHION_MNIST_DIR=str(tmp_path / "none"),
+               DLFORGE_PROPOSER_MNIST_PATH=str(tmp_path / "none.pkl.gz"))
+    for start in (1, 2):
+        proc = subprocess.Popen([sys.executable, "-m", "dlforge.cli.main", "up"], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None and time.monotonic() < deadline, "dlforge up did not answer"
+                try:
+                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            proc.terminate()
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        if start == 1:
+            assert f"{base}/console/" in out and "user 'admin'" in out, out
+            password = out.split("with password '", 1)[1].split("'", 1)[0]
+            assert len(password) >= 12
+        else:
+            assert "password" not in out, out
+
+    async def check() -> None:
+        docs = SqliteDocumentStore(tmp_path / "docs.db")
+        user = await AuthStore(docs).check_password("admin", password)
+        assert user is not None and user["grants"] == {"*": "admin"}
+        await docs.close()
+
+    asyncio.run(check())
