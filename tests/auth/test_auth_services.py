@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from conftest import PASSWORD, bearer, cells_zip, create_accounts, docs_path
+from conftest import PASSWORD, bearer, cells_zip, create_accounts
 
 from dlforge.cli.admin import create_token
 from dlforge.cli.main import main as dlforge
@@ -81,7 +81,8 @@ async def test_a_service_verifies_tokens_through_the_console_service(
                                      files={"file": ("c.zip", cells_zip())})
         assert refused.status_code == 403
         made = await labeler.post("/datasets", headers=bearer(tokens["otto"]),
-                                  files={"file": ("c.zip", cells_zip())}, data={"dataset_id": "ds-s", "run_id": "run-s"})
+                                  files={"file": ("c.zip", cells_zip())},
+                                  data={"dataset_id": "ds-s", "run_id": "run-s"})
         assert made.status_code == 201, made.text
         # the new dataset's project was recorded with the console service before the 201
         known = await accounts.get("/auth/resources/dataset/ds-s", headers=bearer(service_token))

@@ -7,8 +7,8 @@ import importlib
 from fastapi import FastAPI
 
 from dlforge.common import runs
-from dlforge.common.auth import routes as auth
 from dlforge.common.app import ServicePart, create_app
+from dlforge.common.auth import routes as auth
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
 

@@ -256,7 +256,7 @@ def create_app(
 
     install_error_handlers(app)
     use_truthful_openapi(app)
-    use_auth_openapi(app)
+    use_auth_openapi(app, settings=backends.settings if backends is not None else settings)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> Health:

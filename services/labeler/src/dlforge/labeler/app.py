@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.datastructures import UploadFile
 
 from dlforge.common.app import ServicePart, backends_of, deps_of
+from dlforge.common.app import create_app as create_common_app
 from dlforge.common.auth import (
     DEFAULT_PROJECT,
     audit,
@@ -43,7 +44,6 @@ from dlforge.common.auth import (
     visible_projects,
 )
 from dlforge.common.auth.enforcement import runtime_of
-from dlforge.common.app import create_app as create_common_app
 from dlforge.common.body_limit import body_limit
 from dlforge.common.errors import Conflict, Forbidden, InvalidInput, NotFound
 from dlforge.common.events import (
@@ -477,7 +477,8 @@ async def import_dataset(
         await backends.docs.delete(records.DATASETS, dataset_id)
         raise
     return DatasetCreated(
-        dataset_id=dataset_id, run_id=run_id, project=req.project, name=name, layout=result.layout, csv_name=result.csv_name,
+        dataset_id=dataset_id, run_id=run_id, project=req.project, name=name, layout=result.layout,
+        csv_name=result.csv_name,
         classes=classes, counts=counts, manifest_key=manifest_key(dataset_id), rejected=list(result.rejected),
         duplicates=list(result.duplicates), skipped=list(result.skipped),
     )

@@ -39,9 +39,9 @@ from dlforge.common.auth.authenticator import Authenticator, IntrospectingAuthen
 from dlforge.common.auth.model import ROLES, Principal, at_least
 from dlforge.common.auth.ratelimit import RateLimiter
 from dlforge.common.auth.store import AuthStore, iso, now
-from dlforge.common.errors import Forbidden, NotFound, RetryableError
+from dlforge.common.errors import ConfigError, Forbidden, NotFound, RetryableError
 from dlforge.common.http_errors import STATUS_MEANINGS, error_body
-from dlforge.common.settings import CommonSettings
+from dlforge.common.settings import CommonSettings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -334,14 +334,30 @@ def document_auth(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def use_auth_openapi(app: Any) -> None:
-    """Serve :func:`document_auth` of the app's (truthful) OpenAPI document."""
+def use_auth_openapi(app: Any, *, settings: CommonSettings | None) -> None:
+    """Serve :func:`document_auth` of the app's (truthful) OpenAPI document while auth is required; with
+    ``DLFORGE_AUTH=off`` the document says no operation needs a token, as is then the case.
+
+    The mode is the started app's, else that of ``settings`` (the app's, if given), else the environment's.
+    """
     generate = app.openapi
     done: dict[str, Any] = {}
 
+    def mode() -> str:
+        runtime: AuthRuntime | None = getattr(app.state, "auth", None)
+        if runtime is not None:
+            return runtime.mode
+        if settings is not None:
+            return settings.auth
+        try:
+            return load_settings().auth
+        except ConfigError:
+            return "required"
+
     def openapi() -> dict[str, Any]:
         if "doc" not in done:
-            done["doc"] = document_auth(generate())
+            doc = generate()
+            done["doc"] = document_auth(doc) if mode() == "required" else doc
             app.openapi_schema = done["doc"]
         return done["doc"]
 
