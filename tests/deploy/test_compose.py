@@ -18,7 +18,11 @@ EXPECTED_ENV = {
     "DLFORGE_HTTP_HOST": "0.0.0.0",
     "DLFORGE_HTTP_PORT": "8000",
     "OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4318",
+    "DLFORGE_AUTH": "required",
+    "DLFORGE_AUTH_URL": "http://console:8000",
 }
+# the secret comes from .env; compose refuses to start without it (no default is committed)
+SERVICE_TOKEN = "${DLFORGE_AUTH_SERVICE_TOKEN:?"
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +61,15 @@ def service_problems(compose: dict[str, Any], name: str, host_port: int) -> list
     for key, value in {**EXPECTED_ENV, "OTEL_SERVICE_NAME": name}.items():
         if str(environment.get(key)) != value:
             problems.append(f"{name}: {key}={environment.get(key)!r}, expected {value!r}")
+    if not str(environment.get("DLFORGE_AUTH_SERVICE_TOKEN", "")).startswith(SERVICE_TOKEN):
+        problems.append(f"{name}: DLFORGE_AUTH_SERVICE_TOKEN must be required from the environment")
     depends_on = service.get("depends_on", {})
     for dependency in HEALTHY_DEPENDENCIES:
         condition = depends_on.get(dependency, {}).get("condition") if isinstance(depends_on, dict) else None
         if condition != "service_healthy":
             problems.append(f"{name}: depends_on {dependency} condition is {condition!r}")
-    if service.get("ports") != [f"{host_port}:8000"]:
-        problems.append(f"{name}: ports are {service.get('ports')!r}, expected ['{host_port}:8000']")
+    if service.get("ports") != [f"127.0.0.1:{host_port}:8000"]:
+        problems.append(f"{name}: ports are {service.get('ports')!r}, expected ['127.0.0.1:{host_port}:8000']")
     test = service.get("healthcheck", {}).get("test", [])
     if not any("/healthz" in str(part) for part in test):
         problems.append(f"{name}: healthcheck does not hit /healthz")
@@ -111,11 +117,29 @@ def test_service_checks_catch_a_miswired_service(compose):
 
 
 def test_only_known_services_and_no_host_port_clashes(compose, services):
-    assert set(compose["services"]) == {*INFRASTRUCTURE, "minio-init", *services}
+    assert set(compose["services"]) == {*INFRASTRUCTURE, "minio-init", "console", *services}
     published = [
-        str(port).split(":")[0] for service in compose["services"].values() for port in service.get("ports", [])
+        str(port).rsplit(":", 1)[0] for service in compose["services"].values() for port in service.get("ports", [])
     ]
     assert len(published) == len(set(published)), published
+
+
+def test_no_port_is_published_to_the_world(compose):
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def test_the_console_service_holds_the_accounts(compose):
+    console = compose["services"]["console"]
+    assert console["build"] == {"context": ".", "dockerfile": "services/console/Dockerfile"}
+    assert console["command"] == ["python", "-m", "dlforge.console"]
+    assert console["ports"] == ["127.0.0.1:8000:8000"]
+    env = console["environment"]
+    # it verifies tokens in the document store itself, and accepts the services' shared token
+    assert env["DLFORGE_AUTH_URL"] == "" and env["DLFORGE_AUTH"] == "required"
+    assert env["DLFORGE_DOCS"] == EXPECTED_ENV["DLFORGE_DOCS"]
+    assert str(env["DLFORGE_AUTH_SERVICE_TOKEN"]).startswith(SERVICE_TOKEN)
 
 
 def test_infrastructure_has_healthchecks_and_kafka_runs_kraft(compose):
@@ -128,7 +152,7 @@ def test_infrastructure_has_healthchecks_and_kafka_runs_kraft(compose):
     # KRaft cluster ids are 16 bytes in URL-safe base64 without padding.
     assert len(kafka_env["CLUSTER_ID"]) == 22
     assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
-    assert "4318:4318" in services["jaeger"]["ports"]
+    assert "127.0.0.1:4318:4318" in services["jaeger"]["ports"]
 
 
 def test_bucket_job_creates_the_bucket_before_services_start(compose, services):

@@ -68,8 +68,9 @@ def deployment_problems(deployment: dict[str, Any], *, gpu: bool) -> list[str]:
         if http_get.get("path") != path or http_get.get("port") not in ("http", 8000):
             problems.append(f"{name}: {probe} must GET {path} on port 8000")
     sources = {(kind, ref["name"]) for source in container.get("envFrom", []) for kind, ref in source.items()}
-    if not {("configMapRef", "dlforge-config"), ("secretRef", "dlforge-objects")} <= sources:
-        problems.append(f"{name}: envFrom must take dlforge-config and dlforge-objects")
+    if not {("configMapRef", "dlforge-config"), ("secretRef", "dlforge-objects"), ("secretRef", "dlforge-auth")} \
+            <= sources:
+        problems.append(f"{name}: envFrom must take dlforge-config, dlforge-objects and dlforge-auth")
     if {"name": "OTEL_SERVICE_NAME", "value": name} not in container.get("env", []):
         problems.append(f"{name}: OTEL_SERVICE_NAME is not {name}")
     resources = container.get("resources", {})
@@ -150,10 +151,13 @@ def test_every_service_selects_a_workload_with_its_named_ports(core_documents):
 def test_configuration_matches_compose(core_documents, yaml_documents):
     config = find(core_documents, "ConfigMap", "dlforge-config")["data"]
     secret = find(core_documents, "Secret", "dlforge-objects")["stringData"]
+    auth = find(core_documents, "Secret", "dlforge-auth")["stringData"]
     (compose,) = yaml_documents("docker-compose.yml")
     compose_keys = set(compose["services"]["labeler"]["environment"]) - {"OTEL_SERVICE_NAME"}
-    assert set(config) | set(secret) == compose_keys
-    assert not set(config) & set(secret)
+    assert set(config) | set(secret) | set(auth) == compose_keys
+    assert not set(config) & set(secret) and not (set(config) | set(secret)) & set(auth)
+    assert config["DLFORGE_AUTH"] == "required" and config["DLFORGE_AUTH_URL"].startswith("http://console.")
+    assert auth == {"DLFORGE_AUTH_SERVICE_TOKEN": ""}  # no secret is committed: it must be set to start
     assert config["DLFORGE_BUS"].startswith("kafka://")
     assert secret["DLFORGE_OBJECTS"].startswith("s3://")
 
@@ -244,3 +248,19 @@ def test_only_the_tuner_reaches_its_study_storage_and_it_is_on_its_own_claim(cor
         # a SQLite file on a ReadWriteOnce claim: one pod at a time, also while rolling out
         assert tuner["spec"]["strategy"]["type"] == "Recreate"
         assert scaled_objects["tuner"]["spec"]["maxReplicaCount"] == 1
+
+
+def test_no_service_leaves_the_cluster(core_documents):
+    for service in (d for d in core_documents if d["kind"] == "Service"):
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
+        assert not any("nodePort" in p for p in service["spec"]["ports"]), service["metadata"]["name"]
+
+
+def test_the_console_service_holds_the_accounts(core_documents):
+    console = find(core_documents, "Deployment", "console")
+    assert deployment_problems(console, gpu=False) == []
+    container = only_container(console)
+    assert container["command"] == ["python", "-m", "dlforge.console"]
+    # it reads the accounts itself: its DLFORGE_AUTH_URL (from the ConfigMap) is blanked
+    assert {"name": "DLFORGE_AUTH_URL", "value": ""} in container["env"]
+    find(core_documents, "Service", "console")

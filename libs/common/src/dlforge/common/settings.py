@@ -90,8 +90,10 @@ class CommonSettings(BaseSettings):
                                       "other processes within this time)")
     auth_url: str | None = Field(default=None, description="the console service's URL: verify tokens there "
                                  "(POST /auth/introspect) instead of in the document store (split deployment)")
-    auth_service_token: SecretStr | None = Field(default=None, description="this service's own token for "
-                                                 "DLFORGE_AUTH_URL (dlforge admin create-token NAME --service)")
+    auth_service_token: SecretStr | None = Field(
+        default=None, description="with DLFORGE_AUTH_URL: this service's token for it (the console service's own "
+        "DLFORGE_AUTH_SERVICE_TOKEN, or one from dlforge admin create-token NAME --service); without: a token this "
+        "process accepts as the service principal (the console service of the split deployment)")
 
     @field_validator("auth_url")
     @classmethod
@@ -102,7 +104,7 @@ class CommonSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _auth_service(self) -> CommonSettings:
-        if self.auth_url and not self.auth_service_token:
+        if self.auth_url and not (self.auth_service_token and self.auth_service_token.get_secret_value()):
             raise ValueError("DLFORGE_AUTH_URL is set but DLFORGE_AUTH_SERVICE_TOKEN is not: a service needs its "
                              "own token to ask the auth service")
         return self

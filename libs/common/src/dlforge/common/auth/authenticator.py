@@ -15,6 +15,7 @@ so it is kept as long as the process (up to a bounded number of entries).
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections import OrderedDict
 from typing import Protocol
@@ -69,14 +70,23 @@ class _Cache:
 
 
 class StoreAuthenticator:
-    """Reads the auth collections directly (one process, or services sharing the document store)."""
+    """Reads the auth collections directly (one process, or services sharing the document store).
 
-    def __init__(self, store: AuthStore, *, cache_seconds: float) -> None:
+    ``service_token`` (``DLFORGE_AUTH_SERVICE_TOKEN`` of the console service) is also accepted as the
+    token of the service principal ``services``: the deployments hand the same secret to every
+    service, so no account must exist before they start (per-service tokens from ``dlforge admin
+    create-token NAME --service`` work as well).
+    """
+
+    def __init__(self, store: AuthStore, *, cache_seconds: float, service_token: str | None = None) -> None:
         self.store = store
         self._cache = _Cache(cache_seconds)
+        self._service_hash = token_hash(service_token) if service_token else None
 
     async def authenticate(self, token: str) -> Principal | None:
         key = token_hash(token)
+        if self._service_hash is not None and hmac.compare_digest(key, self._service_hash):
+            return Principal(name="services", token_id=None, grants={}, kind="service")
         hit, principal = self._cache.token(key)
         if hit:
             return principal

@@ -100,7 +100,9 @@ class AuthRuntime:
             store = AuthStore(docs)
             if settings.auth == "required":
                 await store.ensure_indexes()
-            authenticator = StoreAuthenticator(store, cache_seconds=settings.auth_cache_seconds)
+            service_token = settings.auth_service_token.get_secret_value() if settings.auth_service_token else None
+            authenticator = StoreAuthenticator(store, cache_seconds=settings.auth_cache_seconds,
+                                               service_token=service_token)
         return cls(mode=settings.auth, authenticator=authenticator,
                    limiter=RateLimiter(rate=settings.auth_rate, burst=settings.auth_burst), store=store,
                    settings=settings)
