@@ -20,6 +20,12 @@ the server from another source tree too (e.g. ``git archive BASE libs services``
 by round interleaved with this one: code from before the label log has no ``GET .../labels``, so
 there only the record's ``counts.human`` is read back (``stored once`` n/a).
 
+Auth is on, as in a deployment: before the server starts, an operator (who uploads and reads) and
+one labeler account per client are created in its document store, each with an API token; every
+request carries its client's token, and the labels are the token's user's (no ``annotator`` sent).
+The per-token rate limit is raised through the settings (``DLFORGE_AUTH_RATE``/``BURST``), so what
+is measured is the cost of the checks, not the limit.
+
 Prints a table and writes ``benchmarks/results/labels.json`` with ``requests_per_second``,
 ``p50_ms``, ``p99_ms``, ``lost``, the CPU name and the load average (a busy shared machine
 slows both the server and the clients, which share its cores).
@@ -32,6 +38,7 @@ import asyncio
 import io
 import json
 import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -92,6 +99,9 @@ class Server:
             "DLFORGE_DOCS": f"sqlite:///{folder}/docs.db",
             "DLFORGE_WORK_DIR": str(folder / "work"),
             "DLFORGE_LABELER_EMBED_SIZE": "64",  # the images are 16 px; embedding is set-up, not measured
+            "DLFORGE_AUTH": "required",
+            "DLFORGE_AUTH_RATE": "1000000",  # 50 people at full speed: the limit is not what is measured
+            "DLFORGE_AUTH_BURST": "1000000",
         }
         self.log = (folder / "server.log").open("wb")
         wrap = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
@@ -130,8 +140,8 @@ class KeepAlive:
     """One HTTP/1.1 keep-alive connection that POSTs JSON: a client light enough not to be what is measured
     (``httpx`` spends several CPU milliseconds per request, as much as the server on this path)."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, token: str) -> None:
+        self.host, self.port, self.token = host, port, token
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -141,6 +151,7 @@ class KeepAlive:
         assert self.reader is not None
         data = json.dumps(body).encode()
         self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                          f"Authorization: Bearer {self.token}\r\n"
                           f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
         head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         status = int(head[0].split(" ", 2)[1])
@@ -169,19 +180,40 @@ async def wait_for(what: str, probe: Any, timeout: float) -> Any:
         await asyncio.sleep(0.05)
 
 
+async def accounts(folder: Path, people: int) -> tuple[str, list[str]]:
+    """An operator's token and one labeler's token per person, made in the server's document store."""
+    from dlforge.common.auth import AuthStore
+    from dlforge.common.docs.sqlite import SqliteDocumentStore
+
+    docs = SqliteDocumentStore(folder / "docs.db")
+    store = AuthStore(docs)
+    await store.ensure_indexes()
+    made: list[str] = []
+    for name, grants in [("bench-operator", {"default": "operator"}),
+                         *((f"person-{k}", {"default": "labeler"}) for k in range(people))]:
+        await store.create_user(name, password=secrets.token_urlsafe(12), grants=grants)
+        token, _ = await store.issue_token(name, kind="api", name="benchmark", grants=None, expires_at=None)
+        made.append(token)
+    await docs.close()
+    return made[0], made[1:]
+
+
 async def one_run(args: argparse.Namespace, seed: int, root: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dlforge-labels-") as tmp:
+        operator, labelers = await accounts(Path(tmp), args.concurrency)
         server = Server(Path(tmp), root=root, profile=args.profile)
         try:
             limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-            async with httpx.AsyncClient(base_url=server.base, limits=limits, timeout=60) as client:
+            async with httpx.AsyncClient(base_url=server.base, limits=limits, timeout=60,
+                                         headers={"Authorization": f"Bearer {operator}"}) as client:
                 await server.ready(client)
-                return await measure(client, args, seed, server)
+                return await measure(client, args, seed, server, labelers)
         finally:
             server.stop()
 
 
-async def measure(client: httpx.AsyncClient, args: argparse.Namespace, seed: int, server: Server) -> dict[str, Any]:
+async def measure(client: httpx.AsyncClient, args: argparse.Namespace, seed: int, server: Server,
+                  labelers: list[str]) -> dict[str, Any]:
     options = {"label_budget": 1.0, "seed_fraction": 1.0, "batch_fraction": 0.05, "seed": seed}
     r = await client.post("/datasets", files={"file": ("cells.zip", images_zip(args.items, seed))},
                           data={"options": json.dumps(options), "name": "labels-benchmark"})
@@ -208,13 +240,12 @@ async def measure(client: httpx.AsyncClient, args: argparse.Namespace, seed: int
     statuses: dict[int, int] = {}
     accepted: dict[str, int] = {}
 
-    connections = [KeepAlive("127.0.0.1", server.port) for _ in range(args.concurrency)]
+    connections = [KeepAlive("127.0.0.1", server.port, labelers[k]) for k in range(args.concurrency)]
 
     async def annotator(k: int) -> None:
         while not work.empty():
             item = work.get_nowait()
-            body = {"dataset_id": dataset_id, "batch_id": queue["batch_id"], "labels": {item: sent[item]},
-                    "annotator": f"person-{k}"}
+            body = {"dataset_id": dataset_id, "batch_id": queue["batch_id"], "labels": {item: sent[item]}}
             started = time.perf_counter()
             status, answer = await connections[k].post_json("/labels", body)
             latencies.append(time.perf_counter() - started)

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import uvicorn
 from conftest import PASSWORD, bearer, cells_zip, create_accounts
+from pydantic import SecretStr
 
 from dlforge.cli.admin import create_token
 from dlforge.cli.main import main as dlforge
@@ -250,3 +251,20 @@ def test_dlforge_up_creates_the_local_admin_once(tmp_path: Path) -> None:
         await docs.close()
 
     asyncio.run(check())
+
+
+def test_the_console_accepts_the_shared_service_token(auth_settings: CommonSettings) -> None:
+    """The deployments give every service one secret (DLFORGE_AUTH_SERVICE_TOKEN): the console service takes it
+    as the service principal, which may introspect and nothing else."""
+    from fastapi.testclient import TestClient
+
+    shared = "a-shared-secret-of-the-deployment-0123456789"
+    tokens = asyncio.run(create_accounts(auth_settings, {"lars": {"default": "labeler"}}))
+    app = console_app(auth_settings.model_copy(update={"auth_service_token": SecretStr(shared)}))
+    with TestClient(app) as client:
+        me = client.get("/auth/me", headers=bearer(shared))
+        assert me.status_code == 200 and me.json()["kind"] == "service" and me.json()["projects"] == {}
+        looked = client.post("/auth/introspect", headers=bearer(shared), json={"token": tokens["lars"]})
+        assert looked.status_code == 200 and looked.json()["principal"]["projects"] == {"default": "labeler"}
+        assert client.post("/auth/introspect", headers=bearer(shared + "x"), json={"token": "x"}).status_code == 401
+        assert client.get("/auth/users", headers=bearer(shared)).status_code == 403

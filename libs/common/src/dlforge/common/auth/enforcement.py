@@ -2,7 +2,8 @@
 
 Two steps per request:
 
-1. :class:`AuthMiddleware` (before routing) lets the open paths through (``OPEN_PATHS``), answers
+1. :class:`AuthMiddleware` (before routing) lets the open paths through (``OPEN_PATHS``, and the
+   concrete paths of routes declared ``role("public")``), answers
    401 (with ``WWW-Authenticate: Bearer``) to a request without a valid, unexpired bearer token
    and 429 (with ``Retry-After``) to a token over its rate, puts the principal in
    ``request.state.principal``, and writes an audit entry for every write request (any method but
@@ -174,6 +175,18 @@ class AuthMiddleware:
     def __init__(self, app: ASGIApp, api: Any) -> None:
         self.app = app
         self.api = api
+        self._public: frozenset[tuple[str, str]] | None = None
+
+    def public(self, method: str, path: str) -> bool:
+        """Whether ``method path`` is open: an open path, or a concrete path whose route declares ``role("public")``
+        (read from the app's OpenAPI document once)."""
+        if is_open(path):
+            return True
+        if self._public is None:
+            paths: dict[str, Any] = self.api.openapi().get("paths", {})
+            self._public = frozenset((m.upper(), p) for p, item in paths.items() if "{" not in p
+                                     for m, op in item.items() if isinstance(op, dict) and op.get(ROLE_KEY) == PUBLIC)
+        return (method, path) in self._public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -186,7 +199,7 @@ class AuthMiddleware:
             state["principal"] = Principal.anonymous()
             await self.app(scope, receive, send)
             return
-        if is_open(path):
+        if self.public(scope["method"], path):
             await self.app(scope, receive, send)
             return
         if runtime is None:
