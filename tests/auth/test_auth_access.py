@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORD, ROLE_USERS, bearer, cells_zip, docs_path, seed_accounts
+from auth_testkit import PASSWORD, ROLE_USERS, bearer, cells_zip, docs_path, seed_accounts
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 

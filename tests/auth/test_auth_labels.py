@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import StubEmbedder, bearer, create_accounts, flat_zip
+from auth_testkit import StubEmbedder, bearer, create_accounts, flat_zip
 
 from dlforge.common.auth.store import AuthStore
 from dlforge.common.docs.sqlite import SqliteDocumentStore

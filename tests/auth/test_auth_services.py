@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from conftest import PASSWORD, bearer, cells_zip, create_accounts
+from auth_testkit import PASSWORD, bearer, cells_zip, create_accounts
 from pydantic import SecretStr
 
 from dlforge.cli.admin import create_token

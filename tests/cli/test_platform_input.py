@@ -37,8 +37,11 @@ REQUESTS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/proposer/proposals/{dataset_id}/rerank"): {"json": {"weights": {}}},
     ("POST", "/optimizer/models/{dataset_id}/predict"): {"files": {"file": ("a.png", _png(), "image/png")}},
     ("PUT", "/tuner/runs/{run_id}/tuning"): {"json": {}},
+    ("PUT", "/auth/users/{name}/grants/{project}"): {"json": {"role": "viewer"}},
 }
-ELSEWHERE: set[tuple[str, str]] = set()  # routes whose unknown-id rule another test owns
+# routes whose unknown-id rule another test owns: recording a resource's project creates it
+# (tests/auth/test_auth_services.py)
+ELSEWHERE: set[tuple[str, str]] = {("PUT", "/auth/resources/{kind}/{resource_id}")}
 
 
 @pytest.fixture
@@ -88,8 +91,10 @@ def test_every_route_with_an_id_answers_404_for_unknown_ids_and_writes_nothing(
         if (method, path) in ELSEWHERE:
             continue
         url = path
-        for name in ("dataset_id", "item_id", "model_id", "name", "job_id", "run_id"):
+        for name in ("dataset_id", "item_id", "model_id", "name", "job_id", "run_id", "token_id", "resource_id",
+                     "project", "path"):
             url = url.replace("{" + name + "}", UNKNOWN)
+        url = url.replace("{kind}", "run")
         assert "{" not in url, f"{method} {path}: a path parameter this test does not know"
         r = client.request(method, url, **REQUESTS.get((method, path), {}))
         assert r.status_code == 404, f"{method} {url}: {r.status_code} {r.text}"

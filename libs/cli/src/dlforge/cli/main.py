@@ -420,15 +420,17 @@ async def _run_token(settings: CommonSettings) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from dlforge.cli.platform import combined_app
-    from dlforge.common.app import serve
+    from dlforge.common.app import part_settings, serve
 
     settings: CommonSettings = load_settings()
+    app = combined_app(settings=settings, simulated_annotator=args.simulated_annotator)
+    part_settings(app.state.parts, settings)  # every bad variable stops here, before the store is opened
     if settings.auth == "required" and not settings.auth_url:
         password = asyncio.run(ensure_local_admin(settings))
         if password is not None:
             host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::") else settings.http_host
             print(sign_in_text(url=f"http://{host}:{settings.http_port}/console/", password=password), flush=True)
-    serve(combined_app(settings=settings, simulated_annotator=args.simulated_annotator), settings)
+    serve(app, settings)
     return 0
 
 

@@ -59,8 +59,10 @@ RESOURCE_PARAMS = (("run_id", "run"), ("dataset_id", "dataset"))
 
 
 def role(needed: str, *, resource: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """``openapi_extra=`` of a route that needs ``needed`` (a role, ``public`` or ``service``) instead of the
-    default; ``resource`` ``{"param", "kind", "strip"}`` names a path parameter that identifies a run or dataset."""
+    """``openapi_extra=`` of a route that needs ``needed`` instead of the default: a role (``viewer`` ...
+    ``admin``, in the project of the run or dataset the path names, else in some project), ``signed-in``
+    (any valid token), ``service`` (a service's token, or an admin of every project) or ``public`` (no token);
+    ``resource`` ``{"param", "kind", "strip"}`` names a path parameter that identifies a run or dataset."""
     if needed not in (*ROLES, PUBLIC, SERVICE, SIGNED_IN):
         raise ValueError(f"unknown role {needed!r}")
     extra: dict[str, Any] = {ROLE_KEY: needed}
