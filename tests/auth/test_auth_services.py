@@ -268,3 +268,25 @@ def test_the_console_accepts_the_shared_service_token(auth_settings: CommonSetti
         assert looked.status_code == 200 and looked.json()["principal"]["projects"] == {"default": "labeler"}
         assert client.post("/auth/introspect", headers=bearer(shared + "x"), json={"token": "x"}).status_code == 401
         assert client.get("/auth/users", headers=bearer(shared)).status_code == 403
+
+
+def test_the_sdk_sends_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlforge.sdk.transports import HttpTransport
+
+    seen: list[str | None] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("Authorization"))
+        if request.headers.get("Authorization") != "Bearer dlf_given":
+            return httpx.Response(401, json={"detail": "the bearer token is unknown, revoked or expired"})
+        return httpx.Response(202, json={"job_id": "j1"})
+
+    transport = httpx.MockTransport(answer)
+    assert HttpTransport(client=httpx.Client(transport=transport, base_url="http://t"), token="dlf_given") \
+        .submit({}) == "j1"
+    monkeypatch.setenv("DLFORGE_TOKEN", "dlf_given")
+    assert HttpTransport(client=httpx.Client(transport=transport, base_url="http://t")).submit({}) == "j1"
+    monkeypatch.setenv("DLFORGE_TOKEN", "dlf_wrong")
+    with pytest.raises(PermissionError, match="DLFORGE_TOKEN"):
+        HttpTransport(client=httpx.Client(transport=transport, base_url="http://t")).submit({})
+    assert seen == ["Bearer dlf_given", "Bearer dlf_given", "Bearer dlf_wrong"]

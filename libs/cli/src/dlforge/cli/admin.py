@@ -4,11 +4,19 @@
 from __future__ import annotations
 
 import getpass
+import re
 import secrets
 import sys
 from typing import Any
 
-from dlforge.common.auth.model import ALL_PROJECTS, DEFAULT_PROJECT, check_grants
+from dlforge.common.auth.model import (
+    ALL_PROJECTS,
+    DEFAULT_PROJECT,
+    TOKEN_NAME_PATTERN,
+    Principal,
+    at_least,
+    check_grants,
+)
 from dlforge.common.auth.store import AuthStore, expiry
 from dlforge.common.backends import open_docs
 from dlforge.common.docs import DocumentStore
@@ -61,6 +69,9 @@ async def create_token(settings: CommonSettings, user: str, *, project: str | No
     """A token of ``user`` (for ``project``/``role``, else the user's roles); a service token creates the
     service account ``user`` if it does not exist."""
 
+    if not re.match(TOKEN_NAME_PATTERN, name):
+        raise ConfigError(f"--name {name[:70]!r}: 1-64 letters, digits, spaces, '.', '_', ':', '@' or '-'")
+
     async def issue(store: AuthStore) -> tuple[str, dict[str, Any]]:
         if service:
             if await store.user(user) is None:
@@ -74,8 +85,6 @@ async def create_token(settings: CommonSettings, user: str, *, project: str | No
         if project is not None:
             grants = check_grants({project: role or "viewer"})
             held = found.get("grants", {})
-            from dlforge.common.auth.model import Principal, at_least
-
             if not at_least(Principal(name=user, token_id=None, grants=held).role_in(project), grants[project]):
                 raise ConfigError(f"{user} is not {grants[project]} in project {project!r} (holds {held}); a token "
                                   "cannot have more than its user")

@@ -69,7 +69,7 @@ def _platform_admin(principal: Principal) -> None:
 class Login(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    username: str = Field(min_length=1, max_length=64)
+    username: UserName
     password: str = Field(min_length=1, max_length=1024)
 
 
