@@ -296,3 +296,31 @@ def test_the_audit_log_records_writes(auth_settings: CommonSettings) -> None:
     assert first["detail"] == {"project": "default", "dataset_id": "ds-a", "run_id": "run-a"}
     assert first["token_id"] and first["method"] == "POST"
     assert entries[0]["path_params"] == {"run_id": "run-a"}
+
+
+def test_studies_and_training_jobs_are_listed_by_project(auth_settings: CommonSettings) -> None:
+    tokens = seed_accounts(auth_settings, {"pia": {"p": "viewer"}, "otto": {"p": "operator", "q": "operator"}})
+    with TestClient(combined(auth_settings)) as client:
+        for project in ("p", "q"):
+            made = upload(client, tokens["otto"], project=project, dataset_id=f"ds-{project}", run_id=f"run-{project}")
+            assert made.status_code == 201, made.text
+        db = sqlite3.connect(docs_path(auth_settings))  # the tuner's and trainer's records of the two runs
+        created = {"p": "2026-01-02", "q": "2026-01-03"}
+        for project in ("p", "q"):
+            db.execute("CREATE TABLE IF NOT EXISTS c_tuner_studies (id TEXT PRIMARY KEY, version INTEGER, body TEXT)")
+            db.execute("CREATE TABLE IF NOT EXISTS c_trainer_jobs (id TEXT PRIMARY KEY, version INTEGER, body TEXT)")
+            db.execute("INSERT INTO c_tuner_studies VALUES (?, 1, ?)",
+                       (f"dlforge-run-{project}", f'{{"run_id": "run-{project}", "state": "running", '
+                                                  f'"created_at": "{created[project]}"}}'))
+            db.execute("INSERT INTO c_trainer_jobs VALUES (?, 1, ?)",
+                       (f"job-{project}", f'{{"run_id": "run-{project}", "kind": "trial", "state": "running", '
+                                          f'"created_at": "{created[project]}"}}'))
+        db.execute("INSERT INTO c_trainer_jobs VALUES ('job-api', 1, '{\"run_id\": null, \"kind\": \"api\", "
+                   "\"state\": \"queued\", \"created_at\": \"2026-01-05\"}')")
+        db.commit()
+        pia, otto = bearer(tokens["pia"]), bearer(tokens["otto"])
+        assert [s["_id"] for s in client.get("/tuner/studies", headers=pia).json()] == ["dlforge-run-p"]
+        assert [s["_id"] for s in client.get("/tuner/studies", headers=otto).json()] == ["dlforge-run-q",
+                                                                                         "dlforge-run-p"]
+        assert [j["_id"] for j in client.get("/trainer/jobs", headers=pia).json()] == ["job-api", "job-p"]
+        assert client.get("/tuner/studies/dlforge-run-q", headers=pia).status_code == 404

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dlforge.common.app import ServicePart, backends_of, deps_of
 from dlforge.common.app import create_app as create_common_app
+from dlforge.common.auth import visible_ids
 from dlforge.common.errors import InvalidInput, NotFound
 from dlforge.common.events import MAX_CLASSES, UniqueClasses
 from dlforge.common.http_errors import error_responses
@@ -155,14 +156,19 @@ async def get_job(job_id: str, backends: Backends = Depends(backends_of)) -> dic
 
 @router.get("/jobs")
 async def list_jobs(
+    request: Request,
     kind: str | None = Query(default=None, pattern="^(trial|final|api)$"),
     state: str | None = Query(default=None, pattern="^(queued|running|completed|stopped|pruned|diverged|failed)$"),
     limit: int = Query(default=100, ge=1, le=1000),
     backends: Backends = Depends(backends_of),
 ) -> list[dict[str, Any]]:
+    """Training jobs, newest first: a run's jobs only for callers who may see its project; jobs started through
+    ``POST /jobs`` belong to no run and are listed for every caller."""
     jobs = await JobRecords(backends.docs).find(kind=kind, state=state, limit=limit)
+    runs = await visible_ids(request, "run", (str(j["run_id"]) for j in jobs if j.get("run_id")))
     return [{k: job.get(k) for k in ("_id", "kind", "name", "run_id", "state", "created_at", "finished_at",
-                                     "epochs_done", "metrics", "error")} for job in jobs]
+                                     "epochs_done", "metrics", "error")} for job in jobs
+            if not job.get("run_id") or str(job["run_id"]) in runs]
 
 
 def part() -> ServicePart[TrainerSettings, TrainerDeps]:

@@ -13,12 +13,12 @@ import asyncio
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from pydantic import ValidationError
 
 from dlforge.common.app import ServicePart, backends_of, deps_of
 from dlforge.common.app import create_app as create_common_app
-from dlforge.common.auth import resource
+from dlforge.common.auth import resource, visible_ids
 from dlforge.common.errors import Conflict, InvalidInput, NotFound
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
@@ -46,13 +46,16 @@ _SUMMARY = ("_id", "run_id", "state", "stop_requested", "n_trials", "best_value"
 
 @router.get("/studies")
 async def list_studies(
+    request: Request,
     state: str | None = Query(default=None, pattern="^(running|completed|failed)$"),
     limit: int = Query(default=100, ge=1, le=1000),
     backends: Backends = Depends(backends_of),
 ) -> list[dict[str, Any]]:
+    """The studies of the runs of the caller's projects, newest first."""
     docs = await backends.docs.find(STUDIES, {"state": state} if state else None, sort=[("created_at", -1)],
                                     limit=limit)
-    return [{k: d.get(k) for k in _SUMMARY} for d in docs]
+    runs = await visible_ids(request, "run", (str(d.get("run_id")) for d in docs))
+    return [{k: d.get(k) for k in _SUMMARY} for d in docs if str(d.get("run_id")) in runs]
 
 
 # a run's study is named after it (study_name_for): its project is the run's

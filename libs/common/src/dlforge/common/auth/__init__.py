@@ -21,6 +21,7 @@ from dlforge.common.auth.enforcement import (
     register_resource,
     resource,
     role,
+    visible_ids,
     visible_projects,
 )
 from dlforge.common.auth.model import (
@@ -53,5 +54,6 @@ __all__ = [
     "register_resource",
     "resource",
     "role",
+    "visible_ids",
     "visible_projects",
 ]

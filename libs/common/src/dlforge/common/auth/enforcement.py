@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -133,6 +133,18 @@ def principal_of(request: Request) -> Principal:
 def visible_projects(request: Request, needed: str = "viewer") -> set[str] | None:
     """The projects whose runs and datasets the request's principal may list; None: every project."""
     return principal_of(request).projects(needed)
+
+
+async def visible_ids(request: Request, kind: str, ids: Iterable[str], needed: str = "viewer") -> set[str]:
+    """Those of ``ids`` (runs or datasets) in a project where the principal holds ``needed`` (all while auth is
+    off or for a principal of every project; an id whose project is not known is left out)."""
+    principal = principal_of(request)
+    projects = principal.projects(needed)
+    wanted = set(ids)
+    if projects is None:
+        return wanted
+    authenticator = runtime_of(request).authenticator
+    return {i for i in wanted if await authenticator.project_of(kind, i) in projects}
 
 
 async def register_resource(request: Request, kind: str, resource_id: str, project: str) -> None:
