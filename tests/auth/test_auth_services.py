@@ -290,3 +290,19 @@ def test_the_sdk_sends_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(PermissionError, match="DLFORGE_TOKEN"):
         HttpTransport(client=httpx.Client(transport=transport, base_url="http://t")).submit({})
     assert seen == ["Bearer dlf_given", "Bearer dlf_given", "Bearer dlf_wrong"]
+
+
+async def test_audit_entries_answered_together_are_written_together(tmp_path: Path) -> None:
+    from dlforge.common.auth.enforcement import AuditWriter
+
+    docs = SqliteDocumentStore(tmp_path / "docs.db")
+    store = AuthStore(docs)
+    writer = AuditWriter(store)
+    await asyncio.gather(*(writer.write({"who": f"u{i}", "route": "POST /labels", "status": 202}) for i in range(20)))
+    await writer.write({"who": "last", "route": "POST /labels", "status": 202})
+    rows = await docs.find("auth_audit")
+    assert len(rows) == 2 and sorted(len(r["entries"]) for r in rows) == [1, 20]  # one write per group
+    newest_first = [e["who"] for e in await store.audit_entries(limit=100)]
+    assert newest_first == ["last", *(f"u{i}" for i in reversed(range(20)))]
+    assert [e["who"] for e in await store.audit_entries(user="u3")] == ["u3"]
+    await docs.close()

@@ -25,6 +25,7 @@ and nothing is checked, limited or audited.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -80,6 +81,39 @@ def is_open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
+class AuditWriter:
+    """Group commit of audit entries: the entries of the requests answered at one moment are written as one
+    document, before any of those responses starts (a write request answered has its entry stored)."""
+
+    def __init__(self, store: AuthStore) -> None:
+        self.store = store
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def write(self, entry: dict[str, Any]) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((entry, done))
+        if self._flushing is None:
+            self._flushing = asyncio.create_task(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                await asyncio.sleep(0)  # the requests answered in this turn of the loop join the group
+                group, self._pending = self._pending, []
+                try:
+                    await self.store.audit([entry for entry, _ in group])
+                except Exception as exc:  # every waiting request learns it
+                    for _, done in group:
+                        done.set_exception(exc)
+                    continue
+                for _, done in group:
+                    done.set_result(None)
+        finally:
+            self._flushing = None
+
+
 @dataclass
 class AuthRuntime:
     """What enforcement needs in a process, built once at start from the settings."""
@@ -89,6 +123,7 @@ class AuthRuntime:
     limiter: RateLimiter
     store: AuthStore | None
     settings: CommonSettings
+    audit: AuditWriter | None = None
 
     @classmethod
     async def start(cls, settings: CommonSettings, docs: Any) -> AuthRuntime:
@@ -108,7 +143,7 @@ class AuthRuntime:
                                                service_token=service_token)
         return cls(mode=settings.auth, authenticator=authenticator,
                    limiter=RateLimiter(rate=settings.auth_rate, burst=settings.auth_burst), store=store,
-                   settings=settings)
+                   settings=settings, audit=AuditWriter(store) if store is not None else None)
 
     async def stop(self) -> None:
         if isinstance(self.authenticator, IntrospectingAuthenticator):
@@ -266,8 +301,8 @@ async def write_audit(runtime: AuthRuntime, scope: Scope, principal: Principal, 
              "path": scope["path"], "path_params": dict(scope.get("path_params") or {}), "status": status,
              "at": iso(now()), "detail": state.get("audit_detail")}
     try:
-        if runtime.store is not None:
-            await runtime.store.audit(entry)
+        if runtime.audit is not None:
+            await runtime.audit.write(entry)
         else:
             log.info("audit %s", entry)  # a service without the store: its log is the record
     except Exception:

@@ -9,7 +9,9 @@ Collections (owned by the auth part alone):
   revoked_at}``. The token itself is never stored: it is shown once when issued. A token is a
   random 256-bit secret, so one SHA-256 suffices (a slow password hash would cost every request).
 - ``auth_audit``: one entry per write request and per label submission: who, which token,
-  method, route, path parameters, status, when, and what the handler added (``detail``).
+  method, route, path parameters, status, when, and what the handler added (``detail``). The
+  entries of requests answered at the same moment share one document (``entries``, written in one
+  go: a group commit), whose id sorts by time.
 - ``auth_resources``: ``{_id: "<kind>:<id>", kind, id, project}`` for runs and datasets.
 
 Read-modify-write (grants, revocation) goes through the store's versions (optimistic concurrency).
@@ -22,7 +24,7 @@ import hashlib
 import secrets
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -205,14 +207,22 @@ class AuthStore:
 
     # -- audit ---------------------------------------------------------------------------------
 
-    async def audit(self, entry: Mapping[str, Any]) -> None:
-        """Append an audit entry (ids sort by time)."""
-        await self.docs.insert(AUDIT, {"_id": f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}", **entry})
+    async def audit(self, entries: Sequence[Mapping[str, Any]]) -> None:
+        """Append audit entries, in order, as one document (its id sorts by time)."""
+        await self.docs.insert(AUDIT, {"_id": f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}",
+                                       "entries": [dict(e) for e in entries]})
 
     async def audit_entries(self, *, user: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        where = {"who": user} if user is not None else None
-        docs = await self.docs.find(AUDIT, where, sort=[("_id", -1)], limit=limit)
-        return [{k: v for k, v in d.items() if k != "_version"} | {"entry_id": d["_id"]} for d in docs]
+        """The latest entries, newest first (of ``user`` only: among the latest 10,000 documents)."""
+        docs = await self.docs.find(AUDIT, sort=[("_id", -1)], limit=limit if user is None else 10_000)
+        out: list[dict[str, Any]] = []
+        for doc in docs:
+            for i, entry in reversed(list(enumerate(doc.get("entries", [])))):
+                if user is None or entry.get("who") == user:
+                    out.append({**entry, "entry_id": f"{doc['_id']}.{i}"})
+                    if len(out) >= limit:
+                        return out
+        return out
 
     # -- resources -----------------------------------------------------------------------------
 
