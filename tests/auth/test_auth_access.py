@@ -269,6 +269,12 @@ def test_project_isolation(auth_settings: CommonSettings) -> None:
         assert client.post("/runs/run-q/cancel", headers=vic).status_code == 403
         # ids taken in q cannot be reused from p
         assert upload(client, tokens["pia"], project="p", run_id="run-q").status_code == 409
+        # a refused upload records no project for its ids: they stay free
+        bad = client.post("/labeler/datasets", headers=pia, data={"project": "p", "dataset_id": "ds-x"},
+                          files={"file": ("x.zip", b"not a zip", "application/zip")})
+        assert bad.status_code == 415, bad.text
+        resources = {r for (r,) in sqlite3.connect(docs_path(auth_settings)).execute("SELECT id FROM c_auth_resources")}
+        assert resources == {"run:run-q", "dataset:ds-q", "run:run-p", "dataset:ds-p"}
         # lists show only the caller's projects
         listed = {d["dataset_id"]: d["project"] for d in client.get("/labeler/datasets", headers=pia).json()}
         assert listed == {"ds-p": "p"}

@@ -41,7 +41,7 @@ from dlforge.common.auth.authenticator import Authenticator, IntrospectingAuthen
 from dlforge.common.auth.model import ROLES, Principal, at_least
 from dlforge.common.auth.ratelimit import RateLimiter
 from dlforge.common.auth.store import AuthStore, iso, now
-from dlforge.common.errors import ConfigError, Forbidden, NotFound, RetryableError
+from dlforge.common.errors import ConfigError, Forbidden, InvalidInput, NotFound, RetryableError
 from dlforge.common.http_errors import STATUS_MEANINGS, error_body
 from dlforge.common.settings import CommonSettings, load_settings
 
@@ -182,15 +182,29 @@ async def visible_ids(request: Request, kind: str, ids: Iterable[str], needed: s
     return {i for i in wanted if await authenticator.project_of(kind, i) in projects}
 
 
+async def check_resource(request: Request, kind: str, resource_id: str, project: str) -> None:
+    """Before creating run or dataset ``resource_id`` in ``project``: InvalidInput (409) if that id is
+    another project's (no-op while auth is off). Writes nothing."""
+    runtime = runtime_of(request)
+    if runtime.mode != "off":
+        held = await runtime.authenticator.project_of(kind, resource_id)
+        if held is not None and held != project:
+            raise InvalidInput(f"{kind} {resource_id!r} exists in another project", status_code=409)
+
+
 async def register_resource(request: Request, kind: str, resource_id: str, project: str) -> None:
-    """Record the project of a run or dataset created by this request (no-op while auth is off).
+    """Record the project of a run or dataset this request created (no-op while auth is off).
 
     The auth part also records it from ``dataset.uploaded``; doing it before answering closes the
-    moment in which a new id would not be known yet. InvalidInput (409) if the id is another project's.
+    moment in which a new id would not be known yet. An id another project took meanwhile stays
+    that project's (logged).
     """
     runtime = runtime_of(request)
     if runtime.mode != "off":
-        await runtime.authenticator.register(kind, resource_id, project)
+        try:
+            await runtime.authenticator.register(kind, resource_id, project)
+        except InvalidInput:
+            log.warning("%s %s was registered to another project meanwhile; it stays there", kind, resource_id)
 
 
 def audit(request: Request, **detail: Any) -> None:
