@@ -77,6 +77,8 @@ async def test_a_service_verifies_tokens_through_the_console_service(
             httpx.AsyncClient(base_url=console) as accounts:
         assert (await labeler.get("/datasets", headers=bearer(tokens["lars"]))).status_code == 200
         assert (await labeler.get("/datasets", headers=bearer("dlf_forged"))).status_code == 401
+        # an id no run or dataset can have is unknown at the console too: the labeler's own 404
+        assert (await labeler.get("/datasets/no%20such%20id", headers=bearer(tokens["lars"]))).status_code == 404
         assert (await labeler.get("/datasets")).status_code == 401
         refused = await labeler.post("/datasets", headers=bearer(tokens["lars"]),
                                      files={"file": ("c.zip", cells_zip())})

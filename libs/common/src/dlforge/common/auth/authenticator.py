@@ -19,6 +19,7 @@ import hmac
 import time
 from collections import OrderedDict
 from typing import Protocol
+from urllib.parse import quote
 
 import httpx
 
@@ -147,15 +148,17 @@ class IntrospectingAuthenticator:
         key = f"{kind}:{resource_id}"
         if key in self._cache.projects:
             return self._cache.projects[key]
-        response = await self._call("GET", f"/auth/resources/{kind}/{resource_id}")
-        if response.status_code == 404:
+        response = await self._call("GET", f"/auth/resources/{kind}/{quote(resource_id, safe='')}")
+        if response.status_code in (404, 422):  # unknown, or not even a valid id: no run or dataset has it
             return None
+        response.raise_for_status()
         project = str(response.json()["project"])
         self._cache.keep_project(key, project)
         return project
 
     async def register(self, kind: str, resource_id: str, project: str) -> None:
-        response = await self._call("PUT", f"/auth/resources/{kind}/{resource_id}", {"project": project})
+        response = await self._call("PUT", f"/auth/resources/{kind}/{quote(resource_id, safe='')}",
+                                    {"project": project})
         if response.status_code == 409:
             raise InvalidInput(f"{kind} {resource_id!r} exists in another project", status_code=409)
         response.raise_for_status()
