@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from dlforge.common.events import (
     DatasetLabeled,
     DatasetUploaded,
     Event,
+    LabelingRound,
     LabelsRequested,
     LabelsSubmitted,
     PipelineOptions,
@@ -375,7 +377,9 @@ async def _advance(
     labeled_event = DatasetLabeled(
         dataset_id=dataset_id, labels_key=key, classes=labeled.classes, counts=handlers.class_counts(labeled),
         human_labels=int(view.human.sum()), auto_labels=n_auto, needs_review=n_review, rounds=len(rounds), spec=spec,
-        options=options,
+        options=options, rounds_figures=_round_figures(rounds),
+        auto_label_coverage=_fraction(decision.summary.get("auto_label_coverage")),
+        auto_label_error_bound=_fraction(decision.summary.get("auto_label_error_bound")),
     )
     record = await records.change(ctx.docs, record, state="labeled", rounds=rounds, counts=counts,
                                   current_batch=None, labels_key=key, result=summary,
@@ -383,3 +387,23 @@ async def _advance(
                                   advanced_by=event.event_id)
     await labels.close(ctx.docs, record, reason="labeled")
     return event.follow(labeled_event)
+
+
+def _fraction(value: object) -> float | None:
+    """A figure in [0, 1], or None when there is none (or it is not finite)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return min(1.0, max(0.0, float(value)))
+
+
+def _round_figures(rounds: list[dict[str, Any]]) -> list[LabelingRound]:
+    """The answered rounds' human labels and classifier accuracies, as ``dataset.labeled`` carries them."""
+    out = []
+    for r in rounds:
+        if r.get("human_labels") is None:
+            continue  # asked, never answered (the stop came first)
+        clf = r.get("classifier") or {}
+        out.append(LabelingRound(round=int(r["round"]), human_labels=int(r["human_labels"]),
+                                 heldout_accuracy=_fraction(clf.get("heldout_accuracy")),
+                                 cv_accuracy=_fraction(clf.get("cv_accuracy"))))
+    return out
