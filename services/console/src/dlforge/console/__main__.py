@@ -2,11 +2,11 @@
 
 from dlforge.common.app import serve
 from dlforge.common.settings import load_settings
-from dlforge.console.app import create_app
+from dlforge.console.app import ConsoleSettings, create_app
 
 
 def main() -> None:
-    settings = load_settings()
+    settings = load_settings(ConsoleSettings)
     serve(create_app(settings), settings)
 
 
