@@ -161,6 +161,8 @@ async def _start_labeling(event: Event, ctx: HandlerContext[LabelerDeps]) -> Han
         if record.get("state") == "labeling" and record.get("current_batch"):
             await labels.sync_batch(ctx.docs, record)
         return _resume(event, record)
+    if record.get("state") == "failed" and record.get("current_batch"):
+        return await _resume_after_failure(event, ctx, record)
     record = await records.change(ctx.docs, record, state="embedding")
     manifest = await asyncio.to_thread(load_manifest, ctx.objects, payload.manifest_key)
     vectors, key = await asyncio.to_thread(ensure_embeddings, ctx.objects, manifest, ctx.deps)
@@ -187,6 +189,26 @@ async def _start_labeling(event: Event, ctx: HandlerContext[LabelerDeps]) -> Han
     request = _request(event, payload.dataset_id, 1, batch, ids)
     await _open_batch(ctx, record, request)
     return request
+
+
+async def _resume_after_failure(event: Event, ctx: HandlerContext[LabelerDeps], record: dict[str, Any]
+                                ) -> HandlerResult:
+    """``dataset.uploaded`` again (``POST /runs/{id}/retry``) for a dataset that failed while labeling: go on from
+    its open batch with every label people gave, instead of planning the labeling again.
+
+    The inbox opens for the batch again; if people answered all of it (the failure came in the round
+    after), that round runs now; otherwise the batch is asked again.
+    """
+    record = await records.change(ctx.docs, record, state="labeling", error=None)
+    inbox = await labels.sync_batch(ctx.docs, record)
+    inbox = (await labels.fold(ctx.docs, inbox)).inbox
+    if inbox.get("waiting_count"):
+        return _resume(event, record)
+    record = await labels.sync_record(ctx.docs, record, inbox)
+    batch = record["current_batch"]
+    manifest = await asyncio.to_thread(load_manifest, ctx.objects, record["manifest_key"])
+    vectors, _ = await asyncio.to_thread(ensure_embeddings, ctx.objects, manifest, ctx.deps)
+    return await _advance(event, ctx, record, manifest, vectors, rnd=int(batch["round"]) + 1)
 
 
 async def _open_batch(ctx: HandlerContext[LabelerDeps], record: dict[str, Any], request: Event, *,
