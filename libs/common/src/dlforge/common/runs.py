@@ -310,7 +310,7 @@ async def _run_doc(backends: Backends, run_id: str) -> dict[str, Any]:
     200: {"description": "`text/event-stream`: `event: run` (the run document as `GET /runs/{run_id}` serves it) at "
                          "once and on each change, `event: end` once the run is succeeded, failed or cancelled",
           "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-    **error_responses(404)}, response_class=Response)
+    **error_responses(404)})
 async def stream_run(run_id: str, request: Request, backends: Backends = Depends(backends_of)) -> Response:
     """The run document live: sent at once and again whenever it changes (its ``_version``), then ``end``.
 
@@ -355,7 +355,7 @@ async def get_report(run_id: str, backends: Backends = Depends(backends_of)) -> 
     return await _report(backends, run_id)
 
 
-@router.get("/runs/{run_id}/report.html", response_class=HTMLResponse, responses={
+@router.get("/runs/{run_id}/report.html", responses={
     200: {"description": "the report as one HTML page", "content": {"text/html": {"schema": {"type": "string"}}}},
     **error_responses(404, 409)})
 async def get_report_html(run_id: str, backends: Backends = Depends(backends_of)) -> HTMLResponse:
@@ -368,7 +368,7 @@ async def get_report_html(run_id: str, backends: Backends = Depends(backends_of)
                                                                   "style-src 'unsafe-inline'"})
 
 
-@router.get("/runs/{run_id}/model", response_class=Response, responses={
+@router.get("/runs/{run_id}/model", responses={
     200: {"description": "a zip: the chosen variant's model file, `model.json` (how to feed it and read it), "
                          "`report.json` (the run's report) and `optimizer_report.json`",
           "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}}},
