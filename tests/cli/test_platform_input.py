@@ -37,6 +37,8 @@ REQUESTS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/proposer/proposals/{dataset_id}/rerank"): {"json": {"weights": {}}},
     ("POST", "/optimizer/models/{dataset_id}/predict"): {"files": {"file": ("a.png", _png(), "image/png")}},
     ("PUT", "/tuner/runs/{run_id}/tuning"): {"json": {}},
+    ("POST", "/labeler/datasets/{dataset_id}/rerun"): {"json": {}},
+    ("POST", "/runs/{run_id}/rerun"): {"json": {}},
 }
 ELSEWHERE: set[tuple[str, str]] = set()  # routes whose unknown-id rule another test owns
 
@@ -88,7 +90,7 @@ def test_every_route_with_an_id_answers_404_for_unknown_ids_and_writes_nothing(
         if (method, path) in ELSEWHERE:
             continue
         url = path
-        for name in ("dataset_id", "item_id", "model_id", "name", "job_id", "run_id"):
+        for name in ("dataset_id", "item_id", "model_id", "name", "job_id", "run_id", "path"):
             url = url.replace("{" + name + "}", UNKNOWN)
         assert "{" not in url, f"{method} {path}: a path parameter this test does not know"
         r = client.request(method, url, **REQUESTS.get((method, path), {}))
