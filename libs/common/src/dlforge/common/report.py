@@ -97,7 +97,8 @@ def build_report(run: Mapping[str, Any]) -> dict[str, Any]:
     if uploaded:
         report["dataset"] = {
             "dataset_id": uploaded.dataset_id, "name": uploaded.name, "items": uploaded.item_count,
-            "classes": uploaded.classes, "given_labels": uploaded.labeled_count, "rejected": uploaded.rejected_count,
+            # an upload without labels names only the spec's positive class; labeling found the others
+            "classes": labeled.classes if labeled else uploaded.classes, "given_labels": uploaded.labeled_count, "rejected": uploaded.rejected_count,
             "duplicates": uploaded.duplicate_count,
         }
     if labeled and uploaded:
