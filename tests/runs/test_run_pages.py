@@ -151,7 +151,7 @@ async def test_report_html_and_model_download(served: tuple[Backends, str]) -> N
             report=report, spec_met=False, spec=SPEC)))
         await _until(client, "/runs/r3", lambda d: d["state"] == "succeeded")
         body = (await client.get("/runs/r3/report")).json()
-        assert list(body)[0] == "verdict" and body["verdict"]["met"] is False
+        assert next(iter(body)) == "verdict" and body["verdict"]["met"] is False
         assert body["run_id"] == "r3" and body["dataset"]["dataset_id"] == "ds-r3"
         page = await client.get("/runs/r3/report.html")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

@@ -98,7 +98,8 @@ def build_report(run: Mapping[str, Any]) -> dict[str, Any]:
         report["dataset"] = {
             "dataset_id": uploaded.dataset_id, "name": uploaded.name, "items": uploaded.item_count,
             # an upload without labels names only the spec's positive class; labeling found the others
-            "classes": labeled.classes if labeled else uploaded.classes, "given_labels": uploaded.labeled_count, "rejected": uploaded.rejected_count,
+            "classes": labeled.classes if labeled else uploaded.classes, "given_labels": uploaded.labeled_count,
+            "rejected": uploaded.rejected_count,
             "duplicates": uploaded.duplicate_count,
         }
     if labeled and uploaded:
