@@ -166,3 +166,24 @@ async def test_report_html_and_model_download(served: tuple[Backends, str]) -> N
             assert about["threshold"] == 0.25 and about["classes"] == ["defect", "good"]
             assert json.loads(z.read("report.json"))["verdict"] == body["verdict"]
         assert (await client.post("/runs/r3/retry")).status_code == 409  # succeeded: nothing to retry
+
+
+async def test_retry_and_download_refuse_honestly(served: tuple[Backends, str]) -> None:
+    backends, base = served
+    # a run that failed before the run view saw its stage's input: nothing to emit again
+    await backends.publish(Event.new(RunFailed(stage="labeler", reason="no manifest"), run_id="r4"))
+    # a succeeded run whose model file is gone from the object store
+    first = _uploaded("r5")
+    await backends.publish(first)
+    await backends.publish(first.follow(ModelOptimized(
+        dataset_id="ds-r5", model_id="m1", chosen_variant="onnx_fp32", artifacts={"onnx_fp32": "optimizer/gone.onnx"},
+        report_key="optimizer/ds-r5/m1/report.json", report={"chosen_variant": "onnx_fp32"}, spec_met=True,
+        spec=SPEC)))
+    async with httpx.AsyncClient(base_url=base, timeout=20) as client:
+        await _until(client, "/runs/r4", lambda d: d["state"] == "failed")
+        r = await client.post("/runs/r4/retry")
+        assert r.status_code == 409 and "no stage input to emit again" in r.json()["detail"]
+        assert (await client.get("/runs/r4")).json()["state"] == "failed"  # unchanged
+        await _until(client, "/runs/r5", lambda d: d["state"] == "succeeded")
+        r = await client.get("/runs/r5/model")
+        assert r.status_code == 404 and "optimizer/gone.onnx" in r.json()["detail"]
