@@ -135,7 +135,7 @@ def test_class_sub_folders_say_that_labeling_is_off(tmp_path: Path) -> None:
 
 
 def test_the_report_text_shows_the_notes() -> None:
-    from dlforge.cli.report import format_text
+    from dlforge.common.report import format_text
 
     report = {"run_id": "r1", "state": "failed", "notes": ["cells has class sub-folders"],
               "failure": {"stage": "annotator-sim", "reason": "no answer"},

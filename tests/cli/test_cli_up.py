@@ -52,6 +52,7 @@ async def test_every_part_is_built_once_at_start_and_its_worker_holds_those_deps
     from dlforge.augmenter.worker import AugmenterDeps
     from dlforge.cli.platform import combined_app
     from dlforge.common.settings import CommonSettings, load_settings
+    from dlforge.console.app import ConsoleSettings
     from dlforge.labeler.simulated import AnnotatorSim
     from dlforge.labeler.worker import LabelerDeps
     from dlforge.optimizer.worker import OptimizerDeps
@@ -69,7 +70,7 @@ async def test_every_part_is_built_once_at_start_and_its_worker_holds_those_deps
         deps, workers = app.state.deps, app.state.workers
         kinds = {"labeler": LabelerDeps, "augmenter": AugmenterDeps, "proposer": ProposerDeps, "tuner": TunerDeps,
                  "trainer": TrainerDeps, "optimizer": OptimizerDeps, "annotator-sim": AnnotatorSim,
-                 "runs": type(None), "auth": type(None), "console": type(None)}
+                 "runs": type(None), "auth": type(None), "console": ConsoleSettings}
         assert {name: type(d) for name, d in deps.items()} == kinds
         assert all(workers[name].deps is deps[name] for name in kinds)
         augmenter = app.state.settings["augmenter"]

@@ -33,7 +33,9 @@ def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_url: str, s3_
     from small_run import small_run
 
     from dlforge.cli.pipeline import run_in_process
-    from dlforge.cli.report import build_report
+    from dlforge.cli.report import add_truth
+    from dlforge.common.report import build_report
+    from dlforge.common.runs import RUNS
     from dlforge.optimizer.predictor import Predictor
 
     backends, app, data, truth, upload = small_run(tmp_path, monkeypatch, bus=kafka_url, objects=s3_url,
@@ -58,7 +60,10 @@ def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_url: str, s3_
     assert len({s.context.trace_id for s in spans}) == 1
 
     # the report's numbers come from the run
-    report = build_report(run=run, events=events, objects=backends.objects, truth=truth)
+    doc = asyncio.run(backends.docs.get(RUNS, created["run_id"]))
+    labeled = next(e.payload for e in events if isinstance(e.payload, DatasetLabeled))
+    report = add_truth(build_report(doc), objects=backends.objects, labels_key=labeled.labels_key, truth=truth)
+    assert report["verdict"]["reasons"] and report["trace_id"] == format(spans[0].context.trace_id, "032x")
     assert 0 < report["human_label_fraction"] <= 0.30
     assert report["auto_label_accuracy"] is not None
     assert 0.0 <= report["test_accuracy"] <= 1.0

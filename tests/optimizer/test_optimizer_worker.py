@@ -249,3 +249,61 @@ async def test_predict_stops_reading_an_upload_at_the_limit(backends: Backends) 
     assert r.status_code == 413, r.text
     assert f"over the limit of {limit} bytes" in r.json()["detail"]
     assert limit < pulled <= limit + chunk
+
+
+def _square_image(size: int, *, top: int, left: int, side: int, seed: int) -> np.ndarray:
+    """Noise like :func:`separable`'s, with one bright square (the 'defect' evidence) at a known place."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 110, (size, size, 1)).astype(np.uint8)
+    x[top:top + side, left:left + side] = 230
+    return x
+
+
+async def test_predict_with_a_class_activation_map(backends: Backends, trained: Trained) -> None:
+    """The map has the image's size and peaks on the square that makes the image a 'defect'."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    await _process(backends, Event.new(_dataset(backends, trained), run_id="run-cam"))
+    app = create_app([part()], backends=backends, run_workers=False)
+    with TestClient(app) as client:
+        for n, (w, top, left) in enumerate([(120, 10, 70), (96, 60, 8), (160, 50, 50)]):
+            side = w // 3
+            img = _square_image(w, top=top, left=left, side=side, seed=n)
+            r = client.post("/models/ds1/predict?cam=true&cam_class=defect",
+                            files={"file": ("cell.png", png(img), "image/png")})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["probabilities"]["defect"] > 0.9 and body["cam_class"] == "defect"
+            assert sum(body["probabilities"].values()) == pytest.approx(1.0)
+            overlay = Image.open(io.BytesIO(base64.b64decode(body["cam_png"])))
+            assert overlay.size == (w, w)
+            peak = body["cam_peak"]
+            margin = w // 10  # the map is 4x4 at 32 px: a cell is an eighth of the image
+            assert left - margin <= peak["x"] < left + side + margin, (peak, left, side)
+            assert top - margin <= peak["y"] < top + side + margin, (peak, top, side)
+        plain = client.post("/models/ds1/predict", files={"file": ("c.png", png(img), "image/png")}).json()
+        assert plain["cam_png"] is None and plain["probabilities"] == body["probabilities"]
+        decided = client.post("/models/ds1/predict?cam=true", files={"file": ("c.png", png(img), "image/png")}).json()
+        assert decided["cam_class"] == decided["label"]
+        r = client.post("/models/ds1/predict?cam=true&cam_class=scratch",
+                        files={"file": ("c.png", png(img), "image/png")})
+        assert r.status_code == 422 and "'scratch' is not a class" in r.json()["detail"]
+
+
+def test_the_map_is_where_the_score_comes_from(trained: Trained) -> None:
+    """Independent of the CAM code's scaling: the mean of sum_k w_ck A_k plus the bias is the class's logit."""
+    import torch
+
+    from dlforge.vision.cam import feature_maps
+
+    model = trained.model.eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        maps = feature_maps(model, x)[0]
+        logits = model(x)[0]
+        for c in range(len(CLASSES)):
+            raw = torch.einsum("k,khw->hw", model.head.weight[c], maps)
+            assert float(raw.mean() + model.head.bias[c]) == pytest.approx(float(logits[c]), abs=1e-4)

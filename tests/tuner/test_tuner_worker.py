@@ -244,6 +244,16 @@ async def test_the_study_fails_with_the_reason_after_three_failed_trials_in_a_ro
         update={"event_id": "again"}))
     assert [(e.event_type, e.event_id) for e in again] == [(Topic.RUN_FAILED, failed.event_id)]
 
+    # a retry (POST /runs/{id}/retry: model.proposed again under a new event id) tunes in a study of its own
+    first = asked[0]
+    [retried] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=200), run_id=run_id))
+    assert isinstance(retried.payload, HpoTrial)
+    assert retried.payload.study_name == f"{study_name_for(run_id)}-retry1" and retried.payload.trial_number == 0
+    assert retried.event_id != first.event_id  # the trainer does not take it for the failed attempt's trial 0
+    assert (await backends.docs.get("tuner_studies", f"{study_name_for(run_id)}-retry1"))["state"] == "running"
+    # another model.proposed while that attempt runs is ignored, as before
+    assert await tuner_handles(backends, Event.new(proposed(FAKE, trials=200), run_id=run_id)) == []
+
 
 async def test_a_success_between_failures_starts_the_count_again(backends: Backends) -> None:
     run_id = "run-mixed"

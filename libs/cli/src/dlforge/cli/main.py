@@ -163,11 +163,13 @@ async def _run_folder(
     """
     from dlforge.cli.pipeline import run_in_process
     from dlforge.cli.platform import combined_app
-    from dlforge.cli.report import build_report
+    from dlforge.cli.report import add_truth
     from dlforge.cli.resume import RunIndex, StartedRun, fingerprint, run_to_follow
+    from dlforge.common.events import Topic
+    from dlforge.common.report import build_report
+    from dlforge.common.runs import LAST_EVENTS, RUNS
     from dlforge.common.runtime import Backends
     from dlforge.labeler import simulated
-    from dlforge.labeler.records import DATASETS
 
     os.environ.setdefault("DLFORGE_LABELER_IMPORT_ROOTS", str(folder.resolve().parent))
     backends = Backends.from_settings(settings)
@@ -195,17 +197,20 @@ async def _run_folder(
         return created
 
     with StageProgress() as progress:
-        run, events, created = await run_in_process(app, upload=upload, on_progress=progress.update,
-                                                    timeout=timeout)
-    # the labeler's dataset document holds the per-round figures (learning curve) and the auto-label
-    # guarantee (coverage, error bound) that no event carries
-    labeling = await backends.docs.get(DATASETS, created["dataset_id"])
-    report = build_report(run=run, events=events, objects=backends.objects, truth=truth, labeling=labeling)
+        run, _, created = await run_in_process(app, upload=upload, on_progress=progress.update, timeout=timeout)
+    # the run view's document holds the last payload of each stage: the same report GET /runs/{id}/report serves
+    doc = await backends.docs.get(RUNS, created["run_id"])
+    if doc is None:
+        raise DlforgeError(f"run {created['run_id']} has no run-view document")
+    report = build_report(doc)
+    labeled = (doc.get(LAST_EVENTS) or {}).get(Topic.DATASET_LABELED.value)
+    report = add_truth(report, objects=backends.objects, truth=truth,
+                       labels_key=labeled["payload"]["labels_key"] if labeled else None)
     return run, report
 
 
 def _finish(report: dict[str, Any], args: argparse.Namespace) -> int:
-    from dlforge.cli.report import format_text, write_html
+    from dlforge.common.report import format_text, write_html
 
     print(format_text(report))
     if args.json:

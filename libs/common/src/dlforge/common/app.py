@@ -69,6 +69,8 @@ class ServicePart(Generic[S, D]):
     settings: type[S] = CommonSettings  # type: ignore[assignment]
     build: Callable[[S, Backends], Awaitable[D]] | None = None
     on_built: Callable[[D, Backends], Awaitable[None]] | None = None
+    root_router: APIRouter | None = None
+    """routes outside the service's prefix, e.g. the labeler's ``POST /runs/{run_id}/rerun``"""
 
 
 def settings_for(cls: type[S], common: CommonSettings) -> S:
@@ -291,6 +293,8 @@ def create_app(
             prefix = "" if not mount_prefix else (
                 part.prefix if part.prefix is not None else f"/{part.service.name}")
             app.include_router(part.router, prefix=prefix, dependencies=[Depends(authorizer(prefix))])
+        if part.root_router is not None:
+            app.include_router(part.root_router, dependencies=[Depends(authorizer(""))])
     return app
 
 

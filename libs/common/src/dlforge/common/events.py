@@ -226,12 +226,28 @@ class LabelsSubmitted(Payload):
     )
 
 
+class LabelingRound(BaseModel):
+    """One labeling round's figures: the human labels so far and the labeler classifier's accuracy then."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    round: int = Field(ge=0)
+    human_labels: int = Field(ge=0)
+    heldout_accuracy: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="out-of-fold accuracy on the representative items people labeled (random test/val, seed)")
+    cv_accuracy: float | None = Field(default=None, ge=0.0, le=1.0,
+                                      description="cross-validated accuracy on every labeled item")
+
+
 class DatasetLabeled(Payload):
     """Labeling ended: the labeled manifest, the count per class, and how many labels are human, automatic or left
-    for review."""
+    for review; the figures of each round (for the learning curve) and the auto-label guarantee."""
 
     TOPIC = Topic.DATASET_LABELED
-    SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all; needs_review
+    # v2: options.max_auto_label_error, auto_label_all; needs_review. v3: rounds_figures, auto_label_coverage,
+    # auto_label_error_bound (the report is built from the events alone)
+    SCHEMA_VERSION: ClassVar[int] = 3
 
     dataset_id: str
     labels_key: str = Field(description="object key of the labeled manifest (JSON)")
@@ -243,6 +259,14 @@ class DatasetLabeled(Payload):
     rounds: int
     spec: Spec
     options: PipelineOptions = PipelineOptions()
+    rounds_figures: list[LabelingRound] = Field(default=[], max_length=10_000,
+                                                description="per answered round, its labels and accuracy")
+    auto_label_coverage: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="fraction of the items people did not label that the guarantee "
+        "let the labeler auto-label (None: no guaranteed threshold)")
+    auto_label_error_bound: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="exact 95 % upper bound on the error rate of the guaranteed auto-labels (None: none)")
 
 
 class AugmentationCount(BaseModel):
@@ -634,6 +658,14 @@ def _uploaded_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
 
 register_upcaster(Topic.DATASET_UPLOADED, 2, _uploaded_v2_to_v3)
 register_upcaster(Topic.LABELS_SUBMITTED, 1, _submitted_v1_to_v2)
+
+
+def _labeled_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """dataset.labeled v2 carried no round figures nor the guarantee: they were only in the labeler's records."""
+    return {**payload, "rounds_figures": [], "auto_label_coverage": None, "auto_label_error_bound": None}
+
+
+register_upcaster(Topic.DATASET_LABELED, 2, _labeled_v2_to_v3)
 
 
 def _trial_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:

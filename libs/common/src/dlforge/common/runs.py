@@ -17,10 +17,17 @@ redelivery after a crash between the write and the processed-marker changes noth
 
 from __future__ import annotations
 
-from datetime import datetime
+import asyncio
+import io
+import json
+import zipfile
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from dlforge.common.app import ServicePart, backends_of
@@ -29,10 +36,16 @@ from dlforge.common.errors import Conflict, NotFound, RetryableError
 from dlforge.common.events import Event, RunCancelled, RunDeleted, Topic
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends, HandlerContext, Service
+from dlforge.common.tracing import current_trace_id
 
 RUNS = "runs_view"
 # the items people labeled so far, kept in the run document while its labeler stage runs (not served)
 LABELED_ITEMS = "labeled_items"
+# per stage-starting/finishing topic, the last such event of the run: id, key, version, payload. The report
+# is built from them (:mod:`dlforge.common.report`) and a retry re-emits one; served by neither the list,
+# the run's page nor its stream (the optimizer's report is tens of kB)
+LAST_EVENTS = "last_events"
+NOT_SERVED = ("seen", LABELED_ITEMS, LAST_EVENTS)
 STAGES = ("labeler", "augmenter", "proposer", "tuner", "trainer", "optimizer")
 FINISHED = ("succeeded", "failed", "cancelled")
 SEEN_IDS = 5000  # event ids a document remembers for idempotent folding
@@ -72,8 +85,12 @@ def _summary(topic: Topic, p: dict[str, Any]) -> dict[str, Any]:
     return {k: p[k] for k in keep.get(topic, ()) if k in p}
 
 
-def apply(run: dict[str, Any] | None, event: Event) -> dict[str, Any]:
-    """Fold one event into the run document (pure; the worker persists the result)."""
+def apply(run: dict[str, Any] | None, event: Event, *, trace_id: str | None = None) -> dict[str, Any]:
+    """Fold one event into the run document (pure; the worker persists the result).
+
+    ``trace_id`` is the trace the event was handled in (its producer's, from the message headers): the
+    document keeps the one of the first event it folds (the whole run shares it).
+    """
     if run is not None and event.event_id in run.get("seen", ()):
         return run  # folded before (a redelivery)
     at = event.occurred_at.isoformat()
@@ -87,9 +104,14 @@ def apply(run: dict[str, Any] | None, event: Event) -> dict[str, Any]:
         "events": [],
         "counts": {},
         "failure": None,
+        "trace_id": trace_id,
     }
+    if doc.get("trace_id") is None and trace_id is not None:
+        doc["trace_id"] = trace_id
     payload = event.payload.model_dump(mode="json")
     topic = event.event_type
+    # an input event re-emitted by POST /runs/{id}/retry restarts its stage; it finishes nothing again
+    retried = event.event_id in {r["event_id"] for r in doc.get("retries", ())}
     doc["updated_at"] = max(doc["updated_at"], at)
     doc["started_at"] = min(doc["started_at"], at)
     doc["events"] = [*doc["events"], {"type": topic.value, "event_id": event.event_id, "occurred_at": at}][-500:]
@@ -101,8 +123,14 @@ def apply(run: dict[str, Any] | None, event: Event) -> dict[str, Any]:
     if topic == Topic.DATASET_UPLOADED:
         doc["project"] = payload.get("project", DEFAULT_PROJECT)
     if topic in _TRANSITIONS:
+        doc[LAST_EVENTS] = {**doc.get(LAST_EVENTS, {}), topic.value: {
+            "event_id": event.event_id, "key": event.key, "schema_version": event.schema_version,
+            "occurred_at": at, "causation_id": event.causation_id, "payload": payload}}
+        if topic == Topic.DATASET_UPLOADED:
+            doc["spec"], doc["options"] = payload["spec"], payload["options"]
+            doc["dataset_name"] = payload["name"]
         finishes, starts = _TRANSITIONS[topic]
-        if finishes is not None:
+        if finishes is not None and not retried:
             st = stages[finishes]
             st["state"] = "succeeded"
             st["finished_at"] = at
@@ -166,11 +194,13 @@ service = Service("runs")
 
 
 async def _project(event: Event, ctx: HandlerContext) -> None:
+    # the handler runs in a span whose parent is the producer's context (from the message headers)
+    trace_id = current_trace_id() if current_trace_id() != "-" else None
     for _ in range(10):
         current = await ctx.docs.get(RUNS, event.run_id)
         if current is not None and event.event_id in current.get("seen", ()):
             return  # folded before: a redelivery after a crash between the write and the marker
-        doc = apply(current, event)
+        doc = apply(current, event, trace_id=trace_id)
         if current is None:
             try:
                 await ctx.docs.insert(RUNS, doc)
@@ -218,7 +248,7 @@ async def list_runs(
                 for d in await backends.docs.find(RUNS, {**where, "project": p}, sort=[("started_at", -1)],
                                                   limit=limit)]
         docs = sorted(docs, key=lambda d: d.get("started_at", ""), reverse=True)[:limit]
-    return [{k: v for k, v in d.items() if k not in ("events", "seen", LABELED_ITEMS)} for d in docs]
+    return [{k: v for k, v in d.items() if k not in ("events", *NOT_SERVED)} for d in docs]
 
 
 @router.get("/runs/{run_id}", responses=error_responses(404))
@@ -226,7 +256,12 @@ async def get_run(run_id: str, backends: Backends = Depends(backends_of)) -> dic
     doc = await backends.docs.get(RUNS, run_id)
     if doc is None:
         raise NotFound(f"no run {run_id!r}")
-    return {k: v for k, v in doc.items() if k not in ("seen", LABELED_ITEMS)}
+    return served(doc)
+
+
+def served(doc: dict[str, Any]) -> dict[str, Any]:
+    """The run document as ``GET /runs/{run_id}`` and its stream serve it."""
+    return {k: v for k, v in doc.items() if k not in NOT_SERVED}
 
 
 class CancelRequest(BaseModel):
@@ -268,3 +303,172 @@ async def delete_run(run_id: str, backends: Backends = Depends(backends_of)) -> 
 
 def part() -> ServicePart:
     return ServicePart(service=service, router=router, prefix="")
+
+
+# ------------------------------------------------------------------------------------------------
+# The pages' endpoints: the live stream, the report, the model download, retry
+# ------------------------------------------------------------------------------------------------
+
+STREAM_POLL_SECONDS = 0.3
+STREAM_PING_SECONDS = 15
+_INPUT_OF = {starts: topic for topic, (_, starts) in _TRANSITIONS.items() if starts is not None}
+
+
+async def _run_doc(backends: Backends, run_id: str) -> dict[str, Any]:
+    doc = await backends.docs.get(RUNS, run_id)
+    if doc is None:
+        raise NotFound(f"no run {run_id!r}")
+    return doc
+
+
+@router.get("/runs/{run_id}/stream", responses={
+    200: {"description": "`text/event-stream`: `event: run` (the run document as `GET /runs/{run_id}` serves it) at "
+                         "once and on each change, `event: end` once the run is succeeded, failed or cancelled",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    **error_responses(404)})
+async def stream_run(run_id: str, request: Request, backends: Backends = Depends(backends_of)) -> Response:
+    """The run document live: sent at once and again whenever it changes (its ``_version``), then ``end``.
+
+    Comment lines (``: ping``) keep idle connections open; the stream stops when the client goes.
+    """
+    from sse_starlette import EventSourceResponse, ServerSentEvent
+
+    doc = await _run_doc(backends, run_id)
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        current: dict[str, Any] | None = doc
+        version = None
+        while current is not None:
+            if current["_version"] != version:
+                version = current["_version"]
+                yield ServerSentEvent(data=json.dumps(served(current)), event="run")
+                if current["state"] in FINISHED:
+                    yield ServerSentEvent(data=json.dumps({"state": current["state"]}), event="end")
+                    return
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(STREAM_POLL_SECONDS)
+            current = await backends.docs.get(RUNS, run_id)
+        yield ServerSentEvent(data=json.dumps({"state": "deleted"}), event="end")  # deleted while watched
+
+    return EventSourceResponse(events(), ping=STREAM_PING_SECONDS, headers={"Cache-Control": "no-cache"})
+
+
+async def _report(backends: Backends, run_id: str) -> dict[str, Any]:
+    from dlforge.common.report import build_report
+
+    doc = await _run_doc(backends, run_id)
+    if doc["state"] not in FINISHED:
+        raise Conflict(f"run {run_id!r} is {doc['state']}: its report comes when it is succeeded, failed or "
+                       f"cancelled (follow GET /runs/{run_id}/stream)")
+    return await asyncio.to_thread(build_report, doc)
+
+
+@router.get("/runs/{run_id}/report", responses=error_responses(404, 409))
+async def get_report(run_id: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+    """The run's report (the JSON ``dlforge run --json`` writes), ``verdict`` first; 409 while it runs."""
+    return await _report(backends, run_id)
+
+
+@router.get("/runs/{run_id}/report.html", responses={
+    200: {"description": "the report as one HTML page", "content": {"text/html": {"schema": {"type": "string"}}}},
+    **error_responses(404, 409)})
+async def get_report_html(run_id: str, backends: Backends = Depends(backends_of)) -> HTMLResponse:
+    """The run's report as one self-contained HTML page (the one ``dlforge run --html`` writes)."""
+    from dlforge.common.report import render_html
+
+    report = await _report(backends, run_id)
+    page = await asyncio.to_thread(render_html, report)
+    return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'none'; img-src data:; "
+                                                                  "style-src 'unsafe-inline'"})
+
+
+@router.get("/runs/{run_id}/model", responses={
+    200: {"description": "a zip: the chosen variant's model file, `model.json` (how to feed it and read it), "
+                         "`report.json` (the run's report) and `optimizer_report.json`",
+          "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}}},
+    **error_responses(404, 409)})
+async def get_model(run_id: str, backends: Backends = Depends(backends_of)) -> Response:
+    """The chosen model variant of a succeeded run with its report, as a zip download."""
+    from dlforge.common.report import build_report
+
+    doc = await _run_doc(backends, run_id)
+    optimized = (doc.get(LAST_EVENTS) or {}).get(Topic.MODEL_OPTIMIZED.value)
+    if doc["state"] != "succeeded" or optimized is None:
+        raise Conflict(f"run {run_id!r} is {doc['state']} and has no optimized model to download")
+    payload = optimized["payload"]
+    variant = payload["chosen_variant"]
+    key = payload["artifacts"].get(variant)
+    if not key:
+        raise NotFound(f"run {run_id!r}: the chosen variant {variant!r} has no stored model file")
+    opt_report = payload["report"]
+    entry = (opt_report.get("variants") or {}).get(variant) or {}
+    about = {"run_id": run_id, "dataset_id": payload["dataset_id"], "model_id": payload["model_id"],
+             "variant": variant, "file": f"{variant}{PurePosixPath(key).suffix}", "runtime": entry.get("runtime"),
+             "classes": opt_report.get("classes"), "positive_class": opt_report.get("positive_class"),
+             "threshold": (entry.get("threshold") or {}).get("threshold"), "input": opt_report.get("input")}
+
+    def pack() -> bytes:
+        report = build_report(doc)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.writestr(about["file"], backends.objects.get_bytes(key))
+            z.writestr("model.json", json.dumps(about, indent=2))
+            z.writestr("report.json", json.dumps(report, indent=2, default=str))
+            z.writestr("optimizer_report.json", json.dumps(opt_report, indent=2, default=str))
+        return buf.getvalue()
+
+    try:
+        data = await asyncio.to_thread(pack)
+    except NotFound as exc:
+        raise NotFound(f"run {run_id!r}: the model file {key!r} is not in the object store ({exc})") from exc
+    name = f"dlforge-{run_id}-{variant}.zip"
+    return Response(data, media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+@router.post("/runs/{run_id}/retry", status_code=202, responses=error_responses(404, 409))
+async def retry_run(run_id: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+    """Retry a failed run from its failed stage: its input event is emitted again under a new event id
+    (so every consumer handles it anew), and the run is running again."""
+    for _ in range(10):
+        doc = await _run_doc(backends, run_id)
+        if doc["state"] != "failed":
+            raise Conflict(f"run {run_id!r} is {doc['state']}, not failed: there is nothing to retry")
+        stage = next((s for s in STAGES if doc["stages"][s]["state"] == "failed"), None)
+        topic = _INPUT_OF.get(stage) if stage is not None else None
+        stored = (doc.get(LAST_EVENTS) or {}).get(topic.value) if topic is not None else None
+        if stage is None or topic is None or stored is None:
+            raise Conflict(f"run {run_id!r}: no stage input to emit again (failed stage {stage!r}, "
+                           f"failure {doc.get('failure')})")
+        from dlforge.common.report import last_events
+
+        original = last_events({"run_id": run_id, LAST_EVENTS: {topic.value: stored}}).get(topic)
+        if original is None:
+            raise Conflict(f"run {run_id!r}: its stored {topic.value} event can no longer be read")
+        again = Event.new(original.payload, run_id=run_id, causation_id=original.event_id)
+        now = datetime.now(UTC).isoformat()
+        stages = {k: dict(v) for k, v in doc["stages"].items()}
+        stages[stage] = {**{k: v for k, v in stages[stage].items() if k not in ("reason", "finished_at", "seconds")},
+                         "state": "running", "started_at": now}
+        retries = [*doc.get("retries", []), {"at": now, "stage": stage, "topic": topic.value,
+                                             "event_id": again.event_id, "failure": doc.get("failure")}]
+        try:
+            await backends.docs.update(RUNS, run_id, {"state": "running", "failure": None, "stages": stages,
+                                                      "retries": retries, "updated_at": max(doc["updated_at"], now)},
+                                       expected_version=doc["_version"])
+        except Conflict:
+            continue  # the run view folded an event meanwhile: look again
+        try:
+            await backends.publish(again)
+        except Exception:
+            # nothing re-emitted: put the run back as it was, so it can be retried
+            current = await backends.docs.get(RUNS, run_id)
+            if current is not None:
+                await backends.docs.update(RUNS, run_id, {k: doc.get(k) for k in
+                                                          ("state", "failure", "stages", "updated_at")} |
+                                           {"retries": doc.get("retries", [])}, expected_version=current["_version"])
+            raise
+        return {"run_id": run_id, "state": "running", "stage": stage, "topic": topic.value,
+                "event_id": again.event_id}
+    raise Conflict(f"run {run_id!r} changed while it was being retried; try again")

@@ -1,12 +1,12 @@
 """Serve the console alone (the multi-service deployment): ``python -m dlforge.console``."""
 
 from dlforge.common.app import serve
-from dlforge.common.settings import CommonSettings, load_settings
-from dlforge.console.app import create_app
+from dlforge.common.settings import load_settings
+from dlforge.console.app import ConsoleSettings, create_app
 
 
 def main() -> None:
-    settings: CommonSettings = load_settings()
+    settings = load_settings(ConsoleSettings)
     serve(create_app(settings), settings)
 
 

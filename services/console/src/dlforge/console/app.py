@@ -11,18 +11,20 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import PurePosixPath
+from typing import Annotated
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import RedirectResponse, Response
+from pydantic import BaseModel, Field, field_validator
 
-from dlforge.common.app import ServicePart
+from dlforge.common.app import ServicePart, deps_of
 from dlforge.common.app import create_app as create_common_app
 from dlforge.common.errors import NotFound
 from dlforge.common.http_errors import error_responses
-from dlforge.common.runtime import Service
+from dlforge.common.runtime import Backends, Service
 from dlforge.common.settings import CommonSettings, load_settings
 
-service: Service[None] = Service("console")
+service: Service[ConsoleSettings] = Service("console")
 router = APIRouter(tags=["console"])
 
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -71,8 +73,46 @@ async def asset(path: str) -> Response:
     return Response(data, media_type=media, headers=SECURITY_HEADERS)
 
 
-def part() -> ServicePart:
-    return ServicePart(service=service, router=router, prefix="")
+class ConsoleSettings(CommonSettings):
+    """What the console reads besides the common settings (``DLFORGE_CONSOLE_…``)."""
+
+    console_trace_url: str | None = Field(
+        default=None, max_length=2000,
+        description="a trace viewer's page of one trace, with {trace_id} where the run's trace id goes, e.g. "
+        "http://127.0.0.1:6006/trace/{trace_id}; unset: the run page shows the trace id without a link")
+
+    @field_validator("console_trace_url")
+    @classmethod
+    def _trace_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        if not v.startswith(("http://", "https://")) or "{trace_id}" not in v:
+            raise ValueError(f"{v!r}: give an http(s) URL with {{trace_id}} where the trace id goes")
+        return v
+
+
+class ConsoleConfig(BaseModel):
+    """What the pages need to know about this deployment."""
+
+    trace_url: str | None = Field(description="link to a run's trace in the configured trace viewer, with "
+                                  "`{trace_id}` where the run's trace id goes (DLFORGE_CONSOLE_TRACE_URL, e.g. "
+                                  "http://127.0.0.1:6006/trace/{trace_id}); null: no viewer configured")
+
+
+@router.get("/console-config", response_model=ConsoleConfig)
+async def console_config(settings: Annotated[ConsoleSettings, Depends(deps_of("console", ConsoleSettings))]
+                         ) -> ConsoleConfig:
+    """The console's deployment settings (read when the page loads)."""
+    return ConsoleConfig(trace_url=settings.console_trace_url)
+
+
+async def _build(settings: ConsoleSettings, backends: Backends) -> ConsoleSettings:
+    return settings
+
+
+def part() -> ServicePart[ConsoleSettings, ConsoleSettings]:
+    return ServicePart(service=service, router=router, prefix="", settings=ConsoleSettings, build=_build)
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:

@@ -62,7 +62,7 @@ from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings, load_settings
 from dlforge.labeler import labels as labels_log
-from dlforge.labeler import records
+from dlforge.labeler import records, rerun
 from dlforge.labeler.embeddings import Embedder, load_embeddings
 from dlforge.labeler.index import SimilarSearch, build_index, load_index
 from dlforge.labeler.ingest import (
@@ -79,6 +79,7 @@ from dlforge.labeler.ingest import (
     scan,
     valid_label,
 )
+from dlforge.labeler.rerun import RerunRequest
 from dlforge.labeler.settings import LabelerSettings
 from dlforge.labeler.worker import LabelerDeps, build_deps, index_key, service
 from dlforge.vision.manifest import Duplicate, Rejection, load_manifest
@@ -425,8 +426,11 @@ async def import_dataset(
     result: IngestResult,
     *,
     upload_name: str | None = None,
+    rerun_of: str | None = None,
 ) -> DatasetCreated:
-    """Persist a scanned dataset: record, images and manifest, then ``dataset.uploaded``; all or nothing."""
+    """Persist a scanned dataset: record, images and manifest, then ``dataset.uploaded``; all or nothing.
+
+    ``rerun_of``: the dataset whose stored images ``tree`` reads (:mod:`dlforge.labeler.rerun`)."""
     budget = math.floor(req.options.label_budget * len(result.items) + 1e-9)
     if result.labeled_count == 0 and budget == 0:
         raise InvalidInput(
@@ -447,7 +451,8 @@ async def import_dataset(
     record: dict[str, Any] = {
         "_id": dataset_id, "name": name, "run_id": run_id, "project": req.project, "state": "ingesting",
         "created_at": records.now(),
-        "source": "folder" if req.folder else "zip", "layout": result.layout, "csv_name": result.csv_name,
+        "source": "rerun" if rerun_of else "folder" if req.folder else "zip", "rerun_of": rerun_of,
+        "layout": result.layout, "csv_name": result.csv_name,
         "spec": req.spec.model_dump(mode="json"), "options": req.options.model_dump(mode="json"),
         "classes": classes, "counts": counts,
         "allow_new_classes": _allows_new_classes(req, settings),
@@ -802,6 +807,30 @@ async def get_labels(
 # ------------------------------------------------------------------------------------------
 
 
+@router.post("/datasets/{dataset_id}/rerun", status_code=201, response_model=DatasetCreated,
+             responses=error_responses(404, 409, 413))
+async def rerun_dataset(dataset_id: str, body: RerunRequest, request: Request,
+                        backends: Annotated[Backends, Depends(backends_of)], deps: Deps) -> DatasetCreated:
+    """A new dataset and run on the stored images of ``dataset_id``, with the spec and options fields given
+    changed; emits ``dataset.uploaded``. People's labels of the earlier run are not carried over."""
+    created: DatasetCreated = await rerun.rerun_dataset(request, backends, deps.settings, dataset_id, body)
+    return created
+
+
+root_router = APIRouter(tags=["runs"])
+
+
+@root_router.post("/runs/{run_id}/rerun", status_code=201, response_model=DatasetCreated,
+                  responses=error_responses(404, 409, 413))
+async def rerun_run(run_id: str, body: RerunRequest, request: Request,
+                    backends: Annotated[Backends, Depends(backends_of)], deps: Deps) -> DatasetCreated:
+    """A new run on the images of run ``run_id`` with changed spec/options (served by the labeler, which
+    keeps each run's dataset): ``{run_id, dataset_id, ...}`` of the new run."""
+    source = await rerun.dataset_of_run(backends, run_id)
+    created: DatasetCreated = await rerun.rerun_dataset(request, backends, deps.settings, source, body)
+    return created
+
+
 def part(*, embedder: Embedder | None = None) -> ServicePart[LabelerSettings, LabelerDeps]:
     """The labeler as a part of an app; ``embedder`` replaces the configured one (tests of the loop's logic)."""
     from dlforge.labeler.reconcile import reconcile
@@ -809,7 +838,8 @@ def part(*, embedder: Embedder | None = None) -> ServicePart[LabelerSettings, La
     async def build(settings: LabelerSettings, backends: Backends) -> LabelerDeps:
         return await build_deps(settings, backends, embedder=embedder)
 
-    return ServicePart(service=service, router=router, settings=LabelerSettings, build=build, on_start=reconcile)
+    return ServicePart(service=service, router=router, settings=LabelerSettings, build=build, on_start=reconcile,
+                       root_router=root_router)
 
 
 def create_app(settings: CommonSettings | None = None, *, embedder: Embedder | None = None) -> FastAPI:

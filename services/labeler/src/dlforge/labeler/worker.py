@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from dlforge.common.events import (
     DatasetLabeled,
     DatasetUploaded,
     Event,
+    LabelingRound,
     LabelsRequested,
     LabelsSubmitted,
     PipelineOptions,
@@ -159,6 +161,8 @@ async def _start_labeling(event: Event, ctx: HandlerContext[LabelerDeps]) -> Han
         if record.get("state") == "labeling" and record.get("current_batch"):
             await labels.sync_batch(ctx.docs, record)
         return _resume(event, record)
+    if record.get("state") == "failed" and record.get("current_batch"):
+        return await _resume_after_failure(event, ctx, record)
     record = await records.change(ctx.docs, record, state="embedding")
     manifest = await asyncio.to_thread(load_manifest, ctx.objects, payload.manifest_key)
     vectors, key = await asyncio.to_thread(ensure_embeddings, ctx.objects, manifest, ctx.deps)
@@ -185,6 +189,26 @@ async def _start_labeling(event: Event, ctx: HandlerContext[LabelerDeps]) -> Han
     request = _request(event, payload.dataset_id, 1, batch, ids)
     await _open_batch(ctx, record, request)
     return request
+
+
+async def _resume_after_failure(event: Event, ctx: HandlerContext[LabelerDeps], record: dict[str, Any]
+                                ) -> HandlerResult:
+    """``dataset.uploaded`` again (``POST /runs/{id}/retry``) for a dataset that failed while labeling: go on from
+    its open batch with every label people gave, instead of planning the labeling again.
+
+    The inbox opens for the batch again; if people answered all of it (the failure came in the round
+    after), that round runs now; otherwise the batch is asked again.
+    """
+    record = await records.change(ctx.docs, record, state="labeling", error=None)
+    inbox = await labels.sync_batch(ctx.docs, record)
+    inbox = (await labels.fold(ctx.docs, inbox)).inbox
+    if inbox.get("waiting_count"):
+        return _resume(event, record)
+    record = await labels.sync_record(ctx.docs, record, inbox)
+    batch = record["current_batch"]
+    manifest = await asyncio.to_thread(load_manifest, ctx.objects, record["manifest_key"])
+    vectors, _ = await asyncio.to_thread(ensure_embeddings, ctx.objects, manifest, ctx.deps)
+    return await _advance(event, ctx, record, manifest, vectors, rnd=int(batch["round"]) + 1)
 
 
 async def _open_batch(ctx: HandlerContext[LabelerDeps], record: dict[str, Any], request: Event, *,
@@ -375,7 +399,9 @@ async def _advance(
     labeled_event = DatasetLabeled(
         dataset_id=dataset_id, labels_key=key, classes=labeled.classes, counts=handlers.class_counts(labeled),
         human_labels=int(view.human.sum()), auto_labels=n_auto, needs_review=n_review, rounds=len(rounds), spec=spec,
-        options=options,
+        options=options, rounds_figures=_round_figures(rounds),
+        auto_label_coverage=_fraction(decision.summary.get("auto_label_coverage")),
+        auto_label_error_bound=_fraction(decision.summary.get("auto_label_error_bound")),
     )
     record = await records.change(ctx.docs, record, state="labeled", rounds=rounds, counts=counts,
                                   current_batch=None, labels_key=key, result=summary,
@@ -383,3 +409,23 @@ async def _advance(
                                   advanced_by=event.event_id)
     await labels.close(ctx.docs, record, reason="labeled")
     return event.follow(labeled_event)
+
+
+def _fraction(value: object) -> float | None:
+    """A figure in [0, 1], or None when there is none (or it is not finite)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return min(1.0, max(0.0, float(value)))
+
+
+def _round_figures(rounds: list[dict[str, Any]]) -> list[LabelingRound]:
+    """The answered rounds' human labels and classifier accuracies, as ``dataset.labeled`` carries them."""
+    out = []
+    for r in rounds:
+        if r.get("human_labels") is None:
+            continue  # asked, never answered (the stop came first)
+        clf = r.get("classifier") or {}
+        out.append(LabelingRound(round=int(r["round"]), human_labels=int(r["human_labels"]),
+                                 heldout_accuracy=_fraction(clf.get("heldout_accuracy")),
+                                 cv_accuracy=_fraction(clf.get("cv_accuracy"))))
+    return out

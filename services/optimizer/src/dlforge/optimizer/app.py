@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Query, UploadFile
+from pydantic import Field
 
 from dlforge.common.app import ServicePart, backends_of, deps_of
 from dlforge.common.app import create_app as create_common_app
 from dlforge.common.auth import role
 from dlforge.common.body_limit import body_limit
-from dlforge.common.errors import InvalidInput, NotFound
+from dlforge.common.errors import Conflict, InvalidInput, NotFound
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
 from dlforge.optimizer.predictor import Prediction, Predictor
+from dlforge.optimizer.preprocess import InputFormat, normalize, resize_frame
 from dlforge.optimizer.settings import OptimizerSettings
 from dlforge.optimizer.worker import REPORTS, OptimizerDeps, build_deps, service
 
@@ -72,8 +76,48 @@ async def _predictor(deps: OptimizerDeps, backends: Backends, doc: dict[str, Any
     return predictor
 
 
+class CamPrediction(Prediction):
+    """A prediction and, when asked for (``cam=true``), the class activation map of the decided class."""
+
+    cam_png: str | None = Field(default=None, description="base64 PNG: the image at its own size with the heat map "
+                                "of the decided class's activation map over it (red: most evidence)")
+    cam_class: str | None = Field(default=None, description="the class the map is of (the decided one unless "
+                                  "asked for another)")
+    cam_peak: dict[str, int] | None = Field(default=None, description="{x, y}: the map's maximum in image pixels")
+
+
+def _cam_model(deps: OptimizerDeps, backends: Backends, checkpoint_key: str) -> tuple[Any, InputFormat]:
+    """The trained torch model of ``checkpoint_key`` and its input format (loaded once per process)."""
+    from dlforge.optimizer.handlers import checkpoint_format
+    from dlforge.vision.networks import load_checkpoint
+
+    cached = deps.cam_models.get(checkpoint_key)
+    if cached is None:
+        local = Path(deps.settings.work_dir) / "optimizer" / "cam" / checkpoint_key
+        backends.objects.get_file(checkpoint_key, local)
+        model, _ = load_checkpoint(str(local))
+        cached = deps.cam_models[checkpoint_key] = (model.eval(), checkpoint_format(local))
+    return cached  # type: ignore[no-any-return]
+
+
+def _with_cam(prediction: Prediction, data: bytes, *, name: str, model: Any, fmt: InputFormat,
+              cam_class: str) -> CamPrediction:
+    import torch
+
+    from dlforge.vision.cam import class_activation_map, overlay_png, upsample
+    from dlforge.vision.images import decode
+
+    image = decode(data, name=name)
+    x = torch.from_numpy(normalize(resize_frame(image, fmt)[None], fmt))
+    index = list(prediction.probabilities).index(cam_class)
+    cam = upsample(class_activation_map(model, x, index), image.size)
+    y, x_peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    return CamPrediction(**prediction.model_dump(), cam_png=base64.b64encode(overlay_png(image, cam)).decode(),
+                         cam_class=cam_class, cam_peak={"x": int(x_peak), "y": int(y)})
+
+
 # a prediction changes nothing: whoever may see the dataset's project may ask for one
-@router.post("/models/{dataset_id}/predict", response_model=Prediction, responses=error_responses(404, 413),
+@router.post("/models/{dataset_id}/predict", response_model=CamPrediction, responses=error_responses(404, 409, 413),
              openapi_extra=role("viewer"))
 @body_limit(lambda _: MAX_IMAGE_BYTES + FORM_FIELDS_BYTES)
 async def predict(
@@ -82,9 +126,15 @@ async def predict(
     file: UploadFile = File(..., description="an image (PNG, JPEG, ...)"),
     variant: str | None = Query(default=None, max_length=100, description="variant to use (default: the chosen one)"),
     model_id: str | None = Query(default=None, max_length=200),
+    cam: bool = Query(default=False, description="also the class activation map of the decided class (from the "
+                      "trained torch model's last conv features) as a PNG over the image"),
+    cam_class: str | None = Query(default=None, max_length=100,
+                                  description="the class to map (default: the decided one)"),
     backends: Backends = Depends(backends_of),
-) -> Prediction:
-    """Classify one uploaded image with the optimized model; the spec's threshold is applied."""
+) -> CamPrediction:
+    """Classify one uploaded image with the optimized model; the spec's threshold is applied.
+
+    409 with ``cam=true`` for a model optimized before its checkpoint was recorded (no map to draw)."""
     data = await file.read(MAX_IMAGE_BYTES + 1)
     if len(data) > MAX_IMAGE_BYTES:
         raise InvalidInput(f"image larger than {MAX_IMAGE_BYTES // 2**20} MiB", status_code=413)
@@ -92,7 +142,19 @@ async def predict(
         raise InvalidInput("the uploaded file is empty")
     doc = await _latest(backends, dataset_id, model_id)
     predictor = await _predictor(deps, backends, doc, variant)
-    return await asyncio.to_thread(predictor.predict, data, name=file.filename or "image")
+    name = file.filename or "image"
+    prediction = await asyncio.to_thread(predictor.predict, data, name=name)
+    if not cam:
+        return CamPrediction(**prediction.model_dump())
+    if not doc.get("checkpoint_key"):
+        raise Conflict(f"model {doc['model_id']!r} of dataset {dataset_id!r} was optimized before its trained "
+                       "checkpoint was recorded: no class activation map (optimize it again)")
+    target = cam_class if cam_class is not None else prediction.label
+    if target not in prediction.probabilities:
+        raise InvalidInput(f"cam_class {target!r} is not a class of the model; its classes: "
+                           f"{', '.join(prediction.probabilities)}")
+    model, fmt = await asyncio.to_thread(_cam_model, deps, backends, str(doc["checkpoint_key"]))
+    return await asyncio.to_thread(_with_cam, prediction, data, name=name, model=model, fmt=fmt, cam_class=target)
 
 
 def part() -> ServicePart[OptimizerSettings, OptimizerDeps]:

@@ -43,6 +43,8 @@ class OptimizerDeps:
     options: OptimizeOptions
     compressors: list[Compressor]
     predictors: dict[tuple[str, str | None], Predictor] = field(default_factory=dict)
+    cam_models: dict[str, Any] = field(default_factory=dict)
+    """the trained torch models the API's class activation maps come from (by checkpoint key)"""
 
 
 async def build_deps(settings: OptimizerSettings, backends: Backends) -> OptimizerDeps:
@@ -159,7 +161,8 @@ async def on_model_trained(event: Event, ctx: HandlerContext[OptimizerDeps]) -> 
         raise RetryableError(f"optimizing model {p.model_id}: {exc}") from exc  # the job stays running: retried
     key = report_key(p.dataset_id, p.model_id)
     artifacts = {name: v.key for name, v in report.variants.items() if v.key}
-    await ctx.docs.upsert(REPORTS, _report_doc(report, key, artifacts, run_id=event.run_id))
+    await ctx.docs.upsert(REPORTS, _report_doc(report, key, artifacts, run_id=event.run_id,
+                                               checkpoint_key=p.checkpoint_key))
     await ctx.docs.upsert(JOBS, {**job, "state": "completed", "finished_at": datetime.now(UTC).isoformat()})
     return event.follow(ModelOptimized(
         dataset_id=p.dataset_id, model_id=p.model_id, chosen_variant=report.chosen_variant, artifacts=artifacts,
@@ -167,8 +170,10 @@ async def on_model_trained(event: Event, ctx: HandlerContext[OptimizerDeps]) -> 
     ))
 
 
-def _report_doc(report: OptimizationReport, key: str, artifacts: dict[str, str], *, run_id: str) -> dict[str, Any]:
+def _report_doc(report: OptimizationReport, key: str, artifacts: dict[str, str], *, run_id: str,
+                checkpoint_key: str | None = None) -> dict[str, Any]:
     return {
+        "checkpoint_key": checkpoint_key,  # the trained torch model (class activation maps)
         "_id": f"{report.dataset_id}:{report.model_id}",
         "dataset_id": report.dataset_id,
         "model_id": report.model_id,

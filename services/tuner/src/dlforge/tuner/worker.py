@@ -150,7 +150,7 @@ async def on_model_proposed(event: Event, ctx: HandlerContext[TunerDeps]) -> lis
     chosen = next((c for c in p.ranking if c.model_id == p.chosen_model_id), None)
     if chosen is None:
         raise PoisonMessage(f"the chosen model {p.chosen_model_id!r} is not in the ranking")
-    name = study_name_for(event.run_id)
+    base = study_name_for(event.run_id)
     config = ctx.deps.defaults
     override = await ctx.docs.get(CONFIGS, event.run_id)
     if override is not None:
@@ -158,26 +158,38 @@ async def on_model_proposed(event: Event, ctx: HandlerContext[TunerDeps]) -> lis
             config = TuningOverride.model_validate(override["override"]).apply(config)
         except (ValueError, InvalidInput) as exc:
             raise PoisonMessage(f"the run's tuning override is invalid: {exc}") from exc
-    study_ctx = StudyContext(
-        study_name=name, run_id=event.run_id, storage_url=ctx.deps.storage_url,
-        dataset_id=p.dataset_id, model_id=chosen.model_id, arch=chosen.arch, weights_key=chosen.weights_key,
-        manifest_key=p.manifest_key, classes=p.classes, spec=p.spec, options=p.options, config=config,
-    )
-    try:
-        await ctx.docs.insert(STUDIES, {
-            "_id": name, "run_id": event.run_id, "state": "running", "stop_requested": False,
-            "proposed_event_id": event.event_id, "context": study_ctx.model_dump(mode="json"), "created_at": now(),
-            "updated_at": now(), "best_value": None, "best_params": None, "n_trials": 0,
-        })
-    except Conflict:
-        existing = await ctx.docs.get(STUDIES, name)
-        if existing is None:
-            raise
-        if existing.get("proposed_event_id") != event.event_id:
+    # A run's study is `dlforge-<run_id>`. A model.proposed under a new event id after that study failed is a
+    # retry (POST /runs/{id}/retry): it gets a study of its own, `<name>-retry<k>` (new Optuna study, trial
+    # event ids and trainer job ids, so nothing of the failed attempt is taken for the new one's).
+    for attempt in range(1000):
+        name = base if attempt == 0 else f"{base}-retry{attempt}"
+        study_ctx = StudyContext(
+            study_name=name, run_id=event.run_id, storage_url=ctx.deps.storage_url,
+            dataset_id=p.dataset_id, model_id=chosen.model_id, arch=chosen.arch, weights_key=chosen.weights_key,
+            manifest_key=p.manifest_key, classes=p.classes, spec=p.spec, options=p.options, config=config,
+        )
+        try:
+            await ctx.docs.insert(STUDIES, {
+                "_id": name, "run_id": event.run_id, "state": "running", "stop_requested": False,
+                "proposed_event_id": event.event_id, "context": study_ctx.model_dump(mode="json"),
+                "created_at": now(), "updated_at": now(), "best_value": None, "best_params": None, "n_trials": 0,
+                "attempt": attempt,
+            })
+            break
+        except Conflict:
+            existing = await ctx.docs.get(STUDIES, name)
+            if existing is None:
+                raise
+            if existing.get("proposed_event_id") == event.event_id:
+                study_ctx = StudyContext.model_validate(existing["context"])  # the same event again
+                break
+            if existing.get("state") == "failed":
+                continue  # a retry after this attempt failed: the next attempt's study
             log.warning("run %s is already being tuned (study %s); ignoring another model.proposed", event.run_id,
                         name)
             return None
-        study_ctx = StudyContext.model_validate(existing["context"])  # the same event again: the stored context
+    else:
+        raise PoisonMessage(f"run {event.run_id}: too many tuning attempts")
 
     def start() -> list[AskedTrial]:
         study = prepare_study(study_ctx)

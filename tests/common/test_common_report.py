@@ -1,4 +1,5 @@
-"""The run report: today's keys kept, the honest spec check added, learning curve and auto-label guarantee."""
+"""The run report, built from the run view's document: today's keys kept, the honest spec check added,
+learning curve and auto-label guarantee (carried by dataset.labeled v3), the verdict first."""
 
 from __future__ import annotations
 
@@ -9,11 +10,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dlforge.cli.report import build_report, format_text, write_html
-from dlforge.common.events import ClassCount, DatasetLabeled, DatasetUploaded, Event, ModelOptimized, Spec
+from dlforge.common import runs
+from dlforge.common.events import (
+    ClassCount,
+    DatasetLabeled,
+    DatasetUploaded,
+    Event,
+    LabelingRound,
+    ModelOptimized,
+    RunFailed,
+    Spec,
+)
 from dlforge.common.intervals import clopper_pearson
-from dlforge.common.objects.fs import FsObjectStore
-from dlforge.common.runs import STAGES
+from dlforge.common.report import build_report, format_text, write_html
 from dlforge.optimizer.evidence import (
     accuracy_at_recall,
     operating_curve,
@@ -69,33 +78,36 @@ def _optimizer_report() -> dict[str, Any]:
     }
 
 
-def _events(report: dict[str, Any]) -> list[Event]:
+def _rounds(ns: list[int]) -> list[LabelingRound]:
+    # acc(n) = 0.97 - 1.2 * n^-0.5 reaches 0.9 at n = (1.2 / 0.07)^2 = 293.9 -> 294 labels
+    return [LabelingRound(round=i, human_labels=n, cv_accuracy=0.97 - 1.2 * n ** -0.5) for i, n in enumerate(ns)]
+
+
+def _run(report: dict[str, Any] | None, *, rounds: list[int] = (), coverage: float | None = None,
+         bound: float | None = None) -> dict[str, Any]:
+    """The run view's document after the run's events (folded by the run view itself)."""
     uploaded = DatasetUploaded(dataset_id="ds", name="elpv", item_count=100, classes=CLASSES, labeled_count=0,
                                rejected_count=0, duplicate_count=0, manifest_key="m.json", spec=SPEC)
     labeled = DatasetLabeled(dataset_id="ds", labels_key="l.json", classes=CLASSES,
                              counts=[ClassCount(label="defect", count=30), ClassCount(label="good", count=70)],
-                             human_labels=20, auto_labels=80, rounds=5, spec=SPEC)
-    optimized = ModelOptimized(dataset_id="ds", model_id="m", chosen_variant="onnx_fp32", artifacts={},
-                               report_key="r.json", report=report, spec_met=True, spec=SPEC)
-    return [Event.new(p, run_id="r1") for p in (uploaded, labeled, optimized)]
-
-
-RUN = {"run_id": "r1", "state": "succeeded", "failure": None,
-       "stages": {s: {"state": "succeeded", "seconds": 1.0} for s in STAGES}}
-
-
-def _rounds(ns: list[int]) -> list[dict[str, Any]]:
-    # acc(n) = 0.97 - 1.2 * n^-0.5 reaches 0.9 at n = (1.2 / 0.07)^2 = 293.9 -> 294 labels
-    return [{"round": i, "human_labels": n, "classifier": {"cv_accuracy": 0.97 - 1.2 * n ** -0.5}}
-            for i, n in enumerate(ns)]
+                             human_labels=20, auto_labels=80, rounds=5, spec=SPEC, rounds_figures=_rounds(list(rounds)),
+                             auto_label_coverage=coverage, auto_label_error_bound=bound)
+    payloads: list[Any] = [uploaded, labeled]
+    if report is not None:
+        payloads.append(ModelOptimized(dataset_id="ds", model_id="m", chosen_variant="onnx_fp32",
+                                       artifacts={"onnx_fp32": "optimizer/ds/m/onnx_fp32.onnx"},
+                                       report_key="r.json", report=report, spec_met=True, spec=SPEC))
+    doc = None
+    for p in payloads:
+        doc = runs.apply(doc, Event.new(p, run_id="r1"), trace_id="ab" * 16)
+    assert doc is not None
+    return doc
 
 
 def test_report_keeps_todays_keys_and_adds_the_spec_check(tmp_path: Path) -> None:
-    labeling = {"rounds": _rounds([20, 40, 60, 80, 100]),
-                "result": {"auto_label_coverage": 0.62, "auto_label_error_bound": 0.018}}
-    report = build_report(run=RUN, events=_events(_optimizer_report()), objects=FsObjectStore(tmp_path),
-                          truth=None, labeling=labeling)
+    report = build_report(_run(_optimizer_report(), rounds=[20, 40, 60, 80, 100], coverage=0.62, bound=0.018))
     assert set(report) >= TODAYS_KEYS
+    assert next(iter(report)) == "verdict" and report["trace_id"] == "ab" * 16
     # the hand-worked figures: shipped threshold 0.3 -> 4 of 6 right, 3 of 3 defects; at the spec's recall 5/6
     assert report["test_accuracy_interval"]["k"] == 4 and report["test_accuracy_interval"]["n"] == 6
     assert report["defect_recall_interval"]["k"] == 3 and report["defect_recall_interval"]["n"] == 3
@@ -131,13 +143,15 @@ def test_report_keeps_todays_keys_and_adds_the_spec_check(tmp_path: Path) -> Non
 
 
 def test_labeler_figures_are_null_when_absent(tmp_path: Path) -> None:
-    report = build_report(run=RUN, events=_events(_optimizer_report()), objects=FsObjectStore(tmp_path),
-                          truth=None, labeling={"rounds": _rounds([20, 40]), "result": {"stop_reason": "budget"}})
+    report = build_report(_run(_optimizer_report(), rounds=[20, 40]))
     assert report["auto_label_coverage"] is None and report["auto_label_error_bound"] is None
     assert report["learning_curve"]["status"] == "too_few_rounds"
-    bare = build_report(run=RUN, events=_events({}), objects=FsObjectStore(tmp_path), truth=None)
-    assert bare["auto_label_coverage"] is None and bare["learning_curve"] is None
+    bare = build_report(_run({}))
+    assert bare["auto_label_coverage"] is None and bare["learning_curve"]["status"] == "too_few_rounds"
     assert "spec_verdict" not in bare and bare["spec_met"] is True
+    # no intervals in the optimizer's report: the verdict says it rests on the point estimates
+    assert bare["verdict"] == {"met": True, "status": "met_point_estimate", "reasons": [
+        "the optimizer reports the spec met on its point estimates; its report has no intervals"]}
     format_text(bare)
 
 
@@ -145,3 +159,48 @@ def test_a_met_point_estimate_reads_as_such() -> None:
     v = spec_verdict(SPEC, accuracy=clopper_pearson(95, 100), recall={"defect": clopper_pearson(60, 60)}, fps=5)
     report = {"run_id": "r", "state": "succeeded", "stages": {}, "spec_verdict_detail": v.model_dump()}
     assert "met on the POINT ESTIMATE ONLY" in format_text(report)
+
+
+def test_the_verdict_gives_each_requirement_in_words_with_its_interval() -> None:
+    from scipy.stats import beta
+
+    report = build_report(_run(_optimizer_report()))
+    v = report["verdict"]
+    assert v["met"] is False and v["status"] == "not_met"
+    # 3 of 3 defects: the exact 95 % lower bound is 0.025^(1/3) = 29.2 %; 4 of 6 right: Beta quantiles
+    low, high = beta.ppf(0.025, 4, 3), beta.ppf(0.975, 5, 2)
+    assert v["reasons"] == [
+        "recall of 'defect' 100.0 % (95 % interval 29.2 % to 100.0 %, 3 of 3 test items of class 'defect' labeled "
+        "by people) against at least 95.0 % asked: met on the point estimate only, the interval reaches down to "
+        "29.2 %",
+        f"accuracy 66.7 % (95 % interval {100 * low:.1f} % to {100 * high:.1f} %, 4 of 6 test items labeled by "
+        "people) against at least 90.0 % asked: NOT met",
+        "speed: 30.0 FPS at 256x256 with onnx_fp32 against at least 1 asked: met (a measurement, no interval)",
+    ]
+
+
+def test_a_failed_or_cancelled_run_says_where_and_why() -> None:
+    doc = _run(None)
+    doc = runs.apply(doc, Event.new(RunFailed(stage="augmenter", reason="needs two classes"), run_id="r1"))
+    report = build_report(doc)
+    assert report["verdict"] == {"met": False, "status": "failed",
+                                 "reasons": ["the run failed in the augmenter stage: needs two classes"]}
+    text = format_text(report)
+    assert text.splitlines()[:2] == ["run r1: failed — FAILED", "  - the run failed in the augmenter stage: "
+                                     "needs two classes"]
+
+
+def test_the_text_follows_the_page_order() -> None:
+    """verdict, labeling, model, training, variants, evidence: the report page's order."""
+    report = build_report(_run(_optimizer_report(), rounds=[20, 40, 60, 80, 100], coverage=0.62, bound=0.018))
+    report["chosen_model"] = {"arch": "small_cnn", "source_dataset": "elpv", "why": "highest score"}
+    report["best_params"], report["best_value"] = {"lr": 0.01}, 0.8
+    lines = format_text(report).splitlines()
+
+    def first(prefix: str) -> int:
+        return next(i for i, line in enumerate(lines) if line.startswith(prefix))
+
+    assert lines[0] == "run r1: succeeded — spec NOT met" and lines[1].startswith("  - recall of 'defect'")
+    order = [first("labels:"), first("auto-labels:"), first("chosen model:"), first("best parameters"),
+             first("variant "), first("not chosen:"), first("test split:"), first("spec verdict:")]
+    assert order == sorted(order)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dlforge.cli.learning_curve import fit_power_law, labels_to_reach, round_points
+from dlforge.common.learning_curve import fit_power_law, labels_to_reach, round_points
 
 
 def _rounds(a: float, b: float, c: float, ns: list[int], noise: float = 0.0, seed: int = 0) -> list[dict]:
