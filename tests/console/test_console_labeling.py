@@ -270,6 +270,55 @@ def test_undo_relabels_an_item_and_the_history_shows_it(server: Server, page: Pa
     assert [(h["previous"], h["label"]) for h in doc["history"]] == [(None, wrong), (wrong, right)]
     assert doc["corrections"] == 1
 
+    # Ctrl+Z of a label not sent yet (the labeler does not answer): taken back, never sent
+    page.route("**/labeler/labels", lambda route: route.fulfill(status=503, body='{"detail": "down"}'))
+    item, name = shown(page)
+    server.names[item] = name
+    right = server.truth[name]
+    wrong = next(c for c in CLASSES if c != right)
+    press_and_wait_next(page, digit_of(page, wrong))
+    page.wait_for_selector("#label-send.error")
+    page.keyboard.press("Control+z")
+    page.wait_for_selector(f"#label-image[data-item='{item}']")
+    page.wait_for_selector("#label-send[data-unsent='0']")
+    page.unroute("**/labeler/labels")
+    press_and_wait_next(page, digit_of(page, right))
+    doc = wait_until("the label is stored", corrected)
+    assert [(h["previous"], h["label"]) for h in doc["history"]] == [(None, right)]  # the wrong one never left
+
+
+OUTBOX = f"() => sessionStorage.getItem('dlforge.label.outbox.{DATASET}')"
+
+
+def test_a_failed_submission_is_shown_kept_and_sent_again(server: Server, page: Page) -> None:
+    refused: list[str] = []
+
+    def unavailable(route: Any) -> None:
+        refused.append(route.request.post_data or "")
+        route.fulfill(status=503, content_type="application/json", body='{"detail": "the labeler is restarting"}')
+
+    page.route("**/labeler/labels", unavailable)
+    item, name = shown(page)
+    server.names[item] = name
+    press_and_wait_next(page, digit_of(page, server.truth[name]))  # the next item comes all the same
+    page.wait_for_selector("#label-send.error")
+    status = page.text_content("#label-send") or ""
+    assert "1 label(s) not sent: the labeler is restarting" in status, status
+    assert item not in labels_of(server, DATASET)
+    # kept in the session until the labeler accepts it: a reload loses nothing
+    assert [(e["item_id"], e["label"]) for e in json.loads(page.evaluate(OUTBOX))] == [(item, server.truth[name])]
+    page.reload()
+    page.wait_for_selector("#label-image")
+    assert shown(page)[0] != item  # given before the reload: not asked again
+    page.wait_for_selector("#label-send.error")
+    page.unroute("**/labeler/labels")
+    # sent again by itself (backoff), once the labeler answers
+    wait_until("the kept label is stored", lambda: labels_of(server, DATASET).get(item, {}).get("label")
+               == server.truth[name], timeout=30)
+    page.wait_for_selector("#label-send[data-unsent='0']")
+    assert page.evaluate(OUTBOX) is None
+    assert len(refused) >= 2 and all(item in body for body in refused)
+
 
 def test_grid_confirms_many_guesses_in_one_submission(server: Server, page: Page) -> None:
     # the rest of the first batch, one by one; then the page waits for the model's next batch

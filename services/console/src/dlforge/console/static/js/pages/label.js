@@ -118,6 +118,11 @@ class Outbox {
   }
 
   save() {
+    if (!this.unsent && this.error && !this.error.permanent) { // nothing left that failed
+      this.error = null;
+      this.tries = 0;
+      clearTimeout(this.timer);
+    }
     const all = [...(this.inflight || []), ...this.entries];
     if (all.length) sessionStorage.setItem(this.key, JSON.stringify(all));
     else sessionStorage.removeItem(this.key);
@@ -133,10 +138,10 @@ class Outbox {
     this.save();
   }
 
-  /** Take back the last waiting (not yet sent) label of an item; false if it left already. */
-  takeBack(itemId) {
+  /** Take back the label given as change ``key`` if it still waits (not sent); false if it left already. */
+  takeBack(key) {
     for (let i = this.entries.length - 1; i >= 0; i--) {
-      if (this.entries[i].item_id === itemId) {
+      if (this.entries[i].key === key) {
         this.entries.splice(i, 1);
         this.save();
         return true;
@@ -226,10 +231,15 @@ class Outbox {
     this.timer = setTimeout(() => this.flush(), FLUSH_IDLE_MS);
   }
 
-  /** The page is left: send what waits with keepalive (it stays stored until the server accepted it). */
-  leave() {
-    this.stopped = true;
-    clearTimeout(this.timer);
+  /**
+   * The page is hidden or left (``stop``: for good): send what waits with keepalive, which outlives
+   * the page; it stays stored until the server accepted it, and is sent again when the page opens.
+   */
+  leave({ stop }) {
+    if (stop) {
+      this.stopped = true;
+      clearTimeout(this.timer);
+    }
     const chunk = this.nextChunk();
     if (chunk.length) {
       api("/labeler/labels", { method: "POST", json: this.body(chunk), keepalive: true }).then(() => {
@@ -262,6 +272,7 @@ export async function render(root, params) {
     leaving: false,
   };
   const timers = new Set();
+  let changeCount = Date.now(); // keys of the labels given here (an undo takes back its own, if not sent)
   const later = (fn, ms) => { const t = setTimeout(() => { timers.delete(t); fn(); }, ms); timers.add(t); return t; };
 
   const title = h("h1", {}, "Labeling");
@@ -513,8 +524,9 @@ export async function render(root, params) {
       st.relabel.delete(id);
       st.given.set(id, label);
       if (before === label) continue; // the same label again changes nothing
-      changes.push({ item_id: id, before, label, batch_id: batchId });
-      outbox.push({ dataset_id: datasetId, batch_id: batchId, item_id: id, label });
+      const key = ++changeCount;
+      changes.push({ key, item_id: id, before, label, batch_id: batchId });
+      outbox.push({ key, dataset_id: datasetId, batch_id: batchId, item_id: id, label });
     }
     if (changes.length) st.history.push({ changes });
     if (itemIds.length > 1) outbox.flush(); else outbox.schedule();
@@ -534,7 +546,7 @@ export async function render(root, params) {
     let firstIndex = -1;
     for (const change of [...step.changes].reverse()) {
       const { item_id: id, before } = change;
-      const takenBack = outbox.takeBack(id);
+      const takenBack = outbox.takeBack(change.key);
       if (takenBack) {
         // never sent: as if it had not been given
         if (before === null) st.given.delete(id); else st.given.set(id, before);
@@ -621,8 +633,9 @@ export async function render(root, params) {
       const before = st.relabel.has(id) ? st.relabel.get(id) : null;
       st.relabel.delete(id);
       st.given.set(id, label);
-      changes.push({ item_id: id, before, label, batch_id: batchId });
-      outbox.push({ dataset_id: datasetId, batch_id: batchId, item_id: id, label });
+      const key = ++changeCount;
+      changes.push({ key, item_id: id, before, label, batch_id: batchId });
+      outbox.push({ key, dataset_id: datasetId, batch_id: batchId, item_id: id, label });
     }
     st.history.push({ changes });
     st.selected.clear();
@@ -731,7 +744,7 @@ export async function render(root, params) {
 
   // ---------------------------------------------------------------- start
 
-  const onHide = () => outbox.leave();
+  const onHide = () => outbox.leave({ stop: false });
   document.addEventListener("keydown", onKey);
   window.addEventListener("pagehide", onHide);
   const ticker = setInterval(() => { if (outbox.error && !outbox.error.permanent) renderSendStatus(); }, 1000);
@@ -756,7 +769,7 @@ export async function render(root, params) {
     window.removeEventListener("pagehide", onHide);
     clearInterval(ticker);
     for (const t of timers) clearTimeout(t);
-    outbox.leave();
+    outbox.leave({ stop: true });
     images.release();
   };
 }
