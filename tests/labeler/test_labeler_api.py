@@ -297,6 +297,24 @@ def test_queue_shows_the_rounds_guess_and_the_budget(client: TestClient) -> None
     assert "guesses" not in record["current_batch"]  # the record view stays as it was: the queue shows them
 
 
+def test_no_guess_while_people_used_one_class_only(client: TestClient) -> None:
+    images = two_class_images(20)
+    r = upload(client, make_zip({n: b for n, (b, _) in images.items()}), spec=SPEC,
+               options={"label_budget": 0.5, "seed_fraction": 0.1, "batch_fraction": 0.1})
+    dataset_id = r.json()["dataset_id"]
+    wait_state(client, dataset_id, {"labeling"})
+    seed = client.get(f"/datasets/{dataset_id}/queue").json()
+    # every seed item called 'dark': a classifier of one class would "predict" it with certainty 1
+    r = client.post("/labels", json={"dataset_id": dataset_id, "batch_id": seed["batch_id"],
+                                     "labels": {i["item_id"]: "dark" for i in seed["items"]}})
+    assert r.status_code == 202
+    record = wait_record(client, dataset_id, lambda rec: (rec.get("current_batch") or {}).get("round") == 2)
+    assert record["classes"] == ["dark"]
+    asked = client.get(f"/datasets/{dataset_id}/queue").json()
+    assert asked["round"] == 2 and asked["items"]
+    assert all(i["guess"] is None and i["confidence"] is None for i in asked["items"]), asked["items"]
+
+
 def test_post_labels_refusals(client: TestClient) -> None:
     images = two_class_images(10)
     r = upload(client, make_zip({n: b for n, (b, _) in images.items()}), spec=SPEC, classes="bright,dark",
