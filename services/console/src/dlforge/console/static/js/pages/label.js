@@ -261,13 +261,12 @@ export async function render(root, params) {
     index: 0,
     given: new Map(), // item_id -> the label given on this page (this batch)
     relabel: new Map(), // item_id -> the label sent, undone: the item waits for a new one
-    history: [], // undo stack: [{changes: [{item_id, before, label}]}]
+    history: [], // undo stack: [{changes: [{key, item_id, before, label, batch_id}]}] (before: what it held)
     grid: false,
     selected: new Set(),
     extraClasses: [],
     waiting: false,
     showToken: 0,
-    similarFor: null,
     similar: new Map(), // item_id -> Promise of neighbours
     leaving: false,
   };
@@ -316,7 +315,7 @@ export async function render(root, params) {
   function renderProgress() {
     if (!st.queue) return;
     const { total } = st.queue.budget;
-    const done = Math.min(labeledCount(), Math.max(total, labeledCount()));
+    const done = labeledCount();
     progressBar.firstChild.style.width = `${total ? Math.min(100, (100 * done) / total) : 0}%`;
     progressText.textContent = `${done} of ${total} labeled (budget)`;
     progressText.dataset.labeled = String(done);
