@@ -419,3 +419,38 @@ def test_the_page_and_the_api_give_the_same_labels(server: Server) -> None:
     assert len(by_page) == 36
     assert by_page == by_api
     assert all(server.truth[n] == label for n, label in by_api.items())
+
+
+def test_user_strings_are_shown_as_text_never_as_markup(server: Server, page: Page) -> None:
+    """A dataset whose name, class and file name are HTML: the page shows them as they are and no
+    element comes of them."""
+    import shutil
+
+    evil_name = '<img src=x id=pwned-name onerror="window.pwned=1">'
+    evil_class = '<img src=x id=pwned-class onerror="window.pwned=2">'
+    evil_file = "<img src=x id=pwned-file>.png"
+    folder = server.folder.parent / "evil"
+    folder.mkdir()
+    cells = sorted(server.folder.glob("*.png"))[:12]
+    for n, cell in enumerate(cells):
+        shutil.copyfile(cell, folder / (evil_file if n == 0 else cell.name))
+    r = httpx.post(server.url + "/labeler/datasets", json={
+        "folder": str(folder), "name": evil_name, "dataset_id": "evil-strings", "classes": [evil_class, "good"],
+        "spec": {"positive_class": evil_class}, "options": {"label_budget": 1.0, "seed_fraction": 1.0}}, timeout=60)
+    assert r.status_code == 201, r.text
+    wait_until("the evil dataset is asked", lambda: server.get("/labeler/datasets/evil-strings/queue")["items"])
+    page.goto(f"{server.url}/console/#/label/evil-strings")
+    page.wait_for_selector("#label-queue")
+    assert page.text_content("h1") == f"Labeling {evil_name}"
+    assert evil_class in page.eval_on_selector_all("#label-classes button", "els => els.map(e => e.textContent)")[0]
+    page.click(f"#label-queue li:has-text('{evil_file}') button")
+    page.wait_for_function("name => document.querySelector('#label-name')?.textContent === name", arg=evil_file)
+    item, _ = shown(page)
+    page.keyboard.press(digit_of(page, evil_class))
+    wait_until("the HTML-named class is stored", lambda: server.get(
+        "/labeler/datasets/evil-strings/labels", item=item)["items"])
+    stored = server.get("/labeler/datasets/evil-strings/labels", item=item)["items"][0]
+    assert stored["label"] == evil_class
+    assert page.evaluate("() => document.querySelectorAll('#pwned-name, #pwned-class, #pwned-file').length") == 0
+    assert page.evaluate("() => window.pwned === undefined")
+

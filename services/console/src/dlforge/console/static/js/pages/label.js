@@ -26,7 +26,8 @@ const SIMILAR_K = 8;
 const SIMILAR_DELAY_MS = 150;
 const POLL_MS = [250, 500, 1000, 2000];
 const RETRY_MS = [1000, 2000, 4000, 8000, 15000];
-const ANNOTATOR = /^[^\x00-\x1f\x7f/\\]{1,100}$/;
+// a name people give (a class, the annotator): the labeler's rule (dlforge.common.classnames)
+const ANNOTATOR = /^[^\x00-\x1f\x7f-\x9f/\\]{1,100}$/;
 
 function ensureStyles() {
   if (document.getElementById("label-css")) return;
