@@ -25,6 +25,8 @@ const CACHE_LIMIT = 160;
 const SIMILAR_K = 8;
 const SIMILAR_DELAY_MS = 150;
 const POLL_MS = [250, 500, 1000, 2000];
+const REFRESH_MS = 15000; // while labeling: what others labeled meanwhile, a batch they finished
+const GRID_PAGE = 48;
 const RETRY_MS = [1000, 2000, 4000, 8000, 15000];
 // a name people give (a class, the annotator): the labeler's rule (dlforge.common.classnames)
 const ANNOTATOR = /^[^\x00-\x1f\x7f-\x9f/\\]{1,100}$/;
@@ -262,6 +264,7 @@ export async function render(root, params) {
     index: 0,
     given: new Map(), // item_id -> the label given on this page (this batch)
     relabel: new Map(), // item_id -> the label sent, undone: the item waits for a new one
+    elsewhere: new Set(), // items of the batch someone else labeled since the queue was read
     history: [], // undo stack: [{changes: [{key, item_id, before, label, batch_id}]}] (before: what it held)
     grid: false,
     selected: new Set(),
@@ -297,7 +300,7 @@ export async function render(root, params) {
     for (const e of entries) {
       if (st.queue && e.batch_id === st.queue.batch_id && st.given.get(e.item_id) === e.label) st.given.delete(e.item_id);
     }
-    if (st.waiting && st.items.some((i) => !st.given.has(i.item_id))) { st.waiting = false; show(nextOpen(-1)); } else renderProgress();
+    if (st.waiting && st.items.some(isOpen)) { st.waiting = false; show(nextOpen(-1)); } else renderProgress();
   };
 
   // ---------------------------------------------------------------- what the page shows
@@ -310,7 +313,7 @@ export async function render(root, params) {
   function labeledCount() {
     if (!st.queue) return 0;
     // the queue lists items without a label when it was read: each given here since counts once more
-    return st.queue.budget.labeled + st.items.filter((i) => st.given.has(i.item_id)).length;
+    return st.queue.budget.labeled + st.items.filter((i) => !isOpen(i)).length;
   }
 
   function renderProgress() {
@@ -321,7 +324,7 @@ export async function render(root, params) {
     progressText.textContent = `${done} of ${total} labeled (budget)`;
     progressText.dataset.labeled = String(done);
     progressText.dataset.total = String(total);
-    const left = st.items.filter((i) => !st.given.has(i.item_id)).length;
+    const left = st.items.filter(isOpen).length;
     roundText.textContent = st.queue.round ? `round ${st.queue.round} · ${left} of ${st.items.length} left in this batch` : "";
   }
 
@@ -399,10 +402,11 @@ export async function render(root, params) {
     return h("ol", { class: "label-queue", id: "label-queue" }, st.items.map((item, n) => {
       const given = st.given.get(item.item_id);
       return h("li", {
-        class: [n === st.index ? "current" : "", given !== undefined ? "done" : "", st.relabel.has(item.item_id) ? "relabel" : ""].join(" ").trim(),
+        class: [n === st.index ? "current" : "", given !== undefined || st.elsewhere.has(item.item_id) ? "done" : "", st.relabel.has(item.item_id) ? "relabel" : ""].join(" ").trim(),
         "data-item": item.item_id,
       }, h("button", { type: "button", class: "link", onclick: () => show(n, performance.now()) }, item.name),
-      given !== undefined ? h("span", { class: "muted" }, ` ${given}`) : null);
+      given !== undefined ? h("span", { class: "muted" }, ` ${given}`)
+        : st.elsewhere.has(item.item_id) ? h("span", { class: "muted" }, " labeled by someone else") : null);
     }));
   }
 
@@ -506,10 +510,15 @@ export async function render(root, params) {
 
   // ---------------------------------------------------------------- labeling
 
+  /** An item that waits for a label here: not given on this page, not labeled by someone else meanwhile. */
+  function isOpen(item) {
+    return !st.given.has(item.item_id) && !st.elsewhere.has(item.item_id);
+  }
+
   function nextOpen(from) {
     for (let k = 1; k <= st.items.length; k++) {
       const n = (from + k) % st.items.length;
-      if (!st.given.has(st.items[n].item_id)) return n;
+      if (isOpen(st.items[n])) return n;
     }
     return -1;
   }
@@ -576,7 +585,8 @@ export async function render(root, params) {
   // ---------------------------------------------------------------- grid
 
   function gridView() {
-    const open = st.items.filter((i) => !st.given.has(i.item_id));
+    const allOpen = st.items.filter(isOpen);
+    const open = allOpen.slice(0, GRID_PAGE);
     const withGuess = open.filter((i) => i.guess);
     const count = h("span", { id: "label-grid-count" }, `${[...st.selected].filter((id) => open.some((i) => i.item_id === id)).length} selected`);
     const cards = open.map((item) => {
@@ -602,12 +612,13 @@ export async function render(root, params) {
         h("button", { type: "button", class: "secondary", onclick: () => { st.selected.clear(); renderBody(); } }, "Select none"),
         h("button", { type: "button", class: "secondary", onclick: () => toggleGrid() }, "One by one (g)"),
         count),
+      allOpen.length > open.length ? h("p", { class: "muted" }, `The first ${open.length} of ${allOpen.length} items left; the next ones follow.`) : null,
       withGuess.length ? null : h("p", { class: "muted" }, "The model has no guesses for these items yet (the first batch): label them one by one."),
       h("div", { class: "label-grid", id: "label-grid" }, cards));
   }
 
   function selectGuesses() {
-    st.selected = new Set(st.items.filter((i) => i.guess && !st.given.has(i.item_id)).map((i) => i.item_id));
+    st.selected = new Set(st.items.filter((i) => i.guess && isOpen(i)).slice(0, GRID_PAGE).map((i) => i.item_id));
   }
 
   function toggleGrid() {
@@ -616,13 +627,14 @@ export async function render(root, params) {
       selectGuesses();
       renderBody();
     } else {
-      const n = st.given.has(st.items[st.index]?.item_id) ? nextOpen(st.index) : st.index;
+      const current = st.items[st.index];
+      const n = current && isOpen(current) ? st.index : nextOpen(st.index);
       show(n < 0 ? 0 : n);
     }
   }
 
   function confirmGrid(t0) {
-    const chosen = st.items.filter((i) => st.selected.has(i.item_id) && i.guess && !st.given.has(i.item_id));
+    const chosen = st.items.filter((i) => st.selected.has(i.item_id) && i.guess && isOpen(i));
     if (!chosen.length) return;
     // one submission: the labels of the selection are given together and sent at once
     const byLabel = new Map();
@@ -678,6 +690,29 @@ export async function render(root, params) {
     later(() => poll(attempt + 1), POLL_MS[Math.min(attempt, POLL_MS.length - 1)]);
   }
 
+  /** While labeling: the items someone else labeled meanwhile are skipped; a batch finished by others
+   * (the queue moved on) is left for the next once what was given here is sent. */
+  async function refresh() {
+    if (st.leaving || st.waiting || !st.queue || st.queue.state !== "labeling") return;
+    let q;
+    try { q = await loadQueue(); } catch { return; }
+    if (st.leaving || st.waiting) return;
+    if (q.batch_id !== st.queue.batch_id || q.state !== "labeling") {
+      if (outbox.unsent) return;
+      notice.textContent = "This batch was finished (others labeled too): here is the next one.";
+      start(q);
+      return;
+    }
+    const waiting = new Set(q.items.map((i) => i.item_id));
+    const before = st.elsewhere.size;
+    for (const i of st.items) {
+      if (!waiting.has(i.item_id) && !st.given.has(i.item_id) && !st.relabel.has(i.item_id)) st.elsewhere.add(i.item_id);
+    }
+    if (st.elsewhere.size === before) return;
+    if (!st.items.some(isOpen)) { batchDone(); return; }
+    if (st.grid) renderBody(); else show(isOpen(st.items[st.index]) ? st.index : nextOpen(st.index));
+  }
+
   async function loadQueue() {
     return api(`/labeler/datasets/${encodeURIComponent(datasetId)}/queue`);
   }
@@ -689,6 +724,7 @@ export async function render(root, params) {
     if (!sameBatch) {
       st.given = new Map();
       st.relabel = new Map();
+      st.elsewhere = new Set();
       st.history = [];
       st.items = q.items;
     } else {
@@ -745,8 +781,10 @@ export async function render(root, params) {
   // ---------------------------------------------------------------- start
 
   const onHide = () => outbox.leave({ stop: false });
+  const onFocus = () => { refresh(); };
   document.addEventListener("keydown", onKey);
   window.addEventListener("pagehide", onHide);
+  window.addEventListener("focus", onFocus); // back to the tab: what changed meanwhile
   const ticker = setInterval(() => { if (outbox.error && !outbox.error.permanent) renderSendStatus(); }, 1000);
 
   let dataset = null;
@@ -761,12 +799,15 @@ export async function render(root, params) {
     if (outbox.unsent) outbox.flush();
     const q = await loadQueue();
     start(q);
+    const tick = () => refresh().finally(() => { if (!st.leaving) later(tick, REFRESH_MS); });
+    later(tick, REFRESH_MS);
   }
 
   return () => {
     st.leaving = true;
     document.removeEventListener("keydown", onKey);
     window.removeEventListener("pagehide", onHide);
+    window.removeEventListener("focus", onFocus);
     clearInterval(ticker);
     for (const t of timers) clearTimeout(t);
     outbox.leave({ stop: true });
