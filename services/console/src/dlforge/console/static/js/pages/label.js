@@ -27,6 +27,7 @@ const SIMILAR_DELAY_MS = 150;
 const POLL_MS = [250, 500, 1000, 2000];
 const REFRESH_MS = 15000; // while labeling: what others labeled meanwhile, a batch they finished
 const GRID_PAGE = 48;
+const IMAGE_TRIES = 4;
 const RETRY_MS = [1000, 2000, 4000, 8000, 15000];
 // a name people give (a class, the annotator): the labeler's rule (dlforge.common.classnames)
 const ANNOTATOR = /^[^\x00-\x1f\x7f-\x9f/\\]{1,100}$/;
@@ -60,7 +61,7 @@ class ImageCache {
       return entry.promise;
     }
     entry = { url: null, img: null };
-    entry.promise = blobUrl(this.path(itemId)).then(async (url) => {
+    entry.promise = this.fetch(itemId).then(async (url) => {
       entry.url = url;
       const img = new Image();
       img.alt = name || itemId;
@@ -73,6 +74,19 @@ class ImageCache {
     this.entries.set(itemId, entry);
     this.trim();
     return entry.promise;
+  }
+
+  /** The image's blob URL; over the token's rate limit (429) or on a passing error, tried again a few times. */
+  async fetch(itemId) {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await blobUrl(this.path(itemId));
+      } catch (err) {
+        const passing = err.status === 429 || err.status === 503 || !err.status;
+        if (!passing || attempt >= IMAGE_TRIES - 1) throw err;
+        await new Promise((resolve) => setTimeout(resolve, 500 * 2 ** attempt));
+      }
+    }
   }
 
   ready(itemId) {
