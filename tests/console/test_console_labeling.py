@@ -1,9 +1,10 @@
 """The labeling page in a real browser (Playwright driving the system Chromium).
 
-One server for the module: the labeler's API and worker, the run view and the console, served by
-uvicorn on 127.0.0.1 on embedded backends in a tmp dir, with 120 ELPV cells whose truth the test
-knows. Nobody labels but the page: the test presses the keys a person would, the digit of the
-right class, and checks what the labeler stored. The same round done through the API (a second
+One server for the module: the labeler's API and worker, the run view, accounts and the console,
+served by uvicorn on 127.0.0.1 on embedded backends in a tmp dir with auth required, and 120 ELPV
+cells whose truth the test knows. A labeler signs in through the page; nobody labels but the page:
+the test presses the keys a person would, the digit of the right class, and checks what the labeler
+stored (under the signed-in user's name). The same round done through the API (a second
 app on its own backends, the same images, dataset id and options) must give the same labels.
 
 The page measures itself (performance measures named ``dlforge.label.next``: from the key event to
@@ -13,6 +14,7 @@ the frame after the next image is on screen, with the browser's clock); the test
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -21,6 +23,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,9 @@ FIRST_BATCH = 30
 BUDGET = 42
 CLASSES = ["defect", "good"]
 MEASURED = 20
+PASSWORD = "correct horse battery staple"
+# who does what: an operator starts the runs and reads, two labelers label (the page signs in as lena)
+ACCOUNTS = {"olga": "operator", "lena": "labeler", "sam": "labeler"}
 MEDIAN_LIMIT_MS = 100.0
 TIMEOUT_MS = 30_000
 
@@ -63,19 +69,44 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def labeling_app(tmp: Path) -> Any:
-    """The parts the labeling page needs (labeler, run view, console) on embedded backends in ``tmp``."""
+def labeling_app(tmp: Path) -> tuple[Any, dict[str, str]]:
+    """The parts the labeling page needs (labeler, run view, accounts, console) on embedded backends in
+    ``tmp`` with auth required, and an API token of each of ACCOUNTS (made before the start, as
+    ``dlforge admin`` does)."""
     from dlforge.common import runs
     from dlforge.common.app import create_app
+    from dlforge.common.auth import routes as auth
+    from dlforge.common.auth.store import AuthStore
+    from dlforge.common.docs.sqlite import SqliteDocumentStore
     from dlforge.console.app import part as console_part
     from dlforge.labeler.app import part as labeler_part
     from dlforge.labeler.settings import LabelerSettings
 
     settings = LabelerSettings(bus="memory://", objects=f"file://{tmp}/objects", docs=f"sqlite:///{tmp}/docs.db",
                                work_dir=str(tmp / "work"), poll_seconds=0.05,  # type: ignore[call-arg]
-                               labeler_import_roots=[str(tmp.parent)])
-    return create_app([labeler_part(), runs.part(), console_part()], settings=settings, mount_prefix=True,
-                      title="dlforge")
+                               labeler_import_roots=[str(tmp.parent)], auth="required")
+
+    async def accounts() -> dict[str, str]:
+        docs = SqliteDocumentStore(str(tmp / "docs.db"))
+        store = AuthStore(docs)
+        await store.ensure_indexes()
+        tokens: dict[str, str] = {}
+        for name, role in ACCOUNTS.items():
+            await store.create_user(name, password=PASSWORD, grants={"default": role})
+            tokens[name], _ = await store.issue_token(name, kind="api", name="test", grants=None, expires_at=None)
+        await docs.close()
+        return tokens
+
+    # in a thread of its own: the module's Playwright runs an event loop in this one
+    with ThreadPoolExecutor(1) as pool:
+        tokens = pool.submit(asyncio.run, accounts()).result()
+    app = create_app([labeler_part(), runs.part(), auth.part(), console_part()], settings=settings,
+                     mount_prefix=True, title="dlforge")
+    return app, tokens
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 @dataclass
@@ -84,12 +115,17 @@ class Server:
     folder: Path
     truth: dict[str, str]
     api_dir: Path
+    tokens: dict[str, str]
     names: dict[str, str] = field(default_factory=dict)  # item_id -> file name, as the page showed them
 
     def get(self, path: str, **params: Any) -> Any:
-        r = httpx.get(self.url + path, params=params, timeout=30)
+        """GET as the operator."""
+        r = httpx.get(self.url + path, params=params, headers=bearer(self.tokens["olga"]), timeout=30)
         r.raise_for_status()
         return r.json()
+
+    def post(self, path: str, body: dict[str, Any], *, user: str = "olga") -> httpx.Response:
+        return httpx.post(self.url + path, json=body, headers=bearer(self.tokens[user]), timeout=60)
 
 
 def wait_until(what: str, check: Callable[[], Any], *, timeout: float = 60) -> Any:
@@ -115,20 +151,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     (base / "page").mkdir()
     (base / "api").mkdir()
     port = _free_port()
-    config = uvicorn.Config(labeling_app(base / "page"), host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="on")
+    app, tokens = labeling_app(base / "page")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, name="labeling-page-server", daemon=True)
     thread.start()
     wait_until("the server started", lambda: uv.started or not thread.is_alive(), timeout=60)
     assert uv.started, "the server did not start"
-    url = f"http://127.0.0.1:{port}"
-    r = httpx.post(url + "/labeler/datasets", json={"folder": str(base / "elpv"), "name": "elpv-small",
-                                                    "dataset_id": DATASET, "spec": SPEC, "options": OPTIONS,
-                                                    "classes": CLASSES}, timeout=60)
+    srv = Server(url=f"http://127.0.0.1:{port}", folder=base / "elpv", truth=truth, api_dir=base / "api",
+                 tokens=tokens)
+    r = srv.post("/labeler/datasets", {"folder": str(base / "elpv"), "name": "elpv-small", "dataset_id": DATASET,
+                                       "spec": SPEC, "options": OPTIONS, "classes": CLASSES})
     assert r.status_code == 201, r.text
     try:
-        yield Server(url=url, folder=base / "elpv", truth=truth, api_dir=base / "api")
+        yield srv
     finally:
         uv.should_exit = True
         thread.join(timeout=30)
@@ -154,17 +190,18 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture(scope="module")
 def page(server: Server, browser: Browser) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1280, "height": 900})
-    # signed in as a labeler (auth is off on this server: the token is not checked)
-    context.add_init_script("sessionStorage.setItem('dlforge.token', 'browser-test');"
-                            "sessionStorage.setItem('dlforge.user', JSON.stringify({name: 'browser-tester', "
-                            "projects: {default: 'labeler'}}));")
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
     pg.set_default_timeout(TIMEOUT_MS)
     wait_until("the first batch is asked", lambda: server.get(f"/labeler/datasets/{DATASET}/queue")["items"],
                timeout=120)
+    # the labeling page without a token: the sign-in form, then the page asked for
     pg.goto(f"{server.url}/console/#/label/{DATASET}")
+    pg.wait_for_selector("#signin")
+    pg.fill("#username", "lena")
+    pg.fill("#password", PASSWORD)
+    pg.click("#signin button[type=submit]")
     pg.wait_for_selector("#label-image")
     yield pg
     assert errors == [], errors
@@ -205,9 +242,7 @@ def press_and_wait_next(page: Page, key: str) -> dict[str, Any]:
 
 
 def labels_of(server: Server, dataset_id: str) -> dict[str, Any]:
-    r = httpx.get(f"{server.url}/labeler/datasets/{dataset_id}/labels", params={"limit": 10_000}, timeout=30)
-    r.raise_for_status()
-    return {i["item_id"]: i for i in r.json()["items"]}
+    return {i["item_id"]: i for i in server.get(f"/labeler/datasets/{dataset_id}/labels", limit=10_000)["items"]}
 
 
 def test_label_twenty_items_with_the_keyboard_fast(server: Server, page: Page) -> None:
@@ -235,11 +270,11 @@ def test_label_twenty_items_with_the_keyboard_fast(server: Server, page: Page) -
     assert shown_near == [n["item_id"] for n in near[1:]]
     page.screenshot(path=str(SCREENSHOTS / "label-single.png"), full_page=True)
     assert page.text_content("#label-progress") == f"{MEASURED} of {BUDGET} labeled (budget)"
-    # every label reaches the labeler (sent in the background) under the browser-tester's name
+    # every label reaches the labeler (sent in the background) under the signed-in user's name
     stored = wait_until("the 20 labels are stored", lambda: (lambda got: got if len(got) == MEASURED else None)(
         labels_of(server, DATASET)))
     assert {i: d["label"] for i, d in stored.items()} == given
-    assert {d["annotator"] for d in stored.values()} == {"browser-tester"}
+    assert {d["annotator"] for d in stored.values()} == {"lena"}
     ms = sorted(s["ms"] for s in samples)
     median = statistics.median(ms)
     p90 = ms[round(0.9 * (len(ms) - 1))]  # nearest rank
@@ -329,9 +364,8 @@ def test_an_item_someone_else_labels_meanwhile_is_skipped(server: Server, page: 
     queue = server.get(f"/labeler/datasets/{DATASET}/queue")
     name = next(i["name"] for i in queue["items"] if i["item_id"] == other)
     server.names[other] = name
-    r = httpx.post(server.url + "/labeler/labels", json={
-        "dataset_id": DATASET, "batch_id": queue["batch_id"], "annotator": "someone-else",
-        "labels": {other: server.truth[name]}}, timeout=30)
+    r = server.post("/labeler/labels", {"dataset_id": DATASET, "batch_id": queue["batch_id"],
+                                        "labels": {other: server.truth[name]}}, user="sam")
     assert r.status_code == 202, r.text
     wait_until("the other person's label is applied", lambda: all(
         i["item_id"] != other for i in server.get(f"/labeler/datasets/{DATASET}/queue")["items"]))
@@ -414,7 +448,8 @@ def test_the_page_and_the_api_give_the_same_labels(server: Server) -> None:
 
     page_labels = labels_of(server, DATASET)
     assert server.get(f"/labeler/datasets/{DATASET}")["state"] == "labeled"
-    with TestClient(labeling_app(server.api_dir)) as client:
+    app, tokens = labeling_app(server.api_dir)
+    with TestClient(app, headers=bearer(tokens["olga"])) as client:
         r = client.post("/labeler/datasets", json={"folder": str(server.folder), "name": "elpv-small",
                                                    "dataset_id": DATASET, "spec": SPEC, "options": OPTIONS,
                                                    "classes": CLASSES})
@@ -431,8 +466,8 @@ def test_the_page_and_the_api_give_the_same_labels(server: Server) -> None:
                 time.sleep(0.05)  # poll interval
                 continue
             names.update({i["item_id"]: i["name"] for i in queue["items"]})
-            r = client.post("/labeler/labels", json={
-                "dataset_id": DATASET, "batch_id": queue["batch_id"], "annotator": "api",
+            r = client.post("/labeler/labels", headers=bearer(tokens["lena"]), json={
+                "dataset_id": DATASET, "batch_id": queue["batch_id"],
                 "labels": {i["item_id"]: server.truth[i["name"]] for i in queue["items"]}})
             assert r.status_code == 202, r.text
             done.add(queue["batch_id"])
@@ -457,9 +492,9 @@ def test_user_strings_are_shown_as_text_never_as_markup(server: Server, page: Pa
     cells = sorted(server.folder.glob("*.png"))[:12]
     for n, cell in enumerate(cells):
         shutil.copyfile(cell, folder / (evil_file if n == 0 else cell.name))
-    r = httpx.post(server.url + "/labeler/datasets", json={
+    r = server.post("/labeler/datasets", {
         "folder": str(folder), "name": evil_name, "dataset_id": "evil-strings", "classes": [evil_class, "good"],
-        "spec": {"positive_class": evil_class}, "options": {"label_budget": 1.0, "seed_fraction": 1.0}}, timeout=60)
+        "spec": {"positive_class": evil_class}, "options": {"label_budget": 1.0, "seed_fraction": 1.0}})
     assert r.status_code == 201, r.text
     wait_until("the evil dataset is asked", lambda: server.get("/labeler/datasets/evil-strings/queue")["items"])
     page.goto(f"{server.url}/console/#/label/evil-strings")
