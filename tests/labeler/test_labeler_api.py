@@ -250,6 +250,71 @@ def test_people_label_through_the_queue_until_the_dataset_is_labeled(client: Tes
     assert client.get(f"/datasets/{dataset_id}/review", params={"limit": 0}).status_code == 422
 
 
+def test_queue_shows_the_rounds_guess_and_the_budget(client: TestClient) -> None:
+    images = two_class_images(20)  # 40 items, 'bright' and 'dark' far apart
+    truth = {n: label for n, (_, label) in images.items()}
+    r = upload(client, make_zip({n: b for n, (b, _) in images.items()}), spec=SPEC,
+               options={"label_budget": 0.5, "seed_fraction": 0.1, "batch_fraction": 0.1})
+    dataset_id = r.json()["dataset_id"]
+    wait_state(client, dataset_id, {"labeling"})
+
+    def queue_when(done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        deadline = time.monotonic() + 30
+        while not done(q := client.get(f"/datasets/{dataset_id}/queue").json()):
+            assert time.monotonic() < deadline, q
+            time.sleep(0.05)  # poll interval
+        return q
+
+    seed = client.get(f"/datasets/{dataset_id}/queue").json()
+    assert seed["round"] == 1 and seed["items"] and seed["run_id"] == r.json()["run_id"]
+    # the seed round is asked before any classifier: no guesses
+    assert all(i["guess"] is None and i["confidence"] is None for i in seed["items"])
+    assert seed["budget"] == {"labeled": 0, "total": 20}  # floor(0.5 * 40)
+    first = seed["items"][0]
+    r = client.post("/labels", json={"dataset_id": dataset_id, "batch_id": seed["batch_id"],
+                                     "labels": {first["item_id"]: truth[first["name"]]}})
+    assert r.status_code == 202
+    queue_when(lambda q: q["budget"]["labeled"] == 1)
+    rest = {i["item_id"]: truth[i["name"]] for i in seed["items"][1:]}
+    r = client.post("/labels", json={"dataset_id": dataset_id, "batch_id": seed["batch_id"], "labels": rest})
+    assert r.status_code == 202
+    asked = queue_when(lambda q: q["round"] == 2 and bool(q["items"]))
+    assert asked["budget"] == {"labeled": len(seed["items"]), "total": 20}
+    items = asked["items"]
+    assert all(i["guess"] in ("bright", "dark") for i in items), items
+    # two classes: the predicted class has a calibrated probability of at least one half
+    assert all(0.5 <= i["confidence"] <= 1.0 for i in items), items
+    # the classes are far apart: the classifier fitted on the seed round predicts every item's truth
+    assert [i["guess"] for i in items] == [truth[i["name"]] for i in items]
+    # the guesses are stored with the batch: an answer to one item leaves the others' as they were
+    r = client.post("/labels", json={"dataset_id": dataset_id, "batch_id": asked["batch_id"],
+                                     "labels": {items[0]["item_id"]: truth[items[0]["name"]]}})
+    assert r.status_code == 202
+    later = queue_when(lambda q: len(q["items"]) == len(items) - 1)
+    assert later["items"] == items[1:]
+    assert later["budget"]["labeled"] == len(seed["items"]) + 1
+    record = client.get(f"/datasets/{dataset_id}").json()
+    assert "guesses" not in record["current_batch"]  # the record view stays as it was: the queue shows them
+
+
+def test_no_guess_while_people_used_one_class_only(client: TestClient) -> None:
+    images = two_class_images(20)
+    r = upload(client, make_zip({n: b for n, (b, _) in images.items()}), spec=SPEC,
+               options={"label_budget": 0.5, "seed_fraction": 0.1, "batch_fraction": 0.1})
+    dataset_id = r.json()["dataset_id"]
+    wait_state(client, dataset_id, {"labeling"})
+    seed = client.get(f"/datasets/{dataset_id}/queue").json()
+    # every seed item called 'dark': a classifier of one class would "predict" it with certainty 1
+    r = client.post("/labels", json={"dataset_id": dataset_id, "batch_id": seed["batch_id"],
+                                     "labels": {i["item_id"]: "dark" for i in seed["items"]}})
+    assert r.status_code == 202
+    record = wait_record(client, dataset_id, lambda rec: (rec.get("current_batch") or {}).get("round") == 2)
+    assert record["classes"] == ["dark"]
+    asked = client.get(f"/datasets/{dataset_id}/queue").json()
+    assert asked["round"] == 2 and asked["items"]
+    assert all(i["guess"] is None and i["confidence"] is None for i in asked["items"]), asked["items"]
+
+
 def test_post_labels_refusals(client: TestClient) -> None:
     images = two_class_images(10)
     r = upload(client, make_zip({n: b for n, (b, _) in images.items()}), spec=SPEC, classes="bright,dark",

@@ -7,7 +7,8 @@
   201 with the counts, the rejected files and the duplicates; 4xx refusals write nothing.
 - ``GET /datasets``, ``GET /datasets/{id}``: records (state, rounds, counts, rejected); the list shows
   the caller's projects only.
-- ``GET /datasets/{id}/queue``: the items waiting for a person, with image URLs.
+- ``GET /datasets/{id}/queue``: the items waiting for a person, with image URLs and the round's
+  guess and confidence for each, the classes and the progress against the label budget.
 - ``GET /datasets/{id}/review``: once labeled, the items left "needs review" (below the guaranteed
   auto-labeling threshold), least confident first, with the guarantee's figures.
 - ``GET /datasets/{id}/items/{item_id}/image``: an item's image bytes.
@@ -61,8 +62,8 @@ from dlforge.common.events import (
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings, load_settings
+from dlforge.labeler import handlers, records, rerun
 from dlforge.labeler import labels as labels_log
-from dlforge.labeler import records, rerun
 from dlforge.labeler.embeddings import Embedder, load_embeddings
 from dlforge.labeler.index import SimilarSearch, build_index, load_index
 from dlforge.labeler.ingest import (
@@ -228,15 +229,27 @@ class QueueItem(BaseModel):
     reason: str | None
     image_url: str
     presigned_url: str | None
+    guess: str | None = Field(description="the class the round's classifier predicted for the item when the batch "
+                              "was asked (None in the seed round, before any classifier of two classes)")
+    confidence: float | None = Field(ge=0.0, le=1.0, description="the classifier's calibrated probability of "
+                                     "``guess`` (None with it)")
+
+
+class Budget(BaseModel):
+    labeled: int = Field(description="items people have labeled so far (each counted once, however often "
+                         "corrected)")
+    total: int = Field(description="how many items people may label in all (``options.label_budget`` of the items)")
 
 
 class Queue(BaseModel):
     dataset_id: str
+    run_id: str
     state: str
     batch_id: str | None
     round: int | None
     classes: list[str]
     allow_new_classes: bool
+    budget: Budget
     items: list[QueueItem]
 
 
@@ -529,7 +542,8 @@ async def get_dataset(dataset_id: str, backends: Annotated[Backends, Depends(bac
 @router.get("/datasets/{dataset_id}/queue", response_model=Queue, responses=error_responses(404))
 async def get_queue(dataset_id: str, request: Request,
                     backends: Annotated[Backends, Depends(backends_of)], deps: Deps) -> Queue:
-    """The items of the batch waiting for a person, with image URLs."""
+    """The items of the batch waiting for a person, with image URLs and the round's guess for each,
+    and how many items people labeled of the budget."""
     record = await records.load(backends.docs, dataset_id)
     settings = deps.settings
     batch = record.get("current_batch") or {}
@@ -554,16 +568,24 @@ async def get_queue(dataset_id: str, request: Request,
 
         urls = await asyncio.to_thread(lambda: [presign(by_id[i].key) for i in waiting])
         base = str(request.url_for("labeler_item_image", dataset_id=dataset_id, item_id="ITEM"))
+        guesses: dict[str, dict[str, Any]] = batch.get("guesses") or {}
         for item_id, url in zip(waiting, urls, strict=True):
             item = by_id[item_id]
+            guess = guesses.get(item_id) or {}
             items.append(QueueItem(item_id=item_id, name=item.name, split=record.get("splits", {}).get(item_id),
                                    reason=record.get("asked", {}).get(item_id), presigned_url=url,
-                                   image_url=base.replace("ITEM", item_id)))
-    classes = inbox.get("classes", []) if inbox is not None and record.get("state") == "labeling" \
-        else record.get("classes", [])
-    return Queue(dataset_id=dataset_id, state=record["state"], batch_id=batch.get("batch_id"),
-                 round=batch.get("round"), classes=list(classes),
-                 allow_new_classes=bool(record.get("allow_new_classes", True)), items=items)
+                                   image_url=base.replace("ITEM", item_id), guess=guess.get("label"),
+                                   confidence=guess.get("confidence")))
+    live = inbox is not None and record.get("state") == "labeling"
+    classes = inbox.get("classes", []) if live and inbox is not None else record.get("classes", [])
+    labeled = int(inbox.get("labeled", 0)) if live and inbox is not None \
+        else int(record.get("counts", {}).get("human", 0))
+    total = handlers.budget_of(int(record.get("counts", {}).get("items", 0)),
+                               PipelineOptions.model_validate(record.get("options", {})))
+    return Queue(dataset_id=dataset_id, run_id=record["run_id"], state=record["state"],
+                 batch_id=batch.get("batch_id"), round=batch.get("round"), classes=list(classes),
+                 allow_new_classes=bool(record.get("allow_new_classes", True)),
+                 budget=Budget(labeled=labeled, total=total), items=items)
 
 
 @router.get("/datasets/{dataset_id}/review", response_model=Review, responses=error_responses(404, 409))

@@ -216,10 +216,27 @@ class RoundResult:
     selective: SelectiveThreshold | None = None
     threshold: float | None = None
     evidence: HeldoutEvidence = field(default_factory=HeldoutEvidence.empty)
+    predicts: bool = False  # a classifier of two or more classes made ``predicted`` (else it means nothing)
 
     @property
     def done(self) -> bool:
         return self.stop_reason is not None
+
+    def guesses(self, rows: np.ndarray, *, ids: Sequence[str], classes: Sequence[str]) -> dict[str, Guess]:
+        """The round's prediction for ``rows``, by item id (what people see next to each item they are
+        asked about); empty without a classifier (the seed round, or fewer than two classes known)."""
+        if not self.predicts:
+            return {}
+        return {ids[int(r)]: Guess(label=classes[int(self.predicted[int(r)])],
+                                   confidence=round(float(self.confidence[int(r)]), 6)) for r in rows}
+
+
+@dataclass(frozen=True)
+class Guess:
+    """The round's classifier's prediction for one item: its class and the calibrated probability of it."""
+
+    label: str
+    confidence: float
 
 
 @small_blas
@@ -291,6 +308,7 @@ def run_round(
         probabilities=probs, predicted=predicted, confidence=confidence, confident=confident, next_batch=nxt,
         stop_reason=stop, classifier=clf.summary() if clf is not None else {}, human_labels=human_count,
         auto_confident=int(confident.sum()), selective=selective, threshold=threshold, evidence=evidence,
+        predicts=clf is not None and clf.model is not None,
     )
 
 

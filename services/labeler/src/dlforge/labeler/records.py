@@ -59,7 +59,7 @@ def public(record: Mapping[str, Any], *, detail: bool = True) -> dict[str, Any]:
         for k in ("rejected", "duplicates", "skipped", "rounds", "current_batch"):
             out.pop(k, None)
     elif out.get("current_batch"):
-        batch = dict(out["current_batch"])
+        batch = {k: v for k, v in out["current_batch"].items() if k != "guesses"}  # the queue shows them
         answered = set(record.get("human_labels", {}))
         batch["waiting"] = sum(1 for i in batch.get("item_ids", []) if i not in answered)
         out["current_batch"] = batch

@@ -212,7 +212,10 @@ async def _resume_after_failure(event: Event, ctx: HandlerContext[LabelerDeps], 
 
 
 async def _open_batch(ctx: HandlerContext[LabelerDeps], record: dict[str, Any], request: Event, *,
-                      advanced_by: str | None = None) -> dict[str, Any]:
+                      advanced_by: str | None = None,
+                      guesses: dict[str, handlers.Guess] | None = None) -> dict[str, Any]:
+    """Record the batch waiting for people (with the round's ``guesses`` of its items, shown in the
+    queue; none in the seed round) and open the label inbox for it."""
     req = request.payload
     assert isinstance(req, LabelsRequested)
     rounds = list(record.get("rounds", []))
@@ -223,7 +226,9 @@ async def _open_batch(ctx: HandlerContext[LabelerDeps], record: dict[str, Any], 
     record = await records.change(
         ctx.docs, record, state="labeling", rounds=rounds, counts=counts,
         current_batch={"batch_id": req.batch_id, "round": req.round, "reason": req.reason,
-                       "item_ids": list(req.item_ids)},
+                       "item_ids": list(req.item_ids),
+                       "guesses": {i: {"label": g.label, "confidence": g.confidence}
+                                   for i, g in (guesses or {}).items()}},
         request_event=req.model_dump(mode="json"), advanced_by=advanced_by,
     )
     await labels.sync_batch(ctx.docs, record)
@@ -371,7 +376,8 @@ async def _advance(
                                                                   strict=True)})
         record = await records.change(ctx.docs, record, rounds=rounds, counts=counts, asked=asked)
         request = _request(event, dataset_id, rnd, result.next_batch, ids)
-        await _open_batch(ctx, record, request, advanced_by=event.event_id)
+        await _open_batch(ctx, record, request, advanced_by=event.event_id,
+                          guesses=result.guesses(result.next_batch.rows, ids=ids, classes=classes))
         return request
 
     decision = handlers.decide_auto_labels(result, known=~unlabeled, classes=classes, options=options)

@@ -48,9 +48,9 @@ function detailOf(body, status) {
   return `HTTP ${status}`;
 }
 
-/** api("/runs") -> parsed JSON; api(path, {method, json, form}) */
-export async function api(path, { method = "GET", json, form, signal, raw = false } = {}) {
-  const init = { method, headers: headers(), signal };
+/** api("/runs") -> parsed JSON; api(path, {method, json, form, keepalive}) (keepalive: outlives the page) */
+export async function api(path, { method = "GET", json, form, signal, raw = false, keepalive = false } = {}) {
+  const init = { method, headers: headers(), signal, keepalive };
   if (json !== undefined) {
     init.headers.set("Content-Type", "application/json");
     init.body = JSON.stringify(json);
