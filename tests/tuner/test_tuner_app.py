@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from dlforge.common.auth import AuthStore
 from dlforge.common.bus import Delivery
+from dlforge.common.docs.sqlite import SqliteDocumentStore
 from dlforge.common.events import CandidateScore, DatasetUploaded, Event, ModelProposed, PipelineOptions, Spec, encode
 from dlforge.common.runtime import Worker
 from dlforge.common.settings import load_settings
@@ -79,3 +83,63 @@ def test_override_is_validated_and_used_by_the_run(client: TestClient) -> None:
     assert stopped["stop_requested"] is True
     assert client.get("/studies/nope").status_code == 404
     assert client.post("/studies/nope/stop").status_code == 404
+
+
+async def _accounts(docs_url: str, users: dict[str, dict[str, str]], runs: dict[str, str]) -> dict[str, str]:
+    """Users (with grants) and an API token each, and the runs' projects, as `dlforge admin` and an upload record
+    them: name -> token."""
+    docs = SqliteDocumentStore(docs_url.removeprefix("sqlite:///"))
+    store = AuthStore(docs)
+    await store.ensure_indexes()
+    tokens = {}
+    for name, grants in users.items():
+        await store.create_user(name, password="correct horse battery staple", grants=grants)
+        tokens[name], _ = await store.issue_token(name, kind="api", name="test", grants=None, expires_at=None)
+    for run_id, project in runs.items():
+        await store.register("run", run_id, project)
+    await docs.close()
+    return tokens
+
+
+def test_a_retry_study_is_checked_against_its_runs_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retry's study (`dlforge-<run>-retry1`) belongs to the run it stores, whatever its name says."""
+    monkeypatch.setenv("DLFORGE_TUNER_STORAGE", f"sqlite:///{tmp_path}/tuner.db")
+    monkeypatch.setenv("DLFORGE_AUTH", "required")
+    settings = load_settings(bus="memory://", objects=f"file://{tmp_path}/o", docs=f"sqlite:///{tmp_path}/d.db",
+                             auth="required")
+    tokens = asyncio.run(_accounts(settings.docs, {"olga": {"beta": "operator"}, "vic": {"alpha": "viewer"},
+                                                   "amy": {"alpha": "operator"}}, {"r1": "alpha"}))
+    with TestClient(create_app(settings)) as client:
+        backends = client.app.state.backends  # type: ignore[attr-defined]
+        worker = Worker(service, backends, deps=client.app.state.deps["tuner"])  # type: ignore[attr-defined]
+        cand = CandidateScore(model_id="m", arch="small_cnn", source_dataset="mnist", weights_key="w.pt", scores={},
+                              total=1.0)
+
+        def proposed() -> None:
+            event = Event.new(ModelProposed(dataset_id="d", manifest_key="m.json", classes=["a", "b"],
+                                            ranking=[cand], chosen_model_id="m", weights={}, spec=Spec(),
+                                            options=PipelineOptions(hpo_trials=2, hpo_parallel=1)), run_id="r1")
+            client.portal.call(worker.process, Delivery(  # type: ignore[union-attr]
+                topic=event.event_type.value, key="r1", value=encode(event)))
+
+        proposed()
+        first = client.portal.call(backends.docs.get, "tuner_studies", "dlforge-r1")  # type: ignore[union-attr]
+        client.portal.call(functools.partial(backends.docs.update, "tuner_studies", "dlforge-r1",  # type: ignore
+                                             {"state": "failed"}, expected_version=first["_version"]))
+        proposed()  # the run's retry
+        retry = "dlforge-r1-retry1"
+        assert client.portal.call(backends.docs.get, "tuner_studies", retry)["run_id"] == "r1"  # type: ignore
+
+        def auth(name: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {tokens[name]}"}
+
+        # no role in the run's project: as if there were no such study
+        for path, call in ((f"/studies/{retry}", client.get), (f"/studies/{retry}/stop", client.post)):
+            refused = call(path, headers=auth("olga"))
+            assert refused.status_code == 404 and f"no study {retry!r}" in refused.json()["detail"], refused.text
+        assert [s["_id"] for s in client.get("/studies", headers=auth("olga")).json()] == []
+        # a viewer there sees it but may not stop it; an operator there may
+        assert client.get(f"/studies/{retry}", headers=auth("vic")).status_code == 200
+        assert client.post(f"/studies/{retry}/stop", headers=auth("vic")).status_code == 403
+        stopped = client.post(f"/studies/{retry}/stop", headers=auth("amy"))
+        assert stopped.status_code == 200 and stopped.json()["stop_requested"] is True

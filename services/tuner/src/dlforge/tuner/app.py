@@ -18,9 +18,10 @@ from pydantic import ValidationError
 
 from dlforge.common.app import ServicePart, backends_of, deps_of
 from dlforge.common.app import create_app as create_common_app
-from dlforge.common.auth import resource, visible_ids
+from dlforge.common.auth import visible_ids
 from dlforge.common.errors import Conflict, InvalidInput, NotFound
 from dlforge.common.http_errors import error_responses
+from dlforge.common.resource_access import require_on
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
 from dlforge.tuner.handlers import StudyContext, TuningOverride, best_trial, load_study, trial_table
@@ -58,15 +59,23 @@ async def list_studies(
     return [{k: d.get(k) for k in _SUMMARY} for d in docs if str(d.get("run_id")) in runs]
 
 
-# a run's study is named after it (study_name_for): its project is the run's
-_STUDY = resource("name", "run", strip="dlforge-")
-
-
-@router.get("/studies/{name}", responses=error_responses(404), openapi_extra=_STUDY)
-async def get_study(name: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+async def _study(request: Request, backends: Backends, name: str, needed: str) -> dict[str, Any]:
+    """The study document, once the caller holds ``needed`` in the project of the run it stores (``run_id``;
+    never read off the name: a retry's study is ``dlforge-<run>-retry<k>``). 404 as for an unknown study
+    when the caller has no role there."""
     doc = await backends.docs.get(STUDIES, name)
     if doc is None:
         raise NotFound(f"no study {name!r}")
+    run_id = str(doc["run_id"])
+    run = await backends.docs.get(RUNS, run_id)
+    await require_on(request, "run", run_id, needed, what=f"study {name!r}",
+                     fallback=run.get("project") if run else None)
+    return doc
+
+
+@router.get("/studies/{name}", responses=error_responses(404))
+async def get_study(name: str, request: Request, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+    doc = await _study(request, backends, name, "viewer")
     ctx = StudyContext.model_validate(doc["context"])
 
     def read() -> dict[str, Any]:
@@ -84,8 +93,10 @@ async def get_study(name: str, backends: Backends = Depends(backends_of)) -> dic
             **live}
 
 
-@router.post("/studies/{name}/stop", responses=error_responses(404, 409), openapi_extra=_STUDY)
-async def stop_study(name: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+@router.post("/studies/{name}/stop", responses=error_responses(404, 409))
+async def stop_study(name: str, request: Request, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+    await _study(request, backends, name, "operator")
+
     async def request_stop(doc: dict[str, Any]) -> dict[str, Any] | None:
         if doc.get("state") != "running":
             raise Conflict(f"study {name!r} is {doc.get('state')}, not running")

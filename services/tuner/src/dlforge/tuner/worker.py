@@ -137,7 +137,8 @@ async def on_dataset_uploaded(event: Event, ctx: HandlerContext[TunerDeps]) -> N
     p = event.payload
     assert isinstance(p, DatasetUploaded)
     try:
-        await ctx.docs.insert(RUNS, {"_id": event.run_id, "dataset_id": p.dataset_id, "created_at": now()})
+        await ctx.docs.insert(RUNS, {"_id": event.run_id, "dataset_id": p.dataset_id, "project": p.project,
+                                     "created_at": now()})
     except Conflict:
         pass  # known already
 
