@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,9 +12,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from dlforge.common.auth import AuthStore
+from dlforge.common.docs.sqlite import SqliteDocumentStore
 from dlforge.common.objects.fs import FsObjectStore
 from dlforge.common.settings import load_settings
 from dlforge.trainer.app import create_app
+from dlforge.trainer.jobs import JobRecords
 from dlforge.trainer.testing import make_candidate, make_dataset
 
 
@@ -89,3 +94,62 @@ def test_train_epochs_bound_is_within_the_trainers_own_cap() -> None:
 
     assert le(PipelineOptions, "train_epochs") == 500 <= le(TrainParams, "epochs") == TRAINER_MAX_EPOCHS
     assert le(PipelineOptions, "no_of_workers") == le(RunOptions, "no_of_workers") == 64
+
+
+async def _accounts(docs_url: str, users: dict[str, dict[str, str]],
+                    resources: dict[tuple[str, str], str]) -> dict[str, str]:
+    """Users (with grants) and an API token each, and the projects of runs and datasets, as `dlforge admin` and
+    an upload record them: name -> token."""
+    docs = SqliteDocumentStore(docs_url.removeprefix("sqlite:///"))
+    store = AuthStore(docs)
+    await store.ensure_indexes()
+    tokens = {}
+    for name, grants in users.items():
+        await store.create_user(name, password="correct horse battery staple", grants=grants)
+        tokens[name], _ = await store.issue_token(name, kind="api", name="test", grants=None, expires_at=None)
+    for (kind, resource_id), project in resources.items():
+        await store.register(kind, resource_id, project)
+    await docs.close()
+    return tokens
+
+
+def test_jobs_are_their_projects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting a job needs operator in the project of the manifest's dataset; a job (a run's, or one started
+    here) is seen only by a viewer of its project, whatever its id."""
+    monkeypatch.setenv("DLFORGE_TRAINER_PREFIX_RUNNER", "torch")
+    monkeypatch.setenv("DLFORGE_AUTH", "required")
+    settings = load_settings(bus="memory://", objects=f"file://{tmp_path}/o", docs=f"sqlite:///{tmp_path}/d.db",
+                             work_dir=str(tmp_path / "w"), auth="required")
+    objects = FsObjectStore(tmp_path / "o")
+    make_dataset(objects, per_class={"defect": 6, "good": 6}, size=16)  # the dataset 'testdata'
+    make_candidate(objects, "cands/small.pt")
+    tokens = asyncio.run(_accounts(settings.docs, {"olga": {"beta": "operator"}, "vic": {"alpha": "viewer"},
+                                                   "amy": {"alpha": "operator"}},
+                                   {("dataset", "testdata"): "alpha", ("run", "r1"): "alpha"}))
+
+    def auth(name: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {tokens[name]}"}
+
+    with TestClient(create_app(settings)) as client:
+        body = {**BODY, "hparams": {"lr": 0.01, "batch_size": 8, "epochs": 1}}
+        refused = client.post("/jobs", json=body, headers=auth("olga"))
+        assert refused.status_code == 404 and "no dataset 'testdata'" in refused.json()["detail"], refused.text
+        assert client.post("/jobs", json=body, headers=auth("vic")).status_code == 403
+        assert client.get("/jobs", headers=auth("amy")).json() == []  # nothing was recorded
+        started = client.post("/jobs", json=body, headers=auth("amy"))
+        assert started.status_code == 202, started.text
+        job_id = started.json()["job_id"]
+        # a run's job, with the id a run's job would have
+        records = JobRecords(client.app.state.backends.docs)  # type: ignore[attr-defined]
+        client.portal.call(functools.partial(records.create, "r1-final", kind="final",  # type: ignore[union-attr]
+                                             request={}, run_id="r1", key_prefix="trainer/jobs/r1-final"))
+        for job in (job_id, "r1-final"):
+            hidden = client.get(f"/jobs/{job}", headers=auth("olga"))
+            assert hidden.status_code == 404 and f"no training job {job!r}" in hidden.json()["detail"]
+            assert client.get(f"/jobs/{job}", headers=auth("vic")).status_code == 200
+        assert client.get("/jobs", headers=auth("olga")).json() == []
+        assert {j["_id"] for j in client.get("/jobs", headers=auth("vic")).json()} == {job_id, "r1-final"}
+        deadline = time.monotonic() + 120  # the job ends before the app stops
+        while client.get(f"/jobs/{job_id}", headers=auth("vic")).json()["state"] in ("queued", "running"):
+            assert time.monotonic() < deadline, "the job did not end"
+            time.sleep(0.2)

@@ -29,14 +29,18 @@ async def require_on(request: Request, kind: str, resource_id: str, needed: str,
     No role there at all answers NotFound (404) ``no {what}`` as for an unknown id (it is not the caller's),
     a lower role Forbidden (403). Passes for every request while auth is off.
     """
-    principal = principal_of(request)
-    if not principal.authenticated:
-        return await project_of(request, kind, resource_id, fallback=fallback)
     project = await project_of(request, kind, resource_id, fallback=fallback)
-    if principal.role_in(project) is None:
-        raise NotFound(f"no {what}")
-    principal.require(project, needed)
+    require_in(request, project, needed, what=what)
     return project
 
 
-__all__ = ["project_of", "require_on"]
+def require_in(request: Request, project: str, needed: str, *, what: str) -> None:
+    """Require role ``needed`` in ``project`` for a record of that project: no role there at all answers NotFound
+    (404) ``no {what}``, a lower role Forbidden (403)."""
+    principal = principal_of(request)
+    if principal.role_in(project) is None:
+        raise NotFound(f"no {what}")
+    principal.require(project, needed)
+
+
+__all__ = ["project_of", "require_in", "require_on"]

@@ -19,10 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dlforge.common.app import ServicePart, backends_of, deps_of
 from dlforge.common.app import create_app as create_common_app
-from dlforge.common.auth import visible_ids
+from dlforge.common.auth import DEFAULT_PROJECT, visible_ids, visible_projects
 from dlforge.common.errors import InvalidInput, NotFound
 from dlforge.common.events import MAX_CLASSES, UniqueClasses
 from dlforge.common.http_errors import error_responses
+from dlforge.common.resource_access import project_of, require_in, require_on
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
 from dlforge.trainer.handlers import TrainingRequest, flat_metrics, run_training, save_model
@@ -31,6 +32,7 @@ from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
 from dlforge.trainer.pruning import decisions_service
 from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.worker import TrainerDeps, build_deps, service
+from dlforge.vision.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +116,44 @@ def _runner(request: Request, backends: Backends, deps: TrainerDeps) -> JobRunne
     return runner
 
 
-@router.post("/jobs", status_code=202, response_model=JobCreated)
+async def _job_project(request: Request, job: dict[str, Any]) -> str:
+    """The project a job belongs to: its run's, else (a ``POST /jobs`` job) its dataset's, recorded at the start."""
+    if job.get("run_id"):
+        return await project_of(request, "run", str(job["run_id"]))
+    return str(job.get("project") or DEFAULT_PROJECT)
+
+
+async def _dataset_of(backends: Backends, manifest_key: str) -> str:
+    """The id of the dataset the manifest at ``manifest_key`` describes (InvalidInput if it is not a manifest)."""
+    def read() -> str:
+        try:
+            return Manifest.model_validate_json(backends.objects.get_bytes(manifest_key)).dataset_id
+        except ValidationError as exc:
+            raise InvalidInput(f"manifest_key {manifest_key!r}: not a dataset manifest ({exc.error_count()} "
+                               "problem(s))") from exc
+
+    return await asyncio.to_thread(read)
+
+
+@router.post("/jobs", status_code=202, response_model=JobCreated, responses=error_responses(403, 404))
 async def create_job(body: JobCreate, request: Request, deps: Deps,
                      backends: Backends = Depends(backends_of)) -> JobCreated:
+    """Start a training job on a dataset's manifest: the caller must be an operator of the dataset's project (and
+    may start from a model trained in a project where they are at least a viewer)."""
     records = JobRecords(backends.docs)
     weights_key = body.weights_key
     if body.model_id is not None:
         if weights_key is not None:
             raise InvalidInput("give weights_key or model_id, not both")
         model = await records.model(body.model_id)
+        source = await records.get(str(model["job_id"])) if model is not None and model.get("job_id") else None
+        if model is not None and (model.get("run_id") or source is not None):
+            project = await (project_of(request, "run", str(model["run_id"])) if model.get("run_id")
+                             else _job_project(request, source or {}))
+            try:
+                require_in(request, project, "viewer", what="trained model")
+            except NotFound:
+                model = None  # another project's model: as if there were none
         if model is None:
             raise InvalidInput(f"model_id {body.model_id!r}: no such trained model")
         weights_key = model["checkpoint_key"]
@@ -136,20 +167,24 @@ async def create_job(body: JobCreate, request: Request, deps: Deps,
     for what, key in (("manifest_key", training.manifest_key), ("weights_key", training.weights_key)):
         if key is not None and not await asyncio.to_thread(backends.objects.exists, key):
             raise InvalidInput(f"{what} {key!r}: no such object")
+    dataset_id = await _dataset_of(backends, training.manifest_key)
+    project = await require_on(request, "dataset", dataset_id, "operator", what=f"dataset {dataset_id!r}")
     job_id = uuid.uuid4().hex
     key_prefix = f"trainer/jobs/{job_id}"
     await records.create(job_id, kind="api", request=training.model_dump(mode="json"), key_prefix=key_prefix,
-                         extra={"name": body.name, "owner": OWNER})
+                         extra={"name": body.name, "owner": OWNER, "dataset_id": dataset_id, "project": project})
     _runner(request, backends, deps).submit(job_id, training, key_prefix)
     return JobCreated(job_id=job_id, state="queued", logs_prefix=f"{key_prefix}/tensorboard/")
 
 
 @router.get("/jobs/{job_id}", responses=error_responses(404))
-async def get_job(job_id: str, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+async def get_job(job_id: str, request: Request, backends: Backends = Depends(backends_of)) -> dict[str, Any]:
+    """A job's state, epochs and checkpoints, for a viewer of its project (its run's, or its dataset's)."""
     records = JobRecords(backends.docs)
     job = await records.get(job_id)
     if job is None:
         raise NotFound(f"no training job {job_id!r}")
+    require_in(request, await _job_project(request, job), "viewer", what=f"training job {job_id!r}")
     return {**job, "epochs": [{k: v for k, v in e.items() if not k.startswith("_")}
                               for e in await records.epochs(job_id)]}
 
@@ -162,13 +197,19 @@ async def list_jobs(
     limit: int = Query(default=100, ge=1, le=1000),
     backends: Backends = Depends(backends_of),
 ) -> list[dict[str, Any]]:
-    """Training jobs, newest first: a run's jobs only for callers who may see its project; jobs started through
-    ``POST /jobs`` belong to no run and are listed for every caller."""
+    """Training jobs, newest first, of the projects the caller may see: a run's job is its run's project's, a job
+    started through ``POST /jobs`` its dataset's."""
     jobs = await JobRecords(backends.docs).find(kind=kind, state=state, limit=limit)
     runs = await visible_ids(request, "run", (str(j["run_id"]) for j in jobs if j.get("run_id")))
-    return [{k: job.get(k) for k in ("_id", "kind", "name", "run_id", "state", "created_at", "finished_at",
-                                     "epochs_done", "metrics", "error")} for job in jobs
-            if not job.get("run_id") or str(job["run_id"]) in runs]
+    projects = visible_projects(request)
+
+    def visible(job: dict[str, Any]) -> bool:
+        if job.get("run_id"):
+            return str(job["run_id"]) in runs
+        return projects is None or str(job.get("project") or DEFAULT_PROJECT) in projects
+
+    return [{k: job.get(k) for k in ("_id", "kind", "name", "run_id", "project", "state", "created_at",
+                                     "finished_at", "epochs_done", "metrics", "error")} for job in jobs if visible(job)]
 
 
 def part() -> ServicePart[TrainerSettings, TrainerDeps]:
