@@ -260,7 +260,8 @@ def _square_image(size: int, *, top: int, left: int, side: int, seed: int) -> np
 
 
 async def test_predict_with_a_class_activation_map(backends: Backends, trained: Trained) -> None:
-    """The map has the image's size and peaks on the square that makes the image a 'defect'."""
+    """The map is drawn at the image's size, or on a copy at most 1024 px on its long side for a larger
+    image, and peaks (in the upload's pixels) on the square that makes the image a 'defect'."""
     import base64
     import io
 
@@ -269,7 +270,7 @@ async def test_predict_with_a_class_activation_map(backends: Backends, trained: 
     await _process(backends, Event.new(_dataset(backends, trained), run_id="run-cam"))
     app = create_app([part()], backends=backends, run_workers=False)
     with TestClient(app) as client:
-        for n, (w, top, left) in enumerate([(120, 10, 70), (96, 60, 8), (160, 50, 50)]):
+        for n, (w, top, left) in enumerate([(120, 10, 70), (96, 60, 8), (160, 50, 50), (2048, 700, 1200)]):
             side = w // 3
             img = _square_image(w, top=top, left=left, side=side, seed=n)
             r = client.post("/models/ds1/predict?cam=true&cam_class=defect",
@@ -279,7 +280,8 @@ async def test_predict_with_a_class_activation_map(backends: Backends, trained: 
             assert body["probabilities"]["defect"] > 0.9 and body["cam_class"] == "defect"
             assert sum(body["probabilities"].values()) == pytest.approx(1.0)
             overlay = Image.open(io.BytesIO(base64.b64decode(body["cam_png"])))
-            assert overlay.size == (w, w)
+            shown = 1024 if w > 1024 else w
+            assert overlay.size == (shown, shown) and body["cam_size"] == {"width": shown, "height": shown}
             peak = body["cam_peak"]
             margin = w // 10  # the map is 4x4 at 32 px: a cell is an eighth of the image
             assert left - margin <= peak["x"] < left + side + margin, (peak, left, side)

@@ -40,9 +40,19 @@ def class_activation_map(model: Classifier, x: torch.Tensor, class_index: int) -
     model.eval()
     maps = feature_maps(model, x)[0]  # K x h x w
     weights = model.head.weight[class_index]  # K
-    cam = torch.einsum("k,khw->hw", weights, maps).numpy().astype(np.float64)
+    cam = torch.einsum("k,khw->hw", weights, maps).numpy().astype(np.float32)
     span = float(cam.max() - cam.min())
     return (cam - cam.min()) / span if span > 0 else np.zeros_like(cam)
+
+
+def scaled_within(image: Image.Image, max_side: int) -> Image.Image:
+    """``image`` if neither side is over ``max_side``, else a copy scaled down (aspect kept) so its long side
+    is ``max_side``: what a map is drawn on, so its memory does not grow with the upload's size."""
+    if max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
 def upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -52,18 +62,19 @@ def upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _heat(v: np.ndarray) -> np.ndarray:
-    """A blue -> cyan -> yellow -> red colour ramp of values in [0, 1] as uint8 RGB."""
-    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
-    return (np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
+    """A blue -> cyan -> yellow -> red colour ramp of values in [0, 1] (float32) as uint8 RGB."""
+    v4 = np.float32(4) * v.astype(np.float32, copy=False)
+    out = np.empty((*v.shape, 3), dtype=np.uint8)
+    for channel, centre in enumerate((3, 2, 1)):
+        out[..., channel] = np.clip(np.float32(1.5) - np.abs(v4 - np.float32(centre)), 0, 1) * np.float32(255)
+    return out
 
 
 def overlay_png(image: Image.Image, cam: np.ndarray, *, alpha: float = 0.45) -> bytes:
-    """PNG of ``image`` (its own size) with the heat map of ``cam`` (already at that size) blended over it."""
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    heat = _heat(cam).astype(np.float32)
-    mixed = (1 - alpha) * base + alpha * heat
+    """PNG of ``image`` (its own size: give a scaled copy, :func:`scaled_within`) with the heat map of ``cam``
+    (already at that size) blended over it; uint8 images blended by PIL, no float copy of the image."""
+    base = image.convert("RGB")
+    heat = Image.fromarray(_heat(cam), mode="RGB")
     buf = io.BytesIO()
-    Image.fromarray(np.clip(mixed, 0, 255).astype(np.uint8), mode="RGB").save(buf, format="PNG")
+    Image.blend(base, heat, alpha).save(buf, format="PNG")
     return buf.getvalue()

@@ -28,6 +28,7 @@ router = APIRouter(tags=["optimizer"])
 Deps = Annotated[OptimizerDeps, Depends(deps_of("optimizer", OptimizerDeps))]
 
 MAX_IMAGE_BYTES = 32 * 2**20
+CAM_MAX_SIDE = 1024  # the map is drawn on a copy no larger: its memory stays bounded whatever the upload's size
 FORM_FIELDS_BYTES = 64 << 10  # the multipart framing around the image
 
 
@@ -79,11 +80,15 @@ async def _predictor(deps: OptimizerDeps, backends: Backends, doc: dict[str, Any
 class CamPrediction(Prediction):
     """A prediction and, when asked for (``cam=true``), the class activation map of the decided class."""
 
-    cam_png: str | None = Field(default=None, description="base64 PNG: the image at its own size with the heat map "
-                                "of the decided class's activation map over it (red: most evidence)")
+    cam_png: str | None = Field(default=None, description="base64 PNG: the image, scaled down to at most "
+                                f"{CAM_MAX_SIDE} px on its long side (see cam_size), with the heat map of the "
+                                "decided class's activation map over it (red: most evidence)")
+    cam_size: dict[str, int] | None = Field(default=None, description="{width, height} of cam_png (the image's "
+                                            f"own size if neither side is over {CAM_MAX_SIDE} px)")
     cam_class: str | None = Field(default=None, description="the class the map is of (the decided one unless "
                                   "asked for another)")
-    cam_peak: dict[str, int] | None = Field(default=None, description="{x, y}: the map's maximum in image pixels")
+    cam_peak: dict[str, int] | None = Field(default=None, description="{x, y}: the map's maximum in the uploaded "
+                                            "image's pixels")
 
 
 def _cam_model(deps: OptimizerDeps, backends: Backends, checkpoint_key: str) -> tuple[Any, InputFormat]:
@@ -91,29 +96,34 @@ def _cam_model(deps: OptimizerDeps, backends: Backends, checkpoint_key: str) -> 
     from dlforge.optimizer.handlers import checkpoint_format
     from dlforge.vision.networks import load_checkpoint
 
-    cached = deps.cam_models.get(checkpoint_key)
-    if cached is None:
+    def load() -> tuple[Any, InputFormat]:
         local = Path(deps.settings.work_dir) / "optimizer" / "cam" / checkpoint_key
         backends.objects.get_file(checkpoint_key, local)
         model, _ = load_checkpoint(str(local))
-        cached = deps.cam_models[checkpoint_key] = (model.eval(), checkpoint_format(local))
-    return cached  # type: ignore[no-any-return]
+        return model.eval(), checkpoint_format(local)
+
+    return deps.cam_models.get(checkpoint_key, load)  # type: ignore[no-any-return]
 
 
 def _with_cam(prediction: Prediction, data: bytes, *, name: str, model: Any, fmt: InputFormat,
               cam_class: str) -> CamPrediction:
     import torch
 
-    from dlforge.vision.cam import class_activation_map, overlay_png, upsample
+    from dlforge.vision.cam import class_activation_map, overlay_png, scaled_within, upsample
     from dlforge.vision.images import decode
 
     image = decode(data, name=name)
+    width, height = image.size
     x = torch.from_numpy(normalize(resize_frame(image, fmt)[None], fmt))
     index = list(prediction.probabilities).index(cam_class)
-    cam = upsample(class_activation_map(model, x, index), image.size)
+    shown = scaled_within(image, CAM_MAX_SIDE)
+    del image  # the full-size image is not needed any more
+    cam = upsample(class_activation_map(model, x, index), shown.size)
     y, x_peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    return CamPrediction(**prediction.model_dump(), cam_png=base64.b64encode(overlay_png(image, cam)).decode(),
-                         cam_class=cam_class, cam_peak={"x": int(x_peak), "y": int(y)})
+    sx, sy = width / shown.width, height / shown.height  # back to the upload's pixels (the shown pixel's centre)
+    peak = {"x": min(width - 1, int((x_peak + 0.5) * sx)), "y": min(height - 1, int((y + 0.5) * sy))}
+    return CamPrediction(**prediction.model_dump(), cam_png=base64.b64encode(overlay_png(shown, cam)).decode(),
+                         cam_class=cam_class, cam_peak=peak, cam_size={"width": shown.width, "height": shown.height})
 
 
 # a prediction changes nothing: whoever may see the dataset's project may ask for one

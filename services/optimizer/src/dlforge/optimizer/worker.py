@@ -27,11 +27,15 @@ from dlforge.optimizer.handlers import (
     optimize,
     pick_calibration,
 )
+from dlforge.optimizer.loaded import LoadedModels
 from dlforge.optimizer.measure import ProbeFailed
 from dlforge.optimizer.predictor import Predictor
 from dlforge.optimizer.settings import OptimizerSettings
 
 log = logging.getLogger(__name__)
+
+
+CAM_MODELS_KEPT = 4  # trained torch models kept loaded for class activation maps (a few: each is a whole model)
 
 
 @dataclass
@@ -43,8 +47,8 @@ class OptimizerDeps:
     options: OptimizeOptions
     compressors: list[Compressor]
     predictors: dict[tuple[str, str | None], Predictor] = field(default_factory=dict)
-    cam_models: dict[str, Any] = field(default_factory=dict)
-    """the trained torch models the API's class activation maps come from (by checkpoint key)"""
+    cam_models: LoadedModels[Any] = field(default_factory=lambda: LoadedModels(CAM_MODELS_KEPT))
+    """the trained torch models the API's class activation maps come from (by checkpoint key; the last few)"""
 
 
 async def build_deps(settings: OptimizerSettings, backends: Backends) -> OptimizerDeps:
