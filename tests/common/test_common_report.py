@@ -22,7 +22,7 @@ from dlforge.common.events import (
     Spec,
 )
 from dlforge.common.intervals import clopper_pearson
-from dlforge.common.report import build_report, format_text, write_html
+from dlforge.common.report import build_report, format_text, verdict, write_html
 from dlforge.optimizer.evidence import (
     accuracy_at_recall,
     operating_curve,
@@ -204,3 +204,35 @@ def test_the_text_follows_the_page_order() -> None:
     order = [first("labels:"), first("auto-labels:"), first("chosen model:"), first("best parameters"),
              first("variant "), first("not chosen:"), first("test split:"), first("spec verdict:")]
     assert order == sorted(order)
+
+
+def test_reasons_beyond_the_figures_are_kept_whatever_words_they_use() -> None:
+    """The optimizer's other reasons are kept even when they mention recall, accuracy or FPS (a report listing
+    them apart, and an older one with only its reasons list); its figure reasons are not repeated."""
+    v = spec_verdict(SPEC, accuracy=clopper_pearson(99, 100), recall={"defect": clopper_pearson(60, 60)}, fps=0.5,
+                     evidence_from_people=False)
+    detail = v.model_dump()
+    assert detail["other_reasons"] == [detail["reasons"][-1]]
+    other = "the recall and accuracy are of auto-labels, not people's; FPS measured on 1 core"
+    for given in ({**detail, "other_reasons": [other]},
+                  {**{k: x for k, x in detail.items() if k != "other_reasons"}, "reasons": [*detail["reasons"][:-1],
+                                                                                          other]}):
+        report = {"run_id": "r", "state": "succeeded", "stages": {}, "spec_verdict_detail": given,
+                  "chosen_variant": "onnx_int8"}
+        reasons = verdict(report, spec=SPEC)["reasons"]
+        assert reasons[-1] == other and len(reasons) == 4, reasons  # recall, accuracy, speed, the other
+        assert not any(r.startswith("0.50 FPS") for r in reasons)
+
+
+def test_a_verdict_the_figures_disagree_with_shows_both() -> None:
+    """The optimizer says met; its own intervals say the accuracy is not: both are said, the status is not_met."""
+    v = spec_verdict(SPEC, accuracy=clopper_pearson(99, 100), recall={"defect": clopper_pearson(200, 200)}, fps=5)
+    assert v.verdict == "met"
+    detail = {**v.model_dump(), "accuracy": clopper_pearson(80, 100).model_dump()}  # 80 of 100 against 90 %
+    report = {"run_id": "r", "state": "succeeded", "stages": {}, "spec_verdict_detail": detail}
+    out = verdict(report, spec=SPEC)
+    assert out["status"] == "not_met" and out["met"] is False
+    assert out["reasons"][-1] == ("the optimizer's verdict is 'met' but the figures above give 'not_met': they "
+                                  "differ, so the status is the more cautious, 'not_met'")
+    agreeing = verdict({**report, "spec_verdict_detail": v.model_dump()}, spec=SPEC)
+    assert agreeing["status"] == "met" and not any("differ" in r for r in agreeing["reasons"])

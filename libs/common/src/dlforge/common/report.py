@@ -15,6 +15,7 @@ import base64
 import html
 import io
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -245,10 +246,29 @@ def verdict(report: Mapping[str, Any], *, spec: Spec | None) -> dict[str, Any]:
         reasons.append(f"speed: {fps:.1f} FPS at {spec.input_size}x{spec.input_size} with {variant} against at "
                        f"least {spec.min_fps:g} asked: {'met' if fps_ok else 'NOT met'} (a measurement, no interval)")
     # what the optimizer found beyond the three figures (e.g. no test item labeled by people)
-    known = ("recall", "accuracy", "FPS")
-    reasons.extend(r for r in detail.get("reasons", []) if not any(k in r for k in known))
-    status = str(detail.get("verdict") or ("met" if point_ok and confident and fps_ok else "not_met"))
+    others = _other_reasons(detail)
+    reasons.extend(others)
+    recomputed = ("not_met" if others or not (point_ok and fps_ok) else "met" if confident else "met_point_estimate")
+    status = recomputed
+    given = detail.get("verdict")
+    if given and given != recomputed:  # both are shown; the status is the more cautious of the two
+        status = min(str(given), recomputed, key=lambda s: _CAUTION.get(s, 0))
+        reasons.append(f"the optimizer's verdict is {given!r} but the figures above give {recomputed!r}: they "
+                       f"differ, so the status is the more cautious, {status!r}")
     return {"met": status == "met", "status": status, "reasons": reasons}
+
+
+_CAUTION = {"not_met": 0, "met_point_estimate": 1, "met": 2}
+# the reasons the optimizer words from the accuracy, recall and FPS figures (of a report from before it listed
+# its other reasons apart): anchored at their start, so another reason mentioning them is kept
+_FIGURE_REASON = re.compile(r"^(recall of '|recall cannot be measured: |accuracy [0-9c]|[0-9]+(\.[0-9]+)? FPS at )")
+
+
+def _other_reasons(detail: Mapping[str, Any]) -> list[str]:
+    """The optimizer's reasons beyond the three figures the verdict words itself."""
+    if "other_reasons" in detail:
+        return [str(r) for r in detail["other_reasons"]]
+    return [str(r) for r in detail.get("reasons", []) if not _FIGURE_REASON.match(str(r))]
 
 
 def _spec_evidence(opt: Mapping[str, Any]) -> dict[str, Any]:

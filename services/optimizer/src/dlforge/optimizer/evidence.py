@@ -214,6 +214,8 @@ class SpecVerdict(BaseModel):
     threshold_recall_lower_bound: float | None = Field(
         default=None, description="one-sided 95 % lower bound of the recall the threshold reaches on them")
     reasons: list[str] = Field(description="what keeps the verdict from 'met'")
+    other_reasons: list[str] = Field(default_factory=list, description="those of ``reasons`` not about the "
+                                     "accuracy, recall or FPS figures (which the fields above give)")
     notes: list[str] = Field(default_factory=list)
 
 
@@ -265,10 +267,12 @@ def spec_verdict(
     fps_ok = fps + _EPS >= spec.min_fps
     if not fps_ok:
         reasons.append(f"{fps:.2f} FPS at {spec.input_size}x{spec.input_size} < {spec.min_fps:g}")
+    other: list[str] = []
     if not evidence_from_people:
         point_ok = lower_ok = False
-        reasons.append("no test item is labeled by people: the figures compare the model with auto-labels, "
+        other.append("no test item is labeled by people: the figures compare the model with auto-labels, "
                        "which cannot show the spec is met")
+    reasons.extend(other)
     if threshold_positives is not None and spec.min_recall > 0:
         bound = "n/a" if threshold_recall_lower_bound is None else f"{threshold_recall_lower_bound:.3f}"
         notes.append(f"the recall threshold rests on {threshold_positives} validation positives; the recall it "
@@ -284,5 +288,6 @@ def spec_verdict(
         test_positives=(next(iter(recall.values())).n if spec.positive_class is not None and recall else None),
         accuracy=accuracy, recall=dict(recall), fps=fps, fps_ok=fps_ok, point_estimate_ok=point_ok,
         lower_bounds_ok=lower_ok, threshold_positives=threshold_positives,
-        threshold_recall_lower_bound=threshold_recall_lower_bound, reasons=reasons, notes=notes,
+        threshold_recall_lower_bound=threshold_recall_lower_bound, reasons=reasons, other_reasons=other,
+        notes=notes,
     )
