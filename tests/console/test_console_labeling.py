@@ -420,32 +420,45 @@ def test_grid_confirms_many_guesses_in_one_submission(server: Server, page: Page
         page.wait_for_function(MOVED_ON, arg=item)
 
 
-def test_labeling_to_the_end_then_the_page_says_so(server: Server, page: Page) -> None:
-    deadline = time.monotonic() + 120
+def label_to_the_end(server: Server, page: Page) -> None:
+    """Label what the page asks, round after round, until it says the dataset is labeled (Enter accepts the
+    model's guess when it is right; else the digit of the right class); every item's file name is kept."""
+    deadline = time.monotonic() + 180
     while not page.query_selector("#label-finished"):
         assert time.monotonic() < deadline, "the dataset was not labeled in time"
-        page.wait_for_selector("#label-image, #label-finished")
+        page.wait_for_selector("#label-image, #label-finished", timeout=60_000)  # the next round may be coming
         if page.query_selector("#label-finished"):
             break
         item, name = shown(page)
         server.names[item] = name
         right = server.truth[name]
         guess = page.text_content("#label-guess") or ""
-        # Enter accepts the model's guess when it is right; else the digit of the right class
         key = "Enter" if f"Model's guess: {right} (" in guess else digit_of(page, right)
         page.keyboard.press(key)
         page.wait_for_function(MOVED_ON, arg=item)
+
+
+@pytest.fixture(scope="module")
+def labeled(server: Server, page: Page) -> Server:
+    """The page's round labeled to the end (from wherever the tests before left it: alone, from the start)."""
+    label_to_the_end(server, page)
+    return server
+
+
+def test_labeling_to_the_end_then_the_page_says_so(labeled: Server, page: Page) -> None:
+    server = labeled
     record = server.get(f"/labeler/datasets/{DATASET}")
     assert record["state"] == "labeled" and record["counts"]["human"] == BUDGET
     href = page.get_attribute("#label-run-link", "href")
     assert href == f"#/runs/{record['run_id']}"
 
 
-def test_the_page_and_the_api_give_the_same_labels(server: Server) -> None:
+def test_the_page_and_the_api_give_the_same_labels(labeled: Server) -> None:
     """The same round through the API: same images, dataset id and options, each batch answered with
     the truth in one submission; the item -> label maps (by file name) must be the same."""
     from fastapi.testclient import TestClient
 
+    server = labeled
     page_labels = labels_of(server, DATASET)
     assert server.get(f"/labeler/datasets/{DATASET}")["state"] == "labeled"
     app, tokens = labeling_app(server.api_dir)
