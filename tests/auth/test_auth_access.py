@@ -321,8 +321,10 @@ def test_studies_and_training_jobs_are_listed_by_project(auth_settings: CommonSe
             db.execute("INSERT INTO c_trainer_jobs VALUES (?, 1, ?)",
                        (f"job-{project}", f'{{"run_id": "run-{project}", "kind": "trial", "state": "running", '
                                           f'"created_at": "{created[project]}"}}'))
-        db.execute("INSERT INTO c_trainer_jobs VALUES ('job-api', 1, '{\"run_id\": null, \"kind\": \"api\", "
-                   "\"state\": \"queued\", \"created_at\": \"2026-01-05\"}')")
+        for job, project in (("job-api", "p"), ("job-api-q", "q")):  # POST /trainer/jobs: the dataset's project
+            db.execute("INSERT INTO c_trainer_jobs VALUES (?, 1, ?)",
+                       (job, f'{{"run_id": null, "kind": "api", "project": "{project}", "state": "queued", '
+                             '"created_at": "2026-01-05"}'))
         db.commit()
         pia, otto = bearer(tokens["pia"]), bearer(tokens["otto"])
         assert [s["_id"] for s in client.get("/tuner/studies", headers=pia).json()] == ["dlforge-run-p"]
