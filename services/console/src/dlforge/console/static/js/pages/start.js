@@ -157,7 +157,8 @@ export async function render(root) {
       if (!folder.value.trim()) { error.textContent = "Give the folder's path on the server."; return; }
       fd.append("folder", folder.value.trim());
     }
-    fd.append("project", project.value.trim());
+    // the server's default project is "default": sent only when another one is asked for
+    if (project.value.trim() !== "default") fd.append("project", project.value.trim());
     if (name.value.trim()) fd.append("name", name.value.trim());
     fd.append("spec", JSON.stringify(specValue));
     fd.append("options", JSON.stringify(optionValue));
