@@ -163,13 +163,14 @@ def test_the_start_form_takes_its_fields_from_the_api_and_shows_refusals(page: A
     assert page.locator("#spec-input_size").get_attribute("max") == "4096"
     assert page.locator("#project").input_value() == "default"
 
-    # a folder outside the import roots: the server's 403 shows next to the form, nothing starts
+    # a folder outside the import roots: the server's 403 shows next to the form, as text, nothing starts
     page.check("#source-folder")
-    page.fill("#folder", "/etc")
+    page.fill("#folder", "/etc/<img src=x>")
     page.click("#start")
     error = page.locator("#start-error")
     error.get_by_text("outside the allowed import roots").wait_for(timeout=15_000)
-    assert "403" in error.inner_text() and "'/etc'" in error.inner_text()
+    assert "403" in error.inner_text() and "'/etc/<img src=x>'" in error.inner_text()
+    assert error.locator("img").count() == 0  # the path the server echoed is text, not markup
     assert "#/runs/new" in page.url
 
     # a bad positive class: the server's 422 names the field, shown under it
@@ -289,3 +290,23 @@ def test_a_run_from_the_form_through_the_graph_to_the_report(page: Any, console:
     assert "succeeded" in row.inner_text()
     page.screenshot(path=str(shots / "runs.png"), full_page=True)
 
+
+
+def test_cancel_and_delete_from_the_run_page(page: Any, console: Console, shots: Path) -> None:
+    with console.api() as api:
+        created = api.post("/labeler/datasets", json={"folder": str(console.folder), "name": "to cancel",
+                                                     "spec": {"positive_class": "defect"}})
+        assert created.status_code == 201, created.text
+    run_id = created.json()["run_id"]
+    page.goto(f"{console.url}/console/#/runs/{run_id}")
+    page.locator("#cancel").wait_for(timeout=60_000)
+    page.click("#cancel")
+    page.wait_for_function("() => document.querySelector('#run-state')?.textContent === 'cancelled'", timeout=60_000)
+    assert "cancelled in the console" in page.locator("#run-head").inner_text()
+    page.screenshot(path=str(shots / "run-cancelled.png"), full_page=True)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete")
+    page.wait_for_url(re.compile(r"/console/#/runs$"), timeout=30_000)
+    with console.api() as api:
+        _until("the run to be deleted", lambda: api.get(f"/runs/{run_id}").status_code == 404, timeout=60,
+               console=console)

@@ -9,6 +9,8 @@ const VERDICT_TEXT = {
   met: "met with 95 % confidence: the intervals' lower bounds clear the targets",
   met_point_estimate: "met on the point estimates only: the 95 % intervals reach below the targets",
   not_met: "not met",
+  failed: "the run failed: there is no model to check",
+  cancelled: "the run was cancelled: there is no model to check",
 };
 
 function ci(iv) {
@@ -43,7 +45,8 @@ function verdictBlock(report) {
       v.met ? "The spec is met" : "The spec is not met",
       report.state && report.state !== "succeeded" ? ` — the run ${report.state}` : ""),
     specText ? h("p", {}, "Spec: ", specText) : null,
-    detail?.verdict ? h("p", { id: "verdict-detail" }, "Verdict: ", VERDICT_TEXT[detail.verdict] || detail.verdict) : null,
+    (v.status || detail?.verdict) ? h("p", { id: "verdict-detail" }, "Verdict: ",
+      VERDICT_TEXT[v.status || detail.verdict] || v.status || detail.verdict) : null,
     v.reasons?.length ? h("ul", { id: "verdict-reasons", class: "wrap" }, v.reasons.map((r) => h("li", {}, r))) : null,
     detail?.notes?.length ? h("ul", { class: "muted wrap" }, detail.notes.map((n) => h("li", {}, n))) : null,
     report.failure ? h("p", { class: "error wrap" }, `Failed in ${report.failure.stage}: ${report.failure.reason}`) : null);
@@ -70,11 +73,19 @@ function summaryBlock(report) {
   return h("dl", { class: "kv card", id: "summary" }, rows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", { class: "wrap" }, String(v))]));
 }
 
-/** Human labels after each labeling round (the learning curve's rounds), as bars. */
+/** Labels by people in each labeling round (the labeler's round figures; else the learning curve's rounds). */
 function labelsPerRound(report) {
+  const rounds = report.labeling_round_figures || [];
   const pts = report.learning_curve?.points || [];
   const out = [];
-  if (pts.length) {
+  if (rounds.length) {
+    const added = rounds.map((r, i) => r.human_labels - (i ? rounds[i - 1].human_labels : 0));
+    out.push(barChart({
+      title: "Labels by people per round", categories: rounds.map((r) => `round ${r.round}`),
+      series: [{ name: "new in the round", values: added }, { name: "in all after the round", values: rounds.map((r) => r.human_labels) }],
+      yLabel: "items labeled by people",
+    }));
+  } else if (pts.length) {
     out.push(barChart({
       title: "Labels by people after each round", categories: pts.map((_, i) => `round ${i + 1}`),
       series: [{ name: "human labels", values: pts.map((p) => p[0]) }], yLabel: "items labeled by people",
