@@ -71,8 +71,11 @@ def _until(what: str, check: Any, *, timeout: float, every: float = 0.25, consol
 
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: scripts/install-system.sh installs chromium and chromium-driver")
+    if not os.access(CHROMIUM, os.X_OK):
+        why = f"no {CHROMIUM}: apt-get install chromium chromium-driver (scripts/install-system.sh)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(why)
+        pytest.skip(why)
     from dlforge.labeler.demo_data import materialize_elpv
 
     tmp = tmp_path_factory.mktemp("console")
