@@ -332,7 +332,9 @@ export async function render(root, params) {
     stopStream = stream(`${base}/stream`, (name, data) => {
       if (name === "run") update(data);
       if (name === "end") { live.textContent = `The run ${run.state}.`; live.dataset.live = "false"; }
-    }, (err) => startPolling(err.message));
+    }, (err) => startPolling(err.message), () => {
+      if (!FINISHED.includes(run.state)) startPolling("the server closed the stream");
+    });
   }
 
   // the running stage's seconds move while nothing else does
@@ -340,7 +342,12 @@ export async function render(root, params) {
     if (run.state !== "running") return;
     const time = head.querySelector("#run-time");
     if (time) time.textContent = fmtSeconds((Date.now() - Date.parse(run.started_at)) / 1000);
-    if (view === "graph") drawView();
+    // only the running stages' seconds move: update their text, not the whole graph
+    for (const g of viewBox.querySelectorAll("#stage-graph g.stage.running")) {
+      const secs = stageSeconds(run.stages?.[g.dataset.stage]);
+      const el = g.querySelector(".stage-seconds");
+      if (el && secs !== null) el.textContent = ` · ${fmtSeconds(secs)}`;
+    }
   }, 1000);
 
   root.append(title, head, actions, message, failure, rerunBox,
