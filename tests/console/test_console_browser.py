@@ -9,6 +9,7 @@ screenshot under ``reports/screenshots/`` (gitignored).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ SOURCES = [p for p in (ROOT / "libs").glob("*/src")] + [p for p in (ROOT / "serv
 SHOTS = ROOT / "reports" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+TRACE_URL = "http://127.0.0.1:16686/trace/{trace_id}"
 
 
 @dataclass
@@ -88,7 +91,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         "DLFORGE_WORK_DIR": str(tmp / "work"), "DLFORGE_TUNER_STORAGE": f"sqlite:///{tmp}/tuner.db",
         "DLFORGE_HTTP_HOST": "127.0.0.1", "DLFORGE_HTTP_PORT": str(port), "DLFORGE_POLL_SECONDS": "0.2",
         "DLFORGE_LABELER_IMPORT_ROOTS": str(tmp / "imports"), "DLFORGE_OPTIMIZER_ROUNDS": "1",
-        "DLFORGE_AUTH": "off",
+        "DLFORGE_AUTH": "off", "DLFORGE_CONSOLE_TRACE_URL": TRACE_URL,
     })
     env["PYTHONPATH"] = os.pathsep.join([*map(str, SOURCES), env.get("PYTHONPATH", "")])
     log = tmp / "up.log"
@@ -231,6 +234,9 @@ def test_a_run_from_the_form_through_the_graph_to_the_report(page: Any, console:
     # the labeler waits for people: the run page links to labeling
     page.locator("#label-link").wait_for(timeout=120_000)
     assert page.locator("#stage-graph g[data-stage='labeler']").get_attribute("data-state") == "running"
+    with console.api() as api:
+        trace_id = api.get(f"/runs/{run_id}").json()["trace_id"]
+    assert trace_id and page.locator("#trace-link").get_attribute("href") == TRACE_URL.format(trace_id=trace_id)
     page.screenshot(path=str(shots / "run-labeling.png"), full_page=True)
 
     # people label every batch (through the API) until the labeler is done
@@ -276,7 +282,20 @@ def test_a_run_from_the_form_through_the_graph_to_the_report(page: Any, console:
     assert head.inner_text().startswith("The spec is met" if final["spec_met"] else "The spec is not met")
     assert page.locator("#plots figure").count() >= 3
     assert page.locator("#trials tbody tr").count() == 2
+    with console.api() as api:
+        served = api.get(f"/runs/{run_id}/report").json()
+    reasons = page.locator("#verdict-reasons li").all_inner_texts()
+    assert reasons == served["verdict"]["reasons"] and reasons  # every reason, in full
     page.screenshot(path=str(shots / "report.png"), full_page=True)
+    with page.expect_download() as download:
+        page.click("#download-model")
+    with zipfile.ZipFile(download.value.path()) as zf:
+        names = zf.namelist()
+        assert json.loads(zf.read("report.json"))["verdict"] == served["verdict"]
+    assert any(n.endswith(".onnx") for n in names), names
+    with page.expect_download() as download:
+        page.click("#download-json")
+    assert json.loads(Path(download.value.path()).read_text()) == served
 
     # the model page classifies an uploaded cell
     page.click("text=Try the model")
@@ -284,6 +303,8 @@ def test_a_run_from_the_form_through_the_graph_to_the_report(page: Any, console:
     page.click("#predict")
     page.locator("#predicted").wait_for(timeout=60_000)
     assert page.locator("#predicted").inner_text().split(" — ")[0] in {"defect", "good"}
+    cam = page.locator("#cam")
+    assert cam.evaluate("img => img.complete && img.naturalWidth > 0")  # the class activation map decoded
     page.screenshot(path=str(shots / "model.png"), full_page=True)
 
     # the runs list shows the finished run with its timing
@@ -293,15 +314,43 @@ def test_a_run_from_the_form_through_the_graph_to_the_report(page: Any, console:
     assert "succeeded" in row.inner_text()
     page.screenshot(path=str(shots / "runs.png"), full_page=True)
 
-
-
-def test_cancel_and_delete_from_the_run_page(page: Any, console: Console, shots: Path) -> None:
-    with console.api() as api:
-        created = api.post("/labeler/datasets", json={"folder": str(console.folder), "name": "to cancel",
-                                                     "spec": {"positive_class": "defect"}})
-        assert created.status_code == 201, created.text
-    run_id = created.json()["run_id"]
+    # re-run with a changed option: a new run on the same images; this one stays
     page.goto(f"{console.url}/console/#/runs/{run_id}")
+    page.click("#rerun-open")
+    page.locator("#rerun-opt-hpo_trials").wait_for()
+    assert page.locator("#rerun-opt-hpo_trials").input_value() == "2"  # the run's own options, not the defaults
+    page.fill("#rerun-opt-hpo_trials", "1")
+    page.screenshot(path=str(shots / "run-rerun.png"), full_page=True)
+    page.click("#rerun-submit")
+    page.wait_for_url(re.compile(rf"/console/#/runs/(?!{run_id}$)[^/]+$"), timeout=60_000)
+    rerun_id = page.url.rsplit("/", 1)[-1]
+    with console.api() as api:
+        rerun = _until("the re-run's record", lambda: api.get(f"/runs/{rerun_id}").json().get("options"),
+                       timeout=60, console=console)
+        assert rerun["hpo_trials"] == 1 and rerun["train_epochs"] == 1
+        assert api.get(f"/runs/{run_id}").json()["state"] == "succeeded"
+    page.locator("#cancel").click()  # people would label it; the test stops it
+    page.wait_for_function("() => document.querySelector('#run-state')?.textContent === 'cancelled'", timeout=60_000)
+
+
+
+def test_a_zip_upload_from_the_form_then_cancel_and_delete(page: Any, console: Console, shots: Path,
+                                                            tmp_path: Path) -> None:
+    archive = tmp_path / "cells.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in sorted(console.truth)[:60]:
+            zf.write(console.folder / name, arcname=f"cells/{name}")
+    page.goto(f"{console.url}/console/#/runs/new")
+    page.locator("#zip").set_input_files(str(archive))
+    page.fill("#spec-positive_class", "defect")
+    page.click("#start")
+    page.wait_for_url(re.compile(r"/console/#/runs/(?!new$)[^/]+$"), timeout=60_000)
+    run_id = page.url.rsplit("/", 1)[-1]
+    with console.api() as api:
+        dataset_id = _until("the run's record", lambda: api.get(f"/runs/{run_id}").json().get("dataset_id"),
+                            timeout=30, console=console)
+        record = api.get(f"/labeler/datasets/{dataset_id}").json()
+    assert (record["source"], record["name"], record["counts"]["items"]) == ("zip", "cells", 60)
     page.locator("#cancel").wait_for(timeout=60_000)
     page.click("#cancel")
     page.wait_for_function("() => document.querySelector('#run-state')?.textContent === 'cancelled'", timeout=60_000)

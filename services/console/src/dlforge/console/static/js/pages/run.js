@@ -181,7 +181,21 @@ export function traceLink(template, traceId) {
 export async function render(root, params) {
   const runId = params.runId;
   const base = `/runs/${encodeURIComponent(runId)}`;
-  let run = await api(base);
+  const here = location.hash;
+  // a run just started (the form, a re-run) reaches the run view a moment after the 201: wait for it
+  let run = null;
+  const waiting = h("p", { class: "muted", id: "run-waiting" }, `Waiting for run ${runId} to start…`);
+  for (let attempt = 0; run === null; attempt += 1) {
+    try {
+      run = await api(base);
+    } catch (err) {
+      if (err.status !== 404 || attempt >= 30) throw err;
+      if (attempt === 0) root.append(waiting);
+      await new Promise((resolve) => { setTimeout(resolve, 1000); });
+      if (location.hash !== here) return null; // the person went elsewhere meanwhile
+    }
+  }
+  waiting.remove();
   let config = {};
   try { config = await api("/console-config"); } catch { config = {}; }
   let view = sessionStorage.getItem("dlforge.runview") || "graph";
