@@ -4,6 +4,7 @@
 import { api, stream } from "../api.js";
 import { clear, fmtSeconds, fmtTime, h, s } from "../dom.js";
 import { wrapLines } from "../charts.js";
+import { can } from "../roles.js";
 import { fieldErrors, runSchemas, schemaFields } from "./start.js";
 
 export const STAGES = ["labeler", "augmenter", "proposer", "tuner", "trainer", "optimizer"];
@@ -281,6 +282,13 @@ export async function render(root, params) {
         await api(base, { method: "DELETE" });
         location.hash = "#/runs";
       }) }, "Delete"));
+    }
+    if (!can(run.project, "operator")) {
+      // the server would answer 403: say why instead of offering the button
+      for (const b of buttons) {
+        b.disabled = true;
+        b.title = `needs the operator role in project ${run.project ?? "default"}`;
+      }
     }
     clear(actions).append(...links, ...buttons);
     clear(failure);

@@ -3,6 +3,7 @@
 // components Spec and PipelineOptions): defaults, bounds and help texts cannot drift from the code.
 import { api } from "../api.js";
 import { h } from "../dom.js";
+import { roleIn } from "../roles.js";
 
 /** The schema of a field without its null branch, and whether null is allowed. */
 function plain(prop) {
@@ -120,6 +121,14 @@ export async function render(root) {
   const project = h("input", { type: "text", id: "project", name: "project", value: "default", required: true,
     maxlength: 64, pattern: "[A-Za-z0-9][A-Za-z0-9_.\\-]{0,63}" });
   const name = h("input", { type: "text", id: "name", name: "name", maxlength: 200, placeholder: "(the zip's or folder's name)" });
+  const roleNote = h("small", { class: "muted help", id: "project-role" });
+  const showRole = () => {
+    const role = roleIn(project.value.trim());
+    roleNote.textContent = role === "operator" || role === "admin" ? ""
+      : `You are ${role ? `${role}` : "not a member"} in this project; starting a run needs the operator role.`;
+  };
+  project.addEventListener("input", showRole);
+  showRole();
   const sync = () => { file.disabled = !zipRadio.checked; folder.disabled = !folderRadio.checked; };
   zipRadio.addEventListener("change", sync);
   folderRadio.addEventListener("change", sync);
@@ -135,7 +144,7 @@ export async function render(root) {
     h("fieldset", {},
       h("legend", {}, "Run"),
       h("div", { class: "field" }, h("label", { for: "project" }, "Project"), project,
-        h("small", { class: "muted help" }, "The project the data set and the run belong to.")),
+        h("small", { class: "muted help" }, "The project the data set and the run belong to."), roleNote),
       h("div", { class: "field" }, h("label", { for: "name" }, "Name"), name)),
     h("fieldset", {}, h("legend", {}, "Spec: what the model must do"), specFields.element),
     h("details", {}, h("summary", {}, "Pipeline options (defaults suit most runs)"), optionFields.element),
