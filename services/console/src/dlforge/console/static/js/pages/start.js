@@ -121,6 +121,7 @@ export async function render(root) {
   const project = h("input", { type: "text", id: "project", name: "project", value: "default", required: true,
     maxlength: 64, pattern: "[A-Za-z0-9][A-Za-z0-9_.\\-]{0,63}" });
   const name = h("input", { type: "text", id: "name", name: "name", maxlength: 200, placeholder: "(the zip's or folder's name)" });
+  const classes = h("input", { type: "text", id: "classes", name: "classes", maxlength: 20000, placeholder: "defect, good" });
   const roleNote = h("small", { class: "muted help", id: "project-role" });
   const showRole = () => {
     const role = roleIn(project.value.trim());
@@ -145,7 +146,10 @@ export async function render(root) {
       h("legend", {}, "Run"),
       h("div", { class: "field" }, h("label", { for: "project" }, "Project"), project,
         h("small", { class: "muted help" }, "The project the data set and the run belong to."), roleNote),
-      h("div", { class: "field" }, h("label", { for: "name" }, "Name"), name)),
+      h("div", { class: "field" }, h("label", { for: "name" }, "Name"), name),
+      h("div", { class: "field" }, h("label", { for: "classes" }, "Classes"), classes,
+        h("small", { class: "muted help" }, "The class names, comma-separated, when the images do not name them "
+          + "(class folders or a labels.csv do); people label with these."))),
     h("fieldset", {}, h("legend", {}, "Spec: what the model must do"), specFields.element),
     h("details", {}, h("summary", {}, "Pipeline options (defaults suit most runs)"), optionFields.element),
     h("div", { class: "actions" }, submit, status),
@@ -169,6 +173,8 @@ export async function render(root) {
     // the server's default project is "default": sent only when another one is asked for
     if (project.value.trim() !== "default") fd.append("project", project.value.trim());
     if (name.value.trim()) fd.append("name", name.value.trim());
+    const classList = classes.value.split(",").map((c) => c.trim()).filter(Boolean);
+    if (classList.length) fd.append("classes", JSON.stringify(classList));
     fd.append("spec", JSON.stringify(specValue));
     fd.append("options", JSON.stringify(optionValue));
     submit.disabled = true;
