@@ -255,9 +255,10 @@ export async function render(root, params) {
         : "—"),
       run.cancelled ? [h("dt", {}, "Cancelled"), h("dd", { class: "wrap" }, run.cancelled.reason)] : null));
     const links = [];
-    if (run.dataset_id && lab?.state === "running") {
+    // the labeling page once the labeler has asked people for a batch (before, there is nothing to label)
+    if (run.dataset_id && lab?.state === "running" && lab.waiting_for_labels) {
       links.push(h("a", { href: `#/label/${encodeURIComponent(run.dataset_id)}`, id: "label-link", class: "button" },
-        lab.waiting_for_labels ? `Label (${lab.waiting_for_labels} waiting)` : "Labeling"));
+        `Label (round ${lab.rounds ?? 1})`));
     }
     if (run.stages?.optimizer?.state === "succeeded" || run.state === "succeeded") {
       links.push(h("a", { href: `#/runs/${encodeURIComponent(runId)}/report`, id: "report-link", class: "button" }, "Report"));
