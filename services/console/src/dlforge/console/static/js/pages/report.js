@@ -265,10 +265,12 @@ export async function render(root, params) {
     ...labelsPerRound(report), learningCurve(report), operatingCurve(report));
   const [classChart, classTable] = perClass(report);
   const [trialChart, trialTable] = trials(report);
-  root.append(verdictBlock(report), downloads, summaryBlock(report),
+  // h() skips a missing part; Element.append would write "null"/"undefined": filter first
+  root.append(...[verdictBlock(report), downloads, summaryBlock(report),
     h("h2", {}, "Labels and learning"), plots,
     h("h2", {}, "Per class"), h("div", { class: "grid2" }, classChart, confusion(report)), classTable,
     h("h2", {}, "Variants: speed and size"), ...variants(report).filter(Boolean),
-    h("h2", {}, "Hyperparameter trials and time"), h("div", { class: "grid2" }, trialChart, stageTimes(report)), trialTable);
+    h("h2", {}, "Hyperparameter trials and time"), h("div", { class: "grid2" }, trialChart, stageTimes(report)), trialTable]
+    .filter(Boolean));
   clear(status);
 }

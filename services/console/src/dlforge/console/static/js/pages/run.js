@@ -325,8 +325,8 @@ export async function render(root, params) {
         const byField = fieldErrors(e.body);
         specFields.showErrors(byField.spec);
         optionFields.showErrors(byField.options);
-        err.append(h("p", {}, `${e.status ? `${e.status}: ` : ""}${e.message}`),
-          byField.other.length ? h("ul", {}, byField.other.map((m) => h("li", {}, m))) : null);
+        err.append(h("div", {}, h("p", {}, `${e.status ? `${e.status}: ` : ""}${e.message}`),
+          byField.other.length ? h("ul", {}, byField.other.map((m) => h("li", {}, m))) : null));
       }
     });
     clear(rerunBox).append(form);

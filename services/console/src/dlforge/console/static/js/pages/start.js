@@ -189,8 +189,9 @@ export async function render(root) {
       specFields.showErrors(byField.spec);
       optionFields.showErrors(byField.options);
       if (Object.keys(byField.options).length) form.querySelector("details").open = true;
-      error.append(h("p", { class: "status-code" }, `${err.status ? `${err.status}: ` : ""}${err.message}`),
-        byField.other.length ? h("ul", {}, byField.other.map((m) => h("li", {}, m))) : null);
+      // through h(): a missing part is skipped (Element.append would write "null")
+      error.append(h("div", {}, h("p", { class: "status-code" }, `${err.status ? `${err.status}: ` : ""}${err.message}`),
+        byField.other.length ? h("ul", {}, byField.other.map((m) => h("li", {}, m))) : null));
     } finally {
       submit.disabled = false;
     }
