@@ -36,6 +36,9 @@ SHOTS = ROOT / "reports" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 TRACE_URL = "http://127.0.0.1:16686/trace/{trace_id}"
+# people of the default project: an operator (starts runs) and a labeler (labels only)
+OPERATOR = ("olga", "olga-operates-1")
+LABELER = ("lars", "lars-labels-1")
 
 
 @dataclass
@@ -45,9 +48,10 @@ class Console:
     truth: dict[str, str]
     log: Path
     proc: subprocess.Popen[bytes]
+    token: str = ""  # the operator's, for the test's own API calls
 
     def api(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30)
+        return httpx.Client(base_url=self.url, timeout=30, headers={"Authorization": f"Bearer {self.token}"})
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -91,9 +95,14 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         "DLFORGE_WORK_DIR": str(tmp / "work"), "DLFORGE_TUNER_STORAGE": f"sqlite:///{tmp}/tuner.db",
         "DLFORGE_HTTP_HOST": "127.0.0.1", "DLFORGE_HTTP_PORT": str(port), "DLFORGE_POLL_SECONDS": "0.2",
         "DLFORGE_LABELER_IMPORT_ROOTS": str(tmp / "imports"), "DLFORGE_OPTIMIZER_ROUNDS": "1",
-        "DLFORGE_AUTH": "off", "DLFORGE_CONSOLE_TRACE_URL": TRACE_URL,
+        "DLFORGE_AUTH": "required", "DLFORGE_CONSOLE_TRACE_URL": TRACE_URL,
     })
     env["PYTHONPATH"] = os.pathsep.join([*map(str, SOURCES), env.get("PYTHONPATH", "")])
+    for (name, password), role in ((OPERATOR, "operator"), (LABELER, "labeler")):
+        made = subprocess.run([sys.executable, "-m", "dlforge.cli.main", "admin", "create-user", name, "--project",
+                               "default", "--role", role], env=env, cwd=tmp, input=f"{password}\n", text=True,
+                              capture_output=True, timeout=120)
+        assert made.returncode == 0, made.stderr
     log = tmp / "up.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "dlforge.cli.main", "up"], env=env, cwd=tmp, stdout=out,
@@ -110,6 +119,10 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
 
     try:
         _until("dlforge up to answer /readyz", ready, timeout=300, console=server)
+        login = httpx.post(f"{server.url}/auth/login", json={"username": OPERATOR[0], "password": OPERATOR[1]},
+                           timeout=30)
+        assert login.status_code == 200, login.text
+        server.token = login.json()["token"]
         yield server
     finally:
         if proc.poll() is None:
@@ -139,21 +152,37 @@ def shots() -> Path:
     return SHOTS
 
 
+def sign_in(pg: Any, console: Console, who: tuple[str, str], shots: Path | None = None) -> None:
+    """Through the sign-in form, as a person would; lands on the runs list."""
+    pg.goto(f"{console.url}/console/#/runs")
+    pg.wait_for_url(re.compile(r"#/signin"))
+    pg.fill("#username", who[0])
+    pg.fill("#password", who[1])
+    if shots is not None:
+        pg.screenshot(path=str(shots / "signin.png"), full_page=True)
+    pg.click("#signin button[type=submit]")
+    pg.wait_for_url(re.compile(r"/console/#/runs$"))
+    assert pg.locator("#who .user").inner_text() == who[0]
+
+
 @pytest.fixture
-def page(browser: Any, console: Console) -> Iterator[Any]:
-    """A fresh browser context signed in (auth off: any token; the pages need one to show)."""
-    context = browser.new_context(viewport={"width": 1300, "height": 900})
+def context(browser: Any) -> Iterator[Any]:
+    ctx = browser.new_context(viewport={"width": 1300, "height": 900})
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+@pytest.fixture
+def page(context: Any, console: Console, shots: Path) -> Iterator[Any]:
+    """A fresh browser context signed in as the operator through the sign-in form."""
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
-    pg.goto(f"{console.url}/console/")
-    pg.evaluate("""() => { sessionStorage.setItem('dlforge.token', 'local');
-        sessionStorage.setItem('dlforge.user', JSON.stringify({name: 'tester', projects: {default: 'admin'}})); }""")
-    try:
-        yield pg
-        assert not errors, f"script errors on the page: {errors}"
-    finally:
-        context.close()
+    sign_in(pg, console, OPERATOR, shots)
+    yield pg
+    assert not errors, f"script errors on the page: {errors}"
 
 
 def test_the_start_form_takes_its_fields_from_the_api_and_shows_refusals(page: Any, console: Console,
@@ -198,7 +227,7 @@ def _label_waiting_batch(console: Console, dataset_id: str) -> int:
             return 0
         labels = {item["item_id"]: console.truth[item["name"]] for item in queue["items"]}
         response = api.post("/labeler/labels", json={"dataset_id": dataset_id, "batch_id": queue["batch_id"],
-                                                     "labels": labels, "annotator": "tester"})
+                                                     "labels": labels})
         assert response.status_code == 202, response.text
         return len(labels)
 
@@ -385,3 +414,26 @@ def test_a_zip_upload_from_the_form_then_cancel_and_delete(page: Any, console: C
     with console.api() as api:
         _until("the run to be deleted", lambda: api.get(f"/runs/{run_id}").status_code == 404, timeout=60,
                console=console)
+
+
+def test_a_labeler_cannot_start_a_run(browser: Any, console: Console, shots: Path) -> None:
+    ctx = browser.new_context(viewport={"width": 1300, "height": 900})
+    try:
+        pg = ctx.new_page()
+        sign_in(pg, console, LABELER)
+        pg.goto(f"{console.url}/console/#/runs/new")
+        pg.locator("#project-role").get_by_text("needs the operator role").wait_for()
+        pg.check("#source-folder")
+        pg.fill("#folder", str(console.folder))
+        with console.api() as api:
+            before = {r["run_id"] for r in api.get("/runs").json()}
+        pg.click("#start")
+        error = pg.locator("#start-error")
+        error.locator(".status-code").wait_for(timeout=30_000)
+        assert error.inner_text().startswith("403") and "null" not in error.inner_text()
+        pg.screenshot(path=str(shots / "start-forbidden.png"), full_page=True)
+        assert "#/runs/new" in pg.url
+        with console.api() as api:
+            assert {r["run_id"] for r in api.get("/runs").json()} == before  # nothing started
+    finally:
+        ctx.close()

@@ -170,8 +170,7 @@ export async function render(root) {
       if (!folder.value.trim()) { error.textContent = "Give the folder's path on the server."; return; }
       fd.append("folder", folder.value.trim());
     }
-    // the server's default project is "default": sent only when another one is asked for
-    if (project.value.trim() !== "default") fd.append("project", project.value.trim());
+    fd.append("project", project.value.trim());
     if (name.value.trim()) fd.append("name", name.value.trim());
     const classList = classes.value.split(",").map((c) => c.trim()).filter(Boolean);
     if (classList.length) fd.append("classes", JSON.stringify(classList));
