@@ -1,10 +1,12 @@
 """The console in a real browser (Playwright driving the system Chromium) against ``dlforge up``.
 
 One server for the module: ``dlforge up`` in its own process on 127.0.0.1 with embedded backends in a
-tmp dir and 240 ELPV cells in a folder under the import roots; no simulated annotator, so the run
-waits for people. The tests start a run through the form, label through the page or the API, watch
-the stage graph reach the optimizer, open the report and try the model. Every page is saved as a
-screenshot under ``reports/screenshots/`` (gitignored).
+tmp dir, auth required (an operator and a labeler of the default project, made with ``dlforge admin
+create-user``), and 240 ELPV cells in a folder under the import roots; no simulated annotator, so the
+run waits for people. The tests sign in through the form, start a run through the start form, label
+20 items with the keyboard on the labeling page (the rest through the API), watch the stage graph
+reach the optimizer, open the report, download the model and try it; a labeler's start is refused
+(403). Every page is saved as a screenshot under ``reports/screenshots/`` (gitignored).
 """
 
 from __future__ import annotations
