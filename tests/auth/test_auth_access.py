@@ -242,6 +242,79 @@ def test_a_token_never_exceeds_its_user(auth_settings: CommonSettings) -> None:
         assert client.get("/auth/tokens", headers=bearer(tokens["lars"]), params={"user": "ada"}).status_code == 403
 
 
+def test_a_limited_token_mints_no_more_than_itself(auth_settings: CommonSettings) -> None:
+    tokens = seed_accounts(auth_settings, {"mia": {"p1": "admin", "p2": "operator"}})
+    with TestClient(combined(auth_settings)) as client:
+        made = client.post("/auth/tokens", headers=bearer(tokens["mia"]),
+                           json={"name": "narrow", "projects": {"p2": "viewer"}, "expires_days": 1})
+        assert made.status_code == 201, made.text
+        narrow = made.json()
+        # null projects from the narrow token: its own roles, not mia's (admin of p1); it expires no later
+        child = client.post("/auth/tokens", headers=bearer(narrow["token"]), json={"name": "child"})
+        assert child.status_code == 201, child.text
+        assert child.json()["grants"] == {"p2": "viewer"}
+        assert child.json()["expires_at"] is not None
+        assert datetime.fromisoformat(child.json()["expires_at"]) <= datetime.fromisoformat(narrow["expires_at"])
+        assert client.get("/auth/me", headers=bearer(child.json()["token"])).json()["projects"] == {"p2": "viewer"}
+        longer = client.post("/auth/tokens", headers=bearer(narrow["token"]), json={"expires_days": 30}).json()
+        assert datetime.fromisoformat(longer["expires_at"]) <= datetime.fromisoformat(narrow["expires_at"])
+        # asking for more than the token holds (though mia holds it): 403
+        for more in ({"p1": "viewer"}, {"p2": "operator"}):
+            refused = client.post("/auth/tokens", headers=bearer(narrow["token"]), json={"projects": more})
+            assert refused.status_code == 403, refused.text
+        # the narrow token sees and revokes only itself and what it could have made, not mia's full token
+        listed = {t["name"] for t in client.get("/auth/tokens", headers=bearer(narrow["token"])).json()}
+        assert listed == {"narrow", "child", "api"}, listed
+        full = [t for t in client.get("/auth/tokens", headers=bearer(tokens["mia"])).json() if t["name"] == "test"]
+        assert len(full) == 1
+        assert client.delete(f"/auth/tokens/{full[0]['token_id']}", headers=bearer(narrow["token"])).status_code == 404
+        assert client.delete(f"/auth/tokens/{child.json()['token_id']}",
+                             headers=bearer(narrow["token"])).status_code == 200
+        # the unlimited token still mints tokens with all of mia's roles
+        whole = client.post("/auth/tokens", headers=bearer(tokens["mia"]), json={"name": "whole"})
+        assert whole.status_code == 201 and whole.json()["grants"] is None and whole.json()["expires_at"] is None
+
+
+def test_minting_tokens_does_not_raise_the_rate(auth_settings: CommonSettings) -> None:
+    settings = auth_settings.model_copy(update={"auth_rate": 0.01, "auth_burst": 5})
+    tokens = seed_accounts(settings, {"vera": {"default": "viewer"}, "otto": {"default": "viewer"}})
+    with TestClient(combined(settings)) as client:
+        minted = [client.post("/auth/tokens", headers=bearer(tokens["vera"]), json={"name": f"m{i}"})
+                  for i in range(3)]
+        assert [m.status_code for m in minted] == [201] * 3
+        ok = 0
+        for token in [tokens["vera"]] + [m.json()["token"] for m in minted[:2]]:
+            for _ in range(5):
+                ok += client.get("/runs", headers=bearer(token)).status_code == 200
+        # each token alone may burst 5, vera's tokens together twice that: 3 mints + 7 reads
+        assert ok == 2 * 5 - 3, ok
+        refused = client.get("/runs", headers=bearer(minted[2].json()["token"]))  # unused, yet refused
+        assert refused.status_code == 429 and "the tokens of vera" in refused.json()["detail"]
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert client.get("/runs", headers=bearer(tokens["otto"])).status_code == 200
+
+
+def test_token_minting_is_limited(auth_settings: CommonSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlforge.common.auth import routes
+    monkeypatch.setattr(routes, "MAX_LIVE_TOKENS", 3)
+    settings = auth_settings.model_copy(update={"auth_rate": 1000, "auth_burst": 1000})
+    tokens = seed_accounts(settings, {"vera": {"default": "viewer"}})
+    with TestClient(combined(settings)) as client:
+        made = [client.post("/auth/tokens", headers=bearer(tokens["vera"]), json={"name": f"m{i}"}) for i in range(3)]
+        assert [m.status_code for m in made] == [201, 201, 409]  # the seeded one is live too
+        assert "3 live tokens" in made[2].json()["detail"]
+        assert client.delete(f"/auth/tokens/{made[0].json()['token_id']}", headers=bearer(tokens["vera"])).status_code \
+            == 200
+        assert client.post("/auth/tokens", headers=bearer(tokens["vera"]), json={}).status_code == 201
+        monkeypatch.setattr(routes, "MAX_LIVE_TOKENS", 1000)
+        statuses = [client.post("/auth/tokens", headers=bearer(tokens["vera"]), json={}).status_code
+                    for _ in range(routes.MINT_BURST)]
+        assert 429 in statuses  # 4 taken already of the burst
+        assert statuses.index(429) == routes.MINT_BURST - 4
+        late = client.post("/auth/tokens", headers=bearer(tokens["vera"]), json={})
+        assert late.status_code == 429 and int(late.headers["Retry-After"]) >= 1
+
+
 # ------------------------------------------------------------------------------------------------
 # projects
 # ------------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/auth/login", "/openapi.jso
 OPEN_PREFIXES = ("/console/",)
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 RESOURCE_PARAMS = (("run_id", "run"), ("dataset_id", "dataset"))
+USER_RATE_FACTOR = 2  # a user's bucket: twice a token's (a browser and a CLI together), however many tokens
 
 
 def role(needed: str, *, resource: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -228,6 +229,26 @@ def _bearer(scope: Scope) -> str | None:
     return None
 
 
+def rate_refusal(limiter: RateLimiter, principal: Principal) -> JSONResponse | None:
+    """The 429 answer of a request over its rate, else None (the request is counted).
+
+    Each token has a bucket, and each user one of ``USER_RATE_FACTOR`` times its size beside it (so that
+    minting more tokens does not raise a user's rate). Services are not limited: they are few, trusted,
+    share one service account, and carry the load of every user they serve (introspection, project look-ups).
+    """
+    if principal.kind == "service":
+        return None
+    checks = ((principal.token_id or principal.name, "this token", 1),
+              (f"user:{principal.name}", f"the tokens of {principal.name}", USER_RATE_FACTOR))
+    for key, whose, factor in checks:
+        rate, burst = limiter.rate * factor, limiter.burst * factor
+        wait = limiter.take(key, rate=rate, burst=burst)
+        if wait > 0:
+            return _refusal(429, f"too many requests with {whose}: over {rate:g}/s (bursts of {burst}); retry after "
+                            f"{wait:.2f} s", {"Retry-After": str(max(1, math.ceil(wait)))})
+    return None
+
+
 def _expired(principal: Principal) -> bool:
     return principal.expires_at is not None and datetime.fromisoformat(principal.expires_at) <= now()
 
@@ -283,11 +304,9 @@ class AuthMiddleware:
             await _refusal(401, "the bearer token is unknown, revoked or expired",
                            {"WWW-Authenticate": 'Bearer realm="dlforge", error="invalid_token"'})(scope, receive, send)
             return
-        wait = runtime.limiter.take(principal.token_id or principal.name)
-        if wait > 0:
-            await _refusal(429, f"too many requests with this token: over {runtime.limiter.rate:g}/s (bursts of "
-                           f"{runtime.limiter.burst}); retry after {wait:.2f} s",
-                           {"Retry-After": str(max(1, math.ceil(wait)))})(scope, receive, send)
+        refusal = rate_refusal(runtime.limiter, principal)
+        if refusal is not None:
+            await refusal(scope, receive, send)
             return
         state["principal"] = principal
         if scope["method"] in READ_METHODS:

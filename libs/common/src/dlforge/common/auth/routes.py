@@ -4,7 +4,9 @@
   401 on bad credentials; attempts are limited per client address.
 - ``POST /auth/logout`` revokes the token of the request; ``GET /auth/me`` says who it is.
 - ``GET/POST /auth/tokens``, ``DELETE /auth/tokens/{token_id}``: one's own tokens (an admin of every
-  project: anyone's). A token's roles never exceed its user's (asked for more: 403).
+  project: anyone's). A token's roles never exceed its user's nor the calling token's (asked for more: 403);
+  a token made by an expiring API token expires no later; at most 50 live tokens per user (409), new tokens
+  limited per user (429 with Retry-After).
 - ``GET/POST /auth/users``, ``PUT/DELETE /auth/users/{name}/grants/{project}``, ``GET /auth/audit``:
   administration (admin of every project; a project's grants also by that project's admin).
 - ``POST /auth/introspect``, ``GET/PUT /auth/resources/{kind}/{id}``: for services (their own token,
@@ -13,6 +15,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -38,6 +43,9 @@ from dlforge.common.runtime import HandlerContext, Service
 
 LOGIN_RATE = 0.5  # sign-in attempts per second and client address, on average
 LOGIN_BURST = 10
+MINT_RATE = 0.2  # new tokens per second and user, on average
+MINT_BURST = 10
+MAX_LIVE_TOKENS = 50  # unrevoked, unexpired tokens per user
 
 service: Service[None] = Service("auth")
 router = APIRouter(tags=["auth"])
@@ -227,22 +235,60 @@ async def me(me: Me) -> Me_:
 # ------------------------------------------------------------------------------------------------
 
 
+async def _calling_token(me: Principal, store: AuthStore) -> dict[str, Any] | None:
+    """The public record of the token the request came with (None: no token, e.g. the local admin)."""
+    return await store.token(me.token_id) if me.token_id is not None else None
+
+
+def _limited(caller: Mapping[str, Any] | None) -> bool:
+    """Whether the calling token is narrower than its user: an API token with its own grants or an expiry.
+    A session (signed in with the password) and an unlimited, unexpiring API token stand for the user."""
+    if caller is None or caller["kind"] == "session":
+        return False
+    return caller["grants"] is not None or caller["expires_at"] is not None
+
+
+def _could_have_made(me: Principal, caller: Mapping[str, Any], doc: Mapping[str, Any]) -> bool:
+    """Whether ``doc`` (a token of the same user) is the calling, limited token or one it could have made:
+    roles within its own, expiring no later."""
+    if doc["token_id"] == caller["token_id"]:
+        return True
+    grants = doc.get("grants")
+    if grants is None or any(not me.can(p, r) for p, r in grants.items()):
+        return False
+    limit = caller["expires_at"]
+    return limit is None or (doc.get("expires_at") is not None
+                             and datetime.fromisoformat(doc["expires_at"]) <= datetime.fromisoformat(limit))
+
+
 @router.get("/auth/tokens", response_model=list[Token], openapi_extra=role("signed-in"),
             responses=error_responses(403))
 async def list_tokens(me: Me, store: Store,
                       user: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}$")] = None,
                       ) -> list[Token]:
-    """Your tokens (an admin of every project: anyone's, ``user`` to pick one; never the tokens themselves)."""
+    """Your tokens (an admin of every project: anyone's, ``user`` to pick one; never the tokens themselves).
+    A limited token (its own grants or an expiry) sees only itself and the tokens it could have made."""
     whose = user if user is not None else me.name
     if whose != me.name:
         _platform_admin(me)
-    return [Token(**t) for t in await store.tokens(whose)]
+    found = await store.tokens(whose)
+    caller = await _calling_token(me, store)
+    if whose == me.name and caller is not None and _limited(caller):
+        found = [t for t in found if _could_have_made(me, caller, t)]
+    return [Token(**t) for t in found]
 
 
 @router.post("/auth/tokens", status_code=201, response_model=NewToken, openapi_extra=role("signed-in"),
-             responses=error_responses(403, 404))
-async def create_token(body: TokenRequest, me: Me, store: Store) -> NewToken:
-    """A new API token, with at most the roles of its user (shown once)."""
+             responses=error_responses(403, 404, 409, 429))
+async def create_token(body: TokenRequest, me: Me, store: Store, runtime: Runtime) -> NewToken:
+    """A new API token, with at most the roles of its user and of the token that asks (shown once).
+
+    ``projects`` null: the user's roles (asked with a limited token: that token's roles). A token made
+    by an expiring API token expires no later than it. A user holds at most ``MAX_LIVE_TOKENS`` live tokens."""
+    wait = runtime.limiter.take(f"mint:{me.name}", rate=MINT_RATE, burst=MINT_BURST)
+    if wait > 0:
+        raise InvalidInput(f"too many new tokens for {me.name}; retry after {wait:.1f} s", status_code=429,
+                           headers={"Retry-After": str(max(1, math.ceil(wait)))})
     whose = body.user or me.name
     if whose != me.name:
         _platform_admin(me)
@@ -251,24 +297,47 @@ async def create_token(body: TokenRequest, me: Me, store: Store) -> NewToken:
     user = await store.user(whose)
     if user is None:
         raise NotFound(f"no user {whose!r}")
-    if body.projects is not None:
+    caller = await _calling_token(me, store)
+    requested = body.projects
+    if requested is None and _limited(caller):
+        requested = dict(me.grants)  # a limited token passes on its own roles, never its user's all
+    if requested is not None:
         holder = Principal(name=whose, token_id=None, grants=user.get("grants", {}))
-        over = {p: r for p, r in body.projects.items() if not at_least(holder.role_in(p), r)}
+        over = {p: r for p, r in requested.items() if not at_least(holder.role_in(p), r)}
         if over:
             raise Forbidden(f"{whose} does not hold {over}; a token cannot have more than its user",
                             details={"over": over})
-    token, doc = await store.issue_token(whose, kind="api", name=body.name, grants=body.projects,
-                                         expires_at=expiry(days=body.expires_days))
+        if whose == me.name:
+            beyond = {p: r for p, r in requested.items() if not me.can(p, r)}
+            if beyond:
+                raise Forbidden(f"the token of this request does not hold {beyond}; a token cannot make one with "
+                                "more than itself", details={"over": beyond})
+    expires_at = expiry(days=body.expires_days)
+    if caller is not None and caller["kind"] == "api" and caller["expires_at"] is not None:
+        limit = datetime.fromisoformat(caller["expires_at"])
+        expires_at = limit if expires_at is None or expires_at > limit else expires_at
+    live = await store.live_tokens(whose)
+    if live >= MAX_LIVE_TOKENS:
+        raise InvalidInput(f"{whose} holds {live} live tokens, the most allowed ({MAX_LIVE_TOKENS}); revoke some "
+                           "(DELETE /auth/tokens/{token_id}) first", status_code=409,
+                           details={"live": live, "max": MAX_LIVE_TOKENS})
+    token, doc = await store.issue_token(whose, kind="api", name=body.name, grants=requested,
+                                         expires_at=expires_at)
     return NewToken(token=token, **doc)
 
 
 @router.delete("/auth/tokens/{token_id}", response_model=Token, openapi_extra=role("signed-in"),
                responses=error_responses(403, 404))
 async def revoke_token(token_id: IdPath, me: Me, store: Store, runtime: Runtime) -> Token:
-    """Revoke a token (yours; an admin of every project: anyone's)."""
+    """Revoke a token (yours; an admin of every project: anyone's; a limited token: itself and those it could
+    have made)."""
     doc = await store.token(token_id)
     if doc is None or (doc["user"] != me.name and me.projects("admin") is not None):
         raise NotFound(f"no token {token_id!r}")
+    if doc["user"] == me.name:
+        caller = await _calling_token(me, store)
+        if caller is not None and _limited(caller) and not _could_have_made(me, caller, doc):
+            raise NotFound(f"no token {token_id!r}")
     revoked = await store.revoke(token_id)
     runtime.authenticator.forget_tokens()
     return Token(**revoked)

@@ -164,6 +164,13 @@ class AuthStore:
         return [_public_token(d) for d in await self.docs.find(TOKENS, where, sort=[("created_at", -1)],
                                                               limit=10_000)]
 
+    async def live_tokens(self, user: str) -> int:
+        """How many of ``user``'s tokens are neither revoked nor expired."""
+        at = now()
+        return sum(1 for d in await self.docs.find(TOKENS, {"user": user}, limit=10_000)
+                   if not d.get("revoked_at") and not (d.get("expires_at")
+                                                       and datetime.fromisoformat(d["expires_at"]) <= at))
+
     async def token(self, token_id: str) -> dict[str, Any] | None:
         doc = await self.docs.get(TOKENS, token_id)
         return _public_token(doc) if doc is not None else None
