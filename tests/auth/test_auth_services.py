@@ -308,3 +308,71 @@ async def test_audit_entries_answered_together_are_written_together(tmp_path: Pa
     assert newest_first == ["last", *(f"u{i}" for i in reversed(range(20)))]
     assert [e["who"] for e in await store.audit_entries(user="u3")] == ["u3"]
     await docs.close()
+
+
+async def test_a_busy_auth_service_is_never_taken_for_an_inactive_token() -> None:
+    from dlforge.common.auth.authenticator import IntrospectingAuthenticator
+    from dlforge.common.errors import RetryableError
+
+    answers = {"status": 429}
+    calls: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(f"{request.method} {request.url.path}")
+        if answers["status"] != 200:
+            return httpx.Response(answers["status"], json={"detail": "too many requests"})
+        if request.url.path == "/auth/introspect":
+            return httpx.Response(200, json={"active": True, "principal": {
+                "name": "lars", "token_id": "t1", "kind": "user", "projects": {"default": "labeler"},
+                "expires_at": None}})
+        return httpx.Response(200, json={"kind": "run", "id": "r1", "project": "p"})
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://auth")
+    authenticator = IntrospectingAuthenticator("http://auth", "dlf_service", cache_seconds=60, client=client)
+    for status in (429, 418, 500):
+        answers["status"] = status
+        with pytest.raises(RetryableError):
+            await authenticator.authenticate("dlf_user")
+        with pytest.raises(RetryableError):
+            await authenticator.project_of("run", "r1")
+        with pytest.raises(RetryableError):
+            await authenticator.register("run", "r1", "p")
+    answers["status"] = 200  # nothing of the refusals was kept: the next answer is the real one
+    principal = await authenticator.authenticate("dlf_user")
+    assert principal is not None and principal.name == "lars"
+    assert await authenticator.project_of("run", "r1") == "p"
+    assert calls.count("POST /auth/introspect") == 4
+    await client.aclose()
+
+
+def test_a_retryable_failure_answers_503(auth_settings: CommonSettings) -> None:
+    from fastapi.testclient import TestClient
+
+    from dlforge.cli.platform import service_parts
+    from dlforge.common.app import create_app
+    from dlforge.common.errors import RetryableError
+
+    tokens = asyncio.run(create_accounts(auth_settings, {"vera": {"default": "viewer"}}))
+    app = create_app(service_parts(), settings=auth_settings, mount_prefix=True, run_workers=False, title="dlforge")
+    with TestClient(app) as client:
+        async def busy(kind: str, resource_id: str) -> str | None:
+            raise RetryableError("the auth service failed or is busy (429)")
+
+        app.state.auth.authenticator.project_of = busy
+        r = client.get("/runs/run-1", headers=bearer(tokens["vera"]))
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "busy" in r.json()["detail"]
+
+
+def test_services_are_not_rate_limited(auth_settings: CommonSettings) -> None:
+    from fastapi.testclient import TestClient
+
+    from dlforge.cli.platform import service_parts
+    from dlforge.common.app import create_app
+
+    settings = auth_settings.model_copy(update={"auth_rate": 0.01, "auth_burst": 2,
+                                                "auth_service_token": SecretStr("dlf_shared-service-secret")})
+    app = create_app(service_parts(), settings=settings, mount_prefix=True, run_workers=False, title="dlforge")
+    with TestClient(app) as client:
+        statuses = {client.post("/auth/introspect", headers=bearer("dlf_shared-service-secret"),
+                                json={"token": "dlf_x"}).status_code for _ in range(10)}
+        assert statuses == {200}
