@@ -403,3 +403,26 @@ def test_studies_and_training_jobs_are_listed_by_project(auth_settings: CommonSe
                                                                                          "dlforge-run-p"]
         assert [j["_id"] for j in client.get("/trainer/jobs", headers=pia).json()] == ["job-api", "job-p"]
         assert client.get("/tuner/studies/dlforge-run-q", headers=pia).status_code == 404
+
+
+def test_an_unregistered_run_is_the_default_projects(auth_settings: CommonSettings) -> None:
+    """A run the auth part never registered (made before auth was on) is not open to anyone with some role."""
+    import asyncio
+
+    from dlforge.common.docs.sqlite import SqliteDocumentStore
+
+    tokens = seed_accounts(auth_settings, {"pia": {"p": "operator"}, "vera": {"default": "viewer"}})
+
+    async def old_run() -> None:
+        docs = SqliteDocumentStore(docs_path(auth_settings))
+        await docs.insert("runs_view", {"_id": "run-old", "run_id": "run-old", "state": "running", "stages": {},
+                                        "events": [], "counts": {}})
+        await docs.close()
+
+    asyncio.run(old_run())
+    with TestClient(combined(auth_settings)) as client:
+        pia, vera = bearer(tokens["pia"]), bearer(tokens["vera"])
+        assert client.get("/runs/run-old", headers=pia).status_code == 404  # p's operator: not his
+        assert client.post("/runs/run-old/cancel", headers=pia).status_code == 404
+        assert client.get("/runs/run-old", headers=vera).status_code == 200  # the default project's viewer reads it
+        assert client.post("/runs/run-old/cancel", headers=vera).status_code == 403  # and may not cancel it

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -376,3 +377,73 @@ def test_services_are_not_rate_limited(auth_settings: CommonSettings) -> None:
         statuses = {client.post("/auth/introspect", headers=bearer("dlf_shared-service-secret"),
                                 json={"token": "dlf_x"}).status_code for _ in range(10)}
         assert statuses == {200}
+
+
+async def _sse_events(lines: Any) -> Any:
+    """(event, data) of each server-sent event of a response's lines (comments skipped)."""
+    name, data = "message", []
+    async for line in lines:
+        if line == "":
+            if data:
+                yield name, "\n".join(data)
+            name, data = "message", []
+        elif line.startswith("event:"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            data.append(line.split(":", 1)[1].strip())
+
+
+async def test_a_revoked_token_stops_receiving_the_run_stream(auth_settings: CommonSettings,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from dlforge.cli.platform import service_parts
+    from dlforge.common import runs
+    from dlforge.common.app import create_app
+    from dlforge.common.auth import enforcement
+
+    monkeypatch.setattr(runs, "STREAM_RECHECK_SECONDS", 0.2)
+    monkeypatch.setattr(enforcement, "MAX_STREAMS", 2)
+    tokens = await create_accounts(auth_settings, {"vera": {"default": "viewer"}})
+    docs = SqliteDocumentStore(Path(auth_settings.docs.removeprefix("sqlite:///")))
+    await docs.insert("runs_view", {"_id": "run-live", "run_id": "run-live", "state": "running", "stages": {},
+                                    "events": [], "counts": {}})
+    await docs.close()
+    port = free_port()
+    app = create_app(service_parts(), settings=auth_settings, mount_prefix=True, run_workers=False, title="dlforge")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and not task.done(), "the app did not start"
+            await asyncio.sleep(0.02)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as client:
+            vera = bearer(tokens["vera"])
+            made = await client.post("/auth/tokens", headers=vera, json={"name": "watch"})
+            watch = made.json()
+            seen: list[tuple[str, dict[str, Any]]] = []
+            async with client.stream("GET", "/runs/run-live/stream", headers=bearer(watch["token"])) as response, \
+                    client.stream("GET", "/runs/run-live/stream", headers=vera) as second:
+                assert response.status_code == 200 and second.status_code == 200
+                # a third stream of vera's while two are open: refused
+                third = await client.get("/runs/run-live/stream", headers=vera)
+                assert third.status_code == 429 and "2 event streams" in third.json()["detail"], third.text
+                started = None
+                async with asyncio.timeout(15):  # fails, rather than hangs, if the stream went on
+                    async for name, data in _sse_events(response.aiter_lines()):
+                        seen.append((name, json.loads(data)))
+                        if len(seen) == 1:
+                            revoked = await client.delete(f"/auth/tokens/{watch['token_id']}", headers=vera)
+                            assert revoked.status_code == 200
+                            started = time.monotonic()
+                assert started is not None and time.monotonic() - started < 10  # ended by itself, soon
+            assert seen[0][0] == "run" and seen[-1] == ("end", {"state": "unauthorized"})
+            # the streams closed: their slots are free again (counted down when each generator ends)
+            deadline = time.monotonic() + 10
+            while app.state.auth.streams:
+                assert time.monotonic() < deadline, app.state.auth.streams
+                await asyncio.sleep(0.05)
+    finally:
+        server.should_exit = True
+        await task

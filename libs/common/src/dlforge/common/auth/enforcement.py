@@ -13,11 +13,11 @@ Two steps per request:
    ``openapi_extra`` ``x-dlforge-role`` (see :func:`role`), else viewer for reads and operator for
    writes. A path parameter ``run_id`` or ``dataset_id`` (or the one ``x-dlforge-resource`` names)
    is checked against that run's or dataset's project: no role there at all answers 404 as for an
-   unknown id, a lower role 403. A resource the auth part does not know (an unknown id) needs the
-   role in some project; the handler then answers 404. Without such a parameter the role must be
-   held in some project; handlers that take a project or an id in the body check it themselves
-   (:meth:`Principal.require`), and list handlers show only the principal's projects
-   (:func:`visible_projects`).
+   unknown id, a lower role 403. A resource the auth part does not know (an unknown id, or one made
+   before auth was on) is taken as the default project's: it needs the role there (else 404/403).
+   Without such a parameter the role must be held in some project; handlers that take a project or
+   an id in the body check it themselves (:meth:`Principal.require`), and list handlers show only
+   the principal's projects (:func:`visible_projects`).
 
 With ``DLFORGE_AUTH=off`` every request's principal is :meth:`Principal.anonymous` (admin everywhere)
 and nothing is checked, limited or audited.
@@ -26,10 +26,11 @@ and nothing is checked, limited or audited.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -38,7 +39,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dlforge.common.auth.authenticator import Authenticator, IntrospectingAuthenticator, StoreAuthenticator
-from dlforge.common.auth.model import ROLES, Principal, at_least
+from dlforge.common.auth.model import DEFAULT_PROJECT, ROLES, Principal, at_least
 from dlforge.common.auth.ratelimit import RateLimiter
 from dlforge.common.auth.store import AuthStore, iso, now
 from dlforge.common.errors import ConfigError, Forbidden, InvalidInput, NotFound, RetryableError
@@ -125,6 +126,7 @@ class AuthRuntime:
     store: AuthStore | None
     settings: CommonSettings
     audit: AuditWriter | None = None
+    streams: dict[str, int] = field(default_factory=dict)  # open event streams per principal
 
     @classmethod
     async def start(cls, settings: CommonSettings, docs: Any) -> AuthRuntime:
@@ -206,6 +208,60 @@ async def register_resource(request: Request, kind: str, resource_id: str, proje
             await runtime.authenticator.register(kind, resource_id, project)
         except InvalidInput:
             log.warning("%s %s was registered to another project meanwhile; it stays there", kind, resource_id)
+
+
+MAX_STREAMS = 8  # open event streams per principal
+
+
+def stream_key(request: Request) -> str | None:
+    """Whose streams to count (None while auth is off): the principal's name."""
+    runtime: AuthRuntime | None = getattr(request.app.state, "auth", None)
+    principal = getattr(request.state, "principal", None)
+    if runtime is None or runtime.mode == "off" or not isinstance(principal, Principal):
+        return None
+    return principal.name
+
+
+def check_stream_slot(request: Request) -> None:
+    """Before opening an event stream: 429 (with Retry-After) if the principal has ``MAX_STREAMS`` open."""
+    key = stream_key(request)
+    if key is not None and runtime_of(request).streams.get(key, 0) >= MAX_STREAMS:
+        raise InvalidInput(f"{key} has {MAX_STREAMS} event streams open, the most allowed; close one first",
+                           status_code=429, headers={"Retry-After": "5"})
+
+
+@contextlib.contextmanager
+def stream_slot(request: Request) -> Iterator[None]:
+    """Count an open event stream of the request's principal while the block runs."""
+    key = stream_key(request)
+    if key is None:
+        yield
+        return
+    streams = runtime_of(request).streams
+    streams[key] = streams.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        streams[key] -= 1
+        if streams[key] <= 0:
+            del streams[key]
+
+
+async def still_allowed(request: Request, kind: str, resource_id: str, needed: str = "viewer") -> bool:
+    """Whether the request's token is still valid and holds ``needed`` in the project of ``kind``/``resource_id``
+    (for a long response such as an event stream; asks the authenticator, whose answers are cached)."""
+    runtime: AuthRuntime | None = getattr(request.app.state, "auth", None)
+    if runtime is None or runtime.mode == "off" or getattr(request.state, "principal", None) is None:
+        return True
+    token = _bearer(request.scope)
+    if token is None:
+        return False
+    try:
+        principal = await runtime.authenticator.authenticate(token)
+        project = await runtime.authenticator.project_of(kind, resource_id) or DEFAULT_PROJECT
+    except RetryableError:
+        return True  # cannot tell now: the next check decides
+    return principal is not None and not _expired(principal) and principal.can(project, needed)
 
 
 def audit(request: Request, **detail: Any) -> None:
@@ -377,12 +433,12 @@ def authorizer(prefix: str) -> Callable[[Request], Awaitable[None]]:
             if principal.kind != "service" and principal.projects("admin") is not None:
                 raise Forbidden(f"{principal.name} is not a service (nor an admin of every project)")
             return
-        known = False
+        named = False
         for kind, resource_id in _resource_params(route, request.path_params):
-            project = await runtime.authenticator.project_of(kind, resource_id)
-            if project is None:
-                continue
-            known = True
+            # an id the auth part never registered (made before auth was on, or a name derived from a run's)
+            # is taken as the default project's, where runs without a project have always been
+            project = await runtime.authenticator.project_of(kind, resource_id) or DEFAULT_PROJECT
+            named = True
             held = principal.role_in(project)
             if held is None:
                 raise NotFound(f"no {kind} {resource_id!r}")  # as if it did not exist: it is not the caller's
@@ -390,7 +446,7 @@ def authorizer(prefix: str) -> Callable[[Request], Awaitable[None]]:
                 raise Forbidden(f"{principal.name} is {held} in project {project!r}; {request.method} "
                                 f"{request.url.path} needs {needed}",
                                 details={"project": project, "needed": needed, "held": held})
-        if not known and not principal.can_somewhere(needed):
+        if not named and not principal.can_somewhere(needed):
             raise Forbidden(f"{principal.name} is not {needed} in any project; {request.method} {request.url.path} "
                             f"needs {needed}", details={"needed": needed, "held": dict(principal.grants)})
 
