@@ -426,3 +426,38 @@ def test_an_unregistered_run_is_the_default_projects(auth_settings: CommonSettin
         assert client.post("/runs/run-old/cancel", headers=pia).status_code == 404
         assert client.get("/runs/run-old", headers=vera).status_code == 200  # the default project's viewer reads it
         assert client.post("/runs/run-old/cancel", headers=vera).status_code == 403  # and may not cancel it
+
+
+def test_wrong_passwords_slow_down_that_user_name_only(auth_settings: CommonSettings) -> None:
+    from dlforge.common.auth import routes
+    from dlforge.common.auth.ratelimit import LoginBackoff
+
+    clock = {"now": 1000.0}
+    tokens = seed_accounts(auth_settings, {"lars": {"default": "labeler"}, "vera": {"default": "viewer"},
+                                           "ada": {"*": "admin"}})
+    with TestClient(combined(auth_settings)) as client:
+        client.app.state.auth.logins = LoginBackoff(clock=lambda: clock["now"])  # a clock moved by hand
+        wrong = {"username": "lars", "password": "not the password"}
+        assert [client.post("/auth/login", json=wrong).status_code for _ in range(5)] == [401] * 5
+        # the 5th failure in a row: lars waits 1 s, even with the right password
+        held = client.post("/auth/login", json={"username": "lars", "password": PASSWORD})
+        assert held.status_code == 429 and held.headers["Retry-After"] == "1", held.text
+        assert "wrong passwords for lars" in held.json()["detail"]
+        # others behind the same address are not held up (10+ bad attempts do not lock the address)
+        assert client.post("/auth/login", json={"username": "vera", "password": PASSWORD}).status_code == 200
+        clock["now"] += 1.0
+        assert client.post("/auth/login", json=wrong).status_code == 401  # the 6th: now 2 s
+        clock["now"] += 1.0
+        assert client.post("/auth/login", json={"username": "lars", "password": PASSWORD}).status_code == 429
+        clock["now"] += 1.0
+        assert client.post("/auth/login", json={"username": "lars", "password": PASSWORD}).status_code == 200
+        assert client.post("/auth/login", json=wrong).status_code == 401  # a success cleared the count
+        # every attempt is audited, never with the password
+        entries = client.get("/auth/audit", headers=bearer(tokens["ada"]), params={"limit": 50}).json()
+        logins = [(e["who"], e["status"], e["detail"]["outcome"]) for e in entries if e["route"] == "POST /auth/login"]
+        assert logins[::-1] == [("lars", 401, "wrong user name or password")] * 5 + [
+            ("lars", 429, "user name throttled"), ("vera", 200, "signed in"),
+            ("lars", 401, "wrong user name or password"), ("lars", 429, "user name throttled"),
+            ("lars", 200, "signed in"), ("lars", 401, "wrong user name or password")]
+        assert "not the password" not in str(entries) and PASSWORD not in str(entries)
+    assert routes.LOGIN_BURST >= 100  # one address (a proxy) may carry many users' sign-ins

@@ -40,7 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dlforge.common.auth.authenticator import Authenticator, IntrospectingAuthenticator, StoreAuthenticator
 from dlforge.common.auth.model import DEFAULT_PROJECT, ROLES, Principal, at_least
-from dlforge.common.auth.ratelimit import RateLimiter
+from dlforge.common.auth.ratelimit import LoginBackoff, RateLimiter
 from dlforge.common.auth.store import AuthStore, iso, now
 from dlforge.common.errors import ConfigError, Forbidden, InvalidInput, NotFound, RetryableError
 from dlforge.common.http_errors import STATUS_MEANINGS, error_body
@@ -127,6 +127,7 @@ class AuthRuntime:
     settings: CommonSettings
     audit: AuditWriter | None = None
     streams: dict[str, int] = field(default_factory=dict)  # open event streams per principal
+    logins: LoginBackoff = field(default_factory=LoginBackoff)  # wrong passwords per user name
 
     @classmethod
     async def start(cls, settings: CommonSettings, docs: Any) -> AuthRuntime:

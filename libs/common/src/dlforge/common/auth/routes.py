@@ -1,7 +1,7 @@
 """The auth part: ``/auth/...`` routes, and the consumer that records each run's and dataset's project.
 
 - ``POST /auth/login`` ``{"username", "password"}`` -> a session token (``DLFORGE_AUTH_SESSION_HOURS``);
-  401 on bad credentials; attempts are limited per client address.
+  401 on bad credentials; attempts are limited per client address and per user name (429 + Retry-After).
 - ``POST /auth/logout`` revokes the token of the request; ``GET /auth/me`` says who it is.
 - ``GET/POST /auth/tokens``, ``DELETE /auth/tokens/{token_id}``: one's own tokens (an admin of every
   project: anyone's). A token's roles never exceed its user's nor the calling token's (asked for more: 403);
@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from datetime import datetime
@@ -35,18 +36,19 @@ from dlforge.common.auth.model import (
     check_grants,
     check_user,
 )
-from dlforge.common.auth.store import AuthStore, expiry
+from dlforge.common.auth.store import AuthStore, expiry, iso, now
 from dlforge.common.errors import Forbidden, InvalidInput, NotFound, Unauthorized
 from dlforge.common.events import DatasetUploaded, Event, RunDeleted, Topic
 from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import HandlerContext, Service
 
-LOGIN_RATE = 0.5  # sign-in attempts per second and client address, on average
-LOGIN_BURST = 10
+LOGIN_RATE = 5.0  # sign-in attempts per second and client address, on average (generous: a proxy is one address)
+LOGIN_BURST = 100
 MINT_RATE = 0.2  # new tokens per second and user, on average
 MINT_BURST = 10
 MAX_LIVE_TOKENS = 50  # unrevoked, unexpired tokens per user
 
+log = logging.getLogger(__name__)
 service: Service[None] = Service("auth")
 router = APIRouter(tags=["auth"])
 
@@ -197,19 +199,53 @@ IdPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
 # ------------------------------------------------------------------------------------------------
 
 
+async def _audit_login(request: Request, runtime: AuthRuntime, *, username: str, status: int, outcome: str,
+                       token_id: str | None = None) -> None:
+    """An audit entry of a sign-in attempt (never the password)."""
+    client = request.client.host if request.client else "unknown"
+    entry = {"who": username, "token_id": token_id, "method": "POST", "route": "POST /auth/login",
+             "path": request.url.path, "path_params": {}, "status": status, "at": iso(now()),
+             "detail": {"outcome": outcome, "address": client}}
+    try:
+        if runtime.audit is not None:
+            await runtime.audit.write(entry)
+    except Exception:
+        log.exception("could not write the audit entry %s", entry)
+
+
+def _too_many(message: str, wait: float) -> InvalidInput:
+    return InvalidInput(f"{message}; retry after {wait:.1f} s", status_code=429,
+                        headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
+
 @router.post("/auth/login", response_model=Session, openapi_extra=role("public"),
              responses=error_responses(401, 429))
 async def login(body: Login, request: Request, store: Store, runtime: Runtime) -> Session:
-    """Exchange a user name and password for a session token (expires after DLFORGE_AUTH_SESSION_HOURS)."""
+    """Exchange a user name and password for a session token (expires after DLFORGE_AUTH_SESSION_HOURS).
+
+    Attempts are limited per client address (generously: behind a proxy everyone shares one) and, strictly,
+    per user name: after ``LOGIN_FREE_FAILURES`` wrong passwords in a row the name waits 1 s, then 2, 4 ...
+    (up to 15 min) between attempts; 429 with ``Retry-After``. Every attempt is audited (never the password).
+    """
     client = request.client.host if request.client else "unknown"
     wait = runtime.limiter.take(f"login:{client}", rate=LOGIN_RATE, burst=LOGIN_BURST)
     if wait > 0:
-        raise InvalidInput(f"too many sign-in attempts from {client}; retry after {wait:.1f} s", status_code=429)
+        await _audit_login(request, runtime, username=body.username, status=429, outcome="address throttled")
+        raise _too_many(f"too many sign-in attempts from {client}", wait)
+    wait = runtime.logins.wait(body.username)
+    if wait > 0:
+        await _audit_login(request, runtime, username=body.username, status=429, outcome="user name throttled")
+        raise _too_many(f"too many wrong passwords for {body.username}", wait)
     user = await store.check_password(body.username, body.password)
     if user is None:
+        runtime.logins.failed(body.username)
+        await _audit_login(request, runtime, username=body.username, status=401, outcome="wrong user name or password")
         raise Unauthorized("wrong user name or password")
+    runtime.logins.succeeded(body.username)
     token, doc = await store.issue_token(user["_id"], kind="session", name="session", grants=None,
                                          expires_at=expiry(hours=runtime.settings.auth_session_hours))
+    await _audit_login(request, runtime, username=body.username, status=200, outcome="signed in",
+                       token_id=doc["token_id"])
     return Session(token=token, token_id=doc["token_id"], user=User(**store.public_user(user)),
                    expires_at=doc["expires_at"])
 
