@@ -461,3 +461,55 @@ def test_wrong_passwords_slow_down_that_user_name_only(auth_settings: CommonSett
             ("lars", 200, "signed in"), ("lars", 401, "wrong user name or password")]
         assert "not the password" not in str(entries) and PASSWORD not in str(entries)
     assert routes.LOGIN_BURST >= 100  # one address (a proxy) may carry many users' sign-ins
+
+
+def test_a_token_without_roles_is_refused_everywhere_but_its_own_account(auth_settings: CommonSettings) -> None:
+    """Walk every operation of the combined app with a valid token that holds no role: each must answer 403 or
+    404 (the role check ran), except the routes declared public or for any signed-in principal."""
+    tokens = seed_accounts(auth_settings, {"nobody-much": {}})
+    with TestClient(combined(auth_settings)) as client:
+        doc = client.get("/openapi.json").json()
+        tried, open_to_all = [], []
+        for path, item in doc["paths"].items():
+            for method, op in item.items():
+                if method not in ("get", "post", "put", "patch", "delete"):
+                    continue
+                if op.get("x-dlforge-role") in ("public", "signed-in") or path.startswith("/console/") \
+                        or path in ("/", "/healthz", "/readyz"):
+                    open_to_all.append(f"{method.upper()} {path}")
+                    continue
+                url = re.sub(r"\{[^}]+\}", "x1", path)
+                r = client.request(method.upper(), url, headers=bearer(tokens["nobody-much"]), json={})
+                assert r.status_code in (403, 404), (method, path, r.status_code, r.text[:300])
+                tried.append(f"{method.upper()} {path}")
+    assert len(tried) >= 30 and "GET /runs" in tried and "GET /runs/{run_id}/stream" in tried, tried
+    assert all(p.startswith(("GET /auth", "POST /auth", "DELETE /auth", "GET /console", "GET /healthz", "GET /readyz",
+                             "GET /")) for p in open_to_all), open_to_all
+
+
+def test_every_route_of_the_combined_app_has_the_authorizer(auth_settings: CommonSettings) -> None:
+    """Every API route of the combined app (each part's router and the labeler's root router) runs the
+    authorizer: an own dependency, or one of the router it was included with."""
+    from fastapi.routing import APIRoute
+
+    from dlforge.common.auth.enforcement import is_open
+
+    def authorizes(dependencies: Any) -> bool:
+        return any(getattr(getattr(d, "dependency", None) or getattr(d, "call", None), "__name__", "") == "authorize"
+                   for d in dependencies)
+
+    checked: dict[str, bool] = {}
+
+    def walk(routes: Any, inherited: bool) -> None:
+        for r in routes:
+            context = getattr(r, "include_context", None)
+            if context is not None:  # a router included lazily (FastAPI >= 0.16x): its routes and dependencies
+                walk([c.original_route if hasattr(c, "original_route") else c for c in r.effective_candidates()],
+                     inherited or authorizes(context.dependencies))
+            elif isinstance(r, APIRoute) and not is_open(r.path):
+                checked[f"{sorted(r.methods)} {r.path}"] = inherited or authorizes(r.dependant.dependencies)
+
+    walk(combined(auth_settings).routes, False)
+    missing = [route for route, ok in checked.items() if not ok]
+    assert len(checked) >= 40 and not missing, missing
+    assert "['POST'] /runs/{run_id}/rerun" in checked, sorted(checked)  # the labeler's root router
