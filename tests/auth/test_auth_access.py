@@ -513,3 +513,46 @@ def test_every_route_of_the_combined_app_has_the_authorizer(auth_settings: Commo
     missing = [route for route, ok in checked.items() if not ok]
     assert len(checked) >= 40 and not missing, missing
     assert "['POST'] /runs/{run_id}/rerun" in checked, sorted(checked)  # the labeler's root router
+
+
+def test_the_ids_are_reserved_before_the_import(auth_settings: CommonSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another project taking the run id while the upload imports cannot win: the id was reserved before."""
+    import asyncio
+
+    from dlforge.common.auth.store import AuthStore
+    from dlforge.common.docs.sqlite import SqliteDocumentStore
+    from dlforge.labeler import app as labeler_app
+
+    tokens = seed_accounts(auth_settings, {"pia": {"p": "operator"}})
+    imported = labeler_app.import_dataset
+    raced: list[str] = []
+
+    async def racing_import(*args: Any, **kwargs: Any) -> Any:
+        docs = SqliteDocumentStore(docs_path(auth_settings))
+        try:
+            await AuthStore(docs).register("run", "run-raced", "q")  # the other creator, meanwhile
+            raced.append("q won")
+        except Exception as exc:
+            raced.append(f"q refused: {getattr(exc, 'status_code', exc)}")
+        finally:
+            await docs.close()
+        return await imported(*args, **kwargs)
+
+    monkeypatch.setattr(labeler_app, "import_dataset", racing_import)
+    with TestClient(combined(auth_settings)) as client:
+        made = upload(client, tokens["pia"], project="p", dataset_id="ds-raced", run_id="run-raced")
+        assert made.status_code == 201, made.text
+        assert raced == ["q refused: 409"]
+    project = asyncio.run(_project_of(auth_settings, "run", "run-raced"))
+    assert project == "p"
+
+
+async def _project_of(settings: CommonSettings, kind: str, resource_id: str) -> str | None:
+    from dlforge.common.auth.store import AuthStore
+    from dlforge.common.docs.sqlite import SqliteDocumentStore
+
+    docs = SqliteDocumentStore(docs_path(settings))
+    try:
+        return await AuthStore(docs).project_of(kind, resource_id)
+    finally:
+        await docs.close()

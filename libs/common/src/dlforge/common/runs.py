@@ -121,7 +121,7 @@ def apply(run: dict[str, Any] | None, event: Event, *, trace_id: str | None = No
     stages = {k: dict(v) for k, v in doc["stages"].items()}
     if "dataset_id" in payload and "dataset_id" not in doc:
         doc["dataset_id"] = payload["dataset_id"]
-    if topic == Topic.DATASET_UPLOADED:
+    if topic == Topic.DATASET_UPLOADED and "project" not in doc:  # the first upload's: a later one never moves it
         doc["project"] = payload.get("project", DEFAULT_PROJECT)
     if topic in _TRANSITIONS:
         doc[LAST_EVENTS] = {**doc.get(LAST_EVENTS, {}), topic.value: {

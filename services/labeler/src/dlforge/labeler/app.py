@@ -39,9 +39,8 @@ from dlforge.common.app import create_app as create_common_app
 from dlforge.common.auth import (
     DEFAULT_PROJECT,
     audit,
-    check_resource,
     principal_of,
-    register_resource,
+    reserved_resources,
     role,
     visible_projects,
 )
@@ -412,22 +411,19 @@ async def create_dataset(request: Request, backends: Annotated[Backends, Depends
     settings = deps.settings
     req, upload = await _parse(request, settings)
     principal_of(request).require(req.project, "operator")
-    # the ids are fixed here: a run or dataset id of another project is refused (409) before anything is
-    # written, and their project is recorded once the dataset is in
+    # the ids are fixed here: a run or dataset id of another project is refused (409) before anything is written
     req = req.model_copy(update={"dataset_id": req.dataset_id or uuid.uuid4().hex[:16],
                                  "run_id": req.run_id or uuid.uuid4().hex})
     assert req.dataset_id is not None and req.run_id is not None
-    await check_resource(request, "run", req.run_id, req.project)
-    await check_resource(request, "dataset", req.dataset_id, req.project)
     audit(request, project=req.project, dataset_id=req.dataset_id, run_id=req.run_id)
-    tree, result = await asyncio.to_thread(_open_and_scan, req, upload, settings)
-    try:
-        upload_name = upload.filename if upload is not None else None
-        created = await import_dataset(backends, settings, req, tree, result, upload_name=upload_name)
-    finally:
-        tree.close()
-    await register_resource(request, "run", req.run_id, req.project)
-    await register_resource(request, "dataset", req.dataset_id, req.project)
+    # the ids are reserved to the project first (409 if another project's), and released if the import fails
+    async with reserved_resources(request, [("run", req.run_id), ("dataset", req.dataset_id)], req.project):
+        tree, result = await asyncio.to_thread(_open_and_scan, req, upload, settings)
+        try:
+            upload_name = upload.filename if upload is not None else None
+            created = await import_dataset(backends, settings, req, tree, result, upload_name=upload_name)
+        finally:
+            tree.close()
     return created
 
 

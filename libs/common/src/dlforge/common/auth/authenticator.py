@@ -40,8 +40,12 @@ class Authenticator(Protocol):
     async def project_of(self, kind: str, resource_id: str) -> str | None:
         """The project of run or dataset ``resource_id`` (``kind`` ``run``/``dataset``); None if unknown."""
 
-    async def register(self, kind: str, resource_id: str, project: str) -> None:
-        """Record the project of a new run or dataset; InvalidInput (409) if it is another project's."""
+    async def register(self, kind: str, resource_id: str, project: str) -> bool:
+        """Record the project of a new run or dataset: True if this call recorded it (False: it was that
+        project's already); InvalidInput (409) if it is another project's."""
+
+    async def release(self, kind: str, resource_id: str) -> None:
+        """Undo a :meth:`register` that returned True (the creation it reserved the id for failed)."""
 
     def forget_tokens(self) -> None:
         """Drop cached token answers (after a revocation or a change of grants in this process)."""
@@ -105,9 +109,14 @@ class StoreAuthenticator:
             self._cache.keep_project(key, project)
         return project
 
-    async def register(self, kind: str, resource_id: str, project: str) -> None:
-        await self.store.register(kind, resource_id, project)
+    async def register(self, kind: str, resource_id: str, project: str) -> bool:
+        created = await self.store.register(kind, resource_id, project)
         self._cache.keep_project(f"{kind}:{resource_id}", project)
+        return created
+
+    async def release(self, kind: str, resource_id: str) -> None:
+        await self.store.forget(kind, resource_id)
+        self._cache.projects.pop(f"{kind}:{resource_id}", None)
 
     def forget_tokens(self) -> None:
         self._cache.tokens.clear()
@@ -165,7 +174,7 @@ class IntrospectingAuthenticator:
         self._cache.keep_project(key, project)
         return project
 
-    async def register(self, kind: str, resource_id: str, project: str) -> None:
+    async def register(self, kind: str, resource_id: str, project: str) -> bool:
         response = await self._call("PUT", f"/auth/resources/{kind}/{quote(resource_id, safe='')}",
                                     {"project": project})
         if response.status_code == 409:
@@ -173,6 +182,13 @@ class IntrospectingAuthenticator:
         if not response.is_success:
             raise self._unexpected(response)
         self._cache.keep_project(f"{kind}:{resource_id}", project)
+        return bool(response.json().get("created", True))
+
+    async def release(self, kind: str, resource_id: str) -> None:
+        response = await self._call("DELETE", f"/auth/resources/{kind}/{quote(resource_id, safe='')}")
+        if not response.is_success and response.status_code != 404:
+            raise self._unexpected(response)
+        self._cache.projects.pop(f"{kind}:{resource_id}", None)
 
     def forget_tokens(self) -> None:
         self._cache.tokens.clear()

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -201,7 +201,7 @@ async def register_resource(request: Request, kind: str, resource_id: str, proje
 
     The auth part also records it from ``dataset.uploaded``; doing it before answering closes the
     moment in which a new id would not be known yet. An id another project took meanwhile stays
-    that project's (logged).
+    that project's (logged). Creating handlers use :func:`reserved_resources` instead.
     """
     runtime = runtime_of(request)
     if runtime.mode != "off":
@@ -209,6 +209,38 @@ async def register_resource(request: Request, kind: str, resource_id: str, proje
             await runtime.authenticator.register(kind, resource_id, project)
         except InvalidInput:
             log.warning("%s %s was registered to another project meanwhile; it stays there", kind, resource_id)
+
+
+@contextlib.asynccontextmanager
+async def reserved_resources(request: Request, ids: Iterable[tuple[str, str]], project: str) -> AsyncIterator[None]:
+    """Register ``(kind, id)`` pairs to ``project`` before creating them, and release those this call recorded if
+    the block fails: InvalidInput (409), with nothing held, if one is another project's (so a creator never gets
+    a run or dataset recorded in another project, whoever wins a race). No-op while auth is off."""
+    runtime = runtime_of(request)
+    if runtime.mode == "off":
+        yield
+        return
+    recorded: list[tuple[str, str]] = []
+
+    async def release() -> None:
+        for kind, resource_id in reversed(recorded):
+            try:
+                await runtime.authenticator.release(kind, resource_id)
+            except Exception:  # the id stays reserved to this project: safe, only not reusable elsewhere
+                log.exception("could not release %s %s", kind, resource_id)
+
+    try:
+        for kind, resource_id in ids:
+            if await runtime.authenticator.register(kind, resource_id, project):
+                recorded.append((kind, resource_id))
+    except BaseException:
+        await release()
+        raise
+    try:
+        yield
+    except BaseException:
+        await release()
+        raise
 
 
 MAX_STREAMS = 8  # open event streams per principal

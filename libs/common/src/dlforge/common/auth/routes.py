@@ -172,6 +172,7 @@ class Resource(BaseModel):
     kind: Literal["run", "dataset"]
     id: str
     project: str
+    created: bool | None = Field(default=None, description="PUT: whether this request recorded it")
 
 
 class AuditEntry(BaseModel):
@@ -461,8 +462,19 @@ async def get_resource(kind: Literal["run", "dataset"], resource_id: IdPath, sto
 async def put_resource(kind: Literal["run", "dataset"], resource_id: IdPath, body: ResourceProject,
                        store: Store) -> Resource:
     """Record the project of a new run or dataset (409 if it is another project's)."""
-    await store.register(kind, resource_id, body.project)
-    return Resource(kind=kind, id=resource_id, project=body.project)
+    created = await store.register(kind, resource_id, body.project)
+    return Resource(kind=kind, id=resource_id, project=body.project, created=created)
+
+
+@router.delete("/auth/resources/{kind}/{resource_id}", response_model=Resource, openapi_extra=role("service"),
+               responses=error_responses(403, 404))
+async def delete_resource(kind: Literal["run", "dataset"], resource_id: IdPath, store: Store) -> Resource:
+    """Forget the project of a run or dataset whose creation failed after its id was reserved."""
+    project = await store.project_of(kind, resource_id)
+    if project is None:
+        raise NotFound(f"no {kind} {resource_id!r}")
+    await store.forget(kind, resource_id)
+    return Resource(kind=kind, id=resource_id, project=project)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -233,15 +233,18 @@ class AuthStore:
 
     # -- resources -----------------------------------------------------------------------------
 
-    async def register(self, kind: str, resource_id: str, project: str) -> None:
-        """Record that ``kind``/``resource_id`` belongs to ``project``; Conflict (409) if it belongs to another."""
+    async def register(self, kind: str, resource_id: str, project: str) -> bool:
+        """Record that ``kind``/``resource_id`` belongs to ``project``: True if this call recorded it, False if it
+        was ``project``'s already; InvalidInput (409) if it belongs to another."""
         key = f"{kind}:{resource_id}"
         try:
             await self.docs.insert(RESOURCES, {"_id": key, "kind": kind, "id": resource_id, "project": project})
+            return True
         except Conflict:
             current = await self.docs.get(RESOURCES, key)
             if current is not None and current.get("project") != project:
                 raise InvalidInput(f"{kind} {resource_id!r} exists in another project", status_code=409) from None
+            return False
 
     async def project_of(self, kind: str, resource_id: str) -> str | None:
         doc = await self.docs.get(RESOURCES, f"{kind}:{resource_id}")
