@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import re
@@ -796,8 +797,10 @@ async def submit_labels(body: LabelSubmission, request: Request, backends: Annot
     else:
         raise InvalidInput(f"dataset {dataset_id!r} is receiving too many submissions at once; send again",
                            status_code=503)
+    # every label of the submission (the request's size limit bounds it), and a digest to compare submissions
+    digest = hashlib.sha256(json.dumps(body.labels, sort_keys=True).encode("utf-8")).hexdigest()
     audit(request, dataset_id=dataset_id, batch_id=body.batch_id, annotator=annotator, sequence=accepted.sequence,
-          labels=dict(list(body.labels.items())[:100]))
+          labels=dict(body.labels), label_count=len(body.labels), labels_sha256=digest)
     return LabelsAccepted(dataset_id=dataset_id, batch_id=body.batch_id, accepted=len(accepted.labels),
                           new_classes=accepted.new_classes, waiting=accepted.waiting, sequence=accepted.sequence)
 
