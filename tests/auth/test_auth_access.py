@@ -556,3 +556,27 @@ async def _project_of(settings: CommonSettings, kind: str, resource_id: str) -> 
         return await AuthStore(docs).project_of(kind, resource_id)
     finally:
         await docs.close()
+
+
+def test_changing_ones_password_and_disabling_a_user(auth_settings: CommonSettings) -> None:
+    tokens = seed_accounts(auth_settings, {"lars": {"default": "labeler"}, "ada": {"*": "admin"}})
+    new = "a new and long passphrase"
+    with TestClient(combined(auth_settings)) as client:
+        lars, ada = bearer(tokens["lars"]), bearer(tokens["ada"])
+        wrong = client.post("/auth/password", headers=lars, json={"old_password": "nope", "new_password": new})
+        assert wrong.status_code == 401
+        short = client.post("/auth/password", headers=lars, json={"old_password": PASSWORD, "new_password": "x"})
+        assert short.status_code == 422
+        ok = client.post("/auth/password", headers=lars, json={"old_password": PASSWORD, "new_password": new})
+        assert ok.status_code == 200, ok.text
+        assert client.post("/auth/login", json={"username": "lars", "password": PASSWORD}).status_code == 401
+        assert client.post("/auth/login", json={"username": "lars", "password": new}).status_code == 200
+        # only an admin of every project disables; lars's tokens stop at once, and he cannot sign in
+        assert client.put("/auth/users/ada/disabled", headers=lars, json={"disabled": True}).status_code == 403
+        assert client.put("/auth/users/ada/disabled", headers=ada, json={"disabled": True}).status_code == 409
+        off = client.put("/auth/users/lars/disabled", headers=ada, json={"disabled": True})
+        assert off.status_code == 200 and off.json()["disabled"] is True
+        assert client.get("/auth/me", headers=lars).status_code == 401
+        assert client.post("/auth/login", json={"username": "lars", "password": new}).status_code == 401
+        assert client.put("/auth/users/lars/disabled", headers=ada, json={"disabled": False}).status_code == 200
+        assert client.get("/auth/me", headers=lars).status_code == 200

@@ -7,7 +7,9 @@
   project: anyone's). A token's roles never exceed its user's nor the calling token's (asked for more: 403);
   a token made by an expiring API token expires no later; at most 50 live tokens per user (409), new tokens
   limited per user (429 with Retry-After).
-- ``GET/POST /auth/users``, ``PUT/DELETE /auth/users/{name}/grants/{project}``, ``GET /auth/audit``:
+- ``POST /auth/password``: change one's own password (with the current one).
+- ``GET/POST /auth/users``, ``PUT/DELETE /auth/users/{name}/grants/{project}``, ``PUT /auth/users/{name}/disabled``,
+  ``GET /auth/audit``:
   administration (admin of every project; a project's grants also by that project's admin).
 - ``POST /auth/introspect``, ``GET/PUT /auth/resources/{kind}/{id}``: for services (their own token,
   ``dlforge admin create-token NAME --service``), see :mod:`dlforge.common.auth.authenticator`.
@@ -25,7 +27,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dlforge.common.app import ServicePart
-from dlforge.common.auth.enforcement import AuthRuntime, principal_of, role, runtime_of
+from dlforge.common.auth.enforcement import AuthRuntime, audit, principal_of, role, runtime_of
 from dlforge.common.auth.model import (
     GrantProject,
     Principal,
@@ -143,6 +145,19 @@ class UserRequest(BaseModel):
     @classmethod
     def _name(cls, v: str) -> str:
         return check_user(v)
+
+
+class PasswordChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    old_password: str = Field(min_length=1, max_length=1024)
+    new_password: str = Field(min_length=8, max_length=1024)
+
+
+class DisabledRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    disabled: bool
 
 
 class GrantRequest(BaseModel):
@@ -418,6 +433,37 @@ async def remove_grant(name: NamePath, project: ProjectPath, me: Me, store: Stor
     if not me.can(project, "admin") or (project == "*" and me.projects("admin") is not None):
         raise Forbidden(f"{me.name} is not an admin of project {project!r}")
     user = User(**await store.set_grant(name, project, None))
+    runtime.authenticator.forget_tokens()
+    return user
+
+
+@router.post("/auth/password", response_model=User, openapi_extra=role("signed-in"),
+             responses=error_responses(401, 403, 429))
+async def change_password(body: PasswordChange, request: Request, me: Me, store: Store, runtime: Runtime) -> User:
+    """Change one's own password (the current one is asked again; wrong ones count as failed sign-ins)."""
+    if me.kind != "user":
+        raise Forbidden(f"a {me.kind} principal has no password")
+    wait = runtime.logins.wait(me.name)
+    if wait > 0:
+        raise _too_many(f"too many wrong passwords for {me.name}", wait)
+    if await store.check_password(me.name, body.old_password) is None:
+        runtime.logins.failed(me.name)
+        raise Unauthorized("the current password is wrong")
+    runtime.logins.succeeded(me.name)
+    user = User(**await store.set_password(me.name, body.new_password))
+    audit(request, user=me.name, change="password")
+    return user
+
+
+@router.put("/auth/users/{name}/disabled", response_model=User, openapi_extra=role("admin"),
+            responses=error_responses(403, 404, 409))
+async def set_disabled(name: NamePath, body: DisabledRequest, me: Me, store: Store, runtime: Runtime) -> User:
+    """Disable a user (its tokens stop working at once here, within DLFORGE_AUTH_CACHE_SECONDS elsewhere; it
+    cannot sign in), or enable it again. Admin of every project; not oneself."""
+    _platform_admin(me)
+    if name == me.name and body.disabled:
+        raise InvalidInput("you cannot disable yourself", status_code=409)
+    user = User(**await store.set_disabled(name, body.disabled))
     runtime.authenticator.forget_tokens()
     return user
 

@@ -122,6 +122,28 @@ class AuthStore:
                 continue
         raise InvalidInput(f"user {name!r} is being changed by someone else; try again", status_code=409)
 
+    async def _change(self, name: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        for _ in range(10):
+            doc = await self.docs.get(USERS, name)
+            if doc is None:
+                raise NotFound(f"no user {name!r}")
+            try:
+                return await self.docs.update(USERS, name, dict(fields), expected_version=doc["_version"])
+            except Conflict:
+                continue
+        raise InvalidInput(f"user {name!r} is being changed by someone else; try again", status_code=409)
+
+    async def set_password(self, name: str, password: str) -> dict[str, Any]:
+        """Give ``name`` a new password (8-1024 characters)."""
+        if not 8 <= len(password) <= 1024:
+            raise InvalidInput("the password must be 8-1024 characters")
+        hashed = await asyncio.to_thread(_hasher.hash, password)
+        return self.public_user(await self._change(name, {"password_hash": hashed}))
+
+    async def set_disabled(self, name: str, disabled: bool) -> dict[str, Any]:
+        """Disable (or enable again) ``name``: a disabled user's tokens stop working and it cannot sign in."""
+        return self.public_user(await self._change(name, {"disabled": disabled}))
+
     async def check_password(self, name: str, password: str) -> dict[str, Any] | None:
         """The user if ``password`` is theirs (and they may sign in), else None; as slow either way."""
         doc = await self.docs.get(USERS, name)
