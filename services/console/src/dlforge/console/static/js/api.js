@@ -81,9 +81,10 @@ export async function blobUrl(path) {
 
 /**
  * Server-sent events read with fetch (EventSource cannot send the Authorization header).
- * onEvent(name, data) for each event; returns a function that stops reading.
+ * onEvent(name, data) for each event; onClose() when the server ends the stream; returns a function that
+ * stops reading.
  */
-export function stream(path, onEvent, onError) {
+export function stream(path, onEvent, onError, onClose) {
   const controller = new AbortController();
   (async () => {
     try {
@@ -94,7 +95,11 @@ export function stream(path, onEvent, onError) {
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
+        // lines may end in \r\n (sse-starlette's default), \n or \r: make them \n; a \r at the end may be
+        // the first half of a \r\n split over two chunks, so it waits for the next one
         buffer += value;
+        const held = buffer.endsWith("\r") ? "\r" : "";
+        buffer = buffer.slice(0, buffer.length - held.length).replace(/\r\n?/g, "\n");
         let cut;
         while ((cut = buffer.indexOf("\n\n")) >= 0) {
           const block = buffer.slice(0, cut);
@@ -107,7 +112,9 @@ export function stream(path, onEvent, onError) {
           }
           if (data.length) onEvent(name, JSON.parse(data.join("\n")));
         }
+        buffer += held;
       }
+      if (onClose) onClose();
     } catch (err) {
       if (err.name !== "AbortError" && onError) onError(err);
     }
