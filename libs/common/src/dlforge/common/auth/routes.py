@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from dlforge.common.app import ServicePart
 from dlforge.common.auth.enforcement import AuthRuntime, audit, principal_of, role, runtime_of
@@ -157,7 +157,7 @@ class PasswordChange(BaseModel):
 class DisabledRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    disabled: bool
+    disabled: StrictBool
 
 
 class GrantRequest(BaseModel):
