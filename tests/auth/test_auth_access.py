@@ -242,6 +242,79 @@ def test_a_token_never_exceeds_its_user(auth_settings: CommonSettings) -> None:
         assert client.get("/auth/tokens", headers=bearer(tokens["lars"]), params={"user": "ada"}).status_code == 403
 
 
+def test_a_limited_token_mints_no_more_than_itself(auth_settings: CommonSettings) -> None:
+    tokens = seed_accounts(auth_settings, {"mia": {"p1": "admin", "p2": "operator"}})
+    with TestClient(combined(auth_settings)) as client:
+        made = client.post("/auth/tokens", headers=bearer(tokens["mia"]),
+                           json={"name": "narrow", "projects": {"p2": "viewer"}, "expires_days": 1})
+        assert made.status_code == 201, made.text
+        narrow = made.json()
+        # null projects from the narrow token: its own roles, not mia's (admin of p1); it expires no later
+        child = client.post("/auth/tokens", headers=bearer(narrow["token"]), json={"name": "child"})
+        assert child.status_code == 201, child.text
+        assert child.json()["grants"] == {"p2": "viewer"}
+        assert child.json()["expires_at"] is not None
+        assert datetime.fromisoformat(child.json()["expires_at"]) <= datetime.fromisoformat(narrow["expires_at"])
+        assert client.get("/auth/me", headers=bearer(child.json()["token"])).json()["projects"] == {"p2": "viewer"}
+        longer = client.post("/auth/tokens", headers=bearer(narrow["token"]), json={"expires_days": 30}).json()
+        assert datetime.fromisoformat(longer["expires_at"]) <= datetime.fromisoformat(narrow["expires_at"])
+        # asking for more than the token holds (though mia holds it): 403
+        for more in ({"p1": "viewer"}, {"p2": "operator"}):
+            refused = client.post("/auth/tokens", headers=bearer(narrow["token"]), json={"projects": more})
+            assert refused.status_code == 403, refused.text
+        # the narrow token sees and revokes only itself and what it could have made, not mia's full token
+        listed = {t["name"] for t in client.get("/auth/tokens", headers=bearer(narrow["token"])).json()}
+        assert listed == {"narrow", "child", "api"}, listed
+        full = [t for t in client.get("/auth/tokens", headers=bearer(tokens["mia"])).json() if t["name"] == "test"]
+        assert len(full) == 1
+        assert client.delete(f"/auth/tokens/{full[0]['token_id']}", headers=bearer(narrow["token"])).status_code == 404
+        assert client.delete(f"/auth/tokens/{child.json()['token_id']}",
+                             headers=bearer(narrow["token"])).status_code == 200
+        # the unlimited token still mints tokens with all of mia's roles
+        whole = client.post("/auth/tokens", headers=bearer(tokens["mia"]), json={"name": "whole"})
+        assert whole.status_code == 201 and whole.json()["grants"] is None and whole.json()["expires_at"] is None
+
+
+def test_minting_tokens_does_not_raise_the_rate(auth_settings: CommonSettings) -> None:
+    settings = auth_settings.model_copy(update={"auth_rate": 0.01, "auth_burst": 5})
+    tokens = seed_accounts(settings, {"vera": {"default": "viewer"}, "otto": {"default": "viewer"}})
+    with TestClient(combined(settings)) as client:
+        minted = [client.post("/auth/tokens", headers=bearer(tokens["vera"]), json={"name": f"m{i}"})
+                  for i in range(3)]
+        assert [m.status_code for m in minted] == [201] * 3
+        ok = 0
+        for token in [tokens["vera"]] + [m.json()["token"] for m in minted[:2]]:
+            for _ in range(5):
+                ok += client.get("/runs", headers=bearer(token)).status_code == 200
+        # each token alone may burst 5, vera's tokens together twice that: 3 mints + 7 reads
+        assert ok == 2 * 5 - 3, ok
+        refused = client.get("/runs", headers=bearer(minted[2].json()["token"]))  # unused, yet refused
+        assert refused.status_code == 429 and "the tokens of vera" in refused.json()["detail"]
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert client.get("/runs", headers=bearer(tokens["otto"])).status_code == 200
+
+
+def test_token_minting_is_limited(auth_settings: CommonSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlforge.common.auth import routes
+    monkeypatch.setattr(routes, "MAX_LIVE_TOKENS", 3)
+    settings = auth_settings.model_copy(update={"auth_rate": 1000, "auth_burst": 1000})
+    tokens = seed_accounts(settings, {"vera": {"default": "viewer"}})
+    with TestClient(combined(settings)) as client:
+        made = [client.post("/auth/tokens", headers=bearer(tokens["vera"]), json={"name": f"m{i}"}) for i in range(3)]
+        assert [m.status_code for m in made] == [201, 201, 409]  # the seeded one is live too
+        assert "3 live tokens" in made[2].json()["detail"]
+        assert client.delete(f"/auth/tokens/{made[0].json()['token_id']}", headers=bearer(tokens["vera"])).status_code \
+            == 200
+        assert client.post("/auth/tokens", headers=bearer(tokens["vera"]), json={}).status_code == 201
+        monkeypatch.setattr(routes, "MAX_LIVE_TOKENS", 1000)
+        statuses = [client.post("/auth/tokens", headers=bearer(tokens["vera"]), json={}).status_code
+                    for _ in range(routes.MINT_BURST)]
+        assert 429 in statuses  # 4 taken already of the burst
+        assert statuses.index(429) == routes.MINT_BURST - 4
+        late = client.post("/auth/tokens", headers=bearer(tokens["vera"]), json={})
+        assert late.status_code == 429 and int(late.headers["Retry-After"]) >= 1
+
+
 # ------------------------------------------------------------------------------------------------
 # projects
 # ------------------------------------------------------------------------------------------------
@@ -332,3 +405,180 @@ def test_studies_and_training_jobs_are_listed_by_project(auth_settings: CommonSe
                                                                                          "dlforge-run-p"]
         assert [j["_id"] for j in client.get("/trainer/jobs", headers=pia).json()] == ["job-api", "job-p"]
         assert client.get("/tuner/studies/dlforge-run-q", headers=pia).status_code == 404
+
+
+def test_an_unregistered_run_is_the_default_projects(auth_settings: CommonSettings) -> None:
+    """A run the auth part never registered (made before auth was on) is not open to anyone with some role."""
+    import asyncio
+
+    from dlforge.common.docs.sqlite import SqliteDocumentStore
+
+    tokens = seed_accounts(auth_settings, {"pia": {"p": "operator"}, "vera": {"default": "viewer"}})
+
+    async def old_run() -> None:
+        docs = SqliteDocumentStore(docs_path(auth_settings))
+        await docs.insert("runs_view", {"_id": "run-old", "run_id": "run-old", "state": "running", "stages": {},
+                                        "events": [], "counts": {}})
+        await docs.close()
+
+    asyncio.run(old_run())
+    with TestClient(combined(auth_settings)) as client:
+        pia, vera = bearer(tokens["pia"]), bearer(tokens["vera"])
+        assert client.get("/runs/run-old", headers=pia).status_code == 404  # p's operator: not his
+        assert client.post("/runs/run-old/cancel", headers=pia).status_code == 404
+        assert client.get("/runs/run-old", headers=vera).status_code == 200  # the default project's viewer reads it
+        assert client.post("/runs/run-old/cancel", headers=vera).status_code == 403  # and may not cancel it
+
+
+def test_wrong_passwords_slow_down_that_user_name_only(auth_settings: CommonSettings) -> None:
+    from dlforge.common.auth import routes
+    from dlforge.common.auth.ratelimit import LoginBackoff
+
+    clock = {"now": 1000.0}
+    tokens = seed_accounts(auth_settings, {"lars": {"default": "labeler"}, "vera": {"default": "viewer"},
+                                           "ada": {"*": "admin"}})
+    with TestClient(combined(auth_settings)) as client:
+        client.app.state.auth.logins = LoginBackoff(clock=lambda: clock["now"])  # a clock moved by hand
+        wrong = {"username": "lars", "password": "not the password"}
+        assert [client.post("/auth/login", json=wrong).status_code for _ in range(5)] == [401] * 5
+        # the 5th failure in a row: lars waits 1 s, even with the right password
+        held = client.post("/auth/login", json={"username": "lars", "password": PASSWORD})
+        assert held.status_code == 429 and held.headers["Retry-After"] == "1", held.text
+        assert "wrong passwords for lars" in held.json()["detail"]
+        # others behind the same address are not held up (10+ bad attempts do not lock the address)
+        assert client.post("/auth/login", json={"username": "vera", "password": PASSWORD}).status_code == 200
+        clock["now"] += 1.0
+        assert client.post("/auth/login", json=wrong).status_code == 401  # the 6th: now 2 s
+        clock["now"] += 1.0
+        assert client.post("/auth/login", json={"username": "lars", "password": PASSWORD}).status_code == 429
+        clock["now"] += 1.0
+        assert client.post("/auth/login", json={"username": "lars", "password": PASSWORD}).status_code == 200
+        assert client.post("/auth/login", json=wrong).status_code == 401  # a success cleared the count
+        # every attempt is audited, never with the password
+        entries = client.get("/auth/audit", headers=bearer(tokens["ada"]), params={"limit": 50}).json()
+        logins = [(e["who"], e["status"], e["detail"]["outcome"]) for e in entries if e["route"] == "POST /auth/login"]
+        assert logins[::-1] == [("lars", 401, "wrong user name or password")] * 5 + [
+            ("lars", 429, "user name throttled"), ("vera", 200, "signed in"),
+            ("lars", 401, "wrong user name or password"), ("lars", 429, "user name throttled"),
+            ("lars", 200, "signed in"), ("lars", 401, "wrong user name or password")]
+        assert "not the password" not in str(entries) and PASSWORD not in str(entries)
+    assert routes.LOGIN_BURST >= 100  # one address (a proxy) may carry many users' sign-ins
+
+
+def test_a_token_without_roles_is_refused_everywhere_but_its_own_account(auth_settings: CommonSettings) -> None:
+    """Walk every operation of the combined app with a valid token that holds no role: each must answer 403 or
+    404 (the role check ran), except the routes declared public or for any signed-in principal."""
+    tokens = seed_accounts(auth_settings, {"nobody-much": {}})
+    with TestClient(combined(auth_settings)) as client:
+        doc = client.get("/openapi.json").json()
+        tried, open_to_all = [], []
+        for path, item in doc["paths"].items():
+            for method, op in item.items():
+                if method not in ("get", "post", "put", "patch", "delete"):
+                    continue
+                if op.get("x-dlforge-role") in ("public", "signed-in") or path.startswith("/console/") \
+                        or path in ("/", "/healthz", "/readyz"):
+                    open_to_all.append(f"{method.upper()} {path}")
+                    continue
+                url = re.sub(r"\{[^}]+\}", "x1", path)
+                r = client.request(method.upper(), url, headers=bearer(tokens["nobody-much"]), json={})
+                assert r.status_code in (403, 404), (method, path, r.status_code, r.text[:300])
+                tried.append(f"{method.upper()} {path}")
+    assert len(tried) >= 30 and "GET /runs" in tried and "GET /runs/{run_id}/stream" in tried, tried
+    assert all(p.startswith(("GET /auth", "POST /auth", "DELETE /auth", "GET /console", "GET /healthz", "GET /readyz",
+                             "GET /")) for p in open_to_all), open_to_all
+
+
+def test_every_route_of_the_combined_app_has_the_authorizer(auth_settings: CommonSettings) -> None:
+    """Every API route of the combined app (each part's router and the labeler's root router) runs the
+    authorizer: an own dependency, or one of the router it was included with."""
+    from fastapi.routing import APIRoute
+
+    from dlforge.common.auth.enforcement import is_open
+
+    def authorizes(dependencies: Any) -> bool:
+        return any(getattr(getattr(d, "dependency", None) or getattr(d, "call", None), "__name__", "") == "authorize"
+                   for d in dependencies)
+
+    checked: dict[str, bool] = {}
+
+    def walk(routes: Any, inherited: bool) -> None:
+        for r in routes:
+            context = getattr(r, "include_context", None)
+            if context is not None:  # a router included lazily (FastAPI >= 0.16x): its routes and dependencies
+                walk([c.original_route if hasattr(c, "original_route") else c for c in r.effective_candidates()],
+                     inherited or authorizes(context.dependencies))
+            elif isinstance(r, APIRoute) and not is_open(r.path):
+                checked[f"{sorted(r.methods)} {r.path}"] = inherited or authorizes(r.dependant.dependencies)
+
+    walk(combined(auth_settings).routes, False)
+    missing = [route for route, ok in checked.items() if not ok]
+    assert len(checked) >= 40 and not missing, missing
+    assert "['POST'] /runs/{run_id}/rerun" in checked, sorted(checked)  # the labeler's root router
+
+
+def test_the_ids_are_reserved_before_the_import(auth_settings: CommonSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another project taking the run id while the upload imports cannot win: the id was reserved before."""
+    import asyncio
+
+    from dlforge.common.auth.store import AuthStore
+    from dlforge.common.docs.sqlite import SqliteDocumentStore
+    from dlforge.labeler import app as labeler_app
+
+    tokens = seed_accounts(auth_settings, {"pia": {"p": "operator"}})
+    imported = labeler_app.import_dataset
+    raced: list[str] = []
+
+    async def racing_import(*args: Any, **kwargs: Any) -> Any:
+        docs = SqliteDocumentStore(docs_path(auth_settings))
+        try:
+            await AuthStore(docs).register("run", "run-raced", "q")  # the other creator, meanwhile
+            raced.append("q won")
+        except Exception as exc:
+            raced.append(f"q refused: {getattr(exc, 'status_code', exc)}")
+        finally:
+            await docs.close()
+        return await imported(*args, **kwargs)
+
+    monkeypatch.setattr(labeler_app, "import_dataset", racing_import)
+    with TestClient(combined(auth_settings)) as client:
+        made = upload(client, tokens["pia"], project="p", dataset_id="ds-raced", run_id="run-raced")
+        assert made.status_code == 201, made.text
+        assert raced == ["q refused: 409"]
+    project = asyncio.run(_project_of(auth_settings, "run", "run-raced"))
+    assert project == "p"
+
+
+async def _project_of(settings: CommonSettings, kind: str, resource_id: str) -> str | None:
+    from dlforge.common.auth.store import AuthStore
+    from dlforge.common.docs.sqlite import SqliteDocumentStore
+
+    docs = SqliteDocumentStore(docs_path(settings))
+    try:
+        return await AuthStore(docs).project_of(kind, resource_id)
+    finally:
+        await docs.close()
+
+
+def test_changing_ones_password_and_disabling_a_user(auth_settings: CommonSettings) -> None:
+    tokens = seed_accounts(auth_settings, {"lars": {"default": "labeler"}, "ada": {"*": "admin"}})
+    new = "a new and long passphrase"
+    with TestClient(combined(auth_settings)) as client:
+        lars, ada = bearer(tokens["lars"]), bearer(tokens["ada"])
+        wrong = client.post("/auth/password", headers=lars, json={"old_password": "nope", "new_password": new})
+        assert wrong.status_code == 401
+        short = client.post("/auth/password", headers=lars, json={"old_password": PASSWORD, "new_password": "x"})
+        assert short.status_code == 422
+        ok = client.post("/auth/password", headers=lars, json={"old_password": PASSWORD, "new_password": new})
+        assert ok.status_code == 200, ok.text
+        assert client.post("/auth/login", json={"username": "lars", "password": PASSWORD}).status_code == 401
+        assert client.post("/auth/login", json={"username": "lars", "password": new}).status_code == 200
+        # only an admin of every project disables; lars's tokens stop at once, and he cannot sign in
+        assert client.put("/auth/users/ada/disabled", headers=lars, json={"disabled": True}).status_code == 403
+        assert client.put("/auth/users/ada/disabled", headers=ada, json={"disabled": True}).status_code == 409
+        off = client.put("/auth/users/lars/disabled", headers=ada, json={"disabled": True})
+        assert off.status_code == 200 and off.json()["disabled"] is True
+        assert client.get("/auth/me", headers=lars).status_code == 401
+        assert client.post("/auth/login", json={"username": "lars", "password": new}).status_code == 401
+        assert client.put("/auth/users/lars/disabled", headers=ada, json={"disabled": False}).status_code == 200
+        assert client.get("/auth/me", headers=lars).status_code == 200

@@ -7,6 +7,8 @@ the split deployment without DLFORGE_AUTH_URL: it checks tokens in the shared do
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -84,6 +86,9 @@ async def test_labels_are_the_signed_in_users_and_audited(auth_settings: CommonS
     assert [(e["who"], e["status"]) for e in label_entries] == [("lars", 202), ("lars", 202), ("lars", 403),
                                                                ("pia", 404)]
     assert [e["detail"]["labels"] for e in label_entries[:2]] == [body(items[0])["labels"], body(items[1])["labels"]]
+    assert [e["detail"]["label_count"] for e in label_entries[:2]] == [1, 1]
+    assert label_entries[0]["detail"]["labels_sha256"] == hashlib.sha256(
+        json.dumps(body(items[0])["labels"], sort_keys=True).encode()).hexdigest()
     assert all(e["detail"]["annotator"] == "lars" and e["detail"]["dataset_id"] == dataset_id
                for e in label_entries[:2])
     assert entries[0]["who"] == "otto" and entries[0]["route"] == "POST /datasets" and entries[0]["status"] == 201

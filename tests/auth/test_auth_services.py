@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -308,3 +309,141 @@ async def test_audit_entries_answered_together_are_written_together(tmp_path: Pa
     assert newest_first == ["last", *(f"u{i}" for i in reversed(range(20)))]
     assert [e["who"] for e in await store.audit_entries(user="u3")] == ["u3"]
     await docs.close()
+
+
+async def test_a_busy_auth_service_is_never_taken_for_an_inactive_token() -> None:
+    from dlforge.common.auth.authenticator import IntrospectingAuthenticator
+    from dlforge.common.errors import RetryableError
+
+    answers = {"status": 429}
+    calls: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(f"{request.method} {request.url.path}")
+        if answers["status"] != 200:
+            return httpx.Response(answers["status"], json={"detail": "too many requests"})
+        if request.url.path == "/auth/introspect":
+            return httpx.Response(200, json={"active": True, "principal": {
+                "name": "lars", "token_id": "t1", "kind": "user", "projects": {"default": "labeler"},
+                "expires_at": None}})
+        return httpx.Response(200, json={"kind": "run", "id": "r1", "project": "p"})
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://auth")
+    authenticator = IntrospectingAuthenticator("http://auth", "dlf_service", cache_seconds=60, client=client)
+    for status in (429, 418, 500):
+        answers["status"] = status
+        with pytest.raises(RetryableError):
+            await authenticator.authenticate("dlf_user")
+        with pytest.raises(RetryableError):
+            await authenticator.project_of("run", "r1")
+        with pytest.raises(RetryableError):
+            await authenticator.register("run", "r1", "p")
+    answers["status"] = 200  # nothing of the refusals was kept: the next answer is the real one
+    principal = await authenticator.authenticate("dlf_user")
+    assert principal is not None and principal.name == "lars"
+    assert await authenticator.project_of("run", "r1") == "p"
+    assert calls.count("POST /auth/introspect") == 4
+    await client.aclose()
+
+
+def test_a_retryable_failure_answers_503(auth_settings: CommonSettings) -> None:
+    from fastapi.testclient import TestClient
+
+    from dlforge.cli.platform import service_parts
+    from dlforge.common.app import create_app
+    from dlforge.common.errors import RetryableError
+
+    tokens = asyncio.run(create_accounts(auth_settings, {"vera": {"default": "viewer"}}))
+    app = create_app(service_parts(), settings=auth_settings, mount_prefix=True, run_workers=False, title="dlforge")
+    with TestClient(app) as client:
+        async def busy(kind: str, resource_id: str) -> str | None:
+            raise RetryableError("the auth service failed or is busy (429)")
+
+        app.state.auth.authenticator.project_of = busy
+        r = client.get("/runs/run-1", headers=bearer(tokens["vera"]))
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "busy" in r.json()["detail"]
+
+
+def test_services_are_not_rate_limited(auth_settings: CommonSettings) -> None:
+    from fastapi.testclient import TestClient
+
+    from dlforge.cli.platform import service_parts
+    from dlforge.common.app import create_app
+
+    settings = auth_settings.model_copy(update={"auth_rate": 0.01, "auth_burst": 2,
+                                                "auth_service_token": SecretStr("dlf_shared-service-secret")})
+    app = create_app(service_parts(), settings=settings, mount_prefix=True, run_workers=False, title="dlforge")
+    with TestClient(app) as client:
+        statuses = {client.post("/auth/introspect", headers=bearer("dlf_shared-service-secret"),
+                                json={"token": "dlf_x"}).status_code for _ in range(10)}
+        assert statuses == {200}
+
+
+async def _sse_events(lines: Any) -> Any:
+    """(event, data) of each server-sent event of a response's lines (comments skipped)."""
+    name, data = "message", []
+    async for line in lines:
+        if line == "":
+            if data:
+                yield name, "\n".join(data)
+            name, data = "message", []
+        elif line.startswith("event:"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            data.append(line.split(":", 1)[1].strip())
+
+
+async def test_a_revoked_token_stops_receiving_the_run_stream(auth_settings: CommonSettings,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from dlforge.cli.platform import service_parts
+    from dlforge.common import runs
+    from dlforge.common.app import create_app
+    from dlforge.common.auth import enforcement
+
+    monkeypatch.setattr(runs, "STREAM_RECHECK_SECONDS", 0.2)
+    monkeypatch.setattr(enforcement, "MAX_STREAMS", 2)
+    tokens = await create_accounts(auth_settings, {"vera": {"default": "viewer"}})
+    docs = SqliteDocumentStore(Path(auth_settings.docs.removeprefix("sqlite:///")))
+    await docs.insert("runs_view", {"_id": "run-live", "run_id": "run-live", "state": "running", "stages": {},
+                                    "events": [], "counts": {}})
+    await docs.close()
+    port = free_port()
+    app = create_app(service_parts(), settings=auth_settings, mount_prefix=True, run_workers=False, title="dlforge")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and not task.done(), "the app did not start"
+            await asyncio.sleep(0.02)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as client:
+            vera = bearer(tokens["vera"])
+            made = await client.post("/auth/tokens", headers=vera, json={"name": "watch"})
+            watch = made.json()
+            seen: list[tuple[str, dict[str, Any]]] = []
+            async with client.stream("GET", "/runs/run-live/stream", headers=bearer(watch["token"])) as response, \
+                    client.stream("GET", "/runs/run-live/stream", headers=vera) as second:
+                assert response.status_code == 200 and second.status_code == 200
+                # a third stream of vera's while two are open: refused
+                third = await client.get("/runs/run-live/stream", headers=vera)
+                assert third.status_code == 429 and "2 event streams" in third.json()["detail"], third.text
+                started = None
+                async with asyncio.timeout(15):  # fails, rather than hangs, if the stream went on
+                    async for name, data in _sse_events(response.aiter_lines()):
+                        seen.append((name, json.loads(data)))
+                        if len(seen) == 1:
+                            revoked = await client.delete(f"/auth/tokens/{watch['token_id']}", headers=vera)
+                            assert revoked.status_code == 200
+                            started = time.monotonic()
+                assert started is not None and time.monotonic() - started < 10  # ended by itself, soon
+            assert seen[0][0] == "run" and seen[-1] == ("end", {"state": "unauthorized"})
+            # the streams closed: their slots are free again (counted down when each generator ends)
+            deadline = time.monotonic() + 10
+            while app.state.auth.streams:
+                assert time.monotonic() < deadline, app.state.auth.streams
+                await asyncio.sleep(0.05)
+    finally:
+        server.should_exit = True
+        await task

@@ -200,3 +200,30 @@ def test_embedded_settings_keep_the_bus_documents_and_objects_under_the_work_dir
     assert settings.bus == f"sqlite:///{root}/bus.db"  # the durable bus: a killed run keeps its events
     assert settings.docs == f"sqlite:///{root}/docs.db"
     assert settings.objects == f"file://{root}/objects"
+
+
+def test_serving_for_people_revokes_its_token_when_it_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The token `dlforge run` (no answers) mints for itself is revoked however the command ends."""
+    import sqlite3
+
+    import uvicorn
+
+    from dlforge.cli import main as cli_main
+
+    monkeypatch.setenv("DLFORGE_AUTH", "required")
+    monkeypatch.setenv("DLFORGE_BUS", "memory://")
+    monkeypatch.setenv("DLFORGE_DOCS", f"sqlite:///{tmp_path}/docs.db")
+    monkeypatch.setenv("DLFORGE_OBJECTS", f"file://{tmp_path}/objects")
+    monkeypatch.setenv("DLFORGE_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setenv("DLFORGE_PROPOSER_BUILD_ON_START", "false")
+
+    async def port_taken(self: uvicorn.Server, sockets: object = None) -> None:
+        raise OSError("address already in use")
+
+    monkeypatch.setattr(uvicorn.Server, "serve", port_taken)
+    (tmp_path / "cells").mkdir()
+    with pytest.raises(OSError, match="already in use"):
+        cli_main._serve_for_people(tmp_path / "cells", Spec(positive_class="defect"), cli_main.PipelineOptions())
+    rows = sqlite3.connect(tmp_path / "docs.db").execute(
+        "SELECT json_extract(body, '$.name'), json_extract(body, '$.revoked_at') FROM c_auth_tokens").fetchall()
+    assert len(rows) == 1 and rows[0][0] == "dlforge run" and rows[0][1] is not None, rows

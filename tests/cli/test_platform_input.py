@@ -38,6 +38,7 @@ REQUESTS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/optimizer/models/{dataset_id}/predict"): {"files": {"file": ("a.png", _png(), "image/png")}},
     ("PUT", "/tuner/runs/{run_id}/tuning"): {"json": {}},
     ("PUT", "/auth/users/{name}/grants/{project}"): {"json": {"role": "viewer"}},
+    ("PUT", "/auth/users/{name}/disabled"): {"json": {"disabled": True}},
     ("POST", "/labeler/datasets/{dataset_id}/rerun"): {"json": {}},
     ("POST", "/runs/{run_id}/rerun"): {"json": {}},
 }

@@ -187,3 +187,12 @@ async def test_retry_and_download_refuse_honestly(served: tuple[Backends, str]) 
         await _until(client, "/runs/r5", lambda d: d["state"] == "succeeded")
         r = await client.get("/runs/r5/model")
         assert r.status_code == 404 and "optimizer/gone.onnx" in r.json()["detail"]
+
+
+def test_a_later_upload_never_moves_a_run_to_another_project() -> None:
+    first = Event.new(DatasetUploaded(dataset_id="ds-a", name="cells", item_count=10, classes=["defect", "good"],
+                                      labeled_count=0, rejected_count=0, duplicate_count=0, manifest_key="m.json",
+                                      spec=SPEC, options=OPTIONS, project="p"), run_id="run-a")
+    later = Event.new(first.payload.model_copy(update={"project": "q", "dataset_id": "ds-b"}), run_id="run-a")
+    doc = runs.apply(runs.apply(None, first), later)
+    assert doc["project"] == "p"

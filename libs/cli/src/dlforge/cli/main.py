@@ -360,11 +360,15 @@ def _serve_for_people(folder: Path, spec: Spec, options: PipelineOptions, *, res
     os.environ.setdefault("DLFORGE_LABELER_IMPORT_ROOTS", str(folder.resolve().parent))
     app = combined_app(settings=settings)
     headers: dict[str, str] = {}
+    minted: str | None = None
     if settings.auth == "required":
         password = None if settings.auth_url else asyncio.run(ensure_local_admin(settings))
         if password is not None:
             print(sign_in_text(url=f"http://{settings.http_host}:{settings.http_port}/console/", password=password))
-        token = os.environ.get("DLFORGE_TOKEN", "") if settings.auth_url else asyncio.run(_run_token(settings))
+        if settings.auth_url:
+            token = os.environ.get("DLFORGE_TOKEN", "")
+        else:  # minted for this command, revoked when it ends (however it ends)
+            token, minted = asyncio.run(_run_token(settings))
         headers["Authorization"] = f"Bearer {token}"
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
                             access_log=settings.http_access_log)
@@ -412,15 +416,27 @@ def _serve_for_people(folder: Path, spec: Spec, options: PipelineOptions, *, res
                   f"follow the run at {base}/runs/{created['run_id']} (Ctrl-C stops)")
         await serving
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        if minted is not None:
+            asyncio.run(_revoke_token(settings, minted))
     return 0
 
 
-async def _run_token(settings: CommonSettings) -> str:
+async def _run_token(settings: CommonSettings) -> tuple[str, str]:
+    """A token of the run account for this command: (token, token id)."""
     from dlforge.cli.admin import _with_store, run_token
 
-    token: str = (await _with_store(settings, lambda store: run_token(store, hours=24 * 7)))[0]
-    return token
+    minted: tuple[str, str] = await _with_store(settings, lambda store: run_token(store, hours=24 * 7))
+    return minted
+
+
+async def _revoke_token(settings: CommonSettings, token_id: str) -> None:
+    """Revoke the token :func:`_run_token` minted (the command is over)."""
+    from dlforge.cli.admin import _with_store
+
+    await _with_store(settings, lambda store: store.revoke(token_id))
 
 
 def cmd_up(args: argparse.Namespace) -> int:

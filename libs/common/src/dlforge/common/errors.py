@@ -42,7 +42,9 @@ class Forbidden(DlforgeError):
 class InvalidInput(DlforgeError):
     """User input was refused; the message says what was wrong (becomes an HTTP 4xx)."""
 
-    def __init__(self, message: str, *, status_code: int = 422, details: object | None = None) -> None:
+    def __init__(self, message: str, *, status_code: int = 422, details: object | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.details = details
+        self.headers = headers  # e.g. Retry-After of a 429

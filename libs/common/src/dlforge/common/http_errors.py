@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dlforge.common.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized
+from dlforge.common.errors import Conflict, Forbidden, InvalidInput, NotFound, RetryableError, Unauthorized
 
 ERROR_SCHEMA = "ErrorBody"
 _FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
@@ -169,7 +169,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidInput)
     async def _invalid(_: Request, exc: InvalidInput) -> JSONResponse:
-        return JSONResponse(error_body(str(exc), details=exc.details), status_code=exc.status_code)
+        return JSONResponse(error_body(str(exc), details=exc.details), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
@@ -183,6 +184,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Forbidden)
     async def _forbidden(_: Request, exc: Forbidden) -> JSONResponse:
         return JSONResponse(error_body(str(exc), details=exc.details), status_code=403)
+
+    @app.exception_handler(RetryableError)
+    async def _retryable(_: Request, exc: RetryableError) -> JSONResponse:
+        # a passing failure of something the answer depends on (e.g. the auth service): try again shortly
+        return JSONResponse(error_body(f"try again shortly: {exc}"), status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(Conflict)
     async def _conflict(_: Request, exc: Conflict) -> JSONResponse:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 import zipfile
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -31,7 +32,7 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from dlforge.common.app import ServicePart, backends_of
-from dlforge.common.auth import DEFAULT_PROJECT, visible_projects
+from dlforge.common.auth import DEFAULT_PROJECT, check_stream_slot, still_allowed, stream_slot, visible_projects
 from dlforge.common.errors import Conflict, NotFound, RetryableError
 from dlforge.common.events import Event, RunCancelled, RunDeleted, Topic
 from dlforge.common.http_errors import error_responses
@@ -120,7 +121,7 @@ def apply(run: dict[str, Any] | None, event: Event, *, trace_id: str | None = No
     stages = {k: dict(v) for k, v in doc["stages"].items()}
     if "dataset_id" in payload and "dataset_id" not in doc:
         doc["dataset_id"] = payload["dataset_id"]
-    if topic == Topic.DATASET_UPLOADED:
+    if topic == Topic.DATASET_UPLOADED and "project" not in doc:  # the first upload's: a later one never moves it
         doc["project"] = payload.get("project", DEFAULT_PROJECT)
     if topic in _TRANSITIONS:
         doc[LAST_EVENTS] = {**doc.get(LAST_EVENTS, {}), topic.value: {
@@ -311,6 +312,7 @@ def part() -> ServicePart:
 
 STREAM_POLL_SECONDS = 0.3
 STREAM_PING_SECONDS = 15
+STREAM_RECHECK_SECONDS = 2.0  # how often a stream checks again that its token may still read the run
 _INPUT_OF = {starts: topic for topic, (_, starts) in _TRANSITIONS.items() if starts is not None}
 
 
@@ -325,31 +327,41 @@ async def _run_doc(backends: Backends, run_id: str) -> dict[str, Any]:
     200: {"description": "`text/event-stream`: `event: run` (the run document as `GET /runs/{run_id}` serves it) at "
                          "once and on each change, `event: end` once the run is succeeded, failed or cancelled",
           "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-    **error_responses(404)})
+    **error_responses(404, 429)})
 async def stream_run(run_id: str, request: Request, backends: Backends = Depends(backends_of)) -> Response:
     """The run document live: sent at once and again whenever it changes (its ``_version``), then ``end``.
 
-    Comment lines (``: ping``) keep idle connections open; the stream stops when the client goes.
+    Comment lines (``: ping``) keep idle connections open; the stream stops when the client goes, and with
+    ``end`` ``{"state": "unauthorized"}`` when its token is revoked or loses the run's project (checked every
+    few seconds). A principal has at most 8 streams open (429 beyond).
     """
     from sse_starlette import EventSourceResponse, ServerSentEvent
 
     doc = await _run_doc(backends, run_id)
+    check_stream_slot(request)
 
     async def events() -> AsyncIterator[ServerSentEvent]:
-        current: dict[str, Any] | None = doc
-        version = None
-        while current is not None:
-            if current["_version"] != version:
-                version = current["_version"]
-                yield ServerSentEvent(data=json.dumps(served(current)), event="run")
-                if current["state"] in FINISHED:
-                    yield ServerSentEvent(data=json.dumps({"state": current["state"]}), event="end")
+        with stream_slot(request):
+            current: dict[str, Any] | None = doc
+            version = None
+            checked = time.monotonic()
+            while current is not None:
+                if current["_version"] != version:
+                    version = current["_version"]
+                    yield ServerSentEvent(data=json.dumps(served(current)), event="run")
+                    if current["state"] in FINISHED:
+                        yield ServerSentEvent(data=json.dumps({"state": current["state"]}), event="end")
+                        return
+                if await request.is_disconnected():
                     return
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(STREAM_POLL_SECONDS)
-            current = await backends.docs.get(RUNS, run_id)
-        yield ServerSentEvent(data=json.dumps({"state": "deleted"}), event="end")  # deleted while watched
+                await asyncio.sleep(STREAM_POLL_SECONDS)
+                if time.monotonic() - checked >= STREAM_RECHECK_SECONDS:  # a revoked token stops receiving
+                    checked = time.monotonic()
+                    if not await still_allowed(request, "run", run_id):
+                        yield ServerSentEvent(data=json.dumps({"state": "unauthorized"}), event="end")
+                        return
+                current = await backends.docs.get(RUNS, run_id)
+            yield ServerSentEvent(data=json.dumps({"state": "deleted"}), event="end")  # deleted while watched
 
     return EventSourceResponse(events(), ping=STREAM_PING_SECONDS, headers={"Cache-Control": "no-cache"})
 

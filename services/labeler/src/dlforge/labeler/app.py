@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import re
@@ -39,9 +40,8 @@ from dlforge.common.app import create_app as create_common_app
 from dlforge.common.auth import (
     DEFAULT_PROJECT,
     audit,
-    check_resource,
     principal_of,
-    register_resource,
+    reserved_resources,
     role,
     visible_projects,
 )
@@ -412,22 +412,19 @@ async def create_dataset(request: Request, backends: Annotated[Backends, Depends
     settings = deps.settings
     req, upload = await _parse(request, settings)
     principal_of(request).require(req.project, "operator")
-    # the ids are fixed here: a run or dataset id of another project is refused (409) before anything is
-    # written, and their project is recorded once the dataset is in
+    # the ids are fixed here: a run or dataset id of another project is refused (409) before anything is written
     req = req.model_copy(update={"dataset_id": req.dataset_id or uuid.uuid4().hex[:16],
                                  "run_id": req.run_id or uuid.uuid4().hex})
     assert req.dataset_id is not None and req.run_id is not None
-    await check_resource(request, "run", req.run_id, req.project)
-    await check_resource(request, "dataset", req.dataset_id, req.project)
     audit(request, project=req.project, dataset_id=req.dataset_id, run_id=req.run_id)
-    tree, result = await asyncio.to_thread(_open_and_scan, req, upload, settings)
-    try:
-        upload_name = upload.filename if upload is not None else None
-        created = await import_dataset(backends, settings, req, tree, result, upload_name=upload_name)
-    finally:
-        tree.close()
-    await register_resource(request, "run", req.run_id, req.project)
-    await register_resource(request, "dataset", req.dataset_id, req.project)
+    # the ids are reserved to the project first (409 if another project's), and released if the import fails
+    async with reserved_resources(request, [("run", req.run_id), ("dataset", req.dataset_id)], req.project):
+        tree, result = await asyncio.to_thread(_open_and_scan, req, upload, settings)
+        try:
+            upload_name = upload.filename if upload is not None else None
+            created = await import_dataset(backends, settings, req, tree, result, upload_name=upload_name)
+        finally:
+            tree.close()
     return created
 
 
@@ -800,8 +797,10 @@ async def submit_labels(body: LabelSubmission, request: Request, backends: Annot
     else:
         raise InvalidInput(f"dataset {dataset_id!r} is receiving too many submissions at once; send again",
                            status_code=503)
+    # every label of the submission (the request's size limit bounds it), and a digest to compare submissions
+    digest = hashlib.sha256(json.dumps(body.labels, sort_keys=True).encode("utf-8")).hexdigest()
     audit(request, dataset_id=dataset_id, batch_id=body.batch_id, annotator=annotator, sequence=accepted.sequence,
-          labels=dict(list(body.labels.items())[:100]))
+          labels=dict(body.labels), label_count=len(body.labels), labels_sha256=digest)
     return LabelsAccepted(dataset_id=dataset_id, batch_id=body.batch_id, accepted=len(accepted.labels),
                           new_classes=accepted.new_classes, waiting=accepted.waiting, sequence=accepted.sequence)
 

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dlforge.common.auth import DEFAULT_PROJECT, check_resource, principal_of, register_resource
+from dlforge.common.auth import DEFAULT_PROJECT, principal_of, reserved_resources
 from dlforge.common.errors import InvalidInput, NotFound
 from dlforge.common.events import PipelineOptions, Spec
 from dlforge.common.objects import ObjectStore
@@ -117,17 +117,14 @@ async def rerun_dataset(request: Request, backends: Backends, settings: LabelerS
                          classes=list(record.get("classes") or manifest.classes),
                          allow_new_classes=record.get("allow_new_classes"), project=project)
     assert new.run_id is not None and new.dataset_id is not None
-    # as for an upload: ids of another project are refused before anything is written, and the new
-    # run and dataset are recorded as the earlier one's project once the dataset is in
-    await check_resource(request, "run", new.run_id, project)
-    await check_resource(request, "dataset", new.dataset_id, project)
-    tree = StoredTree(backends.objects, [i.source for i in result.items], _limits(settings))
-    try:
-        created = await import_dataset(backends, settings, new, tree, result, rerun_of=source_id)
-    except NotFound as exc:  # an image object went missing meanwhile: nothing is left half-written
-        raise InvalidInput(f"dataset {source_id!r}: a stored image is gone ({exc})", status_code=409) from exc
-    await register_resource(request, "run", new.run_id, project)
-    await register_resource(request, "dataset", new.dataset_id, project)
+    # as for an upload: the ids are reserved to the earlier dataset's project first (409 if another project's),
+    # and released if the import fails
+    async with reserved_resources(request, [("run", new.run_id), ("dataset", new.dataset_id)], project):
+        tree = StoredTree(backends.objects, [i.source for i in result.items], _limits(settings))
+        try:
+            created = await import_dataset(backends, settings, new, tree, result, rerun_of=source_id)
+        except NotFound as exc:  # an image object went missing meanwhile: nothing is left half-written
+            raise InvalidInput(f"dataset {source_id!r}: a stored image is gone ({exc})", status_code=409) from exc
     return created
 
 

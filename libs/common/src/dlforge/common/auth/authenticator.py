@@ -10,7 +10,8 @@ Two implementations:
 
 Both keep answers for ``DLFORGE_AUTH_CACHE_SECONDS`` (a revoked token stops working within that
 time in other processes; at once in the one that revoked it); a resource's project never changes,
-so it is kept as long as the process (up to a bounded number of entries).
+so it is kept as long as the process (up to a bounded number of entries). An answer of the auth service
+that is not one (429, 5xx, anything unexpected) raises RetryableError (503 to the caller) and is not kept.
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ class Authenticator(Protocol):
     async def project_of(self, kind: str, resource_id: str) -> str | None:
         """The project of run or dataset ``resource_id`` (``kind`` ``run``/``dataset``); None if unknown."""
 
-    async def register(self, kind: str, resource_id: str, project: str) -> None:
-        """Record the project of a new run or dataset; InvalidInput (409) if it is another project's."""
+    async def register(self, kind: str, resource_id: str, project: str) -> bool:
+        """Record the project of a new run or dataset: True if this call recorded it (False: it was that
+        project's already); InvalidInput (409) if it is another project's."""
+
+    async def release(self, kind: str, resource_id: str) -> None:
+        """Undo a :meth:`register` that returned True (the creation it reserved the id for failed)."""
 
     def forget_tokens(self) -> None:
         """Drop cached token answers (after a revocation or a change of grants in this process)."""
@@ -104,9 +109,14 @@ class StoreAuthenticator:
             self._cache.keep_project(key, project)
         return project
 
-    async def register(self, kind: str, resource_id: str, project: str) -> None:
-        await self.store.register(kind, resource_id, project)
+    async def register(self, kind: str, resource_id: str, project: str) -> bool:
+        created = await self.store.register(kind, resource_id, project)
         self._cache.keep_project(f"{kind}:{resource_id}", project)
+        return created
+
+    async def release(self, kind: str, resource_id: str) -> None:
+        await self.store.forget(kind, resource_id)
+        self._cache.projects.pop(f"{kind}:{resource_id}", None)
 
     def forget_tokens(self) -> None:
         self._cache.tokens.clear()
@@ -129,9 +139,14 @@ class IntrospectingAuthenticator:
         if response.status_code in (401, 403):
             raise RetryableError(f"the auth service refused this service's token ({response.status_code}): "
                                  "check DLFORGE_AUTH_SERVICE_TOKEN")
-        if response.status_code >= 500:
-            raise RetryableError(f"the auth service failed ({response.status_code})")
+        if response.status_code >= 500 or response.status_code == 429:
+            raise RetryableError(f"the auth service failed or is busy ({response.status_code})")
         return response
+
+    @staticmethod
+    def _unexpected(response: httpx.Response) -> RetryableError:
+        return RetryableError(f"the auth service answered {response.status_code} to {response.request.method} "
+                              f"{response.request.url.path}")
 
     async def authenticate(self, token: str) -> Principal | None:
         key = token_hash(token)
@@ -139,6 +154,8 @@ class IntrospectingAuthenticator:
         if hit:
             return principal
         response = await self._call("POST", "/auth/introspect", {"token": token})
+        if response.status_code != 200:  # never an answer about the token: not cached, not "inactive"
+            raise self._unexpected(response)
         body = response.json()
         principal = Principal.from_public(body["principal"]) if body.get("active") else None
         self._cache.keep_token(key, principal)
@@ -151,18 +168,27 @@ class IntrospectingAuthenticator:
         response = await self._call("GET", f"/auth/resources/{kind}/{quote(resource_id, safe='')}")
         if response.status_code in (404, 422):  # unknown, or not even a valid id: no run or dataset has it
             return None
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise self._unexpected(response)
         project = str(response.json()["project"])
         self._cache.keep_project(key, project)
         return project
 
-    async def register(self, kind: str, resource_id: str, project: str) -> None:
+    async def register(self, kind: str, resource_id: str, project: str) -> bool:
         response = await self._call("PUT", f"/auth/resources/{kind}/{quote(resource_id, safe='')}",
                                     {"project": project})
         if response.status_code == 409:
             raise InvalidInput(f"{kind} {resource_id!r} exists in another project", status_code=409)
-        response.raise_for_status()
+        if not response.is_success:
+            raise self._unexpected(response)
         self._cache.keep_project(f"{kind}:{resource_id}", project)
+        return bool(response.json().get("created", True))
+
+    async def release(self, kind: str, resource_id: str) -> None:
+        response = await self._call("DELETE", f"/auth/resources/{kind}/{quote(resource_id, safe='')}")
+        if not response.is_success and response.status_code != 404:
+            raise self._unexpected(response)
+        self._cache.projects.pop(f"{kind}:{resource_id}", None)
 
     def forget_tokens(self) -> None:
         self._cache.tokens.clear()

@@ -13,11 +13,11 @@ Two steps per request:
    ``openapi_extra`` ``x-dlforge-role`` (see :func:`role`), else viewer for reads and operator for
    writes. A path parameter ``run_id`` or ``dataset_id`` (or the one ``x-dlforge-resource`` names)
    is checked against that run's or dataset's project: no role there at all answers 404 as for an
-   unknown id, a lower role 403. A resource the auth part does not know (an unknown id) needs the
-   role in some project; the handler then answers 404. Without such a parameter the role must be
-   held in some project; handlers that take a project or an id in the body check it themselves
-   (:meth:`Principal.require`), and list handlers show only the principal's projects
-   (:func:`visible_projects`).
+   unknown id, a lower role 403. A resource the auth part does not know (an unknown id, or one made
+   before auth was on) is taken as the default project's: it needs the role there (else 404/403).
+   Without such a parameter the role must be held in some project; handlers that take a project or
+   an id in the body check it themselves (:meth:`Principal.require`), and list handlers show only
+   the principal's projects (:func:`visible_projects`).
 
 With ``DLFORGE_AUTH=off`` every request's principal is :meth:`Principal.anonymous` (admin everywhere)
 and nothing is checked, limited or audited.
@@ -26,10 +26,11 @@ and nothing is checked, limited or audited.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -38,8 +39,8 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dlforge.common.auth.authenticator import Authenticator, IntrospectingAuthenticator, StoreAuthenticator
-from dlforge.common.auth.model import ROLES, Principal, at_least
-from dlforge.common.auth.ratelimit import RateLimiter
+from dlforge.common.auth.model import DEFAULT_PROJECT, ROLES, Principal, at_least
+from dlforge.common.auth.ratelimit import LoginBackoff, RateLimiter
 from dlforge.common.auth.store import AuthStore, iso, now
 from dlforge.common.errors import ConfigError, Forbidden, InvalidInput, NotFound, RetryableError
 from dlforge.common.http_errors import STATUS_MEANINGS, error_body
@@ -57,6 +58,7 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/auth/login", "/openapi.jso
 OPEN_PREFIXES = ("/console/",)
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 RESOURCE_PARAMS = (("run_id", "run"), ("dataset_id", "dataset"))
+USER_RATE_FACTOR = 2  # a user's bucket: twice a token's (a browser and a CLI together), however many tokens
 
 
 def role(needed: str, *, resource: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -124,6 +126,8 @@ class AuthRuntime:
     store: AuthStore | None
     settings: CommonSettings
     audit: AuditWriter | None = None
+    streams: dict[str, int] = field(default_factory=dict)  # open event streams per principal
+    logins: LoginBackoff = field(default_factory=LoginBackoff)  # wrong passwords per user name
 
     @classmethod
     async def start(cls, settings: CommonSettings, docs: Any) -> AuthRuntime:
@@ -197,7 +201,7 @@ async def register_resource(request: Request, kind: str, resource_id: str, proje
 
     The auth part also records it from ``dataset.uploaded``; doing it before answering closes the
     moment in which a new id would not be known yet. An id another project took meanwhile stays
-    that project's (logged).
+    that project's (logged). Creating handlers use :func:`reserved_resources` instead.
     """
     runtime = runtime_of(request)
     if runtime.mode != "off":
@@ -205,6 +209,92 @@ async def register_resource(request: Request, kind: str, resource_id: str, proje
             await runtime.authenticator.register(kind, resource_id, project)
         except InvalidInput:
             log.warning("%s %s was registered to another project meanwhile; it stays there", kind, resource_id)
+
+
+@contextlib.asynccontextmanager
+async def reserved_resources(request: Request, ids: Iterable[tuple[str, str]], project: str) -> AsyncIterator[None]:
+    """Register ``(kind, id)`` pairs to ``project`` before creating them, and release those this call recorded if
+    the block fails: InvalidInput (409), with nothing held, if one is another project's (so a creator never gets
+    a run or dataset recorded in another project, whoever wins a race). No-op while auth is off."""
+    runtime = runtime_of(request)
+    if runtime.mode == "off":
+        yield
+        return
+    recorded: list[tuple[str, str]] = []
+
+    async def release() -> None:
+        for kind, resource_id in reversed(recorded):
+            try:
+                await runtime.authenticator.release(kind, resource_id)
+            except Exception:  # the id stays reserved to this project: safe, only not reusable elsewhere
+                log.exception("could not release %s %s", kind, resource_id)
+
+    try:
+        for kind, resource_id in ids:
+            if await runtime.authenticator.register(kind, resource_id, project):
+                recorded.append((kind, resource_id))
+    except BaseException:
+        await release()
+        raise
+    try:
+        yield
+    except BaseException:
+        await release()
+        raise
+
+
+MAX_STREAMS = 8  # open event streams per principal
+
+
+def stream_key(request: Request) -> str | None:
+    """Whose streams to count (None while auth is off): the principal's name."""
+    runtime: AuthRuntime | None = getattr(request.app.state, "auth", None)
+    principal = getattr(request.state, "principal", None)
+    if runtime is None or runtime.mode == "off" or not isinstance(principal, Principal):
+        return None
+    return principal.name
+
+
+def check_stream_slot(request: Request) -> None:
+    """Before opening an event stream: 429 (with Retry-After) if the principal has ``MAX_STREAMS`` open."""
+    key = stream_key(request)
+    if key is not None and runtime_of(request).streams.get(key, 0) >= MAX_STREAMS:
+        raise InvalidInput(f"{key} has {MAX_STREAMS} event streams open, the most allowed; close one first",
+                           status_code=429, headers={"Retry-After": "5"})
+
+
+@contextlib.contextmanager
+def stream_slot(request: Request) -> Iterator[None]:
+    """Count an open event stream of the request's principal while the block runs."""
+    key = stream_key(request)
+    if key is None:
+        yield
+        return
+    streams = runtime_of(request).streams
+    streams[key] = streams.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        streams[key] -= 1
+        if streams[key] <= 0:
+            del streams[key]
+
+
+async def still_allowed(request: Request, kind: str, resource_id: str, needed: str = "viewer") -> bool:
+    """Whether the request's token is still valid and holds ``needed`` in the project of ``kind``/``resource_id``
+    (for a long response such as an event stream; asks the authenticator, whose answers are cached)."""
+    runtime: AuthRuntime | None = getattr(request.app.state, "auth", None)
+    if runtime is None or runtime.mode == "off" or getattr(request.state, "principal", None) is None:
+        return True
+    token = _bearer(request.scope)
+    if token is None:
+        return False
+    try:
+        principal = await runtime.authenticator.authenticate(token)
+        project = await runtime.authenticator.project_of(kind, resource_id) or DEFAULT_PROJECT
+    except RetryableError:
+        return True  # cannot tell now: the next check decides
+    return principal is not None and not _expired(principal) and principal.can(project, needed)
 
 
 def audit(request: Request, **detail: Any) -> None:
@@ -225,6 +315,26 @@ def _bearer(scope: Scope) -> str | None:
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
             return None
+    return None
+
+
+def rate_refusal(limiter: RateLimiter, principal: Principal) -> JSONResponse | None:
+    """The 429 answer of a request over its rate, else None (the request is counted).
+
+    Each token has a bucket, and each user one of ``USER_RATE_FACTOR`` times its size beside it (so that
+    minting more tokens does not raise a user's rate). Services are not limited: they are few, trusted,
+    share one service account, and carry the load of every user they serve (introspection, project look-ups).
+    """
+    if principal.kind == "service":
+        return None
+    checks = ((principal.token_id or principal.name, "this token", 1),
+              (f"user:{principal.name}", f"the tokens of {principal.name}", USER_RATE_FACTOR))
+    for key, whose, factor in checks:
+        rate, burst = limiter.rate * factor, limiter.burst * factor
+        wait = limiter.take(key, rate=rate, burst=burst)
+        if wait > 0:
+            return _refusal(429, f"too many requests with {whose}: over {rate:g}/s (bursts of {burst}); retry after "
+                            f"{wait:.2f} s", {"Retry-After": str(max(1, math.ceil(wait)))})
     return None
 
 
@@ -283,11 +393,9 @@ class AuthMiddleware:
             await _refusal(401, "the bearer token is unknown, revoked or expired",
                            {"WWW-Authenticate": 'Bearer realm="dlforge", error="invalid_token"'})(scope, receive, send)
             return
-        wait = runtime.limiter.take(principal.token_id or principal.name)
-        if wait > 0:
-            await _refusal(429, f"too many requests with this token: over {runtime.limiter.rate:g}/s (bursts of "
-                           f"{runtime.limiter.burst}); retry after {wait:.2f} s",
-                           {"Retry-After": str(max(1, math.ceil(wait)))})(scope, receive, send)
+        refusal = rate_refusal(runtime.limiter, principal)
+        if refusal is not None:
+            await refusal(scope, receive, send)
             return
         state["principal"] = principal
         if scope["method"] in READ_METHODS:
@@ -358,12 +466,12 @@ def authorizer(prefix: str) -> Callable[[Request], Awaitable[None]]:
             if principal.kind != "service" and principal.projects("admin") is not None:
                 raise Forbidden(f"{principal.name} is not a service (nor an admin of every project)")
             return
-        known = False
+        named = False
         for kind, resource_id in _resource_params(route, request.path_params):
-            project = await runtime.authenticator.project_of(kind, resource_id)
-            if project is None:
-                continue
-            known = True
+            # an id the auth part never registered (made before auth was on, or a name derived from a run's)
+            # is taken as the default project's, where runs without a project have always been
+            project = await runtime.authenticator.project_of(kind, resource_id) or DEFAULT_PROJECT
+            named = True
             held = principal.role_in(project)
             if held is None:
                 raise NotFound(f"no {kind} {resource_id!r}")  # as if it did not exist: it is not the caller's
@@ -371,7 +479,7 @@ def authorizer(prefix: str) -> Callable[[Request], Awaitable[None]]:
                 raise Forbidden(f"{principal.name} is {held} in project {project!r}; {request.method} "
                                 f"{request.url.path} needs {needed}",
                                 details={"project": project, "needed": needed, "held": held})
-        if not known and not principal.can_somewhere(needed):
+        if not named and not principal.can_somewhere(needed):
             raise Forbidden(f"{principal.name} is not {needed} in any project; {request.method} {request.url.path} "
                             f"needs {needed}", details={"needed": needed, "held": dict(principal.grants)})
 

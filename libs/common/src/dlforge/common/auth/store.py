@@ -122,6 +122,28 @@ class AuthStore:
                 continue
         raise InvalidInput(f"user {name!r} is being changed by someone else; try again", status_code=409)
 
+    async def _change(self, name: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        for _ in range(10):
+            doc = await self.docs.get(USERS, name)
+            if doc is None:
+                raise NotFound(f"no user {name!r}")
+            try:
+                return await self.docs.update(USERS, name, dict(fields), expected_version=doc["_version"])
+            except Conflict:
+                continue
+        raise InvalidInput(f"user {name!r} is being changed by someone else; try again", status_code=409)
+
+    async def set_password(self, name: str, password: str) -> dict[str, Any]:
+        """Give ``name`` a new password (8-1024 characters)."""
+        if not 8 <= len(password) <= 1024:
+            raise InvalidInput("the password must be 8-1024 characters")
+        hashed = await asyncio.to_thread(_hasher.hash, password)
+        return self.public_user(await self._change(name, {"password_hash": hashed}))
+
+    async def set_disabled(self, name: str, disabled: bool) -> dict[str, Any]:
+        """Disable (or enable again) ``name``: a disabled user's tokens stop working and it cannot sign in."""
+        return self.public_user(await self._change(name, {"disabled": disabled}))
+
     async def check_password(self, name: str, password: str) -> dict[str, Any] | None:
         """The user if ``password`` is theirs (and they may sign in), else None; as slow either way."""
         doc = await self.docs.get(USERS, name)
@@ -163,6 +185,13 @@ class AuthStore:
         where = {"user": user} if user is not None else None
         return [_public_token(d) for d in await self.docs.find(TOKENS, where, sort=[("created_at", -1)],
                                                               limit=10_000)]
+
+    async def live_tokens(self, user: str) -> int:
+        """How many of ``user``'s tokens are neither revoked nor expired."""
+        at = now()
+        return sum(1 for d in await self.docs.find(TOKENS, {"user": user}, limit=10_000)
+                   if not d.get("revoked_at") and not (d.get("expires_at")
+                                                       and datetime.fromisoformat(d["expires_at"]) <= at))
 
     async def token(self, token_id: str) -> dict[str, Any] | None:
         doc = await self.docs.get(TOKENS, token_id)
@@ -226,15 +255,18 @@ class AuthStore:
 
     # -- resources -----------------------------------------------------------------------------
 
-    async def register(self, kind: str, resource_id: str, project: str) -> None:
-        """Record that ``kind``/``resource_id`` belongs to ``project``; Conflict (409) if it belongs to another."""
+    async def register(self, kind: str, resource_id: str, project: str) -> bool:
+        """Record that ``kind``/``resource_id`` belongs to ``project``: True if this call recorded it, False if it
+        was ``project``'s already; InvalidInput (409) if it belongs to another."""
         key = f"{kind}:{resource_id}"
         try:
             await self.docs.insert(RESOURCES, {"_id": key, "kind": kind, "id": resource_id, "project": project})
+            return True
         except Conflict:
             current = await self.docs.get(RESOURCES, key)
             if current is not None and current.get("project") != project:
                 raise InvalidInput(f"{kind} {resource_id!r} exists in another project", status_code=409) from None
+            return False
 
     async def project_of(self, kind: str, resource_id: str) -> str | None:
         doc = await self.docs.get(RESOURCES, f"{kind}:{resource_id}")
