@@ -80,7 +80,9 @@ def start(service: str, folder: Path, *, bus: str, objects: str, port: int, extr
     env["PYTHONPATH"] = os.pathsep.join([*(str(p) for p in sorted(REPO.glob("libs/*/src"))),
                                          *(str(p) for p in sorted(REPO.glob("services/*/src"))),
                                          env.get("PYTHONPATH", "")])
-    env.update({"DLFORGE_BUS": bus, "DLFORGE_OBJECTS": objects, "DLFORGE_DOCS": "sqlite:///./docs.db",
+    # access control is tested in tests/auth (introspection between services included); each process
+    # here has a document store of its own, so with auth required neither would know a token
+    env.update({"DLFORGE_AUTH": "off", "DLFORGE_BUS": bus, "DLFORGE_OBJECTS": objects, "DLFORGE_DOCS": "sqlite:///./docs.db",
                 "DLFORGE_WORK_DIR": "./work", "DLFORGE_HTTP_HOST": "127.0.0.1", "DLFORGE_HTTP_PORT": str(port),
                 "DLFORGE_POLL_SECONDS": "0.1", "OTEL_SDK_DISABLED": "true", **extra})
     log = (folder / "service.log").open("wb")
