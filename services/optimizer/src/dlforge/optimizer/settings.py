@@ -20,12 +20,25 @@ class OptimizerSettings(CommonSettings):
     optimizer_threads: int = Field(default=2, ge=1, le=256, description="intra-op threads of every measured runtime")
     optimizer_batch_sizes: list[int] = Field(default=[1, 32], min_length=1)
     optimizer_warmup: int = Field(default=5, ge=0, description="untimed calls before timing (batch 1)")
-    optimizer_iterations: int = Field(default=60, ge=2, description="timed calls at batch 1 (and for the pipeline)")
+    optimizer_iterations: int = Field(default=60, ge=2,
+                                      description="timed calls per round at batch 1 (and for the pipeline)")
     optimizer_iterations_large_batch: int = Field(default=6, ge=2, description="timed calls at batch sizes > 1")
     optimizer_rounds: int = Field(
-        default=3, ge=1, le=10,
-        description="benchmark rounds, each measuring every variant once in turn (so that a busy spell of the "
+        default=8, ge=1, le=50,
+        description="most benchmark rounds, each measuring every variant once in turn (so that a busy spell of the "
                     "machine slows all of them, not one); each variant's fastest round is reported")
+    optimizer_min_rounds: int = Field(default=3, ge=1, le=50, description="fewest benchmark rounds")
+    optimizer_ratio_tolerance: float = Field(
+        default=0.05, gt=0, le=1,
+        description="the rounds stop once every batch-1 speed ratio to ONNX FP32 is known within this share of itself "
+                    "(half-width of its 95 % interval over the rounds)")
+    optimizer_calibration_stop_agreement: float | None = Field(
+        default=0.99, ge=0, le=1,
+        description="INT8 calibrations are tried in the order listed until one decides this share of validation "
+                    "images as FP32 does (unset: try every one)")
+    optimizer_evaluate_torch: bool = Field(
+        default=False, description="score the PyTorch eager baseline on val/test itself (slow on CPUs) instead of "
+                                   "with ONNX FP32's outputs, which the export check ties to it")
     optimizer_max_accuracy_drop: float = Field(default=0.01, ge=0, le=1,
                                                description="accuracy a variant may lose vs ONNX FP32 (0.01 = 1 point)")
     optimizer_max_int8_disagreement: float = Field(
