@@ -88,6 +88,7 @@ from dlforge.optimizer.measure import (
     StopRule,
     combine,
     decide_stop,
+    speed_ratios,
 )
 from dlforge.optimizer.preprocess import InputFormat, normalize
 from dlforge.optimizer.probe import Measure, Measurement, ProbeJob, ProbeResult
@@ -719,7 +720,8 @@ def benchmark(prep: Prepared, inp: OptimizeInput, variants: dict[str, Variant], 
     times every variant in turn at batch 1 and through the frame pipeline (``iterations`` calls each);
     the larger batch sizes are timed once, in the first round. The rounds stop when every variant's
     batch-1 speed ratio to ONNX FP32 is known within ``ratio_tolerance`` (:func:`decide_stop`), after
-    at least ``min_rounds`` and at most ``rounds``. Each figure is the variant's fastest round.
+    at least ``min_rounds`` and at most ``rounds``. Each figure is the variant's fastest round. The torch
+    baseline (never chosen) takes part in the first ``min_rounds`` rounds only and does not hold them up.
     """
     fmt, spec = prep.fmt, inp.spec
     rule = StopRule(tolerance=opts.ratio_tolerance, min_rounds=min(opts.min_rounds, opts.rounds),
@@ -742,6 +744,8 @@ def benchmark(prep: Prepared, inp: OptimizeInput, variants: dict[str, Variant], 
             workers[name] = stack.enter_context(ProbeWorker(job, timeout=opts.probe_timeout))
         for r in range(rule.max_rounds):
             for name, worker in workers.items():
+                if name == BASELINE and r >= rule.min_rounds:
+                    continue  # the baseline is never chosen: it takes part in the first rounds only
                 first = r == 0
                 warm = opts.warmup if first else 1
                 batches = [1] if 1 in opts.batch_sizes else []
@@ -751,14 +755,16 @@ def benchmark(prep: Prepared, inp: OptimizeInput, variants: dict[str, Variant], 
                     warmup={b: (warm if b == 1 else max(1, opts.warmup // 3)) for b in batches},
                     iterations={b: (opts.iterations if b == 1 else opts.iterations_large_batch) for b in batches},
                     pipeline_warmup=warm, pipeline_iterations=opts.iterations)))
-            p50s = {name: [_round_p50(m) for m in ms] for name, ms in rounds.items()}
+            p50s = {name: [_round_p50(m) for m in ms] for name, ms in rounds.items() if name != BASELINE}
             decision = decide_stop(p50s, reference=REFERENCE, rule=rule)
             if decision.stop:
                 break
-    assert decision is not None
+    if decision is None:
+        raise ValueError("no benchmark round was run")
+    round_p50 = {name: [_round_p50(m) for m in ms] for name, ms in rounds.items()}
     summary = BenchmarkSummary(rounds=len(rounds[REFERENCE]), stop_rule=rule, stop_reason=decision.reason,
-                               speed_ratios_vs_onnx_fp32=decision.ratios,
-                               round_p50_ms={name: [_round_p50(m) for m in ms] for name, ms in rounds.items()})
+                               speed_ratios_vs_onnx_fp32=speed_ratios(round_p50, reference=REFERENCE),
+                               round_p50_ms=round_p50)
     return Benchmarked(speed={name: combine(ms) for name, ms in rounds.items()}, summary=summary)
 
 
