@@ -176,7 +176,7 @@ class OptimizeOptions(BaseModel):
     max_int8_disagreement: float = Field(default=0.02, ge=0.0, le=1.0)
     recall_margin: float = 0.0
     threshold_min_positives: int = 10
-    eval_batch: int = 32
+    eval_batch: int = 8
     gpu: bool = True
     benchmark_torch: bool = True
     evaluate_torch: bool = Field(
