@@ -110,8 +110,14 @@ class RatioEstimate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     per_round: list[float]
-    median: float
-    spread: float = Field(description="relative half-width of the 95 % interval of the mean ratio (ratio_spread)")
+    median: float | None = Field(description="None without a round")
+    spread: float | None = Field(description="relative half-width of the 95 % interval of the mean ratio "
+                                             "(ratio_spread); None with fewer than two rounds")
+
+    @property
+    def width(self) -> float:
+        """The spread, infinite when unknown (fewer than two rounds)."""
+        return math.inf if self.spread is None else self.spread
 
 
 class StopDecision(BaseModel):
@@ -130,8 +136,9 @@ def speed_ratios(p50s: Mapping[str, Sequence[float]], *, reference: str) -> dict
         if name == reference:
             continue
         per_round = [r / v for r, v in zip(ref, series, strict=False) if v > 0]
-        out[name] = RatioEstimate(per_round=per_round, median=float(np.median(per_round)) if per_round else math.nan,
-                                  spread=ratio_spread(per_round))
+        spread = ratio_spread(per_round)
+        out[name] = RatioEstimate(per_round=per_round, median=float(np.median(per_round)) if per_round else None,
+                                  spread=spread if math.isfinite(spread) else None)
     return out
 
 
@@ -139,19 +146,19 @@ def decide_stop(p50s: Mapping[str, Sequence[float]], *, reference: str, rule: St
     """Whether to stop after the rounds in ``p50s`` (variant -> batch-1 median latency of each round)."""
     ratios = speed_ratios(p50s, reference=reference)
     rounds = min((len(s) for s in p50s.values()), default=0)
-    widest = max(ratios.items(), key=lambda kv: kv[1].spread, default=None)
+    widest = max(ratios.items(), key=lambda kv: kv[1].width, default=None)
     if rounds >= rule.max_rounds:
-        shown = f"; widest spread {widest[0]} ±{widest[1].spread * 100:.1f} %" if widest else ""
+        shown = f"; widest spread {widest[0]} ±{widest[1].width * 100:.1f} %" if widest else ""
         return StopDecision(stop=True, reason=f"cap of {rule.max_rounds} rounds reached{shown}", ratios=ratios)
     if rounds < max(rule.min_rounds, 2 if ratios else 1):
         return StopDecision(stop=False, reason=f"{rounds} of at least {rule.min_rounds} rounds", ratios=ratios)
-    if widest is None or widest[1].spread <= rule.tolerance:
-        shown = f" (widest: {widest[0]} ±{widest[1].spread * 100:.1f} %)" if widest else ""
+    if widest is None or widest[1].width <= rule.tolerance:
+        shown = f" (widest: {widest[0]} ±{widest[1].width * 100:.1f} %)" if widest else ""
         return StopDecision(stop=True, ratios=ratios, reason=(
             f"every speed ratio to {reference} known within ±{rule.tolerance * 100:.1f} % after {rounds} rounds"
             + shown))
     return StopDecision(stop=False, ratios=ratios,
-                        reason=f"{widest[0]}'s ratio spread ±{widest[1].spread * 100:.1f} % > "
+                        reason=f"{widest[0]}'s ratio spread ±{widest[1].width * 100:.1f} % > "
                                f"±{rule.tolerance * 100:.1f} %")
 
 
