@@ -13,6 +13,10 @@ class OptimizerSettings(CommonSettings):
     optimizer_export_tolerance: float = Field(default=1e-3, gt=0, description="max |onnx - torch| logit difference")
     optimizer_calibration_images: int = Field(default=64, ge=1, le=4096,
                                               description="training images (never val/test) to calibrate INT8 on")
+    optimizer_train_images: int = Field(
+        default=512, ge=1, le=100_000,
+        description="labeled training images loaded for compressors that declare the training-images need "
+                    "(recovery fine-tune); loaded only then")
     optimizer_calibration_methods: list[CalibrationMethodName] = Field(
         default=["minmax", "percentile", "entropy"], min_length=1,
         description="INT8 calibrations to try; the one agreeing best with FP32 on validation is kept")

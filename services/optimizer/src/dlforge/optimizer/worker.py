@@ -16,7 +16,7 @@ from dlforge.common.errors import InvalidInput, NotFound, PoisonMessage, Retryab
 from dlforge.common.events import Event, ModelOptimized, ModelTrained, Topic
 from dlforge.common.objects import ObjectStore
 from dlforge.common.runtime import Backends, HandlerContext, Service
-from dlforge.optimizer.compressors import Compressor, default_compressors
+from dlforge.optimizer.compressors import Compressor, Need, default_compressors, needs_of
 from dlforge.optimizer.export import ExportMismatch
 from dlforge.optimizer.handlers import (
     LabeledImages,
@@ -80,8 +80,13 @@ class _Loaded:
     skipped_items: int
 
 
-def _load_inputs(objects: ObjectStore, p: ModelTrained, work: Path, settings: OptimizerSettings) -> _Loaded:
-    """Checkpoint to disk; calibration (train), val and test images from the manifest, at the net's size."""
+def _load_inputs(objects: ObjectStore, p: ModelTrained, work: Path, settings: OptimizerSettings, *,
+                 with_train: bool = False) -> _Loaded:
+    """Checkpoint to disk; calibration (train), val and test images from the manifest, at the net's size.
+
+    ``with_train`` (a compressor declares :attr:`Need.TRAINING_IMAGES`) also loads up to
+    ``optimizer_train_images`` labeled training images, real ones first.
+    """
     from dlforge.vision.manifest import Item, load_arrays, load_manifest
 
     manifest = load_manifest(objects, p.manifest_key)
@@ -112,8 +117,21 @@ def _load_inputs(objects: ObjectStore, p: ModelTrained, work: Path, settings: Op
         extra = pick_calibration([i.item_id for i in generated], n=n - len(cal_items), seed=p.options.seed)
         cal_items += [generated[k] for k in extra]
     calibration = load_arrays(objects, cal_items, size=net.input_size, channels=net.in_channels)
+    train_images = None
+    if with_train:
+        known_real = [i for i in real if i.label in index]
+        known_generated = [i for i in generated if i.label in index]
+        m = settings.optimizer_train_images
+        train_items = [known_real[k] for k in pick_calibration([i.item_id for i in known_real], n=m,
+                                                                seed=p.options.seed)]
+        if len(train_items) < m and known_generated:
+            extra = pick_calibration([i.item_id for i in known_generated], n=m - len(train_items),
+                                     seed=p.options.seed)
+            train_items += [known_generated[k] for k in extra]
+        train_images = images(train_items)
     inp = OptimizeInput(checkpoint_path=checkpoint, classes=list(p.classes), spec=p.spec, calibration=calibration,
-                        val=images(val), test=images(test), dataset_id=p.dataset_id, model_id=p.model_id)
+                        val=images(val), test=images(test), dataset_id=p.dataset_id, model_id=p.model_id,
+                        train=train_images)
     return _Loaded(inp, skipped)
 
 
@@ -130,7 +148,8 @@ def _run(objects: ObjectStore, p: ModelTrained, event_id: str, deps: OptimizerDe
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        loaded = _load_inputs(objects, p, work, settings)
+        loaded = _load_inputs(objects, p, work, settings,
+                              with_train=Need.TRAINING_IMAGES in needs_of(deps.compressors))
         if loaded.skipped_items:
             log.warning("optimizer: %d val/test items without a known label were left out", loaded.skipped_items)
         result = optimize(loaded.inp, workdir=work / "variants", options=deps.options, compressors=deps.compressors)
