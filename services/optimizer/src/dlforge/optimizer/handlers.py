@@ -168,6 +168,7 @@ class OptimizeOptions(BaseModel):
     ratio_tolerance: float = Field(
         default=0.05, gt=0, description="rounds stop once every batch-1 speed ratio to ONNX FP32 is known within "
                                         "this share of itself (95 % interval half-width)")
+    baseline_rounds: int = Field(default=1, ge=1, description="rounds the torch baseline takes part in (the first)")
     calibration_stop_agreement: float | None = Field(
         default=None, ge=0.0, le=1.0,
         description="stop trying INT8 calibrations once one agrees with FP32 on this share of validation images "
@@ -192,6 +193,7 @@ class OptimizeOptions(BaseModel):
             threads=s.optimizer_threads, batch_sizes=list(s.optimizer_batch_sizes), warmup=s.optimizer_warmup,
             iterations=s.optimizer_iterations, iterations_large_batch=s.optimizer_iterations_large_batch,
             rounds=s.optimizer_rounds, min_rounds=s.optimizer_min_rounds, ratio_tolerance=s.optimizer_ratio_tolerance,
+            baseline_rounds=s.optimizer_baseline_rounds,
             calibration_stop_agreement=s.optimizer_calibration_stop_agreement,
             evaluate_torch=s.optimizer_evaluate_torch, max_accuracy_drop=s.optimizer_max_accuracy_drop,
             max_int8_disagreement=s.optimizer_max_int8_disagreement,
@@ -721,7 +723,8 @@ def benchmark(prep: Prepared, inp: OptimizeInput, variants: dict[str, Variant], 
     the larger batch sizes are timed once, in the first round. The rounds stop when every variant's
     batch-1 speed ratio to ONNX FP32 is known within ``ratio_tolerance`` (:func:`decide_stop`), after
     at least ``min_rounds`` and at most ``rounds``. Each figure is the variant's fastest round. The torch
-    baseline (never chosen) takes part in the first ``min_rounds`` rounds only and does not hold them up.
+    baseline (never chosen, and by far the slowest to time) takes part in the first ``baseline_rounds``
+    rounds only and does not hold them up.
     """
     fmt, spec = prep.fmt, inp.spec
     rule = StopRule(tolerance=opts.ratio_tolerance, min_rounds=min(opts.min_rounds, opts.rounds),
@@ -744,7 +747,7 @@ def benchmark(prep: Prepared, inp: OptimizeInput, variants: dict[str, Variant], 
             workers[name] = stack.enter_context(ProbeWorker(job, timeout=opts.probe_timeout))
         for r in range(rule.max_rounds):
             for name, worker in workers.items():
-                if name == BASELINE and r >= rule.min_rounds:
+                if name == BASELINE and r >= opts.baseline_rounds:
                     continue  # the baseline is never chosen: it takes part in the first rounds only
                 first = r == 0
                 warm = opts.warmup if first else 1

@@ -32,6 +32,10 @@ class OptimizerSettings(CommonSettings):
         description="most benchmark rounds, each measuring every variant once in turn (so that a busy spell of the "
                     "machine slows all of them, not one); each variant's fastest round is reported")
     optimizer_min_rounds: int = Field(default=3, ge=1, le=50, description="fewest benchmark rounds")
+    optimizer_baseline_rounds: int = Field(
+        default=1, ge=1, le=50,
+        description="rounds the PyTorch eager baseline takes part in (the first ones): it is never deployed, and "
+                    "timing it costs more than all the ONNX variants together")
     optimizer_ratio_tolerance: float = Field(
         default=0.05, gt=0, le=1,
         description="the rounds stop once every batch-1 speed ratio to ONNX FP32 is known within this share of itself "
