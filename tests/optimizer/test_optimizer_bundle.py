@@ -8,13 +8,13 @@ import io
 import json
 import shutil
 import zipfile
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import onnx
 import onnxruntime
 import pytest
+from bundle_testdata import altered_bundles, rewrite, stored_bundle
 from fastapi.testclient import TestClient
 from optimizer_testdata import CLASSES, SIZE, Optimized
 
@@ -22,7 +22,7 @@ from dlforge.common.app import create_app
 from dlforge.common.backends import open_objects
 from dlforge.common.events import Spec
 from dlforge.optimizer.app import part
-from dlforge.optimizer.bundle import FORMAT_VERSION, BundleError, build_bundle, bundle_variant, verify_bundle
+from dlforge.optimizer.bundle import BundleError, build_bundle, bundle_variant, verify_bundle
 from dlforge.optimizer.handlers import OptimizationReport
 from dlforge.optimizer.worker import REPORTS
 from dlforge.vision.networks import spec_of
@@ -30,11 +30,6 @@ from dlforge.vision.networks import spec_of
 FILES = {"manifest.json", "model.onnx", "preprocessing.json", "classes.json", "decision.json", "spec.json",
          "spec_check.json"}
 SPEC = Spec(positive_class="defect", min_recall=0.9, min_accuracy=0.9, min_fps=1.0, input_size=256)
-
-
-def stored_bundle(optimized: Optimized, to: Path) -> Path:
-    objects = open_objects(f"file://{optimized.root}/objects")
-    return objects.get_file(optimized.bundle_key, to)
 
 
 def stored_report(optimized: Optimized) -> OptimizationReport:
@@ -94,64 +89,6 @@ async def test_the_report_document_names_the_bundle(optimized: Optimized) -> Non
     finally:
         await backends.stop()
     assert doc["bundle_key"] == optimized.bundle_key == "optimizer/ds1/m1/bundle.zip"
-
-
-def rewrite(src: Path, dst: Path, *, change: Callable[[str, bytes], bytes | None] = lambda n, d: d,
-            add: dict[str, bytes] | None = None) -> Path:
-    """A copy of the zip ``src`` whose members pass through ``change`` (None drops one), plus ``add``."""
-    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
-        for name in z.namelist():
-            data = change(name, z.read(name))
-            if data is not None:
-                out.writestr(name, data)
-        for name, data in (add or {}).items():
-            out.writestr(name, data)
-    return dst
-
-
-def with_manifest(**changes: object) -> Callable[[str, bytes], bytes | None]:
-    def change(name: str, data: bytes) -> bytes:
-        return json.dumps({**json.loads(data), **changes}).encode() if name == "manifest.json" else data
-    return change
-
-
-def flip_last_byte(target: str) -> Callable[[str, bytes], bytes | None]:
-    def change(name: str, data: bytes) -> bytes:
-        return data[:-1] + bytes([data[-1] ^ 1]) if name == target else data
-    return change
-
-
-def altered_bundles(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
-    """Bundles that must be refused, and what the refusal must say (shared with the edge tests)."""
-    def threshold(name: str, data: bytes) -> bytes:  # the decision moved, the size kept: only the hash tells
-        if name != "decision.json":
-            return data
-        threshold = json.loads(data)["threshold"]
-        text = f'"threshold": {threshold}'
-        changed = data.replace(text.encode(), (text[:-1] + ("2" if text[-1] == "1" else "1")).encode(), 1)
-        assert json.loads(changed)["threshold"] != threshold and len(changed) == len(data)
-        return changed
-
-    def longer(name: str, data: bytes) -> bytes:
-        return data + b"\n" if name == "spec_check.json" else data
-
-    (tmp / "not-a-zip.zip").write_bytes(b"PK but not really a zip")
-    return {
-        "threshold": (rewrite(good, tmp / "threshold.zip", change=threshold), "decision.json does not match its "
-                      "checksum"),
-        "size": (rewrite(good, tmp / "size.zip", change=longer), "spec_check.json is "),
-        "model": (rewrite(good, tmp / "model.zip", change=flip_last_byte("model.onnx")),
-                  "model.onnx does not match its checksum"),
-        "version": (rewrite(good, tmp / "version.zip", change=with_manifest(format_version=FORMAT_VERSION + 1)),
-                    f"format version {FORMAT_VERSION + 1}"),
-        "format": (rewrite(good, tmp / "format.zip", change=with_manifest(format="something-else")),
-                   "not a dlforge bundle"),
-        "extra": (rewrite(good, tmp / "extra.zip", add={"run.sh": b"rm -rf /"}), "does not list: run.sh"),
-        "missing": (rewrite(good, tmp / "missing.zip", change=lambda n, d: None if n == "spec.json" else d),
-                    "missing"),
-        "outside": (rewrite(good, tmp / "outside.zip", add={"../evil.json": b"{}"}), "outside the bundle"),
-        "not_zip": (tmp / "not-a-zip.zip", "not a readable zip"),
-    }
 
 
 def test_verification_refuses_altered_bundles(optimized: Optimized, tmp_path: Path) -> None:
