@@ -76,3 +76,19 @@ def altered_bundles(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
         "outside": (rewrite(good, tmp / "outside.zip", add={"../evil.json": b"{}"}), "outside the bundle"),
         "not_zip": (tmp / "not-a-zip.zip", "not a readable zip"),
     }
+
+
+async def make_tokens(docs_url: str, users: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Users (with these grants) and an API token of each, made in the auth store before the app starts."""
+    from dlforge.common.auth.store import AuthStore
+    from dlforge.common.docs.sqlite import SqliteDocumentStore
+
+    docs = SqliteDocumentStore(docs_url.removeprefix("sqlite:///"))
+    store = AuthStore(docs)
+    await store.ensure_indexes()
+    tokens = {}
+    for name, grants in users.items():
+        await store.create_user(name, password="correct horse battery staple", grants=grants)
+        tokens[name], _ = await store.issue_token(name, kind="api", name="test", grants=None, expires_at=None)
+    await docs.close()
+    return tokens

@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 import onnxruntime
 import pytest
-from bundle_testdata import altered_bundles, rewrite, stored_bundle
+from bundle_testdata import altered_bundles, make_tokens, rewrite, stored_bundle
 from fastapi.testclient import TestClient
 from optimizer_testdata import CLASSES, SIZE, Optimized
 
@@ -199,19 +199,3 @@ def test_the_bundle_route_needs_a_viewer_of_the_datasets_project(optimized: Opti
         # another project's operator: the dataset looks unknown
         r = client.get("/optimizer/models/ds1/bundle", headers={"Authorization": f"Bearer {tokens['pia']}"})
         assert r.status_code == 404
-
-
-async def make_tokens(docs_url: str, users: dict[str, dict[str, str]]) -> dict[str, str]:
-    """Users (with these grants) and an API token of each, made in the auth store before the app starts."""
-    from dlforge.common.auth.store import AuthStore
-    from dlforge.common.docs.sqlite import SqliteDocumentStore
-
-    docs = SqliteDocumentStore(docs_url.removeprefix("sqlite:///"))
-    store = AuthStore(docs)
-    await store.ensure_indexes()
-    tokens = {}
-    for name, grants in users.items():
-        await store.create_user(name, password="correct horse battery staple", grants=grants)
-        tokens[name], _ = await store.issue_token(name, kind="api", name="test", grants=None, expires_at=None)
-    await docs.close()
-    return tokens
