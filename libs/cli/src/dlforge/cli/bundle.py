@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import zipfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -84,3 +85,19 @@ async def fetch_bundle(client: httpx.AsyncClient, run_id: str, out: Path) -> dic
     return {"file": str(out), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "dataset_id": dataset_id, "model_id": manifest.get("model_id"), "variant": manifest.get("variant"),
             "format_version": manifest.get("format_version")}
+
+
+def bundle_downloader(out: Path, into: dict[str, Any]) -> Callable[[httpx.AsyncClient, dict[str, Any]],
+                                                                   Awaitable[None]]:
+    """The ``after`` hook of :func:`dlforge.cli.pipeline.run_in_process` that writes a succeeded run's bundle
+    to ``out`` and puts what the report names into ``into`` (``error`` instead when it could not)."""
+
+    async def download(client: httpx.AsyncClient, run: dict[str, Any]) -> None:
+        if run.get("state") != "succeeded":
+            return
+        try:
+            into.update(await fetch_bundle(client, run["run_id"], out))
+        except DlforgeError as exc:  # the run's report is still written, saying what went wrong
+            into.update({"file": None, "error": str(exc)})
+
+    return download

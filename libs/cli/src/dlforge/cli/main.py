@@ -201,20 +201,13 @@ async def _run_folder(
         created: dict[str, Any] = response.json()
         return created
 
+    from dlforge.cli.bundle import bundle_downloader
+
     bundle: dict[str, Any] = {}
-
-    async def download_bundle(client: Any, run: dict[str, Any]) -> None:
-        from dlforge.cli.bundle import fetch_bundle
-
-        if bundle_to is not None and run.get("state") == "succeeded":
-            try:
-                bundle.update(await fetch_bundle(client, run["run_id"], bundle_to))
-            except DlforgeError as exc:  # the run's report is still written, saying what went wrong
-                bundle.update({"file": None, "error": str(exc)})
-
     with StageProgress() as progress:
-        run, _, created = await run_in_process(app, upload=upload, on_progress=progress.update, timeout=timeout,
-                                               after=download_bundle)
+        run, _, created = await run_in_process(
+            app, upload=upload, on_progress=progress.update, timeout=timeout,
+            after=bundle_downloader(bundle_to, bundle) if bundle_to is not None else None)
     # the run view's document holds the last payload of each stage: the same report GET /runs/{id}/report serves
     doc = await backends.docs.get(RUNS, created["run_id"])
     if doc is None:
