@@ -98,3 +98,19 @@ def test_dlforge_bundle_downloads_the_runs_bundle(api: tuple[str, Optimized, dic
         closed = s.getsockname()[1]
     assert main(["bundle", mine.run_id, "-o", str(tmp_path / "y.zip"), "--url", f"http://127.0.0.1:{closed}"]) == 2
     assert f"cannot reach the dlforge API at http://127.0.0.1:{closed}" in capsys.readouterr().err
+
+
+def test_demo_and_run_write_the_bundle_beside_their_report_and_name_it(tmp_path: Path) -> None:
+    from dlforge.cli.main import bundle_path
+    from dlforge.common.report import format_text
+
+    assert bundle_path("reports/demo.json", tmp_path) == Path("reports/demo-bundle.zip")
+    assert bundle_path(None, tmp_path / "state") == tmp_path / "state" / "bundle.zip"
+    report = {"run_id": "r1", "state": "succeeded", "stages": {},
+              "bundle": {"file": "reports/demo-bundle.zip", "bytes": 3 * 2**20, "sha256": "ab" * 32,
+                         "variant": "onnx_int8", "model_id": "m1"}}
+    text = format_text(report)
+    assert ("model bundle: reports/demo-bundle.zip (onnx_int8, 3.0 MiB, sha256 abababababababab…); run it anywhere: "
+            "dlforge-edge predict reports/demo-bundle.zip IMAGE...") in text.splitlines()
+    failed = format_text({**report, "bundle": {"file": None, "error": "run 'r1' has no model bundle: gone"}})
+    assert "model bundle: NOT written: run 'r1' has no model bundle: gone" in failed.splitlines()

@@ -225,12 +225,6 @@ def _finish(report: dict[str, Any], args: argparse.Namespace) -> int:
     from dlforge.common.report import format_text, write_html
 
     print(format_text(report))
-    if report.get("bundle", {}).get("error"):
-        print(f"model bundle: NOT written: {report['bundle']['error']}")
-    elif report.get("bundle"):
-        b = report["bundle"]
-        print(f"model bundle ({b['variant']}, {b['bytes'] / 2**20:.1f} MiB) written to {b['file']}: "
-              f"dlforge-edge predict {b['file']} IMAGE...")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
