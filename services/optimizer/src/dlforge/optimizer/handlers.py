@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dlforge.common.errors import InvalidInput
 from dlforge.common.events import Spec
 from dlforge.common.intervals import Interval
+from dlforge.optimizer.compression import CompressionConfig
 from dlforge.optimizer.compressors import (
     Compressor,
     OrtGpuProvider,
@@ -155,6 +156,9 @@ class OptimizeOptions(BaseModel):
     gpu: bool = True
     benchmark_torch: bool = True
     probe_timeout: float = 900.0
+    compression: list[CompressionConfig] = Field(
+        default=[], description="structured-compression configs to search (prune, rank, resolution, INT8); [] = none")
+    compression_recovery_seconds: float = Field(default=20.0, ge=0.0, le=3600.0)
 
     @classmethod
     def from_settings(cls, s: OptimizerSettings) -> OptimizeOptions:
@@ -168,6 +172,8 @@ class OptimizeOptions(BaseModel):
             recall_margin=s.optimizer_recall_margin, threshold_min_positives=s.optimizer_threshold_min_positives,
             eval_batch=s.optimizer_eval_batch, gpu=s.optimizer_gpu,
             benchmark_torch=s.optimizer_benchmark_torch, probe_timeout=s.optimizer_probe_timeout,
+            compression=list(s.optimizer_compression),
+            compression_recovery_seconds=s.optimizer_compression_recovery_seconds,
         )
 
 
@@ -436,6 +442,11 @@ def optimize(
             calibration_methods=tuple(opts.calibration_methods),  # type: ignore[arg-type]
             calibration_batch=opts.calibration_batch)
         compressors = [*fp32s, *int8s, *(gpus if opts.gpu else [])]
+        if opts.compression:
+            from dlforge.optimizer.compression import CompressionSearch
+
+            compressors.append(CompressionSearch(opts.compression, recovery_seconds=opts.compression_recovery_seconds,
+                                                 max_disagreement=opts.max_accuracy_drop, threads=opts.threads))
     source = Source(Path(exported.path), exported.input_name, (fmt.in_channels, fmt.input_size, fmt.input_size),
                     model=model)
     variants: dict[str, Variant] = {}
