@@ -21,7 +21,7 @@ from dlforge.optimizer.compressors import Source
 from dlforge.optimizer.export import export_onnx
 from dlforge.optimizer.lowrank import choose_rank, factorize
 from dlforge.optimizer.pruning import out_channels, prune_channels
-from dlforge.optimizer.recovery import distill, refit_head
+from dlforge.optimizer.recovery import distill, refit_head, teacher_targets
 from dlforge.optimizer.runners import OrtRunner
 
 SIDE = 24
@@ -206,7 +206,7 @@ def test_distillation_pulls_a_pruned_student_toward_its_teacher() -> None:
     student, _ = prune_channels(teacher, 0.5, torch.zeros(1, 3, SIDE, SIDE), scope="all")
     train, held = images(64, 6), images(32, 7)
     gap_before = kl_to_teacher(student, teacher, held)
-    report = distill(student, teacher, train, seconds=60.0, max_steps=60, batch=16, lr=3e-3)
+    report = distill(student, teacher_targets(teacher, train), train, seconds=60.0, max_steps=60, batch=16, lr=3e-3)
     assert report.steps == 60 and report.images_seen == 960 and report.stopped_by == "max_steps"
     gap_after = kl_to_teacher(student, teacher, held)
     assert gap_after < 0.5 * gap_before  # on images the recovery never saw
@@ -218,7 +218,8 @@ def test_distillation_stops_at_its_time_budget() -> None:
     teacher = tiny(5)
     student, _ = prune_channels(teacher, 0.5, torch.zeros(1, 3, SIDE, SIDE))
     started = time.perf_counter()
-    report = distill(student, teacher, images(32, 8), seconds=3.0, batch=8)
+    x = images(32, 8)
+    report = distill(student, teacher_targets(teacher, x), x, seconds=3.0, batch=8)
     took = time.perf_counter() - started
     assert report.stopped_by == "seconds" and report.steps >= 1
     assert took < 3.0 + 2.0  # at most one step past the budget, and a tiny step is far below 2 s
@@ -296,7 +297,7 @@ def test_head_refit_puts_the_head_back_on_rescaled_features() -> None:
         student.last.weight.mul_(2.0)
         student.last.bias.mul_(2.0)
     train, held = images(160, 14), images(40, 15)
-    report = refit_head(student, teacher, train, ridges=(1e-6, 1e-2))
+    report = refit_head(student, teacher_targets(teacher, train), train, ridges=(1e-6, 1e-2))
     assert report.images == 160 and report.features == 48 and report.ridge == 1e-6
     assert report.holdout_agreement == 1.0
     with torch.no_grad():

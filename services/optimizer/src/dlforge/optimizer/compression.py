@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from dlforge.optimizer.recovery import TeacherTargets
+
 PREFIX = "pruned"
 
 
@@ -89,18 +91,20 @@ def compress_model(
     recovery_seconds: float,
     layers: int = 6,
     refit: bool = True,
+    targets: TeacherTargets | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The compressed, recovered torch model of ``config`` and what was done (for the variant's details).
 
     ``images`` are float32 NCHW normalized training images at ``input_size`` (the recovery set). The
     recovery distills for ``recovery_seconds`` and then, with ``refit``, refits the linear head on the
     teacher's logits (one forward pass over ``images``; see :mod:`~dlforge.optimizer.recovery`).
+    ``targets`` are the teacher's outputs on ``images`` when already computed (shared by a search).
     """
     import torch
 
     from dlforge.optimizer.lowrank import factorize
     from dlforge.optimizer.pruning import prune_channels
-    from dlforge.optimizer.recovery import distill, refit_head
+    from dlforge.optimizer.recovery import distill, refit_head, teacher_targets
 
     side = config.resolution or input_size
     student, pruned = prune_channels(model, config.prune_ratio, torch.zeros(1, images.shape[1], side, side))
@@ -117,11 +121,12 @@ def compress_model(
         details["resize_inside_model"] = f"bilinear {input_size} -> {side}"
     feature_layer = "inner.head" if side != input_size else "head"
     if config.prune_ratio > 0 or config.rank_fraction is not None or side != input_size:
+        targets = targets or teacher_targets(model, images)
         if recovery_seconds > 0:
-            details["recovery"] = asdict(distill(student, model, images, seconds=recovery_seconds,
+            details["recovery"] = asdict(distill(student, targets, images, seconds=recovery_seconds,
                                                  feature_layer=feature_layer))
         if refit:
-            details["head_refit"] = asdict(refit_head(student, model, images, head=feature_layer))
+            details["head_refit"] = asdict(refit_head(student, targets, images, head=feature_layer))
     student.eval()
     return student, details
 
@@ -204,12 +209,13 @@ def onnx_argmax(path: Path, images: np.ndarray, *, threads: int, batch: int = 32
 
 
 def build_variant(model: nn.Module, config: CompressionConfig, *, recovery: np.ndarray, calibration: np.ndarray,
-                  input_size: int, workdir: Path, recovery_seconds: float, tolerance: float = 1e-3) -> Variant:
+                  input_size: int, workdir: Path, recovery_seconds: float, tolerance: float = 1e-3,
+                  targets: TeacherTargets | None = None) -> Variant:
     """Compress ``model`` per ``config``, export it to ONNX (verified against torch), INT8 on top if asked."""
     from dlforge.optimizer.export import export_onnx
 
     student, details = compress_model(model, config, recovery, input_size=input_size,
-                                      recovery_seconds=recovery_seconds)
+                                      recovery_seconds=recovery_seconds, targets=targets)
     fp32_path = workdir / f"{config.name}.fp32.onnx" if config.int8 else workdir / f"{config.name}.onnx"
     exported = export_onnx(student, in_channels=recovery.shape[1], input_size=input_size, path=fp32_path,
                            check_inputs=calibration[:4], tolerance=tolerance)
@@ -256,12 +262,15 @@ class CompressionSearch:
         if n_hold < 1 or len(calibration) - n_hold < 1:
             raise ValueError(f"{len(calibration)} calibration images are too few to hold {self.holdout:.0%} out")
         held, train = calibration[:n_hold], calibration[n_hold:]
+        from dlforge.optimizer.recovery import teacher_targets
+
         ref = onnx_argmax(source.onnx_path, held, threads=self.threads)
+        targets = teacher_targets(source.model, train)
         built: dict[str, Variant] = {}
         for config in self.configs:
             built[config.name] = build_variant(source.model, config, recovery=train, calibration=train,
                                                input_size=source.input_shape[-1], workdir=workdir,
-                                               recovery_seconds=self.recovery_seconds)
+                                               recovery_seconds=self.recovery_seconds, targets=targets)
         speeds = time_interleaved({k: v.path for k, v in built.items()}, calibration[:1], threads=self.threads)
         trials = [Trial(k, speeds[k], float((onnx_argmax(v.path, held, threads=self.threads) == ref).mean()),
                         v.size_bytes) for k, v in built.items()]

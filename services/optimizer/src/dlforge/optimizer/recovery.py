@@ -79,11 +79,22 @@ def _feature_hook(model: nn.Module, name: str | None, store: dict[str, torch.Ten
     return layer.register_forward_pre_hook(hook)
 
 
-def _teacher_targets(teacher: nn.Module, x: torch.Tensor, feature_layer: str | None,
-                     *, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The teacher's logits and ``feature_layer`` inputs for every image, computed once."""
+@dataclass(frozen=True)
+class TeacherTargets:
+    """What the unpruned model computes on the recovery images: logits and the features its head reads."""
+
+    logits: torch.Tensor
+    features: torch.Tensor | None
+
+
+def teacher_targets(teacher: nn.Module, images: np.ndarray, *, feature_layer: str | None = "head",
+                    batch: int = 32) -> TeacherTargets:
+    """The teacher's logits and ``feature_layer`` inputs for every image, computed once (shared by every
+    compressed variant distilled from the same teacher on the same images)."""
     import torch
 
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    teacher.eval()
     store: dict[str, torch.Tensor] = {}
     handle = _feature_hook(teacher, feature_layer, store)
     logits, feats = [], []
@@ -92,16 +103,16 @@ def _teacher_targets(teacher: nn.Module, x: torch.Tensor, feature_layer: str | N
             for i in range(0, len(x), batch):
                 logits.append(teacher(x[i:i + batch]))
                 if "x" in store:
-                    feats.append(store.pop("x"))
+                    feats.append(store.pop("x").flatten(1))
     finally:
         if handle is not None:
             handle.remove()  # type: ignore[attr-defined]
-    return torch.cat(logits), (torch.cat(feats) if feats and len(feats) == len(logits) else None)
+    return TeacherTargets(torch.cat(logits), torch.cat(feats) if feats and len(feats) == len(logits) else None)
 
 
 def distill(
     student: nn.Module,
-    teacher: nn.Module,
+    targets: TeacherTargets,
     images: np.ndarray,
     *,
     seconds: float,
@@ -114,14 +125,15 @@ def distill(
     recalibrate_bn: bool = False,
     seed: int = 0,
 ) -> RecoveryReport:
-    """Recover ``student`` in place toward ``teacher`` on ``images`` (float32 NCHW, normalized).
+    """Recover ``student`` in place toward the teacher's ``targets`` on ``images`` (float32 NCHW, normalized).
 
-    The teacher's outputs are computed once; then Adam steps on random batches until ``seconds`` of
+    Adam steps on random batches until ``seconds`` of
     wall time (checked before each step, so the overrun is at most one step) or ``max_steps``.
     ``recalibrate_bn`` re-estimates the student's BatchNorm statistics first; it is off by default
     because a pretrained teacher's statistics come from its pretraining data, and re-estimating them
     on the run's images moves even the untouched channels away from what the head was fitted on.
-    The teacher is not changed. Leaves the student in eval mode.
+    ``feature_layer`` names the student's layer whose input is matched to ``targets.features``.
+    Leaves the student in eval mode.
     """
     import torch
     import torch.nn.functional as F
@@ -129,10 +141,9 @@ def distill(
     started = time.perf_counter()
     deadline = started + seconds
     x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    teacher.eval()
     student.eval()
     bn_images = recalibrate_batchnorm(student, x_all) if recalibrate_bn and time.perf_counter() < deadline else 0
-    t_logits_all, t_feats_all = _teacher_targets(teacher, x_all, feature_layer, batch=32)
+    t_logits_all, t_feats_all = targets.logits, targets.features
     feature_power = float((t_feats_all ** 2).mean()) + 1e-12 if t_feats_all is not None else 1.0
     s_store: dict[str, torch.Tensor] = {}
     handle = _feature_hook(student, feature_layer, s_store) if t_feats_all is not None else None
@@ -155,10 +166,10 @@ def distill(
             loss = F.kl_div(F.log_softmax(s_logits / temperature, 1),
                             F.softmax(t_logits_all[idx] / temperature, 1),
                             reduction="batchmean") * temperature ** 2
-            if t_feats_all is not None and "x" in s_store and s_store["x"].shape[1:] == t_feats_all.shape[1:]:
+            if t_feats_all is not None and "x" in s_store and s_store["x"][0].numel() == t_feats_all.shape[1]:
                 target = t_feats_all[idx]
                 # relative to the features' power, so that the weight means the same for any layer's scale
-                loss = loss + feature_weight * F.mse_loss(s_store.pop("x"), target) / feature_power
+                loss = loss + feature_weight * F.mse_loss(s_store.pop("x").flatten(1), target) / feature_power
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
@@ -188,25 +199,24 @@ class HeadRefit:
     seconds: float = 0.0
 
 
-def _features_and_logits(student: nn.Module, teacher: nn.Module, x: torch.Tensor, head: str,
-                         *, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Student features (the ``head`` layer's input), student logits and teacher logits, float64."""
+def _features_and_logits(student: nn.Module, x: torch.Tensor, head: str,
+                         *, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Student features (the ``head`` layer's input) and student logits, float64."""
     import torch
 
     store: dict[str, torch.Tensor] = {}
     handle = _feature_hook(student, head, store)
     if handle is None:
         raise ValueError(f"the student has no layer {head!r} to refit")
-    feats, s_logits, t_logits = [], [], []
+    feats, s_logits = [], []
     try:
         with torch.no_grad():
             for i in range(0, len(x), batch):
                 s_logits.append(student(x[i:i + batch]).double().numpy())
                 feats.append(store.pop("x").flatten(1).double().numpy())
-                t_logits.append(teacher(x[i:i + batch]).double().numpy())
     finally:
         handle.remove()  # type: ignore[attr-defined]
-    return np.concatenate(feats), np.concatenate(s_logits), np.concatenate(t_logits)
+    return np.concatenate(feats), np.concatenate(s_logits)
 
 
 def _ridge(f: np.ndarray, t: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
@@ -222,15 +232,15 @@ def _ridge(f: np.ndarray, t: np.ndarray, lam: float) -> tuple[np.ndarray, np.nda
 
 def refit_head(
     student: nn.Module,
-    teacher: nn.Module,
+    targets: TeacherTargets,
     images: np.ndarray,
     *,
     head: str = "head",
-    ridges: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+    ridges: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0),
     holdout: float = 0.25,
     batch: int = 32,
 ) -> HeadRefit:
-    """Refit ``student``'s linear ``head`` in place so that its logits match the teacher's (no labels).
+    """Refit ``student``'s linear ``head`` in place so that its logits match the teacher's ``targets`` (no labels).
 
     Compression changes the features a linear head reads, and a head fitted on small differences
     between features (a linear probe) turns that into wrong decisions even where the features still
@@ -244,7 +254,8 @@ def refit_head(
 
     started = time.perf_counter()
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    f, s_logits, t = _features_and_logits(student, teacher, x, head, batch=batch)
+    f, s_logits = _features_and_logits(student, x, head, batch=batch)
+    t = targets.logits.double().numpy()
     n_hold = max(1, round(len(f) * holdout))
     fit, held = slice(n_hold, None), slice(0, n_hold)
     def score(logits: np.ndarray) -> tuple[float, float]:  # argmax agreement first, then closeness
