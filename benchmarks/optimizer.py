@@ -276,16 +276,19 @@ def parse_grid(text: str) -> list[Any]:
     return out
 
 
-def compression_study(work: Path, ckpt: Path, *, recovery: np.ndarray, calibration: np.ndarray,
+def compression_study(work: Path, ckpt: Path, *, recovery: np.ndarray, refit: np.ndarray, calibration: np.ndarray,
                       val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], grid: list[Any],
                       recovery_seconds: float, rounds: int, iterations: int, threads: int,
                       max_drop: float) -> dict[str, Any]:
-    """Build every config, measure accuracy (val, test) and speed (probe children, interleaved rounds)."""
-    from dlforge.optimizer.compression import build_variant, onnx_argmax
+    """Build every config, measure accuracy (val, test), speed (interleaved in-process) and memory (probes)."""
+    import torch
+
+    from dlforge.optimizer.compression import build_variant, onnx_argmax, time_interleaved
     from dlforge.optimizer.export import export_onnx
     from dlforge.optimizer.measure import probe
     from dlforge.optimizer.probe import ProbeJob
-    from dlforge.optimizer.recovery import teacher_targets
+    from dlforge.optimizer.recovery import TeacherTargets, teacher_targets
+    from dlforge.optimizer.runners import OrtRunner
     from dlforge.vision.networks import load_checkpoint, spec_of
 
     net = spec_of("efficientnet_lite0")
@@ -300,11 +303,15 @@ def compression_study(work: Path, ckpt: Path, *, recovery: np.ndarray, calibrati
                                                       "build_seconds": 0.0}}
     t0 = time.perf_counter()
     targets = teacher_targets(model, recovery)  # once, shared by every variant
-    print(f"teacher outputs on {len(recovery)} recovery images in {time.perf_counter() - t0:.0f}s", flush=True)
+    runner = OrtRunner(ref.path, threads=2)
+    refit_logits = np.concatenate([runner.run(refit[i:i + 32]) for i in range(0, len(refit), 32)])
+    refit_set = (refit, TeacherTargets(torch.from_numpy(refit_logits), None))
+    print(f"teacher outputs on {len(recovery)} recovery images (torch) and {len(refit)} head-refit images "
+          f"(ONNX Runtime) in {time.perf_counter() - t0:.0f}s", flush=True)
     for cfg in grid:
         t0 = time.perf_counter()
         v = build_variant(model, cfg, recovery=recovery, calibration=calibration, input_size=size, workdir=work,
-                          recovery_seconds=recovery_seconds, targets=targets)
+                          recovery_seconds=recovery_seconds, targets=targets, refit_set=refit_set)
         files[cfg.name] = v.path
         built[cfg.name] = {**dict(v.details), "build_seconds": time.perf_counter() - t0}
         rec, refit = v.details.get("recovery", {}), v.details.get("head_refit", {})
@@ -315,18 +322,17 @@ def compression_study(work: Path, ckpt: Path, *, recovery: np.ndarray, calibrati
               flush=True)
     (vx, vy), (tx, ty) = val, test
     preds = {k: (onnx_argmax(p, vx, threads=2), onnx_argmax(p, tx, threads=2)) for k, p in files.items()}
-    # speed: each variant in its own fresh process (its own peak RSS), every variant once per round
-    p50s: dict[str, list[float]] = {k: [] for k in files}
-    rss: dict[str, float] = {k: 0.0 for k in files}
-    for r in range(rounds):
-        for name, path in files.items():
-            job = ProbeJob(runtime="onnxruntime", path=str(path), threads=threads, in_channels=3, input_size=size,
-                           mean=list(net.mean), std=list(net.std), frame_size=256, batches=[1], warmup={1: 10},
-                           iterations={1: iterations}, pipeline_iterations=5)
-            res = probe(job)
-            p50s[name].append(res.batches["1"].p50_ms)
-            rss[name] = max(rss[name], res.peak_rss_mb)
-        print(f"speed round {r + 1}/{rounds} done", flush=True)
+    # speed: every session in this process, taking turns call block by call block, round after round
+    p50s = time_interleaved(files, calibration[:1], threads=threads, rounds=rounds, calls=iterations)
+    # memory: each variant in its own fresh process (its own peak RSS)
+    rss: dict[str, float] = {}
+    probe_p50: dict[str, float] = {}
+    for name, path in files.items():
+        job = ProbeJob(runtime="onnxruntime", path=str(path), threads=threads, in_channels=3, input_size=size,
+                       mean=list(net.mean), std=list(net.std), frame_size=256, batches=[1], warmup={1: 5},
+                       iterations={1: 20}, pipeline_iterations=5)
+        res = probe(job)
+        rss[name], probe_p50[name] = res.peak_rss_mb, res.batches["1"].p50_ms
     rows = []
     ref_val = float((preds["onnx_fp32"][0] == vy).mean())
     ref_test = float((preds["onnx_fp32"][1] == ty).mean())
@@ -339,6 +345,7 @@ def compression_study(work: Path, ckpt: Path, *, recovery: np.ndarray, calibrati
             "variant": name, "prune_ratio": d.get("prune_ratio"), "rank_fraction": d.get("rank_fraction"),
             "network_input_size": d.get("network_input_size"), "int8": bool(d.get("int8")),
             "p50_ms_median": float(np.median(p50s[name])), "p50_ms_rounds": p50s[name],
+            "probe_p50_ms": probe_p50[name],
             "speedup_vs_onnx_fp32": float(np.median(ratios)), "speedup_min": min(ratios), "speedup_max": max(ratios),
             "size_mb": path.stat().st_size / 2**20, "peak_rss_mb": rss[name],
             "val_accuracy": val_acc, "val_accuracy_drop": ref_val - val_acc,
@@ -384,12 +391,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--limit", type=int, default=None, help="use a random subset of N ELPV images")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved benchmark rounds")
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of every runtime")
-    ap.add_argument("--iterations", type=int, default=100, help="timed calls at batch 1 and for the pipeline")
+    ap.add_argument("--iterations", type=int, default=20, help="timed batch-1 calls per variant per round")
     ap.add_argument("--iterations-large-batch", type=int, default=8)
     ap.add_argument("--calibration-images", type=int, default=64)
-    ap.add_argument("--recovery-images", type=int, default=384, help="training images the recovery distills on")
+    ap.add_argument("--recovery-images", type=int, default=256, help="training images the recovery distills on")
+    ap.add_argument("--refit-images", type=int, default=1024, help="training images the head is refitted on")
     ap.add_argument("--recovery-seconds", type=float, default=45.0, help="recovery budget per compressed variant")
     ap.add_argument("--grid", default=DEFAULT_GRID, help="configs: pNN (prune %%), rNN (rank %%), sNNN (side), "
                                                          "int8|fp32, joined by '-', separated by ','")
@@ -439,9 +447,11 @@ def main() -> None:
         val = LabeledImages(load_images([paths[i] for i in parts["val"]], net.input_size), labels[parts["val"]])
         test = LabeledImages(load_images([paths[i] for i in parts["test"]], net.input_size), labels[parts["test"]])
         recovery = normalize(load_images([paths[i] for i in rec_idx], net.input_size), fmt)
+        refit_idx = parts["train"][pick_calibration(train_ids, n=args.refit_images, seed=args.seed + 2)]
+        refit = normalize(load_images([paths[i] for i in refit_idx], net.input_size), fmt)
         (work / "compressed").mkdir()
         study = compression_study(
-            work / "compressed", ckpt, recovery=recovery, calibration=normalize(calibration, fmt),
+            work / "compressed", ckpt, recovery=recovery, refit=refit, calibration=normalize(calibration, fmt),
             val=(normalize(val.images, fmt), val.labels), test=(normalize(test.images, fmt), test.labels),
             grid=grid, recovery_seconds=args.recovery_seconds, rounds=args.rounds, iterations=args.iterations,
             threads=args.threads, max_drop=args.max_drop)
@@ -477,7 +487,8 @@ def main() -> None:
                    "met": chosen["speedup_vs_onnx_fp32"] >= 4.0 and chosen["test_accuracy_drop"] <= args.max_drop},
         "choice_rule": ("fastest variant whose validation accuracy (argmax) drops at most max_accuracy_drop vs ONNX "
                         "Runtime FP32 of the unpruned model; speed = median over rounds of the per-round ratio of "
-                        "batch-1 p50 latencies, every variant probed in its own process, in turn, each round"),
+                        "batch-1 median latencies, all sessions in one process taking turns each round; peak RSS "
+                        "from each variant's own probe process"),
         "variants": study["rows"],
         "frontier": study["frontier"],
         "best_within_bound_on_test": study["best_within_bound_on_test"],
@@ -488,6 +499,7 @@ def main() -> None:
         "rounds": args.rounds,
         "recovery_seconds": args.recovery_seconds,
         "recovery_images": len(rec_idx),
+        "refit_images": len(refit_idx),
         "dataset": {"name": "ELPV", "images": len(paths), "defect": int((labels == 0).sum()),
                     "splits": {k: len(v) for k, v in parts.items()}, "seed": args.seed,
                     "labels": "ELPV's own (people's) labels for every split"},

@@ -16,6 +16,7 @@ from dlforge.optimizer.compression import (
     Trial,
     choose_trial,
     compress_model,
+    onnx_features,
 )
 from dlforge.optimizer.compressors import Source
 from dlforge.optimizer.export import export_onnx
@@ -206,8 +207,9 @@ def test_distillation_pulls_a_pruned_student_toward_its_teacher() -> None:
     student, _ = prune_channels(teacher, 0.5, torch.zeros(1, 3, SIDE, SIDE), scope="all")
     train, held = images(64, 6), images(32, 7)
     gap_before = kl_to_teacher(student, teacher, held)
-    report = distill(student, teacher_targets(teacher, train), train, seconds=60.0, max_steps=60, batch=16, lr=3e-3)
-    assert report.steps == 60 and report.images_seen == 960 and report.stopped_by == "max_steps"
+    report = distill(student, teacher_targets(teacher, train), train, seconds=600.0, max_steps=40, batch=16,
+                     lr=3e-3)
+    assert report.steps == 40 and report.images_seen == 640 and report.stopped_by == "max_steps"
     gap_after = kl_to_teacher(student, teacher, held)
     assert gap_after < 0.5 * gap_before  # on images the recovery never saw
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
@@ -305,6 +307,25 @@ def test_head_refit_puts_the_head_back_on_rescaled_features() -> None:
         s = student(torch.from_numpy(held))
     assert float((t - s).abs().max()) < 1e-3 * float(t.abs().max())
     assert torch.allclose(student.head.weight, teacher.head.weight / 2, atol=1e-3)
+
+
+def test_head_refit_from_onnx_runtime_features_matches_the_torch_path(tmp_path: Path) -> None:
+    teacher = tiny(13)
+    train = images(96, 16)
+    targets = teacher_targets(teacher, train)
+    a, b = tiny(13), tiny(13)
+    for s in (a, b):
+        with torch.no_grad():
+            s.last.weight.mul_(3.0)
+            s.last.bias.mul_(3.0)
+    feats = onnx_features(b, "head", train, input_size=SIDE, workdir=tmp_path)
+    assert feats.shape == (96, 48) and not list(tmp_path.glob("*.onnx"))  # the trunk's file is removed
+    ra = refit_head(a, targets, train, ridges=(1e-6,))
+    rb = refit_head(b, targets, np.zeros((0, 3, SIDE, SIDE), np.float32), ridges=(1e-6,), features=feats)
+    assert ra.ridge == rb.ridge == 1e-6
+    assert torch.allclose(a.head.weight, b.head.weight, atol=1e-4)
+    with pytest.raises(ValueError, match="feature rows"):
+        refit_head(b, targets, train, features=feats[:10])
 
 
 def test_compression_search_needs_the_torch_model(tmp_path: Path) -> None:

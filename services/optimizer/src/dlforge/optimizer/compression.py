@@ -178,8 +178,12 @@ def choose_trial(trials: Sequence[Trial], *, max_disagreement: float, max_p50_ms
 
 
 def time_interleaved(paths: dict[str, Path], x: np.ndarray, *, threads: int, rounds: int = 5,
-                     calls: int = 10) -> dict[str, float]:
-    """Median batch-1 latency (ms) of each ONNX model, all sessions timed in turn round after round."""
+                     calls: int = 10) -> dict[str, list[float]]:
+    """Batch-1 latency (ms) of each ONNX model: per round, the median of ``calls`` calls.
+
+    All sessions live in this process and take turns, ``calls`` calls each, round after round, so a
+    busy spell of the machine slows every model alike; compare models by the ratio within each round.
+    """
     import onnxruntime as ort
 
     from dlforge.optimizer.runners import ort_session_options
@@ -187,17 +191,19 @@ def time_interleaved(paths: dict[str, Path], x: np.ndarray, *, threads: int, rou
     sessions = {k: ort.InferenceSession(str(p), ort_session_options(threads), providers=["CPUExecutionProvider"])
                 for k, p in paths.items()}
     name = sessions[next(iter(sessions))].get_inputs()[0].name if sessions else "input"
-    times: dict[str, list[float]] = {k: [] for k in sessions}
+    per_round: dict[str, list[float]] = {k: [] for k in sessions}
     for s in sessions.values():
         for _ in range(3):
             s.run(None, {name: x})
     for _ in range(rounds):
         for k, s in sessions.items():
+            times = []
             for _ in range(calls):
                 t0 = time.perf_counter()
                 s.run(None, {name: x})
-                times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+                times.append(time.perf_counter() - t0)
+            per_round[k].append(float(np.median(times)) * 1e3)
+    return per_round
 
 
 def onnx_argmax(path: Path, images: np.ndarray, *, threads: int, batch: int = 32) -> np.ndarray:
@@ -208,14 +214,52 @@ def onnx_argmax(path: Path, images: np.ndarray, *, threads: int, batch: int = 32
     return np.concatenate([runner.run(images[i:i + batch]).argmax(1) for i in range(0, len(images), batch)])
 
 
+def onnx_features(student: nn.Module, head: str, images: np.ndarray, *, input_size: int, workdir: Path,
+                  threads: int = 2, batch: int = 32) -> np.ndarray:
+    """The input of ``student``'s ``head`` on ``images``, computed by ONNX Runtime (the model up to the head)."""
+    import copy
+
+    from torch import nn
+
+    from dlforge.optimizer.export import export_onnx
+    from dlforge.optimizer.runners import OrtRunner
+
+    trunk = copy.deepcopy(student).eval()
+    parent_name, _, attr = head.rpartition(".")
+    setattr(trunk.get_submodule(parent_name) if parent_name else trunk, attr, nn.Identity())
+    path = workdir / "features.tmp.onnx"
+    export_onnx(trunk, in_channels=images.shape[1], input_size=input_size, path=path, check_inputs=images[:2],
+                tolerance=1e-2)
+    runner = OrtRunner(path, threads=threads)
+    try:
+        return np.concatenate([runner.run(images[i:i + batch]) for i in range(0, len(images), batch)])
+    finally:
+        del runner
+        path.unlink(missing_ok=True)
+
+
 def build_variant(model: nn.Module, config: CompressionConfig, *, recovery: np.ndarray, calibration: np.ndarray,
                   input_size: int, workdir: Path, recovery_seconds: float, tolerance: float = 1e-3,
-                  targets: TeacherTargets | None = None) -> Variant:
-    """Compress ``model`` per ``config``, export it to ONNX (verified against torch), INT8 on top if asked."""
+                  targets: TeacherTargets | None = None,
+                  refit_set: tuple[np.ndarray, TeacherTargets] | None = None) -> Variant:
+    """Compress ``model`` per ``config``, export it to ONNX (verified against torch), INT8 on top if asked.
+
+    ``refit_set`` (images and the teacher's logits on them) refits the head on those images, with the
+    features computed by ONNX Runtime, instead of on the recovery images in torch: many more images
+    for the same time, so the regression of 1000-odd features is well determined.
+    """
     from dlforge.optimizer.export import export_onnx
+    from dlforge.optimizer.recovery import refit_head
 
     student, details = compress_model(model, config, recovery, input_size=input_size,
-                                      recovery_seconds=recovery_seconds, targets=targets)
+                                      recovery_seconds=recovery_seconds, targets=targets,
+                                      refit=refit_set is None)
+    changed = "recovery" in details or config.prune_ratio > 0 or config.rank_fraction is not None
+    if refit_set is not None and (changed or config.resolution not in (None, input_size)):
+        head = "inner.head" if "resize_inside_model" in details else "head"
+        images, logits = refit_set
+        feats = onnx_features(student, head, images, input_size=input_size, workdir=workdir)
+        details["head_refit"] = asdict(refit_head(student, logits, images, head=head, features=feats))
     fp32_path = workdir / f"{config.name}.fp32.onnx" if config.int8 else workdir / f"{config.name}.onnx"
     exported = export_onnx(student, in_channels=recovery.shape[1], input_size=input_size, path=fp32_path,
                            check_inputs=calibration[:4], tolerance=tolerance)
@@ -272,8 +316,9 @@ class CompressionSearch:
                                                input_size=source.input_shape[-1], workdir=workdir,
                                                recovery_seconds=self.recovery_seconds, targets=targets)
         speeds = time_interleaved({k: v.path for k, v in built.items()}, calibration[:1], threads=self.threads)
-        trials = [Trial(k, speeds[k], float((onnx_argmax(v.path, held, threads=self.threads) == ref).mean()),
-                        v.size_bytes) for k, v in built.items()]
+        trials = [Trial(k, float(np.median(speeds[k])),
+                        float((onnx_argmax(v.path, held, threads=self.threads) == ref).mean()), v.size_bytes)
+                  for k, v in built.items()]
         choice = choose_trial(trials, max_disagreement=self.max_disagreement)
         pick = choice.chosen or max(trials, key=lambda t: (t.agreement, -t.p50_ms)).name
         for k, v in built.items():

@@ -239,6 +239,7 @@ def refit_head(
     ridges: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0),
     holdout: float = 0.25,
     batch: int = 32,
+    features: np.ndarray | None = None,
 ) -> HeadRefit:
     """Refit ``student``'s linear ``head`` in place so that its logits match the teacher's ``targets`` (no labels).
 
@@ -248,14 +249,24 @@ def refit_head(
     features of ``images``: the ridge strength is chosen by argmax agreement with the teacher on
     ``holdout`` of the images (ties: the smallest logit error), then the head is fitted on all of them.
     The head is kept as it was when no ridge does better on the held-out images than it does.
+    ``features`` are the student's ``head`` inputs on ``images`` when computed elsewhere (an ONNX
+    Runtime pass over many images is far cheaper than torch eager); ``images`` may then be empty.
     """
     import torch
     from torch import nn
 
     started = time.perf_counter()
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    f, s_logits = _features_and_logits(student, x, head, batch=batch)
+    if features is None:
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        f, s_logits = _features_and_logits(student, x, head, batch=batch)
+    else:
+        f = np.asarray(features, dtype=np.float64)
+        layer_now = student.get_submodule(head)
+        with torch.no_grad():
+            s_logits = layer_now(torch.from_numpy(f).float()).double().numpy()
     t = targets.logits.double().numpy()
+    if len(f) != len(t):
+        raise ValueError(f"{len(f)} feature rows for {len(t)} teacher logits")
     n_hold = max(1, round(len(f) * holdout))
     fit, held = slice(n_hold, None), slice(0, n_hold)
     def score(logits: np.ndarray) -> tuple[float, float]:  # argmax agreement first, then closeness
