@@ -582,3 +582,38 @@ def test_changing_ones_password_and_disabling_a_user(auth_settings: CommonSettin
         assert client.post("/auth/login", json={"username": "lars", "password": new}).status_code == 401
         assert client.put("/auth/users/lars/disabled", headers=ada, json={"disabled": False}).status_code == 200
         assert client.get("/auth/me", headers=lars).status_code == 200
+
+
+def test_a_training_job_starts_only_from_weights_the_caller_may_see(auth_settings: CommonSettings) -> None:
+    """A raw ``weights_key`` is a shared repository candidate or a visible model's checkpoint: not another
+    project's checkpoint, nor any other object (only a principal of every project may name those)."""
+    tokens = seed_accounts(auth_settings, {"pia": {"p": "operator"}, "ada": {"*": "admin"}})
+    with TestClient(combined(auth_settings)) as client:
+        backends = client.app.state.backends  # type: ignore[attr-defined]
+        for key in ("trainer/jobs/job-p/model.pt", "trainer/jobs/job-q/model.pt", "secrets/notes.bin",
+                    "proposer/models/small.pt"):
+            backends.objects.put_bytes(key, b"weights")
+        for project in ("p", "q"):  # a model trained by POST /trainer/jobs in each project
+            client.portal.call(backends.docs.upsert, "trainer_jobs",  # type: ignore[union-attr]
+                               {"_id": f"job-{project}", "kind": "api", "run_id": None, "project": project})
+            client.portal.call(backends.docs.upsert, "trainer_models",  # type: ignore[union-attr]
+                               {"_id": f"job-{project}", "job_id": f"job-{project}", "run_id": None,
+                                "checkpoint_key": f"trainer/jobs/job-{project}/model.pt"})
+
+        def post(token: str, weights_key: str) -> Any:
+            body = {"weights_key": weights_key, "manifest_key": "none/manifest.json", "classes": ["a", "b"]}
+            return client.post("/trainer/jobs", headers=bearer(token), json=body)
+
+        refused = "neither a repository candidate"
+        for key in ("trainer/jobs/job-q/model.pt", "secrets/notes.bin"):
+            r = post(tokens["pia"], key)
+            assert r.status_code == 422 and refused in r.json()["detail"], (key, r.text)
+        # past the weights check, each stops at the next one: the manifest does not exist
+        for token, key in ((tokens["pia"], "trainer/jobs/job-p/model.pt"), (tokens["pia"], "proposer/models/small.pt"),
+                           (tokens["ada"], "secrets/notes.bin"), (tokens["ada"], "trainer/jobs/job-q/model.pt")):
+            r = post(token, key)
+            assert r.status_code == 422 and "manifest_key 'none/manifest.json': no such object" in r.json()["detail"], \
+                (key, r.text)
+        # nothing was started or half-written: the two seeded jobs are all there is
+        listed = client.get("/trainer/jobs", headers=bearer(tokens["ada"])).json()
+        assert sorted(j["_id"] for j in listed) == ["job-p", "job-q"]

@@ -280,7 +280,10 @@ def test_the_request_span_is_the_parent_of_the_publish_span_and_the_handler(
             assert time.monotonic() < deadline, "the worker never handled the event"
             time.sleep(0.05)
         assert client.get("/labels/b1").json()["event_id"] == event_id
-        time.sleep(0.2)
+        # the handler's span ends after the record it wrote is visible: wait for it, with a deadline
+        while not any(s.name == "handle labels.submitted" for s in spans.get_finished_spans()):
+            assert time.monotonic() < deadline, "the handler's span never ended"
+            time.sleep(0.05)
 
     finished = spans.get_finished_spans()
     servers = [s for s in finished if s.kind == SpanKind.SERVER and s.attributes.get("http.route") == "/labels/{batch}"

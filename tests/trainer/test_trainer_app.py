@@ -122,7 +122,7 @@ def test_jobs_are_their_projects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                              work_dir=str(tmp_path / "w"), auth="required")
     objects = FsObjectStore(tmp_path / "o")
     make_dataset(objects, per_class={"defect": 6, "good": 6}, size=16)  # the dataset 'testdata'
-    make_candidate(objects, "cands/small.pt")
+    make_candidate(objects, "proposer/models/small.pt")  # with auth on, raw weights come from the repository
     tokens = asyncio.run(_accounts(settings.docs, {"olga": {"beta": "operator"}, "vic": {"alpha": "viewer"},
                                                    "amy": {"alpha": "operator"}},
                                    {("dataset", "testdata"): "alpha", ("run", "r1"): "alpha"}))
@@ -131,7 +131,8 @@ def test_jobs_are_their_projects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         return {"Authorization": f"Bearer {tokens[name]}"}
 
     with TestClient(create_app(settings)) as client:
-        body = {**BODY, "hparams": {"lr": 0.01, "batch_size": 8, "epochs": 1}}
+        body = {**BODY, "weights_key": "proposer/models/small.pt",
+                "hparams": {"lr": 0.01, "batch_size": 8, "epochs": 1}}
         refused = client.post("/jobs", json=body, headers=auth("olga"))
         assert refused.status_code == 404 and "no dataset 'testdata'" in refused.json()["detail"], refused.text
         assert client.post("/jobs", json=body, headers=auth("vic")).status_code == 403

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["trainer"])
 Deps = Annotated[TrainerDeps, Depends(deps_of("trainer", TrainerDeps))]
 
+# the proposer's model repository (dlforge.proposer.repository.weights_key), shared by every project
+REPOSITORY_PREFIX = "proposer/models/"
 OWNER = socket.gethostname()
 
 
@@ -135,6 +137,22 @@ async def _dataset_of(backends: Backends, manifest_key: str) -> str:
     return await asyncio.to_thread(read)
 
 
+async def _visible_model(request: Request, records: JobRecords, model: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``model`` if the caller may see it (a viewer of its run's or its job's project), else None: another
+    project's model is as if there were none."""
+    if model is None:
+        return None
+    source = await records.get(str(model["job_id"])) if model.get("job_id") else None
+    if model.get("run_id") or source is not None:
+        project = await (project_of(request, "run", str(model["run_id"])) if model.get("run_id")
+                         else _job_project(request, source or {}))
+        try:
+            require_in(request, project, "viewer", what="trained model")
+        except NotFound:
+            return None
+    return model
+
+
 @router.post("/jobs", status_code=202, response_model=JobCreated, responses=error_responses(403, 404))
 async def create_job(body: JobCreate, request: Request, deps: Deps,
                      backends: Backends = Depends(backends_of)) -> JobCreated:
@@ -145,18 +163,18 @@ async def create_job(body: JobCreate, request: Request, deps: Deps,
     if body.model_id is not None:
         if weights_key is not None:
             raise InvalidInput("give weights_key or model_id, not both")
-        model = await records.model(body.model_id)
-        source = await records.get(str(model["job_id"])) if model is not None and model.get("job_id") else None
-        if model is not None and (model.get("run_id") or source is not None):
-            project = await (project_of(request, "run", str(model["run_id"])) if model.get("run_id")
-                             else _job_project(request, source or {}))
-            try:
-                require_in(request, project, "viewer", what="trained model")
-            except NotFound:
-                model = None  # another project's model: as if there were none
+        model = await _visible_model(request, records, await records.model(body.model_id))
         if model is None:
             raise InvalidInput(f"model_id {body.model_id!r}: no such trained model")
         weights_key = model["checkpoint_key"]
+    elif weights_key is not None and not weights_key.startswith(REPOSITORY_PREFIX) \
+            and visible_projects(request) is not None \
+            and await _visible_model(request, records, await records.model_with_checkpoint(weights_key)) is None:
+        # any other object could be another project's checkpoint (or not a checkpoint at all): a raw key is
+        # taken from the shared repository, or as a trained model's checkpoint the caller may see; a principal
+        # of every project may name any object
+        raise InvalidInput(f"weights_key {weights_key!r}: neither a repository candidate ({REPOSITORY_PREFIX}...) "
+                               "nor the checkpoint of a trained model you may see")
     try:
         training = TrainingRequest(arch=body.arch, weights_key=weights_key, manifest_key=body.manifest_key,
                                    classes=body.classes, hparams=body.hparams, run_config=body.run_config,

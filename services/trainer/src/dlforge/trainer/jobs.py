@@ -120,3 +120,8 @@ class JobRecords:
 
     async def model(self, model_id: str) -> Doc | None:
         return await self.docs.get(MODELS, model_id)
+
+    async def model_with_checkpoint(self, checkpoint_key: str) -> Doc | None:
+        """The trained model whose checkpoint is the object at ``checkpoint_key``, if one is."""
+        found = await self.docs.find(MODELS, {"checkpoint_key": checkpoint_key}, limit=1)
+        return found[0] if found else None

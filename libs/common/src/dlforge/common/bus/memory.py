@@ -99,8 +99,11 @@ class _MemorySubscription(Subscription):
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     return None
+                # asyncio.timeout, not wait_for: on 3.11 wait_for runs the wait in a task of its own, and a
+                # cancellation landing while that task re-acquires the lock leaves the lock held for ever
                 try:
-                    await asyncio.wait_for(self._bus._changed.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._bus._changed.wait()
                 except TimeoutError:
                     return None
 
