@@ -16,6 +16,7 @@ from dlforge.common.errors import InvalidInput, NotFound, PoisonMessage, Retryab
 from dlforge.common.events import Event, ModelOptimized, ModelTrained, Topic
 from dlforge.common.objects import ObjectStore
 from dlforge.common.runtime import Backends, HandlerContext, Service
+from dlforge.optimizer.bundle import BundleError, build_bundle, bundle_variant
 from dlforge.optimizer.compressors import Compressor, default_compressors
 from dlforge.optimizer.export import ExportMismatch
 from dlforge.optimizer.handlers import (
@@ -72,6 +73,11 @@ def object_prefix(dataset_id: str, model_id: str) -> str:
 
 def report_key(dataset_id: str, model_id: str) -> str:
     return f"{object_prefix(dataset_id, model_id)}/report.json"
+
+
+def bundle_key(dataset_id: str, model_id: str) -> str:
+    """Object key of the model's bundle (see :mod:`dlforge.optimizer.bundle`)."""
+    return f"{object_prefix(dataset_id, model_id)}/bundle.zip"
 
 
 @dataclass
@@ -141,6 +147,11 @@ def _run(objects: ObjectStore, p: ModelTrained, event_id: str, deps: OptimizerDe
             objects.put_file(vkey, path)
             report.variants[name].key = vkey
         report.source_event_id = event_id
+        # the bundle is stored before the report: a stored report (what a redelivery reuses) has its bundle
+        variant, _ = bundle_variant(report)
+        bundle = work / "bundle.zip"
+        build_bundle(report, model_path=result.files[variant.name], out=bundle, variant=variant.name)
+        objects.put_file(bundle_key(p.dataset_id, p.model_id), bundle)
         objects.put_json(key, report.model_dump(mode="json"))
         return report
     finally:
@@ -158,7 +169,7 @@ async def on_model_trained(event: Event, ctx: HandlerContext[OptimizerDeps]) -> 
     await ctx.docs.upsert(JOBS, job)
     try:
         report = await asyncio.to_thread(_run, ctx.objects, p, event.event_id, ctx.deps)
-    except (InvalidInput, ExportMismatch, NotFound, ValueError) as exc:
+    except (InvalidInput, ExportMismatch, NotFound, BundleError, ValueError) as exc:
         await ctx.docs.upsert(JOBS, {**job, "state": "failed", "error": f"{type(exc).__name__}: {exc}"})
         raise PoisonMessage(f"cannot optimize model {p.model_id} of dataset {p.dataset_id}: {exc}") from exc
     except (ProbeFailed, OSError) as exc:
@@ -166,7 +177,8 @@ async def on_model_trained(event: Event, ctx: HandlerContext[OptimizerDeps]) -> 
     key = report_key(p.dataset_id, p.model_id)
     artifacts = {name: v.key for name, v in report.variants.items() if v.key}
     await ctx.docs.upsert(REPORTS, _report_doc(report, key, artifacts, run_id=event.run_id,
-                                               checkpoint_key=p.checkpoint_key))
+                                               checkpoint_key=p.checkpoint_key,
+                                               bundle=bundle_key(p.dataset_id, p.model_id)))
     await ctx.docs.upsert(JOBS, {**job, "state": "completed", "finished_at": datetime.now(UTC).isoformat()})
     return event.follow(ModelOptimized(
         dataset_id=p.dataset_id, model_id=p.model_id, chosen_variant=report.chosen_variant, artifacts=artifacts,
@@ -175,9 +187,10 @@ async def on_model_trained(event: Event, ctx: HandlerContext[OptimizerDeps]) -> 
 
 
 def _report_doc(report: OptimizationReport, key: str, artifacts: dict[str, str], *, run_id: str,
-                checkpoint_key: str | None = None) -> dict[str, Any]:
+                checkpoint_key: str | None = None, bundle: str | None = None) -> dict[str, Any]:
     return {
         "checkpoint_key": checkpoint_key,  # the trained torch model (class activation maps)
+        "bundle_key": bundle,  # the model bundle (GET /models/{dataset_id}/bundle)
         "_id": f"{report.dataset_id}:{report.model_id}",
         "dataset_id": report.dataset_id,
         "model_id": report.model_id,
