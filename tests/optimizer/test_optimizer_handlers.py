@@ -11,6 +11,7 @@ from optimizer_testdata import CLASSES, SIZE, Trained, separable
 
 from dlforge.common.errors import InvalidInput
 from dlforge.common.events import Spec
+from dlforge.optimizer.compression import CompressionConfig
 from dlforge.optimizer.compressors import OrtFp32, OrtStaticInt8, Source, TensorRTEngine, Variant
 from dlforge.optimizer.evaluation import choose_threshold, decide, metrics
 from dlforge.optimizer.handlers import (
@@ -153,6 +154,22 @@ def test_plug_in_compressors_replace_the_defaults(trained: Trained, tmp_path: Pa
     assert res.report.int8_speedup_vs_torch_eager is None and "trt_fp16" in res.report.skipped
     a, b = res.report.variants["onnx_fp32"], res.report.variants["onnx_fp32_copy"]
     assert a.test_argmax == b.test_argmax and a.threshold == b.threshold
+
+
+def test_structured_compression_is_one_more_variant_when_configured(trained: Trained, tmp_path: Path) -> None:
+    options = OptimizeOptions(rounds=1, warmup=1, iterations=3, iterations_large_batch=2, batch_sizes=[1],
+                              calibration_methods=["minmax"], gpu=False, benchmark_torch=False,
+                              compression=[CompressionConfig(prune_ratio=0.5, int8=False)],
+                              compression_recovery_seconds=1.0)
+    report = optimize(_input(trained), workdir=tmp_path, options=options).report
+    assert set(report.variants) == {"onnx_fp32", "onnx_int8", "pruned"}
+    pruned = report.variants["pruned"]
+    assert pruned.details["config"] == "pruned_p50_fp32" and pruned.precision == "fp32"
+    # small_cnn has no depthwise convs: every conv group loses half its channels (128 features -> 64)
+    assert pruned.details["pruning"]["scope"] == "all"
+    assert pruned.details["pruning"]["channels"]["backbone.body.12"] == [128, 64]
+    assert pruned.size_bytes < report.variants["onnx_fp32"].size_bytes / 2
+    assert pruned.test_argmax.accuracy > 0.5 and pruned.speed.batches["1"].p50_ms > 0
 
 
 def test_refuses_inputs_it_cannot_optimize(trained: Trained, tmp_path: Path) -> None:

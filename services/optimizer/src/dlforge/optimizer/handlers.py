@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dlforge.common.errors import InvalidInput
 from dlforge.common.events import Spec
 from dlforge.common.intervals import Interval
+from dlforge.optimizer.compression import CompressionConfig
 from dlforge.optimizer.compressors import (
     Capabilities,
     Compressor,
@@ -184,6 +185,9 @@ class OptimizeOptions(BaseModel):
         default=False, description="run eager PyTorch over validation and test too (else the torch baseline is "
                                    "scored with ONNX FP32's outputs, which the export check ties to torch's)")
     probe_timeout: float = 900.0
+    compression: list[CompressionConfig] = Field(
+        default=[], description="structured-compression configs to search (prune, rank, resolution, INT8); [] = none")
+    compression_recovery_seconds: float = Field(default=20.0, ge=0.0, le=3600.0)
 
     @classmethod
     def from_settings(cls, s: OptimizerSettings) -> OptimizeOptions:
@@ -200,6 +204,8 @@ class OptimizeOptions(BaseModel):
             recall_margin=s.optimizer_recall_margin, threshold_min_positives=s.optimizer_threshold_min_positives,
             eval_batch=s.optimizer_eval_batch, gpu=s.optimizer_gpu,
             benchmark_torch=s.optimizer_benchmark_torch, probe_timeout=s.optimizer_probe_timeout,
+            compression=list(s.optimizer_compression),
+            compression_recovery_seconds=s.optimizer_compression_recovery_seconds,
         )
 
 
@@ -880,11 +886,18 @@ def optimize(
 
 
 def standard_compressors(opts: OptimizeOptions) -> list[Compressor]:
-    """ONNX FP32, one INT8 candidate per calibration method (in the order listed), the GPU ones if enabled."""
+    """ONNX FP32, one INT8 candidate per calibration method (in the order listed), the GPU ones if enabled, the
+    structured-compression search if ``opts.compression`` has configs."""
     fp32s, int8s, gpus = default_compressors(
         calibration_methods=tuple(opts.calibration_methods),  # type: ignore[arg-type]
         calibration_batch=opts.calibration_batch)
-    return [*fp32s, *int8s, *(gpus if opts.gpu else [])]
+    out: list[Compressor] = [*fp32s, *int8s, *(gpus if opts.gpu else [])]
+    if opts.compression:  # the structured-compression search, when configs are given (off by default)
+        from dlforge.optimizer.compression import CompressionSearch
+
+        out.append(CompressionSearch(opts.compression, recovery_seconds=opts.compression_recovery_seconds,
+                                     max_disagreement=opts.max_accuracy_drop, threads=opts.threads))
+    return out
 
 
 def _report(inp: OptimizeInput, prep: Prepared, exported: ExportResult, built: Built, evaluated: Evaluated,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from dlforge.common.settings import CommonSettings
+from dlforge.optimizer.compression import CompressionConfig
 from dlforge.optimizer.compressors import CALIBRATION_METHODS, CalibrationMethodName
 
 
@@ -65,6 +66,12 @@ class OptimizerSettings(CommonSettings):
     optimizer_gpu: bool = Field(default=True, description="try the GPU compressors where their libraries exist")
     optimizer_benchmark_torch: bool = Field(default=True, description="measure PyTorch eager FP32 as the baseline")
     optimizer_probe_timeout: float = Field(default=900.0, gt=0)
+    optimizer_compression: list[CompressionConfig] = Field(
+        default=[], description="structured-compression configs (JSON list of {prune_ratio, rank_fraction, "
+                                "resolution, int8}) the 'pruned' plug-in searches; [] leaves it out (it needs "
+                                "torch-pruning and adds recovery time per config)")
+    optimizer_compression_recovery_seconds: float = Field(
+        default=20.0, ge=0.0, le=3600.0, description="distillation budget per structured-compression config")
 
     @field_validator("optimizer_calibration_methods")
     @classmethod
