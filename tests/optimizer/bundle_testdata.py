@@ -45,6 +45,11 @@ def flip_last_byte(target: str) -> Callable[[str, bytes], bytes | None]:
     return change
 
 
+def manifest_bytes(bundle: Path) -> int:
+    with zipfile.ZipFile(bundle) as z:
+        return len(z.read("manifest.json"))
+
+
 def altered_bundles(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
     """Bundles that must be refused, and what the refusal must say (shared with the edge tests)."""
     def threshold(name: str, data: bytes) -> bytes:  # the decision moved, the size kept: only the hash tells
@@ -75,6 +80,10 @@ def altered_bundles(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
                     "missing"),
         "outside": (rewrite(good, tmp / "outside.zip", add={"../evil.json": b"{}"}), "outside the bundle"),
         "not_zip": (tmp / "not-a-zip.zip", "not a readable zip"),
+        # valid JSON (the good manifest and 2 MiB of blanks), but over 1 MiB: a zip bomb is not inflated
+        "manifest_size": (rewrite(good, tmp / "manifest-size.zip",
+                                  change=lambda n, d: d + b" " * 2**21 if n == "manifest.json" else d),
+                          f"manifest.json is {2**21 + manifest_bytes(good)} bytes, over the limit of 1048576 bytes"),
     }
 
 

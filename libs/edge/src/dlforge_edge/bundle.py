@@ -22,6 +22,7 @@ MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 REQUIRED = (MODEL, "preprocessing.json", "classes.json", "decision.json", "spec.json", "spec_check.json")
 MAX_MEMBER_BYTES = 2 * 2**30
+MAX_MANIFEST_BYTES = 2**20  # the manifest is read whole before anything is checked: a larger one is refused
 
 
 class BundleError(ValueError):
@@ -72,6 +73,9 @@ def _safe(name: str) -> bool:
 
 
 def _manifest(z: zipfile.ZipFile, source: str) -> dict[str, Any]:
+    big = [i.file_size for i in z.infolist() if i.filename == MANIFEST and i.file_size > MAX_MANIFEST_BYTES]
+    if big:  # checked from the zip's directory, before a byte of it is inflated
+        raise BundleError(f"{source}: {MANIFEST} is {big[0]} bytes, over the limit of {MAX_MANIFEST_BYTES} bytes")
     try:
         raw = json.loads(z.read(MANIFEST))
     except KeyError as exc:

@@ -39,6 +39,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 MAX_MEMBER_BYTES = 2 * 2**30  # a bundle member larger than this is refused before it is read
+MAX_MANIFEST_BYTES = 2**20  # the manifest is read whole before anything is checked: a larger one is refused
 
 DECISION_RULE = (
     "probabilities = softmax(logits) over the classes in classes.json order; with a positive class, the "
@@ -202,6 +203,9 @@ def _safe_name(name: str) -> bool:
 
 def read_manifest(z: zipfile.ZipFile, *, source: str) -> BundleManifest:
     """The manifest of an open bundle, its format and version checked (not yet the checksums)."""
+    big = [i.file_size for i in z.infolist() if i.filename == MANIFEST and i.file_size > MAX_MANIFEST_BYTES]
+    if big:  # checked from the zip's directory, before a byte of it is inflated
+        raise BundleError(f"{source}: {MANIFEST} is {big[0]} bytes, over the limit of {MAX_MANIFEST_BYTES} bytes")
     try:
         raw = json.loads(z.read(MANIFEST))
     except KeyError as exc:
