@@ -139,6 +139,11 @@ def test_edge_refuses_altered_bundles_and_bad_images(optimized: Optimized, edge_
     assert run.returncode == 1
     broken, ok = json.loads(run.stdout)["predictions"]
     assert "not a readable image" in broken["error"] and ok["label"] in CLASSES
+    Image.new("LAB", (16, 16)).save(tmp_path / "lab.tif", format="TIFF")  # decodes, cannot become L
+    run = edge(edge_venv, "predict", str(good), str(tmp_path / "lab.tif"), str(tmp_path / "ok.png"), "--json")
+    assert run.returncode == 1, run.stderr
+    lab, ok = json.loads(run.stdout)["predictions"]
+    assert "cannot convert the image for the network" in lab["error"] and ok["label"] in CLASSES
 
 
 def test_edge_bench_says_whether_the_spec_fps_is_met(optimized: Optimized, edge_venv: Path, tmp_path: Path) -> None:
@@ -219,6 +224,9 @@ def test_edge_serve_answers_and_refuses_with_reasons(served: tuple[str, int], op
     tiny = io.BytesIO()
     Image.new("L", (4, 4)).save(tiny, format="PNG")
     refused(422, "image is 4x4, smaller than 8x8", "POST", "/predict", tiny.getvalue())
+    lab = io.BytesIO()  # decodes, but Pillow cannot convert LAB to the model's L: refused as the platform does
+    Image.new("LAB", (16, 16)).save(lab, format="TIFF")
+    refused(422, "cannot convert the image for the network", "POST", "/predict", lab.getvalue())
     refused(415, "not a multipart form", "POST", "/predict", image,
             {"Content-Type": "multipart/form-data; boundary=x"})
     refused(404, "no route '/nope'", "GET", "/nope")

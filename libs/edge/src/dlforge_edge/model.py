@@ -115,7 +115,10 @@ class EdgeModel:
 
     def probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Softmax probabilities ``(N, classes)`` of decoded images of any size."""
-        batch = np.stack([self.resize(img) for img in images])
+        try:
+            batch = np.stack([self.resize(img) for img in images])
+        except (OSError, ValueError) as exc:  # a mode Pillow cannot convert (e.g. LAB to L): the platform's 422
+            raise ImageRejected(f"cannot convert the image for the network: {exc}") from exc
         logits = self.session.run(None, {self.input_name: self.normalize(batch)})[0]
         return softmax(logits)
 
