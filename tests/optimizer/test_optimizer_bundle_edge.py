@@ -7,11 +7,13 @@ The venv is built once per module; pip installs onnxruntime, numpy and Pillow fr
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -167,8 +169,14 @@ def test_edge_bench_says_whether_the_spec_fps_is_met(optimized: Optimized, edge_
 @pytest.fixture
 def served(optimized: Optimized, edge_venv: Path, tmp_path: Path) -> Iterator[tuple[str, int]]:
     """``dlforge-edge serve`` in the fresh venv on a free port; stopped by its pid."""
-    bundle = stored_bundle(optimized, tmp_path / "bundle.zip")
-    proc = subprocess.Popen([str(edge_venv / "bin" / "dlforge-edge"), "serve", str(bundle), "--port", "0"],
+    with serving(edge_venv, stored_bundle(optimized, tmp_path / "bundle.zip")) as address:
+        yield address
+
+
+@contextlib.contextmanager
+def serving(edge_venv: Path, bundle: Path, *options: str) -> Iterator[tuple[str, int]]:
+    """``dlforge-edge serve BUNDLE --port 0 OPTIONS...`` in the fresh venv; stopped by its pid."""
+    proc = subprocess.Popen([str(edge_venv / "bin" / "dlforge-edge"), "serve", str(bundle), "--port", "0", *options],
                             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     lines: list[str] = []
@@ -247,3 +255,15 @@ def test_edge_serve_answers_and_refuses_with_reasons(served: tuple[str, int], op
     conn.close()
     # still serving after all that
     assert request(host, port, "POST", "/predict", image)[0] == 200
+
+
+def test_edge_serve_closes_a_connection_that_stalls(optimized: Optimized, edge_venv: Path, tmp_path: Path) -> None:
+    """A client that sends half a body and then nothing does not hold the server's thread for ever."""
+    with serving(edge_venv, stored_bundle(optimized, tmp_path / "bundle.zip"), "--timeout", "1") as (host, port):
+        with socket.create_connection((host, port), timeout=60) as stalled:
+            stalled.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+            assert stalled.recv(1024) == b""  # closed by the server (the 60 s socket timeout would raise instead)
+        image = png(separable(1, seed=5, size=40)[0][0])
+        assert request(host, port, "POST", "/predict", image)[0] == 200  # still serving
+    bad = edge(edge_venv, "serve", str(tmp_path / "bundle.zip"), "--timeout", "0")
+    assert bad.returncode == 2 and "timeout must be > 0 seconds" in bad.stderr

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dlforge_edge.bundle import Bundle, BundleError, load_bundle
 from dlforge_edge.model import EdgeModel, ImageRejected, decode
+from dlforge_edge.serve import TIMEOUT_SECONDS
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -98,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dlforge_edge.serve import make_server
 
     model = _open(args.bundle, args.threads)
-    server = make_server(model, host=args.host, port=args.port)
+    server = make_server(model, host=args.host, port=args.port, timeout=args.timeout)
     host, port = server.server_address[:2]
     print(f"dlforge-edge: serving {model.bundle.model_id} ({model.bundle.variant}) at http://{host}:{port}/predict "
           "(POST an image's bytes; Ctrl-C stops)", flush=True)
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     serve.add_argument("--port", type=int, default=8080, help="port (0: a free one)")
+    serve.add_argument("--timeout", type=float, default=TIMEOUT_SECONDS,
+                       help=f"seconds a connection may stay silent before it is closed (default {TIMEOUT_SECONDS:g})")
     serve.set_defaults(func=cmd_serve)
     return parser
 

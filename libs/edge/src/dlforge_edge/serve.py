@@ -8,7 +8,9 @@
 
 Bad requests get a 4xx whose JSON ``detail`` says what was wrong: no length (411), a body over
 :data:`MAX_BODY_BYTES` (413, refused before it is read), an empty body (400), a multipart form (415),
-an image that cannot be read or is smaller than 8x8 (422), one over 64 MP (413).
+an image that cannot be read or is smaller than 8x8 (422), one over 64 MP (413). A connection that
+sends nothing for :data:`TIMEOUT_SECONDS` (a request or body that stops half-way) is closed, so a
+stalled client does not hold a thread for ever.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dlforge_edge.model import EdgeModel, ImageRejected
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 * 2**20
+TIMEOUT_SECONDS = 30.0
 
 
 def info(model: EdgeModel) -> dict[str, Any]:
@@ -36,12 +39,21 @@ def info(model: EdgeModel) -> dict[str, Any]:
             "spec_met": b.spec_check.get("spec_met")}
 
 
-def make_server(model: EdgeModel, *, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
-    """The server (not yet serving; ``port`` 0 picks a free one: see ``server.server_address``)."""
+def make_server(model: EdgeModel, *, host: str = "127.0.0.1", port: int = 8080,
+                timeout: float = TIMEOUT_SECONDS) -> ThreadingHTTPServer:
+    """The server (not yet serving; ``port`` 0 picks a free one: see ``server.server_address``).
+
+    ``timeout``: seconds a connection may stay silent (while sending its request or body, or idle between
+    requests) before it is closed.
+    """
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds (got {timeout})")
+    seconds = timeout
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "dlforge-edge"
         protocol_version = "HTTP/1.1"
+        timeout = seconds  # the socket's: a silent client's read raises TimeoutError and the connection is closed
 
         def log_message(self, format: str, *args: Any) -> None:
             log.info("%s %s", self.address_string(), format % args)
