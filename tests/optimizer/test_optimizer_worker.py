@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -339,3 +342,33 @@ async def test_training_images_are_loaded_for_a_plug_in_that_needs_them(backends
     assert seen.train_images.shape == (41, 1, 32, 32)
     _, y = separable(SPLITS["train"], seed=100, size=48)
     assert sorted(seen.train_labels.tolist()) == sorted([*y.tolist(), int(y[0])])
+
+
+async def test_a_bundle_of_another_variant_than_the_chosen_one_says_why(
+        backends: Backends, trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU variant chosen: the stored bundle carries a CPU ONNX variant and its manifest's variant_note
+    names the chosen one (what the README promises: "with the reason in the manifest")."""
+    from dlforge.optimizer import worker
+
+    real = worker.optimize
+
+    def with_a_chosen_gpu_variant(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        fp32 = result.report.variants["onnx_fp32"]
+        engine = tmp_path / "trt_fp16.engine"
+        engine.write_bytes(b"not run on this machine")
+        result.report.variants["trt_fp16"] = fp32.model_copy(update={
+            "name": "trt_fp16", "runtime": "tensorrt", "providers": ["TensorrtExecutionProvider"],
+            "file_name": "trt_fp16.engine"})
+        result.report.chosen_variant = "trt_fp16"
+        result.files["trt_fp16"] = engine
+        return result
+
+    monkeypatch.setattr(worker, "optimize", with_a_chosen_gpu_variant)
+    assert await _process(backends, Event.new(_dataset(backends, trained), run_id="run-gpu")) == Outcome.HANDLED
+    stored = tmp_path / "bundle.zip"
+    backends.objects.get_file(worker.bundle_key("ds1", "m1"), stored)
+    with zipfile.ZipFile(stored) as z:
+        manifest = json.loads(z.read("manifest.json"))
+    assert manifest["variant"] != "trt_fp16"
+    assert manifest["variant_note"] is not None and "'trt_fp16' runs on tensorrt" in manifest["variant_note"]

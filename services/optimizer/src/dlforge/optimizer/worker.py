@@ -169,7 +169,8 @@ def _run(objects: ObjectStore, p: ModelTrained, event_id: str, deps: OptimizerDe
         # the bundle is stored before the report: a stored report (what a redelivery reuses) has its bundle
         variant, _ = bundle_variant(report)
         bundle = work / "bundle.zip"
-        build_bundle(report, model_path=result.files[variant.name], out=bundle, variant=variant.name)
+        # variant left to build_bundle (the same pick): its manifest then says why, when it is not the chosen one
+        build_bundle(report, model_path=result.files[variant.name], out=bundle)
         objects.put_file(bundle_key(p.dataset_id, p.model_id), bundle)
         objects.put_json(key, report.model_dump(mode="json"))
         return report
