@@ -8,6 +8,7 @@ The venv is built once per module; pip installs onnxruntime, numpy and Pillow fr
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import io
 import json
@@ -18,13 +19,15 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
-from bundle_testdata import altered_bundles, stored_bundle
+from bundle_testdata import altered_bundles, rewrite, stored_bundle
 from optimizer_testdata import CLASSES, Optimized, png, separable
 from PIL import Image
 
@@ -132,6 +135,23 @@ def test_edge_refuses_altered_bundles_and_bad_images(optimized: Optimized, edge_
         assert run.returncode == 2, (case, run.stdout, run.stderr)
         assert run.stderr.startswith("dlforge-edge: refused: ") and message in run.stderr, (case, run.stderr)
         assert run.stdout == ""
+    # checksums made to match, but the model needs an opset this onnxruntime does not know: refused, not a traceback
+    model = onnx.load_from_string(zipfile.ZipFile(good).read("model.onnx"))
+    next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = 99
+    future = model.SerializeToString()
+
+    def resealed(name: str, data: bytes) -> bytes:
+        if name == "model.onnx":
+            return future
+        if name == "manifest.json":
+            manifest = json.loads(data)
+            manifest["files"]["model.onnx"] = {"sha256": hashlib.sha256(future).hexdigest(), "bytes": len(future)}
+            return json.dumps(manifest).encode()
+        return data
+
+    run = edge(edge_venv, "predict", str(rewrite(good, tmp_path / "opset99.zip", change=resealed)), str(good))
+    assert run.returncode == 2 and run.stderr.startswith("dlforge-edge: refused: "), run.stderr
+    assert "cannot load its model.onnx (made with onnxruntime" in run.stderr and "Traceback" not in run.stderr
     missing = edge(edge_venv, "bench", str(tmp_path / "none.zip"))
     assert missing.returncode == 2 and "none.zip: no such file" in missing.stderr
     # an image that cannot be read is reported, the others are still decided; the exit status says so

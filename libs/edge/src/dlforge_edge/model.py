@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from dlforge_edge.bundle import Bundle
+from dlforge_edge.bundle import Bundle, BundleError
 
 MAX_PIXELS = 64_000_000  # the platform's limit: a larger image is refused from its header, before decoding
 MIN_SIDE = 8
@@ -94,7 +94,14 @@ class EdgeModel:
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         self.bundle = bundle
-        self.session = ort.InferenceSession(bundle.model, so, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(bundle.model, so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own types (an unknown opset, a bad graph)
+            producer = bundle.manifest.get("producer") or {}
+            raise BundleError(
+                f"{bundle.path}: onnxruntime {ort.__version__} cannot load its model.onnx (made with onnxruntime "
+                f"{producer.get('onnxruntime', '?')}, ONNX opset {producer.get('onnx_opset', '?')}): "
+                f"{type(exc).__name__}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
         pre = bundle.preprocessing
         self._mean = np.asarray(pre.mean, dtype=np.float32).reshape(1, -1, 1, 1)
