@@ -152,6 +152,14 @@ def test_edge_refuses_altered_bundles_and_bad_images(optimized: Optimized, edge_
     run = edge(edge_venv, "predict", str(rewrite(good, tmp_path / "opset99.zip", change=resealed)), str(good))
     assert run.returncode == 2 and run.stderr.startswith("dlforge-edge: refused: "), run.stderr
     assert "cannot load its model.onnx (made with onnxruntime" in run.stderr and "Traceback" not in run.stderr
+    # a threshold that is no probability (resealed: the checksums match) would silently never or always decide
+    for bad, shown in (("NaN", "nan"), ("1.5", "1.5"), ("true", "True")):
+        def rethreshold(name: str, data: bytes, bad: str = bad) -> bytes:
+            return data.replace(b'"threshold": ', b'"threshold": ' + bad.encode() + b', "was": ', 1) \
+                if name == "decision.json" else data
+        altered = rewrite(good, tmp_path / f"threshold-{bad}.zip", change=rethreshold)
+        run = edge(edge_venv, "predict", str(reseal(altered, tmp_path / f"resealed-{bad}.zip")), str(good))
+        assert run.returncode == 2 and f"its threshold {shown} is not a probability" in run.stderr, (bad, run.stderr)
     missing = edge(edge_venv, "bench", str(tmp_path / "none.zip"))
     assert missing.returncode == 2 and "none.zip: no such file" in missing.stderr
     # an image that cannot be read is reported, the others are still decided; the exit status says so
@@ -166,6 +174,17 @@ def test_edge_refuses_altered_bundles_and_bad_images(optimized: Optimized, edge_
     assert run.returncode == 1, run.stderr
     lab, ok = json.loads(run.stdout)["predictions"]
     assert "cannot convert the image for the network" in lab["error"] and ok["label"] in CLASSES
+
+
+def reseal(src: Path, dst: Path) -> Path:
+    """A copy of the bundle ``src`` whose manifest lists the checksums and sizes of its files as they are now."""
+    with zipfile.ZipFile(src) as z:
+        files = {n: z.read(n) for n in z.namelist() if n != "manifest.json"}
+    table = {n: {"sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)} for n, d in files.items()}
+
+    def change(name: str, data: bytes) -> bytes:
+        return json.dumps({**json.loads(data), "files": table}).encode() if name == "manifest.json" else data
+    return rewrite(src, dst, change=change)
 
 
 def test_edge_bench_says_whether_the_spec_fps_is_met(optimized: Optimized, edge_venv: Path, tmp_path: Path) -> None:

@@ -174,8 +174,10 @@ def load_bundle(path: str | Path) -> Bundle:
     if positive is not None:
         if positive not in classes:
             raise BundleError(f"{source}: decision.json's positive class {positive!r} is not one of {classes}")
-        if not isinstance(raw_threshold, int | float):
-            raise BundleError(f"{source}: decision.json has a positive class but no numeric threshold")
+        if isinstance(raw_threshold, bool) or not isinstance(raw_threshold, int | float) \
+                or not 0.0 <= raw_threshold <= 1.0:  # NaN fails this too: it would never decide the positive class
+            raise BundleError(f"{source}: decision.json has a positive class but its threshold {raw_threshold!r} is "
+                              "not a probability (a number from 0 to 1)")
         threshold = float(raw_threshold)
     return Bundle(path=path, manifest=manifest, model=files[MODEL], preprocessing=preprocessing, classes=classes,
                   positive_class=positive, threshold=threshold,
