@@ -160,6 +160,12 @@ def test_edge_refuses_altered_bundles_and_bad_images(optimized: Optimized, edge_
         altered = rewrite(good, tmp_path / f"threshold-{bad}.zip", change=rethreshold)
         run = edge(edge_venv, "predict", str(reseal(altered, tmp_path / f"resealed-{bad}.zip")), str(good))
         assert run.returncode == 2 and f"its threshold {shown} is not a probability" in run.stderr, (bad, run.stderr)
+    # a class name more than the model has outputs: refused when loaded, not a failure on every image
+    three = rewrite(good, tmp_path / "three.zip",
+                    change=lambda n, d: json.dumps([*CLASSES, "extra"]).encode() if n == "classes.json" else d)
+    run = edge(edge_venv, "predict", str(reseal(three, tmp_path / "three-resealed.zip")), str(good))
+    assert run.returncode == 2 and f"model.onnx gives {len(CLASSES)} scores per image, but classes.json names " \
+        f"{len(CLASSES) + 1} classes" in run.stderr, run.stderr
     missing = edge(edge_venv, "bench", str(tmp_path / "none.zip"))
     assert missing.returncode == 2 and "none.zip: no such file" in missing.stderr
     # an image that cannot be read is reported, the others are still decided; the exit status says so

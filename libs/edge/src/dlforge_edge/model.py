@@ -103,6 +103,10 @@ class EdgeModel:
                 f"{producer.get('onnxruntime', '?')}, ONNX opset {producer.get('onnx_opset', '?')}): "
                 f"{type(exc).__name__}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
+        outputs = self.session.get_outputs()[0].shape
+        if outputs and isinstance(outputs[-1], int) and outputs[-1] != len(bundle.classes):
+            raise BundleError(f"{bundle.path}: model.onnx gives {outputs[-1]} scores per image, but classes.json names "
+                              f"{len(bundle.classes)} classes")
         pre = bundle.preprocessing
         self._mean = np.asarray(pre.mean, dtype=np.float32).reshape(1, -1, 1, 1)
         self._std = np.asarray(pre.std, dtype=np.float32).reshape(1, -1, 1, 1)
