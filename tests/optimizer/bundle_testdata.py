@@ -45,6 +45,20 @@ def flip_last_byte(target: str) -> Callable[[str, bytes], bytes | None]:
     return change
 
 
+def corrupted(src: Path, dst: Path, *, member: str) -> Path:
+    """A byte-for-byte copy of ``src`` with one byte of ``member``'s compressed data flipped (as a bad
+    download would): the zip's directory is intact, reading the member fails its CRC or its inflation."""
+    raw = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        info = z.getinfo(member)
+    name_len, extra_len = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    raw[start + info.compress_size // 2] ^= 0xFF
+    dst.write_bytes(raw)
+    return dst
+
+
 def manifest_bytes(bundle: Path) -> int:
     with zipfile.ZipFile(bundle) as z:
         return len(z.read("manifest.json"))
@@ -80,6 +94,10 @@ def altered_bundles(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
                     "missing"),
         "outside": (rewrite(good, tmp / "outside.zip", add={"../evil.json": b"{}"}), "outside the bundle"),
         "not_zip": (tmp / "not-a-zip.zip", "not a readable zip"),
+        "damaged": (corrupted(good, tmp / "damaged.zip", member="model.onnx"),
+                    "model.onnx cannot be read from the zip"),
+        "damaged_manifest": (corrupted(good, tmp / "damaged-manifest.zip", member="manifest.json"),
+                             "manifest.json cannot be read from the zip"),
         # valid JSON (the good manifest and 2 MiB of blanks), but over 1 MiB: a zip bomb is not inflated
         "manifest_size": (rewrite(good, tmp / "manifest-size.zip",
                                   change=lambda n, d: d + b" " * 2**21 if n == "manifest.json" else d),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -82,6 +83,9 @@ def _manifest(z: zipfile.ZipFile, source: str) -> dict[str, Any]:
         raise BundleError(f"{source}: not a dlforge bundle (no {MANIFEST})") from exc
     except ValueError as exc:
         raise BundleError(f"{source}: {MANIFEST} is not valid JSON ({exc})") from exc
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise BundleError(f"{source}: {MANIFEST} cannot be read from the zip ({exc}): the bundle was altered or "
+                          "damaged") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else raw
         raise BundleError(f"{source}: not a dlforge bundle ({MANIFEST} format is {found!r}, expected {FORMAT!r})")
@@ -119,7 +123,11 @@ def _verified(z: zipfile.ZipFile, manifest: dict[str, Any], source: str) -> dict
         if info.file_size != entry["bytes"] or info.file_size > MAX_MEMBER_BYTES:
             raise BundleError(f"{source}: {name} is {info.file_size} bytes, the manifest says {entry['bytes']}: the "
                               "bundle was altered or damaged")
-        data = z.read(info)
+        try:
+            data = z.read(info)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a bad CRC, a broken deflate stream
+            raise BundleError(f"{source}: {name} cannot be read from the zip ({exc}): the bundle was altered or "
+                              "damaged") from exc
         digest = hashlib.sha256(data).hexdigest()
         if digest != entry["sha256"]:
             raise BundleError(f"{source}: {name} does not match its checksum in the manifest (sha256 {digest}, "

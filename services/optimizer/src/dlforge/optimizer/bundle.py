@@ -24,6 +24,7 @@ import hashlib
 import json
 import platform
 import zipfile
+import zlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from importlib import metadata
@@ -212,6 +213,9 @@ def read_manifest(z: zipfile.ZipFile, *, source: str) -> BundleManifest:
         raise BundleError(f"{source}: not a dlforge bundle (no {MANIFEST})") from exc
     except ValueError as exc:
         raise BundleError(f"{source}: {MANIFEST} is not valid JSON ({exc})") from exc
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise BundleError(f"{source}: {MANIFEST} cannot be read from the zip ({exc}): the bundle was altered or "
+                          "damaged") from exc
     if not isinstance(raw, Mapping) or raw.get("format") != FORMAT:
         raise BundleError(f"{source}: not a dlforge bundle ({MANIFEST} format is "
                           f"{raw.get('format') if isinstance(raw, Mapping) else raw!r}, expected {FORMAT!r})")
@@ -251,9 +255,13 @@ def verify_bundle(path: Path) -> BundleManifest:
                 raise BundleError(f"{source}: {name} is {info.file_size} bytes, the manifest says {entry.bytes}: the "
                                   "bundle was altered or damaged")
             digest = hashlib.sha256()
-            with z.open(info) as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+            try:
+                with z.open(info) as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a bad CRC, a broken deflate stream
+                raise BundleError(f"{source}: {name} cannot be read from the zip ({exc}): the bundle was altered or "
+                                  "damaged") from exc
             if digest.hexdigest() != entry.sha256:
                 raise BundleError(f"{source}: {name} does not match its checksum in the manifest (sha256 "
                                   f"{digest.hexdigest()}, expected {entry.sha256}): the bundle was altered or "
