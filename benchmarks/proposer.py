@@ -124,7 +124,8 @@ async def run(args: argparse.Namespace, store: Path) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     ranking = result["proposal"]["ranking"]
-    names = ["logme", "probe_bacc", "domain_sim", "loss_auc", "finetune_bacc", "fps_b1", "fps_b32", "fps_spec_b1"]
+    names = ["logme", "sfda", "knn_bacc", "probe_bacc", "domain_sim", "agreement", "dissimilarity", "pca_class_var",
+             "cam_focus", "loss_auc", "finetune_bacc", "fps_b1", "fps_b32", "fps_spec_b1"]
     lines = [f"{'rank':4} {'model_id':29} {'total':>6} {'gate':>4}  "
              + " ".join(f"{n:>13}" for n in names)]
     for k, c in enumerate(ranking, 1):
@@ -136,7 +137,7 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"{k:<4} {c['model_id']:29} {c['total']:6.3f} {'yes' if c['gate_passed'] else 'NO':>4}  "
                      + " ".join(cells))
     lines.append("")
-    scorers = ["encode", "logme", "probe", "domain", "short_term", "speed"]
+    scorers = ["encode", "logme", "sfda", "knn", "probe", "domain", "agreement", "activation", "short_term", "speed"]
     lines.append(f"{'seconds':34} " + " ".join(f"{s:>10}" for s in scorers) + f" {'sum':>8}")
     for c in ranking:
         sec = c["seconds"]

