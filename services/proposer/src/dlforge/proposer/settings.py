@@ -51,7 +51,7 @@ class ProposerSettings(CommonSettings):
     proposer_repository: Literal["demo", "extended"] = Field(
         default="demo",
         description="the Network x Data cells the service builds and proposes from: 'demo' (3 cells, built at "
-                    "start-up in about a minute) or 'extended' (13; build them first with "
+                    "start-up in about a minute) or 'extended' (12; build them first with "
                     "`python -m dlforge.proposer build-repository --set extended`)",
     )
     proposer_fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
