@@ -345,6 +345,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "target": target.name, "classes": target.classes,
             "counts": {s: len(v) for s, v in target.y.items()},
             "raw": {m["model_id"]: m["raw"] for m in measured},
+            "scorer_seconds": {m["model_id"]: m["seconds"] for m in measured},
             "default_total": default_total, "truth": truth,
             "propose_seconds": propose_seconds, "finetune_seconds_one_protocol_one_seed": finetune_seconds,
         })
@@ -397,6 +398,9 @@ def summarize(args: argparse.Namespace, per_target: list[dict[str, Any]], names:
     out["cost_ratio"] = propose / finetune_all if finetune_all > 0 else math.nan
     out["seconds"] = {"propose_all_targets": propose, "finetune_every_candidate_all_targets": finetune_all,
                       "build_repository": build_seconds}
+    scorer_names = sorted({s for t in per_target for secs in t["scorer_seconds"].values() for s in secs})
+    all_secs = [secs for t in per_target for secs in t["scorer_seconds"].values()]
+    out["scorer_seconds"] = {s: float(sum(secs.get(s, 0.0) for secs in all_secs)) for s in scorer_names}
     out["setting"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     out["candidates"] = [{"model_id": r["model_id"], "arch": r["arch"], "source_dataset": r["source_dataset"],
                           "metrics": r["metrics"]} for r in records]
@@ -420,6 +424,8 @@ def table(result: dict[str, Any]) -> str:
     s = result["seconds"]
     lines.append(f"cost: proposal {s['propose_all_targets']:.1f}s vs fine-tuning every candidate (one protocol, "
                  f"one seed) {s['finetune_every_candidate_all_targets']:.1f}s -> cost_ratio {result['cost_ratio']:.3f}")
+    lines.append("proposal seconds by scorer (all candidates, all targets): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in sorted(result["scorer_seconds"].items(), key=lambda kv: -kv[1])))
     return "\n".join(lines)
 
 
