@@ -43,7 +43,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check libs services tests benchmarks scripts
-	$(BIN)/mypy libs/common/src libs/vision/src libs/hpo/src libs/cli/src libs/sdk/src services/*/src
+	$(BIN)/mypy libs/common/src libs/vision/src libs/hpo/src libs/cli/src libs/sdk/src libs/edge/src services/*/src
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bus.py

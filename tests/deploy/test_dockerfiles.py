@@ -65,3 +65,17 @@ def test_dockerfile_checks_catch_broken_files(repo, edit, expected):
     text = (repo / "services" / "tuner" / "Dockerfile").read_text(encoding="utf-8")
     problems = dockerfile_problems(edit(text), "tuner")
     assert any(expected in problem for problem in problems), problems
+
+
+def test_the_edge_image_holds_dlforge_edge_alone(repo):
+    """libs/edge/Dockerfile: the bundle runner without torch or the platform, as a non-root user."""
+    steps = instructions((repo / "libs" / "edge" / "Dockerfile").read_text(encoding="utf-8"))
+    assert steps[0] == ("FROM", "python:3.11-slim")
+    copies = [arguments for keyword, arguments in steps if keyword in ("COPY", "ADD")]
+    assert copies == ["libs/edge/ ./"]  # nothing of the platform goes in
+    runs = " && ".join(arguments for keyword, arguments in steps if keyword == "RUN")
+    assert "torch" not in runs and "pip install --no-cache-dir ." in runs
+    users = [arguments for keyword, arguments in steps if keyword == "USER"]
+    assert users and users[-1] not in {"root", "0"}
+    assert ("ENTRYPOINT", '["dlforge-edge"]') in steps
+    assert json.loads(next(a for k, a in steps if k == "CMD"))[:2] == ["serve", "/bundle/bundle.zip"]

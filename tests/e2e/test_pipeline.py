@@ -32,6 +32,7 @@ def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_url: str, s3_
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from small_run import small_run
 
+    from dlforge.cli.bundle import bundle_downloader
     from dlforge.cli.pipeline import run_in_process
     from dlforge.cli.report import add_truth
     from dlforge.common.report import build_report
@@ -41,7 +42,9 @@ def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_url: str, s3_
     backends, app, data, truth, upload = small_run(tmp_path, monkeypatch, bus=kafka_url, objects=s3_url,
                                                    dataset_id=f"e2e-{uuid4().hex[:8]}")
 
-    run, events, created = asyncio.run(run_in_process(app, upload=upload, on_progress=lambda r: None, timeout=1500))
+    bundle: dict[str, object] = {}  # the model bundle, written as dlforge demo/run write it beside their report
+    run, events, created = asyncio.run(run_in_process(app, upload=upload, on_progress=lambda r: None, timeout=1500,
+                                                      after=bundle_downloader(tmp_path / "bundle.zip", bundle)))
     assert run["state"] == "succeeded", run.get("failure")
     kinds = [type(e.payload) for e in events]
     for cls in (DatasetUploaded, LabelsRequested, LabelsSubmitted, DatasetLabeled, DatasetAugmented,
@@ -75,3 +78,16 @@ def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_url: str, s3_
     prediction = predictor.predict((data / defect).read_bytes())
     assert prediction.label in ("defect", "good")
     assert 0.0 <= prediction.probability <= 1.0
+
+    # the model bundle, through the API, is the one the optimizer stored for the run's model, and verifies
+    import hashlib
+
+    from dlforge.optimizer.bundle import verify_bundle
+
+    assert bundle.get("error") is None, bundle
+    written = (tmp_path / "bundle.zip").read_bytes()
+    stored = backends.objects.get_bytes(f"optimizer/{optimized.dataset_id}/{optimized.model_id}/bundle.zip")
+    assert written == stored and bundle["sha256"] == hashlib.sha256(stored).hexdigest()
+    manifest = verify_bundle(tmp_path / "bundle.zip")
+    assert (manifest.model_id, manifest.variant) == (optimized.model_id, optimized.chosen_variant)
+    assert bundle["model_id"] == optimized.model_id and bundle["file"] == str(tmp_path / "bundle.zip")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
-from optimizer_testdata import CLASSES, SIZE, Trained, separable
+from optimizer_testdata import CLASSES, SIZE, Optimized, Trained, separable, store_dataset
 
 from dlforge.optimizer.handlers import OptimizeOptions
 from dlforge.vision.images import to_tensor
@@ -40,3 +42,46 @@ def fast_options() -> OptimizeOptions:
     """Few timing iterations: the tests check the logic and the numbers' sanity, not the speed."""
     return OptimizeOptions(rounds=1, warmup=1, iterations=5, iterations_large_batch=2, batch_sizes=[1, 8],
                            calibration_methods=["minmax", "entropy"], gpu=True)
+
+
+@pytest.fixture(scope="session")
+def optimized(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Optimized:
+    """The tiny CNN through ``model.trained`` -> ``model.optimized`` (few timing calls, one calibration)."""
+    from dlforge.common.bus import Delivery
+    from dlforge.common.events import Event, ModelOptimized, Topic, decode, encode
+    from dlforge.common.runs import RUNS, apply
+    from dlforge.common.runtime import Backends, Outcome, Worker
+    from dlforge.optimizer.worker import build_deps, bundle_key, service
+
+    root = tmp_path_factory.mktemp("optimized")
+    shell = Optimized(root, "run-bundle", "ds1", "m1", "", "", "")
+    settings = shell.settings(retry_attempts=1, optimizer_rounds=1, optimizer_warmup=1, optimizer_iterations=5,
+                              optimizer_iterations_large_batch=2, optimizer_batch_sizes=[1, 8],
+                              optimizer_calibration_images=16, optimizer_calibration_methods=["minmax"],
+                              optimizer_benchmark_torch=False)
+
+    async def run() -> ModelOptimized:
+        backends = Backends.from_settings(settings)
+        await backends.start()
+        try:
+            trained_event = Event.new(store_dataset(backends.objects, trained), run_id=shell.run_id)
+            deps = await build_deps(settings, backends)
+            delivery = Delivery(topic=trained_event.event_type.value, key=trained_event.run_id,
+                                value=encode(trained_event))
+            assert await Worker(service, backends, deps=deps).process(delivery) == Outcome.HANDLED
+            sub = await backends.bus.subscribe(group="test-reader", topics=[Topic.MODEL_OPTIMIZED])
+            got = await sub.get(timeout=5)
+            assert got is not None, "no model.optimized event"
+            optimized_event = decode(got.value)
+            await sub.close()
+            view = apply(apply(None, trained_event), optimized_event)  # what the runs service folds
+            await backends.docs.upsert(RUNS, view)
+            assert isinstance(optimized_event.payload, ModelOptimized)
+            assert backends.objects.exists(bundle_key("ds1", "m1"))
+            return optimized_event.payload
+        finally:
+            await backends.stop()
+
+    payload = asyncio.run(run())
+    return Optimized(root, shell.run_id, payload.dataset_id, payload.model_id, payload.report_key,
+                     f"optimizer/{payload.dataset_id}/{payload.model_id}/bundle.zip", payload.chosen_variant)

@@ -11,6 +11,7 @@ from optimizer_testdata import CLASSES, SIZE, Trained, separable
 
 from dlforge.common.errors import InvalidInput
 from dlforge.common.events import Spec
+from dlforge.optimizer.compression import CompressionConfig
 from dlforge.optimizer.compressors import OrtFp32, OrtStaticInt8, Source, TensorRTEngine, Variant
 from dlforge.optimizer.evaluation import choose_threshold, decide, metrics
 from dlforge.optimizer.handlers import (
@@ -155,6 +156,22 @@ def test_plug_in_compressors_replace_the_defaults(trained: Trained, tmp_path: Pa
     assert a.test_argmax == b.test_argmax and a.threshold == b.threshold
 
 
+def test_structured_compression_is_one_more_variant_when_configured(trained: Trained, tmp_path: Path) -> None:
+    options = OptimizeOptions(rounds=1, warmup=1, iterations=3, iterations_large_batch=2, batch_sizes=[1],
+                              calibration_methods=["minmax"], gpu=False, benchmark_torch=False,
+                              compression=[CompressionConfig(prune_ratio=0.5, int8=False)],
+                              compression_recovery_seconds=1.0)
+    report = optimize(_input(trained), workdir=tmp_path, options=options).report
+    assert set(report.variants) == {"onnx_fp32", "onnx_int8", "pruned"}
+    pruned = report.variants["pruned"]
+    assert pruned.details["config"] == "pruned_p50_fp32" and pruned.precision == "fp32"
+    # small_cnn has no depthwise convs: every conv group loses half its channels (128 features -> 64)
+    assert pruned.details["pruning"]["scope"] == "all"
+    assert pruned.details["pruning"]["channels"]["backbone.body.12"] == [128, 64]
+    assert pruned.size_bytes < report.variants["onnx_fp32"].size_bytes / 2
+    assert pruned.test_argmax.accuracy > 0.5 and pruned.speed.batches["1"].p50_ms > 0
+
+
 def test_refuses_inputs_it_cannot_optimize(trained: Trained, tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="positive_class 'crack'"):
         optimize(_input(trained, Spec(positive_class="crack", min_recall=0.9)), workdir=tmp_path)
@@ -234,3 +251,22 @@ def test_without_people_labeled_test_items_the_verdict_is_not_met(trained: Train
     r = optimize(inp, workdir=tmp_path, options=options, compressors=[OrtFp32()]).report
     assert r.test_split is not None and r.test_split["used"] == 80 and "cannot be checked" in r.test_split["evidence"]
     assert r.spec_verdict is not None and r.spec_verdict.verdict == "not_met"
+
+
+def test_benchmark_rounds_are_interleaved_and_stop_by_the_rule(trained: Trained, tmp_path: Path) -> None:
+    options = OptimizeOptions(rounds=4, min_rounds=2, ratio_tolerance=1e-9, warmup=1, iterations=4,
+                              iterations_large_batch=2, batch_sizes=[1, 8], calibration_methods=["minmax"])
+    r = optimize(_input(trained), workdir=tmp_path, options=options).report
+    b = r.benchmark
+    assert b is not None
+    # a tolerance nothing real meets: the rounds run to the cap, and say so
+    assert b.rounds == 4 and "cap of 4 rounds" in b.stop_reason
+    assert [len(b.round_p50_ms[n]) for n in ("torch_fp32", "onnx_fp32", "onnx_int8")] == [1, 4, 4]
+    int8 = b.speed_ratios_vs_onnx_fp32["onnx_int8"]
+    expected = [f / i for f, i in zip(b.round_p50_ms["onnx_fp32"], b.round_p50_ms["onnx_int8"], strict=True)]
+    assert int8.per_round == pytest.approx(expected) and int8.spread is not None
+    assert b.speed_ratios_vs_onnx_fp32["torch_fp32"].spread is None  # one round: its spread is unknown
+    # each variant's figure is its fastest round; the large batch was timed once (the first round)
+    for name, v in r.variants.items():
+        assert v.latency_b1_p50_ms == pytest.approx(min(b.round_p50_ms[name]))
+        assert v.speed.batches["8"].iterations == 2

@@ -40,3 +40,19 @@ def test_int8_disagreement_limit_is_a_share(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("DLFORGE_OPTIMIZER_MAX_INT8_DISAGREEMENT", "2")  # 2 % is 0.02, not 2
     with pytest.raises(ConfigError, match="DLFORGE_OPTIMIZER_MAX_INT8_DISAGREEMENT"):
         load_settings(OptimizerSettings)
+
+
+def test_structured_compression_configs_come_from_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings(OptimizerSettings).optimizer_compression == []  # off unless configured
+    monkeypatch.setenv("DLFORGE_OPTIMIZER_COMPRESSION",
+                       '[{"prune_ratio": 0.5, "resolution": 160}, {"rank_fraction": 0.25, "int8": false}]')
+    monkeypatch.setenv("DLFORGE_OPTIMIZER_COMPRESSION_RECOVERY_SECONDS", "12")
+    opts = OptimizeOptions.from_settings(load_settings(OptimizerSettings))
+    assert [c.name for c in opts.compression] == ["pruned_p50_s160_int8", "pruned_p0_r25_fp32"]
+    assert opts.compression_recovery_seconds == 12.0
+    monkeypatch.setenv("DLFORGE_OPTIMIZER_COMPRESSION", '[{"prune_ratio": 1.0}]')  # nothing would be left
+    with pytest.raises(ConfigError, match="DLFORGE_OPTIMIZER_COMPRESSION"):
+        load_settings(OptimizerSettings)
+    monkeypatch.setenv("DLFORGE_OPTIMIZER_COMPRESSION", '[{"prune": 0.5}]')  # a misspelt field is refused
+    with pytest.raises(ConfigError, match="DLFORGE_OPTIMIZER_COMPRESSION"):
+        load_settings(OptimizerSettings)

@@ -309,3 +309,33 @@ def test_the_map_is_where_the_score_comes_from(trained: Trained) -> None:
         for c in range(len(CLASSES)):
             raw = torch.einsum("k,khw->hw", model.head.weight[c], maps)
             assert float(raw.mean() + model.head.bias[c]) == pytest.approx(float(logits[c]), abs=1e-4)
+
+
+async def test_training_images_are_loaded_for_a_plug_in_that_needs_them(backends: Backends, trained: Trained) -> None:
+    from dlforge.optimizer.compressors import Need, OrtFp32
+
+    class NeedsTraining:
+        name, kind, libraries, competes_as = "recovered", "compressed-torch", (), None
+        needs = frozenset({Need.TORCH_MODEL, Need.TRAINING_IMAGES})
+        seen: Source | None = None
+
+        def unavailable(self) -> str | None:
+            return None
+
+        def compress(self, source: Source, calibration: np.ndarray, workdir: Path) -> Variant:
+            type(self).seen = source
+            out = workdir / "recovered.onnx"
+            out.write_bytes(source.onnx_path.read_bytes())
+            return Variant(self.name, "onnxruntime", "fp32", out)
+
+    deps = await deps_of(backends)
+    deps.compressors = [OrtFp32(), NeedsTraining()]  # type: ignore[list-item]
+    event = Event.new(_dataset(backends, trained), run_id="run-t")
+    delivery = Delivery(topic=event.event_type.value, key=event.run_id, value=encode(event))
+    assert await Worker(service, backends, deps=deps).process(delivery) == Outcome.HANDLED
+    seen = NeedsTraining.seen
+    assert seen is not None and seen.train_images is not None and seen.train_labels is not None
+    # the 40 real training items, topped up with the one generated item (512 asked for), at the net's 32 px
+    assert seen.train_images.shape == (41, 1, 32, 32)
+    _, y = separable(SPLITS["train"], seed=100, size=48)
+    assert sorted(seen.train_labels.tolist()) == sorted([*y.tolist(), int(y[0])])

@@ -6,6 +6,7 @@
 - ``dlforge up``: every service's REST API (and workers) in one process; the first start creates the
   local ``admin`` and prints its password once.
 - ``dlforge admin create-user`` / ``create-token``: accounts on the configured backends (or ``--workdir``).
+- ``dlforge bundle RUN_ID -o FILE``: the run's model bundle (``dlforge-edge`` runs it), through the API.
 """
 
 from __future__ import annotations
@@ -154,8 +155,12 @@ def _embedded_settings(root: Path) -> CommonSettings:
 async def _run_folder(
     *, folder: Path, name: str, spec: Spec, options: PipelineOptions, settings: CommonSettings,
     answers: dict[str, str] | None, truth: dict[str, str] | None, timeout: float, resume_run: str | None = None,
+    bundle_to: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the pipeline on ``folder`` in this process; resumes the run started on the same request before.
+
+    With ``bundle_to``, a succeeded run's model bundle is downloaded there through the API and the
+    report names it (``bundle``).
 
     The work dir's run index (:mod:`dlforge.cli.resume`) maps the request's fingerprint to the run it
     started: a run still going (or done) is followed instead of uploading again; a failed or cancelled
@@ -196,8 +201,13 @@ async def _run_folder(
         created: dict[str, Any] = response.json()
         return created
 
+    from dlforge.cli.bundle import bundle_downloader
+
+    bundle: dict[str, Any] = {}
     with StageProgress() as progress:
-        run, _, created = await run_in_process(app, upload=upload, on_progress=progress.update, timeout=timeout)
+        run, _, created = await run_in_process(
+            app, upload=upload, on_progress=progress.update, timeout=timeout,
+            after=bundle_downloader(bundle_to, bundle) if bundle_to is not None else None)
     # the run view's document holds the last payload of each stage: the same report GET /runs/{id}/report serves
     doc = await backends.docs.get(RUNS, created["run_id"])
     if doc is None:
@@ -206,6 +216,8 @@ async def _run_folder(
     labeled = (doc.get(LAST_EVENTS) or {}).get(Topic.DATASET_LABELED.value)
     report = add_truth(report, objects=backends.objects, truth=truth,
                        labels_key=labeled["payload"]["labels_key"] if labeled else None)
+    if bundle:
+        report["bundle"] = bundle
     return run, report
 
 
@@ -239,7 +251,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _, report = asyncio.run(_run_folder(
         folder=data_dir, name="elpv", spec=spec, options=_options(args, base=DEMO_OPTIONS),
         settings=settings,
-        answers=truth, truth=truth, timeout=args.timeout,
+        answers=truth, truth=truth, timeout=args.timeout, bundle_to=bundle_path(args.json, state),
     ))
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     status = _finish(report, args)
@@ -247,6 +259,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(sign_in_text(url=f"http://{settings.http_host}:{settings.http_port}/console/", password=password,
                            env=_state_env(settings)))
     return status
+
+
+def bundle_path(report_json: str | None, state: Path) -> Path:
+    """Where a demo or run writes the model bundle: beside its JSON report (``reports/demo.json`` ->
+    ``reports/demo-bundle.zip``), else in its state folder."""
+    if report_json:
+        path = Path(report_json)
+        return path.with_name(f"{path.stem}-bundle.zip")
+    return state / "bundle.zip"
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    import httpx
+
+    from dlforge.cli.bundle import check_run_id, fetch_bundle
+
+    run_id = check_run_id(args.run_id)
+    out = Path(args.output)
+    if out.is_dir():
+        raise ConfigError(f"-o {out}: a folder; give the bundle's file name (e.g. {out / (run_id + '.zip')})")
+    token = os.environ.get("DLFORGE_TOKEN") or None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def download() -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=args.timeout) as client:
+            try:
+                return await fetch_bundle(client, run_id, out)
+            except httpx.TransportError as exc:
+                raise DlforgeError(f"cannot reach the dlforge API at {args.url} ({exc}); start it with dlforge up "
+                                   "or pass --url") from exc
+
+    got = asyncio.run(download())
+    print(f"model bundle of run {run_id} (model {got['model_id']}, variant {got['variant']}, {got['bytes']} bytes, "
+          f"sha256 {got['sha256']}) written to {out}")
+    return 0
 
 
 def _state_env(settings: CommonSettings) -> dict[str, str]:
@@ -339,6 +386,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _, report = asyncio.run(_run_folder(
         folder=folder, name=folder.name, spec=spec, options=options, settings=settings,
         answers=check.answers, truth=check.answers, timeout=args.timeout, resume_run=args.resume,
+        bundle_to=bundle_path(args.json, Path(settings.work_dir)),
     ))
     report["notes"] = [*report.get("notes", []), *check.notes]
     return _finish(report, args)
@@ -516,6 +564,15 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="serve every service's REST API in one process")
     up.add_argument("--simulated-annotator", action="store_true", help="also run the simulated annotator")
     up.set_defaults(func=cmd_up)
+
+    bundle = sub.add_parser("bundle", help="download a run's model bundle (dlforge-edge runs it) through the API")
+    bundle.add_argument("run_id", metavar="RUN_ID")
+    bundle.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the bundle zip")
+    bundle.add_argument("--url", default=os.environ.get("DLFORGE_URL", "http://127.0.0.1:8000"),
+                        help="the dlforge API (default: DLFORGE_URL, else http://127.0.0.1:8000); the token comes "
+                        "from DLFORGE_TOKEN")
+    bundle.add_argument("--timeout", type=float, default=300)
+    bundle.set_defaults(func=cmd_bundle)
 
     admin = sub.add_parser("admin", help="accounts: users and tokens")
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import uuid4
 
@@ -82,8 +82,11 @@ async def run_in_process(
     upload: Callable[[httpx.AsyncClient], Any],
     on_progress: ProgressFn,
     timeout: float,
+    after: Callable[[httpx.AsyncClient, dict[str, Any]], Awaitable[None]] | None = None,
 ) -> tuple[dict[str, Any], list[Event], Any]:
     """Start the app's workers, upload through its API, follow the run; returns (run, events, upload).
+
+    ``after(client, run)`` runs once the run has ended, with the same client (e.g. to download its bundle).
 
     With auth on, the requests carry a token minted for this run (:func:`dlforge.cli.admin.run_token`,
     revoked at the end), or ``DLFORGE_TOKEN`` where accounts live in another service (``DLFORGE_AUTH_URL``).
@@ -109,6 +112,8 @@ async def run_in_process(
                                          headers=headers) as client:
                 uploaded = await upload(client)
                 run = await follow_run(client, uploaded["run_id"], on_progress=on_progress, timeout=timeout)
+                if after is not None:
+                    await after(client, run)
             await asyncio.sleep(0.2)  # let the collector read the last event
             return run, collector.of_run(uploaded["run_id"]), uploaded
         finally:

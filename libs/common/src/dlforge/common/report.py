@@ -405,6 +405,12 @@ def format_text(report: dict[str, Any]) -> str:
                      f"({points(report.get('int8_accuracy_drop_at_threshold'))} at each variant's threshold)")
     for name, why in (report.get("variant_rejections") or {}).items():
         lines.append(f"not chosen: {name}: {'; '.join(why)}")
+    bundle = report.get("bundle")  # written by dlforge demo/run beside their JSON report
+    if bundle and bundle.get("error"):
+        lines.append(f"model bundle: NOT written: {bundle['error']}")
+    elif bundle:
+        lines.append(f"model bundle: {bundle['file']} ({bundle['variant']}, {bundle['bytes'] / 2**20:.1f} MiB, sha256 "
+                     f"{str(bundle['sha256'])[:16]}…); run it anywhere: dlforge-edge predict {bundle['file']} IMAGE...")
     # evidence
     lines.extend(_evidence_lines(report, pct=pct, num=num))
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The optimizer's REST API: the latest report of a dataset, and predictions with the chosen variant."""
+"""The optimizer's REST API: the latest report of a dataset, its model bundle, predictions with the chosen variant."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, File, Query, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Query, Response, UploadFile
 from pydantic import Field
 
 from dlforge.common.app import ServicePart, backends_of, deps_of
@@ -32,13 +32,16 @@ CAM_MAX_SIDE = 1024  # the map is drawn on a copy no larger: its memory stays bo
 FORM_FIELDS_BYTES = 64 << 10  # the multipart framing around the image
 
 
-async def _latest(backends: Backends, dataset_id: str, model_id: str | None) -> dict[str, Any]:
+async def _latest(backends: Backends, dataset_id: str, model_id: str | None, *, run_id: str | None = None
+                  ) -> dict[str, Any]:
     where: dict[str, Any] = {"dataset_id": dataset_id}
     if model_id is not None:
         where["model_id"] = model_id
+    if run_id is not None:
+        where["run_id"] = run_id
     docs = await backends.docs.find(REPORTS, where, sort=[("updated_at", -1)], limit=1)
     if not docs:
-        suffix = f" and model {model_id!r}" if model_id else ""
+        suffix = (f" and model {model_id!r}" if model_id else "") + (f" of run {run_id!r}" if run_id else "")
         raise NotFound(f"no optimized model for dataset {dataset_id!r}{suffix}")
     return docs[0]
 
@@ -59,6 +62,40 @@ async def get_report(
         "artifacts": doc.get("artifacts", {}),
         "report": report,
     }
+
+
+@router.get("/models/{dataset_id}/bundle", response_class=Response, responses={
+    200: {"description": "the model bundle, a zip: model.onnx, preprocessing.json, classes.json, decision.json, "
+                         "spec.json, spec_check.json and manifest.json (format version, producer versions, the "
+                         "sha256 of every file); `dlforge-edge` runs it",
+          "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}}},
+    **error_responses(404, 409)})
+async def get_bundle(
+    dataset_id: str,
+    model_id: str | None = Query(default=None, max_length=200, description="default: the latest optimized model"),
+    run_id: str | None = Query(default=None, max_length=200, description="the model the run optimized"),
+    backends: Backends = Depends(backends_of),
+) -> Response:
+    """The model bundle of the dataset's latest optimized model (or of ``model_id``, or of ``run_id``'s model).
+
+    409 for a model optimized before bundles were made (optimize it again)."""
+    doc = await _latest(backends, dataset_id, model_id, run_id=run_id)
+    key = doc.get("bundle_key")
+    if not key:
+        raise Conflict(f"model {doc['model_id']!r} of dataset {dataset_id!r} was optimized before model bundles were "
+                       "made: no bundle (optimize it again)")
+    try:
+        data = await asyncio.to_thread(backends.objects.get_bytes, str(key))
+    except NotFound as exc:
+        raise NotFound(f"model {doc['model_id']!r} of dataset {dataset_id!r}: its bundle {key!r} is not in the "
+                       "object store") from exc
+    name = f"dlforge-{_filename_part(dataset_id)}-{_filename_part(str(doc['model_id']))}.zip"
+    return Response(data, media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+def _filename_part(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
 
 
 async def _predictor(deps: OptimizerDeps, backends: Backends, doc: dict[str, Any], variant: str | None

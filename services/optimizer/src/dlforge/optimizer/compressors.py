@@ -17,16 +17,26 @@ Shipped here:
   QDQ model's scales (explicit quantization), so no separate TensorRT calibrator is needed.
 
 GPU compressors import their libraries lazily and say what to install when they are missing.
+
+Each plug-in **declares** what it needs (:class:`Need`: the torch model, labeled training images,
+calibration images, the chosen INT8 model, a GPU; :attr:`Compressor.libraries`: modules that must be
+importable) and what kind of variant it makes (:class:`VariantKind`). The stage reads those
+declarations (:func:`declaration_of`, :func:`missing`, :func:`build_order`) instead of picking
+plug-ins by class or by name: one that needs the INT8 model is built after the INT8 candidates are
+settled, candidates that declare the same :attr:`Compressor.competes_as` compete and the winner takes
+that name, and one whose needs this run or machine cannot meet is reported as skipped, with why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -40,6 +50,104 @@ if TYPE_CHECKING:
 
 CalibrationMethodName = Literal["minmax", "percentile", "entropy"]
 CALIBRATION_METHODS: tuple[CalibrationMethodName, ...] = ("minmax", "percentile", "entropy")
+
+
+class Need(StrEnum):
+    """Something a compressor needs from the run or the machine."""
+
+    TORCH_MODEL = "torch_model"  # the trained torch module (pruning, low-rank, recovery fine-tune)
+    TRAINING_IMAGES = "training_images"  # labeled training images (recovery fine-tune, distillation)
+    CALIBRATION_IMAGES = "calibration_images"  # held-out training images, unlabeled (static INT8 ranges)
+    INT8_MODEL = "int8_model"  # the chosen INT8 QDQ model (GPU INT8 paths reuse its scales)
+    GPU = "gpu"  # an NVIDIA GPU that ONNX Runtime or TensorRT can use
+
+
+class VariantKind(StrEnum):
+    """What kind of variant a compressor makes."""
+
+    FP32 = "fp32"  # the FP32 model on a CPU runtime
+    INT8 = "int8"  # an INT8-quantized model on a CPU runtime
+    GPU = "gpu"  # a model for a GPU runtime (any precision)
+    COMPRESSED_TORCH = "compressed-torch"  # made from a transformed torch model (pruned, factorized), then exported
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """A compressor's declared needs and product, as the stage reads them (see :func:`declaration_of`)."""
+
+    name: str
+    kind: VariantKind
+    needs: frozenset[Need]
+    libraries: tuple[str, ...]
+    competes_as: str | None
+    install: str | None = None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What this run and machine offer the compressors."""
+
+    torch_model: bool
+    training_images: bool
+    calibration_images: bool
+    gpu: bool
+    gpu_reason: str = "no GPU: ONNX Runtime here has no CUDA or TensorRT execution provider"
+
+    @classmethod
+    def detect(cls, *, torch_model: bool, training_images: bool, calibration_images: bool,
+               gpu_wanted: bool = True) -> Capabilities:
+        """The run's inputs as given, and a GPU when ONNX Runtime has a CUDA/TensorRT provider."""
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        gpu = gpu_wanted and any(p in available for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
+        reason = ("GPU variants are turned off (optimizer_gpu=false)" if not gpu_wanted else
+                  f"no GPU: ONNX Runtime here has no CUDA or TensorRT execution provider (available: "
+                  f"{', '.join(available)}); install onnxruntime-gpu on a machine with an NVIDIA GPU")
+        return cls(torch_model=torch_model, training_images=training_images,
+                   calibration_images=calibration_images, gpu=gpu, gpu_reason=reason)
+
+
+def declaration_of(comp: Any) -> Declaration:
+    """The declared needs of ``comp``; a plug-in that declares nothing needs nothing and makes FP32."""
+    needs = frozenset(Need(n) for n in getattr(comp, "needs", ()))
+    return Declaration(name=str(comp.name), kind=VariantKind(getattr(comp, "kind", VariantKind.FP32)), needs=needs,
+                       libraries=tuple(getattr(comp, "libraries", ())),
+                       competes_as=getattr(comp, "competes_as", None), install=getattr(comp, "install", None))
+
+
+def missing(decl: Declaration, caps: Capabilities, *, int8_model: bool = True) -> str | None:
+    """Why the declared needs cannot be met here (None when they can). ``int8_model``: an INT8 model exists."""
+    why: list[str] = []
+    if Need.TORCH_MODEL in decl.needs and not caps.torch_model:
+        why.append("needs the torch model, which this run does not provide")
+    if Need.TRAINING_IMAGES in decl.needs and not caps.training_images:
+        why.append("needs labeled training images, which this run does not provide")
+    if Need.CALIBRATION_IMAGES in decl.needs and not caps.calibration_images:
+        why.append("needs calibration images, which this run does not provide")
+    if Need.INT8_MODEL in decl.needs and not int8_model:
+        why.append("needs the INT8 model, and no INT8 variant was built")
+    if Need.GPU in decl.needs and not caps.gpu:
+        why.append(caps.gpu_reason)
+    absent = [m for m in decl.libraries if importlib.util.find_spec(m) is None]
+    if absent:
+        why.append(f"needs the module{'s' if len(absent) > 1 else ''} {', '.join(absent)}, not installed here"
+                   + (f": {decl.install}" if decl.install else ""))
+    return "; ".join(why) or None
+
+
+def build_order(compressors: Iterable[Any]) -> tuple[list[Any], list[Any]]:
+    """(built first, built after the INT8 candidates are settled): by the :attr:`Need.INT8_MODEL` need."""
+    first: list[Any] = []
+    later: list[Any] = []
+    for comp in compressors:
+        (later if Need.INT8_MODEL in declaration_of(comp).needs else first).append(comp)
+    return first, later
+
+
+def needs_of(compressors: Sequence[Any]) -> frozenset[Need]:
+    """Everything the given compressors need together (e.g. whether to load training images at all)."""
+    return frozenset().union(*(declaration_of(c).needs for c in compressors)) if compressors else frozenset()
 
 
 @dataclass(frozen=True)
@@ -68,18 +176,30 @@ class Source:
     input_shape: tuple[int, int, int]
     model: nn.Module | None = None
     int8_onnx_path: Path | None = None
+    train_images: np.ndarray | None = None
+    """normalized float32 NCHW labeled training images (for :attr:`Need.TRAINING_IMAGES`), else None"""
+    train_labels: np.ndarray | None = None
+    """their class indices"""
 
 
 class Compressor(Protocol):
     """Plug-in interface: make one variant of the model.
 
-    ``name`` names the variant it produces. :meth:`unavailable` is asked first: a compressor that
-    cannot run on this machine (no GPU, library missing) says why, and is reported as skipped rather
-    than failing the run. :meth:`compress` writes its model file under ``workdir`` and returns the
-    :class:`Variant`; ``calibration`` is a float32 NCHW batch of normalized held-out training images.
+    ``name`` names the variant it produces, ``kind`` what kind of variant it is, ``needs`` what it
+    needs from the run and the machine, ``libraries`` the modules it imports (checked before it runs),
+    and ``competes_as`` (None for most) the name of a competition: the stage keeps the candidate of that
+    name whose decisions agree best with FP32 on validation and gives it that name (the INT8
+    calibrations). Unmet needs are reported as skipped rather than failing the run; :meth:`unavailable`
+    is asked after them for anything more specific (a given execution provider). :meth:`compress`
+    writes its model file under ``workdir`` and returns the :class:`Variant`; ``calibration`` is a
+    float32 NCHW batch of normalized held-out training images.
     """
 
     name: str
+    kind: VariantKind
+    needs: frozenset[Need]
+    libraries: tuple[str, ...]
+    competes_as: str | None
 
     def unavailable(self) -> str | None:
         """None if this compressor can run here, else the reason (saying what to install)."""
@@ -94,6 +214,10 @@ class OrtFp32:
     """The exported model as is, run by ONNX Runtime with all graph optimizations (fusion) on."""
 
     name = "onnx_fp32"
+    kind = VariantKind.FP32
+    needs: frozenset[Need] = frozenset()
+    libraries: tuple[str, ...] = ()
+    competes_as: str | None = None
 
     def unavailable(self) -> str | None:
         return None
@@ -227,6 +351,7 @@ class OrtStaticInt8:
         exclude_nodes: tuple[str, ...] = (),
         fp32_ends: bool = True,
         name: str | None = None,
+        competes_as: str | None = "onnx_int8",
     ) -> None:
         if method not in CALIBRATION_METHODS:
             raise ValueError(f"unknown calibration method {method!r}; known: {', '.join(CALIBRATION_METHODS)}")
@@ -241,6 +366,10 @@ class OrtStaticInt8:
         self.exclude_nodes = exclude_nodes
         self.fp32_ends = fp32_ends
         self.name = name or f"onnx_int8_{method}"
+        self.kind = VariantKind.INT8
+        self.needs = frozenset({Need.CALIBRATION_IMAGES})
+        self.libraries: tuple[str, ...] = ()
+        self.competes_as = competes_as
 
     def unavailable(self) -> str | None:
         return None
@@ -301,6 +430,10 @@ class OrtGpuProvider:
         self.precision = precision
         short = "cuda" if provider == "CUDAExecutionProvider" else "trt_ep"
         self.name = f"onnx_{precision}_{short}"
+        self.kind = VariantKind.GPU
+        self.needs = frozenset({Need.GPU, *([Need.INT8_MODEL] if precision == "int8" else [])})
+        self.libraries: tuple[str, ...] = ()
+        self.competes_as: str | None = None
 
     def unavailable(self) -> str | None:
         import onnxruntime as ort
@@ -339,6 +472,11 @@ class TensorRTEngine:
         self.max_batch = max_batch
         self.workspace_bytes = workspace_bytes
         self.name = f"trt_{precision}"
+        self.kind = VariantKind.GPU
+        self.needs = frozenset({Need.GPU, *([Need.INT8_MODEL] if precision == "int8" else [])})
+        self.libraries: tuple[str, ...] = ("tensorrt", "pycuda")
+        self.install = TENSORRT_INSTALL
+        self.competes_as: str | None = None
 
     def unavailable(self) -> str | None:
         import importlib.util

@@ -1,9 +1,12 @@
 """The benchmark child process: load one variant, time it, report its peak memory.
 
-Run as ``python -m dlforge.optimizer.probe JOB.json RESULT.json``. Each variant is measured in its
-own fresh process so that its peak resident memory (``ru_maxrss``) is its own: the parent's torch,
-other sessions and earlier allocations do not count. The process imports only the runtime it measures
-(numpy, PIL and onnxruntime for ONNX variants; torch only for the torch baseline).
+Run as ``python -m dlforge.optimizer.probe JOB.json RESULT.json``, or as a serving probe with
+``--serve JOB.json`` that loads the variant once and answers one :class:`Measure` request per line
+of stdin (so that the stage can interleave short rounds across variants without reloading). Each
+variant is measured in its own fresh process so that its peak resident memory (``ru_maxrss``) is its
+own: the parent's torch, other sessions and earlier allocations do not count. The process imports
+only the runtime it measures (numpy, PIL and onnxruntime for ONNX variants; torch only for the torch
+baseline).
 
 What is timed, after ``warmup`` untimed calls, ``iterations`` calls each:
 
@@ -100,57 +103,130 @@ def _stats(times: list[float], *, batch: int, warmup: int) -> LatencyStats:
     )
 
 
+class Measure(BaseModel):
+    """One measuring request to a serving probe: untimed then timed calls per batch size and for the pipeline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    warmup: dict[int, int] = Field(description="batch size -> untimed calls")
+    iterations: dict[int, int] = Field(description="batch size -> timed calls (batch sizes left out: not timed)")
+    pipeline_warmup: int = 1
+    pipeline_iterations: int = Field(default=0, description="timed pipeline calls (0: the pipeline is not timed)")
+
+
+class Measurement(BaseModel):
+    """A serving probe's reply to one :class:`Measure`: what it timed, and the process's peak memory so far."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    load_seconds: float
+    batches: dict[str, LatencyStats]
+    pipeline: LatencyStats | None = Field(description="None when the request timed no pipeline")
+    rss_baseline_mb: float
+    peak_rss_mb: float
+
+
+class Probe:
+    """One variant loaded in this process, measured on request (:meth:`measure`)."""
+
+    def __init__(self, job: ProbeJob) -> None:
+        import numpy as np
+
+        if job.runtime == "torch":
+            import torch  # noqa: F401 - the baseline's runtime belongs to its baseline
+        elif job.runtime == "onnxruntime":
+            import onnxruntime  # noqa: F401
+
+        from dlforge.optimizer.preprocess import InputFormat
+        from dlforge.optimizer.runners import open_runner
+
+        self.job = job
+        self.rss_baseline_mb = _maxrss_mb()
+        started = time.perf_counter()
+        self.runner = open_runner(job.runtime, job.path, providers=job.providers,
+                                  provider_options=job.provider_options, threads=job.threads)
+        self.load_seconds = time.perf_counter() - started
+        self.rng = np.random.default_rng(job.seed)
+        self.fmt = InputFormat(job.in_channels, job.input_size, tuple(job.mean), tuple(job.std))
+        self.frame = self.rng.integers(0, 256, (job.frame_size, job.frame_size, job.in_channels), dtype=np.uint8)
+        self._inputs: dict[int, Any] = {}
+
+    def _input(self, b: int) -> Any:
+        import numpy as np
+
+        if b not in self._inputs:
+            self._inputs[b] = self.rng.standard_normal(
+                (b, self.job.in_channels, self.job.input_size, self.job.input_size)).astype(np.float32)
+        return self._inputs[b]
+
+    def _time(self, call: Any, *, warmup: int, iterations: int) -> list[float]:
+        for _ in range(warmup):
+            call()
+        times = []
+        for _ in range(iterations):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    def measure(self, m: Measure) -> Measurement:
+        """Time the batch sizes and the pipeline ``m`` asks for; ``pipeline`` is None when it asks for none."""
+        from dlforge.optimizer.preprocess import frame_to_input
+
+        batches: dict[str, LatencyStats] = {}
+        for b, n in m.iterations.items():
+            x = self._input(b)
+            warm = m.warmup.get(b, 0)
+            batches[str(b)] = _stats(self._time(lambda x=x: self.runner.run(x), warmup=warm, iterations=n),
+                                     batch=b, warmup=warm)
+        pipeline = None
+        if m.pipeline_iterations > 0:
+            times = self._time(lambda: self.runner.run(frame_to_input(self.frame, self.fmt)),
+                               warmup=m.pipeline_warmup, iterations=m.pipeline_iterations)
+            pipeline = _stats(times, batch=1, warmup=m.pipeline_warmup)
+        return Measurement(load_seconds=self.load_seconds, batches=batches, pipeline=pipeline,
+                           rss_baseline_mb=self.rss_baseline_mb, peak_rss_mb=_maxrss_mb())
+
+
 def run_probe(job: ProbeJob) -> ProbeResult:
     """Measure ``job`` in this process (called in the child; also usable in-process in tests)."""
-    import numpy as np
+    m = Probe(job).measure(Measure(
+        warmup=dict(job.warmup), iterations={b: job.iterations.get(b, 10) for b in job.batches},
+        pipeline_warmup=job.warmup.get(1, 1), pipeline_iterations=max(1, job.pipeline_iterations)))
+    assert m.pipeline is not None
+    return ProbeResult(load_seconds=m.load_seconds, batches=m.batches, pipeline=m.pipeline,
+                       rss_baseline_mb=m.rss_baseline_mb, peak_rss_mb=m.peak_rss_mb,
+                       peak_rss_delta_mb=m.peak_rss_mb - m.rss_baseline_mb)
 
-    if job.runtime == "torch":
-        import torch  # noqa: F401 - the baseline's runtime belongs to its baseline
-    elif job.runtime == "onnxruntime":
-        import onnxruntime  # noqa: F401
 
-    from dlforge.optimizer.preprocess import InputFormat, frame_to_input
-    from dlforge.optimizer.runners import open_runner
+def serve(job: ProbeJob, requests: Any, replies: Any) -> None:
+    """Load ``job`` once, then answer one :class:`Measure` per line of ``requests`` with a result line.
 
-    baseline = _maxrss_mb()
-    started = time.perf_counter()
-    runner = open_runner(job.runtime, job.path, providers=job.providers, provider_options=job.provider_options,
-                         threads=job.threads)
-    load_seconds = time.perf_counter() - started
-    rng = np.random.default_rng(job.seed)
-    batches: dict[str, LatencyStats] = {}
-    for b in job.batches:
-        x = rng.standard_normal((b, job.in_channels, job.input_size, job.input_size)).astype(np.float32)
-        warm = job.warmup.get(b, 1)
-        for _ in range(warm):
-            runner.run(x)
-        times = []
-        for _ in range(job.iterations.get(b, 10)):
-            t0 = time.perf_counter()
-            runner.run(x)
-            times.append(time.perf_counter() - t0)
-        batches[str(b)] = _stats(times, batch=b, warmup=warm)
-
-    fmt = InputFormat(job.in_channels, job.input_size, tuple(job.mean), tuple(job.std))
-    frame = rng.integers(0, 256, (job.frame_size, job.frame_size, job.in_channels), dtype=np.uint8)
-    warm = job.warmup.get(1, 1)
-    for _ in range(warm):
-        runner.run(frame_to_input(frame, fmt))
-    times = []
-    for _ in range(job.pipeline_iterations):
-        t0 = time.perf_counter()
-        runner.run(frame_to_input(frame, fmt))
-        times.append(time.perf_counter() - t0)
-    peak = _maxrss_mb()
-    return ProbeResult(
-        load_seconds=load_seconds, batches=batches, pipeline=_stats(times, batch=1, warmup=warm),
-        rss_baseline_mb=baseline, peak_rss_mb=peak, peak_rss_delta_mb=peak - baseline,
-    )
+    The first reply line is ``{"ready": true}`` once the model is loaded. A line that is not a valid
+    request gets ``{"error": ...}``; end of input ends the process.
+    """
+    probe = Probe(job)
+    replies.write(json.dumps({"ready": True, "load_seconds": probe.load_seconds}) + "\n")
+    replies.flush()
+    for line in requests:
+        if not line.strip():
+            continue
+        try:
+            m = Measure.model_validate_json(line)
+        except ValueError as exc:
+            replies.write(json.dumps({"error": f"bad request: {exc}"}) + "\n")
+        else:
+            replies.write(probe.measure(m).model_dump_json() + "\n")
+        replies.flush()
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "--serve":
+        serve(ProbeJob.model_validate_json(Path(argv[1]).read_text()), sys.stdin, sys.stdout)
+        return 0
     if len(argv) != 2:
-        sys.stderr.write("usage: python -m dlforge.optimizer.probe JOB.json RESULT.json\n")
+        sys.stderr.write("usage: python -m dlforge.optimizer.probe JOB.json RESULT.json\n"
+                         "       python -m dlforge.optimizer.probe --serve JOB.json  (requests on stdin)\n")
         return 2
     job = ProbeJob.model_validate_json(Path(argv[0]).read_text())
     result = run_probe(job)

@@ -16,7 +16,8 @@ from dlforge.common.errors import InvalidInput, NotFound, PoisonMessage, Retryab
 from dlforge.common.events import Event, ModelOptimized, ModelTrained, Topic
 from dlforge.common.objects import ObjectStore
 from dlforge.common.runtime import Backends, HandlerContext, Service
-from dlforge.optimizer.compressors import Compressor, default_compressors
+from dlforge.optimizer.bundle import BundleError, build_bundle, bundle_variant
+from dlforge.optimizer.compressors import Compressor, Need, default_compressors, needs_of
 from dlforge.optimizer.export import ExportMismatch
 from dlforge.optimizer.handlers import (
     LabeledImages,
@@ -74,14 +75,24 @@ def report_key(dataset_id: str, model_id: str) -> str:
     return f"{object_prefix(dataset_id, model_id)}/report.json"
 
 
+def bundle_key(dataset_id: str, model_id: str) -> str:
+    """Object key of the model's bundle (see :mod:`dlforge.optimizer.bundle`)."""
+    return f"{object_prefix(dataset_id, model_id)}/bundle.zip"
+
+
 @dataclass
 class _Loaded:
     inp: OptimizeInput
     skipped_items: int
 
 
-def _load_inputs(objects: ObjectStore, p: ModelTrained, work: Path, settings: OptimizerSettings) -> _Loaded:
-    """Checkpoint to disk; calibration (train), val and test images from the manifest, at the net's size."""
+def _load_inputs(objects: ObjectStore, p: ModelTrained, work: Path, settings: OptimizerSettings, *,
+                 with_train: bool = False) -> _Loaded:
+    """Checkpoint to disk; calibration (train), val and test images from the manifest, at the net's size.
+
+    ``with_train`` (a compressor declares :attr:`Need.TRAINING_IMAGES`) also loads up to
+    ``optimizer_train_images`` labeled training images, real ones first.
+    """
     from dlforge.vision.manifest import Item, load_arrays, load_manifest
 
     manifest = load_manifest(objects, p.manifest_key)
@@ -112,8 +123,21 @@ def _load_inputs(objects: ObjectStore, p: ModelTrained, work: Path, settings: Op
         extra = pick_calibration([i.item_id for i in generated], n=n - len(cal_items), seed=p.options.seed)
         cal_items += [generated[k] for k in extra]
     calibration = load_arrays(objects, cal_items, size=net.input_size, channels=net.in_channels)
+    train_images = None
+    if with_train:
+        known_real = [i for i in real if i.label in index]
+        known_generated = [i for i in generated if i.label in index]
+        m = settings.optimizer_train_images
+        train_items = [known_real[k] for k in pick_calibration([i.item_id for i in known_real], n=m,
+                                                                seed=p.options.seed)]
+        if len(train_items) < m and known_generated:
+            extra = pick_calibration([i.item_id for i in known_generated], n=m - len(train_items),
+                                     seed=p.options.seed)
+            train_items += [known_generated[k] for k in extra]
+        train_images = images(train_items)
     inp = OptimizeInput(checkpoint_path=checkpoint, classes=list(p.classes), spec=p.spec, calibration=calibration,
-                        val=images(val), test=images(test), dataset_id=p.dataset_id, model_id=p.model_id)
+                        val=images(val), test=images(test), dataset_id=p.dataset_id, model_id=p.model_id,
+                        train=train_images)
     return _Loaded(inp, skipped)
 
 
@@ -130,7 +154,8 @@ def _run(objects: ObjectStore, p: ModelTrained, event_id: str, deps: OptimizerDe
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        loaded = _load_inputs(objects, p, work, settings)
+        loaded = _load_inputs(objects, p, work, settings,
+                              with_train=Need.TRAINING_IMAGES in needs_of(deps.compressors))
         if loaded.skipped_items:
             log.warning("optimizer: %d val/test items without a known label were left out", loaded.skipped_items)
         result = optimize(loaded.inp, workdir=work / "variants", options=deps.options, compressors=deps.compressors)
@@ -141,6 +166,11 @@ def _run(objects: ObjectStore, p: ModelTrained, event_id: str, deps: OptimizerDe
             objects.put_file(vkey, path)
             report.variants[name].key = vkey
         report.source_event_id = event_id
+        # the bundle is stored before the report: a stored report (what a redelivery reuses) has its bundle
+        variant, _ = bundle_variant(report)
+        bundle = work / "bundle.zip"
+        build_bundle(report, model_path=result.files[variant.name], out=bundle, variant=variant.name)
+        objects.put_file(bundle_key(p.dataset_id, p.model_id), bundle)
         objects.put_json(key, report.model_dump(mode="json"))
         return report
     finally:
@@ -158,7 +188,7 @@ async def on_model_trained(event: Event, ctx: HandlerContext[OptimizerDeps]) -> 
     await ctx.docs.upsert(JOBS, job)
     try:
         report = await asyncio.to_thread(_run, ctx.objects, p, event.event_id, ctx.deps)
-    except (InvalidInput, ExportMismatch, NotFound, ValueError) as exc:
+    except (InvalidInput, ExportMismatch, NotFound, BundleError, ValueError) as exc:
         await ctx.docs.upsert(JOBS, {**job, "state": "failed", "error": f"{type(exc).__name__}: {exc}"})
         raise PoisonMessage(f"cannot optimize model {p.model_id} of dataset {p.dataset_id}: {exc}") from exc
     except (ProbeFailed, OSError) as exc:
@@ -166,7 +196,8 @@ async def on_model_trained(event: Event, ctx: HandlerContext[OptimizerDeps]) -> 
     key = report_key(p.dataset_id, p.model_id)
     artifacts = {name: v.key for name, v in report.variants.items() if v.key}
     await ctx.docs.upsert(REPORTS, _report_doc(report, key, artifacts, run_id=event.run_id,
-                                               checkpoint_key=p.checkpoint_key))
+                                               checkpoint_key=p.checkpoint_key,
+                                               bundle=bundle_key(p.dataset_id, p.model_id)))
     await ctx.docs.upsert(JOBS, {**job, "state": "completed", "finished_at": datetime.now(UTC).isoformat()})
     return event.follow(ModelOptimized(
         dataset_id=p.dataset_id, model_id=p.model_id, chosen_variant=report.chosen_variant, artifacts=artifacts,
@@ -175,9 +206,10 @@ async def on_model_trained(event: Event, ctx: HandlerContext[OptimizerDeps]) -> 
 
 
 def _report_doc(report: OptimizationReport, key: str, artifacts: dict[str, str], *, run_id: str,
-                checkpoint_key: str | None = None) -> dict[str, Any]:
+                checkpoint_key: str | None = None, bundle: str | None = None) -> dict[str, Any]:
     return {
         "checkpoint_key": checkpoint_key,  # the trained torch model (class activation maps)
+        "bundle_key": bundle,  # the model bundle (GET /models/{dataset_id}/bundle)
         "_id": f"{report.dataset_id}:{report.model_id}",
         "dataset_id": report.dataset_id,
         "model_id": report.model_id,

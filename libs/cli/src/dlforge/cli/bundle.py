@@ -1,0 +1,103 @@
+"""``dlforge bundle RUN_ID -o FILE``: download a run's model bundle through the API.
+
+The run view (``GET /runs/{run_id}``) says which dataset the run is on and whether its optimizer stage
+has finished; ``GET /optimizer/models/{dataset_id}/bundle?run_id=…`` returns the bundle the optimizer
+stored for that run's model. ``dlforge demo`` uses the same path to write the bundle beside its report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import zipfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from dlforge.common.errors import ConfigError, DlforgeError
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` if it can be one (letters, digits, ``._-``, at most 200), else ConfigError saying so."""
+    if not RUN_ID.match(run_id):
+        raise ConfigError(f"RUN_ID {run_id!r} is not a run id (letters, digits, '.', '_' and '-', at most 200)")
+    return run_id
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    return str(body.get("detail", body)) if isinstance(body, dict) else str(body)
+
+
+def _refused(response: httpx.Response, what: str) -> DlforgeError:
+    if response.status_code in (401, 403):
+        return DlforgeError(f"{what}: the API refused the request ({response.status_code}: {_detail(response)}); "
+                            "set DLFORGE_TOKEN to a token with the viewer role in the run's project "
+                            "(dlforge admin create-token USER --role viewer)")
+    return DlforgeError(f"{what}: the API answered {response.status_code}: {_detail(response)}")
+
+
+async def fetch_bundle(client: httpx.AsyncClient, run_id: str, out: Path) -> dict[str, Any]:
+    """Download the model bundle of run ``run_id`` to ``out`` (written whole or not at all).
+
+    Returns what the report names: ``file``, ``bytes``, ``sha256``, ``dataset_id``, ``model_id``,
+    ``variant``. DlforgeError for an unknown run, a run whose model is not optimized yet, or a refusal.
+    """
+    check_run_id(run_id)
+    r = await client.get(f"/runs/{quote(run_id)}")
+    if r.status_code == 404:
+        raise DlforgeError(f"unknown run {run_id!r}: the API has no such run ({_detail(r)})")
+    if r.status_code != 200:
+        raise _refused(r, f"run {run_id!r}")
+    run = r.json()
+    optimizer = (run.get("stages") or {}).get("optimizer") or {}
+    dataset_id = run.get("dataset_id")
+    if optimizer.get("state") != "succeeded" or not dataset_id:
+        at = [s for s, st in (run.get("stages") or {}).items() if st.get("state") in ("running", "failed")]
+        where = f"; stage {at[0]} is {run['stages'][at[0]]['state']}" if at else ""
+        raise DlforgeError(f"run {run_id!r} has no model yet: it is {run.get('state')} and its optimizer stage is "
+                           f"{optimizer.get('state', 'pending')}{where}")
+    r = await client.get(f"/optimizer/models/{quote(str(dataset_id))}/bundle", params={"run_id": run_id})
+    if r.status_code in (404, 409):
+        raise DlforgeError(f"run {run_id!r} has no model bundle: {_detail(r)}")
+    if r.status_code != 200:
+        raise _refused(r, f"the bundle of run {run_id!r}")
+    data = r.content
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_bytes(data)
+    try:
+        with zipfile.ZipFile(partial) as z:
+            manifest = json.loads(z.read("manifest.json"))
+    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+        partial.unlink(missing_ok=True)
+        raise DlforgeError(f"the bundle of run {run_id!r} the API sent is not a bundle ({exc})") from exc
+    partial.replace(out)
+    return {"file": str(out), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "dataset_id": dataset_id, "model_id": manifest.get("model_id"), "variant": manifest.get("variant"),
+            "format_version": manifest.get("format_version")}
+
+
+def bundle_downloader(out: Path, into: dict[str, Any]) -> Callable[[httpx.AsyncClient, dict[str, Any]],
+                                                                   Awaitable[None]]:
+    """The ``after`` hook of :func:`dlforge.cli.pipeline.run_in_process` that writes a succeeded run's bundle
+    to ``out`` and puts what the report names into ``into`` (``error`` instead when it could not)."""
+
+    async def download(client: httpx.AsyncClient, run: dict[str, Any]) -> None:
+        if run.get("state") != "succeeded":
+            return
+        try:
+            into.update(await fetch_bundle(client, run["run_id"], out))
+        except DlforgeError as exc:  # the run's report is still written, saying what went wrong
+            into.update({"file": None, "error": str(exc)})
+
+    return download
