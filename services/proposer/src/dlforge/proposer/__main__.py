@@ -10,16 +10,18 @@ import sys
 from dlforge.common.app import serve
 from dlforge.common.backends import open_docs, open_objects
 from dlforge.common.settings import load_settings
-from dlforge.proposer.repository import DEFAULT_RECIPES, BuildResult, build_repository, default_sources
+from dlforge.proposer.repository import RECIPE_SETS, BuildResult, build_repository, default_sources
 from dlforge.proposer.settings import ProposerSettings
 
 
-async def _build(settings: ProposerSettings, *, force: bool, only: list[str]) -> list[BuildResult]:
-    recipes = [r for r in DEFAULT_RECIPES if not only or r.model_id in only]
-    unknown = sorted(set(only) - {r.model_id for r in DEFAULT_RECIPES})
+async def _build(settings: ProposerSettings, *, force: bool, only: list[str], recipe_set: str | None = None
+                 ) -> list[BuildResult]:
+    pool = RECIPE_SETS[recipe_set or settings.proposer_repository]
+    recipes = [r for r in pool if not only or r.model_id in only]
+    unknown = sorted(set(only) - {r.model_id for r in pool})
     if unknown:
         raise SystemExit(f"unknown model id(s) {', '.join(unknown)}; known: "
-                         + ", ".join(r.model_id for r in DEFAULT_RECIPES))
+                         + ", ".join(r.model_id for r in pool))
     docs = open_docs(settings.docs)
     try:
         return await build_repository(
@@ -38,12 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="serve the REST API and consume dataset.augmented (the default)")
     build = sub.add_parser("build-repository", help="train/store the repository's candidate models (idempotent)")
     build.add_argument("--force", action="store_true", help="rebuild entries that are already current")
+    build.add_argument("--set", dest="recipe_set", choices=sorted(RECIPE_SETS), default=None,
+                       help="which Network x Data cells (default: DLFORGE_PROPOSER_REPOSITORY, 'demo')")
     build.add_argument("--only", nargs="*", default=[], metavar="MODEL_ID", help="build only these entries")
     args = parser.parse_args(argv)
     settings = load_settings(ProposerSettings)
     if args.command == "build-repository":
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        results = asyncio.run(_build(settings, force=args.force, only=args.only))
+        results = asyncio.run(_build(settings, force=args.force, only=args.only, recipe_set=args.recipe_set))
         print(f"{'model_id':32} {'action':8} {'seconds':>8}  metrics / error")
         for r in results:
             detail = r.error if r.error else ", ".join(f"{k}={v:.4g}" for k, v in (r.metrics or {}).items())

@@ -18,7 +18,7 @@ from dlforge.common.http_errors import error_responses
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
 from dlforge.proposer.handlers import rank
-from dlforge.proposer.repository import DEFAULT_RECIPES, MODELS, ModelRecipe, SourceProvider, list_models
+from dlforge.proposer.repository import MODELS, ModelRecipe, SourceProvider, list_models
 from dlforge.proposer.scoring import default_scorers, sub_score_specs
 from dlforge.proposer.settings import ProposerSettings
 from dlforge.proposer.worker import PROPOSALS, ProposerDeps, build_deps, service
@@ -91,7 +91,7 @@ async def build_repository_on_start(deps: ProposerDeps, backends: Backends) -> N
 
 
 def part(
-    *, recipes: Sequence[ModelRecipe] = DEFAULT_RECIPES, sources: Mapping[str, SourceProvider] | None = None
+    *, recipes: Sequence[ModelRecipe] | None = None, sources: Mapping[str, SourceProvider] | None = None
 ) -> ServicePart[ProposerSettings, ProposerDeps]:
     """The proposer as a part of an app; ``recipes``/``sources`` replace the repository's defaults (tests)."""
     import dlforge.proposer.reconcile  # noqa: F401  (registers the run deletion)

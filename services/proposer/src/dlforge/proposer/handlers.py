@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict
 
 from dlforge.common.errors import InvalidInput
 from dlforge.common.events import CandidateScore, Spec
-from dlforge.proposer.scoring import Candidate, Direction, Scorer, SubScore, TargetSample, sub_score_specs
+from dlforge.proposer.scoring import Candidate, CohortScorer, Direction, Scorer, SubScore, TargetSample, sub_score_specs
 from dlforge.vision.manifest import Item, Manifest
 
 # --------------------------------------------------------------------------------------------
@@ -289,17 +289,37 @@ def active_scorers(scorers: Sequence[Scorer], weights: Mapping[str, float], spec
 
 
 def measure(candidates: Sequence[Candidate], target: TargetSample, scorers: Sequence[Scorer]) -> list[dict[str, Any]]:
-    """Run every scorer on every candidate; raw sub-scores and seconds per scorer (``encode``: shared pass)."""
+    """Run every scorer on every candidate; raw sub-scores and seconds per scorer (``encode``: shared pass).
+
+    A :class:`~dlforge.proposer.scoring.CohortScorer` first prepares on all candidates; its time is
+    shared evenly among them.
+    """
+    encode_seconds: dict[str, float] = {}
+    for cand in candidates:  # the shared pass first, so that its time is not counted as a scorer's
+        t0 = time.perf_counter()
+        cand.encode("train", target.train_x, contents=target.train_contents)
+        cand.encode("val", target.val_x, contents=target.val_contents)
+        encode_seconds[cand.model_id] = time.perf_counter() - t0
+    prepared: dict[str, float] = {}
+    prepare_errors: dict[str, str] = {}
+    for scorer in scorers:
+        if isinstance(scorer, CohortScorer):  # compares candidates: sees all of them first
+            t0 = time.perf_counter()
+            try:
+                scorer.prepare(candidates, target)
+            except (ValueError, RuntimeError, np.linalg.LinAlgError) as exc:
+                prepare_errors[scorer.name] = f"{type(exc).__name__}: {exc}"
+            prepared[scorer.name] = (time.perf_counter() - t0) / max(len(candidates), 1)
     out = []
     for cand in candidates:
         raw: dict[str, float] = {}
         seconds: dict[str, float] = {}
         errors: dict[str, str] = {}
-        t0 = time.perf_counter()
-        cand.encode("train", target.train_x, contents=target.train_contents)
-        cand.encode("val", target.val_x, contents=target.val_contents)
-        seconds["encode"] = time.perf_counter() - t0
+        seconds["encode"] = encode_seconds[cand.model_id]
         for scorer in scorers:
+            if scorer.name in prepare_errors:
+                errors[scorer.name] = prepare_errors[scorer.name]
+                continue
             t0 = time.perf_counter()
             try:
                 values = scorer.score(cand, target)
@@ -307,7 +327,7 @@ def measure(candidates: Sequence[Candidate], target: TargetSample, scorers: Sequ
                 # One scorer failing on one candidate leaves that sub-score absent, recorded here.
                 errors[scorer.name] = f"{type(exc).__name__}: {exc}"
                 values = {}
-            seconds[scorer.name] = time.perf_counter() - t0
+            seconds[scorer.name] = time.perf_counter() - t0 + prepared.get(scorer.name, 0.0)
             raw.update({k: float(v) for k, v in values.items()})
         out.append({"model_id": cand.model_id, "arch": cand.arch, "source_dataset": cand.source_dataset,
                      "weights_key": cand.weights_key, "raw": raw, "seconds": seconds, "errors": errors})

