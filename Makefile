@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PACKAGES := libs/common libs/vision libs/hpo $(wildcard libs/sdk) $(wildcard libs/cli) \
+PACKAGES := libs/common libs/vision libs/hpo libs/edge $(wildcard libs/sdk) $(wildcard libs/cli) \
             $(patsubst %/pyproject.toml,%,$(wildcard services/*/pyproject.toml))
 STATE := .services
 

@@ -15,7 +15,9 @@ A bundle holds everything needed to make the platform's decisions without the pl
 :func:`build_bundle` writes one from an optimizer report and the variant's model file;
 :func:`verify_bundle` refuses one whose format version is not :data:`FORMAT_VERSION`, whose files
 differ from the manifest's checksums, or that holds files the manifest does not list.
-``dlforge-edge`` (``libs/edge``) reads the same format without importing dlforge.
+The format's reader is ``dlforge-edge``'s (``libs/edge``, which imports nothing of dlforge): its constants
+and :class:`BundleError` are the ones used here, and :func:`verify_bundle` is its ``load_bundle``, so the
+platform accepts exactly the bundles an inspection PC accepts.
 """
 
 from __future__ import annotations
@@ -24,33 +26,24 @@ import hashlib
 import json
 import platform
 import zipfile
-import zlib
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from importlib import metadata
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from dlforge_edge.bundle import FORMAT, FORMAT_VERSION, MANIFEST, MODEL, BundleError, load_bundle
 from pydantic import BaseModel, ConfigDict, Field
 
 from dlforge.optimizer.handlers import OptimizationReport, VariantReport
 
-FORMAT = "dlforge-bundle"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-MODEL = "model.onnx"
-MAX_MEMBER_BYTES = 2 * 2**30  # a bundle member larger than this is refused before it is read
-MAX_MANIFEST_BYTES = 2**20  # the manifest is read whole before anything is checked: a larger one is refused
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "MODEL", "BundleError", "BundleManifest", "FileEntry",
+           "build_bundle", "bundle_variant", "producer_versions", "verify_bundle"]
 
 DECISION_RULE = (
     "probabilities = softmax(logits) over the classes in classes.json order; with a positive class, the "
     "decision is the positive class when its probability >= threshold, otherwise the most probable other "
     "class; without one, the most probable class")
 RESIZE = "PIL Image.resize to input_size x input_size with Image.Resampling.BILINEAR, after convert(colour_mode)"
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be built, or one that must not be used (the message says why)."""
 
 
 class FileEntry(BaseModel):
@@ -197,73 +190,12 @@ def build_bundle(report: OptimizationReport, *, model_path: Path, out: Path, var
     return manifest
 
 
-def _safe_name(name: str) -> bool:
-    p = PurePosixPath(name)
-    return len(p.parts) == 1 and name not in (".", "..") and "\\" not in name
-
-
-def read_manifest(z: zipfile.ZipFile, *, source: str) -> BundleManifest:
-    """The manifest of an open bundle, its format and version checked (not yet the checksums)."""
-    big = [i.file_size for i in z.infolist() if i.filename == MANIFEST and i.file_size > MAX_MANIFEST_BYTES]
-    if big:  # checked from the zip's directory, before a byte of it is inflated
-        raise BundleError(f"{source}: {MANIFEST} is {big[0]} bytes, over the limit of {MAX_MANIFEST_BYTES} bytes")
-    try:
-        raw = json.loads(z.read(MANIFEST))
-    except KeyError as exc:
-        raise BundleError(f"{source}: not a dlforge bundle (no {MANIFEST})") from exc
-    except ValueError as exc:
-        raise BundleError(f"{source}: {MANIFEST} is not valid JSON ({exc})") from exc
-    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-        raise BundleError(f"{source}: {MANIFEST} cannot be read from the zip ({exc}): the bundle was altered or "
-                          "damaged") from exc
-    if not isinstance(raw, Mapping) or raw.get("format") != FORMAT:
-        raise BundleError(f"{source}: not a dlforge bundle ({MANIFEST} format is "
-                          f"{raw.get('format') if isinstance(raw, Mapping) else raw!r}, expected {FORMAT!r})")
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{source}: bundle format version {raw.get('format_version')!r}; this dlforge reads "
-                          f"version {FORMAT_VERSION} only")
-    try:
-        return BundleManifest.model_validate(raw)
-    except ValueError as exc:
-        raise BundleError(f"{source}: {MANIFEST} is malformed: {exc}") from exc
-
-
 def verify_bundle(path: Path) -> BundleManifest:
-    """The manifest of the bundle at ``path`` once every file matches it; BundleError saying what does not."""
-    source = str(path)
+    """The manifest of the bundle at ``path`` once dlforge-edge accepts it: its format, every file's checksum and
+    its contents (preprocessing, classes, decision) checked by the reader inspection PCs run; BundleError says
+    what does not fit."""
+    bundle = load_bundle(path)
     try:
-        z = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise BundleError(f"{source}: not a readable zip ({exc})") from exc
-    with z:
-        manifest = read_manifest(z, source=source)
-        members = {i.filename: i for i in z.infolist()}
-        unsafe = [n for n in [*members, *manifest.files] if not _safe_name(n)]
-        if unsafe:
-            raise BundleError(f"{source}: file names outside the bundle's top level: {', '.join(sorted(unsafe))}")
-        missing = sorted(set(manifest.files) - set(members))
-        if missing:
-            raise BundleError(f"{source}: files the manifest lists are missing: {', '.join(missing)}")
-        extra = sorted(set(members) - set(manifest.files) - {MANIFEST})
-        if extra:
-            raise BundleError(f"{source}: files the manifest does not list: {', '.join(extra)}")
-        if MODEL not in manifest.files:
-            raise BundleError(f"{source}: the manifest lists no {MODEL}")
-        for name, entry in manifest.files.items():
-            info = members[name]
-            if info.file_size != entry.bytes or entry.bytes > MAX_MEMBER_BYTES:
-                raise BundleError(f"{source}: {name} is {info.file_size} bytes, the manifest says {entry.bytes}: the "
-                                  "bundle was altered or damaged")
-            digest = hashlib.sha256()
-            try:
-                with z.open(info) as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(block)
-            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a bad CRC, a broken deflate stream
-                raise BundleError(f"{source}: {name} cannot be read from the zip ({exc}): the bundle was altered or "
-                                  "damaged") from exc
-            if digest.hexdigest() != entry.sha256:
-                raise BundleError(f"{source}: {name} does not match its checksum in the manifest (sha256 "
-                                  f"{digest.hexdigest()}, expected {entry.sha256}): the bundle was altered or "
-                                  "damaged")
-    return manifest
+        return BundleManifest.model_validate(bundle.manifest)
+    except ValueError as exc:
+        raise BundleError(f"{path}: {MANIFEST} is malformed: {exc}") from exc
