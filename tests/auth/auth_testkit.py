@@ -9,14 +9,13 @@ import zipfile
 import zlib
 from collections.abc import Mapping
 
+import accounts  # tests/accounts.py
 import numpy as np
 from PIL import Image
 
-from dlforge.common.auth.store import AuthStore
-from dlforge.common.docs.sqlite import SqliteDocumentStore
 from dlforge.common.settings import CommonSettings
 
-PASSWORD = "correct horse battery staple"
+PASSWORD = accounts.PASSWORD
 ROLE_USERS = {"vera": "viewer", "lars": "labeler", "otto": "operator", "ada": "admin"}
 
 
@@ -26,15 +25,7 @@ def docs_path(settings: CommonSettings) -> str:
 
 async def create_accounts(settings: CommonSettings, users: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
     """Create each user (password ``PASSWORD``, the given grants) and one API token of theirs: name -> token."""
-    docs = SqliteDocumentStore(docs_path(settings))
-    store = AuthStore(docs)
-    await store.ensure_indexes()
-    tokens: dict[str, str] = {}
-    for name, grants in users.items():
-        await store.create_user(name, password=PASSWORD, grants=grants)
-        tokens[name], _ = await store.issue_token(name, kind="api", name="test", grants=None, expires_at=None)
-    await docs.close()
-    return tokens
+    return await accounts.create_accounts(settings.docs, users)
 
 
 def seed_accounts(settings: CommonSettings, users: Mapping[str, Mapping[str, str]]) -> dict[str, str]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import accounts  # tests/accounts.py
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
@@ -45,7 +46,7 @@ FIRST_BATCH = 30
 BUDGET = 42
 CLASSES = ["defect", "good"]
 MEASURED = 20
-PASSWORD = "correct horse battery staple"
+PASSWORD = accounts.PASSWORD
 # who does what: an operator starts the runs and reads, two labelers label (the page signs in as lena)
 ACCOUNTS = {"olga": "operator", "lena": "labeler", "sam": "labeler"}
 MEDIAN_LIMIT_MS = 100.0
@@ -76,8 +77,6 @@ def labeling_app(tmp: Path) -> tuple[Any, dict[str, str]]:
     from dlforge.common import runs
     from dlforge.common.app import create_app
     from dlforge.common.auth import routes as auth
-    from dlforge.common.auth.store import AuthStore
-    from dlforge.common.docs.sqlite import SqliteDocumentStore
     from dlforge.console.app import part as console_part
     from dlforge.labeler.app import part as labeler_part
     from dlforge.labeler.settings import LabelerSettings
@@ -86,20 +85,10 @@ def labeling_app(tmp: Path) -> tuple[Any, dict[str, str]]:
                                work_dir=str(tmp / "work"), poll_seconds=0.05,  # type: ignore[call-arg]
                                labeler_import_roots=[str(tmp.parent)], auth="required")
 
-    async def accounts() -> dict[str, str]:
-        docs = SqliteDocumentStore(str(tmp / "docs.db"))
-        store = AuthStore(docs)
-        await store.ensure_indexes()
-        tokens: dict[str, str] = {}
-        for name, role in ACCOUNTS.items():
-            await store.create_user(name, password=PASSWORD, grants={"default": role})
-            tokens[name], _ = await store.issue_token(name, kind="api", name="test", grants=None, expires_at=None)
-        await docs.close()
-        return tokens
-
     # in a thread of its own: the module's Playwright runs an event loop in this one
     with ThreadPoolExecutor(1) as pool:
-        tokens = pool.submit(asyncio.run, accounts()).result()
+        tokens = pool.submit(asyncio.run, accounts.create_accounts(
+            settings.docs, {name: {"default": role} for name, role in ACCOUNTS.items()})).result()
     app = create_app([labeler_part(), runs.part(), auth.part(), console_part()], settings=settings,
                      mount_prefix=True, title="dlforge")
     return app, tokens

@@ -103,19 +103,3 @@ def altered_bundles(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
                                   change=lambda n, d: d + b" " * 2**21 if n == "manifest.json" else d),
                           f"manifest.json is {2**21 + manifest_bytes(good)} bytes, over the limit of 1048576 bytes"),
     }
-
-
-async def make_tokens(docs_url: str, users: dict[str, dict[str, str]]) -> dict[str, str]:
-    """Users (with these grants) and an API token of each, made in the auth store before the app starts."""
-    from dlforge.common.auth.store import AuthStore
-    from dlforge.common.docs.sqlite import SqliteDocumentStore
-
-    docs = SqliteDocumentStore(docs_url.removeprefix("sqlite:///"))
-    store = AuthStore(docs)
-    await store.ensure_indexes()
-    tokens = {}
-    for name, grants in users.items():
-        await store.create_user(name, password="correct horse battery staple", grants=grants)
-        tokens[name], _ = await store.issue_token(name, kind="api", name="test", grants=None, expires_at=None)
-    await docs.close()
-    return tokens

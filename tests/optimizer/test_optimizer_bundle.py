@@ -14,7 +14,8 @@ from pathlib import Path
 import onnx
 import onnxruntime
 import pytest
-from bundle_testdata import altered_bundles, make_tokens, rewrite, stored_bundle
+from accounts import create_accounts
+from bundle_testdata import altered_bundles, rewrite, stored_bundle
 from fastapi.testclient import TestClient
 from optimizer_testdata import CLASSES, SIZE, Optimized
 
@@ -189,7 +190,7 @@ def test_the_bundle_route_needs_a_viewer_of_the_datasets_project(optimized: Opti
     monkeypatch.setenv("DLFORGE_AUTH", "required")
     mine = _copy(optimized, tmp_path / "state")
     settings = mine.settings(auth="required")
-    tokens = asyncio.run(make_tokens(settings.docs, {"vera": {"default": "viewer"}, "pia": {"p": "operator"}}))
+    tokens = asyncio.run(create_accounts(settings.docs, {"vera": {"default": "viewer"}, "pia": {"p": "operator"}}))
     app = create_app([part(), runs.part(), auth_routes.part()], settings=settings, mount_prefix=True,
                      run_workers=False)
     with TestClient(app) as client:

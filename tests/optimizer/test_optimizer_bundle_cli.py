@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from bundle_testdata import make_tokens, stored_bundle
+from accounts import create_accounts
+from bundle_testdata import stored_bundle
 from optimizer_testdata import Optimized
 
 from dlforge.cli.main import main
@@ -35,7 +36,7 @@ def api(optimized: Optimized, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     mine = replace(optimized, root=tmp_path / "state")
     shutil.copytree(optimized.root, mine.root)
     settings = mine.settings(auth="required")
-    tokens = asyncio.run(make_tokens(settings.docs, {"vera": {"default": "viewer"}}))
+    tokens = asyncio.run(create_accounts(settings.docs, {"vera": {"default": "viewer"}}))
 
     async def early_run() -> None:  # a run still training: no model yet
         backends = Backends.from_settings(mine.settings())

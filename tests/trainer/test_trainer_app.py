@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from accounts import create_accounts
 from fastapi.testclient import TestClient
 
-from dlforge.common.auth import AuthStore
-from dlforge.common.docs.sqlite import SqliteDocumentStore
 from dlforge.common.objects.fs import FsObjectStore
 from dlforge.common.settings import load_settings
 from dlforge.trainer.app import create_app
@@ -96,23 +95,6 @@ def test_train_epochs_bound_is_within_the_trainers_own_cap() -> None:
     assert le(PipelineOptions, "no_of_workers") == le(RunOptions, "no_of_workers") == 64
 
 
-async def _accounts(docs_url: str, users: dict[str, dict[str, str]],
-                    resources: dict[tuple[str, str], str]) -> dict[str, str]:
-    """Users (with grants) and an API token each, and the projects of runs and datasets, as `dlforge admin` and
-    an upload record them: name -> token."""
-    docs = SqliteDocumentStore(docs_url.removeprefix("sqlite:///"))
-    store = AuthStore(docs)
-    await store.ensure_indexes()
-    tokens = {}
-    for name, grants in users.items():
-        await store.create_user(name, password="correct horse battery staple", grants=grants)
-        tokens[name], _ = await store.issue_token(name, kind="api", name="test", grants=None, expires_at=None)
-    for (kind, resource_id), project in resources.items():
-        await store.register(kind, resource_id, project)
-    await docs.close()
-    return tokens
-
-
 def test_jobs_are_their_projects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Starting a job needs operator in the project of the manifest's dataset; a job (a run's, or one started
     here) is seen only by a viewer of its project, whatever its id."""
@@ -123,7 +105,7 @@ def test_jobs_are_their_projects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     objects = FsObjectStore(tmp_path / "o")
     make_dataset(objects, per_class={"defect": 6, "good": 6}, size=16)  # the dataset 'testdata'
     make_candidate(objects, "proposer/models/small.pt")  # with auth on, raw weights come from the repository
-    tokens = asyncio.run(_accounts(settings.docs, {"olga": {"beta": "operator"}, "vic": {"alpha": "viewer"},
+    tokens = asyncio.run(create_accounts(settings.docs, {"olga": {"beta": "operator"}, "vic": {"alpha": "viewer"},
                                                    "amy": {"alpha": "operator"}},
                                    {("dataset", "testdata"): "alpha", ("run", "r1"): "alpha"}))
 

@@ -8,11 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from accounts import create_accounts
 from fastapi.testclient import TestClient
 
-from dlforge.common.auth import AuthStore
 from dlforge.common.bus import Delivery
-from dlforge.common.docs.sqlite import SqliteDocumentStore
 from dlforge.common.events import CandidateScore, DatasetUploaded, Event, ModelProposed, PipelineOptions, Spec, encode
 from dlforge.common.runtime import Worker
 from dlforge.common.settings import load_settings
@@ -85,30 +84,14 @@ def test_override_is_validated_and_used_by_the_run(client: TestClient) -> None:
     assert client.post("/studies/nope/stop").status_code == 404
 
 
-async def _accounts(docs_url: str, users: dict[str, dict[str, str]], runs: dict[str, str]) -> dict[str, str]:
-    """Users (with grants) and an API token each, and the runs' projects, as `dlforge admin` and an upload record
-    them: name -> token."""
-    docs = SqliteDocumentStore(docs_url.removeprefix("sqlite:///"))
-    store = AuthStore(docs)
-    await store.ensure_indexes()
-    tokens = {}
-    for name, grants in users.items():
-        await store.create_user(name, password="correct horse battery staple", grants=grants)
-        tokens[name], _ = await store.issue_token(name, kind="api", name="test", grants=None, expires_at=None)
-    for run_id, project in runs.items():
-        await store.register("run", run_id, project)
-    await docs.close()
-    return tokens
-
-
 def test_a_retry_study_is_checked_against_its_runs_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A retry's study (`dlforge-<run>-retry1`) belongs to the run it stores, whatever its name says."""
     monkeypatch.setenv("DLFORGE_TUNER_STORAGE", f"sqlite:///{tmp_path}/tuner.db")
     monkeypatch.setenv("DLFORGE_AUTH", "required")
     settings = load_settings(bus="memory://", objects=f"file://{tmp_path}/o", docs=f"sqlite:///{tmp_path}/d.db",
                              auth="required")
-    tokens = asyncio.run(_accounts(settings.docs, {"olga": {"beta": "operator"}, "vic": {"alpha": "viewer"},
-                                                   "amy": {"alpha": "operator"}}, {"r1": "alpha"}))
+    tokens = asyncio.run(create_accounts(settings.docs, {"olga": {"beta": "operator"}, "vic": {"alpha": "viewer"},
+                                                   "amy": {"alpha": "operator"}}, {("run", "r1"): "alpha"}))
     with TestClient(create_app(settings)) as client:
         backends = client.app.state.backends  # type: ignore[attr-defined]
         worker = Worker(service, backends, deps=client.app.state.deps["tuner"])  # type: ignore[attr-defined]
