@@ -12,6 +12,7 @@ checksums of its manifest, is refused (exit status 2) with the reason.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -103,12 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = server.server_address[:2]
     print(f"dlforge-edge: serving {model.bundle.model_id} ({model.bundle.variant}) at http://{host}:{port}/predict "
           "(POST an image's bytes; Ctrl-C stops)", flush=True)
-    try:
+    with server, contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the way to stop it: a normal exit
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
     return 0
 
 
