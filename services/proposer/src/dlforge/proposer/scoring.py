@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -71,6 +71,18 @@ class Encoded:
     features: np.ndarray
 
 
+@dataclass(frozen=True)
+class LinearProbe:
+    """A logistic regression on a candidate's pooled train features, standardized by their own mean and std."""
+
+    model: Any  # a fitted sklearn LogisticRegression
+    mean: np.ndarray
+    std: np.ndarray
+
+    def standardize(self, features: np.ndarray) -> np.ndarray:
+        return (features - self.mean) / self.std
+
+
 @dataclass
 class Candidate:
     """A repository model loaded for scoring, with a cache of its encodings of the target sample."""
@@ -86,6 +98,7 @@ class Candidate:
     features: TrunkFeatures | None = None
     """Set for the pretrained trunk: target encodings go through the feature store."""
     _cache: dict[str, Encoded] = field(default_factory=dict, repr=False)
+    _probes: dict[float, LinearProbe] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_model(
@@ -117,6 +130,20 @@ class Candidate:
     def remember(self, name: str, encoded: Encoded) -> None:
         """Use ``encoded`` as this candidate's encoding of the image set ``name`` (e.g. computed earlier)."""
         self._cache[name] = encoded
+
+    def probe(self, target: TargetSample, *, c: float = 1.0) -> LinearProbe:
+        """The linear probe on the target train sample's features (fitted once per ``c``, as the encodings are
+        cached once per image set: several scorers read it)."""
+        hit = self._probes.get(c)
+        if hit is not None:
+            return hit
+        from sklearn.linear_model import LogisticRegression
+
+        train = self.encode("train", target.train_x, contents=target.train_contents).features
+        mean, std = train.mean(axis=0), train.std(axis=0) + 1e-6
+        model = LogisticRegression(C=c, max_iter=2000).fit((train - mean) / std, target.train_y)
+        probe = self._probes[c] = LinearProbe(model, mean, std)
+        return probe
 
     def encode(self, name: str, images: np.ndarray, *, batch_size: int = 32,
                contents: Sequence[str] | None = None) -> Encoded:
@@ -333,14 +360,10 @@ class LinearProbeScorer:
         self.c = c
 
     def score(self, candidate: Candidate, target: TargetSample) -> dict[str, float]:
-        from sklearn.linear_model import LogisticRegression
-
-        train = candidate.encode("train", target.train_x, contents=target.train_contents).features
+        probe = candidate.probe(target, c=self.c)
         val = candidate.encode("val", target.val_x, contents=target.val_contents).features
-        tr, va = _standardize(train, val)
-        clf = LogisticRegression(C=self.c, max_iter=2000)
-        clf.fit(tr, target.train_y)
-        return {"probe_bacc": balanced_accuracy(target.val_y, clf.predict(va), target.num_classes)}
+        return {"probe_bacc": balanced_accuracy(target.val_y, probe.model.predict(probe.standardize(val)),
+                                                target.num_classes)}
 
 
 class DomainDiscriminatorScorer:
@@ -727,18 +750,14 @@ class AgreementScorer:
         self._features: dict[str, np.ndarray] = {}
 
     def prepare(self, candidates: Sequence[Candidate], target: TargetSample) -> None:
-        from sklearn.linear_model import LogisticRegression
-
         self._proba, self._features = {}, {}
         for cand in candidates:
-            train = cand.encode("train", target.train_x, contents=target.train_contents).features
             val = cand.encode("val", target.val_x, contents=target.val_contents).features
             if len(val) == 0:
                 continue
-            tr, va = _standardize(train, val)
-            clf = LogisticRegression(C=self.c, max_iter=2000).fit(tr, target.train_y)
-            proba = np.zeros((len(va), target.num_classes))
-            proba[:, clf.classes_] = clf.predict_proba(va)
+            probe = cand.probe(target, c=self.c)
+            proba = np.zeros((len(val), target.num_classes))
+            proba[:, probe.model.classes_] = probe.model.predict_proba(probe.standardize(val))
             self._proba[cand.model_id] = proba
             self._features[cand.model_id] = val
 
@@ -821,8 +840,6 @@ class ActivationScorer:
         self.c = c
 
     def score(self, candidate: Candidate, target: TargetSample) -> dict[str, float]:
-        from sklearn.linear_model import LogisticRegression
-
         from dlforge.vision.cam import feature_maps
 
         train = candidate.encode("train", target.train_x, contents=target.train_contents).features
@@ -830,9 +847,9 @@ class ActivationScorer:
         n = min(self.cam_images, len(target.val_x))
         if n == 0:
             return out
-        mean, std = train.mean(axis=0), train.std(axis=0) + 1e-6
-        clf = LogisticRegression(C=self.c, max_iter=2000).fit((train - mean) / std, target.train_y)
-        coef = clf.coef_ / std  # the discriminant in the raw features' coordinates
+        probe = candidate.probe(target, c=self.c)
+        clf = probe.model
+        coef = clf.coef_ / probe.std  # the discriminant in the raw features' coordinates
         candidate.model.eval()
         with torch.inference_mode():
             maps = feature_maps(candidate.model, to_tensor(target.val_x[:n], candidate.spec)).float().numpy()
