@@ -6,7 +6,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,6 +85,14 @@ def make_app(bus_url: str, tmp_path: Path) -> Any:
     settings = load_settings(bus=bus_url, objects=f"file://{tmp_path}/objects", docs=f"sqlite:///{tmp_path}/d.db",
                              poll_seconds=0.05)
     return create_app([ServicePart(service, router=router)], settings=settings)
+
+
+def until(check: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Poll ``check`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
 
 
 def wait_ready(client: TestClient, timeout: float = 30.0) -> dict[str, Any]:
@@ -275,15 +283,11 @@ def test_the_request_span_is_the_parent_of_the_publish_span_and_the_handler(
         response = client.post("/labels/b1", headers={"traceparent": TRACEPARENT})
         assert response.status_code == 200
         event_id = response.json()["event_id"]
-        deadline = time.monotonic() + 30
-        while client.get("/labels/b1").status_code != 200:
-            assert time.monotonic() < deadline, "the worker never handled the event"
-            time.sleep(0.05)
+        until(lambda: client.get("/labels/b1").status_code == 200, "the worker handles the event")
         assert client.get("/labels/b1").json()["event_id"] == event_id
-        # the handler's span ends after the record it wrote is visible: wait for it, with a deadline
-        while not any(s.name == "handle labels.submitted" for s in spans.get_finished_spans()):
-            assert time.monotonic() < deadline, "the handler's span never ended"
-            time.sleep(0.05)
+        # the handler's span ends after the record it wrote is visible
+        until(lambda: any(s.name == "handle labels.submitted" for s in spans.get_finished_spans()),
+              "the handler's span ends")
 
     finished = spans.get_finished_spans()
     servers = [s for s in finished if s.kind == SpanKind.SERVER and s.attributes.get("http.route") == "/labels/{batch}"
@@ -375,10 +379,7 @@ def test_a_part_is_built_once_from_its_settings_and_every_event_gets_the_same_de
             event = Event.new(LabelsSubmitted(dataset_id="d", batch_id=f"b{n}", labels={"i": "good"}, annotator="p"),
                               run_id=f"run-{n}")
             client.portal.call(backends.publish, event)  # type: ignore[union-attr]
-        deadline = time.monotonic() + 30
-        while len(seen) < 6:
-            assert time.monotonic() < deadline, f"only {len(seen)} of 6 events handled"
-            time.sleep(0.05)
+        until(lambda: len(seen) >= 6, "all 6 events handled")
         served = client.get("/level").json()
     assert len(builds) == 1 and builds[0].shop_level == 7  # the part's own variable, read once at start
     assert builds[0].docs == settings.docs  # the common fields are the app's
