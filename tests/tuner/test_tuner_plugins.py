@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import pytest
 
+from dlforge.common.errors import InvalidInput
 from dlforge.common.events import HpoTrialCompleted, HpoTrialReported, PipelineOptions, Spec
 from dlforge.hpo import PRUNER_ATTR, build_pruner
 from dlforge.hpo.pruners import TrendPruner
+from dlforge.hpo.samplers import PARENT, BasinHoppingSampler
 from dlforge.tuner.handlers import (
     StudyContext,
     TuningConfig,
@@ -19,7 +22,7 @@ from dlforge.tuner.handlers import (
     resolve_storage_url,
     tell,
 )
-from dlforge.tuner.plugins import PluginChoice, pruner_spec
+from dlforge.tuner.plugins import PluginChoice, make_sampler, pruner_spec
 
 
 def context(tmp_path: Path, *, trials: int, parallel: int, **config: object) -> StudyContext:
@@ -54,3 +57,21 @@ def test_asha_is_optunas_asynchronous_successive_halving() -> None:
     spec = pruner_spec(PluginChoice(name="asha"), startup=2)
     assert spec is not None and spec["factory"] == "optuna.pruners.SuccessiveHalvingPruner"
     assert isinstance(build_pruner(spec), optuna.pruners.SuccessiveHalvingPruner)
+
+
+def test_the_basin_hopping_sampler_by_name_asks_trials_inside_the_tuners_space(tmp_path: Path) -> None:
+    # the tuner rebuilds the sampler for every event; trials after the two start-up ones come from the chain
+    ctx = context(tmp_path, trials=12, parallel=1, sampler=PluginChoice(name="basin_hopping",
+                                                                         kwargs={"jump_probability": 0.3}))
+    assert isinstance(make_sampler(ctx.config.sampler, seed=1, startup=2), BasinHoppingSampler)
+    prepare_study(ctx)
+    for n in range(12):
+        study = load_study(ctx)
+        (asked,) = ask_for(study, ctx, asked_by=f"e{n}")
+        assert ctx.config.space.problems(asked.params) == []
+        tell(study, ctx, HpoTrialCompleted(study_name=ctx.study_name, trial_number=asked.number, state="complete",
+                                           value=asked.params["momentum"], intermediate=[0.5], seconds=1.0))
+    chain = [t for t in load_study(ctx).trials if PARENT in t.system_attrs]
+    assert [t.number for t in chain] == list(range(2, 12))
+    with pytest.raises(InvalidInput, match="basin_hopping"):
+        make_sampler(PluginChoice(name="basin_hopping", kwargs={"step_size": 0}), seed=1, startup=2)

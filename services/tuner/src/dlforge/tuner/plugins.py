@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dlforge.common.backends import optional_import
 from dlforge.common.errors import InvalidInput
 from dlforge.hpo import build_pruner
+from dlforge.hpo.samplers import BasinHoppingSampler
 
 
 class PluginChoice(BaseModel):
@@ -62,7 +63,15 @@ def _cmaes(seed: int | None, kwargs: dict[str, Any], startup: int) -> optuna.sam
     return optuna.samplers.CmaEsSampler(**{"n_startup_trials": startup, "seed": seed, **kwargs})
 
 
-SAMPLERS: dict[str, SamplerFactory] = {"tpe": _tpe, "random": _random, "gp": _gp, "qmc": _qmc, "cmaes": _cmaes}
+def _basin_hopping(seed: int | None, kwargs: dict[str, Any], startup: int) -> optuna.samplers.BaseSampler:
+    try:
+        return BasinHoppingSampler(**{"n_startup_trials": startup, "seed": seed, **kwargs})
+    except ValueError as exc:
+        raise InvalidInput(f"sampler 'basin_hopping': {exc}") from exc
+
+
+SAMPLERS: dict[str, SamplerFactory] = {"tpe": _tpe, "random": _random, "gp": _gp, "qmc": _qmc, "cmaes": _cmaes,
+                                       "basin_hopping": _basin_hopping}
 
 
 def _spec(cls: str, kwargs: dict[str, Any]) -> dict[str, Any]:
