@@ -18,7 +18,9 @@ Arms (each alone against vanilla, then combined):
 * ``warm start``: TPE, the 2 best configurations of each of the 2 nearest past studies first; the past studies ran
   (vanilla) on *related* data (disjoint rows of the same source) and on the other sources (their compute
   is not counted: it was spent before);
-* ``combined``: coreset fidelities + stop rule + warm start (TPE).
+* ``combined``: coreset fidelities + stop rule + warm start (TPE); ``stop rule + warm``; ``sampling + warm``;
+* ``stop rule from ep. 3``: the stop rule once its 3-epoch window is full (added after a first run showed
+  the rule, judging single first-epoch values, saving nothing).
 
 Measured per data set and seed: the target is vanilla's final best val accuracy minus 0.5 point; an arm's
 compute to reach it (the first trial whose val accuracy reaches it), divided by vanilla's
@@ -237,7 +239,7 @@ def train(task: Task, params: dict[str, Any], *, rows: np.ndarray | None, epochs
 class Arm:
     name: str
     sampler: str = "tpe"  # tpe | basin_hopping
-    pruner: str = "none"  # none | median | trend | asha
+    pruner: str = "none"  # none | median | trend | trend3 (from epoch 3: the window full) | asha
     subset: str = "full"  # full | random50 | k_center | herding (the last two: coreset fidelities)
     warm: bool = False
 
@@ -253,6 +255,8 @@ ARMS = [
     Arm("warm start", warm=True),
     Arm("combined", pruner="trend", subset="k_center", warm=True),
     Arm("stop rule + warm", pruner="trend", warm=True),
+    Arm("stop rule from ep. 3", pruner="trend3"),
+    Arm("sampling + warm", subset="k_center", warm=True),
 ]
 
 
@@ -300,8 +304,9 @@ def make_sampler(arm: Arm, seed: int, startup: int) -> optuna.samplers.BaseSampl
 def make_pruner(arm: Arm, startup: int) -> optuna.pruners.BasePruner:
     if arm.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=max(1, startup // 2), n_warmup_steps=0)
-    if arm.pruner == "trend":
-        return TrendPruner(top_fraction=0.2, window=3, statistic="mean", min_trials=max(2, startup))
+    if arm.pruner in ("trend", "trend3"):
+        return TrendPruner(top_fraction=0.2, window=3, statistic="mean", min_trials=max(2, startup),
+                           warmup_steps=3 if arm.pruner == "trend3" else 0)
     if arm.pruner == "asha":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
     return optuna.pruners.NopPruner()
