@@ -537,8 +537,14 @@ class _Chosen:
         return out
 
 
+def _pixel_ssl(**options: Any) -> LabelClassifier:
+    from dlforge.labeler.pixelnet import PixelSSL  # imports this module
+
+    return PixelSSL(**options)
+
+
 CLASSIFIERS: dict[str, Callable[..., LabelClassifier]] = {
-    "linear": LinearProbe, "mlp_ssl": SemiSupervisedMLP, "best": BestHeldout,
+    "linear": LinearProbe, "mlp_ssl": SemiSupervisedMLP, "cnn_ssl": _pixel_ssl, "best": BestHeldout,
 }
 
 

@@ -253,8 +253,13 @@ def run_round(
     rng: np.random.Generator,
     seed: int = 0,
     classifier: LabelClassifier | None = None,
+    pixels: np.ndarray | None = None,
 ) -> RoundResult:
     """Fit the calibrated classifier on every known label, auto-label, and pick the next batch or stop.
+
+    A classifier whose ``inputs`` is ``"pixels"`` (:class:`dlforge.labeler.pixelnet.PixelSSL`) is fitted on
+    ``pixels`` (uint8 N x H x W x C, aligned with ``embeddings``); the query strategy always works on
+    the embeddings.
 
     ``labels`` holds a class index per item (-1: unknown), ``human`` marks labels given by people
     (they count against the budget), ``representative`` marks labels that may calibrate the
@@ -270,9 +275,14 @@ def run_round(
     representative = np.asarray(representative, dtype=bool)
     if known.any():
         plugin = classifier if classifier is not None else LinearProbe()
-        clf = plugin.fit(embeddings, np.flatnonzero(known), labels[known], n_classes=n_classes,
+        x = embeddings
+        if getattr(plugin, "inputs", "embeddings") == "pixels":
+            if pixels is None or len(pixels) != n:
+                raise ValueError(f"classifier {plugin.name!r} needs the items' pixels")
+            x = pixels
+        clf = plugin.fit(x, np.flatnonzero(known), labels[known], n_classes=n_classes,
                          representative=representative[known], seed=seed)
-        probs = clf.predict_proba(embeddings)
+        probs = clf.predict_proba(x)
     else:
         probs = np.full((n, max(n_classes, 1)), 1.0 / max(n_classes, 1))
     predicted = probs.argmax(axis=1)
