@@ -53,6 +53,7 @@ from dlforge.labeler.app import DatasetRequest, _limits, import_dataset
 from dlforge.labeler.demo_data import elpv_cells, elpv_root
 from dlforge.labeler.index import normalize
 from dlforge.labeler.ingest import open_folder, scan
+from dlforge.labeler.pixelnet import Both
 from dlforge.labeler.settings import LabelerSettings
 from dlforge.labeler.worker import build_deps, classifier_pixels, ensure_embeddings, service
 from dlforge.vision.images import canonical_pixels, from_pixels
@@ -257,10 +258,12 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     inputs, held_inputs = vectors, held_vectors
     pixels = await asyncio.to_thread(classifier_pixels, backends.objects, manifest, deps)
     if pixels is not None:  # a classifier on the pixels: the held-out images at the same size and channels
-        inputs = pixels
         size, channels = pixels.shape[1], pixels.shape[3]
-        held_inputs = np.stack([from_pixels(canonical_pixels(_image(entries[int(i)][1])), size=size,
+        held_pixels = np.stack([from_pixels(canonical_pixels(_image(entries[int(i)][1])), size=size,
                                             channels=channels) for i in heldout_rows])
+        both = getattr(plugin, "inputs", "") == "both"
+        inputs = Both(vectors, pixels) if both else pixels
+        held_inputs = Both(held_vectors, held_pixels) if both else held_pixels
 
     def fit_on(rows: np.ndarray) -> Any:
         labeled = np.flatnonzero(rows)
@@ -320,6 +323,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "heldout_accuracy": _accuracy(held_pred, held_truth),
         "heldout_per_class": _per_class(held_pred, held_truth, classes),
         "final_classifier": final.summary().get("classifier"),
+        "final_classifier_summary": final.summary(),
         "labeler_warnings": result.get("warnings", []),
         "stop_reason": result.get("stop_reason"),
         "rounds": len(requests),
@@ -401,7 +405,7 @@ def main() -> None:
     source.add_argument("--folder", help="a folder of class sub-folders (the folder names are the known labels)")
     p.add_argument("--budget", type=float, default=0.2, help="share of the loop's items people may label")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--classifier", default="linear", choices=["linear", "mlp_ssl", "cnn_ssl", "best"])
+    p.add_argument("--classifier", default="linear", choices=["linear", "mlp_ssl", "cnn_ssl", "blend", "best"])
     p.add_argument("--cnn-budget", type=float, default=900.0,
                    help="cnn_ssl: the most seconds one fit may take (DLFORGE_LABELER_CNN_TIME_BUDGET_S)")
     p.add_argument("--max-error", type=float, default=0.01, help="the selective rule's target auto-label error")

@@ -8,7 +8,7 @@ import pytest
 from dlforge.common.events import PipelineOptions
 from dlforge.labeler import handlers
 from dlforge.labeler.classifier import make_classifier
-from dlforge.labeler.pixelnet import PixelSSL
+from dlforge.labeler.pixelnet import Blend, Both, PixelSSL
 from dlforge.labeler.strategies import make_strategy
 
 
@@ -96,3 +96,25 @@ def test_run_round_fits_a_pixel_classifier_on_the_pixels() -> None:
         handlers.run_round(embeddings, **args)  # type: ignore[arg-type]
     result = handlers.run_round(embeddings, pixels=x, **args)  # type: ignore[arg-type]
     assert float((result.predicted[40:] == y[40:]).mean()) >= 0.95
+
+
+def test_blend_weighs_the_input_that_carries_the_signal() -> None:
+    """Embeddings that are pure noise and pixels that hold the class: the weight goes to the CNN,
+    and every labeled row's held-out mixture is a proper distribution."""
+    rng = np.random.default_rng(4)
+    x, y = bars(240, rng)
+    noise = rng.normal(size=(240, 6))
+    labeled = np.arange(80)
+    blend = Blend(width=8, steps=150, probe_steps=0, batch=16, unlabeled_ratio=2)
+    fitted = blend.fit(Both(noise, x), labeled, y[labeled], n_classes=2, seed=0)
+    assert fitted.summary()["cnn_weight"] >= 0.75
+    rest = np.arange(80, 240)
+    assert float((fitted.predict_proba(Both(noise[rest], x[rest])).argmax(axis=1) == y[rest]).mean()) >= 0.95
+    assert np.allclose(fitted.heldout_proba.sum(axis=1), 1.0)
+    # the other way round: informative embeddings (the class itself, with noise), pixels that carry nothing
+    blank = np.full_like(x, 40)
+    signal = np.stack([y + rng.normal(0, 0.1, 240), rng.normal(size=240)], axis=1)
+    fitted = blend.fit(Both(signal, blank), labeled, y[labeled], n_classes=2, seed=0)
+    assert fitted.summary()["cnn_weight"] <= 0.25
+    with pytest.raises(ValueError, match="Both"):
+        blend.fit(x, labeled, y[labeled], n_classes=2)  # type: ignore[arg-type]

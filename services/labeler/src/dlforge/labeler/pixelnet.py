@@ -31,8 +31,8 @@ the round's classifier summary (``views``).
 
 Cost: ``steps`` optimizer steps of ``batch`` labeled + ``batch * unlabeled_ratio`` unlabeled items
 (two views each) per fold network, on ``threads`` torch threads; ``time_budget_s`` caps one fit
-(each fold network gets an equal share, and its learning-rate schedule is stretched to the steps it
-is measured to fit in).
+(the view probe a tenth of it, each fold network an equal share of the rest; a network's
+learning-rate schedule is fitted to the steps it is measured, after 20 steps, to have time for).
 """
 
 from __future__ import annotations
@@ -326,13 +326,14 @@ class PixelSSL:
         return ema.eval(), planned
 
     def _check_views(self, xt: Any, rows: np.ndarray, y: np.ndarray, held: np.ndarray, y_held: np.ndarray,
-                     n_out: int, *, seed: int, pad_border: bool) -> tuple[tuple[str, ...], dict[str, float]]:
+                     n_out: int, *, seed: int, pad_border: bool, deadline: float | None
+                     ) -> tuple[tuple[str, ...], dict[str, float]]:
         import torch
 
         if self.probe_steps == 0 or len(held) == 0:
             return (), {}
         probe, _ = self._train(xt, rows, y, np.zeros(0, dtype=np.int64), n_out, seed=seed, steps=self.probe_steps,
-                               augment=_Augment((), pad_border=pad_border), semi=False, deadline=None)
+                               augment=_Augment((), pad_border=pad_border), semi=False, deadline=deadline)
         scores: dict[str, float] = {}
         with torch.inference_mode():
             x = xt[torch.from_numpy(np.asarray(held, dtype=np.int64))]
@@ -371,8 +372,10 @@ class PixelSSL:
         folds = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(labeled, local)) \
             if k >= 2 else [(np.arange(len(y)), np.zeros(0, dtype=np.int64))]
         tr0, te0 = folds[0]
+        # the probe's share of the time budget: a tenth
+        probe_deadline = started + 0.1 * self.time_budget_s if self.time_budget_s is not None else None
         views, view_scores = self._check_views(xt, labeled[tr0], local[tr0], labeled[te0], local[te0], len(present),
-                                               seed=seed * 100, pad_border=pad_border)
+                                               seed=seed * 100, pad_border=pad_border, deadline=probe_deadline)
         figures["views"] = ",".join(views) or "none"
         for name, acc in view_scores.items():
             figures[f"view_check_{name}"] = round(acc, 4)
@@ -404,3 +407,113 @@ class PixelSSL:
                             "cv_nll_calibrated": _nll(fitted.scaling.apply(oof[mask]), local[mask]),
                             "calibration_items": int(mask.sum())})
         return fitted
+
+
+@dataclass(frozen=True)
+class Both:
+    """Embeddings and pixels of the same items, row-aligned: what a ``"both"`` plug-in learns on."""
+
+    embeddings: np.ndarray
+    pixels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.embeddings) != len(self.pixels):
+            raise ValueError(f"{len(self.embeddings)} embeddings but {len(self.pixels)} images")
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def __getitem__(self, rows: Any) -> Both:
+        return Both(self.embeddings[rows], self.pixels[rows])
+
+
+@dataclass
+class FittedBlend:
+    """A fitted :class:`Blend`: ``weight`` x the CNN's probabilities + (1 - ``weight``) x the linear probe's."""
+
+    linear: FittedClassifier
+    cnn: FittedClassifier
+    weight: float
+    n_classes: int
+    heldout_proba: np.ndarray
+    heldout_representative: np.ndarray
+    heldout_labels: np.ndarray
+    figures: dict[str, float | int | bool | str | None]
+    model: object | None = None
+    calibrated: bool = False
+
+    def predict_proba(self, x: Both) -> np.ndarray:
+        out = np.zeros((len(x), self.n_classes))
+        if self.weight > 0:
+            out += self.weight * self.cnn.predict_proba(x.pixels)
+        if self.weight < 1:
+            out += (1 - self.weight) * self.linear.predict_proba(x.embeddings)
+        return out
+
+    def summary(self) -> dict[str, float | int | bool | str | None]:
+        out: dict[str, float | int | bool | str | None] = dict(self.figures)
+        out.update({f"cnn_{k}": v for k, v in self.cnn.summary().items() if k != "classifier"})
+        out.update({f"linear_{k}": v for k, v in self.linear.summary().items() if k != "classifier"})
+        out.update({"calibrated": self.calibrated, "cnn_weight": self.weight,
+                    **heldout_accuracy(self.heldout_proba, self.heldout_labels, self.heldout_representative)})
+        return out
+
+
+class Blend:
+    """The linear probe on the ImageNet embeddings and :class:`PixelSSL` on the pixels, averaged.
+
+    Frozen ImageNet features suit photographs and textures; a CNN learned on the pixels suits data
+    far from ImageNet (digits, line drawings). Which one a user's data needs is not known in advance,
+    so both are fitted and their calibrated probabilities mixed, with the CNN's weight (from
+    ``weights``) the one whose held-out predictions have the lowest log-loss on people's representative
+    labels. Both plug-ins' held-out predictions come from models that never saw the row's label;
+    the mixture's held-out prediction of a row uses a weight chosen *without* that row's fold (as
+    :func:`crossfit_scaled` does for calibration), so choosing the weight does not flatter the
+    evidence the auto-labeling threshold rests on.
+    """
+
+    name = "blend"
+    inputs = "both"
+
+    def __init__(self, *, threads: int = 1, weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
+                 folds: int = 5, **cnn_options: Any) -> None:
+        if not weights or any(not 0.0 <= w <= 1.0 for w in weights) or folds < 2:
+            raise ValueError("weights must lie in [0, 1] and folds be >= 2")
+        from dlforge.labeler.classifier import LinearProbe
+
+        self.linear = LinearProbe()
+        self.cnn = PixelSSL(threads=threads, **cnn_options)
+        self.weights, self.folds = tuple(weights), folds
+
+    def pixel_input(self, *, native_size: int, gray: bool) -> PixelInput:
+        return self.cnn.pixel_input(native_size=native_size, gray=gray)
+
+    def _choose(self, lin: np.ndarray, cnn: np.ndarray, y: np.ndarray) -> float:
+        return min(self.weights, key=lambda w: (_nll(w * cnn + (1 - w) * lin, y), abs(w - 0.5)))
+
+    def fit(self, x_all: Both, labeled: np.ndarray, y: np.ndarray, *, n_classes: int,
+            representative: np.ndarray | None = None, seed: int = 0) -> FittedClassifier:
+        if not isinstance(x_all, Both):
+            raise ValueError("the blend classifier needs the items' embeddings and pixels (Both)")
+        y = np.asarray(y, dtype=np.int64)
+        lin = self.linear.fit(x_all.embeddings, labeled, y, n_classes=n_classes, representative=representative,
+                              seed=seed)
+        cnn = self.cnn.fit(x_all.pixels, labeled, y, n_classes=n_classes, representative=representative, seed=seed)
+        hl = np.asarray(lin.heldout_proba, dtype=np.float64)
+        hc = np.asarray(cnn.heldout_proba, dtype=np.float64)
+        rep = np.asarray(lin.heldout_representative, dtype=bool)
+        both = np.isfinite(hl).all(axis=1) & np.isfinite(hc).all(axis=1)
+        rows = both & rep
+        weight = self._choose(hl[rows], hc[rows], y[rows]) if rows.any() else 0.5
+        heldout = np.full((len(y), n_classes), np.nan)
+        fold_of = np.random.default_rng(seed).permutation(len(y)) % self.folds
+        for f in range(self.folds):
+            mine = both & (fold_of == f)
+            fit_rows = rows & (fold_of != f)
+            w = self._choose(hl[fit_rows], hc[fit_rows], y[fit_rows]) if fit_rows.any() else 0.5
+            heldout[mine] = w * hc[mine] + (1 - w) * hl[mine]
+        models = (lin.model, cnn.model)
+        return FittedBlend(linear=lin, cnn=cnn, weight=float(weight), n_classes=n_classes, heldout_proba=heldout,
+                           heldout_representative=rep, heldout_labels=y, figures={"classifier": self.name},
+                           model=models if all(m is not None for m in models) else None,
+                           calibrated=bool(lin.calibrated and cnn.calibrated))

@@ -82,7 +82,7 @@ async def build_deps(settings: LabelerSettings, backends: Backends, *, embedder:
 
 def _classifier_options(settings: LabelerSettings) -> dict[str, Any]:
     options: dict[str, Any] = {"threads": settings.labeler_threads}
-    if settings.labeler_classifier == "cnn_ssl":
+    if settings.labeler_classifier in ("cnn_ssl", "blend"):
         options["time_budget_s"] = settings.labeler_cnn_time_budget_s
     return options
 
@@ -117,7 +117,7 @@ def classifier_pixels(objects: ObjectStore, manifest: Manifest, deps: LabelerDep
     plug-ins that learn on the embeddings): read from the feature store's decoded images, so an image
     is decoded once per run whatever the rounds."""
     plugin = deps.classifier
-    if getattr(plugin, "inputs", "embeddings") != "pixels":
+    if getattr(plugin, "inputs", "embeddings") not in ("pixels", "both"):
         return None
     raw = load_pixels(objects, manifest.items, threads=deps.settings.labeler_threads)
     native = int(np.median([min(p.shape[:2]) for p in raw])) if raw else 32
