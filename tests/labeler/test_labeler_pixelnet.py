@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import tracemalloc
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from dlforge.common.events import PipelineOptions
+from dlforge.common.objects.fs import FsObjectStore
 from dlforge.labeler import handlers
 from dlforge.labeler.classifier import make_classifier
 from dlforge.labeler.pixelnet import Blend, Both, PixelSSL
 from dlforge.labeler.strategies import make_strategy
+from dlforge.labeler.worker import classifier_pixels
+from dlforge.vision.manifest import Item, Manifest, load_pixels
 
 
 def bars(n: int, rng: np.random.Generator, *, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -118,3 +128,51 @@ def test_blend_weighs_the_input_that_carries_the_signal() -> None:
     assert fitted.summary()["cnn_weight"] <= 0.25
     with pytest.raises(ValueError, match="Both"):
         blend.fit(x, labeled, y[labeled], n_classes=2)  # type: ignore[arg-type]
+
+
+def _store_images(tmp_path: Path, arrays: list[np.ndarray]) -> tuple[FsObjectStore, Manifest]:
+    objects = FsObjectStore(tmp_path / "objects")
+    items = []
+    for n, arr in enumerate(arrays):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        data = buf.getvalue()
+        objects.put_bytes(f"img/{n}.png", data)
+        items.append(Item(item_id=f"i{n}", key=f"img/{n}.png", name=f"{n}.png",
+                          sha256=hashlib.sha256(data).hexdigest(), width=arr.shape[1], height=arr.shape[0]))
+    return objects, Manifest(dataset_id="px", name="px", classes=["a"], items=items)
+
+
+def _resized(arr: np.ndarray, size: int, mode: str) -> np.ndarray:
+    out = np.asarray(Image.fromarray(arr).convert(mode).resize((size, size), Image.Resampling.BILINEAR))
+    return out[..., None] if out.ndim == 2 else out
+
+
+def test_classifier_pixels_reads_a_chunk_of_decoded_images_at_a_time(tmp_path: Path) -> None:
+    """The worker's pixels for cnn_ssl: each image at the plug-in's size (from the median image size),
+    one channel when every image is gray, without holding every decoded image at its own size at once."""
+    rng = np.random.default_rng(5)
+    ramp = np.add.outer(np.arange(120), 2 * np.arange(120))
+    gray = []  # 10 MB decoded; smooth, so the feature store's compressed copy is small
+    for n in range(700):
+        img = ((ramp + n) % 256).astype(np.uint8)
+        img[0, 0] = n // 256
+        gray.append(img)
+    objects, manifest = _store_images(tmp_path / "g", gray)
+    load_pixels(objects, manifest.items, threads=1)  # decoded into the feature store, as the embeddings stage does
+    deps = SimpleNamespace(classifier=PixelSSL(max_size=16), settings=SimpleNamespace(labeler_threads=1))
+    tracemalloc.start()
+    try:
+        out = classifier_pixels(objects, manifest, deps)  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out is not None and out.shape == (700, 16, 16, 1) and out.dtype == np.uint8
+    assert np.array_equal(out, np.stack([_resized(a, 16, "L") for a in gray]))
+    assert peak < 0.6 * sum(a.nbytes for a in gray)  # all of them at once: more than their 10 MB
+    # one colour image among gray ones: three channels for all
+    mixed = [*gray[:3], rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)]
+    objects, manifest = _store_images(tmp_path / "m", mixed)
+    out = classifier_pixels(objects, manifest, deps)  # type: ignore[arg-type]
+    assert out is not None and out.shape == (4, 16, 16, 3)
+    assert np.array_equal(out, np.stack([_resized(a, 16, "RGB") for a in mixed]))
