@@ -16,7 +16,7 @@ from dlforge.common.events import PipelineOptions
 from dlforge.common.objects.fs import FsObjectStore
 from dlforge.labeler import handlers
 from dlforge.labeler.classifier import make_classifier
-from dlforge.labeler.pixelnet import Blend, Both, PixelSSL
+from dlforge.labeler.pixelnet import Blend, Both, PixelSSL, _pixel_stats
 from dlforge.labeler.strategies import make_strategy
 from dlforge.labeler.worker import classifier_pixels
 from dlforge.vision.manifest import Item, Manifest, load_pixels
@@ -176,3 +176,34 @@ def test_classifier_pixels_reads_a_chunk_of_decoded_images_at_a_time(tmp_path: P
     out = classifier_pixels(objects, manifest, deps)  # type: ignore[arg-type]
     assert out is not None and out.shape == (4, 16, 16, 3)
     assert np.array_equal(out, np.stack([_resized(a, 16, "RGB") for a in mixed]))
+
+
+def test_pixel_statistics_need_no_float_copy_of_every_image() -> None:
+    """cnn_ssl standardizes the pixels by their mean and spread over all items; on 20,000 images that
+    must not take a float64 copy of them all (8x the images' bytes)."""
+    x = np.random.default_rng(6).integers(0, 256, (3000, 24, 24, 3), dtype=np.uint8)  # 5 MB
+    flat = x.reshape(-1).astype(np.float64)
+    expected_mean = float(flat.sum() / flat.size)
+    expected_std = float(np.sqrt(((flat - expected_mean) ** 2).sum() / flat.size))
+    del flat
+    tracemalloc.start()
+    try:
+        mean, std = _pixel_stats(x)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert mean == pytest.approx(expected_mean, rel=1e-9)
+    assert std == pytest.approx(expected_std, rel=1e-9)
+    assert peak < x.nbytes  # x.std() alone: 8 x x.nbytes
+    assert _pixel_stats(np.zeros((0, 4, 4, 1), dtype=np.uint8)) == (0.0, 0.0)
+    # the whole fit (torch's tensors are not traced; numpy's are): no float copy of the images either
+    y = np.arange(40) % 2
+    tiny = small(steps=1, probe_steps=0, batch=4, unlabeled_ratio=1)
+    tiny.fit(x[:100], np.arange(40), y, n_classes=2, seed=0)  # first calls: imports and torch's own set-up
+    tracemalloc.start()
+    try:
+        tiny.fit(x, np.arange(40), y, n_classes=2, seed=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * x.nbytes  # before: a float32 copy and its scaled copy (8 x), then x.std() (8 x)
