@@ -16,7 +16,7 @@ from dlforge.common.events import PipelineOptions
 from dlforge.common.objects.fs import FsObjectStore
 from dlforge.labeler import handlers
 from dlforge.labeler.classifier import make_classifier
-from dlforge.labeler.pixelnet import Blend, Both, PixelSSL, _pixel_stats
+from dlforge.labeler.pixelnet import Blend, Both, PixelSSL, _pixel_stats, choose_views, generated
 from dlforge.labeler.strategies import make_strategy
 from dlforge.labeler.worker import classifier_pixels
 from dlforge.vision.manifest import Item, Manifest, load_pixels
@@ -207,3 +207,24 @@ def test_pixel_statistics_need_no_float_copy_of_every_image() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 2 * x.nbytes  # before: a float32 copy and its scaled copy (8 x), then x.std() (8 x)
+
+
+def test_a_view_is_kept_only_if_everything_it_composes_to_keeps_the_labels() -> None:
+    """Bars at the top or bottom: only the left-right flip keeps the class. A short probe answers the
+    same under one quarter turn by chance (it scores 1.0 on rot90 here), but rot90 with hflip also
+    draws the top-bottom flip and the half turn, which swap the classes: only hflip may be used."""
+    x, y = bars(300, np.random.default_rng(0))
+    labeled = np.arange(60)
+    fitted = small(probe_steps=80).fit(x, labeled, y[labeled], n_classes=2, seed=0)
+    summary = fitted.summary()
+    assert summary["view_check_rot90"] >= 0.98  # alone, it passes: the chance this test is about
+    assert summary["views"] == "hflip"
+    assert fitted.summary()["heldout_accuracy"] == pytest.approx(1.0, abs=0.05)
+    # the symmetries each choice draws (a square's eight: identity, 3 turns, 4 flips)
+    assert generated(("rot90",)) == {"identity", "rot90", "rot180", "rot270"}
+    assert generated(("hflip", "vflip")) == {"identity", "hflip", "vflip", "rot180"}
+    assert len(generated(("hflip", "rot90"))) == 8
+    scores = {"identity": 0.9, "rot90": 0.9, "rot180": 0.9, "rot270": 0.9, "hflip": 0.1, "hflip_rot90": 0.1,
+              "vflip": 0.1, "hflip_rot270": 0.1}
+    assert choose_views(scores) == ("rot90",)
+    assert choose_views({**scores, "rot180": 0.5}) == ()
