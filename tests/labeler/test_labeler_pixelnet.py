@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import tracemalloc
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from dlforge.common.events import PipelineOptions
+from dlforge.common.objects.fs import FsObjectStore
 from dlforge.labeler import handlers
 from dlforge.labeler.classifier import make_classifier
-from dlforge.labeler.pixelnet import Blend, Both, PixelSSL
+from dlforge.labeler.pixelnet import Blend, Both, PixelSSL, _pixel_stats, choose_views, generated
 from dlforge.labeler.strategies import make_strategy
+from dlforge.labeler.worker import classifier_pixels
+from dlforge.vision.manifest import Item, Manifest, load_pixels
 
 
 def bars(n: int, rng: np.random.Generator, *, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -118,3 +128,103 @@ def test_blend_weighs_the_input_that_carries_the_signal() -> None:
     assert fitted.summary()["cnn_weight"] <= 0.25
     with pytest.raises(ValueError, match="Both"):
         blend.fit(x, labeled, y[labeled], n_classes=2)  # type: ignore[arg-type]
+
+
+def _store_images(tmp_path: Path, arrays: list[np.ndarray]) -> tuple[FsObjectStore, Manifest]:
+    objects = FsObjectStore(tmp_path / "objects")
+    items = []
+    for n, arr in enumerate(arrays):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        data = buf.getvalue()
+        objects.put_bytes(f"img/{n}.png", data)
+        items.append(Item(item_id=f"i{n}", key=f"img/{n}.png", name=f"{n}.png",
+                          sha256=hashlib.sha256(data).hexdigest(), width=arr.shape[1], height=arr.shape[0]))
+    return objects, Manifest(dataset_id="px", name="px", classes=["a"], items=items)
+
+
+def _resized(arr: np.ndarray, size: int, mode: str) -> np.ndarray:
+    out = np.asarray(Image.fromarray(arr).convert(mode).resize((size, size), Image.Resampling.BILINEAR))
+    return out[..., None] if out.ndim == 2 else out
+
+
+def test_classifier_pixels_reads_a_chunk_of_decoded_images_at_a_time(tmp_path: Path) -> None:
+    """The worker's pixels for cnn_ssl: each image at the plug-in's size (from the median image size),
+    one channel when every image is gray, without holding every decoded image at its own size at once."""
+    rng = np.random.default_rng(5)
+    ramp = np.add.outer(np.arange(120), 2 * np.arange(120))
+    gray = []  # 10 MB decoded; smooth, so the feature store's compressed copy is small
+    for n in range(700):
+        img = ((ramp + n) % 256).astype(np.uint8)
+        img[0, 0] = n // 256
+        gray.append(img)
+    objects, manifest = _store_images(tmp_path / "g", gray)
+    load_pixels(objects, manifest.items, threads=1)  # decoded into the feature store, as the embeddings stage does
+    deps = SimpleNamespace(classifier=PixelSSL(max_size=16), settings=SimpleNamespace(labeler_threads=1))
+    tracemalloc.start()
+    try:
+        out = classifier_pixels(objects, manifest, deps)  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out is not None and out.shape == (700, 16, 16, 1) and out.dtype == np.uint8
+    assert np.array_equal(out, np.stack([_resized(a, 16, "L") for a in gray]))
+    assert peak < 0.6 * sum(a.nbytes for a in gray)  # all of them at once: more than their 10 MB
+    # one colour image among gray ones: three channels for all
+    mixed = [*gray[:3], rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)]
+    objects, manifest = _store_images(tmp_path / "m", mixed)
+    out = classifier_pixels(objects, manifest, deps)  # type: ignore[arg-type]
+    assert out is not None and out.shape == (4, 16, 16, 3)
+    assert np.array_equal(out, np.stack([_resized(a, 16, "RGB") for a in mixed]))
+
+
+def test_pixel_statistics_need_no_float_copy_of_every_image() -> None:
+    """cnn_ssl standardizes the pixels by their mean and spread over all items; on 20,000 images that
+    must not take a float64 copy of them all (8x the images' bytes)."""
+    x = np.random.default_rng(6).integers(0, 256, (3000, 24, 24, 3), dtype=np.uint8)  # 5 MB
+    flat = x.reshape(-1).astype(np.float64)
+    expected_mean = float(flat.sum() / flat.size)
+    expected_std = float(np.sqrt(((flat - expected_mean) ** 2).sum() / flat.size))
+    del flat
+    tracemalloc.start()
+    try:
+        mean, std = _pixel_stats(x)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert mean == pytest.approx(expected_mean, rel=1e-9)
+    assert std == pytest.approx(expected_std, rel=1e-9)
+    assert peak < x.nbytes  # x.std() alone: 8 x x.nbytes
+    assert _pixel_stats(np.zeros((0, 4, 4, 1), dtype=np.uint8)) == (0.0, 0.0)
+    # the whole fit (torch's tensors are not traced; numpy's are): no float copy of the images either
+    y = np.arange(40) % 2
+    tiny = small(steps=1, probe_steps=0, batch=4, unlabeled_ratio=1)
+    tiny.fit(x[:100], np.arange(40), y, n_classes=2, seed=0)  # first calls: imports and torch's own set-up
+    tracemalloc.start()
+    try:
+        tiny.fit(x, np.arange(40), y, n_classes=2, seed=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * x.nbytes  # before: a float32 copy and its scaled copy (8 x), then x.std() (8 x)
+
+
+def test_a_view_is_kept_only_if_everything_it_composes_to_keeps_the_labels() -> None:
+    """Bars at the top or bottom: only the left-right flip keeps the class. A short probe answers the
+    same under one quarter turn by chance (it scores 1.0 on rot90 here), but rot90 with hflip also
+    draws the top-bottom flip and the half turn, which swap the classes: only hflip may be used."""
+    x, y = bars(300, np.random.default_rng(0))
+    labeled = np.arange(60)
+    fitted = small(probe_steps=80).fit(x, labeled, y[labeled], n_classes=2, seed=0)
+    summary = fitted.summary()
+    assert float(summary["view_check_rot90"] or 0) >= 0.98  # alone, it passes: the chance this test is about
+    assert summary["views"] == "hflip"
+    assert fitted.summary()["heldout_accuracy"] == pytest.approx(1.0, abs=0.05)
+    # the symmetries each choice draws (a square's eight: identity, 3 turns, 4 flips)
+    assert generated(("rot90",)) == {"identity", "rot90", "rot180", "rot270"}
+    assert generated(("hflip", "vflip")) == {"identity", "hflip", "vflip", "rot180"}
+    assert len(generated(("hflip", "rot90"))) == 8
+    scores = {"identity": 0.9, "rot90": 0.9, "rot180": 0.9, "rot270": 0.9, "hflip": 0.1, "hflip_rot90": 0.1,
+              "vflip": 0.1, "hflip_rot270": 0.1}
+    assert choose_views(scores) == ("rot90",)
+    assert choose_views({**scores, "rot180": 0.5}) == ()

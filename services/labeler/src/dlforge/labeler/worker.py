@@ -51,7 +51,7 @@ from dlforge.labeler.ingest import dataset_prefix
 from dlforge.labeler.settings import LabelerSettings
 from dlforge.labeler.strategies import QueryStrategy, make_strategy
 from dlforge.vision.images import from_pixels
-from dlforge.vision.manifest import Manifest, load_manifest, load_pixels, save_manifest
+from dlforge.vision.manifest import Manifest, load_arrays, load_manifest, load_pixels, save_manifest
 
 log = logging.getLogger(__name__)
 
@@ -112,20 +112,40 @@ def ensure_embeddings(objects: ObjectStore, manifest: Manifest, deps: LabelerDep
     return normalize(vectors), key
 
 
+_PIXEL_CHUNK = 256  # decoded images held at once by classifier_pixels
+
+
 def classifier_pixels(objects: ObjectStore, manifest: Manifest, deps: LabelerDeps) -> np.ndarray | None:
     """The items' pixels at the size and channels a pixel classifier plug-in asks for (None for the
     plug-ins that learn on the embeddings): read from the feature store's decoded images, so an image
-    is decoded once per run whatever the rounds."""
+    is decoded once per run whatever the rounds.
+
+    Read ``_PIXEL_CHUNK`` items at a time (as :func:`load_arrays` does): holding every decoded image at its
+    own size at once would take N x H x W x 3 bytes (20,000 photos of 512 px: 15 GB) for an output
+    of N x 64 x 64. The size comes from the manifest's image sizes; whether the images are all gray
+    is only known once they are decoded, so they are resized to three channels and the first one kept
+    if they were (an L image converted to RGB is the L band three times)."""
     plugin = deps.classifier
     if getattr(plugin, "inputs", "embeddings") not in ("pixels", "both"):
         return None
-    raw = load_pixels(objects, manifest.items, threads=deps.settings.labeler_threads)
-    native = int(np.median([min(p.shape[:2]) for p in raw])) if raw else 32
-    wanted = plugin.pixel_input(native_size=native, gray=all(p.ndim == 2 for p in raw))  # type: ignore[attr-defined]
-    out = np.zeros((len(raw), wanted.size, wanted.size, wanted.channels), dtype=np.uint8)
-    for n, p in enumerate(raw):
-        out[n] = from_pixels(p, size=wanted.size, channels=wanted.channels)
-    return out
+    items = manifest.items
+    native = int(np.median([min(i.width, i.height) for i in items])) if items else 32
+    size = plugin.pixel_input(native_size=native, gray=False).size  # type: ignore[attr-defined]
+    out = np.zeros((len(items), size, size, 3), dtype=np.uint8)
+    gray = True
+    threads = deps.settings.labeler_threads
+    for start in range(0, len(items), _PIXEL_CHUNK):
+        for n, p in enumerate(load_pixels(objects, items[start:start + _PIXEL_CHUNK], threads=threads)):
+            gray = gray and p.ndim == 2
+            out[start + n] = from_pixels(p, size=size, channels=3)
+    wanted = plugin.pixel_input(native_size=native, gray=gray)  # type: ignore[attr-defined]
+    if wanted.size != size:
+        raise RuntimeError(f"{plugin.name}: the pixel size depends on the channels ({size} vs {wanted.size})")
+    if wanted.channels == 3:
+        return out
+    if gray:
+        return np.ascontiguousarray(out[..., :1])
+    return load_arrays(objects, items, size=size, channels=wanted.channels, threads=threads)
 
 
 def _request(event: Event, dataset_id: str, rnd: int, batch: handlers.Batch, ids: list[str]) -> Event:
