@@ -54,6 +54,7 @@ class JobMonitor:
         self.hook = on_epoch
         self.extra = extra or {}
         self.epochs: list[EpochMetrics] = []
+        self.step_losses: list[tuple[int, float]] = []  # (global step, loss) as written to the logs
         self.checkpoints: list[str] = []
         log_dir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(log_dir=str(log_dir))
@@ -63,10 +64,15 @@ class JobMonitor:
         return f"{self.key_prefix}/tensorboard/"
 
     def on_step(self, step: int, loss: float) -> None:
+        self.step_losses.append((step, loss))
         self.writer.add_scalar("train/step_loss", loss, step)
 
-    def replay(self, epochs: list[EpochMetrics]) -> None:
-        """Write the epochs of an earlier attempt (a resumed job) to the logs; the hook saw them then."""
+    def replay(self, epochs: list[EpochMetrics], step_losses: list[tuple[int, float]]) -> None:
+        """Write what an earlier attempt logged up to the state a resumed job goes on from (its epochs, its
+        step losses) to the logs: they hold one curve, not a second one from the resumed step on. The hook
+        saw the epochs then."""
+        for step, loss in step_losses:
+            self.on_step(step, loss)
         for metrics in epochs:
             self._log_epoch(metrics)
 
