@@ -2,7 +2,8 @@
 
 ``POST /jobs`` validates the request (model source, manifest, hyperparameters), records the job and
 trains it in the background (at most ``DLFORGE_TRAINER_MAX_CONCURRENT_JOBS`` at once); ``GET /jobs/{id}``
-shows its state, per-epoch metrics, checkpoints and TensorBoard log prefix; ``GET /jobs`` lists jobs.
+shows its state, per-epoch metrics, checkpoints and TensorBoard log prefix; ``GET /jobs/{id}/tensorboard``
+serves its TensorBoard scalars; ``GET /jobs`` lists jobs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
 from dlforge.trainer.handlers import TrainingRequest
 from dlforge.trainer.jobs import OWNER, JobRecords
+from dlforge.trainer.monitor import read_scalars
 from dlforge.trainer.params import RunOptions, TrainParams
 from dlforge.trainer.pruning import decisions_service
 from dlforge.trainer.settings import TrainerSettings
@@ -153,6 +155,39 @@ async def get_job(job_id: str, request: Request, backends: Backends = Depends(ba
     require_in(request, await _job_project(request, job), "viewer", what=f"training job {job_id!r}")
     return {**job, "epochs": [{k: v for k, v in e.items() if not k.startswith("_")}
                               for e in await records.epochs(job_id)]}
+
+
+class JobScalars(BaseModel):
+    """A job's TensorBoard scalars, read from its event files."""
+
+    job_id: str
+    state: str
+    logs_prefix: str = Field(description="object-store prefix of the event files (tensorboard --logdir on a copy)")
+    scalars: dict[str, list[tuple[float, int, float | None]]] = Field(
+        description="tag -> [wall_time, step, value] by step, as TensorBoard's scalars plugin serves them "
+                    "(value null where it was not finite)")
+
+
+@router.get("/jobs/{job_id}/tensorboard", response_model=JobScalars, responses=error_responses(404))
+async def job_tensorboard(job_id: str, request: Request, deps: Deps, backends: Backends = Depends(backends_of),
+                          tag: str | None = Query(default=None, max_length=200, description="only this tag"),
+                          ) -> JobScalars:
+    """The job's TensorBoard scalars (train/step_loss by step; train/loss, val/loss, val/accuracy,
+    val/recall/<class> by epoch), read from the event files the trainer writes to the object store with
+    TensorBoard's own reader, for a viewer of its project; while the job trains, up to its last epoch."""
+    records = JobRecords(backends.docs)
+    job = await records.get(job_id)
+    if job is None:
+        raise NotFound(f"no training job {job_id!r}")
+    require_in(request, await _job_project(request, job), "viewer", what=f"training job {job_id!r}")
+    prefix = str(job.get("logs_prefix") or f"{job['key_prefix']}/tensorboard/")
+    scalars = await asyncio.to_thread(read_scalars, backends.objects, prefix, work_dir=deps.config.work_dir)
+    if tag is not None:
+        if tag not in scalars:
+            raise NotFound(f"training job {job_id!r} has logged no scalar {tag!r}"
+                           + (f"; it has {', '.join(sorted(scalars))}" if scalars else " (no event file yet)"))
+        scalars = {tag: scalars[tag]}
+    return JobScalars(job_id=job_id, state=str(job["state"]), logs_prefix=prefix, scalars=scalars)
 
 
 @router.get("/jobs")

@@ -1,12 +1,16 @@
 """What happens to a run's reports: TensorBoard event files, checkpoints, the caller's epoch hook.
 
 All of it happens in the parent process (a data-parallel run's rank 0 only sends its reports), so
-the object store is the only thing the reports need, whatever the engine.
+the object store is the only thing the reports need, whatever the engine. :func:`read_scalars` reads
+a job's event files back from there with TensorBoard's own reader (what ``GET /jobs/{id}/tensorboard``
+serves).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -117,3 +121,24 @@ class JobMonitor:
     def close(self) -> list[str]:
         self.writer.close()
         return self.upload_logs()
+
+
+Scalar = tuple[float, int, float | None]  # (wall time, step, value: None where it was not finite)
+
+
+def read_scalars(objects: ObjectStore, logs_prefix: str, *, work_dir: Path) -> dict[str, list[Scalar]]:
+    """Every scalar tag in the event files under ``logs_prefix``: ``{tag: [(wall_time, step, value), ...]}`` by
+    step, as TensorBoard's scalars plugin serves them (``{}``: no event file yet)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="tensorboard-") as tmp:
+        files = [i.key for i in objects.list(logs_prefix) if "tfevents" in i.key.rsplit("/", 1)[-1]]
+        if not files:
+            return {}
+        for key in files:
+            objects.get_file(key, Path(tmp) / key.rsplit("/", 1)[-1])
+        events = EventAccumulator(tmp, size_guidance={"scalars": 0})  # 0: keep every point
+        events.Reload()
+        return {tag: [(e.wall_time, e.step, e.value if math.isfinite(e.value) else None)
+                      for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
