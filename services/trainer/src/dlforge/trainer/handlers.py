@@ -27,6 +27,7 @@ from dlforge.common.events import UniqueClasses
 from dlforge.common.objects import ObjectStore
 from dlforge.trainer.cache import ActivationCache, CachedActivations, digest_file, manifest_digest, prefix_runner
 from dlforge.trainer.engines import FitJob, engine_for
+from dlforge.trainer.launcher import KubernetesConfig, KubernetesEngine
 from dlforge.trainer.monitor import EpochHook, JobMonitor
 from dlforge.trainer.params import EpochMetrics, EvalSummary, RunOptions, TrainParams
 from dlforge.trainer.settings import TrainerSettings
@@ -198,10 +199,21 @@ class TrainerConfig:
     val_people_min: int = 30
     view_tolerance: float = 0.02
     view_error_share: float = 0.5
+    kubernetes: KubernetesConfig | None = None  # runs of several workers go to Kubernetes (see launcher.py)
 
     @classmethod
     def from_settings(cls, s: TrainerSettings) -> TrainerConfig:
+        kubernetes = None
+        if s.trainer_launcher == "kubernetes":
+            assert s.trainer_k8s_image is not None  # the settings' validator
+            kubernetes = KubernetesConfig(
+                image=s.trainer_k8s_image, namespace=s.trainer_k8s_namespace, api_url=s.trainer_k8s_api_url,
+                token_file=s.trainer_k8s_token_file, ca_file=s.trainer_k8s_ca_file, cpu=s.trainer_k8s_cpu,
+                memory=s.trainer_k8s_memory, gpus_per_worker=s.trainer_k8s_gpus_per_worker,
+                env_from=tuple(p.strip() for p in s.trainer_k8s_env_from.split(",") if p.strip()),
+                threads=s.trainer_train_threads)
         return cls(
+            kubernetes=kubernetes,
             work_dir=Path(s.work_dir) / "trainer",
             threads=s.trainer_threads,
             train_threads=s.trainer_train_threads,
@@ -499,7 +511,10 @@ def run_training(
                          checkpoint_every_steps=request.run_config.checkpoint_every_steps,
                          summary_every_steps=request.run_config.summary_every_steps, threads=config.train_threads,
                          work_dir=Path(tmp), resume=resume, on_state=on_state)
-            return engine_for(request.run_config.engine).run(job, monitor)
+            engine = engine_for(request.run_config.engine)
+            if config.kubernetes is not None and job.no_of_workers > 1:
+                engine = KubernetesEngine(config.kubernetes, objects=objects, key_prefix=key_prefix, job_id=job_id)
+            return engine.run(job, monitor)
 
         started = time.perf_counter()
         try:
