@@ -128,8 +128,8 @@ class ApiStandIn:
 
             def _route(self) -> tuple[str, str, str | None, dict[str, list[str]]] | None:
                 url = urlsplit(self.path)
-                m = re.fullmatch(r"/(?:apis/batch/v1|api/v1)/namespaces/([^/]+)/(jobs|services)(?:/([^/]+))?",
-                                 url.path)
+                m = re.fullmatch(r"/(?:apis/batch/v1|api/v1)/namespaces/([^/]+)/(jobs|services|pods)"
+                                 r"(?:/([^/]+)(?:/log)?)?", url.path)
                 if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                     self._reply(401, {"kind": "Status", "code": 401, "reason": "Unauthorized"})
                     return None
@@ -155,6 +155,20 @@ class ApiStandIn:
                     stand_in.start_pods(body)
                 self._reply(201, body)
 
+            def _pods(self, pod: str | None, query: dict[str, list[str]]) -> None:
+                """The pod list (by the Job's label) or one pod's log (its process's output)."""
+                if pod is None:
+                    job = query["labelSelector"][0].removeprefix("dlforge.io/train-job=")
+                    self._reply(200, {"kind": "PodList", "items": [
+                        {"metadata": {"name": f"{job}-{i}-x7k2p"}} for i in range(len(stand_in.pods))]})
+                    return
+                data = (stand_in.logs / f"pod-{int(pod.split('-')[-2])}.out").read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_DELETE(self) -> None:
                 route = self._route()
                 if route is None:
@@ -174,7 +188,10 @@ class ApiStandIn:
                 route = self._route()
                 if route is None:
                     return
-                _, plural, _, query = route
+                _, plural, pod, query = route
+                if plural == "pods":
+                    self._pods(pod, query)
+                    return
                 assert plural == "jobs" and query.get("watch") == ["1"], query
                 name = query["fieldSelector"][0].removeprefix("metadata.name=")
                 since = int(query.get("resourceVersion", ["0"])[0])
@@ -282,11 +299,11 @@ def test_the_launcher_creates_follows_and_deletes_the_job(
                        on_epoch=on_epoch)
 
     # the calls, in order: create the Service and the Job, watch the Job, delete the Job (its pods) and the Service
-    methods = [(m, p.rsplit("/", 2)[-2] if m == "DELETE" else p.rsplit("/", 1)[-1]) for m, p, _ in api.calls]
-    watches = [q for m, _, q in api.calls if m == "GET"]
-    assert methods[:2] == [("POST", "services"), ("POST", "jobs")] and methods[-2:] == [("DELETE", "jobs"),
-                                                                                         ("DELETE", "services")]
-    assert set(methods[2:-2]) == {("GET", "jobs")} and len(watches) >= 1
+    methods = [(m, p.split("/namespaces/dlforge/")[1].split("/")[0]) for m, p, _ in api.calls]
+    watches = [q for m, p, q in api.calls if m == "GET" and p.endswith("/jobs")]
+    assert methods[:2] == [("POST", "services"), ("POST", "jobs")]
+    assert methods[-5:] == [("GET", "pods")] * 3 + [("DELETE", "jobs"), ("DELETE", "services")]  # list, 2 logs
+    assert set(methods[2:-5]) == {("GET", "jobs")} and len(watches) >= 1
     assert all(q["fieldSelector"] == [f"metadata.name={api.created[1]['metadata']['name']}"] for q in watches)
     assert [q.get("propagationPolicy") for m, _, q in api.calls if m == "DELETE"] == [["Background"]] * 2
     assert api.jobs == {} and api.services == {}  # cleaned up
@@ -295,6 +312,12 @@ def test_the_launcher_creates_follows_and_deletes_the_job(
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     launch = api.created[1]["spec"]["template"]["spec"]["containers"][0]["command"][-1]
     assert launch.startswith("trainer/jobs/k8s/launch/") and list(objects.list(launch + "/")) == []
+    # the pods' logs were kept before they were deleted
+    attempt = launch.rsplit("/", 1)[-1]
+    name = api.created[1]["metadata"]["name"]
+    logs = {i.key: objects.get_bytes(i.key).decode() for i in objects.list("trainer/jobs/k8s/logs/")}
+    assert sorted(logs) == [f"trainer/jobs/k8s/logs/{attempt}/{name}-{i}-x7k2p.log" for i in (0, 1)]
+    assert all(text == (api.logs / f"pod-{i}.out").read_text() for i, text in enumerate(logs.values()))
 
     # the run came back through the reports: epochs answered, checkpoints kept, the trained weights returned
     assert out.state == "completed" and seen == [1, 2] and out.no_of_workers == 2
@@ -318,5 +341,28 @@ def test_a_failed_job_fails_the_run_and_is_still_deleted(
         run_training(objects, _request(2), job_id="k8s", key_prefix="trainer/jobs/k8s", config=launched)
     assert [(m, p.rsplit("/", 2)[-2]) for m, p, _ in api.calls if m == "DELETE"] == [("DELETE", "jobs"),
                                                                                       ("DELETE", "services")]
+    # the pods' logs say why they failed
+    logs = [objects.get_bytes(i.key).decode() for i in objects.list("trainer/jobs/k8s/logs/")]
+    assert len(logs) == 2 and all("DLFORGE_OBJECTS is not set" in text for text in logs)
     assert api.jobs == {} and api.services == {}
     assert list(objects.list("trainer/jobs/k8s/launch/")) == []
+
+
+def test_the_trainers_role_grants_the_calls_the_launcher_makes() -> None:
+    """k8s/trainer-launcher.yaml lets the trainer's service account make each call of launcher.KubernetesApi."""
+    import yaml
+
+    k8s_dir = Path(__file__).resolve().parents[2] / "k8s"
+    docs = [d for d in yaml.safe_load_all((k8s_dir / "trainer-launcher.yaml").read_text()) if d]
+    role = next(d for d in docs if d["kind"] == "Role")
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    needed = {("batch", "jobs", v) for v in ("create", "watch", "delete")} | {
+        ("", "services", v) for v in ("create", "delete")} | {("", "pods", "list"), ("", "pods/log", "get")}
+    assert needed <= granted
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "trainer", "namespace": "dlforge"}]
+    trainer = next(d for d in yaml.safe_load_all((k8s_dir / "services.yaml").read_text())
+                   if d and d["kind"] == "Deployment" and d["metadata"]["name"] == "trainer")
+    assert trainer["spec"]["template"]["spec"]["serviceAccountName"] == "trainer"

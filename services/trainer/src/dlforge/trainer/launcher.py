@@ -7,9 +7,11 @@ an indexed Job of N pods through the Kubernetes API (:func:`render_worker_job`),
 (``<job>-0.<service>``, static torchrun rendezvous) and :mod:`dlforge.trainer.pod` as the program. It
 follows the Job with the API's watch, and rank 0's reports (step losses, epochs, checkpoints, states to
 resume from) through the object store, answering each epoch with go-on/stop as the local engine does;
-at the end, whether the run succeeded, failed or was interrupted, it deletes the Job (its pods with it)
-and the Service, and the job's files. The trainer's service account needs ``create``, ``get``,
-``watch`` and ``delete`` on ``jobs`` (batch) and ``services`` in the namespace.
+at the end, whether the run succeeded, failed or was interrupted, it copies the pods' logs to
+``<key_prefix>/logs/<attempt>/<pod>.log`` and deletes the Job (its pods with it), the Service and the
+job's files. The trainer's service account needs ``create``, ``get``, ``watch`` and ``delete`` on
+``jobs`` (batch) and ``services``, and ``list`` on ``pods`` and ``get`` on ``pods/log``, in the namespace
+(``k8s/trainer-launcher.yaml``).
 """
 
 from __future__ import annotations
@@ -182,6 +184,18 @@ class KubernetesApi:
                     events.append(json.loads(line))
         return events
 
+    def pod_logs(self, selector: str) -> dict[str, str]:
+        """The log of each pod that matches the label ``selector``, by pod name."""
+        r = self.client.get(f"/api/v1/namespaces/{self.namespace}/pods", params={"labelSelector": selector})
+        self._check(r, f"list pods {selector}")
+        logs = {}
+        for pod in r.json().get("items", []):
+            name = pod["metadata"]["name"]
+            got = self.client.get(f"/api/v1/namespaces/{self.namespace}/pods/{name}/log")
+            self._check(got, f"log of pod {name}")
+            logs[name] = got.text
+        return logs
+
     def delete(self, kind: str, name: str) -> None:
         """Delete (the Job's pods with it); gone already is fine."""
         r = self.client.delete(self._path(kind, name), params={"propagationPolicy": "Background"})
@@ -230,12 +244,25 @@ class KubernetesEngine(Engine):
                 log.info("kubernetes: job %s: %d worker pods in %s", name, job.no_of_workers, self.config.namespace)
                 return self._follow(name, launch, job, listener, Path(tmp))
             finally:
+                if created:
+                    self._keep_logs(name, attempt)
                 for kind, n in reversed(created):
                     try:
                         self.api.delete(kind, n)
                     except (RuntimeError, httpx.HTTPError) as exc:  # the TTL removes the Job should this fail
                         log.warning("kubernetes: could not delete %s %s: %s", kind, n, exc)
                 delete_prefix(self.objects, f"{launch}/")
+
+    def _keep_logs(self, name: str, attempt: str) -> None:
+        """Copy the worker pods' logs to ``<key_prefix>/logs/<attempt>/<pod>.log`` before the pods are deleted."""
+        try:
+            logs = self.api.pod_logs(f"dlforge.io/train-job={name}")
+        except (RuntimeError, httpx.HTTPError) as exc:
+            log.warning("kubernetes: could not read the logs of job %s: %s", name, exc)
+            return
+        for pod, text in logs.items():
+            self.objects.put_bytes(f"{self.key_prefix}/logs/{attempt}/{pod}.log", text.encode(),
+                                   content_type="text/plain")
 
     def _follow(self, name: str, launch: str, job: FitJob, listener: FitListener, tmp: Path) -> FitResult:
         seen = 0
