@@ -23,9 +23,10 @@ train the same steps an uninterrupted run would:
   positions ``[j * batch_size, (j + 1) * batch_size)`` of that order, rank ``r`` of ``world`` the
   ``r``-th of every ``world`` of them. The position is counted in samples, so a run resumes on
   another number of workers at the same place of the same order;
-* the loss of a step is normalized by the weights of the whole global batch (one all-reduce of two
-  numbers per step), so the averaged gradient is the single-process gradient of that batch whatever
-  the number of workers;
+* the loss of a step is normalized by the weights of the whole global batch (every rank has every
+  row's label and weight, so this needs no communication), so the averaged gradient is the
+  single-process gradient of that batch whatever the number of workers; the ranks' parts of the
+  loss are summed where they are read (logged steps, checkpoint steps, the epoch's end);
 * the torch RNG (dropout) is seeded at every step from the seed, the global step and the rank, so a
   resumed run draws the masks the interrupted one would have drawn.
 """
@@ -188,6 +189,15 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return ((seed * 1_000_003 + step) * 1024 + rank) % (2**63 - 1)
 
 
+def _seed_step(seed: int, device: torch.device) -> None:
+    """Seed the generator dropout draws from on ``device`` (``torch.manual_seed`` costs ~100 us a call: it
+    seeds every device type)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+
+
 def class_weights(y: np.ndarray, n_classes: int, mode: str, row_weights: np.ndarray | None = None,
                   ) -> torch.Tensor | None:
     """Inverse-frequency weights ``n / (k * count_c)`` (absent classes get weight 0), or None.
@@ -231,6 +241,17 @@ def weighted_sums(logits: torch.Tensor, y: torch.Tensor, *, class_weight: torch.
     if row_weight is not None:
         w = w * row_weight
     return (w * ce).sum(), w.sum()
+
+
+def _weights_of(rows: np.ndarray, y: np.ndarray, class_weight: np.ndarray | None,
+                row_weights: np.ndarray | None) -> np.ndarray:
+    """The loss weight ``c_{y_i} w_i`` of each of ``rows`` (as :func:`weighted_sums` weighs them)."""
+    w = np.ones(len(rows), dtype=np.float64)
+    if class_weight is not None:
+        w = w * class_weight[np.asarray(y[rows], dtype=np.int64)]
+    if row_weights is not None:
+        w = w * row_weights[rows]
+    return w
 
 
 class EarlyStopping:
@@ -398,6 +419,7 @@ def fit(
     row_weights = None if data.train_w is None else np.asarray(data.train_w, dtype=np.float32)
     weights = class_weights(data.train_y, len(data.classes), hp.class_weighting, row_weights)
     class_weight = weights.to(device) if weights is not None else None
+    class_weight_np = weights.numpy().astype(np.float64) if weights is not None else None
     n_views = 1 + len(data.train_views)
     stopping = EarlyStopping(hp.patience) if hp.patience else None
     best_state: dict[str, torch.Tensor] | None = None
@@ -406,7 +428,8 @@ def fit(
     first, position, loss_sum, seconds_before = 1, 0, 0.0, 0.0
     if resume is not None:
         first, position = resume.epoch + 1, resume.position
-        loss_sum, seconds_before = resume.loss_sum, resume.seconds
+        loss_sum = resume.loss_sum if coll.rank == 0 else 0.0  # the ranks' parts are summed at the epoch's end
+        seconds_before = resume.seconds
         result.epochs = list(resume.epochs)
         result.steps = resume.steps
         started -= resume.elapsed
@@ -433,30 +456,35 @@ def fit(
         for lo in range(position, n_rows, hp.batch_size):
             block = order[lo:lo + hp.batch_size]
             idx = np.sort(block[coll.rank::coll.world])  # sorted: contiguous reads from the memory-mapped cache
-            torch.manual_seed(step_seed(hp.seed, result.steps, coll.rank))
+            _seed_step(step_seed(hp.seed, result.steps, coll.rank), device)
             xb = torch.from_numpy(_rows(data, idx, views)).to(device)
             yb = torch.from_numpy(data.train_y[idx].astype(np.int64)).to(device)
             wb = None if row_weights is None else torch.from_numpy(row_weights[idx]).to(device)
             optimizer.zero_grad(set_to_none=True)
-            weighted, weight = weighted_sums(model(xb), yb, class_weight=class_weight, row_weight=wb)
-            block_weighted, block_weight = coll.sum([float(weighted.detach()), float(weight.detach())])
-            # DDP averages the ranks' gradients: scaled by the world, each rank's share of the batch's loss
-            # sums to the loss of the whole batch
+            weighted, _ = weighted_sums(model(xb), yb, class_weight=class_weight, row_weight=wb)
+            # every rank knows the whole batch's rows, so its weight needs no communication; DDP averages the
+            # ranks' gradients, so each rank's share of the batch's loss is scaled by the world
+            block_weight = float(_weights_of(block, data.train_y, class_weight_np, row_weights).sum())
+            share = float(weighted.detach()) / block_weight if block_weight > 0 else 0.0
             loss = weighted * (coll.world / block_weight) if block_weight > 0 else weighted * 0.0
             loss.backward()
             optimizer.step()
             scheduler.step()
             result.steps += 1
-            value = block_weighted / block_weight if block_weight > 0 else 0.0
-            loss_sum += value * len(block)
+            loss_sum += share * len(block)  # this rank's part; the ranks' parts are summed when they are read
             position = lo + len(block)
-            if coll.rank == 0 and result.steps % summary_every_steps == 0:
-                listener.on_step(result.steps, value)
-            if checkpoint_every_steps and result.steps % checkpoint_every_steps == 0 and coll.rank == 0:
-                listener.on_checkpoint(result.steps, epoch, None)
-                if on_state is not None and position < n_rows:
-                    on_state(state(epoch - 1, position, loss_sum, time.perf_counter() - t0))
+            if result.steps % summary_every_steps == 0:  # the same steps on every rank (a collective)
+                value = coll.sum([share])[0]
+                if coll.rank == 0:
+                    listener.on_step(result.steps, value)
+            if checkpoint_every_steps and result.steps % checkpoint_every_steps == 0:
+                partial = coll.sum([loss_sum])[0] if position < n_rows else 0.0
+                if coll.rank == 0:
+                    listener.on_checkpoint(result.steps, epoch, None)
+                    if on_state is not None and position < n_rows:
+                        on_state(state(epoch - 1, position, partial, time.perf_counter() - t0))
         seconds = time.perf_counter() - t0
+        loss_sum = coll.sum([loss_sum])[0]
         go_on = True
         if coll.rank == 0:
             train_loss = loss_sum / max(n_rows, 1)
