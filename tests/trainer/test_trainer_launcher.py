@@ -36,7 +36,7 @@ import torch
 
 from dlforge.common.objects import ObjectStore
 from dlforge.trainer.handlers import TrainerConfig, TrainingRequest, run_training
-from dlforge.trainer.launcher import KubernetesConfig, render_worker_job
+from dlforge.trainer.launcher import KubernetesConfig, render_worker_job, train_of
 from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
 
 KUBERNETES_VERSION = "1.33"  # as tests/deploy/test_k8s.py
@@ -192,6 +192,12 @@ class ApiStandIn:
                 if plural == "pods":
                     self._pods(pod, query)
                     return
+                if "watch" not in query:  # a list by label selector
+                    key, _, value = query["labelSelector"][0].partition("=")
+                    store = stand_in.jobs if plural == "jobs" else stand_in.services
+                    self._reply(200, {"kind": "List", "items": [
+                        o for o in store.values() if o["metadata"]["labels"].get(key) == value]})
+                    return
                 assert plural == "jobs" and query.get("watch") == ["1"], query
                 name = query["fieldSelector"][0].removeprefix("metadata.name=")
                 since = int(query.get("resourceVersion", ["0"])[0])
@@ -288,6 +294,10 @@ def test_the_launcher_creates_follows_and_deletes_the_job(
 ) -> None:
     api, k8s = kube
     reference = run_training(objects, _request(1), job_id="local", key_prefix="trainer/jobs/local", config=config)
+    # what an earlier attempt of this job left when its trainer was killed (its pods are not run here)
+    for doc in render_worker_job("dlforge-train-earlier", workers=2, launch_prefix="trainer/jobs/k8s/launch/0",
+                                 config=k8s, train_of=train_of("k8s")):
+        (api.jobs if doc["kind"] == "Job" else api.services)[doc["metadata"]["name"]] = doc
     seen: list[int] = []
 
     def on_epoch(m: EpochMetrics) -> bool:
@@ -298,14 +308,20 @@ def test_the_launcher_creates_follows_and_deletes_the_job(
     out = run_training(objects, _request(2), job_id="k8s", key_prefix="trainer/jobs/k8s", config=launched,
                        on_epoch=on_epoch)
 
-    # the calls, in order: create the Service and the Job, watch the Job, delete the Job (its pods) and the Service
+    # the calls, in order: remove the earlier attempt's Job and Service, create the Service and the Job, watch the
+    # Job, list its pods and read their logs, delete the Job (its pods) and the Service
     methods = [(m, p.split("/namespaces/dlforge/")[1].split("/")[0]) for m, p, _ in api.calls]
-    watches = [q for m, p, q in api.calls if m == "GET" and p.endswith("/jobs")]
+    watches = [q for m, p, q in api.calls if m == "GET" and p.endswith("/jobs") and "watch" in q]
+    assert api.calls[0][2] == api.calls[2][2] == {"labelSelector": [f"dlforge.io/train-of={train_of('k8s')}"]}
+    assert [(m, p.rsplit("/", 1)[-1]) for m, p, _ in (api.calls[1], api.calls[3])] == [
+        ("DELETE", "dlforge-train-earlier")] * 2
+    assert methods[:4] == [("GET", "jobs"), ("DELETE", "jobs"), ("GET", "services"), ("DELETE", "services")]
+    del methods[:4]
     assert methods[:2] == [("POST", "services"), ("POST", "jobs")]
     assert methods[-5:] == [("GET", "pods")] * 3 + [("DELETE", "jobs"), ("DELETE", "services")]  # list, 2 logs
     assert set(methods[2:-5]) == {("GET", "jobs")} and len(watches) >= 1
     assert all(q["fieldSelector"] == [f"metadata.name={api.created[1]['metadata']['name']}"] for q in watches)
-    assert [q.get("propagationPolicy") for m, _, q in api.calls if m == "DELETE"] == [["Background"]] * 2
+    assert [q.get("propagationPolicy") for m, _, q in api.calls if m == "DELETE"] == [["Background"]] * 4
     assert api.jobs == {} and api.services == {}  # cleaned up
     assert api.created[1]["spec"]["completions"] == 2
     for doc in api.created:
@@ -341,6 +357,7 @@ def test_a_failed_job_fails_the_run_and_is_still_deleted(
         run_training(objects, _request(2), job_id="k8s", key_prefix="trainer/jobs/k8s", config=launched)
     assert [(m, p.rsplit("/", 2)[-2]) for m, p, _ in api.calls if m == "DELETE"] == [("DELETE", "jobs"),
                                                                                       ("DELETE", "services")]
+    assert api.created[1]["metadata"]["labels"]["dlforge.io/train-of"] == train_of("k8s")
     # the pods' logs say why they failed
     logs = [objects.get_bytes(i.key).decode() for i in objects.list("trainer/jobs/k8s/logs/")]
     assert len(logs) == 2 and all("DLFORGE_OBJECTS is not set" in text for text in logs)
@@ -358,8 +375,8 @@ def test_the_trainers_role_grants_the_calls_the_launcher_makes() -> None:
     binding = next(d for d in docs if d["kind"] == "RoleBinding")
     granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
                for resource in rule["resources"] for verb in rule["verbs"]}
-    needed = {("batch", "jobs", v) for v in ("create", "watch", "delete")} | {
-        ("", "services", v) for v in ("create", "delete")} | {("", "pods", "list"), ("", "pods/log", "get")}
+    needed = {("batch", "jobs", v) for v in ("create", "list", "watch", "delete")} | {
+        ("", "services", v) for v in ("create", "list", "delete")} | {("", "pods", "list"), ("", "pods/log", "get")}
     assert needed <= granted
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "trainer", "namespace": "dlforge"}]

@@ -9,8 +9,10 @@ follows the Job with the API's watch, and rank 0's reports (step losses, epochs,
 resume from) through the object store, answering each epoch with go-on/stop as the local engine does;
 at the end, whether the run succeeded, failed or was interrupted, it copies the pods' logs to
 ``<key_prefix>/logs/<attempt>/<pod>.log`` and deletes the Job (its pods with it), the Service and the
-job's files. The trainer's service account needs ``create``, ``get``, ``watch`` and ``delete`` on
-``jobs`` (batch) and ``services``, and ``list`` on ``pods`` and ``get`` on ``pods/log``, in the namespace
+job's files. Before it starts, it deletes what an earlier attempt of the same job left (a trainer killed
+during the run cannot clean up; the job then resumes from its last state on the new pods). The
+trainer's service account needs ``create``, ``list``, ``watch`` and ``delete`` on ``jobs`` (batch) and
+``services``, and ``list`` on ``pods`` and ``get`` on ``pods/log``, in the namespace
 (``k8s/trainer-launcher.yaml``).
 """
 
@@ -67,6 +69,11 @@ def job_name(job_id: str, attempt: str) -> str:
     return f"dlforge-train-{digest}"
 
 
+def train_of(job_id: str) -> str:
+    """The label value that marks every Job (and Service) of one training job, whatever its attempt."""
+    return hashlib.sha256(job_id.encode()).hexdigest()[:16]
+
+
 def _env_from(refs: tuple[str, ...]) -> list[dict[str, Any]]:
     out = []
     for ref in refs:
@@ -78,9 +85,11 @@ def _env_from(refs: tuple[str, ...]) -> list[dict[str, Any]]:
 
 
 def render_worker_job(name: str, *, workers: int, launch_prefix: str, config: KubernetesConfig,
-                      ) -> list[dict[str, Any]]:
-    """The headless Service and the indexed Job of ``workers`` pods (in the order to create them)."""
-    labels = {**config.labels, "app.kubernetes.io/name": "trainer-worker", "dlforge.io/train-job": name}
+                      train_of: str = "") -> list[dict[str, Any]]:
+    """The headless Service and the indexed Job of ``workers`` pods (in the order to create them);
+    ``train_of`` marks them as the training job's (see :func:`train_of`)."""
+    labels = {**config.labels, "app.kubernetes.io/name": "trainer-worker", "dlforge.io/train-job": name,
+              **({"dlforge.io/train-of": train_of} if train_of else {})}
     resources: dict[str, dict[str, str]] = {"requests": {"cpu": config.cpu, "memory": config.memory},
                                             "limits": {"memory": config.memory}}
     pod_spec: dict[str, Any] = {
@@ -184,6 +193,12 @@ class KubernetesApi:
                     events.append(json.loads(line))
         return events
 
+    def names(self, kind: str, selector: str) -> list[str]:
+        """The names of the ``kind`` objects that match the label ``selector``."""
+        r = self.client.get(self._path(kind), params={"labelSelector": selector})
+        self._check(r, f"list {kind} {selector}")
+        return [item["metadata"]["name"] for item in r.json().get("items", [])]
+
     def pod_logs(self, selector: str) -> dict[str, str]:
         """The log of each pod that matches the label ``selector``, by pod name."""
         r = self.client.get(f"/api/v1/namespaces/{self.namespace}/pods", params={"labelSelector": selector})
@@ -235,7 +250,9 @@ class KubernetesEngine(Engine):
             _write_job(FitJob(**{**job.__dict__, "threads": self.config.threads}), job_dir)
             for f in sorted(job_dir.iterdir()):
                 self.objects.put_file(f"{launch}/job/{f.name}", f)
-            manifests = render_worker_job(name, workers=job.no_of_workers, launch_prefix=launch, config=self.config)
+            manifests = render_worker_job(name, workers=job.no_of_workers, launch_prefix=launch, config=self.config,
+                                          train_of=train_of(self.job_id))
+            self._remove_earlier_attempts()
             created: list[tuple[str, str]] = []
             try:
                 for manifest in manifests:
@@ -252,6 +269,15 @@ class KubernetesEngine(Engine):
                     except (RuntimeError, httpx.HTTPError) as exc:  # the TTL removes the Job should this fail
                         log.warning("kubernetes: could not delete %s %s: %s", kind, n, exc)
                 delete_prefix(self.objects, f"{launch}/")
+
+    def _remove_earlier_attempts(self) -> None:
+        """Delete the Jobs and Services an earlier attempt of this training job left (its trainer was killed
+        before it could): their pods would wait for answers nobody gives."""
+        selector = f"dlforge.io/train-of={train_of(self.job_id)}"
+        for kind in ("Job", "Service"):
+            for old in self.api.names(kind, selector):
+                log.info("kubernetes: deleting %s %s of an earlier attempt of job %s", kind, old, self.job_id)
+                self.api.delete(kind, old)
 
     def _keep_logs(self, name: str, attempt: str) -> None:
         """Copy the worker pods' logs to ``<key_prefix>/logs/<attempt>/<pod>.log`` before the pods are deleted."""
@@ -325,4 +351,4 @@ class KubernetesEngine(Engine):
         return None
 
 
-__all__ = ["KubernetesApi", "KubernetesConfig", "KubernetesEngine", "job_name", "render_worker_job"]
+__all__ = ["KubernetesApi", "KubernetesConfig", "KubernetesEngine", "job_name", "render_worker_job", "train_of"]
