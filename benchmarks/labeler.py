@@ -50,12 +50,13 @@ from dlforge.common.events import DatasetLabeled, Event, LabelsRequested, Pipeli
 from dlforge.common.runtime import Backends, Worker, run_workers
 from dlforge.labeler import records, simulated
 from dlforge.labeler.app import DatasetRequest, _limits, import_dataset
-from dlforge.labeler.classifier import make_classifier
 from dlforge.labeler.demo_data import elpv_cells, elpv_root
 from dlforge.labeler.index import normalize
 from dlforge.labeler.ingest import open_folder, scan
+from dlforge.labeler.pixelnet import Both
 from dlforge.labeler.settings import LabelerSettings
-from dlforge.labeler.worker import build_deps, ensure_embeddings, service
+from dlforge.labeler.worker import build_deps, classifier_pixels, ensure_embeddings, service
+from dlforge.vision.images import canonical_pixels, from_pixels
 from dlforge.vision.manifest import Manifest, load_manifest
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -221,6 +222,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         bus="memory://", objects=f"file://{work}/objects", docs=f"sqlite:///{work}/docs-{stamp}.db",
         work_dir=str(work / "work"), labeler_import_roots=[str(work)], labeler_embed_size=args.embed_size,
         labeler_threads=args.threads, labeler_classifier=args.classifier, poll_seconds=0.05,
+        labeler_cnn_time_budget_s=args.cnn_budget,
     )
     options = PipelineOptions(label_budget=args.budget, max_auto_label_error=args.max_error, auto_label_all=True,
                               seed=args.seed)
@@ -241,8 +243,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     selective = auto & (conf >= threshold) if threshold is not None else np.zeros(len(items), dtype=bool)
 
     # the final classifier, refitted exactly as the last round fitted it, on the held-out split
-    plugin = make_classifier(args.classifier, threads=args.threads)
     deps = await build_deps(settings, backends)
+    plugin = deps.classifier
     vectors, _ = await asyncio.to_thread(ensure_embeddings, backends.objects, manifest, deps)
     embedder = deps.embedder
     held_images = np.stack([embedder.prepare(_image(entries[int(i)][1])) for i in heldout_rows])
@@ -253,13 +255,23 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     # as the worker's labeling view marks them: people's labels asked at random or as the k-means seed
     representative = np.array([asked.get(i.item_id) in ("test", "val", "seed") for i in items])
 
+    inputs, held_inputs = vectors, held_vectors
+    pixels = await asyncio.to_thread(classifier_pixels, backends.objects, manifest, deps)
+    if pixels is not None:  # a classifier on the pixels: the held-out images at the same size and channels
+        size, channels = pixels.shape[1], pixels.shape[3]
+        held_pixels = np.stack([from_pixels(canonical_pixels(_image(entries[int(i)][1])), size=size,
+                                            channels=channels) for i in heldout_rows])
+        both = getattr(plugin, "inputs", "") == "both"
+        inputs = Both(vectors, pixels) if both else pixels
+        held_inputs = Both(held_vectors, held_pixels) if both else held_pixels
+
     def fit_on(rows: np.ndarray) -> Any:
         labeled = np.flatnonzero(rows)
-        return plugin.fit(vectors, labeled, y_true[labeled], n_classes=len(classes),
+        return plugin.fit(inputs, labeled, y_true[labeled], n_classes=len(classes),
                           representative=representative[labeled], seed=args.seed)
 
     final = await asyncio.to_thread(fit_on, human)
-    held_pred = final.predict_proba(held_vectors).argmax(axis=1)
+    held_pred = final.predict_proba(held_inputs).argmax(axis=1)
 
     # accuracy after each round: the labels people had given once that round's batch was answered
     per_round: list[dict[str, Any]] = []
@@ -275,7 +287,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if args.curve:
             fitted = final if r == len(requests) else await asyncio.to_thread(fit_on, known.copy())
             rest = ~known
-            entry["auto_label_accuracy"] = _accuracy(fitted.predict_proba(vectors[rest]).argmax(axis=1), y_true[rest])
+            entry["auto_label_accuracy"] = _accuracy(fitted.predict_proba(inputs[rest]).argmax(axis=1), y_true[rest])
         per_round.append(entry)
     await backends.stop()
 
@@ -311,6 +323,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "heldout_accuracy": _accuracy(held_pred, held_truth),
         "heldout_per_class": _per_class(held_pred, held_truth, classes),
         "final_classifier": final.summary().get("classifier"),
+        "final_classifier_summary": final.summary(),
         "labeler_warnings": result.get("warnings", []),
         "stop_reason": result.get("stop_reason"),
         "rounds": len(requests),
@@ -392,7 +405,9 @@ def main() -> None:
     source.add_argument("--folder", help="a folder of class sub-folders (the folder names are the known labels)")
     p.add_argument("--budget", type=float, default=0.2, help="share of the loop's items people may label")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--classifier", default="linear", choices=["linear", "mlp_ssl", "best"])
+    p.add_argument("--classifier", default="linear", choices=["linear", "mlp_ssl", "cnn_ssl", "blend", "best"])
+    p.add_argument("--cnn-budget", type=float, default=900.0,
+                   help="cnn_ssl: the most seconds one fit may take (DLFORGE_LABELER_CNN_TIME_BUDGET_S)")
     p.add_argument("--max-error", type=float, default=0.01, help="the selective rule's target auto-label error")
     p.add_argument("--subset", type=int, default=5000, help="MNIST sets: stratified images for the loop")
     p.add_argument("--heldout", type=int, default=1000, help="MNIST sets: held-out images")

@@ -21,7 +21,7 @@ def test_nested_pruner_description_builds_the_wrapped_pruner() -> None:
 
 
 @pytest.mark.parametrize(("spec", "says"), [
-    ({"factory": "os.system", "kwargs": {"command": "true"}}, "is not in optuna.pruners."),
+    ({"factory": "os.system", "kwargs": {"command": "true"}}, "is not in optuna.pruners"),
     ({"factory": "optuna.pruners.NoSuchPruner"}, "no pruner"),
     ({"factory": "optuna.pruners.MedianPruner", "kwargs": {"n_startup_trials": -1}}, "bad kwargs"),
     ({"factory": "optuna.pruners.MedianPruner", "kwargs": {"colour": "blue"}}, "bad kwargs"),

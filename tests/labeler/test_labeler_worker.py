@@ -240,3 +240,39 @@ async def test_a_fully_labeled_dataset_is_labeled_without_asking_anyone(
     assert all(i.label == i.name.split("/")[0] for i in manifest.items)
     assert {i.split for i in manifest.items} == {"train", "val", "test"}
     await sub.close()
+
+
+@pytest.mark.slow
+async def test_a_pixel_classifier_learns_on_the_stored_pixels_in_the_loop(tmp_path: Path) -> None:
+    """``DLFORGE_LABELER_CLASSIFIER=cnn_ssl``: each round's classifier is the CNN, fitted on the items'
+    decoded pixels at their own size (24 px gray here), within the configured time budget."""
+    settings = labeler_settings_for(tmp_path, labeler_classifier="cnn_ssl", labeler_cnn_time_budget_s=3.0,
+                                    labeler_threads=1)
+    backends = Backends.from_settings(settings)
+    await backends.start()
+    images = two_class_images(30)
+    truth = {n: label for n, (_, label) in images.items()}
+    await asyncio.to_thread(simulated.register_answers, backends.objects, "px", truth)
+    stop = asyncio.Event()
+    workers = [Worker(service, backends, deps=await stub_deps(settings, backends)),
+               Worker(simulated.service, backends, deps=simulated.AnnotatorSim())]
+    task = asyncio.create_task(run_workers(workers, stop))
+    try:
+        await ingest(backends, settings, images, dataset_id="px",
+                     options=OPTIONS.model_copy(update={"auto_label_all": True}))
+        events = await collect(backends, [Topic.DATASET_LABELED, Topic.RUN_FAILED], until=Topic.DATASET_LABELED,
+                               timeout=180)
+        record = await records.load(backends.docs, "px")
+    finally:
+        stop.set()
+        await task
+        await backends.stop()
+    assert events[-1].event_type == Topic.DATASET_LABELED
+    rounds = [r["classifier"] for r in record["rounds"] if r.get("classifier")]
+    assert rounds and all(c["classifier"] == "cnn_ssl" for c in rounds)
+    assert all(c["input_size"] == 24 and c["channels"] == 1 for c in rounds)
+    # bright against dark cells: the CNN gets every auto-label right
+    labeled = events[-1].payload
+    assert isinstance(labeled, DatasetLabeled) and labeled.auto_labels > 0
+    manifest = await asyncio.to_thread(load_manifest, Backends.from_settings(settings).objects, labeled.labels_key)
+    assert all(i.label == truth[i.name] for i in manifest.items if i.label_source == "auto")

@@ -292,3 +292,30 @@ async def test_reports_are_answered_per_step_and_a_stray_one_is_told_to_stop(bac
     assert doc is not None and doc["state"] == "running"
     study = optuna.load_study(study_name=name, storage=doc["context"]["storage_url"])
     assert study.trials[0].intermediate_values == {1: 0.6}
+
+
+async def test_a_completed_study_with_a_fingerprint_warm_starts_the_next_run_on_similar_data(
+        backends: Backends) -> None:
+    from dlforge.tuner.warmstart import PAST_STUDIES
+
+    # run A: data fingerprint (0, 1, 0, 1); its one trial (fixed: no run would draw it at random) completes
+    # at 0.9 -> remembered with its parameters
+    fixed = {"lr": 0.0123, "momentum": 0.77, "weight_decay": 1e-5, "dropout": 0.2, "unfreeze": 1, "batch_size": 32,
+             "optimizer": "adamw"}
+    await backends.docs.insert("tuner_configs", {"_id": "run-a", "override": {"fingerprint": [0.0, 1.0, 0.0, 1.0],
+                                                                              "enqueue": [fixed]}})
+    [trial_a] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=1), run_id="run-a"))
+    assert isinstance(trial_a.payload, HpoTrial) and trial_a.payload.params == fixed
+    [done] = await tuner_handles(backends, trial_done(trial_a, "complete", 0.9))
+    assert isinstance(done.payload, HpoCompleted)
+    past = await backends.docs.get(PAST_STUDIES, study_name_for("run-a"))
+    assert past is not None and past["best_params"] == [fixed] and past["fingerprint"] == [0.0, 1.0, 0.0, 1.0]
+    # run B, on data with a nearby fingerprint: its first trial is run A's best
+    await backends.docs.insert("tuner_configs", {"_id": "run-b", "override": {"fingerprint": [0.1, 0.9, 0.0, 1.0]}})
+    [trial_b] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=2), run_id="run-b"))
+    assert isinstance(trial_b.payload, HpoTrial) and trial_b.payload.params == fixed
+    # a run without a fingerprint is neither warm-started nor remembered
+    [trial_c] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=1), run_id="run-c"))
+    assert isinstance(trial_c.payload, HpoTrial) and trial_c.payload.params != fixed
+    await tuner_handles(backends, trial_done(trial_c, "complete", 0.95))
+    assert await backends.docs.get(PAST_STUDIES, study_name_for("run-c")) is None

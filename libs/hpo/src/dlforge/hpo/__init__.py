@@ -7,8 +7,9 @@ other service reaches this database (see ``dlforge.trainer.pruning``).
 Optuna does not persist a study's pruner, so the tuner stores a description of it in the study's user
 attribute :data:`PRUNER_ATTR`: ``{"factory": "optuna.pruners.MedianPruner", "kwargs": {...}}`` (a
 nested ``{"factory": ...}`` among the kwargs builds a wrapped pruner), and every tuner replica builds
-the same pruner from it. Only factories from ``optuna.pruners`` are accepted: the description comes
-from a stored document, and must not name arbitrary callables.
+the same pruner from it. Only factories from ``optuna.pruners`` and dlforge's own
+``dlforge.hpo.pruners`` are accepted: the description comes from a stored document, and must not name
+arbitrary callables.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import optuna
 from dlforge.common.errors import InvalidInput, RetryableError
 
 PRUNER_ATTR = "dlforge.pruner"
-ALLOWED_PRUNERS = "optuna.pruners."
+ALLOWED_PRUNERS = ("optuna.pruners.", "dlforge.hpo.pruners.")
 
 _STORAGES: dict[str, optuna.storages.BaseStorage] = {}
 _LOCK = threading.Lock()
@@ -54,12 +55,12 @@ def build_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
     if not spec:
         return optuna.pruners.NopPruner()
     factory = str(spec.get("factory", ""))
-    if not factory.startswith(ALLOWED_PRUNERS):
-        raise InvalidInput(f"pruner factory {factory!r} is not in {ALLOWED_PRUNERS}*")
     module, _, name = factory.rpartition(".")
+    if f"{module}." not in ALLOWED_PRUNERS:
+        raise InvalidInput(f"pruner factory {factory!r} is not in {' or '.join(m + '*' for m in ALLOWED_PRUNERS)}")
     cls = getattr(importlib.import_module(module), name, None)
-    if cls is None:
-        raise InvalidInput(f"no pruner {factory!r} in Optuna {optuna.__version__}")
+    if not (isinstance(cls, type) and issubclass(cls, optuna.pruners.BasePruner)):
+        raise InvalidInput(f"no pruner {factory!r} (Optuna {optuna.__version__})")
     kwargs = {k: build_pruner(v) if isinstance(v, dict) and "factory" in v else v
               for k, v in dict(spec.get("kwargs", {})).items()}
     try:

@@ -279,8 +279,9 @@ class FittedClassifier(Protocol):
     heldout_proba: np.ndarray  # labeled rows x n_classes, calibrated out-of-fold (NaN: not held out)
     heldout_representative: np.ndarray  # which labeled rows are representative
 
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities of the rows of ``x``, N x n_classes."""
+    def predict_proba(self, x: Any) -> np.ndarray:
+        """Calibrated class probabilities of the rows of ``x`` (inputs of the plug-in's kind: embeddings,
+        pixels, or :class:`dlforge.labeler.pixelnet.Both`), N x n_classes."""
         ...
 
     def summary(self) -> dict[str, float | int | bool | str | None]:
@@ -295,7 +296,7 @@ class LabelClassifier(Protocol):
 
     def fit(
         self,
-        x_all: np.ndarray,
+        x_all: Any,
         labeled: np.ndarray,
         y: np.ndarray,
         *,
@@ -537,8 +538,20 @@ class _Chosen:
         return out
 
 
+def _pixel_ssl(**options: Any) -> LabelClassifier:
+    from dlforge.labeler.pixelnet import PixelSSL  # imports this module
+
+    return PixelSSL(**options)
+
+
+def _blend(**options: Any) -> LabelClassifier:
+    from dlforge.labeler.pixelnet import Blend  # imports this module
+
+    return Blend(**options)
+
+
 CLASSIFIERS: dict[str, Callable[..., LabelClassifier]] = {
-    "linear": LinearProbe, "mlp_ssl": SemiSupervisedMLP, "best": BestHeldout,
+    "linear": LinearProbe, "mlp_ssl": SemiSupervisedMLP, "cnn_ssl": _pixel_ssl, "blend": _blend, "best": BestHeldout,
 }
 
 

@@ -41,11 +41,17 @@ class LabelerSettings(CommonSettings):
         default="faiss-cpu", description="vector index backend; faiss-gpu needs the faiss-gpu package and a GPU"
     )
     labeler_query_strategy: Literal["margin", "least_confidence", "entropy"] = "margin"
-    labeler_classifier: Literal["linear", "mlp_ssl", "best"] = Field(
+    labeler_classifier: Literal["linear", "mlp_ssl", "cnn_ssl", "blend", "best"] = Field(
         default="linear", description="the auto-labeling classifier plug-in: calibrated logistic regression, the "
-        "semi-supervised MLP, or best: both, keeping the one with the better held-out accuracy on people's "
+        "semi-supervised MLP on the embeddings, cnn_ssl: a small CNN trained in the loop on the pixels with "
+        "pseudo-labels (FixMatch-style), blend: linear and cnn_ssl averaged with the weight their held-out "
+        "predictions favour, or best: linear and mlp_ssl, keeping the one with the better held-out "
+        "accuracy on people's "
         "representative labels (which weakens the auto-label guarantee's 95 % to about 90 %; "
         "benchmarks/labeler.py compares them)")
+    labeler_cnn_time_budget_s: float = Field(
+        default=900.0, gt=0, le=24 * 3600,
+        description="cnn_ssl and blend: the most seconds one round's fit may take (its fold networks share it)")
     labeler_presign_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
 
     @field_validator("labeler_import_roots", mode="before")

@@ -50,7 +50,8 @@ from dlforge.labeler.index import SimilarSearch, build_index, normalize
 from dlforge.labeler.ingest import dataset_prefix
 from dlforge.labeler.settings import LabelerSettings
 from dlforge.labeler.strategies import QueryStrategy, make_strategy
-from dlforge.vision.manifest import Manifest, load_manifest, save_manifest
+from dlforge.vision.images import from_pixels
+from dlforge.vision.manifest import Manifest, load_manifest, load_pixels, save_manifest
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,14 @@ async def build_deps(settings: LabelerSettings, backends: Backends, *, embedder:
         embedder = make_embedder(settings.labeler_embedder, size=settings.labeler_embed_size,
                                  threads=settings.labeler_threads, runtime=settings.labeler_embed_runtime)
     return LabelerDeps(settings=settings, embedder=embedder, strategy=make_strategy(settings.labeler_query_strategy),
-                       classifier=make_classifier(settings.labeler_classifier, threads=settings.labeler_threads))
+                       classifier=make_classifier(settings.labeler_classifier, **_classifier_options(settings)))
+
+
+def _classifier_options(settings: LabelerSettings) -> dict[str, Any]:
+    options: dict[str, Any] = {"threads": settings.labeler_threads}
+    if settings.labeler_classifier in ("cnn_ssl", "blend"):
+        options["time_budget_s"] = settings.labeler_cnn_time_budget_s
+    return options
 
 
 service = Service[LabelerDeps]("labeler")
@@ -102,6 +110,22 @@ def ensure_embeddings(objects: ObjectStore, manifest: Manifest, deps: LabelerDep
         index = build_index(vectors, backend=settings.labeler_index)
         objects.put_bytes(index_key(manifest.dataset_id, embedder.name), index.to_bytes())
     return normalize(vectors), key
+
+
+def classifier_pixels(objects: ObjectStore, manifest: Manifest, deps: LabelerDeps) -> np.ndarray | None:
+    """The items' pixels at the size and channels a pixel classifier plug-in asks for (None for the
+    plug-ins that learn on the embeddings): read from the feature store's decoded images, so an image
+    is decoded once per run whatever the rounds."""
+    plugin = deps.classifier
+    if getattr(plugin, "inputs", "embeddings") not in ("pixels", "both"):
+        return None
+    raw = load_pixels(objects, manifest.items, threads=deps.settings.labeler_threads)
+    native = int(np.median([min(p.shape[:2]) for p in raw])) if raw else 32
+    wanted = plugin.pixel_input(native_size=native, gray=all(p.ndim == 2 for p in raw))  # type: ignore[attr-defined]
+    out = np.zeros((len(raw), wanted.size, wanted.size, wanted.channels), dtype=np.uint8)
+    for n, p in enumerate(raw):
+        out[n] = from_pixels(p, size=wanted.size, channels=wanted.channels)
+    return out
 
 
 def _request(event: Event, dataset_id: str, rnd: int, batch: handlers.Batch, ids: list[str]) -> Event:
@@ -332,7 +356,11 @@ async def _advance(
     splits = [record["splits"][i] for i in ids]
     asked_val = np.array([record.get("asked", {}).get(i) == "val" for i in ids], dtype=bool)
 
+    pixels: list[np.ndarray | None] = []
+
     def fit(record: dict[str, Any]) -> tuple[handlers.LabelingView, handlers.RoundResult]:
+        if not pixels:
+            pixels.append(classifier_pixels(ctx.objects, manifest, ctx.deps))
         view = handlers.labeling_view(manifest, classes=record["classes"], human_labels=record.get("human_labels", {}),
                                       asked=record.get("asked", {}))
         return view, handlers.run_round(
@@ -340,7 +368,7 @@ async def _advance(
             calibration=handlers.random_sample(view.labels, splits, asked_val=asked_val),
             n_classes=len(view.classes), options=options, strategy=ctx.deps.strategy,
             classifier=ctx.deps.classifier, rng=handlers.rng_for(dataset_id, options.seed, f"round-{rnd}"),
-            seed=options.seed)
+            seed=options.seed, pixels=pixels[0])
 
     view, result = await asyncio.to_thread(fit, record)
     if result.done:

@@ -46,6 +46,7 @@ SECONDS = "dlforge.seconds"
 ERROR = "dlforge.error"
 INTERMEDIATE = "dlforge.intermediate"
 OBJECTIVE = "val_accuracy"
+MAX_FINGERPRINT = 8192
 
 
 
@@ -62,9 +63,19 @@ class TuningConfig(BaseModel):
     trial_epochs: int | None = Field(default=None, ge=1, le=MAX_TRAIN_EPOCHS)
     enqueue: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_HPO_TRIALS,
                                           description="parameters of the first trials")
+    fingerprint: list[float] | None = Field(default=None, min_length=2, max_length=MAX_FINGERPRINT,
+                                            description="the data set's fingerprint (dlforge.hpo.warmstart."
+                                            "fingerprint of its embeddings): the study is remembered with it "
+                                            "and warm-started from the studies nearest to it")
+    warm_start_studies: int = Field(default=3, ge=0, le=50, description="past studies to warm-start from "
+                                    "(0: none)")
+    warm_start_per_study: int = Field(default=1, ge=1, le=20, description="best configurations enqueued from "
+                                      "each past study")
 
     @model_validator(mode="after")
     def _check(self) -> TuningConfig:
+        if self.fingerprint is not None and not all(math.isfinite(v) for v in self.fingerprint):
+            raise ValueError("fingerprint: every value must be finite")
         make_sampler(self.sampler, seed=0, startup=self.startup_trials)
         pruner_spec(self.pruner, startup=self.startup_trials)
         for i, params in enumerate(self.enqueue):
@@ -87,6 +98,9 @@ class TuningOverride(BaseModel):
     trial_epochs: int | None = Field(default=None, ge=1, le=MAX_TRAIN_EPOCHS,
                                      description="epochs per trial, within the run options' bound")
     enqueue: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_HPO_TRIALS)
+    fingerprint: list[float] | None = Field(default=None, min_length=2, max_length=MAX_FINGERPRINT)
+    warm_start_studies: int | None = Field(default=None, ge=0, le=50)
+    warm_start_per_study: int | None = Field(default=None, ge=1, le=20)
 
     def apply(self, base: TuningConfig) -> TuningConfig:
         changes = {k: v for k, v in self.model_dump(exclude_none=True).items()}

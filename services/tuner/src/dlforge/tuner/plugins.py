@@ -6,8 +6,9 @@ Both are chosen by name with keyword arguments from the fixed tables :data:`SAMP
 :data:`PRUNERS`. Optional dependencies (``cmaes``) are imported only when their sampler is chosen.
 
 Optuna keeps neither in the storage, so a pruner is described as ``{"factory": "optuna.pruners.<Class>",
-"kwargs": {...}}`` and that description is stored with the study (user attribute ``dlforge.pruner``):
-whichever tuner replica handles a trial's report builds the same pruner from it. Nested
+"kwargs": {...}}`` (or ``dlforge.hpo.pruners.<Class>``, the seeds' stop rule) and that description is
+stored with the study (user attribute ``dlforge.pruner``): whichever tuner replica handles a trial's
+report builds the same pruner from it. Nested
 ``{"factory": ...}`` values in the kwargs are built too (a wrapped pruner).
 """
 
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dlforge.common.backends import optional_import
 from dlforge.common.errors import InvalidInput
 from dlforge.hpo import build_pruner
+from dlforge.hpo.samplers import BasinHoppingSampler
 
 
 class PluginChoice(BaseModel):
@@ -61,7 +63,15 @@ def _cmaes(seed: int | None, kwargs: dict[str, Any], startup: int) -> optuna.sam
     return optuna.samplers.CmaEsSampler(**{"n_startup_trials": startup, "seed": seed, **kwargs})
 
 
-SAMPLERS: dict[str, SamplerFactory] = {"tpe": _tpe, "random": _random, "gp": _gp, "qmc": _qmc, "cmaes": _cmaes}
+def _basin_hopping(seed: int | None, kwargs: dict[str, Any], startup: int) -> optuna.samplers.BaseSampler:
+    try:
+        return BasinHoppingSampler(**{"n_startup_trials": startup, "seed": seed, **kwargs})
+    except ValueError as exc:
+        raise InvalidInput(f"sampler 'basin_hopping': {exc}") from exc
+
+
+SAMPLERS: dict[str, SamplerFactory] = {"tpe": _tpe, "random": _random, "gp": _gp, "qmc": _qmc, "cmaes": _cmaes,
+                                       "basin_hopping": _basin_hopping}
 
 
 def _spec(cls: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -99,6 +109,13 @@ def _patient(kwargs: dict[str, Any], startup: int) -> dict[str, Any]:
     return _spec("PatientPruner", {"wrapped_pruner": inner, "patience": 1, **kwargs})
 
 
+def _trend(kwargs: dict[str, Any], startup: int) -> dict[str, Any]:
+    """The seeds' stop rule (:class:`dlforge.hpo.pruners.TrendPruner`): recent values vs the top 20 % at that epoch."""
+    return {"factory": "dlforge.hpo.pruners.TrendPruner",
+            "kwargs": {"top_fraction": 0.2, "window": 3, "statistic": "mean", "min_trials": max(2, startup),
+                       **kwargs}}
+
+
 def _none(kwargs: dict[str, Any], startup: int) -> dict[str, Any] | None:
     return None
 
@@ -107,9 +124,11 @@ PRUNERS: dict[str, PrunerFactory] = {
     "median": _median,
     "percentile": _percentile,
     "successive_halving": _successive_halving,
+    "asha": _successive_halving,  # Optuna's SuccessiveHalvingPruner is the asynchronous variant (ASHA)
     "hyperband": _hyperband,
     "threshold": _threshold,
     "patient": _patient,
+    "trend": _trend,
     "none": _none,
 }
 

@@ -15,9 +15,9 @@ class TunerSettings(CommonSettings):
         description="the tuner's own Optuna storage: any SQLAlchemy URL (sqlite:///file.db, postgresql://..., "
         "mysql+pymysql://...). Only the tuner opens it; several tuner replicas need one they all reach",
     )
-    tuner_sampler: str = Field(default="tpe", description="tpe | random | gp | qmc | cmaes")
-    tuner_pruner: str = Field(default="median", description="median | percentile | successive_halving | hyperband "
-                                                           "| patient | threshold | none")
+    tuner_sampler: str = Field(default="tpe", description="tpe | random | gp | qmc | cmaes | basin_hopping")
+    tuner_pruner: str = Field(default="median", description="median | percentile | successive_halving (asha) | "
+                                                           "hyperband | patient | trend | threshold | none")
     tuner_startup_trials: int = Field(default=2, ge=0, description="random trials before the Bayesian sampler "
                                       "models the space; trials before the pruner prunes")
     tuner_sample_fraction: float = Field(default=0.5, gt=0.0, le=1.0,

@@ -63,6 +63,7 @@ from dlforge.tuner.handlers import (
     trial_table,
 )
 from dlforge.tuner.settings import TunerSettings
+from dlforge.tuner.warmstart import best_params, remember_study, warm_started
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ async def on_model_proposed(event: Event, ctx: HandlerContext[TunerDeps]) -> lis
             config = TuningOverride.model_validate(override["override"]).apply(config)
         except (ValueError, InvalidInput) as exc:
             raise PoisonMessage(f"the run's tuning override is invalid: {exc}") from exc
+    config = await warm_started(ctx.docs, config, study_name=base)
     # A run's study is `dlforge-<run_id>`. A model.proposed under a new event id after that study failed is a
     # retry (POST /runs/{id}/retry): it gets a study of its own, `<name>-retry<k>` (new Optuna study, trial
     # event ids and trainer job ids, so nothing of the failed attempt is taken for the new one's).
@@ -238,6 +240,7 @@ class _Step:
     best: FrozenTrial | None
     failing: list[FrozenTrial]
     failures: list[str]
+    top: list[dict[str, Any]]
 
 
 @service.handles(Topic.HPO_TRIAL_COMPLETED)
@@ -281,7 +284,7 @@ async def on_trial_completed(event: Event, ctx: HandlerContext[TunerDeps]) -> li
         asked = ask_for(study, study_ctx, asked_by=event.event_id, stop=halt)
         done = not asked and is_done(study, study_ctx, stop=halt)
         return _Step(asked, done, trial_table(study), best_trial(study), failed_in_a_row(study),
-                     failure_reasons(study))
+                     failure_reasons(study), best_params(study))
 
     s = await asyncio.to_thread(ask_next)
     reason: str | None = None
@@ -307,6 +310,9 @@ async def on_trial_completed(event: Event, ctx: HandlerContext[TunerDeps]) -> li
         return [failed.model_copy(update={"event_id": _event_id(p.study_name, "failed")})]
     best = s.best
     assert best is not None and best.value is not None  # done without a failure reason: a trial has a value
+    if study_ctx.config.fingerprint is not None:
+        await remember_study(ctx.docs, study_name=p.study_name, dataset_id=study_ctx.dataset_id,
+                             fingerprint=study_ctx.config.fingerprint, best=s.top)
     log.info("study %s completed: best value %.4f (trial %d) after %d trials", p.study_name, best.value, best.number,
              len(s.table))
     completed = event.follow(HpoCompleted(

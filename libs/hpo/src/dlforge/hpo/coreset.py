@@ -1,0 +1,144 @@
+"""Representative subsets for trials: class-stratified coresets on stored embeddings, with nested fidelities.
+
+A trial that trains on a fraction of the train split is cheaper; how much its ranking of configurations
+can be trusted depends on how well that fraction stands for the whole. A random sample leaves holes; a
+coreset covers the data: **k-center greedy** (farthest-point traversal) picks each next row as the one
+farthest from those already picked, minimising the largest distance from any row to the subset (within
+a factor 2 of the optimum); **herding** picks rows so that the running mean of the subset follows the
+class mean (the feature distribution's first moment) as closely as possible.
+
+Selection is per class, with a quota ``max(1, round(n_c * fraction))`` for class ``c`` (no more than it
+has), so every class is present and the class balance is that of the full split. The greedy order of a
+class does not depend on the fraction: the subset at a fraction is a prefix of that order, so subsets
+are nested. Raising a promising trial's fidelity (:func:`next_fidelity`) keeps the rows it already saw
+and adds the next most representative ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from dlforge.common.errors import InvalidInput
+
+Method = Literal["k_center", "herding"]
+
+
+def k_center_order(x: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` rows of a farthest-point traversal of ``x``, starting from the row nearest the mean."""
+    n = len(x)
+    k = min(k, n)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    x = np.asarray(x, dtype=np.float64)
+    first = int(np.argmin(((x - x.mean(axis=0)) ** 2).sum(axis=1)))
+    order = [first]
+    dist = ((x - x[first]) ** 2).sum(axis=1)
+    for _ in range(1, k):
+        nxt = int(np.argmax(dist))
+        order.append(nxt)
+        dist = np.minimum(dist, ((x - x[nxt]) ** 2).sum(axis=1))
+    return np.array(order, dtype=np.int64)
+
+
+def herding_order(x: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` rows chosen by herding: each makes the running mean of the chosen rows closest to the mean."""
+    n = len(x)
+    k = min(k, n)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    x = np.asarray(x, dtype=np.float64)
+    mu = x.mean(axis=0)
+    total = np.zeros_like(mu)
+    free = np.ones(n, dtype=bool)
+    order: list[int] = []
+    for t in range(1, k + 1):
+        # ||mu - (total + x_i) / t||^2 over the rows not chosen yet
+        gap = ((mu - (total + x) / t) ** 2).sum(axis=1)
+        gap[~free] = np.inf
+        i = int(np.argmin(gap))
+        order.append(i)
+        free[i] = False
+        total += x[i]
+    return np.array(order, dtype=np.int64)
+
+
+def class_quota(labels: np.ndarray, fraction: float) -> dict[int, int]:
+    """Rows per class at ``fraction``: ``max(1, round(n_c * fraction))``, at most ``n_c``."""
+    if not 0.0 < fraction <= 1.0:
+        raise InvalidInput(f"a subset fraction must be in (0, 1], got {fraction}")
+    classes, counts = np.unique(labels, return_counts=True)
+    return {int(c): min(int(n), max(1, round(int(n) * fraction))) for c, n in zip(classes, counts, strict=True)}
+
+
+def k_center_radius(x: np.ndarray, rows: np.ndarray) -> float:
+    """The largest distance from a row of ``x`` to its nearest row among ``rows`` (the k-center objective)."""
+    x = np.asarray(x, dtype=np.float64)
+    centers = x[np.asarray(rows)]
+    d2 = ((x[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2).min(axis=1)
+    return float(math.sqrt(max(0.0, float(d2.max()))))
+
+
+@dataclass(frozen=True)
+class Coreset:
+    """Per class, the rows of the train split in the order the method picks them (computed once per split)."""
+
+    method: Method
+    orders: dict[int, np.ndarray]  # class -> row indices into the split, most representative first
+    sizes: dict[int, int]  # class -> rows of that class in the split
+
+    def rows(self, fraction: float) -> np.ndarray:
+        """Sorted row indices of the subset at ``fraction`` (a prefix of each class's order)."""
+        if not 0.0 < fraction <= 1.0:
+            raise InvalidInput(f"a subset fraction must be in (0, 1], got {fraction}")
+        take = [self.orders[c][:min(self.sizes[c], max(1, round(self.sizes[c] * fraction)))] for c in self.orders]
+        return np.sort(np.concatenate(take)) if take else np.zeros(0, dtype=np.int64)
+
+
+def build_coreset(features: np.ndarray, labels: np.ndarray, *, method: Method = "k_center",
+                  max_fraction: float = 1.0) -> Coreset:
+    """The per-class orders of ``features`` (one row per train item, e.g. its cached embedding).
+
+    Only the first ``max_fraction`` of each class is ordered (the rest is never asked for), which keeps
+    k-center's cost at ``O(n_c * k_c)`` distance evaluations per class.
+    """
+    x = np.asarray(features)
+    y = np.asarray(labels)
+    if x.ndim != 2 or len(x) != len(y):
+        raise InvalidInput(f"features must be (rows, dims) with one label per row; got {x.shape} and {y.shape}")
+    if method not in ("k_center", "herding"):
+        raise InvalidInput(f"unknown coreset method {method!r}; known: herding, k_center")
+    order_of = k_center_order if method == "k_center" else herding_order
+    quota = class_quota(y, max_fraction)
+    orders: dict[int, np.ndarray] = {}
+    sizes: dict[int, int] = {}
+    for c, k in quota.items():
+        members = np.flatnonzero(y == c)
+        orders[c] = members[order_of(x[members], k)]
+        sizes[c] = len(members)
+    return Coreset(method=method, orders=orders, sizes=sizes)
+
+
+def next_fidelity(fraction: float, ladder: Sequence[float]) -> float | None:
+    """The next rung above ``fraction`` on an increasing ladder of fractions (None: already at the top)."""
+    rungs = sorted(set(ladder))
+    if not rungs or rungs[0] <= 0.0 or rungs[-1] > 1.0:
+        raise InvalidInput(f"a fidelity ladder holds fractions in (0, 1], got {list(ladder)}")
+    return next((r for r in rungs if r > fraction + 1e-12), None)
+
+
+def promote(rung_values: Sequence[float], *, value: float, maximize: bool = True, top_fraction: float = 1 / 3) -> bool:
+    """Whether a trial that scored ``value`` at a rung earns the next fidelity.
+
+    ``rung_values`` are the values of the trials finished at that rung (the trial's own among them); the
+    trial is promoted when it ranks among their best ``ceil(top_fraction * n)`` (successive halving's rule).
+    """
+    if not rung_values:
+        return False
+    values = sorted(rung_values, reverse=maximize)
+    bar = values[max(1, math.ceil(top_fraction * len(values) - 1e-9)) - 1]
+    return value >= bar if maximize else value <= bar

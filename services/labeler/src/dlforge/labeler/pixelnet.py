@@ -1,0 +1,519 @@
+"""``cnn_ssl``: a small convolutional network trained inside the labeling loop, on the pixels.
+
+The other classifier plug-ins learn on frozen ImageNet features, and those features are the
+ceiling (see ``benchmarks/labeler.py``'s results): on handwritten digits they reach about 89 %
+whatever sits on top of them. This plug-in learns the features too. It trains a small CNN at the
+data's own resolution (capped at ``max_size``) on people's labels *and* on the unlabeled items,
+FixMatch-style (Sohn et al., NeurIPS 2020): each step, an unlabeled item's prediction on a weakly
+augmented view (a small shift, plus the label-preserving symmetries that passed the check below)
+becomes its pseudo-label when the network is at least ``threshold`` sure, and the network is
+trained to give that label to a strongly augmented view (rotation, scaling, shift, contrast and
+brightness changes, a cut-out square). The weights used for predictions are an exponential moving
+average of the trained ones.
+
+**Held-out evidence, honestly.** The labeled items are split into ``folds`` stratified folds and
+one network is trained per fold *without* that fold's labels (its items stay in the unlabeled
+pool, as the items the classifier will auto-label are). Each labeled item's held-out prediction
+comes from the network that never saw its label; the temperature and per-class bias are fitted on
+those out-of-fold logits (each row's own calibration without that row, :func:`crossfit_scaled`).
+The probabilities for the other items are the average of the fold networks' calibrated
+probabilities: an ensemble, usually a little better than any one member, so the evidence the
+auto-labeling threshold rests on understates the final classifier rather than flattering it.
+With fewer than two labels in some class there are no folds: one network on every label, and no
+held-out evidence (nothing can be auto-labeled under the guarantee).
+
+**Label-preserving views, checked.** Horizontal and vertical flips and the quarter turn are
+label-preserving for some data (solar cells, textures) and not for others (digits). Before the
+main training, a short supervised probe (no views) is trained on the first fold's training labels
+and tested on its held-out labels under each view; a view whose accuracy falls more than
+``max(0.02, half the probe's error)`` below the untouched images' is not used. The result is in
+the round's classifier summary (``views``).
+
+Cost: ``steps`` optimizer steps of ``batch`` labeled + ``batch * unlabeled_ratio`` unlabeled items
+(two views each) per fold network, on ``threads`` torch threads; ``time_budget_s`` caps one fit
+(the view probe a tenth of it, each fold network an equal share of the rest; a network's
+learning-rate schedule is fitted to the steps it is measured, after 20 steps, to have time for).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from dlforge.labeler.classifier import (
+    FittedClassifier,
+    Scaling,
+    _nll,
+    _softmax,
+    calibration_rows,
+    crossfit_scaled,
+    fit_scaling,
+    heldout_accuracy,
+)
+
+VIEWS = ("hflip", "vflip", "rot90")
+
+
+@dataclass(frozen=True)
+class PixelInput:
+    """What the plug-in needs from the worker: square uint8 images of this size and channel count."""
+
+    size: int
+    channels: int
+
+
+def _net(c_in: int, n_out: int, *, width: int, size: int) -> Any:
+    import torch.nn as nn
+
+    def block(a: int, b: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True))
+
+    w = width
+    layers: list[nn.Module] = []
+    c = c_in
+    # a strided stem per doubling above 32 px keeps the per-image cost near that of a 32 px image
+    while size > 40:
+        layers += [nn.Conv2d(c, w // 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w // 2),
+                   nn.ReLU(inplace=True)]
+        c, size = w // 2, (size + 1) // 2
+    layers += [block(c, w), block(w, w), nn.MaxPool2d(2), block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool2d(2),
+               block(2 * w, 4 * w)]
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(*layers)
+            self.drop = nn.Dropout(0.3)
+            self.fc = nn.Linear(4 * w, n_out)
+
+        def forward(self, x: Any) -> Any:
+            return self.fc(self.drop(self.features(x).mean((2, 3))))
+
+    return Net()
+
+
+class _Augment:
+    """Batched augmentations on N x C x H x W float tensors (torch generator ``g``)."""
+
+    def __init__(self, views: tuple[str, ...], *, pad_border: bool) -> None:
+        self.views = views
+        self.padding = "border" if pad_border else "zeros"
+
+    def symmetric(self, x: Any, g: Any) -> Any:
+        import torch
+
+        n = x.shape[0]
+        if "rot90" in self.views:
+            k = torch.randint(0, 4, (n,), generator=g)
+            x = torch.stack([torch.rot90(x[i], int(k[i]), (1, 2)) for i in range(n)]) if n else x
+        for name, dim in (("hflip", 3), ("vflip", 2)):
+            if name in self.views:
+                flip = torch.rand(n, generator=g) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(dim), x)
+        return x
+
+    def affine(self, x: Any, g: Any, *, rotate: float, shift: float, scale: float) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        n = x.shape[0]
+        a = (torch.rand(n, generator=g) * 2 - 1) * rotate * math.pi / 180
+        s = 1 + (torch.rand(n, generator=g) * 2 - 1) * scale
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = torch.cos(a) / s
+        theta[:, 0, 1] = -torch.sin(a) / s
+        theta[:, 1, 0] = torch.sin(a) / s
+        theta[:, 1, 1] = torch.cos(a) / s
+        theta[:, :, 2] = (torch.rand(n, 2, generator=g) * 2 - 1) * shift
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, padding_mode=self.padding, align_corners=False)
+
+    def weak(self, x: Any, g: Any) -> Any:
+        return self.affine(self.symmetric(x, g), g, rotate=0.0, shift=0.125, scale=0.0)
+
+    def strong(self, x: Any, g: Any) -> Any:
+        import torch
+
+        x = self.affine(self.symmetric(x, g), g, rotate=20.0, shift=0.15, scale=0.15)
+        n, h = x.shape[0], x.shape[-1]
+        x = x * (1 + (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.8) \
+            + (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.8
+        half = max(1, h // 6)
+        cy = torch.randint(0, h, (n,), generator=g)
+        cx = torch.randint(0, h, (n,), generator=g)
+        ys = torch.arange(h)[None, :, None]
+        xs = torch.arange(h)[None, None, :]
+        cut = ((ys - cy[:, None, None]).abs() < half) & ((xs - cx[:, None, None]).abs() < half)
+        return x.masked_fill(cut[:, None], 0.0)
+
+
+def view_of(x: Any, view: str) -> Any:
+    """The deterministic view ``view`` of a batch (for the view check)."""
+    if view == "hflip":
+        return x.flip(3)
+    if view == "vflip":
+        return x.flip(2)
+    if view == "rot90":
+        import torch
+
+        return torch.rot90(x, 1, (2, 3))
+    raise ValueError(f"unknown view {view!r}")
+
+
+@dataclass
+class FittedPixelNet:
+    """A fitted :class:`PixelSSL`: the fold networks (EMA weights), input scaling and calibration."""
+
+    nets: list[Any]
+    mean: float
+    std: float
+    present: np.ndarray
+    scaling: Scaling
+    n_classes: int
+    calibrated: bool
+    heldout_proba: np.ndarray
+    heldout_representative: np.ndarray
+    heldout_labels: np.ndarray
+    threads: int
+    figures: dict[str, float | int | bool | str | None] = field(default_factory=dict)
+    model: object | None = None  # the fold networks once trained (None: fewer than two classes known)
+
+    def logits(self, net: Any, x: np.ndarray) -> np.ndarray:
+        return _logits(net, x, mean=self.mean, std=self.std, threads=self.threads)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of uint8 N x H x W x C images: the fold networks' average."""
+        full = np.zeros((len(x), self.n_classes))
+        if not self.nets:
+            full[:, self.present] = 1.0
+            return full
+        probs = np.mean([self.scaling.apply(self.logits(net, x)) for net in self.nets], axis=0)
+        full[:, self.present] = probs
+        return full
+
+    def summary(self) -> dict[str, float | int | bool | str | None]:
+        return {**self.figures, "temperature": self.scaling.temperature, "calibrated": self.calibrated,
+                **heldout_accuracy(self.heldout_proba, self.heldout_labels, self.heldout_representative)}
+
+
+def _tensor(x: np.ndarray, *, mean: float, std: float) -> Any:
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(np.asarray(x, dtype=np.uint8).transpose(0, 3, 1, 2)))
+    return (t.float() / 255.0 - mean) / std
+
+
+def _logits(net: Any, x: np.ndarray, *, mean: float, std: float, threads: int) -> np.ndarray:
+    import torch
+
+    if len(x) == 0:
+        return np.zeros((0, net.fc.out_features))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        net.eval()
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(x), 512):
+                out.append(net(_tensor(x[s:s + 512], mean=mean, std=std)).numpy())
+        return np.concatenate(out).astype(np.float64)
+    finally:
+        torch.set_num_threads(previous)
+
+
+class PixelSSL:
+    """Semi-supervised small CNN on the pixels, trained in the loop (see the module docstring)."""
+
+    name = "cnn_ssl"
+    inputs = "pixels"
+
+    def __init__(self, *, max_size: int = 64, width: int = 16, steps: int = 1500, batch: int = 32,
+                 unlabeled_ratio: int = 4, threshold: float = 0.95, lr: float = 0.03, weight_decay: float = 5e-4,
+                 folds: int = 2, probe_steps: int = 200, ema: float = 0.999, time_budget_s: float | None = None,
+                 threads: int = 1) -> None:
+        if min(max_size, width, steps, batch, threads) < 1 or unlabeled_ratio < 0 or folds < 2 or probe_steps < 0:
+            raise ValueError("max_size, width, steps, batch, threads >= 1, unlabeled_ratio, probe_steps >= 0, "
+                             "folds >= 2")
+        if not 0.5 <= threshold < 1.0:
+            raise ValueError(f"threshold must be in [0.5, 1), got {threshold}")
+        if time_budget_s is not None and time_budget_s <= 0:
+            raise ValueError(f"time_budget_s must be positive, got {time_budget_s}")
+        self.max_size, self.width, self.steps, self.batch = max_size, width, steps, batch
+        self.unlabeled_ratio, self.threshold, self.lr, self.weight_decay = unlabeled_ratio, threshold, lr, weight_decay
+        self.folds, self.probe_steps, self.ema, self.time_budget_s = folds, probe_steps, ema, time_budget_s
+        self.threads = threads
+
+    def pixel_input(self, *, native_size: int, gray: bool) -> PixelInput:
+        """The image size and channels to ask the worker for, from the data's own (median) size."""
+        return PixelInput(size=max(8, min(int(native_size), self.max_size)), channels=1 if gray else 3)
+
+    def fit(self, x_all: np.ndarray, labeled: np.ndarray, y: np.ndarray, *, n_classes: int,
+            representative: np.ndarray | None = None, seed: int = 0) -> FittedClassifier:
+        import torch
+
+        if x_all.ndim != 4 or x_all.dtype != np.uint8:
+            raise ValueError(f"cnn_ssl needs uint8 N x H x W x C images, got {x_all.dtype} {x_all.shape}")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.random.fork_rng():
+                return self._fit(x_all, labeled, y, n_classes=n_classes, representative=representative, seed=seed)
+        finally:
+            torch.set_num_threads(threads)
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def _train(self, xt: Any, rows: np.ndarray, y: np.ndarray, pool: np.ndarray, n_out: int, *, seed: int,
+               steps: int, augment: _Augment, semi: bool, deadline: float | None) -> tuple[Any, int]:
+        import torch
+        import torch.nn.functional as F
+
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        net = _net(xt.shape[1], n_out, width=self.width, size=xt.shape[-1])
+        ema = _net(xt.shape[1], n_out, width=self.width, size=xt.shape[-1])
+        ema.load_state_dict(net.state_dict())
+        for p in ema.parameters():
+            p.requires_grad_(False)
+        opt = torch.optim.SGD(net.parameters(), lr=self.lr, momentum=0.9, nesterov=True,
+                              weight_decay=self.weight_decay)
+        rows_t = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        y_t = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        pool_t = torch.from_numpy(np.asarray(pool, dtype=np.int64))
+        counts = torch.bincount(y_t, minlength=n_out).float()
+        pick = 1.0 / counts[y_t]  # class-balanced batches of people's labels
+        mu = self.unlabeled_ratio if semi and len(pool_t) else 0
+        planned, started = steps, time.monotonic()
+        step = 0
+        while step < planned:
+            lr = self.lr * math.cos(7 * math.pi * step / (16 * planned))  # FixMatch's cosine decay
+            for group in opt.param_groups:
+                group["lr"] = lr
+            i = torch.multinomial(pick, self.batch, replacement=True, generator=g)
+            xl = augment.weak(xt[rows_t[i]], g)
+            net.train()
+            if mu:
+                u = xt[pool_t[torch.randint(0, len(pool_t), (self.batch * mu,), generator=g)]]
+                out = net(torch.cat([xl, augment.weak(u, g), augment.strong(u, g)]))
+                b, m = self.batch, self.batch * mu
+                loss = F.cross_entropy(out[:b], y_t[i])
+                with torch.no_grad():
+                    conf, target = out[b:b + m].softmax(1).max(1)
+                    keep = (conf >= self.threshold).float()
+                loss = loss + (F.cross_entropy(out[b + m:], target, reduction="none") * keep).mean()
+            else:
+                loss = F.cross_entropy(net(xl), y_t[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            decay = min(self.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(ema.state_dict().values(), net.state_dict().values(), strict=True):
+                    if e.dtype.is_floating_point:
+                        e.mul_(decay).add_(p, alpha=1 - decay)
+                    else:
+                        e.copy_(p)
+            step += 1
+            if deadline is not None and step == 20:
+                # stretch or shrink the schedule to the steps that fit in this network's share of the budget
+                per_step = (time.monotonic() - started) / step
+                planned = max(step + 1, min(steps, int((deadline - started) / max(per_step, 1e-6))))
+        return ema.eval(), planned
+
+    def _check_views(self, xt: Any, rows: np.ndarray, y: np.ndarray, held: np.ndarray, y_held: np.ndarray,
+                     n_out: int, *, seed: int, pad_border: bool, deadline: float | None
+                     ) -> tuple[tuple[str, ...], dict[str, float]]:
+        import torch
+
+        if self.probe_steps == 0 or len(held) == 0:
+            return (), {}
+        probe, _ = self._train(xt, rows, y, np.zeros(0, dtype=np.int64), n_out, seed=seed, steps=self.probe_steps,
+                               augment=_Augment((), pad_border=pad_border), semi=False, deadline=deadline)
+        scores: dict[str, float] = {}
+        with torch.inference_mode():
+            x = xt[torch.from_numpy(np.asarray(held, dtype=np.int64))]
+            base = float((probe(x).argmax(1).numpy() == y_held).mean())
+            scores["identity"] = base
+            for view in VIEWS:
+                scores[view] = float((probe(view_of(x, view)).argmax(1).numpy() == y_held).mean())
+        allowed = max(0.02, (1.0 - base) / 2)
+        return tuple(v for v in VIEWS if scores[v] >= base - allowed), scores
+
+    def _fit(self, x_all: np.ndarray, labeled: np.ndarray, y: np.ndarray, *, n_classes: int,
+             representative: np.ndarray | None, seed: int) -> FittedClassifier:
+        started = time.monotonic()
+        labeled = np.asarray(labeled, dtype=np.int64)
+        y = np.asarray(y, dtype=np.int64)
+        scaled = x_all.astype(np.float32) / 255.0
+        mean, std = float(scaled.mean()), float(scaled.std()) + 1e-6
+        del scaled
+        xt = _tensor(x_all, mean=mean, std=std)
+        present, counts = np.unique(y, return_counts=True)
+        local = np.searchsorted(present, y)
+        heldout = np.full((len(y), n_classes), np.nan)
+        mask, rep = calibration_rows(representative, len(y))
+        figures: dict[str, float | int | bool | str | None] = {
+            "classifier": self.name, "input_size": int(x_all.shape[1]), "channels": int(x_all.shape[3])}
+        fitted = FittedPixelNet(nets=[], mean=mean, std=std, present=present, scaling=Scaling(), n_classes=n_classes,
+                                calibrated=False, heldout_proba=heldout, heldout_representative=rep, heldout_labels=y,
+                                threads=self.threads, figures=figures)
+        if len(present) < 2:
+            return fitted
+        unlabeled = np.setdiff1d(np.arange(len(x_all)), labeled)
+        # images that fill the frame (cells, textures) are padded with their border, digits with black
+        edge = np.concatenate([x_all[:, 0].ravel(), x_all[:, -1].ravel()]).astype(np.float32)
+        pad_border = bool(abs(edge.mean() - x_all.mean()) < 0.5 * x_all.std())
+        k = int(min(self.folds, counts.min()))
+        folds = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(labeled, local)) \
+            if k >= 2 else [(np.arange(len(y)), np.zeros(0, dtype=np.int64))]
+        tr0, te0 = folds[0]
+        # the probe's share of the time budget: a tenth
+        probe_deadline = started + 0.1 * self.time_budget_s if self.time_budget_s is not None else None
+        views, view_scores = self._check_views(xt, labeled[tr0], local[tr0], labeled[te0], local[te0], len(present),
+                                               seed=seed * 100, pad_border=pad_border, deadline=probe_deadline)
+        figures["views"] = ",".join(views) or "none"
+        for name, acc in view_scores.items():
+            figures[f"view_check_{name}"] = round(acc, 4)
+        augment = _Augment(views, pad_border=pad_border)
+        oof = np.zeros((len(y), len(present)))
+        steps_run = []
+        for f, (tr, te) in enumerate(folds):
+            deadline = None
+            if self.time_budget_s is not None:
+                share = (self.time_budget_s - (time.monotonic() - started)) / (len(folds) - f)
+                deadline = time.monotonic() + max(share, 1.0)
+            pool = np.concatenate([unlabeled, labeled[te]])  # held-out labeled items stay unlabeled for it
+            net, ran = self._train(xt, labeled[tr], local[tr], pool, len(present), seed=seed * 100 + f + 1,
+                                   steps=self.steps, augment=augment, semi=True, deadline=deadline)
+            fitted.nets.append(net)
+            fitted.model = fitted.nets
+            steps_run.append(ran)
+            if len(te):
+                oof[te] = fitted.logits(net, x_all[labeled[te]])
+        figures.update({"fold_networks": len(folds), "steps": int(min(steps_run)),
+                        "fit_seconds": round(time.monotonic() - started, 1)})
+        if k >= 2:
+            fitted.scaling = fit_scaling(oof[mask], local[mask], bias=True)
+            heldout[:] = 0.0  # every row held out once; classes nobody labeled get probability 0
+            heldout[:, present] = crossfit_scaled(oof, local, mask, seed=seed)
+            fitted.calibrated = True
+            figures.update({"cv_accuracy": float((oof.argmax(axis=1) == local).mean()),
+                            "cv_nll_raw": _nll(_softmax(oof[mask]), local[mask]),
+                            "cv_nll_calibrated": _nll(fitted.scaling.apply(oof[mask]), local[mask]),
+                            "calibration_items": int(mask.sum())})
+        return fitted
+
+
+@dataclass(frozen=True)
+class Both:
+    """Embeddings and pixels of the same items, row-aligned: what a ``"both"`` plug-in learns on."""
+
+    embeddings: np.ndarray
+    pixels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.embeddings) != len(self.pixels):
+            raise ValueError(f"{len(self.embeddings)} embeddings but {len(self.pixels)} images")
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def __getitem__(self, rows: Any) -> Both:
+        return Both(self.embeddings[rows], self.pixels[rows])
+
+
+@dataclass
+class FittedBlend:
+    """A fitted :class:`Blend`: ``weight`` x the CNN's probabilities + (1 - ``weight``) x the linear probe's."""
+
+    linear: FittedClassifier
+    cnn: FittedClassifier
+    weight: float
+    n_classes: int
+    heldout_proba: np.ndarray
+    heldout_representative: np.ndarray
+    heldout_labels: np.ndarray
+    figures: dict[str, float | int | bool | str | None]
+    model: object | None = None
+    calibrated: bool = False
+
+    def predict_proba(self, x: Both) -> np.ndarray:
+        out = np.zeros((len(x), self.n_classes))
+        if self.weight > 0:
+            out += self.weight * self.cnn.predict_proba(x.pixels)
+        if self.weight < 1:
+            out += (1 - self.weight) * self.linear.predict_proba(x.embeddings)
+        return out
+
+    def summary(self) -> dict[str, float | int | bool | str | None]:
+        out: dict[str, float | int | bool | str | None] = dict(self.figures)
+        out.update({f"cnn_{k}": v for k, v in self.cnn.summary().items() if k != "classifier"})
+        out.update({f"linear_{k}": v for k, v in self.linear.summary().items() if k != "classifier"})
+        out.update({"calibrated": self.calibrated, "cnn_weight": self.weight,
+                    **heldout_accuracy(self.heldout_proba, self.heldout_labels, self.heldout_representative)})
+        return out
+
+
+class Blend:
+    """The linear probe on the ImageNet embeddings and :class:`PixelSSL` on the pixels, averaged.
+
+    Frozen ImageNet features suit photographs and textures; a CNN learned on the pixels suits data
+    far from ImageNet (digits, line drawings). Which one a user's data needs is not known in advance,
+    so both are fitted and their calibrated probabilities mixed, with the CNN's weight (from
+    ``weights``) the one whose held-out predictions have the lowest log-loss on people's representative
+    labels. Both plug-ins' held-out predictions come from models that never saw the row's label;
+    the mixture's held-out prediction of a row uses a weight chosen *without* that row's fold (as
+    :func:`crossfit_scaled` does for calibration), so choosing the weight does not flatter the
+    evidence the auto-labeling threshold rests on.
+    """
+
+    name = "blend"
+    inputs = "both"
+
+    def __init__(self, *, threads: int = 1, weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
+                 folds: int = 5, **cnn_options: Any) -> None:
+        if not weights or any(not 0.0 <= w <= 1.0 for w in weights) or folds < 2:
+            raise ValueError("weights must lie in [0, 1] and folds be >= 2")
+        from dlforge.labeler.classifier import LinearProbe
+
+        self.linear = LinearProbe()
+        self.cnn = PixelSSL(threads=threads, **cnn_options)
+        self.weights, self.folds = tuple(weights), folds
+
+    def pixel_input(self, *, native_size: int, gray: bool) -> PixelInput:
+        return self.cnn.pixel_input(native_size=native_size, gray=gray)
+
+    def _choose(self, lin: np.ndarray, cnn: np.ndarray, y: np.ndarray) -> float:
+        return min(self.weights, key=lambda w: (_nll(w * cnn + (1 - w) * lin, y), abs(w - 0.5)))
+
+    def fit(self, x_all: Both, labeled: np.ndarray, y: np.ndarray, *, n_classes: int,
+            representative: np.ndarray | None = None, seed: int = 0) -> FittedClassifier:
+        if not isinstance(x_all, Both):
+            raise ValueError("the blend classifier needs the items' embeddings and pixels (Both)")
+        y = np.asarray(y, dtype=np.int64)
+        lin = self.linear.fit(x_all.embeddings, labeled, y, n_classes=n_classes, representative=representative,
+                              seed=seed)
+        cnn = self.cnn.fit(x_all.pixels, labeled, y, n_classes=n_classes, representative=representative, seed=seed)
+        hl = np.asarray(lin.heldout_proba, dtype=np.float64)
+        hc = np.asarray(cnn.heldout_proba, dtype=np.float64)
+        rep = np.asarray(lin.heldout_representative, dtype=bool)
+        both = np.isfinite(hl).all(axis=1) & np.isfinite(hc).all(axis=1)
+        rows = both & rep
+        weight = self._choose(hl[rows], hc[rows], y[rows]) if rows.any() else 0.5
+        heldout = np.full((len(y), n_classes), np.nan)
+        fold_of = np.random.default_rng(seed).permutation(len(y)) % self.folds
+        for f in range(self.folds):
+            mine = both & (fold_of == f)
+            fit_rows = rows & (fold_of != f)
+            w = self._choose(hl[fit_rows], hc[fit_rows], y[fit_rows]) if fit_rows.any() else 0.5
+            heldout[mine] = w * hc[mine] + (1 - w) * hl[mine]
+        models = (lin.model, cnn.model)
+        return FittedBlend(linear=lin, cnn=cnn, weight=float(weight), n_classes=n_classes, heldout_proba=heldout,
+                           heldout_representative=rep, heldout_labels=y, figures={"classifier": self.name},
+                           model=models if all(m is not None for m in models) else None,
+                           calibrated=bool(lin.calibrated and cnn.calibrated))
