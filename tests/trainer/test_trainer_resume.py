@@ -108,3 +108,71 @@ def test_a_job_killed_in_an_epoch_resumes_from_the_stored_state_and_removes_it(
     # the logs are one file under a name of its own, not one per attempt
     assert [i.key for i in objects.list(f"{prefix}/tensorboard/")] == [
         f"{prefix}/tensorboard/events.out.tfevents.000.dlforge"]
+
+
+class _KilledAtStep(_Listener):
+    """Raises (stands for a SIGKILL) once ``step`` is reported; keeps the step losses it was told."""
+
+    def __init__(self, step: int | None = None) -> None:
+        super().__init__()
+        self.kill_step = step
+        self.steps: list[tuple[int, float]] = []
+
+    def on_step(self, step: int, loss: float) -> None:
+        self.steps.append((step, loss))
+        if self.kill_step is not None and step >= self.kill_step:
+            raise Killed
+
+
+def test_fit_resumed_mid_epoch_goes_on_from_the_checkpoint_step_as_if_never_stopped() -> None:
+    """Killed 3 steps after a checkpoint inside epoch 2, resumed from that checkpoint's state: the same
+    step count, step losses, epoch losses and weights as an uninterrupted run. Dropout (p=0.3) and a
+    cosine schedule are on, so a state without the RNG's place, the schedule's step or the position in
+    the epoch would train other steps and fail the comparison (exact up to float rounding: one process,
+    one thread, the same operations in the same order)."""
+    hp = TrainParams(lr=0.05, batch_size=6, epochs=3, optimizer="adam", lr_schedule="cosine", seed=5)
+    steps_per_epoch = -(-64 // 6)  # 11: the last batch of an epoch has 4 rows
+    whole = _tail()
+    ref_listener = _KilledAtStep()
+    reference = fit(whole, _data(), hp, listener=ref_listener, checkpoint_every_steps=4, summary_every_steps=1)
+
+    states: list[FitState] = []
+    first = _tail()
+    with pytest.raises(Killed):
+        fit(first, _data(), hp, listener=_KilledAtStep(step=19), checkpoint_every_steps=4, summary_every_steps=1,
+            on_state=states.append)
+    # mid-epoch states at the checkpoint steps before the kill (4, 8, 12, 16) and one after epoch 1 (11 steps)
+    assert [(s.steps, s.epoch, s.position) for s in states] == [
+        (4, 0, 24), (8, 0, 48), (11, 1, 0), (12, 1, 6), (16, 1, 30)]
+    last = states[-1]
+    assert last.steps == 16 and 0 < last.position < 64  # inside epoch 2
+
+    again = _tail()
+    listener = _KilledAtStep()
+    resumed = fit(again, _data(), hp, listener=listener, resume=last, checkpoint_every_steps=4, summary_every_steps=1)
+    assert listener.steps[0][0] == 17  # the first step after the checkpoint's, not step 1
+    assert listener.epochs == [2, 3]
+    assert resumed.steps == reference.steps == 3 * steps_per_epoch
+    assert [s for s, _ in listener.steps] == [s for s, _ in ref_listener.steps[16:]]
+    assert [v for _, v in listener.steps] == pytest.approx([v for _, v in ref_listener.steps[16:]], rel=1e-6)
+    assert [m.train_loss for m in resumed.epochs] == pytest.approx([m.train_loss for m in reference.epochs],
+                                                                    rel=1e-6)
+    for a, b in zip(again.state_dict().values(), whole.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_the_scheduler_state_matters_to_the_resumed_run() -> None:
+    """The control of the test above: a state whose schedule is dropped resumes at the initial learning
+    rate and ends with other weights, so the comparison there can fail."""
+    hp = TrainParams(lr=0.05, batch_size=6, epochs=3, optimizer="adam", lr_schedule="cosine", seed=5)
+    whole = _tail()
+    fit(whole, _data(), hp, listener=_Listener())
+    states: list[FitState] = []
+    with pytest.raises(Killed):
+        fit(_tail(), _data(), hp, listener=_KilledAtStep(step=19), checkpoint_every_steps=4, summary_every_steps=1,
+            on_state=states.append)
+    states[-1].scheduler = None
+    again = _tail()
+    fit(again, _data(), hp, listener=_Listener(), resume=states[-1])
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(again.state_dict().values(),
+                                                                     whole.state_dict().values(), strict=True))

@@ -11,6 +11,7 @@
     )
     job.wait_until_finish()
     job.metrics            # one dict per epoch: train/val loss, val accuracy, per-class recall
+    job.get_tensorboard_url()  # on a trainer service: where it serves the job's TensorBoard scalars
 
 The job runs in this process (``InProcessTransport``, the default: needs ``dlforge-sdk[local]``) or
 on a trainer service (``HttpTransport("http://trainer:8000")``); both behave the same.
@@ -18,7 +19,7 @@ on a trainer service (``HttpTransport("http://trainer:8000")``); both behave the
 
 from dlforge.sdk.config import Estimator, HParams, RunConfig
 from dlforge.sdk.experiment import Experiment, Job, JobFailed
-from dlforge.sdk.transports import HttpTransport, InProcessTransport, Transport
+from dlforge.sdk.transports import HttpTransport, InProcessTransport, ServesTensorBoard, Transport
 
 __all__ = [
     "Estimator",
@@ -29,5 +30,6 @@ __all__ = [
     "Job",
     "JobFailed",
     "RunConfig",
+    "ServesTensorBoard",
     "Transport",
 ]

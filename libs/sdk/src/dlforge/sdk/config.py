@@ -73,6 +73,8 @@ class HParams(BaseModel):
     unfreeze: int = Field(default=0, ge=0, le=64, description="backbone stages to train; 0 trains the head only")
     epochs: int = Field(default=3, ge=1, le=1000)
     class_weighting: Literal["none", "balanced"] = "balanced"
+    lr_schedule: Literal["constant", "cosine"] = Field(default="constant",
+                                                      description="'cosine': lr falls to 0 over the run's steps")
     seed: int = 0
 
     @model_validator(mode="before")

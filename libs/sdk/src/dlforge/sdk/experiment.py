@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from dlforge.sdk.config import Estimator, HParams, RunConfig, job_request
-from dlforge.sdk.transports import FINISHED, InProcessTransport, Transport
+from dlforge.sdk.transports import FINISHED, InProcessTransport, ServesTensorBoard, Transport
 
 
 class JobFailed(RuntimeError):
@@ -81,6 +81,18 @@ class Job:
         """Object-store prefix of the job's TensorBoard event files."""
         prefix: str = self.status()["logs_prefix"]
         return prefix
+
+    def get_tensorboard_url(self) -> str:
+        """The URL where the trainer serves the job's TensorBoard scalars (``GET /jobs/{id}/tensorboard``:
+        ``{tag: [[wall_time, step, value], ...]}``; the transport's token goes in the Authorization header).
+
+        Only a trainer service serves them: in process, read the event files under
+        :meth:`get_tensorboard_logdir` with ``tensorboard --logdir`` on a copy.
+        """
+        if not isinstance(self.transport, ServesTensorBoard):
+            raise ValueError(f"{type(self.transport).__name__} serves no TensorBoard URL (only a trainer service "
+                             f"does: HttpTransport); the event files are at {self.get_tensorboard_logdir()!r}")
+        return self.transport.tensorboard_url(self.job_id)
 
     def get_single_job(self) -> Job:
         """The Brightics notebooks' ``experiment.get_single_job()``: an experiment here is one job."""

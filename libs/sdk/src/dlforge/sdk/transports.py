@@ -7,7 +7,7 @@ import os
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import httpx
 
@@ -24,6 +24,14 @@ class Transport(Protocol):
 
     def status(self, job_id: str) -> dict[str, Any]:
         """At least ``state``, ``epochs`` (per-epoch metrics), ``metrics`` (final, flat), ``error``."""
+
+
+@runtime_checkable
+class ServesTensorBoard(Protocol):
+    """A transport whose jobs' TensorBoard scalars are served over HTTP (an optional capability)."""
+
+    def tensorboard_url(self, job_id: str) -> str:
+        """The URL of the job's scalars (KeyError for an unknown job)."""
 
 
 class HttpTransport:
@@ -59,6 +67,11 @@ class HttpTransport:
         r.raise_for_status()
         body: dict[str, Any] = r.json()
         return body
+
+    def tensorboard_url(self, job_id: str) -> str:
+        """``<trainer>/jobs/<id>/tensorboard``: the job's scalars as JSON (send the same Authorization header)."""
+        self.status(job_id)  # an unknown job (or one the token may not see) is a KeyError here, not a dead link
+        return str(self.client.base_url.join(f"jobs/{job_id}/tensorboard"))
 
 
 class InProcessTransport:

@@ -2,7 +2,8 @@
 
 ``POST /jobs`` validates the request (model source, manifest, hyperparameters), records the job and
 trains it in the background (at most ``DLFORGE_TRAINER_MAX_CONCURRENT_JOBS`` at once); ``GET /jobs/{id}``
-shows its state, per-epoch metrics, checkpoints and TensorBoard log prefix; ``GET /jobs`` lists jobs.
+shows its state, per-epoch metrics, checkpoints and TensorBoard log prefix; ``GET /jobs/{id}/tensorboard``
+serves its TensorBoard scalars; ``GET /jobs`` lists jobs.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import uuid
 from typing import Annotated, Any
 
@@ -26,9 +26,10 @@ from dlforge.common.http_errors import error_responses
 from dlforge.common.resource_access import project_of, require_in, require_on
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
-from dlforge.trainer.handlers import TrainingRequest, flat_metrics, run_training, save_model
-from dlforge.trainer.jobs import JobRecords, LoopBridge
-from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
+from dlforge.trainer.handlers import TrainingRequest
+from dlforge.trainer.jobs import OWNER, JobRecords
+from dlforge.trainer.monitor import read_scalars
+from dlforge.trainer.params import RunOptions, TrainParams
 from dlforge.trainer.pruning import decisions_service
 from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.worker import TrainerDeps, build_deps, service
@@ -41,7 +42,6 @@ Deps = Annotated[TrainerDeps, Depends(deps_of("trainer", TrainerDeps))]
 
 # the proposer's model repository (dlforge.proposer.repository.weights_key), shared by every project
 REPOSITORY_PREFIX = "proposer/models/"
-OWNER = socket.gethostname()
 
 
 class JobCreate(BaseModel):
@@ -66,56 +66,6 @@ class JobCreated(BaseModel):
     job_id: str
     state: str
     logs_prefix: str
-
-
-class JobRunner:
-    """Runs REST jobs in background tasks, a few at a time."""
-
-    def __init__(self, backends: Backends, deps: TrainerDeps) -> None:
-        self.backends = backends
-        self.settings = deps.settings
-        self.config = deps.config
-        self.records = JobRecords(backends.docs)
-        self.slots = asyncio.Semaphore(self.settings.trainer_max_concurrent_jobs)
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    def submit(self, job_id: str, request: TrainingRequest, key_prefix: str) -> None:
-        task = asyncio.create_task(self._run(job_id, request, key_prefix), name=f"trainer-job-{job_id}")
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _run(self, job_id: str, request: TrainingRequest, key_prefix: str) -> None:
-        async with self.slots:
-            await self.records.start(job_id)
-            bridge = LoopBridge(asyncio.get_running_loop())
-
-            def on_epoch(m: EpochMetrics) -> bool:
-                bridge.run(self.records.add_epoch(job_id, m))
-                return True
-
-            try:
-                outcome = await asyncio.to_thread(run_training, self.backends.objects, request, job_id=job_id,
-                                                  key_prefix=key_prefix, config=self.config, on_epoch=on_epoch)
-                model_key = f"{key_prefix}/model.pt"
-                await asyncio.to_thread(save_model, self.backends.objects, outcome, model_key,
-                                        work_dir=self.config.work_dir, extra={"params": request.hparams.model_dump()})
-                metrics = flat_metrics(outcome)
-                await self.records.add_model(job_id, checkpoint_key=model_key, arch=outcome.arch,
-                                             classes=outcome.classes, job_id=job_id, run_id=None, metrics=metrics)
-                await self.records.finish(job_id, state="diverged" if outcome.state == "diverged" else "completed",
-                                          summary=outcome.summary(), model_key=model_key)
-            except Exception as exc:  # the job's failure is its record's business, not the server's
-                if not isinstance(exc, InvalidInput):
-                    log.exception("training job %s failed", job_id)
-                await self.records.finish(job_id, state="failed", error=f"{type(exc).__name__}: {exc}")
-
-
-def _runner(request: Request, backends: Backends, deps: TrainerDeps) -> JobRunner:
-    runner: JobRunner | None = getattr(request.app.state, "trainer_jobs", None)
-    if runner is None:
-        runner = JobRunner(backends, deps)
-        request.app.state.trainer_jobs = runner
-    return runner
 
 
 async def _job_project(request: Request, job: dict[str, Any]) -> str:
@@ -191,7 +141,7 @@ async def create_job(body: JobCreate, request: Request, deps: Deps,
     key_prefix = f"trainer/jobs/{job_id}"
     await records.create(job_id, kind="api", request=training.model_dump(mode="json"), key_prefix=key_prefix,
                          extra={"name": body.name, "owner": OWNER, "dataset_id": dataset_id, "project": project})
-    _runner(request, backends, deps).submit(job_id, training, key_prefix)
+    deps.jobs.submit(job_id, training, key_prefix)
     return JobCreated(job_id=job_id, state="queued", logs_prefix=f"{key_prefix}/tensorboard/")
 
 
@@ -205,6 +155,39 @@ async def get_job(job_id: str, request: Request, backends: Backends = Depends(ba
     require_in(request, await _job_project(request, job), "viewer", what=f"training job {job_id!r}")
     return {**job, "epochs": [{k: v for k, v in e.items() if not k.startswith("_")}
                               for e in await records.epochs(job_id)]}
+
+
+class JobScalars(BaseModel):
+    """A job's TensorBoard scalars, read from its event files."""
+
+    job_id: str
+    state: str
+    logs_prefix: str = Field(description="object-store prefix of the event files (tensorboard --logdir on a copy)")
+    scalars: dict[str, list[tuple[float, int, float | None]]] = Field(
+        description="tag -> [wall_time, step, value] by step, as TensorBoard's scalars plugin serves them "
+                    "(value null where it was not finite)")
+
+
+@router.get("/jobs/{job_id}/tensorboard", response_model=JobScalars, responses=error_responses(404))
+async def job_tensorboard(job_id: str, request: Request, deps: Deps, backends: Backends = Depends(backends_of),
+                          tag: str | None = Query(default=None, max_length=200, description="only this tag"),
+                          ) -> JobScalars:
+    """The job's TensorBoard scalars (train/step_loss by step; train/loss, val/loss, val/accuracy,
+    val/recall/<class> by epoch), read from the event files the trainer writes to the object store with
+    TensorBoard's own reader, for a viewer of its project; while the job trains, up to its last epoch."""
+    records = JobRecords(backends.docs)
+    job = await records.get(job_id)
+    if job is None:
+        raise NotFound(f"no training job {job_id!r}")
+    require_in(request, await _job_project(request, job), "viewer", what=f"training job {job_id!r}")
+    prefix = str(job.get("logs_prefix") or f"{job['key_prefix']}/tensorboard/")
+    scalars = await asyncio.to_thread(read_scalars, backends.objects, prefix, work_dir=deps.config.work_dir)
+    if tag is not None:
+        if tag not in scalars:
+            raise NotFound(f"training job {job_id!r} has logged no scalar {tag!r}"
+                           + (f"; it has {', '.join(sorted(scalars))}" if scalars else " (no event file yet)"))
+        scalars = {tag: scalars[tag]}
+    return JobScalars(job_id=job_id, state=str(job["state"]), logs_prefix=prefix, scalars=scalars)
 
 
 @router.get("/jobs")
@@ -231,10 +214,10 @@ async def list_jobs(
 
 
 def part() -> ServicePart[TrainerSettings, TrainerDeps]:
-    from dlforge.trainer.reconcile import reconcile
+    from dlforge.trainer.reconcile import reconcile, resume_jobs
 
     return ServicePart(service=service, router=router, on_start=reconcile, settings=TrainerSettings, build=build_deps,
-                       also=(decisions_service,))
+                       on_built=resume_jobs, also=(decisions_service,))
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:

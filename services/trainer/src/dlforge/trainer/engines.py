@@ -2,9 +2,10 @@
 
 ``ddp`` (default): ``torch.multiprocessing`` spawns N processes that rendezvous on
 ``tcp://127.0.0.1:<free port>`` (gloo on CPU with ``GLOO_SOCKET_IFNAME=lo``; NCCL when CUDA has a GPU
-per worker) and wrap the tail in ``DistributedDataParallel``; a ``DistributedSampler`` shards each
-epoch. Rank 0 sends its reports (step losses, epoch metrics, checkpoint files) over a queue; the
-parent hands them to the listener, whose go-on/stop answer goes back to rank 0, which broadcasts it.
+per worker) and wrap the tail in ``DistributedDataParallel``; each rank trains its share of every
+global batch (see :mod:`dlforge.trainer.training`). Rank 0 sends its reports (step losses, epoch
+metrics, checkpoint files, states to resume from) over a queue; the parent hands them to the
+listener, whose go-on/stop answer goes back to rank 0, which broadcasts it.
 With one worker the loop runs in the calling process (no spawn, no process group).
 
 ``horovod`` (optional): the same loop under ``horovod.run``; imported lazily, failing with what to
@@ -51,8 +52,8 @@ class FitJob:
     summary_every_steps: int = 10
     threads: int = 1  # in all: each of N workers gets max(1, threads // N)
     work_dir: Path | None = None
-    resume: FitState | None = None  # go on after this state's epoch
-    on_state: StateHook | None = None  # the state after each epoch that another follows (for resuming)
+    resume: FitState | None = None  # go on from this state (its epoch and position)
+    on_state: StateHook | None = None  # the states to resume from: after epochs, at checkpoint steps
 
 
 class Engine(ABC):
@@ -107,6 +108,12 @@ def _write_job(job: FitJob, job_dir: Path) -> None:
         torch.save(job.resume.to_dict(), job_dir / "resume.pt")
 
 
+def _resume_of(job_dir: Path) -> FitState | None:
+    """The state the parent wrote for the workers to go on from, if any."""
+    path = job_dir / "resume.pt"
+    return FitState.from_dict(torch.load(path, weights_only=False)) if path.exists() else None
+
+
 def _read_job(job_dir: Path) -> tuple[nn.Module, TrainData, dict[str, Any]]:
     spec = json.loads((job_dir / "job.json").read_text())
     tail: nn.Module = torch.load(job_dir / "tail.pt", weights_only=False)
@@ -136,7 +143,7 @@ class _QueueListener:
         self.messages.put(("checkpoint", step, epoch, str(path)))
 
     def on_state(self, state: FitState) -> None:
-        path = self.job_dir / f"state-{state.epoch:05d}.pt"
+        path = self.job_dir / f"state-{state.steps:09d}.pt"  # one per state: the parent may not have read the last
         torch.save(state.to_dict(), path)
         self.messages.put(("state", str(path)))
 
@@ -197,13 +204,10 @@ def _ddp_worker(rank: int, world: int, init_method: str, backend: str, job_dir: 
     try:
         device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
         listener = _QueueListener(tail, path, messages, replies) if rank == 0 else _SilentListener()
-        resume = None
-        if (path / "resume.pt").exists():
-            resume = FitState.from_dict(torch.load(path / "resume.pt", weights_only=False))
         result = fit(tail, data, TrainParams(**spec["hparams"]), listener=listener,
                      collective=DdpCollective(rank, world, device),
                      checkpoint_every_steps=int(spec["checkpoint_every_steps"]),
-                     summary_every_steps=int(spec["summary_every_steps"]), device=device, resume=resume,
+                     summary_every_steps=int(spec["summary_every_steps"]), device=device, resume=_resume_of(path),
                      on_state=listener.on_state if isinstance(listener, _QueueListener) else None)
         if rank == 0:
             torch.save(tail.cpu().state_dict(), path / "final.pt")
@@ -382,7 +386,7 @@ def _horovod_worker(job_dir: str) -> list[tuple[Any, ...]] | None:
     listener = _RecordingListener(tail, path) if hvd.rank() == 0 else _SilentListener()
     result = fit(tail, data, TrainParams(**spec["hparams"]), listener=listener, collective=HorovodCollective(hvd),
                  checkpoint_every_steps=int(spec["checkpoint_every_steps"]),
-                 summary_every_steps=int(spec["summary_every_steps"]))
+                 summary_every_steps=int(spec["summary_every_steps"]), resume=_resume_of(path))
     if hvd.rank() != 0:
         return None
     torch.save(tail.state_dict(), path / "final.pt")

@@ -27,6 +27,7 @@ from dlforge.common.events import UniqueClasses
 from dlforge.common.objects import ObjectStore
 from dlforge.trainer.cache import ActivationCache, CachedActivations, digest_file, manifest_digest, prefix_runner
 from dlforge.trainer.engines import FitJob, engine_for
+from dlforge.trainer.launcher import KubernetesConfig, KubernetesEngine
 from dlforge.trainer.monitor import EpochHook, JobMonitor
 from dlforge.trainer.params import EpochMetrics, EvalSummary, RunOptions, TrainParams
 from dlforge.trainer.settings import TrainerSettings
@@ -121,6 +122,7 @@ class TrainingOutcome:
     views: list[str] = field(default_factory=lambda: [IDENTITY])  # the views the model was trained on
     view_check: dict[str, float] = field(default_factory=dict)  # val accuracy per declared view of the probe
     view_allowed_cost: float | None = None  # the val accuracy a view was allowed to cost the probe
+    resumed_from: dict[str, int] | None = None  # went on in this epoch, this many samples in, after this step
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly description (no weights)."""
@@ -148,6 +150,7 @@ class TrainingOutcome:
             "views": self.views,
             "view_check": self.view_check,
             "view_allowed_cost": self.view_allowed_cost,
+            "resumed_from": self.resumed_from,
             "metrics": flat_metrics(self),
         }
 
@@ -196,10 +199,21 @@ class TrainerConfig:
     val_people_min: int = 30
     view_tolerance: float = 0.02
     view_error_share: float = 0.5
+    kubernetes: KubernetesConfig | None = None  # runs of several workers go to Kubernetes (see launcher.py)
 
     @classmethod
     def from_settings(cls, s: TrainerSettings) -> TrainerConfig:
+        kubernetes = None
+        if s.trainer_launcher == "kubernetes":
+            assert s.trainer_k8s_image is not None  # the settings' validator
+            kubernetes = KubernetesConfig(
+                image=s.trainer_k8s_image, namespace=s.trainer_k8s_namespace, api_url=s.trainer_k8s_api_url,
+                token_file=s.trainer_k8s_token_file, ca_file=s.trainer_k8s_ca_file, cpu=s.trainer_k8s_cpu,
+                memory=s.trainer_k8s_memory, gpus_per_worker=s.trainer_k8s_gpus_per_worker,
+                env_from=tuple(p.strip() for p in s.trainer_k8s_env_from.split(",") if p.strip()),
+                threads=s.trainer_train_threads)
         return cls(
+            kubernetes=kubernetes,
             work_dir=Path(s.work_dir) / "trainer",
             threads=s.trainer_threads,
             train_threads=s.trainer_train_threads,
@@ -474,20 +488,33 @@ def run_training(
                              tail=tail, arch=arch, classes=request.classes, on_epoch=on_epoch,
                              extra={"input_size": input_size, "params": request.hparams.model_dump()})
 
+        resumed_from: dict[str, int] | None = None
+
         def run(train_data: TrainData, hparams: TrainParams) -> FitResult:
+            nonlocal resumed_from
             resume, on_state = None, None
             if resumable:
-                resume, on_state = resume_point(objects, resume_key(key_prefix), work_dir=Path(tmp),
-                                                tag=_resume_tag(train_data, hparams))
-                if resume is not None:
-                    log.info("job %s: resuming after epoch %d", job_id, resume.epoch)
-                    monitor.replay(resume.epochs)
+                stored, store = resume_point(objects, resume_key(key_prefix), work_dir=Path(tmp),
+                                             tag=_resume_tag(train_data, hparams))
+
+                def on_state(state: FitState) -> None:
+                    store(state, [(s, v) for s, v in monitor.step_losses if s <= state.steps])
+
+                if stored is not None:
+                    resume = stored.state
+                    resumed_from = {"epoch": resume.epoch + 1, "position": resume.position, "step": resume.steps}
+                    log.info("job %s: resuming after epoch %d, %d samples into the next, at step %d", job_id,
+                             resume.epoch, resume.position, resume.steps)
+                    monitor.replay(resume.epochs, stored.step_losses)
             job = FitJob(tail=tail, data=train_data, hparams=hparams,
                          no_of_workers=request.run_config.no_of_workers,
                          checkpoint_every_steps=request.run_config.checkpoint_every_steps,
                          summary_every_steps=request.run_config.summary_every_steps, threads=config.train_threads,
                          work_dir=Path(tmp), resume=resume, on_state=on_state)
-            return engine_for(request.run_config.engine).run(job, monitor)
+            engine = engine_for(request.run_config.engine)
+            if config.kubernetes is not None and job.no_of_workers > 1:
+                engine = KubernetesEngine(config.kubernetes, objects=objects, key_prefix=key_prefix, job_id=job_id)
+            return engine.run(job, monitor)
 
         started = time.perf_counter()
         try:
@@ -519,6 +546,7 @@ def run_training(
         views=trained.views,
         view_check=trained.check.val_accuracy if trained.check else {},
         view_allowed_cost=trained.check.tolerance if trained.check else None,
+        resumed_from=resumed_from,
     )
 
 
@@ -533,8 +561,18 @@ def _resume_tag(data: TrainData, hparams: TrainParams) -> str:
     return hashlib.sha256(f"{hparams.model_dump_json()}|{shape}".encode()).hexdigest()[:16]
 
 
-def resume_point(objects: ObjectStore, key: str, *, work_dir: Path, tag: str
-                 ) -> tuple[FitState | None, Callable[[FitState], None]]:
+@dataclass
+class StoredState:
+    """A state an earlier attempt of a job stored, and the step losses it had logged up to it."""
+
+    state: FitState
+    step_losses: list[tuple[int, float]]
+
+
+StoreState = Callable[[FitState, list[tuple[int, float]]], None]
+
+
+def resume_point(objects: ObjectStore, key: str, *, work_dir: Path, tag: str) -> tuple[StoredState | None, StoreState]:
     """(the stored state to go on from, if it was trained on the same ``tag``; the hook that stores the next)."""
     resume = None
     try:
@@ -545,13 +583,13 @@ def resume_point(objects: ObjectStore, key: str, *, work_dir: Path, tag: str
         raw = torch.load(local, weights_only=False)
         local.unlink(missing_ok=True)
         if raw.get("tag") == tag:
-            resume = FitState.from_dict(raw)
+            resume = StoredState(FitState.from_dict(raw), [(int(s), float(v)) for s, v in raw.get("step_losses", [])])
         else:
             log.info("%s was trained on other data or parameters: starting afresh", key)
 
-    def store(state: FitState) -> None:
+    def store(state: FitState, step_losses: list[tuple[int, float]]) -> None:
         path = work_dir / "resume-out.pt"
-        torch.save({**state.to_dict(), "tag": tag}, path)
+        torch.save({**state.to_dict(), "tag": tag, "step_losses": step_losses}, path)
         objects.put_file(key, path)
         path.unlink(missing_ok=True)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -23,6 +24,8 @@ JobKind = Literal["trial", "final", "api"]
 JobState = Literal["queued", "running", "completed", "stopped", "pruned", "diverged", "failed"]
 
 T = TypeVar("T")
+
+OWNER = socket.gethostname()  # a REST job runs in the trainer process that started it (``owner``)
 
 
 def now() -> str:

@@ -1,12 +1,16 @@
 """What happens to a run's reports: TensorBoard event files, checkpoints, the caller's epoch hook.
 
 All of it happens in the parent process (a data-parallel run's rank 0 only sends its reports), so
-the object store is the only thing the reports need, whatever the engine.
+the object store is the only thing the reports need, whatever the engine. :func:`read_scalars` reads
+a job's event files back from there with TensorBoard's own reader (what ``GET /jobs/{id}/tensorboard``
+serves).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +58,7 @@ class JobMonitor:
         self.hook = on_epoch
         self.extra = extra or {}
         self.epochs: list[EpochMetrics] = []
+        self.step_losses: list[tuple[int, float]] = []  # (global step, loss) as written to the logs
         self.checkpoints: list[str] = []
         log_dir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(log_dir=str(log_dir))
@@ -63,10 +68,15 @@ class JobMonitor:
         return f"{self.key_prefix}/tensorboard/"
 
     def on_step(self, step: int, loss: float) -> None:
+        self.step_losses.append((step, loss))
         self.writer.add_scalar("train/step_loss", loss, step)
 
-    def replay(self, epochs: list[EpochMetrics]) -> None:
-        """Write the epochs of an earlier attempt (a resumed job) to the logs; the hook saw them then."""
+    def replay(self, epochs: list[EpochMetrics], step_losses: list[tuple[int, float]]) -> None:
+        """Write what an earlier attempt logged up to the state a resumed job goes on from (its epochs, its
+        step losses) to the logs: they hold one curve, not a second one from the resumed step on. The hook
+        saw the epochs then."""
+        for step, loss in step_losses:
+            self.on_step(step, loss)
         for metrics in epochs:
             self._log_epoch(metrics)
 
@@ -111,3 +121,24 @@ class JobMonitor:
     def close(self) -> list[str]:
         self.writer.close()
         return self.upload_logs()
+
+
+Scalar = tuple[float, int, float | None]  # (wall time, step, value: None where it was not finite)
+
+
+def read_scalars(objects: ObjectStore, logs_prefix: str, *, work_dir: Path) -> dict[str, list[Scalar]]:
+    """Every scalar tag in the event files under ``logs_prefix``: ``{tag: [(wall_time, step, value), ...]}`` by
+    step, as TensorBoard's scalars plugin serves them (``{}``: no event file yet)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="tensorboard-") as tmp:
+        files = [i.key for i in objects.list(logs_prefix) if "tfevents" in i.key.rsplit("/", 1)[-1]]
+        if not files:
+            return {}
+        for key in files:
+            objects.get_file(key, Path(tmp) / key.rsplit("/", 1)[-1])
+        events = EventAccumulator(tmp, size_guidance={"scalars": 0})  # 0: keep every point
+        events.Reload()
+        return {tag: [(e.wall_time, e.step, e.value if math.isfinite(e.value) else None)
+                      for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

@@ -34,6 +34,9 @@ class TrainParams(BaseModel):
         description="time cap: no epoch is started that would end after this many seconds of training (judged "
         "by the last epoch's time; 0: no cap, at most a week). With patience, the best epoch's weights stay",
     )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="'cosine': the learning rate falls from lr to 0 along a half cosine over "
+        "every step of the run (stepped once per optimizer step)")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 

@@ -2,10 +2,14 @@
 
 At start:
 
-* a REST job (``kind=api``) this host was running will never finish: its record says so;
+* a REST job (``kind=api``) this host was running (or had queued) is submitted again
+  (:func:`resume_jobs`, before the workers start) and goes on from the state it stored at its last
+  checkpoint (``<key_prefix>/resume/state.pt``; from the start if it stored none yet): its record
+  shows it ``running`` again and, when it ends, ``resumed_from``;
 * a trial or final job still ``queued``/``running`` was cut short. On a durable bus its ``hpo.trial``
-  or ``hpo.completed`` is delivered again and the handler trains it on from the job's last epoch
-  checkpoint (``<key_prefix>/resume/state.pt``): the record is marked ``interrupted`` until then.
+  or ``hpo.completed`` is delivered again and the handler trains it on from the state the job stored
+  after its last epoch or checkpoint step (``<key_prefix>/resume/state.pt``): the record is marked
+  ``interrupted`` until then.
   On the in-memory bus the event is gone: the job is failed with the reason and the run gets a
   ``run.failed``.
 
@@ -16,16 +20,38 @@ its trained models and ``trainer/models/<run>/``.
 from __future__ import annotations
 
 import asyncio
-import socket
+import logging
 from typing import Any
+
+from pydantic import ValidationError
 
 from dlforge.common.events import Event
 from dlforge.common.recovery import bus_is_durable, delete_prefix, fail_run
 from dlforge.common.runtime import Backends, HandlerContext
-from dlforge.trainer.jobs import JOBS, METRICS, MODELS, JobRecords
-from dlforge.trainer.worker import safe_id, service
+from dlforge.trainer.handlers import TrainingRequest
+from dlforge.trainer.jobs import JOBS, METRICS, MODELS, OWNER, JobRecords
+from dlforge.trainer.worker import TrainerDeps, safe_id, service
 
-OWNER = socket.gethostname()
+log = logging.getLogger(__name__)
+
+
+async def resume_jobs(deps: TrainerDeps, backends: Backends) -> None:
+    """Submit again the REST jobs this host had not finished when it stopped (see the module docstring)."""
+    records = JobRecords(backends.docs)
+    for state in ("queued", "running"):
+        for job in await backends.docs.find(JOBS, {"state": state, "kind": "api"}):
+            if job.get("owner") != OWNER:
+                continue  # another trainer process runs it
+            try:
+                request = TrainingRequest.model_validate(job["request"])
+            except ValidationError as exc:
+                await records.finish(job["_id"], state="failed",
+                                     error=f"interrupted, and its request no longer validates: {exc}")
+                continue
+            log.info("training job %s was %s when the trainer stopped: resuming it", job["_id"], state)
+            await records.update(job["_id"], state="queued", note="the trainer restarted; the job goes on from its "
+                                 "last checkpoint")
+            deps.jobs.submit(job["_id"], request, job["key_prefix"])
 
 
 async def reconcile(backends: Backends) -> None:
@@ -34,9 +60,7 @@ async def reconcile(backends: Backends) -> None:
     for state in ("queued", "running"):
         for job in await backends.docs.find(JOBS, {"state": state}):
             if job.get("kind") == "api":
-                if job.get("owner") == OWNER:
-                    await records.finish(job["_id"], state="failed", error="interrupted: the trainer restarted")
-                continue
+                continue  # resume_jobs submitted this host's again
             if durable:
                 await records.update(job["_id"], state="interrupted",
                                      note="the trainer stopped; the job goes on from its last epoch when its "

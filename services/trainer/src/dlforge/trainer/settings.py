@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from dlforge.common.settings import CommonSettings
 from dlforge.trainer.views import checked_views
@@ -69,6 +70,37 @@ class TrainerSettings(CommonSettings):
     trainer_decision_wait_seconds: float = Field(
         default=30.0, ge=0.0, le=3600.0, description="after reporting a trial's epoch, how long to wait for the "
         "tuner's pruning decision before training on without it (0: never wait, only read decisions that came)")
+
+    trainer_launcher: Literal["local", "kubernetes"] = Field(
+        default="local", description="where a run of several workers runs: 'local' (processes of this trainer) "
+        "or 'kubernetes' (the pods of an indexed Job, see dlforge.trainer.launcher); one worker always runs here")
+    trainer_k8s_image: str | None = Field(default=None, description="the worker pods' image (the trainer's)")
+    trainer_k8s_namespace: str = Field(default="dlforge", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    trainer_k8s_api_url: str = Field(default="https://kubernetes.default.svc", description="the API server")
+    trainer_k8s_token_file: str | None = Field(
+        default="/var/run/secrets/kubernetes.io/serviceaccount/token", description="bearer token of the "
+        "trainer's service account (needs create/get/watch/delete on jobs and services)")
+    trainer_k8s_ca_file: str | None = Field(default="/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+    trainer_k8s_cpu: str = Field(default="1", description="CPU request of a worker pod")
+    trainer_k8s_memory: str = Field(default="2Gi", description="memory request and limit of a worker pod")
+    trainer_k8s_gpus_per_worker: int = Field(default=0, ge=0, le=1, description="nvidia.com/gpu per worker pod")
+    trainer_k8s_env_from: str = Field(
+        default="configmap/dlforge-config,secret/dlforge-objects", description="comma list of configmap/NAME "
+        "and secret/NAME the worker pods take their environment from (DLFORGE_OBJECTS and its credentials)")
+
+    @field_validator("trainer_k8s_env_from")
+    @classmethod
+    def _env_refs(cls, value: str) -> str:
+        bad = [r for r in (p.strip() for p in value.split(",")) if r and not re.fullmatch(r"(configmap|secret)/\S+", r)]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: give configmap/NAME or secret/NAME")
+        return value
+
+    @model_validator(mode="after")
+    def _launcher_needs_an_image(self) -> TrainerSettings:
+        if self.trainer_launcher == "kubernetes" and not self.trainer_k8s_image:
+            raise ValueError("DLFORGE_TRAINER_K8S_IMAGE is required with DLFORGE_TRAINER_LAUNCHER=kubernetes")
+        return self
 
     @field_validator("trainer_final_views")
     @classmethod

@@ -12,11 +12,23 @@ With ``patience`` > 0 training stops when validation has not improved for that m
 tail ends with the weights of its best epoch (highest val accuracy; lower val loss breaks ties).
 ``max_seconds`` caps the time: no epoch starts that would end past it (by the mean epoch time so far).
 
-Resuming: after every epoch but the last, rank 0 hands a :class:`FitState` (the tail's and the
-optimizer's state, the torch RNG, the epochs so far, early stopping's best epoch and weights, the
-time spent) to ``on_state``; ``fit(..., resume=state)`` goes on from the epoch after it. The data
-order and views of an epoch depend on the seed and the epoch alone, so a resumed run trains the
-same steps an uninterrupted one would.
+Resuming: after every epoch but the last, and at every checkpoint step inside an epoch, rank 0
+hands a :class:`FitState` (the tail's, the optimizer's and the learning-rate schedule's state, the
+epochs so far, the position in the current epoch, early stopping's best epoch and weights, the time
+spent) to ``on_state``; ``fit(..., resume=state)`` goes on from there. Nothing else is needed to
+train the same steps an uninterrupted run would:
+
+* an epoch's order is one global permutation of the train rows (from the seed and the epoch) and its
+  views are drawn from the seed and the epoch; global step ``j`` of an epoch trains the rows at
+  positions ``[j * batch_size, (j + 1) * batch_size)`` of that order, rank ``r`` of ``world`` the
+  ``r``-th of every ``world`` of them. The position is counted in samples, so a run resumes on
+  another number of workers at the same place of the same order;
+* the loss of a step is normalized by the weights of the whole global batch (every rank has every
+  row's label and weight, so this needs no communication), so the averaged gradient is the
+  single-process gradient of that batch whatever the number of workers; the ranks' parts of the
+  loss are summed where they are read (logged steps, checkpoint steps, the epoch's end);
+* the torch RNG (dropout) is seeded at every step from the seed, the global step and the rank, so a
+  resumed run draws the masks the interrupted one would have drawn.
 """
 
 from __future__ import annotations
@@ -76,31 +88,39 @@ class FitResult:
 
 @dataclass
 class FitState:
-    """Where a run stood after ``epoch`` epochs: enough to train on as if it had not stopped."""
+    """Where a run stood after ``epoch`` whole epochs and ``position`` samples of the next one (0: at the
+    epoch's end): enough to train on as if it had not stopped."""
 
     epoch: int
     steps: int
     tail: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
-    rng: torch.Tensor
     epochs: list[EpochMetrics]
     elapsed: float
     best: EpochMetrics | None = None
     best_state: dict[str, torch.Tensor] | None = None
+    scheduler: dict[str, Any] | None = None
+    position: int = 0  # samples of epoch ``epoch + 1`` already trained
+    loss_sum: float = 0.0  # that partial epoch's sum of (batch loss x batch rows)
+    seconds: float = 0.0  # that partial epoch's training time so far
 
     def to_dict(self) -> dict[str, Any]:
         """A ``torch.save``-able form (the metrics as plain dicts)."""
         return {"epoch": self.epoch, "steps": self.steps, "tail": self.tail, "optimizer": self.optimizer,
-                "rng": self.rng, "epochs": [m.model_dump() for m in self.epochs], "elapsed": self.elapsed,
-                "best": self.best.model_dump() if self.best else None, "best_state": self.best_state}
+                "epochs": [m.model_dump() for m in self.epochs], "elapsed": self.elapsed,
+                "best": self.best.model_dump() if self.best else None, "best_state": self.best_state,
+                "scheduler": self.scheduler, "position": self.position, "loss_sum": self.loss_sum,
+                "seconds": self.seconds}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> FitState:
         best = raw.get("best")
         return cls(epoch=int(raw["epoch"]), steps=int(raw["steps"]), tail=raw["tail"], optimizer=raw["optimizer"],
-                   rng=raw["rng"], epochs=[EpochMetrics.model_validate(m) for m in raw["epochs"]],
+                   epochs=[EpochMetrics.model_validate(m) for m in raw["epochs"]],
                    elapsed=float(raw["elapsed"]), best=EpochMetrics.model_validate(best) if best else None,
-                   best_state=raw.get("best_state"))
+                   best_state=raw.get("best_state"), scheduler=raw.get("scheduler"),
+                   position=int(raw.get("position", 0)), loss_sum=float(raw.get("loss_sum", 0.0)),
+                   seconds=float(raw.get("seconds", 0.0)))
 
 
 StateHook = Callable[[FitState], None]
@@ -149,6 +169,35 @@ def make_optimizer(params: Any, hp: TrainParams) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=hp.lr, betas=betas, weight_decay=hp.weight_decay)
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, hp: TrainParams, total_steps: int,
+                   ) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule of ``hp.lr_schedule`` over ``total_steps`` optimizer steps."""
+    if hp.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def epoch_order(n_rows: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The order in which ``epoch`` visits the train rows: one permutation for every number of workers."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    return torch.randperm(n_rows, generator=g).numpy()
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of global step ``step`` on ``rank`` (dropout masks follow the step, not the process)."""
+    return ((seed * 1_000_003 + step) * 1024 + rank) % (2**63 - 1)
+
+
+def _seed_step(seed: int, device: torch.device) -> None:
+    """Seed the generator dropout draws from on ``device`` (``torch.manual_seed`` costs ~100 us a call: it
+    seeds every device type)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+
+
 def class_weights(y: np.ndarray, n_classes: int, mode: str, row_weights: np.ndarray | None = None,
                   ) -> torch.Tensor | None:
     """Inverse-frequency weights ``n / (k * count_c)`` (absent classes get weight 0), or None.
@@ -180,6 +229,29 @@ def weighted_loss(logits: torch.Tensor, y: torch.Tensor, *, class_weight: torch.
         w = w * row_weight
     total = w.sum()
     return (w * ce).sum() / total.clamp_min(torch.finfo(ce.dtype).tiny) if float(total) > 0 else (ce * 0.0).sum()
+
+
+def weighted_sums(logits: torch.Tensor, y: torch.Tensor, *, class_weight: torch.Tensor | None = None,
+                  row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``sum_i c_{y_i} w_i CE_i``, ``sum_i c_{y_i} w_i``): :func:`weighted_loss` is their ratio."""
+    ce = nn.functional.cross_entropy(logits, y, reduction="none")
+    w = torch.ones_like(ce)
+    if class_weight is not None:
+        w = w * class_weight[y]
+    if row_weight is not None:
+        w = w * row_weight
+    return (w * ce).sum(), w.sum()
+
+
+def _weights_of(rows: np.ndarray, y: np.ndarray, class_weight: np.ndarray | None,
+                row_weights: np.ndarray | None) -> np.ndarray:
+    """The loss weight ``c_{y_i} w_i`` of each of ``rows`` (as :func:`weighted_sums` weighs them)."""
+    w = np.ones(len(rows), dtype=np.float64)
+    if class_weight is not None:
+        w = w * class_weight[np.asarray(y[rows], dtype=np.int64)]
+    if row_weights is not None:
+        w = w * row_weights[rows]
+    return w
 
 
 class EarlyStopping:
@@ -305,17 +377,6 @@ def _freeze_batchnorm_statistics(model: nn.Module) -> None:
             m.eval()
 
 
-class _Rows(torch.utils.data.Dataset[int]):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
 def fit(
     tail: nn.Module,
     data: TrainData,
@@ -331,11 +392,12 @@ def fit(
 ) -> FitResult:
     """Train ``tail`` on ``data`` for ``hp.epochs`` epochs (or until the listener says stop, early stopping, time).
 
-    With ``resume`` training goes on after ``resume.epoch``; ``on_state`` (rank 0) receives the state
-    after each epoch that is followed by another (see the module docstring).
+    With ``resume`` training goes on from the state's epoch and position; ``on_state`` (rank 0) receives
+    the state after each epoch that is followed by another and at each checkpoint step inside an epoch
+    (see the module docstring).
 
-    ``hp.batch_size`` is global: each of ``world`` ranks takes ``batch_size // world`` rows per step, so
-    a run has the same number of optimizer steps per epoch whatever the number of workers. With
+    ``hp.batch_size`` is global: each of ``world`` ranks takes every ``world``-th row of a step's batch, so
+    a run has the same ``ceil(rows / batch_size)`` optimizer steps per epoch whatever the number of workers. With
     ``hp.patience`` > 0, rank 0 keeps a copy of the best epoch's weights and loads it at the end.
     """
     coll = collective or Collective()
@@ -347,61 +409,85 @@ def fit(
     model = coll.wrap_model(tail)
     trainable = [p for p in tail.parameters() if p.requires_grad]
     base_optimizer = make_optimizer(trainable, hp)
-    if resume is not None:
+    n_rows = len(data.train_y)
+    scheduler = make_scheduler(base_optimizer, hp, hp.epochs * math.ceil(n_rows / hp.batch_size))
+    if resume is not None:  # after the schedule is made: making it resets the optimizer's learning rates
         base_optimizer.load_state_dict(resume.optimizer)
-        torch.set_rng_state(resume.rng)
+        if resume.scheduler is not None:
+            scheduler.load_state_dict(resume.scheduler)
     optimizer = coll.wrap_optimizer(base_optimizer, tail)
     row_weights = None if data.train_w is None else np.asarray(data.train_w, dtype=np.float32)
     weights = class_weights(data.train_y, len(data.classes), hp.class_weighting, row_weights)
     class_weight = weights.to(device) if weights is not None else None
+    class_weight_np = weights.numpy().astype(np.float64) if weights is not None else None
     n_views = 1 + len(data.train_views)
     stopping = EarlyStopping(hp.patience) if hp.patience else None
     best_state: dict[str, torch.Tensor] | None = None
-    per_rank = max(1, hp.batch_size // coll.world)
-    sampler: torch.utils.data.DistributedSampler[int] = torch.utils.data.DistributedSampler(
-        _Rows(len(data.train_y)), num_replicas=coll.world, rank=coll.rank, shuffle=True, seed=hp.seed
-    )
     result = FitResult()
     started = time.perf_counter()
-    first = 1
+    first, position, loss_sum, seconds_before = 1, 0, 0.0, 0.0
     if resume is not None:
-        first = resume.epoch + 1
+        first, position = resume.epoch + 1, resume.position
+        loss_sum = resume.loss_sum if coll.rank == 0 else 0.0  # the ranks' parts are summed at the epoch's end
+        seconds_before = resume.seconds
         result.epochs = list(resume.epochs)
         result.steps = resume.steps
         started -= resume.elapsed
         if stopping is not None:
             stopping.best = resume.best
         best_state = resume.best_state
+
+    def state(epoch_done: int, at: int, partial_loss: float, partial_seconds: float) -> FitState:
+        return FitState(
+            epoch=epoch_done, steps=result.steps,
+            tail={k: v.detach().cpu().clone() for k, v in tail.state_dict().items()},
+            optimizer=copy.deepcopy(base_optimizer.state_dict()), scheduler=scheduler.state_dict(),
+            epochs=list(result.epochs), elapsed=time.perf_counter() - started,
+            best=stopping.best if stopping is not None else None, best_state=best_state,
+            position=at, loss_sum=partial_loss, seconds=partial_seconds,
+        )
+
     for epoch in range(first, hp.epochs + 1):
-        sampler.set_epoch(epoch)
-        order = np.fromiter(iter(sampler), dtype=np.int64)
-        views = view_choice(len(data.train_y), n_views, seed=hp.seed, epoch=epoch)
+        order = epoch_order(n_rows, seed=hp.seed, epoch=epoch)
+        views = view_choice(n_rows, n_views, seed=hp.seed, epoch=epoch)
         model.train()
         _freeze_batchnorm_statistics(tail)
-        t0 = time.perf_counter()
-        loss_sum, rows = 0.0, 0
-        for lo in range(0, len(order), per_rank):
-            idx = np.sort(order[lo:lo + per_rank])  # sorted: contiguous reads from the memory-mapped cache
+        t0 = time.perf_counter() - seconds_before
+        for lo in range(position, n_rows, hp.batch_size):
+            block = order[lo:lo + hp.batch_size]
+            idx = np.sort(block[coll.rank::coll.world])  # sorted: contiguous reads from the memory-mapped cache
+            _seed_step(step_seed(hp.seed, result.steps, coll.rank), device)
             xb = torch.from_numpy(_rows(data, idx, views)).to(device)
             yb = torch.from_numpy(data.train_y[idx].astype(np.int64)).to(device)
             wb = None if row_weights is None else torch.from_numpy(row_weights[idx]).to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = weighted_loss(model(xb), yb, class_weight=class_weight, row_weight=wb)
+            weighted, _ = weighted_sums(model(xb), yb, class_weight=class_weight, row_weight=wb)
+            # every rank knows the whole batch's rows, so its weight needs no communication; DDP averages the
+            # ranks' gradients, so each rank's share of the batch's loss is scaled by the world
+            block_weight = float(_weights_of(block, data.train_y, class_weight_np, row_weights).sum())
+            share = float(weighted.detach()) / block_weight if block_weight > 0 else 0.0
+            loss = weighted * (coll.world / block_weight) if block_weight > 0 else weighted * 0.0
             loss.backward()
             optimizer.step()
+            scheduler.step()
             result.steps += 1
-            value = float(loss.detach())
-            loss_sum += value * len(idx)
-            rows += len(idx)
-            if coll.rank == 0 and result.steps % summary_every_steps == 0:
-                listener.on_step(result.steps, value)
-            if checkpoint_every_steps and result.steps % checkpoint_every_steps == 0 and coll.rank == 0:
-                listener.on_checkpoint(result.steps, epoch, None)
+            loss_sum += share * len(block)  # this rank's part; the ranks' parts are summed when they are read
+            position = lo + len(block)
+            if result.steps % summary_every_steps == 0:  # the same steps on every rank (a collective)
+                value = coll.sum([share])[0]
+                if coll.rank == 0:
+                    listener.on_step(result.steps, value)
+            if checkpoint_every_steps and result.steps % checkpoint_every_steps == 0:
+                partial = coll.sum([loss_sum])[0] if position < n_rows else 0.0
+                if coll.rank == 0:
+                    listener.on_checkpoint(result.steps, epoch, None)
+                    if on_state is not None and position < n_rows:
+                        on_state(state(epoch - 1, position, partial, time.perf_counter() - t0))
         seconds = time.perf_counter() - t0
-        total_loss, total_rows = coll.sum([loss_sum, float(rows)])
+        loss_sum = coll.sum([loss_sum])[0]
         go_on = True
         if coll.rank == 0:
-            train_loss = total_loss / max(total_rows, 1.0)
+            train_loss = loss_sum / max(n_rows, 1)
             val = evaluate(tail, data.val_x, data.val_y, data.classes, device=device)
             metrics = EpochMetrics(
                 epoch=epoch,
@@ -411,7 +497,7 @@ def fit(
                 val_accuracy=val.accuracy,
                 val_recall=val.recall,
                 seconds=seconds,
-                images_per_second=total_rows / seconds if seconds > 0 else 0.0,
+                images_per_second=n_rows / seconds if seconds > 0 else 0.0,
             )
             result.epochs.append(metrics)
             if not math.isfinite(train_loss):
@@ -426,18 +512,13 @@ def fit(
                 result.out_of_time = elapsed + (elapsed / epoch) > hp.max_seconds
         finished = result.early_stopped or result.out_of_time
         go_on = coll.agree(go_on and not finished)
+        diverged_here = not math.isfinite(loss_sum)
+        position, loss_sum, seconds_before = 0, 0.0, 0.0
         if go_on and on_state is not None and coll.rank == 0 and epoch < hp.epochs:
-            on_state(FitState(
-                epoch=epoch, steps=result.steps,
-                tail={k: v.detach().cpu().clone() for k, v in tail.state_dict().items()},
-                optimizer=copy.deepcopy(base_optimizer.state_dict()), rng=torch.get_rng_state(),
-                epochs=list(result.epochs),
-                elapsed=time.perf_counter() - started, best=stopping.best if stopping is not None else None,
-                best_state=best_state,
-            ))
+            on_state(state(epoch, 0, 0.0, 0.0))
         if not go_on:
             result.stopped = not finished
-            result.diverged = result.diverged or (coll.rank != 0 and not math.isfinite(loss_sum))
+            result.diverged = result.diverged or (coll.rank != 0 and diverged_here)
             break
     if coll.rank == 0 and stopping is not None and stopping.best is not None and best_state is not None \
             and not result.diverged:

@@ -29,6 +29,7 @@ from dlforge.trainer.handlers import (
 from dlforge.trainer.jobs import JobRecords, LoopBridge
 from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
 from dlforge.trainer.pruning import TrialReporter
+from dlforge.trainer.runner import JobRunner
 from dlforge.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,13 @@ class TrainerDeps:
 
     settings: TrainerSettings
     config: TrainerConfig
+    jobs: JobRunner  # the REST jobs of this process
 
 
 async def build_deps(settings: TrainerSettings, backends: Backends) -> TrainerDeps:
-    return TrainerDeps(settings=settings, config=TrainerConfig.from_settings(settings))
+    config = TrainerConfig.from_settings(settings)
+    return TrainerDeps(settings=settings, config=config,
+                       jobs=JobRunner(backends, config, concurrent=settings.trainer_max_concurrent_jobs))
 
 
 service = Service[TrainerDeps]("trainer")
