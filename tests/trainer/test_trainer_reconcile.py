@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 
 from dlforge.common.app import settings_for
 from dlforge.common.runtime import Backends
-from dlforge.common.settings import load_settings
 from dlforge.trainer.handlers import TrainingRequest
 from dlforge.trainer.jobs import OWNER, JobRecords
 from dlforge.trainer.params import TrainParams
@@ -19,16 +14,6 @@ from dlforge.trainer.reconcile import reconcile, resume_jobs
 from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.testing import make_candidate, make_dataset
 from dlforge.trainer.worker import build_deps
-
-
-@pytest.fixture
-async def backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Backends]:
-    monkeypatch.setenv("DLFORGE_TRAINER_PREFIX_RUNNER", "torch")
-    b = Backends.from_settings(load_settings(bus="memory://", objects=f"file://{tmp_path}/o",
-                                             docs=f"sqlite:///{tmp_path}/d.db", work_dir=str(tmp_path / "w")))
-    await b.start()
-    yield b
-    await b.stop()
 
 
 async def test_this_hosts_unfinished_rest_jobs_are_trained_again_at_start(backends: Backends) -> None:
