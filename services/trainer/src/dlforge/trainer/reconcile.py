@@ -38,20 +38,23 @@ log = logging.getLogger(__name__)
 async def resume_jobs(deps: TrainerDeps, backends: Backends) -> None:
     """Submit again the REST jobs this host had not finished when it stopped (see the module docstring)."""
     records = JobRecords(backends.docs)
-    for state in ("queued", "running"):
-        for job in await backends.docs.find(JOBS, {"state": state, "kind": "api"}):
-            if job.get("owner") != OWNER:
-                continue  # another trainer process runs it
-            try:
-                request = TrainingRequest.model_validate(job["request"])
-            except ValidationError as exc:
-                await records.finish(job["_id"], state="failed",
-                                     error=f"interrupted, and its request no longer validates: {exc}")
-                continue
-            log.info("training job %s was %s when the trainer stopped: resuming it", job["_id"], state)
-            await records.update(job["_id"], state="queued", note="the trainer restarted; the job goes on from its "
-                                 "last checkpoint")
-            deps.jobs.submit(job["_id"], request, job["key_prefix"])
+    # every unfinished job is read before any is submitted: a submitted job turns ``running`` as soon as the
+    # loop runs it, and a later query for ``running`` jobs would submit it a second time
+    unfinished = {job["_id"]: job for state in ("queued", "running")
+                  for job in await backends.docs.find(JOBS, {"state": state, "kind": "api"})}
+    for job in unfinished.values():
+        if job.get("owner") != OWNER:
+            continue  # another trainer process runs it
+        try:
+            request = TrainingRequest.model_validate(job["request"])
+        except ValidationError as exc:
+            await records.finish(job["_id"], state="failed",
+                                 error=f"interrupted, and its request no longer validates: {exc}")
+            continue
+        log.info("training job %s was %s when the trainer stopped: resuming it", job["_id"], job["state"])
+        await records.update(job["_id"], state="queued", note="the trainer restarted; the job goes on from its "
+                             "last checkpoint")
+        deps.jobs.submit(job["_id"], request, job["key_prefix"])
 
 
 async def reconcile(backends: Backends) -> None:
