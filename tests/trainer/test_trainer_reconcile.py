@@ -14,7 +14,7 @@ from dlforge.common.app import settings_for
 from dlforge.common.errors import InvalidInput
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import load_settings
-from dlforge.trainer.handlers import TrainingRequest
+from dlforge.trainer.handlers import TrainingRequest, resume_key
 from dlforge.trainer.jobs import OWNER, JobRecords
 from dlforge.trainer.params import TrainParams
 from dlforge.trainer.reconcile import reconcile, resume_jobs
@@ -99,3 +99,26 @@ async def test_a_job_queued_at_the_restart_is_trained_once_when_the_store_answer
         await asyncio.sleep(0.01)
     assert not deps.jobs.tasks
     assert sorted(trained) == ["queued-mine", "running-mine"]
+
+
+async def test_a_resumed_job_that_fails_leaves_no_state_to_resume_from(backends: Backends) -> None:
+    """A failed REST job is never submitted again: the state its killed attempt stored goes with it (here the
+    manifest was deleted while the trainer was down, so the resumed attempt fails before training)."""
+    records = JobRecords(backends.docs)
+    request = TrainingRequest(weights_key=make_candidate(backends.objects, "cands/small.pt"),
+                              manifest_key="data/deleted.json", classes=["a", "b"],
+                              hparams=TrainParams(lr=0.01, batch_size=4, epochs=1))
+    await records.create("failing", kind="api", request=request.model_dump(mode="json"),
+                         key_prefix="trainer/jobs/failing", extra={"owner": OWNER})
+    await records.start("failing")
+    state_key = resume_key("trainer/jobs/failing")
+    backends.objects.put_bytes(state_key, b"the state a killed attempt stored")
+    deps = await build_deps(settings_for(TrainerSettings, backends.settings), backends)
+
+    await resume_jobs(deps, backends)
+    deadline = time.monotonic() + 60
+    while deps.jobs.tasks and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    job = await records.get("failing") or {}
+    assert job["state"] == "failed" and "data/deleted.json" in job["error"]
+    assert not backends.objects.exists(state_key)
