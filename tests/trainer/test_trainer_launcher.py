@@ -352,6 +352,10 @@ def test_a_failed_job_fails_the_run_and_is_still_deleted(
 ) -> None:
     api, k8s = kube
     del api.pod_env["DLFORGE_OBJECTS"]  # the pods cannot reach the object store: they exit with status 2
+    # the files an earlier attempt wrote for its pods (the job, the state to resume from, a report) when its
+    # trainer was killed before it could delete them
+    for name in ("job/tail.pt", "job/resume.pt", "reports/000000001.json"):
+        objects.put_bytes(f"trainer/jobs/k8s/launch/0/{name}", b"left by a killed attempt")
     launched = TrainerConfig(**{**config.__dict__, "kubernetes": k8s})
     with pytest.raises(RuntimeError, match="Failed: BackoffLimitExceeded"):
         run_training(objects, _request(2), job_id="k8s", key_prefix="trainer/jobs/k8s", config=launched)
