@@ -103,16 +103,19 @@ async def test_a_job_queued_at_the_restart_is_trained_once_when_the_store_answer
 
 async def test_a_resumed_job_that_fails_leaves_no_state_to_resume_from(backends: Backends) -> None:
     """A failed REST job is never submitted again: the state its killed attempt stored goes with it (here the
-    manifest was deleted while the trainer was down, so the resumed attempt fails before training)."""
+    manifest was deleted while the trainer was down, so the resumed attempt fails before training; the other
+    job's stored request no longer validates, so it is not submitted at all)."""
     records = JobRecords(backends.docs)
     request = TrainingRequest(weights_key=make_candidate(backends.objects, "cands/small.pt"),
                               manifest_key="data/deleted.json", classes=["a", "b"],
                               hparams=TrainParams(lr=0.01, batch_size=4, epochs=1))
     await records.create("failing", kind="api", request=request.model_dump(mode="json"),
                          key_prefix="trainer/jobs/failing", extra={"owner": OWNER})
-    await records.start("failing")
-    state_key = resume_key("trainer/jobs/failing")
-    backends.objects.put_bytes(state_key, b"the state a killed attempt stored")
+    await records.create("outdated", kind="api", request={**request.model_dump(mode="json"), "hparams": {"lr": -1}},
+                         key_prefix="trainer/jobs/outdated", extra={"owner": OWNER})
+    for job_id in ("failing", "outdated"):
+        await records.start(job_id)
+        backends.objects.put_bytes(resume_key(f"trainer/jobs/{job_id}"), b"the state a killed attempt stored")
     deps = await build_deps(settings_for(TrainerSettings, backends.settings), backends)
 
     await resume_jobs(deps, backends)
@@ -121,4 +124,6 @@ async def test_a_resumed_job_that_fails_leaves_no_state_to_resume_from(backends:
         await asyncio.sleep(0.05)
     job = await records.get("failing") or {}
     assert job["state"] == "failed" and "data/deleted.json" in job["error"]
-    assert not backends.objects.exists(state_key)
+    outdated = await records.get("outdated") or {}
+    assert outdated["state"] == "failed" and "no longer validates" in outdated["error"]
+    assert [k for k in ("failing", "outdated") if backends.objects.exists(resume_key(f"trainer/jobs/{k}"))] == []

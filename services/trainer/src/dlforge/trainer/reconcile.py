@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from dlforge.common.events import Event
 from dlforge.common.recovery import bus_is_durable, delete_prefix, fail_run
 from dlforge.common.runtime import Backends, HandlerContext
-from dlforge.trainer.handlers import TrainingRequest
+from dlforge.trainer.handlers import TrainingRequest, resume_key
 from dlforge.trainer.jobs import JOBS, METRICS, MODELS, OWNER, JobRecords
 from dlforge.trainer.worker import TrainerDeps, safe_id, service
 
@@ -50,6 +50,7 @@ async def resume_jobs(deps: TrainerDeps, backends: Backends) -> None:
         except ValidationError as exc:
             await records.finish(job["_id"], state="failed",
                                  error=f"interrupted, and its request no longer validates: {exc}")
+            await asyncio.to_thread(backends.objects.delete, resume_key(job["key_prefix"]))  # never resumed
             continue
         log.info("training job %s was %s when the trainer stopped: resuming it", job["_id"], job["state"])
         await records.update(job["_id"], state="queued", note="the trainer restarted; the job goes on from its "
