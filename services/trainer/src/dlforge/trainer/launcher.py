@@ -308,6 +308,8 @@ class KubernetesEngine(Engine):
                 obj = event.get("object") or {}
                 version = (obj.get("metadata") or {}).get("resourceVersion", version)
                 ended = _finished(obj.get("status") or {}) or ended
+                if event.get("type") == "DELETED" and ended is None:  # by hand, or by another attempt of the job:
+                    ended = "was deleted before it ended"  # no event about it will come again
             for info in list(self.objects.list(f"{launch}/reports/")):
                 seq = int(info.key.rsplit("/", 1)[-1].split(".")[0])
                 if seq <= seen:
