@@ -228,3 +228,30 @@ def test_a_view_is_kept_only_if_everything_it_composes_to_keeps_the_labels() -> 
               "vflip": 0.1, "hflip_rot270": 0.1}
     assert choose_views(scores) == ("rot90",)
     assert choose_views({**scores, "rot180": 0.5}) == ()
+
+
+def test_a_spent_time_budget_still_trains_the_floor_of_steps() -> None:
+    """A deadline already past when the step time is measured (a very busy machine) cuts a network to
+    its floor of steps, not to the 21 it has run by then."""
+    import time
+
+    import torch
+
+    from dlforge.labeler.pixelnet import _Augment, _tensor
+
+    x, y = bars(40, np.random.default_rng(5))
+    plugin = small(min_steps=60)
+    xt = _tensor(x, mean=0.2, std=0.2)
+    rows, pool = np.arange(20), np.arange(20, 40)
+    past = time.monotonic() - 1.0
+    augment = _Augment((), pad_border=False)
+    with torch.random.fork_rng():
+        _, floored = plugin._train(xt, rows, y[rows], pool, 2, seed=0, steps=100, augment=augment, semi=True,
+                                   deadline=past, floor=60)
+        _, unfloored = plugin._train(xt, rows, y[rows], pool, 2, seed=0, steps=100, augment=augment, semi=True,
+                                     deadline=past, floor=0)
+        _, undisturbed = plugin._train(xt, rows, y[rows], pool, 2, seed=0, steps=100, augment=augment, semi=True,
+                                       deadline=None, floor=60)
+    assert (floored, unfloored, undisturbed) == (60, 21, 100)
+    with pytest.raises(ValueError, match="min_steps"):
+        PixelSSL(min_steps=-1)
