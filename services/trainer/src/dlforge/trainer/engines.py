@@ -125,7 +125,8 @@ def _write_job(job: FitJob, job_dir: Path) -> None:
 def _resume_of(job_dir: Path) -> FitState | None:
     """The state the parent wrote for the workers to go on from, if any."""
     path = job_dir / "resume.pt"
-    return FitState.from_dict(torch.load(path, weights_only=False)) if path.exists() else None
+    raw = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None  # CUDA states too
+    return FitState.from_dict(raw) if raw is not None else None
 
 
 def _read_job(job_dir: Path) -> tuple[nn.Module, TrainData, dict[str, Any]]:
@@ -334,12 +335,12 @@ class DdpEngine(Engine):
         elif kind == "epoch":
             replies.put(bool(listener.on_epoch(EpochMetrics.model_validate_json(msg[1]))))
         elif kind == "checkpoint":
-            state = torch.load(msg[3], weights_only=True)
+            state = torch.load(msg[3], map_location="cpu", weights_only=True)
             listener.on_checkpoint(msg[1], msg[2], state)
             Path(msg[3]).unlink(missing_ok=True)
         elif kind == "state":
             if job.on_state is not None:
-                job.on_state(FitState.from_dict(torch.load(msg[1], weights_only=False)))
+                job.on_state(FitState.from_dict(torch.load(msg[1], map_location="cpu", weights_only=False)))
             Path(msg[1]).unlink(missing_ok=True)
         elif kind == "done":
             payload = json.loads(msg[1])

@@ -588,7 +588,7 @@ def resume_point(objects: ObjectStore, key: str, *, work_dir: Path, tag: str) ->
     except NotFound:
         local = None
     if local is not None:
-        raw = torch.load(local, weights_only=False)
+        raw = torch.load(local, map_location="cpu", weights_only=False)  # a state trained on CUDA, too
         local.unlink(missing_ok=True)
         if raw.get("tag") == tag:
             resume = StoredState(FitState.from_dict(raw), [(int(s), float(v)) for s, v in raw.get("step_losses", [])])

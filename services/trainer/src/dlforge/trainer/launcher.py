@@ -337,7 +337,7 @@ class KubernetesEngine(Engine):
         def tensors() -> Any:
             local = self.objects.get_file(report["file"], tmp / "report.pt")
             try:
-                return torch.load(local, weights_only=kind != "state")
+                return torch.load(local, map_location="cpu", weights_only=kind != "state")  # from GPU pods too
             finally:
                 local.unlink(missing_ok=True)
 

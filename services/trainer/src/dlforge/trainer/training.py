@@ -528,7 +528,8 @@ def fit(
             tail={k: v.detach().cpu().clone() for k, v in tail.state_dict().items()},
             optimizer=copy.deepcopy(base_optimizer.state_dict()), scheduler=scheduler.state_dict(),
             epochs=list(result.epochs), elapsed=time.perf_counter() - started,
-            best=stopping.best if stopping is not None else None, best_state=best_state,
+            best=stopping.best if stopping is not None else None,
+            best_state={k: v.cpu() for k, v in best_state.items()} if best_state is not None else None,
             position=at, loss_sum=partial_loss, seconds=partial_seconds,
             scaler=precision.scaler.state_dict() if precision.enabled else None,
         )
