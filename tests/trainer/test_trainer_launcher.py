@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 import kubernetes_validate
@@ -35,9 +35,11 @@ import pytest
 import torch
 
 from dlforge.common.objects import ObjectStore
+from dlforge.trainer.engines import FitJob
 from dlforge.trainer.handlers import TrainerConfig, TrainingRequest, run_training
-from dlforge.trainer.launcher import KubernetesConfig, render_worker_job, train_of
+from dlforge.trainer.launcher import KubernetesApi, KubernetesConfig, KubernetesEngine, render_worker_job, train_of
 from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
+from dlforge.trainer.training import FitListener
 
 KUBERNETES_VERSION = "1.33"  # as tests/deploy/test_k8s.py
 TOKEN = "stand-in-token"
@@ -352,6 +354,10 @@ def test_a_failed_job_fails_the_run_and_is_still_deleted(
 ) -> None:
     api, k8s = kube
     del api.pod_env["DLFORGE_OBJECTS"]  # the pods cannot reach the object store: they exit with status 2
+    # the files an earlier attempt wrote for its pods (the job, the state to resume from, a report) when its
+    # trainer was killed before it could delete them
+    for name in ("job/tail.pt", "job/resume.pt", "reports/000000001.json"):
+        objects.put_bytes(f"trainer/jobs/k8s/launch/0/{name}", b"left by a killed attempt")
     launched = TrainerConfig(**{**config.__dict__, "kubernetes": k8s})
     with pytest.raises(RuntimeError, match="Failed: BackoffLimitExceeded"):
         run_training(objects, _request(2), job_id="k8s", key_prefix="trainer/jobs/k8s", config=launched)
@@ -383,3 +389,30 @@ def test_the_trainers_role_grants_the_calls_the_launcher_makes() -> None:
     trainer = next(d for d in yaml.safe_load_all((k8s_dir / "services.yaml").read_text())
                    if d and d["kind"] == "Deployment" and d["metadata"]["name"] == "trainer")
     assert trainer["spec"]["template"]["spec"]["serviceAccountName"] == "trainer"
+
+
+class _DeletedJobApi:
+    """An API whose watch says the Job was deleted (by hand, or by another trainer's attempt of the same job)
+    before it ended; then it has nothing more to say about it."""
+
+    def __init__(self) -> None:
+        self.watches = 0
+
+    def watch_job(self, name: str, *, resource_version: str | None, timeout_seconds: int) -> list[dict[str, Any]]:
+        self.watches += 1
+        if self.watches > 5:
+            raise AssertionError(f"still following Job {name} after it was deleted")
+        if self.watches > 1:
+            return []
+        return [{"type": "DELETED", "object": {"metadata": {"name": name, "resourceVersion": "7"},
+                                               "status": {"active": 2}}}]
+
+
+def test_a_job_deleted_before_it_ended_fails_the_run(objects: ObjectStore, tmp_path: Path) -> None:
+    api = _DeletedJobApi()
+    engine = KubernetesEngine(KubernetesConfig(image="dlforge/trainer:test"), objects=objects,
+                              key_prefix="trainer/jobs/gone", job_id="gone", api=cast(KubernetesApi, api))
+    with pytest.raises(RuntimeError, match="dlforge-train-gone was deleted"):
+        engine._follow("dlforge-train-gone", "trainer/jobs/gone/launch/1", cast(FitJob, None),
+                       cast(FitListener, None), tmp_path)
+    assert api.watches == 1

@@ -4,31 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dlforge.common.app import settings_for
+from dlforge.common.errors import InvalidInput
 from dlforge.common.runtime import Backends
-from dlforge.common.settings import load_settings
-from dlforge.trainer.handlers import TrainingRequest
+from dlforge.trainer.handlers import TrainingRequest, resume_key
 from dlforge.trainer.jobs import OWNER, JobRecords
 from dlforge.trainer.params import TrainParams
 from dlforge.trainer.reconcile import reconcile, resume_jobs
 from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.testing import make_candidate, make_dataset
 from dlforge.trainer.worker import build_deps
-
-
-@pytest.fixture
-async def backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Backends]:
-    monkeypatch.setenv("DLFORGE_TRAINER_PREFIX_RUNNER", "torch")
-    b = Backends.from_settings(load_settings(bus="memory://", objects=f"file://{tmp_path}/o",
-                                             docs=f"sqlite:///{tmp_path}/d.db", work_dir=str(tmp_path / "w")))
-    await b.start()
-    yield b
-    await b.stop()
 
 
 async def test_this_hosts_unfinished_rest_jobs_are_trained_again_at_start(backends: Backends) -> None:
@@ -61,3 +50,67 @@ async def test_this_hosts_unfinished_rest_jobs_are_trained_again_at_start(backen
     assert states["theirs"]["state"] == "running"  # another trainer process runs it
     assert states["outdated"]["state"] == "failed"
     assert "no longer validates" in states["outdated"]["error"] and "learning_rate" in states["outdated"]["error"]
+
+
+async def test_a_job_queued_at_the_restart_is_trained_once_when_the_store_answers_late(
+        backends: Backends, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job submitted again from ``queued`` starts (``running``) as soon as the event loop lets it; a
+    document store that yields while it answers (Mongo does) must not then find it among the ``running``
+    jobs and submit it a second time: two trainings of one job on one key prefix."""
+    records = JobRecords(backends.docs)
+    request = TrainingRequest(weights_key="cands/none.pt", manifest_key="data/none.json", classes=["a", "b"],
+                              hparams=TrainParams(lr=0.01, batch_size=4, epochs=1))
+    for job_id in ("queued-mine", "running-mine"):
+        await records.create(job_id, kind="api", request=request.model_dump(mode="json"),
+                             key_prefix=f"trainer/jobs/{job_id}", extra={"owner": OWNER})
+    await records.start("running-mine")
+    trained: list[str] = []
+
+    def fake_training(objects: object, request: TrainingRequest, *, job_id: str, **_: object) -> None:
+        trained.append(job_id)
+        raise InvalidInput("stands for the training")
+
+    monkeypatch.setattr("dlforge.trainer.runner.run_training", fake_training)
+    find = backends.docs.find
+
+    async def find_after_a_yield(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        await asyncio.sleep(0)  # a networked store's answer: the loop runs other tasks meanwhile
+        return await find(*args, **kwargs)
+
+    monkeypatch.setattr(backends.docs, "find", find_after_a_yield)
+    deps = await build_deps(settings_for(TrainerSettings, backends.settings), backends)
+
+    await resume_jobs(deps, backends)
+    deadline = time.monotonic() + 30
+    while deps.jobs.tasks and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert not deps.jobs.tasks
+    assert sorted(trained) == ["queued-mine", "running-mine"]
+
+
+async def test_a_resumed_job_that_fails_leaves_no_state_to_resume_from(backends: Backends) -> None:
+    """A failed REST job is never submitted again: the state its killed attempt stored goes with it (here the
+    manifest was deleted while the trainer was down, so the resumed attempt fails before training; the other
+    job's stored request no longer validates, so it is not submitted at all)."""
+    records = JobRecords(backends.docs)
+    request = TrainingRequest(weights_key=make_candidate(backends.objects, "cands/small.pt"),
+                              manifest_key="data/deleted.json", classes=["a", "b"],
+                              hparams=TrainParams(lr=0.01, batch_size=4, epochs=1))
+    await records.create("failing", kind="api", request=request.model_dump(mode="json"),
+                         key_prefix="trainer/jobs/failing", extra={"owner": OWNER})
+    await records.create("outdated", kind="api", request={**request.model_dump(mode="json"), "hparams": {"lr": -1}},
+                         key_prefix="trainer/jobs/outdated", extra={"owner": OWNER})
+    for job_id in ("failing", "outdated"):
+        await records.start(job_id)
+        backends.objects.put_bytes(resume_key(f"trainer/jobs/{job_id}"), b"the state a killed attempt stored")
+    deps = await build_deps(settings_for(TrainerSettings, backends.settings), backends)
+
+    await resume_jobs(deps, backends)
+    deadline = time.monotonic() + 60
+    while deps.jobs.tasks and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    job = await records.get("failing") or {}
+    assert job["state"] == "failed" and "data/deleted.json" in job["error"]
+    outdated = await records.get("outdated") or {}
+    assert outdated["state"] == "failed" and "no longer validates" in outdated["error"]
+    assert [k for k in ("failing", "outdated") if backends.objects.exists(resume_key(f"trainer/jobs/{k}"))] == []

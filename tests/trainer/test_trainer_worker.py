@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from dlforge.common.events import (
     encode,
 )
 from dlforge.common.runtime import Backends, Outcome, Worker, run_workers
-from dlforge.common.settings import load_settings
 from dlforge.trainer.pruning import DECISIONS, decisions_service
 from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.testing import make_candidate, make_dataset
@@ -29,16 +27,6 @@ from dlforge.trainer.worker import build_deps, service
 
 PARAMS = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-6, "dropout": 0.0, "unfreeze": 0, "batch_size": 8,
           "optimizer": "adam"}
-
-
-@pytest.fixture
-async def backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Backends]:
-    monkeypatch.setenv("DLFORGE_TRAINER_PREFIX_RUNNER", "torch")
-    b = Backends.from_settings(load_settings(bus="memory://", objects=f"file://{tmp_path}/o",
-                                             docs=f"sqlite:///{tmp_path}/d.db", work_dir=str(tmp_path / "w")))
-    await b.start()
-    yield b
-    await b.stop()
 
 
 def trial_event(backends: Backends, number: int, params: dict[str, object], *, epochs: int = 2) -> Event:

@@ -262,7 +262,7 @@ class KubernetesEngine(Engine):
             config = replace(self.config, gpus_per_worker=pod_gpus(self.config, job.device))
             manifests = render_worker_job(name, workers=job.no_of_workers, launch_prefix=launch, config=config,
                                           train_of=train_of(self.job_id))
-            self._remove_earlier_attempts()
+            self._remove_earlier_attempts(launch)
             created: list[tuple[str, str]] = []
             try:
                 for manifest in manifests:
@@ -280,14 +280,18 @@ class KubernetesEngine(Engine):
                         log.warning("kubernetes: could not delete %s %s: %s", kind, n, exc)
                 delete_prefix(self.objects, f"{launch}/")
 
-    def _remove_earlier_attempts(self) -> None:
+    def _remove_earlier_attempts(self, launch: str) -> None:
         """Delete the Jobs and Services an earlier attempt of this training job left (its trainer was killed
-        before it could): their pods would wait for answers nobody gives."""
+        before it could): their pods would wait for answers nobody gives; and the files it wrote for its pods
+        (the job, its state, the reports) under another prefix than this attempt's ``launch``."""
         selector = f"dlforge.io/train-of={train_of(self.job_id)}"
         for kind in ("Job", "Service"):
             for old in self.api.names(kind, selector):
                 log.info("kubernetes: deleting %s %s of an earlier attempt of job %s", kind, old, self.job_id)
                 self.api.delete(kind, old)
+        for info in list(self.objects.list(f"{self.key_prefix}/launch/")):
+            if not info.key.startswith(f"{launch}/"):
+                self.objects.delete(info.key)
 
     def _keep_logs(self, name: str, attempt: str) -> None:
         """Copy the worker pods' logs to ``<key_prefix>/logs/<attempt>/<pod>.log`` before the pods are deleted."""
@@ -314,6 +318,8 @@ class KubernetesEngine(Engine):
                 obj = event.get("object") or {}
                 version = (obj.get("metadata") or {}).get("resourceVersion", version)
                 ended = _finished(obj.get("status") or {}) or ended
+                if event.get("type") == "DELETED" and ended is None:  # by hand, or by another attempt of the job:
+                    ended = "was deleted before it ended"  # no event about it will come again
             for info in list(self.objects.list(f"{launch}/reports/")):
                 seq = int(info.key.rsplit("/", 1)[-1].split(".")[0])
                 if seq <= seen:

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from dlforge.common.events import Event
 from dlforge.common.recovery import bus_is_durable, delete_prefix, fail_run
 from dlforge.common.runtime import Backends, HandlerContext
-from dlforge.trainer.handlers import TrainingRequest
+from dlforge.trainer.handlers import TrainingRequest, resume_key
 from dlforge.trainer.jobs import JOBS, METRICS, MODELS, OWNER, JobRecords
 from dlforge.trainer.worker import TrainerDeps, safe_id, service
 
@@ -38,20 +38,24 @@ log = logging.getLogger(__name__)
 async def resume_jobs(deps: TrainerDeps, backends: Backends) -> None:
     """Submit again the REST jobs this host had not finished when it stopped (see the module docstring)."""
     records = JobRecords(backends.docs)
-    for state in ("queued", "running"):
-        for job in await backends.docs.find(JOBS, {"state": state, "kind": "api"}):
-            if job.get("owner") != OWNER:
-                continue  # another trainer process runs it
-            try:
-                request = TrainingRequest.model_validate(job["request"])
-            except ValidationError as exc:
-                await records.finish(job["_id"], state="failed",
-                                     error=f"interrupted, and its request no longer validates: {exc}")
-                continue
-            log.info("training job %s was %s when the trainer stopped: resuming it", job["_id"], state)
-            await records.update(job["_id"], state="queued", note="the trainer restarted; the job goes on from its "
-                                 "last checkpoint")
-            deps.jobs.submit(job["_id"], request, job["key_prefix"])
+    # every unfinished job is read before any is submitted: a submitted job turns ``running`` as soon as the
+    # loop runs it, and a later query for ``running`` jobs would submit it a second time
+    unfinished = {job["_id"]: job for state in ("queued", "running")
+                  for job in await backends.docs.find(JOBS, {"state": state, "kind": "api"})}
+    for job in unfinished.values():
+        if job.get("owner") != OWNER:
+            continue  # another trainer process runs it
+        try:
+            request = TrainingRequest.model_validate(job["request"])
+        except ValidationError as exc:
+            await records.finish(job["_id"], state="failed",
+                                 error=f"interrupted, and its request no longer validates: {exc}")
+            await asyncio.to_thread(backends.objects.delete, resume_key(job["key_prefix"]))  # never resumed
+            continue
+        log.info("training job %s was %s when the trainer stopped: resuming it", job["_id"], job["state"])
+        await records.update(job["_id"], state="queued", note="the trainer restarted; the job goes on from its "
+                             "last checkpoint")
+        deps.jobs.submit(job["_id"], request, job["key_prefix"])
 
 
 async def reconcile(backends: Backends) -> None:

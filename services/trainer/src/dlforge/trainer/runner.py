@@ -12,7 +12,14 @@ import logging
 
 from dlforge.common.errors import InvalidInput
 from dlforge.common.runtime import Backends
-from dlforge.trainer.handlers import TrainerConfig, TrainingRequest, flat_metrics, run_training, save_model
+from dlforge.trainer.handlers import (
+    TrainerConfig,
+    TrainingRequest,
+    flat_metrics,
+    resume_key,
+    run_training,
+    save_model,
+)
 from dlforge.trainer.jobs import JobRecords, LoopBridge
 from dlforge.trainer.params import EpochMetrics
 
@@ -61,3 +68,5 @@ class JobRunner:
                 if not isinstance(exc, InvalidInput):
                     log.exception("training job %s failed", job_id)
                 await self.records.finish(job_id, state="failed", error=f"{type(exc).__name__}: {exc}")
+                # a failed job is never submitted again: the state it (or a killed attempt) stored goes
+                await asyncio.to_thread(self.backends.objects.delete, resume_key(key_prefix))

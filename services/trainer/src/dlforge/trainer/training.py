@@ -299,14 +299,8 @@ def weighted_loss(logits: torch.Tensor, y: torch.Tensor, *, class_weight: torch.
     ``sum_i c_{y_i} w_i CE_i / sum_i c_{y_i} w_i`` -- with ``row_weight`` None this is exactly
     ``nn.CrossEntropyLoss(weight=class_weight)``; a batch whose weights are all 0 has loss 0.
     """
-    ce = nn.functional.cross_entropy(logits, y, reduction="none")
-    w = torch.ones_like(ce)
-    if class_weight is not None:
-        w = w * class_weight[y]
-    if row_weight is not None:
-        w = w * row_weight
-    total = w.sum()
-    return (w * ce).sum() / total.clamp_min(torch.finfo(ce.dtype).tiny) if float(total) > 0 else (ce * 0.0).sum()
+    weighted, total = weighted_sums(logits, y, class_weight=class_weight, row_weight=row_weight)
+    return weighted / total.clamp_min(torch.finfo(logits.dtype).tiny) if float(total) > 0 else weighted * 0.0
 
 
 def weighted_sums(logits: torch.Tensor, y: torch.Tensor, *, class_weight: torch.Tensor | None = None,
