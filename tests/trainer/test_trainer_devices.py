@@ -160,6 +160,13 @@ def test_the_engine_trains_one_worker_on_the_device_asked_for() -> None:
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
+def test_the_horovod_engine_refuses_cuda_rather_than_train_on_the_cpu() -> None:
+    from dlforge.trainer.engines import HorovodEngine
+
+    with pytest.raises(ConfigError, match="horovod engine trains on the CPU"):
+        HorovodEngine().run(FitJob(tail=_tail(), data=_data(), hparams=HP, no_of_workers=2, device="cuda"), _Quiet())
+
+
 # --------------------------------------------------------------------------------------------
 # the Kubernetes pods ask for a GPU when the run is on CUDA
 # --------------------------------------------------------------------------------------------

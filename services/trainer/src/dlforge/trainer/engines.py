@@ -422,6 +422,9 @@ class HorovodEngine(Engine):
     name = "horovod"
 
     def run(self, job: FitJob, listener: FitListener) -> FitResult:
+        if job.device == "cuda":
+            raise ConfigError("the horovod engine trains on the CPU (gloo); with DLFORGE_TRAINER_DEVICE=cuda use "
+                              "DLFORGE_TRAINER_ENGINE=ddp (one process per GPU, NCCL)")
         horovod = optional_import("horovod", install="pip install 'horovod[pytorch]'",
                                   purpose="the horovod training engine")
         optional_import("horovod.torch", install="HOROVOD_WITH_PYTORCH=1 pip install 'horovod[pytorch]'",
