@@ -64,7 +64,10 @@ def devices() -> dict[str, Any]:
             out["gpus"].append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
                                 "capability": f"{p.major}.{p.minor}"})
         out["cudnn"] = torch.backends.cudnn.version()
-        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else None
+        import torch.distributed as dist
+
+        version = torch.cuda.nccl.version() if dist.is_nccl_available() else None  # a tuple (an int in old torch)
+        out["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else version
         out["bf16_supported"] = torch.cuda.is_bf16_supported()
     return out
 
