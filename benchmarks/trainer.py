@@ -1,11 +1,14 @@
 """Trainer benchmark on ELPV with EfficientNet-Lite0 (ImageNet weights).
 
 Measures: the activation cache (images through the frozen prefix, ONNX Runtime vs PyTorch eager),
-deriving shallower boundaries, seconds per epoch at unfreeze 0/1/2, and 1 vs 2 DDP workers.
-Prints a table and writes benchmarks/results/trainer.json.
+deriving shallower boundaries, seconds per epoch at unfreeze 0/1/2, and 1 vs 2 DDP workers at equal
+total threads (1 worker x 2 threads against 2 workers x 1 thread), in interleaved rounds (the order
+alternates each round) so that the machine's load falls on both alike; the speed-up is the ratio of
+images/s within each round. Prints tables and writes benchmarks/results/trainer.json with the CPU's name.
 
     python benchmarks/trainer.py                 # all 2,624 ELPV cells
     python benchmarks/trainer.py --limit 400     # a quick look
+    nice -n 19 python benchmarks/trainer.py --limit 300 --epochs 2 --rounds 3 --workers-only
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from machine import cpu_name
 
 from dlforge.common.objects.fs import FsObjectStore
 from dlforge.trainer.cache import OnnxPrefixRunner, TorchPrefixRunner
@@ -116,12 +120,44 @@ def train(objects: FsObjectStore, config: TrainerConfig, manifest_key: str, weig
     }
 
 
+def worker_rounds(objects: FsObjectStore, config: TrainerConfig, manifest_key: str, weights_key: str, *,
+                  unfreeze: int, epochs: int, rounds: int, threads: int = 2) -> dict[str, Any]:
+    """1 worker x ``threads`` threads against ``threads`` workers x 1 thread... for 2: 1x2 against 2x1,
+    ``rounds`` times, the order alternating; the ratio of images/s is taken within each round."""
+    runs: list[dict[str, Any]] = []
+    ratios = []
+    for r in range(rounds):
+        order = (1, 2) if r % 2 == 0 else (2, 1)
+        got = {}
+        for workers in order:
+            got[workers] = train(objects, config, manifest_key, weights_key, unfreeze=unfreeze, workers=workers,
+                                 epochs=epochs, name=f"round{r}-u{unfreeze}-w{workers}", threads=threads)
+            got[workers]["round"] = r
+            runs.append(got[workers])
+            run = got[workers]
+            print(f"  round {r}, unfreeze {unfreeze}, {workers} worker(s) x {run['threads_per_worker']} "
+                  f"thread(s): {run['images_per_second']:.0f} img/s, {run['wall_seconds']:.1f} s wall")
+        ratios.append(got[2]["images_per_second"] / got[1]["images_per_second"])
+    ips = {w: [x["images_per_second"] for x in runs if x["workers"] == w] for w in (1, 2)}
+    return {
+        "unfreeze": unfreeze, "total_threads": threads, "rounds": rounds, "epochs": epochs, "runs": runs,
+        "images_per_second_median": {f"{w}_workers": float(np.median(v)) for w, v in ips.items()},
+        "ratio_2_over_1_per_round": [round(x, 3) for x in ratios],
+        "ratio_2_over_1_geomean": round(float(np.exp(np.mean(np.log(ratios)))), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None, help="use this many ELPV cells (default: all)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "trainer.json")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of 1 vs 2 workers")
+    parser.add_argument("--worker-unfreeze", type=int, nargs="+", default=[1, 2],
+                        help="unfreeze depths at which 1 and 2 workers are compared")
+    parser.add_argument("--workers-only", action="store_true",
+                        help="only the 1 vs 2 workers rounds (skip the runner and unfreeze sweeps)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dlforge-bench-trainer-"))
@@ -130,44 +166,66 @@ def main() -> None:
     manifest_key, counts = elpv_manifest(objects, limit=args.limit)
     weights_key = candidate(objects, work)
     load_before = os.getloadavg()
-    print(f"ELPV: {counts} items; work dir {work}; load average {load_before[0]:.1f}")
+    cpu = cpu_name()
+    print(f"ELPV: {counts} items; work dir {work}; CPU {cpu} x {os.cpu_count()}; load average {load_before[0]:.1f}")
 
-    speed = runner_speed(objects, manifest_key)
-    print(f"frozen prefix: onnxruntime {speed['onnxruntime']:.1f} ms/image, torch eager {speed['torch']:.1f} ms/image")
     config = TrainerConfig(work_dir=work / "trainer", threads=2, prefix_runner="onnxruntime")
-    runs = []
-    for unfreeze in (0, 1, 2):
-        runs.append(train(objects, config, manifest_key, weights_key, unfreeze=unfreeze, workers=1,
-                          epochs=args.epochs, name=f"u{unfreeze}-w1"))
-        print(f"  unfreeze {unfreeze}, 1 worker: {runs[-1]}")
-    for unfreeze in (1, 2):
-        runs.append(train(objects, config, manifest_key, weights_key, unfreeze=unfreeze, workers=1,
-                          epochs=args.epochs, name=f"u{unfreeze}-w1t1", threads=1))
-        print(f"  unfreeze {unfreeze}, 1 worker x 1 thread: {runs[-1]}")
-        runs.append(train(objects, config, manifest_key, weights_key, unfreeze=unfreeze, workers=2,
-                          epochs=args.epochs, name=f"u{unfreeze}-w2"))
-        print(f"  unfreeze {unfreeze}, 2 workers x 1 thread: {runs[-1]}")
+    runs: list[dict[str, Any]] = []
+    speed: dict[str, float] = {}
+    if not args.workers_only:
+        speed = runner_speed(objects, manifest_key)
+        print(f"frozen prefix: onnxruntime {speed['onnxruntime']:.1f} ms/image, torch eager {speed['torch']:.1f} "
+              "ms/image")
+        for unfreeze in (0, 1, 2):
+            runs.append(train(objects, config, manifest_key, weights_key, unfreeze=unfreeze, workers=1,
+                              epochs=args.epochs, name=f"u{unfreeze}-w1"))
+            print(f"  unfreeze {unfreeze}, 1 worker: {runs[-1]}")
+    else:  # the cache, computed once here, so that no round pays for it
+        for unfreeze in sorted(set(args.worker_unfreeze)):
+            train(objects, config, manifest_key, weights_key, unfreeze=unfreeze, workers=1, epochs=1,
+                  name=f"warm-u{unfreeze}")
+    comparisons = [worker_rounds(objects, config, manifest_key, weights_key, unfreeze=u, epochs=args.epochs,
+                                 rounds=args.rounds) for u in args.worker_unfreeze]
+    machine = {"cpu": cpu, "cpus": os.cpu_count(), "total_threads": 2, "python": platform.python_version(),
+               "torch": torch.__version__, "load_average_start": load_before[0],
+               "load_average_end": os.getloadavg()[0], "niceness": os.nice(0)}
     images = sum(counts.values())
-    first = runs[0]
-    result = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": 2, "python": platform.python_version(),
-                    "torch": torch.__version__, "load_average_start": load_before[0],
-                    "load_average_end": os.getloadavg()[0]},
-        "dataset": {"name": "elpv", "items": counts, "defect_threshold": 0.5},
-        "arch": ARCH, "epochs": args.epochs,
-        "activation_cache": {
+    result: dict[str, Any] = {
+        "machine": machine, "dataset": {"name": "elpv", "items": counts, "defect_threshold": 0.5},
+        "arch": ARCH, "epochs": args.epochs, "workers_equal_threads": comparisons, "runs": runs,
+    }
+    if runs:
+        first = runs[0]
+        result["activation_cache"] = {
             "images": images, "computed_seconds": first["cache_seconds"],
             "seconds_per_image": round(first["cache_seconds"] / images, 4),
             "derived_seconds": {f"unfreeze_{r['unfreeze']}": r["cache_seconds"] for r in runs[1:3]},
-            "hit_seconds": {f"unfreeze_{r['unfreeze']}_w{r['workers']}_t{r['threads_per_worker']}": r["cache_seconds"]
-                            for r in runs[3:]},
             "prefix_ms_per_image": {k: round(v, 1) for k, v in speed.items()},
-        },
-        "runs": runs,
-    }
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
 
+    print()
+    print(f"CPU: {cpu} ({os.cpu_count()} logical CPUs); load average {load_before[0]:.1f} -> "
+          f"{machine['load_average_end']:.1f}")
+    print("1 vs 2 DDP workers at 2 threads in all (images/s of the training part of each epoch, mean over epochs)")
+    print("(wall s: the whole run_training call, the workers' start included)")
+    head = (f"{'unfreeze':>8} {'round':>5} {'1w x 2t':>9} {'2w x 1t':>9} {'2w / 1w':>8} {'wall s 1w':>9} "
+            f"{'wall s 2w':>9}")
+    print(head)
+    print("-" * len(head))
+    for c in comparisons:
+        for r in range(c["rounds"]):
+            one = next(x for x in c["runs"] if x["round"] == r and x["workers"] == 1)
+            two = next(x for x in c["runs"] if x["round"] == r and x["workers"] == 2)
+            print(f"{c['unfreeze']:>8} {r:>5} {one['images_per_second']:>9.0f} {two['images_per_second']:>9.0f} "
+                  f"{c['ratio_2_over_1_per_round'][r]:>8.2f} {one['wall_seconds']:>9.1f} {two['wall_seconds']:>9.1f}")
+        print(f"{c['unfreeze']:>8} {'all':>5} {c['images_per_second_median']['1_workers']:>9.0f} "
+              f"{c['images_per_second_median']['2_workers']:>9.0f} {c['ratio_2_over_1_geomean']:>8.2f}  "
+              "(medians; geometric mean of the rounds' ratios)")
+    if not runs:
+        print(f"\nwritten {args.out}")
+        return
     print()
     print(f"activation cache: {images} images in {first['cache_seconds']:.1f}s "
           f"({first['cache_seconds'] / images * 1000:.0f} ms/image incl. decode); prefix alone: onnxruntime "

@@ -163,14 +163,17 @@ def test_bucket_job_creates_the_bucket_before_services_start(compose, services):
         assert compose["services"][name]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
 
 
-def test_gpu_override_reserves_one_nvidia_gpu_for_trainer_and_optimizer(yaml_documents, gpu_services):
+def test_gpu_override_gives_the_trainer_every_gpu_and_the_optimizer_one(yaml_documents, gpu_services):
     (override,) = yaml_documents("docker-compose.gpu.yml")
     assert set(override["services"]) == gpu_services
+    counts = {"trainer": "all", "optimizer": 1}  # DDP: one worker per GPU over NCCL, in the trainer's container
     for name in gpu_services:
         service = override["services"][name]
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
-        assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+        assert device == {"driver": "nvidia", "count": counts[name], "capabilities": ["gpu"]}
         assert "TORCH_INDEX_URL" in service["build"]["args"]
+    assert override["services"]["trainer"]["environment"]["DLFORGE_TRAINER_DEVICE"].startswith("${")
+    assert override["services"]["optimizer"]["build"]["target"] == "gpu"  # the stage with the `gpu` extra
 
 
 def test_build_targets_exist(compose, repo, services):

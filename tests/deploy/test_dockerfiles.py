@@ -24,7 +24,7 @@ def dockerfile_problems(text: str, name: str) -> list[str]:
     steps = instructions(text)
     keywords = [keyword for keyword, _ in steps]
     problems = []
-    if steps[:1] != [("FROM", "python:3.11-slim")]:
+    if not steps or steps[0][0] != "FROM" or steps[0][1].split(" AS ")[0] != "python:3.11-slim":  # may name a stage
         problems.append("base image must be python:3.11-slim")
     runs = " && ".join(arguments for keyword, arguments in steps if keyword == "RUN")
     if "torch==2.13.0" not in runs:
@@ -65,6 +65,25 @@ def test_dockerfile_checks_catch_broken_files(repo, edit, expected):
     text = (repo / "services" / "tuner" / "Dockerfile").read_text(encoding="utf-8")
     problems = dockerfile_problems(edit(text), "tuner")
     assert any(expected in problem for problem in problems), problems
+
+
+def test_the_optimizers_gpu_target_installs_its_gpu_extra_and_the_default_stays_cpu(repo):
+    text = (repo / "services" / "optimizer" / "Dockerfile").read_text(encoding="utf-8")
+    stages: dict[str, list[tuple[str, str]]] = {}
+    name = ""
+    for keyword, arguments in instructions(text):
+        if keyword == "FROM":
+            name = arguments.split(" AS ")[-1] if " AS " in arguments else "<default>"
+            stages[name] = []
+        stages[name].append((keyword, arguments))
+    assert list(stages)[-1] == "<default>" and "gpu" in stages  # `docker build` without --target: the CPU image
+    gpu_runs = " && ".join(a for k, a in stages["gpu"] if k == "RUN")
+    cpu_runs = " && ".join(a for k, a in stages["<default>"] if k == "RUN")
+    assert '"./services/optimizer[gpu]"' in gpu_runs and "--find-links /wheels" in gpu_runs
+    assert "pip install --no-cache-dir --no-deps \"onnxruntime-gpu==" in gpu_runs  # the GPU build wins
+    assert "[gpu]" not in cpu_runs
+    assert ("COPY", "--from=pycuda /wheels /wheels") in stages["gpu"]
+    assert any(k == "RUN" and "pip wheel" in a and "pycuda" in a for k, a in stages["pycuda"])
 
 
 def test_the_edge_image_holds_dlforge_edge_alone(repo):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from accounts import create_accounts
 from fastapi.testclient import TestClient
 
@@ -60,6 +61,7 @@ def test_job_trains_and_reports(client: TestClient) -> None:
     assert job["checkpoints"] == [f"trainer/jobs/{job_id}/checkpoints/step-{s:07d}.pt" for s in (3, 6, 9, 12)]
     assert job["logs_prefix"] == f"trainer/jobs/{job_id}/tensorboard/"
     assert job["model_key"] == f"trainer/jobs/{job_id}/model.pt"
+    assert job["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # where it trained, on record
     listed = client.get("/jobs", params={"kind": "api"}).json()
     assert [j["_id"] for j in listed] == [job_id] and listed[0]["name"] == "first"
     # go on from the trained model by its id

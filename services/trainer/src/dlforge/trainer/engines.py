@@ -1,12 +1,14 @@
 """Data-parallel engines: run :func:`fit` on N worker processes and stream rank 0's reports back.
 
 ``ddp`` (default): ``torch.multiprocessing`` spawns N processes that rendezvous on
-``tcp://127.0.0.1:<free port>`` (gloo on CPU with ``GLOO_SOCKET_IFNAME=lo``; NCCL when CUDA has a GPU
-per worker) and wrap the tail in ``DistributedDataParallel``; each rank trains its share of every
-global batch (see :mod:`dlforge.trainer.training`). Rank 0 sends its reports (step losses, epoch
-metrics, checkpoint files, states to resume from) over a queue; the parent hands them to the
-listener, whose go-on/stop answer goes back to rank 0, which broadcasts it.
-With one worker the loop runs in the calling process (no spawn, no process group).
+``tcp://127.0.0.1:<free port>`` (gloo on CPU with ``GLOO_SOCKET_IFNAME=lo``; on CUDA one process per GPU:
+rank ``r`` on ``cuda:r`` with NCCL, see :func:`dlforge.trainer.training.workers_device`) and wrap the
+tail in ``DistributedDataParallel``; each rank trains its share of every global batch (see
+:mod:`dlforge.trainer.training`). Rank 0 sends its reports (step losses, epoch metrics, checkpoint
+files, states to resume from) over a queue; the parent hands them to the listener, whose go-on/stop
+answer goes back to rank 0, which broadcasts it.
+With one worker the loop runs in the calling process (no spawn, no process group), on the device
+``FitJob.device`` resolves to (:func:`dlforge.trainer.training.resolve_device`).
 
 ``horovod`` (optional): the same loop under ``horovod.run``; imported lazily, failing with what to
 install. Its reports reach the listener when the run ends, so it cannot stop a run early.
@@ -33,7 +35,17 @@ from torch import nn
 from dlforge.common.backends import optional_import
 from dlforge.common.errors import ConfigError
 from dlforge.trainer.params import EpochMetrics, TrainParams
-from dlforge.trainer.training import Collective, FitListener, FitResult, FitState, StateHook, TrainData, fit
+from dlforge.trainer.training import (
+    Collective,
+    FitListener,
+    FitResult,
+    FitState,
+    StateHook,
+    TrainData,
+    fit,
+    resolve_device,
+    workers_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +66,7 @@ class FitJob:
     work_dir: Path | None = None
     resume: FitState | None = None  # go on from this state (its epoch and position)
     on_state: StateHook | None = None  # the states to resume from: after epochs, at checkpoint steps
+    device: str = "auto"  # auto | cpu | cuda (DLFORGE_TRAINER_DEVICE)
 
 
 class Engine(ABC):
@@ -102,6 +115,7 @@ def _write_job(job: FitJob, job_dir: Path) -> None:
         "checkpoint_every_steps": job.checkpoint_every_steps,
         "summary_every_steps": job.summary_every_steps,
         "threads": job.threads,
+        "device": job.device,
     }
     (job_dir / "job.json").write_text(json.dumps(spec))
     if job.resume is not None:
@@ -111,7 +125,8 @@ def _write_job(job: FitJob, job_dir: Path) -> None:
 def _resume_of(job_dir: Path) -> FitState | None:
     """The state the parent wrote for the workers to go on from, if any."""
     path = job_dir / "resume.pt"
-    return FitState.from_dict(torch.load(path, weights_only=False)) if path.exists() else None
+    raw = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None  # CUDA states too
+    return FitState.from_dict(raw) if raw is not None else None
 
 
 def _read_job(job_dir: Path) -> tuple[nn.Module, TrainData, dict[str, Any]]:
@@ -199,10 +214,12 @@ def _ddp_worker(rank: int, world: int, init_method: str, backend: str, job_dir: 
     path = Path(job_dir)
     tail, data, spec = _read_job(path)
     torch.set_num_threads(int(spec["threads"]))
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")  # one GPU per process
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the group: NCCL binds each rank to its current device
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=timedelta(minutes=30))
     try:
-        device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
         listener = _QueueListener(tail, path, messages, replies) if rank == 0 else _SilentListener()
         result = fit(tail, data, TrainParams(**spec["hparams"]), listener=listener,
                      collective=DdpCollective(rank, world, device),
@@ -243,14 +260,19 @@ class DdpEngine(Engine):
     def run(self, job: FitJob, listener: FitListener) -> FitResult:
         if job.no_of_workers == 1:
             torch.set_num_threads(job.threads)
-            return fit(job.tail, job.data, job.hparams, listener=listener,
-                       checkpoint_every_steps=job.checkpoint_every_steps,
-                       summary_every_steps=job.summary_every_steps, resume=job.resume, on_state=job.on_state)
+            device = resolve_device(job.device)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            result = fit(job.tail, job.data, job.hparams, listener=listener,
+                         checkpoint_every_steps=job.checkpoint_every_steps,
+                         summary_every_steps=job.summary_every_steps, resume=job.resume, on_state=job.on_state,
+                         device=device)
+            job.tail.cpu()  # the caller evaluates and saves the tail on the CPU
+            return result
         import torch.multiprocessing as mp
 
         world = job.no_of_workers
-        cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
-        backend = "nccl" if cuda else "gloo"
+        backend = "nccl" if workers_device(job.device, world) == "cuda" else "gloo"
         with tempfile.TemporaryDirectory(dir=job.work_dir, prefix="ddp-") as tmp:
             job_dir = Path(tmp)
             threads = job.threads
@@ -313,12 +335,12 @@ class DdpEngine(Engine):
         elif kind == "epoch":
             replies.put(bool(listener.on_epoch(EpochMetrics.model_validate_json(msg[1]))))
         elif kind == "checkpoint":
-            state = torch.load(msg[3], weights_only=True)
+            state = torch.load(msg[3], map_location="cpu", weights_only=True)
             listener.on_checkpoint(msg[1], msg[2], state)
             Path(msg[3]).unlink(missing_ok=True)
         elif kind == "state":
             if job.on_state is not None:
-                job.on_state(FitState.from_dict(torch.load(msg[1], weights_only=False)))
+                job.on_state(FitState.from_dict(torch.load(msg[1], map_location="cpu", weights_only=False)))
             Path(msg[1]).unlink(missing_ok=True)
         elif kind == "done":
             payload = json.loads(msg[1])
@@ -400,6 +422,9 @@ class HorovodEngine(Engine):
     name = "horovod"
 
     def run(self, job: FitJob, listener: FitListener) -> FitResult:
+        if job.device == "cuda":
+            raise ConfigError("the horovod engine trains on the CPU (gloo); with DLFORGE_TRAINER_DEVICE=cuda use "
+                              "DLFORGE_TRAINER_ENGINE=ddp (one process per GPU, NCCL)")
         horovod = optional_import("horovod", install="pip install 'horovod[pytorch]'",
                                   purpose="the horovod training engine")
         optional_import("horovod.torch", install="HOROVOD_WITH_PYTORCH=1 pip install 'horovod[pytorch]'",

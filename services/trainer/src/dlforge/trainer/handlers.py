@@ -123,6 +123,8 @@ class TrainingOutcome:
     view_check: dict[str, float] = field(default_factory=dict)  # val accuracy per declared view of the probe
     view_allowed_cost: float | None = None  # the val accuracy a view was allowed to cost the probe
     resumed_from: dict[str, int] | None = None  # went on in this epoch, this many samples in, after this step
+    device: str = "cpu"  # where the model trained: cpu | cuda
+    amp: bool = False  # in float16 autocast with a gradient scaler
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly description (no weights)."""
@@ -151,6 +153,8 @@ class TrainingOutcome:
             "view_check": self.view_check,
             "view_allowed_cost": self.view_allowed_cost,
             "resumed_from": self.resumed_from,
+            "device": self.device,
+            "amp": self.amp,
             "metrics": flat_metrics(self),
         }
 
@@ -200,6 +204,7 @@ class TrainerConfig:
     view_tolerance: float = 0.02
     view_error_share: float = 0.5
     kubernetes: KubernetesConfig | None = None  # runs of several workers go to Kubernetes (see launcher.py)
+    device: str = "auto"  # auto | cpu | cuda (see dlforge.trainer.training.resolve_device)
 
     @classmethod
     def from_settings(cls, s: TrainerSettings) -> TrainerConfig:
@@ -214,6 +219,7 @@ class TrainerConfig:
                 threads=s.trainer_train_threads)
         return cls(
             kubernetes=kubernetes,
+            device=s.trainer_device,
             work_dir=Path(s.work_dir) / "trainer",
             threads=s.trainer_threads,
             train_threads=s.trainer_train_threads,
@@ -510,7 +516,7 @@ def run_training(
                          no_of_workers=request.run_config.no_of_workers,
                          checkpoint_every_steps=request.run_config.checkpoint_every_steps,
                          summary_every_steps=request.run_config.summary_every_steps, threads=config.train_threads,
-                         work_dir=Path(tmp), resume=resume, on_state=on_state)
+                         work_dir=Path(tmp), resume=resume, on_state=on_state, device=config.device)
             engine = engine_for(request.run_config.engine)
             if config.kubernetes is not None and job.no_of_workers > 1:
                 engine = KubernetesEngine(config.kubernetes, objects=objects, key_prefix=key_prefix, job_id=job_id)
@@ -547,6 +553,8 @@ def run_training(
         view_check=trained.check.val_accuracy if trained.check else {},
         view_allowed_cost=trained.check.tolerance if trained.check else None,
         resumed_from=resumed_from,
+        device=result.device,
+        amp=result.amp,
     )
 
 
@@ -580,7 +588,7 @@ def resume_point(objects: ObjectStore, key: str, *, work_dir: Path, tag: str) ->
     except NotFound:
         local = None
     if local is not None:
-        raw = torch.load(local, weights_only=False)
+        raw = torch.load(local, map_location="cpu", weights_only=False)  # a state trained on CUDA, too
         local.unlink(missing_ok=True)
         if raw.get("tag") == tag:
             resume = StoredState(FitState.from_dict(raw), [(int(s), float(v)) for s, v in raw.get("step_losses", [])])

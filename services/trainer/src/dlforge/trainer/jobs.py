@@ -97,6 +97,7 @@ class JobRecords:
                 checkpoints=summary.get("checkpoints", []),
                 logs_prefix=summary.get("logs_prefix"),
                 metrics=summary.get("metrics", {}),
+                device=summary.get("device"),  # where it trained: cpu | cuda
             )
         return await self.update(job_id, **changes)
 

@@ -23,7 +23,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +55,21 @@ class KubernetesConfig:
     ca_file: str | None = str(SERVICE_ACCOUNT_DIR / "ca.crt")
     cpu: str = "1"
     memory: str = "2Gi"
-    gpus_per_worker: int = 0
+    gpus_per_worker: int = 0  # with the device auto; device cuda requests at least 1, device cpu none
     env_from: tuple[str, ...] = ("configmap/dlforge-config", "secret/dlforge-objects")
     threads: int = 1
     poll_seconds: float = 1.0
     ttl_seconds: int = 3600  # Kubernetes removes a finished Job this long after, should the trainer not
     labels: dict[str, str] = field(default_factory=lambda: {"app.kubernetes.io/part-of": "dlforge"})
+
+
+def pod_gpus(config: KubernetesConfig, device: str) -> int:
+    """``nvidia.com/gpu`` each worker pod requests for a run on ``device`` (auto | cpu | cuda)."""
+    if device == "cuda":
+        return max(1, config.gpus_per_worker)
+    if device == "cpu":
+        return 0
+    return config.gpus_per_worker
 
 
 def job_name(job_id: str, attempt: str) -> str:
@@ -250,7 +259,8 @@ class KubernetesEngine(Engine):
             _write_job(FitJob(**{**job.__dict__, "threads": self.config.threads}), job_dir)
             for f in sorted(job_dir.iterdir()):
                 self.objects.put_file(f"{launch}/job/{f.name}", f)
-            manifests = render_worker_job(name, workers=job.no_of_workers, launch_prefix=launch, config=self.config,
+            config = replace(self.config, gpus_per_worker=pod_gpus(self.config, job.device))
+            manifests = render_worker_job(name, workers=job.no_of_workers, launch_prefix=launch, config=config,
                                           train_of=train_of(self.job_id))
             self._remove_earlier_attempts(launch)
             created: list[tuple[str, str]] = []
@@ -333,7 +343,7 @@ class KubernetesEngine(Engine):
         def tensors() -> Any:
             local = self.objects.get_file(report["file"], tmp / "report.pt")
             try:
-                return torch.load(local, weights_only=kind != "state")
+                return torch.load(local, map_location="cpu", weights_only=kind != "state")  # from GPU pods too
             finally:
                 local.unlink(missing_ok=True)
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
+DeviceName = Literal["auto", "cpu", "cuda"]
 
 
 class TrainParams(BaseModel):

@@ -27,7 +27,7 @@ from torch import nn
 from dlforge.common.objects import ObjectStore
 from dlforge.trainer.engines import DdpCollective, _read_job, _resume_of, _SilentListener
 from dlforge.trainer.params import EpochMetrics, TrainParams
-from dlforge.trainer.training import FitState, fit
+from dlforge.trainer.training import FitState, fit, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,13 @@ def run(objects: ObjectStore, launch: str) -> None:
             objects.get_file(info.key, job_dir / info.key.rsplit("/", 1)[-1])
         tail, data, spec = _read_job(job_dir)
         torch.set_num_threads(int(spec["threads"]))
-        cuda = torch.cuda.is_available()
-        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", timeout=timedelta(minutes=30))
+        device = resolve_device(str(spec.get("device", "auto")), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # before the group: NCCL binds each rank to its current device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                timeout=timedelta(minutes=30))
         try:
             world = dist.get_world_size()
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
             listener = StoreReports(objects, launch, tail, Path(tmp)) if rank == 0 else _SilentListener()
             result = fit(tail, data, TrainParams(**spec["hparams"]), listener=listener,
                          collective=DdpCollective(rank, world, device),

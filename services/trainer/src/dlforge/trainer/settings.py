@@ -14,6 +14,10 @@ from dlforge.trainer.views import checked_views
 class TrainerSettings(CommonSettings):
     """Knobs of the trainer process; the per-job ones (hyperparameters, workers) come with each job."""
 
+    trainer_device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="where training runs: 'auto' (CUDA when torch sees a GPU, one per worker; "
+        "else the CPU), 'cpu', or 'cuda' (refused at start when torch sees no CUDA device). On CUDA the step "
+        "runs in float16 autocast with a gradient scaler")
     trainer_engine: Literal["ddp", "horovod"] = Field(default="ddp", description="data-parallel engine: ddp | horovod")
     trainer_threads: int = Field(default=2, ge=1, le=256,
                                  description="threads computing the activation cache (ONNX Runtime / torch)")
@@ -95,6 +99,18 @@ class TrainerSettings(CommonSettings):
         if bad:
             raise ValueError(f"{', '.join(map(repr, bad))}: give configmap/NAME or secret/NAME")
         return value
+
+    @model_validator(mode="after")
+    def _device_exists(self) -> TrainerSettings:
+        if self.trainer_device == "cuda":
+            from dlforge.common.errors import ConfigError
+            from dlforge.trainer.training import resolve_device
+
+            try:
+                resolve_device(self.trainer_device)
+            except ConfigError as exc:  # names DLFORGE_TRAINER_DEVICE and what is missing
+                raise ValueError(str(exc)) from exc
+        return self
 
     @model_validator(mode="after")
     def _launcher_needs_an_image(self) -> TrainerSettings:

@@ -29,10 +29,16 @@ train the same steps an uninterrupted run would:
   loss are summed where they are read (logged steps, checkpoint steps, the epoch's end);
 * the torch RNG (dropout) is seeded at every step from the seed, the global step and the rank, so a
   resumed run draws the masks the interrupted one would have drawn.
+
+Devices: :func:`resolve_device` turns the setting (``auto | cpu | cuda``) into the device a process
+trains on, failing with what is missing when ``cuda`` is asked for and absent. On CUDA the forward
+pass and the loss run under ``torch.autocast`` (float16) with a ``GradScaler`` (:class:`Precision`);
+on the CPU both are off and the loop is the float32 loop it always was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -44,7 +50,76 @@ import numpy as np
 import torch
 from torch import nn
 
-from dlforge.trainer.params import EpochMetrics, EvalSummary, TrainParams
+from dlforge.common.errors import ConfigError
+from dlforge.trainer.params import DeviceName, EpochMetrics, EvalSummary, TrainParams
+
+DEVICES: tuple[DeviceName, ...] = ("auto", "cpu", "cuda")
+
+
+def resolve_device(requested: str, *, local_rank: int = 0, cuda_available: bool | None = None) -> torch.device:
+    """The device a training process uses: ``auto`` -> ``cuda:<local_rank>`` when CUDA has a GPU, else the CPU.
+
+    ``cuda`` without a usable GPU raises :class:`ConfigError` saying so (``cuda_available`` defaults to
+    ``torch.cuda.is_available()``).
+    """
+    if requested not in DEVICES:
+        raise ConfigError(f"DLFORGE_TRAINER_DEVICE: {requested!r} is not one of {', '.join(DEVICES)}")
+    available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if requested == "cuda" and not available:
+        raise ConfigError("DLFORGE_TRAINER_DEVICE=cuda, but torch sees no CUDA device (torch.cuda.is_available() "
+                          f"is False; torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}): "
+                          "install a CUDA build of torch and the NVIDIA driver, or set the device to auto or cpu")
+    if requested == "cpu" or not available:
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def workers_device(requested: str, workers: int, *, cuda_count: int | None = None) -> str:
+    """``cuda`` or ``cpu``: where ``workers`` data-parallel processes on one machine train (one GPU each).
+
+    ``auto`` uses CUDA only when there is a GPU per worker; ``cuda`` with fewer GPUs than workers raises
+    :class:`ConfigError`.
+    """
+    resolve_device(requested, cuda_available=None if cuda_count is None else cuda_count > 0)
+    count = (torch.cuda.device_count() if torch.cuda.is_available() else 0) if cuda_count is None else cuda_count
+    if requested == "cpu" or count == 0:
+        return "cpu"
+    if count >= workers:
+        return "cuda"
+    if requested == "cuda":
+        raise ConfigError(f"DLFORGE_TRAINER_DEVICE=cuda: {workers} workers need one GPU each, this machine has "
+                          f"{count}; train on at most {count} workers or set the device to auto")
+    return "cpu"
+
+
+class Precision:
+    """Mixed precision of the training step: float16 autocast and a ``GradScaler`` on CUDA, off on the CPU.
+
+    Off, :meth:`autocast` is a null context and the scaler is disabled (``scale`` returns the loss,
+    ``step`` calls ``optimizer.step()``), so a CPU run computes exactly the float32 steps.
+    """
+
+    def __init__(self, device: torch.device, *, enabled: bool | None = None) -> None:
+        self.device = device
+        self.enabled = device.type == "cuda" if enabled is None else enabled
+        if self.enabled and device.type != "cuda":
+            raise ConfigError(f"mixed precision (float16 autocast, GradScaler) is for CUDA, not {device}")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.enabled)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.float16)
+
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """``loss.backward()`` and ``optimizer.step()``, through the scaler when it is on."""
+        if not self.enabled:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        self.scaler.update()
 
 
 @dataclass
@@ -84,6 +159,8 @@ class FitResult:
     early_stopped: bool = False  # validation did not improve for ``patience`` epochs
     out_of_time: bool = False  # another epoch would have passed ``max_seconds``
     best_epoch: int = 0  # with patience: the epoch whose weights the tail holds at the end (0: the last)
+    device: str = "cpu"  # where rank 0 trained: cpu | cuda
+    amp: bool = False  # float16 autocast with a GradScaler
 
 
 @dataclass
@@ -103,6 +180,7 @@ class FitState:
     position: int = 0  # samples of epoch ``epoch + 1`` already trained
     loss_sum: float = 0.0  # that partial epoch's sum of (batch loss x batch rows)
     seconds: float = 0.0  # that partial epoch's training time so far
+    scaler: dict[str, Any] | None = None  # the GradScaler's state (CUDA mixed precision)
 
     def to_dict(self) -> dict[str, Any]:
         """A ``torch.save``-able form (the metrics as plain dicts)."""
@@ -110,7 +188,7 @@ class FitState:
                 "epochs": [m.model_dump() for m in self.epochs], "elapsed": self.elapsed,
                 "best": self.best.model_dump() if self.best else None, "best_state": self.best_state,
                 "scheduler": self.scheduler, "position": self.position, "loss_sum": self.loss_sum,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "scaler": self.scaler}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> FitState:
@@ -120,7 +198,7 @@ class FitState:
                    elapsed=float(raw["elapsed"]), best=EpochMetrics.model_validate(best) if best else None,
                    best_state=raw.get("best_state"), scheduler=raw.get("scheduler"),
                    position=int(raw.get("position", 0)), loss_sum=float(raw.get("loss_sum", 0.0)),
-                   seconds=float(raw.get("seconds", 0.0)))
+                   seconds=float(raw.get("seconds", 0.0)), scaler=raw.get("scaler"))
 
 
 StateHook = Callable[[FitState], None]
@@ -383,6 +461,7 @@ def fit(
     device: torch.device | None = None,
     resume: FitState | None = None,
     on_state: StateHook | None = None,
+    amp: bool | None = None,
 ) -> FitResult:
     """Train ``tail`` on ``data`` for ``hp.epochs`` epochs (or until the listener says stop, early stopping, time).
 
@@ -393,9 +472,13 @@ def fit(
     ``hp.batch_size`` is global: each of ``world`` ranks takes every ``world``-th row of a step's batch, so
     a run has the same ``ceil(rows / batch_size)`` optimizer steps per epoch whatever the number of workers. With
     ``hp.patience`` > 0, rank 0 keeps a copy of the best epoch's weights and loads it at the end.
+
+    ``device`` (default: the CPU) is where the tail trains; ``amp`` (default: on for CUDA, off for the
+    CPU) runs the step in float16 autocast with a gradient scaler (see :class:`Precision`).
     """
     coll = collective or Collective()
     device = device or torch.device("cpu")
+    precision = Precision(device, enabled=amp)
     torch.manual_seed(hp.seed)
     tail = tail.to(device)
     if resume is not None:
@@ -409,6 +492,8 @@ def fit(
         base_optimizer.load_state_dict(resume.optimizer)
         if resume.scheduler is not None:
             scheduler.load_state_dict(resume.scheduler)
+        if resume.scaler is not None and precision.enabled:
+            precision.scaler.load_state_dict(resume.scaler)
     optimizer = coll.wrap_optimizer(base_optimizer, tail)
     row_weights = None if data.train_w is None else np.asarray(data.train_w, dtype=np.float32)
     weights = class_weights(data.train_y, len(data.classes), hp.class_weighting, row_weights)
@@ -417,7 +502,7 @@ def fit(
     n_views = 1 + len(data.train_views)
     stopping = EarlyStopping(hp.patience) if hp.patience else None
     best_state: dict[str, torch.Tensor] | None = None
-    result = FitResult()
+    result = FitResult(device=device.type, amp=precision.enabled)
     started = time.perf_counter()
     first, position, loss_sum, seconds_before = 1, 0, 0.0, 0.0
     if resume is not None:
@@ -437,8 +522,10 @@ def fit(
             tail={k: v.detach().cpu().clone() for k, v in tail.state_dict().items()},
             optimizer=copy.deepcopy(base_optimizer.state_dict()), scheduler=scheduler.state_dict(),
             epochs=list(result.epochs), elapsed=time.perf_counter() - started,
-            best=stopping.best if stopping is not None else None, best_state=best_state,
+            best=stopping.best if stopping is not None else None,
+            best_state={k: v.cpu() for k, v in best_state.items()} if best_state is not None else None,
             position=at, loss_sum=partial_loss, seconds=partial_seconds,
+            scaler=precision.scaler.state_dict() if precision.enabled else None,
         )
 
     for epoch in range(first, hp.epochs + 1):
@@ -455,14 +542,14 @@ def fit(
             yb = torch.from_numpy(data.train_y[idx].astype(np.int64)).to(device)
             wb = None if row_weights is None else torch.from_numpy(row_weights[idx]).to(device)
             optimizer.zero_grad(set_to_none=True)
-            weighted, _ = weighted_sums(model(xb), yb, class_weight=class_weight, row_weight=wb)
+            with precision.autocast():
+                weighted, _ = weighted_sums(model(xb), yb, class_weight=class_weight, row_weight=wb)
             # every rank knows the whole batch's rows, so its weight needs no communication; DDP averages the
             # ranks' gradients, so each rank's share of the batch's loss is scaled by the world
             block_weight = float(_weights_of(block, data.train_y, class_weight_np, row_weights).sum())
             share = float(weighted.detach()) / block_weight if block_weight > 0 else 0.0
             loss = weighted * (coll.world / block_weight) if block_weight > 0 else weighted * 0.0
-            loss.backward()
-            optimizer.step()
+            precision.backward_step(loss, optimizer)
             scheduler.step()
             result.steps += 1
             loss_sum += share * len(block)  # this rank's part; the ranks' parts are summed when they are read
