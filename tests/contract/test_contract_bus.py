@@ -146,3 +146,27 @@ async def test_get_returns_none_when_nothing_comes(bus: EventBus) -> None:
 
 async def test_ping_answers_when_started(bus: EventBus) -> None:
     await bus.ping()
+
+
+async def test_a_get_cancelled_as_it_is_woken_ends_cancelled(bus: EventBus) -> None:
+    """A cancellation that lands as the wait ends is not lost (Python 3.11's wait_for can drop it).
+
+    The runtime cancels a worker's followers when it stops; a poll that swallowed that cancel kept
+    polling for ever, and the worker's stop never returned. A publish on another topic wakes every
+    waiting poll of the SQLite bus; the cancel lands 0..11 event-loop steps later, so one of the
+    trials hits the step between the wait's end and the poll's resumption.
+    """
+    sub = await bus.subscribe(group="g", topics=[T])
+    try:
+        for steps in range(12):
+            poll = asyncio.create_task(sub.get(timeout=3.0))
+            await asyncio.sleep(0.05)  # the poll is waiting
+            await bus.publish(Topic.RUN_CANCELLED, key="other", value=f"wake-{steps}".encode())
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            poll.cancel()
+            done, _ = await asyncio.wait({poll}, timeout=10)
+            assert done, f"a poll cancelled {steps} steps after its wake-up still ran 10 s later"
+            assert poll.cancelled(), f"a poll cancelled {steps} steps after its wake-up returned {poll.result()!r}"
+    finally:
+        await sub.close()

@@ -10,10 +10,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from labeler_testkit import labeler_settings_for, stub_deps
 from PIL import Image
 
 from dlforge.common.events import PipelineOptions
 from dlforge.common.objects.fs import FsObjectStore
+from dlforge.common.runtime import Backends
 from dlforge.labeler import handlers
 from dlforge.labeler.classifier import make_classifier
 from dlforge.labeler.pixelnet import Blend, Both, PixelSSL, _pixel_stats, choose_views, generated
@@ -255,3 +257,21 @@ def test_a_spent_time_budget_still_trains_the_floor_of_steps() -> None:
     assert (floored, unfloored, undisturbed) == (60, 21, 100)
     with pytest.raises(ValueError, match="min_steps"):
         PixelSSL(min_steps=-1)
+
+
+@pytest.mark.parametrize("name", ["cnn_ssl", "blend"])
+async def test_the_settings_budget_and_floor_reach_the_pixel_classifier(tmp_path: Path, name: str) -> None:
+    """``DLFORGE_LABELER_CNN_TIME_BUDGET_S`` and ``DLFORGE_LABELER_CNN_MIN_STEPS`` configure the CNN the
+    worker builds (0: the budget is a hard cap, the probe has no floor either)."""
+    settings = labeler_settings_for(tmp_path, labeler_classifier=name, labeler_cnn_time_budget_s=7.5,
+                                    labeler_cnn_min_steps=0, labeler_threads=1)
+    deps = await stub_deps(settings, Backends.from_settings(settings))
+    cnn = deps.classifier.cnn if isinstance(deps.classifier, Blend) else deps.classifier
+    assert isinstance(cnn, PixelSSL)
+    assert (cnn.time_budget_s, cnn.min_steps, cnn.threads) == (7.5, 0, 1)
+    default = await stub_deps(labeler_settings_for(tmp_path, labeler_classifier=name),
+                              Backends.from_settings(settings))
+    default_cnn = default.classifier.cnn if isinstance(default.classifier, Blend) else default.classifier
+    assert default_cnn.min_steps == 300  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="labeler_cnn_min_steps"):
+        labeler_settings_for(tmp_path, labeler_classifier=name, labeler_cnn_min_steps=-1)

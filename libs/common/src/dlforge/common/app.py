@@ -277,7 +277,8 @@ def create_app(
             ("objects", asyncio.to_thread(b.objects.ping)),
         ):
             try:
-                await asyncio.wait_for(probe, 5)
+                async with asyncio.timeout(5):  # not wait_for: on 3.11 it can drop a cancellation
+                    await probe
                 checks[name] = "ok"
             except Exception as exc:  # readiness reports every failure, whatever its type
                 checks[name] = f"{type(exc).__name__}: {exc}"

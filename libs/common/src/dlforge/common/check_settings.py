@@ -32,7 +32,8 @@ async def _reach(backends: Backends, timeout: float) -> None:
 
     async def probe(variable: str, url: str, check: object) -> None:
         try:
-            await asyncio.wait_for(check, timeout)  # type: ignore[arg-type]
+            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can drop a cancellation
+                await check  # type: ignore[misc]
         except Exception as exc:  # any failure to reach a backend is reported the same way
             raise ConfigError(f"{variable}: cannot reach {redact(url)}: {type(exc).__name__}: {exc}") from exc
 

@@ -34,9 +34,10 @@ Cost: ``steps`` optimizer steps of ``batch`` labeled + ``batch * unlabeled_ratio
 (two views each) per fold network, on ``threads`` torch threads; ``time_budget_s`` caps one fit
 (the view probe a tenth of it, each fold network an equal share of the rest; a network's
 learning-rate schedule is fitted to the steps it is measured, after 20 steps, to have time for), but
-never below ``min_steps`` (the probe: 50): on a machine so busy that the budget buys almost nothing, a
-round overruns its budget rather than returning a network that has hardly trained (seen: 21 steps and
-a held-out accuracy of 0.58 on MNIST at load 8).
+never below ``min_steps`` (the probe: 50, or ``min_steps`` if fewer; 0 makes the budget a hard cap):
+on a machine so busy that the budget buys almost nothing, a round overruns its budget rather than
+returning a network that has hardly trained (seen: 21 steps and a held-out accuracy of 0.58 on MNIST
+at load 8).
 """
 
 from __future__ import annotations
@@ -412,7 +413,7 @@ class PixelSSL:
             return (), {}
         probe, _ = self._train(xt, rows, y, np.zeros(0, dtype=np.int64), n_out, seed=seed, steps=self.probe_steps,
                                augment=_Augment((), pad_border=pad_border), semi=False, deadline=deadline,
-                               floor=min(self.probe_steps, 50))
+                               floor=min(self.probe_steps, 50, self.min_steps))
         scores: dict[str, float] = {}
         with torch.inference_mode():
             x = xt[torch.from_numpy(np.asarray(held, dtype=np.int64))]

@@ -51,7 +51,13 @@ class LabelerSettings(CommonSettings):
         "benchmarks/labeler.py compares them)")
     labeler_cnn_time_budget_s: float = Field(
         default=900.0, gt=0, le=24 * 3600,
-        description="cnn_ssl and blend: the most seconds one round's fit may take (its fold networks share it)")
+        description="cnn_ssl and blend: the seconds one round's fit may take (its fold networks share it); "
+        "a fit overruns it only to train labeler_cnn_min_steps steps")
+    labeler_cnn_min_steps: int = Field(
+        default=300, ge=0, le=100_000,
+        description="cnn_ssl and blend: the fewest optimizer steps a fold network trains even when the time "
+        "budget is spent (on a busy machine a round overruns the budget rather than keep a network that has "
+        "hardly trained); 0 makes the time budget a hard cap")
     labeler_presign_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
 
     @field_validator("labeler_import_roots", mode="before")

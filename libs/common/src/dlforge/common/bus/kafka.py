@@ -145,10 +145,10 @@ class _KafkaSubscription(Subscription):
         if self._closed:
             return None
         try:
-            if timeout is None:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation that lands as a
+            # record arrives, and the cancelled poll goes on polling
+            async with asyncio.timeout(timeout):
                 msg = await self._consumer.getone()
-            else:
-                msg = await asyncio.wait_for(self._consumer.getone(), timeout)
         except TimeoutError:
             return None
         return self._delivery(msg)

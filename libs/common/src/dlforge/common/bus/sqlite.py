@@ -701,8 +701,11 @@ class _SqliteSubscription(Subscription):
             wait = deadline - loop.time()
             if wait <= 0:
                 break
+            # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation that lands as the
+            # wait ends (a publish or a close wakes every poll), and the cancelled poll went on polling
             try:
-                await asyncio.wait_for(woken.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await woken.wait()
             except TimeoutError:
                 break
         return []
