@@ -1,6 +1,6 @@
 """Benchmark of the labeler: how few people's labels give how many trustworthy auto-labels.
 
-    python benchmarks/labeler.py --dataset {elpv,fashion-mnist,mnist} --budget B [--seed S]
+    python benchmarks/labeler.py --dataset {elpv,fashion-mnist,mnist} --budget B [--seed S] [--views dihedral]
     python benchmarks/labeler.py --folder PATH --budget B      # any folder of class sub-folders
 
 A stratified held-out split (``--heldout``: 10 % of ELPV, 1,000 images of the MNIST sets) is put
@@ -222,7 +222,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         bus="memory://", objects=f"file://{work}/objects", docs=f"sqlite:///{work}/docs-{stamp}.db",
         work_dir=str(work / "work"), labeler_import_roots=[str(work)], labeler_embed_size=args.embed_size,
         labeler_threads=args.threads, labeler_classifier=args.classifier, poll_seconds=0.05,
-        labeler_cnn_time_budget_s=args.cnn_budget,
+        labeler_cnn_time_budget_s=args.cnn_budget, labeler_embed_views=args.views,
     )
     options = PipelineOptions(label_budget=args.budget, max_auto_label_error=args.max_error, auto_label_all=True,
                               seed=args.seed)
@@ -302,7 +302,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "budget": args.budget,
         "seed": args.seed,
         "classifier": args.classifier,
-        "embedder": f"EfficientNet-Lite0 ImageNet multi-stage pooled, {args.embed_size} px",
+        "embedder": f"EfficientNet-Lite0 ImageNet multi-stage pooled, {args.embed_size} px"
+                    + (", with the mean over the 8 dihedral views appended" if args.views == "dihedral" else ""),
+        "views": args.views,
         "human_labels": int(human.sum()),
         "human_label_fraction": round(float(human.sum()) / n, 4),
         "auto_labels": int(auto.sum()),
@@ -348,6 +350,7 @@ def table(r: dict[str, Any]) -> str:
     rows = [
         ("data set", f"{r['dataset']}: {r['subset']}"),
         ("classifier", f"{r['classifier']} (final round: {r['final_classifier']})"),
+        ("embedder", r["embedder"]),
         ("human labels", f"{r['human_labels']} of {r['items']} ({r['human_label_fraction']:.1%}; "
                          f"budget {r['budget']:.0%})"),
         ("rounds", f"{r['rounds']} (stop: {r['stop_reason']})"),
@@ -413,6 +416,9 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=1000, help="MNIST sets: held-out images")
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="ELPV and --folder: held-out share")
     p.add_argument("--embed-size", type=int, default=224)
+    p.add_argument("--views", choices=["none", "dihedral"], default="none",
+                   help="the labeler's DLFORGE_LABELER_EMBED_VIEWS: dihedral appends the features averaged over "
+                   "the eight flips and quarter turns")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-curve", dest="curve", action="store_false", help="skip refitting each round")
     p.add_argument("--timeout", type=float, default=3600)
@@ -432,7 +438,8 @@ def main() -> None:
     name = result["dataset"]
     out = Path(args.output) if args.output else RESULTS / (
         f"labeler-{name}-{args.budget:g}" + (f"-s{args.seed}" if args.seed else "")
-        + (f"-{args.classifier}" if args.classifier != "linear" else "") + ".json")
+        + (f"-{args.classifier}" if args.classifier != "linear" else "")
+        + (f"-{args.views}" if args.views != "none" else "") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))

@@ -39,3 +39,20 @@ def test_faiss_gpu_without_a_gpu_says_what_to_install() -> None:
 def test_unknown_embedder_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="DLFORGE_LABELER_EMBEDDER"):
         make_embedder("resnet9000")
+
+
+def test_embed_views_come_from_the_environment_and_reach_the_embedder(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    import asyncio
+
+    from dlforge.common.runtime import Backends
+    from dlforge.labeler.worker import build_deps
+
+    common = load_settings(bus="memory://", objects=f"file://{tmp_path}/o", docs=f"sqlite:///{tmp_path}/d.db")
+    monkeypatch.setenv("DLFORGE_LABELER_EMBED_VIEWS", "dihedral")
+    s = settings_for(LabelerSettings, common)
+    deps = asyncio.run(build_deps(s, Backends.from_settings(s)))
+    assert deps.embedder.name == "efficientnet_lite0-ms-224-dihedral"
+    monkeypatch.setenv("DLFORGE_LABELER_EMBED_VIEWS", "octagonal")
+    with pytest.raises(ConfigError, match="DLFORGE_LABELER_EMBED_VIEWS"):
+        settings_for(LabelerSettings, common)

@@ -64,3 +64,67 @@ def test_stored_multi_stage_embedding_matches_the_raw_network(tmp_path: Path) ->
     assert first.shape == (4, 40 + 80 + 112 + 192 + 320 + 1280)
     np.testing.assert_allclose(first, _reference(pixels), atol=1e-5)
     np.testing.assert_allclose(embedder.embed(pixels), first, atol=1e-5)  # arrays, not stored: same vectors
+
+
+def _square_views(images: np.ndarray) -> list[np.ndarray]:
+    """The eight symmetries of a square, enumerated as the four quarter turns of the image and of its
+    transpose (a different composition from the embedder's mirror-then-turn)."""
+    transposed = images.transpose(0, 2, 1, 3)
+    return [np.ascontiguousarray(np.rot90(im, k, axes=(1, 2))) for im in (images, transposed) for k in range(4)]
+
+
+def test_dihedral_views_append_an_orientation_free_half_computed_once_per_view(tmp_path: Path) -> None:
+    from dlforge.labeler.embeddings import EfficientNetLite0Embedder, embed_items
+    from dlforge.vision.images import decode, to_array
+    from dlforge.vision.observe import CountingObserver, observing
+
+    torch.set_num_threads(1)
+    objects = open_objects(f"file://{tmp_path}/o")
+    rng = np.random.default_rng(1)
+    items = []
+    for n in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(buf, format="PNG")
+        data = buf.getvalue()
+        objects.put_bytes(f"i/{n}.png", data)
+        items.append(Item(item_id=str(n), key=f"i/{n}.png", name=f"{n}.png", sha256=hashlib.sha256(data).hexdigest(),
+                          width=80, height=70))
+    embedder = EfficientNetLite0Embedder(size=64, threads=1, views="dihedral")
+    assert embedder.name.endswith("-dihedral")
+    with observing(CountingObserver()) as counts:
+        vectors = embed_items(objects, items, embedder, batch_size=2)
+        again = embed_items(objects, items, EfficientNetLite0Embedder(size=64, threads=1, views="dihedral"))
+    # decoded once per image; each image run through the trunk once per view, never again
+    assert sorted(counts.decodes.values()) == [1] * 3
+    assert len(counts.embeds) == 3 * 8 and set(counts.embeds.values()) == {1}
+    np.testing.assert_array_equal(again, vectors)
+
+    pixels = np.stack([to_array(decode(objects.get_bytes(i.key)), size=64, channels=3) for i in items])
+    d = 40 + 80 + 112 + 192 + 320 + 1280
+    assert vectors.shape == (3, 2 * d)
+    # first half: the plain multi-stage vector (the raw network); second half: its mean over the 8 views
+    np.testing.assert_allclose(vectors[:, :d] * np.sqrt(2), _reference(pixels), atol=1e-5)
+    mean = np.mean([_reference(v) for v in _square_views(pixels)], axis=0)
+    np.testing.assert_allclose(vectors[:, d:] * np.sqrt(2), mean, atol=1e-5)
+    # so a turned or mirrored image has the same second half, and (random pixels) another first half
+    turned = EfficientNetLite0Embedder(size=64, threads=1, views="dihedral").embed(
+        np.ascontiguousarray(np.rot90(pixels.transpose(0, 2, 1, 3), 1, axes=(1, 2))))
+    np.testing.assert_allclose(turned[:, d:], vectors[:, d:], atol=1e-5)
+    assert np.abs(turned[:, :d] - vectors[:, :d]).max() > 1e-3
+
+    # the views store only the pooled stages the labeler reads; the plain view also the standard set
+    # (the 9 named stages' pooled features and the shared-boundary activation) for the other services
+    spaces = [p.name for p in (tmp_path / "o" / "features").iterdir()]
+    assert sum(s.startswith("activation-") for s in spaces) == 1
+    assert sum(s.startswith("pooled-") for s in spaces) == 9 + 7 * 6
+
+
+def test_unknown_views_are_refused_by_name() -> None:
+    from dlforge.common.errors import ConfigError
+    from dlforge.labeler.embeddings import make_embedder
+    from dlforge.vision.images import dihedral_view
+
+    with pytest.raises(ConfigError, match="DLFORGE_LABELER_EMBED_VIEWS: unknown views 'octagonal'"):
+        make_embedder("efficientnet_lite0", views="octagonal")
+    with pytest.raises(Exception, match="views need square images"):
+        dihedral_view(np.zeros((1, 4, 5, 3), dtype=np.uint8), "rot90")

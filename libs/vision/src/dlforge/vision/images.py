@@ -91,3 +91,23 @@ def to_tensor(batch: np.ndarray | Sequence[np.ndarray], spec: NetworkSpec) -> to
     mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
     std = torch.tensor(spec.std).view(1, -1, 1, 1)
     return (x - mean) / std
+
+
+DIHEDRAL_VIEWS: dict[str, tuple[bool, int]] = {
+    "": (False, 0), "rot90": (False, 1), "rot180": (False, 2), "rot270": (False, 3),
+    "hflip": (True, 0), "hflip_rot90": (True, 1), "hflip_rot180": (True, 2), "hflip_rot270": (True, 3),
+}
+"""The eight symmetries of a square as (mirror left-right first, then that many quarter turns
+counter-clockwise); ``""`` is the image itself. ``hflip_rot180`` is the up-down mirror."""
+
+
+def dihedral_view(pixels: np.ndarray, view: str) -> np.ndarray:
+    """uint8 N x S x S x C images under one of :data:`DIHEDRAL_VIEWS` (a new contiguous array)."""
+    try:
+        mirror, turns = DIHEDRAL_VIEWS[view]
+    except KeyError as exc:
+        raise InvalidInput(f"unknown view {view!r}; views: {', '.join(repr(v) for v in DIHEDRAL_VIEWS)}") from exc
+    if pixels.ndim != 4 or pixels.shape[1] != pixels.shape[2]:
+        raise InvalidInput(f"views need square images as N x S x S x C, got shape {pixels.shape}")
+    out = pixels[:, :, ::-1] if mirror else pixels
+    return np.ascontiguousarray(np.rot90(out, turns, axes=(1, 2)) if turns else out)

@@ -76,9 +76,13 @@ class TrunkFeatures:
         batch_size: int = 32,
         shared_unfreeze: int = SHARED_UNFREEZE,
         view: str = "",
+        keep_standard: bool = True,
     ) -> None:
         """``view``: the name of a transform the caller's loader applies to the pixels (a flip, a
-        rotation; "" for none). It enters the keys, and passes are reported for ``<content>/<view>``."""
+        rotation; "" for none). It enters the keys, and passes are reported for ``<content>/<view>``.
+        ``keep_standard``: a pass from pixels also stores every named stage's pooled features and the
+        shared-boundary activation (for the next service); False stores only what was asked (a view
+        only one caller reads)."""
         if runtime not in ("onnxruntime", "torch"):
             raise ConfigError(f"unknown trunk runtime {runtime!r} (onnxruntime or torch)")
         self.store = store
@@ -89,6 +93,7 @@ class TrunkFeatures:
         self.batch_size = batch_size
         self.shared = self.net.boundary(min(shared_unfreeze, len(self.net)))
         self.view = view
+        self.keep_standard = keep_standard
         self._digests: dict[int, str] = {}
 
     @classmethod
@@ -212,7 +217,7 @@ class TrunkFeatures:
                             computed[FeatureKey(self.kind(o, size), c)] = self._cast(o, a)
         if from_pixels:
             started = time.perf_counter()
-            full = list(dict.fromkeys([*outs, *self._standard()]))
+            full = list(dict.fromkeys([*outs, *(self._standard() if self.keep_standard else [])]))
             for lo in range(0, len(from_pixels), self.batch_size):
                 chunk = from_pixels[lo:lo + self.batch_size]
                 pixels = load([first_row[c] for c in chunk])

@@ -22,7 +22,7 @@ from PIL import Image
 
 from dlforge.common.errors import ConfigError, NotFound
 from dlforge.common.objects import ObjectStore
-from dlforge.vision.images import to_array
+from dlforge.vision.images import DIHEDRAL_VIEWS, dihedral_view, to_array
 from dlforge.vision.manifest import Item, load_pixels
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ def _multi_stage_vector(pooled: Sequence[np.ndarray]) -> np.ndarray:
     return np.asarray(np.concatenate(parts, axis=1) / float(np.sqrt(len(parts))), dtype=np.float32)
 
 
+EMBED_VIEWS = ("none", "dihedral")
+
+
 class EfficientNetLite0Embedder:
     """EfficientNet-Lite0 (ImageNet weights) features pooled at several depths.
 
@@ -66,30 +69,53 @@ class EfficientNetLite0Embedder:
     the 1280-channel head, each L2-normalized and concatenated (2,024 values): the mid-level
     stages keep the texture cues (cracks, scratches) that the final ImageNet features blur away.
 
+    ``views="dihedral"`` appends the same vector averaged over the image's eight flips and quarter
+    turns (4,048 values in all, each half scaled by 1/sqrt 2): ImageNet features are not invariant to
+    how a part lies on the camera, the average is, and a classifier weighs the two halves as the labels
+    say. Where orientation carries the class (a 6 against a 9, a shoe's toe) the first half keeps it.
+    Measured on random labels with a linear probe: ELPV at 20 %, auto-label accuracy 0.829 without
+    and 0.844 with (3 seeds); Fashion-MNIST at 10 %, 0.829 and 0.833 (2 seeds); benchmarks/labeler.py
+    ``--views`` measures it in the loop. It costs eight trunk passes per image.
+
     The network is the shared ImageNet trunk of :mod:`dlforge.vision.staged`; manifest items go
     through :class:`dlforge.vision.trunk.TrunkFeatures`, so each image's pooled features are
     computed once and stored in the feature store, where the augmenter, proposer and trainer find
-    them. ``runtime="onnxruntime"`` (default) runs the exported trunk with ONNX Runtime, about 5x
-    faster than PyTorch eager on a 2-core CPU with the same outputs (to 1e-5); ``runtime="torch"``
-    runs it in PyTorch.
+    them (each view under its own key, stored for the labeler only). ``runtime="onnxruntime"``
+    (default) runs the exported trunk with ONNX Runtime, about 5x faster than PyTorch eager on a
+    2-core CPU with the same outputs (to 1e-5); ``runtime="torch"`` runs it in PyTorch.
     """
 
     STAGES = ("c40", "c80", "c112", "c192", "c320", "head")
 
-    def __init__(self, *, size: int = 224, threads: int = 2, runtime: str = "onnxruntime") -> None:
+    def __init__(self, *, size: int = 224, threads: int = 2, runtime: str = "onnxruntime",
+                 views: str = "none") -> None:
         if runtime not in ("onnxruntime", "torch"):
             raise ConfigError(f"DLFORGE_LABELER_EMBED_RUNTIME: unknown runtime {runtime!r} (onnxruntime or torch)")
+        if views not in EMBED_VIEWS:
+            raise ConfigError(f"DLFORGE_LABELER_EMBED_VIEWS: unknown views {views!r} ({' or '.join(EMBED_VIEWS)})")
         self.size = size
         self.threads = threads
         self.runtime = runtime
-        self.name = f"efficientnet_lite0-ms-{size}"
+        self.views = views
+        self.name = f"efficientnet_lite0-ms-{size}" + ("-dihedral" if views == "dihedral" else "")
 
-    def _features(self, objects: ObjectStore | None, batch_size: int = 32) -> Any:
+    def _features(self, objects: ObjectStore | None, batch_size: int = 32, view: str = "") -> Any:
         from dlforge.vision.features import feature_store
         from dlforge.vision.trunk import TrunkFeatures
 
         store = feature_store(objects) if objects is not None else None
-        return TrunkFeatures(store, runtime=self.runtime, threads=self.threads, batch_size=batch_size)
+        return TrunkFeatures(store, runtime=self.runtime, threads=self.threads, batch_size=batch_size,
+                             view=view, keep_standard=not view)
+
+    def _view_names(self) -> list[str]:
+        return list(DIHEDRAL_VIEWS) if self.views == "dihedral" else [""]
+
+    def _combine(self, per_view: Sequence[np.ndarray]) -> np.ndarray:
+        """The identity view's vector, then (with views) the mean over every view's, halves scaled by 1/sqrt 2."""
+        if len(per_view) == 1:
+            return per_view[0]
+        pooled = np.mean(np.stack(per_view), axis=0)
+        return np.asarray(np.concatenate([per_view[0], pooled], axis=1) / np.sqrt(2.0), dtype=np.float32)
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         return to_array(image, size=self.size, channels=3)
@@ -97,26 +123,41 @@ class EfficientNetLite0Embedder:
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """Embeddings of images given as arrays (not stored: they have no content hash here)."""
         features = self._features(None)
-        return _multi_stage_vector(features.pooled_arrays(batch, stages=self.STAGES))
+        return self._combine([_multi_stage_vector(features.pooled_arrays(dihedral_view(batch, v) if v else batch,
+                                                                         stages=self.STAGES))
+                              for v in self._view_names()])
 
     def embed_stored(self, objects: ObjectStore, items: Sequence[Item], *, batch_size: int = 32) -> np.ndarray:
-        features = self._features(objects, batch_size)
-        pooled = features.pooled([i.sha256 for i in items], size=self.size, stages=self.STAGES,
-                                 load=features.for_items(objects, items, size=self.size))
-        return _multi_stage_vector([pooled[s] for s in self.STAGES])
+        per_view = []
+        for view in self._view_names():
+            features = self._features(objects, batch_size, view)
+            load = features.for_items(objects, items, size=self.size)
+            if view:
+                load = _in_view(load, view)
+            pooled = features.pooled([i.sha256 for i in items], size=self.size, stages=self.STAGES, load=load)
+            per_view.append(_multi_stage_vector([pooled[s] for s in self.STAGES]))
+        return self._combine(per_view)
+
+
+def _in_view(load: Callable[[list[int]], np.ndarray], view: str) -> Callable[[list[int]], np.ndarray]:
+    def viewed(rows: list[int]) -> np.ndarray:
+        return dihedral_view(load(rows), view)
+
+    return viewed
 
 
 EmbedderFactory = Callable[..., Embedder]
 EMBEDDERS: dict[str, EmbedderFactory] = {"efficientnet_lite0": EfficientNetLite0Embedder}
 
 
-def make_embedder(name: str, *, size: int = 224, threads: int = 2, runtime: str = "onnxruntime") -> Embedder:
+def make_embedder(name: str, *, size: int = 224, threads: int = 2, runtime: str = "onnxruntime",
+                  views: str = "none") -> Embedder:
     try:
         factory = EMBEDDERS[name]
     except KeyError as exc:
         raise ConfigError(f"DLFORGE_LABELER_EMBEDDER: unknown embedder {name!r}; known: {', '.join(EMBEDDERS)}") \
             from exc
-    return factory(size=size, threads=threads, runtime=runtime)
+    return factory(size=size, threads=threads, runtime=runtime, views=views)
 
 
 def embed_items(

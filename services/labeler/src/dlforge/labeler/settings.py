@@ -32,6 +32,10 @@ class LabelerSettings(CommonSettings):
     )
     labeler_embedder: str = Field(default="efficientnet_lite0", description="embedder plug-in name")
     labeler_embed_size: int = Field(default=224, ge=32, le=1024, description="image side fed to the embedder")
+    labeler_embed_views: Literal["none", "dihedral"] = Field(
+        default="none", description="dihedral: append each image's multi-stage features averaged over its eight "
+        "flips and quarter turns (eight trunk passes per image; the classifier weighs both halves). Measured "
+        "in the loop by benchmarks/labeler.py --views; see README")
     labeler_embed_batch: int = Field(default=64, ge=1, le=1024)
     labeler_threads: int = Field(default=2, ge=1, le=256, description="threads for embedding")
     labeler_embed_runtime: Literal["onnxruntime", "torch"] = Field(

@@ -75,7 +75,8 @@ async def build_deps(settings: LabelerSettings, backends: Backends, *, embedder:
     and classifier."""
     if embedder is None:
         embedder = make_embedder(settings.labeler_embedder, size=settings.labeler_embed_size,
-                                 threads=settings.labeler_threads, runtime=settings.labeler_embed_runtime)
+                                 threads=settings.labeler_threads, runtime=settings.labeler_embed_runtime,
+                                 views=settings.labeler_embed_views)
     return LabelerDeps(settings=settings, embedder=embedder, strategy=make_strategy(settings.labeler_query_strategy),
                        classifier=make_classifier(settings.labeler_classifier, **_classifier_options(settings)))
 
