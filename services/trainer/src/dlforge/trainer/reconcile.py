@@ -67,7 +67,7 @@ async def reconcile(backends: Backends) -> None:
                 continue  # resume_jobs submitted this host's again
             if durable:
                 await records.update(job["_id"], state="interrupted",
-                                     note="the trainer stopped; the job goes on from its last epoch when its "
+                                     note="the trainer stopped; the job goes on from its last stored state when its "
                                           "event is delivered again")
                 continue
             reason = "interrupted: the trainer restarted on the in-memory bus, which lost the job's event"
