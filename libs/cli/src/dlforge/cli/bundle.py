@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import zipfile
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,12 @@ def _refused(response: httpx.Response, what: str) -> DlforgeError:
 
 
 async def fetch_bundle(client: httpx.AsyncClient, run_id: str, out: Path) -> dict[str, Any]:
-    """Download the model bundle of run ``run_id`` to ``out`` (written whole or not at all).
+    """Download the model bundle of run ``run_id`` to ``out`` (streamed to ``out.partial``, renamed to ``out``
+    once whole and its manifest read: written whole or not at all, and no ``.partial`` left on any failure).
 
     Returns what the report names: ``file``, ``bytes``, ``sha256``, ``dataset_id``, ``model_id``,
-    ``variant``. DlforgeError for an unknown run, a run whose model is not optimized yet, or a refusal.
+    ``variant``. DlforgeError for an unknown run, a run whose model is not optimized yet, a refusal, a body
+    that is not a bundle, a download cut off, or a file that cannot be written.
     """
     check_run_id(run_id)
     r = await client.get(f"/runs/{quote(run_id)}")
@@ -66,25 +69,57 @@ async def fetch_bundle(client: httpx.AsyncClient, run_id: str, out: Path) -> dic
         where = f"; stage {at[0]} is {run['stages'][at[0]]['state']}" if at else ""
         raise DlforgeError(f"run {run_id!r} has no model yet: it is {run.get('state')} and its optimizer stage is "
                            f"{optimizer.get('state', 'pending')}{where}")
-    r = await client.get(f"/optimizer/models/{quote(str(dataset_id))}/bundle", params={"run_id": run_id})
-    if r.status_code in (404, 409):
-        raise DlforgeError(f"run {run_id!r} has no model bundle: {_detail(r)}")
-    if r.status_code != 200:
-        raise _refused(r, f"the bundle of run {run_id!r}")
-    data = r.content
-    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    partial.write_bytes(data)
     try:
-        with zipfile.ZipFile(partial) as z:
-            manifest = json.loads(z.read("manifest.json"))
-    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+        async with client.stream("GET", f"/optimizer/models/{quote(str(dataset_id))}/bundle",
+                                 params={"run_id": run_id}) as r:
+            if r.status_code != 200:
+                await r.aread()
+                if r.status_code in (404, 409):
+                    raise DlforgeError(f"run {run_id!r} has no model bundle: {_detail(r)}")
+                raise _refused(r, f"the bundle of run {run_id!r}")
+            size, digest = await _download(r, partial, out=out, run_id=run_id)
+        manifest = _manifest(partial, run_id)
+        try:
+            partial.replace(out)
+        except OSError as exc:
+            raise DlforgeError(f"cannot write the bundle of run {run_id!r} to {out} ({exc})") from exc
+    except BaseException:  # a refusal, a cut download, a full disk, Ctrl-C: no half-written file is left
         partial.unlink(missing_ok=True)
-        raise DlforgeError(f"the bundle of run {run_id!r} the API sent is not a bundle ({exc})") from exc
-    partial.replace(out)
-    return {"file": str(out), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-            "dataset_id": dataset_id, "model_id": manifest.get("model_id"), "variant": manifest.get("variant"),
+        raise
+    return {"file": str(out), "bytes": size, "sha256": digest, "dataset_id": dataset_id,
+            "model_id": manifest.get("model_id"), "variant": manifest.get("variant"),
             "format_version": manifest.get("format_version")}
+
+
+async def _download(response: httpx.Response, partial: Path, *, out: Path, run_id: str) -> tuple[int, str]:
+    """Stream ``response``'s body to ``partial``: its size and sha256."""
+    digest, size = hashlib.sha256(), 0
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("wb") as f:
+            async for chunk in response.aiter_bytes():
+                f.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as exc:
+        raise DlforgeError(f"cannot write the bundle of run {run_id!r} to {out} ({exc})") from exc
+    except httpx.TransportError as exc:
+        raise DlforgeError(f"the bundle of run {run_id!r} did not arrive whole ({exc}); nothing was written to "
+                           f"{out}") from exc
+    return size, digest.hexdigest()
+
+
+def _manifest(bundle: Path, run_id: str) -> dict[str, Any]:
+    try:
+        with zipfile.ZipFile(bundle) as z:
+            manifest = json.loads(z.read("manifest.json"))
+    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, ValueError) as exc:
+        raise DlforgeError(f"the bundle of run {run_id!r} the API sent is not a bundle ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise DlforgeError(f"the bundle of run {run_id!r} the API sent is not a bundle (its manifest.json is "
+                           f"{json.dumps(manifest)[:40]}, not a JSON object)")
+    return manifest
 
 
 def bundle_downloader(out: Path, into: dict[str, Any]) -> Callable[[httpx.AsyncClient, dict[str, Any]],
