@@ -4,13 +4,16 @@ The format is dlforge's (``dlforge.optimizer.bundle``), read here without dlforg
 ``manifest.json`` (``format``, ``format_version``, ``producer``, and per file its ``sha256`` and
 ``bytes``), ``model.onnx``, ``preprocessing.json``, ``classes.json``, ``decision.json``, ``spec.json``
 and ``spec_check.json``. A bundle of another format version, with a file that does not match its
-checksum, with a file missing or one the manifest does not list is refused with :class:`BundleError`.
+checksum, with a file missing or one the manifest does not list, or whose preprocessing cannot make a finite
+network input (a std that is 0, negative or not finite, an input size that is not a whole number above 0, a
+mean or std that is not one finite number per channel) is refused with :class:`BundleError`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -143,6 +146,50 @@ def _json(data: bytes, name: str, source: str) -> Any:
         raise BundleError(f"{source}: {name} is not valid JSON ({exc})") from exc
 
 
+def _finite(value: Any) -> bool:
+    """A JSON number that is a finite float (not a bool, NaN, an infinity, or an integer too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _preprocessing(pre: Any, source: str) -> Preprocessing:
+    """``preprocessing.json`` as a Preprocessing that makes a finite network input, else BundleError."""
+    if not isinstance(pre, dict):
+        raise BundleError(f"{source}: preprocessing.json must be an object (colour_mode, input_size, mean, std, "
+                          "divide_by, resize)")
+    absent = [k for k in ("colour_mode", "input_size", "mean", "std", "divide_by", "resize") if k not in pre]
+    if absent:
+        raise BundleError(f"{source}: preprocessing.json lacks {', '.join(absent)}")
+    size, mean, std, divide_by = pre["input_size"], pre["mean"], pre["std"], pre["divide_by"]
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise BundleError(f"{source}: preprocessing.json's input_size {size!r:.80} is not a whole number of pixels "
+                          "above 0")
+    for name, values in (("mean", mean), ("std", std)):
+        if not isinstance(values, list) or not all(_finite(v) for v in values):
+            raise BundleError(f"{source}: preprocessing.json's {name} {values!r:.80} is not a list of finite "
+                              "numbers (one per channel)")
+    if not all(v > 0 for v in std):
+        raise BundleError(f"{source}: preprocessing.json's std {std!r:.80} has a value that is not above 0 (every "
+                          "pixel is divided by it)")
+    if not _finite(divide_by) or divide_by <= 0:
+        raise BundleError(f"{source}: preprocessing.json's divide_by {divide_by!r:.80} is not a finite number above 0 "
+                          "(every pixel is divided by it)")
+    preprocessing = Preprocessing(colour_mode=str(pre["colour_mode"]), input_size=size,
+                                  mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+                                  divide_by=float(divide_by), resize=str(pre["resize"]))
+    if preprocessing.colour_mode not in ("L", "RGB") or preprocessing.resize != "bilinear":
+        raise BundleError(f"{source}: preprocessing {preprocessing.colour_mode!r}/{preprocessing.resize!r} is not "
+                          "one this dlforge-edge knows (colour L or RGB, bilinear resize)")
+    if len(preprocessing.mean) != preprocessing.channels or len(preprocessing.std) != preprocessing.channels:
+        raise BundleError(f"{source}: preprocessing.json has {len(preprocessing.mean)} means and "
+                          f"{len(preprocessing.std)} stds for {preprocessing.channels} channel(s)")
+    return preprocessing
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Open and verify the bundle at ``path``; BundleError saying why it must not be used."""
     path = Path(path)
@@ -159,19 +206,7 @@ def load_bundle(path: str | Path) -> Bundle:
     pre = _json(files["preprocessing.json"], "preprocessing.json", source)
     classes = _json(files["classes.json"], "classes.json", source)
     decision = _json(files["decision.json"], "decision.json", source)
-    try:
-        preprocessing = Preprocessing(
-            colour_mode=str(pre["colour_mode"]), input_size=int(pre["input_size"]),
-            mean=tuple(float(v) for v in pre["mean"]), std=tuple(float(v) for v in pre["std"]),
-            divide_by=float(pre["divide_by"]), resize=str(pre["resize"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{source}: preprocessing.json lacks or garbles {exc}") from exc
-    if preprocessing.colour_mode not in ("L", "RGB") or preprocessing.resize != "bilinear":
-        raise BundleError(f"{source}: preprocessing {preprocessing.colour_mode!r}/{preprocessing.resize!r} is not "
-                          "one this dlforge-edge knows (colour L or RGB, bilinear resize)")
-    if len(preprocessing.mean) != preprocessing.channels or len(preprocessing.std) != preprocessing.channels:
-        raise BundleError(f"{source}: preprocessing.json has {len(preprocessing.mean)} means and "
-                          f"{len(preprocessing.std)} stds for {preprocessing.channels} channel(s)")
+    preprocessing = _preprocessing(pre, source)
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
         raise BundleError(f"{source}: classes.json must be a list of at least two class names")
     if not isinstance(decision, dict):
