@@ -6,6 +6,10 @@
 - ``GET /info``: the bundle's model, variant, classes, decision rule, preprocessing and spec.
 - ``GET /healthz``: ``{"status": "ok"}``.
 
+A query string does not change the route (``/healthz?x`` is ``/healthz``). An error the handler does not expect
+is answered 500 with a short JSON ``detail`` (its traceback goes to the log, not to the client) and the
+connection is closed; the server goes on serving.
+
 Bad requests get a 4xx whose JSON ``detail`` says what was wrong: no length (411), a body over
 :data:`MAX_BODY_BYTES` (413, refused before it is read), an empty body (400), a multipart form (415),
 an image that cannot be read or is smaller than 8x8 (422), one over 64 MP (413). A connection that
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -54,12 +59,14 @@ def make_server(model: EdgeModel, *, host: str = "127.0.0.1", port: int = 8080,
         server_version = "dlforge-edge"
         protocol_version = "HTTP/1.1"
         timeout = seconds  # the socket's: a silent client's read raises TimeoutError and the connection is closed
+        answered = False  # whether the answer to the request being handled has begun (set by _send)
 
         def log_message(self, format: str, *args: Any) -> None:
             log.info("%s %s", self.address_string(), format % args)
 
         def _send(self, status: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
+            self.answered = True
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -71,17 +78,39 @@ def make_server(model: EdgeModel, *, host: str = "127.0.0.1", port: int = 8080,
                 self.close_connection = True
             self._send(status, {"detail": detail})
 
+        def _guarded(self, handle: Callable[[], None]) -> None:
+            """``handle()``; an error it does not expect is logged with its traceback and answered 500 (its text
+            is not sent), and the connection closed. A stalled or vanished client still just ends the connection."""
+            self.answered = False
+            try:
+                handle()
+            except (TimeoutError, ConnectionError):
+                raise
+            except Exception:
+                log.exception("%s %s: unexpected error", self.command, self.path)
+                self.close_connection = True  # where the request's body stands is not known
+                if not self.answered:  # else part of an answer is out: the connection is closed mid-way
+                    self._send(500, {"detail": "internal error while handling the request (the server's log "
+                                               "has the details)"})
+
         def do_GET(self) -> None:
-            if self.path == "/healthz":
+            self._guarded(self._get)
+
+        def do_POST(self) -> None:
+            self._guarded(self._post)
+
+        def _get(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/healthz":
                 self._send(200, {"status": "ok"})
-            elif self.path == "/info":
+            elif path == "/info":
                 self._send(200, info(model))
-            elif self.path == "/predict":
+            elif path == "/predict":
                 self._refuse(405, "POST the image's bytes to /predict")
             else:
                 self._refuse(404, f"no route {self.path!r}; routes: POST /predict, GET /info, GET /healthz")
 
-        def do_POST(self) -> None:
+        def _post(self) -> None:
             if self.path.split("?", 1)[0] != "/predict":
                 self._refuse(404, f"no route {self.path!r}; POST the image's bytes to /predict", close=True)
                 return
