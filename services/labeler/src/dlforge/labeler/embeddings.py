@@ -73,9 +73,10 @@ class EfficientNetLite0Embedder:
     turns (4,048 values in all, each half scaled by 1/sqrt 2): ImageNet features are not invariant to
     how a part lies on the camera, the average is, and a classifier weighs the two halves as the labels
     say. Where orientation carries the class (a 6 against a 9, a shoe's toe) the first half keeps it.
-    Measured on random labels with a linear probe: ELPV at 20 %, auto-label accuracy 0.829 without
-    and 0.844 with (3 seeds); Fashion-MNIST at 10 %, 0.829 and 0.833 (2 seeds); benchmarks/labeler.py
-    ``--views`` measures it in the loop. It costs eight trunk passes per image.
+    Measured with the linear probe: on random labels, ELPV at 20 % 0.829 without and 0.844 with
+    (3 seeds), Fashion-MNIST at 10 % 0.829 and 0.833 (2 seeds); in the loop (benchmarks/labeler.py
+    ``--views``), ELPV 0.836 and 0.849 (3 seeds), Fashion-MNIST 0.836 and 0.823 (1 seed): an option
+    for parts whose class does not depend on how they lie. It costs eight trunk passes per image.
 
     The network is the shared ImageNet trunk of :mod:`dlforge.vision.staged`; manifest items go
     through :class:`dlforge.vision.trunk.TrunkFeatures`, so each image's pooled features are
