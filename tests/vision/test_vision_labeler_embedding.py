@@ -128,3 +128,19 @@ def test_unknown_views_are_refused_by_name() -> None:
         make_embedder("efficientnet_lite0", views="octagonal")
     with pytest.raises(Exception, match="views need square images"):
         dihedral_view(np.zeros((1, 4, 5, 3), dtype=np.uint8), "rot90")
+
+
+def test_the_view_table_is_the_eight_symmetries_of_the_square_and_the_trainers() -> None:
+    from dlforge.trainer.views import VIEW_NAMES, apply_view
+    from dlforge.vision.images import DIHEDRAL_VIEWS, dihedral_view
+
+    grid = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(1, 4, 4, 3)
+    expected = {v.tobytes() for v in _square_views(grid)}
+    got = {name: dihedral_view(grid, name).tobytes() for name in DIHEDRAL_VIEWS}
+    assert len(set(got.values())) == 8 and set(got.values()) == expected
+    # the trainer names the same pixels the same way (the name is in the feature store's keys)
+    assert set(VIEW_NAMES) == set(DIHEDRAL_VIEWS)
+    assert all(apply_view(name, grid).tobytes() == got[name] for name in VIEW_NAMES)
+    assert dihedral_view(grid, "hflip")[0, 0, 0].tolist() == grid[0, 0, 3].tolist()
+    assert dihedral_view(grid, "rot90")[0, 0, 0].tolist() == grid[0, 0, 3].tolist()  # counter-clockwise
+    assert dihedral_view(grid, "rot90")[0, 3, 0].tolist() == grid[0, 0, 0].tolist()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -93,21 +93,28 @@ def to_tensor(batch: np.ndarray | Sequence[np.ndarray], spec: NetworkSpec) -> to
     return (x - mean) / std
 
 
-DIHEDRAL_VIEWS: dict[str, tuple[bool, int]] = {
-    "": (False, 0), "rot90": (False, 1), "rot180": (False, 2), "rot270": (False, 3),
-    "hflip": (True, 0), "hflip_rot90": (True, 1), "hflip_rot180": (True, 2), "hflip_rot270": (True, 3),
+DIHEDRAL_VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "identity": lambda x: x,
+    "hflip": lambda x: x[:, :, ::-1],
+    "vflip": lambda x: x[:, ::-1, :],
+    "rot90": lambda x: np.rot90(x, 1, axes=(1, 2)),
+    "rot180": lambda x: np.rot90(x, 2, axes=(1, 2)),
+    "rot270": lambda x: np.rot90(x, 3, axes=(1, 2)),
+    "transpose": lambda x: np.swapaxes(x, 1, 2),
+    "antitranspose": lambda x: np.swapaxes(np.rot90(x, 2, axes=(1, 2)), 1, 2),
 }
-"""The eight symmetries of a square as (mirror left-right first, then that many quarter turns
-counter-clockwise); ``""`` is the image itself. ``hflip_rot180`` is the up-down mirror."""
+"""The eight symmetries of a square (the dihedral group D4), each mapping a batch N x H x W (x C) to
+the batch seen under it; quarter turns are counter-clockwise. One table for every service: a view's
+name enters feature-store keys (:class:`dlforge.vision.trunk.TrunkFeatures`), so the labeler and the
+trainer must mean the same pixels by it."""
 
 
 def dihedral_view(pixels: np.ndarray, view: str) -> np.ndarray:
     """uint8 N x S x S x C images under one of :data:`DIHEDRAL_VIEWS` (a new contiguous array)."""
     try:
-        mirror, turns = DIHEDRAL_VIEWS[view]
+        fn = DIHEDRAL_VIEWS[view]
     except KeyError as exc:
-        raise InvalidInput(f"unknown view {view!r}; views: {', '.join(repr(v) for v in DIHEDRAL_VIEWS)}") from exc
+        raise InvalidInput(f"unknown view {view!r}; views: {', '.join(DIHEDRAL_VIEWS)}") from exc
     if pixels.ndim != 4 or pixels.shape[1] != pixels.shape[2]:
         raise InvalidInput(f"views need square images as N x S x S x C, got shape {pixels.shape}")
-    out = pixels[:, :, ::-1] if mirror else pixels
-    return np.ascontiguousarray(np.rot90(out, turns, axes=(1, 2)) if turns else out)
+    return np.ascontiguousarray(fn(pixels))

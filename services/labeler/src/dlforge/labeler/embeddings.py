@@ -70,13 +70,14 @@ class EfficientNetLite0Embedder:
     stages keep the texture cues (cracks, scratches) that the final ImageNet features blur away.
 
     ``views="dihedral"`` appends the same vector averaged over the image's eight flips and quarter
-    turns (4,048 values in all, each half scaled by 1/sqrt 2): ImageNet features are not invariant to
-    how a part lies on the camera, the average is, and a classifier weighs the two halves as the labels
-    say. Where orientation carries the class (a 6 against a 9, a shoe's toe) the first half keeps it.
-    Measured with the linear probe: on random labels, ELPV at 20 % 0.829 without and 0.844 with
-    (3 seeds), Fashion-MNIST at 10 % 0.829 and 0.833 (2 seeds); in the loop (benchmarks/labeler.py
-    ``--views``), ELPV 0.836 and 0.849 (3 seeds), Fashion-MNIST 0.836 and 0.823 (1 seed): an option
-    for parts whose class does not depend on how they lie. It costs eight trunk passes per image.
+    turns (:data:`dlforge.vision.images.DIHEDRAL_VIEWS`; 4,048 values in all, :meth:`embed` scales
+    the concatenation by 1/sqrt 2; the labeler normalizes each vector to unit length after that, and
+    the averaged half, a mean of unit vectors, is the shorter one): ImageNet features are not
+    invariant to how a part lies on the camera, the average is, and a classifier weighs the two
+    halves as the labels say. Where orientation carries the class (a 6 against a 9, a shoe's toe)
+    the first half keeps it. Measured in the loop (benchmarks/labeler.py ``--views``; README): it
+    helps ELPV's cells and hurts Fashion-MNIST, so it is an option for parts whose class does not
+    depend on how they lie. It costs eight trunk passes per image.
 
     The network is the shared ImageNet trunk of :mod:`dlforge.vision.staged`; manifest items go
     through :class:`dlforge.vision.trunk.TrunkFeatures`, so each image's pooled features are
@@ -109,7 +110,8 @@ class EfficientNetLite0Embedder:
                              view=view, keep_standard=not view)
 
     def _view_names(self) -> list[str]:
-        return list(DIHEDRAL_VIEWS) if self.views == "dihedral" else [""]
+        """The views to embed, the image itself ("") first; the others named as in the feature store."""
+        return [""] + [v for v in DIHEDRAL_VIEWS if v != "identity"] if self.views == "dihedral" else [""]
 
     def _combine(self, per_view: Sequence[np.ndarray]) -> np.ndarray:
         """The identity view's vector, then (with views) the mean over every view's, halves scaled by 1/sqrt 2."""

@@ -17,20 +17,14 @@ from collections.abc import Callable
 import numpy as np
 
 from dlforge.common.errors import InvalidInput
+from dlforge.vision.images import DIHEDRAL_VIEWS
 
 IDENTITY = "identity"
 
-# Each view maps a batch N x H x W (x C) to the same batch seen under one symmetry of the square.
-_VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    IDENTITY: lambda x: x,
-    "hflip": lambda x: x[:, :, ::-1],
-    "vflip": lambda x: x[:, ::-1, :],
-    "rot90": lambda x: np.rot90(x, 1, axes=(1, 2)),
-    "rot180": lambda x: np.rot90(x, 2, axes=(1, 2)),
-    "rot270": lambda x: np.rot90(x, 3, axes=(1, 2)),
-    "transpose": lambda x: np.swapaxes(x, 1, 2),
-    "antitranspose": lambda x: np.swapaxes(np.rot90(x, 2, axes=(1, 2)), 1, 2),
-}
+# Each view maps a batch N x H x W (x C) to the same batch seen under one symmetry of the square: the
+# vision core's table, whose names the feature store's keys carry (the labeler reads the same views).
+_VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = DIHEDRAL_VIEWS
+assert IDENTITY in _VIEWS
 VIEW_NAMES: tuple[str, ...] = tuple(_VIEWS)
 
 VIEW_SETS: dict[str, tuple[str, ...]] = {
