@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -136,6 +135,22 @@ def test_a_download_cut_off_mid_body_is_refused_and_nothing_written(api: StandIn
     assert not out.exists() and not list(tmp_path.rglob("*.partial"))
 
 
+def test_a_failed_download_leaves_another_downloads_partial_file_alone(
+        api: StandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each call streams to a file of its own: a second download to the same FILE that fails must not delete
+    the first one's file while it is still being written."""
+    out = tmp_path / "out" / "b.zip"
+    out.parent.mkdir()
+    others = [out.with_name(out.name + ".partial"), out.with_name(f".{out.name}.abc123.partial")]
+    for other in others:
+        other.write_bytes(b"another download, half way")
+    api.body, api.cut_after = GOOD, len(GOOD) // 3
+    assert main(["bundle", RUN_ID, "-o", str(out), "--url", api.url]) == 2
+    assert "did not arrive whole" in one_line(capsys.readouterr().err)
+    assert sorted(tmp_path.rglob("*.partial")) == sorted(others)
+    assert all(o.read_bytes() == b"another download, half way" for o in others) and not out.exists()
+
+
 def test_a_failed_disk_write_leaves_no_partial_file(api: StandIn, tmp_path: Path) -> None:
     """The command in a process whose files may not grow past 64 KiB (RLIMIT_FSIZE; Python ignores SIGXFSZ, so
     the write fails with EFBIG as on a full disk) is given a 256 KiB bundle."""
@@ -143,12 +158,13 @@ def test_a_failed_disk_write_leaves_no_partial_file(api: StandIn, tmp_path: Path
     limit = 64 * 1024
     out = tmp_path / "out" / "b.zip"
 
-    def small_files() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    run = subprocess.run([sys.executable, "-m", "dlforge.cli.main", "bundle", RUN_ID, "-o", str(out),
-                          "--url", api.url], env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-                         preexec_fn=small_files, capture_output=True, text=True, timeout=300)
+    # the limit is set in the child itself: preexec_fn is unsafe beside the stand-in API's server thread
+    child = ("import resource, runpy, sys; "
+             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+             "sys.argv = ['dlforge', *sys.argv[1:]]; runpy.run_module('dlforge.cli.main', run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", child, "bundle", RUN_ID, "-o", str(out), "--url", api.url],
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 2, run.stderr
     err = one_line(run.stderr)
     assert err.startswith(f"dlforge: cannot write the bundle of run '{RUN_ID}' to {out}"), err

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import tempfile
 import zipfile
 import zlib
 from collections.abc import Awaitable, Callable
@@ -48,7 +50,8 @@ def _refused(response: httpx.Response, what: str) -> DlforgeError:
 
 
 async def fetch_bundle(client: httpx.AsyncClient, run_id: str, out: Path) -> dict[str, Any]:
-    """Download the model bundle of run ``run_id`` to ``out`` (streamed to ``out.partial``, renamed to ``out``
+    """Download the model bundle of run ``run_id`` to ``out`` (streamed to a ``.partial`` file of its own beside
+    it, renamed to ``out``
     once whole and its manifest read: written whole or not at all, and no ``.partial`` left on any failure).
 
     Returns what the report names: ``file``, ``bytes``, ``sha256``, ``dataset_id``, ``model_id``,
@@ -69,7 +72,13 @@ async def fetch_bundle(client: httpx.AsyncClient, run_id: str, out: Path) -> dic
         where = f"; stage {at[0]} is {run['stages'][at[0]]['state']}" if at else ""
         raise DlforgeError(f"run {run_id!r} has no model yet: it is {run.get('state')} and its optimizer stage is "
                            f"{optimizer.get('state', 'pending')}{where}")
-    partial = out.with_name(out.name + ".partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    except OSError as exc:
+        raise DlforgeError(f"cannot write the bundle of run {run_id!r} to {out} ({exc})") from exc
+    os.close(fd)
+    partial = Path(name)  # this call's own: another download to the same file keeps its own
     try:
         async with client.stream("GET", f"/optimizer/models/{quote(str(dataset_id))}/bundle",
                                  params={"run_id": run_id}) as r:
@@ -96,7 +105,6 @@ async def _download(response: httpx.Response, partial: Path, *, out: Path, run_i
     """Stream ``response``'s body to ``partial``: its size and sha256."""
     digest, size = hashlib.sha256(), 0
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         with partial.open("wb") as f:
             async for chunk in response.aiter_bytes():
                 f.write(chunk)
