@@ -48,6 +48,7 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "size_fraction": ({"input_size": 16.5}, "input_size 16.5"),
     "size_text": ({"input_size": "16"}, "input_size '16'"),
     "size_bool": ({"input_size": True}, "input_size True"),
+    "size_huge": ({"input_size": 1_000_000}, "input_size 1000000 is not a whole number of pixels from 1 to 4096"),
     "divide_by_zero": ({"divide_by": 0}, "divide_by 0"),
 }
 

@@ -156,6 +156,11 @@ def _finite(value: Any) -> bool:
         return False
 
 
+MAX_INPUT_SIZE = 4096
+"""The largest input side a bundle may ask for: a 4096 x 4096 x 3 float32 input is 200 MB a batch of one
+(the platform's specs measure speed at sides up to 4096 too)."""
+
+
 def _preprocessing(pre: Any, source: str) -> Preprocessing:
     """``preprocessing.json`` as a Preprocessing that makes a finite network input, else BundleError."""
     if not isinstance(pre, dict):
@@ -165,9 +170,9 @@ def _preprocessing(pre: Any, source: str) -> Preprocessing:
     if absent:
         raise BundleError(f"{source}: preprocessing.json lacks {', '.join(absent)}")
     size, mean, std, divide_by = pre["input_size"], pre["mean"], pre["std"], pre["divide_by"]
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_INPUT_SIZE:
         raise BundleError(f"{source}: preprocessing.json's input_size {size!r:.80} is not a whole number of pixels "
-                          "above 0")
+                          f"from 1 to {MAX_INPUT_SIZE} (each image is resized to it)")
     for name, values in (("mean", mean), ("std", std)):
         if not isinstance(values, list) or not all(_finite(v) for v in values):
             raise BundleError(f"{source}: preprocessing.json's {name} {values!r:.80} is not a list of finite "
