@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,6 +39,20 @@ def _reference(images: np.ndarray) -> np.ndarray:
     return (torch.cat(parts, 1) / np.sqrt(6)).numpy()
 
 
+def _stored_noise(objects: Any, n: int, shape: tuple[int, ...], *, seed: int) -> list[Item]:
+    """``n`` PNGs of random pixels (``shape``: H x W or H x W x 3) in ``objects``, as manifest items."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for k in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(buf, format="PNG")
+        data = buf.getvalue()
+        objects.put_bytes(f"i/{k}.png", data)
+        items.append(Item(item_id=str(k), key=f"i/{k}.png", name=f"{k}.png", sha256=hashlib.sha256(data).hexdigest(),
+                          width=shape[1], height=shape[0]))
+    return items
+
+
 def test_stored_multi_stage_embedding_matches_the_raw_network(tmp_path: Path) -> None:
     from dlforge.labeler.embeddings import EfficientNetLite0Embedder, embed_items
     from dlforge.vision.images import decode, to_array
@@ -45,15 +60,7 @@ def test_stored_multi_stage_embedding_matches_the_raw_network(tmp_path: Path) ->
 
     torch.set_num_threads(1)
     objects = open_objects(f"file://{tmp_path}/o")
-    rng = np.random.default_rng(0)
-    items = []
-    for n in range(4):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (90, 110), dtype=np.uint8)).save(buf, format="PNG")
-        data = buf.getvalue()
-        objects.put_bytes(f"i/{n}.png", data)
-        items.append(Item(item_id=str(n), key=f"i/{n}.png", name=f"{n}.png", sha256=hashlib.sha256(data).hexdigest(),
-                          width=110, height=90))
+    items = _stored_noise(objects, 4, (90, 110), seed=0)
     embedder = EfficientNetLite0Embedder(size=96, threads=1)
     with observing(CountingObserver()) as counts:
         first = embed_items(objects, items, embedder, batch_size=3)
@@ -68,7 +75,7 @@ def test_stored_multi_stage_embedding_matches_the_raw_network(tmp_path: Path) ->
 
 def _square_views(images: np.ndarray) -> list[np.ndarray]:
     """The eight symmetries of a square, enumerated as the four quarter turns of the image and of its
-    transpose (a different composition from the embedder's mirror-then-turn)."""
+    transpose (not how the views' table writes them)."""
     transposed = images.transpose(0, 2, 1, 3)
     return [np.ascontiguousarray(np.rot90(im, k, axes=(1, 2))) for im in (images, transposed) for k in range(4)]
 
@@ -80,15 +87,7 @@ def test_dihedral_views_append_an_orientation_free_half_computed_once_per_view(t
 
     torch.set_num_threads(1)
     objects = open_objects(f"file://{tmp_path}/o")
-    rng = np.random.default_rng(1)
-    items = []
-    for n in range(3):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(buf, format="PNG")
-        data = buf.getvalue()
-        objects.put_bytes(f"i/{n}.png", data)
-        items.append(Item(item_id=str(n), key=f"i/{n}.png", name=f"{n}.png", sha256=hashlib.sha256(data).hexdigest(),
-                          width=80, height=70))
+    items = _stored_noise(objects, 3, (70, 80, 3), seed=1)
     embedder = EfficientNetLite0Embedder(size=64, threads=1, views="dihedral")
     assert embedder.name.endswith("-dihedral")
     with observing(CountingObserver()) as counts:
