@@ -79,7 +79,8 @@ class TrunkFeatures:
         keep_standard: bool = True,
     ) -> None:
         """``view``: the name of a transform the caller's loader applies to the pixels (a flip, a
-        rotation; "" for none). It enters the keys, and passes are reported for ``<content>/<view>``.
+        rotation; "" or "identity" for none, the same keys). It enters the keys, and passes are reported
+        for ``<content>/<view>``.
         ``keep_standard``: a pass from pixels also stores every named stage's pooled features and the
         shared-boundary activation (for the next service); False stores only what was asked (a view
         only one caller reads)."""
@@ -92,7 +93,7 @@ class TrunkFeatures:
         self.threads = threads
         self.batch_size = batch_size
         self.shared = self.net.boundary(min(shared_unfreeze, len(self.net)))
-        self.view = view
+        self.view = "" if view == "identity" else view
         self.keep_standard = keep_standard
         self._digests: dict[int, str] = {}
 

@@ -375,7 +375,7 @@ class ActivationCache:
         trunk = TrunkFeatures(feature_store(self.objects), units, runtime="onnxruntime" if onnx else "torch",
                               threads=self.runner.threads if isinstance(self.runner, OnnxPrefixRunner)
                               else torch.get_num_threads(),
-                              batch_size=self.batch_size, view="" if view == IDENTITY else view)
+                              batch_size=self.batch_size, view=view)
         out: dict[str, SplitArrays] = {}
         for split in SPLITS:
             rows = items[split]
