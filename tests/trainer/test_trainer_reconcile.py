@@ -27,11 +27,11 @@ async def test_this_hosts_unfinished_rest_jobs_are_trained_again_at_start(backen
                               classes=["defect", "good"], hparams=TrainParams(lr=0.01, batch_size=4, epochs=1))
     records = JobRecords(backends.docs)
     stored = request.model_dump(mode="json")
-    for job_id, owner, body in (("mine", OWNER, stored), ("queued-mine", OWNER, stored),
-                                ("theirs", "another-host", stored),
-                                ("outdated", OWNER, {**stored, "hparams": {"learning_rate": 0.1}})):
-        await records.create(job_id, kind="api", request=body, key_prefix=f"trainer/jobs/{job_id}",
-                             extra={"owner": owner})
+    theirs = {"owner": "another-host", "lease_holder": "another-host/7/x", "lease_until": time.time() + 3600}
+    for job_id, extra, body in (("mine", {"owner": OWNER}, stored), ("queued-mine", {"owner": OWNER}, stored),
+                                ("theirs", theirs, stored),
+                                ("outdated", {"owner": OWNER}, {**stored, "hparams": {"learning_rate": 0.1}})):
+        await records.create(job_id, kind="api", request=body, key_prefix=f"trainer/jobs/{job_id}", extra=extra)
         if job_id != "queued-mine":
             await records.start(job_id)
     deps = await build_deps(settings_for(TrainerSettings, backends.settings), backends)
@@ -47,7 +47,9 @@ async def test_this_hosts_unfinished_rest_jobs_are_trained_again_at_start(backen
     assert states["mine"]["resumed_from"] is None  # it had stored no state yet: trained from the start
     assert states["mine"]["model_key"] == "trainer/jobs/mine/model.pt" and backends.objects.exists(
         "trainer/jobs/mine/model.pt")
-    assert states["theirs"]["state"] == "running"  # another trainer process runs it
+    assert states["theirs"]["state"] == "running"  # another trainer process runs it and renews its lease
+    assert states["mine"]["lease_holder"] == deps.jobs.holder
+    await deps.jobs.close()
     assert states["outdated"]["state"] == "failed"
     assert "no longer validates" in states["outdated"]["error"] and "learning_rate" in states["outdated"]["error"]
 
@@ -86,6 +88,7 @@ async def test_a_job_queued_at_the_restart_is_trained_once_when_the_store_answer
         await asyncio.sleep(0.01)
     assert not deps.jobs.tasks
     assert sorted(trained) == ["queued-mine", "running-mine"]
+    await deps.jobs.close()
 
 
 async def test_a_resumed_job_that_fails_leaves_no_state_to_resume_from(backends: Backends) -> None:
@@ -114,3 +117,4 @@ async def test_a_resumed_job_that_fails_leaves_no_state_to_resume_from(backends:
     outdated = await records.get("outdated") or {}
     assert outdated["state"] == "failed" and "no longer validates" in outdated["error"]
     assert [k for k in ("failing", "outdated") if backends.objects.exists(resume_key(f"trainer/jobs/{k}"))] == []
+    await deps.jobs.close()

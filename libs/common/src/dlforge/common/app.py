@@ -69,6 +69,8 @@ class ServicePart(Generic[S, D]):
     settings: type[S] = CommonSettings  # type: ignore[assignment]
     build: Callable[[S, Backends], Awaitable[D]] | None = None
     on_built: Callable[[D, Backends], Awaitable[None]] | None = None
+    on_stop: Callable[[D], Awaitable[None]] | None = None
+    """at shutdown, once the workers stopped: ends what ``on_built`` started (the trainer's job leases)"""
     root_router: APIRouter | None = None
     """routes outside the service's prefix, e.g. the labeler's ``POST /runs/{run_id}/rerun``"""
 
@@ -238,6 +240,12 @@ def create_app(
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
                     log.error("worker %s ended with %r", t.get_name(), t.exception())
+            for part in parts:
+                if part.on_stop is not None:
+                    try:
+                        await part.on_stop(deps[part.service.name])
+                    except Exception:
+                        log.exception("stopping %s failed", part.service.name)
             await auth.stop()
             if own:
                 await b.stop()

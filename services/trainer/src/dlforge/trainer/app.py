@@ -27,7 +27,7 @@ from dlforge.common.resource_access import project_of, require_in, require_on
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
 from dlforge.trainer.handlers import TrainingRequest
-from dlforge.trainer.jobs import OWNER, JobRecords
+from dlforge.trainer.jobs import JobRecords
 from dlforge.trainer.monitor import read_scalars
 from dlforge.trainer.params import RunOptions, TrainParams
 from dlforge.trainer.pruning import decisions_service
@@ -140,7 +140,8 @@ async def create_job(body: JobCreate, request: Request, deps: Deps,
     job_id = uuid.uuid4().hex
     key_prefix = f"trainer/jobs/{job_id}"
     await records.create(job_id, kind="api", request=training.model_dump(mode="json"), key_prefix=key_prefix,
-                         extra={"name": body.name, "owner": OWNER, "dataset_id": dataset_id, "project": project})
+                         extra={"name": body.name, **deps.jobs.lease_fields(), "dataset_id": dataset_id,
+                                "project": project})
     deps.jobs.submit(job_id, training, key_prefix)
     return JobCreated(job_id=job_id, state="queued", logs_prefix=f"{key_prefix}/tensorboard/")
 
@@ -214,10 +215,10 @@ async def list_jobs(
 
 
 def part() -> ServicePart[TrainerSettings, TrainerDeps]:
-    from dlforge.trainer.reconcile import reconcile, resume_jobs
+    from dlforge.trainer.reconcile import reconcile, resume_jobs, stop_leases
 
     return ServicePart(service=service, router=router, on_start=reconcile, settings=TrainerSettings, build=build_deps,
-                       on_built=resume_jobs, also=(decisions_service,))
+                       on_built=resume_jobs, on_stop=stop_leases, also=(decisions_service,))
 
 
 def create_app(settings: CommonSettings | None = None) -> FastAPI:

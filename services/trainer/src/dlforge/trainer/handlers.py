@@ -453,12 +453,14 @@ def run_training(
     config: TrainerConfig,
     on_epoch: EpochHook | None = None,
     resumable: bool = False,
+    handed_over: Callable[[], bool] | None = None,
 ) -> TrainingOutcome:
     """Train one job (see the module docstring); raises InvalidInput for a request that cannot work.
 
     With views declared (``request.views``) and ``request.check_views``, they are checked first
     (see :func:`train_tail`). With ``resumable`` the state after each epoch is kept at
-    :func:`resume_key` and a rerun of the same job goes on from it (removed when the job ends).
+    :func:`resume_key` and a rerun of the same job goes on from it (removed when the job ends,
+    unless ``handed_over()`` then says another trainer took the job over and trains on from it).
     """
     torch.set_num_threads(config.threads)
     config.work_dir.mkdir(parents=True, exist_ok=True)
@@ -532,7 +534,7 @@ def run_training(
                     monitor.on_epoch(m)
         finally:
             monitor.close()
-        if resumable:
+        if resumable and not (handed_over is not None and handed_over()):
             objects.delete(resume_key(key_prefix))
         train_seconds = time.perf_counter() - started
     torch.set_num_threads(config.threads)

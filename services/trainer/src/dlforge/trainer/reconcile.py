@@ -5,7 +5,9 @@ At start:
 * a REST job (``kind=api``) this host was running (or had queued) is submitted again
   (:func:`resume_jobs`, before the workers start) and goes on from the state it stored at its last
   checkpoint (``<key_prefix>/resume/state.pt``; from the start if it stored none yet): its record
-  shows it ``running`` again and, when it ends, ``resumed_from``;
+  shows it ``running`` again and, when it ends, ``resumed_from``. So is one whose lease ran out
+  (its trainer died and did not come back under its host name), then and every third of the lease
+  while the trainer runs (:class:`dlforge.trainer.runner.JobRunner`);
 * a trial or final job still ``queued``/``running`` was cut short. On a durable bus its ``hpo.trial``
   or ``hpo.completed`` is delivered again and the handler trains it on from the state the job stored
   after its last epoch or checkpoint step (``<key_prefix>/resume/state.pt``): the record is marked
@@ -23,39 +25,24 @@ import asyncio
 import logging
 from typing import Any
 
-from pydantic import ValidationError
-
 from dlforge.common.events import Event
 from dlforge.common.recovery import bus_is_durable, delete_prefix, fail_run
 from dlforge.common.runtime import Backends, HandlerContext
-from dlforge.trainer.handlers import TrainingRequest, resume_key
-from dlforge.trainer.jobs import JOBS, METRICS, MODELS, OWNER, JobRecords
+from dlforge.trainer.jobs import JOBS, METRICS, MODELS, JobRecords
 from dlforge.trainer.worker import TrainerDeps, safe_id, service
 
 log = logging.getLogger(__name__)
 
 
 async def resume_jobs(deps: TrainerDeps, backends: Backends) -> None:
-    """Submit again the REST jobs this host had not finished when it stopped (see the module docstring)."""
-    records = JobRecords(backends.docs)
-    # every unfinished job is read before any is submitted: a submitted job turns ``running`` as soon as the
-    # loop runs it, and a later query for ``running`` jobs would submit it a second time
-    unfinished = {job["_id"]: job for state in ("queued", "running")
-                  for job in await backends.docs.find(JOBS, {"state": state, "kind": "api"})}
-    for job in unfinished.values():
-        if job.get("owner") != OWNER:
-            continue  # another trainer process runs it
-        try:
-            request = TrainingRequest.model_validate(job["request"])
-        except ValidationError as exc:
-            await records.finish(job["_id"], state="failed",
-                                 error=f"interrupted, and its request no longer validates: {exc}")
-            await asyncio.to_thread(backends.objects.delete, resume_key(job["key_prefix"]))  # never resumed
-            continue
-        log.info("training job %s was %s when the trainer stopped: resuming it", job["_id"], job["state"])
-        await records.update(job["_id"], state="queued", note="the trainer restarted; the job goes on from its "
-                             "last checkpoint")
-        deps.jobs.submit(job["_id"], request, job["key_prefix"])
+    """Submit again the REST jobs this host had not finished when it stopped, take over those whose lease ran
+    out, and from now on renew this process's leases and look for expired ones (see :mod:`dlforge.trainer.runner`)."""
+    await deps.jobs.take_over(at_start=True)
+    deps.jobs.start_leases()
+
+
+async def stop_leases(deps: TrainerDeps) -> None:
+    await deps.jobs.close()
 
 
 async def reconcile(backends: Backends) -> None:

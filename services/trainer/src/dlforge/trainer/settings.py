@@ -41,6 +41,10 @@ class TrainerSettings(CommonSettings):
     trainer_input_size: int | None = Field(default=None, ge=16, le=1024,
                                            description="image side to train at (default: the network's)")
     trainer_max_concurrent_jobs: int = Field(default=1, ge=1, description="REST jobs that train at once")
+    trainer_job_lease_s: float = Field(
+        default=60.0, ge=3.0, le=3600.0, description="a REST job's lease: its trainer renews it every third of "
+        "this; a job whose lease ran out (its trainer died, e.g. a pod replaced under another host name) is "
+        "taken over and resumed by another trainer")
     trainer_val_people_min: int = Field(
         default=30, ge=0, description="validate on the val items people labeled when there are at least this "
         "many (and every val class is among them); 0 validates on every val item, auto-labels included")

@@ -48,7 +48,8 @@ class TrainerDeps:
 async def build_deps(settings: TrainerSettings, backends: Backends) -> TrainerDeps:
     config = TrainerConfig.from_settings(settings)
     return TrainerDeps(settings=settings, config=config,
-                       jobs=JobRunner(backends, config, concurrent=settings.trainer_max_concurrent_jobs))
+                       jobs=JobRunner(backends, config, concurrent=settings.trainer_max_concurrent_jobs,
+                                      lease_s=settings.trainer_job_lease_s))
 
 
 service = Service[TrainerDeps]("trainer")
