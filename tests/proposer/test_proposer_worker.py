@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from proposer_testdata import bars, blobs, synthetic_source, write_target
@@ -75,6 +76,12 @@ async def test_dataset_augmented_to_model_proposed(backends: Backends, tmp_path:
     assert out.causation_id == event.event_id and out.run_id == "run-1"
     proposed = out.payload
     assert isinstance(proposed, ModelProposed)
+    # the data set's fingerprint for warm starts: per feature, the mean and the spread of the ImageNet trunk's
+    # L2-normalised 1280-d features of the target sample (they are non-negative after the head's ReLU6)
+    assert proposed.fingerprint_model == "efficientnet_lite0-imagenet" and proposed.fingerprint is not None
+    assert len(proposed.fingerprint) == 2 * 1280
+    mean, spread = np.array(proposed.fingerprint[:1280]), np.array(proposed.fingerprint[1280:])
+    assert (mean >= 0).all() and (spread >= 0).all() and 0.5 < float(np.linalg.norm(mean)) <= 1.0 + 1e-6
 
     # the empty repository was built on demand from the recipes
     assert {m["model_id"] for m in await backends.docs.find(MODELS)} == {r.model_id for r in RECIPES}

@@ -319,3 +319,27 @@ async def test_a_completed_study_with_a_fingerprint_warm_starts_the_next_run_on_
     assert isinstance(trial_c.payload, HpoTrial) and trial_c.payload.params != fixed
     await tuner_handles(backends, trial_done(trial_c, "complete", 0.95))
     assert await backends.docs.get(PAST_STUDIES, study_name_for("run-c")) is None
+
+
+async def test_the_proposers_fingerprint_warm_starts_a_run_and_an_override_wins(backends: Backends) -> None:
+    """No tuning override: the study takes ``model.proposed``'s fingerprint, is remembered with it and warm-starts
+    the next run on nearby data; a run whose override gives a fingerprint of its own is matched by that one."""
+    from dlforge.tuner.warmstart import PAST_STUDIES
+
+    fixed = {"lr": 0.0321, "momentum": 0.66, "weight_decay": 1e-4, "dropout": 0.1, "unfreeze": 0, "batch_size": 16,
+             "optimizer": "sgd"}
+    await backends.docs.insert("tuner_configs", {"_id": "run-p", "override": {"enqueue": [fixed]}})
+    first = proposed(FAKE, trials=1).model_copy(update={"fingerprint": [1.0, 0.0, 1.0, 0.0]})
+    [trial] = await tuner_handles(backends, Event.new(first, run_id="run-p"))
+    await tuner_handles(backends, trial_done(trial, "complete", 0.8))
+    past = await backends.docs.get(PAST_STUDIES, study_name_for("run-p"))
+    assert past is not None and past["fingerprint"] == [1.0, 0.0, 1.0, 0.0] and past["best_params"] == [fixed]
+
+    nearby = proposed(FAKE, trials=2).model_copy(update={"fingerprint": [0.9, 0.1, 1.0, 0.0]})
+    [trial_q] = await tuner_handles(backends, Event.new(nearby, run_id="run-q"))
+    assert isinstance(trial_q.payload, HpoTrial) and trial_q.payload.params == fixed
+
+    # the override's fingerprint (far from run-p's in another width) wins over the event's: no warm start
+    await backends.docs.insert("tuner_configs", {"_id": "run-r", "override": {"fingerprint": [5.0, 5.0]}})
+    [trial_r] = await tuner_handles(backends, Event.new(nearby, run_id="run-r"))
+    assert isinstance(trial_r.payload, HpoTrial) and trial_r.payload.params != fixed

@@ -15,13 +15,23 @@ serialized events of every version are replayed by the tests.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 from uuid import uuid4
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+)
 
 from dlforge.common.classnames import ClassName
 from dlforge.common.errors import PoisonMessage
@@ -105,6 +115,7 @@ MAX_WORKERS = 64
 MAX_MIN_PER_CLASS = 10_000
 MAX_SEED = 2**31 - 1
 MAX_CLASSES = 1000  # classes of one dataset (industrial inspection has a handful)
+MAX_FINGERPRINT = 8192  # values of a data-set fingerprint (2 x the reference trunk's feature width)
 
 
 class PipelineOptions(BaseModel):
@@ -307,7 +318,7 @@ class ModelProposed(Payload):
     """The proposer's ranking of the repository's candidate models for the data set, and the one it chose."""
 
     TOPIC = Topic.MODEL_PROPOSED
-    SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all
+    SCHEMA_VERSION: ClassVar[int] = 3  # v2: options.max_auto_label_error, auto_label_all; v3: fingerprint
 
     dataset_id: str
     manifest_key: str
@@ -317,6 +328,20 @@ class ModelProposed(Payload):
     weights: dict[str, float]
     spec: Spec
     options: PipelineOptions = PipelineOptions()
+    fingerprint: list[float] | None = Field(
+        default=None, min_length=2, max_length=MAX_FINGERPRINT,
+        description="the data set's fingerprint (dlforge.hpo.warmstart.fingerprint of the reference trunk's "
+        "features of the proposer's target sample, `fingerprint_model`): the tuner warm-starts from past studies "
+        "on data near it and is remembered with it; None when the repository has no reference trunk")
+    fingerprint_model: str | None = Field(default=None, max_length=200,
+                                          description="the repository model whose features the fingerprint is of")
+
+    @field_validator("fingerprint")
+    @classmethod
+    def _finite(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(math.isfinite(x) for x in v):
+            raise ValueError("fingerprint: every value must be finite")
+        return v
 
 
 class HpoTrial(Payload):
@@ -674,3 +699,11 @@ def _trial_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 register_upcaster(Topic.HPO_TRIAL, 1, _trial_v1_to_v2)
+
+
+def _proposed_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """model.proposed v2 carried no data-set fingerprint (a warm start needed it from the run's tuning override)."""
+    return {**payload, "fingerprint": None, "fingerprint_model": None}
+
+
+register_upcaster(Topic.MODEL_PROPOSED, 2, _proposed_v2_to_v3)

@@ -219,6 +219,28 @@ def run_proposal(
     return ranking, curves
 
 
+REFERENCE_ARCH, REFERENCE_SOURCE = "efficientnet_lite0", "imagenet"
+
+
+def dataset_fingerprint(candidates: Sequence[Candidate], target: TargetSample) -> tuple[list[float] | None, str | None]:
+    """The target's fingerprint (:func:`dlforge.hpo.warmstart.fingerprint`) in the pooled features of the
+    reference trunk (the ImageNet EfficientNet-Lite0, whatever the ranking chose: fingerprints of different runs
+    must be in one space to be compared), and that candidate's id; ``(None, None)`` when the repository has no
+    reference trunk or the sample is too small. Its encodings of the sample were made for scoring (cached)."""
+    from dlforge.hpo.warmstart import fingerprint
+
+    reference = next((c for c in candidates if (c.arch, c.source_dataset) == (REFERENCE_ARCH, REFERENCE_SOURCE)),
+                     None)
+    if reference is None or len(target.train_x) < 2:
+        return None, None
+    features = reference.encode("train", target.train_x, contents=target.train_contents).features
+    try:
+        return [float(v) for v in fingerprint(features)], reference.model_id
+    except InvalidInput as exc:  # not finite: no warm start rather than no proposal
+        log.warning("no data-set fingerprint: %s", exc)
+        return None, None
+
+
 @service.handles(Topic.DATASET_AUGMENTED)
 async def on_dataset_augmented(event: Event, ctx: HandlerContext[ProposerDeps]) -> Event:
     payload = cast(DatasetAugmented, event.payload)
@@ -244,9 +266,11 @@ async def on_dataset_augmented(event: Event, ctx: HandlerContext[ProposerDeps]) 
                                          unfreeze_last=settings.proposer_unfreeze_last, work_dir=work_dir)
     ranking, curves = await asyncio.to_thread(run_proposal, candidates, target, spec=payload.spec,
                                               settings=settings, seed=seed)
+    fp, fp_model = await asyncio.to_thread(dataset_fingerprint, candidates, target)
     seconds = time.perf_counter() - started
     doc = proposal_document(event, payload, ranking, target, settings=settings, problems=problems, seconds=seconds)
     doc["loss_curves"] = curves
+    doc["fingerprint_model"] = fp_model
     await ctx.docs.upsert(PROPOSALS, doc)
     log.info("proposal for %s: %s", payload.dataset_id, ranking.explanation)
     return event.follow(ModelProposed(
@@ -258,6 +282,8 @@ async def on_dataset_augmented(event: Event, ctx: HandlerContext[ProposerDeps]) 
         weights=ranking.weights,
         spec=payload.spec,
         options=payload.options,
+        fingerprint=fp,
+        fingerprint_model=fp_model,
     ))
 
 

@@ -1,7 +1,9 @@
 """The tuner's memory of finished studies, and the warm start it gives a new one.
 
 A study whose run carries a data-set fingerprint (``TuningConfig.fingerprint``, see
-:func:`dlforge.hpo.warmstart.fingerprint`) is remembered when it completes, in the tuner's own
+:func:`dlforge.hpo.warmstart.fingerprint`; the proposer computes one for every run from the ImageNet
+EfficientNet-Lite0 features of its target sample, ``model.proposed``'s ``fingerprint``, and a
+run's tuning override may give its own) is remembered when it completes, in the tuner's own
 collection :data:`PAST_STUDIES`, with its best complete trials. A new study with a fingerprint and
 ``warm_start_studies > 0`` enqueues the best configurations of its nearest past studies first (the
 nearest study's best first), ahead of the run's own ``enqueue`` list.

@@ -160,6 +160,9 @@ async def on_model_proposed(event: Event, ctx: HandlerContext[TunerDeps]) -> lis
             config = TuningOverride.model_validate(override["override"]).apply(config)
         except (ValueError, InvalidInput) as exc:
             raise PoisonMessage(f"the run's tuning override is invalid: {exc}") from exc
+    if config.fingerprint is None and p.fingerprint is not None:
+        # the proposer's fingerprint of the data set (the run's override, when it gives one, wins)
+        config = config.model_copy(update={"fingerprint": p.fingerprint})
     config = await warm_started(ctx.docs, config, study_name=base)
     # A run's study is `dlforge-<run_id>`. A model.proposed under a new event id after that study failed is a
     # retry (POST /runs/{id}/retry): it gets a study of its own, `<name>-retry<k>` (new Optuna study, trial
