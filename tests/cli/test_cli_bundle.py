@@ -38,6 +38,7 @@ class StandIn:
     body: bytes = b""
     cut_after: int | None = None
     paths: list[str] = field(default_factory=list)
+    run_view: bytes | None = None  # what GET /runs/{id} answers instead of RUN_VIEW
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def api() -> Iterator[StandIn]:
         def do_GET(self) -> None:
             stand_in.paths.append(self.path)
             if self.path == f"/runs/{RUN_ID}":
-                body, sent = json.dumps(RUN_VIEW).encode(), None
+                body, sent = stand_in.run_view or json.dumps(RUN_VIEW).encode(), None
             elif self.path == BUNDLE_PATH:
                 body, sent = stand_in.body, stand_in.cut_after
             else:
@@ -121,6 +122,24 @@ def test_a_manifest_that_is_not_an_object_is_refused_and_nothing_written(
     assert err.startswith(f"dlforge: the bundle of run '{RUN_ID}' the API sent is not a bundle"), err
     assert f"its manifest.json is {manifest.decode()}, not a JSON object" in err, err
     assert not out.exists() and not list(tmp_path.rglob("*.partial"))
+
+
+@pytest.mark.parametrize(("view", "said"), [
+    (b"<html>502 Bad Gateway</html>", "the API's answer is not JSON ('<html>502 Bad Gateway</html>')"),
+    (b'{"run_id": "run-1", "stag', "the API's answer is not JSON"),
+    (b"[1, 2]", "the API's answer is not a run view ([1, 2])"),
+    (b'{"run_id": "run-1", "stages": [1]}', "the API's answer is not a run view"),
+    (b'{"run_id": "run-1", "dataset_id": ["x"], "stages": {"optimizer": {"state": "succeeded"}, "trainer": 3}}',
+     "has no model yet"),
+])
+def test_a_run_view_that_is_not_one_is_a_message_not_a_traceback(
+        api: StandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str], view: bytes, said: str) -> None:
+    api.body, api.run_view = GOOD, view
+    out = tmp_path / "out" / "b.zip"
+    assert main(["bundle", RUN_ID, "-o", str(out), "--url", api.url]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert err.startswith(f"dlforge: run '{RUN_ID}'") and said in err, err
+    assert api.paths == [f"/runs/{RUN_ID}"] and not out.exists()
 
 
 def test_a_download_cut_off_mid_body_is_refused_and_nothing_written(api: StandIn, tmp_path: Path,

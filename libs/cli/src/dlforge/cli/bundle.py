@@ -64,12 +64,13 @@ async def fetch_bundle(client: httpx.AsyncClient, run_id: str, out: Path) -> dic
         raise DlforgeError(f"unknown run {run_id!r}: the API has no such run ({_detail(r)})")
     if r.status_code != 200:
         raise _refused(r, f"run {run_id!r}")
-    run = r.json()
-    optimizer = (run.get("stages") or {}).get("optimizer") or {}
+    run = _run_view(r, run_id)
+    stages = {name: st for name, st in (run.get("stages") or {}).items() if isinstance(st, dict)}
+    optimizer = stages.get("optimizer") or {}
     dataset_id = run.get("dataset_id")
-    if optimizer.get("state") != "succeeded" or not dataset_id:
-        at = [s for s, st in (run.get("stages") or {}).items() if st.get("state") in ("running", "failed")]
-        where = f"; stage {at[0]} is {run['stages'][at[0]]['state']}" if at else ""
+    if optimizer.get("state") != "succeeded" or not isinstance(dataset_id, str) or not dataset_id:
+        at = [s for s, st in stages.items() if st.get("state") in ("running", "failed")]
+        where = f"; stage {at[0]} is {stages[at[0]]['state']}" if at else ""
         raise DlforgeError(f"run {run_id!r} has no model yet: it is {run.get('state')} and its optimizer stage is "
                            f"{optimizer.get('state', 'pending')}{where}")
     try:
@@ -99,6 +100,19 @@ async def fetch_bundle(client: httpx.AsyncClient, run_id: str, out: Path) -> dic
     return {"file": str(out), "bytes": size, "sha256": digest, "dataset_id": dataset_id,
             "model_id": manifest.get("model_id"), "variant": manifest.get("variant"),
             "format_version": manifest.get("format_version")}
+
+
+def _run_view(response: httpx.Response, run_id: str) -> dict[str, Any]:
+    """The run view's JSON object (DlforgeError, not a traceback, when the answer is not one: a proxy's error
+    page, a cut body, another service on the port)."""
+    try:
+        run = response.json()
+    except ValueError as exc:
+        raise DlforgeError(f"run {run_id!r}: the API's answer is not JSON ({_detail(response)[:80]!r}); is "
+                           "DLFORGE_API the dlforge API?") from exc
+    if not isinstance(run, dict) or not isinstance(run.get("stages", {}), dict):
+        raise DlforgeError(f"run {run_id!r}: the API's answer is not a run view ({json.dumps(run)[:60]})")
+    return run
 
 
 async def _download(response: httpx.Response, partial: Path, *, out: Path, run_id: str) -> tuple[int, str]:
