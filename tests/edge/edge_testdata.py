@@ -17,26 +17,29 @@ GOOD_PREPROCESSING: dict[str, Any] = {"colour_mode": "L", "in_channels": 1, "inp
                                       "divide_by": 255.0, "mean": [0.5], "std": [0.25]}
 
 
-def mean_model() -> bytes:
-    """Logits ``[m, -m]`` where ``m`` is the mean of the normalized grey input (``N x 1 x S x S``)."""
+def mean_model(input_shape: tuple[int | str, ...] = ("N", 1, "S", "S")) -> bytes:
+    """Logits ``[m, -m]`` where ``m`` is the sum over channels of the mean of the normalized input (by default
+    ``N x 1 x S x S``: grey images of any size)."""
+    channels = input_shape[1] if isinstance(input_shape[1], int) else 1
     graph = helper.make_graph(
         [helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
          helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
          helper.make_node("MatMul", ["flat", "w"], ["logits"])],
         "mean_model",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "S", "S"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
-        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [1, 2], [1.0, -1.0])])
+        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [channels, 2], [1.0, -1.0] * channels)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
 
-def handmade_bundle(path: Path, *, preprocessing: dict[str, Any] | None = None) -> Path:
-    """A bundle with ``preprocessing`` (the good one by default) whose manifest lists every file's checksum."""
+def handmade_bundle(path: Path, *, preprocessing: dict[str, Any] | None = None, model: bytes | None = None) -> Path:
+    """A bundle with ``preprocessing`` (the good one by default) and ``model`` (:func:`mean_model` by default)
+    whose manifest lists every file's checksum."""
     pre = GOOD_PREPROCESSING if preprocessing is None else preprocessing
-    files = {"model.onnx": mean_model(),
+    files = {"model.onnx": mean_model() if model is None else model,
              "preprocessing.json": json.dumps(pre).encode(),  # NaN and Infinity as Python's json writes them
              "classes.json": json.dumps(CLASSES).encode(),
              "decision.json": json.dumps({"positive_class": None, "threshold": None, "rule": "argmax"}).encode(),

@@ -67,3 +67,32 @@ def test_a_bundle_with_unsound_preprocessing_is_refused_at_load(case: str, tmp_p
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.splitlines() == [f"dlforge-edge: refused: {refused.value}"]
+
+
+@pytest.mark.parametrize(("shape", "says"), [
+    (("N", 1, 32, 32), "model.onnx takes 32 x 32 images, but preprocessing.json's input_size makes 16 x 16"),
+    (("N", 1, 16, 24), "model.onnx takes 16 x 24 images"),
+    (("N", 3, "S", "S"), "model.onnx takes 3-channel images, but preprocessing.json's colour mode L makes 1"),
+])
+def test_a_model_whose_input_the_preprocessing_cannot_fill_is_refused_at_load(
+        shape: tuple[int | str, ...], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: the bundle loaded and every image was then a 500 (serve) or a traceback (predict)."""
+    from edge_testdata import mean_model
+
+    bundle = handmade_bundle(tmp_path / "mismatch.zip", model=mean_model(shape))
+    image = grey_png(tmp_path / "grey.png", 51)
+    assert main(["predict", str(bundle), str(image)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.splitlines()
+    assert line.startswith(f"dlforge-edge: refused: {bundle}: ") and says in line, line
+
+
+@pytest.mark.parametrize("shape", [("N", 1, 16, 16), (1, 1, 16, 16), ("N", 1, "H", "W")])
+def test_a_model_whose_input_matches_or_is_symbolic_is_accepted(shape: tuple[int | str, ...], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_testdata import mean_model
+
+    bundle = handmade_bundle(tmp_path / "ok.zip", model=mean_model(shape))
+    assert main(["predict", str(bundle), str(grey_png(tmp_path / "grey.png", 204)), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["label"] == "bright"

@@ -102,12 +102,24 @@ class EdgeModel:
                 f"{bundle.path}: onnxruntime {ort.__version__} cannot load its model.onnx (made with onnxruntime "
                 f"{producer.get('onnxruntime', '?')}, ONNX opset {producer.get('onnx_opset', '?')}): "
                 f"{type(exc).__name__}: {exc}") from exc
-        self.input_name = self.session.get_inputs()[0].name
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        pre = bundle.preprocessing
+        # N x C x H x W; a dimension the model leaves symbolic (a name, or None) takes what it is given
+        shape = list(model_input.shape) if len(model_input.shape) == 4 else None
+        if shape is None:
+            raise BundleError(f"{bundle.path}: model.onnx takes a {len(model_input.shape)}-d input "
+                              f"{model_input.shape}, not images (N x C x H x W)")
+        if isinstance(shape[1], int) and shape[1] != pre.channels:
+            raise BundleError(f"{bundle.path}: model.onnx takes {shape[1]}-channel images, but preprocessing.json's "
+                              f"colour mode {pre.colour_mode} makes {pre.channels}")
+        if any(isinstance(d, int) and d != pre.input_size for d in shape[2:]):
+            raise BundleError(f"{bundle.path}: model.onnx takes {shape[2]} x {shape[3]} images, but "
+                              f"preprocessing.json's input_size makes {pre.input_size} x {pre.input_size}")
         outputs = self.session.get_outputs()[0].shape
         if outputs and isinstance(outputs[-1], int) and outputs[-1] != len(bundle.classes):
             raise BundleError(f"{bundle.path}: model.onnx gives {outputs[-1]} scores per image, but classes.json names "
                               f"{len(bundle.classes)} classes")
-        pre = bundle.preprocessing
         self._mean = np.asarray(pre.mean, dtype=np.float32).reshape(1, -1, 1, 1)
         self._std = np.asarray(pre.std, dtype=np.float32).reshape(1, -1, 1, 1)
         self._positive = bundle.classes.index(bundle.positive_class) if bundle.positive_class is not None else None
