@@ -116,19 +116,19 @@ def _image(loader: Any) -> Image.Image:
     return Image.open(loader)
 
 
-def _write_pool(folder: Path, entries: list[tuple[str, Any]]) -> None:
+def _write_pool(folder: Path, entries: list[tuple[str, Any]], domains: dict[str, str] | None = None) -> None:
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     with (folder / "labels.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["file", "label"])
+        writer.writerow(["file", "label", "domain"] if domains else ["file", "label"])
         for name, loader in entries:
             if isinstance(loader, Path):
                 shutil.copyfile(loader, folder / name)
             else:
                 _image(loader).save(folder / name)
-            writer.writerow([name, ""])
+            writer.writerow([name, "", domains[name]] if domains else [name, ""])
 
 
 # ------------------------------------------------------------------------------------------
@@ -214,7 +214,14 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     pool_rows = np.setdiff1d(np.arange(len(entries)), heldout_rows)
     pool = [entries[int(i)] for i in pool_rows]
     truth = {entries[int(i)][0]: labels[int(i)] for i in pool_rows}
-    await asyncio.to_thread(_write_pool, work / "pool", pool)
+    domains = None
+    if args.domains != "none":
+        if args.dataset != "elpv" or args.folder:
+            raise SystemExit("--domains: only ELPV has domains (its cell types, mono and poly)")
+        from dlforge.labeler.demo_data import elpv_cells
+
+        domains = {Path(c.name).name: c.kind for c in elpv_cells()}
+    await asyncio.to_thread(_write_pool, work / "pool", pool, domains)
     t_materialize = time.perf_counter() - started
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
@@ -223,6 +230,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         work_dir=str(work / "work"), labeler_import_roots=[str(work)], labeler_embed_size=args.embed_size,
         labeler_threads=args.threads, labeler_classifier=args.classifier, poll_seconds=0.05,
         labeler_cnn_time_budget_s=args.cnn_budget, labeler_embed_views=args.views,
+        labeler_domains="standardize" if args.domains == "standardize" else "none",
     )
     options = PipelineOptions(label_budget=args.budget, max_auto_label_error=args.max_error, auto_label_all=True,
                               seed=args.seed)
@@ -305,6 +313,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "embedder": f"EfficientNet-Lite0 ImageNet multi-stage pooled, {args.embed_size} px"
                     + (", with the mean over the 8 dihedral views appended" if args.views == "dihedral" else ""),
         "views": args.views,
+        "domains": args.domains,
         "human_labels": int(human.sum()),
         "human_label_fraction": round(float(human.sum()) / n, 4),
         "auto_labels": int(auto.sum()),
@@ -419,6 +428,9 @@ def main() -> None:
     p.add_argument("--views", choices=["none", "dihedral"], default="none",
                    help="the labeler's DLFORGE_LABELER_EMBED_VIEWS: dihedral appends the features averaged over "
                    "the eight flips and quarter turns")
+    p.add_argument("--domains", choices=["none", "given", "standardize"], default="none",
+                   help="ELPV: give the labeler each cell's type as its domain (labels.csv's domain column), "
+                        "with DLFORGE_LABELER_DOMAINS=none (given) or standardize")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-curve", dest="curve", action="store_false", help="skip refitting each round")
     p.add_argument("--timeout", type=float, default=3600)
@@ -439,7 +451,8 @@ def main() -> None:
     out = Path(args.output) if args.output else RESULTS / (
         f"labeler-{name}-{args.budget:g}" + (f"-s{args.seed}" if args.seed else "")
         + (f"-{args.classifier}" if args.classifier != "linear" else "")
-        + (f"-{args.views}" if args.views != "none" else "") + ".json")
+        + (f"-{args.views}" if args.views != "none" else "")
+        + (f"-domains-{args.domains}" if args.domains != "none" else "") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))

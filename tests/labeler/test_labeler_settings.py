@@ -56,3 +56,37 @@ def test_embed_views_come_from_the_environment_and_reach_the_embedder(monkeypatc
     monkeypatch.setenv("DLFORGE_LABELER_EMBED_VIEWS", "octagonal")
     with pytest.raises(ConfigError, match="DLFORGE_LABELER_EMBED_VIEWS"):
         settings_for(LabelerSettings, common)
+
+
+def test_domains_are_standardized_for_the_classifier_unless_set_to_none(tmp_path: Path) -> None:
+    """Labels of one domain carry to another: the poly items' vectors sit far from the mono ones until each domain
+    gets the set's moments (DLFORGE_LABELER_DOMAINS=standardize); rows come back at unit length."""
+    from dlforge.labeler.worker import classifier_vectors
+    from dlforge.vision.manifest import Item, Manifest
+
+    rng = np.random.default_rng(0)
+    mono = rng.normal(0.0, 1.0, size=(30, 4))
+    poly = rng.normal(0.0, 1.0, size=(30, 4)) * 0.2 + np.array([6.0, 0.0, 0.0, 0.0])
+    vectors = np.vstack([mono, poly]).astype(np.float32)
+    domains = ["mono"] * 30 + ["poly"] * 30
+    items = [Item(item_id=f"i{k}", key=f"k{k}", name=f"{k}.png", sha256="0" * 64, width=8, height=8, domain=d)
+             for k, d in enumerate(domains)]
+    manifest = Manifest(dataset_id="d", name="d", classes=["a", "b"], items=items)
+    settings = LabelerSettings(bus="memory://", objects=f"file://{tmp_path}/o", docs=f"sqlite:///{tmp_path}/d.db",
+                               labeler_domains="standardize")
+    out, done = classifier_vectors(vectors, manifest, settings)
+    assert done == {"mono": 30, "poly": 30}
+    assert np.linalg.norm(out, axis=1) == pytest.approx(np.ones(60), abs=1e-5)
+    # the domains' centres (nearly) coincide once standardized; the raw rows at unit length lie about 1 apart
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    before = float(np.linalg.norm(unit[:30].mean(axis=0) - unit[30:].mean(axis=0)))
+    after = float(np.linalg.norm(out[:30].mean(axis=0) - out[30:].mean(axis=0)))
+    assert before > 0.8 and after < 0.1
+    off, nothing = classifier_vectors(vectors, manifest, settings.model_copy(update={"labeler_domains": "none"}))
+    assert off is vectors and nothing == {}
+
+
+def test_an_unknown_domains_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DLFORGE_LABELER_DOMAINS", "align-everything")
+    with pytest.raises(ConfigError, match="DLFORGE_LABELER_DOMAINS"):
+        settings_for(LabelerSettings, load_settings(bus="memory://"))

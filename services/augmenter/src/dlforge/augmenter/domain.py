@@ -37,6 +37,9 @@ from typing import Any
 import numpy as np
 
 from dlforge.common.errors import InvalidInput
+from dlforge.vision.domains import amplitude_blend, mean_amplitude, moment_blend
+
+__all__ = ["Adapted", "GradualSelfTraining", "amplitude_blend", "mean_amplitude", "moment_blend", "source_only"]
 
 DEFAULT_STEPS = tuple(round(0.1 * k, 1) for k in range(1, 11))  # ten even steps: fewer measured worse
 
@@ -47,50 +50,6 @@ def _check_steps(steps: Sequence[float]) -> tuple[float, ...]:
             or out[-1] != 1.0:
         raise InvalidInput(f"intermediate-domain strengths must increase within (0, 1] and end at 1, got {list(out)}")
     return out
-
-
-def mean_amplitude(images: np.ndarray) -> np.ndarray:
-    """The mean Fourier amplitude (centred, ``H x W x C`` float64) of uint8 ``N x H x W x C`` images."""
-    x = np.asarray(images)
-    if x.ndim != 4 or len(x) == 0:
-        raise InvalidInput(f"images must be N x H x W x C with N >= 1, got shape {x.shape}")
-    total = np.zeros(x.shape[1:], dtype=np.float64)
-    for start in range(0, len(x), 256):  # bounded memory: 256 complex spectra at a time
-        spec = np.fft.fft2(x[start:start + 256].astype(np.float64), axes=(1, 2))
-        total += np.abs(np.fft.fftshift(spec, axes=(1, 2))).sum(axis=0)
-    return total / len(x)
-
-
-def amplitude_blend(images: np.ndarray, target_amplitude: np.ndarray, lam: float, *, beta: float = 0.1) -> np.ndarray:
-    """``images`` (uint8 ``N x H x W x C``) with the centred ``beta`` square of their amplitude spectrum moved
-    ``lam`` of the way to ``target_amplitude`` (:func:`mean_amplitude` of the target), phase kept; uint8."""
-    x = np.asarray(images)
-    if x.ndim != 4 or target_amplitude.shape != x.shape[1:]:
-        raise InvalidInput(f"images {x.shape} and the target amplitude {target_amplitude.shape} must share H x W x C")
-    if not 0.0 <= lam <= 1.0 or not 0.0 < beta <= 1.0:
-        raise InvalidInput(f"lam must be in [0, 1] and beta in (0, 1], got {lam} and {beta}")
-    h, w = x.shape[1:3]
-    bh, bw = max(1, round(h * beta / 2)), max(1, round(w * beta / 2))
-    ch, cw = h // 2, w // 2
-    window = (slice(None), slice(ch - bh, ch + bh + 1), slice(cw - bw, cw + bw + 1))
-    out = np.empty_like(x)
-    for start in range(0, len(x), 256):
-        spec = np.fft.fftshift(np.fft.fft2(x[start:start + 256].astype(np.float64), axes=(1, 2)), axes=(1, 2))
-        amp, phase = np.abs(spec), np.angle(spec)
-        amp[window] = (1.0 - lam) * amp[window] + lam * target_amplitude[None][window]
-        back = np.fft.ifft2(np.fft.ifftshift(amp * np.exp(1j * phase), axes=(1, 2)), axes=(1, 2)).real
-        out[start:start + 256] = np.clip(np.rint(back), 0, 255).astype(x.dtype)
-    return out
-
-
-def moment_blend(source: np.ndarray, target: np.ndarray, lam: float) -> np.ndarray:
-    """Source features given per-feature moments ``lam`` of the way from the source's to the target's."""
-    s, t = np.asarray(source, dtype=np.float64), np.asarray(target, dtype=np.float64)
-    if s.ndim != 2 or t.ndim != 2 or s.shape[1] != t.shape[1] or len(s) < 2 or len(t) < 2:
-        raise InvalidInput(f"source and target features must be (rows >= 2, dims) alike, got {s.shape}, {t.shape}")
-    mu_s, sd_s = s.mean(axis=0), s.std(axis=0) + 1e-6
-    mu_t, sd_t = t.mean(axis=0), t.std(axis=0) + 1e-6
-    return (s - mu_s) / sd_s * ((1.0 - lam) * sd_s + lam * sd_t) + (1.0 - lam) * mu_s + lam * mu_t
 
 
 @dataclass

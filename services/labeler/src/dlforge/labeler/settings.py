@@ -36,6 +36,12 @@ class LabelerSettings(CommonSettings):
         default="none", description="dihedral: append each image's multi-stage features averaged over its eight "
         "flips and quarter turns (eight trunk passes per image; the classifier weighs both halves). Measured "
         "in the loop by benchmarks/labeler.py --views; see README")
+    labeler_domains: Literal["none", "standardize"] = Field(
+        default="none", description="standardize: when the items come from several domains (a manifest's "
+        "domain column: camera, line, cell type), each domain's embeddings get the whole set's per-feature moments "
+        "before the classifier sees them, so labels of one domain carry to another (domains under 20 items and "
+        "items of no domain are left as they are); none: the embeddings as they are. Measured by "
+        "benchmarks/domain_adaptation.py and benchmarks/labeler.py; see README")
     labeler_embed_batch: int = Field(default=64, ge=1, le=1024)
     labeler_threads: int = Field(default=2, ge=1, le=256, description="threads for embedding")
     labeler_embed_runtime: Literal["onnxruntime", "torch"] = Field(

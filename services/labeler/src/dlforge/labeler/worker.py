@@ -50,6 +50,7 @@ from dlforge.labeler.index import SimilarSearch, build_index, normalize
 from dlforge.labeler.ingest import dataset_prefix
 from dlforge.labeler.settings import LabelerSettings
 from dlforge.labeler.strategies import QueryStrategy, make_strategy
+from dlforge.vision.domains import standardize_domains
 from dlforge.vision.images import from_pixels
 from dlforge.vision.manifest import Manifest, load_arrays, load_manifest, load_pixels, save_manifest
 
@@ -90,6 +91,17 @@ def _classifier_options(settings: LabelerSettings) -> dict[str, Any]:
 
 
 service = Service[LabelerDeps]("labeler")
+
+
+def classifier_vectors(vectors: np.ndarray, manifest: Manifest, settings: LabelerSettings
+                       ) -> tuple[np.ndarray, dict[str, int]]:
+    """The embeddings the seed, the query strategy and the classifier see: with ``labeler_domains=standardize``
+    and items of several domains, each domain given the set's moments (:func:`standardize_domains`), rows back
+    to unit length; and the size of each domain standardized (``{}``: none)."""
+    if settings.labeler_domains == "none":
+        return vectors, {}
+    aligned, done = standardize_domains(vectors, [item.domain for item in manifest.items])
+    return (normalize(aligned) if done else vectors), done
 
 
 def index_key(dataset_id: str, embedder_name: str) -> str:
@@ -220,7 +232,8 @@ async def _start_labeling(event: Event, ctx: HandlerContext[LabelerDeps]) -> Han
         splits = handlers.assign_splits(n, budget=handlers.budget_of(n, options),
                                         rng=handlers.rng_for(payload.dataset_id, options.seed, "splits"))
         known = np.array([i.label is not None for i in manifest.items], dtype=bool)
-        batch = handlers.first_batch(vectors, splits=splits, known=known, options=options,
+        seen, _ = classifier_vectors(vectors, manifest, ctx.deps.settings)
+        batch = handlers.first_batch(seen, splits=splits, known=known, options=options,
                                      rng=handlers.rng_for(payload.dataset_id, options.seed, "seed"))
         return splits, batch
 
@@ -377,6 +390,7 @@ async def _advance(
     ids = [i.item_id for i in manifest.items]
     splits = [record["splits"][i] for i in ids]
     asked_val = np.array([record.get("asked", {}).get(i) == "val" for i in ids], dtype=bool)
+    vectors, standardized = await asyncio.to_thread(classifier_vectors, vectors, manifest, ctx.deps.settings)
 
     pixels: list[np.ndarray | None] = []
 
@@ -451,6 +465,7 @@ async def _advance(
         "people_labels_by_split": handlers.people_label_counts(view, splits=splits, asked=record.get("asked", {}),
                                                                ids=ids),
         "classifier": result.classifier,
+        "domains_standardized": standardized,
     }
     labeled_event = DatasetLabeled(
         dataset_id=dataset_id, labels_key=key, classes=labeled.classes, counts=handlers.class_counts(labeled),
