@@ -228,3 +228,116 @@ def test_training_validates_on_people_labels_of_the_manifest(objects: ObjectStor
                        key_prefix="jobs/mixed", config=replace(config, val_people_min=2))
     assert out.val_source == "people" and out.val is not None and out.val.count == people < len(val)
     assert out.summary()["val_source"] == "people"
+
+
+def _clustered_acts() -> tuple[CachedActivations, dict[str, dict[str, list[int]]]]:
+    """Per class two tight clusters and one far outlier, as 2x2 activation maps whose positions average to the point.
+
+    Class ``a`` (20 rows): 10 near (0, 0), 9 near (1, 0), its outlier at (10, 0); class ``b`` (12 rows): 6, 5 and
+    one, the same shape 100 higher. Each row's maps also carry random values of spread 50 around zero
+    over the four positions of each channel, which the mean over the positions removes (on the unpooled maps those
+    would hide the clusters). The rows of the classes are interleaved.
+    """
+    rng = np.random.default_rng(3)
+    groups = {"a": [("near", 10, 0.0), ("far", 9, 1.0), ("outlier", 1, 10.0)],
+              "b": [("near", 6, 0.0), ("far", 5, 1.0), ("outlier", 1, 10.0)]}
+    points: list[tuple[str, str, np.ndarray]] = []
+    for label, parts in groups.items():
+        for name, count, x in parts:
+            for _ in range(count):
+                offset = 0.0 if label == "a" else 100.0
+                points.append((label, name, np.array([x, offset]) + rng.uniform(-0.01, 0.01, size=2)))
+    order = rng.permutation(len(points))
+    noise = 50.0 * rng.normal(size=(len(points), 2, 2, 2))
+    noise -= noise.mean(axis=(2, 3), keepdims=True)
+    x = np.stack([points[i][2][:, None, None] + noise[row] for row, i in enumerate(order)])
+    labels = [points[i][0] for i in order]
+    where: dict[str, dict[str, list[int]]] = {"a": {}, "b": {}}
+    for row, i in enumerate(order):
+        where[points[i][0]].setdefault(points[i][1], []).append(row)
+    val = SplitArrays(x[:4].astype(np.float32), ["a", "b", "a", "b"], [f"v{i}" for i in range(4)])
+    acts = CachedActivations(boundary=1, source="hit", seconds=0.0, keys=["trainer/cache/x/b001/index.json"], splits={
+        "train": SplitArrays(x.astype(np.float32), labels, [f"t{i}" for i in range(len(labels))]), "val": val,
+        "test": SplitArrays(np.zeros((0, 2, 2, 2), np.float32), [], [])})
+    return acts, where
+
+
+def _train_rows(acts: CachedActivations, data_x: np.ndarray) -> set[int]:
+    """The rows of the cached train split that ``data_x`` holds (every row of the construction is distinct)."""
+    x = acts.splits["train"].x
+    return {int(np.flatnonzero((x == row).all(axis=(1, 2, 3)))[0]) for row in data_x}
+
+
+def test_a_k_center_sample_keeps_the_class_quotas_nests_and_takes_the_outliers() -> None:
+    acts, where = _clustered_acts()
+    labels = np.array([0 if lab == "a" else 1 for lab in acts.splits["train"].labels])
+
+    def k_center(fraction: float) -> set[int]:
+        data, _, _ = build_data(acts, ["a", "b"], sample_fraction=fraction, sample_seed=0, sample_method="k_center")
+        rows = _train_rows(acts, data.train_x)
+        assert data.train_y.tolist() == labels[sorted(rows)].tolist()
+        return rows
+
+    half, quarter = k_center(0.5), k_center(0.25)
+    # every class at its quota round(n_c * fraction): 20 and 12 rows
+    assert np.bincount(labels[sorted(half)]).tolist() == [10, 6]
+    assert np.bincount(labels[sorted(quarter)]).tolist() == [5, 3]
+    assert quarter <= half  # nested: a promoted trial keeps the rows it saw
+    # Farthest-point traversal per class, by hand: the first row is the one nearest the class mean (a: x = 0.95,
+    # b: x = 1.25, both among the "far" cluster), the second the farthest from it (the outlier, 9 away), the
+    # third the farthest from those two (the "near" cluster, 1 away). So b's three rows are one of each group,
+    # and a's five hold its outlier and both clusters.
+    for label, rows in (("a", quarter), ("b", quarter), ("a", half), ("b", half)):
+        assert set(where[label]["outlier"]) <= rows
+        assert rows & set(where[label]["near"]) and rows & set(where[label]["far"])
+    assert len(quarter & set(where["b"]["near"])) == len(quarter & set(where["b"]["far"])) == 1
+
+    # a random quarter of b (3 of 12 rows) holds its outlier with probability 1/4: over 20 seeds it misses it at
+    # least once unless with probability 4**-20; the random method is the stratified sample it always was
+    missed = 0
+    for seed in range(20):
+        data, _, _ = build_data(acts, ["a", "b"], sample_fraction=0.25, sample_seed=seed)
+        rows = _train_rows(acts, data.train_x)
+        assert sorted(rows) == stratified_sample(labels, 0.25, seed=seed).tolist()
+        missed += not set(where["b"]["outlier"]) <= rows
+    assert missed > 0
+
+
+def test_herding_keeps_the_quotas_and_a_full_share_is_every_row() -> None:
+    acts, _ = _clustered_acts()
+    labels = np.array([0 if lab == "a" else 1 for lab in acts.splits["train"].labels])
+    data, _, _ = build_data(acts, ["a", "b"], sample_fraction=0.5, sample_seed=0, sample_method="herding")
+    assert np.bincount(data.train_y).tolist() == [10, 6]
+    everything, _, _ = build_data(acts, ["a", "b"], sample_fraction=1.0, sample_seed=0, sample_method="k_center")
+    assert everything.train_y.tolist() == labels.tolist()
+
+
+def test_the_coreset_order_is_kept_for_the_next_trial_and_ordered_further_when_a_larger_share_is_asked() -> None:
+    from dlforge.trainer.handlers import CoresetCache, pooled
+
+    acts, _ = _clustered_acts()
+    x, labels = acts.splits["train"].x, np.array([0 if lab == "a" else 1 for lab in acts.splits["train"].labels])
+    calls: list[str] = []
+
+    def features(tag: str) -> object:
+        return lambda: calls.append(tag) or pooled(x)
+
+    cache = CoresetCache(max_entries=2)
+    half = cache.rows("k", features=features("k"), labels=labels, method="k_center", fraction=0.5)
+    quarter = cache.rows("k", features=features("k"), labels=labels, method="k_center", fraction=0.25)
+    assert calls == ["k"] and set(quarter) <= set(half)  # the smaller share from the kept order
+    more = cache.rows("k", features=features("k"), labels=labels, method="k_center", fraction=0.75)
+    assert calls == ["k", "k"] and set(half) <= set(more) and np.bincount(labels[more]).tolist() == [15, 9]
+    assert cache.rows("k", features=features("k"), labels=labels, method="k_center", fraction=0.5).tolist() == \
+        half.tolist() and calls == ["k", "k"]
+    # nothing to identify the rows by: ordered every time, not kept
+    cache.rows(None, features=features("none"), labels=labels, method="k_center", fraction=0.25)
+    cache.rows(None, features=features("none"), labels=labels, method="k_center", fraction=0.25)
+    assert calls == ["k", "k", "none", "none"]
+    # two more keys push the least recently used one out
+    for key in ("h", "i"):
+        cache.rows(key, features=features(key), labels=labels, method="herding", fraction=0.25)
+    cache.rows("k", features=features("k"), labels=labels, method="k_center", fraction=0.25)
+    assert calls[-1] == "k"
+    with pytest.raises(InvalidInput, match="not random"):
+        cache.rows("k", features=features("k"), labels=labels, method="random", fraction=0.25)

@@ -155,3 +155,18 @@ async def test_final_training_on_two_workers_emits_model_trained(backends: Backe
     # handled again (another event id): the model exists, nothing is retrained, the same result comes back
     [again] = await handle(backends, event.model_copy(update={"event_id": "again"}))
     assert isinstance(again.payload, ModelTrained) and again.payload.metrics == p.metrics
+
+
+async def test_a_trial_trains_on_the_coreset_its_event_names(backends: Backends,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DLFORGE_TRAINER_DECISION_WAIT_SECONDS", "0.2")
+    event = trial_event(backends, 3, PARAMS, epochs=1)
+    assert isinstance(event.payload, HpoTrial)
+    event = event.model_copy(update={"payload": event.payload.model_copy(update={"sample_method": "k_center",
+                                                                                  "sample_fraction": 0.25})})
+    [done] = await handle(backends, event)
+    assert isinstance(done.payload, HpoTrialCompleted) and done.payload.state == "complete"
+    job = await backends.docs.get("trainer_jobs", "s-trial-0003")
+    assert job is not None and job["request"]["sample_method"] == "k_center"
+    # round(22 * 0.25) = 6 rows of each class
+    assert job["request"]["sample_fraction"] == 0.25 and job["result"]["train_rows"] == 12

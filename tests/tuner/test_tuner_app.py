@@ -126,3 +126,15 @@ def test_a_retry_study_is_checked_against_its_runs_project(tmp_path: Path, monke
         assert client.post(f"/studies/{retry}/stop", headers=auth("vic")).status_code == 403
         stopped = client.post(f"/studies/{retry}/stop", headers=auth("amy"))
         assert stopped.status_code == 200 and stopped.json()["stop_requested"] is True
+
+
+def test_a_bad_fidelity_ladder_in_an_override_is_refused_with_what_is_wrong(client: TestClient) -> None:
+    uploaded(client, "r-ladder")
+    for ladder, words in (([0.5, 0.5], "strictly increasing (0.5 after 0.5)"), ([0.25, 2], "2.0 is not a fraction")):
+        refused = client.put("/runs/r-ladder/tuning", json={"fidelity_ladder": ladder})
+        assert refused.status_code == 422 and words in refused.json()["detail"]
+    assert client.put("/runs/r-ladder/tuning", json={"sample_method": "stratified"}).status_code == 422
+    ok = client.put("/runs/r-ladder/tuning", json={"fidelity_ladder": [0.25, 0.5, 1], "sample_method": "herding"})
+    assert ok.status_code == 200
+    assert (ok.json()["config"]["fidelity_ladder"], ok.json()["config"]["sample_method"]) == ([0.25, 0.5, 1.0],
+                                                                                            "herding")

@@ -230,3 +230,59 @@ def test_the_largest_run_seed_gives_valid_sampler_seeds(tmp_path: Path) -> None:
     asked = ask_for(load_study(ctx), ctx, asked_by="e1")
     assert [t.number for t in asked] == [0, 1] and asked[0].params != asked[1].params
     assert study.study_name == "dlforge-run-1"
+
+
+def test_a_fidelity_ladder_is_strictly_increasing_fractions_of_the_train_split() -> None:
+    assert TuningConfig(fidelity_ladder=[0.25, 0.5, 1]).fidelity_ladder == [0.25, 0.5, 1.0]
+    assert TuningConfig(fidelity_ladder=[]).fidelity_ladder is None and TuningConfig().fidelity_ladder is None
+    for ladder, words in (([0.5, 0.25], r"strictly increasing \(0.25 after 0.5\)"),
+                          ([0.25, 0.25, 1], r"strictly increasing \(0.25 after 0.25\)"),
+                          ([0.0, 0.5], r"0.0 is not a fraction of the train split in \(0, 1\]"),
+                          ([0.5, 1.5], r"1.5 is not a fraction")):
+        with pytest.raises(ValidationError, match=words):
+            TuningConfig(fidelity_ladder=ladder)
+        with pytest.raises(ValidationError, match=words):  # a run's override, as PUT /runs/{id}/tuning applies it
+            TuningOverride.model_validate({"fidelity_ladder": ladder}).apply(TuningConfig())
+    with pytest.raises(ValidationError, match="sample_method"):
+        TuningOverride.model_validate({"sample_method": "stratified"})
+    # an override's [] turns the defaults' ladder off; None leaves it
+    base = TuningConfig(fidelity_ladder=[0.25, 1.0], sample_method="herding")
+    assert TuningOverride(fidelity_ladder=[]).apply(base).fidelity_ladder is None
+    assert TuningOverride(sample_fraction=0.3).apply(base).fidelity_ladder == [0.25, 1.0]
+
+
+def test_the_settings_ladder_and_sample_method(tmp_path: Path) -> None:
+    cfg = default_config(TunerSettings(tuner_fidelity_ladder=" 0.25, 0.5 ,1", tuner_sample_method="k_center"))
+    assert cfg.fidelity_ladder == [0.25, 0.5, 1.0] and cfg.sample_method == "k_center"
+    assert cfg.first_fraction == 0.25
+    plain = default_config(TunerSettings(tuner_fidelity_ladder=""))
+    assert plain.fidelity_ladder is None and plain.sample_method == "random" and plain.first_fraction == 0.5
+    for text, words in (("0.5,0.25", "strictly increasing"), ("0.25,2", "2.0 is not a fraction"),
+                        ("0.25,half", "could not convert")):
+        with pytest.raises(ConfigError, match=f"DLFORGE_TUNER_FIDELITY_LADDER='{text}': .*{words}"):
+            default_config(TunerSettings(tuner_fidelity_ladder=text))
+    from dlforge.common.settings import load_settings
+
+    with pytest.raises(ConfigError, match="DLFORGE_TUNER_SAMPLE_METHOD"):
+        load_settings(TunerSettings, tuner_sample_method="kcenter")
+
+
+def test_a_configuration_promoted_up_the_ladder_is_remembered_once(tmp_path: Path) -> None:
+    from dlforge.tuner.handlers import promote_trial
+    from dlforge.tuner.warmstart import best_params
+
+    ctx = context(tmp_path, trials=5, parallel=1, fidelity_ladder=[0.5, 1.0])
+    study = prepare_study(ctx)
+    for number, value in enumerate([0.6, 0.7, 0.8]):
+        [asked] = ask_for(load_study(ctx), ctx, asked_by=f"e{number}")
+        assert asked.fraction == 0.5
+        tell(load_study(ctx), ctx, completed(number, value=value))
+    assert promote_trial(load_study(ctx), ctx, 2) == 1.0 and promote_trial(load_study(ctx), ctx, 2) is None
+    assert promote_trial(load_study(ctx), ctx, 1) is None  # 0.7 is not the best third of three
+    [again] = ask_for(load_study(ctx), ctx, asked_by="e3")
+    assert (again.number, again.fraction) == (3, 1.0)
+    tell(load_study(ctx), ctx, completed(3, value=0.85))
+    study = load_study(ctx)
+    assert promote_trial(study, ctx, 3) is None  # the top rung
+    top = best_params(study)
+    assert top == [study.trials[2].params, study.trials[1].params, study.trials[0].params]

@@ -343,3 +343,47 @@ async def test_the_proposers_fingerprint_warm_starts_a_run_and_an_override_wins(
     await backends.docs.insert("tuner_configs", {"_id": "run-r", "override": {"fingerprint": [5.0, 5.0]}})
     [trial_r] = await tuner_handles(backends, Event.new(nearby, run_id="run-r"))
     assert isinstance(trial_r.payload, HpoTrial) and trial_r.payload.params != fixed
+
+
+async def test_with_a_fidelity_ladder_the_best_third_of_a_rung_trains_again_on_the_next(backends: Backends) -> None:
+    """Ladder 0.25 -> 0.5 -> 1 on k-center coresets, a budget of six trainings, one trial at a time."""
+    run_id = "run-ladder"
+    await backends.docs.insert("tuner_configs", {"_id": run_id, "override": {
+        "fidelity_ladder": [0.25, 0.5, 1.0], "sample_method": "k_center"}})
+    [t0] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=6), run_id=run_id))
+    asked = [t0]
+
+    async def complete(trial: Event, value: float) -> Event:
+        [nxt] = await tuner_handles(backends, trial_done(trial, "complete", value))
+        asked.append(nxt)
+        return nxt
+
+    # two completions at 0.25 promote nothing, however good: a rung needs three before it ranks them
+    t1 = await complete(t0, 0.6)
+    t2 = await complete(t1, 0.9)
+    # the third, 0.95, is the best third of {0.6, 0.9, 0.95}: its parameters come back at 0.5
+    t3 = await complete(t2, 0.95)
+    trials = [e.payload for e in asked]
+    assert all(isinstance(t, HpoTrial) for t in trials)
+    assert [t.sample_fraction for t in trials] == [0.25, 0.25, 0.25, 0.5]  # type: ignore[union-attr]
+    assert {t.sample_method for t in trials} == {"k_center"}  # type: ignore[union-attr]
+    assert trials[3].params == trials[2].params and trials[3].trial_number == 3  # type: ignore[union-attr]
+    assert len({repr(sorted(t.params.items())) for t in trials[:3]}) == 3  # type: ignore[union-attr]
+    # the same completion handled again (another event id) promotes nothing twice, asks nothing more
+    assert await tuner_handles(backends, trial_done(t2, "complete", 0.95).model_copy(
+        update={"event_id": "t2-again"})) == []
+    # 0.97 at 0.5 is the only value of that rung: no promotion; the next trial is new, at 0.25
+    t4 = await complete(t3, 0.97)
+    assert t4.payload.sample_fraction == 0.25  # type: ignore[union-attr]
+    assert t4.payload.params not in [t.params for t in trials]  # type: ignore[union-attr]
+    # 0.5 is below the best third of {0.6, 0.9, 0.95, 0.5} (the best two): not promoted
+    t5 = await complete(t4, 0.5)
+    assert t5.payload.sample_fraction == 0.25 and t5.payload.params != t4.payload.params  # type: ignore[union-attr]
+    # 0.99 would earn 0.5, but the promoted trial was one of the six trainings: the budget is spent
+    [done] = await tuner_handles(backends, trial_done(t5, "complete", 0.99))
+    assert isinstance(done.payload, HpoCompleted)
+    assert [(t.number, t.state) for t in done.payload.trials] == [(n, "complete") for n in range(6)]
+    study = optuna.load_study(study_name=study_name_for(run_id),
+                              storage=(await backends.docs.get("tuner_studies", study_name_for(run_id)))[
+                                  "context"]["storage_url"])
+    assert [t.user_attrs["fidelity"] for t in study.trials] == [0.25, 0.25, 0.25, 0.5, 0.25, 0.25]

@@ -68,6 +68,9 @@ def _unique_classes(v: list[str]) -> list[str]:
 UniqueClasses = Annotated[list[ClassName], AfterValidator(_unique_classes)]
 """A list of class names without repeats (for request models that name the classes)."""
 
+SampleMethod = Literal["random", "k_center", "herding"]
+"""How a trial's share of the train split is chosen: stratified at random, or a class-stratified coreset."""
+
 
 class Payload(BaseModel):
     """Base of every payload: immutable, unknown fields refused."""
@@ -352,7 +355,8 @@ class HpoTrial(Payload):
     """
 
     TOPIC = Topic.HPO_TRIAL
-    SCHEMA_VERSION: ClassVar[int] = 2  # v2: no storage_url (the trainer reports through hpo.trial.reported)
+    # v2: no storage_url (the trainer reports through hpo.trial.reported); v3: sample_method
+    SCHEMA_VERSION: ClassVar[int] = 3
 
     study_name: str
     trial_number: int = Field(ge=0)
@@ -364,7 +368,11 @@ class HpoTrial(Payload):
     manifest_key: str
     classes: list[ClassName] = Field(max_length=MAX_CLASSES)
     epochs: int
-    sample_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    sample_fraction: float = Field(default=1.0, gt=0.0, le=1.0, description="the share of each class of the "
+                                   "train split the trial trains on (its fidelity on a ladder)")
+    sample_method: SampleMethod = Field(
+        default="random", description="how that share is chosen: a stratified random sample, or the class-stratified "
+        "coreset of the cached activations (dlforge.hpo.coreset), nested across fractions")
 
     def partition_key(self, run_id: str) -> str:
         return f"{run_id}:{self.trial_number}"
@@ -707,3 +715,11 @@ def _proposed_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 register_upcaster(Topic.MODEL_PROPOSED, 2, _proposed_v2_to_v3)
+
+
+def _trial_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """hpo.trial v2 had no sample_method: every trial trained on a stratified random sample."""
+    return {**payload, "sample_method": "random"}
+
+
+register_upcaster(Topic.HPO_TRIAL, 2, _trial_v2_to_v3)

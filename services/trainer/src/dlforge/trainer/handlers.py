@@ -12,8 +12,10 @@ import hashlib
 import logging
 import math
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -23,8 +25,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dlforge.common.errors import InvalidInput, NotFound
-from dlforge.common.events import UniqueClasses
+from dlforge.common.events import SampleMethod, UniqueClasses
 from dlforge.common.objects import ObjectStore
+from dlforge.hpo.coreset import Coreset, build_coreset
 from dlforge.trainer.cache import ActivationCache, CachedActivations, digest_file, manifest_digest, prefix_runner
 from dlforge.trainer.engines import FitJob, engine_for
 from dlforge.trainer.launcher import KubernetesConfig, KubernetesEngine
@@ -62,6 +65,10 @@ class TrainingRequest(BaseModel):
     hparams: TrainParams = TrainParams()
     run_config: RunOptions = RunOptions()
     sample_fraction: float = Field(default=1.0, gt=0.0, le=1.0, description="stratified share of the train split")
+    sample_method: SampleMethod = Field(
+        default="random", description="how a share below 1 is chosen: 'random' (stratified, by sample_seed), or "
+        "'k_center' / 'herding', the class-stratified coreset of the cached activations (dlforge.hpo.coreset; the "
+        "share at a smaller fraction is contained in the one at a larger)")
     sample_seed: int = 0
     evaluate_test: bool = True
     views: str = Field(default="none", description="label-preserving views to train on: none | flips | dihedral "
@@ -188,9 +195,49 @@ def flat_metrics(outcome: TrainingOutcome) -> dict[str, float]:
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
+class CoresetCache:
+    """The coreset orders this process computed, so a trial promoted to a larger fraction does not order again.
+
+    A coreset's order depends only on the train rows' features and labels, so an entry is keyed by the
+    activation cache entry (its key holds the manifest, weights, arch, input size and boundary), the
+    method and, when val is carved from train, the seed that carved it. An order computed up to one
+    fraction serves every smaller one; a larger fraction orders again, further: the greedy order's
+    prefix is the same, so the subsets stay nested. Safe to share between threads (one orders at a time).
+    """
+
+    def __init__(self, max_entries: int = 16) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Hashable, tuple[float, Coreset]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def rows(self, key: Hashable | None, *, features: Callable[[], np.ndarray], labels: np.ndarray,
+             method: SampleMethod, fraction: float) -> np.ndarray:
+        """Sorted train rows of the ``method`` coreset at ``fraction``; ``features()`` is called only to order.
+
+        ``key`` None: nothing identifies the rows (no cache entry), so the order is computed and not kept.
+        """
+        if method == "random":
+            raise InvalidInput("a coreset method is k_center or herding, not random")
+        with self._lock:
+            entry = None if key is None else self._entries.get(key)
+            if entry is None or entry[0] < fraction:
+                started = time.perf_counter()
+                entry = (fraction, build_coreset(features(), labels, method=method, max_fraction=fraction))
+                log.info("%s coreset of %d train rows ordered up to %.3g in %.1fs", method, len(labels), fraction,
+                         time.perf_counter() - started)
+                if key is not None:
+                    self._entries[key] = entry
+            if key is not None:
+                self._entries.move_to_end(key)
+                while len(self._entries) > self.max_entries:
+                    self._entries.popitem(last=False)
+            return entry[1].rows(fraction)
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
-    """The process-level knobs :func:`run_training` needs (from :class:`TrainerSettings`)."""
+    """The process-level knobs :func:`run_training` needs (from :class:`TrainerSettings`), and the process's
+    coreset orders (shared by every copy of the config)."""
 
     work_dir: Path
     threads: int = 2
@@ -205,6 +252,7 @@ class TrainerConfig:
     view_error_share: float = 0.5
     kubernetes: KubernetesConfig | None = None  # runs of several workers go to Kubernetes (see launcher.py)
     device: str = "auto"  # auto | cpu | cuda (see dlforge.trainer.training.resolve_device)
+    coresets: CoresetCache = field(default_factory=CoresetCache, compare=False, repr=False)
 
     @classmethod
     def from_settings(cls, s: TrainerSettings) -> TrainerConfig:
@@ -288,11 +336,24 @@ def row_weights(manifest: Manifest, *, mode: str) -> dict[str, float] | None:
     return out
 
 
+def pooled(x: np.ndarray) -> np.ndarray:
+    """One float32 vector per row: activation maps ``(rows, channels, *positions)`` averaged over their positions."""
+    if x.ndim > 2:
+        return x.mean(axis=tuple(range(2, x.ndim)), dtype=np.float32)
+    return np.asarray(x, dtype=np.float32)
+
+
 def build_data(acts: CachedActivations, classes: list[str], *, sample_fraction: float, sample_seed: int,
                val_people: set[str] | None = None, val_people_min: int = 0,
-               weights: dict[str, float] | None = None,
+               weights: dict[str, float] | None = None, sample_method: SampleMethod = "random",
+               coresets: CoresetCache | None = None,
                ) -> tuple[TrainData, tuple[np.ndarray, np.ndarray] | None, str]:
     """Train/val arrays from the cache (stratified train sample; val carved from train if absent), test, val source.
+
+    Below ``sample_fraction`` 1 the train rows are a stratified random sample (``sample_method``
+    ``"random"``, by ``sample_seed``) or the class-stratified coreset of the train rows' activations,
+    pooled to one vector each (``"k_center"``, ``"herding"``; see :mod:`dlforge.hpo.coreset`), its order
+    kept in ``coresets`` for the next trial on the same rows.
 
     ``val_people`` are the item ids whose label a person gave. The labeler auto-labels most of the val
     split with a classifier on pretrained embeddings; a model that copies that classifier scores well on
@@ -332,7 +393,14 @@ def build_data(acts: CachedActivations, classes: list[str], *, sample_fraction: 
     if len(train_y) == 0:
         raise InvalidInput("the manifest has no labeled train items")
     if sample_fraction < 1.0:
-        rows = stratified_sample(train_y, sample_fraction, seed=sample_seed)
+        if sample_method == "random":
+            rows = stratified_sample(train_y, sample_fraction, seed=sample_seed)
+        else:
+            # the train rows are the cache entry's, less the val rows sample_seed carved out when there was no val
+            key = ((acts.keys[0], acts.boundary, sample_method, sample_seed if len(val) == 0 else None)
+                   if acts.keys else None)
+            rows = (coresets or CoresetCache()).rows(key, features=lambda: pooled(train_x), labels=train_y,
+                                                     method=sample_method, fraction=sample_fraction)
         train_x, train_y = np.asarray(train_x[rows]), train_y[rows]
         train_v = [np.asarray(v[rows]) for v in train_v]
         train_w = None if train_w is None else train_w[rows]
@@ -487,7 +555,8 @@ def run_training(
     data, test_xy, val_source = build_data(acts, request.classes, sample_fraction=request.sample_fraction,
                                            sample_seed=request.sample_seed, val_people=val_people,
                                            val_people_min=config.val_people_min,
-                                           weights=row_weights(manifest, mode=request.label_weighting))
+                                           weights=row_weights(manifest, mode=request.label_weighting),
+                                           sample_method=request.sample_method, coresets=config.coresets)
     if val_source == "people":
         log.info("validating on the %d val items labeled by people (of %d)", len(data.val_y), len(acts.splits["val"]))
     tail = net.tail(request.hparams.unfreeze)

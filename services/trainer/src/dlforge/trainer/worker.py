@@ -73,7 +73,8 @@ def model_key(run_id: str, model_id: str) -> str:
 
 @service.handles(Topic.HPO_TRIAL)
 async def on_trial(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | None:
-    """Train one trial on the study's representative sample, reporting val accuracy after each epoch.
+    """Train one trial on the study's representative sample (its share of the train split, chosen at random
+    with the study's seed or as the coreset the event names), reporting val accuracy after each epoch.
 
     The trial stops early when the tuner's decision for an epoch says prune; it then completes as
     ``pruned`` with the value of its last epoch.
@@ -101,7 +102,8 @@ async def on_trial(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | No
             arch=p.arch, weights_key=p.weights_key, manifest_key=p.manifest_key, classes=p.classes,
             hparams=hparams, run_config=RunOptions(summary_every_steps=settings.trainer_summary_every_steps,
                                                    input_size=settings.trainer_input_size),
-            sample_fraction=p.sample_fraction, sample_seed=stable_seed(p.study_name), evaluate_test=False,
+            sample_fraction=p.sample_fraction, sample_method=p.sample_method, sample_seed=stable_seed(p.study_name),
+            evaluate_test=False,
             label_weighting=settings.trainer_label_weighting,  # type: ignore[arg-type]
         )
     except ValidationError as exc:

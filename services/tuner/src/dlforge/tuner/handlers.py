@@ -6,7 +6,10 @@ Every decision is derived from the study's stored state, which makes the handler
   returns the trials it asked before instead of asking new ones;
 * telling a trial that is already finished is a no-op (``skip_if_finished``);
 * how many trials to ask is ``min(parallel - running, budget - asked)`` counted without the current
-  event's own trials, so a redelivery asks nothing twice.
+  event's own trials, so a redelivery asks nothing twice;
+* with a fidelity ladder, whether a completed trial is promoted to the next rung is decided on the
+  trials completed by then, and a trial is promoted once (user attribute ``dlforge.promoted_from`` of
+  its promotion), so handling its completion again promotes nothing twice.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ import json
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dlforge.common.errors import ConfigError, InvalidInput, RetryableError
 from dlforge.common.events import (
@@ -31,10 +36,12 @@ from dlforge.common.events import (
     HpoTrialCompleted,
     HpoTrialReported,
     PipelineOptions,
+    SampleMethod,
     Spec,
     TrialRecord,
 )
 from dlforge.hpo import PRUNER_ATTR, build_pruner, open_storage
+from dlforge.hpo.coreset import next_fidelity, promote
 from dlforge.tuner.plugins import PluginChoice, make_sampler, pruner_spec
 from dlforge.tuner.settings import TunerSettings
 from dlforge.tuner.space import SearchSpace, default_space
@@ -45,13 +52,48 @@ ASKED_BY = "dlforge.asked_by"
 SECONDS = "dlforge.seconds"
 ERROR = "dlforge.error"
 INTERMEDIATE = "dlforge.intermediate"
+FIDELITY = "fidelity"  # the share of the train split a trial trains on
+PROMOTED_FROM = "dlforge.promoted_from"  # the trial whose parameters a promoted trial trains again
 OBJECTIVE = "val_accuracy"
 MAX_FINGERPRINT = 8192
+MAX_RUNGS = 10
+MIN_RUNG_TRIALS = 3  # completed trials at a rung before any of them is promoted from it
+
+
+def checked_ladder(ladder: Sequence[float] | None) -> list[float] | None:
+    """``ladder`` if it is a fidelity ladder: fractions of the train split in (0, 1], strictly increasing.
+
+    Empty or None: no ladder (every trial trains on ``sample_fraction``). Raises ValueError naming the
+    offending rung.
+    """
+    if not ladder:
+        return None
+    rungs = [float(v) for v in ladder]
+    outside = [v for v in rungs if not 0.0 < v <= 1.0]  # NaN included
+    if outside:
+        raise ValueError(f"fidelity_ladder {rungs}: {outside[0]} is not a fraction of the train split in (0, 1]")
+    flat = [(a, b) for a, b in pairwise(rungs) if b <= a]
+    if flat:
+        raise ValueError(f"fidelity_ladder {rungs}: the rungs must be strictly increasing ({flat[0][1]} after "
+                         f"{flat[0][0]})")
+    return rungs
+
+
+def parse_ladder(text: str | None) -> list[float] | None:
+    """``DLFORGE_TUNER_FIDELITY_LADDER`` (comma-separated fractions) as a ladder; ConfigError naming it if not one."""
+    try:
+        return checked_ladder([float(part) for part in (text or "").split(",") if part.strip()])
+    except ValueError as exc:
+        raise ConfigError(f"DLFORGE_TUNER_FIDELITY_LADDER={text!r}: {exc}") from exc
 
 
 
 class TuningConfig(BaseModel):
-    """How a study searches: the space, the sampler, the pruner, the data share and epochs of a trial."""
+    """How a study searches: the space, the sampler, the pruner, the data share and epochs of a trial.
+
+    With a ``fidelity_ladder``, a trial's data share is its rung instead of ``sample_fraction``
+    (successive halving on data, see :func:`promote_trial`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -60,6 +102,12 @@ class TuningConfig(BaseModel):
     pruner: PluginChoice = PluginChoice(name="median")
     startup_trials: int = Field(default=2, ge=0, le=MAX_HPO_TRIALS)
     sample_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
+    sample_method: SampleMethod = Field(default="random", description="how a trial's share of the train split is "
+                                        "chosen: random, or the k_center / herding coreset (nested across shares)")
+    fidelity_ladder: list[float] | None = Field(
+        default=None, max_length=MAX_RUNGS, description="strictly increasing shares in (0, 1]: a new trial trains "
+        "on the first; a complete one among the best third of its rung (once 3 completed there) trains again on "
+        "the next; every training counts toward hpo_trials. None: every trial on sample_fraction")
     trial_epochs: int | None = Field(default=None, ge=1, le=MAX_TRAIN_EPOCHS)
     enqueue: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_HPO_TRIALS,
                                           description="parameters of the first trials")
@@ -71,6 +119,16 @@ class TuningConfig(BaseModel):
                                     "(0: none)")
     warm_start_per_study: int = Field(default=1, ge=1, le=20, description="best configurations enqueued from "
                                       "each past study")
+
+    @field_validator("fidelity_ladder")
+    @classmethod
+    def _ladder(cls, v: list[float] | None) -> list[float] | None:
+        return checked_ladder(v)
+
+    @property
+    def first_fraction(self) -> float:
+        """The share of the train split a newly asked trial trains on."""
+        return self.fidelity_ladder[0] if self.fidelity_ladder else self.sample_fraction
 
     @model_validator(mode="after")
     def _check(self) -> TuningConfig:
@@ -95,6 +153,9 @@ class TuningOverride(BaseModel):
     pruner: PluginChoice | None = None
     startup_trials: int | None = Field(default=None, ge=0, le=MAX_HPO_TRIALS)
     sample_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    sample_method: SampleMethod | None = None
+    fidelity_ladder: list[float] | None = Field(default=None, max_length=MAX_RUNGS,
+                                                description="[] turns the defaults' ladder off")
     trial_epochs: int | None = Field(default=None, ge=1, le=MAX_TRAIN_EPOCHS,
                                      description="epochs per trial, within the run options' bound")
     enqueue: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_HPO_TRIALS)
@@ -117,11 +178,13 @@ def default_config(settings: TunerSettings) -> TuningConfig:
             space = SearchSpace.model_validate_json(text)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"DLFORGE_TUNER_SPACE: not a valid search space: {exc}") from exc
+    ladder = parse_ladder(settings.tuner_fidelity_ladder)
     try:
         return TuningConfig(space=space, sampler=PluginChoice(name=settings.tuner_sampler),
                             pruner=PluginChoice(name=settings.tuner_pruner),
                             startup_trials=settings.tuner_startup_trials,
-                            sample_fraction=settings.tuner_sample_fraction, trial_epochs=settings.tuner_trial_epochs)
+                            sample_fraction=settings.tuner_sample_fraction, trial_epochs=settings.tuner_trial_epochs,
+                            sample_method=settings.tuner_sample_method, fidelity_ladder=ladder)
     except (ValueError, InvalidInput) as exc:
         raise ConfigError(f"DLFORGE_TUNER_SAMPLER/DLFORGE_TUNER_PRUNER: {exc}") from exc
 
@@ -206,6 +269,7 @@ def prepare_study(ctx: StudyContext) -> optuna.Study:
 class AskedTrial:
     number: int
     params: dict[str, Any]
+    fraction: float  # the share of the train split it trains on
 
 
 def _is_open(t: FrozenTrial) -> bool:
@@ -224,10 +288,50 @@ def ask_for(study: optuna.Study, ctx: StudyContext, *, asked_by: str, stop: bool
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         for _ in range(want - len(mine)):
-            trial = study.ask(distributions)
+            trial = study.ask(distributions)  # a waiting (enqueued or promoted) trial first
             trial.set_user_attr(ASKED_BY, asked_by)
-    return [AskedTrial(t.number, dict(t.params)) for t in study.get_trials(deepcopy=False)
+            if FIDELITY not in trial.user_attrs:  # a promoted trial was enqueued with its rung
+                trial.set_user_attr(FIDELITY, ctx.config.first_fraction)
+    return [AskedTrial(t.number, dict(t.params), float(t.user_attrs.get(FIDELITY, ctx.config.sample_fraction)))
+            for t in study.get_trials(deepcopy=False)
             if t.user_attrs.get(ASKED_BY) == asked_by and t.state == TrialState.RUNNING]
+
+
+def promote_trial(study: optuna.Study, ctx: StudyContext, number: int) -> float | None:
+    """Successive halving on data: enqueue trial ``number``'s parameters at the next rung of the ladder if it
+    earned it; returns that rung (None: not promoted).
+
+    It earns it when it completed below the ladder's top, at least :data:`MIN_RUNG_TRIALS` trials had
+    completed at its rung when it did (itself included), and it is among their best third
+    (:func:`dlforge.hpo.coreset.promote`, the rule ``benchmarks/tuner.py`` measured). Counting only the
+    trials completed by then gives the same answer when its completion is handled again, and a trial is
+    promoted once. A promotion is a training and counts toward the run's ``hpo_trials``: none is
+    enqueued once the study holds that many trials, which would leave it waiting for ever.
+    """
+    ladder = ctx.config.fidelity_ladder
+    if not ladder:
+        return None
+    trials = study.get_trials(deepcopy=False)
+    trial = next((t for t in trials if t.number == number), None)
+    if (trial is None or trial.state != TrialState.COMPLETE or trial.value is None or trial.datetime_complete is None
+            or FIDELITY not in trial.user_attrs):
+        return None
+    rung = float(trial.user_attrs[FIDELITY])
+    higher = next_fidelity(rung, ladder)
+    if higher is None or len(trials) >= ctx.options.hpo_trials:
+        return None
+    if any(t.user_attrs.get(PROMOTED_FROM) == number for t in trials):
+        return None
+    by_then = [t.value for t in trials
+               if t.state == TrialState.COMPLETE and t.value is not None and t.datetime_complete is not None
+               and t.datetime_complete <= trial.datetime_complete
+               and math.isclose(float(t.user_attrs.get(FIDELITY, -1.0)), rung, abs_tol=1e-9)]
+    if len(by_then) < MIN_RUNG_TRIALS or not promote(by_then, value=trial.value):
+        return None
+    study.enqueue_trial(dict(trial.params), user_attrs={FIDELITY: higher, PROMOTED_FROM: number})
+    log.info("study %s: trial %d (%.4f, one of the best third of %d at %.3g) trains again at %.3g",
+             study.study_name, number, trial.value, len(by_then), rung, higher)
+    return higher
 
 
 def tell(study: optuna.Study, ctx: StudyContext, done: HpoTrialCompleted) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from dlforge.common.events import SampleMethod
 from dlforge.common.settings import CommonSettings
 
 
@@ -22,6 +23,18 @@ class TunerSettings(CommonSettings):
                                       "models the space; trials before the pruner prunes")
     tuner_sample_fraction: float = Field(default=0.5, gt=0.0, le=1.0,
                                          description="stratified share of the train split each trial trains on")
+    tuner_sample_method: SampleMethod = Field(
+        default="random", description="how that share is chosen: random (stratified, by the study's seed) | "
+        "k_center | herding (the class-stratified coreset of the trial's cached activations, dlforge.hpo.coreset: "
+        "the share at a smaller fraction is contained in the one at a larger). Not the default: in "
+        "benchmarks/tuner.py k-center with the ladder 0.25,0.5,1 reached vanilla TPE's target at about half its "
+        "compute but its best configuration scored -0.75 +- 1.2 points on test (DEVELOPERS.md)")
+    tuner_fidelity_ladder: str | None = Field(
+        default=None, description="comma-separated shares of the train split, strictly increasing in (0, 1], e.g. "
+        "0.25,0.5,1: a new trial trains on the first; a complete trial among the best third of its rung, once 3 "
+        "trials completed there, trains again with the same parameters on the next (successive halving on data; "
+        "each training counts toward the run's hpo_trials). Unset or empty: no ladder, every trial trains on "
+        "tuner_sample_fraction")
     tuner_trial_epochs: int | None = Field(default=None, ge=1, description="epochs per trial (default: "
                                            "the run's train_epochs)")
     tuner_max_failed_trials: int = Field(default=3, ge=1, le=1000, description="a study fails (run.failed "

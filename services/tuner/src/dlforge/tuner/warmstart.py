@@ -28,12 +28,19 @@ KEEP_BEST = 5
 
 
 def best_params(study: optuna.Study, keep: int = KEEP_BEST) -> list[dict[str, Any]]:
-    """The parameters of the study's best complete trials, best first."""
+    """The parameters of the study's best complete trials, best first, each configuration once (with a
+    fidelity ladder a promoted configuration completed at several rungs)."""
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE
                 and t.value is not None and math.isfinite(t.value)]
     sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
     ranked = sorted(complete, key=lambda t: (sign * float(t.value or 0.0), t.number))
-    return [dict(t.params) for t in ranked[:keep]]
+    out: list[dict[str, Any]] = []
+    for t in ranked:
+        if len(out) == keep:
+            break
+        if t.params not in out:
+            out.append(dict(t.params))
+    return out
 
 
 async def remember_study(docs: DocumentStore, *, study_name: str, dataset_id: str, fingerprint: list[float],

@@ -3,8 +3,9 @@
 * ``dataset.uploaded``: the run becomes known (``PUT /runs/{run_id}/tuning`` accepts it from then on);
 * ``model.proposed`` -> the run's study and its first ``hpo.trial`` events;
 * ``hpo.trial.reported`` -> the value recorded in the study, the pruner asked -> ``hpo.trial.decision``;
-* ``hpo.trial.completed`` -> told to the study -> the next ``hpo.trial``, or ``hpo.completed``, or
-  ``run.failed`` (no trial produced a value, or ``tuner_max_failed_trials`` trials failed in a row).
+* ``hpo.trial.completed`` -> told to the study (with a fidelity ladder, a trial that earned it is
+  enqueued again at the next rung) -> the next ``hpo.trial``, or ``hpo.completed``, or ``run.failed``
+  (no trial produced a value, or ``tuner_max_failed_trials`` trials failed in a row).
 
 Only the tuner opens its Optuna storage: the trainer reports each epoch's value as an event and reads
 the decision from its own store. Emitted events get deterministic ids (from the study name, trial
@@ -57,6 +58,7 @@ from dlforge.tuner.handlers import (
     is_done,
     load_study,
     prepare_study,
+    promote_trial,
     resolve_storage_url,
     study_name_for,
     tell,
@@ -127,7 +129,8 @@ def trial_event(cause: Event, ctx: StudyContext, trial: AskedTrial) -> Event:
     event = cause.follow(HpoTrial(
         study_name=ctx.study_name, trial_number=trial.number, params=trial.params, dataset_id=ctx.dataset_id,
         model_id=ctx.model_id, arch=ctx.arch, weights_key=ctx.weights_key, manifest_key=ctx.manifest_key,
-        classes=ctx.classes, epochs=ctx.trial_epochs, sample_fraction=ctx.config.sample_fraction,
+        classes=ctx.classes, epochs=ctx.trial_epochs, sample_fraction=trial.fraction,
+        sample_method=ctx.config.sample_method,
     ))
     return event.model_copy(update={"event_id": _event_id(ctx.study_name, f"trial:{trial.number}")})
 
@@ -284,6 +287,8 @@ async def on_trial_completed(event: Event, ctx: HandlerContext[TunerDeps]) -> li
 
     def ask_next() -> _Step:
         study = load_study(study_ctx)
+        if not halt:
+            promote_trial(study, study_ctx, p.trial_number)  # enqueued: asked first, below
         asked = ask_for(study, study_ctx, asked_by=event.event_id, stop=halt)
         done = not asked and is_done(study, study_ctx, stop=halt)
         return _Step(asked, done, trial_table(study), best_trial(study), failed_in_a_row(study),
