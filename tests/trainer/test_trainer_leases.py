@@ -210,3 +210,59 @@ def test_run_training_keeps_the_stored_state_when_the_job_was_handed_over(
         run_training(objects, req, job_id=job, key_prefix=prefix, config=config, resumable=True,
                      on_epoch=lambda m: m.epoch < 2, handed_over=functools.partial(bool, handed_over))
         assert objects.exists(resume_key(prefix)) is kept, job
+
+
+async def test_a_write_of_the_old_holder_never_undoes_a_takeover(backends: Backends) -> None:
+    """The old holder's record writes are compare-and-sets on the lease: after b took the job, a's epoch, its
+    finish and its start are refused (LeaseLost) and the record stays b's."""
+    from dlforge.trainer.jobs import LeaseLost
+
+    clock_a, clock_b = Clock(), Clock()
+    a, b = _runner(backends, clock_a), _runner(backends, clock_b)
+    await _job(backends, "j", **a.lease_fields())
+    records = JobRecords(backends.docs)
+    m = EpochMetrics(epoch=1, steps=1, train_loss=1.0, val_loss=1.0, val_accuracy=0.5, val_recall={"a": 0.5},
+                     seconds=0.01, images_per_second=1.0)
+    await records.add_epoch("j", m, holder=a.holder)  # a holds it: written
+    clock_b.now += 2 * LEASE
+    docs_update = backends.docs.update
+    await docs_update(JOBS, "j", {**b.lease_fields(), "state": "queued"},
+                      expected_version=(await backends.docs.get(JOBS, "j") or {})["_version"])  # b's takeover
+    for write in (records.add_epoch("j", m.model_copy(update={"epoch": 2}), holder=a.holder),
+                  records.finish("j", state="completed", holder=a.holder), records.start("j", holder=a.holder)):
+        with pytest.raises(LeaseLost):
+            await write
+    record = await backends.docs.get(JOBS, "j") or {}
+    assert record["lease_holder"] == b.holder and record["state"] == "queued" and record["epochs_done"] == 1
+    assert [d["epoch"] for d in await backends.docs.find(METRICS, {"job_id": "j"})] == [1]
+
+
+async def test_a_job_is_not_taken_back_while_the_task_that_lost_it_still_runs(
+        backends: Backends, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    calls: list[str] = []
+
+    def blocking(objects: object, request: TrainingRequest, *, job_id: str, **_: object) -> None:
+        calls.append(job_id)
+        release.wait(30)
+        raise InvalidInput("stands for the training")
+
+    monkeypatch.setattr("dlforge.trainer.runner.run_training", blocking)
+    clock = Clock()
+    a = _runner(backends, clock)
+    await _job(backends, "k", **a.lease_fields())
+    a.submit("k", _request(), "trainer/jobs/k")
+    try:
+        await _until(lambda: asyncio.sleep(0, calls == ["k"]))
+        # another trainer took it and died: the lease ran out again while a's first task is still training
+        job = await backends.docs.get(JOBS, "k") or {}
+        await backends.docs.update(JOBS, "k", {"lease_holder": "gone/1/x", "lease_until": clock.now - 1},
+                                   expected_version=job["_version"])
+        await a.renew()
+        assert "k" in a.lost
+        assert await a.take_over() == []  # not while the task that lost it runs
+    finally:
+        release.set()
+    await _until(lambda: asyncio.sleep(0, not a.tasks))
+    assert await a.take_over() == ["k"]  # once it has ended
+    await _until(lambda: asyncio.sleep(0, not a.tasks))

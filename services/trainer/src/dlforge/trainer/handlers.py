@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -27,7 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from dlforge.common.errors import InvalidInput, NotFound
 from dlforge.common.events import SampleMethod, UniqueClasses
 from dlforge.common.objects import ObjectStore
-from dlforge.hpo.coreset import Coreset, build_coreset
 from dlforge.trainer.cache import ActivationCache, CachedActivations, digest_file, manifest_digest, prefix_runner
 from dlforge.trainer.engines import FitJob, engine_for
 from dlforge.trainer.launcher import KubernetesConfig, KubernetesEngine
@@ -47,6 +46,9 @@ from dlforge.trainer.training import (
 from dlforge.trainer.views import IDENTITY, checked_views, parse_views
 from dlforge.vision.manifest import Manifest
 from dlforge.vision.networks import Classifier, build_network, load_checkpoint, save_checkpoint, spec_of
+
+if TYPE_CHECKING:
+    from dlforge.hpo.coreset import Coreset  # dlforge.hpo imports optuna: only a coreset's first use loads it
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +224,8 @@ class CoresetCache:
             entry = None if key is None else self._entries.get(key)
             if entry is None or entry[0] < fraction:
                 started = time.perf_counter()
+                from dlforge.hpo.coreset import build_coreset
+
                 entry = (fraction, build_coreset(features(), labels, method=method, max_fraction=fraction))
                 log.info("%s coreset of %d train rows ordered up to %.3g in %.1fs", method, len(labels), fraction,
                          time.perf_counter() - started)

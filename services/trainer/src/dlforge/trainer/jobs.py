@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from dlforge.common.docs import Doc, DocumentStore
+from dlforge.common.errors import Conflict
 from dlforge.trainer.params import EpochMetrics
 
 JOBS = "trainer_jobs"
@@ -26,6 +27,14 @@ JobState = Literal["queued", "running", "completed", "stopped", "pruned", "diver
 T = TypeVar("T")
 
 OWNER = socket.gethostname()  # a REST job runs in the trainer process that started it (``owner``)
+
+
+class LeaseLost(Exception):
+    """A write for a job whose lease another trainer holds now (see :mod:`dlforge.trainer.runner`)."""
+
+    def __init__(self, job_id: str, holder: str | None) -> None:
+        super().__init__(f"training job {job_id}: its lease is held by {holder!r} now")
+        self.job_id, self.holder = job_id, holder
 
 
 def now() -> str:
@@ -79,17 +88,32 @@ class JobRecords:
         }
         return await self.docs.upsert(JOBS, json_safe(doc))
 
-    async def update(self, job_id: str, **changes: Any) -> Doc:
-        current = await self.docs.get(JOBS, job_id)
-        if current is None:
-            raise KeyError(job_id)
-        return await self.docs.upsert(JOBS, json_safe({**current, **changes}))
+    async def update(self, job_id: str, *, holder: str | None = None, **changes: Any) -> Doc:
+        """Set ``changes`` on the job's record (only those fields, compare-and-set on its version, read again on
+        a conflict). With ``holder``: only while the job's lease is that process's, else :class:`LeaseLost`."""
+        for _ in range(20):
+            current = await self.docs.get(JOBS, job_id)
+            if current is None:
+                raise KeyError(job_id)
+            if holder is not None and current.get("lease_holder") != holder:
+                raise LeaseLost(job_id, current.get("lease_holder"))
+            try:
+                return await self.docs.update(JOBS, job_id, json_safe(changes), expected_version=current["_version"])
+            except Conflict:
+                continue
+        raise Conflict(f"{JOBS}/{job_id}: too many concurrent writers")
 
-    async def start(self, job_id: str) -> Doc:
-        return await self.update(job_id, state="running", started_at=now())
+    async def check_holder(self, job_id: str, holder: str) -> None:
+        """:class:`LeaseLost` unless ``holder`` holds the job's lease."""
+        current = await self.docs.get(JOBS, job_id)
+        if current is None or current.get("lease_holder") != holder:
+            raise LeaseLost(job_id, None if current is None else current.get("lease_holder"))
+
+    async def start(self, job_id: str, *, holder: str | None = None) -> Doc:
+        return await self.update(job_id, holder=holder, state="running", started_at=now())
 
     async def finish(self, job_id: str, *, state: JobState, summary: dict[str, Any] | None = None,
-                     error: str | None = None, **extra: Any) -> Doc:
+                     error: str | None = None, holder: str | None = None, **extra: Any) -> Doc:
         changes: dict[str, Any] = {"state": state, "finished_at": now(), "error": error, **extra}
         if summary is not None:
             changes.update(
@@ -99,12 +123,12 @@ class JobRecords:
                 metrics=summary.get("metrics", {}),
                 device=summary.get("device"),  # where it trained: cpu | cuda
             )
-        return await self.update(job_id, **changes)
+        return await self.update(job_id, holder=holder, **changes)
 
-    async def add_epoch(self, job_id: str, metrics: EpochMetrics) -> None:
+    async def add_epoch(self, job_id: str, metrics: EpochMetrics, *, holder: str | None = None) -> None:
         m = json_safe(metrics.model_dump(mode="json"))
+        await self.update(job_id, holder=holder, epochs_done=metrics.epoch, last_epoch=m)  # the lease first
         await self.docs.upsert(METRICS, {"_id": f"{job_id}:{metrics.epoch:05d}", "job_id": job_id, **m})
-        await self.update(job_id, epochs_done=metrics.epoch, last_epoch=m)
 
     async def epochs(self, job_id: str) -> list[Doc]:
         return await self.docs.find(METRICS, {"job_id": job_id}, sort=[("epoch", 1)])

@@ -36,7 +36,7 @@ from dlforge.trainer.handlers import (
     run_training,
     save_model,
 )
-from dlforge.trainer.jobs import JOBS, OWNER, JobRecords, LoopBridge
+from dlforge.trainer.jobs import JOBS, OWNER, JobRecords, LeaseLost, LoopBridge
 from dlforge.trainer.params import EpochMetrics
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ class JobRunner:
         self.clock = clock
         self.holder = f"{OWNER}/{os.getpid()}/{uuid.uuid4().hex[:12]}"  # this process, unlike the host name
         self.held: set[str] = set()  # the jobs whose lease this process renews
-        self.lost: set[str] = set()  # held jobs another trainer took over
+        self.lost: set[str] = set()  # held jobs another trainer took over (or this one stops at shutdown)
+        self.running: dict[str, asyncio.Task[None]] = {}  # one task per job at most, until it has ended
         self._leases: asyncio.Task[None] | None = None
 
     def lease_fields(self) -> dict[str, Any]:
@@ -68,7 +69,14 @@ class JobRunner:
         self.held.add(job_id)
         task = asyncio.create_task(self._run(job_id, request, key_prefix), name=f"trainer-job-{job_id}")
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.running[job_id] = task
+
+        def ended(t: asyncio.Task[None]) -> None:
+            self.tasks.discard(t)
+            if self.running.get(job_id) is t:
+                del self.running[job_id]
+
+        task.add_done_callback(ended)
 
     async def take_over(self, *, at_start: bool = False) -> list[str]:
         """Take the REST jobs nobody trains and submit them: those whose lease ran out (or that have none), and
@@ -81,8 +89,8 @@ class JobRunner:
         taken: list[str] = []
         now = self.clock()
         for job in unfinished.values():
-            if job["_id"] in self.held:
-                continue
+            if job["_id"] in self.held or job["_id"] in self.running:
+                continue  # held here, or a task of this process that lost it has not ended yet
             expired = not isinstance(job.get("lease_until"), int | float) or job["lease_until"] < now
             if not (expired or (at_start and job.get("owner") == OWNER)):
                 continue  # another trainer holds it
@@ -143,10 +151,15 @@ class JobRunner:
             self._leases = asyncio.create_task(self._keep_leases(), name="trainer-job-leases")
 
     async def close(self) -> None:
+        """At shutdown: stop renewing, and have every job of this process stop at its next epoch without writing
+        to its record and keeping its stored state: its lease runs out and a trainer takes it over and resumes it
+        (this host's next start at once)."""
         if self._leases is not None:
             self._leases.cancel()
             await asyncio.gather(self._leases, return_exceptions=True)
             self._leases = None
+        self.lost.update(self.held)
+        self.held.clear()
 
     async def _run(self, job_id: str, request: TrainingRequest, key_prefix: str) -> None:
         try:
@@ -159,16 +172,30 @@ class JobRunner:
         async with self.slots:
             if job_id in self.lost:
                 return
-            await self.records.start(job_id)
+            try:
+                await self.records.start(job_id, holder=self.holder)
+            except LeaseLost:
+                self.lost.add(job_id)
+                return
             bridge = LoopBridge(asyncio.get_running_loop())
 
             def on_epoch(m: EpochMetrics) -> bool:
                 if job_id in self.lost:
                     return False  # another trainer goes on from the stored state: stop, write nothing
-                bridge.run(self.records.add_epoch(job_id, m))
+                try:  # written only while this process holds the lease (checked on the record itself)
+                    bridge.run(self.records.add_epoch(job_id, m, holder=self.holder))
+                except LeaseLost:
+                    self.lost.add(job_id)
+                    return False
                 return True
 
             def handed_over() -> bool:
+                """Whether another trainer holds the job now (asked before the stored state is removed)."""
+                if job_id not in self.lost:
+                    try:
+                        bridge.run(self.records.check_holder(job_id, self.holder))
+                    except LeaseLost:
+                        self.lost.add(job_id)
                 return job_id in self.lost
 
             try:
@@ -178,6 +205,7 @@ class JobRunner:
                 if job_id in self.lost:
                     log.info("training job %s: stopped here, another trainer trains it on", job_id)
                     return
+                await self.records.check_holder(job_id, self.holder)  # LeaseLost: below
                 model_key = f"{key_prefix}/model.pt"
                 await asyncio.to_thread(save_model, self.backends.objects, outcome, model_key,
                                         work_dir=self.config.work_dir, extra={"params": request.hparams.model_dump()})
@@ -186,13 +214,19 @@ class JobRunner:
                                              classes=outcome.classes, job_id=job_id, run_id=None, metrics=metrics)
                 await self.records.finish(job_id, state="diverged" if outcome.state == "diverged" else "completed",
                                           summary=outcome.summary(), model_key=model_key,
-                                          resumed_from=outcome.resumed_from)
+                                          resumed_from=outcome.resumed_from, holder=self.holder)
             except Exception as exc:  # the job's failure is its record's business, not the server's
+                if isinstance(exc, LeaseLost):
+                    self.lost.add(job_id)
                 if job_id in self.lost:
                     log.info("training job %s: stopped here (%s), another trainer trains it on", job_id, exc)
                     return
                 if not isinstance(exc, InvalidInput):
                     log.exception("training job %s failed", job_id)
-                await self.records.finish(job_id, state="failed", error=f"{type(exc).__name__}: {exc}")
+                try:
+                    await self.records.finish(job_id, state="failed", error=f"{type(exc).__name__}: {exc}",
+                                              holder=self.holder)
+                except LeaseLost:
+                    return  # taken over meanwhile: the new holder's attempt decides
                 # a failed job is never submitted again: the state it (or a killed attempt) stored goes
                 await asyncio.to_thread(self.backends.objects.delete, resume_key(key_prefix))
