@@ -37,6 +37,7 @@ from PIL import Image
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("c40", "c80", "c112", "c192", "c320", "head")
+FOURIER_STEPS = (0.25, 0.5, 0.75, 1.0)
 
 
 def _embed(pixels: np.ndarray) -> np.ndarray:
@@ -87,8 +88,12 @@ def _pair(name: str) -> dict[str, Any]:
     raise SystemExit(f"unknown pair {name!r}; known: elpv, digits-mnist")
 
 
-def features(name: str, workdir: Path) -> dict[str, Any]:
-    cache = workdir / f"domain-{name}.npz"
+def features(name: str, workdir: Path, *, fourier: float | None = None) -> dict[str, Any]:
+    """The pair's embeddings; with ``fourier`` (the blend's ``beta``) also those of its Fourier-amplitude
+    intermediate domains at :data:`FOURIER_STEPS`: the source carried ``lam`` toward the target images' mean
+    amplitude (``fsrc_<k>``) and the target ``1 - lam`` toward the source's (``ftgt_<k>``). The mean amplitudes
+    are of every image of each domain (pixels only, no label)."""
+    cache = workdir / (f"domain-{name}.npz" if fourier is None else f"domain-{name}-fourier{fourier:g}.npz")
     if cache.is_file():
         with np.load(cache) as z:
             return {k: z[k] for k in z.files}
@@ -96,6 +101,14 @@ def features(name: str, workdir: Path) -> dict[str, Any]:
     data = _pair(name)
     out = {"classes": np.array(data["classes"]), "source_y": data["source_y"], "target_y": data["target_y"],
            "source_f": _embed(data["source_x"]), "target_f": _embed(data["target_x"])}
+    if fourier is not None:
+        from dlforge.vision.domains import amplitude_blend, mean_amplitude
+
+        amp_s, amp_t = mean_amplitude(data["source_x"]), mean_amplitude(data["target_x"])
+        for k, lam in enumerate(FOURIER_STEPS):
+            out[f"fsrc_{k}"] = _embed(amplitude_blend(data["source_x"], amp_t, lam, beta=fourier))
+            out[f"ftgt_{k}"] = out["target_f"] if lam == 1.0 else _embed(
+                amplitude_blend(data["target_x"], amp_s, 1.0 - lam, beta=fourier))
     print(f"  {name}: {len(data['source_x'])} + {len(data['target_x'])} images embedded in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -103,10 +116,10 @@ def features(name: str, workdir: Path) -> dict[str, Any]:
     return out
 
 
-def run_pair(name: str, seeds: int, workdir: Path) -> dict[str, Any]:
+def run_pair(name: str, seeds: int, workdir: Path, fourier: float | None = None) -> dict[str, Any]:
     from dlforge.augmenter.domain import GradualSelfTraining, moment_blend, source_only
 
-    f = features(name, workdir)
+    f = features(name, workdir, fourier=fourier)
     xs, ys, xt_all, yt_all = f["source_f"], f["source_y"], f["target_f"], f["target_y"]
     classes = [str(c) for c in f["classes"]]
     rows: list[dict[str, Any]] = []
@@ -122,6 +135,10 @@ def run_pair(name: str, seeds: int, workdir: Path) -> dict[str, Any]:
             "gradual": GradualSelfTraining(seed=seed).fit(xs, ys, xt),
             "in_domain": source_only(xt, yt_all[unlabeled], xt, seed=seed),
         }
+        if fourier is not None:
+            models["gradual_fourier"] = GradualSelfTraining(steps=FOURIER_STEPS, seed=seed).fit(
+                xs, ys, xt, source_steps=[f[f"fsrc_{k}"] for k in range(len(FOURIER_STEPS))],
+                target_steps=[f[f"ftgt_{k}"][unlabeled] for k in range(len(FOURIER_STEPS))])
         row: dict[str, Any] = {"seed": seed, "target_unlabeled": len(unlabeled), "target_scored": len(scored),
                                "seconds": round(time.perf_counter() - started, 1)}
         for method, model in models.items():
@@ -132,12 +149,15 @@ def run_pair(name: str, seeds: int, workdir: Path) -> dict[str, Any]:
         gap = row["in_domain"] - row["source_only"]
         row["gap_closed"] = round((row["gradual"] - row["source_only"]) / gap, 4) if gap > 0 else None
         rows.append(row)
+        if fourier is not None:
+            row["gap_closed_fourier"] = round((row["gradual_fourier"] - row["source_only"]) / gap, 4) if gap > 0 \
+                else None
         print(f"  {name} seed {seed}: source only {row['source_only']:.3f}, aligned {row['aligned']:.3f}, "
-              f"gradual {row['gradual']:.3f}, in-domain {row['in_domain']:.3f} -> gap closed {row['gap_closed']}",
-              flush=True)
+              f"gradual {row['gradual']:.3f}, in-domain {row['in_domain']:.3f} -> gap closed {row['gap_closed']}"
+              + (f"; gradual (Fourier) {row['gradual_fourier']:.3f}" if fourier is not None else ""), flush=True)
     closed = [r["gap_closed"] for r in rows if r["gap_closed"] is not None]
-    mean = {m: round(float(np.mean([r[m] for r in rows])), 4) for m in ("source_only", "aligned", "gradual",
-                                                                          "in_domain")}
+    methods = ["source_only", "aligned", "gradual", "in_domain"] + (["gradual_fourier"] if fourier is not None else [])
+    mean = {m: round(float(np.mean([r[m] for r in rows])), 4) for m in methods}
     return {"pair": name, "classes": classes, "source_items": len(ys), "target_items": len(yt_all),
             "seeds": rows, "mean": mean, "gap_closed": round(float(np.mean(closed)), 4) if closed else None,
             "gap_closed_min": round(float(np.min(closed)), 4) if closed else None}
@@ -148,19 +168,26 @@ def main() -> None:
     ap.add_argument("--pairs", default="elpv,digits-mnist")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/dlforge-domain"))
+    ap.add_argument("--fourier", type=float, default=None, metavar="BETA",
+                    help="also gradual self-training through Fourier-amplitude intermediate domains in pixels "
+                         "(four steps; BETA: the share of the spectrum's side blended, e.g. 0.1)")
     ap.add_argument("--out", type=Path, default=RESULTS / "domain_adaptation.json")
     args = ap.parse_args()
+    if args.fourier is not None and not 0.0 < args.fourier <= 1.0:
+        ap.error(f"--fourier BETA must be in (0, 1], got {args.fourier}")
     import os
 
     load_before = list(os.getloadavg())
     started = time.perf_counter()
-    pairs = {name: run_pair(name, args.seeds, args.workdir) for name in args.pairs.split(",")}
+    pairs = {name: run_pair(name, args.seeds, args.workdir, args.fourier) for name in args.pairs.split(",")}
     print(f"\nCPU: {cpu_name()}; load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"{'pair':<14}{'source only':>12}{'aligned':>9}{'gradual':>9}{'in-domain':>11}{'gap closed':>12}{'min':>7}")
     for name, r in pairs.items():
         m = r["mean"]
         print(f"{name:<14}{m['source_only']:>12.3f}{m['aligned']:>9.3f}{m['gradual']:>9.3f}{m['in_domain']:>11.3f}"
-              f"{r['gap_closed']:>12.3f}{r['gap_closed_min']:>7.3f}")
+              f"{r['gap_closed']:>12.3f}{r['gap_closed_min']:>7.3f}"
+              + (f"   gradual (Fourier, beta {args.fourier:g}) {m['gradual_fourier']:.3f}" if args.fourier is not None
+                 else ""))
     out = {"gap_closed": pairs.get("elpv", next(iter(pairs.values())))["gap_closed"],
            "gap_closed_by_pair": {n: r["gap_closed"] for n, r in pairs.items()}, "pairs": pairs,
            "seconds": round(time.perf_counter() - started, 1),

@@ -110,3 +110,12 @@ def test_steps_must_increase_to_one(steps: tuple[float, ...]) -> None:
 def test_a_source_of_one_class_is_refused() -> None:
     with pytest.raises(InvalidInput, match="at least two classes"):
         GradualSelfTraining().fit(np.ones((5, 2)), np.zeros(5), np.ones((5, 2)))
+
+
+@pytest.mark.parametrize("side", [7, 8, 9])
+def test_the_whole_spectrum_is_blended_at_beta_one_whatever_the_side(side: int) -> None:
+    """The brightness (the DC term) moves to the target's: the window covers the centre for odd sides too."""
+    source = np.full((2, side, side, 1), 200, dtype=np.uint8)
+    target = np.full((3, side, side, 1), 40, dtype=np.uint8)
+    out = amplitude_blend(source, mean_amplitude(target), 1.0, beta=1.0)
+    assert out.mean() == pytest.approx(40.0, abs=0.5)

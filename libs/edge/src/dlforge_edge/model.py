@@ -106,10 +106,12 @@ class EdgeModel:
         self.input_name = model_input.name
         pre = bundle.preprocessing
         # N x C x H x W; a dimension the model leaves symbolic (a name, or None) takes what it is given
-        shape = list(model_input.shape) if len(model_input.shape) == 4 else None
-        if shape is None:
-            raise BundleError(f"{bundle.path}: model.onnx takes a {len(model_input.shape)}-d input "
-                              f"{model_input.shape}, not images (N x C x H x W)")
+        shape = list(model_input.shape or [])
+        if shape and len(shape) != 4:  # an empty shape: the model does not say its rank
+            raise BundleError(f"{bundle.path}: model.onnx takes a {len(shape)}-d input {shape}, not images "
+                              "(N x C x H x W)")
+        if not shape:
+            shape = ["N", "C", "H", "W"]
         if isinstance(shape[1], int) and shape[1] != pre.channels:
             raise BundleError(f"{bundle.path}: model.onnx takes {shape[1]}-channel images, but preprocessing.json's "
                               f"colour mode {pre.colour_mode} makes {pre.channels}")

@@ -233,11 +233,11 @@ def dataset_fingerprint(candidates: Sequence[Candidate], target: TargetSample) -
                      None)
     if reference is None or len(target.train_x) < 2:
         return None, None
-    features = reference.encode("train", target.train_x, contents=target.train_contents).features
     try:
+        features = reference.encode("train", target.train_x, contents=target.train_contents).features
         return [float(v) for v in fingerprint(features)], reference.model_id
-    except InvalidInput as exc:  # not finite: no warm start rather than no proposal
-        log.warning("no data-set fingerprint: %s", exc)
+    except Exception as exc:  # not finite, or the trunk failed here: no warm start rather than no proposal
+        log.warning("no data-set fingerprint: %s: %s", type(exc).__name__, exc)
         return None, None
 
 
