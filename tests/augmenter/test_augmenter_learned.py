@@ -1,0 +1,101 @@
+"""The learned generator (a per-class convolutional VAE) and the generator setting."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from dlforge.augmenter.learned import ConditionalVAEGenerator
+from dlforge.augmenter.settings import AugmenterSettings
+from dlforge.augmenter.worker import build_generator
+from dlforge.common.errors import ConfigError
+from dlforge.common.settings import load_settings
+
+torch = pytest.importorskip("torch")
+
+
+def _squares(n: int, *, size: int = 32, channels: int = 1, seed: int = 0) -> np.ndarray:
+    """Dark background (20) with one bright (230) 12 px square at a random position."""
+    rng = np.random.default_rng(seed)
+    out = np.full((n, size, size, channels), 20, dtype=np.uint8)
+    for i in range(n):
+        y, x = rng.integers(0, size - 12, size=2)
+        out[i, y:y + 12, x:x + 12] = 230
+    return out
+
+
+def _small(**kw: object) -> ConditionalVAEGenerator:
+    opts: dict[str, object] = dict(size=32, latent_dim=8, width=8, steps=40, seconds=None, batch_size=16, seed=0)
+    opts.update(kw)
+    return ConditionalVAEGenerator(**opts)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["prior", "perturb", "interpolate"])
+@pytest.mark.parametrize("channels,side", [(1, 48), (3, 32)])
+def test_shape_dtype_and_parents(mode: str, channels: int, side: int) -> None:
+    images = _squares(10, size=side, channels=channels)
+    made = _small(mode=mode).generate(images, 7, np.random.default_rng(0))
+    assert made.images.shape == (7, side, side, channels) and made.images.dtype == np.uint8
+    assert made.parents.dtype == np.int64 and len(made.parents) == 7
+    assert ((made.parents >= 0) & (made.parents < 10)).all()
+    assert all(r.startswith(f"cvae:{mode}") for r in made.recipes)
+
+
+def test_deterministic_for_a_seed_and_trained_once_per_class() -> None:
+    images = _squares(12)
+    a = _small().generate(images, 5, np.random.default_rng(3))
+    g = _small()
+    b = g.generate(images, 5, np.random.default_rng(3))
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.parents, b.parents)
+    model = g._cache[1] if g._cache else None
+    g.generate(images, 5, np.random.default_rng(4))  # a second chunk of the same class: no retraining
+    assert g._cache is not None and g._cache[1] is model
+    other = _small(seed=1).generate(images, 5, np.random.default_rng(3))
+    assert not np.array_equal(a.images, other.images)
+
+
+def test_time_budget_stops_training_with_a_fake_clock() -> None:
+    ticks = itertools.count()
+    g = _small(steps=1000, seconds=5.0, clock=lambda: float(next(ticks)))  # one "second" per clock read
+    g.generate(_squares(8), 2, np.random.default_rng(0))
+    assert g.last_fit is not None and g.last_fit.stopped_by == "time"
+    assert 1 <= g.last_fit.steps <= 5
+    g2 = _small(steps=7, seconds=1e9)
+    g2.generate(_squares(8), 2, np.random.default_rng(0))
+    assert g2.last_fit is not None and g2.last_fit.steps == 7 and g2.last_fit.stopped_by == "steps"
+
+
+def test_samples_look_like_their_class() -> None:
+    """Trained on bright squares on a dark background (12 % bright, mean ~45), the samples' mean is
+    nearer that class than a uniformly bright class (mean 230), and their brightest pixels stand out
+    from their median (a square-like blob, not a flat grey)."""
+    images = _squares(24, seed=1)
+    g = _small(steps=300, mode="prior", latent_dim=4)
+    made = g.generate(images, 16, np.random.default_rng(0)).images.astype(np.float64)
+    class_mean, other_mean = images.mean(), 230.0
+    assert abs(made.mean() - class_mean) < abs(made.mean() - other_mean)
+    per_image = made.reshape(16, -1)
+    contrast = np.percentile(per_image, 98, axis=1) - np.median(per_image, axis=1)
+    assert np.median(contrast) > 60
+
+
+def test_bad_options_refused() -> None:
+    with pytest.raises(ConfigError):
+        ConditionalVAEGenerator(mode="dream")
+    with pytest.raises(ConfigError):
+        ConditionalVAEGenerator(size=40)
+    with pytest.raises(ValueError):
+        _small().generate(np.zeros((0, 32, 32, 1), dtype=np.uint8), 2, np.random.default_rng(0))
+
+
+def test_settings_choose_the_generator_and_refuse_unknown_names() -> None:
+    assert load_settings(AugmenterSettings).augmenter_generator == "policy"
+    assert build_generator(load_settings(AugmenterSettings)).name == "mixed"
+    g = build_generator(load_settings(AugmenterSettings, augmenter_generator="cvae", augmenter_cvae_steps=10))
+    assert isinstance(g, ConditionalVAEGenerator) and g.steps == 10
+    with pytest.raises(ConfigError, match="unknown generator 'gan'"):
+        load_settings(AugmenterSettings, augmenter_generator="gan")
+    with pytest.raises(ConfigError, match="sampling mode"):
+        load_settings(AugmenterSettings, augmenter_cvae_mode="dream")
