@@ -72,7 +72,7 @@ def build_generator(settings: AugmenterSettings) -> Generator:
         from dlforge.augmenter.learned import ConditionalVAEGenerator
 
         return ConditionalVAEGenerator(seconds=settings.augmenter_cvae_seconds, steps=settings.augmenter_cvae_steps,
-                                       mode=settings.augmenter_cvae_mode, threads=settings.augmenter_threads)
+                                       mode=settings.augmenter_cvae_mode)
     if settings.augmenter_generator != "policy":
         raise ConfigError(f"unknown generator {settings.augmenter_generator!r}")
     return MixedGenerator([
