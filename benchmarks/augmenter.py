@@ -11,15 +11,15 @@ trained on real only, real + kept generated, real + all generated, and scored on
 ``--protocol scarce`` (issue 13) measures generators where a class is scarce: per seed, a stratified
 real test split (25 %); the train split's defect images cut to ``--defect-share`` (10 %); defect
 samples made from those by each generator (``none``; ``policy`` = the service's policies + mixup;
-``cvae`` / ``cvae-prior`` / ``cvae-interp`` = the learned generator, one VAE per seed, three sampling
-modes) and judged by the X2 filter (fitted on the scarce real train split, on the same frozen
+``cvae`` / ``cvae-prior`` / ``cvae-interp`` / ``cvae-residual`` = the learned generator, one VAE per
+seed, four sampling modes) and judged by the X2 filter (fitted on the scarce real train split, on the same frozen
 features); the quick classifier trained on real + kept samples and scored on the real test split:
 defect recall at equal precision (the largest recall whose precision reaches the ``none`` model's
 precision at its 0.5 threshold, on the same seed's test split), recall and accuracy at 0.5, average
 precision. ``recall_gain_points`` = mean over seeds of (cvae recall - none recall) at equal precision.
 
     python benchmarks/augmenter.py --protocol scarce --defect-share 0.1 --seeds 3 \
-        --generators none,policy,cvae,cvae-prior,cvae-interp
+        --generators none,policy,cvae,cvae-prior,cvae-interp,cvae-residual
 
 Prints a table and writes benchmarks/results/augmenter.json.
 """
@@ -215,7 +215,7 @@ def quick_classifiers(
 # --protocol scarce (issue 13): one class cut to a small share, generators compared on real test data
 # ------------------------------------------------------------------------------------------------
 
-GENERATORS = ("none", "policy", "cvae", "cvae-prior", "cvae-interp")
+GENERATORS = ("none", "policy", "cvae", "cvae-prior", "cvae-interp", "cvae-residual")
 
 
 class CachedFeatures:
@@ -333,7 +333,8 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
                 if name == "policy":
                     made = policy.generate(sources, n_gen, g_rng)
                 else:
-                    vae.mode = {"cvae": "perturb", "cvae-prior": "prior", "cvae-interp": "interpolate"}[name]
+                    vae.mode = {"cvae": "perturb", "cvae-prior": "prior", "cvae-interp": "interpolate",
+                                "cvae-residual": "residual"}[name]
                     made = vae.generate(sources, n_gen, g_rng)
                     info["vae_fit"] = dataclasses.asdict(vae.last_fit) if vae.last_fit else None
                 verdict = x2.judge(made.images, np.ones(len(made.images), dtype=np.int64))
@@ -426,7 +427,7 @@ def main() -> None:
     parser.add_argument("--protocol", choices=("worker", "scarce"), default="worker")
     parser.add_argument("--defect-share", type=float, default=0.1, help="scarce: share of train defects kept")
     parser.add_argument("--seeds", type=int, default=3, help="scarce: seeds 0..n-1")
-    parser.add_argument("--generators", default="none,policy,cvae,cvae-prior,cvae-interp")
+    parser.add_argument("--generators", default=",".join(GENERATORS))
     parser.add_argument("--generate-ratio", type=float, default=4.0, help="scarce: samples per real train defect")
     parser.add_argument("--test-share", type=float, default=0.25, help="scarce: real test split")
     parser.add_argument("--gen-size", type=int, default=128, help="scarce: side of the images generators see")

@@ -32,7 +32,7 @@ def _small(**kw: object) -> ConditionalVAEGenerator:
     return ConditionalVAEGenerator(**opts)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("mode", ["prior", "perturb", "interpolate"])
+@pytest.mark.parametrize("mode", ["prior", "perturb", "interpolate", "residual"])
 @pytest.mark.parametrize("channels,side", [(1, 48), (3, 32)])
 def test_shape_dtype_and_parents(mode: str, channels: int, side: int) -> None:
     images = _squares(10, size=side, channels=channels)
@@ -99,3 +99,10 @@ def test_settings_choose_the_generator_and_refuse_unknown_names() -> None:
         load_settings(AugmenterSettings, augmenter_generator="gan")
     with pytest.raises(ConfigError, match="sampling mode"):
         load_settings(AugmenterSettings, augmenter_cvae_mode="dream")
+
+
+def test_residual_mode_without_noise_returns_the_parents() -> None:
+    """With noise 0 the latent does not move, so the decoded change is zero and each sample is its parent."""
+    images = _squares(9, size=48)
+    made = _small(mode="residual", noise=0.0).generate(images, 6, np.random.default_rng(2))
+    assert np.array_equal(made.images, images[made.parents])
