@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from dlforge.augmenter.learned import ConditionalVAEGenerator
 from dlforge.augmenter.settings import AugmenterSettings
-from dlforge.augmenter.worker import build_generator
+from dlforge.augmenter.worker import RUNS, SAMPLES, build_deps, build_generator, service
+from dlforge.common.bus import Delivery
 from dlforge.common.errors import ConfigError
+from dlforge.common.events import DatasetLabeled, Event, PipelineOptions, Spec, encode
+from dlforge.common.runtime import Backends, Outcome, Worker
 from dlforge.common.settings import load_settings
 
 torch = pytest.importorskip("torch")
@@ -106,3 +111,35 @@ def test_residual_mode_without_noise_returns_the_parents() -> None:
     images = _squares(9, size=48)
     made = _small(mode="residual", noise=0.0).generate(images, 6, np.random.default_rng(2))
     assert np.array_equal(made.images, images[made.parents])
+
+
+@pytest.mark.slow  # the X2 filter runs EfficientNet-Lite0 on every image
+@pytest.mark.asyncio
+async def test_the_worker_generates_with_the_cvae(tmp_path: Path, write_dataset: Any) -> None:
+    settings = load_settings(
+        AugmenterSettings, bus="memory://", objects=f"file://{tmp_path}/o", docs=f"sqlite:///{tmp_path}/d.db",
+        augmenter_filter_image_size=64, retry_attempts=1, augmenter_generator="cvae", augmenter_cvae_steps=20,
+    )
+    backends = Backends.from_settings(settings)
+    await backends.start()
+    try:
+        layout = {"stripes": ("stripes", {"train": 30, "val": 6}), "spots": ("spots", {"train": 10, "val": 6})}
+        manifest, labels_key = write_dataset(backends.objects, "ds1", layout)
+        event = Event.new(DatasetLabeled(
+            dataset_id="ds1", labels_key=labels_key, classes=list(layout), counts=[], human_labels=52,
+            auto_labels=0, rounds=0, spec=Spec(positive_class="spots"),
+            options=PipelineOptions(min_per_class=0, max_imbalance=1.0, seed=3),
+        ), run_id="run-1")
+        delivery = Delivery(topic=event.event_type.value, key=event.run_id, value=encode(event))
+        outcome = await Worker(service, backends, deps=await build_deps(settings, backends)).process(delivery)
+        assert outcome == Outcome.HANDLED
+        record = await backends.docs.get(RUNS, "ds1")
+        assert record is not None and record["status"] == "completed"
+        assert record["generator"]["name"] == "cvae" and record["generator"]["cvae_fit"]["steps"] == 20
+        samples = await backends.docs.find(SAMPLES, {"dataset_id": "ds1"})
+        real_spots = {i.item_id for i in manifest.items if i.label == "spots" and i.split == "train"}
+        assert len(samples) == 10  # the cap: 1 generated per real train image of the class
+        assert all(s["label"] == "spots" and s["parent_id"] in real_spots for s in samples)
+        assert all(s["recipe"].startswith("cvae:perturb") and (s["width"], s["height"]) == (48, 48) for s in samples)
+    finally:
+        await backends.stop()
