@@ -12,8 +12,9 @@ trained on real only, real + kept generated, real + all generated, and scored on
 real test split (25 %); the train split's defect images cut to ``--defect-share`` (10 %); defect
 samples made from those by each generator (``none``; ``policy`` = the service's policies + mixup;
 ``cvae`` / ``cvae-prior`` / ``cvae-interp`` / ``cvae-residual`` = the learned generator, one VAE per
-seed, four sampling modes) and judged by the X2 filter (fitted on the scarce real train split, on the same frozen
-features); the quick classifier trained on real + kept samples and scored on the real test split:
+seed, four sampling modes; ``dcgan`` = a tiny DCGAN per seed, the same step/time budget) and judged
+by the X2 filter (fitted on the scarce real train split, on the same frozen features); the quick
+classifier trained on real + kept samples and scored on the real test split:
 defect recall at equal precision (the largest recall whose precision reaches the ``none`` model's
 precision at its 0.5 threshold, on the same seed's test split), recall and accuracy at 0.5, average
 precision. ``recall_gain_points`` = mean over seeds of (cvae recall - none recall) at equal precision.
@@ -215,7 +216,7 @@ def quick_classifiers(
 # --protocol scarce (issue 13): one class cut to a small share, generators compared on real test data
 # ------------------------------------------------------------------------------------------------
 
-GENERATORS = ("none", "policy", "cvae", "cvae-prior", "cvae-interp", "cvae-residual")
+GENERATORS = ("none", "policy", "cvae", "cvae-prior", "cvae-interp", "cvae-residual", "dcgan")
 
 
 class CachedFeatures:
@@ -284,7 +285,7 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
     from threadpoolctl import threadpool_limits
 
     from dlforge.augmenter.filters import ConfidenceFilter
-    from dlforge.augmenter.learned import ConditionalVAEGenerator
+    from dlforge.augmenter.learned import ConditionalVAEGenerator, DCGANGenerator
     from dlforge.augmenter.worker import build_generator
 
     names = [g.strip() for g in args.generators.split(",") if g.strip()]
@@ -332,6 +333,10 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
                 g_rng = np.random.default_rng([seed, 7, GENERATORS.index(name)])
                 if name == "policy":
                     made = policy.generate(sources, n_gen, g_rng)
+                elif name == "dcgan":
+                    gan = DCGANGenerator(seconds=args.cvae_seconds, steps=args.cvae_steps, seed=seed)
+                    made = gan.generate(sources, n_gen, g_rng)
+                    info["gan_fit"] = dataclasses.asdict(gan.last_fit) if gan.last_fit else None
                 else:
                     vae.mode = {"cvae": "perturb", "cvae-prior": "prior", "cvae-interp": "interpolate",
                                 "cvae-residual": "residual"}[name]
@@ -431,8 +436,8 @@ def main() -> None:
     parser.add_argument("--generate-ratio", type=float, default=4.0, help="scarce: samples per real train defect")
     parser.add_argument("--test-share", type=float, default=0.25, help="scarce: real test split")
     parser.add_argument("--gen-size", type=int, default=128, help="scarce: side of the images generators see")
-    parser.add_argument("--cvae-seconds", type=float, default=90.0)
-    parser.add_argument("--cvae-steps", type=int, default=1500)
+    parser.add_argument("--cvae-seconds", type=float, default=90.0, help="learned generators' time budget")
+    parser.add_argument("--cvae-steps", type=int, default=1500, help="learned generators' step budget")
     parser.add_argument("--fallback-precision", type=float, default=0.8,
                         help="scarce: equal precision used if the none model predicts no defect at 0.5")
     parser.add_argument("--workdir", type=Path, default=Path(".dlforge/augbench"), help="scarce: cache")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dlforge.augmenter.learned import ConditionalVAEGenerator
+from dlforge.augmenter.learned import ConditionalVAEGenerator, DCGANGenerator
 from dlforge.augmenter.settings import AugmenterSettings
 from dlforge.augmenter.worker import RUNS, SAMPLES, build_deps, build_generator, service
 from dlforge.common.bus import Delivery
@@ -111,6 +111,24 @@ def test_residual_mode_without_noise_returns_the_parents() -> None:
     images = _squares(9, size=48)
     made = _small(mode="residual", noise=0.0).generate(images, 6, np.random.default_rng(2))
     assert np.array_equal(made.images, images[made.parents])
+
+
+@pytest.mark.parametrize("channels,side", [(1, 48), (3, 32)])
+def test_dcgan_shape_parents_determinism_and_budget(channels: int, side: int) -> None:
+    images = _squares(10, size=side, channels=channels)
+
+    def gan(**kw: Any) -> DCGANGenerator:
+        return DCGANGenerator(**{**dict(size=32, latent_dim=8, width=8, steps=15, seconds=None, batch_size=8), **kw})
+
+    made = gan().generate(images, 5, np.random.default_rng(0))
+    assert made.images.shape == (5, side, side, channels) and made.images.dtype == np.uint8
+    assert ((made.parents >= 0) & (made.parents < 10)).all() and made.recipes == ["dcgan:prior"] * 5
+    again = gan().generate(images, 5, np.random.default_rng(0))
+    assert np.array_equal(made.images, again.images) and np.array_equal(made.parents, again.parents)
+    ticks = itertools.count()
+    g = gan(steps=1000, seconds=3.0, clock=lambda: float(next(ticks)))
+    g.generate(images, 1, np.random.default_rng(0))
+    assert g.last_fit is not None and g.last_fit.stopped_by == "time" and 1 <= g.last_fit.steps <= 3
 
 
 @pytest.mark.slow  # the X2 filter runs EfficientNet-Lite0 on every image

@@ -270,3 +270,128 @@ class ConditionalVAEGenerator:
             torch.set_num_threads(threads)
         arr = np.clip(np.rint(x.numpy() * 255.0), 0, 255).astype(np.uint8)
         return arr.transpose(0, 2, 3, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# A second learned family for comparison: a tiny DCGAN per class
+# ------------------------------------------------------------------------------------------------
+
+
+def _build_gan(channels: int, latent_dim: int, width: int, size: int) -> tuple[Any, Any]:
+    from torch import nn
+
+    w, s = width, size // 16
+    generator = nn.Sequential(
+        nn.Linear(latent_dim, 4 * w * s * s), nn.Unflatten(1, (4 * w, s, s)), nn.BatchNorm2d(4 * w), nn.ReLU(),
+        nn.ConvTranspose2d(4 * w, 4 * w, 4, 2, 1), nn.BatchNorm2d(4 * w), nn.ReLU(),
+        nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1), nn.BatchNorm2d(2 * w), nn.ReLU(),
+        nn.ConvTranspose2d(2 * w, w, 4, 2, 1), nn.BatchNorm2d(w), nn.ReLU(),
+        nn.ConvTranspose2d(w, channels, 4, 2, 1), nn.Sigmoid(),
+    )
+    discriminator = nn.Sequential(
+        nn.Conv2d(channels, w, 4, 2, 1), nn.LeakyReLU(0.2),
+        nn.Conv2d(w, 2 * w, 4, 2, 1), nn.LeakyReLU(0.2),
+        nn.Conv2d(2 * w, 4 * w, 4, 2, 1), nn.LeakyReLU(0.2),
+        nn.Conv2d(4 * w, 4 * w, 4, 2, 1), nn.LeakyReLU(0.2),
+        nn.Flatten(), nn.Linear(4 * w * s * s, 1),
+    )
+    return generator, discriminator
+
+
+class DCGANGenerator:
+    """A tiny DCGAN per class at ``size`` px (non-saturating loss, flips as augmentation); samples from the
+    prior; the parent is the real image nearest in pixels at ``size`` px. Same budget and caching rules
+    as :class:`ConditionalVAEGenerator`."""
+
+    name = "dcgan"
+
+    def __init__(self, *, size: int = 64, latent_dim: int = 32, width: int = 16, steps: int = 1500,
+                 seconds: float | None = 90.0, batch_size: int = 32, lr: float = 2e-4, flips: bool = True,
+                 seed: int = 0, threads: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
+        if size < 16 or size % 16:
+            raise ConfigError(f"dcgan size {size} must be a multiple of 16")
+        if steps < 1 or (seconds is not None and seconds <= 0) or latent_dim < 1 or width < 1 or lr <= 0:
+            raise ConfigError("dcgan: steps, seconds, latent_dim, width and lr must be positive")
+        self.size, self.latent_dim, self.width, self.steps, self.seconds = size, latent_dim, width, steps, seconds
+        self.batch_size, self.lr, self.flips, self.seed, self.threads, self.clock = (
+            batch_size, lr, flips, seed, threads, clock)
+        self.last_fit: VAEFit | None = None
+        self._cache: tuple[str, Any, np.ndarray] | None = None  # digest, generator net, real images at size
+
+    def fit(self, images: np.ndarray) -> Any:
+        _check_sources(images)
+        h = hashlib.sha256(images.tobytes())
+        h.update(repr((images.shape, self.size, self.latent_dim, self.width, self.steps, self.seconds,
+                       self.batch_size, self.lr, self.flips, self.seed)).encode())
+        key = h.hexdigest()
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        import torch
+        import torch.nn.functional as F
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(min(threads, self.threads))
+        try:
+            torch.manual_seed(self.seed)
+            gen = torch.Generator().manual_seed(self.seed)
+            small = resize_batch(images, self.size)
+            x = torch.from_numpy(np.ascontiguousarray(small.transpose(0, 3, 1, 2))).float().div_(255.0)
+            net_g, net_d = _build_gan(images.shape[3], self.latent_dim, self.width, self.size)
+            opt_g = torch.optim.Adam(net_g.parameters(), lr=self.lr, betas=(0.5, 0.999))
+            opt_d = torch.optim.Adam(net_d.parameters(), lr=self.lr, betas=(0.5, 0.999))
+            started = self.clock()
+            step, loss_value, stopped_by = 0, float("nan"), "steps"
+            b = min(self.batch_size, max(2, len(x)))
+            while step < self.steps:
+                if self.seconds is not None and self.clock() - started >= self.seconds:
+                    stopped_by = "time"
+                    break
+                real = x[torch.randint(0, len(x), (b,), generator=gen)]
+                if self.flips:
+                    fh = torch.rand(b, generator=gen) < 0.5
+                    fv = torch.rand(b, generator=gen) < 0.5
+                    real = torch.where(fh[:, None, None, None], real.flip(3), real)
+                    real = torch.where(fv[:, None, None, None], real.flip(2), real)
+                fake = net_g(torch.randn((b, self.latent_dim), generator=gen))
+                d_loss = (F.binary_cross_entropy_with_logits(net_d(real), torch.full((b, 1), 0.9))
+                          + F.binary_cross_entropy_with_logits(net_d(fake.detach()), torch.zeros(b, 1)))
+                opt_d.zero_grad()
+                d_loss.backward()
+                opt_d.step()
+                g_loss = F.binary_cross_entropy_with_logits(net_d(fake), torch.ones(b, 1))
+                opt_g.zero_grad()
+                g_loss.backward()
+                opt_g.step()
+                loss_value = float(g_loss.item())
+                step += 1
+            net_g.eval()
+            self.last_fit = VAEFit(steps=step, seconds=round(self.clock() - started, 3), final_loss=loss_value,
+                                   images=len(images), stopped_by=stopped_by)
+            self._cache = (key, net_g, small.reshape(len(small), -1).astype(np.float32))
+            return net_g
+        finally:
+            torch.set_num_threads(threads)
+
+    def generate(self, images: np.ndarray, n: int, rng: np.random.Generator) -> Generated:
+        import torch
+
+        _check_sources(images)
+        if n <= 0:
+            return Generated.concat([], like=images)
+        net_g = self.fit(images)
+        assert self._cache is not None
+        flat_real = self._cache[2]
+        z = rng.standard_normal((n, self.latent_dim)).astype(np.float32)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(min(threads, self.threads))
+        try:
+            with torch.no_grad():
+                x = net_g(torch.from_numpy(z)).numpy()
+        finally:
+            torch.set_num_threads(threads)
+        out = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        flat = out.reshape(n, -1).astype(np.float32)
+        dist = (flat ** 2).sum(1)[:, None] - 2 * flat @ flat_real.T + (flat_real ** 2).sum(1)[None, :]
+        parents = dist.argmin(axis=1).astype(np.int64)
+        out = resize_batch(out, images.shape[1]) if out.shape[1:3] != images.shape[1:3] else out
+        return Generated(np.ascontiguousarray(out), parents, ["dcgan:prior"] * n)
