@@ -8,6 +8,20 @@ trained on real only, real + kept generated, real + all generated, and scored on
 
     python benchmarks/augmenter.py [--max-imbalance 1.0] [--threshold 0.9] [--limit 800]
 
+``--protocol scarce`` (issue 13) measures generators where a class is scarce: per seed, a stratified
+real test split (25 %); the train split's defect images cut to ``--defect-share`` (10 %); defect
+samples made from those by each generator (``none``; ``policy`` = the service's policies + mixup;
+``cvae`` / ``cvae-prior`` / ``cvae-interp`` / ``cvae-residual`` = the learned generator, one VAE per
+seed, four sampling modes; ``dcgan`` = a tiny DCGAN per seed, the same step/time budget) and judged
+by the X2 filter (fitted on the scarce real train split, on the same frozen features); the quick
+classifier trained on real + kept samples and scored on the real test split:
+defect recall at equal precision (the largest recall whose precision reaches the ``none`` model's
+precision at its 0.5 threshold, on the same seed's test split), recall and accuracy at 0.5, average
+precision. ``recall_gain_points`` = mean over seeds of (cvae recall - none recall) at equal precision.
+
+    python benchmarks/augmenter.py --protocol scarce --defect-share 0.1 --seeds 3 \
+        --generators none,policy,cvae,cvae-prior,cvae-interp,cvae-residual
+
 Prints a table and writes benchmarks/results/augmenter.json.
 """
 
@@ -15,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -197,6 +212,209 @@ def quick_classifiers(
     return rows, sweep
 
 
+# ------------------------------------------------------------------------------------------------
+# --protocol scarce (issue 13): one class cut to a small share, generators compared on real test data
+# ------------------------------------------------------------------------------------------------
+
+GENERATORS = ("none", "policy", "cvae", "cvae-prior", "cvae-interp", "cvae-residual", "dcgan")
+
+
+class CachedFeatures:
+    """A FeatureExtractor that answers images it has seen (by their bytes) from memory."""
+
+    def __init__(self, inner: FrozenNetworkFeatures) -> None:
+        self.inner = inner
+        self.image_size = inner.image_size
+        self.arch = inner.arch
+        self.known: dict[bytes, np.ndarray] = {}
+
+    @staticmethod
+    def _key(image: np.ndarray) -> bytes:
+        return hashlib.sha1(np.ascontiguousarray(image).tobytes()).digest()
+
+    def remember(self, images: np.ndarray, feats: np.ndarray) -> None:
+        for img, f in zip(images, feats, strict=True):
+            self.known[self._key(img)] = f
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        keys = [self._key(img) for img in images]
+        missing = [i for i, k in enumerate(keys) if k not in self.known]
+        if missing:
+            self.remember(images[missing], self.inner(images[missing]))
+        if not keys:
+            return np.zeros((0, 1280), dtype=np.float32)
+        return np.stack([self.known[k] for k in keys]).astype(np.float32)
+
+
+def elpv_arrays(workdir: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """All ELPV cells as uint8 N x size x size x 1 and their labels (1 = defect), cached in ``workdir``."""
+    cache = workdir / f"elpv-{size}.npz"
+    if cache.exists():
+        data = np.load(cache)
+        return data["images"], data["labels"]
+    from PIL import Image
+
+    from dlforge.labeler.demo_data import elpv_cells, elpv_root
+    from dlforge.vision.images import to_array
+
+    root, rows = elpv_root(), elpv_cells()
+    images = np.stack([to_array(Image.open(root / r.name), size=size, channels=1) for r in rows])
+    labels = np.array([r.label == "defect" for r in rows], dtype=np.int64)
+    workdir.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, images=images, labels=labels)
+    return images, labels
+
+
+def recall_at_precision(scores: np.ndarray, truth: np.ndarray, precision: float) -> float:
+    """The largest recall of ``score >= t`` over thresholds t whose precision reaches ``precision``."""
+    order = np.argsort(-scores, kind="stable")
+    hits = np.cumsum(truth[order] == 1)
+    cut = np.r_[scores[order][1:] != scores[order][:-1], True]  # only cut between distinct scores
+    prec = hits / np.arange(1, len(scores) + 1)
+    rec = hits / max(1, int(truth.sum()))
+    ok = cut & (prec >= precision - 1e-12)
+    return float(rec[ok].max()) if ok.any() else 0.0
+
+
+def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import average_precision_score
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    from dlforge.augmenter.filters import ConfidenceFilter
+    from dlforge.augmenter.learned import ConditionalVAEGenerator, DCGANGenerator
+    from dlforge.augmenter.worker import build_generator
+
+    names = [g.strip() for g in args.generators.split(",") if g.strip()]
+    unknown = [g for g in names if g not in GENERATORS]
+    if unknown or "none" not in names:
+        raise SystemExit(f"--generators: unknown {unknown}; known {GENERATORS}; 'none' is required")
+    workdir = args.workdir
+    t = time.perf_counter()
+    images, labels = elpv_arrays(workdir, args.gen_size)
+    features = CachedFeatures(FrozenNetworkFeatures(image_size=args.eval_size))
+    feat_cache = workdir / f"elpv-{args.gen_size}-feat{args.eval_size}.npy"
+    if feat_cache.exists():
+        feats = np.load(feat_cache)
+    else:
+        feats = features.inner(images)
+        np.save(feat_cache, feats)
+    features.remember(images, feats)
+    print(f"ELPV: {len(images)} cells ({int(labels.sum())} defect), features in {time.perf_counter() - t:.0f} s")
+    policy = build_generator(load_settings(AugmenterSettings))
+
+    per_seed: list[dict[str, Any]] = []
+    for seed in range(args.seeds):
+        rng = np.random.default_rng([seed, 13])
+        idx = np.arange(len(images))
+        train, test = train_test_split(idx, test_size=args.test_share, stratify=labels, random_state=seed)
+        defect_train = train[labels[train] == 1]
+        keep_n = max(2, round(args.defect_share * len(defect_train)))
+        scarce_defects = np.sort(rng.choice(defect_train, size=keep_n, replace=False))
+        train = np.sort(np.concatenate([train[labels[train] == 0], scarce_defects]))
+        x_train, y_train = feats[train], labels[train]
+        x_test, y_test = feats[test], labels[test]
+        x2 = ConfidenceFilter(features, threshold=args.threshold)
+        x2.fit(images[train], y_train, num_classes=2, val_images=images[:0], val_labels=y_train[:0])
+        sources = images[scarce_defects]
+        n_gen = round(args.generate_ratio * len(sources))
+        vae = ConditionalVAEGenerator(seconds=args.cvae_seconds, steps=args.cvae_steps, seed=seed)
+        row: dict[str, Any] = {"seed": seed, "train_images": len(train), "train_defects": len(sources),
+                               "test_images": len(test), "test_defects": int(y_test.sum()), "generators": {}}
+        reference: float | None = None
+        for name in names:
+            t = time.perf_counter()
+            gen_x = np.zeros((0, feats.shape[1]), dtype=np.float32)
+            info: dict[str, Any] = {"generated": 0, "kept": 0}
+            if name != "none":
+                g_rng = np.random.default_rng([seed, 7, GENERATORS.index(name)])
+                if name == "policy":
+                    made = policy.generate(sources, n_gen, g_rng)
+                elif name == "dcgan":
+                    gan = DCGANGenerator(seconds=args.cvae_seconds, steps=args.cvae_steps, seed=seed)
+                    made = gan.generate(sources, n_gen, g_rng)
+                    info["gan_fit"] = dataclasses.asdict(gan.last_fit) if gan.last_fit else None
+                else:
+                    vae.mode = {"cvae": "perturb", "cvae-prior": "prior", "cvae-interp": "interpolate",
+                                "cvae-residual": "residual"}[name]
+                    made = vae.generate(sources, n_gen, g_rng)
+                    info["vae_fit"] = dataclasses.asdict(vae.last_fit) if vae.last_fit else None
+                verdict = x2.judge(made.images, np.ones(len(made.images), dtype=np.int64))
+                gen_x = features(made.images[verdict.keep])
+                info.update(generated=len(made.images), kept=int(verdict.keep.sum()),
+                            median_confidence=round(float(np.median(verdict.confidence)), 3))
+            x = np.concatenate([x_train, gen_x])
+            y = np.concatenate([y_train, np.ones(len(gen_x), dtype=np.int64)])
+            with threadpool_limits(limits=1, user_api="blas"):
+                model = make_pipeline(StandardScaler(), LogisticRegression(C=args.eval_c, max_iter=3000)).fit(x, y)
+                scores = model.predict_proba(x_test)[:, 1]
+            pred = (scores >= 0.5).astype(np.int64)
+            tp = int(((pred == 1) & (y_test == 1)).sum())
+            precision_05 = tp / max(1, int(pred.sum()))
+            if name == "none":
+                reference = precision_05 if pred.sum() else args.fallback_precision
+                row["reference_precision"] = round(reference, 4)
+            assert reference is not None
+            info.update(
+                recall_at_equal_precision=round(recall_at_precision(scores, y_test, reference), 4),
+                recall_at_precision_0_8=round(recall_at_precision(scores, y_test, 0.8), 4),
+                recall_at_0_5=round(tp / max(1, int(y_test.sum())), 4),
+                precision_at_0_5=round(precision_05, 4),
+                accuracy=round(float(np.mean(pred == y_test)), 4),
+                average_precision=round(float(average_precision_score(y_test, scores)), 4),
+                seconds=round(time.perf_counter() - t, 1),
+            )
+            row["generators"][name] = info
+            print(f"  seed {seed} {name:<12} {info}", flush=True)
+        per_seed.append(row)
+
+    summary: dict[str, Any] = {}
+    for name in names:
+        vals = {k: [r["generators"][name][k] for r in per_seed]
+                for k in ("recall_at_equal_precision", "recall_at_precision_0_8", "recall_at_0_5", "accuracy",
+                          "average_precision", "kept")}
+        summary[name] = {k: round(float(np.mean(v)), 4) for k, v in vals.items()}
+        summary[name]["recall_at_equal_precision_per_seed"] = vals["recall_at_equal_precision"]
+    learned = "cvae" if "cvae" in names else next((n for n in names if n.startswith("cvae")), None)
+    gains = {n: round(100 * float(np.mean([r["generators"][n]["recall_at_equal_precision"]
+                                          - r["generators"]["none"]["recall_at_equal_precision"]
+                                          for r in per_seed])), 2) for n in names if n != "none"}
+    return {
+        "benchmark": "augmenter",
+        "protocol": "scarce",
+        "dataset": "elpv",
+        "images": len(images),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
+        "metric": "defect recall on the real test split at the precision of the no-generation model at its 0.5 "
+                  "threshold (same seed); the largest recall whose precision reaches it",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_end": os.getloadavg()},
+        "recall_gain_points": gains.get(learned) if learned else None,
+        "recall_gain_points_by_generator": gains,
+        "target_points": 5.0,
+        "summary": summary,
+        "per_seed": per_seed,
+    }
+
+
+def print_scarce(result: dict[str, Any]) -> None:
+    o = result["options"]
+    print(f"\nELPV, defect class cut to {o['defect_share']:.0%} of its train images, {o['seeds']} seeds, "
+          f"X2 threshold {o['threshold']}, {o['generate_ratio']:g} generated per real defect")
+    print(f"  {'generator + X2':<14} {'kept':>6} {'rec@eqP':>8} {'gain pts':>9} {'rec@P.8':>8} {'rec@0.5':>8} "
+          f"{'acc':>7} {'AP':>7}   rec@eqP per seed")
+    gains = result["recall_gain_points_by_generator"]
+    for name, s in result["summary"].items():
+        gain = f"{gains[name]:+.1f}" if name in gains else "-"
+        print(f"  {name:<14} {s['kept']:>6.0f} {s['recall_at_equal_precision']:>8.3f} {gain:>9} "
+              f"{s['recall_at_precision_0_8']:>8.3f} {s['recall_at_0_5']:>8.3f} {s['accuracy']:>7.3f} "
+              f"{s['average_precision']:>7.3f}   "
+              f"{s['recall_at_equal_precision_per_seed']}")
+    print(f"  recall_gain_points (learned + X2 vs none): {result['recall_gain_points']} (target >= 5)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-imbalance", type=float, default=1.0,
@@ -211,11 +429,30 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="use a random subset of this many images")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--protocol", choices=("worker", "scarce"), default="worker")
+    parser.add_argument("--defect-share", type=float, default=0.1, help="scarce: share of train defects kept")
+    parser.add_argument("--seeds", type=int, default=3, help="scarce: seeds 0..n-1")
+    parser.add_argument("--generators", default=",".join(GENERATORS))
+    parser.add_argument("--generate-ratio", type=float, default=4.0, help="scarce: samples per real train defect")
+    parser.add_argument("--test-share", type=float, default=0.25, help="scarce: real test split")
+    parser.add_argument("--gen-size", type=int, default=128, help="scarce: side of the images generators see")
+    parser.add_argument("--cvae-seconds", type=float, default=90.0, help="learned generators' time budget")
+    parser.add_argument("--cvae-steps", type=int, default=1500, help="learned generators' step budget")
+    parser.add_argument("--fallback-precision", type=float, default=0.8,
+                        help="scarce: equal precision used if the none model predicts no defect at 0.5")
+    parser.add_argument("--workdir", type=Path, default=Path(".dlforge/augbench"), help="scarce: cache")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(2)
+    if args.protocol == "scarce":
+        result = scarce_protocol(args)
+        print_scarce(result)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=str))
+        print(f"\nwrote {args.out}")
+        return
     with tempfile.TemporaryDirectory(prefix="dlforge-augbench-") as tmp:
         run = asyncio.run(run_augmenter(Path(tmp), args))
         record = run["record"]

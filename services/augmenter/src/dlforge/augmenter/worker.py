@@ -37,7 +37,7 @@ from dlforge.augmenter.handlers import (
     training_manifest,
 )
 from dlforge.augmenter.settings import AugmenterSettings
-from dlforge.common.errors import InvalidInput, NotFound, PoisonMessage, RetryableError
+from dlforge.common.errors import ConfigError, InvalidInput, NotFound, PoisonMessage, RetryableError
 from dlforge.common.events import AugmentationCount, DatasetAugmented, DatasetLabeled, Event, Topic
 from dlforge.common.objects import ObjectStore, check_key
 from dlforge.common.runtime import Backends, HandlerContext, Service
@@ -67,6 +67,14 @@ def manifest_key(dataset_id: str) -> str:
 
 
 def build_generator(settings: AugmenterSettings) -> Generator:
+    """The generator ``augmenter_generator`` names (the settings refuse unknown names)."""
+    if settings.augmenter_generator == "cvae":
+        from dlforge.augmenter.learned import ConditionalVAEGenerator
+
+        return ConditionalVAEGenerator(seconds=settings.augmenter_cvae_seconds, steps=settings.augmenter_cvae_steps,
+                                       mode=settings.augmenter_cvae_mode)
+    if settings.augmenter_generator != "policy":
+        raise ConfigError(f"unknown generator {settings.augmenter_generator!r}")
     return MixedGenerator([
         (PolicyGenerator(settings.augmenter_policies), 1.0 - settings.augmenter_mixup_fraction),
         (MixupGenerator(settings.augmenter_mixup_alpha), settings.augmenter_mixup_fraction),
@@ -235,7 +243,9 @@ async def on_dataset_labeled(event: Event, ctx: HandlerContext[AugmenterDeps]) -
         },
         generator={"name": generator.name, "policies": settings.augmenter_policies,
                    "mixup_fraction": settings.augmenter_mixup_fraction,
-                   "mixup_alpha": settings.augmenter_mixup_alpha},
+                   "mixup_alpha": settings.augmenter_mixup_alpha,
+                   **({"cvae_fit": dataclasses.asdict(fit_)} if (fit_ := getattr(generator, "last_fit", None))
+                      is not None and dataclasses.is_dataclass(fit_) and not isinstance(fit_, type) else {})},
         image_size=outcome.image_size, channels=outcome.channels, timings=timings,
         finished_at=datetime.now(UTC).isoformat(),
     )
