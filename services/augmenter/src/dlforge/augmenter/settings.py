@@ -51,7 +51,8 @@ class AugmenterSettings(CommonSettings):
         default=1500, ge=1, le=1_000_000, description="cvae: training steps per class at most"
     )
     augmenter_cvae_mode: str = Field(
-        default="perturb", description="cvae sampling: 'prior', 'perturb' or 'interpolate'"
+        default="perturb",
+        description="cvae sampling: 'prior', 'perturb', 'interpolate' or 'residual' (dlforge.augmenter.learned)",
     )
 
     @field_validator("augmenter_generator")
