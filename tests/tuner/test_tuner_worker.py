@@ -387,3 +387,17 @@ async def test_with_a_fidelity_ladder_the_best_third_of_a_rung_trains_again_on_t
                               storage=(await backends.docs.get("tuner_studies", study_name_for(run_id)))[
                                   "context"]["storage_url"])
     assert [t.user_attrs["fidelity"] for t in study.trials] == [0.25, 0.25, 0.25, 0.5, 0.25, 0.25]
+
+
+async def test_deleting_a_run_forgets_its_study_for_warm_starts(backends: Backends) -> None:
+    import dlforge.tuner.reconcile  # noqa: F401  (registers the tuner's run.deleted handler)
+    from dlforge.common.events import RunDeleted
+    from dlforge.tuner.warmstart import PAST_STUDIES
+
+    first = proposed(FAKE, trials=1).model_copy(update={"fingerprint": [1.0, 0.0, 1.0, 0.0]})
+    [trial] = await tuner_handles(backends, Event.new(first, run_id="run-d"))
+    await tuner_handles(backends, trial_done(trial, "complete", 0.8))
+    assert await backends.docs.get(PAST_STUDIES, study_name_for("run-d")) is not None
+    await tuner_handles(backends, Event.new(RunDeleted(dataset_id="testdata"), run_id="run-d"))
+    assert await backends.docs.get(PAST_STUDIES, study_name_for("run-d")) is None
+    assert await backends.docs.find("tuner_studies") == []

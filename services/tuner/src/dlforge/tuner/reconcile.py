@@ -8,7 +8,8 @@ At start, for each study still ``running``:
   the trainer trains it (from its last epoch checkpoint) and the completion is told as usual;
 * on the in-memory bus those events are gone: the study is failed with the reason and a ``run.failed``.
 
-``run.deleted``: the run's study (documents and Optuna study) and its tuning override.
+``run.deleted``: the run's study (documents, Optuna study, and its memory for warm starts) and its tuning
+override.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dlforge.common.recovery import bus_is_durable, fail_run
 from dlforge.common.runtime import Backends, HandlerContext
 from dlforge.hpo import open_storage
 from dlforge.tuner.handlers import ASKED_BY, ERROR, StudyContext, load_study
+from dlforge.tuner.warmstart import PAST_STUDIES
 from dlforge.tuner.worker import CONFIGS, RUNS, STUDIES, now, service
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ def _delete_study(ctx: StudyContext) -> None:
 async def delete_run(event: Event, ctx: HandlerContext[Any]) -> None:
     for doc in await ctx.docs.find(STUDIES, {"run_id": event.run_id}):
         await asyncio.to_thread(_delete_study, StudyContext.model_validate(doc["context"]))
+        await ctx.docs.delete(PAST_STUDIES, doc["_id"])  # its memory for warm starts goes with the run
         await ctx.docs.delete(STUDIES, doc["_id"])
     await ctx.docs.delete(CONFIGS, event.run_id)
     await ctx.docs.delete(RUNS, event.run_id)
