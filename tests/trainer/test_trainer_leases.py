@@ -7,7 +7,7 @@ import asyncio
 import functools
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,6 +21,7 @@ from dlforge.trainer.jobs import JOBS, METRICS, JobRecords
 from dlforge.trainer.params import EpochMetrics, TrainParams
 from dlforge.trainer.runner import JobRunner
 from dlforge.trainer.settings import TrainerSettings
+from dlforge.trainer.testing import jobs_ended
 
 LEASE = 60.0
 
@@ -28,13 +29,6 @@ LEASE = 60.0
 def _request() -> TrainingRequest:
     return TrainingRequest(weights_key="cands/none.pt", manifest_key="data/none.json", classes=["a", "b"],
                            hparams=TrainParams(lr=0.01, batch_size=4, epochs=1))
-
-
-async def _until(condition: Callable[[], Awaitable[bool]], seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not await condition():
-        assert time.monotonic() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0.02)
 
 
 class Clock:
@@ -76,7 +70,7 @@ async def test_an_expired_lease_is_taken_over_and_a_live_one_is_left_alone(
     taken = await runner.take_over()
 
     assert sorted(taken) == ["before-leases", "dead"]
-    await _until(lambda: asyncio.sleep(0, not runner.tasks))
+    await jobs_ended(runner)
     assert sorted(trained) == ["before-leases", "dead"]
     dead = await backends.docs.get(JOBS, "dead") or {}
     assert dead["lease_holder"] == runner.holder and "taken over from 'old-pod-7f9c/1/a'" in dead["note"]
@@ -107,7 +101,7 @@ async def test_two_trainers_racing_for_one_expired_job_train_it_once(
     taken = await asyncio.gather(a.take_over(), b.take_over())
 
     assert sorted(len(t) for t in taken) == [0, 1]
-    await _until(lambda: asyncio.sleep(0, not a.tasks and not b.tasks))
+    await jobs_ended(a, b)
     assert trained == ["orphan"]
 
 
@@ -126,7 +120,7 @@ async def test_a_renewed_lease_is_not_taken_over(backends: Backends, monkeypatch
     await _job(backends, "held", **a.lease_fields())
     a.submit("held", _request(), "trainer/jobs/held")
     try:
-        await _until(lambda: asyncio.sleep(0, started.is_set()))
+        assert await asyncio.to_thread(started.wait, 30)
         clock_a.now += 0.6 * LEASE
         await a.renew()  # lease now until 1.6 leases after the start
         clock_b.now += 1.2 * LEASE
@@ -135,7 +129,7 @@ async def test_a_renewed_lease_is_not_taken_over(backends: Backends, monkeypatch
         assert await b.take_over() == ["held"]  # a stopped renewing
     finally:
         release.set()
-        await _until(lambda: asyncio.sleep(0, not a.tasks and not b.tasks))
+        await jobs_ended(a, b)
 
 
 async def test_a_trainer_whose_job_was_taken_over_stops_it_and_writes_nothing_more(
@@ -143,7 +137,7 @@ async def test_a_trainer_whose_job_was_taken_over_stops_it_and_writes_nothing_mo
     epochs_seen: list[int] = []
     handed: list[bool] = []
     calls: list[str] = []
-    release_b = threading.Event()
+    two_epochs, go_on, release_b = threading.Event(), threading.Event(), threading.Event()
 
     def training(objects: object, request: TrainingRequest, *, job_id: str, on_epoch: Callable[[EpochMetrics], bool],
                  handed_over: Callable[[], bool], **_: object) -> None:
@@ -151,16 +145,15 @@ async def test_a_trainer_whose_job_was_taken_over_stops_it_and_writes_nothing_mo
         if len(calls) == 2:  # b's, after it took the job over
             release_b.wait(30)
             raise InvalidInput("stands for the new holder's training")
-        deadline = time.monotonic() + 30
-        epoch = 0
-        while time.monotonic() < deadline:
-            epoch += 1
+        for epoch in (1, 2, 3):
+            if epoch == 3:  # a was paused here, past its lease: meanwhile b took the job over
+                two_epochs.set()
+                go_on.wait(30)
             m = EpochMetrics(epoch=epoch, steps=epoch, train_loss=1.0, val_loss=1.0, val_accuracy=0.5,
                              val_recall={"a": 0.5}, seconds=0.01, images_per_second=1.0)
             if not on_epoch(m):
                 break
             epochs_seen.append(epoch)
-            time.sleep(0.01)
         handed.append(handed_over())
 
     monkeypatch.setattr("dlforge.trainer.runner.run_training", training)
@@ -168,37 +161,46 @@ async def test_a_trainer_whose_job_was_taken_over_stops_it_and_writes_nothing_mo
     a, b = _runner(backends, clock_a), _runner(backends, clock_b)
     await _job(backends, "job", **a.lease_fields())
     a.submit("job", _request(), "trainer/jobs/job")
-    await _until(lambda: asyncio.sleep(0, len(epochs_seen) >= 2))
+    assert await asyncio.to_thread(two_epochs.wait, 30)
 
-    clock_b.now += 2 * LEASE  # a was paused past its lease (as far as b can tell)
+    clock_b.now += 2 * LEASE  # a's lease ran out (as far as b can tell)
     assert await b.take_over() == ["job"]
     await a.renew()
+    go_on.set()
 
-    await _until(lambda: asyncio.sleep(0, not a.tasks))
-    assert handed == [True]  # run_training is told to leave the stored state to b
+    await jobs_ended(a)
+    assert epochs_seen == [1, 2] and handed == [True]  # epoch 3 stopped it; the stored state is left to b
     assert "job" in b.held and "job" not in a.held
     record = await backends.docs.get(JOBS, "job") or {}
     metrics = await backends.docs.find(METRICS, {"job_id": "job"})
     assert record["lease_holder"] == b.holder and record["state"] in ("queued", "running")
     assert record["finished_at"] is None  # a did not finish it
-    assert len(metrics) == len(epochs_seen)  # each epoch before the loss was recorded, none after it
+    assert sorted(d["epoch"] for d in metrics) == [1, 2]  # each epoch before the loss was recorded, none after it
     release_b.set()
-    await _until(lambda: asyncio.sleep(0, not b.tasks))
+    await jobs_ended(b)
     assert (await backends.docs.get(JOBS, "job") or {})["state"] == "failed"  # b's (fake) training ended it
 
 
 async def test_the_lease_loop_takes_over_a_job_that_expires_while_it_runs(
         backends: Backends, monkeypatch: pytest.MonkeyPatch) -> None:
     trained: list[str] = []
-    monkeypatch.setattr("dlforge.trainer.runner.run_training", _fake_training(trained))
+    took = threading.Event()
+
+    def fake(objects: object, request: TrainingRequest, *, job_id: str, **_: object) -> None:
+        trained.append(job_id)
+        took.set()
+        raise InvalidInput("stands for the training")
+
+    monkeypatch.setattr("dlforge.trainer.runner.run_training", fake)
     runner = _runner(backends, lease_s=3.0)  # it looks every second
     await _job(backends, "soon", owner="pod-c", lease_holder="pod-c/1/c", lease_until=time.time() + 1.5)
     runner.start_leases()
     try:
-        await _until(lambda: asyncio.sleep(0, trained == ["soon"]), seconds=20)
+        assert await asyncio.to_thread(took.wait, 20)  # the lease ran out 1.5 s in; the loop looked again
     finally:
         await runner.close()
-    assert runner._leases is None
+    await jobs_ended(runner)
+    assert trained == ["soon"] and runner._leases is None
 
 
 def test_run_training_keeps_the_stored_state_when_the_job_was_handed_over(
@@ -239,11 +241,12 @@ async def test_a_write_of_the_old_holder_never_undoes_a_takeover(backends: Backe
 
 async def test_a_job_is_not_taken_back_while_the_task_that_lost_it_still_runs(
         backends: Backends, monkeypatch: pytest.MonkeyPatch) -> None:
-    release = threading.Event()
+    release, started = threading.Event(), threading.Event()
     calls: list[str] = []
 
     def blocking(objects: object, request: TrainingRequest, *, job_id: str, **_: object) -> None:
         calls.append(job_id)
+        started.set()
         release.wait(30)
         raise InvalidInput("stands for the training")
 
@@ -253,7 +256,7 @@ async def test_a_job_is_not_taken_back_while_the_task_that_lost_it_still_runs(
     await _job(backends, "k", **a.lease_fields())
     a.submit("k", _request(), "trainer/jobs/k")
     try:
-        await _until(lambda: asyncio.sleep(0, calls == ["k"]))
+        assert await asyncio.to_thread(started.wait, 30)
         # another trainer took it and died: the lease ran out again while a's first task is still training
         job = await backends.docs.get(JOBS, "k") or {}
         await backends.docs.update(JOBS, "k", {"lease_holder": "gone/1/x", "lease_until": clock.now - 1},
@@ -263,6 +266,7 @@ async def test_a_job_is_not_taken_back_while_the_task_that_lost_it_still_runs(
         assert await a.take_over() == []  # not while the task that lost it runs
     finally:
         release.set()
-    await _until(lambda: asyncio.sleep(0, not a.tasks))
+    await jobs_ended(a)
     assert await a.take_over() == ["k"]  # once it has ended
-    await _until(lambda: asyncio.sleep(0, not a.tasks))
+    await jobs_ended(a)
+    assert calls == ["k", "k"]

@@ -16,7 +16,7 @@ from dlforge.trainer.jobs import OWNER, JobRecords
 from dlforge.trainer.params import TrainParams
 from dlforge.trainer.reconcile import reconcile, resume_jobs
 from dlforge.trainer.settings import TrainerSettings
-from dlforge.trainer.testing import make_candidate, make_dataset
+from dlforge.trainer.testing import jobs_ended, make_candidate, make_dataset
 from dlforge.trainer.worker import build_deps
 
 
@@ -39,9 +39,7 @@ async def test_this_hosts_unfinished_rest_jobs_are_trained_again_at_start(backen
     await resume_jobs(deps, backends)
     await reconcile(backends)  # runs after resume_jobs at start: it leaves REST jobs to it
 
-    deadline = time.monotonic() + 120
-    while deps.jobs.tasks and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    await jobs_ended(deps.jobs, timeout=120)
     states = {j: (await records.get(j) or {}) for j in ("mine", "queued-mine", "theirs", "outdated")}
     assert states["mine"]["state"] == states["queued-mine"]["state"] == "completed"
     assert states["mine"]["resumed_from"] is None  # it had stored no state yet: trained from the start
@@ -83,10 +81,7 @@ async def test_a_job_queued_at_the_restart_is_trained_once_when_the_store_answer
     deps = await build_deps(settings_for(TrainerSettings, backends.settings), backends)
 
     await resume_jobs(deps, backends)
-    deadline = time.monotonic() + 30
-    while deps.jobs.tasks and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    assert not deps.jobs.tasks
+    await jobs_ended(deps.jobs, timeout=30)
     assert sorted(trained) == ["queued-mine", "running-mine"]
     await deps.jobs.close()
 
@@ -109,9 +104,7 @@ async def test_a_resumed_job_that_fails_leaves_no_state_to_resume_from(backends:
     deps = await build_deps(settings_for(TrainerSettings, backends.settings), backends)
 
     await resume_jobs(deps, backends)
-    deadline = time.monotonic() + 60
-    while deps.jobs.tasks and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await jobs_ended(deps.jobs, timeout=60)
     job = await records.get("failing") or {}
     assert job["state"] == "failed" and "data/deleted.json" in job["error"]
     outdated = await records.get("outdated") or {}

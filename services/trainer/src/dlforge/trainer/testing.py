@@ -7,10 +7,12 @@ and augmenter write them.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +21,9 @@ from PIL import Image
 from dlforge.common.objects import ObjectStore
 from dlforge.vision.manifest import Item, Manifest, Split, save_manifest
 from dlforge.vision.networks import build_network, save_checkpoint
+
+if TYPE_CHECKING:
+    from dlforge.trainer.runner import JobRunner
 
 CLASSES = ["defect", "good"]
 
@@ -93,3 +98,11 @@ def _calibrate_batchnorm(model: torch.nn.Module, arch: str) -> None:
         for _ in range(4):
             model(torch.randn(16, spec.in_channels, spec.input_size, spec.input_size) * 0.5)
     model.eval()
+
+
+async def jobs_ended(*runners: JobRunner, timeout: float = 60.0) -> None:
+    """Wait until every REST job task the runners have now has ended; AssertionError after ``timeout`` seconds."""
+    tasks = [t for runner in runners for t in runner.tasks]
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        assert not pending, f"{len(pending)} job task(s) still running after {timeout} s"
