@@ -36,21 +36,14 @@ from machine import cpu_name
 from PIL import Image
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STAGES = ("c40", "c80", "c112", "c192", "c320", "head")
 FOURIER_STEPS = (0.25, 0.5, 0.75, 1.0)
 
 
 def _embed(pixels: np.ndarray) -> np.ndarray:
-    from dlforge.labeler.embeddings import _multi_stage_vector
-    from dlforge.vision.trunk import TrunkFeatures, _Out
+    """The labeler's embedding of uint8 N x S x S x 3 images (computed, not stored)."""
+    from dlforge.labeler.embeddings import EfficientNetLite0Embedder
 
-    trunk = TrunkFeatures(None, batch_size=32)
-    outs = [_Out("pooled", trunk.net.index(s)) for s in STAGES]
-    parts: list[list[np.ndarray]] = [[] for _ in outs]
-    for lo in range(0, len(pixels), 32):
-        for k, arr in enumerate(trunk._run(trunk._input(pixels[lo:lo + 32]), start=0, outs=outs)):
-            parts[k].append(arr)
-    return _multi_stage_vector([np.concatenate(p) for p in parts])
+    return EfficientNetLite0Embedder(size=pixels.shape[1]).embed(pixels)
 
 
 def _pair(name: str) -> dict[str, Any]:

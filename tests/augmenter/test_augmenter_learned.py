@@ -100,9 +100,10 @@ def test_settings_choose_the_generator_and_refuse_unknown_names() -> None:
     assert build_generator(load_settings(AugmenterSettings)).name == "mixed"
     g = build_generator(load_settings(AugmenterSettings, augmenter_generator="cvae", augmenter_cvae_steps=10))
     assert isinstance(g, ConditionalVAEGenerator) and g.steps == 10
-    with pytest.raises(ConfigError, match="unknown generator 'gan'"):
+    with pytest.raises(ConfigError, match="DLFORGE_AUGMENTER_GENERATOR: Input should be 'policy' or 'cvae'"):
         load_settings(AugmenterSettings, augmenter_generator="gan")
-    with pytest.raises(ConfigError, match="sampling mode"):
+    with pytest.raises(ConfigError, match="DLFORGE_AUGMENTER_CVAE_MODE: Input should be 'prior', 'perturb', "
+                                          "'interpolate' or 'residual'"):
         load_settings(AugmenterSettings, augmenter_cvae_mode="dream")
 
 

@@ -75,14 +75,12 @@ def standardize_domains(x: np.ndarray, domains: Sequence[str | None], *,
         return x, {}
     groups = np.array(["\0" if d is None else d for d in domains], dtype=object)
     xf = x.astype(np.float64)
-    mu, sd = xf.mean(axis=0), xf.std(axis=0) + 1e-6
     out = xf.copy()
     done: dict[str, int] = {}
     for name in names:
         rows = np.flatnonzero(groups == name)
-        if len(rows) < min_items:
+        if len(rows) < max(2, min_items):
             continue
-        g = xf[rows]
-        out[rows] = (g - g.mean(axis=0)) / (g.std(axis=0) + 1e-6) * sd + mu
+        out[rows] = moment_blend(xf[rows], xf, 1.0)
         done[name] = len(rows)
     return out.astype(x.dtype, copy=False), done

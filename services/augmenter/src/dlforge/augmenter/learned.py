@@ -33,7 +33,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -41,7 +41,8 @@ from dlforge.augmenter.filters import resize_batch
 from dlforge.augmenter.generators import Generated, _check_sources
 from dlforge.common.errors import ConfigError
 
-MODES = ("prior", "perturb", "interpolate", "residual")
+Mode = Literal["prior", "perturb", "interpolate", "residual"]
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from dlforge.augmenter.generators import DEFAULT_POLICIES, parse_policy
+from dlforge.augmenter.learned import Mode
 from dlforge.common.errors import ConfigError
 from dlforge.common.settings import CommonSettings
-
-GENERATOR_NAMES = ("policy", "cvae")
 
 
 class AugmenterSettings(CommonSettings):
@@ -39,7 +40,7 @@ class AugmenterSettings(CommonSettings):
         default=2000, ge=1, description="real images of a class loaded as generation sources at most"
     )
     augmenter_write_threads: int = Field(default=8, ge=1, le=64)
-    augmenter_generator: str = Field(
+    augmenter_generator: Literal["policy", "cvae"] = Field(
         default="policy",
         description="sample generator: 'policy' (augmentation policies + within-class mixup) or 'cvae' (a small "
         "convolutional VAE trained per class at 64 px, see dlforge.augmenter.learned)",
@@ -50,26 +51,10 @@ class AugmenterSettings(CommonSettings):
     augmenter_cvae_steps: int = Field(
         default=1500, ge=1, le=1_000_000, description="cvae: training steps per class at most"
     )
-    augmenter_cvae_mode: str = Field(
+    augmenter_cvae_mode: Mode = Field(
         default="perturb",
         description="cvae sampling: 'prior', 'perturb', 'interpolate' or 'residual' (dlforge.augmenter.learned)",
     )
-
-    @field_validator("augmenter_generator")
-    @classmethod
-    def _generator(cls, v: str) -> str:
-        if v not in GENERATOR_NAMES:
-            raise ValueError(f"unknown generator {v!r}; known: {', '.join(GENERATOR_NAMES)}")
-        return v
-
-    @field_validator("augmenter_cvae_mode")
-    @classmethod
-    def _cvae_mode(cls, v: str) -> str:
-        from dlforge.augmenter.learned import MODES
-
-        if v not in MODES:
-            raise ValueError(f"unknown cvae sampling mode {v!r}; known: {', '.join(MODES)}")
-        return v
 
     @field_validator("augmenter_policies")
     @classmethod

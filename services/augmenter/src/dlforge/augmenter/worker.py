@@ -37,7 +37,7 @@ from dlforge.augmenter.handlers import (
     training_manifest,
 )
 from dlforge.augmenter.settings import AugmenterSettings
-from dlforge.common.errors import ConfigError, InvalidInput, NotFound, PoisonMessage, RetryableError
+from dlforge.common.errors import InvalidInput, NotFound, PoisonMessage, RetryableError
 from dlforge.common.events import AugmentationCount, DatasetAugmented, DatasetLabeled, Event, Topic
 from dlforge.common.objects import ObjectStore, check_key
 from dlforge.common.runtime import Backends, HandlerContext, Service
@@ -73,8 +73,6 @@ def build_generator(settings: AugmenterSettings) -> Generator:
 
         return ConditionalVAEGenerator(seconds=settings.augmenter_cvae_seconds, steps=settings.augmenter_cvae_steps,
                                        mode=settings.augmenter_cvae_mode)
-    if settings.augmenter_generator != "policy":
-        raise ConfigError(f"unknown generator {settings.augmenter_generator!r}")
     return MixedGenerator([
         (PolicyGenerator(settings.augmenter_policies), 1.0 - settings.augmenter_mixup_fraction),
         (MixupGenerator(settings.augmenter_mixup_alpha), settings.augmenter_mixup_fraction),
