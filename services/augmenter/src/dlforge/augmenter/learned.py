@@ -56,6 +56,31 @@ class VAEFit:
     stopped_by: str  # "steps" or "time"
 
 
+def _training_key(images: np.ndarray, *settings: object) -> str:
+    """What a trained network depends on: the images' bytes and shape and the training settings."""
+    h = hashlib.sha256(images.tobytes())
+    h.update(repr((images.shape, *settings)).encode())
+    return h.hexdigest()
+
+
+def _unit_tensor(images: np.ndarray, size: int) -> Any:
+    """uint8 N x H x W x C images resized to ``size`` as a float N x C x size x size tensor in [0, 1]."""
+    import torch
+
+    small = resize_batch(images, size)
+    return torch.from_numpy(np.ascontiguousarray(small.transpose(0, 3, 1, 2))).float().div_(255.0)
+
+
+def _random_flips(batch: Any, gen: Any) -> Any:
+    """Each image of an N x C x H x W batch flipped left-right and upside down, each with probability 1/2."""
+    import torch
+
+    fh = torch.rand(len(batch), generator=gen) < 0.5
+    fv = torch.rand(len(batch), generator=gen) < 0.5
+    batch = torch.where(fh[:, None, None, None], batch.flip(3), batch)
+    return torch.where(fv[:, None, None, None], batch.flip(2), batch)
+
+
 def _build_vae(channels: int, latent_dim: int, width: int, size: int) -> Any:
     import torch
     from torch import nn
@@ -134,22 +159,11 @@ class ConditionalVAEGenerator:
 
     # -- training -------------------------------------------------------------------------------
 
-    def _key(self, images: np.ndarray) -> str:
-        h = hashlib.sha256(images.tobytes())
-        h.update(repr((images.shape, self.size, self.latent_dim, self.width, self.steps, self.seconds,
-                       self.batch_size, self.lr, self.beta, self.flips, self.seed)).encode())
-        return h.hexdigest()
-
-    def _to_tensor(self, images: np.ndarray) -> Any:
-        import torch
-
-        small = resize_batch(images, self.size)
-        return torch.from_numpy(np.ascontiguousarray(small.transpose(0, 3, 1, 2))).float().div_(255.0)
-
     def fit(self, images: np.ndarray) -> Any:
         """Train (or reuse) the VAE on ``images``; returns the model in eval mode."""
         _check_sources(images)
-        key = self._key(images)
+        key = _training_key(images, self.size, self.latent_dim, self.width, self.steps, self.seconds,
+                            self.batch_size, self.lr, self.beta, self.flips, self.seed)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         import torch
@@ -160,7 +174,7 @@ class ConditionalVAEGenerator:
         try:
             torch.manual_seed(self.seed)
             gen = torch.Generator().manual_seed(self.seed)
-            x = self._to_tensor(images)
+            x = _unit_tensor(images, self.size)
             model = _build_vae(images.shape[3], self.latent_dim, self.width, self.size)
             opt = torch.optim.Adam(model.parameters(), lr=self.lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.steps, eta_min=self.lr / 20)
@@ -173,12 +187,7 @@ class ConditionalVAEGenerator:
                     stopped_by = "time"
                     break
                 idx = torch.randint(0, len(x), (min(self.batch_size, max(2, len(x))),), generator=gen)
-                batch = x[idx]
-                if self.flips:
-                    fh = torch.rand(len(batch), generator=gen) < 0.5
-                    fv = torch.rand(len(batch), generator=gen) < 0.5
-                    batch = torch.where(fh[:, None, None, None], batch.flip(3), batch)
-                    batch = torch.where(fv[:, None, None, None], batch.flip(2), batch)
+                batch = _random_flips(x[idx], gen) if self.flips else x[idx]
                 mu, logvar = model.encode(batch)
                 eps = torch.randn(mu.shape, generator=gen)
                 recon = model.decode(mu + eps * torch.exp(0.5 * logvar))
@@ -321,10 +330,8 @@ class DCGANGenerator:
 
     def fit(self, images: np.ndarray) -> Any:
         _check_sources(images)
-        h = hashlib.sha256(images.tobytes())
-        h.update(repr((images.shape, self.size, self.latent_dim, self.width, self.steps, self.seconds,
-                       self.batch_size, self.lr, self.flips, self.seed)).encode())
-        key = h.hexdigest()
+        key = _training_key(images, self.size, self.latent_dim, self.width, self.steps, self.seconds,
+                            self.batch_size, self.lr, self.flips, self.seed)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         import torch
@@ -335,8 +342,7 @@ class DCGANGenerator:
         try:
             torch.manual_seed(self.seed)
             gen = torch.Generator().manual_seed(self.seed)
-            small = resize_batch(images, self.size)
-            x = torch.from_numpy(np.ascontiguousarray(small.transpose(0, 3, 1, 2))).float().div_(255.0)
+            x = _unit_tensor(images, self.size)
             net_g, net_d = _build_gan(images.shape[3], self.latent_dim, self.width, self.size)
             opt_g = torch.optim.Adam(net_g.parameters(), lr=self.lr, betas=(0.5, 0.999))
             opt_d = torch.optim.Adam(net_d.parameters(), lr=self.lr, betas=(0.5, 0.999))
@@ -349,10 +355,7 @@ class DCGANGenerator:
                     break
                 real = x[torch.randint(0, len(x), (b,), generator=gen)]
                 if self.flips:
-                    fh = torch.rand(b, generator=gen) < 0.5
-                    fv = torch.rand(b, generator=gen) < 0.5
-                    real = torch.where(fh[:, None, None, None], real.flip(3), real)
-                    real = torch.where(fv[:, None, None, None], real.flip(2), real)
+                    real = _random_flips(real, gen)
                 fake = net_g(torch.randn((b, self.latent_dim), generator=gen))
                 d_loss = (F.binary_cross_entropy_with_logits(net_d(real), torch.full((b, 1), 0.9))
                           + F.binary_cross_entropy_with_logits(net_d(fake.detach()), torch.zeros(b, 1)))
@@ -368,7 +371,8 @@ class DCGANGenerator:
             net_g.eval()
             self.last_fit = VAEFit(steps=step, seconds=round(self.clock() - started, 3), final_loss=loss_value,
                                    images=len(images), stopped_by=stopped_by)
-            self._cache = (key, net_g, small.reshape(len(small), -1).astype(np.float32))
+            real = np.rint(x.numpy().transpose(0, 2, 3, 1) * 255.0)  # the resized images again, N x S x S x C
+            self._cache = (key, net_g, real.reshape(len(real), -1).astype(np.float32))
             return net_g
         finally:
             torch.set_num_threads(threads)
