@@ -11,6 +11,7 @@ import pytest_asyncio
 from fastapi.testclient import TestClient
 
 from dlforge.augmenter.app import part
+from dlforge.augmenter.handlers import GRID_CAPTION, GRID_PER_ROW, GRID_THUMB
 from dlforge.augmenter.settings import AugmenterSettings
 from dlforge.augmenter.worker import RUNS, SAMPLES, build_deps, service
 from dlforge.common.app import create_app
@@ -111,6 +112,16 @@ async def test_dataset_labeled_becomes_dataset_augmented(backends: Backends, wri
     assert record["filter"]["train_count"] == 52 and record["filter"]["image_size"] == 64
     assert record["timings"]["total"] > 0 and record["plan"][1]["needed"] == 28
     assert len(await backends.docs.find(SAMPLES, {"dataset_id": "ds1"})) == 12
+    # the seed's second classifier: real + kept, scored like the filter on the 20 real validation images
+    gain = payload.gain
+    assert gain is not None and record["gain"] == gain.model_dump()
+    assert (gain.val_items, gain.kept_samples) == (20, kept)
+    assert [(c.label, c.val_items) for c in gain.per_class] == [("stripes", 10), ("spots", 10)]
+    assert gain.accuracy_real == record["filter"]["val_accuracy"]
+    # one row of kept and one of refused spots (nothing generated for stripes)
+    assert payload.samples_grid_key == record["samples_grid_key"] == "augmenter/ds1/samples-grid.png"
+    grid = decode_image(backends.objects.get_bytes(payload.samples_grid_key))
+    assert grid.size == (GRID_CAPTION + GRID_PER_ROW * (GRID_THUMB + 4), 2 * (GRID_THUMB + 18))
 
     app = create_app([part()], backends=backends, run_workers=False)
     with TestClient(app) as client:
@@ -150,6 +161,7 @@ async def test_nothing_scarce_passes_the_real_manifest_on(backends: Backends, wr
     assert out.payload.manifest_key == "augmenter/ds1/manifest.json" != labels_key
     assert [(c.real, c.generated, c.kept) for c in out.payload.augmentation] == [(40, 0, 0), (12, 0, 0)]
     assert load_manifest(backends.objects, out.payload.manifest_key) == manifest
+    assert out.payload.gain is None and out.payload.samples_grid_key is None
     record = await backends.docs.get(RUNS, "ds1")
     assert record is not None and record["filter"] is None and record["status"] == "completed"
 

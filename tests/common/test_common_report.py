@@ -236,3 +236,43 @@ def test_a_verdict_the_figures_disagree_with_shows_both() -> None:
                                   "differ, so the status is the more cautious, 'not_met'")
     agreeing = verdict({**report, "spec_verdict_detail": v.model_dump()}, spec=SPEC)
     assert agreeing["status"] == "met" and not any("differ" in r for r in agreeing["reasons"])
+
+
+def test_the_kept_samples_gain_and_their_grid_reach_the_text_and_the_page(tmp_path: Path) -> None:
+    import base64
+
+    from dlforge.common.events import AugmentationCount, AugmentationGain, ClassGain, DatasetAugmented
+    from dlforge.common.objects.fs import FsObjectStore
+    from dlforge.common.report import render_html, report_images
+
+    gain = AugmentationGain(
+        classifier="lr", val_items=40, kept_samples=9, accuracy_real=0.8, accuracy_with_kept=0.825, changed=3,
+        per_class=[ClassGain(label="defect", val_items=10, recall_real=0.5, recall_with_kept=0.6, precision_real=1.0,
+                             precision_with_kept=0.75),
+                   ClassGain(label="good", val_items=30, recall_real=0.9, recall_with_kept=0.9, precision_real=None,
+                             precision_with_kept=0.9)])
+    augmented = DatasetAugmented(
+        dataset_id="ds", manifest_key="a.json", classes=CLASSES, spec=SPEC, gain=gain,
+        samples_grid_key="augmenter/ds/samples-grid.png",
+        augmentation=[AugmentationCount(label="defect", real=30, generated=12, kept=9),
+                      AugmentationCount(label="good", real=70, generated=0, kept=0)])
+    doc = runs.apply(_run(None), Event.new(augmented, run_id="r1"), trace_id="ab" * 16)
+    report = build_report(doc)
+    assert report["augmentation_gain"] == gain.model_dump()
+    text = format_text(report)
+    assert ("kept samples on 40 real validation images (lr, real only -> real + 9 kept): accuracy 80.0 % -> 82.5 %, "
+            "3 predictions changed") in text
+    assert "  defect (10 images): recall 50.0 % -> 60.0 %, precision 100.0 % -> 75.0 %" in text
+    assert "  good (30 images): recall 90.0 % -> 90.0 %, precision n/a -> 90.0 %" in text
+
+    objects = FsObjectStore(tmp_path / "o")
+    assert report_images(report, objects) == {}  # not stored (yet): left out, the page says where it would be
+    assert "augmenter/ds/samples-grid.png</code>; not read for this page" in render_html(report)
+    png = b"\x89PNG\r\n\x1a\n grid bytes"
+    objects.put_bytes("augmenter/ds/samples-grid.png", png, content_type="image/png")
+    images = report_images(report, objects)
+    assert list(images.values()) == [png]
+    page = render_html(report, images)
+    assert f"src='data:image/png;base64,{base64.b64encode(png).decode()}'" in page and "not read" not in page
+    # a run without augmentation names no grid
+    assert report_images(build_report(_run(None)), objects) == {}

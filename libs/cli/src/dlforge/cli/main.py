@@ -156,8 +156,9 @@ async def _run_folder(
     *, folder: Path, name: str, spec: Spec, options: PipelineOptions, settings: CommonSettings,
     answers: dict[str, str] | None, truth: dict[str, str] | None, timeout: float, resume_run: str | None = None,
     bundle_to: Path | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Run the pipeline on ``folder`` in this process; resumes the run started on the same request before.
+    Returns the report and the stored pictures it names (:func:`dlforge.common.report.report_images`).
 
     With ``bundle_to``, a succeeded run's model bundle is downloaded there through the API and the
     report names it (``bundle``).
@@ -171,7 +172,7 @@ async def _run_folder(
     from dlforge.cli.report import add_truth
     from dlforge.cli.resume import RunIndex, StartedRun, fingerprint, run_to_follow
     from dlforge.common.events import Topic
-    from dlforge.common.report import build_report
+    from dlforge.common.report import build_report, report_images
     from dlforge.common.runs import LAST_EVENTS, RUNS
     from dlforge.common.runtime import Backends
     from dlforge.labeler import simulated
@@ -205,7 +206,7 @@ async def _run_folder(
 
     bundle: dict[str, Any] = {}
     with StageProgress() as progress:
-        run, _, created = await run_in_process(
+        _, _, created = await run_in_process(
             app, upload=upload, on_progress=progress.update, timeout=timeout,
             after=bundle_downloader(bundle_to, bundle) if bundle_to is not None else None)
     # the run view's document holds the last payload of each stage: the same report GET /runs/{id}/report serves
@@ -218,10 +219,10 @@ async def _run_folder(
                        labels_key=labeled["payload"]["labels_key"] if labeled else None)
     if bundle:
         report["bundle"] = bundle
-    return run, report
+    return report, await asyncio.to_thread(report_images, report, backends.objects)
 
 
-def _finish(report: dict[str, Any], args: argparse.Namespace) -> int:
+def _finish(report: dict[str, Any], args: argparse.Namespace, images: dict[str, bytes] | None = None) -> int:
     from dlforge.common.report import format_text, write_html
 
     print(format_text(report))
@@ -230,7 +231,7 @@ def _finish(report: dict[str, Any], args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
         print(f"report written to {args.json}")
     if args.html:
-        write_html(report, Path(args.html))
+        write_html(report, Path(args.html), images)
         print(f"report written to {args.html}")
     return 0 if report.get("state") == "succeeded" else 1
 
@@ -248,13 +249,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec = parse_spec(args.spec, base=DEMO_SPEC) if args.spec else DEMO_SPEC
     settings = _embedded_settings(state)
     password = asyncio.run(ensure_local_admin(settings)) if settings.auth == "required" else None
-    _, report = asyncio.run(_run_folder(
+    report, images = asyncio.run(_run_folder(
         folder=data_dir, name="elpv", spec=spec, options=_options(args, base=DEMO_OPTIONS),
         settings=settings,
         answers=truth, truth=truth, timeout=args.timeout, bundle_to=bundle_path(args.json, state),
     ))
     report["wall_seconds"] = round(time.monotonic() - started, 1)
-    status = _finish(report, args)
+    status = _finish(report, args, images)
     if password is not None:
         print(sign_in_text(url=f"http://{settings.http_host}:{settings.http_port}/console/", password=password,
                            env=_state_env(settings)))
@@ -383,13 +384,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if check.answers is None:
         return _serve_for_people(folder, spec, options, resume_run=args.resume)
     settings = load_settings() if args.configured else _embedded_settings(Path(args.workdir).resolve())
-    _, report = asyncio.run(_run_folder(
+    report, images = asyncio.run(_run_folder(
         folder=folder, name=folder.name, spec=spec, options=options, settings=settings,
         answers=check.answers, truth=check.answers, timeout=args.timeout, resume_run=args.resume,
         bundle_to=bundle_path(args.json, Path(settings.work_dir)),
     ))
     report["notes"] = [*report.get("notes", []), *check.notes]
-    return _finish(report, args)
+    return _finish(report, args, images)
 
 
 def _serve_for_people(folder: Path, spec: Spec, options: PipelineOptions, *, resume_run: str | None = None) -> int:

@@ -292,11 +292,40 @@ class AugmentationCount(BaseModel):
     kept: int
 
 
+class ClassGain(BaseModel):
+    """One class's recall and precision on the real validation images, without and with the kept samples."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: ClassName
+    val_items: int = Field(ge=0, description="real validation images of this class")
+    recall_real: float | None = Field(ge=0.0, le=1.0, description="None: no validation image of the class")
+    recall_with_kept: float | None = Field(ge=0.0, le=1.0)
+    precision_real: float | None = Field(ge=0.0, le=1.0, description="None: the class was never predicted")
+    precision_with_kept: float | None = Field(ge=0.0, le=1.0)
+
+
+class AugmentationGain(BaseModel):
+    """What the kept samples change, measured on held-out real images: the filter's classifier trained on the
+    real train images alone against the same classifier trained on them plus the kept samples (the seed's
+    second classifier), both scored on the real validation split, which neither saw."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    classifier: str = Field(max_length=200, description="the model both sides are (the X2 filter's)")
+    val_items: int = Field(ge=1)
+    kept_samples: int = Field(ge=1, description="kept generated samples the second classifier added")
+    accuracy_real: float = Field(ge=0.0, le=1.0)
+    accuracy_with_kept: float = Field(ge=0.0, le=1.0)
+    changed: int = Field(ge=0, description="validation images whose predicted class the samples changed")
+    per_class: list[ClassGain] = Field(max_length=MAX_CLASSES)
+
+
 class DatasetAugmented(Payload):
     """The augmenter's training manifest (real items plus the kept generated samples) and its counts per class."""
 
     TOPIC = Topic.DATASET_AUGMENTED
-    SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all
+    SCHEMA_VERSION: ClassVar[int] = 3  # v2: options.max_auto_label_error, auto_label_all; v3: gain, samples_grid_key
 
     dataset_id: str
     manifest_key: str = Field(description="object key of the training manifest: real + kept generated")
@@ -304,6 +333,12 @@ class DatasetAugmented(Payload):
     augmentation: list[AugmentationCount]
     spec: Spec
     options: PipelineOptions = PipelineOptions()
+    gain: AugmentationGain | None = Field(
+        default=None, description="the kept samples' effect on held-out real images (None: nothing kept, or no "
+        "validation images to measure it on)")
+    samples_grid_key: str | None = Field(
+        default=None, max_length=1024,
+        description="object key of a PNG of generated samples per class, kept and rejected (None: none generated)")
 
 
 class CandidateScore(BaseModel):
@@ -715,6 +750,14 @@ def _proposed_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 register_upcaster(Topic.MODEL_PROPOSED, 2, _proposed_v2_to_v3)
+
+
+def _augmented_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """dataset.augmented v2 did not measure the kept samples' gain nor show them: neither is known."""
+    return {**payload, "gain": None, "samples_grid_key": None}
+
+
+register_upcaster(Topic.DATASET_AUGMENTED, 2, _augmented_v2_to_v3)
 
 
 def _trial_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:

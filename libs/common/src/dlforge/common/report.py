@@ -15,12 +15,13 @@ import base64
 import html
 import io
 import json
+import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dlforge.common.errors import PoisonMessage
+from dlforge.common.errors import NotFound, PoisonMessage
 from dlforge.common.events import (
     DatasetAugmented,
     DatasetLabeled,
@@ -39,6 +40,8 @@ from dlforge.common.learning_curve import labels_to_reach
 from dlforge.common.runs import LAST_EVENTS, STAGES
 
 P = TypeVar("P", bound=Payload)
+log = logging.getLogger(__name__)
+SAMPLES_GRID_TITLE = "Generated samples: kept and rejected by the filter (its confidence under each)"
 
 
 def last_events(run: Mapping[str, Any]) -> dict[Topic, Event]:
@@ -115,6 +118,8 @@ def build_report(run: Mapping[str, Any]) -> dict[str, Any]:
     report["auto_label_accuracy"] = None
     if augmented:
         report["augmentation"] = [a.model_dump() for a in augmented.augmentation]
+        report["augmentation_gain"] = None if augmented.gain is None else augmented.gain.model_dump()
+        report["samples_grid_key"] = augmented.samples_grid_key
     if proposed:
         ranking = sorted(proposed.ranking, key=lambda c: -c.total)
         winner = ranking[0]
@@ -373,6 +378,7 @@ def format_text(report: dict[str, Any]) -> str:
     lines.extend(_labeling_lines(report, pct=pct))
     for a in report.get("augmentation", []):
         lines.append(f"augmentation {a['label']}: {a['real']} real, {a['generated']} generated, {a['kept']} kept")
+    lines.extend(_gain_lines(report.get("augmentation_gain"), pct=pct))
     # model
     if "chosen_model" in report:
         c = report["chosen_model"]
@@ -414,6 +420,19 @@ def format_text(report: dict[str, Any]) -> str:
     # evidence
     lines.extend(_evidence_lines(report, pct=pct, num=num))
     return "\n".join(lines)
+
+
+def _gain_lines(gain: Mapping[str, Any] | None, *, pct: Any) -> list[str]:
+    """What the kept samples changed on the real validation images (the seed's second classifier)."""
+    if not gain:
+        return []
+    lines = [f"kept samples on {gain['val_items']} real validation images ({gain['classifier']}, real only -> "
+             f"real + {gain['kept_samples']} kept): accuracy {pct(gain['accuracy_real'])} -> "
+             f"{pct(gain['accuracy_with_kept'])}, {gain['changed']} predictions changed"]
+    lines.extend(f"  {c['label']} ({c['val_items']} images): recall {pct(c['recall_real'])} -> "
+                 f"{pct(c['recall_with_kept'])}, precision {pct(c['precision_real'])} -> "
+                 f"{pct(c['precision_with_kept'])}" for c in gain["per_class"])
+    return lines
 
 
 def _spec_text(spec: Mapping[str, Any] | None) -> str:
@@ -617,9 +636,23 @@ def _learning_curve_png(plt: Any, lc: Mapping[str, Any]) -> str:
     return png
 
 
-def render_html(report: dict[str, Any]) -> str:
+def report_images(report: Mapping[str, Any], objects: Any) -> dict[str, bytes]:
+    """The stored pictures the report names, by title, read from ``objects`` (an ObjectStore): the generated
+    samples' grid. One that cannot be read is left out (the page says so) rather than failing the report."""
+    images: dict[str, bytes] = {}
+    key = report.get("samples_grid_key")
+    if key:
+        try:
+            images[SAMPLES_GRID_TITLE] = objects.get_bytes(key)
+        except (NotFound, OSError, ConnectionError, TimeoutError) as exc:  # a picture must not cost the report
+            log.warning("report of run %s: the samples grid %r cannot be read: %s", report.get("run_id"), key, exc)
+    return images
+
+
+def render_html(report: dict[str, Any], images: Mapping[str, bytes] | None = None) -> str:
     """The report as one self-contained HTML page: the verdict and its reasons, the text, the plots (when
-    matplotlib is installed: the CLI has it; a service without it says so instead) and the JSON."""
+    matplotlib is installed: the CLI has it; a service without it says so instead), the stored ``images``
+    (:func:`report_images`) and the JSON."""
     v = report.get("verdict") or {}
     status = ""
     if report.get("spec_verdict"):
@@ -633,6 +666,12 @@ def render_html(report: dict[str, Any]) -> str:
         )
     except ImportError:
         plots = "<p>Plots need matplotlib, which this server does not have (<code>pip install matplotlib</code>).</p>"
+    for title, png in (images or {}).items():
+        plots += (f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
+                  f"src='data:image/png;base64,{base64.b64encode(png).decode()}'/>")
+    if report.get("samples_grid_key") and SAMPLES_GRID_TITLE not in (images or {}):
+        plots += f"<h2>{SAMPLES_GRID_TITLE}</h2><p>stored at <code>{html.escape(str(report['samples_grid_key']))}"
+        plots += "</code>; not read for this page.</p>"
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>dlforge run report</title>"
         "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}pre{background:#f4f4f4;padding:1em;"
@@ -645,7 +684,7 @@ def render_html(report: dict[str, Any]) -> str:
     )
 
 
-def write_html(report: dict[str, Any], path: Path) -> None:
+def write_html(report: dict[str, Any], path: Path, images: Mapping[str, bytes] | None = None) -> None:
     """:func:`render_html` written to ``path`` (its folder made)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(report))
+    path.write_text(render_html(report, images))

@@ -387,10 +387,11 @@ async def get_report(run_id: str, backends: Backends = Depends(backends_of)) -> 
     **error_responses(404, 409)})
 async def get_report_html(run_id: str, backends: Backends = Depends(backends_of)) -> HTMLResponse:
     """The run's report as one self-contained HTML page (the one ``dlforge run --html`` writes)."""
-    from dlforge.common.report import render_html
+    from dlforge.common.report import render_html, report_images
 
     report = await _report(backends, run_id)
-    page = await asyncio.to_thread(render_html, report)
+    images = await asyncio.to_thread(report_images, report, backends.objects)
+    page = await asyncio.to_thread(render_html, report, images)
     return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'none'; img-src data:; "
                                                                   "style-src 'unsafe-inline'"})
 

@@ -30,6 +30,7 @@ class FilterFit:
     val_accuracy: float | None
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+    val_predicted: np.ndarray | None = field(default=None, repr=False)  # class index per real val image
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Judgement:
     keep: np.ndarray
     confidence: np.ndarray
     predicted: np.ndarray
+    features: np.ndarray | None = field(default=None, repr=False)  # what the filter saw of each sample
 
 
 class SampleFilter(Protocol):
@@ -68,6 +70,12 @@ class SampleFilter(Protocol):
 
     def judge(self, images: np.ndarray, intended: np.ndarray, *, contents: Sequence[str] | None = None) -> Judgement:
         """Decide for each generated image whether it is a convincing sample of its ``intended`` class index."""
+        ...
+
+    def second_classifier(self, features: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+        """The seed's second classifier: the filter's model trained again on the real train images plus the
+        samples with these ``features`` (from :class:`Judgement`) and class indices; its predicted class of
+        each real validation image (None: the filter has no model or no validation images)."""
         ...
 
 
@@ -185,6 +193,8 @@ class ConfidenceFilter:
         self.cs = cs
         self.image_size: int | None = extractor.image_size
         self._model: Any = None
+        self._real: tuple[np.ndarray, np.ndarray, float] | None = None  # train features, labels, C
+        self._val_features: np.ndarray | None = None
 
     def fit(
         self,
@@ -226,9 +236,12 @@ class ConfidenceFilter:
                 best_c = float(self.cs[len(self.cs) // 2])
             self._model = model(best_c).fit(feats, labels)
         classifier_seconds = time.perf_counter() - t
+        self._real = (feats, np.asarray(labels), best_c)
 
         val_accuracy = None
         val_seconds = 0.0
+        val_pred = None
+        self._val_features = None
         if len(val_images):
             t = time.perf_counter()
             val_feats = _features(self.extractor, val_images, val_contents)
@@ -236,6 +249,7 @@ class ConfidenceFilter:
                 val_pred = self._model.predict(val_feats)
             val_accuracy = float(np.mean(val_pred == val_labels))
             val_seconds = time.perf_counter() - t
+            self._val_features = val_feats
         return FilterFit(
             train_count=len(images),
             val_count=len(val_images),
@@ -252,6 +266,7 @@ class ConfidenceFilter:
                 "classifier_seconds": round(classifier_seconds, 3),
                 "val_seconds": round(val_seconds, 3),
             },
+            val_predicted=val_pred,
         )
 
     def probabilities(self, images: np.ndarray, *, num_classes: int, contents: Sequence[str] | None = None
@@ -259,20 +274,40 @@ class ConfidenceFilter:
         """P(class | image) for every class index (0 for classes absent from the real train data)."""
         if self._model is None:
             raise RuntimeError("fit() the filter first")
-        feats = _features(self.extractor, images, contents)
+        return self._probabilities(_features(self.extractor, images, contents), num_classes)
+
+    def _probabilities(self, feats: np.ndarray, num_classes: int) -> np.ndarray:
         with _single_threaded_blas():
             proba = self._model.predict_proba(feats)
-        full = np.zeros((len(images), num_classes), dtype=np.float64)
+        full = np.zeros((len(feats), num_classes), dtype=np.float64)
         full[:, self._model.classes_] = proba
         return full
 
     def judge(self, images: np.ndarray, intended: np.ndarray, *, contents: Sequence[str] | None = None) -> Judgement:
         if len(images) == 0:
             return Judgement(np.zeros(0, dtype=bool), np.zeros(0), np.zeros(0, dtype=np.int64))
+        if self._model is None:
+            raise RuntimeError("fit() the filter first")
         num_classes = int(max(int(np.max(intended)), int(np.max(self._model.classes_))) + 1)
-        proba = self.probabilities(images, num_classes=num_classes, contents=contents)
+        feats = _features(self.extractor, images, contents)
+        proba = self._probabilities(feats, num_classes)
         confidence = proba[np.arange(len(images)), intended]
-        return Judgement(confidence >= self.threshold, confidence, proba.argmax(axis=1))
+        return Judgement(confidence >= self.threshold, confidence, proba.argmax(axis=1), features=feats)
+
+    def second_classifier(self, features: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+        if self._model is None or self._real is None or self._val_features is None:
+            return None
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        feats, real_labels, c = self._real
+        x = np.concatenate([feats, np.asarray(features, dtype=feats.dtype)])
+        y = np.concatenate([real_labels, np.asarray(labels, dtype=real_labels.dtype)])
+        with _single_threaded_blas():  # the same model, the same C: only the training rows differ
+            second = make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=2000))
+            predicted: np.ndarray = second.fit(x, y).predict(self._val_features)
+        return predicted
 
 
 class KeepAllFilter:
@@ -297,3 +332,6 @@ class KeepAllFilter:
     def judge(self, images: np.ndarray, intended: np.ndarray, *, contents: Sequence[str] | None = None) -> Judgement:
         n = len(images)
         return Judgement(np.ones(n, dtype=bool), np.full(n, np.nan), np.asarray(intended, dtype=np.int64))
+
+    def second_classifier(self, features: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+        return None  # no model of the real data to train again

@@ -22,7 +22,7 @@ from PIL import Image
 
 from dlforge.augmenter.filters import FilterFit, SampleFilter
 from dlforge.augmenter.generators import Generator
-from dlforge.common.events import AugmentationCount
+from dlforge.common.events import AugmentationCount, AugmentationGain, ClassGain
 from dlforge.vision.manifest import Item, Manifest
 
 LoadImages = Callable[[Sequence[Item], int, int], np.ndarray]
@@ -144,6 +144,7 @@ class AugmentationOutcome:
     image_size: int | None
     channels: int | None
     timings: dict[str, float]
+    gain: AugmentationGain | None = None
 
 
 def class_rng(seed: int, dataset_id: str, purpose: str) -> np.random.Generator:
@@ -229,6 +230,8 @@ def augment(
     timings["fit_filter"] = time.perf_counter() - t
 
     samples: list[GeneratedSample] = []
+    kept_features: list[np.ndarray] = []
+    kept_labels: list[int] = []
     timings.update(load_sources=0.0, generate=0.0, judge=0.0, encode=0.0)
     prefix = GENERATED_PREFIX.format(dataset_id=manifest.dataset_id)
     for label, n in wanted.items():
@@ -252,6 +255,9 @@ def augment(
             # by content: the features of the kept samples stay in the feature store for later stages
             verdict = sample_filter.judge(made.images, np.full(k, ci, dtype=np.int64), contents=digests)
             timings["judge"] += time.perf_counter() - t
+            if verdict.features is not None and verdict.keep.any():
+                kept_features.append(verdict.features[verdict.keep])
+                kept_labels += [ci] * int(verdict.keep.sum())
             for j in range(k):
                 sample_id = f"{config.id_prefix}-c{ci}-{start + j:05d}"
                 conf = float(verdict.confidence[j])
@@ -269,13 +275,89 @@ def augment(
     for s in samples:
         generated[s.label] += 1
         kept[s.label] += int(s.kept)
+    gain = None
+    if kept_labels and fit.val_predicted is not None:
+        t = time.perf_counter()
+        second = sample_filter.second_classifier(np.concatenate(kept_features), np.asarray(kept_labels))
+        if second is not None:
+            described = str(fit.details.get("classifier", sample_filter.name))
+            gain = gain_figures(manifest.label_indices(val), fit.val_predicted, second, classes,
+                                kept=len(kept_labels), classifier=described)
+        timings["gain"] = time.perf_counter() - t
     timings["augment"] = time.perf_counter() - started
     return AugmentationOutcome(
         counts=[AugmentationCount(label=c, real=counts_real.get(c, 0), generated=generated[c], kept=kept[c])
                 for c in classes],
         samples=samples, filter_fit=fit, image_size=size, channels=channels,
-        timings={k: round(v, 3) for k, v in timings.items()},
+        timings={k: round(v, 3) for k, v in timings.items()}, gain=gain,
     )
+
+
+def gain_figures(truth: np.ndarray, real_only: np.ndarray, with_kept: np.ndarray, classes: Sequence[str], *,
+                 kept: int, classifier: str) -> AugmentationGain:
+    """Accuracy and per-class recall and precision of two predictions of the same validation images (the
+    classifier trained on real images alone, and on them plus ``kept`` generated samples)."""
+    truth, real_only, with_kept = (np.asarray(a, dtype=np.int64) for a in (truth, real_only, with_kept))
+    if not len(truth) == len(real_only) == len(with_kept) > 0:
+        raise ValueError(f"{len(truth)} labels, {len(real_only)} and {len(with_kept)} predictions")
+
+    def rate(hits: np.ndarray, of: np.ndarray) -> float | None:
+        return float(hits[of].mean()) if of.any() else None
+
+    per_class = []
+    for c, label in enumerate(classes):
+        actual = truth == c
+        per_class.append(ClassGain(
+            label=label, val_items=int(actual.sum()),
+            recall_real=rate(real_only == c, actual), recall_with_kept=rate(with_kept == c, actual),
+            precision_real=rate(actual, real_only == c), precision_with_kept=rate(actual, with_kept == c)))
+    return AugmentationGain(
+        classifier=classifier[:200], val_items=len(truth), kept_samples=kept,
+        accuracy_real=float((real_only == truth).mean()), accuracy_with_kept=float((with_kept == truth).mean()),
+        changed=int((real_only != with_kept).sum()), per_class=per_class)
+
+
+GRID_THUMB = 64  # px of each sample in the grid
+GRID_PER_ROW = 8  # samples shown per class and verdict
+GRID_CAPTION = 170  # px of the row captions on the left
+
+
+def samples_grid(samples: Sequence[GeneratedSample], classes: Sequence[str], *, per_row: int = GRID_PER_ROW,
+                 thumb: int = GRID_THUMB) -> bytes | None:
+    """A PNG of generated samples: for each class that got any, a row of kept and a row of rejected ones, each
+    with the filter's probability of its intended class under it (None: nothing was generated).
+
+    A row shows up to ``per_row`` samples spread evenly over the filter's confidence, from the most to the
+    least confident, so it shows the range the filter saw rather than the first few made.
+    """
+    from PIL import ImageDraw
+
+    rows: list[tuple[str, list[GeneratedSample]]] = []
+    for label in classes:
+        mine = [x for x in samples if x.label == label]
+        if not mine:
+            continue
+        for verdict, keep in (("kept", True), ("rejected", False)):
+            group = sorted((x for x in mine if x.kept == keep), key=lambda x: -(x.confidence or 0.0))
+            shown = [group[int(i)] for i in np.unique(np.linspace(0, len(group) - 1, per_row).round())] if group else []
+            rows.append((f"{label}: {verdict} {len(group)} of {len(mine)}", shown))
+    if not rows:
+        return None
+    cell = thumb + 14
+    canvas = Image.new("RGB", (GRID_CAPTION + per_row * (thumb + 4), len(rows) * (cell + 4)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (caption, shown) in enumerate(rows):
+        top = r * (cell + 4)
+        draw.text((4, top + thumb // 2 - 6), caption, fill="black")
+        for c, x in enumerate(shown):
+            left = GRID_CAPTION + c * (thumb + 4)
+            with Image.open(io.BytesIO(x.png)) as img:
+                canvas.paste(img.convert("RGB").resize((thumb, thumb), Image.Resampling.BILINEAR), (left, top))
+            text = "n/a" if x.confidence is None else f"{x.confidence:.2f}"
+            draw.text((left + 2, top + thumb + 1), text, fill="#2a7a2a" if x.kept else "#b03030")
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def training_manifest(manifest: Manifest, samples: Sequence[GeneratedSample]) -> Manifest:

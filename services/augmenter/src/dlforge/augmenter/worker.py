@@ -34,11 +34,19 @@ from dlforge.augmenter.handlers import (
     count_train,
     fingerprint,
     plan_augmentation,
+    samples_grid,
     training_manifest,
 )
 from dlforge.augmenter.settings import AugmenterSettings
 from dlforge.common.errors import InvalidInput, NotFound, PoisonMessage, RetryableError
-from dlforge.common.events import AugmentationCount, DatasetAugmented, DatasetLabeled, Event, Topic
+from dlforge.common.events import (
+    AugmentationCount,
+    AugmentationGain,
+    DatasetAugmented,
+    DatasetLabeled,
+    Event,
+    Topic,
+)
 from dlforge.common.objects import ObjectStore, check_key
 from dlforge.common.runtime import Backends, HandlerContext, Service
 from dlforge.vision.features import FeatureStore, feature_store
@@ -126,22 +134,36 @@ def _read_manifest(objects: ObjectStore, payload: DatasetLabeled) -> tuple[Manif
     return manifest, raw
 
 
-def _write_outputs(objects: ObjectStore, manifest: Manifest, outcome: AugmentationOutcome, *, threads: int) -> None:
+def grid_key(dataset_id: str) -> str:
+    return f"augmenter/{dataset_id}/samples-grid.png"
+
+
+def _write_outputs(objects: ObjectStore, manifest: Manifest, outcome: AugmentationOutcome, *,
+                   threads: int) -> str | None:
+    """The samples, their grid and the training manifest (last); returns the grid's key (None: no grid)."""
     key = manifest_key(manifest.dataset_id)
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda s: objects.put_bytes(s.key, s.png, content_type="image/png"), outcome.samples))
+    grid = samples_grid(outcome.samples, manifest.classes)
+    if grid is not None:
+        objects.put_bytes(grid_key(manifest.dataset_id), grid, content_type="image/png")
+    elif objects.exists(grid_key(manifest.dataset_id)):  # an earlier run's, with other inputs
+        objects.delete(grid_key(manifest.dataset_id))
     # The manifest last: whoever reads it finds every image it names.
     save_manifest(objects, key, training_manifest(manifest, outcome.samples))
     current = {s.key for s in outcome.samples}
     for info in list(objects.list(GENERATED_PREFIX.format(dataset_id=manifest.dataset_id))):
         if info.key not in current:  # left by an earlier run with other inputs
             objects.delete(info.key)
+    return None if grid is None else grid_key(manifest.dataset_id)
 
 
-def _event(event: Event, payload: DatasetLabeled, key: str, counts: list[AugmentationCount]) -> Event:
+def _event(event: Event, payload: DatasetLabeled, key: str, counts: list[AugmentationCount], *,
+           gain: AugmentationGain | None, samples_grid_key: str | None) -> Event:
     return event.follow(DatasetAugmented(
         dataset_id=payload.dataset_id, manifest_key=key, classes=list(payload.classes),
-        augmentation=counts, spec=payload.spec, options=payload.options,
+        augmentation=counts, spec=payload.spec, options=payload.options, gain=gain,
+        samples_grid_key=samples_grid_key,
     ))
 
 
@@ -155,7 +177,7 @@ async def _augment_and_write(
     fp: str,
     generator: Generator,
     sample_filter: SampleFilter,
-) -> tuple[AugmentationOutcome, dict[str, float]]:
+) -> tuple[AugmentationOutcome, str | None, dict[str, float]]:
     dataset_id = manifest.dataset_id
 
     def load(items: Sequence[Item], size: int, channels: int) -> np.ndarray:
@@ -171,14 +193,15 @@ async def _augment_and_write(
         raise RetryableError(f"object store failure while augmenting {dataset_id}: {exc}") from exc
 
     t = time.perf_counter()
-    await asyncio.to_thread(_write_outputs, ctx.objects, manifest, outcome, threads=settings.augmenter_write_threads)
+    grid = await asyncio.to_thread(_write_outputs, ctx.objects, manifest, outcome,
+                                   threads=settings.augmenter_write_threads)
     for sample in outcome.samples:
         await ctx.docs.upsert(SAMPLES, {"_id": f"{dataset_id}:{sample.sample_id}", "dataset_id": dataset_id,
                                         "fingerprint": fp, **sample.record()})
     for stale in await ctx.docs.find(SAMPLES, {"dataset_id": dataset_id}):
         if stale.get("fingerprint") != fp:
             await ctx.docs.delete(SAMPLES, stale["_id"])
-    return outcome, {**outcome.timings, "write": round(time.perf_counter() - t, 3)}
+    return outcome, grid, {**outcome.timings, "write": round(time.perf_counter() - t, 3)}
 
 
 @service.handles(Topic.DATASET_LABELED)
@@ -200,7 +223,8 @@ async def on_dataset_labeled(event: Event, ctx: HandlerContext[AugmenterDeps]) -
             and await asyncio.to_thread(ctx.objects.exists, key)):
         log.info("augmenter: %s already augmented with the same inputs; re-emitting", payload.dataset_id)
         counts = [AugmentationCount.model_validate(c) for c in previous["augmentation"]]
-        return _event(event, payload, key, counts)
+        gain = None if previous.get("gain") is None else AugmentationGain.model_validate(previous["gain"])
+        return _event(event, payload, key, counts, gain=gain, samples_grid_key=previous.get("samples_grid_key"))
 
     counts_real = count_train(manifest)
     if sum(1 for c in counts_real.values() if c > 0) < 2:
@@ -223,7 +247,7 @@ async def on_dataset_labeled(event: Event, ctx: HandlerContext[AugmenterDeps]) -
         max_filter_train=settings.augmenter_filter_max_train, max_side=settings.augmenter_max_side,
     )
     try:
-        outcome, timings = await _augment_and_write(ctx, manifest, plans, settings=settings, config=config, fp=fp,
+        outcome, grid, timings = await _augment_and_write(ctx, manifest, plans, settings=settings, config=config, fp=fp,
                                                     generator=generator, sample_filter=sample_filter)
     except Exception as exc:
         await ctx.docs.upsert(RUNS, {**record, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
@@ -245,9 +269,10 @@ async def on_dataset_labeled(event: Event, ctx: HandlerContext[AugmenterDeps]) -
                    **({"cvae_fit": dataclasses.asdict(fit_)} if (fit_ := getattr(generator, "last_fit", None))
                       is not None and dataclasses.is_dataclass(fit_) and not isinstance(fit_, type) else {})},
         image_size=outcome.image_size, channels=outcome.channels, timings=timings,
+        gain=None if outcome.gain is None else outcome.gain.model_dump(), samples_grid_key=grid,
         finished_at=datetime.now(UTC).isoformat(),
     )
     await ctx.docs.upsert(RUNS, record)
     log.info("augmenter: %s augmented in %.1fs: %s", payload.dataset_id, timings["total"],
              ", ".join(f"{c.label} {c.real}+{c.kept}/{c.generated}" for c in outcome.counts))
-    return _event(event, payload, key, outcome.counts)
+    return _event(event, payload, key, outcome.counts, gain=outcome.gain, samples_grid_key=grid)
