@@ -10,8 +10,10 @@ Arms (each alone against vanilla, then combined):
 
 * ``vanilla``: TPE, no pruning, all of the train split (the baseline);
 * ``current default``: TPE, median pruner, a stratified random 50 % (the tuner's defaults before issue 12);
-* ``sampling``: trials on class-stratified k-center coresets, fidelity 25 % -> 50 % -> 100 %: a trial in the
-  best third of its rung is trained again on the next (nested) coreset;
+* ``sampling``: trials on class-stratified k-center coresets, fidelity 25 % -> 50 % -> 100 %, asynchronous
+  successive halving on data: before each new configuration the rungs are ranked again (highest first) and a
+  trial among the best third of its rung that was not promoted yet is trained again on the next (nested)
+  coreset (:func:`dlforge.hpo.coreset.promotable`, the tuner's rule);
 * ``stop rule``: the seeds' rule (``TrendPruner``: mean of the last 3 epochs vs the top 20 % at that epoch);
 * ``asha``: Optuna's asynchronous successive halving (for reference);
 * ``basin hopping``: the basin-hopping sampler;
@@ -22,11 +24,14 @@ Arms (each alone against vanilla, then combined):
 * ``stop rule from ep. 3``: the stop rule once its 3-epoch window is full (added after a first run showed
   the rule, judging single first-epoch values, saving nothing).
 
-Measured per data set and seed: the target is vanilla's final best val accuracy minus 0.5 point; an arm's
-compute to reach it (the first trial whose val accuracy reaches it), divided by vanilla's
-(``compute_ratio_vs_tpe``; an arm that never reaches it gets its whole compute over vanilla's, marked
-"not reached"). Each arm's best configuration is then retrained on the whole train split (same seed) and
-scored on the test split: ``final_accuracy_delta`` is its test accuracy minus vanilla's, in points.
+Measured per data set and seed: vanilla runs ``--trials`` configurations; every other arm runs until it has
+spent vanilla's compute (or ``--trials x --trial-cap`` configurations). The target is vanilla's final best val
+accuracy minus 0.5 point; an arm's compute to reach it (the first training whose val accuracy reaches it),
+divided by vanilla's, is ``compute_ratio_vs_tpe`` (an arm that never reaches it is "not reached"). The best
+configuration each arm had found after **half** of vanilla's compute is retrained on the whole train split
+(same seed) and scored on the test split: ``final_accuracy_delta`` is its test accuracy minus that of
+vanilla's final best, in points (so an arm at half the compute must also deliver the same model quality);
+``final_accuracy_delta_at_full`` is the same after all of vanilla's compute.
 Arms run interleaved (their order rotates with the seed) in one process.
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/tuner.py --seeds 5 --trials 24
@@ -54,7 +59,7 @@ import torch
 from machine import cpu_name
 from torch import nn
 
-from dlforge.hpo.coreset import Coreset, build_coreset, next_fidelity, promote
+from dlforge.hpo.coreset import Coreset, build_coreset, next_fidelity, promotable
 from dlforge.hpo.pruners import TrendPruner
 from dlforge.hpo.samplers import BasinHoppingSampler
 from dlforge.hpo.warmstart import PastStudy, StudyIndex, fingerprint, warm_start_params
@@ -65,6 +70,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 WIDTH = 64
 LADDER = (0.25, 0.5, 1.0)
+HALF = 0.5  # the final accuracy is the one each arm delivers with half of vanilla's compute
 
 SPACE: dict[str, optuna.distributions.BaseDistribution] = {
     "lr": optuna.distributions.FloatDistribution(1e-4, 0.3, log=True),
@@ -270,7 +276,7 @@ class Search:
     best_value: float = -1.0
     trainings: int = 0
     pruned: int = 0
-    finished: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    finished: list[tuple[float, dict[str, Any], float]] = field(default_factory=list)  # (val, params, seconds)
 
     def add(self, run: Run, params: dict[str, Any]) -> None:
         secs, rows = (self.curve[-1][0], self.curve[-1][1]) if self.curve else (0.0, 0)
@@ -278,17 +284,23 @@ class Search:
         self.trainings += 1
         self.pruned += run.pruned
         if not run.pruned:
-            self.finished.append((run.val_accuracy, dict(params)))
+            self.finished.append((run.val_accuracy, dict(params), secs + run.seconds))
         if not run.pruned and run.val_accuracy > self.best_value:
             self.best_value, self.best_params = run.val_accuracy, dict(params)
 
     def top(self, k: int) -> list[dict[str, Any]]:
         """The parameters of the ``k`` best finished trainings (distinct configurations), best first."""
         out: list[dict[str, Any]] = []
-        for _, params in sorted(self.finished, key=lambda vp: -vp[0]):
+        for _, params, _secs in sorted(self.finished, key=lambda vp: -vp[0]):
             if params not in out:
                 out.append(params)
         return out[:k]
+
+    def best_within(self, seconds: float) -> dict[str, Any] | None:
+        """The best finished training's parameters among those done within ``seconds`` of compute (the first
+        of equals): what the search would deliver had it been stopped there."""
+        done = [(v, p) for v, p, t in self.finished if t <= seconds + 1e-12]
+        return max(done, key=lambda vp: vp[0])[1] if done else None
 
     def reach(self, target: float) -> tuple[float, int] | None:
         """Compute spent when a finished training first reached ``target`` (None: never)."""
@@ -313,52 +325,61 @@ def make_pruner(arm: Arm, startup: int) -> optuna.pruners.BasePruner:
 
 
 def search(arm: Arm, task: Task, *, seed: int, trials: int, epochs: int, startup: int,
-           warm: list[dict[str, Any]], target: float | None = None, budget: float | None = None) -> Search:
-    """Up to ``trials`` configurations; with a ``target``, stop at the first training reaching it or once
-    ``budget`` trainer-seconds are spent (a cheaper arm tries more configurations in the same compute)."""
+           warm: list[dict[str, Any]], budget: float | None = None) -> Search:
+    """Up to ``trials`` new configurations, or until ``budget`` trainer-seconds are spent (a cheaper arm tries
+    more configurations in the same compute).
+
+    With coreset fidelities the search is asynchronous successive halving on data
+    (:func:`dlforge.hpo.coreset.promotable`, the rule the tuner applies): before a new configuration is
+    started at the lowest rung, the rungs are ranked again from the top down, and a trial among the best
+    third of its rung that was not promoted yet trains again on the next (nested) coreset.
+    """
     out = Search(arm.name)
     study = optuna.create_study(direction="maximize", sampler=make_sampler(arm, seed, startup),
                                 pruner=make_pruner(arm, startup))
     if arm.warm:
         for params in warm:
             study.enqueue_trial(params, skip_if_exists=True)
-    rung_values: dict[float, list[float]] = {f: [] for f in LADDER}
+    rungs: dict[float, list[tuple[int, float]]] = {f: [] for f in LADDER}  # (configuration, val accuracy)
+    promoted: dict[float, set[int]] = {f: set() for f in LADDER}
+    configs: list[dict[str, Any]] = []
     random_rows = _split_rows(task.train_y, round(0.5 * len(task.train_y)), np.random.default_rng(seed))[0]
     coreset = task.coresets.get(arm.subset)
 
-    def done() -> bool:
-        if target is None:
-            return False
-        return out.reach(target) is not None or (budget is not None and out.curve[-1][0] >= budget)
+    def spent() -> bool:
+        return budget is not None and bool(out.curve) and out.curve[-1][0] >= budget
 
-    def climb(params: dict[str, Any], fraction: float, value: float) -> None:
-        """Successive halving on data: a trial in the best third of its rung trains on the next coreset."""
-        rung_values[fraction].append(value)
-        nxt = next_fidelity(fraction, LADDER)
-        if done() or nxt is None or len(rung_values[fraction]) < 3 or not promote(rung_values[fraction], value=value):
-            return
-        assert coreset is not None
-        run = train(task, params, rows=coreset.rows(nxt), epochs=epochs, seed=seed)
-        out.add(run, params)
-        climb(params, nxt, run.val_accuracy)
+    def next_promotion() -> tuple[int, float] | None:
+        for rung in reversed(LADDER[:-1]):  # the highest rung first, as ASHA's get_job
+            ready = promotable(rungs[rung], promoted[rung])
+            if ready:
+                return ready[0], rung
+        return None
 
-    for _ in range(trials):
+    while len(configs) < trials and not spent():
+        found = next_promotion() if coreset is not None else None
+        if found is not None:
+            number, rung = found
+            promoted[rung].add(number)
+            higher = next_fidelity(rung, LADDER)
+            assert coreset is not None and higher is not None
+            run = train(task, configs[number], rows=coreset.rows(higher), epochs=epochs, seed=seed)
+            out.add(run, configs[number])
+            rungs[higher].append((number, run.val_accuracy))
+            continue
         trial = study.ask(SPACE)
-        params = dict(trial.params)
+        configs.append(dict(trial.params))
         if coreset is not None:
             rows: np.ndarray | None = coreset.rows(LADDER[0])
         else:
             rows = random_rows if arm.subset == "random50" else None
-        run = train(task, params, rows=rows, epochs=epochs, seed=seed, trial=trial)
-        out.add(run, params)
+        run = train(task, configs[-1], rows=rows, epochs=epochs, seed=seed, trial=trial)
+        out.add(run, configs[-1])
         if run.pruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             study.tell(trial, run.val_accuracy)
-            if coreset is not None:
-                climb(params, LADDER[0], run.val_accuracy)
-        if done():
-            break
+            rungs[LADDER[0]].append((len(configs) - 1, run.val_accuracy))
     return out
 
 
@@ -421,20 +442,25 @@ def main() -> None:
             found = {"vanilla": vanilla}
             for a in order:
                 found[a.name] = search(a, task, seed=seed, trials=args.trials * args.trial_cap, epochs=args.epochs,
-                                       startup=args.startup, warm=warm, target=target, budget=budget)
-            tests = {name: test_accuracy(task, f.best_params, epochs=args.epochs, seed=seed)
-                     for name, f in found.items() if f.best_params is not None}
+                                       startup=args.startup, warm=warm, budget=budget)
+            vanilla_test = test_accuracy(task, vanilla.best_params, epochs=args.epochs, seed=seed)
             for a in arms:
                 f = found[a.name]
                 got = f.reach(target)
+                half, full = f.best_within(HALF * budget), f.best_within(budget)
+                test_half = (vanilla_test if a.name == "vanilla" else
+                             None if half is None else test_accuracy(task, half, epochs=args.epochs, seed=seed))
+                test_full = (vanilla_test if a.name == "vanilla" else
+                             None if full is None else test_accuracy(task, full, epochs=args.epochs, seed=seed))
                 rows.append({
                     "dataset": s.name, "seed": seed, "arm": a.name, "reached": got is not None,
                     "compute_ratio_vs_tpe": None if got is None else got[0] / base[0],
                     "row_epoch_ratio_vs_tpe": None if got is None else got[1] / base[1],
                     "seconds_to_target": None if got is None else got[0], "vanilla_seconds_to_target": base[0],
                     "total_seconds": f.curve[-1][0], "budget_seconds": budget, "best_val_accuracy": f.best_value,
-                    "target": target, "test_accuracy": tests.get(a.name),
-                    "final_accuracy_delta": None if a.name not in tests else 100 * (tests[a.name] - tests["vanilla"]),
+                    "target": target, "test_accuracy_at_half": test_half, "test_accuracy_at_full": test_full,
+                    "final_accuracy_delta": None if test_half is None else 100 * (test_half - vanilla_test),
+                    "final_accuracy_delta_at_full": None if test_full is None else 100 * (test_full - vanilla_test),
                     "trainings": f.trainings, "pruned": f.pruned, "nearest_past_study": nearest if a.warm else None,
                     "coreset_seconds": task.coreset_seconds.get(a.subset, 0.0),
                 })
@@ -455,6 +481,9 @@ def main() -> None:
             "row_epoch_ratio_vs_tpe": median([r["row_epoch_ratio_vs_tpe"] for r in mine]),
             "final_accuracy_delta": float(np.mean(deltas)) if deltas else None,
             "final_accuracy_delta_sd": float(np.std(deltas, ddof=1)) if len(deltas) > 1 else None,
+            "final_accuracy_delta_at_full": (float(np.mean(full)) if (full := [
+                r["final_accuracy_delta_at_full"] for r in mine if r["final_accuracy_delta_at_full"] is not None])
+                else None),
             "per_dataset": {s.name: median([r["compute_ratio_vs_tpe"] for r in mine if r["dataset"] == s.name])
                             for s in sources},
         })
@@ -468,8 +497,8 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
     print(f"\n{len(sources)} data sets x {args.seeds} seeds, {args.trials} configurations of {args.epochs} epochs "
           f"per search; CPU {result['cpu']}, 1 thread")
-    head = (f"{'arm':<20} {'reached':>7} {'compute/TPE':>11} {'row-epochs/TPE':>14} {'test acc delta (pt)':>19}"
-            f"  per data set (median compute/TPE)")
+    head = (f"{'arm':<20} {'reached':>7} {'compute/TPE':>11} {'row-epochs/TPE':>14} {'test delta, half (pt)':>21}"
+            f" {'same compute':>12}  per data set (median compute/TPE)")
     print(head)
     print("-" * len(head))
 
@@ -481,9 +510,11 @@ def main() -> None:
         sd = row["final_accuracy_delta_sd"]
         delta = num(row["final_accuracy_delta"], sign=True) + ("" if sd is None else f" ±{sd:.1f}")
         print(f"{row['arm']:<20} {row['reached']:>3}/{row['runs']:<3} {num(row['compute_ratio_vs_tpe']):>11} "
-              f"{num(row['row_epoch_ratio_vs_tpe']):>14} {delta:>19}  {per}")
-    print("(medians over data sets x seeds; n/r: the target was not reached in most runs within vanilla's compute; "
-          "test acc delta: mean ± sd)")
+              f"{num(row['row_epoch_ratio_vs_tpe']):>14} {delta:>21} "
+              f"{num(row['final_accuracy_delta_at_full'], True):>12}  {per}")
+    print("(compute: medians over data sets x seeds; n/r: the target was not reached in most runs within vanilla's "
+          "compute; test delta: mean ± sd, in points, of the best configuration found with half of vanilla's compute "
+          "(half) or all of it (same compute), retrained on the whole train split, against vanilla's)")
     print(f"\nwritten {out} in {result['seconds']:.0f} s")
 
 

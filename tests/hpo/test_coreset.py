@@ -13,7 +13,7 @@ from dlforge.hpo.coreset import (
     k_center_order,
     k_center_radius,
     next_fidelity,
-    promote,
+    promotable,
 )
 
 SPREAD = 0.1  # every point lies within SPREAD of its cluster's centre
@@ -107,11 +107,28 @@ def test_fidelity_ladder_and_promotion() -> None:
     assert next_fidelity(1.0, [0.25, 0.5, 1.0]) is None
     with pytest.raises(InvalidInput, match="fidelity ladder"):
         next_fidelity(0.1, [0.0, 1.0])
-    # six trials at a rung: the best two (ceil(6/3)) are promoted
-    rung = [0.50, 0.62, 0.71, 0.55, 0.69, 0.40]
-    assert [promote(rung, value=v) for v in rung] == [False, False, True, False, True, False]
-    assert promote([1.2, 0.8, 1.0], value=0.8, maximize=False) and not promote([1.2, 0.8, 1.0], value=1.0,
-                                                                              maximize=False)
+    # six trials at a rung: the best two (ceil(6/3)) are promoted, best first
+    rung = list(enumerate([0.50, 0.62, 0.71, 0.55, 0.69, 0.40]))
+    assert promotable(rung, set()) == [2, 4]
+    assert promotable(rung, {2}) == [4] and promotable(rung, {2, 4}) == []
+    # losses: the smallest is the best
+    assert promotable([("a", 1.2), ("b", 0.8), ("c", 1.0)], (), maximize=False) == ["b"]
+    # ties at the bar are all in
+    assert promotable([(0, 0.7), (1, 0.7), (2, 0.1)], ()) == [0, 1]
+
+
+def test_a_rung_is_ranked_again_at_every_completion() -> None:
+    """ASHA: an early trial is judged again as others finish, not once when it completed."""
+    rung = [(0, 0.60), (1, 0.90)]
+    assert promotable(rung, ()) == []  # fewer than three completed
+    rung.append((2, 0.95))
+    assert promotable(rung, ()) == [2]  # ceil(3/3) = 1: the best alone
+    rung.append((3, 0.50))
+    assert promotable(rung, {2}) == [1]  # ceil(4/3) = 2: trial 1, passed over at three, earns it now
+    rung += [(4, 0.97), (5, 0.96), (6, 0.99)]
+    assert promotable(rung, {1, 2}) == [6, 4, 5]  # ceil(7/3) = 3: 0.99, 0.97, 0.96, best first
+    assert promotable([*rung[:4], (4, 0.91)], {2}) == [4]  # 0.91 pushes 0.90 (trial 1) out of the best two
+    assert promotable([(0, 0.9)], (), min_trials=1) == [0]
 
 
 def test_bad_input_is_refused() -> None:

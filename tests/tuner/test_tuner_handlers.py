@@ -268,7 +268,7 @@ def test_the_settings_ladder_and_sample_method(tmp_path: Path) -> None:
 
 
 def test_a_configuration_promoted_up_the_ladder_is_remembered_once(tmp_path: Path) -> None:
-    from dlforge.tuner.handlers import promote_trial
+    from dlforge.tuner.handlers import promote_next
     from dlforge.tuner.warmstart import best_params
 
     ctx = context(tmp_path, trials=5, parallel=1, fidelity_ladder=[0.5, 1.0])
@@ -277,12 +277,14 @@ def test_a_configuration_promoted_up_the_ladder_is_remembered_once(tmp_path: Pat
         [asked] = ask_for(load_study(ctx), ctx, asked_by=f"e{number}")
         assert asked.fraction == 0.5
         tell(load_study(ctx), ctx, completed(number, value=value))
-    assert promote_trial(load_study(ctx), ctx, 2) == 1.0 and promote_trial(load_study(ctx), ctx, 2) is None
-    assert promote_trial(load_study(ctx), ctx, 1) is None  # 0.7 is not the best third of three
+        if number < 2:
+            assert promote_next(load_study(ctx), ctx) is None  # fewer than three completed at 0.5
+    # 0.8 is the best third of three; asked again, nothing more (0.7 is not the best third of three)
+    assert promote_next(load_study(ctx), ctx) == (2, 1.0) and promote_next(load_study(ctx), ctx) is None
     [again] = ask_for(load_study(ctx), ctx, asked_by="e3")
     assert (again.number, again.fraction) == (3, 1.0)
     tell(load_study(ctx), ctx, completed(3, value=0.85))
     study = load_study(ctx)
-    assert promote_trial(study, ctx, 3) is None  # the top rung
+    assert promote_next(study, ctx) is None  # 3 is at the top rung, 2 was promoted already
     top = best_params(study)
     assert top == [study.trials[2].params, study.trials[1].params, study.trials[0].params]

@@ -376,17 +376,19 @@ async def test_with_a_fidelity_ladder_the_best_third_of_a_rung_trains_again_on_t
     t4 = await complete(t3, 0.97)
     assert t4.payload.sample_fraction == 0.25  # type: ignore[union-attr]
     assert t4.payload.params not in [t.params for t in trials]  # type: ignore[union-attr]
-    # 0.5 is below the best third of {0.6, 0.9, 0.95, 0.5} (the best two): not promoted
+    # 0.5 is not among the best two of {0.6, 0.9, 0.95, 0.5}, but trial 1's 0.9 now is (the rung is ranked
+    # again): passed over when it completed among three, its parameters come back at 0.5
     t5 = await complete(t4, 0.5)
-    assert t5.payload.sample_fraction == 0.25 and t5.payload.params != t4.payload.params  # type: ignore[union-attr]
-    # 0.99 would earn 0.5, but the promoted trial was one of the six trainings: the budget is spent
+    assert t5.payload.sample_fraction == 0.5 and t5.payload.params == trials[1].params  # type: ignore[union-attr]
+    # 0.99 at 0.5 would rank, but the promotions were two of the six trainings: the budget is spent
     [done] = await tuner_handles(backends, trial_done(t5, "complete", 0.99))
     assert isinstance(done.payload, HpoCompleted)
     assert [(t.number, t.state) for t in done.payload.trials] == [(n, "complete") for n in range(6)]
     study = optuna.load_study(study_name=study_name_for(run_id),
                               storage=(await backends.docs.get("tuner_studies", study_name_for(run_id)))[
                                   "context"]["storage_url"])
-    assert [t.user_attrs["fidelity"] for t in study.trials] == [0.25, 0.25, 0.25, 0.5, 0.25, 0.25]
+    assert [t.user_attrs["fidelity"] for t in study.trials] == [0.25, 0.25, 0.25, 0.5, 0.25, 0.5]
+    assert [t.user_attrs.get("dlforge.promoted_from") for t in study.trials] == [None, None, None, 2, None, 1]
 
 
 async def test_deleting_a_run_forgets_its_study_for_warm_starts(backends: Backends) -> None:

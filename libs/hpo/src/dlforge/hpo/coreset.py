@@ -17,15 +17,16 @@ and adds the next most representative ones.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
 from dlforge.common.errors import InvalidInput
 
 Method = Literal["k_center", "herding"]
+K = TypeVar("K")
 
 
 def k_center_order(x: np.ndarray, k: int) -> np.ndarray:
@@ -131,14 +132,19 @@ def next_fidelity(fraction: float, ladder: Sequence[float]) -> float | None:
     return next((r for r in rungs if r > fraction + 1e-12), None)
 
 
-def promote(rung_values: Sequence[float], *, value: float, maximize: bool = True, top_fraction: float = 1 / 3) -> bool:
-    """Whether a trial that scored ``value`` at a rung earns the next fidelity.
+def promotable(rung: Sequence[tuple[K, float]], promoted: Collection[K], *, maximize: bool = True,
+               top_fraction: float = 1 / 3, min_trials: int = 3) -> list[K]:
+    """Asynchronous successive halving's rule (ASHA, Li et al. 2020) over one rung: the keys of the trials in
+    the best ``ceil(top_fraction * n)`` of the ``n`` completed at the rung that were not promoted yet, best
+    first. Nothing before ``min_trials`` completed there.
 
-    ``rung_values`` are the values of the trials finished at that rung (the trial's own among them); the
-    trial is promoted when it ranks among their best ``ceil(top_fraction * n)`` (successive halving's rule).
+    Unlike :func:`promote`, which judges a trial once, when it completes, the rung is ranked again at every
+    completion: an early trial that stays among the best third is promoted once enough others finished,
+    and one that has fallen out of it is not. Ties at the bar are all in.
     """
-    if not rung_values:
-        return False
-    values = sorted(rung_values, reverse=maximize)
-    bar = values[max(1, math.ceil(top_fraction * len(values) - 1e-9)) - 1]
-    return value >= bar if maximize else value <= bar
+    if len(rung) < max(1, min_trials):
+        return []
+    ranked = sorted(rung, key=lambda kv: kv[1], reverse=maximize)
+    bar = ranked[max(1, math.ceil(top_fraction * len(ranked) - 1e-9)) - 1][1]
+    done = set(promoted)
+    return [k for k, v in ranked if (v >= bar if maximize else v <= bar) and k not in done]

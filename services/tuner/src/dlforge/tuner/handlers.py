@@ -7,9 +7,9 @@ Every decision is derived from the study's stored state, which makes the handler
 * telling a trial that is already finished is a no-op (``skip_if_finished``);
 * how many trials to ask is ``min(parallel - running, budget - asked)`` counted without the current
   event's own trials, so a redelivery asks nothing twice;
-* with a fidelity ladder, whether a completed trial is promoted to the next rung is decided on the
-  trials completed by then, and a trial is promoted once (user attribute ``dlforge.promoted_from`` of
-  its promotion), so handling its completion again promotes nothing twice.
+* with a fidelity ladder, the rungs are ranked again at every completion and a trial is promoted once
+  (user attribute ``dlforge.promoted_from`` of its promotion), so handling a completion again promotes
+  nothing twice.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from dlforge.common.events import (
     TrialRecord,
 )
 from dlforge.hpo import PRUNER_ATTR, build_pruner, open_storage
-from dlforge.hpo.coreset import next_fidelity, promote
+from dlforge.hpo.coreset import next_fidelity, promotable
 from dlforge.tuner.plugins import PluginChoice, make_sampler, pruner_spec
 from dlforge.tuner.settings import TunerSettings
 from dlforge.tuner.space import SearchSpace, default_space
@@ -92,7 +92,7 @@ class TuningConfig(BaseModel):
     """How a study searches: the space, the sampler, the pruner, the data share and epochs of a trial.
 
     With a ``fidelity_ladder``, a trial's data share is its rung instead of ``sample_fraction``
-    (successive halving on data, see :func:`promote_trial`).
+    (asynchronous successive halving on data, see :func:`promote_next`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -297,41 +297,43 @@ def ask_for(study: optuna.Study, ctx: StudyContext, *, asked_by: str, stop: bool
             if t.user_attrs.get(ASKED_BY) == asked_by and t.state == TrialState.RUNNING]
 
 
-def promote_trial(study: optuna.Study, ctx: StudyContext, number: int) -> float | None:
-    """Successive halving on data: enqueue trial ``number``'s parameters at the next rung of the ladder if it
-    earned it; returns that rung (None: not promoted).
+def promote_next(study: optuna.Study, ctx: StudyContext) -> tuple[int, float] | None:
+    """Asynchronous successive halving on data: enqueue the parameters of one trial that earned the next rung of
+    the ladder; returns ``(trial number, rung)`` (None: none earned it, or no ladder).
 
-    It earns it when it completed below the ladder's top, at least :data:`MIN_RUNG_TRIALS` trials had
-    completed at its rung when it did (itself included), and it is among their best third
-    (:func:`dlforge.hpo.coreset.promote`, the rule ``benchmarks/tuner.py`` measured). Counting only the
-    trials completed by then gives the same answer when its completion is handled again, and a trial is
-    promoted once. A promotion is a training and counts toward the run's ``hpo_trials``: none is
-    enqueued once the study holds that many trials, which would leave it waiting for ever.
+    The rungs are ranked again at every completion, the highest first (ASHA's job order): a trial earns the
+    next rung while it is among the best third of the trials completed at its rung, once at least
+    :data:`MIN_RUNG_TRIALS` completed there (:func:`dlforge.hpo.coreset.promotable`, the rule
+    ``benchmarks/tuner.py`` measured), and is promoted once (the promotion's ``dlforge.promoted_from``). So an
+    early trial that stays among the best is promoted when enough others have finished, and handling a
+    completion again promotes nothing that was promoted already. One promotion per completion: the training
+    that ended frees one slot, which the promotion takes before a new configuration would. A promotion is a
+    training and counts toward the run's ``hpo_trials``: none is enqueued once the study holds that many
+    trials, which would leave it waiting for ever.
     """
     ladder = ctx.config.fidelity_ladder
     if not ladder:
         return None
     trials = study.get_trials(deepcopy=False)
-    trial = next((t for t in trials if t.number == number), None)
-    if (trial is None or trial.state != TrialState.COMPLETE or trial.value is None or trial.datetime_complete is None
-            or FIDELITY not in trial.user_attrs):
+    if len(trials) >= ctx.options.hpo_trials:
         return None
-    rung = float(trial.user_attrs[FIDELITY])
-    higher = next_fidelity(rung, ladder)
-    if higher is None or len(trials) >= ctx.options.hpo_trials:
-        return None
-    if any(t.user_attrs.get(PROMOTED_FROM) == number for t in trials):
-        return None
-    by_then = [t.value for t in trials
-               if t.state == TrialState.COMPLETE and t.value is not None and t.datetime_complete is not None
-               and t.datetime_complete <= trial.datetime_complete
-               and math.isclose(float(t.user_attrs.get(FIDELITY, -1.0)), rung, abs_tol=1e-9)]
-    if len(by_then) < MIN_RUNG_TRIALS or not promote(by_then, value=trial.value):
-        return None
-    study.enqueue_trial(dict(trial.params), user_attrs={FIDELITY: higher, PROMOTED_FROM: number})
-    log.info("study %s: trial %d (%.4f, one of the best third of %d at %.3g) trains again at %.3g",
-             study.study_name, number, trial.value, len(by_then), rung, higher)
-    return higher
+    promoted = {int(t.user_attrs[PROMOTED_FROM]) for t in trials if PROMOTED_FROM in t.user_attrs}
+    for rung in sorted(ladder, reverse=True):
+        higher = next_fidelity(rung, ladder)
+        if higher is None:
+            continue
+        done = [(t.number, float(t.value)) for t in trials
+                if t.state == TrialState.COMPLETE and t.value is not None
+                and math.isclose(float(t.user_attrs.get(FIDELITY, -1.0)), rung, abs_tol=1e-9)]
+        ready = promotable(done, promoted, min_trials=MIN_RUNG_TRIALS)
+        if ready:
+            number = ready[0]
+            params = next(t.params for t in trials if t.number == number)
+            study.enqueue_trial(dict(params), user_attrs={FIDELITY: higher, PROMOTED_FROM: number})
+            log.info("study %s: trial %d (one of the best third of %d at %.3g) trains again at %.3g",
+                     study.study_name, number, len(done), rung, higher)
+            return number, higher
+    return None
 
 
 def tell(study: optuna.Study, ctx: StudyContext, done: HpoTrialCompleted) -> bool:

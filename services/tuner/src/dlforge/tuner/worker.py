@@ -58,7 +58,7 @@ from dlforge.tuner.handlers import (
     is_done,
     load_study,
     prepare_study,
-    promote_trial,
+    promote_next,
     resolve_storage_url,
     study_name_for,
     tell,
@@ -288,7 +288,7 @@ async def on_trial_completed(event: Event, ctx: HandlerContext[TunerDeps]) -> li
     def ask_next() -> _Step:
         study = load_study(study_ctx)
         if not halt:
-            promote_trial(study, study_ctx, p.trial_number)  # enqueued: asked first, below
+            promote_next(study, study_ctx)  # enqueued: asked first, below
         asked = ask_for(study, study_ctx, asked_by=event.event_id, stop=halt)
         done = not asked and is_done(study, study_ctx, stop=halt)
         return _Step(asked, done, trial_table(study), best_trial(study), failed_in_a_row(study),
