@@ -115,26 +115,29 @@ def test_a_newer_event_is_not_valid_as_its_older_version(document: dict[str, Any
     assert any("max_auto_label_error" in e for e in errors), errors
 
 
-class DatasetUploadedV4(DatasetUploaded):
-    """A dataset was uploaded (an imagined version 4 that adds the uploader)."""
+NEXT = DatasetUploaded.SCHEMA_VERSION + 1
 
-    SCHEMA_VERSION: ClassVar[int] = 4
+
+class DatasetUploadedNext(DatasetUploaded):
+    """A dataset was uploaded (an imagined next version that adds the uploader)."""
+
+    SCHEMA_VERSION: ClassVar[int] = NEXT
     uploaded_by: str
 
 
 def test_a_bumped_version_keeps_the_published_ones_and_adds_the_new(document: dict[str, Any]) -> None:
     bumped = build_document(previous=document,
-                            payload_types={**PAYLOAD_TYPES, Topic.DATASET_UPLOADED: DatasetUploadedV4})
+                            payload_types={**PAYLOAD_TYPES, Topic.DATASET_UPLOADED: DatasetUploadedNext})
     schemas = bumped["components"]["schemas"]
-    for v in (1, 2, 3):  # published versions stay byte for byte
+    for v in range(1, NEXT):  # published versions stay byte for byte
         name = f"dataset.uploaded.v{v}"
         assert {k: s for k, s in schemas.items() if k.startswith(name)} == \
             {k: s for k, s in document["components"]["schemas"].items() if k.startswith(name)}
     assert list(bumped["channels"]["dataset.uploaded"]["messages"]) == [
-        "dataset.uploaded.v1", "dataset.uploaded.v2", "dataset.uploaded.v3", "dataset.uploaded.v4"]
+        f"dataset.uploaded.v{v}" for v in range(1, NEXT + 1)]
     assert bumped["operations"]["publish.dataset.uploaded"]["messages"] == [
-        {"$ref": "#/channels/dataset.uploaded/messages/dataset.uploaded.v4"}]
-    assert "uploaded_by" in schemas["dataset.uploaded.v4.payload"]["required"]
+        {"$ref": f"#/channels/dataset.uploaded/messages/dataset.uploaded.v{NEXT}"}]
+    assert "uploaded_by" in schemas[f"dataset.uploaded.v{NEXT}.payload"]["required"]
     assert changed_versions(document, bumped) == []
 
 

@@ -276,3 +276,16 @@ def test_the_kept_samples_gain_and_their_grid_reach_the_text_and_the_page(tmp_pa
     assert f"src='data:image/png;base64,{base64.b64encode(png).decode()}'" in page and "not read" not in page
     # a run without augmentation names no grid
     assert report_images(build_report(_run(None)), objects) == {}
+
+
+def test_the_standardized_domains_are_reported() -> None:
+    doc = _run(None)
+    assert build_report(doc)["domains_standardized"] == {} and "domain adaptation" not in format_text(build_report(doc))
+    labeled = DatasetLabeled(dataset_id="ds", labels_key="l.json", classes=CLASSES,
+                             counts=[ClassCount(label="defect", count=30), ClassCount(label="good", count=70)],
+                             human_labels=20, auto_labels=80, rounds=5, spec=SPEC,
+                             domains_standardized={"mono": 1074, "poly": 1550})
+    report = build_report(runs.apply(doc, Event.new(labeled, run_id="r1"), trace_id="ab" * 16))
+    assert report["domains_standardized"] == {"mono": 1074, "poly": 1550}
+    assert ("domain adaptation: each domain's embeddings given the whole set's moments before labeling (mono 1,074 "
+            "items, poly 1,550 items)") in format_text(report)

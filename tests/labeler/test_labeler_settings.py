@@ -61,7 +61,8 @@ def test_embed_views_come_from_the_environment_and_reach_the_embedder(monkeypatc
 def test_domains_are_standardized_for_the_classifier_unless_set_to_none(tmp_path: Path) -> None:
     """Labels of one domain carry to another: the poly items' vectors sit far from the mono ones until each domain
     gets the set's moments (DLFORGE_LABELER_DOMAINS=standardize); rows come back at unit length."""
-    from dlforge.labeler.worker import classifier_vectors
+    from dlforge.common.events import PipelineOptions
+    from dlforge.labeler.worker import classifier_vectors, domain_adaptation
     from dlforge.vision.manifest import Item, Manifest
 
     rng = np.random.default_rng(0)
@@ -74,7 +75,12 @@ def test_domains_are_standardized_for_the_classifier_unless_set_to_none(tmp_path
     manifest = Manifest(dataset_id="d", name="d", classes=["a", "b"], items=items)
     settings = LabelerSettings(bus="memory://", objects=f"file://{tmp_path}/o", docs=f"sqlite:///{tmp_path}/d.db",
                                labeler_domains="standardize")
-    out, done = classifier_vectors(vectors, manifest, settings)
+    # the run's option wins over the labeler's setting; unset, the setting decides
+    assert domain_adaptation(PipelineOptions(), settings) == "standardize"
+    assert domain_adaptation(PipelineOptions(domain_adaptation="none"), settings) == "none"
+    plain = settings.model_copy(update={"labeler_domains": "none"})
+    assert domain_adaptation(PipelineOptions(domain_adaptation="standardize"), plain) == "standardize"
+    out, done = classifier_vectors(vectors, manifest, "standardize")
     assert done == {"mono": 30, "poly": 30}
     assert np.linalg.norm(out, axis=1) == pytest.approx(np.ones(60), abs=1e-5)
     # the domains' centres (nearly) coincide once standardized; the raw rows at unit length lie about 1 apart
@@ -82,7 +88,7 @@ def test_domains_are_standardized_for_the_classifier_unless_set_to_none(tmp_path
     before = float(np.linalg.norm(unit[:30].mean(axis=0) - unit[30:].mean(axis=0)))
     after = float(np.linalg.norm(out[:30].mean(axis=0) - out[30:].mean(axis=0)))
     assert before > 0.8 and after < 0.1
-    off, nothing = classifier_vectors(vectors, manifest, settings.model_copy(update={"labeler_domains": "none"}))
+    off, nothing = classifier_vectors(vectors, manifest, "none")
     assert off is vectors and nothing == {}
 
 

@@ -277,3 +277,35 @@ async def test_a_pixel_classifier_learns_on_the_stored_pixels_in_the_loop(tmp_pa
     assert isinstance(labeled, DatasetLabeled) and labeled.auto_labels > 0
     manifest = await asyncio.to_thread(load_manifest, Backends.from_settings(settings).objects, labeled.labels_key)
     assert all(i.label == truth[i.name] for i in manifest.items if i.label_source == "auto")
+
+
+async def test_the_runs_domain_adaptation_option_standardizes_the_domains_it_names(
+    env: tuple[Backends, LabelerSettings],
+) -> None:
+    """The labeler's setting is none (the default); the run asks for standardize: the two domains of the CSV's domain
+    column are standardized and dataset.labeled says which, with their sizes."""
+    backends, settings = env
+    assert settings.labeler_domains == "none"
+    images = two_class_images(20)
+    truth = {n: label for n, (_, label) in images.items()}
+    domain = {n: ("mono" if int(n[1:4]) < 10 else "poly") for n in images}
+    csv = ("file,label,domain\n" + "".join(f"{n},,{domain[n]}\n" for n in sorted(images))).encode()
+    await asyncio.to_thread(simulated.register_answers, backends.objects, "dom", truth)
+    stop = asyncio.Event()
+    workers = [Worker(service, backends, deps=await stub_deps(settings, backends)),
+               Worker(simulated.service, backends, deps=simulated.AnnotatorSim())]
+    task = asyncio.create_task(run_workers(workers, stop))
+    try:
+        tree = open_zip(io.BytesIO(make_zip({**{n: b for n, (b, _) in images.items()}, "labels.csv": csv})),
+                        settings_limits(settings))
+        req = DatasetRequest(spec=Spec(positive_class="dark"), dataset_id="dom", run_id="run-dom",
+                             options=OPTIONS.model_copy(update={"domain_adaptation": "standardize"}))
+        await import_dataset(backends, settings, req, tree, scan(tree), upload_name="cells.zip")
+        events = await collect(backends, [Topic.DATASET_LABELED, Topic.RUN_FAILED], until=Topic.DATASET_LABELED)
+    finally:
+        stop.set()
+        await task
+    labeled = events[-1].payload
+    assert isinstance(labeled, DatasetLabeled) and labeled.options.domain_adaptation == "standardize"
+    assert labeled.domains_standardized == {"mono": 20, "poly": 20}
+    assert (await records.load(backends.docs, "dom"))["result"]["domains_standardized"] == {"mono": 20, "poly": 20}

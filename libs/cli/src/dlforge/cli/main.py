@@ -20,7 +20,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 from uuid import uuid4
 
 from pydantic import ValidationError
@@ -95,10 +96,23 @@ def _flag_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _choices(annotation: Any) -> tuple[str, ...] | None:
+    """The values of a ``Literal[...]`` (or ``Literal[...] | None``) option; None for other types."""
+    if get_origin(annotation) is Literal:
+        return tuple(str(a) for a in get_args(annotation))
+    inner = [a for a in get_args(annotation) if a is not type(None)]
+    return _choices(inner[0]) if len(inner) == 1 and get_origin(annotation) in (Union, UnionType) else None
+
+
 def _add_option_flags(p: argparse.ArgumentParser) -> None:
     for name, field in PipelineOptions.model_fields.items():
-        kind: Any = int if field.annotation is int else _flag_bool if field.annotation is bool else float
         described = (field.description or name).replace("%", "%%")  # argparse formats help with %
+        choices = _choices(field.annotation)
+        if choices is not None:
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, choices=choices, default=None,
+                           help=f"{described} (default {field.default})")
+            continue
+        kind: Any = int if field.annotation is int else _flag_bool if field.annotation is bool else float
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
                        help=f"{described} (default {field.default})")
 

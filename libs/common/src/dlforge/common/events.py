@@ -121,6 +121,9 @@ MAX_CLASSES = 1000  # classes of one dataset (industrial inspection has a handfu
 MAX_FINGERPRINT = 8192  # values of a data-set fingerprint (2 x the reference trunk's feature width)
 
 
+DomainAdaptation = Literal["none", "standardize"]
+
+
 class PipelineOptions(BaseModel):
     """Knobs of one run that every stage may read (budgets, sizes); defaults suit the demo.
 
@@ -175,6 +178,11 @@ class PipelineOptions(BaseModel):
         description=f"data-parallel training processes (at most {MAX_WORKERS}, the trainer's own cap)",
     )
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="seed of every random choice of the run")
+    domain_adaptation: DomainAdaptation | None = Field(
+        default=None,
+        description="standardize: when the items come from several domains (the manifest's domain column), the "
+        "labeler gives each domain's embeddings the whole set's per-feature moments, so labels of one domain "
+        "carry to another; none: it does not; unset: the labeler's setting (DLFORGE_LABELER_DOMAINS)")
 
 
 class ClassCount(BaseModel):
@@ -193,7 +201,8 @@ class DatasetUploaded(Payload):
     """A data set was ingested by the labeler: its items, classes and manifest, with the run's spec and options."""
 
     TOPIC = Topic.DATASET_UPLOADED
-    SCHEMA_VERSION: ClassVar[int] = 3  # v2: options.max_auto_label_error, auto_label_all; v3: project
+    SCHEMA_VERSION: ClassVar[int] = 4  # v2: options.max_auto_label_error, auto_label_all; v3: project;
+    # v4: options.domain_adaptation
 
     dataset_id: str
     name: str
@@ -260,8 +269,9 @@ class DatasetLabeled(Payload):
 
     TOPIC = Topic.DATASET_LABELED
     # v2: options.max_auto_label_error, auto_label_all; needs_review. v3: rounds_figures, auto_label_coverage,
-    # auto_label_error_bound (the report is built from the events alone)
-    SCHEMA_VERSION: ClassVar[int] = 3
+    # auto_label_error_bound (the report is built from the events alone). v4: options.domain_adaptation,
+    # domains_standardized
+    SCHEMA_VERSION: ClassVar[int] = 4
 
     dataset_id: str
     labels_key: str = Field(description="object key of the labeled manifest (JSON)")
@@ -281,6 +291,10 @@ class DatasetLabeled(Payload):
     auto_label_error_bound: float | None = Field(
         default=None, ge=0.0, le=1.0,
         description="exact 95 % upper bound on the error rate of the guaranteed auto-labels (None: none)")
+    domains_standardized: dict[str, int] = Field(
+        default={}, max_length=MAX_CLASSES,
+        description="the domains whose embeddings were standardized (options.domain_adaptation), with their items "
+        "({}: none)")
 
 
 class AugmentationCount(BaseModel):
@@ -325,7 +339,8 @@ class DatasetAugmented(Payload):
     """The augmenter's training manifest (real items plus the kept generated samples) and its counts per class."""
 
     TOPIC = Topic.DATASET_AUGMENTED
-    SCHEMA_VERSION: ClassVar[int] = 3  # v2: options.max_auto_label_error, auto_label_all; v3: gain, samples_grid_key
+    # v2: options.max_auto_label_error, auto_label_all; v3: gain, samples_grid_key, options.domain_adaptation
+    SCHEMA_VERSION: ClassVar[int] = 3
 
     dataset_id: str
     manifest_key: str = Field(description="object key of the training manifest: real + kept generated")
@@ -356,7 +371,8 @@ class ModelProposed(Payload):
     """The proposer's ranking of the repository's candidate models for the data set, and the one it chose."""
 
     TOPIC = Topic.MODEL_PROPOSED
-    SCHEMA_VERSION: ClassVar[int] = 3  # v2: options.max_auto_label_error, auto_label_all; v3: fingerprint
+    # v2: options.max_auto_label_error, auto_label_all; v3: fingerprint; v4: options.domain_adaptation
+    SCHEMA_VERSION: ClassVar[int] = 4
 
     dataset_id: str
     manifest_key: str
@@ -477,7 +493,7 @@ class HpoCompleted(Payload):
     """The tuner's study ended: the best hyperparameters and every trial."""
 
     TOPIC = Topic.HPO_COMPLETED
-    SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all
+    SCHEMA_VERSION: ClassVar[int] = 3  # v2: options.max_auto_label_error, auto_label_all; v3: options.domain_adaptation
 
     study_name: str
     dataset_id: str
@@ -497,7 +513,7 @@ class ModelTrained(Payload):
     """The final model was trained: its checkpoint, hyperparameters and metrics."""
 
     TOPIC = Topic.MODEL_TRAINED
-    SCHEMA_VERSION: ClassVar[int] = 2  # v2: options.max_auto_label_error, auto_label_all
+    SCHEMA_VERSION: ClassVar[int] = 3  # v2: options.max_auto_label_error, auto_label_all; v3: options.domain_adaptation
 
     dataset_id: str
     model_id: str
@@ -752,9 +768,29 @@ def _proposed_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
 register_upcaster(Topic.MODEL_PROPOSED, 2, _proposed_v2_to_v3)
 
 
+def _options_with_domain_adaptation(payload: dict[str, Any]) -> dict[str, Any]:
+    """Options from before ``domain_adaptation``: the labeler's own setting decided (None)."""
+    options = payload.get("options")
+    if not isinstance(options, dict):
+        return payload
+    return {**payload, "options": {**options, "domain_adaptation": None}}
+
+
 def _augmented_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
     """dataset.augmented v2 did not measure the kept samples' gain nor show them: neither is known."""
-    return {**payload, "gain": None, "samples_grid_key": None}
+    return {**_options_with_domain_adaptation(payload), "gain": None, "samples_grid_key": None}
+
+
+def _labeled_v3_to_v4(payload: dict[str, Any]) -> dict[str, Any]:
+    """dataset.labeled v3 did not say which domains were standardized (its record did)."""
+    return {**_options_with_domain_adaptation(payload), "domains_standardized": {}}
+
+
+register_upcaster(Topic.DATASET_LABELED, 3, _labeled_v3_to_v4)
+register_upcaster(Topic.DATASET_UPLOADED, 3, _options_with_domain_adaptation)
+register_upcaster(Topic.MODEL_PROPOSED, 3, _options_with_domain_adaptation)
+register_upcaster(Topic.HPO_COMPLETED, 2, _options_with_domain_adaptation)
+register_upcaster(Topic.MODEL_TRAINED, 2, _options_with_domain_adaptation)
 
 
 register_upcaster(Topic.DATASET_AUGMENTED, 2, _augmented_v2_to_v3)

@@ -115,6 +115,7 @@ def build_report(run: Mapping[str, Any]) -> dict[str, Any]:
         report["needs_review"] = labeled.needs_review
         report["class_counts"] = {c.label: c.count for c in labeled.counts}
         report["labeling_round_figures"] = [r.model_dump() for r in labeled.rounds_figures]
+        report["domains_standardized"] = dict(labeled.domains_standardized)
     report["auto_label_accuracy"] = None
     if augmented:
         report["augmentation"] = [a.model_dump() for a in augmented.augmentation]
@@ -376,6 +377,9 @@ def format_text(report: dict[str, Any]) -> str:
                      f"{report['labeling_rounds']} rounds, {report['auto_labels']} auto-labeled; "
                      f"auto-label accuracy {pct(report.get('auto_label_accuracy'))}")
     lines.extend(_labeling_lines(report, pct=pct))
+    if report.get("domains_standardized"):
+        lines.append("domain adaptation: each domain's embeddings given the whole set's moments before labeling ("
+                     + ", ".join(f"{d} {n:,} items" for d, n in report["domains_standardized"].items()) + ")")
     for a in report.get("augmentation", []):
         lines.append(f"augmentation {a['label']}: {a['real']} real, {a['generated']} generated, {a['kept']} kept")
     lines.extend(_gain_lines(report.get("augmentation_gain"), pct=pct))

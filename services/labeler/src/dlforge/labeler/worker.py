@@ -26,6 +26,7 @@ from dlforge.common.errors import InvalidInput, PoisonMessage, RetryableError
 from dlforge.common.events import (
     DatasetLabeled,
     DatasetUploaded,
+    DomainAdaptation,
     Event,
     LabelingRound,
     LabelsRequested,
@@ -93,12 +94,18 @@ def _classifier_options(settings: LabelerSettings) -> dict[str, Any]:
 service = Service[LabelerDeps]("labeler")
 
 
-def classifier_vectors(vectors: np.ndarray, manifest: Manifest, settings: LabelerSettings
+def domain_adaptation(options: PipelineOptions, settings: LabelerSettings) -> DomainAdaptation:
+    """The run's ``domain_adaptation`` option, or the labeler's ``labeler_domains`` setting when the run has none."""
+    return options.domain_adaptation or settings.labeler_domains
+
+
+def classifier_vectors(vectors: np.ndarray, manifest: Manifest, mode: DomainAdaptation
                        ) -> tuple[np.ndarray, dict[str, int]]:
-    """The embeddings the seed, the query strategy and the classifier see: with ``labeler_domains=standardize``
-    and items of several domains, each domain given the set's moments (:func:`standardize_domains`), rows back
-    to unit length; and the size of each domain standardized (``{}``: none)."""
-    if settings.labeler_domains == "none":
+    """The embeddings the seed, the query strategy and the classifier see: with ``mode`` ``standardize`` (see
+    :func:`domain_adaptation`) and items of several domains, each domain given the set's moments
+    (:func:`standardize_domains`), rows back to unit length; and the size of each domain standardized (``{}``:
+    none)."""
+    if mode == "none":
         return vectors, {}
     aligned, done = standardize_domains(vectors, [item.domain for item in manifest.items])
     return (normalize(aligned) if done else vectors), done
@@ -232,7 +239,7 @@ async def _start_labeling(event: Event, ctx: HandlerContext[LabelerDeps]) -> Han
         splits = handlers.assign_splits(n, budget=handlers.budget_of(n, options),
                                         rng=handlers.rng_for(payload.dataset_id, options.seed, "splits"))
         known = np.array([i.label is not None for i in manifest.items], dtype=bool)
-        seen, _ = classifier_vectors(vectors, manifest, ctx.deps.settings)
+        seen, _ = classifier_vectors(vectors, manifest, domain_adaptation(options, ctx.deps.settings))
         batch = handlers.first_batch(seen, splits=splits, known=known, options=options,
                                      rng=handlers.rng_for(payload.dataset_id, options.seed, "seed"))
         return splits, batch
@@ -390,7 +397,8 @@ async def _advance(
     ids = [i.item_id for i in manifest.items]
     splits = [record["splits"][i] for i in ids]
     asked_val = np.array([record.get("asked", {}).get(i) == "val" for i in ids], dtype=bool)
-    vectors, standardized = await asyncio.to_thread(classifier_vectors, vectors, manifest, ctx.deps.settings)
+    vectors, standardized = await asyncio.to_thread(classifier_vectors, vectors, manifest,
+                                                    domain_adaptation(options, ctx.deps.settings))
 
     pixels: list[np.ndarray | None] = []
 
@@ -473,6 +481,7 @@ async def _advance(
         options=options, rounds_figures=_round_figures(rounds),
         auto_label_coverage=_fraction(decision.summary.get("auto_label_coverage")),
         auto_label_error_bound=_fraction(decision.summary.get("auto_label_error_bound")),
+        domains_standardized=standardized,
     )
     record = await records.change(ctx.docs, record, state="labeled", rounds=rounds, counts=counts,
                                   current_batch=None, labels_key=key, result=summary,
