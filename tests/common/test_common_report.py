@@ -289,3 +289,16 @@ def test_the_standardized_domains_are_reported() -> None:
     assert report["domains_standardized"] == {"mono": 1074, "poly": 1550}
     assert ("domain adaptation: each domain's embeddings given the whole set's moments before labeling (mono 1,074 "
             "items, poly 1,550 items)") in format_text(report)
+
+
+def test_the_trials_line_says_on_how_much_of_the_data_they_trained() -> None:
+    from dlforge.common.events import HpoCompleted, TrialRecord
+
+    trials = [TrialRecord(number=n, state="complete", value=0.8, params={}, fidelity=f, promoted_from=p)
+              for n, (f, p) in enumerate([(0.25, None), (0.25, None), (0.25, None), (0.5, 2), (None, None)])]
+    done = HpoCompleted(study_name="s", dataset_id="ds", model_id="m", arch="a", weights_key="w.pt",
+                        best_params={"lr": 0.1}, best_value=0.8, trials=trials,
+                        manifest_key="m.json", classes=CLASSES, spec=SPEC)
+    report = build_report(runs.apply(_run(None), Event.new(done, run_id="r1"), trace_id="ab" * 16))
+    assert ("trials: 5 (5 complete, 0 pruned, 0 failed); trained on 3 at 25 %, 1 at 50 % of the train split"
+            in format_text(report))

@@ -146,7 +146,8 @@ async def test_the_tuner_prunes_a_trial_the_trainer_trains_in_another_process(
             rejected_count=0, duplicate_count=0, manifest_key=manifest_key, spec=Spec(positive_class="defect")),
             run_id=run_id))
         override = {"space": SPACE, "pruner": {"name": "median", "kwargs": {"n_startup_trials": 1}},
-                    "startup_trials": 2, "enqueue": [GOOD, BAD], "sample_fraction": 0.5}
+                    "startup_trials": 2, "enqueue": [GOOD, BAD], "sample_fraction": 0.5, "fidelity_ladder": [],
+                    "sample_method": "random"}
         await until(lambda: http("PUT", f"http://127.0.0.1:{tuner_port}/runs/{run_id}/tuning", override)[0] == 200,
                     timeout=60, what="the tuner to accept the run's tuning", logs=logs)
         cand = CandidateScore(model_id="small_cnn-mnist", arch="small_cnn", source_dataset="mnist",

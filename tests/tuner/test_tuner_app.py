@@ -50,7 +50,8 @@ def test_the_tuning_of_an_unknown_run_is_refused_and_nothing_is_written(client: 
 def test_override_is_validated_and_used_by_the_run(client: TestClient) -> None:
     uploaded(client, "r1")
     defaults = client.get("/tuning/defaults").json()
-    assert defaults["sampler"]["name"] == "tpe" and defaults["pruner"]["name"] == "median"
+    assert defaults["sampler"]["name"] == "tpe" and defaults["pruner"]["name"] == "none"
+    assert defaults["sample_method"] == "k_center" and defaults["fidelity_ladder"] == [0.25, 0.5, 1.0]
     assert defaults["sample_fraction"] == 0.5 and len(defaults["space"]["params"]) == 7
     bad = client.put("/runs/r1/tuning", json={"space": {"params": [{"kind": "float", "name": "lr", "low": 1,
                                                                      "high": 0.1}]}})

@@ -255,8 +255,13 @@ def test_the_settings_ladder_and_sample_method(tmp_path: Path) -> None:
     cfg = default_config(TunerSettings(tuner_fidelity_ladder=" 0.25, 0.5 ,1", tuner_sample_method="k_center"))
     assert cfg.fidelity_ladder == [0.25, 0.5, 1.0] and cfg.sample_method == "k_center"
     assert cfg.first_fraction == 0.25
-    plain = default_config(TunerSettings(tuner_fidelity_ladder=""))
+    plain = default_config(TunerSettings(tuner_fidelity_ladder="", tuner_sample_method="random"))
     assert plain.fidelity_ladder is None and plain.sample_method == "random" and plain.first_fraction == 0.5
+    # the defaults: k-center coresets on the ladder 0.25 -> 0.5 -> 1, no pruner (benchmarks/tuner.py's best)
+    default = default_config(TunerSettings())
+    assert (default.fidelity_ladder, default.sample_method, default.first_fraction) == ([0.25, 0.5, 1.0],
+                                                                                        "k_center", 0.25)
+    assert default.pruner.name == "none"
     for text, words in (("0.5,0.25", "strictly increasing"), ("0.25,2", "2.0 is not a fraction"),
                         ("0.25,half", "could not convert")):
         with pytest.raises(ConfigError, match=f"DLFORGE_TUNER_FIDELITY_LADDER='{text}': .*{words}"):

@@ -96,7 +96,7 @@ async def test_study_runs_two_trials_prunes_the_worse_one_and_trains_the_best(
     ]}
     await backends.docs.insert("tuner_configs", {"_id": run_id, "override": {
         "space": space, "pruner": {"name": "median"}, "startup_trials": 2, "enqueue": [GOOD, BAD],
-        "sample_fraction": 0.5}})
+        "sample_fraction": 0.5, "fidelity_ladder": [], "sample_method": "random"}})
     stop = asyncio.Event()
     workers = [Worker(tuner_worker.service, backends, deps=await tuner_deps(backends)),
                Worker(trainer_worker.service, backends, deps=await trainer_deps(backends)),
@@ -384,6 +384,8 @@ async def test_with_a_fidelity_ladder_the_best_third_of_a_rung_trains_again_on_t
     [done] = await tuner_handles(backends, trial_done(t5, "complete", 0.99))
     assert isinstance(done.payload, HpoCompleted)
     assert [(t.number, t.state) for t in done.payload.trials] == [(n, "complete") for n in range(6)]
+    assert [(t.fidelity, t.promoted_from) for t in done.payload.trials] == [
+        (0.25, None), (0.25, None), (0.25, None), (0.5, 2), (0.25, None), (0.5, 1)]
     study = optuna.load_study(study_name=study_name_for(run_id),
                               storage=(await backends.docs.get("tuner_studies", study_name_for(run_id)))[
                                   "context"]["storage_url"])

@@ -487,13 +487,19 @@ class TrialRecord(BaseModel):
     value: float | None
     params: dict[str, Any]
     seconds: float | None = None
+    fidelity: float | None = Field(default=None, ge=0.0, le=1.0,
+                                   description="the share of the train split it trained on (None: not recorded)")
+    promoted_from: int | None = Field(default=None, ge=0,
+                                      description="the trial whose parameters it trained again on a larger share")
 
 
 class HpoCompleted(Payload):
     """The tuner's study ended: the best hyperparameters and every trial."""
 
     TOPIC = Topic.HPO_COMPLETED
-    SCHEMA_VERSION: ClassVar[int] = 3  # v2: options.max_auto_label_error, auto_label_all; v3: options.domain_adaptation
+    # v2: options.max_auto_label_error, auto_label_all; v3: options.domain_adaptation, the trials' fidelity and
+    # promoted_from
+    SCHEMA_VERSION: ClassVar[int] = 3
 
     study_name: str
     dataset_id: str
@@ -513,7 +519,8 @@ class ModelTrained(Payload):
     """The final model was trained: its checkpoint, hyperparameters and metrics."""
 
     TOPIC = Topic.MODEL_TRAINED
-    SCHEMA_VERSION: ClassVar[int] = 3  # v2: options.max_auto_label_error, auto_label_all; v3: options.domain_adaptation
+    # v2: options.max_auto_label_error, auto_label_all; v3: options.domain_adaptation
+    SCHEMA_VERSION: ClassVar[int] = 3
 
     dataset_id: str
     model_id: str

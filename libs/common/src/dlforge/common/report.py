@@ -393,8 +393,12 @@ def format_text(report: dict[str, Any]) -> str:
                      + json.dumps(report["best_params"], sort_keys=True))
     if report.get("trials"):
         states = [str(t["state"]).lower() for t in report["trials"]]
+        shares = sorted({t["fidelity"] for t in report["trials"] if t.get("fidelity") is not None})
+        on = "; trained on " + ", ".join(
+            f"{sum(t.get('fidelity') == f for t in report['trials'])} at {100 * f:g} %" for f in shares
+        ) + " of the train split" if shares else ""
         lines.append(f"trials: {len(states)} ({states.count('complete')} complete, {states.count('pruned')} pruned, "
-                     f"{states.count('failed')} failed)")
+                     f"{states.count('failed')} failed){on}")
     # variants
     if "test_accuracy" in report:
         lines.append(f"test: accuracy {pct(report['test_accuracy'])}, defect recall {pct(report['defect_recall'])} "

@@ -429,7 +429,8 @@ def trial_table(study: optuna.Study) -> list[TrialRecord]:
     return [
         TrialRecord(number=t.number, state=t.state.name.lower(),
                     value=t.value if t.value is not None and math.isfinite(t.value) else None,
-                    params=dict(t.params), seconds=t.user_attrs.get(SECONDS))
+                    params=dict(t.params), seconds=t.user_attrs.get(SECONDS), fidelity=t.user_attrs.get(FIDELITY),
+                    promoted_from=t.user_attrs.get(PROMOTED_FROM))
         for t in study.get_trials(deepcopy=False)
     ]
 

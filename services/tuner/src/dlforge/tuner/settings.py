@@ -17,24 +17,27 @@ class TunerSettings(CommonSettings):
         "mysql+pymysql://...). Only the tuner opens it; several tuner replicas need one they all reach",
     )
     tuner_sampler: str = Field(default="tpe", description="tpe | random | gp | qmc | cmaes | basin_hopping")
-    tuner_pruner: str = Field(default="median", description="median | percentile | successive_halving (asha) | "
-                                                           "hyperband | patient | trend | threshold | none")
+    tuner_pruner: str = Field(default="none", description="median | percentile | successive_halving (asha) | "
+                              "hyperband | patient | trend | threshold | none. Default none: with the default "
+                              "fidelity ladder a pruner would compare trials trained on different shares of the "
+                              "data, and none of them saved compute in benchmarks/tuner.py (DEVELOPERS.md)")
     tuner_startup_trials: int = Field(default=2, ge=0, description="random trials before the Bayesian sampler "
                                       "models the space; trials before the pruner prunes")
     tuner_sample_fraction: float = Field(default=0.5, gt=0.0, le=1.0,
-                                         description="stratified share of the train split each trial trains on")
+                                         description="stratified share of the train split each trial trains on "
+                                         "when there is no fidelity ladder")
     tuner_sample_method: SampleMethod = Field(
-        default="random", description="how that share is chosen: random (stratified, by the study's seed) | "
-        "k_center | herding (the class-stratified coreset of the trial's cached activations, dlforge.hpo.coreset: "
-        "the share at a smaller fraction is contained in the one at a larger). Not the default: in "
-        "benchmarks/tuner.py k-center with the ladder 0.25,0.5,1 reached vanilla TPE's target at about half its "
-        "compute but its best configuration scored -0.75 +- 1.2 points on test (DEVELOPERS.md)")
+        default="k_center", description="how a trial's share of the train split is chosen: random (stratified, by "
+        "the study's seed) | k_center | herding (the class-stratified coreset of the trial's cached activations, "
+        "dlforge.hpo.coreset: the share at a smaller fraction is contained in the one at a larger). The default "
+        "with the ladder 0.25,0.5,1 and the automatic warm start is what benchmarks/tuner.py measured best "
+        "(DEVELOPERS.md)")
     tuner_fidelity_ladder: str | None = Field(
-        default=None, description="comma-separated shares of the train split, strictly increasing in (0, 1], e.g. "
-        "0.25,0.5,1: a new trial trains on the first; a complete trial among the best third of its rung, once 3 "
-        "trials completed there, trains again with the same parameters on the next (successive halving on data; "
-        "each training counts toward the run's hpo_trials). Unset or empty: no ladder, every trial trains on "
-        "tuner_sample_fraction")
+        default="0.25,0.5,1", description="comma-separated shares of the train split, strictly increasing in "
+        "(0, 1]: a new trial trains on the first; after every completion, a trial among the best third of its "
+        "rung (once 3 completed there) that was not promoted yet trains again with the same parameters on the "
+        "next (asynchronous successive halving on data; each training counts toward the run's hpo_trials). Empty: "
+        "no ladder, every trial trains on tuner_sample_fraction")
     tuner_trial_epochs: int | None = Field(default=None, ge=1, description="epochs per trial (default: "
                                            "the run's train_epochs)")
     tuner_max_failed_trials: int = Field(default=3, ge=1, le=1000, description="a study fails (run.failed "
