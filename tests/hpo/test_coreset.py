@@ -9,6 +9,7 @@ from dlforge.common.errors import InvalidInput
 from dlforge.hpo.coreset import (
     build_coreset,
     class_quota,
+    fitted_ladder,
     herding_order,
     k_center_order,
     k_center_radius,
@@ -139,3 +140,14 @@ def test_bad_input_is_refused() -> None:
         build_coreset(x, y[:-1])
     with pytest.raises(InvalidInput, match="unknown coreset method"):
         build_coreset(x, y, method="kmeans")  # type: ignore[arg-type]
+
+
+def test_a_ladder_is_cut_from_below_to_what_the_trainings_can_climb() -> None:
+    # three completions per promotion: 2 rungs need 1 + 3 = 4 trainings, 3 rungs 1 + 3 + 9 = 13
+    ladder = [0.25, 0.5, 1.0]
+    assert fitted_ladder(ladder, 13) == fitted_ladder(ladder, 100) == [0.25, 0.5, 1.0]
+    assert fitted_ladder(ladder, 12) == fitted_ladder(ladder, 4) == [0.5, 1.0]
+    assert fitted_ladder(ladder, 3) is None  # no two rungs in reach: every trial on the same share
+    assert fitted_ladder([1.0], 1) == [1.0] and fitted_ladder(None, 50) is None and fitted_ladder([], 50) == []
+    assert fitted_ladder([0.1, 0.2, 0.4, 1.0], 40) == [0.1, 0.2, 0.4, 1.0]  # 1 + 3 + 9 + 27
+    assert fitted_ladder([0.1, 0.2, 0.4, 1.0], 39) == [0.2, 0.4, 1.0]

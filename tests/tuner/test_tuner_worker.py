@@ -346,10 +346,10 @@ async def test_the_proposers_fingerprint_warm_starts_a_run_and_an_override_wins(
 
 
 async def test_with_a_fidelity_ladder_the_best_third_of_a_rung_trains_again_on_the_next(backends: Backends) -> None:
-    """Ladder 0.25 -> 0.5 -> 1 on k-center coresets, a budget of six trainings, one trial at a time."""
+    """Ladder 0.25 -> 0.5 on k-center coresets, a budget of six trainings, one trial at a time."""
     run_id = "run-ladder"
     await backends.docs.insert("tuner_configs", {"_id": run_id, "override": {
-        "fidelity_ladder": [0.25, 0.5, 1.0], "sample_method": "k_center"}})
+        "fidelity_ladder": [0.25, 0.5], "sample_method": "k_center"}})
     [t0] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=6), run_id=run_id))
     asked = [t0]
 
@@ -372,7 +372,7 @@ async def test_with_a_fidelity_ladder_the_best_third_of_a_rung_trains_again_on_t
     # the same completion handled again (another event id) promotes nothing twice, asks nothing more
     assert await tuner_handles(backends, trial_done(t2, "complete", 0.95).model_copy(
         update={"event_id": "t2-again"})) == []
-    # 0.97 at 0.5 is the only value of that rung: no promotion; the next trial is new, at 0.25
+    # 0.97 at 0.5, the top rung: no promotion; the next trial is new, at 0.25
     t4 = await complete(t3, 0.97)
     assert t4.payload.sample_fraction == 0.25  # type: ignore[union-attr]
     assert t4.payload.params not in [t.params for t in trials]  # type: ignore[union-attr]
@@ -380,7 +380,7 @@ async def test_with_a_fidelity_ladder_the_best_third_of_a_rung_trains_again_on_t
     # again): passed over when it completed among three, its parameters come back at 0.5
     t5 = await complete(t4, 0.5)
     assert t5.payload.sample_fraction == 0.5 and t5.payload.params == trials[1].params  # type: ignore[union-attr]
-    # 0.99 at 0.5 would rank, but the promotions were two of the six trainings: the budget is spent
+    # the promotions were two of the six trainings: the budget is spent
     [done] = await tuner_handles(backends, trial_done(t5, "complete", 0.99))
     assert isinstance(done.payload, HpoCompleted)
     assert [(t.number, t.state) for t in done.payload.trials] == [(n, "complete") for n in range(6)]
@@ -405,3 +405,16 @@ async def test_deleting_a_run_forgets_its_study_for_warm_starts(backends: Backen
     await tuner_handles(backends, Event.new(RunDeleted(dataset_id="testdata"), run_id="run-d"))
     assert await backends.docs.get(PAST_STUDIES, study_name_for("run-d")) is None
     assert await backends.docs.find("tuner_studies") == []
+
+
+@pytest.mark.parametrize(("trials", "ladder", "first"), [(4, [0.5, 1.0], 0.5), (13, [0.25, 0.5, 1.0], 0.25),
+                                                         (3, None, 0.5)])
+async def test_the_default_ladder_is_cut_to_what_the_runs_trials_can_climb(
+        backends: Backends, trials: int, ladder: list[float] | None, first: float) -> None:
+    """The defaults (0.25, 0.5, 1): 13 trials climb all of it, 4 only 0.5 -> 1, 3 none (every trial on the
+    default share, 0.5)."""
+    [trial] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=trials), run_id=f"run-cut{trials}"))
+    assert isinstance(trial.payload, HpoTrial) and trial.payload.sample_fraction == first
+    assert trial.payload.sample_method == "k_center"
+    stored = await backends.docs.get("tuner_studies", study_name_for(f"run-cut{trials}"))
+    assert stored is not None and stored["context"]["config"]["fidelity_ladder"] == ladder

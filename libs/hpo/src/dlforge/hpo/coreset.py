@@ -132,6 +132,28 @@ def next_fidelity(fraction: float, ladder: Sequence[float]) -> float | None:
     return next((r for r in rungs if r > fraction + 1e-12), None)
 
 
+def fitted_ladder(ladder: Sequence[float] | None, trainings: int, *, min_trials: int = 3,
+                  top_fraction: float = 1 / 3) -> list[float] | None:
+    """The top rungs of ``ladder`` that ``trainings`` can climb (None or empty: no ladder).
+
+    Under :func:`promotable`, one training reaches a rung only after ``min_trials`` completed on the rung below
+    and it is in their best ``top_fraction``: with three per promotion, a ladder of ``R`` rungs needs at least
+    ``(3**R - 1) / 2`` trainings (1 rung: 1; 2: 4; 3: 13) before anything trains at its top. With fewer, every
+    value the study compares would come from part of the data, which favours what learns fast on little data.
+    So the lowest rungs are dropped until the top is in reach (4 trainings on 0.25, 0.5, 1 climb 0.5, 1); when
+    not even two rungs are (fewer than 4 trainings), there is no ladder (None: every trial trains on the
+    study's ``sample_fraction``, all of them on the same share).
+    """
+    if not ladder:
+        return None if ladder is None else []
+    rungs = sorted(ladder)
+    per = max(min_trials, math.ceil(1 / top_fraction - 1e-9))
+    keep = 1
+    while keep < len(rungs) and (per ** (keep + 1) - 1) // (per - 1) <= trainings:
+        keep += 1
+    return rungs[-keep:] if keep > 1 or len(rungs) == 1 else None
+
+
 def promotable(rung: Sequence[tuple[K, float]], promoted: Collection[K], *, maximize: bool = True,
                top_fraction: float = 1 / 3, min_trials: int = 3) -> list[K]:
     """Asynchronous successive halving's rule (ASHA, Li et al. 2020) over one rung: the keys of the trials in

@@ -42,6 +42,7 @@ from dlforge.common.events import (
     TrialRecord,
 )
 from dlforge.common.runtime import Backends, HandlerContext, Service
+from dlforge.hpo.coreset import fitted_ladder
 from dlforge.tuner.handlers import (
     ERROR,
     AskedTrial,
@@ -167,6 +168,12 @@ async def on_model_proposed(event: Event, ctx: HandlerContext[TunerDeps]) -> lis
         # the proposer's fingerprint of the data set (the run's override, when it gives one, wins)
         config = config.model_copy(update={"fingerprint": p.fingerprint})
     config = await warm_started(ctx.docs, config, study_name=base)
+    # a ladder whose top the run's trials cannot reach is cut from below (dlforge.hpo.coreset.fitted_ladder)
+    ladder = fitted_ladder(config.fidelity_ladder, p.options.hpo_trials)
+    if ladder != config.fidelity_ladder:
+        log.info("run %s: %d trials cannot climb the fidelity ladder %s; using %s", event.run_id,
+                 p.options.hpo_trials, config.fidelity_ladder, ladder)
+        config = config.model_copy(update={"fidelity_ladder": ladder or None})
     # A run's study is `dlforge-<run_id>`. A model.proposed under a new event id after that study failed is a
     # retry (POST /runs/{id}/retry): it gets a study of its own, `<name>-retry<k>` (new Optuna study, trial
     # event ids and trainer job ids, so nothing of the failed attempt is taken for the new one's).
