@@ -415,7 +415,7 @@ def main() -> None:
     parser.add_argument("--startup", type=int, default=5, help="random trials before TPE / the pruners act")
     parser.add_argument("--fashion-rows", type=int, default=2000)
     parser.add_argument("--trial-cap", type=int, default=6, help="an arm stops after trials x this many "
-                        "configurations if neither the target nor vanilla's compute stopped it")
+                        "configurations if vanilla's compute has not stopped it by then")
     parser.add_argument("--arms", default="all", help="comma-separated arm names (vanilla is always run)")
     parser.add_argument("--sources", default="all")
     args = parser.parse_args()

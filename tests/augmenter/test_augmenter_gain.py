@@ -101,3 +101,17 @@ def test_the_grid_shows_kept_and_rejected_rows_spread_over_the_confidence() -> N
     # rejected row: both, the more confident (0.6, level 200) first, then white space
     assert (thumb(1, 0), thumb(1, 1), thumb(1, 2)) == (200, 250, 255)
     assert samples_grid([], ["stripes", "spots"]) is None
+
+
+def test_the_grid_keeps_its_size_with_many_classes_long_names_and_no_confidence() -> None:
+    long = "a class name far longer than the caption column could ever show " * 2
+    samples = [_sample(n, f"{long}{n}", 0.95, True, 100) for n in range(20)]
+    samples.append(GeneratedSample(**{**samples[0].__dict__, "sample_id": "nan", "confidence": None, "kept": False}))
+    png = samples_grid(samples, [f"{long}{n}" for n in range(20)], max_classes=16)
+    assert png is not None
+    grid = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
+    assert grid.shape == (2 * 16 * (GRID_THUMB + 18), GRID_CAPTION + GRID_PER_ROW * (GRID_THUMB + 4))
+    # the caption column stays left of the thumbnails: nothing drawn over the first one's left edge column
+    assert int(grid[GRID_THUMB // 2, GRID_CAPTION + GRID_THUMB // 2]) == 100
+    # class 0's rejected row holds the sample without a confidence
+    assert int(grid[(GRID_THUMB + 18) + GRID_THUMB // 2, GRID_CAPTION + GRID_THUMB // 2]) == 100

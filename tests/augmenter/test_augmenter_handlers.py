@@ -99,3 +99,18 @@ def test_keep_all_keeps_every_generated_sample(tmp_path, write_dataset):  # type
     assert [(c.generated, c.kept) for c in outcome.counts] == [(0, 0), (5, 5)]
     assert all(s.confidence is None for s in outcome.samples)
     assert len({s.sample_id for s in outcome.samples}) == 5
+
+
+def test_the_gain_is_measured_on_the_validation_images_people_labeled(tmp_path, write_dataset, stats_extractor):  # type: ignore[no-untyped-def]
+    _, manifest, load, _ = _setup(tmp_path, write_dataset)
+    val = [i.item_id for i in manifest.items if i.split == "val"]
+    auto = set(val[::2])  # every other validation item auto-labeled by the labeler, not by people
+    manifest = manifest.model_copy(update={"items": [
+        i.model_copy(update={"label_source": "auto"}) if i.item_id in auto else i for i in manifest.items]})
+    plans = plan_augmentation(count_train(manifest), min_per_class=30, max_imbalance=2.0, max_generated_ratio=1.0)
+    outcome = augment(manifest, plans, load=load, generator=PolicyGenerator(),
+                      sample_filter=ConfidenceFilter(stats_extractor, threshold=0.5), config=AugmentConfig(seed=7))
+    assert outcome.filter_fit is not None and outcome.filter_fit.val_count == 20  # the filter is scored on all 20
+    assert outcome.gain is not None and outcome.gain.val_items == 20 - len(auto) == 10
+    assert outcome.gain.kept_samples == outcome.counts[1].kept > 0
+    assert sum(c.val_items for c in outcome.gain.per_class) == 10

@@ -58,6 +58,15 @@ def test_boolean_options_read_true_and_false(capsys) -> None:
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
 
 
+def test_a_choice_option_takes_its_choices_only(capsys) -> None:
+    args = build_parser().parse_args(["demo", "--domain-adaptation", "standardize"])
+    assert _options(args).domain_adaptation == "standardize"
+    assert _options(build_parser().parse_args(["demo"])).domain_adaptation is None  # unset: the labeler's setting
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--domain-adaptation", "align"])
+    assert "--domain-adaptation: invalid choice: 'align'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------
 # dlforge run FOLDER --answers CSV: the CSV is checked against the folder before any work
 # ------------------------------------------------------------------------------------------------

@@ -39,6 +39,28 @@ def test_the_fingerprint_follows_the_files_the_spec_and_the_options(tmp_path: Pa
     assert fingerprint(folder, spec=spec, options=options) != before
 
 
+def test_a_run_started_before_an_option_existed_keeps_its_fingerprint(tmp_path: Path) -> None:
+    """The digest of the run index's first format, written out: the folder, its one file, the spec's JSON and the
+    options' JSON as they were before domain_adaptation; unset, the new option leaves it alone; set, it counts."""
+    import hashlib
+    import json
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"a" * 10)
+    st = (folder / "a.png").stat()
+    spec, options = Spec(min_recall=0.9), PipelineOptions(hpo_trials=2)
+    old_options = {k: v for k, v in json.loads(options.model_dump_json()).items() if k != "domain_adaptation"}
+    h = hashlib.sha256()
+    h.update(str(folder.resolve()).encode())
+    h.update(f"\0a.png\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    h.update(spec.model_dump_json().encode())
+    h.update(json.dumps(old_options, separators=(",", ":")).encode())
+    assert fingerprint(folder, spec=spec, options=options) == h.hexdigest()
+    chosen = options.model_copy(update={"domain_adaptation": "standardize"})
+    assert fingerprint(folder, spec=spec, options=chosen) != h.hexdigest()
+
+
 def test_the_index_finds_a_run_by_fingerprint_and_by_id_and_survives_a_reopen(tmp_path: Path) -> None:
     index = RunIndex(tmp_path / "work")
     assert index.find("f1") is None and index.by_run("r1") is None

@@ -277,6 +277,12 @@ def test_the_kept_samples_gain_and_their_grid_reach_the_text_and_the_page(tmp_pa
     # a run without augmentation names no grid
     assert report_images(build_report(_run(None)), objects) == {}
 
+    class Denied:
+        def get_bytes(self, key: str) -> bytes:
+            raise RuntimeError(f"S3 AccessDenied on {key}")  # not an OSError, as minio's S3Error is not
+
+    assert report_images(report, Denied()) == {}
+
 
 def test_the_standardized_domains_are_reported() -> None:
     doc = _run(None)

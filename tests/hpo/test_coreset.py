@@ -9,6 +9,7 @@ from dlforge.common.errors import InvalidInput
 from dlforge.hpo.coreset import (
     build_coreset,
     class_quota,
+    climb_cost,
     fitted_ladder,
     herding_order,
     k_center_order,
@@ -114,8 +115,9 @@ def test_fidelity_ladder_and_promotion() -> None:
     assert promotable(rung, {2}) == [4] and promotable(rung, {2, 4}) == []
     # losses: the smallest is the best
     assert promotable([("a", 1.2), ("b", 0.8), ("c", 1.0)], (), maximize=False) == ["b"]
-    # ties at the bar are all in
-    assert promotable([(0, 0.7), (1, 0.7), (2, 0.1)], ()) == [0, 1]
+    # ties rank in the order given: never more than the quota (ceil(3/3) = 1)
+    tied = [(0, 0.7), (1, 0.7), (2, 0.1)]
+    assert promotable(tied, ()) == [0] and promotable(tied, {0}) == []
 
 
 def test_a_rung_is_ranked_again_at_every_completion() -> None:
@@ -143,11 +145,15 @@ def test_bad_input_is_refused() -> None:
 
 
 def test_a_ladder_is_cut_from_below_to_what_the_trainings_can_climb() -> None:
-    # three completions per promotion: 2 rungs need 1 + 3 = 4 trainings, 3 rungs 1 + 3 + 9 = 13
+    # one at a time, by hand: the top needs 3 completed below it; 3 promoted there need 7 below (ceil(7/3) = 3);
+    # 7 there need 19 (ceil(19/3) = 7): 2 rungs 1 + 3 = 4 trainings, 3 rungs 1 + 3 + 7 = 11, 4 rungs 30
+    assert [climb_cost(r) for r in (1, 2, 3, 4)] == [1, 4, 11, 30]
     ladder = [0.25, 0.5, 1.0]
-    assert fitted_ladder(ladder, 13) == fitted_ladder(ladder, 100) == [0.25, 0.5, 1.0]
-    assert fitted_ladder(ladder, 12) == fitted_ladder(ladder, 4) == [0.5, 1.0]
+    assert fitted_ladder(ladder, 11) == fitted_ladder(ladder, 100) == [0.25, 0.5, 1.0]
+    assert fitted_ladder(ladder, 10) == fitted_ladder(ladder, 4) == [0.5, 1.0]
     assert fitted_ladder(ladder, 3) is None  # no two rungs in reach: every trial on the same share
     assert fitted_ladder([1.0], 1) == [1.0] and fitted_ladder(None, 50) is None and fitted_ladder([], 50) == []
-    assert fitted_ladder([0.1, 0.2, 0.4, 1.0], 40) == [0.1, 0.2, 0.4, 1.0]  # 1 + 3 + 9 + 27
-    assert fitted_ladder([0.1, 0.2, 0.4, 1.0], 39) == [0.2, 0.4, 1.0]
+    assert fitted_ladder([0.1, 0.2, 0.4, 1.0], 30) == [0.1, 0.2, 0.4, 1.0]
+    assert fitted_ladder([0.1, 0.2, 0.4, 1.0], 29) == [0.2, 0.4, 1.0]
+    # two at a time: each of the 10 trainings below the top of 3 rungs may let one new configuration start
+    assert climb_cost(3, parallel=2) == 21 and fitted_ladder(ladder, 20, parallel=2) == [0.5, 1.0]

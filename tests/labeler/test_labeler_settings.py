@@ -80,6 +80,9 @@ def test_domains_are_standardized_for_the_classifier_unless_set_to_none(tmp_path
     assert domain_adaptation(PipelineOptions(domain_adaptation="none"), settings) == "none"
     plain = settings.model_copy(update={"labeler_domains": "none"})
     assert domain_adaptation(PipelineOptions(domain_adaptation="standardize"), plain) == "standardize"
+    # a dataset keeps the mode its labeling started with, whatever the setting says later
+    assert domain_adaptation(PipelineOptions(), plain, {"domain_adaptation": "standardize"}) == "standardize"
+    assert domain_adaptation(PipelineOptions(), settings, {}) == "standardize"  # a record from before: the setting
     out, done = classifier_vectors(vectors, manifest, "standardize")
     assert done == {"mono": 30, "poly": 30}
     assert np.linalg.norm(out, axis=1) == pytest.approx(np.ones(60), abs=1e-5)

@@ -308,4 +308,6 @@ async def test_the_runs_domain_adaptation_option_standardizes_the_domains_it_nam
     labeled = events[-1].payload
     assert isinstance(labeled, DatasetLabeled) and labeled.options.domain_adaptation == "standardize"
     assert labeled.domains_standardized == {"mono": 20, "poly": 20}
-    assert (await records.load(backends.docs, "dom"))["result"]["domains_standardized"] == {"mono": 20, "poly": 20}
+    record = await records.load(backends.docs, "dom")
+    assert record["result"]["domains_standardized"] == {"mono": 20, "poly": 20}
+    assert record["domain_adaptation"] == "standardize"  # resolved once, when the labeling started

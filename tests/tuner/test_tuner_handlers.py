@@ -283,13 +283,68 @@ def test_a_configuration_promoted_up_the_ladder_is_remembered_once(tmp_path: Pat
         assert asked.fraction == 0.5
         tell(load_study(ctx), ctx, completed(number, value=value))
         if number < 2:
-            assert promote_next(load_study(ctx), ctx) is None  # fewer than three completed at 0.5
-    # 0.8 is the best third of three; asked again, nothing more (0.7 is not the best third of three)
-    assert promote_next(load_study(ctx), ctx) == (2, 1.0) and promote_next(load_study(ctx), ctx) is None
+            assert promote_next(load_study(ctx), ctx, by=f"c{number}") is None  # fewer than three completed at 0.5
+    # 0.8 is the best third of three; the same event again promotes nothing more, nor does another (0.7 is not
+    # the best third of three)
+    assert promote_next(load_study(ctx), ctx, by="c2") == (2, 1.0)
+    assert promote_next(load_study(ctx), ctx, by="c2") is None
+    assert promote_next(load_study(ctx), ctx, by="c2-other") is None
     [again] = ask_for(load_study(ctx), ctx, asked_by="e3")
     assert (again.number, again.fraction) == (3, 1.0)
     tell(load_study(ctx), ctx, completed(3, value=0.85))
     study = load_study(ctx)
-    assert promote_next(study, ctx) is None  # 3 is at the top rung, 2 was promoted already
+    assert promote_next(study, ctx, by="c3") is None  # 3 is at the top rung, 2 was promoted already
     top = best_params(study)
     assert top == [study.trials[2].params, study.trials[1].params, study.trials[0].params]
+
+
+@pytest.mark.parametrize(("rungs", "parallel"), [(2, 1), (2, 2), (3, 1), (3, 2)])
+def test_a_ladder_fitted_to_the_budget_trains_at_its_top_whatever_the_values(
+        tmp_path: Path, rungs: int, parallel: int) -> None:
+    """The tuner's own ask / tell / promote over a study of exactly climb_cost trials, completions in a random
+    order with random (often tied) values, 8 draws: some training always reaches the top rung, and a budget one
+    smaller is cut to a shorter ladder."""
+    import random
+
+    from dlforge.hpo.coreset import climb_cost, fitted_ladder
+    from dlforge.tuner.handlers import FIDELITY, promote_next
+
+    ladder = [0.25, 0.5, 1.0][-rungs:]
+    budget = climb_cost(rungs, parallel=parallel)
+    assert fitted_ladder(ladder, budget, parallel=parallel) == ladder
+    assert fitted_ladder(ladder, budget - 1, parallel=parallel) != ladder
+    for draw in range(8):
+        rng = random.Random(draw)
+        (tmp_path / f"{draw}").mkdir(exist_ok=True)
+        ctx = context(tmp_path / f"{draw}", trials=budget, parallel=parallel, fidelity_ladder=ladder)
+        prepare_study(ctx)
+        running = [t.number for t in ask_for(load_study(ctx), ctx, asked_by="start")]
+        events = 0
+        while running:
+            number = running.pop(rng.randrange(len(running)))
+            tell(load_study(ctx), ctx, completed(number, value=rng.choice([0.5, 0.6, 0.6, 0.7, 0.8])))
+            events += 1
+            promote_next(load_study(ctx), ctx, by=f"e{events}")
+            running += [t.number for t in ask_for(load_study(ctx), ctx, asked_by=f"e{events}")]
+        study = load_study(ctx)
+        assert len(study.trials) == budget and all(t.state.is_finished() for t in study.trials)
+        assert max(t.user_attrs[FIDELITY] for t in study.trials) == 1.0, (draw, [
+            (t.number, t.user_attrs[FIDELITY], t.value) for t in study.trials])
+
+
+def test_one_completion_event_promotes_at_most_once_even_when_two_have_earned_it(tmp_path: Path) -> None:
+    """Four completions at 0.5 told before any promotion (as when trials run side by side): the best two (ceil(4/3))
+    have both earned 1.0. An event promotes one; the same event handled again promotes nothing more; the next
+    event promotes the other."""
+    from dlforge.tuner.handlers import promote_next
+
+    ctx = context(tmp_path, trials=10, parallel=4, fidelity_ladder=[0.5, 1.0])
+    prepare_study(ctx)
+    asked = ask_for(load_study(ctx), ctx, asked_by="start")
+    assert [(a.number, a.fraction) for a in asked] == [(0, 0.5), (1, 0.5), (2, 0.5), (3, 0.5)]
+    for number, value in enumerate([0.9, 0.8, 0.6, 0.7]):
+        tell(load_study(ctx), ctx, completed(number, value=value))
+    assert promote_next(load_study(ctx), ctx, by="done-3") == (0, 1.0)
+    assert promote_next(load_study(ctx), ctx, by="done-3") is None  # redelivered
+    assert promote_next(load_study(ctx), ctx, by="done-2") == (1, 1.0)
+    assert promote_next(load_study(ctx), ctx, by="done-1") is None  # 0.7 and 0.6 are not in the best two

@@ -34,6 +34,9 @@ class StartedRun(BaseModel):
     fingerprint: str
 
 
+LATER_OPTIONS = ("domain_adaptation",)  # PipelineOptions fields newer than the first run index
+
+
 def fingerprint(folder: Path, *, spec: Spec, options: PipelineOptions) -> str:
     """A digest of the folder's path and files (relative path, size, mtime) and of the spec and options."""
     root = folder.resolve()
@@ -46,7 +49,8 @@ def fingerprint(folder: Path, *, spec: Spec, options: PipelineOptions) -> str:
             st = path.stat()
             h.update(f"\0{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     h.update(spec.model_dump_json().encode())
-    h.update(options.model_dump_json().encode())
+    # options added since a run was started leave its digest as it was while they are unset
+    h.update(options.model_dump_json(exclude={k for k in LATER_OPTIONS if getattr(options, k) is None}).encode())
     return h.hexdigest()
 
 

@@ -118,6 +118,7 @@ MAX_WORKERS = 64
 MAX_MIN_PER_CLASS = 10_000
 MAX_SEED = 2**31 - 1
 MAX_CLASSES = 1000  # classes of one dataset (industrial inspection has a handful)
+MAX_DOMAINS = 100_000  # domains of one dataset standardized (each has at least 20 items)
 MAX_FINGERPRINT = 8192  # values of a data-set fingerprint (2 x the reference trunk's feature width)
 
 
@@ -292,7 +293,7 @@ class DatasetLabeled(Payload):
         default=None, ge=0.0, le=1.0,
         description="exact 95 % upper bound on the error rate of the guaranteed auto-labels (None: none)")
     domains_standardized: dict[str, int] = Field(
-        default={}, max_length=MAX_CLASSES,
+        default={}, max_length=MAX_DOMAINS,
         description="the domains whose embeddings were standardized (options.domain_adaptation), with their items "
         "({}: none)")
 
@@ -312,7 +313,7 @@ class ClassGain(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     label: ClassName
-    val_items: int = Field(ge=0, description="real validation images of this class")
+    val_items: int = Field(ge=0, description="validation images of this class labeled by people")
     recall_real: float | None = Field(ge=0.0, le=1.0, description="None: no validation image of the class")
     recall_with_kept: float | None = Field(ge=0.0, le=1.0)
     precision_real: float | None = Field(ge=0.0, le=1.0, description="None: the class was never predicted")
@@ -322,12 +323,14 @@ class ClassGain(BaseModel):
 class AugmentationGain(BaseModel):
     """What the kept samples change, measured on held-out real images: the filter's classifier trained on the
     real train images alone against the same classifier trained on them plus the kept samples (the seed's
-    second classifier), both scored on the real validation split, which neither saw."""
+    second classifier), both scored on the validation images people labeled, which neither saw. The classifier
+    weighs classes equally (balanced), so the samples change what it learns of a class, not the class's
+    weight."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     classifier: str = Field(max_length=200, description="the model both sides are (the X2 filter's)")
-    val_items: int = Field(ge=1)
+    val_items: int = Field(ge=1, description="validation images labeled by people it was measured on")
     kept_samples: int = Field(ge=1, description="kept generated samples the second classifier added")
     accuracy_real: float = Field(ge=0.0, le=1.0)
     accuracy_with_kept: float = Field(ge=0.0, le=1.0)

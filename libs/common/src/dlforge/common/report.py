@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dlforge.common.errors import NotFound, PoisonMessage
+from dlforge.common.errors import PoisonMessage
 from dlforge.common.events import (
     DatasetAugmented,
     DatasetLabeled,
@@ -652,7 +652,7 @@ def report_images(report: Mapping[str, Any], objects: Any) -> dict[str, bytes]:
     if key:
         try:
             images[SAMPLES_GRID_TITLE] = objects.get_bytes(key)
-        except (NotFound, OSError, ConnectionError, TimeoutError) as exc:  # a picture must not cost the report
+        except Exception as exc:  # any store error (S3's own included): a picture must not cost the report
             log.warning("report of run %s: the samples grid %r cannot be read: %s", report.get("run_id"), key, exc)
     return images
 
@@ -678,7 +678,8 @@ def render_html(report: dict[str, Any], images: Mapping[str, bytes] | None = Non
         plots += (f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
                   f"src='data:image/png;base64,{base64.b64encode(png).decode()}'/>")
     if report.get("samples_grid_key") and SAMPLES_GRID_TITLE not in (images or {}):
-        plots += f"<h2>{SAMPLES_GRID_TITLE}</h2><p>stored at <code>{html.escape(str(report['samples_grid_key']))}"
+        key = html.escape(str(report["samples_grid_key"]))
+        plots += f"<h2>{html.escape(SAMPLES_GRID_TITLE)}</h2><p>stored at <code>{key}"
         plots += "</code>; not read for this page.</p>"
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>dlforge run report</title>"

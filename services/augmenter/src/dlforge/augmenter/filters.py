@@ -175,6 +175,15 @@ def _features(extractor: FeatureExtractor, images: np.ndarray, contents: Sequenc
     return extractor(images)
 
 
+def _x2_model(c: float) -> Any:
+    """The X2 filter's classifier: class-balanced logistic regression on standardized features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=2000))
+
+
 class ConfidenceFilter:
     """The "X2" filter: keep a generated sample iff P(intended class | sample) >= ``threshold``.
 
@@ -207,10 +216,7 @@ class ConfidenceFilter:
         contents: Sequence[str] | None = None,
         val_contents: Sequence[str] | None = None,
     ) -> FilterFit:
-        from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import StratifiedKFold, cross_val_score
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
 
         started = time.perf_counter()
         present, per_class = np.unique(labels, return_counts=True)
@@ -218,9 +224,6 @@ class ConfidenceFilter:
             raise ValueError("the filter needs real train images of at least two classes")
         feats = _features(self.extractor, images, contents)
         feature_seconds = time.perf_counter() - started
-
-        def model(c: float) -> Any:
-            return make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=2000))
 
         folds = int(min(3, per_class.min()))
         scores: dict[str, float] = {}
@@ -230,11 +233,11 @@ class ConfidenceFilter:
                 cv = StratifiedKFold(folds, shuffle=True, random_state=0)
                 for c in self.cs:
                     scores[f"{c:g}"] = float(
-                        cross_val_score(model(c), feats, labels, cv=cv, scoring="neg_log_loss").mean())
+                        cross_val_score(_x2_model(c), feats, labels, cv=cv, scoring="neg_log_loss").mean())
                 best_c = float(max(self.cs, key=lambda c: scores[f"{c:g}"]))
             else:
                 best_c = float(self.cs[len(self.cs) // 2])
-            self._model = model(best_c).fit(feats, labels)
+            self._model = _x2_model(best_c).fit(feats, labels)
         classifier_seconds = time.perf_counter() - t
         self._real = (feats, np.asarray(labels), best_c)
 
@@ -297,16 +300,11 @@ class ConfidenceFilter:
     def second_classifier(self, features: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
         if self._model is None or self._real is None or self._val_features is None:
             return None
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
         feats, real_labels, c = self._real
         x = np.concatenate([feats, np.asarray(features, dtype=feats.dtype)])
         y = np.concatenate([real_labels, np.asarray(labels, dtype=real_labels.dtype)])
         with _single_threaded_blas():  # the same model, the same C: only the training rows differ
-            second = make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=2000))
-            predicted: np.ndarray = second.fit(x, y).predict(self._val_features)
+            predicted: np.ndarray = _x2_model(c).fit(x, y).predict(self._val_features)
         return predicted
 
 

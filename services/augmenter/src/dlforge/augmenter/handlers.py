@@ -276,13 +276,14 @@ def augment(
         generated[s.label] += 1
         kept[s.label] += int(s.kept)
     gain = None
-    if kept_labels and fit.val_predicted is not None:
+    people = np.array([i.labeled_by_people for i in val], dtype=bool)  # not the labeler's own auto-labels
+    if kept_labels and fit.val_predicted is not None and people.any():
         t = time.perf_counter()
         second = sample_filter.second_classifier(np.concatenate(kept_features), np.asarray(kept_labels))
         if second is not None:
             described = str(fit.details.get("classifier", sample_filter.name))
-            gain = gain_figures(manifest.label_indices(val), fit.val_predicted, second, classes,
-                                kept=len(kept_labels), classifier=described)
+            gain = gain_figures(manifest.label_indices(val)[people], fit.val_predicted[people], second[people],
+                                classes, kept=len(kept_labels), classifier=described)
         timings["gain"] = time.perf_counter() - t
     timings["augment"] = time.perf_counter() - started
     return AugmentationOutcome(
@@ -320,40 +321,55 @@ def gain_figures(truth: np.ndarray, real_only: np.ndarray, with_kept: np.ndarray
 GRID_THUMB = 64  # px of each sample in the grid
 GRID_PER_ROW = 8  # samples shown per class and verdict
 GRID_CAPTION = 170  # px of the row captions on the left
+GRID_MAX_CLASSES = 16  # classes shown (the first that got samples, in the manifest's order)
+
+
+def _confidence(x: GeneratedSample) -> float:
+    return x.confidence if x.confidence is not None and math.isfinite(x.confidence) else -math.inf
+
+
+def _fit(draw: Any, text: str, width: int) -> str:
+    """``text``, cut with an ellipsis to fit ``width`` pixels in ``draw``'s font."""
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
 
 
 def samples_grid(samples: Sequence[GeneratedSample], classes: Sequence[str], *, per_row: int = GRID_PER_ROW,
-                 thumb: int = GRID_THUMB) -> bytes | None:
-    """A PNG of generated samples: for each class that got any, a row of kept and a row of rejected ones, each
-    with the filter's probability of its intended class under it (None: nothing was generated).
+                 thumb: int = GRID_THUMB, max_classes: int = GRID_MAX_CLASSES) -> bytes | None:
+    """A PNG of generated samples: for each class that got any (the first ``max_classes``), a row of kept and a
+    row of rejected ones, captioned with the verdict and counts first, then the class (cut to fit), each sample
+    with the filter's probability of its intended class under it (n/a: the filter gave none). None: nothing
+    was generated.
 
     A row shows up to ``per_row`` samples spread evenly over the filter's confidence, from the most to the
     least confident, so it shows the range the filter saw rather than the first few made.
     """
     from PIL import ImageDraw
 
-    rows: list[tuple[str, list[GeneratedSample]]] = []
-    for label in classes:
+    rows: list[tuple[str, str, list[GeneratedSample]]] = []
+    for label in [c for c in classes if any(x.label == c for x in samples)][:max_classes]:
         mine = [x for x in samples if x.label == label]
-        if not mine:
-            continue
         for verdict, keep in (("kept", True), ("rejected", False)):
-            group = sorted((x for x in mine if x.kept == keep), key=lambda x: -(x.confidence or 0.0))
+            group = sorted((x for x in mine if x.kept == keep), key=lambda x: -_confidence(x))
             shown = [group[int(i)] for i in np.unique(np.linspace(0, len(group) - 1, per_row).round())] if group else []
-            rows.append((f"{label}: {verdict} {len(group)} of {len(mine)}", shown))
+            rows.append((f"{verdict} {len(group)} of {len(mine)}", label, shown))
     if not rows:
         return None
     cell = thumb + 14
     canvas = Image.new("RGB", (GRID_CAPTION + per_row * (thumb + 4), len(rows) * (cell + 4)), "white")
     draw = ImageDraw.Draw(canvas)
-    for r, (caption, shown) in enumerate(rows):
+    for r, (counts, label, shown) in enumerate(rows):
         top = r * (cell + 4)
-        draw.text((4, top + thumb // 2 - 6), caption, fill="black")
+        draw.text((4, top + thumb // 2 - 14), counts, fill="black")
+        draw.text((4, top + thumb // 2 + 2), _fit(draw, label, GRID_CAPTION - 10), fill="#444444")
         for c, x in enumerate(shown):
             left = GRID_CAPTION + c * (thumb + 4)
             with Image.open(io.BytesIO(x.png)) as img:
                 canvas.paste(img.convert("RGB").resize((thumb, thumb), Image.Resampling.BILINEAR), (left, top))
-            text = "n/a" if x.confidence is None else f"{x.confidence:.2f}"
+            text = "n/a" if math.isinf(_confidence(x)) else f"{x.confidence:.2f}"
             draw.text((left + 2, top + thumb + 1), text, fill="#2a7a2a" if x.kept else "#b03030")
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")

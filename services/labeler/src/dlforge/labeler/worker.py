@@ -18,7 +18,7 @@ import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -94,8 +94,13 @@ def _classifier_options(settings: LabelerSettings) -> dict[str, Any]:
 service = Service[LabelerDeps]("labeler")
 
 
-def domain_adaptation(options: PipelineOptions, settings: LabelerSettings) -> DomainAdaptation:
-    """The run's ``domain_adaptation`` option, or the labeler's ``labeler_domains`` setting when the run has none."""
+def domain_adaptation(options: PipelineOptions, settings: LabelerSettings,
+                      record: dict[str, Any] | None = None) -> DomainAdaptation:
+    """The run's ``domain_adaptation`` option, or the labeler's ``labeler_domains`` setting when the run has none,
+    as the labeling of ``record`` started with it (its ``domain_adaptation``): a setting changed while a dataset is
+    being labeled does not move its later rounds to another embedding space."""
+    if record is not None and record.get("domain_adaptation") in ("none", "standardize"):
+        return cast(DomainAdaptation, record["domain_adaptation"])
     return options.domain_adaptation or settings.labeler_domains
 
 
@@ -249,6 +254,7 @@ async def _start_labeling(event: Event, ctx: HandlerContext[LabelerDeps]) -> Han
     record = await records.change(
         ctx.docs, record, embeddings_key=key, splits=dict(zip(ids, splits, strict=True)), asked=asked,
         human_labels={}, rounds=[], classes=list(manifest.classes), base_classes=list(manifest.classes),
+        domain_adaptation=domain_adaptation(options, ctx.deps.settings),
     )
     if len(batch.rows) == 0:  # nothing to ask: every test item was labeled already
         return await _advance(event, ctx, record, manifest, vectors, rnd=1)
@@ -398,7 +404,7 @@ async def _advance(
     splits = [record["splits"][i] for i in ids]
     asked_val = np.array([record.get("asked", {}).get(i) == "val" for i in ids], dtype=bool)
     vectors, standardized = await asyncio.to_thread(classifier_vectors, vectors, manifest,
-                                                    domain_adaptation(options, ctx.deps.settings))
+                                                    domain_adaptation(options, ctx.deps.settings, record))
 
     pixels: list[np.ndarray | None] = []
 

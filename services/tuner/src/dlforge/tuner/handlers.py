@@ -54,6 +54,7 @@ ERROR = "dlforge.error"
 INTERMEDIATE = "dlforge.intermediate"
 FIDELITY = "fidelity"  # the share of the train split a trial trains on
 PROMOTED_FROM = "dlforge.promoted_from"  # the trial whose parameters a promoted trial trains again
+PROMOTED_BY = "dlforge.promoted_by"  # the completion event that promoted it
 OBJECTIVE = "val_accuracy"
 MAX_FINGERPRINT = 8192
 MAX_RUNGS = 10
@@ -93,6 +94,10 @@ class TuningConfig(BaseModel):
 
     With a ``fidelity_ladder``, a trial's data share is its rung instead of ``sample_fraction``
     (asynchronous successive halving on data, see :func:`promote_next`).
+
+    The field defaults are the bare model's. A study starts from the tuner's settings instead
+    (:func:`default_config`, ``GET /tuning/defaults``: k-center coresets on the ladder 0.25, 0.5, 1 and no
+    pruner), with the run's override (``PUT /runs/{id}/tuning``) on top.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -106,8 +111,10 @@ class TuningConfig(BaseModel):
                                         "chosen: random, or the k_center / herding coreset (nested across shares)")
     fidelity_ladder: list[float] | None = Field(
         default=None, max_length=MAX_RUNGS, description="strictly increasing shares in (0, 1]: a new trial trains "
-        "on the first; a complete one among the best third of its rung (once 3 completed there) trains again on "
-        "the next; every training counts toward hpo_trials. None: every trial on sample_fraction")
+        "on the first; after each completion, one complete trial among the best third of its rung (once 3 completed "
+        "there) not promoted yet trains again on the next; every training counts toward hpo_trials, and the rungs "
+        "the run's hpo_trials cannot climb are dropped from below (dlforge.hpo.coreset.fitted_ladder). None: every "
+        "trial on sample_fraction")
     trial_epochs: int | None = Field(default=None, ge=1, le=MAX_TRAIN_EPOCHS)
     enqueue: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_HPO_TRIALS,
                                           description="parameters of the first trials")
@@ -297,39 +304,41 @@ def ask_for(study: optuna.Study, ctx: StudyContext, *, asked_by: str, stop: bool
             if t.user_attrs.get(ASKED_BY) == asked_by and t.state == TrialState.RUNNING]
 
 
-def promote_next(study: optuna.Study, ctx: StudyContext) -> tuple[int, float] | None:
+def promote_next(study: optuna.Study, ctx: StudyContext, *, by: str) -> tuple[int, float] | None:
     """Asynchronous successive halving on data: enqueue the parameters of one trial that earned the next rung of
-    the ladder; returns ``(trial number, rung)`` (None: none earned it, or no ladder).
+    the ladder, for the completion event ``by``; returns ``(trial number, rung)`` (None: none earned it, the
+    event promoted one already, or no ladder).
 
     The rungs are ranked again at every completion, the highest first (ASHA's job order): a trial earns the
     next rung while it is among the best third of the trials completed at its rung, once at least
     :data:`MIN_RUNG_TRIALS` completed there (:func:`dlforge.hpo.coreset.promotable`, the rule
     ``benchmarks/tuner.py`` measured), and is promoted once (the promotion's ``dlforge.promoted_from``). So an
-    early trial that stays among the best is promoted when enough others have finished, and handling a
-    completion again promotes nothing that was promoted already. One promotion per completion: the training
-    that ended frees one slot, which the promotion takes before a new configuration would. A promotion is a
-    training and counts toward the run's ``hpo_trials``: none is enqueued once the study holds that many
-    trials, which would leave it waiting for ever.
+    early trial that stays among the best is promoted when enough others have finished. One promotion per
+    completion event (the promotion's ``dlforge.promoted_by``): handling the same event again promotes nothing
+    more. The promotion waits in the study and is asked before any new configuration the sampler would draw
+    (after configurations enqueued earlier, such as warm starts). A promotion is a training and counts toward
+    the run's ``hpo_trials``: none is enqueued once the study holds that many trials, which would leave it
+    waiting for ever.
     """
     ladder = ctx.config.fidelity_ladder
     if not ladder:
         return None
     trials = study.get_trials(deepcopy=False)
-    if len(trials) >= ctx.options.hpo_trials:
+    if len(trials) >= ctx.options.hpo_trials or any(t.user_attrs.get(PROMOTED_BY) == by for t in trials):
         return None
     promoted = {int(t.user_attrs[PROMOTED_FROM]) for t in trials if PROMOTED_FROM in t.user_attrs}
     for rung in sorted(ladder, reverse=True):
         higher = next_fidelity(rung, ladder)
         if higher is None:
             continue
-        done = [(t.number, float(t.value)) for t in trials
+        done = [(t.number, float(t.value)) for t in sorted(trials, key=lambda t: t.number)
                 if t.state == TrialState.COMPLETE and t.value is not None
                 and math.isclose(float(t.user_attrs.get(FIDELITY, -1.0)), rung, abs_tol=1e-9)]
         ready = promotable(done, promoted, min_trials=MIN_RUNG_TRIALS)
         if ready:
             number = ready[0]
             params = next(t.params for t in trials if t.number == number)
-            study.enqueue_trial(dict(params), user_attrs={FIDELITY: higher, PROMOTED_FROM: number})
+            study.enqueue_trial(dict(params), user_attrs={FIDELITY: higher, PROMOTED_FROM: number, PROMOTED_BY: by})
             log.info("study %s: trial %d (one of the best third of %d at %.3g) trains again at %.3g",
                      study.study_name, number, len(done), rung, higher)
             return number, higher

@@ -169,7 +169,7 @@ async def on_model_proposed(event: Event, ctx: HandlerContext[TunerDeps]) -> lis
         config = config.model_copy(update={"fingerprint": p.fingerprint})
     config = await warm_started(ctx.docs, config, study_name=base)
     # a ladder whose top the run's trials cannot reach is cut from below (dlforge.hpo.coreset.fitted_ladder)
-    ladder = fitted_ladder(config.fidelity_ladder, p.options.hpo_trials)
+    ladder = fitted_ladder(config.fidelity_ladder, p.options.hpo_trials, parallel=p.options.hpo_parallel)
     if ladder != config.fidelity_ladder:
         log.info("run %s: %d trials cannot climb the fidelity ladder %s; using %s", event.run_id,
                  p.options.hpo_trials, config.fidelity_ladder, ladder)
@@ -295,7 +295,7 @@ async def on_trial_completed(event: Event, ctx: HandlerContext[TunerDeps]) -> li
     def ask_next() -> _Step:
         study = load_study(study_ctx)
         if not halt:
-            promote_next(study, study_ctx)  # enqueued: asked first, below
+            promote_next(study, study_ctx, by=event.event_id)  # enqueued: asked first, below
         asked = ask_for(study, study_ctx, asked_by=event.event_id, stop=halt)
         done = not asked and is_done(study, study_ctx, stop=halt)
         return _Step(asked, done, trial_table(study), best_trial(study), failed_in_a_row(study),
