@@ -150,10 +150,11 @@ def test_a_ladder_is_cut_from_below_to_what_the_trainings_can_climb() -> None:
     assert [climb_cost(r) for r in (1, 2, 3, 4)] == [1, 4, 11, 30]
     ladder = [0.25, 0.5, 1.0]
     assert fitted_ladder(ladder, 11) == fitted_ladder(ladder, 100) == [0.25, 0.5, 1.0]
-    assert fitted_ladder(ladder, 10) == fitted_ladder(ladder, 4) == [0.5, 1.0]
-    assert fitted_ladder(ladder, 3) is None  # no two rungs in reach: every trial on the same share
+    assert fitted_ladder(ladder, 10) is None  # the top out of reach: no ladder, every trial on the same share
+    assert fitted_ladder([0.5, 1.0], 4) == [0.5, 1.0] and fitted_ladder([0.5, 1.0], 3) is None
     assert fitted_ladder([1.0], 1) == [1.0] and fitted_ladder(None, 50) is None and fitted_ladder([], 50) == []
     assert fitted_ladder([0.1, 0.2, 0.4, 1.0], 30) == [0.1, 0.2, 0.4, 1.0]
-    assert fitted_ladder([0.1, 0.2, 0.4, 1.0], 29) == [0.2, 0.4, 1.0]
+    assert fitted_ladder([0.1, 0.2, 0.4, 1.0], 29) is None
     # two at a time: each of the 10 trainings below the top of 3 rungs may let one new configuration start
-    assert climb_cost(3, parallel=2) == 21 and fitted_ladder(ladder, 20, parallel=2) == [0.5, 1.0]
+    assert climb_cost(3, parallel=2) == 21 and fitted_ladder(ladder, 20, parallel=2) is None
+    assert fitted_ladder(ladder, 21, parallel=2) == ladder

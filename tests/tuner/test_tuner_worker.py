@@ -407,12 +407,12 @@ async def test_deleting_a_run_forgets_its_study_for_warm_starts(backends: Backen
     assert await backends.docs.find("tuner_studies") == []
 
 
-@pytest.mark.parametrize(("trials", "ladder", "first"), [(4, [0.5, 1.0], 0.5), (13, [0.25, 0.5, 1.0], 0.25),
-                                                         (3, None, 0.5)])
-async def test_the_default_ladder_is_cut_to_what_the_runs_trials_can_climb(
+@pytest.mark.parametrize(("trials", "ladder", "first"), [(11, [0.25, 0.5, 1.0], 0.25), (10, None, 0.5),
+                                                         (4, None, 0.5)])
+async def test_the_default_ladder_is_used_when_the_runs_trials_can_climb_it(
         backends: Backends, trials: int, ladder: list[float] | None, first: float) -> None:
-    """The defaults (0.25, 0.5, 1): 13 trials climb all of it, 4 only 0.5 -> 1, 3 none (every trial on the
-    default share, 0.5)."""
+    """The defaults (0.25, 0.5, 1): 11 trials one at a time climb it; with fewer there is no ladder (every trial
+    on the default share, 0.5, as the demo's 4)."""
     [trial] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=trials), run_id=f"run-cut{trials}"))
     assert isinstance(trial.payload, HpoTrial) and trial.payload.sample_fraction == first
     assert trial.payload.sample_method == "k_center"

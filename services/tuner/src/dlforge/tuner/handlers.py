@@ -112,8 +112,8 @@ class TuningConfig(BaseModel):
     fidelity_ladder: list[float] | None = Field(
         default=None, max_length=MAX_RUNGS, description="strictly increasing shares in (0, 1]: a new trial trains "
         "on the first; after each completion, one complete trial among the best third of its rung (once 3 completed "
-        "there) not promoted yet trains again on the next; every training counts toward hpo_trials, and the rungs "
-        "the run's hpo_trials cannot climb are dropped from below (dlforge.hpo.coreset.fitted_ladder). None: every "
+        "there) not promoted yet trains again on the next; every training counts toward hpo_trials. A ladder the "
+        "run's hpo_trials cannot climb to its top is not used (dlforge.hpo.coreset.fitted_ladder). None: every "
         "trial on sample_fraction")
     trial_epochs: int | None = Field(default=None, ge=1, le=MAX_TRAIN_EPOCHS)
     enqueue: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_HPO_TRIALS,

@@ -168,7 +168,7 @@ async def on_model_proposed(event: Event, ctx: HandlerContext[TunerDeps]) -> lis
         # the proposer's fingerprint of the data set (the run's override, when it gives one, wins)
         config = config.model_copy(update={"fingerprint": p.fingerprint})
     config = await warm_started(ctx.docs, config, study_name=base)
-    # a ladder whose top the run's trials cannot reach is cut from below (dlforge.hpo.coreset.fitted_ladder)
+    # a ladder whose top the run's trials cannot reach is not used (dlforge.hpo.coreset.fitted_ladder)
     ladder = fitted_ladder(config.fidelity_ladder, p.options.hpo_trials, parallel=p.options.hpo_parallel)
     if ladder != config.fidelity_ladder:
         log.info("run %s: %d trials cannot climb the fidelity ladder %s; using %s", event.run_id,
