@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,22 @@ def settings_limits(settings: LabelerSettings) -> Any:
     return _limits(settings)
 
 
+@asynccontextmanager
+async def labeling(backends: Backends, settings: LabelerSettings, dataset_id: str,
+                   truth: dict[str, str]) -> AsyncIterator[None]:
+    """The labeler (TEST STUB embedder) and the simulated annotator, who knows ``truth``, at work while inside."""
+    await asyncio.to_thread(simulated.register_answers, backends.objects, dataset_id, truth)
+    stop = asyncio.Event()
+    workers = [Worker(service, backends, deps=await stub_deps(settings, backends)),
+               Worker(simulated.service, backends, deps=simulated.AnnotatorSim())]
+    task = asyncio.create_task(run_workers(workers, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
 async def collect(backends: Backends, topics: list[Topic], until: Topic, timeout: float = 90) -> list[Event]:
     sub = await backends.bus.subscribe(group="test-observer", topics=topics)
     events: list[Event] = []
@@ -83,20 +100,12 @@ async def test_simulated_annotator_round_trip_produces_dataset_labeled(
     backends, settings = env
     images = two_class_images(30)
     truth = {n: label for n, (_, label) in images.items()}
-    await asyncio.to_thread(simulated.register_answers, backends.objects, "cells", truth)
-    stop = asyncio.Event()
-    workers = [Worker(service, backends, deps=await stub_deps(settings, backends)),
-               Worker(simulated.service, backends, deps=simulated.AnnotatorSim())]
-    task = asyncio.create_task(run_workers(workers, stop))
     options = OPTIONS.model_copy(update={"auto_label_all": auto_label_all})
-    try:
+    async with labeling(backends, settings, "cells", truth):
         created = await ingest(backends, settings, images, dataset_id="cells", options=options)
         assert created.counts["items"] == 60
         events = await collect(backends, [Topic.DATASET_UPLOADED, Topic.LABELS_REQUESTED, Topic.LABELS_SUBMITTED,
                                           Topic.DATASET_LABELED, Topic.RUN_FAILED], until=Topic.DATASET_LABELED)
-    finally:
-        stop.set()
-        await task
     kinds = [e.event_type for e in events]
     assert Topic.RUN_FAILED not in kinds
     assert kinds[0] == Topic.DATASET_UPLOADED and kinds[-1] == Topic.DATASET_LABELED
@@ -253,20 +262,14 @@ async def test_a_pixel_classifier_learns_on_the_stored_pixels_in_the_loop(tmp_pa
     await backends.start()
     images = two_class_images(30)
     truth = {n: label for n, (_, label) in images.items()}
-    await asyncio.to_thread(simulated.register_answers, backends.objects, "px", truth)
-    stop = asyncio.Event()
-    workers = [Worker(service, backends, deps=await stub_deps(settings, backends)),
-               Worker(simulated.service, backends, deps=simulated.AnnotatorSim())]
-    task = asyncio.create_task(run_workers(workers, stop))
     try:
-        await ingest(backends, settings, images, dataset_id="px",
-                     options=OPTIONS.model_copy(update={"auto_label_all": True}))
-        events = await collect(backends, [Topic.DATASET_LABELED, Topic.RUN_FAILED], until=Topic.DATASET_LABELED,
-                               timeout=180)
-        record = await records.load(backends.docs, "px")
+        async with labeling(backends, settings, "px", truth):
+            await ingest(backends, settings, images, dataset_id="px",
+                         options=OPTIONS.model_copy(update={"auto_label_all": True}))
+            events = await collect(backends, [Topic.DATASET_LABELED, Topic.RUN_FAILED],
+                                   until=Topic.DATASET_LABELED, timeout=180)
+            record = await records.load(backends.docs, "px")
     finally:
-        stop.set()
-        await task
         await backends.stop()
     assert events[-1].event_type == Topic.DATASET_LABELED
     rounds = [r["classifier"] for r in record["rounds"] if r.get("classifier")]
@@ -290,21 +293,13 @@ async def test_the_runs_domain_adaptation_option_standardizes_the_domains_it_nam
     truth = {n: label for n, (_, label) in images.items()}
     domain = {n: ("mono" if int(n[1:4]) < 10 else "poly") for n in images}
     csv = ("file,label,domain\n" + "".join(f"{n},,{domain[n]}\n" for n in sorted(images))).encode()
-    await asyncio.to_thread(simulated.register_answers, backends.objects, "dom", truth)
-    stop = asyncio.Event()
-    workers = [Worker(service, backends, deps=await stub_deps(settings, backends)),
-               Worker(simulated.service, backends, deps=simulated.AnnotatorSim())]
-    task = asyncio.create_task(run_workers(workers, stop))
-    try:
+    async with labeling(backends, settings, "dom", truth):
         tree = open_zip(io.BytesIO(make_zip({**{n: b for n, (b, _) in images.items()}, "labels.csv": csv})),
                         settings_limits(settings))
         req = DatasetRequest(spec=Spec(positive_class="dark"), dataset_id="dom", run_id="run-dom",
                              options=OPTIONS.model_copy(update={"domain_adaptation": "standardize"}))
         await import_dataset(backends, settings, req, tree, scan(tree), upload_name="cells.zip")
         events = await collect(backends, [Topic.DATASET_LABELED, Topic.RUN_FAILED], until=Topic.DATASET_LABELED)
-    finally:
-        stop.set()
-        await task
     labeled = events[-1].payload
     assert isinstance(labeled, DatasetLabeled) and labeled.options.domain_adaptation == "standardize"
     assert labeled.domains_standardized == {"mono": 20, "poly": 20}
