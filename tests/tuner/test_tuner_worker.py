@@ -411,10 +411,10 @@ async def test_deleting_a_run_forgets_its_study_for_warm_starts(backends: Backen
                                                          (4, None, 0.5)])
 async def test_the_default_ladder_is_used_when_the_runs_trials_can_climb_it(
         backends: Backends, trials: int, ladder: list[float] | None, first: float) -> None:
-    """The defaults (0.25, 0.5, 1): 11 trials one at a time climb it; with fewer there is no ladder (every trial
-    on the default share, 0.5, as the demo's 4)."""
+    """The defaults (0.25, 0.5, 1 on k-center coresets): 11 trials one at a time climb it; with fewer there is no
+    ladder and every trial trains on a random 0.5, as before the ladder (the demo's 4)."""
     [trial] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=trials), run_id=f"run-cut{trials}"))
     assert isinstance(trial.payload, HpoTrial) and trial.payload.sample_fraction == first
-    assert trial.payload.sample_method == "k_center"
+    assert trial.payload.sample_method == ("k_center" if ladder else "random")
     stored = await backends.docs.get("tuner_studies", study_name_for(f"run-cut{trials}"))
     assert stored is not None and stored["context"]["config"]["fidelity_ladder"] == ladder

@@ -164,8 +164,8 @@ def fitted_ladder(ladder: Sequence[float] | None, trainings: int, *, parallel: i
     data, which favours what learns fast on little data. Cutting the lowest rungs instead was tried on the demo
     (4 trials on 0.5, 1: three configurations and one promotion): both runs chose a frozen trunk and tested
     0.847 and 0.809 at the argmax, where the last demo with four configurations on random halves had chosen
-    unfreeze 1 and tested 0.863. One run each and within each other's noise, but nothing measured favours the
-    cut, so a short study keeps exploring as before.
+    unfreeze 1 and tested 0.863 (DEVELOPERS.md). Nothing measured favours the cut, so a short study keeps
+    exploring as before.
     """
     if not ladder:
         return None if ladder is None else []

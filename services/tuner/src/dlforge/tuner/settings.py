@@ -38,7 +38,8 @@ class TunerSettings(CommonSettings):
         "rung (once 3 completed there) that was not promoted yet trains again with the same parameters on the "
         "next (asynchronous successive halving on data; each training counts toward the run's hpo_trials). A run "
         "whose hpo_trials cannot climb to the top (0.25,0.5,1 needs 11 one at a time, 21 two at a time) has no "
-        "ladder. Empty: no ladder, every trial trains on tuner_sample_fraction")
+        "ladder and trains every trial on a random tuner_sample_fraction. Empty: no ladder, every trial trains on "
+        "tuner_sample_fraction")
     tuner_trial_epochs: int | None = Field(default=None, ge=1, description="epochs per trial (default: "
                                            "the run's train_epochs)")
     tuner_max_failed_trials: int = Field(default=3, ge=1, le=1000, description="a study fails (run.failed "

@@ -168,12 +168,13 @@ async def on_model_proposed(event: Event, ctx: HandlerContext[TunerDeps]) -> lis
         # the proposer's fingerprint of the data set (the run's override, when it gives one, wins)
         config = config.model_copy(update={"fingerprint": p.fingerprint})
     config = await warm_started(ctx.docs, config, study_name=base)
-    # a ladder whose top the run's trials cannot reach is not used (dlforge.hpo.coreset.fitted_ladder)
+    # a ladder whose top the run's trials cannot reach is not used (dlforge.hpo.coreset.fitted_ladder): the study
+    # runs as before the ladder, every trial on a stratified random sample_fraction
     ladder = fitted_ladder(config.fidelity_ladder, p.options.hpo_trials, parallel=p.options.hpo_parallel)
     if ladder != config.fidelity_ladder:
-        log.info("run %s: %d trials cannot climb the fidelity ladder %s; using %s", event.run_id,
-                 p.options.hpo_trials, config.fidelity_ladder, ladder)
-        config = config.model_copy(update={"fidelity_ladder": ladder or None})
+        log.info("run %s: %d trials cannot climb the fidelity ladder %s: every trial trains on a random %.3g",
+                 event.run_id, p.options.hpo_trials, config.fidelity_ladder, config.sample_fraction)
+        config = config.model_copy(update={"fidelity_ladder": None, "sample_method": "random"})
     # A run's study is `dlforge-<run_id>`. A model.proposed under a new event id after that study failed is a
     # retry (POST /runs/{id}/retry): it gets a study of its own, `<name>-retry<k>` (new Optuna study, trial
     # event ids and trainer job ids, so nothing of the failed attempt is taken for the new one's).
