@@ -21,7 +21,7 @@ from dlforge.trainer.jobs import JOBS, METRICS, JobRecords
 from dlforge.trainer.params import EpochMetrics, TrainParams
 from dlforge.trainer.runner import JobRunner
 from dlforge.trainer.settings import TrainerSettings
-from dlforge.trainer.testing import jobs_ended
+from dlforge.trainer.testing import answering_late, jobs_ended
 
 LEASE = 60.0
 
@@ -83,20 +83,14 @@ async def test_an_expired_lease_is_taken_over_and_a_live_one_is_left_alone(
 
 async def test_two_trainers_racing_for_one_expired_job_train_it_once(
         backends: Backends, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both read the job as expired; the compare-and-set on its version lets one of them take it (the store
-    yields while it answers, as a networked one does, so the two reads interleave)."""
+    """Both read the job as expired; the compare-and-set on its version lets one of them take it (the two reads
+    both answer before either trainer goes on, as two pods' reads of a networked store can)."""
     trained: list[str] = []
     monkeypatch.setattr("dlforge.trainer.runner.run_training", _fake_training(trained))
-    find = backends.docs.find
-
-    async def find_after_a_yield(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-        await asyncio.sleep(0)
-        return await find(*args, **kwargs)
-
-    monkeypatch.setattr(backends.docs, "find", find_after_a_yield)
     await _job(backends, "orphan", owner="gone", lease_until=time.time() - 5)
     await JobRecords(backends.docs).start("orphan")
     a, b = _runner(backends), _runner(backends)
+    monkeypatch.setattr(backends.docs, "find", answering_late(backends.docs.find, together=2))
 
     taken = await asyncio.gather(a.take_over(), b.take_over())
 

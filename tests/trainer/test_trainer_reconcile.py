@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from typing import Any
 
 import pytest
 
@@ -16,7 +14,7 @@ from dlforge.trainer.jobs import OWNER, JobRecords
 from dlforge.trainer.params import TrainParams
 from dlforge.trainer.reconcile import reconcile, resume_jobs
 from dlforge.trainer.settings import TrainerSettings
-from dlforge.trainer.testing import jobs_ended, make_candidate, make_dataset
+from dlforge.trainer.testing import answering_late, jobs_ended, make_candidate, make_dataset
 from dlforge.trainer.worker import build_deps
 
 
@@ -71,13 +69,7 @@ async def test_a_job_queued_at_the_restart_is_trained_once_when_the_store_answer
         raise InvalidInput("stands for the training")
 
     monkeypatch.setattr("dlforge.trainer.runner.run_training", fake_training)
-    find = backends.docs.find
-
-    async def find_after_a_yield(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-        await asyncio.sleep(0)  # a networked store's answer: the loop runs other tasks meanwhile
-        return await find(*args, **kwargs)
-
-    monkeypatch.setattr(backends.docs, "find", find_after_a_yield)
+    monkeypatch.setattr(backends.docs, "find", answering_late(backends.docs.find))
     deps = await build_deps(settings_for(TrainerSettings, backends.settings), backends)
 
     await resume_jobs(deps, backends)

@@ -11,8 +11,9 @@ import asyncio
 import hashlib
 import io
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -106,3 +107,26 @@ async def jobs_ended(*runners: JobRunner, timeout: float = 60.0) -> None:
     if tasks:
         _, pending = await asyncio.wait(tasks, timeout=timeout)
         assert not pending, f"{len(pending)} job task(s) still running after {timeout} s"
+
+
+def answering_late(call: Callable[..., Awaitable[Any]], *, together: int = 1,
+                   timeout: float = 10.0) -> Callable[..., Awaitable[Any]]:
+    """``call`` (an async document-store method) answered as a networked store answers: every other task that is
+    ready runs before the answer comes. With ``together`` > 1, the first ``together`` calls also wait for each
+    other (at most ``timeout`` seconds), so what they read is read before any of them goes on: two readers
+    interleave for certain instead of by the scheduler's order."""
+    meet = asyncio.Barrier(together) if together > 1 else None
+    calls = 0
+
+    async def late(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if meet is not None and calls <= together:
+            async with asyncio.timeout(timeout):
+                await meet.wait()
+        answer = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(answer.set_result, None)
+        await answer  # one turn of the loop: the tasks ready now run first
+        return await call(*args, **kwargs)
+
+    return late
