@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -54,6 +55,19 @@ class VAEFit:
     final_loss: float
     images: int
     stopped_by: str  # "steps" or "time"
+
+
+@contextmanager
+def _torch_threads(limit: int) -> Iterator[None]:
+    """Torch on at most ``limit`` threads inside (never more than it had), the count restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, limit))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _training_key(images: np.ndarray, *settings: object) -> str:
@@ -169,9 +183,7 @@ class ConditionalVAEGenerator:
         import torch
         import torch.nn.functional as F
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(min(threads, self.threads))
-        try:
+        with _torch_threads(self.threads):
             torch.manual_seed(self.seed)
             gen = torch.Generator().manual_seed(self.seed)
             x = _unit_tensor(images, self.size)
@@ -209,8 +221,6 @@ class ConditionalVAEGenerator:
                                    final_loss=loss_value, images=len(images), stopped_by=stopped_by)
             self._cache = (key, model, mu_all.numpy().astype(np.float64), logvar_all.numpy().astype(np.float64))
             return model
-        finally:
-            torch.set_num_threads(threads)
 
     # -- sampling -------------------------------------------------------------------------------
 
@@ -254,30 +264,20 @@ class ConditionalVAEGenerator:
         import torch
         import torch.nn.functional as F
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(min(threads, self.threads))
-        try:
-            with torch.no_grad():
-                delta = model.decode(torch.from_numpy(z.astype(np.float32))) - model.decode(
-                    torch.from_numpy(base.astype(np.float32)))
-                side = images.shape[1:3]
-                if tuple(delta.shape[2:]) != side:
-                    delta = F.interpolate(delta, size=side, mode="bilinear", align_corners=False)
-        finally:
-            torch.set_num_threads(threads)
+        with _torch_threads(self.threads), torch.no_grad():
+            delta = model.decode(torch.from_numpy(z.astype(np.float32))) - model.decode(
+                torch.from_numpy(base.astype(np.float32)))
+            side = images.shape[1:3]
+            if tuple(delta.shape[2:]) != side:
+                delta = F.interpolate(delta, size=side, mode="bilinear", align_corners=False)
         out = images[parents].astype(np.float32) + delta.numpy().transpose(0, 2, 3, 1) * 255.0
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
     def _decode(self, model: Any, z: np.ndarray) -> np.ndarray:
         import torch
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(min(threads, self.threads))
-        try:
-            with torch.no_grad():
-                x = model.decode(torch.from_numpy(z.astype(np.float32)))
-        finally:
-            torch.set_num_threads(threads)
+        with _torch_threads(self.threads), torch.no_grad():
+            x = model.decode(torch.from_numpy(z.astype(np.float32)))
         arr = np.clip(np.rint(x.numpy() * 255.0), 0, 255).astype(np.uint8)
         return arr.transpose(0, 2, 3, 1)
 
@@ -337,9 +337,7 @@ class DCGANGenerator:
         import torch
         import torch.nn.functional as F
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(min(threads, self.threads))
-        try:
+        with _torch_threads(self.threads):
             torch.manual_seed(self.seed)
             gen = torch.Generator().manual_seed(self.seed)
             x = _unit_tensor(images, self.size)
@@ -374,8 +372,6 @@ class DCGANGenerator:
             real = np.rint(x.numpy().transpose(0, 2, 3, 1) * 255.0)  # the resized images again, N x S x S x C
             self._cache = (key, net_g, real.reshape(len(real), -1).astype(np.float32))
             return net_g
-        finally:
-            torch.set_num_threads(threads)
 
     def generate(self, images: np.ndarray, n: int, rng: np.random.Generator) -> Generated:
         import torch
@@ -387,13 +383,8 @@ class DCGANGenerator:
         assert self._cache is not None
         flat_real = self._cache[2]
         z = rng.standard_normal((n, self.latent_dim)).astype(np.float32)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(min(threads, self.threads))
-        try:
-            with torch.no_grad():
-                x = net_g(torch.from_numpy(z)).numpy()
-        finally:
-            torch.set_num_threads(threads)
+        with _torch_threads(self.threads), torch.no_grad():
+            x = net_g(torch.from_numpy(z)).numpy()
         out = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
         flat = out.reshape(n, -1).astype(np.float32)
         dist = (flat ** 2).sum(1)[:, None] - 2 * flat @ flat_real.T + (flat_real ** 2).sum(1)[None, :]
