@@ -349,9 +349,12 @@ def samples_grid(samples: Sequence[GeneratedSample], classes: Sequence[str], *, 
     """
     from PIL import ImageDraw
 
+    by_class: dict[str, list[GeneratedSample]] = {}
+    for x in samples:
+        by_class.setdefault(x.label, []).append(x)
     rows: list[tuple[str, str, list[GeneratedSample]]] = []
-    for label in [c for c in classes if any(x.label == c for x in samples)][:max_classes]:
-        mine = [x for x in samples if x.label == label]
+    for label in [c for c in classes if c in by_class][:max_classes]:
+        mine = by_class[label]
         for verdict, keep in (("kept", True), ("rejected", False)):
             group = sorted((x for x in mine if x.kept == keep), key=lambda x: -_confidence(x))
             shown = [group[int(i)] for i in np.unique(np.linspace(0, len(group) - 1, per_row).round())] if group else []
