@@ -473,6 +473,17 @@ def main() -> None:
         share = f"{100 * c['kept'] / c['generated']:.0f}%" if c["generated"] else "-"
         print(f"  {c['label']:<8} {c['real']:>6} {plan[c['label']]['target']:>7} {c['generated']:>10} "
               f"{c['kept']:>6} {share:>7}")
+    gain = record.get("gain")
+    if gain:
+        print(f"  the service's own gain (X2 model again on real + {gain['kept_samples']} kept, {gain['val_items']} "
+              f"val images people labeled): accuracy {gain['accuracy_real']:.3f} -> {gain['accuracy_with_kept']:.3f}, "
+              f"{gain['changed']} predictions changed")
+        def f3(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.3f}"
+
+        for g in gain["per_class"]:
+            print(f"    {g['label']:<8} recall {f3(g['recall_real'])} -> {f3(g['recall_with_kept'])}, "
+                  f"precision {f3(g['precision_real'])} -> {f3(g['precision_with_kept'])}")
     print(f"\n  {'quick classifier trained on':<28} {'images':>6} {'defect%':>8} {'val acc':>8} {'val rec':>8} "
           f"{'test acc':>9} {'test rec':>9}   change vs real only on val+test, 95% CI (acc | recall, pts)")
     for r in rows:
@@ -500,6 +511,8 @@ def main() -> None:
         "augmentation": counts,
         "plan": record["plan"],
         "filter": fit,
+        "gain": record.get("gain"),
+        "samples_grid_key": record.get("samples_grid_key"),
         "kept_confidence": _confidence_summary(run["samples"]),
         "quick_classifiers": rows,
         "threshold_sweep": sweep,
