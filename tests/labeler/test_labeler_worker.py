@@ -162,6 +162,57 @@ async def test_simulated_annotator_round_trip_produces_dataset_labeled(
         assert any("need review" in w for w in result["warnings"])
 
 
+async def test_the_same_images_and_seed_get_the_same_splits_and_questions_in_every_upload(
+    env: tuple[Backends, LabelerSettings],
+) -> None:
+    """Random choices are keyed by the images, not the upload's id: a second upload of the same folder
+    with the same seed is the same run (splits, every round's questions, labels); another seed is not."""
+    backends, settings = env
+    images = two_class_images(30)
+    truth = {n: label for n, (_, label) in images.items()}
+    runs = {"first": 1, "again": 1, "other-seed": 2}
+    for dataset_id in runs:
+        await asyncio.to_thread(simulated.register_answers, backends.objects, dataset_id, truth)
+    sub = await backends.bus.subscribe(group="test-observer", topics=[Topic.DATASET_LABELED, Topic.RUN_FAILED])
+    stop = asyncio.Event()
+    workers = [Worker(service, backends, deps=await stub_deps(settings, backends)),
+               Worker(simulated.service, backends, deps=simulated.AnnotatorSim())]
+    task = asyncio.create_task(run_workers(workers, stop))
+    try:
+        for dataset_id, seed in runs.items():
+            await ingest(backends, settings, images, dataset_id=dataset_id,
+                         options=OPTIONS.model_copy(update={"seed": seed, "auto_label_all": True}))
+        done: set[str] = set()
+        async with asyncio.timeout(120):
+            while done != set(runs):
+                d = await sub.get(timeout=1)
+                if d is None:
+                    continue
+                event = decode(d.value)
+                assert event.event_type == Topic.DATASET_LABELED, event.payload
+                assert isinstance(event.payload, DatasetLabeled)
+                done.add(event.payload.dataset_id)
+                await sub.commit(d)
+    finally:
+        stop.set()
+        await task
+        await sub.close()
+
+    async def by_name(dataset_id: str) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
+        record = await records.load(backends.docs, dataset_id)
+        manifest = await asyncio.to_thread(load_manifest, backends.objects, record["labels_key"])
+        name = {i.item_id: i.name for i in manifest.items}
+        splits = {name[k]: v for k, v in record["splits"].items()}
+        asked = {name[k]: v for k, v in record["asked"].items()}
+        return splits, asked, {i.name: (i.label, i.label_source, i.confidence) for i in manifest.items}
+
+    first, again, other = [await by_name(d) for d in runs]
+    assert first[0] == again[0] and first[1] == again[1] and first[2] == again[2]
+    assert len(first[1]) > 6  # more than the test split was asked, so the rounds' choices are compared too
+    test_items = {n for n, s in first[0].items() if s == "test"}
+    assert len(test_items) == 6 and test_items != {n for n, s in other[0].items() if s == "test"}
+
+
 async def test_redelivery_and_stale_labels_do_not_change_the_state(env: tuple[Backends, LabelerSettings]) -> None:
     backends, settings = env
     images = two_class_images(15)

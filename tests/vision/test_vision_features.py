@@ -140,3 +140,19 @@ def test_load_arrays_decodes_each_image_once_and_matches_direct_decoding(tmp_pat
         img = decode(data)
         np.testing.assert_array_equal(a[n], to_array(img, size=32, channels=3))
         np.testing.assert_array_equal(b[n], to_array(img, size=20, channels=1))
+
+
+def test_a_manifests_content_key_is_its_images_not_its_ids_or_labels() -> None:
+    from dlforge.vision.manifest import Item, Manifest
+
+    def manifest(dataset_id: str, digests: list[str], label: str | None = None) -> Manifest:
+        items = [Item(item_id=d[:20], key=f"{dataset_id}/{d}", name=f"{n}.png", sha256=d, width=8, height=8,
+                      label=label) for n, d in enumerate(digests)]
+        return Manifest(dataset_id=dataset_id, name=dataset_id, classes=["a"], items=items)
+
+    # written out by hand: the first 24 hex digits of sha256 over "<digest>\n" per item, in order
+    expected = hashlib.sha256(f"{C1}\n{C2}\n".encode()).hexdigest()[:24]
+    assert manifest("ds-1", [C1, C2]).content_key == expected
+    assert manifest("ds-2", [C1, C2], label="a").content_key == expected
+    assert manifest("ds-1", [C2, C1]).content_key != expected
+    assert manifest("ds-1", [C1]).content_key != expected

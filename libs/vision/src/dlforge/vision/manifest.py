@@ -7,6 +7,7 @@ labeled unless it needs review); the augmenter writes the training manifest (add
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
@@ -72,6 +73,17 @@ class Manifest(BaseModel):
     items: list[Item]
     rejected: list[Rejection] = []
     duplicates: list[Duplicate] = []
+
+    @property
+    def content_key(self) -> str:
+        """A digest of the items' contents in their order: what a run's random choices (splits, seeds,
+        subsamples) are keyed by, so the same images with the same seed get the same choices in every
+        upload, whatever the dataset's id."""
+        digest = hashlib.sha256()
+        for item in self.items:
+            digest.update(item.sha256.encode())
+            digest.update(b"\n")
+        return digest.hexdigest()[:24]
 
     def by_split(self, *splits: Split) -> list[Item]:
         return [i for i in self.items if i.split in splits]

@@ -54,9 +54,10 @@ AskReason = Literal["test", "val", "seed", "uncertain"]
 StopReason = Literal["budget", "confident", "exhausted"]
 
 
-def rng_for(dataset_id: str, seed: int, purpose: str) -> np.random.Generator:
-    """A generator that depends only on the dataset, the run's seed and what it is for."""
-    digest = hashlib.sha256(f"{dataset_id}:{seed}:{purpose}".encode()).digest()
+def rng_for(data_key: str, seed: int, purpose: str) -> np.random.Generator:
+    """A generator that depends only on the data (``Manifest.content_key``), the run's seed and what it
+    is for: a second upload of the same images with the same seed gets the same splits and questions."""
+    digest = hashlib.sha256(f"{data_key}:{seed}:{purpose}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
