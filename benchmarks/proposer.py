@@ -24,7 +24,10 @@ MNIST, scikit-learn digits — each a seeded, class-stratified train/val/test sa
    of the truth ranking counts most, as in the LogME/SFDA papers) of every sub-score, of the
    hand-set default total, and of a learned combination — non-negative least squares of the
    per-target z-scored truth on the per-target z-scored sub-scores (higher = better; missing = 0),
-   fitted on the other targets and scored on the held-out one (leave-one-target-out); the top-1
+   fitted on the other targets and scored on the held-out one (leave-one-target-out); a rank
+   aggregation validated the same way (``rank_loto``: the equal-weight mean of the candidates' ranks
+   under the at most 4 sub-scores that, on the other targets, rank like the truth best under the worse
+   protocol; chosen again per held-out target); the top-1
    regret (accuracy points lost by taking the combination's first choice) and the cost ratio
    (scorer seconds / fine-tuning seconds of one protocol and one seed for every candidate).
 
@@ -244,6 +247,33 @@ def combined(features: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.column_stack([zscore(features[:, j]) for j in range(features.shape[1])]) @ w
 
 
+def rank_mean(features: np.ndarray, cols: tuple[int, ...]) -> np.ndarray:
+    """Equal-weight mean of the chosen sub-scores' ranks among the candidates (a missing value ranks last)."""
+    ranks = []
+    for j in cols:
+        v = features[:, j]
+        v = np.where(np.isfinite(v), v, -np.inf)
+        ranks.append(np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(np.float64))
+    return np.mean(ranks, axis=0)
+
+
+def choose_subset(features: list[np.ndarray], truths: dict[str, list[np.ndarray]], *, max_size: int = 4
+                  ) -> tuple[int, ...]:
+    """The set of at most ``max_size`` sub-scores whose rank mean ranks like the truth best on these targets:
+    the highest mean weighted τ under the worse of the protocols (ties: the smaller set, then the order)."""
+    from itertools import combinations
+
+    n = features[0].shape[1]
+    best: tuple[float, tuple[int, ...]] = (-math.inf, ())
+    for size in range(1, max_size + 1):
+        for cols in combinations(range(n), size):
+            worst = min(float(np.nanmean([taus(t, rank_mean(f, cols))[1] for f, t in zip(features, ts, strict=True)]))
+                        for ts in truths.values())
+            if worst > best[0] + 1e-12:
+                best = (worst, cols)
+    return best[1]
+
+
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
@@ -367,16 +397,33 @@ def summarize(args: argparse.Namespace, per_target: list[dict[str, Any]], names:
 
     feats = [feature_matrix(t) for t in per_target]
     out: dict[str, Any] = {"kendall_tau": {}, "weighted_tau": {}, "top1_regret": {}, "learned_weights": {},
-                           "per_target": {}}
+                           "per_target": {}, "top1_regret_by_score": {}}
+    all_truths = {p: [np.array([t["truth"][p][i] for i in ids]) for t in per_target] for p in PROTOCOLS}
+    # the rank aggregation: per held-out target, the sub-scores chosen on the other targets (both protocols)
+    subsets = []
+    for k in range(len(per_target)):
+        others = [m for m in range(len(per_target)) if m != k]
+        subsets.append(choose_subset([feats[m] for m in others], {p: [all_truths[p][m] for m in others]
+                                                                 for p in PROTOCOLS}) if others else (0,))
+    out["rank_loto_subsets"] = {t["target"]: [names[j] for j in cols] for t, cols in zip(per_target, subsets,
+                                                                                          strict=True)}
+    out["rank_subset_all_targets"] = [names[j] for j in choose_subset(feats, all_truths)]
     for protocol in PROTOCOLS:
-        truths = [np.array([t["truth"][protocol][i] for i in ids]) for t in per_target]
-        rows: dict[str, list[tuple[float, float]]] = {n: [] for n in [*names, "default_total", "combined_loto"]}
+        truths = all_truths[protocol]
+        rows: dict[str, list[tuple[float, float]]] = {
+            n: [] for n in [*names, "default_total", "combined_loto", "rank_loto"]}
         regrets = []
+        regret_rows: dict[str, list[float]] = {"default_total": [], "rank_loto": []}
         weights_per_fold = []
         for k, t in enumerate(per_target):
             for j, n in enumerate(names):
                 rows[n].append(taus(truths[k], feats[k][:, j]))
-            rows["default_total"].append(taus(truths[k], np.array([t["default_total"][i] for i in ids])))
+            default = np.array([t["default_total"][i] for i in ids])
+            rows["default_total"].append(taus(truths[k], default))
+            ranked = rank_mean(feats[k], subsets[k])
+            rows["rank_loto"].append(taus(truths[k], ranked))
+            for row, sc in (("default_total", default), ("rank_loto", ranked)):
+                regret_rows[row].append(100.0 * float(truths[k].max() - truths[k][int(np.argmax(sc))]))
             others = [m for m in range(len(per_target)) if m != k]
             w = fit_weights([feats[m] for m in others], [truths[m] for m in others]) if others else \
                 np.ones(len(names))
@@ -392,6 +439,10 @@ def summarize(args: argparse.Namespace, per_target: list[dict[str, Any]], names:
         out["kendall_tau"][protocol] = {n: float(np.nanmean([r[0] for r in v])) for n, v in rows.items()}
         out["weighted_tau"][protocol] = {n: float(np.nanmean([r[1] for r in v])) for n, v in rows.items()}
         out["top1_regret"][protocol] = {"mean_points": float(np.mean(regrets)), "max_points": float(np.max(regrets))}
+        out["top1_regret_by_score"][protocol] = {
+            "combined_loto": out["top1_regret"][protocol],
+            **{row: {"mean_points": float(np.mean(v)), "max_points": float(np.max(v))}
+               for row, v in regret_rows.items()}}
         out["learned_weights"][protocol] = weights_per_fold
     propose = sum(t["propose_seconds"] for t in per_target)
     finetune_all = sum(t["finetune_seconds_one_protocol_one_seed"] for t in per_target)
@@ -418,9 +469,13 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"{n:16} " + " ".join(f"{result['weighted_tau'][p][n]:14.3f} {result['kendall_tau'][p][n]:12.3f}"
                                           for p in PROTOCOLS))
     lines.append("")
-    lines.append("top-1 regret (points, combined_loto): " + ", ".join(
-        f"{p} mean {result['top1_regret'][p]['mean_points']:.2f} max {result['top1_regret'][p]['max_points']:.2f}"
-        for p in PROTOCOLS))
+    for row in result["top1_regret_by_score"][PROTOCOLS[0]]:
+        lines.append(f"top-1 regret (points, {row}): " + ", ".join(
+            f"{p} mean {result['top1_regret_by_score'][p][row]['mean_points']:.2f} "
+            f"max {result['top1_regret_by_score'][p][row]['max_points']:.2f}" for p in PROTOCOLS))
+    lines.append("rank_loto's sub-scores per held-out target: " + "; ".join(
+        f"{t}: {'+'.join(v)}" for t, v in result["rank_loto_subsets"].items())
+        + f"; chosen on every target: {'+'.join(result['rank_subset_all_targets'])}")
     s = result["seconds"]
     lines.append(f"cost: proposal {s['propose_all_targets']:.1f}s vs fine-tuning every candidate (one protocol, "
                  f"one seed) {s['finetune_every_candidate_all_targets']:.1f}s -> cost_ratio {result['cost_ratio']:.3f}")
