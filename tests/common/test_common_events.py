@@ -262,10 +262,11 @@ def test_labels_with_control_characters_do_not_decode() -> None:
 def test_a_v1_trial_loses_the_tuners_storage_url_and_keeps_everything_else() -> None:
     stored = json.loads((GOLDEN / "hpo.trial.v1.json").read_bytes())
     event = decode(json.dumps(stored).encode())
-    assert isinstance(event.payload, HpoTrial) and event.schema_version == 3
+    assert isinstance(event.payload, HpoTrial) and event.schema_version == 4
     dumped = event.payload.model_dump(mode="json")
     assert "storage_url" not in dumped
-    assert dumped == {**{k: v for k, v in stored["payload"].items() if k != "storage_url"}, "sample_method": "random"}
+    assert dumped == {**{k: v for k, v in stored["payload"].items() if k != "storage_url"}, "sample_method": "random",
+                      "sample_seed": None}
     with pytest.raises(PoisonMessage, match="storage_url"):  # a v2 event may not carry it
         decode(json.dumps({**stored, "schema_version": 2}).encode())
 
@@ -274,14 +275,27 @@ def test_a_v2_trial_trained_on_a_random_sample_and_a_v3_one_says_how_it_samples(
     stored = json.loads((GOLDEN / "hpo.trial.v2.json").read_bytes())
     assert "sample_method" not in stored["payload"]
     event = decode(json.dumps(stored).encode())
-    assert isinstance(event.payload, HpoTrial) and event.schema_version == 3
-    assert event.payload.model_dump(mode="json") == {**stored["payload"], "sample_method": "random"}
+    assert isinstance(event.payload, HpoTrial) and event.schema_version == 4
+    assert event.payload.model_dump(mode="json") == {**stored["payload"], "sample_method": "random",
+                                                     "sample_seed": None}
     current = decode((GOLDEN / "hpo.trial.v3.json").read_bytes())
     assert isinstance(current.payload, HpoTrial)
     assert (current.payload.sample_method, current.payload.sample_fraction) == ("k_center", 0.25)
     with pytest.raises(PoisonMessage, match="sample_method"):  # v3 names one of the known methods
         decode(json.dumps({**stored, "schema_version": 3, "payload": {**stored["payload"],
                                                                        "sample_method": "stratified"}}).encode())
+
+
+def test_a_v3_trial_leaves_its_sample_seed_to_the_study_name_and_a_v4_one_carries_the_runs() -> None:
+    stored = json.loads((GOLDEN / "hpo.trial.v3.json").read_bytes())
+    old = decode(json.dumps(stored).encode())
+    assert isinstance(old.payload, HpoTrial) and old.schema_version == 4 and old.payload.sample_seed is None
+    current = decode((GOLDEN / "hpo.trial.v4.json").read_bytes())
+    assert isinstance(current.payload, HpoTrial) and current.payload.sample_seed == 7
+    for bad in (-1, 2**32):
+        with pytest.raises(PoisonMessage, match="sample_seed"):
+            decode(json.dumps({**stored, "schema_version": 4,
+                               "payload": {**stored["payload"], "sample_seed": bad}}).encode())
 
 
 def test_trial_events_are_keyed_per_trial_and_the_rest_per_run() -> None:

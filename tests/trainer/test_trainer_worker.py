@@ -170,3 +170,24 @@ async def test_a_trial_trains_on_the_coreset_its_event_names(backends: Backends,
     assert job is not None and job["request"]["sample_method"] == "k_center"
     # round(22 * 0.25) = 6 rows of each class
     assert job["request"]["sample_fraction"] == 0.25 and job["result"]["train_rows"] == 12
+
+
+async def test_a_trials_random_sample_is_drawn_with_the_seed_its_event_carries(
+        backends: Backends, monkeypatch: pytest.MonkeyPatch) -> None:
+    """v4 events carry the run's seed: the jobs of two studies (two runs) sample with it, whatever their names;
+    an event from before v4 (no seed) keeps the study-name seed it had."""
+    import hashlib
+
+    monkeypatch.setenv("DLFORGE_TRAINER_DECISION_WAIT_SECONDS", "0.2")
+    base = trial_event(backends, 1, PARAMS, epochs=1)
+    assert isinstance(base.payload, HpoTrial)
+    jobs = {}
+    for study, seed in (("run-a", 5), ("run-b", 5), ("run-old", None)):
+        payload = base.payload.model_copy(update={"study_name": study, "sample_seed": seed})
+        [done] = await handle(backends, Event.new(payload, run_id=study))
+        assert isinstance(done.payload, HpoTrialCompleted) and done.payload.state == "complete"
+        jobs[study] = await backends.docs.get("trainer_jobs", f"{study}-trial-0001")
+    assert jobs["run-a"] is not None and jobs["run-b"] is not None and jobs["run-old"] is not None
+    assert jobs["run-a"]["request"]["sample_seed"] == jobs["run-b"]["request"]["sample_seed"] == 5
+    # before v4: the first 4 bytes of sha256(study name), big-endian (trainer/worker.py stable_seed)
+    assert jobs["run-old"]["request"]["sample_seed"] == int.from_bytes(hashlib.sha256(b"run-old").digest()[:4], "big")

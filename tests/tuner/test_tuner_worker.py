@@ -48,13 +48,13 @@ async def trainer_deps(backends: Backends) -> trainer_worker.TrainerDeps:
     return await trainer_worker.build_deps(settings_for(TrainerSettings, backends.settings), backends)
 
 
-def proposed(data: dict[str, str], *, trials: int = 2) -> ModelProposed:
+def proposed(data: dict[str, str], *, trials: int = 2, seed: int = 0) -> ModelProposed:
     cand = CandidateScore(model_id="small_cnn-mnist", arch="small_cnn", source_dataset="mnist",
                           weights_key=data["weights_key"], scores={"logme": 1.0}, total=1.0)
     return ModelProposed(dataset_id="testdata", manifest_key=data["manifest_key"], classes=["defect", "good"],
                          ranking=[cand], chosen_model_id=cand.model_id, weights={"logme": 1.0},
                          spec=Spec(positive_class="defect"),
-                         options=PipelineOptions(hpo_trials=trials, hpo_parallel=1, train_epochs=3))
+                         options=PipelineOptions(hpo_trials=trials, hpo_parallel=1, train_epochs=3, seed=seed))
 
 
 async def collect(backends: Backends, group: str, topics: list[Topic], until: Topic, timeout: float) -> list[Event]:
@@ -319,6 +319,16 @@ async def test_a_completed_study_with_a_fingerprint_warm_starts_the_next_run_on_
     assert isinstance(trial_c.payload, HpoTrial) and trial_c.payload.params != fixed
     await tuner_handles(backends, trial_done(trial_c, "complete", 0.95))
     assert await backends.docs.get(PAST_STUDIES, study_name_for("run-c")) is None
+
+
+async def test_every_trial_samples_its_rows_with_the_runs_seed_not_the_runs_id(backends: Backends) -> None:
+    """Two runs of the same data and seed train their trials on the same rows; another seed on others."""
+    seeds = {}
+    for run_id, seed in (("run-s1", 41), ("run-s2", 41), ("run-s3", 42)):
+        [trial] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=1, seed=seed), run_id=run_id))
+        assert isinstance(trial.payload, HpoTrial)
+        seeds[run_id] = trial.payload.sample_seed
+    assert seeds == {"run-s1": 41, "run-s2": 41, "run-s3": 42}
 
 
 async def test_the_proposers_fingerprint_warm_starts_a_run_and_an_override_wins(backends: Backends) -> None:

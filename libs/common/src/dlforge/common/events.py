@@ -409,8 +409,8 @@ class HpoTrial(Payload):
     """
 
     TOPIC = Topic.HPO_TRIAL
-    # v2: no storage_url (the trainer reports through hpo.trial.reported); v3: sample_method
-    SCHEMA_VERSION: ClassVar[int] = 3
+    # v2: no storage_url (the trainer reports through hpo.trial.reported); v3: sample_method; v4: sample_seed
+    SCHEMA_VERSION: ClassVar[int] = 4
 
     study_name: str
     trial_number: int = Field(ge=0)
@@ -427,6 +427,10 @@ class HpoTrial(Payload):
     sample_method: SampleMethod = Field(
         default="random", description="how that share is chosen: a stratified random sample, or the class-stratified "
         "coreset of the cached activations (dlforge.hpo.coreset), nested across fractions")
+    sample_seed: int | None = Field(
+        default=None, ge=0, lt=2**32, description="the seed of a random sample (and of the val rows carved out "
+        "when the data has no val split): the run's seed, so that the same data and seed train every trial on "
+        "the same rows in every upload; None (events before v4): derived from the study name")
 
     def partition_key(self, run_id: str) -> str:
         return f"{run_id}:{self.trial_number}"
@@ -812,3 +816,11 @@ def _trial_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 register_upcaster(Topic.HPO_TRIAL, 2, _trial_v2_to_v3)
+
+
+def _trial_v3_to_v4(payload: dict[str, Any]) -> dict[str, Any]:
+    """hpo.trial v3 had no sample_seed: the trainer derived it from the study name (which names the run)."""
+    return {**payload, "sample_seed": None}
+
+
+register_upcaster(Topic.HPO_TRIAL, 3, _trial_v3_to_v4)

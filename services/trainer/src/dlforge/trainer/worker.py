@@ -102,7 +102,8 @@ async def on_trial(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | No
             arch=p.arch, weights_key=p.weights_key, manifest_key=p.manifest_key, classes=p.classes,
             hparams=hparams, run_config=RunOptions(summary_every_steps=settings.trainer_summary_every_steps,
                                                    input_size=settings.trainer_input_size),
-            sample_fraction=p.sample_fraction, sample_method=p.sample_method, sample_seed=stable_seed(p.study_name),
+            sample_fraction=p.sample_fraction, sample_method=p.sample_method,
+            sample_seed=stable_seed(p.study_name) if p.sample_seed is None else p.sample_seed,
             evaluate_test=False,
             label_weighting=settings.trainer_label_weighting,  # type: ignore[arg-type]
         )

@@ -131,7 +131,7 @@ def trial_event(cause: Event, ctx: StudyContext, trial: AskedTrial) -> Event:
         study_name=ctx.study_name, trial_number=trial.number, params=trial.params, dataset_id=ctx.dataset_id,
         model_id=ctx.model_id, arch=ctx.arch, weights_key=ctx.weights_key, manifest_key=ctx.manifest_key,
         classes=ctx.classes, epochs=ctx.trial_epochs, sample_fraction=trial.fraction,
-        sample_method=ctx.config.sample_method,
+        sample_method=ctx.config.sample_method, sample_seed=ctx.options.seed,
     ))
     return event.model_copy(update={"event_id": _event_id(ctx.study_name, f"trial:{trial.number}")})
 
