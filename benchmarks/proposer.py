@@ -248,12 +248,12 @@ def combined(features: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def rank_mean(features: np.ndarray, cols: tuple[int, ...]) -> np.ndarray:
-    """Equal-weight mean of the chosen sub-scores' ranks among the candidates (a missing value ranks last)."""
-    ranks = []
-    for j in cols:
-        v = features[:, j]
-        v = np.where(np.isfinite(v), v, -np.inf)
-        ranks.append(np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(np.float64))
+    """Equal-weight mean of the chosen sub-scores' ranks among the candidates, from 0 (tied values share their
+    average rank; a missing value ranks last)."""
+    from scipy.stats import rankdata
+
+    ranks = [rankdata(np.where(np.isfinite(features[:, j]), features[:, j], -np.inf), method="average") - 1.0
+             for j in cols]
     return np.mean(ranks, axis=0)
 
 
@@ -267,8 +267,9 @@ def choose_subset(features: list[np.ndarray], truths: dict[str, list[np.ndarray]
     best: tuple[float, tuple[int, ...]] = (-math.inf, ())
     for size in range(1, max_size + 1):
         for cols in combinations(range(n), size):
-            worst = min(float(np.nanmean([taus(t, rank_mean(f, cols))[1] for f, t in zip(features, ts, strict=True)]))
-                        for ts in truths.values())
+            means = [np.nanmean([taus(t, rank_mean(f, cols))[1] for f, t in zip(features, ts, strict=True)])
+                     for ts in truths.values()]
+            worst = min(float(m) if np.isfinite(m) else -math.inf for m in means)  # no τ at all: never chosen
             if worst > best[0] + 1e-12:
                 best = (worst, cols)
     return best[1]

@@ -73,6 +73,11 @@ def test_augment_generates_for_the_scarce_class_from_its_own_images(tmp_path, wr
     other = augment(manifest, plans, load=load, generator=generator, sample_filter=f,
                     config=AugmentConfig(seed=8, id_prefix="gtest"))
     assert [s.sha256 for s in other.samples] != [s.sha256 for s in outcome.samples]
+    # the same images uploaded again (another data set id): the same samples, seeded by the images
+    reuploaded = manifest.model_copy(update={"dataset_id": "ds2"})
+    twin = augment(reuploaded, plans, load=load, generator=generator, sample_filter=f,
+                   config=AugmentConfig(seed=7, id_prefix="gtest"))
+    assert [s.sha256 for s in twin.samples] == [s.sha256 for s in outcome.samples]
 
     train_manifest = training_manifest(manifest, outcome.samples)
     generated = [i for i in train_manifest.items if i.label_source == "generated"]

@@ -23,6 +23,10 @@ def test_rank_mean_averages_ranks_and_puts_a_missing_value_last() -> None:
     assert rank_mean(features, (0,)).tolist() == [0.0, 2.0, 1.0]
     assert rank_mean(features, (1,)).tolist() == [2.0, 0.0, 1.0]
     assert rank_mean(features, (0, 1)).tolist() == [1.0, 1.0, 1.0]
+    # tied values share their average rank: 0 and 1 -> 0.5 each, whatever the candidates' order
+    tied = np.array([[2.0], [7.0], [2.0]])
+    assert rank_mean(tied, (0,)).tolist() == [0.5, 2.0, 0.5]
+    assert rank_mean(tied[::-1], (0,)).tolist() == [0.5, 2.0, 0.5]
 
 
 def test_the_subset_is_the_one_that_ranks_like_the_truth_under_both_protocols() -> None:

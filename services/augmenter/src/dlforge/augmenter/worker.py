@@ -4,7 +4,8 @@ Artifacts: ``augmenter/<dataset_id>/generated/<sample_id>.png`` (every generated
 so that people can look at what the filter refused) and ``augmenter/<dataset_id>/manifest.json`` (the
 training manifest: real items + kept generated items). Metadata: ``augmenter_runs`` (one record per
 data set: counts, filter accuracy, timings) and ``augmenter_samples`` (one document per sample).
-Seeds come from ``options.seed`` and the data set id and sample ids from a fingerprint of the inputs,
+Seeds come from ``options.seed`` and the images (``Manifest.content_key``, not the data set id) and
+sample ids from a fingerprint of the inputs,
 so a redelivered or repeated event rewrites the same objects, or is answered from the stored record.
 """
 

@@ -5,7 +5,9 @@ stored for the earlier one: its ingestion manifest (images, given labels, classe
 objects, read through :class:`StoredTree` and copied under the new dataset (the earlier run may be
 deleted later; the new one keeps its own copies). The new dataset starts labeling afresh: people's
 labels of the earlier run are not carried over (the rerun asks its own questions, so its random
-test split stays what the evidence rules need); given labels (class folders, a CSV) are.
+test split stays what the evidence rules need); given labels (class folders, a CSV) are. Random
+choices are keyed by the images and the run's seed: a rerun with the same seed draws the same test
+split and first questions as the earlier run (and asks them again); another seed draws others.
 Served as ``POST /labeler/datasets/{dataset_id}/rerun`` and ``POST /runs/{run_id}/rerun``.
 """
 
