@@ -61,10 +61,12 @@ def settings_limits(settings: LabelerSettings) -> Any:
 
 
 @asynccontextmanager
-async def labeling(backends: Backends, settings: LabelerSettings, dataset_id: str,
-                   truth: dict[str, str]) -> AsyncIterator[None]:
-    """The labeler (TEST STUB embedder) and the simulated annotator, who knows ``truth``, at work while inside."""
-    await asyncio.to_thread(simulated.register_answers, backends.objects, dataset_id, truth)
+async def labeling(backends: Backends, settings: LabelerSettings, truth: dict[str, str],
+                   *dataset_ids: str) -> AsyncIterator[None]:
+    """The labeler (TEST STUB embedder) and the simulated annotator, who knows ``truth`` for each of
+    ``dataset_ids``, at work while inside."""
+    for dataset_id in dataset_ids:
+        await asyncio.to_thread(simulated.register_answers, backends.objects, dataset_id, truth)
     stop = asyncio.Event()
     workers = [Worker(service, backends, deps=await stub_deps(settings, backends)),
                Worker(simulated.service, backends, deps=simulated.AnnotatorSim())]
@@ -101,7 +103,7 @@ async def test_simulated_annotator_round_trip_produces_dataset_labeled(
     images = two_class_images(30)
     truth = {n: label for n, (_, label) in images.items()}
     options = OPTIONS.model_copy(update={"auto_label_all": auto_label_all})
-    async with labeling(backends, settings, "cells", truth):
+    async with labeling(backends, settings, truth, "cells"):
         created = await ingest(backends, settings, images, dataset_id="cells", options=options)
         assert created.counts["items"] == 60
         events = await collect(backends, [Topic.DATASET_UPLOADED, Topic.LABELS_REQUESTED, Topic.LABELS_SUBMITTED,
@@ -171,31 +173,24 @@ async def test_the_same_images_and_seed_get_the_same_splits_and_questions_in_eve
     images = two_class_images(30)
     truth = {n: label for n, (_, label) in images.items()}
     runs = {"first": 1, "again": 1, "other-seed": 2}
-    for dataset_id in runs:
-        await asyncio.to_thread(simulated.register_answers, backends.objects, dataset_id, truth)
     sub = await backends.bus.subscribe(group="test-observer", topics=[Topic.DATASET_LABELED, Topic.RUN_FAILED])
-    stop = asyncio.Event()
-    workers = [Worker(service, backends, deps=await stub_deps(settings, backends)),
-               Worker(simulated.service, backends, deps=simulated.AnnotatorSim())]
-    task = asyncio.create_task(run_workers(workers, stop))
     try:
-        for dataset_id, seed in runs.items():
-            await ingest(backends, settings, images, dataset_id=dataset_id,
-                         options=OPTIONS.model_copy(update={"seed": seed, "auto_label_all": True}))
-        done: set[str] = set()
-        async with asyncio.timeout(120):
-            while done != set(runs):
-                d = await sub.get(timeout=1)
-                if d is None:
-                    continue
-                event = decode(d.value)
-                assert event.event_type == Topic.DATASET_LABELED, event.payload
-                assert isinstance(event.payload, DatasetLabeled)
-                done.add(event.payload.dataset_id)
-                await sub.commit(d)
+        async with labeling(backends, settings, truth, *runs):
+            for dataset_id, seed in runs.items():
+                await ingest(backends, settings, images, dataset_id=dataset_id,
+                             options=OPTIONS.model_copy(update={"seed": seed, "auto_label_all": True}))
+            done: set[str] = set()
+            async with asyncio.timeout(120):
+                while done != set(runs):
+                    d = await sub.get(timeout=1)
+                    if d is None:
+                        continue
+                    event = decode(d.value)
+                    assert event.event_type == Topic.DATASET_LABELED, event.payload
+                    assert isinstance(event.payload, DatasetLabeled)
+                    done.add(event.payload.dataset_id)
+                    await sub.commit(d)
     finally:
-        stop.set()
-        await task
         await sub.close()
 
     async def by_name(dataset_id: str) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
@@ -314,7 +309,7 @@ async def test_a_pixel_classifier_learns_on_the_stored_pixels_in_the_loop(tmp_pa
     images = two_class_images(30)
     truth = {n: label for n, (_, label) in images.items()}
     try:
-        async with labeling(backends, settings, "px", truth):
+        async with labeling(backends, settings, truth, "px"):
             await ingest(backends, settings, images, dataset_id="px",
                          options=OPTIONS.model_copy(update={"auto_label_all": True}))
             events = await collect(backends, [Topic.DATASET_LABELED, Topic.RUN_FAILED],
@@ -344,7 +339,7 @@ async def test_the_runs_domain_adaptation_option_standardizes_the_domains_it_nam
     truth = {n: label for n, (_, label) in images.items()}
     domain = {n: ("mono" if int(n[1:4]) < 10 else "poly") for n in images}
     csv = ("file,label,domain\n" + "".join(f"{n},,{domain[n]}\n" for n in sorted(images))).encode()
-    async with labeling(backends, settings, "dom", truth):
+    async with labeling(backends, settings, truth, "dom"):
         tree = open_zip(io.BytesIO(make_zip({**{n: b for n, (b, _) in images.items()}, "labels.csv": csv})),
                         settings_limits(settings))
         req = DatasetRequest(spec=Spec(positive_class="dark"), dataset_id="dom", run_id="run-dom",
