@@ -15,11 +15,11 @@ from dlforge.labeler.handlers import (
     check_labels,
     first_batch,
     random_sample,
-    rng_for,
     run_round,
 )
 from dlforge.labeler.index import build_index, normalize
 from dlforge.labeler.strategies import UncertaintyDiversity, k_center_greedy, representative_seed, uncertainty
+from dlforge.vision.manifest import rng_for
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,11 @@ class Manifest(BaseModel):
             digest.update(b"\n")
         return digest.hexdigest()[:24]
 
+    def rng(self, seed: int, purpose: str) -> np.random.Generator:
+        """The random generator of one ``purpose`` of a run on these images (:func:`rng_for` of
+        :attr:`content_key`)."""
+        return rng_for(self.content_key, seed, purpose)
+
     def by_split(self, *splits: Split) -> list[Item]:
         return [i for i in self.items if i.split in splits]
 
@@ -94,6 +99,13 @@ class Manifest(BaseModel):
     def label_indices(self, items: Sequence[Item]) -> np.ndarray:
         index = {c: n for n, c in enumerate(self.classes)}
         return np.array([index[i.label] for i in items if i.label is not None], dtype=np.int64)
+
+
+def rng_for(data_key: str, seed: int, purpose: str) -> np.random.Generator:
+    """A generator that depends only on the data (``Manifest.content_key``), the run's seed and what it is for
+    (independent streams): the labeler's splits and questions and the augmenter's samples, one rule for both."""
+    digest = hashlib.sha256(f"{data_key}:{seed}:{purpose}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 def load_manifest(objects: ObjectStore, key: str) -> Manifest:

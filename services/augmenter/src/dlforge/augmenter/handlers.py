@@ -147,13 +147,6 @@ class AugmentationOutcome:
     gain: AugmentationGain | None = None
 
 
-def class_rng(seed: int, data_key: str, purpose: str) -> np.random.Generator:
-    """A generator seeded from the run's seed, the data (``Manifest.content_key``, not the upload's id:
-    the same images and seed generate the same samples) and what it is for (independent streams)."""
-    digest = hashlib.sha256(f"{seed}:{data_key}:{purpose}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "big"))
-
-
 def subsample(items: Sequence[Item], limit: int, rng: np.random.Generator) -> list[Item]:
     """At most ``limit`` items, stratified by label, in their original order."""
     if len(items) <= limit:
@@ -214,9 +207,9 @@ def augment(
 
     # The filter learns the real data (all classes), and is scored on the real validation split.
     t = time.perf_counter()
-    fit_items = subsample(train, config.max_filter_train, class_rng(config.seed, manifest.content_key, "filter"))
+    fit_items = subsample(train, config.max_filter_train, manifest.rng(config.seed, "filter"))
     val = [i for i in manifest.items if i.split == "val" and i.label is not None and i.label_source != "generated"]
-    val = subsample(val, config.max_filter_train, class_rng(config.seed, manifest.content_key, "filter-val"))
+    val = subsample(val, config.max_filter_train, manifest.rng(config.seed, "filter-val"))
     filter_size = sample_filter.image_size or size
     fit_images = load(fit_items, filter_size, channels)
     val_images = load(val, filter_size, channels)
@@ -237,7 +230,7 @@ def augment(
     prefix = GENERATED_PREFIX.format(dataset_id=manifest.dataset_id)
     for label, n in wanted.items():
         ci = index[label]
-        rng = class_rng(config.seed, manifest.content_key, f"class:{label}")
+        rng = manifest.rng(config.seed, f"class:{label}")
         t = time.perf_counter()
         members = [i for i in train if i.label == label]
         sources = subsample(members, config.max_sources, rng)

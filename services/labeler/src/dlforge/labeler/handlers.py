@@ -27,7 +27,6 @@ The loop, per dataset of N items:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -52,13 +51,6 @@ TEST_FRACTION = 0.10
 VAL_FRACTION = 0.15
 AskReason = Literal["test", "val", "seed", "uncertain"]
 StopReason = Literal["budget", "confident", "exhausted"]
-
-
-def rng_for(data_key: str, seed: int, purpose: str) -> np.random.Generator:
-    """A generator that depends only on the data (``Manifest.content_key``), the run's seed and what it
-    is for: a second upload of the same images with the same seed gets the same splits and questions."""
-    digest = hashlib.sha256(f"{data_key}:{seed}:{purpose}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 def budget_of(n_items: int, options: PipelineOptions) -> int:

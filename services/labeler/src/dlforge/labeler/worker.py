@@ -242,11 +242,11 @@ async def _start_labeling(event: Event, ctx: HandlerContext[LabelerDeps]) -> Han
 
     def plan() -> tuple[list[Any], handlers.Batch]:
         splits = handlers.assign_splits(n, budget=handlers.budget_of(n, options),
-                                        rng=handlers.rng_for(manifest.content_key, options.seed, "splits"))
+                                        rng=manifest.rng(options.seed, "splits"))
         known = np.array([i.label is not None for i in manifest.items], dtype=bool)
         seen, _ = classifier_vectors(vectors, manifest, domain_adaptation(options, ctx.deps.settings))
         batch = handlers.first_batch(seen, splits=splits, known=known, options=options,
-                                     rng=handlers.rng_for(manifest.content_key, options.seed, "seed"))
+                                     rng=manifest.rng(options.seed, "seed"))
         return splits, batch
 
     splits, batch = await asyncio.to_thread(plan)
@@ -417,7 +417,7 @@ async def _advance(
             vectors, labels=view.labels, human=view.human, representative=view.representative,
             calibration=handlers.random_sample(view.labels, splits, asked_val=asked_val),
             n_classes=len(view.classes), options=options, strategy=ctx.deps.strategy,
-            classifier=ctx.deps.classifier, rng=handlers.rng_for(manifest.content_key, options.seed, f"round-{rnd}"),
+            classifier=ctx.deps.classifier, rng=manifest.rng(options.seed, f"round-{rnd}"),
             seed=options.seed, pixels=pixels[0])
 
     view, result = await asyncio.to_thread(fit, record)
