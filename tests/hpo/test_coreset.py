@@ -144,7 +144,7 @@ def test_bad_input_is_refused() -> None:
         build_coreset(x, y, method="kmeans")  # type: ignore[arg-type]
 
 
-def test_a_ladder_is_cut_from_below_to_what_the_trainings_can_climb() -> None:
+def test_a_ladder_is_used_only_when_the_trainings_can_climb_it_to_the_top() -> None:
     # one at a time, by hand: the top needs 3 completed below it; 3 promoted there need 7 below (ceil(7/3) = 3);
     # 7 there need 19 (ceil(19/3) = 7): 2 rungs 1 + 3 = 4 trainings, 3 rungs 1 + 3 + 7 = 11, 4 rungs 30
     assert [climb_cost(r) for r in (1, 2, 3, 4)] == [1, 4, 11, 30]
