@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from dlforge.common.runtime import Backends
 from dlforge.proposer import __main__ as cli
 from dlforge.proposer.repository import (
     MODELS,
+    EntryMaker,
     ModelRecipe,
     SourceProvider,
     build_repository,
@@ -87,6 +89,60 @@ async def test_build_records_weights_and_is_idempotent(backends: Backends, tmp_p
     objects.delete(weights_key("small_cnn-synth_blobs"))
     out = await build_repository(objects, docs, recipes=changed, sources=sources(), work_dir=tmp_path)
     assert [r.action for r in out] == ["skipped", "built"]
+
+
+async def test_a_trained_entry_is_the_same_network_whatever_else_runs_in_the_process(
+        backends: Backends, tmp_path: Path) -> None:
+    """In ``make demo`` the repository builds while other services train in the same process: they draw
+    from torch's global random generator and set its thread count. Trained in the caller's process, the
+    same recipe then came out as another network (the small CNN cells' sub-scores moved between demo
+    runs); it must be the network it is when built alone."""
+    objects, docs = backends.objects, backends.docs
+
+    async def weights() -> list[torch.Tensor]:
+        rec = await docs.get(MODELS, RECIPES[0].model_id)
+        assert rec is not None
+        model, _ = load_entry(objects, rec, work_dir=tmp_path)
+        return [t.detach().clone() for t in model.state_dict().values()]
+
+    await build_repository(objects, docs, recipes=RECIPES[:1], sources=sources(), work_dir=tmp_path)
+    alone = await weights()
+    threads = torch.get_num_threads()
+    stop = threading.Event()
+
+    def other_service() -> None:
+        while not stop.is_set():
+            torch.rand(16)
+            torch.set_num_threads(1 + int(torch.randint(0, 3, (1,))))
+
+    beside = threading.Thread(target=other_service)
+    beside.start()
+    try:
+        out = await build_repository(objects, docs, recipes=RECIPES[:1], sources=sources(), force=True,
+                                     work_dir=tmp_path)
+    finally:
+        stop.set()
+        beside.join()
+        torch.set_num_threads(threads)
+    assert [r.action for r in out] == ["built"]
+    again = await weights()
+    assert len(again) == len(alone)
+    for a, b in zip(alone, again, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_training_that_fails_in_the_builder_process_says_which_and_why() -> None:
+    broken = synthetic_source("synth_bars", bars)
+    broken.train_x = broken.train_x[:, :, :, None, None]  # five dimensions: not an image batch
+    maker = EntryMaker(threads=1)
+    try:
+        with pytest.raises(RuntimeError, match=r"small_cnn-synth_bars: training failed: \w+Error"):
+            maker.make(RECIPES[0], broken)
+        # the process survives a failed training and makes the next entry
+        entry = maker.make(RECIPES[1], synthetic_source("b", blobs))
+        assert entry.classes == ["a", "b"] and entry.metrics["source_test_accuracy"] >= 0.5
+    finally:
+        maker.close()
 
 
 async def test_missing_source_fails_that_entry_only(backends: Backends, tmp_path: Path) -> None:

@@ -20,11 +20,14 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Literal
 
@@ -264,17 +267,95 @@ def imagenet_model(recipe: ModelRecipe) -> TrainedModel:
     )
 
 
-def make_entry(recipe: ModelRecipe, source: SourceData | None) -> TrainedModel:
+def _check_recipe(recipe: ModelRecipe, source: SourceData | None) -> None:
     needs_imagenet = recipe.pretrained or recipe.init == "imagenet"
     if needs_imagenet and (recipe.arch not in IMAGENET_TOP1_PUBLISHED
                            or (recipe.pretrained and recipe.source != "imagenet")):
         raise ConfigError(f"{recipe.model_id}: only {', '.join(IMAGENET_TOP1_PUBLISHED)} have bundled "
                           "(ImageNet) weights")
-    if recipe.pretrained:
-        return imagenet_model(recipe)
-    if source is None:
+    if not recipe.pretrained and source is None:
         raise ConfigError(f"{recipe.model_id}: no source data set {recipe.source!r}")
-    return train_source_model(recipe, source)
+
+
+def _serve(conn: Connection) -> None:
+    """The builder's process: train each recipe it is sent, with its thread count; answer the entry
+    serialized, or the error's text; end on ``None``."""
+    while (job := conn.recv()) is not None:
+        recipe, source, threads = job
+        try:
+            if threads:
+                torch.set_num_threads(threads)
+            buffer = io.BytesIO()
+            torch.save(train_source_model(recipe, source), buffer)
+            conn.send(("entry", buffer.getvalue()))
+        except Exception as exc:  # reported to the parent, which raises it
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class EntryMaker:
+    """Makes entries; a trained one in a process of its own (spawned once per build, on first need).
+
+    Training shares nothing with the services beside it in one process (``make demo``, ``dlforge up``):
+    not torch's global random generator, which initializes the network and which another service's
+    training draws from at the same moment, nor torch's thread count, which another service sets and
+    which changes the order of floating-point sums. In the caller's process such a recipe trained to
+    other weights from one run to the next; in its own process it is the same network every time
+    (``tests/proposer/test_proposer_repository.py``). The bundled ImageNet entries train nothing and
+    are made here.
+    """
+
+    def __init__(self, *, threads: int | None) -> None:
+        self.threads = threads
+        self._child: tuple[BaseProcess, Connection] | None = None
+
+    def make(self, recipe: ModelRecipe, source: SourceData | None) -> TrainedModel:
+        needs_imagenet = recipe.pretrained or recipe.init == "imagenet"
+        if needs_imagenet and (recipe.arch not in IMAGENET_TOP1_PUBLISHED
+                               or (recipe.pretrained and recipe.source != "imagenet")):
+            raise ConfigError(f"{recipe.model_id}: only {', '.join(IMAGENET_TOP1_PUBLISHED)} have bundled "
+                              "(ImageNet) weights")
+        if recipe.pretrained:
+            return imagenet_model(recipe)
+        if source is None:
+            raise ConfigError(f"{recipe.model_id}: no source data set {recipe.source!r}")
+        if self._child is None:
+            ctx = multiprocessing.get_context("spawn")
+            conn, child_conn = ctx.Pipe()
+            spawned = ctx.Process(target=_serve, args=(child_conn,), name="dlforge-repository-builder", daemon=True)
+            spawned.start()
+            child_conn.close()
+            self._child = (spawned, conn)
+        process, conn = self._child
+        try:
+            conn.send((recipe, source, self.threads))
+            kind, payload = conn.recv()
+        except (EOFError, OSError) as exc:  # the process died (killed, out of memory)
+            self.close(kill=True)
+            raise RuntimeError(f"{recipe.model_id}: the repository builder's process ended before the entry "
+                               f"was made (exit code {process.exitcode})") from exc
+        if kind == "error":
+            raise RuntimeError(f"{recipe.model_id}: training failed: {payload}")
+        entry: TrainedModel = torch.load(io.BytesIO(payload), weights_only=False)
+        return entry
+
+    def close(self, *, kill: bool = False) -> None:
+        """End the process: after its current job, or at once with ``kill`` (a cancelled build)."""
+        if self._child is None:
+            return
+        process, conn = self._child
+        self._child = None
+        if not kill:
+            try:
+                conn.send(None)
+            except OSError:
+                kill = True
+        if kill:
+            process.terminate()
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        conn.close()
 
 
 def store_entry(objects: ObjectStore, recipe: ModelRecipe, entry: TrainedModel, *, work_dir: Path) -> dict[str, Any]:
@@ -352,9 +433,21 @@ async def build_repository(
     source cannot be loaded fails with the loader's message (e.g. which package to install) while
     the others still build.
     """
-    if threads:
-        torch.set_num_threads(threads)
     sources = sources or {}
+    maker = EntryMaker(threads=threads)
+    try:
+        results = await _build(objects, docs, recipes=recipes, sources=sources, force=force, work_dir=Path(work_dir),
+                               maker=maker)
+    except BaseException:  # cancelled or failed: do not wait for a training nobody will store
+        maker.close(kill=True)
+        raise
+    await asyncio.to_thread(maker.close)
+    return results
+
+
+async def _build(objects: ObjectStore, docs: DocumentStore, *, recipes: Sequence[ModelRecipe],
+                 sources: Mapping[str, SourceProvider], force: bool, work_dir: Path, maker: EntryMaker
+                 ) -> list[BuildResult]:
     results: list[BuildResult] = []
     loaded: dict[str, SourceData] = {}
     for recipe in recipes:
@@ -373,7 +466,7 @@ async def build_repository(
                     assert resolved is not None
                     loaded[recipe.source] = resolved
                 source = loaded[recipe.source]
-            entry = await asyncio.to_thread(make_entry, recipe, source)
+            entry = await asyncio.to_thread(maker.make, recipe, source)
             record = await asyncio.to_thread(store_entry, objects, recipe, entry, work_dir=Path(work_dir))
             await docs.upsert(MODELS, record)
         except (ConfigError, InvalidInput) as exc:
