@@ -13,8 +13,10 @@ labels. The budget is the share of the loop's items people label: every label th
 
 The run uses ``auto_label_all``, so every item people did not label gets the classifier's label
 (``auto_label_accuracy``: full coverage, scored against the known labels), and the labeler's
-selective rule at ``--max-error`` (default 1 %) is read from its result: the threshold chosen on
-people's labels of the random test split and val sample, its exact 95 % bound (``selective_bound``), and,
+selective rule at ``--max-error`` (default 1 %) and ``--guarantee`` (``bound``: 95 % confidence,
+``expected``: in expectation, by conformal selection) is read from its result: the threshold chosen on
+people's labels of the random test split and val sample, the exact 95 % bound on the error of the
+calibration items above it (``selective_bound``), the conformal estimate with ``expected``, and,
 scored against the
 known labels, the error and coverage of the items that clear it (``selective_error``,
 ``selective_coverage``). ``heldout_accuracy`` is the final classifier on the held-out split: the
@@ -231,6 +233,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         labeler_threads=args.threads, labeler_classifier=args.classifier, poll_seconds=0.05,
         labeler_cnn_time_budget_s=args.cnn_budget, labeler_embed_views=args.views,
         labeler_domains="standardize" if args.domains == "standardize" else "none",
+        labeler_guarantee=args.guarantee,
     )
     options = PipelineOptions(label_budget=args.budget, max_auto_label_error=args.max_error, auto_label_all=True,
                               seed=args.seed)
@@ -320,7 +323,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "auto_label_accuracy": _accuracy(pred[auto], y_true[auto]),
         "auto_label_per_class": _per_class(pred[auto], y_true[auto], classes),
         "max_auto_label_error": args.max_error,
+        "guarantee": args.guarantee,
         "selective_threshold": threshold,
+        "selective_estimate": result.get("expected_error_estimate"),
         "selective_bound": result.get("guaranteed_error_bound", result.get("auto_label_error_bound")),
         "selective_calibration_items": result.get("calibration_items"),
         "selective_items": int(selective.sum()),
@@ -366,7 +371,11 @@ def table(r: dict[str, Any]) -> str:
         ("auto-label accuracy, full coverage", f"{r['auto_label_accuracy']} over {r['auto_labels']} items"),
         ("  per class", ", ".join(f"{k}: {v['accuracy']}" for k, v in r["auto_label_per_class"].items())),
         (f"selective at {r['max_auto_label_error']:.0%}: threshold", r["selective_threshold"]),
-        ("  bound (95 %), calibration items", f"{r['selective_bound']}, {r['selective_calibration_items']}"),
+        ("  guarantee", "expected error <= target (conformal selection), estimate "
+                        f"{r['selective_estimate']}" if r["guarantee"] == "expected"
+                        else "error <= target with 95 % confidence (exact binomial bound)"),
+        ("  bound (95 %) of the calibration items above it, calibration items",
+         f"{r['selective_bound']}, {r['selective_calibration_items']}"),
         ("  coverage, measured error", f"{r['selective_coverage']:.1%} ({r['selective_items']} items), "
                                        f"{r['selective_error']}"),
         ("held-out accuracy", f"{r['heldout_accuracy']} on {r['heldout_items']} items"),
@@ -421,6 +430,9 @@ def main() -> None:
     p.add_argument("--cnn-budget", type=float, default=900.0,
                    help="cnn_ssl: the most seconds one fit may take (DLFORGE_LABELER_CNN_TIME_BUDGET_S)")
     p.add_argument("--max-error", type=float, default=0.01, help="the selective rule's target auto-label error")
+    p.add_argument("--guarantee", choices=["bound", "expected"], default="bound",
+                   help="the selective rule: error <= target with 95 %% confidence, or in expectation "
+                        "(DLFORGE_LABELER_GUARANTEE)")
     p.add_argument("--subset", type=int, default=5000, help="MNIST sets: stratified images for the loop")
     p.add_argument("--heldout", type=int, default=1000, help="MNIST sets: held-out images")
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="ELPV and --folder: held-out share")
@@ -452,7 +464,8 @@ def main() -> None:
         f"labeler-{name}-{args.budget:g}" + (f"-s{args.seed}" if args.seed else "")
         + (f"-{args.classifier}" if args.classifier != "linear" else "")
         + (f"-{args.views}" if args.views != "none" else "")
-        + (f"-domains-{args.domains}" if args.domains != "none" else "") + ".json")
+        + (f"-domains-{args.domains}" if args.domains != "none" else "")
+        + (f"-{args.guarantee}" if args.guarantee != "bound" else "") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))

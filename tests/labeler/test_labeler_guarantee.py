@@ -18,6 +18,7 @@ from scipy.stats import binom
 from dlforge.common.events import DatasetLabeled, DatasetUploaded, PipelineOptions, decode
 from dlforge.labeler.guarantee import (
     choose_threshold,
+    choose_threshold_expected,
     class_warnings,
     min_items_for,
     per_class_evidence,
@@ -159,6 +160,60 @@ def test_the_guarantee_holds_over_many_calibration_draws(target: float, ideal: f
     assert ideal / 4 <= float(np.mean(coverage)) <= ideal
 
 
+def test_conformal_selection_worked_by_hand() -> None:
+    # 9 calibration items, wrong at confidences 0.8 and 0.4; the p-value of a pool item is
+    # (1 + wrong calibration items at or above its confidence) / 10: 0.1, 0.1, 0.1, 0.2 (the tie with
+    # 0.8 counts against it), 0.2. Benjamini-Hochberg at 0.19 over 5 items: p_(5) = 0.2 > 0.19,
+    # p_(4) = 0.2 > 0.152, p_(3) = 0.1 <= 0.114: the three most confident, threshold 0.82.
+    conf = np.array([0.99, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+    correct = np.array([True, True, True, False, True, True, True, False, True])
+    pool = np.array([0.95, 0.9, 0.82, 0.8, 0.5])
+    sel = choose_threshold_expected(conf, correct, pool, target=0.19)
+    assert sel.method == "expected" and sel.threshold == 0.82
+    assert (sel.selected, sel.errors, sel.calibration_items, sel.tested) == (3, 0, 9, 5)
+    assert sel.estimate == pytest.approx(0.1 * 5 / 3)
+    assert sel.error_bound == pytest.approx(zero_error_bound(3))  # evidence, far above the target
+    # at 0.2 every p-value passes: all five, down to 0.5 (one wrong calibration item at or above it)
+    every = choose_threshold_expected(conf, correct, pool, target=0.2)
+    assert every.threshold == 0.5 and (every.selected, every.errors) == (7, 1)
+    assert every.estimate == pytest.approx(0.2)
+    # at 0.05 not even the most confident item passes (0.1 > 0.05 * 5 / 5)
+    assert choose_threshold_expected(conf, correct, pool, target=0.05).threshold is None
+    assert choose_threshold_expected(conf, correct, pool[:0], target=0.05).threshold is None
+
+
+@pytest.mark.parametrize(("target", "ideal"), [(0.05, 0.548), (0.02, 0.346)])
+def test_conformal_selection_keeps_the_expected_error_and_labels_where_the_bound_cannot(
+        target: float, ideal: float) -> None:
+    """250 calibration items, 2,000 to label, 400 draws of the synthetic scores (their error among
+    confidences >= t is (1 - t)^2 / 6). The share of wrong labels among those auto-labeled must average at
+    most the target (the theorem); the 95 % bound, on the same items, certifies nothing at 2 %."""
+    rng = np.random.default_rng(7)
+    draws = 400
+    share_wrong, coverage, bound_none = [], [], 0
+    for _ in range(draws):
+        conf, correct = synthetic(rng, 250)
+        pool_conf, pool_correct = synthetic(rng, 2000)
+        sel = choose_threshold_expected(conf, correct, pool_conf, target=target)
+        bound_none += choose_threshold(conf, correct, target=target).threshold is None
+        if sel.threshold is None:
+            share_wrong.append(0.0)
+            coverage.append(0.0)
+            continue
+        assert sel.estimate is not None and sel.estimate <= target + 1e-12
+        chosen = pool_conf >= sel.threshold
+        share_wrong.append(float((~pool_correct[chosen]).mean()))
+        coverage.append(float(chosen.mean()))
+    mean, sd = float(np.mean(share_wrong)), float(np.std(share_wrong))
+    assert mean <= target + 3 * sd / np.sqrt(draws)
+    # and not by labeling nothing: close to the coverage that knows the true error curve
+    assert ideal / 2 <= float(np.mean(coverage)) <= ideal
+    if target == 0.02:
+        # the bound needs 149 or more calibration items above its threshold (min_items_for(0.02)), the top
+        # 60 % of these scores, whose error is (1 - 0.4)^2 / 6 = 6 %
+        assert bound_none == draws
+
+
 # ------------------------------------------------------------------------------------------------
 # per class
 # ------------------------------------------------------------------------------------------------
@@ -293,6 +348,36 @@ def test_round_thresholds_on_representative_items_and_leaves_the_rest_for_review
     assert (result.predicted[review] != y[review]).mean() > 0.1
     assert decision.summary["auto_label_coverage"] == round(auto.sum() / (~human).sum(), 4)
     assert decision.summary["needs_review"] == int(review.sum())
+
+
+def test_a_round_with_the_expected_guarantee_labels_what_the_bound_leaves_for_review() -> None:
+    # two well separated classes; 150 random people's labels calibrate: too few for a 1 % bound
+    # (min_items_for(0.01) = 299), enough for conformal selection
+    rng = np.random.default_rng(3)
+    n, dim = 3000, 8
+    y = rng.choice(2, n)
+    x = normalize((np.where(y[:, None] == 0, 2.5, -2.5) * np.eye(dim)[0] + rng.normal(0, 1, (n, dim)))
+                  .astype(np.float32))
+    labels = np.full(n, -1)
+    rep = np.zeros(n, dtype=bool)
+    rep[rng.choice(n, 150, replace=False)] = True
+    labels[rep] = y[rep]
+    human = labels >= 0
+    options = PipelineOptions(label_budget=0.05, max_auto_label_error=0.01)
+    args = dict(labels=labels, human=human, representative=rep, calibration=rep, n_classes=2, options=options,
+                strategy=UncertaintyDiversity("margin"), rng=np.random.default_rng(1))
+    bound = run_round(x, **args)  # type: ignore[arg-type]
+    assert bound.selective is not None and bound.selective.method == "bound" and bound.threshold is None
+    result = run_round(x, guarantee="expected", **args)  # type: ignore[arg-type]
+    assert result.selective is not None and result.threshold is not None
+    decision = decide_auto_labels(result, known=human, classes=["a", "b"], options=options)
+    s = decision.summary
+    assert s["auto_label_guarantee"] == "expected"
+    assert s["expected_error_estimate"] is not None and s["expected_error_estimate"] <= 0.01  # type: ignore[operator]
+    auto = decision.auto
+    # conformal selection labels a share of at least 1 / (0.01 * 151) = 66 % of the pool, or nothing
+    assert auto.sum() >= (~human).sum() / (0.01 * 151)
+    assert (result.predicted[auto] != y[auto]).mean() <= 0.01
 
 
 # ------------------------------------------------------------------------------------------------

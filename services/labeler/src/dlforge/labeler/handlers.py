@@ -38,8 +38,10 @@ import numpy as np
 from dlforge.common.events import ClassCount, PipelineOptions
 from dlforge.labeler.classifier import FittedClassifier, LabelClassifier, LinearProbe, small_blas
 from dlforge.labeler.guarantee import (
+    Guarantee,
     SelectiveThreshold,
     choose_threshold,
+    choose_threshold_expected,
     class_warnings,
     error_bound_at,
     per_class_evidence,
@@ -247,6 +249,7 @@ def run_round(
     seed: int = 0,
     classifier: LabelClassifier | None = None,
     pixels: np.ndarray | None = None,
+    guarantee: Guarantee = "bound",
 ) -> RoundResult:
     """Fit the calibrated classifier on every known label, auto-label, and pick the next batch or stop.
 
@@ -291,7 +294,11 @@ def run_round(
     threshold: float | None = None
     if clf is not None:  # no held-out predictions (too few labels for folds): no evidence, no threshold
         evidence = heldout_evidence(clf, y=labels[known], sample=np.asarray(calibration, dtype=bool)[known])
-        selective = choose_threshold(evidence.confidence, evidence.correct, target=options.max_auto_label_error)
+        if guarantee == "expected":
+            selective = choose_threshold_expected(evidence.confidence, evidence.correct, confidence[~known],
+                                                  target=options.max_auto_label_error)
+        else:
+            selective = choose_threshold(evidence.confidence, evidence.correct, target=options.max_auto_label_error)
         threshold = selective.threshold
         if threshold is not None and options.target_confidence is not None:
             threshold = max(threshold, options.target_confidence)
@@ -391,6 +398,8 @@ def decide_auto_labels(
         "calibration_per_class": (
             {c: int((ev.label == k).sum()) for k, c in enumerate(classes)} if ev.label is not None else None
         ),
+        "auto_label_guarantee": sel.method if sel is not None else None,
+        "expected_error_estimate": round(sel.estimate, 6) if sel is not None and sel.estimate is not None else None,
         "thresholds_tested": sel.tested if sel is not None else 0,
         "needs_review": int(review.sum()),
         "per_class": [e.as_dict() for e in per_class],
@@ -398,7 +407,10 @@ def decide_auto_labels(
         "warnings": warnings,
     }
     if not guaranteed and not options.auto_label_all and n_pool:
-        warnings.append(f"no threshold keeps the auto-label error <= {target:.1%} with 95 % confidence on the "
+        keeps = ("keeps the expected auto-label error" if sel is not None and sel.method == "expected"
+                 else "keeps the auto-label error")
+        confidence = "" if sel is not None and sel.method == "expected" else " with 95 % confidence"
+        warnings.append(f"no threshold {keeps} <= {target:.1%}{confidence} on the "
                         f"{len(ev)} held-out people-labeled items of the random sample: {n_pool} item(s) need "
                         f"review")
     return AutoLabeling(auto=auto, review=review, summary=summary, warnings=warnings)

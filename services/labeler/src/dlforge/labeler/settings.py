@@ -59,6 +59,12 @@ class LabelerSettings(CommonSettings):
         "accuracy on people's "
         "representative labels (which weakens the auto-label guarantee's 95 % to about 90 %; "
         "benchmarks/labeler.py compares them)")
+    labeler_guarantee: Literal["bound", "expected"] = Field(
+        default="bound", description="what the auto-labeling threshold guarantees about the error of the items "
+        "it labels: bound (at most the run's max_auto_label_error with 95 % confidence, an exact binomial bound; "
+        "a 1 % target needs 299 or more people's random labels above the threshold, all right) or expected (its "
+        "expectation at most the target, by conformal selection; certifies coverage on fewer labels, and a "
+        "single run may exceed the target)")
     labeler_cnn_time_budget_s: float = Field(
         default=900.0, gt=0, le=24 * 3600,
         description="cnn_ssl and blend: the seconds one round's fit may take (its fold networks share it); "

@@ -418,7 +418,7 @@ async def _advance(
             calibration=handlers.random_sample(view.labels, splits, asked_val=asked_val),
             n_classes=len(view.classes), options=options, strategy=ctx.deps.strategy,
             classifier=ctx.deps.classifier, rng=manifest.rng(options.seed, f"round-{rnd}"),
-            seed=options.seed, pixels=pixels[0])
+            seed=options.seed, pixels=pixels[0], guarantee=ctx.deps.settings.labeler_guarantee)
 
     view, result = await asyncio.to_thread(fit, record)
     if result.done:
