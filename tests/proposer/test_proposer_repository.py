@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -141,8 +142,26 @@ def test_a_training_that_fails_in_the_builder_process_says_which_and_why() -> No
         # the process survives a failed training and makes the next entry
         entry = maker.make(RECIPES[1], synthetic_source("b", blobs))
         assert entry.classes == ["a", "b"] and entry.metrics["source_test_accuracy"] >= 0.5
+        # when it dies (killed, out of memory) the entry fails with what happened, and the next one gets a new process
+        (child,) = [c for c in multiprocessing.active_children() if c.name == "dlforge-repository-builder"]
+        child.kill()
+        with pytest.raises(RuntimeError, match="small_cnn-synth_blobs: the repository builder's process ended"):
+            maker.make(RECIPES[1], synthetic_source("b", blobs))
+        again = maker.make(RECIPES[1], synthetic_source("b", blobs))
+        assert again.classes == ["a", "b"]
     finally:
         maker.close()
+    assert not [c for c in multiprocessing.active_children() if c.name == "dlforge-repository-builder"]
+
+
+async def test_a_cell_whose_training_refuses_its_recipe_fails_alone(backends: Backends, tmp_path: Path) -> None:
+    unknown = ModelRecipe(model_id="nope-synth_bars", arch="nope", source="synth_bars", epochs=1, train_items=32,
+                          test_items=16, batch_size=16, input_size=32, source_sample_items=8)
+    out = await build_repository(backends.objects, backends.docs, recipes=(unknown, RECIPES[1]), sources=sources(),
+                                 work_dir=tmp_path)
+    assert [r.action for r in out] == ["failed", "built"]
+    assert "nope-synth_bars: training failed: ConfigError" in (out[0].error or "")
+    assert "nope" in (out[0].error or "") and await backends.docs.get(MODELS, "nope-synth_bars") is None
 
 
 async def test_missing_source_fails_that_entry_only(backends: Backends, tmp_path: Path) -> None:

@@ -21,7 +21,9 @@ import io
 import json
 import logging
 import multiprocessing
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -277,19 +279,31 @@ def _check_recipe(recipe: ModelRecipe, source: SourceData | None) -> None:
         raise ConfigError(f"{recipe.model_id}: no source data set {recipe.source!r}")
 
 
+_PASSED_ON = {"ConfigError": ConfigError, "InvalidInput": InvalidInput}
+"""Errors of the child raised as themselves in the parent: the build fails that cell and goes on."""
+
+
 def _serve(conn: Connection) -> None:
     """The builder's process: train each recipe it is sent, with its thread count; answer the entry
-    serialized, or the error's text; end on ``None``."""
-    while (job := conn.recv()) is not None:
-        recipe, source, threads = job
-        try:
-            if threads:
-                torch.set_num_threads(threads)
-            buffer = io.BytesIO()
-            torch.save(train_source_model(recipe, source), buffer)
-            conn.send(("entry", buffer.getvalue()))
-        except Exception as exc:  # reported to the parent, which raises it
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    serialized, or the error's type and text; end on ``None`` or when the parent is gone. A source is
+    sent once and kept by name. Ctrl-C is the parent's to handle (it ends this process)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sources: dict[str, SourceData] = {}
+    try:
+        while (job := conn.recv()) is not None:
+            recipe, name, source, threads = job
+            if source is not None:
+                sources[name] = source
+            try:
+                if threads:
+                    torch.set_num_threads(threads)
+                buffer = io.BytesIO()
+                torch.save(train_source_model(recipe, sources[name]), buffer)
+                conn.send(("entry", buffer.getvalue()))
+            except Exception as exc:  # reported to the parent, which raises it
+                conn.send(("error", (type(exc).__name__, str(exc))))
+    except (EOFError, BrokenPipeError):  # the parent is gone: nothing to answer
+        return
 
 
 class EntryMaker:
@@ -301,49 +315,57 @@ class EntryMaker:
     which changes the order of floating-point sums. In the caller's process such a recipe trained to
     other weights from one run to the next; in its own process it is the same network every time
     (``tests/proposer/test_proposer_repository.py``). The bundled ImageNet entries train nothing and
-    are made here.
+    are made here. :meth:`make` runs in a worker thread; :meth:`close` may come from another thread
+    (a cancelled build) and ends the process at once with ``kill``.
     """
 
     def __init__(self, *, threads: int | None) -> None:
         self.threads = threads
+        self._lock = threading.Lock()
+        self._closed = False
         self._child: tuple[BaseProcess, Connection] | None = None
+        self._sent: set[str] = set()  # sources the current process holds
+
+    def _process(self) -> tuple[BaseProcess, Connection]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the repository builder is closed")
+            if self._child is None:
+                ctx = multiprocessing.get_context("spawn")
+                conn, child_conn = ctx.Pipe()
+                spawned = ctx.Process(target=_serve, args=(child_conn,), name="dlforge-repository-builder",
+                                      daemon=True)
+                spawned.start()
+                child_conn.close()
+                self._child, self._sent = (spawned, conn), set()
+            return self._child
 
     def make(self, recipe: ModelRecipe, source: SourceData | None) -> TrainedModel:
-        needs_imagenet = recipe.pretrained or recipe.init == "imagenet"
-        if needs_imagenet and (recipe.arch not in IMAGENET_TOP1_PUBLISHED
-                               or (recipe.pretrained and recipe.source != "imagenet")):
-            raise ConfigError(f"{recipe.model_id}: only {', '.join(IMAGENET_TOP1_PUBLISHED)} have bundled "
-                              "(ImageNet) weights")
+        _check_recipe(recipe, source)
         if recipe.pretrained:
             return imagenet_model(recipe)
-        if source is None:
-            raise ConfigError(f"{recipe.model_id}: no source data set {recipe.source!r}")
-        if self._child is None:
-            ctx = multiprocessing.get_context("spawn")
-            conn, child_conn = ctx.Pipe()
-            spawned = ctx.Process(target=_serve, args=(child_conn,), name="dlforge-repository-builder", daemon=True)
-            spawned.start()
-            child_conn.close()
-            self._child = (spawned, conn)
-        process, conn = self._child
+        assert source is not None
+        process, conn = self._process()
+        name = recipe.source
         try:
-            conn.send((recipe, source, self.threads))
+            conn.send((recipe, name, None if name in self._sent else source, self.threads))
+            self._sent.add(name)
             kind, payload = conn.recv()
-        except (EOFError, OSError) as exc:  # the process died (killed, out of memory)
-            self.close(kill=True)
+        except (EOFError, OSError) as exc:  # the process died (killed, out of memory) or the build was closed
+            self._end(process, conn, kill=True)
             raise RuntimeError(f"{recipe.model_id}: the repository builder's process ended before the entry "
                                f"was made (exit code {process.exitcode})") from exc
         if kind == "error":
-            raise RuntimeError(f"{recipe.model_id}: training failed: {payload}")
+            type_name, message = payload
+            raise _PASSED_ON.get(type_name, RuntimeError)(f"{recipe.model_id}: training failed: {type_name}: "
+                                                          f"{message}")
         entry: TrainedModel = torch.load(io.BytesIO(payload), weights_only=False)
         return entry
 
-    def close(self, *, kill: bool = False) -> None:
-        """End the process: after its current job, or at once with ``kill`` (a cancelled build)."""
-        if self._child is None:
-            return
-        process, conn = self._child
-        self._child = None
+    def _end(self, process: BaseProcess, conn: Connection, *, kill: bool) -> None:
+        with self._lock:
+            if self._child is not None and self._child[0] is process:
+                self._child = None
         if not kill:
             try:
                 conn.send(None)
@@ -355,7 +377,15 @@ class EntryMaker:
         if process.is_alive():
             process.kill()
             process.join()
-        conn.close()
+
+    def close(self, *, kill: bool = False) -> None:
+        """End the process: when idle, or at once with ``kill`` (a cancelled build: a :meth:`make` in
+        progress then fails); no entry is made after it."""
+        with self._lock:
+            self._closed = True
+            child, self._child = self._child, None
+        if child is not None:
+            self._end(*child, kill=kill)
 
 
 def store_entry(objects: ObjectStore, recipe: ModelRecipe, entry: TrainedModel, *, work_dir: Path) -> dict[str, Any]:
