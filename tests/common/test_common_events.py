@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from dlforge.common.errors import PoisonMessage
 from dlforge.common.events import (
     PAYLOAD_TYPES,
+    DatasetLabeled,
     Event,
     HpoTrial,
     LabelsSubmitted,
@@ -320,3 +321,13 @@ def test_a_report_refuses_a_value_that_is_not_a_number() -> None:
         raw = json.dumps(stored).replace("0.6875", bad).encode()
         with pytest.raises(PoisonMessage, match=r"invalid hpo\.trial\.reported"):
             decode(raw)
+
+
+def test_a_v4_labeled_event_was_chosen_by_the_bound_and_a_v5_one_says_which_rule() -> None:
+    old = decode((GOLDEN / "dataset.labeled.v4.json").read_bytes())
+    assert isinstance(old.payload, DatasetLabeled)
+    assert (old.payload.auto_label_guarantee, old.payload.expected_error_estimate) == ("bound", None)
+    assert old.payload.auto_label_error_bound == 0.0093
+    current = decode((GOLDEN / "dataset.labeled.v5.json").read_bytes())
+    assert isinstance(current.payload, DatasetLabeled)
+    assert (current.payload.auto_label_guarantee, current.payload.expected_error_estimate) == ("expected", 0.0087)

@@ -308,3 +308,20 @@ def test_the_trials_line_says_on_how_much_of_the_data_they_trained() -> None:
     report = build_report(runs.apply(_run(None), Event.new(done, run_id="r1"), trace_id="ab" * 16))
     assert ("trials: 5 (5 complete, 0 pruned, 0 failed); trained on 3 at 25 %, 1 at 50 % of the train split"
             in format_text(report))
+
+
+def test_the_auto_label_line_says_which_rule_chose_the_threshold() -> None:
+    doc = _run(None, coverage=0.62, bound=0.018)
+    report = build_report(doc)
+    assert (report["auto_label_guarantee"], report["expected_error_estimate"]) == (None, None)
+    assert "auto-labels: coverage 62.0 %, error <= 1.8 % (the labeler's bound)" in format_text(report)
+    labeled = DatasetLabeled(dataset_id="ds", labels_key="l.json", classes=CLASSES,
+                             counts=[ClassCount(label="defect", count=30), ClassCount(label="good", count=70)],
+                             human_labels=20, auto_labels=80, rounds=5, spec=SPEC, auto_label_coverage=0.7,
+                             auto_label_error_bound=0.0248, auto_label_guarantee="expected",
+                             expected_error_estimate=0.0087)
+    report = build_report(runs.apply(doc, Event.new(labeled, run_id="r1"), trace_id="ab" * 16))
+    assert (report["auto_label_guarantee"], report["expected_error_estimate"]) == ("expected", 0.0087)
+    text = format_text(report)
+    assert "auto-labels: coverage 70.0 %, error <= 2.5 % (95 % bound from the held-out people's labels" in text
+    assert "conformal selection, keeps the expected error within the target: estimate 0.9 %)" in text

@@ -180,6 +180,10 @@ def test_conformal_selection_worked_by_hand() -> None:
     # at 0.05 not even the most confident item passes (0.1 > 0.05 * 5 / 5)
     assert choose_threshold_expected(conf, correct, pool, target=0.05).threshold is None
     assert choose_threshold_expected(conf, correct, pool[:0], target=0.05).threshold is None
+    # an item without a confidence is never selected but is one of the m hypotheses: m = 6 makes
+    # p_(5) = 0.2 > 0.2 * 5 / 6 and p_(4) = 0.2 > 0.133; p_(3) = 0.1 <= 0.1: back to the three
+    with_nan = choose_threshold_expected(conf, correct, np.append(pool, np.nan), target=0.2)
+    assert with_nan.threshold == 0.82 and with_nan.tested == 6
 
 
 @pytest.mark.parametrize(("target", "ideal"), [(0.05, 0.548), (0.02, 0.346)])

@@ -130,8 +130,8 @@ class PipelineOptions(BaseModel):
 
     Auto-labeling is selective: the labeler auto-labels only the items whose confidence clears a
     threshold chosen on people's labels so that the error of the auto-labels stays at most
-    ``max_auto_label_error`` with 95 % confidence; the rest are left for people ("needs review")
-    unless ``auto_label_all`` is set.
+    ``max_auto_label_error`` with 95 % confidence (or, with its ``expected`` guarantee, in expectation);
+    the rest are left for people ("needs review") unless ``auto_label_all`` is set.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -139,7 +139,8 @@ class PipelineOptions(BaseModel):
     label_budget: float = Field(default=0.3, gt=0.0, le=1.0, description="max fraction labeled by humans")
     max_auto_label_error: float = Field(
         default=0.02, gt=0.0, le=0.5,
-        description="largest error rate of the auto-labels the user accepts (guaranteed with 95 % confidence)",
+        description="largest error rate of the auto-labels the user accepts (guaranteed with 95 % confidence, "
+        "or in expectation with the labeler's DLFORGE_LABELER_GUARANTEE=expected)",
     )
     auto_label_all: bool = Field(
         default=False,
@@ -271,8 +272,8 @@ class DatasetLabeled(Payload):
     TOPIC = Topic.DATASET_LABELED
     # v2: options.max_auto_label_error, auto_label_all; needs_review. v3: rounds_figures, auto_label_coverage,
     # auto_label_error_bound (the report is built from the events alone). v4: options.domain_adaptation,
-    # domains_standardized
-    SCHEMA_VERSION: ClassVar[int] = 4
+    # domains_standardized. v5: auto_label_guarantee, expected_error_estimate
+    SCHEMA_VERSION: ClassVar[int] = 5
 
     dataset_id: str
     labels_key: str = Field(description="object key of the labeled manifest (JSON)")
@@ -291,7 +292,18 @@ class DatasetLabeled(Payload):
         "let the labeler auto-label (None: no guaranteed threshold)")
     auto_label_error_bound: float | None = Field(
         default=None, ge=0.0, le=1.0,
-        description="exact 95 % upper bound on the error rate of the guaranteed auto-labels (None: none)")
+        description="exact 95 % upper bound on the error rate of the auto-labels, from the held-out people's "
+        "labels at or above the threshold (every one with options.auto_label_all); with the 'expected' "
+        "guarantee and no auto_label_all the threshold was chosen on those labels, so it is evidence, not a "
+        "bound (None: none)")
+    auto_label_guarantee: Literal["bound", "expected"] | None = Field(
+        default=None, description="the rule the auto-labeling threshold is chosen by: 'bound', the auto-label "
+        "error at most options.max_auto_label_error with 95 % confidence; 'expected', its expectation at most "
+        "that (conformal selection); None: not known")
+    expected_error_estimate: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="'expected' guarantee: the conformal estimate of the error share of the items at or above "
+        "the threshold, at most the target (None: none)")
     domains_standardized: dict[str, int] = Field(
         default={}, max_length=MAX_DOMAINS,
         description="the domains whose embeddings were standardized (options.domain_adaptation), with their items "
@@ -801,6 +813,14 @@ def _labeled_v3_to_v4(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 register_upcaster(Topic.DATASET_LABELED, 3, _labeled_v3_to_v4)
+
+
+def _labeled_v4_to_v5(payload: dict[str, Any]) -> dict[str, Any]:
+    """dataset.labeled v4: the labeler had one rule, the 95 % bound."""
+    return {**payload, "auto_label_guarantee": "bound", "expected_error_estimate": None}
+
+
+register_upcaster(Topic.DATASET_LABELED, 4, _labeled_v4_to_v5)
 register_upcaster(Topic.DATASET_UPLOADED, 3, _options_with_domain_adaptation)
 register_upcaster(Topic.MODEL_PROPOSED, 3, _options_with_domain_adaptation)
 register_upcaster(Topic.HPO_COMPLETED, 2, _options_with_domain_adaptation)

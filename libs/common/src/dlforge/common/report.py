@@ -173,6 +173,8 @@ def build_report(run: Mapping[str, Any]) -> dict[str, Any]:
             report["variants"][name]["verdict"] = (v.get("verdict") or {}).get("verdict")
     report["auto_label_coverage"] = labeled.auto_label_coverage if labeled else None
     report["auto_label_error_bound"] = labeled.auto_label_error_bound if labeled else None
+    report["auto_label_guarantee"] = labeled.auto_label_guarantee if labeled else None
+    report["expected_error_estimate"] = labeled.expected_error_estimate if labeled else None
     if labeled is not None and spec is not None:
         report["learning_curve"] = labels_to_reach(_rounds_of(labeled), target=spec.min_accuracy,
                                                    current_labels=labeled.human_labels)
@@ -511,8 +513,14 @@ def _evidence_lines(report: Mapping[str, Any], *, pct: Any, num: Any) -> list[st
 def _labeling_lines(report: Mapping[str, Any], *, pct: Any) -> list[str]:
     lines: list[str] = []
     if report.get("auto_label_coverage") is not None or report.get("auto_label_error_bound") is not None:
+        how = "(the labeler's bound)"
+        if report.get("auto_label_guarantee") == "expected":
+            estimate = report.get("expected_error_estimate")
+            how = ("(95 % bound from the held-out people's labels; the threshold's rule, conformal selection, keeps "
+                   "the expected error within the target" + (f": estimate {pct(estimate)})" if estimate is not None
+                                                             else ")"))
         lines.append(f"auto-labels: coverage {pct(report.get('auto_label_coverage'))}, error <= "
-                     f"{pct(report.get('auto_label_error_bound'))} (the labeler's bound)")
+                     f"{pct(report.get('auto_label_error_bound'))} {how}")
     lc = report.get("learning_curve")
     if lc:
         fit = (f" (a={lc['a']:.3f}, b={lc['b']:.3g}, c={lc['c']:.3f}, rmse {lc['rmse']:.4f} on "

@@ -28,11 +28,15 @@ least 299 calibration items at or above the threshold, all of them right): with 
 (:func:`choose_threshold_expected`) the threshold is chosen by conformal selection (Jin & Candes,
 "Selection by prediction with conformal p-values", JMLR 2023): each unlabeled item gets the conformal
 p-value of "its predicted class is wrong" from the calibration items that were wrong, and the
-Benjamini-Hochberg procedure at ``target`` selects the items to auto-label. The *expected* share of
-wrong labels among them is at most the target (over calibration sample and items alike); a given run
-may exceed it. It certifies coverage where the bound certifies none: with ``n`` calibration items it
-may auto-label the most confident share ``1 / (target (n + 1))`` of the items on zero calibration errors
-(40 % at a 1 % target and 250 items), and more as the errors above the threshold stay rare.
+Benjamini-Hochberg procedure at ``target`` selects the items to auto-label. When the calibration items'
+and the unlabeled items' confidences are exchangeable, the *expected* share of wrong labels among the
+selected is at most the target (over calibration sample and items alike); a given run may exceed it.
+In the labeler they are so only approximately, as for the bound: the calibration items are scored out of
+fold and the unlabeled ones by the model fitted on every label, and active learning has taken hard items
+out of the unlabeled pool. Measured in the loop: ``benchmarks/labeler.py --guarantee expected`` (README).
+It can certify coverage where the bound certifies none, but all or nothing: with ``n`` calibration items
+and ``W`` of them wrong above the threshold, it auto-labels a share of at least ``(1 + W) / (target (n + 1))``
+of the items or none (40 % at a 1 % target, 250 items and no error above the threshold).
 
 Nothing here assumes the confidences are calibrated: a badly calibrated model gets a higher
 threshold and less coverage, not a broken guarantee. The guarantee covers the error rate over the
@@ -100,7 +104,7 @@ class SelectiveThreshold:
     selected: int
     errors: int
     error_bound: float | None
-    tested: int
+    tested: int  # hypotheses tested: thresholds ("bound") or pool items ("expected")
     method: Guarantee = "bound"  # "bound": error <= target with probability level; "expected": E[error] <= target
     estimate: float | None = None  # "expected": the conformal estimate of the error share (<= target)
 
@@ -177,21 +181,25 @@ def choose_threshold_expected(
     """The threshold conformal selection chooses for the items of ``pool_confidence`` (see the module
     docstring): the expected share of wrong labels among the pool items at or above it is at most ``target``.
 
-    ``confidence`` and ``correct`` describe the calibration items as for :func:`choose_threshold`. Item
+    ``confidence`` and ``correct`` describe the calibration items as for :func:`choose_threshold`; an item
+    of the pool without a confidence (NaN) is never selected but counts among the ``m`` items. Item
     ``j``'s p-value is ``(1 + #{wrong calibration items with confidence >= c_j}) / (n + 1)``, counting ties
     against it; Benjamini-Hochberg keeps the largest ``k`` with ``p_(k) <= target k / m``. The p-values fall
     as the confidence rises, so the selected items are those at or above a threshold. ``error_bound`` is
     the exact one-sided bound at ``level`` on the error of the calibration items at or above the threshold
-    (evidence, usually above the target: it is not what this rule guarantees); ``estimate`` the
-    procedure's estimate ``(1 + W) / (n + 1) * m / k`` of the error share, at most the target.
+    (evidence only: the threshold was chosen on these items, and it is usually above the target);
+    ``estimate`` the procedure's estimate ``(1 + W) / (n + 1) * m / k`` of the error share, at most the target;
+    ``tested`` the pool items (one hypothesis each).
     """
     _check(target, level)
     conf = np.asarray(confidence, dtype=np.float64)
     ok = np.asarray(correct, dtype=bool)
     pool = np.asarray(pool_confidence, dtype=np.float64)
-    if conf.shape != ok.shape or conf.ndim != 1 or pool.ndim != 1:
+    if conf.shape != ok.shape or conf.ndim != 1:
         raise ValueError(f"confidence and correct must be 1-d of one length, got {conf.shape} and {ok.shape}")
-    if np.isnan(conf).any() or np.isnan(pool).any():
+    if pool.ndim != 1:
+        raise ValueError(f"pool_confidence must be 1-d, got shape {pool.shape}")
+    if np.isnan(conf).any():
         raise ValueError("confidence holds NaN: pass only items with a held-out prediction")
     n, m = len(conf), len(pool)
     none = SelectiveThreshold(threshold=None, target=target, level=level, calibration_items=n, selected=0, errors=0,
@@ -200,7 +208,7 @@ def choose_threshold_expected(
         return none
     wrong = np.sort(conf[~ok])
     wrong_at_or_above = len(wrong) - np.searchsorted(wrong, pool, side="left")
-    p = (1.0 + wrong_at_or_above) / (n + 1.0)
+    p = np.where(np.isnan(pool), np.inf, (1.0 + wrong_at_or_above) / (n + 1.0))
     ranked = np.sort(p)
     passing = np.flatnonzero(ranked <= target * np.arange(1, m + 1) / m)
     if passing.size == 0:

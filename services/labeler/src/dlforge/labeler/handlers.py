@@ -14,8 +14,8 @@ The loop, per dataset of N items:
 3. after each completed batch a calibrated classifier is fitted on every human and given label;
    a confidence threshold is chosen on the held-out predictions of the labeled items of the random
    test split and the random val sample (:func:`random_sample`) so that the auto-labels' error stays <=
-   ``max_auto_label_error`` with 95 %
-   confidence (:mod:`dlforge.labeler.guarantee`); the items that clear it (and the deprecated
+   ``max_auto_label_error`` with 95 % confidence, or in expectation with ``guarantee="expected"``
+   (``DLFORGE_LABELER_GUARANTEE``; :mod:`dlforge.labeler.guarantee`); the items that clear it (and the deprecated
    ``target_confidence`` floor, if set) count as auto-labeled; the loop stops when the human labels
    reach ``label_budget * N`` or every other item is auto-labeled, otherwise the query strategy
    picks the next ``batch_fraction * N`` items;
@@ -399,8 +399,10 @@ def decide_auto_labels(
             {c: int((ev.label == k).sum()) for k, c in enumerate(classes)} if ev.label is not None else None
         ),
         "auto_label_guarantee": sel.method if sel is not None else None,
-        "expected_error_estimate": round(sel.estimate, 6) if sel is not None and sel.estimate is not None else None,
-        "thresholds_tested": sel.tested if sel is not None else 0,
+        # the estimate is of the set the rule selected: not of a set cut higher by the target_confidence floor
+        "expected_error_estimate": (round(sel.estimate, 6) if sel is not None and sel.estimate is not None
+                                    and sel.threshold == result.threshold else None),
+        "thresholds_tested": sel.tested if sel is not None and sel.method == "bound" else 0,
         "needs_review": int(review.sum()),
         "per_class": [e.as_dict() for e in per_class],
         "weak_classes": [e.label for e in per_class if e.below_target],

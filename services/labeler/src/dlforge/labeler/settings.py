@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
 from dlforge.common.settings import CommonSettings
+from dlforge.labeler.guarantee import Guarantee
 
 
 class LabelerSettings(CommonSettings):
@@ -59,7 +60,7 @@ class LabelerSettings(CommonSettings):
         "accuracy on people's "
         "representative labels (which weakens the auto-label guarantee's 95 % to about 90 %; "
         "benchmarks/labeler.py compares them)")
-    labeler_guarantee: Literal["bound", "expected"] = Field(
+    labeler_guarantee: Guarantee = Field(
         default="bound", description="what the auto-labeling threshold guarantees about the error of the items "
         "it labels: bound (at most the run's max_auto_label_error with 95 % confidence, an exact binomial bound; "
         "a 1 % target needs 299 or more people's random labels above the threshold, all right) or expected (its "
