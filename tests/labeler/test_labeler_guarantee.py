@@ -382,6 +382,15 @@ def test_a_round_with_the_expected_guarantee_labels_what_the_bound_leaves_for_re
     # conformal selection labels a share of at least 1 / (0.01 * 151) = 66 % of the pool, or nothing
     assert auto.sum() >= (~human).sum() / (0.01 * 151)
     assert (result.predicted[auto] != y[auto]).mean() <= 0.01
+    # the estimate is of the set the rule chose: gone when a floor cuts higher, or when every item is labeled
+    floored = PipelineOptions(label_budget=0.05, max_auto_label_error=0.01, target_confidence=0.99999)
+    higher = run_round(x, guarantee="expected", **{**args, "options": floored})  # type: ignore[arg-type]
+    assert higher.threshold == 0.99999 and higher.selective is not None and higher.selective.threshold < 0.99999
+    s = decide_auto_labels(higher, known=human, classes=["a", "b"], options=floored).summary
+    assert s["auto_label_guarantee"] == "expected" and s["expected_error_estimate"] is None
+    every = PipelineOptions(label_budget=0.05, max_auto_label_error=0.01, auto_label_all=True)
+    s = decide_auto_labels(result, known=human, classes=["a", "b"], options=every).summary
+    assert s["auto_label_coverage"] == 1.0 and s["expected_error_estimate"] is None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from dlforge.common.runtime import Backends
 from dlforge.proposer import __main__ as cli
 from dlforge.proposer.repository import (
     MODELS,
+    CellFailed,
     EntryMaker,
     ModelRecipe,
     SourceProvider,
@@ -137,15 +138,18 @@ def test_a_training_that_fails_in_the_builder_process_says_which_and_why() -> No
     broken.train_x = broken.train_x[:, :, :, None, None]  # five dimensions: not an image batch
     maker = EntryMaker(threads=1)
     try:
-        with pytest.raises(RuntimeError, match=r"small_cnn-synth_bars: training failed: \w+Error"):
+        with pytest.raises(CellFailed, match=r"small_cnn-synth_bars: training failed: \w+Error"):
             maker.make(RECIPES[0], broken)
-        # the process survives a failed training and makes the next entry
-        entry = maker.make(RECIPES[1], synthetic_source("b", blobs))
-        assert entry.classes == ["a", "b"] and entry.metrics["source_test_accuracy"] >= 0.5
+        # the process survives a failed training and makes the next entry; a source of the same name that
+        # is another data set is sent again, not mistaken for the one the process holds
+        entry = maker.make(RECIPES[0], synthetic_source("synth_bars", bars))
+        assert entry.classes == ["a", "b"] and entry.metrics["source_test_accuracy"] >= 0.9
         # when it dies (killed, out of memory) the entry fails with what happened, and the next one gets a new process
-        (child,) = [c for c in multiprocessing.active_children() if c.name == "dlforge-repository-builder"]
-        child.kill()
-        with pytest.raises(RuntimeError, match="small_cnn-synth_blobs: the repository builder's process ended"):
+        builders = [c for c in multiprocessing.active_children() if c.name == "dlforge-repository-builder"]
+        assert builders
+        for child in builders:
+            child.kill()
+        with pytest.raises(CellFailed, match="small_cnn-synth_blobs: the repository builder's process ended"):
             maker.make(RECIPES[1], synthetic_source("b", blobs))
         again = maker.make(RECIPES[1], synthetic_source("b", blobs))
         assert again.classes == ["a", "b"]
@@ -160,8 +164,8 @@ async def test_a_cell_whose_training_refuses_its_recipe_fails_alone(backends: Ba
     out = await build_repository(backends.objects, backends.docs, recipes=(unknown, RECIPES[1]), sources=sources(),
                                  work_dir=tmp_path)
     assert [r.action for r in out] == ["failed", "built"]
-    assert "nope-synth_bars: training failed: ConfigError" in (out[0].error or "")
-    assert "nope" in (out[0].error or "") and await backends.docs.get(MODELS, "nope-synth_bars") is None
+    assert "nope-synth_bars: training failed: ConfigError: " in (out[0].error or "")
+    assert "'nope'" in (out[0].error or "") and await backends.docs.get(MODELS, "nope-synth_bars") is None
 
 
 async def test_missing_source_fails_that_entry_only(backends: Backends, tmp_path: Path) -> None:

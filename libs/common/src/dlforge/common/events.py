@@ -299,7 +299,7 @@ class DatasetLabeled(Payload):
     auto_label_guarantee: Literal["bound", "expected"] | None = Field(
         default=None, description="the rule the auto-labeling threshold is chosen by: 'bound', the auto-label "
         "error at most options.max_auto_label_error with 95 % confidence; 'expected', its expectation at most "
-        "that (conformal selection); None: not known")
+        "that (conformal selection); None: not known, or no threshold was chosen")
     expected_error_estimate: float | None = Field(
         default=None, ge=0.0, le=1.0,
         description="'expected' guarantee: the conformal estimate of the error share of the items at or above "
@@ -816,7 +816,8 @@ register_upcaster(Topic.DATASET_LABELED, 3, _labeled_v3_to_v4)
 
 
 def _labeled_v4_to_v5(payload: dict[str, Any]) -> dict[str, Any]:
-    """dataset.labeled v4: the labeler had one rule, the 95 % bound."""
+    """dataset.labeled v4: the labeler's rule was the 95 % bound (the expected-error rule came with v5, but for
+    one unreleased commit where v4 events could come from it)."""
     return {**payload, "auto_label_guarantee": "bound", "expected_error_estimate": None}
 
 

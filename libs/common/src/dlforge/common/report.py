@@ -513,14 +513,16 @@ def _evidence_lines(report: Mapping[str, Any], *, pct: Any, num: Any) -> list[st
 def _labeling_lines(report: Mapping[str, Any], *, pct: Any) -> list[str]:
     lines: list[str] = []
     if report.get("auto_label_coverage") is not None or report.get("auto_label_error_bound") is not None:
-        how = "(the labeler's bound)"
-        if report.get("auto_label_guarantee") == "expected":
-            estimate = report.get("expected_error_estimate")
-            how = ("(95 % bound from the held-out people's labels; the threshold's rule, conformal selection, keeps "
-                   "the expected error within the target" + (f": estimate {pct(estimate)})" if estimate is not None
-                                                             else ")"))
-        lines.append(f"auto-labels: coverage {pct(report.get('auto_label_coverage'))}, error <= "
-                     f"{pct(report.get('auto_label_error_bound'))} {how}")
+        estimate = report.get("expected_error_estimate")
+        if report.get("auto_label_guarantee") == "expected" and estimate is not None:
+            target = (report.get("options") or {}).get("max_auto_label_error")
+            lines.append(f"auto-labels: coverage {pct(report.get('auto_label_coverage'))}; expected error <= "
+                         f"{pct(target)} by conformal selection (estimate {pct(estimate)}); the held-out people's "
+                         f"labels above the threshold give error <= {pct(report.get('auto_label_error_bound'))} "
+                         "at 95 % (evidence only: the threshold was chosen on them)")
+        else:
+            lines.append(f"auto-labels: coverage {pct(report.get('auto_label_coverage'))}, error <= "
+                         f"{pct(report.get('auto_label_error_bound'))} (the labeler's bound)")
     lc = report.get("learning_curve")
     if lc:
         fit = (f" (a={lc['a']:.3f}, b={lc['b']:.3g}, c={lc['c']:.3f}, rmse {lc['rmse']:.4f} on "

@@ -399,10 +399,12 @@ def decide_auto_labels(
             {c: int((ev.label == k).sum()) for k, c in enumerate(classes)} if ev.label is not None else None
         ),
         "auto_label_guarantee": sel.method if sel is not None else None,
-        # the estimate is of the set the rule selected: not of a set cut higher by the target_confidence floor
+        # the estimate is of the set the rule selected: not of a set cut higher by the target_confidence
+        # floor, nor of every item (auto_label_all)
         "expected_error_estimate": (round(sel.estimate, 6) if sel is not None and sel.estimate is not None
-                                    and sel.threshold == result.threshold else None),
-        "thresholds_tested": sel.tested if sel is not None and sel.method == "bound" else 0,
+                                    and sel.threshold == result.threshold and not options.auto_label_all
+                                    else None),
+        "thresholds_tested": (sel.tested if sel.method == "bound" else None) if sel is not None else 0,
         "needs_review": int(review.sum()),
         "per_class": [e.as_dict() for e in per_class],
         "weak_classes": [e.label for e in per_class if e.below_target],

@@ -487,7 +487,7 @@ async def _advance(
         options=options, rounds_figures=_round_figures(rounds),
         auto_label_coverage=_fraction(decision.summary.get("auto_label_coverage")),
         auto_label_error_bound=_fraction(decision.summary.get("auto_label_error_bound")),
-        auto_label_guarantee=ctx.deps.settings.labeler_guarantee,
+        auto_label_guarantee=decision.summary.get("auto_label_guarantee"),  # type: ignore[arg-type]
         expected_error_estimate=_fraction(decision.summary.get("expected_error_estimate")),
         domains_standardized=standardized,
     )

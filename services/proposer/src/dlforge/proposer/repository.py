@@ -279,14 +279,16 @@ def _check_recipe(recipe: ModelRecipe, source: SourceData | None) -> None:
         raise ConfigError(f"{recipe.model_id}: no source data set {recipe.source!r}")
 
 
-_PASSED_ON = {"ConfigError": ConfigError, "InvalidInput": InvalidInput}
-"""Errors of the child raised as themselves in the parent: the build fails that cell and goes on."""
+class CellFailed(RuntimeError):
+    """A cell's training failed in the builder's process, or the process ended during it: the build fails
+    that cell and goes on (as for a ``ConfigError``/``InvalidInput``, which are raised as themselves)."""
 
 
 def _serve(conn: Connection) -> None:
     """The builder's process: train each recipe it is sent, with its thread count; answer the entry
-    serialized, or the error's type and text; end on ``None`` or when the parent is gone. A source is
-    sent once and kept by name. Ctrl-C is the parent's to handle (it ends this process)."""
+    serialized, or the error's kind and text; end on ``None`` or when the parent is gone. A source is
+    sent once and kept by name (sent again when the parent's is another). Ctrl-C is the parent's to
+    handle (it ends this process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sources: dict[str, SourceData] = {}
     try:
@@ -301,7 +303,9 @@ def _serve(conn: Connection) -> None:
                 torch.save(train_source_model(recipe, sources[name]), buffer)
                 conn.send(("entry", buffer.getvalue()))
             except Exception as exc:  # reported to the parent, which raises it
-                conn.send(("error", (type(exc).__name__, str(exc))))
+                kind = ("config" if isinstance(exc, ConfigError) else "input" if isinstance(exc, InvalidInput)
+                        else "error")
+                conn.send((kind, f"{type(exc).__name__}: {exc}"))
     except (EOFError, BrokenPipeError):  # the parent is gone: nothing to answer
         return
 
@@ -324,7 +328,7 @@ class EntryMaker:
         self._lock = threading.Lock()
         self._closed = False
         self._child: tuple[BaseProcess, Connection] | None = None
-        self._sent: set[str] = set()  # sources the current process holds
+        self._sent: dict[str, SourceData] = {}  # the source the current process holds under each name
 
     def _process(self) -> tuple[BaseProcess, Connection]:
         with self._lock:
@@ -337,7 +341,7 @@ class EntryMaker:
                                       daemon=True)
                 spawned.start()
                 child_conn.close()
-                self._child, self._sent = (spawned, conn), set()
+                self._child, self._sent = (spawned, conn), {}
             return self._child
 
     def make(self, recipe: ModelRecipe, source: SourceData | None) -> TrainedModel:
@@ -348,17 +352,16 @@ class EntryMaker:
         process, conn = self._process()
         name = recipe.source
         try:
-            conn.send((recipe, name, None if name in self._sent else source, self.threads))
-            self._sent.add(name)
+            conn.send((recipe, name, None if self._sent.get(name) is source else source, self.threads))
+            self._sent[name] = source
             kind, payload = conn.recv()
         except (EOFError, OSError) as exc:  # the process died (killed, out of memory) or the build was closed
             self._end(process, conn, kill=True)
-            raise RuntimeError(f"{recipe.model_id}: the repository builder's process ended before the entry "
-                               f"was made (exit code {process.exitcode})") from exc
-        if kind == "error":
-            type_name, message = payload
-            raise _PASSED_ON.get(type_name, RuntimeError)(f"{recipe.model_id}: training failed: {type_name}: "
-                                                          f"{message}")
+            raise CellFailed(f"{recipe.model_id}: the repository builder's process ended before the entry "
+                             f"was made (exit code {process.exitcode})") from exc
+        if kind != "entry":
+            error = {"config": ConfigError, "input": InvalidInput}.get(kind, CellFailed)
+            raise error(f"{recipe.model_id}: training failed: {payload}")
         entry: TrainedModel = torch.load(io.BytesIO(payload), weights_only=False)
         return entry
 
@@ -377,6 +380,7 @@ class EntryMaker:
         if process.is_alive():
             process.kill()
             process.join()
+        conn.close()
 
     def close(self, *, kill: bool = False) -> None:
         """End the process: when idle, or at once with ``kill`` (a cancelled build: a :meth:`make` in
@@ -499,7 +503,7 @@ async def _build(objects: ObjectStore, docs: DocumentStore, *, recipes: Sequence
             entry = await asyncio.to_thread(maker.make, recipe, source)
             record = await asyncio.to_thread(store_entry, objects, recipe, entry, work_dir=Path(work_dir))
             await docs.upsert(MODELS, record)
-        except (ConfigError, InvalidInput) as exc:
+        except (ConfigError, InvalidInput, CellFailed) as exc:
             log.error("model repository: %s not built: %s", recipe.model_id, exc)
             results.append(BuildResult(recipe.model_id, "failed", time.perf_counter() - started, str(exc)))
             continue

@@ -61,14 +61,25 @@ function verdictBlock(report) {
     report.failure ? h("p", { class: "error wrap" }, `Failed in ${report.failure.stage}: ${report.failure.reason}`) : null);
 }
 
+function autoLabelText(report) {
+  if (report.auto_label_coverage === null || report.auto_label_coverage === undefined) return null;
+  if (report.auto_label_guarantee === "expected" && report.expected_error_estimate !== null
+      && report.expected_error_estimate !== undefined) {
+    const target = (report.options || {}).max_auto_label_error;
+    return `coverage ${fmtPct(report.auto_label_coverage)}; expected error ≤ ${fmtPct(target)} by conformal selection `
+      + `(estimate ${fmtPct(report.expected_error_estimate)}); the held-out people's labels above the threshold give `
+      + `error ≤ ${fmtPct(report.auto_label_error_bound)} at 95 % (evidence only: the threshold was chosen on them)`;
+  }
+  return `coverage ${fmtPct(report.auto_label_coverage)}, error ≤ ${fmtPct(report.auto_label_error_bound)} (the labeler's 95 % bound)`;
+}
+
 function summaryBlock(report) {
   const d = report.dataset || {};
   const rows = [
     ["Run", report.run_id],
     ["Data set", d.dataset_id ? `${d.dataset_id}: ${d.items} images (${d.rejected} rejected, ${d.duplicates} duplicates); classes ${(d.classes || []).join(", ")}` : null],
     ["Labels", report.human_labels !== undefined ? `${report.human_labels} by people (${fmtPct(report.human_label_fraction)}) in ${report.labeling_rounds} rounds, ${report.auto_labels} auto-labeled, ${report.needs_review ?? 0} need review` : null],
-    ["Auto-labels", report.auto_label_coverage !== null && report.auto_label_coverage !== undefined
-      ? `coverage ${fmtPct(report.auto_label_coverage)}, error ≤ ${fmtPct(report.auto_label_error_bound)} (the labeler's 95 % bound)` : null],
+    ["Auto-labels", autoLabelText(report)],
     ["Chosen model", report.chosen_model ? `${report.chosen_model.arch} pretrained on ${report.chosen_model.source_dataset} — ${report.chosen_model.why}` : null],
     ["Best parameters", report.best_params ? `${JSON.stringify(report.best_params)} (val accuracy ${num(report.best_value, 3)})` : null],
     ["Test", report.test_accuracy !== undefined ? `accuracy ${fmtPct(report.test_accuracy)}, recall ${fmtPct(report.defect_recall)} at threshold ${num(report.threshold, 3)} (${report.chosen_variant})` : null],
