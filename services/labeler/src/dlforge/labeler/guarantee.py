@@ -34,7 +34,7 @@ selected is at most the target (over calibration sample and items alike); a give
 In the labeler they are so only approximately, as for the bound: the calibration items are scored out of
 fold and the unlabeled ones by the model fitted on every label, and active learning has taken hard items
 out of the unlabeled pool. Measured in the loop: ``benchmarks/labeler.py --guarantee expected`` (README).
-It can certify coverage where the bound certifies none, but all or nothing: with ``n`` calibration items
+It can auto-label where the bound cannot, but all or nothing: with ``n`` calibration items
 and ``W`` of them wrong above the threshold, it auto-labels a share of at least ``(1 + W) / (target (n + 1))``
 of the items or none (40 % at a 1 % target, 250 items and no error above the threshold).
 
