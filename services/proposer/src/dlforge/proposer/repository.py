@@ -286,21 +286,17 @@ class CellFailed(RuntimeError):
 
 def _serve(conn: Connection) -> None:
     """The builder's process: train each recipe it is sent, with its thread count; answer the entry
-    serialized, or the error's kind and text; end on ``None`` or when the parent is gone. A source is
-    sent once and kept by name (sent again when the parent's is another). Ctrl-C is the parent's to
-    handle (it ends this process)."""
+    serialized, or the error's kind and text; end on ``None`` or when the parent is gone. Ctrl-C is the
+    parent's to handle (it ends this process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sources: dict[str, SourceData] = {}
     try:
         while (job := conn.recv()) is not None:
-            recipe, name, source, threads = job
-            if source is not None:
-                sources[name] = source
+            recipe, source, threads = job
             try:
                 if threads:
                     torch.set_num_threads(threads)
                 buffer = io.BytesIO()
-                torch.save(train_source_model(recipe, sources[name]), buffer)
+                torch.save(train_source_model(recipe, source), buffer)
                 conn.send(("entry", buffer.getvalue()))
             except Exception as exc:  # reported to the parent, which raises it
                 kind = ("config" if isinstance(exc, ConfigError) else "input" if isinstance(exc, InvalidInput)
@@ -328,7 +324,6 @@ class EntryMaker:
         self._lock = threading.Lock()
         self._closed = False
         self._child: tuple[BaseProcess, Connection] | None = None
-        self._sent: dict[str, SourceData] = {}  # the source the current process holds under each name
 
     def _process(self) -> tuple[BaseProcess, Connection]:
         with self._lock:
@@ -341,7 +336,7 @@ class EntryMaker:
                                       daemon=True)
                 spawned.start()
                 child_conn.close()
-                self._child, self._sent = (spawned, conn), {}
+                self._child = (spawned, conn)
             return self._child
 
     def make(self, recipe: ModelRecipe, source: SourceData | None) -> TrainedModel:
@@ -350,10 +345,8 @@ class EntryMaker:
             return imagenet_model(recipe)
         assert source is not None
         process, conn = self._process()
-        name = recipe.source
         try:
-            conn.send((recipe, name, None if self._sent.get(name) is source else source, self.threads))
-            self._sent[name] = source
+            conn.send((recipe, source, self.threads))
             kind, payload = conn.recv()
         except (EOFError, OSError) as exc:  # the process died (killed, out of memory) or the build was closed
             self._end(process, conn, kill=True)
