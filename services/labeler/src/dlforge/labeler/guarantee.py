@@ -117,6 +117,17 @@ class SelectiveThreshold:
         return {**asdict(self), "calibration_coverage": self.calibration_coverage}
 
 
+def _calibration(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The calibration items' confidences and correctness as 1-d arrays of one length, without NaN."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=bool)
+    if conf.shape != ok.shape or conf.ndim != 1:
+        raise ValueError(f"confidence and correct must be 1-d of one length, got {conf.shape} and {ok.shape}")
+    if np.isnan(conf).any():
+        raise ValueError("confidence holds NaN: pass only items with a held-out prediction")
+    return conf, ok
+
+
 def choose_threshold(
     confidence: np.ndarray,
     correct: np.ndarray,
@@ -132,12 +143,7 @@ def choose_threshold(
     replaces :func:`threshold_grid`; it must not depend on these data.
     """
     _check(target, level)
-    conf = np.asarray(confidence, dtype=np.float64)
-    ok = np.asarray(correct, dtype=bool)
-    if conf.shape != ok.shape or conf.ndim != 1:
-        raise ValueError(f"confidence and correct must be 1-d of one length, got {conf.shape} and {ok.shape}")
-    if np.isnan(conf).any():
-        raise ValueError("confidence holds NaN: pass only items with a held-out prediction")
+    conf, ok = _calibration(confidence, correct)
     thresholds = threshold_grid() if grid is None else np.asarray(grid, dtype=np.float64)
     if len(thresholds) > 1 and np.any(np.diff(thresholds) >= 0):
         raise ValueError("the threshold grid must be strictly decreasing (tested from high to low)")
@@ -192,15 +198,10 @@ def choose_threshold_expected(
     ``tested`` the pool items (one hypothesis each).
     """
     _check(target, level)
-    conf = np.asarray(confidence, dtype=np.float64)
-    ok = np.asarray(correct, dtype=bool)
+    conf, ok = _calibration(confidence, correct)
     pool = np.asarray(pool_confidence, dtype=np.float64)
-    if conf.shape != ok.shape or conf.ndim != 1:
-        raise ValueError(f"confidence and correct must be 1-d of one length, got {conf.shape} and {ok.shape}")
     if pool.ndim != 1:
         raise ValueError(f"pool_confidence must be 1-d, got shape {pool.shape}")
-    if np.isnan(conf).any():
-        raise ValueError("confidence holds NaN: pass only items with a held-out prediction")
     n, m = len(conf), len(pool)
     none = SelectiveThreshold(threshold=None, target=target, level=level, calibration_items=n, selected=0, errors=0,
                               error_bound=None, tested=m, method="expected")
