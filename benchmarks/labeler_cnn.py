@@ -1,0 +1,118 @@
+"""What training length buys the ``cnn_ssl`` classifier, on random labels (no loop).
+
+    python benchmarks/labeler_cnn.py --dataset {mnist,fashion-mnist,digits} [--labels N] [--steps 1500 3000]
+                                     [--seeds 0 1]
+
+A random sample of the set (5,000 images of the MNIST sets, all 1,797 digits) is drawn;
+``--labels`` of them, drawn at random too, (default: MNIST 250 = 5 %, Fashion-MNIST 500 = 10 %, digits 180 = 10 %,
+the labeler benchmark's budgets) get their known label and the rest stay unlabeled. ``cnn_ssl``
+(:class:`dlforge.labeler.pixelnet.PixelSSL`) is fitted with each ``--steps`` value, with no time
+budget, interleaved per seed so that a change in the machine's load touches every setting alike,
+and scored on the unlabeled items (the accuracy the auto-labels would have at full coverage) with
+each class's recall. The labeler benchmark (``benchmarks/labeler.py --classifier cnn_ssl``) measures
+the same plug-in inside the loop; this one isolates training length from the loop's choice of items.
+
+Prints a table and writes ``benchmarks/results/labeler-cnn-<dataset>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from machine import cpu_name
+
+from dlforge.labeler.pixelnet import PixelSSL
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_LABELS = {"mnist": 250, "fashion-mnist": 500, "digits": 180}
+
+
+def _data(name: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """uint8 N x H x W x 1 images, their labels and the class names."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = (d.images * (255 / 16)).round().astype(np.uint8)
+        y = d.target.astype(np.int64)
+        classes = [str(c) for c in range(10)]
+    else:
+        from dlforge.proposer.sources import load_fashion_mnist, load_mnist
+
+        data = load_fashion_mnist() if name == "fashion-mnist" else load_mnist()
+        x, y, classes = data.train_x, np.asarray(data.train_y, dtype=np.int64), list(data.classes)
+    rows = rng.choice(len(x), min(5000, len(x)), replace=False)
+    x, y = x[rows], y[rows]
+    return (x[..., None] if x.ndim == 3 else x), y, classes
+
+
+def measure(x: np.ndarray, y: np.ndarray, labeled: np.ndarray, *, steps: int, seed: int, threads: int
+            ) -> dict[str, Any]:
+    t = time.perf_counter()
+    fitted = PixelSSL(steps=steps, threads=threads).fit(x, labeled, y[labeled], n_classes=int(y.max()) + 1, seed=seed)
+    seconds = time.perf_counter() - t
+    rest = np.setdiff1d(np.arange(len(x)), labeled)
+    pred = fitted.predict_proba(x[rest]).argmax(axis=1)
+    truth = y[rest]
+    summary = fitted.summary()
+    return {"steps": steps, "seed": seed, "accuracy": round(float((pred == truth).mean()), 4),
+            "per_class_recall": [round(float((pred[truth == c] == c).mean()), 4) for c in range(int(y.max()) + 1)],
+            "fit_seconds": round(seconds, 1), "views": summary.get("views"),
+            "heldout_accuracy": summary.get("heldout_accuracy")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=sorted(DEFAULT_LABELS), default="mnist")
+    p.add_argument("--labels", type=int, default=None, help="people's labels (default: the labeler benchmark's)")
+    p.add_argument("--steps", type=int, nargs="+", default=[1500, 3000])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    if min(args.steps) < 1:
+        p.error("--steps must be >= 1")
+    runs = []
+    classes: list[str] = []
+    for seed in args.seeds:
+        rng = np.random.default_rng(1000 + seed)
+        x, y, classes = _data(args.dataset, rng)
+        n_labels = args.labels or DEFAULT_LABELS[args.dataset]
+        if not 10 <= n_labels < len(x):
+            p.error(f"--labels must lie in [10, {len(x)})")
+        labeled = np.sort(rng.choice(len(x), n_labels, replace=False))
+        for steps in args.steps:
+            r = measure(x, y, labeled, steps=steps, seed=seed, threads=args.threads)
+            runs.append({**r, "labels": n_labels, "items": len(x)})
+            print(json.dumps(r), flush=True)
+    print(f"\n{args.dataset}: cnn_ssl on random labels, accuracy on the unlabeled items ({cpu_name()})")
+    print(f"{'steps':>6} {'seeds':>5} {'accuracy':>9} {'fit s':>7}  worst class (recall)")
+    by_steps: dict[int, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_steps.setdefault(r["steps"], []).append(r)
+    table = []
+    for steps, rs in by_steps.items():
+        recall = np.mean([r["per_class_recall"] for r in rs], axis=0)
+        worst = int(np.argmin(recall))
+        row = {"steps": steps, "seeds": len(rs), "accuracy": round(float(np.mean([r["accuracy"] for r in rs])), 4),
+               "fit_seconds": round(float(np.mean([r["fit_seconds"] for r in rs])), 1),
+               "per_class_recall": {c: round(float(v), 4) for c, v in zip(classes, recall, strict=True)}}
+        table.append(row)
+        print(f"{steps:>6} {len(rs):>5} {row['accuracy']:>9.4f} {row['fit_seconds']:>7.1f}  "
+              f"{classes[worst]} ({recall[worst]:.3f})")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"labeler-cnn-{args.dataset}.json"
+    out.write_text(json.dumps({"dataset": args.dataset, "cpu": cpu_name(), "machine": platform.machine(),
+                               "date": datetime.now().isoformat(timespec="seconds"), "runs": runs,
+                               "table": table}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
