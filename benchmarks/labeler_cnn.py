@@ -3,16 +3,17 @@
     python benchmarks/labeler_cnn.py --dataset {mnist,fashion-mnist,digits} [--labels N] [--steps 1500 3000]
                                      [--seeds 0 1]
 
-A random sample of the set (5,000 images of the MNIST sets, all 1,797 digits) is drawn;
-``--labels`` of them, drawn at random too, (default: MNIST 250 = 5 %, Fashion-MNIST 500 = 10 %, digits 180 = 10 %,
-the labeler benchmark's budgets) get their known label and the rest stay unlabeled. ``cnn_ssl``
-(:class:`dlforge.labeler.pixelnet.PixelSSL`) is fitted with each ``--steps`` value, with no time
-budget, interleaved per seed so that a change in the machine's load touches every setting alike,
-and scored on the unlabeled items (the accuracy the auto-labels would have at full coverage) with
-each class's recall. The labeler benchmark (``benchmarks/labeler.py --classifier cnn_ssl``) measures
-the same plug-in inside the loop; this one isolates training length from the loop's choice of items.
+A random sample of the set (5,000 images of the MNIST sets, all 1,797 digits) is drawn, and
+``--labels`` of its items, drawn at random too (default: MNIST 250 = 5 %, Fashion-MNIST 500 = 10 %,
+digits 180 = 10 %, the labeler benchmark's budgets), get their known label; the rest stay unlabeled.
+``cnn_ssl`` (:class:`dlforge.labeler.pixelnet.PixelSSL`) is fitted with each ``--steps`` value, with
+no time budget, every step count of one seed before the next seed, and scored on the unlabeled items
+(the accuracy the auto-labels would have at full coverage) with each class's recall (None for a class
+no unlabeled item has). The labeler benchmark (``benchmarks/labeler.py --classifier cnn_ssl``)
+measures the same plug-in inside the loop; this one isolates training length from the loop's choice
+of items.
 
-Prints a table and writes ``benchmarks/results/labeler-cnn-<dataset>.json``.
+Prints a table and writes ``benchmarks/results/labeler-cnn-<dataset>-<labels>.json``.
 """
 
 from __future__ import annotations
@@ -53,17 +54,23 @@ def _data(name: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, 
     return (x[..., None] if x.ndim == 3 else x), y, classes
 
 
-def measure(x: np.ndarray, y: np.ndarray, labeled: np.ndarray, *, steps: int, seed: int, threads: int
-            ) -> dict[str, Any]:
+def _recall(pred: np.ndarray, truth: np.ndarray, c: int) -> float | None:
+    """Recall of class ``c``; None when no unlabeled item has that class."""
+    mine = truth == c
+    return round(float((pred[mine] == c).mean()), 4) if mine.any() else None
+
+
+def measure(x: np.ndarray, y: np.ndarray, labeled: np.ndarray, *, n_classes: int, steps: int, seed: int,
+            threads: int) -> dict[str, Any]:
     t = time.perf_counter()
-    fitted = PixelSSL(steps=steps, threads=threads).fit(x, labeled, y[labeled], n_classes=int(y.max()) + 1, seed=seed)
+    fitted = PixelSSL(steps=steps, threads=threads).fit(x, labeled, y[labeled], n_classes=n_classes, seed=seed)
     seconds = time.perf_counter() - t
     rest = np.setdiff1d(np.arange(len(x)), labeled)
     pred = fitted.predict_proba(x[rest]).argmax(axis=1)
     truth = y[rest]
     summary = fitted.summary()
     return {"steps": steps, "seed": seed, "accuracy": round(float((pred == truth).mean()), 4),
-            "per_class_recall": [round(float((pred[truth == c] == c).mean()), 4) for c in range(int(y.max()) + 1)],
+            "per_class_recall": [_recall(pred, truth, c) for c in range(n_classes)],
             "fit_seconds": round(seconds, 1), "views": summary.get("views"),
             "heldout_accuracy": summary.get("heldout_accuracy")}
 
@@ -76,19 +83,22 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    if min(args.steps) < 1:
-        p.error("--steps must be >= 1")
+    if min(args.steps) < 1 or args.threads < 1:
+        p.error("--steps and --threads must be >= 1")
+    if len(set(args.steps)) < len(args.steps) or len(set(args.seeds)) < len(args.seeds):
+        p.error("--steps and --seeds must not repeat a value")
+    items = 1797 if args.dataset == "digits" else 5000
+    n_labels = DEFAULT_LABELS[args.dataset] if args.labels is None else args.labels
+    if not 10 <= n_labels < items:
+        p.error(f"--labels must lie in [10, {items})")
     runs = []
     classes: list[str] = []
     for seed in args.seeds:
         rng = np.random.default_rng(1000 + seed)
         x, y, classes = _data(args.dataset, rng)
-        n_labels = args.labels or DEFAULT_LABELS[args.dataset]
-        if not 10 <= n_labels < len(x):
-            p.error(f"--labels must lie in [10, {len(x)})")
         labeled = np.sort(rng.choice(len(x), n_labels, replace=False))
         for steps in args.steps:
-            r = measure(x, y, labeled, steps=steps, seed=seed, threads=args.threads)
+            r = measure(x, y, labeled, n_classes=len(classes), steps=steps, seed=seed, threads=args.threads)
             runs.append({**r, "labels": n_labels, "items": len(x)})
             print(json.dumps(r), flush=True)
     print(f"\n{args.dataset}: cnn_ssl on random labels, accuracy on the unlabeled items ({cpu_name()})")
@@ -98,16 +108,20 @@ def main() -> None:
         by_steps.setdefault(r["steps"], []).append(r)
     table = []
     for steps, rs in by_steps.items():
-        recall = np.mean([r["per_class_recall"] for r in rs], axis=0)
-        worst = int(np.argmin(recall))
+        recalls = np.array([[np.nan if v is None else v for v in r["per_class_recall"]] for r in rs])
+        seen = np.isfinite(recalls).any(axis=0)  # a class no unlabeled item has, in any seed, has no recall
+        recall = np.full(len(classes), np.nan)
+        recall[seen] = np.nanmean(recalls[:, seen], axis=0)
+        worst = int(np.nanargmin(recall))
         row = {"steps": steps, "seeds": len(rs), "accuracy": round(float(np.mean([r["accuracy"] for r in rs])), 4),
                "fit_seconds": round(float(np.mean([r["fit_seconds"] for r in rs])), 1),
-               "per_class_recall": {c: round(float(v), 4) for c, v in zip(classes, recall, strict=True)}}
+               "per_class_recall": {c: (round(float(v), 4) if np.isfinite(v) else None)
+                                    for c, v in zip(classes, recall, strict=True)}}
         table.append(row)
         print(f"{steps:>6} {len(rs):>5} {row['accuracy']:>9.4f} {row['fit_seconds']:>7.1f}  "
               f"{classes[worst]} ({recall[worst]:.3f})")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"labeler-cnn-{args.dataset}.json"
+    out = RESULTS / f"labeler-cnn-{args.dataset}-{n_labels}.json"
     out.write_text(json.dumps({"dataset": args.dataset, "cpu": cpu_name(), "machine": platform.machine(),
                                "date": datetime.now().isoformat(timespec="seconds"), "runs": runs,
                                "table": table}, indent=2))

@@ -261,17 +261,19 @@ def test_a_spent_time_budget_still_trains_the_floor_of_steps() -> None:
 
 @pytest.mark.parametrize("name", ["cnn_ssl", "blend"])
 async def test_the_settings_budget_and_floor_reach_the_pixel_classifier(tmp_path: Path, name: str) -> None:
-    """``DLFORGE_LABELER_CNN_TIME_BUDGET_S`` and ``DLFORGE_LABELER_CNN_MIN_STEPS`` configure the CNN the
+    """``DLFORGE_LABELER_CNN_TIME_BUDGET_S``, ``…_CNN_MIN_STEPS`` and ``…_CNN_STEPS`` configure the CNN the
     worker builds (0: the budget is a hard cap, the probe has no floor either)."""
     settings = labeler_settings_for(tmp_path, labeler_classifier=name, labeler_cnn_time_budget_s=7.5,
-                                    labeler_cnn_min_steps=0, labeler_threads=1)
+                                    labeler_cnn_min_steps=0, labeler_cnn_steps=1500, labeler_threads=1)
     deps = await stub_deps(settings, Backends.from_settings(settings))
     cnn = deps.classifier.cnn if isinstance(deps.classifier, Blend) else deps.classifier
     assert isinstance(cnn, PixelSSL)
-    assert (cnn.time_budget_s, cnn.min_steps, cnn.threads) == (7.5, 0, 1)
+    assert (cnn.time_budget_s, cnn.min_steps, cnn.steps, cnn.threads) == (7.5, 0, 1500, 1)
     default = await stub_deps(labeler_settings_for(tmp_path, labeler_classifier=name),
                               Backends.from_settings(settings))
     default_cnn = default.classifier.cnn if isinstance(default.classifier, Blend) else default.classifier
-    assert default_cnn.min_steps == 300  # type: ignore[union-attr]
+    assert (default_cnn.min_steps, default_cnn.steps) == (300, 3000)  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="labeler_cnn_min_steps"):
         labeler_settings_for(tmp_path, labeler_classifier=name, labeler_cnn_min_steps=-1)
+    with pytest.raises(ValueError, match="labeler_cnn_steps"):
+        labeler_settings_for(tmp_path, labeler_classifier=name, labeler_cnn_steps=0)

@@ -38,7 +38,7 @@ never below ``min_steps`` (the probe: 50, or ``min_steps`` if fewer; 0 makes the
 on a machine so busy that the budget buys almost nothing, a round overruns its budget rather than
 returning a network that has hardly trained (seen: 21 steps and a held-out accuracy of 0.58 on MNIST
 at load 8).
-The default of 3,000 steps is twice the first one: on random labels it bought +0.5 points on MNIST
+The default of 3,000 steps is twice the former default of 1,500: on random labels it bought +0.5 points on MNIST
 (250 labels), +0.8 on Fashion-MNIST (500) and +0.1 on digits (180), at twice the time
 (``benchmarks/labeler_cnn.py``).
 """

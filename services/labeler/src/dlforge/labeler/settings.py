@@ -75,6 +75,10 @@ class LabelerSettings(CommonSettings):
         description="cnn_ssl and blend: the fewest optimizer steps a fold network trains even when the time "
         "budget is spent (on a busy machine a round overruns the budget rather than keep a network that has "
         "hardly trained); 0 makes the time budget a hard cap")
+    labeler_cnn_steps: int = Field(
+        default=3000, ge=1, le=1_000_000,
+        description="cnn_ssl and blend: the optimizer steps a fold network trains when the time budget allows "
+        "(1,500 to 3,000 bought +0.1 to +0.8 points at twice the time: benchmarks/labeler_cnn.py)")
     labeler_presign_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
 
     @field_validator("labeler_import_roots", mode="before")

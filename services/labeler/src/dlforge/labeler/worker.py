@@ -88,6 +88,7 @@ def _classifier_options(settings: LabelerSettings) -> dict[str, Any]:
     if settings.labeler_classifier in ("cnn_ssl", "blend"):
         options["time_budget_s"] = settings.labeler_cnn_time_budget_s
         options["min_steps"] = settings.labeler_cnn_min_steps
+        options["steps"] = settings.labeler_cnn_steps
     return options
 
 
