@@ -107,9 +107,6 @@ async def test_dataset_augmented_to_model_proposed(backends: Backends, tmp_path:
     assert proposed.weights == DEFAULT_WEIGHTS
     assert proposed.classes == ["defect", "good"] and proposed.manifest_key == manifest_key
 
-    # the small CNN is much faster than EfficientNet-Lite0 at its own (smaller) input size
-    fps = {c.arch: c.scores["fps_b1"] for c in proposed.ranking}
-    assert fps["small_cnn"] > 3 * fps["efficientnet_lite0"]
     # the two small CNNs share one speed measurement (same architecture and input size): their speed
     # sub-scores are identical, raw and normalized, however the machine's load varied during the run
     small = [c for c in proposed.ranking if c.arch == "small_cnn"]
