@@ -99,7 +99,9 @@ async def test_dataset_augmented_to_model_proposed(backends: Backends, tmp_path:
         assert cand.scores["fps_b1"] > 0 and cand.scores["fps_b32"] > 0
         assert -5 < cand.scores["logme"] < 5 and 0 <= cand.scores["probe_bacc"] <= 1
         assert 0 < cand.scores["loss_auc"] < 3 and 0 <= cand.scores["finetune_bacc"] <= 1
-        assert cand.scores["gate_passed"] == 1.0
+        # the speed gate: batch-1 frames per second at the spec's size against its min_fps of 1.0 (a timing, so
+        # the flag is checked against the measured speed, not assumed to pass on a loaded machine)
+        assert cand.scores["gate_passed"] == (1.0 if cand.scores["fps_spec_b1"] >= 1.0 else 0.0)
         assert 0.0 <= cand.total <= 1.0 and cand.weights_key == f"proposer/models/{cand.model_id}.pt"
         assert backends.objects.exists(cand.weights_key)
     assert proposed.ranking[0].total >= proposed.ranking[1].total >= proposed.ranking[2].total
