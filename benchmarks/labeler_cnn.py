@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from labeler import _per_class
 from machine import cpu_name
 
 from dlforge.labeler.pixelnet import PixelSSL
@@ -54,23 +55,18 @@ def _data(name: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, 
     return (x[..., None] if x.ndim == 3 else x), y, classes
 
 
-def _recall(pred: np.ndarray, truth: np.ndarray, c: int) -> float | None:
-    """Recall of class ``c``; None when no unlabeled item has that class."""
-    mine = truth == c
-    return round(float((pred[mine] == c).mean()), 4) if mine.any() else None
-
-
-def measure(x: np.ndarray, y: np.ndarray, labeled: np.ndarray, *, n_classes: int, steps: int, seed: int,
+def measure(x: np.ndarray, y: np.ndarray, labeled: np.ndarray, *, classes: list[str], steps: int, seed: int,
             threads: int) -> dict[str, Any]:
     t = time.perf_counter()
-    fitted = PixelSSL(steps=steps, threads=threads).fit(x, labeled, y[labeled], n_classes=n_classes, seed=seed)
+    fitted = PixelSSL(steps=steps, threads=threads).fit(x, labeled, y[labeled], n_classes=len(classes), seed=seed)
     seconds = time.perf_counter() - t
     rest = np.setdiff1d(np.arange(len(x)), labeled)
     pred = fitted.predict_proba(x[rest]).argmax(axis=1)
     truth = y[rest]
     summary = fitted.summary()
     return {"steps": steps, "seed": seed, "accuracy": round(float((pred == truth).mean()), 4),
-            "per_class_recall": [_recall(pred, truth, c) for c in range(n_classes)],
+            # a class no unlabeled item has: None
+            "per_class_recall": [c["accuracy"] for c in _per_class(pred, truth, classes).values()],
             "fit_seconds": round(seconds, 1), "views": summary.get("views"),
             "heldout_accuracy": summary.get("heldout_accuracy")}
 
@@ -98,7 +94,7 @@ def main() -> None:
         x, y, classes = _data(args.dataset, rng)
         labeled = np.sort(rng.choice(len(x), n_labels, replace=False))
         for steps in args.steps:
-            r = measure(x, y, labeled, n_classes=len(classes), steps=steps, seed=seed, threads=args.threads)
+            r = measure(x, y, labeled, classes=classes, steps=steps, seed=seed, threads=args.threads)
             runs.append({**r, "labels": n_labels, "items": len(x)})
             print(json.dumps(r), flush=True)
     print(f"\n{args.dataset}: cnn_ssl on random labels, accuracy on the unlabeled items ({cpu_name()})")
