@@ -1,16 +1,17 @@
-"""What training length buys the ``cnn_ssl`` classifier, on random labels (no loop).
+"""What training length and pseudo-label thresholds buy the ``cnn_ssl`` classifier, on random labels (no loop).
 
     python benchmarks/labeler_cnn.py --dataset {mnist,fashion-mnist,digits} [--labels N] [--steps 1500 3000]
-                                     [--seeds 0 1]
+                                     [--seeds 0 1] [--thresholds fixed flex]
 
 A random sample of the set (5,000 images of the MNIST sets, all 1,797 digits) is drawn, and
 ``--labels`` of its items, drawn at random too (default: MNIST 250 = 5 %, Fashion-MNIST 500 = 10 %,
 digits 180 = 10 %, the labeler benchmark's budgets), get their known label; the rest stay unlabeled.
-``cnn_ssl`` (:class:`dlforge.labeler.pixelnet.PixelSSL`) is fitted with each ``--steps`` value, with
-no time budget, every step count of one seed before the next seed, and scored on the unlabeled items
+``cnn_ssl`` (:class:`dlforge.labeler.pixelnet.PixelSSL`) is fitted with each ``--steps`` value and
+each ``--thresholds`` rule (FixMatch's fixed one, FlexMatch's per-class ones), with no time budget,
+every variant of one seed before the next seed, and scored on the unlabeled items
 (the accuracy the auto-labels would have at full coverage) with each class's recall (None for a class
 no unlabeled item has). The labeler benchmark (``benchmarks/labeler.py --classifier cnn_ssl``)
-measures the same plug-in inside the loop; this one isolates training length from the loop's choice
+measures the same plug-in inside the loop; this one isolates the training from the loop's choice
 of items.
 
 Prints a table and writes ``benchmarks/results/labeler-cnn-<dataset>-<labels>.json``.
@@ -30,7 +31,7 @@ import numpy as np
 from labeler import _per_class
 from machine import cpu_name
 
-from dlforge.labeler.pixelnet import PixelSSL
+from dlforge.labeler.pixelnet import THRESHOLDS, PixelSSL
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_LABELS = {"mnist": 250, "fashion-mnist": 500, "digits": 180}
@@ -56,15 +57,16 @@ def _data(name: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, 
 
 
 def measure(x: np.ndarray, y: np.ndarray, labeled: np.ndarray, *, classes: list[str], steps: int, seed: int,
-            threads: int) -> dict[str, Any]:
+            threads: int, thresholds: str) -> dict[str, Any]:
     t = time.perf_counter()
-    fitted = PixelSSL(steps=steps, threads=threads).fit(x, labeled, y[labeled], n_classes=len(classes), seed=seed)
+    fitted = PixelSSL(steps=steps, threads=threads, thresholds=thresholds).fit(
+        x, labeled, y[labeled], n_classes=len(classes), seed=seed)
     seconds = time.perf_counter() - t
     rest = np.setdiff1d(np.arange(len(x)), labeled)
     pred = fitted.predict_proba(x[rest]).argmax(axis=1)
     truth = y[rest]
     summary = fitted.summary()
-    return {"steps": steps, "seed": seed, "accuracy": round(float((pred == truth).mean()), 4),
+    return {"steps": steps, "thresholds": thresholds, "seed": seed, "accuracy": round(float((pred == truth).mean()), 4),
             # a class no unlabeled item has: None
             "per_class_recall": [c["accuracy"] for c in _per_class(pred, truth, classes).values()],
             "fit_seconds": round(seconds, 1), "views": summary.get("views"),
@@ -77,12 +79,15 @@ def main() -> None:
     p.add_argument("--labels", type=int, default=None, help="people's labels (default: the labeler benchmark's)")
     p.add_argument("--steps", type=int, nargs="+", default=[1500, 3000])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--thresholds", choices=THRESHOLDS, nargs="+", default=["fixed"],
+                   help="pseudo-label thresholds: fixed (FixMatch's) and/or flex (FlexMatch's per-class ones)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     if min(args.steps) < 1 or args.threads < 1:
         p.error("--steps and --threads must be >= 1")
-    if len(set(args.steps)) < len(args.steps) or len(set(args.seeds)) < len(args.seeds):
-        p.error("--steps and --seeds must not repeat a value")
+    if len(set(args.steps)) < len(args.steps) or len(set(args.seeds)) < len(args.seeds) \
+            or len(set(args.thresholds)) < len(args.thresholds):
+        p.error("--steps, --seeds and --thresholds must not repeat a value")
     items = 1797 if args.dataset == "digits" else 5000
     n_labels = DEFAULT_LABELS[args.dataset] if args.labels is None else args.labels
     if not 10 <= n_labels < items:
@@ -94,27 +99,30 @@ def main() -> None:
         x, y, classes = _data(args.dataset, rng)
         labeled = np.sort(rng.choice(len(x), n_labels, replace=False))
         for steps in args.steps:
-            r = measure(x, y, labeled, classes=classes, steps=steps, seed=seed, threads=args.threads)
-            runs.append({**r, "labels": n_labels, "items": len(x)})
-            print(json.dumps(r), flush=True)
+            for thresholds in args.thresholds:  # interleaved: each variant of a seed and step count in turn
+                r = measure(x, y, labeled, classes=classes, steps=steps, seed=seed, threads=args.threads,
+                            thresholds=thresholds)
+                runs.append({**r, "labels": n_labels, "items": len(x)})
+                print(json.dumps(r), flush=True)
     print(f"\n{args.dataset}: cnn_ssl on random labels, accuracy on the unlabeled items ({cpu_name()})")
-    print(f"{'steps':>6} {'seeds':>5} {'accuracy':>9} {'fit s':>7}  worst class (recall)")
-    by_steps: dict[int, list[dict[str, Any]]] = {}
+    print(f"{'steps':>6} {'thresholds':>10} {'seeds':>5} {'accuracy':>9} {'fit s':>7}  worst class (recall)")
+    by_variant: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for r in runs:
-        by_steps.setdefault(r["steps"], []).append(r)
+        by_variant.setdefault((r["steps"], r["thresholds"]), []).append(r)
     table = []
-    for steps, rs in by_steps.items():
+    for (steps, thresholds), rs in by_variant.items():
         recalls = np.array([[np.nan if v is None else v for v in r["per_class_recall"]] for r in rs])
         seen = np.isfinite(recalls).any(axis=0)  # a class no unlabeled item has, in any seed, has no recall
         recall = np.full(len(classes), np.nan)
         recall[seen] = np.nanmean(recalls[:, seen], axis=0)
         worst = int(np.nanargmin(recall))
-        row = {"steps": steps, "seeds": len(rs), "accuracy": round(float(np.mean([r["accuracy"] for r in rs])), 4),
+        row = {"steps": steps, "thresholds": thresholds, "seeds": len(rs),
+               "accuracy": round(float(np.mean([r["accuracy"] for r in rs])), 4),
                "fit_seconds": round(float(np.mean([r["fit_seconds"] for r in rs])), 1),
                "per_class_recall": {c: (round(float(v), 4) if np.isfinite(v) else None)
                                     for c, v in zip(classes, recall, strict=True)}}
         table.append(row)
-        print(f"{steps:>6} {len(rs):>5} {row['accuracy']:>9.4f} {row['fit_seconds']:>7.1f}  "
+        print(f"{steps:>6} {thresholds:>10} {len(rs):>5} {row['accuracy']:>9.4f} {row['fit_seconds']:>7.1f}  "
               f"{classes[worst]} ({recall[worst]:.3f})")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"labeler-cnn-{args.dataset}-{n_labels}.json"

@@ -18,7 +18,7 @@ from dlforge.common.objects.fs import FsObjectStore
 from dlforge.common.runtime import Backends
 from dlforge.labeler import handlers
 from dlforge.labeler.classifier import make_classifier
-from dlforge.labeler.pixelnet import Blend, Both, PixelSSL, _pixel_stats, choose_views, generated
+from dlforge.labeler.pixelnet import Blend, Both, PixelSSL, _pixel_stats, choose_views, flex_thresholds, generated
 from dlforge.labeler.strategies import make_strategy
 from dlforge.labeler.worker import classifier_pixels
 from dlforge.vision.manifest import Item, Manifest, load_pixels
@@ -84,6 +84,30 @@ def test_input_and_option_validation() -> None:
     assert PixelSSL(max_size=64).pixel_input(native_size=300, gray=True).size == 64
     assert PixelSSL(max_size=64).pixel_input(native_size=28, gray=False).channels == 3
     assert make_classifier("cnn_ssl", threads=1).name == "cnn_ssl"
+
+
+def test_flex_thresholds_follow_flexmatchs_formula() -> None:
+    """Worked by hand: effect = count / max(largest count, items not learned yet), threshold = 0.9 x b / (2 - b)."""
+    import torch
+
+    warming = torch.tensor([-1] * 10 + [0] * 5 + [1] * 2)  # 10 not learned: effects 0.5, 0.2, 0
+    assert flex_thresholds(warming, 3, 0.9).tolist() == pytest.approx([0.9 * 0.5 / 1.5, 0.9 * 0.2 / 1.8, 0.0])
+    learned = torch.tensor([0] * 6 + [1] * 3 + [-1])  # the largest class sets the scale once warm
+    assert flex_thresholds(learned, 2, 0.9).tolist() == pytest.approx([0.9, 0.9 * 0.5 / 1.5])
+    assert flex_thresholds(torch.full((4,), -1), 2, 0.95).tolist() == [0.0, 0.0]  # nothing learned: all used
+
+
+def test_fixmatchs_fixed_threshold_stays_an_option() -> None:
+    """The default is ``flex`` (the tests above); ``fixed`` learns the same pixels and says so."""
+    x, y = bars(300, np.random.default_rng(0))
+    labeled = np.arange(60)
+    fitted = small(thresholds="fixed").fit(x, labeled, y[labeled], n_classes=2, seed=0)
+    rest = np.arange(60, 300)
+    assert float((fitted.predict_proba(x[rest]).argmax(axis=1) == y[rest]).mean()) >= 0.95
+    assert fitted.summary()["thresholds"] == "fixed"
+    assert small().fit(x, labeled, y[labeled], n_classes=2, seed=0).summary()["thresholds"] == "flex"
+    with pytest.raises(ValueError, match="thresholds must be one of fixed, flex"):
+        PixelSSL(thresholds="adaptive")
 
 
 def test_one_class_known_gives_no_network_and_no_evidence() -> None:
@@ -261,19 +285,22 @@ def test_a_spent_time_budget_still_trains_the_floor_of_steps() -> None:
 
 @pytest.mark.parametrize("name", ["cnn_ssl", "blend"])
 async def test_the_settings_budget_and_floor_reach_the_pixel_classifier(tmp_path: Path, name: str) -> None:
-    """``DLFORGE_LABELER_CNN_TIME_BUDGET_S``, ``…_CNN_MIN_STEPS`` and ``…_CNN_STEPS`` configure the CNN the
-    worker builds (0: the budget is a hard cap, the probe has no floor either)."""
+    """``DLFORGE_LABELER_CNN_TIME_BUDGET_S``, ``…_CNN_MIN_STEPS``, ``…_CNN_STEPS`` and ``…_CNN_THRESHOLDS``
+    configure the CNN the worker builds (0: the budget is a hard cap, the probe has no floor either)."""
     settings = labeler_settings_for(tmp_path, labeler_classifier=name, labeler_cnn_time_budget_s=7.5,
-                                    labeler_cnn_min_steps=0, labeler_cnn_steps=1500, labeler_threads=1)
+                                    labeler_cnn_min_steps=0, labeler_cnn_steps=1500, labeler_threads=1,
+                                    labeler_cnn_thresholds="fixed")
     deps = await stub_deps(settings, Backends.from_settings(settings))
     cnn = deps.classifier.cnn if isinstance(deps.classifier, Blend) else deps.classifier
     assert isinstance(cnn, PixelSSL)
-    assert (cnn.time_budget_s, cnn.min_steps, cnn.steps, cnn.threads) == (7.5, 0, 1500, 1)
+    assert (cnn.time_budget_s, cnn.min_steps, cnn.steps, cnn.threads, cnn.thresholds) == (7.5, 0, 1500, 1, "fixed")
     default = await stub_deps(labeler_settings_for(tmp_path, labeler_classifier=name),
                               Backends.from_settings(settings))
     default_cnn = default.classifier.cnn if isinstance(default.classifier, Blend) else default.classifier
-    assert (default_cnn.min_steps, default_cnn.steps) == (300, 3000)  # type: ignore[union-attr]
+    assert (default_cnn.min_steps, default_cnn.steps, default_cnn.thresholds) == (300, 3000, "flex")  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="labeler_cnn_min_steps"):
         labeler_settings_for(tmp_path, labeler_classifier=name, labeler_cnn_min_steps=-1)
     with pytest.raises(ValueError, match="labeler_cnn_steps"):
         labeler_settings_for(tmp_path, labeler_classifier=name, labeler_cnn_steps=0)
+    with pytest.raises(ValueError, match="labeler_cnn_thresholds"):
+        labeler_settings_for(tmp_path, labeler_classifier=name, labeler_cnn_thresholds="adaptive")

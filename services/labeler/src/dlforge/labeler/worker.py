@@ -89,6 +89,7 @@ def _classifier_options(settings: LabelerSettings) -> dict[str, Any]:
         options["time_budget_s"] = settings.labeler_cnn_time_budget_s
         options["min_steps"] = settings.labeler_cnn_min_steps
         options["steps"] = settings.labeler_cnn_steps
+        options["thresholds"] = settings.labeler_cnn_thresholds
     return options
 
 
