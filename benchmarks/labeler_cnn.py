@@ -79,7 +79,7 @@ def main() -> None:
     p.add_argument("--labels", type=int, default=None, help="people's labels (default: the labeler benchmark's)")
     p.add_argument("--steps", type=int, nargs="+", default=[1500, 3000])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--thresholds", choices=THRESHOLDS, nargs="+", default=["fixed"],
+    p.add_argument("--thresholds", choices=THRESHOLDS, nargs="+", default=["flex"],
                    help="pseudo-label thresholds: fixed (FixMatch's) and/or flex (FlexMatch's per-class ones)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()

@@ -98,7 +98,7 @@ def test_flex_thresholds_follow_flexmatchs_formula() -> None:
 
 
 def test_fixmatchs_fixed_threshold_stays_an_option() -> None:
-    """The default is ``flex`` (the tests above); ``fixed`` learns the same pixels and says so."""
+    """The default is ``flex``; ``fixed`` learns the same pixels and says so."""
     x, y = bars(300, np.random.default_rng(0))
     labeled = np.arange(60)
     fitted = small(thresholds="fixed").fit(x, labeled, y[labeled], n_classes=2, seed=0)
@@ -108,6 +108,31 @@ def test_fixmatchs_fixed_threshold_stays_an_option() -> None:
     assert small().fit(x, labeled, y[labeled], n_classes=2, seed=0).summary()["thresholds"] == "flex"
     with pytest.raises(ValueError, match="thresholds must be one of fixed, flex"):
         PixelSSL(thresholds="adaptive")
+
+
+def test_training_consults_and_updates_the_per_class_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every semi-supervised step of ``flex`` asks for the thresholds with the items learned so far: none
+    at a network's first step, most of the pool by its last on data it learns; ``fixed`` never asks."""
+    import dlforge.labeler.pixelnet as pixelnet
+
+    seen: list[tuple[int, int]] = []
+    real = pixelnet.flex_thresholds
+
+    def recording(learned: object, n_out: int, threshold: float) -> object:
+        seen.append((int((learned >= 0).sum()), len(learned)))  # type: ignore[operator, arg-type]
+        return real(learned, n_out, threshold)
+
+    monkeypatch.setattr(pixelnet, "flex_thresholds", recording)
+    x, y = bars(300, np.random.default_rng(0))
+    labeled = np.arange(60)
+    small(probe_steps=0).fit(x, labeled, y[labeled], n_classes=2, seed=0)
+    assert len(seen) == 2 * 150  # two fold networks, 150 steps each
+    firsts, lasts = seen[0], seen[149]
+    assert firsts == (0, 270) and seen[150] == (0, 270)  # pool: 240 unlabeled + the 30 held-out labeled
+    assert lasts[0] > 0.5 * 270 and seen[-1][0] > 0.5 * 270
+    seen.clear()
+    small(probe_steps=0, thresholds="fixed").fit(x, labeled, y[labeled], n_classes=2, seed=0)
+    assert seen == []
 
 
 def test_one_class_known_gives_no_network_and_no_evidence() -> None:
