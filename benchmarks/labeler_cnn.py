@@ -1,11 +1,12 @@
 """What training length and pseudo-label thresholds buy the ``cnn_ssl`` classifier, on random labels (no loop).
 
-    python benchmarks/labeler_cnn.py --dataset {mnist,fashion-mnist,digits} [--labels N] [--steps 1500 3000]
+    python benchmarks/labeler_cnn.py --dataset {mnist,fashion-mnist,digits,elpv} [--labels N] [--steps 1500 3000]
                                      [--seeds 0 1] [--thresholds fixed flex]
 
-A random sample of the set (5,000 images of the MNIST sets, all 1,797 digits) is drawn, and
-``--labels`` of its items, drawn at random too (default: MNIST 250 = 5 %, Fashion-MNIST 500 = 10 %,
-digits 180 = 10 %, the labeler benchmark's budgets), get their known label; the rest stay unlabeled.
+A random sample of the set (5,000 images of the MNIST sets, all 1,797 digits, all 2,624 ELPV cells at
+64 px, the plug-in's largest size) is drawn, and ``--labels`` of its items, drawn at random too
+(default: MNIST 250 = 5 %, Fashion-MNIST 500 = 10 %, digits 180 = 10 %, ELPV 525 = 20 %, the budgets
+issue 7 names), get their known label; the rest stay unlabeled.
 ``cnn_ssl`` (:class:`dlforge.labeler.pixelnet.PixelSSL`) is fitted with each ``--steps`` value and
 each ``--thresholds`` rule (FixMatch's fixed one, FlexMatch's per-class ones), with no time budget,
 every variant of one seed before the next seed, and scored on the unlabeled items
@@ -34,7 +35,8 @@ from machine import cpu_name
 from dlforge.labeler.pixelnet import THRESHOLDS, PixelSSL
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_LABELS = {"mnist": 250, "fashion-mnist": 500, "digits": 180}
+DEFAULT_LABELS = {"mnist": 250, "fashion-mnist": 500, "digits": 180, "elpv": 525}
+ITEMS = {"mnist": 5000, "fashion-mnist": 5000, "digits": 1797, "elpv": 2624}
 
 
 def _data(name: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -46,6 +48,16 @@ def _data(name: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, 
         x = (d.images * (255 / 16)).round().astype(np.uint8)
         y = d.target.astype(np.int64)
         classes = [str(c) for c in range(10)]
+    elif name == "elpv":
+        from PIL import Image
+
+        from dlforge.labeler.demo_data import elpv_cells, elpv_root
+        from dlforge.vision.images import to_array
+
+        root, cells = elpv_root(), elpv_cells()
+        classes = sorted({c.label for c in cells})
+        x = np.stack([to_array(Image.open(root / c.name), size=64, channels=1) for c in cells])
+        y = np.array([classes.index(c.label) for c in cells], dtype=np.int64)
     else:
         from dlforge.proposer.sources import load_fashion_mnist, load_mnist
 
@@ -79,7 +91,7 @@ def main() -> None:
     p.add_argument("--labels", type=int, default=None, help="people's labels (default: the labeler benchmark's)")
     p.add_argument("--steps", type=int, nargs="+", default=[1500, 3000])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--thresholds", choices=THRESHOLDS, nargs="+", default=["flex"],
+    p.add_argument("--thresholds", choices=THRESHOLDS, nargs="+", default=["fixed"],
                    help="pseudo-label thresholds: fixed (FixMatch's) and/or flex (FlexMatch's per-class ones)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -88,7 +100,7 @@ def main() -> None:
     if len(set(args.steps)) < len(args.steps) or len(set(args.seeds)) < len(args.seeds) \
             or len(set(args.thresholds)) < len(args.thresholds):
         p.error("--steps, --seeds and --thresholds must not repeat a value")
-    items = 1797 if args.dataset == "digits" else 5000
+    items = ITEMS[args.dataset]
     n_labels = DEFAULT_LABELS[args.dataset] if args.labels is None else args.labels
     if not 10 <= n_labels < items:
         p.error(f"--labels must lie in [10, {items})")

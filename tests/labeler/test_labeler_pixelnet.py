@@ -97,15 +97,15 @@ def test_flex_thresholds_follow_flexmatchs_formula() -> None:
     assert flex_thresholds(torch.full((4,), -1), 2, 0.95).tolist() == [0.0, 0.0]  # nothing learned: all used
 
 
-def test_fixmatchs_fixed_threshold_stays_an_option() -> None:
-    """The default is ``flex``; ``fixed`` learns the same pixels and says so."""
+def test_flexmatchs_per_class_thresholds_learn_the_pixels_too() -> None:
+    """The default is ``fixed`` (the tests above); ``flex`` learns the same pixels and says so."""
     x, y = bars(300, np.random.default_rng(0))
     labeled = np.arange(60)
-    fitted = small(thresholds="fixed").fit(x, labeled, y[labeled], n_classes=2, seed=0)
+    fitted = small(thresholds="flex").fit(x, labeled, y[labeled], n_classes=2, seed=0)
     rest = np.arange(60, 300)
     assert float((fitted.predict_proba(x[rest]).argmax(axis=1) == y[rest]).mean()) >= 0.95
-    assert fitted.summary()["thresholds"] == "fixed"
-    assert small().fit(x, labeled, y[labeled], n_classes=2, seed=0).summary()["thresholds"] == "flex"
+    assert fitted.summary()["thresholds"] == "flex"
+    assert small().fit(x, labeled, y[labeled], n_classes=2, seed=0).summary()["thresholds"] == "fixed"
     with pytest.raises(ValueError, match="thresholds must be one of fixed, flex"):
         PixelSSL(thresholds="adaptive")
 
@@ -125,7 +125,7 @@ def test_training_consults_and_updates_the_per_class_thresholds(monkeypatch: pyt
     monkeypatch.setattr(pixelnet, "flex_thresholds", recording)
     x, y = bars(300, np.random.default_rng(0))
     labeled = np.arange(60)
-    small(probe_steps=0).fit(x, labeled, y[labeled], n_classes=2, seed=0)
+    small(probe_steps=0, thresholds="flex").fit(x, labeled, y[labeled], n_classes=2, seed=0)
     assert len(seen) == 2 * 150  # two fold networks, 150 steps each
     firsts, lasts = seen[0], seen[149]
     assert firsts == (0, 270) and seen[150] == (0, 270)  # pool: 240 unlabeled + the 30 held-out labeled
@@ -314,15 +314,15 @@ async def test_the_settings_budget_and_floor_reach_the_pixel_classifier(tmp_path
     configure the CNN the worker builds (0: the budget is a hard cap, the probe has no floor either)."""
     settings = labeler_settings_for(tmp_path, labeler_classifier=name, labeler_cnn_time_budget_s=7.5,
                                     labeler_cnn_min_steps=0, labeler_cnn_steps=1500, labeler_threads=1,
-                                    labeler_cnn_thresholds="fixed")
+                                    labeler_cnn_thresholds="flex")
     deps = await stub_deps(settings, Backends.from_settings(settings))
     cnn = deps.classifier.cnn if isinstance(deps.classifier, Blend) else deps.classifier
     assert isinstance(cnn, PixelSSL)
-    assert (cnn.time_budget_s, cnn.min_steps, cnn.steps, cnn.threads, cnn.thresholds) == (7.5, 0, 1500, 1, "fixed")
+    assert (cnn.time_budget_s, cnn.min_steps, cnn.steps, cnn.threads, cnn.thresholds) == (7.5, 0, 1500, 1, "flex")
     default = await stub_deps(labeler_settings_for(tmp_path, labeler_classifier=name),
                               Backends.from_settings(settings))
     default_cnn = default.classifier.cnn if isinstance(default.classifier, Blend) else default.classifier
-    assert (default_cnn.min_steps, default_cnn.steps, default_cnn.thresholds) == (300, 3000, "flex")  # type: ignore[union-attr]
+    assert (default_cnn.min_steps, default_cnn.steps, default_cnn.thresholds) == (300, 3000, "fixed")  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="labeler_cnn_min_steps"):
         labeler_settings_for(tmp_path, labeler_classifier=name, labeler_cnn_min_steps=-1)
     with pytest.raises(ValueError, match="labeler_cnn_steps"):

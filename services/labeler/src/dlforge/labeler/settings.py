@@ -80,10 +80,11 @@ class LabelerSettings(CommonSettings):
         description="cnn_ssl and blend: the optimizer steps a fold network trains when the time budget allows "
         "(1,500 to 3,000 bought +0.1 to +0.8 points at twice the time: benchmarks/labeler_cnn.py)")
     labeler_cnn_thresholds: Literal["fixed", "flex"] = Field(
-        default="flex",
+        default="fixed",
         description="cnn_ssl and blend: the pseudo-label confidence an unlabeled item needs to train the network: "
         "flex (FlexMatch's per-class thresholds, low for the classes the network has not learned yet) or fixed "
-        "(FixMatch's 0.95 for every class); benchmarks/labeler_cnn.py compares them")
+        "(FixMatch's 0.95 for every class; the default: flex helped only digits on random labels); "
+        "benchmarks/labeler_cnn.py compares them")
     labeler_presign_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
 
     @field_validator("labeler_import_roots", mode="before")
