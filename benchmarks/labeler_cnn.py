@@ -15,7 +15,8 @@ no unlabeled item has). The labeler benchmark (``benchmarks/labeler.py --classif
 measures the same plug-in inside the loop; this one isolates the training from the loop's choice
 of items.
 
-Prints a table and writes ``benchmarks/results/labeler-cnn-<dataset>-<labels>.json``.
+Prints a table and writes ``benchmarks/results/labeler-cnn-<dataset>-<labels>-<thresholds>-<steps>-s<seeds>.json``
+(e.g. ``labeler-cnn-mnist-250-fixed-flex-1500-s0-1.json``): runs with other variants do not overwrite it.
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ def main() -> None:
         print(f"{steps:>6} {thresholds:>10} {len(rs):>5} {row['accuracy']:>9.4f} {row['fit_seconds']:>7.1f}  "
               f"{classes[worst]} ({recall[worst]:.3f})")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"labeler-cnn-{args.dataset}-{n_labels}.json"
+    variant = "-".join([*args.thresholds, *map(str, args.steps)]) + "-s" + "-".join(map(str, args.seeds))
+    out = RESULTS / f"labeler-cnn-{args.dataset}-{n_labels}-{variant}.json"
     out.write_text(json.dumps({"dataset": args.dataset, "cpu": cpu_name(), "machine": platform.machine(),
                                "date": datetime.now().isoformat(timespec="seconds"), "runs": runs,
                                "table": table}, indent=2))
