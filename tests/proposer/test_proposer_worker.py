@@ -104,7 +104,11 @@ async def test_dataset_augmented_to_model_proposed(backends: Backends, tmp_path:
         assert cand.scores["gate_passed"] == (1.0 if cand.scores["fps_spec_b1"] >= 1.0 else 0.0)
         assert 0.0 <= cand.total <= 1.0 and cand.weights_key == f"proposer/models/{cand.model_id}.pt"
         assert backends.objects.exists(cand.weights_key)
-    assert proposed.ranking[0].total >= proposed.ranking[1].total >= proposed.ranking[2].total
+    # the ranking puts candidates that pass the speed gate first, then orders by total (a candidate measured
+    # below min_fps on a loaded machine ranks after the others whatever its total: seen in CI, Lite0 at 0.82
+    # behind a small CNN at 0.34)
+    order = [(-c.scores["gate_passed"], -c.total) for c in proposed.ranking]
+    assert order == sorted(order)
     assert proposed.chosen_model_id == proposed.ranking[0].model_id
     assert proposed.weights == DEFAULT_WEIGHTS
     assert proposed.classes == ["defect", "good"] and proposed.manifest_key == manifest_key
