@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -143,14 +144,18 @@ async def test_dataset_augmented_to_model_proposed(backends: Backends, tmp_path:
         speed_only = {k: 0.0 for k in DEFAULT_WEIGHTS} | {"fps_b1": 1.0}
         rr = client.post("/proposals/synth/rerank", json={"weights": speed_only})
         assert rr.status_code == 200
-        # speed only: every candidate with the top fps_b1 totals 1 -- here both small CNNs, tied exactly
-        # (one shared measurement) -- and equal totals rank by model_id
+        # speed only: the candidates with the top fps_b1 -- here both small CNNs, tied exactly (one shared
+        # measurement) -- lead, equal totals ranked by model_id. Their total is fps_b1 normalized on a log
+        # scale over max(spread, ln 4): 1 when they measured at least 4x the slowest, less on a loaded
+        # machine (seen in CI: 0.70, a 2.6x ratio), so it is checked against the measured ratio
         top = max(c.scores["fps_b1"] for c in proposed.ranking)
+        slowest = min(c.scores["fps_b1"] for c in proposed.ranking)
         fastest = sorted(c.model_id for c in proposed.ranking if c.scores["fps_b1"] == top)
         assert fastest == ["small_cnn-synth_bars", "small_cnn-synth_blobs"]
         reranked = rr.json()["candidates"]
         assert [c["model_id"] for c in reranked[:2]] == fastest
-        assert [c["total"] for c in reranked[:2]] == [pytest.approx(1.0)] * 2
+        expected = min(1.0, math.log(top / slowest) / math.log(4.0))
+        assert [c["total"] for c in reranked[:2]] == [pytest.approx(expected)] * 2
         assert rr.json()["chosen_model_id"] == fastest[0]
         bad = client.post("/proposals/synth/rerank", json={"weights": {"accuracy": 1.0}})
         assert bad.status_code == 422 and "unknown sub-score" in bad.json()["detail"]
