@@ -40,8 +40,8 @@ DEFAULT_LABELS = {"mnist": 250, "fashion-mnist": 500, "digits": 180, "elpv": 525
 ITEMS = {"mnist": 5000, "fashion-mnist": 5000, "digits": 1797, "elpv": 2624}
 
 
-def _data(name: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """uint8 N x H x W x 1 images, their labels and the class names."""
+def _data(name: str, workdir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The whole set as uint8 N x H x W x 1 images, their labels and the class names (decoded once a run)."""
     if name == "digits":
         from sklearn.datasets import load_digits
 
@@ -50,23 +50,23 @@ def _data(name: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, 
         y = d.target.astype(np.int64)
         classes = [str(c) for c in range(10)]
     elif name == "elpv":
-        from PIL import Image
+        from augmenter import elpv_arrays
 
-        from dlforge.labeler.demo_data import elpv_cells, elpv_root
-        from dlforge.vision.images import to_array
-
-        root, cells = elpv_root(), elpv_cells()
-        classes = sorted({c.label for c in cells})
-        x = np.stack([to_array(Image.open(root / c.name), size=64, channels=1) for c in cells])
-        y = np.array([classes.index(c.label) for c in cells], dtype=np.int64)
+        x, defect = elpv_arrays(workdir, 64)
+        classes = ["defect", "good"]
+        y = (1 - defect).astype(np.int64)
     else:
         from dlforge.proposer.sources import load_fashion_mnist, load_mnist
 
         data = load_fashion_mnist() if name == "fashion-mnist" else load_mnist()
         x, y, classes = data.train_x, np.asarray(data.train_y, dtype=np.int64), list(data.classes)
-    rows = rng.choice(len(x), min(5000, len(x)), replace=False)
-    x, y = x[rows], y[rows]
     return (x[..., None] if x.ndim == 3 else x), y, classes
+
+
+def _sample(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A seed's random sample of at most 5,000 items (all of a smaller set, in random order)."""
+    rows = rng.choice(len(x), min(5000, len(x)), replace=False)
+    return x[rows], y[rows]
 
 
 def measure(x: np.ndarray, y: np.ndarray, labeled: np.ndarray, *, classes: list[str], steps: int, seed: int,
@@ -95,6 +95,8 @@ def main() -> None:
     p.add_argument("--thresholds", choices=THRESHOLDS, nargs="+", default=["fixed"],
                    help="pseudo-label thresholds: fixed (FixMatch's) and/or flex (FlexMatch's per-class ones)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workdir", type=Path, default=Path(".dlforge/augbench"),
+                   help="ELPV: where the decoded cells are cached (shared with augmenter.py)")
     args = p.parse_args()
     if min(args.steps) < 1 or args.threads < 1:
         p.error("--steps and --threads must be >= 1")
@@ -106,10 +108,10 @@ def main() -> None:
     if not 10 <= n_labels < items:
         p.error(f"--labels must lie in [10, {items})")
     runs = []
-    classes: list[str] = []
+    x_all, y_all, classes = _data(args.dataset, args.workdir)
     for seed in args.seeds:
         rng = np.random.default_rng(1000 + seed)
-        x, y, classes = _data(args.dataset, rng)
+        x, y = _sample(x_all, y_all, rng)
         labeled = np.sort(rng.choice(len(x), n_labels, replace=False))
         for steps in args.steps:
             for thresholds in args.thresholds:  # interleaved: each variant of a seed and step count in turn
