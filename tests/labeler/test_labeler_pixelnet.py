@@ -53,6 +53,7 @@ def test_learns_the_pixels_and_rejects_the_view_that_swaps_classes() -> None:
     views = str(summary["views"]).split(",")
     assert "vflip" not in views  # top-bottom flips swap the classes
     assert "hflip" in views  # left-right flips keep them
+    assert summary["thresholds"] == "fixed"  # FixMatch's, the default
     assert summary["view_check_vflip"] < 0.3 < 0.9 <= summary["view_check_identity"]
     # every labeled row is held out by exactly one of the two fold networks
     assert np.isfinite(fitted.heldout_proba).all()
@@ -81,6 +82,8 @@ def test_input_and_option_validation() -> None:
         PixelSSL(threshold=1.0)
     with pytest.raises(ValueError, match="folds"):
         PixelSSL(folds=1)
+    with pytest.raises(ValueError, match="thresholds must be one of fixed, flex"):
+        PixelSSL(thresholds="adaptive")
     assert PixelSSL(max_size=64).pixel_input(native_size=300, gray=True).size == 64
     assert PixelSSL(max_size=64).pixel_input(native_size=28, gray=False).channels == 3
     assert make_classifier("cnn_ssl", threads=1).name == "cnn_ssl"
@@ -98,16 +101,13 @@ def test_flex_thresholds_follow_flexmatchs_formula() -> None:
 
 
 def test_flexmatchs_per_class_thresholds_learn_the_pixels_too() -> None:
-    """The default is ``fixed`` (the tests above); ``flex`` learns the same pixels and says so."""
+    """``flex`` learns the same pixels as the default ``fixed`` (the first test) and says so."""
     x, y = bars(300, np.random.default_rng(0))
     labeled = np.arange(60)
     fitted = small(thresholds="flex").fit(x, labeled, y[labeled], n_classes=2, seed=0)
     rest = np.arange(60, 300)
     assert float((fitted.predict_proba(x[rest]).argmax(axis=1) == y[rest]).mean()) >= 0.95
     assert fitted.summary()["thresholds"] == "flex"
-    assert small().fit(x, labeled, y[labeled], n_classes=2, seed=0).summary()["thresholds"] == "fixed"
-    with pytest.raises(ValueError, match="thresholds must be one of fixed, flex"):
-        PixelSSL(thresholds="adaptive")
 
 
 def test_training_consults_and_updates_the_per_class_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
