@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -171,6 +172,32 @@ def test_speed_is_measured() -> None:
     assert set(out) == {"fps_b1", "fps_b32", "fps_spec_b1"}
     assert all(v > 1.0 for v in out.values())
     assert out["fps_b32"] > out["fps_b1"] * 0.5  # batching does not make a small CNN slower per image
+
+
+def test_speed_is_the_median_run_so_a_stall_does_not_reject_a_candidate() -> None:
+    """A clock that advances 0.1 s per timed run, and 5 s in one stalled run, the third.
+
+    Over the 0.5 s window the runs finish at 0.1, 0.2, 5.2, 5.3, ... so the loop stops after the
+    third run (5.2 s ≥ 0.5 s and min_runs 3 reached). The median run is 0.1 s: 10 images/s at
+    batch 1, 40 at batch 4. The window's mean would say 3 / 5.2 = 0.58 images/s, below a 1 fps gate.
+    """
+    def clock_with_a_stall() -> Callable[[], float]:
+        now = [0.0]
+        calls = [0]
+
+        def clock() -> float:
+            calls[0] += 1
+            # calls: 1 = window start; then (t0, t1) per run: 2-3, 4-5, 6-7, ...; run k ends at call 2k + 1
+            if calls[0] % 2 == 1 and calls[0] > 1:
+                now[0] += 5.0 if calls[0] == 7 else 0.1
+            return now[0]
+        return clock
+
+    model = build_network("small_cnn", 2, pretrained=False)
+    assert measure_throughput(model, batch=1, size=32, channels=1, seconds=0.5, min_runs=3,
+                              clock=clock_with_a_stall()) == pytest.approx(10.0)
+    assert measure_throughput(model, batch=4, size=32, channels=1, seconds=0.5, min_runs=3,
+                              clock=clock_with_a_stall()) == pytest.approx(40.0)
 
 
 def test_scorers_follow_the_protocol() -> None:
