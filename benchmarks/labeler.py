@@ -24,7 +24,7 @@ same plug-in refitted on the same labels, representative mask and seed as the lo
 after each round (``per_round``) is refitted the same way on the labels people had given by then
 and plotted against the human labels (``--no-curve`` skips it).
 
-Prints a table and writes ``benchmarks/results/labeler-<dataset>-<budget>[-s<seed>][-<classifier>].json``
+Prints a table and writes ``benchmarks/results/labeler-<dataset>-<budget>[-s<seed>][-of<subset>][-<classifier>].json``
 and the plot beside it (``.png``). ``--workdir`` keeps the object store, and with it the feature
 store: the embeddings are computed once and a re-run takes seconds.
 """
@@ -462,6 +462,7 @@ def main() -> None:
     name = result["dataset"]
     out = Path(args.output) if args.output else RESULTS / (
         f"labeler-{name}-{args.budget:g}" + (f"-s{args.seed}" if args.seed else "")
+        + (f"-of{args.subset}" if args.dataset != "elpv" and not args.folder and args.subset != 5000 else "")
         + (f"-{args.classifier}" if args.classifier != "linear" else "")
         + (f"-{args.views}" if args.views != "none" else "")
         + (f"-domains-{args.domains}" if args.domains != "none" else "")

@@ -3,10 +3,11 @@
     python benchmarks/labeler_cnn.py --dataset {mnist,fashion-mnist,digits,elpv} [--labels N] [--steps 1500 3000]
                                      [--seeds 0 1] [--thresholds fixed flex]
 
-A random sample of the set (5,000 images of the MNIST sets, all 1,797 digits, all 2,624 ELPV cells at
-64 px, the plug-in's largest size) is drawn, and ``--labels`` of its items, drawn at random too
-(default: MNIST 250 = 5 %, Fashion-MNIST 500 = 10 %, digits 180 = 10 %, ELPV 525 = 20 %, the budgets
-issue 7 names), get their known label; the rest stay unlabeled.
+A random sample of the set (``--items``; default 5,000 images of the MNIST sets, all 1,797 digits,
+all 2,624 ELPV cells at 64 px, the plug-in's largest size) is drawn, and ``--labels`` of its items,
+drawn at random too (default: the budget issue 7 names, of the sample: MNIST 5 %, Fashion-MNIST
+10 %, digits 10 %, ELPV 20 %, so 250, 500, 180 and 525 by default), get their known label; the rest
+stay unlabeled.
 ``cnn_ssl`` (:class:`dlforge.labeler.pixelnet.PixelSSL`) is fitted with each ``--steps`` value and
 each ``--thresholds`` rule (FixMatch's fixed one, FlexMatch's per-class ones), with no time budget,
 every variant of one seed before the next seed, and scored on the unlabeled items
@@ -16,7 +17,8 @@ measures the same plug-in inside the loop; this one isolates the training from t
 of items.
 
 Prints a table and writes ``benchmarks/results/labeler-cnn-<dataset>-<labels>-<thresholds>-<steps>-s<seeds>.json``
-(e.g. ``labeler-cnn-mnist-250-fixed-flex-1500-s0-1.json``): runs with other variants do not overwrite it.
+(e.g. ``labeler-cnn-mnist-250-fixed-flex-1500-s0-1.json``; ``-of<items>`` after the labels when
+``--items`` is given): runs with other variants do not overwrite it.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from machine import cpu_name
 from dlforge.labeler.pixelnet import THRESHOLDS, PixelSSL
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_LABELS = {"mnist": 250, "fashion-mnist": 500, "digits": 180, "elpv": 525}
-ITEMS = {"mnist": 5000, "fashion-mnist": 5000, "digits": 1797, "elpv": 2624}
+BUDGET = {"mnist": 0.05, "fashion-mnist": 0.10, "digits": 0.10, "elpv": 0.20}  # issue 7's label budgets
+ITEMS = {"mnist": 5000, "fashion-mnist": 5000, "digits": 1797, "elpv": 2624}  # the default sample
 
 
 def _data(name: str, workdir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -63,9 +65,9 @@ def _data(name: str, workdir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return (x[..., None] if x.ndim == 3 else x), y, classes
 
 
-def _sample(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A seed's random sample of at most 5,000 items (all of a smaller set, in random order)."""
-    rows = rng.choice(len(x), min(5000, len(x)), replace=False)
+def _sample(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, items: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seed's random sample of ``items`` items (all of them, in random order, when that is the whole set)."""
+    rows = rng.choice(len(x), items, replace=False)
     return x[rows], y[rows]
 
 
@@ -88,8 +90,11 @@ def measure(x: np.ndarray, y: np.ndarray, labeled: np.ndarray, *, classes: list[
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=sorted(DEFAULT_LABELS), default="mnist")
-    p.add_argument("--labels", type=int, default=None, help="people's labels (default: the labeler benchmark's)")
+    p.add_argument("--dataset", choices=sorted(BUDGET), default="mnist")
+    p.add_argument("--items", type=int, default=None,
+                   help="the sample's size (default: 5,000 of the MNIST sets, all of digits and ELPV)")
+    p.add_argument("--labels", type=int, default=None,
+                   help="people's labels (default: issue 7's budget of the sample, e.g. 5 %% of MNIST's)")
     p.add_argument("--steps", type=int, nargs="+", default=[1500, 3000])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--thresholds", choices=THRESHOLDS, nargs="+", default=["fixed"],
@@ -103,15 +108,17 @@ def main() -> None:
     if len(set(args.steps)) < len(args.steps) or len(set(args.seeds)) < len(args.seeds) \
             or len(set(args.thresholds)) < len(args.thresholds):
         p.error("--steps, --seeds and --thresholds must not repeat a value")
-    items = ITEMS[args.dataset]
-    n_labels = DEFAULT_LABELS[args.dataset] if args.labels is None else args.labels
+    x_all, y_all, classes = _data(args.dataset, args.workdir)
+    items = ITEMS[args.dataset] if args.items is None else args.items
+    if not 20 <= items <= len(x_all):
+        p.error(f"--items must lie in [20, {len(x_all)}] for {args.dataset}")
+    n_labels = round(BUDGET[args.dataset] * items) if args.labels is None else args.labels
     if not 10 <= n_labels < items:
         p.error(f"--labels must lie in [10, {items})")
     runs = []
-    x_all, y_all, classes = _data(args.dataset, args.workdir)
     for seed in args.seeds:
         rng = np.random.default_rng(1000 + seed)
-        x, y = _sample(x_all, y_all, rng)
+        x, y = _sample(x_all, y_all, rng, items)
         labeled = np.sort(rng.choice(len(x), n_labels, replace=False))
         for steps in args.steps:
             for thresholds in args.thresholds:  # interleaved: each variant of a seed and step count in turn
@@ -141,7 +148,8 @@ def main() -> None:
               f"{classes[worst]} ({recall[worst]:.3f})")
     RESULTS.mkdir(parents=True, exist_ok=True)
     variant = "-".join([*args.thresholds, *map(str, args.steps)]) + "-s" + "-".join(map(str, args.seeds))
-    out = RESULTS / f"labeler-cnn-{args.dataset}-{n_labels}-{variant}.json"
+    size = "" if args.items is None else f"-of{items}"
+    out = RESULTS / f"labeler-cnn-{args.dataset}-{n_labels}{size}-{variant}.json"
     out.write_text(json.dumps({"dataset": args.dataset, "cpu": cpu_name(), "machine": platform.machine(),
                                "date": datetime.now().isoformat(timespec="seconds"), "runs": runs,
                                "table": table}, indent=2))
