@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -171,33 +170,48 @@ def test_speed_is_measured() -> None:
     out = SpeedScorer(seconds=0.05, spec_input_size=48).score(small_candidate(), target)
     assert set(out) == {"fps_b1", "fps_b32", "fps_spec_b1"}
     assert all(v > 1.0 for v in out.values())
-    assert out["fps_b32"] > out["fps_b1"] * 0.5  # batching does not make a small CNN slower per image
 
 
-def test_speed_is_the_median_run_so_a_stall_does_not_reject_a_candidate() -> None:
-    """A clock that advances 0.1 s per timed run, and 5 s in one stalled run, the third.
+class RunClock:
+    """A clock for :func:`measure_throughput` whose k-th timed run lasts ``durations[k]`` seconds.
 
-    Over the 0.5 s window the runs finish at 0.1, 0.2, 5.2, 5.3, ... so the loop stops after the
-    third run (5.2 s ≥ 0.5 s and min_runs 3 reached). The median run is 0.1 s: 10 images/s at
-    batch 1, 40 at batch 4. The window's mean would say 3 / 5.2 = 0.58 images/s, below a 1 fps gate.
+    The function reads the clock once for the window's start, then twice a run (before and after);
+    time advances only inside a run.
     """
-    def clock_with_a_stall() -> Callable[[], float]:
-        now = [0.0]
-        calls = [0]
 
-        def clock() -> float:
-            calls[0] += 1
-            # calls: 1 = window start; then (t0, t1) per run: 2-3, 4-5, 6-7, ...; run k ends at call 2k + 1
-            if calls[0] % 2 == 1 and calls[0] > 1:
-                now[0] += 5.0 if calls[0] == 7 else 0.1
-            return now[0]
-        return clock
+    def __init__(self, durations: list[float]) -> None:
+        self.durations, self.now, self.calls = durations, 0.0, 0
 
+    def __call__(self) -> float:
+        self.calls += 1
+        if self.calls > 1 and self.calls % 2 == 1:  # the read after run (calls - 1) // 2
+            self.now += self.durations[(self.calls - 1) // 2 - 1]
+        return self.now
+
+
+def test_speed_is_the_median_stretch_so_a_stall_does_not_reject_a_candidate() -> None:
     model = build_network("small_cnn", 2, pretrained=False)
-    assert measure_throughput(model, batch=1, size=32, channels=1, seconds=0.5, min_runs=3,
-                              clock=clock_with_a_stall()) == pytest.approx(10.0)
-    assert measure_throughput(model, batch=4, size=32, channels=1, seconds=0.5, min_runs=3,
-                              clock=clock_with_a_stall()) == pytest.approx(40.0)
+
+    def fps(durations: list[float], *, batch: int = 1, seconds: float = 0.5) -> tuple[float, int]:
+        clock = RunClock(durations)
+        value = measure_throughput(model, batch=batch, size=32, channels=1, seconds=seconds, min_runs=3,
+                                   clock=clock)
+        return value, (clock.calls - 1) // 2  # the runs it timed
+
+    # runs end at 0.1, 0.2 and 5.2 s: past the 0.5 s window with 3 runs, so it stops there; one stretch a
+    # run, median 0.1 s: 10 images/s at batch 1 (40 at batch 4). The window's mean would say 3 / 5.2 = 0.58.
+    assert fps([0.1, 0.1, 5.0, 0.1]) == (pytest.approx(10.0), 3)
+    assert fps([0.1, 0.1, 5.0, 0.1], batch=4) == (pytest.approx(40.0), 3)
+    # a stall in two of the three stretches is what the machine does: 1 / 5 s
+    assert fps([5.0, 0.1, 5.0, 0.1]) == (pytest.approx(0.2), 3)
+    # ten runs of 0.1 s, the fourth stalled 4.9 s longer: 5 stretches of 2 runs (2 / 0.2 s = 10 images/s,
+    # and 2 / 5.1 s for the stalled one); the window ends with the tenth run (5.9 s >= 5.85 s)
+    assert fps([0.1] * 3 + [5.0] + [0.1] * 10, seconds=5.85) == (pytest.approx(10.0), 10)
+    # the same ten runs with a steady load doubling every run: the figure halves
+    assert fps([0.2] * 3 + [10.0] + [0.2] * 10, seconds=11.7) == (pytest.approx(5.0), 10)
+    # a window shorter than a stretch (0.1 s) is one stretch, whose mean counts a stall in full:
+    # nine runs of 1 ms and one of 50 ms, ten images in 59 ms
+    assert fps([0.001] * 9 + [0.05], seconds=0.055) == (pytest.approx(10 / 0.059), 10)
 
 
 def test_scorers_follow_the_protocol() -> None:

@@ -499,15 +499,22 @@ class ShortTermTrainingScorer:
 
 
 def measure_throughput(model: nn.Module, *, batch: int, size: int, channels: int, seconds: float,
-                       min_runs: int = 2, max_runs: int = 200,
+                       min_runs: int = 3, max_runs: int = 200, groups: int = 5, stretch_seconds: float = 0.1,
                        clock: Callable[[], float] = time.perf_counter) -> float:
-    """Images per second of ``model`` in inference mode on random input, at its median run time.
+    """Images per second of ``model`` in inference mode on random input: the median of ``groups`` stretches.
 
     After one warm-up run (allocations, oneDNN primitive creation), the model runs until ``seconds``
-    have passed and at least ``min_runs`` runs are timed, each on its own. The result is ``batch``
-    over the median run: a stall that hits fewer than half the runs (another process taking the
-    core, a page fault) does not move it, where the mean over the window would count it in full.
-    The proposer's ``min_fps`` gate rests on this figure, so one stall must not reject a candidate.
+    have passed and at least ``min_runs`` runs are done (at most ``max_runs``), each timed on its own.
+    The runs, in order, are cut into ``groups`` stretches of (nearly) equal counts, fewer when there
+    are fewer runs or when a stretch would last less than ``stretch_seconds`` on average; each
+    stretch's throughput is its images over its seconds, and the result is the median stretch. A stall
+    that falls in fewer than half the stretches (another process taking the core for a moment) does
+    not move it, where the mean over the whole window would count it in full; the proposer's
+    ``min_fps`` gate rests on this figure. A steady load slows every stretch alike, so short runs
+    (batch 1, a small network) and long ones (batch 32, a large one) are charged for it alike: a
+    stretch lasts several of the scheduler's periods (milliseconds each), so it includes the moments
+    its runs were preempted, which the median of single sub-millisecond runs would leave out. A window
+    shorter than ``stretch_seconds`` is one stretch: the plain mean.
     """
     x = torch.randn(batch, channels, size, size)
     model.eval()
@@ -522,7 +529,10 @@ def measure_throughput(model: nn.Module, *, batch: int, size: int, channels: int
             times.append(t1 - t0)
             if len(times) >= min_runs and t1 - start >= seconds:
                 break
-    return batch / max(float(np.median(times)), 1e-9)
+    total = float(np.sum(times))
+    count = min(max(1, groups), len(times), max(1, int(total / stretch_seconds)) if stretch_seconds > 0 else groups)
+    stretches = np.array_split(np.asarray(times), count)
+    return float(np.median([batch * len(t) / max(float(t.sum()), 1e-9) for t in stretches]))
 
 
 _LN4 = math.log(4.0)  # a 4x throughput difference is decisive
