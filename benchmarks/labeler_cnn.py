@@ -18,7 +18,7 @@ of items.
 
 Prints a table and writes ``benchmarks/results/labeler-cnn-<dataset>-<labels>-<thresholds>-<steps>-s<seeds>.json``
 (e.g. ``labeler-cnn-mnist-250-fixed-flex-1500-s0-1.json``; ``-of<items>`` after the labels when
-``--items`` is given): runs with other variants do not overwrite it.
+``--items`` is not the default): runs with other variants do not overwrite it.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def main() -> None:
               f"{classes[worst]} ({recall[worst]:.3f})")
     RESULTS.mkdir(parents=True, exist_ok=True)
     variant = "-".join([*args.thresholds, *map(str, args.steps)]) + "-s" + "-".join(map(str, args.seeds))
-    size = "" if args.items is None else f"-of{items}"
+    size = "" if items == ITEMS[args.dataset] else f"-of{items}"
     out = RESULTS / f"labeler-cnn-{args.dataset}-{n_labels}{size}-{variant}.json"
     out.write_text(json.dumps({"dataset": args.dataset, "cpu": cpu_name(), "machine": platform.machine(),
                                "date": datetime.now().isoformat(timespec="seconds"), "runs": runs,

@@ -207,7 +207,7 @@ def test_speed_is_the_median_stretch_so_a_stall_does_not_reject_a_candidate() ->
     # ten runs of 0.1 s, the fourth stalled 4.9 s longer: 5 stretches of 2 runs (2 / 0.2 s = 10 images/s,
     # and 2 / 5.1 s for the stalled one); the window ends with the tenth run (5.9 s >= 5.85 s)
     assert fps([0.1] * 3 + [5.0] + [0.1] * 10, seconds=5.85) == (pytest.approx(10.0), 10)
-    # the same ten runs with a steady load doubling every run: the figure halves
+    # the same ten runs under a steady load that makes every run take twice as long: the figure halves
     assert fps([0.2] * 3 + [10.0] + [0.2] * 10, seconds=11.7) == (pytest.approx(5.0), 10)
     # a window shorter than a stretch (0.1 s) is one stretch, whose mean counts a stall in full:
     # nine runs of 1 ms and one of 50 ms, ten images in 59 ms
