@@ -144,18 +144,21 @@ async def test_dataset_augmented_to_model_proposed(backends: Backends, tmp_path:
         speed_only = {k: 0.0 for k in DEFAULT_WEIGHTS} | {"fps_b1": 1.0}
         rr = client.post("/proposals/synth/rerank", json={"weights": speed_only})
         assert rr.status_code == 200
-        # speed only: the candidates with the top fps_b1 -- here both small CNNs, tied exactly (one shared
+        # speed only: the candidates with the top fps_b1 -- normally both small CNNs, tied exactly (one shared
         # measurement) -- lead, equal totals ranked by model_id. Their total is fps_b1 normalized on a log
         # scale over max(spread, ln 4): 1 when they measured at least 4x the slowest, less on a loaded
         # machine (seen in CI: 0.70, a 2.6x ratio), so it is checked against the measured ratio
         top = max(c.scores["fps_b1"] for c in proposed.ranking)
         slowest = min(c.scores["fps_b1"] for c in proposed.ranking)
-        fastest = sorted(c.model_id for c in proposed.ranking if c.scores["fps_b1"] == top)
-        assert fastest == ["small_cnn-synth_bars", "small_cnn-synth_blobs"]
+        # which architecture measures fastest is a timing (the small CNNs are about 10x Lite0 idle, 2.6x
+        # under CI's load, and once behind it): the leaders are checked against the measured speeds
+        fps_of = {c.model_id: c.scores["fps_b1"] for c in proposed.ranking}
+        assert fps_of["small_cnn-synth_bars"] == fps_of["small_cnn-synth_blobs"]  # one shared measurement
+        fastest = sorted(m for m, v in fps_of.items() if v == top)
         reranked = rr.json()["candidates"]
-        assert [c["model_id"] for c in reranked[:2]] == fastest
+        assert [c["model_id"] for c in reranked[:len(fastest)]] == fastest
         expected = min(1.0, math.log(top / slowest) / math.log(4.0))
-        assert [c["total"] for c in reranked[:2]] == [pytest.approx(expected)] * 2
+        assert [c["total"] for c in reranked[:len(fastest)]] == [pytest.approx(expected)] * len(fastest)
         assert rr.json()["chosen_model_id"] == fastest[0]
         bad = client.post("/proposals/synth/rerank", json={"weights": {"accuracy": 1.0}})
         assert bad.status_code == 422 and "unknown sub-score" in bad.json()["detail"]
