@@ -212,10 +212,10 @@ def test_speed_is_the_median_stretch_so_a_stall_does_not_reject_a_candidate() ->
     # a window shorter than a stretch (0.1 s) is one stretch, whose mean counts a stall in full:
     # nine runs of 1 ms and one of 50 ms, ten images in 59 ms
     assert fps([0.001] * 9 + [0.05], seconds=0.055) == (pytest.approx(10 / 0.059), 10)
-    for batch, max_runs, groups in ((0, 200, 5), (1, 0, 5), (1, 200, 0)):
-        with pytest.raises(ValueError, match="must be >= 1"):
+    for batch, max_runs, groups, stretch in ((0, 200, 5, 0.1), (1, 0, 5, 0.1), (1, 200, 0, 0.1), (1, 200, 5, 0.0)):
+        with pytest.raises(ValueError, match="must be >= 1 and stretch_seconds > 0"):
             measure_throughput(model, batch=batch, size=32, channels=1, seconds=0.1, max_runs=max_runs,
-                               groups=groups)
+                               groups=groups, stretch_seconds=stretch)
 
 
 def test_scorers_follow_the_protocol() -> None:

@@ -516,8 +516,9 @@ def measure_throughput(model: nn.Module, *, batch: int, size: int, channels: int
     its runs were preempted, which the median of single sub-millisecond runs would leave out. A window
     shorter than ``stretch_seconds`` is one stretch: the plain mean.
     """
-    if min(batch, max_runs, groups) < 1:
-        raise ValueError(f"batch, max_runs and groups must be >= 1, got {batch}, {max_runs}, {groups}")
+    if min(batch, max_runs, groups) < 1 or stretch_seconds <= 0:
+        raise ValueError(f"batch, max_runs and groups must be >= 1 and stretch_seconds > 0, got {batch}, "
+                         f"{max_runs}, {groups}, {stretch_seconds}")
     x = torch.randn(batch, channels, size, size)
     model.eval()
     times: list[float] = []
@@ -532,7 +533,7 @@ def measure_throughput(model: nn.Module, *, batch: int, size: int, channels: int
             if len(times) >= min_runs and t1 - start >= seconds:
                 break
     total = float(np.sum(times))
-    count = min(groups, len(times), max(1, int(total / stretch_seconds)) if stretch_seconds > 0 else groups)
+    count = min(groups, len(times), max(1, int(total / stretch_seconds)))
     stretches = np.array_split(np.asarray(times), count)
     return float(np.median([batch * len(t) / max(float(t.sum()), 1e-9) for t in stretches]))
 
