@@ -108,13 +108,15 @@ def main() -> None:
     if len(set(args.steps)) < len(args.steps) or len(set(args.seeds)) < len(args.seeds) \
             or len(set(args.thresholds)) < len(args.thresholds):
         p.error("--steps, --seeds and --thresholds must not repeat a value")
-    x_all, y_all, classes = _data(args.dataset, args.workdir)
     items = ITEMS[args.dataset] if args.items is None else args.items
-    if not 20 <= items <= len(x_all):
-        p.error(f"--items must lie in [20, {len(x_all)}] for {args.dataset}")
+    if items < 20:
+        p.error("--items must be >= 20")
     n_labels = round(BUDGET[args.dataset] * items) if args.labels is None else args.labels
     if not 10 <= n_labels < items:
         p.error(f"--labels must lie in [10, {items})")
+    x_all, y_all, classes = _data(args.dataset, args.workdir)  # the set's size is known once it is decoded
+    if items > len(x_all):
+        p.error(f"--items must be at most {len(x_all)} for {args.dataset}")
     runs = []
     for seed in args.seeds:
         rng = np.random.default_rng(1000 + seed)
