@@ -300,8 +300,8 @@ async def test_a_fully_labeled_dataset_is_labeled_without_asking_anyone(
 @pytest.mark.slow
 async def test_a_pixel_classifier_learns_on_the_stored_pixels_in_the_loop(tmp_path: Path) -> None:
     """``DLFORGE_LABELER_CLASSIFIER=cnn_ssl``: each round's classifier is the CNN, fitted on the items'
-    decoded pixels at their own size (24 px gray here), within the configured time budget (a hard cap
-    here: no floor of steps)."""
+    decoded pixels at their own size (24 px gray here); a short time budget with no floor of steps keeps the
+    test short (that the budget stops a fit is pixelnet's own test)."""
     settings = labeler_settings_for(tmp_path, labeler_classifier="cnn_ssl", labeler_cnn_time_budget_s=3.0,
                                     labeler_cnn_min_steps=0, labeler_threads=1)
     backends = Backends.from_settings(settings)

@@ -158,6 +158,11 @@ def test_the_engine_trains_one_worker_on_the_device_asked_for() -> None:
     assert all(p.device.type == "cpu" for p in b.parameters())  # handed back on the CPU
     if not CUDA:
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    # and it trained: the weights are the plain float32 loop's, not the initial ones
+    expected, initial = _reference_weights(data, HP), _tail().state_dict()
+    for k, v in expected.items():
+        torch.testing.assert_close(a.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(initial[k], v) for k, v in expected.items())
 
 
 def test_the_horovod_engine_refuses_cuda_rather_than_train_on_the_cpu() -> None:

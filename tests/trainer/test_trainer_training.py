@@ -26,6 +26,7 @@ from dlforge.trainer.testing import make_dataset
 from dlforge.trainer.training import class_weights, stratified_sample
 from dlforge.vision.manifest import load_manifest, save_manifest
 from dlforge.vision.networks import build_network, load_checkpoint
+from dlforge.vision.observe import CountingObserver, observing
 
 CLASSES = ["defect", "good"]
 
@@ -54,17 +55,31 @@ def test_learns_above_chance_and_reports_every_epoch(objects: ObjectStore, manif
 
 
 def test_activation_cache_is_reused_and_derived(objects: ObjectStore, manifest_key: str, weights_key: str,
-                                                config: TrainerConfig) -> None:
-    first = run_training(objects, request(manifest_key, weights_key, epochs=1, unfreeze=2), job_id="a",
-                         key_prefix="t/a", config=config)
+                                                config: TrainerConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlforge.trainer.cache import ActivationCache
+
+    passes: list[str] = []  # every activation pass from the images
+    from_images = ActivationCache._from_images
+
+    def spy(self: ActivationCache, *args: object, **kw: object) -> object:
+        passes.append("images")
+        return from_images(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ActivationCache, "_from_images", spy)
+    with observing(CountingObserver()) as computed:
+        first = run_training(objects, request(manifest_key, weights_key, epochs=1, unfreeze=2), job_id="a",
+                             key_prefix="t/a", config=config)
     assert first.cache_source == "computed"
-    again = run_training(objects, request(manifest_key, weights_key, epochs=1, unfreeze=2, lr=0.02), job_id="b",
-                         key_prefix="t/b", config=config)
-    assert again.cache_source == "hit" and again.cache_seconds < first.cache_seconds
-    # unfreeze 1 and 0 sit after the computed boundary (unfreeze 3): derived, no image decoded again
-    shallower = run_training(objects, request(manifest_key, weights_key, epochs=1, unfreeze=1), job_id="c",
-                             key_prefix="t/c", config=config)
-    assert shallower.cache_source == "derived"
+    assert len(computed.decodes) == 80 and set(computed.decodes.values()) == {1}  # 56 + 12 + 12 images, once each
+    with observing(CountingObserver()) as reused:
+        again = run_training(objects, request(manifest_key, weights_key, epochs=1, unfreeze=2, lr=0.02), job_id="b",
+                             key_prefix="t/b", config=config)
+        assert again.cache_source == "hit"
+        # unfreeze 1 and 0 sit after the computed boundary (unfreeze 3): derived, no image decoded again
+        shallower = run_training(objects, request(manifest_key, weights_key, epochs=1, unfreeze=1), job_id="c",
+                                 key_prefix="t/c", config=config)
+        assert shallower.cache_source == "derived"
+    assert not reused.decodes and passes == ["images"]  # the first run's pass only: b and c read the cache
     boundaries = {i.key.split("/")[-2] for i in objects.list("trainer/cache/") if i.key.endswith("index.json")}
     assert len(boundaries) == 3  # unfreeze 3 (computed from images), 2 and 1 (derived)
     # a changed manifest is another cache entry
@@ -293,14 +308,19 @@ def test_a_k_center_sample_keeps_the_class_quotas_nests_and_takes_the_outliers()
     assert len(quarter & set(where["b"]["near"])) == len(quarter & set(where["b"]["far"])) == 1
 
     # a random quarter of b (3 of 12 rows) holds its outlier with probability 1/4: over 20 seeds it misses it at
-    # least once unless with probability 4**-20; the random method is the stratified sample it always was
-    missed = 0
+    # least once unless with probability 4**-20; the random method is a stratified sample (5 of a, 3 of b) that
+    # its seed decides: the same seed the same rows, other seeds other rows
+    missed, drawn = 0, set()
     for seed in range(20):
         data, _, _ = build_data(acts, ["a", "b"], sample_fraction=0.25, sample_seed=seed)
         rows = _train_rows(acts, data.train_x)
-        assert sorted(rows) == stratified_sample(labels, 0.25, seed=seed).tolist()
+        assert np.bincount(labels[sorted(rows)]).tolist() == [5, 3]
         missed += not set(where["b"]["outlier"]) <= rows
-    assert missed > 0
+        drawn.add(frozenset(rows))
+    assert missed > 0 and len(drawn) > 1
+    again, _, _ = build_data(acts, ["a", "b"], sample_fraction=0.25, sample_seed=7)
+    first, _, _ = build_data(acts, ["a", "b"], sample_fraction=0.25, sample_seed=7)
+    assert _train_rows(acts, again.train_x) == _train_rows(acts, first.train_x)
 
 
 def test_herding_keeps_the_quotas_and_a_full_share_is_every_row() -> None:

@@ -159,7 +159,18 @@ async def test_final_training_on_two_workers_emits_model_trained(backends: Backe
 
 async def test_a_trial_trains_on_the_coreset_its_event_names(backends: Backends,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlforge.trainer.handlers import CoresetCache
+
     monkeypatch.setenv("DLFORGE_TRAINER_DECISION_WAIT_SECONDS", "0.2")
+    asked: list[tuple[str, float, int]] = []
+    real_rows = CoresetCache.rows
+
+    def spy(self: CoresetCache, key: object, **kw: object) -> object:  # the coreset path, as the trainer takes it
+        rows = real_rows(self, key, **kw)
+        asked.append((str(kw["method"]), float(kw["fraction"]), len(rows)))
+        return rows
+
+    monkeypatch.setattr(CoresetCache, "rows", spy)
     event = trial_event(backends, 3, PARAMS, epochs=1)
     assert isinstance(event.payload, HpoTrial)
     event = event.model_copy(update={"payload": event.payload.model_copy(update={"sample_method": "k_center",
@@ -168,7 +179,8 @@ async def test_a_trial_trains_on_the_coreset_its_event_names(backends: Backends,
     assert isinstance(done.payload, HpoTrialCompleted) and done.payload.state == "complete"
     job = await backends.docs.get("trainer_jobs", "s-trial-0003")
     assert job is not None and job["request"]["sample_method"] == "k_center"
-    # round(22 * 0.25) = 6 rows of each class
+    # round(22 * 0.25) = 6 rows of each class, taken from the k-center coreset (a random sample never asks it)
+    assert asked == [("k_center", 0.25, 12)]
     assert job["request"]["sample_fraction"] == 0.25 and job["result"]["train_rows"] == 12
 
 

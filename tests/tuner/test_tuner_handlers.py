@@ -191,6 +191,8 @@ def test_samplers_by_name_and_optional_dependencies() -> None:
     except ImportError:
         with pytest.raises(ConfigError, match="pip install cmaes"):
             make_sampler(PluginChoice(name="cmaes"), seed=1, startup=2)
+    else:
+        assert isinstance(make_sampler(PluginChoice(name="cmaes"), seed=1, startup=2), optuna.samplers.CmaEsSampler)
     assert pruner_spec(PluginChoice(name="none"), startup=2) is None
     with pytest.raises(InvalidInput, match="bad kwargs"):
         pruner_spec(PluginChoice(name="median", kwargs={"bogus": 1}), startup=2)

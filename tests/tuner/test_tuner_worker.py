@@ -123,9 +123,11 @@ async def test_study_runs_two_trials_prunes_the_worse_one_and_trains_the_best(
     k = len(results[1].intermediate)
     assert results[1].intermediate[k - 1] < results[0].intermediate[k - 1]
     assert all(results[1].intermediate[i] >= results[0].intermediate[i] for i in range(k - 1))
-    # each trial trained on the stratified half of the train split
+    # each trial trained on the stratified half of the train split: round(22 * 0.5) = 11 of each class
     hpo_trial = next(e.payload for e in events if e.event_type == Topic.HPO_TRIAL)
     assert hpo_trial.sample_fraction == 0.5 and hpo_trial.epochs == 3
+    job = await backends.docs.get("trainer_jobs", f"{trainer_worker.safe_id(hpo_trial.study_name)}-trial-0000")
+    assert job is not None and job["result"]["train_rows"] == 22
 
     done = next(e.payload for e in events if isinstance(e.payload, HpoCompleted))
     assert done.best_params == GOOD and done.best_value == results[0].value
@@ -322,7 +324,8 @@ async def test_a_completed_study_with_a_fingerprint_warm_starts_the_next_run_on_
 
 
 async def test_every_trial_samples_its_rows_with_the_runs_seed_not_the_runs_id(backends: Backends) -> None:
-    """Two runs of the same data and seed train their trials on the same rows; another seed on others."""
+    """Two runs of the same data and seed hand the trainer the same sampling seed, another seed another one:
+    the run's id plays no part (the trainer's rows for a seed: test_trainer_training's random-sample test)."""
     seeds = {}
     for run_id, seed in (("run-s1", 41), ("run-s2", 41), ("run-s3", 42)):
         [trial] = await tuner_handles(backends, Event.new(proposed(FAKE, trials=1, seed=seed), run_id=run_id))

@@ -143,8 +143,19 @@ def test_trunk_features_run_from_pixels_once_and_derive_deeper_outputs(tmp_path:
 
     spec = spec_of("efficientnet_lite0")
     x = to_tensor(pixels[:3], spec.__class__(**{**spec.__dict__, "input_size": 64}))
+    # the reference from the network's own modules, not dlforge.vision.staged: the 40-channel stage ends after
+    # block 4, the 320-channel one after block 15 (the input of unit 17, the head), then the head conv
+    from dlforge.vision.networks import efficientnet_lite0_imagenet
+
+    raw = efficientnet_lite0_imagenet().eval()
     with torch.inference_mode():
-        (c40, head, c320), (b17,) = trunk.outputs(x, pooled=[5, 17, 16], boundaries=[17])
+        h = raw._swish(raw._bn0(raw._conv_stem(x)))
+        for idx, block in enumerate(raw._blocks):
+            h = block(h)
+            if idx == 4:
+                c40 = h.mean((2, 3))
+        b17, c320 = h, h.mean((2, 3))
+        head = raw._swish(raw._bn1(raw._conv_head(h))).mean((2, 3))
     np.testing.assert_allclose(first["c40"], c40.numpy(), atol=5e-5, rtol=1e-5)
     np.testing.assert_allclose(first["head"], head.numpy(), atol=5e-5, rtol=1e-5)
     # derived from the stored float16 shared-boundary activation: float16 accuracy
