@@ -35,8 +35,8 @@ test: $(STAMP)
 	$(BIN)/python scripts/services.py start --state $(STATE)
 	@# the end-to-end and browser suites mostly wait on processes they start: they run beside the rest
 	@set -a; . $(STATE)/env; set +a; \
-	  $(BIN)/python -m pytest -q -ra -p no:cacheprovider tests/e2e tests/console > $(STATE)/e2e.log 2>&1 & e2e=$$!; \
-	  $(BIN)/python -m pytest -q -ra --ignore=tests/e2e --ignore=tests/console; rc=$$?; \
+	  $(BIN)/python -m pytest -q -ra --durations=15 -p no:cacheprovider tests/e2e tests/console > $(STATE)/e2e.log 2>&1 & e2e=$$!; \
+	  $(BIN)/python -m pytest -q -ra --durations=40 --ignore=tests/e2e --ignore=tests/console; rc=$$?; \
 	  wait $$e2e; rc_e2e=$$?; echo "===== tests/e2e and tests/console (run beside the rest)"; cat $(STATE)/e2e.log; \
 	  $(BIN)/python scripts/services.py stop --state $(STATE); \
 	  [ $$rc -eq 0 ] && [ $$rc_e2e -eq 0 ]
