@@ -90,6 +90,8 @@ async def test_a_trial_reports_each_epoch_and_stops_when_the_tuner_says_prune(ba
     assert job is not None and job["state"] == "pruned" and job["result"]["train_rows"] == 22
     epochs = await backends.docs.find("trainer_metrics", {"job_id": "s-trial-0001"}, sort=[("epoch", 1)])
     assert [e["epoch"] for e in epochs] == [1, 2]
+    # the tie-break travels with the value: the loss of the epoch the value is from, as the epoch records say
+    assert done.payload.val_loss == epochs[-1]["val_loss"] and epochs[-1]["val_loss"] > 0
     stored = await backends.docs.find(DECISIONS, {"study_name": "s", "trial_number": 1}, sort=[("step", 1)])
     assert [(d["step"], d["action"]) for d in stored] == [(1, "continue"), (2, "prune")]
 

@@ -40,9 +40,10 @@ def context(tmp_path: Path, *, trials: int = 3, parallel: int = 2, **config: obj
     )
 
 
-def completed(number: int, state: str = "complete", value: float | None = 0.7) -> HpoTrialCompleted:
+def completed(number: int, state: str = "complete", value: float | None = 0.7,
+              val_loss: float | None = None) -> HpoTrialCompleted:
     return HpoTrialCompleted(study_name="dlforge-run-1", trial_number=number, state=state,  # type: ignore[arg-type]
-                             value=value, intermediate=[value or 0.0], seconds=1.5)
+                             value=value, intermediate=[value or 0.0], seconds=1.5, val_loss=val_loss)
 
 
 def test_ask_is_idempotent_per_event_and_respects_parallel_and_budget(tmp_path: Path) -> None:
@@ -90,6 +91,41 @@ def test_best_falls_back_to_the_best_pruned_trial(tmp_path: Path) -> None:
     tell(study, ctx, completed(0, "pruned", 0.3))
     tell(study, ctx, completed(1, "pruned", 0.6))
     best = best_trial(study)
+    assert best is not None and best.number == 1
+
+
+def test_equal_values_rank_by_validation_loss_then_by_trial_number(tmp_path: Path) -> None:
+    from dlforge.tuner.handlers import promote_next
+    from dlforge.tuner.warmstart import best_params
+
+    ctx = context(tmp_path, trials=8, parallel=4, fidelity_ladder=[0.5, 1.0])
+    study = prepare_study(ctx)
+    ask_for(study, ctx, asked_by="e1")
+    # 89 of 109 right in trials 0, 1 and 3: 1 is the surest (lowest loss); 3 reported no loss, 0 a higher one
+    for number, value, loss in [(0, 89 / 109, 0.52), (1, 89 / 109, 0.44), (2, 0.75, 0.30), (3, 89 / 109, None)]:
+        tell(load_study(ctx), ctx, completed(number, value=value, val_loss=loss))
+    study = load_study(ctx)
+    best = best_trial(study)
+    assert best is not None and best.number == 1
+    # the order is the warm start's too, and the table shows the losses
+    assert best_params(study) == [study.trials[n].params for n in (1, 0, 3, 2)]
+    assert [t.val_loss for t in trial_table(study)] == [0.52, 0.44, 0.30, None]
+    # the best third of four at 0.5 is two trials: the two surest of the three tied at the top
+    assert promote_next(study, ctx, by="c3") == (1, 1.0)
+    assert promote_next(load_study(ctx), ctx, by="c4") == (0, 1.0)
+    # a non-finite loss is not recorded: it ranks like no loss at all
+    asked = ask_for(load_study(ctx), ctx, asked_by="e2")[0]
+    tell(load_study(ctx), ctx, completed(asked.number, value=0.1, val_loss=float("inf")))
+    assert trial_table(load_study(ctx))[asked.number].val_loss is None
+
+
+def test_without_losses_equal_values_keep_the_earlier_trial(tmp_path: Path) -> None:
+    ctx = context(tmp_path, trials=3, parallel=3)
+    study = prepare_study(ctx)
+    ask_for(study, ctx, asked_by="e1")
+    for number in (0, 1, 2):
+        tell(load_study(ctx), ctx, completed(number, value=0.8 if number else 0.7))
+    best = best_trial(load_study(ctx))
     assert best is not None and best.number == 1
 
 

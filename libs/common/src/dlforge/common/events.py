@@ -488,6 +488,7 @@ class HpoTrialCompleted(Payload):
     """
 
     TOPIC = Topic.HPO_TRIAL_COMPLETED
+    SCHEMA_VERSION: ClassVar[int] = 2  # v2: val_loss
 
     study_name: str
     trial_number: int
@@ -496,6 +497,8 @@ class HpoTrialCompleted(Payload):
     intermediate: list[float]
     seconds: float
     error: str | None = None
+    val_loss: float | None = Field(default=None, description="the validation loss at the epoch ``value`` is from: "
+                                   "between trials of equal value, the lower loss ranks higher (None: not measured)")
 
 
 class TrialRecord(BaseModel):
@@ -510,6 +513,8 @@ class TrialRecord(BaseModel):
                                    description="the share of the train split it trained on (None: not recorded)")
     promoted_from: int | None = Field(default=None, ge=0,
                                       description="the trial whose parameters it trained again on a larger share")
+    val_loss: float | None = Field(default=None, description="the validation loss reported with the value: "
+                                   "the tie-break between equal values (None: not reported)")
 
 
 class HpoCompleted(Payload):
@@ -517,8 +522,8 @@ class HpoCompleted(Payload):
 
     TOPIC = Topic.HPO_COMPLETED
     # v2: options.max_auto_label_error, auto_label_all; v3: options.domain_adaptation, the trials' fidelity and
-    # promoted_from
-    SCHEMA_VERSION: ClassVar[int] = 3
+    # promoted_from; v4: the trials' val_loss
+    SCHEMA_VERSION: ClassVar[int] = 4
 
     study_name: str
     dataset_id: str
@@ -845,3 +850,22 @@ def _trial_v3_to_v4(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 register_upcaster(Topic.HPO_TRIAL, 3, _trial_v3_to_v4)
+
+
+def _trial_completed_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """hpo.trial.completed v1 carried no validation loss: equal values ranked by trial number alone."""
+    return {**payload, "val_loss": None}
+
+
+register_upcaster(Topic.HPO_TRIAL_COMPLETED, 1, _trial_completed_v1_to_v2)
+
+
+def _completed_v3_to_v4(payload: dict[str, Any]) -> dict[str, Any]:
+    """hpo.completed v3's trials carried no validation loss."""
+    trials = payload.get("trials")
+    if not isinstance(trials, list):
+        return payload
+    return {**payload, "trials": [{**t, "val_loss": None} if isinstance(t, dict) else t for t in trials]}
+
+
+register_upcaster(Topic.HPO_COMPLETED, 3, _completed_v3_to_v4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -90,10 +91,12 @@ async def on_trial(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | No
                              trial_number=p.trial_number, wait_seconds=settings.trainer_decision_wait_seconds,
                              run=bridge.run)
 
-    def completed(state: str, value: float | None, error: str | None = None) -> Event:
+    def completed(state: str, value: float | None, error: str | None = None,
+                  val_loss: float | None = None) -> Event:
         return event.follow(HpoTrialCompleted(
             study_name=p.study_name, trial_number=p.trial_number, state=state,  # type: ignore[arg-type]
             value=value, intermediate=reporter.intermediate, seconds=time.perf_counter() - started, error=error,
+            val_loss=val_loss if val_loss is not None and math.isfinite(val_loss) else None,
         ))
 
     try:
@@ -137,11 +140,12 @@ async def on_trial(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | No
         await records.finish(job_id, state="diverged", summary=summary, error="the training loss became non-finite")
         return completed("failed", None, "the training loss became non-finite (learning rate too high?)")
     value = outcome.epochs[-1].val_accuracy if outcome.epochs else None
+    val_loss = outcome.epochs[-1].val_loss if outcome.epochs else None
     if outcome.state == "stopped":
         await records.finish(job_id, state="pruned", summary=summary)
-        return completed("pruned", value)
+        return completed("pruned", value, val_loss=val_loss)
     await records.finish(job_id, state="completed", summary=summary)
-    return completed("complete", value)
+    return completed("complete", value, val_loss=val_loss)
 
 
 @service.handles(Topic.HPO_COMPLETED)

@@ -55,6 +55,7 @@ INTERMEDIATE = "dlforge.intermediate"
 FIDELITY = "fidelity"  # the share of the train split a trial trains on
 PROMOTED_FROM = "dlforge.promoted_from"  # the trial whose parameters a promoted trial trains again
 PROMOTED_BY = "dlforge.promoted_by"  # the completion event that promoted it
+VAL_LOSS = "dlforge.val_loss"  # the validation loss at the epoch of the trial's value: the tie-break
 OBJECTIVE = "val_accuracy"
 MAX_FINGERPRINT = 8192
 MAX_RUNGS = 10
@@ -331,7 +332,8 @@ def promote_next(study: optuna.Study, ctx: StudyContext, *, by: str) -> tuple[in
         higher = next_fidelity(rung, ladder)
         if higher is None:
             continue
-        done = [(t.number, float(t.value)) for t in sorted(trials, key=lambda t: t.number)
+        # equal values rank in this order: the lower validation loss first, then the earlier trial
+        done = [(t.number, float(t.value)) for t in sorted(trials, key=lambda t: (trial_loss(t), t.number))
                 if t.state == TrialState.COMPLETE and t.value is not None
                 and math.isclose(float(t.user_attrs.get(FIDELITY, -1.0)), rung, abs_tol=1e-9)]
         ready = promotable(done, promoted, min_trials=MIN_RUNG_TRIALS)
@@ -362,6 +364,8 @@ def tell(study: optuna.Study, ctx: StudyContext, done: HpoTrialCompleted) -> boo
     storage.set_trial_user_attr(trial_id, INTERMEDIATE, [v if math.isfinite(v) else None for v in done.intermediate])
     if done.error:
         storage.set_trial_user_attr(trial_id, ERROR, done.error[:2000])
+    if done.val_loss is not None and math.isfinite(done.val_loss):
+        storage.set_trial_user_attr(trial_id, VAL_LOSS, float(done.val_loss))
     for step, v in enumerate(done.intermediate, start=1):  # the steps whose report did not arrive (in time)
         if step not in trial.intermediate_values and math.isfinite(v):
             storage.set_trial_intermediate_value(trial_id, step, v)
@@ -439,21 +443,33 @@ def trial_table(study: optuna.Study) -> list[TrialRecord]:
         TrialRecord(number=t.number, state=t.state.name.lower(),
                     value=t.value if t.value is not None and math.isfinite(t.value) else None,
                     params=dict(t.params), seconds=t.user_attrs.get(SECONDS), fidelity=t.user_attrs.get(FIDELITY),
-                    promoted_from=t.user_attrs.get(PROMOTED_FROM))
+                    promoted_from=t.user_attrs.get(PROMOTED_FROM),
+                    val_loss=trial_loss(t) if math.isfinite(trial_loss(t)) else None)
         for t in study.get_trials(deepcopy=False)
     ]
 
 
+def trial_loss(trial: FrozenTrial) -> float:
+    """The validation loss the trainer reported with the trial's value (infinite when none was)."""
+    loss = trial.user_attrs.get(VAL_LOSS)
+    return float(loss) if isinstance(loss, int | float) and math.isfinite(loss) else math.inf
+
+
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best complete trial; failing that, the pruned trial with the best last value; else None."""
+    """The best complete trial; failing that, the pruned trial with the best last value; else None.
+
+    The value (validation accuracy) counts items, so on a small validation split trials often tie: between
+    equal values the lower validation loss wins (it also rewards confidence on the items both get right and
+    on those both get wrong), then the earlier trial.
+    """
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
     if complete:
-        return max(complete, key=lambda t: (t.value, -t.number))
+        return max(complete, key=lambda t: (t.value, -trial_loss(t), -t.number))
     pruned = [t for t in trials if t.state == TrialState.PRUNED and t.value is not None and math.isfinite(t.value)]
     if pruned:
         log.warning("study %s: no trial completed; using the best pruned trial", study.study_name)
-        return max(pruned, key=lambda t: (t.value, -t.number))
+        return max(pruned, key=lambda t: (t.value, -trial_loss(t), -t.number))
     return None
 
 
