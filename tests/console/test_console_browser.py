@@ -340,6 +340,10 @@ def test_a_run_from_the_form_through_the_graph_to_the_report(page: Any, console:
         served = api.get(f"/runs/{run_id}/report").json()
     reasons = page.locator("#verdict-reasons li").all_inner_texts()
     assert reasons == served["verdict"]["reasons"] and reasons  # every reason, in full
+    # each trial's validation loss (the tie-break between equal accuracies), as the tuner recorded it
+    losses = [t["val_loss"] for t in served["trials"]]
+    assert all(isinstance(v, float) and v > 0 for v in losses), losses
+    assert page.locator("#trials tbody tr td:nth-child(4)").all_inner_texts() == [f"{v:.4f}" for v in losses]
     # the head names the server's status: met on the point estimates only is neither "met" nor "not met"
     assert head.inner_text() == {"met": "The spec is met with 95 % confidence",
                                  "met_point_estimate": "The spec is met on the point estimates only",

@@ -220,13 +220,14 @@ function trials(report) {
     categories: t.map((x) => `#${x.number}`), colors: t.map((x) => colorOf[String(x.state).toLowerCase()] || "#8c8c8c"),
     series: [{ name: "val accuracy", values: t.map((x) => x.value ?? null) }], yLabel: "val accuracy" });
   const table = h("table", { id: "trials" },
-    h("thead", {}, h("tr", {}, ["Trial", "State", "Val accuracy", "Seconds", ...params].map((x) => h("th", {}, x)))),
+    h("thead", {}, h("tr", {}, ["Trial", "State", "Val accuracy", "Val loss (tie-break)", "Seconds", ...params].map((x) => h("th", {}, x)))),
     h("tbody", {}, t.map((x) => {
       const state = String(x.state).toLowerCase();
       return h("tr", { class: `trial ${state}`, "data-state": state },
         h("td", { class: "num" }, x.number),
         h("td", {}, h("span", { class: `state ${state === "complete" ? "succeeded" : state === "pruned" ? "pruned" : "failed"}` }, state)),
         h("td", { class: "num" }, typeof x.value === "number" ? x.value.toFixed(4) : "—"),
+        h("td", { class: "num" }, typeof x.val_loss === "number" ? x.val_loss.toFixed(4) : "—"),
         h("td", { class: "num" }, fmtSeconds(x.seconds)),
         params.map((p) => h("td", { class: "wrap" }, x.params?.[p] === undefined ? "" : typeof x.params[p] === "number" ? String(Number(x.params[p].toPrecision(4))) : String(x.params[p]))));
     })));
