@@ -114,12 +114,12 @@ def labeler_settings_for(tmp: Path, **overrides: object) -> LabelerSettings:
     return LabelerSettings(**values)  # type: ignore[arg-type]
 
 
-def two_class_images(n_per_class: int, *, start: int = 0) -> dict[str, tuple[bytes, str]]:
+def two_class_images(n_per_class: int, *, start: int = 0, size: int = 24) -> dict[str, tuple[bytes, str]]:
     """name -> (png bytes, true label): 'bright' and 'dark' cells, clearly separable."""
     out: dict[str, tuple[bytes, str]] = {}
     for i in range(n_per_class):
-        out[f"b{start + i:03d}.png"] = (png(1000 + start + i, level=190), "bright")
-        out[f"d{start + i:03d}.png"] = (png(5000 + start + i, level=60), "dark")
+        out[f"b{start + i:03d}.png"] = (png(1000 + start + i, size=size, level=190), "bright")
+        out[f"d{start + i:03d}.png"] = (png(5000 + start + i, size=size, level=60), "dark")
     return out
 
 

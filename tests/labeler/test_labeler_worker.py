@@ -300,18 +300,18 @@ async def test_a_fully_labeled_dataset_is_labeled_without_asking_anyone(
 @pytest.mark.slow
 async def test_a_pixel_classifier_learns_on_the_stored_pixels_in_the_loop(tmp_path: Path) -> None:
     """``DLFORGE_LABELER_CLASSIFIER=cnn_ssl``: each round's classifier is the CNN, fitted on the items'
-    decoded pixels at their own size (24 px gray here); a short time budget with no floor of steps keeps the
-    test short (that the budget stops a fit is pixelnet's own test)."""
+    decoded pixels at their own size (16 px gray here); a short time budget with a floor of 20 steps and
+    batches of 15 % keep the test short (that the budget stops a fit is pixelnet's own test)."""
     settings = labeler_settings_for(tmp_path, labeler_classifier="cnn_ssl", labeler_cnn_time_budget_s=3.0,
-                                    labeler_cnn_min_steps=0, labeler_threads=1)
+                                    labeler_cnn_min_steps=20, labeler_threads=1)
     backends = Backends.from_settings(settings)
     await backends.start()
-    images = two_class_images(30)
+    images = two_class_images(30, size=16)
     truth = {n: label for n, (_, label) in images.items()}
     try:
         async with labeling(backends, settings, truth, "px"):
             await ingest(backends, settings, images, dataset_id="px",
-                         options=OPTIONS.model_copy(update={"auto_label_all": True}))
+                         options=OPTIONS.model_copy(update={"auto_label_all": True, "batch_fraction": 0.15}))
             events = await collect(backends, [Topic.DATASET_LABELED, Topic.RUN_FAILED],
                                    until=Topic.DATASET_LABELED, timeout=180)
             record = await records.load(backends.docs, "px")
@@ -320,7 +320,7 @@ async def test_a_pixel_classifier_learns_on_the_stored_pixels_in_the_loop(tmp_pa
     assert events[-1].event_type == Topic.DATASET_LABELED
     rounds = [r["classifier"] for r in record["rounds"] if r.get("classifier")]
     assert rounds and all(c["classifier"] == "cnn_ssl" for c in rounds)
-    assert all(c["input_size"] == 24 and c["channels"] == 1 for c in rounds)
+    assert all(c["input_size"] == 16 and c["channels"] == 1 and c["steps"] >= 20 for c in rounds)
     # bright against dark cells: the CNN gets every auto-label right
     labeled = events[-1].payload
     assert isinstance(labeled, DatasetLabeled) and labeled.auto_labels > 0

@@ -403,7 +403,7 @@ class PixelSSL:
         # FlexMatch's per-item record: the class each pool item was last predicted as with confidence >= threshold
         learned = torch.full((len(pool_t) if self.thresholds == "flex" else 0,), -1, dtype=torch.int64)
         planned, started = steps, time.monotonic()
-        step = 0
+        step, replanned = 0, deadline is None
         while step < planned:
             lr = self.lr * math.cos(7 * math.pi * step / (16 * planned))  # FixMatch's cosine decay
             for group in opt.param_groups:
@@ -439,11 +439,15 @@ class PixelSSL:
                     else:
                         e.copy_(p)
             step += 1
-            if deadline is not None and step == 20:
-                # stretch or shrink the schedule to the steps that fit in this network's share of the budget
-                per_step = (time.monotonic() - started) / step
-                fits = int((deadline - started) / max(per_step, 1e-6))
-                planned = max(step + 1, min(steps, max(fits, floor)))
+            if not replanned:
+                # stretch or shrink the schedule to the steps that fit in this network's share of the budget:
+                # measured over 20 steps, or sooner when the steps so far project past the deadline (a short
+                # budget is a cap from the first step, down to the floor)
+                elapsed = time.monotonic() - started
+                if step == 20 or started + elapsed * 20 / step > float(deadline or 0.0):
+                    fits = int((float(deadline or 0.0) - started) / max(elapsed / step, 1e-6))
+                    planned = max(step, min(steps, max(fits, floor)))
+                    replanned = True
         return ema.eval(), planned
 
     def _check_views(self, xt: Any, rows: np.ndarray, y: np.ndarray, held: np.ndarray, y_held: np.ndarray,
