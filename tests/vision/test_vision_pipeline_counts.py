@@ -2,9 +2,13 @@
 from pixels at most once per input size (the vision core's feature store serves every other use).
 
 The run is the end-to-end test's small one (240 ELPV cells, two trials, one epoch) on the embedded
-default's durable SQLite bus and SQLite documents, with the feature store on the filesystem and on
-S3. Counts come from the observers of :mod:`dlforge.vision.observe`, which
-:func:`dlforge.vision.images.decode` and :class:`dlforge.vision.trunk.TrunkFeatures` report to.
+default's durable SQLite bus, SQLite documents and filesystem object store. Counts come from the observers
+of :mod:`dlforge.vision.observe`, which :func:`dlforge.vision.images.decode` and
+:class:`dlforge.vision.trunk.TrunkFeatures` report to.
+
+The feature store's reads and writes on S3 are ``tests/vision/test_vision_features.py``'s (every backend),
+and a whole run on S3 is the end-to-end suite's; this run on S3 too cost three CPU minutes of CI for no
+path of its own.
 """
 
 from __future__ import annotations
@@ -23,13 +27,9 @@ from dlforge.vision.trunk import TrunkFeatures
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
-@pytest.fixture(params=[pytest.param("fs", id="fs"), pytest.param("s3", id="s3", marks=pytest.mark.s3)])
-def objects_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return f"file://{tmp_path}/objects" if request.param == "fs" else str(request.getfixturevalue("s3_url"))
-
-
 def test_one_run_decodes_each_image_at_most_twice_and_embeds_it_once_per_size(
-        tmp_path: Path, objects_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    objects_url = f"file://{tmp_path}/objects"
     from small_run import small_run
 
     from dlforge.cli.pipeline import run_in_process
