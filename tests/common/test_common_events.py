@@ -17,7 +17,9 @@ from dlforge.common.events import (
     PAYLOAD_TYPES,
     DatasetLabeled,
     Event,
+    HpoCompleted,
     HpoTrial,
+    HpoTrialCompleted,
     LabelsSubmitted,
     PipelineOptions,
     RunFailed,
@@ -331,3 +333,23 @@ def test_a_v4_labeled_event_was_chosen_by_the_bound_and_a_v5_one_says_which_rule
     current = decode((GOLDEN / "dataset.labeled.v5.json").read_bytes())
     assert isinstance(current.payload, DatasetLabeled)
     assert (current.payload.auto_label_guarantee, current.payload.expected_error_estimate) == ("expected", 0.0087)
+
+
+def test_trials_before_the_loss_tie_break_carry_no_loss_and_newer_ones_a_finite_one() -> None:
+    stored = json.loads((GOLDEN / "hpo.trial.completed.v1.json").read_bytes())
+    old = decode(json.dumps(stored).encode())
+    assert isinstance(old.payload, HpoTrialCompleted) and old.schema_version == 2
+    assert old.payload.model_dump(mode="json") == {**stored["payload"], "val_loss": None}
+    current = decode((GOLDEN / "hpo.trial.completed.v2.json").read_bytes())
+    assert isinstance(current.payload, HpoTrialCompleted) and current.payload.val_loss == 0.5125
+    for bad in (-0.5, "NaN", "Infinity"):
+        with pytest.raises(PoisonMessage, match="val_loss"):
+            decode(json.dumps({**stored, "schema_version": 2,
+                               "payload": {**stored["payload"], "val_loss": bad}}).encode())
+    completed = json.loads((GOLDEN / "hpo.completed.v3.json").read_bytes())
+    upcast = decode(json.dumps(completed).encode())
+    assert isinstance(upcast.payload, HpoCompleted) and upcast.schema_version == 4
+    assert [t.model_dump(mode="json") for t in upcast.payload.trials] == [
+        {**t, "val_loss": None} for t in completed["payload"]["trials"]]
+    newer = decode((GOLDEN / "hpo.completed.v4.json").read_bytes())
+    assert isinstance(newer.payload, HpoCompleted) and [t.val_loss for t in newer.payload.trials] == [0.41, 0.5]

@@ -305,6 +305,22 @@ def test_a_spent_time_budget_still_trains_the_floor_of_steps() -> None:
         _, undisturbed = plugin._train(xt, rows, y[rows], pool, 2, seed=0, steps=100, augment=augment, semi=True,
                                        deadline=None, floor=60)
     assert (floored, unfloored, undisturbed) == (60, 1, 100)
+
+    # a budget that fits a few steps: on a clock that moves 0.1 s a step, a 1 s share is 10 steps from the
+    # first step on (before, 20 ran before the budget was looked at), 15 with a floor of 15
+    import itertools
+
+    from dlforge.labeler import pixelnet
+
+    clock = itertools.count()
+    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng():
+        mp.setattr(pixelnet.time, "monotonic", lambda: 0.1 * next(clock))
+        _, capped = plugin._train(xt, rows, y[rows], pool, 2, seed=0, steps=100, augment=augment, semi=True,
+                                  deadline=1.0, floor=0)
+        clock = itertools.count()
+        _, floored_short = plugin._train(xt, rows, y[rows], pool, 2, seed=0, steps=100, augment=augment,
+                                         semi=True, deadline=1.0, floor=15)
+    assert (capped, floored_short) == (10, 15)
     with pytest.raises(ValueError, match="min_steps"):
         PixelSSL(min_steps=-1)
 

@@ -113,10 +113,20 @@ def test_equal_values_rank_by_validation_loss_then_by_trial_number(tmp_path: Pat
     # the best third of four at 0.5 is two trials: the two surest of the three tied at the top
     assert promote_next(study, ctx, by="c3") == (1, 1.0)
     assert promote_next(load_study(ctx), ctx, by="c4") == (0, 1.0)
-    # a non-finite loss is not recorded: it ranks like no loss at all
-    asked = ask_for(load_study(ctx), ctx, asked_by="e2")[0]
-    tell(load_study(ctx), ctx, completed(asked.number, value=0.1, val_loss=float("inf")))
-    assert trial_table(load_study(ctx))[asked.number].val_loss is None
+    # a loss that is no loss cannot be sent
+    for bad in (float("inf"), float("nan"), -0.1):
+        with pytest.raises(ValidationError):
+            completed(4, value=0.1, val_loss=bad)
+
+
+def test_equal_pruned_values_rank_by_validation_loss_too(tmp_path: Path) -> None:
+    ctx = context(tmp_path, trials=3, parallel=3)
+    study = prepare_study(ctx)
+    ask_for(study, ctx, asked_by="e1")
+    for number, loss in [(0, 0.61), (1, 0.58), (2, None)]:
+        tell(load_study(ctx), ctx, completed(number, "pruned", 0.6, val_loss=loss))
+    best = best_trial(load_study(ctx))
+    assert best is not None and best.number == 1
 
 
 def test_without_losses_equal_values_keep_the_earlier_trial(tmp_path: Path) -> None:

@@ -497,8 +497,9 @@ class HpoTrialCompleted(Payload):
     intermediate: list[float]
     seconds: float
     error: str | None = None
-    val_loss: float | None = Field(default=None, description="the validation loss at the epoch ``value`` is from: "
-                                   "between trials of equal value, the lower loss ranks higher (None: not measured)")
+    val_loss: float | None = Field(default=None, ge=0.0, allow_inf_nan=False,
+                                   description="the validation loss at the epoch ``value`` is from: between trials "
+                                   "of equal value, the lower loss ranks higher (None: not measured)")
 
 
 class TrialRecord(BaseModel):
@@ -513,8 +514,9 @@ class TrialRecord(BaseModel):
                                    description="the share of the train split it trained on (None: not recorded)")
     promoted_from: int | None = Field(default=None, ge=0,
                                       description="the trial whose parameters it trained again on a larger share")
-    val_loss: float | None = Field(default=None, description="the validation loss reported with the value: "
-                                   "the tie-break between equal values (None: not reported)")
+    val_loss: float | None = Field(default=None, ge=0.0, allow_inf_nan=False,
+                                   description="the validation loss reported with the value: the tie-break between "
+                                   "equal values (None: not reported)")
 
 
 class HpoCompleted(Payload):

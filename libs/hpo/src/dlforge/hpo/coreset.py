@@ -181,7 +181,7 @@ def promotable(rung: Sequence[tuple[K, float]], promoted: Collection[K], *, maxi
     """Asynchronous successive halving's rule (ASHA, Li et al. 2020) over one rung: the keys of the trials among
     the best ``ceil(top_fraction * n)`` of the ``n`` completed at the rung that were not promoted yet, best
     first. Nothing before ``min_trials`` completed there. Equal values rank in the order given (for the
-    tuner, by trial number), so ties never promote more than the quota.
+    tuner, by validation loss, then by trial number), so ties never promote more than the quota.
 
     The rung is ranked again at every completion: an early trial that stays among the best third is promoted
     once enough others finished, and one that has fallen out of it is not.

@@ -403,7 +403,7 @@ class PixelSSL:
         # FlexMatch's per-item record: the class each pool item was last predicted as with confidence >= threshold
         learned = torch.full((len(pool_t) if self.thresholds == "flex" else 0,), -1, dtype=torch.int64)
         planned, started = steps, time.monotonic()
-        step, replanned = 0, deadline is None
+        step = 0
         while step < planned:
             lr = self.lr * math.cos(7 * math.pi * step / (16 * planned))  # FixMatch's cosine decay
             for group in opt.param_groups:
@@ -439,15 +439,13 @@ class PixelSSL:
                     else:
                         e.copy_(p)
             step += 1
-            if not replanned:
-                # stretch or shrink the schedule to the steps that fit in this network's share of the budget:
-                # measured over 20 steps, or sooner when the steps so far project past the deadline (a short
-                # budget is a cap from the first step, down to the floor)
+            if deadline is not None and step <= 20:
+                # shrink the schedule to the steps that fit in this network's share of the budget, never below
+                # the floor: planned at step 20 on the mean step time, and before it at every step whose mean
+                # projects 20 steps past the deadline (a short budget caps from the first step)
                 elapsed = time.monotonic() - started
-                if step == 20 or started + elapsed * 20 / step > float(deadline or 0.0):
-                    fits = int((float(deadline or 0.0) - started) / max(elapsed / step, 1e-6))
-                    planned = max(step, min(steps, max(fits, floor)))
-                    replanned = True
+                fits = int((deadline - started) / max(elapsed / step, 1e-6))
+                planned = max(step, min(steps, max(fits, floor))) if step == 20 or fits < 20 else steps
         return ema.eval(), planned
 
     def _check_views(self, xt: Any, rows: np.ndarray, y: np.ndarray, held: np.ndarray, y_held: np.ndarray,

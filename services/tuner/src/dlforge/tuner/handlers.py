@@ -364,8 +364,8 @@ def tell(study: optuna.Study, ctx: StudyContext, done: HpoTrialCompleted) -> boo
     storage.set_trial_user_attr(trial_id, INTERMEDIATE, [v if math.isfinite(v) else None for v in done.intermediate])
     if done.error:
         storage.set_trial_user_attr(trial_id, ERROR, done.error[:2000])
-    if done.val_loss is not None and math.isfinite(done.val_loss):
-        storage.set_trial_user_attr(trial_id, VAL_LOSS, float(done.val_loss))
+    if done.val_loss is not None:  # finite: the event's schema says so
+        storage.set_trial_user_attr(trial_id, VAL_LOSS, done.val_loss)
     for step, v in enumerate(done.intermediate, start=1):  # the steps whose report did not arrive (in time)
         if step not in trial.intermediate_values and math.isfinite(v):
             storage.set_trial_intermediate_value(trial_id, step, v)
@@ -443,16 +443,21 @@ def trial_table(study: optuna.Study) -> list[TrialRecord]:
         TrialRecord(number=t.number, state=t.state.name.lower(),
                     value=t.value if t.value is not None and math.isfinite(t.value) else None,
                     params=dict(t.params), seconds=t.user_attrs.get(SECONDS), fidelity=t.user_attrs.get(FIDELITY),
-                    promoted_from=t.user_attrs.get(PROMOTED_FROM),
-                    val_loss=trial_loss(t) if math.isfinite(trial_loss(t)) else None)
+                    promoted_from=t.user_attrs.get(PROMOTED_FROM), val_loss=reported_loss(t))
         for t in study.get_trials(deepcopy=False)
     ]
 
 
-def trial_loss(trial: FrozenTrial) -> float:
-    """The validation loss the trainer reported with the trial's value (infinite when none was)."""
+def reported_loss(trial: FrozenTrial) -> float | None:
+    """The validation loss the trainer reported with the trial's value (None: none was)."""
     loss = trial.user_attrs.get(VAL_LOSS)
-    return float(loss) if isinstance(loss, int | float) and math.isfinite(loss) else math.inf
+    return float(loss) if isinstance(loss, int | float) and math.isfinite(loss) else None
+
+
+def trial_loss(trial: FrozenTrial) -> float:
+    """:func:`reported_loss` for ranking: a trial without one ranks after those with one."""
+    loss = reported_loss(trial)
+    return math.inf if loss is None else loss
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
