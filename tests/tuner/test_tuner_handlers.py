@@ -119,24 +119,18 @@ def test_equal_values_rank_by_validation_loss_then_by_trial_number(tmp_path: Pat
             completed(4, value=0.1, val_loss=bad)
 
 
-def test_equal_pruned_values_rank_by_validation_loss_too(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("state", "values", "losses", "best"), [
+    pytest.param("pruned", [0.6, 0.6, 0.6], [0.61, 0.58, None], 1, id="pruned-ties-by-loss"),
+    pytest.param("complete", [0.7, 0.8, 0.8], [None, None, None], 1, id="no-losses-earlier-trial"),
+])
+def test_the_tie_break_holds_for_pruned_trials_and_without_losses(
+        tmp_path: Path, state: str, values: list[float], losses: list[float | None], best: int) -> None:
     ctx = context(tmp_path, trials=3, parallel=3)
-    study = prepare_study(ctx)
-    ask_for(study, ctx, asked_by="e1")
-    for number, loss in [(0, 0.61), (1, 0.58), (2, None)]:
-        tell(load_study(ctx), ctx, completed(number, "pruned", 0.6, val_loss=loss))
-    best = best_trial(load_study(ctx))
-    assert best is not None and best.number == 1
-
-
-def test_without_losses_equal_values_keep_the_earlier_trial(tmp_path: Path) -> None:
-    ctx = context(tmp_path, trials=3, parallel=3)
-    study = prepare_study(ctx)
-    ask_for(study, ctx, asked_by="e1")
-    for number in (0, 1, 2):
-        tell(load_study(ctx), ctx, completed(number, value=0.8 if number else 0.7))
-    best = best_trial(load_study(ctx))
-    assert best is not None and best.number == 1
+    ask_for(prepare_study(ctx), ctx, asked_by="e1")
+    for number, (value, loss) in enumerate(zip(values, losses, strict=True)):
+        tell(load_study(ctx), ctx, completed(number, state, value, val_loss=loss))
+    chosen = best_trial(load_study(ctx))
+    assert chosen is not None and chosen.number == best
 
 
 def test_stop_asks_nothing_more(tmp_path: Path) -> None:
