@@ -270,8 +270,8 @@ def start_tansu(state: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
 
 
 def kafka_url(bootstrap: str) -> str:
-    # tansu holds an empty fetch for the whole fetch_max_wait_ms (it is not woken by new data), so
-    # the idle latency is about that wait: keep it short, as the tests do (see DEVELOPERS.md)
+    # a short fetch_max_wait_ms: this measures latency, not what idle fetches cost a neighbour's CPU
+    # (benchmarks/bus_idle.py and DEVELOPERS.md weigh the two)
     prefix = f"bench-{uuid.uuid4().hex[:8]}."
     return f"kafka://{bootstrap}?partitions=3&fetch_max_wait_ms=5&topic_prefix={prefix}"
 

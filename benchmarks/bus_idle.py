@@ -10,9 +10,11 @@ measures both sides on one broker, one setting after another, interleaved over `
   worker and a cancellation follower per service, and the run's follower), each waiting in
   ``get_batch`` as the Worker does, for ``--seconds``; CPU seconds per wall second of this process
   (``time.process_time``) and of the broker (``/proc/<pid>/stat``).
-* latency: with those consumers idle, one more consumer; events are published one at a time,
-  ``--events`` of them, each at a random moment 0-300 ms after the previous arrived; the time from
+* latency: then one more consumer joins; events are published one at a time, ``--events`` of them,
+  each at a random moment (over at least four fetch waits) after the previous arrived; the time from
   publish to arrival (median, p90).
+
+Session timeout and heartbeat default to the tests' (1000 / 250 ms): heartbeats are idle traffic too.
 
     python benchmarks/bus_idle.py                      # starts a tansu of its own
     python benchmarks/bus_idle.py --waits 10 100 --rounds 3
@@ -35,7 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bus import start_tansu  # benchmarks/bus.py
+from bus import percentile, start_tansu  # benchmarks/bus.py
 from machine import cpu_name
 
 from dlforge.common.backends import open_bus
@@ -51,10 +53,11 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-async def measure(bootstrap: str, broker_pid: int | None, wait_ms: int, args: argparse.Namespace) -> dict[str, Any]:
+async def measure(bootstrap: str, broker_pid: int | None, wait_ms: int, round_no: int,
+                  args: argparse.Namespace) -> dict[str, Any]:
     prefix = f"idle-{uuid.uuid4().hex[:8]}."
     url = (f"kafka://{bootstrap}?partitions=3&fetch_max_wait_ms={wait_ms}&topic_prefix={prefix}"
-           "&session_timeout_ms=10000&heartbeat_interval_ms=3000")
+           f"&session_timeout_ms={args.session_ms}&heartbeat_interval_ms={args.heartbeat_ms}")
     bus = open_bus(url)
     await bus.start()
     stop = asyncio.Event()
@@ -67,31 +70,35 @@ async def measure(bootstrap: str, broker_pid: int | None, wait_ms: int, args: ar
             await sub.get_batch(16, timeout=1.0)
 
     tasks = [asyncio.create_task(idle(s)) for s in subs]
-    probe = await bus.subscribe(group="probe", topics=[Topic.DATASET_UPLOADED])
-    # the probe's group joins (about a second on tansu): wait for a first event to come through
-    await bus.publish(Topic.DATASET_UPLOADED, key="warm", value=b"warm")
-    deadline = time.monotonic() + 30
-    while not await probe.get_batch(1, timeout=1.0):
-        if time.monotonic() > deadline:
-            raise RuntimeError("the probe consumer received nothing in 30 s")
-    await asyncio.sleep(2.0)  # the idle consumers' joins settle before the idle window
+    await asyncio.sleep(2.0)  # the joins settle before the idle window (a setup wait, not a check)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     broker0 = proc_cpu_seconds(broker_pid) if broker_pid else None
     await asyncio.sleep(args.seconds)
     wall = time.perf_counter() - wall0
     cpu = (time.process_time() - cpu0) / wall
     broker = (proc_cpu_seconds(broker_pid) - broker0) / wall if broker_pid and broker0 is not None else None
+
+    async def arrival(sub: Any, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not await sub.get_batch(1, timeout=1.0):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the probe consumer received nothing in {seconds:.0f} s")
+
+    # the probe joins after the idle window (its join takes seconds on tansu): a first event comes through
+    probe = await bus.subscribe(group="probe", topics=[Topic.DATASET_UPLOADED])
+    await bus.publish(Topic.DATASET_UPLOADED, key="warm", value=b"warm")
+    await arrival(probe, 30)
     latencies = []
-    rng = random.Random(wait_ms)
+    rng = random.Random(f"{wait_ms}-{round_no}")
+    span = max(0.3, 4 * wait_ms / 1000)
     for i in range(args.events):
-        # published at a random moment of the consumers' fetch cycle, as events come in a pipeline
-        # (right after the previous arrival, the probe's next fetch would not be at the broker yet)
-        await asyncio.sleep(rng.uniform(0.0, 0.3))
+        # published at a random moment of the consumers' fetch cycle (spread over at least four
+        # cycles), as events come in a pipeline; right after the previous arrival, the probe's next
+        # fetch would not be at the broker yet
+        await asyncio.sleep(rng.uniform(0.0, span))
         sent = time.perf_counter()
         await bus.publish(Topic.DATASET_UPLOADED, key=f"k{i}", value=b"x")
-        got: list[Any] = []
-        while not got:
-            got = await probe.get_batch(1, timeout=5.0)
+        await arrival(probe, 10)
         latencies.append((time.perf_counter() - sent) * 1000)
     stop.set()
     await asyncio.gather(*tasks)
@@ -101,14 +108,14 @@ async def measure(bootstrap: str, broker_pid: int | None, wait_ms: int, args: ar
     lat = sorted(latencies)
     return {"fetch_max_wait_ms": wait_ms, "consumers": args.consumers, "process_cpu_per_s": cpu,
             "broker_cpu_per_s": broker, "latency_ms_p50": statistics.median(lat),
-            "latency_ms_p90": lat[int(0.9 * (len(lat) - 1))], "events": len(lat)}
+            "latency_ms_p90": percentile(lat, 90), "events": len(lat), "latencies_ms": latencies}
 
 
 async def measure_all(bootstrap: str, broker_pid: int | None, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for r in range(args.rounds):
         for wait in args.waits:
-            row = await measure(bootstrap, broker_pid, wait, args)
+            row = await measure(bootstrap, broker_pid, wait, r, args)
             row["round"] = r
             rows.append(row)
             broker = row["broker_cpu_per_s"]
@@ -119,6 +126,7 @@ async def measure_all(bootstrap: str, broker_pid: int | None, args: argparse.Nam
 
 
 def run(args: argparse.Namespace) -> int:
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="dlforge-bench-idle-") as tmp:
         if args.kafka:
             bootstrap, proc = args.kafka, None
@@ -151,7 +159,10 @@ def run(args: argparse.Namespace) -> int:
               f"{100 * both / (os.cpu_count() or 1):.1f} % | {p50:.1f} / {p90:.1f} |")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count(), "machine": platform.machine(),
-                                   "consumers": args.consumers, "seconds": args.seconds, "rounds": rows,
+                                   "consumers": args.consumers, "seconds": args.seconds,
+                                   "session_timeout_ms": args.session_ms,
+                                   "heartbeat_interval_ms": args.heartbeat_ms, "load_average_before": load_before,
+                                   "measurements": rows,
                                    "summary": summary}, indent=2))
     print(f"wrote {RESULTS}")
     return 0
@@ -161,8 +172,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kafka", help="bootstrap host:port of a running broker (default: start tansu)")
     parser.add_argument("--broker-pid", type=int, help="the running broker's pid, to measure its CPU")
-    parser.add_argument("--waits", type=int, nargs="+", default=[10, 100, 250])
+    parser.add_argument("--waits", type=int, nargs="+", default=[10, 50, 100, 250])
     parser.add_argument("--consumers", type=int, default=13)
+    parser.add_argument("--session-ms", type=int, default=1000, help="session timeout (the tests': 1000)")
+    parser.add_argument("--heartbeat-ms", type=int, default=250, help="heartbeat interval (the tests': 250)")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--events", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2)
