@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from machine import cpu_name
 from PIL import Image
-from trainer_learning import load_images, mixed_labels, scores
+from trainer_learning import load_images, mixed_labels, scores, true_labels
 
 from dlforge.common.intervals import clopper_pearson
 from dlforge.vision.images import DIHEDRAL_VIEWS, to_array, to_tensor
@@ -131,11 +131,7 @@ def main() -> None:
     if args.labels in ("mixed", "people"):
         lab, conf, people, val_mask = mixed_labels(feats[pool_rows], y_pool, people_fraction=0.2, seed=args.seed)
     else:
-        rng2 = np.random.default_rng(args.seed + 2)
-        lab, conf = y_pool, np.ones(len(y_pool))
-        people = np.ones(len(y_pool), dtype=bool)
-        val_mask = np.zeros(len(y_pool), dtype=bool)
-        val_mask[rng2.choice(len(y_pool), size=round(0.1 * len(y_pool)), replace=False)] = True
+        lab, conf, people, val_mask = true_labels(y_pool, seed=args.seed)
     auto = ~people
     auto_acc = float((lab[auto] == y_pool[auto]).mean()) if auto.any() else None
     tr = np.flatnonzero(~val_mask & (people if args.labels == "people" else True))

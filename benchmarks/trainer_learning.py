@@ -155,6 +155,15 @@ def mixed_labels(features: np.ndarray, y_true: np.ndarray, *, people_fraction: f
     return labels, conf, people, val
 
 
+def true_labels(y_true: np.ndarray, *, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, confidence, people mask, val mask) with every pool row labeled by people; 10 % of them val."""
+    rng = np.random.default_rng(seed + 2)
+    n = len(y_true)
+    val = np.zeros(n, dtype=bool)
+    val[rng.choice(n, size=round(0.1 * n), replace=False)] = True
+    return y_true, np.ones(n), np.ones(n, dtype=bool), val
+
+
 # -- evaluation --------------------------------------------------------------------------------------
 
 
@@ -245,11 +254,7 @@ def main() -> None:
         lab_idx, conf, people, val_mask = mixed_labels(np.asarray(feats.splits["train"].x), y_pool,
                                                        people_fraction=0.2, seed=args.seed)
     else:
-        rng = np.random.default_rng(args.seed + 2)
-        lab_idx, conf = y_pool, np.ones(len(y_pool))
-        people = np.ones(len(y_pool), dtype=bool)
-        val_mask = np.zeros(len(y_pool), dtype=bool)
-        val_mask[rng.choice(len(y_pool), size=round(0.1 * len(y_pool)), replace=False)] = True
+        lab_idx, conf, people, val_mask = true_labels(y_pool, seed=args.seed)
     auto = ~people
     auto_acc = float((lab_idx[auto] == y_pool[auto]).mean()) if auto.any() else float("nan")
     tr, va = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
