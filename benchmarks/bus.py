@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -254,7 +255,13 @@ async def run_paced(bus_url: str, rate: float, seconds: float, tmp: Path, *, sha
         }
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def start_tansu(state: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
+    """A tansu of the benchmark's own; SIGTERM then exits through the callers' ``finally`` that stops it."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sys.path.insert(0, str(ROOT / "scripts"))
     import services  # scripts/services.py
 
