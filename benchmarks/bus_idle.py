@@ -6,8 +6,8 @@ arrives (DEVELOPERS.md), so a short wait buys latency, and every idle consumer t
 per wait: CPU in the consumers' process and in the broker, taken from the work beside them. This
 measures both sides on one broker, one setting after another, interleaved over ``--rounds``:
 
-* idle: ``--consumers`` subscriptions in one process (a pipeline run in one process has 13: a
-  worker and a cancellation follower per service, and the run's follower), each waiting in
+* idle: ``--consumers`` subscriptions in one process (a pipeline run in one process has at least
+  13: a worker and a cancellation follower per service, and the run's follower; the run view adds more), each waiting in
   ``get_batch`` as the Worker does, for ``--seconds``; CPU seconds per wall second of this process
   (``time.process_time``) and of the broker (``/proc/<pid>/stat``).
 * latency: then one more consumer joins; events are published one at a time, ``--events`` of them,
