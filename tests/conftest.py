@@ -42,9 +42,9 @@ MONGO_ENV = "DLFORGE_TEST_MONGO_URL"
 REQUIRED_ON_CI = frozenset({KAFKA_ENV, S3_ENV})
 
 # Kafka consumers in tests: a dead member is noticed within a second. fetch_max_wait_ms is the
-# product's default (100): every idle consumer sends a fetch per wait, and at 10 ms 13 idle consumers
-# (a run in one process has at least as many) and the broker took 26 % of a 2-core machine; the end-to-end pipeline test ran 1.6-1.7x
-# slower (DEVELOPERS.md, benchmarks/bus_idle.py).
+# product's default (100): every idle consumer sends a fetch per wait, and at 10 ms 13 idle
+# consumers (a run in one process has at least as many) and the broker took 26 % of a 2-core
+# machine; the end-to-end pipeline test ran 1.6-1.7x slower (DEVELOPERS.md, benchmarks/bus_idle.py).
 KAFKA_TEST_QUERY = "session_timeout_ms=1000&heartbeat_interval_ms=250&partitions=3&fetch_max_wait_ms=100"
 
 
