@@ -332,8 +332,8 @@ def promote_next(study: optuna.Study, ctx: StudyContext, *, by: str) -> tuple[in
         higher = next_fidelity(rung, ladder)
         if higher is None:
             continue
-        # equal values rank in this order: the lower validation loss first, then the earlier trial
-        done = [(t.number, float(t.value)) for t in sorted(trials, key=lambda t: (trial_loss(t), t.number))
+        # equal values rank in the tie-break's order (promotable keeps the order given between them)
+        done = [(t.number, float(t.value)) for t in sorted(trials, key=tie_break)
                 if t.state == TrialState.COMPLETE and t.value is not None
                 and math.isclose(float(t.user_attrs.get(FIDELITY, -1.0)), rung, abs_tol=1e-9)]
         ready = promotable(done, promoted, min_trials=MIN_RUNG_TRIALS)
@@ -454,10 +454,11 @@ def reported_loss(trial: FrozenTrial) -> float | None:
     return float(loss) if isinstance(loss, int | float) and math.isfinite(loss) else None
 
 
-def trial_loss(trial: FrozenTrial) -> float:
-    """:func:`reported_loss` for ranking: a trial without one ranks after those with one."""
+def tie_break(trial: FrozenTrial) -> tuple[float, int]:
+    """The order between trials of equal value, first first: the lower reported validation loss (a trial
+    without one after those with one), then the earlier trial."""
     loss = reported_loss(trial)
-    return math.inf if loss is None else loss
+    return (math.inf if loss is None else loss, trial.number)
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -467,14 +468,17 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     equal values the lower validation loss wins (it also rewards confidence on the items both get right and
     on those both get wrong), then the earlier trial.
     """
+    def rank(t: FrozenTrial) -> tuple[float, float, int]:
+        return (-float(t.value or 0.0), *tie_break(t))
+
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
     if complete:
-        return max(complete, key=lambda t: (t.value, -trial_loss(t), -t.number))
+        return min(complete, key=rank)
     pruned = [t for t in trials if t.state == TrialState.PRUNED and t.value is not None and math.isfinite(t.value)]
     if pruned:
         log.warning("study %s: no trial completed; using the best pruned trial", study.study_name)
-        return max(pruned, key=lambda t: (t.value, -trial_loss(t), -t.number))
+        return min(pruned, key=rank)
     return None
 
 

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from dlforge.common.docs import DocumentStore
 from dlforge.common.events import MAX_HPO_TRIALS
 from dlforge.hpo.warmstart import PastStudy, StudyIndex, warm_start_params
-from dlforge.tuner.handlers import TuningConfig, trial_loss
+from dlforge.tuner.handlers import TuningConfig, tie_break
 
 PAST_STUDIES = "tuner_past_studies"
 KEEP_BEST = 5
@@ -33,7 +33,7 @@ def best_params(study: optuna.Study, keep: int = KEEP_BEST) -> list[dict[str, An
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE
                 and t.value is not None and math.isfinite(t.value)]
     sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
-    ranked = sorted(complete, key=lambda t: (sign * float(t.value or 0.0), trial_loss(t), t.number))
+    ranked = sorted(complete, key=lambda t: (sign * float(t.value or 0.0), *tie_break(t)))
     out: list[dict[str, Any]] = []
     for t in ranked:
         if len(out) == keep:
