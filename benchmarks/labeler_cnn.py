@@ -9,7 +9,8 @@ drawn at random too (default: the budget issue 7 names, of the sample: MNIST 5 %
 10 %, digits 10 %, ELPV 20 %, so 250, 500, 180 and 525 by default), get their known label; the rest
 stay unlabeled.
 ``cnn_ssl`` (:class:`dlforge.labeler.pixelnet.PixelSSL`) is fitted with each ``--steps`` value and
-each ``--thresholds`` rule (FixMatch's fixed one, FlexMatch's per-class ones), with no time budget,
+each ``--thresholds`` rule (FixMatch's fixed one, FlexMatch's per-class ones), with no time budget
+unless ``--time-budget`` (seconds a fit may take, never below ``--min-steps`` steps a network),
 every variant of one seed before the next seed, and scored on the unlabeled items
 (the accuracy the auto-labels would have at full coverage) with each class's recall (None for a class
 no unlabeled item has). The labeler benchmark (``benchmarks/labeler.py --classifier cnn_ssl``)
@@ -72,9 +73,10 @@ def _sample(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, items: int) 
 
 
 def measure(x: np.ndarray, y: np.ndarray, labeled: np.ndarray, *, classes: list[str], steps: int, seed: int,
-            threads: int, thresholds: str) -> dict[str, Any]:
+            threads: int, thresholds: str, time_budget: float | None = None, min_steps: int = 300) -> dict[str, Any]:
     t = time.perf_counter()
-    fitted = PixelSSL(steps=steps, threads=threads, thresholds=thresholds).fit(
+    fitted = PixelSSL(steps=steps, threads=threads, thresholds=thresholds, time_budget_s=time_budget,
+                      min_steps=min_steps).fit(
         x, labeled, y[labeled], n_classes=len(classes), seed=seed)
     seconds = time.perf_counter() - t
     rest = np.setdiff1d(np.arange(len(x)), labeled)
@@ -84,7 +86,7 @@ def measure(x: np.ndarray, y: np.ndarray, labeled: np.ndarray, *, classes: list[
     return {"steps": steps, "thresholds": thresholds, "seed": seed, "accuracy": round(float((pred == truth).mean()), 4),
             # a class no unlabeled item has: None
             "per_class_recall": [c["accuracy"] for c in _per_class(pred, truth, classes).values()],
-            "fit_seconds": round(seconds, 1), "views": summary.get("views"),
+            "fit_seconds": round(seconds, 1), "steps_run": summary.get("steps"), "views": summary.get("views"),
             "heldout_accuracy": summary.get("heldout_accuracy")}
 
 
@@ -100,6 +102,9 @@ def main() -> None:
     p.add_argument("--thresholds", choices=THRESHOLDS, nargs="+", default=["fixed"],
                    help="pseudo-label thresholds: fixed (FixMatch's) and/or flex (FlexMatch's per-class ones)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds a fit may take (default: none); the fold networks' steps are cut to fit it")
+    p.add_argument("--min-steps", type=int, default=300, help="the floor a time budget never cuts below")
     p.add_argument("--workdir", type=Path, default=Path(".dlforge/augbench"),
                    help="ELPV: where the decoded cells are cached (shared with augmenter.py)")
     args = p.parse_args()
@@ -125,7 +130,7 @@ def main() -> None:
         for steps in args.steps:
             for thresholds in args.thresholds:  # interleaved: each variant of a seed and step count in turn
                 r = measure(x, y, labeled, classes=classes, steps=steps, seed=seed, threads=args.threads,
-                            thresholds=thresholds)
+                            thresholds=thresholds, time_budget=args.time_budget, min_steps=args.min_steps)
                 runs.append({**r, "labels": n_labels, "items": len(x)})
                 print(json.dumps(r), flush=True)
     print(f"\n{args.dataset}: cnn_ssl on random labels, accuracy on the unlabeled items ({cpu_name()})")
@@ -151,6 +156,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     variant = "-".join([*args.thresholds, *map(str, args.steps)]) + "-s" + "-".join(map(str, args.seeds))
     size = "" if items == ITEMS[args.dataset] else f"-of{items}"
+    if args.time_budget is not None:
+        variant += f"-b{args.time_budget:g}-f{args.min_steps}"
     out = RESULTS / f"labeler-cnn-{args.dataset}-{n_labels}{size}-{variant}.json"
     out.write_text(json.dumps({"dataset": args.dataset, "cpu": cpu_name(), "machine": platform.machine(),
                                "date": datetime.now().isoformat(timespec="seconds"), "runs": runs,
