@@ -22,7 +22,7 @@ from dlforge.common.objects import ObjectStore
 from dlforge.common.settings import load_settings
 from dlforge.trainer.cache import ActivationCache, TorchPrefixRunner, manifest_digest
 from dlforge.trainer.engines import FitJob, _read_job, _write_job
-from dlforge.trainer.handlers import TrainerConfig, TrainingRequest, row_weights, run_training
+from dlforge.trainer.handlers import TrainerConfig, TrainingRequest, row_weights, run_training, save_model
 from dlforge.trainer.params import EpochMetrics, TrainParams
 from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.stages import staged
@@ -318,7 +318,7 @@ def test_the_view_check_drops_the_views_that_change_the_label(objects: ObjectSto
 
 
 def test_views_train_only_when_declared_and_unlabeled_items_are_skipped(objects: ObjectStore, weights_key: str,
-                                                                        config: TrainerConfig) -> None:
+                                                                        config: TrainerConfig, tmp_path: Path) -> None:
     key = stripes_dataset(objects)
     manifest = load_manifest(objects, key)
     train = [i for i in manifest.items if i.split == "train"]
@@ -337,6 +337,10 @@ def test_views_train_only_when_declared_and_unlabeled_items_are_skipped(objects:
                            job_id="trusted", key_prefix="jobs/trusted", config=config)
     assert trusted.views == ["identity", "hflip", "vflip", "rot180"] and trusted.train_rows == plain.train_rows
     assert [i.key for i in objects.list("trainer/cache/") if "/views/hflip/train.npy" in i.key]
+    # the checkpoint names the views the model was trained on (what the optimizer may average over)
+    key = save_model(objects, trusted, "trainer/models/trusted.pt", work_dir=tmp_path)
+    _, saved = load_checkpoint(str(objects.get_file(key, tmp_path / "trusted.pt")))
+    assert saved["extra"]["views"] == ["identity", "hflip", "vflip", "rot180"]
 
 
 def test_views_and_weights_reach_the_worker_processes(tmp_path: Path) -> None:

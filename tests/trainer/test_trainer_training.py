@@ -120,6 +120,7 @@ def test_tensorboard_files_and_checkpoints(objects: ObjectStore, manifest_key: s
     key = save_model(objects, out, "trainer/models/r/m.pt", work_dir=tmp_path)
     _, saved = load_checkpoint(str(objects.get_file(key, tmp_path / "m.pt")))
     assert saved["extra"]["input_size"] == 64 and saved["extra"]["metrics"]["val_accuracy"] == out.val.accuracy
+    assert saved["extra"]["views"] == ["identity"]  # trained on no other view: the optimizer averages over none
 
 
 def test_stratified_sample_keeps_the_class_mix() -> None:

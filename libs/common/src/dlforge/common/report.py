@@ -148,6 +148,7 @@ def build_report(run: Mapping[str, Any]) -> dict[str, Any]:
         chosen_threshold = (opt.get("variants", {}).get(opt.get("chosen_variant"), {}) or {}).get("threshold") or {}
         report["threshold_rule"] = chosen_threshold.get("rule")
         report["threshold_views"] = chosen_threshold.get("views")
+        report["test_views"] = opt.get("test_views")
         for key in ("int8_speedup_vs_onnx_fp32", "int8_speedup_vs_torch_eager", "int8_speedup_vs_onnx_fp32_batch32",
                     "int8_accuracy_drop", "int8_accuracy_drop_at_threshold", "int8_size_ratio", "fps"):
             report[key] = opt.get(key)
@@ -407,6 +408,10 @@ def format_text(report: dict[str, Any]) -> str:
                      f"at threshold {num(report['threshold'], '.3f')} ({report['chosen_variant']})")
         if report.get("threshold_rule"):
             lines.append(f"threshold: {report['threshold_rule']}")
+        tv = report.get("test_views")
+        if tv and len(tv.get("trained_views") or []) > 1:
+            lines.append(f"test-time views: {'averaged over ' + ', '.join(tv['views']) if tv['used'] else 'none'} "
+                         f"({tv['reason']})")
         lines.append("variant                 b1 img/s  p50 ms  p99 ms  b32 img/s  size MB  RSS MB  "
                      "acc argmax  acc@thr")
         for name, var in report.get("variants", {}).items():

@@ -109,6 +109,54 @@ name enters feature-store keys (:class:`dlforge.vision.trunk.TrunkFeatures`), so
 trainer must mean the same pixels by it."""
 
 
+_TENSOR_VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    # N x C x H x W: H is dim 2, W dim 3. Flips and transposes only, which every ONNX exporter writes.
+    "identity": lambda x: x,
+    "hflip": lambda x: torch.flip(x, [3]),
+    "vflip": lambda x: torch.flip(x, [2]),
+    "rot90": lambda x: torch.flip(x.transpose(2, 3), [2]),
+    "rot180": lambda x: torch.flip(x, [2, 3]),
+    "rot270": lambda x: torch.flip(x, [2]).transpose(2, 3),
+    "transpose": lambda x: x.transpose(2, 3),
+    "antitranspose": lambda x: torch.flip(x, [2, 3]).transpose(2, 3),
+}
+assert set(_TENSOR_VIEWS) == set(DIHEDRAL_VIEWS)
+
+
+def tensor_view(x: torch.Tensor, view: str) -> torch.Tensor:
+    """A batch N x C x S x S under one of :data:`DIHEDRAL_VIEWS` (the same pixels as on N x S x S x C)."""
+    try:
+        fn = _TENSOR_VIEWS[view]
+    except KeyError as exc:
+        raise InvalidInput(f"unknown view {view!r}; views: {', '.join(DIHEDRAL_VIEWS)}") from exc
+    return fn(x)
+
+
+class ViewAveraged(torch.nn.Module):
+    """A classifier whose class probabilities are averaged over label-preserving views of its input.
+
+    The views (names of :data:`DIHEDRAL_VIEWS`) run as one batch of ``len(views) x N`` images; the
+    output is the log of the averaged softmax, so a softmax over it gives the averaged probabilities
+    back (it stands where the logits stood, for ONNX export, INT8 and the edge runtime alike).
+    """
+
+    def __init__(self, model: torch.nn.Module, views: Sequence[str]) -> None:
+        super().__init__()
+        if not views:
+            raise ValueError("ViewAveraged needs at least one view")
+        for v in views:
+            if v not in _TENSOR_VIEWS:
+                raise InvalidInput(f"unknown view {v!r}; views: {', '.join(DIHEDRAL_VIEWS)}")
+        self.model = model
+        self.views = tuple(views)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        logits = self.model(torch.cat([_TENSOR_VIEWS[v](x) for v in self.views]))
+        probs = torch.softmax(logits, dim=1).reshape(len(self.views), n, -1).mean(dim=0)
+        return torch.log(probs.clamp_min(1e-12))
+
+
 def dihedral_view(pixels: np.ndarray, view: str) -> np.ndarray:
     """uint8 N x S x S x C images under one of :data:`DIHEDRAL_VIEWS` (a new contiguous array)."""
     try:

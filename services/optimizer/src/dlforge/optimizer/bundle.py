@@ -130,6 +130,11 @@ def bundle_files(report: OptimizationReport, variant: VariantReport) -> dict[str
         "formula": "x = (pixel / divide_by - mean[c]) / std[c] in float32, pixel in 0..255",
         "input_name": report.export.input_name, "output": "logits (N, classes)",
     }
+    tv = report.test_views
+    if tv is not None and tv.used:  # the model runs the views itself: the caller feeds one image as always
+        preprocessing["output"] = ("log of the class probabilities averaged over the views " + ", ".join(tv.views)
+                                   + " inside the model (N, classes); a softmax gives the probabilities back")
+        preprocessing["test_views"] = list(tv.views)
     threshold = variant.threshold.threshold if positive is not None else None
     decision = {"positive_class": positive, "threshold": threshold, "rule": DECISION_RULE,
                 "threshold_choice": variant.threshold.model_dump(mode="json")}

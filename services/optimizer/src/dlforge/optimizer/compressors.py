@@ -267,8 +267,9 @@ _ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoi
 def fp32_end_nodes(model: Any) -> list[str]:
     """Names of the nodes kept in FP32 by :class:`OrtStaticInt8` with ``fp32_ends``.
 
-    The stem: the first ``Conv`` fed by the image, and its activation. The head: every node after the
-    last ``Conv`` and its activation (global pooling, flatten, the final linear layer). Together they
+    The stem: the first ``Conv`` fed by the image (else the graph's first ``Conv``), and its activation.
+    The head: every node after the last ``Conv`` and its activation (global pooling, flatten, the final
+    linear layer; with test-time views, the softmax, average and log after it). Together they
     are a few percent of the compute, but they carry most of the quantization error of a classifier:
     the stem sees the raw pixels (and int8 kernels are poor at 3-channel convolutions anyway), and a
     linear head reads small differences between pooled features that uint8 steps erase.
@@ -281,7 +282,9 @@ def fp32_end_nodes(model: Any) -> list[str]:
         for name in n.input:
             consumers.setdefault(name, []).append(n)
     keep: list[str] = []
-    stem = next((n for n in nodes if n.op_type == "Conv" and n.input and n.input[0] in image_inputs), None)
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    # the image feeds the stem, or (a model averaging over views) its flips and turns do: then the first Conv
+    stem = next((n for n in convs if n.input and n.input[0] in image_inputs), convs[0] if convs else None)
     if stem is not None:
         keep.append(stem.name)
         after = consumers.get(stem.output[0], [])

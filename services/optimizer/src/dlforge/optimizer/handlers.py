@@ -1,9 +1,13 @@
 """The optimizer's logic: trained checkpoint + labeled images in, variants + report out. No bus, no store.
 
 :func:`optimize` runs the whole stage on local files and arrays, one step function each, every step
-returning its result as a value (:func:`prepare`, :func:`export_step`, :func:`build_variants`,
-:func:`evaluate`, :func:`benchmark`, :func:`choose`):
+returning its result as a value (:func:`prepare`, :func:`views_step`, :func:`export_step`,
+:func:`build_variants`, :func:`evaluate`, :func:`benchmark`, :func:`choose`):
 
+0. test-time views: a model trained on label-preserving views (flips, quarter turns; the checkpoint
+   names them) is wrapped so that it averages its class probabilities over them, inside the exported
+   graph, unless that lowers accuracy on the validation items people labeled; every variant, its
+   speed and its test figures are then those of the averaging model;
 1. export the torch Classifier to ONNX at its network's input size and verify it against torch;
 2. build the variants through :class:`~dlforge.optimizer.compressors.Compressor` plug-ins, each used
    by what it declares it needs and makes: ONNX Runtime FP32, INT8 static QDQ (calibration methods tried
@@ -39,7 +43,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -188,6 +192,10 @@ class OptimizeOptions(BaseModel):
     compression: list[CompressionConfig] = Field(
         default=[], description="structured-compression configs to search (prune, rank, resolution, INT8); [] = none")
     compression_recovery_seconds: float = Field(default=20.0, ge=0.0, le=3600.0)
+    test_views: Literal["trained", "none"] = Field(
+        default="trained", description="trained: the deployed model averages its class probabilities over the "
+        "label-preserving views it was trained on (when that does not lower accuracy on the validation items "
+        "people labeled); none: the plain network")
 
     @classmethod
     def from_settings(cls, s: OptimizerSettings) -> OptimizeOptions:
@@ -206,6 +214,7 @@ class OptimizeOptions(BaseModel):
             benchmark_torch=s.optimizer_benchmark_torch, probe_timeout=s.optimizer_probe_timeout,
             compression=list(s.optimizer_compression),
             compression_recovery_seconds=s.optimizer_compression_recovery_seconds,
+            test_views=s.optimizer_test_views,
         )
 
 
@@ -292,6 +301,23 @@ class BenchmarkSummary(BaseModel):
     round_p50_ms: dict[str, list[float]] = Field(description="per variant: its batch-1 p50 latency in each round")
 
 
+class TestViews(BaseModel):
+    """Whether the deployed model averages over the label-preserving views it was trained on, and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trained_views: list[str] = Field(description="the views the trainer kept (identity first)")
+    used: bool
+    views: list[str] = Field(description="the views the exported model averages over (['identity']: none)")
+    val_items: int = Field(description="validation items labeled by people that the decision rests on")
+    val_accuracy_plain: float | None = None
+    val_accuracy_averaged: float | None = None
+    torch_fps_averaged: float | None = Field(
+        default=None, description="batch-1 images/s of the averaging model in eager PyTorch (the slowest runtime): "
+        "below the spec's FPS the views are not used, so they never cost the speed criterion")
+    reason: str
+
+
 class OptimizationReport(BaseModel):
     """Everything the optimizer measured and decided for one trained model (stored as JSON)."""
 
@@ -347,6 +373,8 @@ class OptimizationReport(BaseModel):
     accuracy_at_spec_recall: AtRecall | None = None
     spec_verdict: SpecVerdict | None = None
     benchmark: BenchmarkSummary | None = Field(default=None, description="the interleaved rounds and why they stopped")
+    test_views: TestViews | None = Field(
+        default=None, description="test-time views: whether every variant averages over the trained views, and why")
 
 
 @dataclass
@@ -443,6 +471,8 @@ class Prepared:
     fmt: InputFormat
     positive: int | None
     calibration: np.ndarray  # normalized float32 NCHW calibration images
+    trained_views: tuple[str, ...] = ("identity",)  # the label-preserving views the checkpoint was trained on
+    test_views: TestViews | None = None
 
 
 def prepare(inp: OptimizeInput) -> Prepared:
@@ -472,8 +502,78 @@ def prepare(inp: OptimizeInput) -> Prepared:
         if arr.shape[1:] != (fmt.input_size, fmt.input_size, fmt.in_channels):
             raise InvalidInput(f"{what} images are {arr.shape[1:]}, the network takes "
                                f"{(fmt.input_size, fmt.input_size, fmt.in_channels)}")
+    extra = ckpt.get("extra")
+    views = extra.get("views") if isinstance(extra, dict) else None
+    trained = tuple(str(v) for v in views) if isinstance(views, list) and views else ("identity",)
     return Prepared(model=model, arch=str(ckpt["arch"]), fmt=fmt, positive=positive,
-                    calibration=normalize(inp.calibration, fmt))
+                    calibration=normalize(inp.calibration, fmt), trained_views=trained)
+
+
+def _torch_accuracy(model: Any, images: np.ndarray, labels: np.ndarray, fmt: InputFormat, *, batch: int) -> float:
+    import torch
+
+    with torch.inference_mode():
+        pred = np.concatenate([model(torch.from_numpy(normalize(images[i:i + batch], fmt))).argmax(1).numpy()
+                               for i in range(0, len(images), batch)])
+    return float((pred == labels).mean())
+
+
+def _torch_fps(model: Any, fmt: InputFormat, *, calls: int = 5) -> float:
+    """Batch-1 calls per second of ``model`` in eager PyTorch: the median of ``calls`` after one warm-up."""
+    import torch
+
+    x = torch.zeros(1, fmt.in_channels, fmt.input_size, fmt.input_size)
+    times = []
+    with torch.inference_mode():
+        model(x)
+        for _ in range(calls):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    return float(1.0 / np.median(times))
+
+
+def views_step(prep: Prepared, inp: OptimizeInput, *, opts: OptimizeOptions) -> Prepared:
+    """Step 0: with ``test_views="trained"``, the model every variant is made from averages its class
+    probabilities over the views it was trained on, unless that lowers the accuracy at the argmax on the
+    validation items people labeled (ties keep the average), or the averaging model in eager PyTorch (slower
+    than every ONNX variant) falls below the spec's FPS. The structured-compression search prunes the plain
+    network, so with it the views are left out."""
+    from dlforge.vision.images import ViewAveraged
+
+    trained = list(prep.trained_views)
+    people = inp.val.people if inp.val.people is not None else np.ones(len(inp.val.labels), dtype=bool)
+
+    def report(used: bool, reason: str, plain: float | None = None, averaged: float | None = None,
+               fps: float | None = None) -> Prepared:
+        tv = TestViews(trained_views=trained, used=used, views=trained if used else ["identity"],
+                       val_items=int(people.sum()), val_accuracy_plain=plain, val_accuracy_averaged=averaged,
+                       torch_fps_averaged=fps, reason=reason)
+        model = ViewAveraged(prep.model, trained).eval() if used else prep.model
+        return replace(prep, model=model, test_views=tv)
+
+    if len(trained) < 2:
+        return report(False, "the model was trained on no view but the identity")
+    if opts.test_views == "none":
+        return report(False, "test-time views are off (test_views=none)")
+    if opts.compression:
+        return report(False, "the structured-compression search prunes the plain network")
+    if not people.any():
+        return report(False, "no validation item labeled by people to check the average on")
+    x, y = inp.val.images[people], inp.val.labels[people]
+    wrapped = ViewAveraged(prep.model, trained).eval()
+    plain = _torch_accuracy(prep.model, x, y, prep.fmt, batch=opts.eval_batch)
+    averaged = _torch_accuracy(wrapped, x, y, prep.fmt, batch=opts.eval_batch)
+    if averaged < plain:
+        return report(False, f"averaging lowers the accuracy on {len(y)} people-labeled validation items "
+                             f"({plain:.3f} -> {averaged:.3f})", plain, averaged)
+    fps = _torch_fps(wrapped, prep.fmt)
+    if fps < inp.spec.min_fps:
+        return report(False, f"the averaging model runs {fps:.1f} images/s in eager PyTorch, below the spec's "
+                             f"{inp.spec.min_fps:g} FPS: the views could cost the speed criterion",
+                      plain, averaged, fps)
+    return report(True, f"averaged over {len(trained)} views: accuracy on {len(y)} people-labeled validation "
+                        f"items {plain:.3f} -> {averaged:.3f}", plain, averaged, fps)
 
 
 def export_step(prep: Prepared, inp: OptimizeInput, *, workdir: Path, opts: OptimizeOptions) -> ExportResult:
@@ -867,7 +967,8 @@ def optimize(
     def lap(step: str) -> None:
         seconds[step] = time.perf_counter() - t0 - sum(seconds.values())
 
-    prep = prepare(inp)
+    prep = views_step(prepare(inp), inp, opts=opts)
+    lap("views")
     exported = export_step(prep, inp, workdir=workdir, opts=opts)
     lap("export")
     if compressors is None:
@@ -946,4 +1047,5 @@ def _report(inp: OptimizeInput, prep: Prepared, exported: ExportResult, built: B
         positive_recall_interval=chosen.test_figures.positive_recall if chosen.test_figures else None,
         test_figures=chosen.test_figures, operating_curve=chosen_curve,
         accuracy_at_spec_recall=chosen.accuracy_at_spec_recall, spec_verdict=chosen.verdict, benchmark=bench,
+        test_views=prep.test_views,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from dlforge.common.settings import CommonSettings
@@ -70,6 +72,10 @@ class OptimizerSettings(CommonSettings):
         default=[], description="structured-compression configs (JSON list of {prune_ratio, rank_fraction, "
                                 "resolution, int8}) the 'pruned' plug-in searches; [] leaves it out (it needs "
                                 "torch-pruning and adds recovery time per config)")
+    optimizer_test_views: Literal["trained", "none"] = Field(
+        default="trained", description="trained: every variant averages its class probabilities over the "
+        "label-preserving views the model was trained on (the trainer's checked views), unless that lowers "
+        "accuracy on the validation items people labeled; none: the plain network")
     optimizer_compression_recovery_seconds: float = Field(
         default=20.0, ge=0.0, le=3600.0, description="distillation budget per structured-compression config")
 

@@ -686,6 +686,8 @@ def save_model(objects: ObjectStore, outcome: TrainingOutcome, key: str, *, work
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         path = Path(tmp) / "model.pt"
         save_checkpoint(outcome.model, arch=outcome.arch, classes=outcome.classes, path=str(path),
-                        extra={"input_size": outcome.input_size, "metrics": flat_metrics(outcome), **(extra or {})})
+                        extra={"input_size": outcome.input_size, "metrics": flat_metrics(outcome),
+                               # the label-preserving views it was trained on (the optimizer may average over them)
+                               "views": list(outcome.views), **(extra or {})})
         objects.put_file(key, path)
     return key
