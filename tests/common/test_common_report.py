@@ -328,3 +328,18 @@ def test_the_auto_label_line_says_which_rule_chose_the_threshold() -> None:
             "held-out people's labels above the threshold give error <= 2.5 % at 95 % (evidence only: the "
             "threshold was chosen on them)") in text
     assert "the labeler's bound" not in text
+
+
+def test_test_time_views_are_reported_when_the_model_was_trained_on_views() -> None:
+    used = {"trained_views": ["identity", "hflip"], "used": True, "views": ["identity", "hflip"], "val_items": 9,
+            "val_accuracy_plain": 0.8, "val_accuracy_averaged": 0.9, "torch_fps_averaged": 30.0,
+            "reason": "averaged over identity, hflip: accuracy on 9 people-labeled validation items 0.800 -> 0.900"}
+    report = build_report(_run({**_optimizer_report(), "test_views": used}))
+    assert report["test_views"] == used
+    assert "test-time views: averaged over identity, hflip: accuracy on 9" in format_text(report)
+    off = {**used, "used": False, "views": ["identity"], "reason": "off (test_views=none)"}
+    assert "test-time views: not used: off (test_views=none)" in format_text(
+        build_report(_run({**_optimizer_report(), "test_views": off})))
+    # a model trained on no view but the identity: no line (nothing to average over)
+    plain = {**off, "trained_views": ["identity"]}
+    assert "test-time views" not in format_text(build_report(_run({**_optimizer_report(), "test_views": plain})))

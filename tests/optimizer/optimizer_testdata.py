@@ -11,8 +11,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dlforge.common.events import Spec
+from dlforge.optimizer.preprocess import InputFormat
+
 CLASSES = ["defect", "good"]
 SIZE = 32  # small_cnn trained at 32 px (checkpoint extra["input_size"]) to keep the tests fast
+SPEC = Spec(positive_class="defect", min_recall=0.9, min_accuracy=0.9, min_fps=1.0, input_size=256)
+FMT = InputFormat(1, SIZE, (0.5,), (0.5,))  # small_cnn's input: one channel, mean and std 0.5
 
 
 def separable(n: int, *, seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from optimizer_testdata import CLASSES, SIZE, Trained, separable
+from optimizer_testdata import CLASSES, FMT, SIZE, SPEC, Trained, separable
 
 from dlforge.common.errors import InvalidInput
 from dlforge.common.events import Spec
@@ -23,11 +23,7 @@ from dlforge.optimizer.handlers import (
     pick_calibration,
     probabilities,
 )
-from dlforge.optimizer.preprocess import InputFormat
 from dlforge.optimizer.runners import open_runner
-
-SPEC = Spec(positive_class="defect", min_recall=0.9, min_accuracy=0.9, min_fps=1.0, input_size=256)
-FMT = InputFormat(1, SIZE, (0.5,), (0.5,))
 
 
 def _input(trained: Trained, spec: Spec = SPEC, classes: list[str] | None = None) -> OptimizeInput:

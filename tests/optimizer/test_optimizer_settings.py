@@ -58,10 +58,10 @@ def test_structured_compression_configs_come_from_json(monkeypatch: pytest.Monke
         load_settings(OptimizerSettings)
 
 
-def test_test_time_views_are_on_by_default_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert OptimizeOptions.from_settings(load_settings(OptimizerSettings)).test_views == "trained"
-    monkeypatch.setenv("DLFORGE_OPTIMIZER_TEST_VIEWS", "none")
+def test_test_time_views_are_off_by_default_and_can_be_turned_on(monkeypatch: pytest.MonkeyPatch) -> None:
     assert OptimizeOptions.from_settings(load_settings(OptimizerSettings)).test_views == "none"
+    monkeypatch.setenv("DLFORGE_OPTIMIZER_TEST_VIEWS", "trained")
+    assert OptimizeOptions.from_settings(load_settings(OptimizerSettings)).test_views == "trained"
     monkeypatch.setenv("DLFORGE_OPTIMIZER_TEST_VIEWS", "dihedral")  # a view set is the trainer's to declare
     with pytest.raises(ConfigError, match="DLFORGE_OPTIMIZER_TEST_VIEWS"):
         load_settings(OptimizerSettings)

@@ -15,9 +15,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from optimizer_testdata import CLASSES, SIZE, Trained, separable
+from optimizer_testdata import CLASSES, FMT, SIZE, SPEC, Trained, separable
 
-from dlforge.common.events import Spec
 from dlforge.optimizer.bundle import build_bundle, bundle_variant
 from dlforge.optimizer.compressors import fp32_end_nodes
 from dlforge.optimizer.evaluation import softmax
@@ -30,13 +29,11 @@ from dlforge.optimizer.handlers import (
     optimize,
     views_step,
 )
-from dlforge.optimizer.preprocess import InputFormat, normalize
+from dlforge.optimizer.preprocess import normalize
 from dlforge.optimizer.runners import open_runner
 from dlforge.vision.images import DIHEDRAL_VIEWS, ViewAveraged, tensor_view
 from dlforge.vision.networks import load_checkpoint, save_checkpoint
 
-SPEC = Spec(positive_class="defect", min_recall=0.9, min_accuracy=0.9, min_fps=1.0, input_size=256)
-FMT = InputFormat(1, SIZE, (0.5,), (0.5,))
 FLIPS = ["identity", "hflip", "vflip", "rot180"]
 
 
@@ -95,7 +92,7 @@ def _input(checkpoint: Path) -> OptimizeInput:
 
 
 OPTIONS = OptimizeOptions(rounds=1, warmup=1, iterations=8, iterations_large_batch=2, batch_sizes=[1, 8],
-                          calibration_methods=["minmax"], benchmark_torch=False)
+                          calibration_methods=["minmax"], benchmark_torch=False, test_views="trained")
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +135,7 @@ def test_the_bundle_says_the_model_averages(averaged: OptimizeResult, tmp_path: 
 
 def test_no_views_when_off_or_not_trained_on_any(trained: Trained, tmp_path: Path) -> None:
     checkpoint = _with_views(trained, tmp_path, FLIPS)
+    assert OptimizeOptions().test_views == "none"  # opt-in
     off = optimize(_input(checkpoint), workdir=tmp_path / "off",
                    options=OPTIONS.model_copy(update={"test_views": "none"})).report.test_views
     assert off is not None and not off.used and off.views == ["identity"] and "test_views=none" in off.reason
@@ -172,7 +170,8 @@ def test_views_that_lower_people_labeled_val_accuracy_are_not_used() -> None:
                     trained_views=("identity", "vflip"))
     inp = OptimizeInput(checkpoint_path=Path("unused"), classes=CLASSES, spec=SPEC, calibration=x[:4],
                         val=LabeledImages(x, y), test=LabeledImages(x, y))
-    out = views_step(prep, inp, opts=OptimizeOptions())
+    on = OptimizeOptions(test_views="trained")
+    out = views_step(prep, inp, opts=on)
     tv = out.test_views
     assert tv is not None and not tv.used and out.model is model
     # plain: every item right; vflip swaps the halves, so the average is 0.5/0.5 and argmax picks class 0
@@ -180,13 +179,13 @@ def test_views_that_lower_people_labeled_val_accuracy_are_not_used() -> None:
     assert "lowers the accuracy on 40 people-labeled validation items (1.000 -> 0.500)" in tv.reason
     # the same model with a view it is symmetric under (hflip) is averaged
     kept = views_step(Prepared(model=model, arch="small_cnn", fmt=FMT, positive=0, calibration=prep.calibration,
-                               trained_views=("identity", "hflip")), inp, opts=OptimizeOptions())
+                               trained_views=("identity", "hflip")), inp, opts=on)
     assert kept.test_views is not None and kept.test_views.used and isinstance(kept.model, ViewAveraged)
     assert kept.test_views.torch_fps_averaged is not None and kept.test_views.torch_fps_averaged > SPEC.min_fps
     # a spec asking more speed than the averaging model has in eager PyTorch keeps the plain network
     fast = SPEC.model_copy(update={"min_fps": 1e9})
     slow = views_step(Prepared(model=model, arch="small_cnn", fmt=FMT, positive=0, calibration=prep.calibration,
-                               trained_views=("identity", "hflip")), replace(inp, spec=fast), opts=OptimizeOptions())
+                               trained_views=("identity", "hflip")), replace(inp, spec=fast), opts=on)
     tv = slow.test_views
     assert tv is not None and not tv.used and slow.model is model and tv.val_accuracy_averaged == 1.0
     assert tv.torch_fps_averaged is not None and tv.torch_fps_averaged < 1e9 and "below the spec's" in tv.reason

@@ -410,8 +410,7 @@ def format_text(report: dict[str, Any]) -> str:
             lines.append(f"threshold: {report['threshold_rule']}")
         tv = report.get("test_views")
         if tv and len(tv.get("trained_views") or []) > 1:
-            lines.append(f"test-time views: {'averaged over ' + ', '.join(tv['views']) if tv['used'] else 'none'} "
-                         f"({tv['reason']})")
+            lines.append(f"test-time views: {'' if tv['used'] else 'not used: '}{tv['reason']}")
         lines.append("variant                 b1 img/s  p50 ms  p99 ms  b32 img/s  size MB  RSS MB  "
                      "acc argmax  acc@thr")
         for name, var in report.get("variants", {}).items():

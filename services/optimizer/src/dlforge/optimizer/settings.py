@@ -73,9 +73,10 @@ class OptimizerSettings(CommonSettings):
                                 "resolution, int8}) the 'pruned' plug-in searches; [] leaves it out (it needs "
                                 "torch-pruning and adds recovery time per config)")
     optimizer_test_views: Literal["trained", "none"] = Field(
-        default="trained", description="trained: every variant averages its class probabilities over the "
+        default="none", description="trained: every variant averages its class probabilities over the "
         "label-preserving views the model was trained on (the trainer's checked views), unless that lowers "
-        "accuracy on the validation items people labeled; none: the plain network")
+        "accuracy on the validation items people labeled or the averaging model falls below the spec's FPS; "
+        "none: the plain network (the default; see README, 'Test-time views')")
     optimizer_compression_recovery_seconds: float = Field(
         default=20.0, ge=0.0, le=3600.0, description="distillation budget per structured-compression config")
 
