@@ -79,3 +79,30 @@ def test_round_points_prefer_the_representative_held_out_accuracy() -> None:
         {"human_labels": 300, "classifier": {"cv_accuracy": 0.75}},  # an older round: no held-out figure
     ]
     assert round_points(rounds) == [(100, 0.80), (200, 0.85), (300, 0.75)]
+
+
+def _shares(a: float, b: float, c: float, ns: list[int]) -> list[dict]:
+    return [{"human_labels": n, "heldout_accuracy": a - b * n ** (-c)} for n in ns]
+
+
+def test_with_too_few_rounds_the_last_rounds_shares_make_the_curve() -> None:
+    rounds = _rounds(0.95, 2.0, 0.5, [210, 420])  # two rounds: nothing to fit on their own
+    shares = _shares(0.95, 2.0, 0.5, [52, 105, 158, 210, 315, 420])
+    est = labels_to_reach(rounds, target=0.9, current_labels=420, subsamples=shares)
+    # acc(n) = 0.9 at n = (2 / 0.05) ** 2 = 1600, as for the rounds
+    assert est["status"] == "estimated" and est["source"] == "subsamples"
+    assert est["labels_needed"] == pytest.approx(1600, rel=0.03) and est["more_labels"] == est["labels_needed"] - 420
+    assert [p[0] for p in est["points"]] == [52, 105, 158, 210, 315, 420]
+    assert "nested random shares of the last round's labels" in est["note"]
+    # enough rounds: the rounds make the curve, the shares are not used
+    many = labels_to_reach(_rounds(0.95, 2.0, 0.5, NS), target=0.9, subsamples=_shares(0.8, 1.0, 0.5, NS))
+    assert many["source"] == "rounds" and many["labels_needed"] == pytest.approx(1600, rel=0.03)
+    # too few shares as well: still too few
+    few = labels_to_reach(rounds, target=0.9, subsamples=shares[:3])
+    assert few["status"] == "too_few_rounds" and few["source"] == "rounds"
+    # flat shares: no rising trend, said of the shares
+    flat = labels_to_reach(rounds, target=0.9, subsamples=[{"human_labels": n, "heldout_accuracy": acc}
+                                                           for n, acc in ((50, 0.8), (100, 0.79), (200, 0.81),
+                                                                          (400, 0.795))])
+    assert flat["status"] == "no_rising_trend" and "observed subsamples" in flat["note"]
+    assert "active learning" not in flat["note"]

@@ -20,6 +20,7 @@ from dlforge.common.events import (
     ModelOptimized,
     RunFailed,
     Spec,
+    SubsampleFigure,
 )
 from dlforge.common.intervals import clopper_pearson
 from dlforge.common.report import build_report, format_text, verdict, write_html
@@ -84,14 +85,15 @@ def _rounds(ns: list[int]) -> list[LabelingRound]:
 
 
 def _run(report: dict[str, Any] | None, *, rounds: list[int] = (), coverage: float | None = None,
-         bound: float | None = None) -> dict[str, Any]:
+         bound: float | None = None, subsamples: list[SubsampleFigure] = ()) -> dict[str, Any]:
     """The run view's document after the run's events (folded by the run view itself)."""
     uploaded = DatasetUploaded(dataset_id="ds", name="elpv", item_count=100, classes=CLASSES, labeled_count=0,
                                rejected_count=0, duplicate_count=0, manifest_key="m.json", spec=SPEC)
     labeled = DatasetLabeled(dataset_id="ds", labels_key="l.json", classes=CLASSES,
                              counts=[ClassCount(label="defect", count=30), ClassCount(label="good", count=70)],
                              human_labels=20, auto_labels=80, rounds=5, spec=SPEC, rounds_figures=_rounds(list(rounds)),
-                             auto_label_coverage=coverage, auto_label_error_bound=bound)
+                             auto_label_coverage=coverage, auto_label_error_bound=bound,
+                             subsample_figures=list(subsamples))
     payloads: list[Any] = [uploaded, labeled]
     if report is not None:
         payloads.append(ModelOptimized(dataset_id="ds", model_id="m", chosen_variant="onnx_fp32",
@@ -343,3 +345,16 @@ def test_test_time_views_are_reported_when_the_model_was_trained_on_views() -> N
     # a model trained on no view but the identity: no line (nothing to average over)
     plain = {**off, "trained_views": ["identity"]}
     assert "test-time views" not in format_text(build_report(_run({**_optimizer_report(), "test_views": plain})))
+
+
+def test_with_two_rounds_the_learning_curve_comes_from_the_last_rounds_shares(tmp_path: Path) -> None:
+    # the shares on acc(n) = 0.97 - 1.2 * n^-0.5, which reaches 0.9 at n = (1.2 / 0.07)^2 = 293.9 -> 294 labels
+    shares = [SubsampleFigure(human_labels=n, heldout_accuracy=0.97 - 1.2 * n ** -0.5) for n in (3, 5, 8, 10, 15, 20)]
+    report = build_report(_run(_optimizer_report(), rounds=[10, 20], subsamples=shares))
+    lc = report["learning_curve"]
+    assert lc["status"] == "estimated" and lc["source"] == "subsamples"
+    assert lc["labels_needed"] == pytest.approx(294, abs=3) and lc["current_labels"] == 20
+    text = format_text(report)
+    assert "on 6 shares of the last round's labels" in text
+    write_html(report, tmp_path / "demo.html")
+    assert "<h2>Learning curve (estimate)</h2><img" in (tmp_path / "demo.html").read_text()

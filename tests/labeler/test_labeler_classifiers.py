@@ -14,6 +14,7 @@ from dlforge.labeler.classifier import (
     SemiSupervisedMLP,
     heldout_accuracy,
     make_classifier,
+    subsample_curve,
 )
 
 
@@ -146,3 +147,30 @@ def test_a_rows_held_out_confidence_does_not_depend_on_its_own_label() -> None:
         after = crossfit_scaled(logits, flipped, mask, seed=1)
         np.testing.assert_allclose(after[row], before[row], atol=1e-12)  # its own label never entered
         assert np.abs(after - before).max() > 1e-6  # but it calibrates the other folds' rows
+
+
+def test_subsample_curve_rises_with_the_share_of_labels_it_trains_on() -> None:
+    # labels from a noisy linear rule in 40 dimensions: 40 rows are too few to find it, 320 are not
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(600, 40)).astype(np.float32)
+    y = (x @ rng.normal(size=40) + 0.5 * rng.normal(size=600) > 0).astype(np.int64)
+    labeled = np.arange(400)  # the other 200 rows are unlabeled: they only centre and scale
+    curve = subsample_curve(x, labeled, y[labeled], representative=np.ones(400, dtype=bool), c=1.0)
+    shares = [s for s, _, _ in curve]
+    assert shares == [0.125, 0.25, 0.375, 0.5, 0.75, 1.0]
+    sizes = {s: n for s, _, n in curve}
+    assert sizes[1.0] == 320 and sizes[0.5] == 160 and sizes[0.125] == 40  # 4 of 5 folds' rows, then the share
+    acc = {s: a for s, a, _ in curve}
+    assert acc[1.0] >= 0.85 and acc[0.125] <= acc[1.0] - 0.08
+
+
+def test_subsample_curve_scores_the_representative_rows_only() -> None:
+    x, y = _blobs(60, classes=3, spread=0.3)
+    x[y == 2] = x[y == 1][: int((y == 2).sum())]  # classes 1 and 2 share their images: a coin toss between them
+    labeled = np.arange(len(y))
+    every = subsample_curve(x, labeled, y, representative=np.ones(len(y), dtype=bool), c=1.0)
+    only_first = subsample_curve(x, labeled, y, representative=y == 0, c=1.0)
+    assert all(a == 1.0 for _, a, _ in only_first)  # class 0 stands apart
+    assert all(a < 0.85 for _, a, _ in every)
+    assert subsample_curve(x, labeled, y, representative=np.zeros(len(y), dtype=bool), c=1.0) == []
+    assert subsample_curve(x, labeled, np.zeros(len(y), dtype=np.int64), representative=y == 0, c=1.0) == []

@@ -125,12 +125,19 @@ async def test_simulated_annotator_round_trip_produces_dataset_labeled(
     assert labeled.human_labels + labeled.auto_labels + labeled.needs_review == 60
     assert labeled.rounds == len(requests)
     assert sorted(labeled.classes) == ["bright", "dark"]
+    # the learning curve's points from the last round: the probe trained on shares of its labels, each share
+    # at the human labels it stands for (bright against dark: every held-out item right at any share)
+    figures = labeled.subsample_figures
+    assert figures and figures[-1].human_labels == labeled.human_labels
+    assert [f.human_labels for f in figures] == sorted(f.human_labels for f in figures)
+    assert all(f.heldout_accuracy == 1.0 for f in figures)
     manifest = await asyncio.to_thread(load_manifest, backends.objects, labeled.labels_key)
     assert all(i.split and i.confidence for i in manifest.items)
     assert {i.split for i in manifest.items} == {"train", "val", "test"}
     assert all(i.label_source == "human" for i in manifest.items if i.split == "test")
     record = await records.load(backends.docs, "cells")
     assert record["state"] == "labeled" and record["counts"]["human"] == labeled.human_labels
+    assert record["rounds"][-1]["subsample_points"] == [[f.human_labels, f.heldout_accuracy] for f in figures]
     result = record["result"]
     assert result["human_label_fraction"] <= 0.4
     # 60 items give 6 random test labels and a seed of 6: 3 random val items and 3 k-means ones (not

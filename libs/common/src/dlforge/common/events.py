@@ -265,6 +265,18 @@ class LabelingRound(BaseModel):
                                       description="cross-validated accuracy on every labeled item")
 
 
+class SubsampleFigure(BaseModel):
+    """A learning-curve point from the last round's labels: the labeler's linear probe trained on a share of
+    them (held out by folds), at the human labels that share stands for."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    human_labels: int = Field(ge=1)
+    heldout_accuracy: float = Field(
+        ge=0.0, le=1.0, description="accuracy on the representative items people labeled, each held out of the "
+        "fold that predicted it")
+
+
 class DatasetLabeled(Payload):
     """Labeling ended: the labeled manifest, the count per class, and how many labels are human, automatic or left
     for review; the figures of each round (for the learning curve) and the auto-label guarantee."""
@@ -272,8 +284,8 @@ class DatasetLabeled(Payload):
     TOPIC = Topic.DATASET_LABELED
     # v2: options.max_auto_label_error, auto_label_all; needs_review. v3: rounds_figures, auto_label_coverage,
     # auto_label_error_bound (the report is built from the events alone). v4: options.domain_adaptation,
-    # domains_standardized. v5: auto_label_guarantee, expected_error_estimate
-    SCHEMA_VERSION: ClassVar[int] = 5
+    # domains_standardized. v5: auto_label_guarantee, expected_error_estimate. v6: subsample_figures
+    SCHEMA_VERSION: ClassVar[int] = 6
 
     dataset_id: str
     labels_key: str = Field(description="object key of the labeled manifest (JSON)")
@@ -308,6 +320,10 @@ class DatasetLabeled(Payload):
         default={}, max_length=MAX_DOMAINS,
         description="the domains whose embeddings were standardized (options.domain_adaptation), with their items "
         "({}: none)")
+    subsample_figures: list[SubsampleFigure] = Field(
+        default=[], max_length=100,
+        description="the linear probe's held-out accuracy trained on nested shares of the last round's labels "
+        "(the learning curve's points when the rounds are too few; []: none, e.g. another classifier)")
 
 
 class AugmentationCount(BaseModel):
@@ -829,6 +845,14 @@ def _labeled_v4_to_v5(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 register_upcaster(Topic.DATASET_LABELED, 4, _labeled_v4_to_v5)
+
+
+def _labeled_v5_to_v6(payload: dict[str, Any]) -> dict[str, Any]:
+    """dataset.labeled v5 carried no subsample figures (the learning curve had only the rounds)."""
+    return {**payload, "subsample_figures": []}
+
+
+register_upcaster(Topic.DATASET_LABELED, 5, _labeled_v5_to_v6)
 register_upcaster(Topic.DATASET_UPLOADED, 3, _options_with_domain_adaptation)
 register_upcaster(Topic.MODEL_PROPOSED, 3, _options_with_domain_adaptation)
 register_upcaster(Topic.HPO_COMPLETED, 2, _options_with_domain_adaptation)

@@ -1,4 +1,5 @@
-"""How many more human labels would reach the spec: a saturating power law fitted to the labeling rounds.
+"""How many more human labels would reach the spec: a saturating power law fitted to the labeling rounds
+(or, with too few rounds, to the labeler's probe trained on nested shares of the last round's labels).
 
 Each labeling round records how many items people had labeled and the labeling classifier's held-out
 accuracy on the representative ones among them (:func:`round_points`). ``acc(n) = a - b * n^(-c)``
@@ -85,10 +86,33 @@ def fit_power_law(points: Sequence[tuple[int, float]]) -> tuple[float, float, fl
     return a, b * scale**c, c, rmse  # b * (n / scale)^-c == (b * scale^c) * n^-c
 
 
+SUBSAMPLE_CAVEAT = ("an estimate: a power law fitted to the labeler's linear probe trained on nested random shares "
+                    "of the last round's labels (1/8 to all), each share's accuracy measured on the representative "
+                    "items people labeled (the random test split and val sample, the k-means seed), held out by "
+                    "folds; the shares are random, while more rounds would add the hard items active learning "
+                    "asks for, and the final model's test accuracy differs")
+
+
+def subsample_points(figures: Iterable[Mapping[str, Any]]) -> list[tuple[int, float]]:
+    """``(human labels, accuracy)`` of ``dataset.labeled``'s subsample figures (last one per count)."""
+    by_n: dict[int, float] = {}
+    for f in figures:
+        n, acc = f.get("human_labels"), f.get("heldout_accuracy")
+        if n is None or acc is None or not math.isfinite(float(acc)) or int(n) <= 0:
+            continue
+        by_n[int(n)] = float(acc)
+    return sorted(by_n.items())
+
+
 def labels_to_reach(
     rounds: Iterable[Mapping[str, Any]], *, target: float, current_labels: int | None = None,
+    subsamples: Iterable[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The learning-curve estimate for the report: fit, and the labels needed to reach ``target``.
+
+    The points are the labeling rounds'; with fewer than :data:`MIN_POINTS` of them, the subsample
+    figures of the last round (``subsamples``: the probe trained on shares of its labels) when those are
+    enough (``source`` says which).
 
     ``status`` is ``estimated``, ``ceiling_below_spec`` (the fitted ceiling ``a`` does not reach the
     target), ``no_rising_trend`` (the fitted curve rises less over the observed rounds than the points
@@ -96,12 +120,16 @@ def labels_to_reach(
     ``fit_failed``; ``note`` says what the figure is.
     """
     points = round_points(rounds)
+    source, caveat = "rounds", CAVEAT
+    shares = subsample_points(subsamples)
+    if len(points) < MIN_POINTS <= len(shares):
+        points, source, caveat = shares, "subsamples", SUBSAMPLE_CAVEAT
     current = current_labels if current_labels is not None else (points[-1][0] if points else None)
     out: dict[str, Any] = {
-        "status": "", "model": MODEL, "points": [[n, acc] for n, acc in points], "target_accuracy": target,
-        "current_labels": current, "a": None, "b": None, "c": None, "rmse": None, "rise": None,
-        "labels_needed": None,
-        "more_labels": None, "note": CAVEAT,
+        "status": "", "model": MODEL, "source": source, "points": [[n, acc] for n, acc in points],
+        "target_accuracy": target, "current_labels": current, "a": None, "b": None, "c": None, "rmse": None,
+        "rise": None, "labels_needed": None,
+        "more_labels": None, "note": caveat,
     }
     if target <= 0:
         return {**out, "status": "no_accuracy_target", "note": "the spec sets no accuracy to reach"}
@@ -112,20 +140,21 @@ def labels_to_reach(
     try:
         a, b, c, rmse = fit_power_law(points)
     except (RuntimeError, ValueError) as exc:
-        return {**out, "status": "fit_failed", "note": f"{exc}; {CAVEAT}"}
+        return {**out, "status": "fit_failed", "note": f"{exc}; {caveat}"}
     out.update(a=a, b=b, c=c, rmse=rmse)
     lo, hi = points[0][0], points[-1][0]
     rise = float(b * (lo ** -c - hi ** -c))  # what the fitted curve gains over the observed rounds
     out["rise"] = rise
     if rise <= rmse:
+        why = ("; active learning asks for harder items each round, which can hold the labeler's accuracy flat or "
+               "make it fall") if source == "rounds" else ""
         return {**out, "status": "no_rising_trend",
-                "note": f"no estimate: over the observed rounds the accuracy does not rise by more than its scatter "
-                        f"(fitted rise {rise:.4f}, rmse {rmse:.4f}); active learning asks for harder items each "
-                        f"round, which can hold the labeler's accuracy flat or make it fall"}
+                "note": f"no estimate: over the observed {source} the accuracy does not rise by more than its "
+                        f"scatter (fitted rise {rise:.4f}, rmse {rmse:.4f}){why}"}
     if a <= target:
         return {**out, "status": "ceiling_below_spec",
                 "note": f"the fitted ceiling a = {a:.4f} does not reach the spec's accuracy {target:g}: more "
-                        f"labels of the same kind are not expected to get there; {CAVEAT}"}
+                        f"labels of the same kind are not expected to get there; {caveat}"}
     needed = (b / (a - target)) ** (1.0 / c) if b > 0 else 0.0
     needed_int = max(1, math.ceil(needed))
     more = max(0, needed_int - current) if current is not None else None
@@ -133,4 +162,4 @@ def labels_to_reach(
     return {**out, "status": "estimated", "labels_needed": needed_int, "more_labels": more,
             "note": (f"about {needed_int} human labels in all" + (f" ({more} more)" if more is not None else "")
                      + f" to reach {target:g}" + (" — far beyond the observed range, so very uncertain" if far else "")
-                     + f"; {CAVEAT}")}
+                     + f"; {caveat}")}

@@ -177,8 +177,9 @@ def build_report(run: Mapping[str, Any]) -> dict[str, Any]:
     report["auto_label_guarantee"] = labeled.auto_label_guarantee if labeled else None
     report["expected_error_estimate"] = labeled.expected_error_estimate if labeled else None
     if labeled is not None and spec is not None:
-        report["learning_curve"] = labels_to_reach(_rounds_of(labeled), target=spec.min_accuracy,
-                                                   current_labels=labeled.human_labels)
+        report["learning_curve"] = labels_to_reach(
+            _rounds_of(labeled), target=spec.min_accuracy, current_labels=labeled.human_labels,
+            subsamples=[f.model_dump() for f in labeled.subsample_figures])
     else:
         report["learning_curve"] = None
     report["spec_met"] = bool(optimized.spec_met) if optimized else False
@@ -529,8 +530,9 @@ def _labeling_lines(report: Mapping[str, Any], *, pct: Any) -> list[str]:
                          f"{pct(report.get('auto_label_error_bound'))} (the labeler's bound)")
     lc = report.get("learning_curve")
     if lc:
+        what = "shares of the last round's labels" if lc.get("source") == "subsamples" else "rounds"
         fit = (f" (a={lc['a']:.3f}, b={lc['b']:.3g}, c={lc['c']:.3f}, rmse {lc['rmse']:.4f} on "
-               f"{len(lc['points'])} rounds)" if lc.get("a") is not None else "")
+               f"{len(lc['points'])} {what})" if lc.get("a") is not None else "")
         lines.append(f"learning curve {lc['model']}{fit}: {lc['status']}: {lc['note']}")
     return lines
 
@@ -637,7 +639,9 @@ def _learning_curve_png(plt: Any, lc: Mapping[str, Any]) -> str:
     n = [p[0] for p in lc["points"]]
     acc = [p[1] for p in lc["points"]]
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot(n, acc, "o", color="#4c72b0", label="labeler held-out accuracy per round (representative labels)")
+    what = ("the probe on shares of the last round's labels" if lc.get("source") == "subsamples"
+            else "labeler held-out accuracy per round")
+    ax.plot(n, acc, "o", color="#4c72b0", label=f"{what} (representative labels)")
     if lc.get("a") is not None:
         top = max(max(n), lc.get("labels_needed") or 0) * 1.1
         xs = np.linspace(min(n), top, 200)

@@ -254,6 +254,54 @@ def fit_calibrated(
                                 heldout_proba=heldout, heldout_representative=rep, heldout_labels=y.copy())
 
 
+SUBSAMPLE_SHARES = (0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
+
+
+@small_blas
+def subsample_curve(x_all: np.ndarray, labeled: np.ndarray, y: np.ndarray, *, representative: np.ndarray, c: float,
+                    shares: tuple[float, ...] = SUBSAMPLE_SHARES, folds: int = 5,
+                    seed: int = 0) -> list[tuple[float, float, int]]:
+    """A learning curve from one labeled set: the linear probe's held-out accuracy trained on nested shares of it.
+
+    The labeled rows (``labeled`` indexes ``x_all``; ``y`` their classes) are split in ``folds``
+    stratified folds. Each fold's training rows are shuffled once (a fixed order, so a larger share
+    holds every smaller one); the first ``share`` of them train a logistic regression with the
+    regularization ``c`` (centred and scaled as :func:`fit_calibrated` does), which predicts the fold's
+    ``representative`` rows (random test and val items, the k-means seed: the rows that stand for the
+    unlabeled ones). Returns ``(share, accuracy over every representative row, training rows per fold
+    at that share)`` for each share whose every fold trains on at least two classes; ``[]`` without
+    two folds or representative rows.
+    """
+    mean = x_all.mean(axis=0)
+    scale = float(np.sqrt(((x_all - mean) ** 2).mean())) + 1e-12
+    x = (x_all[labeled] - mean) / scale
+    y = np.asarray(y, dtype=np.int64)
+    rep = np.asarray(representative, dtype=bool)
+    _, counts = np.unique(y, return_counts=True)
+    k = int(min(folds, counts.min())) if len(counts) > 1 else 0
+    if k < 2 or not rep.any():
+        return []
+    rng = np.random.default_rng(seed)
+    splits = [(rng.permutation(tr), te) for tr, te in
+              StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(x, y)]
+    out = []
+    for share in sorted(shares):
+        correct = np.zeros(len(y), dtype=bool)
+        sizes = []
+        for order, te in splits:
+            tr = order[:max(2, round(share * len(order)))]
+            if len(np.unique(y[tr])) < 2:
+                break
+            sizes.append(len(tr))
+            model = LogisticRegression(C=c, max_iter=2000).fit(x[tr], y[tr])
+            rows = te[rep[te]]
+            if len(rows):
+                correct[rows] = model.predict(x[rows]) == y[rows]
+        else:
+            out.append((float(share), float(correct[rep].mean()), int(np.median(sizes))))
+    return out
+
+
 def heldout_accuracy(proba: np.ndarray, y: np.ndarray, representative: np.ndarray) -> dict[str, float | int | None]:
     """Out-of-fold accuracy on the representative labeled rows (random test, k-means seed, given).
 

@@ -36,7 +36,14 @@ from typing import Any, Literal, Protocol, cast
 import numpy as np
 
 from dlforge.common.events import ClassCount, PipelineOptions
-from dlforge.labeler.classifier import FittedClassifier, LabelClassifier, LinearProbe, small_blas
+from dlforge.labeler.classifier import (
+    CalibratedClassifier,
+    FittedClassifier,
+    LabelClassifier,
+    LinearProbe,
+    small_blas,
+    subsample_curve,
+)
 from dlforge.labeler.guarantee import (
     Guarantee,
     SelectiveThreshold,
@@ -212,6 +219,9 @@ class RoundResult:
     threshold: float | None = None
     evidence: HeldoutEvidence = field(default_factory=HeldoutEvidence.empty)
     predicts: bool = False  # a classifier of two or more classes made ``predicted`` (else it means nothing)
+    # at the stop, with the linear probe: (human labels, held-out accuracy) of the probe trained on nested
+    # shares of this round's labels (classifier.subsample_curve), the learning curve's points from one round
+    subsample_points: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -320,11 +330,16 @@ def run_round(
         else:
             rows = strategy.select(probabilities=probs, embeddings=embeddings, candidates=open_rows, k=k, rng=rng)
         nxt = Batch(rows=np.asarray(rows, dtype=np.int64), reasons=["uncertain"] * len(rows))
+    subsample: list[tuple[int, float]] = []
+    if stop is not None and isinstance(clf, CalibratedClassifier) and clf.model is not None:
+        subsample = [(max(1, round(share * human_count)), acc) for share, acc, _ in subsample_curve(
+            embeddings, np.flatnonzero(known), labels[known], representative=representative[known], c=clf.c,
+            seed=seed)]
     return RoundResult(
         probabilities=probs, predicted=predicted, confidence=confidence, confident=confident, next_batch=nxt,
         stop_reason=stop, classifier=clf.summary() if clf is not None else {}, human_labels=human_count,
         auto_confident=int(confident.sum()), selective=selective, threshold=threshold, evidence=evidence,
-        predicts=clf is not None and clf.model is not None,
+        predicts=clf is not None and clf.model is not None, subsample_points=subsample,
     )
 
 

@@ -33,6 +33,7 @@ from dlforge.common.events import (
     LabelsSubmitted,
     PipelineOptions,
     Spec,
+    SubsampleFigure,
     Topic,
 )
 from dlforge.common.objects import ObjectStore
@@ -446,6 +447,8 @@ async def _advance(
             "auto_label_error_bound": selective.error_bound if selective is not None else None,
             "calibration_items": selective.calibration_items if selective is not None else 0,
             "classifier": result.classifier,
+            **({"subsample_points": [[n, acc] for n, acc in result.subsample_points]}
+               if result.subsample_points else {}),
         }
     counts = dict(record.get("counts", {}))
     counts.update(human=int(view.human.sum()), auto_confident=result.auto_confident)
@@ -487,6 +490,7 @@ async def _advance(
         dataset_id=dataset_id, labels_key=key, classes=labeled.classes, counts=handlers.class_counts(labeled),
         human_labels=int(view.human.sum()), auto_labels=n_auto, needs_review=n_review, rounds=len(rounds), spec=spec,
         options=options, rounds_figures=_round_figures(rounds),
+        subsample_figures=[SubsampleFigure(human_labels=n, heldout_accuracy=acc) for n, acc in result.subsample_points],
         auto_label_coverage=_fraction(decision.summary.get("auto_label_coverage")),
         auto_label_error_bound=_fraction(decision.summary.get("auto_label_error_bound")),
         auto_label_guarantee=decision.summary.get("auto_label_guarantee"),  # type: ignore[arg-type]
