@@ -344,6 +344,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "stop_reason": result.get("stop_reason"),
         "rounds": len(requests),
         "per_round": per_round,
+        # the last round's learning-curve points: the linear probe on nested shares of its labels (the report
+        # fits them when the rounds are too few; benchmarks/learning_curve_check.py checks what they predict)
+        "subsample_points": (record.get("rounds") or [{}])[-1].get("subsample_points", []),
         "seconds": {
             "materialize": round(t_materialize, 1),
             "ingest": round(marks["ingest"], 1),

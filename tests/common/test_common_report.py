@@ -354,7 +354,8 @@ def test_with_two_rounds_the_learning_curve_comes_from_the_last_rounds_shares(tm
     lc = report["learning_curve"]
     assert lc["status"] == "estimated" and lc["source"] == "subsamples"
     assert lc["labels_needed"] == pytest.approx(294, abs=3) and lc["current_labels"] == 20
+    assert lc["beyond_items"] is True  # the data set has 100 items
     text = format_text(report)
-    assert "on 6 shares of the last round's labels" in text
+    assert "on 6 shares of the last round's labels" in text and "more than the data set's 100 items" in text
     write_html(report, tmp_path / "demo.html")
     assert "<h2>Learning curve (estimate)</h2><img" in (tmp_path / "demo.html").read_text()

@@ -106,13 +106,14 @@ def subsample_points(figures: Iterable[Mapping[str, Any]]) -> list[tuple[int, fl
 
 def labels_to_reach(
     rounds: Iterable[Mapping[str, Any]], *, target: float, current_labels: int | None = None,
-    subsamples: Iterable[Mapping[str, Any]] = (),
+    subsamples: Iterable[Mapping[str, Any]] = (), items: int | None = None,
 ) -> dict[str, Any]:
     """The learning-curve estimate for the report: fit, and the labels needed to reach ``target``.
 
     The points are the labeling rounds'; with fewer than :data:`MIN_POINTS` of them, the subsample
     figures of the last round (``subsamples``: the probe trained on shares of its labels) when those are
-    enough (``source`` says which).
+    enough (``source`` says which). ``items``, the data set's size: an estimate beyond it says that labeling
+    every item would not get there (``beyond_items``).
 
     ``status`` is ``estimated``, ``ceiling_below_spec`` (the fitted ceiling ``a`` does not reach the
     target), ``no_rising_trend`` (the fitted curve rises less over the observed rounds than the points
@@ -129,7 +130,7 @@ def labels_to_reach(
         "status": "", "model": MODEL, "source": source, "points": [[n, acc] for n, acc in points],
         "target_accuracy": target, "current_labels": current, "a": None, "b": None, "c": None, "rmse": None,
         "rise": None, "labels_needed": None,
-        "more_labels": None, "note": caveat,
+        "more_labels": None, "beyond_items": None, "note": caveat,
     }
     if target <= 0:
         return {**out, "status": "no_accuracy_target", "note": "the spec sets no accuracy to reach"}
@@ -159,7 +160,12 @@ def labels_to_reach(
     needed_int = max(1, math.ceil(needed))
     more = max(0, needed_int - current) if current is not None else None
     far = points[-1][0] * 10 < needed_int
+    beyond = items is not None and needed_int > items
     return {**out, "status": "estimated", "labels_needed": needed_int, "more_labels": more,
+            "beyond_items": beyond if items is not None else None,
             "note": (f"about {needed_int} human labels in all" + (f" ({more} more)" if more is not None else "")
-                     + f" to reach {target:g}" + (" — far beyond the observed range, so very uncertain" if far else "")
+                     + f" to reach {target:g}"
+                     + (f", more than the data set's {items} items: labeling every one would not get there"
+                        if beyond else "")
+                     + (" — far beyond the observed range, so very uncertain" if far else "")
                      + f"; {caveat}")}

@@ -179,7 +179,8 @@ def build_report(run: Mapping[str, Any]) -> dict[str, Any]:
     if labeled is not None and spec is not None:
         report["learning_curve"] = labels_to_reach(
             _rounds_of(labeled), target=spec.min_accuracy, current_labels=labeled.human_labels,
-            subsamples=[f.model_dump() for f in labeled.subsample_figures])
+            subsamples=[f.model_dump() for f in labeled.subsample_figures],
+            items=uploaded.item_count if uploaded else None)
     else:
         report["learning_curve"] = None
     report["spec_met"] = bool(optimized.spec_met) if optimized else False
