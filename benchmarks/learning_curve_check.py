@@ -31,7 +31,14 @@ def main() -> None:
     first = runs[0]
     if {(r["dataset"], r["seed"], r["items"]) for r in runs} != {(first["dataset"], first["seed"], first["items"])}:
         raise SystemExit("the files must be one data set, seed and item count")
-    points = subsample_points({"human_labels": n, "heldout_accuracy": acc} for n, acc in first["subsample_points"])
+    budgets = [r["budget"] for r in runs]
+    if budgets != sorted(budgets) or len(set(budgets)) != len(budgets):
+        raise SystemExit(f"give the files smallest budget first, each budget once (got {budgets})")
+    points = subsample_points({"human_labels": n, "heldout_accuracy": acc}
+                              for n, acc in first.get("subsample_points") or [])
+    if len(points) < 4:
+        raise SystemExit(f"{args.files[0]}: {len(points)} subsample points (4 needed; the labeler records them with "
+                         "the linear probe at the stop)")
     a, b, c, rmse = fit_power_law(points)
     rows = []
     for r in runs:
@@ -39,7 +46,7 @@ def main() -> None:
         n = int(r["human_labels"])
         predicted = a - b * n ** (-c)
         measured = last["heldout_accuracy_representative"]
-        rows.append({"budget": r["budget"], "human_labels": n, "rounds": r["rounds"],
+        rows.append({"budget": r["budget"], "human_labels": n, "rounds": r["rounds"], "in_sample": r is first,
                      "predicted": round(predicted, 4), "measured": measured,
                      "error_points": None if measured is None else round(100 * (predicted - measured), 2),
                      "heldout_split_accuracy": r["heldout_accuracy"]})
@@ -55,7 +62,8 @@ def main() -> None:
         m = "-" if row["measured"] is None else f"{row['measured']:.4f}"
         e = "-" if row["error_points"] is None else f"{row['error_points']:+.2f}"
         print(f"{row['budget']:>7} {row['human_labels']:>7} {row['rounds']:>6} {row['predicted']:>9.4f} {m:>9} "
-              f"{e:>9} {row['heldout_split_accuracy']:>14.4f}")
+              f"{e:>9} {row['heldout_split_accuracy']:>14.4f}" + ("  (fitted here: in-sample)" if row["in_sample"]
+                                                                  else ""))
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"learning-curve-check-{first['dataset']}-s{first['seed']}.json"
     path.write_text(json.dumps(out, indent=2))

@@ -93,8 +93,8 @@ def test_with_too_few_rounds_the_last_rounds_shares_make_the_curve() -> None:
     assert est["status"] == "estimated" and est["source"] == "subsamples"
     assert est["labels_needed"] == pytest.approx(1600, rel=0.03) and est["more_labels"] == est["labels_needed"] - 420
     assert [p[0] for p in est["points"]] == [52, 105, 158, 210, 315, 420]
-    assert "nested random shares of the last round's labels" in est["note"]
-    assert est["beyond_items"] is None and "labeling every one" not in est["note"]
+    assert "nested random shares of people's labels of the last round" in est["note"]
+    assert est["beyond_items"] is None and "even with every item labeled" not in est["note"]
     small = labels_to_reach(rounds, target=0.9, current_labels=420, subsamples=shares, items=1000)
     assert small["beyond_items"] is True and "more than the data set's 1000 items" in small["note"]
     assert labels_to_reach(rounds, target=0.9, subsamples=shares, items=5000)["beyond_items"] is False

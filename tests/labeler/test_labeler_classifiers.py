@@ -174,3 +174,19 @@ def test_subsample_curve_scores_the_representative_rows_only() -> None:
     assert all(a < 0.85 for _, a, _ in every)
     assert subsample_curve(x, labeled, y, representative=np.zeros(len(y), dtype=bool), c=1.0) == []
     assert subsample_curve(x, labeled, np.zeros(len(y), dtype=np.int64), representative=y == 0, c=1.0) == []
+
+
+def test_subsample_curve_keeps_the_given_labels_in_every_share() -> None:
+    x, y = _blobs(50, classes=2, spread=0.5)
+    labeled = np.arange(len(y))
+    given = np.zeros(len(y), dtype=bool)
+    given[::5] = True  # 20 of the 100 labels came with the upload
+    curve = subsample_curve(x, labeled, y, representative=np.ones(len(y), dtype=bool), c=1.0, always=given,
+                            shares=(0.25, 1.0))
+    sizes = {s: n for s, _, n in curve}
+    # 5 folds: 80 training rows per fold, about 16 of them given (stratified by class, not by given), all kept;
+    # a quarter of the others is about 16: some 32 rows, where a quarter of all would be 20
+    assert sizes[1.0] == 80 and 28 <= sizes[0.25] <= 36
+    plain = {s: n for s, _, n in subsample_curve(x, labeled, y, representative=np.ones(len(y), dtype=bool), c=1.0,
+                                                 shares=(0.25, 1.0))}
+    assert plain == {0.25: 20, 1.0: 80}

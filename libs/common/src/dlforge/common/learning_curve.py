@@ -87,10 +87,12 @@ def fit_power_law(points: Sequence[tuple[int, float]]) -> tuple[float, float, fl
 
 
 SUBSAMPLE_CAVEAT = ("an estimate: a power law fitted to the labeler's linear probe trained on nested random shares "
-                    "of the last round's labels (1/8 to all), each share's accuracy measured on the representative "
-                    "items people labeled (the random test split and val sample, the k-means seed), held out by "
-                    "folds; the shares are random, while more rounds would add the hard items active learning "
-                    "asks for, and the final model's test accuracy differs")
+                    "of people's labels of the last round (1/8 to all; labels given with the upload in every share), "
+                    "each share's accuracy measured on the representative items people labeled (the random test "
+                    "split and val sample, the k-means seed), held out by folds (a fold's probe trains on 4/5 of "
+                    "the share, with the regularization chosen on all the labels); the shares are random, while "
+                    "more rounds would add the hard items active learning asks for, and the final model's test "
+                    "accuracy differs")
 
 
 def subsample_points(figures: Iterable[Mapping[str, Any]]) -> list[tuple[int, float]]:
@@ -165,7 +167,8 @@ def labels_to_reach(
             "beyond_items": beyond if items is not None else None,
             "note": (f"about {needed_int} human labels in all" + (f" ({more} more)" if more is not None else "")
                      + f" to reach {target:g}"
-                     + (f", more than the data set's {items} items: labeling every one would not get there"
+                     + (f", more than the data set's {items} items: by this fit, the labeler's classifier would "
+                        "not get there even with every item labeled (the final model's accuracy differs)"
                         if beyond else "")
                      + (" — far beyond the observed range, so very uncertain" if far else "")
                      + f"; {caveat}")}

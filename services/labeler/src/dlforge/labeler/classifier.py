@@ -259,18 +259,19 @@ SUBSAMPLE_SHARES = (0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
 
 @small_blas
 def subsample_curve(x_all: np.ndarray, labeled: np.ndarray, y: np.ndarray, *, representative: np.ndarray, c: float,
-                    shares: tuple[float, ...] = SUBSAMPLE_SHARES, folds: int = 5,
+                    always: np.ndarray | None = None, shares: tuple[float, ...] = SUBSAMPLE_SHARES, folds: int = 5,
                     seed: int = 0) -> list[tuple[float, float, int]]:
     """A learning curve from one labeled set: the linear probe's held-out accuracy trained on nested shares of it.
 
     The labeled rows (``labeled`` indexes ``x_all``; ``y`` their classes) are split in ``folds``
     stratified folds. Each fold's training rows are shuffled once (a fixed order, so a larger share
-    holds every smaller one); the first ``share`` of them train a logistic regression with the
-    regularization ``c`` (centred and scaled as :func:`fit_calibrated` does), which predicts the fold's
-    ``representative`` rows (random test and val items, the k-means seed: the rows that stand for the
-    unlabeled ones). Returns ``(share, accuracy over every representative row, training rows per fold
-    at that share)`` for each share whose every fold trains on at least two classes; ``[]`` without
-    two folds or representative rows.
+    holds every smaller one); the first ``share`` of them, with every ``always`` row of the fold's
+    training rows (labels that came with the upload: they do not grow with the budget), train a
+    logistic regression with the regularization ``c`` (chosen on the whole set; centred and scaled as
+    :func:`fit_calibrated` does), which predicts the fold's ``representative`` rows (random test and val
+    items, the k-means seed: the rows that stand for the unlabeled ones). Returns ``(share, accuracy over
+    every representative row, training rows per fold at that share)`` for each share whose every fold
+    trains on at least two classes; ``[]`` without two folds or representative rows.
     """
     mean = x_all.mean(axis=0)
     scale = float(np.sqrt(((x_all - mean) ** 2).mean())) + 1e-12
@@ -281,15 +282,16 @@ def subsample_curve(x_all: np.ndarray, labeled: np.ndarray, y: np.ndarray, *, re
     k = int(min(folds, counts.min())) if len(counts) > 1 else 0
     if k < 2 or not rep.any():
         return []
+    fixed = np.zeros(len(y), dtype=bool) if always is None else np.asarray(always, dtype=bool)
     rng = np.random.default_rng(seed)
-    splits = [(rng.permutation(tr), te) for tr, te in
+    splits = [(tr[fixed[tr]], rng.permutation(tr[~fixed[tr]]), te) for tr, te in
               StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(x, y)]
     out = []
     for share in sorted(shares):
         correct = np.zeros(len(y), dtype=bool)
         sizes = []
-        for order, te in splits:
-            tr = order[:max(2, round(share * len(order)))]
+        for kept, order, te in splits:
+            tr = np.concatenate([kept, order[:max(2, round(share * len(order)))]])
             if len(np.unique(y[tr])) < 2:
                 break
             sizes.append(len(tr))

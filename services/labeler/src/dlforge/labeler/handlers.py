@@ -331,10 +331,11 @@ def run_round(
             rows = strategy.select(probabilities=probs, embeddings=embeddings, candidates=open_rows, k=k, rng=rng)
         nxt = Batch(rows=np.asarray(rows, dtype=np.int64), reasons=["uncertain"] * len(rows))
     subsample: list[tuple[int, float]] = []
-    if stop is not None and isinstance(clf, CalibratedClassifier) and clf.model is not None:
+    if stop is not None and human_count > 0 and isinstance(clf, CalibratedClassifier) and clf.model is not None:
+        # shares of people's labels; the labels given with the upload stay in every share (they are no budget)
         subsample = [(max(1, round(share * human_count)), acc) for share, acc, _ in subsample_curve(
             embeddings, np.flatnonzero(known), labels[known], representative=representative[known], c=clf.c,
-            seed=seed)]
+            always=~np.asarray(human, dtype=bool)[known], seed=seed)]
     return RoundResult(
         probabilities=probs, predicted=predicted, confidence=confidence, confident=confident, next_batch=nxt,
         stop_reason=stop, classifier=clf.summary() if clf is not None else {}, human_labels=human_count,

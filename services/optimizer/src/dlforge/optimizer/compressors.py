@@ -267,7 +267,8 @@ _ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoi
 def fp32_end_nodes(model: Any) -> list[str]:
     """Names of the nodes kept in FP32 by :class:`OrtStaticInt8` with ``fp32_ends``.
 
-    The stem: the first ``Conv`` fed by the image (else the graph's first ``Conv``), and its activation.
+    The stem: the first ``Conv`` fed by the image (else the graph's first ``Conv`` and every node before it),
+    and its activation.
     The head: every node after the last ``Conv`` and its activation (global pooling, flatten, the final
     linear layer; with test-time views, the softmax, average and log after it). Together they
     are a few percent of the compute, but they carry most of the quantization error of a classifier:
@@ -283,9 +284,13 @@ def fp32_end_nodes(model: Any) -> list[str]:
             consumers.setdefault(name, []).append(n)
     keep: list[str] = []
     convs = [n for n in nodes if n.op_type == "Conv"]
-    # the image feeds the stem, or (a model averaging over views) its flips and turns do: then the first Conv
+    # the image feeds the stem, or (a model averaging over views) its flips and turns do: then the first Conv,
+    # and every node before it (the views' Slice, Transpose and Concat) stays FP32 too, so the stem still
+    # sees the image's float pixels
     stem = next((n for n in convs if n.input and n.input[0] in image_inputs), convs[0] if convs else None)
     if stem is not None:
+        if not (stem.input and stem.input[0] in image_inputs):
+            keep += [n.name for n in nodes[:nodes.index(stem)]]
         keep.append(stem.name)
         after = consumers.get(stem.output[0], [])
         if len(after) == 1 and after[0].op_type in _ACTIVATIONS:

@@ -76,6 +76,18 @@ class OrtRunner:
         return out
 
 
+AVERAGED_VIEWS = "test_time_views"  # checkpoint extra: the views a TorchRunner averages the model over
+
+
+def averaging_checkpoint(source: str | Path, out: str | Path, views: list[str]) -> None:
+    """``source`` checkpoint copied to ``out`` with ``views`` for :class:`TorchRunner` to average over."""
+    import torch
+
+    ckpt = torch.load(str(source), map_location="cpu", weights_only=False)
+    ckpt["extra"] = {**(ckpt.get("extra") or {}), AVERAGED_VIEWS: list(views)}
+    torch.save(ckpt, str(out))
+
+
 class TorchRunner:
     """PyTorch eager FP32 from a dlforge checkpoint: the baseline every variant is compared with."""
 
@@ -86,7 +98,15 @@ class TorchRunner:
 
         torch.set_num_threads(threads)
         self._torch = torch
-        self.model, _ = load_checkpoint(str(path))
+        model, ckpt = load_checkpoint(str(path))
+        extra = ckpt.get("extra")
+        views = extra.get(AVERAGED_VIEWS) if isinstance(extra, dict) else None
+        if views:  # written by averaging_checkpoint: the model averages over these views
+            from dlforge.vision.images import ViewAveraged
+
+            self.model: Any = ViewAveraged(model, list(views))
+        else:
+            self.model = model
         self.model.eval()
 
     def run(self, x: np.ndarray) -> np.ndarray:

@@ -72,11 +72,12 @@ class OptimizerSettings(CommonSettings):
         default=[], description="structured-compression configs (JSON list of {prune_ratio, rank_fraction, "
                                 "resolution, int8}) the 'pruned' plug-in searches; [] leaves it out (it needs "
                                 "torch-pruning and adds recovery time per config)")
-    optimizer_test_views: Literal["trained", "none"] = Field(
+    optimizer_test_views: Literal["trained", "forced", "none"] = Field(
         default="none", description="trained: every variant averages its class probabilities over the "
-        "label-preserving views the model was trained on (the trainer's checked views), unless that lowers "
-        "accuracy on the validation items people labeled or the averaging model falls below the spec's FPS; "
-        "none: the plain network (the default; see README, 'Test-time views')")
+        "label-preserving views the model was trained on (the trainer's checked views) when, on the validation "
+        "items people labeled, that is more accurate at the argmax or at the spec's recall and no worse at the "
+        "other, and the averaging network reaches the spec's FPS in eager PyTorch; forced: without the "
+        "validation check; none: the plain network (the default; see README, 'Test-time views')")
     optimizer_compression_recovery_seconds: float = Field(
         default=20.0, ge=0.0, le=3600.0, description="distillation budget per structured-compression config")
 
