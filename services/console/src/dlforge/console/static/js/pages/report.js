@@ -125,7 +125,9 @@ function labelsPerRound(report) {
 function learningCurve(report) {
   const lc = report.learning_curve;
   if (!lc?.points?.length) return null;
-  const series = [{ name: "labeler's held-out accuracy per round", points: lc.points, markers: true, line: false }];
+  const what = lc.source === "subsamples" ? "the labeler's probe on shares of the last round's labels"
+    : "labeler's held-out accuracy per round";
+  const series = [{ name: what, points: lc.points, markers: true, line: false }];
   if (typeof lc.a === "number") {
     const lo = Math.min(...lc.points.map((p) => p[0]));
     const hi = Math.max(...lc.points.map((p) => p[0]), lc.labels_needed || 0) * 1.1;
