@@ -306,7 +306,7 @@ class BenchmarkSummary(BaseModel):
     round_p50_ms: dict[str, list[float]] = Field(description="per variant: its batch-1 p50 latency in each round")
 
 
-class TestViews(BaseModel):
+class ViewAveraging(BaseModel):
     """Whether the deployed model averages over the label-preserving views it was trained on, and why."""
 
     model_config = ConfigDict(extra="forbid")
@@ -383,7 +383,7 @@ class OptimizationReport(BaseModel):
     accuracy_at_spec_recall: AtRecall | None = None
     spec_verdict: SpecVerdict | None = None
     benchmark: BenchmarkSummary | None = Field(default=None, description="the interleaved rounds and why they stopped")
-    test_views: TestViews | None = Field(
+    test_views: ViewAveraging | None = Field(
         default=None, description="test-time views: whether every variant averages over the trained views, and why")
 
 
@@ -482,7 +482,7 @@ class Prepared:
     positive: int | None
     calibration: np.ndarray  # normalized float32 NCHW calibration images
     trained_views: tuple[str, ...] = ("identity",)  # the label-preserving views the checkpoint was trained on
-    test_views: TestViews | None = None
+    test_views: ViewAveraging | None = None
 
 
 def prepare(inp: OptimizeInput) -> Prepared:
@@ -573,7 +573,7 @@ def views_step(prep: Prepared, inp: OptimizeInput, *, opts: OptimizeOptions) -> 
     figures: dict[str, float | None] = {}
 
     def report(used: bool, reason: str, fps: float | None = None) -> Prepared:
-        tv = TestViews(trained_views=trained, used=used, views=trained if used else ["identity"],
+        tv = ViewAveraging(trained_views=trained, used=used, views=trained if used else ["identity"],
                        val_items=int(people.sum()), torch_fps_averaged=fps, reason=reason, **figures)
         model = ViewAveraged(prep.model, trained).eval() if used else prep.model
         return replace(prep, model=model, test_views=tv)
