@@ -195,12 +195,8 @@ class OptimizeOptions(BaseModel):
     compression: list[CompressionConfig] = Field(
         default=[], description="structured-compression configs to search (prune, rank, resolution, INT8); [] = none")
     compression_recovery_seconds: float = Field(default=20.0, ge=0.0, le=3600.0)
-    test_views: Literal["trained", "forced", "none"] = Field(
-        default="none", description="trained: the deployed model averages its class probabilities over the "
-        "label-preserving views it was trained on when that is more accurate on the validation items people "
-        "labeled (see views_step); forced: without that check (the FPS guard stays); none: the plain network "
-        "(the default: on ELPV and Fashion-MNIST the average moved test accuracy by noise-sized amounts either "
-        "way, at k times the inference)")
+    # test-time views (views_step; OptimizerSettings.optimizer_test_views says each value)
+    test_views: Literal["trained", "forced", "none"] = "none"
 
     @classmethod
     def from_settings(cls, s: OptimizerSettings) -> OptimizeOptions:
