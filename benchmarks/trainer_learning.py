@@ -308,11 +308,10 @@ def main() -> None:
                              threads=args.threads)
         seconds = time.perf_counter() - t1
         used = trained.views
-        xs = [test_x] + ([test_views[list(views[1:]).index(v)] for v in used[1:]] if tta else [])
-        s = scores(probabilities(tail, xs), test_y, classes, positive)
-        if not tta and len(used) > 1:  # the same trained tail, averaged over the views it kept (as exported)
-            s["with_test_time_views"] = scores(probabilities(tail, xs + [test_views[list(views[1:]).index(v)]
-                                                                         for v in used[1:]]), test_y, classes, positive)
+        kept = [test_views[list(views[1:]).index(v)] for v in used[1:]]  # the test rows under the kept views
+        s = scores(probabilities(tail, [test_x] + (kept if tta else [])), test_y, classes, positive)
+        if not tta and kept:  # the same trained tail, averaged over the views it kept (as exported)
+            s["with_test_time_views"] = scores(probabilities(tail, [test_x, *kept]), test_y, classes, positive)
         row = {"config": name, "views": used, "view_check": trained.check.val_accuracy if trained.check else None,
                "views_val_accuracy": trained.views_val_accuracy,
                "view_allowed_cost": trained.check.tolerance if trained.check else None,

@@ -154,8 +154,7 @@ def test_subsample_curve_rises_with_the_share_of_labels_it_trains_on() -> None:
     rng = np.random.default_rng(4)
     x = rng.normal(size=(600, 40)).astype(np.float32)
     y = (x @ rng.normal(size=40) + 0.5 * rng.normal(size=600) > 0).astype(np.int64)
-    labeled = np.arange(400)  # the other 200 rows are unlabeled: they only centre and scale
-    curve = subsample_curve(x, labeled, y[labeled], representative=np.ones(400, dtype=bool), c=1.0)
+    curve = subsample_curve(x[:400], y[:400], representative=np.ones(400, dtype=bool), c=1.0)
     shares = [s for s, _, _ in curve]
     assert shares == [0.125, 0.25, 0.375, 0.5, 0.75, 1.0]
     sizes = {s: n for s, _, n in curve}
@@ -167,26 +166,24 @@ def test_subsample_curve_rises_with_the_share_of_labels_it_trains_on() -> None:
 def test_subsample_curve_scores_the_representative_rows_only() -> None:
     x, y = _blobs(60, classes=3, spread=0.3)
     x[y == 2] = x[y == 1][: int((y == 2).sum())]  # classes 1 and 2 share their images: a coin toss between them
-    labeled = np.arange(len(y))
-    every = subsample_curve(x, labeled, y, representative=np.ones(len(y), dtype=bool), c=1.0)
-    only_first = subsample_curve(x, labeled, y, representative=y == 0, c=1.0)
+    every = subsample_curve(x, y, representative=np.ones(len(y), dtype=bool), c=1.0)
+    only_first = subsample_curve(x, y, representative=y == 0, c=1.0)
     assert all(a == 1.0 for _, a, _ in only_first)  # class 0 stands apart
     assert all(a < 0.85 for _, a, _ in every)
-    assert subsample_curve(x, labeled, y, representative=np.zeros(len(y), dtype=bool), c=1.0) == []
-    assert subsample_curve(x, labeled, np.zeros(len(y), dtype=np.int64), representative=y == 0, c=1.0) == []
+    assert subsample_curve(x, y, representative=np.zeros(len(y), dtype=bool), c=1.0) == []
+    assert subsample_curve(x, np.zeros(len(y), dtype=np.int64), representative=y == 0, c=1.0) == []
 
 
 def test_subsample_curve_keeps_the_given_labels_in_every_share() -> None:
     x, y = _blobs(50, classes=2, spread=0.5)
-    labeled = np.arange(len(y))
     given = np.zeros(len(y), dtype=bool)
     given[::5] = True  # 20 of the 100 labels came with the upload
-    curve = subsample_curve(x, labeled, y, representative=np.ones(len(y), dtype=bool), c=1.0, always=given,
+    curve = subsample_curve(x, y, representative=np.ones(len(y), dtype=bool), c=1.0, always=given,
                             shares=(0.25, 1.0))
     sizes = {s: n for s, _, n in curve}
     # 5 folds: 80 training rows per fold, about 16 of them given (stratified by class, not by given), all kept;
     # a quarter of the others is about 16: some 32 rows, where a quarter of all would be 20
     assert sizes[1.0] == 80 and 28 <= sizes[0.25] <= 36
-    plain = {s: n for s, _, n in subsample_curve(x, labeled, y, representative=np.ones(len(y), dtype=bool), c=1.0,
+    plain = {s: n for s, _, n in subsample_curve(x, y, representative=np.ones(len(y), dtype=bool), c=1.0,
                                                  shares=(0.25, 1.0))}
     assert plain == {0.25: 20, 1.0: 80}

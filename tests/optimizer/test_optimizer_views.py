@@ -238,7 +238,8 @@ def test_views_that_lower_people_labeled_val_accuracy_are_not_used() -> None:
     tie = views_step(_prep(model, ("identity", "hflip"), x), _val(x, y), opts=ON).test_views
     assert tie is not None and not tie.used and "adds nothing for its 2x inference" in tie.reason
     assert tie.val_accuracy_plain == tie.val_accuracy_averaged == 1.0
-    assert tie.val_accuracy_at_recall_plain == tie.val_accuracy_at_recall_averaged == 1.0
+    # at the spec's recall 0.9 the highest threshold keeps 18 of the 20 defects (distinct scores): 38 of 40 right
+    assert tie.val_accuracy_at_recall_plain == tie.val_accuracy_at_recall_averaged == 38 / 40
 
 
 def test_views_that_help_on_people_labeled_val_items_are_used_unless_too_slow() -> None:

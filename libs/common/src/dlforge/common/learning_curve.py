@@ -34,13 +34,18 @@ def round_points(rounds: Iterable[Mapping[str, Any]]) -> list[tuple[int, float]]
     accuracy over them falls as they pile up while the classifier gets better. Older rounds without
     it fall back to ``cv_accuracy``.
     """
-    by_n: dict[int, float] = {}
-    for r in rounds:
-        n = r.get("human_labels")
+    def accuracy(r: Mapping[str, Any]) -> Any:
         clf = r.get("classifier") or {}
         acc = clf.get("heldout_accuracy")
-        if acc is None:
-            acc = clf.get("cv_accuracy")
+        return clf.get("cv_accuracy") if acc is None else acc
+
+    return _by_count((r.get("human_labels"), accuracy(r)) for r in rounds)
+
+
+def _by_count(pairs: Iterable[tuple[Any, Any]]) -> list[tuple[int, float]]:
+    """``(n, accuracy)`` pairs with both, n > 0 and a finite accuracy; the last one per n, sorted by n."""
+    by_n: dict[int, float] = {}
+    for n, acc in pairs:
         if n is None or acc is None or not math.isfinite(float(acc)) or int(n) <= 0:
             continue
         by_n[int(n)] = float(acc)
@@ -97,13 +102,7 @@ SUBSAMPLE_CAVEAT = ("an estimate: a power law fitted to the labeler's linear pro
 
 def subsample_points(figures: Iterable[Mapping[str, Any]]) -> list[tuple[int, float]]:
     """``(human labels, accuracy)`` of ``dataset.labeled``'s subsample figures (last one per count)."""
-    by_n: dict[int, float] = {}
-    for f in figures:
-        n, acc = f.get("human_labels"), f.get("heldout_accuracy")
-        if n is None or acc is None or not math.isfinite(float(acc)) or int(n) <= 0:
-            continue
-        by_n[int(n)] = float(acc)
-    return sorted(by_n.items())
+    return _by_count((f.get("human_labels"), f.get("heldout_accuracy")) for f in figures)
 
 
 def labels_to_reach(

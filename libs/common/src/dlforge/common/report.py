@@ -531,7 +531,7 @@ def _labeling_lines(report: Mapping[str, Any], *, pct: Any) -> list[str]:
                          f"{pct(report.get('auto_label_error_bound'))} (the labeler's bound)")
     lc = report.get("learning_curve")
     if lc:
-        what = "shares of the last round's labels" if lc.get("source") == "subsamples" else "rounds"
+        what = "shares of the last round's labels" if _from_shares(lc) else "rounds"
         fit = (f" (a={lc['a']:.3f}, b={lc['b']:.3g}, c={lc['c']:.3f}, rmse {lc['rmse']:.4f} on "
                f"{len(lc['points'])} {what})" if lc.get("a") is not None else "")
         lines.append(f"learning curve {lc['model']}{fit}: {lc['status']}: {lc['note']}")
@@ -633,6 +633,11 @@ def _operating_curve_png(plt: Any, curve: Mapping[str, Any], report: Mapping[str
     return png
 
 
+def _from_shares(lc: Mapping[str, Any]) -> bool:
+    """The learning curve was fitted to shares of the last round's labels, not to the rounds."""
+    return lc.get("source") == "subsamples"
+
+
 def _learning_curve_png(plt: Any, lc: Mapping[str, Any]) -> str:
     """The labeler's accuracy per round, the fitted power law (if any) and the spec's accuracy."""
     import numpy as np
@@ -640,7 +645,7 @@ def _learning_curve_png(plt: Any, lc: Mapping[str, Any]) -> str:
     n = [p[0] for p in lc["points"]]
     acc = [p[1] for p in lc["points"]]
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    what = ("the probe on shares of the last round's labels" if lc.get("source") == "subsamples"
+    what = ("the probe on shares of the last round's labels" if _from_shares(lc)
             else "labeler held-out accuracy per round")
     ax.plot(n, acc, "o", color="#4c72b0", label=f"{what} (representative labels)")
     if lc.get("a") is not None:

@@ -152,6 +152,12 @@ class CalibratedClassifier:
         full[:, self.present] = self.scaling.apply(z)
         return full
 
+    def subsample_curve(self, x_labeled: np.ndarray, y: np.ndarray, *, representative: np.ndarray,
+                        always: np.ndarray | None = None, seed: int = 0) -> list[tuple[float, float, int]]:
+        """:func:`subsample_curve` of the labeled embeddings, centred and scaled as this probe was, at its C."""
+        return subsample_curve((x_labeled - self.mean) / self.scale, y, representative=representative, c=self.c,
+                               always=always, seed=seed)
+
     def summary(self) -> dict[str, float | int | bool | str | None]:
         return {
             "classifier": "linear",
@@ -258,24 +264,21 @@ SUBSAMPLE_SHARES = (0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
 
 
 @small_blas
-def subsample_curve(x_all: np.ndarray, labeled: np.ndarray, y: np.ndarray, *, representative: np.ndarray, c: float,
+def subsample_curve(x: np.ndarray, y: np.ndarray, *, representative: np.ndarray, c: float,
                     always: np.ndarray | None = None, shares: tuple[float, ...] = SUBSAMPLE_SHARES, folds: int = 5,
                     seed: int = 0) -> list[tuple[float, float, int]]:
     """A learning curve from one labeled set: the linear probe's held-out accuracy trained on nested shares of it.
 
-    The labeled rows (``labeled`` indexes ``x_all``; ``y`` their classes) are split in ``folds``
-    stratified folds. Each fold's training rows are shuffled once (a fixed order, so a larger share
-    holds every smaller one); the first ``share`` of them, with every ``always`` row of the fold's
-    training rows (labels that came with the upload: they do not grow with the budget), train a
-    logistic regression with the regularization ``c`` (chosen on the whole set; centred and scaled as
-    :func:`fit_calibrated` does), which predicts the fold's ``representative`` rows (random test and val
-    items, the k-means seed: the rows that stand for the unlabeled ones). Returns ``(share, accuracy over
-    every representative row, training rows per fold at that share)`` for each share whose every fold
-    trains on at least two classes; ``[]`` without two folds or representative rows.
+    The labeled rows ``x`` (as the probe sees them: :meth:`CalibratedClassifier.subsample_curve` centres
+    and scales them) with classes ``y`` are split in ``folds`` stratified folds. Each fold's training rows
+    are shuffled once (a fixed order, so a larger share holds every smaller one); the first ``share`` of
+    them, with every ``always`` row of the fold's training rows (labels that came with the upload: they do
+    not grow with the budget), train a logistic regression with the regularization ``c`` (chosen on the
+    whole set), which predicts the fold's ``representative`` rows (random test and val items, the k-means
+    seed: the rows that stand for the unlabeled ones). Returns ``(share, accuracy over every
+    representative row, training rows per fold at that share)`` for each share whose every fold trains on
+    at least two classes; ``[]`` without two folds or representative rows.
     """
-    mean = x_all.mean(axis=0)
-    scale = float(np.sqrt(((x_all - mean) ** 2).mean())) + 1e-12
-    x = (x_all[labeled] - mean) / scale
     y = np.asarray(y, dtype=np.int64)
     rep = np.asarray(representative, dtype=bool)
     _, counts = np.unique(y, return_counts=True)

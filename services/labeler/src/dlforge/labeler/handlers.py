@@ -42,7 +42,6 @@ from dlforge.labeler.classifier import (
     LabelClassifier,
     LinearProbe,
     small_blas,
-    subsample_curve,
 )
 from dlforge.labeler.guarantee import (
     Guarantee,
@@ -333,8 +332,8 @@ def run_round(
     subsample: list[tuple[int, float]] = []
     if stop is not None and human_count > 0 and isinstance(clf, CalibratedClassifier) and clf.model is not None:
         # shares of people's labels; the labels given with the upload stay in every share (they are no budget)
-        subsample = [(max(1, round(share * human_count)), acc) for share, acc, _ in subsample_curve(
-            embeddings, np.flatnonzero(known), labels[known], representative=representative[known], c=clf.c,
+        subsample = [(max(1, round(share * human_count)), acc) for share, acc, _ in clf.subsample_curve(
+            embeddings[known], labels[known], representative=representative[known],
             always=~np.asarray(human, dtype=bool)[known], seed=seed)]
     return RoundResult(
         probabilities=probs, predicted=predicted, confidence=confidence, confident=confident, next_batch=nxt,

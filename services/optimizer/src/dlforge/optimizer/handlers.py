@@ -100,7 +100,7 @@ from dlforge.optimizer.measure import (
 )
 from dlforge.optimizer.preprocess import InputFormat, normalize
 from dlforge.optimizer.probe import Measure, Measurement, ProbeJob, ProbeResult
-from dlforge.optimizer.runners import Runner, averaging_checkpoint, open_runner
+from dlforge.optimizer.runners import Runner, TorchRunner, averaging_checkpoint, open_runner
 from dlforge.optimizer.settings import OptimizerSettings
 
 log = logging.getLogger(__name__)
@@ -515,14 +515,6 @@ def prepare(inp: OptimizeInput) -> Prepared:
                     calibration=normalize(inp.calibration, fmt), trained_views=trained)
 
 
-def _torch_probs(model: Any, images: np.ndarray, fmt: InputFormat, *, batch: int) -> np.ndarray:
-    import torch
-
-    with torch.inference_mode():
-        return np.concatenate([torch.softmax(model(torch.from_numpy(normalize(images[i:i + batch], fmt))), 1).numpy()
-                               for i in range(0, len(images), batch)])
-
-
 def _val_figures(probs: np.ndarray, labels: np.ndarray, *, positive: int | None,
                  min_recall: float) -> tuple[float, float | None]:
     """Accuracy at the argmax, and at the highest threshold meeting ``min_recall`` on these items (or None)."""
@@ -586,10 +578,8 @@ def views_step(prep: Prepared, inp: OptimizeInput, *, opts: OptimizeOptions) -> 
     x, y = inp.val.images[people], inp.val.labels[people]
     wrapped = ViewAveraged(prep.model, trained).eval()
     spec = inp.spec
-    plain = _val_figures(_torch_probs(prep.model, x, prep.fmt, batch=opts.eval_batch), y, positive=prep.positive,
-                         min_recall=spec.min_recall)
-    averaged = _val_figures(_torch_probs(wrapped, x, prep.fmt, batch=opts.eval_batch), y, positive=prep.positive,
-                            min_recall=spec.min_recall)
+    plain, averaged = (_val_figures(probabilities(TorchRunner.of(m), x, prep.fmt, batch=opts.eval_batch), y,
+                                    positive=prep.positive, min_recall=spec.min_recall) for m in (prep.model, wrapped))
     figures.update(val_accuracy_plain=plain[0], val_accuracy_averaged=averaged[0],
                    val_accuracy_at_recall_plain=plain[1], val_accuracy_at_recall_averaged=averaged[1])
     pairs = [(plain[0], averaged[0])] + ([(plain[1], averaged[1])] if plain[1] is not None

@@ -109,6 +109,15 @@ class TorchRunner:
             self.model = model
         self.model.eval()
 
+    @classmethod
+    def of(cls, model: Any) -> TorchRunner:
+        """A runner of an in-memory model (threads left as they are)."""
+        import torch
+
+        runner = cls.__new__(cls)
+        runner._torch, runner.model = torch, model.eval()
+        return runner
+
     def run(self, x: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
             out: np.ndarray = self.model(self._torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
