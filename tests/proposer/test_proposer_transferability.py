@@ -25,12 +25,14 @@ from dlforge.proposer.scoring import (
     DomainDiscriminatorScorer,
     Encoded,
     KNNScorer,
+    NCTIScorer,
     Scorer,
     SFDAScorer,
     TargetSample,
     cam_focus,
     knn_predict,
     linear_cka,
+    ncti_terms,
     pca_class_variance,
     sfda,
     sub_score_specs,
@@ -151,6 +153,62 @@ def test_sfda_scorer_separating_vs_noise_features() -> None:
     assert s["good"] > 0.95  # the true-class posterior of well separated classes
     assert s["noise"] < 0.3  # chance is 1/4 (8 noise dimensions, 800 samples: little to overfit)
     assert s["noise"] < s["weak"] < s["good"]
+
+
+# ---------------------------------------------------------------------------------------- NCTI
+
+
+def test_ncti_terms_of_collapsed_classes_closed_form() -> None:
+    # classes far apart: the discriminant's posteriors are one-hot, so each class's posterior matrix is
+    # n_c identical rows e_c, of nuclear norm sqrt(n_c): vc = -ln(sum_c sqrt(n_c)), ncc = 1
+    y = np.repeat([0, 1, 2], [100, 64, 36])
+    t = ncti_terms(class_features(y, d=12, gap=40.0, seed=9), y)
+    assert t["ncc"] == pytest.approx(1.0, abs=1e-6)
+    assert t["vc"] == pytest.approx(-np.log(10.0 + 8.0 + 6.0), abs=1e-4)
+
+
+def test_ncti_terms_seli_is_the_nuclear_norm_of_the_fisher_projection() -> None:
+    # two classes, features already low-dimensional (no PCA loss): the projection is onto Fisher's
+    # direction S_w^-1 (mu_1 - mu_0); its nuclear norm is the norm of the centred projected column,
+    # up to the discriminant's scaling of that direction (the within-class variance of the projection is 1)
+    rng = np.random.default_rng(10)
+    y = np.arange(400) % 2
+    x = class_features(y, d=3, gap=2.0, seed=11) @ np.diag([1.0, 3.0, 0.5]) + rng.normal(size=(1, 3))
+    mu = np.stack([x[y == c].mean(axis=0) for c in (0, 1)])
+    sw = sum(np.cov(x[y == c].T, bias=True) * np.mean(y == c) for c in (0, 1))
+    w = np.linalg.solve(sw, mu[1] - mu[0])
+    z = x @ w
+    within = sum(np.mean(y == c) * np.var(z[y == c]) for c in (0, 1))
+    expected = np.linalg.norm((z - z.mean()) / np.sqrt(within))
+    assert ncti_terms(x, y, components=3)["seli"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_ncti_scorer_ranks_separating_weak_and_noise_features() -> None:
+    y = np.arange(300) % 3
+    rng = np.random.default_rng(12)
+    cands = [feature_candidate("good", class_features(y, d=16, gap=3.0, seed=13), np.zeros((1, 16))),
+             feature_candidate("weak", class_features(y, d=16, gap=0.6, seed=13), np.zeros((1, 16))),
+             feature_candidate("noise", rng.normal(size=(300, 16)), np.zeros((1, 16)))]
+    target = dummy_target(y, np.zeros(1, np.int64), classes=3)
+    scorer = NCTIScorer()
+    assert isinstance(scorer, CohortScorer)
+    scorer.prepare(cands, target)
+    s = {c.model_id: scorer.score(c, target) for c in cands}
+    assert s["good"]["ncti"] > max(s["weak"]["ncti"], s["noise"]["ncti"])
+    for term in ("ncti_seli", "ncti_ncc"):
+        assert s["good"][term] > s["weak"][term] > s["noise"][term]
+    assert s["noise"]["ncti_ncc"] < 0.5 < s["good"]["ncti_ncc"]  # chance is 1/3
+    # the collapse term alone prefers the noise's near-uniform posteriors (rows of norm ~0.58, not 1: a smaller
+    # nuclear norm) to the weak features' mixed ones: the authors' sum needs its other two terms
+    assert s["noise"]["ncti_vc"] > s["weak"]["ncti_vc"]
+    assert all(0.0 <= v["ncti"] <= 3.0 for v in s.values())
+    scorer.prepare(cands[:1], target)  # one candidate: its terms, no cohort total
+    assert set(scorer.score(cands[0], target)) == {"ncti_seli", "ncti_ncc", "ncti_vc"}
+
+
+def test_ncti_needs_two_classes() -> None:
+    with pytest.raises(ValueError, match="two classes"):
+        ncti_terms(np.ones((10, 4)), np.zeros(10, np.int64))
 
 
 # ---------------------------------------------------------------------------------------- agreement
@@ -276,6 +334,6 @@ def test_domain_discriminator_with_the_imagenet_stand_in() -> None:
 
 
 def test_new_scorers_follow_the_protocol() -> None:
-    for scorer in (KNNScorer(), SFDAScorer(), AgreementScorer(), ActivationScorer()):
+    for scorer in (KNNScorer(), SFDAScorer(), AgreementScorer(), NCTIScorer(), ActivationScorer()):
         assert isinstance(scorer, Scorer)
         assert scorer.sub_scores

@@ -13,6 +13,8 @@ Scorers shipped here, after the seeds' "score = f(feature, accuracy, speed)":
 - :class:`SpeedScorer` — measured inference throughput at batch 1 and 32, and at the spec's input size;
 - :class:`KNNScorer` — balanced accuracy of a k-nearest-neighbour classifier on the pooled features;
 - :class:`SFDAScorer` — SFDA (Shao et al. 2022): a shrunk Fisher discriminant, self-challenged by ConfMix;
+- :class:`NCTIScorer` — NCTI (Wang et al. 2023): how near the features are to neural collapse on the target
+  (a :class:`CohortScorer`: its three terms are normalized over the candidates);
 - :class:`AgreementScorer` — agreement of the candidate's val predictions with the other candidates'
   consensus, and its representational dissimilarity (1 − linear CKA) from them (a :class:`CohortScorer`);
 - :class:`ActivationScorer` — PCA of the pooled activations (how much of their dominant variance is the
@@ -727,6 +729,105 @@ class SFDAScorer:
 
 
 # --------------------------------------------------------------------------------------------
+# NCTI: how far the features are from neural collapse on the target
+# --------------------------------------------------------------------------------------------
+
+
+def ncti_terms(features: np.ndarray, labels: np.ndarray, *, components: int = 64) -> dict[str, float]:
+    """The three raw terms of NCTI (Wang, Zhao, Zhou, "How Far Pre-trained Models Are from Neural Collapse
+    on the Target Dataset Informs their Transferability", ICCV 2023), after the authors' ``NCTI_Score``:
+
+    the features are centred and reduced by PCA to ``components`` dimensions (fewer when the sample
+    has fewer rows or columns); a linear discriminant with shrinkage exp(−Σ of the first half of the
+    components' variances) (plain LDA when that is below 1e-10) projects them to at most C − 1 dimensions and
+    gives p(y | x) for every train sample. Then, larger is better for each:
+
+    - ``seli``: the nuclear norm of the centred discriminant projection (a higher-rank, more spread
+      class structure is nearer the SELI geometry fine-tuning converges to);
+    - ``ncc``: the mean posterior of the true class (the nearest-class-centre classifier's fit);
+    - ``vc``: −ln Σ_c ‖P_c‖_* with P_c the posteriors of class c's samples (within-class variability
+      collapse: a class whose samples share one posterior has a small nuclear norm; alone it also
+      favours featureless, near-uniform posteriors, whose rows are short — the sum needs the other terms).
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    present = np.unique(y)
+    if len(present) < 2 or len(x) <= len(present):
+        raise ValueError("NCTI needs at least two classes and more samples than classes")
+    k = max(1, min(components, x.shape[0] - 1, x.shape[1]))
+    pca = PCA(n_components=k, svd_solver="full").fit(x)
+    reduced = pca.transform(x)
+    shrinkage = float(np.exp(-float(pca.explained_variance_[: max(1, k // 2)].sum())))
+    if shrinkage < 1e-10:
+        lda = LinearDiscriminantAnalysis(solver="svd")
+    else:
+        lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage=min(shrinkage, 1.0))
+    projected = lda.fit(reduced, y).transform(reduced)
+    projected = projected - projected.mean(axis=0, keepdims=True)
+    proba = lda.predict_proba(reduced)
+    column = {c: j for j, c in enumerate(lda.classes_)}
+    true = proba[np.arange(len(y)), [column[c] for c in y]]
+    class_nuclear = sum(float(np.linalg.norm(proba[y == c], ord="nuc")) for c in present)
+    return {"seli": float(np.linalg.norm(projected, ord="nuc")), "ncc": float(np.mean(true)),
+            "vc": -math.log(max(class_nuclear, 1e-300))}
+
+
+class NCTIScorer:
+    """NCTI (see :func:`ncti_terms`): each of its three terms min-max normalized over the proposal's candidates
+    and summed, as the authors combine them (so ``ncti`` is in [0, 3] and depends on the cohort; a single
+    candidate gets no ``ncti``). The raw terms are reported, not weighted. A :class:`CohortScorer`."""
+
+    name = "ncti"
+    sub_scores: tuple[SubScore, ...] = (
+        SubScore("ncti", Direction.HIGHER, "NCTI: SELI + NCC + within-class collapse, each min-max over the "
+                 "candidates (Wang et al. 2023)", 0.3),
+        SubScore("ncti_seli", Direction.HIGHER, "NCTI term: nuclear norm of the discriminant projection", 0.0,
+                 weighted=False),
+        SubScore("ncti_ncc", Direction.HIGHER, "NCTI term: mean true-class posterior of the discriminant", 0.0,
+                 weighted=False),
+        SubScore("ncti_vc", Direction.HIGHER, "NCTI term: -ln of the per-class posteriors' nuclear norms", 0.0,
+                 weighted=False),
+    )
+
+    def __init__(self, components: int = 64) -> None:
+        self.components = components
+        self._terms: dict[str, dict[str, float]] = {}
+        self._totals: dict[str, float] = {}
+
+    def prepare(self, candidates: Sequence[Candidate], target: TargetSample) -> None:
+        self._terms, self._totals = {}, {}
+        for cand in candidates:
+            train = cand.encode("train", target.train_x, contents=target.train_contents).features
+            if len(train) == 0:
+                continue
+            try:
+                self._terms[cand.model_id] = ncti_terms(train, target.train_y, components=self.components)
+            except (ValueError, np.linalg.LinAlgError):
+                continue  # this candidate gets no NCTI; the others are still compared
+        if len(self._terms) < 2:
+            return
+        totals = dict.fromkeys(self._terms, 0.0)
+        for term in ("seli", "ncc", "vc"):
+            values = {cid: t[term] for cid, t in self._terms.items()}
+            lo, hi = min(values.values()), max(values.values())
+            for cid, v in values.items():
+                totals[cid] += (v - lo) / (hi - lo) if hi > lo else 0.0
+        self._totals = totals
+
+    def score(self, candidate: Candidate, target: TargetSample) -> dict[str, float]:
+        terms = self._terms.get(candidate.model_id)
+        if terms is None:
+            return {}
+        out = {f"ncti_{k}": v for k, v in terms.items()}
+        if candidate.model_id in self._totals:
+            out["ncti"] = self._totals[candidate.model_id]
+        return out
+
+
+# --------------------------------------------------------------------------------------------
 # Agreement across candidates
 # --------------------------------------------------------------------------------------------
 
@@ -904,6 +1005,7 @@ def default_scorers(
         LinearProbeScorer(),
         DomainDiscriminatorScorer(seed=seed),
         AgreementScorer(),
+        NCTIScorer(),
         ActivationScorer(),
         ShortTermTrainingScorer(steps=steps, batch_size=batch_size, lr=lr, seed=seed),
         SpeedScorer(seconds=speed_seconds, spec_input_size=spec_input_size),

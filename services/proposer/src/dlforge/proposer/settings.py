@@ -8,22 +8,27 @@ from pydantic import Field, field_validator
 
 from dlforge.common.settings import CommonSettings
 
-# Sub-score name -> weight in the total. Feature (logme, probe_bacc, domain_sim), accuracy
-# (loss_auc, finetune_bacc) and speed (fps_b1, fps_b32): the seeds' score = f(feature, accuracy, speed);
-# k-NN, SFDA, agreement with the other candidates and the PCA activation analysis (hand-set until the
-# benchmark's ground truth fits them: benchmarks/proposer.py).
+# Sub-score name -> weight in the total: what the candidate is expected to reach once fine-tuned on the
+# target. Feature (logme, probe_bacc, domain_sim), accuracy (loss_auc, finetune_bacc), k-NN, SFDA,
+# agreement with the other candidates and the PCA activation analysis; hand-set, measured against the
+# fine-tuning ground truth of benchmarks/proposer.py (see DEVELOPERS.md). Speed (fps_b1, fps_b32; the
+# seeds' score = f(feature, accuracy, speed)) is measured and reported but weighs 0: the spec's min_fps is
+# a gate every candidate is sorted by first, and a speed weight only moved the ranking away from the
+# fine-tuned accuracy (and with the machine's timing from run to run). Set e.g. {"fps_b1": 0.1} to trade
+# accuracy for speed. NCTI is measured and reported, weight 0: on that benchmark it ranked below LogME.
 DEFAULT_WEIGHTS: dict[str, float] = {
-    "logme": 0.15,
-    "probe_bacc": 0.10,
-    "domain_sim": 0.05,
-    "loss_auc": 0.10,
-    "finetune_bacc": 0.20,
-    "fps_b1": 0.10,
-    "fps_b32": 0.05,
-    "knn_bacc": 0.10,
-    "sfda": 0.10,
-    "agreement": 0.025,
-    "pca_class_var": 0.025,
+    "logme": 0.18,
+    "probe_bacc": 0.12,
+    "domain_sim": 0.06,
+    "loss_auc": 0.12,
+    "finetune_bacc": 0.23,
+    "fps_b1": 0.0,
+    "fps_b32": 0.0,
+    "knn_bacc": 0.12,
+    "sfda": 0.11,
+    "ncti": 0.0,
+    "agreement": 0.03,
+    "pca_class_var": 0.03,
 }
 
 
