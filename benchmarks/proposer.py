@@ -6,8 +6,9 @@ every target (ELPV defects and four others available here: ELPV cell type mono/p
 MNIST, scikit-learn digits — each a seeded, class-stratified train/val/test sample of the source's
 *test* split, so no image a repository cell trained on is a target image):
 
-1. the proposer's scorers run exactly as in a proposal (:func:`dlforge.proposer.handlers.measure`)
-   on the train/val sample; their wall time is the proposal's cost;
+1. every scorer of :func:`dlforge.proposer.scoring.default_scorers` runs as in a proposal
+   (:func:`dlforge.proposer.handlers.measure`) on the train/val sample, also those a proposal skips at
+   the default weights (NCTI); their wall time is the proposal's cost (so an upper bound of it);
 2. the ground truth: each candidate is fine-tuned on the train sample and its balanced accuracy on
    the held-out test sample measured, under two protocols that differ only in BatchNorm:
 

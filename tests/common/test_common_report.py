@@ -359,3 +359,16 @@ def test_with_two_rounds_the_learning_curve_comes_from_the_last_rounds_shares(tm
     assert "on 6 shares of the last round's labels" in text and "more than the data set's 100 items" in text
     write_html(report, tmp_path / "demo.html")
     assert "<h2>Learning curve (estimate)</h2><img" in (tmp_path / "demo.html").read_text()
+
+
+def test_the_choice_is_explained_by_the_weighted_sub_scores_only() -> None:
+    from types import SimpleNamespace
+
+    from dlforge.common.report import _why
+
+    winner = SimpleNamespace(scores={"logme": 2.5, "logme_norm": 1.0, "fps_b1": 40.0, "fps_b1_norm": 0.25,
+                                     "knn_bacc_norm": 0.5}, total=0.8)
+    runner = SimpleNamespace(arch="small_cnn", source_dataset="mnist", total=0.3)
+    text = _why(winner, [winner, runner], {"logme": 0.6, "knn_bacc": 0.4, "fps_b1": 0.0})
+    assert text == ("highest combined score 0.800: logme 1.00 (weight 0.6), knn_bacc 0.50 (weight 0.4); "
+                    "runner-up small_cnn/mnist at 0.300")

@@ -9,7 +9,7 @@ import pytest
 
 from dlforge.common.errors import InvalidInput
 from dlforge.common.events import Spec
-from dlforge.proposer.handlers import check_weights, normalize, rank, sample_target_items, totals
+from dlforge.proposer.handlers import active_scorers, check_weights, normalize, rank, sample_target_items, totals
 from dlforge.proposer.scoring import Direction, SubScore, default_scorers, sub_score_specs
 from dlforge.proposer.settings import DEFAULT_WEIGHTS
 from dlforge.vision.manifest import Item, Manifest
@@ -138,6 +138,16 @@ def test_default_weights_cover_the_default_scorers() -> None:
     specs = sub_score_specs(default_scorers())
     assert set(DEFAULT_WEIGHTS) == {n for n, s in specs.items() if s.weighted}
     assert sum(DEFAULT_WEIGHTS.values()) == pytest.approx(1.0)
+
+
+def test_a_proposal_runs_the_weighted_scorers_and_always_the_speed_measurement() -> None:
+    scorers = default_scorers()
+    names = [s.name for s in active_scorers(scorers, DEFAULT_WEIGHTS, Spec())]
+    # speed weighs 0 and no min_fps is asked, yet it is measured (the report shows it); NCTI weighs 0: not run
+    assert "speed" in names and "ncti" not in names
+    assert names == [s.name for s in scorers if s.name != "ncti"]
+    names = [s.name for s in active_scorers(scorers, {"ncti": 1.0}, Spec())]
+    assert names == ["speed", "ncti"] or names == ["ncti", "speed"]
 
 
 def manifest_of(splits: dict[str, list[str]]) -> Manifest:

@@ -206,6 +206,20 @@ def test_ncti_scorer_ranks_separating_weak_and_noise_features() -> None:
     assert set(scorer.score(cands[0], target)) == {"ncti_seli", "ncti_ncc", "ncti_vc"}
 
 
+def test_ncti_of_a_candidate_that_fails_is_recorded_and_the_others_still_compared() -> None:
+    y = np.arange(120) % 2
+    rng = np.random.default_rng(16)
+    broken = class_features(y, d=8, gap=2.0, seed=17)
+    broken[3, 2] = np.nan  # a feature extractor that produced a NaN
+    cands = [feature_candidate("good", class_features(y, d=8, gap=3.0, seed=17), np.zeros((1, 8))),
+             feature_candidate("noise", rng.normal(size=(120, 8)), np.zeros((1, 8))),
+             feature_candidate("broken", broken, np.zeros((1, 8)))]
+    out = {m["model_id"]: m for m in measure(cands, dummy_target(y, np.zeros(1, np.int64)), [NCTIScorer()])}
+    assert "ncti" not in out["broken"]["raw"] and "ValueError" in out["broken"]["errors"]["ncti"]
+    assert out["good"]["raw"]["ncti"] > out["noise"]["raw"]["ncti"]
+    assert not out["good"]["errors"] and not out["noise"]["errors"]
+
+
 def test_ncti_needs_two_classes() -> None:
     with pytest.raises(ValueError, match="two classes"):
         ncti_terms(np.ones((10, 4)), np.zeros(10, np.int64))

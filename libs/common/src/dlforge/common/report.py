@@ -340,7 +340,7 @@ def _why(winner: Any, ranking: list[Any], weights: dict[str, float]) -> str:
     parts = []
     for name, weight in sorted(weights.items(), key=lambda kv: -kv[1]):
         norm = winner.scores.get(f"{name}_norm", winner.scores.get(name))
-        if norm is not None:
+        if norm is not None and weight > 0:  # a sub-score weighing 0 is no reason for the choice
             parts.append(f"{name} {norm:.2f} (weight {weight:g})")
     runner = f"; runner-up {ranking[1].arch}/{ranking[1].source_dataset} at {ranking[1].total:.3f}" \
         if len(ranking) > 1 else ""

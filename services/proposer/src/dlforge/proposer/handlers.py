@@ -279,11 +279,13 @@ def target_from_arrays(
 
 
 def active_scorers(scorers: Sequence[Scorer], weights: Mapping[str, float], spec: Spec) -> list[Scorer]:
-    """The scorers whose output matters: some weighted sub-score > 0, or the speed gate is on."""
+    """The scorers whose output matters: some weighted sub-score > 0, or the speed measurement (the spec's
+    min_fps gate reads it, and the report shows every candidate's speed even when no weight asks for it).
+    A scorer whose sub-scores all weigh 0 (e.g. NCTI by default) is not run."""
     out = []
     for scorer in scorers:
         names = {s.name for s in scorer.sub_scores}
-        if any(weights.get(n, 0.0) > 0 for n in names) or ("fps_spec_b1" in names and spec.min_fps > 0):
+        if any(weights.get(n, 0.0) > 0 for n in names) or "fps_spec_b1" in names:
             out.append(scorer)
     return out
 

@@ -738,8 +738,8 @@ def ncti_terms(features: np.ndarray, labels: np.ndarray, *, components: int = 64
     on the Target Dataset Informs their Transferability", ICCV 2023), after the authors' ``NCTI_Score``:
 
     the features are centred and reduced by PCA to ``components`` dimensions (fewer when the sample
-    has fewer rows or columns); a linear discriminant with shrinkage exp(−Σ of the first half of the
-    components' variances) (plain LDA when that is below 1e-10) projects them to at most C − 1 dimensions and
+    has fewer rows or columns); a linear discriminant with shrinkage exp(−Σ of the first 32 components'
+    variances) (plain LDA when that is below 1e-10) projects them to at most C − 1 dimensions and
     gives p(y | x) for every train sample. Then, larger is better for each:
 
     - ``seli``: the nuclear norm of the centred discriminant projection (a higher-rank, more spread
@@ -760,7 +760,7 @@ def ncti_terms(features: np.ndarray, labels: np.ndarray, *, components: int = 64
     k = max(1, min(components, x.shape[0] - 1, x.shape[1]))
     pca = PCA(n_components=k, svd_solver="full").fit(x)
     reduced = pca.transform(x)
-    shrinkage = float(np.exp(-float(pca.explained_variance_[: max(1, k // 2)].sum())))
+    shrinkage = float(np.exp(-float(pca.explained_variance_[:32].sum())))
     if shrinkage < 1e-10:
         lda = LinearDiscriminantAnalysis(solver="svd")
     else:
@@ -777,8 +777,10 @@ def ncti_terms(features: np.ndarray, labels: np.ndarray, *, components: int = 64
 
 class NCTIScorer:
     """NCTI (see :func:`ncti_terms`): each of its three terms min-max normalized over the proposal's candidates
-    and summed, as the authors combine them (so ``ncti`` is in [0, 3] and depends on the cohort; a single
-    candidate gets no ``ncti``). The raw terms are reported, not weighted. A :class:`CohortScorer`."""
+    and summed, as the authors combine them (their sum subtracts the normalized ln Σ‖P_c‖_*; adding the
+    normalized ``vc`` = −ln Σ‖P_c‖_* instead shifts every total by 1 and keeps the order: ``ncti`` is in
+    [0, 3]). It depends on the cohort; a single candidate gets no ``ncti``. The raw terms come with it,
+    not weighted. A :class:`CohortScorer`; a candidate whose terms fail is recorded as that scorer's error."""
 
     name = "ncti"
     sub_scores: tuple[SubScore, ...] = (
@@ -795,18 +797,19 @@ class NCTIScorer:
     def __init__(self, components: int = 64) -> None:
         self.components = components
         self._terms: dict[str, dict[str, float]] = {}
+        self._failed: dict[str, str] = {}
         self._totals: dict[str, float] = {}
 
     def prepare(self, candidates: Sequence[Candidate], target: TargetSample) -> None:
-        self._terms, self._totals = {}, {}
+        self._terms, self._failed, self._totals = {}, {}, {}
         for cand in candidates:
             train = cand.encode("train", target.train_x, contents=target.train_contents).features
             if len(train) == 0:
                 continue
             try:
                 self._terms[cand.model_id] = ncti_terms(train, target.train_y, components=self.components)
-            except (ValueError, np.linalg.LinAlgError):
-                continue  # this candidate gets no NCTI; the others are still compared
+            except (ValueError, np.linalg.LinAlgError) as exc:  # the others are still compared
+                self._failed[cand.model_id] = f"{type(exc).__name__}: {exc}"
         if len(self._terms) < 2:
             return
         totals = dict.fromkeys(self._terms, 0.0)
@@ -818,6 +821,8 @@ class NCTIScorer:
         self._totals = totals
 
     def score(self, candidate: Candidate, target: TargetSample) -> dict[str, float]:
+        if candidate.model_id in self._failed:
+            raise ValueError(self._failed[candidate.model_id])
         terms = self._terms.get(candidate.model_id)
         if terms is None:
             return {}

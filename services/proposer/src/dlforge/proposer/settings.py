@@ -12,10 +12,11 @@ from dlforge.common.settings import CommonSettings
 # target. Feature (logme, probe_bacc, domain_sim), accuracy (loss_auc, finetune_bacc), k-NN, SFDA,
 # agreement with the other candidates and the PCA activation analysis; hand-set, measured against the
 # fine-tuning ground truth of benchmarks/proposer.py (see DEVELOPERS.md). Speed (fps_b1, fps_b32; the
-# seeds' score = f(feature, accuracy, speed)) is measured and reported but weighs 0: the spec's min_fps is
-# a gate every candidate is sorted by first, and a speed weight only moved the ranking away from the
-# fine-tuned accuracy (and with the machine's timing from run to run). Set e.g. {"fps_b1": 0.1} to trade
-# accuracy for speed. NCTI is measured and reported, weight 0: on that benchmark it ranked below LogME.
+# seeds' score = f(feature, accuracy, speed)) is measured and reported in every proposal but weighs 0:
+# the spec's min_fps is a gate every candidate is sorted by first, and a speed weight only moved the
+# ranking away from the fine-tuned accuracy (and with the machine's timing from run to run). Set e.g.
+# {"fps_b1": 0.1} to trade accuracy for speed. NCTI weighs 0 (on that benchmark it ranked below LogME),
+# so a proposal does not run it; give it a weight to have it measured and weighted.
 DEFAULT_WEIGHTS: dict[str, float] = {
     "logme": 0.18,
     "probe_bacc": 0.12,
