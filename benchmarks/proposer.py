@@ -28,7 +28,8 @@ MNIST, scikit-learn digits — each a seeded, class-stratified train/val/test sa
    fitted on the other targets and scored on the held-out one (leave-one-target-out); a rank
    aggregation validated the same way (``rank_loto``: the equal-weight mean of the candidates' ranks
    under the at most 4 sub-scores that, on the other targets, rank like the truth best under the worse
-   protocol; chosen again per held-out target); the top-1
+   protocol; chosen again per held-out target) — both combine only sub-scores a proposal can weight,
+   not the reported-only ones (NCTI's terms, ``dissimilarity``); the top-1
    regret (accuracy points lost by taking the combination's first choice) and the cost ratio
    (scorer seconds / fine-tuning seconds of one protocol and one seed for every candidate).
 
@@ -398,6 +399,10 @@ def summarize(args: argparse.Namespace, per_target: list[dict[str, Any]], names:
         return np.column_stack(cols)
 
     feats = [feature_matrix(t) for t in per_target]
+    # the learned combinations use only what a proposal can weight (not the reported-only terms)
+    usable = [j for j, n in enumerate(names) if specs[n].weighted]
+    cnames = [names[j] for j in usable]
+    cfeats = [f[:, usable] for f in feats]
     out: dict[str, Any] = {"kendall_tau": {}, "weighted_tau": {}, "top1_regret": {}, "learned_weights": {},
                            "per_target": {}, "top1_regret_by_score": {}}
     all_truths = {p: [np.array([t["truth"][p][i] for i in ids]) for t in per_target] for p in PROTOCOLS}
@@ -405,11 +410,11 @@ def summarize(args: argparse.Namespace, per_target: list[dict[str, Any]], names:
     subsets = []
     for k in range(len(per_target)):
         others = [m for m in range(len(per_target)) if m != k]
-        subsets.append(choose_subset([feats[m] for m in others], {p: [all_truths[p][m] for m in others]
-                                                                 for p in PROTOCOLS}) if others else (0,))
-    out["rank_loto_subsets"] = {t["target"]: [names[j] for j in cols] for t, cols in zip(per_target, subsets,
-                                                                                          strict=True)}
-    out["rank_subset_all_targets"] = [names[j] for j in choose_subset(feats, all_truths)]
+        subsets.append(choose_subset([cfeats[m] for m in others], {p: [all_truths[p][m] for m in others]
+                                                                  for p in PROTOCOLS}) if others else (0,))
+    out["rank_loto_subsets"] = {t["target"]: [cnames[j] for j in cols] for t, cols in zip(per_target, subsets,
+                                                                                           strict=True)}
+    out["rank_subset_all_targets"] = [cnames[j] for j in choose_subset(cfeats, all_truths)]
     for protocol in PROTOCOLS:
         truths = all_truths[protocol]
         rows: dict[str, list[tuple[float, float]]] = {
@@ -422,15 +427,15 @@ def summarize(args: argparse.Namespace, per_target: list[dict[str, Any]], names:
                 rows[n].append(taus(truths[k], feats[k][:, j]))
             default = np.array([t["default_total"][i] for i in ids])
             rows["default_total"].append(taus(truths[k], default))
-            ranked = rank_mean(feats[k], subsets[k])
+            ranked = rank_mean(cfeats[k], subsets[k])
             rows["rank_loto"].append(taus(truths[k], ranked))
             for row, sc in (("default_total", default), ("rank_loto", ranked)):
                 regret_rows[row].append(100.0 * float(truths[k].max() - truths[k][int(np.argmax(sc))]))
             others = [m for m in range(len(per_target)) if m != k]
-            w = fit_weights([feats[m] for m in others], [truths[m] for m in others]) if others else \
-                np.ones(len(names))
-            weights_per_fold.append(dict(zip(names, w.round(4).tolist(), strict=True)))
-            score = combined(feats[k], w)
+            w = fit_weights([cfeats[m] for m in others], [truths[m] for m in others]) if others else \
+                np.ones(len(cnames))
+            weights_per_fold.append(dict(zip(cnames, w.round(4).tolist(), strict=True)))
+            score = combined(cfeats[k], w)
             rows["combined_loto"].append(taus(truths[k], score))
             regrets.append(100.0 * float(truths[k].max() - truths[k][int(np.argmax(score))]))
             out["per_target"].setdefault(t["target"], {})[protocol] = {

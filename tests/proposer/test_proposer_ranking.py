@@ -142,11 +142,11 @@ def test_default_weights_cover_the_default_scorers() -> None:
 
 def test_a_proposal_runs_the_weighted_scorers_and_always_the_speed_measurement() -> None:
     scorers = default_scorers()
-    names = [s.name for s in active_scorers(scorers, DEFAULT_WEIGHTS, Spec())]
-    # speed weighs 0 and no min_fps is asked, yet it is measured (the report shows it); NCTI weighs 0: not run
+    names = [s.name for s in active_scorers(scorers, DEFAULT_WEIGHTS)]
+    # speed weighs 0 (and a spec may ask no min_fps), yet it is measured (the report shows it); NCTI weighs 0: not run
     assert "speed" in names and "ncti" not in names
     assert names == [s.name for s in scorers if s.name != "ncti"]
-    names = [s.name for s in active_scorers(scorers, {"ncti": 1.0}, Spec())]
+    names = [s.name for s in active_scorers(scorers, {"ncti": 1.0})]
     assert names == ["speed", "ncti"] or names == ["ncti", "speed"]
 
 

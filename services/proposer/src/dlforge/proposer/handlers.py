@@ -278,7 +278,7 @@ def target_from_arrays(
 # --------------------------------------------------------------------------------------------
 
 
-def active_scorers(scorers: Sequence[Scorer], weights: Mapping[str, float], spec: Spec) -> list[Scorer]:
+def active_scorers(scorers: Sequence[Scorer], weights: Mapping[str, float]) -> list[Scorer]:
     """The scorers whose output matters: some weighted sub-score > 0, or the speed measurement (the spec's
     min_fps gate reads it, and the report shows every candidate's speed even when no weight asks for it).
     A scorer whose sub-scores all weigh 0 (e.g. NCTI by default) is not run."""
@@ -350,5 +350,5 @@ def propose(
         raise InvalidInput("the model repository has no candidates")
     specs = sub_score_specs(list(scorers))
     w = check_weights(weights, specs)
-    measured = measure(candidates, target, active_scorers(scorers, w, spec))
+    measured = measure(candidates, target, active_scorers(scorers, w))
     return rank(measured, specs, w, spec, gate_speedup=gate_speedup)
