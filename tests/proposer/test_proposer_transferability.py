@@ -22,12 +22,14 @@ from dlforge.proposer.scoring import (
     AgreementScorer,
     Candidate,
     CohortScorer,
+    Direction,
     DomainDiscriminatorScorer,
     Encoded,
     KNNScorer,
     NCTIScorer,
     Scorer,
     SFDAScorer,
+    SubScore,
     TargetSample,
     cam_focus,
     knn_predict,
@@ -218,6 +220,30 @@ def test_ncti_of_a_candidate_that_fails_is_recorded_and_the_others_still_compare
     assert "ncti" not in out["broken"]["raw"] and "ValueError" in out["broken"]["errors"]["ncti"]
     assert out["good"]["raw"]["ncti"] > out["noise"]["raw"]["ncti"]
     assert not out["good"]["errors"] and not out["noise"]["errors"]
+
+
+def test_scorers_run_with_single_threaded_blas_and_the_setting_is_restored() -> None:
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    class Probe:
+        name = "probe_threads"
+        sub_scores = (SubScore("threads", Direction.HIGHER, ""),)
+        seen: list[list[int]] = []
+
+        def score(self, candidate: Candidate, target: TargetSample) -> dict[str, float]:
+            self.seen.append(blas_threads())
+            return {"threads": 1.0}
+
+    y = np.arange(20) % 2
+    cand = feature_candidate("a", class_features(y, d=4, gap=2.0, seed=18), np.zeros((1, 4)))
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert blas_threads() and all(n == 2 for n in blas_threads())
+        measure([cand], dummy_target(y, np.zeros(1, np.int64)), [Probe()])
+        assert all(n == 2 for n in blas_threads())  # restored
+    assert Probe.seen == [[1] * len(blas_threads())]
 
 
 def test_ncti_needs_two_classes() -> None:

@@ -294,8 +294,17 @@ def measure(candidates: Sequence[Candidate], target: TargetSample, scorers: Sequ
     """Run every scorer on every candidate; raw sub-scores and seconds per scorer (``encode``: shared pass).
 
     A :class:`~dlforge.proposer.scoring.CohortScorer` first prepares on all candidates; its time is
-    shared evenly among them.
+    shared evenly among them. NumPy's BLAS runs on one thread meanwhile (torch keeps its own threads):
+    the scorers' matrices have a few hundred rows, where threaded OpenBLAS costs more than it gains, and
+    on a busy machine its spinning threads stall (as in the labeler and the augmenter).
     """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _measure(candidates, target, scorers)
+
+
+def _measure(candidates: Sequence[Candidate], target: TargetSample, scorers: Sequence[Scorer]) -> list[dict[str, Any]]:
     encode_seconds: dict[str, float] = {}
     for cand in candidates:  # the shared pass first, so that its time is not counted as a scorer's
         t0 = time.perf_counter()
