@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from dlforge.common.blas import single_threaded_blas
 from dlforge.common.errors import InvalidInput
 from dlforge.vision.domains import amplitude_blend, mean_amplitude, moment_blend
 
@@ -111,8 +112,6 @@ class GradualSelfTraining:
     def fit(self, source_x: np.ndarray, source_y: np.ndarray, target_x: np.ndarray, *,
             source_steps: Sequence[np.ndarray] | None = None,
             target_steps: Sequence[np.ndarray] | None = None) -> Adapted:
-        from threadpoolctl import threadpool_limits
-
         xs, xt = np.asarray(source_x, dtype=np.float64), np.asarray(target_x, dtype=np.float64)
         ys = np.asarray(source_y)
         if xs.ndim != 2 or xt.ndim != 2 or xs.shape[1] != xt.shape[1] or len(xs) != len(ys) or len(xt) < 2:
@@ -130,7 +129,7 @@ class GradualSelfTraining:
                                    f"{like.shape}")
         both = np.vstack([xs, xt])
         mean, scale = both.mean(axis=0), both.std(axis=0) + 1e-6
-        with threadpool_limits(limits=1, user_api="blas"):
+        with single_threaded_blas():
             model = self._fit((xs - mean) / scale, ys)
             log: list[dict[str, Any]] = [{"lam": 0.0, "pseudo_labeled": 0}]
             for lam, ds, dt in zip(self.steps, source_steps, target_steps, strict=True):
@@ -151,8 +150,7 @@ def source_only(source_x: np.ndarray, source_y: np.ndarray, target_x: np.ndarray
     both = np.vstack([xs, xt])
     mean, scale = both.mean(axis=0), both.std(axis=0) + 1e-6
     from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1, user_api="blas"):
+    with single_threaded_blas():
         model = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit((xs - mean) / scale, source_y)
     return Adapted(mean=mean, scale=scale, model=model, classes=np.asarray(model.classes_))

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from dlforge.common.blas import single_threaded_blas
 from dlforge.common.errors import ConfigError
 from dlforge.vision.features import FeatureStore
 
@@ -96,14 +97,6 @@ class StoredFeatureExtractor(Protocol):
     def of_contents(self, images: np.ndarray, contents: Sequence[str]) -> np.ndarray:
         """Like ``__call__``, reading the features of images already stored under their content hash."""
         ...
-
-
-def _single_threaded_blas() -> Any:
-    """BLAS on one thread: the regressions are small, and threaded OpenBLAS spins badly on a busy CPU
-    (cross-validation took 60 s instead of 2 s on this 2-core machine under load)."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1, user_api="blas")
 
 
 def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
@@ -228,7 +221,7 @@ class ConfidenceFilter:
         folds = int(min(3, per_class.min()))
         scores: dict[str, float] = {}
         t = time.perf_counter()
-        with _single_threaded_blas():
+        with single_threaded_blas():
             if folds >= 2 and len(self.cs) > 1:
                 cv = StratifiedKFold(folds, shuffle=True, random_state=0)
                 for c in self.cs:
@@ -248,7 +241,7 @@ class ConfidenceFilter:
         if len(val_images):
             t = time.perf_counter()
             val_feats = _features(self.extractor, val_images, val_contents)
-            with _single_threaded_blas():
+            with single_threaded_blas():
                 val_pred = self._model.predict(val_feats)
             val_accuracy = float(np.mean(val_pred == val_labels))
             val_seconds = time.perf_counter() - t
@@ -280,7 +273,7 @@ class ConfidenceFilter:
         return self._probabilities(_features(self.extractor, images, contents), num_classes)
 
     def _probabilities(self, feats: np.ndarray, num_classes: int) -> np.ndarray:
-        with _single_threaded_blas():
+        with single_threaded_blas():
             proba = self._model.predict_proba(feats)
         full = np.zeros((len(feats), num_classes), dtype=np.float64)
         full[:, self._model.classes_] = proba
@@ -303,7 +296,7 @@ class ConfidenceFilter:
         feats, real_labels, c = self._real
         x = np.concatenate([feats, np.asarray(features, dtype=feats.dtype)])
         y = np.concatenate([real_labels, np.asarray(labels, dtype=real_labels.dtype)])
-        with _single_threaded_blas():  # the same model, the same C: only the training rows differ
+        with single_threaded_blas():  # the same model, the same C: only the training rows differ
             predicted: np.ndarray = _x2_model(c).fit(x, y).predict(self._val_features)
         return predicted
 

@@ -22,32 +22,18 @@ are the hard cases and would misstate how often the model is right on the rest.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 from scipy.optimize import minimize
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
-from threadpoolctl import threadpool_limits
 
-P = ParamSpec("P")
-R = TypeVar("R")
+from dlforge.common.blas import small_blas
+
 DEFAULT_CS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-
-
-def small_blas(fn: Callable[P, R]) -> Callable[P, R]:
-    """Run ``fn`` with single-threaded BLAS: the loop's matrices are small, and on a shared 2-core
-    machine BLAS threads only fight each other (and torch) for the cores, 10-40x slower."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with threadpool_limits(limits=1, user_api="blas"):
-            return fn(*args, **kwargs)
-
-    return wrapper
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

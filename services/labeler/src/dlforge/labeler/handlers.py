@@ -35,13 +35,13 @@ from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 
+from dlforge.common.blas import small_blas
 from dlforge.common.events import ClassCount, PipelineOptions
 from dlforge.labeler.classifier import (
     CalibratedClassifier,
     FittedClassifier,
     LabelClassifier,
     LinearProbe,
-    small_blas,
 )
 from dlforge.labeler.guarantee import (
     Guarantee,

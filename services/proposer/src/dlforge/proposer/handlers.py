@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from dlforge.common.blas import single_threaded_blas
 from dlforge.common.errors import InvalidInput
 from dlforge.common.events import CandidateScore, Spec
 from dlforge.proposer.scoring import Candidate, CohortScorer, Direction, Scorer, SubScore, TargetSample, sub_score_specs
@@ -294,13 +295,9 @@ def measure(candidates: Sequence[Candidate], target: TargetSample, scorers: Sequ
     """Run every scorer on every candidate; raw sub-scores and seconds per scorer (``encode``: shared pass).
 
     A :class:`~dlforge.proposer.scoring.CohortScorer` first prepares on all candidates; its time is
-    shared evenly among them. NumPy's BLAS runs on one thread meanwhile (torch keeps its own threads):
-    the scorers' matrices have a few hundred rows, where threaded OpenBLAS costs more than it gains, and
-    on a busy machine its spinning threads stall (as in the labeler and the augmenter).
+    shared evenly among them. NumPy's BLAS runs on one thread meanwhile (:mod:`dlforge.common.blas`).
     """
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
+    with single_threaded_blas():
         return _measure(candidates, target, scorers)
 
 
