@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from dlforge.common.blas import single_threaded_blas
+from dlforge.common.blas import small_blas
 from dlforge.common.errors import InvalidInput
 from dlforge.common.events import CandidateScore, Spec
 from dlforge.proposer.scoring import Candidate, CohortScorer, Direction, Scorer, SubScore, TargetSample, sub_score_specs
@@ -291,17 +291,13 @@ def active_scorers(scorers: Sequence[Scorer], weights: Mapping[str, float]) -> l
     return out
 
 
+@small_blas
 def measure(candidates: Sequence[Candidate], target: TargetSample, scorers: Sequence[Scorer]) -> list[dict[str, Any]]:
     """Run every scorer on every candidate; raw sub-scores and seconds per scorer (``encode``: shared pass).
 
     A :class:`~dlforge.proposer.scoring.CohortScorer` first prepares on all candidates; its time is
     shared evenly among them. NumPy's BLAS runs on one thread meanwhile (:mod:`dlforge.common.blas`).
     """
-    with single_threaded_blas():
-        return _measure(candidates, target, scorers)
-
-
-def _measure(candidates: Sequence[Candidate], target: TargetSample, scorers: Sequence[Scorer]) -> list[dict[str, Any]]:
     encode_seconds: dict[str, float] = {}
     for cand in candidates:  # the shared pass first, so that its time is not counted as a scorer's
         t0 = time.perf_counter()
