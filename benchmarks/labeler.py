@@ -57,7 +57,13 @@ from dlforge.labeler.index import normalize
 from dlforge.labeler.ingest import open_folder, scan
 from dlforge.labeler.pixelnet import Both
 from dlforge.labeler.settings import LabelerSettings
-from dlforge.labeler.worker import build_deps, classifier_pixels, ensure_embeddings, service
+from dlforge.labeler.worker import (
+    build_deps,
+    classifier_activations,
+    classifier_pixels,
+    ensure_embeddings,
+    service,
+)
 from dlforge.vision.images import canonical_pixels, from_pixels
 from dlforge.vision.manifest import Manifest, load_manifest
 
@@ -275,6 +281,11 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         both = getattr(plugin, "inputs", "") == "both"
         inputs = Both(vectors, pixels) if both else pixels
         held_inputs = Both(held_vectors, held_pixels) if both else held_pixels
+    activations = await asyncio.to_thread(classifier_activations, backends.objects, manifest, deps)
+    if activations is not None:  # a classifier on the trunk's activations: the held-out images' too
+        inputs = activations
+        held_inputs = np.concatenate([embedder.activations(held_images[s:s + 64])  # type: ignore[attr-defined]
+                                      for s in range(0, len(held_images), 64)])
 
     def fit_on(rows: np.ndarray) -> Any:
         labeled = np.flatnonzero(rows)
@@ -429,7 +440,8 @@ def main() -> None:
     source.add_argument("--folder", help="a folder of class sub-folders (the folder names are the known labels)")
     p.add_argument("--budget", type=float, default=0.2, help="share of the loop's items people may label")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--classifier", default="linear", choices=["linear", "mlp_ssl", "cnn_ssl", "blend", "best"])
+    p.add_argument("--classifier", default="linear",
+                   choices=["linear", "mlp_ssl", "cnn_ssl", "blend", "best", "finetune_top"])
     p.add_argument("--cnn-budget", type=float, default=900.0,
                    help="cnn_ssl: the most seconds one fit may take (DLFORGE_LABELER_CNN_TIME_BUDGET_S)")
     p.add_argument("--max-error", type=float, default=0.01, help="the selective rule's target auto-label error")

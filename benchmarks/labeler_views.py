@@ -62,21 +62,27 @@ def _images(dataset: str, size: int, limit: int) -> tuple[np.ndarray, np.ndarray
     return pixels, np.asarray(data.train_y[rows], dtype=np.int64), list(data.classes)
 
 
-def features(dataset: str, size: int, limit: int, workdir: Path) -> dict[str, np.ndarray]:
-    """Per view: the multi-stage vector ``ms_<view>`` and the shared-boundary activation ``act_<view>``."""
-    cache = workdir / f"views-{dataset}-{size}-{limit or 'all'}.npz"
+def features(dataset: str, size: int, limit: int, workdir: Path,
+             views: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Per view: the multi-stage vector ``ms_<view>`` and the shared-boundary activation ``act_<view>``
+    (every one of the eight views unless ``views`` names some)."""
+    from dlforge.vision.images import DIHEDRAL_VIEWS
+
+    views = tuple(views or DIHEDRAL_VIEWS)
+    tag = "" if set(views) == set(DIHEDRAL_VIEWS) else "-" + "+".join(views)
+    cache = workdir / f"views-{dataset}-{size}-{limit or 'all'}{tag}.npz"
     if cache.is_file():
         with np.load(cache) as z:
             return {k: z[k] for k in z.files}
     from dlforge.labeler.embeddings import _multi_stage_vector
-    from dlforge.vision.images import DIHEDRAL_VIEWS, dihedral_view
+    from dlforge.vision.images import dihedral_view
     from dlforge.vision.trunk import TrunkFeatures, _Out
 
     pixels, y, names = _images(dataset, size, limit)
     trunk = TrunkFeatures(None, batch_size=32)
     outs = [_Out("pooled", trunk.net.index(s)) for s in STAGES] + [_Out("activation", trunk.shared)]
     out: dict[str, np.ndarray] = {"y": y, "names": np.array(names)}
-    for view in DIHEDRAL_VIEWS:
+    for view in views:
         started = time.perf_counter()
         viewed = dihedral_view(pixels, view)
         parts: list[list[np.ndarray]] = [[] for _ in outs]
@@ -150,10 +156,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    f = features(args.dataset, args.size, args.limit, Path(args.workdir))
+    views = list(args.views or DIHEDRAL_VIEWS)
+    f = features(args.dataset, args.size, args.limit, Path(args.workdir), tuple(views))
     t_features = time.perf_counter() - started
     y, names = f["y"], [str(n) for n in f["names"]]
-    views = list(DIHEDRAL_VIEWS)
     plain = f["ms_identity"]
     mean = np.mean([f[f"ms_{v}"] for v in views], axis=0)
     inputs = {"plain": plain, "mean": mean, "side_by_side": np.concatenate([plain, mean], axis=1)}
@@ -179,7 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  seed {seed} {method:13s} {row['accuracy']:.4f} ({row['seconds']:.0f} s)", flush=True)
     summary = {m: {"mean": round(float(np.mean([r["accuracy"] for r in rs])), 4),
                    "std": round(float(np.std([r["accuracy"] for r in rs])), 4)} for m, rs in rows.items()}
-    return {"dataset": args.dataset, "images": len(y), "fraction": args.fraction, "size": args.size,
+    return {"dataset": args.dataset, "images": len(y), "fraction": args.fraction, "size": args.size, "views": views,
             "seeds": args.seeds, "finetune_steps": args.steps, "summary": summary, "runs": rows,
             "seconds_features": round(t_features, 1),
             "machine": {"cpu": cpu_name(), "python": platform.python_version(), "threads": args.threads}}
@@ -191,6 +197,9 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.2, help="share of the non-held-out images labeled")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", type=lambda s: s.split(","), default=["plain", "mean", "side_by_side", "finetune"])
+    p.add_argument("--views", type=lambda s: s.split(","), default=None,
+                   help="the views computed and used (default: all eight); `mean` averages and `finetune` "
+                        "trains and predicts over these")
     p.add_argument("--steps", type=int, default=450, help="finetune: optimizer steps of 32 images")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--limit", type=int, default=0, help="use this many images (0: ELPV all, the MNIST sets 6,000)")
@@ -201,13 +210,18 @@ def main() -> None:
     unknown = set(args.methods) - {"plain", "mean", "side_by_side", "finetune"}
     if unknown:
         raise SystemExit(f"unknown methods: {', '.join(sorted(unknown))}")
+    from dlforge.vision.images import DIHEDRAL_VIEWS
+
+    if args.views and (set(args.views) - set(DIHEDRAL_VIEWS) or "identity" not in args.views):
+        raise SystemExit(f"--views: give identity and any of {', '.join(DIHEDRAL_VIEWS)}")
     result = run(args)
     print(f"\n{result['dataset']}, {result['images']} images, {args.fraction:.0%} labeled at random, "
           f"{args.seeds} seeds, {result['machine']['cpu']}")
     print(f"{'method':14s} {'auto-label accuracy':>20s}")
     for method, s in result["summary"].items():
         print(f"{method:14s} {s['mean']:>12.4f} ± {s['std']:.4f}")
-    out = Path(args.output) if args.output else RESULTS / f"labeler-views-{args.dataset}-{args.fraction:g}.json"
+    tag = "" if not args.views or set(args.views) == set(DIHEDRAL_VIEWS) else "-" + "+".join(args.views)
+    out = Path(args.output) if args.output else RESULTS / f"labeler-views-{args.dataset}-{args.fraction:g}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"written to {out}")

@@ -141,6 +141,14 @@ class TrunkFeatures:
                 results[k].append(np.asarray(arr, dtype=np.float32))
         return [np.concatenate(r) if r else np.zeros((0, 0), dtype=np.float32) for r in results]
 
+    def activation_arrays(self, pixels: np.ndarray, *, boundary: int) -> np.ndarray:
+        """float16 activations at freeze boundary ``boundary`` of images given as uint8 N x S x S x C
+        arrays, computed and not stored."""
+        out = _Out("activation", boundary)
+        parts = [self._cast(out, self._run(self._input(pixels[lo:lo + self.batch_size]), start=0, outs=[out])[0])
+                 for lo in range(0, len(pixels), self.batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.float16)
+
     def activations(self, contents: Sequence[str], *, size: int, boundary: int, load: LoadPixels) -> np.ndarray:
         """float16 activations at freeze boundary ``boundary`` (1 .. len(net)); N x C x H x W."""
         out = _Out("activation", boundary)

@@ -589,8 +589,15 @@ def _blend(**options: Any) -> LabelClassifier:
     return Blend(**options)
 
 
+def _tail(**options: Any) -> LabelClassifier:
+    from dlforge.labeler.tailnet import TailFinetune  # imports this module
+
+    return TailFinetune(**options)
+
+
 CLASSIFIERS: dict[str, Callable[..., LabelClassifier]] = {
     "linear": LinearProbe, "mlp_ssl": SemiSupervisedMLP, "cnn_ssl": _pixel_ssl, "blend": _blend, "best": BestHeldout,
+    "finetune_top": _tail,
 }
 
 

@@ -129,6 +129,19 @@ class EfficientNetLite0Embedder:
         viewed = [batch if v == "identity" else dihedral_view(batch, v) for v in self._view_names()]
         return self._combine([_multi_stage_vector(features.pooled_arrays(x, stages=self.STAGES)) for x in viewed])
 
+    def activations(self, batch: np.ndarray) -> np.ndarray:
+        """What :meth:`activations_stored` gives, for images given as arrays (not stored)."""
+        features = self._features(None)
+        return features.activation_arrays(batch, boundary=features.shared)
+
+    def activations_stored(self, objects: ObjectStore, items: Sequence[Item], *, batch_size: int = 32) -> np.ndarray:
+        """float16 N x C x H x W: the trunk's activation at its shared freeze boundary for the images
+        themselves at the embedding's size, what :meth:`embed_stored`'s pass stored beside the pooled
+        features (read from the feature store; computed only for items it lacks)."""
+        features = self._features(objects, batch_size)
+        load = features.for_items(objects, items, size=self.size)
+        return features.activations([i.sha256 for i in items], size=self.size, boundary=features.shared, load=load)
+
     def embed_stored(self, objects: ObjectStore, items: Sequence[Item], *, batch_size: int = 32) -> np.ndarray:
         per_view = []
         for view in self._view_names():

@@ -259,12 +259,15 @@ def run_round(
     classifier: LabelClassifier | None = None,
     pixels: np.ndarray | None = None,
     guarantee: Guarantee = "bound",
+    activations: np.ndarray | None = None,
 ) -> RoundResult:
     """Fit the calibrated classifier on every known label, auto-label, and pick the next batch or stop.
 
     A classifier whose ``inputs`` is ``"pixels"`` (:class:`dlforge.labeler.pixelnet.PixelSSL`) is fitted on
     ``pixels`` (uint8 N x H x W x C, aligned with ``embeddings``), one whose ``inputs`` is ``"both"``
-    (:class:`dlforge.labeler.pixelnet.Blend`) on both; the query strategy always works on the embeddings.
+    (:class:`dlforge.labeler.pixelnet.Blend`) on both, one whose ``inputs`` is ``"activations"``
+    (:class:`dlforge.labeler.tailnet.TailFinetune`) on ``activations`` (the trunk's activations at its
+    shared boundary, N x C x H x W); the query strategy always works on the embeddings.
 
     ``labels`` holds a class index per item (-1: unknown), ``human`` marks labels given by people
     (they count against the budget), ``representative`` marks labels that may calibrate the
@@ -291,6 +294,10 @@ def run_round(
                 from dlforge.labeler.pixelnet import Both
 
                 x = Both(embeddings, pixels)
+        elif inputs == "activations":
+            if activations is None or len(activations) != n:
+                raise ValueError(f"classifier {plugin.name!r} needs the items' trunk activations")
+            x = activations
         clf = plugin.fit(x, np.flatnonzero(known), labels[known], n_classes=n_classes,
                          representative=representative[known], seed=seed)
         probs = clf.predict_proba(x)

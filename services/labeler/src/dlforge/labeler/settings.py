@@ -52,14 +52,15 @@ class LabelerSettings(CommonSettings):
         default="faiss-cpu", description="vector index backend; faiss-gpu needs the faiss-gpu package and a GPU"
     )
     labeler_query_strategy: Literal["margin", "least_confidence", "entropy"] = "margin"
-    labeler_classifier: Literal["linear", "mlp_ssl", "cnn_ssl", "blend", "best"] = Field(
+    labeler_classifier: Literal["linear", "mlp_ssl", "cnn_ssl", "blend", "best", "finetune_top"] = Field(
         default="linear", description="the auto-labeling classifier plug-in: calibrated logistic regression, the "
         "semi-supervised MLP on the embeddings, cnn_ssl: a small CNN trained in the loop on the pixels with "
         "pseudo-labels (FixMatch-style), blend: linear and cnn_ssl averaged with the weight their held-out "
         "predictions favour, or best: linear and mlp_ssl, keeping the one with the better held-out "
         "accuracy on people's "
-        "representative labels (which weakens the auto-label guarantee's 95 % to about 90 %; "
-        "benchmarks/labeler.py compares them)")
+        "representative labels (which weakens the auto-label guarantee's 95 % to about 90 %), or finetune_top: "
+        "the EfficientNet-Lite0 trunk's last three units and a new layer fine-tuned on people's labels, from the "
+        "activations the embedding pass stored (benchmarks/labeler.py compares them)")
     labeler_guarantee: Guarantee = Field(
         default="bound", description="what the auto-labeling threshold guarantees about the error of the items "
         "it labels: bound (at most the run's max_auto_label_error with 95 % confidence, an exact binomial bound; "
@@ -85,6 +86,18 @@ class LabelerSettings(CommonSettings):
         "flex (FlexMatch's per-class thresholds, low for the classes the network has not learned yet) or fixed "
         "(FixMatch's 0.95 for every class; the default: flex helped only digits on random labels); "
         "benchmarks/labeler_cnn.py compares them")
+    labeler_finetune_steps: int = Field(
+        default=450, ge=1, le=1_000_000,
+        description="finetune_top: the optimizer steps (of 32 labeled items) each fold network trains the trunk's "
+        "last units and a new layer")
+    labeler_finetune_folds: int = Field(
+        default=3, ge=2, le=10,
+        description="finetune_top: fold networks per round (each trained without one fold's labels, which it "
+        "then predicts: the held-out evidence; the other items get their average)")
+    labeler_finetune_time_budget_s: float = Field(
+        default=600.0, gt=0, le=24 * 3600,
+        description="finetune_top: the seconds one round's fit may take (its fold networks share it); a fold "
+        "network trains at least 100 steps whatever the budget")
     labeler_presign_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
 
     @field_validator("labeler_import_roots", mode="before")

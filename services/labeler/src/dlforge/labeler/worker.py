@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from dlforge.common.errors import InvalidInput, PoisonMessage, RetryableError
+from dlforge.common.errors import ConfigError, InvalidInput, PoisonMessage, RetryableError
 from dlforge.common.events import (
     DatasetLabeled,
     DatasetUploaded,
@@ -91,6 +91,10 @@ def _classifier_options(settings: LabelerSettings) -> dict[str, Any]:
         options["min_steps"] = settings.labeler_cnn_min_steps
         options["steps"] = settings.labeler_cnn_steps
         options["thresholds"] = settings.labeler_cnn_thresholds
+    if settings.labeler_classifier == "finetune_top":
+        options["steps"] = settings.labeler_finetune_steps
+        options["folds"] = settings.labeler_finetune_folds
+        options["time_budget_s"] = settings.labeler_finetune_time_budget_s
     return options
 
 
@@ -175,6 +179,20 @@ def classifier_pixels(objects: ObjectStore, manifest: Manifest, deps: LabelerDep
     if gray:
         return np.ascontiguousarray(out[..., :1])
     return load_arrays(objects, items, size=size, channels=wanted.channels, threads=threads)
+
+
+def classifier_activations(objects: ObjectStore, manifest: Manifest, deps: LabelerDeps) -> np.ndarray | None:
+    """The items' trunk activations at its shared boundary for a plug-in that fine-tunes the trunk's last
+    units (None for the others): the embedding pass stored them in the feature store, so nothing is
+    decoded or run through the trunk again."""
+    plugin = deps.classifier
+    if getattr(plugin, "inputs", "embeddings") != "activations":
+        return None
+    stored = getattr(deps.embedder, "activations_stored", None)
+    if stored is None:
+        raise ConfigError(f"DLFORGE_LABELER_CLASSIFIER={plugin.name} trains the EfficientNet-Lite0 trunk's last "
+                          f"units: it needs that embedder's activations, and {deps.embedder.name!r} has none")
+    return np.asarray(stored(objects, manifest.items, batch_size=deps.settings.labeler_embed_batch))
 
 
 def _request(event: Event, dataset_id: str, rnd: int, batch: handlers.Batch, ids: list[str]) -> Event:
@@ -410,10 +428,12 @@ async def _advance(
                                                     domain_adaptation(options, ctx.deps.settings, record))
 
     pixels: list[np.ndarray | None] = []
+    activations: list[np.ndarray | None] = []
 
     def fit(record: dict[str, Any]) -> tuple[handlers.LabelingView, handlers.RoundResult]:
         if not pixels:
             pixels.append(classifier_pixels(ctx.objects, manifest, ctx.deps))
+            activations.append(classifier_activations(ctx.objects, manifest, ctx.deps))
         view = handlers.labeling_view(manifest, classes=record["classes"], human_labels=record.get("human_labels", {}),
                                       asked=record.get("asked", {}))
         return view, handlers.run_round(
@@ -421,7 +441,8 @@ async def _advance(
             calibration=handlers.random_sample(view.labels, splits, asked_val=asked_val),
             n_classes=len(view.classes), options=options, strategy=ctx.deps.strategy,
             classifier=ctx.deps.classifier, rng=manifest.rng(options.seed, f"round-{rnd}"),
-            seed=options.seed, pixels=pixels[0], guarantee=ctx.deps.settings.labeler_guarantee)
+            seed=options.seed, pixels=pixels[0], guarantee=ctx.deps.settings.labeler_guarantee,
+            activations=activations[0])
 
     view, result = await asyncio.to_thread(fit, record)
     if result.done:
