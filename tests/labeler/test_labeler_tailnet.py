@@ -20,7 +20,7 @@ from dlforge.labeler.embeddings import EfficientNetLite0Embedder
 from dlforge.labeler.settings import LabelerSettings
 from dlforge.labeler.strategies import make_strategy
 from dlforge.labeler.tailnet import TailFinetune
-from dlforge.labeler.worker import classifier_activations
+from dlforge.labeler.worker import _classifier_options, build_deps, classifier_activations
 from dlforge.vision.manifest import Item, Manifest
 
 SHAPE = (192, 7, 7)  # EfficientNet-Lite0 at 224 px, the input of block14
@@ -67,17 +67,43 @@ def test_learns_the_signal_and_every_labeled_row_is_held_out_once() -> None:
     assert summary["activation_shape"] == "192x7x7"
 
 
-def test_a_mislabeled_row_is_judged_by_networks_that_never_saw_it() -> None:
-    """Rows labeled against their signal: the held-out prediction follows the signal (the fold network
-    never trained on that label), so the evidence counts them wrong."""
+def test_each_labeled_row_is_predicted_by_the_one_network_that_did_not_train_on_it(monkeypatch) -> None:
+    """The held-out evidence the guarantee rests on: record what every fold network trained on and which
+    rows it predicted; each labeled row is predicted once, by a network whose training rows exclude it,
+    and that network's logits are the row's held-out logits."""
+    import dlforge.labeler.tailnet as tailnet
+
     x, y = channel_signal(120, np.random.default_rng(1))
-    given = y.copy()
-    flipped = np.array([3, 17, 44, 71, 98])
-    given[flipped] = 1 - given[flipped]
-    fitted = small(steps=60).fit(x, np.arange(120), given, n_classes=2, seed=2)
-    held = fitted.heldout_proba.argmax(axis=1)
-    assert np.array_equal(held[flipped], y[flipped])
-    assert float((np.delete(held, flipped) == np.delete(given, flipped)).mean()) >= 0.85  # measured 0.87
+    labeled = np.arange(10, 100)
+    trained: list[set[int]] = []
+    predicted: list[tuple[int, np.ndarray]] = []  # (network, rows of x_all it predicted)
+    real_train, real_logits = TailFinetune._train, tailnet._logits
+
+    def spy_train(self: TailFinetune, x_all: np.ndarray, rows: np.ndarray, *a: object, **k: object) -> object:
+        trained.append({int(r) for r in rows})
+        net, ran = real_train(self, x_all, rows, *a, **k)  # type: ignore[arg-type]
+        net.fold = len(trained) - 1  # type: ignore[attr-defined]
+        return net, ran
+
+    def spy_logits(net: object, xs: np.ndarray, **k: object) -> np.ndarray:
+        out = real_logits(net, xs, **k)  # type: ignore[arg-type]
+        rows = [int(np.flatnonzero((x == xs[i]).all(axis=(1, 2, 3)))[0]) for i in range(len(xs))] \
+            if len(xs) <= len(labeled) else []
+        predicted.append((getattr(net, "fold", -1), np.array(rows)))
+        return out
+
+    monkeypatch.setattr(TailFinetune, "_train", spy_train)
+    monkeypatch.setattr(tailnet, "_logits", spy_logits)
+    fitted = small().fit(x, labeled, y[labeled], n_classes=2, seed=2)
+    held_out = [(f, rows) for f, rows in predicted if len(rows)]
+    assert len(trained) == 3 and len(held_out) == 3
+    seen: list[int] = []
+    for fold, rows in held_out:
+        assert not (set(rows.tolist()) & trained[fold])  # never trained on what it predicts
+        assert trained[fold] | set(rows.tolist()) == set(labeled.tolist())  # and trained on every other label
+        seen += rows.tolist()
+    assert sorted(seen) == labeled.tolist()  # every labeled row held out exactly once
+    assert np.isfinite(fitted.heldout_proba).all()
 
 
 def test_one_known_class_gives_no_network_and_no_evidence() -> None:
@@ -100,7 +126,8 @@ def test_a_class_with_one_label_trains_one_network_without_evidence() -> None:
 def test_the_time_budget_caps_the_steps_but_not_below_the_floor() -> None:
     x, y = channel_signal(80, np.random.default_rng(4))
     fitted = small(steps=5000, time_budget_s=0.01, min_steps=25).fit(x, np.arange(80), y, n_classes=2, seed=0)
-    assert fitted.summary()["steps"] == 25
+    # each fold network gets at least a second: as many steps as fit in it, never fewer than 25
+    assert 25 <= int(fitted.summary()["steps"]) < 5000  # type: ignore[arg-type]
 
 
 def test_rejects_what_it_cannot_learn_from() -> None:
@@ -112,9 +139,25 @@ def test_rejects_what_it_cannot_learn_from() -> None:
         TailFinetune(time_budget_s=0)
 
 
-def test_is_a_classifier_setting() -> None:
+def test_is_a_classifier_setting_and_its_settings_reach_it() -> None:
     assert isinstance(make_classifier("finetune_top", threads=1), TailFinetune)
-    assert LabelerSettings(labeler_classifier="finetune_top").labeler_classifier == "finetune_top"
+    settings = LabelerSettings(labeler_classifier="finetune_top", labeler_finetune_steps=200,
+                               labeler_finetune_folds=4, labeler_finetune_time_budget_s=30, labeler_threads=1)
+    plugin = make_classifier(settings.labeler_classifier, **_classifier_options(settings))
+    assert isinstance(plugin, TailFinetune)
+    assert (plugin.steps, plugin.folds, plugin.time_budget_s, plugin.threads) == (200, 4, 30.0, 1)
+    default = make_classifier("finetune_top", **_classifier_options(LabelerSettings(labeler_classifier="finetune_top")))
+    assert (default.steps, default.folds, default.time_budget_s) == (450, 3, 600.0)  # type: ignore[attr-defined]
+    for wrong in ({"labeler_finetune_folds": 1}, {"labeler_finetune_steps": 0}, {"labeler_finetune_time_budget_s": 0}):
+        with pytest.raises(ValueError, match=next(iter(wrong))):
+            LabelerSettings(labeler_classifier="finetune_top", **wrong)  # type: ignore[arg-type]
+
+
+async def test_a_labeler_whose_embedder_has_no_activations_refuses_to_start(tmp_path: Path) -> None:
+    settings = LabelerSettings(labeler_classifier="finetune_top", objects=f"file://{tmp_path}/o",
+                               docs=f"sqlite:///{tmp_path}/d.db", bus="memory://", work_dir=str(tmp_path / "w"))
+    with pytest.raises(ConfigError, match="finetune_top"):
+        await build_deps(settings, None, embedder=SimpleNamespace(name="stub"))  # type: ignore[arg-type]
 
 
 def test_a_round_fits_it_on_the_activations_it_is_given() -> None:
@@ -165,6 +208,18 @@ def test_the_worker_reads_the_activations_the_embedding_pass_stored(tmp_path: Pa
                                   Image.Resampling.BILINEAR)) for i in manifest.items])
     fresh = embedder.activations(pixels)
     assert np.allclose(stored.astype(np.float32), fresh.astype(np.float32), atol=2e-2, rtol=1e-2)
+    # the units the plug-in trains start where the stored activation ends: the ImageNet tail applied to it
+    # gives the trunk's pooled head features, as the embedding pass computed them from the pixels
+    import torch
+
+    from dlforge.vision.staged import SHARED_UNFREEZE, imagenet_trunk
+
+    net = imagenet_trunk()
+    with torch.inference_mode():
+        tail = net.tail(net.boundary(SHARED_UNFREEZE))(torch.from_numpy(stored.astype(np.float32))).numpy()
+    head = embedder._features(objects).pooled([i.sha256 for i in manifest.items], size=224, stages=["head"],
+                                              load=lambda rows: pytest.fail("recomputed"))["head"]
+    assert np.allclose(tail, head, atol=5e-2, rtol=2e-2)
     # a linear plug-in asks for none; an embedder without the trunk's activations is a configuration error
     assert classifier_activations(objects, manifest, SimpleNamespace(classifier=make_classifier("linear"),
                                                                      embedder=embedder, settings=None)) is None

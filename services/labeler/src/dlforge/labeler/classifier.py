@@ -320,7 +320,7 @@ class FittedClassifier(Protocol):
 
     def predict_proba(self, x: Any) -> np.ndarray:
         """Calibrated class probabilities of the rows of ``x`` (inputs of the plug-in's kind: embeddings,
-        pixels, or :class:`dlforge.labeler.pixelnet.Both`), N x n_classes."""
+        pixels, :class:`dlforge.labeler.pixelnet.Both`, or the trunk's activations), N x n_classes."""
         ...
 
     def summary(self) -> dict[str, float | int | bool | str | None]:
@@ -343,7 +343,8 @@ class LabelClassifier(Protocol):
         representative: np.ndarray | None = None,
         seed: int = 0,
     ) -> FittedClassifier:
-        """Fit on rows ``labeled`` of ``x_all`` (every item's embedding) with class indices ``y``;
+        """Fit on rows ``labeled`` of ``x_all`` (every item's input of the plug-in's ``inputs`` kind, the
+        embeddings unless it says otherwise) with class indices ``y``;
         ``representative`` masks the labeled rows that may calibrate the confidence."""
         ...
 

@@ -96,8 +96,8 @@ class LabelerSettings(CommonSettings):
         "then predicts: the held-out evidence; the other items get their average)")
     labeler_finetune_time_budget_s: float = Field(
         default=600.0, gt=0, le=24 * 3600,
-        description="finetune_top: the seconds one round's fit may take (its fold networks share it); a fold "
-        "network trains at least 100 steps whatever the budget")
+        description="finetune_top: the seconds one round's training may take (its fold networks share it; "
+        "each at least a second and 100 steps whatever the budget; predicting the items comes on top)")
     labeler_presign_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
 
     @field_validator("labeler_import_roots", mode="before")

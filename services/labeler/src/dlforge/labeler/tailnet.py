@@ -8,9 +8,11 @@ their input, which the labeler's embedding pass already stored in the feature st
 *shared* boundary: :class:`dlforge.vision.trunk.TrunkFeatures` keeps it with every pass). No image
 is decoded or run through the trunk again; a step costs the three units only.
 
-Training: ``steps`` AdamW steps of ``batch`` class-balanced-weighted labeled items (the units at
-``lr``, the new layer at ten times it, one-cycle schedule), label smoothing 0.1, BatchNorm kept at
-ImageNet's statistics (the units train in eval mode: a few hundred labels estimate them worse).
+Training: ``steps`` AdamW steps of ``batch`` labeled items drawn at random, the loss weighted by the
+inverse class frequency (the units at ``lr``, the new layer at ten times it; the learning rate rises
+linearly from 0 over the first tenth of the steps, then falls to 0 along a cosine), label smoothing
+0.1, BatchNorm kept at ImageNet's statistics (the units train in eval mode: a few hundred labels
+estimate them worse).
 
 **Held-out evidence** as in :mod:`dlforge.labeler.pixelnet`: the labeled items are split into
 ``folds`` stratified folds and one network is trained per fold without that fold's labels; each
@@ -21,8 +23,9 @@ threshold rests on understates it). With fewer than two labels in some class: on
 held-out evidence, nothing auto-labeled under the guarantee.
 
 Cost: ``folds`` trainings of ``steps`` steps on ``threads`` torch threads per round, and one pass of
-the units over every item per fold network; ``time_budget_s`` caps a fit (each fold network an equal
-share; never below ``min_steps`` steps). Measured in ``benchmarks/labeler.py --classifier finetune_top``
+the units over every item per fold network; ``time_budget_s`` caps the trainings (each fold network an
+equal share of what is left, at least a second, and never below ``min_steps`` steps; the pass over the
+items to predict them comes on top). Measured in ``benchmarks/labeler.py --classifier finetune_top``
 (see README, "Labels people can trust").
 """
 

@@ -80,8 +80,12 @@ async def build_deps(settings: LabelerSettings, backends: Backends, *, embedder:
         embedder = make_embedder(settings.labeler_embedder, size=settings.labeler_embed_size,
                                  threads=settings.labeler_threads, runtime=settings.labeler_embed_runtime,
                                  views=settings.labeler_embed_views)
+    classifier = make_classifier(settings.labeler_classifier, **_classifier_options(settings))
+    if getattr(classifier, "inputs", "embeddings") == "activations" and not hasattr(embedder, "activations_stored"):
+        raise ConfigError(f"DLFORGE_LABELER_CLASSIFIER={classifier.name} trains the EfficientNet-Lite0 trunk's last "
+                          f"units: it needs that embedder's activations, and {embedder.name!r} has none")
     return LabelerDeps(settings=settings, embedder=embedder, strategy=make_strategy(settings.labeler_query_strategy),
-                       classifier=make_classifier(settings.labeler_classifier, **_classifier_options(settings)))
+                       classifier=classifier)
 
 
 def _classifier_options(settings: LabelerSettings) -> dict[str, Any]:
