@@ -104,6 +104,21 @@ def crossfit_scaled(logits: np.ndarray, y: np.ndarray, mask: np.ndarray, *, fold
     return out
 
 
+def calibrate_out_of_fold(oof: np.ndarray, y: np.ndarray, mask: np.ndarray, *, seed: int = 0
+                          ) -> tuple[Scaling, np.ndarray, dict[str, float | int | bool | str | None]]:
+    """For fold networks' out-of-fold logits ``oof`` of every labeled row (class indices ``y``): the
+    temperature and bias fitted on the ``mask`` rows (what the other items' probabilities get), every
+    row's held-out probabilities calibrated without that row (:func:`crossfit_scaled`), and the figures
+    of the round's record."""
+    scaling = fit_scaling(oof[mask], y[mask], bias=True)
+    figures: dict[str, float | int | bool | str | None] = {
+        "cv_accuracy": float((oof.argmax(axis=1) == y).mean()),
+        "cv_nll_raw": _nll(_softmax(oof[mask]), y[mask]),
+        "cv_nll_calibrated": _nll(scaling.apply(oof[mask]), y[mask]),
+        "calibration_items": int(mask.sum())}
+    return scaling, crossfit_scaled(oof, y, mask, seed=seed), figures
+
+
 @dataclass
 class CalibratedClassifier:
     """A fitted model: standardization, logistic regression and the calibration of its logits."""

@@ -43,11 +43,8 @@ from sklearn.model_selection import StratifiedKFold
 from dlforge.labeler.classifier import (
     FittedClassifier,
     Scaling,
-    _nll,
-    _softmax,
+    calibrate_out_of_fold,
     calibration_rows,
-    crossfit_scaled,
-    fit_scaling,
     heldout_accuracy,
 )
 
@@ -240,12 +237,9 @@ class TailFinetune:
         figures.update({"fold_networks": len(folds), "steps": int(min(steps_run)),
                         "fit_seconds": round(time.monotonic() - started, 1)})
         if k >= 2:
-            fitted.scaling = fit_scaling(oof[mask], local[mask], bias=True)
+            fitted.scaling, held, cv = calibrate_out_of_fold(oof, local, mask, seed=seed)
             heldout[:] = 0.0  # every row held out once; classes nobody labeled get probability 0
-            heldout[:, present] = crossfit_scaled(oof, local, mask, seed=seed)
+            heldout[:, present] = held
             fitted.calibrated = True
-            figures.update({"cv_accuracy": float((oof.argmax(axis=1) == local).mean()),
-                            "cv_nll_raw": _nll(_softmax(oof[mask]), local[mask]),
-                            "cv_nll_calibrated": _nll(fitted.scaling.apply(oof[mask]), local[mask]),
-                            "calibration_items": int(mask.sum())})
+            figures.update(cv)
         return fitted
