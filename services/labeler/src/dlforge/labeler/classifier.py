@@ -104,6 +104,42 @@ def crossfit_scaled(logits: np.ndarray, y: np.ndarray, mask: np.ndarray, *, fold
     return out
 
 
+@dataclass(kw_only=True)
+class FoldEnsemble:
+    """Fold networks, each trained without one fold of the labels, and their calibration: the fitted
+    classifier of the plug-ins that train networks (``cnn_ssl``, ``finetune_top``). An item's
+    probabilities are the average of the networks' calibrated ones; ``heldout_proba`` holds each labeled
+    row's from the network that did not train on it (:func:`calibrate_out_of_fold`)."""
+
+    nets: list[Any]
+    present: np.ndarray  # the classes people labeled: the networks' outputs
+    scaling: Scaling
+    n_classes: int
+    calibrated: bool
+    heldout_proba: np.ndarray
+    heldout_representative: np.ndarray
+    heldout_labels: np.ndarray
+    threads: int
+    figures: dict[str, float | int | bool | str | None] = field(default_factory=dict)
+    model: object | None = None  # the fold networks once trained (None: fewer than two classes known)
+
+    def logits(self, net: Any, x: Any) -> np.ndarray:
+        """One network's logits for the rows of ``x`` (N x len(present))."""
+        raise NotImplementedError
+
+    def predict_proba(self, x: Any) -> np.ndarray:
+        full = np.zeros((len(x), self.n_classes))
+        if not self.nets:
+            full[:, self.present] = 1.0
+            return full
+        full[:, self.present] = np.mean([self.scaling.apply(self.logits(net, x)) for net in self.nets], axis=0)
+        return full
+
+    def summary(self) -> dict[str, float | int | bool | str | None]:
+        return {**self.figures, "temperature": self.scaling.temperature, "calibrated": self.calibrated,
+                **heldout_accuracy(self.heldout_proba, self.heldout_labels, self.heldout_representative)}
+
+
 def calibrate_out_of_fold(oof: np.ndarray, y: np.ndarray, mask: np.ndarray, *, seed: int = 0
                           ) -> tuple[Scaling, np.ndarray, dict[str, float | int | bool | str | None]]:
     """For fold networks' out-of-fold logits ``oof`` of every labeled row (class indices ``y``): the

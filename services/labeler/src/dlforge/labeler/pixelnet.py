@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -68,6 +68,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from dlforge.labeler.classifier import (
     FittedClassifier,
+    FoldEnsemble,
     Scaling,
     _nll,
     calibrate_out_of_fold,
@@ -253,40 +254,16 @@ def choose_views(scores: dict[str, float]) -> tuple[str, ...]:
     return best
 
 
-@dataclass
-class FittedPixelNet:
-    """A fitted :class:`PixelSSL`: the fold networks (EMA weights), input scaling and calibration."""
+@dataclass(kw_only=True)
+class FittedPixelNet(FoldEnsemble):
+    """A fitted :class:`PixelSSL`: the fold networks (EMA weights) on uint8 N x H x W x C images, their
+    input scaling and calibration."""
 
-    nets: list[Any]
     mean: float
     std: float
-    present: np.ndarray
-    scaling: Scaling
-    n_classes: int
-    calibrated: bool
-    heldout_proba: np.ndarray
-    heldout_representative: np.ndarray
-    heldout_labels: np.ndarray
-    threads: int
-    figures: dict[str, float | int | bool | str | None] = field(default_factory=dict)
-    model: object | None = None  # the fold networks once trained (None: fewer than two classes known)
 
     def logits(self, net: Any, x: np.ndarray) -> np.ndarray:
         return _logits(net, x, mean=self.mean, std=self.std, threads=self.threads)
-
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities of uint8 N x H x W x C images: the fold networks' average."""
-        full = np.zeros((len(x), self.n_classes))
-        if not self.nets:
-            full[:, self.present] = 1.0
-            return full
-        probs = np.mean([self.scaling.apply(self.logits(net, x)) for net in self.nets], axis=0)
-        full[:, self.present] = probs
-        return full
-
-    def summary(self) -> dict[str, float | int | bool | str | None]:
-        return {**self.figures, "temperature": self.scaling.temperature, "calibrated": self.calibrated,
-                **heldout_accuracy(self.heldout_proba, self.heldout_labels, self.heldout_representative)}
 
 
 def _pixel_stats(x: np.ndarray, *, chunk_values: int = 1 << 18) -> tuple[float, float]:

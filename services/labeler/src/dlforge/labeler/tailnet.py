@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,10 +42,10 @@ from sklearn.model_selection import StratifiedKFold
 
 from dlforge.labeler.classifier import (
     FittedClassifier,
+    FoldEnsemble,
     Scaling,
     calibrate_out_of_fold,
     calibration_rows,
-    heldout_accuracy,
 )
 
 _CHUNK = 256  # activations through the units at once when predicting
@@ -97,35 +97,12 @@ def _logits(net: _Net, x: np.ndarray, *, threads: int) -> np.ndarray:
         torch.set_num_threads(previous)
 
 
-@dataclass
-class FittedTail:
-    """A fitted :class:`TailFinetune`: the fold networks and their calibration."""
+@dataclass(kw_only=True)
+class FittedTail(FoldEnsemble):
+    """A fitted :class:`TailFinetune`: the fold networks on N x C x H x W activations, and their calibration."""
 
-    nets: list[_Net]
-    present: np.ndarray
-    scaling: Scaling
-    n_classes: int
-    calibrated: bool
-    heldout_proba: np.ndarray
-    heldout_representative: np.ndarray
-    heldout_labels: np.ndarray
-    threads: int
-    figures: dict[str, float | int | bool | str | None] = field(default_factory=dict)
-    model: object | None = None  # the fold networks once trained (None: fewer than two classes known)
-
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities of N x C x H x W activations: the fold networks' average."""
-        full = np.zeros((len(x), self.n_classes))
-        if not self.nets:
-            full[:, self.present] = 1.0
-            return full
-        probs = np.mean([self.scaling.apply(_logits(net, x, threads=self.threads)) for net in self.nets], axis=0)
-        full[:, self.present] = probs
-        return full
-
-    def summary(self) -> dict[str, float | int | bool | str | None]:
-        return {**self.figures, "temperature": self.scaling.temperature, "calibrated": self.calibrated,
-                **heldout_accuracy(self.heldout_proba, self.heldout_labels, self.heldout_representative)}
+    def logits(self, net: Any, x: np.ndarray) -> np.ndarray:
+        return _logits(net, x, threads=self.threads)
 
 
 class TailFinetune:
