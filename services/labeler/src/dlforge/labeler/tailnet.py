@@ -160,7 +160,7 @@ class TailFinetune:
         x = x_all[rows]  # the fold's labeled activations, float16
         planned, started, step = self.steps, time.monotonic(), 0
         while step < planned:
-            # one-cycle: a tenth warm-up, then cosine to zero, over the planned steps
+            # a tenth of the planned steps rising linearly from 0, then a cosine down to 0
             frac = step / max(planned, 1)
             scale = frac / 0.1 if frac < 0.1 else 0.5 * (1 + math.cos(math.pi * (frac - 0.1) / 0.9))
             opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = self.lr * scale, self.lr * 10 * scale
