@@ -22,6 +22,7 @@ are the hard cases and would misstate how often the model is right on the rest.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -105,7 +106,7 @@ def crossfit_scaled(logits: np.ndarray, y: np.ndarray, mask: np.ndarray, *, fold
 
 
 @dataclass(kw_only=True)
-class FoldEnsemble:
+class FoldEnsemble(ABC):
     """Fold networks, each trained without one fold of the labels, and their calibration: the fitted
     classifier of the plug-ins that train networks (``cnn_ssl``, ``finetune_top``). An item's
     probabilities are the average of the networks' calibrated ones; ``heldout_proba`` holds each labeled
@@ -123,9 +124,19 @@ class FoldEnsemble:
     figures: dict[str, float | int | bool | str | None] = field(default_factory=dict)
     model: object | None = None  # the fold networks once trained (None: fewer than two classes known)
 
+    @abstractmethod
     def logits(self, net: Any, x: Any) -> np.ndarray:
         """One network's logits for the rows of ``x`` (N x len(present))."""
-        raise NotImplementedError
+
+    def calibrate(self, oof: np.ndarray, y: np.ndarray, mask: np.ndarray, *, seed: int = 0) -> None:
+        """With every labeled row held out by one fold network (``oof``: its logits, ``y``: class indices
+        among ``present``): the calibration, the held-out probabilities (classes nobody labeled get 0)
+        and the round's figures, from :func:`calibrate_out_of_fold`."""
+        self.scaling, held, cv = calibrate_out_of_fold(oof, y, mask, seed=seed)
+        self.heldout_proba[:] = 0.0
+        self.heldout_proba[:, self.present] = held
+        self.calibrated = True
+        self.figures.update(cv)
 
     def predict_proba(self, x: Any) -> np.ndarray:
         full = np.zeros((len(x), self.n_classes))

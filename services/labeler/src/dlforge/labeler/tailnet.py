@@ -44,7 +44,6 @@ from dlforge.labeler.classifier import (
     FittedClassifier,
     FoldEnsemble,
     Scaling,
-    calibrate_out_of_fold,
     calibration_rows,
 )
 
@@ -214,9 +213,5 @@ class TailFinetune:
         figures.update({"fold_networks": len(folds), "steps": int(min(steps_run)),
                         "fit_seconds": round(time.monotonic() - started, 1)})
         if k >= 2:
-            fitted.scaling, held, cv = calibrate_out_of_fold(oof, local, mask, seed=seed)
-            heldout[:] = 0.0  # every row held out once; classes nobody labeled get probability 0
-            heldout[:, present] = held
-            fitted.calibrated = True
-            figures.update(cv)
+            fitted.calibrate(oof, local, mask, seed=seed)
         return fitted
