@@ -208,6 +208,8 @@ def main() -> None:
     parser.add_argument("--views", default="flips", help="declared view set (see dlforge.trainer.views)")
     parser.add_argument("--unfreeze", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--body-lr-scale", type=float, default=None,
+                        help="the unfrozen backbone stages' learning rate as a share of --lr (default: TrainParams')")
     parser.add_argument("--max-epochs", type=int, default=30)
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--max-seconds", type=float, default=0.0, help="time cap of a configuration's training")
@@ -275,7 +277,8 @@ def main() -> None:
     print(f"train {len(tr)} (people {int(people[tr].sum())}, auto {int(auto[tr].sum())}; auto-label accuracy "
           f"{auto_acc:.3f}), val {len(va)} (people), test {len(test_y)}")
 
-    base = TrainParams(lr=args.lr, batch_size=32, epochs=3, unfreeze=args.unfreeze, dropout=0.2, seed=args.seed)
+    base = TrainParams(lr=args.lr, batch_size=32, epochs=3, unfreeze=args.unfreeze, dropout=0.2, seed=args.seed,
+                       **({} if args.body_lr_scale is None else {"body_lr_scale": args.body_lr_scale}))
     long = base.model_copy(update={"epochs": args.max_epochs, "patience": args.patience,
                                    "max_seconds": args.max_seconds})
     configs: list[tuple[str, TrainParams, bool, str, bool]] = [
@@ -323,7 +326,8 @@ def main() -> None:
     model = cpu_name()
     result = {"dataset": args.dataset, "images": len(labels), "classes": classes, "labels": args.labels,
               "auto_label_accuracy": auto_acc, "train": len(tr), "val": len(va), "test": len(test_y),
-              "unfreeze": args.unfreeze, "lr": args.lr, "max_epochs": args.max_epochs, "patience": args.patience,
+              "unfreeze": args.unfreeze, "lr": args.lr, "body_lr_scale": base.body_lr_scale,
+              "max_epochs": args.max_epochs, "patience": args.patience,
               "max_seconds": args.max_seconds, "tolerance": args.tolerance,
               "error_share": args.error_share, "declared_views": list(views), "cpu": model,
               "threads": args.threads, "load_average": os.getloadavg()[0], "python": platform.python_version(),
@@ -331,11 +335,12 @@ def main() -> None:
               "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     seed = f"-s{args.seed}" if args.seed else ""
-    out = RESULTS / f"trainer-learning-{args.dataset}-{args.labels}-u{args.unfreeze}-{len(labels)}{seed}.json"
+    rates = f"-lr{args.lr:g}-body{base.body_lr_scale:g}" if args.unfreeze else ""
+    out = RESULTS / f"trainer-learning-{args.dataset}-{args.labels}-u{args.unfreeze}{rates}-{len(labels)}{seed}.json"
     out.write_text(json.dumps(result, indent=2))
     print()
     print(f"{args.dataset} ({len(labels)} images; labels {args.labels}, auto-label accuracy {auto_acc:.3f}; "
-          f"unfreeze {args.unfreeze}, lr {args.lr}; CPU {model})")
+          f"unfreeze {args.unfreeze}, lr {args.lr}, backbone stages at {base.body_lr_scale:g} x lr; CPU {model})")
     head = f"{'configuration':<46} {'test acc':>8} {'acc@R95':>8} {'epochs':>6} {'best':>4} {'s':>6}  recall per class"
     print(head)
     print("-" * len(head))

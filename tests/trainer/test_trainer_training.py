@@ -362,3 +362,52 @@ def test_the_coreset_order_is_kept_for_the_next_trial_and_ordered_further_when_a
     assert calls[-1] == "k"
     with pytest.raises(InvalidInput, match="not random"):
         cache.rows("k", features=features("k"), labels=labels, method="random", fraction=0.25)
+
+
+def _tiny_tail() -> torch.nn.Module:
+    from dlforge.trainer.stages import Tail
+
+    torch.manual_seed(0)
+    return Tail([torch.nn.Linear(4, 3), torch.nn.ReLU()], torch.nn.Identity(), torch.nn.Linear(3, 2))
+
+
+def test_the_backbone_stages_take_their_share_of_the_learning_rate() -> None:
+    from dlforge.trainer.training import make_optimizer, param_groups
+
+    tail = _tiny_tail()
+    body_before = [p.detach().clone() for p in tail.body.parameters()]
+    head_before = [p.detach().clone() for p in tail.head.parameters()]
+    hp = TrainParams(optimizer="sgd", momentum=0.0, lr=0.5, body_lr_scale=0.1)
+    opt = make_optimizer(param_groups(tail, hp), hp)
+    assert sorted(g["lr"] for g in opt.param_groups) == [0.05, 0.5]
+    x = torch.randn(8, 4)
+    tail(x).pow(2).sum().backward()
+    body_grads = [p.grad.clone() for p in tail.body.parameters()]
+    head_grads = [p.grad.clone() for p in tail.head.parameters()]
+    opt.step()
+    # plain SGD: each parameter moved by its group's learning rate times its gradient
+    for p, before, g in zip(tail.body.parameters(), body_before, body_grads, strict=True):
+        assert torch.allclose(before - p.detach(), 0.05 * g, atol=1e-7)
+    for p, before, g in zip(tail.head.parameters(), head_before, head_grads, strict=True):
+        assert torch.allclose(before - p.detach(), 0.5 * g, atol=1e-7)
+
+
+def test_one_group_when_the_scale_is_one_or_nothing_of_the_backbone_trains() -> None:
+    from dlforge.trainer.training import param_groups
+
+    tail = _tiny_tail()
+    n_params = len(list(tail.parameters()))
+    groups = param_groups(tail, TrainParams(body_lr_scale=1.0))
+    assert len(groups) == 1 and len(groups[0]["params"]) == n_params and "lr" not in groups[0]
+    for p in tail.body.parameters():  # unfreeze 0: the body has no trainable parameter
+        p.requires_grad_(False)
+    groups = param_groups(tail, TrainParams(body_lr_scale=0.1))
+    assert len(groups) == 1 and len(groups[0]["params"]) == 2 and "lr" not in groups[0]
+
+
+def test_a_scale_outside_zero_to_one_is_refused() -> None:
+    from pydantic import ValidationError
+
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValidationError, match="body_lr_scale"):
+            TrainParams(body_lr_scale=bad)

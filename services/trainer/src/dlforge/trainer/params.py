@@ -22,6 +22,9 @@ class TrainParams(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
     dropout: float = Field(default=0.2, ge=0.0, lt=1.0, description="dropout before the head")
     unfreeze: int = Field(default=0, ge=0, le=64, description="backbone stages to train (0: head only)")
+    body_lr_scale: float = Field(
+        default=0.1, gt=0.0, le=1.0, description="learning rate of the unfrozen backbone stages as a share of lr "
+        "(the new head's): pretrained units take smaller steps than a head trained from scratch")
     epochs: int = Field(default=3, ge=1, le=1000)
     class_weighting: Literal["none", "balanced"] = Field(
         default="balanced", description="'balanced' weighs the loss by inverse class frequency"

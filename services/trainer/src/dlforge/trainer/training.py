@@ -238,6 +238,22 @@ class Collective:
         return values
 
 
+def param_groups(tail: nn.Module, hp: TrainParams) -> list[dict[str, Any]]:
+    """The trainable parameters of ``tail``: the head's at ``hp.lr``, the backbone stages' at ``lr * body_lr_scale``.
+
+    ``tail`` is a :class:`dlforge.trainer.stages.Tail` (``body``: the unfrozen stages, ``dropout``,
+    ``head``); any other module is one group at ``lr``. Groups without a trainable parameter are left out.
+    """
+    trainable = [p for p in tail.parameters() if p.requires_grad]
+    body = getattr(tail, "body", None)
+    if not isinstance(body, nn.Module) or hp.body_lr_scale == 1.0:
+        return [{"params": trainable}]
+    in_body = {id(p) for p in body.parameters()}
+    groups = [{"params": [p for p in trainable if id(p) not in in_body]},
+              {"params": [p for p in trainable if id(p) in in_body], "lr": hp.lr * hp.body_lr_scale}]
+    return [g for g in groups if g["params"]]
+
+
 def make_optimizer(params: Any, hp: TrainParams) -> torch.optim.Optimizer:
     if hp.optimizer == "sgd":
         return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=False)
@@ -484,8 +500,7 @@ def fit(
     if resume is not None:
         tail.load_state_dict(resume.tail)  # before wrapping: DDP broadcasts rank 0's weights when it wraps
     model = coll.wrap_model(tail)
-    trainable = [p for p in tail.parameters() if p.requires_grad]
-    base_optimizer = make_optimizer(trainable, hp)
+    base_optimizer = make_optimizer(param_groups(tail, hp), hp)
     n_rows = len(data.train_y)
     scheduler = make_scheduler(base_optimizer, hp, hp.epochs * math.ceil(n_rows / hp.batch_size))
     if resume is not None:  # after the schedule is made: making it resets the optimizer's learning rates
