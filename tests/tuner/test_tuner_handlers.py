@@ -390,3 +390,32 @@ def test_one_completion_event_promotes_at_most_once_even_when_two_have_earned_it
     assert promote_next(load_study(ctx), ctx, by="done-3") is None  # redelivered
     assert promote_next(load_study(ctx), ctx, by="done-2") == (1, 1.0)
     assert promote_next(load_study(ctx), ctx, by="done-1") is None  # 0.7 and 0.6 are not in the best two
+
+
+def test_every_study_starts_with_the_baseline_trial_unless_told_otherwise(tmp_path: Path) -> None:
+    expected = {"lr": 0.001, "momentum": 0.9, "weight_decay": 1e-6, "dropout": 0.2, "unfreeze": 3,
+                "batch_size": 32, "optimizer": "adam"}
+    cfg = default_config(TunerSettings())
+    assert cfg.enqueue == [expected]
+    ctx = context(tmp_path, trials=2, parallel=1, **{"enqueue": cfg.enqueue})
+    assert ask_for(prepare_study(ctx), ctx, asked_by="e1")[0].params == expected
+    # a run's own enqueue list replaces it; empty turns it off
+    assert TuningOverride(enqueue=[]).apply(cfg).enqueue == []
+    assert default_config(TunerSettings(tuner_baseline=" ")).enqueue == []
+
+
+def test_a_baseline_is_checked_against_the_space(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"DLFORGE_TUNER_BASELINE does not lie in the search space: .*lr=0.5 is "
+                                          r"outside \[0.0001, 0.1\]"):
+        default_config(TunerSettings(tuner_baseline='{"lr": 0.5, "momentum": 0.9, "weight_decay": 1e-6, '
+                                     '"dropout": 0.2, "unfreeze": 3, "batch_size": 32, "optimizer": "adam"}'))
+    with pytest.raises(ConfigError, match="DLFORGE_TUNER_BASELINE: not JSON"):
+        default_config(TunerSettings(tuner_baseline="{lr: 1}"))
+    with pytest.raises(ConfigError, match="a JSON object of parameters is needed, got list"):
+        default_config(TunerSettings(tuner_baseline="[1, 2]"))
+    # the default baseline under a user's space it does not fit is left out; a given one fitting it is kept
+    path = tmp_path / "space.json"
+    path.write_text('{"params": [{"kind": "float", "name": "lr", "low": 0.001, "high": 0.1, "log": true}]}')
+    assert default_config(TunerSettings(tuner_space=f"@{path}")).enqueue == []
+    assert default_config(TunerSettings(tuner_space=f"@{path}", tuner_baseline='{"lr": 0.01}')).enqueue == [
+        {"lr": 0.01}]

@@ -97,8 +97,9 @@ class TuningConfig(BaseModel):
     (asynchronous successive halving on data, see :func:`promote_next`).
 
     The field defaults are the bare model's. A study starts from the tuner's settings instead
-    (:func:`default_config`, ``GET /tuning/defaults``: k-center coresets on the ladder 0.25, 0.5, 1 and no
-    pruner), with the run's override (``PUT /runs/{id}/tuning``) on top.
+    (:func:`default_config`, ``GET /tuning/defaults``: k-center coresets on the ladder 0.25, 0.5, 1, no
+    pruner and the baseline configuration as the first trial), with the run's override
+    (``PUT /runs/{id}/tuning``) on top.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -176,6 +177,33 @@ class TuningOverride(BaseModel):
         return TuningConfig.model_validate({**base.model_dump(), **changes})
 
 
+def parse_baseline(settings: TunerSettings, space: SearchSpace) -> dict[str, Any] | None:
+    """``DLFORGE_TUNER_BASELINE`` as the parameters of a study's first trial (None: empty).
+
+    A value the user set must be a JSON object in ``space`` (ConfigError naming what is wrong); the
+    default is left out when a user's space does not hold it (logged), since it was written for the
+    default space.
+    """
+    text = settings.tuner_baseline.strip()
+    if not text:
+        return None
+    given = "tuner_baseline" in settings.model_fields_set
+    try:
+        params = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"DLFORGE_TUNER_BASELINE: not JSON: {exc}") from exc
+    if not isinstance(params, dict):
+        raise ConfigError(f"DLFORGE_TUNER_BASELINE: a JSON object of parameters is needed, got {type(params).__name__}")
+    problems = space.problems(params)
+    if problems and given:
+        raise ConfigError(f"DLFORGE_TUNER_BASELINE does not lie in the search space: {'; '.join(problems)}")
+    if problems:
+        log.info("the default baseline trial is left out: it does not lie in DLFORGE_TUNER_SPACE (%s)",
+                 "; ".join(problems))
+        return None
+    return dict(params)
+
+
 def default_config(settings: TunerSettings) -> TuningConfig:
     """The settings' defaults (``DLFORGE_TUNER_SPACE`` may hold a space as JSON or ``@file.json``)."""
     space = default_space()
@@ -187,12 +215,14 @@ def default_config(settings: TunerSettings) -> TuningConfig:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"DLFORGE_TUNER_SPACE: not a valid search space: {exc}") from exc
     ladder = parse_ladder(settings.tuner_fidelity_ladder)
+    baseline = parse_baseline(settings, space)
     try:
         return TuningConfig(space=space, sampler=PluginChoice(name=settings.tuner_sampler),
                             pruner=PluginChoice(name=settings.tuner_pruner),
                             startup_trials=settings.tuner_startup_trials,
                             sample_fraction=settings.tuner_sample_fraction, trial_epochs=settings.tuner_trial_epochs,
-                            sample_method=settings.tuner_sample_method, fidelity_ladder=ladder)
+                            sample_method=settings.tuner_sample_method, fidelity_ladder=ladder,
+                            enqueue=[baseline] if baseline else [])
     except (ValueError, InvalidInput) as exc:
         raise ConfigError(f"DLFORGE_TUNER_SAMPLER/DLFORGE_TUNER_PRUNER: {exc}") from exc
 

@@ -45,4 +45,13 @@ class TunerSettings(CommonSettings):
     tuner_max_failed_trials: int = Field(default=3, ge=1, le=1000, description="a study fails (run.failed "
                                          "with the trials' errors) after this many failed trials in a row")
     tuner_space: str | None = Field(default=None, description="the default search space: JSON, or @/path/to.json")
+    tuner_baseline: str = Field(
+        default='{"lr": 0.001, "momentum": 0.9, "weight_decay": 1e-06, "dropout": 0.2, "unfreeze": 3, '
+                '"batch_size": 32, "optimizer": "adam"}',
+        max_length=4096,
+        description="the parameters of every study's first trial (after warm starts), as a JSON object that must "
+        "lie in the search space: a configuration known to train well (the last three backbone units at a tenth "
+        "of the head's learning rate, measured in benchmarks/trainer_learning.py; README), so a short study "
+        "does not rest on random draws alone. Empty: none. The default is left out, with a log line, under a "
+        "DLFORGE_TUNER_SPACE it does not fit")
 
