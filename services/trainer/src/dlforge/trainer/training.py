@@ -249,8 +249,9 @@ def param_groups(tail: nn.Module, hp: TrainParams) -> list[dict[str, Any]]:
     if not isinstance(body, nn.Module) or hp.body_lr_scale == 1.0:
         return [{"params": trainable}]
     in_body = {id(p) for p in body.parameters()}
-    groups = [{"params": [p for p in trainable if id(p) not in in_body]},
-              {"params": [p for p in trainable if id(p) in in_body], "lr": hp.lr * hp.body_lr_scale}]
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in trainable if id(p) not in in_body]},
+        {"params": [p for p in trainable if id(p) in in_body], "lr": hp.lr * hp.body_lr_scale}]
     return [g for g in groups if g["params"]]
 
 
