@@ -29,6 +29,7 @@ from dlforge.tuner.handlers import (
 )
 from dlforge.tuner.plugins import PluginChoice, make_sampler, pruner_spec
 from dlforge.tuner.settings import TunerSettings
+from dlforge.tuner.space import CategoricalParam, FloatParam, SearchSpace, default_space
 
 
 def context(tmp_path: Path, *, trials: int = 3, parallel: int = 2, **config: object) -> StudyContext:
@@ -419,3 +420,17 @@ def test_a_baseline_is_checked_against_the_space(tmp_path: Path) -> None:
     assert default_config(TunerSettings(tuner_space=f"@{path}")).enqueue == []
     assert default_config(TunerSettings(tuner_space=f"@{path}", tuner_baseline='{"lr": 0.01}')).enqueue == [
         {"lr": 0.01}]
+
+
+def test_a_run_that_changes_the_space_keeps_only_the_enqueued_trials_that_fit_it() -> None:
+    cfg = default_config(TunerSettings())
+    narrow = SearchSpace(params=[FloatParam(name="lr", low=1e-3, high=1e-1, log=True)])
+    over = TuningOverride(space=narrow).apply(cfg)  # the baseline has 7 parameters, this space one: left out
+    assert over.enqueue == [] and [p.name for p in over.space.params] == ["lr"]
+    wide = SearchSpace(params=[*default_space().params, CategoricalParam(name="extra", choices=["a", "b"])])
+    assert TuningOverride(space=wide).apply(cfg).enqueue == []  # "extra is missing": left out as well
+    same = TuningOverride(space=default_space(), trial_epochs=2).apply(cfg)
+    assert same.enqueue == cfg.enqueue and same.trial_epochs == 2  # a space that holds it keeps it
+    # an enqueue list the run gives with its space is checked against that space, not filtered
+    with pytest.raises(ValidationError, match=r"enqueue\[0\]: lr=0.0001 is outside"):
+        TuningOverride(space=narrow, enqueue=[{"lr": 1e-4}]).apply(cfg)

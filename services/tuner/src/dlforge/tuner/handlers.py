@@ -173,7 +173,11 @@ class TuningOverride(BaseModel):
     warm_start_per_study: int | None = Field(default=None, ge=1, le=20)
 
     def apply(self, base: TuningConfig) -> TuningConfig:
+        """``base`` with this override's fields; a new ``space`` without an ``enqueue`` of its own keeps only the
+        defaults' enqueued trials that lie in it (the baseline trial was written for the default space)."""
         changes = {k: v for k, v in self.model_dump(exclude_none=True).items()}
+        if self.space is not None and self.enqueue is None:
+            changes["enqueue"] = [params for params in base.enqueue if not self.space.problems(params)]
         return TuningConfig.model_validate({**base.model_dump(), **changes})
 
 
