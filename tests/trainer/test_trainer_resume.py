@@ -176,3 +176,32 @@ def test_the_scheduler_state_matters_to_the_resumed_run() -> None:
     fit(again, _data(), hp, listener=_Listener(), resume=states[-1])
     assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(again.state_dict().values(),
                                                                      whole.state_dict().values(), strict=True))
+
+
+def _staged_tail() -> nn.Module:
+    from dlforge.trainer.stages import Tail
+
+    torch.manual_seed(7)
+    return Tail([nn.Linear(12, 16), nn.ReLU()], nn.Dropout(0.3), nn.Linear(16, 2))
+
+
+def test_a_tail_trains_its_units_at_their_share_of_the_rate_and_resumes_the_same() -> None:
+    hp = TrainParams(lr=0.05, batch_size=8, epochs=4, optimizer="adam", lr_schedule="cosine", seed=3,
+                     body_lr_scale=0.1)
+    whole = _staged_tail()
+    reference = fit(whole, _data(), hp, listener=_Listener())
+
+    states: list[FitState] = []
+    first = _staged_tail()
+    with pytest.raises(Killed):
+        fit(first, _data(), hp, listener=_Listener(kill_after=2), on_state=states.append)
+    groups = states[-1].optimizer["param_groups"]
+    # fit's optimizer: the head at lr (from the cosine's start), the unit at a tenth of it
+    assert sorted(g["initial_lr"] for g in groups) == pytest.approx([0.005, 0.05])
+    assert sorted(len(g["params"]) for g in groups) == [2, 2]
+
+    again = _staged_tail()
+    resumed = fit(again, _data(), hp, listener=_Listener(), resume=states[-1])
+    assert resumed.steps == reference.steps
+    for a, b in zip(again.state_dict().values(), whole.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -71,6 +71,8 @@ class HParams(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
     dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
     unfreeze: int = Field(default=0, ge=0, le=64, description="backbone stages to train; 0 trains the head only")
+    body_lr_scale: float = Field(default=0.1, gt=0.0, le=1.0,
+                                 description="the unfrozen backbone stages' learning rate as a share of lr")
     epochs: int = Field(default=3, ge=1, le=1000)
     class_weighting: Literal["none", "balanced"] = "balanced"
     lr_schedule: Literal["constant", "cosine"] = Field(default="constant",

@@ -178,6 +178,9 @@ class TuningOverride(BaseModel):
         changes = {k: v for k, v in self.model_dump(exclude_none=True).items()}
         if self.space is not None and self.enqueue is None:
             changes["enqueue"] = [params for params in base.enqueue if not self.space.problems(params)]
+            if len(changes["enqueue"]) < len(base.enqueue):
+                log.info("%d of the defaults' enqueued trials (the baseline) left out: they do not lie in the "
+                         "run's search space", len(base.enqueue) - len(changes["enqueue"]))
         return TuningConfig.model_validate({**base.model_dump(), **changes})
 
 
