@@ -106,22 +106,33 @@ def crossfit_scaled(logits: np.ndarray, y: np.ndarray, mask: np.ndarray, *, fold
 
 
 @dataclass(kw_only=True)
-class FoldEnsemble(ABC):
-    """Fold networks, each trained without one fold of the labels, and their calibration: the fitted
-    classifier of the plug-ins that train networks (``cnn_ssl``, ``finetune_top``). An item's
-    probabilities are the average of the networks' calibrated ones; ``heldout_proba`` holds each labeled
-    row's from the network that did not train on it (:func:`calibrate_out_of_fold`)."""
+class HeldOutCalibrated:
+    """What a fitted network plug-in keeps beside its model: the classes people labeled (its outputs),
+    the calibration of its logits, each labeled row's held-out probabilities and the round's figures."""
 
-    nets: list[Any]
-    present: np.ndarray  # the classes people labeled: the networks' outputs
+    present: np.ndarray  # the classes people labeled: the model's outputs
     scaling: Scaling
     n_classes: int
     calibrated: bool
     heldout_proba: np.ndarray
     heldout_representative: np.ndarray
     heldout_labels: np.ndarray
-    threads: int
     figures: dict[str, float | int | bool | str | None] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, float | int | bool | str | None]:
+        return {**self.figures, "temperature": self.scaling.temperature, "calibrated": self.calibrated,
+                **heldout_accuracy(self.heldout_proba, self.heldout_labels, self.heldout_representative)}
+
+
+@dataclass(kw_only=True)
+class FoldEnsemble(HeldOutCalibrated, ABC):
+    """Fold networks, each trained without one fold of the labels, and their calibration: the fitted
+    classifier of the plug-ins that train networks (``cnn_ssl``, ``finetune_top``). An item's
+    probabilities are the average of the networks' calibrated ones; ``heldout_proba`` holds each labeled
+    row's from the network that did not train on it (:func:`calibrate_out_of_fold`)."""
+
+    nets: list[Any]
+    threads: int
     model: object | None = None  # the fold networks once trained (None: fewer than two classes known)
 
     @abstractmethod
@@ -145,10 +156,6 @@ class FoldEnsemble(ABC):
             return full
         full[:, self.present] = np.mean([self.scaling.apply(self.logits(net, x)) for net in self.nets], axis=0)
         return full
-
-    def summary(self) -> dict[str, float | int | bool | str | None]:
-        return {**self.figures, "temperature": self.scaling.temperature, "calibrated": self.calibrated,
-                **heldout_accuracy(self.heldout_proba, self.heldout_labels, self.heldout_representative)}
 
 
 def calibrate_out_of_fold(oof: np.ndarray, y: np.ndarray, mask: np.ndarray, *, seed: int = 0
@@ -421,21 +428,13 @@ class LinearProbe:
         return fit_calibrated(x_all, labeled, y, n_classes=n_classes, representative=representative, seed=seed)
 
 
-@dataclass
-class FittedMLP:
+@dataclass(kw_only=True)
+class FittedMLP(HeldOutCalibrated):
     """A fitted :class:`SemiSupervisedMLP`: the network, its input scaling and its calibration."""
 
     mean: np.ndarray
     scale: float
     model: Any
-    present: np.ndarray
-    scaling: Scaling
-    n_classes: int
-    calibrated: bool
-    heldout_proba: np.ndarray
-    heldout_representative: np.ndarray
-    heldout_labels: np.ndarray
-    figures: dict[str, float | int | bool | str | None]
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         full = np.zeros((len(x), self.n_classes))
@@ -444,10 +443,6 @@ class FittedMLP:
             return full
         full[:, self.present] = self.scaling.apply(_mlp_logits(self.model, (x - self.mean) / self.scale))
         return full
-
-    def summary(self) -> dict[str, float | int | bool | str | None]:
-        return {**self.figures, "temperature": self.scaling.temperature, "calibrated": self.calibrated,
-                **heldout_accuracy(self.heldout_proba, self.heldout_labels, self.heldout_representative)}
 
 
 def _mlp_logits(model: Any, x: np.ndarray) -> np.ndarray:
