@@ -52,6 +52,7 @@ from torch import nn
 
 from dlforge.common.errors import ConfigError
 from dlforge.trainer.params import DeviceName, EpochMetrics, EvalSummary, TrainParams
+from dlforge.trainer.stages import Tail
 
 DEVICES: tuple[DeviceName, ...] = ("auto", "cpu", "cuda")
 
@@ -241,14 +242,13 @@ class Collective:
 def param_groups(tail: nn.Module, hp: TrainParams) -> list[dict[str, Any]]:
     """The trainable parameters of ``tail``: the head's at ``hp.lr``, the backbone stages' at ``lr * body_lr_scale``.
 
-    ``tail`` is a :class:`dlforge.trainer.stages.Tail` (``body``: the unfrozen stages, ``dropout``,
-    ``head``); any other module is one group at ``lr``. Groups without a trainable parameter are left out.
+    ``tail`` is a :class:`Tail` (``body``: the unfrozen stages, ``dropout``, ``head``); any other module is
+    one group at ``lr``. Groups without a trainable parameter are left out.
     """
     trainable = [p for p in tail.parameters() if p.requires_grad]
-    body = getattr(tail, "body", None)
-    if not isinstance(body, nn.Module) or hp.body_lr_scale == 1.0:
+    if not isinstance(tail, Tail) or hp.body_lr_scale == 1.0:
         return [{"params": trainable}]
-    in_body = {id(p) for p in body.parameters()}
+    in_body = {id(p) for p in tail.body.parameters()}
     groups: list[dict[str, Any]] = [
         {"params": [p for p in trainable if id(p) not in in_body]},
         {"params": [p for p in trainable if id(p) in in_body], "lr": hp.lr * hp.body_lr_scale}]
