@@ -372,3 +372,21 @@ def test_the_choice_is_explained_by_the_weighted_sub_scores_only() -> None:
     text = _why(winner, [winner, runner], {"logme": 0.6, "knn_bacc": 0.4, "fps_b1": 0.0})
     assert text == ("highest combined score 0.800: logme 1.00 (weight 0.6), knn_bacc 0.50 (weight 0.4); "
                     "runner-up small_cnn/mnist at 0.300")
+
+
+def test_the_final_training_line_gives_its_epochs_and_the_view_check() -> None:
+    from dlforge.common.events import ModelTrained
+
+    metrics = {"epochs": 15.0, "best_epoch": 10.0, "train_seconds": 339.8, "views": 3.0,
+               "view_check_identity": 0.9, "view_check_hflip": 0.875, "view_check_vflip": 0.5,
+               "view_allowed_cost": 0.05, "val_accuracy": 0.9}
+    trained = ModelTrained(dataset_id="ds", model_id="m", arch="a", checkpoint_key="c.pt", manifest_key="m.json",
+                           classes=CLASSES, params={"lr": 0.001}, metrics=metrics, no_of_workers=1, spec=SPEC)
+    text = format_text(build_report(runs.apply(_run(None), Event.new(trained, run_id="r1"), trace_id="ab" * 16)))
+    assert ("final training: 15 epochs (weights of epoch 10) in 340 s; view check, the probe's val accuracy: "
+            "identity 0.900, hflip 0.875, vflip 0.500 (a view may cost 0.050); trained on 3 views, the identity "
+            "included") in text
+    plain = {"epochs": 3.0, "train_seconds": 12.0, "views": 1.0}
+    text = format_text(build_report(runs.apply(_run(None), Event.new(trained.model_copy(update={"metrics": plain}),
+                                                                     run_id="r1"), trace_id="ab" * 16)))
+    assert "final training: 3 epochs in 12 s\n" in text + "\n" and "view check" not in text

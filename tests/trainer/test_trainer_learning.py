@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +27,8 @@ from dlforge.trainer.engines import FitJob, _read_job, _write_job
 from dlforge.trainer.handlers import TrainerConfig, TrainingRequest, row_weights, run_training, save_model
 from dlforge.trainer.params import EpochMetrics, TrainParams
 from dlforge.trainer.settings import TrainerSettings
-from dlforge.trainer.stages import staged
-from dlforge.trainer.training import EarlyStopping, TrainData, class_weights, fit, weighted_loss
+from dlforge.trainer.stages import Tail, staged
+from dlforge.trainer.training import EarlyStopping, FitResult, TrainData, class_weights, fit, weighted_loss
 from dlforge.trainer.views import VIEW_NAMES, apply_view, parse_views
 from dlforge.vision.images import to_tensor
 from dlforge.vision.manifest import Item, Manifest, Split, load_arrays, load_manifest, save_manifest
@@ -405,3 +407,107 @@ def test_the_view_check_allows_half_the_probes_error_or_the_tolerance() -> None:
                                                              "two": _rows_right(50, 48)[0]})
     check = check_views(_sign_tail(), floor, tolerance=0.02, error_share=0.5)
     assert check.tolerance == pytest.approx(0.02) and check.kept == ["identity", "one"]
+
+
+# -- the view check of a tail whose units train: a head on the frozen units ------------------------
+
+
+def _deep_tail() -> Tail:
+    """A Tail whose one unit (a linear map set to the identity) trains, with a fresh head."""
+    torch.manual_seed(0)
+    unit = nn.Linear(2, 2)
+    with torch.no_grad():
+        unit.weight.copy_(torch.eye(2))
+        unit.bias.zero_()
+    return Tail([unit], nn.Dropout(0.0), nn.Linear(2, 2))
+
+
+def _sign_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class 1 when the first feature is positive (kept clear of 0)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 2)).astype(np.float32)
+    x[:, 0] += np.sign(x[:, 0]) * 0.3
+    return x, (x[:, 0] > 0).astype(np.int64)
+
+
+def _mirrored(x: np.ndarray, column: int) -> np.ndarray:
+    out = x.copy()
+    out[:, column] *= -1
+    return out
+
+
+def _deep_view_data() -> TrainData:
+    """Two declared views: ``swap`` negates the feature that decides the class (the label changes),
+    ``keep`` the other one (it does not)."""
+    x, y = _sign_data(200, 1)
+    vx, vy = _sign_data(60, 2)
+    return TrainData(x, y, vx, vy, ["neg", "pos"], train_views=[_mirrored(x, 0), _mirrored(x, 1)],
+                     val_views={"swap": _mirrored(vx, 0), "keep": _mirrored(vx, 1)})
+
+
+class _SpyRun:
+    """The engine of train_tail, spied on: what it was handed, then ``train`` (by default: fit)."""
+
+    def __init__(self, tail: Tail, train: Callable[[TrainData, TrainParams], FitResult] | None = None) -> None:
+        self.tail, self.train = tail, train
+        self.calls: list[tuple[TrainData, TrainParams, dict[str, torch.Tensor]]] = []
+
+    def __call__(self, data: TrainData, hp: TrainParams) -> FitResult:
+        self.calls.append((data, hp, {k: v.detach().clone() for k, v in self.tail.body.state_dict().items()}))
+        return self.train(data, hp) if self.train else fit(self.tail, data, hp, listener=Recorder(self.tail))
+
+
+def test_a_deep_tails_view_check_trains_a_head_on_its_frozen_units_and_leaves_them_the_time() -> None:
+    from dlforge.trainer.handlers import train_tail
+
+    tail, data = _deep_tail(), _deep_view_data()
+    start = {k: v.detach().clone() for k, v in tail.body.state_dict().items()}
+    hp = TrainParams(lr=0.05, batch_size=16, epochs=15, patience=5, dropout=0.0, max_seconds=200.0)
+    spy = _SpyRun(tail)
+    out = train_tail(tail, data, hp, run=spy, check=True, tolerance=0.02, error_share=0.5)
+    assert out.check is not None and out.check.val_accuracy["identity"] >= 0.95
+    assert out.check.val_accuracy["swap"] <= 0.05 and out.check.val_accuracy["keep"] >= 0.95
+    assert out.views == ["identity", "keep"] and not out.probe_kept
+    (trained_on, run_hp, body_then), = spy.calls  # one training of the units, after the probe
+    assert all(torch.equal(body_then[k], start[k]) for k in start)  # the probe did not move the units
+    assert run_hp.max_seconds == pytest.approx(180.0)  # 200 s less the probe's tenth
+    assert [v.tolist() for v in trained_on.train_views] == [_mirrored(data.train_x, 1).tolist()]
+    assert any(not torch.equal(tail.body.state_dict()[k], start[k]) for k in start)  # then the units trained
+
+
+def test_a_deep_tail_with_no_view_kept_trains_its_units_without_views() -> None:
+    from dlforge.trainer.handlers import train_tail
+
+    tail, data = _deep_tail(), _deep_view_data()
+    only_swap = replace(data, train_views=[data.train_views[0]], val_views={"swap": data.val_views["swap"]})
+    spy = _SpyRun(tail)
+    hp = TrainParams(lr=0.05, batch_size=16, epochs=10, patience=3, dropout=0.0)
+    out = train_tail(tail, only_swap, hp, run=spy, check=True, tolerance=0.02, error_share=0.5)
+    assert out.views == ["identity"] and not out.probe_kept
+    (trained_on, run_hp, _), = spy.calls
+    assert trained_on.train_views == [] and run_hp.max_seconds == 0.0  # no cap stays no cap
+
+
+def test_a_frozen_probe_that_beats_the_units_training_is_kept_as_the_starting_units_and_its_head() -> None:
+    from dlforge.trainer.handlers import train_tail
+
+    tail, data = _deep_tail(), _deep_view_data()
+    start = {k: v.detach().clone() for k, v in tail.body.state_dict().items()}
+
+    def wreck(_: TrainData, __: TrainParams) -> FitResult:  # a training that ends calling everything "neg"
+        with torch.no_grad():
+            for p in tail.parameters():
+                p.zero_()
+            tail.head.bias.copy_(torch.tensor([1.0, -1.0]))
+        return FitResult(epochs=[metrics(1, 0.5, 1.0)], steps=1)
+
+    hp = TrainParams(lr=0.05, batch_size=16, epochs=15, patience=5, dropout=0.0)
+    out = train_tail(tail, data, hp, run=_SpyRun(tail, wreck), check=True, tolerance=0.02, error_share=0.5)
+    assert out.probe_kept and out.views == ["identity"]
+    assert out.views_val_accuracy == pytest.approx(float((data.val_y == 0).mean()))  # the wrecked model's
+    assert all(torch.equal(tail.body.state_dict()[k], start[k]) for k in start)
+    tail.eval()
+    with torch.no_grad():
+        pred = tail(torch.from_numpy(data.val_x)).argmax(1).numpy()
+    assert (pred == data.val_y).mean() >= 0.95  # the probe's head on the starting units
+    assert out.result.epochs and out.result.epochs[-1].val_accuracy >= 0.95  # the probe's own epochs

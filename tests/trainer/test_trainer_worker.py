@@ -153,6 +153,10 @@ async def test_final_training_on_two_workers_emits_model_trained(backends: Backe
     # the declared views (default "flips") were checked on val: the check's figures are on the record
     assert job["result"]["views"][0] == "identity" and set(job["result"]["view_check"]) == {
         "identity", "hflip", "vflip", "rot180"}
+    # and in the event's metrics (the run report's training figures)
+    assert {k: v for k, v in p.metrics.items() if k.startswith("view_check_")} == {
+        f"view_check_{k}": v for k, v in job["result"]["view_check"].items()}
+    assert p.metrics["view_allowed_cost"] == job["result"]["view_allowed_cost"] >= 0.02
     assert await backends.docs.get("trainer_models", "run-7.small_cnn-mnist") is not None
     # handled again (another event id): the model exists, nothing is retrained, the same result comes back
     [again] = await handle(backends, event.model_copy(update={"event_id": "again"}))

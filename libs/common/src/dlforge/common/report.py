@@ -404,6 +404,17 @@ def format_text(report: dict[str, Any]) -> str:
         ) + " of the train split" if shares else ""
         lines.append(f"trials: {len(states)} ({states.count('complete')} complete, {states.count('pruned')} pruned, "
                      f"{states.count('failed')} failed){on}")
+    tm = (report.get("training") or {}).get("metrics") or {}
+    if "epochs" in tm:
+        best = f" (weights of epoch {int(tm['best_epoch'])})" if tm.get("best_epoch") else ""
+        line = f"final training: {int(tm['epochs'])} epochs{best} in {num(tm.get('train_seconds'), '.0f')} s"
+        checks = {k.removeprefix("view_check_"): v for k, v in tm.items() if k.startswith("view_check_")}
+        if checks:
+            line += ("; view check, the probe's val accuracy: " + ", ".join(f"{k} {num(v, '.3f')}"
+                                                                             for k, v in checks.items())
+                     + f" (a view may cost {num(tm.get('view_allowed_cost'), '.3f')}); "
+                     + f"trained on {int(tm.get('views', 1))} views, the identity included")
+        lines.append(line)
     # variants
     if "test_accuracy" in report:
         lines.append(f"test: accuracy {pct(report['test_accuracy'])}, defect recall {pct(report['defect_recall'])} "

@@ -8,6 +8,7 @@ No bus and no document store here: progress leaves through the ``on_epoch`` hook
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -33,7 +34,7 @@ from dlforge.trainer.launcher import KubernetesConfig, KubernetesEngine
 from dlforge.trainer.monitor import EpochHook, JobMonitor
 from dlforge.trainer.params import EpochMetrics, EvalSummary, RunOptions, TrainParams
 from dlforge.trainer.settings import TrainerSettings
-from dlforge.trainer.stages import staged
+from dlforge.trainer.stages import Tail, staged
 from dlforge.trainer.training import (
     FitResult,
     FitState,
@@ -179,6 +180,10 @@ def flat_metrics(outcome: TrainingOutcome) -> dict[str, float]:
         "no_of_workers": float(outcome.no_of_workers),
         "views": float(len(outcome.views)),
     }
+    # the view check: the probe's val accuracy under each declared view, and what a view could cost
+    out.update({f"view_check_{view}": acc for view, acc in outcome.view_check.items()})
+    if outcome.view_allowed_cost is not None:
+        out["view_allowed_cost"] = outcome.view_allowed_cost
     if outcome.best_epoch:
         out["best_epoch"] = float(outcome.best_epoch)
     if outcome.epochs:
@@ -474,34 +479,79 @@ class TailTraining:
     views_val_accuracy: float | None = None  # val accuracy of the model trained with the kept views
 
 
+# The share of a time cap the view check's probe gets when it is a head on the frozen units' features
+# (the units' forward pass once and a linear head: seconds, where the rest trains the units).
+FROZEN_PROBE_SHARE = 0.1
+
+
+def _frozen_probe(tail: Tail, data: TrainData, batch_size: int = 256) -> tuple[Tail, TrainData]:
+    """A head-only copy of ``tail`` (its dropout and its head as they are now) and ``data`` as the
+    pooled features of ``tail``'s units at their present weights (evaluation mode, views included):
+    training the copy on them is training ``tail``'s head with its units frozen."""
+    body = tail.body
+    was_training = body.training
+    body.eval()
+
+    def pooled(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            parts = [body(torch.from_numpy(np.asarray(x[lo:lo + batch_size], dtype=np.float32))).float().numpy()
+                     for lo in range(0, len(x), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+    try:
+        features = replace(data, train_x=pooled(data.train_x), val_x=pooled(data.val_x), train_views=[],
+                           val_views={k: pooled(v) for k, v in data.val_views.items()})
+    finally:
+        body.train(was_training)
+    probe = Tail([], copy.deepcopy(tail.dropout), copy.deepcopy(tail.head))
+    for p in probe.parameters():
+        p.requires_grad_(True)
+    return probe, features
+
+
 def train_tail(tail: torch.nn.Module, data: TrainData, hparams: TrainParams, *,
                run: Callable[[TrainData, TrainParams], FitResult], check: bool, tolerance: float,
                error_share: float = 0.0, threads: int = 1) -> TailTraining:
     """Train ``tail`` on ``data`` with ``run`` (the engine); with ``check`` and views, check them first.
 
-    The check trains a probe without views (in this process, on ``threads`` threads, reporting nothing),
-    keeps the views within the allowed cost of its val accuracy (:func:`check_views` with ``tolerance``
-    and ``error_share``) and trains afresh with those; the probe's weights are kept when no view passes
-    or when they beat the model trained with views by more than that allowed cost on val. Without
-    ``check`` the declared views are trusted.
-    A time cap (``hparams.max_seconds``) is shared: the probe and the training with views get half each.
+    The check trains a probe without views (in this process, on ``threads`` threads, reporting nothing)
+    and keeps the views within the allowed cost of its val accuracy (:func:`check_views` with
+    ``tolerance`` and ``error_share``); then ``tail`` trains afresh with those (or, none kept, without
+    views when the probe is not ``tail`` itself). The probe's weights are kept when they beat the model
+    trained afterwards by more than that allowed cost on val (or, the probe being ``tail``, when no view
+    passes). Without ``check`` the declared views are trusted.
+
+    The probe: for a :class:`Tail` whose units train, a head on the units' pooled features at their
+    starting weights (what the check was measured with: flipped ELPV cells, mirrored digits), which
+    gets :data:`FROZEN_PROBE_SHARE` of a time cap (``hparams.max_seconds``) and leaves the rest to the
+    units' training (a second training of the units would take half: measured in `make demo`, 10
+    epochs of the last three units cut by the cap, the best the last); otherwise ``tail`` itself,
+    the cap shared half and half. Kept, a frozen probe's weights are the starting units with its head.
     """
     view_names = list(data.val_views) if data.train_views else []
     if len(view_names) != len(data.train_views):
         raise ValueError("train_views and val_views name different views")
     if not (check and view_names):
         return TailTraining(run(data, hparams), [IDENTITY, *view_names], None, False)
-    hparams = hparams.model_copy(update={"max_seconds": hparams.max_seconds / 2})
     initial = {k: v.detach().clone() for k, v in tail.state_dict().items()}
     torch.set_num_threads(threads)
-    plain = with_views(data, view_names, [])
-    probe_result = fit(tail, plain, hparams, listener=_QuietListener())
-    views = check_views(tail, data, tolerance=tolerance, error_share=error_share)
-    log.info("view check on %d val items: accuracy %s; kept %s", views.count,
-             {k: round(v, 4) for k, v in views.val_accuracy.items()}, views.kept)
-    if len(views.kept) == 1:
+    probe, probe_data, frozen = tail, data, False
+    if isinstance(tail, Tail) and any(p.requires_grad for p in tail.body.parameters()):
+        probe, probe_data = _frozen_probe(tail, data)
+        frozen = True
+    probe_hp = hparams.model_copy(update={"max_seconds": hparams.max_seconds * (FROZEN_PROBE_SHARE if frozen else 0.5)})
+    hparams = hparams.model_copy(update={"max_seconds": hparams.max_seconds - probe_hp.max_seconds})
+    probe_result = fit(probe, replace(probe_data, train_views=[], val_views={}), probe_hp, listener=_QuietListener())
+    views = check_views(probe, probe_data, tolerance=tolerance, error_share=error_share)
+    log.info("view check (%s) on %d val items: accuracy %s; kept %s", "head on the frozen units" if frozen
+             else "the model itself", views.count, {k: round(v, 4) for k, v in views.val_accuracy.items()},
+             views.kept)
+    if len(views.kept) == 1 and not frozen:
         return TailTraining(probe_result, [IDENTITY], views, True)
-    probe_state = {k: v.detach().clone() for k, v in tail.state_dict().items()}
+    if isinstance(probe, Tail) and frozen:  # the starting units with the probe's head
+        probe_state = {**initial, **{f"head.{k}": v.detach().clone() for k, v in probe.head.state_dict().items()}}
+    else:
+        probe_state = {k: v.detach().clone() for k, v in tail.state_dict().items()}
     tail.load_state_dict(initial)
     chosen = with_views(data, view_names, views.kept)
     result = run(chosen, hparams)

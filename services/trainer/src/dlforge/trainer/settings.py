@@ -54,10 +54,11 @@ class TrainerSettings(CommonSettings):
         "epochs, stopped early on validation (DLFORGE_TRAINER_FINAL_PATIENCE) with the best epoch's weights "
         "kept; unset: the run's train_epochs, every epoch trained")
     trainer_final_max_seconds: float = Field(
-        default=420.0, ge=0.0, description="final training: time cap in seconds (probe and training with views "
-        "together; no epoch starts that would end past it; 0: none). Deep unfreezing costs about 40 s an epoch "
-        "on 2 cores for ELPV's 2,331 training cells with their views, so the cap keeps `make demo` in its budget "
-        "(at 180 s the demo's last three units stopped after 4 epochs, still improving: README)")
+        default=420.0, ge=0.0, description="final training: time cap in seconds for the view check's probe and the "
+        "training together (the probe gets a tenth when backbone units train, being a head on the frozen units, "
+        "half otherwise); no epoch starts that would end past it; 0: none. The last three units train at about "
+        "20 s an epoch on 2 cores for ELPV's 2,331 training cells, so the cap keeps `make demo` in its budget "
+        "(README)")
     trainer_final_patience: int = Field(
         default=5, ge=0, le=1000, description="final training: stop after this many epochs without a better "
         "val accuracy (0: no early stopping)")
