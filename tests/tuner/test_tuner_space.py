@@ -52,3 +52,15 @@ def test_space_round_trips_as_json_and_checks_assignments() -> None:
     assert any("lr=5.0" in p for p in problems)
     assert any("unfreeze=1.5" in p for p in problems)
     assert any("extra is not a parameter" in p for p in problems)
+
+
+def test_an_assignment_must_lie_on_a_steps_grid_and_a_boolean_is_not_a_number() -> None:
+    space = SearchSpace(params=[FloatParam(name="x", low=0.0, high=1.0, step=0.25),
+                                IntParam(name="n", low=2, high=10, step=4),
+                                CategoricalParam(name="c", choices=[0, 1]),
+                                CategoricalParam(name="flag", choices=[True, False])])
+    assert space.problems({"x": 0.75, "n": 6, "c": 1, "flag": True}) == []
+    assert space.problems({"x": 0.5, "n": 10, "c": 0, "flag": False}) == []
+    assert space.problems({"x": 0.3, "n": 4, "c": True, "flag": 1}) == [
+        "x=0.3 is not on the grid 0.0 + k * 0.25", "n=4 is not on the grid 2 + k * 4",
+        "c=True is not one of [0, 1]", "flag=1 is not one of [True, False]"]

@@ -59,7 +59,13 @@ class FloatParam(_Param):
 
     def check(self, value: Any) -> str | None:
         ok = isinstance(value, int | float) and not isinstance(value, bool) and self.low <= value <= self.high
-        return None if ok else f"{self.name}={value!r} is outside [{self.low}, {self.high}]"
+        if not ok:
+            return f"{self.name}={value!r} is outside [{self.low}, {self.high}]"
+        if self.step is not None:
+            k = (value - self.low) / self.step
+            if abs(k - round(k)) > 1e-6:
+                return f"{self.name}={value!r} is not on the grid {self.low} + k * {self.step}"
+        return None
 
 
 class IntParam(_Param):
@@ -88,7 +94,11 @@ class IntParam(_Param):
 
     def check(self, value: Any) -> str | None:
         ok = isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
-        return None if ok else f"{self.name}={value!r} is not an integer in [{self.low}, {self.high}]"
+        if not ok:
+            return f"{self.name}={value!r} is not an integer in [{self.low}, {self.high}]"
+        if (value - self.low) % self.step:
+            return f"{self.name}={value!r} is not on the grid {self.low} + k * {self.step}"
+        return None
 
 
 class CategoricalParam(_Param):
@@ -108,7 +118,9 @@ class CategoricalParam(_Param):
         return optuna.distributions.CategoricalDistribution(tuple(self.choices))
 
     def check(self, value: Any) -> str | None:
-        return None if value in self.choices else f"{self.name}={value!r} is not one of {self.choices}"
+        # a boolean matches only a boolean (True == 1 in Python, but not as a choice)
+        ok = any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in self.choices)
+        return None if ok else f"{self.name}={value!r} is not one of {self.choices}"
 
 
 Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="kind")]
