@@ -379,14 +379,20 @@ def test_the_final_training_line_gives_its_epochs_and_the_view_check() -> None:
 
     metrics = {"epochs": 15.0, "best_epoch": 10.0, "train_seconds": 339.8, "views": 3.0,
                "view_check_identity": 0.9, "view_check_hflip": 0.875, "view_check_vflip": 0.5,
-               "view_allowed_cost": 0.05, "val_accuracy": 0.9}
+               "view_allowed_cost": 0.05, "view_probe_frozen": 1.0, "view_probe_kept": 0.0, "val_accuracy": 0.9}
     trained = ModelTrained(dataset_id="ds", model_id="m", arch="a", checkpoint_key="c.pt", manifest_key="m.json",
                            classes=CLASSES, params={"lr": 0.001}, metrics=metrics, no_of_workers=1, spec=SPEC)
-    text = format_text(build_report(runs.apply(_run(None), Event.new(trained, run_id="r1"), trace_id="ab" * 16)))
-    assert ("final training: 15 epochs (weights of epoch 10) in 340 s; view check, the probe's val accuracy: "
-            "identity 0.900, hflip 0.875, vflip 0.500 (a view may cost 0.050); trained on 3 views, the identity "
-            "included") in text
-    plain = {"epochs": 3.0, "train_seconds": 12.0, "views": 1.0}
-    text = format_text(build_report(runs.apply(_run(None), Event.new(trained.model_copy(update={"metrics": plain}),
-                                                                     run_id="r1"), trace_id="ab" * 16)))
-    assert "final training: 3 epochs in 12 s\n" in text + "\n" and "view check" not in text
+
+    def text_of(m: dict[str, float]) -> str:
+        event = Event.new(trained.model_copy(update={"metrics": m}), run_id="r1")
+        return format_text(build_report(runs.apply(_run(None), event, trace_id="ab" * 16))) + "\n"
+
+    assert ("final training: 15 epochs (weights of epoch 10) in 340 s; trained on 3 views, the identity included; "
+            "view check (probe: a head on the frozen units, trained without views), val accuracy: identity 0.900, "
+            "hflip 0.875, vflip 0.500 (a view may cost 0.050)\n") in text_of(metrics)
+    kept = {**metrics, "views": 1.0, "view_probe_frozen": 0.0, "view_probe_kept": 1.0}
+    assert ("final training: 15 epochs (weights of epoch 10) in 340 s; view check (probe: the model itself, trained "
+            "without views), val accuracy: identity 0.900, hflip 0.875, vflip 0.500 (a view may cost 0.050); the "
+            "check's probe, trained without views, is the model kept\n") in text_of(kept)
+    text = text_of({"epochs": 3.0, "train_seconds": 12.0, "views": 1.0})
+    assert "final training: 3 epochs in 12 s\n" in text and "view check" not in text

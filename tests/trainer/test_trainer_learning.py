@@ -457,19 +457,38 @@ class _SpyRun:
         return self.train(data, hp) if self.train else fit(self.tail, data, hp, listener=Recorder(self.tail))
 
 
-def test_a_deep_tails_view_check_trains_a_head_on_its_frozen_units_and_leaves_them_the_time() -> None:
-    from dlforge.trainer.handlers import train_tail
+class _FitSpy:
+    """Stands in for the trainer's ``fit`` in train_tail: records what it trained (the module, its
+    trainable parameter count, the input width and the time cap), then trains it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[nn.Module, int, int, float]] = []
+
+    def __call__(self, model: nn.Module, data: TrainData, hp: TrainParams, **kw: object) -> FitResult:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.calls.append((model, trainable, data.train_x.shape[1], hp.max_seconds))
+        return fit(model, data, hp, **kw)  # type: ignore[arg-type]
+
+
+def test_a_deep_tails_view_check_trains_a_head_on_its_frozen_units_and_leaves_them_the_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlforge.trainer import handlers
 
     tail, data = _deep_tail(), _deep_view_data()
     start = {k: v.detach().clone() for k, v in tail.body.state_dict().items()}
     hp = TrainParams(lr=0.05, batch_size=16, epochs=15, patience=5, dropout=0.0, max_seconds=200.0)
+    probe_fits = _FitSpy()
+    monkeypatch.setattr(handlers, "fit", probe_fits)
     spy = _SpyRun(tail)
-    out = train_tail(tail, data, hp, run=spy, check=True, tolerance=0.02, error_share=0.5)
+    out = handlers.train_tail(tail, data, hp, run=spy, check=True, tolerance=0.02, error_share=0.5)
+    # the probe: a module other than the tail, with the head's 2 x 2 + 2 parameters only, for 20 of the 200 s
+    (probe, trainable, width, seconds), = probe_fits.calls
+    assert probe is not tail and trainable == 6 and width == 2 and seconds == pytest.approx(20.0)
     assert out.check is not None and out.check.val_accuracy["identity"] >= 0.95
     assert out.check.val_accuracy["swap"] <= 0.05 and out.check.val_accuracy["keep"] >= 0.95
-    assert out.views == ["identity", "keep"] and not out.probe_kept
+    assert out.views == ["identity", "keep"] and not out.probe_kept and out.frozen_probe
     (trained_on, run_hp, body_then), = spy.calls  # one training of the units, after the probe
-    assert all(torch.equal(body_then[k], start[k]) for k in start)  # the probe did not move the units
+    assert all(torch.equal(body_then[k], start[k]) for k in start)  # they start from their own weights
     assert run_hp.max_seconds == pytest.approx(180.0)  # 200 s less the probe's tenth
     assert [v.tolist() for v in trained_on.train_views] == [_mirrored(data.train_x, 1).tolist()]
     assert any(not torch.equal(tail.body.state_dict()[k], start[k]) for k in start)  # then the units trained
@@ -511,3 +530,22 @@ def test_a_frozen_probe_that_beats_the_units_training_is_kept_as_the_starting_un
         pred = tail(torch.from_numpy(data.val_x)).argmax(1).numpy()
     assert (pred == data.val_y).mean() >= 0.95  # the probe's head on the starting units
     assert out.result.epochs and out.result.epochs[-1].val_accuracy >= 0.95  # the probe's own epochs
+
+
+def test_a_tail_whose_units_are_frozen_is_its_own_probe_and_shares_the_cap_half_and_half(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlforge.trainer import handlers
+
+    tail, data = _deep_tail(), _deep_view_data()
+    for p in tail.body.parameters():
+        p.requires_grad_(False)
+    probe_fits = _FitSpy()
+    monkeypatch.setattr(handlers, "fit", probe_fits)
+    spy = _SpyRun(tail)
+    hp = TrainParams(lr=0.05, batch_size=16, epochs=15, patience=5, dropout=0.0, max_seconds=200.0)
+    out = handlers.train_tail(tail, data, hp, run=spy, check=True, tolerance=0.02, error_share=0.5)
+    (probe, trainable, _, seconds), = probe_fits.calls
+    assert probe is tail and trainable == 6 and seconds == pytest.approx(100.0)
+    assert out.views == ["identity", "keep"] and not out.frozen_probe
+    (_, run_hp, _), = spy.calls
+    assert run_hp.max_seconds == pytest.approx(100.0)

@@ -157,6 +157,8 @@ async def test_final_training_on_two_workers_emits_model_trained(backends: Backe
     assert {k: v for k, v in p.metrics.items() if k.startswith("view_check_")} == {
         f"view_check_{k}": v for k, v in job["result"]["view_check"].items()}
     assert p.metrics["view_allowed_cost"] == job["result"]["view_allowed_cost"] >= 0.02
+    # unfreeze 0: the head is the whole trained part, so the check's probe is the model itself
+    assert p.metrics["view_probe_frozen"] == 0.0 and job["result"]["view_probe"] == "model"
     assert await backends.docs.get("trainer_models", "run-7.small_cnn-mnist") is not None
     # handled again (another event id): the model exists, nothing is retrained, the same result comes back
     [again] = await handle(backends, event.model_copy(update={"event_id": "again"}))

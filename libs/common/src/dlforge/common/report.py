@@ -408,12 +408,16 @@ def format_text(report: dict[str, Any]) -> str:
     if "epochs" in tm:
         best = f" (weights of epoch {int(tm['best_epoch'])})" if tm.get("best_epoch") else ""
         line = f"final training: {int(tm['epochs'])} epochs{best} in {num(tm.get('train_seconds'), '.0f')} s"
+        n_views = int(tm.get("views", 1))
+        line += f"; trained on {n_views} views, the identity included" if n_views > 1 else ""
         checks = {k.removeprefix("view_check_"): v for k, v in tm.items() if k.startswith("view_check_")}
         if checks:
-            line += ("; view check, the probe's val accuracy: " + ", ".join(f"{k} {num(v, '.3f')}"
-                                                                             for k, v in checks.items())
-                     + f" (a view may cost {num(tm.get('view_allowed_cost'), '.3f')}); "
-                     + f"trained on {int(tm.get('views', 1))} views, the identity included")
+            probe = "a head on the frozen units" if tm.get("view_probe_frozen") else "the model itself"
+            line += (f"; view check (probe: {probe}, trained without views), val accuracy: "
+                     + ", ".join(f"{k} {num(v, '.3f')}" for k, v in checks.items())
+                     + f" (a view may cost {num(tm.get('view_allowed_cost'), '.3f')})")
+            if tm.get("view_probe_kept"):
+                line += "; the check's probe, trained without views, is the model kept"
         lines.append(line)
     # variants
     if "test_accuracy" in report:

@@ -77,8 +77,9 @@ class TrainingRequest(BaseModel):
     views: str = Field(default="none", description="label-preserving views to train on: none | flips | dihedral "
                        "| a comma list of identity, hflip, vflip, rot90, rot180, rot270, transpose, antitranspose. "
                        "Only for data whose labels survive them (defect cells yes, digits no)")
-    check_views: bool = Field(default=False, description="keep only the declared views that a model trained "
-                              "without them still classifies on the val items (see run_training)")
+    check_views: bool = Field(default=False, description="keep only the declared views that a probe trained "
+                              "without them (a head on the frozen units when units train, else the model "
+                              "itself) still classifies on the val items (see train_tail)")
     label_weighting: Literal["confidence", "none"] = Field(
         default="confidence", description="'confidence': an auto-label's loss weight is its confidence, a "
         "person's label weighs 1; 'none': every label weighs 1")
@@ -132,6 +133,8 @@ class TrainingOutcome:
     views: list[str] = field(default_factory=lambda: [IDENTITY])  # the views the model was trained on
     view_check: dict[str, float] = field(default_factory=dict)  # val accuracy per declared view of the probe
     view_allowed_cost: float | None = None  # the val accuracy a view was allowed to cost the probe
+    view_probe: Literal["frozen", "model", ""] = ""  # the check's probe: a head on the frozen units | the model
+    probe_kept: bool = False  # the model is the check's probe (trained without views), not a later training
     resumed_from: dict[str, int] | None = None  # went on in this epoch, this many samples in, after this step
     device: str = "cpu"  # where the model trained: cpu | cuda
     amp: bool = False  # in float16 autocast with a gradient scaler
@@ -162,6 +165,8 @@ class TrainingOutcome:
             "views": self.views,
             "view_check": self.view_check,
             "view_allowed_cost": self.view_allowed_cost,
+            "view_probe": self.view_probe,
+            "probe_kept": self.probe_kept,
             "resumed_from": self.resumed_from,
             "device": self.device,
             "amp": self.amp,
@@ -184,6 +189,9 @@ def flat_metrics(outcome: TrainingOutcome) -> dict[str, float]:
     out.update({f"view_check_{view}": acc for view, acc in outcome.view_check.items()})
     if outcome.view_allowed_cost is not None:
         out["view_allowed_cost"] = outcome.view_allowed_cost
+    if outcome.view_probe:  # 1: a head on the frozen units, 0: the model itself
+        out["view_probe_frozen"] = float(outcome.view_probe == "frozen")
+        out["view_probe_kept"] = float(outcome.probe_kept)
     if outcome.best_epoch:
         out["best_epoch"] = float(outcome.best_epoch)
     if outcome.epochs:
@@ -475,8 +483,10 @@ class TailTraining:
     result: FitResult
     views: list[str]
     check: ViewCheck | None
-    probe_kept: bool  # the probe trained without views was kept (no view passed the check, or it scored higher)
-    views_val_accuracy: float | None = None  # val accuracy of the model trained with the kept views
+    probe_kept: bool  # the probe trained without views was kept (it scored higher on val; or, being the
+    # model itself, no view passed the check)
+    views_val_accuracy: float | None = None  # val accuracy of the model trained after the check (None: none was)
+    frozen_probe: bool = False  # the check's probe was a head on the frozen units
 
 
 # The share of a time cap the view check's probe gets when it is a head on the frozen units' features
@@ -556,14 +566,14 @@ def train_tail(tail: torch.nn.Module, data: TrainData, hparams: TrainParams, *,
     chosen = with_views(data, view_names, views.kept)
     result = run(chosen, hparams)
     if result.stopped or result.diverged:
-        return TailTraining(result, views.kept, views, False)
+        return TailTraining(result, views.kept, views, False, frozen_probe=frozen)
     with_acc = evaluate(tail, data.val_x, data.val_y, data.classes).accuracy
     if views.val_accuracy[IDENTITY] > with_acc + views.tolerance + 1e-9:
         log.info("the probe trained without views scores higher on val (%.4f > %.4f + %.3f): keeping it",
                  views.val_accuracy[IDENTITY], with_acc, views.tolerance)
         tail.load_state_dict(probe_state)
-        return TailTraining(probe_result, [IDENTITY], views, True, with_acc)
-    return TailTraining(result, views.kept, views, False, with_acc)
+        return TailTraining(probe_result, [IDENTITY], views, True, with_acc, frozen)
+    return TailTraining(result, views.kept, views, False, with_acc, frozen)
 
 
 def run_training(
@@ -652,8 +662,8 @@ def run_training(
             trained = train_tail(tail, data, request.hparams, run=run, check=request.check_views,
                                  tolerance=config.view_tolerance, error_share=config.view_error_share,
                                  threads=config.train_threads)
-            if trained.probe_kept:
-                for m in trained.result.epochs:  # the probe reported nothing while it trained
+            if trained.probe_kept and trained.views_val_accuracy is None:
+                for m in trained.result.epochs:  # the probe reported nothing while it trained, nothing else did
                     monitor.on_epoch(m)
         finally:
             monitor.close()
@@ -677,6 +687,8 @@ def run_training(
         views=trained.views,
         view_check=trained.check.val_accuracy if trained.check else {},
         view_allowed_cost=trained.check.tolerance if trained.check else None,
+        view_probe=("frozen" if trained.frozen_probe else "model") if trained.check else "",
+        probe_kept=trained.probe_kept,
         resumed_from=resumed_from,
         device=result.device,
         amp=result.amp,

@@ -55,8 +55,9 @@ class TrainerSettings(CommonSettings):
         "kept; unset: the run's train_epochs, every epoch trained")
     trainer_final_max_seconds: float = Field(
         default=420.0, ge=0.0, description="final training: time cap in seconds for the view check's probe and the "
-        "training together (the probe gets a tenth when backbone units train, being a head on the frozen units, "
-        "half otherwise); no epoch starts that would end past it; 0: none. The last three units train at about "
+        "training (the probe gets a tenth when backbone units train, being a head on the frozen units whose "
+        "forward pass over the cached rows comes before and outside it; half otherwise); no epoch starts that "
+        "would end past it; 0: none. The last three units train at about "
         "20 s an epoch on 2 cores for ELPV's 2,331 training cells, so the cap keeps `make demo` in its budget "
         "(README)")
     trainer_final_patience: int = Field(
@@ -66,8 +67,10 @@ class TrainerSettings(CommonSettings):
         default="flips", description="final training: label-preserving views (none | flips | dihedral | a comma "
         "list, see dlforge.trainer.views) cached and sampled one per item per epoch")
     trainer_check_views: bool = Field(
-        default=True, description="final training: keep only the views that a model trained without them "
-        "still classifies on the val items (within DLFORGE_TRAINER_VIEW_TOLERANCE); off: trust the declared set")
+        default=True, description="final training: keep only the views that a probe trained without them "
+        "(a head on the frozen units when units train, else the model itself) still classifies on the val items "
+        "(each may cost the larger of DLFORGE_TRAINER_VIEW_TOLERANCE and DLFORGE_TRAINER_VIEW_ERROR_SHARE times "
+        "the probe's error); off: trust the declared set")
     trainer_view_tolerance: float = Field(
         default=0.02, ge=0.0, le=1.0, description="the least val accuracy a view may cost the probe and be kept")
     trainer_view_error_share: float = Field(
