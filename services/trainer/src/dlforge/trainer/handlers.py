@@ -41,6 +41,7 @@ from dlforge.trainer.training import (
     TrainData,
     evaluate,
     fit,
+    float_batches,
     stratified_sample,
     stratified_split,
 )
@@ -502,15 +503,14 @@ def _frozen_probe(tail: Tail, data: TrainData, batch_size: int = 256) -> tuple[T
     was_training = body.training
     body.eval()
 
-    def pooled(x: np.ndarray) -> np.ndarray:
+    def features_of(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            parts = [body(torch.from_numpy(np.asarray(x[lo:lo + batch_size], dtype=np.float32))).float().numpy()
-                     for lo in range(0, len(x), batch_size)]
+            parts = [body(xb).float().numpy() for xb in float_batches(x, batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
     try:
-        features = replace(data, train_x=pooled(data.train_x), val_x=pooled(data.val_x), train_views=[],
-                           val_views={k: pooled(v) for k, v in data.val_views.items()})
+        features = replace(data, train_x=features_of(data.train_x), val_x=features_of(data.val_x), train_views=[],
+                           val_views={k: features_of(v) for k, v in data.val_views.items()})
     finally:
         body.train(was_training)
     probe = Tail([], copy.deepcopy(tail.dropout), copy.deepcopy(tail.head))
@@ -545,10 +545,11 @@ def train_tail(tail: torch.nn.Module, data: TrainData, hparams: TrainParams, *,
         return TailTraining(run(data, hparams), [IDENTITY, *view_names], None, False)
     initial = {k: v.detach().clone() for k, v in tail.state_dict().items()}
     torch.set_num_threads(threads)
-    probe, probe_data, frozen = tail, data, False
+    probe, probe_data, probe_head = tail, data, None  # probe_head: a frozen probe's head
     if isinstance(tail, Tail) and any(p.requires_grad for p in tail.body.parameters()):
         probe, probe_data = _frozen_probe(tail, data)
-        frozen = True
+        probe_head = probe.head
+    frozen = probe_head is not None
     probe_hp = hparams.model_copy(update={"max_seconds": hparams.max_seconds * (FROZEN_PROBE_SHARE if frozen else 0.5)})
     hparams = hparams.model_copy(update={"max_seconds": hparams.max_seconds - probe_hp.max_seconds})
     probe_result = fit(probe, replace(probe_data, train_views=[], val_views={}), probe_hp, listener=_QuietListener())
@@ -558,8 +559,8 @@ def train_tail(tail: torch.nn.Module, data: TrainData, hparams: TrainParams, *,
              views.kept)
     if len(views.kept) == 1 and not frozen:
         return TailTraining(probe_result, [IDENTITY], views, True)
-    if isinstance(probe, Tail) and frozen:  # the starting units with the probe's head
-        probe_state = {**initial, **{f"head.{k}": v.detach().clone() for k, v in probe.head.state_dict().items()}}
+    if probe_head is not None:  # the starting units with the probe's head
+        probe_state = {**initial, **{f"head.{k}": v.detach().clone() for k, v in probe_head.state_dict().items()}}
     else:
         probe_state = {k: v.detach().clone() for k, v in tail.state_dict().items()}
     tail.load_state_dict(initial)

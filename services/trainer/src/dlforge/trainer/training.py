@@ -420,7 +420,8 @@ def _rows(data: TrainData, idx: np.ndarray, views: np.ndarray) -> np.ndarray:
     return out
 
 
-def _batches(x: np.ndarray, size: int) -> Iterator[torch.Tensor]:
+def float_batches(x: np.ndarray, size: int) -> Iterator[torch.Tensor]:
+    """``x`` (float16 or float32 rows, possibly memory-mapped) as float32 tensors of ``size`` rows."""
     for lo in range(0, len(x), size):
         yield torch.from_numpy(np.asarray(x[lo:lo + size], dtype=np.float32))
 
@@ -435,7 +436,7 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[str],
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        for lo, xb in zip(range(0, len(x), batch_size), _batches(x, batch_size), strict=True):
+        for lo, xb in zip(range(0, len(x), batch_size), float_batches(x, batch_size), strict=True):
             yb = torch.from_numpy(np.array(y[lo:lo + batch_size], dtype=np.int64))  # a copy: y may be read-only
             logits = model(xb.to(device)).float().cpu()
             loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
