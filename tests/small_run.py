@@ -1,5 +1,5 @@
-"""The small whole-pipeline run two slow tests share (the end-to-end flow, the decode/embed counts):
-240 ELPV cells in a folder, the simulated annotator, two trials of one epoch, on given backends."""
+"""The small whole-pipeline run two slow tests share (the end-to-end flow with its decode/embed counts,
+the crash test): 240 ELPV cells in a folder, the simulated annotator, two trials of one epoch, on given backends."""
 
 from __future__ import annotations
 

@@ -1,9 +1,17 @@
 """The whole pipeline on the real Kafka-protocol broker and S3 server: a few hundred ELPV images,
-two trials; every stage's event, one trace across all six services, the optimized model predicts."""
+two trials; every stage's event, one trace across all six services, the optimized model predicts, and
+over the whole run each image is decoded at most twice and run through the ImageNet trunk from pixels
+at most once per input size (the vision core's feature store serves every other use).
+
+Counts come from the observers of :mod:`dlforge.vision.observe`, which :func:`dlforge.vision.images.decode`
+and :class:`dlforge.vision.trunk.TrunkFeatures` report to. The feature store's reads and writes on every
+backend are ``tests/vision/test_vision_features.py``'s.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from pathlib import Path
 from uuid import uuid4
 
@@ -38,14 +46,38 @@ def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_url: str, s3_
     from dlforge.common.report import build_report
     from dlforge.common.runs import RUNS
     from dlforge.optimizer.predictor import Predictor
+    from dlforge.vision.observe import CountingObserver, observing
+    from dlforge.vision.staged import imagenet_trunk
+    from dlforge.vision.trunk import TrunkFeatures
 
     backends, app, data, truth, upload = small_run(tmp_path, monkeypatch, bus=kafka_url, objects=s3_url,
                                                    dataset_id=f"e2e-{uuid4().hex[:8]}")
 
     bundle: dict[str, object] = {}  # the model bundle, written as dlforge demo/run write it beside their report
-    run, events, created = asyncio.run(run_in_process(app, upload=upload, on_progress=lambda r: None, timeout=1500,
-                                                      after=bundle_downloader(tmp_path / "bundle.zip", bundle)))
+    with observing(CountingObserver()) as counts:
+        run, events, created = asyncio.run(run_in_process(
+            app, upload=upload, on_progress=lambda r: None, timeout=1500,
+            after=bundle_downloader(tmp_path / "bundle.zip", bundle)))
     assert run["state"] == "succeeded", run.get("failure")
+
+    real = {hashlib.sha256(p.read_bytes()).hexdigest() for p in data.rglob("*.png")}
+    assert len(real) == 240
+    # every real image was decoded (at ingestion), none more than twice; generated ones too
+    assert real <= set(counts.decodes)
+    worst = counts.decodes.most_common(1)[0]
+    assert worst[1] <= 2, f"image {worst[0][:12]} decoded {worst[1]} times"
+    imagenet = TrunkFeatures(None, imagenet_trunk()).trunk_id()
+    by_size: dict[int, set[str]] = {}
+    for (trunk, size, content), n in counts.embeds.items():
+        assert n <= 1, f"image {content[:12]} embedded {n} times by {trunk} at {size} px"
+        if trunk == imagenet:
+            by_size.setdefault(size, set()).add(content)
+    # the instrumented path is the one used: the labeler embedded every real image at 224 px; the
+    # augmenter, the proposer and the trainer (EfficientNet-Lite0 trains at 224 px) read that pass, so
+    # no real image was run again at 224 (a label-preserving view the trainer adds is its own input,
+    # counted as "<content>/<view>", once too)
+    assert real <= by_size.get(224, set())
+
     kinds = [type(e.payload) for e in events]
     for cls in (DatasetUploaded, LabelsRequested, LabelsSubmitted, DatasetLabeled, DatasetAugmented,
                 ModelProposed, HpoTrial, HpoTrialCompleted, HpoCompleted, ModelTrained, ModelOptimized):
@@ -80,8 +112,6 @@ def test_pipeline_end_to_end_on_kafka_and_s3(tmp_path: Path, kafka_url: str, s3_
     assert 0.0 <= prediction.probability <= 1.0
 
     # the model bundle, through the API, is the one the optimizer stored for the run's model, and verifies
-    import hashlib
-
     from dlforge.optimizer.bundle import verify_bundle
 
     assert bundle.get("error") is None, bundle
