@@ -213,3 +213,25 @@ def test_a_view_is_its_own_value_and_its_own_pass(tmp_path: Path, trunk: StagedN
     assert plain.preprocess() + "/view=hflip" == flipped.preprocess()
     assert float(np.abs(a - b).max()) > 1e-3  # a flipped image has other features
     np.testing.assert_array_equal(b, b2)
+
+
+def test_no_images_give_no_rows_of_the_shape_images_would_have(tmp_path: Path, trunk: StagedNetwork) -> None:
+    """An empty request (a class or split without items) is zero rows with the trailing shape a non-empty
+    one has, so callers concatenate and read ``shape[1:]`` as for any other; nothing is counted as embedded."""
+    from dlforge.vision.features import FeatureStore
+    from dlforge.vision.trunk import TrunkFeatures
+
+    none = np.zeros((0, 64, 64, 3), dtype=np.uint8)
+    stored = TrunkFeatures(FeatureStore(open_objects(f"file://{tmp_path}/o")), trunk, runtime="torch")
+    unstored = TrunkFeatures(None, trunk, runtime="torch")
+    with observing(CountingObserver()) as counts:
+        c80, head = unstored.pooled_arrays(none, stages=["c80", "head"])
+        acts = unstored.activation_arrays(none, boundary=15)  # the input of unit 15: 192 channels at stride 32
+        pooled = stored.pooled([], size=64, stages=["c40", "head"], load=lambda r: none[r])
+        stored_acts = stored.activations([], size=64, boundary=15, load=lambda r: none[r])
+    assert (c80.shape, c80.dtype, head.shape) == ((0, 80), np.float32, (0, 1280))
+    assert (pooled["c40"].shape, pooled["head"].shape) == ((0, 40), (0, 1280))
+    assert acts.shape == stored_acts.shape == (0, 192, 2, 2) and acts.dtype == stored_acts.dtype == np.float16
+    assert not counts.embeds
+    with pytest.raises(ValueError, match="N x S x S x C"):
+        unstored.activation_arrays(np.zeros((0,), dtype=np.uint8), boundary=15)

@@ -135,19 +135,32 @@ class TrunkFeatures:
     def pooled_arrays(self, pixels: np.ndarray, *, stages: Sequence[str]) -> list[np.ndarray]:
         """Pooled features of images given as uint8 N x S x S x C arrays, computed and not stored."""
         outs = [_Out("pooled", self.net.index(s)) for s in stages]
+        if len(pixels) == 0:
+            return self._empty(outs, pixels)
         results: list[list[np.ndarray]] = [[] for _ in outs]
         for lo in range(0, len(pixels), self.batch_size):
             for k, arr in enumerate(self._run(self._input(pixels[lo:lo + self.batch_size]), start=0, outs=outs)):
                 results[k].append(np.asarray(arr, dtype=np.float32))
-        return [np.concatenate(r) if r else np.zeros((0, 0), dtype=np.float32) for r in results]
+        return [np.concatenate(r) for r in results]
 
     def activation_arrays(self, pixels: np.ndarray, *, boundary: int) -> np.ndarray:
         """float16 activations at freeze boundary ``boundary`` of images given as uint8 N x S x S x C
         arrays, computed and not stored."""
         out = _Out("activation", boundary)
+        if len(pixels) == 0:
+            return self._empty([out], pixels)[0]
         parts = [self._cast(out, self._run(self._input(pixels[lo:lo + self.batch_size]), start=0, outs=[out])[0])
                  for lo in range(0, len(pixels), self.batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.float16)
+        return np.concatenate(parts)
+
+    def _empty(self, outs: Sequence[_Out], pixels: np.ndarray) -> list[np.ndarray]:
+        """No rows of each of ``outs``, shaped as for images like ``pixels`` (0 x S x S x C): a caller that
+        concatenates or reads ``shape[1:]`` works on an empty set as on any other (one black image's
+        forward pass tells the shapes)."""
+        if pixels.ndim != 4:
+            raise ValueError(f"pixels must be N x S x S x C, got shape {pixels.shape}")
+        probe = self._run(self._input(np.zeros((1, *pixels.shape[1:]), dtype=np.uint8)), start=0, outs=outs)
+        return [self._cast(o, np.zeros((0, *np.shape(a)[1:]))) for o, a in zip(outs, probe, strict=True)]
 
     def activations(self, contents: Sequence[str], *, size: int, boundary: int, load: LoadPixels) -> np.ndarray:
         """float16 activations at freeze boundary ``boundary`` (1 .. len(net)); N x C x H x W."""
@@ -183,13 +196,13 @@ class TrunkFeatures:
 
         if self.store is None:
             raise RuntimeError("these TrunkFeatures have no feature store: use pooled_arrays")
-        values = self.store.get_or_compute(keys, compute) if unique else []
+        if not unique:
+            none = np.zeros((0, size, size, self.spec.in_channels), dtype=np.uint8)
+            return dict(zip(outs, self._empty(outs, none), strict=True))
+        values = self.store.get_or_compute(keys, compute)
         result: dict[_Out, np.ndarray] = {}
         for k, o in enumerate(outs):
             block = values[k * len(unique):(k + 1) * len(unique)]
-            if not block:
-                result[o] = np.zeros((0,), dtype=np.float32)
-                continue
             stacked = np.stack(block)
             order = np.empty(len(contents), dtype=np.int64)
             for u, c in enumerate(unique):
