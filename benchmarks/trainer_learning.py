@@ -338,6 +338,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     seed = f"-s{args.seed}" if args.seed else ""
     seed += "" if args.lr_schedule == "constant" else f"-{args.lr_schedule}{args.max_epochs}"
+    seed += "" if args.patience == 5 else f"-p{args.patience}"
     rates = f"-lr{args.lr:g}-body{base.body_lr_scale:g}" if args.unfreeze else ""
     out = RESULTS / f"trainer-learning-{args.dataset}-{args.labels}-u{args.unfreeze}{rates}-{len(labels)}{seed}.json"
     out.write_text(json.dumps(result, indent=2))

@@ -1,5 +1,6 @@
-"""The small whole-pipeline run two slow tests share (the end-to-end flow with its decode/embed counts,
-the crash test): 240 ELPV cells in a folder, the simulated annotator, two trials of one epoch, on given backends."""
+"""The small whole-pipeline run of the end-to-end test (with its decode/embed counts), whose spec and options
+the crash test uses too: 240 ELPV cells in a folder, the simulated annotator, two trials of one epoch, on
+given backends."""
 
 from __future__ import annotations
 

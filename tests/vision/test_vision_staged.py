@@ -229,8 +229,9 @@ def test_no_images_give_no_rows_of_the_shape_images_would_have(tmp_path: Path, t
         acts = unstored.activation_arrays(none, boundary=15)  # the input of unit 15: 192 channels at stride 32
         pooled = stored.pooled([], size=64, stages=["c40", "head"], load=lambda r: none[r])
         stored_acts = stored.activations([], size=64, boundary=15, load=lambda r: none[r])
-    assert (c80.shape, c80.dtype, head.shape) == ((0, 80), np.float32, (0, 1280))
+    assert (c80.shape, c80.dtype, head.shape, head.dtype) == ((0, 80), np.float32, (0, 1280), np.float32)
     assert (pooled["c40"].shape, pooled["head"].shape) == ((0, 40), (0, 1280))
+    assert pooled["c40"].dtype == pooled["head"].dtype == np.float32
     assert acts.shape == stored_acts.shape == (0, 192, 2, 2) and acts.dtype == stored_acts.dtype == np.float16
     assert not counts.embeds
     with pytest.raises(ValueError, match="N x S x S x C"):
