@@ -234,5 +234,9 @@ def test_no_images_give_no_rows_of_the_shape_images_would_have(tmp_path: Path, t
     assert pooled["c40"].dtype == pooled["head"].dtype == np.float32
     assert acts.shape == stored_acts.shape == (0, 192, 2, 2) and acts.dtype == stored_acts.dtype == np.float16
     assert not counts.embeds
+    # the default runtime answers too, without exporting a network for the empty call
+    sessions = set(trunk.onnx_sessions)
+    onnx = TrunkFeatures(None, trunk).activation_arrays(none, boundary=15)
+    assert (onnx.shape, onnx.dtype) == ((0, 192, 2, 2), np.float16) and set(trunk.onnx_sessions) == sessions
     with pytest.raises(ValueError, match="N x S x S x C"):
         unstored.activation_arrays(np.zeros((0,), dtype=np.uint8), boundary=15)

@@ -156,11 +156,18 @@ class TrunkFeatures:
     def _empty(self, outs: Sequence[_Out], pixels: np.ndarray) -> list[np.ndarray]:
         """No rows of each of ``outs``, shaped as for images like ``pixels`` (0 x S x S x C): a caller that
         concatenates or reads ``shape[1:]`` works on an empty set as on any other (one black image's
-        forward pass tells the shapes)."""
+        forward pass in torch tells the shapes, whatever the runtime: no ONNX export for it)."""
         if pixels.ndim != 4:
             raise ValueError(f"pixels must be N x S x S x C, got shape {pixels.shape}")
-        probe = self._run(self._input(np.zeros((1, *pixels.shape[1:]), dtype=np.uint8)), start=0, outs=outs)
-        return [self._cast(o, np.zeros((0, *np.shape(a)[1:]))) for o, a in zip(outs, probe, strict=True)]
+        black = torch.from_numpy(self._input(np.zeros((1, *pixels.shape[1:]), dtype=np.uint8)))
+        with torch.inference_mode():
+            probe = dict(zip(self._ordered(outs), _Outputs(self.net, 0, outs).eval()(black), strict=True))
+        return [self._cast(o, np.zeros((0, *probe[o].shape[1:]))) for o in outs]
+
+    @staticmethod
+    def _ordered(outs: Sequence[_Out]) -> list[_Out]:
+        """``outs`` in the order :class:`_Outputs` returns them: pooled ones first."""
+        return [o for o in outs if o.what == "pooled"] + [o for o in outs if o.what == "activation"]
 
     def activations(self, contents: Sequence[str], *, size: int, boundary: int, load: LoadPixels) -> np.ndarray:
         """float16 activations at freeze boundary ``boundary`` (1 .. len(net)); N x C x H x W."""
@@ -266,7 +273,7 @@ class TrunkFeatures:
 
     def _run(self, x: np.ndarray, *, start: int, outs: Sequence[_Out]) -> list[np.ndarray]:
         module = _Outputs(self.net, start, outs).eval()
-        pooled_first = [o for o in outs if o.what == "pooled"] + [o for o in outs if o.what == "activation"]
+        pooled_first = self._ordered(outs)
         if self.runtime == "onnxruntime":
             key = (start, tuple(pooled_first), x.shape[1:])
             session = self.net.onnx_sessions.get(key)
