@@ -27,7 +27,8 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,72 @@ def scores(proba: np.ndarray, y: np.ndarray, classes: list[str], positive: str |
     return out
 
 
+# -- the data, cache and labels every configuration shares ---------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """A data set's images in an object store, its manifest, the activation cache at the tail's boundary
+    (and the frozen trunk's pooled features), and the pool's labels as the pipeline would give them:
+    ``lab_idx`` (people's true, the rest auto), ``conf`` (1 for people, the auto-label's probability),
+    ``people`` and the train / people-labeled val rows ``tr`` / ``va`` of the pool (the cache's train split)."""
+
+    objects: FsObjectStore
+    manifest: Manifest
+    labels: list[str]
+    classes: list[str]
+    fresh_net: Callable[[], Any]
+    acts: CachedActivations
+    feats: CachedActivations
+    cache_seconds: float
+    index: dict[str, int]
+    pool: SplitArrays
+    y_pool: np.ndarray
+    lab_idx: np.ndarray
+    conf: np.ndarray
+    people: np.ndarray
+    auto_acc: float
+    tr: np.ndarray
+    va: np.ndarray
+
+
+def prepare(dataset: str, limit: int, *, seed: int, unfreeze: int, views: tuple[str, ...], labels: str,
+            threads: int, work: Path) -> Prepared:
+    objects = FsObjectStore(work / "objects")
+    blobs, image_labels, classes = load_images(dataset, limit, seed)
+    manifest, _ = make_manifest(objects, dataset, blobs, image_labels, classes, seed)
+    spec = spec_of(ARCH)
+
+    def fresh_net() -> Any:
+        torch.manual_seed(seed)
+        return staged(build_network(ARCH, len(classes), pretrained=True))
+
+    net = fresh_net()
+    cache = ActivationCache(objects, work_dir=work / "trainer", runner=OnnxPrefixRunner(threads=threads))
+    digest = hashlib.sha256(manifest.model_dump_json().encode()).hexdigest()
+    t0 = time.perf_counter()
+    acts = cache.get(net=net, spec=spec, manifest=manifest, manifest_digest=digest, weights_digest="imagenet",
+                     input_size=spec.input_size, boundary=net.boundary(unfreeze),
+                     from_boundary=net.boundary(max(unfreeze, 3)), views=views)
+    feats = cache.get(net=net, spec=spec, manifest=manifest, manifest_digest=digest, weights_digest="imagenet",
+                      input_size=spec.input_size, boundary=net.boundary(0))
+    cache_seconds = time.perf_counter() - t0
+
+    # Relabel the pool (cached 'train' rows) as the pipeline would and carve the people-labeled val split.
+    index = {c: i for i, c in enumerate(classes)}
+    pool = acts.splits["train"]
+    y_pool = np.array([index[lab] for lab in pool.labels])
+    if labels == "mixed":
+        lab_idx, conf, people, val_mask = mixed_labels(np.asarray(feats.splits["train"].x), y_pool,
+                                                       people_fraction=0.2, seed=seed)
+    else:
+        lab_idx, conf, people, val_mask = true_labels(y_pool, seed=seed)
+    auto = ~people
+    auto_acc = float((lab_idx[auto] == y_pool[auto]).mean()) if auto.any() else float("nan")
+    return Prepared(objects, manifest, image_labels, classes, fresh_net, acts, feats, cache_seconds, index, pool,
+                    y_pool, lab_idx, conf, people, auto_acc, np.flatnonzero(~val_mask), np.flatnonzero(val_mask))
+
+
 # -- main --------------------------------------------------------------------------------------------
 
 
@@ -225,43 +292,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dlforge-bench-learning-"))
-    objects = FsObjectStore(work / "objects")
-    blobs, labels, classes = load_images(args.dataset, args.limit, args.seed)
-    manifest, _ = make_manifest(objects, args.dataset, blobs, labels, classes, args.seed)
-    positive = "defect" if args.dataset == "elpv" else None
     views = parse_views(args.views)
-    spec = spec_of(ARCH)
-
-    def fresh_net() -> Any:
-        torch.manual_seed(args.seed)
-        return staged(build_network(ARCH, len(classes), pretrained=True))
-
-    net = fresh_net()
-    cache = ActivationCache(objects, work_dir=work / "trainer", runner=OnnxPrefixRunner(threads=args.threads))
-    raw = manifest.model_dump_json().encode()
-    digest = hashlib.sha256(raw).hexdigest()
-    t0 = time.perf_counter()
-    acts = cache.get(net=net, spec=spec, manifest=manifest, manifest_digest=digest, weights_digest="imagenet",
-                     input_size=spec.input_size, boundary=net.boundary(args.unfreeze),
-                     from_boundary=net.boundary(max(args.unfreeze, 3)), views=views)
-    feats = cache.get(net=net, spec=spec, manifest=manifest, manifest_digest=digest, weights_digest="imagenet",
-                      input_size=spec.input_size, boundary=net.boundary(0))
-    cache_seconds = time.perf_counter() - t0
+    prep = prepare(args.dataset, args.limit, seed=args.seed, unfreeze=args.unfreeze, views=views,
+                   labels=args.labels, threads=args.threads, work=work)
+    labels, classes = prep.labels, prep.classes
+    fresh_net, acts, cache_seconds = prep.fresh_net, prep.acts, prep.cache_seconds
+    index, pool, y_pool, lab_idx, conf = prep.index, prep.pool, prep.y_pool, prep.lab_idx, prep.conf
+    people, auto, auto_acc, tr, va = prep.people, ~prep.people, prep.auto_acc, prep.tr, prep.va
+    positive = "defect" if args.dataset == "elpv" else None
     print(f"{args.dataset}: {len(labels)} images, {len(classes)} classes, views {list(views)}; cache "
           f"{cache_seconds:.0f}s; work dir {work}")
-
-    # Relabel the pool (cached 'train' rows) as the pipeline would and carve the people-labeled val split.
-    index = {c: i for i, c in enumerate(classes)}
-    pool = acts.splits["train"]
-    y_pool = np.array([index[lab] for lab in pool.labels])
-    if args.labels == "mixed":
-        lab_idx, conf, people, val_mask = mixed_labels(np.asarray(feats.splits["train"].x), y_pool,
-                                                       people_fraction=0.2, seed=args.seed)
-    else:
-        lab_idx, conf, people, val_mask = true_labels(y_pool, seed=args.seed)
-    auto = ~people
-    auto_acc = float((lab_idx[auto] == y_pool[auto]).mean()) if auto.any() else float("nan")
-    tr, va = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
 
     def part(arr: SplitArrays, rows: np.ndarray, lab: np.ndarray) -> SplitArrays:
         return SplitArrays(np.asarray(arr.x[rows]), [classes[i] for i in lab[rows]], [arr.item_ids[i] for i in rows])

@@ -21,39 +21,29 @@ Prints a table and writes ``benchmarks/results/trainer-multiscale-<dataset>-<ima
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import platform
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from machine import cpu_name
-from PIL import Image
-from trainer_learning import (
-    Quiet,
-    load_images,
-    make_manifest,
-    mixed_labels,
-    probabilities,
-    scores,
-)
+from trainer_learning import ARCH, Quiet, prepare, probabilities, scores
 
 from dlforge.common.objects.fs import FsObjectStore
-from dlforge.trainer.cache import ActivationCache, CachedActivations, OnnxPrefixRunner, SplitArrays
+from dlforge.trainer.cache import CachedActivations, SplitArrays
 from dlforge.trainer.handlers import build_data
 from dlforge.trainer.params import TrainParams
-from dlforge.trainer.stages import Tail, staged
+from dlforge.trainer.stages import Tail
 from dlforge.trainer.training import fit
-from dlforge.vision.images import to_array
-from dlforge.vision.networks import build_network, spec_of
+from dlforge.trainer.views import IDENTITY
+from dlforge.vision.features import feature_store
+from dlforge.vision.manifest import Manifest
+from dlforge.vision.networks import spec_of
 from dlforge.vision.staged import imagenet_trunk
 from dlforge.vision.trunk import TrunkFeatures
 
-ARCH = "efficientnet_lite0"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -74,14 +64,15 @@ class MultiScaleTail(Tail):
         return out
 
 
-def mid_vectors(blobs: list[bytes], stages: list[str], size: int) -> np.ndarray:
-    """The ImageNet trunk's pooled ``stages``, concatenated, for every image (frozen, float32)."""
-    features = TrunkFeatures(None, imagenet_trunk(), runtime="torch", batch_size=32)
-    out = []
-    for lo in range(0, len(blobs), 64):
-        pixels = np.stack([to_array(Image.open(io.BytesIO(b)), size=size, channels=3) for b in blobs[lo:lo + 64]])
-        out.append(np.concatenate(features.pooled_arrays(pixels, stages=stages), axis=1))
-    return np.concatenate(out).astype(np.float32)
+def mid_vectors(objects: FsObjectStore, manifest: Manifest, stages: list[str], size: int, threads: int
+                ) -> np.ndarray:
+    """The ImageNet trunk's pooled ``stages``, concatenated, for every manifest item in its order: the vision
+    core's feature store (decoded pixels and pooled features computed once, read again on the next run)."""
+    features = TrunkFeatures(feature_store(objects), imagenet_trunk(), threads=threads)
+    items = manifest.items
+    pooled = features.pooled([i.sha256 for i in items], size=size, stages=stages,
+                             load=features.for_items(objects, items, size=size))
+    return np.concatenate([pooled[s] for s in stages], axis=1).astype(np.float32)
 
 
 def with_planes(acts: np.ndarray, mid: np.ndarray) -> np.ndarray:
@@ -107,36 +98,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     stages = [s for s in args.stages.split(",") if s]
-    objects = FsObjectStore(args.work_dir / "objects")
-    blobs, labels, classes = load_images(args.dataset, args.limit, args.seed)
-    manifest, _ = make_manifest(objects, args.dataset, blobs, labels, classes, args.seed)
+    prep = prepare(args.dataset, args.limit, seed=args.seed, unfreeze=args.unfreeze, views=(IDENTITY,),
+                   labels="mixed", threads=args.threads, work=args.work_dir)
+    manifest, classes, labels, acts = prep.manifest, prep.classes, prep.labels, prep.acts
     positive = "defect" if args.dataset == "elpv" else None
     spec = spec_of(ARCH)
-
-    def fresh_net() -> Any:
-        torch.manual_seed(args.seed)
-        return staged(build_network(ARCH, len(classes), pretrained=True))
-
-    net = fresh_net()
-    cache = ActivationCache(objects, work_dir=args.work_dir / "trainer", runner=OnnxPrefixRunner(threads=args.threads))
-    digest = hashlib.sha256(manifest.model_dump_json().encode()).hexdigest()
-    acts = cache.get(net=net, spec=spec, manifest=manifest, manifest_digest=digest, weights_digest="imagenet",
-                     input_size=spec.input_size, boundary=net.boundary(args.unfreeze),
-                     from_boundary=net.boundary(max(args.unfreeze, 3)))
-    feats = cache.get(net=net, spec=spec, manifest=manifest, manifest_digest=digest, weights_digest="imagenet",
-                      input_size=spec.input_size, boundary=net.boundary(0))
     t0 = time.perf_counter()
-    mid_all = mid_vectors(blobs, stages, spec.input_size)
+    mid_all = mid_vectors(prep.objects, manifest, stages, spec.input_size, args.threads)
     mid_seconds = time.perf_counter() - t0
     row_of = {item.item_id: n for n, item in enumerate(manifest.items)}
-
-    index = {c: i for i, c in enumerate(classes)}
-    pool = acts.splits["train"]
-    y_pool = np.array([index[lab] for lab in pool.labels])
-    lab_idx, conf, people, val_mask = mixed_labels(np.asarray(feats.splits["train"].x), y_pool,
-                                                   people_fraction=0.2, seed=args.seed)
-    auto_acc = float((lab_idx[~people] == y_pool[~people]).mean())
-    tr, va = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+    index, pool, y_pool, lab_idx, conf = prep.index, prep.pool, prep.y_pool, prep.lab_idx, prep.conf
+    people, auto_acc, tr, va = prep.people, prep.auto_acc, prep.tr, prep.va
 
     def arrays(multi: bool) -> dict[str, SplitArrays]:
         def x_of(arr: SplitArrays, rows: np.ndarray | None = None) -> np.ndarray:
@@ -166,7 +138,7 @@ def main() -> None:
         split = arrays(multi)
         data, _, _ = build_data(CachedActivations(acts.boundary, split, acts.source, 0.0), classes,
                                 sample_fraction=1.0, sample_seed=0, weights=weights)
-        tail = fresh_net().tail(args.unfreeze)
+        tail = prep.fresh_net().tail(args.unfreeze)
         model = MultiScaleTail(tail, channels, mid_all.shape[1], len(classes)) if multi else tail
         t1 = time.perf_counter()
         result = fit(model, data, hp, listener=Quiet())
