@@ -281,6 +281,8 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                         help="the learning-rate schedule of the long configurations (cosine: over --max-epochs)")
+    parser.add_argument("--ema-decay", type=float, default=0.0,
+                        help="the long configurations' weight average (TrainParams.ema_decay; 0: off)")
     parser.add_argument("--max-seconds", type=float, default=0.0, help="time cap of a configuration's training")
     parser.add_argument("--tolerance", type=float, default=0.02, help="the view check's least allowed cost")
     parser.add_argument("--error-share", type=float, default=0.5, help="the view check's share of the probe error")
@@ -322,7 +324,8 @@ def main() -> None:
     base = TrainParams(lr=args.lr, batch_size=32, epochs=3, unfreeze=args.unfreeze, dropout=0.2, seed=args.seed,
                        **({} if args.body_lr_scale is None else {"body_lr_scale": args.body_lr_scale}))
     long = base.model_copy(update={"epochs": args.max_epochs, "patience": args.patience,
-                                   "max_seconds": args.max_seconds, "lr_schedule": args.lr_schedule})
+                                   "max_seconds": args.max_seconds, "lr_schedule": args.lr_schedule,
+                                   "ema_decay": args.ema_decay})
     configs: list[tuple[str, TrainParams, bool, str, bool]] = [
         # name, params, confidence weights, views ("none" | "checked" | "forced"), test-time views
         ("before: 3 epochs", base, False, "none", False),
@@ -370,7 +373,7 @@ def main() -> None:
               "auto_label_accuracy": auto_acc, "train": len(tr), "val": len(va), "test": len(test_y),
               "unfreeze": args.unfreeze, "lr": args.lr, "body_lr_scale": base.body_lr_scale,
               "max_epochs": args.max_epochs, "patience": args.patience, "lr_schedule": args.lr_schedule,
-              "max_seconds": args.max_seconds, "tolerance": args.tolerance,
+              "ema_decay": args.ema_decay, "max_seconds": args.max_seconds, "tolerance": args.tolerance,
               "error_share": args.error_share, "declared_views": list(views), "cpu": model,
               "threads": args.threads, "load_average": os.getloadavg()[0], "python": platform.python_version(),
               "cache_seconds": round(cache_seconds, 1), "seconds": round(time.perf_counter() - started, 1),
@@ -379,6 +382,7 @@ def main() -> None:
     seed = f"-s{args.seed}" if args.seed else ""
     seed += "" if args.lr_schedule == "constant" else f"-{args.lr_schedule}{args.max_epochs}"
     seed += "" if args.patience == 5 else f"-p{args.patience}"
+    seed += f"-ema{args.ema_decay:g}" if args.ema_decay else ""
     rates = f"-lr{args.lr:g}-body{base.body_lr_scale:g}" if args.unfreeze else ""
     out = RESULTS / f"trainer-learning-{args.dataset}-{args.labels}-u{args.unfreeze}{rates}-{len(labels)}{seed}.json"
     out.write_text(json.dumps(result, indent=2))

@@ -24,6 +24,7 @@ def test_seed_notebook_names_are_refused_with_what_to_use() -> None:
         (lambda: HParams(lr=0), "greater than 0"),
         (lambda: HParams(optimizer="rmsprop"), "'sgd', 'adam' or 'adamw'"),
         (lambda: HParams(dropout=1.0), "less than 1"),
+        (lambda: HParams(ema_decay=1.0), "less than 1"),
         (lambda: HParams(batch_size=0), "greater than or equal to 1"),
         (lambda: HParams(unknown=1), "Extra inputs are not permitted"),
         (lambda: RunConfig(no_of_workers=0), "greater than or equal to 1"),

@@ -28,7 +28,16 @@ from dlforge.trainer.handlers import TrainerConfig, TrainingRequest, row_weights
 from dlforge.trainer.params import EpochMetrics, TrainParams
 from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.stages import Tail, staged
-from dlforge.trainer.training import EarlyStopping, FitResult, TrainData, class_weights, fit, weighted_loss
+from dlforge.trainer.training import (
+    EarlyStopping,
+    FitResult,
+    TrainData,
+    WeightAverage,
+    class_weights,
+    evaluate,
+    fit,
+    weighted_loss,
+)
 from dlforge.trainer.views import VIEW_NAMES, apply_view, parse_views
 from dlforge.vision.images import to_tensor
 from dlforge.vision.manifest import Item, Manifest, Split, load_arrays, load_manifest, save_manifest
@@ -200,6 +209,62 @@ def test_without_patience_every_epoch_trains_and_the_last_weights_stay() -> None
                  listener=rec)
     assert len(rec.epochs) == 6 and result.best_epoch == 0 and not result.early_stopped
     assert all(torch.equal(v, rec.states[6][k]) for k, v in tail.state_dict().items())
+
+
+# -- the weight average ----------------------------------------------------------------------------------
+
+
+def test_the_weight_average_follows_the_warmed_up_decay_worked_by_hand() -> None:
+    layer = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(0.0)
+    average = WeightAverage(layer, 0.5)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    average.update(layer)  # d = min(0.5, 2/11) = 2/11: 2/11 * 0 + 9/11 * 1
+    assert float(average.shadow["weight"]) == pytest.approx(9 / 11)
+    average.update(layer)  # d = min(0.5, 3/12) = 1/4: 1/4 * 9/11 + 3/4 * 1 = 21/22
+    assert float(average.shadow["weight"]) == pytest.approx(21 / 22)
+    for _ in range(20):  # from n = 8 on, (1 + n) / (10 + n) >= 1/2: d is the decay
+        average.update(layer)
+    with torch.no_grad():
+        layer.weight.fill_(3.0)
+    before = float(average.shadow["weight"])
+    average.update(layer)
+    assert float(average.shadow["weight"]) == pytest.approx(0.5 * before + 0.5 * 3.0)
+    with average.applied(layer):  # the average inside the block, the trained weight after it
+        assert float(layer.weight.detach()) == pytest.approx(0.5 * before + 1.5)
+    assert float(layer.weight.detach()) == 3.0
+    again = WeightAverage(layer, 0.5, average.state())  # a resumed run goes on from the stored average
+    assert again.updates == 23 and torch.equal(again.shadow["weight"], average.shadow["weight"])
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(layer, 1.0)
+
+
+def test_with_a_weight_average_validation_and_the_final_tail_are_the_averaged_weights() -> None:
+    x, y = _toy(96)
+    vx, vy = _toy(40, seed=1)
+    data = TrainData(x, y, vx, vy, ["a", "b"])
+    hp = TrainParams(lr=0.2, batch_size=8, epochs=4, seed=0, ema_decay=0.9)
+    tail = _linear()
+    rec = Recorder(tail)  # records the weights as trained at each epoch's end
+    fit(tail, data, hp, listener=rec)
+    final = evaluate(tail, vx, vy, ["a", "b"])
+    assert final.loss == pytest.approx(rec.epochs[-1].val_loss, rel=1e-6)  # the reported val is the average's
+    assert not torch.equal(tail.weight, rec.states[4]["weight"])  # and the tail holds it, not the trained weights
+    plain = _linear()
+    fit(plain, data, hp.model_copy(update={"ema_decay": 0.0}), listener=Recorder(plain))
+    assert torch.equal(plain.weight, rec.states[4]["weight"])  # averaging does not change what trains
+
+    stopping = _linear()
+    srec = Recorder(stopping)
+    result = fit(stopping, TrainData(x, y, vx, 1 - vy, ["a", "b"]),
+                 hp.model_copy(update={"epochs": 30, "patience": 2}), listener=srec)
+    assert result.early_stopped and result.best_epoch < len(srec.epochs)
+    best = max(srec.epochs, key=lambda m: (m.val_accuracy, -m.val_loss))
+    kept = evaluate(stopping, vx, 1 - vy, ["a", "b"])
+    assert result.best_epoch == best.epoch
+    assert kept.loss == pytest.approx(best.val_loss, rel=1e-6)  # the best epoch's average is what stays
 
 
 # -- views -----------------------------------------------------------------------------------------------

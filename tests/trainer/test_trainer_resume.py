@@ -56,11 +56,12 @@ def _staged_tail() -> nn.Module:
     return Tail([nn.Linear(12, 16), nn.ReLU()], nn.Dropout(0.3), nn.Linear(16, 2))
 
 
-@pytest.mark.parametrize(("patience", "staged"), [(0, False), (2, False), (0, True)])
-def test_fit_resumed_after_an_epoch_trains_the_same_steps_as_an_uninterrupted_fit(patience: int,
-                                                                                  staged: bool) -> None:
+@pytest.mark.parametrize(("patience", "staged", "ema"), [(0, False, 0.0), (2, False, 0.0), (0, True, 0.0),
+                                                         (2, False, 0.9)])
+def test_fit_resumed_after_an_epoch_trains_the_same_steps_as_an_uninterrupted_fit(patience: int, staged: bool,
+                                                                                  ema: float) -> None:
     hp = TrainParams(lr=0.05, batch_size=8, epochs=5, optimizer="adam", patience=patience, seed=3,
-                     lr_schedule="cosine" if staged else "constant")
+                     lr_schedule="cosine" if staged else "constant", ema_decay=ema)
     make_tail = _staged_tail if staged else _tail
     whole = make_tail()
     reference = fit(whole, _data(), hp, listener=_Listener())

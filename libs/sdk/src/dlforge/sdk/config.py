@@ -77,6 +77,8 @@ class HParams(BaseModel):
     class_weighting: Literal["none", "balanced"] = "balanced"
     lr_schedule: Literal["constant", "cosine"] = Field(default="constant",
                                                       description="'cosine': lr falls to 0 over the run's steps")
+    ema_decay: float = Field(default=0.0, ge=0.0, lt=1.0, description="an exponential moving average of the "
+                             "weights with this decay is what validates and what is kept (0: off)")
     seed: int = 0
 
     @model_validator(mode="before")

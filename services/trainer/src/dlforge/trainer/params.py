@@ -41,6 +41,10 @@ class TrainParams(BaseModel):
     lr_schedule: Literal["constant", "cosine"] = Field(
         default="constant", description="'cosine': the learning rate falls from lr to 0 along a half cosine over "
         "every step of the run (stepped once per optimizer step)")
+    ema_decay: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="an exponential moving average of the weights, updated after every "
+        "optimizer step with this decay (warmed up as min(decay, (1 + n) / (10 + n)) after n steps): validation, "
+        "early stopping and the final tail use the averaged weights (0: off, the weights as trained)")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 

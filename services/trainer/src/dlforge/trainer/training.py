@@ -11,6 +11,8 @@ auto-label, 1 for a person's), and one of the row's cached views per epoch (``Tr
 With ``patience`` > 0 training stops when validation has not improved for that many epochs, and the
 tail ends with the weights of its best epoch (highest val accuracy; lower val loss breaks ties).
 ``max_seconds`` caps the time: no epoch starts that would end past it (by the mean epoch time so far).
+With ``ema_decay`` > 0 an exponential moving average of the weights (:class:`WeightAverage`) follows the
+steps; validation, early stopping's best weights and the tail at the end are the averaged weights.
 
 Resuming: after every epoch but the last, and at every checkpoint step inside an epoch, rank 0
 hands a :class:`FitState` (the tail's, the optimizer's and the learning-rate schedule's state, the
@@ -182,6 +184,7 @@ class FitState:
     loss_sum: float = 0.0  # that partial epoch's sum of (batch loss x batch rows)
     seconds: float = 0.0  # that partial epoch's training time so far
     scaler: dict[str, Any] | None = None  # the GradScaler's state (CUDA mixed precision)
+    average: dict[str, Any] | None = None  # the weight average's state (``ema_decay`` > 0)
 
     def to_dict(self) -> dict[str, Any]:
         """A ``torch.save``-able form (the metrics as plain dicts)."""
@@ -189,7 +192,7 @@ class FitState:
                 "epochs": [m.model_dump() for m in self.epochs], "elapsed": self.elapsed,
                 "best": self.best.model_dump() if self.best else None, "best_state": self.best_state,
                 "scheduler": self.scheduler, "position": self.position, "loss_sum": self.loss_sum,
-                "seconds": self.seconds, "scaler": self.scaler}
+                "seconds": self.seconds, "scaler": self.scaler, "average": self.average}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> FitState:
@@ -199,7 +202,7 @@ class FitState:
                    elapsed=float(raw["elapsed"]), best=EpochMetrics.model_validate(best) if best else None,
                    best_state=raw.get("best_state"), scheduler=raw.get("scheduler"),
                    position=int(raw.get("position", 0)), loss_sum=float(raw.get("loss_sum", 0.0)),
-                   seconds=float(raw.get("seconds", 0.0)), scaler=raw.get("scaler"))
+                   seconds=float(raw.get("seconds", 0.0)), scaler=raw.get("scaler"), average=raw.get("average"))
 
 
 StateHook = Callable[[FitState], None]
@@ -456,6 +459,56 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[str],
     )
 
 
+class WeightAverage:
+    """An exponential moving average of a tail's floating-point weights and buffers.
+
+    After the ``n``-th update the average moves towards the weights by ``1 - d`` with
+    ``d = min(decay, (1 + n) / (10 + n))`` (the warm-up of TensorFlow's ``ExponentialMovingAverage``), so
+    the first epochs' average is not held back by the pretrained start. Batch norm statistics are frozen
+    while training (:func:`_freeze_batchnorm_statistics`), so their average is the statistics themselves.
+    """
+
+    def __init__(self, tail: nn.Module, decay: float, state: dict[str, Any] | None = None) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        if state is not None:
+            self.updates = int(state["updates"])
+            self.shadow = {k: v.detach().clone().to(self._device(tail)) for k, v in state["shadow"].items()}
+        else:
+            self.updates = 0
+            self.shadow = {k: v.detach().clone() for k, v in tail.state_dict().items() if v.is_floating_point()}
+
+    @staticmethod
+    def _device(tail: nn.Module) -> torch.device:
+        return next((p.device for p in tail.parameters()), torch.device("cpu"))
+
+    @torch.no_grad()
+    def update(self, tail: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in tail.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].mul_(d).add_(v.detach(), alpha=1.0 - d)
+
+    def averaged_state(self, tail: nn.Module) -> dict[str, torch.Tensor]:
+        """The tail's state dict with the averaged tensors in place of the trained ones (copies)."""
+        return {k: self.shadow.get(k, v).detach().clone() for k, v in tail.state_dict().items()}
+
+    @contextlib.contextmanager
+    def applied(self, tail: nn.Module) -> Iterator[None]:
+        """The averaged weights in ``tail`` inside the block, the trained ones again after it."""
+        trained = {k: v.detach().clone() for k, v in tail.state_dict().items()}
+        tail.load_state_dict(self.averaged_state(tail))
+        try:
+            yield
+        finally:
+            tail.load_state_dict(trained)
+
+    def state(self) -> dict[str, Any]:
+        return {"updates": self.updates, "shadow": {k: v.detach().cpu().clone() for k, v in self.shadow.items()}}
+
+
 def _freeze_batchnorm_statistics(model: nn.Module) -> None:
     """Batch norm layers normalize with their running statistics and only learn their affine part.
 
@@ -512,6 +565,8 @@ def fit(
         if resume.scaler is not None and precision.enabled:
             precision.scaler.load_state_dict(resume.scaler)
     optimizer = coll.wrap_optimizer(base_optimizer, tail)
+    average = WeightAverage(tail, hp.ema_decay, resume.average if resume is not None else None) \
+        if hp.ema_decay else None
     row_weights = None if data.train_w is None else np.asarray(data.train_w, dtype=np.float32)
     weights = class_weights(data.train_y, len(data.classes), hp.class_weighting, row_weights)
     class_weight = weights.to(device) if weights is not None else None
@@ -543,6 +598,7 @@ def fit(
             best_state={k: v.cpu() for k, v in best_state.items()} if best_state is not None else None,
             position=at, loss_sum=partial_loss, seconds=partial_seconds,
             scaler=precision.scaler.state_dict() if precision.enabled else None,
+            average=average.state() if average is not None else None,
         )
 
     for epoch in range(first, hp.epochs + 1):
@@ -568,6 +624,8 @@ def fit(
             loss = weighted * (coll.world / block_weight) if block_weight > 0 else weighted * 0.0
             precision.backward_step(loss, optimizer)
             scheduler.step()
+            if average is not None:  # on every rank: their weights are the same after each step
+                average.update(tail)
             result.steps += 1
             loss_sum += share * len(block)  # this rank's part; the ranks' parts are summed when they are read
             position = lo + len(block)
@@ -586,7 +644,8 @@ def fit(
         go_on = True
         if coll.rank == 0:
             train_loss = loss_sum / max(n_rows, 1)
-            val = evaluate(tail, data.val_x, data.val_y, data.classes, device=device)
+            with average.applied(tail) if average is not None else contextlib.nullcontext():
+                val = evaluate(tail, data.val_x, data.val_y, data.classes, device=device)
             metrics = EpochMetrics(
                 epoch=epoch,
                 steps=result.steps,
@@ -604,7 +663,8 @@ def fit(
             if stopping is not None and go_on:
                 result.early_stopped = stopping.update(metrics)
                 if stopping.best is metrics:
-                    best_state = {k: v.detach().clone() for k, v in tail.state_dict().items()}
+                    best_state = average.averaged_state(tail) if average is not None else \
+                        {k: v.detach().clone() for k, v in tail.state_dict().items()}
             if hp.max_seconds and go_on and epoch < hp.epochs:
                 elapsed = time.perf_counter() - started
                 result.out_of_time = elapsed + (elapsed / epoch) > hp.max_seconds
@@ -622,5 +682,7 @@ def fit(
             and not result.diverged:
         tail.load_state_dict(best_state)
         result.best_epoch = stopping.best.epoch
+    elif coll.rank == 0 and average is not None and not result.diverged:
+        tail.load_state_dict(average.averaged_state(tail))
     result.seconds = time.perf_counter() - started
     return result
