@@ -12,7 +12,9 @@ import logging
 import math
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -148,6 +150,28 @@ async def on_trial(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | No
     return completed("complete", value, val_loss=val_loss)
 
 
+def final_request(settings: TrainerSettings, *, best_params: Mapping[str, Any], arch: str | None,
+                  weights_key: str | None, manifest_key: str, classes: list[str], train_epochs: int,
+                  no_of_workers: int) -> TrainingRequest:
+    """The final training's job: ``best_params`` for up to max(``trainer_final_epochs``, the run's
+    ``train_epochs``) epochs, early stopping on val deciding how many to keep, under the final time cap, with
+    the final views and label weighting (``ValidationError`` when the parameters cannot be trained)."""
+    epochs = max(settings.trainer_final_epochs or 0, train_epochs)
+    patience = settings.trainer_final_patience if settings.trainer_final_epochs else 0
+    hparams = TrainParams.model_validate({**best_params, "epochs": epochs, "patience": patience,
+                                          "max_seconds": settings.trainer_final_max_seconds})
+    return TrainingRequest(
+        views=settings.trainer_final_views, check_views=settings.trainer_check_views,
+        label_weighting=settings.trainer_label_weighting,  # type: ignore[arg-type]
+        arch=arch, weights_key=weights_key, manifest_key=manifest_key, classes=classes, hparams=hparams,
+        run_config=RunOptions(no_of_workers=no_of_workers,
+                              checkpoint_every_steps=settings.trainer_checkpoint_every_steps,
+                              summary_every_steps=settings.trainer_summary_every_steps,
+                              engine=settings.trainer_engine,
+                              input_size=settings.trainer_input_size),
+    )
+
+
 @service.handles(Topic.HPO_COMPLETED)
 async def on_hpo_completed(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | None:
     """Final training with the best parameters on the full train split; evaluate on val and test."""
@@ -171,21 +195,9 @@ async def on_hpo_completed(event: Event, ctx: HandlerContext[TrainerDeps]) -> Ev
         log.info("%s: the final model exists already; re-emitting model.trained", job_id)
         return trained(existing["params"], existing["metrics"], int(existing["no_of_workers"]))
     try:
-        # early stopping on val decides how many of up to max(final_epochs, train_epochs) epochs to keep
-        epochs = max(settings.trainer_final_epochs or 0, p.options.train_epochs)
-        patience = settings.trainer_final_patience if settings.trainer_final_epochs else 0
-        hparams = TrainParams.model_validate({**p.best_params, "epochs": epochs, "patience": patience,
-                                              "max_seconds": settings.trainer_final_max_seconds})
-        request = TrainingRequest(
-            views=settings.trainer_final_views, check_views=settings.trainer_check_views,
-            label_weighting=settings.trainer_label_weighting,  # type: ignore[arg-type]
-            arch=p.arch, weights_key=p.weights_key, manifest_key=p.manifest_key, classes=p.classes, hparams=hparams,
-            run_config=RunOptions(no_of_workers=p.options.no_of_workers,
-                                  checkpoint_every_steps=settings.trainer_checkpoint_every_steps,
-                                  summary_every_steps=settings.trainer_summary_every_steps,
-                                  engine=settings.trainer_engine,
-                                  input_size=settings.trainer_input_size),
-        )
+        request = final_request(settings, best_params=p.best_params, arch=p.arch, weights_key=p.weights_key,
+                                manifest_key=p.manifest_key, classes=p.classes, train_epochs=p.options.train_epochs,
+                                no_of_workers=p.options.no_of_workers)
     except ValidationError as exc:
         raise PoisonMessage(f"the best parameters cannot be trained: {exc}") from exc
     key_prefix = f"trainer/jobs/{job_id}"
@@ -211,7 +223,7 @@ async def on_hpo_completed(event: Event, ctx: HandlerContext[TrainerDeps]) -> Ev
     if outcome.state == "diverged":
         await records.finish(job_id, state="diverged", summary=outcome.summary())
         raise PoisonMessage("final training diverged: the training loss became non-finite")
-    params = {**hparams.model_dump(), "input_size": outcome.input_size}
+    params = {**request.hparams.model_dump(), "input_size": outcome.input_size}
     metrics = flat_metrics(outcome)
     await asyncio.to_thread(save_model, ctx.objects, outcome, key, work_dir=config.work_dir,
                             extra={"params": params, "run_id": event.run_id, "model_id": p.model_id})
