@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dlforge.common.errors import InvalidInput
 from dlforge.common.objects import ObjectStore
-from dlforge.trainer.cache import CachedActivations, OnnxPrefixRunner, SplitArrays, TorchPrefixRunner
+from dlforge.trainer.cache import (
+    ActivationCache,
+    CachedActivations,
+    OnnxPrefixRunner,
+    SplitArrays,
+    TorchPrefixRunner,
+    manifest_digest,
+)
 from dlforge.trainer.handlers import (
     TrainerConfig,
     TrainingRequest,
@@ -22,10 +30,11 @@ from dlforge.trainer.handlers import (
     save_model,
 )
 from dlforge.trainer.params import EpochMetrics, RunOptions, TrainParams
+from dlforge.trainer.stages import staged
 from dlforge.trainer.testing import make_dataset
 from dlforge.trainer.training import class_weights, stratified_sample
-from dlforge.vision.manifest import load_manifest, save_manifest
-from dlforge.vision.networks import build_network, load_checkpoint
+from dlforge.vision.manifest import Manifest, load_manifest, save_manifest
+from dlforge.vision.networks import build_network, load_checkpoint, spec_of
 from dlforge.vision.observe import CountingObserver, observing
 
 CLASSES = ["defect", "good"]
@@ -86,6 +95,26 @@ def test_activation_cache_is_reused_and_derived(objects: ObjectStore, manifest_k
     other = make_dataset(objects, prefix="other", per_class={"defect": 10, "good": 10}, size=24, seed=1)
     assert run_training(objects, request(other, weights_key, epochs=1, unfreeze=2), job_id="d", key_prefix="t/d",
                         config=config).cache_source == "computed"
+
+
+def test_an_empty_split_is_cached_as_zero_rows_of_the_activations_shape(objects: ObjectStore, tmp_path: Path
+                                                                           ) -> None:
+    """No test items: the test split has the train split's trailing shape and dtype, computed and derived."""
+    key = make_dataset(objects, prefix="notest", per_class={"defect": 6, "good": 6}, size=24, split_shares=(0.34, 0))
+    raw = objects.get_bytes(key)
+    manifest = Manifest.model_validate_json(raw)
+    net = staged(build_network("efficientnet_lite0", 2, pretrained=False))
+    cache = ActivationCache(objects, work_dir=tmp_path / "cache", runner=TorchPrefixRunner())
+    common = {"net": net, "spec": spec_of("efficientnet_lite0"), "manifest": manifest,
+              "manifest_digest": manifest_digest(raw), "weights_digest": "w", "input_size": 64}
+    deep = cache.get(**common, boundary=net.boundary(3))  # type: ignore[arg-type]
+    derived = cache.get(**common, boundary=net.boundary(1))  # type: ignore[arg-type]
+    assert deep.source == "computed" and derived.source == "derived"
+    for got in (deep, derived):
+        train, val, test = (got.splits[s].x for s in ("train", "val", "test"))
+        assert len(train) == 8 and len(val) == 4 and train.ndim == 4  # N x C x H x W at a unit's input
+        assert test.shape == (0, *train.shape[1:]) and test.dtype == train.dtype == np.float16
+    assert deep.shape != derived.shape
 
 
 def test_onnx_runner_matches_torch() -> None:
