@@ -38,6 +38,7 @@ from machine import cpu_name
 from PIL import Image
 
 from dlforge.common.objects.fs import FsObjectStore
+from dlforge.optimizer.handlers import averaging_gain, val_figures
 from dlforge.trainer.cache import ActivationCache, CachedActivations, OnnxPrefixRunner, SplitArrays
 from dlforge.trainer.handlers import build_data, train_tail
 from dlforge.trainer.params import EpochMetrics, TrainParams
@@ -360,6 +361,14 @@ def main() -> None:
         s = scores(probabilities(tail, [test_x] + (kept if tta else [])), test_y, classes, positive)
         if not tta and kept:  # the same trained tail, averaged over the views it kept (as exported)
             s["with_test_time_views"] = scores(probabilities(tail, [test_x, *kept]), test_y, classes, positive)
+            # what the optimizer's test_views=trained decides on these val items (people's labels)
+            val_x, val_y = relabeled.splits["val"].x, y_pool[va]
+            val_kept = [relabeled.views[v]["val"].x for v in used[1:]]
+            k = classes.index(positive) if positive is not None else None
+            plain_val, averaged_val = (val_figures(probabilities(tail, xs), val_y, positive=k, min_recall=0.95)
+                                       for xs in ([val_x], [val_x, *val_kept]))
+            s["test_views_check"] = {"val_plain": plain_val, "val_averaged": averaged_val,
+                                     "gain": averaging_gain(plain_val, averaged_val)}
         row = {"config": name, "views": used, "view_check": trained.check.val_accuracy if trained.check else None,
                "views_val_accuracy": trained.views_val_accuracy,
                "view_allowed_cost": trained.check.tolerance if trained.check else None,
@@ -403,6 +412,11 @@ def main() -> None:
             a95 = f"{t['accuracy_at_recall_95']:.3f}" if "accuracy_at_recall_95" in t else "-"
             print(f"{'  the same, averaged over its views':<46} {t['accuracy']:>8.3f} {a95:>8} {'':>6} {'':>4} "
                   f"{'':>6}  {rec}")
+            c = r["test_views_check"]
+            shown = " / ".join(f"{a:.3f} -> {b:.3f}" for a, b in zip(c["val_plain"], c["val_averaged"], strict=True)
+                               if a is not None and b is not None)
+            print(f"  test_views=trained on val (argmax / at recall 0.95): {shown}: "
+                  f"{'averages' if c['gain'] == 'higher' else 'stays plain'} ({c['gain']})")
     print(f"\nwritten {out}")
 
 

@@ -27,6 +27,7 @@ from dlforge.optimizer.handlers import (
     OptimizeOptions,
     OptimizeResult,
     Prepared,
+    averaging_gain,
     optimize,
     views_step,
 )
@@ -240,6 +241,15 @@ def test_views_that_lower_people_labeled_val_accuracy_are_not_used() -> None:
     assert tie.val_accuracy_plain == tie.val_accuracy_averaged == 1.0
     # at the spec's recall 0.9 the highest threshold keeps 18 of the 20 defects (distinct scores): 38 of 40 right
     assert tie.val_accuracy_at_recall_plain == tie.val_accuracy_at_recall_averaged == 38 / 40
+
+
+def test_the_averaging_gain_needs_one_figure_up_and_none_down() -> None:
+    assert averaging_gain((0.80, 0.70), (0.82, 0.70)) == "higher"
+    assert averaging_gain((0.80, 0.70), (0.80, 0.75)) == "higher"
+    assert averaging_gain((0.80, 0.70), (0.85, 0.65)) == "lower"  # better at the argmax, worse at the recall
+    assert averaging_gain((0.80, 0.70), (0.80, 0.70)) == "same"
+    assert averaging_gain((0.80, None), (0.85, 0.10)) == "higher"  # a figure only one side has does not count
+    assert averaging_gain((0.80, None), (0.79, None)) == "lower"
 
 
 def test_views_that_help_on_people_labeled_val_items_are_used_unless_too_slow() -> None:
