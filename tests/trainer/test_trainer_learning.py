@@ -214,6 +214,17 @@ def test_without_patience_every_epoch_trains_and_the_last_weights_stay() -> None
 # -- the weight average ----------------------------------------------------------------------------------
 
 
+class _CheckpointRecorder(Recorder):
+    """Also keeps the tail's weights at each checkpoint step."""
+
+    def __init__(self, tail: nn.Module) -> None:
+        super().__init__(tail)
+        self.checkpoints: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_checkpoint(self, step: int, epoch: int, state: dict[str, torch.Tensor] | None) -> None:
+        self.checkpoints[step] = {k: v.detach().clone() for k, v in self.tail.state_dict().items()}
+
+
 def test_the_weight_average_follows_the_warmed_up_decay_worked_by_hand() -> None:
     layer = nn.Linear(1, 1, bias=False)
     with torch.no_grad():
@@ -247,8 +258,10 @@ def test_with_a_weight_average_validation_and_the_final_tail_are_the_averaged_we
     data = TrainData(x, y, vx, vy, ["a", "b"])
     hp = TrainParams(lr=0.2, batch_size=8, epochs=4, seed=0, ema_decay=0.9)
     tail = _linear()
-    rec = Recorder(tail)  # records the weights as trained at each epoch's end
-    fit(tail, data, hp, listener=rec)
+    rec = _CheckpointRecorder(tail)  # records the weights as trained at each epoch's end
+    fit(tail, data, hp, listener=rec, checkpoint_every_steps=12)  # 96 rows / 8: a checkpoint at each epoch's end
+    assert sorted(rec.checkpoints) == [12, 24, 36, 48]
+    assert torch.equal(rec.checkpoints[48]["weight"], tail.weight)  # a checkpoint holds the average too
     final = evaluate(tail, vx, vy, ["a", "b"])
     assert final.loss == pytest.approx(rec.epochs[-1].val_loss, rel=1e-6)  # the reported val is the average's
     assert not torch.equal(tail.weight, rec.states[4]["weight"])  # and the tail holds it, not the trained weights

@@ -57,7 +57,7 @@ def _staged_tail() -> nn.Module:
 
 
 @pytest.mark.parametrize(("patience", "staged", "ema"), [(0, False, 0.0), (2, False, 0.0), (0, True, 0.0),
-                                                         (2, False, 0.9)])
+                                                         (0, False, 0.9), (2, False, 0.9)])
 def test_fit_resumed_after_an_epoch_trains_the_same_steps_as_an_uninterrupted_fit(patience: int, staged: bool,
                                                                                   ema: float) -> None:
     hp = TrainParams(lr=0.05, batch_size=8, epochs=5, optimizer="adam", patience=patience, seed=3,
@@ -80,6 +80,8 @@ def test_fit_resumed_after_an_epoch_trains_the_same_steps_as_an_uninterrupted_fi
     assert [m.epoch for m in resumed.epochs] == [m.epoch for m in reference.epochs]
     assert [m.train_loss for m in resumed.epochs] == pytest.approx([m.train_loss for m in reference.epochs],
                                                                     rel=1e-6)
+    # validation sees the same weights (with a weight average: the average, restored from the state)
+    assert [m.val_loss for m in resumed.epochs] == pytest.approx([m.val_loss for m in reference.epochs], rel=1e-6)
     assert resumed.best_epoch == reference.best_epoch
     for a, b in zip(again.state_dict().values(), whole.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
@@ -169,6 +171,8 @@ def test_fit_resumed_mid_epoch_goes_on_from_the_checkpoint_step_as_if_never_stop
     assert [v for _, v in listener.steps] == pytest.approx([v for _, v in ref_listener.steps[16:]], rel=1e-6)
     assert [m.train_loss for m in resumed.epochs] == pytest.approx([m.train_loss for m in reference.epochs],
                                                                     rel=1e-6)
+    # validation sees the same weights (with a weight average: the average, restored from the state)
+    assert [m.val_loss for m in resumed.epochs] == pytest.approx([m.val_loss for m in reference.epochs], rel=1e-6)
     for a, b in zip(again.state_dict().values(), whole.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 

@@ -460,12 +460,14 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[str],
 
 
 class WeightAverage:
-    """An exponential moving average of a tail's floating-point weights and buffers.
+    """An exponential moving average of a tail's trainable parameters.
 
     After the ``n``-th update the average moves towards the weights by ``1 - d`` with
     ``d = min(decay, (1 + n) / (10 + n))`` (the warm-up of TensorFlow's ``ExponentialMovingAverage``), so
-    the first epochs' average is not held back by the pretrained start. Batch norm statistics are frozen
-    while training (:func:`_freeze_batchnorm_statistics`), so their average is the statistics themselves.
+    the first epochs' average is not held back by the pretrained start. Buffers (batch norm's statistics,
+    frozen while training: :func:`_freeze_batchnorm_statistics`) and frozen parameters are the tail's own,
+    as in ``torch.optim.swa_utils.AveragedModel``. Every optimizer step is an update, also one that a
+    mixed-precision scaler skipped (the weights did not move, the average moves towards them all the same).
     """
 
     def __init__(self, tail: nn.Module, decay: float, state: dict[str, Any] | None = None) -> None:
@@ -477,7 +479,7 @@ class WeightAverage:
             self.shadow = {k: v.detach().clone().to(self._device(tail)) for k, v in state["shadow"].items()}
         else:
             self.updates = 0
-            self.shadow = {k: v.detach().clone() for k, v in tail.state_dict().items() if v.is_floating_point()}
+            self.shadow = {k: p.detach().clone() for k, p in tail.named_parameters() if p.requires_grad}
 
     @staticmethod
     def _device(tail: nn.Module) -> torch.device:
@@ -487,9 +489,9 @@ class WeightAverage:
     def update(self, tail: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for k, v in tail.state_dict().items():
+        for k, p in tail.named_parameters():
             if k in self.shadow:
-                self.shadow[k].mul_(d).add_(v.detach(), alpha=1.0 - d)
+                self.shadow[k].mul_(d).add_(p.detach(), alpha=1.0 - d)
 
     def averaged_state(self, tail: nn.Module) -> dict[str, torch.Tensor]:
         """The tail's state dict with the averaged tensors in place of the trained ones (copies)."""
@@ -635,8 +637,9 @@ def fit(
                     listener.on_step(result.steps, value)
             if checkpoint_every_steps and result.steps % checkpoint_every_steps == 0:
                 partial = coll.sum([loss_sum])[0] if position < n_rows else 0.0
-                if coll.rank == 0:
-                    listener.on_checkpoint(result.steps, epoch, None)
+                if coll.rank == 0:  # the checkpoint holds what validates (the average, when there is one)
+                    with average.applied(tail) if average is not None else contextlib.nullcontext():
+                        listener.on_checkpoint(result.steps, epoch, None)
                     if on_state is not None and position < n_rows:
                         on_state(state(epoch - 1, position, partial, time.perf_counter() - t0))
         seconds = time.perf_counter() - t0
