@@ -594,11 +594,9 @@ def views_step(prep: Prepared, inp: OptimizeInput, *, opts: OptimizeOptions) -> 
                                     positive=prep.positive, min_recall=spec.min_recall) for m in (prep.model, wrapped))
     figures.update(val_accuracy_plain=plain[0], val_accuracy_averaged=averaged[0],
                    val_accuracy_at_recall_plain=plain[1], val_accuracy_at_recall_averaged=averaged[1])
-    pairs = [(plain[0], averaged[0])] + ([(plain[1], averaged[1])] if plain[1] is not None
-                                         and averaged[1] is not None else [])
     shown = (f"accuracy on {len(y)} people-labeled validation items {plain[0]:.3f} -> {averaged[0]:.3f} at the "
              "argmax" + (f", {plain[1]:.3f} -> {averaged[1]:.3f} at the spec's recall {spec.min_recall:g}"
-                         if len(pairs) > 1 else ""))
+                         if plain[1] is not None and averaged[1] is not None else ""))
     gain = averaging_gain(plain, averaged)
     if opts.test_views == "trained" and gain == "lower":
         return report(False, f"averaging lowers the {shown}")
