@@ -14,11 +14,11 @@ process, on one machine:
   check, up to ``trainer_final_epochs`` epochs with early stopping on val under ``trainer_final_max_seconds``,
   the test evaluation, from ``run_training``'s call to its return.
 
-Nothing is shared between the measured jobs: the feature store (decoded images, embeddings) is emptied
-before each, so every job starts cold, as on new data. The proposal runs first and again last, and the
-ratio uses their mean (the machine's load moves during a run this long). Hyperparameter search before the
-final training is not counted: the ratio's denominator is the least that fine-tuning every candidate
-costs in the platform.
+Nothing is shared between the measured jobs: the feature store (decoded images, embeddings) and the
+trainer's activation cache are emptied before each, so every job starts cold, as on new data. The
+proposal runs first and again last, and the ratio uses their mean (the machine's load moves during a run
+this long). Hyperparameter search before the final training is not counted: the ratio's denominator is
+the least that fine-tuning every candidate costs in the platform.
 
 The target is ELPV (``--limit`` cells, default all 2,624; labels given; 10 % test, 13.5 % val), the
 candidates the cells of ``--set`` (built into ``--store`` first when missing; that set-up is timed apart).
@@ -34,6 +34,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from dlforge.common.settings import load_settings
 from dlforge.proposer.repository import RECIPE_SETS, build_repository, default_sources, list_models
 from dlforge.proposer.settings import ProposerSettings
 from dlforge.proposer.worker import dataset_fingerprint, load_candidates, load_target, run_proposal
+from dlforge.trainer.cache import CACHE_PREFIX
 from dlforge.trainer.handlers import TrainerConfig, run_training
 from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.worker import final_request
@@ -57,13 +59,17 @@ from dlforge.vision.features import FEATURES_PREFIX
 from dlforge.vision.manifest import load_manifest
 
 RESULTS = Path(__file__).resolve().parent / "results"
+JOBS_PREFIX = "bench/jobs"
 
 
-def cold(objects: ObjectStore) -> int:
-    """Empty the feature store (decoded images, embeddings, activations): the next job computes everything."""
-    keys = [o.key for o in objects.list(FEATURES_PREFIX + "/")]
+def cold(objects: ObjectStore, work: Path) -> int:
+    """Empty every cache a job could reuse: the vision core's feature store (decoded images, embeddings,
+    activations), the trainer's activation cache (in the object store and its local copies under ``work``)
+    and earlier jobs' files. The next job computes everything, also when the store is reused for another run."""
+    keys = [o.key for prefix in (FEATURES_PREFIX, CACHE_PREFIX, JOBS_PREFIX) for o in objects.list(prefix + "/")]
     for key in keys:
         objects.delete(key)
+    shutil.rmtree(work / "trainer" / "cache", ignore_errors=True)
     return len(keys)
 
 
@@ -100,7 +106,7 @@ def finetune_once(objects: ObjectStore, record: dict[str, Any], manifest_key: st
     config = TrainerConfig.from_settings(settings)
     name = f"cost-{record['model_id']}"
     t0 = time.perf_counter()
-    out = run_training(objects, request, job_id=name, key_prefix=f"bench/jobs/{name}", config=config)
+    out = run_training(objects, request, job_id=name, key_prefix=f"{JOBS_PREFIX}/{name}", config=config)
     seconds = time.perf_counter() - t0
     return {"model_id": record["model_id"], "seconds": round(seconds, 2),
             "cache_seconds": round(out.cache_seconds, 2), "train_seconds": round(out.train_seconds, 2),
@@ -123,7 +129,7 @@ def main() -> int:
             "work_dir": str(store / "work")}
     proposer_settings = load_settings(ProposerSettings, **urls, proposer_build_on_start=False)
     trainer_settings = load_settings(TrainerSettings, **urls)
-    best_params = json.loads(TunerSettings.model_fields["tuner_baseline"].default)
+    best_params = json.loads(load_settings(TunerSettings, **urls).tuner_baseline)
     torch.set_num_threads(proposer_settings.proposer_torch_threads)
 
     async def repository() -> tuple[Backends, list[dict[str, Any]], float, list[Any]]:
@@ -150,18 +156,18 @@ def main() -> int:
           f"({sum(b.action == 'built' for b in built)} cells built); CPU {cpu} x {os.cpu_count()}", flush=True)
     work = store / "work"
     proposals, finetunes = [], []
-    cold(objects)
+    cold(objects, work)
     proposals.append(propose_once(objects, records, manifest_key, settings=proposer_settings, seed=args.seed,
                                   work=work / "proposer"))
     print(f"proposal: {proposals[-1]['seconds']:.1f}s, chose {proposals[-1]['chosen']}", flush=True)
     for record in records:
-        cold(objects)
+        cold(objects, work)
         finetunes.append(finetune_once(objects, record, manifest_key, classes, settings=trainer_settings,
                                        best_params=best_params, work=work))
         f = finetunes[-1]
         print(f"fine-tuning {record['model_id']}: {f['seconds']:.1f}s ({f['epochs']} epochs, cache "
               f"{f['cache_seconds']:.1f}s), test accuracy {f['test_accuracy']}", flush=True)
-    cold(objects)
+    cold(objects, work)
     proposals.append(propose_once(objects, records, manifest_key, settings=proposer_settings, seed=args.seed,
                                   work=work / "proposer"))
     print(f"proposal again: {proposals[-1]['seconds']:.1f}s", flush=True)
