@@ -71,6 +71,8 @@ def test_efficientnet_embeddings_on_elpv_cells(tmp_path: Path) -> None:
     assert np.allclose(again, vectors[:3], atol=1e-4)
     in_torch = embed_items(objects, manifest.items[:3], EfficientNetLite0Embedder(size=224, runtime="torch"))
     assert np.allclose(in_torch, vectors[:3], atol=1e-4)
+    none = embed_items(objects, [], embedder)  # no items: zero rows of the embedding's width
+    assert none.shape == (0, vectors.shape[1]) and none.dtype == np.float32
     # stored and read back only for the same items
     ids = [i.item_id for i in manifest.items]
     save_embeddings(objects, "e.npy", vectors, ids)

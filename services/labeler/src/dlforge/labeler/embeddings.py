@@ -191,8 +191,7 @@ def embed_items(
     """
     if isinstance(embedder, StoredEmbedder):
         started = time.perf_counter()
-        vectors = embedder.embed_stored(objects, items, batch_size=batch_size) if items else \
-            np.zeros((0, 0), dtype=np.float32)
+        vectors = embedder.embed_stored(objects, items, batch_size=batch_size)  # no items: 0 x D
         if progress is not None:
             progress(len(items), len(items))
         log.info("embedded %d items with %s in %.1fs", len(items), embedder.name, time.perf_counter() - started)
