@@ -286,16 +286,18 @@ def cache_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-async def open_repository(args: argparse.Namespace, settings: ProposerSettings) -> tuple[Backends, list[dict[str, Any]],
-                                                                                          list[Any], float]:
+async def open_repository(set_name: str, settings: ProposerSettings, *, build: bool = True, threads: int = 1
+                          ) -> tuple[Backends, list[dict[str, Any]], list[Any], float]:
+    """The started backends of ``settings``, the records of the set's cells (the missing ones built first unless
+    ``build`` is off, ``threads`` torch threads each), what the build did, and its seconds."""
     backends = Backends.from_settings(settings)
     await backends.start()
     t0 = time.perf_counter()
-    built = [] if args.no_build else await build_repository(
-        backends.objects, backends.docs, recipes=RECIPE_SETS[args.set], work_dir=Path(settings.work_dir) / "proposer",
+    built = [] if not build else await build_repository(
+        backends.objects, backends.docs, recipes=RECIPE_SETS[set_name], work_dir=Path(settings.work_dir) / "proposer",
         sources=default_sources(fashion_mnist_dir=settings.proposer_fashion_mnist_dir,
-                                mnist_path=settings.proposer_mnist_path), threads=1)
-    wanted = {r.model_id for r in RECIPE_SETS[args.set]}
+                                mnist_path=settings.proposer_mnist_path), threads=threads)
+    wanted = {r.model_id for r in RECIPE_SETS[set_name]}
     records = [r for r in await list_models(backends.docs) if r["model_id"] in wanted]
     return backends, records, built, time.perf_counter() - t0
 
@@ -308,7 +310,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              proposer_build_on_start=False)
 
     async def get() -> tuple[list[dict[str, Any]], list[Any], float, dict[str, Any]]:
-        backends, records, built, secs = await open_repository(args, settings)
+        backends, records, built, secs = await open_repository(args.set, settings, build=not args.no_build)
         models = {}
         try:
             for rec in records:

@@ -41,13 +41,13 @@ from typing import Any
 
 import torch
 from machine import cpu_name
+from proposer import open_repository
 from trainer import elpv_manifest
 
 from dlforge.common.events import Spec
 from dlforge.common.objects import ObjectStore
-from dlforge.common.runtime import Backends
 from dlforge.common.settings import load_settings
-from dlforge.proposer.repository import RECIPE_SETS, build_repository, default_sources, list_models
+from dlforge.proposer.repository import RECIPE_SETS
 from dlforge.proposer.settings import ProposerSettings
 from dlforge.proposer.worker import dataset_fingerprint, load_candidates, load_target, run_proposal
 from dlforge.trainer.cache import CACHE_PREFIX
@@ -99,7 +99,7 @@ def propose_once(objects: ObjectStore, records: list[dict[str, Any]], manifest_k
 
 
 def finetune_once(objects: ObjectStore, record: dict[str, Any], manifest_key: str, classes: list[str], *,
-                  settings: TrainerSettings, best_params: dict[str, Any], work: Path) -> dict[str, Any]:
+                  settings: TrainerSettings, best_params: dict[str, Any]) -> dict[str, Any]:
     """The trainer's final training of one candidate, timed from the call to its return."""
     request = final_request(settings, best_params=best_params, arch=None, weights_key=record["weights_key"],
                             manifest_key=manifest_key, classes=classes, train_epochs=1, no_of_workers=1)
@@ -132,19 +132,8 @@ def main() -> int:
     best_params = json.loads(load_settings(TunerSettings, **urls).tuner_baseline)
     torch.set_num_threads(proposer_settings.proposer_torch_threads)
 
-    async def repository() -> tuple[Backends, list[dict[str, Any]], float, list[Any]]:
-        backends = Backends.from_settings(proposer_settings)
-        await backends.start()
-        t0 = time.perf_counter()
-        built = await build_repository(
-            backends.objects, backends.docs, recipes=RECIPE_SETS[args.set], work_dir=store / "work" / "proposer",
-            sources=default_sources(fashion_mnist_dir=proposer_settings.proposer_fashion_mnist_dir,
-                                    mnist_path=proposer_settings.proposer_mnist_path))
-        wanted = {r.model_id for r in RECIPE_SETS[args.set]}
-        records = [r for r in await list_models(backends.docs) if r["model_id"] in wanted]
-        return backends, records, time.perf_counter() - t0, built
-
-    backends, records, build_seconds, built = asyncio.run(repository())
+    # the cells' training at the proposer's default of 2 threads (a set-up step, timed apart)
+    backends, records, built, build_seconds = asyncio.run(open_repository(args.set, proposer_settings, threads=2))
     objects = backends.objects
     failed = [b for b in built if b.action == "failed"]
     if failed or len(records) < len(RECIPE_SETS[args.set]):
@@ -163,7 +152,7 @@ def main() -> int:
     for record in records:
         cold(objects, work)
         finetunes.append(finetune_once(objects, record, manifest_key, classes, settings=trainer_settings,
-                                       best_params=best_params, work=work))
+                                       best_params=best_params))
         f = finetunes[-1]
         print(f"fine-tuning {record['model_id']}: {f['seconds']:.1f}s ({f['epochs']} epochs, cache "
               f"{f['cache_seconds']:.1f}s), test accuracy {f['test_accuracy']}", flush=True)
