@@ -229,7 +229,7 @@ class Prepared:
 
 
 def prepare(dataset: str, limit: int, *, seed: int, unfreeze: int, views: tuple[str, ...], labels: str,
-            threads: int, work: Path) -> Prepared:
+            threads: int, work: Path, input_size: int | None = None) -> Prepared:
     objects = FsObjectStore(work / "objects")
     blobs, image_labels, classes = load_images(dataset, limit, seed)
     manifest, _ = make_manifest(objects, dataset, blobs, image_labels, classes, seed)
@@ -244,8 +244,9 @@ def prepare(dataset: str, limit: int, *, seed: int, unfreeze: int, views: tuple[
     digest = hashlib.sha256(manifest.model_dump_json().encode()).hexdigest()
     t0 = time.perf_counter()
     acts = cache.get(net=net, spec=spec, manifest=manifest, manifest_digest=digest, weights_digest="imagenet",
-                     input_size=spec.input_size, boundary=net.boundary(unfreeze),
+                     input_size=input_size or spec.input_size, boundary=net.boundary(unfreeze),
                      from_boundary=net.boundary(max(unfreeze, 3)), views=views)
+    # the auto-labeler's features stay at the network's own side, so every --input-size gets the same labels
     feats = cache.get(net=net, spec=spec, manifest=manifest, manifest_digest=digest, weights_digest="imagenet",
                       input_size=spec.input_size, boundary=net.boundary(0))
     cache_seconds = time.perf_counter() - t0
@@ -288,6 +289,9 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=0.02, help="the view check's least allowed cost")
     parser.add_argument("--error-share", type=float, default=0.5, help="the view check's share of the probe error")
     parser.add_argument("--configs", default="all", help="comma list of configuration numbers (0-6) or 'all'")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="the side the tail trains and tests at (default: the network's, 224); the auto-labels "
+                        "come from the network's side whatever this is")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work-dir", type=Path, default=None)
@@ -297,7 +301,7 @@ def main() -> None:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dlforge-bench-learning-"))
     views = parse_views(args.views)
     prep = prepare(args.dataset, args.limit, seed=args.seed, unfreeze=args.unfreeze, views=views,
-                   labels=args.labels, threads=args.threads, work=work)
+                   labels=args.labels, threads=args.threads, work=work, input_size=args.input_size)
     labels, classes = prep.labels, prep.classes
     fresh_net, acts, cache_seconds = prep.fresh_net, prep.acts, prep.cache_seconds
     index, pool, y_pool, lab_idx, conf = prep.index, prep.pool, prep.y_pool, prep.lab_idx, prep.conf
@@ -382,7 +386,8 @@ def main() -> None:
               "auto_label_accuracy": auto_acc, "train": len(tr), "val": len(va), "test": len(test_y),
               "unfreeze": args.unfreeze, "lr": args.lr, "body_lr_scale": base.body_lr_scale,
               "max_epochs": args.max_epochs, "patience": args.patience, "lr_schedule": args.lr_schedule,
-              "ema_decay": args.ema_decay, "max_seconds": args.max_seconds, "tolerance": args.tolerance,
+              "ema_decay": args.ema_decay, "input_size": args.input_size or spec_of(ARCH).input_size,
+              "max_seconds": args.max_seconds, "tolerance": args.tolerance,
               "error_share": args.error_share, "declared_views": list(views), "cpu": model,
               "threads": args.threads, "load_average": os.getloadavg()[0], "python": platform.python_version(),
               "cache_seconds": round(cache_seconds, 1), "seconds": round(time.perf_counter() - started, 1),
@@ -392,6 +397,7 @@ def main() -> None:
     seed += "" if args.lr_schedule == "constant" else f"-{args.lr_schedule}{args.max_epochs}"
     seed += "" if args.patience == 5 else f"-p{args.patience}"
     seed += f"-ema{args.ema_decay:g}" if args.ema_decay else ""
+    seed += f"-px{args.input_size}" if args.input_size else ""
     rates = f"-lr{args.lr:g}-body{base.body_lr_scale:g}" if args.unfreeze else ""
     out = RESULTS / f"trainer-learning-{args.dataset}-{args.labels}-u{args.unfreeze}{rates}-{len(labels)}{seed}.json"
     out.write_text(json.dumps(result, indent=2))
