@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -292,6 +293,9 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=None,
                         help="the side the tail trains and tests at (default: the network's, 224); the auto-labels "
                         "come from the network's side whatever this is")
+    parser.add_argument("--relabel", action="store_true",
+                        help="a second round per configuration: the trained tail relabels the auto-labeled train "
+                        "rows, a fresh tail trains on them; both and their average are tested")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work-dir", type=Path, default=None)
@@ -313,12 +317,15 @@ def main() -> None:
     def part(arr: SplitArrays, rows: np.ndarray, lab: np.ndarray) -> SplitArrays:
         return SplitArrays(np.asarray(arr.x[rows]), [classes[i] for i in lab[rows]], [arr.item_ids[i] for i in rows])
 
-    def splits_of(arrays: dict[str, SplitArrays]) -> dict[str, SplitArrays]:
-        return {"train": part(arrays["train"], tr, lab_idx), "val": part(arrays["train"], va, y_pool),
+    def splits_of(arrays: dict[str, SplitArrays], lab: np.ndarray = lab_idx) -> dict[str, SplitArrays]:
+        return {"train": part(arrays["train"], tr, lab), "val": part(arrays["train"], va, y_pool),
                 "test": arrays["test"]}
 
-    relabeled = CachedActivations(acts.boundary, splits_of(acts.splits), acts.source, 0.0,
-                                  views={v: splits_of(s) for v, s in acts.views.items()})
+    def labeled_as(lab: np.ndarray) -> CachedActivations:
+        return CachedActivations(acts.boundary, splits_of(acts.splits, lab), acts.source, 0.0,
+                                 views={v: splits_of(s, lab) for v, s in acts.views.items()})
+
+    relabeled = labeled_as(lab_idx)
     weights = {pool.item_ids[i]: float(conf[i]) for i in tr}
     test_x = acts.splits["test"].x
     test_y = np.array([index[lab] for lab in acts.splits["test"].labels])
@@ -373,6 +380,32 @@ def main() -> None:
                                        for xs in ([val_x], [val_x, *val_kept]))
             s["test_views_check"] = {"val_plain": plain_val, "val_averaged": averaged_val,
                                      "gain": averaging_gain(plain_val, averaged_val)}
+        if args.relabel and not tta:
+            # round 2: the trained tail relabels the auto-labeled train rows (its argmax, its probability as the
+            # confidence; people's labels stay), a fresh tail trains on them the same way, and the two rounds'
+            # probabilities are averaged as well (an ensemble of two tails over the same frozen prefix)
+            auto_tr = tr[auto[tr]]
+            p_auto = probabilities(tail, [pool.x[auto_tr]])
+            lab2, conf2 = lab_idx.copy(), conf.copy()
+            lab2[auto_tr], conf2[auto_tr] = p_auto.argmax(1), p_auto.max(1)
+            data2, _, _ = build_data(labeled_as(lab2), classes, sample_fraction=1.0, sample_seed=0,
+                                     weights={pool.item_ids[i]: float(conf2[i]) for i in tr} if weighted else None)
+            if view_mode == "none":
+                data2 = replace(data2, train_views=[], val_views={})
+            tail2 = fresh_net().tail(args.unfreeze)
+            t2 = time.perf_counter()
+            trained2 = train_tail(tail2, data2, hp, run=partial(run, tail=tail2),
+                                  check=view_mode == "checked", tolerance=args.tolerance,
+                                  error_share=args.error_share, threads=args.threads)
+            p1, p2 = probabilities(tail, [test_x]), probabilities(tail2, [test_x])
+            s["relabel"] = {
+                "auto_label_accuracy_before": float((lab_idx[auto_tr] == y_pool[auto_tr]).mean()),
+                "auto_label_accuracy_after": float((lab2[auto_tr] == y_pool[auto_tr]).mean()),
+                "changed": int((lab2[auto_tr] != lab_idx[auto_tr]).sum()), "auto_rows": len(auto_tr),
+                "views": trained2.views, "epochs": len(trained2.result.epochs),
+                "best_epoch": trained2.result.best_epoch, "train_seconds": round(time.perf_counter() - t2, 1),
+                "second": scores(p2, test_y, classes, positive),
+                "ensemble": scores((p1 + p2) / 2, test_y, classes, positive)}
         row = {"config": name, "views": used, "view_check": trained.check.val_accuracy if trained.check else None,
                "views_val_accuracy": trained.views_val_accuracy,
                "view_allowed_cost": trained.check.tolerance if trained.check else None,
@@ -398,6 +431,7 @@ def main() -> None:
     seed += "" if args.patience == 5 else f"-p{args.patience}"
     seed += f"-ema{args.ema_decay:g}" if args.ema_decay else ""
     seed += f"-px{args.input_size}" if args.input_size else ""
+    seed += "-relabel" if args.relabel else ""
     rates = f"-lr{args.lr:g}-body{base.body_lr_scale:g}" if args.unfreeze else ""
     out = RESULTS / f"trainer-learning-{args.dataset}-{args.labels}-u{args.unfreeze}{rates}-{len(labels)}{seed}.json"
     out.write_text(json.dumps(result, indent=2))
@@ -423,6 +457,17 @@ def main() -> None:
                                if a is not None and b is not None)
             print(f"  test_views=trained on val (argmax / at recall 0.95): {shown}: "
                   f"{'averages' if c['gain'] == 'higher' else 'stays plain'} ({c['gain']})")
+        if "relabel" in r:
+            rl = r["relabel"]
+            print(f"  relabeled by it: {rl['changed']} of {rl['auto_rows']} auto-labels changed, their accuracy "
+                  f"{rl['auto_label_accuracy_before']:.3f} -> {rl['auto_label_accuracy_after']:.3f}")
+            for title, t in (("  a fresh tail on those labels", rl["second"]),
+                             ("  the two tails averaged", rl["ensemble"])):
+                rec = " ".join(f"{c}:{v:.2f}" for c, v in t["recall"].items())
+                a95 = f"{t['accuracy_at_recall_95']:.3f}" if "accuracy_at_recall_95" in t else "-"
+                extra = (f"{rl['epochs']:>6} {rl['best_epoch']:>4} {rl['train_seconds']:>6.1f}"
+                         if title.startswith("  a fresh") else f"{'':>6} {'':>4} {'':>6}")
+                print(f"{title:<46} {t['accuracy']:>8.3f} {a95:>8} {extra}  {rec}")
     print(f"\nwritten {out}")
 
 
