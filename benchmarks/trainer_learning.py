@@ -12,8 +12,15 @@ true label. The test split (20 %, true labels) is never seen before the end.
     python benchmarks/trainer_learning.py --dataset digits --limit 1000
     python benchmarks/trainer_learning.py --dataset fashion-mnist --limit 1000
 
+``--input-size`` trains and tests the tail at another side (the auto-labels still come from the
+network's own side); ``--relabel`` adds a second round in which the trained tail relabels the
+auto-labeled train rows and a fresh tail trains on them (both, and their average, are tested).
+
 Prints a table (test accuracy at the argmax, per-class recall, and for two classes the accuracy at
-the lowest threshold giving recall >= 0.95 on test) and writes benchmarks/results/trainer-learning-<dataset>.json.
+the lowest threshold giving recall >= 0.95 on test) and writes
+benchmarks/results/trainer-learning-<dataset>-<labels>-u<unfreeze>[-lr…-body…]-<images>[-s<seed>][…].json
+(each option that is not its default is part of the name; ``--configs``, ``--views`` and ``--max-seconds``
+are not: runs that differ only in those overwrite each other).
 """
 
 from __future__ import annotations
@@ -294,8 +301,9 @@ def main() -> None:
                         help="the side the tail trains and tests at (default: the network's, 224); the auto-labels "
                         "come from the network's side whatever this is")
     parser.add_argument("--relabel", action="store_true",
-                        help="a second round per configuration: the trained tail relabels the auto-labeled train "
-                        "rows, a fresh tail trains on them; both and their average are tested")
+                        help="a second round for each configuration without test-time views: the trained tail "
+                        "relabels the auto-labeled train rows, a fresh tail trains on them; both and their average "
+                        "are tested")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work-dir", type=Path, default=None)
