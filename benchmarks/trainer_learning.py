@@ -14,7 +14,9 @@ true label. The test split (20 %, true labels) is never seen before the end.
 
 ``--input-size`` trains and tests the tail at another side (the auto-labels still come from the
 network's own side); ``--relabel`` adds a second round in which the trained tail relabels the
-auto-labeled train rows and a fresh tail trains on them (both, and their average, are tested).
+auto-labeled train rows and a fresh tail trains on them (both, and their average, are tested);
+``--crossfit`` relabels each half of those rows with a tail trained without it instead, averaged with
+the labeler's probabilities.
 
 Prints a table (test accuracy at the argmax, per-class recall, and for two classes the accuracy at
 the lowest threshold giving recall >= 0.95 on test) and writes
@@ -304,6 +306,9 @@ def main() -> None:
                         help="a second round for each configuration without test-time views: the trained tail "
                         "relabels the auto-labeled train rows, a fresh tail trains on them; both and their average "
                         "are tested")
+    parser.add_argument("--crossfit", action="store_true",
+                        help="as --relabel, but each half of the auto-labeled rows is relabeled by a tail trained "
+                        "without it, averaged with the labeler's probabilities (two more trainings)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work-dir", type=Path, default=None)
@@ -325,13 +330,14 @@ def main() -> None:
     def part(arr: SplitArrays, rows: np.ndarray, lab: np.ndarray) -> SplitArrays:
         return SplitArrays(np.asarray(arr.x[rows]), [classes[i] for i in lab[rows]], [arr.item_ids[i] for i in rows])
 
-    def splits_of(arrays: dict[str, SplitArrays], lab: np.ndarray = lab_idx) -> dict[str, SplitArrays]:
-        return {"train": part(arrays["train"], tr, lab), "val": part(arrays["train"], va, y_pool),
+    def splits_of(arrays: dict[str, SplitArrays], lab: np.ndarray = lab_idx,
+                  rows: np.ndarray = tr) -> dict[str, SplitArrays]:
+        return {"train": part(arrays["train"], rows, lab), "val": part(arrays["train"], va, y_pool),
                 "test": arrays["test"]}
 
-    def labeled_as(lab: np.ndarray) -> CachedActivations:
-        return CachedActivations(acts.boundary, splits_of(acts.splits, lab), acts.source, 0.0,
-                                 views={v: splits_of(s, lab) for v, s in acts.views.items()})
+    def labeled_as(lab: np.ndarray, rows: np.ndarray = tr) -> CachedActivations:
+        return CachedActivations(acts.boundary, splits_of(acts.splits, lab, rows), acts.source, 0.0,
+                                 views={v: splits_of(s, lab, rows) for v, s in acts.views.items()})
 
     relabeled = labeled_as(lab_idx)
     weights = {pool.item_ids[i]: float(conf[i]) for i in tr}
@@ -388,12 +394,35 @@ def main() -> None:
                                        for xs in ([val_x], [val_x, *val_kept]))
             s["test_views_check"] = {"val_plain": plain_val, "val_averaged": averaged_val,
                                      "gain": averaging_gain(plain_val, averaged_val)}
-        if args.relabel and not tta:
+        if (args.relabel or args.crossfit) and not tta:
             # round 2: the trained tail relabels the auto-labeled train rows (its argmax, its probability as the
             # confidence; people's labels stay), a fresh tail trains on them the same way, and the two rounds'
-            # probabilities are averaged as well (an ensemble of two tails over the same frozen prefix)
+            # probabilities are averaged as well (an ensemble of two tails over the same frozen prefix).
+            # --crossfit: each half of the auto-labeled rows is relabeled by a tail trained without it (people's
+            # rows and the other half), its probabilities averaged with the labeler's (its confidence on its
+            # label, the rest shared evenly among the other classes)
             auto_tr = tr[auto[tr]]
-            p_auto = probabilities(tail, [pool.x[auto_tr]])
+            if args.crossfit:
+                fold = np.random.default_rng(args.seed + 7).permutation(len(auto_tr)) % 2
+                p_auto = np.zeros((len(auto_tr), len(classes)))
+                for f in (0, 1):
+                    held = auto_tr[fold == f]
+                    data_f, _, _ = build_data(labeled_as(lab_idx, np.setdiff1d(tr, held)), classes,
+                                              sample_fraction=1.0, sample_seed=0,
+                                              weights=weights if weighted else None)
+                    if view_mode == "none":
+                        data_f = replace(data_f, train_views=[], val_views={})
+                    tail_f = fresh_net().tail(args.unfreeze)
+                    train_tail(tail_f, data_f, hp, run=partial(run, tail=tail_f), check=view_mode == "checked",
+                               tolerance=args.tolerance, error_share=args.error_share, threads=args.threads)
+                    p_auto[fold == f] = probabilities(tail_f, [pool.x[held]])
+                given = np.full((len(auto_tr), len(classes)), 0.0)
+                rest = (1.0 - conf[auto_tr]) / max(len(classes) - 1, 1)
+                given += rest[:, None]
+                given[np.arange(len(auto_tr)), lab_idx[auto_tr]] = conf[auto_tr]
+                p_auto = (p_auto + given) / 2
+            else:
+                p_auto = probabilities(tail, [pool.x[auto_tr]])
             lab2, conf2 = lab_idx.copy(), conf.copy()
             lab2[auto_tr], conf2[auto_tr] = p_auto.argmax(1), p_auto.max(1)
             data2, _, _ = build_data(labeled_as(lab2), classes, sample_fraction=1.0, sample_seed=0,
@@ -439,7 +468,7 @@ def main() -> None:
     seed += "" if args.patience == 5 else f"-p{args.patience}"
     seed += f"-ema{args.ema_decay:g}" if args.ema_decay else ""
     seed += f"-px{args.input_size}" if args.input_size else ""
-    seed += "-relabel" if args.relabel else ""
+    seed += "-crossfit" if args.crossfit else "-relabel" if args.relabel else ""
     rates = f"-lr{args.lr:g}-body{base.body_lr_scale:g}" if args.unfreeze else ""
     out = RESULTS / f"trainer-learning-{args.dataset}-{args.labels}-u{args.unfreeze}{rates}-{len(labels)}{seed}.json"
     out.write_text(json.dumps(result, indent=2))
