@@ -38,7 +38,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,7 @@ from dlforge.trainer.cache import ActivationCache, CachedActivations, OnnxPrefix
 from dlforge.trainer.handlers import build_data, train_tail
 from dlforge.trainer.params import EpochMetrics, TrainParams
 from dlforge.trainer.stages import staged
-from dlforge.trainer.training import TrainData, fit
+from dlforge.trainer.training import fit
 from dlforge.trainer.views import IDENTITY, parse_views
 from dlforge.vision.manifest import Item, Manifest, Split
 from dlforge.vision.networks import build_network, spec_of
@@ -340,7 +339,6 @@ def main() -> None:
                                  views={v: splits_of(s, lab, rows) for v, s in acts.views.items()})
 
     relabeled = labeled_as(lab_idx)
-    weights = {pool.item_ids[i]: float(conf[i]) for i in tr}
     test_x = acts.splits["test"].x
     test_y = np.array([index[lab] for lab in acts.splits["test"].labels])
     test_views = [acts.views[v]["test"].x for v in views[1:]]
@@ -366,24 +364,27 @@ def main() -> None:
         configs = [configs[int(i)] for i in args.configs.split(",")]
     rows = []
     for name, hp, weighted, view_mode, tta in configs:
-        data, _, _ = build_data(relabeled, classes, sample_fraction=1.0, sample_seed=0,
-                                weights=weights if weighted else None)
-        if view_mode == "none":
-            data = replace(data, train_views=[], val_views={})
-        net = fresh_net()
-        tail = net.tail(args.unfreeze)
-        t1 = time.perf_counter()
 
-        def run(d: TrainData, hp: TrainParams, tail: torch.nn.Module = tail) -> Any:
-            return fit(tail, d, hp, listener=Quiet())
+        def train_fresh(lab: np.ndarray, lab_conf: np.ndarray, rows: np.ndarray = tr, *, hp: TrainParams = hp,
+                        weighted: bool = weighted, view_mode: str = view_mode) -> tuple[torch.nn.Module, Any, float]:
+            """A fresh tail trained on ``rows`` labeled ``lab`` (weights ``lab_conf``) under this configuration:
+            (the tail, train_tail's result, seconds)."""
+            data, _, _ = build_data(labeled_as(lab, rows), classes, sample_fraction=1.0, sample_seed=0,
+                                    weights={pool.item_ids[i]: float(lab_conf[i]) for i in rows} if weighted else None)
+            if view_mode == "none":
+                data = replace(data, train_views=[], val_views={})
+            tail = fresh_net().tail(args.unfreeze)
+            t1 = time.perf_counter()
+            trained = train_tail(tail, data, hp, run=lambda d, h: fit(tail, d, h, listener=Quiet()),
+                                 check=view_mode == "checked", tolerance=args.tolerance,
+                                 error_share=args.error_share, threads=args.threads)
+            return tail, trained, time.perf_counter() - t1
 
-        trained = train_tail(tail, data, hp, run=run, check=view_mode == "checked", tolerance=args.tolerance,
-                             error_share=args.error_share,
-                             threads=args.threads)
-        seconds = time.perf_counter() - t1
+        tail, trained, seconds = train_fresh(lab_idx, conf)
         used = trained.views
         kept = [test_views[list(views[1:]).index(v)] for v in used[1:]]  # the test rows under the kept views
-        s = scores(probabilities(tail, [test_x] + (kept if tta else [])), test_y, classes, positive)
+        p_test = probabilities(tail, [test_x])
+        s = scores(probabilities(tail, [test_x, *kept]) if tta else p_test, test_y, classes, positive)
         if not tta and kept:  # the same trained tail, averaged over the views it kept (as exported)
             s["with_test_time_views"] = scores(probabilities(tail, [test_x, *kept]), test_y, classes, positive)
             # what the optimizer's test_views=trained decides on these val items (people's labels)
@@ -407,42 +408,26 @@ def main() -> None:
                 p_auto = np.zeros((len(auto_tr), len(classes)))
                 for f in (0, 1):
                     held = auto_tr[fold == f]
-                    data_f, _, _ = build_data(labeled_as(lab_idx, np.setdiff1d(tr, held)), classes,
-                                              sample_fraction=1.0, sample_seed=0,
-                                              weights=weights if weighted else None)
-                    if view_mode == "none":
-                        data_f = replace(data_f, train_views=[], val_views={})
-                    tail_f = fresh_net().tail(args.unfreeze)
-                    train_tail(tail_f, data_f, hp, run=partial(run, tail=tail_f), check=view_mode == "checked",
-                               tolerance=args.tolerance, error_share=args.error_share, threads=args.threads)
+                    tail_f, _, _ = train_fresh(lab_idx, conf, np.setdiff1d(tr, held))
                     p_auto[fold == f] = probabilities(tail_f, [pool.x[held]])
-                given = np.full((len(auto_tr), len(classes)), 0.0)
-                rest = (1.0 - conf[auto_tr]) / max(len(classes) - 1, 1)
-                given += rest[:, None]
+                given = np.repeat(((1.0 - conf[auto_tr]) / max(len(classes) - 1, 1))[:, None], len(classes), axis=1)
                 given[np.arange(len(auto_tr)), lab_idx[auto_tr]] = conf[auto_tr]
                 p_auto = (p_auto + given) / 2
             else:
                 p_auto = probabilities(tail, [pool.x[auto_tr]])
             lab2, conf2 = lab_idx.copy(), conf.copy()
             lab2[auto_tr], conf2[auto_tr] = p_auto.argmax(1), p_auto.max(1)
-            data2, _, _ = build_data(labeled_as(lab2), classes, sample_fraction=1.0, sample_seed=0,
-                                     weights={pool.item_ids[i]: float(conf2[i]) for i in tr} if weighted else None)
-            if view_mode == "none":
-                data2 = replace(data2, train_views=[], val_views={})
-            tail2 = fresh_net().tail(args.unfreeze)
-            t2 = time.perf_counter()
-            trained2 = train_tail(tail2, data2, hp, run=partial(run, tail=tail2),
-                                  check=view_mode == "checked", tolerance=args.tolerance,
-                                  error_share=args.error_share, threads=args.threads)
-            p1, p2 = probabilities(tail, [test_x]), probabilities(tail2, [test_x])
+            tail2, trained2, seconds2 = train_fresh(lab2, conf2)
+            p2 = probabilities(tail2, [test_x])
             s["relabel"] = {
+                "by": "crossfit" if args.crossfit else "the trained tail",
                 "auto_label_accuracy_before": float((lab_idx[auto_tr] == y_pool[auto_tr]).mean()),
                 "auto_label_accuracy_after": float((lab2[auto_tr] == y_pool[auto_tr]).mean()),
                 "changed": int((lab2[auto_tr] != lab_idx[auto_tr]).sum()), "auto_rows": len(auto_tr),
                 "views": trained2.views, "epochs": len(trained2.result.epochs),
-                "best_epoch": trained2.result.best_epoch, "train_seconds": round(time.perf_counter() - t2, 1),
+                "best_epoch": trained2.result.best_epoch, "train_seconds": round(seconds2, 1),
                 "second": scores(p2, test_y, classes, positive),
-                "ensemble": scores((p1 + p2) / 2, test_y, classes, positive)}
+                "ensemble": scores((p_test + p2) / 2, test_y, classes, positive)}
         row = {"config": name, "views": used, "view_check": trained.check.val_accuracy if trained.check else None,
                "views_val_accuracy": trained.views_val_accuracy,
                "view_allowed_cost": trained.check.tolerance if trained.check else None,
@@ -496,15 +481,14 @@ def main() -> None:
                   f"{'averages' if c['gain'] == 'higher' else 'stays plain'} ({c['gain']})")
         if "relabel" in r:
             rl = r["relabel"]
-            print(f"  relabeled by it: {rl['changed']} of {rl['auto_rows']} auto-labels changed, their accuracy "
-                  f"{rl['auto_label_accuracy_before']:.3f} -> {rl['auto_label_accuracy_after']:.3f}")
-            for title, t in (("  a fresh tail on those labels", rl["second"]),
-                             ("  the two tails averaged", rl["ensemble"])):
+            print(f"  relabeled by {rl['by']}: {rl['changed']} of {rl['auto_rows']} auto-labels changed, their "
+                  f"accuracy {rl['auto_label_accuracy_before']:.3f} -> {rl['auto_label_accuracy_after']:.3f}")
+            trained_cols = f"{rl['epochs']:>6} {rl['best_epoch']:>4} {rl['train_seconds']:>6.1f}"
+            for title, t, cols in (("  a fresh tail on those labels", rl["second"], trained_cols),
+                                   ("  the two tails averaged", rl["ensemble"], f"{'':>6} {'':>4} {'':>6}")):
                 rec = " ".join(f"{c}:{v:.2f}" for c, v in t["recall"].items())
                 a95 = f"{t['accuracy_at_recall_95']:.3f}" if "accuracy_at_recall_95" in t else "-"
-                extra = (f"{rl['epochs']:>6} {rl['best_epoch']:>4} {rl['train_seconds']:>6.1f}"
-                         if title.startswith("  a fresh") else f"{'':>6} {'':>4} {'':>6}")
-                print(f"{title:<46} {t['accuracy']:>8.3f} {a95:>8} {extra}  {rec}")
+                print(f"{title:<46} {t['accuracy']:>8.3f} {a95:>8} {cols}  {rec}")
     print(f"\nwritten {out}")
 
 
