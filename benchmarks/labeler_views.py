@@ -17,6 +17,16 @@ other unlabeled images are scored (auto-label accuracy at full coverage, and per
   cached activations for ``--steps`` steps, a random view per image per step, class-weighted loss with
   label smoothing, the prediction averaged over the eight views.
 
+Three transductive uses of the unlabeled images, on the plain features (not in the labeler; each
+scored on the same rows):
+
+* ``smooth``: ``plain``'s probabilities smoothed over the k-nearest-neighbour graph of the labeled and
+  unlabeled images (cosine on 64 principal components of the standardized features, k 10): ten
+  rounds of ``q = 0.7 p + 0.3 mean(q over the neighbours)``, people's labels clamped to theirs;
+* ``spread``: label spreading (Zhou et al. 2004; scikit-learn's, k 20, alpha 0.2) on the same graph;
+* ``self_train``: ``plain`` fitted again with the more confident half of the unlabeled images added
+  under its own labels.
+
 The linear probe here is scikit-learn's logistic regression on standardized features with C chosen
 by 4-fold cross-validation (not the labeler's calibrated probe). Prints a table and writes
 ``benchmarks/results/labeler-views-<dataset>-<fraction>.json``.
@@ -38,6 +48,7 @@ from PIL import Image
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("c40", "c80", "c112", "c192", "c320", "head")
+TRANSDUCTIVE = ("smooth", "spread", "self_train")
 
 
 def _images(dataset: str, size: int, limit: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -149,6 +160,50 @@ def _finetune(f: dict[str, np.ndarray], views: list[str], labeled: np.ndarray, y
     return torch.stack(probs).mean(0).numpy()
 
 
+def _components(x: np.ndarray) -> np.ndarray:
+    """64 principal components of the standardized rows."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    return np.asarray(PCA(min(64, *x.shape), random_state=0).fit_transform(StandardScaler().fit_transform(x)))
+
+
+def _graph(x: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ``k`` nearest other rows (cosine on :func:`_components`)."""
+    z = _components(x)
+    z /= np.linalg.norm(z, axis=1, keepdims=True) + 1e-12
+    sims = z @ z.T
+    np.fill_diagonal(sims, -np.inf)
+    return np.argpartition(-sims, k, axis=1)[:, :k]
+
+
+def _transductive(method: str, x: np.ndarray, y: np.ndarray, labeled: np.ndarray, score: np.ndarray,
+                  n_classes: int) -> np.ndarray:
+    """The probabilities of the ``score`` rows under ``smooth``, ``spread`` or ``self_train`` (see above)."""
+    rows = np.concatenate([labeled, score])  # graph rows: people's first
+    n_lab = len(labeled)
+    if method == "self_train":
+        p = _linear(x[labeled], y[labeled])(x[score])
+        conf = p.max(axis=1)
+        top = conf >= np.median(conf)
+        refit = _linear(np.concatenate([x[labeled], x[score][top]]), np.concatenate([y[labeled], p[top].argmax(1)]))
+        return np.asarray(refit(x[score]))
+    if method == "spread":
+        from sklearn.semi_supervised import LabelSpreading
+
+        z = _components(x[rows])
+        target = np.concatenate([y[labeled], np.full(len(score), -1)])
+        spread = LabelSpreading(kernel="knn", n_neighbors=20, alpha=0.2, max_iter=100).fit(z, target)
+        return np.asarray(spread.label_distributions_[n_lab:])
+    p = np.asarray(_linear(x[labeled], y[labeled])(x[rows]))
+    neighbours = _graph(x[rows], 10)
+    q, given = p.copy(), np.eye(n_classes)[y[labeled]]
+    for _ in range(10):
+        q = 0.7 * p + 0.3 * q[neighbours].mean(axis=1)
+        q[:n_lab] = given
+    return q[n_lab:]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -174,6 +229,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             if method == "finetune":
                 proba = _finetune(f, views, labeled, y, score, len(names), args.steps, seed)
+            elif method in TRANSDUCTIVE:
+                proba = _transductive(method, plain, y, labeled, score, len(names))
             else:
                 proba = _linear(inputs[method][labeled], y[labeled])(inputs[method][score])
             pred = proba.argmax(axis=1)
@@ -207,7 +264,7 @@ def main() -> None:
     p.add_argument("--workdir", default=str(RESULTS / "cache"), help="where the views' features are cached")
     p.add_argument("--output", default=None)
     args = p.parse_args()
-    unknown = set(args.methods) - {"plain", "mean", "side_by_side", "finetune"}
+    unknown = set(args.methods) - {"plain", "mean", "side_by_side", "finetune", *TRANSDUCTIVE}
     if unknown:
         raise SystemExit(f"unknown methods: {', '.join(sorted(unknown))}")
     from dlforge.vision.images import DIHEDRAL_VIEWS
@@ -221,6 +278,7 @@ def main() -> None:
     for method, s in result["summary"].items():
         print(f"{method:14s} {s['mean']:>12.4f} ± {s['std']:.4f}")
     tag = "" if not args.views or set(args.views) == set(DIHEDRAL_VIEWS) else "-" + "+".join(args.views)
+    tag += "-transductive" if set(args.methods) & set(TRANSDUCTIVE) else ""
     out = Path(args.output) if args.output else RESULTS / f"labeler-views-{args.dataset}-{args.fraction:g}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -16,7 +16,8 @@ true label. The test split (20 %, true labels) is never seen before the end.
 network's own side); ``--relabel`` adds a second round in which the trained tail relabels the
 auto-labeled train rows and a fresh tail trains on them (both, and their average, are tested);
 ``--crossfit`` relabels each half of those rows with a tail trained without it instead, averaged with
-the labeler's probabilities.
+the labeler's probabilities. ``--targets soft`` replaces the confidence weights with soft targets (weight
+1, the confidence on the label, the rest shared evenly among the other classes).
 
 Prints a table (test accuracy at the argmax, per-class recall, and for two classes the accuracy at
 the lowest threshold giving recall >= 0.95 on test) and writes
@@ -308,6 +309,10 @@ def main() -> None:
     parser.add_argument("--crossfit", action="store_true",
                         help="as --relabel, but each half of the auto-labeled rows is relabeled by a tail trained "
                         "without it, averaged with the labeler's probabilities (two more trainings)")
+    parser.add_argument("--targets", choices=["hard", "soft"], default="hard",
+                        help="how an auto-label's confidence enters the configurations with confidence weights: "
+                        "hard (the trainer's: a one-hot target weighed by it) or soft (weight 1, the target puts "
+                        "the confidence on the label and the rest evenly on the other classes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work-dir", type=Path, default=None)
@@ -369,8 +374,13 @@ def main() -> None:
                         weighted: bool = weighted, view_mode: str = view_mode) -> tuple[torch.nn.Module, Any, float]:
             """A fresh tail trained on ``rows`` labeled ``lab`` (weights ``lab_conf``) under this configuration:
             (the tail, train_tail's result, seconds)."""
+            soft = weighted and args.targets == "soft"
             data, _, _ = build_data(labeled_as(lab, rows), classes, sample_fraction=1.0, sample_seed=0,
-                                    weights={pool.item_ids[i]: float(lab_conf[i]) for i in rows} if weighted else None)
+                                    weights={pool.item_ids[i]: float(lab_conf[i]) for i in rows}
+                                    if weighted and not soft else None)
+            if soft:  # build_data keeps the train rows in the order of ``rows`` (a val split is given, no sample)
+                assert len(data.train_y) == len(rows) and (data.train_y == lab[rows]).all()
+                data = replace(data, train_soft=lab_conf[rows].astype(np.float32))
             if view_mode == "none":
                 data = replace(data, train_views=[], val_views={})
             tail = fresh_net().tail(args.unfreeze)
@@ -441,7 +451,8 @@ def main() -> None:
               "auto_label_accuracy": auto_acc, "train": len(tr), "val": len(va), "test": len(test_y),
               "unfreeze": args.unfreeze, "lr": args.lr, "body_lr_scale": base.body_lr_scale,
               "max_epochs": args.max_epochs, "patience": args.patience, "lr_schedule": args.lr_schedule,
-              "ema_decay": args.ema_decay, "input_size": args.input_size or spec_of(ARCH).input_size,
+              "ema_decay": args.ema_decay, "targets": args.targets,
+              "input_size": args.input_size or spec_of(ARCH).input_size,
               "max_seconds": args.max_seconds, "tolerance": args.tolerance,
               "error_share": args.error_share, "declared_views": list(views), "cpu": model,
               "threads": args.threads, "load_average": os.getloadavg()[0], "python": platform.python_version(),
@@ -454,6 +465,7 @@ def main() -> None:
     seed += f"-ema{args.ema_decay:g}" if args.ema_decay else ""
     seed += f"-px{args.input_size}" if args.input_size else ""
     seed += "-crossfit" if args.crossfit else "-relabel" if args.relabel else ""
+    seed += "-soft" if args.targets == "soft" else ""
     rates = f"-lr{args.lr:g}-body{base.body_lr_scale:g}" if args.unfreeze else ""
     out = RESULTS / f"trainer-learning-{args.dataset}-{args.labels}-u{args.unfreeze}{rates}-{len(labels)}{seed}.json"
     out.write_text(json.dumps(result, indent=2))

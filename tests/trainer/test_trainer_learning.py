@@ -108,6 +108,29 @@ def test_confidence_weighted_loss_against_a_hand_computed_value() -> None:
     assert float(weighted_loss(logits, y, row_weight=torch.zeros(2))) == 0.0
 
 
+def test_soft_targets_against_hand_computed_values_and_torch_probability_targets() -> None:
+    # row 1: logits (0, 0), target (0.7 on class 0, 0.3 on class 1) -> CE = ln 2 whatever the target
+    # row 2: logits (ln 3, 0), label 1 at 0.6 -> p = (3/4, 1/4): CE = 0.6 ln 4 + 0.4 ln(4/3)
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    y = torch.tensor([0, 1])
+    soft = torch.tensor([0.7, 0.6])
+    want = (math.log(2.0) + 0.6 * math.log(4.0) + 0.4 * math.log(4.0 / 3.0)) / 2
+    assert float(weighted_loss(logits, y, row_soft=soft)) == pytest.approx(want, rel=1e-6)
+    # a target of 1 is the one-hot loss
+    assert float(weighted_loss(logits, y, row_soft=torch.ones(2))) == pytest.approx(float(weighted_loss(logits, y)))
+    # three classes: the rest is shared evenly; against torch's cross-entropy with probability targets
+    g = torch.Generator().manual_seed(1)
+    big, labels = torch.randn(40, 3, generator=g), torch.randint(0, 3, (40,), generator=g)
+    s = torch.rand(40, generator=g)
+    target = ((1 - s) / 2)[:, None].repeat(1, 3)
+    target[torch.arange(40), labels] = s
+    cw, rw = torch.tensor([0.5, 2.0, 1.0]), torch.rand(40, generator=g)
+    ce = nn.functional.cross_entropy(big, target, reduction="none")
+    ref = (cw[labels] * rw * ce).sum() / (cw[labels] * rw).sum()
+    got = weighted_loss(big, labels, class_weight=cw, row_weight=rw, row_soft=s)
+    assert float(got) == pytest.approx(float(ref), rel=1e-6)
+
+
 def _item(item_id: str, label: str | None, source: str | None, confidence: float | None) -> Item:
     return Item(item_id=item_id, key=f"k/{item_id}", name=item_id, sha256=item_id, width=8, height=8, label=label,
                 label_source=source, confidence=confidence, split="train")  # type: ignore[arg-type]
@@ -160,6 +183,24 @@ def test_rows_of_weight_zero_do_not_change_training() -> None:
     same = all(torch.equal(a, b) for a, b in zip(tails[0].parameters(), tails[1].parameters(), strict=True))
     assert same  # the weight-0 rows' labels do not matter...
     assert not torch.equal(tails[0].weight, tails[2].weight)  # ...and do when they weigh 1
+
+
+def test_soft_targets_train_to_the_probability_they_ask_for() -> None:
+    # inputs all zero: only the bias learns, and the loss is lowest where the predicted probability of "a" is
+    # the targets' mean: 12 rows of "a" at 1, 12 of "b" whose target is 0.5 "b" / 0.5 "a" -> (12 + 6) / 24 = 0.75
+    x = np.zeros((24, 6), dtype=np.float32)
+    y = np.array([0] * 12 + [1] * 12)
+    soft = np.array([1.0] * 12 + [0.5] * 12, dtype=np.float32)
+    hp = TrainParams(lr=0.05, batch_size=24, epochs=150, seed=0, class_weighting="none")
+
+    def p_a(soft_targets: np.ndarray | None) -> float:
+        tail = _linear()
+        fit(tail, TrainData(x, y, x[:4], y[:4], ["a", "b"], train_soft=soft_targets), hp, listener=Recorder(tail))
+        with torch.no_grad():
+            return float(torch.softmax(tail(torch.zeros(1, 6)), dim=1)[0, 0])
+
+    assert p_a(soft) == pytest.approx(0.75, abs=0.01)
+    assert p_a(None) == pytest.approx(0.5, abs=0.01)  # one-hot targets on the same rows
 
 
 # -- early stopping -------------------------------------------------------------------------------------
@@ -427,14 +468,22 @@ def test_views_and_weights_reach_the_worker_processes(tmp_path: Path) -> None:
     x, y = _toy(20)
     views = [x * 2, x * 3]
     data = TrainData(x, y, x[:4], y[:4], ["a", "b"], train_w=np.linspace(0, 1, 20, dtype=np.float32),
-                     train_views=views)
+                     train_soft=np.linspace(0.5, 1, 20, dtype=np.float32), train_views=views)
     _write_job(FitJob(tail=_linear(), data=data, hparams=TrainParams(patience=2)), tmp_path)
     _, back, spec = _read_job(tmp_path)
     assert back.train_w is not None and back.train_w.tolist() == data.train_w.tolist()  # type: ignore[union-attr]
+    assert back.train_soft is not None and back.train_soft.tolist() == data.train_soft.tolist()  # type: ignore[union-attr]
     assert [v.tolist() for v in back.train_views] == [v.tolist() for v in views]
     assert spec["hparams"]["patience"] == 2
     with pytest.raises(ValueError, match="train_w"):
         TrainData(x, y, x, y, ["a", "b"], train_w=np.ones(3))
+    with pytest.raises(ValueError, match="train_soft"):
+        TrainData(x, y, x, y, ["a", "b"], train_soft=np.ones(3))
+    # without them, nothing is written and nothing comes back
+    _write_job(FitJob(tail=_linear(), data=TrainData(x, y, x[:4], y[:4], ["a", "b"]), hparams=TrainParams()),
+               tmp_path / "plain")
+    _, plain, _ = _read_job(tmp_path / "plain")
+    assert plain.train_w is None and plain.train_soft is None
 
 
 def test_the_time_cap_ends_training_after_the_epoch_that_reaches_it() -> None:

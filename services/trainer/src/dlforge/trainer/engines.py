@@ -104,8 +104,9 @@ def _write_job(job: FitJob, job_dir: Path) -> None:
     torch.save(job.tail, job_dir / "tail.pt")
     for name in ("train_x", "train_y", "val_x", "val_y"):
         np.save(job_dir / f"{name}.npy", np.ascontiguousarray(getattr(job.data, name)))
-    if job.data.train_w is not None:
-        np.save(job_dir / "train_w.npy", np.ascontiguousarray(job.data.train_w))
+    for name in ("train_w", "train_soft"):
+        if getattr(job.data, name) is not None:
+            np.save(job_dir / f"{name}.npy", np.ascontiguousarray(getattr(job.data, name)))
     for k, view in enumerate(job.data.train_views):
         np.save(job_dir / f"train_view{k}.npy", np.ascontiguousarray(view))
     spec = {
@@ -133,9 +134,9 @@ def _read_job(job_dir: Path) -> tuple[nn.Module, TrainData, dict[str, Any]]:
     spec = json.loads((job_dir / "job.json").read_text())
     tail: nn.Module = torch.load(job_dir / "tail.pt", weights_only=False)
     arrays = {n: np.load(job_dir / f"{n}.npy", mmap_mode="r") for n in ("train_x", "train_y", "val_x", "val_y")}
-    weights = np.load(job_dir / "train_w.npy") if (job_dir / "train_w.npy").exists() else None
+    rows = {n: np.load(job_dir / f"{n}.npy") for n in ("train_w", "train_soft") if (job_dir / f"{n}.npy").exists()}
     views = [np.load(job_dir / f"train_view{k}.npy", mmap_mode="r") for k in range(int(spec.get("train_views", 0)))]
-    return tail, TrainData(classes=spec["classes"], train_w=weights, train_views=views, **arrays), spec
+    return tail, TrainData(classes=spec["classes"], train_views=views, **rows, **arrays), spec
 
 
 class _QueueListener:

@@ -7,7 +7,9 @@ answer (go on, or stop: e.g. the trial was pruned) every rank follows.
 
 What the loss sees (each behind :class:`TrainParams` or :class:`TrainData`, see :func:`weighted_loss`):
 class weights (``class_weighting``), a weight per row (``TrainData.train_w``: the confidence of an
-auto-label, 1 for a person's), and one of the row's cached views per epoch (``TrainData.train_views``).
+auto-label, 1 for a person's), optionally soft targets (``TrainData.train_soft``: measured by
+benchmarks/trainer_learning.py, not used by the pipeline), and one of the row's cached views per epoch
+(``TrainData.train_views``).
 With ``patience`` > 0 training stops when validation has not improved for that many epochs, and the
 tail ends with the weights of its best epoch (highest val accuracy; lower val loss breaks ties).
 ``max_seconds`` caps the time: no epoch starts that would end past it (by the mean epoch time so far).
@@ -129,7 +131,9 @@ class Precision:
 class TrainData:
     """Cached activations (float16 or float32) and class indices of the train and val rows.
 
-    ``train_w``: a loss weight per train row (None: all 1). ``train_views``: the train rows under other
+    ``train_w``: a loss weight per train row (None: all 1). ``train_soft``: per train row, the probability its
+    target puts on its label ``train_y`` (the rest shared evenly among the other classes; None: all 1, one-hot
+    targets). ``train_views``: the train rows under other
     label-preserving views (same row order as ``train_x``); each epoch a row is seen under one view
     (the identity included) drawn uniformly. ``val_views``: the val rows under the same views (for
     checking them and test-time averaging; training does not read them).
@@ -141,12 +145,15 @@ class TrainData:
     val_y: np.ndarray
     classes: list[str]
     train_w: np.ndarray | None = None
+    train_soft: np.ndarray | None = None
     train_views: list[np.ndarray] = field(default_factory=list)
     val_views: dict[str, np.ndarray] = field(default_factory=dict)  # val rows under the other views, by name
 
     def __post_init__(self) -> None:
         if self.train_w is not None and len(self.train_w) != len(self.train_y):
             raise ValueError(f"train_w has {len(self.train_w)} rows, train_y {len(self.train_y)}")
+        if self.train_soft is not None and len(self.train_soft) != len(self.train_y):
+            raise ValueError(f"train_soft has {len(self.train_soft)} rows, train_y {len(self.train_y)}")
         for v in self.train_views:
             if v.shape != self.train_x.shape:
                 raise ValueError(f"a train view has shape {v.shape}, train_x {self.train_x.shape}")
@@ -313,20 +320,32 @@ def class_weights(y: np.ndarray, n_classes: int, mode: str, row_weights: np.ndar
 
 
 def weighted_loss(logits: torch.Tensor, y: torch.Tensor, *, class_weight: torch.Tensor | None = None,
-                  row_weight: torch.Tensor | None = None) -> torch.Tensor:
+                  row_weight: torch.Tensor | None = None, row_soft: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy weighted per row by ``class_weight[y_i] * row_weight_i``, normalized by the weights' sum.
 
     ``sum_i c_{y_i} w_i CE_i / sum_i c_{y_i} w_i`` -- with ``row_weight`` None this is exactly
-    ``nn.CrossEntropyLoss(weight=class_weight)``; a batch whose weights are all 0 has loss 0.
+    ``nn.CrossEntropyLoss(weight=class_weight)``; a batch whose weights are all 0 has loss 0. ``row_soft``:
+    soft targets, see :func:`weighted_sums`.
     """
-    weighted, total = weighted_sums(logits, y, class_weight=class_weight, row_weight=row_weight)
+    weighted, total = weighted_sums(logits, y, class_weight=class_weight, row_weight=row_weight, row_soft=row_soft)
     return weighted / total.clamp_min(torch.finfo(logits.dtype).tiny) if float(total) > 0 else weighted * 0.0
 
 
 def weighted_sums(logits: torch.Tensor, y: torch.Tensor, *, class_weight: torch.Tensor | None = None,
-                  row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``sum_i c_{y_i} w_i CE_i``, ``sum_i c_{y_i} w_i``): :func:`weighted_loss` is their ratio."""
-    ce = nn.functional.cross_entropy(logits, y, reduction="none")
+                  row_weight: torch.Tensor | None = None,
+                  row_soft: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``sum_i c_{y_i} w_i CE_i``, ``sum_i c_{y_i} w_i``): :func:`weighted_loss` is their ratio.
+
+    ``row_soft``: row ``i``'s target puts ``s_i`` on ``y_i`` and ``(1 - s_i) / (K - 1)`` on each other class,
+    so ``CE_i = -s_i log p_{y_i} - (1 - s_i) / (K - 1) sum_{k != y_i} log p_k``.
+    """
+    if row_soft is None:
+        ce = nn.functional.cross_entropy(logits, y, reduction="none")
+    else:
+        logp = nn.functional.log_softmax(logits.float(), dim=1)
+        own = -logp.gather(1, y[:, None])[:, 0]
+        others = (-logp.sum(1) - own) / max(logits.shape[1] - 1, 1)
+        ce = row_soft * own + (1.0 - row_soft) * others
     w = torch.ones_like(ce)
     if class_weight is not None:
         w = w * class_weight[y]
@@ -570,6 +589,7 @@ def fit(
     average = WeightAverage(tail, hp.ema_decay, resume.average if resume is not None else None) \
         if hp.ema_decay else None
     row_weights = None if data.train_w is None else np.asarray(data.train_w, dtype=np.float32)
+    row_soft = None if data.train_soft is None else np.asarray(data.train_soft, dtype=np.float32)
     weights = class_weights(data.train_y, len(data.classes), hp.class_weighting, row_weights)
     class_weight = weights.to(device) if weights is not None else None
     class_weight_np = weights.numpy().astype(np.float64) if weights is not None else None
@@ -616,9 +636,10 @@ def fit(
             xb = torch.from_numpy(_rows(data, idx, views)).to(device)
             yb = torch.from_numpy(data.train_y[idx].astype(np.int64)).to(device)
             wb = None if row_weights is None else torch.from_numpy(row_weights[idx]).to(device)
+            sb = None if row_soft is None else torch.from_numpy(row_soft[idx]).to(device)
             optimizer.zero_grad(set_to_none=True)
             with precision.autocast():
-                weighted, _ = weighted_sums(model(xb), yb, class_weight=class_weight, row_weight=wb)
+                weighted, _ = weighted_sums(model(xb), yb, class_weight=class_weight, row_weight=wb, row_soft=sb)
             # every rank knows the whole batch's rows, so its weight needs no communication; DDP averages the
             # ranks' gradients, so each rank's share of the batch's loss is scaled by the world
             block_weight = float(_weights_of(block, data.train_y, class_weight_np, row_weights).sum())
