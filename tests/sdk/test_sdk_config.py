@@ -45,11 +45,33 @@ def test_job_request_is_the_trainer_body() -> None:
                        HParams(lr=0.01, unfreeze=2), RunConfig(no_of_workers=2, run_eval=False))
     assert body == {
         "manifest_key": "m.json", "classes": ["a", "b"], "weights_key": "w.pt", "sample_fraction": 0.5,
-        "evaluate_test": False, "hparams": HParams(lr=0.01, unfreeze=2).model_dump(),
-        "run_config": {"no_of_workers": 2, "checkpoint_every_steps": 0, "summary_every_steps": 10, "engine": "ddp",
-                       "input_size": None},
+        "evaluate_test": False, "hparams": {"lr": 0.01, "unfreeze": 2}, "run_config": {"no_of_workers": 2},
     }
-    # the trainer accepts exactly this shape
+    # the trainer accepts exactly this shape, and fills in the parameters left out with the same values
     from dlforge.trainer.handlers import TrainingRequest
 
-    TrainingRequest.model_validate(body)
+    request = TrainingRequest.model_validate(body)
+    assert request.hparams.model_dump(include=set(HParams.model_fields)) == HParams(lr=0.01, unfreeze=2).model_dump()
+    assert request.run_config.model_dump() == RunConfig(no_of_workers=2).model_dump(exclude={"run_eval"})
+
+
+def test_the_sdk_and_the_trainer_have_the_same_defaults() -> None:
+    from dlforge.trainer.params import RunOptions, TrainParams
+
+    trainer = TrainParams().model_dump()
+    assert {k: trainer[k] for k in HParams.model_fields} == HParams().model_dump()
+    assert RunOptions().model_dump() == RunConfig().model_dump(exclude={"run_eval"})
+
+
+def test_a_trainer_from_before_a_parameter_takes_jobs_that_leave_it_at_its_default() -> None:
+    # the trainer's parameters as they were before ema_decay: unknown names refused (extra="forbid")
+    from pydantic import create_model
+
+    from dlforge.trainer.params import TrainParams
+
+    fields = {k: (f.annotation, f) for k, f in TrainParams.model_fields.items() if k != "ema_decay"}
+    before = create_model("TrainParamsBefore", __config__=TrainParams.model_config, **fields)  # type: ignore[call-overload]
+    estimator = Estimator(manifest_key="m.json", classes=["a", "b"], arch="small_cnn")
+    before.model_validate(job_request(estimator, HParams(lr=0.01), RunConfig())["hparams"])
+    with pytest.raises(ValidationError, match="ema_decay"):  # a job that asks for it is refused, not run without it
+        before.model_validate(job_request(estimator, HParams(ema_decay=0.99), RunConfig())["hparams"])

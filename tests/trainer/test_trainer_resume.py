@@ -202,3 +202,76 @@ def test_fit_trains_a_tails_units_at_their_share_of_the_rate() -> None:
     # the head at lr (the cosine's start), the unit at body_lr_scale (default 0.1) of it
     assert sorted(g["initial_lr"] for g in groups) == pytest.approx([0.005, 0.05])
     assert sorted(len(g["params"]) for g in groups) == [2, 2]
+
+
+# -- which stored state may be resumed, across versions ---------------------------------------------------
+
+
+def _old_tag(data: TrainData, hp: TrainParams, *, without: tuple[str, ...] = ()) -> str:
+    """The tag a version before the recorded identity stored: sha256 of pydantic's compact JSON of every
+    parameter it knew, '|', the shape list (rows, val rows, views, feature dims), first 16 hex digits."""
+    import hashlib
+    import json
+
+    params = {k: v for k, v in hp.model_dump(mode="json").items() if k not in without}
+    shape = [len(data.train_y), len(data.val_y), len(data.train_views), *data.train_x.shape[1:]]
+    return hashlib.sha256(f"{json.dumps(params, separators=(',', ':'))}|{shape}".encode()).hexdigest()[:16]
+
+
+def test_a_stored_state_matches_only_the_parameters_and_data_it_was_trained_on() -> None:
+    from dlforge.trainer.handlers import resume_identity, resume_matches
+
+    data, hp = _data(), TrainParams(lr=0.01, batch_size=8, epochs=4)
+    stored = {"identity": resume_identity(data, hp)}
+    assert resume_matches(stored, data, hp)
+    assert not resume_matches(stored, data, hp.model_copy(update={"lr": 0.02}))
+    fewer = TrainData(data.train_x[:60], data.train_y[:60], data.val_x, data.val_y, data.classes)
+    assert not resume_matches(stored, fewer, hp)
+    # stored by a version without ema_decay: the same training while it is off, not when it is on
+    before = {"identity": {**stored["identity"],
+                           "hparams": {k: v for k, v in stored["identity"]["hparams"].items() if k != "ema_decay"}}}
+    assert resume_matches(before, data, hp)
+    assert not resume_matches(before, data, hp.model_copy(update={"ema_decay": 0.99}))
+    # stored by a later version with a parameter this one does not know: never
+    later = {"identity": {**stored["identity"], "hparams": {**stored["identity"]["hparams"], "warp": 1}}}
+    assert not resume_matches(later, data, hp)
+    # older states carry only the tag of every parameter of their day
+    assert resume_matches({"tag": _old_tag(data, hp)}, data, hp)
+    assert resume_matches({"tag": _old_tag(data, hp, without=("ema_decay",))}, data, hp)
+    assert not resume_matches({"tag": _old_tag(data, hp, without=("ema_decay",))}, data,
+                              hp.model_copy(update={"ema_decay": 0.99}))
+    assert not resume_matches({"tag": _old_tag(data, hp.model_copy(update={"lr": 0.02}))}, data, hp)
+    assert not resume_matches({}, data, hp)
+
+
+def test_a_job_goes_on_from_a_state_an_older_version_stored(
+    objects: ObjectStore, manifest_key: str, weights_key: str, config: TrainerConfig,
+) -> None:
+    import io
+
+    req = TrainingRequest(weights_key=weights_key, manifest_key=manifest_key, classes=["defect", "good"],
+                          hparams=TrainParams(lr=0.01, batch_size=8, epochs=4, unfreeze=0, dropout=0.0))
+    prefix = "trainer/jobs/upgraded"
+
+    def dies_in_epoch_three(m: EpochMetrics) -> bool:
+        if m.epoch == 3:
+            raise Killed
+        return True
+
+    with pytest.raises(Killed):
+        run_training(objects, req, job_id="upgraded", key_prefix=prefix, config=config, on_epoch=dies_in_epoch_three,
+                     resumable=True)
+    # rewrite the stored state as the version before ema_decay wrote it: no identity, its tag
+    raw = torch.load(io.BytesIO(objects.get_bytes(resume_key(prefix))), map_location="cpu", weights_only=False)
+    identity = raw.pop("identity")
+    n, val, views, *dims = identity["shape"]
+    shaped = TrainData(np.zeros((n, *dims), np.float32), np.zeros(n, np.int64), np.zeros((val, *dims), np.float32),
+                       np.zeros(val, np.int64), ["defect", "good"], train_views=[np.zeros((n, *dims))] * views)
+    raw["tag"] = _old_tag(shaped, req.hparams, without=("ema_decay",))
+    buf = io.BytesIO()
+    torch.save(raw, buf)
+    objects.put_bytes(resume_key(prefix), buf.getvalue())
+    rerun: list[int] = []
+    run_training(objects, req, job_id="upgraded", key_prefix=prefix, config=config,
+                 on_epoch=lambda m: rerun.append(m.epoch) is None, resumable=True)
+    assert rerun == [3, 4]  # epochs 1 and 2 were not trained again

@@ -107,12 +107,17 @@ class RunConfig(BaseModel):
 
 
 def job_request(estimator: Estimator, hparams: HParams, run_config: RunConfig) -> dict[str, Any]:
-    """The body of the trainer's ``POST /jobs`` (also what the in-process transport runs)."""
+    """The body of the trainer's ``POST /jobs`` (also what the in-process transport runs).
+
+    Parameters at their defaults are left out: the trainer's defaults are the same (a test holds them
+    equal), and a trainer of an older version, which refuses a name it does not know, then still takes
+    a job that does not use what was added since.
+    """
     body: dict[str, Any] = {
         "manifest_key": estimator.manifest_key,
         "classes": list(estimator.classes),
-        "hparams": hparams.model_dump(),
-        "run_config": run_config.model_dump(exclude={"run_eval"}),
+        "hparams": hparams.model_dump(exclude_defaults=True),
+        "run_config": run_config.model_dump(exclude={"run_eval"}, exclude_defaults=True),
         "sample_fraction": estimator.sample_fraction,
         "evaluate_test": run_config.run_eval,
     }

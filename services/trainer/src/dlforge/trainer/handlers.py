@@ -636,8 +636,8 @@ def run_training(
             nonlocal resumed_from
             resume, on_state = None, None
             if resumable:
-                stored, store = resume_point(objects, resume_key(key_prefix), work_dir=Path(tmp),
-                                             tag=_resume_tag(train_data, hparams))
+                stored, store = resume_point(objects, resume_key(key_prefix), work_dir=Path(tmp), data=train_data,
+                                             hparams=hparams)
 
                 def on_state(state: FitState) -> None:
                     store(state, [(s, v) for s, v in monitor.step_losses if s <= state.steps])
@@ -701,10 +701,49 @@ def resume_key(key_prefix: str) -> str:
     return f"{key_prefix}/resume/state.pt"
 
 
-def _resume_tag(data: TrainData, hparams: TrainParams) -> str:
+# parameters added after states were first stored with a tag of every parameter (see resume_matches)
+_ADDED_AFTER_TAGS = frozenset({"ema_decay"})
+
+
+def _shape(data: TrainData) -> list[int]:
+    return [len(data.train_y), len(data.val_y), len(data.train_views), *(int(d) for d in data.train_x.shape[1:])]
+
+
+def _resume_tag(data: TrainData, hparams: TrainParams, *, exclude: frozenset[str] = frozenset()) -> str:
+    """The older record of what a state was trained on: a hash of every parameter and the data's shape."""
+    dump = hparams.model_dump_json(exclude=set(exclude)) if exclude else hparams.model_dump_json()
+    return hashlib.sha256(f"{dump}|{_shape(data)}".encode()).hexdigest()[:16]
+
+
+def resume_identity(data: TrainData, hparams: TrainParams) -> dict[str, Any]:
     """What a stored state must have been trained on to be resumed: the parameters and the data's shape."""
-    shape = [len(data.train_y), len(data.val_y), len(data.train_views), *data.train_x.shape[1:]]
-    return hashlib.sha256(f"{hparams.model_dump_json()}|{shape}".encode()).hexdigest()[:16]
+    return {"hparams": hparams.model_dump(mode="json"), "shape": _shape(data)}
+
+
+def resume_matches(stored: dict[str, Any], data: TrainData, hparams: TrainParams) -> bool:
+    """Whether a stored state was trained on these parameters and data, so that going on from it trains what
+    an uninterrupted run would.
+
+    A state records its parameters (``identity``). A parameter it does not name was added by a later
+    version; the state matches only if that parameter is at its default, which leaves the training as the
+    version before it trained (every parameter's default is the behaviour from before it existed). A
+    parameter the state names that this version does not know (a downgrade) never matches. States stored
+    before the record carry only a hash (``tag``) of every parameter of their day and the shape; they match
+    with the parameters added since left out of the hash when they are at their defaults.
+    """
+    identity = stored.get("identity")
+    now = resume_identity(data, hparams)
+    if isinstance(identity, dict):
+        then = identity.get("hparams")
+        if identity.get("shape") != now["shape"] or not isinstance(then, dict) or set(then) - set(now["hparams"]):
+            return False
+        defaults = TrainParams().model_dump(mode="json")
+        return all(then[k] == v if k in then else v == defaults[k] for k, v in now["hparams"].items())
+    tag = stored.get("tag")
+    if tag == _resume_tag(data, hparams):
+        return True
+    at_default = frozenset(k for k in _ADDED_AFTER_TAGS if getattr(hparams, k) == TrainParams.model_fields[k].default)
+    return bool(at_default) and tag == _resume_tag(data, hparams, exclude=at_default)
 
 
 @dataclass
@@ -718,9 +757,12 @@ class StoredState:
 StoreState = Callable[[FitState, list[tuple[int, float]]], None]
 
 
-def resume_point(objects: ObjectStore, key: str, *, work_dir: Path, tag: str) -> tuple[StoredState | None, StoreState]:
-    """(the stored state to go on from, if it was trained on the same ``tag``; the hook that stores the next)."""
+def resume_point(objects: ObjectStore, key: str, *, work_dir: Path, data: TrainData,
+                 hparams: TrainParams) -> tuple[StoredState | None, StoreState]:
+    """(the stored state to go on from, if it was trained on the same parameters and data (see
+    :func:`resume_matches`); the hook that stores the next)."""
     resume = None
+    identity, tag = resume_identity(data, hparams), _resume_tag(data, hparams)  # the tag: for older versions
     try:
         local = objects.get_file(key, work_dir / "resume-in.pt")
     except NotFound:
@@ -728,14 +770,14 @@ def resume_point(objects: ObjectStore, key: str, *, work_dir: Path, tag: str) ->
     if local is not None:
         raw = torch.load(local, map_location="cpu", weights_only=False)  # a state trained on CUDA, too
         local.unlink(missing_ok=True)
-        if raw.get("tag") == tag:
+        if resume_matches(raw, data, hparams):
             resume = StoredState(FitState.from_dict(raw), [(int(s), float(v)) for s, v in raw.get("step_losses", [])])
         else:
             log.info("%s was trained on other data or parameters: starting afresh", key)
 
     def store(state: FitState, step_losses: list[tuple[int, float]]) -> None:
         path = work_dir / "resume-out.pt"
-        torch.save({**state.to_dict(), "tag": tag, "step_losses": step_losses}, path)
+        torch.save({**state.to_dict(), "identity": identity, "tag": tag, "step_losses": step_losses}, path)
         objects.put_file(key, path)
         path.unlink(missing_ok=True)
 
