@@ -36,6 +36,28 @@ def test_stage_shapes_at_224(trunk: StagedNetwork) -> None:
     assert len(trunk) == 18 and trunk.names[0] == "stem" and trunk.names[-1] == "head"
 
 
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_each_stage_is_the_last_unit_of_its_width(arch: str) -> None:
+    from dlforge.vision.staged import EFFICIENTNET_LITE0_STAGES
+
+    net = StagedNetwork(build_network(arch, 2, pretrained=False), arch=arch).eval()
+    x = torch.randn(1, 3, 64, 64)
+    widths = []
+    with torch.inference_mode():
+        for unit in net.units:
+            x = unit(x)
+            widths.append(x.shape[1])
+    # measured: the unit after which the width is N for the last time, for every block width N
+    want = {f"c{w}": net.names[max(i for i, v in enumerate(widths) if v == w)]
+            for w in widths[1:-1]}
+    assert {k: v for k, v in net.stages.items() if k not in ("stem", "head")} == want
+    assert net.stages["stem"] == "stem" and net.stages["head"] == "head"
+    if arch == "efficientnet_lite0":
+        assert net.stages == EFFICIENTNET_LITE0_STAGES
+    else:  # deeper: 21 blocks
+        assert len(net) == 23 and net.stages["c16"] == "block00" and net.names[-2] == "block20"
+
+
 def test_pooled_equals_the_classifier_features_and_tail_of_prefix_is_the_whole(trunk: StagedNetwork) -> None:
     x = torch.randn(2, 3, 96, 96)
     with torch.inference_mode():

@@ -2,8 +2,9 @@
 
 Units are the granularity at which a network is frozen or trained (the blocks of
 :func:`dlforge.vision.networks.trainable_blocks`). For EfficientNet-Lite0 they are ``stem``,
-``block00`` .. ``block15`` and ``head`` (18 units); the named *stages* are the units where the
-channel count changes (``c16`` .. ``c320``, plus ``stem`` and ``head``). For the small CNN the
+``block00`` .. ``block15`` and ``head`` (18 units); the named *stages* are the last unit of each
+output width (``c16`` .. ``c320``, plus ``stem`` and ``head``; Lite1 and Lite2 have 23 units, and
+Lite2's widths are ``c16`` .. ``c352``). For the small CNN the
 units are each conv (``conv0`` ..) and its BN-ReLU(-pool) (``bn0`` ..); its stages ``group0`` ..
 ``group3`` end at the ``bn`` units.
 
@@ -78,7 +79,13 @@ def units_of(model: Classifier) -> tuple[list[tuple[str, nn.Module]], dict[str, 
         for idx, block in enumerate(net._blocks):
             units.append((f"block{idx:02d}", _Block(block, rate * float(idx) / n if rate else None)))
         units.append(("head", _Stem(net._conv_head, net._bn1, net._swish)))
-        return units, dict(EFFICIENTNET_LITE0_STAGES)
+        # a stage ends at the last block of each output width (Lite1 and Lite2 have more blocks per stage,
+        # and Lite2 other widths: c48 .. c352); for Lite0 this is EFFICIENTNET_LITE0_STAGES
+        stages = {"stem": "stem"}
+        for idx, block in enumerate(net._blocks):
+            stages[f"c{block._project_conv.out_channels}"] = f"block{idx:02d}"
+        stages["head"] = "head"
+        return units, stages
     if isinstance(bb, SmallCNN):
         # each conv, then its BN with the ReLU (and max pool) after it: the trainable blocks the tuner's
         # "unfreeze" has always counted for this network
