@@ -1,7 +1,7 @@
 """What the labeler's classifier could gain from label-preserving views and from fine-tuning, on random labels.
 
     python benchmarks/labeler_views.py --dataset {elpv,fashion-mnist,mnist} --fraction F [--seeds 3]
-        [--methods plain,mean,side_by_side,finetune] [--size 224] [--limit N] [--workdir DIR]
+        [--methods plain,mean,side_by_side,finetune] [--size 224] [--arch A] [--limit N] [--workdir DIR]
 
 A study, not the loop: ``benchmarks/labeler.py`` measures the labeler itself. Here every image's
 multi-stage EfficientNet-Lite0 features (the labeler's embedding) and its activation at the shared
@@ -48,6 +48,7 @@ from PIL import Image
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("c40", "c80", "c112", "c192", "c320", "head")
+ARCH = "efficientnet_lite0"
 TRANSDUCTIVE = ("smooth", "spread", "self_train")
 
 
@@ -74,24 +75,31 @@ def _images(dataset: str, size: int, limit: int) -> tuple[np.ndarray, np.ndarray
 
 
 def features(dataset: str, size: int, limit: int, workdir: Path,
-             views: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+             views: tuple[str, ...] | None = None, arch: str = ARCH) -> dict[str, np.ndarray]:
     """Per view: the multi-stage vector ``ms_<view>`` and the shared-boundary activation ``act_<view>``
-    (every one of the eight views unless ``views`` names some)."""
+    (every one of the eight views unless ``views`` names some). ``arch``: the ImageNet network whose last
+    five stages and head make the vector (the labeler's: EfficientNet-Lite0)."""
     from dlforge.vision.images import DIHEDRAL_VIEWS
 
     views = tuple(views or DIHEDRAL_VIEWS)
     tag = "" if set(views) == set(DIHEDRAL_VIEWS) else "-" + "+".join(views)
+    tag += "" if arch == ARCH else f"-{arch}"
     cache = workdir / f"views-{dataset}-{size}-{limit or 'all'}{tag}.npz"
     if cache.is_file():
         with np.load(cache) as z:
             return {k: z[k] for k in z.files}
     from dlforge.labeler.embeddings import _multi_stage_vector
     from dlforge.vision.images import dihedral_view
+    from dlforge.vision.networks import build_network
+    from dlforge.vision.staged import StagedNetwork
     from dlforge.vision.trunk import TrunkFeatures, _Out
 
     pixels, y, names = _images(dataset, size, limit)
-    trunk = TrunkFeatures(None, batch_size=32)
-    outs = [_Out("pooled", trunk.net.index(s)) for s in STAGES] + [_Out("activation", trunk.shared)]
+    net = None if arch == ARCH else StagedNetwork(build_network(arch, 1, pretrained=True), arch=arch).eval()
+    trunk = TrunkFeatures(None, net, batch_size=32)
+    widths = [s for s in trunk.net.stages if s.startswith("c")]
+    stages = STAGES if arch == ARCH else (*widths[-5:], "head")
+    outs = [_Out("pooled", trunk.net.index(s)) for s in stages] + [_Out("activation", trunk.shared)]
     out: dict[str, np.ndarray] = {"y": y, "names": np.array(names)}
     for view in views:
         started = time.perf_counter()
@@ -212,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     views = list(args.views or DIHEDRAL_VIEWS)
-    f = features(args.dataset, args.size, args.limit, Path(args.workdir), tuple(views))
+    f = features(args.dataset, args.size, args.limit, Path(args.workdir), tuple(views), args.arch)
     t_features = time.perf_counter() - started
     y, names = f["y"], [str(n) for n in f["names"]]
     plain = f["ms_identity"]
@@ -242,7 +250,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  seed {seed} {method:13s} {row['accuracy']:.4f} ({row['seconds']:.0f} s)", flush=True)
     summary = {m: {"mean": round(float(np.mean([r["accuracy"] for r in rs])), 4),
                    "std": round(float(np.std([r["accuracy"] for r in rs])), 4)} for m, rs in rows.items()}
-    return {"dataset": args.dataset, "images": len(y), "fraction": args.fraction, "size": args.size, "views": views,
+    return {"dataset": args.dataset, "images": len(y), "fraction": args.fraction, "size": args.size, "arch": args.arch,
+            "views": views,
             "seeds": args.seeds, "finetune_steps": args.steps, "summary": summary, "runs": rows,
             "seconds_features": round(t_features, 1),
             "machine": {"cpu": cpu_name(), "python": platform.python_version(), "threads": args.threads}}
@@ -259,6 +268,8 @@ def main() -> None:
                         "trains and predicts over these")
     p.add_argument("--steps", type=int, default=450, help="finetune: optimizer steps of 32 images")
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--arch", default=ARCH, choices=[ARCH, "efficientnet_lite1", "efficientnet_lite2"],
+                   help="the ImageNet network whose features the probe reads (its last five stages and head)")
     p.add_argument("--limit", type=int, default=0, help="use this many images (0: ELPV all, the MNIST sets 6,000)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=str(RESULTS / "cache"), help="where the views' features are cached")
@@ -267,6 +278,8 @@ def main() -> None:
     unknown = set(args.methods) - {"plain", "mean", "side_by_side", "finetune", *TRANSDUCTIVE}
     if unknown:
         raise SystemExit(f"unknown methods: {', '.join(sorted(unknown))}")
+    if args.arch != ARCH and "finetune" in args.methods:
+        raise SystemExit(f"--methods finetune trains {ARCH}'s last units: use it without --arch")
     from dlforge.vision.images import DIHEDRAL_VIEWS
 
     if args.views and (set(args.views) - set(DIHEDRAL_VIEWS) or "identity" not in args.views):
@@ -279,6 +292,7 @@ def main() -> None:
         print(f"{method:14s} {s['mean']:>12.4f} ± {s['std']:.4f}")
     tag = "" if not args.views or set(args.views) == set(DIHEDRAL_VIEWS) else "-" + "+".join(args.views)
     tag += "-transductive" if set(args.methods) & set(TRANSDUCTIVE) else ""
+    tag += "" if args.arch == ARCH else f"-{args.arch}-{args.size}"
     out = Path(args.output) if args.output else RESULTS / f"labeler-views-{args.dataset}-{args.fraction:g}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
