@@ -22,8 +22,8 @@ the labeler's probabilities. ``--targets soft`` replaces the confidence weights 
 Prints a table (test accuracy at the argmax, per-class recall, and for two classes the accuracy at
 the lowest threshold giving recall >= 0.95 on test) and writes
 benchmarks/results/trainer-learning-<dataset>-<labels>-u<unfreeze>[-lr…-body…]-<images>[-s<seed>][…].json
-(each option that is not its default is part of the name; ``--configs``, ``--views`` and ``--max-seconds``
-are not: runs that differ only in those overwrite each other).
+(each option that is not its default is part of the name, ``--configs`` as ``-c<numbers>``, ``--views``
+as ``-v<views>`` and ``--max-seconds`` as ``-t<seconds>``).
 """
 
 from __future__ import annotations
@@ -466,6 +466,9 @@ def main() -> None:
     seed += f"-px{args.input_size}" if args.input_size else ""
     seed += "-crossfit" if args.crossfit else "-relabel" if args.relabel else ""
     seed += "-soft" if args.targets == "soft" else ""
+    seed += "" if args.configs == "all" else f"-c{args.configs.replace(',', '')}"
+    seed += "" if args.views == "flips" else f"-v{args.views.replace(',', '+')}"
+    seed += f"-t{args.max_seconds:g}" if args.max_seconds else ""
     rates = f"-lr{args.lr:g}-body{base.body_lr_scale:g}" if args.unfreeze else ""
     out = RESULTS / f"trainer-learning-{args.dataset}-{args.labels}-u{args.unfreeze}{rates}-{len(labels)}{seed}.json"
     out.write_text(json.dumps(result, indent=2))
