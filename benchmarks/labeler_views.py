@@ -23,7 +23,8 @@ scored on the same rows):
 * ``smooth``: ``plain``'s probabilities smoothed over the k-nearest-neighbour graph of the labeled and
   unlabeled images (cosine on 64 principal components of the standardized features, k 10): ten
   rounds of ``q = 0.7 p + 0.3 mean(q over the neighbours)``, people's labels clamped to theirs;
-* ``spread``: label spreading (Zhou et al. 2004; scikit-learn's, k 20, alpha 0.2) on the same graph;
+* ``spread``: label spreading (Zhou et al. 2004; scikit-learn's, alpha 0.2) on the 20-nearest-neighbour
+  graph of the same principal components (Euclidean, not normalized);
 * ``self_train``: ``plain`` fitted again with the more confident half of the unlabeled images added
   under its own labels.
 
@@ -190,6 +191,8 @@ def _transductive(method: str, x: np.ndarray, y: np.ndarray, labeled: np.ndarray
     """The probabilities of the ``score`` rows under ``smooth``, ``spread`` or ``self_train`` (see above)."""
     rows = np.concatenate([labeled, score])  # graph rows: people's first
     n_lab = len(labeled)
+    if len(np.unique(y[labeled])) < n_classes:  # the probabilities' columns would not be the classes
+        raise ValueError(f"{method}: every class needs a labeled image")
     if method == "self_train":
         p = _linear(x[labeled], y[labeled])(x[score])
         conf = p.max(axis=1)
@@ -292,7 +295,8 @@ def main() -> None:
         print(f"{method:14s} {s['mean']:>12.4f} ± {s['std']:.4f}")
     tag = "" if not args.views or set(args.views) == set(DIHEDRAL_VIEWS) else "-" + "+".join(args.views)
     tag += "-transductive" if set(args.methods) & set(TRANSDUCTIVE) else ""
-    tag += "" if args.arch == ARCH else f"-{args.arch}-{args.size}"
+    tag += "" if args.arch == ARCH else f"-{args.arch}"
+    tag += "" if args.size == 224 and args.arch == ARCH else f"-{args.size}"
     out = Path(args.output) if args.output else RESULTS / f"labeler-views-{args.dataset}-{args.fraction:g}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

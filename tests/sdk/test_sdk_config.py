@@ -43,24 +43,36 @@ def test_bad_values_say_what_is_wrong(make, message: str) -> None:  # type: igno
 def test_job_request_is_the_trainer_body() -> None:
     body = job_request(Estimator(manifest_key="m.json", classes=["a", "b"], weights_key="w.pt", sample_fraction=0.5),
                        HParams(lr=0.01, unfreeze=2), RunConfig(no_of_workers=2, run_eval=False))
+    every = HParams(lr=0.01, unfreeze=2).model_dump()
     assert body == {
         "manifest_key": "m.json", "classes": ["a", "b"], "weights_key": "w.pt", "sample_fraction": 0.5,
-        "evaluate_test": False, "hparams": {"lr": 0.01, "unfreeze": 2}, "run_config": {"no_of_workers": 2},
+        "evaluate_test": False,
+        # left out: the parameters added later whose default trains as before them (ema_decay off, a constant
+        # rate); body_lr_scale's default (0.1) is not how older trainers trained (1.0), so it is always sent
+        "hparams": {k: v for k, v in every.items() if k not in ("ema_decay", "lr_schedule")},
+        "run_config": {"no_of_workers": 2, "checkpoint_every_steps": 0, "summary_every_steps": 10, "engine": "ddp",
+                       "input_size": None},
     }
+    assert body["hparams"]["body_lr_scale"] == 0.1
     # the trainer accepts exactly this shape, and fills in the parameters left out with the same values
     from dlforge.trainer.handlers import TrainingRequest
 
     request = TrainingRequest.model_validate(body)
-    assert request.hparams.model_dump(include=set(HParams.model_fields)) == HParams(lr=0.01, unfreeze=2).model_dump()
-    assert request.run_config.model_dump() == RunConfig(no_of_workers=2).model_dump(exclude={"run_eval"})
+    assert request.hparams.model_dump(include=set(HParams.model_fields)) == every
+    # a value that is the legacy one but not the default is sent
+    full_rate = job_request(Estimator(manifest_key="m.json", classes=["a", "b"], arch="small_cnn"),
+                            HParams(body_lr_scale=1.0, lr_schedule="cosine"), RunConfig())["hparams"]
+    assert full_rate["body_lr_scale"] == 1.0 and full_rate["lr_schedule"] == "cosine" and "ema_decay" not in full_rate
 
 
-def test_the_sdk_and_the_trainer_have_the_same_defaults() -> None:
-    from dlforge.trainer.params import RunOptions, TrainParams
+def test_the_sdk_and_the_trainer_have_the_same_defaults_and_legacy_values() -> None:
+    from dlforge.sdk.config import LEGACY_VALUES as SDK_LEGACY
+    from dlforge.trainer.params import LEGACY_VALUES, RunOptions, TrainParams
 
     trainer = TrainParams().model_dump()
     assert {k: trainer[k] for k in HParams.model_fields} == HParams().model_dump()
     assert RunOptions().model_dump() == RunConfig().model_dump(exclude={"run_eval"})
+    assert SDK_LEGACY == LEGACY_VALUES
 
 
 def test_a_trainer_from_before_a_parameter_takes_jobs_that_leave_it_at_its_default() -> None:
@@ -75,3 +87,8 @@ def test_a_trainer_from_before_a_parameter_takes_jobs_that_leave_it_at_its_defau
     before.model_validate(job_request(estimator, HParams(lr=0.01), RunConfig())["hparams"])
     with pytest.raises(ValidationError, match="ema_decay"):  # a job that asks for it is refused, not run without it
         before.model_validate(job_request(estimator, HParams(ema_decay=0.99), RunConfig())["hparams"])
+    # before body_lr_scale, the backbone trained at the full rate: a job at the default 0.1 is refused there
+    older = create_model("TrainParamsOlder", __config__=TrainParams.model_config,  # type: ignore[call-overload]
+                         **{k: v for k, v in fields.items() if k != "body_lr_scale"})
+    with pytest.raises(ValidationError, match="body_lr_scale"):
+        older.model_validate(job_request(estimator, HParams(unfreeze=2), RunConfig())["hparams"])

@@ -479,6 +479,10 @@ def test_views_and_weights_reach_the_worker_processes(tmp_path: Path) -> None:
         TrainData(x, y, x, y, ["a", "b"], train_w=np.ones(3))
     with pytest.raises(ValueError, match="train_soft"):
         TrainData(x, y, x, y, ["a", "b"], train_soft=np.ones(3))
+    with pytest.raises(ValueError, match="one probability per train row"):  # a probability matrix is not it
+        TrainData(x, y, x, y, ["a", "b"], train_soft=np.full((len(y), 2), 0.5))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        TrainData(x, y, x, y, ["a", "b"], train_soft=np.full(len(y), 1.5))
     # without them, nothing is written and nothing comes back
     _write_job(FitJob(tail=_linear(), data=TrainData(x, y, x[:4], y[:4], ["a", "b"]), hparams=TrainParams()),
                tmp_path / "plain")

@@ -242,6 +242,26 @@ def test_a_stored_state_matches_only_the_parameters_and_data_it_was_trained_on()
                               hp.model_copy(update={"ema_decay": 0.99}))
     assert not resume_matches({"tag": _old_tag(data, hp.model_copy(update={"lr": 0.02}))}, data, hp)
     assert not resume_matches({}, data, hp)
+    # the versions before body_lr_scale trained the backbone at the full rate: only a job at 1.0 goes on
+    full_rate = hp.model_copy(update={"body_lr_scale": 1.0})
+    before_scale = _old_tag(data, full_rate, without=("body_lr_scale", "ema_decay"))
+    assert resume_matches({"tag": before_scale}, data, full_rate)
+    assert not resume_matches({"tag": before_scale}, data, hp)  # the default, 0.1
+    # and an identity without it: the same
+    no_scale = {"identity": {**stored["identity"], "hparams": {
+        k: v for k, v in resume_identity(data, full_rate)["hparams"].items() if k != "body_lr_scale"}}}
+    assert resume_matches(no_scale, data, full_rate) and not resume_matches(no_scale, data, hp)
+
+
+def test_every_parameter_added_since_the_first_tagged_states_has_a_legacy_value() -> None:
+    from dlforge.trainer.params import LEGACY_VALUES
+
+    # TrainParams' fields when stored states were first tagged (92efcf4)
+    first = {"lr", "batch_size", "optimizer", "momentum", "weight_decay", "dropout", "unfreeze", "epochs",
+             "class_weighting", "patience", "max_seconds", "seed"}
+    assert set(TrainParams.model_fields) - first == set(LEGACY_VALUES)
+    for name, value in LEGACY_VALUES.items():  # each a value the parameter accepts
+        TrainParams(**{name: value})
 
 
 def test_a_job_goes_on_from_a_state_an_older_version_stored(

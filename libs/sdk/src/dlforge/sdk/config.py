@@ -59,6 +59,11 @@ class Estimator(BaseModel):
         return self
 
 
+LEGACY_VALUES: dict[str, object] = {"lr_schedule": "constant", "body_lr_scale": 1.0, "ema_decay": 0.0}
+"""The trainer's parameters added after its first release, each with the value that trains as the versions
+before it did (the same as ``dlforge.trainer.params.LEGACY_VALUES``, held equal by a test)."""
+
+
 class HParams(BaseModel):
     """Hyperparameters (the same names and ranges as the trainer's and the tuner's search space)."""
 
@@ -109,15 +114,17 @@ class RunConfig(BaseModel):
 def job_request(estimator: Estimator, hparams: HParams, run_config: RunConfig) -> dict[str, Any]:
     """The body of the trainer's ``POST /jobs`` (also what the in-process transport runs).
 
-    Parameters at their defaults are left out: the trainer's defaults are the same (a test holds them
-    equal), and a trainer of an older version, which refuses a name it does not know, then still takes
-    a job that does not use what was added since.
+    A parameter added to the trainer after its first release is left out when its value both trains as the
+    versions before it did (:data:`LEGACY_VALUES`) and is the default (so the trainer fills in the same
+    value): a trainer of an older version, which refuses a name it does not know, then still takes a job
+    that does not use what was added since, and refuses one that does.
     """
+    same = {k for k, v in LEGACY_VALUES.items() if getattr(hparams, k) == v == HParams.model_fields[k].default}
     body: dict[str, Any] = {
         "manifest_key": estimator.manifest_key,
         "classes": list(estimator.classes),
-        "hparams": hparams.model_dump(exclude_defaults=True),
-        "run_config": run_config.model_dump(exclude={"run_eval"}, exclude_defaults=True),
+        "hparams": hparams.model_dump(exclude=same),
+        "run_config": run_config.model_dump(exclude={"run_eval"}),
         "sample_fraction": estimator.sample_fraction,
         "evaluate_test": run_config.run_eval,
     }

@@ -32,7 +32,7 @@ from dlforge.trainer.cache import ActivationCache, CachedActivations, digest_fil
 from dlforge.trainer.engines import FitJob, engine_for
 from dlforge.trainer.launcher import KubernetesConfig, KubernetesEngine
 from dlforge.trainer.monitor import EpochHook, JobMonitor
-from dlforge.trainer.params import EpochMetrics, EvalSummary, RunOptions, TrainParams
+from dlforge.trainer.params import LEGACY_VALUES, EpochMetrics, EvalSummary, RunOptions, TrainParams
 from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.stages import Tail, staged
 from dlforge.trainer.training import (
@@ -701,10 +701,6 @@ def resume_key(key_prefix: str) -> str:
     return f"{key_prefix}/resume/state.pt"
 
 
-# parameters added after states were first stored with a tag of every parameter (see resume_matches)
-_ADDED_AFTER_TAGS = frozenset({"ema_decay"})
-
-
 def _shape(data: TrainData) -> list[int]:
     return [len(data.train_y), len(data.val_y), len(data.train_views), *(int(d) for d in data.train_x.shape[1:])]
 
@@ -725,11 +721,11 @@ def resume_matches(stored: dict[str, Any], data: TrainData, hparams: TrainParams
     an uninterrupted run would.
 
     A state records its parameters (``identity``). A parameter it does not name was added by a later
-    version; the state matches only if that parameter is at its default, which leaves the training as the
-    version before it trained (every parameter's default is the behaviour from before it existed). A
-    parameter the state names that this version does not know (a downgrade) never matches. States stored
-    before the record carry only a hash (``tag``) of every parameter of their day and the shape; they match
-    with the parameters added since left out of the hash when they are at their defaults.
+    version; the state matches only if that parameter is at the value that trains as the versions before it
+    did (:data:`dlforge.trainer.params.LEGACY_VALUES`). A parameter the state names that this version does not
+    know (a downgrade) never matches. States stored before the record carry only a hash (``tag``) of every
+    parameter of their version and the shape: one of today's parameters, or of the versions before each
+    addition, newest first, with the parameters added since left out (they must be at their legacy values).
     """
     identity = stored.get("identity")
     now = resume_identity(data, hparams)
@@ -737,13 +733,16 @@ def resume_matches(stored: dict[str, Any], data: TrainData, hparams: TrainParams
         then = identity.get("hparams")
         if identity.get("shape") != now["shape"] or not isinstance(then, dict) or set(then) - set(now["hparams"]):
             return False
-        defaults = TrainParams().model_dump(mode="json")
-        return all(then[k] == v if k in then else v == defaults[k] for k, v in now["hparams"].items())
-    tag = stored.get("tag")
-    if tag == _resume_tag(data, hparams):
-        return True
-    at_default = frozenset(k for k in _ADDED_AFTER_TAGS if getattr(hparams, k) == TrainParams.model_fields[k].default)
-    return bool(at_default) and tag == _resume_tag(data, hparams, exclude=at_default)
+        return all(then[k] == v if k in then else (k in LEGACY_VALUES and v == LEGACY_VALUES[k])
+                   for k, v in now["hparams"].items())
+    tag, added = stored.get("tag"), list(LEGACY_VALUES)
+    for n in range(len(added) + 1):
+        left_out = added[len(added) - n:]
+        if any(getattr(hparams, k) != LEGACY_VALUES[k] for k in left_out):
+            return False  # no version before this addition trained with these parameters
+        if tag == _resume_tag(data, hparams, exclude=frozenset(left_out)):
+            return True
+    return False
 
 
 @dataclass

@@ -152,8 +152,13 @@ class TrainData:
     def __post_init__(self) -> None:
         if self.train_w is not None and len(self.train_w) != len(self.train_y):
             raise ValueError(f"train_w has {len(self.train_w)} rows, train_y {len(self.train_y)}")
-        if self.train_soft is not None and len(self.train_soft) != len(self.train_y):
-            raise ValueError(f"train_soft has {len(self.train_soft)} rows, train_y {len(self.train_y)}")
+        if self.train_soft is not None:
+            soft = np.asarray(self.train_soft)
+            if soft.ndim != 1 or len(soft) != len(self.train_y):
+                raise ValueError(f"train_soft must be one probability per train row: shape {soft.shape}, "
+                                 f"{len(self.train_y)} rows")
+            if not (np.isfinite(soft).all() and (soft >= 0).all() and (soft <= 1).all()):
+                raise ValueError("train_soft must lie in [0, 1]")
         for v in self.train_views:
             if v.shape != self.train_x.shape:
                 raise ValueError(f"a train view has shape {v.shape}, train_x {self.train_x.shape}")
