@@ -48,7 +48,6 @@ from machine import cpu_name
 from PIL import Image
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STAGES = ("c40", "c80", "c112", "c192", "c320", "head")
 ARCH = "efficientnet_lite0"
 TRANSDUCTIVE = ("smooth", "spread", "self_train")
 
@@ -99,7 +98,7 @@ def features(dataset: str, size: int, limit: int, workdir: Path,
     net = None if arch == ARCH else StagedNetwork(build_network(arch, 1, pretrained=True), arch=arch).eval()
     trunk = TrunkFeatures(None, net, batch_size=32)
     widths = [s for s in trunk.net.stages if s.startswith("c")]
-    stages = STAGES if arch == ARCH else (*widths[-5:], "head")
+    stages = (*widths[-5:], "head")  # Lite0: the labeler's c40 .. c320 and head
     outs = [_Out("pooled", trunk.net.index(s)) for s in stages] + [_Out("activation", trunk.shared)]
     out: dict[str, np.ndarray] = {"y": y, "names": np.array(names)}
     for view in views:
@@ -296,7 +295,7 @@ def main() -> None:
     tag = "" if not args.views or set(args.views) == set(DIHEDRAL_VIEWS) else "-" + "+".join(args.views)
     tag += "-transductive" if set(args.methods) & set(TRANSDUCTIVE) else ""
     tag += "" if args.arch == ARCH else f"-{args.arch}"
-    tag += "" if args.size == 224 and args.arch == ARCH else f"-{args.size}"
+    tag += "" if args.size == 224 else f"-{args.size}"
     out = Path(args.output) if args.output else RESULTS / f"labeler-views-{args.dataset}-{args.fraction:g}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -65,14 +65,12 @@ def test_job_request_is_the_trainer_body() -> None:
     assert full_rate["body_lr_scale"] == 1.0 and full_rate["lr_schedule"] == "cosine" and "ema_decay" not in full_rate
 
 
-def test_the_sdk_and_the_trainer_have_the_same_defaults_and_legacy_values() -> None:
-    from dlforge.sdk.config import LEGACY_VALUES as SDK_LEGACY
-    from dlforge.trainer.params import LEGACY_VALUES, RunOptions, TrainParams
+def test_the_sdk_and_the_trainer_have_the_same_defaults() -> None:
+    from dlforge.trainer.params import RunOptions, TrainParams
 
     trainer = TrainParams().model_dump()
     assert {k: trainer[k] for k in HParams.model_fields} == HParams().model_dump()
     assert RunOptions().model_dump() == RunConfig().model_dump(exclude={"run_eval"})
-    assert SDK_LEGACY == LEGACY_VALUES
 
 
 def test_a_trainer_from_before_a_parameter_takes_jobs_that_leave_it_at_its_default() -> None:

@@ -254,7 +254,7 @@ def test_a_stored_state_matches_only_the_parameters_and_data_it_was_trained_on()
 
 
 def test_every_parameter_added_since_the_first_tagged_states_has_a_legacy_value() -> None:
-    from dlforge.trainer.params import LEGACY_VALUES
+    from dlforge.common.events import TRAIN_PARAMS_LEGACY_VALUES as LEGACY_VALUES
 
     # TrainParams' fields when stored states were first tagged (92efcf4)
     first = {"lr", "batch_size", "optimizer", "momentum", "weight_decay", "dropout", "unfreeze", "epochs",

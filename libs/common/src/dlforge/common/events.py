@@ -121,6 +121,14 @@ MAX_CLASSES = 1000  # classes of one dataset (industrial inspection has a handfu
 MAX_DOMAINS = 100_000  # domains of one dataset standardized (each has at least 20 items)
 MAX_FINGERPRINT = 8192  # values of a data-set fingerprint (2 x the reference trunk's feature width)
 
+TRAIN_PARAMS_LEGACY_VALUES: dict[str, object] = {"lr_schedule": "constant", "body_lr_scale": 1.0, "ema_decay": 0.0}
+"""The parameters added to the trainer's ``TrainParams`` after its first release, in the order they were
+added, each with the value that trains as the versions before it did (not always its default:
+``body_lr_scale`` defaults to 0.1, and before it the backbone trained at the full rate). A stored training
+state that does not name one of them was trained with this value, and the SDK leaves one out of a job only
+at this value (so a trainer of an older version still takes the job). A parameter added later must be added
+here (a test holds every field either among the first release's or here)."""
+
 
 DomainAdaptation = Literal["none", "standardize"]
 

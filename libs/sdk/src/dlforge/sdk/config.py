@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dlforge.common.events import UniqueClasses
+from dlforge.common.events import TRAIN_PARAMS_LEGACY_VALUES, UniqueClasses
 
 # Seed-notebook names that have no meaning here, and what to say about them.
 _UNSUPPORTED_HPARAMS = {
@@ -57,11 +57,6 @@ class Estimator(BaseModel):
         if self.weights_key is None and self.model_id is None and self.arch is None:
             raise ValueError("say which model to train: weights_key, model_id or arch")
         return self
-
-
-LEGACY_VALUES: dict[str, object] = {"lr_schedule": "constant", "body_lr_scale": 1.0, "ema_decay": 0.0}
-"""The trainer's parameters added after its first release, each with the value that trains as the versions
-before it did (the same as ``dlforge.trainer.params.LEGACY_VALUES``, held equal by a test)."""
 
 
 class HParams(BaseModel):
@@ -115,11 +110,12 @@ def job_request(estimator: Estimator, hparams: HParams, run_config: RunConfig) -
     """The body of the trainer's ``POST /jobs`` (also what the in-process transport runs).
 
     A parameter added to the trainer after its first release is left out when its value both trains as the
-    versions before it did (:data:`LEGACY_VALUES`) and is the default (so the trainer fills in the same
-    value): a trainer of an older version, which refuses a name it does not know, then still takes a job
-    that does not use what was added since, and refuses one that does.
+    versions before it did (:data:`dlforge.common.events.TRAIN_PARAMS_LEGACY_VALUES`) and is the default (so
+    the trainer fills in the same value): a trainer of an older version, which refuses a name it does not
+    know, then still takes a job that does not use what was added since, and refuses one that does.
     """
-    same = {k for k, v in LEGACY_VALUES.items() if getattr(hparams, k) == v == HParams.model_fields[k].default}
+    same = {k for k, v in TRAIN_PARAMS_LEGACY_VALUES.items()
+            if getattr(hparams, k) == v == HParams.model_fields[k].default}
     body: dict[str, Any] = {
         "manifest_key": estimator.manifest_key,
         "classes": list(estimator.classes),

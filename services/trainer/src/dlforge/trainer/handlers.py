@@ -26,13 +26,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dlforge.common.errors import InvalidInput, NotFound
+from dlforge.common.events import TRAIN_PARAMS_LEGACY_VALUES as LEGACY
 from dlforge.common.events import SampleMethod, UniqueClasses
 from dlforge.common.objects import ObjectStore
 from dlforge.trainer.cache import ActivationCache, CachedActivations, digest_file, manifest_digest, prefix_runner
 from dlforge.trainer.engines import FitJob, engine_for
 from dlforge.trainer.launcher import KubernetesConfig, KubernetesEngine
 from dlforge.trainer.monitor import EpochHook, JobMonitor
-from dlforge.trainer.params import LEGACY_VALUES, EpochMetrics, EvalSummary, RunOptions, TrainParams
+from dlforge.trainer.params import EpochMetrics, EvalSummary, RunOptions, TrainParams
 from dlforge.trainer.settings import TrainerSettings
 from dlforge.trainer.stages import Tail, staged
 from dlforge.trainer.training import (
@@ -722,10 +723,11 @@ def resume_matches(stored: dict[str, Any], data: TrainData, hparams: TrainParams
 
     A state records its parameters (``identity``). A parameter it does not name was added by a later
     version; the state matches only if that parameter is at the value that trains as the versions before it
-    did (:data:`dlforge.trainer.params.LEGACY_VALUES`). A parameter the state names that this version does not
-    know (a downgrade) never matches. States stored before the record carry only a hash (``tag``) of every
-    parameter of their version and the shape: one of today's parameters, or of the versions before each
-    addition, newest first, with the parameters added since left out (they must be at their legacy values).
+    did (:data:`dlforge.common.events.TRAIN_PARAMS_LEGACY_VALUES`). A parameter the state names that this
+    version does not know (a downgrade) never matches. States stored before the record carry only a hash
+    (``tag``) of every parameter of their version and the shape: one of today's parameters, or of the
+    versions before each addition, newest first, with the parameters added since left out (they must be at
+    their legacy values).
     """
     identity = stored.get("identity")
     now = resume_identity(data, hparams)
@@ -733,12 +735,12 @@ def resume_matches(stored: dict[str, Any], data: TrainData, hparams: TrainParams
         then = identity.get("hparams")
         if identity.get("shape") != now["shape"] or not isinstance(then, dict) or set(then) - set(now["hparams"]):
             return False
-        return all(then[k] == v if k in then else (k in LEGACY_VALUES and v == LEGACY_VALUES[k])
+        return all(then[k] == v if k in then else (k in LEGACY and v == LEGACY[k])
                    for k, v in now["hparams"].items())
-    tag, added = stored.get("tag"), list(LEGACY_VALUES)
+    tag, added = stored.get("tag"), list(LEGACY)
     for n in range(len(added) + 1):
         left_out = added[len(added) - n:]
-        if any(getattr(hparams, k) != LEGACY_VALUES[k] for k in left_out):
+        if any(getattr(hparams, k) != LEGACY[k] for k in left_out):
             return False  # no version before this addition trained with these parameters
         if tag == _resume_tag(data, hparams, exclude=frozenset(left_out)):
             return True

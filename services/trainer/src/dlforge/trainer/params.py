@@ -48,14 +48,6 @@ class TrainParams(BaseModel):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
-LEGACY_VALUES: dict[str, object] = {"lr_schedule": "constant", "body_lr_scale": 1.0, "ema_decay": 0.0}
-"""The parameters added to :class:`TrainParams` after its first release, in the order they were added, each
-with the value that trains as the versions before it did (not always its default: ``body_lr_scale``
-defaults to 0.1, and before it the backbone trained at the full rate). A stored state that does not name
-one of them was trained with this value; a parameter added later must be added here (a test holds every
-field either among the first release's or here)."""
-
-
 class RunOptions(BaseModel):
     """How a run executes (not what it learns)."""
 
