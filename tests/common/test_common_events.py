@@ -338,8 +338,8 @@ def test_a_v4_labeled_event_was_chosen_by_the_bound_and_a_v5_one_says_which_rule
 def test_trials_before_the_loss_tie_break_carry_no_loss_and_newer_ones_a_finite_one() -> None:
     stored = json.loads((GOLDEN / "hpo.trial.completed.v1.json").read_bytes())
     old = decode(json.dumps(stored).encode())
-    assert isinstance(old.payload, HpoTrialCompleted) and old.schema_version == 2
-    assert old.payload.model_dump(mode="json") == {**stored["payload"], "val_loss": None}
+    assert isinstance(old.payload, HpoTrialCompleted) and old.schema_version == 3
+    assert old.payload.model_dump(mode="json") == {**stored["payload"], "val_loss": None, "val_correct": None}
     current = decode((GOLDEN / "hpo.trial.completed.v2.json").read_bytes())
     assert isinstance(current.payload, HpoTrialCompleted) and current.payload.val_loss == 0.5125
     for bad in (-0.5, "NaN", "Infinity"):
@@ -348,8 +348,25 @@ def test_trials_before_the_loss_tie_break_carry_no_loss_and_newer_ones_a_finite_
                                "payload": {**stored["payload"], "val_loss": bad}}).encode())
     completed = json.loads((GOLDEN / "hpo.completed.v3.json").read_bytes())
     upcast = decode(json.dumps(completed).encode())
-    assert isinstance(upcast.payload, HpoCompleted) and upcast.schema_version == 4
+    assert isinstance(upcast.payload, HpoCompleted) and upcast.schema_version == 5
     assert [t.model_dump(mode="json") for t in upcast.payload.trials] == [
         {**t, "val_loss": None} for t in completed["payload"]["trials"]]
     newer = decode((GOLDEN / "hpo.completed.v4.json").read_bytes())
     assert isinstance(newer.payload, HpoCompleted) and [t.val_loss for t in newer.payload.trials] == [0.41, 0.5]
+
+
+def test_trials_before_per_item_results_carry_none_and_newer_ones_a_packed_vector() -> None:
+    stored = json.loads((GOLDEN / "hpo.trial.completed.v2.json").read_bytes())
+    old = decode(json.dumps(stored).encode())
+    assert isinstance(old.payload, HpoTrialCompleted) and old.payload.val_correct is None
+    current = decode((GOLDEN / "hpo.trial.completed.v3.json").read_bytes())
+    assert isinstance(current.payload, HpoTrialCompleted) and current.payload.val_correct == "10:ff40"
+    for bad in ("ff40", "10:FF40", "10:ff 40", "-1:ff", "10:ff40;", "10:ff", "8:ff00"):
+        with pytest.raises(PoisonMessage, match="val_correct"):
+            decode(json.dumps({**stored, "schema_version": 3,
+                               "payload": {**stored["payload"], "val_correct": bad}}).encode())
+    before = decode((GOLDEN / "hpo.completed.v4.json").read_bytes())
+    assert isinstance(before.payload, HpoCompleted) and before.payload.choice is None
+    now = decode((GOLDEN / "hpo.completed.v5.json").read_bytes())
+    assert isinstance(now.payload, HpoCompleted) and now.payload.choice is not None
+    assert now.payload.choice.startswith("kept the baseline")

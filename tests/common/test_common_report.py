@@ -310,6 +310,13 @@ def test_the_trials_line_says_on_how_much_of_the_data_they_trained() -> None:
     report = build_report(runs.apply(_run(None), Event.new(done, run_id="r1"), trace_id="ab" * 16))
     assert ("trials: 5 (5 complete, 0 pruned, 0 failed); trained on 3 at 25 %, 1 at 50 % of the train split"
             in format_text(report))
+    assert "tuner_choice" not in report
+    why = "kept the baseline: trial 1 (0.810) was right on 3 of the 4 val items it and the baseline disagree on"
+    kept = done.model_copy(update={"choice": why})
+    report = build_report(runs.apply(_run(None), Event.new(kept, run_id="r1"), trace_id="ab" * 16))
+    lines = format_text(report).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("best parameters"))
+    assert report["tuner_choice"] == why and lines[at + 1] == f"  {why}"
 
 
 def test_the_auto_label_line_says_which_rule_chose_the_threshold() -> None:

@@ -440,3 +440,21 @@ def test_a_scale_outside_zero_to_one_is_refused() -> None:
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValidationError, match="body_lr_scale"):
             TrainParams(body_lr_scale=bad)
+
+
+def test_evaluate_keeps_which_items_it_got_right_when_asked() -> None:
+    from torch import nn
+
+    from dlforge.hpo.selection import unpack_correct
+    from dlforge.trainer.training import evaluate
+
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))  # predicts the class of the larger input
+    x = np.array([[1, 0], [0, 1], [1, 0], [0, 1], [2, 1], [0, 3]] * 50, dtype=np.float32)  # 300 rows, 3 batches
+    y = np.array([0, 1, 1, 0, 0, 1] * 50)
+    right = [True, True, False, False, True, True] * 50
+    summary = evaluate(model, x, y, ["a", "b"], batch_size=128, per_item=True)
+    assert summary.correct is not None and unpack_correct(summary.correct).tolist() == right
+    assert summary.accuracy == pytest.approx(4 / 6)
+    assert evaluate(model, x, y, ["a", "b"]).correct is None

@@ -11,12 +11,14 @@ from pydantic import ValidationError
 from dlforge.common.errors import ConfigError, InvalidInput
 from dlforge.common.events import HpoTrialCompleted, HpoTrialReported, PipelineOptions, Spec
 from dlforge.hpo import PRUNER_ATTR
+from dlforge.hpo.selection import pack_correct
 from dlforge.tuner.handlers import (
     StudyContext,
     TuningConfig,
     TuningOverride,
     ask_for,
     best_trial,
+    chosen_trial,
     decide,
     default_config,
     failed_in_a_row,
@@ -434,3 +436,69 @@ def test_a_run_that_changes_the_space_keeps_only_the_enqueued_trials_that_fit_it
     # an enqueue list the run gives with its space is checked against that space, not filtered
     with pytest.raises(ValidationError, match=r"enqueue\[0\]: lr=0.0001 is outside"):
         TuningOverride(space=narrow, enqueue=[{"lr": 1e-4}]).apply(cfg)
+
+
+BASELINE = {"lr": 0.001, "momentum": 0.9, "weight_decay": 1e-6, "dropout": 0.2, "unfreeze": 3, "batch_size": 32,
+            "optimizer": "adam"}
+
+
+def _scored(number: int, right: list[bool] | None, value: float | None = None) -> HpoTrialCompleted:
+    v = value if value is not None else sum(right or []) / len(right or [1])
+    return completed(number, value=v).model_copy(
+        update={"val_correct": pack_correct(right) if right is not None else None})
+
+
+def test_the_baseline_stays_unless_the_best_trial_beats_it_on_the_items_they_disagree_on(tmp_path: Path) -> None:
+    ctx = context(tmp_path, trials=4, parallel=4, enqueue=[BASELINE], baseline=BASELINE, baseline_alpha=0.05)
+    study = prepare_study(ctx)
+    asked = ask_for(study, ctx, asked_by="e1")
+    assert asked[0].params == BASELINE
+    base = [True] * 80 + [False] * 20  # 0.80 on 100 val items
+    # trial 1: right on 3 of the baseline's misses, wrong on 1 of its hits: 0.82, a lead of 3 to 1 (p = 5/16)
+    close = base.copy()
+    close[80:83] = [True] * 3
+    close[0] = False
+    # trial 2: right on 12 of its misses, wrong on 1 of its hits: 0.91, 12 to 1 (p = 14/8192)
+    far = base.copy()
+    far[80:92] = [True] * 12
+    far[1] = False
+    tell(study, ctx, _scored(0, base))
+    tell(study, ctx, _scored(1, close))
+    choice = chosen_trial(load_study(ctx), ctx.config)
+    assert choice.trial is not None and choice.trial.number == 0 and choice.trial.value == 0.8
+    assert choice.reason is not None and choice.reason.startswith("kept the baseline")
+    assert "right on 3 of the 4 val items" in choice.reason and "p = 0.312" in choice.reason
+    best = best_trial(load_study(ctx))
+    assert best is not None and best.number == 1  # the highest value is still trial 1's
+    tell(study, ctx, _scored(2, far))
+    choice = chosen_trial(load_study(ctx), ctx.config)
+    assert choice.trial is not None and choice.trial.number == 2
+    assert choice.reason is not None and "right on 12 of the 13" in choice.reason and "replaces the baseline" in \
+        choice.reason
+    # at level 1 the highest value wins whatever the items say; a trial without per-item results is not compared
+    assert chosen_trial(load_study(ctx), ctx.config.model_copy(update={"baseline_alpha": 1.0})).trial.number == 2
+    tell(study, ctx, _scored(3, None, value=0.95))
+    choice = chosen_trial(load_study(ctx), ctx.config)
+    assert choice.trial is not None and choice.trial.number == 3 and choice.reason is None
+
+
+def test_the_rule_needs_a_complete_baseline_trial(tmp_path: Path) -> None:
+    ctx = context(tmp_path, trials=2, parallel=2, enqueue=[BASELINE], baseline=BASELINE, baseline_alpha=0.05)
+    study = prepare_study(ctx)
+    ask_for(study, ctx, asked_by="e1")
+    tell(study, ctx, completed(0, "failed", None))
+    tell(study, ctx, _scored(1, [True, False, True]))
+    choice = chosen_trial(load_study(ctx), ctx.config)
+    assert choice.trial is not None and choice.trial.number == 1 and choice.reason is None
+
+
+def test_the_default_config_names_its_baseline_and_a_space_without_it_drops_it() -> None:
+    cfg = default_config(TunerSettings())
+    assert cfg.baseline == BASELINE and cfg.baseline_alpha == 0.05
+    assert default_config(TunerSettings(tuner_baseline=" ")).baseline is None
+    assert default_config(TunerSettings(tuner_baseline_alpha=1.0)).baseline_alpha == 1.0
+    narrow = SearchSpace(params=[FloatParam(name="lr", low=1e-3, high=1e-1, log=True)])
+    assert TuningOverride(space=narrow).apply(cfg).baseline is None
+    assert TuningOverride(baseline_alpha=0.2).apply(cfg).baseline_alpha == 0.2
+    with pytest.raises(ValidationError, match=r"baseline: lr=0\.5 is outside"):
+        TuningConfig(baseline={**BASELINE, "lr": 0.5})

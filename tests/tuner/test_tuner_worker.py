@@ -26,6 +26,7 @@ from dlforge.common.events import (
     encode,
 )
 from dlforge.common.runtime import Backends, Outcome, Worker, run_workers
+from dlforge.hpo.selection import unpack_correct
 from dlforge.trainer import worker as trainer_worker
 from dlforge.trainer.pruning import decisions_service
 from dlforge.trainer.settings import TrainerSettings
@@ -118,7 +119,11 @@ async def test_study_runs_two_trials_prunes_the_worse_one_and_trains_the_best(
     results = {e.payload.trial_number: e.payload for e in events if isinstance(e.payload, HpoTrialCompleted)}
     assert results[0].state == "complete" and results[0].value is not None and results[0].value >= 0.8
     assert len(results[0].intermediate) == 3  # three epochs reported
+    # which val items the trained model got right: as many of them as the accuracy it reported says
+    right = unpack_correct(results[0].val_correct or "")
+    assert right.mean() == pytest.approx(results[0].value)
     assert results[1].state == "pruned"  # stopped after its first report: clearly below the median
+    assert results[1].val_correct is None  # a pruned trial is not compared item by item
     # stopped at the first epoch where it fell below the median of the completed trial
     k = len(results[1].intermediate)
     assert results[1].intermediate[k - 1] < results[0].intermediate[k - 1]
@@ -128,6 +133,7 @@ async def test_study_runs_two_trials_prunes_the_worse_one_and_trains_the_best(
     assert hpo_trial.sample_fraction == 0.5 and hpo_trial.epochs == 3
     job = await backends.docs.get("trainer_jobs", f"{trainer_worker.safe_id(hpo_trial.study_name)}-trial-0000")
     assert job is not None and job["result"]["train_rows"] == 22
+    assert len(right) == job["result"]["val"]["count"] > 0  # one result per val item
 
     done = next(e.payload for e in events if isinstance(e.payload, HpoCompleted))
     assert done.best_params == GOOD and done.best_value == results[0].value

@@ -120,6 +120,7 @@ MAX_SEED = 2**31 - 1
 MAX_CLASSES = 1000  # classes of one dataset (industrial inspection has a handful)
 MAX_DOMAINS = 100_000  # domains of one dataset standardized (each has at least 20 items)
 MAX_FINGERPRINT = 8192  # values of a data-set fingerprint (2 x the reference trunk's feature width)
+MAX_PACKED_RESULTS = 262_144  # characters of a trial's packed per-item val results (about a million items)
 
 TRAIN_PARAMS_LEGACY_VALUES: dict[str, object] = {"lr_schedule": "constant", "body_lr_scale": 1.0, "ema_decay": 0.0}
 """The parameters added to the trainer's ``TrainParams`` after its first release, in the order they were
@@ -512,7 +513,7 @@ class HpoTrialCompleted(Payload):
     """
 
     TOPIC = Topic.HPO_TRIAL_COMPLETED
-    SCHEMA_VERSION: ClassVar[int] = 2  # v2: val_loss
+    SCHEMA_VERSION: ClassVar[int] = 3  # v2: val_loss; v3: val_correct
 
     study_name: str
     trial_number: int
@@ -524,6 +525,20 @@ class HpoTrialCompleted(Payload):
     val_loss: float | None = Field(default=None, ge=0.0, allow_inf_nan=False,
                                    description="the validation loss at the epoch ``value`` is from: between trials "
                                    "of equal value, the lower loss ranks higher (None: not measured)")
+    val_correct: str | None = Field(
+        default=None, max_length=MAX_PACKED_RESULTS, pattern=r"^\d{1,9}:[0-9a-f]*$",
+        description="which validation items the trial's model got right, in the val split's order, as "
+        "'<count>:<hex>' (dlforge.hpo.selection.pack_correct): the tuner's paired comparison with its baseline "
+        "trial (None: not measured)")
+
+    @field_validator("val_correct")
+    @classmethod
+    def _packed_length(cls, v: str | None) -> str | None:
+        if v is not None:
+            count, hexed = v.split(":")
+            if len(hexed) != 2 * -(-int(count) // 8):
+                raise ValueError(f"{count} items are packed in {2 * -(-int(count) // 8)} hex digits, not {len(hexed)}")
+        return v
 
 
 class TrialRecord(BaseModel):
@@ -548,8 +563,8 @@ class HpoCompleted(Payload):
 
     TOPIC = Topic.HPO_COMPLETED
     # v2: options.max_auto_label_error, auto_label_all; v3: options.domain_adaptation, the trials' fidelity and
-    # promoted_from; v4: the trials' val_loss
-    SCHEMA_VERSION: ClassVar[int] = 4
+    # promoted_from; v4: the trials' val_loss; v5: choice
+    SCHEMA_VERSION: ClassVar[int] = 5
 
     study_name: str
     dataset_id: str
@@ -563,6 +578,9 @@ class HpoCompleted(Payload):
     trials: list[TrialRecord]
     spec: Spec
     options: PipelineOptions = PipelineOptions()
+    choice: str | None = Field(default=None, max_length=1000,
+                               description="why the best parameters are the ones chosen, when not simply the "
+                               "highest value (the baseline kept against a lead the val items do not resolve)")
 
 
 class ModelTrained(Payload):
@@ -903,3 +921,19 @@ def _completed_v3_to_v4(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 register_upcaster(Topic.HPO_COMPLETED, 3, _completed_v3_to_v4)
+
+
+def _trial_completed_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """hpo.trial.completed v2 carried no per-item results: the tuner cannot compare it item by item."""
+    return {**payload, "val_correct": None}
+
+
+register_upcaster(Topic.HPO_TRIAL_COMPLETED, 2, _trial_completed_v2_to_v3)
+
+
+def _completed_v4_to_v5(payload: dict[str, Any]) -> dict[str, Any]:
+    """hpo.completed v4 had no choice: its best parameters were the highest value's."""
+    return {**payload, "choice": None}
+
+
+register_upcaster(Topic.HPO_COMPLETED, 4, _completed_v4_to_v5)

@@ -133,6 +133,8 @@ def build_report(run: Mapping[str, Any]) -> dict[str, Any]:
     if tuned:
         report["best_params"] = tuned.best_params
         report["best_value"] = tuned.best_value
+        if tuned.choice:
+            report["tuner_choice"] = tuned.choice
         report["trials"] = [t.model_dump() for t in tuned.trials]
     if trained:
         report["training"] = {"metrics": trained.metrics, "no_of_workers": trained.no_of_workers,
@@ -396,6 +398,8 @@ def format_text(report: dict[str, Any]) -> str:
     if "best_params" in report:
         lines.append(f"best parameters (val accuracy {num(report['best_value'], '.3f')}): "
                      + json.dumps(report["best_params"], sort_keys=True))
+        if report.get("tuner_choice"):
+            lines.append(f"  {report['tuner_choice']}")
     if report.get("trials"):
         states = [str(t["state"]).lower() for t in report["trials"]]
         shares = sorted({t["fidelity"] for t in report["trials"] if t.get("fidelity") is not None})

@@ -79,7 +79,7 @@ def _summary(topic: Topic, p: dict[str, Any]) -> dict[str, Any]:
         Topic.DATASET_LABELED: ("human_labels", "auto_labels", "needs_review", "rounds"),
         Topic.DATASET_AUGMENTED: ("augmentation",),
         Topic.MODEL_PROPOSED: ("chosen_model_id",),
-        Topic.HPO_COMPLETED: ("best_params", "best_value"),
+        Topic.HPO_COMPLETED: ("best_params", "best_value", "choice"),
         Topic.MODEL_TRAINED: ("metrics", "no_of_workers"),
         Topic.MODEL_OPTIMIZED: ("chosen_variant", "spec_met"),
     }

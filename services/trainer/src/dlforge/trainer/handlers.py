@@ -675,7 +675,7 @@ def run_training(
     torch.set_num_threads(config.threads)
     result = trained.result
     state = "diverged" if result.diverged else "stopped" if result.stopped else "completed"
-    val = evaluate(tail, data.val_x, data.val_y, request.classes, split="val")
+    val = evaluate(tail, data.val_x, data.val_y, request.classes, split="val", per_item=True)
     test = None
     if request.evaluate_test and test_xy is not None:
         test = evaluate(tail, test_xy[0], test_xy[1], request.classes, split="test")

@@ -86,3 +86,5 @@ class EvalSummary(BaseModel):
     accuracy: float
     recall: dict[str, float]
     confusion: list[list[int]] = Field(description="rows: true class, columns: predicted class")
+    correct: str | None = Field(default=None, description="which items were predicted right, in the split's order "
+                                "(dlforge.hpo.selection.pack_correct; None: not kept)")

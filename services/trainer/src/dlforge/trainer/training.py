@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from dlforge.common.errors import ConfigError
+from dlforge.hpo.selection import pack_correct
 from dlforge.trainer.params import DeviceName, EpochMetrics, EvalSummary, TrainParams
 from dlforge.trainer.stages import Tail
 
@@ -454,11 +455,13 @@ def float_batches(x: np.ndarray, size: int) -> Iterator[torch.Tensor]:
 
 
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[str], *, split: str = "val",
-             batch_size: int = 256, device: torch.device | None = None) -> EvalSummary:
-    """Mean cross-entropy, accuracy, per-class recall and the confusion matrix of ``model`` on ``x``."""
+             batch_size: int = 256, device: torch.device | None = None, per_item: bool = False) -> EvalSummary:
+    """Mean cross-entropy, accuracy, per-class recall and the confusion matrix of ``model`` on ``x``; with
+    ``per_item`` also which rows it predicted right (``EvalSummary.correct``)."""
     device = device or torch.device("cpu")
     k = len(classes)
     confusion = np.zeros((k, k), dtype=np.int64)
+    right: list[np.ndarray] = []
     loss_sum = 0.0
     was_training = model.training
     model.eval()
@@ -469,6 +472,7 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[str],
             loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
             pred = logits.argmax(1).numpy()
             np.add.at(confusion, (yb.numpy(), pred), 1)
+            right.append(pred == yb.numpy())
     model.train(was_training)
     n = int(confusion.sum())
     support = confusion.sum(1)
@@ -480,6 +484,7 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[str],
         accuracy=float(np.trace(confusion) / n) if n else float("nan"),
         recall=recall,
         confusion=confusion.tolist(),
+        correct=pack_correct(np.concatenate(right) if right else np.zeros(0, dtype=bool)) if per_item else None,
     )
 
 

@@ -94,11 +94,12 @@ async def on_trial(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | No
                              run=bridge.run)
 
     def completed(state: str, value: float | None, error: str | None = None,
-                  val_loss: float | None = None) -> Event:
+                  val_loss: float | None = None, val_correct: str | None = None) -> Event:
         return event.follow(HpoTrialCompleted(
             study_name=p.study_name, trial_number=p.trial_number, state=state,  # type: ignore[arg-type]
             value=value, intermediate=reporter.intermediate, seconds=time.perf_counter() - started, error=error,
             val_loss=val_loss if val_loss is not None and math.isfinite(val_loss) else None,
+            val_correct=val_correct,
         ))
 
     try:
@@ -147,7 +148,8 @@ async def on_trial(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | No
         await records.finish(job_id, state="pruned", summary=summary)
         return completed("pruned", value, val_loss=val_loss)
     await records.finish(job_id, state="completed", summary=summary)
-    return completed("complete", value, val_loss=val_loss)
+    # which val items the trained model got right: the tuner compares a trial with its baseline item by item
+    return completed("complete", value, val_loss=val_loss, val_correct=outcome.val.correct if outcome.val else None)
 
 
 def final_request(settings: TrainerSettings, *, best_params: Mapping[str, Any], arch: str | None,

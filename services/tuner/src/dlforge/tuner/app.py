@@ -24,7 +24,7 @@ from dlforge.common.http_errors import error_responses
 from dlforge.common.resource_access import require_on
 from dlforge.common.runtime import Backends
 from dlforge.common.settings import CommonSettings
-from dlforge.tuner.handlers import StudyContext, TuningOverride, best_trial, load_study, trial_table
+from dlforge.tuner.handlers import StudyContext, TuningOverride, chosen_trial, load_study, trial_table
 from dlforge.tuner.settings import TunerSettings
 from dlforge.tuner.worker import (
     CONFIGS,
@@ -80,10 +80,12 @@ async def get_study(name: str, request: Request, backends: Backends = Depends(ba
 
     def read() -> dict[str, Any]:
         study = load_study(ctx)
-        best = best_trial(study)
+        choice = chosen_trial(study, ctx.config)
+        best = choice.trial
         return {
             "trials": [t.model_dump() for t in trial_table(study)],
-            "best": {"number": best.number, "value": best.value, "params": best.params} if best else None,
+            "best": {"number": best.number, "value": best.value, "params": best.params, "choice": choice.reason}
+            if best else None,
             "direction": "maximize",
             "objective": "val_accuracy",
         }

@@ -42,6 +42,7 @@ from dlforge.common.events import (
 )
 from dlforge.hpo import PRUNER_ATTR, build_pruner, open_storage
 from dlforge.hpo.coreset import next_fidelity, promotable
+from dlforge.hpo.selection import replaces, unpack_correct
 from dlforge.tuner.plugins import PluginChoice, make_sampler, pruner_spec
 from dlforge.tuner.settings import TunerSettings
 from dlforge.tuner.space import SearchSpace, default_space
@@ -56,6 +57,7 @@ FIDELITY = "fidelity"  # the share of the train split a trial trains on
 PROMOTED_FROM = "dlforge.promoted_from"  # the trial whose parameters a promoted trial trains again
 PROMOTED_BY = "dlforge.promoted_by"  # the completion event that promoted it
 VAL_LOSS = "dlforge.val_loss"  # the validation loss at the epoch of the trial's value: the tie-break
+VAL_CORRECT = "dlforge.val_correct"  # which val items the trial's model got right (packed): the paired comparison
 OBJECTIVE = "val_accuracy"
 MAX_FINGERPRINT = 8192
 MAX_RUNGS = 10
@@ -128,6 +130,14 @@ class TuningConfig(BaseModel):
                                     "(0: none)")
     warm_start_per_study: int = Field(default=1, ge=1, le=20, description="best configurations enqueued from "
                                       "each past study")
+    baseline: dict[str, Any] | None = Field(
+        default=None, description="the reference configuration (the tuner's baseline trial, also in enqueue): "
+        "with baseline_alpha < 1 the study's result stays this configuration unless its best trial beats it on "
+        "the val items significantly (dlforge.hpo.selection). None: no reference")
+    baseline_alpha: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="the one-sided level of the exact sign test on the val items "
+        "where the best trial and the baseline disagree: the best trial replaces the baseline only when its lead "
+        "has a p-value at most this. 1: the highest value wins, as without a baseline")
 
     @field_validator("fidelity_ladder")
     @classmethod
@@ -149,6 +159,8 @@ class TuningConfig(BaseModel):
             problems = self.space.problems(params)
             if problems:
                 raise ValueError(f"enqueue[{i}]: {'; '.join(problems)}")
+        if self.baseline is not None and self.space.problems(self.baseline):
+            raise ValueError(f"baseline: {'; '.join(self.space.problems(self.baseline))}")
         return self
 
 
@@ -171,6 +183,7 @@ class TuningOverride(BaseModel):
     fingerprint: list[float] | None = Field(default=None, min_length=2, max_length=MAX_FINGERPRINT)
     warm_start_studies: int | None = Field(default=None, ge=0, le=50)
     warm_start_per_study: int | None = Field(default=None, ge=1, le=20)
+    baseline_alpha: float | None = Field(default=None, ge=0.0, le=1.0)
 
     def apply(self, base: TuningConfig) -> TuningConfig:
         """``base`` with this override's fields; a new ``space`` without an ``enqueue`` of its own keeps only the
@@ -181,6 +194,8 @@ class TuningOverride(BaseModel):
             if len(changes["enqueue"]) < len(base.enqueue):
                 log.info("%d of the defaults' enqueued trials (the baseline) left out: they do not lie in the "
                          "run's search space", len(base.enqueue) - len(changes["enqueue"]))
+        if self.space is not None and base.baseline is not None and self.space.problems(base.baseline):
+            changes["baseline"] = None
         return TuningConfig.model_validate({**base.model_dump(), **changes})
 
 
@@ -229,7 +244,8 @@ def default_config(settings: TunerSettings) -> TuningConfig:
                             startup_trials=settings.tuner_startup_trials,
                             sample_fraction=settings.tuner_sample_fraction, trial_epochs=settings.tuner_trial_epochs,
                             sample_method=settings.tuner_sample_method, fidelity_ladder=ladder,
-                            enqueue=[baseline] if baseline else [])
+                            enqueue=[baseline] if baseline else [], baseline=baseline,
+                            baseline_alpha=settings.tuner_baseline_alpha)
     except (ValueError, InvalidInput) as exc:
         raise ConfigError(f"DLFORGE_TUNER_SAMPLER/DLFORGE_TUNER_PRUNER: {exc}") from exc
 
@@ -403,6 +419,8 @@ def tell(study: optuna.Study, ctx: StudyContext, done: HpoTrialCompleted) -> boo
         storage.set_trial_user_attr(trial_id, ERROR, done.error[:2000])
     if done.val_loss is not None:  # finite: the event's schema says so
         storage.set_trial_user_attr(trial_id, VAL_LOSS, done.val_loss)
+    if done.val_correct is not None:  # its length checked by the event's schema
+        storage.set_trial_user_attr(trial_id, VAL_CORRECT, done.val_correct)
     for step, v in enumerate(done.intermediate, start=1):  # the steps whose report did not arrive (in time)
         if step not in trial.intermediate_values and math.isfinite(v):
             storage.set_trial_intermediate_value(trial_id, step, v)
@@ -522,3 +540,55 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
 def failure_reasons(study: optuna.Study) -> list[str]:
     return [f"trial {t.number}: {t.user_attrs.get(ERROR, t.state.name.lower())}"
             for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The study's result: the trial whose parameters the final training gets, and why, when that is not
+    simply the highest value (``reason``; None: it is)."""
+
+    trial: FrozenTrial | None
+    reason: str | None = None
+
+
+def _baseline_trials(trials: Sequence[FrozenTrial], baseline: dict[str, Any]) -> list[FrozenTrial]:
+    return [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+            and math.isfinite(t.value) and t.params == baseline]
+
+
+def _correct(trial: FrozenTrial) -> Any:
+    text = trial.user_attrs.get(VAL_CORRECT)
+    return unpack_correct(text) if isinstance(text, str) else None
+
+
+def chosen_trial(study: optuna.Study, config: TuningConfig) -> Choice:
+    """:func:`best_trial`, unless the study has a baseline configuration and a level below 1: then the best
+    trial replaces the baseline only when it beats it on the val items significantly.
+
+    Both were scored on the same val items, so the comparison is paired (dlforge.hpo.selection): on the items
+    exactly one of the two got right, the best trial must win so many more that a one-sided exact sign test
+    gives p <= ``baseline_alpha``. Otherwise the baseline (its best-ranked complete trial, at any fidelity) is
+    kept: a lead of an item or two on a hundred val items is as likely noise as a better configuration, and the
+    baseline is the configuration that trained well across data sets. Trials without per-item results (from a
+    trainer before them) are not compared: the best value wins.
+    """
+    best = best_trial(study)
+    if best is None or config.baseline is None or config.baseline_alpha >= 1.0 or best.params == config.baseline:
+        return Choice(best)
+    trials = study.get_trials(deepcopy=False)
+    base_trials = _baseline_trials(trials, config.baseline)
+    if not base_trials:
+        return Choice(best)
+    base = min(base_trials, key=lambda t: (-float(t.value or 0.0), *tie_break(t)))
+    a, b = _correct(best), _correct(base)
+    if a is None or b is None or len(a) != len(b):
+        log.info("study %s: trials %d and %d carry no per-item val results of the same items; the highest value "
+                    "wins", study.study_name, best.number, base.number)
+        return Choice(best)
+    better, test = replaces(a, b, config.baseline_alpha)
+    verdict = (f"trial {best.number} ({float(best.value or 0.0):.3f}) was right on {test.wins} of the {test.items} "
+               f"val items it and the baseline (trial {base.number}, {float(base.value or 0.0):.3f}) disagree on "
+               f"(one-sided sign test p = {test.p_value:.3g}")
+    if better:
+        return Choice(best, f"{verdict} <= {config.baseline_alpha:g}): it replaces the baseline")
+    return Choice(base, f"kept the baseline: {verdict} > {config.baseline_alpha:g})")

@@ -55,4 +55,10 @@ class TunerSettings(CommonSettings):
         "a small Fashion-MNIST sample it matched it), so a short study "
         "does not rest on random draws alone. Empty: none. The default is left out, with a log line, under a "
         "DLFORGE_TUNER_SPACE it does not fit")
+    tuner_baseline_alpha: float = Field(
+        default=0.05, ge=0.0, le=1.0,
+        description="the best trial replaces the baseline configuration only when, on the val items where the two "
+        "disagree, it is right so much more often that a one-sided exact sign test gives p <= this (both are scored "
+        "on the same items: a paired comparison). 1: the highest val accuracy wins. Measured: "
+        "benchmarks/tuner_selection.py")
 

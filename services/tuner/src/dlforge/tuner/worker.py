@@ -51,7 +51,7 @@ from dlforge.tuner.handlers import (
     TuningConfig,
     TuningOverride,
     ask_for,
-    best_trial,
+    chosen_trial,
     decide,
     default_config,
     failed_in_a_row,
@@ -252,6 +252,7 @@ class _Step:
     done: bool
     table: list[TrialRecord]
     best: FrozenTrial | None
+    choice: str | None  # why ``best`` when not simply the highest value (chosen_trial)
     failing: list[FrozenTrial]
     failures: list[str]
     top: list[dict[str, Any]]
@@ -277,7 +278,8 @@ async def on_trial_completed(event: Event, ctx: HandlerContext[TunerDeps]) -> li
         def tell_it() -> tuple[list[FrozenTrial], FrozenTrial | None, int]:
             study = load_study(study_ctx)
             tell(study, study_ctx, p)
-            return failed_in_a_row(study), best_trial(study), len(study.get_trials(deepcopy=False))
+            chosen = chosen_trial(study, study_ctx.config).trial
+            return failed_in_a_row(study), chosen, len(study.get_trials(deepcopy=False))
 
         failing, best, n = await asyncio.to_thread(tell_it)
         halt = bool(doc.get("stop_requested")) or doc.get("state") != "running" or len(failing) >= max_failed
@@ -299,7 +301,8 @@ async def on_trial_completed(event: Event, ctx: HandlerContext[TunerDeps]) -> li
             promote_next(study, study_ctx, by=event.event_id)  # enqueued: asked first, below
         asked = ask_for(study, study_ctx, asked_by=event.event_id, stop=halt)
         done = not asked and is_done(study, study_ctx, stop=halt)
-        return _Step(asked, done, trial_table(study), best_trial(study), failed_in_a_row(study),
+        choice = chosen_trial(study, study_ctx.config)
+        return _Step(asked, done, trial_table(study), choice.trial, choice.reason, failed_in_a_row(study),
                      failure_reasons(study), best_params(study))
 
     s = await asyncio.to_thread(ask_next)
@@ -329,12 +332,12 @@ async def on_trial_completed(event: Event, ctx: HandlerContext[TunerDeps]) -> li
     if study_ctx.config.fingerprint is not None:
         await remember_study(ctx.docs, study_name=p.study_name, dataset_id=study_ctx.dataset_id,
                              fingerprint=study_ctx.config.fingerprint, best=s.top)
-    log.info("study %s completed: best value %.4f (trial %d) after %d trials", p.study_name, best.value, best.number,
-             len(s.table))
+    log.info("study %s completed: best value %.4f (trial %d) after %d trials%s", p.study_name, best.value,
+             best.number, len(s.table), f"; {s.choice}" if s.choice else "")
     completed = event.follow(HpoCompleted(
         study_name=p.study_name, dataset_id=study_ctx.dataset_id, model_id=study_ctx.model_id, arch=study_ctx.arch,
         weights_key=study_ctx.weights_key, manifest_key=study_ctx.manifest_key, classes=study_ctx.classes,
         best_params=dict(best.params), best_value=float(best.value), trials=s.table, spec=study_ctx.spec,
-        options=study_ctx.options,
+        options=study_ctx.options, choice=s.choice,
     ))
     return [completed.model_copy(update={"event_id": _event_id(p.study_name, "completed")})]

@@ -1,0 +1,61 @@
+"""The paired comparison behind the tuner's baseline rule: packing per-item results and the exact sign test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from dlforge.hpo.selection import pack_correct, paired, replaces, sign_test, unpack_correct
+
+
+def test_packing_is_eight_items_a_byte_first_item_in_the_high_bit() -> None:
+    # 10 items: the first eight right (0xff), the ninth wrong, the tenth right (0b01 then six padding zeros: 0x40)
+    assert pack_correct([True] * 8 + [False, True]) == "10:ff40"
+    assert pack_correct([]) == "0:"
+    assert pack_correct(np.array([False, False, True])) == "3:20"
+    assert unpack_correct("10:ff40").tolist() == [True] * 8 + [False, True]
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 108, 1000])
+def test_packing_round_trips(n: int) -> None:
+    bits = np.random.default_rng(n).random(n) < 0.8
+    assert unpack_correct(pack_correct(bits)).tolist() == bits.tolist()
+
+
+@pytest.mark.parametrize("bad", ["ff40", "10:FF40", "10:ff", "8:ff00", "3:21", "x:00", "10:ff40 "])
+def test_unpacking_refuses_what_packing_cannot_produce(bad: str) -> None:
+    with pytest.raises(ValueError, match="per-item results"):
+        unpack_correct(bad)
+
+
+def test_the_sign_test_against_hand_values_and_scipy() -> None:
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(5, 0) == 1 / 32
+    assert sign_test(6, 3) == pytest.approx((84 + 36 + 9 + 1) / 512)  # C(9,6..9) / 2^9
+    assert sign_test(0, 4) == 1.0
+    for wins, losses in [(1, 0), (5, 4), (8, 1), (12, 3), (30, 18), (0, 7)]:
+        expected = binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue
+        assert sign_test(wins, losses) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError):
+        sign_test(-1, 2)
+
+
+def test_paired_counts_only_the_items_the_two_disagree_on() -> None:
+    a = np.array([1, 1, 1, 0, 0, 1, 1], dtype=bool)
+    b = np.array([1, 0, 0, 1, 0, 1, 0], dtype=bool)
+    result = paired(a, b)
+    assert (result.wins, result.losses, result.items) == (3, 1, 4)
+    assert result.p_value == pytest.approx(5 / 16)  # P(X >= 3), X ~ Bin(4, 1/2)
+    with pytest.raises(ValueError, match="not of the same items"):
+        paired(a, b[:-1])
+
+
+def test_a_challenger_replaces_the_reference_only_at_the_level_asked() -> None:
+    ref = np.array([True] * 90 + [False] * 10)
+    lead = ref.copy()
+    lead[90:95] = True  # right on 5 of the reference's misses, wrong on none of its hits: p = 1/32
+    assert replaces(lead, ref, 0.05)[0] and not replaces(lead, ref, 0.03)[0]
+    assert replaces(lead, ref, 0.05)[1] == paired(lead, ref)
+    assert not replaces(ref, ref, 0.99)[0]  # no item where they disagree: p = 1
+    assert replaces(ref, ref, 1.0)[0]
