@@ -361,7 +361,7 @@ def test_trials_before_per_item_results_carry_none_and_newer_ones_a_packed_vecto
     assert isinstance(old.payload, HpoTrialCompleted) and old.payload.val_correct is None
     current = decode((GOLDEN / "hpo.trial.completed.v3.json").read_bytes())
     assert isinstance(current.payload, HpoTrialCompleted) and current.payload.val_correct == "10:ff40"
-    for bad in ("ff40", "10:FF40", "10:ff 40", "-1:ff", "10:ff40;", "10:ff", "8:ff00"):
+    for bad in ("ff40", "10:FF40", "10:ff 40", "-1:ff", "10:ff40;", "10:ff", "8:ff00", "3:21"):
         with pytest.raises(PoisonMessage, match="val_correct"):
             decode(json.dumps({**stored, "schema_version": 3,
                                "payload": {**stored["payload"], "val_correct": bad}}).encode())
@@ -369,4 +369,5 @@ def test_trials_before_per_item_results_carry_none_and_newer_ones_a_packed_vecto
     assert isinstance(before.payload, HpoCompleted) and before.payload.choice is None
     now = decode((GOLDEN / "hpo.completed.v5.json").read_bytes())
     assert isinstance(now.payload, HpoCompleted) and now.payload.choice is not None
-    assert now.payload.choice.startswith("kept the baseline")
+    assert now.payload.choice.startswith("kept the baseline") and now.payload.best_params == {"lr": 0.01}
+    assert now.payload.best_value == 0.88 == now.payload.trials[0].value  # the kept baseline's, not the highest

@@ -315,8 +315,9 @@ def test_the_trials_line_says_on_how_much_of_the_data_they_trained() -> None:
     kept = done.model_copy(update={"choice": why})
     report = build_report(runs.apply(_run(None), Event.new(kept, run_id="r1"), trace_id="ab" * 16))
     lines = format_text(report).splitlines()
-    at = next(i for i, line in enumerate(lines) if line.startswith("best parameters"))
+    at = next(i for i, line in enumerate(lines) if line.startswith("chosen parameters (val accuracy 0.800): "))
     assert report["tuner_choice"] == why and lines[at + 1] == f"  {why}"
+    assert not any(line.startswith("best parameters") for line in lines)
 
 
 def test_the_auto_label_line_says_which_rule_chose_the_threshold() -> None:

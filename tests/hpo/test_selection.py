@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from dlforge.hpo.selection import pack_correct, paired, replaces, sign_test, unpack_correct
+from dlforge.hpo.selection import pack_correct, paired, replaces, sign_test, unpack_correct, wins_needed
 
 
 def test_packing_is_eight_items_a_byte_first_item_in_the_high_bit() -> None:
@@ -59,3 +59,22 @@ def test_a_challenger_replaces_the_reference_only_at_the_level_asked() -> None:
     assert replaces(lead, ref, 0.05)[1] == paired(lead, ref)
     assert not replaces(ref, ref, 0.99)[0]  # no item where they disagree: p = 1
     assert replaces(ref, ref, 1.0)[0]
+
+
+def test_the_sign_test_holds_past_a_thousand_pairs() -> None:
+    """2 ** n overflows a float from n = 1,024: a large val split must not stop a study."""
+    from fractions import Fraction
+    from math import comb
+
+    for wins, losses in [(600, 500), (560, 540), (1500, 1400)]:
+        n = wins + losses
+        exact = Fraction(sum(comb(n, k) for k in range(wins, n + 1)), 2 ** n)
+        assert sign_test(wins, losses) == pytest.approx(float(exact), rel=1e-9)
+    assert sign_test(400_000, 400_000) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_the_wins_needed_at_a_level() -> None:
+    assert wins_needed(9, 0.05) == 8  # 8 of 9: 10 / 512 = 0.0195; 7 of 9: 46 / 512 = 0.0898
+    assert wins_needed(5, 0.05) == 5  # 1 / 32
+    assert wins_needed(4, 0.05) is None  # 4 of 4 gives 1 / 16
+    assert wins_needed(0, 0.05) is None and wins_needed(0, 1.0) == 0

@@ -13,6 +13,7 @@ from dlforge.common.events import HpoTrialCompleted, HpoTrialReported, PipelineO
 from dlforge.hpo import PRUNER_ATTR
 from dlforge.hpo.selection import pack_correct
 from dlforge.tuner.handlers import (
+    FIDELITY,
     StudyContext,
     TuningConfig,
     TuningOverride,
@@ -467,19 +468,64 @@ def test_the_baseline_stays_unless_the_best_trial_beats_it_on_the_items_they_dis
     choice = chosen_trial(load_study(ctx), ctx.config)
     assert choice.trial is not None and choice.trial.number == 0 and choice.trial.value == 0.8
     assert choice.reason is not None and choice.reason.startswith("kept the baseline")
-    assert "right on 3 of the 4 val items" in choice.reason and "p = 0.312" in choice.reason
+    assert choice.reason == ("kept the baseline: of the 4 val items where exactly one of trial 1 (0.820) and the "
+                             "baseline (trial 0, 0.800) is right, trial 1 got 3 and the baseline 1 (one-sided sign "
+                             "test p = 0.312 > 0.05)")  # 4 of 4 would give 1/16: no count of 4 suffices
     best = best_trial(load_study(ctx))
     assert best is not None and best.number == 1  # the highest value is still trial 1's
     tell(study, ctx, _scored(2, far))
     choice = chosen_trial(load_study(ctx), ctx.config)
     assert choice.trial is not None and choice.trial.number == 2
-    assert choice.reason is not None and "right on 12 of the 13" in choice.reason and "replaces the baseline" in \
-        choice.reason
+    assert choice.reason is not None and "trial 2 got 12 and the baseline 1" in choice.reason
+    assert choice.reason.endswith("p = 0.00171 <= 0.05): it replaces the baseline")  # 14 / 8192
     # at level 1 the highest value wins whatever the items say; a trial without per-item results is not compared
     assert chosen_trial(load_study(ctx), ctx.config.model_copy(update={"baseline_alpha": 1.0})).trial.number == 2
     tell(study, ctx, _scored(3, None, value=0.95))
     choice = chosen_trial(load_study(ctx), ctx.config)
-    assert choice.trial is not None and choice.trial.number == 3 and choice.reason is None
+    assert choice.trial is not None and choice.trial.number == 3
+    assert choice.reason == ("the highest value: trials 3 and 0 (the baseline) carry no per-item val results of the "
+                             "same items to compare")
+
+
+def test_a_lead_of_eight_of_nine_is_needed_at_five_percent(tmp_path: Path) -> None:
+    ctx = context(tmp_path, trials=2, parallel=2, enqueue=[BASELINE], baseline=BASELINE, baseline_alpha=0.05)
+    study = prepare_study(ctx)
+    ask_for(study, ctx, asked_by="e1")
+    base = [True] * 50 + [False] * 50
+    lead = base.copy()
+    lead[50:57] = [True] * 7  # 7 wins, 2 losses: P(X >= 7 | 9) = 46 / 512 = 0.0898
+    lead[0:2] = [False] * 2
+    tell(study, ctx, _scored(0, base))
+    tell(study, ctx, _scored(1, lead))
+    choice = chosen_trial(load_study(ctx), ctx.config)
+    assert choice.trial is not None and choice.trial.number == 0
+    assert choice.reason is not None and choice.reason.endswith("p = 0.0898 > 0.05; replacing it takes 8 of 9)")
+    # 8 of 9 gives 10 / 512 = 0.0195
+
+
+def test_with_a_ladder_the_baseline_is_compared_on_the_same_share_of_the_data(tmp_path: Path) -> None:
+    ctx = context(tmp_path, trials=8, parallel=2, enqueue=[BASELINE], baseline=BASELINE, baseline_alpha=0.05,
+                  fidelity_ladder=[0.5, 1.0])
+    study = prepare_study(ctx)
+    asked = ask_for(study, ctx, asked_by="e1")
+    other = asked[1].params
+    base = [True] * 60 + [False] * 40
+    close = base.copy()
+    close[60:62] = [True] * 2  # on half the data: 2 wins, 0 losses (p = 0.25)
+    strong = base.copy()
+    strong[60:75] = [True] * 15  # the same configuration on all of it: 15 wins (p = 0.00003)
+    tell(study, ctx, _scored(0, base))
+    tell(study, ctx, _scored(1, close))
+    # trial 1's configuration trained again on all the data (as a promotion would): compared with the baseline's
+    # trial on half the data it would replace it; the baseline never reached that share, so both are compared at 0.5
+    study.enqueue_trial(other, user_attrs={FIDELITY: 1.0})
+    promoted = ask_for(load_study(ctx), ctx, asked_by="e2")
+    assert (promoted[0].fraction, asked[0].fraction, asked[1].fraction) == (1.0, 0.5, 0.5)
+    assert promoted[0].params == other
+    tell(load_study(ctx), ctx, _scored(promoted[0].number, strong))
+    choice = chosen_trial(load_study(ctx), ctx.config)
+    assert choice.trial is not None and choice.trial.number == 0
+    assert choice.reason is not None and "exactly one of trial 1 (0.620)" in choice.reason
 
 
 def test_the_rule_needs_a_complete_baseline_trial(tmp_path: Path) -> None:
@@ -489,7 +535,8 @@ def test_the_rule_needs_a_complete_baseline_trial(tmp_path: Path) -> None:
     tell(study, ctx, completed(0, "failed", None))
     tell(study, ctx, _scored(1, [True, False, True]))
     choice = chosen_trial(load_study(ctx), ctx.config)
-    assert choice.trial is not None and choice.trial.number == 1 and choice.reason is None
+    assert choice.trial is not None and choice.trial.number == 1
+    assert choice.reason == "the highest value: the baseline configuration has no complete trial to compare with"
 
 
 def test_the_default_config_names_its_baseline_and_a_space_without_it_drops_it() -> None:

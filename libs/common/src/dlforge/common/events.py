@@ -35,6 +35,7 @@ from pydantic import (
 
 from dlforge.common.classnames import ClassName
 from dlforge.common.errors import PoisonMessage
+from dlforge.common.packed import unpack_bools
 
 
 class Topic(StrEnum):
@@ -535,9 +536,7 @@ class HpoTrialCompleted(Payload):
     @classmethod
     def _packed_length(cls, v: str | None) -> str | None:
         if v is not None:
-            count, hexed = v.split(":")
-            if len(hexed) != 2 * -(-int(count) // 8):
-                raise ValueError(f"{count} items are packed in {2 * -(-int(count) // 8)} hex digits, not {len(hexed)}")
+            unpack_bools(v)  # the tuner unpacks it with the same code: what passes here unpacks there
         return v
 
 

@@ -396,8 +396,9 @@ def format_text(report: dict[str, Any]) -> str:
         lines.append(f"chosen model: {c['arch']} pretrained on {c['source_dataset']} — {c['why']}")
     # training
     if "best_params" in report:
-        lines.append(f"best parameters (val accuracy {num(report['best_value'], '.3f')}): "
-                     + json.dumps(report["best_params"], sort_keys=True))
+        # with a reason, the tuner's pick may not be the highest value (its baseline kept): "chosen", and why
+        lines.append(f"{'chosen' if report.get('tuner_choice') else 'best'} parameters (val accuracy "
+                     f"{num(report['best_value'], '.3f')}): " + json.dumps(report["best_params"], sort_keys=True))
         if report.get("tuner_choice"):
             lines.append(f"  {report['tuner_choice']}")
     if report.get("trials"):

@@ -10,49 +10,40 @@ lead is. The tuner replaces its baseline configuration (a hand-picked one that t
 sets) with the best trial only when that p-value is at most the study's ``baseline_alpha``.
 
 A trial's per-item results travel in its completion event as text: ``"<n>:<hex>"``, the ``n`` booleans in
-the split's order packed eight to a byte, most significant bit first (:func:`pack_correct`).
+the split's order packed eight to a byte, most significant bit first (:mod:`dlforge.common.packed`, which the
+event's schema checks with the same code).
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import binom
 
-_PACKED = re.compile(r"^(\d{1,9}):([0-9a-f]*)$")
+from dlforge.common.packed import pack_bools as pack_correct
+from dlforge.common.packed import unpack_bools as unpack_correct
 
-
-def pack_correct(correct: Sequence[bool] | np.ndarray) -> str:
-    """``"<n>:<hex>"``: whether each of ``n`` items was predicted right, packed (see the module)."""
-    bits = np.asarray(correct, dtype=bool).ravel()
-    return f"{len(bits)}:{np.packbits(bits).tobytes().hex()}"
-
-
-def unpack_correct(text: str) -> np.ndarray:
-    """The booleans :func:`pack_correct` packed (``ValueError`` when ``text`` is not such a string)."""
-    m = _PACKED.match(text)
-    if m is None:
-        raise ValueError("per-item results must read '<count>:<lower-case hex>'")
-    n, hexed = int(m.group(1)), m.group(2)
-    if len(hexed) != 2 * math.ceil(n / 8):
-        raise ValueError(f"per-item results: {n} items need {2 * math.ceil(n / 8)} hex digits, got {len(hexed)}")
-    bits = np.unpackbits(np.frombuffer(bytes.fromhex(hexed), dtype=np.uint8))
-    if bits[n:].any():
-        raise ValueError("per-item results: the padding bits after the last item must be 0")
-    return bits[:n].astype(bool)
+__all__ = ["Paired", "pack_correct", "paired", "replaces", "sign_test", "unpack_correct", "wins_needed"]
 
 
 def sign_test(wins: int, losses: int) -> float:
-    """One-sided exact sign test: ``P(X >= wins)`` for ``X ~ Binomial(wins + losses, 1/2)`` (1 with no pairs)."""
+    """One-sided exact sign test: ``P(X >= wins)`` for ``X ~ Binomial(wins + losses, 1/2)`` (1 with no pairs).
+    The binomial tail from scipy, exact for any number of pairs (no ``2 ** n`` overflow past 1,023)."""
     if wins < 0 or losses < 0:
         raise ValueError("wins and losses are counts")
     n = wins + losses
     if n == 0:
         return 1.0
-    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2.0 ** n
+    return float(min(1.0, binom.sf(wins - 1, n, 0.5)))
+
+
+def wins_needed(items: int, alpha: float) -> int | None:
+    """The fewest wins out of ``items`` disagreements whose sign test gives p <= ``alpha`` (None: no number does)."""
+    for wins in range(items + 1):
+        if sign_test(wins, items - wins) <= alpha:
+            return wins
+    return None
 
 
 @dataclass(frozen=True)

@@ -148,8 +148,16 @@ async def on_trial(event: Event, ctx: HandlerContext[TrainerDeps]) -> Event | No
         await records.finish(job_id, state="pruned", summary=summary)
         return completed("pruned", value, val_loss=val_loss)
     await records.finish(job_id, state="completed", summary=summary)
-    # which val items the trained model got right: the tuner compares a trial with its baseline item by item
-    return completed("complete", value, val_loss=val_loss, val_correct=outcome.val.correct if outcome.val else None)
+    # which val items the trained model got right: the tuner compares a trial with its baseline item by item.
+    # Only when they are the items of the model the value is from (a trial with early stopping ends on its best
+    # epoch's weights, not the last epoch's; the last epoch's value is the trial's)
+    correct = outcome.val.correct if outcome.val else None
+    if correct is not None and outcome.val is not None and (
+            value is None or not math.isclose(outcome.val.accuracy, value, abs_tol=1e-9)):
+        log.info("trial %d of %s: its model after training scores %.4f on val, its value is %s: no per-item results",
+                 p.trial_number, p.study_name, outcome.val.accuracy, value)
+        correct = None
+    return completed("complete", value, val_loss=val_loss, val_correct=correct)
 
 
 def final_request(settings: TrainerSettings, *, best_params: Mapping[str, Any], arch: str | None,

@@ -42,7 +42,7 @@ from dlforge.common.events import (
 )
 from dlforge.hpo import PRUNER_ATTR, build_pruner, open_storage
 from dlforge.hpo.coreset import next_fidelity, promotable
-from dlforge.hpo.selection import replaces, unpack_correct
+from dlforge.hpo.selection import replaces, unpack_correct, wins_needed
 from dlforge.tuner.plugins import PluginChoice, make_sampler, pruner_spec
 from dlforge.tuner.settings import TunerSettings
 from dlforge.tuner.space import SearchSpace, default_space
@@ -551,14 +551,24 @@ class Choice:
     reason: str | None = None
 
 
-def _baseline_trials(trials: Sequence[FrozenTrial], baseline: dict[str, Any]) -> list[FrozenTrial]:
-    return [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
-            and math.isfinite(t.value) and t.params == baseline]
+def _complete(trials: Sequence[FrozenTrial], params: dict[str, Any], fidelity: float | None = None
+              ) -> list[FrozenTrial]:
+    """The complete trials with a finite value of the configuration ``params`` (at ``fidelity``, if given)."""
+    return [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
+            and t.params == params
+            and (fidelity is None or math.isclose(float(t.user_attrs.get(FIDELITY, -1.0)), fidelity, abs_tol=1e-9))]
+
+
+def _ranked_first(trials: Sequence[FrozenTrial]) -> FrozenTrial:
+    return min(trials, key=lambda t: (-float(t.value or 0.0), *tie_break(t)))
 
 
 def _correct(trial: FrozenTrial) -> Any:
     text = trial.user_attrs.get(VAL_CORRECT)
-    return unpack_correct(text) if isinstance(text, str) else None
+    try:
+        return unpack_correct(text) if isinstance(text, str) else None
+    except ValueError:  # the event's schema checks it with the same code: stored by another version
+        return None
 
 
 def chosen_trial(study: optuna.Study, config: TuningConfig) -> Choice:
@@ -567,28 +577,38 @@ def chosen_trial(study: optuna.Study, config: TuningConfig) -> Choice:
 
     Both were scored on the same val items, so the comparison is paired (dlforge.hpo.selection): on the items
     exactly one of the two got right, the best trial must win so many more that a one-sided exact sign test
-    gives p <= ``baseline_alpha``. Otherwise the baseline (its best-ranked complete trial, at any fidelity) is
-    kept: a lead of an item or two on a hundred val items is as likely noise as a better configuration, and the
-    baseline is the configuration that trained well across data sets. Trials without per-item results (from a
-    trainer before them) are not compared: the best value wins.
+    gives p <= ``baseline_alpha``. Otherwise the baseline is kept: a lead of an item or two on a hundred val
+    items is as likely noise as a better configuration, and the baseline is the configuration that trained
+    well across data sets. The two are compared trained on the same share of the data: with a fidelity
+    ladder, at the highest rung both configurations reached. When the baseline has no complete trial, or a
+    trial carries no per-item results (from a trainer before them), the highest value wins, and the reason
+    says why.
     """
     best = best_trial(study)
     if best is None or config.baseline is None or config.baseline_alpha >= 1.0 or best.params == config.baseline:
         return Choice(best)
     trials = study.get_trials(deepcopy=False)
-    base_trials = _baseline_trials(trials, config.baseline)
-    if not base_trials:
-        return Choice(best)
-    base = min(base_trials, key=lambda t: (-float(t.value or 0.0), *tie_break(t)))
-    a, b = _correct(best), _correct(base)
+    mine = _complete(trials, config.baseline)
+    if not mine:
+        return Choice(best, "the highest value: the baseline configuration has no complete trial to compare with")
+    fidelities = [float(t.user_attrs.get(FIDELITY, -1.0)) for t in (*mine, best)]
+    rung = min(max(fidelities[:-1]), fidelities[-1])  # the highest share both were trained on
+    base_at, best_at = _complete(trials, config.baseline, rung), _complete(trials, dict(best.params), rung)
+    if not base_at or not best_at:
+        return Choice(best, "the highest value: the baseline and the best configuration have no trials on the "
+                      "same share of the data to compare")
+    base, challenger = _ranked_first(base_at), _ranked_first(best_at)
+    a, b = _correct(challenger), _correct(base)
     if a is None or b is None or len(a) != len(b):
-        log.info("study %s: trials %d and %d carry no per-item val results of the same items; the highest value "
-                    "wins", study.study_name, best.number, base.number)
-        return Choice(best)
+        return Choice(best, f"the highest value: trials {challenger.number} and {base.number} (the baseline) carry "
+                      "no per-item val results of the same items to compare")
     better, test = replaces(a, b, config.baseline_alpha)
-    verdict = (f"trial {best.number} ({float(best.value or 0.0):.3f}) was right on {test.wins} of the {test.items} "
-               f"val items it and the baseline (trial {base.number}, {float(base.value or 0.0):.3f}) disagree on "
-               f"(one-sided sign test p = {test.p_value:.3g}")
+    needed = wins_needed(test.items, config.baseline_alpha)
+    verdict = (f"of the {test.items} val items where exactly one of trial {challenger.number} "
+               f"({float(challenger.value or 0.0):.3f}) and the baseline (trial {base.number}, "
+               f"{float(base.value or 0.0):.3f}) is right, trial {challenger.number} got {test.wins} and the "
+               f"baseline {test.losses} (one-sided sign test p = {test.p_value:.3g}")
     if better:
         return Choice(best, f"{verdict} <= {config.baseline_alpha:g}): it replaces the baseline")
-    return Choice(base, f"kept the baseline: {verdict} > {config.baseline_alpha:g})")
+    need = f"; replacing it takes {needed} of {test.items}" if needed is not None else ""
+    return Choice(base, f"kept the baseline: {verdict} > {config.baseline_alpha:g}{need})")

@@ -57,8 +57,11 @@ class TunerSettings(CommonSettings):
         "DLFORGE_TUNER_SPACE it does not fit")
     tuner_baseline_alpha: float = Field(
         default=0.05, ge=0.0, le=1.0,
-        description="the best trial replaces the baseline configuration only when, on the val items where the two "
-        "disagree, it is right so much more often that a one-sided exact sign test gives p <= this (both are scored "
-        "on the same items: a paired comparison). 1: the highest val accuracy wins. Measured: "
-        "benchmarks/tuner_selection.py")
+        description="the best trial replaces the baseline configuration only when, on the val items where exactly "
+        "one of the two is right, it is right so much more often that a one-sided exact sign test gives p <= this "
+        "(both are scored on the same items: a paired comparison; compared on the same share of the data). 0: the "
+        "baseline is never replaced; 1: the highest val accuracy wins. Without a complete baseline trial, or "
+        "without per-item results (an older trainer), the highest value wins and the report says why. "
+        "benchmarks/tuner_selection.py measured 0.05 against the highest value; 0.05 to 0.2 could not be told "
+        "apart there (DEVELOPERS.md)")
 
