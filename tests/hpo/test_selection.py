@@ -78,3 +78,6 @@ def test_the_wins_needed_at_a_level() -> None:
     assert wins_needed(5, 0.05) == 5  # 1 / 32
     assert wins_needed(4, 0.05) is None  # 4 of 4 gives 1 / 16
     assert wins_needed(0, 0.05) is None and wins_needed(0, 1.0) == 0
+    for n, alpha in [(9, 0.05), (50, 0.05), (200, 0.1), (1001, 0.01)]:  # against a scan with scipy's test
+        first = next(w for w in range(n + 1) if binomtest(w, n, 0.5, alternative="greater").pvalue <= alpha)
+        assert wins_needed(n, alpha) == first

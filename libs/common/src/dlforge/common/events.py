@@ -529,7 +529,7 @@ class HpoTrialCompleted(Payload):
     val_correct: str | None = Field(
         default=None, max_length=MAX_PACKED_RESULTS, pattern=r"^\d{1,9}:[0-9a-f]*$",
         description="which validation items the trial's model got right, in the val split's order, as "
-        "'<count>:<hex>' (dlforge.hpo.selection.pack_correct): the tuner's paired comparison with its baseline "
+        "'<count>:<hex>' (dlforge.common.packed): the tuner's paired comparison with its baseline "
         "trial (None: not measured)")
 
     @field_validator("val_correct")

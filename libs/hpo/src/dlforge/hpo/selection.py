@@ -39,11 +39,18 @@ def sign_test(wins: int, losses: int) -> float:
 
 
 def wins_needed(items: int, alpha: float) -> int | None:
-    """The fewest wins out of ``items`` disagreements whose sign test gives p <= ``alpha`` (None: no number does)."""
-    for wins in range(items + 1):
-        if sign_test(wins, items - wins) <= alpha:
-            return wins
-    return None
+    """The fewest wins out of ``items`` disagreements whose sign test gives p <= ``alpha`` (None: no number does).
+    The p-value falls as the wins grow, so a bisection finds it in log(items) tests."""
+    if sign_test(items, 0) > alpha:
+        return None
+    lo, hi = 0, items  # p(hi) <= alpha
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sign_test(mid, items - mid) <= alpha:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 @dataclass(frozen=True)

@@ -87,4 +87,4 @@ class EvalSummary(BaseModel):
     recall: dict[str, float]
     confusion: list[list[int]] = Field(description="rows: true class, columns: predicted class")
     correct: str | None = Field(default=None, description="which items were predicted right, in the split's order "
-                                "(dlforge.hpo.selection.pack_correct; None: not kept)")
+                                "(dlforge.common.packed; None: not kept)")

@@ -516,6 +516,11 @@ def tie_break(trial: FrozenTrial) -> tuple[float, int]:
     return (math.inf if loss is None else loss, trial.number)
 
 
+def rank(trial: FrozenTrial) -> tuple[float, float, int]:
+    """The order of trials, best first: the higher value, then :func:`tie_break`."""
+    return (-float(trial.value or 0.0), *tie_break(trial))
+
+
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """The best complete trial; failing that, the pruned trial with the best last value; else None.
 
@@ -523,9 +528,6 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     equal values the lower validation loss wins (it also rewards confidence on the items both get right and
     on those both get wrong), then the earlier trial.
     """
-    def rank(t: FrozenTrial) -> tuple[float, float, int]:
-        return (-float(t.value or 0.0), *tie_break(t))
-
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
     if complete:
@@ -557,10 +559,6 @@ def _complete(trials: Sequence[FrozenTrial], params: dict[str, Any], fidelity: f
     return [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
             and t.params == params
             and (fidelity is None or math.isclose(float(t.user_attrs.get(FIDELITY, -1.0)), fidelity, abs_tol=1e-9))]
-
-
-def _ranked_first(trials: Sequence[FrozenTrial]) -> FrozenTrial:
-    return min(trials, key=lambda t: (-float(t.value or 0.0), *tie_break(t)))
 
 
 def _correct(trial: FrozenTrial) -> Any:
@@ -597,7 +595,7 @@ def chosen_trial(study: optuna.Study, config: TuningConfig) -> Choice:
     if not base_at or not best_at:
         return Choice(best, "the highest value: the baseline and the best configuration have no trials on the "
                       "same share of the data to compare")
-    base, challenger = _ranked_first(base_at), _ranked_first(best_at)
+    base, challenger = min(base_at, key=rank), min(best_at, key=rank)
     a, b = _correct(challenger), _correct(base)
     if a is None or b is None or len(a) != len(b):
         return Choice(best, f"the highest value: trials {challenger.number} and {base.number} (the baseline) carry "
