@@ -445,7 +445,7 @@ def test_a_scale_outside_zero_to_one_is_refused() -> None:
 def test_evaluate_keeps_which_items_it_got_right_when_asked() -> None:
     from torch import nn
 
-    from dlforge.hpo.selection import unpack_correct
+    from dlforge.common.packed import unpack_bools
     from dlforge.trainer.training import evaluate
 
     model = nn.Linear(2, 2, bias=False)
@@ -455,6 +455,6 @@ def test_evaluate_keeps_which_items_it_got_right_when_asked() -> None:
     y = np.array([0, 1, 1, 0, 0, 1] * 50)
     right = [True, True, False, False, True, True] * 50
     summary = evaluate(model, x, y, ["a", "b"], batch_size=128, per_item=True)
-    assert summary.correct is not None and unpack_correct(summary.correct).tolist() == right
+    assert summary.correct is not None and unpack_bools(summary.correct).tolist() == right
     assert summary.accuracy == pytest.approx(4 / 6)
     assert evaluate(model, x, y, ["a", "b"]).correct is None

@@ -10,8 +10,8 @@ from pydantic import ValidationError
 
 from dlforge.common.errors import ConfigError, InvalidInput
 from dlforge.common.events import HpoTrialCompleted, HpoTrialReported, PipelineOptions, Spec
+from dlforge.common.packed import pack_bools
 from dlforge.hpo import PRUNER_ATTR
-from dlforge.hpo.selection import pack_correct
 from dlforge.tuner.handlers import (
     FIDELITY,
     StudyContext,
@@ -446,7 +446,7 @@ BASELINE = {"lr": 0.001, "momentum": 0.9, "weight_decay": 1e-6, "dropout": 0.2, 
 def _scored(number: int, right: list[bool] | None, value: float | None = None) -> HpoTrialCompleted:
     v = value if value is not None else sum(right or []) / len(right or [1])
     return completed(number, value=v).model_copy(
-        update={"val_correct": pack_correct(right) if right is not None else None})
+        update={"val_correct": pack_bools(right) if right is not None else None})
 
 
 def test_the_baseline_stays_unless_the_best_trial_beats_it_on_the_items_they_disagree_on(tmp_path: Path) -> None:

@@ -25,8 +25,8 @@ from dlforge.common.events import (
     Topic,
     encode,
 )
+from dlforge.common.packed import unpack_bools
 from dlforge.common.runtime import Backends, Outcome, Worker, run_workers
-from dlforge.hpo.selection import unpack_correct
 from dlforge.trainer import worker as trainer_worker
 from dlforge.trainer.pruning import decisions_service
 from dlforge.trainer.settings import TrainerSettings
@@ -120,7 +120,7 @@ async def test_study_runs_two_trials_prunes_the_worse_one_and_trains_the_best(
     assert results[0].state == "complete" and results[0].value is not None and results[0].value >= 0.8
     assert len(results[0].intermediate) == 3  # three epochs reported
     # which val items the trained model got right: as many of them as the accuracy it reported says
-    right = unpack_correct(results[0].val_correct or "")
+    right = unpack_bools(results[0].val_correct or "")
     assert right.mean() == pytest.approx(results[0].value)
     assert results[1].state == "pruned"  # stopped after its first report: clearly below the median
     assert results[1].val_correct is None  # a pruned trial is not compared item by item

@@ -35,7 +35,7 @@ from pydantic import (
 
 from dlforge.common.classnames import ClassName
 from dlforge.common.errors import PoisonMessage
-from dlforge.common.packed import unpack_bools
+from dlforge.common.packed import PACKED_PATTERN, unpack_bools
 
 
 class Topic(StrEnum):
@@ -527,7 +527,7 @@ class HpoTrialCompleted(Payload):
                                    description="the validation loss at the epoch ``value`` is from: between trials "
                                    "of equal value, the lower loss ranks higher (None: not measured)")
     val_correct: str | None = Field(
-        default=None, max_length=MAX_PACKED_RESULTS, pattern=r"^\d{1,9}:[0-9a-f]*$",
+        default=None, max_length=MAX_PACKED_RESULTS, pattern=PACKED_PATTERN,
         description="which validation items the trial's model got right, in the val split's order, as "
         "'<count>:<hex>' (dlforge.common.packed): the tuner's paired comparison with its baseline "
         "trial (None: not measured)")

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-_PACKED = re.compile(r"^(\d{1,9}):([0-9a-f]*)$")
+PACKED_PATTERN = r"^(\d{1,9}):([0-9a-f]*)$"  # also the event field's pattern (hpo.trial.completed)
+_PACKED = re.compile(PACKED_PATTERN)
 
 
 def pack_bools(values: Sequence[bool] | np.ndarray) -> str:

@@ -21,11 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binom
 
-from dlforge.common.packed import pack_bools as pack_correct
-from dlforge.common.packed import unpack_bools as unpack_correct
-
-__all__ = ["Paired", "pack_correct", "paired", "replaces", "sign_test", "unpack_correct", "wins_needed"]
-
 
 def sign_test(wins: int, losses: int) -> float:
     """One-sided exact sign test: ``P(X >= wins)`` for ``X ~ Binomial(wins + losses, 1/2)`` (1 with no pairs).

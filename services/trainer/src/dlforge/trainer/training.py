@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from dlforge.common.errors import ConfigError
-from dlforge.hpo.selection import pack_correct
+from dlforge.common.packed import pack_bools
 from dlforge.trainer.params import DeviceName, EpochMetrics, EvalSummary, TrainParams
 from dlforge.trainer.stages import Tail
 
@@ -484,7 +484,7 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[str],
         accuracy=float(np.trace(confusion) / n) if n else float("nan"),
         recall=recall,
         confusion=confusion.tolist(),
-        correct=pack_correct(np.concatenate(right) if right else np.zeros(0, dtype=bool)) if per_item else None,
+        correct=pack_bools(np.concatenate(right) if right else np.zeros(0, dtype=bool)) if per_item else None,
     )
 
 

@@ -40,9 +40,10 @@ from dlforge.common.events import (
     Spec,
     TrialRecord,
 )
+from dlforge.common.packed import unpack_bools
 from dlforge.hpo import PRUNER_ATTR, build_pruner, open_storage
 from dlforge.hpo.coreset import next_fidelity, promotable
-from dlforge.hpo.selection import replaces, unpack_correct, wins_needed
+from dlforge.hpo.selection import replaces, wins_needed
 from dlforge.tuner.plugins import PluginChoice, make_sampler, pruner_spec
 from dlforge.tuner.settings import TunerSettings
 from dlforge.tuner.space import SearchSpace, default_space
@@ -564,7 +565,7 @@ def _complete(trials: Sequence[FrozenTrial], params: dict[str, Any], fidelity: f
 def _correct(trial: FrozenTrial) -> Any:
     text = trial.user_attrs.get(VAL_CORRECT)
     try:
-        return unpack_correct(text) if isinstance(text, str) else None
+        return unpack_bools(text) if isinstance(text, str) else None
     except ValueError:  # the event's schema checks it with the same code: stored by another version
         return None
 
