@@ -14,10 +14,17 @@ samples made from those by each generator (``none``; ``policy`` = the service's 
 ``cvae`` / ``cvae-prior`` / ``cvae-interp`` / ``cvae-residual`` = the learned generator, one VAE per
 seed, four sampling modes; ``dcgan`` = a tiny DCGAN per seed, the same step/time budget) and judged
 by the X2 filter (fitted on the scarce real train split, on the same frozen features); the quick
-classifier trained on real + kept samples and scored on the real test split:
-defect recall at equal precision (the largest recall whose precision reaches the ``none`` model's
-precision at its 0.5 threshold, on the same seed's test split), recall and accuracy at 0.5, average
-precision. ``recall_gain_points`` = mean over seeds of (cvae recall - none recall) at equal precision.
+classifier trained on real + kept samples and scored on the real test split.
+
+The headline is defect recall at equal precision, the precision fixed at ``--precision`` (0.9: one
+flagged cell in ten a false alarm): the largest recall whose precision on the test split reaches it.
+``recall_gain_points`` = mean over seeds of (learned generator's recall - none's recall) at it. Also
+reported: recall at precision 0.8 and 0.95, at the ``none`` model's own precision at its 0.5 threshold
+(the definition used until 2026-12-07: that model flags few cells, so its precision is 0.985-1.0 and
+the recall at it turns on the first false alarm; real defect images added to training *lowered* it by
+9 points), recall and accuracy at 0.5, average precision. ``oracle`` adds real train defect images the
+cut removed instead of generated ones (no filter): the gain perfect samples would bring, the ceiling
+a generator is measured against and the check that the metric rewards better data.
 
     python benchmarks/augmenter.py --protocol scarce --defect-share 0.1 --seeds 3 \
         --generators none,policy,cvae,cvae-prior,cvae-interp,cvae-residual
@@ -42,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from dlforge.augmenter.filters import FrozenNetworkFeatures
+from dlforge.augmenter.generators import Generated
 from dlforge.augmenter.settings import AugmenterSettings
 from dlforge.augmenter.worker import RUNS, SAMPLES, build_deps, service
 from dlforge.common.bus import Delivery
@@ -216,7 +224,9 @@ def quick_classifiers(
 # --protocol scarce (issue 13): one class cut to a small share, generators compared on real test data
 # ------------------------------------------------------------------------------------------------
 
-GENERATORS = ("none", "policy", "cvae", "cvae-prior", "cvae-interp", "cvae-residual", "dcgan")
+# (new names go last: a generator's random stream is seeded with its index here)
+GENERATORS = ("none", "policy", "cvae", "cvae-prior", "cvae-interp", "cvae-residual", "dcgan", "oracle")
+LEVELS = (0.8, 0.9, 0.95)  # precision levels every generator's recall is reported at
 
 
 class CachedFeatures:
@@ -331,7 +341,11 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
             info: dict[str, Any] = {"generated": 0, "kept": 0}
             if name != "none":
                 g_rng = np.random.default_rng([seed, 7, GENERATORS.index(name)])
-                if name == "policy":
+                if name == "oracle":
+                    cut = np.setdiff1d(defect_train, scarce_defects)
+                    real = images[g_rng.choice(cut, size=min(n_gen, len(cut)), replace=False)]
+                    made = Generated(real, np.full(len(real), -1, dtype=np.int64), ["real"] * len(real))
+                elif name == "policy":
                     made = policy.generate(sources, n_gen, g_rng)
                 elif name == "dcgan":
                     gan = DCGANGenerator(seconds=args.cvae_seconds, steps=args.cvae_steps, seed=seed)
@@ -343,8 +357,9 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
                     made = vae.generate(sources, n_gen, g_rng)
                     info["vae_fit"] = dataclasses.asdict(vae.last_fit) if vae.last_fit else None
                 verdict = x2.judge(made.images, np.ones(len(made.images), dtype=np.int64))
-                gen_x = features(made.images[verdict.keep])
-                info.update(generated=len(made.images), kept=int(verdict.keep.sum()),
+                keep = np.ones(len(made.images), dtype=bool) if name == "oracle" else verdict.keep
+                gen_x = features(made.images[keep])
+                info.update(generated=len(made.images), kept=int(keep.sum()),
                             median_confidence=round(float(np.median(verdict.confidence)), 3))
             x = np.concatenate([x_train, gen_x])
             y = np.concatenate([y_train, np.ones(len(gen_x), dtype=np.int64)])
@@ -359,8 +374,10 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
                 row["reference_precision"] = round(reference, 4)
             assert reference is not None
             info.update(
-                recall_at_equal_precision=round(recall_at_precision(scores, y_test, reference), 4),
-                recall_at_precision_0_8=round(recall_at_precision(scores, y_test, 0.8), 4),
+                recall_at_equal_precision=round(recall_at_precision(scores, y_test, args.precision), 4),
+                recall_at_reference_precision=round(recall_at_precision(scores, y_test, reference), 4),
+                **{f"recall_at_precision_{level:g}".replace(".", "_"):
+                   round(recall_at_precision(scores, y_test, level), 4) for level in LEVELS},
                 recall_at_0_5=round(tp / max(1, int(y_test.sum())), 4),
                 precision_at_0_5=round(precision_05, 4),
                 accuracy=round(float(np.mean(pred == y_test)), 4),
@@ -374,25 +391,33 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for name in names:
         vals = {k: [r["generators"][name][k] for r in per_seed]
-                for k in ("recall_at_equal_precision", "recall_at_precision_0_8", "recall_at_0_5", "accuracy",
-                          "average_precision", "kept")}
+                for k in ("recall_at_equal_precision", "recall_at_reference_precision", "recall_at_precision_0_8",
+                          "recall_at_precision_0_95", "recall_at_0_5", "accuracy", "average_precision", "kept")}
         summary[name] = {k: round(float(np.mean(v)), 4) for k, v in vals.items()}
         summary[name]["recall_at_equal_precision_per_seed"] = vals["recall_at_equal_precision"]
     learned = "cvae" if "cvae" in names else next((n for n in names if n.startswith("cvae")), None)
-    gains = {n: round(100 * float(np.mean([r["generators"][n]["recall_at_equal_precision"]
-                                          - r["generators"]["none"]["recall_at_equal_precision"]
-                                          for r in per_seed])), 2) for n in names if n != "none"}
+
+    def gain(n: str, key: str = "recall_at_equal_precision") -> float:
+        return round(100 * float(np.mean([r["generators"][n][key] - r["generators"]["none"][key]
+                                          for r in per_seed])), 2)
+
+    gains = {n: gain(n) for n in names if n != "none"}
+    gains_by_level = {n: {key: gain(n, key) for key in ("recall_at_precision_0_8", "recall_at_equal_precision",
+                                                         "recall_at_precision_0_95", "recall_at_reference_precision",
+                                                         "average_precision")}
+                      for n in names if n != "none"}
     return {
         "benchmark": "augmenter",
         "protocol": "scarce",
         "dataset": "elpv",
         "images": len(images),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
-        "metric": "defect recall on the real test split at the precision of the no-generation model at its 0.5 "
-                  "threshold (same seed); the largest recall whose precision reaches it",
+        "metric": f"defect recall on the real test split at precision {args.precision:g}: the largest recall whose "
+                  "precision reaches it",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_end": os.getloadavg()},
         "recall_gain_points": gains.get(learned) if learned else None,
         "recall_gain_points_by_generator": gains,
+        "gain_points_by_metric": gains_by_level,
         "target_points": 5.0,
         "summary": summary,
         "per_seed": per_seed,
@@ -403,15 +428,19 @@ def print_scarce(result: dict[str, Any]) -> None:
     o = result["options"]
     print(f"\nELPV, defect class cut to {o['defect_share']:.0%} of its train images, {o['seeds']} seeds, "
           f"X2 threshold {o['threshold']}, {o['generate_ratio']:g} generated per real defect")
-    print(f"  {'generator + X2':<14} {'kept':>6} {'rec@eqP':>8} {'gain pts':>9} {'rec@P.8':>8} {'rec@0.5':>8} "
-          f"{'acc':>7} {'AP':>7}   rec@eqP per seed")
+    print(f"  {'generator + X2':<14} {'kept':>6} {'rec@P.8':>8} {'rec@P' + format(o['precision'], 'g'):>8} "
+          f"{'gain pts':>9} {'rec@P.95':>9} {'rec@refP':>9} {'rec@0.5':>8} {'acc':>7} {'AP':>7}   "
+          f"rec@P{o['precision']:g} per seed")
     gains = result["recall_gain_points_by_generator"]
     for name, s in result["summary"].items():
         gain = f"{gains[name]:+.1f}" if name in gains else "-"
-        print(f"  {name:<14} {s['kept']:>6.0f} {s['recall_at_equal_precision']:>8.3f} {gain:>9} "
-              f"{s['recall_at_precision_0_8']:>8.3f} {s['recall_at_0_5']:>8.3f} {s['accuracy']:>7.3f} "
-              f"{s['average_precision']:>7.3f}   "
-              f"{s['recall_at_equal_precision_per_seed']}")
+        print(f"  {name:<14} {s['kept']:>6.0f} {s['recall_at_precision_0_8']:>8.3f} "
+              f"{s['recall_at_equal_precision']:>8.3f} {gain:>9} {s['recall_at_precision_0_95']:>9.3f} "
+              f"{s['recall_at_reference_precision']:>9.3f} {s['recall_at_0_5']:>8.3f} {s['accuracy']:>7.3f} "
+              f"{s['average_precision']:>7.3f}   {s['recall_at_equal_precision_per_seed']}")
+    print("  gain in points over none, per metric (P.8, P" + format(o["precision"], "g") + ", P.95, ref P, AP):")
+    for name, by in result["gain_points_by_metric"].items():
+        print(f"    {name:<14} " + "  ".join(f"{v:+6.1f}" for v in by.values()))
     print(f"  recall_gain_points (learned + X2 vs none): {result['recall_gain_points']} (target >= 5)")
 
 
@@ -438,6 +467,8 @@ def main() -> None:
     parser.add_argument("--gen-size", type=int, default=128, help="scarce: side of the images generators see")
     parser.add_argument("--cvae-seconds", type=float, default=90.0, help="learned generators' time budget")
     parser.add_argument("--cvae-steps", type=int, default=1500, help="learned generators' step budget")
+    parser.add_argument("--precision", type=float, default=0.9,
+                        help="scarce: the precision the headline recall is compared at")
     parser.add_argument("--fallback-precision", type=float, default=0.8,
                         help="scarce: equal precision used if the none model predicts no defect at 0.5")
     parser.add_argument("--workdir", type=Path, default=Path(".dlforge/augbench"), help="scarce: cache")
