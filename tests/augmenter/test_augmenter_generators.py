@@ -8,10 +8,12 @@ import pytest
 from dlforge.augmenter.generators import (
     DEFAULT_POLICIES,
     OPS,
+    Generated,
     MixedGenerator,
     MixupGenerator,
     Op,
     PolicyGenerator,
+    ThenPolicies,
     apply_policy,
     parse_policy,
 )
@@ -97,6 +99,34 @@ def test_mixed_generator_shares_the_count() -> None:
     made = gen.generate(sources, 10, np.random.default_rng(0))
     assert len(made.images) == 10
     assert sum(r.startswith("mixup:") for r in made.recipes) == 3
+    assert len(gen.generate(sources, 0, np.random.default_rng(0)).images) == 0
+
+
+class _Fixed:
+    """A generator that returns its sources' first ``n`` images as they are (parents 0..n-1)."""
+
+    name = "fixed"
+    last_fit = "fit-record"
+
+    def generate(self, images: np.ndarray, n: int, rng: np.random.Generator) -> Generated:
+        return Generated(images[:n].copy(), np.arange(n, dtype=np.int64), [f"fixed:{i}" for i in range(n)])
+
+
+def test_then_policies_puts_each_inner_sample_through_one_policy() -> None:
+    sources = np.stack([_image(1, seed) for seed in range(4)])
+    # one policy, a horizontal flip: every sample is its inner sample mirrored, parents and recipes carried
+    made = ThenPolicies(_Fixed(), ["hflip"]).generate(sources, 3, np.random.default_rng(0))
+    assert np.array_equal(made.images, sources[:3, :, ::-1])
+    assert made.parents.tolist() == [0, 1, 2] and made.recipes == ["fixed:0>hflip", "fixed:1>hflip", "fixed:2>hflip"]
+    gen = ThenPolicies(_Fixed(), ["hflip", "vflip"])
+    assert gen.name == "fixed+policy" and gen.last_fit == "fit-record"
+    made = gen.generate(sources, 4, np.random.default_rng(1))
+    for img, src, recipe in zip(made.images, sources, made.recipes, strict=True):
+        flipped = src[:, ::-1] if recipe.endswith(">hflip") else src[::-1]
+        assert recipe.endswith((">hflip", ">vflip")) and np.array_equal(img, flipped)
+    assert {r.split(">")[1] for r in gen.generate(sources, 4, np.random.default_rng(1)).recipes} <= {"hflip", "vflip"}
+    again = gen.generate(sources, 4, np.random.default_rng(1))
+    assert np.array_equal(again.images, made.images)
     assert len(gen.generate(sources, 0, np.random.default_rng(0)).images) == 0
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from dlforge.augmenter.generators import ThenPolicies
 from dlforge.augmenter.learned import ConditionalVAEGenerator, DCGANGenerator
 from dlforge.augmenter.settings import AugmenterSettings
 from dlforge.augmenter.worker import RUNS, SAMPLES, build_deps, build_generator, service
@@ -99,8 +100,14 @@ def test_settings_choose_the_generator_and_refuse_unknown_names() -> None:
     assert load_settings(AugmenterSettings).augmenter_generator == "policy"
     assert build_generator(load_settings(AugmenterSettings)).name == "mixed"
     g = build_generator(load_settings(AugmenterSettings, augmenter_generator="cvae", augmenter_cvae_steps=10))
-    assert isinstance(g, ConditionalVAEGenerator) and g.steps == 10
-    with pytest.raises(ConfigError, match="DLFORGE_AUGMENTER_GENERATOR: Input should be 'policy' or 'cvae'"):
+    assert isinstance(g, ConditionalVAEGenerator) and g.steps == 10 and g.mode == "residual"
+    chained = build_generator(load_settings(AugmenterSettings, augmenter_generator="cvae+policy",
+                                            augmenter_policies=["hflip"], augmenter_cvae_mode="prior"))
+    assert isinstance(chained, ThenPolicies) and chained.name == "cvae+policy"
+    assert isinstance(chained.inner, ConditionalVAEGenerator) and chained.inner.mode == "prior"
+    assert [str(op) for p in chained.policies for op in p] == ["hflip"]
+    with pytest.raises(ConfigError, match="DLFORGE_AUGMENTER_GENERATOR: Input should be 'policy', 'cvae' or "
+                                          "'cvae\\+policy'"):
         load_settings(AugmenterSettings, augmenter_generator="gan")
     with pytest.raises(ConfigError, match="DLFORGE_AUGMENTER_CVAE_MODE: Input should be 'prior', 'perturb', "
                                           "'interpolate' or 'residual'"):
@@ -159,6 +166,6 @@ async def test_the_worker_generates_with_the_cvae(tmp_path: Path, write_dataset:
         real_spots = {i.item_id for i in manifest.items if i.label == "spots" and i.split == "train"}
         assert len(samples) == 10  # the cap: 1 generated per real train image of the class
         assert all(s["label"] == "spots" and s["parent_id"] in real_spots for s in samples)
-        assert all(s["recipe"].startswith("cvae:perturb") and (s["width"], s["height"]) == (48, 48) for s in samples)
+        assert all(s["recipe"].startswith("cvae:residual") and (s["width"], s["height"]) == (48, 48) for s in samples)
     finally:
         await backends.stop()

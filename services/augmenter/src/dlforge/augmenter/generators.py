@@ -264,6 +264,31 @@ class MixedGenerator:
         return Generated.concat(out, like=images)
 
 
+class ThenPolicies:
+    """Each sample of ``inner`` put through one random policy of ``policies`` (parents carried, recipes joined):
+    a learned generator's variation followed by the label-preserving moves of the policies."""
+
+    def __init__(self, inner: Generator, policies: Sequence[Policy | str] = DEFAULT_POLICIES) -> None:
+        self.inner = inner
+        self.policies = PolicyGenerator(policies).policies
+        self.name = f"{inner.name}+policy"
+
+    @property
+    def last_fit(self) -> object:
+        """The inner generator's last training record, if it keeps one."""
+        return getattr(self.inner, "last_fit", None)
+
+    def generate(self, images: np.ndarray, n: int, rng: np.random.Generator) -> Generated:
+        made = self.inner.generate(images, n, rng)
+        picks = rng.integers(0, len(self.policies), size=len(made.images))
+        if not len(made.images):
+            return made
+        out = np.stack([apply_policy(img, self.policies[k], rng) for img, k in zip(made.images, picks, strict=True)])
+        recipes = [f"{r}>{'|'.join(str(op) for op in self.policies[k])}" for r, k in zip(made.recipes, picks,
+                                                                                           strict=True)]
+        return Generated(out, made.parents, recipes)
+
+
 def _check_sources(images: np.ndarray) -> None:
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(f"expected uint8 N x H x W x C images, got {images.dtype} {images.shape}")

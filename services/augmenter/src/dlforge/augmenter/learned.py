@@ -13,8 +13,8 @@ Sampling modes:
   spread; the parent is that image.
 * ``"interpolate"``: the latent means of two real images of the class, mixed with lam ~ U(0.2, 0.8);
   the parent is the one with the larger weight.
-* ``"residual"``: like ``"perturb"``, but the sample is the real parent at full resolution plus the
-  change the latent move makes to its decoding (decode(z') - decode(mu), upsampled): the VAE's
+* ``"residual"`` (the default): like ``"perturb"``, but the sample is the real parent at full resolution
+  plus the change the latent move makes to its decoding (decode(z') - decode(mu), upsampled): the VAE's
   variation on the parent's own fine detail (cracks, busbars), which a 64 px decoder blurs away.
 
 The trained network depends only on the images, ``seed`` and the training budget (it is cached for
@@ -147,7 +147,7 @@ class ConditionalVAEGenerator:
         batch_size: int = 32,
         lr: float = 2e-3,
         beta: float = 1.0,
-        mode: str = "perturb",
+        mode: str = "residual",
         noise: float = 1.0,
         flips: bool = True,
         seed: int = 0,

@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from dlforge.augmenter.filters import ConfidenceFilter, FrozenNetworkFeatures, SampleFilter
-from dlforge.augmenter.generators import Generator, MixedGenerator, MixupGenerator, PolicyGenerator
+from dlforge.augmenter.generators import Generator, MixedGenerator, MixupGenerator, PolicyGenerator, ThenPolicies
 from dlforge.augmenter.handlers import (
     GENERATED_PREFIX,
     AugmentationOutcome,
@@ -77,11 +77,12 @@ def manifest_key(dataset_id: str) -> str:
 
 def build_generator(settings: AugmenterSettings) -> Generator:
     """The generator ``augmenter_generator`` names (the settings refuse unknown names)."""
-    if settings.augmenter_generator == "cvae":
+    if settings.augmenter_generator in ("cvae", "cvae+policy"):
         from dlforge.augmenter.learned import ConditionalVAEGenerator
 
-        return ConditionalVAEGenerator(seconds=settings.augmenter_cvae_seconds, steps=settings.augmenter_cvae_steps,
-                                       mode=settings.augmenter_cvae_mode)
+        vae = ConditionalVAEGenerator(seconds=settings.augmenter_cvae_seconds, steps=settings.augmenter_cvae_steps,
+                                      mode=settings.augmenter_cvae_mode)
+        return vae if settings.augmenter_generator == "cvae" else ThenPolicies(vae, settings.augmenter_policies)
     return MixedGenerator([
         (PolicyGenerator(settings.augmenter_policies), 1.0 - settings.augmenter_mixup_fraction),
         (MixupGenerator(settings.augmenter_mixup_alpha), settings.augmenter_mixup_fraction),
