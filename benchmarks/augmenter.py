@@ -29,8 +29,8 @@ at 0.5, average precision. ``oracle`` adds as many real train images of the clas
 removed, no filter) as the generators make: a reference, not a ceiling, and the check that a metric
 rewards better data.
 
-    python benchmarks/augmenter.py --protocol scarce --defect-share 0.1 --seeds 10 \
-        --generators none,policy,cvae,cvae-prior,cvae-interp,cvae-residual
+    python benchmarks/augmenter.py --protocol scarce [--dataset fashion-mnist] --seeds 10 \
+        --generators none,policy,cvae,cvae-residual,cvae-residual-policy,dcgan,oracle
 
 Prints a table and writes benchmarks/results/augmenter.json (``--dataset fashion-mnist``:
 augmenter-fashion-mnist.json).
@@ -352,7 +352,7 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
     features.remember(images, feats)
     print(f"{args.dataset}: {len(images)} images ({int(labels.sum())} of the scarce class), features in "
           f"{time.perf_counter() - t:.0f} s")
-    aug_settings = load_settings(AugmenterSettings)
+    aug_settings = load_settings(AugmenterSettings, augmenter_generator="policy")  # whatever the environment says
     policy = build_generator(aug_settings)
 
     per_seed: list[dict[str, Any]] = []
@@ -417,7 +417,7 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
                 reference = precision_05 if pred.sum() else args.fallback_precision
                 row["reference_precision"] = round(reference, 4)
             assert reference is not None
-            info.update(
+            info.update(  # recall_at_equal_precision: at --precision, for every generator (the headline)
                 recall_at_equal_precision=round(recall_at_precision(scores, y_test, args.precision), 4),
                 recall_at_reference_precision=round(recall_at_precision(scores, y_test, reference), 4),
                 **{f"recall_at_precision_{level:g}".replace(".", "_"):

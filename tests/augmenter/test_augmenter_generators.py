@@ -102,31 +102,31 @@ def test_mixed_generator_shares_the_count() -> None:
     assert len(gen.generate(sources, 0, np.random.default_rng(0)).images) == 0
 
 
-class _Fixed:
-    """A generator that returns its sources' first ``n`` images as they are (parents 0..n-1)."""
+class _Inverted:
+    """A generator whose samples are its sources' first ``n`` images inverted (parents 0..n-1)."""
 
-    name = "fixed"
+    name = "inverted"
     last_fit = "fit-record"
 
     def generate(self, images: np.ndarray, n: int, rng: np.random.Generator) -> Generated:
-        return Generated(images[:n].copy(), np.arange(n, dtype=np.int64), [f"fixed:{i}" for i in range(n)])
+        return Generated(255 - images[:n], np.arange(n, dtype=np.int64), [f"inverted:{i}" for i in range(n)])
 
 
 def test_then_policies_puts_each_inner_sample_through_one_policy() -> None:
-    sources = np.stack([_image(1, seed) for seed in range(4)])
-    # one policy, a horizontal flip: every sample is its inner sample mirrored, parents and recipes carried
-    made = ThenPolicies(_Fixed(), ["hflip"]).generate(sources, 3, np.random.default_rng(0))
-    assert np.array_equal(made.images, sources[:3, :, ::-1])
-    assert made.parents.tolist() == [0, 1, 2] and made.recipes == ["fixed:0>hflip", "fixed:1>hflip", "fixed:2>hflip"]
-    gen = ThenPolicies(_Fixed(), ["hflip", "vflip"])
-    assert gen.name == "fixed+policy" and gen.last_fit == "fit-record"
-    made = gen.generate(sources, 4, np.random.default_rng(1))
-    for img, src, recipe in zip(made.images, sources, made.recipes, strict=True):
-        flipped = src[:, ::-1] if recipe.endswith(">hflip") else src[::-1]
-        assert recipe.endswith((">hflip", ">vflip")) and np.array_equal(img, flipped)
-    assert {r.split(">")[1] for r in gen.generate(sources, 4, np.random.default_rng(1)).recipes} <= {"hflip", "vflip"}
-    again = gen.generate(sources, 4, np.random.default_rng(1))
-    assert np.array_equal(again.images, made.images)
+    sources = np.stack([_image(1, seed) for seed in range(16)])
+    # one policy, a horizontal flip: every sample is its inner sample (not its parent) mirrored
+    made = ThenPolicies(_Inverted(), ["hflip"]).generate(sources, 3, np.random.default_rng(0))
+    assert np.array_equal(made.images, (255 - sources[:3])[:, :, ::-1])
+    assert made.parents.tolist() == [0, 1, 2]
+    assert made.recipes == ["inverted:0>hflip", "inverted:1>hflip", "inverted:2>hflip"]
+    gen = ThenPolicies(_Inverted(), ["hflip", "vflip"])
+    assert gen.name == "inverted+policy" and gen.last_fit == "fit-record"
+    made = gen.generate(sources, 16, np.random.default_rng(1))
+    for img, src, recipe in zip(made.images, 255 - sources, made.recipes, strict=True):
+        assert np.array_equal(img, src[:, ::-1] if recipe.endswith(">hflip") else src[::-1])
+    assert {r.split(">")[1] for r in made.recipes} == {"hflip", "vflip"}  # both policies drawn
+    again = gen.generate(sources, 16, np.random.default_rng(1))
+    assert np.array_equal(again.images, made.images) and again.recipes == made.recipes
     assert len(gen.generate(sources, 0, np.random.default_rng(0)).images) == 0
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from dlforge.augmenter.generators import ThenPolicies
-from dlforge.augmenter.learned import ConditionalVAEGenerator, DCGANGenerator
+from dlforge.augmenter.learned import ConditionalVAEGenerator, DCGANGenerator, VAEFit
 from dlforge.augmenter.settings import AugmenterSettings
-from dlforge.augmenter.worker import RUNS, SAMPLES, build_deps, build_generator, service
+from dlforge.augmenter.worker import RUNS, SAMPLES, _relevant, build_deps, build_generator, service
 from dlforge.common.bus import Delivery
 from dlforge.common.errors import ConfigError
 from dlforge.common.events import DatasetLabeled, Event, PipelineOptions, Spec, encode
@@ -51,14 +51,14 @@ def test_shape_dtype_and_parents(mode: str, channels: int, side: int) -> None:
 
 def test_deterministic_for_a_seed_and_trained_once_per_class() -> None:
     images = _squares(12)
-    a = _small().generate(images, 5, np.random.default_rng(3))
-    g = _small()
+    a = _small(mode="perturb").generate(images, 5, np.random.default_rng(3))
+    g = _small(mode="perturb")
     b = g.generate(images, 5, np.random.default_rng(3))
     assert np.array_equal(a.images, b.images) and np.array_equal(a.parents, b.parents)
     model = g._cache[1] if g._cache else None
     g.generate(images, 5, np.random.default_rng(4))  # a second chunk of the same class: no retraining
     assert g._cache is not None and g._cache[1] is model
-    other = _small(seed=1).generate(images, 5, np.random.default_rng(3))
+    other = _small(seed=1, mode="perturb").generate(images, 5, np.random.default_rng(3))
     assert not np.array_equal(a.images, other.images)
 
 
@@ -112,6 +112,41 @@ def test_settings_choose_the_generator_and_refuse_unknown_names() -> None:
     with pytest.raises(ConfigError, match="DLFORGE_AUGMENTER_CVAE_MODE: Input should be 'prior', 'perturb', "
                                           "'interpolate' or 'residual'"):
         load_settings(AugmenterSettings, augmenter_cvae_mode="dream")
+
+
+def test_vae_then_policies_records_the_vae_fit_and_flips_its_samples() -> None:
+    images = _squares(10, size=32)
+    vae = _small(steps=15)
+    made = ThenPolicies(vae, ["hflip"]).generate(images, 6, np.random.default_rng(2))
+    alone = _small(steps=15).generate(images, 6, np.random.default_rng(2))  # same rng stream up to the policies
+    assert np.array_equal(made.images, alone.images[:, :, ::-1]) and np.array_equal(made.parents, alone.parents)
+    assert all(r.startswith("cvae:residual:1>hflip") for r in made.recipes)
+    chained = ThenPolicies(vae, ["hflip"])
+    assert chained.last_fit is vae.last_fit and isinstance(vae.last_fit, VAEFit) and vae.last_fit.steps == 15
+
+
+def _labeled(**options: Any) -> DatasetLabeled:
+    return DatasetLabeled(dataset_id="ds1", labels_key="datasets/ds1/labels.json", classes=["a", "b"], counts=[],
+                          human_labels=10, auto_labels=0, rounds=0, spec=Spec(positive_class="b"),
+                          options=PipelineOptions(**options))
+
+
+def test_the_fingerprint_holds_only_the_settings_the_generator_reads() -> None:
+    payload = _labeled(seed=3)
+    policy = _relevant(payload, load_settings(AugmenterSettings))
+    assert policy["generator"] == "policy" and policy["mixup_fraction"] == 0.3 and "policies" in policy
+    assert not any(k.startswith("cvae_") for k in policy)
+    # a changed VAE setting leaves a policy run's fingerprint (and so its stored augmentation) as it is
+    assert _relevant(payload, load_settings(AugmenterSettings, augmenter_cvae_mode="prior",
+                                            augmenter_cvae_steps=7)) == policy
+    assert _relevant(payload, load_settings(AugmenterSettings, augmenter_mixup_fraction=0.5)) != policy
+    vae = _relevant(payload, load_settings(AugmenterSettings, augmenter_generator="cvae"))
+    assert vae["cvae_mode"] == "residual" and vae["cvae_steps"] == 1500
+    assert "mixup_fraction" not in vae and "policies" not in vae
+    chained = _relevant(payload, load_settings(AugmenterSettings, augmenter_generator="cvae+policy"))
+    assert "policies" in chained and "cvae_mode" in chained and "mixup_alpha" not in chained
+    assert _relevant(payload, load_settings(AugmenterSettings, augmenter_generator="cvae", augmenter_cvae_mode="prior")
+                     ) != vae
 
 
 def test_residual_mode_without_noise_returns_the_parents() -> None:

@@ -55,8 +55,8 @@ class AugmenterSettings(CommonSettings):
     augmenter_cvae_mode: Mode = Field(
         default="residual",
         description="cvae sampling: 'residual' (the default: on ELPV with its defects scarce, 2.1 points more defect "
-        "recall at precision 0.9 than 'perturb' over 10 seeds; equal on Fashion-MNIST), 'perturb', 'prior' or "
-        "'interpolate' (dlforge.augmenter.learned; benchmarks/augmenter.py --protocol scarce)",
+        "recall at precision 0.9 than 'perturb' over 10 seeds; equal average precision on Fashion-MNIST), 'perturb', "
+        "'prior' or 'interpolate' (dlforge.augmenter.learned; benchmarks/augmenter.py --protocol scarce)",
     )
 
     @field_validator("augmenter_policies")

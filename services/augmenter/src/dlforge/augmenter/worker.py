@@ -104,11 +104,22 @@ async def build_deps(settings: AugmenterSettings, backends: Backends) -> Augment
                          sample_filter=build_filter(settings, feature_store(backends.objects)))
 
 
+# settings only some generators read: they enter the fingerprint only where they decide the samples, so
+# that a changed VAE default does not make every policy run's augmentation stale (and the other way round)
+_ONLY_FOR = {"augmenter_cvae_": ("cvae", "cvae+policy"), "augmenter_mixup_": ("policy",),
+             "augmenter_policies": ("policy", "cvae+policy")}
+
+
 def _relevant(payload: DatasetLabeled, settings: AugmenterSettings) -> dict[str, Any]:
     """The options and settings the output depends on (they enter the fingerprint and the record)."""
+
+    def used(key: str) -> bool:
+        return all(settings.augmenter_generator in generators
+                   for prefix, generators in _ONLY_FOR.items() if key.startswith(prefix))
+
     fields = {k: v for k, v in settings.model_dump().items()
               if k.startswith("augmenter_") and k not in ("augmenter_threads", "augmenter_write_threads",
-                                                           "augmenter_batch_size")}
+                                                           "augmenter_batch_size") and used(k)}
     return {
         "min_per_class": payload.options.min_per_class,
         "max_imbalance": payload.options.max_imbalance,
@@ -265,9 +276,9 @@ async def on_dataset_labeled(event: Event, ctx: HandlerContext[AugmenterDeps]) -
             "name": sample_filter.name, "val_accuracy": fit.val_accuracy, "val_count": fit.val_count,
             "train_count": fit.train_count, "seconds": round(fit.seconds, 3), **fit.details,
         },
-        generator={"name": generator.name, "policies": settings.augmenter_policies,
-                   "mixup_fraction": settings.augmenter_mixup_fraction,
-                   "mixup_alpha": settings.augmenter_mixup_alpha,
+        generator={"name": generator.name,
+                   **{k: relevant[k] for k in ("policies", "mixup_fraction", "mixup_alpha", "cvae_mode")
+                      if k in relevant},
                    **({"cvae_fit": dataclasses.asdict(fit_)} if (fit_ := getattr(generator, "last_fit", None))
                       is not None and dataclasses.is_dataclass(fit_) and not isinstance(fit_, type) else {})},
         image_size=outcome.image_size, channels=outcome.channels, timings=timings,
