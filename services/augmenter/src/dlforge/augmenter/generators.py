@@ -208,13 +208,16 @@ class PolicyGenerator:
     def generate(self, images: np.ndarray, n: int, rng: np.random.Generator) -> Generated:
         _check_sources(images)
         parents = rng.integers(0, len(images), size=n)
-        chosen = rng.integers(0, len(self.policies), size=n)
-        out = np.empty((n, *images.shape[1:]), dtype=np.uint8)
-        recipes = []
-        for i, (p, k) in enumerate(zip(parents, chosen, strict=True)):
-            out[i] = apply_policy(images[p], self.policies[k], rng)
-            recipes.append("|".join(str(op) for op in self.policies[k]))
+        out, recipes = self.apply_each(images[parents], rng)
         return Generated(out, parents.astype(np.int64), recipes)
+
+    def apply_each(self, images: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+        """Each image put through one random policy of the set, and the policy each got, as text."""
+        chosen = rng.integers(0, len(self.policies), size=len(images))
+        out = np.empty_like(images, dtype=np.uint8)
+        for i, k in enumerate(chosen):
+            out[i] = apply_policy(images[i], self.policies[k], rng)
+        return out, ["|".join(str(op) for op in self.policies[k]) for k in chosen]
 
 
 class MixupGenerator:
@@ -270,7 +273,8 @@ class ThenPolicies:
 
     def __init__(self, inner: Generator, policies: Sequence[Policy | str] = DEFAULT_POLICIES) -> None:
         self.inner = inner
-        self.policies = PolicyGenerator(policies).policies
+        self.then = PolicyGenerator(policies)
+        self.policies = self.then.policies
         self.name = f"{inner.name}+policy"
 
     @property
@@ -280,13 +284,8 @@ class ThenPolicies:
 
     def generate(self, images: np.ndarray, n: int, rng: np.random.Generator) -> Generated:
         made = self.inner.generate(images, n, rng)
-        picks = rng.integers(0, len(self.policies), size=len(made.images))
-        if not len(made.images):
-            return made
-        out = np.stack([apply_policy(img, self.policies[k], rng) for img, k in zip(made.images, picks, strict=True)])
-        recipes = [f"{r}>{'|'.join(str(op) for op in self.policies[k])}" for r, k in zip(made.recipes, picks,
-                                                                                           strict=True)]
-        return Generated(out, made.parents, recipes)
+        out, applied = self.then.apply_each(made.images, rng)
+        return Generated(out, made.parents, [f"{r}>{a}" for r, a in zip(made.recipes, applied, strict=True)])
 
 
 def _check_sources(images: np.ndarray) -> None:

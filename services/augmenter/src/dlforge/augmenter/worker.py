@@ -269,6 +269,13 @@ async def on_dataset_labeled(event: Event, ctx: HandlerContext[AugmenterDeps]) -
     timings["total"] = round(time.perf_counter() - started, 3)
 
     fit = outcome.filter_fit
+    fit_ = getattr(generator, "last_fit", None)
+    generator_record: dict[str, Any] = {
+        "name": generator.name,
+        **{k: relevant[k] for k in ("policies", "mixup_fraction", "mixup_alpha", "cvae_mode") if k in relevant},
+        **({"cvae_fit": dataclasses.asdict(fit_)}
+           if fit_ is not None and dataclasses.is_dataclass(fit_) and not isinstance(fit_, type) else {}),
+    }
     record.update(
         status="completed",
         augmentation=[c.model_dump() for c in outcome.counts],
@@ -276,11 +283,7 @@ async def on_dataset_labeled(event: Event, ctx: HandlerContext[AugmenterDeps]) -
             "name": sample_filter.name, "val_accuracy": fit.val_accuracy, "val_count": fit.val_count,
             "train_count": fit.train_count, "seconds": round(fit.seconds, 3), **fit.details,
         },
-        generator={"name": generator.name,
-                   **{k: relevant[k] for k in ("policies", "mixup_fraction", "mixup_alpha", "cvae_mode")
-                      if k in relevant},
-                   **({"cvae_fit": dataclasses.asdict(fit_)} if (fit_ := getattr(generator, "last_fit", None))
-                      is not None and dataclasses.is_dataclass(fit_) and not isinstance(fit_, type) else {})},
+        generator=generator_record,
         image_size=outcome.image_size, channels=outcome.channels, timings=timings,
         gain=None if outcome.gain is None else outcome.gain.model_dump(), samples_grid_key=grid,
         finished_at=datetime.now(UTC).isoformat(),

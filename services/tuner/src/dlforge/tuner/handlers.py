@@ -602,12 +602,12 @@ def chosen_trial(study: optuna.Study, config: TuningConfig) -> Choice:
         return Choice(best, f"the highest value: trials {challenger.number} and {base.number} (the baseline) carry "
                       "no per-item val results of the same items to compare")
     better, test = replaces(a, b, config.baseline_alpha)
-    needed = wins_needed(test.items, config.baseline_alpha)
     verdict = (f"of the {test.items} val items where exactly one of trial {challenger.number} "
                f"({float(challenger.value or 0.0):.3f}) and the baseline (trial {base.number}, "
                f"{float(base.value or 0.0):.3f}) is right, trial {challenger.number} got {test.wins} and the "
                f"baseline {test.losses} (one-sided sign test p = {test.p_value:.3g}")
     if better:
         return Choice(best, f"{verdict} <= {config.baseline_alpha:g}): it replaces the baseline")
+    needed = wins_needed(test.items, config.baseline_alpha)  # only for the reason when the baseline is kept
     need = f"; replacing it takes {needed} of {test.items}" if needed is not None else ""
     return Choice(base, f"kept the baseline: {verdict} > {config.baseline_alpha:g}{need})")
