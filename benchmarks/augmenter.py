@@ -29,11 +29,19 @@ at 0.5, average precision. ``oracle`` adds as many real train images of the clas
 removed, no filter) as the generators make: a reference, not a ceiling, and the check that a metric
 rewards better data.
 
+``--classifier tail`` replaces the quick linear probe by a network trained the way the trainer trains:
+EfficientNet-Lite0 (ImageNet) with its last ``--tail-unfreeze`` units and a new head trained by the
+trainer's own code (``dlforge.trainer.training.fit``: balanced class weights, the backbone units at 0.1x the
+head's rate) on the frozen prefix's activations at ``--eval-size`` px, for ``--tail-epochs`` epochs. Unlike
+the final training: no views and no early stopping (the cut train split has no defects to spare for a val
+split), so the network without generated samples may overfit where the final training would stop. The linear
+probe is scored on the same samples too (``linear`` in each row), so the two classifiers compare paired.
+
     python benchmarks/augmenter.py --protocol scarce [--dataset fashion-mnist] --seeds 10 \
-        --generators none,policy,cvae,cvae-residual,cvae-residual-policy,dcgan,oracle
+        --generators none,policy,cvae,cvae-residual,cvae-residual-policy,dcgan,oracle [--classifier tail]
 
 Prints a table and writes benchmarks/results/augmenter.json (``--dataset fashion-mnist``:
-augmenter-fashion-mnist.json).
+augmenter-fashion-mnist.json; ``--classifier tail`` adds ``-tail`` to the name).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import cpu_name
 
 from dlforge.augmenter.filters import FrozenNetworkFeatures
 from dlforge.augmenter.generators import Generated
@@ -309,6 +318,70 @@ def fashion_arrays(workdir: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+class TailClassifier:
+    """The platform's final training as a classifier: EfficientNet-Lite0 (ImageNet) whose last ``unfreeze``
+    units and a new two-class head train with the trainer's own ``fit`` on the frozen prefix's activations."""
+
+    ARCH = "efficientnet_lite0"
+
+    def __init__(self, *, size: int, unfreeze: int, epochs: int, lr: float, threads: int = 2) -> None:
+        import torch
+
+        from dlforge.trainer.cache import OnnxPrefixRunner
+        from dlforge.trainer.stages import staged
+        from dlforge.vision.networks import NetworkSpec, build_network, spec_of
+
+        spec = spec_of(self.ARCH)
+        self.spec = NetworkSpec(spec.arch, spec.in_channels, size, spec.feature_dim, spec.mean, spec.std)
+        self.size, self.unfreeze, self.epochs, self.lr = size, unfreeze, epochs, lr
+        net = staged(build_network(self.ARCH, 2, pretrained=True))
+        self.boundary = net.boundary(unfreeze)
+        prefix, example = net.span(0, self.boundary).eval(), torch.zeros(1, spec.in_channels, size, size)
+        self._prefix = OnnxPrefixRunner(threads=threads).compile(prefix, example)
+        with torch.inference_mode():
+            self.row_shape = tuple(prefix(example).shape[1:])
+
+    def activations(self, images: np.ndarray, batch: int = 64) -> np.ndarray:
+        from dlforge.vision.images import to_tensor
+
+        if not len(images):
+            return np.zeros((0, *self.row_shape), dtype=np.float16)
+        return np.concatenate([self._prefix(to_tensor(images[lo:lo + batch], self.spec).numpy()).astype(np.float16)
+                               for lo in range(0, len(images), batch)])
+
+    def scores(self, x: np.ndarray, y: np.ndarray, test_x: np.ndarray, *, seed: int) -> np.ndarray:
+        """Train a fresh tail on ``x``/``y`` (1 = the scarce class); its probability of class 1 on ``test_x``."""
+        import torch
+
+        from dlforge.trainer.params import EpochMetrics, TrainParams
+        from dlforge.trainer.stages import staged
+        from dlforge.trainer.training import TrainData, fit
+        from dlforge.vision.networks import build_network
+
+        class Quiet:
+            def on_step(self, step: int, loss: float) -> None:
+                """Not reported."""
+
+            def on_epoch(self, metrics: EpochMetrics) -> bool:
+                return True
+
+            def on_checkpoint(self, step: int, epoch: int, state: Any) -> None:
+                """Not saved."""
+
+        torch.manual_seed(seed)
+        tail = staged(build_network(self.ARCH, 2, pretrained=True)).tail(self.unfreeze)
+        # fit reports a val split each epoch (no early stopping here): a few train rows of each class
+        val = np.concatenate([np.flatnonzero(y == c)[:32] for c in (0, 1)])
+        data = TrainData(x, y, x[val], y[val], ["other", "scarce"])
+        fit(tail, data, TrainParams(lr=self.lr, unfreeze=self.unfreeze, epochs=self.epochs, seed=seed),
+            listener=Quiet())
+        tail.eval()
+        with torch.inference_mode():
+            out = [torch.softmax(tail(torch.from_numpy(np.asarray(test_x[lo:lo + 256], dtype=np.float32))), 1)
+                   for lo in range(0, len(test_x), 256)]
+        return torch.cat(out)[:, 1].numpy().astype(np.float64)
+
+
 def recall_at_precision(scores: np.ndarray, truth: np.ndarray, precision: float) -> float:
     """The largest recall of ``score >= t`` over thresholds t whose precision reaches ``precision``."""
     order = np.argsort(-scores, kind="stable")
@@ -352,6 +425,20 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
     features.remember(images, feats)
     print(f"{args.dataset}: {len(images)} images ({int(labels.sum())} of the scarce class), features in "
           f"{time.perf_counter() - t:.0f} s")
+    tail: TailClassifier | None = None
+    tail_acts = np.zeros(0)
+    if args.classifier == "tail":
+        t = time.perf_counter()
+        tail = TailClassifier(size=args.eval_size, unfreeze=args.tail_unfreeze, epochs=args.tail_epochs,
+                              lr=args.tail_lr)
+        acts_cache = workdir / f"{tag}-{args.gen_size}-tail{args.eval_size}-u{args.tail_unfreeze}.npy"
+        if acts_cache.exists():
+            tail_acts = np.load(acts_cache)
+        else:
+            tail_acts = tail.activations(images)
+            np.save(acts_cache, tail_acts)
+        print(f"tail classifier: the last {args.tail_unfreeze} units + head on activations {tail_acts.shape[1:]} "
+              f"({time.perf_counter() - t:.0f} s)")
     aug_settings = load_settings(AugmenterSettings, augmenter_generator="policy")  # whatever the environment says
     policy = build_generator(aug_settings)
 
@@ -377,6 +464,7 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
         for name in names:
             t = time.perf_counter()
             gen_x = np.zeros((0, feats.shape[1]), dtype=np.float32)
+            kept_images = images[:0]
             info: dict[str, Any] = {"generated": 0, "kept": 0}
             if name != "none":
                 g_rng = np.random.default_rng([seed, 7, GENERATORS.index(name)])
@@ -404,12 +492,19 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
                     if len(made.images):
                         info["median_confidence"] = round(float(np.median(verdict.confidence)), 3)
                 gen_x = features(made.images[keep])
+                kept_images = made.images[keep]
                 info.update(generated=len(made.images), kept=int(keep.sum()))
             x = np.concatenate([x_train, gen_x])
             y = np.concatenate([y_train, np.ones(len(gen_x), dtype=np.int64)])
             with threadpool_limits(limits=1, user_api="blas"):
                 model = make_pipeline(StandardScaler(), LogisticRegression(C=args.eval_c, max_iter=3000)).fit(x, y)
                 scores = model.predict_proba(x_test)[:, 1]
+            if tail is not None:  # the headline from the trained tail; the linear probe's figures beside it
+                info["linear"] = {
+                    "recall_at_equal_precision": round(recall_at_precision(scores, y_test, args.precision), 4),
+                    "average_precision": round(float(average_precision_score(y_test, scores)), 4)}
+                gen_acts = tail.activations(kept_images)
+                scores = tail.scores(np.concatenate([tail_acts[train], gen_acts]), y, tail_acts[test], seed=seed)
             pred = (scores >= 0.5).astype(np.int64)
             tp = int(((pred == 1) & (y_test == 1)).sum())
             precision_05 = tp / max(1, int(pred.sum()))
@@ -439,6 +534,10 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
                           "recall_at_precision_0_95", "recall_at_0_5", "accuracy", "average_precision", "kept")}
         summary[name] = {k: round(float(np.mean(v)), 4) for k, v in vals.items()}
         summary[name]["recall_at_equal_precision_per_seed"] = vals["recall_at_equal_precision"]
+        if tail is not None:
+            summary[name]["linear"] = {
+                k: round(float(np.mean([r["generators"][name]["linear"][k] for r in per_seed])), 4)
+                for k in ("recall_at_equal_precision", "average_precision")}
     # the headline is the service's learned generator as configured by default (its sampling mode)
     default_mode = AugmenterSettings.model_fields["augmenter_cvae_mode"].default
     learned = next((n for n, mode in CVAE_MODES.items() if mode == default_mode), None)
@@ -449,6 +548,10 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
                                           for r in per_seed])), 2)
 
     gains = {n: gain(n) for n in names if n != "none"}
+    linear_gains = {n: round(100 * float(np.mean([r["generators"][n]["linear"]["recall_at_equal_precision"]
+                                                  - r["generators"]["none"]["linear"]["recall_at_equal_precision"]
+                                                  for r in per_seed])), 2)
+                    for n in names if n != "none"} if tail is not None else None
     gains_by_level = {n: {key: gain(n, key) for key in ("recall_at_precision_0_8", "recall_at_equal_precision",
                                                          "recall_at_precision_0_95", "recall_at_reference_precision",
                                                          "average_precision")}
@@ -463,7 +566,12 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
         "metric": f"the scarce class's recall on the real test split at precision {args.precision:g}: the largest "
                   "recall whose precision reaches it",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_end": os.getloadavg()},
+        "classifier": "linear probe on frozen EfficientNet-Lite0 features" if tail is None else
+                      f"EfficientNet-Lite0, last {args.tail_unfreeze} units + head trained by the trainer's fit, "
+                      f"{args.tail_epochs} epochs, lr {args.tail_lr:g}, {args.eval_size} px",
+        "linear_probe_recall_gain_points_by_generator": linear_gains,
+        "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "loadavg_end": os.getloadavg()},
         "recall_gain_points": gains.get(learned) if learned else None,
         "recall_gain_points_by_generator": gains,
         "gain_points_by_metric": gains_by_level,
@@ -493,6 +601,10 @@ def print_scarce(result: dict[str, Any]) -> None:
         print(f"    {name:<14} " + "  ".join(f"{v:+6.1f}" for v in by.values()))
     print(f"  recall_gain_points ({result['headline_generator']} + X2 vs none): {result['recall_gain_points']} "
           "(target >= 5)")
+    if result.get("linear_probe_recall_gain_points_by_generator"):
+        print(f"  classifier: {result['classifier']}; the linear probe on the same samples, gain at "
+              f"P{o['precision']:g}: " + ", ".join(f"{n} {v:+.1f}" for n, v in
+                                                   result["linear_probe_recall_gain_points_by_generator"].items()))
 
 
 def main() -> None:
@@ -529,11 +641,20 @@ def main() -> None:
     parser.add_argument("--fallback-precision", type=float, default=0.8,
                         help="scarce: the reference-precision column's precision if none flags nothing at 0.5")
     parser.add_argument("--workdir", type=Path, default=Path(".dlforge/augbench"), help="scarce: cache")
+    parser.add_argument("--classifier", choices=("linear", "tail"), default="linear",
+                        help="scarce: the classifier trained on real + kept samples (tail: the trainer's)")
+    parser.add_argument("--tail-unfreeze", type=int, default=3, help="scarce, tail: backbone units trained")
+    parser.add_argument("--tail-epochs", type=int, default=10, help="scarce, tail: epochs")
+    parser.add_argument("--tail-lr", type=float, default=1e-3, help="scarce, tail: the head's learning rate")
     args = parser.parse_args()
     if args.protocol == "worker" and args.dataset != "elpv":
         parser.error("--dataset: the worker protocol runs on ELPV only")
+    if args.protocol == "worker" and args.classifier != "linear":
+        parser.error("--classifier: the worker protocol scores with the linear probe only")
     if args.out is None:
         args.out = RESULTS if args.dataset == "elpv" else RESULTS.with_name(f"augmenter-{args.dataset}.json")
+        if args.protocol == "scarce" and args.classifier == "tail":
+            args.out = args.out.with_name(args.out.stem + "-tail.json")
 
     import torch
 
@@ -595,7 +716,8 @@ def main() -> None:
         "dataset": "elpv",
         "images": len(run["manifest"].items),
         "options": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_end": os.getloadavg()},
+        "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "loadavg_end": os.getloadavg()},
         "handler_seconds": round(run["seconds"], 2),
         "handler_cpu_seconds": round(run["cpu_seconds"], 2),
         "loadavg_before": run["load_before"],
