@@ -41,7 +41,8 @@ probe is scored on the same samples too (``linear`` in each row), so the two cla
         --generators none,policy,cvae,cvae-residual,cvae-residual-policy,dcgan,oracle [--classifier tail]
 
 Prints a table and writes benchmarks/results/augmenter.json (``--dataset fashion-mnist``:
-augmenter-fashion-mnist.json; ``--classifier tail`` adds ``-tail`` to the name).
+augmenter-fashion-mnist.json; ``--classifier tail`` adds ``-tail`` to the name, and ``-e<epochs>`` for
+other than 10 epochs).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -382,6 +384,15 @@ class TailClassifier:
         return torch.cat(out)[:, 1].numpy().astype(np.float64)
 
 
+def cached_array(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """The array saved at ``path``, or ``compute()`` saved there first."""
+    if path.exists():
+        return np.load(path)
+    out = compute()
+    np.save(path, out)
+    return out
+
+
 def recall_at_precision(scores: np.ndarray, truth: np.ndarray, precision: float) -> float:
     """The largest recall of ``score >= t`` over thresholds t whose precision reaches ``precision``."""
     order = np.argsort(-scores, kind="stable")
@@ -416,12 +427,7 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
     images, labels = (elpv_arrays if args.dataset == "elpv" else fashion_arrays)(workdir, args.gen_size)
     features = CachedFeatures(FrozenNetworkFeatures(image_size=args.eval_size))
     tag = "elpv" if args.dataset == "elpv" else f"{args.dataset}-{FASHION_ITEMS}"
-    feat_cache = workdir / f"{tag}-{args.gen_size}-feat{args.eval_size}.npy"
-    if feat_cache.exists():
-        feats = np.load(feat_cache)
-    else:
-        feats = features.inner(images)
-        np.save(feat_cache, feats)
+    feats = cached_array(workdir / f"{tag}-{args.gen_size}-feat{args.eval_size}.npy", lambda: features.inner(images))
     features.remember(images, feats)
     print(f"{args.dataset}: {len(images)} images ({int(labels.sum())} of the scarce class), features in "
           f"{time.perf_counter() - t:.0f} s")
@@ -431,12 +437,9 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         tail = TailClassifier(size=args.eval_size, unfreeze=args.tail_unfreeze, epochs=args.tail_epochs,
                               lr=args.tail_lr)
-        acts_cache = workdir / f"{tag}-{args.gen_size}-tail{args.eval_size}-u{args.tail_unfreeze}.npy"
-        if acts_cache.exists():
-            tail_acts = np.load(acts_cache)
-        else:
-            tail_acts = tail.activations(images)
-            np.save(acts_cache, tail_acts)
+        classifier = tail
+        tail_acts = cached_array(workdir / f"{tag}-{args.gen_size}-tail{args.eval_size}-u{args.tail_unfreeze}.npy",
+                                 lambda: classifier.activations(images))
         print(f"tail classifier: the last {args.tail_unfreeze} units + head on activations {tail_acts.shape[1:]} "
               f"({time.perf_counter() - t:.0f} s)")
     aug_settings = load_settings(AugmenterSettings, augmenter_generator="policy")  # whatever the environment says
@@ -654,7 +657,8 @@ def main() -> None:
     if args.out is None:
         args.out = RESULTS if args.dataset == "elpv" else RESULTS.with_name(f"augmenter-{args.dataset}.json")
         if args.protocol == "scarce" and args.classifier == "tail":
-            args.out = args.out.with_name(args.out.stem + "-tail.json")
+            epochs = "" if args.tail_epochs == parser.get_default("tail_epochs") else f"-e{args.tail_epochs}"
+            args.out = args.out.with_name(f"{args.out.stem}-tail{epochs}.json")
 
     import torch
 
