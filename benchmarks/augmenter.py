@@ -34,15 +34,15 @@ EfficientNet-Lite0 (ImageNet) with its last ``--tail-unfreeze`` units and a new 
 trainer's own code (``dlforge.trainer.training.fit``: balanced class weights, the backbone units at 0.1x the
 head's rate) on the frozen prefix's activations at ``--eval-size`` px, for ``--tail-epochs`` epochs. Unlike
 the final training: no views and no early stopping (the cut train split has no defects to spare for a val
-split), so the network without generated samples may overfit where the final training would stop. The linear
+split), and how many epochs it trains changes how much each kind of sample is worth (see the README). The linear
 probe is scored on the same samples too (``linear`` in each row), so the two classifiers compare paired.
 
     python benchmarks/augmenter.py --protocol scarce [--dataset fashion-mnist] --seeds 10 \
         --generators none,policy,cvae,cvae-residual,cvae-residual-policy,dcgan,oracle [--classifier tail]
 
 Prints a table and writes benchmarks/results/augmenter.json (``--dataset fashion-mnist``:
-augmenter-fashion-mnist.json; ``--classifier tail`` adds ``-tail`` to the name, and ``-e<epochs>`` for
-other than 10 epochs).
+augmenter-fashion-mnist.json; ``--classifier tail`` adds ``-tail`` to the name, then each ``--tail-*`` or
+``--eval-size`` option that is not its default, e.g. ``-e3`` for 3 epochs).
 """
 
 from __future__ import annotations
@@ -654,11 +654,16 @@ def main() -> None:
         parser.error("--dataset: the worker protocol runs on ELPV only")
     if args.protocol == "worker" and args.classifier != "linear":
         parser.error("--classifier: the worker protocol scores with the linear probe only")
+    tail_set = [k for k in ("tail_epochs", "tail_unfreeze", "tail_lr") if getattr(args, k) != parser.get_default(k)]
+    if args.classifier != "tail" and tail_set:
+        parser.error(f"--{tail_set[0].replace('_', '-')}: only with --classifier tail")
     if args.out is None:
         args.out = RESULTS if args.dataset == "elpv" else RESULTS.with_name(f"augmenter-{args.dataset}.json")
         if args.protocol == "scarce" and args.classifier == "tail":
-            epochs = "" if args.tail_epochs == parser.get_default("tail_epochs") else f"-e{args.tail_epochs}"
-            args.out = args.out.with_name(f"{args.out.stem}-tail{epochs}.json")
+            marks = {"tail_epochs": "e", "tail_unfreeze": "u", "tail_lr": "lr", "eval_size": "px"}
+            other = "".join(f"-{m}{getattr(args, k):g}" for k, m in marks.items()
+                            if getattr(args, k) != parser.get_default(k))
+            args.out = args.out.with_name(f"{args.out.stem}-tail{other}.json")
 
     import torch
 
