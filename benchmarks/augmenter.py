@@ -321,7 +321,7 @@ def fashion_arrays(workdir: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class TailClassifier:
-    """The platform's final training as a classifier: EfficientNet-Lite0 (ImageNet) whose last ``unfreeze``
+    """A stand-in for the platform's final training: EfficientNet-Lite0 (ImageNet) whose last ``unfreeze``
     units and a new two-class head train with the trainer's own ``fit`` on the frozen prefix's activations."""
 
     ARCH = "efficientnet_lite0"
