@@ -354,21 +354,12 @@ class TailClassifier:
     def scores(self, x: np.ndarray, y: np.ndarray, test_x: np.ndarray, *, seed: int) -> np.ndarray:
         """Train a fresh tail on ``x``/``y`` (1 = the scarce class); its probability of class 1 on ``test_x``."""
         import torch
+        from trainer_learning import Quiet, probabilities  # benchmarks/trainer_learning.py
 
-        from dlforge.trainer.params import EpochMetrics, TrainParams
+        from dlforge.trainer.params import TrainParams
         from dlforge.trainer.stages import staged
         from dlforge.trainer.training import TrainData, fit
         from dlforge.vision.networks import build_network
-
-        class Quiet:
-            def on_step(self, step: int, loss: float) -> None:
-                """Not reported."""
-
-            def on_epoch(self, metrics: EpochMetrics) -> bool:
-                return True
-
-            def on_checkpoint(self, step: int, epoch: int, state: Any) -> None:
-                """Not saved."""
 
         torch.manual_seed(seed)
         tail = staged(build_network(self.ARCH, 2, pretrained=True)).tail(self.unfreeze)
@@ -377,11 +368,7 @@ class TailClassifier:
         data = TrainData(x, y, x[val], y[val], ["other", "scarce"])
         fit(tail, data, TrainParams(lr=self.lr, unfreeze=self.unfreeze, epochs=self.epochs, seed=seed),
             listener=Quiet())
-        tail.eval()
-        with torch.inference_mode():
-            out = [torch.softmax(tail(torch.from_numpy(np.asarray(test_x[lo:lo + 256], dtype=np.float32))), 1)
-                   for lo in range(0, len(test_x), 256)]
-        return torch.cat(out)[:, 1].numpy().astype(np.float64)
+        return probabilities(tail, [test_x])[:, 1].astype(np.float64)
 
 
 def cached_array(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
@@ -435,11 +422,11 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
     tail_acts = np.zeros(0)
     if args.classifier == "tail":
         t = time.perf_counter()
-        tail = TailClassifier(size=args.eval_size, unfreeze=args.tail_unfreeze, epochs=args.tail_epochs,
-                              lr=args.tail_lr)
-        classifier = tail
+        model = TailClassifier(size=args.eval_size, unfreeze=args.tail_unfreeze, epochs=args.tail_epochs,
+                               lr=args.tail_lr)
         tail_acts = cached_array(workdir / f"{tag}-{args.gen_size}-tail{args.eval_size}-u{args.tail_unfreeze}.npy",
-                                 lambda: classifier.activations(images))
+                                 lambda: model.activations(images))
+        tail = model
         print(f"tail classifier: the last {args.tail_unfreeze} units + head on activations {tail_acts.shape[1:]} "
               f"({time.perf_counter() - t:.0f} s)")
     aug_settings = load_settings(AugmenterSettings, augmenter_generator="policy")  # whatever the environment says
@@ -546,15 +533,15 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
     learned = next((n for n, mode in CVAE_MODES.items() if mode == default_mode), None)
     learned = learned if learned in names else None
 
-    def gain(n: str, key: str = "recall_at_equal_precision") -> float:
-        return round(100 * float(np.mean([r["generators"][n][key] - r["generators"]["none"][key]
-                                          for r in per_seed])), 2)
+    def gain(n: str, key: str = "recall_at_equal_precision", *, probe: bool = False) -> float:
+        """Mean over seeds of (``n`` - none) under ``key``, in points; ``probe``: the linear probe's figures."""
+        def value(r: dict[str, Any], m: str) -> float:
+            return float((r["generators"][m]["linear"] if probe else r["generators"][m])[key])
+
+        return round(100 * float(np.mean([value(r, n) - value(r, "none") for r in per_seed])), 2)
 
     gains = {n: gain(n) for n in names if n != "none"}
-    linear_gains = {n: round(100 * float(np.mean([r["generators"][n]["linear"]["recall_at_equal_precision"]
-                                                  - r["generators"]["none"]["linear"]["recall_at_equal_precision"]
-                                                  for r in per_seed])), 2)
-                    for n in names if n != "none"} if tail is not None else None
+    linear_gains = {n: gain(n, probe=True) for n in names if n != "none"} if tail is not None else None
     gains_by_level = {n: {key: gain(n, key) for key in ("recall_at_precision_0_8", "recall_at_equal_precision",
                                                          "recall_at_precision_0_95", "recall_at_reference_precision",
                                                          "average_precision")}
