@@ -17,7 +17,10 @@ network's own side); ``--relabel`` adds a second round in which the trained tail
 auto-labeled train rows and a fresh tail trains on them (both, and their average, are tested);
 ``--crossfit`` relabels each half of those rows with a tail trained without it instead, averaged with
 the labeler's probabilities. ``--targets soft`` replaces the confidence weights with soft targets (weight
-1, the confidence on the label, the rest shared evenly among the other classes).
+1, the confidence on the label, the rest shared evenly among the other classes). ``--ensemble K`` trains
+each configuration K times with seeds that differ and tests their averaged probabilities (with ``--soup``
+the K share their starting weights and their averaged weights are tested too); ``--people-only`` trains it
+once more on people's train rows alone.
 
 Prints a table (test accuracy at the argmax, per-class recall, and for two classes the accuracy at
 the lowest threshold giving recall >= 0.95 on test) and writes
@@ -306,6 +309,14 @@ def main() -> None:
                         help="a second round for each configuration without test-time views: the trained tail "
                         "relabels the auto-labeled train rows, a fresh tail trains on them; both and their average "
                         "are tested")
+    parser.add_argument("--people-only", action="store_true",
+                        help="also train each configuration without test-time views on people's train rows alone")
+    parser.add_argument("--ensemble", type=int, default=1,
+                        help="also test the average of this many tails of each configuration without test-time "
+                             "views that differ only by their seed (the first is the configuration's own)")
+    parser.add_argument("--soup", action="store_true",
+                        help="with --ensemble: the members share the starting weights (the head too) and their "
+                             "weights' average is tested as well")
     parser.add_argument("--crossfit", action="store_true",
                         help="as --relabel, but each half of the auto-labeled rows is relabeled by a tail trained "
                         "without it, averaged with the labeler's probabilities (two more trainings)")
@@ -384,6 +395,11 @@ def main() -> None:
             if view_mode == "none":
                 data = replace(data, train_views=[], val_views={})
             tail = fresh_net().tail(args.unfreeze)
+            if hp.seed != args.seed and not args.soup:  # an ensemble member: its new head drawn from its own seed
+                torch.manual_seed(hp.seed)
+                for module in tail.modules():
+                    if isinstance(module, torch.nn.Linear):
+                        module.reset_parameters()
             t1 = time.perf_counter()
             trained = train_tail(tail, data, hp, run=lambda d, h: fit(tail, d, h, listener=Quiet()),
                                  check=view_mode == "checked", tolerance=args.tolerance,
@@ -438,6 +454,27 @@ def main() -> None:
                 "best_epoch": trained2.result.best_epoch, "train_seconds": round(seconds2, 1),
                 "second": scores(p2, test_y, classes, positive),
                 "ensemble": scores((p_test + p2) / 2, test_y, classes, positive)}
+        if args.people_only and not tta:  # the same configuration on people's train rows alone (no auto-labels)
+            own = tr[people[tr]]
+            tail_p, trained_p, seconds_p = train_fresh(lab_idx, conf, own)
+            s["people_only"] = {"rows": len(own), "views": trained_p.views, "epochs": len(trained_p.result.epochs),
+                                "best_epoch": trained_p.result.best_epoch, "train_seconds": round(seconds_p, 1),
+                                **scores(probabilities(tail_p, [test_x]), test_y, classes, positive)}
+        if args.ensemble > 1 and not tta:  # tails that differ only by their seed, their probabilities averaged
+            members, tails = [p_test], [tail]
+            for k in range(1, args.ensemble):
+                tail_k, _, _ = train_fresh(lab_idx, conf, hp=hp.model_copy(update={"seed": hp.seed + 1000 * k}))
+                members.append(probabilities(tail_k, [test_x]))
+                tails.append(tail_k)
+            s["seed_ensemble"] = {"members": len(members), "same_init": args.soup,
+                                  "each": [scores(m, test_y, classes, positive)["accuracy"] for m in members],
+                                  **scores(np.mean(members, axis=0), test_y, classes, positive)}
+            if args.soup:  # one network: the members' weights averaged (they share the starting weights)
+                states = [t.state_dict() for t in tails]
+                soup = fresh_net().tail(args.unfreeze)
+                soup.load_state_dict({k: (sum(st[k].double() for st in states) / len(states)).to(v.dtype)
+                                      for k, v in states[0].items()})
+                s["soup"] = scores(probabilities(soup, [test_x]), test_y, classes, positive)
         row = {"config": name, "views": used, "view_check": trained.check.val_accuracy if trained.check else None,
                "views_val_accuracy": trained.views_val_accuracy,
                "view_allowed_cost": trained.check.tolerance if trained.check else None,
@@ -466,6 +503,9 @@ def main() -> None:
     seed += f"-px{args.input_size}" if args.input_size else ""
     seed += "-crossfit" if args.crossfit else "-relabel" if args.relabel else ""
     seed += "-soft" if args.targets == "soft" else ""
+    seed += "-people" if args.people_only else ""
+    seed += f"-ens{args.ensemble}" if args.ensemble > 1 else ""
+    seed += "-soup" if args.soup else ""
     seed += "" if args.configs == "all" else f"-c{args.configs.replace(',', '')}"
     seed += "" if args.views == "flips" else f"-v{args.views.replace(',', '+')}"
     seed += f"-t{args.max_seconds:g}" if args.max_seconds else ""
@@ -504,6 +544,21 @@ def main() -> None:
                 rec = " ".join(f"{c}:{v:.2f}" for c, v in t["recall"].items())
                 a95 = f"{t['accuracy_at_recall_95']:.3f}" if "accuracy_at_recall_95" in t else "-"
                 print(f"{title:<46} {t['accuracy']:>8.3f} {a95:>8} {cols}  {rec}")
+        extra = []
+        if "people_only" in r:
+            po = r["people_only"]
+            extra.append((f"  people's {po['rows']} train rows alone", po,
+                          f"  ({po['epochs']} epochs, best {po['best_epoch']}, {po['train_seconds']:.0f} s)"))
+        if "seed_ensemble" in r:
+            se = r["seed_ensemble"]
+            each = ", ".join(f"{a:.3f}" for a in se["each"])
+            extra.append((f"  {se['members']} seeds' probabilities averaged", se, f"  members {each}"))
+        if "soup" in r:
+            extra.append(("  their weights averaged (one network)", r["soup"], ""))
+        for title, t, cols in extra:
+            rec = " ".join(f"{c}:{v:.2f}" for c, v in t["recall"].items())
+            a95 = f"{t['accuracy_at_recall_95']:.3f}" if "accuracy_at_recall_95" in t else "-"
+            print(f"{title:<46} {t['accuracy']:>8.3f} {a95:>8}  {rec}{cols}")
     print(f"\nwritten {out}")
 
 
