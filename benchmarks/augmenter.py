@@ -14,7 +14,10 @@ real test split (25 %); the train split's defect images cut to ``--defect-share`
 samples made from those by each generator (``none``; ``policy`` = the service's policies + mixup;
 ``cvae`` / ``cvae-prior`` / ``cvae-interp`` / ``cvae-residual`` = the learned generator, one VAE per
 seed, four sampling modes; ``cvae-residual-policy`` = each residual sample then put through one of the
-service's augmentation policies; ``dcgan`` = a tiny DCGAN per seed, the same step/time budget) and judged
+service's augmentation policies; ``dcgan`` = a tiny DCGAN per seed, the same step/time budget;
+``transplant`` = a study, not a learned generator: the region where a scarce image differs most from its
+nearest image of the other classes pasted onto another of those, see :class:`Transplant`;
+``transplant-policy`` = each transplant then through one of the policies) and judged
 by the X2 filter (fitted on the scarce real train split, on the same frozen features); the quick
 classifier trained on real + kept samples and scored on the real test split.
 
@@ -241,7 +244,7 @@ def quick_classifiers(
 
 # (new names go last: a generator's random stream is seeded with its index here)
 GENERATORS = ("none", "policy", "cvae", "cvae-prior", "cvae-interp", "cvae-residual", "dcgan", "oracle",
-              "cvae-residual-policy")
+              "cvae-residual-policy", "transplant", "transplant-policy")
 CVAE_MODES = {"cvae": "perturb", "cvae-prior": "prior", "cvae-interp": "interpolate", "cvae-residual": "residual",
               "cvae-residual-policy": "residual"}
 LEVELS = (0.8, 0.9, 0.95)  # precision levels every generator's recall is reported at
@@ -391,6 +394,59 @@ def recall_at_precision(scores: np.ndarray, truth: np.ndarray, precision: float)
     return float(rec[ok].max()) if ok.any() else 0.0
 
 
+class Transplant:
+    """Scarce-class samples on other images' backgrounds (a study, not a learned generator). Per sample, a real
+    scarce image ``s``, its nearest image of ``others`` (32 px, standardized pixels) and the region where the two
+    differ most (the top 5-30 % of ``|gaussian(s - nearest, 1.5 px)|``, the share drawn at random, dilated by a
+    5-px maximum filter and softened by a 2-px Gaussian) pasted from ``s`` onto one of its ``k`` next-nearest
+    images of ``others``, whose mean and contrast are matched to ``s``'s first; then a random quarter turn and,
+    half the time, a horizontal flip. One-channel images."""
+
+    name = "transplant"
+
+    def __init__(self, others: np.ndarray, *, k: int = 10, area: tuple[float, float] = (0.05, 0.3),
+                 sigma: float = 1.5, soft: float = 2.0) -> None:
+        if others.ndim != 4 or others.shape[3] != 1 or len(others) < k + 1:
+            raise ValueError(f"transplant: one-channel backgrounds, at least {k + 1} of them")
+        self.others, self.k, self.area, self.sigma, self.soft = others, k, area, sigma, soft
+
+    @staticmethod
+    def _standardized(images: np.ndarray, side: int = 32) -> np.ndarray:
+        from dlforge.augmenter.filters import resize_batch
+
+        small = resize_batch(images, side).reshape(len(images), -1).astype(np.float32)
+        small -= small.mean(1, keepdims=True)
+        small /= small.std(1, keepdims=True) + 1e-6
+        return small
+
+    def generate(self, images: np.ndarray, n: int, rng: np.random.Generator) -> Generated:
+        from scipy import ndimage
+
+        if images.ndim != 4 or images.shape[3] != 1:
+            raise ValueError("transplant: one-channel images only")
+        s_small, o_small = self._standardized(images), self._standardized(self.others)
+        near = np.argsort(-2 * s_small @ o_small.T + (o_small ** 2).sum(1)[None], axis=1)[:, :self.k + 1]
+        parents = rng.integers(0, len(images), size=n)
+        out = []
+        for p in parents:
+            s = images[p, ..., 0].astype(np.float32)
+
+            def matched(img: np.ndarray, s: np.ndarray = s) -> np.ndarray:
+                img = img.astype(np.float32)
+                return (img - img.mean()) / (img.std() + 1e-6) * s.std() + s.mean()
+
+            diff = np.abs(ndimage.gaussian_filter(s - matched(self.others[near[p, 0], ..., 0]), self.sigma))
+            mask = (diff >= np.quantile(diff, 1 - rng.uniform(*self.area))).astype(np.float32)
+            mask = ndimage.gaussian_filter(ndimage.maximum_filter(mask, 5), self.soft)
+            mask = np.clip(mask / max(float(mask.max()), 1e-6), 0, 1)
+            background = matched(self.others[near[p, rng.integers(1, self.k + 1)], ..., 0])
+            sample = np.rot90((1 - mask) * background + mask * s, int(rng.integers(4)))
+            if rng.random() < 0.5:
+                sample = sample[:, ::-1]
+            out.append(np.clip(np.rint(sample), 0, 255).astype(np.uint8)[..., None])
+        return Generated(np.stack(out) if out else images[:0], parents.astype(np.int64), ["transplant"] * n)
+
+
 def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import average_precision_score
@@ -464,6 +520,10 @@ def scarce_protocol(args: argparse.Namespace) -> dict[str, Any]:
                     made = Generated(real, np.full(len(real), -1, dtype=np.int64), ["real"] * len(real))
                 elif name == "policy":
                     made = policy.generate(sources, n_gen, g_rng)
+                elif name in ("transplant", "transplant-policy"):
+                    transplant = Transplant(images[train[y_train == 0]])
+                    made = (ThenPolicies(transplant, aug_settings.augmenter_policies) if name == "transplant-policy"
+                            else transplant).generate(sources, n_gen, g_rng)
                 elif name == "dcgan":
                     gan = DCGANGenerator(seconds=args.cvae_seconds, steps=args.cvae_steps, seed=seed)
                     made = gan.generate(sources, n_gen, g_rng)

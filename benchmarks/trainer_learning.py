@@ -328,6 +328,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args()
+    if args.ensemble < 1:
+        parser.error("--ensemble: at least 1 (1: no ensemble)")
+    if args.soup and args.ensemble < 2:
+        parser.error("--soup averages the members of --ensemble K: give K >= 2")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dlforge-bench-learning-"))
@@ -488,7 +492,8 @@ def main() -> None:
               "auto_label_accuracy": auto_acc, "train": len(tr), "val": len(va), "test": len(test_y),
               "unfreeze": args.unfreeze, "lr": args.lr, "body_lr_scale": base.body_lr_scale,
               "max_epochs": args.max_epochs, "patience": args.patience, "lr_schedule": args.lr_schedule,
-              "ema_decay": args.ema_decay, "targets": args.targets,
+              "ema_decay": args.ema_decay, "targets": args.targets, "ensemble": args.ensemble, "soup": args.soup,
+              "people_only": args.people_only,
               "input_size": args.input_size or spec_of(ARCH).input_size,
               "max_seconds": args.max_seconds, "tolerance": args.tolerance,
               "error_share": args.error_share, "declared_views": list(views), "cpu": model,
@@ -515,20 +520,29 @@ def main() -> None:
     print()
     print(f"{args.dataset} ({len(labels)} images; labels {args.labels}, auto-label accuracy {auto_acc:.3f}; "
           f"unfreeze {args.unfreeze}, lr {args.lr}, backbone stages at {base.body_lr_scale:g} x lr; CPU {model})")
+    print_table(rows)
+    print(f"\nwritten {out}")
+
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """The configurations' rows of a result (its ``rows``) as a table."""
     head = f"{'configuration':<46} {'test acc':>8} {'acc@R95':>8} {'epochs':>6} {'best':>4} {'s':>6}  recall per class"
     print(head)
     print("-" * len(head))
+
+    def line(title: str, t: dict[str, Any], cols: str = f"{'':>6} {'':>4} {'':>6}", after: str = "") -> str:
+        rec = " ".join(f"{c}:{v:.2f}" for c, v in t["recall"].items())
+        a95 = f"{t['accuracy_at_recall_95']:.3f}" if "accuracy_at_recall_95" in t else "-"
+        return f"{title:<46} {t['accuracy']:>8.3f} {a95:>8} {cols}  {rec}{after}"
+
     for r in rows:
         rec = " ".join(f"{c}:{v:.2f}" for c, v in r["recall"].items())
         a95 = f"{r['accuracy_at_recall_95']:.3f}" if "accuracy_at_recall_95" in r else "-"
         print(f"{r['config']:<46} {r['accuracy']:>8.3f} {a95:>8} {r['epochs']:>6} {r['best_epoch']:>4} "
               f"{r['train_seconds']:>6.1f}  {rec}  views={','.join(v for v in r['views'] if v != IDENTITY) or '-'}")
         if "with_test_time_views" in r:
-            t = r["with_test_time_views"]
-            rec = " ".join(f"{c}:{v:.2f}" for c, v in t["recall"].items())
-            a95 = f"{t['accuracy_at_recall_95']:.3f}" if "accuracy_at_recall_95" in t else "-"
-            print(f"{'  the same, averaged over its views':<46} {t['accuracy']:>8.3f} {a95:>8} {'':>6} {'':>4} "
-                  f"{'':>6}  {rec}")
+            print(line("  the same, averaged over its views", r["with_test_time_views"]))
             c = r["test_views_check"]
             shown = " / ".join(f"{a:.3f} -> {b:.3f}" for a, b in zip(c["val_plain"], c["val_averaged"], strict=True)
                                if a is not None and b is not None)
@@ -539,27 +553,18 @@ def main() -> None:
             print(f"  relabeled by {rl['by']}: {rl['changed']} of {rl['auto_rows']} auto-labels changed, their "
                   f"accuracy {rl['auto_label_accuracy_before']:.3f} -> {rl['auto_label_accuracy_after']:.3f}")
             trained_cols = f"{rl['epochs']:>6} {rl['best_epoch']:>4} {rl['train_seconds']:>6.1f}"
-            for title, t, cols in (("  a fresh tail on those labels", rl["second"], trained_cols),
-                                   ("  the two tails averaged", rl["ensemble"], f"{'':>6} {'':>4} {'':>6}")):
-                rec = " ".join(f"{c}:{v:.2f}" for c, v in t["recall"].items())
-                a95 = f"{t['accuracy_at_recall_95']:.3f}" if "accuracy_at_recall_95" in t else "-"
-                print(f"{title:<46} {t['accuracy']:>8.3f} {a95:>8} {cols}  {rec}")
-        extra = []
+            print(line("  a fresh tail on those labels", rl["second"], trained_cols))
+            print(line("  the two tails averaged", rl["ensemble"]))
         if "people_only" in r:
             po = r["people_only"]
-            extra.append((f"  people's {po['rows']} train rows alone", po,
-                          f"  ({po['epochs']} epochs, best {po['best_epoch']}, {po['train_seconds']:.0f} s)"))
+            print(line(f"  people's {po['rows']} train rows alone", po,
+                       f"{po['epochs']:>6} {po['best_epoch']:>4} {po['train_seconds']:>6.1f}"))
         if "seed_ensemble" in r:
             se = r["seed_ensemble"]
             each = ", ".join(f"{a:.3f}" for a in se["each"])
-            extra.append((f"  {se['members']} seeds' probabilities averaged", se, f"  members {each}"))
+            print(line(f"  {se['members']} seeds' probabilities averaged", se, after=f"  members {each}"))
         if "soup" in r:
-            extra.append(("  their weights averaged (one network)", r["soup"], ""))
-        for title, t, cols in extra:
-            rec = " ".join(f"{c}:{v:.2f}" for c, v in t["recall"].items())
-            a95 = f"{t['accuracy_at_recall_95']:.3f}" if "accuracy_at_recall_95" in t else "-"
-            print(f"{title:<46} {t['accuracy']:>8.3f} {a95:>8}  {rec}{cols}")
-    print(f"\nwritten {out}")
+            print(line("  their weights averaged (one network)", r["soup"]))
 
 
 if __name__ == "__main__":
