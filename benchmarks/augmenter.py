@@ -422,8 +422,10 @@ class Transplant:
     def generate(self, images: np.ndarray, n: int, rng: np.random.Generator) -> Generated:
         from scipy import ndimage
 
-        if images.ndim != 4 or images.shape[3] != 1:
-            raise ValueError("transplant: one-channel images only")
+        if images.ndim != 4 or images.shape[3] != 1 or images.dtype != np.uint8 or not len(images):
+            raise ValueError("transplant: one-channel uint8 images, at least one")
+        if images.shape[1:] != self.others.shape[1:] or images.shape[1] != images.shape[2]:
+            raise ValueError("transplant: square images of the backgrounds' size (a quarter turn keeps the shape)")
         s_small, o_small = self._standardized(images), self._standardized(self.others)
         near = np.argsort(-2 * s_small @ o_small.T + (o_small ** 2).sum(1)[None], axis=1)[:, :self.k + 1]
         parents = rng.integers(0, len(images), size=n)

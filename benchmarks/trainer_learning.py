@@ -386,7 +386,8 @@ def main() -> None:
     for name, hp, weighted, view_mode, tta in configs:
 
         def train_fresh(lab: np.ndarray, lab_conf: np.ndarray, rows: np.ndarray = tr, *, hp: TrainParams = hp,
-                        weighted: bool = weighted, view_mode: str = view_mode) -> tuple[torch.nn.Module, Any, float]:
+                        weighted: bool = weighted, view_mode: str = view_mode, member: bool = False
+                        ) -> tuple[torch.nn.Module, Any, float]:
             """A fresh tail trained on ``rows`` labeled ``lab`` (weights ``lab_conf``) under this configuration:
             (the tail, train_tail's result, seconds)."""
             soft = weighted and args.targets == "soft"
@@ -399,7 +400,7 @@ def main() -> None:
             if view_mode == "none":
                 data = replace(data, train_views=[], val_views={})
             tail = fresh_net().tail(args.unfreeze)
-            if hp.seed != args.seed and not args.soup:  # an ensemble member: its new head drawn from its own seed
+            if member and not args.soup:  # an ensemble member: its new head drawn from its own seed
                 torch.manual_seed(hp.seed)
                 for module in tail.modules():
                     if isinstance(module, torch.nn.Linear):
@@ -467,7 +468,8 @@ def main() -> None:
         if args.ensemble > 1 and not tta:  # tails that differ only by their seed, their probabilities averaged
             members, tails = [p_test], [tail]
             for k in range(1, args.ensemble):
-                tail_k, _, _ = train_fresh(lab_idx, conf, hp=hp.model_copy(update={"seed": hp.seed + 1000 * k}))
+                tail_k, _, _ = train_fresh(lab_idx, conf, hp=hp.model_copy(update={"seed": hp.seed + 1000 * k}),
+                                           member=True)
                 members.append(probabilities(tail_k, [test_x]))
                 tails.append(tail_k)
             s["seed_ensemble"] = {"members": len(members), "same_init": args.soup,
@@ -522,7 +524,6 @@ def main() -> None:
           f"unfreeze {args.unfreeze}, lr {args.lr}, backbone stages at {base.body_lr_scale:g} x lr; CPU {model})")
     print_table(rows)
     print(f"\nwritten {out}")
-
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
