@@ -32,6 +32,7 @@ as ``-v<views>`` and ``--max-seconds`` as ``-t<seconds>``).
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import hashlib
 import io
@@ -477,7 +478,7 @@ def main() -> None:
                                   **scores(np.mean(members, axis=0), test_y, classes, positive)}
             if args.soup:  # one network: the members' weights averaged (they share the starting weights)
                 states = [t.state_dict() for t in tails]
-                soup = fresh_net().tail(args.unfreeze)
+                soup = copy.deepcopy(tail)
                 soup.load_state_dict({k: (sum(st[k].double() for st in states) / len(states)).to(v.dtype)
                                       for k, v in states[0].items()})
                 s["soup"] = scores(probabilities(soup, [test_x]), test_y, classes, positive)
@@ -538,10 +539,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         return f"{title:<46} {t['accuracy']:>8.3f} {a95:>8} {cols}  {rec}{after}"
 
     for r in rows:
-        rec = " ".join(f"{c}:{v:.2f}" for c, v in r["recall"].items())
-        a95 = f"{r['accuracy_at_recall_95']:.3f}" if "accuracy_at_recall_95" in r else "-"
-        print(f"{r['config']:<46} {r['accuracy']:>8.3f} {a95:>8} {r['epochs']:>6} {r['best_epoch']:>4} "
-              f"{r['train_seconds']:>6.1f}  {rec}  views={','.join(v for v in r['views'] if v != IDENTITY) or '-'}")
+        print(line(r["config"], r, f"{r['epochs']:>6} {r['best_epoch']:>4} {r['train_seconds']:>6.1f}",
+                   f"  views={','.join(v for v in r['views'] if v != IDENTITY) or '-'}"))
         if "with_test_time_views" in r:
             print(line("  the same, averaged over its views", r["with_test_time_views"]))
             c = r["test_views_check"]
